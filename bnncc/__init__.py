@@ -1,0 +1,27 @@
+"""bnncc: compile a float ResNet-50 (ONNX) into a PokeBNN binarized network.
+
+Every stage is a function: ``load`` (import and canonicalize), ``ace`` (cost model),
+``rewrite`` (recipe passes), ``finetune`` (QAT + distillation), ``compile`` (TVM lowering).
+Names are imported lazily so that ``import bnncc`` does not pull in torch or TVM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "BnnccError": "bnncc.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnncc' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,21 @@
+"""The ``bnncc`` command line. Each command lives in its own module and calls a public function.
+
+A command module defines its typer command on :data:`app` (imported from ``bnncc.cli._app``);
+it is registered by being imported below. Errors raised as :class:`bnncc.errors.BnnccError`
+become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bnncc.cli._app import app, run_app
+
+# Importing a command module registers its command on `app`; keep one line per module.
+from bnncc.cli import version_cmd  # noqa: E402,F401
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    sys.exit(run_app())
