@@ -1,0 +1,481 @@
+"""The torch view of an ONNX graph: a trainable ``nn.Module`` that runs the graph node by node.
+
+``to_torch(model)`` turns a float or PokeBNN ONNX model into a :class:`GraphModule`; ``write_back``
+copies what training changed back into the model's initializers. Between the two, the module is a
+plain ``nn.Module``: an optimizer trains its parameters, ``train()``/``eval()`` switch the batch
+norms, and ``state_dict`` saves it.
+
+Mapping of initializers:
+
+- float initializers become ``nn.Parameter`` (conv and gemm weights and biases, BN gamma/beta,
+  DPReLU vectors, SE weights and biases), except
+- BN running mean/var (inputs 3 and 4 of BatchNormalization) and the calibrated activation bounds
+  (``act_bound`` of QuantConv/QuantGemm, ``bound1``/``bound2`` of SEGate) and every non-float
+  initializer, which become buffers.
+
+Attribute names are the initializer names with every character outside ``[0-9A-Za-z_]`` replaced by
+``_`` (suffixed ``_1``, ``_2``, ... on a clash); ``GraphModule.initializer_names`` maps them back.
+
+Semantics of the standard ops follow the ONNX operator spec; BatchNormalization is
+``F.batch_norm``: in train mode it normalises with the batch statistics and updates the running
+statistics as ``running = (1 - m) * running + m * batch`` with ``m = 1 - onnx_momentum`` (0.1 for
+the ONNX default 0.9), the running variance taking the unbiased batch variance as torch's BN does.
+Ops of the ``ai.bnncc`` domain run ``bnncc.ops.TORCH_OPS[op_type](*inputs, **attributes)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, NamedTuple
+
+import networkx as nx
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnncc.errors import BnnccError
+
+__all__ = ["GraphModule", "to_torch", "write_back"]
+
+logger = logging.getLogger(__name__)
+
+BNNCC_DOMAIN = "ai.bnncc"
+
+# (domain, op_type) -> input positions that hold state which is not trained by gradient descent.
+_BUFFER_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("", "BatchNormalization"): (3, 4),
+    (BNNCC_DOMAIN, "QuantConv"): (2,),
+    (BNNCC_DOMAIN, "QuantGemm"): (2,),
+    (BNNCC_DOMAIN, "SEGate"): (2, 5),
+}
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard ops. Each planner reads a node's attributes once and returns the torch function and
+# the keyword arguments it is called with at every step.
+
+
+def _attributes(node: ir.Node) -> dict[str, Any]:
+    """The node's attributes as plain Python values (ints, floats, strings and lists of them)."""
+    out: dict[str, Any] = {}
+    for name, attr in node.attributes.items():
+        value = attr.value
+        if attr.type in (ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS):
+            value = list(value)
+        elif attr.type not in (ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING):
+            raise BnnccError(f"node {node.name!r} ({node.op_type}): attribute {name!r} of type "
+                             f"{attr.type.name} is not supported by the torch view")
+        out[name] = value
+    return out
+
+
+def _spatial_padding(node: ir.Node, attrs: dict[str, Any], spatial: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Split ONNX ``pads`` into a symmetric torch ``padding`` and, if asymmetric, an ``F.pad`` tuple.
+
+    ONNX orders pads (begin_1, ..., begin_k, end_1, ..., end_k); ``F.pad`` wants
+    (begin_k, end_k, ..., begin_1, end_1).
+    """
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): auto_pad={auto_pad} is not supported; "
+                         "export with explicit pads")
+    pads = attrs.get("pads", [0] * (2 * spatial)) if auto_pad == "NOTSET" else [0] * (2 * spatial)
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin == end:
+        return tuple(begin), None
+    explicit = tuple(p for b, e in zip(reversed(begin), reversed(end)) for p in (b, e))
+    return (0,) * spatial, explicit
+
+
+def _conv(x, w, b=None, *, stride, padding, dilation, groups, explicit_pad):
+    """ONNX Conv (2-D): y = conv(pad(x), w) + b."""
+    if explicit_pad is not None:
+        x = F.pad(x, explicit_pad)
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+def _plan_conv(node, attrs):
+    padding, explicit = _spatial_padding(node, attrs, 2)
+    return _conv, dict(stride=tuple(attrs.get("strides", [1, 1])), padding=padding,
+                       dilation=tuple(attrs.get("dilations", [1, 1])), groups=attrs.get("group", 1),
+                       explicit_pad=explicit)
+
+
+def _max_pool(x, *, kernel_size, stride, padding, dilation, ceil_mode, explicit_pad):
+    """ONNX MaxPool (2-D); asymmetric padding pads with -inf so padded cells never win."""
+    if explicit_pad is not None:
+        x = F.pad(x, explicit_pad, value=-math.inf)
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _plan_max_pool(node, attrs):
+    padding, explicit = _spatial_padding(node, attrs, 2)
+    return _max_pool, dict(kernel_size=tuple(attrs["kernel_shape"]),
+                           stride=tuple(attrs.get("strides", [1, 1])), padding=padding,
+                           dilation=tuple(attrs.get("dilations", [1, 1])),
+                           ceil_mode=bool(attrs.get("ceil_mode", 0)), explicit_pad=explicit)
+
+
+def _global_average_pool(x):
+    """ONNX GlobalAveragePool (2-D): mean over H and W, keeping them as size 1."""
+    return F.adaptive_avg_pool2d(x, 1)
+
+
+def _flatten(x, *, axis):
+    """ONNX Flatten: (d_0 ... d_{axis-1}) x (d_axis ... d_n) as a matrix."""
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+def _gemm(a, b, c=None, *, alpha, beta, trans_a, trans_b):
+    """ONNX Gemm: y = alpha * A' B' + beta * C, with A' = A^T if transA, B' = B^T if transB."""
+    a = a.t() if trans_a else a
+    b = b.t() if trans_b else b
+    if c is None:
+        return alpha * (a @ b)
+    return torch.addmm(c, a, b, beta=beta, alpha=alpha)
+
+
+def _plan_gemm(node, attrs):
+    return _gemm, dict(alpha=attrs.get("alpha", 1.0), beta=attrs.get("beta", 1.0),
+                       trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)))
+
+
+def _batch_norm(x, scale, bias, mean, var, *, momentum, eps, training):
+    """ONNX BatchNormalization as torch's BN: batch statistics and running-stat update in train mode."""
+    return F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
+
+
+def _plan_batch_norm(node, attrs):
+    return _batch_norm, dict(momentum=1.0 - attrs.get("momentum", 0.9), eps=attrs.get("epsilon", 1e-5))
+
+
+def _no_attributes(fn):
+    def plan(node, attrs):
+        if attrs:
+            raise BnnccError(f"node {node.name!r} ({node.op_type}): unexpected attributes {sorted(attrs)}")
+        return fn, {}
+    return plan
+
+
+_STANDARD_OPS: dict[str, Callable[[ir.Node, dict[str, Any]], tuple[Callable, dict[str, Any]]]] = {
+    "Conv": _plan_conv,
+    "Identity": _no_attributes(lambda x: x),
+    "Relu": _no_attributes(F.relu),
+    "MaxPool": _plan_max_pool,
+    "Add": _no_attributes(torch.add),
+    "Mul": _no_attributes(torch.mul),
+    "GlobalAveragePool": _no_attributes(_global_average_pool),
+    "Flatten": lambda node, attrs: (_flatten, dict(axis=attrs.get("axis", 1))),
+    "Gemm": _plan_gemm,
+    "BatchNormalization": _plan_batch_norm,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The execution plan: a flat list of steps over numbered value slots.
+
+
+class _Step(NamedTuple):
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple[int, ...]  # value slots; slot 0 always holds None (an omitted optional input)
+    output: int
+    attrs: dict[str, Any]
+    wants_training: bool  # BatchNormalization: pass the module's train/eval mode
+    free: tuple[int, ...]  # slots whose last reader is this step; dropped after it to save memory
+    probes: tuple["_Probe", ...]  # activation-bound observers (calibration only)
+
+
+class _Probe(NamedTuple):
+    bound: str  # attribute name of the bound buffer
+    observe: Callable[[list[torch.Tensor]], torch.Tensor]  # step inputs -> per-channel max|x|
+
+
+def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over every axis but the channel axis 1."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.detach().abs().amax(dim=dims)
+
+
+def _se_hidden(args: list[torch.Tensor], w_bits: int, a_bits: int) -> torch.Tensor:
+    """The SEGate's second quantized input: relu(QuantConv(mean_HW(R), W1, bound1, B1; signed))."""
+    from bnncc.ops import TORCH_OPS
+
+    r, w1, bound1, b1 = args[:4]
+    g = r.mean(dim=(2, 3), keepdim=True)
+    g = TORCH_OPS["QuantConv"](g, w1, bound1, b1, w_bits=w_bits, a_bits=a_bits, a_signed=1,
+                               kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1)
+    return torch.relu(g)
+
+
+def _probes(node: ir.Node, attrs: dict[str, Any], names: dict[str, str]) -> tuple[_Probe, ...]:
+    """Observers for the activation bounds a quantized op reads (pokebnn.md §4)."""
+    if node.domain != BNNCC_DOMAIN:
+        return ()
+    bound_of = lambda i: names[node.inputs[i].name]  # noqa: E731
+    if node.op_type in ("QuantConv", "QuantGemm"):
+        return (_Probe(bound_of(2), lambda args: _channel_absmax(args[0])),)
+    if node.op_type == "SEGate":
+        w_bits, a_bits = attrs.get("w_bits", 4), attrs.get("a_bits", 4)
+        return (
+            _Probe(bound_of(2), lambda args: _channel_absmax(args[0].mean(dim=(2, 3), keepdim=True))),
+            _Probe(bound_of(5), lambda args: _channel_absmax(_se_hidden(args, w_bits, a_bits))),
+        )
+    return ()
+
+
+def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> str:
+    """A torch attribute name for an initializer: [0-9A-Za-z_] only, unique, not a module attribute."""
+    base = re.sub(r"[^0-9A-Za-z_]", "_", name) or "t"
+    if base[0].isdigit():
+        base = "t_" + base
+    candidate, k = base, 0
+    while candidate in taken or reserved(candidate):
+        k += 1
+        candidate = f"{base}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+def _sorted_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The graph's nodes in a topological order that keeps the stored order where it can."""
+    nodes = list(graph)
+    index = {node: i for i, node in enumerate(nodes)}
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(nodes)))
+    for node in nodes:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None:
+                deps.add_edge(index[producer], index[node])
+    try:
+        order = nx.lexicographical_topological_sort(deps)
+        return [nodes[i] for i in order]
+    except nx.NetworkXUnfeasible:
+        raise BnnccError(f"graph {graph.name!r}: the graph has a cycle") from None
+
+
+@dataclass
+class _Calibration:
+    """Running "mean of max" per channel: m <- m + alpha (x - m), started at the first observation."""
+
+    alpha: float
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
+    seen: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def observe(self, bound: str, batch_max: torch.Tensor) -> None:
+        # A channel that is all zeros in this batch carries no information (zeros excluded).
+        valid = batch_max > 0
+        if bound not in self.ema:
+            self.ema[bound] = torch.zeros_like(batch_max)
+            self.seen[bound] = torch.zeros_like(valid)
+        ema, seen = self.ema[bound], self.seen[bound]
+        updated = torch.where(seen, ema + self.alpha * (batch_max - ema), batch_max)
+        self.ema[bound] = torch.where(valid, updated, ema)
+        self.seen[bound] = seen | valid
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class GraphModule(nn.Module):
+    """An ONNX graph executed with torch ops, node by node, in topological order.
+
+    ``forward(*inputs)`` takes the graph's (non-initializer) inputs in order and returns its output,
+    or a tuple when the graph has several. The batch dimension is free.
+    """
+
+    def __init__(self, model: ir.Model):
+        super().__init__()
+        graph = model.graph
+        nodes = _sorted_nodes(graph)
+        used = {v.name for node in nodes for v in node.inputs if v is not None}
+        used |= {v.name for v in graph.outputs}
+        buffer_inputs = {
+            node.inputs[i].name
+            for node in nodes
+            for i in _BUFFER_INPUTS.get((node.domain, node.op_type), ())
+            if i < len(node.inputs) and node.inputs[i] is not None
+        }
+        # ONNX initializer name -> torch attribute name; the inverse is public.
+        names: dict[str, str] = {}
+        taken: set[str] = set()
+        for name, value in graph.initializers.items():
+            if name not in used:
+                continue
+            if value.const_value is None:
+                raise BnnccError(f"graph {graph.name!r}: initializer {name!r} has no data")
+            attr = _sanitize(name, taken, lambda n: hasattr(self, n))
+            tensor = torch.from_numpy(np.array(value.const_value.numpy(), copy=True))
+            if value.const_value.dtype in _FLOAT_TYPES and name not in buffer_inputs:
+                self.register_parameter(attr, nn.Parameter(tensor))
+            else:
+                self.register_buffer(attr, tensor)
+            names[name] = attr
+        self.initializer_names: dict[str, str] = {attr: name for name, attr in names.items()}
+
+        self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
+        self.output_names = [v.name for v in graph.outputs]
+        # Slot 0 is None (omitted optional inputs); graph inputs and state come next.
+        slot = {"": 0}
+        for name in self.input_names + list(names):
+            slot[name] = len(slot)
+        self._input_slots = tuple(slot[n] for n in self.input_names)
+        self._state = tuple((slot[n], names[n]) for n in names)
+        self._plan = self._build_plan(nodes, slot, names)
+        self._output_slots = tuple(slot[n] for n in self.output_names)
+        self._plan = self._with_frees(self._plan)
+        self._num_slots = len(slot)
+        self._weight_quantization = True
+
+    def _build_plan(self, nodes: list[ir.Node], slot: dict[str, int], names: dict[str, str]) -> list[_Step]:
+        plan = []
+        for node in nodes:
+            attrs = _attributes(node)
+            fn, kwargs = self._lower(node, attrs)
+            outputs = [v for v in node.outputs if v.name]
+            if len(outputs) != 1:
+                raise BnnccError(f"node {node.name!r} ({node.op_type}): {len(outputs)} outputs; "
+                                 "the torch view runs single-output nodes only")
+            inputs = []
+            for value in node.inputs:
+                if value is not None and value.name not in slot:
+                    raise BnnccError(f"node {node.name!r} ({node.op_type}): input {value.name!r} "
+                                     "is produced by no node, input or initializer")
+                inputs.append(0 if value is None else slot[value.name])
+            slot[outputs[0].name] = len(slot)
+            plan.append(_Step(fn, tuple(inputs), slot[outputs[0].name], kwargs,
+                              node.op_type == "BatchNormalization" and node.domain == "",
+                              (), _probes(node, attrs, names)))
+        return plan
+
+    @staticmethod
+    def _lower(node: ir.Node, attrs: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:
+        """The torch function and keyword arguments for one node."""
+        if node.domain in ("", "ai.onnx") and node.op_type in _STANDARD_OPS:
+            return _STANDARD_OPS[node.op_type](node, attrs)
+        if node.domain == BNNCC_DOMAIN:
+            from bnncc.ops import TORCH_OPS
+
+            if node.op_type in TORCH_OPS:
+                return TORCH_OPS[node.op_type], attrs
+        raise BnnccError(f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type}): "
+                         "op not supported by the torch view")
+
+    def _with_frees(self, plan: list[_Step]) -> list[_Step]:
+        """Mark, on each step, the values nobody reads after it (the slot list is per call)."""
+        last_read: dict[int, int] = {}
+        for i, step in enumerate(plan):
+            for s in step.inputs:
+                last_read[s] = i
+        keep = set(self._output_slots) | {0}
+        frees: list[list[int]] = [[] for _ in plan]
+        for s, i in last_read.items():
+            if s not in keep:
+                frees[i].append(s)
+        return [step._replace(free=tuple(f)) for step, f in zip(plan, frees)]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return self._run(inputs, None)
+
+    def _run(self, inputs, calibration: _Calibration | None):
+        if len(inputs) != len(self._input_slots):
+            raise BnnccError(f"the graph takes {len(self._input_slots)} input(s) {self.input_names}, "
+                             f"got {len(inputs)}")
+        env: list[Any] = [None] * self._num_slots
+        for s, x in zip(self._input_slots, inputs):
+            env[s] = x
+        # Fetched per call (not cached) so .to(), load_state_dict and functional_call all work.
+        tensors = {**self._parameters, **self._buffers}
+        for s, attr in self._state:
+            env[s] = tensors[attr]
+        training = self.training
+        for step in self._plan:
+            args = [env[s] for s in step.inputs]
+            if calibration is not None:
+                for probe in step.probes:
+                    calibration.observe(probe.bound, probe.observe(args))
+            if step.wants_training:
+                env[step.output] = step.fn(*args, training=training, **step.attrs)
+            else:
+                env[step.output] = step.fn(*args, **step.attrs)
+            for s in step.free:
+                env[s] = None
+        outputs = tuple(env[s] for s in self._output_slots)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- activation bounds ----------------------------------------------------------------------
+
+    @property
+    def bound_names(self) -> list[str]:
+        """Attribute names of the activation-bound buffers (act_bound, bound1, bound2)."""
+        return sorted({p.bound for step in self._plan for p in step.probes})
+
+    @torch.no_grad()
+    def calibrate_bounds(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]],
+                         alpha: float = 0.1) -> None:
+        """Set every activation bound to the per-input-channel "mean of max" of its input.
+
+        With m_t the max |x| of channel c over batch t (all axes but the channel axis),
+        bound_c <- bound_c + alpha * (m_t - bound_c), started at the first m_t (pokebnn.md §4).
+        A batch where channel c is all zeros does not update it (zeros excluded). The model runs
+        in eval mode with all bounds set to -1 first, so every observed activation is float, as in
+        the reference schedule where bounds are computed once from float activations and then
+        frozen (they are buffers: no gradient changes them). A channel never seen nonzero keeps
+        bound -1 (left float) and is logged.
+        """
+        bounds = self.bound_names
+        tensors = dict(self.named_buffers())
+        for name in bounds:
+            tensors[name].fill_(-1.0)
+        calibration = _Calibration(alpha)
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in batches:
+                self._run(batch if isinstance(batch, tuple) else (batch,), calibration)
+        finally:
+            self.train(was_training)
+        for name in bounds:
+            if name not in calibration.ema:
+                raise BnnccError(f"calibration: bound {self.initializer_names[name]!r} was never observed "
+                                 "(no batches?)")
+            seen = calibration.seen[name]
+            tensors[name].copy_(torch.where(seen, calibration.ema[name], -1.0))
+            if not bool(seen.all()):
+                logger.warning("calibration: bound %r: %d channel(s) were always zero and stay float",
+                               self.initializer_names[name], int((~seen).sum()))
+
+
+def to_torch(model: ir.Model) -> GraphModule:
+    """The trainable torch view of ``model`` (float or PokeBNN); ``model`` is not modified."""
+    return GraphModule(model)
+
+
+@torch.no_grad()
+def write_back(module: GraphModule, model: ir.Model) -> ir.Model:
+    """Copy the module's parameters and buffers into ``model``'s initializers; return ``model``.
+
+    Updates ``model`` in place (trained weights, BN running statistics, calibrated bounds). Each
+    initializer keeps its name, shape and dtype; a mismatch means ``module`` was not made from
+    this model and raises :class:`BnnccError`.
+    """
+    initializers = model.graph.initializers
+    state = dict(module.named_parameters()) | dict(module.named_buffers())
+    for attr, name in module.initializer_names.items():
+        value = initializers.get(name)
+        if value is None or value.const_value is None:
+            raise BnnccError(f"write_back: the model has no initializer {name!r}")
+        old = value.const_value
+        array = np.array(state[attr].detach().cpu().numpy(), dtype=old.dtype.numpy(), copy=True)
+        if tuple(array.shape) != tuple(old.shape.numpy()):
+            raise BnnccError(f"write_back: initializer {name!r} has shape {tuple(old.shape.numpy())}, "
+                             f"the module's {attr!r} has {tuple(array.shape)}")
+        value.const_value = ir.tensor(array, name=name)
+    return model
