@@ -25,6 +25,7 @@ Ops of the ``ai.bnncc`` domain run ``bnncc.ops.TORCH_OPS[op_type](*inputs, **att
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -53,6 +54,9 @@ _BUFFER_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {
     (BNNCC_DOMAIN, "QuantGemm"): (2,),
     (BNNCC_DOMAIN, "SEGate"): (2, 5),
 }
+
+# ai.bnncc ops with quantized weights; their torch functions take ``quantize_weights: bool = True``.
+_WEIGHT_QUANTIZED_OPS = frozenset({"BinaryConv", "QuantConv", "QuantGemm", "SEGate"})
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -190,11 +194,13 @@ class _Step(NamedTuple):
     wants_training: bool  # BatchNormalization: pass the module's train/eval mode
     free: tuple[int, ...]  # slots whose last reader is this step; dropped after it to save memory
     probes: tuple["_Probe", ...]  # activation-bound observers (calibration only)
+    label: str  # "node 'name' (OpType)", for messages
+    weight_quantized: bool  # an ai.bnncc op that follows set_weight_quantization
 
 
 class _Probe(NamedTuple):
     bound: str  # attribute name of the bound buffer
-    observe: Callable[[list[torch.Tensor]], torch.Tensor]  # step inputs -> per-channel max|x|
+    observe: Callable[[list[torch.Tensor], dict[str, Any]], torch.Tensor]  # inputs, attrs -> max|x|
 
 
 def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -203,31 +209,41 @@ def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax(dim=dims)
 
 
-def _se_hidden(args: list[torch.Tensor], w_bits: int, a_bits: int) -> torch.Tensor:
-    """The SEGate's second quantized input: relu(QuantConv(mean_HW(R), W1, bound1, B1; signed))."""
+def _observe_input(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
+    """QuantConv/QuantGemm: the quantized activation is input X."""
+    return _channel_absmax(args[0])
+
+
+def _observe_se_pool(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
+    """SEGate bound1: the first SE conv reads g = mean_HW(R)."""
+    return _channel_absmax(args[0].mean(dim=(2, 3), keepdim=True))
+
+
+def _observe_se_hidden(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
+    """SEGate bound2: the second SE conv reads relu(QuantConv(mean_HW(R), W1, bound1, B1; signed))."""
     from bnncc.ops import TORCH_OPS
 
     r, w1, bound1, b1 = args[:4]
-    g = r.mean(dim=(2, 3), keepdim=True)
-    g = TORCH_OPS["QuantConv"](g, w1, bound1, b1, w_bits=w_bits, a_bits=a_bits, a_signed=1,
-                               kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1)
-    return torch.relu(g)
+    switch = {k: v for k, v in attrs.items() if k == "quantize_weights"}
+    g = TORCH_OPS["QuantConv"](r.mean(dim=(2, 3), keepdim=True), w1, bound1, b1,
+                               w_bits=attrs.get("w_bits", 4), a_bits=attrs.get("a_bits", 4), a_signed=1,
+                               kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1, **switch)
+    return _channel_absmax(torch.relu(g))
 
 
-def _probes(node: ir.Node, attrs: dict[str, Any], names: dict[str, str]) -> tuple[_Probe, ...]:
+# ai.bnncc op -> (input position of the bound, observer of the activation it bounds)
+_BOUNDS: dict[str, tuple[tuple[int, Callable], ...]] = {
+    "QuantConv": ((2, _observe_input),),
+    "QuantGemm": ((2, _observe_input),),
+    "SEGate": ((2, _observe_se_pool), (5, _observe_se_hidden)),
+}
+
+
+def _probes(node: ir.Node, names: dict[str, str]) -> tuple[_Probe, ...]:
     """Observers for the activation bounds a quantized op reads (pokebnn.md §4)."""
     if node.domain != BNNCC_DOMAIN:
         return ()
-    bound_of = lambda i: names[node.inputs[i].name]  # noqa: E731
-    if node.op_type in ("QuantConv", "QuantGemm"):
-        return (_Probe(bound_of(2), lambda args: _channel_absmax(args[0])),)
-    if node.op_type == "SEGate":
-        w_bits, a_bits = attrs.get("w_bits", 4), attrs.get("a_bits", 4)
-        return (
-            _Probe(bound_of(2), lambda args: _channel_absmax(args[0].mean(dim=(2, 3), keepdim=True))),
-            _Probe(bound_of(5), lambda args: _channel_absmax(_se_hidden(args, w_bits, a_bits))),
-        )
-    return ()
+    return tuple(_Probe(names[node.inputs[i].name], observe) for i, observe in _BOUNDS.get(node.op_type, ()))
 
 
 def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> str:
@@ -332,7 +348,6 @@ class GraphModule(nn.Module):
         self._output_slots = tuple(slot[n] for n in self.output_names)
         self._plan = self._with_frees(self._plan)
         self._num_slots = len(slot)
-        self._weight_quantization = True
 
     def _build_plan(self, nodes: list[ir.Node], slot: dict[str, int], names: dict[str, str]) -> list[_Step]:
         plan = []
@@ -352,7 +367,8 @@ class GraphModule(nn.Module):
             slot[outputs[0].name] = len(slot)
             plan.append(_Step(fn, tuple(inputs), slot[outputs[0].name], kwargs,
                               node.op_type == "BatchNormalization" and node.domain == "",
-                              (), _probes(node, attrs, names)))
+                              (), _probes(node, names), f"node {node.name!r} ({node.op_type})",
+                              node.domain == BNNCC_DOMAIN and node.op_type in _WEIGHT_QUANTIZED_OPS))
         return plan
 
     @staticmethod
@@ -400,7 +416,7 @@ class GraphModule(nn.Module):
             args = [env[s] for s in step.inputs]
             if calibration is not None:
                 for probe in step.probes:
-                    calibration.observe(probe.bound, probe.observe(args))
+                    calibration.observe(probe.bound, probe.observe(args, step.attrs))
             if step.wants_training:
                 env[step.output] = step.fn(*args, training=training, **step.attrs)
             else:
@@ -409,6 +425,27 @@ class GraphModule(nn.Module):
                 env[s] = None
         outputs = tuple(env[s] for s in self._output_slots)
         return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- two-phase schedule ----------------------------------------------------------------------
+
+    def set_weight_quantization(self, enabled: bool) -> None:
+        """Quantize weights (``True``, the ONNX semantics) or run the quantized ops on float weights.
+
+        PokeBNN's first phase (pokebnn.md §4) trains with binary activations and float weights in
+        every layer: with ``enabled=False`` BinaryConv, QuantConv, QuantGemm and SEGate are called
+        with ``quantize_weights=False`` and use W as it is, activations still quantized. The ONNX
+        graph always quantizes, so export (``write_back``) is meant for the second phase.
+        """
+        for i, step in enumerate(self._plan):
+            if not step.weight_quantized:
+                continue
+            if not enabled and "quantize_weights" not in inspect.signature(step.fn).parameters:
+                raise BnnccError(f"{step.label}: the torch op has no quantize_weights switch "
+                                 "(bnncc.ops contract)")
+            attrs = {k: v for k, v in step.attrs.items() if k != "quantize_weights"}
+            if not enabled:
+                attrs["quantize_weights"] = False
+            self._plan[i] = step._replace(attrs=attrs)
 
     # -- activation bounds ----------------------------------------------------------------------
 

@@ -187,3 +187,120 @@ def test_write_back_rejects_a_different_model():
     del other.graph.initializers["gamma"]
     with pytest.raises(BnnccError, match="'gamma'"):
         write_back(module, other)
+
+
+# --- torchview's own plumbing for ai.bnncc ops, with stand-in torch ops --------------------------
+# These stand-ins replace bnncc.ops.TORCH_OPS entries by float maths so that the expected values
+# are plain numpy; the real ops are checked against onnxruntime further below.
+
+
+@pytest.fixture
+def stand_in_ops(monkeypatch):
+    import bnncc.ops as ops
+
+    table = dict(getattr(ops, "TORCH_OPS", {}))
+    monkeypatch.setattr(ops, "TORCH_OPS", table, raising=False)
+    return table
+
+
+def _bnncc_model(nodes, inputs, outputs, init) -> ir.Model:
+    graph = helper.make_graph(nodes, "g", inputs, outputs,
+                              [onnx.numpy_helper.from_array(v, k) for k, v in init.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.bnncc", 1)])
+    return ir.from_proto(proto)
+
+
+def _float_quant_conv(x, w, bound, b, *, group=1, quantize_weights=True, **attrs):
+    """Stand-in QuantConv (1x1 only): float conv; records that every bound is the -1 sentinel."""
+    assert (bound == -1).all(), "calibration must observe float activations"
+    return torch.nn.functional.conv2d(x, w, b, groups=group)
+
+
+def _float_se_gate(r, w1, bound1, b1, w2, bound2, b2, **attrs):
+    """Stand-in SEGate: hard-sigmoid(conv(relu(conv(mean_HW r))))."""
+    g = torch.relu(_float_quant_conv(r.mean((2, 3), keepdim=True), w1, bound1, b1))
+    return torch.clamp(_float_quant_conv(g, w2, bound2, b2) + 3, 0, 6) / 6
+
+
+def test_calibration_sets_mean_of_max_bounds(stand_in_ops):
+    stand_in_ops["QuantConv"] = _float_quant_conv
+    stand_in_ops["SEGate"] = _float_se_gate
+    rng = np.random.default_rng(7)
+    init = {
+        "w1": rng.normal(size=(2, 8, 1, 1)).astype(np.float32), "b1": rng.normal(size=2).astype(np.float32),
+        "w2": rng.normal(size=(8, 2, 1, 1)).astype(np.float32), "b2": rng.normal(size=8).astype(np.float32),
+        "bound1": np.full(8, 2.0, np.float32), "bound2": np.full(2, 2.0, np.float32),
+        "wq": rng.normal(size=(3, 8, 1, 1)).astype(np.float32), "bq": np.zeros(3, np.float32),
+        "boundq": np.full(8, 2.0, np.float32),
+    }
+    model = _bnncc_model(
+        [helper.make_node("SEGate", ["x", "w1", "bound1", "b1", "w2", "bound2", "b2"], ["g"],
+                          domain="ai.bnncc", w_bits=4, a_bits=4),
+         helper.make_node("Mul", ["x", "g"], ["m"]),
+         helper.make_node("QuantConv", ["m", "wq", "boundq", "bq"], ["y"], domain="ai.bnncc",
+                          w_bits=8, a_bits=8, a_signed=1, kernel_shape=[1, 1], strides=[1, 1],
+                          pads=[0, 0, 0, 0], group=1)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4, 4])], init)
+    module = to_torch(model)
+    assert set(module.bound_names) == {"bound1", "bound2", "boundq"}
+    assert {n for n, _ in module.named_buffers()} == {"bound1", "bound2", "boundq"}
+
+    batches = [rng.normal(size=(3, 8, 4, 4)).astype(np.float32) for _ in range(4)]
+    batches[0][:, 5] = 0.0  # channel 5 first seen in batch 1: its EMA starts there
+    batches[2][:, 6] = 0.0  # an all-zero channel does not pull channel 6 towards 0
+    module.calibrate_bounds(torch.from_numpy(b) for b in batches)
+
+    def mean_of_max(observed: list[np.ndarray]) -> np.ndarray:
+        ema, seen = np.zeros_like(observed[0]), np.zeros(observed[0].shape, bool)
+        for m in observed:
+            valid = m > 0
+            ema = np.where(valid, np.where(seen, ema + 0.1 * (m - ema), m), ema)
+            seen |= valid
+        return np.where(seen, ema, -1.0)  # never nonzero: left float
+
+    def w(name):
+        return init[name][:, :, 0, 0]
+
+    pooled = [b.mean(axis=(2, 3)) for b in batches]
+    hidden = [np.maximum(p @ w("w1").T + init["b1"], 0) for p in pooled]
+    gate = [np.clip(h @ w("w2").T + init["b2"] + 3, 0, 6) / 6 for h in hidden]
+    gated = [b * g[:, :, None, None] for b, g in zip(batches, gate)]
+    expect = {
+        "bound1": mean_of_max([np.abs(p).max(0) for p in pooled]),
+        "bound2": mean_of_max([h.max(0) for h in hidden]),
+        "boundq": mean_of_max([np.abs(m).max(axis=(0, 2, 3)) for m in gated]),
+    }
+    for name, value in expect.items():
+        np.testing.assert_allclose(getattr(module, name).numpy(), value, rtol=1e-5, err_msg=name)
+    # write_back carries the calibrated bounds into the model
+    write_back(module, model)
+    np.testing.assert_allclose(model.graph.initializers["boundq"].const_value.numpy(), expect["boundq"], rtol=1e-5)
+
+
+def _sign_conv(x, w, *, quantize_weights=True, **attrs):
+    """Stand-in BinaryConv (1x1): conv with sign(W) or, with the switch off, with W."""
+    return torch.nn.functional.conv2d(x, torch.where(w >= 0, 1.0, -1.0) if quantize_weights else w)
+
+
+def test_weight_quantization_switch(stand_in_ops):
+    stand_in_ops["BinaryConv"] = _sign_conv
+    w = np.random.default_rng(8).normal(size=(2, 3, 1, 1)).astype(np.float32)
+    model = _bnncc_model(
+        [helper.make_node("BinaryConv", ["x", "w"], ["y"], domain="ai.bnncc", kernel_shape=[1, 1],
+                          strides=[1, 1], clip_bound=3.0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 2, 2])], {"w": w})
+    module = to_torch(model)
+    x = torch.randn(2, 3, 2, 2)
+    signed = torch.nn.functional.conv2d(x, torch.from_numpy(np.where(w >= 0, 1.0, -1.0).astype(np.float32)))
+    torch.testing.assert_close(module(x), signed)
+    module.set_weight_quantization(False)
+    torch.testing.assert_close(module(x), torch.nn.functional.conv2d(x, torch.from_numpy(w)))
+    module.set_weight_quantization(True)
+    torch.testing.assert_close(module(x), signed)
+
+    stand_in_ops["BinaryConv"] = lambda x, w, **attrs: x
+    with pytest.raises(BnnccError, match="quantize_weights"):
+        to_torch(model).set_weight_quantization(False)
