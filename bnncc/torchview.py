@@ -127,6 +127,11 @@ def _plan_max_pool(node, attrs):
                            ceil_mode=bool(attrs.get("ceil_mode", 0)), explicit_pad=explicit)
 
 
+def _identity(x):
+    """ONNX Identity."""
+    return x
+
+
 def _global_average_pool(x):
     """ONNX GlobalAveragePool (2-D): mean over H and W, keeping them as size 1."""
     return F.adaptive_avg_pool2d(x, 1)
@@ -170,7 +175,7 @@ def _no_attributes(fn):
 
 _STANDARD_OPS: dict[str, Callable[[ir.Node, dict[str, Any]], tuple[Callable, dict[str, Any]]]] = {
     "Conv": _plan_conv,
-    "Identity": _no_attributes(lambda x: x),
+    "Identity": _no_attributes(_identity),
     "Relu": _no_attributes(F.relu),
     "MaxPool": _plan_max_pool,
     "Add": _no_attributes(torch.add),
