@@ -47,14 +47,6 @@ logger = logging.getLogger(__name__)
 
 BNNCC_DOMAIN = "ai.bnncc"
 
-# (domain, op_type) -> input positions that hold state which is not trained by gradient descent.
-_BUFFER_INPUTS: dict[tuple[str, str], tuple[int, ...]] = {
-    ("", "BatchNormalization"): (3, 4),
-    (BNNCC_DOMAIN, "QuantConv"): (2,),
-    (BNNCC_DOMAIN, "QuantGemm"): (2,),
-    (BNNCC_DOMAIN, "SEGate"): (2, 5),
-}
-
 # ai.bnncc ops with quantized weights; their torch functions take ``quantize_weights: bool = True``.
 _WEIGHT_QUANTIZED_OPS = frozenset({"BinaryConv", "QuantConv", "QuantGemm", "SEGate"})
 
@@ -64,6 +56,10 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.D
 # ---------------------------------------------------------------------------------------------
 # Standard ops. Each planner reads a node's attributes once and returns the torch function and
 # the keyword arguments it is called with at every step.
+
+
+def _is_standard(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx")
 
 
 def _attributes(node: ir.Node) -> dict[str, Any]:
@@ -229,6 +225,7 @@ def _observe_se_hidden(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch
     from bnncc.ops import TORCH_OPS
 
     r, w1, bound1, b1 = args[:4]
+    # the SE convs follow the gate's weight-quantization switch (set_weight_quantization)
     switch = {k: v for k, v in attrs.items() if k == "quantize_weights"}
     g = TORCH_OPS["QuantConv"](r.mean(dim=(2, 3), keepdim=True), w1, bound1, b1,
                                w_bits=attrs.get("w_bits", 4), a_bits=attrs.get("a_bits", 4), a_signed=1,
@@ -244,11 +241,28 @@ _BOUNDS: dict[str, tuple[tuple[int, Callable], ...]] = {
 }
 
 
+def _bound_inputs(node: ir.Node) -> tuple[tuple[int, Callable], ...]:
+    return _BOUNDS.get(node.op_type, ()) if node.domain == BNNCC_DOMAIN else ()
+
+
+def _state_inputs(node: ir.Node) -> list[int]:
+    """Input positions holding state that gradient descent does not train: BN running
+    mean/var and calibrated activation bounds."""
+    if _is_standard(node) and node.op_type == "BatchNormalization":
+        return [3, 4]
+    return [i for i, _ in _bound_inputs(node)]
+
+
 def _probes(node: ir.Node, names: dict[str, str]) -> tuple[_Probe, ...]:
     """Observers for the activation bounds a quantized op reads (pokebnn.md §4)."""
-    if node.domain != BNNCC_DOMAIN:
-        return ()
-    return tuple(_Probe(names[node.inputs[i].name], observe) for i, observe in _BOUNDS.get(node.op_type, ()))
+    probes = []
+    for i, observe in _bound_inputs(node):
+        value = node.inputs[i] if i < len(node.inputs) else None
+        if value is None or value.name not in names:
+            raise BnnccError(f"node {node.name!r} ({node.op_type}): input {i} (activation bound) "
+                             "must be an initializer")
+        probes.append(_Probe(names[value.name], observe))
+    return tuple(probes)
 
 
 def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> str:
@@ -321,7 +335,7 @@ class GraphModule(nn.Module):
         buffer_inputs = {
             node.inputs[i].name
             for node in nodes
-            for i in _BUFFER_INPUTS.get((node.domain, node.op_type), ())
+            for i in _state_inputs(node)
             if i < len(node.inputs) and node.inputs[i] is not None
         }
         # ONNX initializer name -> torch attribute name; the inverse is public.
@@ -371,7 +385,7 @@ class GraphModule(nn.Module):
                 inputs.append(0 if value is None else slot[value.name])
             slot[outputs[0].name] = len(slot)
             plan.append(_Step(fn, tuple(inputs), slot[outputs[0].name], kwargs,
-                              node.op_type == "BatchNormalization" and node.domain == "",
+                              _is_standard(node) and node.op_type == "BatchNormalization",
                               (), _probes(node, names), f"node {node.name!r} ({node.op_type})",
                               node.domain == BNNCC_DOMAIN and node.op_type in _WEIGHT_QUANTIZED_OPS))
         return plan
@@ -379,7 +393,7 @@ class GraphModule(nn.Module):
     @staticmethod
     def _lower(node: ir.Node, attrs: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:
         """The torch function and keyword arguments for one node."""
-        if node.domain in ("", "ai.onnx") and node.op_type in _STANDARD_OPS:
+        if _is_standard(node) and node.op_type in _STANDARD_OPS:
             return _STANDARD_OPS[node.op_type](node, attrs)
         if node.domain == BNNCC_DOMAIN:
             from bnncc.ops import TORCH_OPS
