@@ -1,0 +1,352 @@
+"""The ONNX front end: ``load`` reads and canonicalizes a float ResNet, ``recognize`` finds its parts.
+
+Canonical form (every later stage relies on it; ``load`` guarantees it or raises BnnccError):
+
+- default-domain opset 18, no other domain in use;
+- nodes are only Conv, Relu, MaxPool, Add, GlobalAveragePool, Flatten and Gemm:
+  BatchNormalization is folded into the Conv before it, and every Conv has a bias initializer;
+  Gemm has transB=1, W of shape (out, in) and a bias of shape (out,), no alpha/beta/transA;
+- every weight is an initializer (Constant and ConstantOfShape are lifted and folded) and no
+  initializer is listed as a graph input; there is no Identity;
+- every node has a unique name; every value has an inferred type and shape;
+- exactly one graph input, float32 NCHW with fixed C, H and W (the batch N may be symbolic),
+  and exactly one output, the logits (an output Softmax is dropped).
+
+Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``passes/``):
+Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``) or BN already folded;
+``Add`` or ``Sum``; ``GlobalAveragePool``, ``ReduceMean`` over H, W (axes as attribute or input)
+or a whole-plane ``AveragePool``; ``Flatten`` or a flattening ``Reshape`` (constant target or a
+Shape/Gather/Unsqueeze/Concat chain); ``Gemm`` or ``MatMul`` + ``Add``; ``Identity``; weights from
+``Constant``/``ConstantOfShape``; opsets 9..21; fixed or symbolic batch.
+
+External data is read only from inside the model's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import google.protobuf.message
+import networkx as nx
+import onnx
+import onnx.external_data_helper
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
+from bnncc.passes.set_opset import STABLE_OPS
+from bnncc.passmanager import PassManager
+from bnncc.resnet import Bottleneck, Head, ResNet, Stem
+
+__all__ = ["CANONICAL_PASSES", "load", "recognize"]
+
+logger = logging.getLogger(__name__)
+
+# Order matters: constants first (BN folding and the shape readers need them), then op rewrites,
+# then the clean-up; set_opset only fires once nothing version-dependent is left.
+CANONICAL_PASSES = (
+    "remove_initializer_inputs",
+    "lift_constants",
+    "fold_constant_of_shape",
+    "eliminate_identity",
+    "fold_batchnorm",
+    "add_conv_bias",
+    "sum_to_add",
+    "global_pool",
+    "reshape_to_flatten",
+    "matmul_add_to_gemm",
+    "normalize_gemm",
+    "strip_softmax",
+    "remove_unused",
+    "set_opset",
+    "name_fix",
+    "topological_sort",
+    "shape_inference",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Read ``path``, check it, infer shapes and return the model in canonical form."""
+    path = Path(path)
+    proto = _read_proto(path)
+    _load_external_data(proto, path)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise BnnccError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
+    _check_interface(proto, path)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
+    model = ir.serde.deserialize_model(proto)
+    model = PassManager(CANONICAL_PASSES).run(model)
+    for node in model.graph:
+        if node.domain != "" or node.op_type not in STABLE_OPS:
+            raise BnnccError(
+                f"{path}: node '{node.name}' ({node.op_type}): unsupported op; "
+                f"a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, pooling, "
+                f"Flatten/Reshape, Gemm/MatMul"
+            )
+    return model
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise BnnccError(f"{path}: no such file")
+    data = path.read_bytes()
+    if not data:
+        raise BnnccError(f"{path}: empty file, not an ONNX model")
+    try:
+        proto = onnx.ModelProto.FromString(data)
+    except google.protobuf.message.DecodeError:
+        raise BnnccError(f"{path}: not an ONNX model (truncated or not protobuf)") from None
+    # Arbitrary bytes can decode as a protobuf message; a model has an IR version and a graph.
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise BnnccError(f"{path}: not an ONNX model (no IR version or no graph)")
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Load external tensors, refusing any location outside the model's folder."""
+    folder = path.parent.resolve()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(folder):
+            raise BnnccError(
+                f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the model's folder"
+            )
+        if not target.is_file():
+            raise BnnccError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+    onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+
+
+def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
+    """One float32 NCHW input with static C, H, W, and one output."""
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise BnnccError(
+            f"{path}: the model has {len(inputs)} inputs and {len(graph.output)} outputs; expected one of each"
+        )
+    tensor_type = inputs[0].type.tensor_type
+    dims = tensor_type.shape.dim
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:
+        raise BnnccError(f"{path}: input '{inputs[0].name}' must be a float32 NCHW tensor of rank 4")
+    for axis, dim in zip("CHW", dims[1:]):
+        if not dim.HasField("dim_value"):
+            kind = "channel count" if axis == "C" else "spatial size"
+            raise BnnccError(f"{path}: input '{inputs[0].name}': dynamic {kind} ({axis} = {dim.dim_param or '?'})")
+
+
+# ---------------------------------------------------------------------------------------------
+# recognize
+
+
+def recognize(model: ir.Model) -> ResNet:
+    """Find the stem, the bottleneck stages and the head of a canonical bottleneck ResNet.
+
+    Raises BnnccError naming the node where the structure departs from a bottleneck ResNet.
+    """
+    walker = _Walker(model.graph)
+    graph_input = model.graph.inputs[0]
+    stem = walker.stem(graph_input)
+    stages: list[list[Bottleneck]] = []
+    current = walker.output_of(stem.pool or stem.relu)
+    while (block := walker.bottleneck(current, stages)) is not None:
+        if block.shortcut is not None or not stages:
+            stages.append([])
+        stages[-1].append(block)
+        current = walker.output_of(block.out_relu)
+    if not stages:
+        raise BnnccError(f"node '{stem.pool or stem.relu}': expected a bottleneck block after the stem")
+    head = walker.head(current)
+    walker.check_all_visited()
+    return ResNet(
+        input_name=graph_input.name,
+        input_shape=static_dims(graph_input),
+        output_name=model.graph.outputs[0].name,
+        stem=stem,
+        stages=tuple(tuple(stage) for stage in stages),
+        head=head,
+        notes=_layout_notes(stages),
+    )
+
+
+def _layout_notes(stages: list[list[Bottleneck]]) -> tuple[str, ...]:
+    strided = [b for stage in stages for b in stage if b.stride > 1]
+    if not strided:
+        return ()
+    if all(b.stride_on_3x3 for b in strided):
+        return ("ResNet v1.5: strides on the 3x3 convs",)
+    if not any(b.stride_on_3x3 for b in strided):
+        return ("ResNet v1: strides on the first 1x1 convs",)
+    return ("mixed stride placement: some on the 3x3, some on the first 1x1 conv",)
+
+
+class _Walker:
+    """Walks a canonical graph as a networkx DiGraph of nodes (edges: producer -> consumer)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.dag = nx.DiGraph()
+        for node in graph:
+            self.dag.add_node(node.name, node=node)
+            for value in node.inputs:
+                if value is not None and value.producer() is not None:
+                    self.dag.add_edge(value.producer().name, node.name)
+        self.visited: set[str] = set()
+
+    def node(self, name: str) -> ir.Node:
+        return self.dag.nodes[name]["node"]
+
+    def output_of(self, name: str) -> ir.Value:
+        return self.node(name).outputs[0]
+
+    def users(self, value: ir.Value) -> list[ir.Node]:
+        producer = value.producer()
+        names = self.dag.successors(producer.name) if producer is not None else {u.node.name for u in value.uses()}
+        return sorted((self.node(n) for n in names), key=lambda n: n.name)
+
+    def only_user(self, node: ir.Node, op_type: str, what: str) -> ir.Node:
+        """The single consumer of ``node``'s output, which must be ``op_type``."""
+        users = self.users(node.outputs[0])
+        if len(users) != 1 or users[0].op_type != op_type:
+            found = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
+            raise BnnccError(f"node '{node.name}' ({node.op_type}): expected {what} after it, found {found}")
+        return users[0]
+
+    def visit(self, *nodes: ir.Node | None) -> None:
+        self.visited.update(n.name for n in nodes if n is not None)
+
+    # -- parts ----------------------------------------------------------------------------------
+
+    def stem(self, graph_input: ir.Value) -> Stem:
+        users = self.users(graph_input)
+        if len(users) != 1 or users[0].op_type != "Conv" or _kernel(users[0]) != (7, 7) or _stride(users[0]) != 2:
+            found = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
+            raise BnnccError(f"input '{graph_input.name}': expected the stem's 7x7 stride-2 Conv, found {found}")
+        conv = users[0]
+        relu = self.only_user(conv, "Relu", "the stem's Relu")
+        after = self.users(relu.outputs[0])
+        pool = after[0] if len(after) == 1 and after[0].op_type == "MaxPool" else None
+        self.visit(conv, relu, pool)
+        out = (pool or relu).outputs[0]
+        return Stem(conv.name, relu.name, pool.name if pool else None, _weight(conv).shape[0], _size(out))
+
+    def bottleneck(self, x: ir.Value, stages: list[list[Bottleneck]]) -> Bottleneck | None:
+        """The bottleneck reading ``x``, or None when ``x`` goes to the head's pool."""
+        users = self.users(x)
+        if len(users) == 1 and users[0].op_type == "GlobalAveragePool":
+            return None
+        where = f"node '{x.producer().name}' ({x.producer().op_type})"
+        main = [u for u in users if u.op_type == "Conv" and self._feeds(u, "Relu")]
+        projections = [u for u in users if u.op_type == "Conv" and self._feeds(u, "Add")]
+        adds = [u for u in users if u.op_type == "Add"]
+        # Exactly two readers: the 1x1 reduce conv, and the shortcut (projection conv or the Add).
+        if len(users) != 2 or len(main) != 1 or len(projections) + len(adds) != 1:
+            found = ", ".join(f"{u.op_type} '{u.name}'" for u in users)
+            raise BnnccError(f"{where}: expected a bottleneck block (1x1 Conv and shortcut) after it, found {found}")
+        conv1 = main[0]
+        relu1 = self.only_user(conv1, "Relu", "a Relu")
+        conv2 = self.only_user(relu1, "Conv", "the block's second Conv")
+        if self._feeds(conv2, "Add"):
+            raise BnnccError(
+                f"node '{conv2.name}' (Conv): basic-block ResNet (ResNet-18/34 style, two 3x3 convs per block) "
+                f"not supported: PokeBNN is defined on bottleneck ResNets"
+            )
+        relu2 = self.only_user(conv2, "Relu", "a Relu")
+        conv3 = self.only_user(relu2, "Conv", "the block's third (1x1) Conv")
+        add = self.only_user(conv3, "Add", "the residual Add")
+        shortcut = projections[0] if projections else None
+        expected_inputs = {conv3.outputs[0].name, (shortcut.outputs[0] if shortcut else x).name}
+        if {v.name for v in add.inputs} != expected_inputs:
+            raise BnnccError(f"node '{add.name}' (Add): expected to add the block's 1x1 Conv and its shortcut")
+        out_relu = self.only_user(add, "Relu", "the block's output Relu")
+        for conv, kernel in ((conv1, (1, 1)), (conv2, (3, 3)), (conv3, (1, 1)), (shortcut, (1, 1))):
+            if conv is not None and (_kernel(conv) != kernel or int_attr(conv, "group", 1) != 1):
+                raise BnnccError(f"node '{conv.name}' (Conv): expected a {kernel[0]}x{kernel[1]} Conv with group 1")
+        stride = _stride(conv1) * _stride(conv2)
+        if shortcut is not None and _stride(shortcut) != stride:
+            raise BnnccError(f"node '{shortcut.name}' (Conv): shortcut stride {_stride(shortcut)}, block stride {stride}")
+        self.visit(conv1, relu1, conv2, relu2, conv3, shortcut, add, out_relu)
+        stage = len(stages) - (0 if shortcut is not None or not stages else 1)
+        index = 0 if shortcut is not None or not stages else len(stages[-1])
+        w1, w3 = _weight(conv1), _weight(conv3)
+        return Bottleneck(
+            stage=stage,
+            index=index,
+            convs=(conv1.name, conv2.name, conv3.name),
+            relus=(relu1.name, relu2.name),
+            shortcut=shortcut.name if shortcut else None,
+            add=add.name,
+            out_relu=out_relu.name,
+            input=x.name,
+            in_channels=w1.shape[1],
+            mid_channels=w1.shape[0],
+            out_channels=w3.shape[0],
+            stride=stride,
+            in_size=_size(x),
+            out_size=_size(out_relu.outputs[0]),
+            stride_on_3x3=_stride(conv1) == 1,
+        )
+
+    def head(self, x: ir.Value) -> Head:
+        pool = self.users(x)[0]
+        after = self.users(pool.outputs[0])
+        flatten = after[0] if len(after) == 1 and after[0].op_type == "Flatten" else None
+        fc = self.only_user(flatten or pool, "Gemm", "the classifier Gemm")
+        if not fc.outputs[0].is_graph_output():
+            raise BnnccError(f"node '{fc.name}' (Gemm): expected the classifier to produce the graph output")
+        self.visit(pool, flatten, fc)
+        weight = _weight(fc)
+        return Head(pool.name, flatten.name if flatten else None, fc.name, weight.shape[1], weight.shape[0])
+
+    def check_all_visited(self) -> None:
+        for name in self.dag.nodes:
+            if name not in self.visited:
+                node = self.node(name)
+                raise BnnccError(f"node '{name}' ({node.op_type}): not part of the ResNet's stem, blocks or head")
+
+    def _feeds(self, node: ir.Node, op_type: str) -> bool:
+        """Whether ``node``'s output goes to exactly one node, of ``op_type``."""
+        users = self.users(node.outputs[0])
+        return len(users) == 1 and users[0].op_type == op_type
+
+
+def _weight(node: ir.Node):
+    weight = const_array(node.inputs[1])
+    if weight is None:
+        raise BnnccError(f"node '{node.name}' ({node.op_type}): expected a constant weight")
+    return weight
+
+
+def _kernel(conv: ir.Node) -> tuple[int, ...]:
+    return tuple(_weight(conv).shape[2:])
+
+
+def _stride(conv: ir.Node) -> int:
+    strides = set(ints_attr(conv, "strides", (1, 1)))
+    if len(strides) != 1:
+        raise BnnccError(f"node '{conv.name}' (Conv): expected equal strides along H and W, got {sorted(strides)}")
+    return strides.pop()
+
+
+def _size(value: ir.Value) -> tuple[int, int]:
+    dims = static_dims(value)
+    return (dims[2], dims[3])

@@ -1,0 +1,117 @@
+"""The pass registry and the pass manager.
+
+A pass is an ``onnx_ir`` pass (``ir.passes.InPlacePass``) registered under a short name with
+``@register_pass("name")``; a recipe or the front end names the passes it runs. The manager runs
+them in order and records, after each pass, its name, whether it changed the model, the node
+count and, when a ``measure`` callback is given (e.g. ACE), what the callback returns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
+
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+
+__all__ = ["register_pass", "get_pass", "list_passes", "PassManager", "PassRecord"]
+
+logger = logging.getLogger(__name__)
+
+PassFactory = Callable[..., ir.passes.PassBase]
+F = TypeVar("F", bound=PassFactory)
+
+_REGISTRY: dict[str, PassFactory] = {}
+
+
+def register_pass(name: str) -> Callable[[F], F]:
+    """Register a pass class (or a factory returning a pass) under ``name``; duplicates are an error."""
+
+    def decorate(factory: F) -> F:
+        if name in _REGISTRY:
+            raise ValueError(f"pass {name!r} is already registered by {_REGISTRY[name]!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def _import_pass_modules() -> None:
+    """Import every module of ``bnncc.passes`` so that their ``@register_pass`` lines run."""
+    package = importlib.import_module("bnncc.passes")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"bnncc.passes.{info.name}")
+
+
+def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
+    """Instantiate the pass registered as ``name`` with ``params``."""
+    _import_pass_modules()
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise BnnccError(f"unknown pass {name!r}; registered passes: {', '.join(list_passes())}")
+    return factory(**params)
+
+
+def list_passes() -> list[str]:
+    """Names of all registered passes, sorted."""
+    _import_pass_modules()
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One row of the manager's log: the state of the model after ``name`` ran."""
+
+    name: str
+    modified: bool
+    nodes: int
+    measure: Any = None
+
+
+class PassManager:
+    """Run passes in order; ``records`` holds one :class:`PassRecord` per pass after ``run``.
+
+    ``passes`` are names (looked up with :func:`get_pass`), ``(name, params)`` pairs or pass
+    instances. ``measure(model)`` is called after every pass and its result kept in the record.
+    """
+
+    def __init__(
+        self,
+        passes: Iterable[str | tuple[str, dict[str, Any]] | ir.passes.PassBase],
+        measure: Callable[[ir.Model], Any] | None = None,
+    ) -> None:
+        self.passes = [(_name_of(p), _instantiate(p)) for p in passes]
+        self.measure = measure
+        self.records: list[PassRecord] = []
+
+    def run(self, model: ir.Model) -> ir.Model:
+        """Apply every pass to ``model`` in order and return the resulting model."""
+        self.records = []
+        for name, pass_ in self.passes:
+            result = pass_(model)
+            model = result.model
+            measured = self.measure(model) if self.measure is not None else None
+            record = PassRecord(name, result.modified, len(model.graph), measured)
+            logger.debug("pass %s: modified=%s nodes=%d", name, record.modified, record.nodes)
+            self.records.append(record)
+        return model
+
+
+def _name_of(spec: str | tuple[str, dict[str, Any]] | ir.passes.PassBase) -> str:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, tuple):
+        return spec[0]
+    return type(spec).__name__
+
+
+def _instantiate(spec: str | tuple[str, dict[str, Any]] | ir.passes.PassBase) -> ir.passes.PassBase:
+    if isinstance(spec, str):
+        return get_pass(spec)
+    if isinstance(spec, tuple):
+        return get_pass(spec[0], **spec[1])
+    return spec

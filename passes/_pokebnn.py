@@ -1,0 +1,91 @@
+"""Building blocks the PokeBNN passes share: initialisers, BN and DPReLU nodes, and the final refresh.
+
+Initialisation follows pokebnn.md sections 2-4 (the Flax defaults of google/aqt):
+
+- kernels: LeCun normal, a normal with std sqrt(1/fan_in) truncated to +-2 std and rescaled by
+  1/0.87962566 so the truncated draw keeps variance 1/fan_in (fan_in = Cin/groups * kh * kw);
+- biases 0; BN gamma/beta/mean/var = 1/0/0/1 (epsilon 1e-5, momentum 0.9);
+- DPReLU bias_x/bias_y/pos_slope/neg_slope = 0/0/1/0.25;
+- activation bounds of QuantConv/QuantGemm/SEGate = -1: not calibrated yet, so those activations
+  stay float until training calibrates them (spec.md: a bound <= 0 means float).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from bnncc.errors import BnnccError
+from bnncc.passes._blocks import BNNCC_DOMAIN
+from bnncc.passes._util import add_initializer
+
+__all__ = ["lecun_normal", "uncalibrated_bound", "add_node", "batch_norm", "dprelu", "refresh"]
+
+# std of a standard normal truncated to [-2, 2]
+_TRUNCATED_STD = 0.87962566103423978
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # ONNX convention: running = momentum * running + (1 - momentum) * batch
+
+
+def lecun_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """LeCun-normal kernel of ``shape`` (out, in/groups, kh, kw) or (out, in), float32."""
+    fan_in = int(np.prod(shape[1:]))
+    draw = rng.standard_normal(shape)
+    outside = np.abs(draw) > 2.0
+    while outside.any():  # resample the tails: a normal truncated to +-2
+        draw[outside] = rng.standard_normal(int(outside.sum()))
+        outside = np.abs(draw) > 2.0
+    return (draw * (np.sqrt(1.0 / fan_in) / _TRUNCATED_STD)).astype(np.float32)
+
+
+def uncalibrated_bound(channels: int) -> np.ndarray:
+    """Activation bounds of -1: the quantizer passes activations through until calibration."""
+    return np.full(channels, -1.0, np.float32)
+
+
+def add_node(graph: ir.Graph, op_type: str, inputs: list[ir.Value], name: str, *,
+             domain: str = "", **attributes) -> ir.Value:
+    """Append ``op_type(inputs)`` named ``name`` (its output too) to ``graph``; return the output."""
+    node = ir.node(op_type, inputs, attributes or None, domain=domain, name=name, outputs=[ir.Value(name=name)])
+    graph.append(node)
+    return node.outputs[0]
+
+
+def batch_norm(graph: ir.Graph, x: ir.Value, name: str, channels: int, gamma: float = 1.0) -> ir.Value:
+    """Inference BatchNormalization over ``channels`` with gamma ``gamma``, beta 0, mean 0, var 1."""
+    params = [
+        add_initializer(graph, f"{name}.gamma", np.full(channels, gamma, np.float32)),
+        add_initializer(graph, f"{name}.beta", np.zeros(channels, np.float32)),
+        add_initializer(graph, f"{name}.mean", np.zeros(channels, np.float32)),
+        add_initializer(graph, f"{name}.var", np.ones(channels, np.float32)),
+    ]
+    return add_node(graph, "BatchNormalization", [x, *params], name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM)
+
+
+def dprelu(graph: ir.Graph, x: ir.Value, name: str, channels: int) -> ir.Value:
+    """DPReLU over ``channels`` with bias_x 0, bias_y 0, pos_slope 1, neg_slope 0.25."""
+    params = [
+        add_initializer(graph, f"{name}.{key}", np.full(channels, init, np.float32))
+        for key, init in (("bias_x", 0.0), ("bias_y", 0.0), ("pos_slope", 1.0), ("neg_slope", 0.25))
+    ]
+    return add_node(graph, "DPReLU", [x, *params], name, domain=BNNCC_DOMAIN)
+
+
+def refresh(model: ir.Model) -> None:
+    """Sort the graph, attach the ai.bnncc functions it uses and infer every value's shape anew.
+
+    Shapes are cleared first: a pass that changes widths or strides leaves stale ones behind.
+    """
+    from bnncc.ops import attach_functions  # the op domain imports onnxscript: only when needed
+
+    graph = model.graph
+    graph.sort()
+    attach_functions(model)
+    for node in graph:
+        for value in node.outputs:
+            value.shape = None
+    ShapeInferencePass()(model)
+    missing = [v.name for node in graph for v in node.outputs if v.shape is None]
+    if missing:
+        raise BnnccError(f"shape inference left {len(missing)} values without a shape, first {missing[0]!r}")

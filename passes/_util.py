@@ -1,0 +1,46 @@
+"""Small helpers shared by the canonicalization passes: constants, initializers, attributes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr"]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant contents (initializer or Constant node) as numpy, else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named ``base_name`` (suffixed when taken)."""
+    name, suffix = base_name, 0
+    while name in graph.initializers:
+        suffix += 1
+        name = f"{base_name}_{suffix}"
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    graph.register_initializer(value)
+    return value
+
+
+def static_dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
+    """The value's shape with symbolic dims as their name (None when unnamed); None if unknown."""
+    if value.shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else d.value for d in value.shape)
+
+
+def int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def ints_attr(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    attr = node.attributes.get(name)
+    return default if attr is None else tuple(attr.as_ints())

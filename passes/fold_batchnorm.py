@@ -1,0 +1,83 @@
+"""Fold an inference-mode BatchNormalization into the Conv that feeds it.
+
+With s = gamma / sqrt(var + eps) per output channel c:
+
+    BN(Conv(x, W, b)) = s * (W * x + b - mean) + beta = (s W) * x + (s (b - mean) + beta)
+
+so W'[c] = s[c] W[c] and b'[c] = s[c] (b[c] - mean[c]) + beta[c] (b = 0 when the Conv has no
+bias). Computed in float64, stored in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FoldBatchNormPass"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.passes._util import add_initializer, const_array, int_attr
+from bnncc.passmanager import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("fold_batchnorm")
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold ``BatchNormalization(Conv(x))`` into the Conv, any opset (7..21).
+
+    1. Conv with constant W (and bias, if any), BN with constant per-channel parameters (C values
+       each, ``spatial`` 1 or per-channel-shaped), only its first output used, not in training
+       mode, the Conv output used only by the BN: folded.
+    2. A BN after anything else, a Conv output with other users, non-constant parameters or
+       ``training_mode=1``: left alone.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for bn in list(graph):
+            if bn.op_type != "BatchNormalization" or bn.domain != "":
+                continue
+            if self._try_fold(graph, bn):
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+    def _try_fold(self, graph: ir.Graph, bn: ir.Node) -> bool:
+        conv = bn.inputs[0].producer()
+        if conv is None or conv.op_type != "Conv" or conv.domain != "":
+            return False
+        conv_out = conv.outputs[0]
+        if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+            return False
+        if int_attr(bn, "training_mode", 0) != 0 or any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
+            return False
+        weight = const_array(conv.inputs[1])
+        params = [const_array(v) for v in bn.inputs[1:5]]
+        bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        if weight is None or any(p is None for p in params):
+            return False
+        channels = weight.shape[0]
+        if any(p.size != channels for p in params) or (len(conv.inputs) > 2 and bias is None):
+            return False
+        gamma, beta, mean, var = (p.reshape(-1).astype(np.float64) for p in params)
+        eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+        scale = gamma / np.sqrt(var + eps)
+        b = np.zeros(channels) if bias is None else bias.astype(np.float64)
+        new_weight = (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
+        new_bias = (scale * (b - mean) + beta).astype(weight.dtype)
+        w_value = add_initializer(graph, f"{conv.name or 'conv'}.weight", new_weight)
+        b_value = add_initializer(graph, f"{conv.name or 'conv'}.bias", new_bias)
+        conv.replace_input_with(1, w_value)
+        if len(conv.inputs) < 3:
+            conv.resize_inputs(3)
+        conv.replace_input_with(2, b_value)
+        bn_out = bn.outputs[0]
+        output_name = bn_out.name if bn_out.is_graph_output() else None
+        ir.convenience.replace_all_uses_with(bn_out, conv_out, replace_graph_outputs=True)
+        graph.remove(bn, safe=True)
+        if output_name is not None:  # a graph output keeps its name
+            conv_out.name = output_name
+        logger.debug("folded %s into %s", bn.name, conv.name)
+        return True

@@ -1,0 +1,80 @@
+"""Rewrite spatial means as ``GlobalAveragePool``.
+
+For x of shape (N, C, H, W): ReduceMean(x, axes=[2, 3], keepdims=1) = GlobalAveragePool(x), and
+AveragePool(x, kernel=(H, W), no padding) = GlobalAveragePool(x) (one window covers the plane).
+ReduceMean with keepdims=0 gives (N, C) = Flatten(GlobalAveragePool(x), axis=1).
+"""
+
+from __future__ import annotations
+
+__all__ = ["GlobalPoolPass"]
+
+import logging
+
+import onnx_ir as ir
+
+from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
+from bnncc.passmanager import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("global_pool")
+class GlobalPoolPass(ir.passes.InPlacePass):
+    """Replace whole-plane means of a rank-4 tensor with GlobalAveragePool.
+
+    1. ReduceMean over axes {2, 3} (attribute before opset 18, input from 18; negative axes
+       allowed), keepdims=1: GlobalAveragePool.
+    2. The same with keepdims=0: GlobalAveragePool then Flatten(axis=1).
+    3. AveragePool whose kernel equals the static input (H, W), without padding: GlobalAveragePool.
+    4. Any other ReduceMean or AveragePool (other axes, smaller kernel, padding, unknown shape):
+       left alone.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.domain != "":
+                continue
+            if node.op_type == "ReduceMean" and _reduces_plane(node):
+                flatten = int_attr(node, "keepdims", 1) == 0
+            elif node.op_type == "AveragePool" and _covers_plane(node):
+                flatten = False
+            else:
+                continue
+            new_nodes = [ir.Node("", "GlobalAveragePool", [node.inputs[0]], name=node.name)]
+            if flatten:
+                new_nodes.append(ir.Node("", "Flatten", new_nodes[0].outputs, {"axis": ir.AttrInt64("axis", 1)},
+                                         name=f"{node.name}_flatten"))
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], new_nodes, [node.outputs[0]], [new_nodes[-1].outputs[0]]
+            )
+            logger.debug("rewrote %s %s as GlobalAveragePool", node.op_type, node.name)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _reduces_plane(node: ir.Node) -> bool:
+    dims = static_dims(node.inputs[0])
+    if dims is None or len(dims) != 4:
+        return False
+    if "axes" in node.attributes:
+        axes = node.attributes["axes"].as_ints()
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = const_array(node.inputs[1])
+        if axes is None:
+            return False
+    else:
+        return False  # no axes: a mean over all axes (or a no-op), not a spatial pool
+    return sorted(int(a) % 4 for a in axes) == [2, 3]
+
+
+def _covers_plane(node: ir.Node) -> bool:
+    dims = static_dims(node.inputs[0])
+    if dims is None or len(dims) != 4 or not all(isinstance(d, int) for d in dims[2:]):
+        return False
+    pads = ints_attr(node, "pads", (0, 0, 0, 0))
+    auto_pad = node.attributes["auto_pad"].as_string() if "auto_pad" in node.attributes else "NOTSET"
+    kernel = ints_attr(node, "kernel_shape", ())
+    return kernel == tuple(dims[2:]) and not any(pads) and auto_pad in ("NOTSET", "VALID")

@@ -1,0 +1,45 @@
+"""Drop a Softmax on the graph output, so that the model returns logits.
+
+softmax is strictly increasing in each logit, so the predicted class (argmax) is unchanged; the
+compiler, the cost model and distillation work on logits. Changes the output values by design:
+the output name is kept and now carries the logits.
+"""
+
+from __future__ import annotations
+
+__all__ = ["StripSoftmaxPass"]
+
+import logging
+
+import onnx_ir as ir
+
+from bnncc.passmanager import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("strip_softmax")
+class StripSoftmaxPass(ir.passes.InPlacePass):
+    """Remove a Softmax whose output is a graph output.
+
+    1. ``y = Softmax(x)``, y a graph output, x produced by a node and used only here: the
+       producer of x now writes y.
+    2. A Softmax inside the graph, or on a graph input: left alone.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type != "Softmax" or node.domain != "":
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if not y.is_graph_output() or x.producer() is None or len(x.uses()) != 1 or x.is_graph_output():
+                continue
+            name = y.name
+            ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            x.name = name
+            logger.info("removed the output Softmax %s: the model now returns logits", node.name)
+            modified = True
+        return ir.passes.PassResult(model, modified)
