@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "BnnccError": "bnncc.errors",
+    "load": "bnncc.frontend",
+    "recognize": "bnncc.frontend",
     "to_torch": "bnncc.torchview",
     "write_back": "bnncc.torchview",
 }
