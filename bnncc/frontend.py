@@ -35,6 +35,19 @@ import onnx.external_data_helper
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
+# The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
+from bnncc.passes import (  # noqa: F401
+    add_conv_bias,
+    fold_batchnorm,
+    fold_constant_of_shape,
+    global_pool,
+    matmul_add_to_gemm,
+    normalize_gemm,
+    onnx_ir_common,
+    reshape_to_flatten,
+    strip_softmax,
+    sum_to_add,
+)
 from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
 from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager

@@ -48,8 +48,13 @@ def _import_pass_modules() -> None:
 
 
 def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
-    """Instantiate the pass registered as ``name`` with ``params``."""
-    _import_pass_modules()
+    """Instantiate the pass registered as ``name`` with ``params``.
+
+    Pass modules are imported on the first miss only, so that a caller that imported the modules
+    it needs does not depend on every other module of ``bnncc.passes`` importing cleanly.
+    """
+    if name not in _REGISTRY:
+        _import_pass_modules()
     factory = _REGISTRY.get(name)
     if factory is None:
         raise BnnccError(f"unknown pass {name!r}; registered passes: {', '.join(list_passes())}")

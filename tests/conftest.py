@@ -17,3 +17,23 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def resnet50_onnx(tmp_path_factory):
+    """Float ResNet-50 ONNX files by kind: torch legacy (BN folded, fixed batch), torch dynamo
+    (opset 18, external data, symbolic batch) and the onnx wheel's light_resnet50 (opset 9, BN, Sum)."""
+    import os
+
+    import onnx
+
+    from bnncc import zoo
+
+    folder = tmp_path_factory.mktemp("resnet50")
+    module = zoo.resnet50()
+    light = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
+    return {
+        "legacy": zoo.export_onnx(module, folder / "legacy.onnx", exporter="legacy"),
+        "dynamo": zoo.export_onnx(module, folder / "dynamo.onnx", exporter="dynamo", batch="symbolic"),
+        "light": light,
+    }

@@ -1,0 +1,219 @@
+"""The front end on whole models: recognition, semantics of canonicalization, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torchvision
+from onnx import helper
+
+from bnncc import zoo
+from bnncc.frontend import load, recognize
+from bnncc.passes.set_opset import STABLE_OPS
+
+# torchvision ResNet-50 v1.5, by hand: (in, mid, out, stride) of the 16 bottlenecks.
+RESNET50_BLOCKS = (
+    [(64, 64, 256, 1)] + [(256, 64, 256, 1)] * 2
+    + [(256, 128, 512, 2)] + [(512, 128, 512, 1)] * 3
+    + [(512, 256, 1024, 2)] + [(1024, 256, 1024, 1)] * 5
+    + [(1024, 512, 2048, 2)] + [(2048, 512, 2048, 1)] * 2
+)
+KINDS = ("legacy", "dynamo", "light")
+
+
+def _run(model: onnx.ModelProto | ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_finds_the_16_bottlenecks(cli, resnet50_onnx, kind):
+    code, out, err = cli("inspect", resnet50_onnx[kind], "--json")
+    assert code == 0, err
+    structure = json.loads(out)
+    blocks = [b for stage in structure["stages"] for b in stage]
+    found = [(b["in_channels"], b["mid_channels"], b["out_channels"], b["stride"]) for b in blocks]
+    assert found == RESNET50_BLOCKS
+    assert [len(stage) for stage in structure["stages"]] == [3, 4, 6, 3]
+    assert [b["shortcut"] is not None for b in blocks] == [i in (0, 3, 7, 13) for i in range(16)]
+    assert structure["stem"]["out_channels"] == 64 and structure["stem"]["out_size"] == [56, 56]
+    assert blocks[-1]["out_size"] == [7, 7]
+    assert structure["head"]["in_features"] == 2048 and structure["head"]["num_classes"] == 1000
+    assert all(b["stride_on_3x3"] for b in blocks)
+
+
+def test_inspect_table_lists_stem_blocks_and_head(cli, resnet50_onnx):
+    code, out, _ = cli("inspect", resnet50_onnx["legacy"])
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == 1 + 16 + 1
+    assert "stem" in rows[0] and "head" in rows[-1]
+    assert sum("projection" in r for r in rows) == 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_canonical_model_computes_the_same(resnet50_onnx, kind):
+    path = resnet50_onnx[kind]
+    original = onnx.load(str(path))
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    expected = _run(original, x)
+    got = _run(load(path), x)
+    if kind == "light":  # its output Softmax is stripped: the canonical model returns logits
+        got = np.exp(got - got.max(axis=1, keepdims=True))
+        got /= got.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_gives_the_canonical_form(resnet50_onnx, kind):
+    model = load(resnet50_onnx[kind])
+    graph = model.graph
+    assert model.opset_imports[""] == 18
+    assert {n.op_type for n in graph} == STABLE_OPS
+    assert all(len(n.inputs) == 3 and n.inputs[2].is_initializer() for n in graph if n.op_type == "Conv")
+    names = [n.name for n in graph]
+    assert len(set(names)) == len(names) and all(names)
+    assert len(graph.inputs) == 1 and len(graph.outputs) == 1
+    assert all(v.shape is not None for n in graph for v in n.outputs)
+    gemm = next(n for n in graph if n.op_type == "Gemm")
+    assert gemm.attributes["transB"].as_int() == 1 and gemm.inputs[1].const_value.shape == (1000, 2048)
+    batch = graph.inputs[0].shape[0]
+    assert (batch == 1) if kind != "dynamo" else not isinstance(batch, int)
+
+
+def test_narrow_resnet101_is_accepted_with_23_blocks_in_stage_3(tmp_path):
+    path = zoo.export_onnx(zoo.resnet101(width=0.25, num_classes=10), tmp_path / "r101.onnx", input_size=64)
+    resnet = recognize(load(path))
+    assert [len(s) for s in resnet.stages] == [3, 4, 23, 3]
+    assert [(b.in_channels, b.out_channels) for b in resnet.stages[2][:2]] == [(128, 256), (256, 256)]
+    assert resnet.head.num_classes == 10
+
+
+def test_basic_block_resnet_is_refused(cli, tmp_path):
+    module = zoo.randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
+    path = zoo.export_onnx(module, tmp_path / "r18.onnx", input_size=64)
+    code, _, err = cli("inspect", path)
+    assert code == 2
+    assert "basic-block ResNet" in err and "bottleneck" in err and str(path) in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line naming the problem, no traceback, nothing written.
+
+
+@pytest.fixture(scope="module")
+def tiny_proto(tmp_path_factory) -> onnx.ModelProto:
+    """A narrow ResNet-50 at 32x32, legacy export (small enough to corrupt and rewrite)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), path, input_size=32)
+    return onnx.load(str(path))
+
+
+def _expect_refusal(cli, path, *fragments: str) -> None:
+    before = sorted(os.listdir(os.path.dirname(path)))
+    code, out, err = cli("inspect", path)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err
+    for fragment in fragments:
+        assert fragment in err
+    assert sorted(os.listdir(os.path.dirname(path))) == before
+
+
+def test_missing_file(cli, tmp_path):
+    _expect_refusal(cli, tmp_path / "nope.onnx", "no such file")
+
+
+def test_empty_file(cli, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    _expect_refusal(cli, tmp_path / "empty.onnx", "empty file")
+
+
+def test_truncated_file(cli, tmp_path, tiny_proto):
+    data = tiny_proto.SerializeToString()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    _expect_refusal(cli, tmp_path / "cut.onnx", "not an ONNX model")
+
+
+def test_text_file(cli, tmp_path):
+    (tmp_path / "notes.onnx").write_text("this is not a model\n")
+    _expect_refusal(cli, tmp_path / "notes.onnx", "not an ONNX model")
+
+
+@pytest.mark.parametrize("location", ["../stolen.data", "/etc/passwd"])
+def test_external_data_outside_the_folder(cli, tmp_path, tiny_proto, location):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "ext.onnx"
+    path.write_bytes(proto.SerializeToString())
+    _expect_refusal(cli, path, location, "outside the model's folder")
+
+
+def _graph_model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _conv_weight(name, cout, cin, k):
+    data = np.random.default_rng(1).standard_normal((cout, cin, k, k)).astype(np.float32)
+    return onnx.numpy_helper.from_array(data, name)
+
+
+def _input(name="x", dims=(1, 3, 32, 32)):
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(dims))
+
+
+def _output(dims, name="y"):
+    return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(dims))
+
+
+def test_unsupported_op(cli, tmp_path):
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
+        helper.make_node("Tanh", ["c"], ["y"], name="squash"),
+    ]
+    model = _graph_model(nodes, [_input()], [_output((1, 8, 16, 16))], [_conv_weight("w", 8, 3, 7)])
+    onnx.save(model, tmp_path / "tanh.onnx")
+    _expect_refusal(cli, tmp_path / "tanh.onnx", "'squash'", "Tanh", "unsupported op")
+
+
+def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="stem_relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="plain", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c2"], ["r2"], name="plain_relu"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["y"], name="pool"),
+    ]
+    inits = [_conv_weight("w1", 8, 3, 7), _conv_weight("w2", 8, 8, 3)]
+    onnx.save(_graph_model(nodes, [_input()], [_output((1, 8, 1, 1))], inits), tmp_path / "plain.onnx")
+    _expect_refusal(cli, tmp_path / "plain.onnx", "'stem_relu'", "expected a bottleneck block")
+
+
+def test_dynamic_spatial_size(cli, tmp_path, tiny_proto):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    proto.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    onnx.save(proto, tmp_path / "dyn.onnx")
+    _expect_refusal(cli, tmp_path / "dyn.onnx", "dynamic spatial size")
+
+
+def test_two_outputs(cli, tmp_path, tiny_proto):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    proto.graph.output.append(_output((1, 8, 16, 16), relu.output[0]))
+    onnx.save(proto, tmp_path / "two.onnx")
+    _expect_refusal(cli, tmp_path / "two.onnx", "2 outputs", "expected one of each")
