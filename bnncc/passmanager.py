@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 
-__all__ = ["register_pass", "get_pass", "list_passes", "PassManager", "PassRecord"]
+__all__ = ["register_pass", "get_pass", "pass_factory", "list_passes", "PassManager", "PassRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,12 @@ def _import_pass_modules() -> None:
 
 
 def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
-    """Instantiate the pass registered as ``name`` with ``params``.
+    """Instantiate the pass registered as ``name`` with ``params``."""
+    return pass_factory(name)(**params)
+
+
+def pass_factory(name: str) -> PassFactory:
+    """The class or function registered as ``name``: its signature and docstring describe the pass.
 
     Pass modules are imported on the first miss only, so that a caller that imported the modules
     it needs does not depend on every other module of ``bnncc.passes`` importing cleanly.
@@ -58,7 +63,7 @@ def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
     factory = _REGISTRY.get(name)
     if factory is None:
         raise BnnccError(f"unknown pass {name!r}; registered passes: {', '.join(list_passes())}")
-    return factory(**params)
+    return factory
 
 
 def list_passes() -> list[str]:
