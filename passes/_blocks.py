@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_ir as ir
 
-__all__ = ["FloatBlock", "float_blocks", "node_dag", "BNNCC_DOMAIN"]
+__all__ = ["FloatBlock", "float_blocks", "node_dag", "only_user", "BNNCC_DOMAIN"]
 
 BNNCC_DOMAIN = "ai.bnncc"
 _SOURCE = "<inputs>"
@@ -29,12 +29,16 @@ _SOURCE = "<inputs>"
 class FloatBlock:
     """One float bottleneck, as graph nodes (valid until those nodes are removed)."""
 
-    input: ir.Value
     convs: tuple[ir.Node, ir.Node, ir.Node]  # 1x1 reduce, 3x3, 1x1 expand
     relus: tuple[ir.Node, ir.Node]
     projection: ir.Node | None  # the shortcut Conv, None for an identity or ReshapeAdd shortcut
     merge: ir.Node  # Add or ReshapeAdd
     out_relu: ir.Node
+
+    @property
+    def input(self) -> ir.Value:
+        """The value entering the block, read from the graph (an earlier rewrite may have replaced it)."""
+        return self.convs[0].inputs[0]
 
 
 def node_dag(graph: ir.Graph) -> nx.DiGraph:
@@ -76,7 +80,7 @@ def _match(merge: ir.Node, dominator: ir.Node | str) -> FloatBlock | None:
     if dominator == _SOURCE or len(dominator.outputs) != 1 or len(merge.inputs) != 2:
         return None
     x = dominator.outputs[0]
-    out_relu = _single_consumer(merge.outputs[0], "Relu")
+    out_relu = only_user(merge.outputs[0], "Relu")
     if out_relu is None:
         return None
     orders = [(0, 1)] if merge.op_type == "ReshapeAdd" else [(0, 1), (1, 0)]
@@ -85,7 +89,7 @@ def _match(merge: ir.Node, dominator: ir.Node | str) -> FloatBlock | None:
         projection = _shortcut(merge.inputs[short], x, merge.op_type == "ReshapeAdd")
         if chain is not None and projection is not False:
             convs, relus = chain
-            return FloatBlock(x, convs, relus, projection, merge, out_relu)
+            return FloatBlock(convs, relus, projection, merge, out_relu)
     return None
 
 
@@ -117,7 +121,8 @@ def _shortcut(value: ir.Value, x: ir.Value, parameter_free: bool) -> ir.Node | N
     return producer if producer.inputs[0] is x and len(value.uses()) == 1 else False
 
 
-def _single_consumer(value: ir.Value, op_type: str) -> ir.Node | None:
+def only_user(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The one node that reads ``value`` (not a graph output), if it is a standard ``op_type``."""
     uses = value.uses()
     if len(uses) != 1 or value.is_graph_output():
         return None

@@ -20,7 +20,8 @@ from bnncc.errors import BnnccError
 from bnncc.passes._blocks import BNNCC_DOMAIN
 from bnncc.passes._util import add_initializer
 
-__all__ = ["lecun_normal", "uncalibrated_bound", "add_node", "batch_norm", "dprelu", "refresh"]
+__all__ = ["lecun_normal", "uncalibrated_bound", "add_node", "batch_norm", "dprelu", "take_over", "drop_unused",
+           "refresh"]
 
 # std of a standard normal truncated to [-2, 2]
 _TRUNCATED_STD = 0.87962566103423978
@@ -70,6 +71,21 @@ def dprelu(graph: ir.Graph, x: ir.Value, name: str, channels: int) -> ir.Value:
         for key, init in (("bias_x", 0.0), ("bias_y", 0.0), ("pos_slope", 1.0), ("neg_slope", 0.25))
     ]
     return add_node(graph, "DPReLU", [x, *params], name, domain=BNNCC_DOMAIN)
+
+
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` for every reader and graph output, and takes its name."""
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
+def drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+    """Remove the initializers among ``values`` that nothing reads any more."""
+    for value in values:
+        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
 
 
 def refresh(model: ir.Model) -> None:

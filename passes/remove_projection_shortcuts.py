@@ -20,7 +20,7 @@ import logging
 import onnx_ir as ir
 
 from bnncc.passes._blocks import BNNCC_DOMAIN, float_blocks
-from bnncc.passes._pokebnn import refresh
+from bnncc.passes._pokebnn import drop_unused, refresh, take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -42,13 +42,11 @@ class RemoveProjectionShortcutsPass(ir.passes.InPlacePass):
             projection, merge = block.projection, block.merge
             y = merge.inputs[1 - list(merge.inputs).index(projection.outputs[0])]
             reshape_add = ir.node("ReshapeAdd", [y, block.input], {"method": "tile"}, domain=BNNCC_DOMAIN,
-                                  name=merge.name, outputs=[ir.Value(name=merge.outputs[0].name)])
+                                  name=merge.name)
             graph.insert_before(merge, reshape_add)
-            merge.outputs[0].replace_all_uses_with(reshape_add.outputs[0])
+            take_over(merge.outputs[0], reshape_add.outputs[0])
             graph.remove([merge, projection], safe=True)
-            for weight in projection.inputs[1:]:
-                if weight is not None and not weight.uses():
-                    graph.initializers.pop(weight.name)
+            drop_unused(graph, list(projection.inputs[1:]))
             logger.debug("%s: projection %s removed, shortcut is ReshapeAdd(tile) from %s",
                          merge.name, projection.name, block.input.name)
         if blocks:

@@ -1,0 +1,224 @@
+"""Recipes: TOML files that name the passes of a rewrite, their parameters and the training schedule.
+
+A recipe is data. ``recipes/pokebnn_1x.toml`` (package ``bnncc.recipes``) looks like::
+
+    name = "pokebnn_1x"
+    description = "PokeBNN-1.0x: ..."
+
+    [[passes]]                      # run in this order
+    name = "width_multiplier"       # a pass registered in bnncc.passmanager
+    multiplier = 1.0                # keyword parameters of that pass
+
+    [train]                         # read by bnncc.train
+    lr = 2e-5
+    ...
+
+Validation: every pass must be registered and every parameter must be a keyword parameter of
+the pass, of the annotated type (an int is accepted where a float is expected); the pass is then
+built once so its own range checks run. ``[train]`` keys and types come from :data:`TRAIN_SCHEMA`.
+Each error names the file, the dotted key, the value and what was expected.
+
+Overrides ``key=value`` use the same dotted keys (``passes.width_multiplier.multiplier=1.4``,
+``train.lr=1e-4``); the value is read as a TOML value (a bare word is a string) and goes through
+the same validation as the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import tomllib
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from bnncc.errors import BnnccError
+from bnncc.passmanager import get_pass, pass_factory
+
+__all__ = ["Recipe", "TRAIN_SCHEMA", "load_recipe", "available_recipes"]
+
+# [train] keys, as bnncc.train reads them. lr is per 256 images (the paper's 2e-5 x batch/256);
+# weight_quant_start is an epoch, act_calibration_step a step (pokebnn.md section 4).
+TRAIN_SCHEMA: dict[str, type] = {
+    "lr": float,
+    "batch_size": int,
+    "epochs": int,
+    "weight_decay": float,
+    "weight_quant_start": int,
+    "act_calibration_step": int,
+    "clip_bound": float,
+    "temperature": float,
+}
+
+_TOP_LEVEL = ("name", "description", "passes", "train")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``passes`` is ``((name, params), ...)`` as ``PassManager`` takes it."""
+
+    name: str
+    description: str
+    source: str
+    passes: tuple[tuple[str, dict[str, Any]], ...]
+    train: dict[str, Any]
+
+    def params(self, pass_name: str) -> dict[str, Any]:
+        """The parameters given to ``pass_name`` (empty when the pass is not in the recipe)."""
+        return next((dict(p) for n, p in self.passes if n == pass_name), {})
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in ``bnncc.recipes``."""
+    return sorted(f.name[: -len(".toml")] for f in resources.files("bnncc.recipes").iterdir()
+                  if f.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Load a recipe by shipped name (``pokebnn_1x``) or file path, apply ``key=value`` overrides, validate."""
+    source, text = _read(name_or_path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BnnccError(f"{source}: not valid TOML: {e}") from None
+    for override in overrides:
+        _apply_override(raw, override, source)
+    return _validate(raw, source)
+
+
+def _read(name_or_path: str | Path) -> tuple[str, str]:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise BnnccError(f"{path}: recipe file not found")
+        return str(path), path.read_text(encoding="utf-8")
+    shipped = resources.files("bnncc.recipes") / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        raise BnnccError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "
+                         f"{', '.join(available_recipes())} (or give a path to a .toml file)")
+    return f"{name_or_path}.toml", shipped.read_text(encoding="utf-8")
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
+    """Set the dotted key of ``key=value`` in the raw recipe; validation happens afterwards."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise BnnccError(f"--set {override!r}: expected key=value, e.g. passes.width_multiplier.multiplier=1.4")
+    value = _parse_value(text.strip())
+    parts = key.split(".")
+    if parts[0] == "passes" and len(parts) == 3:
+        _pass_entry(raw, parts[1], source, key)[parts[2]] = value
+    elif parts[0] == "train" and len(parts) == 2:
+        raw.setdefault("train", {})[parts[1]] = value
+    elif len(parts) == 1 and parts[0] in ("name", "description"):
+        raw[parts[0]] = value
+    else:
+        raise BnnccError(f"--set {key}: unknown key; expected name, description, train.<key> "
+                         "or passes.<pass name>.<parameter>")
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``1.4``, ``true``, ``"s"``, ``[1, 2]``); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _pass_entry(raw: dict[str, Any], pass_name: str, source: str, key: str) -> dict[str, Any]:
+    entries = [p for p in raw.get("passes", []) if isinstance(p, dict) and p.get("name") == pass_name]
+    if len(entries) != 1:
+        names = [p.get("name") for p in raw.get("passes", []) if isinstance(p, dict)]
+        why = "names no such pass" if not entries else "runs that pass more than once"
+        raise BnnccError(f"--set {key}: {source} {why}; its passes are {', '.join(map(str, names))}")
+    return entries[0]
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _validate(raw: dict[str, Any], source: str) -> Recipe:
+    unknown = sorted(set(raw) - set(_TOP_LEVEL))
+    if unknown:
+        raise BnnccError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(_TOP_LEVEL)}")
+    name = _check_type(raw.get("name", Path(source).stem), str, "name", source)
+    description = _check_type(raw.get("description", ""), str, "description", source)
+    entries = raw.get("passes")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise BnnccError(f"{source}: passes = {entries!r}: expected a non-empty array of tables ([[passes]])")
+    passes = tuple(_validate_pass(entry, i, source) for i, entry in enumerate(entries))
+    train = _validate_train(raw.get("train", {}), source)
+    _check_clip_bound(passes, train, source)
+    return Recipe(name, description, source, passes, train)
+
+
+def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str, dict[str, Any]]:
+    pass_name = entry.get("name")
+    if not isinstance(pass_name, str):
+        raise BnnccError(f"{source}: passes[{index}].name = {pass_name!r}: expected the name of a registered pass")
+    schema = _pass_schema(pass_name, source, index)
+    params: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key == "name":
+            continue
+        if key not in schema:
+            expected = ", ".join(schema) or "no parameters"
+            raise BnnccError(f"{source}: passes.{pass_name}.{key}: unknown parameter; expected {expected}")
+        params[key] = _check_type(value, schema[key], f"passes.{pass_name}.{key}", source)
+    try:
+        get_pass(pass_name, **params)  # the pass's own range checks
+    except BnnccError as e:
+        raise BnnccError(f"{source}: passes.{pass_name}: {e}") from None
+    return pass_name, params
+
+
+def _pass_schema(pass_name: str, source: str, index: int) -> dict[str, type]:
+    """Keyword parameters of the registered pass and their annotated types."""
+    try:
+        factory = pass_factory(pass_name)
+    except BnnccError as e:
+        raise BnnccError(f"{source}: passes[{index}].name: {e}") from None
+    init = factory.__init__ if inspect.isclass(factory) else factory
+    hints = typing.get_type_hints(init)
+    return {p.name: hints.get(p.name, object) for p in inspect.signature(factory).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _validate_train(train: Any, source: str) -> dict[str, Any]:
+    if not isinstance(train, dict):
+        raise BnnccError(f"{source}: train = {train!r}: expected a table ([train])")
+    out = {}
+    for key, value in train.items():
+        if key not in TRAIN_SCHEMA:
+            raise BnnccError(f"{source}: train.{key}: unknown key; expected {', '.join(TRAIN_SCHEMA)}")
+        out[key] = _check_type(value, TRAIN_SCHEMA[key], f"train.{key}", source)
+    return out
+
+
+def _check_clip_bound(passes: tuple[tuple[str, dict[str, Any]], ...], train: dict[str, Any], source: str) -> None:
+    """B is one number: the binary convs' attribute and the training STE window must agree."""
+    graph_b = next((p["clip_bound"] for n, p in passes if "clip_bound" in p), None)
+    train_b = train.get("clip_bound")
+    if graph_b is not None and train_b is not None and graph_b != train_b:
+        raise BnnccError(f"{source}: train.clip_bound = {train_b} differs from the passes' clip_bound = "
+                         f"{graph_b}; B is one number, set both")
+
+
+def _check_type(value: Any, expected: type, key: str, source: str) -> Any:
+    """``value`` as ``expected``; an int is accepted as a float, a bool is never a number."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is object or (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
+        return copy.deepcopy(value)
+    raise BnnccError(f"{source}: {key} = {value!r}: expected {_describe(expected)}")
+
+
+def _describe(expected: type) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))

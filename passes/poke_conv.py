@@ -1,0 +1,126 @@
+"""Turn every float bottleneck conv into a PokeConv (pokebnn.md section 2, bnncc/ops/spec.md).
+
+A float bottleneck ``x -> conv1 -> relu -> conv2 -> relu -> conv3 -> add(., shortcut) -> relu``
+becomes three PokeConvs; PokeConv i with input x_i (x_1 = x) and the float conv's weight W_i is
+
+    c = BinaryConv(x_i, W_i)                      # k x k, the float conv's stride, TF SAME, no bias
+    b = BatchNormalization(c)                     # gamma 0 for conv3, 1 otherwise
+    s = ReshapeAdd(b, x_i, method="zeropad")      # local shortcut
+    s = ReshapeAdd(s, x, method="tile")           # block shortcut, conv3 only
+    d = DPReLU(s)
+    g = SEGate(x_i)                               # Cin -> Cin // se_ratio -> Cout, int4
+    y_i = BatchNormalization(Mul(d, g))           # bn_split, gamma 1
+
+and y_3 is the block output (no ReLU: DPReLU replaced them all). The binary weights are the float
+convs' weights (BinaryConv keeps only their signs and per-channel max); the float conv's bias,
+the folded BatchNorm shift of the float model, is dropped: the new BN after the binary conv
+takes its role. Everything else is new and initialised as in ``_pokebnn``. The stride stays
+where the float conv had it (run stride_to_3x3 first for v1 models). The block's shortcut must
+be parameter-free already (identity, or a ReshapeAdd from remove_projection_shortcuts).
+"""
+
+from __future__ import annotations
+
+__all__ = ["PokeConvPass"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+from bnncc.passes._blocks import BNNCC_DOMAIN, FloatBlock, float_blocks
+from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh, take_over,
+                                   uncalibrated_bound)
+from bnncc.passes._util import add_initializer
+from bnncc.passmanager import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("poke_conv")
+class PokeConvPass(ir.passes.InPlacePass):
+    """Replace every float bottleneck by three PokeConvs.
+
+    1. A float bottleneck with an identity or ReshapeAdd shortcut: rewritten.
+    2. A bottleneck with a projection Conv shortcut: an error (run remove_projection_shortcuts).
+    3. No float bottleneck (e.g. already rewritten): left alone.
+    """
+
+    def __init__(self, clip_bound: float = 3.0, se_ratio: int = 8, se_w_bits: int = 4, se_a_bits: int = 4,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if not clip_bound > 0:
+            raise BnnccError(f"poke_conv: clip_bound must be > 0, got {clip_bound}")
+        for key, value in (("se_ratio", se_ratio), ("se_w_bits", se_w_bits), ("se_a_bits", se_a_bits)):
+            if value < 1:
+                raise BnnccError(f"poke_conv: {key} must be >= 1, got {value}")
+        self.clip_bound = clip_bound
+        self.se_ratio = se_ratio
+        self.se_w_bits = se_w_bits
+        self.se_a_bits = se_a_bits
+        self.seed = seed
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        blocks = float_blocks(graph)
+        for block in blocks:
+            if block.projection is not None:
+                raise BnnccError(f"poke_conv: block {block.merge.name!r} has the projection shortcut "
+                                 f"{block.projection.name!r}; run remove_projection_shortcuts first")
+        rng = np.random.default_rng(self.seed)
+        for block in blocks:
+            self._rewrite_block(graph, block, rng)
+        if blocks:
+            refresh(model)
+        return ir.passes.PassResult(model, modified=bool(blocks))
+
+    def _rewrite_block(self, graph: ir.Graph, block: FloatBlock, rng: np.random.Generator) -> None:
+        x = block.input
+        y = self._poke_conv(graph, x, block.convs[0], rng)
+        y = self._poke_conv(graph, y, block.convs[1], rng)
+        y = self._poke_conv(graph, y, block.convs[2], rng, block_input=x)
+        take_over(block.out_relu.outputs[0], y)
+        old = [*block.convs, *block.relus, block.merge, block.out_relu]
+        graph.remove(old, safe=True)
+        drop_unused(graph, [v for conv in block.convs for v in conv.inputs[1:]])
+        logger.debug("block %s: convs %s -> PokeConvs", block.merge.name, ", ".join(c.name for c in block.convs))
+
+    def _poke_conv(self, graph: ir.Graph, x: ir.Value, conv: ir.Node, rng: np.random.Generator,
+                   block_input: ir.Value | None = None) -> ir.Value:
+        """The PokeConv replacing ``conv`` on input ``x``; ``block_input`` marks the 3rd conv."""
+        name = conv.name
+        weight = conv.inputs[1]
+        out_channels, in_channels, kh, kw = weight.const_value.shape
+        if conv.attributes.get_int("group", 1) != 1 or set(conv.attributes.get_ints("dilations", (1, 1))) != {1}:
+            raise BnnccError(f"poke_conv: node {name!r} (Conv): groups or dilations are not supported")
+        c = add_node(graph, "BinaryConv", [x, weight], f"{name}/binary", domain=BNNCC_DOMAIN,
+                     kernel_shape=[kh, kw], strides=list(conv.attributes.get_ints("strides", (1, 1))),
+                     clip_bound=self.clip_bound)
+        s = batch_norm(graph, c, f"{name}/bn", out_channels, gamma=0.0 if block_input is not None else 1.0)
+        s = add_node(graph, "ReshapeAdd", [s, x], f"{name}/local", domain=BNNCC_DOMAIN, method="zeropad")
+        if block_input is not None:
+            s = add_node(graph, "ReshapeAdd", [s, block_input], f"{name}/block", domain=BNNCC_DOMAIN, method="tile")
+        d = dprelu(graph, s, f"{name}/dprelu", out_channels)
+        g = self._se_gate(graph, x, f"{name}/se", in_channels, out_channels, rng)
+        m = add_node(graph, "Mul", [d, g], f"{name}/se_mul")
+        return batch_norm(graph, m, f"{name}/bn_split", out_channels)
+
+    def _se_gate(self, graph: ir.Graph, x: ir.Value, name: str, in_channels: int, out_channels: int,
+                 rng: np.random.Generator) -> ir.Value:
+        """SEGate(x): Cin -> Cin // se_ratio -> Cout, LeCun-normal kernels, zero biases, bounds -1."""
+        hidden = in_channels // self.se_ratio
+        if hidden < 1:
+            raise BnnccError(f"poke_conv: {name}: {in_channels} input channels leave no SE channel "
+                             f"at se_ratio={self.se_ratio}")
+        inputs = [
+            x,
+            add_initializer(graph, f"{name}.w1", lecun_normal(rng, (hidden, in_channels, 1, 1))),
+            add_initializer(graph, f"{name}.bound1", uncalibrated_bound(in_channels)),
+            add_initializer(graph, f"{name}.b1", np.zeros(hidden, np.float32)),
+            add_initializer(graph, f"{name}.w2", lecun_normal(rng, (out_channels, hidden, 1, 1))),
+            add_initializer(graph, f"{name}.bound2", uncalibrated_bound(hidden)),
+            add_initializer(graph, f"{name}.b2", np.zeros(out_channels, np.float32)),
+        ]
+        return add_node(graph, "SEGate", inputs, name, domain=BNNCC_DOMAIN, w_bits=self.se_w_bits,
+                        a_bits=self.se_a_bits)

@@ -1,0 +1,104 @@
+"""Replace the ResNet stem (7x7/2 conv, ReLU, 3x3/2 max-pool) by PokeBNN's PokeInit stem.
+
+PokeInit (pokebnn.md section 3), for an input of Cin channels and a stem C wide (64 in ResNet-50):
+
+    QuantConv 4x4, stride 4, VALID, Cin -> M          (8-bit weights and signed 8-bit activations)
+    BatchNormalization -> DPReLU
+    QuantConv 3x3, stride 1, SAME (pads 1), group M, M -> C   (each group: 1 input, C/M outputs)
+    BatchNormalization -> DPReLU
+
+with M = ``mid_channels`` (32). No input pixel is used twice by the 4x4/4 conv, and it downsamples
+by 4 as the 7x7/2 conv plus the 3x3/2 pool did (224 -> 56), so the blocks see the same size. The
+float stem weights cannot carry over (other kernel); every new kernel is LeCun-normal, biases 0,
+BN 1/0/0/1, DPReLU 0/0/1/0.25, activation bounds -1 (not calibrated yet). The network's output
+changes; the stem's ACE drops from 7x7x3x64 float MACs per 112x112 pixel to
+56x56 x (4x4xCin x M + 3x3 x C) MACs at 8 x 8 bits.
+"""
+
+from __future__ import annotations
+
+__all__ = ["PokeStemPass"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+from bnncc.passes._blocks import BNNCC_DOMAIN, only_user
+from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh,
+                                   take_over, uncalibrated_bound)
+from bnncc.passes._util import add_initializer
+from bnncc.passmanager import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("poke_stem")
+class PokeStemPass(ir.passes.InPlacePass):
+    """Replace ``MaxPool(Relu(Conv(input)))`` (or ``Relu(Conv(input))``) with the PokeInit stem.
+
+    1. A float Conv on the graph input followed by a Relu, and a MaxPool if there is one: replaced.
+    2. Anything else on the graph input (e.g. a PokeInit stem already): left alone.
+    """
+
+    def __init__(self, mid_channels: int = 32, w_bits: int = 8, a_bits: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        for key, value in (("mid_channels", mid_channels), ("w_bits", w_bits), ("a_bits", a_bits)):
+            if value < 1:
+                raise BnnccError(f"poke_stem: {key} must be >= 1, got {value}")
+        self.mid_channels = mid_channels
+        self.w_bits = w_bits
+        self.a_bits = a_bits
+        self.seed = seed
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        stem = _float_stem(graph)
+        if stem is None:
+            return ir.passes.PassResult(model, modified=False)
+        conv, last = stem[0], stem[-1]
+        out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
+        mid = self.mid_channels
+        if out_channels % mid:
+            raise BnnccError(f"poke_stem: the stem's {out_channels} output channels ({conv.name}) are not a "
+                             f"multiple of mid_channels={mid}")
+        rng = np.random.default_rng(self.seed)
+        x = self._quant_conv(graph, conv.inputs[0], "stem/conv1", lecun_normal(rng, (mid, in_channels, 4, 4)),
+                             kernel_shape=[4, 4], strides=[4, 4], pads=[0, 0, 0, 0], group=1)
+        x = dprelu(graph, batch_norm(graph, x, "stem/bn1", mid), "stem/dprelu1", mid)
+        x = self._quant_conv(graph, x, "stem/conv2", lecun_normal(rng, (out_channels, 1, 3, 3)),
+                             kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], group=mid)
+        x = dprelu(graph, batch_norm(graph, x, "stem/bn2", out_channels), "stem/dprelu2", out_channels)
+        take_over(last.outputs[0], x)
+        graph.remove(stem, safe=True)
+        drop_unused(graph, list(conv.inputs[1:]))
+        logger.debug("stem %s replaced by PokeInit (%d -> %d -> %d channels)",
+                     ", ".join(n.name for n in stem), in_channels, mid, out_channels)
+        refresh(model)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _quant_conv(self, graph: ir.Graph, x: ir.Value, name: str, weight: np.ndarray, **conv) -> ir.Value:
+        """QuantConv(x) with ``weight``, zero bias, uncalibrated per-input-channel bounds."""
+        in_channels = weight.shape[1] * conv["group"]
+        inputs = [
+            x,
+            add_initializer(graph, f"{name}.weight", weight),
+            add_initializer(graph, f"{name}.act_bound", uncalibrated_bound(in_channels)),
+            add_initializer(graph, f"{name}.bias", np.zeros(weight.shape[0], np.float32)),
+        ]
+        return add_node(graph, "QuantConv", inputs, name, domain=BNNCC_DOMAIN,
+                        w_bits=self.w_bits, a_bits=self.a_bits, a_signed=1, **conv)
+
+
+def _float_stem(graph: ir.Graph) -> list[ir.Node] | None:
+    """[Conv, Relu] or [Conv, Relu, MaxPool] starting at the graph input, else None."""
+    if len(graph.inputs) != 1:
+        return None
+    conv = only_user(graph.inputs[0], "Conv")
+    relu = only_user(conv.outputs[0], "Relu") if conv is not None else None
+    if relu is None:
+        return None
+    pool = only_user(relu.outputs[0], "MaxPool")
+    return [conv, relu] if pool is None else [conv, relu, pool]
+

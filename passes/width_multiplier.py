@@ -1,0 +1,128 @@
+"""Scale the width of every bottleneck: f' = int(f * multiplier), outputs e * f'.
+
+For a block with mid width f (the output channels of its first conv) and expansion
+e = out / f (4 in ResNet-50), the convs become
+
+    1x1: Cin -> f',   3x3: f' -> f',   1x1: f' -> e f',   projection (if any): Cin -> e f'
+
+where Cin is the previous block's new output (the first block keeps the stem's width: the stem
+stays 64 wide, pokebnn.md section 3), and the dense head takes the last block's e f' features.
+On a ResNet-50 this is PokeBNN's f = int(base * multiplier) with base 64, 128, 256, 512.
+
+Weights carry over where the new shape fits inside the old one: W'[:o, :i] = W[:o, :i] (the
+first channels are kept). A tensor that grows is re-initialised: LeCun-normal kernels, zero
+biases. The pass changes what the network computes unless the multiplier is 1 (no change).
+"""
+
+from __future__ import annotations
+
+__all__ = ["WidthMultiplierPass"]
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+from bnncc.passes._blocks import FloatBlock, float_blocks
+from bnncc.passes._pokebnn import lecun_normal, refresh
+from bnncc.passmanager import register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@register_pass("width_multiplier")
+class WidthMultiplierPass(ir.passes.InPlacePass):
+    """Multiply every float bottleneck's width by ``multiplier``; the stem stays, the head follows.
+
+    1. Float bottlenecks and multiplier != 1: convs, projections and the dense head resized,
+       weights sliced or re-initialised (seeded by ``seed``).
+    2. Multiplier 1, or no float bottleneck (e.g. after poke_conv): left alone.
+    """
+
+    def __init__(self, multiplier: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if not multiplier > 0:
+            raise BnnccError(f"width_multiplier: multiplier must be > 0, got {multiplier}")
+        self.multiplier = multiplier
+        self.seed = seed
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocks = float_blocks(model.graph)
+        if self.multiplier == 1.0 or not blocks:
+            return ir.passes.PassResult(model, modified=False)
+        rng = np.random.default_rng(self.seed)
+        modified = False
+        in_channels = _weight(blocks[0].convs[0]).shape[1]
+        for block in blocks:
+            f, out = self._new_widths(block)
+            for conv, cout, cin in ((block.convs[0], f, in_channels), (block.convs[1], f, f),
+                                    (block.convs[2], out, f), (block.projection, out, in_channels)):
+                if conv is not None:
+                    modified |= _resize_conv(conv, cout, cin, rng)
+            in_channels = out
+        head = _dense_after(blocks[-1].out_relu.outputs[0])
+        if head is not None:
+            modified |= _resize(head.inputs[1], (_weight(head).shape[0], in_channels), rng, head.name)
+        if modified:
+            refresh(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _new_widths(self, block: FloatBlock) -> tuple[int, int]:
+        """(f', e f') for the block."""
+        f = _weight(block.convs[0]).shape[0]
+        expansion = _weight(block.convs[2]).shape[0] // f
+        new_f = int(f * self.multiplier)
+        if new_f < 1:
+            raise BnnccError(f"width_multiplier: multiplier {self.multiplier} leaves no channel in "
+                             f"{block.convs[0].name} (width {f})")
+        return new_f, expansion * new_f
+
+
+def _weight(node: ir.Node) -> np.ndarray:
+    tensor = node.inputs[1].const_value
+    if tensor is None:
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): weight {node.inputs[1].name!r} is not an initializer")
+    return tensor.numpy()
+
+
+def _resize_conv(conv: ir.Node, cout: int, cin: int, rng: np.random.Generator) -> bool:
+    """Resize a Conv's weight to (cout, cin/group, kh, kw) and its bias to (cout,)."""
+    kh, kw = _weight(conv).shape[2:]
+    cin_per_group = cin // conv.attributes.get_int("group", 1)
+    changed = _resize(conv.inputs[1], (cout, cin_per_group, kh, kw), rng, conv.name)
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        changed |= _resize(conv.inputs[2], (cout,), rng, conv.name)
+    return changed
+
+
+def _resize(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator, owner: str) -> bool:
+    """Slice the initializer to ``shape`` when it fits, else re-initialise it; True if it changed."""
+    old = value.const_value.numpy()
+    if old.shape == shape:
+        return False
+    if all(n <= o for n, o in zip(shape, old.shape)):
+        new = np.ascontiguousarray(old[tuple(slice(0, n) for n in shape)])
+        how = "sliced"
+    elif len(shape) == 1:
+        new = np.zeros(shape, old.dtype)
+        how = "zeros"
+    else:
+        new = lecun_normal(rng, shape).astype(old.dtype)
+        how = "LeCun-normal"
+    value.const_value = ir.tensor(new, name=value.name)
+    value.shape = ir.Shape(shape)
+    logger.debug("%s: %s %s -> %s (%s)", owner, value.name, old.shape, shape, how)
+    return True
+
+
+def _dense_after(value: ir.Value) -> ir.Node | None:
+    """The Gemm/QuantGemm the value reaches through pooling and flattening, if any."""
+    while len(value.uses()) == 1:
+        node = value.uses()[0].node
+        if node.op_type in ("Gemm", "QuantGemm"):
+            return node
+        if node.op_type not in ("GlobalAveragePool", "Flatten", "Reshape"):
+            return None
+        value = node.outputs[0]
+    return None
