@@ -1,0 +1,307 @@
+"""Each canonicalization pass on a tiny hand-written model: fires, keeps semantics, or must not fire."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from bnncc.frontend import CANONICAL_PASSES
+from bnncc.passmanager import PassManager, get_pass, list_passes, register_pass
+
+RNG = np.random.default_rng(0)
+
+
+def _parse(text: str) -> onnx.ModelProto:
+    return onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text), strict_mode=True)
+
+
+def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _apply(name: str, text: str, **params) -> tuple[onnx.ModelProto, ir.Model, bool]:
+    """Parse ``text``, run pass ``name`` on it; return (original proto, model after, modified)."""
+    proto = _parse(text)
+    result = get_pass(name, **params)(ir.serde.deserialize_model(proto))
+    return proto, result.model, result.modified
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
+
+
+def _assert_same(before: onnx.ModelProto, after: ir.Model, **shapes: tuple[int, ...]) -> None:
+    feeds = {name: RNG.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    expected = _run(before, feeds)
+    got = _run(ir.serde.serialize_model(after), feeds)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def _floats(*shape: int, low: float = -1.0, high: float = 1.0) -> str:
+    """An ONNX-text float literal list of the given shape, random in [low, high)."""
+    values = RNG.uniform(low, high, size=int(np.prod(shape)))
+    return ", ".join(f"{v:.6f}" for v in values)
+
+
+def _conv_bn(opset: int, extra: str = "") -> str:
+    """Conv 3x3 (no bias) -> BatchNormalization with random statistics; ``extra`` BN attributes."""
+    return f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[1, 3, 6, 6] x) => (float[1, 4, 6, 6] y) <
+        float[4, 3, 3, 3] w = {{{_floats(4, 3, 3, 3)}}},
+        float[4] gamma = {{{_floats(4, low=0.5, high=1.5)}}}, float[4] beta = {{{_floats(4)}}},
+        float[4] mean = {{{_floats(4)}}}, float[4] var = {{{_floats(4, low=0.5, high=2.0)}}}
+    > {{
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        y = BatchNormalization <epsilon = 0.001 {extra}> (c, gamma, beta, mean, var)
+    }}
+    """
+
+
+@pytest.mark.parametrize("opset, extra", [(7, ", spatial = 1"), (9, ""), (15, ""), (18, "")])
+def test_fold_batchnorm_folds_into_the_conv_any_opset(opset, extra):
+    before, after, modified = _apply("fold_batchnorm", _conv_bn(opset, extra))
+    assert modified and _ops(after) == ["Conv"]
+    conv = next(iter(after.graph))
+    assert conv.inputs[2].is_initializer() and conv.outputs[0] is after.graph.outputs[0]
+    assert after.graph.outputs[0].name == "y"
+    _assert_same(before, after, x=(1, 3, 6, 6))
+
+
+def test_fold_batchnorm_does_not_fire_when_the_conv_output_is_shared():
+    text = _conv_bn(18).replace(
+        "=> (float[1, 4, 6, 6] y)", "=> (float[1, 4, 6, 6] y, float[1, 4, 6, 6] c)"
+    )
+    _, after, modified = _apply("fold_batchnorm", text)
+    assert not modified and _ops(after) == ["Conv", "BatchNormalization"]
+
+
+def test_add_conv_bias_adds_zeros_once():
+    text = _conv_bn(18)
+    before, after, modified = _apply("add_conv_bias", text)
+    assert modified
+    conv = next(n for n in after.graph if n.op_type == "Conv")
+    np.testing.assert_array_equal(conv.inputs[2].const_value.numpy(), np.zeros(4, np.float32))
+    _assert_same(before, after, x=(1, 3, 6, 6))
+    assert not get_pass("add_conv_bias")(after).modified
+
+
+def test_fold_constant_of_shape_makes_an_initializer():
+    text = """
+    <ir_version: 8, opset_import: ["" : 9]>
+    g (float[2, 3] x) => (float[2, 3] y) <int64[2] s = {2, 3}> {
+        c = ConstantOfShape <value = float[1] {0.25}> (s)
+        y = Add (x, c)
+    }
+    """
+    before, after, modified = _apply("fold_constant_of_shape", text)
+    assert modified and _ops(after) == ["Add"]
+    assert after.graph.node(0).inputs[1].is_initializer()
+    _assert_same(before, after, x=(2, 3))
+
+
+def test_fold_constant_of_shape_leaves_a_computed_shape():
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+        s = Shape (x)
+        c = ConstantOfShape <value = float[1] {0.25}> (s)
+        y = Add (x, c)
+    }
+    """
+    _, after, modified = _apply("fold_constant_of_shape", text)
+    assert not modified and "ConstantOfShape" in _ops(after)
+
+
+def test_lift_constants_turns_constant_nodes_into_initializers():
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+        c = Constant <value = float[3] {1.0, 2.0, 3.0}> ()
+        y = Add (x, c)
+    }
+    """
+    before, after, modified = _apply("lift_constants", text)
+    assert modified and _ops(after) == ["Add"]
+    _assert_same(before, after, x=(2, 3))
+
+
+def test_sum_becomes_a_chain_of_adds():
+    text = """
+    <ir_version: 8, opset_import: ["" : 9]>
+    g (float[2, 3] a, float[2, 3] b, float[2, 3] c) => (float[2, 3] y) { y = Sum (a, b, c) }
+    """
+    before, after, modified = _apply("sum_to_add", text)
+    assert modified and _ops(after) == ["Add", "Add"]
+    assert after.graph.outputs[0].name == "y"
+    _assert_same(before, after, a=(2, 3), b=(2, 3), c=(2, 3))
+
+
+def test_sum_to_add_leaves_other_ops():
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 3] a, float[2, 3] b) => (float[2, 3] y) { y = Add (a, b) }
+    """
+    assert not _apply("sum_to_add", text)[2]
+
+
+POOL = """
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[1, 4, 5, 5] x) => (float{out} y) {inits}{{ y = {op} }}
+"""
+
+
+@pytest.mark.parametrize(
+    "opset, out, inits, op, expected",
+    [
+        (13, "[1, 4, 1, 1]", "", "ReduceMean <axes = [2, 3]> (x)", ["GlobalAveragePool"]),
+        (18, "[1, 4, 1, 1]", "<int64[2] a = {-1, -2}>", "ReduceMean (x, a)", ["GlobalAveragePool"]),
+        (13, "[1, 4]", "", "ReduceMean <axes = [2, 3], keepdims = 0> (x)", ["GlobalAveragePool", "Flatten"]),
+        (9, "[1, 4, 1, 1]", "", "AveragePool <kernel_shape = [5, 5]> (x)", ["GlobalAveragePool"]),
+    ],
+)
+def test_global_pool_rewrites_plane_means(opset, out, inits, op, expected):
+    before, after, modified = _apply("global_pool", POOL.format(opset=opset, out=out, inits=inits, op=op))
+    assert modified and _ops(after) == expected
+    _assert_same(before, after, x=(1, 4, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "out, op",
+    [("[1, 1, 5, 5]", "ReduceMean <axes = [1]> (x)"), ("[1, 4, 3, 3]", "AveragePool <kernel_shape = [3, 3]> (x)")],
+)
+def test_global_pool_leaves_partial_means(out, op):
+    assert not _apply("global_pool", POOL.format(opset=13, out=out, inits="", op=op))[2]
+
+
+def test_reshape_with_constant_target_becomes_flatten():
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 4, 1, 1] x) => (float[2, 4] y) <int64[2] s = {-1, 4}> { y = Reshape (x, s) }
+    """
+    before, after, modified = _apply("reshape_to_flatten", text)
+    assert modified and _ops(after) == ["Flatten"]
+    _assert_same(before, after, x=(2, 4, 1, 1))
+
+
+def test_reshape_with_a_shape_chain_and_symbolic_batch_becomes_flatten():
+    text = """
+    <ir_version: 8, opset_import: ["" : 11]>
+    g (float[N, 4, 2, 2] x) => (float[N, 16] y) <int64 zero = {0}, int64[1] minus1 = {-1}> {
+        s = Shape (x)
+        n = Gather <axis = 0> (s, zero)
+        n1 = Unsqueeze <axes = [0]> (n)
+        t = Concat <axis = 0> (n1, minus1)
+        y = Reshape (x, t)
+    }
+    """
+    before, after, modified = _apply("reshape_to_flatten", text)
+    assert modified and _ops(after)[-1] == "Flatten"
+    get_pass("remove_unused")(after)
+    assert _ops(after) == ["Flatten"]
+    _assert_same(before, after, x=(3, 4, 2, 2))
+
+
+def test_reshape_that_does_not_flatten_is_left():
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 4, 2, 2] x) => (float[2, 4, 4] y) <int64[3] s = {2, 4, 4}> { y = Reshape (x, s) }
+    """
+    assert not _apply("reshape_to_flatten", text)[2]
+
+
+def test_matmul_add_becomes_gemm():
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[2, 3] x) => (float[2, 4] y) <float[3, 4] w = {{{_floats(3, 4)}}}, float[4] b = {{{_floats(4)}}}> {{
+        m = MatMul (x, w)
+        y = Add (b, m)
+    }}
+    """
+    before, after, modified = _apply("matmul_add_to_gemm", text)
+    assert modified and _ops(after) == ["Gemm"]
+    gemm = after.graph.node(0)
+    assert gemm.inputs[1].const_value.shape == (4, 3) and gemm.attributes["transB"].as_int() == 1
+    _assert_same(before, after, x=(2, 3))
+
+
+def test_matmul_of_rank_3_is_left():
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[2, 5, 3] x) => (float[2, 5, 4] y) <float[3, 4] w = {{{_floats(3, 4)}}}> {{ y = MatMul (x, w) }}
+    """
+    assert not _apply("matmul_add_to_gemm", text)[2]
+
+
+def test_normalize_gemm_folds_alpha_beta_and_transposition():
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 9]>
+    g (float[2, 3] x) => (float[2, 4] y) <float[3, 4] w = {{{_floats(3, 4)}}}, float[1, 4] b = {{{_floats(4)}}}> {{
+        y = Gemm <alpha = 0.5, beta = 2.0> (x, w, b)
+    }}
+    """
+    before, after, modified = _apply("normalize_gemm", text)
+    gemm = after.graph.node(0)
+    assert modified and gemm.inputs[1].const_value.shape == (4, 3) and gemm.inputs[2].const_value.shape == (4,)
+    assert set(gemm.attributes) == {"transB"}
+    _assert_same(before, after, x=(2, 3))
+    assert not get_pass("normalize_gemm")(after).modified
+
+
+def test_output_softmax_is_stripped_but_an_inner_one_is_not():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[2, 3] x) => (float[2, 3] y) {
+        r = Relu (x)
+        s = Softmax <axis = 1> (r)
+        t = Relu (s)
+        y = Softmax <axis = 1> (t)
+    }
+    """
+    before, after, modified = _apply("strip_softmax", text)
+    assert modified and _ops(after) == ["Relu", "Softmax", "Relu"]
+    assert after.graph.outputs[0].name == "y"
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    logits = _run(ir.serde.serialize_model(after), {"x": x})[0]
+    probs = _run(before, {"x": x})[0]
+    np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), probs, rtol=1e-5)
+
+
+def test_set_opset_relabels_only_version_stable_graphs():
+    stable = """
+    <ir_version: 4, opset_import: ["" : 9]>
+    g (float[1, 2, 4, 4] x) => (float[1, 2, 2, 2] y) { y = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (x) }
+    """
+    before, after, modified = _apply("set_opset", stable)
+    assert modified and after.opset_imports[""] == 18
+    _assert_same(before, after, x=(1, 2, 4, 4))
+    unstable = """
+    <ir_version: 4, opset_import: ["" : 9]>
+    g (float[1, 2] x) => (float[1, 2] y) { y = Sum (x, x) }
+    """
+    _, after, modified = _apply("set_opset", unstable)
+    assert not modified and after.opset_imports[""] == 9
+
+
+def test_registry_rejects_duplicates_and_lists_the_canonical_passes():
+    assert set(CANONICAL_PASSES) <= set(list_passes())
+    with pytest.raises(ValueError, match="already registered"):
+        register_pass("fold_batchnorm")(object)
+
+
+def test_pass_manager_records_every_pass_and_the_measure():
+    model = ir.serde.deserialize_model(_parse(_conv_bn(18)))
+    manager = PassManager(["add_conv_bias", "fold_batchnorm", "fold_batchnorm"], measure=lambda m: len(m.graph) * 10)
+    manager.run(model)
+    rows = [(r.name, r.modified, r.nodes, r.measure) for r in manager.records]
+    assert rows == [
+        ("add_conv_bias", True, 2, 20),
+        ("fold_batchnorm", True, 1, 10),
+        ("fold_batchnorm", False, 1, 10),
+    ]
