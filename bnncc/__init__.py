@@ -17,6 +17,8 @@ _LAZY: dict[str, str] = {
     "BnnccError": "bnncc.errors",
     "load": "bnncc.frontend",
     "recognize": "bnncc.frontend",
+    "load_recipe": "bnncc.recipe",
+    "rewrite": "bnncc.rewrite",
     "to_torch": "bnncc.torchview",
     "write_back": "bnncc.torchview",
 }

@@ -37,7 +37,7 @@ from typing import Any, Iterable
 from bnncc.errors import BnnccError
 from bnncc.passmanager import get_pass, pass_factory
 
-__all__ = ["Recipe", "TRAIN_SCHEMA", "load_recipe", "available_recipes"]
+__all__ = ["Recipe", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
 
 # [train] keys, as bnncc.train reads them. lr is per 256 images (the paper's 2e-5 x batch/256);
 # weight_quant_start is an epoch, act_calibration_step a step (pokebnn.md section 4).
@@ -86,6 +86,19 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
     for override in overrides:
         _apply_override(raw, override, source)
     return _validate(raw, source)
+
+
+def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
+    """``recipe`` with ``key=value`` overrides applied, validated as a file would be."""
+    raw: dict[str, Any] = {
+        "name": recipe.name,
+        "description": recipe.description,
+        "passes": [{"name": name, **copy.deepcopy(params)} for name, params in recipe.passes],
+        "train": copy.deepcopy(recipe.train),
+    }
+    for override in overrides:
+        _apply_override(raw, override, recipe.source)
+    return _validate(raw, recipe.source)
 
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:

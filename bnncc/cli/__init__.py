@@ -14,6 +14,8 @@ from bnncc.cli._app import app, run_app
 # Importing a command module registers its command on `app`; keep one line per module.
 from bnncc.cli import version_cmd  # noqa: E402,F401
 from bnncc.cli import inspect_cmd  # noqa: E402,F401
+from bnncc.cli import passes_cmd  # noqa: E402,F401
+from bnncc.cli import rewrite_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]
 

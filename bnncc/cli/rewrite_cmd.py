@@ -1,0 +1,40 @@
+"""``bnncc rewrite MODEL --recipe NAME -o OUT [--set key=value]...``: float ResNet -> PokeBNN graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+import typer
+from rich.table import Table
+
+from bnncc.cli._app import app, console
+from bnncc.fileio import atomic_path
+from bnncc.passmanager import PassRecord
+
+
+@app.command()
+def rewrite(
+    model: Path = typer.Argument(..., help="ONNX model of a float bottleneck ResNet"),
+    recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
+    output: Path = typer.Option(..., "--output", "-o", help="where to write the rewritten ONNX model"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.poke_conv.clip_bound=2"),
+) -> None:
+    """Rewrite MODEL with a recipe's passes, write the result and print ACE after every pass."""
+    from bnncc.frontend import load
+    from bnncc.rewrite import rewrite as rewrite_model
+
+    result, rows = rewrite_model(load(model), recipe, overrides)
+    with atomic_path(output) as tmp:
+        ir.save(result, tmp)
+    console.print(_table(rows, f"{model} -> {output} ({recipe})"))
+
+
+def _table(rows: list[PassRecord], title: str) -> Table:
+    """One row per pass: whether it changed the model, the node count and the ACE after it."""
+    table = Table(title=title)
+    for column, justify in (("pass", "left"), ("modified", "left"), ("nodes", "right"), ("ACE", "right")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(row.name, "yes" if row.modified else "", str(row.nodes), f"{row.measure:.4g}")
+    return table
