@@ -1,0 +1,95 @@
+"""Recipes: the shipped files load, overrides go through validation, errors name key, value and expectation."""
+
+from __future__ import annotations
+
+import pytest
+
+from bnncc.errors import BnnccError
+from bnncc.recipe import TRAIN_SCHEMA, apply_overrides, available_recipes, load_recipe
+
+PASS_ORDER = ["remove_projection_shortcuts", "stride_to_3x3", "width_multiplier", "poke_stem", "poke_conv",
+              "int8_head"]
+WIDTHS = {"pokebnn_0.5x": 0.5, "pokebnn_0.75x": 0.75, "pokebnn_1x": 1.0, "pokebnn_1.4x": 1.4, "pokebnn_2x": 2.0}
+
+
+def test_shipped_recipes():
+    assert available_recipes() == sorted(WIDTHS)
+    for name, width in WIDTHS.items():
+        recipe = load_recipe(name)
+        assert recipe.name == name
+        assert [n for n, _ in recipe.passes] == PASS_ORDER
+        assert recipe.params("width_multiplier")["multiplier"] == width
+        assert recipe.params("poke_stem") == {"mid_channels": 32, "w_bits": 8, "a_bits": 8, "seed": 0}
+        assert recipe.params("poke_conv")["clip_bound"] == 3.0
+        assert (recipe.params("poke_conv")["se_w_bits"], recipe.params("poke_conv")["se_a_bits"]) == (4, 4)
+        assert recipe.params("int8_head") == {"w_bits": 8, "a_bits": 8}
+        assert set(recipe.train) == set(TRAIN_SCHEMA)
+        assert (recipe.train["lr"], recipe.train["weight_decay"], recipe.train["clip_bound"]) == (2e-5, 5e-5, 3.0)
+
+
+def test_overrides_are_typed_by_the_schema():
+    recipe = load_recipe("pokebnn_1x", ["passes.width_multiplier.multiplier=2", "train.lr = 1e-4",
+                                        "description=a bare word string"])
+    multiplier = recipe.params("width_multiplier")["multiplier"]
+    assert multiplier == 2.0 and isinstance(multiplier, float)
+    assert recipe.train["lr"] == 1e-4
+    assert recipe.description == "a bare word string"
+    # the same through an already-loaded recipe; the original is untouched
+    base = load_recipe("pokebnn_1x")
+    changed = apply_overrides(base, ["passes.poke_stem.mid_channels=16"])
+    assert changed.params("poke_stem")["mid_channels"] == 16
+    assert base.params("poke_stem")["mid_channels"] == 32
+
+
+def test_recipe_from_a_path(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[[passes]]\nname = "poke_conv"\nclip_bound = 1.0\n')
+    recipe = load_recipe(path)
+    assert recipe.name == "mine" and recipe.passes == (("poke_conv", {"clip_bound": 1.0}),) and recipe.train == {}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["passes.poke_conv.clip_bound=abc"], "passes.poke_conv.clip_bound = 'abc': expected a number"),
+        (["passes.poke_stem.mid_channels=2.5"], "passes.poke_stem.mid_channels = 2.5: expected an integer"),
+        (["passes.poke_stem.w_bits=true"], "passes.poke_stem.w_bits = True: expected an integer"),
+        (["passes.poke_conv.bits=4"], "passes.poke_conv.bits: unknown parameter; expected clip_bound, se_ratio"),
+        (["passes.width_multiplier.multiplier=0"], "passes.width_multiplier: width_multiplier: multiplier must be > 0"),
+        (["passes.fold_batchnorm.x=1"], "--set passes.fold_batchnorm.x: pokebnn_1x.toml names no such pass"),
+        (["train.momentum=0.9"], "train.momentum: unknown key; expected lr, batch_size"),
+        (["train.epochs=1.5"], "train.epochs = 1.5: expected an integer"),
+        (["train.clip_bound=2.0"], "train.clip_bound = 2.0 differs from the passes' clip_bound = 3.0"),
+        (["model.width=1"], "--set model.width: unknown key"),
+        (["passes.width_multiplier"], "--set 'passes.width_multiplier': expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
+    with pytest.raises(BnnccError) as info:
+        load_recipe("pokebnn_1x", overrides)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[passes]]\nname = "no_such_pass"\n', "passes[0].name: unknown pass 'no_such_pass'"),
+        ('passes = "poke_conv"\n', "passes = 'poke_conv': expected a non-empty array of tables"),
+        ('width = 1.0\n[[passes]]\nname = "poke_conv"\n', "unknown key 'width'"),
+        ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
+        ("[[passes]\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(BnnccError) as info:
+        load_recipe(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(BnnccError, match="unknown recipe 'pokebnn_3x'; shipped recipes: pokebnn_0.5x"):
+        load_recipe("pokebnn_3x")
+    with pytest.raises(BnnccError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.toml")
