@@ -134,7 +134,8 @@ def _read_proto(path: Path) -> onnx.ModelProto:
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Load external tensors, refusing any location outside the model's folder."""
     folder = path.parent.resolve()
-    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+    constants = [attr.t for node in proto.graph.node for attr in node.attribute if attr.HasField("t")]
+    for tensor in [*proto.graph.initializer, *constants]:
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")

@@ -15,6 +15,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -117,7 +118,9 @@ def export_onnx(
 
 def _export_legacy(module: nn.Module, example: tuple, path: Path, batch: str, opset: int | None) -> None:
     dynamic_axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if batch == "symbolic" else None
-    with atomic_path(path) as tmp:
+    # The TorchScript exporter is chosen on purpose (it folds BN): silence its deprecation notice.
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             module,
             example,
