@@ -89,15 +89,16 @@ def drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
 
 
 def refresh(model: ir.Model) -> None:
-    """Sort the graph, attach the ai.bnncc functions it uses and infer every value's shape anew.
+    """Sort the graph, attach the ai.bnncc functions if it uses any and infer every value's shape anew.
 
     Shapes are cleared first: a pass that changes widths or strides leaves stale ones behind.
     """
-    from bnncc.ops import attach_functions  # the op domain imports onnxscript: only when needed
-
     graph = model.graph
     graph.sort()
-    attach_functions(model)
+    if any(node.domain == BNNCC_DOMAIN for node in graph):
+        from bnncc.ops import attach_functions  # the op domain imports onnxscript: only when used
+
+        attach_functions(model)
     for node in graph:
         for value in node.outputs:
             value.shape = None

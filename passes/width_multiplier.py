@@ -53,9 +53,9 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         rng = np.random.default_rng(self.seed)
         modified = False
+        widths = [self._new_widths(block) for block in blocks]  # all checked before anything changes
         in_channels = _weight(blocks[0].convs[0]).shape[1]
-        for block in blocks:
-            f, out = self._new_widths(block)
+        for block, (f, out) in zip(blocks, widths):
             for conv, cout, cin in ((block.convs[0], f, in_channels), (block.convs[1], f, f),
                                     (block.convs[2], out, f), (block.projection, out, in_channels)):
                 if conv is not None:
