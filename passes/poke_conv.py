@@ -52,9 +52,11 @@ class PokeConvPass(ir.passes.InPlacePass):
         super().__init__()
         if not clip_bound > 0:
             raise BnnccError(f"poke_conv: clip_bound must be > 0, got {clip_bound}")
-        for key, value in (("se_ratio", se_ratio), ("se_w_bits", se_w_bits), ("se_a_bits", se_a_bits)):
-            if value < 1:
-                raise BnnccError(f"poke_conv: {key} must be >= 1, got {value}")
+        if se_ratio < 1:
+            raise BnnccError(f"poke_conv: se_ratio must be >= 1, got {se_ratio}")
+        for key, value in (("se_w_bits", se_w_bits), ("se_a_bits", se_a_bits)):
+            if value < 2:
+                raise BnnccError(f"poke_conv: {key} must be >= 2 (signed quantizer), got {value}")
         self.clip_bound = clip_bound
         self.se_ratio = se_ratio
         self.se_w_bits = se_w_bits

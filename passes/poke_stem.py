@@ -44,9 +44,11 @@ class PokeStemPass(ir.passes.InPlacePass):
 
     def __init__(self, mid_channels: int = 32, w_bits: int = 8, a_bits: int = 8, seed: int = 0) -> None:
         super().__init__()
-        for key, value in (("mid_channels", mid_channels), ("w_bits", w_bits), ("a_bits", a_bits)):
-            if value < 1:
-                raise BnnccError(f"poke_stem: {key} must be >= 1, got {value}")
+        if mid_channels < 1:
+            raise BnnccError(f"poke_stem: mid_channels must be >= 1, got {mid_channels}")
+        for key, value in (("w_bits", w_bits), ("a_bits", a_bits)):
+            if value < 2:
+                raise BnnccError(f"poke_stem: {key} must be >= 2 (signed quantizer), got {value}")
         self.mid_channels = mid_channels
         self.w_bits = w_bits
         self.a_bits = a_bits
