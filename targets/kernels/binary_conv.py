@@ -1,0 +1,154 @@
+"""Binary (1-bit x 1-bit) NHWC convolution as a TE compute: xor + popcount on packed words.
+
+Semantics (the ``ai.bnncc`` BinaryConv, integer part): with sx, sw in {-1, +1},
+
+    acc[n, ho, wo, co] = sum over taps (kh, kw) inside the image and channels c < C of
+                         sx[n, ho*s + kh - top_pad, wo*s + kw - left_pad, c] * sw[co, c, kh, kw]
+
+TF SAME padding: total = max((ceil(H/s) - 1)*s + k - H, 0), the smaller half before (a 3x3/2
+conv on an even input pads 0 before and 1 after). The padded border contributes 0.
+
+How the kernel computes it. Packed activations are padded with all-zero words (sx = -1 on the
+border) so the inner loop has no conditions, and per window
+
+    sum over all k*k taps and c < C of sx*sw = C*k*k - 2*P,   P = sum popcount(xa ^ wb)
+
+(c >= C bits are 0 in both operands and never mismatch; bnncc.targets.kernels.bitpack). The
+border taps added sum_c (-1)*sw = -tap_sum each, so the exact result is
+
+    acc = C*k*k - 2*P + border[top*k + bottom, left*k + right, co]
+
+with top = max(top_pad - ho*s, 0) and bottom = max(ho*s - top_pad + k - H, 0) the numbers of
+padded rows in the window (left, right likewise for columns) and ``border`` the precomputed
+sums of tap_sum over those padded taps (``bitpack.border_table``). Interior windows read
+border[0, 0, co] = 0.
+
+The output is ``epilogue(acc, (n, ho, wo, co))`` if an epilogue is given, else acc (int32);
+the epilogue is where scale, BN, shortcuts, DPReLU, SE and the next bitpack get fused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bnncc.targets.kernels import KERNEL_ATTR
+from bnncc.targets.kernels.bitpack import WORD_DTYPE, words
+from bnncc.targets.tvm_compat import te, tirx
+
+__all__ = [
+    "Epilogue", "binary_conv2d", "binary_conv2d_func", "out_size", "same_padding", "scale_bias_epilogue",
+]
+
+KERNEL_NAME = "binary_conv2d"
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TF SAME padding (before, after) of one spatial axis."""
+    total = max((out_size(size, stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def out_size(size: int, stride: int) -> int:
+    """SAME output size: ceil(size / stride)."""
+    return -(-size // stride)
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """An elementwise tail fused into the conv: y[n, ho, wo, co] = fn(acc, (n, ho, wo, co)).
+
+    ``acc`` is the int32 dot product; ``inputs`` are the extra placeholders ``fn`` reads, in the
+    order they become kernel arguments (after x, weights, border; before the output).
+    """
+
+    inputs: tuple[te.Tensor, ...]
+    fn: Callable[[tirx.PrimExpr, tuple], tirx.PrimExpr]
+
+
+def scale_bias_epilogue(out_channels: int) -> Epilogue:
+    """y = float32(acc) * scale[co] + bias[co] (the folded weight/activation scale, then a bias or BN shift)."""
+    scale = te.placeholder((out_channels,), "float32", name="scale")
+    bias = te.placeholder((out_channels,), "float32", name="bias")
+    return Epilogue(
+        inputs=(scale, bias),
+        fn=lambda acc, idx: acc.astype("float32") * scale[idx[3]] + bias[idx[3]],
+    )
+
+
+def _pad(x: te.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> te.Tensor:
+    """Zero words around the packed image (sx = -1 there; corrected by the border term)."""
+    n, h, w, cw = (int(d) for d in x.shape)
+    if rows == (0, 0) and cols == (0, 0):
+        return x
+
+    def value(i, y, z, j):
+        inside = tirx.all(y >= rows[0], y < rows[0] + h, z >= cols[0], z < cols[0] + w)
+        return tirx.if_then_else(inside, x[i, y - rows[0], z - cols[0], j], tirx.const(0, x.dtype))
+
+    return te.compute((n, h + sum(rows), w + sum(cols), cw), value, name="pad")
+
+
+def binary_conv2d(
+    x: te.Tensor,
+    weights: te.Tensor,
+    border: te.Tensor,
+    *,
+    in_channels: int,
+    stride: int,
+    epilogue: Epilogue | None = None,
+) -> te.Tensor:
+    """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout).
+
+    ``border`` is the int32 (k*k, k*k, Cout) table of ``bitpack.pack_weights``. Output NHWC
+    (N, ceil(H/s), ceil(W/s), Cout); the math is in the module docstring.
+    """
+    n, h, w, cw = (int(d) for d in x.shape)
+    k, _, _, cout = (int(d) for d in weights.shape)
+    rows, cols = same_padding(h, k, stride), same_padding(w, k, stride)
+    xp = _pad(x, rows, cols)
+    kh = te.reduce_axis((0, k), name="kh")
+    kw = te.reduce_axis((0, k), name="kw")
+    j = te.reduce_axis((0, cw), name="j")
+    mismatches = te.compute(
+        (n, out_size(h, stride), out_size(w, stride), cout),
+        lambda i, y, z, co: te.sum(
+            te.popcount(xp[i, y * stride + kh, z * stride + kw, j] ^ weights[kh, kw, j, co]).astype("int32"),
+            axis=[kh, kw, j],
+        ),
+        name="popcount",
+    )
+
+    def padded(o, before, size):
+        """(padded taps before, padded taps after) of the window at output position o."""
+        start = o * stride - before
+        return tirx.max(-start, 0), tirx.max(start + k - size, 0)
+
+    def result(i, y, z, co):
+        top, bottom = padded(y, rows[0], h)
+        left, right = padded(z, cols[0], w)
+        acc = in_channels * k * k - 2 * mismatches[i, y, z, co] + border[top * k + bottom, left * k + right, co]
+        return epilogue.fn(acc, (i, y, z, co)) if epilogue else acc
+
+    return te.compute(mismatches.shape, result, name="binary_conv2d", tag="binary_conv2d")
+
+
+def binary_conv2d_func(
+    batch: int,
+    height: int,
+    width: int,
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    stride: int,
+    epilogue: Epilogue | None = None,
+) -> tirx.PrimFunc:
+    """The unscheduled PrimFunc ``f(x, weights, border, *epilogue.inputs, out)`` of ``binary_conv2d``."""
+    cw = words(in_channels)
+    x = te.placeholder((batch, height, width, cw), WORD_DTYPE, name="x")
+    weights = te.placeholder((kernel, kernel, cw, out_channels), WORD_DTYPE, name="weights")
+    border = te.placeholder((kernel * kernel, kernel * kernel, out_channels), "int32", name="border")
+    out = binary_conv2d(x, weights, border, in_channels=in_channels, stride=stride, epilogue=epilogue)
+    extra = list(epilogue.inputs) if epilogue else []
+    func = te.create_prim_func([x, weights, border, *extra, out])
+    return func.with_attr(KERNEL_ATTR, KERNEL_NAME)

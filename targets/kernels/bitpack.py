@@ -1,0 +1,129 @@
+"""Sign-and-bitpack of NHWC activations (TE) and of conv weights (numpy, at compile time).
+
+Binary values s in {-1, +1} are stored as bits b = (s + 1) / 2, 32 channels to a ``uint32``
+word, channel c in bit ``c % 32`` of word ``c // 32`` (uint32 beat uint64 on AVX-512:
+no 64->32-bit narrowing of the popcount; shared/reference/tvm.md §2). sign(0) = +1, so
+b = 1 exactly when x >= 0.
+
+Channels past the last real one (C not a multiple of 32) are packed as bit 0 in both the
+activations and the weights, so ``popcount(a ^ w)`` never counts them; the kernels count real
+channels (C, not 32 * words) when they turn mismatches into a dot product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from bnncc.targets.kernels import KERNEL_ATTR
+from bnncc.targets.tvm_compat import te, tirx
+
+__all__ = ["WORD_BITS", "WORD_DTYPE", "PackedWeights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
+
+KERNEL_NAME = "sign_bitpack"
+
+WORD_BITS = 32
+WORD_DTYPE = "uint32"
+
+
+def words(channels: int) -> int:
+    """Words per pixel: ceil(C / 32)."""
+    return -(-channels // WORD_BITS)
+
+
+def sign_bitpack(x: te.Tensor, name: str = "bitpack") -> te.Tensor:
+    """Pack NHWC float activations x (N, H, W, C) into uint32 words (N, H, W, ceil(C/32)).
+
+    out[n, h, w, j] = sum_{b < 32, 32j + b < C} [x[n, h, w, 32j + b] >= 0] << b.
+    The bits are disjoint, so the sum is an OR.
+    """
+    n, h, w, c = (int(d) for d in x.shape)
+    b = te.reduce_axis((0, WORD_BITS), name="b")
+
+    def bit(i, y, z, j, b):
+        channel = j * WORD_BITS + b
+        positive = x[i, y, z, channel] >= tirx.const(0, x.dtype)
+        if c % WORD_BITS:  # only the last word has channels past C; never read them
+            positive = tirx.if_then_else(channel < c, positive, tirx.const(False, "bool"))
+        return positive.astype(WORD_DTYPE) << b.astype(WORD_DTYPE)
+
+    return te.compute(
+        (n, h, w, words(c)),
+        lambda i, y, z, j: te.sum(bit(i, y, z, j, b), axis=b),
+        name=name,
+        tag="sign_bitpack",
+    )
+
+
+def sign_bitpack_func(batch: int, height: int, width: int, channels: int) -> tirx.PrimFunc:
+    """The unscheduled PrimFunc ``f(x, out)`` of ``sign_bitpack`` for float32 NHWC x."""
+    x = te.placeholder((batch, height, width, channels), "float32", name="x")
+    func = te.create_prim_func([x, sign_bitpack(x)])
+    return func.with_attr(KERNEL_ATTR, KERNEL_NAME)
+
+
+def pack_bits(signs: np.ndarray) -> np.ndarray:
+    """Numpy packing along the last axis: bool (..., C) -> uint32 (..., ceil(C/32)), as sign_bitpack."""
+    c = signs.shape[-1]
+    padded = np.zeros(signs.shape[:-1] + (words(c) * WORD_BITS,), dtype=np.uint64)
+    padded[..., :c] = signs
+    grouped = padded.reshape(signs.shape[:-1] + (words(c), WORD_BITS))
+    weights = np.left_shift(np.uint64(1), np.arange(WORD_BITS, dtype=np.uint64))
+    return (grouped * weights).sum(axis=-1).astype(np.uint32)
+
+
+class PackedWeights(NamedTuple):
+    """Binary conv weights ready for ``binary_conv2d``.
+
+    bits:   uint32 (k, k, ceil(Cin/32), Cout); bit = [W >= 0]; Cout innermost (the vector lanes).
+    scale:  float32 (Cout,) = max|W| over (Cin, kh, kw) / 2, so that W ~ sign(W) * scale
+            (the BinaryConv weight quantizer, bnncc/ops/spec.md).
+    border: int32 (k*k, k*k, Cout), the padded-border correction (see ``border_table``).
+    in_channels: Cin, the real channel count.
+    """
+
+    bits: np.ndarray
+    scale: np.ndarray
+    border: np.ndarray
+    in_channels: int
+
+
+def pack_weights(weights: np.ndarray) -> PackedWeights:
+    """Pack ONNX-layout conv weights W (Cout, Cin, k, k) for the binary conv kernels."""
+    cout, cin, kh, kw = weights.shape
+    signs = weights >= 0
+    bits = pack_bits(signs.transpose(2, 3, 0, 1))  # (k, k, Cout, words)
+    scale = np.abs(weights).reshape(cout, -1).max(axis=1).astype(np.float32) / 2
+    return PackedWeights(
+        bits=np.ascontiguousarray(bits.transpose(0, 1, 3, 2)),
+        scale=scale,
+        border=border_table(np.where(signs, 1, -1).sum(axis=1)),
+        in_channels=cin,
+    )
+
+
+def border_table(tap_sums: np.ndarray) -> np.ndarray:
+    """The dot-product correction for windows that overlap the padded border.
+
+    tap_sums[co, kh, kw] = sum_c sw[co, c, kh, kw]. The kernels read the padded border as
+    bit 0, i.e. sx = -1, so a padded tap adds -tap_sums[co, kh, kw] where the spec wants 0.
+    A window with ``top`` padded rows above, ``bottom`` below, ``left`` and ``right`` padded
+    columns (each < k under SAME padding) is fixed by adding
+
+        border[top*k + bottom, left*k + right, co] = sum over its padded taps of tap_sums[co, kh, kw],
+
+    a tap (kh, kw) being padded when kh < top or kh >= k - bottom or kw < left or kw >= k - right.
+    """
+    cout, k, _ = tap_sums.shape
+    table = np.zeros((k * k, k * k, cout), dtype=np.int32)
+    taps = np.arange(k)
+    for top in range(k):
+        for bottom in range(k):
+            rows = (taps < top) | (taps >= k - bottom)
+            for left in range(k):
+                for right in range(k):
+                    cols = (taps < left) | (taps >= k - right)
+                    padded = rows[:, None] | cols[None, :]
+                    table[top * k + bottom, left * k + right] = (tap_sums * padded).sum(axis=(1, 2))
+    return table

@@ -1,0 +1,78 @@
+"""The one module that touches TVM's Python API directly.
+
+TVM 0.27 renamed most of its modules (``tir`` -> ``tirx``/``s_tir``, string targets removed,
+``tvm.nd`` -> ``tvm.runtime.tensor``); keeping every call we make here means the next rename is
+fixed in one file. Importing this module also fixes the runtime thread count (see
+``_configure_threads``), which must happen before TVM's thread pool starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnncc.fileio import atomic_path
+
+
+def _configure_threads() -> int:
+    """Make TVM use every CPU this process may run on, unless TVM_NUM_THREADS says otherwise.
+
+    TVM's default halves the logical CPU count (1 thread on a 2-core VM), and
+    ``runtime.config_threadpool`` does not raise it, so the environment variable is the only
+    reliable knob; it is read when the thread pool starts, i.e. after import.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    return int(os.environ["TVM_NUM_THREADS"])
+
+
+NUM_THREADS = _configure_threads()
+
+import tvm  # noqa: E402  (must follow the thread configuration)
+from tvm import s_tir, te, tirx  # noqa: E402,F401  (re-exported for the kernels and schedules)
+from tvm.target import Target  # noqa: E402
+from tvm.target.codegen import target_has_features  # noqa: E402
+
+__all__ = [
+    "NUM_THREADS", "Target", "compile_func", "export_library", "has_cpu_features", "make_target",
+    "mark_scheduled", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
+]
+
+
+def make_target(spec: dict[str, Any]) -> Target:
+    """A Target from a dict such as ``{"kind": "llvm", "mcpu": "znver4"}`` (strings are rejected in 0.27)."""
+    return Target(spec)
+
+
+def has_cpu_features(target: Target, features: list[str]) -> bool:
+    """Whether LLVM says ``target`` (its mcpu plus mattr) has every named feature, e.g. ``["avx512vpopcntdq"]``."""
+    return bool(target_has_features(features, target))
+
+
+def mark_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Tag a hand-scheduled PrimFunc so that TVM's default passes (dlight, FuseOps) leave it alone."""
+    return func.with_attr("tirx.is_scheduled", True)
+
+
+def compile_func(func: tirx.PrimFunc, target: Target):
+    """Compile one PrimFunc for ``target``; return the runtime module, called as ``mod(*tensors)``."""
+    return tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+
+
+def export_library(func: tirx.PrimFunc, target: Target, path: str | os.PathLike) -> Path:
+    """Compile ``func`` and write it atomically as a shared library loadable by the TVM runtime."""
+    executable = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    with atomic_path(path, suffix=".so") as tmp:
+        executable.export_library(str(tmp))
+    return Path(path)
+
+
+def to_tensor(array: np.ndarray):
+    """Copy a numpy array into a TVM CPU tensor."""
+    return tvm.runtime.tensor(np.ascontiguousarray(array), tvm.cpu(0))
+
+
+def to_numpy(tensor) -> np.ndarray:
+    return tensor.numpy()
