@@ -1,0 +1,144 @@
+"""x86-64 schedules for the bitserial kernels (s_tir), and the host target.
+
+Each rule takes (PrimFunc, Target) and returns the scheduled PrimFunc, or None when the
+function is not its kernel or the target is not an x86-64 CPU with AVX2. Vector width follows
+the target: 16 uint32 lanes (zmm, one VPOPCNTD per 16 words) when it has AVX-512 VPOPCNTDQ,
+else 8 lanes (ymm; LLVM then lowers popcount with a nibble table lookup).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from bnncc.targets.kernels import KERNEL_ATTR
+from bnncc.targets.kernels import binary_conv, bitpack
+from bnncc.targets.tvm_compat import Target, has_cpu_features, make_target, mark_scheduled, s_tir, tirx
+
+__all__ = ["host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags", "vector_lanes"]
+
+logger = logging.getLogger(__name__)
+
+# Register tile of the conv: at most this many accumulator vectors (x86-64 has 32 zmm / 16 ymm;
+# the rest hold weights and the broadcast activation word).
+_ACCUMULATORS = {16: 16, 8: 8}
+_MAX_TILE_WIDTH = 8
+
+_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+_AVX2 = {"avx2", "bmi2", "fma", "movbe"}
+
+
+def target_for_flags(flags: set[str], cores: int) -> Target:
+    """The LLVM target for a CPU with these /proc/cpuinfo flags: x86-64-v4 with AVX-512, else v3 (AVX2) or v2,
+    plus VPOPCNTDQ when present (it is outside every x86-64-vN level)."""
+    if _AVX512 <= flags:
+        mcpu = "x86-64-v4"
+    elif _AVX2 <= flags:
+        mcpu = "x86-64-v3"
+    else:
+        mcpu = "x86-64-v2"
+    spec = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": cores}
+    if mcpu == "x86-64-v4" and "avx512_vpopcntdq" in flags:
+        spec["mattr"] = ["+avx512vpopcntdq"]
+    return make_target(spec)
+
+
+def host_target() -> Target:
+    """The target of this machine, read from /proc/cpuinfo; num-cores = the threads TVM will use."""
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        line = next(line for line in f if line.startswith("flags"))
+    flags = set(line.split(":", 1)[1].split())
+    cores = int(os.environ.get("TVM_NUM_THREADS", len(os.sched_getaffinity(0))))
+    return target_for_flags(flags, cores)
+
+
+def vector_lanes(target: Target) -> int | None:
+    """uint32 lanes per popcount vector on ``target``; None if it is not an x86-64 AVX2 CPU."""
+    if target.kind.name != "llvm" or not str(target.attrs.get("mtriple", "x86_64")).startswith("x86_64"):
+        return None
+    if has_cpu_features(target, ["avx512f", "avx512vpopcntdq"]):
+        return 16
+    if has_cpu_features(target, ["avx2"]):
+        return 8
+    return None
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """Register-tiled, vectorized, multithreaded binary conv.
+
+    Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
+    accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
+    activation word against ``channels`` weight words (Cout is the innermost weight axis).
+    Threads share the fused (co tile, n, ho, wo tile) loop; channel tiles are outermost so a
+    thread reuses one weight slice (k*k*words*channels*4 bytes, ~18 KiB) from L1.
+    """
+    lanes = vector_lanes(target)
+    if func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME or lanes is None:
+        return None
+    sch = s_tir.Schedule(func)
+    pop = sch.get_sblock("popcount")
+    out = sch.get_sblock("binary_conv2d")
+    n, ho, wo, co, kh, kw, j = sch.get_loops(pop)
+    wout, cout = int(sch.get(wo).extent), int(sch.get(co).extent)
+
+    channels = _largest_divisor(cout, 2 * lanes)
+    vec = min(lanes, channels)
+    width = _largest_divisor(wout, min(_MAX_TILE_WIDTH, _ACCUMULATORS[lanes] * vec // channels))
+
+    wo_o, wo_i = sch.split(wo, [None, width])
+    co_o, co_i, co_v = sch.split(co, [None, channels // vec, vec])
+    sch.reorder(co_o, n, ho, wo_o, kh, kw, j, wo_i, co_i, co_v)
+    # The popcount sums stay in registers; the epilogue consumes them tile by tile.
+    sch.set_scope(pop, 0, "local")
+    sch.reverse_compute_at(out, wo_o)
+    sch.parallel(sch.fuse(co_o, n, ho, wo_o))
+    sch.unroll(wo_i)
+    sch.unroll(co_i)
+    sch.vectorize(co_v)
+    _, e_wo, e_co = sch.get_loops(out)
+    e_co_o, e_co_v = sch.split(e_co, [None, vec])
+    sch.vectorize(e_co_v)
+    # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
+    sch.decompose_reduction(pop, kh)
+    _schedule_pad(sch)
+    return mark_scheduled(sch.mod["main"])
+
+
+def _schedule_pad(sch: s_tir.Schedule) -> None:
+    """The zero-padding copy (absent when the conv has no padding): parallel over rows."""
+    try:
+        pad = sch.get_sblock("pad")
+    except s_tir.ScheduleError:
+        return
+    n, y, _, _ = sch.get_loops(pad)
+    sch.parallel(sch.fuse(n, y))
+
+
+def schedule_sign_bitpack(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """Sign-and-bitpack: pixels in parallel, the 32 bits of a word unrolled."""
+    if func.attrs.get(KERNEL_ATTR) != bitpack.KERNEL_NAME or vector_lanes(target) is None:
+        return None
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("bitpack")
+    n, h, w, _, b = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, h, w))
+    sch.unroll(b)
+    sch.decompose_reduction(block, b)
+    return mark_scheduled(sch.mod["main"])
+
+
+RULES = (schedule_binary_conv2d, schedule_sign_bitpack)
+
+
+def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The first rule that applies to ``func`` on ``target``, or None."""
+    for rule in RULES:
+        scheduled = rule(func, target)
+        if scheduled is not None:
+            logger.debug("%s scheduled %s", rule.__name__, func.attrs.get(KERNEL_ATTR))
+            return scheduled
+    return None
