@@ -1,0 +1,61 @@
+"""poke_stem: the 7x7/2 conv, ReLU and max-pool become PokeInit (QuantConv 4x4/4 -> BN -> DPReLU -> grouped 3x3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _support import SIZE, ace_total, conv_macs, op_counts, random_input, run_ort, needs_ops_and_cost
+
+from bnncc.errors import BnnccError
+from bnncc.frontend import recognize
+from bnncc.passes.poke_stem import PokeStemPass
+
+
+pytestmark = needs_ops_and_cost
+
+
+def _init(model, name):
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def test_stem_structure_and_ace(small_model):
+    stem = recognize(small_model).stem
+    stem_macs = conv_macs(small_model, stem.conv)
+    first_block_input = small_model.graph.node(recognize(small_model).blocks[0].convs[0]).inputs[0]
+    before, ace_before = op_counts(small_model), ace_total(small_model)
+
+    assert PokeStemPass(mid_channels=8)(small_model).modified
+
+    after = op_counts(small_model)
+    assert (after["Conv"], after["Relu"], after["MaxPool"]) == (before["Conv"] - 1, before["Relu"] - 1, 0)
+    assert (after["QuantConv"], after["BatchNormalization"], after["DPReLU"]) == (2, 2, 2)
+    conv1, conv2 = (small_model.graph.node(n) for n in ("stem/conv1", "stem/conv2"))
+    assert conv1.inputs[0] is small_model.graph.inputs[0]
+    attrs = {k: a.value for k, a in conv1.attributes.items()}
+    assert attrs == {"w_bits": 8, "a_bits": 8, "a_signed": 1, "kernel_shape": [4, 4], "strides": [4, 4],
+                     "pads": [0, 0, 0, 0], "group": 1}
+    assert conv2.attributes.get_int("group") == 8 and list(conv2.attributes.get_ints("pads")) == [1, 1, 1, 1]
+    assert tuple(conv1.inputs[1].const_value.shape) == (8, 3, 4, 4)
+    assert tuple(conv2.inputs[1].const_value.shape) == (16, 1, 3, 3)
+    # the first bottleneck now reads the second DPReLU, at the size the max-pool gave
+    assert first_block_input.producer().op_type == "DPReLU"
+    assert tuple(first_block_input.shape)[1:] == (16, SIZE // 4, SIZE // 4)
+    # new parameters as the spec initialises them
+    np.testing.assert_array_equal(_init(small_model, "stem/conv1.act_bound"), -np.ones(3, np.float32))
+    np.testing.assert_array_equal(_init(small_model, "stem/bn2.gamma"), np.ones(16, np.float32))
+    np.testing.assert_array_equal(_init(small_model, "stem/dprelu1.neg_slope"), np.full(8, 0.25, np.float32))
+    # ACE: float 7x7 stem out, 8x8-bit PokeInit in
+    h = SIZE // 4
+    poke_macs = h * h * 8 * 3 * 16 + h * h * 16 * 9
+    assert ace_total(small_model) == ace_before - 256 * stem_macs + 64 * poke_macs
+    assert run_ort(small_model, random_input()).shape == (2, 10)
+
+
+def test_does_not_fire_twice(small_model):
+    PokeStemPass(mid_channels=8)(small_model)
+    assert not PokeStemPass(mid_channels=8)(small_model).modified
+
+
+def test_stem_width_must_be_a_multiple_of_mid_channels(small_model):
+    with pytest.raises(BnnccError, match="16 output channels .* not a multiple of mid_channels=32"):
+        PokeStemPass()(small_model)

@@ -1,0 +1,78 @@
+"""width_multiplier: f' = int(f * multiplier) per bottleneck, outputs 4 f', stem kept, head follows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _support import CLASSES, SIZE, ace_total, needs_ops_and_cost, random_input, run_ort
+
+from bnncc.errors import BnnccError
+from bnncc.frontend import recognize
+from bnncc.passes.width_multiplier import WidthMultiplierPass
+
+STEM = 16
+WIDTHS = (16, 32, 64, 128)  # the fixture's bottleneck widths
+
+
+def float_resnet50_macs(stem: int, widths: tuple[int, ...], size: int, classes: int) -> int:
+    """MACs of a float ResNet-50 v1.5 (3, 4, 6, 3 blocks, expansion 4), counted from the architecture."""
+    h = size // 2
+    macs = h * h * stem * 3 * 49  # 7x7/2 stem conv, then the 3x3/2 max-pool
+    h //= 2
+    c_in = stem
+    for stage, (f, blocks) in enumerate(zip(widths, (3, 4, 6, 3))):
+        h_out = h if stage == 0 else h // 2
+        macs += h * h * c_in * f + h_out * h_out * (9 * f * f + f * 4 * f + c_in * 4 * f)  # block 0 + projection
+        macs += (blocks - 1) * h_out * h_out * (4 * f * f + 9 * f * f + f * 4 * f)
+        c_in, h = 4 * f, h_out
+    return macs + c_in * classes
+
+
+@needs_ops_and_cost
+def test_reference_formula_matches_the_unchanged_model(small_model):
+    assert ace_total(small_model) == 256 * float_resnet50_macs(STEM, WIDTHS, SIZE, CLASSES)
+
+
+@needs_ops_and_cost
+@pytest.mark.parametrize("multiplier", [0.5, 0.75, 1.4])
+def test_widths_and_ace(small_model, multiplier):
+    assert WidthMultiplierPass(multiplier)(small_model).modified
+    new_widths = tuple(int(f * multiplier) for f in WIDTHS)
+    resnet = recognize(small_model)
+    assert resnet.stem.out_channels == STEM
+    assert [s[0].mid_channels for s in resnet.stages] == list(new_widths)
+    assert [s[-1].out_channels for s in resnet.stages] == [4 * f for f in new_widths]
+    assert resnet.head.in_features == 4 * new_widths[-1]
+    assert ace_total(small_model) == 256 * float_resnet50_macs(STEM, new_widths, SIZE, CLASSES)
+    assert run_ort(small_model, random_input()).shape == (2, CLASSES)
+
+
+def test_narrowing_keeps_the_first_channels(small_model):
+    conv = recognize(small_model).stages[1][1].convs[1]  # a 3x3 conv, 32 -> 32
+    old = small_model.graph.node(conv).inputs[1].const_value.numpy().copy()
+    WidthMultiplierPass(0.5)(small_model)
+    new = small_model.graph.node(conv).inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(new, old[:16, :16])
+
+
+def test_widening_reinitialises_lecun_normal(small_model):
+    conv = recognize(small_model).stages[3][1].convs[1]  # 3x3, 128 -> 128
+    WidthMultiplierPass(2.0)(small_model)
+    weight = small_model.graph.node(conv).inputs[1].const_value.numpy()
+    assert weight.shape == (256, 256, 3, 3)
+    std = np.sqrt(1 / (256 * 9))  # LeCun: variance 1 / fan_in
+    assert abs(weight.std() / std - 1) < 0.02
+    assert np.abs(weight).max() <= 2 * std / 0.87962566103423978  # truncated at 2 sigma of the draw
+    bias = small_model.graph.node(conv).inputs[2].const_value.numpy()
+    np.testing.assert_array_equal(bias, np.zeros(256, np.float32))
+
+
+def test_does_not_fire_at_one(small_model):
+    assert not WidthMultiplierPass(1.0)(small_model).modified
+
+
+def test_rejects_a_width_with_no_channel(small_model):
+    with pytest.raises(BnnccError, match="leaves no channel"):
+        WidthMultiplierPass(0.01)(small_model)
+    with pytest.raises(BnnccError, match="multiplier must be > 0, got -1"):
+        WidthMultiplierPass(-1)
