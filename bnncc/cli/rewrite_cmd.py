@@ -36,5 +36,5 @@ def _table(rows: list[PassRecord], title: str) -> Table:
     for column, justify in (("pass", "left"), ("modified", "left"), ("nodes", "right"), ("ACE", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
-        table.add_row(row.name, "yes" if row.modified else "", str(row.nodes), f"{row.measure:.4g}")
+        table.add_row(row.name, "yes" if row.modified else "", str(row.nodes), f"{row.measure.total:.4g}")
     return table
