@@ -67,6 +67,18 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
+def _register_tile(wout: int, cout: int, lanes: int) -> tuple[int, int]:
+    """(output columns, output channels) of the register tile: the most outputs that fit the
+    accumulator budget, with both sizes dividing the output so no tile is partial."""
+    options = []
+    for channels in (d for d in range(1, 2 * lanes + 1) if cout % d == 0):
+        vectors = -(-channels // lanes)
+        width = _largest_divisor(wout, min(_MAX_TILE_WIDTH, _ACCUMULATORS[lanes] // vectors))
+        options.append((width * channels, channels, width))
+    _, channels, width = max(options)
+    return width, channels
+
+
 def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
     """Register-tiled, vectorized, multithreaded binary conv.
 
@@ -85,9 +97,8 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     n, ho, wo, co, kh, kw, j = sch.get_loops(pop)
     wout, cout = int(sch.get(wo).extent), int(sch.get(co).extent)
 
-    channels = _largest_divisor(cout, 2 * lanes)
+    width, channels = _register_tile(wout, cout, lanes)
     vec = min(lanes, channels)
-    width = _largest_divisor(wout, min(_MAX_TILE_WIDTH, _ACCUMULATORS[lanes] * vec // channels))
 
     wo_o, wo_i = sch.split(wo, [None, width])
     co_o, co_i, co_v = sch.split(co, [None, channels // vec, vec])
@@ -99,9 +110,8 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     sch.unroll(wo_i)
     sch.unroll(co_i)
     sch.vectorize(co_v)
-    _, e_wo, e_co = sch.get_loops(out)
-    e_co_o, e_co_v = sch.split(e_co, [None, vec])
-    sch.vectorize(e_co_v)
+    # The epilogue's innermost loop is its channel loop (a width-1 tile has no column loop).
+    sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, vec])[1])
     # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
     sch.decompose_reduction(pop, kh)
     _schedule_pad(sch)

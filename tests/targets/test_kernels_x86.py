@@ -1,0 +1,185 @@
+"""Bitpack and binary conv kernels, unscheduled and with the x86-64 schedules, against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bnncc.targets import tvm_compat as tc
+from bnncc.targets import x86_64
+from bnncc.targets.kernels import binary_conv as bc
+from bnncc.targets.kernels import bitpack as bp
+
+AVX512_FLAGS = {"avx2", "bmi2", "fma", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vpopcntdq"}
+AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
+HOST_FLAGS = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split(":", 1)[1].split("\n", 1)[0].split())
+
+# (name, target): how each variant is built. AVX-512 code runs only where the host has it.
+VARIANTS = ["unscheduled", "avx2"] + (["avx512"] if AVX512_FLAGS <= HOST_FLAGS else [])
+
+
+def build(func, variant):
+    """Compile ``func`` as it is (generic llvm) or through the x86 schedule for an AVX2 / AVX-512 target."""
+    if variant == "unscheduled":
+        return tc.compile_func(func, tc.make_target({"kind": "llvm"}))
+    target = x86_64.target_for_flags(AVX512_FLAGS if variant == "avx512" else AVX2_FLAGS, cores=2)
+    scheduled = x86_64.schedule(func, target)
+    assert scheduled is not None and scheduled.attrs["tirx.is_scheduled"]
+    return tc.compile_func(scheduled, target)
+
+
+def run(module, *arrays, out_shape, out_dtype):
+    out = tc.to_tensor(np.zeros(out_shape, out_dtype))
+    module(*(tc.to_tensor(a) for a in arrays), out)
+    return out.numpy()
+
+
+def reference_pack(signs: np.ndarray) -> np.ndarray:
+    """Little-endian bit order, 32 channels a word, padding bits 0: numpy's packbits then a uint32 view."""
+    c = signs.shape[-1]
+    padded = np.zeros(signs.shape[:-1] + (-(-c // 32) * 32,), dtype=bool)
+    padded[..., :c] = signs
+    return np.packbits(padded, axis=-1, bitorder="little").view("<u4")
+
+
+def reference_conv(x: np.ndarray, w: np.ndarray, stride: int) -> np.ndarray:
+    """sum of sign(x)*sign(w) over taps inside the image, sign(0)=+1, TF SAME padding, border = 0."""
+    sx = np.where(x >= 0, 1, -1)
+    sw = np.where(w >= 0, 1, -1)
+    n, h, wd, _ = x.shape
+    cout, _, k, _ = w.shape
+    ho, wo = -(-h // stride), -(-wd // stride)
+    pad_h = max((ho - 1) * stride + k - h, 0)
+    pad_w = max((wo - 1) * stride + k - wd, 0)
+    xp = np.pad(sx, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    out = np.zeros((n, ho, wo, cout), np.int64)
+    for kh in range(k):
+        for kw in range(k):
+            window = xp[:, kh : kh + stride * ho : stride, kw : kw + stride * wo : stride, :]
+            out += window @ sw[:, :, kh, kw].T
+    return out
+
+
+def activations(rng, shape):
+    """Gaussian values with exact zeros mixed in (sign(0) = +1)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[rng.random(shape) < 0.1] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("channels", [40, 72, 100, 64])
+def test_sign_bitpack(variant, channels):
+    x = activations(np.random.default_rng(channels), (2, 3, 5, channels))
+    module = build(bp.sign_bitpack_func(2, 3, 5, channels), variant)
+    packed = run(module, x, out_shape=(2, 3, 5, bp.words(channels)), out_dtype="uint32")
+    np.testing.assert_array_equal(packed, reference_pack(x >= 0))
+
+
+def test_pack_weights():
+    w = np.random.default_rng(0).standard_normal((3, 40, 3, 3)).astype(np.float32)
+    w[1, 7, 2, 0] = 0.0
+    packed = bp.pack_weights(w)
+    assert packed.bits.shape == (3, 3, 2, 3) and packed.in_channels == 40
+    np.testing.assert_array_equal(packed.bits[2, 0, :, 1], reference_pack(w[1, :, 2, 0] >= 0))
+    np.testing.assert_array_equal(packed.scale, np.abs(w).max(axis=(1, 2, 3)) / 2)
+    # Window with one padded row on top: the three taps kh = 0 are padded.
+    tap_sums = np.where(w >= 0, 1, -1).sum(axis=1)
+    np.testing.assert_array_equal(packed.border[1 * 3 + 0, 0], tap_sums[:, 0, :].sum(axis=1))
+
+
+def test_same_padding():
+    assert bc.same_padding(56, 3, 2) == (0, 1)
+    assert bc.same_padding(7, 3, 2) == (1, 1)
+    assert bc.same_padding(8, 3, 1) == (1, 1)
+    assert bc.same_padding(7, 1, 2) == (0, 0)
+
+
+# (batch, height, width, in channels, out channels, kernel, stride): odd and even sizes,
+# channel counts that are not multiples of 32 or 64.
+CONV_CASES = [
+    (1, 7, 7, 40, 16, 3, 1),
+    (2, 8, 6, 72, 32, 3, 2),
+    (1, 7, 9, 100, 48, 3, 2),
+    (1, 5, 6, 100, 24, 1, 1),
+    (2, 7, 8, 72, 32, 1, 2),
+    (1, 14, 14, 64, 64, 3, 1),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}h{}w{}c{}o{}k{}s{}".format(*c))
+def test_binary_conv_matches_numpy(variant, case):
+    n, h, w, cin, cout, k, s = case
+    rng = np.random.default_rng(sum(case))
+    x = activations(rng, (n, h, w, cin))
+    weights = activations(rng, (cout, cin, k, k))
+    packed = bp.pack_weights(weights)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s), variant)
+    expected = reference_conv(x, weights, s)
+    got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=expected.shape, out_dtype="int32")
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    ("size", "stride", "corners"),
+    [
+        # 3x3/1 on 6x6: every corner window has 2x2 taps inside the image.
+        # Weights are +1 except tap (2, 2) which is -1, activations all +1 (x = 0):
+        # top-left sees taps (1..2, 1..2) -> 3C - C; top-right (1..2, 0..1) -> 4C;
+        # bottom-left (0..1, 1..2) -> 4C; bottom-right (0..1, 0..1) -> 4C.
+        (6, 1, (2, 4, 4, 4)),
+        # 3x3/2 on 6x6 pads 0 before, 1 after: top-left is all inside -> 8C - C;
+        # top-right loses column 2 -> 6C; bottom-left loses row 2 -> 6C; bottom-right -> 4C.
+        (6, 2, (7, 6, 6, 4)),
+    ],
+)
+def test_binary_conv_corners_by_hand(variant, size, stride, corners):
+    cin = 40
+    weights = np.ones((8, cin, 3, 3), np.float32)
+    weights[:, :, 2, 2] = -1.0
+    x = np.zeros((1, size, size, cin), np.float32)
+    packed = bp.pack_weights(weights)
+    module = build(bc.binary_conv2d_func(1, size, size, cin, 8, 3, stride), variant)
+    ho = -(-size // stride)
+    got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=(1, ho, ho, 8), out_dtype="int32")
+    top_left, top_right, bottom_left, bottom_right = (c * cin for c in corners)
+    assert (got[0, 0, 0] == top_left).all()
+    assert (got[0, 0, -1] == top_right).all()
+    assert (got[0, -1, 0] == bottom_left).all()
+    assert (got[0, -1, -1] == bottom_right).all()
+    assert (got[0, 1:-1, 1:-1] == 7 * cin).all()  # interior: all 9 taps, 8C - C
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_binary_conv_scale_bias_epilogue(variant):
+    n, h, w, cin, cout, k, s = 1, 7, 7, 72, 32, 3, 2
+    rng = np.random.default_rng(1)
+    x = activations(rng, (n, h, w, cin))
+    weights = activations(rng, (cout, cin, k, k))
+    packed = bp.pack_weights(weights)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, bc.scale_bias_epilogue(cout)), variant)
+    expected = reference_conv(x, weights, s).astype(np.float32) * packed.scale + bias
+    got = run(
+        module, reference_pack(x >= 0), packed.bits, packed.border, packed.scale, bias,
+        out_shape=expected.shape, out_dtype="float32",
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_target_for_flags():
+    assert x86_64.vector_lanes(x86_64.target_for_flags(AVX512_FLAGS, cores=2)) == 16
+    assert x86_64.vector_lanes(x86_64.target_for_flags(AVX2_FLAGS, cores=2)) == 8
+    assert x86_64.vector_lanes(x86_64.target_for_flags({"sse4_2"}, cores=2)) is None
+    assert x86_64.host_target().attrs["num-cores"] == tc.NUM_THREADS
+
+
+def test_rules_decline_other_targets_and_kernels():
+    conv = bc.binary_conv2d_func(1, 4, 4, 32, 16, 3, 1)
+    arm = tc.make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert x86_64.schedule(conv, arm) is None
+    target = x86_64.target_for_flags(AVX2_FLAGS, cores=2)
+    assert x86_64.schedule_sign_bitpack(conv, target) is None
+    assert x86_64.schedule_binary_conv2d(bp.sign_bitpack_func(1, 4, 4, 32), target) is None
