@@ -1,0 +1,238 @@
+"""Binary conv kernels of ResNet-50 PokeBNN-1x on this x86-64 CPU, against its popcount peak and float32 onnxruntime.
+
+Run: ``.venv/bin/python bench/kernels.py [--results bench/RESULTS.md]`` (threads: TVM_NUM_THREADS,
+default all CPUs; onnxruntime and the peak loop use the same count).
+
+For every binary conv shape (shared/reference/pokebnn.md §2-3) and batch 1 and 8 it prints the
+scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fraction of the peak
+measured here by bench/popcount_peak.c (gcc -O3 -march=native), and the speed-up over a float32
+onnxruntime Conv of the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from rich.console import Console
+from rich.table import Table
+
+from bnncc.fileio import atomic_write_text
+from bnncc.targets import tvm_compat as tc
+from bnncc.targets import x86_64
+from bnncc.targets.kernels import binary_conv as bc
+from bnncc.targets.kernels import bitpack as bp
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## Binary conv kernels (x86-64)"
+
+
+class Shape(NamedTuple):
+    name: str
+    count: int  # how many convs of this shape one forward pass runs
+    cin: int
+    cout: int
+    size: int  # input height = width
+    kernel: int
+    stride: int
+
+
+def resnet50_shapes() -> list[Shape]:
+    """The binary convs of PokeBNN-1x: stages of 3-4-6-3 bottlenecks, f = 64..512, stride on the 3x3
+    of each stage's first block (stages 2-4), inputs 56/56/28/14 for the first blocks."""
+    shapes = []
+    cin, size = 64, 56  # stem output
+    for stage, (blocks, f) in enumerate([(3, 64), (4, 128), (6, 256), (3, 512)], start=1):
+        stride = 1 if stage == 1 else 2
+        out = size // stride
+        shapes += [
+            Shape(f"s{stage} conv1 first", 1, cin, f, size, 1, 1),
+            Shape(f"s{stage} conv1", blocks - 1, 4 * f, f, out, 1, 1),
+        ]
+        if stride == 2:
+            shapes.append(Shape(f"s{stage} conv2 /2", 1, f, f, size, 3, 2))
+        shapes += [
+            Shape(f"s{stage} conv2", blocks - (stride == 2), f, f, out, 3, 1),
+            Shape(f"s{stage} conv3", blocks, f, 4 * f, out, 1, 1),
+        ]
+        cin, size = 4 * f, out
+    return shapes
+
+
+def seconds_per_call(call, budget: float = 0.3, repeats: int = 5) -> float:
+    """Fastest of ``repeats`` wall-clock loops of about ``budget`` seconds each: the minimum, as
+    other work on a shared machine only ever adds time (a plain loop, not time_evaluator, which
+    misread parallel kernels: shared/reference/tvm.md §6.9)."""
+    call()
+    start = time.perf_counter()
+    call()
+    number = max(1, int(budget / repeats / max(time.perf_counter() - start, 1e-7)))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            call()
+        samples.append((time.perf_counter() - start) / number)
+    return min(samples)
+
+
+def popcount_peak(threads: int, workdir: Path) -> tuple[float, int]:
+    """(binary MACs/s, vector bits) of bench/popcount_peak.c with ``threads`` threads; best of 3."""
+    binary = workdir / "popcount_peak"
+    if not binary.exists():
+        subprocess.run(
+            ["gcc", "-O3", "-march=native", "-fopenmp", str(HERE / "popcount_peak.c"), "-o", str(binary)], check=True
+        )
+    runs = [subprocess.run([str(binary), str(threads), "100000000"], check=True, capture_output=True, text=True)
+            for _ in range(3)]
+    rates = [float(r.stdout.split()[0]) for r in runs]
+    return max(rates), int(runs[0].stdout.split()[1])
+
+
+def binary_conv_seconds(shape: Shape, batch: int, target, rng) -> float:
+    """Time of the scheduled kernel (packed activations in, int32 out) on random data."""
+    func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride)
+    module = tc.compile_func(x86_64.schedule(func, target), target)
+    packed = bp.pack_weights(rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)))
+    x = rng.integers(0, 2**32, (batch, shape.size, shape.size, bp.words(shape.cin)), dtype=np.uint32)
+    out_size = bc.out_size(shape.size, shape.stride)
+    args = [tc.to_tensor(a) for a in (x, packed.bits, packed.border)]
+    args.append(tc.to_tensor(np.zeros((batch, out_size, out_size, shape.cout), np.int32)))
+    return seconds_per_call(lambda: module(*args))
+
+
+def float_conv_seconds(shape: Shape, batch: int, threads: int, rng) -> float:
+    """Time of a float32 NCHW Conv with the same SAME padding in onnxruntime."""
+    before, after = bc.same_padding(shape.size, shape.kernel, shape.stride)
+    weight = rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)).astype(np.float32)
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], kernel_shape=[shape.kernel] * 2, strides=[shape.stride] * 2,
+        pads=[before, before, after, after],
+    )
+    graph = helper.make_graph(
+        [node], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, shape.cin, shape.size, shape.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((batch, shape.cin, shape.size, shape.size)).astype(np.float32)
+    return seconds_per_call(lambda: session.run(None, {"x": x}))
+
+
+def measure(threads: int) -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(0)
+    target = x86_64.host_target()
+    with tempfile.TemporaryDirectory() as tmp:
+        peak1, bits = popcount_peak(1, Path(tmp))
+        peak = popcount_peak(threads, Path(tmp))[0] if threads > 1 else peak1
+    info = {"peak1": peak1, "peak": peak, "bits": bits, "threads": threads, "target": str(target)}
+    rows = []
+    for batch in (1, 8):
+        for shape in resnet50_shapes():
+            out_size = bc.out_size(shape.size, shape.stride)
+            macs = batch * out_size**2 * shape.cout * shape.kernel**2 * shape.cin
+            ours = binary_conv_seconds(shape, batch, target, rng)
+            theirs = float_conv_seconds(shape, batch, threads, rng)
+            rows.append({"shape": shape, "batch": batch, "macs": macs, "ours": ours, "float": theirs})
+    return info, rows
+
+
+def table_lines(info: dict, rows: list[dict]) -> list[list[str]]:
+    """One row per (batch, shape), then a per-batch total weighted by how often each shape runs."""
+    lines = []
+    for batch in (1, 8):
+        chosen = [r for r in rows if r["batch"] == batch]
+        for r in chosen:
+            s = r["shape"]
+            rate = r["macs"] / r["ours"]
+            lines.append([
+                str(batch), s.name, f"{s.cin}->{s.cout} {s.kernel}x{s.kernel}/{s.stride} @{s.size}", str(s.count),
+                f"{r['ours'] * 1e6:.1f}", f"{rate / 1e12:.2f}", f"{rate / info['peak']:.0%}",
+                f"{r['float'] * 1e6:.1f}", f"{r['float'] / r['ours']:.1f}x",
+            ])
+        ours = sum(r["ours"] * r["shape"].count for r in chosen)
+        theirs = sum(r["float"] * r["shape"].count for r in chosen)
+        macs = sum(r["macs"] * r["shape"].count for r in chosen)
+        lines.append([
+            str(batch), "all 48 binary convs", "", "48", f"{ours * 1e6:.0f}", f"{macs / ours / 1e12:.2f}",
+            f"{macs / ours / info['peak']:.0%}", f"{theirs * 1e6:.0f}", f"{theirs / ours:.1f}x",
+        ])
+    return lines
+
+
+HEADER = ["batch", "layer", "shape", "count", "ours µs", "T bMAC/s", "of peak", "ort fp32 µs", "speed-up"]
+
+
+def print_table(info: dict, lines: list[list[str]]) -> None:
+    console = Console(width=200)
+    console.print(
+        f"popcount peak ({info['bits']}-bit xor+popcount+add, gcc -O3 -march=native): "
+        f"{info['peak1'] / 1e12:.2f} T bMAC/s on 1 thread, {info['peak'] / 1e12:.2f} T on {info['threads']}"
+    )
+    table = Table(*HEADER, title=f"binary conv, {info['threads']} threads, target {info['target']}")
+    for line in lines:
+        table.add_row(*line)
+    console.print(table)
+
+
+def markdown_section(info: dict, lines: list[list[str]]) -> str:
+    model = next(
+        line.split(":", 1)[1].strip() for line in subprocess.run(
+            ["lscpu"], check=True, capture_output=True, text=True).stdout.splitlines()
+        if line.startswith("Model name")
+    )
+    rows = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    rows += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join([
+        SECTION, "",
+        f"Date: {datetime.date.today().isoformat()}. Machine: {model}, {info['threads']} threads "
+        f"(`TVM_NUM_THREADS={info['threads']}`; onnxruntime `intra_op_num_threads={info['threads']}`).",
+        "Command: `.venv/bin/python bench/kernels.py --results bench/RESULTS.md`.",
+        f"Target: `{info['target']}`.", "",
+        f"Popcount peak (bench/popcount_peak.c, {info['bits']}-bit xor+popcount+add in registers): "
+        f"**{info['peak1'] / 1e12:.2f} T binary MAC/s on 1 thread, {info['peak'] / 1e12:.2f} T on {info['threads']}**.",
+        "\"of peak\" is against the multi-thread figure. Our kernel: packed uint32 activations in, int32 out "
+        "(SAME padding and border correction included); onnxruntime: float32 NCHW Conv of the same shape.", "",
+        *rows, "",
+    ])
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section of ``path`` (up to the next '## ' heading), or append it."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    atomic_write_text(path, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, help="write the table into this markdown file's section")
+    args = parser.parse_args()
+    info, rows = measure(tc.NUM_THREADS)
+    lines = table_lines(info, rows)
+    print_table(info, lines)
+    if args.results:
+        write_section(args.results, markdown_section(info, lines))
+
+
+if __name__ == "__main__":
+    main()
