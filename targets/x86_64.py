@@ -9,13 +9,12 @@ else 8 lanes (ymm; LLVM then lowers popcount with a nibble table lookup).
 from __future__ import annotations
 
 import logging
-import os
 
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.kernels import binary_conv, bitpack
-from bnncc.targets.tvm_compat import Target, has_cpu_features, make_target, mark_scheduled, s_tir, tirx
+from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, mark_scheduled, s_tir, tirx
 
-__all__ = ["host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags", "vector_lanes"]
+__all__ = ["cpu_flags", "host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags", "vector_lanes"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +42,16 @@ def target_for_flags(flags: set[str], cores: int) -> Target:
     return make_target(spec)
 
 
-def host_target() -> Target:
-    """The target of this machine, read from /proc/cpuinfo; num-cores = the threads TVM will use."""
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags, as /proc/cpuinfo spells them (``avx512_vpopcntdq``)."""
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         line = next(line for line in f if line.startswith("flags"))
-    flags = set(line.split(":", 1)[1].split())
-    cores = int(os.environ.get("TVM_NUM_THREADS", len(os.sched_getaffinity(0))))
-    return target_for_flags(flags, cores)
+    return set(line.split(":", 1)[1].split())
+
+
+def host_target() -> Target:
+    """The target of this machine; num-cores = the threads TVM will use."""
+    return target_for_flags(cpu_flags(), NUM_THREADS)
 
 
 def vector_lanes(target: Target) -> int | None:

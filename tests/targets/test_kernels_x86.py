@@ -12,10 +12,9 @@ from bnncc.targets.kernels import bitpack as bp
 
 AVX512_FLAGS = {"avx2", "bmi2", "fma", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vpopcntdq"}
 AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
-HOST_FLAGS = set(open("/proc/cpuinfo").read().split("flags", 1)[1].split(":", 1)[1].split("\n", 1)[0].split())
 
-# (name, target): how each variant is built. AVX-512 code runs only where the host has it.
-VARIANTS = ["unscheduled", "avx2"] + (["avx512"] if AVX512_FLAGS <= HOST_FLAGS else [])
+# How each kernel is built (see ``build``); AVX-512 code runs only where the host has it.
+VARIANTS = ["unscheduled", "avx2"] + (["avx512"] if AVX512_FLAGS <= x86_64.cpu_flags() else [])
 
 
 def build(func, variant):
