@@ -1,0 +1,68 @@
+"""BinaryConv: a k x k convolution of binarized activations with binarized weights, TF SAME padding.
+
+Forward, for X (N, Cin, H, W) and W (Cout, Cin, k, k)::
+
+    Xb = BinarizeAct(X)                 # +-B/2
+    Wb = sign(W) * max|W[o]| / 2        # per output channel
+    Y  = conv(pad(Xb, SAME, value 0), Wb, stride s)
+
+The padding is applied after binarization, so padded cells contribute 0 (not +-B/2).
+TF SAME padding per spatial axis: out = ceil(H / s), total = max((out - 1) * s + k - H, 0),
+before = total // 2, after = total - before (3x3 stride 2 on an even size: 0 before, 1 after).
+No bias. Backward: binarize_act's clipped STE for X, straight-through for W.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from onnxscript import script
+
+from bnncc.ops._opset import bnncc_opset, op
+from bnncc.ops.binarize import BinarizeAct, binarize_act, binarize_weights
+
+__all__ = ["BinaryConv", "binary_conv", "same_pads"]
+
+
+@script(bnncc_opset, default_opset=op)
+def BinaryConv(X, W, kernel_shape: Sequence[int], strides: Sequence[int], clip_bound: float = 3.0):
+    xb = BinarizeAct(X, clip_bound=clip_bound)
+    k = op.Constant(value_ints=kernel_shape)
+    s = op.Constant(value_ints=strides)
+    size = op.Shape(X, start=2)
+    out = op.Div(size + s - op.Constant(value_ints=[1, 1]), s)
+    total = op.Max((out - op.Constant(value_ints=[1, 1])) * s + k - size, op.Constant(value_ints=[0, 0]))
+    before = op.Div(total, op.Constant(value_ints=[2, 2]))
+    zeros = op.Constant(value_ints=[0, 0])
+    pads = op.Concat(zeros, before, zeros, total - before, axis=0)
+    xp = op.Pad(xb, pads)
+    wmax = op.ReduceMax(op.Abs(W), op.Constant(value_ints=[1, 2, 3]), keepdims=1)
+    half = wmax * op.CastLike(0.5, W)
+    wb = op.Where(W >= op.CastLike(0.0, W), half, op.Neg(half))
+    return op.Conv(xp, wb, strides=strides)
+
+
+def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """(before, after) TF SAME padding of one spatial axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def binary_conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    clip_bound: float = 3.0,
+    quantize_weights: bool = True,
+) -> torch.Tensor:
+    """Torch BinaryConv; ``quantize_weights=False`` keeps float weights (first training phase)."""
+    top, bottom = same_pads(x.shape[2], kernel_shape[0], strides[0])
+    left, right = same_pads(x.shape[3], kernel_shape[1], strides[1])
+    xb = F.pad(binarize_act(x, clip_bound), (left, right, top, bottom))
+    wb = binarize_weights(w) if quantize_weights else w
+    return F.conv2d(xb, wb, stride=tuple(strides))

@@ -1,0 +1,91 @@
+"""ReshapeAdd: add a shortcut R to Y after matching its shape, with no parameters (pokebnn.md section 2).
+
+For Y (N, Co, Ho, Wo) and R (N, Ci, Hi, Wi)::
+
+    channels:  Ci > Co: k = Ci // Co, keep channels [0, Co*k), out[c] = mean(R[c*k .. c*k+k-1])
+               Ci < Co: method "zeropad" appends zero channels; "tile" gives out[c] = R[c mod Ci]
+    spatial:   Hi != Ho: 3x3 average pool, stride 2, TF SAME padding, padded cells counted (/9)
+    Y + matched(R)
+
+The function body expresses all channel cases as one gather: with k = max(Ci // Co, 1) and
+n = Co * k, source channel j (j < n) is j mod Ci (tile) or min(j, Ci - 1) masked to 0 for
+j >= Ci (zeropad), then groups of k are averaged. For Ci >= Co this is the grouped mean; for
+Ci < Co, k = 1 and it is the plain expansion.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from onnxscript import FLOAT, script
+from onnxscript import opset_ai_onnx_ml3 as ml
+
+from bnncc.ops._opset import bnncc_opset, op
+
+__all__ = ["ReshapeAdd", "reshape_add", "match_channels", "shortcut_pool"]
+
+METHODS = ("zeropad", "tile")
+
+
+@script(bnncc_opset, default_opset=op)
+def ReshapeAdd(Y, R, method: str):
+    ci = op.Shape(R, start=1, end=2)
+    co = op.Shape(Y, start=1, end=2)
+    k = op.Max(op.Div(ci, co), op.Constant(value_ints=[1]))
+    n = op.Squeeze(co * k)
+    ci_s = op.Squeeze(ci)
+    one = op.Constant(value_int=1)
+    idx = op.Range(op.Constant(value_int=0), n, one)
+    # ONNX cannot compare strings inside a function: map the attribute to 0/1 with LabelEncoder.
+    tile_flag = ml.LabelEncoder(op.Constant(value_string=method), keys_strings=["tile"], values_int64s=[1],
+                                default_int64=0)
+    is_tile = op.Cast(tile_flag, to=9)  # BOOL
+    src = op.Where(is_tile, op.Mod(idx, ci_s), op.Min(idx, ci_s - one))
+    keep = op.Where(is_tile, op.Constant(value_float=1.0), op.Cast(idx < ci_s, to=FLOAT.dtype))
+    gathered = op.Gather(R, src, axis=1) * op.Reshape(op.CastLike(keep, R), op.Constant(value_ints=[1, -1, 1, 1]))
+    grouped = op.Reshape(gathered, op.Concat(op.Shape(R, start=0, end=1), co, k, op.Shape(R, start=2), axis=0))
+    matched = op.ReduceMean(grouped, op.Constant(value_ints=[2]), keepdims=0)
+    if op.Squeeze(op.Shape(R, start=2, end=3) != op.Shape(Y, start=2, end=3)):
+        size = op.Shape(R, start=2)
+        two = op.Constant(value_ints=[2, 2])
+        out = op.Div(size + op.Constant(value_ints=[1, 1]), two)
+        total = op.Max((out - op.Constant(value_ints=[1, 1])) * two + op.Constant(value_ints=[3, 3]) - size,
+                       op.Constant(value_ints=[0, 0]))
+        before = op.Div(total, two)
+        zeros = op.Constant(value_ints=[0, 0])
+        padded = op.Pad(matched, op.Concat(zeros, before, zeros, total - before, axis=0))
+        pooled = op.AveragePool(padded, kernel_shape=[3, 3], strides=[2, 2])
+    else:
+        pooled = op.Identity(matched)
+    return Y + pooled
+
+
+def match_channels(r: torch.Tensor, out_channels: int, method: str) -> torch.Tensor:
+    """Channel step of ReshapeAdd on NCHW ``r``."""
+    ci = r.shape[1]
+    if ci >= out_channels:
+        k = ci // out_channels
+        n, _, h, w = r.shape
+        return r[:, : out_channels * k].reshape(n, out_channels, k, h, w).mean(dim=2)
+    if method == "tile":
+        index = torch.arange(out_channels, device=r.device) % ci
+        return r.index_select(1, index)
+    return F.pad(r, (0, 0, 0, 0, 0, out_channels - ci))
+
+
+def shortcut_pool(r: torch.Tensor) -> torch.Tensor:
+    """3x3 stride-2 average pool with TF SAME padding, padded cells counted."""
+    from bnncc.ops.binary_conv import same_pads
+
+    top, bottom = same_pads(r.shape[2], 3, 2)
+    left, right = same_pads(r.shape[3], 3, 2)
+    return F.avg_pool2d(F.pad(r, (left, right, top, bottom)), 3, 2)
+
+
+def reshape_add(y: torch.Tensor, r: torch.Tensor, *, method: str) -> torch.Tensor:
+    if method not in METHODS:
+        raise ValueError(f"ReshapeAdd method must be one of {METHODS}, got {method!r}")
+    matched = match_channels(r, y.shape[1], method)
+    if matched.shape[2:] != y.shape[2:]:
+        matched = shortcut_pool(matched)
+    return y + matched

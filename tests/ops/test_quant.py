@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from bnncc.ops import TORCH_OPS
+
+from opsref import run_onnx
+
+
+def quant_weights_np(w, bits):
+    m = 2 ** (bits - 1) - 1
+    wmax = np.abs(w).reshape(w.shape[0], -1).max(axis=1).reshape((-1,) + (1,) * (w.ndim - 1))
+    s = m / wmax
+    return np.clip(np.floor(w * s + 0.5), -m, m) / s
+
+
+def quant_acts_np(x, bound, bits, signed):
+    b = bound.reshape((1, -1) + (1,) * (x.ndim - 2))
+    out = np.empty_like(x)
+    for c in range(x.shape[1]):
+        bc = bound[c]
+        xc = x[:, c]
+        if bc <= 0:
+            out[:, c] = xc
+        elif signed:
+            m = 2 ** (bits - 1) - 1
+            out[:, c] = np.clip(np.floor(xc * (m / bc) + 0.5), -m, m) / (m / bc)
+        else:
+            m = 2**bits
+            out[:, c] = np.clip(np.floor(xc * (m / bc)), 0, m - 1) / (m / bc)
+    assert b.shape[1] == x.shape[1]
+    return out
+
+
+def conv_np(x, w, b, stride, pads, group):
+    t = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(torch.from_numpy(x).double(), (pads[1], pads[3], pads[0], pads[2])),
+        torch.from_numpy(w).double(), torch.from_numpy(b).double(), stride=stride, groups=group)
+    return t.numpy()
+
+
+@pytest.mark.parametrize("signed", [1, 0])
+@pytest.mark.parametrize("case", ["stem4x4", "grouped3x3"])
+def test_quant_conv_matches_numpy(signed, case):
+    rng = np.random.default_rng(7)
+    if case == "stem4x4":
+        x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+        w = rng.standard_normal((32, 3, 4, 4)).astype(np.float32)
+        k, stride, pads, group = 4, 4, [0, 0, 0, 0], 1
+    else:
+        x = rng.standard_normal((2, 32, 8, 8)).astype(np.float32)
+        w = rng.standard_normal((64, 1, 3, 3)).astype(np.float32)
+        k, stride, pads, group = 3, 1, [1, 1, 1, 1], 32
+    x[0, 0, 0, 0] = 0.0
+    b = rng.standard_normal(w.shape[0]).astype(np.float32)
+    bound = np.abs(rng.standard_normal(x.shape[1])).astype(np.float32) + 0.5
+    bound[1] = -1.0  # not calibrated: float
+    attrs = dict(w_bits=8, a_bits=8, a_signed=signed, kernel_shape=[k, k], strides=[stride, stride], pads=pads,
+                 group=group)
+    expected = conv_np(quant_acts_np(x, bound, 8, signed), quant_weights_np(w, 8), b, stride, pads, group)
+    got_onnx = run_onnx("QuantConv", [x, w, bound, b], **attrs)
+    np.testing.assert_allclose(got_onnx, expected, rtol=1e-4, atol=1e-4)
+    got_torch = TORCH_OPS["QuantConv"](*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()
+    np.testing.assert_allclose(got_torch, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizers_hit_integer_grids():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 7)).astype(np.float32)
+    wq = quant_weights_np(w, 4)
+    grid = wq / (np.abs(w).max(axis=1, keepdims=True) / 7)
+    np.testing.assert_allclose(grid, np.round(grid), atol=1e-5)
+    assert np.abs(grid).max() == pytest.approx(7)
+
+
+def test_quant_gemm_matches_numpy():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 20)).astype(np.float32)
+    w = rng.standard_normal((6, 20)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    bound = np.full(20, 2.0, dtype=np.float32)
+    attrs = dict(w_bits=8, a_bits=8, a_signed=1)
+    expected = quant_acts_np(x, bound, 8, 1) @ quant_weights_np(w, 8).T + b
+    np.testing.assert_allclose(run_onnx("QuantGemm", [x, w, bound, b], **attrs), expected, rtol=1e-4, atol=1e-4)
+    got = TORCH_OPS["QuantGemm"](*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_gradient_is_zero_outside_the_clip_range():
+    x = torch.tensor([[-5.0, -1.0, 0.5, 1.9, 5.0]], requires_grad=True)
+    w = torch.ones(1, 5, requires_grad=True)
+    bound = torch.full((5,), 2.0)
+    y = TORCH_OPS["QuantGemm"](x, w, bound, torch.zeros(1), w_bits=8, a_bits=8, a_signed=1)
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [[0, 1, 1, 1, 0]])
+    assert w.grad.abs().sum() > 0
