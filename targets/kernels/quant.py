@@ -1,0 +1,183 @@
+"""Fake-quant int-k kernels (TE): the PokeBNN stem convs, the SE gate and the dense head.
+
+The ``ai.bnncc`` quantizers (bnncc/ops/spec.md), with m = 2^(b-1) - 1:
+
+- weights, per output channel o: s_o = m / max|W[o]|, q = clip(floor(W s_o + 0.5), -m, m),
+  Wq = q / s_o. Quantized in numpy at compile time (``quantize_weights``); the kernels read
+  the integers q (int8) and s_o, or the float Wq where the tensor is tiny (the stem).
+- activations, per input channel c with bound B_c: signed s_c = m / B_c,
+  xq = clip(floor(x s_c + 0.5), -m, m) / s_c; unsigned s_c = 2^a / B_c,
+  xq = clip(floor(x s_c), 0, 2^a - 1) / s_c. B_c <= 0 means "not calibrated": xq = x. The
+  kernels take s_c (``act_scales``), 0 for an uncalibrated channel.
+
+Arithmetic is float32 on the quantized values, as in the reference. Dot products with integer
+weights are taken as (sum_c xq_c q_oc) / s_o instead of sum_c xq_c (q_oc / s_o): equal in exact
+arithmetic, a float32 rounding apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from bnncc.targets.kernels import KERNEL_ATTR
+from bnncc.targets.tvm_compat import te, tirx
+
+__all__ = [
+    "act_scales", "quantize_weights", "quantize_act", "quant_conv2d_func", "se_gate_func", "head_func",
+]
+
+
+
+
+def quantize_weights(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 with W's shape, s float32 (O,)) for W (O, ...): Wq = q / s per output channel.
+
+    A channel with max|W| = 0 gets s = 1 (q = 0 either way).
+    """
+    m = np.float32(2 ** (bits - 1) - 1)
+    peak = np.abs(weights).reshape(weights.shape[0], -1).max(axis=1).astype(np.float32)
+    scale = np.where(peak > 0, m / np.where(peak > 0, peak, 1), 1).astype(np.float32)
+    shaped = scale.reshape((-1,) + (1,) * (weights.ndim - 1))
+    q = np.clip(np.floor(weights.astype(np.float32) * shaped + np.float32(0.5)), -m, m)
+    return q.astype(np.int8), scale
+
+
+def act_scales(bounds: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Per-channel activation scales s_c (float32), 0 where the bound is <= 0 (no quantization)."""
+    levels = np.float32(2 ** (bits - 1) - 1 if signed else 2 ** bits)
+    bounds = bounds.astype(np.float32)
+    return np.where(bounds > 0, levels / np.where(bounds > 0, bounds, 1), 0).astype(np.float32)
+
+
+def quantize_act(x: tirx.PrimExpr, scale: tirx.PrimExpr, bits: int, signed: bool) -> tirx.PrimExpr:
+    """The activation quantizer of one value with scale ``scale`` (0: pass x through)."""
+    if signed:
+        m = float(2 ** (bits - 1) - 1)
+        q = tirx.min(tirx.max(te.floor(x * scale + tirx.const(0.5, "float32")), -m), m)
+    else:
+        q = tirx.min(tirx.max(te.floor(x * scale), 0.0), float(2 ** bits - 1))
+    return tirx.if_then_else(scale > tirx.const(0, "float32"), q / scale, x)
+
+
+def quant_conv2d_func(
+    x_shape: tuple[int, int, int, int],
+    weight_shape: tuple[int, int, int, int],
+    *,
+    stride: int,
+    pads: tuple[int, int, int, int],
+    group: int,
+    a_bits: int,
+    epilogue_inputs: tuple[te.Tensor, ...] = (),
+    epilogue: Callable[[tirx.PrimExpr, tuple], tirx.PrimExpr] | None = None,
+) -> tirx.PrimFunc:
+    """``f(x, w, act_scale, *epilogue_inputs, out)``: NHWC conv of signed-quantized x with float Wq.
+
+    x (N, H, W, Cin) float32; w (kh, kw, Cin/group, Cout) float32 (already Wq); act_scale (Cin,);
+    ``pads`` in ONNX order (top, left, bottom, right), padded cells 0.
+
+        out[n, y, z, o] = epilogue(sum_{i, j, c} xq[n, y s + i - top, z s + j - left, g(o) Cg + c] w[i, j, c, o])
+
+    with g(o) = o // (Cout / group), Cg = Cin / group.
+    """
+    n, h, w, cin = x_shape
+    kh, kw, cin_g, cout = weight_shape
+    top, left, bottom, right = pads
+    cout_g = cout // group
+    ho, wo = (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
+    x = te.placeholder(x_shape, "float32", name="x")
+    weights = te.placeholder(weight_shape, "float32", name="w")
+    scale = te.placeholder((cin,), "float32", name="act_scale")
+
+    def padded(i, y, z, c):
+        inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
+        value = quantize_act(x[i, tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(z - left, 0), w - 1), c],
+                             scale[c], a_bits, signed=True)
+        return tirx.if_then_else(inside, value, tirx.const(0, "float32"))
+
+    xq = te.compute((n, h + top + bottom, w + left + right, cin), padded, name="quantize")
+    ri = te.reduce_axis((0, kh), name="ri")
+    rj = te.reduce_axis((0, kw), name="rj")
+    rc = te.reduce_axis((0, cin_g), name="rc")
+    acc = te.compute(
+        (n, ho, wo, cout),
+        lambda i, y, z, o: te.sum(
+            xq[i, y * stride + ri, z * stride + rj, (o // cout_g) * cin_g + rc] * weights[ri, rj, rc, o],
+            axis=[ri, rj, rc]),
+        name="conv",
+    )
+    out = acc if epilogue is None else te.compute(acc.shape, lambda *idx: epilogue(acc(*idx), idx), name="epilogue")
+    func = te.create_prim_func([x, weights, scale, *epilogue_inputs, out])
+    return func.with_attr(KERNEL_ATTR, "quant_conv2d")
+
+
+def _mean_hw(x: te.Tensor, name: str) -> te.Tensor:
+    """(N, C) mean over H, W of NHWC x: the sum, then a division by H*W."""
+    n, h, w, c = (int(d) for d in x.shape)
+    rh = te.reduce_axis((0, h), name="rh")
+    rw = te.reduce_axis((0, w), name="rw")
+    total = te.compute((n, c), lambda i, j: te.sum(x[i, rh, rw, j], axis=[rh, rw]), name=f"{name}_sum")
+    return te.compute((n, c), lambda i, j: total[i, j] / float(h * w), name=name)
+
+
+def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name: str,
+           quant: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
+           act_scale: te.Tensor) -> te.Tensor:
+    """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o]; q (C, O) int8 integers."""
+    n, c = (int(d) for d in x.shape)
+    o = int(q.shape[1])
+    xq = te.compute((n, c), lambda i, j: quant(x[i, j], act_scale[j]), name=f"{name}_quantize")
+    rc = te.reduce_axis((0, c), name="rc")
+    dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * q[rc, j].astype("float32"), axis=rc), name=f"{name}_dot")
+    return te.compute((n, o), lambda i, j: dot[i, j] / w_scale[j] + bias[j], name=name)
+
+
+def _dense_inputs(c: int, o: int, name: str) -> tuple[te.Tensor, ...]:
+    """Placeholders (act_scale (C,), q (C, O) int8, w_scale (O,), bias (O,)) of one quantized dense layer."""
+    return (
+        te.placeholder((c,), "float32", name=f"{name}_act_scale"),
+        te.placeholder((c, o), "int8", name=f"{name}_q"),
+        te.placeholder((o,), "float32", name=f"{name}_w_scale"),
+        te.placeholder((o,), "float32", name=f"{name}_bias"),
+    )
+
+
+def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: int,
+                 w_bits: int, a_bits: int) -> tirx.PrimFunc:
+    """``f(x, act_scale1, q1, w_scale1, b1, act_scale2, q2, w_scale2, b2, gate)``: the SEGate, gate (N, Cout).
+
+        p = mean_HW(x);  h = relu(dense1(quant_signed(p)));  g = dense2(quant_unsigned(h))
+        gate = min(max(g + 3, 0), 6) / 6
+    """
+    del w_bits  # the integers q carry the weight precision
+    n, _, _, cin = x_shape
+    x = te.placeholder(x_shape, "float32", name="x")
+    first = _dense_inputs(cin, hidden, "se1")
+    second = _dense_inputs(hidden, out_channels, "se2")
+    pooled = _mean_hw(x, "pool")
+
+    def signed(v, s):
+        return quantize_act(v, s, a_bits, signed=True)
+
+    def unsigned(v, s):
+        return quantize_act(v, s, a_bits, signed=False)
+
+    h = _dense(pooled, first[1], first[2], first[3], "se1", signed, first[0])
+    relu = te.compute(h.shape, lambda i, j: tirx.max(h[i, j], tirx.const(0, "float32")), name="relu")
+    g = _dense(relu, second[1], second[2], second[3], "se2", unsigned, second[0])
+    gate = te.compute(g.shape, lambda i, j: tirx.min(tirx.max(g[i, j] + 3.0, 0.0), 6.0) / 6.0, name="gate")
+    func = te.create_prim_func([x, *first, *second, gate])
+    return func.with_attr(KERNEL_ATTR, "se_gate")
+
+
+def head_func(x_shape: tuple[int, int, int, int], classes: int, a_bits: int) -> tirx.PrimFunc:
+    """``f(x, act_scale, q, w_scale, bias, logits)``: GlobalAveragePool + Flatten + QuantGemm (signed)."""
+    _, _, _, c = x_shape
+    x = te.placeholder(x_shape, "float32", name="x")
+    params = _dense_inputs(c, classes, "fc")
+    pooled = _mean_hw(x, "pool")
+    logits = _dense(pooled, params[1], params[2], params[3], "fc",
+                    lambda v, s: quantize_act(v, s, a_bits, signed=True), params[0])
+    func = te.create_prim_func([x, *params, logits])
+    return func.with_attr(KERNEL_ATTR, "quant_head")

@@ -1,0 +1,461 @@
+"""Lower a PokeBNN ONNX graph (bnncc/ops/spec.md) to one TVM Relax module of our scheduled kernels.
+
+The graph is walked in order; each pattern becomes one ``call_tir`` of a PrimFunc of ours, all
+activations NHWC float32 inside (the NCHW input is transposed once at the entry):
+
+- ``QuantConv [-> BatchNormalization [-> DPReLU]]`` (the PokeInit stem): ``quant_conv2d`` with
+  the bias, BN and DPReLU fused as its epilogue; float32 arithmetic on the quantized values.
+- a PokeConv chain ``BinaryConv -> BN -> ReshapeAdd(x) [-> ReshapeAdd(r)] -> DPReLU ->
+  Mul(SEGate(x)) -> BN`` (spec.md): one binary conv on packed bits whose epilogue is
+
+      y = a2 * (dprelu(a1 * acc + b1 + match(x) [+ match(r)]) * gate) + b2
+
+  with acc the +-1 dot product, a1 = gamma1 / sqrt(var1 + eps) * (B/2) * (max|W|/2) (the
+  BinaryConv scales folded into BN), b1 = beta1 - mean1 * gamma1 / sqrt(var1 + eps), a2, b2 the
+  second BN, ``match`` the ReshapeAdd channel mean / zero-pad / tile and the 3x3/2 SAME
+  count-pad average pool. It writes y (float, read by the next local shortcut, SE pool and
+  block shortcut) and, when a BinaryConv reads y, y's packed sign bits (the next layer's input).
+- ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
+- ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
+
+Weights are packed (binary: 1 bit; int-k: int8 integers and a scale per channel) at compile
+time and embedded as constants. Kernels and schedules are parameters (``schedule``), so another
+target swaps only the schedule rules. One Relax function per batch size, named ``batch_<N>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+from bnncc.targets.kernels import KERNEL_ATTR, bitpack, quant
+from bnncc.targets.kernels.binary_conv import Epilogue, binary_conv2d, out_size, same_padding
+from bnncc.targets.tvm_compat import Target, te, tirx
+
+__all__ = ["Lowered", "lower", "function_name"]
+
+logger = logging.getLogger(__name__)
+
+BNNCC_DOMAIN = "ai.bnncc"
+# rows of the per-channel parameter table of a fused PokeConv epilogue
+_A1, _B1, _BX, _BY, _PS, _NS, _A2, _B2 = range(8)
+
+
+def function_name(batch: int) -> str:
+    """The Relax function that runs a batch of ``batch`` images."""
+    return f"batch_{batch}"
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """The Relax module and what a caller needs to feed it: input (C, H, W) and class count."""
+
+    module: object  # tvm.IRModule
+    input_name: str
+    input_chw: tuple[int, int, int]
+    output_name: str
+    classes: int
+    batches: tuple[int, ...]
+
+
+def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), schedule=None) -> Lowered:
+    """Build one Relax module with a function ``batch_<N>`` (NCHW float32 -> logits) per batch size.
+
+    ``schedule(func, target)`` returns the scheduled PrimFunc or None (default: the x86-64 rules);
+    a kernel no rule schedules is an error, because TVM's CPU pipeline would leave it naive.
+    """
+    from tvm import relax
+
+    if schedule is None:
+        from bnncc.targets.x86_64_fused import schedule
+    graph = model.graph
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got "
+                         f"{len(graph.inputs)} and {len(graph.outputs)}")
+    chw = _input_chw(graph.inputs[0])
+    builder = relax.BlockBuilder()
+    kernels: dict[tuple, object] = {}
+    classes = 0
+    for batch in batches:
+        x = relax.Var("input", relax.TensorType((batch, *chw), "float32"))
+        with builder.function(function_name(batch), [x]):
+            with builder.dataflow():
+                walk = _Walk(builder, kernels, target, schedule, batch)
+                logits = walk.run(graph, x)
+                classes = int(logits.ty.shape[1])
+                out = builder.emit_output(logits)
+            builder.emit_func_output(out)
+    return Lowered(builder.get(), graph.inputs[0].name, chw, graph.outputs[0].name, classes, tuple(batches))
+
+
+def _input_chw(value: ir.Value) -> tuple[int, int, int]:
+    """(C, H, W) of the NCHW graph input; the batch may be symbolic, the rest must be fixed."""
+    dims = list(value.shape or [])
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        raise BnnccError(f"input {value.name!r}: expected NCHW with fixed C, H, W, got shape {value.shape}")
+    return int(dims[1]), int(dims[2]), int(dims[3])
+
+
+def _const(value: ir.Value, node: ir.Node) -> np.ndarray:
+    if value is None or value.const_value is None:
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): input {getattr(value, 'name', None)!r} "
+                         f"is not a constant initializer")
+    return value.const_value.numpy()
+
+
+def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
+    """The single node reading ``value`` if it has type ``op_type`` and ``value`` is no graph output."""
+    users = list(value.uses())
+    if len(users) != 1 or value.is_graph_output() or users[0].node.op_type != op_type:
+        return None
+    return users[0].node
+
+
+def _bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNormalization as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
+    gamma, beta, mean, var = (_const(v, node).astype(np.float64) for v in node.inputs[1:5])
+    a = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+    return a, beta - mean * a
+
+
+def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
+    """DPReLU: u = t - bx; (u >= 0 ? ps : ns) * u - by."""
+    u = t - bx
+    return tirx.if_then_else(u >= tirx.const(0, "float32"), ps, ns) * u - by
+
+
+def _match(r: te.Tensor, idx: tuple, channels: int, height: int, method: str) -> tirx.PrimExpr:
+    """ReshapeAdd's R matched to (channels, height): channel mean / zero-pad / tile, then the 3x3/2
+    SAME average pool counting padded cells (divide by 9) when the height differs."""
+    n, y, z, c = idx
+    _, hi, wi, ci = (int(d) for d in r.shape)
+
+    def channel(yy, zz):
+        if ci > channels:
+            k = ci // channels
+            return sum((r[n, yy, zz, c * k + t] for t in range(1, k)), r[n, yy, zz, c * k]) / float(k)
+        if ci < channels and method == "zeropad":
+            return tirx.if_then_else(c < ci, r[n, yy, zz, tirx.min(c, ci - 1)], tirx.const(0, "float32"))
+        if ci < channels:
+            return r[n, yy, zz, tirx.floormod(c, ci)]
+        return r[n, yy, zz, c]
+
+    if hi == height:
+        return channel(y, z)
+    top, left = same_padding(hi, 3, 2)[0], same_padding(wi, 3, 2)[0]
+    total = tirx.const(0, "float32")
+    for i in range(3):
+        for j in range(3):
+            yy, zz = y * 2 + i - top, z * 2 + j - left
+            inside = tirx.all(yy >= 0, yy < hi, zz >= 0, zz < wi)
+            clamped = channel(tirx.min(tirx.max(yy, 0), hi - 1), tirx.min(tirx.max(zz, 0), wi - 1))
+            total = total + tirx.if_then_else(inside, clamped, tirx.const(0, "float32"))
+    return total / 9.0
+
+
+@dataclass(frozen=True)
+class _PokeConv:
+    """One matched PokeConv chain: its nodes and the values it reads."""
+
+    conv: ir.Node
+    bn: ir.Node
+    local: ir.Node
+    block: ir.Node | None
+    dprelu: ir.Node
+    se: ir.Node
+    bn_split: ir.Node
+
+    @property
+    def nodes(self) -> list[ir.Node]:
+        chain = [self.conv, self.bn, self.local, self.block, self.dprelu, self.se, self.bn_split]
+        return [n for n in chain if n is not None] + [self.bn_split.inputs[0].producer()]
+
+
+def _match_poke_conv(conv: ir.Node) -> _PokeConv:
+    """Follow the chain of spec.md from a BinaryConv; any departure is an error naming the node."""
+
+    def expect(value: ir.Value, op_type: str) -> ir.Node:
+        node = _only_user(value, op_type)
+        if node is None:
+            users = [u.node.op_type for u in value.uses()]
+            raise BnnccError(f"node {conv.name!r} (BinaryConv): expected {op_type} after {value.name!r} "
+                             f"(PokeConv chain, spec.md), found {users or 'a graph output'}")
+        return node
+
+    bn = expect(conv.outputs[0], "BatchNormalization")
+    local = expect(bn.outputs[0], "ReshapeAdd")
+    after = _only_user(local.outputs[0], "ReshapeAdd")
+    dprelu = expect((after or local).outputs[0], "DPReLU")
+    mul = expect(dprelu.outputs[0], "Mul")
+    gate = mul.inputs[1] if mul.inputs[0] is dprelu.outputs[0] else mul.inputs[0]
+    se = gate.producer()
+    if se is None or se.op_type != "SEGate" or len(list(gate.uses())) != 1:
+        raise BnnccError(f"node {mul.name!r} (Mul): expected the SEGate of {conv.name!r} as its other input")
+    if local.inputs[1] is not conv.inputs[0] or se.inputs[0] is not conv.inputs[0]:
+        raise BnnccError(f"node {conv.name!r} (BinaryConv): the local shortcut and SE gate must read the conv's input")
+    return _PokeConv(conv, bn, local, after, dprelu, se, expect(mul.outputs[0], "BatchNormalization"))
+
+
+class _Walk:
+    """Lowers the nodes of one graph for one batch size into the builder's current function."""
+
+    def __init__(self, builder, kernels: dict, target: Target, schedule, batch: int) -> None:
+        self.bb = builder
+        self.kernels = kernels  # kernel key -> GlobalVar, shared by every batch and layer
+        self.target = target
+        self.schedule = schedule
+        self.batch = batch
+        self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
+        self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
+        self.done: set[int] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def run(self, graph: ir.Graph, x):
+        from tvm import relax
+
+        self.floats[graph.inputs[0].name] = self.bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+        for node in graph:
+            if id(node) in self.done:
+                continue
+            handler = self._handlers().get((node.domain, node.op_type))
+            if handler is None:
+                raise BnnccError(f"node {node.name!r} ({node.op_type}): not supported by the lowering "
+                                 f"(PokeBNN graphs only, bnncc/ops/spec.md)")
+            handler(node)
+        output = graph.outputs[0].name
+        if output not in self.floats:
+            raise BnnccError(f"output {output!r}: not produced by a supported pattern")
+        return self.floats[output]
+
+    def _handlers(self) -> dict:
+        return {
+            (BNNCC_DOMAIN, "QuantConv"): self._quant_conv,
+            (BNNCC_DOMAIN, "BinaryConv"): self._poke_conv,
+            (BNNCC_DOMAIN, "SEGate"): self._se_gate,
+            ("", "GlobalAveragePool"): self._head,
+        }
+
+    def _kernel(self, key: tuple, build):
+        """The GlobalVar of a scheduled kernel; ``build()`` makes the PrimFunc the first time."""
+        if key not in self.kernels:
+            func = build()
+            scheduled = self.schedule(func, self.target)
+            if scheduled is None:
+                raise BnnccError(f"target {self.target}: no schedule for kernel {func.attrs[KERNEL_ATTR]!r}")
+            name = f"{key[0]}_{len(self.kernels)}"
+            self.kernels[key] = self.bb.add_func(scheduled.with_attr("global_symbol", name), name)
+        return self.kernels[key]
+
+    def _call(self, gvar, args: list, outputs: list[tuple[tuple, str]]):
+        from tvm import relax
+
+        types = [relax.TensorType(shape, dtype) for shape, dtype in outputs]
+        call = relax.call_tir(gvar, args, types if len(types) > 1 else types[0])
+        result = self.bb.emit(call)
+        if len(types) == 1:
+            return result
+        return [self.bb.emit(relax.TupleGetItem(result, i)) for i in range(len(types))]
+
+    @staticmethod
+    def _shape(expr) -> tuple[int, ...]:
+        return tuple(int(d) for d in expr.ty.shape)
+
+    def _float(self, value: ir.Value):
+        if value.name not in self.floats:
+            producer = value.producer()
+            if producer is not None and producer.op_type == "SEGate" and id(producer) not in self.done:
+                self._se_gate(producer)
+            else:
+                raise BnnccError(f"value {value.name!r}: read before a supported pattern produced it")
+        return self.floats[value.name]
+
+    # -- stem ----------------------------------------------------------------------------------------
+    def _quant_conv(self, node: ir.Node) -> None:
+        """QuantConv [-> BN [-> DPReLU]]: one quant_conv2d with bias, BN and DPReLU fused."""
+        from tvm import relax
+
+        x = self._float(node.inputs[0])
+        weight, bound, bias = (_const(v, node) for v in node.inputs[1:4])
+        attrs = node.attributes
+        kh, kw = attrs.get_ints("kernel_shape", weight.shape[2:])
+        stride = attrs.get_ints("strides", (1, 1))
+        pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
+        group = attrs.get_int("group", 1)
+        if stride[0] != stride[1]:
+            raise BnnccError(f"node {node.name!r} (QuantConv): unequal strides {list(stride)} are not supported")
+        q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
+        wq = (q.astype(np.float32) / s.reshape(-1, 1, 1, 1)).transpose(2, 3, 1, 0)
+        a_bits = attrs.get_int("a_bits", 8)
+        scales = quant.act_scales(bound, a_bits, signed=True)
+        cout = weight.shape[0]
+        a, b = np.ones(cout), bias.astype(np.float64)
+        last = node
+        bn = _only_user(node.outputs[0], "BatchNormalization")
+        dprelu_node = _only_user(bn.outputs[0], "DPReLU") if bn is not None else None
+        if bn is not None:
+            bn_a, bn_b = _bn_affine(bn)
+            a, b, last = bn_a, bn_a * b + bn_b, bn
+        table = np.zeros((6, cout), np.float32)
+        table[0], table[1] = a, b
+        table[2:] = np.array([0, 0, 1, 1], np.float32)[:, None]  # DPReLU absent: identity
+        if dprelu_node is not None:
+            table[2:] = [_const(v, dprelu_node) for v in dprelu_node.inputs[1:5]]
+            last = dprelu_node
+        self.done.update(id(n) for n in (node, bn, dprelu_node) if n is not None)
+        shape = self._shape(x)
+        params = te.placeholder((6, cout), "float32", name="params")
+
+        def epilogue(acc, idx):
+            o = idx[3]
+            t = params[0, o] * acc + params[1, o]
+            return _dprelu(t, params[2, o], params[3, o], params[4, o], params[5, o])
+
+        key = ("quant_conv2d", shape, wq.shape, stride[0], pads, group, a_bits)
+        gvar = self._kernel(key, lambda: quant.quant_conv2d_func(
+            shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
+            epilogue_inputs=(params,), epilogue=epilogue))
+        ho = (shape[1] + pads[0] + pads[2] - kh) // stride[0] + 1
+        wo = (shape[2] + pads[1] + pads[3] - kw) // stride[0] + 1
+        out = self._call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
+                         [((self.batch, ho, wo, cout), "float32")])
+        self.floats[last.outputs[0].name] = out
+
+    # -- SE gate -----------------------------------------------------------------------------------
+    def _se_gate(self, node: ir.Node) -> None:
+        """SEGate(x) -> gate (N, Cout) float32."""
+        from tvm import relax
+
+        x = self._float(node.inputs[0])
+        w1, bound1, b1, w2, bound2, b2 = (_const(v, node) for v in node.inputs[1:7])
+        w_bits, a_bits = node.attributes.get_int("w_bits", 4), node.attributes.get_int("a_bits", 4)
+        q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
+        q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
+        hidden, cout = q1.shape[0], q2.shape[0]
+        shape = self._shape(x)
+        key = ("se_gate", shape, hidden, cout, w_bits, a_bits)
+        gvar = self._kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits))
+        args = [x,
+                relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(np.ascontiguousarray(q1.T)),
+                relax.const(s1), relax.const(b1.astype(np.float32)),
+                relax.const(quant.act_scales(bound2, a_bits, signed=False)), relax.const(np.ascontiguousarray(q2.T)),
+                relax.const(s2), relax.const(b2.astype(np.float32))]
+        self.floats[node.outputs[0].name] = self._call(gvar, args, [((self.batch, cout), "float32")])
+        self.done.add(id(node))
+
+    # -- PokeConv ----------------------------------------------------------------------------------
+    def _packed(self, value: ir.Value):
+        """The packed sign bits of ``value``: made by the producing PokeConv, else a bitpack kernel."""
+        if value.name not in self.bits:
+            x = self._float(value)
+            shape = self._shape(x)
+            gvar = self._kernel(("sign_bitpack", shape), lambda: bitpack.sign_bitpack_func(*shape))
+            out_shape = (*shape[:3], bitpack.words(shape[3]))
+            self.bits[value.name] = self._call(gvar, [x], [(out_shape, bitpack.WORD_DTYPE)])
+        return self.bits[value.name]
+
+    def _poke_conv(self, node: ir.Node) -> None:
+        """One fused kernel for the whole PokeConv chain (module docstring)."""
+        from tvm import relax
+
+        chain = _match_poke_conv(node)
+        x_value = node.inputs[0]
+        x = self._float(x_value)
+        gate = self._float(chain.se.outputs[0])
+        bits = self._packed(x_value)
+        weight = _const(node.inputs[1], node)
+        kernel = node.attributes.get_ints("kernel_shape", weight.shape[2:])[0]
+        stride = node.attributes.get_ints("strides", (1, 1))[0]
+        clip_bound = node.attributes.get_float("clip_bound", 3.0)
+        packed = bitpack.pack_weights(weight)
+        n, h, w, cin = self._shape(x)
+        cout = weight.shape[0]
+        ho, wo = out_size(h, stride), out_size(w, stride)
+
+        table = np.zeros((8, cout), np.float64)
+        a1, b1 = _bn_affine(chain.bn)
+        table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64)
+        table[_B1] = b1
+        table[_BX:_NS + 1] = [_const(v, chain.dprelu) for v in chain.dprelu.inputs[1:5]]
+        table[_A2], table[_B2] = _bn_affine(chain.bn_split)
+
+        methods = [chain.local.attributes.get_string("method", "zeropad")]
+        residuals = [x]
+        if chain.block is not None:
+            methods.append(chain.block.attributes.get_string("method", "tile"))
+            residuals.append(self._float(chain.block.inputs[1]))
+        y_value = chain.bn_split.outputs[0]
+        want_bits = any(u.node.op_type == "BinaryConv" for u in y_value.uses())
+        shapes = tuple(self._shape(r) for r in residuals)
+        key = ("poke_conv", (n, h, w, cin), cout, kernel, stride, shapes, tuple(methods), want_bits)
+        gvar = self._kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes,
+                                                         tuple(methods), want_bits))
+        args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
+                relax.const(table.astype(np.float32))]
+        outputs = [((n, ho, wo, cout), "float32")]
+        if want_bits:
+            outputs.append(((n, ho, wo, bitpack.words(cout)), bitpack.WORD_DTYPE))
+        result = self._call(gvar, args, outputs)
+        if want_bits:
+            self.floats[y_value.name], self.bits[y_value.name] = result
+        else:
+            self.floats[y_value.name] = result
+        self.done.update(id(n) for n in chain.nodes)
+
+    # -- head --------------------------------------------------------------------------------------
+    def _head(self, node: ir.Node) -> None:
+        """GlobalAveragePool -> Flatten -> QuantGemm as one kernel."""
+        from tvm import relax
+
+        flatten = _only_user(node.outputs[0], "Flatten")
+        gemm = _only_user(flatten.outputs[0], "QuantGemm") if flatten is not None else None
+        if gemm is None:
+            raise BnnccError(f"node {node.name!r} (GlobalAveragePool): expected Flatten -> QuantGemm after it")
+        x = self._float(node.inputs[0])
+        weight, bound, bias = (_const(v, gemm) for v in gemm.inputs[1:4])
+        attrs = gemm.attributes
+        if attrs.get_int("a_signed", 1) != 1:
+            raise BnnccError(f"node {gemm.name!r} (QuantGemm): unsigned activations are not supported")
+        a_bits = attrs.get_int("a_bits", 8)
+        q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
+        shape = self._shape(x)
+        classes = q.shape[0]
+        gvar = self._kernel(("quant_head", shape, classes, a_bits), lambda: quant.head_func(shape, classes, a_bits))
+        args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(np.ascontiguousarray(q.T)),
+                relax.const(s), relax.const(bias.astype(np.float32))]
+        self.floats[gemm.outputs[0].name] = self._call(gvar, args, [((self.batch, classes), "float32")])
+        self.done.update(id(n) for n in (node, flatten, gemm))
+
+
+def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
+                    residual_shapes: tuple, methods: tuple[str, ...], want_bits: bool) -> tirx.PrimFunc:
+    """``f(bits, weights, border, x, [r,] gate, params, y[, y_bits])``: the fused PokeConv kernel.
+
+    params rows: a1, b1, bias_x, bias_y, pos_slope, neg_slope, a2, b2 (module docstring).
+    """
+    n, h, w, cin = x_shape
+    words = bitpack.words(cin)
+    bits = te.placeholder((n, h, w, words), bitpack.WORD_DTYPE, name="bits")
+    weights = te.placeholder((kernel, kernel, words, cout), bitpack.WORD_DTYPE, name="weights")
+    border = te.placeholder((kernel * kernel, kernel * kernel, cout), "int32", name="border")
+    residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
+    gate = te.placeholder((n, cout), "float32", name="gate")
+    params = te.placeholder((8, cout), "float32", name="params")
+    ho = out_size(h, stride)
+
+    def fn(acc, idx):
+        c = idx[3]
+        s = params[_A1, c] * acc.astype("float32") + params[_B1, c]
+        for r, method in zip(residuals, methods):
+            s = s + _match(r, idx, cout, ho, method)
+        d = _dprelu(s, params[_BX, c], params[_BY, c], params[_PS, c], params[_NS, c])
+        return params[_A2, c] * (d * gate[idx[0], c]) + params[_B2, c]
+
+    epilogue = Epilogue(inputs=(*residuals, gate, params), fn=fn)
+    y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue)
+    outputs = [y, bitpack.sign_bitpack(y)] if want_bits else [y]
+    func = te.create_prim_func([bits, weights, border, *epilogue.inputs, *outputs])
+    return func.with_attr(KERNEL_ATTR, "binary_conv2d")

@@ -1,0 +1,118 @@
+"""x86-64 schedules for the kernels the whole-network lowering adds (``bnncc.targets.lower``).
+
+- the fused PokeConv: ``x86_64.schedule_binary_conv2d`` for the conv and its epilogue, then the
+  trailing sign-and-bitpack stage (block ``bitpack``) over pixels in parallel;
+- ``quant_conv2d`` (the stem): output pixels rows in parallel, the reduction outside a vector of
+  output channels, so each weight row is one vector load;
+- ``se_gate`` and ``quant_head``: the spatial mean with the channel vector innermost, the dense
+  layers as a broadcast of one input times a weight row, output channels vectorized.
+
+Rules return None when the function is not theirs; ``schedule`` tries them, then the rules of
+``x86_64``.
+"""
+
+from __future__ import annotations
+
+from bnncc.targets import x86_64
+from bnncc.targets.kernels import KERNEL_ATTR
+from bnncc.targets.tvm_compat import Target, mark_scheduled, s_tir, tirx
+
+__all__ = ["schedule", "schedule_poke_conv", "schedule_quant_conv2d", "schedule_pool_dense"]
+
+
+def _lanes(target: Target) -> int | None:
+    """float32 lanes of one vector: 16 with AVX-512, 8 with AVX2 (x86_64.vector_lanes counts uint32 alike)."""
+    return x86_64.vector_lanes(target)
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except s_tir.ScheduleError:
+        return False
+    return True
+
+
+def _vector_split(sch: s_tir.Schedule, loop, lanes: int):
+    """Split ``loop`` into (outer, inner) with inner = the largest divisor of its extent <= lanes."""
+    extent = int(sch.get(loop).extent)
+    inner = max(d for d in range(1, min(extent, lanes) + 1) if extent % d == 0)
+    return sch.split(loop, [None, inner])
+
+
+def schedule_poke_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """A binary conv whose fused epilogue is followed by the next layer's sign-and-bitpack."""
+    if func.attrs.get(KERNEL_ATTR) != "binary_conv2d" or _lanes(target) is None:
+        return None
+    conv = x86_64.schedule_binary_conv2d(func, target)
+    sch = s_tir.Schedule(conv)
+    if not _has_block(sch, "bitpack"):
+        return conv
+    block = sch.get_sblock("bitpack")
+    n, h, w, _, b = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, h, w))
+    sch.unroll(b)
+    sch.decompose_reduction(block, b)
+    return mark_scheduled(sch.mod["main"])
+
+
+def schedule_quant_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """Quantize rows in parallel; conv: rows in parallel, (ri, rj, rc) outside a vector of channels."""
+    lanes = _lanes(target)
+    if func.attrs.get(KERNEL_ATTR) != "quant_conv2d" or lanes is None:
+        return None
+    sch = s_tir.Schedule(func)
+    quantize = sch.get_sblock("quantize")
+    n, y, _, _ = sch.get_loops(quantize)
+    sch.parallel(sch.fuse(n, y))
+    conv = sch.get_sblock("conv")
+    n, y, z, o, ri, rj, rc = sch.get_loops(conv)
+    o_out, o_vec = _vector_split(sch, o, lanes)
+    sch.reorder(n, y, z, o_out, ri, rj, rc, o_vec)
+    if _has_block(sch, "epilogue"):  # one pixel's sums stay local until the epilogue reads them
+        sch.set_scope(conv, 0, "local")
+        epilogue = sch.get_sblock("epilogue")
+        sch.reverse_compute_at(epilogue, z)
+        sch.vectorize(_vector_split(sch, sch.get_loops(epilogue)[-1], lanes)[1])
+    sch.parallel(sch.fuse(n, y))
+    sch.vectorize(o_vec)
+    sch.decompose_reduction(conv, ri)
+    return mark_scheduled(sch.mod["main"])
+
+
+def schedule_pool_dense(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """SE gate and head: the pooling sum and the dense dot products with channels vectorized."""
+    lanes = _lanes(target)
+    if func.attrs.get(KERNEL_ATTR) not in ("se_gate", "quant_head") or lanes is None:
+        return None
+    sch = s_tir.Schedule(func)
+    pool = sch.get_sblock("pool_sum")
+    n, c, rh, rw = sch.get_loops(pool)
+    c_out, c_vec = _vector_split(sch, c, lanes)
+    sch.reorder(n, c_out, rh, rw, c_vec)
+    sch.parallel(sch.fuse(n, c_out))
+    sch.vectorize(c_vec)
+    sch.decompose_reduction(pool, rh)
+    for name in ("se1_dot", "se2_dot", "fc_dot"):
+        if not _has_block(sch, name):
+            continue
+        dot = sch.get_sblock(name)
+        n, o, rc = sch.get_loops(dot)
+        o_out, o_vec = _vector_split(sch, o, lanes)
+        sch.reorder(n, o_out, rc, o_vec)
+        sch.parallel(sch.fuse(n, o_out))
+        sch.vectorize(o_vec)
+        sch.decompose_reduction(dot, rc)
+    return mark_scheduled(sch.mod["main"])
+
+
+RULES = (schedule_poke_conv, schedule_quant_conv2d, schedule_pool_dense)
+
+
+def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The first rule of this module or of ``x86_64`` that applies to ``func`` on ``target``, or None."""
+    for rule in RULES:
+        scheduled = rule(func, target)
+        if scheduled is not None:
+            return scheduled
+    return x86_64.schedule(func, target)
