@@ -206,7 +206,7 @@ def stand_in_ops(monkeypatch):
 def _bnncc_model(nodes, inputs, outputs, init) -> ir.Model:
     graph = helper.make_graph(nodes, "g", inputs, outputs,
                               [onnx.numpy_helper.from_array(v, k) for k, v in init.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid("ai.bnncc", 1)])
     return ir.from_proto(proto)
 

@@ -12,7 +12,8 @@ from typing import Callable
 import onnx
 import onnx_ir as ir
 
-from bnncc.ops._opset import DOMAIN, VERSION, bnncc_opset as opset
+from bnncc.errors import BnnccError
+from bnncc.ops._opset import DEFAULT_OPSET, DOMAIN, VERSION, bnncc_opset as opset
 from bnncc.ops.binarize import BinarizeAct, binarize_act
 from bnncc.ops.binary_conv import BinaryConv, binary_conv
 from bnncc.ops.dprelu import DPReLU, dprelu
@@ -77,13 +78,22 @@ def _needed_opsets(protos: list[onnx.FunctionProto]) -> dict[str, int]:
     return opsets
 
 
+def _require_default_opset(version: int | None) -> None:
+    # onnxruntime resolves the ops inside a function against the model's default opset.
+    if version is None or version < DEFAULT_OPSET:
+        raise BnnccError(f"ai.bnncc ops need default-domain opset >= {DEFAULT_OPSET}, the model imports {version}")
+
+
 def attach_functions(model):
     """Add the ai.bnncc functions the graph uses (and their opset imports) to ``model``.
 
     Accepts an ``onnx_ir.Model`` (changed in place) or an ``onnx.ModelProto`` (changed in place);
     returns the model. Functions already present are replaced by the current definitions.
+    The model must import the default domain at opset 18 or later (bnncc's canonical form).
     """
     if isinstance(model, onnx.ModelProto):
+        if _used_ops(model.graph.node):
+            _require_default_opset(next((i.version for i in model.opset_import if i.domain == ""), None))
         protos = function_protos(_used_ops(model.graph.node)) if _used_ops(model.graph.node) else []
         kept = [f for f in model.functions if f.domain != DOMAIN]
         del model.functions[:]
@@ -96,6 +106,7 @@ def attach_functions(model):
     used = _used_ops(model.graph)
     if not used:
         return model
+    _require_default_opset(model.opset_imports.get(""))
     protos = function_protos(used)
     for key in [k for k in model.functions if k[0] == DOMAIN]:
         del model.functions[key]
