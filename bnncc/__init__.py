@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "BnnccError": "bnncc.errors",
+    "compile": "bnncc.targets.build",
+    "verify": "bnncc.verify",
     "load": "bnncc.frontend",
     "recognize": "bnncc.frontend",
     "load_recipe": "bnncc.recipe",

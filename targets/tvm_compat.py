@@ -36,8 +36,8 @@ from tvm.target import Target  # noqa: E402
 from tvm.target.codegen import target_has_features  # noqa: E402
 
 __all__ = [
-    "NUM_THREADS", "Target", "compile_func", "export_library", "has_cpu_features", "make_target",
-    "mark_scheduled", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
+    "NUM_THREADS", "Target", "compile_func", "compile_module", "export_executable", "export_library",
+    "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
 ]
 
 
@@ -67,6 +67,24 @@ def export_library(func: tirx.PrimFunc, target: Target, path: str | os.PathLike)
     with atomic_path(path, suffix=".so") as tmp:
         executable.export_library(str(tmp))
     return Path(path)
+
+
+def compile_module(mod: tvm.IRModule, target: Target):
+    """Compile a Relax module (our PrimFuncs marked scheduled) with TVM's default pipeline -> Executable."""
+    return tvm.compile(mod, target=target)
+
+
+def export_executable(executable, path: str | os.PathLike) -> Path:
+    """Write a compiled Relax executable as a shared library (weights embedded as constants)."""
+    executable.export_library(str(path))
+    return Path(path)
+
+
+def load_vm(path: str | os.PathLike):
+    """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime)."""
+    from tvm import relax
+
+    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu(0))
 
 
 def to_tensor(array: np.ndarray):

@@ -1,0 +1,24 @@
+"""``bnncc compile MODEL --target x86-64 -o OUTDIR [--batch N]...``: PokeBNN graph -> library folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from bnncc.cli._app import app, console
+
+
+@app.command("compile")
+def compile_command(
+    model: Path = typer.Argument(..., help="PokeBNN ONNX graph (from `bnncc rewrite`)"),
+    output: Path = typer.Option(..., "--output", "-o", help="library folder to write (model.so, model.json, model.onnx)"),
+    target: str = typer.Option("x86-64", "--target", "-t", help="x86-64"),
+    batch: list[int] = typer.Option([1], "--batch", "-b", help="batch size to compile for; repeat for several"),
+) -> None:
+    """Lower MODEL through TVM with bnncc's kernels and write a standalone library."""
+    from bnncc.targets.build import compile as compile_model
+
+    folder = compile_model(model, output, target=target, batches=tuple(batch))
+    size = (folder / "model.so").stat().st_size
+    console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, batch))})")

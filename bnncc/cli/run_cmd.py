@@ -1,0 +1,56 @@
+"""``bnncc run OUTDIR --input image.png|x.npy [--top K]``: the top classes of one input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from bnncc.cli._app import app, console
+from bnncc.errors import BnnccError
+
+
+@app.command("run")
+def run_command(
+    library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
+    input: Path = typer.Option(..., "--input", "-i", help="an image (PNG/JPEG) or a .npy array (C,H,W) or (N,C,H,W)"),
+    top: int = typer.Option(5, "--top", "-k", help="how many classes to print"),
+) -> None:
+    """Run the library on INPUT and print the top classes with their logits."""
+    from bnncc.runtime import load
+
+    lib = load(library)
+    x = _read_input(input, lib.input_chw, lib.manifest.get("preprocessing"))
+    logits = lib(x)
+    for i, row in enumerate(logits):
+        table = Table(title=f"{input} [{i}]" if len(logits) > 1 else str(input))
+        table.add_column("class", justify="right")
+        table.add_column("logit", justify="right")
+        for c in np.argsort(-row)[:top]:
+            table.add_row(str(int(c)), f"{row[c]:.4f}")
+        console.print(table)
+
+
+def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
+    """(N, C, H, W) float32: a .npy as it is, an image resized to (H, W), scaled to [0, 1] and
+    normalised with the manifest's mean/std when it records them."""
+    if not path.is_file():
+        raise BnnccError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        x = np.load(path).astype(np.float32)
+        return x[None] if x.ndim == 3 else x
+    from PIL import Image
+
+    channels, height, width = chw
+    try:
+        image = Image.open(path).convert("RGB" if channels == 3 else "L").resize((width, height))
+    except OSError as e:
+        raise BnnccError(f"{path}: not a readable image ({e})") from None
+    x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+    if preprocessing:
+        mean = np.asarray(preprocessing["mean"], np.float32).reshape(-1, 1, 1)
+        std = np.asarray(preprocessing["std"], np.float32).reshape(-1, 1, 1)
+        x = (x - mean) / std
+    return x[None]

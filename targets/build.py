@@ -1,0 +1,131 @@
+"""``compile``: a PokeBNN ONNX graph -> a standalone library folder (model.so, model.json, model.onnx).
+
+The folder appears atomically: it is written under a temporary name beside OUTDIR and renamed
+onto it at the end (an existing OUTDIR is replaced only then). ``model.json`` holds what a
+caller needs without TVM's compiler: the input and output names and shapes, the batch sizes
+and the Relax function of each, preprocessing, the recipe, ACE and the target.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+
+__all__ = ["compile", "TARGETS", "MANIFEST_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("x86-64",)
+MANIFEST_FORMAT = "bnncc-library/1"
+# model metadata keys (metadata_props) that other stages may record and the manifest copies
+_RECIPE_KEY = "bnncc.recipe"
+_PREPROCESSING_KEY = "bnncc.preprocessing"
+
+
+def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, target: str = "x86-64",
+            batches: tuple[int, ...] = (1,)) -> Path:  # noqa: A001 (the public name the CLI command mirrors)
+    """Lower ``model`` (a PokeBNN graph or its path) for ``target`` and write the library folder ``output``.
+
+    One Relax function per entry of ``batches``. Returns the folder's path.
+    """
+    from bnncc.targets.lower import function_name, lower
+    from bnncc.targets.tvm_compat import NUM_THREADS, compile_module, export_executable
+
+    if target not in TARGETS:
+        raise BnnccError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    batches = tuple(sorted(set(batches)))
+    if not batches or min(batches) < 1:
+        raise BnnccError(f"batch sizes must be >= 1, got {list(batches)}")
+    if not isinstance(model, ir.Model):
+        path = Path(model)
+        if not path.is_file():
+            raise BnnccError(f"{path}: no such file")
+        model = ir.load(path)
+    if not any(node.domain == "ai.bnncc" for node in model.graph):
+        raise BnnccError(f"graph {model.graph.name!r}: no ai.bnncc op; compile takes a PokeBNN graph "
+                         f"(run `bnncc rewrite` first)")
+    llvm_target = _llvm_target(target)
+    start = time.perf_counter()
+    lowered = lower(model, llvm_target, batches)
+    executable = compile_module(lowered.module, llvm_target)
+    compile_s = time.perf_counter() - start
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "input": {"name": lowered.input_name, "shape": ["N", *lowered.input_chw], "layout": "NCHW",
+                  "dtype": "float32"},
+        "output": {"name": lowered.output_name, "shape": ["N", lowered.classes], "dtype": "float32"},
+        "functions": {str(b): function_name(b) for b in batches},
+        "preprocessing": _metadata_json(model, _PREPROCESSING_KEY),
+        "recipe": model.metadata_props.get(_RECIPE_KEY),
+        "ace": _ace(model),
+        "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
+        "compile_seconds": round(compile_s, 2),
+    }
+    output = Path(output)
+    with _atomic_dir(output) as tmp:
+        export_executable(executable, tmp / "model.so")
+        (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        ir.save(model, tmp / "model.onnx")
+    logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)
+    return output
+
+
+def _llvm_target(name: str):
+    """The TVM target for a bnncc target name; x86-64 is this machine's CPU (its vector features)."""
+    from bnncc.targets.x86_64 import host_target
+
+    return host_target()
+
+
+def _metadata_json(model: ir.Model, key: str):
+    """A JSON value recorded in the model's metadata under ``key``, or None."""
+    text = model.metadata_props.get(key)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise BnnccError(f"model metadata {key!r}: not JSON: {text[:60]!r}") from None
+
+
+def _ace(model: ir.Model) -> float | None:
+    """ACE of the graph (bnncc.cost), or None while the cost model is not installed."""
+    try:
+        from bnncc.cost import ace
+    except ModuleNotFoundError:
+        logger.warning("bnncc.cost is not available: model.json records no ACE")
+        return None
+    return float(ace(model))
+
+
+class _atomic_dir:
+    """Write a folder under a temporary name beside ``dest``, then rename it onto ``dest``."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+
+    def __enter__(self) -> Path:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        return self.tmp
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
+            os.replace(self.dest, old / "dir")
+        os.replace(self.tmp, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
