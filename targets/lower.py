@@ -122,6 +122,14 @@ def _bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
     return a, beta - mean * a
 
 
+def _annotate(nodes, shape: tuple[int, ...]) -> None:
+    """Give the outputs of ``nodes`` that have no shape the (NCHW) shape the lowering derived,
+    so that later readers of the graph (the cost model) need no ONNX shape inference."""
+    for node in nodes:
+        if node is not None and node.outputs[0].shape is None:
+            node.outputs[0].shape = ir.Shape(list(shape))
+
+
 def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
     """DPReLU: u = t - bx; (u >= 0 ? ps : ns) * u - by."""
     u = t - bx
@@ -323,6 +331,7 @@ class _Walk:
         out = self._call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
                          [((self.batch, ho, wo, cout), "float32")])
         self.floats[last.outputs[0].name] = out
+        _annotate([node, bn, dprelu_node], (self.batch, cout, ho, wo))
 
     # -- SE gate -----------------------------------------------------------------------------------
     def _se_gate(self, node: ir.Node) -> None:
@@ -345,6 +354,7 @@ class _Walk:
                 relax.const(s2), relax.const(b2.astype(np.float32))]
         self.floats[node.outputs[0].name] = self._call(gvar, args, [((self.batch, cout), "float32")])
         self.done.add(id(node))
+        _annotate([node], (self.batch, cout, 1, 1))
 
     # -- PokeConv ----------------------------------------------------------------------------------
     def _packed(self, value: ir.Value):
@@ -404,6 +414,7 @@ class _Walk:
         else:
             self.floats[y_value.name] = result
         self.done.update(id(n) for n in chain.nodes)
+        _annotate([n for n in chain.nodes if n is not chain.se], (n, cout, ho, wo))
 
     # -- head --------------------------------------------------------------------------------------
     def _head(self, node: ir.Node) -> None:
@@ -428,6 +439,9 @@ class _Walk:
                 relax.const(s), relax.const(bias.astype(np.float32))]
         self.floats[gemm.outputs[0].name] = self._call(gvar, args, [((self.batch, classes), "float32")])
         self.done.update(id(n) for n in (node, flatten, gemm))
+        _annotate([node], (self.batch, shape[3], 1, 1))
+        _annotate([flatten], (self.batch, shape[3]))
+        _annotate([gemm], (self.batch, classes))
 
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,

@@ -1,0 +1,204 @@
+"""Whole-network lowering (bnncc.targets.lower), compile, runtime and verify against onnxruntime.
+
+The PokeBNN graph is built here node by node following bnncc/ops/spec.md, with every BN, DPReLU
+and activation bound randomised (the passes' defaults -- gamma 0 on conv3, bounds -1 -- would
+hide the binary convs and the quantizers). Shapes cover: channels not multiples of 32 (40, 72,
+36), a 3x3 stride-2 conv on an even size (8 -> 4, padded 0 before / 1 after), channel zero-pad,
+tile and mean, the count-pad average pool of both shortcuts, the padded border of 3x3 convs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from bnncc.errors import BnnccError
+from bnncc.passes._blocks import BNNCC_DOMAIN
+from bnncc.passes._util import add_initializer
+
+CLASSES = 10
+
+
+class _Net:
+    """Appends spec.md patterns to a graph with random parameters."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.x = ir.Value(name="input", shape=ir.Shape([1, 3, size, size]), type=ir.TensorType(ir.DataType.FLOAT))
+        self.graph = ir.Graph([self.x], [], nodes=[], name="tiny_pokebnn", opset_imports={"": 18, BNNCC_DOMAIN: 1})
+        self.count = 0
+
+    def const(self, name: str, array) -> ir.Value:
+        return add_initializer(self.graph, name, np.asarray(array, np.float32))
+
+    def node(self, op: str, inputs: list, domain: str = "", **attrs) -> ir.Value:
+        self.count += 1
+        name = f"{op}_{self.count}"
+        node = ir.node(op, inputs, attrs or None, domain=domain, name=name, outputs=[ir.Value(name=name)])
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def rand(self, name: str, shape, low=-1.0, high=1.0) -> ir.Value:
+        return self.const(f"{name}{self.count}", self.rng.uniform(low, high, shape))
+
+    def bn(self, x: ir.Value, c: int) -> ir.Value:
+        return self.node("BatchNormalization", [x, self.rand("g", c, 0.5, 1.5), self.rand("b", c),
+                                                self.rand("m", c), self.rand("v", c, 0.5, 2)], epsilon=1e-5)
+
+    def dprelu(self, x: ir.Value, c: int) -> ir.Value:
+        return self.node("DPReLU", [x, self.rand("bx", c, -0.2, 0.2), self.rand("by", c, -0.2, 0.2),
+                                    self.rand("ps", c, 0.5, 1.5), self.rand("ns", c, 0, 0.5)], BNNCC_DOMAIN)
+
+    def stem(self, mid: int, out: int) -> ir.Value:
+        x = self.node("QuantConv", [self.x, self.rand("w", (mid, 3, 4, 4)), self.rand("ab", 3, 1, 3),
+                                    self.rand("bias", mid)], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1,
+                      kernel_shape=[4, 4], strides=[4, 4], pads=[0, 0, 0, 0], group=1)
+        x = self.dprelu(self.bn(x, mid), mid)
+        x = self.node("QuantConv", [x, self.rand("w", (out, 1, 3, 3)), self.rand("ab", mid, 1, 3),
+                                    self.rand("bias", out)], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1,
+                      kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], group=mid)
+        return self.dprelu(self.bn(x, out), out)
+
+    def poke_conv(self, x: ir.Value, cin: int, cout: int, k: int, stride: int, block: ir.Value | None = None):
+        c = self.node("BinaryConv", [x, self.rand("w", (cout, cin, k, k))], BNNCC_DOMAIN,
+                      kernel_shape=[k, k], strides=[stride, stride], clip_bound=3.0)
+        s = self.node("ReshapeAdd", [self.bn(c, cout), x], BNNCC_DOMAIN, method="zeropad")
+        if block is not None:
+            s = self.node("ReshapeAdd", [s, block], BNNCC_DOMAIN, method="tile")
+        d = self.dprelu(s, cout)
+        hidden = max(cin // 8, 1)
+        g = self.node("SEGate", [x, self.rand("w1", (hidden, cin, 1, 1)), self.rand("b1", cin, 0.5, 2),
+                                 self.rand("c1", hidden), self.rand("w2", (cout, hidden, 1, 1)),
+                                 self.rand("b2", hidden, 0.5, 2), self.rand("c2", cout)],
+                      BNNCC_DOMAIN, w_bits=4, a_bits=4)
+        return self.bn(self.node("Mul", [d, g]), cout)
+
+    def head(self, x: ir.Value, c: int) -> None:
+        x = self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1)
+        y = self.node("QuantGemm", [x, self.rand("fc", (CLASSES, c)), self.rand("ab", c, 0.5, 2),
+                                    self.rand("fcb", CLASSES)], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+        y.name = "logits"
+        self.graph.outputs.append(y)
+
+    def model(self) -> ir.Model:
+        from bnncc.ops import attach_functions
+
+        model = ir.Model(self.graph, ir_version=10)
+        attach_functions(model)
+        return model
+
+
+def tiny_pokebnn(size: int = 32) -> ir.Model:
+    """Stem 3 -> 8 -> 16 (32 px -> 8 px), two bottlenecks (16 -> 40 -> 40/2 -> 72; 72 -> 36 -> 36 -> 72), head."""
+    net = _Net(size)
+    x = net.stem(8, 16)
+    y = net.poke_conv(x, 16, 40, 1, 1)
+    y = net.poke_conv(y, 40, 40, 3, 2)
+    x = net.poke_conv(y, 40, 72, 1, 1, block=x)
+    y = net.poke_conv(x, 72, 36, 1, 1)
+    y = net.poke_conv(y, 36, 36, 3, 1)
+    x = net.poke_conv(y, 36, 72, 1, 1, block=x)
+    net.head(x, 72)
+    return net.model()
+
+
+def _onnxruntime(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options)
+    return np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """The tiny network compiled for batch 1 and 8, and its graph."""
+    from bnncc.targets.build import compile
+
+    model = tiny_pokebnn()
+    folder = compile(model, tmp_path_factory.mktemp("lib") / "tiny", batches=(1, 8))
+    return folder, model
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_library_matches_onnxruntime(library, batch):
+    from bnncc.runtime import load
+
+    folder, model = library
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    got = load(folder)(x)
+    ref = _onnxruntime(model, x)
+    assert got.shape == (batch, CLASSES)
+    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_runtime_splits_other_batch_sizes(library):
+    from bnncc.runtime import load
+
+    folder, model = library
+    x = np.random.default_rng(3).standard_normal((10, 3, 32, 32)).astype(np.float32)  # 8 + 1 + 1
+    np.testing.assert_allclose(load(folder)(x), _onnxruntime(model, x), rtol=0, atol=1e-4)
+
+
+def test_manifest(library):
+    import json
+
+    folder, _ = library
+    manifest = json.loads((folder / "model.json").read_text())
+    assert manifest["input"] == {"name": "input", "shape": ["N", 3, 32, 32], "layout": "NCHW", "dtype": "float32"}
+    assert manifest["output"]["shape"] == ["N", CLASSES]
+    assert manifest["functions"] == {"1": "batch_1", "8": "batch_8"}
+    assert (folder / "model.onnx").is_file()
+
+
+def test_verify_cli_agrees(library, cli):
+    folder, _ = library
+    code, out, _ = cli("verify", folder, "--n", "3", "--batch", "1")
+    assert code == 0, out
+    assert "argmax agreement 3/3" in out
+
+
+def test_verify_cli_fails_against_another_graph(library, cli, tmp_path):
+    folder, _ = library
+    other = _Net(32, seed=5)
+    x = other.stem(8, 16)
+    other.head(other.poke_conv(x, 16, 72, 1, 1), 72)
+    ir.save(other.model(), tmp_path / "other.onnx")
+    code, out, _ = cli("verify", folder, "--reference", tmp_path / "other.onnx", "--n", "4")
+    assert code == 1
+    assert "FAIL" in out
+
+
+def test_run_cli_prints_top_classes(library, cli, tmp_path):
+    folder, model = library
+    x = np.random.default_rng(4).standard_normal((3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code, out, _ = cli("run", folder, "--input", tmp_path / "x.npy", "--top", "1")
+    assert code == 0
+    assert str(int(_onnxruntime(model, x[None]).argmax())) in out
+
+
+def test_unsupported_node_is_an_error():
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    net = _Net(32)
+    x = net.node("Relu", [net.stem(8, 16)])
+    net.head(x, 16)
+    with pytest.raises(BnnccError, match="Relu.*not supported"):
+        lower(net.model(), host_target())
+
+
+def test_compile_refuses_a_float_graph(tmp_path):
+    from bnncc.targets.build import compile
+
+    net = _Net(32)
+    x = net.node("Relu", [net.x])
+    y = net.node("Flatten", [net.node("GlobalAveragePool", [x])], axis=1)
+    net.graph.outputs.append(y)
+    with pytest.raises(BnnccError, match="no ai.bnncc op"):
+        compile(ir.Model(net.graph, ir_version=10), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
