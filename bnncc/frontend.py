@@ -53,7 +53,7 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "recognize"]
+__all__ = ["CANONICAL_PASSES", "load", "read", "recognize"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,13 @@ CANONICAL_PASSES = (
 # load
 
 
-def load(path: str | os.PathLike) -> ir.Model:
-    """Read ``path``, check it, infer shapes and return the model in canonical form."""
+def read(path: str | os.PathLike) -> ir.Model:
+    """Read any bnncc graph (float or rewritten) as it is: checked, external data loaded, not canonicalized."""
     path = Path(path)
+    return ir.serde.deserialize_model(_read_checked(path))
+
+
+def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
     try:
@@ -94,6 +98,13 @@ def load(path: str | os.PathLike) -> ir.Model:
     except onnx.checker.ValidationError as e:
         raise BnnccError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
     _check_interface(proto, path)
+    return proto
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Read ``path``, check it, infer shapes and return the model in canonical form."""
+    path = Path(path)
+    proto = _read_checked(path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:

@@ -1,0 +1,82 @@
+"""``bnncc finetune`` and ``bnncc train-teacher``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from bnncc.cli._app import app, console
+
+_OUT = Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+@app.command()
+def finetune(
+    student: Annotated[Path, typer.Argument(help="PokeBNN graph from `bnncc rewrite`.")],
+    teacher: Annotated[Path, typer.Option(help="The float model the student learns from.")],
+    data: Annotated[Path, typer.Option(help="IDX folder (MNIST-style) or ImageFolder tree (train/, val/).")],
+    output: _OUT,
+    recipe: Annotated[str, typer.Option(help="Recipe whose [train] table sets the schedule.")] = "pokebnn_1x",
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs over the training split.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate per 256 images.")] = None,
+    clip_bound: Annotated[Optional[float], typer.Option(help="B: STE window of binary activations.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature.")] = None,
+    label_weight: Annotated[Optional[float], typer.Option(help="Weight of a label cross-entropy term.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: OUTPUT.ckpt).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and init.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Fine-tune a PokeBNN graph with distillation from its float teacher (QAT)."""
+    from bnncc.recipe import load_recipe
+    from bnncc.train import TrainConfig
+    from bnncc.train.finetune import finetune as run_finetune
+
+    train_table = load_recipe(recipe).train
+    cfg = TrainConfig.from_recipe(
+        train_table, epochs=epochs or 1, max_steps=max_steps, batch_size=batch_size or 64, lr=lr,
+        clip_bound=clip_bound, temperature=temperature, label_weight=label_weight,
+        checkpoint_every=checkpoint_every, seed=seed)
+    result = run_finetune(student, teacher, data, output, cfg, checkpoint=checkpoint or output.with_suffix(".ckpt"),
+                          resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
+    table = Table(title=f"fine-tuned {student.name} -> {output}")
+    for column in ("steps", "final loss", "img/s", "student top-1", "student top-5", "teacher top-1",
+                   "teacher top-5", "ACE (1e9)"):
+        table.add_column(column, justify="right")
+    table.add_row(str(result.train.steps), f"{result.train.final_loss:.4f}", f"{result.train.images_per_second:.1f}",
+                  _percent(result.student_top1), _percent(result.student_top5), _percent(result.teacher_top1),
+                  _percent(result.teacher_top5), f"{(result.ace or 0) / 1e9:.3f}")
+    console.print(table)
+
+
+@app.command("train-teacher")
+def train_teacher(
+    data: Annotated[Path, typer.Option(help="IDX folder or ImageFolder tree.")],
+    output: _OUT,
+    width: Annotated[float, typer.Option(help="Width multiplier of torchvision's ResNet-50.")] = 1.0,
+    image_size: Annotated[int, typer.Option(help="Input size the teacher is trained and exported at.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Learning rate per 256 images.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Train a float ResNet-50 on labelled data and export it to ONNX (the distillation teacher)."""
+    from bnncc.train import TrainConfig
+    from bnncc.train.finetune import train_teacher as run
+
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, weight_decay=5e-5,
+                      label_weight=1.0, seed=seed)
+    path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device)
+    console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")

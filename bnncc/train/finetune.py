@@ -1,0 +1,122 @@
+"""``finetune`` and ``train_teacher``: the ONNX-in, ONNX-out entry points around the training loop."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from bnncc.errors import BnnccError
+from bnncc.fileio import atomic_path
+from bnncc.train.config import TrainConfig
+from bnncc.train.data import open_dataset
+from bnncc.train.trainer import TrainResult, evaluate, train
+
+__all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    output: Path
+    train: TrainResult
+    student_top1: float | None
+    student_top5: float | None
+    teacher_top1: float | None
+    teacher_top5: float | None
+    ace: float | None
+
+
+def input_shape(model: ir.Model) -> tuple[int, int, int]:
+    """(C, H, W) of the model's one image input; these must be fixed numbers."""
+    dims = model.graph.inputs[0].shape
+    if dims is None or len(dims) != 4 or not all(isinstance(d, int) for d in list(dims)[1:]):
+        raise BnnccError(f"input {model.graph.inputs[0].name!r}: expected (N, C, H, W) with fixed C, H, W, got {dims}")
+    return tuple(int(d) for d in list(dims)[1:])  # type: ignore[return-value]
+
+
+def _set_clip_bound(model: ir.Model, clip_bound: float) -> None:
+    """B is an attribute of every BinaryConv: the STE window the torch view trains with."""
+    for node in model.graph:
+        if node.domain == "ai.bnncc" and node.op_type == "BinaryConv":
+            node.attributes["clip_bound"] = ir.AttrFloat32("clip_bound", clip_bound)
+
+
+def _classes(model: ir.Model) -> int:
+    dims = model.graph.outputs[0].shape
+    return int(dims[-1]) if dims is not None and isinstance(dims[-1], int) else -1
+
+
+def _save(model: ir.Model, output: Path) -> None:
+    from bnncc.ops import attach_functions
+
+    attach_functions(model)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto)
+    with atomic_path(output) as tmp:
+        onnx.save(proto, tmp)
+
+
+def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str | Path, output: str | Path,
+             cfg: TrainConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
+             metrics: str | Path | None = None, device: str = "cpu", show_progress: bool = True) -> FinetuneResult:
+    """Fine-tune the PokeBNN student against the float teacher; write the trained graph to ``output``.
+
+    The teacher is the imported float model run in eval mode; the loss needs no labels, so the
+    data may have other classes than the models (top-1/top-5 are reported only when they match).
+    """
+    from bnncc.cost import ace
+    from bnncc.frontend import load, read
+    from bnncc.torchview import to_torch, write_back
+
+    output = Path(output)
+    student_model = read(student_path)
+    teacher_model = load(teacher_path)
+    _set_clip_bound(student_model, cfg.clip_bound)
+    shape = input_shape(student_model)
+    if _classes(student_model) != _classes(teacher_model):
+        raise BnnccError(f"{student_path}: {_classes(student_model)} classes but the teacher {teacher_path} has "
+                         f"{_classes(teacher_model)}: distillation needs the same output")
+    torch.manual_seed(cfg.seed)
+    student, teacher = to_torch(student_model), to_torch(teacher_model)
+    train_data = open_dataset(data_dir, "train", image_size=shape[1])
+    result = train(student, teacher, train_data, cfg, shape, checkpoint=Path(checkpoint) if checkpoint else None,
+                   resume=resume, metrics=Path(metrics) if metrics else None, device=device,
+                   show_progress=show_progress)
+    accuracy: tuple[float | None, ...] = (None, None, None, None)
+    val_data = open_dataset(data_dir, "val", image_size=shape[1])
+    if val_data.num_classes <= _classes(student_model) and val_data.num_classes == _classes(student_model):
+        accuracy = (*evaluate(student, val_data, shape, device=device), *evaluate(teacher, val_data, shape, device=device))
+    else:
+        logger.info("data has %d classes, the model %d: no top-1/top-5", val_data.num_classes, _classes(student_model))
+    student.cpu()
+    write_back(student, student_model)
+    _save(student_model, output)
+    return FinetuneResult(output, result, *accuracy, float(ace(student_model).total))
+
+
+def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,
+                  image_size: int = 32, device: str = "cpu", show_progress: bool = True) -> tuple[Path, float, float]:
+    """Train a float ResNet-50 (torchvision's definition, ``width`` times narrower) on labels; export ONNX.
+
+    Returns (path, top-1, top-5) on the validation split.
+    """
+    from bnncc.zoo import export_onnx, resnet50
+
+    train_data = open_dataset(data_dir, "train", image_size=image_size)
+    val_data = open_dataset(data_dir, "val", image_size=image_size)
+    shape = (3, image_size, image_size)
+    torch.manual_seed(cfg.seed)
+    model = resnet50(width=width, num_classes=train_data.num_classes, seed=cfg.seed)
+    train(model, None, train_data, cfg, shape, device=device, show_progress=show_progress)
+    top1, top5 = evaluate(model, val_data, shape, device=device)
+    model.cpu().eval()
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        export_onnx(model, tmp, exporter="legacy", input_size=image_size)
+    return output, top1, top5

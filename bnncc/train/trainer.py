@@ -1,0 +1,190 @@
+"""The training loop: QAT with distillation, resumable bit for bit, one process or many (DDP).
+
+One step at ``step`` s:
+
+1. the global batch is ``data.batch_indices(s)`` (seeded by the run's seed and the epoch) and is
+   augmented with a generator seeded by ``(seed, s)``; rank r of W takes rows r, r+W, ...;
+2. before ``weight_quant_start`` the student keeps float weights (binary activations on);
+3. at ``act_calibration_at`` the int8/int4 activation bounds are calibrated once and frozen;
+4. Adam(0.9, 0.99) on distillation loss + 0.5 * wd * sum ||W||^2 over kernels; the rate is
+   ``lr * global_batch / 256``, decaying linearly to 0 at the last step.
+
+Everything a step depends on is a function of ``s`` or is in the checkpoint (weights, BN
+statistics, bounds, optimizer and schedule), so ``resume`` continues exactly where a run
+stopped. Checkpoints are written atomically every ``checkpoint_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from bnncc.errors import BnnccError
+from bnncc.fileio import atomic_path
+from bnncc.train.config import TrainConfig
+from bnncc.train.data import ImageData
+from bnncc.train.distill import distillation_loss
+
+__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def total_steps(cfg: TrainConfig, data: ImageData) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    steps = cfg.epochs * (len(data) // cfg.batch_size)
+    if steps <= 0:
+        raise BnnccError(f"{len(data)} training images make no batch of {cfg.batch_size}")
+    return steps
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: a checkpoint is data, never code.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise BnnccError(f"{path}: not a bnncc checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, scheduler, calibrated: bool,
+                     cfg: TrainConfig) -> None:
+    state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "calibrated": calibrated, "config": asdict(cfg)}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _kernel_l2(module: nn.Module) -> torch.Tensor:
+    return sum(p.pow(2).sum() for p in module.parameters() if p.ndim > 1)
+
+
+def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: TrainConfig,
+          input_shape: tuple[int, int, int], *, checkpoint: Path | None = None, resume: bool = False,
+          metrics: Path | None = None, device: str | torch.device = "cpu", show_progress: bool = True) -> TrainResult:
+    """Train ``student`` in place; with ``teacher`` the loss is distillation, else labels only."""
+    device = torch.device(device)
+    init_distributed(device)
+    rank, world = _world()
+    if cfg.batch_size % world:
+        raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    steps = total_steps(cfg, data)
+    student.to(device).train()
+    if teacher is not None:
+        teacher.to(device).eval()
+    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr * cfg.batch_size / 256, betas=(0.9, 0.99), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    start, calibrated = 0, not hasattr(student, "calibrate_bounds")
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, calibrated = int(state["step"]), bool(state["calibrated"])
+        logger.info("resumed from %s at step %d", checkpoint, start)
+    quant_start = round(cfg.weight_quant_start * steps)
+    calibration_step = round(cfg.act_calibration_at * steps)
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    log = metrics.open("a") if metrics is not None and rank == 0 else None
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+                        TimeRemainingColumn(), disable=not show_progress or rank != 0, transient=False)
+    loss_value, seen, began = float("nan"), 0, time.perf_counter()
+    with progress:
+        task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=scheduler.get_last_lr()[0], ips=0.0)
+        for step in range(start, steps):
+            if hasattr(student, "set_weight_quantization"):
+                student.set_weight_quantization(step >= quant_start)
+            if not calibrated and step >= calibration_step:
+                _calibrate(student, data, cfg, input_shape, step, device)
+                calibrated = True
+            positions = torch.arange(rank, cfg.batch_size, world)
+            index = data.batch_indices(step, cfg.batch_size, cfg.seed)[positions]
+            images, labels = data.batch(index, input_shape, augment=True, step=step, seed=cfg.seed,
+                                        positions=positions)
+            images, labels = images.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                logits = model(images)
+                loss = distillation_loss(logits, teacher_logits, labels, cfg.temperature, cfg.label_weight)
+            loss = loss + 0.5 * cfg.weight_decay * _kernel_l2(student)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_value = float(loss.detach())
+            seen += cfg.batch_size
+            done = step + 1
+            if log is not None and (done % cfg.log_every == 0 or done == steps):
+                ips = seen / (time.perf_counter() - began)
+                log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                                      "images_per_s": ips}) + "\n")
+                log.flush()
+            progress.update(task, completed=done, loss=loss_value, lr=scheduler.get_last_lr()[0],
+                            ips=seen / (time.perf_counter() - began))
+            if checkpoint is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == steps):
+                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg)
+    if log is not None:
+        log.close()
+    seconds = time.perf_counter() - began
+    return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+def _calibrate(student: nn.Module, data: ImageData, cfg: TrainConfig, shape, step: int, device) -> None:
+    """Calibrate the activation bounds on whole global batches, identically on every rank."""
+    batches = []
+    for j in range(cfg.calibration_batches):
+        index = data.batch_indices(step + j, cfg.batch_size, cfg.seed)
+        batches.append(data.batch(index, shape, augment=False)[0].to(device))
+    with torch.no_grad():
+        student.calibrate_bounds(batches)
+    logger.info("activation bounds calibrated at step %d", step)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, input_shape, batch_size: int = 256,
+             device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(top-1, top-5) accuracy in percent on every image of ``data``."""
+    model.to(device).eval()
+    top1 = top5 = 0
+    for begin in range(0, len(data), batch_size):
+        index = torch.arange(begin, min(begin + batch_size, len(data)))
+        images, labels = data.batch(index, input_shape, augment=False)
+        logits = model(images.to(device)).float().cpu()
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(dim=1).sum())
+    return 100.0 * top1 / len(data), 100.0 * top5 / len(data)

@@ -1,0 +1,122 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnncc.errors import BnnccError
+from bnncc.train import TrainConfig
+from bnncc.train.data import open_dataset, read_idx
+from bnncc.train.distill import distillation_loss
+from bnncc.train.trainer import evaluate, load_checkpoint, train
+
+from worker import tiny_net
+
+WORKER = Path(__file__).with_name("worker.py")
+SHAPE = (1, 8, 8)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(lr=0.05, batch_size=16, max_steps=8, weight_decay=5e-5, label_weight=1.0, checkpoint_every=2, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_idx_reader_and_dataset(idx_dir):
+    assert read_idx(idx_dir / "train-images-idx3-ubyte.gz").shape == (256, 8, 8)
+    data = open_dataset(idx_dir, "train")
+    assert data.num_classes == 4 and len(data) == 256
+    images, labels = data.batch(torch.arange(4), (3, 16, 16), augment=True, step=0)
+    assert images.shape == (4, 3, 16, 16) and labels.shape == (4,)
+    with pytest.raises(BnnccError, match="neither an IDX folder"):
+        open_dataset(idx_dir.parent, "train")
+
+
+def test_distillation_loss_is_cross_entropy_to_teacher_softmax():
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    expected = -(torch.softmax(t, 1) * torch.log_softmax(s, 1)).sum(1).mean()
+    torch.testing.assert_close(distillation_loss(s, t, None), expected)
+    # Minimised where the student's distribution equals the teacher's.
+    assert distillation_loss(t, t, None) < distillation_loss(s, t, None)
+
+
+def test_loss_falls_and_accuracy_rises(idx_dir, tmp_path):
+    data = open_dataset(idx_dir, "train")
+    net = tiny_net()
+    before = evaluate(net, open_dataset(idx_dir, "val"), SHAPE)[0]
+    metrics = tmp_path / "m.jsonl"
+    train(net, None, data, cfg(lr=0.5, max_steps=150, log_every=5), SHAPE, metrics=metrics, show_progress=False)
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert losses[-1] < losses[0] and losses[-1] < 0.6 * math.log(4)  # chance level is ln 4
+    after = evaluate(net, open_dataset(idx_dir, "val"), SHAPE)[0]
+    assert after > max(before, 50.0)  # chance level is 25%
+
+
+def test_resume_is_bit_exact(idx_dir, tmp_path, monkeypatch):
+    import bnncc.train.trainer as trainer
+
+    data = open_dataset(idx_dir, "train")
+    whole = tiny_net()
+    saved = trainer._save_checkpoint
+    at_step4 = tmp_path / "step4.ckpt"
+
+    def keep_step4(path, step, *args):
+        saved(path, step, *args)
+        if step == 4:
+            at_step4.write_bytes(path.read_bytes())
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", keep_step4)
+    train(whole, None, data, cfg(), SHAPE, checkpoint=tmp_path / "run.ckpt", show_progress=False)
+    assert load_checkpoint(at_step4)["step"] == 4
+    resumed = tiny_net()
+    train(resumed, None, data, cfg(), SHAPE, checkpoint=at_step4, resume=True, show_progress=False)
+    assert states_equal(resumed.state_dict(), whole.state_dict())
+    fresh = tiny_net()  # and a run that does not resume differs after 4 steps
+    assert not states_equal(fresh.state_dict(), whole.state_dict())
+
+
+def _run_worker(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent)}
+    return subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=env, check=True, timeout=300, **kw)
+
+
+def test_kill_minus_nine_loses_nothing_before_the_last_checkpoint(idx_dir, tmp_path):
+    reference = tmp_path / "ref.pt"
+    _run_worker([idx_dir, reference, tmp_path / "ref.ckpt", 10])
+    checkpoint, out = tmp_path / "run.ckpt", tmp_path / "run.pt"
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent)}
+    proc = subprocess.Popen([sys.executable, str(WORKER), idx_dir, out, checkpoint, "10", "--slow"], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere between two checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it was killed"
+    state = load_checkpoint(checkpoint)  # intact, not partial
+    assert state["step"] % 2 == 0 and 2 <= state["step"] < 10
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.ckpt")], "a temporary file was left"
+    _run_worker([idx_dir, out, checkpoint, 10, "--resume"])
+    assert states_equal(torch.load(out, weights_only=True), torch.load(reference, weights_only=True))
+
+
+def test_two_process_ddp_matches_one_process(idx_dir, tmp_path):
+    single = tmp_path / "single.pt"
+    _run_worker([idx_dir, single, tmp_path / "s.ckpt", 6])
+    double = tmp_path / "double.pt"
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                    str(WORKER), str(idx_dir), str(double), str(tmp_path / "d.ckpt"), "6"],
+                   env=env, check=True, timeout=300)
+    a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,42 @@
+"""A tiny training run, launched as a separate process (torchrun for DDP, or to be killed).
+
+usage: worker.py DATA_DIR OUT_STATE CHECKPOINT STEPS [--resume] [--slow]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bnncc.train import TrainConfig
+from bnncc.train.data import open_dataset
+from bnncc.train.trainer import train
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    # No batch norm: DDP ranks normalise per device (pokebnn.md 7.6), which would differ from one process.
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(32, 4))
+
+
+def main(argv: list[str]) -> None:
+    data_dir, out_state, checkpoint, steps = Path(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3])
+    net = tiny_net()
+    if "--slow" in argv:  # leaves time to kill the process between two checkpoints
+        net.register_forward_pre_hook(lambda module, args: time.sleep(0.2))
+    cfg = TrainConfig(lr=0.05, batch_size=16, max_steps=steps, weight_decay=5e-5, label_weight=1.0,
+                      checkpoint_every=2, seed=3)
+    data = open_dataset(data_dir, "train")
+    train(net, None, data, cfg, (1, 8, 8), checkpoint=checkpoint, resume="--resume" in argv,
+          show_progress=False)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        torch.save(net.state_dict(), out_state)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
