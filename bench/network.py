@@ -1,0 +1,123 @@
+"""Whole-network bench (issue 5, parts b and c), one run, 2 threads:
+
+(b) latency at batch 1 and 8 of bnncc PokeBNN-1x (random weights, 224x224) against onnxruntime
+    float32 ResNet-50 and onnxruntime int8 ResNet-50 (static QDQ, random calibration), as ratios;
+(c) compile time and library size against the packed weight size.
+
+Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py`` (prints a markdown table).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+THREADS = int(os.environ["TVM_NUM_THREADS"])
+REPEATS = {1: 30, 8: 8}
+
+
+def _median_ms(fn, x, repeats: int) -> float:
+    fn(x)  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def _ort(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})
+
+
+def _quantize_int8(float_path: Path, out: Path) -> Path:
+    """Static QDQ int8 (per-channel weights) with 8 random calibration images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"input": rng.standard_normal((1, 3, 224, 224)).astype(np.float32)}
+                                 for _ in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def _packed_weight_bytes(model) -> float:
+    """Bytes of the weights at their own precision: binary convs 1 bit, QuantConv/QuantGemm/SEGate
+    kernels at w_bits, per-channel float32 parameters (BN, DPReLU, scales, biases) 4 bytes."""
+    total_bits = 0
+    for node in model.graph:
+        bits = node.attributes.get_int("w_bits", 1 if node.op_type == "BinaryConv" else 32)
+        for i, value in enumerate(node.inputs):
+            if value is None or value.const_value is None:
+                continue
+            kernel = node.op_type in ("BinaryConv", "QuantConv", "QuantGemm") and i == 1
+            kernel = kernel or (node.op_type == "SEGate" and i in (1, 4))
+            total_bits += value.const_value.size * (bits if kernel else 32)
+    return total_bits / 8
+
+
+def main() -> None:
+    import onnx_ir as ir
+
+    from bnncc import zoo
+    from bnncc.frontend import load
+    from bnncc.rewrite import rewrite
+    from bnncc.runtime import load as load_library
+    from bnncc.targets.build import compile as compile_library
+
+    work = Path(tempfile.mkdtemp(prefix="bnncc-bench-"))
+    float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")
+    int8_path = _quantize_int8(float_path, work / "resnet50_int8.onnx")
+    poke, _ = rewrite(load(float_path), "pokebnn_1x")
+    ir.save(poke, work / "pokebnn_1x.onnx")
+
+    start = time.perf_counter()
+    folder = compile_library(work / "pokebnn_1x.onnx", work / "lib", batches=(1, 8))
+    compile_s = time.perf_counter() - start
+    library = load_library(folder)
+    engines = {"bnncc PokeBNN-1x": library, "ORT fp32 ResNet-50": _ort(float_path),
+               "ORT int8 ResNet-50": _ort(int8_path)}
+
+    rows = []
+    for batch in (1, 8):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        times = {name: _median_ms(fn, x, REPEATS[batch]) for name, fn in engines.items()}
+        ours = times["bnncc PokeBNN-1x"]
+        rows.append((batch, times, times["ORT fp32 ResNet-50"] / ours, times["ORT int8 ResNet-50"] / ours))
+
+    so_bytes = (folder / "model.so").stat().st_size
+    packed = _packed_weight_bytes(poke)
+    print(f"threads {THREADS}")
+    print("| batch | bnncc PokeBNN-1x (ms) | ORT fp32 (ms) | ORT int8 (ms) | speedup vs fp32 | speedup vs int8 |")
+    print("|---|---|---|---|---|---|")
+    for batch, times, vs_fp32, vs_int8 in rows:
+        print(f"| {batch} | {times['bnncc PokeBNN-1x']:.2f} | {times['ORT fp32 ResNet-50']:.2f} | "
+              f"{times['ORT int8 ResNet-50']:.2f} | {vs_fp32:.1f}x | {vs_int8:.1f}x |")
+    print(f"\ncompile (lower + build + export, batch 1 and 8): {compile_s:.1f} s")
+    print(f"library {so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; "
+          f"ratio {so_bytes / packed:.2f}")
+
+
+if __name__ == "__main__":
+    main()
