@@ -28,20 +28,12 @@ __all__ = ["BinaryConv", "binary_conv", "same_pads"]
 
 @script(bnncc_opset, default_opset=op)
 def BinaryConv(X, W, kernel_shape: Sequence[int], strides: Sequence[int], clip_bound: float = 3.0):
+    # SAME_UPPER is TF SAME (the odd cell after); Conv pads the already binarized input with 0.
     xb = BinarizeAct(X, clip_bound=clip_bound)
-    k = op.Constant(value_ints=kernel_shape)
-    s = op.Constant(value_ints=strides)
-    size = op.Shape(X, start=2)
-    out = op.Div(size + s - op.Constant(value_ints=[1, 1]), s)
-    total = op.Max((out - op.Constant(value_ints=[1, 1])) * s + k - size, op.Constant(value_ints=[0, 0]))
-    before = op.Div(total, op.Constant(value_ints=[2, 2]))
-    zeros = op.Constant(value_ints=[0, 0])
-    pads = op.Concat(zeros, before, zeros, total - before, axis=0)
-    xp = op.Pad(xb, pads)
     wmax = op.ReduceMax(op.Abs(W), op.Constant(value_ints=[1, 2, 3]), keepdims=1)
     half = wmax * op.CastLike(0.5, W)
     wb = op.Where(W >= op.CastLike(0.0, W), half, op.Neg(half))
-    return op.Conv(xp, wb, strides=strides)
+    return op.Conv(xb, wb, kernel_shape=kernel_shape, strides=strides, auto_pad="SAME_UPPER")
 
 
 def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:

@@ -35,11 +35,13 @@ __all__ = [
 def QuantizeWeights(W, bits: int):
     b = op.Cast(op.Constant(value_int=bits), to=FLOAT.dtype)
     m = op.CastLike(op.Pow(op.Constant(value_float=2.0), b - op.Constant(value_float=1.0)) - op.Constant(value_float=1.0), W)
-    axes = op.Range(op.Constant(value_int=1), op.Size(op.Shape(W)), op.Constant(value_int=1))
-    wmax = op.ReduceMax(op.Abs(W), axes, keepdims=1)
+    # Per output channel: work on W flattened to (Cout, K), then restore W's shape.
+    flat = op.Flatten(W, axis=1)
+    wmax = op.ReduceMax(op.Abs(flat), op.Constant(value_ints=[1]), keepdims=1)
     safe = op.Where(wmax > op.CastLike(0.0, W), wmax, op.CastLike(1.0, W))
     s = m / safe
-    return op.Clip(op.Floor(W * s + op.CastLike(0.5, W)), op.Neg(m), m) / s
+    q = op.Clip(op.Floor(flat * s + op.CastLike(0.5, W)), op.Neg(m), m) / s
+    return op.Reshape(q, op.Shape(W))
 
 
 @script(bnncc_opset, default_opset=op)
@@ -60,7 +62,8 @@ def QuantizeActs(X, bound, bits: int, signed: int):
     s_unsigned = mu / safe
     q_unsigned = op.Clip(op.Floor(X * s_unsigned), op.CastLike(0.0, X), mu - op.CastLike(1.0, X)) / s_unsigned
     is_signed = op.Cast(op.Constant(value_int=signed), to=9)  # BOOL
-    return op.Where(calibrated, op.Where(is_signed, q_signed, q_unsigned), X)
+    q = op.Where(calibrated, op.Where(is_signed, q_signed, q_unsigned), X)
+    return op.Reshape(q, op.Shape(X))  # as in QuantizeWeights: keeps X's shape visible to inference
 
 
 @script(bnncc_opset, default_opset=op)

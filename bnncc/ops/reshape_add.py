@@ -57,7 +57,8 @@ def ReshapeAdd(Y, R, method: str):
         pooled = op.AveragePool(padded, kernel_shape=[3, 3], strides=[2, 2])
     else:
         pooled = op.Identity(matched)
-    return Y + pooled
+    # The reshape to Y's shape lets ONNX shape inference see the output shape through the If.
+    return Y + op.Reshape(pooled, op.Shape(Y))
 
 
 def match_channels(r: torch.Tensor, out_channels: int, method: str) -> torch.Tensor:
