@@ -243,21 +243,23 @@ def format_table(report: CostReport, title: str = "", per_layer: bool = True) ->
     """A rich table: one row per counted layer (optional), then the totals; the caption names the
     conventions (float width) and the scalar ops by category."""
     table = Table(title=title or None)
-    columns = ("layer", "op", "bits w x a", "MACs", "ACE", "ACE 1e9", "CPU64", "weights", "weight bits")
+    columns = ("layer", "op", "w x a", "MACs", "ACE", "ACE 1e9", "CPU64", "weight bits")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("layer", "op", "bits w x a") else "right")
+        # numbers are never wrapped or cut: a narrow terminal squeezes the layer names instead
+        numeric = column not in ("layer", "op")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric,
+                         overflow="ellipsis" if numeric else "fold")
     if per_layer:
         for layer in report.layers:
-            table.add_row(layer.name, layer.op_type, f"{layer.w_bits} x {layer.a_bits}", f"{layer.macs:,}",
-                          f"{layer.ace:,}", f"{layer.ace / 1e9:.4f}", f"{layer.cpu64:,.0f}", f"{layer.weights:,}",
-                          f"{layer.weight_bits:,}")
+            table.add_row(layer.name, layer.op_type, f"{layer.w_bits}x{layer.a_bits}", f"{layer.macs:,}",
+                          f"{layer.ace:,}", f"{layer.ace / 1e9:.4f}", f"{layer.cpu64:,.0f}", f"{layer.weight_bits:,}")
         table.add_section()
     for op_type, group in report.by_op_type().items():
-        table.add_row(f"all {op_type}", op_type, "", f"{group['macs']:,}", f"{group['ace']:,}",
-                      f"{group['ace'] / 1e9:.4f}", "", "", f"{group['weight_bits']:,}")
+        table.add_row(f"all {op_type}", "", "", f"{group['macs']:,}", f"{group['ace']:,}",
+                      f"{group['ace'] / 1e9:.4f}", "", f"{group['weight_bits']:,}")
     table.add_section()
     table.add_row("total", "", "", f"{report.macs:,}", f"{report.total:,}", f"{report.total / 1e9:.4f}",
-                  f"{report.cpu64:,.0f}", f"{report.weight_params:,}", f"{report.weight_bits:,}")
+                  f"{report.cpu64:,.0f}", f"{report.weight_bits:,}")
     sops = ", ".join(f"{name} {count:,}" for name, count in sorted(report.sops.items()))
     table.caption = (
         f"float MACs at {report.float_bits} x {report.float_bits} bits, float weights at {FLOAT_WEIGHT_BITS} bits; "
@@ -357,10 +359,10 @@ def _bits(node: ir.Node, name: str) -> int:
 
 
 def _conv_layer(node: ir.Node, shapes: _Shapes, w_bits: int, a_bits: int, weight_bits: int) -> Layer:
-    """MACs = output elements * dot length, the dot length being prod(W.shape[1:]) = kh*kw*Cin/groups."""
+    """MACs = output pixels * Cout * dot length, the dot length being prod(W.shape[1:]) = kh*kw*Cin/groups."""
     weight = shapes.static(node, node.inputs[1])
-    out = shapes.per_image(node, node.outputs[0])
-    macs = _numel(out) * _numel(weight[1:])
+    pixels = _numel(shapes.per_image(node, node.outputs[0])[1:])
+    macs = pixels * _numel(weight)
     return Layer(node.name, node.op_type, "conv", w_bits, a_bits, macs, _numel(weight), _numel(weight) * weight_bits)
 
 
@@ -384,28 +386,28 @@ def _se_gate(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
     return Layer(node.name, node.op_type, "conv", w_bits, _bits(node, "a_bits"), weights, weights, weights * w_bits)
 
 
-def _dense_layer(node: ir.Node, shapes: _Shapes, inner: int, w_bits: int, a_bits: int, weight_bits: int) -> Layer:
-    """MACs = output elements * the inner (reduced) dimension."""
-    weight = shapes.static(node, node.inputs[1])
-    macs = _numel(shapes.per_image(node, node.outputs[0])) * inner
+def _dense_layer(node: ir.Node, weight: tuple[int, ...], rows: int, w_bits: int, a_bits: int,
+                 weight_bits: int) -> Layer:
+    """MACs = rows per image * in * out: every row of the input meets every weight once."""
+    macs = rows * _numel(weight)
     return Layer(node.name, node.op_type, "dense", w_bits, a_bits, macs, _numel(weight), _numel(weight) * weight_bits)
 
 
 def _gemm(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    weight = shapes.static(node, node.inputs[1])
-    inner = weight[1] if int_attr(node, "transB", 0) else weight[0]
-    return _dense_layer(node, shapes, inner, float_bits, float_bits, FLOAT_WEIGHT_BITS)
+    # Gemm's input is (N, in): one row per image, whatever W's layout (transB).
+    return _dense_layer(node, shapes.static(node, node.inputs[1]), 1, float_bits, float_bits, FLOAT_WEIGHT_BITS)
 
 
 def _matmul(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    inner = shapes.static(node, node.inputs[1])[-2]
-    return _dense_layer(node, shapes, inner, float_bits, float_bits, FLOAT_WEIGHT_BITS)
+    """Rows per image = the output dims between the batch and the last one (1 for (N, out))."""
+    weight = shapes.static(node, node.inputs[1])
+    rows = _numel(shapes.per_image(node, node.outputs[0])[:-1])
+    return _dense_layer(node, weight[-2:], rows * _numel(weight[:-2]), float_bits, float_bits, FLOAT_WEIGHT_BITS)
 
 
 def _quant_gemm(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
     w_bits = _bits(node, "w_bits")
-    inner = shapes.static(node, node.inputs[1])[1]  # W is (out, in)
-    return _dense_layer(node, shapes, inner, w_bits, _bits(node, "a_bits"), w_bits)
+    return _dense_layer(node, shapes.static(node, node.inputs[1]), 1, w_bits, _bits(node, "a_bits"), w_bits)
 
 
 _LAYERS: dict[tuple[str, str], Callable[[ir.Node, _Shapes, int], Layer]] = {

@@ -1,0 +1,31 @@
+"""``bnncc ace MODEL [--json] [--float-bits N] [--per-layer/--no-per-layer]``: the cost of any bnncc graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from bnncc.cli._app import app, console
+
+
+@app.command()
+def ace(
+    model: Path = typer.Argument(..., help="ONNX model: a float ResNet or a (rewritten) PokeBNN graph"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    float_bits: int = typer.Option(16, "--float-bits", min=1, help="count a float MAC as N x N bits (16: bf16)"),
+    per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="one row per conv and dense layer"),
+) -> None:
+    """Print MODEL's ACE, CPU64, MACs, weight bits, parameters and scalar ops, per layer and in total."""
+    from bnncc.cost import ace as measure, format_table
+
+    report = measure(model, float_bits=float_bits)
+    if as_json:
+        data = report.to_dict()
+        if not per_layer:
+            del data["layers"]
+        # soft_wrap: machine-read output must not be broken across lines
+        console.print(json.dumps(data, indent=2), markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print(format_table(report, title=str(model), per_layer=per_layer))

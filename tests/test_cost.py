@@ -1,0 +1,240 @@
+"""The cost model against the PokeBNN paper's anchors, a float ResNet-50 counted by hand, and its CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+from pokebnn_layers import pokebnn_model
+
+from bnncc.cost import ace, read_model
+from bnncc.errors import BnnccError
+
+# google/aqt pokebnn_test.py: size_stats of PokeBNN-1.0x (the spec rounds these to 0.1M).
+AQT_SOPS_1X = {
+    "batch_norm": 17_912_832, "dprelu": 9_106_944, "shortcut_shrink": 5_419_008, "shortcut_shrink_mul": 1_705_984,
+    "shortcut_pool": 7_902_720, "block_residual_add": 5_519_360, "local_residual_add": 8_805_888,
+    "se_pool": 8_906_240, "se_pool_mul": 20_672, "se_relu": 2_584, "se_hardsigmoid": 22_656, "se_mul": 8_805_888,
+    "global_pool": 100_352,
+}
+
+# pokebnn.md section 3, to the precision it states: ACE total, binary MACs, CPU64, weight bits, params.
+SPEC = {
+    0.5: (1.41e9, 0.906e9, 0.23e8, 17.0e6, 7.2e6),
+    0.75: (2.59e9, 2.03e9, 0.42e8, 32.1e6, 15.4e6),
+    1.0: (4.22e9, 3.61e9, 0.69e8, 51.6e6, 26.6e6),
+    1.4: (7.76e9, 7.04e9, 1.27e8, 91.7e6, 50.7e6),
+    2.0: (15.3e9, 14.4e9, 2.50e8, 173.6e6, 101.7e6),
+}
+
+
+def _rounds_to(value: float, stated: float) -> bool:
+    """``value`` written with as many significant digits as ``stated`` gives ``stated``."""
+    digits = len(f"{stated:e}".split("e")[0].replace(".", "").rstrip("0"))
+    return float(f"{value:.{max(digits, 2) - 1}e}") == pytest.approx(stated)
+
+
+@pytest.fixture(scope="module")
+def poke_1x():
+    return ace(pokebnn_model(1.0))
+
+
+def test_pokebnn_1x_reproduces_the_aqt_regression_exactly(poke_1x):
+    assert poke_1x.conv == 4_091_469_824
+    assert poke_1x.dense == 131_072_000
+    assert poke_1x.total == 4_222_541_824
+
+
+def test_pokebnn_1x_breakdown(poke_1x):
+    parts = poke_1x.by_op_type()
+    # binary 3.61e9, stem 0.42e9, SE 0.058e9, dense 0.131e9 ACE
+    assert [round(parts[op]["ace"] / 1e9, digits) for op, digits in
+            (("BinaryConv", 2), ("QuantConv", 2), ("SEGate", 3), ("QuantGemm", 3))] == [3.61, 0.42, 0.058, 0.131]
+    # the stem by hand: 4x4/4 VALID 3->32 and 3x3 group 32 32->64, both on 56x56 outputs at 8 x 8 bits
+    assert parts["QuantConv"]["macs"] == 56 * 56 * (4 * 4 * 3) * 32 + 56 * 56 * (3 * 3 * 1) * 64
+    assert parts["QuantGemm"]["ace"] == 2048 * 1000 * 8 * 8
+    # weight bits 51.6 Mbit: 20.7 binary, 14.5 SE, 16.4 dense
+    assert round(poke_1x.weight_bits / 1e6, 1) == 51.6
+    assert [round(parts[op]["weight_bits"] / 1e6, 1) for op in ("BinaryConv", "SEGate", "QuantGemm")] == [20.7, 14.5,
+                                                                                                          16.4]
+    assert poke_1x.extra_params == 208_160  # "about 208k" float parameters: BN gamma/beta, DPReLU, biases
+
+
+def test_pokebnn_1x_scalar_ops_match_aqt(poke_1x):
+    sops = poke_1x.sops
+    assert sops.pop("global_pool_mul") == 2048  # the head pool's 1/49 multiplies, which aqt leaves out
+    assert sops == AQT_SOPS_1X
+
+
+@pytest.mark.parametrize("multiplier", sorted(SPEC))
+def test_every_width_matches_the_spec(multiplier):
+    report = ace(pokebnn_model(multiplier))
+    total, binary_macs, cpu64, weight_bits, params = SPEC[multiplier]
+    assert _rounds_to(report.total, total)
+    assert _rounds_to(report.binary_macs, binary_macs)
+    assert _rounds_to(report.cpu64, cpu64)
+    assert _rounds_to(report.weight_bits, weight_bits)
+    assert _rounds_to(report.trainable_params, params)
+    assert report.cpu64 == report.binary_macs / 64 + (report.macs - report.binary_macs)
+
+
+# --------------------------------------------------------------------------- float ResNet-50
+
+
+@pytest.fixture(scope="module")
+def resnet50(tmp_path_factory):
+    """torchvision ResNet-50 (random weights), legacy export, batch 1 at 224, and its torch module.
+
+    BN gets random statistics: the exporter folds BN into the convs and would share the identical
+    all-zero biases of a freshly initialised network as one initializer."""
+    torch.manual_seed(0)
+    module = torchvision.models.resnet50(weights=None).eval()
+    for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        for tensor in (bn.weight.data, bn.bias.data, bn.running_mean, bn.running_var):
+            tensor.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("cost") / "resnet50.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    return path, module
+
+
+def test_float_resnet50_macs_and_ace(resnet50):
+    path, module = resnet50
+    report = ace(path)
+    assert report.macs == pytest.approx(4.089e9, rel=0.01)
+    assert report.total == report.macs * 256 and report.cpu64 == report.macs  # no binary layer
+    assert ace(path, float_bits=8).total == report.macs * 64
+    stem = next(layer for layer in report.layers if layer.op_type == "Conv")
+    assert stem.macs == 112 * 112 * (7 * 7 * 3) * 64
+    assert report.dense == 2048 * 1000 * 256
+    weights = sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert report.weight_params == weights and report.weight_bits == 32 * weights
+    # the export folds every BN into its conv: gamma and beta (2 per channel) become one bias
+    bn_channels = sum(m.num_features for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert report.params == sum(p.numel() for p in module.parameters()) - bn_channels
+    assert report.extra_params == bn_channels + 1000 and report.state_params == 0
+    assert report.sops["pool"] == 56 * 56 * 64 * 9 and report.sops["global_pool"] == 7 * 7 * 2048
+
+
+def test_model_kinds_agree(resnet50):
+    path, _ = resnet50
+    from_path = ace(path).to_dict()
+    assert ace(onnx.load(path)).to_dict() == from_path
+    assert ace(read_model(path)).to_dict() == from_path
+    assert float(ace(path)) == from_path["ace"]
+
+
+# --------------------------------------------------------------------------- shapes from the graph
+
+
+def _tiny(height: int | str = 8, value_info: bool = False) -> onnx.ModelProto:
+    """x (N,2,H,8) -> Conv 3x3 pad 1, 2->4 -> Relu -> GlobalAveragePool -> Flatten -> Gemm 4->3."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w", (4, 2, 3, 3)), ("b", (4,)), ("fw", (3, 4)), ("fb", (3,)))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)]
+    infos = [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4, height, 8])] if value_info else []
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, height, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits,
+                              value_info=infos)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_missing_shapes_come_from_shape_inference():
+    report = ace(_tiny())
+    assert [(layer.name, layer.macs) for layer in report.layers] == [("conv", 8 * 8 * 4 * 18), ("fc", 12)]
+    assert report.sops == {"activation": 4 * 64, "global_pool": 4 * 64, "global_pool_mul": 4}
+    assert report.params == 72 + 4 + 12 + 3 and report.weight_params == 84
+
+
+def test_dynamic_spatial_size_names_the_node():
+    with pytest.raises(BnnccError, match=r"node 'conv' \(Conv\): 'c' has the dynamic shape \(4, 'H', 8\)"):
+        ace(_tiny(height="H", value_info=True))
+
+
+def test_float_bits_must_be_positive():
+    with pytest.raises(BnnccError, match="float_bits must be >= 1, got 0"):
+        ace(_tiny(), float_bits=0)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    (b"", "empty file, not an ONNX model"),
+    (b"\xff\xff\xff\xff", "not an ONNX model"),
+])
+def test_bad_files_are_one_clean_error(tmp_path, content, message):
+    path = tmp_path / "model.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(BnnccError, match=f"^{path}: {message}"):
+        read_model(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    data = _tiny().SerializeToString()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BnnccError, match=f"^{path}: not an ONNX model"):
+        read_model(path)
+
+
+def test_external_data_outside_the_folder_is_refused(tmp_path):
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    onnx.save(_tiny(), inside / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    (inside / "weights.bin").rename(tmp_path / "weights.bin")
+    proto = onnx.load(inside / "model.onnx", load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    (inside / "model.onnx").write_bytes(proto.SerializeToString())  # onnx.save itself refuses '..'
+    with pytest.raises(BnnccError, match="keeps its data at '../weights.bin', outside the model's folder"):
+        read_model(inside / "model.onnx")
+
+
+def test_external_data_inside_the_folder_is_read(tmp_path):
+    onnx.save(_tiny(), tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    assert ace(tmp_path / "model.onnx").params == 91
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_json(cli, resnet50):
+    path, _ = resnet50
+    code, stdout, stderr = cli("ace", path, "--json", "--float-bits", "8", "--no-per-layer")
+    assert code == 0, stderr
+    data = json.loads(stdout)
+    assert data["float_bits"] == 8 and data["ace"] == ace(path, float_bits=8).total
+    assert "layers" not in data
+    code, stdout, _ = cli("ace", path, "--json")
+    assert len(json.loads(stdout)["layers"]) == 54  # 53 convs and the fc
+
+
+def test_cli_table(cli, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(_tiny(), path)
+    code, stdout, stderr = cli("ace", path)
+    assert code == 0, stderr
+    conv_macs, conv_ace = 8 * 8 * 4 * 18, 8 * 8 * 4 * 18 * 256
+    words = " ".join(stdout.split())  # the caption wraps at the terminal width
+    assert f"{conv_macs:,}" in stdout and f"{(conv_ace + 12 * 256) / 1e9:.4f}" in stdout
+    assert f"conv ACE {conv_ace:,}, dense ACE {12 * 256:,}" in words and "float MACs at 16 x 16 bits" in words
+
+
+def test_cli_missing_file_is_one_line(cli, tmp_path):
+    code, _, stderr = cli("ace", tmp_path / "nope.onnx")
+    assert code == 2 and "nope.onnx: no such file" in stderr and "Traceback" not in stderr
