@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "BnnccError": "bnncc.errors",
+    "ace": "bnncc.cost",
     "compile": "bnncc.targets.build",
     "verify": "bnncc.verify",
     "load": "bnncc.frontend",

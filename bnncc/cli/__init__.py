@@ -16,6 +16,7 @@ from bnncc.cli import version_cmd  # noqa: E402,F401
 from bnncc.cli import inspect_cmd  # noqa: E402,F401
 from bnncc.cli import passes_cmd  # noqa: E402,F401
 from bnncc.cli import rewrite_cmd  # noqa: E402,F401
+from bnncc.cli import ace_cmd  # noqa: E402,F401
 from bnncc.cli import compile_cmd  # noqa: E402,F401
 from bnncc.cli import run_cmd  # noqa: E402,F401
 from bnncc.cli import verify_cmd  # noqa: E402,F401
