@@ -12,7 +12,8 @@ activation counts as 1, fixed or symbolic):
   (16 x 16 = 256 by default: the paper's "bf16 x bf16").
 - CPU64 = binary MACs / 64 + all other MACs (a 64-bit word does 64 XNOR-popcount MACs at once).
 - Weight bits = w_bits per weight of every counted layer; float weights count 32 bits each.
-- Parameters = the elements of every initializer, split into the weights of counted layers, the
+- Parameters = the elements of every initializer that a node reads (a dangling one left behind by
+  a rewrite is not part of the network), split into the weights of counted layers, the
   state that training does not learn (BN running mean and variance, activation bounds) and the
   learned float extras (BN gamma and beta, DPReLU, biases). The paper's "total params" is
   weights + extras (:attr:`CostReport.trainable_params`).
@@ -89,7 +90,7 @@ class CostReport:
     float_bits: int
     layers: tuple[Layer, ...]
     elementwise: tuple[Elementwise, ...]
-    params: int  # every initializer element
+    params: int  # the elements of every initializer that a node reads
     weight_params: int  # the initializer elements that are weights of counted layers
     state_params: int  # BN running statistics and activation bounds: not learned
 
@@ -201,7 +202,7 @@ def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int =
             sops = _SOPS[key](node, shapes)
             if any(sops.values()):
                 elementwise.append(Elementwise(node.name, node.op_type, sops))
-    initializers = list(model.graph.initializers.values())
+    initializers = [v for v in model.graph.initializers.values() if v.uses() or v.is_graph_output()]
     weights = _inputs_at(model.graph, _WEIGHT_INPUTS)
     state = _inputs_at(model.graph, _STATE_INPUTS)
     return CostReport(

@@ -156,6 +156,12 @@ def test_missing_shapes_come_from_shape_inference():
     assert report.params == 72 + 4 + 12 + 3 and report.weight_params == 84
 
 
+def test_unused_initializers_are_not_parameters():
+    model = _tiny()
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 5), np.float32), "left_behind"))
+    assert ace(model).params == 91
+
+
 def test_dynamic_spatial_size_names_the_node():
     with pytest.raises(BnnccError, match=r"node 'conv' \(Conv\): 'c' has the dynamic shape \(4, 'H', 8\)"):
         ace(_tiny(height="H", value_info=True))
