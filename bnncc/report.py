@@ -1,0 +1,245 @@
+"""The conversion report: cost at every stage, per layer, accuracy and latency, as JSON, Markdown and plots.
+
+A stage is one artifact of the pipeline (the float import, the rewritten PokeBNN graph, the
+fine-tuned graph, the compiled library) and its :class:`bnncc.cost.CostReport`. The compiled
+library runs the last ONNX stage's graph, so its cost is that graph's; its size is the library's.
+
+Files written into the report folder, each atomically:
+
+- ``report.json``: everything that is a function of the inputs (costs, sizes, accuracy); the
+  same inputs give the same bytes.
+- ``latency.json`` (host targets only): the measured latency, which varies from run to run and
+  is therefore kept out of ``report.json``.
+- ``report.md``: both, as tables, with the two plots.
+- ``ace_stages.png``: ACE per stage; ``ace_layers.png``: ACE per layer of the deployed graph.
+  Both log-scale, since the float import costs two orders of magnitude more than PokeBNN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+from pathlib import Path
+
+from bnncc.cost import CostReport
+from bnncc.fileio import atomic_write_bytes, atomic_write_text
+
+__all__ = ["Stage", "Report", "write_report", "REPORT_FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT = "bnncc-report/1"
+STAGES_PLOT = "ace_stages.png"
+LAYERS_PLOT = "ace_layers.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: its name, its artifact's file name and size in bytes, and the graph's cost."""
+
+    name: str
+    artifact: str
+    file_bytes: int
+    cost: CostReport
+
+    def to_dict(self) -> dict:
+        """Totals only; the per-layer table is the report's, for the deployed graph."""
+        return {
+            "stage": self.name,
+            "artifact": self.artifact,
+            "file_bytes": self.file_bytes,
+            "ace": self.cost.total,
+            "cpu64": self.cost.cpu64,
+            "macs": self.cost.macs,
+            "binary_macs": self.cost.binary_macs,
+            "params": self.cost.trainable_params,
+            "weight_bits": self.cost.weight_bits,
+            # the weights as the target stores them: w_bits per weight, float weights at 32 bits
+            "weight_bytes": self.cost.weight_bits // 8,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What one ``bnncc convert`` produced.
+
+    ``accuracy`` maps names such as ``student_top1`` to percentages (None: not measured);
+    ``latency`` holds milliseconds per batch-1 image measured on the host (None: not the host).
+    """
+
+    model: str
+    recipe: str
+    target: str
+    trained: bool
+    stages: tuple[Stage, ...]
+    accuracy: dict[str, float | None] | None = None
+    latency: dict[str, float] | None = None
+
+    @property
+    def deployed(self) -> Stage:
+        """The last stage: the one whose graph the library runs."""
+        return self.stages[-1]
+
+    def to_dict(self) -> dict:
+        """The deterministic part of the report (no latency)."""
+        float_ace = self.stages[0].cost.total
+        return {
+            "format": REPORT_FORMAT,
+            "model": self.model,
+            "recipe": self.recipe,
+            "target": self.target,
+            "trained": self.trained,
+            "stages": [stage.to_dict() for stage in self.stages],
+            "ace_reduction": float_ace / self.deployed.cost.total if self.deployed.cost.total else None,
+            "accuracy": self.accuracy,
+            "layers": [_layer_row(layer) for layer in self.deployed.cost.layers],
+        }
+
+
+def _layer_row(layer) -> dict:
+    return {"name": layer.name, "op": layer.op_type, "w_bits": layer.w_bits, "a_bits": layer.a_bits,
+            "macs": layer.macs, "ace": layer.ace, "cpu64": layer.cpu64, "weight_bits": layer.weight_bits}
+
+
+def write_report(report: Report, folder: str | Path) -> list[Path]:
+    """Write report.json, latency.json (when measured), report.md and the two plots into ``folder``."""
+    folder = Path(folder)
+    written = [folder / "report.json", folder / STAGES_PLOT, folder / LAYERS_PLOT, folder / "report.md"]
+    atomic_write_text(written[0], json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_bytes(written[1], _stages_plot(report))
+    atomic_write_bytes(written[2], _layers_plot(report))
+    atomic_write_text(written[3], markdown(report))
+    if report.latency is not None:
+        written.append(folder / "latency.json")
+        atomic_write_text(written[-1], json.dumps(report.latency, indent=2) + "\n")
+    logger.info("report written to %s", folder / "report.md")
+    return written
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def markdown(report: Report) -> str:
+    """The report as Markdown: summary, stage table, accuracy, latency, plots, per-layer table."""
+    lines = [f"# bnncc report: {Path(report.model).name}", "",
+             f"Recipe `{report.recipe}`, target `{report.target}`. "
+             + ("Fine-tuned with distillation from the float import." if report.trained else
+                "**Not fine-tuned: the binary network has untrained weights and its outputs are not "
+                "meaningful.**"), ""]
+    reduction = report.to_dict()["ace_reduction"]
+    if reduction:
+        lines += [f"ACE falls from {report.stages[0].cost.total / 1e9:.4g}e9 (float import) to "
+                  f"{report.deployed.cost.total / 1e9:.4g}e9 (deployed): {reduction:.1f}x less.", ""]
+    lines += ["## Cost at every stage", "",
+              "| stage | artifact | file size | ACE (1e9) | CPU64 (1e6) | params | weight size |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for stage in report.stages:
+        cost = stage.cost
+        lines.append(f"| {stage.name} | `{stage.artifact}` | {_bytes(stage.file_bytes)} | {cost.total / 1e9:.4f} | "
+                     f"{cost.cpu64 / 1e6:.2f} | {cost.trainable_params:,} | {_bytes(cost.weight_bits // 8)} |")
+    lines += ["", "ACE = MACs x weight bits x activation bits (float MACs at "
+              f"{report.stages[0].cost.float_bits} x {report.stages[0].cost.float_bits}); CPU64 = binary MACs / 64 "
+              "+ other MACs; weight size at each layer's weight bits (float weights at 32).", ""]
+    if report.accuracy:
+        lines += ["## Accuracy (test split)", "", "| model | top-1 | top-5 |", "|---|---:|---:|"]
+        for who in ("teacher", "student", "library"):
+            top1, top5 = report.accuracy.get(f"{who}_top1"), report.accuracy.get(f"{who}_top5")
+            if top1 is not None or top5 is not None:
+                lines.append(f"| {_WHO[who]} | {_percent(top1)} | {_percent(top5)} |")
+        lines.append("")
+    if report.latency:
+        lines += ["## Latency on this machine", "",
+                  f"Batch 1, {report.latency['threads']} threads, median of {report.latency['runs']} runs: "
+                  f"**{report.latency['median_ms']:.2f} ms** (min {report.latency['min_ms']:.2f} ms). "
+                  "Measured values: `latency.json` (not in report.json, which is reproducible).", ""]
+    lines += ["## Plots", "", f"![ACE per stage]({STAGES_PLOT})", "", f"![ACE per layer]({LAYERS_PLOT})", "",
+              f"## Per layer ({report.deployed.name})", "",
+              "| layer | op | w x a | MACs | ACE (1e6) | share | CPU64 | weight bits |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    total = report.deployed.cost.total or 1
+    for layer in report.deployed.cost.layers:
+        lines.append(f"| {layer.name} | {layer.op_type} | {layer.w_bits}x{layer.a_bits} | {layer.macs:,} | "
+                     f"{layer.ace / 1e6:.3f} | {100 * layer.ace / total:.1f}% | {layer.cpu64:,.0f} | "
+                     f"{layer.weight_bits:,} |")
+    return "\n".join(lines) + "\n"
+
+
+_WHO = {"teacher": "float teacher (import)", "student": "PokeBNN (onnx graph, fake-quant)",
+        "library": "PokeBNN (compiled library)"}
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float):
+    """A figure drawn by the Agg backend, whatever backend the user's matplotlib defaults to."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure) -> bytes:
+    """PNG bytes without the Software/date metadata, so the same report gives the same file."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _stages_plot(report: Report) -> bytes:
+    """One bar per stage, log scale, labelled with its ACE."""
+    figure = _figure(7, 4)
+    axes = figure.add_subplot()
+    names = [stage.name for stage in report.stages]
+    values = [max(stage.cost.total, 1) / 1e9 for stage in report.stages]
+    colours = ["#7f7f7f"] + ["#1f77b4"] * (len(values) - 1)
+    bars = axes.bar(names, values, color=colours)
+    axes.bar_label(bars, labels=[f"{v:.3g}e9" for v in values], padding=2, fontsize=9)
+    axes.set_yscale("log")
+    axes.set_ylim(min(values) / 3, max(values) * 4)
+    axes.set_ylabel("ACE (1e9 bit-MACs, log)")
+    axes.set_title(f"ACE per stage: {Path(report.model).name}, {report.recipe}")
+    axes.grid(axis="y", which="major", alpha=0.3)
+    figure.tight_layout()
+    return _png(figure)
+
+
+_OP_COLOURS = {"BinaryConv": "#1f77b4", "QuantConv": "#ff7f0e", "SEGate": "#2ca02c", "QuantGemm": "#d62728",
+               "Conv": "#7f7f7f", "Gemm": "#8c564b", "MatMul": "#8c564b"}
+
+
+def _layers_plot(report: Report) -> bytes:
+    """One bar per counted layer of the deployed graph, in graph order, coloured by op type."""
+    layers = report.deployed.cost.layers
+    figure = _figure(max(7.0, 0.09 * len(layers) + 2), 4.2)
+    axes = figure.add_subplot()
+    colours = [_OP_COLOURS.get(layer.op_type, "#9467bd") for layer in layers]
+    axes.bar(range(len(layers)), [max(layer.ace, 1) / 1e6 for layer in layers], color=colours, width=0.85)
+    axes.set_yscale("log")
+    axes.set_xlim(-1, len(layers))
+    axes.set_xlabel("layer, in graph order (stem left, head right)")
+    axes.set_ylabel("ACE (1e6 bit-MACs, log)")
+    axes.set_title(f"ACE per layer ({report.deployed.name}), total {report.deployed.cost.total / 1e9:.3g}e9")
+    from matplotlib.patches import Patch
+
+    present = sorted({layer.op_type for layer in layers})
+    axes.legend(handles=[Patch(color=_OP_COLOURS.get(op, "#9467bd"), label=op) for op in present],
+                fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.grid(axis="y", which="major", alpha=0.3)
+    figure.tight_layout()
+    return _png(figure)

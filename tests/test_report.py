@@ -1,0 +1,89 @@
+"""The conversion report: numbers against hand-counted costs, files, determinism, the untrained notice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import pytest
+
+from bnncc.cost import ace
+from bnncc.report import Report, Stage, write_report
+
+
+def _conv_model(cout: int) -> onnx.ModelProto:
+    """x (1,2,4,4) -> 1x1 Conv to ``cout`` channels -> GlobalAveragePool -> Flatten -> Gemm to 3 classes."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1,2,4,4] x) => (float[1,3] y) <float[{cout},2,1,1] w, float[{cout}] b, float[3,{cout}] fw, float[3] fb> {{
+        c = Conv <kernel_shape = [1, 1]> (x, w, b)
+        p = GlobalAveragePool (c)
+        f = Flatten (p)
+        y = Gemm <transB = 1> (f, fw, fb)
+    }}
+    """
+    model = onnx.parser.parse_model(text)
+    shapes = {"w": (cout, 2, 1, 1), "b": (cout,), "fw": (3, cout), "fb": (3,)}
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.full(shape, 0.5, np.float32), name)
+                                   for name, shape in shapes.items())
+    return model
+
+
+@pytest.fixture
+def report():
+    wide, narrow = ace(_conv_model(8)), ace(_conv_model(2))
+    stages = (Stage("float import", "float.onnx", 4000, wide), Stage("rewrite", "rewrite.onnx", 1000, narrow),
+              Stage("compiled", "model.so", 50_000, narrow))
+    return Report("models/float.onnx", "pokebnn_1x", "x86-64", False, stages,
+                  accuracy={"teacher_top1": 81.5, "teacher_top5": 99.0, "student_top1": 70.25, "student_top5": None},
+                  latency={"batch": 1, "runs": 5, "threads": 2, "median_ms": 1.5, "min_ms": 1.25})
+
+
+def test_stage_numbers_are_the_hand_counted_costs(report):
+    data = report.to_dict()
+    # conv: 16 positions x 2 inputs x cout outputs MACs; gemm: cout x 3; float MACs count 16 x 16 bits
+    wide_macs, narrow_macs = 16 * 2 * 8 + 8 * 3, 16 * 2 * 2 + 2 * 3
+    assert [s["macs"] for s in data["stages"]] == [wide_macs, narrow_macs, narrow_macs]
+    assert [s["ace"] for s in data["stages"]] == [256 * wide_macs, 256 * narrow_macs, 256 * narrow_macs]
+    assert [s["cpu64"] for s in data["stages"]] == [wide_macs, narrow_macs, narrow_macs]
+    # weights at 32 bits; params = weights + biases
+    assert data["stages"][0]["weight_bytes"] == 4 * (8 * 2 + 3 * 8)
+    assert data["stages"][0]["params"] == 8 * 2 + 8 + 3 * 8 + 3
+    assert [s["file_bytes"] for s in data["stages"]] == [4000, 1000, 50_000]
+    assert data["ace_reduction"] == pytest.approx(wide_macs / narrow_macs)
+    assert [(layer["op"], layer["macs"]) for layer in data["layers"]] == [("Conv", 64), ("Gemm", 6)]
+
+
+def test_writes_json_markdown_plots_and_keeps_latency_out_of_json(report, tmp_path):
+    written = write_report(report, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written) == [
+        "ace_layers.png", "ace_stages.png", "latency.json", "report.json", "report.md"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert "latency" not in json.dumps(data) and data["trained"] is False
+    assert json.loads((tmp_path / "latency.json").read_text())["median_ms"] == 1.5
+    for png in ("ace_stages.png", "ace_layers.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "report.md").read_text()
+    assert "Not fine-tuned" in md
+    stage_rows = [line for line in md.splitlines() if line.startswith("| float import") or line.startswith("| rewrite")
+                  or line.startswith("| compiled")]
+    assert len(stage_rows) == 3
+    assert f"{256 * (16 * 2 * 8 + 8 * 3) / 1e9:.4f}" in stage_rows[0]
+    assert "| 70.25% | - |" in md and "1.50 ms" in md
+
+
+def test_same_report_gives_the_same_bytes(report, tmp_path):
+    write_report(report, tmp_path / "a")
+    write_report(report, tmp_path / "b")
+    for name in ("report.json", "report.md", "ace_stages.png", "ace_layers.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_without_latency_there_is_no_latency_file(report, tmp_path):
+    import dataclasses
+
+    write_report(dataclasses.replace(report, latency=None, trained=True), tmp_path)
+    assert not (tmp_path / "latency.json").exists()
+    assert "Not fine-tuned" not in (tmp_path / "report.md").read_text()
