@@ -14,7 +14,8 @@ from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.kernels import binary_conv, bitpack
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, mark_scheduled, s_tir, tirx
 
-__all__ = ["cpu_flags", "host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags", "vector_lanes"]
+__all__ = ["cpu_flags", "host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags",
+           "parallel_bitpack", "tile_binary_conv2d", "vector_lanes"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +70,29 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _register_tile(wout: int, cout: int, lanes: int) -> tuple[int, int]:
+def _register_tile(wout: int, cout: int, lanes: int, accumulators: int) -> tuple[int, int]:
     """(output columns, output channels) of the register tile: the most outputs that fit the
     accumulator budget, with both sizes dividing the output so no tile is partial."""
     options = []
     for channels in (d for d in range(1, 2 * lanes + 1) if cout % d == 0):
         vectors = -(-channels // lanes)
-        width = _largest_divisor(wout, min(_MAX_TILE_WIDTH, _ACCUMULATORS[lanes] // vectors))
+        width = _largest_divisor(wout, min(_MAX_TILE_WIDTH, accumulators // vectors))
         options.append((width * channels, channels, width))
     _, channels, width = max(options)
     return width, channels
 
 
 def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """Register-tiled, vectorized, multithreaded binary conv.
+    """The binary conv on an x86-64 AVX2/AVX-512 target (``tile_binary_conv2d``)."""
+    lanes = vector_lanes(target)
+    if func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME or lanes is None:
+        return None
+    return tile_binary_conv2d(func, lanes, _ACCUMULATORS[lanes])
+
+
+def tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> tirx.PrimFunc:
+    """Register-tiled, vectorized, multithreaded binary conv, for any CPU with ``lanes`` uint32
+    lanes per vector and room for ``accumulators`` accumulator vectors (also used by arm64).
 
     Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
     accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
@@ -90,16 +100,13 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     Threads share the fused (co tile, n, ho, wo tile) loop; channel tiles are outermost so a
     thread reuses one weight slice (k*k*words*channels*4 bytes, ~18 KiB) from L1.
     """
-    lanes = vector_lanes(target)
-    if func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME or lanes is None:
-        return None
     sch = s_tir.Schedule(func)
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
     n, ho, wo, co, kh, kw, j = sch.get_loops(pop)
     wout, cout = int(sch.get(wo).extent), int(sch.get(co).extent)
 
-    width, channels = _register_tile(wout, cout, lanes)
+    width, channels = _register_tile(wout, cout, lanes, accumulators)
     vec = min(lanes, channels)
 
     wo_o, wo_i = sch.split(wo, [None, width])
@@ -131,9 +138,14 @@ def _schedule_pad(sch: s_tir.Schedule) -> None:
 
 
 def schedule_sign_bitpack(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """Sign-and-bitpack: pixels in parallel, the 32 bits of a word unrolled."""
+    """Sign-and-bitpack on an x86-64 AVX2/AVX-512 target (``parallel_bitpack``)."""
     if func.attrs.get(KERNEL_ATTR) != bitpack.KERNEL_NAME or vector_lanes(target) is None:
         return None
+    return parallel_bitpack(func)
+
+
+def parallel_bitpack(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Sign-and-bitpack on any CPU: pixels in parallel, the 32 bits of a word unrolled."""
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("bitpack")
     n, h, w, _, b = sch.get_loops(block)

@@ -17,7 +17,8 @@ from bnncc.targets import x86_64
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import Target, mark_scheduled, s_tir, tirx
 
-__all__ = ["schedule", "schedule_poke_conv", "schedule_quant_conv2d", "schedule_pool_dense"]
+__all__ = ["bitpack_stage", "schedule", "schedule_poke_conv", "schedule_quant_conv2d", "schedule_pool_dense",
+           "vector_pool_dense", "vector_quant_conv2d"]
 
 
 def _lanes(target: Target) -> int | None:
@@ -44,7 +45,12 @@ def schedule_poke_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | N
     """A binary conv whose fused epilogue is followed by the next layer's sign-and-bitpack."""
     if func.attrs.get(KERNEL_ATTR) != "binary_conv2d" or _lanes(target) is None:
         return None
-    conv = x86_64.schedule_binary_conv2d(func, target)
+    return bitpack_stage(x86_64.schedule_binary_conv2d(func, target))
+
+
+def bitpack_stage(conv: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A fused PokeConv whose conv and epilogue are scheduled: its trailing bitpack (if any) over
+    pixels in parallel, the 32 bits of a word unrolled (any CPU; also used by arm64)."""
     sch = s_tir.Schedule(conv)
     if not _has_block(sch, "bitpack"):
         return conv
@@ -61,6 +67,11 @@ def schedule_quant_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc 
     lanes = _lanes(target)
     if func.attrs.get(KERNEL_ATTR) != "quant_conv2d" or lanes is None:
         return None
+    return vector_quant_conv2d(func, lanes)
+
+
+def vector_quant_conv2d(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+    """``schedule_quant_conv2d`` for any CPU with ``lanes`` float32 lanes per vector (also used by arm64)."""
     sch = s_tir.Schedule(func)
     quantize = sch.get_sblock("quantize")
     n, y, _, _ = sch.get_loops(quantize)
@@ -85,6 +96,11 @@ def schedule_pool_dense(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | 
     lanes = _lanes(target)
     if func.attrs.get(KERNEL_ATTR) not in ("se_gate", "quant_head") or lanes is None:
         return None
+    return vector_pool_dense(func, lanes)
+
+
+def vector_pool_dense(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+    """``schedule_pool_dense`` for any CPU with ``lanes`` float32 lanes per vector (also used by arm64)."""
     sch = s_tir.Schedule(func)
     pool = sch.get_sblock("pool_sum")
     n, c, rh, rw = sch.get_loops(pool)
