@@ -1,0 +1,162 @@
+"""AArch64 (NEON) target: the target, schedule rules for our kernels, cross-linking, and
+instruction counts read from the generated assembly.
+
+NEON has 32 128-bit vector registers: 4 uint32 (or float32) lanes per vector. The binary conv
+keeps the x86-64 register-tile structure (``x86_64.tile_binary_conv2d``) with 4 lanes and 16
+accumulator vectors (the other 16 hold weights, the broadcast activation word and popcount
+temporaries). LLVM lowers the vector popcount of 4 uint32 words to
+
+    cnt    v.16b         bit count of each byte
+    uaddlp v.8h, v.16b   pairwise add bytes -> 8 halfwords
+    uadalp v.4s, v.8h    pairwise add halfwords and accumulate into the 4 int32 sums
+
+(``addp`` appears where sums are reduced across lanes). ``count_instructions`` counts these in
+a function's assembly: the per-layer figure that stands in for timing under qemu.
+
+Libraries are compiled by TVM's LLVM for ``aarch64-linux-gnu`` and linked by Debian's
+``aarch64-linux-gnu-g++`` (package g++-aarch64-linux-gnu).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from bnncc.errors import BnnccError
+from bnncc.fileio import atomic_path
+from bnncc.targets import x86_64, x86_64_fused
+from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
+from bnncc.targets.tvm_compat import Target, make_target, tirx
+
+__all__ = [
+    "CROSS_CXX", "LANES", "arm64_target", "assembly", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
+    "schedule",
+]
+
+logger = logging.getLogger(__name__)
+
+CROSS_CXX = "aarch64-linux-gnu-g++"
+LANES = 4  # 32-bit lanes of a 128-bit NEON register
+_ACCUMULATORS = 16
+
+
+def arm64_target(*, dotprod: bool = False, cores: int | None = None) -> Target:
+    """LLVM for aarch64 Linux with NEON; ``dotprod`` adds the ARMv8.2 SDOT/UDOT instructions.
+
+    ``cores`` is the thread count the library's parallel loops are split for (default: TVM's).
+    """
+    from bnncc.targets.tvm_compat import NUM_THREADS
+
+    mattr = ["+neon", "+dotprod"] if dotprod else ["+neon"]
+    return make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr,
+                        "num-cores": cores or NUM_THREADS})
+
+
+def is_arm64(target: Target) -> bool:
+    """Whether ``target`` is an LLVM aarch64 target."""
+    return target.kind.name == "llvm" and str(target.attrs.get("mtriple", "")).startswith("aarch64")
+
+
+# -- schedule rules -------------------------------------------------------------------------------
+def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The binary conv (plain or fused PokeConv with its trailing bitpack) on NEON."""
+    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME:
+        return None
+    return x86_64_fused.bitpack_stage(x86_64.tile_binary_conv2d(func, LANES, _ACCUMULATORS))
+
+
+def schedule_sign_bitpack(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """Sign-and-bitpack on NEON: pixels in parallel, word bits unrolled."""
+    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) != bitpack.KERNEL_NAME:
+        return None
+    return x86_64.parallel_bitpack(func)
+
+
+def schedule_quant_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The quantized stem conv with 4 float32 lanes."""
+    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) != "quant_conv2d":
+        return None
+    return x86_64_fused.vector_quant_conv2d(func, LANES)
+
+
+def schedule_pool_dense(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """SE gate and head with 4 float32 lanes."""
+    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) not in ("se_gate", "quant_head"):
+        return None
+    return x86_64_fused.vector_pool_dense(func, LANES)
+
+
+RULES = (schedule_binary_conv2d, schedule_sign_bitpack, schedule_quant_conv2d, schedule_pool_dense)
+
+
+def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The first rule that applies to ``func`` on ``target``, or None (``lower(..., schedule=)``)."""
+    for rule in RULES:
+        scheduled = rule(func, target)
+        if scheduled is not None:
+            logger.debug("%s scheduled %s", rule.__name__, func.attrs.get(KERNEL_ATTR))
+            return scheduled
+    return None
+
+
+# -- libraries ------------------------------------------------------------------------------------
+def _cross_compiler():
+    if shutil.which(CROSS_CXX) is None:
+        raise BnnccError(f"{CROSS_CXX} not found; install it: apt-get install g++-aarch64-linux-gnu")
+    from tvm.support import cc
+
+    return cc.cross_compiler(CROSS_CXX)
+
+
+def export_arm64(executable, path: str | os.PathLike) -> Path:
+    """Link a compiled executable (Relax or PrimFunc) into an aarch64 shared library at ``path``, atomically."""
+    compiler = _cross_compiler()
+    with atomic_path(path, suffix=".so") as tmp:
+        executable.export_library(str(tmp), fcompile=compiler)
+    return Path(path)
+
+
+def assembly(executable) -> str:
+    """The aarch64 assembly LLVM generates for a compiled executable's kernels (a Relax VM
+    executable holds them in an imported llvm module, a PrimFunc build is that module)."""
+    modules = [executable.mod, *executable.mod.imports]
+    return "".join(m.inspect_source("asm") for m in modules if m.kind == "llvm")
+
+
+# -- instruction counts ---------------------------------------------------------------------------
+_POPCOUNT_OPS = ("cnt", "uaddlp", "uadalp", "addp", "eor", "udot", "sdot")
+_INSTRUCTION = re.compile(r"^\s+([a-z][a-z0-9.]*)\s", re.MULTILINE)
+
+
+_FUNCTION = re.compile(r"^\t\.type\t([^,]+),@function\n(.*?)^\t\.size\t\1,", re.MULTILINE | re.DOTALL)
+_LAMBDA = ".L__tvm_parallel_lambda"
+
+
+def kernel_assembly(asm_text: str, name: str) -> str:
+    """The assembly of PrimFunc ``name``: its packed wrapper ``__tvm_ffi_<name>``, its body
+    ``<name>_compute_`` and the parallel-loop bodies LLVM outlines right after them
+    (``.L__tvm_parallel_lambda*``, which hold the loops when the kernel is parallel)."""
+    own = {f"__tvm_ffi_{name}", f"{name}_compute_", name}
+    parts, owner = [], None
+    for symbol, body in _FUNCTION.findall(asm_text):
+        if not symbol.startswith(_LAMBDA):
+            owner = symbol
+        if owner in own:
+            parts.append(body)
+    if not parts:
+        raise BnnccError(f"assembly: no function {name!r}")
+    return "".join(parts)
+
+
+def count_instructions(asm_text: str) -> dict[str, int]:
+    """Static counts of the instructions in ``asm_text`` (GNU syntax, one per line; directives,
+    labels and comments skipped): ``total`` plus each of cnt, uaddlp, uadalp, addp, eor, udot,
+    sdot (the popcount pattern and dot products), 0 when absent."""
+    mnemonics = Counter(m.split(".")[0] for m in _INSTRUCTION.findall(asm_text))
+    counts = {op: mnemonics.get(op, 0) for op in _POPCOUNT_OPS}
+    counts["total"] = sum(mnemonics.values())
+    return counts

@@ -1,0 +1,203 @@
+// bnncc runner: run one function of a TVM Relax library on the CPU, with no Python.
+//
+//   runner run  LIB FUNC OUT_PREFIX IN0.npy [IN1.npy ...]   writes OUT_PREFIX0.npy, OUT_PREFIX1.npy, ...
+//   runner time N LIB FUNC IN0.npy [IN1.npy ...]            prints "mean_ms <mean of N calls>"
+//
+// Only the tvm-ffi C++ API is used: Module::LoadFromFile loads the library (libtvm_runtime
+// registers the Relax VM loader), "vm_load_executable" gives the VM, "vm_initialization" sets it
+// up on the CPU with the pooled allocator (what tvm.runtime.vm.VirtualMachine does in Python),
+// and FUNC is called with the inputs as CPU tensors. Weights are constants inside the library.
+// .npy files: format 1.0/2.0, C order, little-endian f4/f8/i1/i4/i8/u1/u4.
+
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+
+struct CPUAlloc {
+  void AllocData(DLTensor* tensor) {
+    tensor->data = std::aligned_alloc(64, (ffi::GetDataSize(*tensor) + 63) / 64 * 64);
+  }
+  void FreeData(DLTensor* tensor) { std::free(tensor->data); }
+};
+
+struct DType {
+  const char* descr;
+  DLDataType dl;
+};
+
+const DType kDTypes[] = {
+    {"<f4", {kDLFloat, 32, 1}}, {"<f8", {kDLFloat, 64, 1}}, {"|i1", {kDLInt, 8, 1}},
+    {"<i4", {kDLInt, 32, 1}},   {"<i8", {kDLInt, 64, 1}},   {"|u1", {kDLUInt, 8, 1}},
+    {"<u4", {kDLUInt, 32, 1}},
+};
+
+DLDataType DTypeFromDescr(const std::string& descr, const std::string& path) {
+  for (const DType& d : kDTypes) {
+    if (descr == d.descr) return d.dl;
+  }
+  throw std::runtime_error(path + ": unsupported dtype " + descr);
+}
+
+std::string DescrFromDType(DLDataType dtype) {
+  for (const DType& d : kDTypes) {
+    if (d.dl.code == dtype.code && d.dl.bits == dtype.bits && d.dl.lanes == dtype.lanes) return d.descr;
+  }
+  throw std::runtime_error("output of unsupported dtype code " + std::to_string(dtype.code) + " bits " +
+                           std::to_string(dtype.bits));
+}
+
+// The text after `'key':` in a .npy header dict, up to the next comma at depth 0.
+std::string HeaderField(const std::string& header, const std::string& key, const std::string& path) {
+  size_t pos = header.find("'" + key + "'");
+  if (pos == std::string::npos) throw std::runtime_error(path + ": .npy header has no " + key);
+  pos = header.find(':', pos) + 1;
+  int depth = 0;
+  size_t end = pos;
+  for (; end < header.size(); ++end) {
+    char c = header[end];
+    if (c == '(') ++depth;
+    if (c == ')') --depth;
+    if ((c == ',' && depth == 0) || (c == '}' && depth == 0)) break;
+  }
+  return header.substr(pos, end - pos);
+}
+
+std::string Strip(const std::string& s, const char* chars) {
+  size_t begin = s.find_first_not_of(chars), end = s.find_last_not_of(chars);
+  return begin == std::string::npos ? "" : s.substr(begin, end - begin + 1);
+}
+
+ffi::Tensor ReadNpy(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open");
+  char magic[8];
+  in.read(magic, 8);
+  if (!in || std::memcmp(magic, "\x93NUMPY", 6) != 0) throw std::runtime_error(path + ": not a .npy file");
+  uint32_t header_len = 0;
+  if (magic[6] == 1) {
+    uint16_t len16 = 0;
+    in.read(reinterpret_cast<char*>(&len16), 2);
+    header_len = len16;
+  } else {
+    in.read(reinterpret_cast<char*>(&header_len), 4);
+  }
+  std::string header(header_len, '\0');
+  in.read(header.data(), header_len);
+  if (Strip(HeaderField(header, "fortran_order", path), " ") != "False") {
+    throw std::runtime_error(path + ": Fortran-ordered arrays are not supported");
+  }
+  DLDataType dtype = DTypeFromDescr(Strip(HeaderField(header, "descr", path), " '\""), path);
+  std::vector<int64_t> shape;
+  std::stringstream dims(Strip(HeaderField(header, "shape", path), " ()"));
+  for (std::string dim; std::getline(dims, dim, ',');) {
+    if (!Strip(dim, " ").empty()) shape.push_back(std::stoll(dim));
+  }
+  ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()), dtype,
+                                                DLDevice{kDLCPU, 0});
+  size_t bytes = ffi::GetDataSize(*tensor.GetDLTensorPtr());
+  in.read(static_cast<char*>(tensor.data_ptr()), static_cast<std::streamsize>(bytes));
+  if (static_cast<size_t>(in.gcount()) != bytes) throw std::runtime_error(path + ": truncated data");
+  return tensor;
+}
+
+void WriteNpy(const std::string& path, const ffi::Tensor& tensor) {
+  const DLTensor* t = tensor.GetDLTensorPtr();
+  if (!tensor.IsContiguous()) throw std::runtime_error(path + ": output tensor is not contiguous");
+  std::string shape;
+  for (int i = 0; i < t->ndim; ++i) shape += std::to_string(t->shape[i]) + (t->ndim == 1 || i + 1 < t->ndim ? "," : "");
+  std::string header = "{'descr': '" + DescrFromDType(t->dtype) + "', 'fortran_order': False, 'shape': (" + shape + "), }";
+  // magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64 bytes.
+  header.append(63 - (10 + header.size()) % 64, ' ');
+  header += '\n';
+  std::ofstream out(path, std::ios::binary);
+  uint16_t len = static_cast<uint16_t>(header.size());
+  out.write("\x93NUMPY\x01\x00", 8);
+  out.write(reinterpret_cast<const char*>(&len), 2);
+  out << header;
+  out.write(static_cast<const char*>(t->data) + t->byte_offset, static_cast<std::streamsize>(ffi::GetDataSize(*t)));
+  if (!out) throw std::runtime_error(path + ": write failed");
+}
+
+// The VM (kept alive by the caller while the function is used) and its function ``name``.
+std::pair<ffi::Module, ffi::Function> LoadVMFunction(const std::string& lib, const std::string& name) {
+  ffi::Module library = ffi::Module::LoadFromFile(lib);
+  ffi::Optional<ffi::Function> load = library->GetFunction("vm_load_executable");
+  if (!load.has_value()) throw std::runtime_error(lib + ": not a Relax VM library (no vm_load_executable)");
+  ffi::Module vm = (*load)().cast<ffi::Module>();
+  vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+  ffi::Optional<ffi::Function> func = vm->GetFunction(name);
+  if (!func.has_value()) throw std::runtime_error(lib + ": no function " + name);
+  return {vm, *func};
+}
+
+ffi::Any Call(const ffi::Function& func, const std::vector<ffi::Tensor>& inputs) {
+  std::vector<ffi::AnyView> args(inputs.begin(), inputs.end());
+  ffi::Any result;
+  func.CallPacked(args.data(), static_cast<int32_t>(args.size()), &result);
+  return result;
+}
+
+// A tensor result, or each tensor of a tuple result.
+std::vector<ffi::Tensor> Outputs(const ffi::Any& result) {
+  if (auto tensor = result.try_cast<ffi::Tensor>()) return {*tensor};
+  std::vector<ffi::Tensor> outputs;
+  for (const ffi::Any& item : result.cast<ffi::Array<ffi::Any>>()) outputs.push_back(item.cast<ffi::Tensor>());
+  return outputs;
+}
+
+int Usage() {
+  std::cerr << "usage: runner run LIB FUNC OUT_PREFIX IN.npy...\n"
+               "       runner time N LIB FUNC IN.npy...\n";
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  try {
+    if (args.size() >= 4 && args[0] == "run") {
+      auto [vm, func] = LoadVMFunction(args[1], args[2]);
+      std::vector<ffi::Tensor> inputs;
+      for (size_t i = 4; i < args.size(); ++i) inputs.push_back(ReadNpy(args[i]));
+      std::vector<ffi::Tensor> outputs = Outputs(Call(func, inputs));
+      for (size_t i = 0; i < outputs.size(); ++i) WriteNpy(args[3] + std::to_string(i) + ".npy", outputs[i]);
+      return 0;
+    }
+    if (args.size() >= 4 && args[0] == "time") {
+      int runs = std::stoi(args[1]);
+      auto [vm, func] = LoadVMFunction(args[2], args[3]);
+      std::vector<ffi::Tensor> inputs;
+      for (size_t i = 4; i < args.size(); ++i) inputs.push_back(ReadNpy(args[i]));
+      Call(func, inputs);  // warm-up: first-call allocations
+      auto start = std::chrono::steady_clock::now();
+      for (int i = 0; i < runs; ++i) Call(func, inputs);
+      std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - start;
+      std::cout << "mean_ms " << elapsed.count() / runs << "\n";
+      return 0;
+    }
+    return Usage();
+  } catch (const std::exception& e) {
+    std::cerr << "runner: " << e.what() << "\n";
+    return 1;
+  }
+}

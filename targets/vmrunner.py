@@ -1,0 +1,187 @@
+"""Run a TVM Relax library without Python: our C++ runner (``runner/runner.cc``), built for this
+host or for aarch64, the latter executed under ``qemu-aarch64`` (Debian qemu-user).
+
+The runner links only TVM's runtime (libtvm_runtime.so + libtvm_ffi.so). For x86-64 those come
+from the installed apache-tvm / apache-tvm-ffi packages; for aarch64 from the aarch64 wheels of
+the same versions, which ``ensure_arm64_runtime`` downloads with pip once into the cache
+(``$BNNCC_CACHE``, default ``~/.cache/bnncc``). Binaries are cached under a hash of runner.cc and
+the compiler, so an edit rebuilds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from bnncc.errors import BnnccError
+from bnncc.fileio import atomic_path
+
+__all__ = [
+    "HOST", "AARCH64", "cache_dir", "ensure_arm64_runtime", "ensure_runner", "run_arm64", "run_library",
+    "time_library",
+]
+
+logger = logging.getLogger(__name__)
+
+HOST = "x86_64"
+AARCH64 = "aarch64"
+QEMU = "qemu-aarch64"
+QEMU_LD_PREFIX = Path("/usr/aarch64-linux-gnu")  # Debian's aarch64 sysroot (libc6-arm64-cross)
+RUNNER_SOURCE = Path(__file__).parent / "runner" / "runner.cc"
+_COMPILERS = {HOST: "g++", AARCH64: "aarch64-linux-gnu-g++"}
+_RUNTIME_LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
+
+
+def cache_dir() -> Path:
+    """``$BNNCC_CACHE`` or ``~/.cache/bnncc``."""
+    return Path(os.environ.get("BNNCC_CACHE") or Path.home() / ".cache" / "bnncc")
+
+
+def _pip_command(dest: Path) -> list[str]:
+    pins = [f"{name}=={metadata.version(name)}" for name in _RUNTIME_LIBS]
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--platform", "manylinux_2_28_aarch64", "--python-version",
+            f"{sys.version_info.major}.{sys.version_info.minor}", "-d", str(dest), *pins]
+
+
+def ensure_arm64_runtime() -> Path:
+    """The folder holding the aarch64 libtvm_runtime.so and libtvm_ffi.so; downloads the aarch64
+    wheels (same versions as installed) and extracts the two libraries the first time."""
+    folder = cache_dir() / "arm64-runtime" / f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
+    if all((folder / Path(member).name).is_file() for member in _RUNTIME_LIBS.values()):
+        return folder
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        command = _pip_command(Path(tmp))
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BnnccError(f"could not download the aarch64 TVM runtime ({done.stderr.strip().splitlines()[-1:]}); "
+                             f"run: {' '.join(command[:-1])} -d {folder}/wheels {command[-1]} ...")
+        folder.mkdir(parents=True, exist_ok=True)
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                for member in set(archive.namelist()) & set(_RUNTIME_LIBS.values()):
+                    with atomic_path(folder / Path(member).name) as dest:
+                        dest.write_bytes(archive.read(member))
+    missing = [name for name in _RUNTIME_LIBS.values() if not (folder / Path(name).name).is_file()]
+    if missing:
+        raise BnnccError(f"the aarch64 wheels held no {', '.join(missing)}; is the installed TVM a manylinux build?")
+    logger.info("aarch64 TVM runtime in %s (%.1f s)", folder, time.perf_counter() - start)
+    return folder
+
+
+def _host_runtime() -> Path:
+    """The folder of this host's libtvm_runtime.so; libtvm_ffi.so is found beside tvm_ffi."""
+    import tvm
+
+    return Path(tvm.__file__).parent / "lib"
+
+
+def _library_dirs(arch: str) -> list[Path]:
+    if arch == AARCH64:
+        return [ensure_arm64_runtime()]
+    import tvm_ffi
+
+    return [_host_runtime(), Path(tvm_ffi.__file__).parent / "lib"]
+
+
+def ensure_runner(arch: str = HOST) -> Path:
+    """The runner binary for ``arch`` (x86_64 or aarch64), compiled into the cache on first use."""
+    import tvm_ffi
+
+    compiler = _COMPILERS[arch]
+    if shutil.which(compiler) is None:
+        package = "g++" if arch == HOST else "g++-aarch64-linux-gnu"
+        raise BnnccError(f"{compiler} not found; install it: apt-get install {package}")
+    libs = _library_dirs(arch)
+    source = RUNNER_SOURCE.read_bytes()
+    key = hashlib.sha256(source + compiler.encode() + str(libs).encode()).hexdigest()[:12]
+    binary = cache_dir() / "runner" / arch / f"runner-{key}"
+    if binary.is_file():
+        return binary
+    include = Path(tvm_ffi.__file__).parent / "include"
+    start = time.perf_counter()
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(binary) as tmp:
+        command = [compiler, "-std=c++17", "-O2", str(RUNNER_SOURCE), f"-I{include}", "-o", str(tmp),
+                   *(f"-L{d}" for d in libs), f"-Wl,-rpath,{':'.join(map(str, libs))}",
+                   "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BnnccError(f"{RUNNER_SOURCE}: {compiler} failed:\n{done.stderr[-2000:]}")
+        tmp.chmod(0o755)
+    logger.info("built the %s runner %s (%.1f s)", arch, binary, time.perf_counter() - start)
+    return binary
+
+
+def _command(arch: str) -> tuple[list[str], dict[str, str]]:
+    """The command prefix and environment that execute the ``arch`` runner on this host."""
+    runner = ensure_runner(arch)
+    env = dict(os.environ)
+    if arch == HOST:
+        return [str(runner)], env
+    if shutil.which(QEMU) is None:
+        raise BnnccError(f"{QEMU} not found; install it: apt-get install qemu-user")
+    if not (QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1").is_file():
+        raise BnnccError(f"{QEMU_LD_PREFIX}: no aarch64 sysroot; install it: apt-get install g++-aarch64-linux-gnu")
+    env["QEMU_LD_PREFIX"] = str(QEMU_LD_PREFIX)
+    return [QEMU, str(runner)], env
+
+
+def _invoke(arch: str, args: list[str]) -> str:
+    prefix, env = _command(arch)
+    done = subprocess.run([*prefix, *args], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise BnnccError(f"{args[1]}: the {arch} runner failed (exit {done.returncode}): "
+                         f"{(done.stderr or done.stdout).strip()[-2000:]}")
+    return done.stdout
+
+
+def _write_inputs(folder: Path, inputs: list[np.ndarray]) -> list[str]:
+    paths = []
+    for i, array in enumerate(inputs):
+        path = folder / f"in{i}.npy"
+        np.save(path, np.ascontiguousarray(array))
+        paths.append(str(path))
+    return paths
+
+
+def run_library(library: str | os.PathLike, inputs: list[np.ndarray], *, function: str = "main",
+                arch: str = HOST) -> list[np.ndarray]:
+    """Call ``function`` of the Relax library at ``library`` (built for ``arch``) on ``inputs``; its outputs."""
+    library = Path(library).resolve()
+    if not library.is_file():
+        raise BnnccError(f"{library}: no such library")
+    with tempfile.TemporaryDirectory(prefix="bnncc-run-") as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        _invoke(arch, ["run", str(library), function, str(folder / "out"), *_write_inputs(folder, inputs)])
+        logger.info("ran %s:%s with the %s runner in %.2f s", library.name, function, arch, time.perf_counter() - start)
+        outputs = sorted(folder.glob("out*.npy"), key=lambda p: int(p.stem[3:]))
+        return [np.load(path) for path in outputs]
+
+
+def run_arm64(library: str | os.PathLike, inputs: list[np.ndarray], *, function: str = "main") -> list[np.ndarray]:
+    """``run_library`` for an aarch64 library, under qemu-aarch64."""
+    return run_library(library, inputs, function=function, arch=AARCH64)
+
+
+def time_library(library: str | os.PathLike, inputs: list[np.ndarray], *, runs: int = 10, function: str = "main",
+                 arch: str = HOST) -> float:
+    """Mean milliseconds of ``runs`` calls of ``function`` after one warm-up call (under qemu for aarch64:
+    emulation time, not the time on an ARM CPU)."""
+    library = Path(library).resolve()
+    with tempfile.TemporaryDirectory(prefix="bnncc-time-") as tmp:
+        stdout = _invoke(arch, ["time", str(runs), str(library), function, *_write_inputs(Path(tmp), inputs)])
+    return float(stdout.split()[-1])
