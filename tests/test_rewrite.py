@@ -10,15 +10,11 @@ import pytest
 import torch
 
 from bnncc import zoo
+from bnncc.cost import ace
 from bnncc.frontend import load
 from bnncc.recipe import available_recipes
 from bnncc.rewrite import rewrite
 
-try:  # the op domain and the cost model are written in parallel with the rewrite
-    from bnncc.cost import ace
-    from bnncc.ops import attach_functions  # noqa: F401
-except ImportError:
-    pytest.skip("bnncc.ops / bnncc.cost not merged yet", allow_module_level=True)
 
 # pokebnn.md section 3, computed with google/aqt's size_stats formulas (3 significant digits)
 SPEC_ACE = {"pokebnn_0.5x": 1.41e9, "pokebnn_0.75x": 2.59e9, "pokebnn_1x": 4.22e9, "pokebnn_1.4x": 7.76e9,

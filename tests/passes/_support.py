@@ -7,23 +7,7 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-import pytest
 
-
-
-def _domain_and_cost_landed() -> bool:
-    try:
-        from bnncc.cost import ace  # noqa: F401
-        from bnncc.ops import attach_functions  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# bnncc.ops (attach_functions) and bnncc.cost (ace) are written in parallel with the passes; the
-# tests that run ai.bnncc graphs or measure ACE wait for them.
-needs_ops_and_cost = pytest.mark.skipif(not _domain_and_cost_landed(),
-                                        reason="bnncc.ops / bnncc.cost not merged yet")
 
 # width 0.25: stem 16, bottleneck widths 16, 32, 64, 128 (outputs 64 .. 512); every SE gate has
 # at least 2 hidden channels. 64x64 inputs: the blocks run at 16, 8, 4 and 2 pixels.

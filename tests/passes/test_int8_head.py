@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from _support import ace_total, op_counts, run_ort, needs_ops_and_cost
+from _support import ace_total, op_counts, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from bnncc.errors import BnnccError
@@ -15,9 +15,6 @@ from bnncc.passes.int8_head import Int8HeadPass
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((5, 12)).astype(np.float32)
 B = RNG.standard_normal(5).astype(np.float32)
-
-
-pytestmark = needs_ops_and_cost
 
 
 def _dense(**gemm_attrs) -> ir.Model:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _support import ace_total, op_counts, random_input, run_ort, needs_ops_and_cost
+from _support import ace_total, op_counts, random_input, run_ort
 
 from bnncc.errors import BnnccError
 from bnncc.frontend import recognize
 from bnncc.passes.poke_conv import PokeConvPass
 from bnncc.passes.remove_projection_shortcuts import RemoveProjectionShortcutsPass
-
-
-pytestmark = needs_ops_and_cost
 
 
 @pytest.fixture

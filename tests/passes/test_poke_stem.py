@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _support import SIZE, ace_total, conv_macs, op_counts, random_input, run_ort, needs_ops_and_cost
+from _support import SIZE, ace_total, conv_macs, op_counts, random_input, run_ort
 
 from bnncc.errors import BnnccError
 from bnncc.frontend import recognize
 from bnncc.passes.poke_stem import PokeStemPass
-
-
-pytestmark = needs_ops_and_cost
 
 
 def _init(model, name):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from _support import ace_total, conv_macs, op_counts, random_input, run_ort, needs_ops_and_cost
+from _support import ace_total, conv_macs, op_counts, random_input, run_ort
 
 from bnncc.frontend import recognize
 from bnncc.passes.remove_projection_shortcuts import RemoveProjectionShortcutsPass
-
-
-pytestmark = needs_ops_and_cost
 
 
 def test_projections_become_tile_shortcuts(small_model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from _support import CLASSES, WIDTH, ace_total, conv_macs, needs_ops_and_cost, random_input, run_ort
+from _support import CLASSES, WIDTH, ace_total, conv_macs, random_input, run_ort
 
 from bnncc import zoo
 from bnncc.frontend import load, recognize
@@ -15,7 +15,6 @@ def _strides(model, name):
     return list(model.graph.node(name).attributes.get_ints("strides"))
 
 
-@needs_ops_and_cost
 def test_v1_becomes_v15(small_v1_path):
     model = load(small_v1_path)
     strided = [b for b in recognize(model).blocks if b.stride == 2]

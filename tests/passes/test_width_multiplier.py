@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _support import CLASSES, SIZE, ace_total, needs_ops_and_cost, random_input, run_ort
+from _support import CLASSES, SIZE, ace_total, random_input, run_ort
 
 from bnncc.errors import BnnccError
 from bnncc.frontend import recognize
@@ -28,12 +28,10 @@ def float_resnet50_macs(stem: int, widths: tuple[int, ...], size: int, classes: 
     return macs + c_in * classes
 
 
-@needs_ops_and_cost
 def test_reference_formula_matches_the_unchanged_model(small_model):
     assert ace_total(small_model) == 256 * float_resnet50_macs(STEM, WIDTHS, SIZE, CLASSES)
 
 
-@needs_ops_and_cost
 @pytest.mark.parametrize("multiplier", [0.5, 0.75, 1.4])
 def test_widths_and_ace(small_model, multiplier):
     assert WidthMultiplierPass(multiplier)(small_model).modified
