@@ -237,8 +237,10 @@ def test_cli_table(cli, tmp_path):
     assert code == 0, stderr
     conv_macs, conv_ace = 8 * 8 * 4 * 18, 8 * 8 * 4 * 18 * 256
     words = " ".join(stdout.split())  # the caption wraps at the terminal width
-    assert f"{conv_macs:,}" in stdout and f"{(conv_ace + 12 * 256) / 1e9:.4f}" in stdout
-    assert f"conv ACE {conv_ace:,}, dense ACE {12 * 256:,}" in words and "float MACs at 16 x 16 bits" in words
+    assert f"{conv_macs:,}" in stdout and f"{(conv_ace + 12 * 256) / 1e9:.6f}" in stdout
+    assert f"ACE {conv_ace + 12 * 256:,} (conv {conv_ace:,}, dense {12 * 256:,})" in words
+    assert "float MACs at 16 x 16 bits" in words
+    assert max(len(line) for line in stdout.splitlines()) <= 80  # the test console is 80 wide: nothing cut
 
 
 def test_cli_missing_file_is_one_line(cli, tmp_path):
