@@ -37,6 +37,7 @@ from typing import Callable, Iterable
 
 import onnx
 import onnx_ir as ir
+from rich import box
 from rich.table import Table
 
 from bnncc.errors import BnnccError
@@ -241,30 +242,30 @@ def read_model(path: str | os.PathLike) -> ir.Model:
 
 
 def format_table(report: CostReport, title: str = "", per_layer: bool = True) -> Table:
-    """A rich table: one row per counted layer (optional), then the totals; the caption names the
-    conventions (float width) and the scalar ops by category."""
-    table = Table(title=title or None)
-    columns = ("layer", "op", "w x a", "MACs", "ACE", "ACE 1e9", "CPU64", "weight bits")
-    for column in columns:
-        # numbers are never wrapped or cut: a narrow terminal squeezes the layer names instead
-        numeric = column not in ("layer", "op")
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric,
-                         overflow="ellipsis" if numeric else "fold")
+    """A rich table: one row per counted layer (optional), one per op type, then the totals, ACE in
+    units of 1e9 (6 decimals: exact to 1000 ACE); the caption gives the exact ACE, the conventions
+    (float width), the parameters and the scalar ops by category. Fits 80 columns."""
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    # the text columns keep a readable minimum; numbers are never wrapped or cut
+    table.add_column("layer", min_width=12, overflow="fold")
+    table.add_column("op w x a", min_width=14, overflow="fold")
+    for column in ("MACs", "ACE 1e9", "CPU64", "weight bits"):
+        table.add_column(column, justify="right", no_wrap=True)
     if per_layer:
         for layer in report.layers:
-            table.add_row(layer.name, layer.op_type, f"{layer.w_bits}x{layer.a_bits}", f"{layer.macs:,}",
-                          f"{layer.ace:,}", f"{layer.ace / 1e9:.4f}", f"{layer.cpu64:,.0f}", f"{layer.weight_bits:,}")
+            table.add_row(layer.name, f"{layer.op_type} {layer.w_bits}x{layer.a_bits}", f"{layer.macs:,}",
+                          f"{layer.ace / 1e9:.6f}", f"{layer.cpu64:,.0f}", f"{layer.weight_bits:,}")
         table.add_section()
     for op_type, group in report.by_op_type().items():
-        table.add_row(f"all {op_type}", "", "", f"{group['macs']:,}", f"{group['ace']:,}",
-                      f"{group['ace'] / 1e9:.4f}", "", f"{group['weight_bits']:,}")
+        table.add_row("all", op_type, f"{group['macs']:,}", f"{group['ace'] / 1e9:.6f}", "",
+                      f"{group['weight_bits']:,}")
     table.add_section()
-    table.add_row("total", "", "", f"{report.macs:,}", f"{report.total:,}", f"{report.total / 1e9:.4f}",
-                  f"{report.cpu64:,.0f}", f"{report.weight_bits:,}")
+    table.add_row("total", "", f"{report.macs:,}", f"{report.total / 1e9:.6f}", f"{report.cpu64:,.0f}",
+                  f"{report.weight_bits:,}")
     sops = ", ".join(f"{name} {count:,}" for name, count in sorted(report.sops.items()))
     table.caption = (
+        f"ACE {report.total:,} (conv {report.conv:,}, dense {report.dense:,}); "
         f"float MACs at {report.float_bits} x {report.float_bits} bits, float weights at {FLOAT_WEIGHT_BITS} bits; "
-        f"conv ACE {report.conv:,}, dense ACE {report.dense:,}; "
         f"params {report.params:,} ({report.weight_params:,} weights, {report.extra_params:,} learned float extras, "
         f"{report.state_params:,} BN statistics and activation bounds); "
         f"scalar ops {report.sops_total:,}" + (f" ({sops})" if sops else "")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 import torchvision
@@ -14,6 +15,7 @@ from pokebnn_layers import pokebnn_model
 
 from bnncc.cost import ace, read_model
 from bnncc.errors import BnnccError
+from bnncc.ops import attach_functions
 
 # google/aqt pokebnn_test.py: size_stats of PokeBNN-1.0x (the spec rounds these to 0.1M).
 AQT_SOPS_1X = {
@@ -143,9 +145,9 @@ def _tiny(height: int | str = 8, value_info: bool = False) -> onnx.ModelProto:
              helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
              helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], name="fc", transB=1)]
     infos = [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4, height, 8])] if value_info else []
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, height, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits,
-                              value_info=infos)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, height, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph(nodes, "tiny", [x], [y], inits, value_info=infos)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -240,7 +242,22 @@ def test_cli_table(cli, tmp_path):
     assert f"{conv_macs:,}" in stdout and f"{(conv_ace + 12 * 256) / 1e9:.6f}" in stdout
     assert f"ACE {conv_ace + 12 * 256:,} (conv {conv_ace:,}, dense {12 * 256:,})" in words
     assert "float MACs at 16 x 16 bits" in words
+
+
+def test_cli_on_a_pokebnn_file(cli, tmp_path):
+    """An ai.bnncc graph with its function bodies, as the rewrite writes it: read, checked, measured."""
+    model = pokebnn_model(0.5)
+    attach_functions(model)
+    path = tmp_path / "pokebnn_0.5x.onnx"
+    ir.save(model, path)
+    code, stdout, stderr = cli("ace", path)
+    assert code == 0, stderr
     assert max(len(line) for line in stdout.splitlines()) <= 80  # the test console is 80 wide: nothing cut
+    total = next(line.split() for line in stdout.splitlines() if line.split()[:1] == ["total"])
+    report = ace(pokebnn_model(0.5))
+    assert total == ["total", f"{report.macs:,}", f"{report.total / 1e9:.6f}", f"{report.cpu64:,.0f}",
+                     f"{report.weight_bits:,}"]
+    assert "stem1 QuantConv 8x8 4,816,896 0.308281" in " ".join(stdout.split())  # 56*56*48*32 MACs * 64
 
 
 def test_cli_missing_file_is_one_line(cli, tmp_path):
