@@ -23,23 +23,21 @@ class Library:
     sizes, largest first (a library compiled with batch 1 runs every size).
     """
 
-    def __init__(self, folder: Path, manifest: dict, vm) -> None:
+    def __init__(self, folder: Path, manifest: dict, call) -> None:
         self.folder = folder
         self.manifest = manifest
-        self._vm = vm
+        self._call = call  # (function name, NCHW float32 array) -> logits array; per target (targets/registry.py)
         self.functions = {int(b): name for b, name in manifest["functions"].items()}
         self.input_chw = tuple(manifest["input"]["shape"][1:])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from bnncc.targets.tvm_compat import to_tensor
-
         x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_chw:
             raise BnnccError(f"{self.folder}: input of shape {x.shape}; expected (N, {', '.join(map(str, self.input_chw))})")
         x = np.ascontiguousarray(x, dtype=np.float32)
         outputs, start = [], 0
         for size in self._chunks(x.shape[0]):
-            outputs.append(self._vm[self.functions[size]](to_tensor(x[start:start + size])).numpy())
+            outputs.append(self._call(self.functions[size], x[start:start + size]))
             start += size
         return np.concatenate(outputs)
 
@@ -59,7 +57,7 @@ class Library:
 def load(folder: str | os.PathLike) -> Library:
     """Open the library folder ``folder`` (model.so + model.json)."""
     from bnncc.targets.build import MANIFEST_FORMAT
-    from bnncc.targets.tvm_compat import load_vm
+    from bnncc.targets.registry import get as get_target
 
     folder = Path(folder)
     manifest_path, library_path = folder / "model.json", folder / "model.so"
@@ -69,4 +67,4 @@ def load(folder: str | os.PathLike) -> Library:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("format") != MANIFEST_FORMAT:
         raise BnnccError(f"{manifest_path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    return Library(folder, manifest, load_vm(library_path))
+    return Library(folder, manifest, get_target(manifest["target"]["name"]).caller(library_path))

@@ -33,7 +33,7 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
 from bnncc.targets.tvm_compat import Target, make_target, tirx
 
 __all__ = [
-    "CROSS_CXX", "LANES", "arm64_target", "assembly", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
+    "CROSS_CXX", "LANES", "arm64_target", "assembly", "binary_kernel_counts", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
     "schedule",
 ]
 
@@ -160,3 +160,13 @@ def count_instructions(asm_text: str) -> dict[str, int]:
     counts = {op: mnemonics.get(op, 0) for op in _POPCOUNT_OPS}
     counts["total"] = sum(mnemonics.values())
     return counts
+
+
+_BINARY_KERNELS = ("poke_conv", binary_conv.KERNEL_NAME)  # symbol prefixes of binary conv kernels (lower.py)
+
+
+def binary_kernel_counts(executable) -> dict[str, dict[str, int]]:
+    """``count_instructions`` of every binary conv kernel in a compiled executable, by symbol."""
+    asm = assembly(executable)
+    symbols = sorted({s[len("__tvm_ffi_"):] for s, _ in _FUNCTION.findall(asm) if s.startswith("__tvm_ffi_")})
+    return {name: count_instructions(kernel_assembly(asm, name)) for name in symbols if name.startswith(_BINARY_KERNELS)}

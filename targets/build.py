@@ -19,12 +19,13 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
+from bnncc.targets import registry
 
 __all__ = ["compile", "TARGETS", "MANIFEST_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("x86-64",)
+TARGETS = registry.names()  # x86-64, arm64, cuda: each one's target, schedules, export and runner
 MANIFEST_FORMAT = "bnncc-library/1"
 # model metadata keys (metadata_props) that other stages may record and the manifest copies
 _RECIPE_KEY = "bnncc.recipe"
@@ -38,10 +39,9 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     One Relax function per entry of ``batches``. Returns the folder's path.
     """
     from bnncc.targets.lower import function_name, lower
-    from bnncc.targets.tvm_compat import NUM_THREADS, compile_module, export_executable
+    from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
 
-    if target not in TARGETS:
-        raise BnnccError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
+    spec = registry.get(target)
     batches = tuple(sorted(set(batches)))
     if not batches or min(batches) < 1:
         raise BnnccError(f"batch sizes must be >= 1, got {list(batches)}")
@@ -53,9 +53,9 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     if not any(node.domain == "ai.bnncc" for node in model.graph):
         raise BnnccError(f"graph {model.graph.name!r}: no ai.bnncc op; compile takes a PokeBNN graph "
                          f"(run `bnncc rewrite` first)")
-    llvm_target = _llvm_target(target)
+    llvm_target = spec.tvm_target()
     start = time.perf_counter()
-    lowered = lower(model, llvm_target, batches)
+    lowered = lower(model, llvm_target, batches, schedule=spec.schedule)
     executable = compile_module(lowered.module, llvm_target)
     compile_s = time.perf_counter() - start
     manifest = {
@@ -69,21 +69,15 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         "ace": _ace(model),
         "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
         "compile_seconds": round(compile_s, 2),
+        **(spec.report(executable) if spec.report else {}),
     }
     output = Path(output)
     with _atomic_dir(output) as tmp:
-        export_executable(executable, tmp / "model.so")
+        spec.export(executable, tmp / "model.so")
         (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         ir.save(model, tmp / "model.onnx")
     logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)
     return output
-
-
-def _llvm_target(name: str):
-    """The TVM target for a bnncc target name; x86-64 is this machine's CPU (its vector features)."""
-    from bnncc.targets.x86_64 import host_target
-
-    return host_target()
 
 
 def _metadata_json(model: ir.Model, key: str):

@@ -1,0 +1,188 @@
+"""The targets bnncc builds for, what each needs on this host, and how each is built and run.
+
+A ``TargetSpec`` is what ``bnncc.targets.build.compile`` needs to produce a library for a target
+(the TVM target, the schedule rules given to ``lower``, the export) and what
+``bnncc.runtime.load`` needs to run one (a ``caller``: function name, NCHW array -> logits).
+``check()`` lists, per target, each host requirement and whether it is met.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnncc.errors import BnnccError
+
+__all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names"]
+
+Caller = Callable[[str, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One thing a target needs on this host; ``found`` is the path or version found, or None."""
+
+    what: str
+    needed_for: str  # "build" or "run"
+    found: str | None
+    install: str
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    tvm_target: Callable[[], object]
+    schedule: Callable
+    export: Callable[[object, Path], Path]
+    caller: Callable[[Path], Caller]
+    requirements: Callable[[], list[Requirement]]
+    report: Callable[[object], dict] | None = None  # executable -> extra manifest entries
+
+
+# -- x86-64 -----------------------------------------------------------------------------------------
+def _x86_target():
+    from bnncc.targets.x86_64 import host_target
+
+    return host_target()
+
+
+def _x86_schedule(func, target):
+    from bnncc.targets.x86_64_fused import schedule
+
+    return schedule(func, target)
+
+
+def _export_native(executable, path: Path) -> Path:
+    from bnncc.targets.tvm_compat import export_executable
+
+    return export_executable(executable, path)
+
+
+def _cpu_caller(path: Path) -> Caller:
+    """The Relax VM in this process."""
+    from bnncc.targets.tvm_compat import load_vm, to_tensor
+
+    vm = load_vm(path)
+    return lambda function, x: vm[function](to_tensor(x)).numpy()
+
+
+def _x86_requirements() -> list[Requirement]:
+    return [Requirement("x86-64 CPU", "run", platform.machine() if platform.machine() == "x86_64" else None,
+                        "an x86-64 machine")]
+
+
+# -- arm64 ------------------------------------------------------------------------------------------
+def _arm64_target():
+    from bnncc.targets.arm64 import arm64_target
+
+    return arm64_target()
+
+
+def _arm64_schedule(func, target):
+    from bnncc.targets.arm64 import schedule
+
+    return schedule(func, target)
+
+
+def _arm64_export(executable, path: Path) -> Path:
+    from bnncc.targets.arm64 import export_arm64
+
+    return export_arm64(executable, path)
+
+
+def _arm64_caller(path: Path) -> Caller:
+    """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call)."""
+    if platform.machine() == "aarch64":
+        return _cpu_caller(path)
+    from bnncc.targets.vmrunner import run_arm64
+
+    return lambda function, x: run_arm64(path, [x], function=function)[0]
+
+
+def _arm64_report(executable) -> dict:
+    """Static instruction counts of each binary conv kernel (``arm64.count_instructions``)."""
+    from bnncc.targets.arm64 import binary_kernel_counts
+
+    return {"instructions": binary_kernel_counts(executable)}
+
+
+def _arm64_requirements() -> list[Requirement]:
+    from bnncc.targets.vmrunner import QEMU_LD_PREFIX, cache_dir
+
+    sysroot = QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
+    runtime = sorted((cache_dir() / "arm64-runtime").glob("*/libtvm_runtime.so"))
+    return [
+        Requirement("aarch64-linux-gnu-g++", "build", shutil.which("aarch64-linux-gnu-g++"),
+                    "apt-get install g++-aarch64-linux-gnu"),
+        Requirement("qemu-aarch64", "run", shutil.which("qemu-aarch64"), "apt-get install qemu-user"),
+        Requirement("aarch64 sysroot", "run", str(QEMU_LD_PREFIX) if sysroot.is_file() else None,
+                    "apt-get install g++-aarch64-linux-gnu"),
+        Requirement("aarch64 TVM runtime", "run", str(runtime[-1].parent) if runtime else None,
+                    "python -c 'from bnncc.targets.vmrunner import ensure_arm64_runtime as f; f()' (pip download)"),
+    ]
+
+
+# -- cuda -------------------------------------------------------------------------------------------
+def _cuda_target():
+    from bnncc.targets.cuda import cuda_target
+
+    return cuda_target()
+
+
+def _cuda_schedule(func, target):
+    from bnncc.targets.cuda import schedule
+
+    return schedule(func, target)
+
+
+def _cuda_export(executable, path: Path) -> Path:
+    from bnncc.targets.cuda import export_cuda
+
+    return export_cuda(executable, path)
+
+
+def _cuda_caller(path: Path) -> Caller:
+    from bnncc.targets.cuda import load_vm
+
+    return load_vm(path)
+
+
+def _cuda_requirements() -> list[Requirement]:
+    from bnncc.targets.cuda import find_nvcc, has_cuda_device
+
+    return [
+        Requirement("nvcc", "build", find_nvcc(), "a CUDA toolkit (nvcc on PATH or CUDA_HOME/bin)"),
+        Requirement("CUDA device", "run", "yes" if has_cuda_device() else None, "an NVIDIA GPU and driver"),
+    ]
+
+
+TARGETS = {
+    "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512 VPOPCNTDQ)", _x86_target,
+                         _x86_schedule, _export_native, _cpu_caller, _x86_requirements),
+    "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", _arm64_target,
+                        _arm64_schedule, _arm64_export, _arm64_caller, _arm64_requirements, _arm64_report),
+    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (kernels built by nvcc)", _cuda_target,
+                       _cuda_schedule, _cuda_export, _cuda_caller, _cuda_requirements),
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(TARGETS)
+
+
+def get(name: str) -> TargetSpec:
+    """The target called ``name``; BnnccError naming the known ones otherwise."""
+    if name not in TARGETS:
+        raise BnnccError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def check() -> dict[str, list[Requirement]]:
+    """For every target, its host requirements and whether each is met (``found`` not None)."""
+    return {name: spec.requirements() for name, spec in TARGETS.items()}
