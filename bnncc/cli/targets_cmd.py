@@ -1,0 +1,33 @@
+"""``bnncc targets [--prepare]``: the targets, what each needs on this host, and what is missing."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from bnncc.cli._app import app, console
+
+
+@app.command("targets")
+def targets_command(
+    prepare: bool = typer.Option(False, "--prepare", help="download the aarch64 TVM runtime and build the "
+                                 "aarch64 runner now (pip, aarch64-linux-gnu-g++), so later runs need no network"),
+) -> None:
+    """List the compile targets and check their host requirements."""
+    from bnncc.targets import registry
+
+    if prepare:
+        from bnncc.targets.vmrunner import AARCH64, ensure_runner
+
+        console.print(f"aarch64 runner: {ensure_runner(AARCH64)}")
+    table = Table(title="bnncc targets")
+    for column in ("target", "needs", "for", "found", "to install"):
+        table.add_column(column)
+    for name, requirements in registry.check().items():
+        for i, req in enumerate(requirements):
+            found = f"[green]{req.found}[/]" if req.found else "[red]missing[/]"
+            table.add_row(name if i == 0 else "", req.what, req.needed_for, found, "" if req.found else req.install)
+        table.add_section()
+    console.print(table)
+    missing = [f"{name}: {req.what}" for name, reqs in registry.check().items() for req in reqs if not req.found]
+    console.print("missing: " + ("; ".join(missing) if missing else "nothing"))
