@@ -32,6 +32,7 @@ import google.protobuf.message
 import networkx as nx
 import onnx
 import onnx.external_data_helper
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
@@ -93,12 +94,40 @@ def read(path: str | os.PathLike) -> ir.Model:
 def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
+    _check_text(proto, path)
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise BnnccError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
+    _check_tensor_data(proto, path)
     _check_interface(proto, path)
     return proto
+
+
+def _check_text(message: google.protobuf.message.Message, path: Path) -> None:
+    """Every string field (names, op types, attributes) must be UTF-8.
+
+    ONNX is proto2, so protobuf does not check; a non-UTF-8 name comes back as bytes and breaks
+    the checker and onnx_ir later with errors that cannot name it.
+    """
+    for field, value in message.ListFields():
+        items = value if field.is_repeated else (value,)
+        if field.type == field.TYPE_MESSAGE:
+            for item in items:
+                _check_text(item, path)
+        elif field.type == field.TYPE_STRING and any(isinstance(item, bytes) for item in items):
+            raise BnnccError(f"{path}: invalid ONNX model: a {message.DESCRIPTOR.name}.{field.name} is not valid UTF-8")
+
+
+def _check_tensor_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Every constant tensor's data must fill its dims at its element type (the checker does not look)."""
+    constants = [attr.t for node in proto.graph.node for attr in node.attribute if attr.HasField("t")]
+    for tensor in [*proto.graph.initializer, *constants]:
+        try:
+            onnx.numpy_helper.to_array(tensor)
+        except (ValueError, TypeError, KeyError) as e:  # KeyError: an unknown data type
+            raise BnnccError(f"{path}: tensor '{tensor.name}' (data type {tensor.data_type}, dims "
+                             f"{list(tensor.dims)}): data does not match its type and shape ({_first_line(e)})") from None
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -106,7 +135,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     path = Path(path)
     proto = _read_checked(path)
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
     model = ir.serde.deserialize_model(proto)

@@ -17,6 +17,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from bnncc.errors import BnnccError
 from bnncc.passes._util import add_initializer, const_array, int_attr
 from bnncc.passmanager import register_pass
 
@@ -63,6 +64,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             return False
         gamma, beta, mean, var = (p.reshape(-1).astype(np.float64) for p in params)
         eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+        if not np.all(var + eps > 0):  # also catches NaN: the fold would write NaN weights
+            raise BnnccError(f"node '{bn.name}' (BatchNormalization): running variance + epsilon is not positive")
         scale = gamma / np.sqrt(var + eps)
         b = np.zeros(channels) if bias is None else bias.astype(np.float64)
         new_weight = (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(weight.dtype)
