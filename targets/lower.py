@@ -131,9 +131,12 @@ def _annotate(nodes, shape: tuple[int, ...]) -> None:
 
 
 def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
-    """DPReLU: u = t - bx; (u >= 0 ? ps : ns) * u - by."""
+    """DPReLU: u = t - bx; (u >= 0 ? ps : ns) * u - by.
+
+    A ``Select`` of the two products, not an ``if_then_else`` of the slopes: the latter
+    vectorizes as a select of addresses and a gather per vector, the former as a blend."""
     u = t - bx
-    return tirx.if_then_else(u >= tirx.const(0, "float32"), ps, ns) * u - by
+    return tirx.Select(u >= tirx.const(0, "float32"), ps * u, ns * u) - by
 
 
 def _match(r: te.Tensor, idx: tuple, channels: int, height: int, method: str) -> tirx.PrimExpr:

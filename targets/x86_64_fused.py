@@ -49,16 +49,12 @@ def schedule_poke_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | N
 
 
 def bitpack_stage(conv: tirx.PrimFunc) -> tirx.PrimFunc:
-    """A fused PokeConv whose conv and epilogue are scheduled: its trailing bitpack (if any) over
-    pixels in parallel, the 32 bits of a word unrolled (any CPU; also used by arm64)."""
+    """A fused PokeConv whose conv and epilogue are scheduled: its trailing bitpack (if any) as
+    ``x86_64.schedule_bitpack_block`` (any CPU; also used by arm64)."""
     sch = s_tir.Schedule(conv)
     if not _has_block(sch, "bitpack"):
         return conv
-    block = sch.get_sblock("bitpack")
-    n, h, w, _, b = sch.get_loops(block)
-    sch.parallel(sch.fuse(n, h, w))
-    sch.unroll(b)
-    sch.decompose_reduction(block, b)
+    x86_64.schedule_bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
 
 
