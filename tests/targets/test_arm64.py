@@ -1,0 +1,128 @@
+"""arm64: instruction counting, the C++ runner on this host and under qemu-aarch64 (Relax module of
+an ONNX graph + our popcount kernels vs numpy), and a whole PokeBNN network vs onnxruntime."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bnncc.errors import BnnccError
+from bnncc.targets import arm64, vmrunner, x86_64
+from bnncc.targets.tvm_compat import compile_module, export_executable
+
+import relax_sample as sample
+
+needs_cross = pytest.mark.skipif(
+    shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
+    reason="needs g++-aarch64-linux-gnu and qemu-user (apt)")
+
+ASM = """\t.type\t__tvm_ffi_k,@function
+__tvm_ffi_k:
+\tstp\tx29, x30, [sp, #-16]!
+\tbl\tk_compute_
+\tret
+.Lfunc_end0:
+\t.size\t__tvm_ffi_k, .Lfunc_end0-__tvm_ffi_k
+\t.type\tk_compute_,@function
+k_compute_:
+\tmov\tx0, xzr
+\tret
+.Lfunc_end1:
+\t.size\tk_compute_, .Lfunc_end1-k_compute_
+\t.type\t.L__tvm_parallel_lambda,@function
+.L__tvm_parallel_lambda:
+// %bb.0:
+\teor\tv0.16b, v1.16b, v2.16b
+\tcnt\tv0.16b, v0.16b
+\tuaddlp\tv0.8h, v0.16b
+\tuadalp\tv3.4s, v0.8h
+\tb.ne\t.L__tvm_parallel_lambda
+\tret
+.Lfunc_end2:
+\t.size\t.L__tvm_parallel_lambda, .Lfunc_end2-.L__tvm_parallel_lambda
+\t.type\tother_compute_,@function
+other_compute_:
+\tcnt\tv0.16b, v0.16b
+\tret
+.Lfunc_end3:
+\t.size\tother_compute_, .Lfunc_end3-other_compute_
+"""
+
+
+def test_count_instructions_by_hand():
+    counts = arm64.count_instructions(arm64.kernel_assembly(ASM, "k"))
+    # k: wrapper (stp, bl, ret) + compute (mov, ret) + its parallel lambda (eor, cnt, uaddlp, uadalp, b.ne, ret)
+    assert counts == {"cnt": 1, "uaddlp": 1, "uadalp": 1, "addp": 0, "eor": 1, "udot": 0, "sdot": 0, "total": 11}
+    assert arm64.count_instructions(arm64.kernel_assembly(ASM, "other"))["total"] == 2
+    with pytest.raises(BnnccError, match="no function 'missing'"):
+        arm64.kernel_assembly(ASM, "missing")
+
+
+def test_target_and_schedule_rules():
+    target = arm64.arm64_target(dotprod=True)
+    assert arm64.is_arm64(target) and list(target.attrs["mattr"]) == ["+neon", "+dotprod"]
+    assert not arm64.is_arm64(x86_64.host_target())
+    from bnncc.targets.kernels import bitpack
+
+    func = bitpack.sign_bitpack_func(1, 2, 2, 40)
+    assert arm64.schedule(func, x86_64.host_target()) is None
+    assert arm64.schedule(func, target).attrs["tirx.is_scheduled"]
+
+
+def _input():
+    return np.random.default_rng(7).standard_normal((sample.ROWS, 16)).astype(np.float32)
+
+
+def test_host_runner_runs_relax_module(tmp_path):
+    """The C++ runner built for x86-64 (no Python in the loop) on the ONNX + popcount module."""
+    target = x86_64.host_target()
+    mod, expect = sample.build(target, x86_64.schedule)
+    library = export_executable(compile_module(mod, target), tmp_path / "sample.so")
+    x = _input()
+    (out,) = vmrunner.run_library(library, [x], function=sample.FUNCTION)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, expect(x))
+    assert vmrunner.time_library(library, [x], runs=3, function=sample.FUNCTION) > 0
+
+
+def test_runner_reports_missing_function(tmp_path):
+    target = x86_64.host_target()
+    mod, _ = sample.build(target, x86_64.schedule)
+    library = export_executable(compile_module(mod, target), tmp_path / "sample.so")
+    with pytest.raises(BnnccError, match="no function nope"):
+        vmrunner.run_library(library, [_input()], function="nope")
+
+
+@needs_cross
+def test_arm64_library_runs_under_qemu(tmp_path):
+    target = arm64.arm64_target()
+    mod, expect = sample.build(target, arm64.schedule)
+    executable = compile_module(mod, target)
+    library = arm64.export_arm64(executable, tmp_path / "sample_arm64.so")
+    assert library.read_bytes()[:4] == b"\x7fELF" and library.read_bytes()[18] == 183  # e_machine = EM_AARCH64
+    x = _input()
+    (out,) = vmrunner.run_arm64(library, [x], function=sample.FUNCTION)
+    np.testing.assert_array_equal(out, expect(x))
+    counts = arm64.count_instructions(arm64.kernel_assembly(arm64.assembly(executable), "binary_conv2d"))
+    assert counts["cnt"] > 0 and counts["eor"] > 0 and counts["uadalp"] + counts["uaddlp"] > 0
+
+
+@needs_cross
+def test_pokebnn_network_on_arm64_agrees_with_onnxruntime(tmp_path):
+    """The tiny PokeBNN of test_lower compiled for arm64, run under qemu by `verify` (via bnncc.runtime)."""
+    import json
+
+    from bnncc.targets.build import compile
+    from bnncc.verify import verify
+    from test_lower import tiny_pokebnn
+
+    folder = compile(tiny_pokebnn(), tmp_path / "tiny_arm64", target="arm64", batches=(2,))
+    manifest = json.loads((folder / "model.json").read_text())
+    assert manifest["target"]["name"] == "arm64"
+    counts = manifest["instructions"]
+    assert counts and all(c["cnt"] > 0 for c in counts.values())
+    report = verify(folder, n=4, batch=2)
+    assert report.ok, report.failures
+    assert report.argmax_agree == 4
