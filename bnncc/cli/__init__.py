@@ -22,6 +22,8 @@ from bnncc.cli import run_cmd  # noqa: E402,F401
 from bnncc.cli import verify_cmd  # noqa: E402,F401
 from bnncc.cli import finetune_cmd  # noqa: E402,F401
 from bnncc.cli import targets_cmd  # noqa: E402,F401
+from bnncc.cli import convert_cmd  # noqa: E402,F401
+from bnncc.cli import demo_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]
 

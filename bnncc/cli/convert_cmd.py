@@ -1,0 +1,69 @@
+"""``bnncc convert MODEL --recipe R --target T [--data DIR --epochs N | --max-steps N] -o OUTDIR``."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from bnncc.cli._app import app, console
+
+
+@app.command()
+def convert(
+    model: Path = typer.Argument(..., help="ONNX model of a float bottleneck ResNet (e.g. a torchvision ResNet-50 export)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for model.so, model.json, model.onnx and the report"),
+    recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
+    target: str = typer.Option("x86-64", "--target", "-t", help="x86-64, arm64 or cuda"),
+    data: Optional[Path] = typer.Option(None, "--data", help="IDX folder or ImageFolder tree: fine-tune on it"),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop fine-tuning after N steps"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="fine-tuning batch size"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. train.lr=1e-3"),
+    seed: int = typer.Option(0, "--seed", help="seed of data order and augmentation"),
+) -> None:
+    """Import, rewrite, fine-tune (with --data), compile and report; reuse stages whose inputs did not change."""
+    from bnncc.pipeline import ConvertOptions, convert as run_convert
+
+    options = ConvertOptions(recipe=recipe, overrides=tuple(overrides), target=target, data=data, epochs=epochs,
+                             max_steps=max_steps, batch_size=batch_size, seed=seed)
+    result = run_convert(model, output, options)
+    print_result(result)
+    if not result.trained:
+        command = ["bnncc", "convert", str(model), "--recipe", recipe, "--target", target,
+                   *[a for o in overrides for a in ("--set", o)], "--data", "DIR", "--epochs", "N", "-o", str(output)]
+        untrained_notice(shlex.join(command))
+
+
+def print_result(result) -> None:
+    """The stage table (ACE, whether reused, seconds) and where the outputs are."""
+    table = Table(title=f"bnncc convert -> {result.outdir}")
+    for column in ("stage", "ACE (1e9)", "CPU64 (1e6)", "params", "size", "reused", "seconds"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    keys = {"float import": "import", "rewrite": "rewrite", "fine-tune": "finetune", "compiled": "compile"}
+    for stage in result.report.stages:
+        key = keys[stage.name]
+        table.add_row(stage.name, f"{stage.cost.total / 1e9:.4f}", f"{stage.cost.cpu64 / 1e6:.2f}",
+                      f"{stage.cost.trainable_params:,}", f"{stage.file_bytes / 2**20:.2f} MiB",
+                      "yes" if result.cached.get(key) else "", f"{result.seconds.get(key, 0):.1f}")
+    console.print(table)
+    accuracy = result.report.accuracy or {}
+    if accuracy.get("student_top1") is not None:
+        line = f"top-1: teacher {accuracy['teacher_top1']:.2f}%, PokeBNN {accuracy['student_top1']:.2f}%"
+        if accuracy.get("library_top1") is not None:
+            line += f", compiled library {accuracy['library_top1']:.2f}%"
+        console.print(line)
+    if result.report.latency:
+        console.print(f"latency (batch 1, {result.report.latency['threads']} threads): "
+                      f"{result.report.latency['median_ms']:.2f} ms")
+    console.print(f"outputs: {result.outdir}/model.so, model.json, model.onnx; report {result.outdir}/report.md",
+                  soft_wrap=True)
+
+
+def untrained_notice(command: str) -> None:
+    console.print("[bold yellow]The network is untrained:[/] its binary weights come straight from the rewrite, "
+                  "so its outputs are not meaningful. To fine-tune it on a data set (IDX folder or ImageFolder "
+                  f"tree), run:\n  {command}", soft_wrap=True)

@@ -1,0 +1,29 @@
+"""``bnncc demo [-o OUTDIR] [--data DIR]``: the whole pipeline on an embedded default, in a few minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bnncc.cli._app import app, console
+from bnncc.cli.convert_cmd import print_result
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("bnncc-demo"), "--output", "-o", help="folder for the teacher, library and report"),
+    data: Optional[Path] = typer.Option(None, "--data", help="IDX folder or ImageFolder tree (default: the shipped "
+                                                            "2000 + 500 image Fashion-MNIST sample)"),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs of the PokeBNN student"),
+    teacher_epochs: int = typer.Option(1, "--teacher-epochs", min=1, help="training epochs of the float teacher"),
+) -> None:
+    """Train a narrow torchvision ResNet-50 teacher, convert it to PokeBNN-1x with a short fine-tune, compile
+    it for this machine and write the report."""
+    from bnncc.pipeline import DemoOptions, demo as run_demo
+
+    console.print(f"bnncc demo: ResNet-50 (torchvision definition, width x{DemoOptions.width}) on "
+                  f"{data or 'the shipped Fashion-MNIST sample'}, PokeBNN-1x, host target")
+    result = run_demo(output, data, DemoOptions(epochs=epochs, teacher_epochs=teacher_epochs))
+    print_result(result)

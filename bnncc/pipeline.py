@@ -1,0 +1,296 @@
+"""``convert``: a float ResNet ONNX file -> a PokeBNN library folder with its report, in cached stages.
+
+The stages (architecture.md, "the job in one picture"):
+
+1. import: ``bnncc.load`` (always run: it validates the input and gives the float ACE);
+2. rewrite: the recipe's passes -> ``stages/rewrite.onnx``;
+3. fine-tune (only with data): distillation from the imported float model -> ``stages/finetune.onnx``;
+4. compile: ``bnncc.compile`` of the last graph -> ``stages/library/``; model.so, model.json and
+   the reference graph model.onnx are then copied into OUTDIR;
+5. report: report.json, report.md, plots (``bnncc.report``), latency when the target is the host.
+
+Caching: stage S records ``stages/S.json`` = {key, outputs: {file: sha256}, results}. The key is
+the sha256 of S's inputs: the bytes of the files it reads (the imported model serialized, so
+external data counts; the data set's files; the previous stage's output), the resolved recipe,
+S's options and the bnncc version. S is skipped when its record has the same key and every
+output still has its recorded hash. Every file is written atomically, and a record only after
+its outputs, so a killed run never leaves a record for a partial stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+from bnncc.fileio import atomic_path, atomic_write_text
+from bnncc.report import Report, Stage, write_report
+
+__all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "hash_files",
+           "measure_latency", "LIBRARY_FILES"]
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_FILES = ("model.so", "model.json", "model.onnx")
+HOST_TARGET = "x86-64"  # the target whose libraries run natively here: latency is measured only for it
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertOptions:
+    """How ``convert`` runs. ``overrides`` are recipe ``key=value`` strings (``train.lr=1e-3``);
+    ``epochs``/``max_steps``/``batch_size`` set the fine-tune, which runs only when ``data`` is given."""
+
+    recipe: str = "pokebnn_1x"
+    overrides: tuple[str, ...] = ()
+    target: str = HOST_TARGET
+    data: Path | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    batches: tuple[int, ...] = (1,)
+    latency_runs: int = 20
+    show_progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertResult:
+    outdir: Path
+    report: Report
+    cached: dict[str, bool]  # stage name -> whether its output was reused
+    seconds: dict[str, float]  # stage name -> wall time of this run
+
+    @property
+    def trained(self) -> bool:
+        return self.report.trained
+
+
+def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions = ConvertOptions()) -> ConvertResult:
+    """Run import, rewrite, fine-tune (with data), compile and report; return what was produced."""
+    from bnncc.cost import ace
+    from bnncc.frontend import load
+    from bnncc.recipe import load_recipe
+    from bnncc.targets import registry
+
+    model_path, outdir = Path(model_path), Path(outdir)
+    registry.get(options.target)  # an unknown target fails before any work
+    recipe = load_recipe(options.recipe, options.overrides)
+    stages_dir = outdir / "stages"
+    cached: dict[str, bool] = {}
+    seconds: dict[str, float] = {}
+
+    start = time.perf_counter()
+    float_model = load(model_path)
+    float_hash = hashlib.sha256(ir.to_proto(float_model).SerializeToString()).hexdigest()
+    report_stages = [Stage("float import", model_path.name, model_path.stat().st_size, ace(float_model))]
+    seconds["import"] = time.perf_counter() - start
+
+    recipe_data = {"passes": [[name, params] for name, params in recipe.passes], "train": recipe.train}
+    rewrite_out = stages_dir / "rewrite.onnx"
+
+    def run_rewrite() -> dict:
+        from bnncc.rewrite import rewrite
+
+        student, _ = rewrite(float_model, recipe)
+        with atomic_path(rewrite_out) as tmp:
+            ir.save(student, tmp)
+        return {}
+
+    _timed(seconds, cached, "rewrite", lambda: cached_stage(
+        stages_dir, "rewrite", {"model": float_hash, "recipe": recipe_data}, [rewrite_out], run_rewrite))
+    report_stages.append(Stage("rewrite", rewrite_out.name, rewrite_out.stat().st_size, ace(rewrite_out)))
+
+    graph, accuracy = rewrite_out, None
+    if options.data is not None:
+        graph = stages_dir / "finetune.onnx"
+        accuracy = _timed(seconds, cached, "finetune",
+                          lambda: _finetune(model_path, float_hash, rewrite_out, graph, recipe.train, options))
+        report_stages.append(Stage("fine-tune", graph.name, graph.stat().st_size, ace(graph)))
+
+    library = stages_dir / "library"
+
+    def run_compile() -> dict:
+        from bnncc.targets.build import compile as compile_graph
+
+        compile_graph(graph, library, target=options.target, batches=options.batches)
+        return {}
+
+    _timed(seconds, cached, "compile", lambda: cached_stage(
+        stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target,
+                                "batches": list(options.batches)},
+        [library / name for name in LIBRARY_FILES], run_compile))
+    for name in LIBRARY_FILES:
+        with atomic_path(outdir / name) as tmp:
+            shutil.copyfile(library / name, tmp)
+    report_stages.append(Stage("compiled", "model.so", (outdir / "model.so").stat().st_size, report_stages[-1].cost))
+
+    latency = None
+    if options.target == HOST_TARGET:
+        from bnncc.runtime import load as load_library
+
+        lib = load_library(outdir)
+        latency = measure_latency(lib, options.latency_runs)
+        if options.data is not None and accuracy is not None:
+            accuracy = {**accuracy, **_library_accuracy(lib, options.data)}
+    report = Report(str(model_path), recipe.name, options.target, options.data is not None, tuple(report_stages),
+                    accuracy, latency)
+    write_report(report, outdir)
+    return ConvertResult(outdir, report, cached, seconds)
+
+
+def _timed(seconds: dict[str, float], cached: dict[str, bool], name: str, run: Callable[[], tuple[bool, dict]]):
+    """Run a cached stage, recording whether it was reused and how long it took; return its results."""
+    start = time.perf_counter()
+    cached[name], results = run()
+    seconds[name] = time.perf_counter() - start
+    return results
+
+
+def _finetune(teacher: Path, teacher_hash: str, student: Path, output: Path, train: dict,
+              options: ConvertOptions) -> tuple[bool, dict]:
+    """The fine-tune stage: the recipe's [train] table with the command line's epochs, steps, batch and seed."""
+    from bnncc.train import TrainConfig
+    from bnncc.train.finetune import finetune
+
+    cfg = TrainConfig.from_recipe(train, epochs=options.epochs, max_steps=options.max_steps,
+                                  batch_size=options.batch_size, seed=options.seed)
+
+    def run() -> dict:
+        result = finetune(student, teacher, options.data, output, cfg, show_progress=options.show_progress)
+        return {"student_top1": result.student_top1, "student_top5": result.student_top5,
+                "teacher_top1": result.teacher_top1, "teacher_top5": result.teacher_top5}
+
+    key = {"teacher": teacher_hash, "student": hash_files([student]), "data": hash_files(_data_files(options.data)),
+           "train": dataclasses.asdict(cfg)}
+    return cached_stage(output.parent, "finetune", key, [output], run)
+
+
+def _data_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise BnnccError(f"{folder}: no such data directory")
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def cached_stage(folder: Path, name: str, key: dict, outputs: list[Path], run: Callable[[], dict]) -> tuple[bool, dict]:
+    """Run ``run`` (which writes ``outputs`` and returns a JSON-able result) unless ``folder/name.json``
+    records the same key and the outputs still have their recorded hashes; return (reused, result)."""
+    from bnncc import __version__
+
+    digest = hashlib.sha256(json.dumps({"bnncc": __version__, **key}, sort_keys=True).encode()).hexdigest()
+    record_path = folder / f"{name}.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("key") == digest and all(
+                p.is_file() and record["outputs"].get(p.name) == hash_files([p]) for p in outputs):
+            logger.info("stage %s: reusing %s", name, ", ".join(p.name for p in outputs))
+            return True, record["results"]
+    record_path.unlink(missing_ok=True)  # a stale record must not vouch for outputs being rewritten
+    results = run()
+    record = {"stage": name, "key": digest, "outputs": {p.name: hash_files([p]) for p in outputs}, "results": results}
+    atomic_write_text(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return False, results
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the files' names and bytes, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def measure_latency(lib, runs: int) -> dict:
+    """Milliseconds of one batch-1 call on zeros: median and minimum of ``runs`` after 3 warm-up calls."""
+    from bnncc.targets.tvm_compat import NUM_THREADS
+
+    x = np.zeros((1, *lib.input_chw), np.float32)
+    for _ in range(3):
+        lib(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        lib(x)
+        times.append(1000 * (time.perf_counter() - start))
+    return {"batch": 1, "runs": runs, "threads": NUM_THREADS, "median_ms": statistics.median(times),
+            "min_ms": min(times)}
+
+
+def _library_accuracy(lib, data: Path) -> dict:
+    """Top-1/top-5 (%) of the compiled library on the data's test split, when its classes match the model's."""
+    import torch
+
+    from bnncc.train.data import open_dataset
+
+    chw = tuple(int(d) for d in lib.input_chw)
+    test = open_dataset(data, "val", image_size=chw[1])
+    images, labels = test.batch(torch.arange(len(test)), chw, augment=False)
+    logits = lib(images.numpy())
+    if logits.shape[1] != test.num_classes:
+        return {}
+    best = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+    labels = labels.numpy()
+    return {"library_top1": float(100 * np.mean(best[:, 0] == labels)),
+            "library_top5": float(100 * np.mean((best == labels[:, None]).any(axis=1)))}
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """The embedded default: torchvision's ResNet-50 at ``width`` x the channels, ``image_size`` inputs,
+    a float teacher trained for ``teacher_epochs`` on the data, then ``convert`` with ``epochs`` of
+    distillation at ``lr`` per 256 images (the recipe's 2e-5 is for 800 epochs from a trained network)."""
+
+    width: float = 0.25
+    image_size: int = 32
+    teacher_epochs: int = 1
+    epochs: int = 1
+    batch_size: int = 128
+    teacher_lr: float = 2e-3
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOptions = DemoOptions(),
+         show_progress: bool = True) -> ConvertResult:
+    """Train a small float teacher on ``data`` (default: the shipped Fashion-MNIST sample) and convert it
+    for the host; the teacher is a cached stage like the others (``stages/teacher.json``)."""
+    from bnncc.data import FASHION_MNIST_SAMPLE
+    from bnncc.train import TrainConfig
+    from bnncc.train.finetune import train_teacher
+    from bnncc.zoo import STEM_WIDTH
+
+    outdir, data = Path(outdir), Path(data or FASHION_MNIST_SAMPLE)
+    teacher = outdir / "teacher.onnx"
+    cfg = TrainConfig(lr=options.teacher_lr, batch_size=options.batch_size, epochs=options.teacher_epochs,
+                      label_weight=1.0, seed=options.seed)
+
+    def run() -> dict:
+        _, top1, top5 = train_teacher(data, teacher, cfg, width=options.width, image_size=options.image_size,
+                                      show_progress=show_progress)
+        return {"teacher_top1": top1, "teacher_top5": top5}
+
+    key = {"data": hash_files(_data_files(data)), "train": dataclasses.asdict(cfg), "width": options.width,
+           "image_size": options.image_size}
+    cached_stage(outdir / "stages", "teacher", key, [teacher], run)
+    # PokeInit's middle width must divide the stem width: 32 at full width, the stem itself when narrower.
+    mid_channels = min(32, max(1, round(STEM_WIDTH * options.width)))
+    convert_options = ConvertOptions(
+        overrides=(f"passes.poke_stem.mid_channels={mid_channels}", f"train.lr={options.lr}"), target=HOST_TARGET,
+        data=data, epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
+        show_progress=show_progress)
+    return convert(teacher, outdir, convert_options)
