@@ -347,13 +347,17 @@ class _Walk:
         q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
         q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
         hidden, cout = q1.shape[0], q2.shape[0]
+        # (C, O) integer layouts, two to a byte at <= 4 bits (quant.pack_int4)
+        q1, q2 = np.ascontiguousarray(q1.T), np.ascontiguousarray(q2.T)
+        if w_bits <= quant.NIBBLE_BITS:
+            q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
         shape = self._shape(x)
         key = ("se_gate", shape, hidden, cout, w_bits, a_bits)
         gvar = self._kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits))
         args = [x,
-                relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(np.ascontiguousarray(q1.T)),
+                relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(q1),
                 relax.const(s1), relax.const(b1.astype(np.float32)),
-                relax.const(quant.act_scales(bound2, a_bits, signed=False)), relax.const(np.ascontiguousarray(q2.T)),
+                relax.const(quant.act_scales(bound2, a_bits, signed=False)), relax.const(q2),
                 relax.const(s2), relax.const(b2.astype(np.float32))]
         self.floats[node.outputs[0].name] = self._call(gvar, args, [((self.batch, cout), "float32")])
         self.done.add(id(node))

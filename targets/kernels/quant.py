@@ -4,7 +4,8 @@ The ``ai.bnncc`` quantizers (bnncc/ops/spec.md), with m = 2^(b-1) - 1:
 
 - weights, per output channel o: s_o = m / max|W[o]|, q = clip(floor(W s_o + 0.5), -m, m),
   Wq = q / s_o. Quantized in numpy at compile time (``quantize_weights``); the kernels read
-  the integers q (int8) and s_o, or the float Wq where the tensor is tiny (the stem).
+  the integers q (int8; two to a byte when b <= 4, ``pack_int4``) and s_o, or the float Wq
+  where the tensor is tiny (the stem).
 - activations, per input channel c with bound B_c: signed s_c = m / B_c,
   xq = clip(floor(x s_c + 0.5), -m, m) / s_c; unsigned s_c = 2^a / B_c,
   xq = clip(floor(x s_c), 0, 2^a - 1) / s_c. B_c <= 0 means "not calibrated": xq = x. The
@@ -25,8 +26,11 @@ from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "act_scales", "quantize_weights", "quantize_act", "quant_conv2d_func", "se_gate_func", "head_func",
+    "act_scales", "pack_int4", "quantize_weights", "quantize_act", "quant_conv2d_func", "se_gate_func", "head_func",
 ]
+
+# weights of at most this many bits are stored two to a byte
+NIBBLE_BITS = 4
 
 
 
@@ -42,6 +46,23 @@ def quantize_weights(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.nda
     shaped = scale.reshape((-1,) + (1,) * (weights.ndim - 1))
     q = np.clip(np.floor(weights.astype(np.float32) * shaped + np.float32(0.5)), -m, m)
     return q.astype(np.int8), scale
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Two signed 4-bit integers to a byte along axis 0: q (C, O) in [-8, 7] -> int8 (ceil(C/2), O),
+    row c in the low nibble of byte row c // 2 when c is even, the high nibble when odd (an odd C
+    gets a zero high nibble in the last row)."""
+    rows = q.shape[0]
+    padded = np.zeros((rows + rows % 2, *q.shape[1:]), np.uint8)
+    padded[:rows] = q.astype(np.int8).view(np.uint8) & 0xF
+    return (padded[0::2] | (padded[1::2] << 4)).view(np.int8)
+
+
+def _int4(packed: te.Tensor, c: tirx.PrimExpr, o: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Row c, column o of the integers that ``pack_int4`` packed: (byte << s) >> 4 with arithmetic
+    int8 shifts, s = 4 for the low nibble (c even), 0 for the high one, sign-extends the nibble."""
+    shift = ((1 - tirx.floormod(c, 2)) * 4).astype("int8")
+    return (packed[tirx.floordiv(c, 2), o] << shift) >> tirx.const(4, "int8")
 
 
 def act_scales(bounds: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -124,20 +145,28 @@ def _mean_hw(x: te.Tensor, name: str) -> te.Tensor:
 def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name: str,
            quant: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
            act_scale: te.Tensor) -> te.Tensor:
-    """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o]; q (C, O) int8 integers."""
+    """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o]; q (C, O) int8 integers,
+    or (ceil(C/2), O) nibbles of ``pack_int4``."""
     n, c = (int(d) for d in x.shape)
     o = int(q.shape[1])
+    nibbles = int(q.shape[0]) < c
     xq = te.compute((n, c), lambda i, j: quant(x[i, j], act_scale[j]), name=f"{name}_quantize")
     rc = te.reduce_axis((0, c), name="rc")
-    dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * q[rc, j].astype("float32"), axis=rc), name=f"{name}_dot")
+
+    def weight(c, o):
+        return (_int4(q, c, o) if nibbles else q[c, o]).astype("float32")
+
+    dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * weight(rc, j), axis=rc), name=f"{name}_dot")
     return te.compute((n, o), lambda i, j: dot[i, j] / w_scale[j] + bias[j], name=name)
 
 
-def _dense_inputs(c: int, o: int, name: str) -> tuple[te.Tensor, ...]:
-    """Placeholders (act_scale (C,), q (C, O) int8, w_scale (O,), bias (O,)) of one quantized dense layer."""
+def _dense_inputs(c: int, o: int, name: str, w_bits: int = 8) -> tuple[te.Tensor, ...]:
+    """Placeholders (act_scale (C,), q, w_scale (O,), bias (O,)) of one quantized dense layer;
+    q int8 (C, O), or (ceil(C/2), O) packed nibbles when w_bits <= NIBBLE_BITS."""
+    rows = -(-c // 2) if w_bits <= NIBBLE_BITS else c
     return (
         te.placeholder((c,), "float32", name=f"{name}_act_scale"),
-        te.placeholder((c, o), "int8", name=f"{name}_q"),
+        te.placeholder((rows, o), "int8", name=f"{name}_q"),
         te.placeholder((o,), "float32", name=f"{name}_w_scale"),
         te.placeholder((o,), "float32", name=f"{name}_bias"),
     )
@@ -149,12 +178,13 @@ def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: 
 
         p = mean_HW(x);  h = relu(dense1(quant_signed(p)));  g = dense2(quant_unsigned(h))
         gate = min(max(g + 3, 0), 6) / 6
+
+    q1 (Cin, hidden) and q2 (hidden, Cout) are ``pack_int4``-packed when w_bits <= NIBBLE_BITS.
     """
-    del w_bits  # the integers q carry the weight precision
     n, _, _, cin = x_shape
     x = te.placeholder(x_shape, "float32", name="x")
-    first = _dense_inputs(cin, hidden, "se1")
-    second = _dense_inputs(hidden, out_channels, "se2")
+    first = _dense_inputs(cin, hidden, "se1", w_bits)
+    second = _dense_inputs(hidden, out_channels, "se2", w_bits)
     pooled = _mean_hw(x, "pool")
 
     def signed(v, s):
