@@ -56,29 +56,39 @@ def _pip_command(dest: Path) -> list[str]:
 
 
 def ensure_arm64_runtime() -> Path:
-    """The folder holding the aarch64 libtvm_runtime.so and libtvm_ffi.so; downloads the aarch64
-    wheels (same versions as installed) and extracts the two libraries the first time."""
+    """The folder holding the aarch64 libtvm_runtime.so and libtvm_ffi.so, extracted the first time
+    from the aarch64 wheels (same versions as installed): those in ``<folder>/wheels`` if present
+    (the offline path: the command in the error puts them there), else downloaded with pip."""
     folder = cache_dir() / "arm64-runtime" / f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
     if all((folder / Path(member).name).is_file() for member in _RUNTIME_LIBS.values()):
         return folder
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        command = _pip_command(Path(tmp))
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise BnnccError(f"could not download the aarch64 TVM runtime ({done.stderr.strip().splitlines()[-1:]}); "
-                             f"run: {' '.join(command[:-1])} -d {folder}/wheels {command[-1]} ...")
-        folder.mkdir(parents=True, exist_ok=True)
-        for wheel in Path(tmp).glob("*.whl"):
-            with zipfile.ZipFile(wheel) as archive:
-                for member in set(archive.namelist()) & set(_RUNTIME_LIBS.values()):
-                    with atomic_path(folder / Path(member).name) as dest:
-                        dest.write_bytes(archive.read(member))
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list((folder / "wheels").glob("*.whl"))) >= len(_RUNTIME_LIBS):
+        _extract_runtime(folder / "wheels", folder)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(_pip_command(Path(tmp)), capture_output=True, text=True)
+            if done.returncode != 0:
+                raise BnnccError(f"could not download the aarch64 TVM runtime ({done.stderr.strip().splitlines()[-1:]}); "
+                                 f"run: {' '.join(_pip_command(folder / 'wheels'))}")
+            _extract_runtime(Path(tmp), folder)
     missing = [name for name in _RUNTIME_LIBS.values() if not (folder / Path(name).name).is_file()]
     if missing:
         raise BnnccError(f"the aarch64 wheels held no {', '.join(missing)}; is the installed TVM a manylinux build?")
     logger.info("aarch64 TVM runtime in %s (%.1f s)", folder, time.perf_counter() - start)
     return folder
+
+
+def _extract_runtime(wheels: Path, folder: Path) -> None:
+    """Copy libtvm_runtime.so and libtvm_ffi.so out of the wheels in ``wheels`` into ``folder``
+    (readable by all: a cache may be shared by CI users)."""
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            for member in set(archive.namelist()) & set(_RUNTIME_LIBS.values()):
+                with atomic_path(folder / Path(member).name) as dest:
+                    dest.write_bytes(archive.read(member))
+                    dest.chmod(0o644)
 
 
 def _host_runtime() -> Path:

@@ -121,8 +121,35 @@ def test_pokebnn_network_on_arm64_agrees_with_onnxruntime(tmp_path):
     folder = compile(tiny_pokebnn(), tmp_path / "tiny_arm64", target="arm64", batches=(2,))
     manifest = json.loads((folder / "model.json").read_text())
     assert manifest["target"]["name"] == "arm64"
-    counts = manifest["instructions"]
-    assert counts and all(c["cnt"] > 0 for c in counts.values())
+    counts = manifest["instructions"]  # one entry per BinaryConv layer, in graph order
+    layers = [node.name for node in tiny_pokebnn().graph if node.op_type == "BinaryConv"]
+    assert list(counts) == layers and all(c["cnt"] > 0 and c["kernel"].startswith("poke_conv") for c in counts.values())
     report = verify(folder, n=4, batch=2)
     assert report.ok, report.failures
     assert report.argmax_agree == 4
+
+
+def test_arm64_runtime_offline_from_the_printed_command(tmp_path, monkeypatch):
+    """Without an index, ensure_arm64_runtime names the exact pip command; wheels put where that
+    command says (stand-ins here, holding the two libraries) are then used without pip."""
+    import zipfile
+    from importlib import metadata
+
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(BnnccError) as failure:
+        vmrunner.ensure_arm64_runtime()
+    command = str(failure.value).split("run: ")[1].split()
+    for name in ("apache-tvm", "apache-tvm-ffi"):
+        assert f"{name}=={metadata.version(name)}" in command
+    assert command.count("-d") == 1 and "manylinux_2_28_aarch64" in command
+    wheels = tmp_path.joinpath(command[command.index("-d") + 1])
+    wheels.mkdir(parents=True)
+    for member in ("tvm/lib/libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so"):
+        with zipfile.ZipFile(wheels / f"{member.split('/')[0]}.whl", "w") as archive:
+            archive.writestr(member, member.encode())
+    folder = vmrunner.ensure_arm64_runtime()
+    assert folder == wheels.parent
+    assert (folder / "libtvm_ffi.so").read_bytes() == b"tvm_ffi/lib/libtvm_ffi.so"
+    assert (folder / "libtvm_runtime.so").stat().st_mode & 0o777 == 0o644
+    assert vmrunner.ensure_arm64_runtime() == folder
