@@ -33,7 +33,7 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
 from bnncc.targets.tvm_compat import Target, make_target, tirx
 
 __all__ = [
-    "CROSS_CXX", "LANES", "arm64_target", "assembly", "binary_kernel_counts", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
+    "CROSS_CXX", "LANES", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
     "schedule",
 ]
 
@@ -170,3 +170,18 @@ def binary_kernel_counts(executable) -> dict[str, dict[str, int]]:
     asm = assembly(executable)
     symbols = sorted({s[len("__tvm_ffi_"):] for s, _ in _FUNCTION.findall(asm) if s.startswith("__tvm_ffi_")})
     return {name: count_instructions(kernel_assembly(asm, name)) for name in symbols if name.startswith(_BINARY_KERNELS)}
+
+
+def binary_layer_counts(executable, module, function: str, layers: list[str]) -> dict[str, dict]:
+    """Instruction counts per binary layer: ``layers`` (the BinaryConv node names, in graph order)
+    matched in order with the binary conv kernels that Relax function ``function`` of ``module``
+    calls (the lowering emits one call per BinaryConv, in graph order; layers of one shape share
+    a kernel). Each entry: ``{"kernel": symbol, **count_instructions}``."""
+    kernels = binary_kernel_counts(executable)
+    calls = [binding.value.args[0].name_hint
+             for block in module[function].body.blocks for binding in block.bindings
+             if getattr(binding.value, "op", None) is not None and getattr(binding.value.op, "name", "") == "relax.call_tir"
+             and binding.value.args[0].name_hint in kernels]
+    if len(calls) != len(layers):
+        raise BnnccError(f"{function}: {len(calls)} binary conv calls for {len(layers)} BinaryConv layers")
+    return {layer: {"kernel": kernel, **kernels[kernel]} for layer, kernel in zip(layers, calls)}

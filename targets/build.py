@@ -69,7 +69,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         "ace": _ace(model),
         "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
         "compile_seconds": round(compile_s, 2),
-        **(spec.report(executable) if spec.report else {}),
+        **(spec.report(executable, lowered, model) if spec.report else {}),
     }
     output = Path(output)
     with _atomic_dir(output) as tmp:

@@ -42,7 +42,7 @@ class TargetSpec:
     export: Callable[[object, Path], Path]
     caller: Callable[[Path], Caller]
     requirements: Callable[[], list[Requirement]]
-    report: Callable[[object], dict] | None = None  # executable -> extra manifest entries
+    report: Callable[..., dict] | None = None  # (executable, lowered, model) -> extra manifest entries
 
 
 # -- x86-64 -----------------------------------------------------------------------------------------
@@ -105,11 +105,13 @@ def _arm64_caller(path: Path) -> Caller:
     return lambda function, x: run_arm64(path, [x], function=function)[0]
 
 
-def _arm64_report(executable) -> dict:
-    """Static instruction counts of each binary conv kernel (``arm64.count_instructions``)."""
-    from bnncc.targets.arm64 import binary_kernel_counts
+def _arm64_report(executable, lowered, model) -> dict:
+    """Static instruction counts of each binary layer's kernel (``arm64.binary_layer_counts``)."""
+    from bnncc.targets.arm64 import binary_layer_counts
+    from bnncc.targets.lower import function_name
 
-    return {"instructions": binary_kernel_counts(executable)}
+    layers = [node.name for node in model.graph if node.op_type == "BinaryConv"]
+    return {"instructions": binary_layer_counts(executable, lowered.module, function_name(min(lowered.batches)), layers)}
 
 
 def _arm64_requirements() -> list[Requirement]:
