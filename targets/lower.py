@@ -461,7 +461,7 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     words = bitpack.words(cin)
     bits = te.placeholder((n, h, w, words), bitpack.WORD_DTYPE, name="bits")
     weights = te.placeholder((kernel, kernel, words, cout), bitpack.WORD_DTYPE, name="weights")
-    border = te.placeholder((kernel * kernel, kernel * kernel, cout), "int32", name="border")
+    border = te.placeholder((kernel * kernel, kernel * kernel, cout), bitpack.BORDER_DTYPE, name="border")
     residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
     gate = te.placeholder((n, cout), "float32", name="gate")
     params = te.placeholder((8, cout), "float32", name="params")

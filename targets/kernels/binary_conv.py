@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bnncc.targets.kernels import KERNEL_ATTR
-from bnncc.targets.kernels.bitpack import WORD_DTYPE, words
+from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
@@ -100,7 +100,7 @@ def binary_conv2d(
 ) -> te.Tensor:
     """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout).
 
-    ``border`` is the int32 (k*k, k*k, Cout) table of ``bitpack.pack_weights``. Output NHWC
+    ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights``. Output NHWC
     (N, ceil(H/s), ceil(W/s), Cout); the math is in the module docstring.
     """
     n, h, w, cw = (int(d) for d in x.shape)
@@ -127,7 +127,8 @@ def binary_conv2d(
     def result(i, y, z, co):
         top, bottom = padded(y, rows[0], h)
         left, right = padded(z, cols[0], w)
-        acc = in_channels * k * k - 2 * mismatches[i, y, z, co] + border[top * k + bottom, left * k + right, co]
+        correction = border[top * k + bottom, left * k + right, co].astype("int32")
+        acc = in_channels * k * k - 2 * mismatches[i, y, z, co] + correction
         return epilogue.fn(acc, (i, y, z, co)) if epilogue else acc
 
     return te.compute(mismatches.shape, result, name="binary_conv2d", tag="binary_conv2d")
@@ -147,7 +148,7 @@ def binary_conv2d_func(
     cw = words(in_channels)
     x = te.placeholder((batch, height, width, cw), WORD_DTYPE, name="x")
     weights = te.placeholder((kernel, kernel, cw, out_channels), WORD_DTYPE, name="weights")
-    border = te.placeholder((kernel * kernel, kernel * kernel, out_channels), "int32", name="border")
+    border = te.placeholder((kernel * kernel, kernel * kernel, out_channels), BORDER_DTYPE, name="border")
     out = binary_conv2d(x, weights, border, in_channels=in_channels, stride=stride, epilogue=epilogue)
     extra = list(epilogue.inputs) if epilogue else []
     func = te.create_prim_func([x, weights, border, *extra, out])

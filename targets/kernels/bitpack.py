@@ -16,15 +16,19 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bnncc.errors import BnnccError
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
-__all__ = ["WORD_BITS", "WORD_DTYPE", "PackedWeights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
+__all__ = ["BORDER_DTYPE", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
 
 KERNEL_NAME = "sign_bitpack"
 
 WORD_BITS = 32
 WORD_DTYPE = "uint32"
+# border corrections are sums of at most C*k*k signs (4608 for 512 channels, 3x3): 16 bits hold
+# them up to 3640 channels, and halve the table (1.2 MiB of PokeBNN-1x's 3x3 layers at int32)
+BORDER_DTYPE = "int16"
 
 
 def words(channels: int) -> int:
@@ -79,7 +83,7 @@ class PackedWeights(NamedTuple):
     bits:   uint32 (k, k, ceil(Cin/32), Cout); bit = [W >= 0]; Cout innermost (the vector lanes).
     scale:  float32 (Cout,) = max|W| over (Cin, kh, kw) / 2, so that W ~ sign(W) * scale
             (the BinaryConv weight quantizer, bnncc/ops/spec.md).
-    border: int32 (k*k, k*k, Cout), the padded-border correction (see ``border_table``).
+    border: int16 (k*k, k*k, Cout), the padded-border correction (see ``border_table``).
     in_channels: Cin, the real channel count.
     """
 
@@ -116,7 +120,11 @@ def border_table(tap_sums: np.ndarray) -> np.ndarray:
     a tap (kh, kw) being padded when kh < top or kh >= k - bottom or kw < left or kw >= k - right.
     """
     cout, k, _ = tap_sums.shape
-    table = np.zeros((k * k, k * k, cout), dtype=np.int32)
+    limit = np.iinfo(BORDER_DTYPE).max
+    if np.abs(tap_sums).sum(axis=(1, 2)).max(initial=0) > limit:
+        raise BnnccError(f"binary conv weights of shape (Cout, k, k) = {tuple(tap_sums.shape)}: border "
+                         f"corrections exceed {BORDER_DTYPE} (more than {limit // (k * k)} input channels)")
+    table = np.zeros((k * k, k * k, cout), dtype=BORDER_DTYPE)
     taps = np.arange(k)
     for top in range(k):
         for bottom in range(k):
