@@ -175,10 +175,10 @@ def export_cuda(executable, path: str | os.PathLike, arch: str = DEFAULT_ARCH) -
     path = Path(path)
     source = inspect_cuda_source(executable)
     fatbin = nvcc_fatbin(source, arch)
-    with atomic_path(path.with_suffix(".cu")) as tmp:
-        tmp.write_text(source, encoding="utf-8")
-    with atomic_path(path.with_suffix(".fatbin")) as tmp:
-        tmp.write_bytes(fatbin)
+    for suffix, data in ((".cu", source.encode()), (".fatbin", fatbin)):
+        with atomic_path(path.with_suffix(suffix)) as tmp:
+            tmp.write_bytes(data)
+            tmp.chmod(0o644)  # mkstemp's 0600 would hide them from other users of the library
     with atomic_path(path, suffix=".so") as tmp:
         executable.export_library(str(tmp))
     return path
