@@ -4,7 +4,9 @@
     float32 ResNet-50 and onnxruntime int8 ResNet-50 (static QDQ, random calibration), as ratios;
 (c) compile time and library size against the packed weight size.
 
-Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py`` (prints a markdown table).
+Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py`` (prints a markdown table);
+``--profile`` adds the per-kernel profile at batch 1: each PrimFunc of the lowered module
+compiled and timed alone on random inputs (fastest of 7 loops of 10), times its call count.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import re  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -77,7 +82,56 @@ def _packed_weight_bytes(model) -> float:
     return total_bits / 8
 
 
+def _fastest_s(fn, args) -> float:
+    fn(*args)
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(10):
+            fn(*args)
+        times.append((time.perf_counter() - start) / 10)
+    return min(times)
+
+
+def kernel_profile(model) -> list[tuple[float, float, int, str, str]]:
+    """(total ms, ms per call, calls, kernel, first input shape) per PrimFunc at batch 1, slowest first."""
+    import tvm
+
+    from bnncc.targets.lower import lower
+    from bnncc.targets.tvm_compat import compile_func, to_tensor
+    from bnncc.targets.x86_64 import host_target
+
+    target = host_target()
+    module = lower(model, target, (1,)).module
+    calls = collections.Counter(re.findall(r"call_tir\(cls\.(\w+)", module.script()))
+    rng = np.random.default_rng(0)
+    rows = []
+    for gvar, func in module.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        shapes = [(tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in func.params]
+        # floats Gaussian, integers small and non-negative (valid bits, border rows, nibbles)
+        args = [to_tensor(rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
+                          else rng.integers(0, 7, size=shape).astype(dtype)) for shape, dtype in shapes]
+        ms = 1e3 * _fastest_s(compile_func(func, target), args)
+        name = gvar.name_hint
+        rows.append((ms * calls[name], ms, calls[name], name, "x".join(map(str, shapes[0][0]))))
+    return sorted(rows, reverse=True)
+
+
+def _print_profile(rows) -> None:
+    total = sum(r[0] for r in rows)
+    print(f"\nper-kernel profile, batch 1, {THREADS} threads: sum {total:.2f} ms")
+    print("| kernel | first input | calls | ms per call | ms total | share |")
+    print("|---|---|---|---|---|---|")
+    for ms_total, ms, count, name, shape in rows:
+        print(f"| {name} | {shape} | {count} | {ms:.3f} | {ms_total:.3f} | {100 * ms_total / total:.1f}% |")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", action="store_true", help="also time each kernel alone at batch 1")
+    args = parser.parse_args()
     import onnx_ir as ir
 
     from bnncc import zoo
@@ -117,6 +171,8 @@ def main() -> None:
     print(f"\ncompile (lower + build + export, batch 1 and 8): {compile_s:.1f} s")
     print(f"library {so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; "
           f"ratio {so_bytes / packed:.2f}")
+    if args.profile:
+        _print_profile(kernel_profile(poke))
 
 
 if __name__ == "__main__":
