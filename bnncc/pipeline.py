@@ -95,7 +95,8 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     report_stages = [Stage("float import", model_path.name, model_path.stat().st_size, ace(float_model))]
     seconds["import"] = time.perf_counter() - start
 
-    recipe_data = {"passes": [[name, params] for name, params in recipe.passes], "train": recipe.train}
+    # the rewrite reads only the passes; the [train] table is part of the fine-tune's key
+    passes = [[name, params] for name, params in recipe.passes]
     rewrite_out = stages_dir / "rewrite.onnx"
 
     def run_rewrite() -> dict:
@@ -107,7 +108,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         return {}
 
     _timed(seconds, cached, "rewrite", lambda: cached_stage(
-        stages_dir, "rewrite", {"model": float_hash, "recipe": recipe_data}, [rewrite_out], run_rewrite))
+        stages_dir, "rewrite", {"model": float_hash, "passes": passes}, [rewrite_out], run_rewrite))
     report_stages.append(Stage("rewrite", rewrite_out.name, rewrite_out.stat().st_size, ace(rewrite_out)))
 
     graph, accuracy = rewrite_out, None

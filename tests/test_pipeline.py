@@ -1,0 +1,167 @@
+"""``bnncc convert`` end to end on a narrow ResNet-50 export: artifacts, the report's ACE per stage,
+stage reuse, byte-identical outputs, fine-tuning, other targets and atomic outputs under failure."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from bnncc import zoo
+from bnncc.cost import ace
+from bnncc.frontend import load
+from bnncc.pipeline import ConvertOptions, convert
+from bnncc.targets import registry
+
+# width 1/8: a stem of 8 channels, so PokeInit's middle width must be 8 too
+STEM = ("passes.poke_stem.mid_channels=8",)
+
+
+@pytest.fixture(scope="module")
+def narrow_resnet(tmp_path_factory):
+    """torchvision's ResNet-50 at width 1/8, 4 classes, 32x32 inputs (legacy export, BN folded)."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    return zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=4), folder / "r50.onnx", input_size=32)
+
+
+@pytest.fixture(scope="module")
+def converted(narrow_resnet, tmp_path_factory):
+    """One untrained x86-64 conversion, shared by the tests that only read it."""
+    outdir = tmp_path_factory.mktemp("converted") / "out"
+    return convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, latency_runs=3, show_progress=False))
+
+
+def _idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_convert_writes_every_artifact(converted):
+    names = {p.name for p in converted.outdir.iterdir()}
+    assert {"model.so", "model.json", "model.onnx", "report.json", "report.md", "latency.json", "ace_stages.png",
+            "ace_layers.png", "stages"} <= names
+    assert not [p for p in converted.outdir.rglob(".*")], "temporary files left behind"
+    manifest = json.loads((converted.outdir / "model.json").read_text())
+    assert manifest["target"]["name"] == "x86-64" and manifest["input"]["shape"] == ["N", 3, 32, 32]
+    onnx.checker.check_model(str(converted.outdir / "model.onnx"))
+
+
+def test_report_shows_ace_at_each_stage(converted, narrow_resnet):
+    report = json.loads((converted.outdir / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["float import", "rewrite", "compiled"]
+    float_ace, pokebnn_ace = ace(load(narrow_resnet)).total, ace(converted.outdir / "model.onnx").total
+    assert [s["ace"] for s in report["stages"]] == [float_ace, pokebnn_ace, pokebnn_ace]
+    assert report["ace_reduction"] == pytest.approx(float_ace / pokebnn_ace) and float_ace > 20 * pokebnn_ace
+    assert report["stages"][-1]["file_bytes"] == (converted.outdir / "model.so").stat().st_size
+    assert report["trained"] is False and report["accuracy"] is None
+    assert len(report["layers"]) == len(ace(converted.outdir / "model.onnx").layers)
+    md = (converted.outdir / "report.md").read_text()
+    assert "Not fine-tuned" in md and f"{pokebnn_ace / 1e9:.4f}" in md
+
+
+def test_second_run_reuses_every_stage_and_gives_the_same_bytes(converted, narrow_resnet):
+    before = {name: (converted.outdir / name).read_bytes() for name in ("report.json", "model.onnx", "model.so")}
+    again = convert(narrow_resnet, converted.outdir, ConvertOptions(overrides=STEM, latency_runs=3,
+                                                                     show_progress=False))
+    assert again.cached == {"rewrite": True, "compile": True}
+    for name, data in before.items():
+        assert (converted.outdir / name).read_bytes() == data, name
+
+
+def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, narrow_resnet):
+    code, out, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", converted.outdir)
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "The network is untrained" in text and "--data DIR --epochs N" in text
+    assert f"report {converted.outdir}/report.md" in text
+
+
+def test_a_changed_option_redoes_only_the_stages_it_feeds(converted, narrow_resnet):
+    """A new batch list changes the compile stage's key but not the rewrite's."""
+    again = convert(narrow_resnet, converted.outdir, ConvertOptions(overrides=STEM, batches=(1, 2), latency_runs=3,
+                                                                     show_progress=False))
+    assert again.cached == {"rewrite": True, "compile": False}
+    assert json.loads((converted.outdir / "model.json").read_text())["functions"].keys() == {"1", "2"}
+
+
+def test_unknown_target_is_a_one_line_error(cli, narrow_resnet, tmp_path):
+    code, _, err = cli("convert", narrow_resnet, "--target", "riscv", "-o", tmp_path / "out")
+    assert code == 2 and "unknown target 'riscv'" in err and not (tmp_path / "out").exists()
+
+
+def test_failed_compile_leaves_no_library_and_no_stage_record(narrow_resnet, tmp_path, monkeypatch):
+    """A failure while the library is written (injected into its export, after half a file) leaves no
+    model.so anywhere and no compile record, so the next run compiles again."""
+    spec = registry.get("x86-64")
+
+    def broken_export(executable, path):
+        path.write_bytes(b"\x7fELF half a library")
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(registry, "TARGETS", {**registry.TARGETS, "x86-64": dataclasses.replace(spec,
+                                                                                                export=broken_export)})
+    outdir = tmp_path / "out"
+    with pytest.raises(OSError, match="injected"):
+        convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, show_progress=False))
+    assert not list(outdir.rglob("*.so")) and not (outdir / "stages" / "compile.json").exists()
+    assert (outdir / "stages" / "rewrite.json").exists()  # the stage before it is complete and kept
+    assert sorted(p.name for p in outdir.rglob("*") if p.is_file()) == ["rewrite.json", "rewrite.onnx"]
+
+
+def test_killed_rewrite_leaves_no_partial_onnx(narrow_resnet, tmp_path):
+    """SIGKILL `bnncc rewrite` at several points: out.onnx is either absent or a complete model."""
+    output = tmp_path / "out.onnx"
+    for delay in (1.0, 3.0, 5.0):
+        process = subprocess.Popen([sys.executable, "-c", "from bnncc.cli import main; main()", "rewrite", str(narrow_resnet), "--set", STEM[0],
+                                    "-o", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if output.exists():
+            onnx.checker.check_model(str(output))
+            output.unlink()
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        labels = rng.integers(0, 4, n)
+        _idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
+        _idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    options = ConvertOptions(overrides=STEM, data=data, max_steps=2, batch_size=16, latency_runs=3,
+                             show_progress=False)
+    result = convert(narrow_resnet, tmp_path / "out", options)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["float import", "rewrite", "fine-tune", "compiled"]
+    assert report["trained"] is True
+    assert {"teacher_top1", "student_top1", "library_top1"} <= report["accuracy"].keys()
+    again = convert(narrow_resnet, tmp_path / "out", options)
+    assert again.cached == {"rewrite": True, "finetune": True, "compile": True}
+    assert again.report.accuracy == result.report.accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["arm64"])
+def test_convert_for_another_target(narrow_resnet, tmp_path, target):
+    missing = [r.what for r in registry.get(target).requirements() if r.found is None and r.needed_for == "build"]
+    if missing:
+        pytest.skip(f"{target}: missing {', '.join(missing)}")
+    result = convert(narrow_resnet, tmp_path / "out", ConvertOptions(overrides=STEM, target=target,
+                                                                      show_progress=False))
+    assert {"model.so", "model.json", "model.onnx", "report.json"} <= {p.name for p in result.outdir.iterdir()}
+    assert result.report.latency is None and not (result.outdir / "latency.json").exists()
+    assert json.loads((result.outdir / "model.json").read_text())["target"]["name"] == target
