@@ -153,3 +153,15 @@ def test_arm64_runtime_offline_from_the_printed_command(tmp_path, monkeypatch):
     assert (folder / "libtvm_ffi.so").read_bytes() == b"tvm_ffi/lib/libtvm_ffi.so"
     assert (folder / "libtvm_runtime.so").stat().st_mode & 0o777 == 0o644
     assert vmrunner.ensure_arm64_runtime() == folder
+
+
+@needs_cross
+@pytest.mark.slow
+def test_resnet50_pokebnn_05x_on_arm64_agrees_with_onnxruntime(resnet50_onnx, tmp_path, cli):
+    """Issue 6's acceptance run: `bnncc convert resnet50.onnx --recipe pokebnn_0.5x --target arm64`,
+    then `bnncc verify` runs the aarch64 library under qemu against onnxruntime (about 2 minutes)."""
+    out = tmp_path / "r50_arm64"
+    code, _, err = cli("convert", resnet50_onnx["legacy"], "--recipe", "pokebnn_0.5x", "--target", "arm64", "-o", out)
+    assert code == 0, err
+    code, stdout, err = cli("verify", out, "--n", "8")
+    assert code == 0, stdout + err
