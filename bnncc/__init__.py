@@ -24,6 +24,11 @@ _LAZY: dict[str, str] = {
     "rewrite": "bnncc.rewrite",
     "to_torch": "bnncc.torchview",
     "write_back": "bnncc.torchview",
+    "export_qonnx": "bnncc.qonnx",
+    "finetune": "bnncc.train",
+    "train_teacher": "bnncc.train",
+    "TrainConfig": "bnncc.train",
+    "read": "bnncc.frontend",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
