@@ -2,7 +2,8 @@
 
 Canonical form (every later stage relies on it; ``load`` guarantees it or raises BnnccError):
 
-- default-domain opset 18, no other domain in use;
+- default-domain opset 18, no other domain in use; IR version 8 or later (what onnx pairs with
+  opset 18), so initializers need not be graph inputs;
 - nodes are only Conv, Relu, MaxPool, Add, GlobalAveragePool, Flatten and Gemm:
   BatchNormalization is folded into the Conv before it, and every Conv has a bias initializer;
   Gemm has transB=1, W of shape (out, in) and a bias of shape (out,), no alpha/beta/transA;

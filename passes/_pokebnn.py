@@ -81,19 +81,30 @@ def take_over(old: ir.Value, new: ir.Value) -> None:
     new.name = name
 
 
-def drop_unused(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Remove the initializers among ``values`` that nothing reads any more."""
-    for value in values:
-        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(value.name)
+def drop_unused(graph: ir.Graph, values: list[ir.Value | None] | None = None) -> int:
+    """Remove the initializers that no node reads and that are neither graph inputs nor outputs.
+
+    Every initializer of ``graph`` is checked (``values`` is accepted for older callers and
+    ignored: a node removed with ``graph.remove(..., safe=True)`` has already lost its inputs, so
+    the values a pass replaced cannot be found through it). ``refresh`` calls this, so a PokeBNN
+    pass needs no cleanup of its own. Returns how many initializers were removed.
+    """
+    del values
+    kept = frozenset([*graph.inputs, *graph.outputs])
+    unused = [name for name, value in graph.initializers.items() if not value.uses() and value not in kept]
+    for name in unused:
+        del graph.initializers[name]
+    return len(unused)
 
 
 def refresh(model: ir.Model) -> None:
-    """Sort the graph, attach the ai.bnncc functions if it uses any and infer every value's shape anew.
+    """Drop unused initializers, sort the graph, attach the ai.bnncc functions if it uses any and
+    infer every value's shape anew.
 
     Shapes are cleared first: a pass that changes widths or strides leaves stale ones behind.
     """
     graph = model.graph
+    drop_unused(graph)  # the weights and biases a pass replaced
     graph.sort()
     if any(node.domain == BNNCC_DOMAIN for node in graph):
         from bnncc.ops import attach_functions  # the op domain imports onnxscript: only when used

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 from bnncc.passes._blocks import BNNCC_DOMAIN, FloatBlock, float_blocks
-from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh, take_over,
+from bnncc.passes._pokebnn import (add_node, batch_norm, dprelu, lecun_normal, refresh, take_over,
                                    uncalibrated_bound)
 from bnncc.passes._util import add_initializer
 from bnncc.passmanager import register_pass
@@ -85,7 +85,6 @@ class PokeConvPass(ir.passes.InPlacePass):
         take_over(block.out_relu.outputs[0], y)
         old = [*block.convs, *block.relus, block.merge, block.out_relu]
         graph.remove(old, safe=True)
-        drop_unused(graph, [v for conv in block.convs for v in conv.inputs[1:]])
         logger.debug("block %s: convs %s -> PokeConvs", block.merge.name, ", ".join(c.name for c in block.convs))
 
     def _poke_conv(self, graph: ir.Graph, x: ir.Value, conv: ir.Node, rng: np.random.Generator,

@@ -20,7 +20,7 @@ import logging
 import onnx_ir as ir
 
 from bnncc.passes._blocks import BNNCC_DOMAIN, float_blocks
-from bnncc.passes._pokebnn import drop_unused, refresh, take_over
+from bnncc.passes._pokebnn import refresh, take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ class RemoveProjectionShortcutsPass(ir.passes.InPlacePass):
             graph.insert_before(merge, reshape_add)
             take_over(merge.outputs[0], reshape_add.outputs[0])
             graph.remove([merge, projection], safe=True)
-            drop_unused(graph, list(projection.inputs[1:]))
             logger.debug("%s: projection %s removed, shortcut is ReshapeAdd(tile) from %s",
                          merge.name, projection.name, block.input.name)
         if blocks:

@@ -76,6 +76,8 @@ def test_load_gives_the_canonical_form(resnet50_onnx, kind):
     model = load(resnet50_onnx[kind])
     graph = model.graph
     assert model.opset_imports[""] == 18
+    assert model.ir_version >= 8  # light_resnet50 comes as IR 3, where every initializer must be an input
+    onnx.checker.check_model(ir.to_proto(model))
     assert {n.op_type for n in graph} == STABLE_OPS
     assert all(len(n.inputs) == 3 and n.inputs[2].is_initializer() for n in graph if n.op_type == "Conv")
     names = [n.name for n in graph]

@@ -14,8 +14,11 @@ from bnncc.passmanager import list_passes, pass_factory
 def passes() -> None:
     """List the registered passes a recipe can name, with their parameters."""
     table = Table(title="registered passes")
-    for column in ("pass", "parameters", "what it does"):
-        table.add_column(column)
+    # Pass names and parameters are what a recipe types: never wrapped (one parameter a line keeps
+    # that column narrow); the description folds into the rest, even at 80 columns.
+    table.add_column("pass", no_wrap=True)
+    table.add_column("parameters", no_wrap=True)
+    table.add_column("what it does", min_width=20, overflow="fold")
     for name in list_passes():
         factory = pass_factory(name)
         table.add_row(name, _parameters(factory), _summary(factory))
@@ -23,9 +26,9 @@ def passes() -> None:
 
 
 def _parameters(factory) -> str:
-    """``key=default`` for each keyword parameter of the pass."""
+    """``key=default`` for each keyword parameter of the pass, one a line."""
     params = inspect.signature(factory).parameters.values()
-    return ", ".join(f"{p.name}={p.default!r}" for p in params if p.default is not p.empty)
+    return "\n".join(f"{p.name}={p.default!r}" for p in params if p.default is not p.empty)
 
 
 def _summary(factory) -> str:
