@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from onnxscript import script
 
 from bnncc.ops._opset import bnncc_opset, op
-from bnncc.ops.quant import QuantConv, quant_conv
+from bnncc.ops.quant import QuantConv, quant_gemm
 
 __all__ = ["SEGate", "se_gate"]
 
@@ -33,9 +33,9 @@ def SEGate(R, W1, bound1, B1, W2, bound2, B2, w_bits: int, a_bits: int):
 
 
 def se_gate(r, w1, bound1, b1, w2, bound2, b2, *, w_bits: int, a_bits: int, quantize_weights: bool = True):
-    common = dict(w_bits=w_bits, a_bits=a_bits, kernel_shape=(1, 1), strides=(1, 1), pads=(0, 0, 0, 0),
-                  quantize_weights=quantize_weights)
-    g = r.mean(dim=(2, 3), keepdim=True)
-    h = F.relu(quant_conv(g, w1, bound1, b1, a_signed=1, **common))
-    h = quant_conv(h, w2, bound2, b2, a_signed=0, **common)
-    return F.hardsigmoid(h)
+    # On the pooled (N, C) vector the 1x1 convs are matrix products: F.linear is far cheaper than conv2d here.
+    common = dict(w_bits=w_bits, a_bits=a_bits, quantize_weights=quantize_weights)
+    g = r.mean(dim=(2, 3))
+    h = F.relu(quant_gemm(g, w1.flatten(1), bound1, b1, a_signed=1, **common))
+    h = quant_gemm(h, w2.flatten(1), bound2, b2, a_signed=0, **common)
+    return F.hardsigmoid(h)[:, :, None, None]
