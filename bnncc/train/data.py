@@ -81,23 +81,28 @@ class ImageData:
 
 
 def _augment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """Random resized crop (area 0.35-1, aspect 3/4-4/3) and horizontal flip, one seed per image."""
+    """Random resized crop (area 0.35-1, aspect 3/4-4/3) and horizontal flip, one seed per image.
+
+    The crop boxes are drawn per image; the resampling of the whole batch is one ``roi_align``
+    (bilinear, one sample per output cell), so augmentation costs no Python loop over pixels.
+    """
+    from torchvision.ops import roi_align
+
     n, _, h, w = images.shape
-    out = torch.empty_like(images)
-    for i in range(n):
-        gen = torch.Generator().manual_seed(seeds[i])
+    boxes = torch.empty(n, 5)
+    flips = torch.empty(n, dtype=torch.bool)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
         area = h * w * (0.35 + 0.65 * torch.rand((), generator=gen).item())
         aspect = float(np.exp(np.log(3 / 4) + np.log(16 / 9) * torch.rand((), generator=gen).item()))
-        ch = min(h, max(1, int(round((area / aspect) ** 0.5))))
-        cw = min(w, max(1, int(round((area * aspect) ** 0.5))))
-        top = int(torch.randint(0, h - ch + 1, (), generator=gen))
-        left = int(torch.randint(0, w - cw + 1, (), generator=gen))
-        crop = images[i:i + 1, :, top:top + ch, left:left + cw]
-        crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
-        if torch.rand((), generator=gen).item() < 0.5:
-            crop = crop.flip(-1)
-        out[i] = crop[0]
-    return out
+        ch = min(float(h), (area / aspect) ** 0.5)
+        cw = min(float(w), (area * aspect) ** 0.5)
+        top = (h - ch) * torch.rand((), generator=gen).item()
+        left = (w - cw) * torch.rand((), generator=gen).item()
+        boxes[i] = torch.tensor([i, left, top, left + cw, top + ch])
+        flips[i] = torch.rand((), generator=gen).item() < 0.5
+    out = roi_align(images, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
 
 def _adapt(images: torch.Tensor, shape: tuple[int, int, int], mean, std) -> torch.Tensor:
