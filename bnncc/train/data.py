@@ -92,15 +92,14 @@ def _augment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     boxes = torch.empty(n, 5)
     flips = torch.empty(n, dtype=torch.bool)
     for i, seed in enumerate(seeds):
-        gen = torch.Generator().manual_seed(seed)
-        area = h * w * (0.35 + 0.65 * torch.rand((), generator=gen).item())
-        aspect = float(np.exp(np.log(3 / 4) + np.log(16 / 9) * torch.rand((), generator=gen).item()))
+        u_area, u_aspect, u_top, u_left, u_flip = np.random.default_rng(seed).random(5)
+        area = h * w * (0.35 + 0.65 * u_area)
+        aspect = float(np.exp(np.log(3 / 4) + np.log(16 / 9) * u_aspect))
         ch = min(float(h), (area / aspect) ** 0.5)
         cw = min(float(w), (area * aspect) ** 0.5)
-        top = (h - ch) * torch.rand((), generator=gen).item()
-        left = (w - cw) * torch.rand((), generator=gen).item()
+        top, left = (h - ch) * u_top, (w - cw) * u_left
         boxes[i] = torch.tensor([i, left, top, left + cw, top + ch])
-        flips[i] = torch.rand((), generator=gen).item() < 0.5
+        flips[i] = bool(u_flip < 0.5)
     out = roi_align(images, boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     return torch.where(flips[:, None, None, None], out.flip(-1), out)
 
