@@ -258,9 +258,9 @@ class DemoOptions:
 
     width: float = 0.25
     image_size: int = 32
-    teacher_epochs: int = 1
-    epochs: int = 1
-    batch_size: int = 128
+    teacher_epochs: int = 10  # 2000 sample images: 310 steps at batch 64
+    epochs: int = 3
+    batch_size: int = 64
     teacher_lr: float = 2e-3
     lr: float = 1e-3
     seed: int = 0

@@ -16,14 +16,19 @@ def demo(
     output: Path = typer.Option(Path("bnncc-demo"), "--output", "-o", help="folder for the teacher, library and report"),
     data: Optional[Path] = typer.Option(None, "--data", help="IDX folder or ImageFolder tree (default: the shipped "
                                                             "2000 + 500 image Fashion-MNIST sample)"),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs of the PokeBNN student"),
-    teacher_epochs: int = typer.Option(1, "--teacher-epochs", min=1, help="training epochs of the float teacher"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
+                                         help="fine-tuning epochs of the PokeBNN student (default: DemoOptions)"),
+    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", min=1,
+                                                 help="training epochs of the float teacher (default: DemoOptions)"),
 ) -> None:
     """Train a narrow torchvision ResNet-50 teacher, convert it to PokeBNN-1x with a short fine-tune, compile
     it for this machine and write the report."""
+    import dataclasses
+
     from bnncc.pipeline import DemoOptions, demo as run_demo
 
     console.print(f"bnncc demo: ResNet-50 (torchvision definition, width x{DemoOptions.width}) on "
                   f"{data or 'the shipped Fashion-MNIST sample'}, PokeBNN-1x, host target")
-    result = run_demo(output, data, DemoOptions(epochs=epochs, teacher_epochs=teacher_epochs))
+    chosen = {k: v for k, v in dict(epochs=epochs, teacher_epochs=teacher_epochs).items() if v is not None}
+    result = run_demo(output, data, dataclasses.replace(DemoOptions(), **chosen))
     print_result(result)
