@@ -30,7 +30,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.targets import x86_64, x86_64_fused
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
-from bnncc.targets.tvm_compat import Target, make_target, tirx
+from bnncc.targets.tvm_compat import Target, first_rule, make_target, tirx
 
 __all__ = [
     "CROSS_CXX", "LANES", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
@@ -95,12 +95,10 @@ RULES = (schedule_binary_conv2d, schedule_sign_bitpack, schedule_quant_conv2d, s
 
 def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
     """The first rule that applies to ``func`` on ``target``, or None (``lower(..., schedule=)``)."""
-    for rule in RULES:
-        scheduled = rule(func, target)
-        if scheduled is not None:
-            logger.debug("%s scheduled %s", rule.__name__, func.attrs.get(KERNEL_ATTR))
-            return scheduled
-    return None
+    scheduled = first_rule(RULES, func, target)
+    if scheduled is not None:
+        logger.debug("scheduled %s", func.attrs.get(KERNEL_ATTR))
+    return scheduled
 
 
 # -- libraries ------------------------------------------------------------------------------------

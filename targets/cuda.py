@@ -36,7 +36,7 @@ from pathlib import Path
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv
-from bnncc.targets.tvm_compat import Target, make_target, mark_scheduled, s_tir, tirx
+from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_scheduled, s_tir, tirx
 
 __all__ = [
     "DEFAULT_ARCH", "cuda_target", "export_cuda", "find_nvcc", "has_cuda_device", "inspect_cuda_source", "load_vm",
@@ -63,14 +63,6 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _has_block(sch: s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except s_tir.ScheduleError:
-        return False
-    return True
-
-
 def _bind_spatial(sch: s_tir.Schedule, loops: list, threads: int) -> None:
     """Fuse ``loops`` and spread them over blocks of ``threads`` threads."""
     fused = sch.fuse(*loops)
@@ -85,7 +77,7 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     if not _is_cuda(target) or func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME:
         return None
     sch = s_tir.Schedule(func)
-    if _has_block(sch, "pad"):
+    if has_block(sch, "pad"):
         sch.compute_inline(sch.get_sblock("pad"))
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
@@ -110,7 +102,7 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.decompose_reduction(pop, kh)
-    if _has_block(sch, "bitpack"):
+    if has_block(sch, "bitpack"):
         block = sch.get_sblock("bitpack")
         n, h, w, c, b = sch.get_loops(block)
         _bind_spatial(sch, [n, h, w, c], 128)

@@ -36,6 +36,8 @@ from tvm.target import Target  # noqa: E402
 from tvm.target.codegen import target_has_features  # noqa: E402
 
 __all__ = [
+    "first_rule",
+    "has_block",
     "NUM_THREADS", "Target", "compile_func", "compile_module", "export_executable", "export_library",
     "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
 ]
@@ -94,3 +96,21 @@ def to_tensor(array: np.ndarray):
 
 def to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
+
+
+def has_block(sch: s_tir.Schedule, name: str) -> bool:
+    """Whether the scheduled function has a block called ``name``."""
+    try:
+        sch.get_sblock(name)
+    except s_tir.ScheduleError:
+        return False
+    return True
+
+
+def first_rule(rules, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The result of the first schedule rule that applies to ``func`` on ``target`` (rules return None when not)."""
+    for rule in rules:
+        scheduled = rule(func, target)
+        if scheduled is not None:
+            return scheduled
+    return None

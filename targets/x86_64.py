@@ -12,7 +12,9 @@ import logging
 
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.kernels import binary_conv, bitpack
-from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, mark_scheduled, s_tir, tirx
+from bnncc.targets.tvm_compat import (
+    NUM_THREADS, Target, first_rule, has_cpu_features, make_target, mark_scheduled, s_tir, tirx,
+)
 from tvm.script import tirx as T  # noqa: E402  (TVMScript for the word-pack intrinsic)
 
 __all__ = ["cpu_flags", "host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags",
@@ -203,9 +205,7 @@ RULES = (schedule_binary_conv2d, schedule_sign_bitpack)
 
 def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
     """The first rule that applies to ``func`` on ``target``, or None."""
-    for rule in RULES:
-        scheduled = rule(func, target)
-        if scheduled is not None:
-            logger.debug("%s scheduled %s", rule.__name__, func.attrs.get(KERNEL_ATTR))
-            return scheduled
-    return None
+    scheduled = first_rule(RULES, func, target)
+    if scheduled is not None:
+        logger.debug("scheduled %s", func.attrs.get(KERNEL_ATTR))
+    return scheduled

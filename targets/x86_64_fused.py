@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bnncc.targets import x86_64
 from bnncc.targets.kernels import KERNEL_ATTR
-from bnncc.targets.tvm_compat import Target, mark_scheduled, s_tir, tirx
+from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
 
 __all__ = ["bitpack_stage", "schedule", "schedule_poke_conv", "schedule_quant_conv2d", "schedule_pool_dense",
            "vector_pool_dense", "vector_quant_conv2d"]
@@ -24,14 +24,6 @@ __all__ = ["bitpack_stage", "schedule", "schedule_poke_conv", "schedule_quant_co
 def _lanes(target: Target) -> int | None:
     """float32 lanes of one vector: 16 with AVX-512, 8 with AVX2 (x86_64.vector_lanes counts uint32 alike)."""
     return x86_64.vector_lanes(target)
-
-
-def _has_block(sch: s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except s_tir.ScheduleError:
-        return False
-    return True
 
 
 def _vector_split(sch: s_tir.Schedule, loop, lanes: int):
@@ -52,7 +44,7 @@ def bitpack_stage(conv: tirx.PrimFunc) -> tirx.PrimFunc:
     """A fused PokeConv whose conv and epilogue are scheduled: its trailing bitpack (if any) as
     ``x86_64.schedule_bitpack_block`` (any CPU; also used by arm64)."""
     sch = s_tir.Schedule(conv)
-    if not _has_block(sch, "bitpack"):
+    if not has_block(sch, "bitpack"):
         return conv
     x86_64.schedule_bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
@@ -76,7 +68,7 @@ def vector_quant_conv2d(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
     o_out, o_vec = _vector_split(sch, o, lanes)
     sch.reorder(n, y, z, o_out, ri, rj, rc, o_vec)
-    if _has_block(sch, "epilogue"):  # one pixel's sums stay local until the epilogue reads them
+    if has_block(sch, "epilogue"):  # one pixel's sums stay local until the epilogue reads them
         sch.set_scope(conv, 0, "local")
         epilogue = sch.get_sblock("epilogue")
         sch.reverse_compute_at(epilogue, z)
@@ -106,7 +98,7 @@ def vector_pool_dense(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     sch.vectorize(c_vec)
     sch.decompose_reduction(pool, rh)
     for name in ("se1_dot", "se2_dot", "fc_dot"):
-        if not _has_block(sch, name):
+        if not has_block(sch, name):
             continue
         dot = sch.get_sblock(name)
         n, o, rc = sch.get_loops(dot)
