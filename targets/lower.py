@@ -5,6 +5,10 @@ activations NHWC float32 inside (the NCHW input is transposed once at the entry)
 
 - ``QuantConv [-> BatchNormalization [-> DPReLU]]`` (the PokeInit stem): ``quant_conv2d`` with
   the bias, BN and DPReLU fused as its epilogue; float32 arithmetic on the quantized values.
+  Every activation quantizer (stem, SE gate, head) runs the reference's float32 operations in
+  its order (``quant.quantize_act``, with the product fenced from FMA contraction for the target),
+  so equal inputs quantize identically; its inputs themselves (a conv, a mean) still differ from
+  onnxruntime's by summation order, which ``bnncc.verify`` accounts for.
 - a PokeConv chain ``BinaryConv -> BN -> ReshapeAdd(x) [-> ReshapeAdd(r)] -> DPReLU ->
   Mul(SEGate(x)) -> BN`` (spec.md): one binary conv on packed bits whose epilogue is
 
@@ -220,6 +224,8 @@ class _Walk:
         self.target = target
         self.schedule = schedule
         self.batch = batch
+        # the int-k quantizers' x * s, rounded on its own as in the reference (quant.rounded_product)
+        self.product = quant.rounded_product(target.kind.name)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
         self.done: set[int] = set()
@@ -328,7 +334,7 @@ class _Walk:
         key = ("quant_conv2d", shape, wq.shape, stride[0], pads, group, a_bits)
         gvar = self._kernel(key, lambda: quant.quant_conv2d_func(
             shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
-            epilogue_inputs=(params,), epilogue=epilogue))
+            epilogue_inputs=(params,), epilogue=epilogue, product=self.product))
         ho = (shape[1] + pads[0] + pads[2] - kh) // stride[0] + 1
         wo = (shape[2] + pads[1] + pads[3] - kw) // stride[0] + 1
         out = self._call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
@@ -353,7 +359,8 @@ class _Walk:
             q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
         shape = self._shape(x)
         key = ("se_gate", shape, hidden, cout, w_bits, a_bits)
-        gvar = self._kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits))
+        gvar = self._kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits,
+                                                                     self.product))
         args = [x,
                 relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(q1),
                 relax.const(s1), relax.const(b1.astype(np.float32)),
@@ -441,7 +448,8 @@ class _Walk:
         q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
         shape = self._shape(x)
         classes = q.shape[0]
-        gvar = self._kernel(("quant_head", shape, classes, a_bits), lambda: quant.head_func(shape, classes, a_bits))
+        gvar = self._kernel(("quant_head", shape, classes, a_bits),
+                            lambda: quant.head_func(shape, classes, a_bits, self.product))
         args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(np.ascontiguousarray(q.T)),
                 relax.const(s), relax.const(bias.astype(np.float32))]
         self.floats[gemm.outputs[0].name] = self._call(gvar, args, [((self.batch, classes), "float32")])

@@ -11,9 +11,11 @@ The ``ai.bnncc`` quantizers (bnncc/ops/spec.md), with m = 2^(b-1) - 1:
   xq = clip(floor(x s_c), 0, 2^a - 1) / s_c. B_c <= 0 means "not calibrated": xq = x. The
   kernels take s_c (``act_scales``), 0 for an uncalibrated channel.
 
-Arithmetic is float32 on the quantized values, as in the reference. Dot products with integer
-weights are taken as (sum_c xq_c q_oc) / s_o instead of sum_c xq_c (q_oc / s_o): equal in exact
-arithmetic, a float32 rounding apart.
+The quantizers repeat the reference's float32 operations in its order (``quantize_act``), so
+they agree bit for bit on equal inputs; ``product`` (``rounded_product(target.kind)``) keeps the
+compiler from fusing x * s into a multiply-add. Arithmetic is float32 on the quantized values,
+as in the reference. Dot products with integer weights are taken as (sum_c xq_c q_oc) / s_o
+instead of sum_c xq_c (q_oc / s_o): equal in exact arithmetic, a float32 rounding apart.
 """
 
 from __future__ import annotations
@@ -72,13 +74,46 @@ def act_scales(bounds: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     return np.where(bounds > 0, levels / np.where(bounds > 0, bounds, 1), 0).astype(np.float32)
 
 
-def quantize_act(x: tirx.PrimExpr, scale: tirx.PrimExpr, bits: int, signed: bool) -> tirx.PrimExpr:
-    """The activation quantizer of one value with scale ``scale`` (0: pass x through)."""
+Product = Callable[..., object]  # (x, scale) -> x * scale, both float32 PrimExprs
+
+
+def _fenced_product(x: tirx.PrimExpr, scale: tirx.PrimExpr) -> tirx.PrimExpr:
+    """x * scale behind an LLVM arithmetic fence: LLVM may not fuse it with what follows."""
+    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", x * scale)
+
+
+def _rn_product(x: tirx.PrimExpr, scale: tirx.PrimExpr) -> tirx.PrimExpr:
+    """CUDA's __fmul_rn: a float32 product nvcc never contracts into a multiply-add."""
+    return tirx.call_pure_extern("float32", "__fmul_rn", x, scale)
+
+
+def rounded_product(target_kind: str) -> Product:
+    """How a kernel for ``target_kind`` (a TVM target kind name) computes the quantizer's x * s so that
+    it is rounded to float32 on its own, as onnxruntime's Mul is. Both compilers otherwise contract
+    x * s + 0.5 into one fused multiply-add (TVM's LLVM backend allows FP fusion; nvcc's --fmad
+    default), which rounds once where the reference rounds twice, so a value at a decision point
+    could land one level apart."""
+    if target_kind == "cuda":
+        return _rn_product
+    if target_kind == "llvm":
+        return _fenced_product
+    return lambda x, scale: x * scale
+
+
+def quantize_act(x: tirx.PrimExpr, scale: tirx.PrimExpr, bits: int, signed: bool,
+                 product: Product = _fenced_product) -> tirx.PrimExpr:
+    """The activation quantizer of one value with scale ``scale`` (0: pass x through).
+
+    The same float32 operations in the same order as ``QuantizeActs`` (bnncc/ops/quant.py), run by
+    onnxruntime: p = x * s rounded to float32 (``product``, see ``rounded_product``), then
+    p + 0.5 rounded (signed), floor, clip, and a division by s (not a multiplication by 1 / s),
+    with s = levels / bound computed in float32 as the reference does (``act_scales``). So an input
+    that both sides hold bit for bit is quantized identically, even at a decision point."""
     if signed:
         m = float(2 ** (bits - 1) - 1)
-        q = tirx.min(tirx.max(te.floor(x * scale + tirx.const(0.5, "float32")), -m), m)
+        q = tirx.min(tirx.max(te.floor(product(x, scale) + tirx.const(0.5, "float32")), -m), m)
     else:
-        q = tirx.min(tirx.max(te.floor(x * scale), 0.0), float(2 ** bits - 1))
+        q = tirx.min(tirx.max(te.floor(product(x, scale)), 0.0), float(2 ** bits - 1))
     return tirx.if_then_else(scale > tirx.const(0, "float32"), q / scale, x)
 
 
@@ -92,6 +127,7 @@ def quant_conv2d_func(
     a_bits: int,
     epilogue_inputs: tuple[te.Tensor, ...] = (),
     epilogue: Callable[[tirx.PrimExpr, tuple], tirx.PrimExpr] | None = None,
+    product: Product = _fenced_product,
 ) -> tirx.PrimFunc:
     """``f(x, w, act_scale, *epilogue_inputs, out)``: NHWC conv of signed-quantized x with float Wq.
 
@@ -114,7 +150,7 @@ def quant_conv2d_func(
     def padded(i, y, z, c):
         inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
         value = quantize_act(x[i, tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(z - left, 0), w - 1), c],
-                             scale[c], a_bits, signed=True)
+                             scale[c], a_bits, signed=True, product=product)
         return tirx.if_then_else(inside, value, tirx.const(0, "float32"))
 
     xq = te.compute((n, h + top + bottom, w + left + right, cin), padded, name="quantize")
@@ -173,7 +209,7 @@ def _dense_inputs(c: int, o: int, name: str, w_bits: int = 8) -> tuple[te.Tensor
 
 
 def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: int,
-                 w_bits: int, a_bits: int) -> tirx.PrimFunc:
+                 w_bits: int, a_bits: int, product: Product = _fenced_product) -> tirx.PrimFunc:
     """``f(x, act_scale1, q1, w_scale1, b1, act_scale2, q2, w_scale2, b2, gate)``: the SEGate, gate (N, Cout).
 
         p = mean_HW(x);  h = relu(dense1(quant_signed(p)));  g = dense2(quant_unsigned(h))
@@ -188,10 +224,10 @@ def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: 
     pooled = _mean_hw(x, "pool")
 
     def signed(v, s):
-        return quantize_act(v, s, a_bits, signed=True)
+        return quantize_act(v, s, a_bits, signed=True, product=product)
 
     def unsigned(v, s):
-        return quantize_act(v, s, a_bits, signed=False)
+        return quantize_act(v, s, a_bits, signed=False, product=product)
 
     h = _dense(pooled, first[1], first[2], first[3], "se1", signed, first[0])
     relu = te.compute(h.shape, lambda i, j: tirx.max(h[i, j], tirx.const(0, "float32")), name="relu")
@@ -201,13 +237,14 @@ def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: 
     return func.with_attr(KERNEL_ATTR, "se_gate")
 
 
-def head_func(x_shape: tuple[int, int, int, int], classes: int, a_bits: int) -> tirx.PrimFunc:
+def head_func(x_shape: tuple[int, int, int, int], classes: int, a_bits: int,
+              product: Product = _fenced_product) -> tirx.PrimFunc:
     """``f(x, act_scale, q, w_scale, bias, logits)``: GlobalAveragePool + Flatten + QuantGemm (signed)."""
     _, _, _, c = x_shape
     x = te.placeholder(x_shape, "float32", name="x")
     params = _dense_inputs(c, classes, "fc")
     pooled = _mean_hw(x, "pool")
     logits = _dense(pooled, params[1], params[2], params[3], "fc",
-                    lambda v, s: quantize_act(v, s, a_bits, signed=True), params[0])
+                    lambda v, s: quantize_act(v, s, a_bits, signed=True, product=product), params[0])
     func = te.create_prim_func([x, *params, logits])
     return func.with_attr(KERNEL_ATTR, "quant_head")

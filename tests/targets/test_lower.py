@@ -202,3 +202,57 @@ def test_compile_refuses_a_float_graph(tmp_path):
     with pytest.raises(BnnccError, match="no ai.bnncc op"):
         compile(ir.Model(net.graph, ir_version=10), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _fma_sensitive_inputs(channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds B_c and inputs x_c of an int8 signed quantizer where x s lies less than half a float32
+    ulp below the -0.5 threshold: the reference rounds x * s to -0.5, adds 0.5 and floors to level 0;
+    one fused multiply-add (fl(x s + 0.5) in one rounding) floors to level -1."""
+    rng = np.random.default_rng(0)
+    bounds = rng.uniform(0.5, 3, 64 * channels).astype(np.float32)
+    scales = np.float32(127) / bounds
+    x = (-0.5 / scales.astype(np.float64)).astype(np.float32)
+    product = x.astype(np.float64) * scales.astype(np.float64)  # exact
+    reference = np.floor(np.float32(np.float32(product) + np.float32(0.5)))
+    fused = np.floor(np.float32(product + 0.5))
+    pick = np.nonzero(reference != fused)[0][:channels]
+    assert len(pick) == channels
+    return bounds[pick], x[pick]
+
+
+def test_quantizer_at_a_decision_point_agrees_with_onnxruntime(tmp_path):
+    """GlobalAveragePool -> Flatten -> QuantGemm (identity weights) on values at the signed
+    quantizer's rounding threshold, where FMA contraction of x * s + 0.5 flips a level: the library
+    must quantize as onnxruntime does (the disagreement of issue: ResNet-50 verify, one input)."""
+    from bnncc.ops import attach_functions
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    channels = 16
+    bounds, values = _fma_sensitive_inputs(channels)
+    net = _Net(1)
+    net.x.shape = ir.Shape([1, channels, 1, 1])
+    flat = net.node("Flatten", [net.node("GlobalAveragePool", [net.x])], axis=1)
+    y = net.node("QuantGemm", [flat, net.const("eye", np.eye(channels)), net.const("bound", bounds),
+                               net.const("zero", np.zeros(channels))], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+    net.graph.outputs.append(y)
+    model = ir.Model(net.graph, ir_version=10)
+    attach_functions(model)
+    x = values.reshape(1, channels, 1, 1)
+    ref = _onnxruntime(model, x)
+    assert np.all(ref == 0)  # level 0 in the reference
+    got = load(compile(model, tmp_path / "head"))(x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
+
+
+def test_verify_probes_each_threshold_but_the_network_input(tmp_path):
+    """verify reads every BinaryConv input and every quantizer input that the library computes
+    differently (stem conv 2, SE gates, head); the stem's first quantizer reads the network input,
+    identical on both sides, so a flip there would be a bug, not rounding."""
+    from bnncc.verify import _reference_session
+
+    ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
+    _, _, checks = _reference_session(tmp_path / "tiny.onnx")
+    kinds = [c.what for c in checks]
+    assert kinds.count("near-zero binarization inputs") == 6
+    assert kinds.count("near-boundary quantizer inputs") == 1 + 6 + 1
