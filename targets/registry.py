@@ -111,7 +111,8 @@ def _arm64_report(executable, lowered, model) -> dict:
     from bnncc.targets.lower import function_name
 
     layers = [node.name for node in model.graph if node.op_type == "BinaryConv"]
-    return {"instructions": binary_layer_counts(executable, lowered.module, function_name(min(lowered.batches)), layers)}
+    # batch_1 calls the kernels; other batch sizes call batch_1 (lower.lower)
+    return {"instructions": binary_layer_counts(executable, lowered.module, function_name(1), layers)}
 
 
 def _arm64_requirements() -> list[Requirement]:
