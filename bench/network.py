@@ -1,7 +1,8 @@
 """Whole-network bench (issue 5, parts b and c), one run, 2 threads:
 
 (b) latency at batch 1 and 8 of bnncc PokeBNN-1x (random weights, 224x224) against onnxruntime
-    float32 ResNet-50 and onnxruntime int8 ResNet-50 (static QDQ, random calibration), as ratios;
+    float32 ResNet-50 and onnxruntime int8 ResNet-50 (static QDQ, random calibration), as ratios
+    of the medians and of the minima (``_latencies_ms``);
 (c) compile time and library size against the packed weight size.
 
 Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py`` (prints a markdown table);
@@ -25,17 +26,24 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
-REPEATS = {1: 30, 8: 8}
+# Latency: ROUNDS rounds, each engine in turn one warm-up call and then BLOCK[batch] timed calls,
+# so that every engine sees the machine's load alike (on a shared 2-core machine a busy core
+# stalls every 2-thread parallel region and one run differs from the next by up to 3x).
+# Reported: the median over all timed calls (typical) and the minimum (least disturbed).
+ROUNDS = 5
+BLOCK = {1: 20, 8: 3}
 
 
-def _median_ms(fn, x, repeats: int) -> float:
-    fn(x)  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+def _latencies_ms(engines: dict, x, block: int) -> dict[str, np.ndarray]:
+    times = {name: [] for name in engines}
+    for _ in range(ROUNDS):
+        for name, fn in engines.items():
+            fn(x)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * np.array(t) for name, t in times.items()}
 
 
 def _ort(path: Path):
@@ -156,18 +164,19 @@ def main() -> None:
     rows = []
     for batch in (1, 8):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        times = {name: _median_ms(fn, x, REPEATS[batch]) for name, fn in engines.items()}
-        ours = times["bnncc PokeBNN-1x"]
-        rows.append((batch, times, times["ORT fp32 ResNet-50"] / ours, times["ORT int8 ResNet-50"] / ours))
+        rows.append((batch, _latencies_ms(engines, x, BLOCK[batch])))
 
     so_bytes = (folder / "model.so").stat().st_size
     packed = _packed_weight_bytes(poke)
     print(f"threads {THREADS}")
-    print("| batch | bnncc PokeBNN-1x (ms) | ORT fp32 (ms) | ORT int8 (ms) | speedup vs fp32 | speedup vs int8 |")
+    print(f"{ROUNDS} rounds of {BLOCK} calls per engine, interleaved; median (min) ms")
+    print("| batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 | speedup vs fp32 | speedup vs int8 |")
     print("|---|---|---|---|---|---|")
-    for batch, times, vs_fp32, vs_int8 in rows:
-        print(f"| {batch} | {times['bnncc PokeBNN-1x']:.2f} | {times['ORT fp32 ResNet-50']:.2f} | "
-              f"{times['ORT int8 ResNet-50']:.2f} | {vs_fp32:.1f}x | {vs_int8:.1f}x |")
+    for batch, times in rows:
+        ours, fp32, int8 = (times[name] for name in engines)
+        cells = [f"{np.median(t):.2f} ({t.min():.2f})" for t in (ours, fp32, int8)]
+        ratios = [f"{np.median(t) / np.median(ours):.1f}x ({t.min() / ours.min():.1f}x)" for t in (fp32, int8)]
+        print(f"| {batch} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     print(f"\ncompile (lower + build + export, batch 1 and 8): {compile_s:.1f} s")
     print(f"library {so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; "
           f"ratio {so_bytes / packed:.2f}")
