@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,20 +24,23 @@ from bnncc.rewrite import rewrite
 from bnncc.torchview import to_torch
 from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset
+from bnncc.train.trainer import make_optimizer
 
 
-def throughput(model: torch.nn.Module, batch: torch.Tensor, steps: int = 5) -> float:
-    """Images per second of forward + backward + Adam step on ``batch``."""
+def throughput(model: torch.nn.Module, batch: torch.Tensor, steps: int = 9) -> float:
+    """Images per second of forward + backward + Adam step on ``batch``: the median step after two
+    warm-up steps (on a shared machine a single step can stall for seconds)."""
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    for i in range(steps + 1):
-        if i == 1:
-            start = time.perf_counter()
+    optimizer = make_optimizer(model, 1e-4)  # the trainer's optimizer, for both networks
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
         loss = model(batch).logsumexp(dim=1).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return steps * batch.shape[0] / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return batch.shape[0] / statistics.median(times[2:])
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from onnxscript import script
 
 from bnncc.ops._opset import bnncc_opset, op
 
-__all__ = ["BinarizeAct", "binarize_act", "binarize_weights"]
+__all__ = ["BinarizeAct", "binarize_act", "binarize_weights", "straight_through"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -31,27 +31,41 @@ def BinarizeAct(X, clip_bound: float = 3.0):
     return op.Where(X >= op.CastLike(0.0, X), half, op.Neg(half))
 
 
-class _SteBinarize(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
+    """Value ``q`` exactly; gradient to ``x`` is the incoming one, masked where ``mask`` is given.
+
+    One node instead of ``x + (q - x).detach()``, which costs three ops and can round q by an ulp.
+    """
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, clip_bound: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.clip_bound = clip_bound
-        half = 0.5 * clip_bound
-        return torch.where(x >= 0, torch.full_like(x, half), torch.full_like(x, -half))
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return q
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() < ctx.clip_bound).to(grad.dtype), None
+        (mask,) = ctx.saved_tensors
+        return (grad if mask is None else grad * mask), None, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``q`` (computed without gradient from x) with the straight-through gradient to ``x``;
+    ``mask`` (bool, broadcastable to x) zeroes it where False."""
+    return _StraightThrough.apply(x, q.detach(), mask)
 
 
 def binarize_act(x: torch.Tensor, clip_bound: float = 3.0) -> torch.Tensor:
     """Torch BinarizeAct with the clipped straight-through gradient."""
-    return _SteBinarize.apply(x, float(clip_bound))
+    half = 0.5 * float(clip_bound)
+    with torch.no_grad():
+        q = torch.where(x >= 0, half, -half).to(x.dtype)
+        inside = x.abs() < clip_bound
+    return straight_through(x, q, inside)
 
 
 def binarize_weights(w: torch.Tensor) -> torch.Tensor:
     """sign(W) * max|W[o]|/2 per output channel (axis 0), gradient 1 (straight through)."""
-    scale = w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.5
-    wq = torch.where(w.detach() >= 0, scale, -scale)
-    return w + (wq - w).detach()
+    with torch.no_grad():
+        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.5
+        wq = torch.where(w >= 0, scale, -scale)
+    return straight_through(w, wq)

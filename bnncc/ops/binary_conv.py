@@ -55,6 +55,8 @@ def binary_conv(
     """Torch BinaryConv; ``quantize_weights=False`` keeps float weights (first training phase)."""
     top, bottom = same_pads(x.shape[2], kernel_shape[0], strides[0])
     left, right = same_pads(x.shape[3], kernel_shape[1], strides[1])
-    xb = F.pad(binarize_act(x, clip_bound), (left, right, top, bottom))
+    xb = binarize_act(x, clip_bound)
     wb = binarize_weights(w) if quantize_weights else w
-    return F.conv2d(xb, wb, stride=tuple(strides))
+    if (top, left) == (bottom, right):  # symmetric: conv2d's own zero padding saves a padded copy
+        return F.conv2d(xb, wb, stride=tuple(strides), padding=(top, left))
+    return F.conv2d(F.pad(xb, (left, right, top, bottom)), wb, stride=tuple(strides))

@@ -24,9 +24,30 @@ def DPReLU(X, bias_x, bias_y, pos_slope, neg_slope):
     return slope * t - op.Unsqueeze(bias_y, axes)
 
 
-def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
-    def per_channel(v: torch.Tensor) -> torch.Tensor:
-        return v.reshape(1, -1, 1, 1)
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, 1, 1)
 
-    t = x - per_channel(bias_x)
-    return torch.where(t >= 0, per_channel(pos_slope), per_channel(neg_slope)) * t - per_channel(bias_y)
+
+class _DPReLU(torch.autograd.Function):
+    """Forward as the ONNX function; a hand-written backward that keeps only t and its sign mask
+    (autograd's where/mul/sub chain costs twice the elementwise passes on these small tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope):
+        t = x - _per_channel(bias_x)
+        positive = t >= 0
+        ctx.save_for_backward(t, positive, pos_slope, neg_slope)
+        return torch.where(positive, _per_channel(pos_slope), _per_channel(neg_slope)) * t - _per_channel(bias_y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, positive, pos_slope, neg_slope = ctx.saved_tensors
+        dims = (0, 2, 3)
+        dx = grad * torch.where(positive, _per_channel(pos_slope), _per_channel(neg_slope))
+        gt = grad * t
+        gt_pos = gt * positive
+        return dx, -dx.sum(dims), -grad.sum(dims), gt_pos.sum(dims), (gt - gt_pos).sum(dims)
+
+
+def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
+    return _DPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope)

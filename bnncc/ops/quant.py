@@ -24,6 +24,7 @@ from onnx.helper import make_tensor
 from onnxscript import FLOAT, INT64, script
 
 from bnncc.ops._opset import bnncc_opset, op
+from bnncc.ops.binarize import straight_through
 
 __all__ = [
     "QuantizeWeights", "QuantizeActs", "QuantConv", "QuantGemm",
@@ -81,38 +82,36 @@ def QuantGemm(X, W, act_bound, B, w_bits: int, a_bits: int, a_signed: int):
     return op.Gemm(xq, wq, B, transB=1)
 
 
-def _straight_through(x: torch.Tensor, q: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
-    """Value q; gradient 1 where ``inside``, 0 elsewhere."""
-    return torch.where(inside, x + (q - x).detach(), q.detach())
-
-
 def quantize_weights(w: torch.Tensor, bits: int) -> torch.Tensor:
-    m = 2.0 ** (bits - 1) - 1
-    wmax = w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
-    s = m / torch.where(wmax > 0, wmax, torch.ones_like(wmax))
-    q = torch.clamp(torch.floor(w.detach() * s + 0.5), -m, m) / s
-    return w + (q - w).detach()
+    with torch.no_grad():
+        m = 2.0 ** (bits - 1) - 1
+        wmax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+        s = m / torch.where(wmax > 0, wmax, torch.ones_like(wmax))
+        q = torch.clamp(torch.floor(w * s + 0.5), -m, m) / s
+    return straight_through(w, q)
 
 
 def quantize_acts(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
-    b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
-    calibrated = b > 0
-    safe = torch.where(calibrated, b, torch.ones_like(b))
-    xd = x.detach()
-    if signed:
-        m = 2.0 ** (bits - 1) - 1
-        s = m / safe
-        scaled = torch.floor(xd * s + 0.5)
-        q = torch.clamp(scaled, -m, m) / s
-        inside = scaled.abs() <= m
-    else:
-        m = 2.0**bits
-        s = m / safe
-        scaled = torch.floor(xd * s)
-        q = torch.clamp(scaled, 0, m - 1) / s
-        inside = (scaled >= 0) & (scaled <= m - 1)
-    quantized = _straight_through(x, q, inside)
-    return torch.where(calibrated, quantized, x)
+    with torch.no_grad():
+        b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+        calibrated = b > 0
+        safe = torch.where(calibrated, b, torch.ones_like(b))
+        if signed:
+            m = 2.0 ** (bits - 1) - 1
+            s = m / safe
+            scaled = torch.floor(x * s + 0.5)
+            clipped = torch.clamp(scaled, -m, m)
+        else:
+            m = 2.0**bits
+            s = m / safe
+            scaled = torch.floor(x * s)
+            clipped = torch.clamp(scaled, 0, m - 1)
+        q = clipped / s
+        inside = clipped == scaled
+        # uncalibrated channels pass x through, gradient and all
+        q = torch.where(calibrated, q, x)
+        inside |= ~calibrated
+    return straight_through(x, q, inside)
 
 
 def quant_conv(

@@ -34,7 +34,7 @@ from bnncc.train.config import TrainConfig
 from bnncc.train.data import ImageData
 from bnncc.train.distill import distillation_loss
 
-__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint"]
+__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,12 @@ def _kernel_l2(module: nn.Module) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in module.parameters() if p.ndim > 1)
 
 
+def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam(0.9, 0.99), fused: one kernel over all tensors instead of a dozen ops per parameter,
+    which matters for PokeBNN's ~600 small parameters (DPReLU, SE, BN)."""
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=True)
+
+
 def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: TrainConfig,
           input_shape: tuple[int, int, int], *, checkpoint: Path | None = None, resume: bool = False,
           metrics: Path | None = None, device: str | torch.device = "cpu", show_progress: bool = True) -> TrainResult:
@@ -102,7 +108,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
     if teacher is not None:
         teacher.to(device).eval()
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr * cfg.batch_size / 256, betas=(0.9, 0.99), eps=1e-8)
+    optimizer = make_optimizer(student, cfg.lr * cfg.batch_size / 256)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
     start, calibrated = 0, not hasattr(student, "calibrate_bounds")
     if resume and checkpoint is not None and checkpoint.exists():
