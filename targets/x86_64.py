@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # the rest hold weights and the broadcast activation word).
 _ACCUMULATORS = {16: 16, 8: 8}
 _MAX_TILE_WIDTH = 8
+# TVM puts a buffer on the stack, where LLVM keeps it in registers, only when it is smaller than
+# 1024 bytes (runtime::kMaxStackAlloca); a larger one becomes a heap workspace allocated, zeroed
+# and freed once per tile (tile_binary_conv2d).
+_MAX_TILE_BYTES = 1023
 
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _AVX2 = {"avx2", "bmi2", "fma", "movbe"}
@@ -75,11 +79,13 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 def _register_tile(wout: int, cout: int, lanes: int, accumulators: int) -> tuple[int, int]:
     """(output columns, output channels) of the register tile: the most outputs that fit the
-    accumulator budget, with both sizes dividing the output so no tile is partial."""
+    accumulator budget and stay on the stack (_MAX_TILE_BYTES), with both sizes dividing the
+    output so no tile is partial."""
     options = []
     for channels in (d for d in range(1, 2 * lanes + 1) if cout % d == 0):
         vectors = -(-channels // lanes)
-        width = _largest_divisor(wout, min(_MAX_TILE_WIDTH, accumulators // vectors))
+        limit = min(_MAX_TILE_WIDTH, accumulators // vectors, _MAX_TILE_BYTES // (4 * channels))
+        width = _largest_divisor(wout, limit)
         options.append((width * channels, channels, width))
     _, channels, width = max(options)
     return width, channels
@@ -115,8 +121,10 @@ def tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> ti
     wo_o, wo_i = sch.split(wo, [None, width])
     co_o, co_i, co_v = sch.split(co, [None, channels // vec, vec])
     sch.reorder(co_o, n, ho, wo_o, kh, kw, j, wo_i, co_i, co_v)
-    # The popcount sums stay in registers; the epilogue consumes them tile by tile.
-    sch.set_scope(pop, 0, "local")
+    # The epilogue consumes the popcount sums tile by tile, so their buffer shrinks to one tile: a
+    # stack array that LLVM keeps in registers. It stays in the default "global" scope: TVM's CPU
+    # lowering puts only "global" buffers under 1024 bytes on the stack and makes a "local" one a
+    # heap workspace, allocated, zeroed and freed per tile (_MAX_TILE_BYTES).
     sch.reverse_compute_at(out, wo_o)
     sch.parallel(sch.fuse(co_o, n, ho, wo_o))
     sch.unroll(wo_i)

@@ -68,8 +68,9 @@ def vector_quant_conv2d(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
     o_out, o_vec = _vector_split(sch, o, lanes)
     sch.reorder(n, y, z, o_out, ri, rj, rc, o_vec)
-    if has_block(sch, "epilogue"):  # one pixel's sums stay local until the epilogue reads them
-        sch.set_scope(conv, 0, "local")
+    if has_block(sch, "epilogue"):
+        # one pixel's sums, read by the epilogue right after: a stack array in the default scope
+        # ("local" would be a heap workspace per pixel, x86_64.tile_binary_conv2d)
         epilogue = sch.get_sblock("epilogue")
         sch.reverse_compute_at(epilogue, z)
         sch.vectorize(_vector_split(sch, sch.get_loops(epilogue)[-1], lanes)[1])
