@@ -153,15 +153,19 @@ def quant_conv2d_func(
                              scale[c], a_bits, signed=True, product=product)
         return tirx.if_then_else(inside, value, tirx.const(0, "float32"))
 
-    xq = te.compute((n, h + top + bottom, w + left + right, cin), padded, name="quantize")
     ri = te.reduce_axis((0, kh), name="ri")
     rj = te.reduce_axis((0, kw), name="rj")
     rc = te.reduce_axis((0, cin_g), name="rc")
+    # one input channel per group: quantized once per output channel, so that the conv reads its
+    # input at its own channel (a vector load, not a gather of channel o // cout_g)
+    per_output = cin_g == 1
+    xq = te.compute((n, h + top + bottom, w + left + right, cout if per_output else cin),
+                    (lambda i, y, z, o: padded(i, y, z, o // cout_g)) if per_output else padded, name="quantize")
     acc = te.compute(
         (n, ho, wo, cout),
         lambda i, y, z, o: te.sum(
-            xq[i, y * stride + ri, z * stride + rj, (o // cout_g) * cin_g + rc] * weights[ri, rj, rc, o],
-            axis=[ri, rj, rc]),
+            xq[i, y * stride + ri, z * stride + rj, o if per_output else (o // cout_g) * cin_g + rc]
+            * weights[ri, rj, rc, o], axis=[ri, rj, rc]),
         name="conv",
     )
     out = acc if epilogue is None else te.compute(acc.shape, lambda *idx: epilogue(acc(*idx), idx), name="epilogue")
