@@ -81,6 +81,9 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
         sch.compute_inline(sch.get_sblock("pad"))
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
+    for block in sch.get_producers(out):  # a fused PokeConv's channel mean: read by the epilogue's thread
+        if sch.get(block).name_hint.startswith(binary_conv.CHANNEL_MEAN):
+            sch.compute_inline(block)
     n, ho, wo, co, kh, kw, j = sch.get_loops(pop)
     pixels_total = int(sch.get(n).extent) * int(sch.get(ho).extent) * int(sch.get(wo).extent)
     channels = _largest_divisor(int(sch.get(co).extent), _MAX_CHANNELS)

@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 from bnncc.targets.kernels import KERNEL_ATTR, bitpack, quant
-from bnncc.targets.kernels.binary_conv import Epilogue, binary_conv2d, out_size, same_padding
+from bnncc.targets.kernels.binary_conv import Epilogue, binary_conv2d, channel_mean, out_size, same_padding
 from bnncc.targets.tvm_compat import Target, te, tirx
 
 __all__ = ["Lowered", "lower", "function_name"]
@@ -156,15 +156,13 @@ def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
 
 
 def _match(r: te.Tensor, idx: tuple, channels: int, height: int, method: str) -> tirx.PrimExpr:
-    """ReshapeAdd's R matched to (channels, height): channel mean / zero-pad / tile, then the 3x3/2
-    SAME average pool counting padded cells (divide by 9) when the height differs."""
+    """ReshapeAdd's R matched to (channels, height): zero-pad / tile (the channel mean is a stage of
+    its own, ``binary_conv.channel_mean``), then the 3x3/2 SAME average pool counting padded cells
+    (divide by 9) when the height differs."""
     n, y, z, c = idx
     _, hi, wi, ci = (int(d) for d in r.shape)
 
     def channel(yy, zz):
-        if ci > channels:
-            k = ci // channels
-            return sum((r[n, yy, zz, c * k + t] for t in range(1, k)), r[n, yy, zz, c * k]) / float(k)
         if ci < channels and method == "zeropad":
             return tirx.if_then_else(c < ci, r[n, yy, zz, tirx.min(c, ci - 1)], tirx.const(0, "float32"))
         if ci < channels:
@@ -487,10 +485,13 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     params = te.placeholder((8, cout), "float32", name="params")
     ho = out_size(h, stride)
 
+    # a residual with more channels than the output is matched by its channel mean
+    matched = [channel_mean(r, cout) if int(r.shape[3]) > cout else r for r in residuals]
+
     def fn(acc, idx):
         c = idx[3]
         s = params[_A1, c] * acc.astype("float32") + params[_B1, c]
-        for r, method in zip(residuals, methods):
+        for r, method in zip(matched, methods):
             s = s + _match(r, idx, cout, ho, method)
         d = _dprelu(s, params[_BX, c], params[_BY, c], params[_PS, c], params[_NS, c])
         return params[_A2, c] * (d * gate[idx[0], c]) + params[_B2, c]

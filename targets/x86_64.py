@@ -112,30 +112,67 @@ def tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> ti
     sch = s_tir.Schedule(func)
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
-    n, ho, wo, co, kh, kw, j = sch.get_loops(pop)
+    n, ho, wo, co = sch.get_loops(out)
     wout, cout = int(sch.get(wo).extent), int(sch.get(co).extent)
 
     width, channels = _register_tile(wout, cout, lanes, accumulators)
     vec = min(lanes, channels)
+    means = [b for b in sch.get_producers(out) if sch.get(b).name_hint.startswith(binary_conv.CHANNEL_MEAN)]
+    if channels % vec:  # a tile of partial vectors: no _vector_mean; the mean becomes part of the epilogue
+        for block in means:
+            sch.compute_inline(block)
+        means = []
 
+    # The epilogue's loops are the tiles; the popcount sums (and a fused PokeConv's channel means of
+    # a residual, _vector_mean) are computed per tile under them. (Moving the epilogue under the
+    # popcount's loops instead would need every producer of the epilogue there first.)
     wo_o, wo_i = sch.split(wo, [None, width])
-    co_o, co_i, co_v = sch.split(co, [None, channels // vec, vec])
-    sch.reorder(co_o, n, ho, wo_o, kh, kw, j, wo_i, co_i, co_v)
-    # The epilogue consumes the popcount sums tile by tile, so their buffer shrinks to one tile: a
-    # stack array that LLVM keeps in registers. It stays in the default "global" scope: TVM's CPU
-    # lowering puts only "global" buffers under 1024 bytes on the stack and makes a "local" one a
-    # heap workspace, allocated, zeroed and freed per tile (_MAX_TILE_BYTES).
-    sch.reverse_compute_at(out, wo_o)
-    sch.parallel(sch.fuse(co_o, n, ho, wo_o))
-    sch.unroll(wo_i)
-    sch.unroll(co_i)
-    sch.vectorize(co_v)
-    # The epilogue's innermost loop is its channel loop (a width-1 tile has no column loop).
-    sch.vectorize(sch.split(sch.get_loops(out)[-1], [None, vec])[1])
+    co_o, co_i = sch.split(co, [None, channels])
+    sch.reorder(co_o, n, ho, wo_o, wo_i, co_i)
+    tile = sch.fuse(co_o, n, ho, wo_o)
+    # The popcount buffer shrinks to one tile: a stack array that LLVM keeps in registers. It stays
+    # in the default "global" scope: TVM's CPU lowering puts only "global" buffers under 1024 bytes
+    # on the stack and makes a "local" one a heap workspace, allocated, zeroed and freed per tile
+    # (_MAX_TILE_BYTES).
+    reductions = [int(v.dom.extent) for v in sch.get(pop).iter_vars[4:]]  # kh, kw, word
+    sch.compute_at(pop, tile)
+    for block in means:
+        sch.compute_at(block, tile)
+    # compute_at leaves out loops of extent 1: under the tile come columns, channels, kh, kw, word,
+    # those longer than 1, in that order
+    names = [name for name, extent in zip(("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
+             if extent > 1]
+    loops = dict(zip(names, sch.get_loops(pop)[1:]))
+    inner = []
+    if "wo" in loops:
+        sch.unroll(loops["wo"])
+        inner.append(loops["wo"])
+    if "co" in loops:
+        vectors, lanes_loop = sch.split(loops["co"], [None, vec])
+        sch.unroll(vectors)
+        sch.vectorize(lanes_loop)
+        inner += [vectors, lanes_loop]
+    outer = [loops[name] for name in ("kh", "kw", "j") if name in loops]
+    sch.reorder(*outer, *inner)
+    sch.parallel(tile)
+    sch.vectorize(sch.split(co_i, [None, vec])[1])
     # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
-    sch.decompose_reduction(pop, kh)
+    sch.decompose_reduction(pop, (outer + inner)[0])
+    for block in means:
+        _vector_mean(sch, block, vec)
     _schedule_pad(sch)
     return mark_scheduled(sch.mod["main"])
+
+
+def _vector_mean(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A channel-mean stage (binary_conv.channel_mean), ``lanes`` outputs per step: k contiguous
+    vector loads, k shuffles that pick every k-th lane, the sum in the stage's order. Vectorized
+    as it is, each k-strided read became one scalar load per lane (the 56x56 256->64 PokeConv
+    2.6x slower)."""
+    channels = sch.get_loops(block)[-1]
+    k = int(sch.get(block).reads[0].source.shape[-1]) // int(sch.get(block).writes[0].source.shape[-1])
+    _, inner = sch.split(channels, [None, lanes])
+    sch.tensorize(inner, _mean_intrin(k, lanes))
 
 
 def _schedule_pad(sch: s_tir.Schedule) -> None:
@@ -206,6 +243,36 @@ def schedule_bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:
         return
     sch.decompose_reduction(block, b)
     sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1], _PACK32)
+
+
+def _mean_intrin(k: int, lanes: int) -> str:
+    """The tensor intrinsic of ``lanes`` channel means of k channels each (``_vector_mean``),
+    registered on first use; its description is binary_conv.mean_value, so it matches the stage."""
+    name = f"bnncc_channel_mean_{k}x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(x: T.Buffer((lanes * k,), "float32", offset_factor=1),
+             out: T.Buffer((lanes,), "float32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(x[0:lanes * k])
+            T.writes(out[0:lanes])
+            for c in range(lanes):
+                with T.sblock("mean"):
+                    vc = T.axis.spatial(lanes, c)
+                    out[vc] = binary_conv.mean_value(lambda t: x[vc * k + t], k)
+
+    @T.prim_func(s_tir=True)
+    def impl(x: T.Buffer((lanes * k,), "float32", offset_factor=1),
+             out: T.Buffer((lanes,), "float32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(x[0:lanes * k])
+            T.writes(out[0:lanes])
+            out[T.Ramp(0, 1, lanes)] = binary_conv.mean_value(
+                lambda t: T.Shuffle([x[T.Ramp(i * lanes, 1, lanes)] for i in range(k)],
+                                    [c * k + t for c in range(lanes)]), k)
+
+    s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    return name
 
 
 RULES = (schedule_binary_conv2d, schedule_sign_bitpack)

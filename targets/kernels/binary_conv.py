@@ -37,10 +37,12 @@ from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "Epilogue", "binary_conv2d", "binary_conv2d_func", "out_size", "same_padding", "scale_bias_epilogue",
+    "CHANNEL_MEAN", "Epilogue", "binary_conv2d", "binary_conv2d_func", "channel_mean", "mean_value", "out_size",
+    "same_padding", "scale_bias_epilogue",
 ]
 
 KERNEL_NAME = "binary_conv2d"
+CHANNEL_MEAN = "channel_mean"  # name of the stages ``channel_mean`` adds (schedules find them by it)
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -74,6 +76,23 @@ def scale_bias_epilogue(out_channels: int) -> Epilogue:
         inputs=(scale, bias),
         fn=lambda acc, idx: acc.astype("float32") * scale[idx[3]] + bias[idx[3]],
     )
+
+
+def mean_value(load: Callable[[int], tirx.PrimExpr], k: int) -> tirx.PrimExpr:
+    """(((load(0) + load(1)) + ...) + load(k - 1)) / k: the order every channel mean of ours sums in."""
+    return sum((load(t) for t in range(1, k)), load(0)) / float(k)
+
+
+def channel_mean(r: te.Tensor, channels: int) -> te.Tensor:
+    """NHWC r with k * ``channels`` channels -> ``channels``: out[..., c] = mean of r[..., c*k + t], t < k.
+
+    A stage of its own (block CHANNEL_MEAN) rather than part of an epilogue expression: its reads
+    are k-strided, which a vectorized epilogue turns into one scalar load per lane, and a schedule
+    can give the stage a vector form (x86_64.tile_binary_conv2d)."""
+    n, h, w, ci = (int(d) for d in r.shape)
+    k = ci // channels
+    return te.compute((n, h, w, channels), lambda i, y, z, c: mean_value(lambda t: r[i, y, z, c * k + t], k),
+                      name=CHANNEL_MEAN)
 
 
 def _pad(x: te.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> te.Tensor:
