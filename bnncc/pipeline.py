@@ -47,7 +47,7 @@ HOST_TARGET = "x86-64"  # the target whose libraries run natively here: latency 
 
 @dataclasses.dataclass(frozen=True)
 class ConvertOptions:
-    """How ``convert`` runs. ``overrides`` are recipe ``key=value`` strings (``train.lr=1e-3``);
+    """How ``convert`` runs. ``overrides`` are recipe ``key=value`` strings (``train.lr=3e-2``);
     ``epochs``/``max_steps``/``batch_size`` set the fine-tune, which runs only when ``data`` is given."""
 
     recipe: str = "pokebnn_1x"
@@ -261,8 +261,8 @@ class DemoOptions:
     teacher_epochs: int = 10  # 2000 sample images: 310 steps at batch 64
     epochs: int = 3
     batch_size: int = 64
-    teacher_lr: float = 2e-3
-    lr: float = 1e-3
+    teacher_lr: float = 3e-2
+    lr: float = 3e-2
     seed: int = 0
 
 

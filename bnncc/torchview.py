@@ -498,6 +498,7 @@ class GraphModule(nn.Module):
                 self._run(batch if isinstance(batch, tuple) else (batch,), calibration)
         finally:
             self.train(was_training)
+        unseen: dict[str, int] = {}
         for name in bounds:
             if name not in calibration.ema:
                 raise BnnccError(f"calibration: bound {self.initializer_names[name]!r} was never observed "
@@ -505,8 +506,12 @@ class GraphModule(nn.Module):
             seen = calibration.seen[name]
             tensors[name].copy_(torch.where(seen, calibration.ema[name], -1.0))
             if not bool(seen.all()):
-                logger.warning("calibration: bound %r: %d channel(s) were always zero and stay float",
-                               self.initializer_names[name], int((~seen).sum()))
+                unseen[self.initializer_names[name]] = int((~seen).sum())
+                logger.debug("calibration: bound %r: %d channel(s) were always zero",
+                             self.initializer_names[name], unseen[self.initializer_names[name]])
+        if unseen:  # typically dead ReLU channels in SE gates; one line, not one per bound
+            logger.warning("calibration: %d channel(s) in %d of %d bounds were always zero and stay float "
+                           "(first: %r)", sum(unseen.values()), len(unseen), len(bounds), next(iter(unseen)))
 
 
 def to_torch(model: ir.Model) -> GraphModule:

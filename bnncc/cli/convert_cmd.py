@@ -22,7 +22,7 @@ def convert(
     epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop fine-tuning after N steps"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="fine-tuning batch size"),
-    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. train.lr=1e-3"),
+    overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. train.lr=3e-2"),
     seed: int = typer.Option(0, "--seed", help="seed of data order and augmentation"),
 ) -> None:
     """Import, rewrite, fine-tune (with --data), compile and report; reuse stages whose inputs did not change."""

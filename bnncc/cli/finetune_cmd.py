@@ -49,6 +49,8 @@ def finetune(
         checkpoint_every=checkpoint_every, seed=seed)
     result = run_finetune(student, teacher, data, output, cfg, checkpoint=checkpoint or output.with_suffix(".ckpt"),
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
+    if result.ace is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     table = Table(title=f"fine-tuned {student.name} -> {output}")
     for column in ("steps", "final loss", "img/s", "student top-1", "student top-5", "teacher top-1",
                    "teacher top-5", "ACE (1e9)"):
@@ -68,7 +70,7 @@ def train_teacher(
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Learning rate per 256 images.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate per 256 images.")] = 3e-2,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -79,4 +81,5 @@ def train_teacher(
     cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, weight_decay=5e-5,
                       label_weight=1.0, seed=seed)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device)
-    console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+    if top1 is not None:  # None on torchrun ranks other than 0
+        console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")

@@ -14,7 +14,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import open_dataset
-from bnncc.train.trainer import TrainResult, evaluate, train
+from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train
 
 __all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
 
@@ -89,6 +89,8 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
                    resume=resume, metrics=Path(metrics) if metrics else None, device=device,
                    show_progress=show_progress)
     accuracy: tuple[float | None, ...] = (None, None, None, None)
+    if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the result
+        return FinetuneResult(output, result, *accuracy, None)
     val_data = open_dataset(data_dir, "val", image_size=shape[1])
     if val_data.num_classes <= _classes(student_model) and val_data.num_classes == _classes(student_model):
         accuracy = (*evaluate(student, val_data, shape, device=device), *evaluate(teacher, val_data, shape, device=device))
@@ -101,10 +103,11 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
 
 
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,
-                  image_size: int = 32, device: str = "cpu", show_progress: bool = True) -> tuple[Path, float, float]:
+                  image_size: int = 32, device: str = "cpu",
+                  show_progress: bool = True) -> tuple[Path, float | None, float | None]:
     """Train a float ResNet-50 (torchvision's definition, ``width`` times narrower) on labels; export ONNX.
 
-    Returns (path, top-1, top-5) on the validation split.
+    Returns (path, top-1, top-5) on the validation split; (path, None, None) on torchrun ranks > 0.
     """
     from bnncc.zoo import export_onnx, resnet50
 
@@ -114,6 +117,8 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     model = resnet50(width=width, num_classes=train_data.num_classes, seed=cfg.seed)
     train(model, None, train_data, cfg, shape, device=device, show_progress=show_progress)
+    if not is_main_process():  # under torchrun, rank 0 alone evaluates and exports
+        return Path(output), None, None
     top1, top5 = evaluate(model, val_data, shape, device=device)
     model.cpu().eval()
     output = Path(output)

@@ -34,7 +34,7 @@ from bnncc.train.config import TrainConfig
 from bnncc.train.data import ImageData
 from bnncc.train.distill import distillation_loss
 
-__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer"]
+__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a torchrun group."""
+    return _world()[0] == 0
 
 
 def init_distributed(device: torch.device) -> None:
