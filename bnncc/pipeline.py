@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import statistics
 import time
@@ -225,8 +226,10 @@ def measure_latency(lib, runs: int) -> dict:
         start = time.perf_counter()
         lib(x)
         times.append(1000 * (time.perf_counter() - start))
+    # TVM's worker threads spin at each kernel's barrier: with other work on the cores a call can
+    # take 1000x longer, so the load beside the measurement is part of the figure.
     return {"batch": 1, "runs": runs, "threads": NUM_THREADS, "median_ms": statistics.median(times),
-            "min_ms": min(times)}
+            "min_ms": min(times), "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
 
 
 def _library_accuracy(lib, data: Path) -> dict:

@@ -154,6 +154,10 @@ def markdown(report: Report) -> str:
                   f"Batch 1, {report.latency['threads']} threads, median of {report.latency['runs']} runs: "
                   f"**{report.latency['median_ms']:.2f} ms** (min {report.latency['min_ms']:.2f} ms). "
                   "Measured values: `latency.json` (not in report.json, which is reproducible).", ""]
+        load, cpus = report.latency.get("load_average"), report.latency.get("cpus")
+        if load is not None and cpus and load > 0.5 * cpus:
+            lines += [f"The machine was busy (load average {load:.1f} on {cpus} CPUs): the figure is contention, "
+                      "not the library; measure again on a quiet machine.", ""]
     lines += ["## Plots", "", f"![ACE per stage]({STAGES_PLOT})", "", f"![ACE per layer]({LAYERS_PLOT})", "",
               f"## Per layer ({report.deployed.name})", "",
               "| layer | op | w x a | MACs | ACE (1e6) | share | CPU64 | weight bits |",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -82,8 +83,14 @@ def test_same_report_gives_the_same_bytes(report, tmp_path):
 
 
 def test_without_latency_there_is_no_latency_file(report, tmp_path):
-    import dataclasses
-
     write_report(dataclasses.replace(report, latency=None, trained=True), tmp_path)
     assert not (tmp_path / "latency.json").exists()
     assert "Not fine-tuned" not in (tmp_path / "report.md").read_text()
+
+
+def test_latency_on_a_busy_machine_says_so(report, tmp_path):
+    busy = {**report.latency, "load_average": 6.5, "cpus": 2}
+    write_report(dataclasses.replace(report, latency=busy), tmp_path / "busy")
+    write_report(dataclasses.replace(report, latency={**busy, "load_average": 0.2}), tmp_path / "quiet")
+    assert "machine was busy (load average 6.5 on 2 CPUs)" in (tmp_path / "busy" / "report.md").read_text()
+    assert "busy" not in (tmp_path / "quiet" / "report.md").read_text()
