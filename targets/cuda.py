@@ -81,9 +81,11 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
         sch.compute_inline(sch.get_sblock("pad"))
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
-    for block in sch.get_producers(out):  # a fused PokeConv's channel mean: read by the epilogue's thread
-        if sch.get(block).name_hint.startswith(binary_conv.CHANNEL_MEAN):
-            sch.compute_inline(block)
+    # a fused PokeConv's channel mean and average pool of a residual: computed by the epilogue's thread
+    for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL):
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if sch.get(block).name_hint.startswith(name):
+                sch.compute_inline(block)
     n, ho, wo, co, kh, kw, j = sch.get_loops(pop)
     pixels_total = int(sch.get(n).extent) * int(sch.get(ho).extent) * int(sch.get(wo).extent)
     channels = _largest_divisor(int(sch.get(co).extent), _MAX_CHANNELS)

@@ -38,7 +38,7 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 from bnncc.targets.kernels import KERNEL_ATTR, bitpack, quant
-from bnncc.targets.kernels.binary_conv import Epilogue, binary_conv2d, channel_mean, out_size, same_padding
+from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size
 from bnncc.targets.tvm_compat import Target, te, tirx
 
 __all__ = ["Lowered", "lower", "function_name"]
@@ -155,31 +155,17 @@ def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
     return tirx.Select(u >= tirx.const(0, "float32"), ps * u, ns * u) - by
 
 
-def _match(r: te.Tensor, idx: tuple, channels: int, height: int, method: str) -> tirx.PrimExpr:
-    """ReshapeAdd's R matched to (channels, height): zero-pad / tile (the channel mean is a stage of
-    its own, ``binary_conv.channel_mean``), then the 3x3/2 SAME average pool counting padded cells
-    (divide by 9) when the height differs."""
+def _match(r: te.Tensor, idx: tuple, channels: int, method: str) -> tirx.PrimExpr:
+    """ReshapeAdd's R, already of the output's size, matched to ``channels``: zero-pad or tile (the
+    channel mean and the average pool are stages of their own, ``binary_conv.channel_mean`` and
+    ``binary_conv.average_pool``)."""
     n, y, z, c = idx
-    _, hi, wi, ci = (int(d) for d in r.shape)
-
-    def channel(yy, zz):
-        if ci < channels and method == "zeropad":
-            return tirx.if_then_else(c < ci, r[n, yy, zz, tirx.min(c, ci - 1)], tirx.const(0, "float32"))
-        if ci < channels:
-            return r[n, yy, zz, tirx.floormod(c, ci)]
-        return r[n, yy, zz, c]
-
-    if hi == height:
-        return channel(y, z)
-    top, left = same_padding(hi, 3, 2)[0], same_padding(wi, 3, 2)[0]
-    total = tirx.const(0, "float32")
-    for i in range(3):
-        for j in range(3):
-            yy, zz = y * 2 + i - top, z * 2 + j - left
-            inside = tirx.all(yy >= 0, yy < hi, zz >= 0, zz < wi)
-            clamped = channel(tirx.min(tirx.max(yy, 0), hi - 1), tirx.min(tirx.max(zz, 0), wi - 1))
-            total = total + tirx.if_then_else(inside, clamped, tirx.const(0, "float32"))
-    return total / 9.0
+    ci = int(r.shape[3])
+    if ci < channels and method == "zeropad":
+        return tirx.if_then_else(c < ci, r[n, y, z, tirx.min(c, ci - 1)], tirx.const(0, "float32"))
+    if ci < channels:
+        return r[n, y, z, tirx.floormod(c, ci)]
+    return r[n, y, z, c]
 
 
 @dataclass(frozen=True)
@@ -485,14 +471,18 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     params = te.placeholder((8, cout), "float32", name="params")
     ho = out_size(h, stride)
 
-    # a residual with more channels than the output is matched by its channel mean
-    matched = [channel_mean(r, cout) if int(r.shape[3]) > cout else r for r in residuals]
+    # ReshapeAdd: a residual with more channels than the output is matched by its channel mean, one
+    # of a larger size by the 3x3/2 average pool; the zero-pad or tile of fewer channels follows
+    matched = []
+    for r in residuals:
+        r = channel_mean(r, cout) if int(r.shape[3]) > cout else r
+        matched.append(average_pool(r) if int(r.shape[1]) != ho else r)
 
     def fn(acc, idx):
         c = idx[3]
         s = params[_A1, c] * acc.astype("float32") + params[_B1, c]
         for r, method in zip(matched, methods):
-            s = s + _match(r, idx, cout, ho, method)
+            s = s + _match(r, idx, cout, method)
         d = _dprelu(s, params[_BX, c], params[_BY, c], params[_PS, c], params[_NS, c])
         return params[_A2, c] * (d * gate[idx[0], c]) + params[_B2, c]
 

@@ -117,7 +117,9 @@ def tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> ti
 
     width, channels = _register_tile(wout, cout, lanes, accumulators)
     vec = min(lanes, channels)
-    means = [b for b in sch.get_producers(out) if sch.get(b).name_hint.startswith(binary_conv.CHANNEL_MEAN)]
+    for pool in _stages(sch, out, binary_conv.AVERAGE_POOL):
+        _vector_pool(sch, pool, lanes)
+    means = _stages(sch, out, binary_conv.CHANNEL_MEAN)
     if channels % vec:  # a tile of partial vectors: no _vector_mean; the mean becomes part of the epilogue
         for block in means:
             sch.compute_inline(block)
@@ -162,6 +164,22 @@ def tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> ti
         _vector_mean(sch, block, vec)
     _schedule_pad(sch)
     return mark_scheduled(sch.mod["main"])
+
+
+def _stages(sch: s_tir.Schedule, block, name: str) -> list:
+    """The producers of ``block`` that are stages called ``name`` (TE numbers repeated names)."""
+    return [b for b in sch.get_producers(block) if sch.get(b).name_hint.startswith(name)]
+
+
+def _vector_pool(sch: s_tir.Schedule, pool, lanes: int) -> None:
+    """An average-pool stage of a fused PokeConv (binary_conv.average_pool), before the conv: rows
+    in parallel, channels vectorized; a channel mean it pools is computed inline, tap by tap."""
+    for block in _stages(sch, pool, binary_conv.CHANNEL_MEAN):
+        sch.compute_inline(block)
+    n, y, _, c = sch.get_loops(pool)
+    sch.parallel(sch.fuse(n, y))
+    if int(sch.get(c).extent) % lanes == 0:
+        sch.vectorize(sch.split(c, [None, lanes])[1])
 
 
 def _vector_mean(sch: s_tir.Schedule, block, lanes: int) -> None:

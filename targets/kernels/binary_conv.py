@@ -37,12 +37,14 @@ from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "CHANNEL_MEAN", "Epilogue", "binary_conv2d", "binary_conv2d_func", "channel_mean", "mean_value", "out_size",
-    "same_padding", "scale_bias_epilogue",
+    "AVERAGE_POOL", "CHANNEL_MEAN", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
+    "mean_value", "out_size", "same_padding", "scale_bias_epilogue",
 ]
 
 KERNEL_NAME = "binary_conv2d"
-CHANNEL_MEAN = "channel_mean"  # name of the stages ``channel_mean`` adds (schedules find them by it)
+# names of the stages that ``channel_mean`` and ``average_pool`` add (schedules find them by these)
+CHANNEL_MEAN = "channel_mean"
+AVERAGE_POOL = "average_pool"
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -93,6 +95,26 @@ def channel_mean(r: te.Tensor, channels: int) -> te.Tensor:
     k = ci // channels
     return te.compute((n, h, w, channels), lambda i, y, z, c: mean_value(lambda t: r[i, y, z, c * k + t], k),
                       name=CHANNEL_MEAN)
+
+
+def average_pool(r: te.Tensor) -> te.Tensor:
+    """The 3x3/2 SAME average pool of NHWC r counting padded cells (a sum of 9 taps, padded ones 0,
+    divided by 9), as a stage of its own (block AVERAGE_POOL): an epilogue that pooled inline would
+    pool once per output channel, twice for a channel-tiled shortcut."""
+    n, h, w, c = (int(d) for d in r.shape)
+    top, left = same_padding(h, 3, 2)[0], same_padding(w, 3, 2)[0]
+
+    def pooled(i, y, z, ch):
+        total = tirx.const(0, "float32")
+        for a in range(3):
+            for b in range(3):
+                yy, zz = y * 2 + a - top, z * 2 + b - left
+                inside = tirx.all(yy >= 0, yy < h, zz >= 0, zz < w)
+                clamped = r[i, tirx.min(tirx.max(yy, 0), h - 1), tirx.min(tirx.max(zz, 0), w - 1), ch]
+                total = total + tirx.if_then_else(inside, clamped, tirx.const(0, "float32"))
+        return total / 9.0
+
+    return te.compute((n, out_size(h, 2), out_size(w, 2), c), pooled, name=AVERAGE_POOL)
 
 
 def _pad(x: te.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> te.Tensor:
