@@ -256,3 +256,22 @@ def test_verify_probes_each_threshold_but_the_network_input(tmp_path):
     kinds = [c.what for c in checks]
     assert kinds.count("near-zero binarization inputs") == 6
     assert kinds.count("near-boundary quantizer inputs") == 1 + 6 + 1
+
+
+def test_vector_channel_mean_agrees_with_onnxruntime(tmp_path):
+    """Channel-mean shortcuts whose output tiles are whole vectors (64 -> 16, k = 4; 64 -> 32,
+    k = 2) take the shuffle form of the x86-64 schedule (the tiny network's 72 -> 36 does not)."""
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    net = _Net(32, seed=2)
+    x = net.poke_conv(net.stem(8, 16), 16, 64, 1, 1)
+    y = net.poke_conv(net.poke_conv(x, 64, 16, 1, 1), 16, 64, 1, 1, block=x)
+    net.head(net.poke_conv(y, 64, 32, 1, 1), 32)
+    model = net.model()
+    assert "T.Shuffle" in lower(model, host_target()).module.script()
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got, ref = load(compile(model, tmp_path / "lib"))(x), _onnxruntime(model, x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
