@@ -29,24 +29,26 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
 
 
 class _DPReLU(torch.autograd.Function):
-    """Forward as the ONNX function; a hand-written backward that keeps only t and its sign mask
-    (autograd's where/mul/sub chain costs twice the elementwise passes on these small tensors)."""
+    """max(t, 0) * pos + min(t, 0) * neg equals the ONNX function's where(t >= 0, pos, neg) * t
+    exactly (one term is a zero), without bool tensors or where(), which torch runs unvectorized
+    on CPU; the backward is written out for the same reason."""
 
     @staticmethod
     def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope):
         t = x - _per_channel(bias_x)
-        positive = t >= 0
-        ctx.save_for_backward(t, positive, pos_slope, neg_slope)
-        return torch.where(positive, _per_channel(pos_slope), _per_channel(neg_slope)) * t - _per_channel(bias_y)
+        positive = t.clamp_min(0)
+        negative = t - positive
+        ctx.save_for_backward(positive, negative, pos_slope, neg_slope)
+        return positive * _per_channel(pos_slope) + negative * _per_channel(neg_slope) - _per_channel(bias_y)
 
     @staticmethod
     def backward(ctx, grad):
-        t, positive, pos_slope, neg_slope = ctx.saved_tensors
+        positive, negative, pos_slope, neg_slope = ctx.saved_tensors
         dims = (0, 2, 3)
-        dx = grad * torch.where(positive, _per_channel(pos_slope), _per_channel(neg_slope))
-        gt = grad * t
-        gt_pos = gt * positive
-        return dx, -dx.sum(dims), -grad.sum(dims), gt_pos.sum(dims), (gt - gt_pos).sum(dims)
+        grad_pos = torch.ops.aten.threshold_backward(grad, positive, 0)  # grad where t > 0
+        grad_neg = grad - grad_pos
+        dx = grad_pos * _per_channel(pos_slope) + grad_neg * _per_channel(neg_slope)
+        return dx, -dx.sum(dims), -grad.sum(dims), (grad * positive).sum(dims), (grad * negative).sum(dims)
 
 
 def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
