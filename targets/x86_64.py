@@ -186,7 +186,7 @@ def _vector_mean(sch: s_tir.Schedule, block, lanes: int) -> None:
     """A channel-mean stage (binary_conv.channel_mean), ``lanes`` outputs per step: k contiguous
     vector loads, k shuffles that pick every k-th lane, the sum in the stage's order. Vectorized
     as it is, each k-strided read became one scalar load per lane (the 56x56 256->64 PokeConv
-    2.6x slower)."""
+    took 0.28 ms on one thread, against 0.13-0.17 in this form)."""
     channels = sch.get_loops(block)[-1]
     k = int(sch.get(block).reads[0].source.shape[-1]) // int(sch.get(block).writes[0].source.shape[-1])
     _, inner = sch.split(channels, [None, lanes])
