@@ -15,7 +15,7 @@ from bnncc.targets.kernels import binary_conv, bitpack
 from bnncc.targets.tvm_compat import (
     NUM_THREADS, Target, first_rule, has_cpu_features, make_target, mark_scheduled, s_tir, tirx,
 )
-from tvm.script import tirx as T  # noqa: E402  (TVMScript for the word-pack intrinsic)
+from tvm.script import tirx as T  # noqa: E402  (TVMScript for the tensor intrinsics)
 
 __all__ = ["cpu_flags", "host_target", "schedule", "schedule_binary_conv2d", "schedule_sign_bitpack", "target_for_flags",
            "parallel_bitpack", "schedule_bitpack_block", "tile_binary_conv2d", "vector_lanes"]
@@ -267,6 +267,8 @@ def _mean_intrin(k: int, lanes: int) -> str:
     """The tensor intrinsic of ``lanes`` channel means of k channels each (``_vector_mean``),
     registered on first use; its description is binary_conv.mean_value, so it matches the stage."""
     name = f"bnncc_channel_mean_{k}x{lanes}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
 
     @T.prim_func(s_tir=True)
     def desc(x: T.Buffer((lanes * k,), "float32", offset_factor=1),
@@ -289,7 +291,7 @@ def _mean_intrin(k: int, lanes: int) -> str:
                 lambda t: T.Shuffle([x[T.Ramp(i * lanes, 1, lanes)] for i in range(k)],
                                     [c * k + t for c in range(lanes)]), k)
 
-    s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    s_tir.TensorIntrin.register(name, desc, impl)
     return name
 
 
