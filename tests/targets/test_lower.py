@@ -275,3 +275,16 @@ def test_vector_channel_mean_agrees_with_onnxruntime(tmp_path):
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
     got, ref = load(compile(model, tmp_path / "lib"))(x), _onnxruntime(model, x)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_larger_batches_reuse_the_one_image_kernels():
+    """batch_8 runs batch_1 per image: the module holds the kernels of batch 1 only (library size)."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.tvm_compat import tirx
+    from bnncc.targets.x86_64 import host_target
+
+    def kernels(batches):
+        module = lower(tiny_pokebnn(), host_target(), batches).module
+        return sorted(gv.name_hint for gv, f in module.functions.items() if isinstance(f, tirx.PrimFunc))
+
+    assert kernels((1, 8)) == kernels((1,))
