@@ -21,8 +21,9 @@ def verify_command(
 
     report = verify(library, reference, n=n, batch=batch)
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "
-                  f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); "
-                  f"explained by a value at a binarization or quantizer threshold: {report.explained}")
+                  f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime "
+                  f"optimized vs unoptimized differ by up to {report.max_spread:.3g}; inputs explained by that "
+                  f"rounding spread: {report.explained}")
     for line in report.failures:
         console.print(f"[red]FAIL[/] {line}")
     if not report.ok:
