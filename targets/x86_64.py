@@ -120,7 +120,9 @@ def tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> ti
     for pool in _stages(sch, out, binary_conv.AVERAGE_POOL):
         _vector_pool(sch, pool, lanes)
     means = _stages(sch, out, binary_conv.CHANNEL_MEAN)
-    if channels % vec:  # a tile of partial vectors: no _vector_mean; the mean becomes part of the epilogue
+    # a tile of partial vectors, or of one channel (odd widths: PokeBNN-1.4x has 179 channels), has no
+    # vector to shuffle: no _vector_mean; the mean becomes part of the epilogue
+    if channels % vec or vec == 1:
         for block in means:
             sch.compute_inline(block)
         means = []

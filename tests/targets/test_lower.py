@@ -264,6 +264,21 @@ def test_vector_channel_mean_agrees_with_onnxruntime(tmp_path):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+def test_channel_mean_into_a_prime_channel_count_agrees_with_onnxruntime(tmp_path):
+    """74 -> 37 channels (k = 2): 37 is prime and above two vectors, so the register tile holds one
+    channel and the mean has no vector to shuffle (PokeBNN-1.4x's 179 channels failed to compile)."""
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    net = _Net(16, seed=3)
+    x = net.poke_conv(net.stem(8, 16), 16, 74, 1, 1)
+    net.head(net.poke_conv(x, 74, 37, 1, 1), 37)
+    model = net.model()
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    got, ref = load(compile(model, tmp_path / "lib"))(x), _onnxruntime(model, x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_larger_batches_reuse_the_one_image_kernels():
     """batch_8 runs batch_1 per image: the module holds the kernels of batch 1 only (library size)."""
     from bnncc.targets.lower import lower
