@@ -5,7 +5,7 @@ student over the float teacher on the same batch (target: >= 0.5), and again for
 ResNet-50 (224 px, width 1), where the convolutions rather than op dispatch set the pace.
 
     .venv/bin/python bench/finetune.py [--data /usr/share/datasets/fashion-mnist] [--width 0.25]
-        [--image-size 32] [--teacher-epochs 3] [--student-epochs 4] [--recipe pokebnn_1x] [--full-size-batch 8]
+        [--image-size 32] [--teacher-epochs 3] [--student-epochs 5] [--recipe pokebnn_1x] [--full-size-batch 8]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--teacher-epochs", type=int, default=3)
-    parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--student-epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--teacher-lr", type=float, default=3e-2)
     parser.add_argument("--student-lr", type=float, default=3e-2)
