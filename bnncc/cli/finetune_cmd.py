@@ -41,6 +41,7 @@ def finetune(
     from bnncc.recipe import load_recipe
     from bnncc.train import TrainConfig
     from bnncc.train.finetune import finetune as run_finetune
+    from bnncc.train.trainer import is_main_process
 
     train_table = load_recipe(recipe).train
     cfg = TrainConfig.from_recipe(
@@ -49,7 +50,7 @@ def finetune(
         checkpoint_every=checkpoint_every, seed=seed)
     result = run_finetune(student, teacher, data, output, cfg, checkpoint=checkpoint or output.with_suffix(".ckpt"),
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
-    if result.ace is None:  # a torchrun rank other than 0: rank 0 reports
+    if not is_main_process():  # under torchrun, rank 0 alone reports
         return
     table = Table(title=f"fine-tuned {student.name} -> {output}")
     for column in ("steps", "final loss", "img/s", "student top-1", "student top-5", "teacher top-1",
@@ -77,9 +78,10 @@ def train_teacher(
     """Train a float ResNet-50 on labelled data and export it to ONNX (the distillation teacher)."""
     from bnncc.train import TrainConfig
     from bnncc.train.finetune import train_teacher as run
+    from bnncc.train.trainer import is_main_process
 
     cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, weight_decay=5e-5,
                       label_weight=1.0, seed=seed)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device)
-    if top1 is not None:  # None on torchrun ranks other than 0
+    if is_main_process():  # under torchrun, rank 0 alone reports
         console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")
