@@ -4,8 +4,15 @@ Prints teacher top-1, student top-1, the gap, run times, and the training throug
 student over the float teacher on the same batch (target: >= 0.5), and again for full-size
 ResNet-50 (224 px, width 1), where the convolutions rather than op dispatch set the pace.
 
+The throughput reference is the float teacher as ``train-teacher`` trains it: torchvision's
+ResNet-50 module, batch norms in train mode. The ONNX view of the exported teacher (BNs folded
+into the convs by the export, so fewer ops) is printed too, labelled, as the earlier reference.
+``--throughput-only`` skips the training runs and times networks with random weights at the same
+sizes, so the throughput lines can be rerun in a minute.
+
     .venv/bin/python bench/finetune.py [--data /usr/share/datasets/fashion-mnist] [--width 0.25]
         [--image-size 32] [--teacher-epochs 3] [--student-epochs 5] [--recipe pokebnn_1x] [--full-size-batch 8]
+        [--throughput-only]
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset
 from bnncc.train.trainer import make_optimizer
 from bnncc.zoo import export_onnx, resnet50
+
+
+def stem_width(width: float) -> int:
+    """The PokeInit stem's middle width: the stem width must be a multiple of it, at most 32."""
+    return min(32, max(8, int(64 * width)))
 
 
 def throughput(model: torch.nn.Module, batch: torch.Tensor, steps: int = 9) -> float:
@@ -59,12 +71,37 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--full-size-batch", type=int, default=8,
                         help="also time both networks at full size with this batch (0: skip)")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="skip the training runs; time networks with random weights at the same sizes")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bnncc-bench-ft-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"bench/finetune.py on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"work dir {work}")
 
+    data = open_dataset(args.data, "train")
+    batch, _ = data.batch(torch.arange(args.batch_size), (3, args.image_size, args.image_size), augment=False)
+    if args.throughput_only:
+        teacher_path = export_onnx(resnet50(args.width, data.num_classes), work / "teacher.onnx",
+                                   input_size=args.image_size)
+        student, _ = rewrite(load(teacher_path), args.recipe,
+                             [f"passes.poke_stem.mid_channels={stem_width(args.width)}"])
+        print_throughput("", student, teacher_path, resnet50(args.width, data.num_classes), batch)
+    else:
+        train_and_report(args, work, batch, resnet50(args.width, data.num_classes))
+    if args.full_size_batch:
+        path = export_onnx(resnet50(1.0, 1000), work / "resnet50.onnx", input_size=224)
+        student, _ = rewrite(load(path), args.recipe)
+        full = torch.randn(args.full_size_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        print_throughput(f", ResNet-50 at width 1, 224 px, batch {args.full_size_batch} (random weights)",
+                         student, path, resnet50(1.0, 1000), full, steps=5)
+
+
+def train_and_report(args: argparse.Namespace, work: Path, batch: torch.Tensor, float_teacher: torch.nn.Module) -> None:
+    """Train the teacher, rewrite and fine-tune the student; print accuracies and throughput.
+
+    The float teacher is timed as train-teacher trains it; its trained weights do not change a
+    step's cost, so ``float_teacher`` is the same torchvision module with random weights."""
     began = time.perf_counter()
     teacher_cfg = TrainConfig(lr=args.teacher_lr, batch_size=args.batch_size, epochs=args.teacher_epochs,
                               label_weight=1.0, weight_decay=5e-5)
@@ -72,9 +109,7 @@ def main() -> None:
                                                  image_size=args.image_size)
     teacher_seconds = time.perf_counter() - began
 
-    # The PokeInit stem needs a stem width that is a multiple of its 32-channel middle layer.
-    stem = max(8, int(64 * args.width))
-    student, rows = rewrite(load(teacher_path), args.recipe, [f"passes.poke_stem.mid_channels={min(32, stem)}"])
+    student, _ = rewrite(load(teacher_path), args.recipe, [f"passes.poke_stem.mid_channels={stem_width(args.width)}"])
     student_path = work / "student.onnx"
     ir.save(student, student_path)
 
@@ -84,31 +119,23 @@ def main() -> None:
                       checkpoint=work / "trained.ckpt", metrics=work / "trained.metrics.jsonl")
     student_seconds = time.perf_counter() - began
 
-    data = open_dataset(args.data, "train")
-    batch, _ = data.batch(torch.arange(args.batch_size), (3, args.image_size, args.image_size), augment=False)
-    student_ips = throughput(to_torch(ir.load(student_path)), batch)
-    teacher_ips = throughput(to_torch(load(teacher_path)), batch)
-
     print(f"teacher   top-1 {teacher_top1:6.2f}%   ({args.teacher_epochs} epochs, {teacher_seconds:.0f} s)")
     print(f"student   top-1 {result.student_top1:6.2f}%   ({args.student_epochs} epochs, {student_seconds:.0f} s, "
           f"ACE {result.ace / 1e9:.3f}e9)")
     print(f"gap       {teacher_top1 - result.student_top1:6.2f} points (target <= 2)")
-    print(f"training throughput: student {student_ips:.1f} img/s, teacher {teacher_ips:.1f} img/s, "
-          f"ratio {student_ips / teacher_ips:.2f} (target >= 0.5)")
-    if args.full_size_batch:
-        student_ips, teacher_ips = full_size_throughput(args.full_size_batch, work)
-        print(f"training throughput, ResNet-50 at width 1, 224 px, batch {args.full_size_batch} (random weights): "
-              f"student {student_ips:.2f} img/s, teacher {teacher_ips:.2f} img/s, ratio {student_ips / teacher_ips:.2f}")
+    print_throughput("", ir.load(student_path), teacher_path, float_teacher, batch)
 
 
-def full_size_throughput(batch_size: int, work: Path) -> tuple[float, float]:
-    """Student and teacher images/s at the size PokeBNN is for. At the fine-tune's 32 px and
-    width 1/4 every tensor is tiny and the step is op dispatch (the student runs ~5x the ops of
-    the teacher); at 224 px the convolutions dominate, as they do in real use."""
-    path = export_onnx(resnet50(1.0, 1000), work / "resnet50.onnx", input_size=224)
-    student, _ = rewrite(load(path), "pokebnn_1x")
-    batch = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    return throughput(to_torch(student), batch, steps=5), throughput(to_torch(load(path)), batch, steps=5)
+def print_throughput(where: str, student: ir.Model, teacher_path: Path, float_teacher: torch.nn.Module,
+                     batch: torch.Tensor, steps: int = 9) -> None:
+    """Student images/s over the float teacher's: torchvision's module in train mode (BN, as
+    train-teacher trains it) is the reference; the teacher's ONNX view (BNs folded) is printed too."""
+    student_ips = throughput(to_torch(student), batch, steps)
+    float_ips = throughput(float_teacher, batch, steps)
+    onnx_ips = throughput(to_torch(load(teacher_path)), batch, steps)
+    print(f"training throughput{where}: student {student_ips:.1f} img/s; "
+          f"float teacher (torchvision, BN in train mode) {float_ips:.1f} img/s, ratio {student_ips / float_ips:.2f} "
+          f"(target >= 0.5); teacher's ONNX view (BN folded) {onnx_ips:.1f} img/s, ratio {student_ips / onnx_ips:.2f}")
 
 
 if __name__ == "__main__":
