@@ -87,7 +87,7 @@ def schedule_pool_dense(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | 
     """SE gate and head with 4 float32 lanes."""
     if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) not in ("se_gate", "quant_head"):
         return None
-    return x86_64_fused.vector_pool_dense(func, LANES)
+    return x86_64_fused.vector_pool_dense(func, LANES, int(target.attrs["num-cores"]))
 
 
 RULES = (schedule_binary_conv2d, schedule_sign_bitpack, schedule_quant_conv2d, schedule_pool_dense)

