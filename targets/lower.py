@@ -230,7 +230,7 @@ class _Walk:
     def run(self, graph: ir.Graph, x):
         from tvm import relax
 
-        self.floats[graph.inputs[0].name] = self.bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+        self.input = (graph.inputs[0].name, x)  # NCHW; transposed to NHWC when a kernel reads it so
         for node in graph:
             if id(node) in self.done:
                 continue
@@ -278,9 +278,13 @@ class _Walk:
         return tuple(int(d) for d in expr.ty.shape)
 
     def _float(self, value: ir.Value):
+        from tvm import relax
+
         if value.name not in self.floats:
             producer = value.producer()
-            if producer is not None and producer.op_type == "SEGate" and id(producer) not in self.done:
+            if value.name == self.input[0]:
+                self.floats[value.name] = self.bb.emit(relax.op.permute_dims(self.input[1], [0, 2, 3, 1]))
+            elif producer is not None and producer.op_type == "SEGate" and id(producer) not in self.done:
                 self._se_gate(producer)
             else:
                 raise BnnccError(f"value {value.name!r}: read before a supported pattern produced it")
@@ -291,8 +295,10 @@ class _Walk:
         """QuantConv [-> BN [-> DPReLU]]: one quant_conv2d with bias, BN and DPReLU fused."""
         from tvm import relax
 
-        x = self._float(node.inputs[0])
         weight, bound, bias = (_const(v, node) for v in node.inputs[1:4])
+        # the stem's first conv reads the network's NCHW input as it is (quant.quant_conv2d_func)
+        layout = "NCHW" if node.inputs[0].name == self.input[0] and weight.shape[1] > 1 else "NHWC"
+        x = self.input[1] if layout == "NCHW" else self._float(node.inputs[0])
         attrs = node.attributes
         kh, kw = attrs.get_ints("kernel_shape", weight.shape[2:])
         stride = attrs.get_ints("strides", (1, 1))
@@ -320,6 +326,7 @@ class _Walk:
             last = dprelu_node
         self.done.update(id(n) for n in (node, bn, dprelu_node) if n is not None)
         shape = self._shape(x)
+        h, w = shape[2:] if layout == "NCHW" else shape[1:3]
         params = te.placeholder((6, cout), "float32", name="params")
 
         def epilogue(acc, idx):
@@ -327,12 +334,12 @@ class _Walk:
             t = params[0, o] * acc + params[1, o]
             return _dprelu(t, params[2, o], params[3, o], params[4, o], params[5, o])
 
-        key = ("quant_conv2d", shape, wq.shape, stride[0], pads, group, a_bits)
+        key = ("quant_conv2d", layout, shape, wq.shape, stride[0], pads, group, a_bits)
         gvar = self._kernel(key, lambda: quant.quant_conv2d_func(
             shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
-            epilogue_inputs=(params,), epilogue=epilogue, product=self.product))
-        ho = (shape[1] + pads[0] + pads[2] - kh) // stride[0] + 1
-        wo = (shape[2] + pads[1] + pads[3] - kw) // stride[0] + 1
+            epilogue_inputs=(params,), epilogue=epilogue, product=self.product, input_layout=layout))
+        ho = (h + pads[0] + pads[2] - kh) // stride[0] + 1
+        wo = (w + pads[1] + pads[3] - kw) // stride[0] + 1
         out = self._call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
                          [((self.batch, ho, wo, cout), "float32")])
         self.floats[last.outputs[0].name] = out

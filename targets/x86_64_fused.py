@@ -14,7 +14,7 @@ Rules return None when the function is not theirs; ``schedule`` tries them, then
 from __future__ import annotations
 
 from bnncc.targets import x86_64
-from bnncc.targets.kernels import KERNEL_ATTR
+from bnncc.targets.kernels import KERNEL_ATTR, quant
 from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
 
 __all__ = ["bitpack_stage", "schedule", "schedule_poke_conv", "schedule_quant_conv2d", "schedule_pool_dense",
@@ -63,8 +63,14 @@ def vector_quant_conv2d(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     """``schedule_quant_conv2d`` for any CPU with ``lanes`` float32 lanes per vector (also used by arm64)."""
     sch = s_tir.Schedule(func)
     quantize = sch.get_sblock("quantize")
-    n, y, _, _ = sch.get_loops(quantize)
-    sch.parallel(sch.fuse(n, y))
+    if func.attrs.get(quant.INPUT_LAYOUT_ATTR) == "NCHW":
+        # rows of one channel: the scale is one value, the row a vector loop
+        n, c, y, z = sch.get_loops(quantize)
+        sch.parallel(sch.fuse(n, c, y))
+        sch.vectorize(_vector_split(sch, z, lanes)[1])
+    else:
+        n, y, _, _ = sch.get_loops(quantize)
+        sch.parallel(sch.fuse(n, y))
     conv = sch.get_sblock("conv")
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
     o_out, o_vec = _vector_split(sch, o, lanes)

@@ -33,6 +33,8 @@ __all__ = [
 
 # weights of at most this many bits are stored two to a byte
 NIBBLE_BITS = 4
+# PrimFunc attribute of quant_conv2d: the layout of its input x, "NHWC" or "NCHW"
+INPUT_LAYOUT_ATTR = "bnncc.input_layout"
 
 
 
@@ -128,17 +130,25 @@ def quant_conv2d_func(
     epilogue_inputs: tuple[te.Tensor, ...] = (),
     epilogue: Callable[[tirx.PrimExpr, tuple], tirx.PrimExpr] | None = None,
     product: Product = _fenced_product,
+    input_layout: str = "NHWC",
 ) -> tirx.PrimFunc:
     """``f(x, w, act_scale, *epilogue_inputs, out)``: NHWC conv of signed-quantized x with float Wq.
 
-    x (N, H, W, Cin) float32; w (kh, kw, Cin/group, Cout) float32 (already Wq); act_scale (Cin,);
-    ``pads`` in ONNX order (top, left, bottom, right), padded cells 0.
+    x (N, H, W, Cin) float32, or (N, Cin, H, W) with ``input_layout="NCHW"``; w (kh, kw, Cin/group,
+    Cout) float32 (already Wq); act_scale (Cin,); ``pads`` in ONNX order (top, left, bottom, right),
+    padded cells 0. The output is NHWC:
 
         out[n, y, z, o] = epilogue(sum_{i, j, c} xq[n, y s + i - top, z s + j - left, g(o) Cg + c] w[i, j, c, o])
 
-    with g(o) = o // (Cout / group), Cg = Cin / group.
+    with g(o) = o // (Cout / group), Cg = Cin / group. An NCHW input (the network's, which then
+    needs no transpose) is quantized in its own layout, where a row has one channel and so one
+    scale: vector code, while the 3-channel NHWC rows of an image needed a gather of the scales.
     """
-    n, h, w, cin = x_shape
+    nchw = input_layout == "NCHW"
+    if nchw:
+        n, cin, h, w = x_shape
+    else:
+        n, h, w, cin = x_shape
     kh, kw, cin_g, cout = weight_shape
     top, left, bottom, right = pads
     cout_g = cout // group
@@ -149,8 +159,9 @@ def quant_conv2d_func(
 
     def padded(i, y, z, c):
         inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
-        value = quantize_act(x[i, tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(z - left, 0), w - 1), c],
-                             scale[c], a_bits, signed=True, product=product)
+        y, z = tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(z - left, 0), w - 1)
+        value = quantize_act(x[i, c, y, z] if nchw else x[i, y, z, c], scale[c], a_bits, signed=True,
+                             product=product)
         return tirx.if_then_else(inside, value, tirx.const(0, "float32"))
 
     ri = te.reduce_axis((0, kh), name="ri")
@@ -159,18 +170,28 @@ def quant_conv2d_func(
     # one input channel per group: quantized once per output channel, so that the conv reads its
     # input at its own channel (a vector load, not a gather of channel o // cout_g)
     per_output = cin_g == 1
-    xq = te.compute((n, h + top + bottom, w + left + right, cout if per_output else cin),
-                    (lambda i, y, z, o: padded(i, y, z, o // cout_g)) if per_output else padded, name="quantize")
+    if nchw and per_output:
+        raise ValueError("quant_conv2d_func: an NCHW input needs more than one input channel per group")
+    hp, wp = h + top + bottom, w + left + right
+    if nchw:
+        xq = te.compute((n, cin, hp, wp), lambda i, c, y, z: padded(i, y, z, c), name="quantize")
+    else:
+        xq = te.compute((n, hp, wp, cout if per_output else cin),
+                        (lambda i, y, z, o: padded(i, y, z, o // cout_g)) if per_output else padded, name="quantize")
+
+    def tap(i, y, z, o):
+        c = o if per_output else (o // cout_g) * cin_g + rc
+        return xq[i, c, y, z] if nchw else xq[i, y, z, c]
+
     acc = te.compute(
         (n, ho, wo, cout),
-        lambda i, y, z, o: te.sum(
-            xq[i, y * stride + ri, z * stride + rj, o if per_output else (o // cout_g) * cin_g + rc]
-            * weights[ri, rj, rc, o], axis=[ri, rj, rc]),
+        lambda i, y, z, o: te.sum(tap(i, y * stride + ri, z * stride + rj, o) * weights[ri, rj, rc, o],
+                                  axis=[ri, rj, rc]),
         name="conv",
     )
     out = acc if epilogue is None else te.compute(acc.shape, lambda *idx: epilogue(acc(*idx), idx), name="epilogue")
     func = te.create_prim_func([x, weights, scale, *epilogue_inputs, out])
-    return func.with_attr(KERNEL_ATTR, "quant_conv2d")
+    return func.with_attr(KERNEL_ATTR, "quant_conv2d").with_attr(INPUT_LAYOUT_ATTR, input_layout)
 
 
 def _mean_hw(x: te.Tensor, name: str) -> te.Tensor:

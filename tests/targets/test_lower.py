@@ -290,3 +290,32 @@ def test_larger_batches_reuse_the_one_image_kernels():
         return sorted(gv.name_hint for gv, f in module.functions.items() if isinstance(f, tirx.PrimFunc))
 
     assert kernels((1, 8)) == kernels((1,))
+
+
+def test_stem_quantizer_on_the_nchw_input_at_a_decision_point_agrees_with_onnxruntime(tmp_path):
+    """The stem's first QuantConv quantizes the network's NCHW input itself, a vector per row: at the
+    rounding threshold where a fused multiply-add would flip a level it must still agree with
+    onnxruntime (identity 1x1 conv, then an unquantized mean and identity head to logits)."""
+    from bnncc.ops import attach_functions
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    channels, width = 4, 32
+    bounds, values = _fma_sensitive_inputs(channels)
+    net = _Net(1)
+    net.x.shape = ir.Shape([1, channels, 1, width])
+    eye = np.eye(channels, dtype=np.float32)
+    stem = net.node("QuantConv", [net.x, net.const("w", eye.reshape(channels, channels, 1, 1)), net.const("bound", bounds),
+                                  net.const("b", np.zeros(channels))], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1,
+                    kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1)
+    flat = net.node("Flatten", [net.node("GlobalAveragePool", [stem])], axis=1)
+    y = net.node("QuantGemm", [flat, net.const("eye", eye), net.const("unbounded", np.zeros(channels)),
+                               net.const("zero", np.zeros(channels))], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+    net.graph.outputs.append(y)
+    model = ir.Model(net.graph, ir_version=10)
+    attach_functions(model)
+    x = np.repeat(values.reshape(1, channels, 1, 1), width, axis=3)
+    ref = _onnxruntime(model, x)
+    assert np.all(ref == 0)  # level 0 in the reference
+    got = load(compile(model, tmp_path / "stem"))(x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
