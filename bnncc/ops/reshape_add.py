@@ -61,13 +61,43 @@ def ReshapeAdd(Y, R, method: str):
     return Y + op.Reshape(pooled, op.Shape(Y))
 
 
+class _GroupMean(torch.autograd.Function):
+    """out[:, c] = mean(r[:, c*k .. c*k+k-1]) for c < co; channels from co*k on are dropped.
+
+    Written as k - 1 adds of strided channel slices, and the backward as one broadcast copy:
+    ``mean(dim=2)`` over the k axis is a reduction over a short inner axis in channels_last
+    (the trainer's format), which torch runs unvectorized (3x slower), and autograd's own
+    backward of slices would build a zero tensor per slice."""
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor, co: int) -> torch.Tensor:
+        k = r.shape[1] // co
+        ctx.k, ctx.r_shape = k, r.shape
+        ctx.channels_last = r.is_contiguous(memory_format=torch.channels_last)
+        groups = r[:, : co * k].unflatten(1, (co, k))
+        total = groups[:, :, 0].clone()
+        for j in range(1, k):
+            total += groups[:, :, j]
+        return total.div_(k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        k, co = ctx.k, grad.shape[1]
+        layout = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        # the layout r had: autograd hands each input a gradient in the input's layout
+        dr = torch.empty(ctx.r_shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
+        dr[:, : co * k].unflatten(1, (co, k)).copy_((grad / k).unsqueeze(2))
+        dr[:, co * k:] = 0.0
+        return dr, None
+
+
 def match_channels(r: torch.Tensor, out_channels: int, method: str) -> torch.Tensor:
-    """Channel step of ReshapeAdd on NCHW ``r``."""
+    """Channel step of ReshapeAdd on ``r`` (N, C, H, W)."""
     ci = r.shape[1]
-    if ci >= out_channels:
-        k = ci // out_channels
-        n, _, h, w = r.shape
-        return r[:, : out_channels * k].reshape(n, out_channels, k, h, w).mean(dim=2)
+    if ci == out_channels:
+        return r
+    if ci > out_channels:
+        return _GroupMean.apply(r, out_channels)
     if method == "tile":
         index = torch.arange(out_channels, device=r.device) % ci
         return r.index_select(1, index)

@@ -56,3 +56,21 @@ def test_reshape_add_matches_numpy(ci, co, method, h, ho):
     np.testing.assert_allclose(run_onnx("ReshapeAdd", [y, r], method=method), expected, rtol=1e-5, atol=1e-5)
     got = TORCH_OPS["ReshapeAdd"](torch.from_numpy(y), torch.from_numpy(r), method=method).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ci,co,method,h,ho", [
+    (10, 4, "zeropad", 3, 3),   # k=2, channels 8..9 dropped
+    (12, 3, "zeropad", 4, 2),   # k=4, then pool
+    (3, 7, "tile", 3, 3),
+    (3, 7, "zeropad", 4, 2),
+    (5, 5, "tile", 2, 2),
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reshape_add_backward_matches_finite_differences(ci, co, method, h, ho, channels_last):
+    gen = torch.Generator().manual_seed(ci * co)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.randn(2, co, ho, ho, dtype=torch.float64, generator=gen).contiguous(memory_format=layout)
+    r = torch.randn(2, ci, h, h, dtype=torch.float64, generator=gen).contiguous(memory_format=layout)
+    y.requires_grad_()
+    r.requires_grad_()
+    assert torch.autograd.gradcheck(lambda y, r: TORCH_OPS["ReshapeAdd"](y, r, method=method), (y, r))
