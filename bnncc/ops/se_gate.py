@@ -32,13 +32,21 @@ def SEGate(R, W1, bound1, B1, W2, bound2, B2, w_bits: int, a_bits: int):
     return op.HardSigmoid(h, alpha=1.0 / 6.0, beta=0.5)
 
 
+def _spatial_mean(r: torch.Tensor) -> torch.Tensor:
+    """mean over H and W of ``r`` (N, C, H, W), as (N, C)."""
+    n, c, h, w = r.shape
+    if r.is_contiguous(memory_format=torch.channels_last):
+        # NHWC in memory: a reduction over outer axes, vectorized along C
+        return r.mean(dim=(2, 3))
+    # NCHW: a product with a 1/HW vector; torch's reductions over a short inner axis (2x2 at
+    # the last stage) run an unvectorized path, ten times slower than this.
+    return (r.reshape(n, c, h * w) @ r.new_full((h * w, 1), 1.0 / (h * w))).reshape(n, c)
+
+
 def se_gate(r, w1, bound1, b1, w2, bound2, b2, *, w_bits: int, a_bits: int, quantize_weights: bool = True):
     # On the pooled (N, C) vector the 1x1 convs are matrix products: F.linear is far cheaper than conv2d here.
     common = dict(w_bits=w_bits, a_bits=a_bits, quantize_weights=quantize_weights)
-    # The spatial mean as a product with a 1/HW vector: torch's reductions over a short inner
-    # axis (2x2 at the last stage) run an unvectorized path, ten times slower than this.
-    n, c, h, w = r.shape
-    g = (r.reshape(n, c, h * w) @ r.new_full((h * w, 1), 1.0 / (h * w))).reshape(n, c)
+    g = _spatial_mean(r)
     h = F.relu(quant_gemm(g, w1.flatten(1), bound1, b1, a_signed=1, **common))
     h = quant_gemm(h, w2.flatten(1), bound2, b2, a_signed=0, **common)
     return F.hardsigmoid(h)[:, :, None, None]

@@ -25,7 +25,9 @@ def test_se_gate_matches_numpy_and_is_a_hard_sigmoid_gate():
     inputs = [r, w1, bound1, b1, w2, bound2, b2]
     got = run_onnx("SEGate", inputs, w_bits=4, a_bits=4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    tensors = [torch.tensor(a, requires_grad=a.ndim > 1 or a is b1 or a is b2) for a in inputs]
-    got_t = TORCH_OPS["SEGate"](*tensors, w_bits=4, a_bits=4)
-    np.testing.assert_allclose(got_t.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+    for layout in (torch.contiguous_format, torch.channels_last):  # the trainer's format is channels_last
+        tensors = [torch.tensor(a, requires_grad=a.ndim > 1 or a is b1 or a is b2) for a in inputs]
+        tensors[0] = tensors[0].contiguous(memory_format=layout)
+        got_t = TORCH_OPS["SEGate"](*tensors, w_bits=4, a_bits=4)
+        np.testing.assert_allclose(got_t.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
     assert got.min() >= 0 and got.max() <= 1
