@@ -91,27 +91,39 @@ def quantize_weights(w: torch.Tensor, bits: int) -> torch.Tensor:
     return straight_through(w, q)
 
 
-def quantize_acts(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
-    with torch.no_grad():
+class _QuantizeActs(torch.autograd.Function):
+    """The activation quantizer with its clipped straight-through gradient, without bool tensors
+    or where() on the activations (torch runs both unvectorized on CPU): the clip test is
+    hardtanh's backward on the integer grid value, and the per-channel choice between the
+    quantized and the float (uncalibrated) value is a lerp with weight 1 or 0, which gives one
+    end or the other exactly (but for the sign of a zero: the ONNX Where may give -0.0 there)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
         b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
-        calibrated = b > 0
-        safe = torch.where(calibrated, b, torch.ones_like(b))
+        calibrated = b > 0  # per channel: a few elements, cheap
+        s = (2.0 ** (bits - 1) - 1 if signed else 2.0**bits) / torch.where(calibrated, b, 1.0)
+        # the clip range [lo, hi] on the integer grid
+        lo, hi = (-(2.0 ** (bits - 1) - 1), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
+        scaled = x * s
         if signed:
-            m = 2.0 ** (bits - 1) - 1
-            s = m / safe
-            scaled = torch.floor(x * s + 0.5)
-            clipped = torch.clamp(scaled, -m, m)
-        else:
-            m = 2.0**bits
-            s = m / safe
-            scaled = torch.floor(x * s)
-            clipped = torch.clamp(scaled, 0, m - 1)
-        q = clipped / s
-        inside = clipped == scaled
-        # uncalibrated channels pass x through, gradient and all
-        q = torch.where(calibrated, q, x)
-        inside |= ~calibrated
-    return straight_through(x, q, inside)
+            scaled += 0.5
+        scaled.floor_()
+        q = torch.clamp(scaled, lo, hi).div_(s)
+        weight = calibrated.to(x.dtype)  # 1: quantized, 0: x passes through, gradient and all
+        ctx.save_for_backward(scaled, weight)
+        ctx.window = (lo - 0.5, hi + 0.5)  # scaled is an integer: lo <= scaled <= hi
+        return torch.lerp(x, q, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        scaled, weight = ctx.saved_tensors
+        inside = torch.ops.aten.hardtanh_backward(grad, scaled, *ctx.window)  # grad where lo <= scaled <= hi
+        return torch.lerp(grad, inside, weight), None, None, None
+
+
+def quantize_acts(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
+    return _QuantizeActs.apply(x, bound, bits, signed)
 
 
 def quant_conv(

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from bnncc.ops import TORCH_OPS
+from bnncc.ops.quant import quantize_acts
 
 from opsref import run_onnx
 
@@ -94,3 +95,29 @@ def test_activation_gradient_is_zero_outside_the_clip_range():
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [[0, 1, 1, 1, 0]])
     assert w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("signed", [1, 0])
+@pytest.mark.parametrize("shape", [(64, 6), (4, 6, 3, 3)])
+def test_activation_quantizer_values_and_straight_through_gradient_match_numpy(signed, shape):
+    rng = np.random.default_rng(signed + len(shape))
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    bound = np.array([1.0, 2.5, -1.0, 0.0, 4.0, 0.7], dtype=np.float32)  # channels 2, 3 uncalibrated
+    grad = rng.standard_normal(shape).astype(np.float32)
+    bits = 4
+    # gradient 1 where the integer grid value lies inside the clip range, and on uncalibrated channels
+    b = bound.reshape((1, -1) + (1,) * (x.ndim - 2))
+    with np.errstate(divide="ignore", invalid="ignore"):  # bound 0: the grid is unused there
+        if signed:
+            m = 2 ** (bits - 1) - 1
+            grid, lo, hi = np.floor(x * (m / b) + 0.5), -m, m
+        else:
+            m = 2**bits
+            grid, lo, hi = np.floor(x * (m / b)), 0, m - 1
+    passes = ((grid >= lo) & (grid <= hi)) | (b <= 0)
+    xt = torch.tensor(x, requires_grad=True)
+    q = quantize_acts(xt, torch.tensor(bound), bits, signed)
+    q.backward(torch.tensor(grad))
+    np.testing.assert_allclose(q.detach().numpy(), quant_acts_np(x, bound, bits, signed), rtol=1e-6, atol=1e-6)
+    assert 0 < passes.mean() < 1  # both sides of the clip are exercised
+    np.testing.assert_array_equal(xt.grad.numpy(), np.where(passes, grad, 0))
