@@ -32,7 +32,7 @@ from bnncc.rewrite import rewrite
 from bnncc.torchview import to_torch
 from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset
-from bnncc.train.trainer import make_optimizer
+from bnncc.train.trainer import MEMORY_FORMAT, make_optimizer
 from bnncc.zoo import export_onnx, resnet50
 
 
@@ -44,8 +44,10 @@ def stem_width(width: float) -> int:
 def throughput(model: torch.nn.Module, batch: torch.Tensor, steps: int = 9) -> float:
     """Images per second of forward + backward + Adam step on ``batch``: the median step after two
     warm-up steps (on a shared machine a single step can stall for seconds)."""
-    model.train()
-    optimizer = make_optimizer(model, 1e-4)  # the trainer's optimizer, for both networks
+    # the trainer's memory format and optimizer, for both networks
+    model.to(memory_format=MEMORY_FORMAT).train()
+    batch = batch.contiguous(memory_format=MEMORY_FORMAT)
+    optimizer = make_optimizer(model, 1e-4)
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()

@@ -34,9 +34,17 @@ from bnncc.train.config import TrainConfig
 from bnncc.train.data import ImageData
 from bnncc.train.distill import distillation_loss
 
-__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process"]
+__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process",
+           "MEMORY_FORMAT"]
 
 logger = logging.getLogger(__name__)
+
+# Networks and images train in channels_last (NHWC in memory). On CPU torch's batch norm and its
+# backward run ~3x faster on it, per-channel sums vectorize along C, and the convolutions skip
+# mkldnn's layout conversions: a float ResNet-50 training step at width 0.25 (batch 128, 32 px,
+# one thread, best of 7 on a shared machine) went 139 -> 97 ms, its PokeBNN student's 330 -> 260.
+# Values are the same up to the convolutions' summation order.
+MEMORY_FORMAT = torch.channels_last
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,9 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
     if cfg.batch_size % world:
         raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
     steps = total_steps(cfg, data)
-    student.to(device).train()
+    student.to(device, memory_format=MEMORY_FORMAT).train()
     if teacher is not None:
-        teacher.to(device).eval()
+        teacher.to(device, memory_format=MEMORY_FORMAT).eval()
     model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     optimizer = make_optimizer(student, cfg.lr * cfg.batch_size / 256)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
@@ -143,7 +151,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
             index = data.batch_indices(step, cfg.batch_size, cfg.seed)[positions]
             images, labels = data.batch(index, input_shape, augment=True, step=step, seed=cfg.seed,
                                         positions=positions)
-            images, labels = images.to(device), labels.to(device)
+            images, labels = images.to(device, memory_format=MEMORY_FORMAT), labels.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 teacher_logits = None
                 if teacher is not None:
@@ -179,7 +187,7 @@ def _calibrate(student: nn.Module, data: ImageData, cfg: TrainConfig, shape, ste
     batches = []
     for j in range(cfg.calibration_batches):
         index = data.batch_indices(step + j, cfg.batch_size, cfg.seed)
-        batches.append(data.batch(index, shape, augment=False)[0].to(device))
+        batches.append(data.batch(index, shape, augment=False)[0].to(device, memory_format=MEMORY_FORMAT))
     with torch.no_grad():
         student.calibrate_bounds(batches)
     logger.info("activation bounds calibrated at step %d", step)
