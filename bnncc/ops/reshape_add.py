@@ -116,7 +116,11 @@ def shortcut_pool(r: torch.Tensor) -> torch.Tensor:
 def reshape_add(y: torch.Tensor, r: torch.Tensor, *, method: str) -> torch.Tensor:
     if method not in METHODS:
         raise ValueError(f"ReshapeAdd method must be one of {METHODS}, got {method!r}")
+    pool = r.shape[2:] != y.shape[2:]
+    # The pool works per channel, so it commutes with the channel step; it runs on the narrower
+    # side. Expanding (tile, zeropad) only copies channels or adds zeros, so pooling first gives
+    # the same bits; the group mean pools after, in the order the ONNX function rounds in.
+    if pool and r.shape[1] < y.shape[1]:
+        return y + match_channels(shortcut_pool(r), y.shape[1], method)
     matched = match_channels(r, y.shape[1], method)
-    if matched.shape[2:] != y.shape[2:]:
-        matched = shortcut_pool(matched)
-    return y + matched
+    return y + (shortcut_pool(matched) if pool else matched)
