@@ -16,7 +16,7 @@ stop-gradient. QuantConv then runs Conv(+bias); QuantGemm runs Y = Xq Wq^T + B.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,47 +82,71 @@ def QuantGemm(X, W, act_bound, B, w_bits: int, a_bits: int, a_signed: int):
     return op.Gemm(xq, wq, B, transB=1)
 
 
+@torch.no_grad()
+def weight_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantized weights' values (no gradient)."""
+    m = 2.0 ** (bits - 1) - 1
+    wmax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+    s = m / torch.where(wmax > 0, wmax, torch.ones_like(wmax))
+    return torch.clamp(torch.floor(w * s + 0.5), -m, m) / s
+
+
 def quantize_weights(w: torch.Tensor, bits: int) -> torch.Tensor:
-    with torch.no_grad():
-        m = 2.0 ** (bits - 1) - 1
-        wmax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
-        s = m / torch.where(wmax > 0, wmax, torch.ones_like(wmax))
-        q = torch.clamp(torch.floor(w * s + 0.5), -m, m) / s
-    return straight_through(w, q)
+    """Quantized weights with the straight-through gradient (1)."""
+    return straight_through(w, weight_grid(w, bits))
+
+
+class ActGrid(NamedTuple):
+    """What the activation quantizer's backward needs from its forward."""
+
+    scaled: torch.Tensor  # the integer grid value before the clip
+    weight: torch.Tensor  # per channel: 1 quantized, 0 uncalibrated (x passes through)
+    window: tuple[float, float]  # (lo - 1/2, hi + 1/2) around the clip range [lo, hi]
+
+
+@torch.no_grad()
+def act_grid(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> tuple[torch.Tensor, ActGrid]:
+    """The quantized activations' values and what ``act_grid_backward`` needs.
+
+    No bool tensor or where() on the activations (torch runs both unvectorized on CPU): the
+    per-channel choice between the quantized and the float (uncalibrated) value is a lerp with
+    weight 1 or 0, which gives one end or the other exactly (but for the sign of a zero: the
+    ONNX Where may give -0.0 there)."""
+    b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+    calibrated = b > 0  # per channel: a few elements, cheap
+    s = (2.0 ** (bits - 1) - 1 if signed else 2.0**bits) / torch.where(calibrated, b, 1.0)
+    lo, hi = (-(2.0 ** (bits - 1) - 1), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
+    scaled = x * s
+    if signed:
+        scaled += 0.5
+    scaled.floor_()
+    q = torch.clamp(scaled, lo, hi).div_(s)
+    weight = calibrated.to(x.dtype)
+    return torch.lerp(x, q, weight), ActGrid(scaled, weight, (lo - 0.5, hi + 0.5))
+
+
+def act_grid_backward(grad: torch.Tensor, grid: ActGrid) -> torch.Tensor:
+    """The clipped straight-through gradient: ``grad`` where lo <= scaled <= hi (scaled is an
+    integer, so hardtanh's backward on the widened window tests it) or the channel is float."""
+    inside = torch.ops.aten.hardtanh_backward(grad, grid.scaled, *grid.window)
+    return torch.lerp(grad, inside, grid.weight)
 
 
 class _QuantizeActs(torch.autograd.Function):
-    """The activation quantizer with its clipped straight-through gradient, without bool tensors
-    or where() on the activations (torch runs both unvectorized on CPU): the clip test is
-    hardtanh's backward on the integer grid value, and the per-channel choice between the
-    quantized and the float (uncalibrated) value is a lerp with weight 1 or 0, which gives one
-    end or the other exactly (but for the sign of a zero: the ONNX Where may give -0.0 there)."""
-
     @staticmethod
     def forward(ctx, x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
-        b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
-        calibrated = b > 0  # per channel: a few elements, cheap
-        s = (2.0 ** (bits - 1) - 1 if signed else 2.0**bits) / torch.where(calibrated, b, 1.0)
-        # the clip range [lo, hi] on the integer grid
-        lo, hi = (-(2.0 ** (bits - 1) - 1), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
-        scaled = x * s
-        if signed:
-            scaled += 0.5
-        scaled.floor_()
-        q = torch.clamp(scaled, lo, hi).div_(s)
-        weight = calibrated.to(x.dtype)  # 1: quantized, 0: x passes through, gradient and all
-        ctx.save_for_backward(scaled, weight)
-        ctx.window = (lo - 0.5, hi + 0.5)  # scaled is an integer: lo <= scaled <= hi
-        return torch.lerp(x, q, weight)
+        q, grid = act_grid(x, bound, bits, signed)
+        ctx.save_for_backward(grid.scaled, grid.weight)
+        ctx.window = grid.window
+        return q
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        scaled, weight = ctx.saved_tensors
-        inside = torch.ops.aten.hardtanh_backward(grad, scaled, *ctx.window)  # grad where lo <= scaled <= hi
-        return torch.lerp(grad, inside, weight), None, None, None
+        return act_grid_backward(grad, ActGrid(*ctx.saved_tensors, ctx.window)), None, None, None
 
 
 def quantize_acts(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
+    """Quantized activations with the clipped straight-through gradient."""
     return _QuantizeActs.apply(x, bound, bits, signed)
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bnncc.ops import TORCH_OPS
 
@@ -31,3 +32,48 @@ def test_se_gate_matches_numpy_and_is_a_hard_sigmoid_gate():
         got_t = TORCH_OPS["SEGate"](*tensors, w_bits=4, a_bits=4)
         np.testing.assert_allclose(got_t.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
     assert got.min() >= 0 and got.max() <= 1
+
+
+def _se_inputs(ci, co, hw, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(3, ci, hw, hw, dtype=dtype, generator=gen)
+    w1 = torch.randn(ci // 8, ci, 1, 1, dtype=dtype, generator=gen)
+    b1 = torch.randn(ci // 8, dtype=dtype, generator=gen)
+    w2 = torch.randn(co, ci // 8, 1, 1, dtype=dtype, generator=gen)
+    b2 = torch.randn(co, dtype=dtype, generator=gen)
+    return r, w1, b1, w2, b2
+
+
+def test_se_gate_backward_matches_finite_differences_on_the_float_path():
+    # Uncalibrated bounds and float weights leave a smooth function (but for relu and the
+    # hard sigmoid's kinks), so finite differences check the hand-written backward.
+    r, w1, b1, w2, b2 = (t.requires_grad_() for t in _se_inputs(16, 8, 3, torch.float64, 0))
+    bound1, bound2 = -torch.ones(16, dtype=torch.float64), -torch.ones(2, dtype=torch.float64)
+
+    def gate(r, w1, b1, w2, b2):
+        return TORCH_OPS["SEGate"](r, w1, bound1, b1, w2, bound2, b2, w_bits=4, a_bits=4, quantize_weights=False)
+
+    assert torch.autograd.gradcheck(gate, (r, w1, b1, w2, b2))
+
+
+def test_se_gate_straight_through_gradients_match_autograd_of_the_composed_ops():
+    # The reference is autograd through the gate's definition: mean, QuantGemm, relu, QuantGemm, hard sigmoid.
+    inputs = _se_inputs(32, 24, 4, torch.float32, 1)
+    bound1 = torch.rand(32, generator=torch.Generator().manual_seed(2)) + 0.2
+    bound2 = torch.full((4,), 2.0)
+    bound1[5] = -1.0  # one uncalibrated channel passes through
+    grad = torch.randn(3, 24, 1, 1, generator=torch.Generator().manual_seed(3))
+    attrs = dict(w_bits=4, a_bits=4)
+
+    def reference(r, w1, b1, w2, b2):
+        h = F.relu(TORCH_OPS["QuantGemm"](r.mean(dim=(2, 3)), w1.flatten(1), bound1, b1, a_signed=1, **attrs))
+        return F.hardsigmoid(TORCH_OPS["QuantGemm"](h, w2.flatten(1), bound2, b2, a_signed=0, **attrs))[:, :, None, None]
+
+    results = []
+    for fn in (reference, lambda r, w1, b1, w2, b2: TORCH_OPS["SEGate"](r, w1, bound1, b1, w2, bound2, b2, **attrs)):
+        tensors = [t.clone().requires_grad_() for t in inputs]
+        fn(*tensors).backward(grad)
+        results.append([t.grad for t in tensors])
+    for got, expected in zip(*results[::-1]):
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
