@@ -30,16 +30,20 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
 
 class _DPReLU(torch.autograd.Function):
     """max(t, 0) * pos + min(t, 0) * neg equals the ONNX function's where(t >= 0, pos, neg) * t
-    exactly (one term is a zero), without bool tensors or where(), which torch runs unvectorized
-    on CPU; the backward is written out for the same reason."""
+    exactly (one term is a zero, so fused or not the multiply-add rounds once), without bool
+    tensors or where(), which torch runs unvectorized on CPU; the backward is written out for
+    the same reason. Results are built in place: each pass over the activations costs a fresh
+    buffer otherwise."""
 
     @staticmethod
     def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope):
         t = x - _per_channel(bias_x)
         positive = t.clamp_min(0)
-        negative = t - positive
+        negative = t.sub_(positive)
+        out = positive * _per_channel(pos_slope)
+        out.addcmul_(negative, _per_channel(neg_slope)).sub_(_per_channel(bias_y))
         ctx.save_for_backward(positive, negative, pos_slope, neg_slope)
-        return positive * _per_channel(pos_slope) + negative * _per_channel(neg_slope) - _per_channel(bias_y)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -47,7 +51,8 @@ class _DPReLU(torch.autograd.Function):
         dims = (0, 2, 3)
         grad_pos = torch.ops.aten.threshold_backward(grad, positive, 0)  # grad where t > 0
         grad_neg = grad - grad_pos
-        dx = grad_pos * _per_channel(pos_slope) + grad_neg * _per_channel(neg_slope)
+        dx = grad_pos * _per_channel(pos_slope)
+        dx.addcmul_(grad_neg, _per_channel(neg_slope))
         return dx, -dx.sum(dims), -grad.sum(dims), (grad * positive).sum(dims), (grad * negative).sum(dims)
 
 
