@@ -81,5 +81,7 @@ def binarize_weights(w: torch.Tensor) -> torch.Tensor:
     """sign(W) * max|W[o]|/2 per output channel (axis 0), gradient 1 (straight through)."""
     with torch.no_grad():
         scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.5
-        wq = torch.where(w >= 0, scale, -scale)
+        # copysign rather than where(w >= 0, ...), as in _BinarizeAct: where() is unvectorized
+        # (6 ms a step over the 48 binary convs' weights); w + 0.0 makes -0.0 count as positive
+        wq = torch.copysign(scale, w + 0.0)
     return straight_through(w, wq)

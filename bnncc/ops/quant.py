@@ -87,7 +87,7 @@ def weight_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The quantized weights' values (no gradient)."""
     m = 2.0 ** (bits - 1) - 1
     wmax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
-    s = m / torch.where(wmax > 0, wmax, torch.ones_like(wmax))
+    s = m / torch.where(wmax > 0, wmax, 1.0)
     return torch.clamp(torch.floor(w * s + 0.5), -m, m) / s
 
 
