@@ -118,7 +118,7 @@ def kernel_profile(model, library: Path) -> list[tuple[float, float, float, int,
 
     target = host_target()
     module = lower(model, target, (1,)).module
-    calls = collections.Counter(re.findall(r"call_tir\(cls\.(\w+)", module.script()))
+    calls = collections.Counter(re.findall(r"call_tir(?:_inplace)?\(cls\.(\w+)", module.script()))
     in_network = _in_network_ms(load_vm(library / "model.so"), set(calls))
     rng = np.random.default_rng(0)
     rows = []

@@ -178,7 +178,7 @@ def binary_layer_counts(executable, module, function: str, layers: list[str]) ->
     kernels = binary_kernel_counts(executable)
     calls = [binding.value.args[0].name_hint
              for block in module[function].body.blocks for binding in block.bindings
-             if getattr(binding.value, "op", None) is not None and getattr(binding.value.op, "name", "") == "relax.call_tir"
+             if getattr(getattr(binding.value, "op", None), "name", "") in ("relax.call_tir", "relax.call_tir_inplace")
              and binding.value.args[0].name_hint in kernels]
     if len(calls) != len(layers):
         raise BnnccError(f"{function}: {len(calls)} binary conv calls for {len(layers)} BinaryConv layers")

@@ -319,3 +319,18 @@ def test_stem_quantizer_on_the_nchw_input_at_a_decision_point_agrees_with_onnxru
     assert np.all(ref == 0)  # level 0 in the reference
     got = load(compile(model, tmp_path / "stem"))(x)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
+
+
+def test_block_output_overwrites_its_dead_residual():
+    """tiny_pokebnn's second bottleneck ends on a block residual of its own shape that nothing reads
+    later: its kernel writes the output into the residual (call_tir_inplace, without the compiler's
+    no-alias promise). The first bottleneck's residual is pooled and tiled: a new tensor. The values
+    are checked against onnxruntime by test_library_matches_onnxruntime."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.tvm_compat import tirx
+    from bnncc.targets.x86_64 import host_target
+
+    module = lower(tiny_pokebnn(), host_target(), (1,)).module
+    assert module.script().count("R.call_tir_inplace(") == 1
+    aliasing = [f for f in module.functions.values() if isinstance(f, tirx.PrimFunc) and not f.attrs["tirx.noalias"]]
+    assert len(aliasing) == 1
