@@ -61,7 +61,8 @@ def test_reshape_add_matches_numpy(ci, co, method, h, ho):
 @pytest.mark.parametrize("ci,co,method,h,ho", [
     (10, 4, "zeropad", 3, 3),   # k=2, channels 8..9 dropped
     (12, 3, "zeropad", 4, 2),   # k=4, then pool
-    (3, 7, "tile", 3, 3),
+    (3, 7, "tile", 3, 3),       # two blocks and a partial one
+    (2, 6, "tile", 4, 2),       # three blocks, after the pool
     (3, 7, "zeropad", 4, 2),
     (5, 5, "tile", 2, 2),
 ])
