@@ -36,6 +36,8 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and init.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    compile_step: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the training step: faster steps after minutes of compiling.")] = False,
 ) -> None:
     """Fine-tune a PokeBNN graph with distillation from its float teacher (QAT)."""
     from bnncc.recipe import load_recipe
@@ -47,7 +49,7 @@ def finetune(
     cfg = TrainConfig.from_recipe(
         train_table, epochs=epochs or 1, max_steps=max_steps, batch_size=batch_size or 64, lr=lr,
         clip_bound=clip_bound, temperature=temperature, label_weight=label_weight,
-        checkpoint_every=checkpoint_every, seed=seed)
+        checkpoint_every=checkpoint_every, seed=seed, compile=compile_step)
     result = run_finetune(student, teacher, data, output, cfg, checkpoint=checkpoint or output.with_suffix(".ckpt"),
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
     if not is_main_process():  # under torchrun, rank 0 alone reports

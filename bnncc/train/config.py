@@ -37,6 +37,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_workers: int = 0
+    compile: bool = False  # torch.compile the training step: faster steps after minutes of compiling
 
     @classmethod
     def from_recipe(cls, train: dict, **overrides) -> "TrainConfig":

@@ -120,3 +120,16 @@ def test_two_process_ddp_matches_one_process(idx_dir, tmp_path):
     a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles (tens of seconds)
+def test_compiled_step_trains_like_the_eager_one(idx_dir, caplog):
+    data = open_dataset(idx_dir, "train")
+    eager, compiled = tiny_net(), tiny_net()
+    compiled.load_state_dict(eager.state_dict())
+    train(eager, None, data, cfg(max_steps=3), SHAPE, show_progress=False)
+    with caplog.at_level("INFO", logger="bnncc.train.trainer"):
+        train(compiled, None, data, cfg(max_steps=3, compile=True), SHAPE, show_progress=False)
+    assert "torch.compile: step 1 took" in caplog.text
+    for a, b in zip(eager.parameters(), compiled.parameters()):  # the same training, up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
