@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 # Networks and images train in channels_last (NHWC in memory). On CPU torch's batch norm and its
 # backward run ~3x faster on it, per-channel sums vectorize along C, and the convolutions skip
 # mkldnn's layout conversions: a float ResNet-50 training step at width 0.25 (batch 128, 32 px,
-# one thread, best of 7 on a shared machine) went 139 -> 97 ms, its PokeBNN student's 330 -> 260.
-# Values are the same up to the convolutions' summation order.
+# one thread, best of 7 on a shared machine) went 127 -> 92 ms, its PokeBNN student's 315 -> 280
+# (200 with the bnncc ops' channels_last paths). Values are the same up to the convolutions'
+# summation order.
 MEMORY_FORMAT = torch.channels_last
 
 
