@@ -27,24 +27,76 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
-# Latency: ROUNDS rounds, each engine in turn one warm-up call and then BLOCK[batch] timed calls,
-# so that every engine sees the machine's load alike (on a shared 2-core machine a busy core
-# stalls every 2-thread parallel region and one run differs from the next by up to 3x).
+# Latency: each engine runs in a process of its own, and the engines take turns: ROUNDS rounds,
+# each engine in turn warm-up calls for WARM_UP_S and then BLOCK[batch] timed calls, so that every
+# engine sees the machine's load alike (on a shared 2-core machine a busy core stalls every
+# 2-thread parallel region and one run differs from the next by up to 3x). One process held all
+# three engines before: then TVM's worker and onnxruntime's pools (each spinning while it waits
+# for work) shared the two cores, and in 2 of 5 runs bnncc ran at 10-11 ms a call at batch 1
+# and 84-90 ms at batch 8 for the whole run, against 4.6 and 35 ms alone.
 # Reported: the median over all timed calls (typical) and the minimum (least disturbed).
 ROUNDS = 5
 BLOCK = {1: 20, 8: 3}
+WARM_UP_S = 0.25
 
 
-def _latencies_ms(engines: dict, x, block: int) -> dict[str, np.ndarray]:
-    times = {name: [] for name in engines}
-    for _ in range(ROUNDS):
-        for name, fn in engines.items():
+def _engine_process(spec: tuple[str, str], conn) -> None:
+    """Serve timing requests for one engine: ("bnncc", library folder) or ("ort", model path).
+    Each request (batch, calls) answers the seconds of ``calls`` calls after the warm-up."""
+    kind, path = spec
+    fn = _library(path) if kind == "bnncc" else _ort(Path(path))
+    # The imports leave ~10^6 objects to Python's collector, which the calls' temporaries trigger:
+    # 6-8% of a bnncc call went to gc_collect_main (perf). Frozen, they are skipped.
+    gc.collect()
+    gc.freeze()
+    while (request := conn.recv()) is not None:
+        batch, calls = request
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        warm_until = time.perf_counter() + WARM_UP_S
+        fn(x)
+        while time.perf_counter() < warm_until:
             fn(x)
-            for _ in range(block):
-                start = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * np.array(t) for name, t in times.items()}
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - start)
+        conn.send(times)
+
+
+def _latencies_ms(engines: dict[str, tuple[str, str]], batches) -> dict[int, dict[str, np.ndarray]]:
+    """{batch: {engine: ms of each timed call}}, the engines' processes taking turns."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    pipes, processes = {}, []
+    for name, spec in engines.items():
+        ours, theirs = context.Pipe()
+        process = context.Process(target=_engine_process, args=(spec, theirs), daemon=True)
+        process.start()
+        pipes[name] = ours
+        processes.append(process)
+    try:
+        results = {}
+        for batch in batches:
+            times = {name: [] for name in engines}
+            for _ in range(ROUNDS):
+                for name, pipe in pipes.items():
+                    pipe.send((batch, BLOCK[batch]))
+                    times[name] += pipe.recv()
+            results[batch] = {name: 1e3 * np.array(t) for name, t in times.items()}
+        return results
+    finally:
+        for pipe in pipes.values():
+            pipe.send(None)
+        for process in processes:
+            process.join()
+
+
+def _library(folder: str):
+    from bnncc.runtime import load
+
+    return load(folder)
 
 
 def _ort(path: Path):
@@ -107,9 +159,9 @@ def kernel_profile(model, library: Path) -> list[tuple[float, float, float, int,
     kernel, first input shape).
 
     Alone: compiled by itself and timed on random inputs (fastest of 7 loops of 10), times its call
-    count; its data stays in cache. In the network: the median over 30 inferences of the library
-    of the time between the VM's calls before and after the kernel (its instrument hook), which
-    includes reading its inputs from wherever the kernels before left them."""
+    count; its data stays in cache. In the network: the median over 30 inferences of the library, on
+    one thread, of the time between the VM's calls before and after the kernel (its instrument hook),
+    which includes reading its inputs from wherever the kernels before left them."""
     import tvm
 
     from bnncc.targets.lower import lower
@@ -136,8 +188,14 @@ def kernel_profile(model, library: Path) -> list[tuple[float, float, float, int,
 
 
 def _in_network_ms(vm, kernels: set[str], runs: int = 30) -> dict[str, float]:
-    """Median ms per inference of each kernel in ``kernels`` inside whole batch-1 inferences."""
+    """Median ms per inference of each kernel in ``kernels`` inside whole batch-1 inferences, on one
+    thread: with more, the hook's Python call between two kernels lets TVM's workers fall asleep,
+    and every kernel would be charged for waking them (2x to 4x at 2 threads)."""
+    import tvm
+
     from bnncc.targets.tvm_compat import to_tensor
+
+    config_threadpool = tvm.get_global_func("runtime.config_threadpool")
 
     x = to_tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
     per_run: dict[str, list[float]] = collections.defaultdict(list)
@@ -152,6 +210,7 @@ def _in_network_ms(vm, kernels: set[str], runs: int = 30) -> dict[str, float]:
                 current[name] += time.perf_counter() - started[0]
         return 0
 
+    config_threadpool(1, 1)  # (big cores, 1 thread)
     vm["batch_1"](x)
     vm.set_instrument(instrument)
     for _ in range(runs):
@@ -159,13 +218,16 @@ def _in_network_ms(vm, kernels: set[str], runs: int = 30) -> dict[str, float]:
         vm["batch_1"](x)
         for name in kernels:
             per_run[name].append(current[name])
+    vm.set_instrument(None)
+    config_threadpool(1, THREADS)
     return {name: 1e3 * float(np.median(times)) for name, times in per_run.items()}
 
 
 def _print_profile(rows) -> None:
     in_network, alone = sum(r[0] for r in rows), sum(r[1] for r in rows)
-    print(f"\nper-kernel profile, batch 1, {THREADS} threads: in the network {in_network:.2f} ms, alone {alone:.2f} ms")
-    print("| kernel | first input | calls | ms in the network | ms alone | ms per call alone | share in the network |")
+    print(f"\nper-kernel profile, batch 1: in the network (1 thread) {in_network:.2f} ms, alone ({THREADS} threads) "
+          f"{alone:.2f} ms")
+    print("| kernel | first input | calls | ms in the network, 1 thread | ms alone | ms per call alone | share in the network |")
     print("|---|---|---|---|---|---|---|")
     for net_ms, ms_total, ms, count, name, shape in rows:
         print(f"| {name} | {shape} | {count} | {net_ms:.3f} | {ms_total:.3f} | {ms:.3f} | {100 * net_ms / in_network:.1f}% |")
@@ -180,7 +242,6 @@ def main() -> None:
     from bnncc import zoo
     from bnncc.frontend import load
     from bnncc.rewrite import rewrite
-    from bnncc.runtime import load as load_library
     from bnncc.targets.build import compile as compile_library
 
     work = Path(tempfile.mkdtemp(prefix="bnncc-bench-"))
@@ -192,23 +253,14 @@ def main() -> None:
     start = time.perf_counter()
     folder = compile_library(work / "pokebnn_1x.onnx", work / "lib", batches=(1, 8))
     compile_s = time.perf_counter() - start
-    library = load_library(folder)
-    engines = {"bnncc PokeBNN-1x": library, "ORT fp32 ResNet-50": _ort(float_path),
-               "ORT int8 ResNet-50": _ort(int8_path)}
-
-    # The imports (torch, TVM, onnx) leave ~10^6 objects to Python's collector, which the calls'
-    # temporaries trigger: 6-8% of a bnncc call went to gc_collect_main (perf). Frozen, they are skipped.
-    gc.collect()
-    gc.freeze()
-    rows = []
-    for batch in (1, 8):
-        x = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        rows.append((batch, _latencies_ms(engines, x, BLOCK[batch])))
+    engines = {"bnncc PokeBNN-1x": ("bnncc", str(folder)), "ORT fp32 ResNet-50": ("ort", str(float_path)),
+               "ORT int8 ResNet-50": ("ort", str(int8_path))}
+    rows = list(_latencies_ms(engines, (1, 8)).items())
 
     so_bytes = (folder / "model.so").stat().st_size
     packed = _packed_weight_bytes(poke)
     print(f"threads {THREADS}")
-    print(f"{ROUNDS} rounds of {BLOCK} calls per engine, interleaved; median (min) ms")
+    print(f"{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, one process per engine; median (min) ms")
     print("| batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 | speedup vs fp32 | speedup vs int8 |")
     print("|---|---|---|---|---|---|")
     for batch, times in rows:
