@@ -210,7 +210,7 @@ def markdown_section(info: dict, lines: list[list[str]]) -> str:
         "Times are the fastest of 5 loops; on this VM the 56x56 layers vary up to 2x between runs. "
         "Layers with few input words and large int32 outputs (stage 1 at batch 8: 25 MB per call) are bound by "
         "memory traffic, not popcount.", "",
-        *rows, "",
+        *rows, "", "",  # a blank line before the next section's heading
     ])
 
 
