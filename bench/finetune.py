@@ -8,11 +8,12 @@ The throughput reference is the float teacher as ``train-teacher`` trains it: to
 ResNet-50 module, batch norms in train mode. The ONNX view of the exported teacher (BNs folded
 into the convs by the export, so fewer ops) is printed too, labelled, as the earlier reference.
 ``--throughput-only`` skips the training runs and times networks with random weights at the same
-sizes, so the throughput lines can be rerun in a minute.
+sizes, so the throughput lines can be rerun in a minute. ``--compile`` also times both networks
+through torch.compile (``bnncc finetune --compile``) at the fine-tune's size.
 
     .venv/bin/python bench/finetune.py [--data /usr/share/datasets/fashion-mnist] [--width 0.25]
         [--image-size 32] [--teacher-epochs 3] [--student-epochs 5] [--recipe pokebnn_1x] [--full-size-batch 8]
-        [--throughput-only]
+        [--throughput-only] [--compile]
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
                         help="also time both networks at full size with this batch (0: skip)")
     parser.add_argument("--throughput-only", action="store_true",
                         help="skip the training runs; time networks with random weights at the same sizes")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both networks through torch.compile at the fine-tune's size (minutes)")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bnncc-bench-ft-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -88,9 +91,13 @@ def main() -> None:
                                    input_size=args.image_size)
         student, _ = rewrite(load(teacher_path), args.recipe,
                              [f"passes.poke_stem.mid_channels={stem_width(args.width)}"])
-        print_throughput("", student, teacher_path, resnet50(args.width, data.num_classes), batch)
     else:
-        train_and_report(args, work, batch, resnet50(args.width, data.num_classes))
+        student, teacher_path = train_and_report(args, work)
+    # the float teacher is timed as train-teacher trains it; its trained weights do not change a
+    # step's cost, so it is the same torchvision module with random weights
+    print_throughput("", student, teacher_path, resnet50(args.width, data.num_classes), batch)
+    if args.compile:
+        print_compiled_throughput(student, resnet50(args.width, data.num_classes), batch)
     if args.full_size_batch:
         path = export_onnx(resnet50(1.0, 1000), work / "resnet50.onnx", input_size=224)
         student, _ = rewrite(load(path), args.recipe)
@@ -99,11 +106,9 @@ def main() -> None:
                          student, path, resnet50(1.0, 1000), full, steps=5)
 
 
-def train_and_report(args: argparse.Namespace, work: Path, batch: torch.Tensor, float_teacher: torch.nn.Module) -> None:
-    """Train the teacher, rewrite and fine-tune the student; print accuracies and throughput.
-
-    The float teacher is timed as train-teacher trains it; its trained weights do not change a
-    step's cost, so ``float_teacher`` is the same torchvision module with random weights."""
+def train_and_report(args: argparse.Namespace, work: Path) -> tuple[ir.Model, Path]:
+    """Train the teacher, rewrite and fine-tune the student; print accuracies. Returns the student
+    graph before fine-tuning and the teacher's ONNX path."""
     began = time.perf_counter()
     teacher_cfg = TrainConfig(lr=args.teacher_lr, batch_size=args.batch_size, epochs=args.teacher_epochs,
                               label_weight=1.0, weight_decay=5e-5)
@@ -125,7 +130,7 @@ def train_and_report(args: argparse.Namespace, work: Path, batch: torch.Tensor, 
     print(f"student   top-1 {result.student_top1:6.2f}%   ({args.student_epochs} epochs, {student_seconds:.0f} s, "
           f"ACE {result.ace / 1e9:.3f}e9)")
     print(f"gap       {teacher_top1 - result.student_top1:6.2f} points (target <= 2)")
-    print_throughput("", ir.load(student_path), teacher_path, float_teacher, batch)
+    return ir.load(student_path), teacher_path
 
 
 def print_throughput(where: str, student: ir.Model, teacher_path: Path, float_teacher: torch.nn.Module,
@@ -138,6 +143,19 @@ def print_throughput(where: str, student: ir.Model, teacher_path: Path, float_te
     print(f"training throughput{where}: student {student_ips:.1f} img/s; "
           f"float teacher (torchvision, BN in train mode) {float_ips:.1f} img/s, ratio {student_ips / float_ips:.2f} "
           f"(target >= 0.5); teacher's ONNX view (BN folded) {onnx_ips:.1f} img/s, ratio {student_ips / onnx_ips:.2f}")
+
+
+def print_compiled_throughput(student: ir.Model, float_teacher: torch.nn.Module, batch: torch.Tensor) -> None:
+    """Both networks through torch.compile, as ``bnncc finetune --compile`` trains, with the seconds the
+    measurement took, compiling included."""
+    rates = []
+    for model in (to_torch(student), float_teacher):
+        start = time.perf_counter()
+        rates.append((throughput(torch.compile(model), batch), time.perf_counter() - start))
+    (student_ips, student_s), (teacher_ips, teacher_s) = rates
+    print(f"training throughput with torch.compile: student {student_ips:.1f} img/s ({student_s:.0f} s, compiling "
+          f"included); float teacher (torchvision, BN in train mode) {teacher_ips:.1f} img/s ({teacher_s:.0f} s), "
+          f"ratio {student_ips / teacher_ips:.2f}")
 
 
 if __name__ == "__main__":
