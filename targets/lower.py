@@ -235,7 +235,7 @@ class _Walk:
     def run(self, graph: ir.Graph, x):
         from tvm import relax
 
-        self.input = (graph.inputs[0].name, x)  # NCHW; transposed to NHWC when a kernel reads it so
+        self.input = (graph.inputs[0].name, x)  # NCHW; _float transposes it for a kernel that reads NHWC
         for node in graph:
             if id(node) in self.done:
                 continue
