@@ -233,8 +233,6 @@ class _Walk:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def run(self, graph: ir.Graph, x):
-        from tvm import relax
-
         self.input = (graph.inputs[0].name, x)  # NCHW; _float transposes it for a kernel that reads NHWC
         for node in graph:
             if id(node) in self.done:

@@ -92,7 +92,7 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the result
         return FinetuneResult(output, result, *accuracy, None)
     val_data = open_dataset(data_dir, "val", image_size=shape[1])
-    if val_data.num_classes <= _classes(student_model) and val_data.num_classes == _classes(student_model):
+    if val_data.num_classes == _classes(student_model):
         accuracy = (*evaluate(student, val_data, shape, device=device), *evaluate(teacher, val_data, shape, device=device))
     else:
         logger.info("data has %d classes, the model %d: no top-1/top-5", val_data.num_classes, _classes(student_model))
