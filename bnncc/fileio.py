@@ -1,4 +1,4 @@
-"""Atomic output: a file is either absent or complete, never partial."""
+"""Atomic output (a file is either absent or complete, never partial) and the user cache folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir"]
 
 
 @contextlib.contextmanager
@@ -37,3 +37,8 @@ def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+def cache_dir() -> Path:
+    """``$BNNCC_CACHE`` or ``~/.cache/bnncc``: built runners, kernels and downloaded runtimes."""
+    return Path(os.environ.get("BNNCC_CACHE") or Path.home() / ".cache" / "bnncc")

@@ -116,7 +116,8 @@ def _arm64_report(executable, lowered, model) -> dict:
 
 
 def _arm64_requirements() -> list[Requirement]:
-    from bnncc.targets.vmrunner import QEMU_LD_PREFIX, cache_dir
+    from bnncc.fileio import cache_dir
+    from bnncc.targets.vmrunner import QEMU_LD_PREFIX
 
     sysroot = QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
     runtime = sorted((cache_dir() / "arm64-runtime").glob("*/libtvm_runtime.so"))

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path
+from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
-    "HOST", "AARCH64", "cache_dir", "ensure_arm64_runtime", "ensure_runner", "run_arm64", "run_library",
+    "HOST", "AARCH64", "ensure_arm64_runtime", "ensure_runner", "run_arm64", "run_library",
     "time_library",
 ]
 
@@ -41,11 +41,6 @@ QEMU_LD_PREFIX = Path("/usr/aarch64-linux-gnu")  # Debian's aarch64 sysroot (lib
 RUNNER_SOURCE = Path(__file__).parent / "runner" / "runner.cc"
 _COMPILERS = {HOST: "g++", AARCH64: "aarch64-linux-gnu-g++"}
 _RUNTIME_LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
-
-
-def cache_dir() -> Path:
-    """``$BNNCC_CACHE`` or ``~/.cache/bnncc``."""
-    return Path(os.environ.get("BNNCC_CACHE") or Path.home() / ".cache" / "bnncc")
 
 
 def _pip_command(dest: Path) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from onnxscript import script
 
+from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 
 __all__ = ["DPReLU", "dprelu"]
@@ -29,14 +30,18 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
 
 
 class _DPReLU(torch.autograd.Function):
-    """max(t, 0) * pos + min(t, 0) * neg equals the ONNX function's where(t >= 0, pos, neg) * t
-    exactly (one term is a zero, so fused or not the multiply-add rounds once), without bool
-    tensors or where(), which torch runs unvectorized on CPU; the backward is written out for
-    the same reason. Results are built in place: each pass over the activations costs a fresh
-    buffer otherwise."""
+    """The fused CPU kernels where they run (cpu_kernels.py: 2 passes over the activations in
+    place of 16), else torch ops: max(t, 0) * pos + min(t, 0) * neg equals the ONNX function's
+    where(t >= 0, pos, neg) * t exactly (one term is a zero, so fused or not the multiply-add
+    rounds once), without bool tensors or where(), which torch runs unvectorized on CPU; the
+    backward is written out for the same reason, and results are built in place."""
 
     @staticmethod
     def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope):
+        ctx.kernels = cpu_kernels.kernels_for(x)
+        if ctx.kernels is not None:
+            ctx.save_for_backward(x, bias_x, pos_slope, neg_slope)
+            return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope)
         t = x - _per_channel(bias_x)
         positive = t.clamp_min(0)
         negative = t.sub_(positive)
@@ -47,6 +52,9 @@ class _DPReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.kernels is not None:
+            x, bias_x, pos_slope, neg_slope = ctx.saved_tensors
+            return cpu_kernels.dprelu_backward(ctx.kernels, grad, x, bias_x, pos_slope, neg_slope)
         positive, negative, pos_slope, neg_slope = ctx.saved_tensors
         dims = (0, 2, 3)
         grad_pos = torch.ops.aten.threshold_backward(grad, positive, 0)  # grad where t > 0

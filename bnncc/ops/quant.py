@@ -16,13 +16,14 @@ stop-gradient. QuantConv then runs Conv(+bias); QuantGemm runs Y = Xq Wq^T + B.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from onnx.helper import make_tensor
 from onnxscript import FLOAT, INT64, script
 
+from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.binarize import straight_through
 
@@ -85,6 +86,9 @@ def QuantGemm(X, W, act_bound, B, w_bits: int, a_bits: int, a_signed: int):
 @torch.no_grad()
 def weight_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The quantized weights' values (no gradient)."""
+    kernels = cpu_kernels.weight_kernels_for(w)
+    if kernels is not None:
+        return cpu_kernels.quantize_weights(kernels, w, bits)
     m = 2.0 ** (bits - 1) - 1
     wmax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
     s = m / torch.where(wmax > 0, wmax, 1.0)
@@ -96,53 +100,72 @@ def quantize_weights(w: torch.Tensor, bits: int) -> torch.Tensor:
     return straight_through(w, weight_grid(w, bits))
 
 
-class ActGrid(NamedTuple):
-    """What the activation quantizer's backward needs from its forward."""
-
-    scaled: torch.Tensor  # the integer grid value before the clip
-    weight: torch.Tensor  # per channel: 1 quantized, 0 uncalibrated (x passes through)
-    window: tuple[float, float]  # (lo - 1/2, hi + 1/2) around the clip range [lo, hi]
+def _act_range(bits: int, signed: int) -> tuple[float, float, float]:
+    """(m, lo, hi): the scale's numerator and the clip range of the integer levels."""
+    if signed:
+        m = 2.0 ** (bits - 1) - 1
+        return m, -m, m
+    return 2.0**bits, 0.0, 2.0**bits - 1
 
 
 @torch.no_grad()
-def act_grid(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> tuple[torch.Tensor, ActGrid]:
-    """The quantized activations' values and what ``act_grid_backward`` needs.
-
-    No bool tensor or where() on the activations (torch runs both unvectorized on CPU): the
-    per-channel choice between the quantized and the float (uncalibrated) value is a lerp with
-    weight 1 or 0, which gives one end or the other exactly (but for the sign of a zero: the
-    ONNX Where may give -0.0 there)."""
+def _act_levels(x, bound, bits, signed, relu):
+    """Torch composition: (the quantizer's input, scale, integer level before the clip, per-channel
+    weight 1 where quantized and 0 where the channel is uncalibrated and passes through)."""
+    if relu:
+        x = torch.relu(x)
     b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
     calibrated = b > 0  # per channel: a few elements, cheap
-    s = (2.0 ** (bits - 1) - 1 if signed else 2.0**bits) / torch.where(calibrated, b, 1.0)
-    lo, hi = (-(2.0 ** (bits - 1) - 1), 2.0 ** (bits - 1) - 1) if signed else (0.0, 2.0**bits - 1)
-    scaled = x * s
+    m, _, _ = _act_range(bits, signed)
+    s = m / torch.where(calibrated, b, 1.0)
+    levels = x * s
     if signed:
-        scaled += 0.5
-    scaled.floor_()
-    q = torch.clamp(scaled, lo, hi).div_(s)
-    weight = calibrated.to(x.dtype)
-    return torch.lerp(x, q, weight), ActGrid(scaled, weight, (lo - 0.5, hi + 0.5))
+        levels += 0.5
+    return x, s, levels.floor_(), calibrated.to(x.dtype)
 
 
-def act_grid_backward(grad: torch.Tensor, grid: ActGrid) -> torch.Tensor:
-    """The clipped straight-through gradient: ``grad`` where lo <= scaled <= hi (scaled is an
-    integer, so hardtanh's backward on the widened window tests it) or the channel is float."""
-    inside = torch.ops.aten.hardtanh_backward(grad, grid.scaled, *grid.window)
-    return torch.lerp(grad, inside, grid.weight)
+@torch.no_grad()
+def act_quantize(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int, relu: bool = False) -> torch.Tensor:
+    """The quantized values of ``relu(x) if relu else x`` (no gradient).
+
+    The fused CPU kernel where it runs; else torch ops without a bool tensor or where() on the
+    activations (torch runs both unvectorized on CPU): the per-channel choice between the
+    quantized and the float (uncalibrated) value is a lerp with weight 1 or 0, which gives one
+    end or the other exactly (but for the sign of a zero: the ONNX Where may give -0.0 there)."""
+    kernels = cpu_kernels.kernels_for(x)
+    if kernels is not None:
+        return cpu_kernels.quantize_acts(kernels, x, bound, bits, signed, relu)
+    v, s, levels, weight = _act_levels(x, bound, bits, signed, relu)
+    _, lo, hi = _act_range(bits, signed)
+    return torch.lerp(v, levels.clamp_(lo, hi).div_(s), weight)
+
+
+@torch.no_grad()
+def act_quantize_backward(grad: torch.Tensor, x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int,
+                          relu: bool = False) -> torch.Tensor:
+    """The clipped straight-through gradient of ``act_quantize`` at ``x``: ``grad`` where the level
+    lies in [lo, hi] or the channel is float, and with ``relu`` where x > 0; else 0."""
+    kernels = cpu_kernels.kernels_for(x)
+    if kernels is not None:
+        return cpu_kernels.quantize_acts_backward(kernels, grad, x, bound, bits, signed, relu)
+    v, _, levels, weight = _act_levels(x, bound, bits, signed, relu)
+    _, lo, hi = _act_range(bits, signed)
+    # levels are integers, so hardtanh's backward on the window widened by 1/2 tests lo <= level <= hi
+    dx = torch.lerp(grad, torch.ops.aten.hardtanh_backward(grad, levels, lo - 0.5, hi + 0.5), weight)
+    return torch.ops.aten.threshold_backward(dx, v, 0) if relu else dx
 
 
 class _QuantizeActs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:
-        q, grid = act_grid(x, bound, bits, signed)
-        ctx.save_for_backward(grid.scaled, grid.weight)
-        ctx.window = grid.window
-        return q
+        ctx.save_for_backward(x, bound)
+        ctx.bits, ctx.signed = bits, signed
+        return act_quantize(x, bound, bits, signed)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return act_grid_backward(grad, ActGrid(*ctx.saved_tensors, ctx.window)), None, None, None
+        x, bound = ctx.saved_tensors
+        return act_quantize_backward(grad, x, bound, ctx.bits, ctx.signed), None, None, None
 
 
 def quantize_acts(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int) -> torch.Tensor:

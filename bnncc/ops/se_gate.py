@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from onnxscript import script
 
 from bnncc.ops._opset import bnncc_opset, op
-from bnncc.ops.quant import ActGrid, QuantConv, act_grid, act_grid_backward, weight_grid
+from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, weight_grid
 
 __all__ = ["SEGate", "se_gate"]
 
@@ -45,40 +45,35 @@ def _spatial_mean(r: torch.Tensor) -> torch.Tensor:
 
 class _SEGate(torch.autograd.Function):
     """The gate as one autograd node with its backward written out: on the pooled (N, C)
-    vectors every op is small, so the ~25 ops forward and the ~30 of autograd's backward cost
-    their dispatch more than their work, 48 times a step. The 1x1 convs are matrix products
-    (addmm, as F.linear runs them); gradients are the quantizers' straight-through ones."""
+    vectors every op is small and costs its dispatch more than its work, 48 times a step, so
+    the quantizers are one fused call each (quant.py), the relu rides in the second one, and
+    the 1x1 convs are matrix products (addmm, as F.linear runs them); gradients are the
+    quantizers' straight-through ones."""
 
     @staticmethod
     def forward(ctx, r, w1, bound1, b1, w2, bound2, b2, w_bits: int, a_bits: int, quantize_weights: bool):
-        def weights(w):
-            w = w.flatten(1)
-            return weight_grid(w, w_bits) if quantize_weights else w
-
-        w1q, w2q = weights(w1), weights(w2)
-        x1, grid1 = act_grid(_spatial_mean(r), bound1, a_bits, signed=1)
-        h = torch.relu(torch.addmm(b1, x1, w1q.t()))
-        x2, grid2 = act_grid(h, bound2, a_bits, signed=0)
+        w1q, w2q = (weight_grid(w.flatten(1), w_bits) if quantize_weights else w.flatten(1) for w in (w1, w2))
+        g = _spatial_mean(r)
+        x1 = act_quantize(g, bound1, a_bits, signed=1)
+        a = torch.addmm(b1, x1, w1q.t())
+        x2 = act_quantize(a, bound2, a_bits, signed=0, relu=True)
         z = torch.addmm(b2, x2, w2q.t())
-        ctx.save_for_backward(w1q, x1, grid1.scaled, grid1.weight, h, w2q, x2, grid2.scaled, grid2.weight, z)
-        ctx.windows = (grid1.window, grid2.window)
-        ctx.r_shape, ctx.w_shapes = r.shape, (w1.shape, w2.shape)
+        ctx.save_for_backward(g, bound1, x1, w1q, a, bound2, x2, w2q, z)
+        ctx.a_bits, ctx.r_shape, ctx.w_shapes = a_bits, r.shape, (w1.shape, w2.shape)
         return F.hardsigmoid(z)[:, :, None, None]
 
     @staticmethod
     def backward(ctx, grad):
-        w1q, x1, scaled1, weight1, h, w2q, x2, scaled2, weight2, z = ctx.saved_tensors
-        window1, window2 = ctx.windows
+        g, bound1, x1, w1q, a, bound2, x2, w2q, z = ctx.saved_tensors
         dz = torch.ops.aten.hardsigmoid_backward(grad.flatten(1), z)
-        dh = act_grid_backward(dz @ w2q, ActGrid(scaled2, weight2, window2))
-        dh = torch.ops.aten.threshold_backward(dh, h, 0)  # relu's: where h > 0
-        dg = act_grid_backward(dh @ w1q, ActGrid(scaled1, weight1, window1))
+        da = act_quantize_backward(dz @ w2q, a, bound2, ctx.a_bits, signed=0, relu=True)
+        dg = act_quantize_backward(da @ w1q, g, bound1, ctx.a_bits, signed=1)
         n, c, height, width = ctx.r_shape
         # the mean's gradient, spread over H x W as a broadcast view (autograd adds it to R's other gradients)
         dr = (dg / (height * width))[:, :, None, None].expand(n, c, height, width)
-        dw1 = (dh.t() @ x1).reshape(ctx.w_shapes[0])
+        dw1 = (da.t() @ x1).reshape(ctx.w_shapes[0])
         dw2 = (dz.t() @ x2).reshape(ctx.w_shapes[1])
-        return dr, dw1, None, dh.sum(0), dw2, None, dz.sum(0), None, None, None
+        return dr, dw1, None, da.sum(0), dw2, None, dz.sum(0), None, None, None
 
 
 def se_gate(r, w1, bound1, b1, w2, bound2, b2, *, w_bits: int, a_bits: int, quantize_weights: bool = True):

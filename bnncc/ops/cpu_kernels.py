@@ -1,0 +1,168 @@
+"""Fused CPU kernels for training (``cpu_kernels.c``), built with the system C compiler on first
+use and cached (``$BNNCC_CACHE``, default ``~/.cache/bnncc``) under a hash of the source, the
+compiler and this CPU's flags.
+
+A torch composition of an elementwise op with per-channel parameters reads and writes the whole
+activation once per op: DPReLU's forward and backward are 16 such passes, the fused kernels 2.
+They run float32 CPU tensors whose channel axis is innermost (the trainer's channels-last
+layout); ``kernels_for(x)`` returns None for anything else, under torch.compile (which fuses the
+composition itself), when no C compiler is found, or when ``BNNCC_CPU_KERNELS=0``, and the op
+then runs its torch composition. The kernels round every product and sum as the composition does;
+only the per-channel sums of a backward add up in another order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from bnncc.fileio import atomic_path, cache_dir
+
+__all__ = [
+    "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
+    "quantize_acts_backward", "quantize_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared"]
+_F32 = ctypes.POINTER(ctypes.c_float)
+_I64 = ctypes.c_int64
+
+
+def _cpu_flags() -> bytes:
+    """This CPU's feature flags: -march=native code is only valid where they match."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "").encode()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The built library, or None (and one log line) where it cannot be built."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        logger.warning("no C compiler (gcc/cc): training runs DPReLU as torch ops, several times slower")
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_flags()).hexdigest()[:12]
+    path = cache_dir() / "cpu-kernels" / f"libbnncc_cpu-{key}.so"
+    if not path.is_file():
+        start = time.perf_counter()
+        with atomic_path(path) as tmp:
+            done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+            if done.returncode != 0:
+                logger.warning("%s: %s failed, training runs DPReLU as torch ops:\n%s", SOURCE, compiler,
+                               done.stderr[-2000:])
+                return None
+        logger.info("built %s (%.1f s)", path, time.perf_counter() - start)
+    # torch has loaded its libgomp.so.1 already; the library's libgomp.so.1 resolves to that one,
+    # so both share one OpenMP thread pool
+    lib = ctypes.CDLL(str(path))
+    lib.bnncc_block_rows.restype = _I64
+    lib.bnncc_dprelu_forward.argtypes = [_F32, _F32, _I64, _I64, _F32, _F32, _F32, _F32, ctypes.c_int]
+    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, _F32, ctypes.c_int]
+    flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
+    lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
+    lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags]
+    lib.bnncc_quantize_weights.argtypes = [_F32, _F32, _I64, _I64, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def channel_rows(x: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, channels) when ``x``'s memory is rows of its axis-1 channels, else None."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x.shape[0], x.shape[1]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        return n * h * w, c
+    return None
+
+
+def _usable(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and os.environ.get("BNNCC_CPU_KERNELS", "1") != "0")
+
+
+def kernels_for(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library when it can run on activations ``x`` (see the module's docstring), else None."""
+    return _library() if _usable(x) and channel_rows(x) is not None else None
+
+
+def weight_kernels_for(w: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library when it can run on weights ``w``: each output channel (axis 0) dense in memory."""
+    dense = w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))
+    return _library() if _usable(w) and dense else None
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.cast(t.data_ptr(), _F32)
+
+
+def _vectors(*vs: torch.Tensor) -> list[torch.Tensor]:
+    return [v.detach().to(torch.float32).contiguous() for v in vs]
+
+
+def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg) -> torch.Tensor:
+    rows, channels = channel_rows(x)
+    y = torch.empty_like(x)
+    vs = _vectors(bias_x, bias_y, pos, neg)
+    lib.bnncc_dprelu_forward(_ptr(x), _ptr(y), rows, channels, *map(_ptr, vs), torch.get_num_threads())
+    return y
+
+
+def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_x, pos, neg):
+    """(dx, d bias_x, d bias_y, d pos, d neg)."""
+    rows, channels = channel_rows(x)
+    grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+    dx = torch.empty_like(x)
+    blocks = -(-rows // lib.bnncc_block_rows())
+    partial = torch.empty(blocks, 4, channels)
+    vs = _vectors(bias_x, pos, neg)
+    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, *map(_ptr, vs), _ptr(partial),
+                              torch.get_num_threads())
+    sum_dx, sum_grad, sum_pos, sum_neg = partial.sum(0)
+    return dx, -sum_dx, -sum_grad, sum_pos, sum_neg
+
+
+def quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: int, relu: bool) -> torch.Tensor:
+    """quant.py's activation quantizer of ``relu(x) if relu else x``."""
+    rows, channels = channel_rows(x)
+    q = torch.empty_like(x)
+    (bound,) = _vectors(bound)
+    lib.bnncc_quantize_acts(_ptr(x), _ptr(q), rows, channels, _ptr(bound), bits, int(signed), int(relu),
+                            torch.get_num_threads())
+    return q
+
+
+def quantize_acts_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bound, bits: int, signed: int,
+                           relu: bool) -> torch.Tensor:
+    rows, channels = channel_rows(x)
+    grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+    dx = torch.empty_like(x)
+    (bound,) = _vectors(bound)
+    lib.bnncc_quantize_acts_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, _ptr(bound), bits, int(signed),
+                                     int(relu), torch.get_num_threads())
+    return dx
+
+
+def quantize_weights(lib: ctypes.CDLL, w: torch.Tensor, bits: int) -> torch.Tensor:
+    """quant.py's per-output-channel weight quantizer; the result has ``w``'s layout."""
+    q = torch.empty_like(w)
+    rows = w.shape[0]
+    lib.bnncc_quantize_weights(_ptr(w.detach()), _ptr(q), rows, w.numel() // max(rows, 1), bits,
+                               torch.get_num_threads())
+    return q

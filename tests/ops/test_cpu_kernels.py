@@ -1,0 +1,85 @@
+"""The fused CPU training kernels (bnncc/ops/cpu_kernels.c) against the torch compositions they
+replace (BNNCC_CPU_KERNELS=0), which test_dprelu/test_quant/test_se_gate check against
+onnxruntime: values and input gradients bitwise, per-channel parameter sums to float tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnncc.ops import TORCH_OPS, cpu_kernels
+from bnncc.ops.quant import act_quantize, act_quantize_backward, weight_grid
+
+
+def channels_last(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).contiguous(memory_format=torch.channels_last)
+
+
+def both_paths(monkeypatch, fn):
+    """fn() with the kernels, then with the torch composition."""
+    assert cpu_kernels.kernels_for(torch.zeros(2, 3)) is not None, "the kernels did not build (gcc?)"
+    fused = fn()
+    monkeypatch.setenv("BNNCC_CPU_KERNELS", "0")
+    composed = fn()
+    monkeypatch.delenv("BNNCC_CPU_KERNELS")
+    return fused, composed
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 7, 5), (128, 64, 8, 8)])
+def test_dprelu_kernels_match_the_torch_composition(monkeypatch, shape):
+    x = channels_last(*shape) if len(shape) == 4 else torch.randn(*shape)
+    params = [torch.randn(shape[1], generator=torch.Generator().manual_seed(i)) for i in range(1, 5)]
+    x[(0, slice(0, 3)) + (0,) * (x.dim() - 2)] = params[0][:3]  # t == 0 exactly: the slope switches there
+    grad = torch.randn_like(x)
+
+    def run():
+        xs = x.clone().requires_grad_()
+        ps = [p.clone().requires_grad_() for p in params]
+        y = TORCH_OPS["DPReLU"](xs, *ps)
+        y.backward(grad)
+        return y.detach(), xs.grad, [p.grad for p in ps]
+
+    (y, dx, dps), (y_ref, dx_ref, dps_ref) = both_paths(monkeypatch, run)
+    assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+    for got, want in zip(dps, dps_ref):  # sums of N*H*W terms, added up in another order
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("signed, relu", [(1, False), (0, False), (0, True)])
+@pytest.mark.parametrize("shape", [(4, 24, 5, 3), (128, 70)])
+def test_activation_quantizer_kernels_match_the_torch_composition(monkeypatch, shape, signed, relu):
+    bound = torch.rand(shape[1], generator=torch.Generator().manual_seed(1)) * 2 + 0.1
+    bound[::5] = -1.0  # uncalibrated channels pass through
+    x = channels_last(*shape, scale=2.0) if len(shape) == 4 else torch.randn(*shape) * 2
+    # values on the grid's edges: exact half levels (the floor's tie) and the clip bounds
+    x[(slice(0, 4), 1) + (0,) * (x.dim() - 2)] = torch.tensor([0.5, -0.5, 1.0, -1.0]) * bound[1] / 7
+    grad = torch.randn_like(x)
+
+    def run():
+        q = act_quantize(x, bound, 4, signed, relu)
+        return q, act_quantize_backward(grad, x, bound, 4, signed, relu)
+
+    (q, dx), (q_ref, dx_ref) = both_paths(monkeypatch, run)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(dx, dx_ref)
+    assert 0 < int((dx == 0).sum()) < dx.numel()  # both clipped and passed elements were tested
+
+
+@pytest.mark.parametrize("shape, layout", [((64, 512, 1, 1), torch.contiguous_format),
+                                           ((32, 16, 3, 3), torch.channels_last), ((10, 7), torch.contiguous_format)])
+def test_weight_quantizer_kernel_matches_the_torch_composition(monkeypatch, shape, layout):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=layout)
+    w[1] = 0.0  # an all-zero output channel: scale 1, all levels 0
+    q, q_ref = both_paths(monkeypatch, lambda: weight_grid(w, 4))
+    assert torch.equal(q, q_ref) and q.stride() == w.stride()
+
+
+def test_kernels_run_only_where_their_layout_holds(monkeypatch):
+    assert cpu_kernels.kernels_for(channels_last(2, 8, 3, 3)) is not None
+    assert cpu_kernels.kernels_for(torch.randn(2, 8, 3, 3)) is None  # NCHW: channels not innermost
+    assert cpu_kernels.kernels_for(torch.randn(2, 8, dtype=torch.float64)) is None
+    assert cpu_kernels.weight_kernels_for(torch.randn(8, 4, 3, 3)) is not None
+    assert cpu_kernels.weight_kernels_for(torch.randn(4, 8).t()) is None  # rows not dense
+    monkeypatch.setenv("BNNCC_CPU_KERNELS", "0")
+    assert cpu_kernels.kernels_for(torch.randn(2, 8)) is None
