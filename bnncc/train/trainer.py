@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import atexit
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -71,6 +73,16 @@ def init_distributed(device: torch.device) -> None:
     """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on CPU, nccl on GPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    """At exit, while the interpreter is whole: a gloo group torn down during finalization can
+    abort the process (a worker thread frees its last work and needs the GIL: "terminate called
+    without an active exception"). The collection frees the DDP wrapper, whose reference cycles
+    would otherwise keep the group alive past destroy_process_group."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def total_steps(cfg: TrainConfig, data: ImageData) -> int:
