@@ -278,6 +278,33 @@ def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> st
     return candidate
 
 
+def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Step]:
+    """Run each PokeConv's DPReLU and the Mul by its SE gate as one step (``gated_dprelu``, one
+    fused kernel on CPU) where the DPReLU's only reader is that Mul. The fused step takes the
+    Mul's place in the plan, after the gate is computed."""
+    from bnncc.ops import TORCH_OPS
+    from bnncc.ops.dprelu import gated_dprelu
+
+    producer = {step.output: step for step in plan}
+    readers: dict[int, list[_Step]] = {}
+    for step in plan:
+        for s in step.inputs:
+            readers.setdefault(s, []).append(step)
+    fused: dict[int, _Step] = {}  # id of the Mul step -> the fused step
+    dropped: set[int] = set()  # ids of the DPReLU steps folded into one
+    for step in plan:
+        mul = readers.get(step.output, [])
+        if step.fn is not TORCH_OPS["DPReLU"] or step.output in outputs or len(mul) != 1 or mul[0].fn is not torch.mul:
+            continue
+        (gate,) = [s for s in mul[0].inputs if s != step.output] or [None]
+        if gate is None or gate not in producer or producer[gate].fn is not TORCH_OPS["SEGate"]:
+            continue
+        fused[id(mul[0])] = step._replace(fn=gated_dprelu, inputs=step.inputs + (gate,), output=mul[0].output,
+                                          label=f"{step.label} + {mul[0].label}")
+        dropped.add(id(step))
+    return [fused.get(id(step), step) for step in plan if id(step) not in dropped]
+
+
 def _sorted_nodes(graph: ir.Graph) -> list[ir.Node]:
     """The graph's nodes in a topological order that keeps the stored order where it can."""
     nodes = list(graph)
@@ -363,9 +390,9 @@ class GraphModule(nn.Module):
             slot[name] = len(slot)
         self._input_slots = tuple(slot[n] for n in self.input_names)
         self._state = tuple((slot[n], names[n]) for n in names)
-        self._plan = self._build_plan(nodes, slot, names)
+        plan = self._build_plan(nodes, slot, names)
         self._output_slots = tuple(slot[n] for n in self.output_names)
-        self._plan = self._with_frees(self._plan)
+        self._plan = self._with_frees(_fuse_gated_dprelu(plan, self._output_slots))
         self._num_slots = len(slot)
 
     def _build_plan(self, nodes: list[ir.Node], slot: dict[str, int], names: dict[str, str]) -> list[_Step]:

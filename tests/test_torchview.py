@@ -368,3 +368,27 @@ def test_poke_graph_write_back_round_trip(real_ops):
     with torch.no_grad():
         ours = module(x).numpy()
     _assert_close_to_reference(ours, _ort_run(model, x.numpy()))
+
+
+def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, monkeypatch):
+    from bnncc.ops.dprelu import gated_dprelu
+
+    _, module = _calibrated_poke(real_ops)
+    assert [step.fn for step in module._plan].count(gated_dprelu) == 1  # the DPReLU and its SE gate's Mul
+    # the trainer's layout, where the fused CPU kernels run
+    module.to(memory_format=torch.channels_last).train()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(16)).contiguous(
+        memory_format=torch.channels_last)
+
+    def step():
+        module.zero_grad()
+        y = module(x)
+        y.logsumexp(1).sum().backward()
+        return y.detach(), {name: p.grad.clone() for name, p in module.named_parameters()}
+
+    y, grads = step()
+    monkeypatch.setenv("BNNCC_CPU_KERNELS", "0")
+    y_ref, grads_ref = step()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():  # per-channel sums add up in another order
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-5 * float(grads_ref[name].abs().max()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from onnxscript import script
 
+from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 
 __all__ = ["BinarizeAct", "binarize_act", "binarize_weights", "straight_through"]
@@ -62,6 +63,9 @@ class _BinarizeAct(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, clip_bound: float) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.clip_bound = clip_bound
+        kernels = cpu_kernels.kernels_for(x)
+        if kernels is not None:  # one pass instead of two
+            return cpu_kernels.binarize_acts(kernels, x, clip_bound)
         # x + 0.0 turns -0.0 into +0.0, so zero of either sign gives +B/2, as x >= 0 does
         return torch.copysign(x.new_full((), 0.5 * clip_bound), x + 0.0)
 

@@ -18,55 +18,67 @@
 
 int64_t bnncc_block_rows(void) { return BLOCK_ROWS; }
 
-/* DPReLU: y = (t >= 0 ? pos : neg) * t - bias_y, t = x - bias_x. */
-void bnncc_dprelu_forward(const float *restrict x, float *restrict y, int64_t rows, int64_t channels,
-                          const float *restrict bias_x, const float *restrict bias_y,
-                          const float *restrict pos, const float *restrict neg, int threads) {
+/* DPReLU times a gate per (image, channel), for `images` images of `pixels` rows each:
+ *     y = gate[n, c] * ((t >= 0 ? pos : neg) * t - bias_y),   t = x - bias_x
+ * (a PokeConv's DPReLU and its SE gate's Mul). An ungated DPReLU passes a row of ones with
+ * gate_stride 0: times 1 is exact. */
+void bnncc_dprelu_forward(const float *restrict x, float *restrict y, int64_t images, int64_t pixels,
+                          int64_t channels, const float *restrict bias_x, const float *restrict bias_y,
+                          const float *restrict pos, const float *restrict neg,
+                          const float *restrict gate, int64_t gate_stride, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < images * pixels; ++r) {
         const float *restrict xr = x + r * channels;
+        const float *restrict gr = gate + r / pixels * gate_stride;
         float *restrict yr = y + r * channels;
 #pragma omp simd
         for (int64_t c = 0; c < channels; ++c) {
             float t = xr[c] - bias_x[c];
             float slope = t >= 0.0f ? pos[c] : neg[c];
-            yr[c] = slope * t - bias_y[c];
+            yr[c] = (slope * t - bias_y[c]) * gr[c];
         }
     }
 }
 
-/* DPReLU's backward: dx = grad * (t > 0 ? pos : neg), and per block of rows the partial sums
- * (4 rows of `channels` each) of dx, grad, grad * max(t, 0) and grad * min(t, 0):
- * the gradients of bias_x (negated), bias_y (negated), pos and neg. */
+/* Its backward, with dd = grad * gate: dx = dd * (t > 0 ? pos : neg), and per block of at most
+ * BLOCK_ROWS rows of one image the partial sums (5 rows of `channels` each) of dx, dd,
+ * dd * max(t, 0), dd * min(t, 0) and grad * DPReLU(x): the gradients of bias_x (negated),
+ * bias_y (negated), pos, neg and, added up over an image's blocks, the gate. */
 void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, float *restrict dx,
-                           int64_t rows, int64_t channels, const float *restrict bias_x,
+                           int64_t images, int64_t pixels, int64_t channels,
+                           const float *restrict bias_x, const float *restrict bias_y,
                            const float *restrict pos, const float *restrict neg,
-                           float *restrict partial, int threads) {
-    int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+                           const float *restrict gate, int64_t gate_stride, float *restrict partial,
+                           int threads) {
+    int64_t chunks = (pixels + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-        float *restrict sum_dx = partial + 4 * b * channels;
-        float *restrict sum_grad = sum_dx + channels;
-        float *restrict sum_pos = sum_grad + channels;
+    for (int64_t b = 0; b < images * chunks; ++b) {
+        int64_t n = b / chunks, begin = n * pixels + b % chunks * BLOCK_ROWS;
+        int64_t end = begin + BLOCK_ROWS < (n + 1) * pixels ? begin + BLOCK_ROWS : (n + 1) * pixels;
+        const float *restrict gn = gate + n * gate_stride;
+        float *restrict sum_dx = partial + 5 * b * channels;
+        float *restrict sum_dd = sum_dx + channels;
+        float *restrict sum_pos = sum_dd + channels;
         float *restrict sum_neg = sum_pos + channels;
-        for (int64_t c = 0; c < channels; ++c)
-            sum_dx[c] = sum_grad[c] = sum_pos[c] = sum_neg[c] = 0.0f;
-        int64_t end = (b + 1) * BLOCK_ROWS < rows ? (b + 1) * BLOCK_ROWS : rows;
-        for (int64_t r = b * BLOCK_ROWS; r < end; ++r) {
+        float *restrict sum_gate = sum_neg + channels;
+        for (int64_t c = 0; c < 5 * channels; ++c)
+            sum_dx[c] = 0.0f;
+        for (int64_t r = begin; r < end; ++r) {
             const float *restrict gr = grad + r * channels;
             const float *restrict xr = x + r * channels;
             float *restrict dxr = dx + r * channels;
 #pragma omp simd
             for (int64_t c = 0; c < channels; ++c) {
-                float g = gr[c];
+                float g = gr[c], dd = g * gn[c];
                 float t = xr[c] - bias_x[c];
                 float positive = t > 0.0f ? t : 0.0f;
-                float d = g * (t > 0.0f ? pos[c] : neg[c]);
+                float d = dd * (t > 0.0f ? pos[c] : neg[c]);
                 dxr[c] = d;
                 sum_dx[c] += d;
-                sum_grad[c] += g;
-                sum_pos[c] += g * positive;
-                sum_neg[c] += g * (t - positive);
+                sum_dd[c] += dd;
+                sum_pos[c] += dd * positive;
+                sum_neg[c] += dd * (t - positive);
+                sum_gate[c] += g * ((t >= 0.0f ? pos[c] : neg[c]) * t - bias_y[c]);
             }
         }
     }
@@ -160,4 +172,13 @@ void bnncc_quantize_weights(const float *restrict w, float *restrict q, int64_t 
             qr[c] = (level < -m ? -m : level > m ? m : level) / s;
         }
     }
+}
+
+/* BinarizeAct: y = x >= 0 ? B/2 : -B/2 (zero of either sign gives +B/2). */
+void bnncc_binarize_acts(const float *restrict x, float *restrict y, int64_t size, float clip_bound,
+                         int threads) {
+    float half = 0.5f * clip_bound;
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (size > 32768)
+    for (int64_t i = 0; i < size; ++i)
+        y[i] = x[i] >= 0.0f ? half : -half;
 }

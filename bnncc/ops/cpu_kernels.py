@@ -29,14 +29,14 @@ from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
-    "quantize_acts_backward", "quantize_weights",
+    "quantize_acts_backward", "quantize_weights", "binarize_acts",
 ]
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared"]
-_F32 = ctypes.POINTER(ctypes.c_float)
+_F32 = ctypes.c_void_p  # a float32 buffer, passed as its address (tensor.data_ptr())
 _I64 = ctypes.c_int64
 
 
@@ -73,11 +73,14 @@ def _library() -> ctypes.CDLL | None:
     # so both share one OpenMP thread pool
     lib = ctypes.CDLL(str(path))
     lib.bnncc_block_rows.restype = _I64
-    lib.bnncc_dprelu_forward.argtypes = [_F32, _F32, _I64, _I64, _F32, _F32, _F32, _F32, ctypes.c_int]
-    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, _F32, ctypes.c_int]
+    lib.bnncc_dprelu_forward.argtypes = [_F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _I64,
+                                         ctypes.c_int]
+    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _I64,
+                                          _F32, ctypes.c_int]
     flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
     lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
     lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags]
+    lib.bnncc_binarize_acts.argtypes = [_F32, _F32, _I64, ctypes.c_float, ctypes.c_int]
     lib.bnncc_quantize_weights.argtypes = [_F32, _F32, _I64, _I64, ctypes.c_int, ctypes.c_int]
     return lib
 
@@ -108,34 +111,47 @@ def weight_kernels_for(w: torch.Tensor) -> ctypes.CDLL | None:
     return _library() if _usable(w) and dense else None
 
 
-def _ptr(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), _F32)
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
 
 
 def _vectors(*vs: torch.Tensor) -> list[torch.Tensor]:
-    return [v.detach().to(torch.float32).contiguous() for v in vs]
+    return [v.to(torch.float32).contiguous() for v in vs]  # no copy when they are already
 
 
-def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg) -> torch.Tensor:
+def _gate_rows(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The gate as (N, C) rows and the stride between images: ones and 0 for no gate."""
+    if gate is None:
+        return x.new_ones(x.shape[1]), 0
+    return gate.reshape(x.shape[0], x.shape[1]).to(torch.float32).contiguous(), x.shape[1]
+
+
+def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None) -> torch.Tensor:
+    """DPReLU(x), times ``gate`` (N, C, 1, 1) when given."""
     rows, channels = channel_rows(x)
     y = torch.empty_like(x)
-    vs = _vectors(bias_x, bias_y, pos, neg)
-    lib.bnncc_dprelu_forward(_ptr(x), _ptr(y), rows, channels, *map(_ptr, vs), torch.get_num_threads())
+    gate, stride = _gate_rows(x, gate)
+    lib.bnncc_dprelu_forward(_ptr(x), _ptr(y), x.shape[0], rows // x.shape[0], channels,
+                             *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate), stride,
+                             torch.get_num_threads())
     return y
 
 
-def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_x, pos, neg):
-    """(dx, d bias_x, d bias_y, d pos, d neg)."""
+def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None):
+    """(dx, d bias_x, d bias_y, d pos, d neg, d gate or None)."""
     rows, channels = channel_rows(x)
+    images, pixels = x.shape[0], rows // x.shape[0]
     grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
     dx = torch.empty_like(x)
-    blocks = -(-rows // lib.bnncc_block_rows())
-    partial = torch.empty(blocks, 4, channels)
-    vs = _vectors(bias_x, pos, neg)
-    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, *map(_ptr, vs), _ptr(partial),
-                              torch.get_num_threads())
-    sum_dx, sum_grad, sum_pos, sum_neg = partial.sum(0)
-    return dx, -sum_dx, -sum_grad, sum_pos, sum_neg
+    chunks = -(-pixels // lib.bnncc_block_rows())
+    partial = torch.empty(images, chunks, 5, channels)
+    gate_rows, stride = _gate_rows(x, gate)
+    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), _ptr(dx), images, pixels, channels,
+                              *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate_rows), stride,
+                              _ptr(partial), torch.get_num_threads())
+    sum_dx, sum_dd, sum_pos, sum_neg = partial[:, :, :4].sum((0, 1))
+    d_gate = None if gate is None else partial[:, :, 4].sum(1).reshape(gate.shape)
+    return dx, -sum_dx, -sum_dd, sum_pos, sum_neg, d_gate
 
 
 def quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: int, relu: bool) -> torch.Tensor:
@@ -166,3 +182,10 @@ def quantize_weights(lib: ctypes.CDLL, w: torch.Tensor, bits: int) -> torch.Tens
     lib.bnncc_quantize_weights(_ptr(w.detach()), _ptr(q), rows, w.numel() // max(rows, 1), bits,
                                torch.get_num_threads())
     return q
+
+
+def binarize_acts(lib: ctypes.CDLL, x: torch.Tensor, clip_bound: float) -> torch.Tensor:
+    """binarize.py's BinarizeAct; elementwise, so any dense layout runs."""
+    y = torch.empty_like(x)
+    lib.bnncc_binarize_acts(_ptr(x), _ptr(y), x.numel(), clip_bound, torch.get_num_threads())
+    return y

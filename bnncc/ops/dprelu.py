@@ -14,7 +14,7 @@ from onnxscript import script
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 
-__all__ = ["DPReLU", "dprelu"]
+__all__ = ["DPReLU", "dprelu", "gated_dprelu"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -29,19 +29,31 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, 1, 1)
 
 
+class _FusedDPReLU(torch.autograd.Function):
+    """DPReLU, times an SE gate when one is given, as the fused CPU kernels (cpu_kernels.py):
+    one pass over the activations each way where the torch composition below makes 16 (and the
+    gate's Mul 3 more)."""
+
+    @staticmethod
+    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate):
+        ctx.kernels = cpu_kernels.kernels_for(x)
+        ctx.save_for_backward(x, bias_x, bias_y, pos_slope, neg_slope, gate)
+        return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return cpu_kernels.dprelu_backward(ctx.kernels, grad, *ctx.saved_tensors)
+
+
 class _DPReLU(torch.autograd.Function):
-    """The fused CPU kernels where they run (cpu_kernels.py: 2 passes over the activations in
-    place of 16), else torch ops: max(t, 0) * pos + min(t, 0) * neg equals the ONNX function's
+    """The torch composition: max(t, 0) * pos + min(t, 0) * neg equals the ONNX function's
     where(t >= 0, pos, neg) * t exactly (one term is a zero, so fused or not the multiply-add
     rounds once), without bool tensors or where(), which torch runs unvectorized on CPU; the
-    backward is written out for the same reason, and results are built in place."""
+    backward is written out for the same reason. Results are built in place: each pass over the
+    activations costs a fresh buffer otherwise."""
 
     @staticmethod
     def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope):
-        ctx.kernels = cpu_kernels.kernels_for(x)
-        if ctx.kernels is not None:
-            ctx.save_for_backward(x, bias_x, pos_slope, neg_slope)
-            return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope)
         t = x - _per_channel(bias_x)
         positive = t.clamp_min(0)
         negative = t.sub_(positive)
@@ -52,9 +64,6 @@ class _DPReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.kernels is not None:
-            x, bias_x, pos_slope, neg_slope = ctx.saved_tensors
-            return cpu_kernels.dprelu_backward(ctx.kernels, grad, x, bias_x, pos_slope, neg_slope)
         positive, negative, pos_slope, neg_slope = ctx.saved_tensors
         dims = (0, 2, 3)
         grad_pos = torch.ops.aten.threshold_backward(grad, positive, 0)  # grad where t > 0
@@ -65,4 +74,14 @@ class _DPReLU(torch.autograd.Function):
 
 
 def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
+    if cpu_kernels.kernels_for(x) is not None:
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, None)
     return _DPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope)
+
+
+def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate) -> torch.Tensor:
+    """``dprelu(x, ...) * gate`` for a gate of shape (N, C, 1, 1), as one kernel where they run:
+    the torch view runs a PokeConv's DPReLU and its SE gate's Mul as this one step."""
+    if cpu_kernels.kernels_for(x) is not None and gate.shape == (x.shape[0], x.shape[1], 1, 1):
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate)
+    return dprelu(x, bias_x, bias_y, pos_slope, neg_slope) * gate

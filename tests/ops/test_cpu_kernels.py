@@ -83,3 +83,11 @@ def test_kernels_run_only_where_their_layout_holds(monkeypatch):
     assert cpu_kernels.weight_kernels_for(torch.randn(4, 8).t()) is None  # rows not dense
     monkeypatch.setenv("BNNCC_CPU_KERNELS", "0")
     assert cpu_kernels.kernels_for(torch.randn(2, 8)) is None
+
+
+def test_binarize_kernel_matches_the_torch_composition(monkeypatch):
+    x = channels_last(16, 24, 6, 6)
+    x[0, :4, 0, 0] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])  # zero of either sign gives +B/2
+    y, y_ref = both_paths(monkeypatch, lambda: TORCH_OPS["BinarizeAct"](x, 2.5))
+    assert torch.equal(y, y_ref) and y.stride() == x.stride()
+    assert set(y.unique().tolist()) == {-1.25, 1.25}
