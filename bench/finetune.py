@@ -42,22 +42,31 @@ def stem_width(width: float) -> int:
     return min(32, max(8, int(64 * width)))
 
 
-def throughput(model: torch.nn.Module, batch: torch.Tensor, steps: int = 9) -> float:
-    """Images per second of forward + backward + Adam step on ``batch``: the median step after two
-    warm-up steps (on a shared machine a single step can stall for seconds)."""
-    # the trainer's memory format and optimizer, for both networks
-    model.to(memory_format=MEMORY_FORMAT).train()
+def step_times(models: list[torch.nn.Module], batch: torch.Tensor, steps: int = 9) -> list[list[float]]:
+    """Seconds of each forward + backward + Adam step on ``batch``, per model, the models taking
+    their steps in turn, so that the VM's slow periods (seconds to minutes, see RESULTS.md) fall
+    on all of them alike. The first two steps of each are warm-up (and compilation)."""
+    runs = []
+    for model in models:
+        # the trainer's memory format and optimizer, for every network
+        model.to(memory_format=MEMORY_FORMAT).train()
+        runs.append((model, make_optimizer(model, 1e-4)))
     batch = batch.contiguous(memory_format=MEMORY_FORMAT)
-    optimizer = make_optimizer(model, 1e-4)
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(steps + 2):
-        start = time.perf_counter()
-        loss = model(batch).logsumexp(dim=1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return batch.shape[0] / statistics.median(times[2:])
+        for (model, optimizer), seconds in zip(runs, times):
+            start = time.perf_counter()
+            loss = model(batch).logsumexp(dim=1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seconds.append(time.perf_counter() - start)
+    return times
+
+
+def images_per_second(seconds: list[float], batch: torch.Tensor) -> float:
+    """From the median step after the warm-up (on a shared machine a single step can stall)."""
+    return batch.shape[0] / statistics.median(seconds[2:])
 
 
 def main() -> None:
@@ -137,25 +146,21 @@ def print_throughput(where: str, student: ir.Model, teacher_path: Path, float_te
                      batch: torch.Tensor, steps: int = 9) -> None:
     """Student images/s over the float teacher's: torchvision's module in train mode (BN, as
     train-teacher trains it) is the reference; the teacher's ONNX view (BNs folded) is printed too."""
-    student_ips = throughput(to_torch(student), batch, steps)
-    float_ips = throughput(float_teacher, batch, steps)
-    onnx_ips = throughput(to_torch(load(teacher_path)), batch, steps)
+    times = step_times([to_torch(student), float_teacher, to_torch(load(teacher_path))], batch, steps)
+    student_ips, float_ips, onnx_ips = (images_per_second(t, batch) for t in times)
     print(f"training throughput{where}: student {student_ips:.1f} img/s; "
           f"float teacher (torchvision, BN in train mode) {float_ips:.1f} img/s, ratio {student_ips / float_ips:.2f} "
           f"(target >= 0.5); teacher's ONNX view (BN folded) {onnx_ips:.1f} img/s, ratio {student_ips / onnx_ips:.2f}")
 
 
 def print_compiled_throughput(student: ir.Model, float_teacher: torch.nn.Module, batch: torch.Tensor) -> None:
-    """Both networks through torch.compile, as ``bnncc finetune --compile`` trains, with the seconds the
-    measurement took, compiling included."""
-    rates = []
-    for model in (to_torch(student), float_teacher):
-        start = time.perf_counter()
-        rates.append((throughput(torch.compile(model), batch), time.perf_counter() - start))
-    (student_ips, student_s), (teacher_ips, teacher_s) = rates
-    print(f"training throughput with torch.compile: student {student_ips:.1f} img/s ({student_s:.0f} s, compiling "
-          f"included); float teacher (torchvision, BN in train mode) {teacher_ips:.1f} img/s ({teacher_s:.0f} s), "
-          f"ratio {student_ips / teacher_ips:.2f}")
+    """Both networks through torch.compile, as ``bnncc finetune --compile`` trains, with the seconds
+    their first step took (compiling)."""
+    student_times, teacher_times = step_times([torch.compile(to_torch(student)), torch.compile(float_teacher)], batch)
+    student_ips, teacher_ips = images_per_second(student_times, batch), images_per_second(teacher_times, batch)
+    print(f"training throughput with torch.compile: student {student_ips:.1f} img/s (first step {student_times[0]:.0f} s, "
+          f"compiling); float teacher (torchvision, BN in train mode) {teacher_ips:.1f} img/s "
+          f"(first step {teacher_times[0]:.0f} s), ratio {student_ips / teacher_ips:.2f}")
 
 
 if __name__ == "__main__":
