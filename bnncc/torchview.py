@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnncc.errors import BnnccError
+from bnncc.ops.batch_norm import batch_norm_train
 
 __all__ = ["GraphModule", "to_torch", "write_back"]
 
@@ -153,7 +154,10 @@ def _plan_gemm(node, attrs):
 
 
 def _batch_norm(x, scale, bias, mean, var, *, momentum, eps, training):
-    """ONNX BatchNormalization as torch's BN: batch statistics and running-stat update in train mode."""
+    """ONNX BatchNormalization as torch's BN: batch statistics and running-stat update in train mode
+    (on the fused CPU kernels where they run)."""
+    if training:
+        return batch_norm_train(x, mean, var, scale, bias, momentum, eps)
     return F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
 
 

@@ -143,7 +143,7 @@ void bnncc_quantize_acts_backward(const float *restrict grad, const float *restr
             float xv = xr[c], gv = gr[c], s = scale[c];
             float v = xv < lower ? lower : xv;
             float level = floorf(v * s + half);
-            int inside = !(s > 0.0f) | ((level >= lo) & (level <= hi));
+            int inside = (s <= 0.0f) | ((level >= lo) & (level <= hi));
             dxr[c] = inside & (xv > lower) ? gv : 0.0f;
         }
     }
@@ -181,4 +181,96 @@ void bnncc_binarize_acts(const float *restrict x, float *restrict y, int64_t siz
 #pragma omp parallel for simd num_threads(threads) schedule(static) if (size > 32768)
     for (int64_t i = 0; i < size; ++i)
         y[i] = x[i] >= 0.0f ? half : -half;
+}
+
+/* Two per-channel sums over all rows, in float blocks of BLOCK_ROWS rows (vectorized) added up
+ * in double: with d = x - shift, kind 0 sums d and d * d, kind 1 sums y and y * d. */
+static void two_sums(const float *restrict x, const float *restrict y, int64_t rows, int64_t channels,
+                     const float *restrict shift, int kind, double *restrict out, int threads) {
+    int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    float *partial = malloc(blocks * 2 * channels * sizeof(float));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        float *restrict s0 = partial + 2 * b * channels, *restrict s1 = s0 + channels;
+        for (int64_t c = 0; c < 2 * channels; ++c)
+            s0[c] = 0.0f;
+        int64_t end = (b + 1) * BLOCK_ROWS < rows ? (b + 1) * BLOCK_ROWS : rows;
+        for (int64_t r = b * BLOCK_ROWS; r < end; ++r) {
+            const float *restrict xr = x + r * channels, *restrict yr = y + r * channels;
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c) {
+                float d = xr[c] - shift[c];
+                float w = kind == 0 ? d : yr[c];
+                s0[c] += w;
+                s1[c] += w * d;
+            }
+        }
+    }
+    for (int64_t c = 0; c < 2 * channels; ++c)
+        out[c] = 0.0;
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t c = 0; c < 2 * channels; ++c)
+            out[c] += partial[2 * b * channels + c];
+    free(partial);
+}
+
+/* BatchNormalization in training, over the rows: batch mean and biased variance per channel from
+ * one pass of sums shifted by the first row (a sample of the channel, so the variance's
+ * subtraction loses little), y = (x - mean) * (gamma / sqrt(var + eps)) + beta, and
+ * running = (1 - momentum) * running + momentum * batch with the unbiased variance. */
+void bnncc_batch_norm_forward(const float *restrict x, float *restrict y, int64_t rows, int64_t channels,
+                              const float *restrict gamma, const float *restrict beta, float eps,
+                              float momentum, float *restrict running_mean, float *restrict running_var,
+                              float *restrict mean, float *restrict var, int threads) {
+    double *sums = malloc(2 * channels * sizeof(double));
+    float *scale = malloc(channels * sizeof(float));
+    two_sums(x, x, rows, channels, x, 0, sums, threads);
+    for (int64_t c = 0; c < channels; ++c) {
+        double d = sums[c] / rows, v = sums[channels + c] / rows - d * d;
+        mean[c] = (float)(x[c] + d);
+        var[c] = (float)(v > 0.0 ? v : 0.0);
+        scale[c] = gamma[c] / sqrtf(var[c] + eps);
+        running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean[c];
+        running_var[c] = (1.0f - momentum) * running_var[c] + momentum * (float)(var[c] * (double)rows / (rows - 1));
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict xr = x + r * channels;
+        float *restrict yr = y + r * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c)
+            yr[c] = (xr[c] - mean[c]) * scale[c] + beta[c];
+    }
+    free(sums);
+    free(scale);
+}
+
+/* Its backward: with xhat = (x - mean) * invstd over M rows, d_beta = sum dy,
+ * d_gamma = sum dy * xhat, dx = gamma * invstd * (dy - d_beta / M - xhat * d_gamma / M). */
+void bnncc_batch_norm_backward(const float *restrict grad, const float *restrict x, float *restrict dx,
+                               int64_t rows, int64_t channels, const float *restrict gamma,
+                               const float *restrict mean, const float *restrict var, float eps,
+                               float *restrict d_gamma, float *restrict d_beta, int threads) {
+    double *sums = malloc(2 * channels * sizeof(double));
+    float *k = malloc(3 * channels * sizeof(float));
+    float *k_dy = k, *k_mean = k + channels, *k_x = k + 2 * channels;
+    two_sums(x, grad, rows, channels, mean, 1, sums, threads);
+    for (int64_t c = 0; c < channels; ++c) {
+        double invstd = 1.0 / sqrt((double)var[c] + eps);
+        d_beta[c] = (float)sums[c];
+        d_gamma[c] = (float)(sums[channels + c] * invstd);
+        k_dy[c] = (float)(gamma[c] * invstd);
+        k_mean[c] = (float)(gamma[c] * invstd * sums[c] / rows);
+        k_x[c] = (float)(gamma[c] * invstd * invstd * sums[channels + c] * invstd / rows);
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict gr = grad + r * channels, *restrict xr = x + r * channels;
+        float *restrict dxr = dx + r * channels;
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c)
+            dxr[c] = k_dy[c] * gr[c] - k_mean[c] - k_x[c] * (xr[c] - mean[c]);
+    }
+    free(sums);
+    free(k);
 }

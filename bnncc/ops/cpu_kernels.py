@@ -29,7 +29,7 @@ from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
-    "quantize_acts_backward", "quantize_weights", "binarize_acts",
+    "quantize_acts_backward", "quantize_weights", "binarize_acts", "batch_norm_forward", "batch_norm_backward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ def _library() -> ctypes.CDLL | None:
     flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
     lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
     lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags]
+    lib.bnncc_batch_norm_forward.argtypes = [_F32, _F32, _I64, _I64, _F32, _F32, ctypes.c_float, ctypes.c_float, _F32,
+                                             _F32, _F32, _F32, ctypes.c_int]
+    lib.bnncc_batch_norm_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, ctypes.c_float, _F32, _F32,
+                                              ctypes.c_int]
     lib.bnncc_binarize_acts.argtypes = [_F32, _F32, _I64, ctypes.c_float, ctypes.c_int]
     lib.bnncc_quantize_weights.argtypes = [_F32, _F32, _I64, _I64, ctypes.c_int, ctypes.c_int]
     return lib
@@ -189,3 +193,26 @@ def binarize_acts(lib: ctypes.CDLL, x: torch.Tensor, clip_bound: float) -> torch
     y = torch.empty_like(x)
     lib.bnncc_binarize_acts(_ptr(x), _ptr(y), x.numel(), clip_bound, torch.get_num_threads())
     return y
+
+
+def batch_norm_forward(lib: ctypes.CDLL, x: torch.Tensor, gamma, beta, eps: float, momentum: float,
+                       running_mean: torch.Tensor, running_var: torch.Tensor):
+    """Training BatchNormalization: (y, batch mean, biased batch variance); updates the running
+    statistics (float32, contiguous) in place."""
+    rows, channels = channel_rows(x)
+    y = torch.empty_like(x)
+    mean, var = x.new_empty(channels), x.new_empty(channels)
+    lib.bnncc_batch_norm_forward(_ptr(x), _ptr(y), rows, channels, *map(_ptr, _vectors(gamma, beta)), eps, momentum,
+                                 _ptr(running_mean), _ptr(running_var), _ptr(mean), _ptr(var), torch.get_num_threads())
+    return y, mean, var
+
+
+def batch_norm_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, gamma, mean, var, eps: float):
+    """(dx, d gamma, d beta)."""
+    rows, channels = channel_rows(x)
+    grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+    dx = torch.empty_like(x)
+    d_gamma, d_beta = x.new_empty(channels), x.new_empty(channels)
+    lib.bnncc_batch_norm_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, *map(_ptr, _vectors(gamma, mean, var)),
+                                  eps, _ptr(d_gamma), _ptr(d_beta), torch.get_num_threads())
+    return dx, d_gamma, d_beta
