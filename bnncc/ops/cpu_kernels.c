@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* Rows per partial-sum block: large enough to amortise a block, small enough that a float sum
  * of one block loses little (and that 2 threads share a small tensor). */
@@ -85,29 +86,29 @@ void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, 
 }
 
 /* The activation quantizer's grid (quant.py): signed m = 2^(bits-1) - 1 on [-m, m] with a half
- * added before the floor, unsigned m = 2^bits on [0, m - 1]. The scale is 1 / bound * m, as
- * torch computes m / bound; a channel whose bound is <= 0 passes through (scale 0 marks it). */
+ * added before the floor, unsigned m = 2^bits on [0, m - 1]; with relu, inputs below `lower` = 0
+ * become 0. The scale is 1 / bound * m, as torch computes m / bound; a channel whose bound is
+ * <= 0 passes through (scale 0 marks it). */
 typedef struct {
-    float m, lo, hi, half;
+    float lo, hi, half, lower;
+    float *scale; /* per channel, malloc'd: free it */
 } grid;
 
-static grid act_grid(int bits, int is_signed) {
+static grid act_grid(const float *restrict bound, int64_t channels, int bits, int is_signed, int relu) {
     float m = is_signed ? (float)((1 << (bits - 1)) - 1) : (float)(1 << bits);
-    return is_signed ? (grid){m, -m, m, 0.5f} : (grid){m, 0.0f, m - 1.0f, 0.0f};
-}
-
-static void act_scales(const float *restrict bound, float *restrict scale, int64_t channels, grid g) {
+    grid g = is_signed ? (grid){-m, m, 0.5f, 0.0f, NULL} : (grid){0.0f, m - 1.0f, 0.0f, 0.0f, NULL};
+    g.lower = relu ? 0.0f : -INFINITY;
+    g.scale = malloc(channels * sizeof(float));
     for (int64_t c = 0; c < channels; ++c)
-        scale[c] = bound[c] > 0.0f ? 1.0f / bound[c] * g.m : 0.0f;
+        g.scale[c] = bound[c] > 0.0f ? 1.0f / bound[c] * m : 0.0f;
+    return g;
 }
 
 /* q = quantize(relu ? max(x, 0) : x), per channel (the innermost axis). */
 void bnncc_quantize_acts(const float *restrict x, float *restrict q, int64_t rows, int64_t channels,
                          const float *restrict bound, int bits, int is_signed, int relu, int threads) {
-    grid g = act_grid(bits, is_signed);
-    const float lower = relu ? 0.0f : -INFINITY, lo = g.lo, hi = g.hi, half = g.half;
-    float *restrict scale = malloc(channels * sizeof(float));
-    act_scales(bound, scale, channels, g);
+    grid g = act_grid(bound, channels, bits, is_signed, relu);
+    const float lower = g.lower, lo = g.lo, hi = g.hi, half = g.half, *restrict scale = g.scale;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * channels > 32768)
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict xr = x + r * channels;
@@ -121,7 +122,7 @@ void bnncc_quantize_acts(const float *restrict x, float *restrict q, int64_t row
             qr[c] = s > 0.0f ? level / s : v;
         }
     }
-    free(scale);
+    free(g.scale);
 }
 
 /* The quantizer's clipped straight-through gradient: grad where the level before the clip lies
@@ -130,10 +131,8 @@ void bnncc_quantize_acts_backward(const float *restrict grad, const float *restr
                                   float *restrict dx, int64_t rows, int64_t channels,
                                   const float *restrict bound, int bits, int is_signed, int relu,
                                   int threads) {
-    grid g = act_grid(bits, is_signed);
-    const float lower = relu ? 0.0f : -INFINITY, lo = g.lo, hi = g.hi, half = g.half;
-    float *restrict scale = malloc(channels * sizeof(float));
-    act_scales(bound, scale, channels, g);
+    grid g = act_grid(bound, channels, bits, is_signed, relu);
+    const float lower = g.lower, lo = g.lo, hi = g.hi, half = g.half, *restrict scale = g.scale;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * channels > 32768)
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict gr = grad + r * channels, *restrict xr = x + r * channels;
@@ -147,7 +146,7 @@ void bnncc_quantize_acts_backward(const float *restrict grad, const float *restr
             dxr[c] = inside & (xv > lower) ? gv : 0.0f;
         }
     }
-    free(scale);
+    free(g.scale);
 }
 
 /* Symmetric per-row weight quantizer (quant.py): m = 2^(bits-1) - 1, s = 1 / max|w[r]| * m
@@ -273,4 +272,61 @@ void bnncc_batch_norm_backward(const float *restrict grad, const float *restrict
     }
     free(sums);
     free(k);
+}
+
+/* ReshapeAdd's channel steps (reshape_add.py) on rows of channels, adding in the torch
+ * composition's order, so the results are the same bits. Group mean: out[c] is the mean of
+ * r[c*k .. c*k+k-1] for c < co. */
+void bnncc_group_mean(const float *restrict r, float *restrict out, int64_t rows, int64_t ci, int64_t co,
+                      int64_t k, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+        const float *restrict rr = r + row * ci;
+        float *restrict o = out + row * co;
+        for (int64_t c = 0; c < co; ++c)
+            o[c] = rr[c * k];
+        for (int64_t j = 1; j < k; ++j)
+            for (int64_t c = 0; c < co; ++c)
+                o[c] += rr[c * k + j];
+        for (int64_t c = 0; c < co; ++c)
+            o[c] /= (float)k;
+    }
+}
+
+void bnncc_group_mean_backward(const float *restrict grad, float *restrict dr, int64_t rows, int64_t ci,
+                               int64_t co, int64_t k, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+        const float *restrict g = grad + row * co;
+        float *restrict d = dr + row * ci;
+        for (int64_t c = 0; c < co; ++c)
+            for (int64_t j = 0; j < k; ++j)
+                d[c * k + j] = g[c] / (float)k;
+        for (int64_t c = co * k; c < ci; ++c)
+            d[c] = 0.0f;
+    }
+}
+
+/* Tile: out[c] = r[c mod ci] for c < co; its backward adds the blocks' gradients in order. */
+void bnncc_tile(const float *restrict r, float *restrict out, int64_t rows, int64_t ci, int64_t co,
+                int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < rows; ++row)
+        for (int64_t begin = 0; begin < co; begin += ci)
+            memcpy(out + row * co + begin, r + row * ci, (co - begin < ci ? co - begin : ci) * sizeof(float));
+}
+
+void bnncc_tile_backward(const float *restrict grad, float *restrict dr, int64_t rows, int64_t ci, int64_t co,
+                         int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+        const float *restrict g = grad + row * co;
+        float *restrict d = dr + row * ci;
+        for (int64_t c = 0; c < ci; ++c)
+            d[c] = c < co ? g[c] : 0.0f;
+        for (int64_t begin = ci; begin < co; begin += ci)
+#pragma omp simd
+            for (int64_t c = 0; c < (co - begin < ci ? co - begin : ci); ++c)
+                d[c] += g[begin + c];
+    }
 }

@@ -30,6 +30,7 @@ from bnncc.fileio import atomic_path, cache_dir
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
     "quantize_acts_backward", "quantize_weights", "binarize_acts", "batch_norm_forward", "batch_norm_backward",
+    "group_mean", "group_mean_backward", "tile", "tile_backward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ def _library() -> ctypes.CDLL | None:
                                              _F32, _F32, _F32, ctypes.c_int]
     lib.bnncc_batch_norm_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, ctypes.c_float, _F32, _F32,
                                               ctypes.c_int]
+    for name in ("bnncc_group_mean", "bnncc_group_mean_backward"):
+        getattr(lib, name).argtypes = [_F32, _F32, _I64, _I64, _I64, _I64, ctypes.c_int]
+    for name in ("bnncc_tile", "bnncc_tile_backward"):
+        getattr(lib, name).argtypes = [_F32, _F32, _I64, _I64, _I64, ctypes.c_int]
     lib.bnncc_binarize_acts.argtypes = [_F32, _F32, _I64, ctypes.c_float, ctypes.c_int]
     lib.bnncc_quantize_weights.argtypes = [_F32, _F32, _I64, _I64, ctypes.c_int, ctypes.c_int]
     return lib
@@ -216,3 +221,37 @@ def batch_norm_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, g
     lib.bnncc_batch_norm_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, *map(_ptr, _vectors(gamma, mean, var)),
                                   eps, _ptr(d_gamma), _ptr(d_beta), torch.get_num_threads())
     return dx, d_gamma, d_beta
+
+
+# ReshapeAdd's channel steps: ``r`` has Ci channels, ``out`` Co (allocated by the caller in r's
+# layout); the backwards take the gradient of ``out`` and fill that of ``r``.
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
+
+
+def group_mean(lib: ctypes.CDLL, r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    rows, ci = channel_rows(r)
+    co = out.shape[1]
+    lib.bnncc_group_mean(_ptr(r), _ptr(out), rows, ci, co, ci // co, torch.get_num_threads())
+    return out
+
+
+def group_mean_backward(lib: ctypes.CDLL, grad: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
+    rows, co = channel_rows(dr)[0], grad.shape[1]
+    ci = dr.shape[1]
+    lib.bnncc_group_mean_backward(_ptr(_channels_last(grad)), _ptr(dr), rows, ci, co, ci // co, torch.get_num_threads())
+    return dr
+
+
+def tile(lib: ctypes.CDLL, r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    rows, ci = channel_rows(r)
+    lib.bnncc_tile(_ptr(r), _ptr(out), rows, ci, out.shape[1], torch.get_num_threads())
+    return out
+
+
+def tile_backward(lib: ctypes.CDLL, grad: torch.Tensor, dr: torch.Tensor) -> torch.Tensor:
+    rows, ci = channel_rows(dr)
+    lib.bnncc_tile_backward(_ptr(_channels_last(grad)), _ptr(dr), rows, ci, grad.shape[1], torch.get_num_threads())
+    return dr

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from onnxscript import FLOAT, script
 from onnxscript import opset_ai_onnx_ml3 as ml
 
+from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 
 __all__ = ["ReshapeAdd", "reshape_add", "match_channels", "shortcut_pool"]
@@ -69,15 +70,19 @@ def _empty(shape: torch.Size, like: torch.Tensor, channels_last: bool) -> torch.
 
 
 class _Tile(torch.autograd.Function):
-    """out[:, c] = r[:, c mod ci] for c < co, as copies of r into channel blocks; the backward
-    adds the blocks' gradients slice by slice. index_select's backward (index_add_) and the sum
-    over a block axis both run a slow path in channels_last (4-7x slower at 224 px)."""
+    """out[:, c] = r[:, c mod ci] for c < co: one pass of the fused CPU kernel where it runs, else
+    copies of r into channel blocks, the backward adding the blocks' gradients slice by slice.
+    index_select's backward (index_add_) and the sum over a block axis both run a slow path in
+    channels_last (4-7x slower at 224 px)."""
 
     @staticmethod
     def forward(ctx, r: torch.Tensor, co: int) -> torch.Tensor:
         n, ci, h, w = r.shape
         ctx.r_shape, ctx.channels_last = r.shape, r.is_contiguous(memory_format=torch.channels_last)
         out = _empty((n, co, h, w), r, ctx.channels_last)
+        ctx.kernels = cpu_kernels.kernels_for(r)
+        if ctx.kernels is not None:
+            return cpu_kernels.tile(ctx.kernels, r, out)
         for begin in range(0, co, ci):
             out[:, begin : begin + ci] = r[:, : co - begin]
         return out
@@ -85,6 +90,8 @@ class _Tile(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         ci, co = ctx.r_shape[1], grad.shape[1]
+        if ctx.kernels is not None:
+            return cpu_kernels.tile_backward(ctx.kernels, grad, _empty(ctx.r_shape, grad, ctx.channels_last)), None
         dr = _empty(ctx.r_shape, grad, ctx.channels_last).copy_(grad[:, :ci])
         for begin in range(ci, co, ci):
             block = grad[:, begin : begin + ci]
@@ -95,7 +102,8 @@ class _Tile(torch.autograd.Function):
 class _GroupMean(torch.autograd.Function):
     """out[:, c] = mean(r[:, c*k .. c*k+k-1]) for c < co; channels from co*k on are dropped.
 
-    Written as k - 1 adds of strided channel slices, and the backward as one broadcast copy:
+    One pass of the fused CPU kernel where it runs (the same adds in the same order); else k - 1
+    adds of strided channel slices, and the backward as one broadcast copy:
     ``mean(dim=2)`` over the k axis is a reduction over a short inner axis in channels_last
     (the trainer's format), which torch runs unvectorized (3x slower), and autograd's own
     backward of slices would build a zero tensor per slice."""
@@ -105,6 +113,10 @@ class _GroupMean(torch.autograd.Function):
         k = r.shape[1] // co
         ctx.k, ctx.r_shape = k, r.shape
         ctx.channels_last = r.is_contiguous(memory_format=torch.channels_last)
+        ctx.kernels = cpu_kernels.kernels_for(r)
+        if ctx.kernels is not None:
+            n, _, h, w = r.shape
+            return cpu_kernels.group_mean(ctx.kernels, r, _empty((n, co, h, w), r, ctx.channels_last))
         groups = r[:, : co * k].unflatten(1, (co, k))
         total = groups[:, :, 0].clone()
         for j in range(1, k):
@@ -115,6 +127,8 @@ class _GroupMean(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         k, co = ctx.k, grad.shape[1]
         dr = _empty(ctx.r_shape, grad, ctx.channels_last)
+        if ctx.kernels is not None:
+            return cpu_kernels.group_mean_backward(ctx.kernels, grad, dr), None
         dr[:, : co * k].unflatten(1, (co, k)).copy_((grad / k).unsqueeze(2))
         dr[:, co * k:] = 0.0
         return dr, None

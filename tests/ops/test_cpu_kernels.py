@@ -121,3 +121,23 @@ def test_batch_norm_kernels_match_float64_batch_norm(shape):
     # 1e-4: a float32 mean near 1000 is itself 3e-5 off
     for ours, exact in zip(run(batch_norm_train, torch.float32), run(torch_train, torch.float64)):
         torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("ci, co, method", [(64, 16, "tile"), (24, 10, "tile"), (16, 64, "tile"), (12, 40, "tile")])
+def test_reshape_add_channel_kernels_match_the_torch_composition(monkeypatch, ci, co, method):
+    """Group mean (Ci > Co, with dropped channels when Co does not divide Ci) and tile (Ci < Co,
+    with a partial last block): the same adds in the same order, so the same bits."""
+    from bnncc.ops.reshape_add import match_channels
+
+    r = channels_last(8, ci, 5, 3)
+    grad = channels_last(8, co, 5, 3, seed=1)
+
+    def run():
+        rs = r.clone().requires_grad_()
+        out = match_channels(rs, co, method)
+        out.backward(grad)
+        return out.detach(), rs.grad
+
+    (out, dr), (out_ref, dr_ref) = both_paths(monkeypatch, run)
+    assert torch.equal(out, out_ref) and torch.equal(dr, dr_ref)
+    assert out.is_contiguous(memory_format=torch.channels_last) and dr.stride() == r.stride()
