@@ -12,7 +12,7 @@ sizes, so the throughput lines can be rerun in a minute. ``--compile`` also time
 through torch.compile (``bnncc finetune --compile``) at the fine-tune's size.
 
     .venv/bin/python bench/finetune.py [--data /usr/share/datasets/fashion-mnist] [--width 0.25]
-        [--image-size 32] [--teacher-epochs 3] [--student-epochs 5] [--recipe pokebnn_1x] [--full-size-batch 8]
+        [--image-size 32] [--teacher-epochs 3] [--student-epochs 7] [--recipe pokebnn_1x] [--full-size-batch 8]
         [--throughput-only] [--compile]
 """
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--teacher-epochs", type=int, default=3)
-    parser.add_argument("--student-epochs", type=int, default=5)
+    parser.add_argument("--student-epochs", type=int, default=7)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--teacher-lr", type=float, default=3e-2)
     parser.add_argument("--student-lr", type=float, default=3e-2)
@@ -149,8 +149,8 @@ def print_throughput(where: str, student: ir.Model, teacher_path: Path, float_te
     times = step_times([to_torch(student), float_teacher, to_torch(load(teacher_path))], batch, steps)
     student_ips, float_ips, onnx_ips = (images_per_second(t, batch) for t in times)
     print(f"training throughput{where}: student {student_ips:.1f} img/s; "
-          f"float teacher (torchvision, BN in train mode) {float_ips:.1f} img/s, ratio {student_ips / float_ips:.2f} "
-          f"(target >= 0.5); teacher's ONNX view (BN folded) {onnx_ips:.1f} img/s, ratio {student_ips / onnx_ips:.2f}")
+          f"float teacher (torchvision, BN in train mode) {float_ips:.1f} img/s, ratio {student_ips / float_ips:.3f} "
+          f"(target >= 0.5); teacher's ONNX view (BN folded) {onnx_ips:.1f} img/s, ratio {student_ips / onnx_ips:.3f}")
 
 
 def print_compiled_throughput(student: ir.Model, float_teacher: torch.nn.Module, batch: torch.Tensor) -> None:
@@ -160,7 +160,7 @@ def print_compiled_throughput(student: ir.Model, float_teacher: torch.nn.Module,
     student_ips, teacher_ips = images_per_second(student_times, batch), images_per_second(teacher_times, batch)
     print(f"training throughput with torch.compile: student {student_ips:.1f} img/s (first step {student_times[0]:.0f} s, "
           f"compiling); float teacher (torchvision, BN in train mode) {teacher_ips:.1f} img/s "
-          f"(first step {teacher_times[0]:.0f} s), ratio {student_ips / teacher_ips:.2f}")
+          f"(first step {teacher_times[0]:.0f} s), ratio {student_ips / teacher_ips:.3f}")
 
 
 if __name__ == "__main__":
