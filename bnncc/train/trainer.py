@@ -114,10 +114,55 @@ def _kernel_l2(module: nn.Module) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in module.parameters() if p.ndim > 1)
 
 
-def make_optimizer(module: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam(0.9, 0.99), fused: one kernel over all tensors instead of a dozen ops per parameter,
-    which matters for PokeBNN's ~600 small parameters (DPReLU, SE, BN)."""
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=True)
+def make_optimizer(module: nn.Module, lr: float, *, flat: bool = True) -> torch.optim.Optimizer:
+    """Adam(0.9, 0.99), fused: one kernel over all tensors instead of a dozen ops per parameter.
+    With ``flat`` (one process: DDP keeps its own gradient buckets) and parameters of one dtype
+    and device, over one buffer that holds them all (``_FlatAdam``)."""
+    options = dict(lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=True)
+    params = list(module.parameters())
+    if flat and len({(p.dtype, p.device) for p in params}) == 1:
+        return _FlatAdam(params, **options)
+    return torch.optim.Adam(params, **options)
+
+
+class _FlatAdam(torch.optim.Adam):
+    """Adam over one flat buffer: the parameters become views into it and their gradients views
+    into a second one, so a step is one kernel over one tensor. Torch's fused Adam pays about
+    5 us a tensor, and a PokeBNN has 642 small ones (DPReLU, SE, BN vectors): 4.4 -> 1 ms a step.
+    Backward accumulates into the gradient views in place (they exist, so autograd adds to them);
+    ``zero_grad`` zeroes the buffer, and a gradient something replaced (``module.zero_grad()``)
+    is copied back into its view before the step."""
+
+    def __init__(self, params: list[nn.Parameter], **options):
+        total = sum(p.numel() for p in params)
+        flat = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+        self._grad = torch.zeros_like(flat)
+        self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        offset = 0
+        for p in params:
+            # keep each parameter's strides (channels_last convolution weights) where they are dense
+            dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+            stride = p.stride() if dense else torch.empty(p.shape).stride()
+            view = flat.as_strided(p.shape, stride, offset)
+            view.copy_(p.detach())
+            p.data = view
+            p.grad = self._grad.as_strided(p.shape, stride, offset)
+            self._views.append((p, p.grad))
+            offset += p.numel()
+        whole = nn.Parameter(flat)
+        whole.grad = self._grad
+        super().__init__([whole], **options)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad.zero_()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p, grad in self._views:
+            if p.grad is not grad:
+                grad.copy_(p.grad) if p.grad is not None else grad.zero_()
+                p.grad = grad
+        return super().step(closure)
 
 
 def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: TrainConfig,
@@ -138,7 +183,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
         # Opt-in: the compiled step is faster, but compiling the ~400-node graph takes minutes
         # (and again when the weight quantization switches on), so short runs lose by it.
         model = torch.compile(model)
-    optimizer = make_optimizer(student, cfg.lr * cfg.batch_size / 256)
+    optimizer = make_optimizer(student, cfg.lr * cfg.batch_size / 256, flat=world == 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
     start, calibrated = 0, not hasattr(student, "calibrate_bounds")
     if resume and checkpoint is not None and checkpoint.exists():

@@ -14,7 +14,7 @@ from bnncc.errors import BnnccError
 from bnncc.train import TrainConfig
 from bnncc.train.data import open_dataset, read_idx
 from bnncc.train.distill import distillation_loss
-from bnncc.train.trainer import evaluate, load_checkpoint, train
+from bnncc.train.trainer import MEMORY_FORMAT, evaluate, load_checkpoint, make_optimizer, train
 
 from worker import tiny_net
 
@@ -133,3 +133,24 @@ def test_compiled_step_trains_like_the_eager_one(idx_dir, caplog):
     assert "torch.compile: step 1 took" in caplog.text
     for a, b in zip(eager.parameters(), compiled.parameters()):  # the same training, up to rounding
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_flat_adam_steps_exactly_as_adam_over_each_parameter():
+    """One flat buffer (the trainer's optimizer in one process) against torch's fused Adam over
+    each tensor: the same weights bit for bit, with channels-last weights kept channels-last and
+    a gradient replaced behind the optimizer's back (module.zero_grad()) still counted."""
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=MEMORY_FORMAT)
+    states = []
+    for flat in (True, False):
+        net = tiny_net().to(memory_format=MEMORY_FORMAT)
+        optimizer = make_optimizer(net, 1e-2, flat=flat)
+        assert (type(optimizer) is torch.optim.Adam) != flat
+        for step in range(5):
+            optimizer.zero_grad()
+            if step == 2:
+                net.zero_grad()  # set_to_none: the next backward allocates fresh gradients
+            net(x).logsumexp(1).mean().backward()
+            optimizer.step()
+        assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+        states.append(net.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
