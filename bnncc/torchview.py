@@ -283,9 +283,10 @@ def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> st
 
 
 def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Step]:
-    """Run each PokeConv's DPReLU and the Mul by its SE gate as one step (``gated_dprelu``, one
-    fused kernel on CPU) where the DPReLU's only reader is that Mul. The fused step takes the
-    Mul's place in the plan, after the gate is computed."""
+    """Run each PokeConv's DPReLU, the Mul by its SE gate, and the (up to two) ReshapeAdds that
+    make the DPReLU's input as one step (``gated_dprelu``, one fused kernel on CPU), where each
+    of those values has that one reader. The fused step takes the Mul's place in the plan,
+    after the gate is computed."""
     from bnncc.ops import TORCH_OPS
     from bnncc.ops.dprelu import gated_dprelu
 
@@ -294,8 +295,16 @@ def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Ste
     for step in plan:
         for s in step.inputs:
             readers.setdefault(s, []).append(step)
+
+    def only_reader(slot: int, op_type: str) -> _Step | None:
+        """The step of ``op_type`` that produces ``slot`` when nothing but one step reads it."""
+        step = producer.get(slot)
+        if step is None or step.fn is not TORCH_OPS.get(op_type) or slot in outputs or len(readers[slot]) != 1:
+            return None
+        return step
+
     fused: dict[int, _Step] = {}  # id of the Mul step -> the fused step
-    dropped: set[int] = set()  # ids of the DPReLU steps folded into one
+    dropped: set[int] = set()  # ids of the steps folded into one
     for step in plan:
         mul = readers.get(step.output, [])
         if step.fn is not TORCH_OPS["DPReLU"] or step.output in outputs or len(mul) != 1 or mul[0].fn is not torch.mul:
@@ -303,9 +312,17 @@ def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Ste
         (gate,) = [s for s in mul[0].inputs if s != step.output] or [None]
         if gate is None or gate not in producer or producer[gate].fn is not TORCH_OPS["SEGate"]:
             continue
-        fused[id(mul[0])] = step._replace(fn=gated_dprelu, inputs=step.inputs + (gate,), output=mul[0].output,
-                                          label=f"{step.label} + {mul[0].label}")
-        dropped.add(id(step))
+        x, shortcuts, methods, absorbed = step.inputs[0], [], [], [step]
+        while len(shortcuts) < 2 and (add := only_reader(x, "ReshapeAdd")) is not None:
+            x = add.inputs[0]
+            shortcuts.insert(0, add.inputs[1])
+            methods.insert(0, add.attrs["method"])
+            absorbed.append(add)
+        fused[id(mul[0])] = step._replace(
+            fn=gated_dprelu, inputs=(x, *step.inputs[1:], gate, *shortcuts), output=mul[0].output,
+            attrs={**step.attrs, "methods": tuple(methods)},
+            label=" + ".join(s.label for s in reversed(absorbed)) + f" + {mul[0].label}")
+        dropped.update(id(s) for s in absorbed)
     return [fused.get(id(step), step) for step in plan if id(step) not in dropped]
 
 

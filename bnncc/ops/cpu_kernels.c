@@ -19,69 +19,99 @@
 
 int64_t bnncc_block_rows(void) { return BLOCK_ROWS; }
 
-/* DPReLU times a gate per (image, channel), for `images` images of `pixels` rows each:
+/* The input row of a DPReLU that adds up to two shortcuts first, x + r1 + r2 in that order
+ * (ReshapeAdd's adds), into `buf`; the row of x itself when there is none. */
+static const float *input_row(const float *restrict x, const float *restrict r1, const float *restrict r2,
+                              int64_t offset, int64_t channels, float *restrict buf) {
+    if (r1 == NULL)
+        return x + offset;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c)
+        buf[c] = x[offset + c] + r1[offset + c];
+    if (r2 != NULL) {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c)
+            buf[c] += r2[offset + c];
+    }
+    return buf;
+}
+
+/* DPReLU of x (+ r1 (+ r2)) times a gate per (image, channel), for `images` images of `pixels`
+ * rows each:
  *     y = gate[n, c] * ((t >= 0 ? pos : neg) * t - bias_y),   t = x - bias_x
- * (a PokeConv's DPReLU and its SE gate's Mul). An ungated DPReLU passes a row of ones with
- * gate_stride 0: times 1 is exact. */
-void bnncc_dprelu_forward(const float *restrict x, float *restrict y, int64_t images, int64_t pixels,
-                          int64_t channels, const float *restrict bias_x, const float *restrict bias_y,
+ * (a PokeConv's shortcut adds, DPReLU and SE gate's Mul). An ungated DPReLU passes a row of
+ * ones with gate_stride 0: times 1 is exact. */
+void bnncc_dprelu_forward(const float *restrict x, const float *restrict r1, const float *restrict r2,
+                          float *restrict y, int64_t images, int64_t pixels, int64_t channels,
+                          const float *restrict bias_x, const float *restrict bias_y,
                           const float *restrict pos, const float *restrict neg,
                           const float *restrict gate, int64_t gate_stride, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < images * pixels; ++r) {
-        const float *restrict xr = x + r * channels;
-        const float *restrict gr = gate + r / pixels * gate_stride;
-        float *restrict yr = y + r * channels;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = r1 != NULL ? malloc(channels * sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < images * pixels; ++r) {
+            const float *restrict xr = input_row(x, r1, r2, r * channels, channels, buf);
+            const float *restrict gr = gate + r / pixels * gate_stride;
+            float *restrict yr = y + r * channels;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-            float t = xr[c] - bias_x[c];
-            float slope = t >= 0.0f ? pos[c] : neg[c];
-            yr[c] = (slope * t - bias_y[c]) * gr[c];
+            for (int64_t c = 0; c < channels; ++c) {
+                float t = xr[c] - bias_x[c];
+                float slope = t >= 0.0f ? pos[c] : neg[c];
+                yr[c] = (slope * t - bias_y[c]) * gr[c];
+            }
         }
+        free(buf);
     }
 }
 
-/* Its backward, with dd = grad * gate: dx = dd * (t > 0 ? pos : neg), and per block of at most
- * BLOCK_ROWS rows of one image the partial sums (5 rows of `channels` each) of dx, dd,
- * dd * max(t, 0), dd * min(t, 0) and grad * DPReLU(x): the gradients of bias_x (negated),
- * bias_y (negated), pos, neg and, added up over an image's blocks, the gate. */
-void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, float *restrict dx,
-                           int64_t images, int64_t pixels, int64_t channels,
-                           const float *restrict bias_x, const float *restrict bias_y,
+/* Its backward, with dd = grad * gate: dx = dd * (t > 0 ? pos : neg) (the gradient of x and of
+ * each shortcut), and per block of at most BLOCK_ROWS rows of one image the partial sums (5 rows
+ * of `channels` each) of dx, dd, dd * max(t, 0), dd * min(t, 0) and grad * DPReLU(x): the
+ * gradients of bias_x (negated), bias_y (negated), pos, neg and, added up over an image's
+ * blocks, the gate. */
+void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, const float *restrict r1,
+                           const float *restrict r2, float *restrict dx, int64_t images, int64_t pixels,
+                           int64_t channels, const float *restrict bias_x, const float *restrict bias_y,
                            const float *restrict pos, const float *restrict neg,
                            const float *restrict gate, int64_t gate_stride, float *restrict partial,
                            int threads) {
     int64_t chunks = (pixels + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < images * chunks; ++b) {
-        int64_t n = b / chunks, begin = n * pixels + b % chunks * BLOCK_ROWS;
-        int64_t end = begin + BLOCK_ROWS < (n + 1) * pixels ? begin + BLOCK_ROWS : (n + 1) * pixels;
-        const float *restrict gn = gate + n * gate_stride;
-        float *restrict sum_dx = partial + 5 * b * channels;
-        float *restrict sum_dd = sum_dx + channels;
-        float *restrict sum_pos = sum_dd + channels;
-        float *restrict sum_neg = sum_pos + channels;
-        float *restrict sum_gate = sum_neg + channels;
-        for (int64_t c = 0; c < 5 * channels; ++c)
-            sum_dx[c] = 0.0f;
-        for (int64_t r = begin; r < end; ++r) {
-            const float *restrict gr = grad + r * channels;
-            const float *restrict xr = x + r * channels;
-            float *restrict dxr = dx + r * channels;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = r1 != NULL ? malloc(channels * sizeof(float)) : NULL;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < images * chunks; ++b) {
+            int64_t n = b / chunks, begin = n * pixels + b % chunks * BLOCK_ROWS;
+            int64_t end = begin + BLOCK_ROWS < (n + 1) * pixels ? begin + BLOCK_ROWS : (n + 1) * pixels;
+            const float *restrict gn = gate + n * gate_stride;
+            float *restrict sum_dx = partial + 5 * b * channels;
+            float *restrict sum_dd = sum_dx + channels;
+            float *restrict sum_pos = sum_dd + channels;
+            float *restrict sum_neg = sum_pos + channels;
+            float *restrict sum_gate = sum_neg + channels;
+            for (int64_t c = 0; c < 5 * channels; ++c)
+                sum_dx[c] = 0.0f;
+            for (int64_t r = begin; r < end; ++r) {
+                const float *restrict gr = grad + r * channels;
+                const float *restrict xr = input_row(x, r1, r2, r * channels, channels, buf);
+                float *restrict dxr = dx + r * channels;
 #pragma omp simd
-            for (int64_t c = 0; c < channels; ++c) {
-                float g = gr[c], dd = g * gn[c];
-                float t = xr[c] - bias_x[c];
-                float positive = t > 0.0f ? t : 0.0f;
-                float d = dd * (t > 0.0f ? pos[c] : neg[c]);
-                dxr[c] = d;
-                sum_dx[c] += d;
-                sum_dd[c] += dd;
-                sum_pos[c] += dd * positive;
-                sum_neg[c] += dd * (t - positive);
-                sum_gate[c] += g * ((t >= 0.0f ? pos[c] : neg[c]) * t - bias_y[c]);
+                for (int64_t c = 0; c < channels; ++c) {
+                    float g = gr[c], dd = g * gn[c];
+                    float t = xr[c] - bias_x[c];
+                    float positive = t > 0.0f ? t : 0.0f;
+                    float d = dd * (t > 0.0f ? pos[c] : neg[c]);
+                    dxr[c] = d;
+                    sum_dx[c] += d;
+                    sum_dd[c] += dd;
+                    sum_pos[c] += dd * positive;
+                    sum_neg[c] += dd * (t - positive);
+                    sum_gate[c] += g * ((t >= 0.0f ? pos[c] : neg[c]) * t - bias_y[c]);
+                }
             }
         }
+        free(buf);
     }
 }
 

@@ -74,10 +74,10 @@ def _library() -> ctypes.CDLL | None:
     # so both share one OpenMP thread pool
     lib = ctypes.CDLL(str(path))
     lib.bnncc_block_rows.restype = _I64
-    lib.bnncc_dprelu_forward.argtypes = [_F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _I64,
-                                         ctypes.c_int]
-    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _F32, _I64,
-                                          _F32, ctypes.c_int]
+    lib.bnncc_dprelu_forward.argtypes = [_F32, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _F32,
+                                         _I64, ctypes.c_int]
+    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32,
+                                          _F32, _I64, _F32, ctypes.c_int]
     flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
     lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
     lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags]
@@ -135,19 +135,27 @@ def _gate_rows(x: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor
     return gate.reshape(x.shape[0], x.shape[1]).to(torch.float32).contiguous(), x.shape[1]
 
 
-def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None) -> torch.Tensor:
-    """DPReLU(x), times ``gate`` (N, C, 1, 1) when given."""
+def _shortcuts(x: torch.Tensor, shortcuts) -> list[int | None]:
+    """Addresses of up to two tensors added to x before the DPReLU (in x's layout), None for none."""
+    if len(shortcuts) > 2 or any(r.shape != x.shape or r.stride() != x.stride() for r in shortcuts):
+        raise ValueError("the DPReLU kernel adds up to two shortcuts of x's shape and layout")
+    return [_ptr(r) for r in shortcuts] + [None] * (2 - len(shortcuts))
+
+
+def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None, shortcuts=()) -> torch.Tensor:
+    """DPReLU(x + shortcuts...), times ``gate`` (N, C, 1, 1) when given."""
     rows, channels = channel_rows(x)
     y = torch.empty_like(x)
     gate, stride = _gate_rows(x, gate)
-    lib.bnncc_dprelu_forward(_ptr(x), _ptr(y), x.shape[0], rows // x.shape[0], channels,
+    lib.bnncc_dprelu_forward(_ptr(x), *_shortcuts(x, shortcuts), _ptr(y), x.shape[0], rows // x.shape[0], channels,
                              *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate), stride,
                              torch.get_num_threads())
     return y
 
 
-def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None):
-    """(dx, d bias_x, d bias_y, d pos, d neg, d gate or None)."""
+def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None,
+                    shortcuts=()):
+    """(dx, which is also each shortcut's gradient, d bias_x, d bias_y, d pos, d neg, d gate or None)."""
     rows, channels = channel_rows(x)
     images, pixels = x.shape[0], rows // x.shape[0]
     grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
@@ -155,7 +163,7 @@ def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_
     chunks = -(-pixels // lib.bnncc_block_rows())
     partial = torch.empty(images, chunks, 5, channels)
     gate_rows, stride = _gate_rows(x, gate)
-    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), _ptr(dx), images, pixels, channels,
+    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), *_shortcuts(x, shortcuts), _ptr(dx), images, pixels, channels,
                               *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate_rows), stride,
                               _ptr(partial), torch.get_num_threads())
     sum_dx, sum_dd, sum_pos, sum_neg = partial[:, :, :4].sum((0, 1))

@@ -13,6 +13,7 @@ from onnxscript import script
 
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
+from bnncc.ops.reshape_add import match_shortcut
 
 __all__ = ["DPReLU", "dprelu", "gated_dprelu"]
 
@@ -30,19 +31,22 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedDPReLU(torch.autograd.Function):
-    """DPReLU, times an SE gate when one is given, as the fused CPU kernels (cpu_kernels.py):
-    one pass over the activations each way where the torch composition below makes 16 (and the
-    gate's Mul 3 more)."""
+    """DPReLU of x plus up to two shortcuts, times an SE gate when one is given, as the fused CPU
+    kernels (cpu_kernels.py): one pass over the activations each way where the torch composition
+    below makes 16 (the adds and the gate's Mul 5 more)."""
 
     @staticmethod
-    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate):
+    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts):
         ctx.kernels = cpu_kernels.kernels_for(x)
-        ctx.save_for_backward(x, bias_x, bias_y, pos_slope, neg_slope, gate)
-        return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope, gate)
+        ctx.save_for_backward(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts)
+        return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope, gate, shortcuts)
 
     @staticmethod
     def backward(ctx, grad):
-        return cpu_kernels.dprelu_backward(ctx.kernels, grad, *ctx.saved_tensors)
+        x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts = ctx.saved_tensors
+        dx, *rest = cpu_kernels.dprelu_backward(ctx.kernels, grad, x, bias_x, bias_y, pos_slope, neg_slope, gate,
+                                                shortcuts)
+        return dx, *rest, *(dx for _ in shortcuts)  # an add passes its gradient to both sides
 
 
 class _DPReLU(torch.autograd.Function):
@@ -79,9 +83,14 @@ def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
     return _DPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope)
 
 
-def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate) -> torch.Tensor:
-    """``dprelu(x, ...) * gate`` for a gate of shape (N, C, 1, 1), as one kernel where they run:
-    the torch view runs a PokeConv's DPReLU and its SE gate's Mul as this one step."""
-    if cpu_kernels.kernels_for(x) is not None and gate.shape == (x.shape[0], x.shape[1], 1, 1):
-        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate)
+def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts, methods=()) -> torch.Tensor:
+    """``dprelu(reshape_add(x, shortcuts[0], methods[0]) ..., ...) * gate`` for a gate of shape
+    (N, C, 1, 1), as one kernel where they run: the torch view runs a PokeConv's shortcut adds,
+    DPReLU and SE gate's Mul as this one step. Each shortcut is matched to x's shape first."""
+    matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
+    fits = all(m.shape == x.shape and m.stride() == x.stride() for m in matched)
+    if cpu_kernels.kernels_for(x) is not None and gate.shape == (x.shape[0], x.shape[1], 1, 1) and fits:
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, *matched)
+    for m in matched:
+        x = x + m
     return dprelu(x, bias_x, bias_y, pos_slope, neg_slope) * gate

@@ -23,7 +23,7 @@ from onnxscript import opset_ai_onnx_ml3 as ml
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 
-__all__ = ["ReshapeAdd", "reshape_add", "match_channels", "shortcut_pool"]
+__all__ = ["ReshapeAdd", "reshape_add", "match_shortcut", "match_channels", "shortcut_pool"]
 
 METHODS = ("zeropad", "tile")
 
@@ -155,7 +155,8 @@ def shortcut_pool(r: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(F.pad(r, (left, right, top, bottom)), 3, 2)
 
 
-def reshape_add(y: torch.Tensor, r: torch.Tensor, *, method: str) -> torch.Tensor:
+def match_shortcut(y: torch.Tensor, r: torch.Tensor, method: str) -> torch.Tensor:
+    """R with Y's shape: ReshapeAdd(Y, R) is ``y + match_shortcut(y, r, method)``."""
     if method not in METHODS:
         raise ValueError(f"ReshapeAdd method must be one of {METHODS}, got {method!r}")
     pool = r.shape[2:] != y.shape[2:]
@@ -163,6 +164,10 @@ def reshape_add(y: torch.Tensor, r: torch.Tensor, *, method: str) -> torch.Tenso
     # side. Expanding (tile, zeropad) only copies channels or adds zeros, so pooling first gives
     # the same bits; the group mean pools after, in the order the ONNX function rounds in.
     if pool and r.shape[1] < y.shape[1]:
-        return y + match_channels(shortcut_pool(r), y.shape[1], method)
+        return match_channels(shortcut_pool(r), y.shape[1], method)
     matched = match_channels(r, y.shape[1], method)
-    return y + (shortcut_pool(matched) if pool else matched)
+    return shortcut_pool(matched) if pool else matched
+
+
+def reshape_add(y: torch.Tensor, r: torch.Tensor, *, method: str) -> torch.Tensor:
+    return y + match_shortcut(y, r, method)

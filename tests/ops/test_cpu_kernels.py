@@ -150,3 +150,27 @@ def test_reshape_add_channel_kernels_match_the_torch_composition(monkeypatch, ci
     (out, dr), (out_ref, dr_ref) = both_paths(monkeypatch, run)
     assert torch.equal(out, out_ref) and torch.equal(dr, dr_ref)
     assert out.is_contiguous(memory_format=torch.channels_last) and dr.stride() == r.stride()
+
+
+def test_gated_dprelu_with_shortcuts_matches_the_torch_composition(monkeypatch):
+    """A PokeConv's block: x + local shortcut (group mean) + block shortcut (tile), DPReLU, SE gate."""
+    from bnncc.ops.dprelu import gated_dprelu
+
+    x, local, block = channels_last(8, 16, 4, 4), channels_last(8, 32, 4, 4, seed=1), channels_last(8, 8, 4, 4, seed=2)
+    params = [torch.randn(16, generator=torch.Generator().manual_seed(i)) for i in range(3, 7)]
+    gate = torch.rand(8, 16, generator=torch.Generator().manual_seed(7))[:, :, None, None]
+    grad = channels_last(8, 16, 4, 4, seed=8)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, local, block, gate, *params)]
+        xs, ls, bs, gs, *ps = leaves
+        y = gated_dprelu(xs, *ps, gs, ls, bs, methods=("tile", "tile"))
+        y.backward(grad)
+        return y.detach(), [t.grad for t in leaves]
+
+    (y, grads), (y_ref, grads_ref) = both_paths(monkeypatch, run)
+    assert torch.equal(y, y_ref)
+    for got, want in zip(grads[:3], grads_ref[:3]):  # x and both shortcuts: elementwise, bitwise
+        assert torch.equal(got, want)
+    for got, want in zip(grads[3:], grads_ref[3:]):  # the gate's and the parameters' sums
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
