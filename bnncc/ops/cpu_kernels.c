@@ -4,8 +4,8 @@
  * Tensors are float32 with the channel axis innermost: a channels-last (N, C, H, W) tensor is
  * read as ROWS = N*H*W rows of C channels. The file is compiled with -ffp-contract=off, so every
  * product and sum rounds where the torch ops round (and -fno-trapping-math, so that selects
- * between two computed values vectorize); sums over rows are left as per-block partial
- * sums, which the caller adds up (torch's pairwise sum keeps their rounding error small).
+ * between two computed values vectorize). Sums over rows are float sums of blocks of rows,
+ * added up by the caller (torch's pairwise sum) or, for batch norm, here in double.
  */
 
 #include <math.h>

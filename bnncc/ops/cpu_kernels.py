@@ -55,7 +55,7 @@ def _library() -> ctypes.CDLL | None:
     """The built library, or None (and one log line) where it cannot be built."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        logger.warning("no C compiler (gcc/cc): training runs DPReLU as torch ops, several times slower")
+        logger.warning("no C compiler (gcc/cc): training runs the bnncc ops as torch compositions, slower")
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     source = SOURCE.read_bytes()
@@ -66,8 +66,8 @@ def _library() -> ctypes.CDLL | None:
         with atomic_path(path) as tmp:
             done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
             if done.returncode != 0:
-                logger.warning("%s: %s failed, training runs DPReLU as torch ops:\n%s", SOURCE, compiler,
-                               done.stderr[-2000:])
+                logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions:\n%s", SOURCE,
+                               compiler, done.stderr[-2000:])
                 return None
         logger.info("built %s (%.1f s)", path, time.perf_counter() - start)
     # torch has loaded its libgomp.so.1 already; the library's libgomp.so.1 resolves to that one,
@@ -120,6 +120,11 @@ def weight_kernels_for(w: torch.Tensor) -> ctypes.CDLL | None:
     return _library() if _usable(w) and dense else None
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (an incoming gradient) with its channels innermost, as the kernels read it."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
+
+
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -158,7 +163,7 @@ def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_
     """(dx, which is also each shortcut's gradient, d bias_x, d bias_y, d pos, d neg, d gate or None)."""
     rows, channels = channel_rows(x)
     images, pixels = x.shape[0], rows // x.shape[0]
-    grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+    grad = _channels_last(grad)
     dx = torch.empty_like(x)
     chunks = -(-pixels // lib.bnncc_block_rows())
     partial = torch.empty(images, chunks, 5, channels)
@@ -184,7 +189,7 @@ def quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: i
 def quantize_acts_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bound, bits: int, signed: int,
                            relu: bool) -> torch.Tensor:
     rows, channels = channel_rows(x)
-    grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+    grad = _channels_last(grad)
     dx = torch.empty_like(x)
     (bound,) = _vectors(bound)
     lib.bnncc_quantize_acts_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, _ptr(bound), bits, int(signed),
@@ -223,7 +228,7 @@ def batch_norm_forward(lib: ctypes.CDLL, x: torch.Tensor, gamma, beta, eps: floa
 def batch_norm_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, gamma, mean, var, eps: float):
     """(dx, d gamma, d beta)."""
     rows, channels = channel_rows(x)
-    grad = grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.contiguous()
+    grad = _channels_last(grad)
     dx = torch.empty_like(x)
     d_gamma, d_beta = x.new_empty(channels), x.new_empty(channels)
     lib.bnncc_batch_norm_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, *map(_ptr, _vectors(gamma, mean, var)),
@@ -233,10 +238,6 @@ def batch_norm_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, g
 
 # ReshapeAdd's channel steps: ``r`` has Ci channels, ``out`` Co (allocated by the caller in r's
 # layout); the backwards take the gradient of ``out`` and fill that of ``r``.
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.contiguous()
 
 
 def group_mean(lib: ctypes.CDLL, r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

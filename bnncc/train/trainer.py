@@ -16,10 +16,10 @@ stopped. Checkpoints are written atomically every ``checkpoint_every`` steps and
 
 from __future__ import annotations
 
-import json
-import logging
 import atexit
 import gc
+import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
