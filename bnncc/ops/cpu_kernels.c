@@ -134,33 +134,65 @@ static grid act_grid(const float *restrict bound, int64_t channels, int bits, in
     return g;
 }
 
+/* One row of q = quantize(relu ? max(x, 0) : x), per channel. */
+static inline void quantize_row(const float *restrict xr, float *restrict qr, int64_t channels, const grid *g) {
+    const float lower = g->lower, lo = g->lo, hi = g->hi, half = g->half, *restrict scale = g->scale;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+        float xv = xr[c], s = scale[c];
+        float v = xv < lower ? lower : xv;
+        float level = floorf(v * s + half);
+        level = level < lo ? lo : level > hi ? hi : level;
+        qr[c] = s > 0.0f ? level / s : v;
+    }
+}
+
 /* q = quantize(relu ? max(x, 0) : x), per channel (the innermost axis). */
 void bnncc_quantize_acts(const float *restrict x, float *restrict q, int64_t rows, int64_t channels,
                          const float *restrict bound, int bits, int is_signed, int relu, int threads) {
     grid g = act_grid(bound, channels, bits, is_signed, relu);
-    const float lower = g.lower, lo = g.lo, hi = g.hi, half = g.half, *restrict scale = g.scale;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * channels > 32768)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *restrict xr = x + r * channels;
-        float *restrict qr = q + r * channels;
+    for (int64_t r = 0; r < rows; ++r)
+        quantize_row(x + r * channels, q + r * channels, channels, &g);
+    free(g.scale);
+}
+
+/* An SE gate's squeeze: m[n, c] = the mean of x over image n's `pixels` rows (summed in double,
+ * rounded once), and q = quantize(m). */
+void bnncc_mean_quantize_acts(const float *restrict x, float *restrict m, float *restrict q, int64_t images,
+                              int64_t pixels, int64_t channels, const float *restrict bound, int bits,
+                              int is_signed, int threads) {
+    grid g = act_grid(bound, channels, bits, is_signed, 0);
+#pragma omp parallel num_threads(threads) if (images * pixels * channels > 32768)
+    {
+        double *sum = malloc(channels * sizeof(double));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < images; ++n) {
+            const float *restrict xn = x + n * pixels * channels;
+            memset(sum, 0, channels * sizeof(double));
+            for (int64_t p = 0; p < pixels; ++p) {
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-            float xv = xr[c], s = scale[c];
-            float v = xv < lower ? lower : xv;
-            float level = floorf(v * s + half);
-            level = level < lo ? lo : level > hi ? hi : level;
-            qr[c] = s > 0.0f ? level / s : v;
+                for (int64_t c = 0; c < channels; ++c)
+                    sum[c] += xn[p * channels + c];
+            }
+            float *restrict mn = m + n * channels;
+#pragma omp simd
+            for (int64_t c = 0; c < channels; ++c)
+                mn[c] = (float)(sum[c] / (double)pixels);
+            quantize_row(mn, q + n * channels, channels, &g);
         }
+        free(sum);
     }
     free(g.scale);
 }
 
 /* The quantizer's clipped straight-through gradient: grad where the level before the clip lies
- * in [lo, hi] (or the channel passes through) and, with relu, where x > 0; else 0. */
+ * in [lo, hi] (or the channel passes through) and, with relu, where x > 0; else 0; divided by
+ * `divisor` (1, or a mean's count when the mean's backward is folded in). */
 void bnncc_quantize_acts_backward(const float *restrict grad, const float *restrict x,
                                   float *restrict dx, int64_t rows, int64_t channels,
                                   const float *restrict bound, int bits, int is_signed, int relu,
-                                  int threads) {
+                                  float divisor, int threads) {
     grid g = act_grid(bound, channels, bits, is_signed, relu);
     const float lower = g.lower, lo = g.lo, hi = g.hi, half = g.half, *restrict scale = g.scale;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * channels > 32768)
@@ -173,7 +205,7 @@ void bnncc_quantize_acts_backward(const float *restrict grad, const float *restr
             float v = xv < lower ? lower : xv;
             float level = floorf(v * s + half);
             int inside = (s <= 0.0f) | ((level >= lo) & (level <= hi));
-            dxr[c] = inside & (xv > lower) ? gv : 0.0f;
+            dxr[c] = (inside & (xv > lower) ? gv : 0.0f) / divisor;
         }
     }
     free(g.scale);

@@ -29,7 +29,7 @@ from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
-    "quantize_acts_backward", "quantize_weights", "binarize_acts", "batch_norm_forward", "batch_norm_backward",
+    "quantize_acts_backward", "mean_quantize_acts", "quantize_weights", "binarize_acts", "batch_norm_forward", "batch_norm_backward",
     "group_mean", "group_mean_backward", "tile", "tile_backward",
 ]
 
@@ -80,7 +80,9 @@ def _library() -> ctypes.CDLL | None:
                                           _F32, _I64, _F32, ctypes.c_int]
     flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
     lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
-    lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags]
+    lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags[:3], ctypes.c_float,
+                                                 ctypes.c_int]
+    lib.bnncc_mean_quantize_acts.argtypes = [_F32, _F32, _F32, _I64, _I64, _I64, _F32, *flags[:2], ctypes.c_int]
     lib.bnncc_batch_norm_forward.argtypes = [_F32, _F32, _I64, _I64, _F32, _F32, ctypes.c_float, ctypes.c_float, _F32,
                                              _F32, _F32, _F32, ctypes.c_int]
     lib.bnncc_batch_norm_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, ctypes.c_float, _F32, _F32,
@@ -187,14 +189,25 @@ def quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: i
 
 
 def quantize_acts_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bound, bits: int, signed: int,
-                           relu: bool) -> torch.Tensor:
+                           relu: bool, divisor: float = 1.0) -> torch.Tensor:
     rows, channels = channel_rows(x)
     grad = _channels_last(grad)
     dx = torch.empty_like(x)
     (bound,) = _vectors(bound)
     lib.bnncc_quantize_acts_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, _ptr(bound), bits, int(signed),
-                                     int(relu), torch.get_num_threads())
+                                     int(relu), divisor, torch.get_num_threads())
     return dx
+
+
+def mean_quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: int):
+    """(m, quantize(m)) with m the mean of ``x`` (N, C, H, W) over H and W, as (N, C)."""
+    rows, channels = channel_rows(x)
+    images = x.shape[0]
+    m, q = x.new_empty(images, channels), x.new_empty(images, channels)
+    (bound,) = _vectors(bound)
+    lib.bnncc_mean_quantize_acts(_ptr(x), _ptr(m), _ptr(q), images, rows // max(images, 1), channels, _ptr(bound),
+                                 bits, int(signed), torch.get_num_threads())
+    return m, q
 
 
 def quantize_weights(lib: ctypes.CDLL, w: torch.Tensor, bits: int) -> torch.Tensor:

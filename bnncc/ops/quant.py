@@ -142,17 +142,20 @@ def act_quantize(x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int, r
 
 @torch.no_grad()
 def act_quantize_backward(grad: torch.Tensor, x: torch.Tensor, bound: torch.Tensor, bits: int, signed: int,
-                          relu: bool = False) -> torch.Tensor:
+                          relu: bool = False, divisor: float = 1.0) -> torch.Tensor:
     """The clipped straight-through gradient of ``act_quantize`` at ``x``: ``grad`` where the level
-    lies in [lo, hi] or the channel is float, and with ``relu`` where x > 0; else 0."""
+    lies in [lo, hi] or the channel is float, and with ``relu`` where x > 0; else 0. Divided by
+    ``divisor``, when a mean's backward is folded in."""
     kernels = cpu_kernels.kernels_for(x)
     if kernels is not None:
-        return cpu_kernels.quantize_acts_backward(kernels, grad, x, bound, bits, signed, relu)
+        return cpu_kernels.quantize_acts_backward(kernels, grad, x, bound, bits, signed, relu, divisor)
     v, _, levels, weight = _act_levels(x, bound, bits, signed, relu)
     _, lo, hi = _act_range(bits, signed)
     # levels are integers, so hardtanh's backward on the window widened by 1/2 tests lo <= level <= hi
     dx = torch.lerp(grad, torch.ops.aten.hardtanh_backward(grad, levels, lo - 0.5, hi + 0.5), weight)
-    return torch.ops.aten.threshold_backward(dx, v, 0) if relu else dx
+    if relu:
+        dx = torch.ops.aten.threshold_backward(dx, v, 0)
+    return dx if divisor == 1.0 else dx / divisor
 
 
 class _QuantizeActs(torch.autograd.Function):

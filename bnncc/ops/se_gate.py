@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from onnxscript import script
 
+from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, weight_grid
 
@@ -32,15 +33,20 @@ def SEGate(R, W1, bound1, B1, W2, bound2, B2, w_bits: int, a_bits: int):
     return op.HardSigmoid(h, alpha=1.0 / 6.0, beta=0.5)
 
 
-def _spatial_mean(r: torch.Tensor) -> torch.Tensor:
-    """mean over H and W of ``r`` (N, C, H, W), as (N, C)."""
+def _squeeze(r: torch.Tensor, bound: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, its signed quantized values), g the mean of ``r`` (N, C, H, W) over H and W, as (N, C)."""
+    kernels = cpu_kernels.kernels_for(r)
+    if kernels is not None:  # one pass and one call; the mean summed in double
+        return cpu_kernels.mean_quantize_acts(kernels, r, bound, bits, signed=1)
     n, c, h, w = r.shape
     if r.is_contiguous(memory_format=torch.channels_last):
         # NHWC in memory: a reduction over outer axes, vectorized along C
-        return r.mean(dim=(2, 3))
-    # NCHW: a product with a 1/HW vector; torch's reductions over a short inner axis (2x2 at
-    # the last stage) run an unvectorized path, ten times slower than this.
-    return (r.reshape(n, c, h * w) @ r.new_full((h * w, 1), 1.0 / (h * w))).reshape(n, c)
+        g = r.mean(dim=(2, 3))
+    else:
+        # NCHW: a product with a 1/HW vector; torch's reductions over a short inner axis (2x2 at
+        # the last stage) run an unvectorized path, ten times slower than this.
+        g = (r.reshape(n, c, h * w) @ r.new_full((h * w, 1), 1.0 / (h * w))).reshape(n, c)
+    return g, act_quantize(g, bound, bits, signed=1)
 
 
 class _SEGate(torch.autograd.Function):
@@ -53,8 +59,7 @@ class _SEGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w1, bound1, b1, w2, bound2, b2, w_bits: int, a_bits: int, quantize_weights: bool):
         w1q, w2q = (weight_grid(w.flatten(1), w_bits) if quantize_weights else w.flatten(1) for w in (w1, w2))
-        g = _spatial_mean(r)
-        x1 = act_quantize(g, bound1, a_bits, signed=1)
+        g, x1 = _squeeze(r, bound1, a_bits)
         a = torch.addmm(b1, x1, w1q.t())
         x2 = act_quantize(a, bound2, a_bits, signed=0, relu=True)
         z = torch.addmm(b2, x2, w2q.t())
@@ -67,10 +72,11 @@ class _SEGate(torch.autograd.Function):
         g, bound1, x1, w1q, a, bound2, x2, w2q, z = ctx.saved_tensors
         dz = torch.ops.aten.hardsigmoid_backward(grad.flatten(1), z)
         da = act_quantize_backward(dz @ w2q, a, bound2, ctx.a_bits, signed=0, relu=True)
-        dg = act_quantize_backward(da @ w1q, g, bound1, ctx.a_bits, signed=1)
         n, c, height, width = ctx.r_shape
-        # the mean's gradient, spread over H x W as a broadcast view (autograd adds it to R's other gradients)
-        dr = (dg / (height * width))[:, :, None, None].expand(n, c, height, width)
+        dg = act_quantize_backward(da @ w1q, g, bound1, ctx.a_bits, signed=1, divisor=height * width)
+        # dg is already divided by H x W: the mean's gradient, spread over H x W as a broadcast view
+        # (autograd adds it to R's other gradients)
+        dr = dg[:, :, None, None].expand(n, c, height, width)
         dw1 = (da.t() @ x1).reshape(ctx.w_shapes[0])
         dw2 = (dz.t() @ x2).reshape(ctx.w_shapes[1])
         return dr, dw1, None, da.sum(0), dw2, None, dz.sum(0), None, None, None

@@ -174,3 +174,42 @@ def test_gated_dprelu_with_shortcuts_matches_the_torch_composition(monkeypatch):
         assert torch.equal(got, want)
     for got, want in zip(grads[3:], grads_ref[3:]):  # the gate's and the parameters' sums
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_se_gate_squeeze_kernel_is_the_float64_mean_rounded_once(monkeypatch):
+    r = channels_last(16, 40, 7, 7, seed=9, scale=3.0)
+    r[:, 3] += 100.0  # float32 sums of 49 values near 100 lose bits; double ones do not
+    bound = torch.rand(40, generator=torch.Generator().manual_seed(10)) + 0.5
+    bound[::7] = -1.0
+    lib = cpu_kernels.kernels_for(r)
+    assert lib is not None
+    m, q = cpu_kernels.mean_quantize_acts(lib, r, bound, 4, signed=1)
+    expected = r.double().mean(dim=(2, 3)).float()
+    torch.testing.assert_close(m, expected, rtol=1.2e-7, atol=0)  # within one rounding
+    assert torch.equal(q, act_quantize(m, bound, 4, 1))
+
+
+def test_se_gate_kernels_match_the_torch_composition(monkeypatch):
+    ci, co = 64, 48
+    g = torch.Generator().manual_seed(11)
+    r = channels_last(32, ci, 4, 4, seed=12)
+    weights = [torch.randn(ci // 8, ci, 1, 1, generator=g), torch.randn(ci // 8, generator=g),
+               torch.randn(co, ci // 8, 1, 1, generator=g), torch.randn(co, generator=g)]
+    bound1, bound2 = torch.rand(ci, generator=g) + 0.2, torch.full((ci // 8,), 6.0)
+    bound1[3] = -1.0  # an uncalibrated channel passes through
+    grad = torch.randn(32, co, 1, 1, generator=g)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (r, *weights)]
+        rs, w1, b1, w2, b2 = leaves
+        y = TORCH_OPS["SEGate"](rs, w1, bound1, b1, w2, bound2, b2, w_bits=4, a_bits=4)
+        y.backward(grad)
+        return y.detach(), [t.grad for t in leaves]
+
+    (y, grads), (y_ref, grads_ref) = both_paths(monkeypatch, run)
+    # the kernel's mean rounds once where torch's float32 mean may round at each add: values and
+    # gradients agree to float tolerance as long as no quantization level flips (none does here)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, grads_ref):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
