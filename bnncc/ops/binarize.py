@@ -63,15 +63,17 @@ class _BinarizeAct(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, clip_bound: float) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.clip_bound = clip_bound
-        kernels = cpu_kernels.kernels_for(x)
-        if kernels is not None:  # one pass instead of two
-            return cpu_kernels.binarize_acts(kernels, x, clip_bound)
+        ctx.kernels = cpu_kernels.kernels_for(x)
+        if ctx.kernels is not None:  # one pass instead of two
+            return cpu_kernels.binarize_acts(ctx.kernels, x, clip_bound)
         # x + 0.0 turns -0.0 into +0.0, so zero of either sign gives +B/2, as x >= 0 does
         return torch.copysign(x.new_full((), 0.5 * clip_bound), x + 0.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
+        if ctx.kernels is not None:
+            return cpu_kernels.binarize_acts_backward(ctx.kernels, grad, x, ctx.clip_bound), None
         # hardtanh's gradient is exactly the clipped STE: grad where -B < x < B, else 0
         return torch.ops.aten.hardtanh_backward(grad, x, -ctx.clip_bound, ctx.clip_bound), None
 
@@ -83,6 +85,9 @@ def binarize_act(x: torch.Tensor, clip_bound: float = 3.0) -> torch.Tensor:
 
 def binarize_weights(w: torch.Tensor) -> torch.Tensor:
     """sign(W) * max|W[o]|/2 per output channel (axis 0), gradient 1 (straight through)."""
+    kernels = cpu_kernels.weight_kernels_for(w)
+    if kernels is not None:
+        return straight_through(w, cpu_kernels.binarize_weights(kernels, w))
     with torch.no_grad():
         scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.5
         # copysign rather than where(w >= 0, ...), as in _BinarizeAct: where() is unvectorized

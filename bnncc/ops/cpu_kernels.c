@@ -244,6 +244,34 @@ void bnncc_binarize_acts(const float *restrict x, float *restrict y, int64_t siz
         y[i] = x[i] >= 0.0f ? half : -half;
 }
 
+/* Its clipped straight-through gradient: dx = grad, but 0 where x <= -B or x >= B (hardtanh's
+ * backward; a NaN x passes the gradient, as there). */
+void bnncc_binarize_acts_backward(const float *restrict grad, const float *restrict x, float *restrict dx,
+                                  int64_t size, float clip_bound, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static) if (size > 32768)
+    for (int64_t i = 0; i < size; ++i)
+        dx[i] = (x[i] <= -clip_bound) | (x[i] >= clip_bound) ? 0.0f : grad[i];
+}
+
+/* Binary weights per row: s = max|w[r]| * 0.5, q = w >= 0 ? s : -s (zero of either sign gives +s). */
+void bnncc_binarize_weights(const float *restrict w, float *restrict q, int64_t rows, int64_t cols, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols > 32768)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *restrict wr = w + r * cols;
+        float *restrict qr = q + r * cols;
+        float wmax = 0.0f;
+#pragma omp simd reduction(max : wmax)
+        for (int64_t c = 0; c < cols; ++c) {
+            float a = fabsf(wr[c]);
+            wmax = a > wmax ? a : wmax;
+        }
+        float s = wmax * 0.5f;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c)
+            qr[c] = wr[c] >= 0.0f ? s : -s;
+    }
+}
+
 /* Two per-channel sums over all rows, in float blocks of BLOCK_ROWS rows (vectorized) added up
  * in double: with d = x - shift, kind 0 sums d and d * d, kind 1 sums y and y * d. */
 static void two_sums(const float *restrict x, const float *restrict y, int64_t rows, int64_t channels,

@@ -29,8 +29,9 @@ from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
-    "quantize_acts_backward", "mean_quantize_acts", "quantize_weights", "binarize_acts", "batch_norm_forward", "batch_norm_backward",
-    "group_mean", "group_mean_backward", "tile", "tile_backward",
+    "quantize_acts_backward", "mean_quantize_acts", "quantize_weights", "binarize_acts", "binarize_acts_backward",
+    "binarize_weights", "batch_norm_forward", "batch_norm_backward", "group_mean", "group_mean_backward", "tile",
+    "tile_backward",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def _library() -> ctypes.CDLL | None:
     for name in ("bnncc_tile", "bnncc_tile_backward"):
         getattr(lib, name).argtypes = [_F32, _F32, _I64, _I64, _I64, ctypes.c_int]
     lib.bnncc_binarize_acts.argtypes = [_F32, _F32, _I64, ctypes.c_float, ctypes.c_int]
+    lib.bnncc_binarize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, ctypes.c_float, ctypes.c_int]
+    lib.bnncc_binarize_weights.argtypes = [_F32, _F32, _I64, _I64, ctypes.c_int]
     lib.bnncc_quantize_weights.argtypes = [_F32, _F32, _I64, _I64, ctypes.c_int, ctypes.c_int]
     return lib
 
@@ -107,7 +110,8 @@ def channel_rows(x: torch.Tensor) -> tuple[int, int] | None:
 
 
 def _usable(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    # called before every kernel: is_cpu and `is` cost a tenth of device.type and ==
+    return (x.is_cpu and x.dtype is torch.float32 and not torch.compiler.is_compiling()
             and os.environ.get("BNNCC_CPU_KERNELS", "1") != "0")
 
 
@@ -224,6 +228,22 @@ def binarize_acts(lib: ctypes.CDLL, x: torch.Tensor, clip_bound: float) -> torch
     y = torch.empty_like(x)
     lib.bnncc_binarize_acts(_ptr(x), _ptr(y), x.numel(), clip_bound, torch.get_num_threads())
     return y
+
+
+def binarize_acts_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, clip_bound: float) -> torch.Tensor:
+    """Its clipped straight-through gradient, for ``x`` in a layout ``kernels_for`` accepts."""
+    grad = _channels_last(grad)
+    dx = torch.empty_like(x)
+    lib.bnncc_binarize_acts_backward(_ptr(grad), _ptr(x), _ptr(dx), x.numel(), clip_bound, torch.get_num_threads())
+    return dx
+
+
+def binarize_weights(lib: ctypes.CDLL, w: torch.Tensor) -> torch.Tensor:
+    """binarize.py's per-output-channel binary weights; the result has ``w``'s layout."""
+    q = torch.empty_like(w)
+    rows = w.shape[0]
+    lib.bnncc_binarize_weights(_ptr(w.detach()), _ptr(q), rows, w.numel() // max(rows, 1), torch.get_num_threads())
+    return q
 
 
 def batch_norm_forward(lib: ctypes.CDLL, x: torch.Tensor, gamma, beta, eps: float, momentum: float,

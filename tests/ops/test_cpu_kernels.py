@@ -94,12 +94,30 @@ def test_kernels_run_only_where_their_layout_holds(monkeypatch):
     assert cpu_kernels.kernels_for(torch.randn(2, 8)) is None
 
 
-def test_binarize_kernel_matches_the_torch_composition(monkeypatch):
-    x = channels_last(16, 24, 6, 6)
-    x[0, :4, 0, 0] = torch.tensor([0.0, -0.0, 1e-30, -1e-30])  # zero of either sign gives +B/2
-    y, y_ref = both_paths(monkeypatch, lambda: TORCH_OPS["BinarizeAct"](x, 2.5))
+def test_binarize_kernels_match_the_torch_composition(monkeypatch):
+    from bnncc.ops.binarize import binarize_weights
+
+    x = channels_last(16, 24, 6, 6, scale=3.0)
+    x[0, :6, 0, 0] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.5, -2.5])  # zeros give +B/2; |x| = B clips
+    grad = channels_last(16, 24, 6, 6, seed=1)
+    w = torch.randn(24, 24, 3, 3, generator=torch.Generator().manual_seed(2))
+    w[0, 0, 0, :2] = torch.tensor([0.0, -0.0])
+
+    def run():
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = TORCH_OPS["BinarizeAct"](xs, 2.5)
+        y.backward(grad)
+        wb = binarize_weights(ws)
+        wb.backward(torch.ones_like(wb))
+        return y.detach(), xs.grad, wb.detach(), ws.grad
+
+    (y, dx, wb, dw), (y_ref, dx_ref, wb_ref, dw_ref) = both_paths(monkeypatch, run)
     assert torch.equal(y, y_ref) and y.stride() == x.stride()
     assert set(y.unique().tolist()) == {-1.25, 1.25}
+    assert torch.equal(dx, dx_ref) and 0 < int((dx == 0).sum()) < dx.numel()
+    assert dx[0, 4, 0, 0] == 0 and dx[0, 5, 0, 0] == 0  # the clip bound itself passes no gradient
+    assert torch.equal(wb, wb_ref) and torch.equal(dw, dw_ref)
+    assert wb[0, 0, 0, 0] > 0 and wb[0, 0, 0, 1] > 0
 
 
 @pytest.mark.parametrize("shape", [(128, 64, 8, 8), (6, 5, 3, 3), (128, 40)])
