@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnncc.errors import BnnccError
-from bnncc.ops.batch_norm import batch_norm_train
+from bnncc.ops.batch_norm import batch_norm
 
 __all__ = ["GraphModule", "to_torch", "write_back"]
 
@@ -153,16 +153,8 @@ def _plan_gemm(node, attrs):
                        trans_a=bool(attrs.get("transA", 0)), trans_b=bool(attrs.get("transB", 0)))
 
 
-def _batch_norm(x, scale, bias, mean, var, *, momentum, eps, training):
-    """ONNX BatchNormalization as torch's BN: batch statistics and running-stat update in train mode
-    (on the fused CPU kernels where they run)."""
-    if training:
-        return batch_norm_train(x, mean, var, scale, bias, momentum, eps)
-    return F.batch_norm(x, mean, var, scale, bias, training, momentum, eps)
-
-
 def _plan_batch_norm(node, attrs):
-    return _batch_norm, dict(momentum=1.0 - attrs.get("momentum", 0.9), eps=attrs.get("epsilon", 1e-5))
+    return batch_norm, dict(momentum=1.0 - attrs.get("momentum", 0.9), eps=attrs.get("epsilon", 1e-5))
 
 
 def _no_attributes(fn):
@@ -283,12 +275,12 @@ def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> st
 
 
 def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Step]:
-    """Run each PokeConv's DPReLU, the Mul by its SE gate, and the (up to two) ReshapeAdds that
-    make the DPReLU's input as one step (``gated_dprelu``, one fused kernel on CPU), where each
-    of those values has that one reader. The fused step takes the Mul's place in the plan,
-    after the gate is computed."""
+    """Run each PokeConv's DPReLU, the Mul by its SE gate, the (up to two) ReshapeAdds that make
+    the DPReLU's input and the batch norm before them as one step (``normed_gated_dprelu``, or
+    ``gated_dprelu`` without the batch norm; fused kernels on CPU), where each of those values has
+    that one reader. The fused step takes the Mul's place in the plan, after the gate is computed."""
     from bnncc.ops import TORCH_OPS
-    from bnncc.ops.dprelu import gated_dprelu
+    from bnncc.ops.dprelu import gated_dprelu, normed_gated_dprelu
 
     producer = {step.output: step for step in plan}
     readers: dict[int, list[_Step]] = {}
@@ -296,10 +288,10 @@ def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Ste
         for s in step.inputs:
             readers.setdefault(s, []).append(step)
 
-    def only_reader(slot: int, op_type: str) -> _Step | None:
-        """The step of ``op_type`` that produces ``slot`` when nothing but one step reads it."""
+    def only_reader(slot: int, fn: Callable) -> _Step | None:
+        """The step running ``fn`` that produces ``slot`` when nothing but one step reads it."""
         step = producer.get(slot)
-        if step is None or step.fn is not TORCH_OPS.get(op_type) or slot in outputs or len(readers[slot]) != 1:
+        if step is None or step.fn is not fn or slot in outputs or len(readers[slot]) != 1:
             return None
         return step
 
@@ -313,14 +305,18 @@ def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Ste
         if gate is None or gate not in producer or producer[gate].fn is not TORCH_OPS["SEGate"]:
             continue
         x, shortcuts, methods, absorbed = step.inputs[0], [], [], [step]
-        while len(shortcuts) < 2 and (add := only_reader(x, "ReshapeAdd")) is not None:
+        while len(shortcuts) < 2 and (add := only_reader(x, TORCH_OPS["ReshapeAdd"])) is not None:
             x = add.inputs[0]
             shortcuts.insert(0, add.inputs[1])
             methods.insert(0, add.attrs["method"])
             absorbed.append(add)
+        fn, inputs, attrs = gated_dprelu, (x,), {}
+        if (norm := only_reader(x, batch_norm)) is not None:
+            fn, inputs, attrs = normed_gated_dprelu, norm.inputs, norm.attrs
+            absorbed.append(norm)
         fused[id(mul[0])] = step._replace(
-            fn=gated_dprelu, inputs=(x, *step.inputs[1:], gate, *shortcuts), output=mul[0].output,
-            attrs={**step.attrs, "methods": tuple(methods)},
+            fn=fn, inputs=(*inputs, *step.inputs[1:], gate, *shortcuts), output=mul[0].output,
+            attrs={**attrs, **step.attrs, "methods": tuple(methods)}, wants_training=norm is not None,
             label=" + ".join(s.label for s in reversed(absorbed)) + f" + {mul[0].label}")
         dropped.update(id(s) for s in absorbed)
     return [fused.get(id(step), step) for step in plan if id(step) not in dropped]

@@ -371,25 +371,33 @@ def test_poke_graph_write_back_round_trip(real_ops):
 
 
 def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, monkeypatch):
-    from bnncc.ops.dprelu import gated_dprelu
+    from bnncc.ops.dprelu import normed_gated_dprelu
 
     _, module = _calibrated_poke(real_ops)
-    assert [step.fn for step in module._plan].count(gated_dprelu) == 1  # the DPReLU and its SE gate's Mul
+    # the conv's batch norm, the DPReLU and its SE gate's Mul
+    assert [step.fn for step in module._plan].count(normed_gated_dprelu) == 1
     # the trainer's layout, where the fused CPU kernels run
     module.to(memory_format=torch.channels_last).train()
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(16)).contiguous(
         memory_format=torch.channels_last)
 
+    start = {name: b.clone() for name, b in module.named_buffers()}
+
     def step():
         module.zero_grad()
+        module.load_state_dict(start, strict=False)  # the same running statistics before each
         y = module(x)
         y.logsumexp(1).sum().backward()
-        return y.detach(), {name: p.grad.clone() for name, p in module.named_parameters()}
+        return y.detach(), {name: p.grad.clone() for name, p in module.named_parameters()}, dict(module.named_buffers())
 
-    y, grads = step()
+    y, grads, buffers = step()
+    buffers = {name: b.clone() for name, b in buffers.items()}
     monkeypatch.setenv("BNNCC_CPU_KERNELS", "0")
-    y_ref, grads_ref = step()
+    y_ref, grads_ref, buffers_ref = step()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for name, buffer in buffers.items():  # the batch norms' running statistics
+        torch.testing.assert_close(buffer, buffers_ref[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(b, start[name]) for name, b in buffers.items())
     scale = max(float(g.abs().max()) for g in grads_ref.values())
     for name, grad in grads.items():  # per-channel sums add up in another order (a zero may come out as 1e-7)
         torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6 * scale)

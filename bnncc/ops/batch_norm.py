@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bnncc.ops import cpu_kernels
 
-__all__ = ["batch_norm_train"]
+__all__ = ["batch_norm", "batch_norm_train", "kernels_fit"]
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -33,10 +33,23 @@ class _BatchNorm(torch.autograd.Function):
         return dx, d_gamma, d_beta, None, None, None, None, None
 
 
+def kernels_fit(x, running_mean, running_var, gamma, beta) -> bool:
+    """Whether the training kernels run this batch norm (else ``F.batch_norm`` does)."""
+    stats_fit = all(s is not None and s.dtype == torch.float32 and s.is_contiguous() for s in (running_mean, running_var))
+    return (cpu_kernels.kernels_for(x) is not None and gamma is not None and beta is not None and stats_fit
+            and x.numel() // x.shape[1] >= 2)
+
+
 def batch_norm_train(x, running_mean, running_var, gamma, beta, momentum: float, eps: float) -> torch.Tensor:
     """``F.batch_norm(x, running_mean, running_var, gamma, beta, True, momentum, eps)``."""
-    kernels = cpu_kernels.kernels_for(x)
-    stats_fit = all(s is not None and s.dtype == torch.float32 and s.is_contiguous() for s in (running_mean, running_var))
-    if kernels is None or gamma is None or beta is None or not stats_fit or x.numel() // x.shape[1] < 2:
+    if not kernels_fit(x, running_mean, running_var, gamma, beta):
         return F.batch_norm(x, running_mean, running_var, gamma, beta, True, momentum, eps)
-    return _BatchNorm.apply(x, gamma, beta, eps, momentum, running_mean, running_var, kernels)
+    return _BatchNorm.apply(x, gamma, beta, eps, momentum, running_mean, running_var, cpu_kernels.kernels_for(x))
+
+
+def batch_norm(x, scale, bias, mean, var, *, momentum: float, eps: float, training: bool) -> torch.Tensor:
+    """ONNX BatchNormalization (its input order) as torch's batch norm: batch statistics and the
+    running statistics' update in training (on the kernels where they run)."""
+    if training:
+        return batch_norm_train(x, mean, var, scale, bias, momentum, eps)
+    return F.batch_norm(x, mean, var, scale, bias, False, momentum, eps)

@@ -19,83 +19,96 @@
 
 int64_t bnncc_block_rows(void) { return BLOCK_ROWS; }
 
-/* The input row of a DPReLU that adds up to two shortcuts first, x + r1 + r2 in that order
- * (ReshapeAdd's adds), into `buf`; the row of x itself when there is none. */
-static const float *input_row(const float *restrict x, const float *restrict r1, const float *restrict r2,
-                              int64_t offset, int64_t channels, float *restrict buf) {
-    if (r1 == NULL)
-        return x + offset;
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c)
-        buf[c] = x[offset + c] + r1[offset + c];
-    if (r2 != NULL) {
-#pragma omp simd
-        for (int64_t c = 0; c < channels; ++c)
-            buf[c] += r2[offset + c];
-    }
-    return buf;
+/* A batch norm folded into the DPReLU before it: y = (x - mean) * scale + beta per channel, as
+ * bnncc_batch_norm_forward normalises. All NULL for none. */
+typedef struct {
+    const float *mean, *scale, *beta;
+} norm;
+
+/* The input of a DPReLU at x[i] (channel c): x, normalised when `nm` has a mean, plus up to two
+ * shortcuts (ReshapeAdd's adds, in that order). Computed in the loop rather than into a row
+ * buffer: the buffer's round trip cost more than the row's arithmetic at 16 channels. */
+static inline __attribute__((always_inline)) float input_value(const float *restrict x, norm nm,
+                                                               const float *restrict r1, const float *restrict r2,
+                                                               int64_t i, int64_t c) {
+    float v = x[i];
+    if (nm.mean != NULL)
+        v = (v - nm.mean[c]) * nm.scale[c] + nm.beta[c];
+    if (r1 != NULL)
+        v = v + r1[i];
+    if (r2 != NULL)
+        v = v + r2[i];
+    return v;
 }
 
-/* DPReLU of x (+ r1 (+ r2)) times a gate per (image, channel), for `images` images of `pixels`
- * rows each:
+/* DPReLU of x (normalised, + r1 (+ r2)) times a gate per (image, channel), for `images` images
+ * of `pixels` rows each:
  *     y = gate[n, c] * ((t >= 0 ? pos : neg) * t - bias_y),   t = x - bias_x
- * (a PokeConv's shortcut adds, DPReLU and SE gate's Mul). An ungated DPReLU passes a row of
- * ones with gate_stride 0: times 1 is exact. */
-void bnncc_dprelu_forward(const float *restrict x, const float *restrict r1, const float *restrict r2,
+ * (a PokeConv's batch norm, shortcut adds, DPReLU and SE gate's Mul). An ungated DPReLU passes a
+ * row of ones with gate_stride 0: times 1 is exact. */
+void bnncc_dprelu_forward(const float *restrict x, const float *norm_mean, const float *norm_scale,
+                          const float *norm_beta, const float *restrict r1, const float *restrict r2,
                           float *restrict y, int64_t images, int64_t pixels, int64_t channels,
                           const float *restrict bias_x, const float *restrict bias_y,
                           const float *restrict pos, const float *restrict neg,
                           const float *restrict gate, int64_t gate_stride, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        float *buf = r1 != NULL ? malloc(channels * sizeof(float)) : NULL;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < images * pixels; ++r) {
-            const float *restrict xr = input_row(x, r1, r2, r * channels, channels, buf);
-            const float *restrict gr = gate + r / pixels * gate_stride;
-            float *restrict yr = y + r * channels;
+    norm nm = {norm_mean, norm_scale, norm_beta};
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < images; ++n) {
+        const float *restrict gn = gate + n * gate_stride;
+        for (int64_t r = n * pixels; r < (n + 1) * pixels; ++r) {
 #pragma omp simd
             for (int64_t c = 0; c < channels; ++c) {
-                float t = xr[c] - bias_x[c];
+                float t = input_value(x, nm, r1, r2, r * channels + c, c) - bias_x[c];
                 float slope = t >= 0.0f ? pos[c] : neg[c];
-                yr[c] = (slope * t - bias_y[c]) * gr[c];
+                y[r * channels + c] = (slope * t - bias_y[c]) * gn[c];
             }
         }
-        free(buf);
     }
 }
 
-/* Its backward, with dd = grad * gate: dx = dd * (t > 0 ? pos : neg) (the gradient of x and of
- * each shortcut), and per block of at most BLOCK_ROWS rows of one image the partial sums (5 rows
- * of `channels` each) of dx, dd, dd * max(t, 0), dd * min(t, 0) and grad * DPReLU(x): the
- * gradients of bias_x (negated), bias_y (negated), pos, neg and, added up over an image's
- * blocks, the gate. */
-void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, const float *restrict r1,
+/* Its backward, with dd = grad * gate: dx = dd * (t > 0 ? pos : neg) (the gradient of the
+ * DPReLU's input: of the batch norm's output and of each shortcut), and per block of at most
+ * BLOCK_ROWS rows of one image the partial sums (6 rows of `channels` each) of dx, dd,
+ * dd * max(t, 0), dd * min(t, 0), grad * DPReLU(x) and, with a norm, dx * (x - mean): the
+ * gradients of bias_x (negated), bias_y (negated), pos, neg, (added up over an image's blocks)
+ * the gate, and the batch norm's second sum (0 without one). */
+void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, const float *norm_mean,
+                           const float *norm_scale, const float *norm_beta, const float *restrict r1,
                            const float *restrict r2, float *restrict dx, int64_t images, int64_t pixels,
                            int64_t channels, const float *restrict bias_x, const float *restrict bias_y,
                            const float *restrict pos, const float *restrict neg,
                            const float *restrict gate, int64_t gate_stride, float *restrict partial,
                            int threads) {
+    norm nm = {norm_mean, norm_scale, norm_beta};
     int64_t chunks = (pixels + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel num_threads(threads)
     {
-        float *buf = r1 != NULL ? malloc(channels * sizeof(float)) : NULL;
+        /* the row's inputs first: computed in the loop below, they leave it too long to keep in registers */
+        float *buf = malloc(channels * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < images * chunks; ++b) {
             int64_t n = b / chunks, begin = n * pixels + b % chunks * BLOCK_ROWS;
             int64_t end = begin + BLOCK_ROWS < (n + 1) * pixels ? begin + BLOCK_ROWS : (n + 1) * pixels;
             const float *restrict gn = gate + n * gate_stride;
-            float *restrict sum_dx = partial + 5 * b * channels;
+            float *restrict sum_dx = partial + 6 * b * channels;
             float *restrict sum_dd = sum_dx + channels;
             float *restrict sum_pos = sum_dd + channels;
             float *restrict sum_neg = sum_pos + channels;
             float *restrict sum_gate = sum_neg + channels;
-            for (int64_t c = 0; c < 5 * channels; ++c)
+            float *restrict sum_norm = sum_gate + channels;
+            for (int64_t c = 0; c < 6 * channels; ++c)
                 sum_dx[c] = 0.0f;
             for (int64_t r = begin; r < end; ++r) {
                 const float *restrict gr = grad + r * channels;
-                const float *restrict xr = input_row(x, r1, r2, r * channels, channels, buf);
+                const float *restrict xr = x + r * channels;
                 float *restrict dxr = dx + r * channels;
+                if (nm.mean != NULL || r1 != NULL) {
+#pragma omp simd
+                    for (int64_t c = 0; c < channels; ++c)
+                        buf[c] = input_value(x, nm, r1, r2, r * channels + c, c);
+                    xr = buf;
+                }
 #pragma omp simd
                 for (int64_t c = 0; c < channels; ++c) {
                     float g = gr[c], dd = g * gn[c];
@@ -108,6 +121,12 @@ void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, 
                     sum_pos[c] += dd * positive;
                     sum_neg[c] += dd * (t - positive);
                     sum_gate[c] += g * ((t >= 0.0f ? pos[c] : neg[c]) * t - bias_y[c]);
+                }
+                if (nm.mean != NULL) {
+                    const float *restrict raw = x + r * channels;
+#pragma omp simd
+                    for (int64_t c = 0; c < channels; ++c)
+                        sum_norm[c] += dxr[c] * (raw[c] - nm.mean[c]);
                 }
             }
         }
@@ -303,16 +322,14 @@ static void two_sums(const float *restrict x, const float *restrict y, int64_t r
     free(partial);
 }
 
-/* BatchNormalization in training, over the rows: batch mean and biased variance per channel from
- * one pass of sums shifted by the first row (a sample of the channel, so the variance's
- * subtraction loses little), y = (x - mean) * (gamma / sqrt(var + eps)) + beta, and
+/* BatchNormalization's statistics in training, over the rows: batch mean and biased variance per
+ * channel from one pass of sums shifted by the first row (a sample of the channel, so the
+ * variance's subtraction loses little), scale = gamma / sqrt(var + eps), and
  * running = (1 - momentum) * running + momentum * batch with the unbiased variance. */
-void bnncc_batch_norm_forward(const float *restrict x, float *restrict y, int64_t rows, int64_t channels,
-                              const float *restrict gamma, const float *restrict beta, float eps,
-                              float momentum, float *restrict running_mean, float *restrict running_var,
-                              float *restrict mean, float *restrict var, int threads) {
+void bnncc_batch_norm_stats(const float *restrict x, int64_t rows, int64_t channels, const float *restrict gamma,
+                            float eps, float momentum, float *restrict running_mean, float *restrict running_var,
+                            float *restrict mean, float *restrict var, float *restrict scale, int threads) {
     double *sums = malloc(2 * channels * sizeof(double));
-    float *scale = malloc(channels * sizeof(float));
     two_sums(x, x, rows, channels, x, 0, sums, threads);
     for (int64_t c = 0; c < channels; ++c) {
         double d = sums[c] / rows, v = sums[channels + c] / rows - d * d;
@@ -322,6 +339,17 @@ void bnncc_batch_norm_forward(const float *restrict x, float *restrict y, int64_
         running_mean[c] = (1.0f - momentum) * running_mean[c] + momentum * mean[c];
         running_var[c] = (1.0f - momentum) * running_var[c] + momentum * (float)(var[c] * (double)rows / (rows - 1));
     }
+    free(sums);
+}
+
+/* BatchNormalization in training: the statistics, then y = (x - mean) * scale + beta. */
+void bnncc_batch_norm_forward(const float *restrict x, float *restrict y, int64_t rows, int64_t channels,
+                              const float *restrict gamma, const float *restrict beta, float eps,
+                              float momentum, float *restrict running_mean, float *restrict running_var,
+                              float *restrict mean, float *restrict var, int threads) {
+    float *scale = malloc(channels * sizeof(float));
+    bnncc_batch_norm_stats(x, rows, channels, gamma, eps, momentum, running_mean, running_var, mean, var, scale,
+                           threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict xr = x + r * channels;
@@ -330,20 +358,24 @@ void bnncc_batch_norm_forward(const float *restrict x, float *restrict y, int64_
         for (int64_t c = 0; c < channels; ++c)
             yr[c] = (xr[c] - mean[c]) * scale[c] + beta[c];
     }
-    free(sums);
     free(scale);
 }
 
 /* Its backward: with xhat = (x - mean) * invstd over M rows, d_beta = sum dy,
- * d_gamma = sum dy * xhat, dx = gamma * invstd * (dy - d_beta / M - xhat * d_gamma / M). */
+ * d_gamma = sum dy * xhat, dx = gamma * invstd * (dy - d_beta / M - xhat * d_gamma / M).
+ * `given`, when not NULL, holds sum dy and sum dy * (x - mean) already (2 rows of channels). */
 void bnncc_batch_norm_backward(const float *restrict grad, const float *restrict x, float *restrict dx,
                                int64_t rows, int64_t channels, const float *restrict gamma,
                                const float *restrict mean, const float *restrict var, float eps,
-                               float *restrict d_gamma, float *restrict d_beta, int threads) {
+                               const double *restrict given, float *restrict d_gamma, float *restrict d_beta,
+                               int threads) {
     double *sums = malloc(2 * channels * sizeof(double));
     float *k = malloc(3 * channels * sizeof(float));
     float *k_dy = k, *k_mean = k + channels, *k_x = k + 2 * channels;
-    two_sums(x, grad, rows, channels, mean, 1, sums, threads);
+    if (given != NULL)
+        memcpy(sums, given, 2 * channels * sizeof(double));
+    else
+        two_sums(x, grad, rows, channels, mean, 1, sums, threads);
     for (int64_t c = 0; c < channels; ++c) {
         double invstd = 1.0 / sqrt((double)var[c] + eps);
         d_beta[c] = (float)sums[c];

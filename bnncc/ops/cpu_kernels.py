@@ -30,7 +30,7 @@ from bnncc.fileio import atomic_path, cache_dir
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
     "quantize_acts_backward", "mean_quantize_acts", "quantize_weights", "binarize_acts", "binarize_acts_backward",
-    "binarize_weights", "batch_norm_forward", "batch_norm_backward", "group_mean", "group_mean_backward", "tile",
+    "binarize_weights", "batch_norm_stats", "batch_norm_forward", "batch_norm_backward", "group_mean", "group_mean_backward", "tile",
     "tile_backward",
 ]
 
@@ -75,10 +75,10 @@ def _library() -> ctypes.CDLL | None:
     # so both share one OpenMP thread pool
     lib = ctypes.CDLL(str(path))
     lib.bnncc_block_rows.restype = _I64
-    lib.bnncc_dprelu_forward.argtypes = [_F32, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32, _F32,
-                                         _I64, ctypes.c_int]
-    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32,
-                                          _F32, _I64, _F32, ctypes.c_int]
+    lib.bnncc_dprelu_forward.argtypes = [_F32, *[_F32] * 3, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32,
+                                         _F32, _I64, ctypes.c_int]
+    lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, *[_F32] * 3, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32,
+                                          _F32, _F32, _I64, _F32, ctypes.c_int]
     flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
     lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
     lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags[:3], ctypes.c_float,
@@ -86,8 +86,10 @@ def _library() -> ctypes.CDLL | None:
     lib.bnncc_mean_quantize_acts.argtypes = [_F32, _F32, _F32, _I64, _I64, _I64, _F32, *flags[:2], ctypes.c_int]
     lib.bnncc_batch_norm_forward.argtypes = [_F32, _F32, _I64, _I64, _F32, _F32, ctypes.c_float, ctypes.c_float, _F32,
                                              _F32, _F32, _F32, ctypes.c_int]
-    lib.bnncc_batch_norm_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, ctypes.c_float, _F32, _F32,
-                                              ctypes.c_int]
+    lib.bnncc_batch_norm_stats.argtypes = [_F32, _I64, _I64, _F32, ctypes.c_float, ctypes.c_float, _F32, _F32, _F32,
+                                           _F32, _F32, ctypes.c_int]
+    lib.bnncc_batch_norm_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, _F32, _F32, ctypes.c_float,
+                                              ctypes.c_void_p, _F32, _F32, ctypes.c_int]
     for name in ("bnncc_group_mean", "bnncc_group_mean_backward"):
         getattr(lib, name).argtypes = [_F32, _F32, _I64, _I64, _I64, _I64, ctypes.c_int]
     for name in ("bnncc_tile", "bnncc_tile_backward"):
@@ -153,33 +155,43 @@ def _shortcuts(x: torch.Tensor, shortcuts) -> list[int | None]:
     return [_ptr(r) for r in shortcuts] + [None] * (2 - len(shortcuts))
 
 
-def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None, shortcuts=()) -> torch.Tensor:
-    """DPReLU(x + shortcuts...), times ``gate`` (N, C, 1, 1) when given."""
+def _norm(norm) -> list[int | None]:
+    """Addresses of a folded batch norm's (mean, scale, beta), None for none."""
+    return [None] * 3 if norm is None else [_ptr(v) for v in _vectors(*norm)]
+
+
+def dprelu_forward(lib: ctypes.CDLL, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None, shortcuts=(),
+                   norm=None) -> torch.Tensor:
+    """DPReLU(x + shortcuts...), times ``gate`` (N, C, 1, 1) when given; with ``norm`` = (mean,
+    scale, beta) from ``batch_norm_stats``, x is batch-normalised first."""
     rows, channels = channel_rows(x)
     y = torch.empty_like(x)
     gate, stride = _gate_rows(x, gate)
-    lib.bnncc_dprelu_forward(_ptr(x), *_shortcuts(x, shortcuts), _ptr(y), x.shape[0], rows // x.shape[0], channels,
-                             *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate), stride,
-                             torch.get_num_threads())
+    lib.bnncc_dprelu_forward(_ptr(x), *_norm(norm), *_shortcuts(x, shortcuts), _ptr(y), x.shape[0],
+                             rows // x.shape[0], channels, *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate),
+                             stride, torch.get_num_threads())
     return y
 
 
 def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_x, bias_y, pos, neg, gate=None,
-                    shortcuts=()):
-    """(dx, which is also each shortcut's gradient, d bias_x, d bias_y, d pos, d neg, d gate or None)."""
+                    shortcuts=(), norm=None):
+    """(dx, d bias_x, d bias_y, d pos, d neg, d gate or None, the norm's sums or None). dx is the
+    gradient of the DPReLU's input: of each shortcut, and of the norm's output when there is one;
+    the norm's sums, sum dx and sum dx * (x - mean) in float64 (2, C), go to ``batch_norm_backward``."""
     rows, channels = channel_rows(x)
     images, pixels = x.shape[0], rows // x.shape[0]
     grad = _channels_last(grad)
     dx = torch.empty_like(x)
     chunks = -(-pixels // lib.bnncc_block_rows())
-    partial = torch.empty(images, chunks, 5, channels)
+    partial = torch.empty(images, chunks, 6, channels)
     gate_rows, stride = _gate_rows(x, gate)
-    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), *_shortcuts(x, shortcuts), _ptr(dx), images, pixels, channels,
-                              *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate_rows), stride,
+    lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), *_norm(norm), *_shortcuts(x, shortcuts), _ptr(dx), images, pixels,
+                              channels, *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate_rows), stride,
                               _ptr(partial), torch.get_num_threads())
     sum_dx, sum_dd, sum_pos, sum_neg = partial[:, :, :4].sum((0, 1))
     d_gate = None if gate is None else partial[:, :, 4].sum(1).reshape(gate.shape)
-    return dx, -sum_dx, -sum_dd, sum_pos, sum_neg, d_gate
+    norm_sums = None if norm is None else partial[:, :, 0:6:5].double().sum((0, 1))
+    return dx, -sum_dx, -sum_dd, sum_pos, sum_neg, d_gate, norm_sums
 
 
 def quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: int, relu: bool) -> torch.Tensor:
@@ -246,6 +258,18 @@ def binarize_weights(lib: ctypes.CDLL, w: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def batch_norm_stats(lib: ctypes.CDLL, x: torch.Tensor, gamma, eps: float, momentum: float,
+                     running_mean: torch.Tensor, running_var: torch.Tensor):
+    """Training BatchNormalization's (batch mean, biased batch variance, gamma / sqrt(var + eps));
+    updates the running statistics (float32, contiguous) in place."""
+    rows, channels = channel_rows(x)
+    mean, var, scale = (x.new_empty(channels) for _ in range(3))
+    (gamma,) = _vectors(gamma)
+    lib.bnncc_batch_norm_stats(_ptr(x), rows, channels, _ptr(gamma), eps, momentum, _ptr(running_mean),
+                               _ptr(running_var), _ptr(mean), _ptr(var), _ptr(scale), torch.get_num_threads())
+    return mean, var, scale
+
+
 def batch_norm_forward(lib: ctypes.CDLL, x: torch.Tensor, gamma, beta, eps: float, momentum: float,
                        running_mean: torch.Tensor, running_var: torch.Tensor):
     """Training BatchNormalization: (y, batch mean, biased batch variance); updates the running
@@ -258,14 +282,17 @@ def batch_norm_forward(lib: ctypes.CDLL, x: torch.Tensor, gamma, beta, eps: floa
     return y, mean, var
 
 
-def batch_norm_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, gamma, mean, var, eps: float):
-    """(dx, d gamma, d beta)."""
+def batch_norm_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, gamma, mean, var, eps: float,
+                        sums: torch.Tensor | None = None):
+    """(dx, d gamma, d beta); ``sums`` (float64 (2, C): sum grad and sum grad * (x - mean)) when
+    they were taken already, as ``dprelu_backward`` does."""
     rows, channels = channel_rows(x)
     grad = _channels_last(grad)
     dx = torch.empty_like(x)
     d_gamma, d_beta = x.new_empty(channels), x.new_empty(channels)
+    given = None if sums is None else _ptr(sums.contiguous())
     lib.bnncc_batch_norm_backward(_ptr(grad), _ptr(x), _ptr(dx), rows, channels, *map(_ptr, _vectors(gamma, mean, var)),
-                                  eps, _ptr(d_gamma), _ptr(d_beta), torch.get_num_threads())
+                                  eps, given, _ptr(d_gamma), _ptr(d_beta), torch.get_num_threads())
     return dx, d_gamma, d_beta
 
 

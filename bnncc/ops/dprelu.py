@@ -8,14 +8,17 @@ Initialised bias_x = bias_y = 0, pos_slope = 1, neg_slope = 0.25 (pokebnn.md sec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from onnxscript import script
 
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
+from bnncc.ops.batch_norm import batch_norm, kernels_fit
 from bnncc.ops.reshape_add import match_shortcut
 
-__all__ = ["DPReLU", "dprelu", "gated_dprelu"]
+__all__ = ["DPReLU", "dprelu", "gated_dprelu", "normed_gated_dprelu"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -30,23 +33,47 @@ def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, 1, 1)
 
 
+class _Norm(NamedTuple):
+    """A training batch norm folded into the fused DPReLU: its running statistics (updated in
+    place) and attributes; its gamma and beta are inputs of the autograd node."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    momentum: float
+    eps: float
+
+
 class _FusedDPReLU(torch.autograd.Function):
     """DPReLU of x plus up to two shortcuts, times an SE gate when one is given, as the fused CPU
     kernels (cpu_kernels.py): one pass over the activations each way where the torch composition
-    below makes 16 (the adds and the gate's Mul 5 more)."""
+    below makes 16 (the adds and the gate's Mul 5 more). With a ``_Norm``, x is a convolution's
+    output and the batch norm after it runs folded in: its statistics take a pass, its
+    normalisation rides in the DPReLU's, and backward its sums ride in the DPReLU's backward,
+    one pass each way fewer than the batch norm alone."""
 
     @staticmethod
-    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts):
-        ctx.kernels = cpu_kernels.kernels_for(x)
-        ctx.save_for_backward(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts)
-        return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope, gate, shortcuts)
+    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate, norm: _Norm | None, gamma, beta, *shortcuts):
+        ctx.kernels, ctx.norm = cpu_kernels.kernels_for(x), norm
+        mean = var = scale = folded = None
+        if norm is not None:
+            mean, var, scale = cpu_kernels.batch_norm_stats(ctx.kernels, x, gamma, norm.eps, norm.momentum,
+                                                            norm.running_mean, norm.running_var)
+            folded = (mean, scale, beta)
+        ctx.save_for_backward(x, bias_x, bias_y, pos_slope, neg_slope, gate, gamma, beta, mean, var, scale, *shortcuts)
+        return cpu_kernels.dprelu_forward(ctx.kernels, x, bias_x, bias_y, pos_slope, neg_slope, gate, shortcuts, folded)
 
     @staticmethod
     def backward(ctx, grad):
-        x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts = ctx.saved_tensors
-        dx, *rest = cpu_kernels.dprelu_backward(ctx.kernels, grad, x, bias_x, bias_y, pos_slope, neg_slope, gate,
-                                                shortcuts)
-        return dx, *rest, *(dx for _ in shortcuts)  # an add passes its gradient to both sides
+        x, bias_x, bias_y, pos_slope, neg_slope, gate, gamma, beta, mean, var, scale, *shortcuts = ctx.saved_tensors
+        folded = None if ctx.norm is None else (mean, scale, beta)
+        d_in, *params, sums = cpu_kernels.dprelu_backward(ctx.kernels, grad, x, bias_x, bias_y, pos_slope, neg_slope,
+                                                          gate, shortcuts, folded)
+        dx, d_gamma, d_beta = d_in, None, None
+        if ctx.norm is not None:
+            dx, d_gamma, d_beta = cpu_kernels.batch_norm_backward(ctx.kernels, d_in, x, gamma, mean, var, ctx.norm.eps,
+                                                                  sums)
+        # an add passes its gradient to both sides
+        return dx, *params, None, d_gamma, d_beta, *(d_in for _ in shortcuts)
 
 
 class _DPReLU(torch.autograd.Function):
@@ -79,8 +106,22 @@ class _DPReLU(torch.autograd.Function):
 
 def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
     if cpu_kernels.kernels_for(x) is not None:
-        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, None)
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, None, None, None, None)
     return _DPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope)
+
+
+def _fused_fits(x, gate, matched) -> bool:
+    """Whether the fused kernel runs x, a gate of shape (N, C, 1, 1) and the matched shortcuts."""
+    fits = all(m.shape == x.shape and m.stride() == x.stride() for m in matched)
+    return cpu_kernels.kernels_for(x) is not None and gate.shape == (x.shape[0], x.shape[1], 1, 1) and fits
+
+
+def _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched) -> torch.Tensor:
+    if _fused_fits(x, gate, matched):
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, None, None, None, *matched)
+    for m in matched:
+        x = x + m
+    return dprelu(x, bias_x, bias_y, pos_slope, neg_slope) * gate
 
 
 def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts, methods=()) -> torch.Tensor:
@@ -88,9 +129,17 @@ def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts, meth
     (N, C, 1, 1), as one kernel where they run: the torch view runs a PokeConv's shortcut adds,
     DPReLU and SE gate's Mul as this one step. Each shortcut is matched to x's shape first."""
     matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
-    fits = all(m.shape == x.shape and m.stride() == x.stride() for m in matched)
-    if cpu_kernels.kernels_for(x) is not None and gate.shape == (x.shape[0], x.shape[1], 1, 1) and fits:
-        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, *matched)
-    for m in matched:
-        x = x + m
-    return dprelu(x, bias_x, bias_y, pos_slope, neg_slope) * gate
+    return _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched)
+
+
+def normed_gated_dprelu(x, scale, bias, mean, var, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts,
+                        methods=(), momentum: float, eps: float, training: bool) -> torch.Tensor:
+    """``gated_dprelu(batch_norm(x, scale, bias, mean, var, ...), ...)`` (ONNX BatchNormalization's
+    inputs and batch_norm.py's semantics), as one autograd node in training where the kernels run:
+    the torch view runs a PokeConv's batch norm, shortcut adds, DPReLU and gate Mul as this step."""
+    matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
+    if training and kernels_fit(x, mean, var, scale, bias) and _fused_fits(x, gate, matched):
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, _Norm(mean, var, momentum, eps),
+                                  scale, bias, *matched)
+    y = batch_norm(x, scale, bias, mean, var, momentum=momentum, eps=eps, training=training)
+    return _gated(y, bias_x, bias_y, pos_slope, neg_slope, gate, matched)

@@ -231,3 +231,34 @@ def test_se_gate_kernels_match_the_torch_composition(monkeypatch):
     for got, want in zip(grads, grads_ref):
         assert want.abs().sum() > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_batch_norm_folded_into_the_gated_dprelu_matches_the_torch_composition(monkeypatch):
+    """A PokeConv's conv output through its batch norm, shortcut adds, DPReLU and SE gate, as the
+    torch view runs them in training: one autograd node against F.batch_norm and the ops."""
+    from bnncc.ops.dprelu import normed_gated_dprelu
+
+    x, local = channels_last(8, 16, 4, 4, scale=3.0), channels_last(8, 32, 4, 4, seed=1)
+    x[:, 2] += 50.0  # a channel whose mean is far from 0
+    norm = [torch.rand(16, generator=torch.Generator().manual_seed(2)) + 0.5, torch.randn(16)]
+    params = [torch.randn(16, generator=torch.Generator().manual_seed(i)) for i in range(3, 7)]
+    gate = torch.rand(8, 16, generator=torch.Generator().manual_seed(7))[:, :, None, None]
+    grad = channels_last(8, 16, 4, 4, seed=8)
+
+    def run():
+        running = [torch.zeros(16), torch.ones(16)]
+        leaves = [t.clone().requires_grad_() for t in (x, local, gate, *norm, *params)]
+        xs, ls, gs, gamma, beta, *ps = leaves
+        y = normed_gated_dprelu(xs, gamma, beta, *running, *ps, gs, ls, methods=("tile",), momentum=0.1, eps=1e-5,
+                                training=True)
+        y.backward(grad)
+        return y.detach(), [t.grad for t in leaves], running
+
+    (y, grads, running), (y_ref, grads_ref, running_ref) = both_paths(monkeypatch, run)
+    # batch statistics in double here, float32 in torch's batch norm
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    for got, want in zip(running, running_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
