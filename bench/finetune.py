@@ -33,7 +33,7 @@ from bnncc.rewrite import rewrite
 from bnncc.torchview import to_torch
 from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset
-from bnncc.train.trainer import MEMORY_FORMAT, make_optimizer
+from bnncc.train.trainer import MEMORY_FORMAT, keep_freed_memory, make_optimizer
 from bnncc.zoo import export_onnx, resnet50
 
 
@@ -46,6 +46,7 @@ def step_times(models: list[torch.nn.Module], batch: torch.Tensor, steps: int = 
     """Seconds of each forward + backward + Adam step on ``batch``, per model, the models taking
     their steps in turn, so that the VM's slow periods (seconds to minutes, see RESULTS.md) fall
     on all of them alike. The first two steps of each are warm-up (and compilation)."""
+    keep_freed_memory()  # as the trainer does on CPU
     runs = []
     for model in models:
         # the trainer's memory format and optimizer, for every network

@@ -17,6 +17,7 @@ stopped. Checkpoints are written atomically every ``checkpoint_every`` steps and
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import json
 import logging
@@ -37,7 +38,7 @@ from bnncc.train.data import ImageData
 from bnncc.train.distill import distillation_loss
 
 __all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process",
-           "MEMORY_FORMAT"]
+           "keep_freed_memory", "MEMORY_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,24 @@ logger = logging.getLogger(__name__)
 # (200 with the bnncc ops' channels_last paths). Values are the same up to the convolutions'
 # summation order.
 MEMORY_FORMAT = torch.channels_last
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep the memory a training step frees, for the next step to reuse.
+
+    A CPU step frees and again allocates the same activation buffers, megabytes each. glibc maps
+    blocks above its mmap threshold afresh (the threshold starts at 128 KiB and only rises as such
+    blocks are freed) and returns its heap's free top above 128 KiB, so every step page-faults its
+    buffers in again. Raising both (the mmap threshold to its 32 MiB maximum) keeps them in the
+    heap: 100k fewer page faults over the fine-tune bench's throughput lines, the student's
+    step 5-10% faster, the teacher's less (it allocates fewer, larger buffers). A no-op where the
+    C library has no mallopt."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(_M_TRIM_THRESHOLD, 1 << 30)
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
           metrics: Path | None = None, device: str | torch.device = "cpu", show_progress: bool = True) -> TrainResult:
     """Train ``student`` in place; with ``teacher`` the loss is distillation, else labels only."""
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     init_distributed(device)
     rank, world = _world()
     if cfg.batch_size % world:

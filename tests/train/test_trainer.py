@@ -154,3 +154,31 @@ def test_flat_adam_steps_exactly_as_adam_over_each_parameter():
         assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
         states.append(net.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from bnncc.train.trainer import keep_freed_memory
+if sys.argv[1] == "kept":
+    keep_freed_memory()
+faults = []
+for step in range(2):  # a step's activations: buffers of a few sizes (MiBs), alive together, then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffers = [torch.ones(n << 16) for n in (16, 4, 8, 4, 2, 12, 8, 1, 32, 4) * 3]
+    del buffers
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_training_keeps_freed_buffers_instead_of_faulting_them_in_again():
+    def faults(mode: str) -> tuple[int, int]:
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        first, second = map(int, done.stdout.split())
+        return first, second
+
+    first, second = faults("default")
+    assert second > first // 2  # glibc unmaps or trims the freed buffers; the second step faults them in again
+    first, second = faults("kept")
+    assert second < first // 20
