@@ -5,7 +5,8 @@
  * read as ROWS = N*H*W rows of C channels. The file is compiled with -ffp-contract=off, so every
  * product and sum rounds where the torch ops round (and -fno-trapping-math, so that selects
  * between two computed values vectorize). Sums over rows are float sums of blocks of rows,
- * added up by the caller (torch's pairwise sum) or, for batch norm, here in double.
+ * added up by the caller (torch's pairwise sum) or, for batch norm, in double; the SE gate's
+ * mean is summed in double.
  */
 
 #include <math.h>

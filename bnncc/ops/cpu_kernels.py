@@ -7,8 +7,9 @@ activation once per op: DPReLU's forward and backward are 16 such passes, the fu
 They run float32 CPU tensors whose channel axis is innermost (the trainer's channels-last
 layout); ``kernels_for(x)`` returns None for anything else, under torch.compile (which fuses the
 composition itself), when no C compiler is found, or when ``BNNCC_CPU_KERNELS=0``, and the op
-then runs its torch composition. The kernels round every product and sum as the composition does;
-only the per-channel sums of a backward add up in another order.
+then runs its torch composition. The kernels round every product and sum as the composition does,
+but for the per-channel sums of a backward, which add up in another order, and for the batch
+norms' statistics and the SE gate's mean, which are summed in double.
 """
 
 from __future__ import annotations
