@@ -18,8 +18,6 @@
  * of one block loses little (and that 2 threads share a small tensor). */
 #define BLOCK_ROWS 256
 
-int64_t bnncc_block_rows(void) { return BLOCK_ROWS; }
-
 /* A batch norm folded into the DPReLU before it: y = (x - mean) * scale + beta per channel, as
  * bnncc_batch_norm_forward normalises. All NULL for none. */
 typedef struct {
@@ -69,20 +67,22 @@ void bnncc_dprelu_forward(const float *restrict x, const float *norm_mean, const
 }
 
 /* Its backward, with dd = grad * gate: dx = dd * (t > 0 ? pos : neg) (the gradient of the
- * DPReLU's input: of the batch norm's output and of each shortcut), and per block of at most
- * BLOCK_ROWS rows of one image the partial sums (6 rows of `channels` each) of dx, dd,
- * dd * max(t, 0), dd * min(t, 0), grad * DPReLU(x) and, with a norm, dx * (x - mean): the
- * gradients of bias_x (negated), bias_y (negated), pos, neg, (added up over an image's blocks)
- * the gate, and the batch norm's second sum (0 without one). */
+ * DPReLU's input: of the batch norm's output and of each shortcut), and the parameters' gradients,
+ * summed over the rows: into d_params (4 rows of `channels`) -sum dx, -sum dd, sum dd * max(t, 0)
+ * and sum dd * min(t, 0) (bias_x, bias_y, pos, neg); into d_gate (images rows, when gated) the sum
+ * over each image of grad * DPReLU(x); into norm_sums (with a norm, in double) sum dx and
+ * sum dx * (x - mean), the batch norm backward's two sums. Each block of at most BLOCK_ROWS rows of
+ * one image sums in float, the blocks add up in double. */
 void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, const float *norm_mean,
                            const float *norm_scale, const float *norm_beta, const float *restrict r1,
                            const float *restrict r2, float *restrict dx, int64_t images, int64_t pixels,
                            int64_t channels, const float *restrict bias_x, const float *restrict bias_y,
                            const float *restrict pos, const float *restrict neg,
-                           const float *restrict gate, int64_t gate_stride, float *restrict partial,
-                           int threads) {
+                           const float *restrict gate, int64_t gate_stride, float *restrict d_params,
+                           float *restrict d_gate, double *restrict norm_sums, int threads) {
     norm nm = {norm_mean, norm_scale, norm_beta};
     int64_t chunks = (pixels + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    float *partial = malloc(images * chunks * 6 * channels * sizeof(float));
 #pragma omp parallel num_threads(threads)
     {
         /* the row's inputs first: computed in the loop below, they leave it too long to keep in registers */
@@ -133,6 +133,31 @@ void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, 
         }
         free(buf);
     }
+    double *total = calloc(6 * channels, sizeof(double));
+    for (int64_t b = 0; b < images * chunks; ++b) {
+        const float *restrict part = partial + 6 * b * channels;
+        double *restrict gate_sum = total + 4 * channels;  /* this image's, reset at its first block */
+        if (b % chunks == 0)
+            memset(gate_sum, 0, channels * sizeof(double));
+#pragma omp simd
+        for (int64_t c = 0; c < 6 * channels; ++c)
+            total[c] += part[c];
+        if (d_gate != NULL && b % chunks == chunks - 1)
+            for (int64_t c = 0; c < channels; ++c)
+                d_gate[b / chunks * channels + c] = (float)gate_sum[c];
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+        d_params[c] = (float)-total[c];
+        d_params[channels + c] = (float)-total[channels + c];
+        d_params[2 * channels + c] = (float)total[2 * channels + c];
+        d_params[3 * channels + c] = (float)total[3 * channels + c];
+        if (norm_sums != NULL) {
+            norm_sums[c] = total[c];
+            norm_sums[channels + c] = total[5 * channels + c];
+        }
+    }
+    free(total);
+    free(partial);
 }
 
 /* The activation quantizer's grid (quant.py): signed m = 2^(bits-1) - 1 on [-m, m] with a half

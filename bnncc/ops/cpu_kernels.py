@@ -75,11 +75,10 @@ def _library() -> ctypes.CDLL | None:
     # torch has loaded its libgomp.so.1 already; the library's libgomp.so.1 resolves to that one,
     # so both share one OpenMP thread pool
     lib = ctypes.CDLL(str(path))
-    lib.bnncc_block_rows.restype = _I64
     lib.bnncc_dprelu_forward.argtypes = [_F32, *[_F32] * 3, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32, _F32,
                                          _F32, _I64, ctypes.c_int]
     lib.bnncc_dprelu_backward.argtypes = [_F32, _F32, *[_F32] * 3, _F32, _F32, _F32, _I64, _I64, _I64, _F32, _F32, _F32,
-                                          _F32, _F32, _I64, _F32, ctypes.c_int]
+                                          _F32, _F32, _I64, _F32, _F32, ctypes.c_void_p, ctypes.c_int]
     flags = [ctypes.c_int] * 4  # bits, is_signed, relu, threads
     lib.bnncc_quantize_acts.argtypes = [_F32, _F32, _I64, _I64, _F32, *flags]
     lib.bnncc_quantize_acts_backward.argtypes = [_F32, _F32, _F32, _I64, _I64, _F32, *flags[:3], ctypes.c_float,
@@ -178,21 +177,21 @@ def dprelu_backward(lib: ctypes.CDLL, grad: torch.Tensor, x: torch.Tensor, bias_
                     shortcuts=(), norm=None):
     """(dx, d bias_x, d bias_y, d pos, d neg, d gate or None, the norm's sums or None). dx is the
     gradient of the DPReLU's input: of each shortcut, and of the norm's output when there is one;
-    the norm's sums, sum dx and sum dx * (x - mean) in float64 (2, C), go to ``batch_norm_backward``."""
+    the norm's sums, sum dx and sum dx * (x - mean) in float64 (2, C), go to ``batch_norm_backward``.
+    The sums over rows are taken in the kernel (per block in float, the blocks in double)."""
     rows, channels = channel_rows(x)
     images, pixels = x.shape[0], rows // x.shape[0]
     grad = _channels_last(grad)
     dx = torch.empty_like(x)
-    chunks = -(-pixels // lib.bnncc_block_rows())
-    partial = torch.empty(images, chunks, 6, channels)
+    d_params = x.new_empty(4, channels)
+    d_gate = None if gate is None else x.new_empty(gate.shape)
+    norm_sums = None if norm is None else torch.empty(2, channels, dtype=torch.float64)
     gate_rows, stride = _gate_rows(x, gate)
     lib.bnncc_dprelu_backward(_ptr(grad), _ptr(x), *_norm(norm), *_shortcuts(x, shortcuts), _ptr(dx), images, pixels,
                               channels, *map(_ptr, _vectors(bias_x, bias_y, pos, neg)), _ptr(gate_rows), stride,
-                              _ptr(partial), torch.get_num_threads())
-    sum_dx, sum_dd, sum_pos, sum_neg = partial[:, :, :4].sum((0, 1))
-    d_gate = None if gate is None else partial[:, :, 4].sum(1).reshape(gate.shape)
-    norm_sums = None if norm is None else partial[:, :, 0:6:5].double().sum((0, 1))
-    return dx, -sum_dx, -sum_dd, sum_pos, sum_neg, d_gate, norm_sums
+                              _ptr(d_params), None if d_gate is None else _ptr(d_gate),
+                              None if norm_sums is None else _ptr(norm_sums), torch.get_num_threads())
+    return dx, *d_params, d_gate, norm_sums
 
 
 def quantize_acts(lib: ctypes.CDLL, x: torch.Tensor, bound, bits: int, signed: int, relu: bool) -> torch.Tensor:
