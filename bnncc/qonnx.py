@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path

@@ -256,6 +256,17 @@ void bnncc_quantize_acts_backward(const float *restrict grad, const float *restr
     free(g.scale);
 }
 
+/* max |w[c]| over a row of weights (0 for none). */
+static inline float abs_max(const float *restrict wr, int64_t cols) {
+    float wmax = 0.0f;
+#pragma omp simd reduction(max : wmax)
+    for (int64_t c = 0; c < cols; ++c) {
+        float a = fabsf(wr[c]);
+        wmax = a > wmax ? a : wmax;  /* a compare, not fmaxf: fmaxf's NaN rule does not vectorize */
+    }
+    return wmax;
+}
+
 /* Symmetric per-row weight quantizer (quant.py): m = 2^(bits-1) - 1, s = 1 / max|w[r]| * m
  * (1 in place of a zero max), q = clamp(floor(w * s + 0.5), -m, m) / s. */
 void bnncc_quantize_weights(const float *restrict w, float *restrict q, int64_t rows, int64_t cols,
@@ -265,12 +276,7 @@ void bnncc_quantize_weights(const float *restrict w, float *restrict q, int64_t 
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict wr = w + r * cols;
         float *restrict qr = q + r * cols;
-        float wmax = 0.0f;
-#pragma omp simd reduction(max : wmax)
-        for (int64_t c = 0; c < cols; ++c) {
-            float a = fabsf(wr[c]);
-            wmax = a > wmax ? a : wmax;  /* a compare, not fmaxf: fmaxf's NaN rule does not vectorize */
-        }
+        float wmax = abs_max(wr, cols);
         float s = 1.0f / (wmax > 0.0f ? wmax : 1.0f) * m;
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
@@ -304,12 +310,7 @@ void bnncc_binarize_weights(const float *restrict w, float *restrict q, int64_t 
     for (int64_t r = 0; r < rows; ++r) {
         const float *restrict wr = w + r * cols;
         float *restrict qr = q + r * cols;
-        float wmax = 0.0f;
-#pragma omp simd reduction(max : wmax)
-        for (int64_t c = 0; c < cols; ++c) {
-            float a = fabsf(wr[c]);
-            wmax = a > wmax ? a : wmax;
-        }
+        float wmax = abs_max(wr, cols);
         float s = wmax * 0.5f;
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c)
