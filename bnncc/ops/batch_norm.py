@@ -34,17 +34,18 @@ class _BatchNorm(torch.autograd.Function):
 
 
 def kernels_fit(x, running_mean, running_var, gamma, beta) -> bool:
-    """Whether the training kernels run this batch norm (else ``F.batch_norm`` does)."""
+    """Whether the training kernels take this batch norm's parameters and statistics (whether they
+    take x's layout is ``cpu_kernels.kernels_for``'s to say)."""
     stats_fit = all(s is not None and s.dtype == torch.float32 and s.is_contiguous() for s in (running_mean, running_var))
-    return (cpu_kernels.kernels_for(x) is not None and gamma is not None and beta is not None and stats_fit
-            and x.numel() // x.shape[1] >= 2)
+    return gamma is not None and beta is not None and stats_fit and x.numel() // x.shape[1] >= 2
 
 
 def batch_norm_train(x, running_mean, running_var, gamma, beta, momentum: float, eps: float) -> torch.Tensor:
     """``F.batch_norm(x, running_mean, running_var, gamma, beta, True, momentum, eps)``."""
-    if not kernels_fit(x, running_mean, running_var, gamma, beta):
+    kernels = cpu_kernels.kernels_for(x)
+    if kernels is None or not kernels_fit(x, running_mean, running_var, gamma, beta):
         return F.batch_norm(x, running_mean, running_var, gamma, beta, True, momentum, eps)
-    return _BatchNorm.apply(x, gamma, beta, eps, momentum, running_mean, running_var, cpu_kernels.kernels_for(x))
+    return _BatchNorm.apply(x, gamma, beta, eps, momentum, running_mean, running_var, kernels)
 
 
 def batch_norm(x, scale, bias, mean, var, *, momentum: float, eps: float, training: bool) -> torch.Tensor:

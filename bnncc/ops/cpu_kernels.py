@@ -31,8 +31,8 @@ from bnncc.fileio import atomic_path, cache_dir
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
     "quantize_acts_backward", "mean_quantize_acts", "quantize_weights", "binarize_acts", "binarize_acts_backward",
-    "binarize_weights", "batch_norm_stats", "batch_norm_forward", "batch_norm_backward", "group_mean", "group_mean_backward", "tile",
-    "tile_backward",
+    "binarize_weights", "batch_norm_stats", "batch_norm_forward", "batch_norm_backward", "group_mean",
+    "group_mean_backward", "tile", "tile_backward",
 ]
 
 logger = logging.getLogger(__name__)

@@ -52,8 +52,9 @@ class _FusedDPReLU(torch.autograd.Function):
     one pass each way fewer than the batch norm alone."""
 
     @staticmethod
-    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate, norm: _Norm | None, gamma, beta, *shortcuts):
-        ctx.kernels, ctx.norm = cpu_kernels.kernels_for(x), norm
+    def forward(ctx, x, bias_x, bias_y, pos_slope, neg_slope, gate, kernels, norm: _Norm | None, gamma, beta,
+                *shortcuts):
+        ctx.kernels, ctx.norm = kernels, norm
         mean = var = scale = folded = None
         if norm is not None:
             mean, var, scale = cpu_kernels.batch_norm_stats(ctx.kernels, x, gamma, norm.eps, norm.momentum,
@@ -73,7 +74,7 @@ class _FusedDPReLU(torch.autograd.Function):
             dx, d_gamma, d_beta = cpu_kernels.batch_norm_backward(ctx.kernels, d_in, x, gamma, mean, var, ctx.norm.eps,
                                                                   sums)
         # an add passes its gradient to both sides
-        return dx, *params, None, d_gamma, d_beta, *(d_in for _ in shortcuts)
+        return dx, *params, None, None, d_gamma, d_beta, *(d_in for _ in shortcuts)
 
 
 class _DPReLU(torch.autograd.Function):
@@ -105,20 +106,23 @@ class _DPReLU(torch.autograd.Function):
 
 
 def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
-    if cpu_kernels.kernels_for(x) is not None:
-        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, None, None, None, None)
+    kernels = cpu_kernels.kernels_for(x)
+    if kernels is not None:
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, None, kernels, None, None, None)
     return _DPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope)
 
 
-def _fused_fits(x, gate, matched) -> bool:
-    """Whether the fused kernel runs x, a gate of shape (N, C, 1, 1) and the matched shortcuts."""
-    fits = all(m.shape == x.shape and m.stride() == x.stride() for m in matched)
-    return cpu_kernels.kernels_for(x) is not None and gate.shape == (x.shape[0], x.shape[1], 1, 1) and fits
+def _fused_kernels(x, gate, matched):
+    """The kernel library when it runs x, a gate of shape (N, C, 1, 1) and the matched shortcuts, else None."""
+    fits = gate.shape == (x.shape[0], x.shape[1], 1, 1) and all(
+        m.shape == x.shape and m.stride() == x.stride() for m in matched)
+    return cpu_kernels.kernels_for(x) if fits else None
 
 
 def _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched) -> torch.Tensor:
-    if _fused_fits(x, gate, matched):
-        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, None, None, None, *matched)
+    kernels = _fused_kernels(x, gate, matched)
+    if kernels is not None:
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, kernels, None, None, None, *matched)
     for m in matched:
         x = x + m
     return dprelu(x, bias_x, bias_y, pos_slope, neg_slope) * gate
@@ -138,8 +142,9 @@ def normed_gated_dprelu(x, scale, bias, mean, var, bias_x, bias_y, pos_slope, ne
     inputs and batch_norm.py's semantics), as one autograd node in training where the kernels run:
     the torch view runs a PokeConv's batch norm, shortcut adds, DPReLU and gate Mul as this step."""
     matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
-    if training and kernels_fit(x, mean, var, scale, bias) and _fused_fits(x, gate, matched):
-        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, _Norm(mean, var, momentum, eps),
-                                  scale, bias, *matched)
+    kernels = _fused_kernels(x, gate, matched) if training and kernels_fit(x, mean, var, scale, bias) else None
+    if kernels is not None:
+        return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, kernels,
+                                  _Norm(mean, var, momentum, eps), scale, bias, *matched)
     y = batch_norm(x, scale, bias, mean, var, momentum=momentum, eps=eps, training=training)
     return _gated(y, bias_x, bias_y, pos_slope, neg_slope, gate, matched)
