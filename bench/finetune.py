@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--teacher-lr", type=float, default=3e-2)
     parser.add_argument("--student-lr", type=float, default=3e-2)
     parser.add_argument("--recipe", default="pokebnn_1x")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None, help="keep the teacher, student and checkpoints here "
+                        "(default: a temporary folder, removed at the end)")
     parser.add_argument("--full-size-batch", type=int, default=8,
                         help="also time both networks at full size with this batch (0: skip)")
     parser.add_argument("--throughput-only", action="store_true",
@@ -89,8 +90,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time both networks through torch.compile at the fine-tune's size (minutes)")
     args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bnncc-bench-ft-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        run(args, Path(args.workdir))
+    else:  # the graphs and checkpoints take hundreds of MB: keep them only when asked to
+        with tempfile.TemporaryDirectory(prefix="bnncc-bench-ft-") as tmp:
+            run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     print(f"bench/finetune.py on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"work dir {work}")
 

@@ -237,6 +237,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="also time each kernel alone at batch 1")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bnncc-bench-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     import onnx_ir as ir
 
     from bnncc import zoo
@@ -244,7 +249,6 @@ def main() -> None:
     from bnncc.rewrite import rewrite
     from bnncc.targets.build import compile as compile_library
 
-    work = Path(tempfile.mkdtemp(prefix="bnncc-bench-"))
     float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")
     int8_path = _quantize_int8(float_path, work / "resnet50_int8.onnx")
     poke, _ = rewrite(load(float_path), "pokebnn_1x")
