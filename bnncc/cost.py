@@ -42,7 +42,6 @@ from rich.table import Table
 
 from bnncc.errors import BnnccError
 from bnncc.ops import DOMAIN
-from bnncc.passes._util import int_attr
 
 __all__ = ["CostReport", "Layer", "Elementwise", "ace", "read_model", "format_table"]
 
