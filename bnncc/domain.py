@@ -1,0 +1,10 @@
+"""The names and defaults every part of bnncc shares, in a module that imports nothing.
+
+The op domain's name and version, and B, the clipping bound of binary activations: the graph's
+BinaryConv/PokeConv attribute is the one place a model keeps its B; this is only the default a
+new graph gets (pokebnn.md section 2).
+"""
+
+DOMAIN = "ai.bnncc"
+VERSION = 1
+DEFAULT_CLIP_BOUND = 3.0
