@@ -6,7 +6,8 @@ activation counts as 1, fixed or symbolic):
 - MACs of a conv = Ho * Wo * (kh * kw * Cin / groups) * Cout, i.e. output elements times the dot
   length ``prod(W.shape[1:])``; of a dense layer (Gemm, MatMul, QuantGemm) = output elements times
   the inner dimension; of an SEGate = its two 1x1 convs at 1x1 spatial: Ci*Ch + Ch*Co with Ch the
-  hidden width (W1's first dimension, Ci // 8 in PokeBNN).
+  hidden width (W1's first dimension, Ci // 8 in PokeBNN); a PokeConv counts its binary conv and
+  its SE gate as these two layers (``<node>/binary``, ``<node>/se``).
 - ACE = MACs * w_bits * a_bits. BinaryConv is 1 x 1, QuantConv/QuantGemm/SEGate read their
   ``w_bits``/``a_bits`` attributes, float Conv/Gemm/MatMul count ``float_bits`` x ``float_bits``
   (16 x 16 = 256 by default: the paper's "bf16 x bf16").
@@ -20,8 +21,8 @@ activation counts as 1, fixed or symbolic):
 - Scalar ops ("sops", not in ACE) count one per output element of BatchNormalization, DPReLU,
   activations, BinarizeAct, Add and Mul; kh*kw per output element of MaxPool/AveragePool; H*W*C
   adds and C multiplies of a global average pool. An SEGate adds its pool (H*W*Ci adds, Ci
-  multiplies), ReLU (Ch) and hard-sigmoid (Co); a Mul by an SEGate's output counts as the SE
-  multiply. A ReshapeAdd counts its channel shrink (Hi*Wi*Co*k adds and Hi*Wi*Co multiplies when
+  multiplies), ReLU (Ch) and hard-sigmoid (Co); a PokeConv counts its two batch norms, its
+  shortcuts, DPReLU, SE gate and the gate's multiply (``se_mul``). A ReshapeAdd counts its channel shrink (Hi*Wi*Co*k adds and Hi*Wi*Co multiplies when
   Ci > Co, k = Ci // Co), its 3x3 shortcut pool (9*Ho*Wo*Co) and its add (Ho*Wo*Co; method
   "zeropad" is the local shortcut, "tile" the block shortcut). These are google/aqt's
   ``size_stats`` categories, except that the final global pool's C multiplies are counted too.
@@ -30,10 +31,8 @@ activation counts as 1, fixed or symbolic):
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import onnx
 import onnx_ir as ir
@@ -41,46 +40,12 @@ from rich import box
 from rich.table import Table
 
 from bnncc.errors import BnnccError
-from bnncc.ops import DOMAIN
+from bnncc.frontend import read as read_model
+from bnncc.ops import op_def
+from bnncc.ops.counting import (FLOAT_WEIGHT_BITS, Elementwise, Layer, conv_layer, dense_layer, numel,
+                                per_output)
 
 __all__ = ["CostReport", "Layer", "Elementwise", "ace", "read_model", "format_table"]
-
-FLOAT_WEIGHT_BITS = 32  # float weights are stored as float32 whatever width their MACs are counted at
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """One MAC-counting node: a conv (``part="conv"``) or a dense layer (``part="dense"``)."""
-
-    name: str
-    op_type: str
-    part: str
-    w_bits: int
-    a_bits: int
-    macs: int
-    weights: int  # elements of the layer's weight tensor(s)
-    weight_bits: int  # weights * w_bits (float weights at 32)
-
-    @property
-    def ace(self) -> int:
-        return self.macs * self.w_bits * self.a_bits
-
-    @property
-    def binary(self) -> bool:
-        return self.w_bits == 1 and self.a_bits == 1
-
-    @property
-    def cpu64(self) -> float:
-        return self.macs / 64 if self.binary else float(self.macs)
-
-
-@dataclasses.dataclass(frozen=True)
-class Elementwise:
-    """The scalar ops of one node, by category (see the module docstring)."""
-
-    name: str
-    op_type: str
-    sops: dict[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,49 +160,49 @@ def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int =
     layers: list[Layer] = []
     elementwise: list[Elementwise] = []
     for node in model.graph:
-        key = (_domain(node), node.op_type)
-        if key in _LAYERS:
-            layers.append(_LAYERS[key](node, shapes, float_bits))
-        if key in _SOPS:
-            sops = _SOPS[key](node, shapes)
+        layer_rule, sops_rule = _rules(node)
+        if layer_rule is not None:
+            layers.extend(layer_rule(node, shapes, float_bits))
+        if sops_rule is not None:
+            sops = sops_rule(node, shapes)
             if any(sops.values()):
                 elementwise.append(Elementwise(node.name, node.op_type, sops))
     initializers = [v for v in model.graph.initializers.values() if v.uses() or v.is_graph_output()]
-    weights = _inputs_at(model.graph, _WEIGHT_INPUTS)
-    state = _inputs_at(model.graph, _STATE_INPUTS)
+    weights = _inputs_at(model.graph, "weight_inputs")
+    state = _inputs_at(model.graph, "state_inputs")
     return CostReport(
         float_bits=float_bits,
         layers=tuple(layers),
         elementwise=tuple(elementwise),
-        params=sum(_numel(_initializer_shape(v)) for v in initializers),
-        weight_params=sum(_numel(_initializer_shape(v)) for v in initializers if v in weights),
-        state_params=sum(_numel(_initializer_shape(v)) for v in initializers if v in state and v not in weights),
+        params=sum(numel(_initializer_shape(v)) for v in initializers),
+        weight_params=sum(numel(_initializer_shape(v)) for v in initializers if v in weights),
+        state_params=sum(numel(_initializer_shape(v)) for v in initializers if v in state and v not in weights),
     )
 
 
-def _inputs_at(graph: ir.Graph, positions: dict[tuple[str, str], tuple[int, ...]]) -> set[ir.Value]:
-    """The values that feed the given input positions of the given ops."""
-    return {node.inputs[i] for node in graph if (_domain(node), node.op_type) in positions
-            for i in positions[(_domain(node), node.op_type)] if i < len(node.inputs) and node.inputs[i] is not None}
+def _rules(node: ir.Node) -> tuple[Callable | None, Callable | None]:
+    """(layers rule, sops rule) of a node: an ai.bnncc op's own (its OpDef), else a standard op's."""
+    op = op_def(node)
+    if op is not None:
+        return op.layers, op.sops
+    if node.domain in ("", "ai.onnx"):
+        return _LAYERS.get(node.op_type), _SOPS.get(node.op_type)
+    return None, None
 
 
-def read_model(path: str | os.PathLike) -> ir.Model:
-    """Read and check any ONNX file bnncc accepts (float or ai.bnncc graphs), without canonicalizing.
+def _input_positions(node: ir.Node, kind: str) -> tuple[int, ...]:
+    """``kind`` "weight_inputs" or "state_inputs" of a node (module docstring)."""
+    op = op_def(node)
+    if op is not None:
+        return getattr(op, kind)
+    standard = _WEIGHT_INPUTS if kind == "weight_inputs" else _STATE_INPUTS
+    return standard.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
 
-    The file checks are the front end's: missing, empty, truncated or non-ONNX files and external
-    data outside the model's folder raise BnnccError naming the file.
-    """
-    from bnncc.frontend import _load_external_data, _read_proto  # the front end's reader, shared
 
-    path = Path(path)
-    proto = _read_proto(path)
-    _load_external_data(proto, path)
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BnnccError(f"{path}: invalid ONNX model: {first}") from None
-    return ir.serde.deserialize_model(proto)
+def _inputs_at(graph: ir.Graph, kind: str) -> set[ir.Value]:
+    """The values that feed the weight or state input positions of the graph's nodes."""
+    return {node.inputs[i] for node in graph for i in _input_positions(node, kind)
+            if i < len(node.inputs) and node.inputs[i] is not None}
 
 
 def format_table(report: CostReport, title: str = "", per_layer: bool = True) -> Table:
@@ -334,166 +299,68 @@ def _initializer_shape(value: ir.Value) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _numel(dims: Iterable[int]) -> int:
-    return math.prod(dims)
-
-
-def _domain(node: ir.Node) -> str:
-    return "" if node.domain in ("", "ai.onnx") else node.domain
-
-
-# --------------------------------------------------------------------------- MAC layers
+# --------------------------------------------------------------------------- MAC layers of standard ops
+# (the ai.bnncc ops' rules are their OpDefs': bnncc/ops)
 
 # The inputs that hold a layer's weights (counted in weight bits and weight parameters).
-_WEIGHT_INPUTS = {("", "Conv"): (1,), ("", "Gemm"): (1,), ("", "MatMul"): (1,), (DOMAIN, "BinaryConv"): (1,),
-                  (DOMAIN, "QuantConv"): (1,), (DOMAIN, "QuantGemm"): (1,), (DOMAIN, "SEGate"): (1, 4)}
-# The inputs that hold state training does not learn: BN running statistics, activation bounds.
-_STATE_INPUTS = {("", "BatchNormalization"): (3, 4), (DOMAIN, "QuantConv"): (2,), (DOMAIN, "QuantGemm"): (2,),
-                 (DOMAIN, "SEGate"): (2, 5)}
+_WEIGHT_INPUTS = {"Conv": (1,), "Gemm": (1,), "MatMul": (1,)}
+# The inputs that hold state training does not learn: BN running statistics.
+_STATE_INPUTS = {"BatchNormalization": (3, 4)}
 
 
-def _bits(node: ir.Node, name: str) -> int:
-    attr = node.attributes.get(name)
-    if attr is None:
-        raise BnnccError(f"node '{node.name}' ({node.op_type}): missing the attribute '{name}'")
-    return attr.as_int()
+def _float_conv(node: ir.Node, shapes: _Shapes, float_bits: int) -> list[Layer]:
+    return [conv_layer(node, shapes, float_bits, float_bits, FLOAT_WEIGHT_BITS)]
 
 
-def _conv_layer(node: ir.Node, shapes: _Shapes, w_bits: int, a_bits: int, weight_bits: int) -> Layer:
-    """MACs = output pixels * Cout * dot length, the dot length being prod(W.shape[1:]) = kh*kw*Cin/groups."""
-    weight = shapes.static(node, node.inputs[1])
-    pixels = _numel(shapes.per_image(node, node.outputs[0])[1:])
-    macs = pixels * _numel(weight)
-    return Layer(node.name, node.op_type, "conv", w_bits, a_bits, macs, _numel(weight), _numel(weight) * weight_bits)
-
-
-def _float_conv(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    return _conv_layer(node, shapes, float_bits, float_bits, FLOAT_WEIGHT_BITS)
-
-
-def _binary_conv(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    return _conv_layer(node, shapes, 1, 1, 1)
-
-
-def _quant_conv(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    w_bits = _bits(node, "w_bits")
-    return _conv_layer(node, shapes, w_bits, _bits(node, "a_bits"), w_bits)
-
-
-def _se_gate(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    """Two 1x1 convs on the pooled (1x1) vector: MACs = |W1| + |W2| = Ci*Ch + Ch*Co."""
-    w_bits = _bits(node, "w_bits")
-    weights = _numel(shapes.static(node, node.inputs[1])) + _numel(shapes.static(node, node.inputs[4]))
-    return Layer(node.name, node.op_type, "conv", w_bits, _bits(node, "a_bits"), weights, weights, weights * w_bits)
-
-
-def _dense_layer(node: ir.Node, weight: tuple[int, ...], rows: int, w_bits: int, a_bits: int,
-                 weight_bits: int) -> Layer:
-    """MACs = rows per image * in * out: every row of the input meets every weight once."""
-    macs = rows * _numel(weight)
-    return Layer(node.name, node.op_type, "dense", w_bits, a_bits, macs, _numel(weight), _numel(weight) * weight_bits)
-
-
-def _gemm(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
+def _gemm(node: ir.Node, shapes: _Shapes, float_bits: int) -> list[Layer]:
     # Gemm's input is (N, in): one row per image, whatever W's layout (transB).
-    return _dense_layer(node, shapes.static(node, node.inputs[1]), 1, float_bits, float_bits, FLOAT_WEIGHT_BITS)
+    return [dense_layer(node, shapes.static(node, node.inputs[1]), 1, float_bits, float_bits, FLOAT_WEIGHT_BITS)]
 
 
-def _matmul(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
+def _matmul(node: ir.Node, shapes: _Shapes, float_bits: int) -> list[Layer]:
     """Rows per image = the output dims between the batch and the last one (1 for (N, out))."""
     weight = shapes.static(node, node.inputs[1])
-    rows = _numel(shapes.per_image(node, node.outputs[0])[:-1])
-    return _dense_layer(node, weight[-2:], rows * _numel(weight[:-2]), float_bits, float_bits, FLOAT_WEIGHT_BITS)
+    rows = numel(shapes.per_image(node, node.outputs[0])[:-1])
+    return [dense_layer(node, weight[-2:], rows * numel(weight[:-2]), float_bits, float_bits, FLOAT_WEIGHT_BITS)]
 
 
-def _quant_gemm(node: ir.Node, shapes: _Shapes, float_bits: int) -> Layer:
-    w_bits = _bits(node, "w_bits")
-    return _dense_layer(node, shapes.static(node, node.inputs[1]), 1, w_bits, _bits(node, "a_bits"), w_bits)
-
-
-_LAYERS: dict[tuple[str, str], Callable[[ir.Node, _Shapes, int], Layer]] = {
-    ("", "Conv"): _float_conv,
-    ("", "Gemm"): _gemm,
-    ("", "MatMul"): _matmul,
-    (DOMAIN, "BinaryConv"): _binary_conv,
-    (DOMAIN, "QuantConv"): _quant_conv,
-    (DOMAIN, "QuantGemm"): _quant_gemm,
-    (DOMAIN, "SEGate"): _se_gate,
+_LAYERS: dict[str, Callable[[ir.Node, _Shapes, int], list[Layer]]] = {
+    "Conv": _float_conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
 }
 
 
 # --------------------------------------------------------------------------- scalar ops
 
 
-def _per_output(category: str) -> Callable[[ir.Node, _Shapes], dict[str, int]]:
-    """One scalar op per output element."""
-
-    def count(node: ir.Node, shapes: _Shapes) -> dict[str, int]:
-        return {category: _numel(shapes.per_image(node, node.outputs[0]))}
-
-    return count
-
-
 def _pool(node: ir.Node, shapes: _Shapes) -> dict[str, int]:
     """kh * kw per output element (adds or comparisons)."""
     kernel = node.attributes["kernel_shape"].as_ints()
-    return {"pool": _numel(shapes.per_image(node, node.outputs[0])) * _numel(kernel)}
+    return {"pool": numel(shapes.per_image(node, node.outputs[0])) * numel(kernel)}
 
 
 def _global_pool(node: ir.Node, shapes: _Shapes) -> dict[str, int]:
     """H*W*C adds and, for the average, C multiplies."""
     dims = shapes.per_image(node, node.inputs[0])
-    sops = {"global_pool": _numel(dims)}
+    sops = {"global_pool": numel(dims)}
     if node.op_type == "GlobalAveragePool":
         sops["global_pool_mul"] = dims[0]
     return sops
 
 
-def _mul(node: ir.Node, shapes: _Shapes) -> dict[str, int]:
-    """An elementwise multiply; by an SEGate's output it is the SE multiply."""
-    by_gate = any(v is not None and v.producer() is not None and v.producer().op_type == "SEGate"
-                  for v in node.inputs)
-    return {"se_mul" if by_gate else "mul": _numel(shapes.per_image(node, node.outputs[0]))}
-
-
-def _se_gate_sops(node: ir.Node, shapes: _Shapes) -> dict[str, int]:
-    """Pool over H, W (H*W*Ci adds, Ci multiplies), ReLU on Ch, hard-sigmoid on Co."""
-    ci, h, w = shapes.per_image(node, node.inputs[0])
-    hidden = shapes.static(node, node.inputs[1])[0]
-    co = shapes.static(node, node.inputs[4])[0]
-    return {"se_pool": ci * h * w, "se_pool_mul": ci, "se_relu": hidden, "se_hardsigmoid": co}
-
-
-def _reshape_add(node: ir.Node, shapes: _Shapes) -> dict[str, int]:
-    """Channel shrink (Hi*Wi*Co*k adds, Hi*Wi*Co multiplies), 3x3 pool (9 per output), the add."""
-    co, ho, wo = shapes.per_image(node, node.inputs[0])
-    ci, hi, wi = shapes.per_image(node, node.inputs[1])
-    method = node.attributes["method"].as_string()
-    sops = {"local_residual_add" if method == "zeropad" else "block_residual_add": co * ho * wo}
-    if ci > co:
-        sops["shortcut_shrink"] = hi * wi * co * (ci // co)
-        sops["shortcut_shrink_mul"] = hi * wi * co
-    if (hi, wi) != (ho, wo):
-        sops["shortcut_pool"] = 9 * co * ho * wo
-    return sops
-
-
 _ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Tanh")
 
-_SOPS: dict[tuple[str, str], Callable[[ir.Node, _Shapes], dict[str, int]]] = {
-    ("", "BatchNormalization"): _per_output("batch_norm"),
-    **{("", op): _per_output("activation") for op in _ACTIVATIONS},
-    ("", "Add"): _per_output("add"),
-    ("", "Sum"): _per_output("add"),
-    ("", "Sub"): _per_output("add"),
-    ("", "Mul"): _mul,
-    ("", "Div"): _per_output("mul"),
-    ("", "MaxPool"): _pool,
-    ("", "AveragePool"): _pool,
-    ("", "GlobalAveragePool"): _global_pool,
-    ("", "GlobalMaxPool"): _global_pool,
-    (DOMAIN, "DPReLU"): _per_output("dprelu"),
-    (DOMAIN, "BinarizeAct"): _per_output("binarize"),
-    (DOMAIN, "SEGate"): _se_gate_sops,
-    (DOMAIN, "ReshapeAdd"): _reshape_add,
+_SOPS: dict[str, Callable[[ir.Node, _Shapes], dict[str, int]]] = {
+    "BatchNormalization": per_output("batch_norm"),
+    **{op: per_output("activation") for op in _ACTIVATIONS},
+    "Add": per_output("add"),
+    "Sum": per_output("add"),
+    "Sub": per_output("add"),
+    "Mul": per_output("mul"),
+    "Div": per_output("mul"),
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "GlobalAveragePool": _global_pool,
+    "GlobalMaxPool": _global_pool,
 }

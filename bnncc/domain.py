@@ -8,3 +8,7 @@ new graph gets (pokebnn.md section 2).
 DOMAIN = "ai.bnncc"
 VERSION = 1
 DEFAULT_CLIP_BOUND = 3.0
+# The batch norms bnncc adds: ONNX BatchNormalization's defaults (momentum in ONNX's convention,
+# running = momentum * running + (1 - momentum) * batch).
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import networkx as nx
 import onnx_ir as ir
 
-__all__ = ["FloatBlock", "float_blocks", "node_dag", "only_user", "BNNCC_DOMAIN"]
+from bnncc.domain import DOMAIN
 
-BNNCC_DOMAIN = "ai.bnncc"
+__all__ = ["FloatBlock", "float_blocks", "node_dag", "only_user"]
+
 _SOURCE = "<inputs>"
 
 
@@ -71,7 +72,7 @@ def float_blocks(graph: ir.Graph) -> list[FloatBlock]:
 def _is_merge(node: ir.Node) -> bool:
     if node.op_type == "Add" and node.domain == "":
         return True
-    return (node.op_type == "ReshapeAdd" and node.domain == BNNCC_DOMAIN
+    return (node.op_type == "ReshapeAdd" and node.domain == DOMAIN
             and node.attributes.get_string("method") == "tile")
 
 

@@ -16,17 +16,16 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
+from bnncc.domain import BN_EPSILON, BN_MOMENTUM, DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._blocks import BNNCC_DOMAIN
+from bnncc.ops import attach_functions
 from bnncc.passes._util import add_initializer
 
-__all__ = ["lecun_normal", "uncalibrated_bound", "add_node", "batch_norm", "dprelu", "take_over", "drop_unused",
-           "refresh"]
+__all__ = ["lecun_normal", "uncalibrated_bound", "add_node", "batch_norm_params", "batch_norm", "dprelu_params",
+           "dprelu", "take_over", "drop_unused", "refresh"]
 
 # std of a standard normal truncated to [-2, 2]
 _TRUNCATED_STD = 0.87962566103423978
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.9  # ONNX convention: running = momentum * running + (1 - momentum) * batch
 
 
 def lecun_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -45,32 +44,42 @@ def uncalibrated_bound(channels: int) -> np.ndarray:
     return np.full(channels, -1.0, np.float32)
 
 
-def add_node(graph: ir.Graph, op_type: str, inputs: list[ir.Value], name: str, *,
-             domain: str = "", **attributes) -> ir.Value:
+def add_node(graph: ir.Graph, op_type: str, inputs: list[ir.Value | None], name: str, *,
+             domain: str = "", overload: str = "", **attributes) -> ir.Value:
     """Append ``op_type(inputs)`` named ``name`` (its output too) to ``graph``; return the output."""
-    node = ir.node(op_type, inputs, attributes or None, domain=domain, name=name, outputs=[ir.Value(name=name)])
+    node = ir.node(op_type, inputs, attributes or None, domain=domain, overload=overload, name=name,
+                   outputs=[ir.Value(name=name)])
     graph.append(node)
     return node.outputs[0]
 
 
-def batch_norm(graph: ir.Graph, x: ir.Value, name: str, channels: int, gamma: float = 1.0) -> ir.Value:
-    """Inference BatchNormalization over ``channels`` with gamma ``gamma``, beta 0, mean 0, var 1."""
-    params = [
+def batch_norm_params(graph: ir.Graph, name: str, channels: int, gamma: float = 1.0) -> list[ir.Value]:
+    """gamma ``gamma``, beta 0, mean 0, var 1 over ``channels``, as initializers ``<name>.gamma`` ..."""
+    return [
         add_initializer(graph, f"{name}.gamma", np.full(channels, gamma, np.float32)),
         add_initializer(graph, f"{name}.beta", np.zeros(channels, np.float32)),
         add_initializer(graph, f"{name}.mean", np.zeros(channels, np.float32)),
         add_initializer(graph, f"{name}.var", np.ones(channels, np.float32)),
     ]
-    return add_node(graph, "BatchNormalization", [x, *params], name, epsilon=BN_EPSILON, momentum=BN_MOMENTUM)
 
 
-def dprelu(graph: ir.Graph, x: ir.Value, name: str, channels: int) -> ir.Value:
-    """DPReLU over ``channels`` with bias_x 0, bias_y 0, pos_slope 1, neg_slope 0.25."""
-    params = [
+def batch_norm(graph: ir.Graph, x: ir.Value, name: str, channels: int, gamma: float = 1.0) -> ir.Value:
+    """Inference BatchNormalization over ``channels`` (``batch_norm_params``)."""
+    return add_node(graph, "BatchNormalization", [x, *batch_norm_params(graph, name, channels, gamma)], name,
+                    epsilon=BN_EPSILON, momentum=BN_MOMENTUM)
+
+
+def dprelu_params(graph: ir.Graph, name: str, channels: int) -> list[ir.Value]:
+    """bias_x 0, bias_y 0, pos_slope 1, neg_slope 0.25 over ``channels``, as initializers ``<name>.bias_x`` ..."""
+    return [
         add_initializer(graph, f"{name}.{key}", np.full(channels, init, np.float32))
         for key, init in (("bias_x", 0.0), ("bias_y", 0.0), ("pos_slope", 1.0), ("neg_slope", 0.25))
     ]
-    return add_node(graph, "DPReLU", [x, *params], name, domain=BNNCC_DOMAIN)
+
+
+def dprelu(graph: ir.Graph, x: ir.Value, name: str, channels: int) -> ir.Value:
+    """DPReLU over ``channels`` (``dprelu_params``)."""
+    return add_node(graph, "DPReLU", [x, *dprelu_params(graph, name, channels)], name, domain=DOMAIN)
 
 
 def take_over(old: ir.Value, new: ir.Value) -> None:
@@ -106,10 +115,7 @@ def refresh(model: ir.Model) -> None:
     graph = model.graph
     drop_unused(graph)  # the weights and biases a pass replaced
     graph.sort()
-    if any(node.domain == BNNCC_DOMAIN for node in graph):
-        from bnncc.ops import attach_functions  # the op domain imports onnxscript: only when used
-
-        attach_functions(model)
+    attach_functions(model)
     for node in graph:
         for value in node.outputs:
             value.shape = None

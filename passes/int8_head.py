@@ -16,8 +16,8 @@ import logging
 
 import onnx_ir as ir
 
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._blocks import BNNCC_DOMAIN
 from bnncc.passes._pokebnn import refresh, take_over, uncalibrated_bound
 from bnncc.passes._util import add_initializer
 from bnncc.passmanager import register_pass
@@ -51,7 +51,7 @@ class Int8HeadPass(ir.passes.InPlacePass):
             bound = add_initializer(graph, f"{gemm.name}.act_bound", uncalibrated_bound(in_features))
             quant = ir.node("QuantGemm", [gemm.inputs[0], weight, bound, bias],
                             {"w_bits": self.w_bits, "a_bits": self.a_bits, "a_signed": 1},
-                            domain=BNNCC_DOMAIN, name=gemm.name)
+                            domain=DOMAIN, name=gemm.name)
             graph.insert_before(gemm, quant)
             take_over(gemm.outputs[0], quant.outputs[0])
             graph.remove(gemm, safe=True)

@@ -1,20 +1,15 @@
-"""Turn every float bottleneck conv into a PokeConv (pokebnn.md section 2, bnncc/ops/spec.md).
+"""Turn every float bottleneck conv into a PokeConv (pokebnn.md section 2, bnncc/ops/poke_conv.py).
 
 A float bottleneck ``x -> conv1 -> relu -> conv2 -> relu -> conv3 -> add(., shortcut) -> relu``
-becomes three PokeConvs; PokeConv i with input x_i (x_1 = x) and the float conv's weight W_i is
-
-    c = BinaryConv(x_i, W_i)                      # k x k, the float conv's stride, TF SAME, no bias
-    b = BatchNormalization(c)                     # gamma 0 for conv3, 1 otherwise
-    s = ReshapeAdd(b, x_i, method="zeropad")      # local shortcut
-    s = ReshapeAdd(s, x, method="tile")           # block shortcut, conv3 only
-    d = DPReLU(s)
-    g = SEGate(x_i)                               # Cin -> Cin // se_ratio -> Cout, int4
-    y_i = BatchNormalization(Mul(d, g))           # bn_split, gamma 1
-
-and y_3 is the block output (no ReLU: DPReLU replaced them all). The binary weights are the float
-convs' weights (BinaryConv keeps only their signs and per-channel max); the float conv's bias,
-the folded BatchNorm shift of the float model, is dropped: the new BN after the binary conv
-takes its role. Everything else is new and initialised as in ``_pokebnn``. The stride stays
+becomes three ``ai.bnncc.PokeConv`` nodes: y_i = PokeConv(x_i, W_i, ...) with x_1 = x and W_i the
+float conv's weight (k x k, its stride, TF SAME, no bias); the third also reads the block input x
+as its block shortcut (the op's "block" overload), and its first batch norm starts at gamma 0.
+y_3 is the block output (no ReLU: the DPReLUs replaced them all). The binary weights are the
+float convs' weights (BinaryConv keeps only their signs and per-channel max); the float conv's
+bias, the folded BatchNorm shift of the float model, is dropped: the new BN after the binary conv
+takes its role. Everything else is new and initialised as in ``_pokebnn``; initializers are named
+after the float conv: ``<conv>/bn.gamma``, ``<conv>/dprelu.pos_slope``, ``<conv>/se.w1``,
+``<conv>/bn_split.var`` and so on, and the node after the float conv itself. The stride stays
 where the float conv had it (run stride_to_3x3 first for v1 models). The block's shortcut must
 be parameter-free already (identity, or a ReshapeAdd from remove_projection_shortcuts).
 """
@@ -28,9 +23,11 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._blocks import BNNCC_DOMAIN, FloatBlock, float_blocks
-from bnncc.passes._pokebnn import (add_node, batch_norm, dprelu, lecun_normal, refresh, take_over,
+from bnncc.ops.poke_conv import BLOCK_OVERLOAD
+from bnncc.passes._blocks import FloatBlock, float_blocks
+from bnncc.passes._pokebnn import (add_node, batch_norm_params, dprelu_params, lecun_normal, refresh, take_over,
                                    uncalibrated_bound)
 from bnncc.passes._util import add_initializer
 from bnncc.passmanager import register_pass
@@ -47,7 +44,7 @@ class PokeConvPass(ir.passes.InPlacePass):
     3. No float bottleneck (e.g. already rewritten): left alone.
     """
 
-    def __init__(self, clip_bound: float = 3.0, se_ratio: int = 8, se_w_bits: int = 4, se_a_bits: int = 4,
+    def __init__(self, clip_bound: float = DEFAULT_CLIP_BOUND, se_ratio: int = 8, se_w_bits: int = 4, se_a_bits: int = 4,
                  seed: int = 0) -> None:
         super().__init__()
         if not clip_bound > 0:
@@ -95,27 +92,28 @@ class PokeConvPass(ir.passes.InPlacePass):
         out_channels, in_channels, kh, kw = weight.const_value.shape
         if conv.attributes.get_int("group", 1) != 1 or set(conv.attributes.get_ints("dilations", (1, 1))) != {1}:
             raise BnnccError(f"poke_conv: node {name!r} (Conv): groups or dilations are not supported")
-        c = add_node(graph, "BinaryConv", [x, weight], f"{name}/binary", domain=BNNCC_DOMAIN,
-                     kernel_shape=[kh, kw], strides=list(conv.attributes.get_ints("strides", (1, 1))),
-                     clip_bound=self.clip_bound)
-        s = batch_norm(graph, c, f"{name}/bn", out_channels, gamma=0.0 if block_input is not None else 1.0)
-        s = add_node(graph, "ReshapeAdd", [s, x], f"{name}/local", domain=BNNCC_DOMAIN, method="zeropad")
+        inputs = [
+            x, weight,
+            *batch_norm_params(graph, f"{name}/bn", out_channels, gamma=0.0 if block_input is not None else 1.0),
+            *dprelu_params(graph, f"{name}/dprelu", out_channels),
+            *self._se_params(graph, f"{name}/se", in_channels, out_channels, rng),
+            *batch_norm_params(graph, f"{name}/bn_split", out_channels),
+        ]
         if block_input is not None:
-            s = add_node(graph, "ReshapeAdd", [s, block_input], f"{name}/block", domain=BNNCC_DOMAIN, method="tile")
-        d = dprelu(graph, s, f"{name}/dprelu", out_channels)
-        g = self._se_gate(graph, x, f"{name}/se", in_channels, out_channels, rng)
-        m = add_node(graph, "Mul", [d, g], f"{name}/se_mul")
-        return batch_norm(graph, m, f"{name}/bn_split", out_channels)
+            inputs.append(block_input)
+        return add_node(graph, "PokeConv", inputs, name, domain=DOMAIN,
+                        overload=BLOCK_OVERLOAD if block_input is not None else "",
+                        kernel_shape=[kh, kw], strides=list(conv.attributes.get_ints("strides", (1, 1))),
+                        clip_bound=self.clip_bound, se_w_bits=self.se_w_bits, se_a_bits=self.se_a_bits)
 
-    def _se_gate(self, graph: ir.Graph, x: ir.Value, name: str, in_channels: int, out_channels: int,
-                 rng: np.random.Generator) -> ir.Value:
-        """SEGate(x): Cin -> Cin // se_ratio -> Cout, LeCun-normal kernels, zero biases, bounds -1."""
+    def _se_params(self, graph: ir.Graph, name: str, in_channels: int, out_channels: int,
+                   rng: np.random.Generator) -> list[ir.Value]:
+        """The SE gate's Cin -> Cin // se_ratio -> Cout: LeCun-normal kernels, zero biases, bounds -1."""
         hidden = in_channels // self.se_ratio
         if hidden < 1:
             raise BnnccError(f"poke_conv: {name}: {in_channels} input channels leave no SE channel "
                              f"at se_ratio={self.se_ratio}")
-        inputs = [
-            x,
+        return [
             add_initializer(graph, f"{name}.w1", lecun_normal(rng, (hidden, in_channels, 1, 1))),
             add_initializer(graph, f"{name}.bound1", uncalibrated_bound(in_channels)),
             add_initializer(graph, f"{name}.b1", np.zeros(hidden, np.float32)),
@@ -123,5 +121,3 @@ class PokeConvPass(ir.passes.InPlacePass):
             add_initializer(graph, f"{name}.bound2", uncalibrated_bound(hidden)),
             add_initializer(graph, f"{name}.b2", np.zeros(out_channels, np.float32)),
         ]
-        return add_node(graph, "SEGate", inputs, name, domain=BNNCC_DOMAIN, w_bits=self.se_w_bits,
-                        a_bits=self.se_a_bits)

@@ -24,8 +24,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._blocks import BNNCC_DOMAIN, only_user
+from bnncc.passes._blocks import only_user
 from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh,
                                    take_over, uncalibrated_bound)
 from bnncc.passes._util import add_initializer
@@ -89,7 +90,7 @@ class PokeStemPass(ir.passes.InPlacePass):
             add_initializer(graph, f"{name}.act_bound", uncalibrated_bound(in_channels)),
             add_initializer(graph, f"{name}.bias", np.zeros(weight.shape[0], np.float32)),
         ]
-        return add_node(graph, "QuantConv", inputs, name, domain=BNNCC_DOMAIN,
+        return add_node(graph, "QuantConv", inputs, name, domain=DOMAIN,
                         w_bits=self.w_bits, a_bits=self.a_bits, a_signed=1, **conv)
 
 

@@ -19,7 +19,8 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._blocks import BNNCC_DOMAIN, float_blocks
+from bnncc.domain import DOMAIN
+from bnncc.passes._blocks import float_blocks
 from bnncc.passes._pokebnn import refresh, take_over
 from bnncc.passmanager import register_pass
 
@@ -41,7 +42,7 @@ class RemoveProjectionShortcutsPass(ir.passes.InPlacePass):
         for block in blocks:
             projection, merge = block.projection, block.merge
             y = merge.inputs[1 - list(merge.inputs).index(projection.outputs[0])]
-            reshape_add = ir.node("ReshapeAdd", [y, block.input], {"method": "tile"}, domain=BNNCC_DOMAIN,
+            reshape_add = ir.node("ReshapeAdd", [y, block.input], {"method": "tile"}, domain=DOMAIN,
                                   name=merge.name)
             graph.insert_before(merge, reshape_add)
             take_over(merge.outputs[0], reshape_add.outputs[0])

@@ -1,68 +1,50 @@
-"""The ``ai.bnncc`` op domain: each op once as an ONNX function (the reference) and once in torch.
+"""The ``ai.bnncc`` op domain: every op once, with all of its faces, in ``registry.OPS``.
 
-The contract is ``spec.md`` beside this file. ``attach_functions`` adds the function bodies that a
-graph needs, so onnxruntime runs any bnncc graph as it is; ``TORCH_OPS`` gives the torch
-implementation (straight-through gradients) that the torch view dispatches to.
+The contract is ``spec.md`` beside this file; each op's module defines its ONNX function (the
+reference), its torch implementation, its cost rules and its QONNX emitter and registers them as
+one ``OpDef`` (``registry.py``). ``attach_functions`` adds the function bodies that a graph needs,
+so onnxruntime runs any bnncc graph as it is; ``inline_functions`` expands chosen ops into their
+bodies for tools that want the plain chain.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import onnx
+import onnx.inliner
 import onnx_ir as ir
 
+from bnncc.domain import DOMAIN, VERSION
 from bnncc.errors import BnnccError
-from bnncc.ops._opset import DEFAULT_OPSET, DOMAIN, VERSION, bnncc_opset as opset
-from bnncc.ops.binarize import BinarizeAct, binarize_act
-from bnncc.ops.binary_conv import BinaryConv, binary_conv
-from bnncc.ops.dprelu import DPReLU, dprelu
-from bnncc.ops.quant import QuantConv, QuantGemm, QuantizeActs, QuantizeWeights, quant_conv, quant_gemm
-from bnncc.ops.reshape_add import ReshapeAdd, reshape_add
-from bnncc.ops.se_gate import SEGate, se_gate
+from bnncc.ops import binarize, binary_conv, dprelu, poke_conv, quant, reshape_add, se_gate  # noqa: F401 (register)
+from bnncc.ops._opset import DEFAULT_OPSET, bnncc_opset as opset
+from bnncc.ops.registry import OPS, OpDef, op_def
 
-__all__ = ["DOMAIN", "VERSION", "opset", "FUNCTIONS", "TORCH_OPS", "function_protos", "attach_functions"]
-
-# Every function of the domain, helpers (QuantizeActs, QuantizeWeights) included.
-FUNCTIONS = {
-    f.name: f
-    for f in (BinarizeAct, BinaryConv, QuantizeWeights, QuantizeActs, QuantConv, QuantGemm, DPReLU, ReshapeAdd,
-              SEGate)
-}
-
-TORCH_OPS: dict[str, Callable] = {
-    "BinarizeAct": binarize_act,
-    "BinaryConv": binary_conv,
-    "QuantConv": quant_conv,
-    "QuantGemm": quant_gemm,
-    "DPReLU": dprelu,
-    "ReshapeAdd": reshape_add,
-    "SEGate": se_gate,
-}
-
-ML_DOMAIN = "ai.onnx.ml"  # ReshapeAdd reads its string attribute through LabelEncoder
+__all__ = ["DOMAIN", "VERSION", "opset", "OPS", "OpDef", "op_def", "function_protos", "attach_functions",
+           "inline_functions"]
 
 
 def function_protos(names: set[str] | None = None) -> list[onnx.FunctionProto]:
-    """FunctionProtos for ``names`` (all when None) and every function they call, callees first."""
-    protos = {name: f.to_function_proto() for name, f in FUNCTIONS.items()}
-    wanted = set(protos) if names is None else set(names)
-    unknown = wanted - set(protos)
+    """FunctionProtos (every overload) of the ops ``names`` (all when None) and of every op their
+    bodies call, callees first."""
+    wanted = set(OPS) if names is None else set(names)
+    unknown = wanted - set(OPS)
     if unknown:
         raise KeyError(f"not ai.bnncc ops: {sorted(unknown)}")
+    protos = {name: OPS[name].protos() for name in OPS}
     ordered: list[str] = []
 
     def visit(name: str) -> None:
         if name in ordered:
             return
-        for node in protos[name].node:
-            if node.domain == DOMAIN:
-                visit(node.op_type)
+        for proto in protos[name]:
+            for node in proto.node:
+                if node.domain == DOMAIN:
+                    visit(node.op_type)
         ordered.append(name)
 
     for name in sorted(wanted):
         visit(name)
-    return [protos[n] for n in ordered]
+    return [proto for name in ordered for proto in protos[name]]
 
 
 def _used_ops(graph_nodes) -> set[str]:
@@ -84,24 +66,32 @@ def _require_default_opset(version: int | None) -> None:
         raise BnnccError(f"ai.bnncc ops need default-domain opset >= {DEFAULT_OPSET}, the model imports {version}")
 
 
+# Function overloads (PokeConv's "block") need IR version 10.
+_IR_VERSION = 10
+
+
 def attach_functions(model):
     """Add the ai.bnncc functions the graph uses (and their opset imports) to ``model``.
 
-    Accepts an ``onnx_ir.Model`` (changed in place) or an ``onnx.ModelProto`` (changed in place);
-    returns the model. Functions already present are replaced by the current definitions.
-    The model must import the default domain at opset 18 or later (bnncc's canonical form).
+    Accepts an ``onnx_ir.Model`` or an ``onnx.ModelProto`` (changed in place); returns the model.
+    Functions already present are replaced by the current definitions. The model must import the
+    default domain at opset 18 or later (bnncc's canonical form); its IR version is raised to 10
+    where it is lower.
     """
     if isinstance(model, onnx.ModelProto):
-        if _used_ops(model.graph.node):
-            _require_default_opset(next((i.version for i in model.opset_import if i.domain == ""), None))
-        protos = function_protos(_used_ops(model.graph.node)) if _used_ops(model.graph.node) else []
+        used = _used_ops(model.graph.node)
+        if not used:
+            return model
+        _require_default_opset(next((i.version for i in model.opset_import if i.domain == ""), None))
+        protos = function_protos(used)
         kept = [f for f in model.functions if f.domain != DOMAIN]
         del model.functions[:]
         model.functions.extend(kept + protos)
         present = {imp.domain for imp in model.opset_import}
-        for domain, version in _needed_opsets(protos).items() if protos else ():
+        for domain, version in _needed_opsets(protos).items():
             if domain not in present:
                 model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+        model.ir_version = max(model.ir_version, _IR_VERSION)
         return model
     used = _used_ops(model.graph)
     if not used:
@@ -115,4 +105,17 @@ def attach_functions(model):
         model.functions[function.identifier()] = function
     for domain, version in _needed_opsets(protos).items():
         model.opset_imports.setdefault(domain, version)
+    model.ir_version = max(model.ir_version, _IR_VERSION)
     return model
+
+
+def inline_functions(model: onnx.ModelProto, names: set[str] | None = None) -> onnx.ModelProto:
+    """``model`` with the graph's nodes of the ai.bnncc ops ``names`` (default: PokeConv) replaced
+    by their function bodies, once (the ops those bodies call stay as nodes); the functions are
+    attached anew. For tools that want the expanded chain; onnxruntime runs either form."""
+    names = {poke_conv.OP.name} if names is None else set(names)
+    unknown = names - set(OPS)
+    if unknown:
+        raise BnnccError(f"not ai.bnncc ops: {sorted(unknown)}")
+    inlined = onnx.inliner.inline_selected_functions(attach_functions(model), [(DOMAIN, n) for n in sorted(names)])
+    return attach_functions(inlined)

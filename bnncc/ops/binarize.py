@@ -20,14 +20,17 @@ from __future__ import annotations
 import torch
 from onnxscript import script
 
+from bnncc.domain import DEFAULT_CLIP_BOUND
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
+from bnncc.ops.counting import per_output
+from bnncc.ops.registry import OpDef, register
 
 __all__ = ["BinarizeAct", "binarize_act", "binarize_weights", "straight_through"]
 
 
 @script(bnncc_opset, default_opset=op)
-def BinarizeAct(X, clip_bound: float = 3.0):
+def BinarizeAct(X, clip_bound: float = DEFAULT_CLIP_BOUND):
     half = op.CastLike(op.Constant(value_float=clip_bound), X) * op.CastLike(0.5, X)
     return op.Where(X >= op.CastLike(0.0, X), half, op.Neg(half))
 
@@ -78,7 +81,7 @@ class _BinarizeAct(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, -ctx.clip_bound, ctx.clip_bound), None
 
 
-def binarize_act(x: torch.Tensor, clip_bound: float = 3.0) -> torch.Tensor:
+def binarize_act(x: torch.Tensor, clip_bound: float = DEFAULT_CLIP_BOUND) -> torch.Tensor:
     """Torch BinarizeAct with the clipped straight-through gradient."""
     return _BinarizeAct.apply(x, float(clip_bound))
 
@@ -94,3 +97,6 @@ def binarize_weights(w: torch.Tensor) -> torch.Tensor:
         # (6 ms a step over the 48 binary convs' weights); w + 0.0 makes -0.0 count as positive
         wq = torch.copysign(scale, w + 0.0)
     return straight_through(w, wq)
+
+
+OP = register(OpDef("BinarizeAct", (BinarizeAct,), torch=binarize_act, sops=per_output("binarize")))

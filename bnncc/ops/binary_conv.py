@@ -16,18 +16,23 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from onnxscript import script
 
+from bnncc.domain import DEFAULT_CLIP_BOUND
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.binarize import BinarizeAct, binarize_act, binarize_weights
+from bnncc.ops.counting import conv_layer
+from bnncc.ops.qonnx_nodes import QONNX_DOMAIN
+from bnncc.ops.registry import OpDef, register
 
-__all__ = ["BinaryConv", "binary_conv", "same_pads"]
+__all__ = ["BinaryConv", "binary_conv", "same_pads", "binary_layer", "emit_qonnx"]
 
 
 @script(bnncc_opset, default_opset=op)
-def BinaryConv(X, W, kernel_shape: Sequence[int], strides: Sequence[int], clip_bound: float = 3.0):
+def BinaryConv(X, W, kernel_shape: Sequence[int], strides: Sequence[int], clip_bound: float = DEFAULT_CLIP_BOUND):
     # SAME_UPPER is TF SAME (the odd cell after); Conv pads the already binarized input with 0.
     xb = BinarizeAct(X, clip_bound=clip_bound)
     wmax = op.ReduceMax(op.Abs(W), op.Constant(value_ints=[1, 2, 3]), keepdims=1)
@@ -49,7 +54,7 @@ def binary_conv(
     *,
     kernel_shape: Sequence[int],
     strides: Sequence[int],
-    clip_bound: float = 3.0,
+    clip_bound: float = DEFAULT_CLIP_BOUND,
     quantize_weights: bool = True,
 ) -> torch.Tensor:
     """Torch BinaryConv; ``quantize_weights=False`` keeps float weights (first training phase)."""
@@ -60,3 +65,36 @@ def binary_conv(
     if (top, left) == (bottom, right):  # symmetric: conv2d's own zero padding saves a padded copy
         return F.conv2d(xb, wb, stride=tuple(strides), padding=(top, left))
     return F.conv2d(F.pad(xb, (left, right, top, bottom)), wb, stride=tuple(strides))
+
+
+def binary_layer(node, shapes, float_bits: int, **part):
+    """The binary conv's layer: 1-bit weights and activations (``part``: see ``conv_layer``)."""
+    return conv_layer(node, shapes, 1, 1, 1, **part)
+
+
+def emit_qonnx(e, node, inputs, dims) -> str:
+    """``BipolarQuant(X, B/2)`` and ``BipolarQuant(W, max|W[o]|/2)`` (y = scale * (x >= 0 ? 1 : -1)),
+    then an explicit zero ``Pad`` (TF SAME) and ``Conv`` with no padding: the border contributes 0."""
+    x, w_name = inputs[:2]
+    shape_in = dims(node.inputs[0])
+    bound = node.attributes["clip_bound"].as_float()
+    k = list(node.attributes["kernel_shape"].as_ints())
+    s = list(node.attributes["strides"].as_ints())
+    w = e.value(w_name)
+    xq = e.node("BipolarQuant", [x, e.const(f"{node.name}.xscale", np.float32(bound / 2))], f"{node.name}.xq",
+                domain=QONNX_DOMAIN)
+    wscale = (np.abs(w).reshape(w.shape[0], -1).max(axis=1) / 2).reshape(-1, 1, 1, 1).astype(np.float32)
+    wq = e.node("BipolarQuant", [w_name, e.const(f"{node.name}.wscale", wscale)], f"{node.name}.wq",
+                domain=QONNX_DOMAIN)
+    (top, bottom), (left, right) = same_pads(shape_in[2], k[0], s[0]), same_pads(shape_in[3], k[1], s[1])
+    padded = e.node("Pad", [xq, e.const(f"{node.name}.pads", np.array([0, 0, top, left, 0, 0, bottom, right]))],
+                    f"{node.name}.pad")
+    return e.node("Conv", [padded, wq], node.name, kernel_shape=k, strides=s)
+
+
+def _layers(node, shapes, float_bits: int):
+    return [binary_layer(node, shapes, float_bits)]
+
+
+OP = register(OpDef("BinaryConv", (BinaryConv,), torch=binary_conv, layers=_layers, weight_inputs=(1,),
+                    qonnx=emit_qonnx))

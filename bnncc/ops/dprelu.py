@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from onnxscript import script
 
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.batch_norm import batch_norm, kernels_fit
+from bnncc.ops.counting import per_output
+from bnncc.ops.qonnx_nodes import per_channel
+from bnncc.ops.registry import OpDef, register
 from bnncc.ops.reshape_add import match_shortcut
 
 __all__ = ["DPReLU", "dprelu", "gated_dprelu", "normed_gated_dprelu"]
@@ -148,3 +152,17 @@ def normed_gated_dprelu(x, scale, bias, mean, var, bias_x, bias_y, pos_slope, ne
                                   _Norm(mean, var, momentum, eps), scale, bias, *matched)
     y = batch_norm(x, scale, bias, mean, var, momentum=momentum, eps=eps, training=training)
     return _gated(y, bias_x, bias_y, pos_slope, neg_slope, gate, matched)
+
+
+def emit_qonnx(e, node, inputs, dims, name: str | None = None) -> str:
+    """Standard ops: t = X - bias_x; Where(t >= 0, pos, neg) * t - bias_y (``name``: the output's base)."""
+    name = name or node.name
+    x, params = inputs[0], inputs[1:5]
+    bx, by, ps, ns = (per_channel(e, p, f"{name}.{i}") for i, p in enumerate(params))
+    t = e.node("Sub", [x, bx], f"{name}.t")
+    positive = e.node("GreaterOrEqual", [t, e.const(f"{name}.zero", np.float32(0))], f"{name}.pos")
+    slope = e.node("Where", [positive, ps, ns], f"{name}.slope")
+    return e.node("Sub", [e.node("Mul", [slope, t], f"{name}.mul"), by], name)
+
+
+OP = register(OpDef("DPReLU", (DPReLU,), torch=dprelu, sops=per_output("dprelu"), qonnx=emit_qonnx))

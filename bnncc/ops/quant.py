@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from onnx.helper import make_tensor
 from onnxscript import FLOAT, INT64, script
 
-from bnncc.ops import cpu_kernels
+from bnncc.ops import cpu_kernels, qonnx_nodes
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.binarize import straight_through
+from bnncc.ops.counting import bits_attr, conv_layer, dense_layer
+from bnncc.ops.registry import OpDef, register
 
 __all__ = [
     "QuantizeWeights", "QuantizeActs", "QuantConv", "QuantGemm",
-    "quantize_weights", "quantize_acts", "quant_conv", "quant_gemm",
+    "quantize_weights", "quantize_acts", "quant_conv", "quant_gemm", "channel_absmax",
 ]
 
 
@@ -196,3 +198,40 @@ def quant_gemm(x, w, act_bound, b, *, w_bits: int, a_bits: int, a_signed: int, q
 
 # quant_conv's keyword `quantize_weights` shadows the function inside its body.
 _quantize_weights_fn = quantize_weights
+
+
+def channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over every axis but the channel axis 1: what an activation bound calibrates on."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.detach().abs().amax(dim=dims)
+
+
+def _observe_input(args: list[torch.Tensor], attrs: dict) -> torch.Tensor:
+    """QuantConv/QuantGemm: the quantized activation is input X."""
+    return channel_absmax(args[0])
+
+
+def _conv_layers(node, shapes, float_bits: int):
+    w_bits = bits_attr(node, "w_bits")
+    return [conv_layer(node, shapes, w_bits, bits_attr(node, "a_bits"), w_bits)]
+
+
+def _gemm_layers(node, shapes, float_bits: int):
+    w_bits = bits_attr(node, "w_bits")
+    return [dense_layer(node, shapes.static(node, node.inputs[1]), 1, w_bits, bits_attr(node, "a_bits"), w_bits)]
+
+
+def _emit_qonnx(e, node, inputs, dims) -> str:
+    """IntQuant on weights and activations, then Conv / Gemm (qonnx_nodes.quant_conv)."""
+    attrs = {a.name: a.value for a in node.attributes.values()}
+    conv = {k: attrs[k] for k in ("kernel_shape", "strides", "pads", "group") if k in attrs}
+    return qonnx_nodes.quant_conv(e, node.name, *inputs, attrs["w_bits"], attrs["a_bits"], bool(attrs["a_signed"]),
+                                  len(dims(node.inputs[0])), **conv)
+
+
+register(OpDef("QuantizeWeights", (QuantizeWeights,)))
+register(OpDef("QuantizeActs", (QuantizeActs,)))
+QUANT_CONV = register(OpDef("QuantConv", (QuantConv,), torch=quant_conv, layers=_conv_layers, weight_inputs=(1,),
+                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx))
+QUANT_GEMM = register(OpDef("QuantGemm", (QuantGemm,), torch=quant_gemm, layers=_gemm_layers, weight_inputs=(1,),
+                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx))

@@ -15,6 +15,7 @@ Ci < Co, k = 1 and it is the plain expansion.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from onnxscript import FLOAT, script
@@ -22,6 +23,8 @@ from onnxscript import opset_ai_onnx_ml3 as ml
 
 from bnncc.ops import cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
+from bnncc.ops.binary_conv import same_pads
+from bnncc.ops.registry import OpDef, register
 
 __all__ = ["ReshapeAdd", "reshape_add", "match_shortcut", "match_channels", "shortcut_pool"]
 
@@ -148,8 +151,6 @@ def match_channels(r: torch.Tensor, out_channels: int, method: str) -> torch.Ten
 
 def shortcut_pool(r: torch.Tensor) -> torch.Tensor:
     """3x3 stride-2 average pool with TF SAME padding, padded cells counted."""
-    from bnncc.ops.binary_conv import same_pads
-
     top, bottom = same_pads(r.shape[2], 3, 2)
     left, right = same_pads(r.shape[3], 3, 2)
     return F.avg_pool2d(F.pad(r, (left, right, top, bottom)), 3, 2)
@@ -171,3 +172,47 @@ def match_shortcut(y: torch.Tensor, r: torch.Tensor, method: str) -> torch.Tenso
 
 def reshape_add(y: torch.Tensor, r: torch.Tensor, *, method: str) -> torch.Tensor:
     return y + match_shortcut(y, r, method)
+
+
+def sops(node, shapes, method: str | None = None, residual=None) -> dict[str, int]:
+    """Channel shrink (Hi*Wi*Co*k adds, Hi*Wi*Co multiplies), 3x3 pool (9 per output), the add.
+
+    ``method`` and ``residual`` default to the node's own (PokeConv counts its shortcuts with them)."""
+    co, ho, wo = shapes.per_image(node, node.outputs[0])
+    ci, hi, wi = shapes.per_image(node, residual if residual is not None else node.inputs[1])
+    method = method or node.attributes["method"].as_string()
+    counts = {"local_residual_add" if method == "zeropad" else "block_residual_add": co * ho * wo}
+    if ci > co:
+        counts["shortcut_shrink"] = hi * wi * co * (ci // co)
+        counts["shortcut_shrink_mul"] = hi * wi * co
+    if (hi, wi) != (ho, wo):
+        counts["shortcut_pool"] = 9 * co * ho * wo
+    return counts
+
+
+def emit_qonnx(e, node, inputs, dims, method: str | None = None, name: str | None = None) -> str:
+    """Gather + group mean for the channels, a count-padded SAME AveragePool, then Add.
+
+    ``method`` and ``name`` default to the node's own (PokeConv emits its shortcuts with them)."""
+    name = name or node.name
+    y, r = inputs[:2]
+    y_shape, r_shape = dims(node.inputs[0]), dims(node.inputs[1])
+    method = method or node.attributes["method"].as_string()
+    ci, co, h = r_shape[1], y_shape[1], r_shape[2]
+    k = max(ci // co, 1)
+    index = np.arange(co * k)
+    source = index % ci if method == "tile" else np.minimum(index, ci - 1)
+    keep = np.ones(co * k, np.float32) if method == "tile" else (index < ci).astype(np.float32)
+    gathered = e.node("Gather", [r, e.const(f"{name}.src", source.astype(np.int64))], f"{name}.gather", axis=1)
+    masked = e.node("Mul", [gathered, e.const(f"{name}.keep", keep.reshape(1, -1, 1, 1))], f"{name}.mask")
+    grouped = e.node("Reshape", [masked, e.const(f"{name}.shape", np.array([0, co, k, h, r_shape[3]]))],
+                     f"{name}.group")
+    matched = e.node("ReduceMean", [grouped, e.const(f"{name}.axes", np.array([2]))], f"{name}.mean", keepdims=0)
+    if h != y_shape[2]:
+        (top, bottom), (left, right) = same_pads(h, 3, 2), same_pads(r_shape[3], 3, 2)
+        matched = e.node("AveragePool", [matched], f"{name}.pool", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[top, left, bottom, right], count_include_pad=1)
+    return e.node("Add", [y, matched], name)
+
+
+OP = register(OpDef("ReshapeAdd", (ReshapeAdd,), torch=reshape_add, sops=sops, qonnx=emit_qonnx))

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from onnxscript import script
 
-from bnncc.ops import cpu_kernels
+from bnncc.ops import cpu_kernels, qonnx_nodes
 from bnncc.ops._opset import bnncc_opset, op
-from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, weight_grid
+from bnncc.ops.counting import Layer, bits_attr, numel
+from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, channel_absmax, quant_conv, weight_grid
+from bnncc.ops.registry import OpDef, register
 
-__all__ = ["SEGate", "se_gate"]
+__all__ = ["SEGate", "se_gate", "observe_pool", "observe_hidden", "layer", "sops", "emit_qonnx"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -84,3 +86,66 @@ class _SEGate(torch.autograd.Function):
 
 def se_gate(r, w1, bound1, b1, w2, bound2, b2, *, w_bits: int, a_bits: int, quantize_weights: bool = True):
     return _SEGate.apply(r, w1, bound1, b1, w2, bound2, b2, w_bits, a_bits, quantize_weights)
+
+
+# The faces below take the gate's own inputs (R, W1, bound1, B1, W2, bound2, B2) and bit widths, so
+# that PokeConv, which holds an SE gate, calls them with its inputs at their places.
+
+
+def observe_pool(r: torch.Tensor) -> torch.Tensor:
+    """bound1's activation: the first SE conv reads g = mean_HW(R)."""
+    return channel_absmax(r.mean(dim=(2, 3), keepdim=True))
+
+
+def observe_hidden(r, w1, bound1, b1, *, w_bits: int, a_bits: int, quantize_weights: bool = True) -> torch.Tensor:
+    """bound2's activation: relu(QuantConv(mean_HW(R), W1, bound1, B1; signed)), the first conv
+    following the two-phase weight switch as the gate does."""
+    g = quant_conv(r.mean(dim=(2, 3), keepdim=True), w1, bound1, b1, w_bits=w_bits, a_bits=a_bits, a_signed=1,
+                   kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1, quantize_weights=quantize_weights)
+    return channel_absmax(torch.relu(g))
+
+
+def _switch(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if k == "quantize_weights"}
+
+
+def layer(node, shapes, inputs, w_bits: int, a_bits: int, name: str) -> Layer:
+    """Two 1x1 convs on the pooled (1x1) vector: MACs = |W1| + |W2| = Ci*Ch + Ch*Co."""
+    weights = numel(shapes.static(node, inputs[1])) + numel(shapes.static(node, inputs[4]))
+    return Layer(name, "SEGate", "conv", w_bits, a_bits, weights, weights, weights * w_bits)
+
+
+def sops(node, shapes, inputs) -> dict[str, int]:
+    """Pool over H, W (H*W*Ci adds, Ci multiplies), ReLU on Ch, hard-sigmoid on Co."""
+    ci, h, w = shapes.per_image(node, inputs[0])
+    hidden = shapes.static(node, inputs[1])[0]
+    co = shapes.static(node, inputs[4])[0]
+    return {"se_pool": ci * h * w, "se_pool_mul": ci, "se_relu": hidden, "se_hardsigmoid": co}
+
+
+def emit_qonnx(e, inputs: list[str], w_bits: int, a_bits: int, name: str) -> str:
+    """GlobalAveragePool, quantized 1x1 conv, Relu, quantized 1x1 conv, HardSigmoid."""
+    r, w1, bound1, b1, w2, bound2, b2 = inputs
+    bits = dict(w_bits=w_bits, a_bits=a_bits)
+    g = e.node("GlobalAveragePool", [r], f"{name}.pool")
+    h = qonnx_nodes.quant_conv(e, f"{name}.conv1", g, w1, bound1, b1, signed=True, rank=4, kernel_shape=[1, 1], **bits)
+    h = e.node("Relu", [h], f"{name}.relu")
+    h = qonnx_nodes.quant_conv(e, f"{name}.conv2", h, w2, bound2, b2, signed=False, rank=4, kernel_shape=[1, 1],
+                               **bits)
+    return e.node("HardSigmoid", [h], name, alpha=1.0 / 6.0, beta=0.5)
+
+
+def _bits(node) -> tuple[int, int]:
+    return bits_attr(node, "w_bits"), bits_attr(node, "a_bits")
+
+
+OP = register(OpDef(
+    "SEGate", (SEGate,), torch=se_gate,
+    layers=lambda node, shapes, float_bits: [layer(node, shapes, node.inputs, *_bits(node), node.name)],
+    sops=lambda node, shapes: sops(node, shapes, node.inputs),
+    weight_inputs=(1, 4), state_inputs=(2, 5),
+    bounds=((2, lambda args, attrs: observe_pool(args[0])),
+            (5, lambda args, attrs: observe_hidden(*args[:4], w_bits=attrs.get("w_bits", 4),
+                                                   a_bits=attrs.get("a_bits", 4), **_switch(attrs)))),
+    qonnx=lambda e, node, inputs, dims: emit_qonnx(e, inputs, *_bits(node), node.name),
+))
