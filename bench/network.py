@@ -129,18 +129,13 @@ def _quantize_int8(float_path: Path, out: Path) -> Path:
 
 
 def _packed_weight_bytes(model) -> float:
-    """Bytes of the weights at their own precision: binary convs 1 bit, QuantConv/QuantGemm/SEGate
-    kernels at w_bits, per-channel float32 parameters (BN, DPReLU, scales, biases) 4 bytes."""
-    total_bits = 0
-    for node in model.graph:
-        bits = node.attributes.get_int("w_bits", 1 if node.op_type == "BinaryConv" else 32)
-        for i, value in enumerate(node.inputs):
-            if value is None or value.const_value is None:
-                continue
-            kernel = node.op_type in ("BinaryConv", "QuantConv", "QuantGemm") and i == 1
-            kernel = kernel or (node.op_type == "SEGate" and i in (1, 4))
-            total_bits += value.const_value.size * (bits if kernel else 32)
-    return total_bits / 8
+    """Bytes of the weights at their own precision (the cost model's weight bits: binary convs 1 bit,
+    QuantConv/QuantGemm/SEGate kernels at w_bits) plus every other parameter (BN, DPReLU, scales,
+    biases, bounds) as float32."""
+    from bnncc.cost import ace
+
+    report = ace(model)
+    return (report.weight_bits + 32 * (report.params - report.weight_params)) / 8
 
 
 def _fastest_s(fn, args) -> float:

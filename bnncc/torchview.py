@@ -20,7 +20,9 @@ Semantics of the standard ops follow the ONNX operator spec; BatchNormalization 
 ``F.batch_norm``: in train mode it normalises with the batch statistics and updates the running
 statistics as ``running = (1 - m) * running + m * batch`` with ``m = 1 - onnx_momentum`` (0.1 for
 the ONNX default 0.9), the running variance taking the unbiased batch variance as torch's BN does.
-Ops of the ``ai.bnncc`` domain run ``bnncc.ops.TORCH_OPS[op_type](*inputs, **attributes)``.
+Ops of the ``ai.bnncc`` domain run their OpDef's torch face, ``op.torch(*inputs, **attributes)``
+(``bnncc/ops/registry.py``), plus ``training`` and ``quantize_weights`` where its signature takes them;
+the OpDef also says which inputs are state and which activation bounds calibration sets.
 """
 
 from __future__ import annotations
@@ -40,16 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnncc.errors import BnnccError
+from bnncc.ops import op_def
 from bnncc.ops.batch_norm import batch_norm
 
 __all__ = ["GraphModule", "to_torch", "write_back"]
 
 logger = logging.getLogger(__name__)
-
-BNNCC_DOMAIN = "ai.bnncc"
-
-# ai.bnncc ops with quantized weights; their torch functions take ``quantize_weights: bool = True``.
-_WEIGHT_QUANTIZED_OPS = frozenset({"BinaryConv", "QuantConv", "QuantGemm", "SEGate"})
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -188,11 +186,11 @@ class _Step(NamedTuple):
     inputs: tuple[int, ...]  # value slots; slot 0 always holds None (an omitted optional input)
     output: int
     attrs: dict[str, Any]
-    wants_training: bool  # BatchNormalization: pass the module's train/eval mode
+    wants_training: bool  # BatchNormalization, PokeConv: pass the module's train/eval mode
     free: tuple[int, ...]  # slots whose last reader is this step; dropped after it to save memory
     probes: tuple["_Probe", ...]  # activation-bound observers (calibration only)
     label: str  # "node 'name' (OpType)", for messages
-    weight_quantized: bool  # an ai.bnncc op that follows set_weight_quantization
+    weight_quantized: bool  # an ai.bnncc op with weights: follows set_weight_quantization
 
 
 class _Probe(NamedTuple):
@@ -200,45 +198,9 @@ class _Probe(NamedTuple):
     observe: Callable[[list[torch.Tensor], dict[str, Any]], torch.Tensor]  # inputs, attrs -> max|x|
 
 
-def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over every axis but the channel axis 1."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    return x.detach().abs().amax(dim=dims)
-
-
-def _observe_input(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
-    """QuantConv/QuantGemm: the quantized activation is input X."""
-    return _channel_absmax(args[0])
-
-
-def _observe_se_pool(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
-    """SEGate bound1: the first SE conv reads g = mean_HW(R)."""
-    return _channel_absmax(args[0].mean(dim=(2, 3), keepdim=True))
-
-
-def _observe_se_hidden(args: list[torch.Tensor], attrs: dict[str, Any]) -> torch.Tensor:
-    """SEGate bound2: the second SE conv reads relu(QuantConv(mean_HW(R), W1, bound1, B1; signed))."""
-    from bnncc.ops import TORCH_OPS
-
-    r, w1, bound1, b1 = args[:4]
-    # the SE convs follow the gate's weight-quantization switch (set_weight_quantization)
-    switch = {k: v for k, v in attrs.items() if k == "quantize_weights"}
-    g = TORCH_OPS["QuantConv"](r.mean(dim=(2, 3), keepdim=True), w1, bound1, b1,
-                               w_bits=attrs.get("w_bits", 4), a_bits=attrs.get("a_bits", 4), a_signed=1,
-                               kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1, **switch)
-    return _channel_absmax(torch.relu(g))
-
-
-# ai.bnncc op -> (input position of the bound, observer of the activation it bounds)
-_BOUNDS: dict[str, tuple[tuple[int, Callable], ...]] = {
-    "QuantConv": ((2, _observe_input),),
-    "QuantGemm": ((2, _observe_input),),
-    "SEGate": ((2, _observe_se_pool), (5, _observe_se_hidden)),
-}
-
-
 def _bound_inputs(node: ir.Node) -> tuple[tuple[int, Callable], ...]:
-    return _BOUNDS.get(node.op_type, ()) if node.domain == BNNCC_DOMAIN else ()
+    op = op_def(node)
+    return op.bounds if op is not None else ()
 
 
 def _state_inputs(node: ir.Node) -> list[int]:
@@ -246,7 +208,8 @@ def _state_inputs(node: ir.Node) -> list[int]:
     mean/var and calibrated activation bounds."""
     if _is_standard(node) and node.op_type == "BatchNormalization":
         return [3, 4]
-    return [i for i, _ in _bound_inputs(node)]
+    op = op_def(node)
+    return list(op.state_inputs) if op is not None else []
 
 
 def _probes(node: ir.Node, names: dict[str, str]) -> tuple[_Probe, ...]:
@@ -272,54 +235,6 @@ def _sanitize(name: str, taken: set[str], reserved: Callable[[str], bool]) -> st
         candidate = f"{base}_{k}"
     taken.add(candidate)
     return candidate
-
-
-def _fuse_gated_dprelu(plan: list[_Step], outputs: tuple[int, ...]) -> list[_Step]:
-    """Run each PokeConv's DPReLU, the Mul by its SE gate, the (up to two) ReshapeAdds that make
-    the DPReLU's input and the batch norm before them as one step (``normed_gated_dprelu``, or
-    ``gated_dprelu`` without the batch norm; fused kernels on CPU), where each of those values has
-    that one reader. The fused step takes the Mul's place in the plan, after the gate is computed."""
-    from bnncc.ops import TORCH_OPS
-    from bnncc.ops.dprelu import gated_dprelu, normed_gated_dprelu
-
-    producer = {step.output: step for step in plan}
-    readers: dict[int, list[_Step]] = {}
-    for step in plan:
-        for s in step.inputs:
-            readers.setdefault(s, []).append(step)
-
-    def only_reader(slot: int, fn: Callable) -> _Step | None:
-        """The step running ``fn`` that produces ``slot`` when nothing but one step reads it."""
-        step = producer.get(slot)
-        if step is None or step.fn is not fn or slot in outputs or len(readers[slot]) != 1:
-            return None
-        return step
-
-    fused: dict[int, _Step] = {}  # id of the Mul step -> the fused step
-    dropped: set[int] = set()  # ids of the steps folded into one
-    for step in plan:
-        mul = readers.get(step.output, [])
-        if step.fn is not TORCH_OPS["DPReLU"] or step.output in outputs or len(mul) != 1 or mul[0].fn is not torch.mul:
-            continue
-        (gate,) = [s for s in mul[0].inputs if s != step.output] or [None]
-        if gate is None or gate not in producer or producer[gate].fn is not TORCH_OPS["SEGate"]:
-            continue
-        x, shortcuts, methods, absorbed = step.inputs[0], [], [], [step]
-        while len(shortcuts) < 2 and (add := only_reader(x, TORCH_OPS["ReshapeAdd"])) is not None:
-            x = add.inputs[0]
-            shortcuts.insert(0, add.inputs[1])
-            methods.insert(0, add.attrs["method"])
-            absorbed.append(add)
-        fn, inputs, attrs = gated_dprelu, (x,), {}
-        if (norm := only_reader(x, batch_norm)) is not None:
-            fn, inputs, attrs = normed_gated_dprelu, norm.inputs, norm.attrs
-            absorbed.append(norm)
-        fused[id(mul[0])] = step._replace(
-            fn=fn, inputs=(*inputs, *step.inputs[1:], gate, *shortcuts), output=mul[0].output,
-            attrs={**attrs, **step.attrs, "methods": tuple(methods)}, wants_training=norm is not None,
-            label=" + ".join(s.label for s in reversed(absorbed)) + f" + {mul[0].label}")
-        dropped.update(id(s) for s in absorbed)
-    return [fused.get(id(step), step) for step in plan if id(step) not in dropped]
 
 
 def _sorted_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -409,7 +324,7 @@ class GraphModule(nn.Module):
         self._state = tuple((slot[n], names[n]) for n in names)
         plan = self._build_plan(nodes, slot, names)
         self._output_slots = tuple(slot[n] for n in self.output_names)
-        self._plan = self._with_frees(_fuse_gated_dprelu(plan, self._output_slots))
+        self._plan = self._with_frees(plan)
         self._num_slots = len(slot)
 
     def _build_plan(self, nodes: list[ir.Node], slot: dict[str, int], names: dict[str, str]) -> list[_Step]:
@@ -428,10 +343,13 @@ class GraphModule(nn.Module):
                                      "is produced by no node, input or initializer")
                 inputs.append(0 if value is None else slot[value.name])
             slot[outputs[0].name] = len(slot)
-            plan.append(_Step(fn, tuple(inputs), slot[outputs[0].name], kwargs,
-                              _is_standard(node) and node.op_type == "BatchNormalization",
+            op = op_def(node)
+            # an ai.bnncc op's torch signature says whether it takes the train/eval mode
+            wants_training = (_is_standard(node) and node.op_type == "BatchNormalization") or (
+                op is not None and "training" in inspect.signature(fn).parameters)
+            plan.append(_Step(fn, tuple(inputs), slot[outputs[0].name], kwargs, wants_training,
                               (), _probes(node, names), f"node {node.name!r} ({node.op_type})",
-                              node.domain == BNNCC_DOMAIN and node.op_type in _WEIGHT_QUANTIZED_OPS))
+                              op is not None and bool(op.weight_inputs)))
         return plan
 
     @staticmethod
@@ -439,11 +357,9 @@ class GraphModule(nn.Module):
         """The torch function and keyword arguments for one node."""
         if _is_standard(node) and node.op_type in _STANDARD_OPS:
             return _STANDARD_OPS[node.op_type](node, attrs)
-        if node.domain == BNNCC_DOMAIN:
-            from bnncc.ops import TORCH_OPS
-
-            if node.op_type in TORCH_OPS:
-                return TORCH_OPS[node.op_type], attrs
+        op = op_def(node)
+        if op is not None and op.torch is not None:
+            return op.torch, attrs
         raise BnnccError(f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type}): "
                          "op not supported by the torch view")
 
@@ -495,8 +411,9 @@ class GraphModule(nn.Module):
         """Quantize weights (``True``, the ONNX semantics) or run the quantized ops on float weights.
 
         PokeBNN's first phase (pokebnn.md §4) trains with binary activations and float weights in
-        every layer: with ``enabled=False`` BinaryConv, QuantConv, QuantGemm and SEGate are called
-        with ``quantize_weights=False`` and use W as it is, activations still quantized. The ONNX
+        every layer: with ``enabled=False`` every ai.bnncc op with weights (PokeConv, BinaryConv,
+        QuantConv, QuantGemm, SEGate; its torch face takes a ``quantize_weights`` switch) is called
+        with ``quantize_weights=False`` and uses W as it is, activations still quantized. The ONNX
         graph always quantizes, so export (``write_back``) is meant for the second phase.
         """
         for i, step in enumerate(self._plan):

@@ -171,9 +171,9 @@ def binary_kernel_counts(executable) -> dict[str, dict[str, int]]:
 
 
 def binary_layer_counts(executable, module, function: str, layers: list[str]) -> dict[str, dict]:
-    """Instruction counts per binary layer: ``layers`` (the BinaryConv node names, in graph order)
+    """Instruction counts per binary layer: ``layers`` (the PokeConv node names, in graph order)
     matched in order with the binary conv kernels that Relax function ``function`` of ``module``
-    calls (the lowering emits one call per BinaryConv, in graph order; layers of one shape share
+    calls (the lowering emits one call per PokeConv, in graph order; layers of one shape share
     a kernel). Each entry: ``{"kernel": symbol, **count_instructions}``."""
     kernels = binary_kernel_counts(executable)
     calls = [binding.value.args[0].name_hint
@@ -181,5 +181,5 @@ def binary_layer_counts(executable, module, function: str, layers: list[str]) ->
              if getattr(getattr(binding.value, "op", None), "name", "") in ("relax.call_tir", "relax.call_tir_inplace")
              and binding.value.args[0].name_hint in kernels]
     if len(calls) != len(layers):
-        raise BnnccError(f"{function}: {len(calls)} binary conv calls for {len(layers)} BinaryConv layers")
+        raise BnnccError(f"{function}: {len(calls)} binary conv calls for {len(layers)} PokeConv layers")
     return {layer: {"kernel": kernel, **kernels[kernel]} for layer, kernel in zip(layers, calls)}

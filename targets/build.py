@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.targets import registry
 
@@ -50,7 +51,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         if not path.is_file():
             raise BnnccError(f"{path}: no such file")
         model = ir.load(path)
-    if not any(node.domain == "ai.bnncc" for node in model.graph):
+    if not any(node.domain == DOMAIN for node in model.graph):
         raise BnnccError(f"graph {model.graph.name!r}: no ai.bnncc op; compile takes a PokeBNN graph "
                          f"(run `bnncc rewrite` first)")
     llvm_target = spec.tvm_target()

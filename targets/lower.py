@@ -1,8 +1,10 @@
 """Lower a PokeBNN ONNX graph (bnncc/ops/spec.md) to one TVM Relax module of our scheduled kernels.
 
-The graph is walked in order; each pattern becomes one ``call_tir`` (``call_tir_inplace`` where a
-block's output overwrites its dead residual) of a PrimFunc of ours, all activations NHWC float32
-inside (the stem's first conv reads the NCHW input as it is; any other reader gets it transposed):
+The lowering of each op is registered by op name (``register_lowering``, as TVM's legalize
+registry does): the graph is walked in order and each node goes to its op's lowering, which emits
+one ``call_tir`` (``call_tir_inplace`` where a block's output overwrites its dead residual) of a
+PrimFunc of ours. Activations are NHWC float32 inside (the stem's first conv reads the NCHW input
+as it is; any other reader gets it transposed):
 
 - ``QuantConv [-> BatchNormalization [-> DPReLU]]`` (the PokeInit stem): ``quant_conv2d`` with
   the bias, BN and DPReLU fused as its epilogue; float32 arithmetic on the quantized values.
@@ -10,8 +12,8 @@ inside (the stem's first conv reads the NCHW input as it is; any other reader ge
   its order (``quant.quantize_act``, with the product fenced from FMA contraction for the target),
   so equal inputs quantize identically; its inputs themselves (a conv, a mean) still differ from
   onnxruntime's by summation order, which ``bnncc.verify`` accounts for.
-- a PokeConv chain ``BinaryConv -> BN -> ReshapeAdd(x) [-> ReshapeAdd(r)] -> DPReLU ->
-  Mul(SEGate(x)) -> BN`` (spec.md): one binary conv on packed bits whose epilogue is
+- ``PokeConv`` (bnncc/ops/poke_conv.py): its SE gate (``se_gate``), then one binary conv on packed
+  bits whose epilogue is
 
       u = a1 * acc + b1 + match(x) [+ match(r)]
       y = ((u >= 0 ? pos * u : neg * u) - by) * gate + b2
@@ -19,40 +21,60 @@ inside (the stem's first conv reads the NCHW input as it is; any other reader ge
   with acc the +-1 dot product, a1 = gamma1 / sqrt(var1 + eps) * (B/2) * (max|W|/2) (the
   BinaryConv scales folded into BN), b1 = beta1 - mean1 * gamma1 / sqrt(var1 + eps) - bias_x
   (the DPReLU's input shift), pos, neg, by the DPReLU's slopes and output shift times a2, the
-  second BN's scale (a2 * (d * gate) = (a2 * d) * gate), and b2 its shift: the graph's
-  arithmetic with two operations an output fewer, a float32 rounding apart (3% of an inference).
-  ``match`` is the ReshapeAdd channel mean / zero-pad / tile and the 3x3/2 SAME count-pad average
-  pool. It writes y (float, read by the next local shortcut, SE pool and block shortcut) and,
-  when a BinaryConv reads y, y's packed sign bits (the next layer's input).
+  second BN's scale (a2 * (d * gate) = (a2 * d) * gate), and b2 its shift: the op's arithmetic
+  with two operations an output fewer, a float32 rounding apart. ``match`` is the ReshapeAdd
+  channel mean / zero-pad / tile and the 3x3/2 SAME count-pad average pool. It writes y (float,
+  read by the next local shortcut, SE pool and block shortcut) and, when a PokeConv reads y, y's
+  packed sign bits (the next layer's input).
 - ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
 
 Weights are packed (binary: 1 bit; int-k: int8 integers and a scale per channel) at compile
-time and embedded as constants. Kernels and schedules are parameters (``schedule``), so another
-target swaps only the schedule rules. One Relax function per batch size, named ``batch_<N>``;
-``batch_1`` holds the kernels and every other size runs it per image.
+time and embedded as constants. Kernels and schedules are parameters (``schedule``,
+``poke_conv_func``), so another target swaps only those. One Relax function per batch size,
+named ``batch_<N>``; ``batch_1`` holds the kernels and every other size runs it per image.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
+from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
 from bnncc.errors import BnnccError
+from bnncc.ops import poke_conv as poke
 from bnncc.targets.kernels import KERNEL_ATTR, bitpack, quant
 from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size
 from bnncc.targets.tvm_compat import Target, te, tirx
+from tvm import relax  # noqa: E402  (after tvm_compat, which configures TVM's threads before TVM loads)
 
-__all__ = ["Lowered", "lower", "function_name"]
+__all__ = ["Lowered", "lower", "function_name", "register_lowering", "poke_conv_func"]
 
 logger = logging.getLogger(__name__)
 
-BNNCC_DOMAIN = "ai.bnncc"
 # rows of the per-channel parameter table of a fused PokeConv epilogue
 _A1, _B1, _POS, _NEG, _BY, _B2 = range(6)
+# the ops whose lowering reads their input as packed sign bits
+_READS_BITS = frozenset({"PokeConv"})
+
+# (domain, op type) -> lowering(walk, node): emits the node (and any node it fuses) into the walk
+_LOWERINGS: dict[tuple[str, str], Callable] = {}
+
+
+def register_lowering(op_type: str, domain: str = DOMAIN):
+    """Register the decorated ``fn(walk, node)`` as the lowering of ``op_type`` in ``domain``."""
+
+    def register(fn: Callable) -> Callable:
+        if (domain, op_type) in _LOWERINGS:
+            raise ValueError(f"a lowering of {domain}::{op_type} is registered twice")
+        _LOWERINGS[(domain, op_type)] = fn
+        return fn
+
+    return register
 
 
 def function_name(batch: int) -> str:
@@ -72,17 +94,18 @@ class Lowered:
     batches: tuple[int, ...]
 
 
-def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), schedule=None) -> Lowered:
+def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), schedule=None,
+          poke_conv_kernel: Callable | None = None) -> Lowered:
     """Build one Relax module with a function ``batch_<N>`` (NCHW float32 -> logits) per batch size,
     and ``batch_1`` in any case (the one that calls the kernels).
 
     ``schedule(func, target)`` returns the scheduled PrimFunc or None (default: the x86-64 rules);
     a kernel no rule schedules is an error, because TVM's CPU pipeline would leave it naive.
+    ``poke_conv_kernel`` makes the fused PokeConv PrimFunc (default ``poke_conv_func``; a target
+    with a kernel of its own passes one with the same signature).
     """
-    from tvm import relax
-
     if schedule is None:
-        from bnncc.targets.x86_64_fused import schedule
+        from bnncc.targets.x86_64_fused import schedule  # the default target's rules import TVMScript
     graph = model.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got "
@@ -96,7 +119,8 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     x = relax.Var("input", relax.TensorType((1, *chw), "float32"))
     with builder.function(function_name(1), [x]):
         with builder.dataflow():
-            logits = _Walk(builder, {}, target, schedule, 1).run(graph, x)
+            walk = _Walk(builder, target, schedule, poke_conv_kernel or poke_conv_func, batch=1)
+            logits = walk.run(graph, x)
             classes = int(logits.ty.shape[1])
             out = builder.emit_output(logits)
         builder.emit_func_output(out)
@@ -136,11 +160,16 @@ def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
     return users[0].node
 
 
-def _bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
-    """BatchNormalization as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
-    gamma, beta, mean, var = (_const(v, node).astype(np.float64) for v in node.inputs[1:5])
-    a = gamma / np.sqrt(var + node.attributes.get_float("epsilon", 1e-5))
+def _affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """A batch norm as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
+    gamma, beta, mean, var = (v.astype(np.float64) for v in (gamma, beta, mean, var))
+    a = gamma / np.sqrt(var + eps)
     return a, beta - mean * a
+
+
+def _bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
+    """A BatchNormalization node as y = a x + b (``_affine``)."""
+    return _affine(*(_const(v, node) for v in node.inputs[1:5]), node.attributes.get_float("epsilon", 1e-5))
 
 
 def _annotate(nodes, shape: tuple[int, ...]) -> None:
@@ -173,89 +202,39 @@ def _match(r: te.Tensor, idx: tuple, channels: int, method: str) -> tirx.PrimExp
     return r[n, y, z, c]
 
 
-@dataclass(frozen=True)
-class _PokeConv:
-    """One matched PokeConv chain: its nodes and the values it reads."""
-
-    conv: ir.Node
-    bn: ir.Node
-    local: ir.Node
-    block: ir.Node | None
-    dprelu: ir.Node
-    se: ir.Node
-    bn_split: ir.Node
-
-    @property
-    def nodes(self) -> list[ir.Node]:
-        chain = [self.conv, self.bn, self.local, self.block, self.dprelu, self.se, self.bn_split]
-        return [n for n in chain if n is not None] + [self.bn_split.inputs[0].producer()]
-
-
-def _match_poke_conv(conv: ir.Node) -> _PokeConv:
-    """Follow the chain of spec.md from a BinaryConv; any departure is an error naming the node."""
-
-    def expect(value: ir.Value, op_type: str) -> ir.Node:
-        node = _only_user(value, op_type)
-        if node is None:
-            users = [u.node.op_type for u in value.uses()]
-            raise BnnccError(f"node {conv.name!r} (BinaryConv): expected {op_type} after {value.name!r} "
-                             f"(PokeConv chain, spec.md), found {users or 'a graph output'}")
-        return node
-
-    bn = expect(conv.outputs[0], "BatchNormalization")
-    local = expect(bn.outputs[0], "ReshapeAdd")
-    after = _only_user(local.outputs[0], "ReshapeAdd")
-    dprelu = expect((after or local).outputs[0], "DPReLU")
-    mul = expect(dprelu.outputs[0], "Mul")
-    gate = mul.inputs[1] if mul.inputs[0] is dprelu.outputs[0] else mul.inputs[0]
-    se = gate.producer()
-    if se is None or se.op_type != "SEGate" or len(list(gate.uses())) != 1:
-        raise BnnccError(f"node {mul.name!r} (Mul): expected the SEGate of {conv.name!r} as its other input")
-    if local.inputs[1] is not conv.inputs[0] or se.inputs[0] is not conv.inputs[0]:
-        raise BnnccError(f"node {conv.name!r} (BinaryConv): the local shortcut and SE gate must read the conv's input")
-    return _PokeConv(conv, bn, local, after, dprelu, se, expect(mul.outputs[0], "BatchNormalization"))
-
-
 class _Walk:
-    """Lowers the nodes of one graph for a batch of ``batch`` images into the builder's current function."""
+    """Lowers the nodes of one graph for a batch of ``batch`` images into the builder's current
+    function; the registered lowerings emit through its helpers."""
 
-    def __init__(self, builder, kernels: dict, target: Target, schedule, batch: int) -> None:
+    def __init__(self, builder, target: Target, schedule, poke_conv_kernel: Callable, batch: int) -> None:
         self.bb = builder
-        self.kernels = kernels  # kernel key -> GlobalVar, shared by every batch and layer
+        self.kernels: dict[tuple, object] = {}  # kernel key -> GlobalVar, shared by every layer
         self.target = target
         self.schedule = schedule
+        self.poke_conv_kernel = poke_conv_kernel
         self.batch = batch
         # the int-k quantizers' x * s, rounded on its own as in the reference (quant.rounded_product)
         self.product = quant.rounded_product(target.kind.name)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
-        self.done: set[int] = set()
+        self.done: set[int] = set()  # ids of the nodes lowered (a lowering may fuse its readers)
 
-    # -- plumbing ---------------------------------------------------------------------------------
     def run(self, graph: ir.Graph, x):
-        self.input = (graph.inputs[0].name, x)  # NCHW; _float transposes it for a kernel that reads NHWC
+        self.input = (graph.inputs[0].name, x)  # NCHW; float() transposes it for a kernel that reads NHWC
         for node in graph:
             if id(node) in self.done:
                 continue
-            handler = self._handlers().get((node.domain, node.op_type))
-            if handler is None:
+            lowering = _LOWERINGS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+            if lowering is None:
                 raise BnnccError(f"node {node.name!r} ({node.op_type}): not supported by the lowering "
                                  f"(PokeBNN graphs only, bnncc/ops/spec.md)")
-            handler(node)
+            lowering(self, node)
         output = graph.outputs[0].name
         if output not in self.floats:
             raise BnnccError(f"output {output!r}: not produced by a supported pattern")
         return self.floats[output]
 
-    def _handlers(self) -> dict:
-        return {
-            (BNNCC_DOMAIN, "QuantConv"): self._quant_conv,
-            (BNNCC_DOMAIN, "BinaryConv"): self._poke_conv,
-            (BNNCC_DOMAIN, "SEGate"): self._se_gate,
-            ("", "GlobalAveragePool"): self._head,
-        }
-
-    def _kernel(self, key: tuple, build):
+    def kernel(self, key: tuple, build):
         """The GlobalVar of a scheduled kernel; ``build()`` makes the PrimFunc the first time."""
         if key not in self.kernels:
             func = build()
@@ -266,11 +245,9 @@ class _Walk:
             self.kernels[key] = self.bb.add_func(scheduled.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
-    def _call(self, gvar, args: list, outputs: list[tuple[tuple, str]], in_place: list[int] | None = None):
+    def call(self, gvar, args: list, outputs: list[tuple[tuple, str]], in_place: list[int] | None = None):
         """Emit ``gvar(*args) -> outputs``; ``in_place[i] = j`` makes output i the argument j itself
         (-1: a new tensor), for a kernel whose parameter for output i comes right after its inputs."""
-        from tvm import relax
-
         types = [relax.TensorType(shape, dtype) for shape, dtype in outputs]
         out = types if len(types) > 1 else types[0]
         call = relax.call_tir_inplace(gvar, args, in_place, out) if in_place else relax.call_tir(gvar, args, out)
@@ -280,216 +257,215 @@ class _Walk:
         return [self.bb.emit(relax.TupleGetItem(result, i)) for i in range(len(types))]
 
     @staticmethod
-    def _shape(expr) -> tuple[int, ...]:
+    def shape(expr) -> tuple[int, ...]:
         return tuple(int(d) for d in expr.ty.shape)
 
-    def _float(self, value: ir.Value):
-        from tvm import relax
-
+    def float(self, value: ir.Value):
+        """The NHWC float tensor of ``value``, lowered before (or the network input, transposed)."""
         if value.name not in self.floats:
-            producer = value.producer()
-            if value.name == self.input[0]:
-                self.floats[value.name] = self.bb.emit(relax.op.permute_dims(self.input[1], [0, 2, 3, 1]))
-            elif producer is not None and producer.op_type == "SEGate" and id(producer) not in self.done:
-                self._se_gate(producer)
-            else:
+            if value.name != self.input[0]:
                 raise BnnccError(f"value {value.name!r}: read before a supported pattern produced it")
+            self.floats[value.name] = self.bb.emit(relax.op.permute_dims(self.input[1], [0, 2, 3, 1]))
         return self.floats[value.name]
 
-    # -- stem ----------------------------------------------------------------------------------------
-    def _quant_conv(self, node: ir.Node) -> None:
-        """QuantConv [-> BN [-> DPReLU]]: one quant_conv2d with bias, BN and DPReLU fused."""
-        from tvm import relax
-
-        weight, bound, bias = (_const(v, node) for v in node.inputs[1:4])
-        # the stem's first conv reads the network's NCHW input as it is (quant.quant_conv2d_func)
-        layout = "NCHW" if node.inputs[0].name == self.input[0] and weight.shape[1] > 1 else "NHWC"
-        x = self.input[1] if layout == "NCHW" else self._float(node.inputs[0])
-        attrs = node.attributes
-        kh, kw = attrs.get_ints("kernel_shape", weight.shape[2:])
-        stride = attrs.get_ints("strides", (1, 1))
-        pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
-        group = attrs.get_int("group", 1)
-        if stride[0] != stride[1]:
-            raise BnnccError(f"node {node.name!r} (QuantConv): unequal strides {list(stride)} are not supported")
-        q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
-        wq = (q.astype(np.float32) / s.reshape(-1, 1, 1, 1)).transpose(2, 3, 1, 0)
-        a_bits = attrs.get_int("a_bits", 8)
-        scales = quant.act_scales(bound, a_bits, signed=True)
-        cout = weight.shape[0]
-        a, b = np.ones(cout), bias.astype(np.float64)
-        last = node
-        bn = _only_user(node.outputs[0], "BatchNormalization")
-        dprelu_node = _only_user(bn.outputs[0], "DPReLU") if bn is not None else None
-        if bn is not None:
-            bn_a, bn_b = _bn_affine(bn)
-            a, b, last = bn_a, bn_a * b + bn_b, bn
-        table = np.zeros((6, cout), np.float32)
-        table[0], table[1] = a, b
-        table[2:] = np.array([0, 0, 1, 1], np.float32)[:, None]  # DPReLU absent: identity
-        if dprelu_node is not None:
-            table[2:] = [_const(v, dprelu_node) for v in dprelu_node.inputs[1:5]]
-            last = dprelu_node
-        self.done.update(id(n) for n in (node, bn, dprelu_node) if n is not None)
-        shape = self._shape(x)
-        h, w = shape[2:] if layout == "NCHW" else shape[1:3]
-        params = te.placeholder((6, cout), "float32", name="params")
-
-        def epilogue(acc, idx):
-            o = idx[3]
-            t = params[0, o] * acc + params[1, o]
-            return _dprelu(t, params[2, o], params[3, o], params[4, o], params[5, o])
-
-        key = ("quant_conv2d", layout, shape, wq.shape, stride[0], pads, group, a_bits)
-        gvar = self._kernel(key, lambda: quant.quant_conv2d_func(
-            shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
-            epilogue_inputs=(params,), epilogue=epilogue, product=self.product, input_layout=layout))
-        ho = (h + pads[0] + pads[2] - kh) // stride[0] + 1
-        wo = (w + pads[1] + pads[3] - kw) // stride[0] + 1
-        out = self._call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
-                         [((self.batch, ho, wo, cout), "float32")])
-        self.floats[last.outputs[0].name] = out
-        _annotate([node, bn, dprelu_node], (self.batch, cout, ho, wo))
-
-    # -- SE gate -----------------------------------------------------------------------------------
-    def _se_gate(self, node: ir.Node) -> None:
-        """SEGate(x) -> gate (N, Cout) float32."""
-        from tvm import relax
-
-        x = self._float(node.inputs[0])
-        w1, bound1, b1, w2, bound2, b2 = (_const(v, node) for v in node.inputs[1:7])
-        w_bits, a_bits = node.attributes.get_int("w_bits", 4), node.attributes.get_int("a_bits", 4)
-        q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
-        q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
-        hidden, cout = q1.shape[0], q2.shape[0]
-        # (C, O) integer layouts, two to a byte at <= 4 bits (quant.pack_int4)
-        q1, q2 = np.ascontiguousarray(q1.T), np.ascontiguousarray(q2.T)
-        if w_bits <= quant.NIBBLE_BITS:
-            q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
-        shape = self._shape(x)
-        key = ("se_gate", shape, hidden, cout, w_bits, a_bits)
-        gvar = self._kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits,
-                                                                     self.product))
-        args = [x,
-                relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(q1),
-                relax.const(s1), relax.const(b1.astype(np.float32)),
-                relax.const(quant.act_scales(bound2, a_bits, signed=False)), relax.const(q2),
-                relax.const(s2), relax.const(b2.astype(np.float32))]
-        self.floats[node.outputs[0].name] = self._call(gvar, args, [((self.batch, cout), "float32")])
-        self.done.add(id(node))
-        _annotate([node], (self.batch, cout, 1, 1))
-
-    # -- PokeConv ----------------------------------------------------------------------------------
-    def _packed(self, value: ir.Value):
+    def packed(self, value: ir.Value):
         """The packed sign bits of ``value``: made by the producing PokeConv, else a bitpack kernel."""
         if value.name not in self.bits:
-            x = self._float(value)
-            shape = self._shape(x)
-            gvar = self._kernel(("sign_bitpack", shape), lambda: bitpack.sign_bitpack_func(*shape))
+            x = self.float(value)
+            shape = self.shape(x)
+            gvar = self.kernel(("sign_bitpack", shape), lambda: bitpack.sign_bitpack_func(*shape))
             out_shape = (*shape[:3], bitpack.words(shape[3]))
-            self.bits[value.name] = self._call(gvar, [x], [(out_shape, bitpack.WORD_DTYPE)])
+            self.bits[value.name] = self.call(gvar, [x], [(out_shape, bitpack.WORD_DTYPE)])
         return self.bits[value.name]
 
-    def _poke_conv(self, node: ir.Node) -> None:
-        """One fused kernel for the whole PokeConv chain (module docstring)."""
-        from tvm import relax
-
-        chain = _match_poke_conv(node)
-        x_value = node.inputs[0]
-        x = self._float(x_value)
-        gate = self._float(chain.se.outputs[0])
-        bits = self._packed(x_value)
-        weight = _const(node.inputs[1], node)
-        kernel = node.attributes.get_ints("kernel_shape", weight.shape[2:])[0]
-        stride = node.attributes.get_ints("strides", (1, 1))[0]
-        clip_bound = node.attributes.get_float("clip_bound", 3.0)
-        packed = bitpack.pack_weights(weight)
-        n, h, w, cin = self._shape(x)
-        cout = weight.shape[0]
-        ho, wo = out_size(h, stride), out_size(w, stride)
-
-        table = np.zeros((6, cout), np.float64)
-        a1, b1 = _bn_affine(chain.bn)
-        bias_x, bias_y, pos, neg = (_const(v, chain.dprelu).astype(np.float64) for v in chain.dprelu.inputs[1:5])
-        a2, table[_B2] = _bn_affine(chain.bn_split)
-        table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64)
-        table[_B1] = b1 - bias_x
-        table[_POS], table[_NEG], table[_BY] = a2 * pos, a2 * neg, a2 * bias_y
-
-        methods = [chain.local.attributes.get_string("method", "zeropad")]
-        residuals = [x]
-        if chain.block is not None:
-            methods.append(chain.block.attributes.get_string("method", "tile"))
-            residuals.append(self._float(chain.block.inputs[1]))
-        y_value = chain.bn_split.outputs[0]
-        want_bits = any(u.node.op_type == "BinaryConv" for u in y_value.uses())
-        shapes = tuple(self._shape(r) for r in residuals)
-        # y may overwrite a block residual of its own shape (read at y's position only) whose last
-        # reader this is: the kernel then writes into memory it has just read, where a new buffer
-        # was first fetched from memory only to be overwritten (56x56x256 PokeConvs: 2x faster)
-        in_place = (chain.block is not None and shapes[-1] == (n, ho, wo, cout)
-                    and self._last_use(chain.block.inputs[1], chain.block))
-        key = ("poke_conv", (n, h, w, cin), cout, kernel, stride, shapes, tuple(methods), want_bits, in_place)
-        gvar = self._kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes,
-                                                         tuple(methods), want_bits, in_place))
-        args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
-                relax.const(table.astype(np.float32))]
-        outputs = [((n, ho, wo, cout), "float32")]
-        if want_bits:
-            outputs.append(((n, ho, wo, bitpack.words(cout)), bitpack.WORD_DTYPE))
-        if in_place:
-            # the kernel's y parameter (after its inputs) is bound to the block residual itself
-            result = self._call(gvar, [*args, residuals[-1]], outputs, in_place=[len(args)] + [-1] * (len(outputs) - 1))
-        else:
-            result = self._call(gvar, args, outputs)
-        if want_bits:
-            self.floats[y_value.name], self.bits[y_value.name] = result
-        else:
-            self.floats[y_value.name] = result
-        self.done.update(id(n) for n in chain.nodes)
-        _annotate([n for n in chain.nodes if n is not chain.se], (n, cout, ho, wo))
-
-    def _last_use(self, value: ir.Value, node: ir.Node) -> bool:
+    def last_use(self, value: ir.Value, node: ir.Node) -> bool:
         """Whether ``node`` is the last reader of ``value``: every other reader is lowered already."""
         return not value.is_graph_output() and value.name != self.input[0] and all(
             use.node is node or id(use.node) in self.done for use in value.uses())
 
-    # -- head --------------------------------------------------------------------------------------
-    def _head(self, node: ir.Node) -> None:
-        """GlobalAveragePool -> Flatten -> QuantGemm as one kernel."""
-        from tvm import relax
 
-        flatten = _only_user(node.outputs[0], "Flatten")
-        gemm = _only_user(flatten.outputs[0], "QuantGemm") if flatten is not None else None
-        if gemm is None:
-            raise BnnccError(f"node {node.name!r} (GlobalAveragePool): expected Flatten -> QuantGemm after it")
-        x = self._float(node.inputs[0])
-        weight, bound, bias = (_const(v, gemm) for v in gemm.inputs[1:4])
-        attrs = gemm.attributes
-        if attrs.get_int("a_signed", 1) != 1:
-            raise BnnccError(f"node {gemm.name!r} (QuantGemm): unsigned activations are not supported")
-        a_bits = attrs.get_int("a_bits", 8)
-        q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
-        shape = self._shape(x)
-        classes = q.shape[0]
-        gvar = self._kernel(("quant_head", shape, classes, a_bits),
-                            lambda: quant.head_func(shape, classes, a_bits, self.product))
-        args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(np.ascontiguousarray(q.T)),
-                relax.const(s), relax.const(bias.astype(np.float32))]
-        self.floats[gemm.outputs[0].name] = self._call(gvar, args, [((self.batch, classes), "float32")])
-        self.done.update(id(n) for n in (node, flatten, gemm))
-        _annotate([node], (self.batch, shape[3], 1, 1))
-        _annotate([flatten], (self.batch, shape[3]))
-        _annotate([gemm], (self.batch, classes))
+# -- stem --------------------------------------------------------------------------------------------
+@register_lowering("QuantConv")
+def _quant_conv(walk: _Walk, node: ir.Node) -> None:
+    """QuantConv [-> BN [-> DPReLU]]: one quant_conv2d with bias, BN and DPReLU fused."""
+    weight, bound, bias = (_const(v, node) for v in node.inputs[1:4])
+    # the stem's first conv reads the network's NCHW input as it is (quant.quant_conv2d_func)
+    layout = "NCHW" if node.inputs[0].name == walk.input[0] and weight.shape[1] > 1 else "NHWC"
+    x = walk.input[1] if layout == "NCHW" else walk.float(node.inputs[0])
+    attrs = node.attributes
+    kh, kw = attrs.get_ints("kernel_shape", weight.shape[2:])
+    stride = attrs.get_ints("strides", (1, 1))
+    pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
+    group = attrs.get_int("group", 1)
+    if stride[0] != stride[1]:
+        raise BnnccError(f"node {node.name!r} (QuantConv): unequal strides {list(stride)} are not supported")
+    q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
+    wq = (q.astype(np.float32) / s.reshape(-1, 1, 1, 1)).transpose(2, 3, 1, 0)
+    a_bits = attrs.get_int("a_bits", 8)
+    scales = quant.act_scales(bound, a_bits, signed=True)
+    cout = weight.shape[0]
+    a, b = np.ones(cout), bias.astype(np.float64)
+    last = node
+    bn = _only_user(node.outputs[0], "BatchNormalization")
+    dprelu_node = _only_user(bn.outputs[0], "DPReLU") if bn is not None else None
+    if bn is not None:
+        bn_a, bn_b = _bn_affine(bn)
+        a, b, last = bn_a, bn_a * b + bn_b, bn
+    table = np.zeros((6, cout), np.float32)
+    table[0], table[1] = a, b
+    table[2:] = np.array([0, 0, 1, 1], np.float32)[:, None]  # DPReLU absent: identity
+    if dprelu_node is not None:
+        table[2:] = [_const(v, dprelu_node) for v in dprelu_node.inputs[1:5]]
+        last = dprelu_node
+    walk.done.update(id(n) for n in (node, bn, dprelu_node) if n is not None)
+    shape = walk.shape(x)
+    h, w = shape[2:] if layout == "NCHW" else shape[1:3]
+    params = te.placeholder((6, cout), "float32", name="params")
+
+    def epilogue(acc, idx):
+        o = idx[3]
+        t = params[0, o] * acc + params[1, o]
+        return _dprelu(t, params[2, o], params[3, o], params[4, o], params[5, o])
+
+    key = ("quant_conv2d", layout, shape, wq.shape, stride[0], pads, group, a_bits)
+    gvar = walk.kernel(key, lambda: quant.quant_conv2d_func(
+        shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
+        epilogue_inputs=(params,), epilogue=epilogue, product=walk.product, input_layout=layout))
+    ho = (h + pads[0] + pads[2] - kh) // stride[0] + 1
+    wo = (w + pads[1] + pads[3] - kw) // stride[0] + 1
+    out = walk.call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
+                    [((walk.batch, ho, wo, cout), "float32")])
+    walk.floats[last.outputs[0].name] = out
+    _annotate([node, bn, dprelu_node], (walk.batch, cout, ho, wo))
 
 
-def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
+# -- SE gate -----------------------------------------------------------------------------------------
+def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int, node: ir.Node):
+    """The gate (N, Cout) float32 of an SE gate with ``inputs`` (R, W1, bound1, B1, W2, bound2, B2)."""
+    x = walk.float(inputs[0])
+    w1, bound1, b1, w2, bound2, b2 = (_const(v, node) for v in inputs[1:7])
+    q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
+    q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
+    hidden, cout = q1.shape[0], q2.shape[0]
+    # (C, O) integer layouts, two to a byte at <= 4 bits (quant.pack_int4)
+    q1, q2 = np.ascontiguousarray(q1.T), np.ascontiguousarray(q2.T)
+    if w_bits <= quant.NIBBLE_BITS:
+        q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
+    shape = walk.shape(x)
+    key = ("se_gate", shape, hidden, cout, w_bits, a_bits)
+    gvar = walk.kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits, walk.product))
+    args = [x,
+            relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(q1),
+            relax.const(s1), relax.const(b1.astype(np.float32)),
+            relax.const(quant.act_scales(bound2, a_bits, signed=False)), relax.const(q2),
+            relax.const(s2), relax.const(b2.astype(np.float32))]
+    return walk.call(gvar, args, [((walk.batch, cout), "float32")])
+
+
+@register_lowering("SEGate")
+def _se_gate(walk: _Walk, node: ir.Node) -> None:
+    """SEGate(x) -> gate (N, Cout) float32."""
+    gate = _se_gate_call(walk, list(node.inputs), node.attributes.get_int("w_bits", 4),
+                         node.attributes.get_int("a_bits", 4), node)
+    walk.floats[node.outputs[0].name] = gate
+    walk.done.add(id(node))
+    _annotate([node], (walk.batch, int(gate.ty.shape[1]), 1, 1))
+
+
+# -- PokeConv ----------------------------------------------------------------------------------------
+@register_lowering("PokeConv")
+def _poke_conv(walk: _Walk, node: ir.Node) -> None:
+    """One fused kernel for the whole op (module docstring), after its SE gate's kernel."""
+    x_value = node.inputs[0]
+    x = walk.float(x_value)
+    attrs = node.attributes
+    gate = _se_gate_call(walk, [node.inputs[i] for i in poke.SE], attrs.get_int("se_w_bits", 4),
+                         attrs.get_int("se_a_bits", 4), node)
+    bits = walk.packed(x_value)
+    weight = _const(node.inputs[1], node)
+    kernel = attrs.get_ints("kernel_shape", weight.shape[2:])[0]
+    stride = attrs.get_ints("strides", (1, 1))[0]
+    clip_bound = attrs.get_float("clip_bound", DEFAULT_CLIP_BOUND)
+    eps = attrs.get_float("epsilon", 1e-5)
+    packed = bitpack.pack_weights(weight)
+    n, h, w, cin = walk.shape(x)
+    cout = weight.shape[0]
+    ho, wo = out_size(h, stride), out_size(w, stride)
+
+    table = np.zeros((6, cout), np.float64)
+    a1, b1 = _affine(*(_const(v, node) for v in node.inputs[poke.BN]), eps)
+    bias_x, bias_y, pos, neg = (_const(v, node).astype(np.float64) for v in node.inputs[poke.DPRELU])
+    a2, table[_B2] = _affine(*(_const(v, node) for v in node.inputs[poke.SPLIT]), eps)
+    table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64)
+    table[_B1] = b1 - bias_x
+    table[_POS], table[_NEG], table[_BY] = a2 * pos, a2 * neg, a2 * bias_y
+
+    block = poke.block_input(node)
+    methods = (poke.LOCAL_METHOD,) if block is None else (poke.LOCAL_METHOD, poke.BLOCK_METHOD)
+    residuals = [x] if block is None else [x, walk.float(block)]
+    y_value = node.outputs[0]
+    want_bits = any(u.node.op_type in _READS_BITS and u.node.domain == DOMAIN and u.idx == 0 for u in y_value.uses())
+    shapes = tuple(walk.shape(r) for r in residuals)
+    # y may overwrite a block residual of its own shape (read at y's position only) whose last
+    # reader this is: the kernel then writes into memory it has just read, where a new buffer
+    # would first be fetched from memory only to be overwritten
+    in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
+    key = ("poke_conv", (n, h, w, cin), cout, kernel, stride, shapes, methods, want_bits, in_place)
+    gvar = walk.kernel(key, lambda: walk.poke_conv_kernel((n, h, w, cin), cout, kernel, stride, shapes, methods,
+                                                          want_bits, in_place))
+    args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
+            relax.const(table.astype(np.float32))]
+    outputs = [((n, ho, wo, cout), "float32")]
+    if want_bits:
+        outputs.append(((n, ho, wo, bitpack.words(cout)), bitpack.WORD_DTYPE))
+    if in_place:
+        # the kernel's y parameter (after its inputs) is bound to the block residual itself
+        result = walk.call(gvar, [*args, residuals[-1]], outputs, in_place=[len(args)] + [-1] * (len(outputs) - 1))
+    else:
+        result = walk.call(gvar, args, outputs)
+    if want_bits:
+        walk.floats[y_value.name], walk.bits[y_value.name] = result
+    else:
+        walk.floats[y_value.name] = result
+    walk.done.add(id(node))
+    _annotate([node], (n, cout, ho, wo))
+
+
+# -- head --------------------------------------------------------------------------------------------
+@register_lowering("GlobalAveragePool", domain="")
+def _head(walk: _Walk, node: ir.Node) -> None:
+    """GlobalAveragePool -> Flatten -> QuantGemm as one kernel."""
+    flatten = _only_user(node.outputs[0], "Flatten")
+    gemm = _only_user(flatten.outputs[0], "QuantGemm") if flatten is not None else None
+    if gemm is None:
+        raise BnnccError(f"node {node.name!r} (GlobalAveragePool): expected Flatten -> QuantGemm after it")
+    x = walk.float(node.inputs[0])
+    weight, bound, bias = (_const(v, gemm) for v in gemm.inputs[1:4])
+    attrs = gemm.attributes
+    if attrs.get_int("a_signed", 1) != 1:
+        raise BnnccError(f"node {gemm.name!r} (QuantGemm): unsigned activations are not supported")
+    a_bits = attrs.get_int("a_bits", 8)
+    q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
+    shape = walk.shape(x)
+    classes = q.shape[0]
+    gvar = walk.kernel(("quant_head", shape, classes, a_bits),
+                       lambda: quant.head_func(shape, classes, a_bits, walk.product))
+    args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(np.ascontiguousarray(q.T)),
+            relax.const(s), relax.const(bias.astype(np.float32))]
+    walk.floats[gemm.outputs[0].name] = walk.call(gvar, args, [((walk.batch, classes), "float32")])
+    walk.done.update(id(n) for n in (node, flatten, gemm))
+    _annotate([node], (walk.batch, shape[3], 1, 1))
+    _annotate([flatten], (walk.batch, shape[3]))
+    _annotate([gemm], (walk.batch, classes))
+
+
+def poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], want_bits: bool,
                     in_place: bool = False) -> tirx.PrimFunc:
     """``f(bits, weights, border, x, [r,] gate, params, y[, y_bits])``: the fused PokeConv kernel.
 
     params rows: a1, b1, pos, neg, by, b2 (module docstring).
-    ``in_place``: y will be r's memory (``_Walk._poke_conv``), so the parameters may alias and the
+    ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
     compiler is not told otherwise.
     """
     n, h, w, cin = x_shape

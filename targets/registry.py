@@ -110,7 +110,7 @@ def _arm64_report(executable, lowered, model) -> dict:
     from bnncc.targets.arm64 import binary_layer_counts
     from bnncc.targets.lower import function_name
 
-    layers = [node.name for node in model.graph if node.op_type == "BinaryConv"]
+    layers = [node.name for node in model.graph if node.op_type == "PokeConv"]
     # batch_1 calls the kernels; other batch sizes call batch_1 (lower.lower)
     return {"instructions": binary_layer_counts(executable, lowered.module, function_name(1), layers)}
 

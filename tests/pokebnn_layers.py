@@ -51,25 +51,26 @@ class _Builder:
         return self.node("QuantConv", name, inputs, (cout, out_hw, out_hw), w_bits=8, a_bits=8, a_signed=1,
                          kernel_shape=[k, k], strides=[stride, stride], pads=pads, group=group)
 
+    def vectors(self, name: str, c: int, keys: tuple[str, ...]) -> list[ir.Value]:
+        return [self.weight(f"{name}_{key}", c) for key in keys]
+
     def poke_conv(self, name: str, x: ir.Value, cin: int, hw: int, cout: int, k: int, stride: int,
                   r1: tuple[ir.Value, int] | None) -> ir.Value:
-        """BinaryConv, BN, local (zeropad) and block (tile) shortcuts, DPReLU, SEGate(x), Mul, BN."""
+        """A PokeConv node: BinaryConv, BN, local (zeropad) and block (tile) shortcuts, DPReLU,
+        SEGate(x) (Cin -> Cin/8 -> Cout, 4 bits), Mul, BN, with its inputs in spec.md's order."""
         ho = math.ceil(hw / stride)
-        y = self.node("BinaryConv", f"{name}_conv", [x, self.weight(f"{name}_w", cout, cin, k, k)], (cout, ho, ho),
-                      kernel_shape=[k, k], strides=[stride, stride], clip_bound=3.0)
-        y = self.batch_norm(f"{name}_bn", y, cout, ho)
-        y = self.node("ReshapeAdd", f"{name}_local", [y, x], (cout, ho, ho), method="zeropad")
-        if r1 is not None:
-            y = self.node("ReshapeAdd", f"{name}_block", [y, r1[0]], (cout, ho, ho), method="tile")
-        y = self.dprelu(f"{name}_dprelu", y, cout, ho)
         hidden = cin // 8
-        gate = self.node("SEGate", f"{name}_se", [
-            x, self.weight(f"{name}_se_w1", hidden, cin, 1, 1), self.weight(f"{name}_se_bound1", cin),
+        bn = ("scale", "bias", "mean", "var")
+        inputs = [
+            x, self.weight(f"{name}_w", cout, cin, k, k), *self.vectors(f"{name}_bn", cout, bn),
+            *self.vectors(f"{name}_dprelu", cout, ("bias_x", "bias_y", "pos_slope", "neg_slope")),
+            self.weight(f"{name}_se_w1", hidden, cin, 1, 1), self.weight(f"{name}_se_bound1", cin),
             self.weight(f"{name}_se_b1", hidden), self.weight(f"{name}_se_w2", cout, hidden, 1, 1),
-            self.weight(f"{name}_se_bound2", hidden), self.weight(f"{name}_se_b2", cout)], (cout, 1, 1),
-            w_bits=4, a_bits=4)
-        y = self.node("Mul", f"{name}_mul", [y, gate], (cout, ho, ho), domain="")
-        return self.batch_norm(f"{name}_bn_split", y, cout, ho)
+            self.weight(f"{name}_se_bound2", hidden), self.weight(f"{name}_se_b2", cout),
+            *self.vectors(f"{name}_bn_split", cout, bn),
+        ] + ([r1[0]] if r1 is not None else [])
+        return self.node("PokeConv", name, inputs, (cout, ho, ho), kernel_shape=[k, k], strides=[stride, stride],
+                         clip_bound=3.0, se_w_bits=4, se_a_bits=4)
 
 
 def pokebnn_model(multiplier: float, num_classes: int = 1000) -> ir.Model:

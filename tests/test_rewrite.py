@@ -95,7 +95,7 @@ def test_cli_writes_the_model_and_prints_ace_per_pass(cli, narrow_resnet, tmp_pa
         assert name in stdout
     written = onnx.load(out)
     onnx.checker.check_model(written)
-    assert {n.op_type for n in written.graph.node} >= {"BinaryConv", "SEGate", "QuantConv", "QuantGemm"}
+    assert {n.op_type for n in written.graph.node} >= {"PokeConv", "QuantConv", "QuantGemm"}
 
 
 def test_cli_bad_override_is_one_line(cli, narrow_resnet, tmp_path):

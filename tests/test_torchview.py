@@ -191,17 +191,27 @@ def test_write_back_rejects_a_different_model():
 
 
 # --- torchview's own plumbing for ai.bnncc ops, with stand-in torch ops --------------------------
-# These stand-ins replace bnncc.ops.TORCH_OPS entries by float maths so that the expected values
-# are plain numpy; the real ops are checked against onnxruntime further below.
+# These stand-ins replace the torch face of registered ops by float maths so that the expected
+# values are plain numpy; the real ops are checked against onnxruntime further below.
+
+
+class _StandIns:
+    """``stand_ins[op] = fn`` replaces the torch face of the registered op ``op`` for one test."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def __setitem__(self, name, fn):
+        import dataclasses
+
+        from bnncc.ops import OPS
+
+        self.monkeypatch.setitem(OPS, name, dataclasses.replace(OPS[name], torch=fn))
 
 
 @pytest.fixture
 def stand_in_ops(monkeypatch):
-    import bnncc.ops as ops
-
-    table = dict(getattr(ops, "TORCH_OPS", {}))
-    monkeypatch.setattr(ops, "TORCH_OPS", table, raising=False)
-    return table
+    return _StandIns(monkeypatch)
 
 
 def _float_quant_conv(x, w, bound, b, *, group=1, quantize_weights=True, **attrs):
@@ -256,9 +266,14 @@ def test_calibration_sets_mean_of_max_bounds(stand_in_ops):
     def w(name):
         return init[name][:, :, 0, 0]
 
+    def int4(v):  # the SE gate's 4-bit weights (spec.md QuantConv), which bound2's observer uses
+        s = 7 / np.abs(v).max(axis=1, keepdims=True)
+        return np.clip(np.floor(v * s + 0.5), -7, 7) / s
+
     pooled = [b.mean(axis=(2, 3)) for b in batches]
-    hidden = [np.maximum(p @ w("w1").T + init["b1"], 0) for p in pooled]
-    gate = [np.clip(h @ w("w2").T + init["b2"] + 3, 0, 6) / 6 for h in hidden]
+    hidden = [np.maximum(p @ int4(w("w1")).T + init["b1"], 0) for p in pooled]
+    gate_hidden = [np.maximum(p @ w("w1").T + init["b1"], 0) for p in pooled]  # the stand-in gate's
+    gate = [np.clip(h @ w("w2").T + init["b2"] + 3, 0, 6) / 6 for h in gate_hidden]
     gated = [b * g[:, :, None, None] for b, g in zip(batches, gate)]
     expect = {
         "bound1": mean_of_max([np.abs(p).max(0) for p in pooled]),
@@ -306,8 +321,6 @@ def test_weight_quantization_switch(stand_in_ops):
 def real_ops():
     import bnncc.ops as ops
 
-    if not (hasattr(ops, "attach_functions") and hasattr(ops, "TORCH_OPS")):
-        pytest.skip("bnncc.ops does not provide attach_functions and TORCH_OPS yet")
     return ops
 
 
@@ -371,11 +384,11 @@ def test_poke_graph_write_back_round_trip(real_ops):
 
 
 def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, monkeypatch):
-    from bnncc.ops.dprelu import normed_gated_dprelu
+    from bnncc.ops.poke_conv import poke_conv
 
     _, module = _calibrated_poke(real_ops)
-    # the conv's batch norm, the DPReLU and its SE gate's Mul
-    assert [step.fn for step in module._plan].count(normed_gated_dprelu) == 1
+    # the whole PokeConv is one step (its batch norm, shortcuts, DPReLU and gate Mul one fused call)
+    assert [step.fn for step in module._plan].count(poke_conv) == 1
     # the trainer's layout, where the fused CPU kernels run
     module.to(memory_format=torch.channels_last).train()
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(16)).contiguous(

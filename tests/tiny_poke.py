@@ -17,9 +17,9 @@ def bnncc_model(nodes, inputs, outputs, init) -> ir.Model:
 def tiny_poke_model() -> ir.Model:
     """QuantConv stem -> BN -> DPReLU -> one PokeConv -> GAP -> Flatten -> QuantGemm (spec.md).
 
-    x (N,3,16,16) -> stem 4x4/4 VALID 3->16 -> (N,16,4,4); PokeConv: BinaryConv 3x3/2 16->32 with
-    the local (zeropad) and block (tile) shortcuts from the PokeConv input, SE gate (16 -> 2 -> 32)
-    from the same input. Bounds start at -1 (uncalibrated); BN statistics and gammas are random so
+    x (N,3,16,16) -> stem 4x4/4 VALID 3->16 -> (N,16,4,4); PokeConv ("block" overload): BinaryConv
+    3x3/2 16->32 with the local (zeropad) and block (tile) shortcuts both from the PokeConv input,
+    SE gate (16 -> 2 -> 32) from the same input. Bounds start at -1 (uncalibrated); BN statistics and gammas are random so
     no channel is trivial; the SE hidden biases are positive so its ReLU passes gradient.
     """
     rng = np.random.default_rng(11)
@@ -51,6 +51,9 @@ def tiny_poke_model() -> ir.Model:
         return helper.make_node("BatchNormalization", [x] + [f"{prefix}.{k}" for k in ("gamma", "beta", "mean", "var")],
                                 [y], name=prefix, epsilon=1e-5)
 
+    def params(prefix, names):
+        return [f"{prefix}.{k}" for k in names]
+
     def dprelu_node(x, prefix, y):
         return helper.make_node("DPReLU", [x] + [f"{prefix}.{k}" for k in ("bx", "by", "pos", "neg")], [y],
                                 name=prefix, domain="ai.bnncc")
@@ -61,16 +64,13 @@ def tiny_poke_model() -> ir.Model:
                          strides=[4, 4], pads=[0, 0, 0, 0], group=1),
         bn_node("s0", "stem.bn", "s1"),
         dprelu_node("s1", "stem.act", "p_in"),
-        helper.make_node("BinaryConv", ["p_in", "poke.w"], ["c"], name="poke", domain="ai.bnncc",
-                         kernel_shape=[3, 3], strides=[2, 2], clip_bound=3.0),
-        bn_node("c", "poke.bn", "b"),
-        helper.make_node("ReshapeAdd", ["b", "p_in"], ["l"], name="local", domain="ai.bnncc", method="zeropad"),
-        helper.make_node("ReshapeAdd", ["l", "p_in"], ["r"], name="block", domain="ai.bnncc", method="tile"),
-        dprelu_node("r", "poke.act", "d"),
-        helper.make_node("SEGate", ["p_in", "se.w1", "se.bound1", "se.b1", "se.w2", "se.bound2", "se.b2"],
-                         ["g"], name="se", domain="ai.bnncc", w_bits=4, a_bits=4),
-        helper.make_node("Mul", ["d", "g"], ["dg"], name="se_mul"),
-        bn_node("dg", "poke.bn_split", "o"),
+        helper.make_node(
+            "PokeConv", ["p_in", "poke.w", *params("poke.bn", ("gamma", "beta", "mean", "var")),
+                         *params("poke.act", ("bx", "by", "pos", "neg")),
+                         *params("se", ("w1", "bound1", "b1", "w2", "bound2", "b2")),
+                         *params("poke.bn_split", ("gamma", "beta", "mean", "var")), "p_in"],
+            ["o"], name="poke", domain="ai.bnncc", overload="block", kernel_shape=[3, 3], strides=[2, 2],
+            clip_bound=3.0, se_w_bits=4, se_a_bits=4, epsilon=1e-5),
         helper.make_node("GlobalAveragePool", ["o"], ["pool"], name="pool"),
         helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
         helper.make_node("QuantGemm", ["flat", "fc.w", "fc.bound", "fc.b"], ["logits"], name="fc",

@@ -3,7 +3,7 @@
 from onnxscript import opset18 as op  # noqa: F401  (the default-domain ops function bodies use)
 from onnxscript.values import Opset
 
-DOMAIN = "ai.bnncc"
-VERSION = 1
+from bnncc.domain import DOMAIN, VERSION
+
 DEFAULT_OPSET = 18
 bnncc_opset = Opset(DOMAIN, VERSION)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnncc.ops import TORCH_OPS
+from bnncc.ops import OPS
 
 from opsref import run_onnx, same_pads_np
 
@@ -38,7 +38,7 @@ def test_matches_numpy_including_the_padded_border(k, s, h):
     expected = binary_conv_np(x, w, k, s)
     attrs = dict(kernel_shape=[k, k], strides=[s, s], clip_bound=3.0)
     np.testing.assert_allclose(run_onnx("BinaryConv", [x, w], **attrs), expected, rtol=1e-5, atol=1e-5)
-    got = TORCH_OPS["BinaryConv"](torch.from_numpy(x), torch.from_numpy(w), **attrs).numpy()
+    got = OPS["BinaryConv"].torch(torch.from_numpy(x), torch.from_numpy(w), **attrs).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -55,11 +55,11 @@ def test_gradients_reach_input_and_weights():
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.standard_normal((1, 3, 6, 6)), dtype=torch.float32, requires_grad=True)
     w = torch.tensor(rng.standard_normal((2, 3, 3, 3)), dtype=torch.float32, requires_grad=True)
-    TORCH_OPS["BinaryConv"](x, w, kernel_shape=[3, 3], strides=[1, 1]).square().sum().backward()
+    OPS["BinaryConv"].torch(x, w, kernel_shape=[3, 3], strides=[1, 1]).square().sum().backward()
     assert x.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
     # STE window: inputs beyond the bound get no gradient.
     x2 = torch.full((1, 3, 6, 6), 5.0, requires_grad=True)
-    TORCH_OPS["BinaryConv"](x2, w, kernel_shape=[3, 3], strides=[1, 1]).sum().backward()
+    OPS["BinaryConv"].torch(x2, w, kernel_shape=[3, 3], strides=[1, 1]).sum().backward()
     assert x2.grad.abs().sum() == 0
 
 
@@ -67,6 +67,6 @@ def test_float_weights_in_the_first_phase():
     rng = np.random.default_rng(1)
     x = torch.tensor(rng.standard_normal((1, 2, 5, 5)), dtype=torch.float32)
     w = torch.tensor(rng.standard_normal((3, 2, 1, 1)), dtype=torch.float32)
-    got = TORCH_OPS["BinaryConv"](x, w, kernel_shape=[1, 1], strides=[1, 1], quantize_weights=False)
+    got = OPS["BinaryConv"].torch(x, w, kernel_shape=[1, 1], strides=[1, 1], quantize_weights=False)
     expected = torch.nn.functional.conv2d(torch.where(x >= 0, 1.5, -1.5), w)
     torch.testing.assert_close(got, expected)

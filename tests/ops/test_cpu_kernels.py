@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from bnncc.ops import TORCH_OPS, cpu_kernels
+from bnncc.ops import OPS, cpu_kernels
 from bnncc.ops.quant import act_quantize, act_quantize_backward, weight_grid
 
 # Without a C compiler the kernels are not built and the ops run their torch compositions; with
@@ -45,7 +45,7 @@ def test_dprelu_kernels_match_the_torch_composition(monkeypatch, shape):
     def run():
         xs = x.clone().requires_grad_()
         ps = [p.clone().requires_grad_() for p in params]
-        y = TORCH_OPS["DPReLU"](xs, *ps)
+        y = OPS["DPReLU"].torch(xs, *ps)
         y.backward(grad)
         return y.detach(), xs.grad, [p.grad for p in ps]
 
@@ -105,7 +105,7 @@ def test_binarize_kernels_match_the_torch_composition(monkeypatch):
 
     def run():
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = TORCH_OPS["BinarizeAct"](xs, 2.5)
+        y = OPS["BinarizeAct"].torch(xs, 2.5)
         y.backward(grad)
         wb = binarize_weights(ws)
         wb.backward(torch.ones_like(wb))
@@ -220,7 +220,7 @@ def test_se_gate_kernels_match_the_torch_composition(monkeypatch):
     def run():
         leaves = [t.clone().requires_grad_() for t in (r, *weights)]
         rs, w1, b1, w2, b2 = leaves
-        y = TORCH_OPS["SEGate"](rs, w1, bound1, b1, w2, bound2, b2, w_bits=4, a_bits=4)
+        y = OPS["SEGate"].torch(rs, w1, bound1, b1, w2, bound2, b2, w_bits=4, a_bits=4)
         y.backward(grad)
         return y.detach(), [t.grad for t in leaves]
 

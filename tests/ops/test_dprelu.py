@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from bnncc.ops import TORCH_OPS
+from bnncc.ops import OPS
 
 from opsref import run_onnx
 
@@ -15,7 +15,7 @@ def test_dprelu_matches_numpy_and_gradients_reach_all_parameters():
     expected = np.where(t >= 0, ps * t, ns * t) - by
     np.testing.assert_allclose(run_onnx("DPReLU", [x, *params]), expected, rtol=1e-6, atol=1e-6)
     tensors = [torch.tensor(p, requires_grad=True) for p in params]
-    got = TORCH_OPS["DPReLU"](torch.from_numpy(x), *tensors)
+    got = OPS["DPReLU"].torch(torch.from_numpy(x), *tensors)
     np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-6, atol=1e-6)
     got.square().sum().backward()
     assert all(t.grad.abs().sum() > 0 for t in tensors)
@@ -26,4 +26,4 @@ def test_dprelu_backward_matches_finite_differences():
     rng = np.random.default_rng(1)
     x = torch.tensor(rng.standard_normal((2, 3, 4, 4)), requires_grad=True)
     params = [torch.tensor(rng.standard_normal(3), requires_grad=True) for _ in range(4)]
-    assert torch.autograd.gradcheck(TORCH_OPS["DPReLU"], (x, *params))
+    assert torch.autograd.gradcheck(OPS["DPReLU"].torch, (x, *params))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnncc.ops import TORCH_OPS
+from bnncc.ops import OPS
 from bnncc.ops.quant import quantize_acts
 
 from opsref import run_onnx
@@ -61,7 +61,7 @@ def test_quant_conv_matches_numpy(signed, case):
     expected = conv_np(quant_acts_np(x, bound, 8, signed), quant_weights_np(w, 8), b, stride, pads, group)
     got_onnx = run_onnx("QuantConv", [x, w, bound, b], **attrs)
     np.testing.assert_allclose(got_onnx, expected, rtol=1e-4, atol=1e-4)
-    got_torch = TORCH_OPS["QuantConv"](*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()
+    got_torch = OPS["QuantConv"].torch(*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()
     np.testing.assert_allclose(got_torch, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -83,7 +83,7 @@ def test_quant_gemm_matches_numpy():
     attrs = dict(w_bits=8, a_bits=8, a_signed=1)
     expected = quant_acts_np(x, bound, 8, 1) @ quant_weights_np(w, 8).T + b
     np.testing.assert_allclose(run_onnx("QuantGemm", [x, w, bound, b], **attrs), expected, rtol=1e-4, atol=1e-4)
-    got = TORCH_OPS["QuantGemm"](*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()
+    got = OPS["QuantGemm"].torch(*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -91,7 +91,7 @@ def test_activation_gradient_is_zero_outside_the_clip_range():
     x = torch.tensor([[-5.0, -1.0, 0.5, 1.9, 5.0]], requires_grad=True)
     w = torch.ones(1, 5, requires_grad=True)
     bound = torch.full((5,), 2.0)
-    y = TORCH_OPS["QuantGemm"](x, w, bound, torch.zeros(1), w_bits=8, a_bits=8, a_signed=1)
+    y = OPS["QuantGemm"].torch(x, w, bound, torch.zeros(1), w_bits=8, a_bits=8, a_signed=1)
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [[0, 1, 1, 1, 0]])
     assert w.grad.abs().sum() > 0

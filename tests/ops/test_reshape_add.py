@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnncc.ops import TORCH_OPS
+from bnncc.ops import OPS
 
 from opsref import run_onnx, same_pads_np
 
@@ -54,7 +54,7 @@ def test_reshape_add_matches_numpy(ci, co, method, h, ho):
         matched = pool_np(matched)
     expected = (y + matched).astype(np.float32)
     np.testing.assert_allclose(run_onnx("ReshapeAdd", [y, r], method=method), expected, rtol=1e-5, atol=1e-5)
-    got = TORCH_OPS["ReshapeAdd"](torch.from_numpy(y), torch.from_numpy(r), method=method).numpy()
+    got = OPS["ReshapeAdd"].torch(torch.from_numpy(y), torch.from_numpy(r), method=method).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -74,4 +74,4 @@ def test_reshape_add_backward_matches_finite_differences(ci, co, method, h, ho, 
     r = torch.randn(2, ci, h, h, dtype=torch.float64, generator=gen).contiguous(memory_format=layout)
     y.requires_grad_()
     r.requires_grad_()
-    assert torch.autograd.gradcheck(lambda y, r: TORCH_OPS["ReshapeAdd"](y, r, method=method), (y, r))
+    assert torch.autograd.gradcheck(lambda y, r: OPS["ReshapeAdd"].torch(y, r, method=method), (y, r))

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bnncc.ops import TORCH_OPS
+from bnncc.ops import OPS
 
 from opsref import run_onnx
 from test_quant import quant_acts_np, quant_weights_np
@@ -29,7 +29,7 @@ def test_se_gate_matches_numpy_and_is_a_hard_sigmoid_gate():
     for layout in (torch.contiguous_format, torch.channels_last):  # the trainer's format is channels_last
         tensors = [torch.tensor(a, requires_grad=a.ndim > 1 or a is b1 or a is b2) for a in inputs]
         tensors[0] = tensors[0].contiguous(memory_format=layout)
-        got_t = TORCH_OPS["SEGate"](*tensors, w_bits=4, a_bits=4)
+        got_t = OPS["SEGate"].torch(*tensors, w_bits=4, a_bits=4)
         np.testing.assert_allclose(got_t.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
     assert got.min() >= 0 and got.max() <= 1
 
@@ -51,7 +51,7 @@ def test_se_gate_backward_matches_finite_differences_on_the_float_path():
     bound1, bound2 = -torch.ones(16, dtype=torch.float64), -torch.ones(2, dtype=torch.float64)
 
     def gate(r, w1, b1, w2, b2):
-        return TORCH_OPS["SEGate"](r, w1, bound1, b1, w2, bound2, b2, w_bits=4, a_bits=4, quantize_weights=False)
+        return OPS["SEGate"].torch(r, w1, bound1, b1, w2, bound2, b2, w_bits=4, a_bits=4, quantize_weights=False)
 
     assert torch.autograd.gradcheck(gate, (r, w1, b1, w2, b2))
 
@@ -66,11 +66,11 @@ def test_se_gate_straight_through_gradients_match_autograd_of_the_composed_ops()
     attrs = dict(w_bits=4, a_bits=4)
 
     def reference(r, w1, b1, w2, b2):
-        h = F.relu(TORCH_OPS["QuantGemm"](r.mean(dim=(2, 3)), w1.flatten(1), bound1, b1, a_signed=1, **attrs))
-        return F.hardsigmoid(TORCH_OPS["QuantGemm"](h, w2.flatten(1), bound2, b2, a_signed=0, **attrs))[:, :, None, None]
+        h = F.relu(OPS["QuantGemm"].torch(r.mean(dim=(2, 3)), w1.flatten(1), bound1, b1, a_signed=1, **attrs))
+        return F.hardsigmoid(OPS["QuantGemm"].torch(h, w2.flatten(1), bound2, b2, a_signed=0, **attrs))[:, :, None, None]
 
     results = []
-    for fn in (reference, lambda r, w1, b1, w2, b2: TORCH_OPS["SEGate"](r, w1, bound1, b1, w2, bound2, b2, **attrs)):
+    for fn in (reference, lambda r, w1, b1, w2, b2: OPS["SEGate"].torch(r, w1, bound1, b1, w2, bound2, b2, **attrs)):
         tensors = [t.clone().requires_grad_() for t in inputs]
         fn(*tensors).backward(grad)
         results.append([t.grad for t in tensors])

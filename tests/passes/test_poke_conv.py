@@ -25,6 +25,8 @@ def _init(model, value):
 
 
 def test_every_bottleneck_conv_becomes_a_poke_conv(shortcut_free):
+    from bnncc.ops.poke_conv import BLOCK, BN, INPUTS, SE
+
     model, blocks = shortcut_free
     float_weights = {c: model.graph.node(c).inputs[1] for b in blocks for c in b.convs}
     float_biases = {model.graph.node(c).inputs[2].name for b in blocks for c in b.convs}
@@ -36,34 +38,52 @@ def test_every_bottleneck_conv_becomes_a_poke_conv(shortcut_free):
     after = op_counts(model)
     assert after["Conv"] == before["Conv"] - 48 == 1 and after["Relu"] == 1  # the stem's
     assert after["Add"] == 0
-    for op in ("BinaryConv", "SEGate", "DPReLU", "Mul"):
-        assert after[op] == 48, op
-    assert after["BatchNormalization"] == 96 and after["ReshapeAdd"] == 48 + 16
+    assert after["PokeConv"] == 48
+    for op in ("BinaryConv", "SEGate", "DPReLU", "Mul", "BatchNormalization", "ReshapeAdd"):
+        assert after[op] == 0, op  # all inside the PokeConvs, the block shortcuts too
     assert not float_biases & set(model.graph.initializers)  # the folded float biases are dropped
     for conv_name, weight in float_weights.items():
-        binary = model.graph.node(f"{conv_name}/binary")
-        assert binary.inputs[1] is weight  # the float weights carry over as they are
-        assert binary.attributes.get_float("clip_bound") == 2.5
-        assert list(binary.attributes.get_ints("kernel_shape")) == list(weight.const_value.shape[2:])
-        x = binary.inputs[0]
-        bn = model.graph.node(f"{conv_name}/bn")
+        poke = model.graph.node(conv_name)
+        assert poke.op_type == "PokeConv" and poke.domain == "ai.bnncc"
+        assert poke.inputs[1] is weight  # the float weights carry over as they are
+        assert poke.attributes.get_float("clip_bound") == 2.5
+        assert list(poke.attributes.get_ints("kernel_shape")) == list(weight.const_value.shape[2:])
+        assert (poke.attributes.get_int("se_w_bits"), poke.attributes.get_int("se_a_bits")) == (4, 4)
+        bn_scale = poke.inputs[BN][0]
+        assert bn_scale.name == f"{conv_name}/bn.gamma"
         gamma = 0.0 if conv_name in third else 1.0
-        np.testing.assert_array_equal(_init(model, bn.inputs[1]), np.full(weight.const_value.shape[0], gamma))
-        local = model.graph.node(f"{conv_name}/local")
-        assert local.inputs[1] is x and local.attributes.get_string("method") == "zeropad"
-        se = model.graph.node(f"{conv_name}/se")
-        assert se.inputs[0] is x  # the SE gate reads the conv's input
+        np.testing.assert_array_equal(_init(model, bn_scale), np.full(weight.const_value.shape[0], gamma))
+        se_w1, se_bound1, _, se_w2 = (poke.inputs[i] for i in SE[1:5])
         cout, cin = weight.const_value.shape[:2]
-        assert tuple(se.inputs[1].const_value.shape) == (cin // 8, cin, 1, 1)
-        assert tuple(se.inputs[4].const_value.shape) == (cout, cin // 8, 1, 1)
-        np.testing.assert_array_equal(_init(model, se.inputs[2]), -np.ones(cin, np.float32))
+        assert tuple(se_w1.const_value.shape) == (cin // 8, cin, 1, 1)
+        assert tuple(se_w2.const_value.shape) == (cout, cin // 8, 1, 1)
+        np.testing.assert_array_equal(_init(model, se_bound1), -np.ones(cin, np.float32))
+        assert all(v is not None and v.const_value is not None for v in poke.inputs[1:BLOCK])
         if conv_name in third:  # the block shortcut reads what the block's first binary conv reads
-            block = model.graph.node(f"{conv_name}/block")
-            block_input = model.graph.node(f"{third[conv_name]}/binary").inputs[0]
-            assert block.inputs[1] is block_input and block.attributes.get_string("method") == "tile"
+            assert len(poke.inputs) == len(INPUTS) and poke.overload == "block"
+            assert poke.inputs[BLOCK] is model.graph.node(third[conv_name]).inputs[0]
+        else:
+            assert len(poke.inputs) == len(INPUTS) - 1 and poke.overload == ""
     # v1.5: the stride sits on the 3x3 binary convs
-    strided = [n for n in model.graph if n.op_type == "BinaryConv" and list(n.attributes.get_ints("strides")) != [1, 1]]
+    strided = [n for n in model.graph if n.op_type == "PokeConv" and list(n.attributes.get_ints("strides")) != [1, 1]]
     assert [tuple(n.attributes.get_ints("kernel_shape")) for n in strided] == [(3, 3)] * 3
+
+
+def test_poke_conv_runs_as_its_expanded_chain(shortcut_free):
+    """onnxruntime gives the same logits on the PokeConv nodes and on their inlined chains."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from bnncc.ops import inline_functions
+
+    model, _ = shortcut_free
+    PokeConvPass()(model)
+    expanded = inline_functions(ir.to_proto(model))
+    assert not [n for n in expanded.graph.node if n.op_type == "PokeConv"]
+    assert sum(n.op_type == "BinaryConv" for n in expanded.graph.node) == 48
+    x = random_input(1)
+    session = ort.InferenceSession(expanded.SerializeToString())
+    np.testing.assert_array_equal(session.run(None, {session.get_inputs()[0].name: x})[0], run_ort(model, x))
 
 
 def test_ace_of_the_binary_and_se_convs(shortcut_free):

@@ -121,8 +121,8 @@ def test_pokebnn_network_on_arm64_agrees_with_onnxruntime(tmp_path):
     folder = compile(tiny_pokebnn(), tmp_path / "tiny_arm64", target="arm64", batches=(2,))
     manifest = json.loads((folder / "model.json").read_text())
     assert manifest["target"]["name"] == "arm64"
-    counts = manifest["instructions"]  # one entry per BinaryConv layer, in graph order
-    layers = [node.name for node in tiny_pokebnn().graph if node.op_type == "BinaryConv"]
+    counts = manifest["instructions"]  # one entry per PokeConv layer, in graph order
+    layers = [node.name for node in tiny_pokebnn().graph if node.op_type == "PokeConv"]
     assert list(counts) == layers and all(c["cnt"] > 0 and c["kernel"].startswith("poke_conv") for c in counts.values())
     report = verify(folder, n=4, batch=2)
     assert report.ok, report.failures

@@ -13,8 +13,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._blocks import BNNCC_DOMAIN
 from bnncc.passes._util import add_initializer
 
 CLASSES = 10
@@ -26,58 +26,60 @@ class _Net:
     def __init__(self, size: int, seed: int = 0) -> None:
         self.rng = np.random.default_rng(seed)
         self.x = ir.Value(name="input", shape=ir.Shape([1, 3, size, size]), type=ir.TensorType(ir.DataType.FLOAT))
-        self.graph = ir.Graph([self.x], [], nodes=[], name="tiny_pokebnn", opset_imports={"": 18, BNNCC_DOMAIN: 1})
+        self.graph = ir.Graph([self.x], [], nodes=[], name="tiny_pokebnn", opset_imports={"": 18, DOMAIN: 1})
         self.count = 0
 
     def const(self, name: str, array) -> ir.Value:
         return add_initializer(self.graph, name, np.asarray(array, np.float32))
 
-    def node(self, op: str, inputs: list, domain: str = "", **attrs) -> ir.Value:
+    def node(self, op: str, inputs: list, domain: str = "", overload: str = "", **attrs) -> ir.Value:
         self.count += 1
         name = f"{op}_{self.count}"
-        node = ir.node(op, inputs, attrs or None, domain=domain, name=name, outputs=[ir.Value(name=name)])
+        node = ir.node(op, inputs, attrs or None, domain=domain, overload=overload, name=name,
+                       outputs=[ir.Value(name=name)])
         self.graph.append(node)
         return node.outputs[0]
 
     def rand(self, name: str, shape, low=-1.0, high=1.0) -> ir.Value:
         return self.const(f"{name}{self.count}", self.rng.uniform(low, high, shape))
 
+    def bn_params(self, c: int) -> list[ir.Value]:
+        return [self.rand("g", c, 0.5, 1.5), self.rand("b", c), self.rand("m", c), self.rand("v", c, 0.5, 2)]
+
     def bn(self, x: ir.Value, c: int) -> ir.Value:
-        return self.node("BatchNormalization", [x, self.rand("g", c, 0.5, 1.5), self.rand("b", c),
-                                                self.rand("m", c), self.rand("v", c, 0.5, 2)], epsilon=1e-5)
+        return self.node("BatchNormalization", [x, *self.bn_params(c)], epsilon=1e-5)
+
+    def dprelu_params(self, c: int) -> list[ir.Value]:
+        return [self.rand("bx", c, -0.2, 0.2), self.rand("by", c, -0.2, 0.2), self.rand("ps", c, 0.5, 1.5),
+                self.rand("ns", c, 0, 0.5)]
 
     def dprelu(self, x: ir.Value, c: int) -> ir.Value:
-        return self.node("DPReLU", [x, self.rand("bx", c, -0.2, 0.2), self.rand("by", c, -0.2, 0.2),
-                                    self.rand("ps", c, 0.5, 1.5), self.rand("ns", c, 0, 0.5)], BNNCC_DOMAIN)
+        return self.node("DPReLU", [x, *self.dprelu_params(c)], DOMAIN)
 
     def stem(self, mid: int, out: int) -> ir.Value:
         x = self.node("QuantConv", [self.x, self.rand("w", (mid, 3, 4, 4)), self.rand("ab", 3, 1, 3),
-                                    self.rand("bias", mid)], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1,
+                                    self.rand("bias", mid)], DOMAIN, w_bits=8, a_bits=8, a_signed=1,
                       kernel_shape=[4, 4], strides=[4, 4], pads=[0, 0, 0, 0], group=1)
         x = self.dprelu(self.bn(x, mid), mid)
         x = self.node("QuantConv", [x, self.rand("w", (out, 1, 3, 3)), self.rand("ab", mid, 1, 3),
-                                    self.rand("bias", out)], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1,
+                                    self.rand("bias", out)], DOMAIN, w_bits=8, a_bits=8, a_signed=1,
                       kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], group=mid)
         return self.dprelu(self.bn(x, out), out)
 
     def poke_conv(self, x: ir.Value, cin: int, cout: int, k: int, stride: int, block: ir.Value | None = None):
-        c = self.node("BinaryConv", [x, self.rand("w", (cout, cin, k, k))], BNNCC_DOMAIN,
-                      kernel_shape=[k, k], strides=[stride, stride], clip_bound=3.0)
-        s = self.node("ReshapeAdd", [self.bn(c, cout), x], BNNCC_DOMAIN, method="zeropad")
-        if block is not None:
-            s = self.node("ReshapeAdd", [s, block], BNNCC_DOMAIN, method="tile")
-        d = self.dprelu(s, cout)
+        """A PokeConv node (bnncc/ops/poke_conv.py), its "block" overload when ``block`` is given."""
         hidden = max(cin // 8, 1)
-        g = self.node("SEGate", [x, self.rand("w1", (hidden, cin, 1, 1)), self.rand("b1", cin, 0.5, 2),
-                                 self.rand("c1", hidden), self.rand("w2", (cout, hidden, 1, 1)),
-                                 self.rand("b2", hidden, 0.5, 2), self.rand("c2", cout)],
-                      BNNCC_DOMAIN, w_bits=4, a_bits=4)
-        return self.bn(self.node("Mul", [d, g]), cout)
+        se = [self.rand("w1", (hidden, cin, 1, 1)), self.rand("b1", cin, 0.5, 2), self.rand("c1", hidden),
+              self.rand("w2", (cout, hidden, 1, 1)), self.rand("b2", hidden, 0.5, 2), self.rand("c2", cout)]
+        inputs = [x, self.rand("w", (cout, cin, k, k)), *self.bn_params(cout), *self.dprelu_params(cout), *se,
+                  *self.bn_params(cout)] + ([block] if block is not None else [])
+        return self.node("PokeConv", inputs, DOMAIN, overload="block" if block is not None else "",
+                         kernel_shape=[k, k], strides=[stride, stride], clip_bound=3.0, se_w_bits=4, se_a_bits=4)
 
     def head(self, x: ir.Value, c: int) -> None:
         x = self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1)
         y = self.node("QuantGemm", [x, self.rand("fc", (CLASSES, c)), self.rand("ab", c, 0.5, 2),
-                                    self.rand("fcb", CLASSES)], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+                                    self.rand("fcb", CLASSES)], DOMAIN, w_bits=8, a_bits=8, a_signed=1)
         y.name = "logits"
         self.graph.outputs.append(y)
 
@@ -234,7 +236,7 @@ def test_quantizer_at_a_decision_point_agrees_with_onnxruntime(tmp_path):
     net.x.shape = ir.Shape([1, channels, 1, 1])
     flat = net.node("Flatten", [net.node("GlobalAveragePool", [net.x])], axis=1)
     y = net.node("QuantGemm", [flat, net.const("eye", np.eye(channels)), net.const("bound", bounds),
-                               net.const("zero", np.zeros(channels))], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+                               net.const("zero", np.zeros(channels))], DOMAIN, w_bits=8, a_bits=8, a_signed=1)
     net.graph.outputs.append(y)
     model = ir.Model(net.graph, ir_version=10)
     attach_functions(model)
@@ -306,11 +308,11 @@ def test_stem_quantizer_on_the_nchw_input_at_a_decision_point_agrees_with_onnxru
     net.x.shape = ir.Shape([1, channels, 1, width])
     eye = np.eye(channels, dtype=np.float32)
     stem = net.node("QuantConv", [net.x, net.const("w", eye.reshape(channels, channels, 1, 1)), net.const("bound", bounds),
-                                  net.const("b", np.zeros(channels))], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1,
+                                  net.const("b", np.zeros(channels))], DOMAIN, w_bits=8, a_bits=8, a_signed=1,
                     kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0], group=1)
     flat = net.node("Flatten", [net.node("GlobalAveragePool", [stem])], axis=1)
     y = net.node("QuantGemm", [flat, net.const("eye", eye), net.const("unbounded", np.zeros(channels)),
-                               net.const("zero", np.zeros(channels))], BNNCC_DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+                               net.const("zero", np.zeros(channels))], DOMAIN, w_bits=8, a_bits=8, a_signed=1)
     net.graph.outputs.append(y)
     model = ir.Model(net.graph, ir_version=10)
     attach_functions(model)
