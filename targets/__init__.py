@@ -1,2 +1,3 @@
-"""Lowering to TVM: bitserial kernels (``kernels``), one schedule module per target (``x86_64``),
-and ``tvm_compat``, the only module that calls TVM's Python API."""
+"""Lowering to TVM: bitserial kernels (``kernels``), the CPU schedules (``cpu_schedule``) with each
+CPU target's vector parameters (``x86_64``, ``arm64``), ``cuda``, the ``registry`` of targets, and
+``tvm_compat``, the only module that calls TVM's Python API."""

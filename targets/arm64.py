@@ -1,10 +1,9 @@
-"""AArch64 (NEON) target: the target, schedule rules for our kernels, cross-linking, and
+"""AArch64 (NEON) target: the target, its vectors for the CPU schedules, cross-linking, and
 instruction counts read from the generated assembly.
 
-NEON has 32 128-bit vector registers: 4 uint32 (or float32) lanes per vector. The binary conv
-keeps the x86-64 register-tile structure (``x86_64.tile_binary_conv2d``) with 4 lanes and 16
-accumulator vectors (the other 16 hold weights, the broadcast activation word and popcount
-temporaries). LLVM lowers the vector popcount of 4 uint32 words to
+NEON has 32 128-bit vector registers: 4 uint32 (or float32) lanes per vector. The kernels are
+scheduled by ``cpu_schedule`` with 4 lanes and 16 accumulator vectors (``NEON``). LLVM lowers
+the vector popcount of 4 uint32 words to
 
     cnt    v.16b         bit count of each byte
     uaddlp v.8h, v.16b   pairwise add bytes -> 8 halfwords
@@ -19,7 +18,6 @@ Libraries are compiled by TVM's LLVM for ``aarch64-linux-gnu`` and linked by Deb
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -28,20 +26,20 @@ from pathlib import Path
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
-from bnncc.targets import x86_64, x86_64_fused
-from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
-from bnncc.targets.tvm_compat import Target, first_rule, make_target, tirx
+from bnncc.targets import cpu_schedule
+from bnncc.targets.cpu_schedule import VectorUnit
+from bnncc.targets.kernels import binary_conv
+from bnncc.targets.tvm_compat import NUM_THREADS, Target, cross_compiler, make_target, tirx
 
 __all__ = [
-    "CROSS_CXX", "LANES", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions", "export_arm64", "is_arm64", "kernel_assembly",
-    "schedule",
+    "CROSS_CXX", "NEON", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions",
+    "export_arm64", "is_arm64", "kernel_assembly", "schedule",
 ]
 
-logger = logging.getLogger(__name__)
-
 CROSS_CXX = "aarch64-linux-gnu-g++"
-LANES = 4  # 32-bit lanes of a 128-bit NEON register
-_ACCUMULATORS = 16
+# 4 32-bit lanes of a 128-bit NEON register; 16 accumulators leave 16 of the 32 registers for the
+# weights, the broadcast activation word and the popcount temporaries
+NEON = VectorUnit(lanes=4, accumulators=16)
 
 
 def arm64_target(*, dotprod: bool = False, cores: int | None = None) -> Target:
@@ -49,8 +47,6 @@ def arm64_target(*, dotprod: bool = False, cores: int | None = None) -> Target:
 
     ``cores`` is the thread count the library's parallel loops are split for (default: TVM's).
     """
-    from bnncc.targets.tvm_compat import NUM_THREADS
-
     mattr = ["+neon", "+dotprod"] if dotprod else ["+neon"]
     return make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr,
                         "num-cores": cores or NUM_THREADS})
@@ -61,53 +57,17 @@ def is_arm64(target: Target) -> bool:
     return target.kind.name == "llvm" and str(target.attrs.get("mtriple", "")).startswith("aarch64")
 
 
-# -- schedule rules -------------------------------------------------------------------------------
-def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """The binary conv (plain or fused PokeConv with its trailing bitpack) on NEON."""
-    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME:
-        return None
-    return x86_64_fused.bitpack_stage(x86_64.tile_binary_conv2d(func, LANES, _ACCUMULATORS))
-
-
-def schedule_sign_bitpack(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """Sign-and-bitpack on NEON: pixels in parallel, word bits unrolled."""
-    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) != bitpack.KERNEL_NAME:
-        return None
-    return x86_64.parallel_bitpack(func)
-
-
-def schedule_quant_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """The quantized stem conv with 4 float32 lanes."""
-    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) != "quant_conv2d":
-        return None
-    return x86_64_fused.vector_quant_conv2d(func, LANES)
-
-
-def schedule_pool_dense(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """SE gate and head with 4 float32 lanes."""
-    if not is_arm64(target) or func.attrs.get(KERNEL_ATTR) not in ("se_gate", "quant_head"):
-        return None
-    return x86_64_fused.vector_pool_dense(func, LANES, int(target.attrs["num-cores"]))
-
-
-RULES = (schedule_binary_conv2d, schedule_sign_bitpack, schedule_quant_conv2d, schedule_pool_dense)
-
-
 def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """The first rule that applies to ``func`` on ``target``, or None (``lower(..., schedule=)``)."""
-    scheduled = first_rule(RULES, func, target)
-    if scheduled is not None:
-        logger.debug("scheduled %s", func.attrs.get(KERNEL_ATTR))
-    return scheduled
+    """``func`` scheduled for NEON (``cpu_schedule``), or None when ``func`` is no kernel of ours or
+    ``target`` not aarch64 (``lower(..., schedule=)``)."""
+    return cpu_schedule.schedule(func, target, NEON if is_arm64(target) else None)
 
 
 # -- libraries ------------------------------------------------------------------------------------
 def _cross_compiler():
     if shutil.which(CROSS_CXX) is None:
         raise BnnccError(f"{CROSS_CXX} not found; install it: apt-get install g++-aarch64-linux-gnu")
-    from tvm.support import cc
-
-    return cc.cross_compiler(CROSS_CXX)
+    return cross_compiler(CROSS_CXX)
 
 
 def export_arm64(executable, path: str | os.PathLike) -> Path:

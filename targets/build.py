@@ -21,6 +21,8 @@ import onnx_ir as ir
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.targets import registry
+from bnncc.targets.lower import function_name, lower
+from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
 
 __all__ = ["compile", "TARGETS", "MANIFEST_FORMAT"]
 
@@ -39,8 +41,9 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
 
     One Relax function per entry of ``batches``. Returns the folder's path.
     """
-    from bnncc.targets.lower import function_name, lower
-    from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
+    # here, not at the top: the cost model imports torch (bnncc.ops), which bnncc.runtime, a
+    # reader of MANIFEST_FORMAT, does without
+    from bnncc.cost import ace
 
     spec = registry.get(target)
     batches = tuple(sorted(set(batches)))
@@ -52,7 +55,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
             raise BnnccError(f"{path}: no such file")
         model = ir.load(path)
     if not any(node.domain == DOMAIN for node in model.graph):
-        raise BnnccError(f"graph {model.graph.name!r}: no ai.bnncc op; compile takes a PokeBNN graph "
+        raise BnnccError(f"graph {model.graph.name!r}: no {DOMAIN} op; compile takes a PokeBNN graph "
                          f"(run `bnncc rewrite` first)")
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
@@ -67,7 +70,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         "functions": {str(b): function_name(b) for b in batches},
         "preprocessing": _metadata_json(model, _PREPROCESSING_KEY),
         "recipe": model.metadata_props.get(_RECIPE_KEY),
-        "ace": _ace(model),
+        "ace": float(ace(model)),
         "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
         "compile_seconds": round(compile_s, 2),
         **(spec.report(executable, lowered, model) if spec.report else {}),
@@ -90,16 +93,6 @@ def _metadata_json(model: ir.Model, key: str):
         return json.loads(text)
     except json.JSONDecodeError:
         raise BnnccError(f"model metadata {key!r}: not JSON: {text[:60]!r}") from None
-
-
-def _ace(model: ir.Model) -> float | None:
-    """ACE of the graph (bnncc.cost), or None while the cost model is not installed."""
-    try:
-        from bnncc.cost import ace
-    except ModuleNotFoundError:
-        logger.warning("bnncc.cost is not available: model.json records no ACE")
-        return None
-    return float(ace(model))
 
 
 class _atomic_dir:

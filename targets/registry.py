@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError
+from bnncc.fileio import cache_dir
+from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
+from bnncc.targets.lower import function_name
 
 __all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names"]
 
@@ -45,31 +48,10 @@ class TargetSpec:
     report: Callable[..., dict] | None = None  # (executable, lowered, model) -> extra manifest entries
 
 
-# -- x86-64 -----------------------------------------------------------------------------------------
-def _x86_target():
-    from bnncc.targets.x86_64 import host_target
-
-    return host_target()
-
-
-def _x86_schedule(func, target):
-    from bnncc.targets.x86_64_fused import schedule
-
-    return schedule(func, target)
-
-
-def _export_native(executable, path: Path) -> Path:
-    from bnncc.targets.tvm_compat import export_executable
-
-    return export_executable(executable, path)
-
-
 def _cpu_caller(path: Path) -> Caller:
     """The Relax VM in this process."""
-    from bnncc.targets.tvm_compat import load_vm, to_tensor
-
-    vm = load_vm(path)
-    return lambda function, x: vm[function](to_tensor(x)).numpy()
+    vm = tvm_compat.load_vm(path)
+    return lambda function, x: vm[function](tvm_compat.to_tensor(x)).numpy()
 
 
 def _x86_requirements() -> list[Requirement]:
@@ -77,102 +59,48 @@ def _x86_requirements() -> list[Requirement]:
                         "an x86-64 machine")]
 
 
-# -- arm64 ------------------------------------------------------------------------------------------
-def _arm64_target():
-    from bnncc.targets.arm64 import arm64_target
-
-    return arm64_target()
-
-
-def _arm64_schedule(func, target):
-    from bnncc.targets.arm64 import schedule
-
-    return schedule(func, target)
-
-
-def _arm64_export(executable, path: Path) -> Path:
-    from bnncc.targets.arm64 import export_arm64
-
-    return export_arm64(executable, path)
-
-
 def _arm64_caller(path: Path) -> Caller:
     """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call)."""
     if platform.machine() == "aarch64":
         return _cpu_caller(path)
-    from bnncc.targets.vmrunner import run_arm64
-
-    return lambda function, x: run_arm64(path, [x], function=function)[0]
+    return lambda function, x: vmrunner.run_arm64(path, [x], function=function)[0]
 
 
 def _arm64_report(executable, lowered, model) -> dict:
     """Static instruction counts of each binary layer's kernel (``arm64.binary_layer_counts``)."""
-    from bnncc.targets.arm64 import binary_layer_counts
-    from bnncc.targets.lower import function_name
-
     layers = [node.name for node in model.graph if node.op_type == "PokeConv"]
     # batch_1 calls the kernels; other batch sizes call batch_1 (lower.lower)
-    return {"instructions": binary_layer_counts(executable, lowered.module, function_name(1), layers)}
+    return {"instructions": arm64.binary_layer_counts(executable, lowered.module, function_name(1), layers)}
 
 
 def _arm64_requirements() -> list[Requirement]:
-    from bnncc.fileio import cache_dir
-    from bnncc.targets.vmrunner import QEMU_LD_PREFIX
-
-    sysroot = QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
+    sysroot = vmrunner.QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
     runtime = sorted((cache_dir() / "arm64-runtime").glob("*/libtvm_runtime.so"))
     return [
         Requirement("aarch64-linux-gnu-g++", "build", shutil.which("aarch64-linux-gnu-g++"),
                     "apt-get install g++-aarch64-linux-gnu"),
         Requirement("qemu-aarch64", "run", shutil.which("qemu-aarch64"), "apt-get install qemu-user"),
-        Requirement("aarch64 sysroot", "run", str(QEMU_LD_PREFIX) if sysroot.is_file() else None,
+        Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if sysroot.is_file() else None,
                     "apt-get install g++-aarch64-linux-gnu"),
         Requirement("aarch64 TVM runtime", "run", str(runtime[-1].parent) if runtime else None,
                     "python -c 'from bnncc.targets.vmrunner import ensure_arm64_runtime as f; f()' (pip download)"),
     ]
 
 
-# -- cuda -------------------------------------------------------------------------------------------
-def _cuda_target():
-    from bnncc.targets.cuda import cuda_target
-
-    return cuda_target()
-
-
-def _cuda_schedule(func, target):
-    from bnncc.targets.cuda import schedule
-
-    return schedule(func, target)
-
-
-def _cuda_export(executable, path: Path) -> Path:
-    from bnncc.targets.cuda import export_cuda
-
-    return export_cuda(executable, path)
-
-
-def _cuda_caller(path: Path) -> Caller:
-    from bnncc.targets.cuda import load_vm
-
-    return load_vm(path)
-
-
 def _cuda_requirements() -> list[Requirement]:
-    from bnncc.targets.cuda import find_nvcc, has_cuda_device
-
     return [
-        Requirement("nvcc", "build", find_nvcc(), "a CUDA toolkit (nvcc on PATH or CUDA_HOME/bin)"),
-        Requirement("CUDA device", "run", "yes" if has_cuda_device() else None, "an NVIDIA GPU and driver"),
+        Requirement("nvcc", "build", cuda.find_nvcc(), "a CUDA toolkit (nvcc on PATH or CUDA_HOME/bin)"),
+        Requirement("CUDA device", "run", "yes" if cuda.has_cuda_device() else None, "an NVIDIA GPU and driver"),
     ]
 
 
 TARGETS = {
-    "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512 VPOPCNTDQ)", _x86_target,
-                         _x86_schedule, _export_native, _cpu_caller, _x86_requirements),
-    "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", _arm64_target,
-                        _arm64_schedule, _arm64_export, _arm64_caller, _arm64_requirements, _arm64_report),
-    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (kernels built by nvcc)", _cuda_target,
-                       _cuda_schedule, _cuda_export, _cuda_caller, _cuda_requirements),
+    "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512 VPOPCNTDQ)", x86_64.host_target,
+                         x86_64.schedule, tvm_compat.export_executable, _cpu_caller, _x86_requirements),
+    "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
+                        arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report),
+    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (kernels built by nvcc)", cuda.cuda_target,
+                       cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements),
 }
 
 

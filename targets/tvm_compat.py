@@ -31,15 +31,17 @@ def _configure_threads() -> int:
 NUM_THREADS = _configure_threads()
 
 import tvm  # noqa: E402  (must follow the thread configuration)
+import tvm_ffi  # noqa: E402
+from tvm import relax  # noqa: E402
 from tvm import s_tir, te, tirx  # noqa: E402,F401  (re-exported for the kernels and schedules)
+from tvm.support import cc  # noqa: E402
 from tvm.target import Target  # noqa: E402
 from tvm.target.codegen import target_has_features  # noqa: E402
 
 __all__ = [
-    "first_rule",
-    "has_block",
-    "NUM_THREADS", "Target", "compile_func", "compile_module", "export_executable", "export_library",
-    "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
+    "NUM_THREADS", "Target", "compile_func", "compile_module", "cross_compiler", "export_executable", "export_library",
+    "has_block", "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "runtime_include_dir",
+    "runtime_library_dirs", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
 ]
 
 
@@ -84,9 +86,22 @@ def export_executable(executable, path: str | os.PathLike) -> Path:
 
 def load_vm(path: str | os.PathLike):
     """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime)."""
-    from tvm import relax
-
     return relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu(0))
+
+
+def cross_compiler(cxx: str):
+    """The ``fcompile`` of ``export_library`` that links with the cross compiler ``cxx``."""
+    return cc.cross_compiler(cxx)
+
+
+def runtime_library_dirs() -> list[Path]:
+    """The folders of the installed libtvm_runtime.so and libtvm_ffi.so (for programs linked against them)."""
+    return [Path(tvm.__file__).parent / "lib", Path(tvm_ffi.__file__).parent / "lib"]
+
+
+def runtime_include_dir() -> Path:
+    """The C++ headers of the installed TVM FFI (for programs that call the runtime)."""
+    return Path(tvm_ffi.__file__).parent / "include"
 
 
 def to_tensor(array: np.ndarray):
@@ -105,12 +120,3 @@ def has_block(sch: s_tir.Schedule, name: str) -> bool:
     except s_tir.ScheduleError:
         return False
     return True
-
-
-def first_rule(rules, func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """The result of the first schedule rule that applies to ``func`` on ``target`` (rules return None when not)."""
-    for rule in rules:
-        scheduled = rule(func, target)
-        if scheduled is not None:
-            return scheduled
-    return None

@@ -26,6 +26,7 @@ import numpy as np
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, cache_dir
+from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
     "HOST", "AARCH64", "ensure_arm64_runtime", "ensure_runner", "run_arm64", "run_library",
@@ -86,25 +87,14 @@ def _extract_runtime(wheels: Path, folder: Path) -> None:
                     dest.chmod(0o644)
 
 
-def _host_runtime() -> Path:
-    """The folder of this host's libtvm_runtime.so; libtvm_ffi.so is found beside tvm_ffi."""
-    import tvm
-
-    return Path(tvm.__file__).parent / "lib"
-
-
 def _library_dirs(arch: str) -> list[Path]:
     if arch == AARCH64:
         return [ensure_arm64_runtime()]
-    import tvm_ffi
-
-    return [_host_runtime(), Path(tvm_ffi.__file__).parent / "lib"]
+    return runtime_library_dirs()
 
 
 def ensure_runner(arch: str = HOST) -> Path:
     """The runner binary for ``arch`` (x86_64 or aarch64), compiled into the cache on first use."""
-    import tvm_ffi
-
     compiler = _COMPILERS[arch]
     if shutil.which(compiler) is None:
         package = "g++" if arch == HOST else "g++-aarch64-linux-gnu"
@@ -115,7 +105,7 @@ def ensure_runner(arch: str = HOST) -> Path:
     binary = cache_dir() / "runner" / arch / f"runner-{key}"
     if binary.is_file():
         return binary
-    include = Path(tvm_ffi.__file__).parent / "include"
+    include = runtime_include_dir()
     start = time.perf_counter()
     binary.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(binary) as tmp:

@@ -90,7 +90,7 @@ def channel_mean(r: te.Tensor, channels: int) -> te.Tensor:
 
     A stage of its own (block CHANNEL_MEAN) rather than part of an epilogue expression: its reads
     are k-strided, which a vectorized epilogue turns into one scalar load per lane, and a schedule
-    can give the stage a vector form (x86_64.tile_binary_conv2d)."""
+    can give the stage a vector form (cpu_schedule._vector_mean)."""
     n, h, w, ci = (int(d) for d in r.shape)
     k = ci // channels
     return te.compute((n, h, w, channels), lambda i, y, z, c: mean_value(lambda t: r[i, y, z, c * k + t], k),

@@ -31,6 +31,10 @@ __all__ = [
     "act_scales", "pack_int4", "quantize_weights", "quantize_act", "quant_conv2d_func", "se_gate_func", "head_func",
 ]
 
+# the kernels' names (KERNEL_ATTR): the stem conv, the SE gate, the head
+CONV_KERNEL_NAME = "quant_conv2d"
+SE_GATE_KERNEL_NAME = "se_gate"
+HEAD_KERNEL_NAME = "quant_head"
 # weights of at most this many bits are stored two to a byte
 NIBBLE_BITS = 4
 # PrimFunc attribute of quant_conv2d: the layout of its input x, "NHWC" or "NCHW"
@@ -191,7 +195,7 @@ def quant_conv2d_func(
     )
     out = acc if epilogue is None else te.compute(acc.shape, lambda *idx: epilogue(acc(*idx), idx), name="epilogue")
     func = te.create_prim_func([x, weights, scale, *epilogue_inputs, out])
-    return func.with_attr(KERNEL_ATTR, "quant_conv2d").with_attr(INPUT_LAYOUT_ATTR, input_layout)
+    return func.with_attr(KERNEL_ATTR, CONV_KERNEL_NAME).with_attr(INPUT_LAYOUT_ATTR, input_layout)
 
 
 def _mean_hw(x: te.Tensor, name: str) -> te.Tensor:
@@ -259,7 +263,7 @@ def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: 
     g = _dense(relu, second[1], second[2], second[3], "se2", unsigned, second[0])
     gate = te.compute(g.shape, lambda i, j: tirx.min(tirx.max(g[i, j] + 3.0, 0.0), 6.0) / 6.0, name="gate")
     func = te.create_prim_func([x, *first, *second, gate])
-    return func.with_attr(KERNEL_ATTR, "se_gate")
+    return func.with_attr(KERNEL_ATTR, SE_GATE_KERNEL_NAME)
 
 
 def head_func(x_shape: tuple[int, int, int, int], classes: int, a_bits: int,
@@ -272,4 +276,4 @@ def head_func(x_shape: tuple[int, int, int, int], classes: int, a_bits: int,
     logits = _dense(pooled, params[1], params[2], params[3], "fc",
                     lambda v, s: quantize_act(v, s, a_bits, signed=True, product=product), params[0])
     func = te.create_prim_func([x, *params, logits])
-    return func.with_attr(KERNEL_ATTR, "quant_head")
+    return func.with_attr(KERNEL_ATTR, HEAD_KERNEL_NAME)

@@ -7,6 +7,7 @@ import pytest
 
 from bnncc.targets import tvm_compat as tc
 from bnncc.targets import x86_64
+from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.kernels import binary_conv as bc
 from bnncc.targets.kernels import bitpack as bp
 
@@ -179,6 +180,7 @@ def test_rules_decline_other_targets_and_kernels():
     conv = bc.binary_conv2d_func(1, 4, 4, 32, 16, 3, 1)
     arm = tc.make_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     assert x86_64.schedule(conv, arm) is None
+    assert x86_64.schedule(conv, x86_64.target_for_flags({"sse4_2"}, cores=2)) is None
     target = x86_64.target_for_flags(AVX2_FLAGS, cores=2)
-    assert x86_64.schedule_sign_bitpack(conv, target) is None
-    assert x86_64.schedule_binary_conv2d(bp.sign_bitpack_func(1, 4, 4, 32), target) is None
+    assert x86_64.schedule(conv.with_attr(KERNEL_ATTR, "other"), target) is None
+    assert x86_64.schedule(conv.without_attr(KERNEL_ATTR), target) is None

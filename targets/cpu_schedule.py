@@ -1,0 +1,360 @@
+"""Schedules of the bitserial kernels on a CPU with fixed-width vector registers (s_tir).
+
+A CPU target (``x86_64``, ``arm64``) supplies only its ``VectorUnit``: how many 32-bit lanes a
+vector holds (uint32 words for the popcounts, float32 values for the rest alike) and how many
+accumulator vectors the binary conv's register tile may keep. ``schedule`` then picks the rule of
+the function's kernel (``KERNEL_ATTR``):
+
+- ``binary_conv2d`` (plain or a fused PokeConv): register tiles of output columns x channels,
+  vectorized over channels, tiles in parallel (``_tile_binary_conv2d``); a trailing
+  sign-and-bitpack stage over pixels in parallel (``_bitpack_block``);
+- ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
+- ``quant_conv2d`` (the stem): output rows in parallel, the reduction outside a vector of output
+  channels, so each weight row is one vector load;
+- ``se_gate`` and ``quant_head``: the spatial mean with the channel vector innermost; the dense
+  layers input by input, each adding its weight row times the input to the output vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
+from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
+from tvm.script import tirx as T  # noqa: E402  (TVMScript for the tensor intrinsics)
+
+__all__ = ["VectorUnit", "schedule"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_TILE_WIDTH = 8
+# TVM puts a buffer on the stack, where LLVM keeps it in registers, only when it is smaller than
+# 1024 bytes (runtime::kMaxStackAlloca); a larger one becomes a heap workspace allocated, zeroed
+# and freed once per tile (_tile_binary_conv2d).
+_MAX_TILE_BYTES = 1023
+
+
+@dataclass(frozen=True)
+class VectorUnit:
+    """What the schedules need to know of a CPU's vectors."""
+
+    lanes: int  # 32-bit lanes per vector register
+    accumulators: int  # vector registers the binary conv's register tile may hold its sums in
+
+
+def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> tirx.PrimFunc | None:
+    """``func`` scheduled for ``unit`` (the vectors of ``target``), or None when ``unit`` is None
+    (``target`` is not the caller's CPU) or ``func`` is no kernel of ours."""
+    kernel = func.attrs.get(KERNEL_ATTR)
+    rule = _RULES.get(kernel)
+    if unit is None or rule is None:
+        return None
+    logger.debug("scheduled %s", kernel)
+    return rule(func, unit, int(target.attrs["num-cores"]))
+
+
+# -- binary conv ------------------------------------------------------------------------------------
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _register_tile(wout: int, cout: int, lanes: int, accumulators: int) -> tuple[int, int]:
+    """(output columns, output channels) of the register tile: the most outputs that fit the
+    accumulator budget and stay on the stack (_MAX_TILE_BYTES), with both sizes dividing the
+    output so no tile is partial."""
+    options = []
+    for channels in (d for d in range(1, 2 * lanes + 1) if cout % d == 0):
+        vectors = -(-channels // lanes)
+        limit = min(_MAX_TILE_WIDTH, accumulators // vectors, _MAX_TILE_BYTES // (4 * channels))
+        width = _largest_divisor(wout, limit)
+        options.append((width * channels, channels, width))
+    _, channels, width = max(options)
+    return width, channels
+
+
+def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
+    """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's trailing bitpack, if any."""
+    conv = _tile_binary_conv2d(func, unit.lanes, unit.accumulators)
+    sch = s_tir.Schedule(conv)
+    if not has_block(sch, "bitpack"):
+        return conv
+    _bitpack_block(sch)
+    return mark_scheduled(sch.mod["main"])
+
+
+def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> tirx.PrimFunc:
+    """Register-tiled, vectorized, multithreaded binary conv, for a CPU with ``lanes`` uint32
+    lanes per vector and room for ``accumulators`` accumulator vectors.
+
+    Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
+    accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
+    activation word against ``channels`` weight words (Cout is the innermost weight axis).
+    Threads share the fused (n, ho, wo tile, co tile) loop. Pixels are outermost, so the epilogue
+    reads its residuals and writes its output once through memory, each pixel's channels
+    together (with channel tiles outermost it would sweep the whole float tensors once per tile,
+    touching 128 of every 1024 bytes; bench/RESULTS.md). Each tile then reads all of the layer's
+    weights, which stay in L2 (at most 295 KB: 3x3, 512 -> 512).
+    """
+    sch = s_tir.Schedule(func)
+    pop = sch.get_sblock("popcount")
+    out = sch.get_sblock("binary_conv2d")
+    n, ho, wo, co = sch.get_loops(out)
+    wout, cout = int(sch.get(wo).extent), int(sch.get(co).extent)
+
+    width, channels = _register_tile(wout, cout, lanes, accumulators)
+    vec = min(lanes, channels)
+    for pool in _stages(sch, out, binary_conv.AVERAGE_POOL):
+        _vector_pool(sch, pool, lanes)
+    means = _stages(sch, out, binary_conv.CHANNEL_MEAN)
+    # a tile of partial vectors, or of one channel (odd widths: PokeBNN-1.4x has 179 channels), has no
+    # vector to shuffle: no _vector_mean; the mean becomes part of the epilogue
+    if channels % vec or vec == 1:
+        for block in means:
+            sch.compute_inline(block)
+        means = []
+
+    # The epilogue's loops are the tiles; the popcount sums (and a fused PokeConv's channel means of
+    # a residual, _vector_mean) are computed per tile under them. (Moving the epilogue under the
+    # popcount's loops instead would need every producer of the epilogue there first.)
+    wo_o, wo_i = sch.split(wo, [None, width])
+    co_o, co_i = sch.split(co, [None, channels])
+    sch.reorder(n, ho, wo_o, co_o, wo_i, co_i)
+    tile = sch.fuse(n, ho, wo_o, co_o)
+    # The popcount buffer shrinks to one tile: a stack array that LLVM keeps in registers. It stays
+    # in the default "global" scope: TVM's CPU lowering puts only "global" buffers under 1024 bytes
+    # on the stack and makes a "local" one a heap workspace, allocated, zeroed and freed per tile
+    # (_MAX_TILE_BYTES).
+    reductions = [int(v.dom.extent) for v in sch.get(pop).iter_vars[4:]]  # kh, kw, word
+    sch.compute_at(pop, tile)
+    for block in means:
+        sch.compute_at(block, tile)
+    # compute_at leaves out loops of extent 1: under the tile come columns, channels, kh, kw, word,
+    # those longer than 1, in that order
+    names = [name for name, extent in zip(("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
+             if extent > 1]
+    loops = dict(zip(names, sch.get_loops(pop)[1:]))
+    inner = []
+    if "wo" in loops:
+        sch.unroll(loops["wo"])
+        inner.append(loops["wo"])
+    if "co" in loops:
+        vectors, lanes_loop = sch.split(loops["co"], [None, vec])
+        sch.unroll(vectors)
+        sch.vectorize(lanes_loop)
+        inner += [vectors, lanes_loop]
+    outer = [loops[name] for name in ("kh", "kw", "j") if name in loops]
+    sch.reorder(*outer, *inner)
+    sch.parallel(tile)
+    sch.vectorize(sch.split(co_i, [None, vec])[1])
+    # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
+    sch.decompose_reduction(pop, (outer + inner)[0])
+    for block in means:
+        _vector_mean(sch, block, vec)
+    _schedule_pad(sch)
+    return mark_scheduled(sch.mod["main"])
+
+
+def _stages(sch: s_tir.Schedule, block, name: str) -> list:
+    """The producers of ``block`` that are stages called ``name`` (TE numbers repeated names)."""
+    return [b for b in sch.get_producers(block) if sch.get(b).name_hint.startswith(name)]
+
+
+def _vector_pool(sch: s_tir.Schedule, pool, lanes: int) -> None:
+    """An average-pool stage of a fused PokeConv (binary_conv.average_pool), before the conv: rows
+    in parallel, channels vectorized; a channel mean it pools is computed inline, tap by tap."""
+    for block in _stages(sch, pool, binary_conv.CHANNEL_MEAN):
+        sch.compute_inline(block)
+    n, y, _, c = sch.get_loops(pool)
+    sch.parallel(sch.fuse(n, y))
+    if int(sch.get(c).extent) % lanes == 0:
+        sch.vectorize(sch.split(c, [None, lanes])[1])
+
+
+def _vector_mean(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A channel-mean stage (binary_conv.channel_mean), ``lanes`` outputs per step: k contiguous
+    vector loads, k shuffles that pick every k-th lane, the sum in the stage's order. Vectorized
+    as it is, each k-strided read would become one scalar load per lane (bench/RESULTS.md)."""
+    channels = sch.get_loops(block)[-1]
+    k = int(sch.get(block).reads[0].source.shape[-1]) // int(sch.get(block).writes[0].source.shape[-1])
+    _, inner = sch.split(channels, [None, lanes])
+    sch.tensorize(inner, _mean_intrin(k, lanes))
+
+
+def _mean_intrin(k: int, lanes: int) -> str:
+    """The tensor intrinsic of ``lanes`` channel means of k channels each (``_vector_mean``),
+    registered on first use; its description is binary_conv.mean_value, so it matches the stage."""
+    name = f"bnncc_channel_mean_{k}x{lanes}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(x: T.Buffer((lanes * k,), "float32", offset_factor=1),
+             out: T.Buffer((lanes,), "float32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(x[0:lanes * k])
+            T.writes(out[0:lanes])
+            for c in range(lanes):
+                with T.sblock("mean"):
+                    vc = T.axis.spatial(lanes, c)
+                    out[vc] = binary_conv.mean_value(lambda t: x[vc * k + t], k)
+
+    @T.prim_func(s_tir=True)
+    def impl(x: T.Buffer((lanes * k,), "float32", offset_factor=1),
+             out: T.Buffer((lanes,), "float32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(x[0:lanes * k])
+            T.writes(out[0:lanes])
+            out[T.Ramp(0, 1, lanes)] = binary_conv.mean_value(
+                lambda t: T.Shuffle([x[T.Ramp(i * lanes, 1, lanes)] for i in range(k)],
+                                    [c * k + t for c in range(lanes)]), k)
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _schedule_pad(sch: s_tir.Schedule) -> None:
+    """The zero-padding copy (absent when the conv has no padding): parallel over rows."""
+    try:
+        pad = sch.get_sblock("pad")
+    except s_tir.ScheduleError:
+        return
+    n, y, _, _ = sch.get_loops(pad)
+    sch.parallel(sch.fuse(n, y))
+
+
+# -- sign and bitpack -------------------------------------------------------------------------------
+def _sign_bitpack(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
+    """Sign-and-bitpack (``_bitpack_block``); the same on every CPU."""
+    sch = s_tir.Schedule(func)
+    _bitpack_block(sch)
+    return mark_scheduled(sch.mod["main"])
+
+
+@T.prim_func(s_tir=True)
+def _pack32_desc(x: T.Buffer((32,), "float32", offset_factor=1), out: T.Buffer((1,), "uint32", offset_factor=1)):
+    # the update of bitpack.sign_bitpack for one word whose 32 channels all exist
+    with T.sblock("root"):
+        T.reads(out[0], x[0:32])
+        T.writes(out[0])
+        for b in range(32):
+            with T.sblock("update"):
+                vb = T.axis.reduce(32, b)
+                out[0] = out[0] + (T.Cast("uint32", T.float32(0) <= x[vb]) << T.Cast("uint32", vb))
+
+
+@T.prim_func(s_tir=True)
+def _pack32_impl(x: T.Buffer((32,), "float32", offset_factor=1), out: T.Buffer((1,), "uint32", offset_factor=1)):
+    # one 32-lane compare, bit b of lane b, OR-reduced: plain LLVM IR, so any CPU target takes it
+    # (AVX-512: two vcmpps into k-masks and a masked OR tree)
+    with T.sblock("root"):
+        T.reads(out[0], x[0:32])
+        T.writes(out[0])
+        out[0] = out[0] | T.call_llvm_pure_intrin(
+            "uint32", "llvm.vector.reduce.or",
+            T.Select(x[T.Ramp(0, 1, 32)] >= T.Broadcast(T.float32(0), 32),
+                     T.Broadcast(T.uint32(1), 32) << T.Ramp(T.uint32(0), T.uint32(1), 32),
+                     T.Broadcast(T.uint32(0), 32)))
+
+
+_PACK32 = "bnncc_sign_pack32"
+s_tir.TensorIntrin.register(_PACK32, _pack32_desc, _pack32_impl, override=True)
+
+
+def _bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:
+    """A sign_bitpack stage: pixels in parallel; each word one vector compare when the channel
+    count is a multiple of 32 (far faster than the scalar form, bench/RESULTS.md), else the 32
+    bits of a word unrolled (the last word masks channels past C)."""
+    block = sch.get_sblock(name)
+    n, h, w, _, b = sch.get_loops(block)
+    sch.parallel(sch.fuse(n, h, w))
+    channels = next(int(r.source.shape[-1]) for r in sch.get(block).reads if str(r.source.dtype) == "float32")
+    if channels % bitpack.WORD_BITS:
+        sch.unroll(b)
+        sch.decompose_reduction(block, b)
+        return
+    sch.decompose_reduction(block, b)
+    sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1], _PACK32)
+
+
+# -- quantized stem conv, SE gate, head -------------------------------------------------------------
+def _vector_split(sch: s_tir.Schedule, loop, lanes: int):
+    """Split ``loop`` into (outer, inner) with inner = the largest power-of-two divisor of its extent
+    <= lanes: whole vector registers (the head's 1000 classes: 8 lanes, not a vector and a rest)."""
+    extent = int(sch.get(loop).extent)
+    inner = max(d for d in (1, 2, 4, 8, 16) if d <= lanes and extent % d == 0)
+    return sch.split(loop, [None, inner])
+
+
+def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
+    """Quantize rows in parallel; conv: rows in parallel, (ri, rj, rc) outside a vector of channels."""
+    lanes = unit.lanes
+    sch = s_tir.Schedule(func)
+    quantize = sch.get_sblock("quantize")
+    if func.attrs.get(quant.INPUT_LAYOUT_ATTR) == "NCHW":
+        # rows of one channel: the scale is one value, the row a vector loop
+        n, c, y, z = sch.get_loops(quantize)
+        sch.parallel(sch.fuse(n, c, y))
+        sch.vectorize(_vector_split(sch, z, lanes)[1])
+    else:
+        n, y, _, _ = sch.get_loops(quantize)
+        sch.parallel(sch.fuse(n, y))
+    conv = sch.get_sblock("conv")
+    n, y, z, o, ri, rj, rc = sch.get_loops(conv)
+    o_out, o_vec = _vector_split(sch, o, lanes)
+    sch.reorder(n, y, z, o_out, ri, rj, rc, o_vec)
+    if has_block(sch, "epilogue"):
+        # one pixel's sums, read by the epilogue right after: a stack array in the default scope
+        # ("local" would be a heap workspace per pixel, _tile_binary_conv2d)
+        epilogue = sch.get_sblock("epilogue")
+        sch.reverse_compute_at(epilogue, z)
+        sch.vectorize(_vector_split(sch, sch.get_loops(epilogue)[-1], lanes)[1])
+    sch.parallel(sch.fuse(n, y))
+    sch.vectorize(o_vec)
+    sch.decompose_reduction(conv, ri)
+    return mark_scheduled(sch.mod["main"])
+
+
+def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
+    """SE gate and head: the pooling sum with channels vectorized, a share of them per thread; the
+    dense layers on one thread, a weight row at a time."""
+    lanes = unit.lanes
+    sch = s_tir.Schedule(func)
+    pool = sch.get_sblock("pool_sum")
+    n, c, rh, rw = sch.get_loops(pool)
+    c_out, c_vec = _vector_split(sch, c, lanes)
+    # Each thread sums its share of the channel vectors, pixel after pixel, so it reads a contiguous
+    # run of every pixel; one vector per parallel task would read one 64-byte line per pixel and
+    # sweep the whole input once per vector (bench/RESULTS.md). The sums keep their order (over
+    # rows, then columns) per channel.
+    vectors = int(sch.get(c_out).extent)
+    shares = max(d for d in range(1, threads + 1) if vectors % d == 0)
+    share, c_in = sch.split(c_out, [shares, None])
+    sch.reorder(n, share, rh, rw, c_in, c_vec)
+    sch.parallel(sch.fuse(n, share))
+    sch.vectorize(c_vec)
+    sch.decompose_reduction(pool, rh)
+    # Dense layers: the input loop outside the output vectors, so the (C, O) weights are read row
+    # after row, sequentially, and summed in the same order as before. On one thread: output
+    # tiles in parallel would each read a column strip of the weights, row by row (slower on the
+    # head, no gain on the SE layers, bench/RESULTS.md).
+    for name in ("se1_dot", "se2_dot", "fc_dot"):
+        if not has_block(sch, name):
+            continue
+        dot = sch.get_sblock(name)
+        n, o, rc = sch.get_loops(dot)
+        o_out, o_vec = _vector_split(sch, o, lanes)
+        sch.reorder(n, rc, o_out, o_vec)
+        sch.vectorize(o_vec)
+        sch.decompose_reduction(dot, rc)
+    return mark_scheduled(sch.mod["main"])
+
+
+# kernel name (KERNEL_ATTR) -> rule(func, unit, threads)
+_RULES = {
+    binary_conv.KERNEL_NAME: _binary_conv2d,
+    bitpack.KERNEL_NAME: _sign_bitpack,
+    quant.CONV_KERNEL_NAME: _quant_conv2d,
+    quant.SE_GATE_KERNEL_NAME: _pool_dense,
+    quant.HEAD_KERNEL_NAME: _pool_dense,
+}
