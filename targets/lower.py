@@ -105,7 +105,7 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     with a kernel of its own passes one with the same signature).
     """
     if schedule is None:
-        from bnncc.targets.x86_64_fused import schedule  # the default target's rules import TVMScript
+        from bnncc.targets.x86_64 import schedule  # the default target's rules import TVMScript
     graph = model.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got "
