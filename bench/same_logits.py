@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+import bnncc  # lazy: TVM is imported on the first compile, after main() has set its threads
+from bnncc.runtime import load as load_library
+
 RECIPES = ("pokebnn_0.5x", "pokebnn_0.75x", "pokebnn_1x", "pokebnn_1.4x", "pokebnn_2x")
 IMAGES = 8
 SEED = 0
@@ -33,17 +36,12 @@ _THREADS = "__threads__"  # npz key of the TVM_NUM_THREADS the logits were compu
 def _rewrite():
     """``bnncc.rewrite``, the function: at fdaf367 the lazy name can resolve to the module of the
     same name (issue 14), which holds the function."""
-    import bnncc
-
     rewrite = bnncc.rewrite
     return rewrite.rewrite if isinstance(rewrite, types.ModuleType) else rewrite
 
 
 def logits(model: Path, recipes: list[str], target: str) -> dict[str, np.ndarray]:
     """Logits of the library that each recipe makes of ``model``, on IMAGES seeded random images."""
-    import bnncc
-    from bnncc.runtime import load as load_library
-
     rewrite = _rewrite()
     results = {}
     with tempfile.TemporaryDirectory(prefix="same-logits-") as work:

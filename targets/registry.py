@@ -77,9 +77,8 @@ def _arm64_requirements() -> list[Requirement]:
     sysroot = vmrunner.QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
     runtime = sorted((cache_dir() / "arm64-runtime").glob("*/libtvm_runtime.so"))
     return [
-        Requirement("aarch64-linux-gnu-g++", "build", shutil.which("aarch64-linux-gnu-g++"),
-                    "apt-get install g++-aarch64-linux-gnu"),
-        Requirement("qemu-aarch64", "run", shutil.which("qemu-aarch64"), "apt-get install qemu-user"),
+        Requirement(arm64.CROSS_CXX, "build", shutil.which(arm64.CROSS_CXX), "apt-get install g++-aarch64-linux-gnu"),
+        Requirement(vmrunner.QEMU, "run", shutil.which(vmrunner.QEMU), "apt-get install qemu-user"),
         Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if sysroot.is_file() else None,
                     "apt-get install g++-aarch64-linux-gnu"),
         Requirement("aarch64 TVM runtime", "run", str(runtime[-1].parent) if runtime else None,

@@ -26,6 +26,7 @@ import numpy as np
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, cache_dir
+from bnncc.targets.arm64 import CROSS_CXX
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
@@ -40,7 +41,7 @@ AARCH64 = "aarch64"
 QEMU = "qemu-aarch64"
 QEMU_LD_PREFIX = Path("/usr/aarch64-linux-gnu")  # Debian's aarch64 sysroot (libc6-arm64-cross)
 RUNNER_SOURCE = Path(__file__).parent / "runner" / "runner.cc"
-_COMPILERS = {HOST: "g++", AARCH64: "aarch64-linux-gnu-g++"}
+_COMPILERS = {HOST: "g++", AARCH64: CROSS_CXX}
 _RUNTIME_LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
 
 
