@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from bnncc.cost import ace
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.targets import registry
@@ -41,10 +42,6 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
 
     One Relax function per entry of ``batches``. Returns the folder's path.
     """
-    # here, not at the top: the cost model imports torch (bnncc.ops), which bnncc.runtime, a
-    # reader of MANIFEST_FORMAT, does without
-    from bnncc.cost import ace
-
     spec = registry.get(target)
     batches = tuple(sorted(set(batches)))
     if not batches or min(batches) < 1:
