@@ -29,6 +29,7 @@ from bnncc.fileio import atomic_path
 from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.kernels import binary_conv
+from bnncc.targets.lower import POKE_CONV_KERNEL
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, cross_compiler, make_target, tirx
 
 __all__ = [
@@ -120,7 +121,7 @@ def count_instructions(asm_text: str) -> dict[str, int]:
     return counts
 
 
-_BINARY_KERNELS = ("poke_conv", binary_conv.KERNEL_NAME)  # symbol prefixes of binary conv kernels (lower.py)
+_BINARY_KERNELS = (POKE_CONV_KERNEL, binary_conv.KERNEL_NAME)  # symbol prefixes of binary conv kernels
 
 
 def binary_kernel_counts(executable) -> dict[str, dict[str, int]]:

@@ -47,15 +47,18 @@ import onnx_ir as ir
 from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.ops import poke_conv as poke
-from bnncc.targets.kernels import KERNEL_ATTR, bitpack, quant
+from bnncc.targets import x86_64
+from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size
 from bnncc.targets.tvm_compat import Target, te, tirx
 from tvm import relax  # noqa: E402  (after tvm_compat, which configures TVM's threads before TVM loads)
 
-__all__ = ["Lowered", "lower", "function_name", "register_lowering", "poke_conv_func"]
+__all__ = ["Lowered", "lower", "function_name", "register_lowering", "poke_conv_func", "POKE_CONV_KERNEL"]
 
 logger = logging.getLogger(__name__)
 
+# the symbol prefix of the fused PokeConv kernels (a binary_conv2d kernel with its epilogue)
+POKE_CONV_KERNEL = "poke_conv"
 # rows of the per-channel parameter table of a fused PokeConv epilogue
 _A1, _B1, _POS, _NEG, _BY, _B2 = range(6)
 # the ops whose lowering reads their input as packed sign bits
@@ -104,8 +107,7 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     ``poke_conv_kernel`` makes the fused PokeConv PrimFunc (default ``poke_conv_func``; a target
     with a kernel of its own passes one with the same signature).
     """
-    if schedule is None:
-        from bnncc.targets.x86_64 import schedule  # the default target's rules import TVMScript
+    schedule = schedule or x86_64.schedule
     graph = model.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got "
@@ -273,7 +275,7 @@ class _Walk:
         if value.name not in self.bits:
             x = self.float(value)
             shape = self.shape(x)
-            gvar = self.kernel(("sign_bitpack", shape), lambda: bitpack.sign_bitpack_func(*shape))
+            gvar = self.kernel((bitpack.KERNEL_NAME, shape), lambda: bitpack.sign_bitpack_func(*shape))
             out_shape = (*shape[:3], bitpack.words(shape[3]))
             self.bits[value.name] = self.call(gvar, [x], [(out_shape, bitpack.WORD_DTYPE)])
         return self.bits[value.name]
@@ -327,7 +329,7 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
         t = params[0, o] * acc + params[1, o]
         return _dprelu(t, params[2, o], params[3, o], params[4, o], params[5, o])
 
-    key = ("quant_conv2d", layout, shape, wq.shape, stride[0], pads, group, a_bits)
+    key = (quant.CONV_KERNEL_NAME, layout, shape, wq.shape, stride[0], pads, group, a_bits)
     gvar = walk.kernel(key, lambda: quant.quant_conv2d_func(
         shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
         epilogue_inputs=(params,), epilogue=epilogue, product=walk.product, input_layout=layout))
@@ -352,7 +354,7 @@ def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int,
     if w_bits <= quant.NIBBLE_BITS:
         q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
     shape = walk.shape(x)
-    key = ("se_gate", shape, hidden, cout, w_bits, a_bits)
+    key = (quant.SE_GATE_KERNEL_NAME, shape, hidden, cout, w_bits, a_bits)
     gvar = walk.kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits, walk.product))
     args = [x,
             relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(q1),
@@ -410,7 +412,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # reader this is: the kernel then writes into memory it has just read, where a new buffer
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
-    key = ("poke_conv", (n, h, w, cin), cout, kernel, stride, shapes, methods, want_bits, in_place)
+    key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, want_bits, in_place)
     gvar = walk.kernel(key, lambda: walk.poke_conv_kernel((n, h, w, cin), cout, kernel, stride, shapes, methods,
                                                           want_bits, in_place))
     args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
@@ -448,7 +450,7 @@ def _head(walk: _Walk, node: ir.Node) -> None:
     q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
     shape = walk.shape(x)
     classes = q.shape[0]
-    gvar = walk.kernel(("quant_head", shape, classes, a_bits),
+    gvar = walk.kernel((quant.HEAD_KERNEL_NAME, shape, classes, a_bits),
                        lambda: quant.head_func(shape, classes, a_bits, walk.product))
     args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(np.ascontiguousarray(q.T)),
             relax.const(s), relax.const(bias.astype(np.float32))]
@@ -500,4 +502,4 @@ def poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, s
     func = te.create_prim_func([bits, weights, border, *epilogue.inputs, *outputs])
     if in_place:
         func = func.with_attr("tirx.noalias", False)
-    return func.with_attr(KERNEL_ATTR, "binary_conv2d")
+    return func.with_attr(KERNEL_ATTR, binary_conv.KERNEL_NAME)
