@@ -14,24 +14,25 @@ Every other kernel of ours is returned unscheduled: the CUDA pipeline's dlight r
 (``ApplyDefaultSchedule``: reduction, GEMV, fallback) bind its loops to threads, as they do for
 the layout transpose at the entry.
 
-Build. ``tvm.compile`` emits the kernels as CUDA C, and TVM 0.27's exported library keeps that
-source (its CUDA runtime compiles it when the library loads, through the Python callback
-``tvm_callback_cuda_compile``: NVRTC or nvcc on the deploying machine). ``export_cuda`` therefore
-compiles the source with nvcc at build time (fatbin for the target arch) and writes it beside the
-library; ``load_vm`` registers a callback that returns that fatbin for that source, so loading
-needs the CUDA driver and TVM's CUDA runtime but no compiler.
+Build: one library. ``tvm.compile`` emits the kernels as CUDA C, and TVM 0.27's exported library
+would keep that source and compile it when the library loads (a Python callback running NVRTC or
+nvcc on the deploying machine). ``export_cuda`` instead compiles it with nvcc at build time and
+puts the fatbin (SASS for the target arch, and its PTX) in the library in place of the source
+(``embed_fatbins``), so model.so alone holds everything and loads with TVM's runtime and the CUDA
+driver (``cuda_runtime``: no TVM compiler, no NVRTC, no Python callback).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
@@ -39,20 +40,27 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv
 from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_scheduled, s_tir, tirx
 
 __all__ = [
-    "DEFAULT_ARCH", "cuda_target", "export_cuda", "find_nvcc", "has_cuda_device", "inspect_cuda_source", "load_vm",
-    "nvcc_fatbin", "schedule", "schedule_binary_conv2d",
+    "ARCH_ENV", "BLOB_SYMBOL", "CudaModule", "DEFAULT_ARCH", "cuda_arch", "blob_modules", "cuda_module_parts", "cuda_target", "embed_fatbins", "export_cuda",
+    "find_cuobjdump", "find_nvcc", "has_cuda_device", "imports_blob", "inspect_cuda_source", "library_modules", "load_vm", "nvcc_fatbin",
+    "sass", "schedule", "schedule_binary_conv2d", "write_imports_asm",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "sm_90"  # H100
+DEFAULT_ARCH = "sm_90"  # H100, H200
+ARCH_ENV = "BNNCC_CUDA_ARCH"  # another arch for `bnncc compile --target cuda`, e.g. sm_80 (A100)
 _MAX_PIXELS = 8  # threadIdx.y extent
 _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 
 
-def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
-    """CUDA for compute capability ``arch`` (sm_90: H100), host code for this machine's LLVM."""
-    return make_target({"kind": "cuda", "arch": arch}).with_host(make_target({"kind": "llvm"}))
+def cuda_arch() -> str:
+    """The arch to build for: $BNNCC_CUDA_ARCH, else DEFAULT_ARCH."""
+    return os.environ.get(ARCH_ENV) or DEFAULT_ARCH
+
+
+def cuda_target(arch: str | None = None) -> Target:
+    """CUDA for compute capability ``arch`` (default ``cuda_arch()``), host code for this machine's LLVM."""
+    return make_target({"kind": "cuda", "arch": arch or cuda_arch()}).with_host(make_target({"kind": "llvm"}))
 
 
 def _is_cuda(target: Target) -> bool:
@@ -134,6 +142,44 @@ def find_nvcc() -> str | None:
     return None
 
 
+def _find_tool(name: str) -> str | None:
+    """A CUDA tool from PATH, beside nvcc, or from its pip package (nvidia-cuda-<name>); None if absent."""
+    found = shutil.which(name)
+    nvcc = find_nvcc()
+    if found is None and nvcc is not None and (Path(nvcc).parent / name).is_file():
+        found = str(Path(nvcc).parent / name)
+    if found is None:
+        try:
+            from cuda.pathfinder import find_nvidia_binary_utility
+        except ImportError:
+            return None
+        found = find_nvidia_binary_utility(name)
+    return found
+
+
+def find_cuobjdump() -> tuple[str, str] | None:
+    """(cuobjdump, nvdisasm), which ``cuobjdump -sass`` runs; None unless both are found (the test
+    extras install them: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm)."""
+    tools = (_find_tool("cuobjdump"), _find_tool("nvdisasm"))
+    return tools if all(tools) else None
+
+
+def sass(code: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin or fatbin: the machine code of every kernel in it."""
+    tools = find_cuobjdump()
+    if tools is None:
+        raise BnnccError("cuobjdump/nvdisasm not found; pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    cuobjdump, nvdisasm = tools
+    with tempfile.TemporaryDirectory(prefix="bnncc-sass-") as tmp:
+        path = Path(tmp) / "code.fatbin"
+        path.write_bytes(code)
+        env = {**os.environ, "PATH": os.pathsep.join([str(Path(nvdisasm).parent), os.environ.get("PATH", "")])}
+        done = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise BnnccError(f"cuobjdump -sass failed: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
 def _modules(module) -> list:
     """``module`` and every module it imports, depth first (VM -> llvm host -> cuda)."""
     return [module, *(m for imported in module.imports for m in _modules(imported))]
@@ -165,63 +211,166 @@ def nvcc_fatbin(source: str, arch: str) -> bytes:
         return fatbin.read_bytes()
 
 
-def export_cuda(executable, path: str | os.PathLike, arch: str = DEFAULT_ARCH) -> Path:
-    """Write the library ``path`` (.so: VM bytecode, host code, weights, the kernels' CUDA C) and beside
-    it ``<stem>.cu`` (that CUDA C) and ``<stem>.fatbin`` (nvcc's build of it for ``arch``), which
-    ``load_vm`` hands to TVM's CUDA runtime instead of compiling the CUDA C when the library loads."""
+def export_cuda(executable, path: str | os.PathLike, arch: str | None = None) -> Path:
+    """Write the library ``path``: VM bytecode, host code, weights and nvcc's fatbin of the kernels
+    for ``arch`` (default ``cuda_arch()``), all inside the one .so (module docstring)."""
+    arch = arch or cuda_arch()
+
+    def pack_imports(module, is_system_lib, prefix, workspace):
+        if is_system_lib:
+            raise BnnccError("a CUDA library cannot be a system library")
+        return str(write_imports_asm(embed_fatbins(imports_blob(module), lambda source: nvcc_fatbin(source, arch)),
+                                     Path(workspace)))
+
     path = Path(path)
-    source = inspect_cuda_source(executable)
-    fatbin = nvcc_fatbin(source, arch)
-    for suffix, data in ((".cu", source.encode()), (".fatbin", fatbin)):
-        with atomic_path(path.with_suffix(suffix)) as tmp:
-            tmp.write_bytes(data)
-            tmp.chmod(0o644)  # mkstemp's 0600 would hide them from other users of the library
     with atomic_path(path, suffix=".so") as tmp:
-        executable.export_library(str(tmp))
+        executable.export_library(str(tmp), fpack_imports=pack_imports)
     return path
 
 
-# CUDA C (by sha256) -> its nvcc fatbin, served to TVM's CUDA runtime by ``_compile_callback``
-_PREBUILT: dict[str, bytes] = {}
+# -- the imports blob -------------------------------------------------------------------------------
+# An exported library carries its imported modules (the VM executable with the weights, the CUDA
+# module) as one blob under the symbol BLOB_SYMBOL: u64 size, the import tree (two u64 vectors),
+# then per module its kind (string) and, except for "_lib" (the .so itself), its bytes (string);
+# strings and vectors are u64-length-prefixed, little-endian. A CUDA module's bytes are its
+# format (string), its function table and its code (string). TVM 0.27 writes format "cuda" and
+# CUDA C, which its runtime can only load through a compiler callback; ``embed_fatbins`` puts
+# nvcc's fatbin there instead, with format "fatbin", which the runtime hands to the driver.
+BLOB_SYMBOL = "__tvm_ffi__library_bin"
 
 
-def _compile_callback(code: str) -> bytes:
-    """TVM's ``tvm_callback_cuda_compile``: a prebuilt fatbin for known CUDA C, else TVM's own compiler."""
-    prebuilt = _PREBUILT.get(hashlib.sha256(code.encode()).hexdigest())
-    if prebuilt is not None:
-        return prebuilt
-    from tvm.support import nvcc
+def imports_blob(module) -> bytes:
+    """The imports blob that ``export_library`` would link into the library of ``module``."""
+    import tvm_ffi
 
-    return nvcc.tvm_callback_cuda_compile(code)
+    return tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
 
 
+def _u64(buf: bytes, pos: int) -> tuple[int, int]:
+    return struct.unpack_from("<Q", buf, pos)[0], pos + 8
+
+
+def _string(buf: bytes, pos: int) -> tuple[bytes, int]:
+    size, pos = _u64(buf, pos)
+    return buf[pos:pos + size], pos + size
+
+
+def _pack(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data
+
+
+def blob_modules(blob: bytes) -> list[tuple[str, bytes]]:
+    """(kind, bytes) of every module in an imports blob, in order ("_lib" entries with no bytes)."""
+    size, _ = _u64(blob, 0)
+    if size != len(blob) - 8:
+        raise BnnccError(f"imports blob of {len(blob)} bytes says {size} + 8: not TVM 0.27's format")
+    pos = _tree_end(blob)
+    modules = []
+    while pos < len(blob):
+        kind, pos = _string(blob, pos)
+        data = b""
+        if kind != b"_lib":
+            data, pos = _string(blob, pos)
+        modules.append((kind.decode(), data))
+    return modules
+
+
+def _tree_end(blob: bytes) -> int:
+    """Where the module entries start: after the size and the import tree's two u64 vectors."""
+    pos = 8
+    for _ in range(2):
+        count, pos = _u64(blob, pos)
+        pos += 8 * count
+    return pos
+
+
+class CudaModule(NamedTuple):
+    """A CUDA module as stored in the blob."""
+
+    fmt: str  # "cuda" (CUDA C) or "fatbin"
+    table: bytes  # the function table, as stored
+    kernels: list[str]  # the kernel names in the table
+    code: bytes
+
+
+def cuda_module_parts(data: bytes) -> CudaModule:
+    """A CUDA module's format, function table (and its kernel names) and code."""
+    fmt, pos = _string(data, 0)
+    table_start, kernels = pos, []
+    functions, pos = _u64(data, pos)
+    for _ in range(functions):
+        _, pos = _string(data, pos)  # key
+        name, pos = _string(data, pos)
+        kernels.append(name.decode())
+        count, pos = _u64(data, pos)  # argument types, 4 bytes each
+        pos += 4 * count
+        count, pos = _u64(data, pos)  # launch parameter tags
+        for _ in range(count):
+            _, pos = _string(data, pos)
+        count, pos = _u64(data, pos)  # argument extra tags, int32 each
+        pos += 4 * count
+    table = data[table_start:pos]
+    code, pos = _string(data, pos)
+    if pos != len(data):
+        raise BnnccError(f"CUDA module of {len(data)} bytes: {len(data) - pos} left after its code; not TVM 0.27's format")
+    return CudaModule(fmt.decode(), table, kernels, code)
+
+
+def embed_fatbins(blob: bytes, compile_source) -> bytes:
+    """``blob`` with each CUDA module's CUDA C replaced by ``compile_source(source)``, a fatbin."""
+    out = bytearray(blob[8:_tree_end(blob)])
+    for kind, data in blob_modules(blob):
+        out += _pack(kind.encode())
+        if kind == "_lib":
+            continue
+        if kind == "cuda":
+            module = cuda_module_parts(data)
+            if module.fmt == "cuda":
+                data = _pack(b"fatbin") + module.table + _pack(compile_source(module.code.decode()))
+        out += _pack(data)
+    return _pack(bytes(out))
+
+
+def write_imports_asm(blob: bytes, folder: Path) -> Path:
+    """An assembler file defining BLOB_SYMBOL as ``blob`` (``.incbin``: a C array of a 10-100 MB
+    blob takes the C compiler minutes)."""
+    data, asm = folder / "bnncc_imports.bin", folder / "bnncc_imports.S"
+    data.write_bytes(blob)
+    asm.write_text(f""".section .rodata
+.globl {BLOB_SYMBOL}
+.type {BLOB_SYMBOL}, @object
+.balign 16
+{BLOB_SYMBOL}:
+.incbin "{data}"
+.size {BLOB_SYMBOL}, {len(blob)}
+.section .note.GNU-stack,"",@progbits
+""", encoding="utf-8")
+    return asm
+
+
+def library_modules(path: str | os.PathLike) -> list[tuple[str, bytes]]:
+    """(kind, bytes) of the modules packed in the library ``path`` (read from the file, nothing loaded)."""
+    import ctypes
+
+    import tvm_ffi  # noqa: F401  (libtvm_ffi.so, which the library links against)
+
+    library = ctypes.CDLL(str(path))
+    start = ctypes.addressof(ctypes.c_char.in_dll(library, BLOB_SYMBOL))
+    size = struct.unpack("<Q", ctypes.string_at(start, 8))[0]
+    return blob_modules(ctypes.string_at(start, size + 8))
+
+
+# -- loading ----------------------------------------------------------------------------------------
 def has_cuda_device() -> bool:
-    """Whether TVM's CUDA runtime sees a device here."""
-    from bnncc.targets.tvm_compat import tvm
+    """Whether a CUDA device is visible to TVM's runtime here."""
+    from bnncc.targets.cuda_runtime import cuda_device_exists
 
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001 (no CUDA runtime sidecar, no driver: no device)
-        return False
+    return cuda_device_exists()
 
 
 def load_vm(path: str | os.PathLike):
     """A caller ``(function, NCHW array) -> array`` over the library at ``path`` on CUDA device 0,
-    with the kernels from ``<stem>.fatbin`` (``export_cuda``)."""
-    import tvm_ffi
+    with TVM's runtime alone (``cuda_runtime``)."""
+    from bnncc.targets.cuda_runtime import CudaVM
 
-    from bnncc.targets.tvm_compat import tvm
-
-    path = Path(path)
-    if not has_cuda_device():
-        raise BnnccError(f"{path}: no CUDA device on this machine (`bnncc targets`)")
-    source, fatbin = path.with_suffix(".cu"), path.with_suffix(".fatbin")
-    if not (source.is_file() and fatbin.is_file()):
-        raise BnnccError(f"{path}: no {source.name} / {fatbin.name} beside it; build it with `bnncc compile --target cuda`")
-    _PREBUILT[hashlib.sha256(source.read_bytes()).hexdigest()] = fatbin.read_bytes()
-    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_callback, override=True)
-    from tvm import relax
-
-    device = tvm.cuda(0)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), device)
-    return lambda function, x: vm[function](tvm.runtime.tensor(x, device)).numpy()
+    return CudaVM(path)

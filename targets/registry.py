@@ -98,7 +98,7 @@ TARGETS = {
                          x86_64.schedule, tvm_compat.export_executable, _cpu_caller, _x86_requirements),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
                         arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report),
-    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (kernels built by nvcc)", cuda.cuda_target,
+    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (nvcc builds the kernels into model.so)", cuda.cuda_target,
                        cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements),
 }
 

@@ -1,12 +1,18 @@
 """cuda: the binary conv GPU schedule, CUDA C with popcount intrinsics and shared memory, nvcc builds
-the library without a GPU; running it against the reference only where a CUDA device exists."""
+the library without a GPU with the device code inside model.so (checked with cuobjdump -sass); running it
+against the reference only where a CUDA device exists."""
 
 from __future__ import annotations
 
 import json
+import re
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bnncc.errors import BnnccError
 
 from bnncc.targets import cuda, x86_64
 from bnncc.targets.kernels import binary_conv
@@ -16,6 +22,7 @@ import relax_sample as sample
 
 needs_nvcc = pytest.mark.skipif(cuda.find_nvcc() is None, reason="needs nvcc (a CUDA toolkit)")
 needs_device = pytest.mark.skipif(not cuda.has_cuda_device(), reason="needs a CUDA device")
+needs_cuobjdump = pytest.mark.skipif(cuda.find_cuobjdump() is None, reason="needs cuobjdump and nvdisasm (test extras)")
 
 
 def test_rules_apply_to_cuda_targets_only():
@@ -37,21 +44,117 @@ def test_generated_source_uses_popc_and_shared_memory():
     assert "__popc(" in conv and "__shared__" in conv and "__syncthreads()" in conv
 
 
-@needs_nvcc
-def test_compile_pokebnn_for_cuda_builds_with_nvcc(tmp_path, cli):
-    """`bnncc compile --target cuda` writes model.so, its CUDA C and nvcc's fatbin (ELF fat binary magic)."""
+FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # 0xBA55ED50, little-endian
+
+
+def _blob(*modules: tuple[bytes, bytes | None]) -> bytes:
+    """An imports blob (layout in cuda.py) of (kind, bytes) entries, bytes None for "_lib"."""
+    def pack(data: bytes) -> bytes:
+        return struct.pack("<Q", len(data)) + data
+
+    body = struct.pack("<QQQQQ", 2, 0, 1, 1, 1)  # import tree: row pointers [0, 1], children [1]
+    for kind, data in modules:
+        body += pack(kind) + (b"" if data is None else pack(data))
+    return pack(body)
+
+
+def _cuda_module(fmt: bytes, code: bytes) -> bytes:
+    """A CUDA module's bytes with one kernel "k" of two pointer arguments and blockIdx.x / threadIdx.x."""
+    def pack(data: bytes) -> bytes:
+        return struct.pack("<Q", len(data)) + data
+
+    table = (struct.pack("<Q", 1) + pack(b"k") + pack(b"k") + struct.pack("<Q", 2) + bytes.fromhex("0340010003400100")
+             + struct.pack("<Q", 2) + pack(b"blockIdx.x") + pack(b"threadIdx.x") + struct.pack("<Qii", 2, 0, 0))
+    return pack(fmt) + table + pack(code)
+
+
+def test_embed_fatbins_swaps_cuda_c_for_the_compiled_code_only():
+    vm = b"vm bytecode and weights"
+    blob = _blob((b"relax.VMExecutable", vm), (b"_lib", None), (b"cuda", _cuda_module(b"cuda", b"__global__ k")))
+    sources = []
+    out = cuda.embed_fatbins(blob, lambda source: sources.append(source) or FATBIN_MAGIC + b"code")
+    assert sources == ["__global__ k"]
+    modules = cuda.blob_modules(out)
+    assert modules[:2] == [("relax.VMExecutable", vm), ("_lib", b"")]
+    assert modules[2] == ("cuda", _cuda_module(b"fatbin", FATBIN_MAGIC + b"code"))
+    assert cuda.cuda_module_parts(modules[2][1]).kernels == ["k"]
+    assert cuda.embed_fatbins(out, lambda source: pytest.fail("compiled twice")) == out
+
+
+def test_a_blob_in_another_format_is_refused():
+    blob = _blob((b"cuda", _cuda_module(b"cuda", b"x") + b"trailing"))
+    with pytest.raises(BnnccError, match="left after its code"):
+        cuda.embed_fatbins(blob, lambda source: b"")
+    with pytest.raises(BnnccError, match="not TVM 0.27's format"):
+        cuda.blob_modules(blob + b"\0")
+
+
+def _compile_tiny(tmp_path, cli, arch: str, monkeypatch):
     import onnx_ir as ir
 
     from test_lower import tiny_pokebnn
 
+    monkeypatch.setenv(cuda.ARCH_ENV, arch)
     ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
-    code, out, err = cli("compile", tmp_path / "tiny.onnx", "--target", "cuda", "-o", tmp_path / "lib")
+    code, out, err = cli("compile", tmp_path / "tiny.onnx", "--target", "cuda", "-o", tmp_path / arch)
     assert code == 0, err
-    folder = tmp_path / "lib"
-    assert json.loads((folder / "model.json").read_text())["target"]["name"] == "cuda"
-    assert "__popc(" in (folder / "model.cu").read_text()
-    assert (folder / "model.fatbin").read_bytes()[:4] == bytes.fromhex("50ed55ba")  # fatbin magic 0xBA55ED50
-    assert (folder / "model.so").stat().st_size > 0
+    return tmp_path / arch
+
+
+@needs_nvcc
+def test_compile_pokebnn_for_cuda_puts_the_device_code_in_model_so(tmp_path, cli, monkeypatch):
+    """One library: model.so holds the VM, the host code and nvcc's fatbin; nothing beside it but the
+    manifest and the reference graph."""
+    folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.so"]
+    manifest = json.loads((folder / "model.json").read_text())
+    assert manifest["target"]["name"] == "cuda" and manifest["functions"] == {"1": "batch_1"}
+    modules = dict(cuda.library_modules(folder / "model.so"))
+    assert set(modules) == {"relax.VMExecutable", "_lib", "cuda"}
+    module = cuda.cuda_module_parts(modules["cuda"])
+    assert module.fmt == "fatbin" and module.code[:4] == FATBIN_MAGIC
+
+
+def _kernels(sass: str) -> dict[str, str]:
+    """Kernel name -> its SASS, from ``cuobjdump -sass`` output."""
+    parts = re.split(r"\n\s*Function : (\S+)\n", sass)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_device_code_is_machine_code_for_the_arch(tmp_path, cli, monkeypatch, arch):
+    """cuobjdump -sass of the embedded fatbin: machine code for ``arch``, every kernel of the function
+    table in it, one binary conv kernel (POPC in its SASS) per PokeConv of the tiny network (6)."""
+    folder = _compile_tiny(tmp_path, cli, arch, monkeypatch)
+    module = cuda.cuda_module_parts(dict(cuda.library_modules(folder / "model.so"))["cuda"])
+    sass = cuda.sass(module.code)
+    assert f"arch = {arch}" in sass
+    kernels = _kernels(sass)
+    assert set(kernels) == set(module.kernels)
+    convs = {name for name in kernels if name.startswith("poke_conv_") and "POPC" in kernels[name]}
+    assert len({re.match(r"poke_conv_\d+", name).group() for name in convs}) == 6
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_b1_peak_probe_uses_the_1bit_and_popc_mma(tmp_path, arch):
+    """The GPU bench's peak probe (bench/gpu_b1_peak.cu) assembles to BMMA ... AND.POPC for ``arch``."""
+    import subprocess
+
+    probe = Path(__file__).resolve().parents[2] / "bench" / "gpu_b1_peak.cu"
+    subprocess.run([cuda.find_nvcc(), "-cubin", f"-arch={arch}", "-o", str(tmp_path / "p.cubin"), str(probe)], check=True)
+    assert "BMMA.168256.AND.POPC" in cuda.sass((tmp_path / "p.cubin").read_bytes())
+
+
+@needs_nvcc
+@pytest.mark.skipif(cuda.has_cuda_device(), reason="checks the message on a machine without a GPU")
+def test_a_cuda_library_without_a_gpu_is_one_line(tmp_path, cli, monkeypatch):
+    folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch)
+    code, out, err = cli("verify", folder)
+    assert code == 2 and "CUDA" in err and "Traceback" not in err
 
 
 @needs_nvcc

@@ -1,0 +1,155 @@
+"""GPU bench, first half (``bench/gpu.sh``): everything that needs bnncc and TVM's compiler but no GPU.
+
+Writes into the stage folder (default ``.gpu/``, git-ignored):
+
+    lib/model.so, lib/model.json   PokeBNN-1x (random-weight torchvision ResNet-50, ``bnncc.zoo``)
+                                   compiled for CUDA ``--arch``, batch 1 and 64, device code inside
+    reference.npz                  onnxruntime's logits of the PokeBNN graph on N seeded N(0, 1)
+                                   inputs, optimized and unoptimized (``bnncc.verify``'s rule), the
+                                   inputs' checksum and the network's binary MACs per image
+    gpu_b1_peak                    the 1-bit tensor-core peak probe (gpu_b1_peak.cu), built by nvcc
+    runtime/ (--portable)          TVM's runtime libraries and the tvm-ffi wheel for Python 3.12, so
+                                   that a GPU machine without TVM (or network) can run the second half
+
+The inputs themselves are not staged (64 x 3 x 224 x 224 float32 is 38 MB): the second half draws
+them again from the seed and checks the checksum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = (1, 64)
+SEED = 0
+TVM_FFI_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
+                     "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def inputs(n: int, seed: int = SEED) -> np.ndarray:
+    """The bench's N(0, 1) inputs, (n, 3, 224, 224) float32 (``gpu_run.py`` draws the same)."""
+    return np.random.default_rng(seed).standard_normal((n, 3, 224, 224)).astype(np.float32)
+
+
+def checksum(x: np.ndarray) -> list[float]:
+    """Sum, sum of squares and first value of the inputs, to catch a different random stream."""
+    return [float(x.sum(dtype=np.float64)), float(np.square(x, dtype=np.float64).sum()), float(x.flat[0])]
+
+
+def binary_macs(model) -> int:
+    """Binary multiply-accumulates of one image: Ho * Wo * Cout * Cin * k * k over the binary convs."""
+    from bnncc.domain import DOMAIN
+
+    total = 0
+    for node in model.graph:
+        if node.domain != DOMAIN or node.op_type not in ("BinaryConv", "PokeConv"):
+            continue
+        cout, cin, kh, kw = node.inputs[1].shape
+        _, _, ho, wo = node.outputs[0].shape
+        total += int(ho) * int(wo) * int(cout) * int(cin) * int(kh) * int(kw)
+    return total
+
+
+def build_library(work: Path, stage: Path, arch: str):
+    """PokeBNN-1x from a random-weight ResNet-50, compiled for CUDA ``arch``; returns the PokeBNN model."""
+    import os
+
+    import onnx_ir as ir
+
+    from bnncc import zoo
+    from bnncc.frontend import load
+    from bnncc.rewrite import rewrite
+    from bnncc.targets.build import compile as compile_library
+
+    os.environ["BNNCC_CUDA_ARCH"] = arch
+    float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")
+    poke, _ = rewrite(load(float_path), "pokebnn_1x")
+    ir.save(poke, work / "pokebnn_1x.onnx")
+    start = time.perf_counter()
+    folder = compile_library(work / "pokebnn_1x.onnx", work / "lib", target="cuda", batches=BATCHES)
+    print(f"compiled PokeBNN-1x for {arch} in {time.perf_counter() - start:.0f} s", flush=True)
+    (stage / "lib").mkdir(parents=True, exist_ok=True)
+    for name in ("model.so", "model.json"):  # model.onnx (107 MB) stays here: the reference runs here
+        shutil.copy2(folder / name, stage / "lib" / name)
+    return poke
+
+
+def reference_logits(model, x: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's logits on ``x`` with all graph optimizations and with none (``bnncc.verify``)."""
+    import onnx_ir as ir
+
+    from bnncc.verify import _reference_sessions
+
+    with tempfile.TemporaryDirectory(prefix="bnncc-gpu-") as tmp:
+        ir.save(model, Path(tmp) / "model.onnx")
+        optimized, unoptimized, name = _reference_sessions(Path(tmp) / "model.onnx")
+    start = time.perf_counter()
+    runs = [[session.run(None, {name: x[i:i + chunk]})[0] for i in range(0, len(x), chunk)]
+            for session in (optimized, unoptimized)]
+    print(f"onnxruntime reference on {len(x)} inputs in {time.perf_counter() - start:.0f} s", flush=True)
+    return np.concatenate(runs[0]), np.concatenate(runs[1])
+
+
+def build_peak_probe(stage: Path, arch: str) -> None:
+    from bnncc.targets.cuda import find_nvcc
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise SystemExit("nvcc not found: the CUDA build needs a CUDA toolkit")
+    subprocess.run([nvcc, "-O3", f"-arch={arch}", "-o", str(stage / "gpu_b1_peak"), str(ROOT / "bench" / "gpu_b1_peak.cu")],
+                   check=True)
+
+
+def stage_runtime(stage: Path) -> None:
+    """TVM's runtime libraries and the tvm-ffi wheel for CPython 3.12 (pip download) under stage/runtime."""
+    from bnncc.targets.cuda_runtime import RUNTIME_LIBRARIES, runtime_dir
+
+    out = stage / "runtime"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUNTIME_LIBRARIES:
+        shutil.copy2(runtime_dir() / name, out / name)
+    version = importlib.metadata.version("apache-tvm-ffi")
+    platforms = [arg for platform in TVM_FFI_PLATFORMS for arg in ("--platform", platform)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(out),
+                    f"apache-tvm-ffi=={version}"], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", type=Path, default=ROOT / ".gpu")
+    parser.add_argument("--arch", default="sm_90", help="CUDA arch to build for (sm_90: H100/H200)")
+    parser.add_argument("-n", type=int, default=64, help="reference inputs")
+    parser.add_argument("--portable", action="store_true",
+                        help="also stage TVM's runtime and the tvm-ffi wheel for a GPU machine without TVM")
+    args = parser.parse_args()
+    stage = args.stage
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="bnncc-gpu-") as tmp:
+        model = build_library(Path(tmp), stage, args.arch)
+    x = inputs(args.n)
+    optimized, unoptimized = reference_logits(model, x)
+    np.savez(stage / "reference.npz", optimized=optimized, unoptimized=unoptimized, seed=SEED,
+             checksum=np.array(checksum(x)), binary_macs=binary_macs(model))
+    build_peak_probe(stage, args.arch)
+    if args.portable:
+        stage_runtime(stage)
+    (stage / "stage.json").write_text(json.dumps({"arch": args.arch, "inputs": args.n, "batches": BATCHES}) + "\n")
+    size = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
+    print(f"staged {stage} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""GPU bench, second half (``bench/gpu.sh``): runs on the GPU machine over what ``gpu_prepare.py`` staged.
+
+Needs numpy, torch (CUDA) and torchvision, tvm_ffi and TVM's runtime libraries (installed TVM, or
+the staged ones through $BNNCC_TVM_RUNTIME), and the bnncc sources of this checkout; not TVM's
+compiler, onnxruntime or a network. In one run, printing one table:
+
+1. correctness: the library's logits on the staged reference's inputs, at batch 64 and (first 8
+   inputs) at batch 1, judged by ``bnncc.verify.judge`` (same argmax, logits within its tolerance);
+2. latency: the library at batch 1 and 64, torch fp16 channels-last ResNet-50 under a CUDA graph at
+   batch 1 and 64 (random weights: timing only); each the median of ROUNDS rounds of back-to-back calls;
+3. the 1-bit tensor-core peak (``gpu_b1_peak``) and the binary MACs per second the library reaches
+   over the whole network, a lower bound on its binary convs' rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 5
+CALLS = {1: 200, 64: 20}  # per round
+WARM_UP = {1: 20, 64: 3}
+
+
+def _import_bnncc() -> None:
+    """Make ``bnncc`` and ``bnncc.targets`` importable from this checkout when bnncc is not installed."""
+    sys.path.insert(0, str(ROOT))
+    import bnncc
+
+    try:
+        import bnncc.targets  # noqa: F401
+    except ModuleNotFoundError:  # not installed: targets/ lives beside bnncc/ (pyproject's package-dir)
+        bnncc.__path__.append(str(ROOT))
+
+
+def _inputs(stage: Path, reference) -> np.ndarray:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_prepare import checksum, inputs
+
+    x = inputs(len(reference["optimized"]), int(reference["seed"]))
+    if not np.allclose(checksum(x), reference["checksum"], rtol=1e-12, atol=0):
+        raise SystemExit(f"{stage}: this numpy draws other inputs from seed {int(reference['seed'])} "
+                         f"(checksum {checksum(x)} != {list(reference['checksum'])})")
+    return x
+
+
+def _median_ms(fn, batch: int) -> float:
+    """Median over ROUNDS of the mean ms per call of CALLS[batch] back-to-back calls."""
+    import torch
+
+    for _ in range(WARM_UP[batch]):
+        fn()
+    torch.cuda.synchronize()
+    rounds = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(CALLS[batch]):
+            fn()
+        torch.cuda.synchronize()
+        rounds.append(1e3 * (time.perf_counter() - start) / CALLS[batch])
+    return float(np.median(rounds))
+
+
+def check_library(vm, x: np.ndarray, reference) -> tuple[object, object]:
+    """``judge`` over the library at batch 64 (all inputs) and at batch 1 (the first 8)."""
+    from bnncc.verify import judge
+
+    got64 = np.concatenate([vm("batch_64", x[i:i + 64]) for i in range(0, len(x) - len(x) % 64, 64)])
+    runs64 = list(zip(got64, reference["optimized"], reference["unoptimized"]))
+    got1 = np.concatenate([vm("batch_1", x[i:i + 1]) for i in range(8)])
+    runs1 = list(zip(got1, reference["optimized"][:8], reference["unoptimized"][:8]))
+    return judge(runs64), judge(runs1)
+
+
+def time_library(vm, batch: int) -> float:
+    import torch
+    import tvm_ffi
+
+    x = tvm_ffi.from_dlpack(torch.randn(batch, 3, 224, 224, device="cuda"))
+    function = vm[f"batch_{batch}"]
+    return _median_ms(lambda: function(x), batch)
+
+
+def time_torch_fp16(batch: int) -> float:
+    """torchvision ResNet-50 (random weights), fp16, channels-last, replayed from a CUDA graph."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet50().cuda().half().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.half).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture wants
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x)
+    return _median_ms(graph.replay, batch)
+
+
+def b1_peak(stage: Path) -> tuple[float, str]:
+    """(binary MACs per second, the probe's description line) from the staged gpu_b1_peak."""
+    done = subprocess.run([str(stage / "gpu_b1_peak")], capture_output=True, text=True, check=True)
+    rate = float(re.search(r"b1_peak_macs_per_s (\S+)", done.stdout).group(1))
+    return rate, done.stdout.splitlines()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", type=Path, default=ROOT / ".gpu")
+    args = parser.parse_args()
+    stage = args.stage
+    _import_bnncc()
+    import torch
+
+    from bnncc.targets.cuda_runtime import CudaVM
+
+    start = time.perf_counter()
+    reference = np.load(stage / "reference.npz")
+    x = _inputs(stage, reference)
+    vm = CudaVM(stage / "lib" / "model.so")
+    print(f"{torch.cuda.get_device_name()}; library loaded in {time.perf_counter() - start:.1f} s "
+          f"({json.loads((stage / 'stage.json').read_text())})", flush=True)
+    report64, report1 = check_library(vm, x, reference)
+    rows = [("correctness, batch 64", f"argmax {report64.argmax_agree}/{report64.inputs}, max |diff| "
+             f"{report64.max_abs_diff:.3g} (spread {report64.max_spread:.3g}), {len(report64.failures)} failures, "
+             f"{report64.explained} explained"),
+            ("correctness, batch 1", f"argmax {report1.argmax_agree}/{report1.inputs}, max |diff| "
+             f"{report1.max_abs_diff:.3g}, {len(report1.failures)} failures, {report1.explained} explained")]
+    for failure in report64.failures[:5] + report1.failures[:5]:
+        print("  ", failure)
+    peak, probe = b1_peak(stage)
+    macs = int(reference["binary_macs"])
+    for batch in (1, 64):
+        ours, theirs = time_library(vm, batch), time_torch_fp16(batch)
+        rows.append((f"batch {batch}: bnncc PokeBNN-1x", f"{ours:.3f} ms ({batch / ours * 1e3:.0f} img/s)"))
+        rows.append((f"batch {batch}: torch fp16 CUDA graph", f"{theirs:.3f} ms ({batch / theirs * 1e3:.0f} img/s); "
+                     f"bnncc / torch {ours / theirs:.2f}"))
+        rate = macs * batch / (ours * 1e-3)
+        rows.append((f"batch {batch}: binary MAC/s, whole network", f"{rate:.3g} ({100 * rate / peak:.2f}% of the b1 peak)"))
+    rows.append(("1-bit tensor-core peak (mma m16n8k256 and.popc)", f"{peak:.3g} binary MAC/s; {probe}"))
+    print("\n| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if report64.failures or report1.failures:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
