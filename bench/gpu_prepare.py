@@ -3,7 +3,9 @@
 Writes into the stage folder (default ``.gpu/``, git-ignored):
 
     lib/model.so, lib/model.json   PokeBNN-1x (random-weight torchvision ResNet-50, ``bnncc.zoo``)
-                                   compiled for CUDA ``--arch``, batch 1 and 64, device code inside
+                                   compiled for CUDA ``--arch``, batch 1 and 64, device code inside,
+                                   kernels replayed from CUDA graphs
+    lib_nograph/                   the same without CUDA graphs (what the graphs gain)
     reference.npz                  onnxruntime's logits of the PokeBNN graph on N seeded N(0, 1)
                                    inputs, optimized and unoptimized (``bnncc.verify``'s rule), the
                                    inputs' checksum and the network's binary MACs per image
@@ -32,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
 SEED = 0
+LIBRARIES = {"lib": True, "lib_nograph": False}  # stage folder -> built with CUDA graphs
 TVM_FFI_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
                      "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -60,8 +63,9 @@ def binary_macs(model) -> int:
     return total
 
 
-def build_library(work: Path, stage: Path, arch: str):
-    """PokeBNN-1x from a random-weight ResNet-50, compiled for CUDA ``arch``; returns the PokeBNN model."""
+def build_libraries(work: Path, stage: Path, arch: str):
+    """PokeBNN-1x from a random-weight ResNet-50, compiled for CUDA ``arch`` with and without CUDA
+    graphs (LIBRARIES); returns the PokeBNN model."""
     import os
 
     import onnx_ir as ir
@@ -70,17 +74,20 @@ def build_library(work: Path, stage: Path, arch: str):
     from bnncc.frontend import load
     from bnncc.rewrite import rewrite
     from bnncc.targets.build import compile as compile_library
+    from bnncc.targets.cuda import ARCH_ENV, GRAPHS_ENV
 
-    os.environ["BNNCC_CUDA_ARCH"] = arch
     float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")
     poke, _ = rewrite(load(float_path), "pokebnn_1x")
     ir.save(poke, work / "pokebnn_1x.onnx")
-    start = time.perf_counter()
-    folder = compile_library(work / "pokebnn_1x.onnx", work / "lib", target="cuda", batches=BATCHES)
-    print(f"compiled PokeBNN-1x for {arch} in {time.perf_counter() - start:.0f} s", flush=True)
-    (stage / "lib").mkdir(parents=True, exist_ok=True)
-    for name in ("model.so", "model.json"):  # model.onnx (107 MB) stays here: the reference runs here
-        shutil.copy2(folder / name, stage / "lib" / name)
+    os.environ[ARCH_ENV] = arch
+    for name, graphs in LIBRARIES.items():
+        os.environ[GRAPHS_ENV] = "1" if graphs else "0"
+        start = time.perf_counter()
+        folder = compile_library(work / "pokebnn_1x.onnx", work / name, target="cuda", batches=BATCHES)
+        print(f"compiled PokeBNN-1x for {arch} ({name}) in {time.perf_counter() - start:.0f} s", flush=True)
+        (stage / name).mkdir(parents=True)
+        for file in ("model.so", "model.json"):  # model.onnx (107 MB) stays here: the reference runs here
+            shutil.copy2(folder / file, stage / name / file)
     return poke
 
 
@@ -138,7 +145,7 @@ def main() -> None:
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="bnncc-gpu-") as tmp:
-        model = build_library(Path(tmp), stage, args.arch)
+        model = build_libraries(Path(tmp), stage, args.arch)
     x = inputs(args.n)
     optimized, unoptimized = reference_logits(model, x)
     np.savez(stage / "reference.npz", optimized=optimized, unoptimized=unoptimized, seed=SEED,

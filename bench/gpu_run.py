@@ -4,11 +4,12 @@ Needs numpy, torch (CUDA) and torchvision, tvm_ffi and TVM's runtime libraries (
 the staged ones through $BNNCC_TVM_RUNTIME), and the bnncc sources of this checkout; not TVM's
 compiler, onnxruntime or a network. In one run, printing one table:
 
-1. correctness: the library's logits on the staged reference's inputs, at batch 64 and (first 8
-   inputs) at batch 1, judged by ``bnncc.verify.judge`` (same argmax, logits within its tolerance);
-2. latency: the library at batch 1 and 64, torch fp16 channels-last ResNet-50 under a CUDA graph at
-   batch 1 and 64 (random weights: timing only); each the median of ROUNDS rounds of back-to-back calls;
-3. the 1-bit tensor-core peak (``gpu_b1_peak``) and the binary MACs per second the library reaches
+1. correctness of each staged library (with and without CUDA graphs): its logits on the reference's
+   inputs at batch 64 and (first 8 inputs) at batch 1, judged by ``bnncc.verify.judge`` (same argmax,
+   logits within its tolerance, or within 4x the network's rounding spread);
+2. latency at batch 1 and 64: the libraries, and torch fp16 channels-last ResNet-50 (random weights:
+   timing only) replayed from a CUDA graph; each the median of ROUNDS rounds of back-to-back calls;
+3. the 1-bit tensor-core peak (``gpu_b1_peak``) and the binary MACs per second each library reaches
    over the whole network, a lower bound on its binary convs' rate.
 """
 
@@ -25,9 +26,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_prepare import LIBRARIES, checksum, inputs  # noqa: E402  (numpy only at import)
 ROUNDS = 5
-CALLS = {1: 200, 64: 20}  # per round
-WARM_UP = {1: 20, 64: 3}
+ROUND_S = 0.25  # each round: back-to-back calls for at least this long (and MIN_CALLS)
+MIN_CALLS = 3
+WARM_UP_S = 0.5
 
 
 def _import_bnncc() -> None:
@@ -41,32 +45,34 @@ def _import_bnncc() -> None:
         bnncc.__path__.append(str(ROOT))
 
 
-def _inputs(stage: Path, reference) -> np.ndarray:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_prepare import checksum, inputs
+def _median_ms(fn) -> float:
+    """Median over ROUNDS of the mean ms per call of back-to-back calls (ROUND_S, MIN_CALLS), after
+    WARM_UP_S of calls (the first call of a CUDA-graph library captures the graph)."""
+    import torch
 
+    until = time.perf_counter() + WARM_UP_S
+    while time.perf_counter() < until:
+        fn()
+        torch.cuda.synchronize()
+    rounds = []
+    for _ in range(ROUNDS):
+        calls, start = 0, time.perf_counter()
+        while calls < MIN_CALLS or time.perf_counter() - start < ROUND_S:
+            fn()
+            calls += 1
+            if calls % 16 == 0:  # keep the queue bounded without timing each call's sync
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        rounds.append(1e3 * (time.perf_counter() - start) / calls)
+    return float(np.median(rounds))
+
+
+def _inputs(stage: Path, reference) -> np.ndarray:
     x = inputs(len(reference["optimized"]), int(reference["seed"]))
     if not np.allclose(checksum(x), reference["checksum"], rtol=1e-12, atol=0):
         raise SystemExit(f"{stage}: this numpy draws other inputs from seed {int(reference['seed'])} "
                          f"(checksum {checksum(x)} != {list(reference['checksum'])})")
     return x
-
-
-def _median_ms(fn, batch: int) -> float:
-    """Median over ROUNDS of the mean ms per call of CALLS[batch] back-to-back calls."""
-    import torch
-
-    for _ in range(WARM_UP[batch]):
-        fn()
-    torch.cuda.synchronize()
-    rounds = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(CALLS[batch]):
-            fn()
-        torch.cuda.synchronize()
-        rounds.append(1e3 * (time.perf_counter() - start) / CALLS[batch])
-    return float(np.median(rounds))
 
 
 def check_library(vm, x: np.ndarray, reference) -> tuple[object, object]:
@@ -86,7 +92,7 @@ def time_library(vm, batch: int) -> float:
 
     x = tvm_ffi.from_dlpack(torch.randn(batch, 3, 224, 224, device="cuda"))
     function = vm[f"batch_{batch}"]
-    return _median_ms(lambda: function(x), batch)
+    return _median_ms(lambda: function(x))
 
 
 def time_torch_fp16(batch: int) -> float:
@@ -106,7 +112,7 @@ def time_torch_fp16(batch: int) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             model(x)
-    return _median_ms(graph.replay, batch)
+    return _median_ms(graph.replay)
 
 
 def b1_peak(stage: Path) -> tuple[float, str]:
@@ -129,32 +135,37 @@ def main() -> None:
     start = time.perf_counter()
     reference = np.load(stage / "reference.npz")
     x = _inputs(stage, reference)
-    vm = CudaVM(stage / "lib" / "model.so")
-    print(f"{torch.cuda.get_device_name()}; library loaded in {time.perf_counter() - start:.1f} s "
+    libraries = {name: CudaVM(stage / name / "model.so") for name in LIBRARIES}
+    print(f"{torch.cuda.get_device_name()}; libraries loaded in {time.perf_counter() - start:.1f} s "
           f"({json.loads((stage / 'stage.json').read_text())})", flush=True)
-    report64, report1 = check_library(vm, x, reference)
-    rows = [("correctness, batch 64", f"argmax {report64.argmax_agree}/{report64.inputs}, max |diff| "
-             f"{report64.max_abs_diff:.3g} (spread {report64.max_spread:.3g}), {len(report64.failures)} failures, "
-             f"{report64.explained} explained"),
-            ("correctness, batch 1", f"argmax {report1.argmax_agree}/{report1.inputs}, max |diff| "
-             f"{report1.max_abs_diff:.3g}, {len(report1.failures)} failures, {report1.explained} explained")]
-    for failure in report64.failures[:5] + report1.failures[:5]:
-        print("  ", failure)
+    rows, failed = [], False
+    for name, vm in libraries.items():
+        for batch, report in zip((64, 1), check_library(vm, x, reference)):
+            rows.append((f"{name}: correctness, batch {batch}", f"argmax {report.argmax_agree}/{report.inputs}, "
+                         f"max abs diff {report.max_abs_diff:.3g} (rounding spread {report.max_spread:.3g}), "
+                         f"{len(report.failures)} failures, {report.explained} explained"))
+            for failure in report.failures[:5]:
+                print(f"  {name}, batch {batch}: {failure}")
+            failed = failed or bool(report.failures)
+        print(rows[-2][1], "|", rows[-1][1], flush=True)
     peak, probe = b1_peak(stage)
     macs = int(reference["binary_macs"])
     for batch in (1, 64):
-        ours, theirs = time_library(vm, batch), time_torch_fp16(batch)
-        rows.append((f"batch {batch}: bnncc PokeBNN-1x", f"{ours:.3f} ms ({batch / ours * 1e3:.0f} img/s)"))
-        rows.append((f"batch {batch}: torch fp16 CUDA graph", f"{theirs:.3f} ms ({batch / theirs * 1e3:.0f} img/s); "
-                     f"bnncc / torch {ours / theirs:.2f}"))
-        rate = macs * batch / (ours * 1e-3)
-        rows.append((f"batch {batch}: binary MAC/s, whole network", f"{rate:.3g} ({100 * rate / peak:.2f}% of the b1 peak)"))
+        theirs = time_torch_fp16(batch)
+        rows.append((f"batch {batch}: torch fp16 channels-last, CUDA graph", f"{theirs:.3f} ms ({batch / theirs * 1e3:.0f} img/s)"))
+        for name, vm in libraries.items():
+            ours = time_library(vm, batch)
+            rate = macs * batch / (ours * 1e-3)
+            rows.append((f"batch {batch}: bnncc PokeBNN-1x, {name}", f"{ours:.3f} ms ({batch / ours * 1e3:.0f} img/s), "
+                         f"{ours / theirs:.2f}x torch's time; binary MAC/s over the network {rate:.3g} "
+                         f"({100 * rate / peak:.2f}% of the b1 peak)"))
+        print(*rows[-3:], sep="\n", flush=True)
     rows.append(("1-bit tensor-core peak (mma m16n8k256 and.popc)", f"{peak:.3g} binary MAC/s; {probe}"))
     print("\n| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
-    if report64.failures or report1.failures:
+    if failed:
         raise SystemExit(1)
 
 

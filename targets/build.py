@@ -57,7 +57,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
     lowered = lower(model, llvm_target, batches, schedule=spec.schedule)
-    executable = compile_module(lowered.module, llvm_target)
+    executable = compile_module(lowered.module, llvm_target, spec.pass_config() if spec.pass_config else None)
     compile_s = time.perf_counter() - start
     manifest = {
         "format": MANIFEST_FORMAT,

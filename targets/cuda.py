@@ -40,15 +40,17 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv
 from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_scheduled, s_tir, tirx
 
 __all__ = [
-    "ARCH_ENV", "BLOB_SYMBOL", "CudaModule", "DEFAULT_ARCH", "cuda_arch", "blob_modules", "cuda_module_parts", "cuda_target", "embed_fatbins", "export_cuda",
-    "find_cuobjdump", "find_nvcc", "has_cuda_device", "imports_blob", "inspect_cuda_source", "library_modules", "load_vm", "nvcc_fatbin",
-    "sass", "schedule", "schedule_binary_conv2d", "write_imports_asm",
+    "ARCH_ENV", "BLOB_SYMBOL", "CudaModule", "DEFAULT_ARCH", "GRAPHS_ENV", "blob_modules", "cuda_arch", "cuda_graphs",
+    "cuda_module_parts", "cuda_target", "embed_fatbins", "export_cuda", "find_cuobjdump", "find_nvcc", "has_cuda_device",
+    "imports_blob", "inspect_cuda_source", "library_modules", "load_vm", "nvcc_fatbin", "pass_config", "report", "sass",
+    "schedule", "schedule_binary_conv2d", "write_imports_asm",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ARCH = "sm_90"  # H100, H200
 ARCH_ENV = "BNNCC_CUDA_ARCH"  # another arch for `bnncc compile --target cuda`, e.g. sm_80 (A100)
+GRAPHS_ENV = "BNNCC_CUDA_GRAPHS"  # 0: no CUDA graphs (``pass_config``)
 _MAX_PIXELS = 8  # threadIdx.y extent
 _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 
@@ -56,6 +58,23 @@ _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 def cuda_arch() -> str:
     """The arch to build for: $BNNCC_CUDA_ARCH, else DEFAULT_ARCH."""
     return os.environ.get(ARCH_ENV) or DEFAULT_ARCH
+
+
+def cuda_graphs() -> bool:
+    """Whether libraries replay each function's kernels from a CUDA graph: yes unless $BNNCC_CUDA_GRAPHS is 0."""
+    return os.environ.get(GRAPHS_ENV, "1") != "0"
+
+
+def pass_config() -> dict:
+    """TVM pass options of a CUDA build: Relax's RewriteCUDAGraph captures the kernels of each
+    function into a CUDA graph on its first call and replays it after (issue 17: at batch 1 the
+    network's ~260 kernel launches would otherwise cost more than the kernels)."""
+    return {"relax.backend.use_cuda_graph": cuda_graphs()}
+
+
+def report() -> dict:
+    """What model.json records about a CUDA build."""
+    return {"cuda": {"arch": cuda_arch(), "cuda_graphs": cuda_graphs(), "device_code": "fatbin in model.so"}}
 
 
 def cuda_target(arch: str | None = None) -> Target:

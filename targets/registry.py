@@ -46,6 +46,7 @@ class TargetSpec:
     caller: Callable[[Path], Caller]
     requirements: Callable[[], list[Requirement]]
     report: Callable[..., dict] | None = None  # (executable, lowered, model) -> extra manifest entries
+    pass_config: Callable[[], dict] | None = None  # TVM pass options for tvm.compile
 
 
 def _cpu_caller(path: Path) -> Caller:
@@ -86,6 +87,11 @@ def _arm64_requirements() -> list[Requirement]:
     ]
 
 
+def _cuda_report(executable, lowered, model) -> dict:
+    """The arch, CUDA graphs and tensor cores the library was built with (``cuda.report``)."""
+    return cuda.report()
+
+
 def _cuda_requirements() -> list[Requirement]:
     return [
         Requirement("nvcc", "build", cuda.find_nvcc(), "a CUDA toolkit (nvcc on PATH or CUDA_HOME/bin)"),
@@ -98,8 +104,9 @@ TARGETS = {
                          x86_64.schedule, tvm_compat.export_executable, _cpu_caller, _x86_requirements),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
                         arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report),
-    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (nvcc builds the kernels into model.so)", cuda.cuda_target,
-                       cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements),
+    "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (nvcc builds the kernels into model.so)",
+                       cuda.cuda_target, cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements,
+                       _cuda_report, cuda.pass_config),
 }
 
 

@@ -73,9 +73,11 @@ def export_library(func: tirx.PrimFunc, target: Target, path: str | os.PathLike)
     return Path(path)
 
 
-def compile_module(mod: tvm.IRModule, target: Target):
-    """Compile a Relax module (our PrimFuncs marked scheduled) with TVM's default pipeline -> Executable."""
-    return tvm.compile(mod, target=target)
+def compile_module(mod: tvm.IRModule, target: Target, config: dict[str, Any] | None = None):
+    """Compile a Relax module (our PrimFuncs marked scheduled) with TVM's default pipeline -> Executable;
+    ``config``: pass options, e.g. ``{"relax.backend.use_cuda_graph": True}``."""
+    with tvm.transform.PassContext(config=config or {}):
+        return tvm.compile(mod, target=target)
 
 
 def export_executable(executable, path: str | os.PathLike) -> Path:

@@ -103,8 +103,8 @@ def _compile_tiny(tmp_path, cli, arch: str, monkeypatch):
 
 @needs_nvcc
 def test_compile_pokebnn_for_cuda_puts_the_device_code_in_model_so(tmp_path, cli, monkeypatch):
-    """One library: model.so holds the VM, the host code and nvcc's fatbin; nothing beside it but the
-    manifest and the reference graph."""
+    """One library: model.so holds the VM (replaying CUDA graphs), the host code and nvcc's fatbin;
+    nothing beside it but the manifest and the reference graph."""
     folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch)
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.so"]
     manifest = json.loads((folder / "model.json").read_text())
@@ -113,6 +113,16 @@ def test_compile_pokebnn_for_cuda_puts_the_device_code_in_model_so(tmp_path, cli
     assert set(modules) == {"relax.VMExecutable", "_lib", "cuda"}
     module = cuda.cuda_module_parts(modules["cuda"])
     assert module.fmt == "fatbin" and module.code[:4] == FATBIN_MAGIC
+    assert manifest["cuda"] == {"arch": "sm_90", "cuda_graphs": True, "device_code": "fatbin in model.so"}
+    assert b"vm.builtin.cuda_graph.run_or_capture" in modules["relax.VMExecutable"]
+
+
+@needs_nvcc
+def test_cuda_graphs_can_be_left_out(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv(cuda.GRAPHS_ENV, "0")
+    folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch)
+    assert json.loads((folder / "model.json").read_text())["cuda"]["cuda_graphs"] is False
+    assert b"cuda_graph" not in dict(cuda.library_modules(folder / "model.so"))["relax.VMExecutable"]
 
 
 def _kernels(sass: str) -> dict[str, str]:
