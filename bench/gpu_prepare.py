@@ -9,7 +9,8 @@ Writes into the stage folder (default ``.gpu/``, git-ignored):
     reference.npz                  onnxruntime's logits of the PokeBNN graph on N seeded N(0, 1)
                                    inputs, optimized and unoptimized (``bnncc.verify``'s rule), the
                                    inputs' checksum and the network's binary MACs per image
-    gpu_b1_peak                    the 1-bit tensor-core peak probe (gpu_b1_peak.cu), built by nvcc
+    gpu_b1_peak, gpu_bconv         the 1-bit tensor-core peak probe and the tensor-core binary conv on
+                                   its own (bench/*.cu), built by nvcc
     runtime/ (--portable)          TVM's runtime libraries and the tvm-ffi wheel for Python 3.12, so
                                    that a GPU machine without TVM (or network) can run the second half
 
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
 SEED = 0
 LIBRARIES = {"lib": True, "lib_nograph": False}  # stage folder -> built with CUDA graphs
+PROBES = ("gpu_b1_peak", "gpu_bconv")  # CUDA C programs of bench/, built for the arch
 TVM_FFI_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
                      "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -107,14 +109,16 @@ def reference_logits(model, x: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, 
     return np.concatenate(runs[0]), np.concatenate(runs[1])
 
 
-def build_peak_probe(stage: Path, arch: str) -> None:
+def build_probes(stage: Path, arch: str) -> None:
+    """nvcc builds of the peak probe and the tensor-core conv (PROBES) into the stage."""
     from bnncc.targets.cuda import find_nvcc
 
     nvcc = find_nvcc()
     if nvcc is None:
         raise SystemExit("nvcc not found: the CUDA build needs a CUDA toolkit")
-    subprocess.run([nvcc, "-O3", f"-arch={arch}", "-o", str(stage / "gpu_b1_peak"), str(ROOT / "bench" / "gpu_b1_peak.cu")],
-                   check=True)
+    for name in PROBES:
+        subprocess.run([nvcc, "-O3", f"-arch={arch}", "-o", str(stage / name), str(ROOT / "bench" / f"{name}.cu")],
+                       check=True)
 
 
 def stage_runtime(stage: Path) -> None:
@@ -150,7 +154,7 @@ def main() -> None:
     optimized, unoptimized = reference_logits(model, x)
     np.savez(stage / "reference.npz", optimized=optimized, unoptimized=unoptimized, seed=SEED,
              checksum=np.array(checksum(x)), binary_macs=binary_macs(model))
-    build_peak_probe(stage, args.arch)
+    build_probes(stage, args.arch)
     if args.portable:
         stage_runtime(stage)
     (stage / "stage.json").write_text(json.dumps({"arch": args.arch, "inputs": args.n, "batches": BATCHES}) + "\n")

@@ -10,7 +10,9 @@ compiler, onnxruntime or a network. In one run, printing one table:
 2. latency at batch 1 and 64: the libraries, and torch fp16 channels-last ResNet-50 (random weights:
    timing only) replayed from a CUDA graph; each the median of ROUNDS rounds of back-to-back calls;
 3. the 1-bit tensor-core peak (``gpu_b1_peak``) and the binary MACs per second each library reaches
-   over the whole network, a lower bound on its binary convs' rate.
+   over the whole network, a lower bound on its binary convs' rate;
+4. the tensor-core binary conv on its own (``gpu_bconv``, not yet in the library): exact against
+   the host, and its rate against the peak, for ResNet-50 layer shapes at batch 1 and 64.
 """
 
 from __future__ import annotations
@@ -187,7 +189,22 @@ def main() -> None:
                          f"{versus}; binary MAC/s over the network {rate:.3g} ({100 * rate / peak[0]:.2f}% of the b1 peak)"))
             print(rows[-1], flush=True)
 
+    def bconv() -> None:
+        done = subprocess.run([str(stage / "gpu_bconv")], capture_output=True, text=True)
+        print(done.stdout, done.stderr, flush=True)
+        for line in done.stdout.splitlines():
+            timed = re.match(r"bconv (\S+) batch (\d+): (\S+) ms, (\S+) binary MAC/s", line)
+            if timed:
+                layer, batch, ms, rate = timed.groups()
+                rows.append((f"tensor-core binary conv {layer}, batch {batch} (alone)",
+                             f"{float(ms):.4f} ms, {float(rate):.3g} binary MAC/s ({100 * float(rate) / peak[0]:.1f}% of the b1 peak)"))
+            elif line.startswith("bconv"):
+                rows.append((f"tensor-core binary conv {line.split()[1]}: exact vs host", line.split("check ")[1]))
+        if done.returncode != 0 or "WRONG" in done.stdout:
+            raise RuntimeError("gpu_bconv failed or disagreed with the host")
+
     section("b1 peak probe", probe)
+    section("tensor-core binary conv", bconv)
     section("torch fp16", torch_fp16)
     for name in LIBRARIES:
         section(name, lambda name=name: library(name))

@@ -186,3 +186,17 @@ def test_sample_module_on_cuda_is_exact(tmp_path):
     library = cuda.export_cuda(compile_module(mod, cuda.cuda_target()), tmp_path / "sample.so")
     x = np.random.default_rng(7).standard_normal((sample.ROWS, 16)).astype(np.float32)
     np.testing.assert_array_equal(cuda.load_vm(library)(sample.FUNCTION, x), expect(x))
+
+
+@needs_nvcc
+def test_tensor_core_conv_indexing_agrees_with_the_host_emulated(tmp_path):
+    """bench/gpu_bconv.cu (the tensor-core binary conv on its own) run on the host: its fragment
+    indexing, the AND-to-XOR rebuild and the SAME padding against a direct popcount of x ^ w, for
+    the ResNet-50 layer kinds it times on the GPU (its mma emulated by the fragment layout that
+    bench/gpu_b1_peak.cu checks on the device)."""
+    import subprocess
+
+    source = Path(__file__).resolve().parents[2] / "bench" / "gpu_bconv.cu"
+    subprocess.run([cuda.find_nvcc(), "-O1", "-arch=sm_90", "-o", str(tmp_path / "bconv"), str(source)], check=True)
+    lines = subprocess.run([str(tmp_path / "bconv"), "--emulate"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == 6 and all(" check ok (0 of " in line for line in lines), lines
