@@ -40,7 +40,7 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv
 from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_scheduled, s_tir, tirx
 
 __all__ = [
-    "ARCH_ENV", "BLOB_SYMBOL", "CudaModule", "DEFAULT_ARCH", "GRAPHS_ENV", "blob_modules", "cuda_arch", "cuda_graphs",
+    "ARCH_ENV", "BLOB_SYMBOL", "CudaModule", "DEFAULT_ARCH", "GRAPHS_ENV", "MMA_ENV", "blob_modules", "cuda_arch", "cuda_graphs",
     "cuda_module_parts", "cuda_target", "embed_fatbins", "export_cuda", "find_cuobjdump", "find_nvcc", "has_cuda_device",
     "imports_blob", "inspect_cuda_source", "library_modules", "load_vm", "nvcc_fatbin", "pass_config", "report", "sass",
     "schedule", "schedule_binary_conv2d", "write_imports_asm",
@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ARCH = "sm_90"  # H100, H200
 ARCH_ENV = "BNNCC_CUDA_ARCH"  # another arch for `bnncc compile --target cuda`, e.g. sm_80 (A100)
 GRAPHS_ENV = "BNNCC_CUDA_GRAPHS"  # 0: no CUDA graphs (``pass_config``)
+MMA_ENV = "BNNCC_CUDA_MMA"  # 1: binary convs on the tensor cores (``tensor_cores``)
 _MAX_PIXELS = 8  # threadIdx.y extent
 _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 
@@ -58,6 +59,12 @@ _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 def cuda_arch() -> str:
     """The arch to build for: $BNNCC_CUDA_ARCH, else DEFAULT_ARCH."""
     return os.environ.get(ARCH_ENV) or DEFAULT_ARCH
+
+
+def tensor_cores() -> bool:
+    """Whether binary convs run on the 1-bit tensor cores (``cuda_mma``): only where $BNNCC_CUDA_MMA
+    is 1, until a GPU run of bench/gpu.sh has shown the library exact with them (issue 17)."""
+    return os.environ.get(MMA_ENV, "0") == "1"
 
 
 def cuda_graphs() -> bool:
@@ -74,7 +81,8 @@ def pass_config() -> dict:
 
 def report() -> dict:
     """What model.json records about a CUDA build."""
-    return {"cuda": {"arch": cuda_arch(), "cuda_graphs": cuda_graphs(), "device_code": "fatbin in model.so"}}
+    return {"cuda": {"arch": cuda_arch(), "cuda_graphs": cuda_graphs(), "tensor_cores": tensor_cores(),
+                     "device_code": "fatbin in model.so"}}
 
 
 def cuda_target(arch: str | None = None) -> Target:
@@ -134,19 +142,43 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.decompose_reduction(pop, kh)
+    _schedule_bitpack(sch)
+    return mark_scheduled(sch.mod["main"])
+
+
+def _schedule_bitpack(sch: s_tir.Schedule) -> None:
+    """A trailing sign-and-bitpack stage: one thread per output word."""
     if has_block(sch, "bitpack"):
         block = sch.get_sblock("bitpack")
         n, h, w, c, b = sch.get_loops(block)
         _bind_spatial(sch, [n, h, w, c], 128)
         sch.decompose_reduction(block, b)
+
+
+def schedule_tensor_core_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
+    """The binary conv with its popcount stage on the tensor cores (``cuda_mma``), the rest (integer
+    result, epilogue, residual pooling, sign-and-pack) one thread per output."""
+    if not _is_cuda(target) or func.attrs.get(KERNEL_ATTR) != binary_conv.KERNEL_NAME:
+        return None
+    from bnncc.targets.cuda_mma import tensor_core_popcount
+
+    sch = s_tir.Schedule(tensor_core_popcount(func))
+    for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL):
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            if sch.get(block).name_hint.startswith(name):
+                sch.compute_inline(block)
+    _bind_spatial(sch, sch.get_loops(sch.get_sblock("binary_conv2d")), 128)
+    _schedule_bitpack(sch)
     return mark_scheduled(sch.mod["main"])
 
 
 def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
-    """Our binary conv schedule; any other kernel of ours as it is, for dlight (module docstring)."""
+    """Our binary conv schedule (on the tensor cores where ``tensor_cores()``); any other kernel of
+    ours as it is, for dlight (module docstring)."""
     if not _is_cuda(target):
         return None
-    return schedule_binary_conv2d(func, target) or func
+    conv = schedule_tensor_core_conv if tensor_cores() else schedule_binary_conv2d
+    return conv(func, target) or func
 
 
 # -- building and loading ---------------------------------------------------------------------------
@@ -238,8 +270,12 @@ def export_cuda(executable, path: str | os.PathLike, arch: str | None = None) ->
     def pack_imports(module, is_system_lib, prefix, workspace):
         if is_system_lib:
             raise BnnccError("a CUDA library cannot be a system library")
-        return str(write_imports_asm(embed_fatbins(imports_blob(module), lambda source: nvcc_fatbin(source, arch)),
-                                     Path(workspace)))
+        def compile_source(source: str) -> bytes:
+            from bnncc.targets.cuda_mma import with_device_code
+
+            return nvcc_fatbin(with_device_code(source), arch)
+
+        return str(write_imports_asm(embed_fatbins(imports_blob(module), compile_source), Path(workspace)))
 
     path = Path(path)
     with atomic_path(path, suffix=".so") as tmp:

@@ -14,8 +14,8 @@ import pytest
 
 from bnncc.errors import BnnccError
 
-from bnncc.targets import cuda, x86_64
-from bnncc.targets.kernels import binary_conv
+from bnncc.targets import cuda, cuda_mma, x86_64
+from bnncc.targets.kernels import binary_conv, bitpack
 from bnncc.targets.tvm_compat import compile_module
 
 import relax_sample as sample
@@ -113,7 +113,8 @@ def test_compile_pokebnn_for_cuda_puts_the_device_code_in_model_so(tmp_path, cli
     assert set(modules) == {"relax.VMExecutable", "_lib", "cuda"}
     module = cuda.cuda_module_parts(modules["cuda"])
     assert module.fmt == "fatbin" and module.code[:4] == FATBIN_MAGIC
-    assert manifest["cuda"] == {"arch": "sm_90", "cuda_graphs": True, "device_code": "fatbin in model.so"}
+    assert manifest["cuda"] == {"arch": "sm_90", "cuda_graphs": True, "tensor_cores": False,
+                                "device_code": "fatbin in model.so"}
     assert b"vm.builtin.cuda_graph.run_or_capture" in modules["relax.VMExecutable"]
 
 
@@ -145,6 +146,39 @@ def test_device_code_is_machine_code_for_the_arch(tmp_path, cli, monkeypatch, ar
     assert set(kernels) == set(module.kernels)
     convs = {name for name in kernels if name.startswith("poke_conv_") and "POPC" in kernels[name]}
     assert len({re.match(r"poke_conv_\d+", name).group() for name in convs}) == 6
+
+
+@needs_nvcc
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_convs_are_1bit_mma_for_the_arch(tmp_path, cli, monkeypatch, arch):
+    """With BNNCC_CUDA_MMA=1 each PokeConv's popcount stage is a kernel of its own on the tensor cores:
+    cuobjdump -sass shows BMMA ... AND.POPC in exactly one kernel per PokeConv of the tiny network (6)
+    and no other PokeConv kernel counting bits on the CUDA cores; model.json says so."""
+    monkeypatch.setenv(cuda.MMA_ENV, "1")
+    folder = _compile_tiny(tmp_path, cli, arch, monkeypatch)
+    assert json.loads((folder / "model.json").read_text())["cuda"]["tensor_cores"] is True
+    module = cuda.cuda_module_parts(dict(cuda.library_modules(folder / "model.so"))["cuda"])
+    kernels = _kernels(cuda.sass(module.code))
+    assert set(kernels) == set(module.kernels)
+    mma = sorted(name for name, code in kernels.items() if "BMMA.168256.AND.POPC" in code)
+    assert len(mma) == 6 and all(re.fullmatch(r"poke_conv_\d+_kernel", name) for name in mma), mma
+    assert not [name for name, code in kernels.items() if name.startswith("poke_conv_") and name not in mma
+                and "POPC" in code]
+
+
+def test_tensor_core_popcount_keeps_everything_after_p():
+    """The rewritten PrimFunc: same parameters, one opaque tensor-core block instead of pad and
+    popcount, the integer result and epilogue blocks as they were; the call gets the conv's geometry."""
+    func = binary_conv.binary_conv2d_func(2, 7, 7, 64, 24, 3, 2)
+    rewritten = cuda_mma.tensor_core_popcount(func)
+    assert [str(p) for p in rewritten.params] == [str(p) for p in func.params]
+    text = rewritten.script()
+    assert 'T.sblock("tensor_core_popcount")' in text and 'T.sblock("popcount")' not in text and 'T.sblock("pad")' not in text
+    # n, h, w, words, cout, k, stride, pad top, pad left (SAME: 0 before, 1 after), ho, wo
+    assert 'bnncc_bmma_conv", x.data, weights.data, popcount.data, 2, 7, 7, 2, 24, 3, 2, 1, 1, 4, 4)' in text
+    assert 'T.sblock("binary_conv2d")' in text
+    assert cuda_mma.tensor_core_popcount(bitpack.sign_bitpack_func(1, 2, 2, 40)) is None
 
 
 @needs_nvcc
