@@ -6,6 +6,7 @@ Writes into the stage folder (default ``.gpu/``, git-ignored):
                                    compiled for CUDA ``--arch``, batch 1 and 64, device code inside,
                                    kernels replayed from CUDA graphs
     lib_nograph/                   the same without CUDA graphs (what the graphs gain)
+    lib_mma/, lib_mma_nograph/     the same with the binary convs on the tensor cores (BNNCC_CUDA_MMA=1)
     reference.npz                  onnxruntime's logits of the PokeBNN graph on N seeded N(0, 1)
                                    inputs, optimized and unoptimized (``bnncc.verify``'s rule), the
                                    inputs' checksum and the network's binary MACs per image
@@ -35,7 +36,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
 SEED = 0
-LIBRARIES = {"lib": True, "lib_nograph": False}  # stage folder -> built with CUDA graphs
+# stage folder -> (CUDA graphs, tensor-core convs). gpu_run.py runs them in this order: lib_mma_nograph
+# before lib_mma, so that the popcount buffer's workspace is allocated before a graph is captured.
+LIBRARIES = {"lib": (True, False), "lib_nograph": (False, False), "lib_mma_nograph": (False, True),
+             "lib_mma": (True, True)}
 PROBES = ("gpu_b1_peak", "gpu_bconv")  # CUDA C programs of bench/, built for the arch
 TVM_FFI_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
                      "manylinux_2_17_x86_64", "manylinux2014_x86_64")
@@ -67,7 +71,7 @@ def binary_macs(model) -> int:
 
 def build_libraries(work: Path, stage: Path, arch: str):
     """PokeBNN-1x from a random-weight ResNet-50, compiled for CUDA ``arch`` with and without CUDA
-    graphs (LIBRARIES); returns the PokeBNN model."""
+    graphs and tensor-core convs (LIBRARIES); returns the PokeBNN model."""
     import os
 
     import onnx_ir as ir
@@ -76,14 +80,15 @@ def build_libraries(work: Path, stage: Path, arch: str):
     from bnncc.frontend import load
     from bnncc.rewrite import rewrite
     from bnncc.targets.build import compile as compile_library
-    from bnncc.targets.cuda import ARCH_ENV, GRAPHS_ENV
+    from bnncc.targets.cuda import ARCH_ENV, GRAPHS_ENV, MMA_ENV
 
     float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")
     poke, _ = rewrite(load(float_path), "pokebnn_1x")
     ir.save(poke, work / "pokebnn_1x.onnx")
     os.environ[ARCH_ENV] = arch
-    for name, graphs in LIBRARIES.items():
+    for name, (graphs, tensor_cores) in LIBRARIES.items():
         os.environ[GRAPHS_ENV] = "1" if graphs else "0"
+        os.environ[MMA_ENV] = "1" if tensor_cores else "0"
         start = time.perf_counter()
         folder = compile_library(work / "pokebnn_1x.onnx", work / name, target="cuda", batches=BATCHES)
         print(f"compiled PokeBNN-1x for {arch} ({name}) in {time.perf_counter() - start:.0f} s", flush=True)
