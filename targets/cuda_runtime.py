@@ -113,4 +113,5 @@ class CudaVM:
 
         device = torch.device("cuda", self.device_id)
         out = self._vm[name](tvm_ffi.from_dlpack(torch.from_numpy(np.ascontiguousarray(x)).to(device)))
+        torch.cuda.synchronize(device)  # the VM may have replayed a CUDA graph on a stream of its own
         return torch.from_dlpack(out).cpu().numpy()
