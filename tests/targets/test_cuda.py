@@ -14,7 +14,7 @@ import pytest
 
 from bnncc.errors import BnnccError
 
-from bnncc.targets import cuda, cuda_mma, x86_64
+from bnncc.targets import cuda, cuda_blob, cuda_mma, x86_64
 from bnncc.targets.kernels import binary_conv, bitpack
 from bnncc.targets.tvm_compat import compile_module
 
@@ -72,21 +72,21 @@ def test_embed_fatbins_swaps_cuda_c_for_the_compiled_code_only():
     vm = b"vm bytecode and weights"
     blob = _blob((b"relax.VMExecutable", vm), (b"_lib", None), (b"cuda", _cuda_module(b"cuda", b"__global__ k")))
     sources = []
-    out = cuda.embed_fatbins(blob, lambda source: sources.append(source) or FATBIN_MAGIC + b"code")
+    out = cuda_blob.embed_fatbins(blob, lambda source: sources.append(source) or FATBIN_MAGIC + b"code")
     assert sources == ["__global__ k"]
-    modules = cuda.blob_modules(out)
+    modules = cuda_blob.blob_modules(out)
     assert modules[:2] == [("relax.VMExecutable", vm), ("_lib", b"")]
     assert modules[2] == ("cuda", _cuda_module(b"fatbin", FATBIN_MAGIC + b"code"))
-    assert cuda.cuda_module_parts(modules[2][1]).kernels == ["k"]
-    assert cuda.embed_fatbins(out, lambda source: pytest.fail("compiled twice")) == out
+    assert cuda_blob.cuda_module_parts(modules[2][1]).kernels == ["k"]
+    assert cuda_blob.embed_fatbins(out, lambda source: pytest.fail("compiled twice")) == out
 
 
 def test_a_blob_in_another_format_is_refused():
     blob = _blob((b"cuda", _cuda_module(b"cuda", b"x") + b"trailing"))
     with pytest.raises(BnnccError, match="left after its code"):
-        cuda.embed_fatbins(blob, lambda source: b"")
+        cuda_blob.embed_fatbins(blob, lambda source: b"")
     with pytest.raises(BnnccError, match="not TVM 0.27's format"):
-        cuda.blob_modules(blob + b"\0")
+        cuda_blob.blob_modules(blob + b"\0")
 
 
 def _compile_tiny(tmp_path, cli, arch: str, monkeypatch):
@@ -109,9 +109,9 @@ def test_compile_pokebnn_for_cuda_puts_the_device_code_in_model_so(tmp_path, cli
     assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.so"]
     manifest = json.loads((folder / "model.json").read_text())
     assert manifest["target"]["name"] == "cuda" and manifest["functions"] == {"1": "batch_1"}
-    modules = dict(cuda.library_modules(folder / "model.so"))
+    modules = dict(cuda_blob.library_modules(folder / "model.so"))
     assert set(modules) == {"relax.VMExecutable", "_lib", "cuda"}
-    module = cuda.cuda_module_parts(modules["cuda"])
+    module = cuda_blob.cuda_module_parts(modules["cuda"])
     assert module.fmt == "fatbin" and module.code[:4] == FATBIN_MAGIC
     assert manifest["cuda"] == {"arch": "sm_90", "cuda_graphs": True, "tensor_cores": False,
                                 "device_code": "fatbin in model.so"}
@@ -123,7 +123,7 @@ def test_cuda_graphs_can_be_left_out(tmp_path, cli, monkeypatch):
     monkeypatch.setenv(cuda.GRAPHS_ENV, "0")
     folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch)
     assert json.loads((folder / "model.json").read_text())["cuda"]["cuda_graphs"] is False
-    assert b"cuda_graph" not in dict(cuda.library_modules(folder / "model.so"))["relax.VMExecutable"]
+    assert b"cuda_graph" not in dict(cuda_blob.library_modules(folder / "model.so"))["relax.VMExecutable"]
 
 
 def _kernels(sass: str) -> dict[str, str]:
@@ -139,7 +139,7 @@ def test_device_code_is_machine_code_for_the_arch(tmp_path, cli, monkeypatch, ar
     """cuobjdump -sass of the embedded fatbin: machine code for ``arch``, every kernel of the function
     table in it, one binary conv kernel (POPC in its SASS) per PokeConv of the tiny network (6)."""
     folder = _compile_tiny(tmp_path, cli, arch, monkeypatch)
-    module = cuda.cuda_module_parts(dict(cuda.library_modules(folder / "model.so"))["cuda"])
+    module = cuda_blob.cuda_module_parts(dict(cuda_blob.library_modules(folder / "model.so"))["cuda"])
     sass = cuda.sass(module.code)
     assert f"arch = {arch}" in sass
     kernels = _kernels(sass)
@@ -158,7 +158,7 @@ def test_tensor_core_convs_are_1bit_mma_for_the_arch(tmp_path, cli, monkeypatch,
     monkeypatch.setenv(cuda.MMA_ENV, "1")
     folder = _compile_tiny(tmp_path, cli, arch, monkeypatch)
     assert json.loads((folder / "model.json").read_text())["cuda"]["tensor_cores"] is True
-    module = cuda.cuda_module_parts(dict(cuda.library_modules(folder / "model.so"))["cuda"])
+    module = cuda_blob.cuda_module_parts(dict(cuda_blob.library_modules(folder / "model.so"))["cuda"])
     kernels = _kernels(cuda.sass(module.code))
     assert set(kernels) == set(module.kernels)
     mma = sorted(name for name, code in kernels.items() if "BMMA.168256.AND.POPC" in code)
