@@ -10,16 +10,21 @@ memory, cooperatively, and every thread reads weights from there. The SAME zero 
 in place (the pad stage is inlined). A trailing sign-and-bitpack stage is a second kernel with
 one thread per output word.
 
+With ``BNNCC_CUDA_MMA=1`` the binary conv's popcount stage runs on the 1-bit tensor cores instead
+(``cuda_mma``, ``schedule_tensor_core_conv``), and the integer result and epilogue one thread per
+output. Off by default until a GPU run of ``bench/gpu.sh`` has shown it exact.
+
 Every other kernel of ours is returned unscheduled: the CUDA pipeline's dlight rules
 (``ApplyDefaultSchedule``: reduction, GEMV, fallback) bind its loops to threads, as they do for
-the layout transpose at the entry.
+the layout transpose at the entry. Each Relax function's kernels are captured into a CUDA graph on
+its first call and replayed after (``pass_config``; ``BNNCC_CUDA_GRAPHS=0`` leaves that out).
 
 Build: one library. ``tvm.compile`` emits the kernels as CUDA C, and TVM 0.27's exported library
 would keep that source and compile it when the library loads (a Python callback running NVRTC or
 nvcc on the deploying machine). ``export_cuda`` instead compiles it with nvcc at build time and
 puts the fatbin (SASS for the target arch, and its PTX) in the library in place of the source
-(``embed_fatbins``), so model.so alone holds everything and loads with TVM's runtime and the CUDA
-driver (``cuda_runtime``: no TVM compiler, no NVRTC, no Python callback).
+(``cuda_blob.embed_fatbins``), so model.so alone holds everything and loads with TVM's runtime and
+the CUDA driver (``cuda_runtime``: no TVM compiler, no NVRTC, no Python callback).
 """
 
 from __future__ import annotations
