@@ -165,7 +165,10 @@ def schedule_tensor_core_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimF
         return None
     from bnncc.targets.cuda_mma import tensor_core_popcount
 
-    sch = s_tir.Schedule(tensor_core_popcount(func))
+    rewritten = tensor_core_popcount(func)
+    if rewritten is None:  # no popcount stage of binary_conv2d's to replace
+        return None
+    sch = s_tir.Schedule(rewritten)
     for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL):
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             if sch.get(block).name_hint.startswith(name):
