@@ -25,7 +25,8 @@ prepare() {
 run() {
     if [[ -d $STAGE/runtime ]] && ! "$PYTHON" -c 'import tvm' 2>/dev/null; then
         # no TVM here: the staged runtime libraries, and the staged tvm-ffi if none is installed
-        export BNNCC_TVM_RUNTIME=$PWD/$STAGE/runtime
+        BNNCC_TVM_RUNTIME=$(cd "$STAGE/runtime" && pwd)
+        export BNNCC_TVM_RUNTIME
         if ! "$PYTHON" -c 'import tvm_ffi' 2>/dev/null; then
             site=$(mktemp -d)
             "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$site" "$STAGE"/runtime/*.whl
