@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -234,3 +235,52 @@ def test_tensor_core_conv_indexing_agrees_with_the_host_emulated(tmp_path):
     subprocess.run([cuda.find_nvcc(), "-O1", "-arch=sm_90", "-o", str(tmp_path / "bconv"), str(source)], check=True)
     lines = subprocess.run([str(tmp_path / "bconv"), "--emulate"], capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(lines) == 6 and all(" check ok (0 of " in line for line in lines), lines
+
+
+# A libcuda.so.1 with no driver behind it: every entry point that TVM's CUDA runtime links against
+# answers CUDA_ERROR_NO_DEVICE (100), so that the runtime loads on a machine without a GPU.
+_STUB_DRIVER = """
+#define STUB(name) int name(void) { return 100; }
+STUB(cuDeviceGetName) STUB(cuFuncSetAttribute) STUB(cuGetErrorName) STUB(cuGetErrorString) STUB(cuLaunchKernelEx)
+STUB(cuModuleGetFunction) STUB(cuModuleLoadData) STUB(cuModuleUnload) STUB(cuTensorMapEncodeTiled)
+"""
+
+_LOAD_WITH_RUNTIME_ALONE = """
+import ctypes, json, sys
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+import tvm_ffi
+from bnncc.targets import cuda_runtime
+cuda_runtime.load_runtime()
+module = tvm_ffi.load_module(sys.argv[2])
+module["vm_load_executable"]()
+device_code = module.imports[0].imports[0]
+kernels = json.loads(sys.argv[3])
+print(json.dumps({"kinds": [module.kind, module.imports[0].kind, device_code.kind], "tvm": "tvm" in sys.modules,
+                  "found": [k for k in kernels if device_code.implements_function(k)],
+                  "made_up": device_code.implements_function("no_such_kernel"),
+                  "device": cuda_runtime.cuda_device_exists()}))
+"""
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (for a stub CUDA driver)")
+@pytest.mark.skipif(cuda.has_cuda_device(), reason="checks the load without a GPU")
+def test_library_loads_with_tvm_runtime_alone(tmp_path, cli, monkeypatch):
+    """In a process that never imports tvm (no compiler): TVM's runtime libraries load model.so, its
+    VM and its CUDA module, which holds every kernel of the function table (the fatbin swap kept
+    TVM's format), over a stub driver; the runtime then reports no device."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(cuda.MMA_ENV, "1")
+    folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch)
+    kernels = cuda_blob.cuda_module_parts(dict(cuda_blob.library_modules(folder / "model.so"))["cuda"]).kernels
+    (tmp_path / "stub.c").write_text(_STUB_DRIVER)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp_path / "libcuda.so.1"),
+                    str(tmp_path / "stub.c")], check=True)
+    done = subprocess.run([sys.executable, "-c", _LOAD_WITH_RUNTIME_ALONE, str(tmp_path / "libcuda.so.1"),
+                           str(folder / "model.so"), json.dumps(kernels)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    assert loaded == {"kinds": ["relax.VMExecutable", "library", "cuda"], "tvm": False, "found": kernels,
+                      "made_up": False, "device": False}
