@@ -30,8 +30,8 @@ as it is; any other reader gets it transposed):
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
 
 Weights are packed (binary: 1 bit; int-k: int8 integers and a scale per channel) at compile
-time and embedded as constants. Kernels and schedules are parameters (``schedule``,
-``poke_conv_func``), so another target swaps only those. One Relax function per batch size,
+time and embedded as constants. The schedule is a parameter (``schedule``), so another target
+swaps only its rules. One Relax function per batch size,
 named ``batch_<N>``; ``batch_1`` holds the kernels and every other size runs it per image.
 """
 
@@ -53,7 +53,7 @@ from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_con
 from bnncc.targets.tvm_compat import Target, te, tirx
 from tvm import relax  # noqa: E402  (after tvm_compat, which configures TVM's threads before TVM loads)
 
-__all__ = ["Lowered", "lower", "function_name", "register_lowering", "poke_conv_func", "POKE_CONV_KERNEL"]
+__all__ = ["Lowered", "lower", "function_name", "register_lowering", "POKE_CONV_KERNEL"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +97,12 @@ class Lowered:
     batches: tuple[int, ...]
 
 
-def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), schedule=None,
-          poke_conv_kernel: Callable | None = None) -> Lowered:
+def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), schedule=None) -> Lowered:
     """Build one Relax module with a function ``batch_<N>`` (NCHW float32 -> logits) per batch size,
     and ``batch_1`` in any case (the one that calls the kernels).
 
     ``schedule(func, target)`` returns the scheduled PrimFunc or None (default: the x86-64 rules);
     a kernel no rule schedules is an error, because TVM's CPU pipeline would leave it naive.
-    ``poke_conv_kernel`` makes the fused PokeConv PrimFunc (default ``poke_conv_func``; a target
-    with a kernel of its own passes one with the same signature).
     """
     schedule = schedule or x86_64.schedule
     graph = model.graph
@@ -121,7 +118,7 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     x = relax.Var("input", relax.TensorType((1, *chw), "float32"))
     with builder.function(function_name(1), [x]):
         with builder.dataflow():
-            walk = _Walk(builder, target, schedule, poke_conv_kernel or poke_conv_func, batch=1)
+            walk = _Walk(builder, target, schedule, batch=1)
             logits = walk.run(graph, x)
             classes = int(logits.ty.shape[1])
             out = builder.emit_output(logits)
@@ -208,12 +205,11 @@ class _Walk:
     """Lowers the nodes of one graph for a batch of ``batch`` images into the builder's current
     function; the registered lowerings emit through its helpers."""
 
-    def __init__(self, builder, target: Target, schedule, poke_conv_kernel: Callable, batch: int) -> None:
+    def __init__(self, builder, target: Target, schedule, batch: int) -> None:
         self.bb = builder
         self.kernels: dict[tuple, object] = {}  # kernel key -> GlobalVar, shared by every layer
         self.target = target
         self.schedule = schedule
-        self.poke_conv_kernel = poke_conv_kernel
         self.batch = batch
         # the int-k quantizers' x * s, rounded on its own as in the reference (quant.rounded_product)
         self.product = quant.rounded_product(target.kind.name)
@@ -413,7 +409,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, want_bits, in_place)
-    gvar = walk.kernel(key, lambda: walk.poke_conv_kernel((n, h, w, cin), cout, kernel, stride, shapes, methods,
+    gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods,
                                                           want_bits, in_place))
     args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
             relax.const(table.astype(np.float32))]
@@ -461,7 +457,7 @@ def _head(walk: _Walk, node: ir.Node) -> None:
     _annotate([gemm], (walk.batch, classes))
 
 
-def poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
+def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], want_bits: bool,
                     in_place: bool = False) -> tirx.PrimFunc:
     """``f(bits, weights, border, x, [r,] gate, params, y[, y_bits])``: the fused PokeConv kernel.
