@@ -410,7 +410,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, want_bits, in_place)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods,
-                                                          want_bits, in_place))
+                                                    want_bits, in_place))
     args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
