@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from bnncc.frontend import load
-from bnncc.rewrite import rewrite
+from bnncc.rewriting import rewrite
 from bnncc.train import TrainConfig, finetune
 from bnncc.zoo import export_onnx, resnet50
 
