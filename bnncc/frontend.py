@@ -88,7 +88,6 @@ CANONICAL_PASSES = (
     "set_opset",
     "name_fix",
     "topological_sort",
-    "shape_inference",
 )
 
 
@@ -167,12 +166,23 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
         raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
     model = ir.serde.deserialize_model(proto)
     try:
-        model = PassManager(CANONICAL_PASSES).run(model)
+        model = _infer_shapes(PassManager(CANONICAL_PASSES).run(model))
         recognize(model)
     except BnnccError as e:
         message = str(e)
         raise BnnccError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
     return model
+
+
+def _infer_shapes(model: ir.Model) -> ir.Model:
+    """``model`` with every value's shape inferred, strictly: onnx_ir's ShapeInferencePass would log
+    a failure with its traceback and go on, where a canonical model that does not infer is refused."""
+    try:
+        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True,
+                                                  data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise BnnccError(f"shape inference failed on the canonical model: {_first_line(e)}") from None
+    return ir.serde.deserialize_model(proto)
 
 
 def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
@@ -264,7 +274,7 @@ def recognize(model: ir.Model) -> ResNet:
     Raises BnnccError naming the node where the model departs from the canonical form's ops or
     opset (``load`` gives that form) or from a bottleneck ResNet's structure.
     """
-    _check_canonical_ops(model)
+    _check_canonical(model)
     walker = _Walker(model.graph)
     graph_input = model.graph.inputs[0]
     stem = walker.stem(graph_input)
@@ -290,7 +300,8 @@ def recognize(model: ir.Model) -> ResNet:
     )
 
 
-def _check_canonical_ops(model: ir.Model) -> None:
+def _check_canonical(model: ir.Model) -> None:
+    """The parts of the canonical form that recognizing relies on: its ops, its opset, every shape."""
     for node in model.graph:
         if node.domain != "" or node.op_type not in STABLE_OPS:
             raise BnnccError(
@@ -302,6 +313,10 @@ def _check_canonical_ops(model: ir.Model) -> None:
     if opset != CANONICAL_OPSET:
         raise BnnccError(f"the model is at opset {opset}, not the canonical {CANONICAL_OPSET}: "
                          f"read it with bnncc.load")
+    for value in (*model.graph.inputs, *(v for node in model.graph for v in node.outputs)):
+        if value.shape is None:
+            raise BnnccError(f"value '{value.name}' has no shape: the canonical form has every shape inferred; "
+                             f"read the model with bnncc.load")
 
 
 def _layout_notes(stages: list[list[Bottleneck]]) -> tuple[str, ...]:

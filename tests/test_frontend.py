@@ -284,6 +284,7 @@ def test_rewrite_and_recognize_refuse_a_canonical_basic_block_resnet(tmp_path):
     with pytest.raises(BnnccError) as from_load:
         load(path)
     model = PassManager(CANONICAL_PASSES).run(ir.load(path))
+    ir.passes.common.ShapeInferencePass()(model)
     before = ir.to_proto(model).SerializeToString()
     for refuse in (recognize, lambda m: rewrite(m, "pokebnn_1x")):
         with pytest.raises(BnnccError) as error:
