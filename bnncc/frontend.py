@@ -175,14 +175,13 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
 
 
 def _infer_shapes(model: ir.Model) -> ir.Model:
-    """``model`` with every value's shape inferred, strictly: onnx_ir's ShapeInferencePass would log
-    a failure with its traceback and go on, where a canonical model that does not infer is refused."""
+    """``model`` with every value's shape and type inferred. onnx_ir's pass logs a failure with its
+    traceback and goes on; a canonical model whose shapes do not infer is refused first, here."""
     try:
-        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True,
-                                                  data_prop=True)
+        onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"shape inference failed on the canonical model: {_first_line(e)}") from None
-    return ir.serde.deserialize_model(proto)
+    return PassManager(["shape_inference"]).run(model)
 
 
 def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
