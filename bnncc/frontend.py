@@ -311,11 +311,11 @@ def _check_canonical(model: ir.Model) -> None:
     opset = model.opset_imports.get("")
     if opset != CANONICAL_OPSET:
         raise BnnccError(f"the model is at opset {opset}, not the canonical {CANONICAL_OPSET}: "
-                         f"read it with bnncc.load")
+                         f"load it with bnncc.load")
     for value in (*model.graph.inputs, *(v for node in model.graph for v in node.outputs)):
         if value.shape is None:
             raise BnnccError(f"value '{value.name}' has no shape: the canonical form has every shape inferred; "
-                             f"read the model with bnncc.load")
+                             f"load it with bnncc.load")
 
 
 def _layout_notes(stages: list[list[Bottleneck]]) -> tuple[str, ...]:
