@@ -294,8 +294,8 @@ def test_rewrite_and_recognize_refuse_a_canonical_basic_block_resnet(tmp_path):
 
 
 def test_rewrite_refuses_a_model_not_in_canonical_form(tmp_path):
-    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "r50.onnx", input_size=32, opset=17)
     from bnncc.rewriting import rewrite
 
+    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "r50.onnx", input_size=32, opset=17)
     with pytest.raises(BnnccError, match="opset 17, not the canonical 18: load it with bnncc.load"):
         rewrite(ir.load(path), "pokebnn_1x")
