@@ -29,7 +29,7 @@ import onnx_ir as ir
 import torch
 
 from bnncc.frontend import load
-from bnncc.rewrite import rewrite
+from bnncc.rewriting import rewrite
 from bnncc.torchview import to_torch
 from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset

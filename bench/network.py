@@ -241,7 +241,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
     from bnncc import zoo
     from bnncc.frontend import load
-    from bnncc.rewrite import rewrite
+    from bnncc.rewriting import rewrite
     from bnncc.targets.build import compile as compile_library
 
     float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")

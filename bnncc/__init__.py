@@ -2,7 +2,9 @@
 
 Every stage is a function: ``load`` (import and canonicalize), ``ace`` (cost model),
 ``rewrite`` (recipe passes), ``finetune`` (QAT + distillation), ``compile`` (TVM lowering).
-Names are imported lazily so that ``import bnncc`` does not pull in torch or TVM.
+Names are imported lazily so that ``import bnncc`` does not pull in torch or TVM. No submodule
+may share a public name: importing ``bnncc.X`` sets the package attribute ``X`` to the module,
+which then hides the function (hence ``rewriting.py`` and ``verification.py``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ _LAZY: dict[str, str] = {
     "BnnccError": "bnncc.errors",
     "ace": "bnncc.cost",
     "compile": "bnncc.targets.build",
-    "verify": "bnncc.verify",
+    "verify": "bnncc.verification",
     "load": "bnncc.frontend",
     "recognize": "bnncc.frontend",
     "load_recipe": "bnncc.recipe",
-    "rewrite": "bnncc.rewrite",
+    "rewrite": "bnncc.rewriting",
     "to_torch": "bnncc.torchview",
     "write_back": "bnncc.torchview",
     "export_qonnx": "bnncc.qonnx",

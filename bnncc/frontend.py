@@ -21,6 +21,10 @@ Shape/Gather/Unsqueeze/Concat chain); ``Gemm`` or ``MatMul`` + ``Add``; ``Identi
 ``Constant``/``ConstantOfShape``; opsets 9..21; fixed or symbolic batch.
 
 External data is read only from inside the model's folder.
+
+Acceptance is decided here once: ``load`` reads, canonicalizes and recognises, and what it
+refuses every command refuses with its line (``read`` puts a float graph through the same steps;
+``recognize``, which ``rewrite`` calls first, refuses a model not in canonical form).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_ir as ir
 
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
@@ -55,9 +60,14 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "read", "recognize"]
+__all__ = ["CANONICAL_PASSES", "SUPPORTED_OPSETS", "load", "read", "recognize"]
 
 logger = logging.getLogger(__name__)
+
+# Default-domain opsets whose ResNet ops the canonical passes bring to CANONICAL_OPSET
+# (passes/set_opset.py: the ops of STABLE_OPS mean the same across them).
+SUPPORTED_OPSETS = range(9, 22)
+CANONICAL_OPSET = 18
 
 # Order matters: constants first (BN folding and the shape readers need them), then op rewrites,
 # then the clean-up; set_opset only fires once nothing version-dependent is left.
@@ -78,7 +88,6 @@ CANONICAL_PASSES = (
     "set_opset",
     "name_fix",
     "topological_sort",
-    "shape_inference",
 )
 
 
@@ -87,9 +96,16 @@ CANONICAL_PASSES = (
 
 
 def read(path: str | os.PathLike) -> ir.Model:
-    """Read any bnncc graph (float or rewritten) as it is: checked, external data loaded, not canonicalized."""
+    """Read any bnncc graph (float or rewritten) as it is: checked, external data loaded, not canonicalized.
+
+    A float graph (no op of the ai.bnncc domain) must be one that ``load`` accepts, and is refused
+    with ``load``'s message otherwise: every command takes the same float models.
+    """
     path = Path(path)
-    return ir.serde.deserialize_model(_read_checked(path))
+    proto = _read_checked(path)
+    if not any(node.domain == DOMAIN for node in proto.graph.node):
+        _canonical(proto, path)
+    return ir.serde.deserialize_model(proto)
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:
@@ -132,23 +148,49 @@ def _check_tensor_data(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def load(path: str | os.PathLike) -> ir.Model:
-    """Read ``path``, check it, infer shapes and return the model in canonical form."""
+    """Read ``path``, check it, infer shapes and return the model in canonical form.
+
+    This is where bnncc decides which float models it takes: every refusal is a BnnccError whose
+    one line starts with ``path``, raised before anything is written.
+    """
     path = Path(path)
-    proto = _read_checked(path)
+    return _canonical(_read_checked(path), path)
+
+
+def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
+    """The checked float model ``proto`` in canonical form, recognised as a bottleneck ResNet."""
+    _check_opset(proto, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
     model = ir.serde.deserialize_model(proto)
-    model = PassManager(CANONICAL_PASSES).run(model)
-    for node in model.graph:
-        if node.domain != "" or node.op_type not in STABLE_OPS:
-            raise BnnccError(
-                f"{path}: node '{node.name}' ({node.op_type}): unsupported op; "
-                f"a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, pooling, "
-                f"Flatten/Reshape, Gemm/MatMul"
-            )
+    try:
+        model = _infer_shapes(PassManager(CANONICAL_PASSES).run(model))
+        recognize(model)
+    except BnnccError as e:
+        message = str(e)
+        raise BnnccError(message if message.startswith(f"{path}: ") else f"{path}: {message}") from None
     return model
+
+
+def _infer_shapes(model: ir.Model) -> ir.Model:
+    """``model`` with every value's shape and type inferred. onnx_ir's pass logs a failure with its
+    traceback and goes on; a canonical model whose shapes do not infer is refused first, here."""
+    try:
+        onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise BnnccError(f"shape inference failed on the canonical model: {_first_line(e)}") from None
+    return PassManager(["shape_inference"]).run(model)
+
+
+def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
+    """The canonicalization knows the default-domain ops of SUPPORTED_OPSETS only."""
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if len(versions) != 1 or versions[0] not in SUPPORTED_OPSETS:
+        found = f"opset {versions[0]}" if len(versions) == 1 else f"{len(versions)} default-domain opset imports"
+        raise BnnccError(f"{path}: {found}; bnncc reads float models of opsets "
+                         f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
 
 
 def _first_line(error: Exception) -> str:
@@ -157,9 +199,12 @@ def _first_line(error: Exception) -> str:
 
 
 def _read_proto(path: Path) -> onnx.ModelProto:
-    if not path.is_file():
-        raise BnnccError(f"{path}: no such file")
-    data = path.read_bytes()
+    try:
+        if not path.is_file():
+            raise BnnccError(f"{path}: no such file")
+        data = path.read_bytes()
+    except OSError as e:  # too long a name, no permission, ...
+        raise BnnccError(f"{path}: cannot read the file: {e.strerror}") from None
     if not data:
         raise BnnccError(f"{path}: empty file, not an ONNX model")
     try:
@@ -180,14 +225,23 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (folder / location).resolve()
-        if os.path.isabs(location) or not target.is_relative_to(folder):
-            raise BnnccError(
-                f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the model's folder"
-            )
-        if not target.is_file():
-            raise BnnccError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
-    onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+        try:
+            target = (folder / location).resolve()
+            if os.path.isabs(location) or not target.is_relative_to(folder):
+                raise BnnccError(
+                    f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the model's folder"
+                )
+            if not target.is_file():
+                raise BnnccError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+        except OSError as e:  # e.g. a location longer than the file system allows
+            raise BnnccError(f"{path}: tensor '{tensor.name}': its external data location ({len(location)} "
+                             f"characters) cannot be opened: {e.strerror}") from None
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
+    except OSError as e:
+        raise BnnccError(f"{path}: cannot read its external data: {e.strerror}") from None
+    except ValueError as e:  # an offset or length outside the data file
+        raise BnnccError(f"{path}: cannot read its external data: {_first_line(e)}") from None
 
 
 def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
@@ -216,8 +270,10 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
 def recognize(model: ir.Model) -> ResNet:
     """Find the stem, the bottleneck stages and the head of a canonical bottleneck ResNet.
 
-    Raises BnnccError naming the node where the structure departs from a bottleneck ResNet.
+    Raises BnnccError naming the node where the model departs from the canonical form's ops or
+    opset (``load`` gives that form) or from a bottleneck ResNet's structure.
     """
+    _check_canonical(model)
     walker = _Walker(model.graph)
     graph_input = model.graph.inputs[0]
     stem = walker.stem(graph_input)
@@ -241,6 +297,25 @@ def recognize(model: ir.Model) -> ResNet:
         head=head,
         notes=_layout_notes(stages),
     )
+
+
+def _check_canonical(model: ir.Model) -> None:
+    """The parts of the canonical form that recognizing relies on: its ops, its opset, every shape."""
+    for node in model.graph:
+        if node.domain != "" or node.op_type not in STABLE_OPS:
+            raise BnnccError(
+                f"node '{node.name}' ({node.op_type}): unsupported op; "
+                f"a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, pooling, "
+                f"Flatten/Reshape, Gemm/MatMul"
+            )
+    opset = model.opset_imports.get("")
+    if opset != CANONICAL_OPSET:
+        raise BnnccError(f"the model is at opset {opset}, not the canonical {CANONICAL_OPSET}: "
+                         f"load it with bnncc.load")
+    for value in (*model.graph.inputs, *(v for node in model.graph for v in node.outputs)):
+        if value.shape is None:
+            raise BnnccError(f"value '{value.name}' has no shape: the canonical form has every shape inferred; "
+                             f"load it with bnncc.load")
 
 
 def _layout_notes(stages: list[list[Bottleneck]]) -> tuple[str, ...]:

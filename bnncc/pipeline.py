@@ -101,7 +101,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     rewrite_out = stages_dir / "rewrite.onnx"
 
     def run_rewrite() -> dict:
-        from bnncc.rewrite import rewrite
+        from bnncc.rewriting import rewrite
 
         student, _ = rewrite(float_model, recipe)
         with atomic_path(rewrite_out) as tmp:

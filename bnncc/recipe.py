@@ -48,7 +48,6 @@ TRAIN_SCHEMA: dict[str, type] = {
     "weight_decay": float,
     "weight_quant_start": int,
     "act_calibration_step": int,
-    "clip_bound": float,
     "temperature": float,
 }
 
@@ -167,7 +166,6 @@ def _validate(raw: dict[str, Any], source: str) -> Recipe:
         raise BnnccError(f"{source}: passes = {entries!r}: expected a non-empty array of tables ([[passes]])")
     passes = tuple(_validate_pass(entry, i, source) for i, entry in enumerate(entries))
     train = _validate_train(raw.get("train", {}), source)
-    _check_clip_bound(passes, train, source)
     return Recipe(name, description, source, passes, train)
 
 
@@ -208,19 +206,13 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
         raise BnnccError(f"{source}: train = {train!r}: expected a table ([train])")
     out = {}
     for key, value in train.items():
+        if key == "clip_bound":  # a [train] key once: B lives in the graph alone now
+            raise BnnccError(f"{source}: train.clip_bound: B is no longer a training setting but the graph's: "
+                             f"set passes.poke_conv.clip_bound (bnncc finetune --clip-bound overrides a graph's B)")
         if key not in TRAIN_SCHEMA:
             raise BnnccError(f"{source}: train.{key}: unknown key; expected {', '.join(TRAIN_SCHEMA)}")
         out[key] = _check_type(value, TRAIN_SCHEMA[key], f"train.{key}", source)
     return out
-
-
-def _check_clip_bound(passes: tuple[tuple[str, dict[str, Any]], ...], train: dict[str, Any], source: str) -> None:
-    """B is one number: the binary convs' attribute and the training STE window must agree."""
-    graph_b = next((p["clip_bound"] for n, p in passes if "clip_bound" in p), None)
-    train_b = train.get("clip_bound")
-    if graph_b is not None and train_b is not None and graph_b != train_b:
-        raise BnnccError(f"{source}: train.clip_bound = {train_b} differs from the passes' clip_bound = "
-                         f"{graph_b}; B is one number, set both")
 
 
 def _check_type(value: Any, expected: type, key: str, source: str) -> Any:

@@ -214,8 +214,12 @@ def test_external_data_outside_the_folder_is_refused(tmp_path):
 
 
 def test_external_data_inside_the_folder_is_read(tmp_path):
-    onnx.save(_tiny(), tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
-    assert ace(tmp_path / "model.onnx").params == 91
+    """On the fuzzing base (a path is read as bnncc reads float models: a ResNet the front end takes)."""
+    from test_fuzz import SHAPES, base_model
+
+    onnx.save(base_model(), tmp_path / "model.onnx", save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    assert ace(tmp_path / "model.onnx").params == sum(int(np.prod(shape)) for shape in SHAPES.values())
 
 
 # --------------------------------------------------------------------------- CLI
@@ -233,15 +237,30 @@ def test_cli_json(cli, resnet50):
 
 
 def test_cli_table(cli, tmp_path):
-    path = tmp_path / "tiny.onnx"
-    onnx.save(_tiny(), path)
+    """The table of the fuzzing base (tests/test_fuzz.py): the smallest ResNet the front end takes."""
+    from test_fuzz import base_model
+
+    path = tmp_path / "small.onnx"
+    onnx.save(base_model(), path)
     code, stdout, stderr = cli("ace", path)
     assert code == 0, stderr
-    conv_macs, conv_ace = 8 * 8 * 4 * 18, 8 * 8 * 4 * 18 * 256
+    # 16x16 input; stem 7x7/2 3->8 (8x8 out); pool to 4x4; bottleneck 8->16->16->64 and projection 8->64; fc 64->5
+    stem_macs = 8 * 8 * 8 * (7 * 7 * 3)
+    conv_macs = stem_macs + 4 * 4 * (8 * 16 + 9 * 16 * 16 + 16 * 64 + 8 * 64)
+    conv_ace, dense_ace = conv_macs * 256, 64 * 5 * 256
     words = " ".join(stdout.split())  # the caption wraps at the terminal width
-    assert f"{conv_macs:,}" in stdout and f"{(conv_ace + 12 * 256) / 1e9:.6f}" in stdout
-    assert f"ACE {conv_ace + 12 * 256:,} (conv {conv_ace:,}, dense {12 * 256:,})" in words
+    assert f"{stem_macs:,}" in stdout and f"{(conv_ace + dense_ace) / 1e9:.6f}" in stdout
+    assert f"ACE {conv_ace + dense_ace:,} (conv {conv_ace:,}, dense {dense_ace:,})" in words
     assert "float MACs at 16 x 16 bits" in words
+
+
+def test_cli_refuses_what_the_front_end_refuses(cli, tmp_path):
+    """`ace` takes the float models `inspect` takes: one conv and a classifier are no ResNet."""
+    path = tmp_path / "tiny.onnx"
+    onnx.save(_tiny(), path)
+    code, _, stderr = cli("ace", path)
+    assert code == 2
+    assert stderr == f"error: {path}: input 'x': expected the stem's 7x7 stride-2 Conv, found Conv 'conv'\n"
 
 
 def test_cli_on_a_pokebnn_file(cli, tmp_path):

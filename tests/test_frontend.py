@@ -14,6 +14,7 @@ import torchvision
 from onnx import helper
 
 from bnncc import zoo
+from bnncc.errors import BnnccError
 from bnncc.frontend import load, recognize
 from bnncc.passes.set_opset import STABLE_OPS
 
@@ -96,14 +97,6 @@ def test_narrow_resnet101_is_accepted_with_23_blocks_in_stage_3(tmp_path):
     assert [len(s) for s in resnet.stages] == [3, 4, 23, 3]
     assert [(b.in_channels, b.out_channels) for b in resnet.stages[2][:2]] == [(128, 256), (256, 256)]
     assert resnet.head.num_classes == 10
-
-
-def test_basic_block_resnet_is_refused(cli, tmp_path):
-    module = zoo.randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
-    path = zoo.export_onnx(module, tmp_path / "r18.onnx", input_size=64)
-    code, _, err = cli("inspect", path)
-    assert code == 2
-    assert "basic-block ResNet" in err and "bottleneck" in err and str(path) in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,3 +212,90 @@ def test_two_outputs(cli, tmp_path, tiny_proto):
     proto.graph.output.append(_output((1, 8, 16, 16), relu.output[0]))
     onnx.save(proto, tmp_path / "two.onnx")
     _expect_refusal(cli, tmp_path / "two.onnx", "2 outputs", "expected one of each")
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance is decided once: every command and function refuses the same float models with the
+# same line, before writing anything.
+
+
+def _resnet18(folder):
+    module = zoo.randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
+    return zoo.export_onnx(module, folder / "r18.onnx", input_size=32), (
+        "basic-block ResNet (ResNet-18/34 style, two 3x3 convs per block) not supported: PokeBNN is defined on "
+        "bottleneck ResNets")
+
+
+def _light_at_opset(version):
+    def make(folder):
+        proto = onnx.load(os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx"))
+        proto.opset_import[0].version = version
+        onnx.save(proto, folder / "light.onnx")
+        return folder / "light.onnx", f"opset {version}; bnncc reads float models of opsets 9 to 21"
+    return make
+
+
+def _long_external_location(folder):
+    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), folder / "long.onnx", input_size=32)
+    proto = onnx.load(str(path))
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="w" * 4000)
+    onnx.save(proto, path)
+    return path, "its external data location (4000 characters) cannot be opened: File name too long"
+
+
+REFUSED = {"resnet18": _resnet18, "light_opset22": _light_at_opset(22), "light_opset999": _light_at_opset(999),
+           "long_location": _long_external_location}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_every_command_refuses_the_same_models_alike(cli, tmp_path, case):
+    from bnncc.pipeline import convert
+
+    (tmp_path / "in").mkdir()
+    path, fragment = REFUSED[case](tmp_path / "in")
+    models = sorted(os.listdir(tmp_path / "in"))
+    out = tmp_path / "out"
+    messages = []
+    for args in (["inspect"], ["ace"], ["rewrite", "-o", out / "poke.onnx"], ["convert", "-o", out]):
+        code, _, err = cli(args[0], path, *args[1:])
+        assert code == 2, (args, err)
+        messages.append(err)
+    assert len(set(messages)) == 1, messages
+    assert messages[0].startswith(f"error: {path}: ") and messages[0].count("\n") == 1 and fragment in messages[0]
+    with pytest.raises(BnnccError) as from_load:
+        load(path)
+    with pytest.raises(BnnccError) as from_convert:
+        convert(path, out)
+    assert f"error: {from_load.value}\n" == f"error: {from_convert.value}\n" == messages[0]
+    assert not out.exists() and sorted(os.listdir(tmp_path / "in")) == models
+
+
+def test_rewrite_and_recognize_refuse_a_canonical_basic_block_resnet(tmp_path):
+    """A basic-block ResNet brought to canonical form without ``load``: the functions that take a
+    model refuse it with load's message (without the file name), before any pass runs."""
+    from bnncc.frontend import CANONICAL_PASSES
+    from bnncc.passmanager import PassManager
+    from bnncc.rewriting import rewrite
+
+    path, _ = _resnet18(tmp_path)
+    with pytest.raises(BnnccError) as from_load:
+        load(path)
+    model = PassManager(CANONICAL_PASSES).run(ir.load(path))
+    ir.passes.common.ShapeInferencePass()(model)
+    before = ir.to_proto(model).SerializeToString()
+    for refuse in (recognize, lambda m: rewrite(m, "pokebnn_1x")):
+        with pytest.raises(BnnccError) as error:
+            refuse(model)
+        assert f"{path}: {error.value}" == str(from_load.value)
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_rewrite_refuses_a_model_not_in_canonical_form(tmp_path):
+    from bnncc.rewriting import rewrite
+
+    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "r50.onnx", input_size=32, opset=17)
+    with pytest.raises(BnnccError, match="opset 17, not the canonical 18: load it with bnncc.load"):
+        rewrite(ir.load(path), "pokebnn_1x")

@@ -1,10 +1,12 @@
 """Fuzzing the importer: whatever the file holds, ``load`` + ``recognize`` either succeed or raise a
-BnnccError with a one-line message; no other exception (and so no traceback) escapes.
+BnnccError with a one-line message; no other exception (and so no traceback) escapes. A model
+they accept goes through a recipe (each case another of the shipped ones) and the cost model
+without any error: the front end refuses what the later stages cannot take.
 
 Every case is seeded by its number, so a failure names the case that reproduces it. The base is
 a small valid bottleneck ResNet (stem, one projection bottleneck, head) in ONNX text; each case
 mutates it one way: random bytes, truncation, byte flips and insertions, random attribute values,
-shapes, element types, opsets, op types and wiring.
+shapes, element types, opsets, op types, wiring and external data locations.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnx_ir as ir
 import pytest
 
+from bnncc.cost import ace
 from bnncc.errors import BnnccError
-from bnncc.frontend import load, recognize
+from bnncc.frontend import SUPPORTED_OPSETS, load, recognize
+from bnncc.recipe import available_recipes
+from bnncc.rewriting import rewrite
 
 BASE = """
 <ir_version: 8, opset_import: ["" : 13]>
@@ -40,12 +46,18 @@ net (float[1,3,16,16] x) => (float[1,5] y) {
     y = Gemm <transB = 1> (f, wfc, bfc)
 }
 """
-SHAPES = {"w_stem": (8, 3, 7, 7), "g0": (8,), "b0": (8,), "m0": (8,), "v0": (8,), "w1": (4, 8, 1, 1), "bias1": (4,),
-          "w2": (4, 4, 3, 3), "bias2": (4,), "w3": (16, 4, 1, 1), "bias3": (16,), "wp": (16, 8, 1, 1),
-          "biasp": (16,), "wfc": (5, 16), "bfc": (5,)}
+# The bottleneck is 16 wide so that every recipe's width still leaves an SE channel (se_ratio 8).
+SHAPES = {"w_stem": (8, 3, 7, 7), "g0": (8,), "b0": (8,), "m0": (8,), "v0": (8,), "w1": (16, 8, 1, 1),
+          "bias1": (16,), "w2": (16, 16, 3, 3), "bias2": (16,), "w3": (64, 16, 1, 1), "bias3": (64,),
+          "wp": (64, 8, 1, 1), "biasp": (64,), "wfc": (5, 64), "bfc": (5,)}
 OP_TYPES = ("Conv", "Relu", "Add", "Sum", "MatMul", "Gemm", "Sigmoid", "Reshape", "Identity", "Softmax",
             "BatchNormalization", "GlobalAveragePool", "ReduceMean", "MaxPool", "Flatten", "NoSuchOp")
 FAST_CASES, SLOW_CASES = 300, 3000
+RECIPES = available_recipes()
+# PokeInit's middle width must divide the stem's (8 here; the recipes' 32 is for ResNet-50's 64).
+RECIPE_OVERRIDES = ("passes.poke_stem.mid_channels=8",)
+DATA_FILE = "weights.bin"  # 256 random bytes that run_cases writes beside every case
+LIGHT_RESNET50 = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
 
 
 def base_model() -> onnx.ModelProto:
@@ -164,8 +176,24 @@ def mutate_wiring(rng, model: onnx.ModelProto) -> None:
         del graph.initializer[int(rng.integers(len(graph.initializer)))]
 
 
+def mutate_external_data(rng, model: onnx.ModelProto) -> None:
+    """Move an initializer's data out of the file to a hostile or broken location: longer than a file
+    name may be, outside the folder, absent, a folder, or DATA_FILE at a random offset and length."""
+    tensor = model.graph.initializer[int(rng.integers(len(model.graph.initializer)))]
+    locations = ["x" * int(rng.integers(256, 5000)), "../outside.bin", "/etc/hostname", "missing.bin", "",
+                 ".", "sub/../../x", DATA_FILE]
+    location = locations[int(rng.integers(len(locations)))]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    if location == DATA_FILE:
+        tensor.external_data.add(key="offset", value=str(int(rng.integers(-8, 300))))
+        tensor.external_data.add(key="length", value=str(int(rng.integers(-8, 300))))
+
+
 BYTE_MUTATIONS = (random_bytes, truncate, flip_bytes, insert_bytes)
-PROTO_MUTATIONS = (mutate_attribute, mutate_shape, mutate_elem_type, mutate_opset, mutate_op_type, mutate_wiring)
+PROTO_MUTATIONS = (mutate_attribute, mutate_shape, mutate_elem_type, mutate_opset, mutate_op_type, mutate_wiring,
+                   mutate_external_data)
 
 
 def make_case(case: int, base: onnx.ModelProto) -> tuple[str, bytes]:
@@ -184,13 +212,15 @@ def make_case(case: int, base: onnx.ModelProto) -> tuple[str, bytes]:
     return "+".join(applied), model.SerializeToString()
 
 
-def run_cases(cases: range, tmp_path, caplog) -> dict[str, int]:
-    """Import every case; return the outcome counts. Fails on the first exception that is not a
-    one-line BnnccError, or the first log record that carries a traceback, naming the case
-    number and its mutations."""
+def run_cases(cases: range, tmp_path, caplog, every_recipe: bool = False) -> dict[str, int]:
+    """Import every case; rewrite an accepted one with one recipe (``every_recipe``: each of them)
+    and measure it; return the outcome counts. Fails on the first exception that is not a
+    one-line BnnccError from the importer, any error after it, or the first log record that
+    carries a traceback, naming the case number and its mutations."""
     base = base_model()
     outcomes = {"recognized": 0, "BnnccError": 0}
     path = tmp_path / "case.onnx"
+    (tmp_path / DATA_FILE).write_bytes(np.random.default_rng(0).bytes(256))
     for case in cases:
         mutations, data = make_case(case, base)
         path.write_bytes(data)
@@ -198,6 +228,8 @@ def run_cases(cases: range, tmp_path, caplog) -> dict[str, int]:
         try:
             recognize(load(path))
             outcomes["recognized"] += 1
+            for recipe in RECIPES if every_recipe else [RECIPES[case % len(RECIPES)]]:
+                _rewrite_and_measure(path, recipe, f"case {case} ({mutations})")
         except BnnccError as e:
             message = str(e)
             assert message and "\n" not in message, f"case {case} ({mutations}): message not one line: {message!r}"
@@ -207,6 +239,14 @@ def run_cases(cases: range, tmp_path, caplog) -> dict[str, int]:
         logged = [r.getMessage() for r in caplog.records if r.exc_info]
         assert not logged, f"case {case} ({mutations}): a traceback was logged: {logged[0]}"
     return outcomes
+
+
+def _rewrite_and_measure(path: Path, recipe: str, case: str) -> None:
+    try:
+        poke, _ = rewrite(load(path), recipe, RECIPE_OVERRIDES)
+        ace(poke)
+    except Exception as e:  # noqa: BLE001 (an accepted model must go through; name whatever stops it)
+        pytest.fail(f"{case}: accepted by the front end, but recipe {recipe} failed: {type(e).__name__}: {e}")
 
 
 def test_the_base_model_imports_and_is_recognized(tmp_path):
@@ -230,9 +270,53 @@ def test_fuzz_importer(tmp_path, capsys, caplog):
 
 @pytest.mark.slow
 def test_fuzz_importer_many(tmp_path, capsys, caplog):
-    outcomes = run_cases(range(FAST_CASES, FAST_CASES + SLOW_CASES), tmp_path, caplog)
+    outcomes = run_cases(range(FAST_CASES, FAST_CASES + SLOW_CASES), tmp_path, caplog, every_recipe=True)
     _report(SLOW_CASES, outcomes, capsys)
     assert sum(outcomes.values()) == SLOW_CASES
+
+
+# --------------------------------------------------------------------------- the escapes the fuzzing found
+
+
+@pytest.mark.parametrize("version", [22, 999])
+def test_an_unsupported_opset_is_refused(tmp_path, version):
+    """light_resnet50 (IR version 3) relabelled to an opset the canonicalization does not know used to
+    pass the front end and fail inside the rewrite."""
+    model = onnx.load(str(LIGHT_RESNET50))
+    model.opset_import[0].version = version
+    onnx.save(model, tmp_path / "light.onnx")
+    with pytest.raises(BnnccError) as error:
+        load(tmp_path / "light.onnx")
+    assert str(error.value) == f"{tmp_path / 'light.onnx'}: opset {version}; bnncc reads float models of opsets 9 to 21"
+
+
+@pytest.mark.slow
+def test_light_resnet50_is_the_same_model_at_every_supported_opset(tmp_path):
+    """Relabelled to any opset the front end takes, light_resnet50 gives the same canonical model,
+    and every recipe rewrites that into a valid graph (``rewrite`` runs the checker)."""
+    model = onnx.load(str(LIGHT_RESNET50))
+    canonical = set()
+    for version in SUPPORTED_OPSETS:
+        model.opset_import[0].version = version
+        onnx.save(model, tmp_path / "light.onnx")
+        canonical.add(ir.to_proto(load(tmp_path / "light.onnx")).SerializeToString())
+    assert len(canonical) == 1
+    for recipe in RECIPES:
+        poke, _ = rewrite(load(tmp_path / "light.onnx"), recipe)
+        assert ace(poke).total < ace(load(tmp_path / "light.onnx")).total
+
+
+def test_a_too_long_external_data_location_is_refused(tmp_path):
+    model = base_model()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="x" * 300)
+    onnx.save(model, tmp_path / "long.onnx")
+    with pytest.raises(BnnccError) as error:
+        load(tmp_path / "long.onnx")
+    assert str(error.value) == (f"{tmp_path / 'long.onnx'}: tensor 'w_stem': its external data location "
+                                "(300 characters) cannot be opened: File name too long")
 
 
 # --------------------------------------------------------------------------- safe loading, by reading the code

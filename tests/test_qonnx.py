@@ -48,7 +48,7 @@ def test_one_poke_conv_network(tmp_path):
 def test_rewritten_resnet50(tmp_path):
     """The whole pokebnn_1x rewrite of a narrow ResNet-50 (the qonnx executor runs node by node: minutes)."""
     from bnncc.frontend import load
-    from bnncc.rewrite import rewrite
+    from bnncc.rewriting import rewrite
     from bnncc.zoo import export_onnx, resnet50
 
     float_model = export_onnx(resnet50(width=0.125, num_classes=10).eval(), tmp_path / "f.onnx", input_size=32)

@@ -24,7 +24,7 @@ def test_shipped_recipes():
         assert (recipe.params("poke_conv")["se_w_bits"], recipe.params("poke_conv")["se_a_bits"]) == (4, 4)
         assert recipe.params("int8_head") == {"w_bits": 8, "a_bits": 8}
         assert set(recipe.train) == set(TRAIN_SCHEMA)
-        assert (recipe.train["lr"], recipe.train["weight_decay"], recipe.train["clip_bound"]) == (2e-5, 5e-5, 3.0)
+        assert (recipe.train["lr"], recipe.train["weight_decay"]) == (2e-5, 5e-5)
 
 
 def test_overrides_are_typed_by_the_schema():
@@ -39,6 +39,20 @@ def test_overrides_are_typed_by_the_schema():
     changed = apply_overrides(base, ["passes.poke_stem.mid_channels=16"])
     assert changed.params("poke_stem")["mid_channels"] == 16
     assert base.params("poke_stem")["mid_channels"] == 32
+
+
+def test_the_clip_bound_is_set_in_one_place():
+    """B is the graph's: the poke_conv parameter alone sets it; no [train] key repeats it."""
+    recipe = load_recipe("pokebnn_1x", ["passes.poke_conv.clip_bound=2.0"])
+    assert recipe.params("poke_conv")["clip_bound"] == 2.0 and "clip_bound" not in recipe.train
+    assert "clip_bound" not in TRAIN_SCHEMA
+
+
+def test_a_user_recipe_with_train_clip_bound_is_told_where_b_went(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text('[[passes]]\nname = "poke_conv"\nclip_bound = 2.0\n\n[train]\nclip_bound = 2.0\n')
+    with pytest.raises(BnnccError, match=r"old.toml: train.clip_bound: B is no longer a training setting"):
+        load_recipe(path)
 
 
 def test_recipe_from_a_path(tmp_path):
@@ -59,7 +73,9 @@ def test_recipe_from_a_path(tmp_path):
         (["passes.fold_batchnorm.x=1"], "--set passes.fold_batchnorm.x: pokebnn_1x.toml names no such pass"),
         (["train.momentum=0.9"], "train.momentum: unknown key; expected lr, batch_size"),
         (["train.epochs=1.5"], "train.epochs = 1.5: expected an integer"),
-        (["train.clip_bound=2.0"], "train.clip_bound = 2.0 differs from the passes' clip_bound = 3.0"),
+        (["train.clip_bound=2.0"], "pokebnn_1x.toml: train.clip_bound: B is no longer a training setting but the "
+                                   "graph's: set passes.poke_conv.clip_bound (bnncc finetune --clip-bound overrides "
+                                   "a graph's B)"),
         (["model.width=1"], "--set model.width: unknown key"),
         (["passes.width_multiplier"], "--set 'passes.width_multiplier': expected key=value"),
     ],

@@ -13,7 +13,7 @@ from bnncc import zoo
 from bnncc.cost import ace
 from bnncc.frontend import load
 from bnncc.recipe import available_recipes
-from bnncc.rewrite import rewrite
+from bnncc.rewriting import rewrite
 
 
 # pokebnn.md section 3, computed with google/aqt's size_stats formulas (3 significant digits)

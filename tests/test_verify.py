@@ -1,10 +1,10 @@
-"""The comparison rule of ``bnncc verify`` (bnncc.verify.judge), on synthetic logits."""
+"""The comparison rule of ``bnncc verify`` (bnncc.verification.judge), on synthetic logits."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bnncc import verify as v
+from bnncc import verification as v
 
 
 def _logits(top: int) -> np.ndarray:

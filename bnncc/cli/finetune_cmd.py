@@ -28,7 +28,8 @@ def finetune(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate per 256 images.")] = None,
-    clip_bound: Annotated[Optional[float], typer.Option(help="B: STE window of binary activations.")] = None,
+    clip_bound: Annotated[Optional[float], typer.Option(
+        help="Override the graph's B (STE window of binary activations); the output graph keeps it.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature.")] = None,
     label_weight: Annotated[Optional[float], typer.Option(help="Weight of a label cross-entropy term.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: OUTPUT.ckpt).")] = None,
@@ -54,7 +55,8 @@ def finetune(
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return
-    table = Table(title=f"fine-tuned {student.name} -> {output}")
+    overridden = "" if clip_bound is None else f" (clip bound B overridden: {clip_bound})"
+    table = Table(title=f"fine-tuned {student.name} -> {output}{overridden}")
     for column in ("steps", "final loss", "img/s", "student top-1", "student top-5", "teacher top-1",
                    "teacher top-5", "ACE (1e9)"):
         table.add_column(column, justify="right")

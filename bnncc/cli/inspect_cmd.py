@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from bnncc.cli._app import app, console
-from bnncc.errors import BnnccError
 from bnncc.resnet import ResNet
 
 
@@ -22,11 +21,7 @@ def inspect(
     """Load MODEL, canonicalize it and print its stem, bottlenecks and head."""
     from bnncc.frontend import load, recognize
 
-    try:
-        resnet = recognize(load(model))
-    except BnnccError as e:
-        message = str(e)
-        raise BnnccError(message if message.startswith(str(model)) else f"{model}: {message}") from None
+    resnet = recognize(load(model))
     if as_json:
         # soft_wrap: long node names must not be broken across lines in machine-read output
         console.print(json.dumps(dataclasses.asdict(resnet), indent=2), markup=False, highlight=False, soft_wrap=True)

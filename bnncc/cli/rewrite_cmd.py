@@ -22,7 +22,7 @@ def rewrite(
 ) -> None:
     """Rewrite MODEL with a recipe's passes, write the result and print ACE after every pass."""
     from bnncc.frontend import load
-    from bnncc.rewrite import rewrite as rewrite_model
+    from bnncc.rewriting import rewrite as rewrite_model
 
     result, rows = rewrite_model(load(model), recipe, overrides)
     with atomic_path(output) as tmp:

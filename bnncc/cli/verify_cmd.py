@@ -17,7 +17,7 @@ def verify_command(
     batch: int = typer.Option(1, "--batch", "-b", help="batch size of the library calls"),
 ) -> None:
     """Compare the library with onnxruntime on random inputs; exit 1 on disagreement."""
-    from bnncc.verify import verify
+    from bnncc.verification import verify
 
     report = verify(library, reference, n=n, batch=batch)
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "

@@ -27,7 +27,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # overrides epochs when set
     weight_decay: float = 5e-5  # coupled L2: 0.5 * wd * sum ||W||^2 over kernels (ndim > 1)
-    clip_bound: float = 3.0  # B: the STE window of binary activations
+    clip_bound: float | None = None  # B, the STE window: None trains with the graph's; a number overrides it
     temperature: float = 1.0
     label_weight: float = 0.0  # weight of a cross-entropy term on the labels (0: pure distillation)
     weight_quant_start: float = 0.0625
@@ -43,7 +43,7 @@ class TrainConfig:
     def from_recipe(cls, train: dict, **overrides) -> "TrainConfig":
         """Read a recipe's [train] table; epoch/step boundaries become fractions of the run."""
         epochs = int(train.get("epochs", 1))
-        values = {k: train[k] for k in ("lr", "batch_size", "weight_decay", "clip_bound", "temperature") if k in train}
+        values = {k: train[k] for k in ("lr", "batch_size", "weight_decay", "temperature") if k in train}
         if "weight_quant_start" in train:
             values["weight_quant_start"] = train["weight_quant_start"] / max(epochs, 1)
         if "act_calibration_step" in train:

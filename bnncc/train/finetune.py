@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.train.config import TrainConfig
@@ -40,11 +41,17 @@ def input_shape(model: ir.Model) -> tuple[int, int, int]:
     return tuple(int(d) for d in list(dims)[1:])  # type: ignore[return-value]
 
 
-def _set_clip_bound(model: ir.Model, clip_bound: float) -> None:
-    """B is an attribute of every BinaryConv: the STE window the torch view trains with."""
-    for node in model.graph:
-        if node.domain == "ai.bnncc" and node.op_type == "BinaryConv":
-            node.attributes["clip_bound"] = ir.AttrFloat32("clip_bound", clip_bound)
+def _override_clip_bound(model: ir.Model, clip_bound: float) -> None:
+    """Set B on every op of the domain that has one (BinaryConv, PokeConv): the graph is B's one home,
+    so the torch view trains with the new value and the written graph keeps it."""
+    if not clip_bound > 0:
+        raise BnnccError(f"clip bound B must be > 0, got {clip_bound}")
+    nodes = [n for n in model.graph if n.domain == DOMAIN and "clip_bound" in n.attributes]
+    old = sorted({n.attributes["clip_bound"].as_float() for n in nodes})
+    for node in nodes:
+        node.attributes["clip_bound"] = ir.AttrFloat32("clip_bound", clip_bound)
+    logger.info("clip bound B overridden: %s -> %s on %d nodes", ", ".join(map(str, old)) or "none", clip_bound,
+                len(nodes))
 
 
 def _classes(model: ir.Model) -> int:
@@ -77,7 +84,8 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     output = Path(output)
     student_model = read(student_path)
     teacher_model = load(teacher_path)
-    _set_clip_bound(student_model, cfg.clip_bound)
+    if cfg.clip_bound is not None:
+        _override_clip_bound(student_model, cfg.clip_bound)
     shape = input_shape(student_model)
     if _classes(student_model) != _classes(teacher_model):
         raise BnnccError(f"{student_path}: {_classes(student_model)} classes but the teacher {teacher_path} has "

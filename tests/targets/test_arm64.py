@@ -115,7 +115,7 @@ def test_pokebnn_network_on_arm64_agrees_with_onnxruntime(tmp_path):
     import json
 
     from bnncc.targets.build import compile
-    from bnncc.verify import verify
+    from bnncc.verification import verify
     from test_lower import tiny_pokebnn
 
     folder = compile(tiny_pokebnn(), tmp_path / "tiny_arm64", target="arm64", batches=(2,))

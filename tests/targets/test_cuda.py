@@ -206,7 +206,7 @@ def test_a_cuda_library_without_a_gpu_is_one_line(tmp_path, cli, monkeypatch):
 @needs_device
 def test_pokebnn_on_cuda_agrees_with_onnxruntime(tmp_path):
     from bnncc.targets.build import compile
-    from bnncc.verify import verify
+    from bnncc.verification import verify
     from test_lower import tiny_pokebnn
 
     folder = compile(tiny_pokebnn(), tmp_path / "tiny_cuda", target="cuda", batches=(1, 8))

@@ -5,8 +5,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from bnncc.domain import DOMAIN
 from bnncc.frontend import load
-from bnncc.rewrite import rewrite
+from bnncc.rewriting import rewrite
 from bnncc.train import TrainConfig, finetune
 from bnncc.zoo import export_onnx, resnet50
 
@@ -42,3 +43,43 @@ def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(idx_dir, tmp_path
     session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
     assert logits.shape == (1, 4) and np.isfinite(logits).all()
+
+
+# B, the clip bound, has one home: the graph. A fine-tune keeps it; --clip-bound overrides it and is written back.
+
+
+def _clip_bounds(path) -> set[float]:
+    return {attr.f for node in onnx.load(path).graph.node if node.domain == DOMAIN
+            for attr in node.attribute if attr.name == "clip_bound"}
+
+
+@pytest.fixture(scope="module")
+def student_with_b2(tmp_path_factory, teacher_and_student):
+    """The student rewritten with B = 2.0, set by the poke_conv parameter alone."""
+    from bnncc.cli._app import run_app
+
+    teacher, _ = teacher_and_student
+    path = tmp_path_factory.mktemp("b2") / "student.onnx"
+    assert run_app(["rewrite", str(teacher), "-o", str(path), "--set", "passes.poke_conv.clip_bound=2.0",
+                    "--set", "passes.poke_stem.mid_channels=8"]) == 0
+    assert _clip_bounds(path) == {2.0}
+    return path
+
+
+def test_finetune_keeps_the_graphs_clip_bound(idx_dir, tmp_path, teacher_and_student, student_with_b2):
+    teacher, _ = teacher_and_student
+    out = tmp_path / "trained.onnx"
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=2, calibration_batches=1)
+    finetune(student_with_b2, teacher, idx_dir, out, cfg, show_progress=False)
+    assert _clip_bounds(out) == {2.0}
+
+
+def test_clip_bound_option_overrides_and_is_written_back(cli, idx_dir, tmp_path, teacher_and_student,
+                                                        student_with_b2):
+    teacher, _ = teacher_and_student
+    out = tmp_path / "trained.onnx"
+    code, stdout, stderr = cli("finetune", student_with_b2, "--teacher", teacher, "--data", idx_dir, "-o", out,
+                               "--max-steps", "2", "--batch-size", "8", "--clip-bound", "1.5")
+    assert code == 0, stderr
+    assert "clip bound B overridden: 1.5" in " ".join(stdout.split())
+    assert _clip_bounds(out) == {1.5} and _clip_bounds(student_with_b2) == {2.0}

@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
+from bnncc.frontend import recognize
 from bnncc.passmanager import PassManager, PassRecord
 from bnncc.recipe import Recipe, apply_overrides, load_recipe
 
@@ -25,9 +26,12 @@ def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[st
     ``model`` is changed in place and returned with one record per pass (name, modified, node
     count, ACE as ``bnncc.cost.ace`` measures it), preceded by an ``input`` record. The result
     carries the ai.bnncc functions it uses (onnxruntime runs it), has a shape on every value and
-    passes ``onnx.checker``.
+    passes ``onnx.checker``. ``model`` must be a float model as ``bnncc.load`` gives it: anything
+    else is refused by ``recognize``'s checks before any pass runs.
     """
     from bnncc.cost import ace  # the cost model reads only the graph; imported when used
+
+    recognize(model)
 
     if isinstance(recipe, Recipe):
         recipe = apply_overrides(recipe, overrides)
