@@ -206,29 +206,35 @@ def _inputs_at(graph: ir.Graph, kind: str) -> set[ir.Value]:
 
 
 def format_table(report: CostReport, title: str = "", per_layer: bool = True) -> Table:
-    """A rich table: one row per counted layer (optional), one per op type, then the totals, ACE in
-    units of 1e9 (6 decimals: exact to 1000 ACE); the caption gives the exact ACE, the conventions
-    (float width), the parameters and the scalar ops by category. Fits 80 columns."""
+    """A rich table: one row per counted layer (optional), one per op type, then the totals; MACs,
+    CPU64 and weight bits in units of 1e6 (3 decimals: exact to 1000), ACE in units of 1e9 (6
+    decimals: exact to 1000 ACE), so a float ResNet-50's 4e9 MACs and 1e12 ACE fit 80 columns. The
+    caption gives the exact ACE, MACs and weight bits, the conventions (float width), the
+    parameters and the scalar ops by category."""
     table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # the text columns keep a readable minimum; numbers are never wrapped or cut
     table.add_column("layer", min_width=12, overflow="fold")
     table.add_column("op w x a", min_width=14, overflow="fold")
-    for column in ("MACs", "ACE 1e9", "CPU64", "weight bits"):
+    for column in ("MACs 1e6", "ACE 1e9", "CPU64 1e6", "wbits 1e6"):
         table.add_column(column, justify="right", no_wrap=True)
+
+    def mega(value: float) -> str:
+        return f"{value / 1e6:,.3f}"
+
     if per_layer:
         for layer in report.layers:
-            table.add_row(layer.name, f"{layer.op_type} {layer.w_bits}x{layer.a_bits}", f"{layer.macs:,}",
-                          f"{layer.ace / 1e9:.6f}", f"{layer.cpu64:,.0f}", f"{layer.weight_bits:,}")
+            table.add_row(layer.name, f"{layer.op_type} {layer.w_bits}x{layer.a_bits}", mega(layer.macs),
+                          f"{layer.ace / 1e9:.6f}", mega(layer.cpu64), mega(layer.weight_bits))
         table.add_section()
     for op_type, group in report.by_op_type().items():
-        table.add_row("all", op_type, f"{group['macs']:,}", f"{group['ace'] / 1e9:.6f}", "",
-                      f"{group['weight_bits']:,}")
+        table.add_row("all", op_type, mega(group["macs"]), f"{group['ace'] / 1e9:.6f}", "", mega(group["weight_bits"]))
     table.add_section()
-    table.add_row("total", "", f"{report.macs:,}", f"{report.total / 1e9:.6f}", f"{report.cpu64:,.0f}",
-                  f"{report.weight_bits:,}")
+    table.add_row("total", "", mega(report.macs), f"{report.total / 1e9:.6f}", mega(report.cpu64),
+                  mega(report.weight_bits))
     sops = ", ".join(f"{name} {count:,}" for name, count in sorted(report.sops.items()))
     table.caption = (
-        f"ACE {report.total:,} (conv {report.conv:,}, dense {report.dense:,}); "
+        f"ACE {report.total:,} (conv {report.conv:,}, dense {report.dense:,}); MACs {report.macs:,}; "
+        f"weight bits {report.weight_bits:,}; "
         f"float MACs at {report.float_bits} x {report.float_bits} bits, float weights at {FLOAT_WEIGHT_BITS} bits; "
         f"params {report.params:,} ({report.weight_params:,} weights, {report.extra_params:,} learned float extras, "
         f"{report.state_params:,} BN statistics and activation bounds); "

@@ -12,3 +12,8 @@ DEFAULT_CLIP_BOUND = 3.0
 # running = momentum * running + (1 - momentum) * batch).
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+# The default-domain opset of every graph bnncc writes (and of the ai.bnncc function bodies), and
+# the opsets of the float models it reads: their ResNet ops mean the same across them
+# (passes/set_opset.py).
+CANONICAL_OPSET = 18
+SUPPORTED_OPSETS = range(9, 22)

@@ -40,7 +40,7 @@ import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from bnncc.domain import DOMAIN
+from bnncc.domain import CANONICAL_OPSET, DOMAIN, SUPPORTED_OPSETS
 from bnncc.errors import BnnccError
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
@@ -60,14 +60,10 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "SUPPORTED_OPSETS", "load", "read", "recognize"]
+__all__ = ["CANONICAL_PASSES", "load", "read", "recognize"]
 
 logger = logging.getLogger(__name__)
 
-# Default-domain opsets whose ResNet ops the canonical passes bring to CANONICAL_OPSET
-# (passes/set_opset.py: the ops of STABLE_OPS mean the same across them).
-SUPPORTED_OPSETS = range(9, 22)
-CANONICAL_OPSET = 18
 
 # Order matters: constants first (BN folding and the shape readers need them), then op rewrites,
 # then the clean-up; set_opset only fires once nothing version-dependent is left.

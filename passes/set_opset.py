@@ -18,6 +18,7 @@ import logging
 import onnx.helper
 import onnx_ir as ir
 
+from bnncc.domain import CANONICAL_OPSET, SUPPORTED_OPSETS
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class SetOpsetPass(ir.passes.InPlacePass):
        the op).
     """
 
-    def __init__(self, version: int = 18) -> None:
+    def __init__(self, version: int = CANONICAL_OPSET) -> None:
         super().__init__()
         self.version = version
 
@@ -50,7 +51,7 @@ class SetOpsetPass(ir.passes.InPlacePass):
         stable = all(node.domain == "" and node.op_type in STABLE_OPS for node in model.graph)
         if current == self.version:
             return ir.passes.PassResult(model, self._raise_ir_version(model))
-        if current is None or not 9 <= current <= 21 or not stable:
+        if current not in SUPPORTED_OPSETS or not stable:
             return ir.passes.PassResult(model, False)
         model.opset_imports[""] = self.version
         for node in model.graph:

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from bnncc.cost import ace
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
+from bnncc.frontend import read
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
 from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
@@ -47,10 +48,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     if not batches or min(batches) < 1:
         raise BnnccError(f"batch sizes must be >= 1, got {list(batches)}")
     if not isinstance(model, ir.Model):
-        path = Path(model)
-        if not path.is_file():
-            raise BnnccError(f"{path}: no such file")
-        model = ir.load(path)
+        model = read(model)  # the front end's checks: a whole ONNX file, external data from its folder
     if not any(node.domain == DOMAIN for node in model.graph):
         raise BnnccError(f"graph {model.graph.name!r}: no {DOMAIN} op; compile takes a PokeBNN graph "
                          f"(run `bnncc rewrite` first)")

@@ -249,9 +249,18 @@ def test_cli_table(cli, tmp_path):
     conv_macs = stem_macs + 4 * 4 * (8 * 16 + 9 * 16 * 16 + 16 * 64 + 8 * 64)
     conv_ace, dense_ace = conv_macs * 256, 64 * 5 * 256
     words = " ".join(stdout.split())  # the caption wraps at the terminal width
-    assert f"{stem_macs:,}" in stdout and f"{(conv_ace + dense_ace) / 1e9:.6f}" in stdout
-    assert f"ACE {conv_ace + dense_ace:,} (conv {conv_ace:,}, dense {dense_ace:,})" in words
+    assert f"{stem_macs / 1e6:,.3f}" in stdout and f"{(conv_ace + dense_ace) / 1e9:.6f}" in stdout
+    assert f"ACE {conv_ace + dense_ace:,} (conv {conv_ace:,}, dense {dense_ace:,}); MACs {conv_macs + 64 * 5:,}" in words
     assert "float MACs at 16 x 16 bits" in words
+
+
+def test_cli_table_of_a_full_resnet50_fits_80_columns(cli, resnet50_onnx):
+    """No number is cut: the totals of a float ResNet-50 (4,089,184,256 MACs) are all there."""
+    code, stdout, stderr = cli("ace", resnet50_onnx["legacy"])
+    assert code == 0, stderr
+    assert max(len(line) for line in stdout.splitlines()) <= 80
+    total = next(line for line in stdout.splitlines() if line.split()[:1] == ["total"])
+    assert total.split()[1:] == ["4,089.184", "1046.831170", "4,089.184", "816.093"]
 
 
 def test_cli_refuses_what_the_front_end_refuses(cli, tmp_path):
@@ -274,9 +283,11 @@ def test_cli_on_a_pokebnn_file(cli, tmp_path):
     assert max(len(line) for line in stdout.splitlines()) <= 80  # the test console is 80 wide: nothing cut
     total = next(line.split() for line in stdout.splitlines() if line.split()[:1] == ["total"])
     report = ace(pokebnn_model(0.5))
-    assert total == ["total", f"{report.macs:,}", f"{report.total / 1e9:.6f}", f"{report.cpu64:,.0f}",
-                     f"{report.weight_bits:,}"]
-    assert "stem1 QuantConv 8x8 4,816,896 0.308281" in " ".join(stdout.split())  # 56*56*48*32 MACs * 64
+    assert total == ["total", f"{report.macs / 1e6:,.3f}", f"{report.total / 1e9:.6f}", f"{report.cpu64 / 1e6:,.3f}",
+                     f"{report.weight_bits / 1e6:,.3f}"]
+    words = " ".join(stdout.split())
+    assert "stem1 QuantConv 8x8 4.817 0.308281" in words  # 56*56*48*32 = 4,816,896 MACs, * 64
+    assert f"MACs {report.macs:,}; weight bits {report.weight_bits:,}" in words  # exact, in the caption
 
 
 def test_cli_missing_file_is_one_line(cli, tmp_path):

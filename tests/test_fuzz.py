@@ -21,8 +21,9 @@ import onnx_ir as ir
 import pytest
 
 from bnncc.cost import ace
+from bnncc.domain import SUPPORTED_OPSETS
 from bnncc.errors import BnnccError
-from bnncc.frontend import SUPPORTED_OPSETS, load, recognize
+from bnncc.frontend import load, recognize
 from bnncc.recipe import available_recipes
 from bnncc.rewriting import rewrite
 

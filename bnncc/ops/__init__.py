@@ -13,10 +13,10 @@ import onnx
 import onnx.inliner
 import onnx_ir as ir
 
-from bnncc.domain import DOMAIN, VERSION
+from bnncc.domain import CANONICAL_OPSET, DOMAIN, VERSION
 from bnncc.errors import BnnccError
 from bnncc.ops import binarize, binary_conv, dprelu, poke_conv, quant, reshape_add, se_gate  # noqa: F401 (register)
-from bnncc.ops._opset import DEFAULT_OPSET, bnncc_opset as opset
+from bnncc.ops._opset import bnncc_opset as opset
 from bnncc.ops.registry import OPS, OpDef, op_def
 
 __all__ = ["DOMAIN", "VERSION", "opset", "OPS", "OpDef", "op_def", "function_protos", "attach_functions",
@@ -62,8 +62,8 @@ def _needed_opsets(protos: list[onnx.FunctionProto]) -> dict[str, int]:
 
 def _require_default_opset(version: int | None) -> None:
     # onnxruntime resolves the ops inside a function against the model's default opset.
-    if version is None or version < DEFAULT_OPSET:
-        raise BnnccError(f"ai.bnncc ops need default-domain opset >= {DEFAULT_OPSET}, the model imports {version}")
+    if version is None or version < CANONICAL_OPSET:
+        raise BnnccError(f"ai.bnncc ops need default-domain opset >= {CANONICAL_OPSET}, the model imports {version}")
 
 
 # Function overloads (PokeConv's "block") need IR version 10.
