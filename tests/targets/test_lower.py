@@ -81,6 +81,7 @@ class _Net:
         y = self.node("QuantGemm", [x, self.rand("fc", (CLASSES, c)), self.rand("ab", c, 0.5, 2),
                                     self.rand("fcb", CLASSES)], DOMAIN, w_bits=8, a_bits=8, a_signed=1)
         y.name = "logits"
+        y.type, y.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, CLASSES])  # a valid file's output
         self.graph.outputs.append(y)
 
     def model(self) -> ir.Model:
