@@ -10,7 +10,9 @@ Files written into the report folder, each atomically:
   same inputs give the same bytes.
 - ``latency.json`` (host targets only): the measured latency, which varies from run to run and
   is therefore kept out of ``report.json``.
-- ``report.md``: both, as tables, with the two plots.
+- ``report.md``: both, as tables, with the two plots; for an arm64 library, the binary convs'
+  cycles estimated by llvm-mca (``bnncc.targets.estimate.library_estimate``, deterministic, so
+  also in ``report.json``), or a note saying why there is no estimate.
 - ``ace_stages.png``: ACE per stage; ``ace_layers.png``: ACE per layer of the deployed graph.
   Both log-scale, since the float import costs two orders of magnitude more than PokeBNN.
 """
@@ -24,6 +26,7 @@ import logging
 from pathlib import Path
 
 from bnncc.cost import CostReport
+from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = ["Stage", "Report", "write_report", "REPORT_FORMAT"]
@@ -76,6 +79,7 @@ class Report:
     stages: tuple[Stage, ...]
     accuracy: dict[str, float | None] | None = None
     latency: dict[str, float] | None = None
+    estimate: dict | None = None  # arm64: ``library_estimate``'s figures, or {"skipped": why}
 
     @property
     def deployed(self) -> Stage:
@@ -95,6 +99,7 @@ class Report:
             "ace_reduction": float_ace / self.deployed.cost.total if self.deployed.cost.total else None,
             "accuracy": self.accuracy,
             "layers": [_layer_row(layer) for layer in self.deployed.cost.layers],
+            **({"estimate": self.estimate} if self.estimate is not None else {}),
         }
 
 
@@ -104,8 +109,11 @@ def _layer_row(layer) -> dict:
 
 
 def write_report(report: Report, folder: str | Path) -> list[Path]:
-    """Write report.json, latency.json (when measured), report.md and the two plots into ``folder``."""
+    """Write report.json, latency.json (when measured), report.md and the two plots into ``folder``
+    (for an arm64 target, the library folder: its estimate is added first, ``arm64_estimate``)."""
     folder = Path(folder)
+    if report.target == "arm64" and report.estimate is None:
+        report = dataclasses.replace(report, estimate=arm64_estimate(report, folder))
     written = [folder / "report.json", folder / STAGES_PLOT, folder / LAYERS_PLOT, folder / "report.md"]
     atomic_write_text(written[0], json.dumps(report.to_dict(), indent=2) + "\n")
     atomic_write_bytes(written[1], _stages_plot(report))
@@ -116,6 +124,18 @@ def write_report(report: Report, folder: str | Path) -> list[Path]:
         atomic_write_text(written[-1], json.dumps(report.latency, indent=2) + "\n")
     logger.info("report written to %s", folder / "report.md")
     return written
+
+
+def arm64_estimate(report: Report, folder: Path) -> dict:
+    """The binary convs' llvm-mca estimate of the arm64 library in ``folder``, or why there is none."""
+    from bnncc.targets import estimate  # here, not at the top: it imports TVM, which other targets' reports skip
+
+    if not estimate.available():
+        return {"skipped": f"llvm-19 not installed ({estimate.LLVM_BIN}/llvm-mca; apt-get install llvm-19)"}
+    try:
+        return estimate.library_estimate(folder, report.deployed.cost.layers)
+    except (BnnccError, OSError) as error:  # a kernel form the estimator does not know: say so, convert on
+        return {"skipped": f"no estimate: {error}"}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -158,6 +178,8 @@ def markdown(report: Report) -> str:
         if load is not None and cpus and load > 0.5 * cpus:
             lines += [f"The machine was busy (load average {load:.1f} on {cpus} CPUs): the figure is contention, "
                       "not the library; measure again on a quiet machine.", ""]
+    if report.estimate is not None:
+        lines += _estimate_lines(report.estimate)
     lines += ["## Plots", "", f"![ACE per stage]({STAGES_PLOT})", "", f"![ACE per layer]({LAYERS_PLOT})", "",
               f"## Per layer ({report.deployed.name})", "",
               "| layer | op | w x a | MACs | ACE (1e6) | share | CPU64 | weight bits |",
@@ -168,6 +190,30 @@ def markdown(report: Report) -> str:
                      f"{layer.ace / 1e6:.3f} | {100 * layer.ace / total:.1f}% | {layer.cpu64:,.0f} | "
                      f"{layer.weight_bits:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _estimate_lines(estimate: dict) -> list[str]:
+    """The arm64 estimate section: per binary conv, its hot loop's cycles, binary MACs per cycle and time."""
+    if "skipped" in estimate:
+        return ["## Estimated speed on ARM", "", f"Skipped: {estimate['skipped']}.", ""]
+    clock = estimate["clock_hz"]
+    total = estimate["binary_cycles"]
+    macs = sum(row["binary_macs"] for row in estimate["layers"])
+    lines = [f"## Estimated speed on ARM ({estimate['label']})", "",
+             f"**Estimates, not measurements** (LLVM {estimate['llvm']}): each binary conv's hot loop from this "
+             "library's disassembly through llvm-mca, times its trip count (bits the layer popcounts / bits per "
+             "iteration). Outside the hot loops (epilogues, the int8 stem and head, SE gates) nothing is counted; "
+             "the whole network and the error bar from calibrating the method on x86-64: `bench/arm64.py`, "
+             "bench/RESULTS.md.", "",
+             f"Binary convs, one core: **{total / clock * 1e3:.2f} ms** ({total / 1e6:.1f} Mcycles, "
+             f"{macs / total:.1f} binary MACs/cycle).", "",
+             "| layer | kernel | binary MACs | bits/iter | iterations | cycles/iter | bMACs/cycle | ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in estimate["layers"]:
+        lines.append(f"| {row['layer']} | {row['kernel']} | {row['binary_macs']:,} | {row['bits_per_iteration']} | "
+                     f"{row['iterations']:,} | {row['cycles_per_iteration']:.1f} | "
+                     f"{row['binary_macs'] / row['cycles']:.1f} | {row['cycles'] / clock * 1e3:.3f} |")
+    return lines + [""]
 
 
 _WHO = {"teacher": "float teacher (import)", "student": "PokeBNN (onnx graph, fake-quant)",

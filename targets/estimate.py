@@ -24,11 +24,14 @@ any host; ``llvm-mca`` has the Cortex-A76, Neoverse-N1, Cortex-A72 and Zen 4 mod
 from __future__ import annotations
 
 import functools
+import json
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 from bnncc.targets.kernels import binary_conv, quant
@@ -37,7 +40,7 @@ from bnncc.targets.lower import POKE_CONV_KERNEL
 __all__ = [
     "KERNEL_LAYERS", "LLVM_BIN", "Instruction", "LayerEstimate", "LoopEstimate", "available", "binary_bits",
     "cycles_per_iteration", "disassemble", "estimate_binary", "estimate_layers", "estimate_macs", "innermost_loops",
-    "kernel_code", "layer_kind", "mac_lanes", "match_calls", "trip_count",
+    "kernel_code", "layer_kind", "library_estimate", "mac_lanes", "match_calls", "trip_count",
 ]
 
 LLVM_BIN = Path("/usr/lib/llvm-19/bin")
@@ -286,3 +289,31 @@ def estimate_layers(functions: dict[str, list[Instruction]], model, pairs: list[
             loop = estimate_macs(code, layer.macs, triple, mcpu)
         rows.append(LayerEstimate(layer.name, layer.op_type, kernel, layer.macs, loop))
     return rows
+
+
+# -- the conversion report ------------------------------------------------------------------------------
+REPORT_CORE, REPORT_CLOCK = "cortex-a76", 2.4e9  # the core and clock report.md states its estimates at
+
+
+def library_estimate(folder: str | Path, layers: list) -> dict:
+    """The binary conv layers of the arm64 library folder ``folder`` (model.so, model.json's
+    per-layer kernels, model.onnx) on ``REPORT_CORE`` at ``REPORT_CLOCK``, as report.json holds
+    them; ``layers`` are the deployed graph's cost layers. Deterministic for one LLVM version."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    by_node = {node: entry["kernel"] for node, entry in manifest.get("instructions", {}).items()}
+    pairs = [(layer, by_node[layer.name.rsplit("/", 1)[0]]) for layer in layers
+             if layer.op_type == "BinaryConv" and layer.name.rsplit("/", 1)[0] in by_node]
+    rows = estimate_layers(disassemble(folder / "model.so"), ir.load(folder / "model.onnx"), pairs,
+                           "aarch64", REPORT_CORE)
+    version = subprocess.run([str(LLVM_BIN / "llvm-mca"), "--version"], capture_output=True, text=True).stdout
+    return {
+        "label": f"estimated, llvm-mca {REPORT_CORE} at {REPORT_CLOCK / 1e9:.1f} GHz",
+        "llvm": re.search(r"version (\S+)", version).group(1),
+        "core": REPORT_CORE,
+        "clock_hz": REPORT_CLOCK,
+        "layers": [{"layer": r.layer, "kernel": r.kernel, "binary_macs": r.macs,
+                    "bits_per_iteration": r.loop.work_per_iteration, "iterations": r.loop.iterations,
+                    "cycles_per_iteration": r.loop.cycles_per_iteration, "cycles": r.cycles} for r in rows],
+        "binary_cycles": sum(r.cycles for r in rows),
+    }

@@ -3,11 +3,17 @@ trip count against hand-computed values, and cycles from llvm-mca."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from types import SimpleNamespace
 
+import numpy as np
+import onnx_ir as ir
 import pytest
 import tvm
 
+from bnncc import report
+from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.targets import arm64, estimate
 from bnncc.targets import tvm_compat as tc
@@ -17,13 +23,18 @@ pytestmark = pytest.mark.skipif(not estimate.available() or shutil.which(arm64.C
                                 reason="needs llvm-19 and g++-aarch64-linux-gnu (apt)")
 
 
-def test_binary_conv_hot_loop_trip_count(tmp_path):
-    # 3x3 binary conv, 8x8 px, 64 -> 64 channels, stride 1: 8*8 outputs x 64 channels x 9 taps x 2 words
+@pytest.fixture(scope="module")
+def conv_library(tmp_path_factory):
+    """A 3x3 binary conv, 8x8 px, 64 -> 64 channels, stride 1, as an arm64 library (symbol ``main``)."""
     func = bc.binary_conv2d_func(1, 8, 8, 64, 64, 3, 1)
     target = arm64.arm64_target(cores=1)
     executable = tc.compile_module(tvm.IRModule({"main": arm64.schedule(func, target)}), target)
-    library = arm64.export_arm64(executable, tmp_path / "conv.so")
-    code = estimate.kernel_code(estimate.disassemble(library), "main")  # the PrimFunc's global symbol
+    return arm64.export_arm64(executable, tmp_path_factory.mktemp("conv") / "conv.so")
+
+
+def test_binary_conv_hot_loop_trip_count(conv_library):
+    code = estimate.kernel_code(estimate.disassemble(conv_library), "main")  # the PrimFunc's global symbol
+    # 8*8 outputs x 64 channels x 9 taps x 2 words of 32 bits
     bits = 8 * 8 * 64 * 9 * 2 * 32
     assert bits == 2_359_296
     loop = estimate.estimate_binary(code, bits, "aarch64", "cortex-a76")
@@ -55,3 +66,34 @@ def test_loops_and_work_by_hand():
     assert estimate.trip_count(8 * 8 * 64 * 9 * 64, 2048) == 1152
     loop = estimate.estimate_macs(code, 100, "aarch64", "cortex-a76")
     assert (loop.work_per_iteration, loop.iterations) == (8, 13)  # ceil(100 / 8)
+
+
+def _library_folder(conv_library, folder):
+    """A library folder as `bnncc compile` writes it, holding the one conv as layer ``conv``."""
+    folder.mkdir()
+    shutil.copyfile(conv_library, folder / "model.so")
+    (folder / "model.json").write_text(json.dumps({"instructions": {"conv": {"kernel": "main"}}}))
+    x = ir.Value(name="x", shape=ir.Shape([1, 64, 8, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", shape=ir.Shape([64, 64, 3, 3]), type=ir.TensorType(ir.DataType.FLOAT),
+                 const_value=ir.tensor(np.ones((64, 64, 3, 3), np.float32), name="w"))
+    node = ir.Node(DOMAIN, "PokeConv", [x, w], name="conv")
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], name="g")
+    ir.save(ir.Model(graph, ir_version=10), folder / "model.onnx")
+    return folder
+
+
+def test_report_of_an_arm64_library(conv_library, tmp_path):
+    """report.md and report.json of an arm64 build carry the labelled estimate, the same bytes twice."""
+    layers = [SimpleNamespace(name="conv/binary", op_type="BinaryConv", macs=8 * 8 * 64 * 9 * 64)]
+    folder = _library_folder(conv_library, tmp_path / "lib")
+    figures = estimate.library_estimate(folder, layers)
+    (row,) = figures["layers"]
+    assert figures["label"] == "estimated, llvm-mca cortex-a76 at 2.4 GHz"
+    assert row["iterations"] * row["bits_per_iteration"] == 2_359_296
+    assert figures["binary_cycles"] == pytest.approx(row["iterations"] * row["cycles_per_iteration"])
+    assert estimate.library_estimate(folder, layers) == figures  # deterministic
+    lines = "\n".join(report._estimate_lines(figures))
+    assert "(estimated, llvm-mca cortex-a76 at 2.4 GHz)" in lines and "| conv/binary | main | 2,359,296 |" in lines
+    missing = report.arm64_estimate(SimpleNamespace(deployed=SimpleNamespace(cost=SimpleNamespace(layers=layers))),
+                                    tmp_path / "nothing")
+    assert missing["skipped"].startswith("no estimate:")
