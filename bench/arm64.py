@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +50,21 @@ HOST_MODEL = "znver4"  # AMD Zen 4: family 25 with AVX-512 (/proc/cpuinfo)
 
 def build_arm64(workdir: Path) -> tuple[ir.Model, Path, list[str]]:
     """PokeBNN-1x of a random-weight torchvision ResNet-50 as an arm64 library for one thread:
-    the graph, the library and the kernels ``batch_1`` calls, in order."""
+    the graph, the library and the kernels ``batch_1`` calls, in order; kept in ``workdir``
+    (graph, library, calls.json) and taken from there when all three are present."""
+    graph, library, calls_file = workdir / "pokebnn_1x.onnx", workdir / "pokebnn_1x_arm64.so", workdir / "calls.json"
+    if graph.is_file() and library.is_file() and calls_file.is_file():
+        return ir.load(graph), library, json.loads(calls_file.read_text(encoding="utf-8"))
     onnx_path = zoo.export_onnx(zoo.resnet50(), workdir / "resnet50.onnx")
     model, _ = bnncc.rewrite(bnncc.load(onnx_path), "pokebnn_1x")
     target = arm64.arm64_target(cores=1)
     lowered = lower(model, target, (1,), schedule=arm64.schedule)
-    library = arm64.export_arm64(tc.compile_module(lowered.module, target), workdir / "pokebnn_1x_arm64.so")
+    arm64.export_arm64(tc.compile_module(lowered.module, target), library)
     calls = [binding.value.args[0].name_hint
              for block in lowered.module[function_name(1)].body.blocks for binding in block.bindings
              if getattr(getattr(binding.value, "op", None), "name", "").startswith("relax.call_tir")]
+    ir.save(model, graph)
+    calls_file.write_text(json.dumps(calls), encoding="utf-8")
     return model, library, calls
 
 
@@ -65,15 +74,41 @@ def arm_estimates(model: ir.Model, library: Path, calls: list[str]) -> dict[str,
     return {core: estimate.estimate_layers(functions, model, pairs, "aarch64", core) for core in CORES}
 
 
-def host_clock() -> float:
-    """This CPU's nominal clock in Hz (/proc/cpuinfo "cpu MHz" of the first CPU)."""
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        return float(next(line for line in f if line.startswith("cpu MHz")).split(":")[1]) * 1e6
+# A chain of dependent adds runs at one per cycle on any x86-64 core: its rate per second of CPU
+# time is the clock the kernels ran at (a VM's /proc/cpuinfo states the nominal clock, not the
+# boost). CPU time, here and for the kernels, leaves out the time others' processes hold the core.
+_CLOCK_C = r"""
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b;
+    unsigned long n = 100000000UL, x = 0;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+    for (unsigned long i = 0; i < n; i++)
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+    printf("%f\n", 4.0 * n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) * 1e-9));
+    return 0;
+}
+"""
+
+
+def clock_meter(workdir: Path):
+    """A function that returns the clock this core runs at now, in Hz: the fastest of 5 runs of
+    ``_CLOCK_C`` (about 0.1 s each), as the kernel times are the fastest of 5 loops: on a shared
+    machine others' work only slows both, and a kernel's cycles are its time at the clock of
+    the moment it ran."""
+    source, binary = workdir / "clock.c", workdir / "clock"
+    source.write_text(_CLOCK_C, encoding="utf-8")
+    subprocess.run(["gcc", "-O2", str(source), "-o", str(binary)], check=True)
+    return lambda: max(float(subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout)
+                       for _ in range(5))
 
 
 def calibrate(workdir: Path) -> list[dict]:
     """For every ResNet-50 binary conv shape at batch 1: the x86-64 kernel's znver4 estimate and
-    its measured time (bench/kernels.py, one thread), both in cycles at ``host_clock``."""
+    its measured CPU time (bench/kernels.py, one thread) in cycles at the clock measured right before."""
+    clock = clock_meter(workdir)
     target = x86_64.target_for_flags(x86_64.cpu_flags(), 1)
     rng = np.random.default_rng(0)
     rows = []
@@ -84,8 +119,9 @@ def calibrate(workdir: Path) -> list[dict]:
         macs = out * out * shape.cout * shape.kernel**2 * shape.cin
         code = estimate.kernel_code(estimate.disassemble(library), "main")  # export_library names it main
         loop = estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", HOST_MODEL)
-        measured = binary_conv_seconds(shape, 1, target, rng) * host_clock()
-        rows.append({"shape": shape, "macs": macs, "estimated": loop.cycles, "measured": measured})
+        hz = clock()
+        measured = binary_conv_seconds(shape, 1, target, rng, timer=time.process_time) * hz
+        rows.append({"shape": shape, "macs": macs, "estimated": loop.cycles, "measured": measured, "clock": hz})
     return rows
 
 
@@ -124,12 +160,14 @@ def breakdown(rows: list[estimate.LayerEstimate], threes: set[str]) -> dict[str,
 HEADER = ["layer", "kernel", "bMACs (1e6)", "bits/iter", "iterations", "cycles/iter", "bMACs/cycle", "ms"]
 
 
-def report(estimates, threes: set[str], calibration, clock_host: float) -> str:
+def report(estimates, threes: set[str], calibration) -> str:
     """The printed and Markdown summary."""
     median, low, high = error_bar(calibration)
+    clocks = [r["clock"] for r in calibration]
     lines = [SECTION, "",
              f"Date: {datetime.date.today().isoformat()}. Machine: AMD EPYC (Zen 4, family 25, AVX-512), "
-             f"{clock_host / 1e9:.2f} GHz nominal. Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
+             f"clock measured before each kernel (a chain of dependent adds per second of CPU time) "
+             f"{min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel times in CPU time (one thread). Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
              "--results bench/RESULTS.md`. LLVM 19 (`llvm-objdump`, `llvm-mca`).", "",
              "**Estimates, not measurements**: each layer's hot loop from the arm64 library's disassembly through "
              "`llvm-mca` (steady state, all loads hitting L1), times its trip count: bits the layer popcounts "
@@ -141,11 +179,13 @@ def report(estimates, threes: set[str], calibration, clock_host: float) -> str:
              f"bench/kernels.py, one thread, {len(calibration)} ResNet-50 shapes): measured / estimated cycles "
              f"median **{median:.2f}**, range {low:.2f}-{high:.2f}. ARM times below are estimate x "
              f"{median:.2f} with that range as the error bar.", "",
-             "| shape | estimated kcycles | measured kcycles | measured / estimated |", "|---|---:|---:|---:|"]
+             "| shape | estimated kcycles | clock GHz | measured CPU µs | measured kcycles | measured / estimated |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in calibration:
         s = r["shape"]
         lines.append(f"| {s.cin}->{s.cout} {s.kernel}x{s.kernel}/{s.stride} @{s.size} | {r['estimated'] / 1e3:,.0f} | "
-                     f"{r['measured'] / 1e3:,.0f} | {r['measured'] / r['estimated']:.2f} |")
+                     f"{r['clock'] / 1e9:.2f} | {r['measured'] / r['clock'] * 1e6:.0f} | {r['measured'] / 1e3:,.0f} | "
+                     f"{r['measured'] / r['estimated']:.2f} |")
     a76 = estimates["cortex-a76"]
     clock = CORES["cortex-a76"][0]
     lines += ["", f"3x3 binary convs on Cortex-A76 at {clock / 1e9:.1f} GHz (hot loop; target >= 70 bMACs/cycle):", "",
@@ -174,14 +214,17 @@ def report(estimates, threes: set[str], calibration, clock_host: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, help="write the summary into this markdown file's section")
+    parser.add_argument("--workdir", type=Path, help="keep the arm64 build here and reuse it (default: a temporary folder)")
     args = parser.parse_args()
     if not estimate.available():
         raise SystemExit("llvm-19 not found: apt-get install llvm-19")
     with tempfile.TemporaryDirectory() as tmp:
-        model, library, calls = build_arm64(Path(tmp))
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        model, library, calls = build_arm64(workdir)
         estimates = arm_estimates(model, library, calls)
         calibration = calibrate(Path(tmp))
-    text = report(estimates, three_by_three(model), calibration, host_clock())
+    text = report(estimates, three_by_three(model), calibration)
     Console(width=200).print(text)
     if args.results:
         write_section(args.results, text)

@@ -68,20 +68,21 @@ def resnet50_shapes() -> list[Shape]:
     return shapes
 
 
-def seconds_per_call(call, budget: float = 0.3, repeats: int = 5) -> float:
+def seconds_per_call(call, budget: float = 0.3, repeats: int = 5, timer=time.perf_counter) -> float:
     """Fastest of ``repeats`` wall-clock loops of about ``budget`` seconds each: the minimum, as
     other work on a shared machine only ever adds time (a plain loop, not time_evaluator, which
-    misread parallel kernels: shared/reference/tvm.md §6.9)."""
+    misread parallel kernels: shared/reference/tvm.md §6.9). ``timer``: wall clock by default;
+    ``time.process_time`` for one thread on a machine others share (bench/arm64.py)."""
     call()
-    start = time.perf_counter()
+    start = timer()
     call()
-    number = max(1, int(budget / repeats / max(time.perf_counter() - start, 1e-7)))
+    number = max(1, int(budget / repeats / max(timer() - start, 1e-7)))
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = timer()
         for _ in range(number):
             call()
-        samples.append((time.perf_counter() - start) / number)
+        samples.append((timer() - start) / number)
     return min(samples)
 
 
@@ -98,7 +99,7 @@ def popcount_peak(threads: int, workdir: Path) -> tuple[float, int]:
     return max(rates), int(runs[0].stdout.split()[1])
 
 
-def binary_conv_seconds(shape: Shape, batch: int, target, rng) -> float:
+def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
     """Time of the scheduled kernel (packed activations in, int32 out) on random data."""
     func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride)
     module = tc.compile_func(x86_64.schedule(func, target), target)
@@ -107,7 +108,7 @@ def binary_conv_seconds(shape: Shape, batch: int, target, rng) -> float:
     out_size = bc.out_size(shape.size, shape.stride)
     args = [tc.to_tensor(a) for a in (x, packed.bits, packed.border)]
     args.append(tc.to_tensor(np.zeros((batch, out_size, out_size, shape.cout), np.int32)))
-    return seconds_per_call(lambda: module(*args))
+    return seconds_per_call(lambda: module(*args), timer=timer)
 
 
 def float_conv_seconds(shape: Shape, batch: int, threads: int, rng) -> float:

@@ -304,6 +304,8 @@ def library_estimate(folder: str | Path, layers: list) -> dict:
     by_node = {node: entry["kernel"] for node, entry in manifest.get("instructions", {}).items()}
     pairs = [(layer, by_node[layer.name.rsplit("/", 1)[0]]) for layer in layers
              if layer.op_type == "BinaryConv" and layer.name.rsplit("/", 1)[0] in by_node]
+    if not pairs:
+        raise BnnccError(f"{folder / 'model.json'}: no binary conv layer with a kernel")
     rows = estimate_layers(disassemble(folder / "model.so"), ir.load(folder / "model.onnx"), pairs,
                            "aarch64", REPORT_CORE)
     version = subprocess.run([str(LLVM_BIN / "llvm-mca"), "--version"], capture_output=True, text=True).stdout
