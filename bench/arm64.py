@@ -1,7 +1,8 @@
 """Estimated speed of PokeBNN-1x (torchvision ResNet-50, 224 px, batch 1) on one ARM core, without the hardware.
 
-Run: ``TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py [--results bench/RESULTS.md]`` (needs llvm-19,
-g++-aarch64-linux-gnu; about 10 minutes on 2 cores, most of it compiling).
+Run: ``TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py [--results bench/RESULTS.md] [--workdir DIR]``
+(needs llvm-19, g++-aarch64-linux-gnu, gcc; about 8 minutes on 2 shared cores, 5 of them building
+the library, which ``--workdir`` keeps for the next run).
 
 1. Builds the arm64 library for one thread (``bnncc.zoo`` ResNet-50 -> ``pokebnn_1x`` -> lower
    and compile for aarch64), disassembles it and estimates every layer's hot loop with llvm-mca
@@ -9,8 +10,9 @@ g++-aarch64-linux-gnu; about 10 minutes on 2 cores, most of it compiling).
    on Cortex-A76, Neoverse-N1 and Cortex-A72, at the clocks of ``CORES``.
 2. Calibrates the method on this machine: the same estimate, with the ``znver4`` model, for the
    x86-64 binary conv kernels of bench/kernels.py (one thread, all ResNet-50 binary conv shapes),
-   against their measured times at this CPU's nominal clock. The spread of measured / estimated
-   is the error bar carried onto the ARM figures.
+   against their measured CPU times at the clock measured right before each. The median of
+   measured / estimated scales the ARM figures and its range is their error bar (it says how
+   far llvm-mca's model is from a real core, measured on the only core at hand).
 
 qemu dynamic instruction counts are not given: a TCG plugin needs qemu's ``qemu-plugin.h``, which
 Debian ships only in the qemu source package, and this machine's apt has no deb-src entries
@@ -132,7 +134,7 @@ def error_bar(calibration: list[dict]) -> tuple[float, float, float]:
 
 
 def _label(row: estimate.LayerEstimate) -> str:
-    return row.layer.rsplit("/", 1)[0] if row.op_type == "BinaryConv" else row.layer
+    return estimate.node_of(row.layer)
 
 
 def three_by_three(model: ir.Model) -> set[str]:
@@ -203,9 +205,17 @@ def report(estimates, threes: set[str], calibration) -> str:
         lines.append(f"| {board} | {hz / 1e9:.1f} GHz | {rate:.1f} | {ms:.1f} | "
                      f"{ms * median:.1f} ({ms * low:.1f}-{ms * high:.1f}) |")
     total = sum(r.cycles for r in a76)
+    groups = breakdown(a76, threes)
     lines += ["", "Where the Cortex-A76 cycles go:", "", "| layers | Mcycles | share |", "|---|---:|---:|"]
-    for kind, cycles in sorted(breakdown(a76, threes).items(), key=lambda kv: -kv[1]):
+    for kind, cycles in sorted(groups.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {cycles / 1e6:.1f} | {cycles / total:.0%} |")
+    three = [r for r in a76 if r.layer in threes]
+    rate = sum(r.macs for r in three) / sum(r.cycles for r in three)
+    other = total - groups.get("binary 3x3", 0.0) - groups.get("binary 1x1", 0.0)
+    lines += ["", f"Issue 18's targets: 3x3 binary convs >= 70 bMACs/cycle on Cortex-A76: **{rate:.1f}**, "
+              f"{'met' if rate >= 70 else 'not met'} (x calibration {rate / median:.1f}, range "
+              f"{rate / high:.1f}-{rate / low:.1f}); non-binary layers below a quarter of the cycles: "
+              f"**{other / total:.0%}** of the hot-loop cycles (the work outside hot loops not counted)."]
     lines += ["", "qemu dynamic instruction counts: not given; a TCG plugin needs `qemu-plugin.h`, which Debian "
               "ships only in the qemu source package, and this machine's apt has no deb-src entries.", "", ""]
     return "\n".join(lines)
@@ -227,7 +237,7 @@ def main() -> None:
     text = report(estimates, three_by_three(model), calibration)
     Console(width=200).print(text)
     if args.results:
-        write_section(args.results, text)
+        write_section(args.results, text, SECTION)
 
 
 if __name__ == "__main__":

@@ -215,14 +215,15 @@ def markdown_section(info: dict, lines: list[list[str]]) -> str:
     ])
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (up to the next '## ' heading), or append it."""
+def write_section(path: Path, section: str, heading: str = SECTION) -> None:
+    """Replace the section of ``path`` under ``heading`` (up to the next '## ' heading; default: this
+    benchmark's), or append it."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
-    start = text.find(SECTION)
+    start = text.find(heading)
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
     atomic_write_text(path, text)
 

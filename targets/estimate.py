@@ -14,11 +14,15 @@ tiling, so it holds for whatever kernels the library has:
   MACs / MAC lanes per iteration times.
 
 What stays outside the hot loops (a kernel's prologue, the per-tile epilogue, bitpacking,
-padding copies, pooling, the VM's calls) is not counted: the calibration against measured x86
-times (bench/arm64.py) carries it in its error bar.
+padding copies, pooling, the VM's calls) is not counted. bench/arm64.py calibrates the method
+against whole x86-64 kernels measured on the host (``znver4``) and carries the spread as the
+error bar.
 
-Tools: Debian's ``llvm-19`` (``llvm-objdump`` disassembles an aarch64 or x86-64 library on
-any host; ``llvm-mca`` has the Cortex-A76, Neoverse-N1, Cortex-A72 and Zen 4 models).
+The code is read from the library file (``llvm-objdump``), not from TVM's assembly text
+(``arm64.kernel_assembly``), so a built library folder is estimated without its TVM executable
+(report.md of ``bnncc convert``). Tools: Debian's ``llvm-19`` (``llvm-objdump`` disassembles an
+aarch64 or x86-64 library on any host; ``llvm-mca`` has the Cortex-A76, Neoverse-N1, Cortex-A72
+and Zen 4 models).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from bnncc.targets.lower import POKE_CONV_KERNEL
 __all__ = [
     "KERNEL_LAYERS", "LLVM_BIN", "Instruction", "LayerEstimate", "LoopEstimate", "available", "binary_bits",
     "cycles_per_iteration", "disassemble", "estimate_binary", "estimate_layers", "estimate_macs", "innermost_loops",
-    "kernel_code", "layer_kind", "library_estimate", "mac_lanes", "match_calls", "trip_count",
+    "kernel_code", "layer_kind", "library_estimate", "mac_lanes", "match_calls", "node_of", "trip_count",
 ]
 
 LLVM_BIN = Path("/usr/lib/llvm-19/bin")
@@ -257,6 +261,11 @@ def match_calls(calls: list[str], layers: list) -> list[tuple[object, str]]:
     return pairs
 
 
+def node_of(layer_name: str) -> str:
+    """The node of a binary conv cost layer: a PokeConv's is called ``<node>/binary``, a BinaryConv's ``<node>``."""
+    return layer_name.removesuffix("/binary")
+
+
 @dataclass(frozen=True)
 class LayerEstimate:
     layer: str
@@ -283,7 +292,7 @@ def estimate_layers(functions: dict[str, list[Instruction]], model, pairs: list[
     for layer, kernel in pairs:
         code = kernel_code(functions, kernel)
         if layer.op_type == "BinaryConv":
-            cin = int(weights[layer.name.rsplit("/", 1)[0]][1])
+            cin = int(weights[node_of(layer.name)][1])
             loop = estimate_binary(code, layer.macs // cin * -(-cin // 32) * 32, triple, mcpu)
         else:
             loop = estimate_macs(code, layer.macs, triple, mcpu)
@@ -302,8 +311,8 @@ def library_estimate(folder: str | Path, layers: list) -> dict:
     folder = Path(folder)
     manifest = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     by_node = {node: entry["kernel"] for node, entry in manifest.get("instructions", {}).items()}
-    pairs = [(layer, by_node[layer.name.rsplit("/", 1)[0]]) for layer in layers
-             if layer.op_type == "BinaryConv" and layer.name.rsplit("/", 1)[0] in by_node]
+    pairs = [(layer, by_node[node_of(layer.name)]) for layer in layers
+             if layer.op_type == "BinaryConv" and node_of(layer.name) in by_node]
     if not pairs:
         raise BnnccError(f"{folder / 'model.json'}: no binary conv layer with a kernel")
     rows = estimate_layers(disassemble(folder / "model.so"), ir.load(folder / "model.onnx"), pairs,
