@@ -239,7 +239,7 @@ def _library_accuracy(lib, data: Path) -> dict:
     from bnncc.train.data import open_dataset
 
     chw = tuple(int(d) for d in lib.input_chw)
-    test = open_dataset(data, "val", image_size=chw[1])
+    test = open_dataset(data, "val")
     images, labels = test.batch(torch.arange(len(test)), chw, augment=False)
     logits = lib(images.numpy())
     if logits.shape[1] != test.num_classes:

@@ -21,7 +21,8 @@ def _percent(value: float | None) -> str:
 def finetune(
     student: Annotated[Path, typer.Argument(help="PokeBNN graph from `bnncc rewrite`.")],
     teacher: Annotated[Path, typer.Option(help="The float model the student learns from.")],
-    data: Annotated[Path, typer.Option(help="IDX folder (MNIST-style) or ImageFolder tree (train/, val/).")],
+    data: Annotated[Path, typer.Option(
+        help="IDX folder (MNIST-style), ImageFolder tree (train/, val/) or tar shards (train-*.tar, val-*.tar).")],
     output: _OUT,
     recipe: Annotated[str, typer.Option(help="Recipe whose [train] table sets the schedule.")] = "pokebnn_1x",
     epochs: Annotated[Optional[int], typer.Option(help="Epochs over the training split.")] = None,
@@ -37,6 +38,8 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and init.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes decoding image files (default: the cores, shared by torchrun's processes).")] = None,
     compile_step: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the training step: faster steps after minutes of compiling.")] = False,
 ) -> None:
@@ -50,7 +53,7 @@ def finetune(
     cfg = TrainConfig.from_recipe(
         train_table, epochs=epochs or 1, max_steps=max_steps, batch_size=batch_size or 64, lr=lr,
         clip_bound=clip_bound, temperature=temperature, label_weight=label_weight,
-        checkpoint_every=checkpoint_every, seed=seed, compile=compile_step)
+        checkpoint_every=checkpoint_every, seed=seed, compile=compile_step, num_workers=workers)
     result = run_finetune(student, teacher, data, output, cfg, checkpoint=checkpoint or output.with_suffix(".ckpt"),
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
     if not is_main_process():  # under torchrun, rank 0 alone reports
@@ -68,7 +71,7 @@ def finetune(
 
 @app.command("train-teacher")
 def train_teacher(
-    data: Annotated[Path, typer.Option(help="IDX folder or ImageFolder tree.")],
+    data: Annotated[Path, typer.Option(help="IDX folder, ImageFolder tree or tar shards.")],
     output: _OUT,
     width: Annotated[float, typer.Option(help="Width multiplier of torchvision's ResNet-50.")] = 1.0,
     image_size: Annotated[int, typer.Option(help="Input size the teacher is trained and exported at.")] = 32,
@@ -78,6 +81,7 @@ def train_teacher(
     lr: Annotated[float, typer.Option(help="Learning rate per 256 images.")] = 3e-2,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    workers: Annotated[Optional[int], typer.Option(help="Processes decoding image files (default: the cores).")] = None,
 ) -> None:
     """Train a float ResNet-50 on labelled data and export it to ONNX (the distillation teacher)."""
     from bnncc.train import TrainConfig
@@ -85,7 +89,7 @@ def train_teacher(
     from bnncc.train.trainer import is_main_process
 
     cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, weight_decay=5e-5,
-                      label_weight=1.0, seed=seed)
+                      label_weight=1.0, seed=seed, num_workers=workers)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device)
     if is_main_process():  # under torchrun, rank 0 alone reports
         console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")

@@ -36,7 +36,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # processes decoding image files; None: the cores (bnncc.train.loader)
     compile: bool = False  # torch.compile the training step: faster steps after minutes of compiling
 
     @classmethod

@@ -1,13 +1,16 @@
-"""Training data: MNIST-style IDX folders and ImageFolder trees, adapted to a model's input.
+"""Training data: MNIST-style IDX folders held in memory, ImageFolder trees and tar shards read file by file.
 
-Batches are drawn deterministically from ``(seed, step)``: the sample order of each epoch is a
-permutation seeded by ``seed + epoch``, and each image is augmented with a generator seeded by
-``(seed, step, position in the global batch)``. So a run resumed at step k sees exactly the batches an uninterrupted run sees,
-and DDP ranks take disjoint slices of the same global batch.
+Every split is a ``Dataset``. Batches are drawn deterministically from ``(seed, step)``: the sample
+order of each epoch is a permutation seeded by ``seed + epoch``, and each image is augmented with a
+generator seeded by ``(seed, step, position in the global batch)``. So a run resumed at step k sees
+exactly the batches an uninterrupted run sees, and DDP ranks take disjoint slices of the same global
+batch. ``Dataset.load`` makes a batch's images (in a ``DataLoader`` worker for image files, see
+``bnncc.train.loader``); ``Dataset.finish`` turns them into the model's normalised input.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 from dataclasses import dataclass
@@ -19,14 +22,9 @@ import torch.nn.functional as F
 
 from bnncc.errors import BnnccError
 
-__all__ = ["ImageData", "open_dataset", "read_idx"]
+__all__ = ["Dataset", "ImageData", "Loaded", "open_dataset", "open_splits", "read_idx"]
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data."""
@@ -46,25 +44,48 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-@dataclass
-class ImageData:
-    """One split of a data set held as uint8 NCHW images plus integer labels."""
+# One batch as ``Dataset.load`` makes it: images (uint8, or floats in [0, 1]), int64 labels, and the
+# (index, reason) of each image that could not be read and was replaced.
+Loaded = tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]
 
-    images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,)
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch; cached, since every step of the epoch asks for it."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class Dataset:
+    """One split of a data set: ``len(split)`` images of ``num_classes`` classes, loaded batch by batch."""
+
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    in_memory = True  # False: images are read and decoded per batch, worth worker processes
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        raise NotImplementedError
+
+    def load(self, index: torch.Tensor, shape: tuple[int, int, int], *, augment: bool, step: int = 0,
+             seed: int = 0, positions: torch.Tensor | None = None) -> Loaded:
+        """The images ``index`` for a model input of ``shape`` = (C, H, W); see ``batch``."""
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """Where image ``i`` comes from, for messages."""
+        raise NotImplementedError
 
     def batch_indices(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         """Indices of the global batch at ``step`` (epochs are seeded permutations, last partial batch dropped)."""
         per_epoch = max(len(self) // batch_size, 1)
         epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        return order[offset * batch_size:(offset + 1) * batch_size]
+        return _epoch_order(len(self), seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+    def finish(self, images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Loaded images (on any device) as the model's normalised float input of ``shape``."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return _adapt(images, shape, self.mean, self.std)
 
     def batch(self, index: torch.Tensor, shape: tuple[int, int, int], *, augment: bool, step: int = 0,
               seed: int = 0, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,12 +93,36 @@ class ImageData:
 
         The augmentation of an image depends on ``(seed, step, position)``, its position in the
         global batch (default: its row here), so DDP ranks augment their slices as one process would.
+        Loads in this process; training and evaluation load through ``bnncc.train.loader.Loader``.
         """
+        images, labels, bad = self.load(index, shape, augment=augment, step=step, seed=seed, positions=positions)
+        for i, reason in bad:
+            logger.warning("%s: unreadable image (%s), replaced", self.describe(i), reason)
+        return self.finish(images, shape), labels
+
+
+class ImageData(Dataset):
+    """One split of an IDX data set, held in memory as uint8 NCHW images plus integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], source: Path):
+        self.images = images  # uint8 (N, C, H, W)
+        self.labels = labels  # int64 (N,)
+        self.num_classes, self.mean, self.std, self.source = num_classes, mean, std, source
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def describe(self, i: int) -> str:
+        return f"{self.source}: image {i}"
+
+    def load(self, index: torch.Tensor, shape: tuple[int, int, int], *, augment: bool, step: int = 0,
+             seed: int = 0, positions: torch.Tensor | None = None) -> Loaded:
         images = self.images[index].float() / 255.0
         if augment:
             positions = torch.arange(len(index)) if positions is None else positions
             images = _augment(images, [seed * 1_000_003 + step * 65_537 + int(p) for p in positions])
-        return _adapt(images, shape, self.mean, self.std), self.labels[index]
+        return images, self.labels[index], []
 
 
 def _augment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -107,8 +152,8 @@ def _augment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
 def _adapt(images: torch.Tensor, shape: tuple[int, int, int], mean, std) -> torch.Tensor:
     """Match channels (repeat 1 -> C, or average C -> 1) and size, then normalise."""
     c, h, w = shape
-    mean_t = torch.tensor(mean).reshape(1, -1, 1, 1)
-    std_t = torch.tensor(std).reshape(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, device=images.device).reshape(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).reshape(1, -1, 1, 1)
     images = (images - mean_t) / std_t
     if images.shape[1] != c:
         if images.shape[1] == 1:
@@ -144,46 +189,36 @@ def _open_idx(folder: Path, split: str) -> ImageData:
     train_images = images if prefix == "train" else read_idx(_idx_file(folder, "train", "images") or images_path)
     mean = float(train_images.mean() / 255.0)
     std = float(train_images.std() / 255.0)
-    return ImageData(images_t, torch.from_numpy(labels), int(labels.max()) + 1, (mean,), (std,))
+    return ImageData(images_t, torch.from_numpy(labels), int(labels.max()) + 1, (mean,), (std,), images_path)
 
 
-def _open_image_folder(folder: Path, split: str, size: int) -> ImageData:
-    from PIL import Image
+def open_dataset(path: str | Path, split: str) -> Dataset:
+    """Open ``split`` ("train" or "val") of an IDX folder, an ImageFolder tree (``train/``, ``val/``)
+    or a folder of tar shards (``train-*.tar``, ``val-*.tar``).
 
-    root = folder / ("train" if split == "train" else "val")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise BnnccError(f"{root}: no class folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                scale = size / min(im.size)
-                im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))))
-                left, top = (im.width - size) // 2, (im.height - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-                labels.append(label)
-    if not images:
-        raise BnnccError(f"{root}: no images")
-    return ImageData(torch.stack(images), torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD)
-
-
-def open_dataset(path: str | Path, split: str, image_size: int = 224) -> ImageData:
-    """Open ``split`` ("train" or "val") of an IDX folder or an ImageFolder tree (``train/``, ``val/``).
-
-    ImageFolder images are decoded once, resized on the short side to ``image_size`` and
-    center-cropped (the usual evaluation crop; training adds random resized crops and flips).
+    IDX images are read into memory. Image files are only indexed here; each batch reads and
+    decodes its own (``bnncc.train.imagefiles``), so memory does not grow with the data set.
     """
+    from bnncc.train.imagefiles import open_image_folder, open_shards
+
     folder = Path(path)
     if not folder.is_dir():
         raise BnnccError(f"{folder}: no such data directory")
     if any(folder.glob("*-images-idx3-ubyte*")):
         return _open_idx(folder, split)
     if (folder / "train").is_dir():
-        return _open_image_folder(folder, split, image_size)
-    raise BnnccError(f"{folder}: neither an IDX folder (train-images-idx3-ubyte.gz ...) nor an ImageFolder tree "
-                     "(train/<class>/*.png, val/<class>/*.png)")
+        return open_image_folder(folder, split)
+    if any(folder.glob("train-*.tar")):
+        return open_shards(folder, split)
+    raise BnnccError(f"{folder}: neither an IDX folder (train-images-idx3-ubyte.gz ...), an ImageFolder tree "
+                     "(train/<class>/*.jpg, val/<class>/*.jpg) nor tar shards (train-000000.tar ..., val-000000.tar ...)")
+
+
+def open_splits(path: str | Path) -> tuple[Dataset, Dataset]:
+    """The training and validation splits, checked to share their classes (for image files)."""
+    from bnncc.train.imagefiles import ImageFiles, check_same_classes
+
+    train, val = open_dataset(path, "train"), open_dataset(path, "val")
+    if isinstance(train, ImageFiles):
+        check_same_classes(train, val)
+    return train, val

@@ -14,7 +14,7 @@ from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.train.config import TrainConfig
-from bnncc.train.data import open_dataset
+from bnncc.train.data import open_splits
 from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train
 
 __all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
@@ -90,18 +90,18 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     if _classes(student_model) != _classes(teacher_model):
         raise BnnccError(f"{student_path}: {_classes(student_model)} classes but the teacher {teacher_path} has "
                          f"{_classes(teacher_model)}: distillation needs the same output")
+    train_data, val_data = open_splits(data_dir)  # indexed and checked before any training
     torch.manual_seed(cfg.seed)
     student, teacher = to_torch(student_model), to_torch(teacher_model)
-    train_data = open_dataset(data_dir, "train", image_size=shape[1])
     result = train(student, teacher, train_data, cfg, shape, checkpoint=Path(checkpoint) if checkpoint else None,
                    resume=resume, metrics=Path(metrics) if metrics else None, device=device,
                    show_progress=show_progress)
     accuracy: tuple[float | None, ...] = (None, None, None, None)
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the result
         return FinetuneResult(output, result, *accuracy, None)
-    val_data = open_dataset(data_dir, "val", image_size=shape[1])
     if val_data.num_classes == _classes(student_model):
-        accuracy = (*evaluate(student, val_data, shape, device=device), *evaluate(teacher, val_data, shape, device=device))
+        accuracy = (*evaluate(student, val_data, shape, device=device, workers=cfg.num_workers),
+                    *evaluate(teacher, val_data, shape, device=device, workers=cfg.num_workers))
     else:
         logger.info("data has %d classes, the model %d: no top-1/top-5", val_data.num_classes, _classes(student_model))
     student.cpu()
@@ -119,15 +119,14 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     """
     from bnncc.zoo import export_onnx, resnet50
 
-    train_data = open_dataset(data_dir, "train", image_size=image_size)
-    val_data = open_dataset(data_dir, "val", image_size=image_size)
+    train_data, val_data = open_splits(data_dir)
     shape = (3, image_size, image_size)
     torch.manual_seed(cfg.seed)
     model = resnet50(width=width, num_classes=train_data.num_classes, seed=cfg.seed)
     train(model, None, train_data, cfg, shape, device=device, show_progress=show_progress)
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and exports
         return Path(output), None, None
-    top1, top5 = evaluate(model, val_data, shape, device=device)
+    top1, top5 = evaluate(model, val_data, shape, device=device, workers=cfg.num_workers)
     model.cpu().eval()
     output = Path(output)
     with atomic_path(output) as tmp:

@@ -3,15 +3,16 @@
 One step at ``step`` s:
 
 1. the global batch is ``data.batch_indices(s)`` (seeded by the run's seed and the epoch) and is
-   augmented with a generator seeded by ``(seed, s)``; rank r of W takes rows r, r+W, ...;
+   augmented with a generator seeded by ``(seed, s)``; rank r of W takes rows r, r+W, ...; image
+   files are decoded ahead in ``DataLoader`` workers (``bnncc.train.loader``);
 2. before ``weight_quant_start`` the student keeps float weights (binary activations on);
 3. at ``act_calibration_at`` the int8/int4 activation bounds are calibrated once and frozen;
 4. Adam(0.9, 0.99) on distillation loss + 0.5 * wd * sum ||W||^2 over kernels; the rate is
    ``lr * global_batch / 256``, decaying linearly to 0 at the last step.
 
 Everything a step depends on is a function of ``s`` or is in the checkpoint (weights, BN
-statistics, bounds, optimizer and schedule), so ``resume`` continues exactly where a run
-stopped. Checkpoints are written atomically every ``checkpoint_every`` steps and at the end.
+statistics, bounds, optimizer and schedule, the unreadable images met so far), so ``resume``
+continues exactly where a run stopped. Checkpoints are written atomically every ``checkpoint_every`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from torch import nn
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.train.config import TrainConfig
-from bnncc.train.data import ImageData
+from bnncc.train.data import Dataset
 from bnncc.train.distill import distillation_loss
+from bnncc.train.loader import Loader, Plan
 
 __all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process",
            "keep_freed_memory", "MEMORY_FORMAT"]
@@ -104,7 +106,7 @@ def _destroy_process_group() -> None:
     dist.destroy_process_group()
 
 
-def total_steps(cfg: TrainConfig, data: ImageData) -> int:
+def total_steps(cfg: TrainConfig, data: Dataset) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
     steps = cfg.epochs * (len(data) // cfg.batch_size)
@@ -122,9 +124,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, scheduler, calibrated: bool,
-                     cfg: TrainConfig) -> None:
+                     cfg: TrainConfig, bad_images: set[int]) -> None:
     state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "calibrated": calibrated, "config": asdict(cfg)}
+             "scheduler": scheduler.state_dict(), "calibrated": calibrated, "config": asdict(cfg),
+             "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -184,7 +187,7 @@ class _FlatAdam(torch.optim.Adam):
         return super().step(closure)
 
 
-def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: TrainConfig,
+def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: TrainConfig,
           input_shape: tuple[int, int, int], *, checkpoint: Path | None = None, resume: bool = False,
           metrics: Path | None = None, device: str | torch.device = "cpu", show_progress: bool = True) -> TrainResult:
     """Train ``student`` in place; with ``teacher`` the loss is distillation, else labels only."""
@@ -207,12 +210,14 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
     optimizer = make_optimizer(student, cfg.lr * cfg.batch_size / 256, flat=world == 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
     start, calibrated = 0, not hasattr(student, "calibrate_bounds")
+    loader = Loader(data, input_shape, seed=cfg.seed, workers=cfg.num_workers, device=device, world=world)
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, calibrated = int(state["step"]), bool(state["calibrated"])
+        loader.bad.update(state.get("bad_images", torch.zeros(0, dtype=torch.int64)).tolist())
         logger.info("resumed from %s at step %d", checkpoint, start)
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
@@ -221,21 +226,20 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
                         TimeRemainingColumn(), disable=not show_progress or rank != 0, transient=False)
+    positions = torch.arange(rank, cfg.batch_size, world)
+    plans = (Plan(data.batch_indices(step, cfg.batch_size, cfg.seed)[positions], step, positions)
+             for step in range(start, steps))
     loss_value, seen, began = float("nan"), 0, time.perf_counter()
     with progress:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=scheduler.get_last_lr()[0], ips=0.0)
-        for step in range(start, steps):
+        for step, (images, labels) in enumerate(loader(plans), start):
             step_began = time.perf_counter()
             if hasattr(student, "set_weight_quantization"):
                 student.set_weight_quantization(step >= quant_start)
             if not calibrated and step >= calibration_step:
-                _calibrate(student, data, cfg, input_shape, step, device)
+                _calibrate(student, data, loader, cfg, step)
                 calibrated = True
-            positions = torch.arange(rank, cfg.batch_size, world)
-            index = data.batch_indices(step, cfg.batch_size, cfg.seed)[positions]
-            images, labels = data.batch(index, input_shape, augment=True, step=step, seed=cfg.seed,
-                                        positions=positions)
-            images, labels = images.to(device, memory_format=MEMORY_FORMAT), labels.to(device)
+            images = images.to(memory_format=MEMORY_FORMAT)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 teacher_logits = None
                 if teacher is not None:
@@ -257,39 +261,39 @@ def train(student: nn.Module, teacher: nn.Module | None, data: ImageData, cfg: T
             if log is not None and (done % cfg.log_every == 0 or done == steps):
                 ips = seen / (time.perf_counter() - began)
                 log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                      "images_per_s": ips}) + "\n")
+                                      "images_per_s": ips, "bad_images": len(loader.bad)}) + "\n")
                 log.flush()
             progress.update(task, completed=done, loss=loss_value, lr=scheduler.get_last_lr()[0],
                             ips=seen / (time.perf_counter() - began))
             if checkpoint is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == steps):
-                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg)
+                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, loader.bad)
     if log is not None:
         log.close()
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
 
 
-def _calibrate(student: nn.Module, data: ImageData, cfg: TrainConfig, shape, step: int, device) -> None:
-    """Calibrate the activation bounds on whole global batches, identically on every rank."""
-    batches = []
-    for j in range(cfg.calibration_batches):
-        index = data.batch_indices(step + j, cfg.batch_size, cfg.seed)
-        batches.append(data.batch(index, shape, augment=False)[0].to(device, memory_format=MEMORY_FORMAT))
+def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConfig, step: int) -> None:
+    """Calibrate the activation bounds on whole global batches (evaluation crops), identically on every rank."""
+    plans = [Plan(data.batch_indices(step + j, cfg.batch_size, cfg.seed), step + j)
+             for j in range(cfg.calibration_batches)]
+    batches = [images.to(memory_format=MEMORY_FORMAT) for images, _ in loader(plans)]
     with torch.no_grad():
         student.calibrate_bounds(batches)
     logger.info("activation bounds calibrated at step %d", step)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, input_shape, batch_size: int = 256,
-             device: str | torch.device = "cpu") -> tuple[float, float]:
+def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256,
+             device: str | torch.device = "cpu", workers: int | None = None) -> tuple[float, float]:
     """(top-1, top-5) accuracy in percent on every image of ``data``."""
     model.to(device).eval()
     top1 = top5 = 0
-    for begin in range(0, len(data), batch_size):
-        index = torch.arange(begin, min(begin + batch_size, len(data)))
-        images, labels = data.batch(index, input_shape, augment=False)
-        logits = model(images.to(device)).float().cpu()
+    loader = Loader(data, input_shape, workers=workers, device=device)
+    plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
+    for images, labels in loader(plans):
+        logits = model(images).float().cpu()
+        labels = labels.cpu()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top1 += int((best[:, 0] == labels).sum())
         top5 += int((best == labels[:, None]).any(dim=1).sum())

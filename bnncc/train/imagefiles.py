@@ -1,0 +1,246 @@
+"""Image files as a ``Dataset``: ImageFolder trees and WebDataset-layout tar shards, indexed, then read
+and decoded batch by batch.
+
+Opening a split only lists its images: for an ImageFolder tree (``train/<class>/<image>``) the
+file names, for tar shards (``train-000000.tar``, ... holding ``<key>.jpg`` beside ``<key>.cls``, the
+class number as text) each image member's byte range, read with ``tarfile`` once. The index is
+numpy arrays (a few tens of bytes an image), so memory does not grow with the images' pixels, and
+any image can be read on its own: the epoch order is a permutation of the whole split, as for
+data held in memory, and a resumed run reads exactly the images it would have.
+
+Decoding is Pillow's (libjpeg-turbo for JPEG), taken from the original image (pokebnn.md, "Data"):
+
+* training: an Inception-style random resized crop (area 0.1-1 of the image, aspect ratio
+  3/4-4/3, 10 attempts, then the centre crop), resized bicubically to the model's input,
+  flipped horizontally with probability 1/2; the draws come from a generator seeded by
+  ``(seed, step, position in the global batch)``;
+* evaluation: the centre crop of 224/256 of the short side, resized to the model's input.
+
+A JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT (Pillow's ``draft``) when the crop still
+has at least the output's pixels at that scale. An image that cannot be read or decoded is
+replaced by the next readable one of the split (deterministic, so a resumed run replaces it
+alike) and reported in ``Loaded``'s bad list.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bnncc.errors import BnnccError
+from bnncc.train.data import Dataset, Loaded
+
+__all__ = ["ImageFiles", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+EVAL_CROP = 224 / 256  # the evaluation crop's share of the short side
+_ATTEMPTS = 10  # random resized crop: draws before the centre-crop fallback
+# What Pillow raises on a file it cannot read: OSError (truncated, unidentified, unreadable),
+# SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+class ImageFiles(Dataset):
+    """One split of image files: ``sources`` are class folders (ImageFolder) or tar shards.
+
+    Image ``i`` is the file ``names[i]`` in folder ``sources[source[i]]``, or, with ``offsets``,
+    ``sizes[i]`` bytes at ``offsets[i]`` of the shard ``sources[source[i]]`` (member ``names[i]``).
+    """
+
+    in_memory = False
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(self, root: Path, sources: list[Path], source: np.ndarray, names: np.ndarray, labels: np.ndarray,
+                 classes: list[str], offsets: np.ndarray | None = None, sizes: np.ndarray | None = None):
+        if len(names) == 0:
+            raise BnnccError(f"{root}: no images")
+        self.root, self.sources, self.source, self.names = root, sources, source, names
+        self.labels, self.classes, self.offsets, self.sizes = labels, classes, offsets, sizes
+        self.num_classes = len(classes)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self, i: int) -> str:
+        name = os.fsdecode(self.names[i])
+        return f"{self.sources[self.source[i]]}:{name}" if self.offsets is not None else str(self.sources[self.source[i]] / name)
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of image ``i``."""
+        path = self.sources[self.source[i]]
+        if self.offsets is None:
+            return (path / os.fsdecode(self.names[i])).read_bytes()
+        with open(path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            data = f.read(int(self.sizes[i]))
+        if len(data) != self.sizes[i]:
+            raise OSError(f"shard ends {self.sizes[i] - len(data)} bytes into the image")
+        return data
+
+    def load(self, index: torch.Tensor, shape: tuple[int, int, int], *, augment: bool, step: int = 0,
+             seed: int = 0, positions: torch.Tensor | None = None) -> Loaded:
+        """uint8 RGB images at the model's (H, W), NCHW in channels-last memory; see ``Dataset.batch``."""
+        _, h, w = shape
+        positions = torch.arange(len(index)) if positions is None else positions
+        pictures, labels, bad = [], [], []
+        for i, position in zip(index.tolist(), positions.tolist()):
+            key = (seed, step, position) if augment else None
+            picture, label = self._picture(i, (w, h), key, bad)
+            pictures.append(picture)
+            labels.append(label)
+        images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2)  # NHWC memory: channels-last NCHW
+        return images, torch.tensor(labels, dtype=torch.int64), bad
+
+    def _picture(self, i: int, size: tuple[int, int], key: tuple[int, int, int] | None,
+                 bad: list[tuple[int, str]]) -> tuple[np.ndarray, int]:
+        """Image ``i`` (or the next readable one) as (H, W, 3) uint8, and its label. Past more than
+        1% of the split unreadable in a row, a black image: the loader stops the run on that count."""
+        for attempt in range(len(self) // 100 + 2):
+            j = (i + attempt) % len(self)
+            try:
+                return _decode(self.read(j), size, key), int(self.labels[j])
+            except _DECODE_ERRORS as e:
+                bad.append((j, f"{type(e).__name__}: {e}"))
+        return np.zeros((size[1], size[0], 3), np.uint8), int(self.labels[i])
+
+
+def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None) -> np.ndarray:
+    """Crop (random for a ``key``, else the evaluation crop) and resize to ``size`` = (W, H)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rng = np.random.default_rng(key) if key is not None else None
+        box = _random_box(*im.size, rng) if rng is not None else _centre_box(*im.size, size, EVAL_CROP)
+        left, top, right, bottom = box
+        width, height = im.size
+        # JPEG only (a no-op elsewhere): the coarsest DCT scale at which the crop keeps >= size pixels
+        im.draft("RGB", (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top))))
+        sx, sy = im.size[0] / width, im.size[1] / height
+        out = im.convert("RGB").resize(size, Image.Resampling.BICUBIC, box=(left * sx, top * sy, right * sx, bottom * sy))
+        if rng is not None and rng.random() < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out)
+
+
+def _random_box(width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Inception-style crop (left, top, right, bottom): area 0.08-1 of the image and covering at
+    least 0.1 of it, so 0.1-1; aspect ratio log-uniform in 3/4-4/3."""
+    for _ in range(_ATTEMPTS):
+        area = width * height * rng.uniform(0.1, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+        if w <= width and h <= height:
+            left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            return left, top, left + w, top + h
+    aspect = min(max(width / height, 3 / 4), 4 / 3)  # fallback: the centre crop of the nearest allowed ratio
+    return _centre_box(width, height, (aspect, 1.0), 1.0)
+
+
+def _centre_box(width: int, height: int, size: tuple[float, float], share: float) -> tuple[float, float, float, float]:
+    """The centred box of ``size``'s aspect ratio whose shorter side is ``share`` of the image's room for it."""
+    scale = share * min(width / size[0], height / size[1])
+    w, h = scale * size[0], scale * size[1]
+    left, top = (width - w) / 2, (height - h) / 2
+    return left, top, left + w, top + h
+
+
+def open_image_folder(folder: Path, split: str) -> ImageFiles:
+    """``folder/train`` or ``folder/val``: one folder of images per class, classes in name order."""
+    root = folder / ("train" if split == "train" else "val")
+    if not root.is_dir():
+        raise BnnccError(f"{root}: no such folder (an ImageFolder tree has train/ and val/)")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise BnnccError(f"{root}: no class folders")
+    sources, names, labels = [], [], []
+    for label, name in enumerate(classes):
+        files = sorted(entry.name for entry in os.scandir(root / name)
+                       if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise BnnccError(f"{root / name}: no images (an empty class)")
+        sources.append(root / name)
+        names.extend(os.fsencode(f) for f in files)
+        labels.append(np.full(len(files), label, np.int64))
+    labels_a = np.concatenate(labels)
+    return ImageFiles(root, sources, labels_a.astype(np.int32), np.array(names), labels_a, classes)
+
+
+def open_shards(folder: Path, split: str) -> ImageFiles:
+    """``folder/train-*.tar`` or ``folder/val-*.tar`` in the WebDataset layout; classes 0..max."""
+    prefix = "train" if split == "train" else "val"
+    shards = sorted(folder.glob(f"{prefix}-*.tar"))
+    if not shards:
+        raise BnnccError(f"{folder}: no {prefix}-*.tar shards")
+    source, names, offsets, sizes, labels = [], [], [], [], []
+    for number, shard in enumerate(shards):
+        for name, offset, size, label in _index_shard(shard):
+            source.append(number)
+            names.append(os.fsencode(name))
+            offsets.append(offset)
+            sizes.append(size)
+            labels.append(label)
+    labels_a = np.array(labels, np.int64)
+    present = np.bincount(labels_a) if len(labels_a) else np.zeros(0, np.int64)
+    if split == "train" and (present == 0).any():  # a small validation split may lack a class
+        raise BnnccError(f"{folder}/{prefix}-*.tar: class {int(np.argmin(present))} has no images "
+                         f"(an empty class; the classes are 0 to {len(present) - 1})")
+    return ImageFiles(folder / f"{prefix}-*.tar", shards, np.array(source, np.int32), np.array(names, dtype=bytes),
+                      labels_a, [str(c) for c in range(len(present))], np.array(offsets, np.int64),
+                      np.array(sizes, np.int64))
+
+
+def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
+    """(image member, data offset, size, class) of each sample: members ``<key>.<ext>`` share their
+    key (the name up to the first dot of its last part); ``<key>.cls`` holds the class number."""
+    images: dict[str, tuple[str, int, int]] = {}
+    classes: dict[str, int] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, base = member.name.rpartition("/")
+                stem, _, extension = base.partition(".")
+                key = f"{folder}/{stem}" if folder else stem
+                if extension.lower() == "cls":
+                    text = tar.extractfile(member).read()
+                    try:
+                        classes[key] = int(text.strip())
+                    except ValueError:
+                        raise BnnccError(f"{shard}:{member.name}: not a class number ({text[:20]!r})") from None
+                elif f".{extension.lower()}" in IMAGE_SUFFIXES:
+                    images[key] = (member.name, member.offset_data, member.size)
+    except (tarfile.TarError, OSError) as e:
+        raise BnnccError(f"{shard}: not a readable tar file ({e})") from None
+    missing = images.keys() ^ classes.keys()
+    if missing:
+        key = min(missing)
+        raise BnnccError(f"{shard}: sample {key!r} has " + ("no .cls member" if key in images else "no image member"))
+    if any(label < 0 for label in classes.values()):
+        raise BnnccError(f"{shard}: negative class number")
+    return [(*images[key], classes[key]) for key in sorted(images)]
+
+
+def check_same_classes(train: ImageFiles, val: ImageFiles) -> None:
+    """The validation split must have the training split's classes: the same folder names, or for
+    shards class numbers the training split has (a small validation split may lack some); it then
+    counts the training split's classes."""
+    if train.offsets is not None:
+        if val.num_classes > train.num_classes:
+            raise BnnccError(f"{val.root}: class {val.num_classes - 1} is not among the {train.num_classes} classes "
+                             f"of {train.root}")
+        val.classes, val.num_classes = train.classes, train.num_classes
+    elif train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise BnnccError(f"{train.root.parent}: train/ and val/ have different classes "
+                         f"(only in train/: {', '.join(only_train[:5]) or 'none'}; "
+                         f"only in val/: {', '.join(only_val[:5]) or 'none'})")

@@ -1,0 +1,97 @@
+"""Batches for training and evaluation: loaded ahead in ``DataLoader`` worker processes, bad images counted.
+
+The caller plans the batches (``Plan``: which images, at which step, at which positions of the
+global batch); a batch's content depends on its plan alone, so the number of workers and their
+timing change nothing. Image files are decoded in ``workers`` processes (default: the cores, shared
+among the processes of a torchrun node); data held in memory is sliced in this process.
+
+An unreadable image is replaced inside the batch (``Dataset.load``); the loader logs each one
+once, counts them (``bad``, kept in checkpoints), and stops the run with a ``BnnccError`` when this
+process has met more than 1% of its share of the split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from bnncc.errors import BnnccError
+from bnncc.train.data import Dataset, Loaded
+
+__all__ = ["Plan", "Loader", "default_workers", "BAD_SHARE"]
+
+logger = logging.getLogger(__name__)
+
+BAD_SHARE = 0.01  # more unreadable images than this share of the split stop the run
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One batch: images ``index``, augmented for ``step`` at ``positions`` of the global batch
+    (``None``: not augmented, the evaluation crop)."""
+
+    index: torch.Tensor
+    step: int = 0
+    positions: torch.Tensor | None = None
+
+
+def default_workers() -> int:
+    """The cores this process may use, shared among the torchrun processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+class _Batches(torch.utils.data.Dataset):
+    """A ``Plan`` -> its loaded batch, in whichever process runs it."""
+
+    def __init__(self, data: Dataset, shape: tuple[int, int, int], seed: int):
+        self.data, self.shape, self.seed = data, shape, seed
+
+    def __getitem__(self, plan: Plan) -> Loaded:
+        return self.data.load(plan.index, self.shape, augment=plan.positions is not None, step=plan.step,
+                              seed=self.seed, positions=plan.positions)
+
+
+class Loader:
+    """Loads planned batches of ``data`` for a model input of ``shape``, onto ``device``."""
+
+    def __init__(self, data: Dataset, shape: tuple[int, int, int], *, seed: int = 0, workers: int | None = None,
+                 device: str | torch.device = "cpu", world: int = 1):
+        self.data, self.shape, self.device = data, shape, torch.device(device)
+        self.batches = _Batches(data, shape, seed)
+        self.workers = 0 if data.in_memory else (default_workers() if workers is None else workers)
+        self.bad: set[int] = set()
+        self.share = len(data) // world  # the images this process reads of each epoch
+
+    def __call__(self, plans: Iterable[Plan]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images, labels) on the device for each plan, in order."""
+        if self.workers == 0:
+            loaded: Iterable[Loaded] = map(self.batches.__getitem__, plans)
+        else:
+            # batch_size=None: each plan is one item, a whole batch made by one worker
+            loaded = DataLoader(self.batches, sampler=plans, batch_size=None, num_workers=self.workers,
+                                collate_fn=_as_is, pin_memory=self.device.type == "cuda")
+        for images, labels, bad in loaded:
+            self._count(bad)
+            images = images.to(self.device, non_blocking=True)
+            yield self.data.finish(images, self.shape), labels.to(self.device, non_blocking=True)
+
+    def _count(self, bad: list[tuple[int, str]]) -> None:
+        for i, reason in bad:
+            if i not in self.bad:
+                self.bad.add(i)
+                logger.warning("%s: unreadable image (%s), replaced by the next readable one", self.data.describe(i),
+                               reason)
+        if len(self.bad) > BAD_SHARE * self.share:
+            raise BnnccError(f"{self.data.describe(min(self.bad))} and {len(self.bad) - 1} more images are "
+                             f"unreadable: more than {BAD_SHARE:.0%} of the {self.share} this process reads")
+
+
+def _as_is(loaded: Loaded) -> Loaded:
+    """The batch as the worker made it (module level: workers may be spawned, not forked)."""
+    return loaded
