@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

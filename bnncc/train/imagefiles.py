@@ -203,10 +203,13 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
     images: dict[str, tuple[str, int, int]] = {}
     classes: dict[str, int] = {}
     try:
+        length = shard.stat().st_size
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
+                if member.offset_data + member.size > length:  # tarfile takes a cut-short shard's end for its last
+                    raise BnnccError(f"{shard}: cut short inside {member.name}")
                 folder, _, base = member.name.rpartition("/")
                 stem, _, extension = base.partition(".")
                 key = f"{folder}/{stem}" if folder else stem

@@ -1,0 +1,348 @@
+"""Image files (ImageFolder trees, WebDataset tar shards) read batch by batch in DataLoader workers.
+
+The data sets are small synthetic JPEGs made here: each class its own brightness, each image its
+own size. The shards hold the very bytes of the ImageFolder's files in the same order, so both
+layouts must give the same batches. Run as a script (under torchrun) this file is the DDP worker:
+    test_data_files.py DATA_DIR OUT_STATE STEPS
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from bnncc.errors import BnnccError
+from bnncc.train import TrainConfig
+from bnncc.train.data import open_dataset, open_splits
+from bnncc.train.imagefiles import _centre_box, _random_box
+from bnncc.train.loader import Loader, Plan
+from bnncc.train.trainer import train
+
+SHAPE = (3, 16, 16)
+CLASSES = 3
+
+
+def jpeg(rng: np.random.Generator, label: int, width: int, height: int) -> bytes:
+    pixels = (rng.integers(0, 60, (height, width, 3)) + 80 * label).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_data(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """``root/images`` (ImageFolder) and ``root/shards`` (two training shards, one validation shard)."""
+    rng = np.random.default_rng(seed)
+    (root / "shards").mkdir(parents=True)
+    for split, count in per_class.items():
+        samples = []
+        for label in range(CLASSES):
+            folder = root / "images" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for k in range(count):
+                data = jpeg(rng, label, 32 + 8 * (k % 3), 24 + 4 * (k % 4))
+                (folder / f"{k:03d}.jpg").write_bytes(data)
+                samples.append((f"c{label}/{k:03d}", data, label))
+        shards = 2 if split == "train" else 1
+        for number in range(shards):
+            with tarfile.open(root / "shards" / f"{split}-{number:06d}.tar", "w") as tar:
+                part = samples[number * len(samples) // shards:(number + 1) * len(samples) // shards]
+                for key, data, label in part:
+                    for name, payload in ((f"{key}.jpg", data), (f"{key}.cls", f"{label}\n".encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("files"), {"train": 12, "val": 4})
+
+
+@pytest.fixture(scope="module", params=["images", "shards"])
+def data_dir(request, data_root) -> Path:
+    return data_root / request.param
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    # No batch norm: DDP ranks normalise per device, which would differ from one process.
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(32, CLASSES))
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(lr=0.05, batch_size=8, max_steps=6, weight_decay=5e-5, label_weight=1.0, checkpoint_every=2,
+                seed=3, num_workers=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def train_batches(data, steps, workers, batch_size=8, seed=3):
+    loader = Loader(data, SHAPE, seed=seed, workers=workers)
+    plans = [Plan(data.batch_indices(s, batch_size, seed), s, torch.arange(batch_size)) for s in steps]
+    return list(loader(plans))
+
+
+def test_both_layouts_index_the_same_images(data_root):
+    folder, shards = open_dataset(data_root / "images", "train"), open_dataset(data_root / "shards", "train")
+    assert len(folder) == len(shards) == 36 and folder.num_classes == shards.num_classes == CLASSES
+    assert folder.labels.tolist() == shards.labels.tolist() == [c for c in range(CLASSES) for _ in range(12)]
+    for i in (0, 17, 35):
+        path = data_root / "images" / "train" / f"c{folder.labels[i]}" / f"{i % 12:03d}.jpg"
+        assert folder.read(i) == shards.read(i) == path.read_bytes()
+    assert shards.describe(20) == f"{data_root / 'shards' / 'train-000001.tar'}:c1/008.jpg"
+    # The index is a few arrays, no pixels: memory does not grow with the images' size.
+    assert folder.names.nbytes + folder.labels.nbytes + folder.source.nbytes < 40 * len(folder)
+
+
+def test_evaluation_crop_is_the_centre_224_of_256_resized(data_dir):
+    data = open_dataset(data_dir, "val")
+    images, labels, bad = data.load(torch.arange(3), SHAPE, augment=False)
+    assert images.dtype == torch.uint8 and images.shape == (3, *SHAPE) and not bad
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    for row in range(3):
+        with Image.open(io.BytesIO(data.read(row))) as im:
+            width, height = im.size
+            side = 0.875 * min(width, height)  # square output: the centred square of 224/256 of the short side
+            left, top = (width - side) / 2, (height - side) / 2
+            expected = im.convert("RGB").resize((16, 16), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        assert torch.equal(images[row].permute(1, 2, 0), torch.from_numpy(np.array(expected)))
+
+
+def test_large_jpegs_decode_at_a_reduced_dct_scale_close_to_the_full_decode(tmp_path):
+    rng = np.random.default_rng(1)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((512, 384), Image.BICUBIC))
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(smooth).save(tmp_path / "train" / "a" / "big.jpg", quality=95)
+    data = open_dataset(tmp_path, "train")
+    images = data.load(torch.arange(1), SHAPE, augment=False)[0][0].permute(1, 2, 0).float()
+    with Image.open(tmp_path / "train" / "a" / "big.jpg") as im:
+        im.draft("RGB", (512 * 16 // 336 + 1, 384 * 16 // 336 + 1))
+        assert im.size == (64, 48)  # 336 px of crop -> >= 16 px at 1/8 scale
+    side = 0.875 * 384
+    full = Image.fromarray(smooth).resize((16, 16), Image.Resampling.BICUBIC,
+                                          box=((512 - side) / 2, (384 - side) / 2, (512 + side) / 2, (384 + side) / 2))
+    assert (images - torch.from_numpy(np.array(full)).float()).abs().mean() < 4  # of 255
+
+
+def test_random_crops_follow_the_inception_recipe():
+    rng = np.random.default_rng(0)
+    boxes = np.array([_random_box(500, 375, rng) for _ in range(2000)])
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 500).all() and (boxes[:, 3] <= 375).all()
+    random_ones = ~np.isclose(widths * heights, 500 * 375)  # the rest fell back to the whole 4:3 image
+    areas = widths[random_ones] * heights[random_ones] / (500 * 375)
+    ratios = widths[random_ones] / heights[random_ones]
+    assert areas.min() >= 0.1 - 1e-9 and areas.max() <= 1 and ratios.min() >= 0.75 - 1e-9 and ratios.max() <= 4 / 3 + 1e-9
+    assert np.quantile(areas, 0.1) < 0.25 and random_ones.mean() > 0.5
+    # A long image falls back to its centred 4:3 crop.
+    assert _random_box(1000, 10, np.random.default_rng(0)) == pytest.approx(_centre_box(1000, 10, (4, 3), 1.0))
+    assert _centre_box(1000, 10, (4, 3), 1.0) == pytest.approx((500 - 20 / 3, 0, 500 + 20 / 3, 10))
+
+
+def test_augmentation_flips_half_of_the_images(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, 16:] = 255  # dark left half, bright right half: a flip shows as bright left columns
+    Image.fromarray(half).save(tmp_path / "train" / "a" / "x.png")
+    data = open_dataset(tmp_path, "train")
+    images = data.load(torch.zeros(200, dtype=torch.int64), SHAPE, augment=True, step=5, seed=1)[0].float()
+    flipped = images[:, :, :, 0].mean(dim=(1, 2)) > images[:, :, :, -1].mean(dim=(1, 2))
+    assert 70 < int(flipped.sum()) < 130
+
+
+def test_batches_depend_on_seed_step_and_position_only(data_root):
+    folder, shards = open_dataset(data_root / "images", "train"), open_dataset(data_root / "shards", "train")
+    steps = range(7)  # 4 batches an epoch: crosses into the second epoch
+    reference = train_batches(folder, steps, workers=0)
+    for data, workers in ((folder, 2), (shards, 2), (shards, 0)):
+        batches = train_batches(data, steps, workers)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, batches))
+    # a run resumed at step 4 loads the batches of an uninterrupted one
+    resumed = train_batches(shards, range(4, 7), workers=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(reference[4:], resumed))
+    assert not torch.equal(reference[0][0], reference[4][0])  # epochs differ in order and augmentation
+    assert sorted(torch.cat([folder.batch_indices(s, 8, 3) for s in range(4)]).tolist()) == \
+        sorted(torch.randperm(36, generator=torch.Generator().manual_seed(3 * 100_003))[:32].tolist())
+
+
+def test_ddp_ranks_load_disjoint_slices_of_the_global_batch(data_dir):
+    data = open_dataset(data_dir, "train")
+    index = data.batch_indices(5, 8, 3)
+    loader = Loader(data, SHAPE, seed=3, workers=2)
+    (whole, labels), = loader([Plan(index, 5, torch.arange(8))])
+    for rank in range(2):
+        positions = torch.arange(rank, 8, 2)  # the trainer's slice for rank r of 2
+        (part, part_labels), = loader([Plan(index[positions], 5, positions)])
+        assert torch.equal(part, whole[positions]) and torch.equal(part_labels, labels[positions])
+
+
+def test_resume_at_step_k_trains_on_the_uninterrupted_runs_batches(data_dir, tmp_path, monkeypatch):
+    import bnncc.train.trainer as trainer
+
+    data = open_dataset(data_dir, "train")
+    saved, at_step4 = trainer._save_checkpoint, tmp_path / "step4.ckpt"
+
+    def keep_step4(path, step, *args):
+        saved(path, step, *args)
+        if step == 4:
+            at_step4.write_bytes(path.read_bytes())
+
+    def recording(net):
+        inputs = []
+        net.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+        return net, inputs
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", keep_step4)
+    (whole, seen), (resumed, seen_resumed) = recording(tiny_net()), recording(tiny_net())
+    train(whole, None, data, cfg(), SHAPE, checkpoint=tmp_path / "run.ckpt", show_progress=False)
+    train(resumed, None, data, cfg(), SHAPE, checkpoint=at_step4, resume=True, show_progress=False)
+    assert len(seen) == 6 and len(seen_resumed) == 2
+    assert all(torch.equal(a, b) for a, b in zip(seen[4:], seen_resumed))
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_two_process_ddp_with_workers_matches_one_process(data_root, tmp_path):
+    data_dir, double = data_root / "shards", tmp_path / "double.pt"
+    single = tiny_net()
+    train(single, None, open_dataset(data_dir, "train"), cfg(max_steps=4), SHAPE, show_progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                    __file__, data_dir, double, "4"], env=env, check=True, timeout=300)
+    a, b = single.state_dict(), torch.load(double, weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def with_bad_images(tmp_path):
+    """210 training images, two of them (under 1%) unreadable: a truncated JPEG, a text file named .jpg."""
+    root = make_data(tmp_path, {"train": 70, "val": 2})
+    for layout in ("images", "shards"):
+        folder = root / layout
+        if layout == "images":
+            truncated = folder / "train" / "c0" / "005.jpg"
+            truncated.write_bytes(truncated.read_bytes()[:300])
+            (folder / "train" / "c1" / "007.jpg").write_text("not an image")
+        else:
+            members = {}
+            with tarfile.open(folder / "train-000000.tar") as tar:
+                for member in tar:
+                    members[member.name] = tar.extractfile(member).read()
+            members["c0/005.jpg"] = members["c0/005.jpg"][:300]
+            members["c1/007.jpg"] = b"not an image"
+            with tarfile.open(folder / "train-000000.tar", "w") as tar:
+                for name, payload in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["images", "shards"])
+def test_bad_images_are_replaced_by_the_next_logged_once_and_counted(with_bad_images, layout, tmp_path, caplog):
+    data = open_dataset(with_bad_images / layout, "train")
+    bad = {5, 70 + 7}
+    images, labels, found = data.load(torch.tensor([5, 77, 9]), SHAPE, augment=True, step=2, seed=1)
+    assert [i for i, _ in found] == [5, 77] and "OSError" in found[0][1]
+    replaced, replaced_labels, _ = data.load(torch.tensor([6, 78, 9]), SHAPE, augment=True, step=2, seed=1)
+    assert torch.equal(images, replaced) and torch.equal(labels, replaced_labels)
+    metrics = tmp_path / "m.jsonl"
+    steps = 3 * len(data) // 70  # three epochs at batch 70: every image, each bad one three times
+    with caplog.at_level(logging.WARNING, logger="bnncc.train.loader"):
+        train(tiny_net(), None, data, cfg(batch_size=70, max_steps=steps, log_every=1), SHAPE, metrics=metrics,
+              show_progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert sorted(w.split(": unreadable")[0] for w in warnings) == sorted(data.describe(i) for i in bad)
+    counts = [json.loads(line)["bad_images"] for line in metrics.read_text().splitlines()]
+    assert counts[-1] == 2 and counts == sorted(counts)
+
+
+def test_more_than_one_percent_bad_stops_with_one_line(with_bad_images):
+    data = open_dataset(with_bad_images / "images", "train")
+    (with_bad_images / "images" / "train" / "c2" / "000.jpg").write_bytes(b"")  # 3 of 210: 1.4%
+    with pytest.raises(BnnccError, match=r"c0/005.jpg and 2 more images are unreadable: more than 1% of the 210") as e:
+        train(tiny_net(), None, data, cfg(batch_size=70, max_steps=3), SHAPE, show_progress=False)
+    assert "\n" not in str(e.value)
+
+
+def images_tree(root: Path, train: dict[str, int], val: dict[str, int]) -> Path:
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", train), ("val", val)):
+        (root / split).mkdir(parents=True)
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for k in range(count):
+                (root / split / name / f"{k}.jpg").write_bytes(jpeg(rng, 0, 8, 8))
+    return root
+
+
+@pytest.mark.parametrize("train, val, message", [
+    ({}, {"a": 1}, r"train: no class folders"),
+    ({"a": 2, "b": 0}, {"a": 1, "b": 1}, r"train/b: no images \(an empty class\)"),
+    ({"a": 2, "b": 2}, {"a": 1, "c": 1}, r"train/ and val/ have different classes \(only in train/: b; only in val/: c\)"),
+    ({"a": 2}, {}, r"val: no class folders"),
+])
+def test_image_folder_problems_are_one_line_errors_before_training(tmp_path, train, val, message):
+    with pytest.raises(BnnccError, match=message):
+        open_splits(images_tree(tmp_path, train, val))
+
+
+def write_shard(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("train, val, message", [
+    ({"x.txt": b"0"}, {"a.jpg": b"", "a.cls": b"0"}, r"train-\*.tar: no images"),
+    ({"a.jpg": b"", "a.cls": b"0", "b.jpg": b"", "b.cls": b"2"}, {"a.jpg": b"", "a.cls": b"0"},
+     r"class 1 has no images \(an empty class; the classes are 0 to 2\)"),
+    ({"a.jpg": b"", "a.cls": b"0"}, {"a.jpg": b"", "a.cls": b"1"}, r"val-\*.tar: class 1 is not among the 1 classes"),
+    ({"a.jpg": b"", "a.cls": b"zero"}, {}, r"train-000000.tar:a.cls: not a class number"),
+    ({"a.jpg": b"", "b.cls": b"0"}, {}, r"train-000000.tar: sample 'a' has no .cls member"),
+])
+def test_shard_problems_are_one_line_errors_before_training(tmp_path, train, val, message):
+    write_shard(tmp_path / "train-000000.tar", train)
+    write_shard(tmp_path / "val-000000.tar", val)
+    with pytest.raises(BnnccError, match=message):
+        open_splits(tmp_path)
+
+
+def test_a_truncated_shard_is_a_one_line_error(tmp_path):
+    write_shard(tmp_path / "train-000000.tar", {"a.jpg": b"x" * 5000, "a.cls": b"0"})
+    (tmp_path / "train-000001.tar").write_bytes((tmp_path / "train-000000.tar").read_bytes()[:700])
+    with pytest.raises(BnnccError, match=r"train-000001.tar: cut short inside a.jpg"):
+        open_dataset(tmp_path, "train")
+
+
+def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path, cli):
+    images_tree(tmp_path / "d", {"a": 2, "b": 2}, {"a": 1})
+    out = tmp_path / "t.onnx"
+    code, _, err = cli("train-teacher", "--data", tmp_path / "d", "-o", out, "--image-size", "16")
+    assert code == 2 and "different classes" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def _ddp_worker(data_dir: str, out: str, steps: str) -> None:
+    net = tiny_net()
+    train(net, None, open_dataset(data_dir, "train"), cfg(max_steps=int(steps)), SHAPE, show_progress=False)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        torch.save(net.state_dict(), out)
+
+
+if __name__ == "__main__":
+    _ddp_worker(*sys.argv[1:])
