@@ -43,8 +43,8 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-# One batch as ``Dataset.load`` makes it: images (uint8, or floats in [0, 1]), int64 labels, and the
-# (index, reason) of each image that could not be read and was replaced.
+# One batch as ``Dataset.load`` makes it: images, int64 labels, and the (index, reason) of each
+# image that could not be read and was replaced.
 Loaded = tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]
 
 
@@ -82,9 +82,7 @@ class Dataset:
 
     def finish(self, images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
         """Loaded images (on any device) as the model's normalised float input of ``shape``."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 255.0
-        return _adapt(images, shape, self.mean, self.std)
+        raise NotImplementedError
 
     def batch(self, index: torch.Tensor, shape: tuple[int, int, int], *, augment: bool, step: int = 0,
               seed: int = 0, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +113,12 @@ class ImageData(Dataset):
     def describe(self, i: int) -> str:
         return f"{self.source}: image {i}"
 
+    def finish(self, images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        return _adapt(images, shape, self.mean, self.std)
+
     def load(self, index: torch.Tensor, shape: tuple[int, int, int], *, augment: bool, step: int = 0,
              seed: int = 0, positions: torch.Tensor | None = None) -> Loaded:
+        """Floats in [0, 1] at the stored size, augmented by one ``roi_align``; ``finish`` resizes."""
         images = self.images[index].float() / 255.0
         if augment:
             positions = torch.arange(len(index)) if positions is None else positions

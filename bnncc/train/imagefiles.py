@@ -99,6 +99,18 @@ class ImageFiles(Dataset):
         images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2)  # NHWC memory: channels-last NCHW
         return images, torch.tensor(labels, dtype=torch.int64), bad
 
+    def finish(self, images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """Normalised in one pass that keeps the channels-last layout (the trainer's); to one
+        channel for a grayscale model."""
+        mean = torch.tensor(self.mean, device=images.device).reshape(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=images.device).reshape(1, 3, 1, 1) * 255
+        images = images.float().sub_(mean).div_(std)
+        if shape[0] == 1:
+            return images.mean(dim=1, keepdim=True)
+        if shape[0] != 3:
+            raise BnnccError(f"{self.root}: cannot adapt RGB images to a {shape[0]}-channel model input")
+        return images
+
     def _picture(self, i: int, size: tuple[int, int], key: tuple[int, int, int] | None,
                  bad: list[tuple[int, str]]) -> tuple[np.ndarray, int]:
         """Image ``i`` (or the next readable one) as (H, W, 3) uint8, and its label. Past more than
