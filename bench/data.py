@@ -166,7 +166,8 @@ def timed_finetune(python: str, teacher: Path, student: Path, data: Path, work: 
     command = [python, "-c", _TIMED_FINETUNE, str(student), "--teacher", str(teacher), "--data", str(data),
                "-o", str(work / "trained.onnx"), "--recipe", "pokebnn_0.5x", "--max-steps", "3", "--batch-size", "8"]
     began = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cwd: `python -c` imports from the current folder first, which must not be another checkout
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=work)
     peak = total = 0
     while process.poll() is None:
         main_peak, tree = _tree_rss(process.pid)

@@ -36,7 +36,7 @@ import torch
 from bnncc.errors import BnnccError
 from bnncc.train.data import Dataset, Loaded
 
-__all__ = ["ImageFiles", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
+__all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +46,27 @@ _ATTEMPTS = 10  # random resized crop: draws before the centre-crop fallback
 # What Pillow raises on a file it cannot read: OSError (truncated, unidentified, unreadable),
 # SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+class Names:
+    """Many names in two arrays, their bytes end to end and where each ends: no Python object and no
+    padding per name (a numpy array of fixed-width strings pads all to the longest)."""
+
+    def __init__(self, names: list[str]):
+        encoded = [os.fsencode(name) for name in names]
+        self.data = np.frombuffer(b"".join(encoded), np.uint8)
+        self.ends = np.cumsum([len(name) for name in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> str:
+        begin = int(self.ends[i - 1]) if i else 0
+        return os.fsdecode(self.data[begin:self.ends[i]].tobytes())
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.ends.nbytes
 
 
 class ImageFiles(Dataset):
@@ -58,7 +79,7 @@ class ImageFiles(Dataset):
     in_memory = False
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
-    def __init__(self, root: Path, sources: list[Path], source: np.ndarray, names: np.ndarray, labels: np.ndarray,
+    def __init__(self, root: Path, sources: list[Path], source: np.ndarray, names: Names, labels: np.ndarray,
                  classes: list[str], offsets: np.ndarray | None = None, sizes: np.ndarray | None = None):
         if len(names) == 0:
             raise BnnccError(f"{root}: no images")
@@ -70,14 +91,14 @@ class ImageFiles(Dataset):
         return len(self.names)
 
     def describe(self, i: int) -> str:
-        name = os.fsdecode(self.names[i])
+        name = self.names[i]
         return f"{self.sources[self.source[i]]}:{name}" if self.offsets is not None else str(self.sources[self.source[i]] / name)
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of image ``i``."""
         path = self.sources[self.source[i]]
         if self.offsets is None:
-            return (path / os.fsdecode(self.names[i])).read_bytes()
+            return (path / self.names[i]).read_bytes()
         with open(path, "rb") as f:
             f.seek(int(self.offsets[i]))
             data = f.read(int(self.sizes[i]))
@@ -179,10 +200,10 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
         if not files:
             raise BnnccError(f"{root / name}: no images (an empty class)")
         sources.append(root / name)
-        names.extend(os.fsencode(f) for f in files)
+        names.extend(files)
         labels.append(np.full(len(files), label, np.int64))
     labels_a = np.concatenate(labels)
-    return ImageFiles(root, sources, labels_a.astype(np.int32), np.array(names), labels_a, classes)
+    return ImageFiles(root, sources, labels_a.astype(np.int32), Names(names), labels_a, classes)
 
 
 def open_shards(folder: Path, split: str) -> ImageFiles:
@@ -195,7 +216,7 @@ def open_shards(folder: Path, split: str) -> ImageFiles:
     for number, shard in enumerate(shards):
         for name, offset, size, label in _index_shard(shard):
             source.append(number)
-            names.append(os.fsencode(name))
+            names.append(name)
             offsets.append(offset)
             sizes.append(size)
             labels.append(label)
@@ -204,7 +225,7 @@ def open_shards(folder: Path, split: str) -> ImageFiles:
     if split == "train" and (present == 0).any():  # a small validation split may lack a class
         raise BnnccError(f"{folder}/{prefix}-*.tar: class {int(np.argmin(present))} has no images "
                          f"(an empty class; the classes are 0 to {len(present) - 1})")
-    return ImageFiles(folder / f"{prefix}-*.tar", shards, np.array(source, np.int32), np.array(names, dtype=bytes),
+    return ImageFiles(folder / f"{prefix}-*.tar", shards, np.array(source, np.int32), Names(names),
                       labels_a, [str(c) for c in range(len(present))], np.array(offsets, np.int64),
                       np.array(sizes, np.int64))
 
