@@ -28,7 +28,7 @@ from bnncc.train import TrainConfig
 from bnncc.train.data import open_dataset, open_splits
 from bnncc.train.imagefiles import _centre_box, _random_box
 from bnncc.train.loader import Loader, Plan
-from bnncc.train.trainer import train
+from bnncc.train.trainer import evaluate, train
 
 SHAPE = (3, 16, 16)
 CLASSES = 3
@@ -346,3 +346,31 @@ def _ddp_worker(data_dir: str, out: str, steps: str) -> None:
 
 if __name__ == "__main__":
     _ddp_worker(*sys.argv[1:])
+
+
+def test_evaluation_with_workers_scores_every_validation_image(data_dir):
+    data, net = open_dataset(data_dir, "val"), tiny_net().eval()
+    images, labels = data.batch(torch.arange(len(data)), SHAPE, augment=False)  # in this process, one batch
+    with torch.no_grad():
+        top1 = 100 * float((net(images).argmax(dim=1) == labels).float().mean())
+    assert evaluate(net, data, SHAPE, batch_size=5, workers=2) == pytest.approx((top1, 100.0))  # top-5 of 3 classes
+
+
+@pytest.mark.slow  # builds a ResNet-50 teacher and its PokeBNN student (tens of seconds)
+def test_finetune_reads_shards_and_evaluates_on_their_validation_split(data_root, tmp_path):
+    import onnx_ir as ir
+
+    from bnncc.frontend import load
+    from bnncc.rewrite import rewrite
+    from bnncc.train import finetune
+    from bnncc.zoo import export_onnx, resnet50
+
+    teacher = export_onnx(resnet50(width=0.125, num_classes=CLASSES).eval(), tmp_path / "teacher.onnx", input_size=32)
+    student, _ = rewrite(load(teacher), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    ir.save(student, tmp_path / "student.onnx")
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=2, calibration_batches=1, num_workers=2)
+    result = finetune(tmp_path / "student.onnx", teacher, data_root / "shards", tmp_path / "trained.onnx", cfg,
+                      metrics=tmp_path / "m.jsonl", show_progress=False)
+    # 12 validation images: accuracies are multiples of 1/12
+    assert result.student_top1 is not None and round(result.student_top1 * 12 / 100, 6).is_integer()
+    assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["bad_images"] == 0
