@@ -5,8 +5,10 @@ textures (per class: four oriented gratings in its own colours; per image: a cro
 a colour cast and grain), as an ImageFolder tree (``train/``, and ``val/`` with 1/20 as many) and,
 with ``--shards``, as tar shards of 1,000 images in the WebDataset layout. Then prints:
 
+* the time to index both splits;
 * decode + augment throughput (random resized crop + flip to 224 px, normalised), images/s with 1
-  and 2 worker processes;
+  and 2 worker processes, and the CPU time an image takes in one process (what a free core
+  sustains, whatever else the machine runs);
 * for ``bnncc finetune`` of PokeBNN-0.5x from a torchvision ResNet-50 at 224 px (random weights),
   ``--max-steps 3 --batch-size 8``: seconds from its start to the first step's loss and to its end,
   the peak RSS of its main process and of its whole process tree (workers included, shared pages
@@ -120,6 +122,19 @@ def loader_throughput(folder: Path, workers: int, batch: int = 64, batches: int 
     return count / (time.perf_counter() - began)
 
 
+def cpu_ms_per_image(folder: Path, images: int = 256) -> float:
+    """CPU milliseconds to read, decode and augment one image to 224 px, in this process."""
+    import torch
+
+    from bnncc.train.data import open_dataset
+
+    data = open_dataset(folder, "train")
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    began = time.process_time()
+    data.load(data.batch_indices(0, images, 0), (3, 224, 224), augment=True, positions=torch.arange(images))
+    return 1000 * (time.process_time() - began) / images
+
+
 def models(work: Path) -> tuple[Path, Path]:
     """A torchvision ResNet-50 at 224 px (random weights) and its PokeBNN-0.5x rewrite."""
     import onnx_ir as ir
@@ -182,6 +197,8 @@ def timed_finetune(python: str, teacher: Path, student: Path, data: Path, work: 
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
+    from bnncc.train.data import open_splits
+
     print(f"bench/data.py on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}, {args.images} images in {args.classes} classes, work dir {work}")
     began = time.perf_counter()
@@ -190,9 +207,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"built in {time.perf_counter() - began:.0f} s: {size / 1e6:.0f} MB of JPEGs"
           + (" (and as shards)" if args.shards else ""))
     for layout in ["images"] + (["shards"] if args.shards else []):
+        began = time.perf_counter()
+        open_splits(work / layout)
+        print(f"{layout}: both splits indexed in {time.perf_counter() - began:.2f} s")
         rates = ", ".join(f"{loader_throughput(work / layout, w):.0f} img/s with {w} worker{'s' * (w > 1)}"
                           for w in (1, 2))
-        print(f"decode + augment to 224 px ({layout}): {rates}")
+        cpu = cpu_ms_per_image(work / layout)
+        print(f"decode + augment to 224 px ({layout}): {rates}; {cpu:.2f} ms CPU an image ({1000 / cpu:.0f} img/s a core)")
     if args.finetune:
         teacher, student = models(work)
         for layout in ["images"] + (["shards"] if args.shards else []):

@@ -28,6 +28,7 @@ import io
 import math
 import os
 import tarfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -213,8 +214,8 @@ def open_shards(folder: Path, split: str) -> ImageFiles:
     if not shards:
         raise BnnccError(f"{folder}: no {prefix}-*.tar shards")
     source, names, offsets, sizes, labels = [], [], [], [], []
-    for number, shard in enumerate(shards):
-        for name, offset, size, label in _index_shard(shard):
+    for number, samples in enumerate(_index_shards(shards)):
+        for name, offset, size, label in samples:
             source.append(number)
             names.append(name)
             offsets.append(offset)
@@ -228,6 +229,18 @@ def open_shards(folder: Path, split: str) -> ImageFiles:
     return ImageFiles(folder / f"{prefix}-*.tar", shards, np.array(source, np.int32), Names(names),
                       labels_a, [str(c) for c in range(len(present))], np.array(offsets, np.int64),
                       np.array(sizes, np.int64))
+
+
+def _index_shards(shards: list[Path]) -> list[list[tuple[str, int, int, int]]]:
+    """Each shard's samples; shards in parallel processes (tarfile reads ~25,000 headers a second:
+    ImageNet's 2.6 million members take two minutes in one process)."""
+    from bnncc.train.loader import default_workers
+
+    processes = min(len(shards), default_workers())
+    if processes == 1:
+        return [_index_shard(shard) for shard in shards]
+    with ProcessPoolExecutor(processes) as pool:
+        return list(pool.map(_index_shard, shards, chunksize=max(1, len(shards) // (4 * processes))))
 
 
 def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
