@@ -25,6 +25,7 @@ __all__ = ["Dataset", "ImageData", "Loaded", "open_dataset", "open_splits", "rea
 
 logger = logging.getLogger(__name__)
 
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data."""
     opener = gzip.open if path.suffix == ".gz" else open

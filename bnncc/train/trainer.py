@@ -12,7 +12,8 @@ One step at ``step`` s:
 
 Everything a step depends on is a function of ``s`` or is in the checkpoint (weights, BN
 statistics, bounds, optimizer and schedule, the unreadable images met so far), so ``resume``
-continues exactly where a run stopped. Checkpoints are written atomically every ``checkpoint_every`` steps and at the end.
+continues exactly where a run stopped. Checkpoints are written atomically every
+``checkpoint_every`` steps and at the end.
 """
 
 from __future__ import annotations
