@@ -47,10 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Networks and images train in channels_last (NHWC in memory). On CPU torch's batch norm and its
 # backward run ~3x faster on it, per-channel sums vectorize along C, and the convolutions skip
-# mkldnn's layout conversions: a float ResNet-50 training step at width 0.25 (batch 128, 32 px,
-# one thread, best of 7 on a shared machine) went 127 -> 92 ms, its PokeBNN student's 315 -> 280
-# (200 with the bnncc ops' channels_last paths). Values are the same up to the convolutions'
-# summation order.
+# mkldnn's layout conversions (bench/RESULTS.md, "Training choices"). Values are the same up to
+# the convolutions' summation order.
 MEMORY_FORMAT = torch.channels_last
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -151,7 +149,7 @@ def make_optimizer(module: nn.Module, lr: float, *, flat: bool = True) -> torch.
 class _FlatAdam(torch.optim.Adam):
     """Adam over one flat buffer: the parameters become views into it and their gradients views
     into a second one, so a step is one kernel over one tensor. Torch's fused Adam pays about
-    5 us a tensor, and a PokeBNN has 642 small ones (DPReLU, SE, BN vectors): 4.4 -> 1 ms a step.
+    5 us a tensor, and a PokeBNN has 642 small ones (DPReLU, SE, BN vectors; bench/RESULTS.md).
     Backward accumulates into the gradient views in place (they exist, so autograd adds to them);
     ``zero_grad`` zeroes the buffer, and a gradient something replaced (``module.zero_grad()``)
     is copied back into its view before the step."""
