@@ -40,7 +40,7 @@ __all__ = [
 CROSS_CXX = "aarch64-linux-gnu-g++"
 # 4 32-bit lanes of a 128-bit NEON register; 16 accumulators leave 16 of the 32 registers for the
 # weights, the broadcast activation word and the popcount temporaries
-NEON = VectorUnit(lanes=4, accumulators=16)
+NEON = VectorUnit(lanes=4, accumulators=16, byte_counts=True)
 
 
 def arm64_target(*, dotprod: bool = False, cores: int | None = None) -> Target:

@@ -41,6 +41,9 @@ class VectorUnit:
 
     lanes: int  # 32-bit lanes per vector register
     accumulators: int  # vector registers the binary conv's register tile may hold its sums in
+    # count mismatches in byte lanes, widened once per chunk of steps (_byte_counts): for CPUs
+    # without a 32-bit vector popcount, where LLVM widens the bytes to words after every step
+    byte_counts: bool = False
 
 
 def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> tirx.PrimFunc | None:
@@ -75,7 +78,7 @@ def _register_tile(wout: int, cout: int, lanes: int, accumulators: int) -> tuple
 
 def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
     """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's trailing bitpack, if any."""
-    conv = _tile_binary_conv2d(func, unit.lanes, unit.accumulators)
+    conv = _tile_binary_conv2d(func, unit.lanes, unit.accumulators, unit.byte_counts)
     sch = s_tir.Schedule(conv)
     if not has_block(sch, "bitpack"):
         return conv
@@ -83,7 +86,7 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     return mark_scheduled(sch.mod["main"])
 
 
-def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> tirx.PrimFunc:
+def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int, byte_counts: bool) -> tirx.PrimFunc:
     """Register-tiled, vectorized, multithreaded binary conv, for a CPU with ``lanes`` uint32
     lanes per vector and room for ``accumulators`` accumulator vectors.
 
@@ -95,6 +98,9 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> t
     together (with channel tiles outermost it would sweep the whole float tensors once per tile,
     touching 128 of every 1024 bytes; bench/RESULTS.md). Each tile then reads all of the layer's
     weights, which stay in L2 (at most 295 KB: 3x3, 512 -> 512).
+
+    With ``byte_counts`` (and whole vectors of channels) the steps count in byte lanes, chunk by
+    chunk of the reduction (``_byte_counts``).
     """
     sch = s_tir.Schedule(func)
     pop = sch.get_sblock("popcount")
@@ -126,14 +132,38 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> t
     # on the stack and makes a "local" one a heap workspace, allocated, zeroed and freed per tile
     # (_MAX_TILE_BYTES).
     reductions = [int(v.dom.extent) for v in sch.get(pop).iter_vars[4:]]  # kh, kw, word
+    bytewise = byte_counts and vec > 1 and channels % vec == 0
+    chunks = _byte_chunks(sch, pop, reductions) if bytewise else None
     sch.compute_at(pop, tile)
     for block in means:
         sch.compute_at(block, tile)
-    # compute_at leaves out loops of extent 1: under the tile come columns, channels, kh, kw, word,
-    # those longer than 1, in that order
-    names = [name for name, extent in zip(("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
-             if extent > 1]
-    loops = dict(zip(names, sch.get_loops(pop)[1:]))
+    # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
+    sch.parallel(tile)
+    sch.vectorize(sch.split(co_i, [None, vec])[1])
+    if chunks is None:
+        loops = _loops_under(sch, pop, 1, ("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
+        _register_steps(sch, pop, loops, ("kh", "kw", "j"), vec)
+    else:
+        _byte_counts(sch, pop, chunks, (width, channels), vec)
+    for block in means:
+        _vector_mean(sch, block, vec)
+    _schedule_pad(sch)
+    return mark_scheduled(sch.mod["main"])
+
+
+def _loops_under(sch: s_tir.Schedule, block, depth: int, names: tuple[str, ...], extents: tuple[int, ...]) -> dict:
+    """The loops of ``block`` below its first ``depth`` loops, by name: compute_at leaves out loops
+    of extent 1, so they are those of ``names`` (in that order) whose ``extents`` exceed 1."""
+    kept = [name for name, extent in zip(names, extents) if extent > 1]
+    return dict(zip(kept, sch.get_loops(block)[depth:]))
+
+
+def _register_steps(sch: s_tir.Schedule, block, loops: dict, reductions: tuple[str, ...], vec: int,
+                    vectorize: bool = True) -> None:
+    """The ``reductions`` loops outermost, then the tile's columns (unrolled) and channel vectors
+    (unrolled, their lanes vectorized unless the caller tensorizes them): each step of the
+    reduction updates the whole register tile. The init is split off before the first of these
+    loops; ``block`` is then the update."""
     inner = []
     if "wo" in loops:
         sch.unroll(loops["wo"])
@@ -141,18 +171,129 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int) -> t
     if "co" in loops:
         vectors, lanes_loop = sch.split(loops["co"], [None, vec])
         sch.unroll(vectors)
-        sch.vectorize(lanes_loop)
+        if vectorize:
+            sch.vectorize(lanes_loop)
         inner += [vectors, lanes_loop]
-    outer = [loops[name] for name in ("kh", "kw", "j") if name in loops]
+    outer = [loops[name] for name in reductions if name in loops]
     sch.reorder(*outer, *inner)
-    sch.parallel(tile)
-    sch.vectorize(sch.split(co_i, [None, vec])[1])
     # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
-    sch.decompose_reduction(pop, (outer + inner)[0])
-    for block in means:
-        _vector_mean(sch, block, vec)
-    _schedule_pad(sch)
-    return mark_scheduled(sch.mod["main"])
+    sch.decompose_reduction(block, (outer + inner)[0])
+
+
+# A byte lane counts at most 8 mismatches a step: 31 steps stay below 256.
+_BYTE_STEPS = 31
+
+
+def _byte_chunks(sch: s_tir.Schedule, pop, reductions: list[int]):
+    """Cut the reduction (kh, kw, word) of the unscheduled popcount block into chunks of at most
+    _BYTE_STEPS steps: rfactor over the fused outer parts gives block ``popcount_rf`` (each
+    chunk's sums, the chunk index its last axis) and leaves ``pop`` adding them up.
+    Returns (rf block, chunk count, steps of a chunk in kh, kw, word)."""
+    k, _, cw = reductions
+    # the word loop's largest divisor <= _BYTE_STEPS, then whole kernel columns (then rows) under
+    # it while the chunk stays that short
+    j_in = _largest_divisor(cw, _BYTE_STEPS)
+    kw_in = _largest_divisor(k, _BYTE_STEPS // cw) if j_in == cw else 1
+    kh_in = _largest_divisor(k, _BYTE_STEPS // (k * cw)) if j_in == cw and kw_in == k else 1
+    *_, kh, kw, j = sch.get_loops(pop)
+    outer, inner = zip(*(sch.split(loop, [None, size]) for loop, size in ((kh, kh_in), (kw, kw_in), (j, j_in))))
+    sch.reorder(*outer, *inner)
+    rf = sch.rfactor(sch.fuse(*outer), 3)
+    return rf, (k // kh_in) * (k // kw_in) * (cw // j_in), (kh_in, kw_in, j_in)
+
+
+def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], vec: int) -> None:
+    """The tile's popcounts in byte lanes, for CPUs without a 32-bit vector popcount.
+
+    ``pop`` (under the tile) runs over the chunks of ``_byte_chunks``; each chunk's counts are
+    computed right before it adds them, in a register tile of its own: each step adds per-byte
+    counts of xor'ed words (``popcount`` of uint8 lanes: AVX2 vpshufb nibble lookups, NEON
+    cnt.16b) into the four byte lanes of each uint32 lane, which cannot carry into each other
+    within a chunk (_byte_popcount_intrin); after the chunk ``pop`` adds the sums of the four
+    bytes to the output's int32 (_byte_sum_intrin). Integer sums in another order: the same
+    result bit for bit."""
+    rf, count, steps = chunks
+    # the chunk index is the first iterator of ``pop`` (rfactor's), so its loop comes first
+    loops = _loops_under(sch, pop, 1, ("chunk", "wo", "co"), (count, *tile_shape))
+    _register_steps(sch, pop, loops, ("chunk",), vec, vectorize=False)
+    depth = 2 if "chunk" in loops else 1
+    sch.compute_at(rf, sch.get_loops(pop)[depth - 1])
+    counts = _loops_under(sch, rf, depth, ("wo", "co", "kh", "kw", "j"), (*tile_shape, *steps))
+    _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False)
+    sch.tensorize(sch.get_loops(rf)[-1], _byte_popcount_intrin(vec))
+    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec))
+
+
+def _byte_popcount_intrin(lanes: int) -> str:
+    """``lanes`` int32 sums += popcount(x ^ w[0:lanes]) in byte lanes (``_byte_counts``): each
+    uint32 lane gets the counts of its four bytes in its four bytes, which only
+    ``_byte_sum_intrin`` makes into a count again. Registered on first use."""
+    name = f"bnncc_byte_popcount_{lanes}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(x: T.Buffer((1,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
+             acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(acc[0:lanes], x[0], w[0:lanes])
+            T.writes(acc[0:lanes])
+            for c in range(lanes):
+                with T.sblock("update"):
+                    vc = T.axis.spatial(lanes, c)
+                    acc[vc] = acc[vc] + T.Cast("int32", T.popcount(x[0] ^ w[vc]))
+
+    @T.prim_func(s_tir=True)
+    def impl(x: T.Buffer((1,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
+             acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(acc[0:lanes], x[0], w[0:lanes])
+            T.writes(acc[0:lanes])
+            # added as uint32: a byte of 128 or more makes the int32 negative, and TVM's int32 add is
+            # "nsw" (no signed wrap), from which LLVM would conclude the sign bit is never set
+            acc[T.Ramp(0, 1, lanes)] = T.reinterpret(f"int32x{lanes}", T.reinterpret(f"uint32x{lanes}", acc[T.Ramp(0, 1, lanes)]) + T.reinterpret(
+                f"uint32x{lanes}",
+                T.popcount(T.reinterpret(f"uint8x{4 * lanes}", T.Broadcast(x[0], lanes) ^ w[T.Ramp(0, 1, lanes)]))))
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _byte_sum_intrin(lanes: int) -> str:
+    """``lanes`` int32 sums += the sum of the four bytes of each lane of a chunk's byte counts
+    (``_byte_popcount_intrin``; at most 248 a byte). Registered on first use."""
+    name = f"bnncc_byte_sum_{lanes}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(part: T.Buffer((lanes,), "int32", offset_factor=1), acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(acc[0:lanes], part[0:lanes])
+            T.writes(acc[0:lanes])
+            for c in range(lanes):
+                with T.sblock("update"):
+                    vc = T.axis.spatial(lanes, c)
+                    acc[vc] = acc[vc] + part[vc]
+
+    def total(part):
+        # in uint32 (see _byte_popcount_intrin): bytes 0+1 and 2+3 into the two 16-bit halves, then
+        # the halves; at most 4 * 248, so the int32 it becomes is the count
+        u = T.reinterpret(f"uint32x{lanes}", part)
+        mask = T.Broadcast(T.uint32(0x00FF00FF), lanes)
+        halves = (u & mask) + (T.shift_right(u, T.Broadcast(T.uint32(8), lanes)) & mask)
+        return T.reinterpret(f"int32x{lanes}", (halves & T.Broadcast(T.uint32(0xFFFF), lanes))
+                             + T.shift_right(halves, T.Broadcast(T.uint32(16), lanes)))
+
+    @T.prim_func(s_tir=True)
+    def impl(part: T.Buffer((lanes,), "int32", offset_factor=1), acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(acc[0:lanes], part[0:lanes])
+            T.writes(acc[0:lanes])
+            acc[T.Ramp(0, 1, lanes)] = acc[T.Ramp(0, 1, lanes)] + total(part[T.Ramp(0, 1, lanes)])
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def _stages(sch: s_tir.Schedule, block, name: str) -> list:

@@ -1,7 +1,8 @@
 """The x86-64 target: this host's LLVM target, and the vectors ``cpu_schedule`` schedules for.
 
 Vector width follows the target: 16 uint32 lanes (zmm, one VPOPCNTD per 16 words) when it has
-AVX-512 VPOPCNTDQ, else 8 lanes (ymm; LLVM then lowers popcount with a nibble table lookup).
+AVX-512 VPOPCNTDQ, else 8 lanes (ymm), counted in byte lanes with vpshufb nibble table lookups and
+widened once per chunk of up to 31 steps (``cpu_schedule._byte_counts``).
 A target without AVX2 is not scheduled (``schedule`` returns None).
 """
 
@@ -14,8 +15,9 @@ from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make
 __all__ = ["cpu_flags", "host_target", "schedule", "target_for_flags", "vector_lanes"]
 
 # Register tile of the binary conv: as many accumulator vectors as lanes (x86-64 has 32 zmm / 16
-# ymm; the rest hold weights and the broadcast activation word).
-_UNITS = {16: VectorUnit(lanes=16, accumulators=16), 8: VectorUnit(lanes=8, accumulators=8)}
+# ymm; the rest hold weights, the broadcast activation word and, on AVX2, the nibble table).
+# AVX2 has no vector popcount: it counts in byte lanes (cpu_schedule._byte_counts).
+_UNITS = {16: VectorUnit(lanes=16, accumulators=16), 8: VectorUnit(lanes=8, accumulators=8, byte_counts=True)}
 
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _AVX2 = {"avx2", "bmi2", "fma", "movbe"}

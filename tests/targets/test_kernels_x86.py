@@ -104,6 +104,10 @@ CONV_CASES = [
     (1, 5, 6, 100, 24, 1, 1),
     (2, 7, 8, 72, 32, 1, 2),
     (1, 14, 14, 64, 64, 3, 1),
+    # more than 31 words: the AVX2 schedule's byte counts run in several chunks of words
+    # (cpu_schedule._byte_chunks), here 3 chunks of 11 words a tap and 9 taps
+    (1, 4, 5, 1056, 16, 1, 1),
+    (1, 5, 4, 1056, 8, 3, 2),
 ]
 
 
@@ -119,6 +123,18 @@ def test_binary_conv_matches_numpy(variant, case):
     expected = reference_conv(x, weights, s)
     got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=expected.shape, out_dtype="int32")
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_binary_conv_every_bit_mismatching(variant):
+    """x all +1, weights all -1: each step of the AVX2 byte counts adds 8 to every byte lane, and a
+    chunk of 31 words (992 channels, 1x1) fills them to 248, just below where they would wrap."""
+    cin, cout = 992, 16
+    x = np.ones((1, 3, 4, cin), np.float32)
+    packed = bp.pack_weights(-np.ones((cout, cin, 1, 1), np.float32))
+    module = build(bc.binary_conv2d_func(1, 3, 4, cin, cout, 1, 1), variant)
+    got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=(1, 3, 4, cout), out_dtype="int32")
+    assert (got == -cin).all()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
