@@ -2,15 +2,18 @@
 instruction counts read from the generated assembly.
 
 NEON has 32 128-bit vector registers: 4 uint32 (or float32) lanes per vector. The kernels are
-scheduled by ``cpu_schedule`` with 4 lanes and 16 accumulator vectors (``NEON``). LLVM lowers
-the vector popcount of 4 uint32 words to
+scheduled by ``cpu_schedule`` with 4 lanes and 16 accumulator vectors (``NEON``), the binary
+conv counting in byte lanes: each step of its inner loop is
 
+    eor    v.16b         activation word (broadcast) xor 4 weight words
     cnt    v.16b         bit count of each byte
-    uaddlp v.8h, v.16b   pairwise add bytes -> 8 halfwords
-    uadalp v.4s, v.8h    pairwise add halfwords and accumulate into the 4 int32 sums
+    add    v.4s          into the byte counters (4 per uint32 lane; no carries within a chunk)
 
-(``addp`` appears where sums are reduced across lanes). ``count_instructions`` counts these in
-a function's assembly: the per-layer figure that stands in for timing under qemu.
+and the byte counters are widened to the int32 sums once per chunk of up to 31 steps
+(``cpu_schedule._byte_counts``), where LLVM's own lowering of a 32-bit-lane popcount widens
+after every ``cnt`` (``uaddlp`` bytes -> halfwords, ``uadalp`` halfwords -> words; still found
+in kernels whose channel tile is not a whole number of vectors). ``count_instructions`` counts
+these in a function's assembly: the per-layer figure that stands in for timing under qemu.
 
 Libraries are compiled by TVM's LLVM for ``aarch64-linux-gnu`` and linked by Debian's
 ``aarch64-linux-gnu-g++`` (package g++-aarch64-linux-gnu).

@@ -1,13 +1,15 @@
 """Schedules of the bitserial kernels on a CPU with fixed-width vector registers (s_tir).
 
 A CPU target (``x86_64``, ``arm64``) supplies only its ``VectorUnit``: how many 32-bit lanes a
-vector holds (uint32 words for the popcounts, float32 values for the rest alike) and how many
-accumulator vectors the binary conv's register tile may keep. ``schedule`` then picks the rule of
+vector holds (uint32 words for the popcounts, float32 values for the rest alike), how many
+accumulator vectors the binary conv's register tile may keep, and whether it counts in byte lanes. ``schedule`` then picks the rule of
 the function's kernel (``KERNEL_ATTR``):
 
 - ``binary_conv2d`` (plain or a fused PokeConv): register tiles of output columns x channels,
-  vectorized over channels, tiles in parallel (``_tile_binary_conv2d``); a trailing
-  sign-and-bitpack stage over pixels in parallel (``_bitpack_block``);
+  vectorized over channels, tiles in parallel (``_tile_binary_conv2d``); popcounts in 32-bit
+  lanes, or in byte lanes widened once per chunk of steps where the unit says so
+  (``_byte_counts``: AVX2, NEON); a trailing sign-and-bitpack stage over pixels in parallel
+  (``_bitpack_block``);
 - ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
 - ``quant_conv2d`` (the stem): output rows in parallel, the reduction outside a vector of output
   channels, so each weight row is one vector load;
