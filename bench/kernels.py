@@ -1,11 +1,15 @@
 """Binary conv kernels of ResNet-50 PokeBNN-1x on this x86-64 CPU, against its popcount peak and float32 onnxruntime.
 
-Run: ``.venv/bin/python bench/kernels.py [--results bench/RESULTS.md]`` (threads: TVM_NUM_THREADS,
-default all CPUs; onnxruntime and the peak loop use the same count).
+Run: ``.venv/bin/python bench/kernels.py [--avx2] [--cpu-time] [--results bench/RESULTS.md]`` (threads:
+TVM_NUM_THREADS, default all CPUs; onnxruntime and the peak loop use the same count). ``--avx2``
+builds the kernels and the peak loop for x86-64-v3 (AVX2, no vector popcount), which runs on an
+AVX-512 CPU too. ``--cpu-time`` (one thread only) times by the CPU time of the calling thread and
+of the peak loop rather than the wall clock: on a machine shared with other work, time spent
+waiting for a core is then left out.
 
 For every binary conv shape (shared/reference/pokebnn.md §2-3) and batch 1 and 8 it prints the
 scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fraction of the peak
-measured here by bench/popcount_peak.c (gcc -O3 -march=native), and the speed-up over a float32
+measured here by bench/popcount_peak.c (gcc -O3 -march=native, or x86-64-v3), and the speed-up over a float32
 onnxruntime Conv of the same shape.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import subprocess
 import tempfile
 import time
@@ -34,6 +39,9 @@ from bnncc.targets.kernels import bitpack as bp
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Binary conv kernels (x86-64)"
+AVX2_SECTION = "## Binary conv kernels (x86-64, AVX2 build)"
+AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}  # what x86_64.target_for_flags needs for x86-64-v3
+PEAK_STEPS = 100_000_000  # of popcount_peak.c: 8 vector xor+popcount+adds each
 
 
 class Shape(NamedTuple):
@@ -72,7 +80,8 @@ def seconds_per_call(call, budget: float = 0.3, repeats: int = 5, timer=time.per
     """Fastest of ``repeats`` wall-clock loops of about ``budget`` seconds each: the minimum, as
     other work on a shared machine only ever adds time (a plain loop, not time_evaluator, which
     misread parallel kernels: shared/reference/tvm.md §6.9). ``timer``: wall clock by default;
-    ``time.process_time`` for one thread on a machine others share (bench/arm64.py)."""
+    CPU time (``time.process_time``, ``time.thread_time``) for one thread on a machine others share
+    (bench/arm64.py, ``--cpu-time``)."""
     call()
     start = timer()
     call()
@@ -86,17 +95,24 @@ def seconds_per_call(call, budget: float = 0.3, repeats: int = 5, timer=time.per
     return min(samples)
 
 
-def popcount_peak(threads: int, workdir: Path) -> tuple[float, int]:
-    """(binary MACs/s, vector bits) of bench/popcount_peak.c with ``threads`` threads; best of 3."""
-    binary = workdir / "popcount_peak"
+def popcount_peak(threads: int, workdir: Path, march: str, cpu_time: bool) -> tuple[float, int]:
+    """(binary MACs/s, vector bits) of bench/popcount_peak.c built for ``march`` with ``threads``
+    threads, by the wall clock or (``cpu_time``) by its user CPU time; best of 3."""
+    binary = workdir / f"popcount_peak_{march}"
     if not binary.exists():
         subprocess.run(
-            ["gcc", "-O3", "-march=native", "-fopenmp", str(HERE / "popcount_peak.c"), "-o", str(binary)], check=True
+            ["gcc", "-O3", f"-march={march}", "-fopenmp", str(HERE / "popcount_peak.c"), "-o", str(binary)], check=True
         )
-    runs = [subprocess.run([str(binary), str(threads), "100000000"], check=True, capture_output=True, text=True)
-            for _ in range(3)]
-    rates = [float(r.stdout.split()[0]) for r in runs]
-    return max(rates), int(runs[0].stdout.split()[1])
+    rates = []
+    for _ in range(3):
+        process = subprocess.Popen([str(binary), str(threads), str(PEAK_STEPS)], stdout=subprocess.PIPE, text=True)
+        out = process.stdout.read().split()
+        _, status, usage = os.wait4(process.pid, 0)
+        if status:
+            raise RuntimeError(f"{binary} failed: status {status}")
+        bits = int(out[1])
+        rates.append(threads * PEAK_STEPS * 8 * bits / usage.ru_utime if cpu_time else float(out[0]))
+    return max(rates), bits
 
 
 def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
@@ -111,7 +127,7 @@ def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_c
     return seconds_per_call(lambda: module(*args), timer=timer)
 
 
-def float_conv_seconds(shape: Shape, batch: int, threads: int, rng) -> float:
+def float_conv_seconds(shape: Shape, batch: int, threads: int, rng, timer=time.perf_counter) -> float:
     """Time of a float32 NCHW Conv with the same SAME padding in onnxruntime."""
     before, after = bc.same_padding(shape.size, shape.kernel, shape.stride)
     weight = rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)).astype(np.float32)
@@ -131,23 +147,26 @@ def float_conv_seconds(shape: Shape, batch: int, threads: int, rng) -> float:
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     x = rng.standard_normal((batch, shape.cin, shape.size, shape.size)).astype(np.float32)
-    return seconds_per_call(lambda: session.run(None, {"x": x}))
+    return seconds_per_call(lambda: session.run(None, {"x": x}), timer=timer)
 
 
-def measure(threads: int) -> tuple[dict, list[dict]]:
+def measure(threads: int, avx2: bool, cpu_time: bool) -> tuple[dict, list[dict]]:
     rng = np.random.default_rng(0)
-    target = x86_64.host_target()
+    target = x86_64.target_for_flags(AVX2_FLAGS, threads) if avx2 else x86_64.host_target()
+    march = "x86-64-v3" if avx2 else "native"
     with tempfile.TemporaryDirectory() as tmp:
-        peak1, bits = popcount_peak(1, Path(tmp))
-        peak = popcount_peak(threads, Path(tmp))[0] if threads > 1 else peak1
-    info = {"peak1": peak1, "peak": peak, "bits": bits, "threads": threads, "target": str(target)}
+        peak1, bits = popcount_peak(1, Path(tmp), march, cpu_time)
+        peak = popcount_peak(threads, Path(tmp), march, cpu_time)[0] if threads > 1 else peak1
+    timer = time.thread_time if cpu_time else time.perf_counter
+    info = {"peak1": peak1, "peak": peak, "bits": bits, "threads": threads, "target": str(target), "march": march,
+            "clock": "CPU time" if cpu_time else "wall clock"}
     rows = []
     for batch in (1, 8):
         for shape in resnet50_shapes():
             out_size = bc.out_size(shape.size, shape.stride)
             macs = batch * out_size**2 * shape.cout * shape.kernel**2 * shape.cin
-            ours = binary_conv_seconds(shape, batch, target, rng)
-            theirs = float_conv_seconds(shape, batch, threads, rng)
+            ours = binary_conv_seconds(shape, batch, target, rng, timer)
+            theirs = float_conv_seconds(shape, batch, threads, rng, timer)
             rows.append({"shape": shape, "batch": batch, "macs": macs, "ours": ours, "float": theirs})
     return info, rows
 
@@ -181,7 +200,7 @@ HEADER = ["batch", "layer", "shape", "count", "ours µs", "T bMAC/s", "of peak",
 def print_table(info: dict, lines: list[list[str]]) -> None:
     console = Console(width=200)
     console.print(
-        f"popcount peak ({info['bits']}-bit xor+popcount+add, gcc -O3 -march=native): "
+        f"popcount peak ({info['bits']}-bit xor+popcount+add, gcc -O3 -march={info['march']}): "
         f"{info['peak1'] / 1e12:.2f} T bMAC/s on 1 thread, {info['peak'] / 1e12:.2f} T on {info['threads']}"
     )
     table = Table(*HEADER, title=f"binary conv, {info['threads']} threads, target {info['target']}")
@@ -190,7 +209,7 @@ def print_table(info: dict, lines: list[list[str]]) -> None:
     console.print(table)
 
 
-def markdown_section(info: dict, lines: list[list[str]]) -> str:
+def markdown_section(info: dict, lines: list[list[str]], heading: str, flags: str) -> str:
     model = next(
         line.split(":", 1)[1].strip() for line in subprocess.run(
             ["lscpu"], check=True, capture_output=True, text=True).stdout.splitlines()
@@ -199,16 +218,16 @@ def markdown_section(info: dict, lines: list[list[str]]) -> str:
     rows = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     rows += ["| " + " | ".join(line) + " |" for line in lines]
     return "\n".join([
-        SECTION, "",
+        heading, "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {model}, {info['threads']} threads "
         f"(`TVM_NUM_THREADS={info['threads']}`; onnxruntime `intra_op_num_threads={info['threads']}`).",
-        "Command: `.venv/bin/python bench/kernels.py --results bench/RESULTS.md`.",
+        f"Command: `TVM_NUM_THREADS={info['threads']} .venv/bin/python bench/kernels.py{flags} --results bench/RESULTS.md`.",
         f"Target: `{info['target']}`.", "",
-        f"Popcount peak (bench/popcount_peak.c, {info['bits']}-bit xor+popcount+add in registers): "
+        f"Popcount peak (bench/popcount_peak.c, -march={info['march']}, {info['bits']}-bit xor+popcount+add in registers): "
         f"**{info['peak1'] / 1e12:.2f} T binary MAC/s on 1 thread, {info['peak'] / 1e12:.2f} T on {info['threads']}**.",
         "\"of peak\" is against the multi-thread figure. Our kernel: packed uint32 activations in, int32 out "
         "(SAME padding and border correction included); onnxruntime: float32 NCHW Conv of the same shape. "
-        "Times are the fastest of 5 loops; on this VM the 56x56 layers vary up to 2x between runs. "
+        f"Times ({info['clock']}) are the fastest of 5 loops; on this VM the 56x56 layers vary up to 2x between runs. "
         "Layers with few input words and large int32 outputs (stage 1 at batch 8: 25 MB per call) are bound by "
         "memory traffic, not popcount.", "",
         *rows, "", "",  # a blank line before the next section's heading
@@ -230,13 +249,19 @@ def write_section(path: Path, section: str, heading: str = SECTION) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--avx2", action="store_true", help="kernels and peak for x86-64-v3 (AVX2) instead of this CPU")
+    parser.add_argument("--cpu-time", action="store_true", help="time by CPU time, not the wall clock (1 thread)")
     parser.add_argument("--results", type=Path, help="write the table into this markdown file's section")
     args = parser.parse_args()
-    info, rows = measure(tc.NUM_THREADS)
+    if args.cpu_time and tc.NUM_THREADS != 1:
+        parser.error("--cpu-time needs TVM_NUM_THREADS=1")
+    info, rows = measure(tc.NUM_THREADS, args.avx2, args.cpu_time)
     lines = table_lines(info, rows)
     print_table(info, lines)
     if args.results:
-        write_section(args.results, markdown_section(info, lines))
+        heading = AVX2_SECTION if args.avx2 else SECTION
+        flags = " --avx2" * args.avx2 + " --cpu-time" * args.cpu_time
+        write_section(args.results, markdown_section(info, lines, heading, flags), heading)
 
 
 if __name__ == "__main__":
