@@ -2,8 +2,8 @@
 
 A CPU target (``x86_64``, ``arm64``) supplies only its ``VectorUnit``: how many 32-bit lanes a
 vector holds (uint32 words for the popcounts, float32 values for the rest alike), how many
-accumulator vectors the binary conv's register tile may keep, and whether it counts in byte lanes. ``schedule`` then picks the rule of
-the function's kernel (``KERNEL_ATTR``):
+accumulator vectors the binary conv's register tile may keep, and whether it counts in byte
+lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR``):
 
 - ``binary_conv2d`` (plain or a fused PokeConv): register tiles of output columns x channels,
   vectorized over channels, tiles in parallel (``_tile_binary_conv2d``); popcounts in 32-bit
@@ -178,7 +178,6 @@ def _register_steps(sch: s_tir.Schedule, block, loops: dict, reductions: tuple[s
         inner += [vectors, lanes_loop]
     outer = [loops[name] for name in reductions if name in loops]
     sch.reorder(*outer, *inner)
-    # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
     sch.decompose_reduction(block, (outer + inner)[0])
 
 
@@ -189,7 +188,8 @@ _BYTE_STEPS = 31
 def _byte_chunks(sch: s_tir.Schedule, pop, reductions: list[int]):
     """Cut the reduction (kh, kw, word) of the unscheduled popcount block into chunks of at most
     _BYTE_STEPS steps: rfactor over the fused outer parts gives block ``popcount_rf`` (each
-    chunk's sums, the chunk index its last axis) and leaves ``pop`` adding them up.
+    chunk's sums; the chunk index comes before the channels, which stay the innermost axis, as
+    the intrinsics' vectors need) and leaves ``pop`` adding them up.
     Returns (rf block, chunk count, steps of a chunk in kh, kw, word)."""
     k, _, cw = reductions
     # the word loop's largest divisor <= _BYTE_STEPS, then whole kernel columns (then rows) under
@@ -245,17 +245,20 @@ def _byte_popcount_intrin(lanes: int) -> str:
                     vc = T.axis.spatial(lanes, c)
                     acc[vc] = acc[vc] + T.Cast("int32", T.popcount(x[0] ^ w[vc]))
 
+    def plus_counts(acc, x, w):
+        # added as uint32: a byte of 128 or more makes the int32 negative, and TVM's int32 add is
+        # "nsw" (no signed wrap), from which LLVM would conclude that the sign bit is never set
+        counts = T.popcount(T.reinterpret(f"uint8x{4 * lanes}", T.Broadcast(x, lanes) ^ w))
+        total = T.reinterpret(f"uint32x{lanes}", acc) + T.reinterpret(f"uint32x{lanes}", counts)
+        return T.reinterpret(f"int32x{lanes}", total)
+
     @T.prim_func(s_tir=True)
     def impl(x: T.Buffer((1,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
              acc: T.Buffer((lanes,), "int32", offset_factor=1)):
         with T.sblock("root"):
             T.reads(acc[0:lanes], x[0], w[0:lanes])
             T.writes(acc[0:lanes])
-            # added as uint32: a byte of 128 or more makes the int32 negative, and TVM's int32 add is
-            # "nsw" (no signed wrap), from which LLVM would conclude the sign bit is never set
-            acc[T.Ramp(0, 1, lanes)] = T.reinterpret(f"int32x{lanes}", T.reinterpret(f"uint32x{lanes}", acc[T.Ramp(0, 1, lanes)]) + T.reinterpret(
-                f"uint32x{lanes}",
-                T.popcount(T.reinterpret(f"uint8x{4 * lanes}", T.Broadcast(x[0], lanes) ^ w[T.Ramp(0, 1, lanes)]))))
+            acc[T.Ramp(0, 1, lanes)] = plus_counts(acc[T.Ramp(0, 1, lanes)], x[0], w[T.Ramp(0, 1, lanes)])
 
     s_tir.TensorIntrin.register(name, desc, impl)
     return name
