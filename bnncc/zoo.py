@@ -28,7 +28,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 
-__all__ = ["resnet18", "resnet34", "resnet50", "resnet101", "randomize_batchnorm", "export_onnx"]
+__all__ = ["ARCHITECTURES", "resnet18", "resnet34", "resnet50", "resnet101", "randomize_batchnorm", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ def resnet50(width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, 
 def resnet101(width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, *, seed: int = 0) -> ResNet:
     """ResNet-101 v1.5 (3, 4, 23, 3 bottlenecks), random weights and BN statistics, in eval mode."""
     return _resnet(Bottleneck, (3, 4, 23, 3), width, num_classes, in_channels, seed)
+
+
+# name -> builder, for the commands and benches that take an architecture by name
+ARCHITECTURES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
 
 
 def _scaled(channels: int, width: float) -> int:
