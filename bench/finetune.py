@@ -1,4 +1,7 @@
-"""Fine-tuning bench: float ResNet-50 teacher on Fashion-MNIST -> PokeBNN rewrite -> distillation.
+"""Fine-tuning bench: float ResNet teacher on Fashion-MNIST -> PokeBNN rewrite -> distillation.
+
+The teacher is ResNet-50 by default; ``--arch resnet18`` (or resnet34) runs the same protocol on a
+basic-block ResNet with its recipe.
 
 Prints teacher top-1, student top-1, the gap, run times, and the training throughput of the
 student over the float teacher on the same batch (target: >= 0.5), and again for full-size
@@ -12,7 +15,8 @@ sizes, so the throughput lines can be rerun in a minute. ``--compile`` also time
 through torch.compile (``bnncc finetune --compile``) at the fine-tune's size.
 
     .venv/bin/python bench/finetune.py [--data /usr/share/datasets/fashion-mnist] [--width 0.25]
-        [--image-size 32] [--teacher-epochs 3] [--student-epochs 7] [--recipe pokebnn_1x] [--full-size-batch 8]
+        [--image-size 32] [--teacher-epochs 3] [--student-epochs 7] [--arch resnet50] [--recipe pokebnn_1x]
+        [--full-size-batch 8]
         [--throughput-only] [--compile]
 """
 
@@ -34,7 +38,12 @@ from bnncc.torchview import to_torch
 from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset
 from bnncc.train.trainer import MEMORY_FORMAT, keep_freed_memory, make_optimizer
-from bnncc.zoo import export_onnx, resnet50
+from bnncc.zoo import ARCHITECTURES, export_onnx
+
+
+# the recipe each architecture's student is rewritten with by default
+_RECIPES = {"resnet18": "resnet18_pokebnn", "resnet34": "resnet34_pokebnn", "resnet50": "pokebnn_1x",
+            "resnet101": "pokebnn_1x"}
 
 
 def stem_width(width: float) -> int:
@@ -80,7 +89,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--teacher-lr", type=float, default=3e-2)
     parser.add_argument("--student-lr", type=float, default=3e-2)
-    parser.add_argument("--recipe", default="pokebnn_1x")
+    parser.add_argument("--arch", default="resnet50", choices=sorted(ARCHITECTURES),
+                        help="the teacher's architecture (torchvision's definition)")
+    parser.add_argument("--recipe", default=None, help="default: pokebnn_1x, resnet18_pokebnn or resnet34_pokebnn "
+                        "by --arch")
     parser.add_argument("--workdir", default=None, help="keep the teacher, student and checkpoints here "
                         "(default: a temporary folder, removed at the end)")
     parser.add_argument("--full-size-batch", type=int, default=8,
@@ -90,6 +102,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time both networks through torch.compile at the fine-tune's size (minutes)")
     args = parser.parse_args()
+    args.recipe = args.recipe or _RECIPES[args.arch]
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         run(args, Path(args.workdir))
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     data = open_dataset(args.data, "train")
     batch, _ = data.batch(torch.arange(args.batch_size), (3, args.image_size, args.image_size), augment=False)
     if args.throughput_only:
-        teacher_path = export_onnx(resnet50(args.width, data.num_classes), work / "teacher.onnx",
+        teacher_path = export_onnx(ARCHITECTURES[args.arch](args.width, data.num_classes), work / "teacher.onnx",
                                    input_size=args.image_size)
         student, _ = rewrite(load(teacher_path), args.recipe,
                              [f"passes.poke_stem.mid_channels={stem_width(args.width)}"])
@@ -113,15 +126,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
         student, teacher_path = train_and_report(args, work)
     # the float teacher is timed as train-teacher trains it; its trained weights do not change a
     # step's cost, so it is the same torchvision module with random weights
-    print_throughput("", student, teacher_path, resnet50(args.width, data.num_classes), batch)
+    print_throughput("", student, teacher_path, ARCHITECTURES[args.arch](args.width, data.num_classes), batch)
     if args.compile:
-        print_compiled_throughput(student, resnet50(args.width, data.num_classes), batch)
+        print_compiled_throughput(student, ARCHITECTURES[args.arch](args.width, data.num_classes), batch)
     if args.full_size_batch:
-        path = export_onnx(resnet50(1.0, 1000), work / "resnet50.onnx", input_size=224)
+        path = export_onnx(ARCHITECTURES[args.arch](1.0, 1000), work / f"{args.arch}.onnx", input_size=224)
         student, _ = rewrite(load(path), args.recipe)
         full = torch.randn(args.full_size_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        print_throughput(f", ResNet-50 at width 1, 224 px, batch {args.full_size_batch} (random weights)",
-                         student, path, resnet50(1.0, 1000), full, steps=5)
+        print_throughput(f", {args.arch} at width 1, 224 px, batch {args.full_size_batch} (random weights)",
+                         student, path, ARCHITECTURES[args.arch](1.0, 1000), full, steps=5)
 
 
 def train_and_report(args: argparse.Namespace, work: Path) -> tuple[ir.Model, Path]:
@@ -131,7 +144,7 @@ def train_and_report(args: argparse.Namespace, work: Path) -> tuple[ir.Model, Pa
     teacher_cfg = TrainConfig(lr=args.teacher_lr, batch_size=args.batch_size, epochs=args.teacher_epochs,
                               label_weight=1.0, weight_decay=5e-5)
     teacher_path, teacher_top1, _ = train_teacher(args.data, work / "teacher.onnx", teacher_cfg, width=args.width,
-                                                 image_size=args.image_size)
+                                                 image_size=args.image_size, arch=args.arch)
     teacher_seconds = time.perf_counter() - began
 
     student, _ = rewrite(load(teacher_path), args.recipe, [f"passes.poke_stem.mid_channels={stem_width(args.width)}"])

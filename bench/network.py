@@ -3,7 +3,9 @@
 (b) latency at batch 1 and 8 of bnncc PokeBNN-1x (random weights, 224x224) against onnxruntime
     float32 ResNet-50 and onnxruntime int8 ResNet-50 (static QDQ, random calibration), as ratios
     of the medians and of the minima (``_latencies_ms``);
-(c) compile time and library size against the packed weight size.
+(c) compile time and library size against the packed weight size;
+and the same latency table for ResNet-18 (issue 19): bnncc ``resnet18_pokebnn`` against
+onnxruntime float32 ResNet-18, the network Bi-Real Net 18 figures of other engines refer to.
 
 Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py`` (prints a markdown table);
 ``--profile`` adds the per-kernel profile at batch 1: each PrimFunc's time inside whole
@@ -272,6 +274,29 @@ def run(args: argparse.Namespace, work: Path) -> None:
           f"ratio {so_bytes / packed:.2f}")
     if args.profile:
         _print_profile(kernel_profile(poke, folder))
+    run_resnet18(work)
+
+
+def run_resnet18(work: Path) -> None:
+    """bnncc resnet18_pokebnn (random weights, 224x224) against onnxruntime fp32 ResNet-18."""
+    import onnx_ir as ir
+
+    from bnncc import zoo
+    from bnncc.frontend import load
+    from bnncc.rewriting import rewrite
+    from bnncc.targets.build import compile as compile_library
+
+    float_path = zoo.export_onnx(zoo.resnet18(), work / "resnet18.onnx", batch="symbolic")
+    poke, _ = rewrite(load(float_path), "resnet18_pokebnn")
+    ir.save(poke, work / "resnet18_pokebnn.onnx")
+    folder = compile_library(work / "resnet18_pokebnn.onnx", work / "lib18", batches=(1, 8))
+    engines = {"bnncc ResNet-18": ("bnncc", str(folder)), "ORT fp32 ResNet-18": ("ort", str(float_path))}
+    print("\n| batch | bnncc resnet18_pokebnn | ORT fp32 ResNet-18 | speedup vs fp32 |")
+    print("|---|---|---|---|")
+    for batch, times in _latencies_ms(engines, (1, 8)).items():
+        ours, fp32 = (times[name] for name in engines)
+        print(f"| {batch} | {np.median(ours):.2f} ({ours.min():.2f}) | {np.median(fp32):.2f} ({fp32.min():.2f}) | "
+              f"{np.median(fp32) / np.median(ours):.1f}x ({fp32.min() / ours.min():.1f}x) |")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from bnncc.passes import (  # noqa: F401
 from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
 from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
-from bnncc.resnet import Bottleneck, Head, ResNet, Stem
+from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
 
 __all__ = ["CANONICAL_PASSES", "load", "read", "recognize"]
 
@@ -154,7 +154,7 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 
 def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
-    """The checked float model ``proto`` in canonical form, recognised as a bottleneck ResNet."""
+    """The checked float model ``proto`` in canonical form, recognised as a ResNet."""
     _check_opset(proto, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
@@ -264,18 +264,22 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def recognize(model: ir.Model) -> ResNet:
-    """Find the stem, the bottleneck stages and the head of a canonical bottleneck ResNet.
+    """Find the stem, the block stages and the head of a canonical bottleneck or basic-block ResNet.
 
     Raises BnnccError naming the node where the model departs from the canonical form's ops or
-    opset (``load`` gives that form) or from a bottleneck ResNet's structure.
+    opset (``load`` gives that form) or from a ResNet's structure: bottlenecks (1x1, 3x3, 1x1 convs)
+    or basic blocks (3x3, 3x3 convs), one kind throughout.
     """
     _check_canonical(model)
     walker = _Walker(model.graph)
     graph_input = model.graph.inputs[0]
     stem = walker.stem(graph_input)
-    stages: list[list[Bottleneck]] = []
+    stages: list[list[Block]] = []
     current = walker.output_of(stem.pool or stem.relu)
-    while (block := walker.bottleneck(current, stages)) is not None:
+    while (block := walker.block(current, stages)) is not None:
+        if stages and type(block) is not type(stages[0][0]):
+            raise BnnccError(f"node '{block.convs[0]}' (Conv): a {_KIND[type(block)]} after {_KIND[type(stages[0][0])]}s; "
+                             f"a ResNet must use one kind of block throughout")
         if block.shortcut is not None or not stages:
             stages.append([])
         stages[-1].append(block)
@@ -314,7 +318,12 @@ def _check_canonical(model: ir.Model) -> None:
                              f"load it with bnncc.load")
 
 
-def _layout_notes(stages: list[list[Bottleneck]]) -> tuple[str, ...]:
+_KIND = {Bottleneck: "bottleneck block", BasicBlock: "basic block"}
+
+
+def _layout_notes(stages: list[list[Block]]) -> tuple[str, ...]:
+    if isinstance(stages[0][0], BasicBlock):
+        return ("basic blocks (ResNet-18/34 style): two 3x3 convs each",)
     strided = [b for stage in stages for b in stage if b.stride > 1]
     if not strided:
         return ()
@@ -375,8 +384,8 @@ class _Walker:
         out = (pool or relu).outputs[0]
         return Stem(conv.name, relu.name, pool.name if pool else None, _weight(conv).shape[0], _size(out))
 
-    def bottleneck(self, x: ir.Value, stages: list[list[Bottleneck]]) -> Bottleneck | None:
-        """The bottleneck reading ``x``, or None when ``x`` goes to the head's pool."""
+    def block(self, x: ir.Value, stages: list[list[Block]]) -> Block | None:
+        """The bottleneck or basic block reading ``x``, or None when ``x`` goes to the head's pool."""
         users = self.users(x)
         if len(users) == 1 and users[0].op_type == "GlobalAveragePool":
             return None
@@ -384,53 +393,53 @@ class _Walker:
         main = [u for u in users if u.op_type == "Conv" and self._feeds(u, "Relu")]
         projections = [u for u in users if u.op_type == "Conv" and self._feeds(u, "Add")]
         adds = [u for u in users if u.op_type == "Add"]
-        # Exactly two readers: the 1x1 reduce conv, and the shortcut (projection conv or the Add).
+        # Exactly two readers: the block's first conv, and the shortcut (projection conv or the Add).
         if len(users) != 2 or len(main) != 1 or len(projections) + len(adds) != 1:
             found = ", ".join(f"{u.op_type} '{u.name}'" for u in users)
             raise BnnccError(f"{where}: expected a bottleneck block (1x1 Conv and shortcut) after it, found {found}")
         conv1 = main[0]
         relu1 = self.only_user(conv1, "Relu", "a Relu")
         conv2 = self.only_user(relu1, "Conv", "the block's second Conv")
-        if self._feeds(conv2, "Add"):
-            raise BnnccError(
-                f"node '{conv2.name}' (Conv): basic-block ResNet (ResNet-18/34 style, two 3x3 convs per block) "
-                f"not supported: PokeBNN is defined on bottleneck ResNets"
-            )
-        relu2 = self.only_user(conv2, "Relu", "a Relu")
-        conv3 = self.only_user(relu2, "Conv", "the block's third (1x1) Conv")
-        add = self.only_user(conv3, "Add", "the residual Add")
         shortcut = projections[0] if projections else None
-        expected_inputs = {conv3.outputs[0].name, (shortcut.outputs[0] if shortcut else x).name}
+        if self._feeds(conv2, "Add"):  # two convs: a basic block (ResNet-18/34)
+            convs, relus, kernels = (conv1, conv2), (relu1,), ((3, 3), (3, 3))
+        else:
+            relu2 = self.only_user(conv2, "Relu", "a Relu")
+            conv3 = self.only_user(relu2, "Conv", "the block's third (1x1) Conv")
+            convs, relus, kernels = (conv1, conv2, conv3), (relu1, relu2), ((1, 1), (3, 3), (1, 1))
+        add = self.only_user(convs[-1], "Add", "the residual Add")
+        expected_inputs = {convs[-1].outputs[0].name, (shortcut.outputs[0] if shortcut else x).name}
         if {v.name for v in add.inputs} != expected_inputs:
-            raise BnnccError(f"node '{add.name}' (Add): expected to add the block's 1x1 Conv and its shortcut")
+            raise BnnccError(f"node '{add.name}' (Add): expected to add the block's {'x'.join(map(str, kernels[-1]))} "
+                             f"Conv and its shortcut")
         out_relu = self.only_user(add, "Relu", "the block's output Relu")
-        for conv, kernel in ((conv1, (1, 1)), (conv2, (3, 3)), (conv3, (1, 1)), (shortcut, (1, 1))):
+        for conv, kernel in (*zip(convs, kernels), (shortcut, (1, 1))):
             if conv is not None and (_kernel(conv) != kernel or int_attr(conv, "group", 1) != 1):
                 raise BnnccError(f"node '{conv.name}' (Conv): expected a {kernel[0]}x{kernel[1]} Conv with group 1")
         stride = _stride(conv1) * _stride(conv2)
         if shortcut is not None and _stride(shortcut) != stride:
             raise BnnccError(f"node '{shortcut.name}' (Conv): shortcut stride {_stride(shortcut)}, block stride {stride}")
-        self.visit(conv1, relu1, conv2, relu2, conv3, shortcut, add, out_relu)
-        stage = len(stages) - (0 if shortcut is not None or not stages else 1)
-        index = 0 if shortcut is not None or not stages else len(stages[-1])
-        w1, w3 = _weight(conv1), _weight(conv3)
-        return Bottleneck(
-            stage=stage,
-            index=index,
-            convs=(conv1.name, conv2.name, conv3.name),
-            relus=(relu1.name, relu2.name),
+        self.visit(*convs, *relus, shortcut, add, out_relu)
+        new_stage = shortcut is not None or not stages
+        w1, w_last = _weight(conv1), _weight(convs[-1])
+        common = dict(
+            stage=len(stages) - (0 if new_stage else 1),
+            index=0 if new_stage else len(stages[-1]),
+            convs=tuple(c.name for c in convs),
             shortcut=shortcut.name if shortcut else None,
             add=add.name,
             out_relu=out_relu.name,
             input=x.name,
             in_channels=w1.shape[1],
             mid_channels=w1.shape[0],
-            out_channels=w3.shape[0],
+            out_channels=w_last.shape[0],
             stride=stride,
             in_size=_size(x),
             out_size=_size(out_relu.outputs[0]),
-            stride_on_3x3=_stride(conv1) == 1,
         )
+        if len(convs) == 2:
+            return BasicBlock(relu=relu1.name, **common)
+        return Bottleneck(relus=tuple(r.name for r in relus), stride_on_3x3=_stride(conv1) == 1, **common)
 
     def head(self, x: ir.Value) -> Head:
         pool = self.users(x)[0]

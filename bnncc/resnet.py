@@ -1,4 +1,4 @@
-"""The structure of a bottleneck ResNet, as the front end recognises it in a canonical graph.
+"""The structure of a bottleneck or basic-block ResNet, as the front end recognises it in a canonical graph.
 
 A plain data structure: node names and shapes, nothing that holds the graph itself. Passes and
 ``bnncc inspect`` read it; ``bnncc.frontend.recognize`` builds it.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Stem", "Bottleneck", "Head", "ResNet"]
+__all__ = ["Stem", "Bottleneck", "BasicBlock", "Block", "Head", "ResNet"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,29 @@ class Bottleneck:
 
 
 @dataclass(frozen=True)
+class BasicBlock:
+    """A ResNet-18/34 block: two 3x3 convs, a Relu between them, the residual Add, a Relu."""
+
+    stage: int  # 0-based
+    index: int  # 0-based within the stage
+    convs: tuple[str, str]  # 3x3 (carries the block's stride in torchvision), 3x3
+    relu: str  # after conv 1
+    shortcut: str | None  # projection Conv node, or None for an identity shortcut
+    add: str
+    out_relu: str
+    input: str  # name of the value entering the block
+    in_channels: int
+    mid_channels: int  # output channels of the first conv (equal to out_channels in ResNet-18/34)
+    out_channels: int
+    stride: int
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+
+
+Block = Bottleneck | BasicBlock
+
+
+@dataclass(frozen=True)
 class Head:
     pool: str  # GlobalAveragePool
     flatten: str | None
@@ -54,10 +77,10 @@ class ResNet:
     input_shape: tuple[int | str, ...]  # (N, C, H, W); N may be symbolic
     output_name: str
     stem: Stem
-    stages: tuple[tuple[Bottleneck, ...], ...]
+    stages: tuple[tuple[Block, ...], ...]  # all Bottleneck or all BasicBlock
     head: Head
     notes: tuple[str, ...] = field(default=())
 
     @property
-    def blocks(self) -> tuple[Bottleneck, ...]:
+    def blocks(self) -> tuple[Block, ...]:
         return tuple(b for stage in self.stages for b in stage)

@@ -1,12 +1,13 @@
 """Float ResNets with random weights for tests and demos, and their ONNX export.
 
 No pretrained weights can be downloaded here, so every model is torchvision's own definition
-(``ResNet`` with ``Bottleneck`` blocks, built by its ``_make_layer``) with seeded random weights.
+(``ResNet`` with ``Bottleneck`` or ``BasicBlock`` blocks, built by its ``_make_layer``) with seeded
+random weights.
 BatchNorm statistics and affine parameters are randomised too: with the default (mean 0, var 1,
 gamma 1, beta 0) a wrong BN fold would go unnoticed.
 
 ``width`` scales the stem width (64) and the stage widths (64, 128, 256, 512) alike:
-``round(64 * width)`` and so on, at least 1; the bottleneck expansion stays 4.
+``round(64 * width)`` and so on, at least 1; the bottleneck expansion stays 4 (basic blocks: 1).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from typing import Literal
 import onnx_ir as ir
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 
-__all__ = ["resnet50", "resnet101", "randomize_batchnorm", "export_onnx"]
+__all__ = ["ARCHITECTURES", "resnet18", "resnet34", "resnet50", "resnet101", "randomize_batchnorm", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,35 +36,50 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 STEM_WIDTH = 64
 
 
+def resnet18(width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, *, seed: int = 0) -> ResNet:
+    """ResNet-18 (2, 2, 2, 2 basic blocks), random weights and BN statistics, in eval mode."""
+    return _resnet(BasicBlock, (2, 2, 2, 2), width, num_classes, in_channels, seed)
+
+
+def resnet34(width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, *, seed: int = 0) -> ResNet:
+    """ResNet-34 (3, 4, 6, 3 basic blocks), random weights and BN statistics, in eval mode."""
+    return _resnet(BasicBlock, (3, 4, 6, 3), width, num_classes, in_channels, seed)
+
+
 def resnet50(width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, *, seed: int = 0) -> ResNet:
     """ResNet-50 v1.5 (3, 4, 6, 3 bottlenecks), random weights and BN statistics, in eval mode."""
-    return _resnet((3, 4, 6, 3), width, num_classes, in_channels, seed)
+    return _resnet(Bottleneck, (3, 4, 6, 3), width, num_classes, in_channels, seed)
 
 
 def resnet101(width: float = 1.0, num_classes: int = 1000, in_channels: int = 3, *, seed: int = 0) -> ResNet:
     """ResNet-101 v1.5 (3, 4, 23, 3 bottlenecks), random weights and BN statistics, in eval mode."""
-    return _resnet((3, 4, 23, 3), width, num_classes, in_channels, seed)
+    return _resnet(Bottleneck, (3, 4, 23, 3), width, num_classes, in_channels, seed)
+
+
+# name -> builder, for the commands and benches that take an architecture by name
+ARCHITECTURES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet101": resnet101}
 
 
 def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def _resnet(layers: tuple[int, ...], width: float, num_classes: int, in_channels: int, seed: int) -> ResNet:
+def _resnet(block: type[BasicBlock | Bottleneck], layers: tuple[int, ...], width: float, num_classes: int,
+            in_channels: int, seed: int) -> ResNet:
     """torchvision's ResNet with the stem and stages rebuilt at ``width`` through ``_make_layer``."""
     if width <= 0:
         raise BnnccError(f"zoo: width must be positive, got {width}")
     torch.manual_seed(seed)
-    model = ResNet(Bottleneck, list(layers), num_classes=num_classes)
+    model = ResNet(block, list(layers), num_classes=num_classes)
     stem = _scaled(STEM_WIDTH, width)
     model.conv1 = nn.Conv2d(in_channels, stem, kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = nn.BatchNorm2d(stem)
     model.inplanes = stem
-    model.layer1 = model._make_layer(Bottleneck, _scaled(STAGE_WIDTHS[0], width), layers[0])
-    model.layer2 = model._make_layer(Bottleneck, _scaled(STAGE_WIDTHS[1], width), layers[1], stride=2)
-    model.layer3 = model._make_layer(Bottleneck, _scaled(STAGE_WIDTHS[2], width), layers[2], stride=2)
-    model.layer4 = model._make_layer(Bottleneck, _scaled(STAGE_WIDTHS[3], width), layers[3], stride=2)
-    model.fc = nn.Linear(_scaled(STAGE_WIDTHS[3], width) * Bottleneck.expansion, num_classes)
+    model.layer1 = model._make_layer(block, _scaled(STAGE_WIDTHS[0], width), layers[0])
+    model.layer2 = model._make_layer(block, _scaled(STAGE_WIDTHS[1], width), layers[1], stride=2)
+    model.layer3 = model._make_layer(block, _scaled(STAGE_WIDTHS[2], width), layers[2], stride=2)
+    model.layer4 = model._make_layer(block, _scaled(STAGE_WIDTHS[3], width), layers[3], stride=2)
+    model.fc = nn.Linear(_scaled(STAGE_WIDTHS[3], width) * block.expansion, num_classes)
     randomize_batchnorm(model, seed)
     return model.eval()
 

@@ -1,8 +1,9 @@
-"""Find the float bottleneck blocks of a ResNet graph, before or after the PokeBNN passes touched it.
+"""Find the float blocks of a ResNet graph, before or after the PokeBNN passes touched it.
 
-A float bottleneck is::
+A float block is a bottleneck (ResNet-50) or a basic block (ResNet-18/34)::
 
-    x -> Conv(1x1) -> Relu -> Conv(3x3) -> Relu -> Conv(1x1) = y
+    x -> Conv(1x1) -> Relu -> Conv(3x3) -> Relu -> Conv(1x1) = y     bottleneck
+    x -> Conv(3x3) -> Relu -> Conv(3x3) = y                          basic block
     merge(y, shortcut) -> Relu = block output
 
 where ``merge`` is an ``Add`` with shortcut ``x`` (identity) or ``Conv(x)`` (projection), or,
@@ -28,10 +29,10 @@ _SOURCE = "<inputs>"
 
 @dataclass(frozen=True)
 class FloatBlock:
-    """One float bottleneck, as graph nodes (valid until those nodes are removed)."""
+    """One float block, as graph nodes (valid until those nodes are removed)."""
 
-    convs: tuple[ir.Node, ir.Node, ir.Node]  # 1x1 reduce, 3x3, 1x1 expand
-    relus: tuple[ir.Node, ir.Node]
+    convs: tuple[ir.Node, ...]  # bottleneck: 1x1 reduce, 3x3, 1x1 expand; basic block: 3x3, 3x3
+    relus: tuple[ir.Node, ...]  # after every conv but the last
     projection: ir.Node | None  # the shortcut Conv, None for an identity or ReshapeAdd shortcut
     merge: ir.Node  # Add or ReshapeAdd
     out_relu: ir.Node
@@ -57,7 +58,7 @@ def node_dag(graph: ir.Graph) -> nx.DiGraph:
 
 
 def float_blocks(graph: ir.Graph) -> list[FloatBlock]:
-    """The float bottlenecks of ``graph`` in graph order."""
+    """The float blocks (bottlenecks or basic blocks) of ``graph`` in graph order."""
     dag = node_dag(graph)
     dominators = nx.immediate_dominators(dag, _SOURCE)
     blocks = []
@@ -77,7 +78,7 @@ def _is_merge(node: ir.Node) -> bool:
 
 
 def _match(merge: ir.Node, dominator: ir.Node | str) -> FloatBlock | None:
-    """The bottleneck ending in ``merge`` whose input is produced by ``dominator``, or None."""
+    """The block ending in ``merge`` whose input is produced by ``dominator``, or None."""
     if dominator == _SOURCE or len(dominator.outputs) != 1 or len(merge.inputs) != 2:
         return None
     x = dominator.outputs[0]
@@ -95,7 +96,9 @@ def _match(merge: ir.Node, dominator: ir.Node | str) -> FloatBlock | None:
 
 
 def _main_chain(y: ir.Value, x: ir.Value) -> tuple[tuple[ir.Node, ...], tuple[ir.Node, ...]] | None:
-    """Conv -> Relu -> Conv -> Relu -> Conv from ``x`` to ``y``, each inner value used once."""
+    """Conv -> Relu -> Conv from ``x`` to ``y`` (basic block), or Conv -> Relu -> Conv -> Relu -> Conv
+    (bottleneck), each inner value used once. The chain must start at ``x`` exactly, so a
+    bottleneck's last three nodes are never taken for a basic block."""
     nodes = []
     value = y
     for op_type in ("Conv", "Relu", "Conv", "Relu", "Conv"):
@@ -106,10 +109,10 @@ def _main_chain(y: ir.Value, x: ir.Value) -> tuple[tuple[ir.Node, ...], tuple[ir
             return None
         nodes.append(node)
         value = node.inputs[0]
-    if value is not x:
-        return None
-    c3, r2, c2, r1, c1 = nodes
-    return (c1, c2, c3), (r1, r2)
+        if value is x and op_type == "Conv" and len(nodes) > 1:
+            convs, relus = nodes[::-1][::2], nodes[::-1][1::2]
+            return tuple(convs), tuple(relus)
+    return None
 
 
 def _shortcut(value: ir.Value, x: ir.Value, parameter_free: bool) -> ir.Node | None | bool:

@@ -1,10 +1,12 @@
-"""Turn every float bottleneck conv into a PokeConv (pokebnn.md section 2, bnncc/ops/poke_conv.py).
+"""Turn every float block conv into a PokeConv (pokebnn.md section 2, bnncc/ops/poke_conv.py).
 
 A float bottleneck ``x -> conv1 -> relu -> conv2 -> relu -> conv3 -> add(., shortcut) -> relu``
 becomes three ``ai.bnncc.PokeConv`` nodes: y_i = PokeConv(x_i, W_i, ...) with x_1 = x and W_i the
-float conv's weight (k x k, its stride, TF SAME, no bias); the third also reads the block input x
+float conv's weight (k x k, its stride, TF SAME, no bias); the last also reads the block input x
 as its block shortcut (the op's "block" overload), and its first batch norm starts at gamma 0.
-y_3 is the block output (no ReLU: the DPReLUs replaced them all). The binary weights are the
+A basic block ``x -> conv1 -> relu -> conv2 -> add(., shortcut) -> relu`` (ResNet-18/34) becomes two
+PokeConvs the same way: each 3x3 conv with its own local shortcut around it (Bi-Real Net's
+arrangement), the second also adding the block input. The last y is the block output (no ReLU: the DPReLUs replaced them all). The binary weights are the
 float convs' weights (BinaryConv keeps only their signs and per-channel max); the float conv's
 bias, the folded BatchNorm shift of the float model, is dropped: the new BN after the binary conv
 takes its role. Everything else is new and initialised as in ``_pokebnn``; initializers are named
@@ -37,11 +39,11 @@ logger = logging.getLogger(__name__)
 
 @register_pass("poke_conv")
 class PokeConvPass(ir.passes.InPlacePass):
-    """Replace every float bottleneck by three PokeConvs.
+    """Replace every float block by one PokeConv per conv (three in a bottleneck, two in a basic block).
 
-    1. A float bottleneck with an identity or ReshapeAdd shortcut: rewritten.
-    2. A bottleneck with a projection Conv shortcut: an error (run remove_projection_shortcuts).
-    3. No float bottleneck (e.g. already rewritten): left alone.
+    1. A float block with an identity or ReshapeAdd shortcut: rewritten.
+    2. A block with a projection Conv shortcut: an error (run remove_projection_shortcuts).
+    3. No float block (e.g. already rewritten): left alone.
     """
 
     def __init__(self, clip_bound: float = DEFAULT_CLIP_BOUND, se_ratio: int = 8, se_w_bits: int = 4, se_a_bits: int = 4,
@@ -75,10 +77,10 @@ class PokeConvPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(blocks))
 
     def _rewrite_block(self, graph: ir.Graph, block: FloatBlock, rng: np.random.Generator) -> None:
-        x = block.input
-        y = self._poke_conv(graph, x, block.convs[0], rng)
-        y = self._poke_conv(graph, y, block.convs[1], rng)
-        y = self._poke_conv(graph, y, block.convs[2], rng, block_input=x)
+        x = y = block.input
+        for conv in block.convs[:-1]:
+            y = self._poke_conv(graph, y, conv, rng)
+        y = self._poke_conv(graph, y, block.convs[-1], rng, block_input=x)
         take_over(block.out_relu.outputs[0], y)
         old = [*block.convs, *block.relus, block.merge, block.out_relu]
         graph.remove(old, safe=True)
@@ -86,7 +88,7 @@ class PokeConvPass(ir.passes.InPlacePass):
 
     def _poke_conv(self, graph: ir.Graph, x: ir.Value, conv: ir.Node, rng: np.random.Generator,
                    block_input: ir.Value | None = None) -> ir.Value:
-        """The PokeConv replacing ``conv`` on input ``x``; ``block_input`` marks the 3rd conv."""
+        """The PokeConv replacing ``conv`` on input ``x``; ``block_input`` marks the block's last conv."""
         name = conv.name
         weight = conv.inputs[1]
         out_channels, in_channels, kh, kw = weight.const_value.shape

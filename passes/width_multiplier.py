@@ -1,12 +1,15 @@
-"""Scale the width of every bottleneck: f' = int(f * multiplier), outputs e * f'.
+"""Scale the width of every block: f' = int(f * multiplier), outputs e * f'.
 
 For a block with mid width f (the output channels of its first conv) and expansion
-e = out / f (4 in ResNet-50), the convs become
+e = out / f (4 in ResNet-50's bottlenecks, 1 in basic blocks), the convs become
 
     1x1: Cin -> f',   3x3: f' -> f',   1x1: f' -> e f',   projection (if any): Cin -> e f'
+    (basic block:  3x3: Cin -> f',   3x3: f' -> e f',   projection (if any): Cin -> e f')
 
 where Cin is the previous block's new output (the first block keeps the stem's width: the stem
 stays 64 wide, pokebnn.md section 3), and the dense head takes the last block's e f' features.
+A block whose identity shortcut (a plain Add) would then join different widths, as ResNet-18's
+first block does, is an error: only a ReshapeAdd shortcut matches widths.
 On a ResNet-50 this is PokeBNN's f = int(base * multiplier) with base 64, 128, 256, 512.
 
 Weights carry over where the new shape fits inside the old one: W'[:o, :i] = W[:o, :i] (the
@@ -33,11 +36,12 @@ logger = logging.getLogger(__name__)
 
 @register_pass("width_multiplier")
 class WidthMultiplierPass(ir.passes.InPlacePass):
-    """Multiply every float bottleneck's width by ``multiplier``; the stem stays, the head follows.
+    """Multiply every float block's width by ``multiplier``; the stem stays, the head follows.
 
     1. Float bottlenecks and multiplier != 1: convs, projections and the dense head resized,
        weights sliced or re-initialised (seeded by ``seed``).
-    2. Multiplier 1, or no float bottleneck (e.g. after poke_conv): left alone.
+    2. Multiplier 1, or no float block (e.g. after poke_conv): left alone.
+    3. A plain Add shortcut between blocks of different new widths: an error.
     """
 
     def __init__(self, multiplier: float = 1.0, seed: int = 0) -> None:
@@ -55,9 +59,11 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
         modified = False
         widths = [self._new_widths(block) for block in blocks]  # all checked before anything changes
         in_channels = _weight(blocks[0].convs[0]).shape[1]
+        _check_identity_shortcuts(blocks, widths, in_channels)
         for block, (f, out) in zip(blocks, widths):
-            for conv, cout, cin in ((block.convs[0], f, in_channels), (block.convs[1], f, f),
-                                    (block.convs[2], out, f), (block.projection, out, in_channels)):
+            first, *middle, last = block.convs
+            for conv, cout, cin in ((first, f, in_channels), *((c, f, f) for c in middle),
+                                    (last, out, f), (block.projection, out, in_channels)):
                 if conv is not None:
                     modified |= _resize_conv(conv, cout, cin, rng)
             in_channels = out
@@ -71,12 +77,21 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
     def _new_widths(self, block: FloatBlock) -> tuple[int, int]:
         """(f', e f') for the block."""
         f = _weight(block.convs[0]).shape[0]
-        expansion = _weight(block.convs[2]).shape[0] // f
+        expansion = _weight(block.convs[-1]).shape[0] // f
         new_f = int(f * self.multiplier)
         if new_f < 1:
             raise BnnccError(f"width_multiplier: multiplier {self.multiplier} leaves no channel in "
                              f"{block.convs[0].name} (width {f})")
         return new_f, expansion * new_f
+
+
+def _check_identity_shortcuts(blocks: list[FloatBlock], widths: list[tuple[int, int]], in_channels: int) -> None:
+    """A plain Add adds the block input to its output: both must keep one width."""
+    for block, (_, out) in zip(blocks, widths):
+        if block.projection is None and block.merge.op_type == "Add" and in_channels != out:
+            raise BnnccError(f"width_multiplier: block {block.merge.name!r} adds its {in_channels}-channel input "
+                             f"to its {out}-channel output: an identity shortcut cannot join them")
+        in_channels = out
 
 
 def _weight(node: ir.Node) -> np.ndarray:

@@ -10,7 +10,8 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import torchvision
+import torch
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from onnx import helper
 
 from bnncc import zoo
@@ -219,11 +220,15 @@ def test_two_outputs(cli, tmp_path, tiny_proto):
 # same line, before writing anything.
 
 
-def _resnet18(folder):
-    module = zoo.randomize_batchnorm(torchvision.models.resnet18(num_classes=10)).eval()
-    return zoo.export_onnx(module, folder / "r18.onnx", input_size=32), (
-        "basic-block ResNet (ResNet-18/34 style, two 3x3 convs per block) not supported: PokeBNN is defined on "
-        "bottleneck ResNets")
+def _mixed_blocks(folder):
+    """Bottlenecks in stages 1-3, a basic block in stage 4: one kind of block per network."""
+    torch.manual_seed(0)
+    module = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10)
+    module.inplanes = 1024
+    module.layer4 = module._make_layer(BasicBlock, 512, 1, stride=2)
+    module.fc = torch.nn.Linear(512, 10)
+    return zoo.export_onnx(zoo.randomize_batchnorm(module).eval(), folder / "mixed.onnx", input_size=32), (
+        "(Conv): a basic block after bottleneck blocks; a ResNet must use one kind of block throughout")
 
 
 def _light_at_opset(version):
@@ -246,7 +251,7 @@ def _long_external_location(folder):
     return path, "its external data location (4000 characters) cannot be opened: File name too long"
 
 
-REFUSED = {"resnet18": _resnet18, "light_opset22": _light_at_opset(22), "light_opset999": _light_at_opset(999),
+REFUSED = {"mixed_blocks": _mixed_blocks, "light_opset22": _light_at_opset(22), "light_opset999": _light_at_opset(999),
            "long_location": _long_external_location}
 
 
@@ -273,14 +278,14 @@ def test_every_command_refuses_the_same_models_alike(cli, tmp_path, case):
     assert not out.exists() and sorted(os.listdir(tmp_path / "in")) == models
 
 
-def test_rewrite_and_recognize_refuse_a_canonical_basic_block_resnet(tmp_path):
-    """A basic-block ResNet brought to canonical form without ``load``: the functions that take a
-    model refuse it with load's message (without the file name), before any pass runs."""
+def test_rewrite_and_recognize_refuse_a_canonical_mixed_block_resnet(tmp_path):
+    """A ResNet mixing bottlenecks and basic blocks, brought to canonical form without ``load``: the
+    functions that take a model refuse it with load's message (without the file name), before any pass runs."""
     from bnncc.frontend import CANONICAL_PASSES
     from bnncc.passmanager import PassManager
     from bnncc.rewriting import rewrite
 
-    path, _ = _resnet18(tmp_path)
+    path, _ = _mixed_blocks(tmp_path)
     with pytest.raises(BnnccError) as from_load:
         load(path)
     model = PassManager(CANONICAL_PASSES).run(ir.load(path))

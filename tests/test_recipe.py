@@ -10,10 +10,11 @@ from bnncc.recipe import TRAIN_SCHEMA, apply_overrides, available_recipes, load_
 PASS_ORDER = ["remove_projection_shortcuts", "stride_to_3x3", "width_multiplier", "poke_stem", "poke_conv",
               "int8_head"]
 WIDTHS = {"pokebnn_0.5x": 0.5, "pokebnn_0.75x": 0.75, "pokebnn_1x": 1.0, "pokebnn_1.4x": 1.4, "pokebnn_2x": 2.0}
+BASIC_BLOCK_RECIPES = ("resnet18_pokebnn", "resnet34_pokebnn")  # checked in tests/test_basic_block.py
 
 
 def test_shipped_recipes():
-    assert available_recipes() == sorted(WIDTHS)
+    assert available_recipes() == sorted([*WIDTHS, *BASIC_BLOCK_RECIPES])
     for name, width in WIDTHS.items():
         recipe = load_recipe(name)
         assert recipe.name == name

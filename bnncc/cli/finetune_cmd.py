@@ -73,7 +73,8 @@ def finetune(
 def train_teacher(
     data: Annotated[Path, typer.Option(help="IDX folder, ImageFolder tree or tar shards.")],
     output: _OUT,
-    width: Annotated[float, typer.Option(help="Width multiplier of torchvision's ResNet-50.")] = 1.0,
+    width: Annotated[float, typer.Option(help="Width multiplier of the torchvision ResNet.")] = 1.0,
+    arch: Annotated[str, typer.Option(help="resnet18, resnet34, resnet50 or resnet101.")] = "resnet50",
     image_size: Annotated[int, typer.Option(help="Input size the teacher is trained and exported at.")] = 32,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
@@ -83,13 +84,13 @@ def train_teacher(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding image files (default: the cores).")] = None,
 ) -> None:
-    """Train a float ResNet-50 on labelled data and export it to ONNX (the distillation teacher)."""
+    """Train a float ResNet (ResNet-50 by default) on labelled data and export it to ONNX (the distillation teacher)."""
     from bnncc.train import TrainConfig
     from bnncc.train.finetune import train_teacher as run
     from bnncc.train.trainer import is_main_process
 
     cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, weight_decay=5e-5,
                       label_weight=1.0, seed=seed, num_workers=workers)
-    path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device)
+    path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device, arch=arch)
     if is_main_process():  # under torchrun, rank 0 alone reports
         console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")

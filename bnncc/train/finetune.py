@@ -111,18 +111,22 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
 
 
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,
-                  image_size: int = 32, device: str = "cpu",
+                  image_size: int = 32, device: str = "cpu", arch: str = "resnet50",
                   show_progress: bool = True) -> tuple[Path, float | None, float | None]:
-    """Train a float ResNet-50 (torchvision's definition, ``width`` times narrower) on labels; export ONNX.
+    """Train a float ResNet (torchvision's definition of ``arch``, a name of ``bnncc.zoo.ARCHITECTURES``,
+    ``width`` times narrower) on labels; export ONNX.
 
     Returns (path, top-1, top-5) on the validation split; (path, None, None) on torchrun ranks > 0.
     """
-    from bnncc.zoo import export_onnx, resnet50
+    from bnncc.zoo import ARCHITECTURES, export_onnx
+
+    if arch not in ARCHITECTURES:
+        raise BnnccError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
     train_data, val_data = open_splits(data_dir)
     shape = (3, image_size, image_size)
     torch.manual_seed(cfg.seed)
-    model = resnet50(width=width, num_classes=train_data.num_classes, seed=cfg.seed)
+    model = ARCHITECTURES[arch](width=width, num_classes=train_data.num_classes, seed=cfg.seed)
     train(model, None, train_data, cfg, shape, device=device, show_progress=show_progress)
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and exports
         return Path(output), None, None

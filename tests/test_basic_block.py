@@ -1,0 +1,191 @@
+"""Basic-block ResNets (ResNet-18/34): recognition, the PokeBNN rewrite, ACE and compilation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from bnncc import zoo
+from bnncc.cost import ace
+from bnncc.errors import BnnccError
+from bnncc.frontend import load, recognize
+from bnncc.passes.stride_to_3x3 import StrideTo3x3Pass
+from bnncc.passes.width_multiplier import WidthMultiplierPass
+from bnncc.recipe import load_recipe
+from bnncc.resnet import BasicBlock
+from bnncc.rewriting import rewrite
+from bnncc.targets import arm64, vmrunner
+from bnncc.torchview import to_torch
+
+needs_cross = pytest.mark.skipif(
+    shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
+    reason="needs g++-aarch64-linux-gnu and qemu-user (apt)")
+
+# torchvision ResNet-18 by hand: (in, out, stride, projection) of the 8 basic blocks.
+RESNET18_BLOCKS = [(64, 64, 1, False)] * 2 + [(64, 128, 2, True), (128, 128, 1, False),
+                                              (128, 256, 2, True), (256, 256, 1, False),
+                                              (256, 512, 2, True), (512, 512, 1, False)]
+
+
+@pytest.fixture(scope="module")
+def resnet18_onnx(tmp_path_factory):
+    return zoo.export_onnx(zoo.resnet18(num_classes=10), tmp_path_factory.mktemp("r18") / "r18.onnx", input_size=32)
+
+
+def test_resnet18_is_recognised_as_basic_blocks(cli, resnet18_onnx):
+    resnet = recognize(load(resnet18_onnx))
+    assert all(isinstance(b, BasicBlock) for b in resnet.blocks)
+    assert [len(s) for s in resnet.stages] == [2, 2, 2, 2]
+    assert [(b.in_channels, b.out_channels, b.stride, b.shortcut is not None) for b in resnet.blocks] == RESNET18_BLOCKS
+    assert [b.out_size for b in resnet.blocks][-1] == (1, 1) and resnet.head.in_features == 512
+    code, out, err = cli("inspect", resnet18_onnx, "--json")
+    assert code == 0, err
+    structure = json.loads(out)
+    assert [len(b["convs"]) for stage in structure["stages"] for b in stage] == [2] * 8
+    assert structure["notes"] == ["basic blocks (ResNet-18/34 style): two 3x3 convs each"]
+
+
+def test_resnet34_has_3_4_6_3_basic_blocks(tmp_path):
+    path = zoo.export_onnx(zoo.resnet34(width=0.25, num_classes=10), tmp_path / "r34.onnx", input_size=32)
+    resnet = recognize(load(path))
+    assert [len(s) for s in resnet.stages] == [3, 4, 6, 3]
+    assert all(isinstance(b, BasicBlock) for b in resnet.blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rewrite: two PokeConvs per block, wired as the Bi-Real arrangement plus the block shortcut.
+
+
+@pytest.fixture(scope="module")
+def poke18(resnet18_onnx):
+    model, rows = rewrite(load(resnet18_onnx), "resnet18_pokebnn")
+    return model, rows
+
+
+def test_every_basic_block_becomes_two_poke_convs(resnet18_onnx, poke18):
+    float_blocks = recognize(load(resnet18_onnx)).blocks
+    model, rows = poke18
+    assert [r.name for r in rows] == ["input", "remove_projection_shortcuts", "poke_stem", "poke_conv", "int8_head"]
+    assert all(r.modified for r in rows[1:])
+    graph = model.graph
+    assert not {n.op_type for n in graph} & {"Conv", "Relu", "Add", "MaxPool", "Gemm"}
+    assert sum(n.op_type == "PokeConv" for n in graph) == 16
+    for block in float_blocks:
+        first, second = (graph.node(name) for name in block.convs)
+        x = first.inputs[0]  # the block input: the previous block's last PokeConv, or the stem
+        assert x.producer().op_type in ("PokeConv", "DPReLU")
+        assert first.overload == "" and len(first.inputs) == 20
+        assert second.inputs[0] is first.outputs[0]  # local shortcut of conv 2 reads conv 1's output
+        assert second.overload == "block" and second.inputs[20] is x  # block shortcut: the block input
+        assert list(first.attributes["strides"].as_ints()) == [block.stride] * 2
+        gammas = [node.inputs[2].const_value.numpy() for node in (first, second)]
+        assert (gammas[0] == 1).all() and (gammas[1] == 0).all()  # the block's last BN starts at 0
+    # projection shortcuts are gone with their weights
+    assert not any("downsample" in name for name in graph.initializers)
+
+
+def test_resnet50_blocks_and_basic_blocks_share_the_passes(tmp_path):
+    """stride_to_3x3 leaves basic blocks alone; width_multiplier refuses a ResNet-18 whose first
+    identity shortcut would join the stem's 64 channels to a narrower block."""
+    model = load(zoo.export_onnx(zoo.resnet18(num_classes=10), tmp_path / "r18.onnx", input_size=32))
+    assert not StrideTo3x3Pass()(model).modified
+    with pytest.raises(BnnccError, match="adds its 64-channel input to its 32-channel output"):
+        WidthMultiplierPass(0.5)(model)
+
+
+def test_rewritten_resnet18_torch_view_matches_onnxruntime(poke18):
+    model, _ = poke18
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        ours = to_torch(model).eval()(torch.from_numpy(x)).numpy()
+    assert reference.shape == (1, 10) and (ours.argmax(1) == reference.argmax(1)).all()
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.ptp(reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# ACE of ResNet-18 at 224 px, counted by hand from the layer shapes (not through bnncc.cost).
+
+
+def _resnet18_layers() -> dict[str, int]:
+    """ACE of every counted layer of resnet18_pokebnn at 224x224: MACs x w_bits x a_bits."""
+    layers = {"stem/conv1": 56 * 56 * (4 * 4 * 3) * 32 * 8 * 8,  # 4x4/4 conv, 224 -> 56
+              "stem/conv2": 56 * 56 * (3 * 3 * 1) * 64 * 8 * 8}  # 3x3 conv, group 32, 32 -> 64
+    size, cin = 56, 64
+    for stage, cout in enumerate((64, 128, 256, 512), start=1):
+        for index in range(2):
+            stride = 2 if stage > 1 and index == 0 else 1
+            size //= stride
+            for conv, (ci, co) in enumerate(((cin, cout), (cout, cout)), start=1):
+                name = f"/layer{stage}/layer{stage}.{index}/conv{conv}/Conv"
+                layers[f"{name}/binary"] = size * size * 3 * 3 * ci * co  # 1 x 1 bits
+                layers[f"{name}/se"] = (ci * (ci // 8) + (ci // 8) * co) * 4 * 4  # two 1x1 convs at 1x1
+            cin = cout
+    layers["/fc/Gemm"] = 512 * 1000 * 8 * 8
+    return layers
+
+
+def test_resnet18_ace_at_224_matches_a_count_by_hand_and_the_recipe(tmp_path):
+    path = zoo.export_onnx(zoo.resnet18(), tmp_path / "r18_224.onnx")
+    model, _ = rewrite(load(path), "resnet18_pokebnn")
+    expected = _resnet18_layers()
+    assert {layer.name: layer.ace for layer in ace(model).layers} == expected
+    total = sum(expected.values())
+    assert total == 2_137_645_056
+    comments = (resources.files("bnncc.recipes") / "resnet18_pokebnn.toml").read_text()
+    stated = {"308,281,344", "115,605,504", "57,802,752", "16,384", "24,576", "98,304", "393,216", "65,536",
+              "262,144", "1,048,576", "32,768,000", f"{total:,}", "ACE 2.14e9"}
+    assert {s for s in stated if s in comments} == stated
+    binary = sum(v for k, v in expected.items() if k.endswith("/binary"))
+    se = sum(v for k, v in expected.items() if k.endswith("/se"))
+    assert f"= {binary:,}" in comments and f"= {se:,}" in comments
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: convert, compile and verify against onnxruntime.
+
+
+def test_resnet18_converts_for_x86_64_and_verifies(cli, resnet18_onnx, tmp_path):
+    out = tmp_path / "r18_x86"
+    code, _, err = cli("convert", resnet18_onnx, "--recipe", "resnet18_pokebnn", "--target", "x86-64", "-o", out)
+    assert code == 0, err
+    code, stdout, err = cli("verify", out, "--n", "4")
+    assert code == 0, stdout + err
+
+
+@needs_cross
+@pytest.mark.slow
+def test_resnet18_converts_for_arm64_and_verifies_under_qemu(cli, resnet18_onnx, tmp_path):
+    out = tmp_path / "r18_arm64"
+    code, _, err = cli("convert", resnet18_onnx, "--recipe", "resnet18_pokebnn", "--target", "arm64", "-o", out)
+    assert code == 0, err
+    code, stdout, err = cli("verify", out, "--n", "2")
+    assert code == 0, stdout + err
+
+
+@pytest.mark.slow
+def test_resnet34_converts_for_x86_64_and_verifies(cli, tmp_path):
+    path = zoo.export_onnx(zoo.resnet34(num_classes=10), tmp_path / "r34.onnx", input_size=32)
+    out = tmp_path / "r34_x86"
+    code, _, err = cli("convert", path, "--recipe", "resnet34_pokebnn", "--target", "x86-64", "-o", out)
+    assert code == 0, err
+    code, stdout, err = cli("verify", out, "--n", "4")
+    assert code == 0, stdout + err
+
+
+@pytest.mark.parametrize("name", ["resnet18_pokebnn", "resnet34_pokebnn"])
+def test_basic_block_recipes(name):
+    recipe = load_recipe(name)
+    assert [n for n, _ in recipe.passes] == ["remove_projection_shortcuts", "poke_stem", "poke_conv", "int8_head"]
+    assert recipe.params("poke_stem") == {"mid_channels": 32, "w_bits": 8, "a_bits": 8, "seed": 0}
+    assert recipe.params("poke_conv") == {"clip_bound": 3.0, "se_ratio": 8, "se_w_bits": 4, "se_a_bits": 4, "seed": 0}
+    assert recipe.params("int8_head") == {"w_bits": 8, "a_bits": 8}
+    assert recipe.train == load_recipe("pokebnn_1x").train

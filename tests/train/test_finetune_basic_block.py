@@ -1,0 +1,34 @@
+"""A ResNet-18 student (resnet18_pokebnn) fine-tunes by distillation from its float teacher."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from bnncc.frontend import load
+from bnncc.rewriting import rewrite
+from bnncc.train import TrainConfig, finetune
+from bnncc.zoo import export_onnx, resnet18
+
+
+def test_resnet18_student_fine_tunes_a_few_steps(idx_dir, tmp_path):
+    teacher = export_onnx(resnet18(width=0.25, num_classes=4), tmp_path / "teacher.onnx", input_size=32)
+    student, _ = rewrite(load(teacher), "resnet18_pokebnn", ["passes.poke_stem.mid_channels=8"])
+    student_path = tmp_path / "student.onnx"
+    ir.save(student, student_path)
+    out = tmp_path / "trained.onnx"
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=4, checkpoint_every=2, calibration_batches=1,
+                      act_calibration_at=0.5, weight_quant_start=0.5)
+    result = finetune(student_path, teacher, idx_dir, out, cfg, checkpoint=tmp_path / "c.ckpt",
+                      metrics=tmp_path / "m.jsonl", show_progress=False)
+    assert np.isfinite(result.train.final_loss)
+    trained = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(student_path).graph.initializer}
+    # the batch norms and DPReLUs of both PokeConvs of a block learn (the second BN from gamma 0)
+    for name in ("/layer1/layer1.0/conv1/Conv/bn.gamma", "/layer1/layer1.0/conv2/Conv/bn.gamma",
+                 "/layer4/layer4.1/conv2/Conv/dprelu.neg_slope"):
+        assert not np.array_equal(original[name], trained[name]), name
+    assert all((trained[n] > 0).any() for n in trained if n.endswith("bound1")), "SE bounds not calibrated"
+    session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
+    assert logits.shape == (1, 4) and np.isfinite(logits).all()
