@@ -37,7 +37,8 @@ def finetune(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and init.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="cpu or cuda (bf16 autocast; under torchrun each process takes the GPU of its LOCAL_RANK).")] = "cpu",
     workers: Annotated[Optional[int], typer.Option(
         help="Processes decoding image files (default: the cores, shared by torchrun's processes).")] = None,
     compile_step: Annotated[bool, typer.Option(
@@ -81,7 +82,8 @@ def train_teacher(
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Learning rate per 256 images.")] = 3e-2,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="cpu or cuda (bf16 autocast; under torchrun each process takes the GPU of its LOCAL_RANK).")] = "cpu",
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding image files (default: the cores).")] = None,
 ) -> None:
     """Train a float ResNet (ResNet-50 by default) on labelled data and export it to ONNX (the distillation teacher)."""

@@ -15,7 +15,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import open_splits
-from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train
+from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train, training_device
 
 __all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
 
@@ -71,7 +71,8 @@ def _save(model: ir.Model, output: Path) -> None:
 
 def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str | Path, output: str | Path,
              cfg: TrainConfig, *, checkpoint: str | Path | None = None, resume: bool = False,
-             metrics: str | Path | None = None, device: str = "cpu", show_progress: bool = True) -> FinetuneResult:
+             metrics: str | Path | None = None, device: str | torch.device = "cpu",
+             show_progress: bool = True) -> FinetuneResult:
     """Fine-tune the PokeBNN student against the float teacher; write the trained graph to ``output``.
 
     The teacher is the imported float model run in eval mode; the loss needs no labels, so the
@@ -82,6 +83,7 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     from bnncc.torchview import to_torch, write_back
 
     output = Path(output)
+    device = training_device(device)  # a missing GPU fails here, before minutes of loading
     student_model = read(student_path)
     teacher_model = load(teacher_path)
     if cfg.clip_bound is not None:
@@ -111,7 +113,7 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
 
 
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,
-                  image_size: int = 32, device: str = "cpu", arch: str = "resnet50",
+                  image_size: int = 32, device: str | torch.device = "cpu", arch: str = "resnet50",
                   show_progress: bool = True) -> tuple[Path, float | None, float | None]:
     """Train a float ResNet (torchvision's definition of ``arch``, a name of ``bnncc.zoo.ARCHITECTURES``,
     ``width`` times narrower) on labels; export ONNX.
@@ -123,6 +125,7 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     if arch not in ARCHITECTURES:
         raise BnnccError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
 
+    device = training_device(device)
     train_data, val_data = open_splits(data_dir)
     shape = (3, image_size, image_size)
     torch.manual_seed(cfg.seed)

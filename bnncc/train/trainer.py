@@ -41,7 +41,7 @@ from bnncc.train.distill import distillation_loss
 from bnncc.train.loader import Loader, Plan
 
 __all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process",
-           "keep_freed_memory", "MEMORY_FORMAT"]
+           "keep_freed_memory", "training_device", "MEMORY_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,39 @@ def _world() -> tuple[int, int]:
 def is_main_process() -> bool:
     """True in a single process and on rank 0 of a torchrun group."""
     return _world()[0] == 0
+
+
+def training_device(name: str | torch.device) -> torch.device:
+    """The device this process trains on, checked before any data is read.
+
+    ``cuda`` without a usable GPU is the user's error. Under torchrun each process of a node takes
+    the GPU of its LOCAL_RANK (a bare ``cuda`` would put every rank on GPU 0)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BnnccError(f"--device {name!r}: expected cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BnnccError(f"--device {name!r}: expected cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BnnccError(f"--device {name}: no CUDA GPU is usable here (torch {torch.__version__}, "
+                             f"built for CUDA {torch.version.cuda or 'none'})")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise BnnccError(f"--device {name}: GPU {device.index} asked for, {torch.cuda.device_count()} present")
+        torch.cuda.set_device(device)
+    return device
+
+
+def uses_bf16(device: torch.device) -> bool:
+    """Mixed precision: bf16 autocast on GPUs that have it (no loss scaling needed, unlike fp16)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s floating weights: the inputs it takes (a bf16 teacher takes bf16)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def init_distributed(device: torch.device) -> None:
@@ -190,7 +223,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
           input_shape: tuple[int, int, int], *, checkpoint: Path | None = None, resume: bool = False,
           metrics: Path | None = None, device: str | torch.device = "cpu", show_progress: bool = True) -> TrainResult:
     """Train ``student`` in place; with ``teacher`` the loss is distillation, else labels only."""
-    device = torch.device(device)
+    device = training_device(device)
     if device.type == "cpu":
         keep_freed_memory()
     init_distributed(device)
@@ -198,10 +231,13 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     if cfg.batch_size % world:
         raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
     steps = total_steps(cfg, data)
+    use_bf16 = uses_bf16(device)
     student.to(device, memory_format=MEMORY_FORMAT).train()
     if teacher is not None:
-        teacher.to(device, memory_format=MEMORY_FORMAT).eval()
-    model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        # the teacher only runs forward, under no_grad: bf16 weights halve its memory traffic
+        teacher.to(device, dtype=torch.bfloat16 if use_bf16 else None, memory_format=MEMORY_FORMAT).eval()
+    device_ids = [device.index] if device.type == "cuda" else None
+    model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids) if world > 1 else student
     if cfg.compile:
         # Opt-in: the compiled step is faster, but compiling the ~400-node graph takes minutes
         # (and again when the weight quantization switches on), so short runs lose by it.
@@ -220,7 +256,6 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         logger.info("resumed from %s at step %d", checkpoint, start)
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     log = metrics.open("a") if metrics is not None and rank == 0 else None
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
@@ -243,7 +278,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 teacher_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(images)
+                        teacher_logits = teacher(images.to(_dtype(teacher)))
                 logits = model(images)
                 loss = distillation_loss(logits, teacher_logits, labels, cfg.temperature, cfg.label_weight)
             loss = loss + 0.5 * cfg.weight_decay * _kernel_l2(student)
@@ -251,19 +286,23 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_value = float(loss.detach())
             seen += cfg.batch_size
             done = step + 1
             if cfg.compile and step in (start, quant_start):  # the steps that compile
                 logger.info("torch.compile: step %d took %.1f s, compiling included", done,
                             time.perf_counter() - step_began)
-            if log is not None and (done % cfg.log_every == 0 or done == steps):
-                ips = seen / (time.perf_counter() - began)
-                log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                      "images_per_s": ips, "bad_images": len(loader.bad)}) + "\n")
-                log.flush()
-            progress.update(task, completed=done, loss=loss_value, lr=scheduler.get_last_lr()[0],
-                            ips=seen / (time.perf_counter() - began))
+            progress.update(task, completed=done)
+            if done % cfg.log_every == 0 or done == steps:
+                # reading the loss waits for the GPU to finish the step: only every log_every steps,
+                # so the host keeps queueing work in between
+                loss_value = float(loss.detach())
+                seconds = time.perf_counter() - began
+                progress.update(task, loss=loss_value, lr=scheduler.get_last_lr()[0], ips=seen / seconds)
+                if log is not None:
+                    log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                                          "images_per_s": seen / seconds, "seconds": seconds,
+                                          "bad_images": len(loader.bad)}) + "\n")
+                    log.flush()
             if checkpoint is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == steps):
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, loader.bad)
     if log is not None:
@@ -287,11 +326,12 @@ def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256
              device: str | torch.device = "cpu", workers: int | None = None) -> tuple[float, float]:
     """(top-1, top-5) accuracy in percent on every image of ``data``."""
     model.to(device).eval()
+    dtype = _dtype(model)
     top1 = top5 = 0
     loader = Loader(data, input_shape, workers=workers, device=device)
     plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
     for images, labels in loader(plans):
-        logits = model(images).float().cpu()
+        logits = model(images.to(dtype)).float().cpu()
         labels = labels.cpu()
         best = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top1 += int((best[:, 0] == labels).sum())

@@ -4,6 +4,10 @@ import struct
 import numpy as np
 import pytest
 
+from bnncc.frontend import load
+from bnncc.rewriting import rewrite
+from bnncc.zoo import export_onnx, resnet50
+
 
 def write_idx(path, array: np.ndarray) -> None:
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -24,3 +28,16 @@ def idx_dir(tmp_path_factory):
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return folder
+
+
+@pytest.fixture(scope="session")
+def teacher_and_student(tmp_path_factory):
+    """A tiny float ResNet-50 teacher (4 classes, 32 px) and its PokeBNN-1x rewrite, as ONNX files."""
+    folder = tmp_path_factory.mktemp("ft")
+    teacher = export_onnx(resnet50(width=0.125, num_classes=4).eval(), folder / "teacher.onnx", input_size=32)
+    student, _ = rewrite(load(teacher), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    import onnx_ir as ir
+
+    path = folder / "student.onnx"
+    ir.save(student, path)
+    return teacher, path

@@ -12,18 +12,6 @@ from bnncc.train import TrainConfig, finetune
 from bnncc.zoo import export_onnx, resnet50
 
 
-@pytest.fixture(scope="module")
-def teacher_and_student(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ft")
-    teacher = export_onnx(resnet50(width=0.125, num_classes=4).eval(), folder / "teacher.onnx", input_size=32)
-    student, _ = rewrite(load(teacher), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
-    import onnx_ir as ir
-
-    path = folder / "student.onnx"
-    ir.save(student, path)
-    return teacher, path
-
-
 def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(idx_dir, tmp_path, teacher_and_student):
     teacher, student = teacher_and_student
     out = tmp_path / "trained.onnx"
