@@ -135,16 +135,16 @@ def cpu_ms_per_image(folder: Path, images: int = 256) -> float:
     return 1000 * (time.process_time() - began) / images
 
 
-def models(work: Path) -> tuple[Path, Path]:
-    """A torchvision ResNet-50 at 224 px (random weights) and its PokeBNN-0.5x rewrite."""
+def models(work: Path, recipe: str = "pokebnn_0.5x") -> tuple[Path, Path]:
+    """A torchvision ResNet-50 at 224 px (random weights) and its PokeBNN rewrite (``recipe``)."""
     import onnx_ir as ir
 
     from bnncc.frontend import load
-    from bnncc.rewrite import rewrite
+    from bnncc.rewriting import rewrite
     from bnncc.zoo import export_onnx, resnet50
 
     teacher = export_onnx(resnet50(1.0, 1000), work / "resnet50.onnx", input_size=224)
-    student, _ = rewrite(load(teacher), "pokebnn_0.5x")
+    student, _ = rewrite(load(teacher), recipe)
     ir.save(student, work / "poke.onnx")
     return teacher, work / "poke.onnx"
 
