@@ -6,10 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from bnncc.domain import DOMAIN
-from bnncc.frontend import load
-from bnncc.rewriting import rewrite
 from bnncc.train import TrainConfig, finetune
-from bnncc.zoo import export_onnx, resnet50
 
 
 def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(idx_dir, tmp_path, teacher_and_student):
