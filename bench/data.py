@@ -30,12 +30,13 @@ import platform
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+
+from workdir import in_workdir  # bench/, beside this script
 
 SHARD_SIZE = 1000
 
@@ -232,12 +233,7 @@ def main() -> None:
     parser.add_argument("--no-finetune", dest="finetune", action="store_false", help="skip the bnncc finetune run")
     parser.add_argument("--python", default=sys.executable, help="interpreter whose bnncc runs the fine-tune")
     args = parser.parse_args()
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        run(args, Path(args.workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="bnncc-bench-data-") as tmp:
-            run(args, Path(tmp))
+    in_workdir(args.workdir, "bnncc-bench-data-", lambda work: run(args, work))
 
 
 if __name__ == "__main__":

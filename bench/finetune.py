@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from bnncc.train import TrainConfig, finetune, train_teacher
 from bnncc.train.data import open_dataset
 from bnncc.train.trainer import MEMORY_FORMAT, keep_freed_memory, make_optimizer
 from bnncc.zoo import ARCHITECTURES, export_onnx
+from workdir import in_workdir  # bench/, beside this script
 
 
 # the recipe each architecture's student is rewritten with by default
@@ -103,12 +103,7 @@ def main() -> None:
                         help="also time both networks through torch.compile at the fine-tune's size (minutes)")
     args = parser.parse_args()
     args.recipe = args.recipe or _RECIPES[args.arch]
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        run(args, Path(args.workdir))
-    else:  # the graphs and checkpoints take hundreds of MB: keep them only when asked to
-        with tempfile.TemporaryDirectory(prefix="bnncc-bench-ft-") as tmp:
-            run(args, Path(tmp))
+    in_workdir(args.workdir, "bnncc-bench-ft-", lambda work: run(args, work))
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from data import build, models  # bench/data.py, next to this script
+from workdir import in_workdir  # bench/, beside this script
 
 
 def _gpu_or_exit() -> None:
@@ -96,12 +96,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="build here and keep it (default: a temporary folder)")
     args = parser.parse_args()
     _gpu_or_exit()
-    if args.workdir:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        run(args, Path(args.workdir))
-    else:
-        with tempfile.TemporaryDirectory(prefix="bnncc-bench-gpu-") as tmp:
-            run(args, Path(tmp))
+    in_workdir(args.workdir, "bnncc-bench-gpu-", lambda work: run(args, work))
 
 
 if __name__ == "__main__":
