@@ -80,7 +80,7 @@ def build_libraries(work: Path, stage: Path, arch: str):
 
     from bnncc import zoo
     from bnncc.frontend import load
-    from bnncc.rewrite import rewrite
+    from bnncc.rewriting import rewrite
     from bnncc.targets.build import compile as compile_library
     from bnncc.targets.cuda import ARCH_ENV, GRAPHS_ENV, MMA_ENV
 
@@ -104,7 +104,7 @@ def reference_logits(model, x: np.ndarray, chunk: int = 8) -> tuple[np.ndarray, 
     """onnxruntime's logits on ``x`` with all graph optimizations and with none (``bnncc.verify``)."""
     import onnx_ir as ir
 
-    from bnncc.verify import _reference_sessions
+    from bnncc.verification import _reference_sessions
 
     with tempfile.TemporaryDirectory(prefix="bnncc-gpu-") as tmp:
         ir.save(model, Path(tmp) / "model.onnx")

@@ -5,7 +5,7 @@ the staged ones through $BNNCC_TVM_RUNTIME), and the bnncc sources of this check
 compiler, onnxruntime or a network. In one run, printing one table:
 
 1. correctness of each staged library (with and without CUDA graphs): its logits on the reference's
-   inputs at batch 64 and (first 8 inputs) at batch 1, judged by ``bnncc.verify.judge`` (same argmax,
+   inputs at batch 64 and (first 8 inputs) at batch 1, judged by ``bnncc.verification.judge`` (same argmax,
    logits within its tolerance, or within 4x the network's rounding spread);
 2. latency at batch 1 and 64: the libraries, and torch fp16 channels-last ResNet-50 (random weights:
    timing only) replayed from a CUDA graph; each the median of ROUNDS rounds of back-to-back calls;
@@ -80,7 +80,7 @@ def _inputs(stage: Path, reference) -> np.ndarray:
 
 def check_library(vm, x: np.ndarray, reference) -> tuple[object, object]:
     """``judge`` over the library at batch 64 (all inputs) and at batch 1 (the first 8)."""
-    from bnncc.verify import judge
+    from bnncc.verification import judge
 
     got64 = np.concatenate([vm("batch_64", x[i:i + 64]) for i in range(0, len(x) - len(x) % 64, 64)])
     runs64 = list(zip(got64, reference["optimized"], reference["unoptimized"]))

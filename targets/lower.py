@@ -11,7 +11,7 @@ as it is; any other reader gets it transposed):
   Every activation quantizer (stem, SE gate, head) runs the reference's float32 operations in
   its order (``quant.quantize_act``, with the product fenced from FMA contraction for the target),
   so equal inputs quantize identically; its inputs themselves (a conv, a mean) still differ from
-  onnxruntime's by summation order, which ``bnncc.verify`` accounts for.
+  onnxruntime's by summation order, which ``bnncc.verification`` accounts for.
 - ``PokeConv`` (bnncc/ops/poke_conv.py): its SE gate (``se_gate``), then one binary conv on packed
   bits whose epilogue is
 

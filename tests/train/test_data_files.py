@@ -361,7 +361,7 @@ def test_finetune_reads_shards_and_evaluates_on_their_validation_split(data_root
     import onnx_ir as ir
 
     from bnncc.frontend import load
-    from bnncc.rewrite import rewrite
+    from bnncc.rewriting import rewrite
     from bnncc.train import finetune
     from bnncc.zoo import export_onnx, resnet50
 
