@@ -153,21 +153,13 @@ def test_resnet18_ace_at_224_matches_a_count_by_hand_and_the_recipe(tmp_path):
 # End to end: convert, compile and verify against onnxruntime.
 
 
-def test_resnet18_converts_for_x86_64_and_verifies(cli, resnet18_onnx, tmp_path):
-    out = tmp_path / "r18_x86"
-    code, _, err = cli("convert", resnet18_onnx, "--recipe", "resnet18_pokebnn", "--target", "x86-64", "-o", out)
+@pytest.mark.parametrize("target", ["x86-64", pytest.param("arm64", marks=[needs_cross, pytest.mark.slow])])
+def test_resnet18_converts_and_verifies(cli, resnet18_onnx, tmp_path, target):
+    """x86-64 natively; arm64 under qemu (slow)."""
+    out = tmp_path / f"r18_{target}"
+    code, _, err = cli("convert", resnet18_onnx, "--recipe", "resnet18_pokebnn", "--target", target, "-o", out)
     assert code == 0, err
-    code, stdout, err = cli("verify", out, "--n", "4")
-    assert code == 0, stdout + err
-
-
-@needs_cross
-@pytest.mark.slow
-def test_resnet18_converts_for_arm64_and_verifies_under_qemu(cli, resnet18_onnx, tmp_path):
-    out = tmp_path / "r18_arm64"
-    code, _, err = cli("convert", resnet18_onnx, "--recipe", "resnet18_pokebnn", "--target", "arm64", "-o", out)
-    assert code == 0, err
-    code, stdout, err = cli("verify", out, "--n", "2")
+    code, stdout, err = cli("verify", out, "--n", "4" if target == "x86-64" else "2")
     assert code == 0, stdout + err
 
 
