@@ -199,8 +199,12 @@ class _Probe(NamedTuple):
 
 
 def _bound_inputs(node: ir.Node) -> tuple[tuple[int, Callable], ...]:
+    """The activation bounds of the node's op, but those at optional inputs the node omits."""
     op = op_def(node)
-    return op.bounds if op is not None else ()
+    if op is None:
+        return ()
+    return tuple((i, observe) for i, observe in op.bounds
+                 if i not in op.optional_inputs or (i < len(node.inputs) and node.inputs[i] is not None))
 
 
 def _state_inputs(node: ir.Node) -> list[int]:

@@ -6,7 +6,10 @@ float conv's weight (k x k, its stride, TF SAME, no bias); the last also reads t
 as its block shortcut (the op's "block" overload), and its first batch norm starts at gamma 0.
 A basic block ``x -> conv1 -> relu -> conv2 -> add(., shortcut) -> relu`` (ResNet-18/34) becomes two
 PokeConvs the same way: each 3x3 conv with its own local shortcut around it (Bi-Real Net's
-arrangement), the second also adding the block input. The last y is the block output (no ReLU: the DPReLUs replaced them all). The binary weights are the
+arrangement), the second also adding the block input. The last y is the block output (no ReLU:
+the DPReLUs replaced them all). With ``se_gate=False`` the PokeConvs have no SE gate (inputs
+10-15 omitted, the op's "ungated" overloads): a basic-block network then is Bi-Real Net's
+arrangement with PokeBNN's DPReLU, stem and head. The binary weights are the
 float convs' weights (BinaryConv keeps only their signs and per-channel max); the float conv's
 bias, the folded BatchNorm shift of the float model, is dropped: the new BN after the binary conv
 takes its role. Everything else is new and initialised as in ``_pokebnn``; initializers are named
@@ -27,7 +30,7 @@ import onnx_ir as ir
 
 from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.ops.poke_conv import BLOCK_OVERLOAD
+from bnncc.ops.poke_conv import overload
 from bnncc.passes._blocks import FloatBlock, float_blocks
 from bnncc.passes._pokebnn import (add_node, batch_norm_params, dprelu_params, lecun_normal, refresh, take_over,
                                    uncalibrated_bound)
@@ -46,8 +49,8 @@ class PokeConvPass(ir.passes.InPlacePass):
     3. No float block (e.g. already rewritten): left alone.
     """
 
-    def __init__(self, clip_bound: float = DEFAULT_CLIP_BOUND, se_ratio: int = 8, se_w_bits: int = 4, se_a_bits: int = 4,
-                 seed: int = 0) -> None:
+    def __init__(self, clip_bound: float = DEFAULT_CLIP_BOUND, se_gate: bool = True, se_ratio: int = 8,
+                 se_w_bits: int = 4, se_a_bits: int = 4, seed: int = 0) -> None:
         super().__init__()
         if not clip_bound > 0:
             raise BnnccError(f"poke_conv: clip_bound must be > 0, got {clip_bound}")
@@ -57,6 +60,7 @@ class PokeConvPass(ir.passes.InPlacePass):
             if value < 2:
                 raise BnnccError(f"poke_conv: {key} must be >= 2 (signed quantizer), got {value}")
         self.clip_bound = clip_bound
+        self.se_gate = se_gate  # se_ratio and the SE bit widths are unused without it
         self.se_ratio = se_ratio
         self.se_w_bits = se_w_bits
         self.se_a_bits = se_a_bits
@@ -98,15 +102,17 @@ class PokeConvPass(ir.passes.InPlacePass):
             x, weight,
             *batch_norm_params(graph, f"{name}/bn", out_channels, gamma=0.0 if block_input is not None else 1.0),
             *dprelu_params(graph, f"{name}/dprelu", out_channels),
-            *self._se_params(graph, f"{name}/se", in_channels, out_channels, rng),
+            # the SE gate's six inputs, or six omitted ones: later inputs keep their positions
+            *(self._se_params(graph, f"{name}/se", in_channels, out_channels, rng) if self.se_gate else [None] * 6),
             *batch_norm_params(graph, f"{name}/bn_split", out_channels),
         ]
         if block_input is not None:
             inputs.append(block_input)
+        se_bits = dict(se_w_bits=self.se_w_bits, se_a_bits=self.se_a_bits) if self.se_gate else {}
         return add_node(graph, "PokeConv", inputs, name, domain=DOMAIN,
-                        overload=BLOCK_OVERLOAD if block_input is not None else "",
+                        overload=overload(self.se_gate, block_input is not None),
                         kernel_shape=[kh, kw], strides=list(conv.attributes.get_ints("strides", (1, 1))),
-                        clip_bound=self.clip_bound, se_w_bits=self.se_w_bits, se_a_bits=self.se_a_bits)
+                        clip_bound=self.clip_bound, **se_bits)
 
     def _se_params(self, graph: ir.Graph, name: str, in_channels: int, out_channels: int,
                    rng: np.random.Generator) -> list[ir.Value]:

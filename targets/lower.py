@@ -16,7 +16,7 @@ as it is; any other reader gets it transposed):
   bits whose epilogue is
 
       u = a1 * acc + b1 + match(x) [+ match(r)]
-      y = ((u >= 0 ? pos * u : neg * u) - by) * gate + b2
+      y = ((u >= 0 ? pos * u : neg * u) - by) [* gate] + b2
 
   with acc the +-1 dot product, a1 = gamma1 / sqrt(var1 + eps) * (B/2) * (max|W|/2) (the
   BinaryConv scales folded into BN), b1 = beta1 - mean1 * gamma1 / sqrt(var1 + eps) - bias_x
@@ -25,7 +25,8 @@ as it is; any other reader gets it transposed):
   with two operations an output fewer, a float32 rounding apart. ``match`` is the ReshapeAdd
   channel mean / zero-pad / tile and the 3x3/2 SAME count-pad average pool. It writes y (float,
   read by the next local shortcut, SE pool and block shortcut) and, when a PokeConv reads y, y's
-  packed sign bits (the next layer's input).
+  packed sign bits (the next layer's input). A PokeConv without SE gate (the "ungated"
+  overloads) has no gate kernel, and its epilogue no gate input or multiply.
 - ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
 
@@ -373,12 +374,15 @@ def _se_gate(walk: _Walk, node: ir.Node) -> None:
 # -- PokeConv ----------------------------------------------------------------------------------------
 @register_lowering("PokeConv")
 def _poke_conv(walk: _Walk, node: ir.Node) -> None:
-    """One fused kernel for the whole op (module docstring), after its SE gate's kernel."""
+    """One fused kernel for the whole op (module docstring), after its SE gate's kernel if it has one."""
     x_value = node.inputs[0]
     x = walk.float(x_value)
     attrs = node.attributes
-    gate = _se_gate_call(walk, [node.inputs[i] for i in poke.SE], attrs.get_int("se_w_bits", 4),
-                         attrs.get_int("se_a_bits", 4), node)
+    se_inputs = poke.se_inputs(node)
+    gated = se_inputs is not None
+    gates = []  # the epilogue's gate input (N, Cout): none without an SE gate
+    if gated:
+        gates.append(_se_gate_call(walk, se_inputs, attrs.get_int("se_w_bits", 4), attrs.get_int("se_a_bits", 4), node))
     bits = walk.packed(x_value)
     weight = _const(node.inputs[1], node)
     kernel = attrs.get_ints("kernel_shape", weight.shape[2:])[0]
@@ -408,10 +412,10 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # reader this is: the kernel then writes into memory it has just read, where a new buffer
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
-    key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, want_bits, in_place)
-    gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods,
+    key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, in_place)
+    gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
                                                     want_bits, in_place))
-    args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, gate,
+    args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
     if want_bits:
@@ -458,11 +462,12 @@ def _head(walk: _Walk, node: ir.Node) -> None:
 
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
-                    residual_shapes: tuple, methods: tuple[str, ...], want_bits: bool,
+                    residual_shapes: tuple, methods: tuple[str, ...], gated: bool, want_bits: bool,
                     in_place: bool = False) -> tirx.PrimFunc:
-    """``f(bits, weights, border, x, [r,] gate, params, y[, y_bits])``: the fused PokeConv kernel.
+    """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits])``: the fused PokeConv kernel.
 
-    params rows: a1, b1, pos, neg, by, b2 (module docstring).
+    params rows: a1, b1, pos, neg, by, b2 (module docstring). ``gated``: the op's SE gate
+    multiplies the DPReLU (a kernel without it takes no gate).
     ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
     compiler is not told otherwise.
     """
@@ -472,7 +477,7 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     weights = te.placeholder((kernel, kernel, words, cout), bitpack.WORD_DTYPE, name="weights")
     border = te.placeholder((kernel * kernel, kernel * kernel, cout), bitpack.BORDER_DTYPE, name="border")
     residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
-    gate = te.placeholder((n, cout), "float32", name="gate")
+    gate = te.placeholder((n, cout), "float32", name="gate") if gated else None
     params = te.placeholder((6, cout), "float32", name="params")
     ho = out_size(h, stride)
 
@@ -490,9 +495,11 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
             s = s + _match(r, idx, cout, method)
         # a Select of the two products, as in _dprelu
         d = tirx.Select(s >= tirx.const(0, "float32"), params[_POS, c] * s, params[_NEG, c] * s) - params[_BY, c]
-        return d * gate[idx[0], c] + params[_B2, c]
+        if gated:
+            d = d * gate[idx[0], c]
+        return d + params[_B2, c]
 
-    epilogue = Epilogue(inputs=(*residuals, gate, params), fn=fn)
+    epilogue = Epilogue(inputs=(*residuals, *([gate] if gated else []), params), fn=fn)
     y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue)
     outputs = [y, bitpack.sign_bitpack(y)] if want_bits else [y]
     func = te.create_prim_func([bits, weights, border, *epilogue.inputs, *outputs])

@@ -69,8 +69,10 @@ class _Builder:
             self.weight(f"{name}_se_bound2", hidden), self.weight(f"{name}_se_b2", cout),
             *self.vectors(f"{name}_bn_split", cout, bn),
         ] + ([r1[0]] if r1 is not None else [])
-        return self.node("PokeConv", name, inputs, (cout, ho, ho), kernel_shape=[k, k], strides=[stride, stride],
-                         clip_bound=3.0, se_w_bits=4, se_a_bits=4)
+        out = self.node("PokeConv", name, inputs, (cout, ho, ho), kernel_shape=[k, k], strides=[stride, stride],
+                        clip_bound=3.0, se_w_bits=4, se_a_bits=4)
+        self.nodes[-1].overload = "block" if r1 is not None else ""  # the overload that adds R (spec.md)
+        return out
 
 
 def pokebnn_model(multiplier: float, num_classes: int = 1000) -> ir.Model:

@@ -39,8 +39,9 @@ def qonnx_matches_reference(model: ir.Model, shape, path) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_one_poke_conv_network(tmp_path):
-    model = calibrated(tiny_poke_model(), (2, 3, 16, 16))
+@pytest.mark.parametrize("se_gate", [True, False], ids=["gated", "ungated"])
+def test_one_poke_conv_network(tmp_path, se_gate):
+    model = calibrated(tiny_poke_model(se_gate), (2, 3, 16, 16))
     qonnx_matches_reference(model, (2, 3, 16, 16), tmp_path / "q.onnx")
 
 

@@ -329,8 +329,12 @@ def _with_functions(ops, model: ir.Model) -> ir.Model:
     return model if attached is None else attached
 
 
-def _calibrated_poke(ops) -> tuple[ir.Model, torch.nn.Module]:
-    model = tiny_poke_model()
+# the PokeConv with its SE gate ("block" overload) and without ("block_ungated")
+_WITH_AND_WITHOUT_SE_GATE = pytest.mark.parametrize("se_gate", [True, False], ids=["gated", "ungated"])
+
+
+def _calibrated_poke(ops, se_gate: bool) -> tuple[ir.Model, torch.nn.Module]:
+    model = tiny_poke_model(se_gate)
     module = to_torch(model)
     gen = torch.Generator().manual_seed(12)
     module.calibrate_bounds(torch.randn(8, 3, 16, 16, generator=gen) for _ in range(3))
@@ -345,8 +349,9 @@ def _calibrated_poke(ops) -> tuple[ir.Model, torch.nn.Module]:
 # (one wrong padding cell, sign(0), a missing shortcut) exceeds.
 
 
-def test_poke_graph_matches_onnxruntime(real_ops):
-    model, module = _calibrated_poke(real_ops)
+@_WITH_AND_WITHOUT_SE_GATE
+def test_poke_graph_matches_onnxruntime(real_ops, se_gate):
+    model, module = _calibrated_poke(real_ops, se_gate)
     assert all((module.get_buffer(n) > 0).any() for n in module.bound_names)
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(13))
     module.eval()
@@ -355,8 +360,9 @@ def test_poke_graph_matches_onnxruntime(real_ops):
     _assert_close_to_reference(ours, _ort_run(model, x.numpy()))
 
 
-def test_poke_graph_gradients_reach_every_parameter(real_ops):
-    _, module = _calibrated_poke(real_ops)
+@_WITH_AND_WITHOUT_SE_GATE
+def test_poke_graph_gradients_reach_every_parameter(real_ops, se_gate):
+    _, module = _calibrated_poke(real_ops, se_gate)
     # eval mode: in train mode a per-channel bias right before a BN gets an exactly-zero gradient
     module.eval()
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(14))
@@ -366,8 +372,9 @@ def test_poke_graph_gradients_reach_every_parameter(real_ops):
     assert not any(b.requires_grad for b in module.buffers())
 
 
-def test_poke_graph_write_back_round_trip(real_ops):
-    model, module = _calibrated_poke(real_ops)
+@_WITH_AND_WITHOUT_SE_GATE
+def test_poke_graph_write_back_round_trip(real_ops, se_gate):
+    model, module = _calibrated_poke(real_ops, se_gate)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
     module.train()
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(15))
@@ -383,10 +390,11 @@ def test_poke_graph_write_back_round_trip(real_ops):
     _assert_close_to_reference(ours, _ort_run(model, x.numpy()))
 
 
-def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, monkeypatch):
+@_WITH_AND_WITHOUT_SE_GATE
+def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, se_gate, monkeypatch):
     from bnncc.ops.poke_conv import poke_conv
 
-    _, module = _calibrated_poke(real_ops)
+    _, module = _calibrated_poke(real_ops, se_gate)
     # the whole PokeConv is one step (its batch norm, shortcuts, DPReLU and gate Mul one fused call)
     assert [step.fn for step in module._plan].count(poke_conv) == 1
     # the trainer's layout, where the fused CPU kernels run

@@ -14,13 +14,14 @@ def bnncc_model(nodes, inputs, outputs, init) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def tiny_poke_model() -> ir.Model:
+def tiny_poke_model(se_gate: bool = True) -> ir.Model:
     """QuantConv stem -> BN -> DPReLU -> one PokeConv -> GAP -> Flatten -> QuantGemm (spec.md).
 
     x (N,3,16,16) -> stem 4x4/4 VALID 3->16 -> (N,16,4,4); PokeConv ("block" overload): BinaryConv
     3x3/2 16->32 with the local (zeropad) and block (tile) shortcuts both from the PokeConv input,
     SE gate (16 -> 2 -> 32) from the same input. Bounds start at -1 (uncalibrated); BN statistics and gammas are random so
     no channel is trivial; the SE hidden biases are positive so its ReLU passes gradient.
+    ``se_gate=False``: the PokeConv has no SE gate (its inputs 10-15 omitted, overload "block_ungated").
     """
     rng = np.random.default_rng(11)
 
@@ -67,14 +68,16 @@ def tiny_poke_model() -> ir.Model:
         helper.make_node(
             "PokeConv", ["p_in", "poke.w", *params("poke.bn", ("gamma", "beta", "mean", "var")),
                          *params("poke.act", ("bx", "by", "pos", "neg")),
-                         *params("se", ("w1", "bound1", "b1", "w2", "bound2", "b2")),
+                         *(params("se", ("w1", "bound1", "b1", "w2", "bound2", "b2")) if se_gate else [""] * 6),
                          *params("poke.bn_split", ("gamma", "beta", "mean", "var")), "p_in"],
-            ["o"], name="poke", domain="ai.bnncc", overload="block", kernel_shape=[3, 3], strides=[2, 2],
-            clip_bound=3.0, se_w_bits=4, se_a_bits=4, epsilon=1e-5),
+            ["o"], name="poke", domain="ai.bnncc", overload="block" if se_gate else "block_ungated",
+            kernel_shape=[3, 3], strides=[2, 2], clip_bound=3.0, se_w_bits=4, se_a_bits=4, epsilon=1e-5),
         helper.make_node("GlobalAveragePool", ["o"], ["pool"], name="pool"),
         helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
         helper.make_node("QuantGemm", ["flat", "fc.w", "fc.bound", "fc.b"], ["logits"], name="fc",
                          domain="ai.bnncc", w_bits=8, a_bits=8, a_signed=1),
     ]
+    if not se_gate:
+        init = {k: v for k, v in init.items() if not k.startswith("se.")}
     return bnncc_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], init)

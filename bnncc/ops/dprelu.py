@@ -117,8 +117,9 @@ def dprelu(x, bias_x, bias_y, pos_slope, neg_slope) -> torch.Tensor:
 
 
 def _fused_kernels(x, gate, matched):
-    """The kernel library when it runs x, a gate of shape (N, C, 1, 1) and the matched shortcuts, else None."""
-    fits = gate.shape == (x.shape[0], x.shape[1], 1, 1) and all(
+    """The kernel library when it runs x, a gate of shape (N, C, 1, 1) or None and the matched
+    shortcuts, else None."""
+    fits = (gate is None or gate.shape == (x.shape[0], x.shape[1], 1, 1)) and all(
         m.shape == x.shape and m.stride() == x.stride() for m in matched)
     return cpu_kernels.kernels_for(x) if fits else None
 
@@ -129,13 +130,15 @@ def _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched) -> torch.Tens
         return _FusedDPReLU.apply(x, bias_x, bias_y, pos_slope, neg_slope, gate, kernels, None, None, None, *matched)
     for m in matched:
         x = x + m
-    return dprelu(x, bias_x, bias_y, pos_slope, neg_slope) * gate
+    y = dprelu(x, bias_x, bias_y, pos_slope, neg_slope)
+    return y if gate is None else y * gate
 
 
 def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts, methods=()) -> torch.Tensor:
     """``dprelu(reshape_add(x, shortcuts[0], methods[0]) ..., ...) * gate`` for a gate of shape
-    (N, C, 1, 1), as one kernel where they run: the torch view runs a PokeConv's shortcut adds,
-    DPReLU and SE gate's Mul as this one step. Each shortcut is matched to x's shape first."""
+    (N, C, 1, 1), or without the multiply when ``gate`` is None (a PokeConv without SE gate), as
+    one kernel where they run: the torch view runs a PokeConv's shortcut adds, DPReLU and SE
+    gate's Mul as this one step. Each shortcut is matched to x's shape first."""
     matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
     return _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched)
 

@@ -103,6 +103,29 @@ def test_ace_of_the_binary_and_se_convs(shortcut_free):
     assert ace_total(model) == ace_before - 256 * float_macs + binary_macs + 16 * se_macs
 
 
+def test_without_se_gate_every_poke_conv_omits_it(shortcut_free):
+    """se_gate=False: the SE inputs are omitted (the "ungated" overloads) and ACE counts the binary convs alone."""
+    from bnncc.ops.poke_conv import BLOCK, SE
+
+    model, blocks = shortcut_free
+    float_macs = 0
+    for name in (c for b in blocks for c in b.convs):
+        node = model.graph.node(name)
+        cout, cin, kh, kw = node.inputs[1].const_value.shape
+        ho, wo = node.outputs[0].shape[2:]
+        float_macs += ho * wo * cout * cin * kh * kw
+    ace_before = ace_total(model)
+    assert PokeConvPass(se_gate=False)(model).modified
+    pokes = [n for n in model.graph if n.op_type == "PokeConv"]
+    assert len(pokes) == 48 and not [name for name in model.graph.initializers if "/se." in name]
+    for poke in pokes:
+        assert all(poke.inputs[i] is None for i in SE[1:])
+        assert poke.overload == ("block_ungated" if len(poke.inputs) > BLOCK else "ungated")
+    assert ace_total(model) == ace_before - 256 * float_macs + float_macs  # the 1 x 1 bit binary convs alone
+    out = run_ort(model, random_input(2))
+    assert out.shape == (2, 10) and np.isfinite(out).all()
+
+
 def test_result_runs_with_a_free_batch(shortcut_free):
     model, _ = shortcut_free
     PokeConvPass()(model)

@@ -15,6 +15,7 @@ import pytest
 
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
+from bnncc.ops.poke_conv import overload
 from bnncc.passes._util import add_initializer
 
 CLASSES = 10
@@ -66,15 +67,19 @@ class _Net:
                       kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], group=mid)
         return self.dprelu(self.bn(x, out), out)
 
-    def poke_conv(self, x: ir.Value, cin: int, cout: int, k: int, stride: int, block: ir.Value | None = None):
-        """A PokeConv node (bnncc/ops/poke_conv.py), its "block" overload when ``block`` is given."""
+    def poke_conv(self, x: ir.Value, cin: int, cout: int, k: int, stride: int, block: ir.Value | None = None,
+                  gated: bool = True):
+        """A PokeConv node (bnncc/ops/poke_conv.py), its "block" overload when ``block`` is given;
+        ``gated=False``: without the SE gate (its inputs omitted, the "ungated" overloads)."""
         hidden = max(cin // 8, 1)
         se = [self.rand("w1", (hidden, cin, 1, 1)), self.rand("b1", cin, 0.5, 2), self.rand("c1", hidden),
               self.rand("w2", (cout, hidden, 1, 1)), self.rand("b2", hidden, 0.5, 2), self.rand("c2", cout)]
-        inputs = [x, self.rand("w", (cout, cin, k, k)), *self.bn_params(cout), *self.dprelu_params(cout), *se,
-                  *self.bn_params(cout)] + ([block] if block is not None else [])
-        return self.node("PokeConv", inputs, DOMAIN, overload="block" if block is not None else "",
-                         kernel_shape=[k, k], strides=[stride, stride], clip_bound=3.0, se_w_bits=4, se_a_bits=4)
+        inputs = [x, self.rand("w", (cout, cin, k, k)), *self.bn_params(cout), *self.dprelu_params(cout),
+                  *(se if gated else [None] * len(se)), *self.bn_params(cout)]
+        inputs += [block] if block is not None else []
+        se_bits = dict(se_w_bits=4, se_a_bits=4) if gated else {}
+        return self.node("PokeConv", inputs, DOMAIN, overload=overload(gated, block is not None),
+                         kernel_shape=[k, k], strides=[stride, stride], clip_bound=3.0, **se_bits)
 
     def head(self, x: ir.Value, c: int) -> None:
         x = self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1)
@@ -322,6 +327,35 @@ def test_stem_quantizer_on_the_nchw_input_at_a_decision_point_agrees_with_onnxru
     assert np.all(ref == 0)  # level 0 in the reference
     got = load(compile(model, tmp_path / "stem"))(x)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
+
+
+def test_poke_convs_without_se_gate_have_no_gate_kernel_and_agree_with_onnxruntime(tmp_path):
+    """A basic block of PokeConvs without SE gates ("ungated", then "block_ungated" reading the
+    block input), then a gated one: the ungated ones get no SE gate kernel and fused kernels with
+    no gate parameter (the epilogue has no multiply to do), and the library agrees with onnxruntime."""
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+    from bnncc.targets.kernels import quant
+    from bnncc.targets.lower import POKE_CONV_KERNEL, lower
+    from bnncc.targets.tvm_compat import tirx
+    from bnncc.targets.x86_64 import host_target
+
+    net = _Net(32, seed=3)
+    x = net.stem(8, 16)
+    y = net.poke_conv(x, 16, 40, 3, 2, gated=False)
+    x = net.poke_conv(y, 40, 40, 3, 1, block=x, gated=False)
+    net.head(net.poke_conv(x, 40, 40, 3, 1), 40)
+    model = net.model()
+    functions = {gv.name_hint: f for gv, f in lower(model, host_target(), (1,)).module.functions.items()
+                 if isinstance(f, tirx.PrimFunc)}
+    assert sum(name.startswith(quant.SE_GATE_KERNEL_NAME) for name in functions) == 1  # the gated conv's
+    gate_params = sorted([p.name for p in f.params].count("gate") for name, f in functions.items()
+                         if name.startswith(POKE_CONV_KERNEL))
+    assert gate_params == [0, 0, 1]
+    x = np.random.default_rng(7).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    got, ref = load(compile(model, tmp_path / "ungated"))(x), _onnxruntime(model, x)
+    assert np.array_equal(got.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
 def test_block_output_overwrites_its_dead_residual():
