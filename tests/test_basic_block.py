@@ -16,6 +16,7 @@ from bnncc import zoo
 from bnncc.cost import ace
 from bnncc.errors import BnnccError
 from bnncc.frontend import load, recognize
+from bnncc.ops.poke_conv import SE
 from bnncc.passes.stride_to_3x3 import StrideTo3x3Pass
 from bnncc.passes.width_multiplier import WidthMultiplierPass
 from bnncc.recipe import load_recipe
@@ -69,6 +70,13 @@ def poke18(resnet18_onnx):
     return model, rows
 
 
+@pytest.fixture(scope="module")
+def bireal18(resnet18_onnx):
+    """resnet18_bireal: the same rewrite without SE gates."""
+    model, _ = rewrite(load(resnet18_onnx), "resnet18_bireal")
+    return model
+
+
 def test_every_basic_block_becomes_two_poke_convs(resnet18_onnx, poke18):
     float_blocks = recognize(load(resnet18_onnx)).blocks
     model, rows = poke18
@@ -89,6 +97,35 @@ def test_every_basic_block_becomes_two_poke_convs(resnet18_onnx, poke18):
         assert (gammas[0] == 1).all() and (gammas[1] == 0).all()  # the block's last BN starts at 0
     # projection shortcuts are gone with their weights
     assert not any("downsample" in name for name in graph.initializers)
+
+
+def test_resnet18_bireal_is_resnet18_pokebnn_without_se_gates(poke18, bireal18):
+    """Every PokeConv the same but for its SE gate: inputs 10-15 omitted, the "ungated" overloads,
+    no SE initializer left; the other initializers identical, node for node."""
+    gated = {n.name: n for n in poke18[0].graph if n.op_type == "PokeConv"}
+    ungated = {n.name: n for n in bireal18.graph if n.op_type == "PokeConv"}
+    assert list(ungated) == list(gated) and len(ungated) == 16
+    for name, node in ungated.items():
+        other = gated[name]
+        assert node.overload == {"": "ungated", "block": "block_ungated"}[other.overload]
+        assert all(node.inputs[i] is None for i in SE[1:]) and len(node.inputs) == len(other.inputs)
+        assert "se_w_bits" not in node.attributes and "se_a_bits" not in node.attributes
+        for i in (j for j in range(len(node.inputs)) if j not in SE[1:]):
+            a, b = node.inputs[i], other.inputs[i]
+            assert a.name == b.name
+            if a.const_value is not None:
+                np.testing.assert_array_equal(a.const_value.numpy(), b.const_value.numpy())
+    assert not [name for name in bireal18.graph.initializers if "/se." in name]
+
+
+def test_rewritten_resnet18_bireal_torch_view_matches_onnxruntime(bireal18):
+    x = np.random.default_rng(4).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(ir.to_proto(bireal18).SerializeToString(), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        ours = to_torch(bireal18).eval()(torch.from_numpy(x)).numpy()
+    assert reference.shape == (1, 10) and (ours.argmax(1) == reference.argmax(1)).all()
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.ptp(reference))
 
 
 def test_resnet50_blocks_and_basic_blocks_share_the_passes(tmp_path):
@@ -115,8 +152,9 @@ def test_rewritten_resnet18_torch_view_matches_onnxruntime(poke18):
 # ACE of ResNet-18 at 224 px, counted by hand from the layer shapes (not through bnncc.cost).
 
 
-def _resnet18_layers() -> dict[str, int]:
-    """ACE of every counted layer of resnet18_pokebnn at 224x224: MACs x w_bits x a_bits."""
+def _resnet18_layers(se_gate: bool = True) -> dict[str, int]:
+    """ACE of every counted layer of resnet18_pokebnn (``se_gate=False``: resnet18_bireal) at
+    224x224: MACs x w_bits x a_bits."""
     layers = {"stem/conv1": 56 * 56 * (4 * 4 * 3) * 32 * 8 * 8,  # 4x4/4 conv, 224 -> 56
               "stem/conv2": 56 * 56 * (3 * 3 * 1) * 64 * 8 * 8}  # 3x3 conv, group 32, 32 -> 64
     size, cin = 56, 64
@@ -127,15 +165,20 @@ def _resnet18_layers() -> dict[str, int]:
             for conv, (ci, co) in enumerate(((cin, cout), (cout, cout)), start=1):
                 name = f"/layer{stage}/layer{stage}.{index}/conv{conv}/Conv"
                 layers[f"{name}/binary"] = size * size * 3 * 3 * ci * co  # 1 x 1 bits
-                layers[f"{name}/se"] = (ci * (ci // 8) + (ci // 8) * co) * 4 * 4  # two 1x1 convs at 1x1
+                if se_gate:
+                    layers[f"{name}/se"] = (ci * (ci // 8) + (ci // 8) * co) * 4 * 4  # two 1x1 convs at 1x1
             cin = cout
     layers["/fc/Gemm"] = 512 * 1000 * 8 * 8
     return layers
 
 
-def test_resnet18_ace_at_224_matches_a_count_by_hand_and_the_recipe(tmp_path):
-    path = zoo.export_onnx(zoo.resnet18(), tmp_path / "r18_224.onnx")
-    model, _ = rewrite(load(path), "resnet18_pokebnn")
+@pytest.fixture(scope="module")
+def resnet18_224(tmp_path_factory):
+    return zoo.export_onnx(zoo.resnet18(), tmp_path_factory.mktemp("r18_224") / "r18.onnx")
+
+
+def test_resnet18_ace_at_224_matches_a_count_by_hand_and_the_recipe(resnet18_224):
+    model, _ = rewrite(load(resnet18_224), "resnet18_pokebnn")
     expected = _resnet18_layers()
     assert {layer.name: layer.ace for layer in ace(model).layers} == expected
     total = sum(expected.values())
@@ -149,35 +192,57 @@ def test_resnet18_ace_at_224_matches_a_count_by_hand_and_the_recipe(tmp_path):
     assert f"= {binary:,}" in comments and f"= {se:,}" in comments
 
 
+def test_resnet18_bireal_ace_at_224_is_the_count_by_hand_without_se_gates(resnet18_224):
+    model, _ = rewrite(load(resnet18_224), "resnet18_bireal")
+    expected = _resnet18_layers(se_gate=False)
+    assert {layer.name: layer.ace for layer in ace(model).layers} == expected
+    total = sum(expected.values())
+    with_se = _resnet18_layers()
+    se = sum(v for k, v in with_se.items() if k.endswith("/se"))
+    assert (total, se) == (2_132_934_656, 4_710_400) and total == sum(with_se.values()) - se
+    comments = (resources.files("bnncc.recipes") / "resnet18_bireal.toml").read_text()
+    binary = sum(v for k, v in expected.items() if k.endswith("/binary"))
+    stated = {"308,281,344", "115,605,504", "57,802,752", "32,768,000", f"= {binary:,}", f"= {total:,}",
+              f"{sum(with_se.values()):,}", f"{se:,}", "ACE 2.13e9"}
+    assert {s for s in stated if s in comments} == stated
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: convert, compile and verify against onnxruntime.
 
 
 @pytest.mark.parametrize("target", ["x86-64", pytest.param("arm64", marks=[needs_cross, pytest.mark.slow])])
-def test_resnet18_converts_and_verifies(cli, resnet18_onnx, tmp_path, target):
+@pytest.mark.parametrize("recipe", ["resnet18_pokebnn", "resnet18_bireal"])
+def test_resnet18_converts_and_verifies(cli, resnet18_onnx, tmp_path, recipe, target):
     """x86-64 natively; arm64 under qemu (slow)."""
     out = tmp_path / f"r18_{target}"
-    code, _, err = cli("convert", resnet18_onnx, "--recipe", "resnet18_pokebnn", "--target", target, "-o", out)
+    code, _, err = cli("convert", resnet18_onnx, "--recipe", recipe, "--target", target, "-o", out)
     assert code == 0, err
     code, stdout, err = cli("verify", out, "--n", "4" if target == "x86-64" else "2")
     assert code == 0, stdout + err
 
 
 @pytest.mark.slow
-def test_resnet34_converts_for_x86_64_and_verifies(cli, tmp_path):
+@pytest.mark.parametrize("recipe", ["resnet34_pokebnn", "resnet34_bireal"])
+def test_resnet34_converts_for_x86_64_and_verifies(cli, tmp_path, recipe):
     path = zoo.export_onnx(zoo.resnet34(num_classes=10), tmp_path / "r34.onnx", input_size=32)
     out = tmp_path / "r34_x86"
-    code, _, err = cli("convert", path, "--recipe", "resnet34_pokebnn", "--target", "x86-64", "-o", out)
+    code, _, err = cli("convert", path, "--recipe", recipe, "--target", "x86-64", "-o", out)
     assert code == 0, err
     code, stdout, err = cli("verify", out, "--n", "4")
     assert code == 0, stdout + err
 
 
-@pytest.mark.parametrize("name", ["resnet18_pokebnn", "resnet34_pokebnn"])
-def test_basic_block_recipes(name):
+_POKE_CONV = {"clip_bound": 3.0, "se_ratio": 8, "se_w_bits": 4, "se_a_bits": 4, "seed": 0}
+
+
+@pytest.mark.parametrize("name, poke_conv", [("resnet18_pokebnn", _POKE_CONV), ("resnet34_pokebnn", _POKE_CONV),
+                                             ("resnet18_bireal", {"clip_bound": 3.0, "se_gate": False, "seed": 0}),
+                                             ("resnet34_bireal", {"clip_bound": 3.0, "se_gate": False, "seed": 0})])
+def test_basic_block_recipes(name, poke_conv):
     recipe = load_recipe(name)
     assert [n for n, _ in recipe.passes] == ["remove_projection_shortcuts", "poke_stem", "poke_conv", "int8_head"]
     assert recipe.params("poke_stem") == {"mid_channels": 32, "w_bits": 8, "a_bits": 8, "seed": 0}
-    assert recipe.params("poke_conv") == {"clip_bound": 3.0, "se_ratio": 8, "se_w_bits": 4, "se_a_bits": 4, "seed": 0}
+    assert recipe.params("poke_conv") == poke_conv
     assert recipe.params("int8_head") == {"w_bits": 8, "a_bits": 8}
     assert recipe.train == load_recipe("pokebnn_1x").train

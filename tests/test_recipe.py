@@ -10,7 +10,8 @@ from bnncc.recipe import TRAIN_SCHEMA, apply_overrides, available_recipes, load_
 PASS_ORDER = ["remove_projection_shortcuts", "stride_to_3x3", "width_multiplier", "poke_stem", "poke_conv",
               "int8_head"]
 WIDTHS = {"pokebnn_0.5x": 0.5, "pokebnn_0.75x": 0.75, "pokebnn_1x": 1.0, "pokebnn_1.4x": 1.4, "pokebnn_2x": 2.0}
-BASIC_BLOCK_RECIPES = ("resnet18_pokebnn", "resnet34_pokebnn")  # checked in tests/test_basic_block.py
+# checked in tests/test_basic_block.py
+BASIC_BLOCK_RECIPES = ("resnet18_pokebnn", "resnet34_pokebnn", "resnet18_bireal", "resnet34_bireal")
 
 
 def test_shipped_recipes():
@@ -69,7 +70,7 @@ def test_recipe_from_a_path(tmp_path):
         (["passes.poke_conv.clip_bound=abc"], "passes.poke_conv.clip_bound = 'abc': expected a number"),
         (["passes.poke_stem.mid_channels=2.5"], "passes.poke_stem.mid_channels = 2.5: expected an integer"),
         (["passes.poke_stem.w_bits=true"], "passes.poke_stem.w_bits = True: expected an integer"),
-        (["passes.poke_conv.bits=4"], "passes.poke_conv.bits: unknown parameter; expected clip_bound, se_ratio"),
+        (["passes.poke_conv.bits=4"], "passes.poke_conv.bits: unknown parameter; expected clip_bound, se_gate, se_ratio"),
         (["passes.width_multiplier.multiplier=0"], "passes.width_multiplier: width_multiplier: multiplier must be > 0"),
         (["passes.fold_batchnorm.x=1"], "--set passes.fold_batchnorm.x: pokebnn_1x.toml names no such pass"),
         (["train.momentum=0.9"], "train.momentum: unknown key; expected lr, batch_size"),

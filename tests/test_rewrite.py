@@ -36,7 +36,8 @@ def narrow_resnet(tmp_path_factory):
 
 
 def test_recipes_under_test_are_the_shipped_ones():
-    basic_block = ["resnet18_pokebnn", "resnet34_pokebnn"]  # ResNet-18/34: tests/test_basic_block.py
+    # ResNet-18/34: tests/test_basic_block.py
+    basic_block = ["resnet18_pokebnn", "resnet34_pokebnn", "resnet18_bireal", "resnet34_bireal"]
     assert sorted([*SPEC_ACE, *basic_block]) == available_recipes()
 
 

@@ -1,9 +1,11 @@
-"""A ResNet-18 student (resnet18_pokebnn) fine-tunes by distillation from its float teacher."""
+"""A ResNet-18 student (resnet18_pokebnn, and resnet18_bireal without SE gates) fine-tunes by
+distillation from its float teacher."""
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 
 from bnncc.frontend import load
 from bnncc.rewriting import rewrite
@@ -11,9 +13,10 @@ from bnncc.train import TrainConfig, finetune
 from bnncc.zoo import export_onnx, resnet18
 
 
-def test_resnet18_student_fine_tunes_a_few_steps(idx_dir, tmp_path):
+@pytest.mark.parametrize("recipe", ["resnet18_pokebnn", "resnet18_bireal"])
+def test_resnet18_student_fine_tunes_a_few_steps(idx_dir, tmp_path, recipe):
     teacher = export_onnx(resnet18(width=0.25, num_classes=4), tmp_path / "teacher.onnx", input_size=32)
-    student, _ = rewrite(load(teacher), "resnet18_pokebnn", ["passes.poke_stem.mid_channels=8"])
+    student, _ = rewrite(load(teacher), recipe, ["passes.poke_stem.mid_channels=8"])
     student_path = tmp_path / "student.onnx"
     ir.save(student, student_path)
     out = tmp_path / "trained.onnx"
@@ -28,7 +31,9 @@ def test_resnet18_student_fine_tunes_a_few_steps(idx_dir, tmp_path):
     for name in ("/layer1/layer1.0/conv1/Conv/bn.gamma", "/layer1/layer1.0/conv2/Conv/bn.gamma",
                  "/layer4/layer4.1/conv2/Conv/dprelu.neg_slope"):
         assert not np.array_equal(original[name], trained[name]), name
-    assert all((trained[n] > 0).any() for n in trained if n.endswith("bound1")), "SE bounds not calibrated"
+    bounds = [n for n in trained if "bound" in n]  # the stem's, the head's and the SE gates' (not in bireal)
+    assert len(bounds) == 3 + (2 * 16 if recipe == "resnet18_pokebnn" else 0)
+    assert all((trained[n] > 0).any() for n in bounds), "bounds not calibrated"
     session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
     assert logits.shape == (1, 4) and np.isfinite(logits).all()
