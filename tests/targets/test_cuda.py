@@ -90,13 +90,14 @@ def test_a_blob_in_another_format_is_refused():
         cuda_blob.blob_modules(blob + b"\0")
 
 
-def _compile_tiny(tmp_path, cli, arch: str, monkeypatch):
+def _compile_tiny(tmp_path, cli, arch: str, monkeypatch, model=None):
+    """``model`` (default: test_lower's tiny_pokebnn) compiled for CUDA ``arch``: the library folder."""
     import onnx_ir as ir
 
     from test_lower import tiny_pokebnn
 
     monkeypatch.setenv(cuda.ARCH_ENV, arch)
-    ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
+    ir.save(model or tiny_pokebnn(), tmp_path / "tiny.onnx")
     code, out, err = cli("compile", tmp_path / "tiny.onnx", "--target", "cuda", "-o", tmp_path / arch)
     assert code == 0, err
     return tmp_path / arch
@@ -147,6 +148,33 @@ def test_device_code_is_machine_code_for_the_arch(tmp_path, cli, monkeypatch, ar
     assert set(kernels) == set(module.kernels)
     convs = {name for name in kernels if name.startswith("poke_conv_") and "POPC" in kernels[name]}
     assert len({re.match(r"poke_conv_\d+", name).group() for name in convs}) == 6
+
+
+@needs_nvcc
+@needs_cuobjdump
+def test_poke_convs_without_se_gate_compile_for_cuda(tmp_path, cli, monkeypatch):
+    """test_lower's tiny_basic_block_ungated through the same CUDA rules: a binary conv kernel (POPC)
+    per PokeConv (3), and SE gate kernels only for the one gated conv."""
+    from test_lower import tiny_basic_block_ungated
+
+    folder = _compile_tiny(tmp_path, cli, "sm_90", monkeypatch, tiny_basic_block_ungated())
+    module = cuda_blob.cuda_module_parts(dict(cuda_blob.library_modules(folder / "model.so"))["cuda"])
+    kernels = _kernels(cuda.sass(module.code))
+    convs = {name for name in kernels if name.startswith("poke_conv_") and "POPC" in kernels[name]}
+    assert len({re.match(r"poke_conv_\d+", name).group() for name in convs}) == 3
+    assert len({re.match(r"se_gate_\d+", name).group() for name in kernels if name.startswith("se_gate_")}) == 1
+
+
+@needs_nvcc
+@needs_device
+def test_poke_convs_without_se_gate_on_cuda_agree_with_onnxruntime(tmp_path):
+    from bnncc.targets.build import compile
+    from bnncc.verification import verify
+    from test_lower import tiny_basic_block_ungated
+
+    folder = compile(tiny_basic_block_ungated(), tmp_path / "ungated_cuda", target="cuda", batches=(1, 8))
+    report = verify(folder, n=16, batch=8)
+    assert report.ok, report.failures
 
 
 @needs_nvcc

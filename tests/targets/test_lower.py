@@ -111,6 +111,17 @@ def tiny_pokebnn(size: int = 32) -> ir.Model:
     return net.model()
 
 
+def tiny_basic_block_ungated(size: int = 32) -> ir.Model:
+    """Stem 3 -> 8 -> 16, a basic block of PokeConvs without SE gates (16 -> 40/2 "ungated", 40 -> 40
+    "block_ungated" reading the block input), one gated PokeConv 40 -> 40, head."""
+    net = _Net(size, seed=3)
+    x = net.stem(8, 16)
+    y = net.poke_conv(x, 16, 40, 3, 2, gated=False)
+    x = net.poke_conv(y, 40, 40, 3, 1, block=x, gated=False)
+    net.head(net.poke_conv(x, 40, 40, 3, 1), 40)
+    return net.model()
+
+
 def _onnxruntime(model: ir.Model, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
@@ -330,8 +341,7 @@ def test_stem_quantizer_on_the_nchw_input_at_a_decision_point_agrees_with_onnxru
 
 
 def test_poke_convs_without_se_gate_have_no_gate_kernel_and_agree_with_onnxruntime(tmp_path):
-    """A basic block of PokeConvs without SE gates ("ungated", then "block_ungated" reading the
-    block input), then a gated one: the ungated ones get no SE gate kernel and fused kernels with
+    """tiny_basic_block_ungated: the ungated PokeConvs get no SE gate kernel and fused kernels with
     no gate parameter (the epilogue has no multiply to do), and the library agrees with onnxruntime."""
     from bnncc.runtime import load
     from bnncc.targets.build import compile
@@ -340,12 +350,7 @@ def test_poke_convs_without_se_gate_have_no_gate_kernel_and_agree_with_onnxrunti
     from bnncc.targets.tvm_compat import tirx
     from bnncc.targets.x86_64 import host_target
 
-    net = _Net(32, seed=3)
-    x = net.stem(8, 16)
-    y = net.poke_conv(x, 16, 40, 3, 2, gated=False)
-    x = net.poke_conv(y, 40, 40, 3, 1, block=x, gated=False)
-    net.head(net.poke_conv(x, 40, 40, 3, 1), 40)
-    model = net.model()
+    model = tiny_basic_block_ungated()
     functions = {gv.name_hint: f for gv, f in lower(model, host_target(), (1,)).module.functions.items()
                  if isinstance(f, tirx.PrimFunc)}
     assert sum(name.startswith(quant.SE_GATE_KERNEL_NAME) for name in functions) == 1  # the gated conv's
