@@ -7,7 +7,8 @@ activation counts as 1, fixed or symbolic):
   length ``prod(W.shape[1:])``; of a dense layer (Gemm, MatMul, QuantGemm) = output elements times
   the inner dimension; of an SEGate = its two 1x1 convs at 1x1 spatial: Ci*Ch + Ch*Co with Ch the
   hidden width (W1's first dimension, Ci // 8 in PokeBNN); a PokeConv counts its binary conv and
-  its SE gate as these two layers (``<node>/binary``, ``<node>/se``).
+  its SE gate as these two layers (``<node>/binary``, ``<node>/se``; one without SE gate, the
+  binary conv alone).
 - ACE = MACs * w_bits * a_bits. BinaryConv is 1 x 1, QuantConv/QuantGemm/SEGate read their
   ``w_bits``/``a_bits`` attributes, float Conv/Gemm/MatMul count ``float_bits`` x ``float_bits``
   (16 x 16 = 256 by default: the paper's "bf16 x bf16").
@@ -22,7 +23,7 @@ activation counts as 1, fixed or symbolic):
   activations, BinarizeAct, Add and Mul; kh*kw per output element of MaxPool/AveragePool; H*W*C
   adds and C multiplies of a global average pool. An SEGate adds its pool (H*W*Ci adds, Ci
   multiplies), ReLU (Ch) and hard-sigmoid (Co); a PokeConv counts its two batch norms, its
-  shortcuts, DPReLU, SE gate and the gate's multiply (``se_mul``). A ReshapeAdd counts its channel shrink (Hi*Wi*Co*k adds and Hi*Wi*Co multiplies when
+  shortcuts, DPReLU, SE gate and the gate's multiply (``se_mul``; neither without the gate). A ReshapeAdd counts its channel shrink (Hi*Wi*Co*k adds and Hi*Wi*Co multiplies when
   Ci > Co, k = Ci // Co), its 3x3 shortcut pool (9*Ho*Wo*Co) and its add (Ho*Wo*Co; method
   "zeropad" is the local shortcut, "tile" the block shortcut). These are google/aqt's
   ``size_stats`` categories, except that the final global pool's C multiplies are counted too.
