@@ -2,18 +2,25 @@
 instruction counts read from the generated assembly.
 
 NEON has 32 128-bit vector registers: 4 uint32 (or float32) lanes per vector. The kernels are
-scheduled by ``cpu_schedule`` with 4 lanes and 16 accumulator vectors (``NEON``), the binary
-conv counting in byte lanes: each step of its inner loop is
+scheduled by ``cpu_schedule`` with 4 lanes (``NEON``); the binary conv's register tile is one
+output pixel x 64 channels where the layer allows (16 accumulator vectors; the other 16 registers
+hold the weight vectors streamed through each step and the broadcast activation word), counting
+in byte lanes. Each step of its inner loop is
 
-    eor    v.16b         activation word (broadcast) xor 4 weight words
-    cnt    v.16b         bit count of each byte
-    add    v.4s          into the byte counters (4 per uint32 lane; no carries within a chunk)
+    ld1r   v.4s          one activation word, broadcast (a load that also takes a vector pipe)
+    ldp    q, q          the weight words of 8 channels, 8 times
+    eor    v.16b         16 times: the word xor 4 weight words
+    cnt    v.16b         16 times: bit count of each byte
+    add    v.4s          16 times: into the byte counters (4 per uint32 lane; no carries within a chunk)
 
-and the byte counters are widened to the int32 sums once per chunk of up to 31 steps
-(``cpu_schedule._byte_counts``), where LLVM's own lowering of a 32-bit-lane popcount widens
-after every ``cnt`` (``uaddlp`` bytes -> halfwords, ``uadalp`` halfwords -> words; still found
-in kernels whose channel tile is not a whole number of vectors). ``count_instructions`` counts
-these in a function's assembly: the per-layer figure that stands in for timing under qemu.
+so 3 vector instructions per 128 bits plus one broadcast per 16 of them; with 8 channels (the
+tile before, 7 pixels x 8 channels) the broadcast came once per 2 (bench/RESULTS.md). The byte
+counters are widened to the int32 sums once per chunk of up to 31 steps
+(``cpu_schedule._byte_counts``): ``uaddlp`` bytes -> halfwords and ``uadalp`` halfwords into the
+words, two instructions per counter, where LLVM's own lowering of a 32-bit-lane popcount does
+the same after every ``cnt`` (still found in kernels whose channel tile is not a whole number of
+vectors). ``count_instructions`` counts these in a function's assembly: the per-layer figure
+that stands in for timing under qemu.
 
 Libraries are compiled by TVM's LLVM for ``aarch64-linux-gnu`` and linked by Debian's
 ``aarch64-linux-gnu-g++`` (package g++-aarch64-linux-gnu).
@@ -41,9 +48,11 @@ __all__ = [
 ]
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
-# 4 32-bit lanes of a 128-bit NEON register; 16 accumulators leave 16 of the 32 registers for the
-# weights, the broadcast activation word and the popcount temporaries
-NEON = VectorUnit(lanes=4, accumulators=16, byte_counts=True)
+# 4 32-bit lanes of a 128-bit NEON register; up to 16 accumulators and 16 vectors of channels (one
+# pixel x 64 channels), the rest of the 32 registers for the weights in flight and the broadcast
+# word; byte-lane counts widened by uaddlp/uadalp
+NEON = VectorUnit(lanes=4, accumulators=16, channel_vectors=16, byte_counts=True,
+                  pairwise_add="llvm.aarch64.neon.uaddlp")
 
 
 def arm64_target(*, dotprod: bool = False, cores: int | None = None) -> Target:

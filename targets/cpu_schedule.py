@@ -43,9 +43,16 @@ class VectorUnit:
 
     lanes: int  # 32-bit lanes per vector register
     accumulators: int  # vector registers the binary conv's register tile may hold its sums in
+    # most vectors of output channels in the register tile: each step broadcasts one activation
+    # word per column and xors it with every channel vector, so more channels spread the broadcast
+    # over more counts (on NEON the broadcast, ld1r, takes a vector pipe slot like an eor)
+    channel_vectors: int = 2
     # count mismatches in byte lanes, widened once per chunk of steps (_byte_counts): for CPUs
     # without a 32-bit vector popcount, where LLVM widens the bytes to words after every step
     byte_counts: bool = False
+    # the LLVM intrinsic of the CPU's widening pairwise add (NEON "llvm.aarch64.neon.uaddlp"):
+    # a chunk's byte counts become words in two of them (_byte_sum_intrin); None: shifts and masks
+    pairwise_add: str | None = None
 
 
 def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> tirx.PrimFunc | None:
@@ -64,12 +71,13 @@ def _largest_divisor(n: int, limit: int) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _register_tile(wout: int, cout: int, lanes: int, accumulators: int) -> tuple[int, int]:
+def _register_tile(wout: int, cout: int, unit: VectorUnit) -> tuple[int, int]:
     """(output columns, output channels) of the register tile: the most outputs that fit the
     accumulator budget and stay on the stack (_MAX_TILE_BYTES), with both sizes dividing the
-    output so no tile is partial."""
+    output so no tile is partial; of those, the most channels (fewest broadcasts per count)."""
+    lanes, accumulators = unit.lanes, unit.accumulators
     options = []
-    for channels in (d for d in range(1, 2 * lanes + 1) if cout % d == 0):
+    for channels in (d for d in range(1, unit.channel_vectors * lanes + 1) if cout % d == 0):
         vectors = -(-channels // lanes)
         limit = min(_MAX_TILE_WIDTH, accumulators // vectors, _MAX_TILE_BYTES // (4 * channels))
         width = _largest_divisor(wout, limit)
@@ -80,7 +88,7 @@ def _register_tile(wout: int, cout: int, lanes: int, accumulators: int) -> tuple
 
 def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
     """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's trailing bitpack, if any."""
-    conv = _tile_binary_conv2d(func, unit.lanes, unit.accumulators, unit.byte_counts)
+    conv = _tile_binary_conv2d(func, unit)
     sch = s_tir.Schedule(conv)
     if not has_block(sch, "bitpack"):
         return conv
@@ -88,9 +96,9 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     return mark_scheduled(sch.mod["main"])
 
 
-def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int, byte_counts: bool) -> tirx.PrimFunc:
-    """Register-tiled, vectorized, multithreaded binary conv, for a CPU with ``lanes`` uint32
-    lanes per vector and room for ``accumulators`` accumulator vectors.
+def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
+    """Register-tiled, vectorized, multithreaded binary conv, for a CPU with ``unit.lanes`` uint32
+    lanes per vector and room for ``unit.accumulators`` accumulator vectors.
 
     Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
     accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
@@ -101,16 +109,17 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int, byte
     touching 128 of every 1024 bytes; bench/RESULTS.md). Each tile then reads all of the layer's
     weights, which stay in L2 (at most 295 KB: 3x3, 512 -> 512).
 
-    With ``byte_counts`` (and whole vectors of channels) the steps count in byte lanes, chunk by
-    chunk of the reduction (``_byte_counts``).
+    With ``unit.byte_counts`` (and whole vectors of channels) the steps count in byte lanes, chunk
+    by chunk of the reduction (``_byte_counts``).
     """
+    lanes = unit.lanes
     sch = s_tir.Schedule(func)
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
     n, ho, wo, co = sch.get_loops(out)
     wout, cout = int(sch.get(wo).extent), int(sch.get(co).extent)
 
-    width, channels = _register_tile(wout, cout, lanes, accumulators)
+    width, channels = _register_tile(wout, cout, unit)
     vec = min(lanes, channels)
     for pool in _stages(sch, out, binary_conv.AVERAGE_POOL):
         _vector_pool(sch, pool, lanes)
@@ -134,7 +143,7 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int, byte
     # on the stack and makes a "local" one a heap workspace, allocated, zeroed and freed per tile
     # (_MAX_TILE_BYTES).
     reductions = [int(v.dom.extent) for v in sch.get(pop).iter_vars[4:]]  # kh, kw, word
-    bytewise = byte_counts and vec > 1 and channels % vec == 0
+    bytewise = unit.byte_counts and vec > 1 and channels % vec == 0
     chunks = _byte_chunks(sch, pop, reductions) if bytewise else None
     sch.compute_at(pop, tile)
     for block in means:
@@ -146,7 +155,7 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, lanes: int, accumulators: int, byte
         loops = _loops_under(sch, pop, 1, ("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
         _register_steps(sch, pop, loops, ("kh", "kw", "j"), vec)
     else:
-        _byte_counts(sch, pop, chunks, (width, channels), vec)
+        _byte_counts(sch, pop, chunks, (width, channels), vec, unit.pairwise_add)
     for block in means:
         _vector_mean(sch, block, vec)
     _schedule_pad(sch)
@@ -204,7 +213,8 @@ def _byte_chunks(sch: s_tir.Schedule, pop, reductions: list[int]):
     return rf, (k // kh_in) * (k // kw_in) * (cw // j_in), (kh_in, kw_in, j_in)
 
 
-def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], vec: int) -> None:
+def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], vec: int,
+                 pairwise_add: str | None) -> None:
     """The tile's popcounts in byte lanes, for CPUs without a 32-bit vector popcount.
 
     ``pop`` (under the tile) runs over the chunks of ``_byte_chunks``; each chunk's counts are
@@ -223,7 +233,7 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
     counts = _loops_under(sch, rf, depth, ("wo", "co", "kh", "kw", "j"), (*tile_shape, *steps))
     _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False)
     sch.tensorize(sch.get_loops(rf)[-1], _byte_popcount_intrin(vec))
-    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec))
+    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec, pairwise_add))
 
 
 def _byte_popcount_intrin(lanes: int) -> str:
@@ -264,10 +274,11 @@ def _byte_popcount_intrin(lanes: int) -> str:
     return name
 
 
-def _byte_sum_intrin(lanes: int) -> str:
+def _byte_sum_intrin(lanes: int, pairwise_add: str | None) -> str:
     """``lanes`` int32 sums += the sum of the four bytes of each lane of a chunk's byte counts
-    (``_byte_popcount_intrin``; at most 248 a byte). Registered on first use."""
-    name = f"bnncc_byte_sum_{lanes}"
+    (``_byte_popcount_intrin``; at most 248 a byte): two widening pairwise adds where the unit
+    has them (``pairwise_add``), else shifts and masks. Registered on first use."""
+    name = f"bnncc_byte_sum_{lanes}" + ("_pairwise" if pairwise_add else "")
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
 
@@ -285,6 +296,11 @@ def _byte_sum_intrin(lanes: int) -> str:
         # in uint32 (see _byte_popcount_intrin): bytes 0+1 and 2+3 into the two 16-bit halves, then
         # the halves; at most 4 * 248, so the int32 it becomes is the count
         u = T.reinterpret(f"uint32x{lanes}", part)
+        if pairwise_add:
+            # NEON: uaddlp bytes -> halves, then halves -> words, which LLVM folds with the add into uadalp
+            halves = T.call_llvm_pure_intrin(f"uint16x{2 * lanes}", pairwise_add,
+                                             T.reinterpret(f"uint8x{4 * lanes}", u))
+            return T.reinterpret(f"int32x{lanes}", T.call_llvm_pure_intrin(f"uint32x{lanes}", pairwise_add, halves))
         mask = T.Broadcast(T.uint32(0x00FF00FF), lanes)
         halves = (u & mask) + (T.shift_right(u, T.Broadcast(T.uint32(8), lanes)) & mask)
         return T.reinterpret(f"int32x{lanes}", (halves & T.Broadcast(T.uint32(0xFFFF), lanes))
