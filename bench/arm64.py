@@ -1,13 +1,19 @@
-"""Estimated speed of PokeBNN-1x (torchvision ResNet-50, 224 px, batch 1) on one ARM core, without the hardware.
+"""Estimated speed of PokeBNN networks (batch 1) on one ARM core, without the hardware.
 
-Run: ``TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py [--results bench/RESULTS.md] [--workdir DIR]``
-(needs llvm-19, g++-aarch64-linux-gnu, gcc; about 8 minutes on 2 shared cores, 5 of them building
-the library, which ``--workdir`` keeps for the next run).
+Run: ``TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py [--recipes pokebnn_1x resnet18_pokebnn]
+[--results bench/RESULTS.md] [--workdir DIR]`` (needs llvm-19, g++-aarch64-linux-gnu, gcc; about
+6 minutes on 2 shared cores, half of it building the libraries, which ``--workdir`` keeps for the
+next run). ``pokebnn_1x`` is PokeBNN-1x of a torchvision ResNet-50 at 224 px, ``resnet18_pokebnn``
+the PokeBNN arrangement of a ResNet-18 (the network the ARM engines publish as Bi-Real Net 18).
 
-1. Builds the arm64 library for one thread (``bnncc.zoo`` ResNet-50 -> ``pokebnn_1x`` -> lower
-   and compile for aarch64), disassembles it and estimates every layer's hot loop with llvm-mca
-   (``bnncc.targets.estimate``: trip counts from the layer's shape and the loop's work per pass)
-   on Cortex-A76, Neoverse-N1 and Cortex-A72, at the clocks of ``CORES``.
+1. Builds each recipe's arm64 library for one thread (``bnncc.zoo`` network, random weights ->
+   recipe -> lower and compile for aarch64), disassembles it and estimates every layer with
+   llvm-mca (``bnncc.targets.estimate``): a binary conv's hot loop times its trip count (from the
+   layer's shape), plus the loops around it whose passes can be counted (the chunk loop: its
+   byte counters' widening and zeroing; the tile loop: its epilogue); an int8 layer's hot loop.
+   Core models: ``neoverse-n1`` (the Cortex-A76's server twin, and the only model of that core
+   design in LLVM 19), ``cortex-a76`` (which LLVM 19 schedules with its Cortex-A57 model, the
+   same as ``cortex-a72``), ``cortex-a72``, at the clocks of ``CORES``.
 2. Calibrates the method on this machine: the same estimate, with the ``znver4`` model, for the
    x86-64 binary conv kernels of bench/kernels.py (one thread, all ResNet-50 binary conv shapes),
    against their measured CPU times at the clock measured right before each. The median of
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -43,22 +50,31 @@ from bnncc.targets.lower import function_name, lower
 from kernels import binary_conv_seconds, resnet50_shapes, write_section
 
 SECTION = "## ARM64 estimates (llvm-mca)"
-# core model -> (clock in Hz, a board that has it): the clock each estimate is stated at
-CORES = {"cortex-a76": (2.4e9, "Cortex-A76 (Pixel 4 class, Raspberry Pi 5)"),
-         "neoverse-n1": (2.5e9, "Neoverse-N1 (AWS Graviton2)"),
-         "cortex-a72": (1.5e9, "Cortex-A72 (Raspberry Pi 4)")}
+# (label, llvm-mca core model, clock in Hz): the cores and clocks the estimates are stated at
+CORES = [("Cortex-A76 (Pixel 4 class, Raspberry Pi 5), neoverse-n1 model", "neoverse-n1", 2.4e9),
+         ("Cortex-A76, cortex-a76 model (LLVM 19: Cortex-A57's)", "cortex-a76", 2.4e9),
+         ("Neoverse-N1 (AWS Graviton2)", "neoverse-n1", 2.5e9),
+         ("Cortex-A72 (Raspberry Pi 4)", "cortex-a72", 1.5e9)]
+A76_MODEL, A76_CLOCK = "neoverse-n1", 2.4e9  # the target's core: the model of its design, at 2.4 GHz
+# recipe -> the zoo network it is applied to
+NETWORKS = {"pokebnn_1x": zoo.resnet50, "resnet18_pokebnn": zoo.resnet18}
+# Bi-Real Net 18 on one ARM core, as published (../shared/reference/anchors.md): (engine, core, ms)
+BIREAL18 = [("daBNN", "Pixel 1 (Kryo, 2.15 GHz), 1 thread", 61.3),
+            ("Larq Compute Engine", "Pixel 1, 1 thread", 41.6),
+            ("Bolt", "one Cortex-A76", 30.7)]
 HOST_MODEL = "znver4"  # AMD Zen 4: family 25 with AVX-512 (/proc/cpuinfo)
 
 
-def build_arm64(workdir: Path) -> tuple[ir.Model, Path, list[str]]:
-    """PokeBNN-1x of a random-weight torchvision ResNet-50 as an arm64 library for one thread:
-    the graph, the library and the kernels ``batch_1`` calls, in order; kept in ``workdir``
-    (graph, library, calls.json) and taken from there when all three are present."""
-    graph, library, calls_file = workdir / "pokebnn_1x.onnx", workdir / "pokebnn_1x_arm64.so", workdir / "calls.json"
+def build_arm64(recipe: str, workdir: Path) -> tuple[ir.Model, Path, list[str]]:
+    """``recipe`` on its random-weight zoo network (``NETWORKS``) as an arm64 library for one
+    thread: the graph, the library and the kernels ``batch_1`` calls, in order; kept in
+    ``workdir`` (graph, library, calls json) and taken from there when all three are present."""
+    graph, library = workdir / f"{recipe}.onnx", workdir / f"{recipe}_arm64.so"
+    calls_file = workdir / f"{recipe}_calls.json"
     if graph.is_file() and library.is_file() and calls_file.is_file():
         return ir.load(graph), library, json.loads(calls_file.read_text(encoding="utf-8"))
-    onnx_path = zoo.export_onnx(zoo.resnet50(), workdir / "resnet50.onnx")
-    model, _ = bnncc.rewrite(bnncc.load(onnx_path), "pokebnn_1x")
+    onnx_path = zoo.export_onnx(NETWORKS[recipe](), workdir / f"{recipe}_float.onnx")
+    model, _ = bnncc.rewrite(bnncc.load(onnx_path), recipe)
     target = arm64.arm64_target(cores=1)
     lowered = lower(model, target, (1,), schedule=arm64.schedule)
     arm64.export_arm64(tc.compile_module(lowered.module, target), library)
@@ -71,9 +87,11 @@ def build_arm64(workdir: Path) -> tuple[ir.Model, Path, list[str]]:
 
 
 def arm_estimates(model: ir.Model, library: Path, calls: list[str]) -> dict[str, list[estimate.LayerEstimate]]:
+    """Every layer's estimate, by llvm-mca core model."""
     functions = estimate.disassemble(library)
     pairs = estimate.match_calls(calls, bnncc.ace(model).layers)
-    return {core: estimate.estimate_layers(functions, model, pairs, "aarch64", core) for core in CORES}
+    models = {mcpu for _, mcpu, _ in CORES}
+    return {mcpu: estimate.estimate_layers(functions, model, pairs, "aarch64", mcpu) for mcpu in models}
 
 
 # A chain of dependent adds runs at one per cycle on any x86-64 core: its rate per second of CPU
@@ -123,7 +141,8 @@ def calibrate(workdir: Path) -> list[dict]:
         loop = estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", HOST_MODEL)
         hz = clock()
         measured = binary_conv_seconds(shape, 1, target, rng, timer=time.process_time) * hz
-        rows.append({"shape": shape, "macs": macs, "estimated": loop.cycles, "measured": measured, "clock": hz})
+        rows.append({"shape": shape, "macs": macs, "estimated": loop.cycles, "hot": loop.hot_cycles,
+                     "measured": measured, "clock": hz})
     return rows
 
 
@@ -133,19 +152,25 @@ def error_bar(calibration: list[dict]) -> tuple[float, float, float]:
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def _label(row: estimate.LayerEstimate) -> str:
-    return estimate.node_of(row.layer)
-
-
 def three_by_three(model: ir.Model) -> set[str]:
     """The binary conv layers (cost layer names) with a 3x3 kernel: the layers the ARM engines publish."""
     return {f"{n.name}/binary" for n in model.graph if n.op_type == "PokeConv" and list(n.inputs[1].shape)[2:] == [3, 3]}
 
 
-def layer_lines(rows: list[estimate.LayerEstimate], threes: set[str], clock: float) -> list[list[str]]:
-    """The binary 3x3 convs, one line each."""
-    return [[_label(r), r.kernel, f"{r.macs / 1e6:.1f}", str(r.loop.work_per_iteration), f"{r.loop.iterations:,}",
-             f"{r.loop.cycles_per_iteration:.1f}", f"{r.macs_per_cycle:.1f}", f"{r.cycles / clock * 1e3:.3f}"]
+def rate(rows: list[estimate.LayerEstimate], layers: set[str], part: str = "whole") -> float:
+    """Binary MACs per cycle over ``layers``: the ``whole`` estimate, the ``count`` (all but the loops of
+    a fused epilogue: hot loops, chunk widening, the tiles' own code) or the ``hot`` loops alone."""
+    chosen = [r for r in rows if r.layer in layers]
+    cycles = {"whole": lambda r: r.cycles, "count": lambda r: r.cycles - r.loop.epilogue_cycles,
+              "hot": lambda r: r.loop.hot_cycles}[part]
+    return sum(r.macs for r in chosen) / sum(cycles(r) for r in chosen)
+
+
+def layer_lines(rows: list[estimate.LayerEstimate], threes: set[str], clock: float) -> list[str]:
+    """The binary 3x3 convs, one table line each."""
+    return [f"| {estimate.node_of(r.layer)} | {r.kernel} | {r.macs / 1e6:.1f} | {r.loop.work_per_iteration} | "
+            f"{r.loop.iterations:,} | {r.loop.cycles_per_iteration:.1f} | {rate([r], {r.layer}, 'hot'):.1f} | "
+            f"{rate([r], {r.layer}, 'count'):.1f} | {r.macs_per_cycle:.1f} | {r.cycles / clock * 1e3:.3f} |"
             for r in rows if r.layer in threes]
 
 
@@ -159,63 +184,120 @@ def breakdown(rows: list[estimate.LayerEstimate], threes: set[str]) -> dict[str,
     return groups
 
 
-HEADER = ["layer", "kernel", "bMACs (1e6)", "bits/iter", "iterations", "cycles/iter", "bMACs/cycle", "ms"]
+def hot_loop_text(library: Path, rows: list[estimate.LayerEstimate], layer: str) -> list[str]:
+    """The hot loop of ``layer``'s kernel in ``library``, one instruction a line, with its size and copies."""
+    row = next(r for r in rows if r.layer == layer)
+    loops = estimate.innermost_loops(estimate.kernel_code(estimate.disassemble(library), row.kernel))
+    best = max(estimate.binary_bits(loop) for loop in loops)
+    hot = [loop for loop in loops if estimate.binary_bits(loop) == best]
+    return ["```", f"{row.kernel}: {len(hot[0])} instructions, {best} bits a pass; {len(hot)} such loops in the kernel",
+            *(f"    {i.mnemonic} {i.operands}" for i in hot[0]), "```"]
 
 
-def report(estimates, threes: set[str], calibration) -> str:
-    """The printed and Markdown summary."""
+def network_ms(rows: list[estimate.LayerEstimate], clock: float) -> float:
+    return sum(r.cycles for r in rows) / clock * 1e3
+
+
+HEADER = ["layer", "kernel", "bMACs (1e6)", "bits/iter", "iterations", "cycles/iter", "bMACs/cycle: hot loop",
+          "count", "whole", "ms"]
+
+
+def report(networks: dict, calibration: list[dict], load: str) -> str:
+    """The printed and Markdown summary; ``networks``: recipe -> (model, library, estimates by core model)."""
     median, low, high = error_bar(calibration)
     clocks = [r["clock"] for r in calibration]
     lines = [SECTION, "",
-             f"Date: {datetime.date.today().isoformat()}. Machine: AMD EPYC (Zen 4, family 25, AVX-512), "
-             f"clock measured before each kernel (a chain of dependent adds per second of CPU time) "
-             f"{min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel times in CPU time (one thread). Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
+             f"Date: {datetime.date.today().isoformat()}. Machine: AMD EPYC (Zen 4, family 25, AVX-512), 2 vCPUs "
+             f"shared with other sessions (load average {load}); clock measured before each kernel (a chain of "
+             f"dependent adds per second of CPU time) {min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel "
+             "times in CPU time (one thread). Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
              "--results bench/RESULTS.md`. LLVM 19 (`llvm-objdump`, `llvm-mca`).", "",
-             "**Estimates, not measurements**: each layer's hot loop from the arm64 library's disassembly through "
-             "`llvm-mca` (steady state, all loads hitting L1), times its trip count: bits the layer popcounts "
-             "(N·Ho·Wo·Cout·k²·32·ceil(Cin/32)) / bits popcounted per pass, or for the int8 layers MACs / MAC lanes "
-             "per pass. Outside the hot loops (prologues, per-tile epilogues, bitpacking, pooling, padding, "
-             "the VM) nothing is counted; where LLVM unrolls a short reduction the hot loop is the tile loop "
-             "and holds its epilogue.", "",
+             "**Estimates, not measurements**: each layer's code from the arm64 library's disassembly through "
+             "`llvm-mca` (steady state, all loads hitting L1). A binary conv: its hot loop times its trip count "
+             "(bits the layer popcounts, N·Ho·Wo·Cout·k²·32·ceil(Cin/32), over bits per pass), plus the code of the "
+             "loops around it, each run as often as the hot loop's passes over the trip counts read from the "
+             "loop counters: the chunk loop (the widening of the byte counters after each chunk of at most 31 "
+             "steps, their zeroing) and the tile loop (the epilogue); each such block's straight-line code runs "
+             "through llvm-mca whole, both sides of its branches. An int8 layer: its hot loop, MACs over MAC lanes "
+             "per pass. Not counted: the code outside the tile loops (a kernel's prologue), bitpacking and padding "
+             "stages, the VM.", "",
+             "Core models: LLVM 19 has no model of the Cortex-A76 itself: `-mcpu=cortex-a76` schedules with its "
+             "Cortex-A57 model (3-wide dispatch, `ldp q` 3 micro-ops; the same as `cortex-a72`, AArch64Processors.td), "
+             "while `neoverse-n1` models the Neoverse N1, the server core built on the A76's design (same 4-wide "
+             "decode, 2 vector and 2 load pipes). The A76 figures below are the N1 model at the A76's 2.4 GHz; the "
+             "`cortex-a76` model's are given beside them.", "",
              f"Calibration on this CPU (`znver4`, the same estimate for the x86-64 binary conv kernels of "
              f"bench/kernels.py, one thread, {len(calibration)} ResNet-50 shapes): measured / estimated cycles "
              f"median **{median:.2f}**, range {low:.2f}-{high:.2f}. ARM times below are estimate x "
              f"{median:.2f} with that range as the error bar.", "",
-             "| shape | estimated kcycles | clock GHz | measured CPU µs | measured kcycles | measured / estimated |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| shape | hot loop kcycles | estimated kcycles | clock GHz | measured CPU µs | measured kcycles | "
+             "measured / estimated |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in calibration:
         s = r["shape"]
-        lines.append(f"| {s.cin}->{s.cout} {s.kernel}x{s.kernel}/{s.stride} @{s.size} | {r['estimated'] / 1e3:,.0f} | "
-                     f"{r['clock'] / 1e9:.2f} | {r['measured'] / r['clock'] * 1e6:.0f} | {r['measured'] / 1e3:,.0f} | "
-                     f"{r['measured'] / r['estimated']:.2f} |")
-    a76 = estimates["cortex-a76"]
-    clock = CORES["cortex-a76"][0]
-    lines += ["", f"3x3 binary convs on Cortex-A76 at {clock / 1e9:.1f} GHz (hot loop; target >= 70 bMACs/cycle):", "",
-              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(line) + " |" for line in layer_lines(a76, threes, clock)]
-    lines += ["", "Whole network, batch 1, one core (hot loops of all binary and int8 layers):", "",
-              "| core | clock | binary 3x3 bMACs/cycle | estimate ms | x calibration (range) ms |",
-              "|---|---:|---:|---:|---:|"]
-    for core, (hz, board) in CORES.items():
-        rows = estimates[core]
-        cycles = sum(r.cycles for r in rows)
-        three = [r for r in rows if r.layer in threes]
-        rate = sum(r.macs for r in three) / sum(r.cycles for r in three)
-        ms = cycles / hz * 1e3
-        lines.append(f"| {board} | {hz / 1e9:.1f} GHz | {rate:.1f} | {ms:.1f} | "
-                     f"{ms * median:.1f} ({ms * low:.1f}-{ms * high:.1f}) |")
+        lines.append(f"| {s.cin}->{s.cout} {s.kernel}x{s.kernel}/{s.stride} @{s.size} | {r['hot'] / 1e3:,.0f} | "
+                     f"{r['estimated'] / 1e3:,.0f} | {r['clock'] / 1e9:.2f} | {r['measured'] / r['clock'] * 1e6:.0f} | "
+                     f"{r['measured'] / 1e3:,.0f} | {r['measured'] / r['estimated']:.2f} |")
+    model, library, estimates = networks["pokebnn_1x"]
+    threes = three_by_three(model)
+    a76 = estimates[A76_MODEL]
+    lines += ["", f"PokeBNN-1x (ResNet-50): 3x3 binary convs on the Cortex-A76 at {A76_CLOCK / 1e9:.1f} GHz "
+              "(neoverse-n1 model; target >= 70 bMACs/cycle). Binary MACs per cycle of the hot loop alone; of the count (the hot "
+              "loop and the code of the loops around it: chunk widening, zeroing, the sums stored, the tile's "
+              "addressing); of the whole layer (with the fused PokeConv epilogue's loop over the channel vectors: "
+              "scale, shortcut, DPReLU, SE gate):", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += layer_lines(a76, threes, A76_CLOCK)
+    lines += ["", "Whole networks, batch 1, one core (all binary and int8 layers as above):", "",
+              "| network | core | clock | binary 3x3 bMACs/cycle (whole) | estimate ms | x calibration (range) ms |",
+              "|---|---|---:|---:|---:|---:|"]
+    for recipe, (net, _, rows_by_core) in networks.items():
+        for label, mcpu, hz in CORES:
+            rows = rows_by_core[mcpu]
+            ms = network_ms(rows, hz)
+            lines.append(f"| {recipe} | {label} | {hz / 1e9:.1f} GHz | {rate(rows, three_by_three(net)):.1f} | "
+                         f"{ms:.1f} | "
+                         f"{ms * median:.1f} ({ms * low:.1f}-{ms * high:.1f}) |")
     total = sum(r.cycles for r in a76)
+    around = sum(r.cycles - r.loop.hot_cycles - r.loop.epilogue_cycles for r in a76)
+    epilogues = sum(r.loop.epilogue_cycles for r in a76)
     groups = breakdown(a76, threes)
-    lines += ["", "Where the Cortex-A76 cycles go:", "", "| layers | Mcycles | share |", "|---|---:|---:|"]
+    lines += ["", "Where the PokeBNN-1x Cortex-A76 cycles go (neoverse-n1 model):", "",
+              "| layers | Mcycles | share |", "|---|---:|---:|"]
     for kind, cycles in sorted(groups.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {cycles / 1e6:.1f} | {cycles / total:.0%} |")
-    three = [r for r in a76 if r.layer in threes]
-    rate = sum(r.macs for r in three) / sum(r.cycles for r in three)
+    lines += [f"| of the binary convs: the code around their hot loops (chunk widening, tiles) | {around / 1e6:.1f} | "
+              f"{around / total:.0%} |",
+              f"| of the binary convs: the fused epilogues' loops | {epilogues / 1e6:.1f} | {epilogues / total:.0%} |"]
+    whole, count, hot = (rate(a76, threes, part) for part in ("whole", "count", "hot"))
+    a57 = [rate(estimates["cortex-a76"], threes, part) for part in ("whole", "count", "hot")]
     other = total - groups.get("binary 3x3", 0.0) - groups.get("binary 1x1", 0.0)
-    lines += ["", f"Issue 18's targets: 3x3 binary convs >= 70 bMACs/cycle on Cortex-A76: **{rate:.1f}**, "
-              f"{'met' if rate >= 70 else 'not met'} (x calibration {rate / median:.1f}, range "
-              f"{rate / high:.1f}-{rate / low:.1f}); non-binary layers below a quarter of the cycles: "
-              f"**{other / total:.0%}** of the hot-loop cycles (the work outside hot loops not counted)."]
+    lines += ["", f"Issue 18's targets. 3x3 binary convs >= 70 bMACs/cycle on the Cortex-A76 (neoverse-n1 model): the "
+              f"count **{count:.1f}**, {'met' if count >= 70 else 'not met'}; the whole layers with their fused "
+              f"epilogues **{whole:.1f}**, {'met' if whole >= 70 else 'not met'}; the hot loops alone {hot:.1f} "
+              f"(x calibration: count {count / median:.1f}, range {count / high:.1f}-{count / low:.1f}; whole "
+              f"{whole / median:.1f}, range {whole / high:.1f}-{whole / low:.1f}). By the `cortex-a76` (A57) model: "
+              f"count {a57[1]:.1f}, whole {a57[0]:.1f}, hot loops {a57[2]:.1f}. Non-binary layers below a quarter "
+              f"of the cycles: **{other / total:.0%}**.", ""]
+    lines += ["Inner loops of the new kernels (PokeBNN-1x library, the first pass of each kernel's hot loop as "
+              "`llvm-objdump` prints it): a 3x3 conv, 256 -> 256 at 14 px (`/layer3/layer3.1/conv2/Conv`):", ""]
+    lines += hot_loop_text(library, a76, "/layer3/layer3.1/conv2/Conv/binary")
+    lines += ["", "and a 1x1 conv, 1024 -> 256 at 14 px (`/layer3/layer3.1/conv1/Conv`):", ""]
+    lines += hot_loop_text(library, a76, "/layer3/layer3.1/conv1/Conv/binary")
+    if "resnet18_pokebnn" in networks:
+        net, _, rows_by_core = networks["resnet18_pokebnn"]
+        lines += ["", "ResNet-18 beside Bi-Real Net 18 on one ARM core. bnncc's rows are **estimates** (this bench, "
+                  "`resnet18_pokebnn`: every 3x3 conv binary with a real-valued shortcut, Bi-Real Net's arrangement, "
+                  "plus PokeBNN's 8-bit stem and head and 4-bit SE gates, which Bi-Real Net does not have); the "
+                  "others are the engines' published measurements (../shared/reference/anchors.md). The estimates "
+                  "leave out what the method leaves out (bitpacking and padding stages, pooling, the VM's calls; "
+                  "weights and activations are assumed in L1), so a board would be slower by that much.", "",
+                  "| engine | network | core | ms, batch 1, 1 thread | kind |", "|---|---|---|---:|---|"]
+        lines += [f"| {engine} | Bi-Real Net 18 | {core} | {ms} | published |" for engine, core, ms in BIREAL18]
+        for label, mcpu, hz in CORES:
+            if mcpu == "neoverse-n1" and hz != A76_CLOCK:
+                continue
+            ms = network_ms(rows_by_core[mcpu], hz)
+            lines.append(f"| bnncc | ResNet-18 PokeBNN | {label}, {hz / 1e9:.1f} GHz | {ms * median:.1f} "
+                         f"({ms * low:.1f}-{ms * high:.1f}; {ms:.1f} uncalibrated) | estimate x calibration |")
     lines += ["", "qemu dynamic instruction counts: not given; a TCG plugin needs `qemu-plugin.h`, which Debian "
               "ships only in the qemu source package, and this machine's apt has no deb-src entries.", "", ""]
     return "\n".join(lines)
@@ -223,19 +305,27 @@ def report(estimates, threes: set[str], calibration) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", choices=sorted(NETWORKS), default=list(NETWORKS),
+                        help="the networks to estimate (pokebnn_1x, which the report details, is always built)")
     parser.add_argument("--results", type=Path, help="write the summary into this markdown file's section")
-    parser.add_argument("--workdir", type=Path, help="keep the arm64 build here and reuse it (default: a temporary folder)")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the arm64 builds here and reuse them (default: a temporary folder)")
     args = parser.parse_args()
     if not estimate.available():
         raise SystemExit("llvm-19 not found: apt-get install llvm-19")
+    recipes = ["pokebnn_1x"] + [r for r in args.recipes if r != "pokebnn_1x"]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        model, library, calls = build_arm64(workdir)
-        estimates = arm_estimates(model, library, calls)
+        networks = {}
+        for recipe in recipes:
+            model, library, calls = build_arm64(recipe, workdir)
+            networks[recipe] = (model, library, arm_estimates(model, library, calls))
+        loads = [os.getloadavg()[0]]
         calibration = calibrate(Path(tmp))
-    text = report(estimates, three_by_three(model), calibration)
-    Console(width=200).print(text)
+        loads.append(os.getloadavg()[0])
+        text = report(networks, calibration, f"{min(loads):.1f}-{max(loads):.1f}")
+    Console(width=200).print(text, markup=False, highlight=False)
     if args.results:
         write_section(args.results, text, SECTION)
 

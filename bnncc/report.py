@@ -193,7 +193,7 @@ def markdown(report: Report) -> str:
 
 
 def _estimate_lines(estimate: dict) -> list[str]:
-    """The arm64 estimate section: per binary conv, its hot loop's cycles, binary MACs per cycle and time."""
+    """The arm64 estimate section: per binary conv, its cycles, binary MACs per cycle and time."""
     if "skipped" in estimate:
         return ["## Estimated speed on ARM", "", f"Skipped: {estimate['skipped']}.", ""]
     clock = estimate["clock_hz"]
@@ -202,7 +202,8 @@ def _estimate_lines(estimate: dict) -> list[str]:
     lines = [f"## Estimated speed on ARM ({estimate['label']})", "",
              f"**Estimates, not measurements** (LLVM {estimate['llvm']}): each binary conv's hot loop from this "
              "library's disassembly through llvm-mca, times its trip count (bits the layer popcounts / bits per "
-             "iteration). Outside the hot loops (epilogues, the int8 stem and head, SE gates) nothing is counted; "
+             "iteration), plus the loops around it (chunk widening, tile epilogue: `bnncc.targets.estimate`). "
+             "Not counted: the int8 stem and head, the SE gates; "
              "the whole network and the error bar from calibrating the method on x86-64: `bench/arm64.py`, "
              "bench/RESULTS.md.", "",
              f"Binary convs, one core: **{total / clock * 1e3:.2f} ms** ({total / 1e6:.1f} Mcycles, "

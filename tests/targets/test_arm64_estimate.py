@@ -37,13 +37,17 @@ def test_binary_conv_hot_loop_trip_count(conv_library):
     # 8*8 outputs x 64 channels x 9 taps x 2 words of 32 bits
     bits = 8 * 8 * 64 * 9 * 2 * 32
     assert bits == 2_359_296
-    loop = estimate.estimate_binary(code, bits, "aarch64", "cortex-a76")
+    loop = estimate.estimate_binary(code, bits, "aarch64", "neoverse-n1")
     # the hot loop popcounts whole 128-bit vectors: cnt v.16b only
     assert loop.work_per_iteration % 128 == 0 and loop.work_per_iteration >= 128
     assert loop.iterations * loop.work_per_iteration == bits
     assert 0 < loop.cycles_per_iteration < 10 * loop.instructions
     # a 3x3 NEON loop does at least one bMAC per cycle and no more than the core's peak (2 cnt.16b / cycle)
-    assert bits / (2 * 128) <= loop.cycles <= bits
+    assert bits / (2 * 128) <= loop.hot_cycles < loop.cycles <= bits
+    # the NEON register tile is one pixel x 64 channels (arm64.NEON): 64 tiles, each one chunk of all
+    # 18 steps (2 words x 9 taps); the loop that holds the whole reduction, the tile loop, runs once a tile
+    assert loop.around[-1].passes == 8 * 8
+    assert all(level.passes * level.cycles_per_pass == pytest.approx(level.cycles) for level in loop.around)
     with pytest.raises(BnnccError, match="does not divide"):
         estimate.estimate_binary(code, bits + 32, "aarch64", "cortex-a76")
 
@@ -68,6 +72,51 @@ def test_loops_and_work_by_hand():
     assert (loop.work_per_iteration, loop.iterations) == (8, 13)  # ceil(100 / 8)
 
 
+def _code(lines: list[str]) -> list[estimate.Instruction]:
+    """Instructions 4 bytes apart from ``"mnemonic operands"`` lines."""
+    return [estimate.Instruction(0x100 + 4 * k, *(line.split(" ", 1) + [""])[:2]) for k, line in enumerate(lines)]
+
+
+@pytest.mark.parametrize("lines, trips", [
+    # aarch64: a counter set before the loop, counted down to zero by subs
+    (["mov w27, #0x8", "eor v0.16b, v1.16b, v2.16b", "subs x27, x27, #0x1", "b.ne 0x104 <k+0x4>"], 8),
+    # aarch64: counted up to a bound by add and cmp (a vector add between them sets no flags)
+    (["mov x26, xzr", "add x26, x26, #0x4", "add v0.4s, v0.4s, v1.4s", "cmp x26, #0x20", "b.ne 0x104 <k+0x4>"], 8),
+    # x86: a negative offset counted up to zero
+    (["movq $-0x20, %rsi", "vpaddd %zmm1, %zmm2, %zmm2", "addq $0x4, %rsi", "jne 0x104 <k+0x4>"], 8),
+    # x86: xor to zero, inc, compare with a constant
+    (["xorl %r12d, %r12d", "incq %r12", "cmpq $0x3, %r12", "jne 0x104 <k+0x4>"], 3),
+    # a bound in a register (a thread's task range): unknown
+    (["mov x7, xzr", "add x7, x7, #0x1", "cmp x7, x9", "b.ne 0x104 <k+0x4>"], None),
+    # a counter set from memory before the loop: unknown
+    (["ldr x7, [sp]", "subs x7, x7, #0x1", "b.ne 0x104 <k+0x4>"], None),
+])
+def test_loop_trip_count_by_hand(lines, trips):
+    code = _code(lines)
+    assert estimate.loop_trip_count(code, 1, len(code) - 1) == trips
+
+
+def test_loops_around_the_hot_loop_by_hand():
+    """A tile loop (bound in a register) holding a chunk loop (3 passes) that holds two hot loops of
+    4 iterations each and the widening: 2 tiles x 3 chunks x 8 hot iterations."""
+    code = _code(["mov x7, xzr",                                          # 0x100; the tile loop from 0x104
+                  "mov x8, xzr", "movi v0.2d, #0",                        # 0x104; the chunk loop from 0x108
+                  "mov w9, #0x4", "ld1r {v1.4s}, [x0]", "ldr q2, [x1]", "eor v3.16b, v1.16b, v2.16b",  # hot 1 from 0x110
+                  "cnt v3.16b, v3.16b", "add v0.4s, v0.4s, v3.4s", "subs x9, x9, #0x1", "b.ne 0x110 <k>",
+                  "mov w9, #0x4", "ld1r {v1.4s}, [x0]", "ldr q2, [x1]", "eor v3.16b, v1.16b, v2.16b",  # hot 2 from 0x130
+                  "cnt v3.16b, v3.16b", "add v0.4s, v0.4s, v3.4s", "subs x9, x9, #0x1", "b.ne 0x130 <k>",
+                  "uaddlp v4.8h, v0.16b", "uadalp v5.4s, v4.8h",           # 0x150 widening
+                  "add x8, x8, #0x1", "cmp x8, #0x3", "b.ne 0x108 <k>",
+                  "str q5, [x2]", "add x7, x7, #0x1", "cmp x7, x10", "b.ne 0x104 <k>"])
+    loop = estimate.estimate_binary(code, 2 * 3 * 8 * 128, "aarch64", "neoverse-n1")
+    assert (loop.work_per_iteration, loop.iterations) == (128, 48)
+    chunk, tile = loop.around
+    # the chunk's own code: movi, the two counter sets, the widening, its counter and branch
+    assert (chunk.passes, chunk.instructions) == (6, 8)
+    assert (tile.passes, tile.instructions) == (2, 5)  # mov x8, str, its counter and branch
+    assert loop.cycles == pytest.approx(loop.hot_cycles + chunk.cycles + tile.cycles)
+
+
 def _library_folder(conv_library, folder):
     """A library folder as `bnncc compile` writes it, holding the one conv as layer ``conv``."""
     folder.mkdir()
@@ -88,12 +137,14 @@ def test_report_of_an_arm64_library(conv_library, tmp_path):
     folder = _library_folder(conv_library, tmp_path / "lib")
     figures = estimate.library_estimate(folder, layers)
     (row,) = figures["layers"]
-    assert figures["label"] == "estimated, llvm-mca cortex-a76 at 2.4 GHz"
+    assert figures["label"] == "estimated, Cortex-A76 at 2.4 GHz by llvm-mca's neoverse-n1 model"
     assert row["iterations"] * row["bits_per_iteration"] == 2_359_296
-    assert figures["binary_cycles"] == pytest.approx(row["iterations"] * row["cycles_per_iteration"])
+    assert row["hot_cycles"] == pytest.approx(row["iterations"] * row["cycles_per_iteration"])
+    assert figures["binary_cycles"] == row["cycles"] > row["hot_cycles"]  # the loops around the hot loop count
     assert estimate.library_estimate(folder, layers) == figures  # deterministic
     lines = "\n".join(report._estimate_lines(figures))
-    assert "(estimated, llvm-mca cortex-a76 at 2.4 GHz)" in lines and "| conv/binary | main | 2,359,296 |" in lines
+    assert "(estimated, Cortex-A76 at 2.4 GHz by llvm-mca's neoverse-n1 model)" in lines
+    assert "| conv/binary | main | 2,359,296 |" in lines
     missing = report.arm64_estimate(SimpleNamespace(deployed=SimpleNamespace(cost=SimpleNamespace(layers=layers))),
                                     tmp_path / "nothing")
     assert missing["skipped"].startswith("no estimate:")
