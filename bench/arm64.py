@@ -59,7 +59,7 @@ A76_MODEL, A76_CLOCK = "neoverse-n1", 2.4e9  # the target's core: the model of i
 # recipe -> the zoo network it is applied to
 NETWORKS = {"pokebnn_1x": zoo.resnet50, "resnet18_pokebnn": zoo.resnet18}
 # Bi-Real Net 18 on one ARM core, as published (../shared/reference/anchors.md): (engine, core, ms)
-BIREAL18 = [("daBNN", "Pixel 1 (Kryo, 2.15 GHz), 1 thread", 61.3),
+BIREAL18 = [("daBNN", "Pixel 1, 1 thread", 61.3),
             ("Larq Compute Engine", "Pixel 1, 1 thread", 41.6),
             ("Bolt", "one Cortex-A76", 30.7)]
 HOST_MODEL = "znver4"  # AMD Zen 4: family 25 with AVX-512 (/proc/cpuinfo)
