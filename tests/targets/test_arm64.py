@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tvm
 
 from bnncc.errors import BnnccError
 from bnncc.targets import arm64, vmrunner, x86_64
@@ -69,6 +70,35 @@ def test_target_and_schedule_rules():
     func = bitpack.sign_bitpack_func(1, 2, 2, 40)
     assert arm64.schedule(func, x86_64.host_target()) is None
     assert arm64.schedule(func, target).attrs["tirx.is_scheduled"]
+
+
+def test_register_tiles_by_hand():
+    """(pixels, channels) of the binary conv's register tile: NEON takes the most channels a broadcast
+    word meets (one pixel x 64 channels, 16 accumulators); the x86 units keep theirs."""
+    from bnncc.targets.cpu_schedule import _register_tile
+
+    assert _register_tile(14, 256, arm64.NEON) == (1, 64)
+    # 48 channels (PokeBNN-0.75x): 64 outputs at most, as 4 px x 16 or 8 px x 8: the more channels
+    assert _register_tile(56, 48, arm64.NEON) == (4, 16)
+    avx2, avx512 = x86_64._UNITS[8], x86_64._UNITS[16]
+    assert _register_tile(14, 256, avx2) == (7, 8)  # 16 channels take 2 ymm a pixel: 4 px fit, 2 divide 14
+    assert _register_tile(14, 256, avx512) == (7, 32)  # 7 px x 2 zmm = 14 accumulators, 896 bytes
+
+
+def test_neon_inner_loop_form():
+    """The NEON binary conv: one ld1r broadcast per 16 cnt (64 channels), the byte counters widened
+    by uaddlp/uadalp, two per counter vector at the end of each chunk, and no shift-and-mask."""
+    from bnncc.targets.kernels import binary_conv as bc
+
+    target = arm64.arm64_target(cores=1)
+    func = arm64.schedule(bc.binary_conv2d_func(1, 8, 8, 64, 64, 3, 1), target)
+    asm = arm64.kernel_assembly(arm64.assembly(compile_module(tvm.IRModule({"main": func}), target)), "main")
+    counts = arm64.count_instructions(asm)
+    mnemonics = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+    assert counts["cnt"] > 0 and counts["cnt"] == 16 * mnemonics.count("ld1r")
+    widening = counts["uaddlp"] + counts["uadalp"]
+    assert widening > 0 and widening % (2 * 16) == 0
+    assert not {"ushr", "usra"} & set(mnemonics)
 
 
 def _input():
