@@ -1,10 +1,11 @@
 """Estimated speed of PokeBNN networks (batch 1) on one ARM core, without the hardware.
 
-Run: ``TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py [--recipes pokebnn_1x resnet18_pokebnn]
+Run: ``TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py [--recipes pokebnn_1x resnet18_bireal ...]
 [--results bench/RESULTS.md] [--workdir DIR]`` (needs llvm-19, g++-aarch64-linux-gnu, gcc; about
 6 minutes on 2 shared cores, half of it building the libraries, which ``--workdir`` keeps for the
-next run). ``pokebnn_1x`` is PokeBNN-1x of a torchvision ResNet-50 at 224 px, ``resnet18_pokebnn``
-the PokeBNN arrangement of a ResNet-18 (the network the ARM engines publish as Bi-Real Net 18).
+next run). ``pokebnn_1x`` is PokeBNN-1x of a torchvision ResNet-50 at 224 px; ``resnet18_bireal``
+(no SE gates) and ``resnet18_pokebnn`` are ResNet-18 arrangements, set beside the times the ARM
+engines publish for Bi-Real Net 18.
 
 1. Builds each recipe's arm64 library for one thread (``bnncc.zoo`` network, random weights ->
    recipe -> lower and compile for aarch64), disassembles it and estimates every layer with
@@ -57,7 +58,10 @@ CORES = [("Cortex-A76 (Pixel 4 class, Raspberry Pi 5), neoverse-n1 model", "neov
          ("Cortex-A72 (Raspberry Pi 4)", "cortex-a72", 1.5e9)]
 A76_MODEL, A76_CLOCK = "neoverse-n1", 2.4e9  # the target's core: the model of its design, at 2.4 GHz
 # recipe -> the zoo network it is applied to
-NETWORKS = {"pokebnn_1x": zoo.resnet50, "resnet18_pokebnn": zoo.resnet18}
+NETWORKS = {"pokebnn_1x": zoo.resnet50, "resnet18_bireal": zoo.resnet18, "resnet18_pokebnn": zoo.resnet18}
+# what each ResNet-18 recipe is, for the comparison with Bi-Real Net 18
+RESNET18 = {"resnet18_bireal": "ResNet-18, Bi-Real arrangement (no SE gates)",
+            "resnet18_pokebnn": "ResNet-18, PokeBNN arrangement (4-bit SE gates)"}
 # Bi-Real Net 18 on one ARM core, as published (../shared/reference/anchors.md): (engine, core, ms)
 BIREAL18 = [("daBNN", "Pixel 1, 1 thread", 61.3),
             ("Larq Compute Engine", "Pixel 1, 1 thread", 41.6),
@@ -282,22 +286,24 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
     lines += hot_loop_text(library, a76, "/layer3/layer3.1/conv2/Conv/binary")
     lines += ["", "and a 1x1 conv, 1024 -> 256 at 14 px (`/layer3/layer3.1/conv1/Conv`):", ""]
     lines += hot_loop_text(library, a76, "/layer3/layer3.1/conv1/Conv/binary")
-    if "resnet18_pokebnn" in networks:
-        net, _, rows_by_core = networks["resnet18_pokebnn"]
-        lines += ["", "ResNet-18 beside Bi-Real Net 18 on one ARM core. bnncc's rows are **estimates** (this bench, "
-                  "`resnet18_pokebnn`: every 3x3 conv binary with a real-valued shortcut, Bi-Real Net's arrangement, "
-                  "plus PokeBNN's 8-bit stem and head and 4-bit SE gates, which Bi-Real Net does not have); the "
-                  "others are the engines' published measurements (../shared/reference/anchors.md). The estimates "
-                  "leave out what the method leaves out (bitpacking and padding stages, pooling, the VM's calls; "
-                  "weights and activations are assumed in L1), so a board would be slower by that much.", "",
+    resnet18 = [recipe for recipe in RESNET18 if recipe in networks]
+    if resnet18:
+        lines += ["", "ResNet-18 beside Bi-Real Net 18 on one ARM core. bnncc's rows are **estimates** (this bench: "
+                  "every 3x3 conv binary with a real-valued shortcut, Bi-Real Net's arrangement, and PokeBNN's 8-bit "
+                  "stem and head; `resnet18_bireal` without SE gates, `resnet18_pokebnn` with them); the others are "
+                  "the engines' published measurements (../shared/reference/anchors.md). The estimates leave out "
+                  "what the method leaves out (bitpacking and padding stages, pooling, the VM's calls; weights and "
+                  "activations are assumed in L1), so a board would be slower by that much.", "",
                   "| engine | network | core | ms, batch 1, 1 thread | kind |", "|---|---|---|---:|---|"]
         lines += [f"| {engine} | Bi-Real Net 18 | {core} | {ms} | published |" for engine, core, ms in BIREAL18]
-        for label, mcpu, hz in CORES:
-            if mcpu == "neoverse-n1" and hz != A76_CLOCK:
-                continue
-            ms = network_ms(rows_by_core[mcpu], hz)
-            lines.append(f"| bnncc | ResNet-18 PokeBNN | {label}, {hz / 1e9:.1f} GHz | {ms * median:.1f} "
-                         f"({ms * low:.1f}-{ms * high:.1f}; {ms:.1f} uncalibrated) | estimate x calibration |")
+        for recipe in resnet18:
+            rows_by_core = networks[recipe][2]
+            for label, mcpu, hz in CORES:
+                if mcpu == "neoverse-n1" and hz != A76_CLOCK:
+                    continue
+                ms = network_ms(rows_by_core[mcpu], hz)
+                lines.append(f"| bnncc | {RESNET18[recipe]} | {label}, {hz / 1e9:.1f} GHz | {ms * median:.1f} "
+                             f"({ms * low:.1f}-{ms * high:.1f}; {ms:.1f} uncalibrated) | estimate x calibration |")
     lines += ["", "qemu dynamic instruction counts: not given; a TCG plugin needs `qemu-plugin.h`, which Debian "
               "ships only in the qemu source package, and this machine's apt has no deb-src entries.", "", ""]
     return "\n".join(lines)
