@@ -9,8 +9,9 @@ waiting for a core is then left out.
 
 For every binary conv shape (shared/reference/pokebnn.md §2-3) and batch 1 and 8 it prints the
 scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fraction of the peak
-measured here by bench/popcount_peak.c (gcc -O3 -march=native, or x86-64-v3), and the speed-up over a float32
-onnxruntime Conv of the same shape.
+of the build's class measured here by bench/popcount_peak.c, and the speed-up over a float32
+onnxruntime Conv of the same shape. The peak of a class is its fastest method on this CPU
+(``PEAK_METHODS``: AVX2 has two, byte counters and Harley-Seal); every class the CPU runs is printed.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ SECTION = "## Binary conv kernels (x86-64)"
 AVX2_SECTION = "## Binary conv kernels (x86-64, AVX2 build)"
 AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}  # what x86_64.target_for_flags needs for x86-64-v3
 PEAK_STEPS = 100_000_000  # of popcount_peak.c: 8 vector xor+popcount+adds each
+# bench/popcount_peak.c's methods, by the class of CPU (and of our x86-64 build) that uses them
+AVX512 = "AVX-512 VPOPCNTDQ"
+AVX2 = "AVX2"
+SCALAR = "scalar popcnt"
+PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",), AVX2: ("avx2-bytes", "avx2-harley-seal"), SCALAR: ("scalar-popcnt",)}
+_UNSUPPORTED = 3  # popcount_peak.c's exit status for a method this CPU cannot run
 
 
 class Shape(NamedTuple):
@@ -95,24 +102,60 @@ def seconds_per_call(call, budget: float = 0.3, repeats: int = 5, timer=time.per
     return min(samples)
 
 
-def popcount_peak(threads: int, workdir: Path, march: str, cpu_time: bool) -> tuple[float, int]:
-    """(binary MACs/s, vector bits) of bench/popcount_peak.c built for ``march`` with ``threads``
-    threads, by the wall clock or (``cpu_time``) by its user CPU time; best of 3."""
-    binary = workdir / f"popcount_peak_{march}"
+def cpu_model() -> str:
+    """This CPU's model name, as lscpu prints it (a VM may print only the vendor's family name)."""
+    out = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
+    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+
+
+def cpu_class(target) -> str:
+    """The popcount class our x86-64 kernels use on ``target``: AVX-512 VPOPCNTDQ or AVX2."""
+    return {16: AVX512, 8: AVX2}[x86_64.vector_lanes(target)]
+
+
+def build_popcount_peak(workdir: Path) -> Path:
+    """bench/popcount_peak.c compiled into ``workdir`` (each method carries its own target attribute)."""
+    binary = workdir / "popcount_peak"
     if not binary.exists():
-        subprocess.run(
-            ["gcc", "-O3", f"-march={march}", "-fopenmp", str(HERE / "popcount_peak.c"), "-o", str(binary)], check=True
-        )
+        subprocess.run(["gcc", "-O3", "-fopenmp", str(HERE / "popcount_peak.c"), "-o", str(binary)], check=True)
+    return binary
+
+
+def method_rate(binary: Path, method: str, threads: int, cpu_time: bool) -> float | None:
+    """Binary MACs/s of one popcount_peak.c method on ``threads`` threads, by the wall clock or
+    (``cpu_time``) by its user CPU time, best of 3; None when this CPU lacks its instructions."""
     rates = []
     for _ in range(3):
-        process = subprocess.Popen([str(binary), str(threads), str(PEAK_STEPS)], stdout=subprocess.PIPE, text=True)
+        process = subprocess.Popen([str(binary), method, str(threads), str(PEAK_STEPS)], stdout=subprocess.PIPE,
+                                   text=True)
         out = process.stdout.read().split()
         _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status) == _UNSUPPORTED:
+            return None
         if status:
-            raise RuntimeError(f"{binary} failed: status {status}")
+            raise RuntimeError(f"{binary} {method} failed: status {status}")
         bits = int(out[1])
         rates.append(threads * PEAK_STEPS * 8 * bits / usage.ru_utime if cpu_time else float(out[0]))
-    return max(rates), bits
+    return max(rates)
+
+
+def popcount_peaks(threads: int, workdir: Path, cpu_time: bool) -> dict[str, dict[str, tuple[float, float]]]:
+    """{class: {method: (binary MACs/s on 1 thread, on ``threads``)}} for every method this CPU runs."""
+    binary = build_popcount_peak(workdir)
+    peaks = {}
+    for name, methods in PEAK_METHODS.items():
+        for method in methods:
+            one = method_rate(binary, method, 1, cpu_time)
+            if one is not None:
+                many = method_rate(binary, method, threads, cpu_time) if threads > 1 else one
+                peaks.setdefault(name, {})[method] = (one, many)
+    return peaks
+
+
+def best_of_class(peaks: dict[str, dict[str, tuple[float, float]]], name: str) -> tuple[str, float, float]:
+    """(method, 1-thread rate, multi-thread rate) of the fastest method of class ``name`` (by the multi-thread rate)."""
+    method, (one, many) = max(peaks[name].items(), key=lambda item: item[1][1])
+    return method, one, many
 
 
 def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
@@ -153,13 +196,13 @@ def float_conv_seconds(shape: Shape, batch: int, threads: int, rng, timer=time.p
 def measure(threads: int, avx2: bool, cpu_time: bool) -> tuple[dict, list[dict]]:
     rng = np.random.default_rng(0)
     target = x86_64.target_for_flags(AVX2_FLAGS, threads) if avx2 else x86_64.host_target()
-    march = "x86-64-v3" if avx2 else "native"
     with tempfile.TemporaryDirectory() as tmp:
-        peak1, bits = popcount_peak(1, Path(tmp), march, cpu_time)
-        peak = popcount_peak(threads, Path(tmp), march, cpu_time)[0] if threads > 1 else peak1
+        peaks = popcount_peaks(threads, Path(tmp), cpu_time)
     timer = time.thread_time if cpu_time else time.perf_counter
-    info = {"peak1": peak1, "peak": peak, "bits": bits, "threads": threads, "target": str(target), "march": march,
-            "clock": "CPU time" if cpu_time else "wall clock"}
+    name = cpu_class(target)
+    method, peak1, peak = best_of_class(peaks, name)
+    info = {"peaks": peaks, "class": name, "method": method, "peak1": peak1, "peak": peak, "threads": threads,
+            "target": str(target), "clock": "CPU time" if cpu_time else "wall clock"}
     rows = []
     for batch in (1, 8):
         for shape in resnet50_shapes():
@@ -197,36 +240,48 @@ def table_lines(info: dict, rows: list[dict]) -> list[list[str]]:
 HEADER = ["batch", "layer", "shape", "count", "ours µs", "T bMAC/s", "of peak", "ort fp32 µs", "speed-up"]
 
 
+def peak_lines(info: dict) -> list[str]:
+    """One line per popcount_peak.c method this CPU runs, its class's best in bold; the build's class marked."""
+    lines = []
+    for name, methods in info["peaks"].items():
+        best = best_of_class(info["peaks"], name)[0]
+        for method, (one, many) in methods.items():
+            figures = f"{one / 1e12:.2f} T bMAC/s on 1 thread, {many / 1e12:.2f} T on {info['threads']}"
+            lines.append(f"{name}, {method}: " + (f"**{figures}** (best of the class)" if method == best else figures)
+                         + (" <- this build's class" if method == best and name == info["class"] else ""))
+    return lines
+
+
 def print_table(info: dict, lines: list[list[str]]) -> None:
     console = Console(width=200)
-    console.print(
-        f"popcount peak ({info['bits']}-bit xor+popcount+add, gcc -O3 -march={info['march']}): "
-        f"{info['peak1'] / 1e12:.2f} T bMAC/s on 1 thread, {info['peak'] / 1e12:.2f} T on {info['threads']}"
-    )
-    table = Table(*HEADER, title=f"binary conv, {info['threads']} threads, target {info['target']}")
+    console.print("popcount peak (bench/popcount_peak.c, xor+popcount+add in registers, gcc -O3):", markup=False)
+    for line in peak_lines(info):
+        console.print("  " + line.replace("**", ""), markup=False)
+    table = Table(*HEADER, title=f"binary conv, {info['class']} build, {info['threads']} threads, "
+                                 f"target {info['target']}; 'of peak': of {info['method']}")
     for line in lines:
         table.add_row(*line)
     console.print(table)
 
 
 def markdown_section(info: dict, lines: list[list[str]], heading: str, flags: str) -> str:
-    model = next(
-        line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], check=True, capture_output=True, text=True).stdout.splitlines()
-        if line.startswith("Model name")
-    )
+    model = cpu_model()
     rows = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     rows += ["| " + " | ".join(line) + " |" for line in lines]
     return "\n".join([
         heading, "",
-        f"Date: {datetime.date.today().isoformat()}. Machine: {model}, {info['threads']} threads "
-        f"(`TVM_NUM_THREADS={info['threads']}`; onnxruntime `intra_op_num_threads={info['threads']}`).",
-        f"Command: `TVM_NUM_THREADS={info['threads']} .venv/bin/python bench/kernels.py{flags} --results bench/RESULTS.md`.",
+        f"Date: {datetime.date.today().isoformat()}. Machine: {model}; this build: {info['class']}; "
+        f"{info['threads']} threads (`TVM_NUM_THREADS={info['threads']}`; "
+        f"onnxruntime `intra_op_num_threads={info['threads']}`).",
+        f"Command: `TVM_NUM_THREADS={info['threads']} .venv/bin/python bench/kernels.py{flags} "
+        "--results bench/RESULTS.md`.",
         f"Target: `{info['target']}`.", "",
-        f"Popcount peak (bench/popcount_peak.c, -march={info['march']}, {info['bits']}-bit xor+popcount+add in registers): "
-        f"**{info['peak1'] / 1e12:.2f} T binary MAC/s on 1 thread, {info['peak'] / 1e12:.2f} T on {info['threads']}**.",
-        "\"of peak\" is against the multi-thread figure. Our kernel: packed uint32 activations in, int32 out "
-        "(SAME padding and border correction included); onnxruntime: float32 NCHW Conv of the same shape. "
+        "Popcount peak per method (bench/popcount_peak.c, xor+popcount+add in registers, gcc -O3), best of each class "
+        "in bold:", "",
+        *(f"- {line}" for line in peak_lines(info)), "",
+        f"\"of peak\" is against the multi-thread figure of the {info['class']} class ({info['method']}). "
+        "Our kernel: packed uint32 activations in, int32 out (SAME padding and border correction included); "
+        "onnxruntime: float32 NCHW Conv of the same shape. "
         f"Times ({info['clock']}) are the fastest of 5 loops; on this VM the 56x56 layers vary up to 2x between runs. "
         "Layers with few input words and large int32 outputs (stage 1 at batch 8: 25 MB per call) are bound by "
         "memory traffic, not popcount.", "",

@@ -1,90 +1,217 @@
-/* Peak binary-MAC rate of this CPU: xor + popcount + add on registers, no memory traffic to speak of.
+/* Peak binary-MAC rate of this CPU, per popcount method: xor + popcount + add on registers, no
+ * memory traffic to speak of.
  *
- * Each thread keeps 8 weight vectors and 8 accumulators in registers and streams one activation
- * vector per step from a 1 KiB array (L1), like the inner loop of a register-tiled binary conv;
- * reloading it stops the compiler from hoisting the popcounts out of the loop.
- * Usage: popcount_peak THREADS STEPS -> prints binary MACs per second (all threads together).
+ * Every method computes the same sum: each thread keeps 8 weight words (32-bit values broadcast to
+ * the vector) in registers and streams one activation vector per step from a 1 KiB array (L1),
+ * like the inner loop of a register-tiled binary conv; the sum is popcount(x xor w) over every step
+ * and weight. Reloading x stops the compiler from hoisting the popcounts out of the loop.
+ *
+ * Methods (each function carries its own target attribute, so one binary holds them all and runs
+ * those this CPU has):
+ *   avx512-vpopcntdq  512-bit vpopcntd into 32-bit counters (AVX-512 VPOPCNTDQ)
+ *   avx2-bytes        per-byte counts from two vpshufb nibble lookups added in byte lanes; every 31
+ *                     steps (at most 8 a step, so below 256) vpsadbw widens the bytes to 64 bits
+ *   avx2-harley-seal  a carry-save-adder tree over 16 vectors (two steps) leaves one vector of
+ *                     'sixteens' to count (nibble lookups + vpsadbw); the ones, twos, fours and
+ *                     eights it carries are counted once at the end
+ *   scalar-popcnt     64-bit popcnt into 8 counters
+ *
+ * Usage: popcount_peak METHOD THREADS STEPS -> prints "binary MACs per second (all threads
+ * together), bits per vector, checksum"; exit 3 when this CPU lacks the method's instructions.
  */
+#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
-#ifdef __AVX512VPOPCNTDQ__
-#include <immintrin.h>
-#define BITS 512
-typedef __m512i word;
-#define LOAD(p) _mm512_load_si512((const void *)(p))
-#define SET1(v) _mm512_set1_epi32((int)(v))
-#define STEP(acc, x, w) acc = _mm512_add_epi32(acc, _mm512_popcnt_epi32(_mm512_xor_si512(x, w)))
-#define SUM(acc) ((uint64_t)_mm512_reduce_add_epi32(acc))
-#define ZERO _mm512_setzero_si512()
-#define FLUSH(acc)
-#elif defined(__AVX2__)
-/* No vector popcount: per-byte counts from two vpshufb nibble lookups, added in byte lanes; every
- * 31 steps (at most 8 a step, below 256) vpsadbw adds the bytes into the four 64-bit sums. */
-#include <immintrin.h>
-#define BITS 256
-typedef struct { __m256i bytes, sums; } word_acc;
-typedef __m256i word;
-#define ACC word_acc
-#define LOAD(p) _mm256_load_si256((const __m256i *)(p))
-#define SET1(v) _mm256_set1_epi32((int)(v))
-#define NIBBLES _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4)
-#define LOW4 _mm256_set1_epi8(0x0f)
-#define STEP(acc, x, w) do { __m256i v_ = _mm256_xor_si256(x, w); \
-    acc.bytes = _mm256_add_epi8(acc.bytes, _mm256_add_epi8(_mm256_shuffle_epi8(NIBBLES, _mm256_and_si256(v_, LOW4)), \
-        _mm256_shuffle_epi8(NIBBLES, _mm256_and_si256(_mm256_srli_epi16(v_, 4), LOW4)))); } while (0)
-#define FLUSH(acc) do { acc.sums = _mm256_add_epi64(acc.sums, _mm256_sad_epu8(acc.bytes, _mm256_setzero_si256())); \
-    acc.bytes = _mm256_setzero_si256(); } while (0)
-#define SUM(acc) ((uint64_t)_mm256_extract_epi64(acc.sums, 0) + (uint64_t)_mm256_extract_epi64(acc.sums, 1) + \
-    (uint64_t)_mm256_extract_epi64(acc.sums, 2) + (uint64_t)_mm256_extract_epi64(acc.sums, 3))
-#define ZERO ((word_acc){_mm256_setzero_si256(), _mm256_setzero_si256()})
-#else
-#define BITS 64
-typedef uint64_t word;
-#define LOAD(p) (*(const uint64_t *)(p))
-#define SET1(v) ((uint64_t)(v) * 0x0101010101010101ull)
-#define STEP(acc, x, w) acc += (uint64_t)__builtin_popcountll((x) ^ (w))
-#define SUM(acc) (acc)
-#define ZERO 0
-#define FLUSH(acc)
-#endif
-#ifndef ACC
-#define ACC word
-#endif
+enum { WEIGHTS = 8, DATA_WORDS = 256, FLUSH_STEPS = 31 };
+static const uint32_t WEIGHT_OFFSETS[WEIGHTS] = {1, 3, 5, 7, 11, 13, 17, 19};
 
-static uint64_t run(long steps, uint32_t seed) {
-    uint32_t data[256] __attribute__((aligned(64)));
-    for (int i = 0; i < 256; i++) data[i] = (seed + 1u) * 2654435761u + (uint32_t)i * 40503u;
-    const int words_in_data = 256 * 32 / BITS;
-    word w0 = SET1(seed + 1), w1 = SET1(seed + 3), w2 = SET1(seed + 5), w3 = SET1(seed + 7);
-    word w4 = SET1(seed + 11), w5 = SET1(seed + 13), w6 = SET1(seed + 17), w7 = SET1(seed + 19);
-    ACC a0 = ZERO, a1 = ZERO, a2 = ZERO, a3 = ZERO, a4 = ZERO, a5 = ZERO, a6 = ZERO, a7 = ZERO;
-    for (long i = 0; i < steps; i++) {
-        word x = LOAD(data + (i % words_in_data) * (BITS / 32));
-        STEP(a0, x, w0); STEP(a1, x, w1); STEP(a2, x, w2); STEP(a3, x, w3);
-        STEP(a4, x, w4); STEP(a5, x, w5); STEP(a6, x, w6); STEP(a7, x, w7);
-        if (i % 31 == 30) {
-            FLUSH(a0); FLUSH(a1); FLUSH(a2); FLUSH(a3); FLUSH(a4); FLUSH(a5); FLUSH(a6); FLUSH(a7);
-        }
-    }
-    FLUSH(a0); FLUSH(a1); FLUSH(a2); FLUSH(a3); FLUSH(a4); FLUSH(a5); FLUSH(a6); FLUSH(a7);
-    return SUM(a0) + SUM(a1) + SUM(a2) + SUM(a3) + SUM(a4) + SUM(a5) + SUM(a6) + SUM(a7);
+/* The activation array of the thread with this seed (the test computes the same values). */
+static void fill(uint32_t *data, uint32_t seed) {
+    for (uint32_t i = 0; i < DATA_WORDS; i++) data[i] = (seed + 1u) * 2654435761u + i * 40503u;
 }
 
+__attribute__((target("avx512f,avx512vpopcntdq")))
+static uint64_t avx512_vpopcntdq(const uint32_t *data, uint32_t seed, long steps) {
+    __m512i w[WEIGHTS], acc[WEIGHTS];
+#pragma GCC unroll 8
+    for (int j = 0; j < WEIGHTS; j++) {
+        w[j] = _mm512_set1_epi32((int)(seed + WEIGHT_OFFSETS[j]));
+        acc[j] = _mm512_setzero_si512();
+    }
+    for (long i = 0; i < steps; i++) {
+        __m512i x = _mm512_load_si512((const void *)(data + (i % (DATA_WORDS / 16)) * 16));
+#pragma GCC unroll 8
+        for (int j = 0; j < WEIGHTS; j++) acc[j] = _mm512_add_epi32(acc[j], _mm512_popcnt_epi32(_mm512_xor_si512(x, w[j])));
+    }
+    uint64_t sum = 0;  /* 32-bit lanes hold at most 32 * STEPS; the total is summed in 64 bits */
+    for (int j = 0; j < WEIGHTS; j++) {
+        uint32_t lanes[16];
+        _mm512_storeu_si512((void *)lanes, acc[j]);
+        for (int k = 0; k < 16; k++) sum += lanes[k];
+    }
+    return sum;
+}
+
+/* Four 64-bit sums of the byte popcounts of v: two nibble lookups, vpsadbw. */
+__attribute__((target("avx2")))
+static inline __m256i bytes_popcount(__m256i v) {
+    const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                           0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(v, low4)),
+                           _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4)));
+}
+
+__attribute__((target("avx2")))
+static inline __m256i widen(__m256i bytes) { return _mm256_sad_epu8(bytes, _mm256_setzero_si256()); }
+
+__attribute__((target("avx2")))
+static inline uint64_t sum64(__m256i v) {
+    return (uint64_t)_mm256_extract_epi64(v, 0) + (uint64_t)_mm256_extract_epi64(v, 1) +
+           (uint64_t)_mm256_extract_epi64(v, 2) + (uint64_t)_mm256_extract_epi64(v, 3);
+}
+
+__attribute__((target("avx2")))
+static uint64_t avx2_bytes(const uint32_t *data, uint32_t seed, long steps) {
+    __m256i w[WEIGHTS], bytes[WEIGHTS], sums[WEIGHTS];
+#pragma GCC unroll 8
+    for (int j = 0; j < WEIGHTS; j++) {
+        w[j] = _mm256_set1_epi32((int)(seed + WEIGHT_OFFSETS[j]));
+        bytes[j] = sums[j] = _mm256_setzero_si256();
+    }
+    for (long i = 0; i < steps; i++) {
+        __m256i x = _mm256_load_si256((const __m256i *)(data + (i % (DATA_WORDS / 8)) * 8));
+#pragma GCC unroll 8
+        for (int j = 0; j < WEIGHTS; j++) bytes[j] = _mm256_add_epi8(bytes[j], bytes_popcount(_mm256_xor_si256(x, w[j])));
+        if (i % FLUSH_STEPS == FLUSH_STEPS - 1) {
+#pragma GCC unroll 8
+            for (int j = 0; j < WEIGHTS; j++) {
+                sums[j] = _mm256_add_epi64(sums[j], widen(bytes[j]));
+                bytes[j] = _mm256_setzero_si256();
+            }
+        }
+    }
+    uint64_t sum = 0;
+    for (int j = 0; j < WEIGHTS; j++) sum += sum64(_mm256_add_epi64(sums[j], widen(bytes[j])));
+    return sum;
+}
+
+/* Carry-save adder: a + b + c = 2 * high + low, bit by bit. */
+__attribute__((target("avx2")))
+static inline void csa(__m256i *high, __m256i *low, __m256i a, __m256i b, __m256i c) {
+    __m256i u = _mm256_xor_si256(a, b);
+    *high = _mm256_or_si256(_mm256_and_si256(a, b), _mm256_and_si256(u, c));
+    *low = _mm256_xor_si256(u, c);
+}
+
+/* Adds the 8 vectors x xor w[j] into (ones, twos, fours); returns the eights carried out. */
+__attribute__((target("avx2")))
+static inline __m256i add8(__m256i *ones, __m256i *twos, __m256i *fours, __m256i x, const __m256i *w) {
+    __m256i twos_a, twos_b, fours_a, fours_b, eights;
+    csa(&twos_a, ones, *ones, _mm256_xor_si256(x, w[0]), _mm256_xor_si256(x, w[1]));
+    csa(&twos_b, ones, *ones, _mm256_xor_si256(x, w[2]), _mm256_xor_si256(x, w[3]));
+    csa(&fours_a, twos, *twos, twos_a, twos_b);
+    csa(&twos_a, ones, *ones, _mm256_xor_si256(x, w[4]), _mm256_xor_si256(x, w[5]));
+    csa(&twos_b, ones, *ones, _mm256_xor_si256(x, w[6]), _mm256_xor_si256(x, w[7]));
+    csa(&fours_b, twos, *twos, twos_a, twos_b);
+    csa(&eights, fours, *fours, fours_a, fours_b);
+    return eights;
+}
+
+__attribute__((target("avx2")))
+static uint64_t avx2_harley_seal(const uint32_t *data, uint32_t seed, long steps) {
+    __m256i w[WEIGHTS];
+#pragma GCC unroll 8
+    for (int j = 0; j < WEIGHTS; j++) w[j] = _mm256_set1_epi32((int)(seed + WEIGHT_OFFSETS[j]));
+    __m256i ones = _mm256_setzero_si256(), twos = ones, fours = ones, eights = ones, sixteens_count = ones;
+    long i = 0;
+    for (; i + 1 < steps; i += 2) {  /* 16 vectors: two steps of 8 weights */
+        __m256i x0 = _mm256_load_si256((const __m256i *)(data + (i % (DATA_WORDS / 8)) * 8));
+        __m256i x1 = _mm256_load_si256((const __m256i *)(data + ((i + 1) % (DATA_WORDS / 8)) * 8));
+        __m256i eights_a = add8(&ones, &twos, &fours, x0, w);
+        __m256i eights_b = add8(&ones, &twos, &fours, x1, w);
+        __m256i sixteens;
+        csa(&sixteens, &eights, eights, eights_a, eights_b);
+        sixteens_count = _mm256_add_epi64(sixteens_count, widen(bytes_popcount(sixteens)));
+    }
+    /* the final reduction: each carried vector counted once, at its weight */
+    __m256i total = _mm256_slli_epi64(sixteens_count, 4);
+    total = _mm256_add_epi64(total, _mm256_slli_epi64(widen(bytes_popcount(eights)), 3));
+    total = _mm256_add_epi64(total, _mm256_slli_epi64(widen(bytes_popcount(fours)), 2));
+    total = _mm256_add_epi64(total, _mm256_slli_epi64(widen(bytes_popcount(twos)), 1));
+    total = _mm256_add_epi64(total, widen(bytes_popcount(ones)));
+    if (i < steps) {  /* an odd step count: the last step's 8 vectors counted directly */
+        __m256i x = _mm256_load_si256((const __m256i *)(data + (i % (DATA_WORDS / 8)) * 8));
+        for (int j = 0; j < WEIGHTS; j++) total = _mm256_add_epi64(total, widen(bytes_popcount(_mm256_xor_si256(x, w[j]))));
+    }
+    return sum64(total);
+}
+
+__attribute__((target("popcnt")))
+static uint64_t scalar_popcnt(const uint32_t *data, uint32_t seed, long steps) {
+    uint64_t w[WEIGHTS], acc[WEIGHTS];
+    const uint64_t *words = (const uint64_t *)data;
+#pragma GCC unroll 8
+    for (int j = 0; j < WEIGHTS; j++) {
+        w[j] = (uint64_t)(seed + WEIGHT_OFFSETS[j]) * 0x100000001ull;  /* the 32-bit value in both halves */
+        acc[j] = 0;
+    }
+    for (long i = 0; i < steps; i++) {
+        uint64_t x = words[i % (DATA_WORDS / 2)];
+#pragma GCC unroll 8
+        for (int j = 0; j < WEIGHTS; j++) acc[j] += (uint64_t)__builtin_popcountll(x ^ w[j]);
+    }
+    uint64_t sum = 0;
+    for (int j = 0; j < WEIGHTS; j++) sum += acc[j];
+    return sum;
+}
+
+struct method {
+    const char *name;
+    int bits;
+    int supported;
+    uint64_t (*run)(const uint32_t *, uint32_t, long);
+};
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s THREADS STEPS\n", argv[0]);
+    __builtin_cpu_init();
+    const struct method methods[] = {
+        {"avx512-vpopcntdq", 512, __builtin_cpu_supports("avx512vpopcntdq"), avx512_vpopcntdq},
+        {"avx2-bytes", 256, __builtin_cpu_supports("avx2"), avx2_bytes},
+        {"avx2-harley-seal", 256, __builtin_cpu_supports("avx2"), avx2_harley_seal},
+        {"scalar-popcnt", 64, __builtin_cpu_supports("popcnt"), scalar_popcnt},
+    };
+    const int count = sizeof methods / sizeof methods[0];
+    const struct method *method = NULL;
+    for (int m = 0; argc == 4 && m < count; m++)
+        if (!strcmp(argv[1], methods[m].name)) method = &methods[m];
+    if (method == NULL) {
+        fprintf(stderr, "usage: %s METHOD THREADS STEPS; METHOD one of:", argv[0]);
+        for (int m = 0; m < count; m++) fprintf(stderr, " %s", methods[m].name);
+        fprintf(stderr, "\n");
         return 2;
     }
-    int threads = atoi(argv[1]);
-    long steps = atol(argv[2]);
+    if (!method->supported) {
+        fprintf(stderr, "%s: this CPU lacks its instructions\n", method->name);
+        return 3;
+    }
+    int threads = atoi(argv[2]);
+    long steps = atol(argv[3]);
     uint64_t checksum = 0;
     double start = omp_get_wtime();
 #pragma omp parallel num_threads(threads) reduction(+ : checksum)
-    checksum += run(steps, (uint32_t)omp_get_thread_num());
+    {
+        uint32_t data[DATA_WORDS] __attribute__((aligned(64)));
+        uint32_t seed = (uint32_t)omp_get_thread_num();
+        fill(data, seed);
+        checksum += method->run(data, seed, steps);
+    }
     double seconds = omp_get_wtime() - start;
-    printf("%.6e %d %llu\n", (double)threads * steps * 8 * BITS / seconds, BITS, (unsigned long long)checksum);
+    printf("%.6e %d %llu\n", (double)threads * steps * WEIGHTS * method->bits / seconds, method->bits,
+           (unsigned long long)checksum);
     return 0;
 }
