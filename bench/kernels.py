@@ -103,9 +103,12 @@ def seconds_per_call(call, budget: float = 0.3, repeats: int = 5, timer=time.per
 
 
 def cpu_model() -> str:
-    """This CPU's model name, as lscpu prints it (a VM may print only the vendor's family name)."""
+    """This CPU's model name and its family and model numbers, as lscpu prints them (a VM may name
+    only the vendor's product line: "AMD EPYC (family 25, model 17)" is a Zen 4)."""
     out = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
-    return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name, family, model = (fields[key].strip() for key in ("Model name", "CPU family", "Model"))
+    return f"{name} (family {family}, model {model})"
 
 
 def cpu_class(target) -> str:

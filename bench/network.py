@@ -1,15 +1,24 @@
-"""Whole-network bench (issue 5, parts b and c), one run, 2 threads:
+"""Whole-network bench (issue 5 parts b and c, issue 16 items 3 and 4), 2 threads:
 
-(b) latency at batch 1 and 8 of bnncc PokeBNN-1x (random weights, 224x224) against onnxruntime
-    float32 ResNet-50 and onnxruntime int8 ResNet-50 (static QDQ, random calibration), as ratios
-    of the medians and of the minima (``_latencies_ms``);
+(b) latency at batch 1 and 8 of bnncc PokeBNN-1x (random weights, 224x224), built for each popcount
+    class this CPU runs (AVX-512 VPOPCNTDQ where it has it, and AVX2: an x86-64-v3 build, which runs
+    on an AVX-512 CPU too), against onnxruntime float32 ResNet-50 and the fastest of onnxruntime's
+    static int8 configurations (``INT8_CONFIGS``: U8S8 and S8S8, QDQ and QOperator, per-channel
+    weights, random calibration images; each measured here, the fastest at batch 1 kept), as
+    ratios of the medians and of the minima (``_latencies_ms``);
 (c) compile time and library size against the packed weight size;
+``--noise``: bnncc batch 1 with and without a co-running noise process that the bench starts and
+    stops itself (``_noise``: busy for a burst, asleep for nine), blocks interleaved;
 and the same latency table for ResNet-18 (issue 19): bnncc ``resnet18_pokebnn`` against
 onnxruntime float32 ResNet-18, the network Bi-Real Net 18 figures of other engines refer to.
 
-Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py`` (prints a markdown table);
-``--profile`` adds the per-kernel profile at batch 1: each PrimFunc's time inside whole
-inferences (the VM's instrument hook) and alone, compiled by itself on random inputs.
+Every figure is printed beside the CPU model and the build's class.
+
+Run: ``TVM_NUM_THREADS=2 .venv/bin/python bench/network.py [--noise] [--workdir DIR]`` (prints
+markdown tables; ``--workdir`` keeps the graphs, libraries and the quantized int8 models, which a
+later run reuses); ``--profile`` adds the per-kernel profile at batch 1 (host build): each
+PrimFunc's time inside whole inferences (the VM's instrument hook) and alone, compiled by itself
+on random inputs.
 """
 
 from __future__ import annotations
@@ -20,13 +29,16 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from workdir import in_workdir  # noqa: E402  (bench/workdir.py)
 
 THREADS = int(os.environ["TVM_NUM_THREADS"])
 # Latency: each engine runs in a process of its own, and the engines take turns: ROUNDS rounds,
@@ -40,6 +52,20 @@ THREADS = int(os.environ["TVM_NUM_THREADS"])
 ROUNDS = 5
 BLOCK = {1: 20, 8: 3}
 WARM_UP_S = 0.25
+# onnxruntime int8: (quant_format, activation type, weight type) by name; all per-channel weights
+INT8_CONFIGS = {
+    "U8S8 QDQ": ("QDQ", "QUInt8", "QInt8"),
+    "U8S8 QOperator": ("QOperator", "QUInt8", "QInt8"),
+    "S8S8 QDQ": ("QDQ", "QInt8", "QInt8"),
+    "S8S8 QOperator": ("QOperator", "QInt8", "QInt8"),
+}
+SEARCH_ROUNDS = 3  # the int8 search: rounds of BLOCK[1] calls at batch 1, engines taking turns
+# --noise: a process busy for one burst in every NOISE_PERIOD bursts, ~10% of one core; each
+# burst length is measured in NOISE_ROUNDS rounds of BLOCK[1] calls without and with it, interleaved
+NOISE_BURSTS_US = (1000, 200)
+NOISE_PERIOD = 10
+NOISE_ROUNDS = 8
+Engines = dict[str, tuple[str, str]]  # name: ("bnncc", library folder) or ("ort", model path)
 
 
 def _engine_process(spec: tuple[str, str], conn) -> None:
@@ -66,8 +92,9 @@ def _engine_process(spec: tuple[str, str], conn) -> None:
         conn.send(times)
 
 
-def _latencies_ms(engines: dict[str, tuple[str, str]], batches) -> dict[int, dict[str, np.ndarray]]:
-    """{batch: {engine: ms of each timed call}}, the engines' processes taking turns."""
+@contextlib.contextmanager
+def _serving(engines: Engines):
+    """{engine: pipe} to one process per engine (``_engine_process``), stopped on exit."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -79,20 +106,72 @@ def _latencies_ms(engines: dict[str, tuple[str, str]], batches) -> dict[int, dic
         pipes[name] = ours
         processes.append(process)
     try:
-        results = {}
-        for batch in batches:
-            times = {name: [] for name in engines}
-            for _ in range(ROUNDS):
-                for name, pipe in pipes.items():
-                    pipe.send((batch, BLOCK[batch]))
-                    times[name] += pipe.recv()
-            results[batch] = {name: 1e3 * np.array(t) for name, t in times.items()}
-        return results
+        yield pipes
     finally:
         for pipe in pipes.values():
             pipe.send(None)
         for process in processes:
             process.join()
+
+
+def _timed_ms(pipe, batch: int, calls: int) -> list[float]:
+    pipe.send((batch, calls))
+    return [1e3 * t for t in pipe.recv()]
+
+
+def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, dict[str, np.ndarray]]:
+    """{batch: {engine: ms of each timed call}}, the engines' processes taking turns."""
+    with _serving(engines) as pipes:
+        results = {}
+        for batch in batches:
+            times = {name: [] for name in engines}
+            for _ in range(rounds):
+                for name, pipe in pipes.items():
+                    times[name] += _timed_ms(pipe, batch, BLOCK[batch])
+            results[batch] = {name: np.array(t) for name, t in times.items()}
+        return results
+
+
+def _noise(burst_s: float, period_s: float, on, stop, conn) -> None:
+    """While ``on`` is set: spin for ``burst_s``, sleep for the rest of ``period_s``. At ``stop``,
+    sends the share of one core it took while on (its CPU time / the wall time it was on)."""
+    busy = wall = 0.0
+    while not stop.is_set():
+        if not on.wait(0.05):
+            continue
+        start, cpu = time.perf_counter(), time.process_time()
+        while time.perf_counter() - start < burst_s:
+            pass
+        time.sleep(period_s - burst_s)
+        busy += time.process_time() - cpu
+        wall += time.perf_counter() - start
+    conn.send(busy / wall if wall else 0.0)
+
+
+def _noise_ms(engines: Engines, burst_s: float) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """({engine: (batch-1 ms without noise, with noise)}, the noise's share of one core): for each
+    engine in turn, blocks without and with the noise process running, NOISE_ROUNDS times."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    on, stop = context.Event(), context.Event()
+    ours, theirs = context.Pipe()
+    noise = context.Process(target=_noise, args=(burst_s, NOISE_PERIOD * burst_s, on, stop, theirs), daemon=True)
+    noise.start()
+    try:
+        with _serving(engines) as pipes:
+            times = {name: ([], []) for name in engines}
+            for _ in range(NOISE_ROUNDS):
+                for name, pipe in pipes.items():
+                    times[name][0].extend(_timed_ms(pipe, 1, BLOCK[1]))
+                    on.set()
+                    times[name][1].extend(_timed_ms(pipe, 1, BLOCK[1]))
+                    on.clear()
+    finally:
+        stop.set()
+        share = ours.recv()
+        noise.join()
+    return {name: (np.array(quiet), np.array(noisy)) for name, (quiet, noisy) in times.items()}, share
 
 
 def _library(folder: str):
@@ -112,9 +191,14 @@ def _ort(path: Path):
     return lambda x: session.run(None, {"input": x})
 
 
-def _quantize_int8(float_path: Path, out: Path) -> Path:
-    """Static QDQ int8 (per-channel weights) with 8 random calibration images."""
+def _quantize_int8(float_path: Path, out: Path, config: str) -> Path:
+    """Static int8 ResNet-50 in the onnxruntime configuration ``config`` (``INT8_CONFIGS``),
+    per-channel weights, calibrated on 8 random images (enough to time it, not to use it); kept
+    when ``out`` exists (a --workdir of an earlier run)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if out.exists():
+        return out
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -125,9 +209,21 @@ def _quantize_int8(float_path: Path, out: Path) -> Path:
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    quant_format, activations, weights = INT8_CONFIGS[config]
+    partial = out.with_suffix(".partial.onnx")
+    quantize_static(str(float_path), str(partial), Reader(), quant_format=QuantFormat[quant_format],
+                    per_channel=True, activation_type=QuantType[activations], weight_type=QuantType[weights])
+    partial.rename(out)
     return out
+
+
+def _fastest_int8(float_path: Path, work: Path) -> tuple[str, Path, dict[str, np.ndarray]]:
+    """(name, path, {config: batch-1 ms of each call}) of the fastest int8 configuration here, by the median."""
+    paths = {config: _quantize_int8(float_path, work / f"resnet50_int8_{config.replace(' ', '_')}.onnx", config)
+             for config in INT8_CONFIGS}
+    times = _latencies_ms({config: ("ort", str(path)) for config, path in paths.items()}, (1,), SEARCH_ROUNDS)[1]
+    best = min(times, key=lambda config: np.median(times[config]))
+    return best, paths[best], times
 
 
 def _packed_weight_bytes(model) -> float:
@@ -233,48 +329,126 @@ def _print_profile(rows) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", action="store_true", help="also time each kernel alone at batch 1")
+    parser.add_argument("--noise", action="store_true",
+                        help="also bnncc batch 1 beside a noise process taking ~10%% of a core")
+    parser.add_argument("--workdir", help="keep the graphs, libraries and int8 models here (reused by later runs)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bnncc-bench-") as tmp:
-        run(args, Path(tmp))
+    in_workdir(args.workdir, "bnncc-bench-", lambda work: run(args, work))
+
+
+def _builds() -> dict[str, set[str]]:
+    """{popcount class: CPU flags to build for}: this CPU's class, and AVX2 as well when it has more."""
+    from kernels import AVX2, AVX2_FLAGS, cpu_class
+
+    from bnncc.targets import x86_64
+
+    flags = x86_64.cpu_flags()
+    builds = {cpu_class(x86_64.host_target()): flags}
+    if AVX2 not in builds and AVX2_FLAGS <= flags:
+        builds[AVX2] = AVX2_FLAGS
+    return builds
+
+
+def _compile(model_path: Path, folder: Path, flags: set[str], cls: str) -> float:
+    """Seconds to compile ``model_path`` into ``folder`` (batches 1 and 8) for an x86-64 CPU with
+    ``flags``: the x86-64 target is the host's as x86_64.cpu_flags describes it, so that is what the
+    build sees. Checks the library's target is of class ``cls``."""
+    from unittest import mock
+
+    from kernels import cpu_class
+
+    from bnncc.targets import x86_64
+    from bnncc.targets.build import compile as compile_library
+    from bnncc.targets.tvm_compat import make_target
+
+    start = time.perf_counter()
+    with mock.patch.object(x86_64, "cpu_flags", return_value=flags):
+        compile_library(model_path, folder, batches=(1, 8))
+    seconds = time.perf_counter() - start
+    llvm = json.loads((folder / "model.json").read_text(encoding="utf-8"))["target"]["llvm"]
+    if cpu_class(make_target(json.loads(llvm))) != cls:
+        raise RuntimeError(f"{folder}: built for {llvm}, not for {cls}")
+    return seconds
+
+
+def _cell(t: np.ndarray) -> str:
+    return f"{np.median(t):.2f} ({t.min():.2f})"
+
+
+def _ratio(slow: np.ndarray, fast: np.ndarray) -> str:
+    return f"{np.median(slow) / np.median(fast):.1f}x ({slow.min() / fast.min():.1f}x)"
+
+
+def _load() -> str:
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
     import onnx_ir as ir
+    from kernels import cpu_model
 
     from bnncc import zoo
     from bnncc.frontend import load
     from bnncc.rewriting import rewrite
-    from bnncc.targets.build import compile as compile_library
 
-    float_path = zoo.export_onnx(zoo.resnet50(), work / "resnet50.onnx", batch="symbolic")
-    int8_path = _quantize_int8(float_path, work / "resnet50_int8.onnx")
+    cpu = cpu_model()
+    print(f"CPU {cpu}, {THREADS} threads; {_load()}")
+    float_path = work / "resnet50.onnx"
+    if not float_path.exists():
+        zoo.export_onnx(zoo.resnet50(), float_path, batch="symbolic")
+    int8_name, int8_path, int8_times = _fastest_int8(float_path, work)
+    print(f"\nonnxruntime int8 ResNet-50, batch 1, {SEARCH_ROUNDS} rounds of {BLOCK[1]} calls, interleaved; "
+          "median (min) ms")
+    print("| CPU | int8 configuration (per-channel weights) | batch 1 ms |")
+    print("|---|---|---|")
+    for config, times in int8_times.items():
+        print(f"| {cpu} | {config}{' (fastest)' * (config == int8_name)} | {_cell(times)} |")
+
     poke, _ = rewrite(load(float_path), "pokebnn_1x")
     ir.save(poke, work / "pokebnn_1x.onnx")
+    folders, compile_s = {}, {}
+    for cls, flags in _builds().items():
+        folders[cls] = work / f"lib_{cls.split()[0].lower()}"
+        compile_s[cls] = _compile(work / "pokebnn_1x.onnx", folders[cls], flags, cls)
+    engines = {cls: ("bnncc", str(folder)) for cls, folder in folders.items()}
+    engines |= {"fp32": ("ort", str(float_path)), "int8": ("ort", str(int8_path))}
+    rows = _latencies_ms(engines, (1, 8))
 
-    start = time.perf_counter()
-    folder = compile_library(work / "pokebnn_1x.onnx", work / "lib", batches=(1, 8))
-    compile_s = time.perf_counter() - start
-    engines = {"bnncc PokeBNN-1x": ("bnncc", str(folder)), "ORT fp32 ResNet-50": ("ort", str(float_path)),
-               "ORT int8 ResNet-50": ("ort", str(int8_path))}
-    rows = list(_latencies_ms(engines, (1, 8)).items())
-
-    so_bytes = (folder / "model.so").stat().st_size
     packed = _packed_weight_bytes(poke)
-    print(f"threads {THREADS}")
-    print(f"{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, one process per engine; median (min) ms")
-    print("| batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 | speedup vs fp32 | speedup vs int8 |")
-    print("|---|---|---|---|---|---|")
-    for batch, times in rows:
-        ours, fp32, int8 = (times[name] for name in engines)
-        cells = [f"{np.median(t):.2f} ({t.min():.2f})" for t in (ours, fp32, int8)]
-        ratios = [f"{np.median(t) / np.median(ours):.1f}x ({t.min() / ours.min():.1f}x)" for t in (fp32, int8)]
-        print(f"| {batch} | {' | '.join(cells)} | {' | '.join(ratios)} |")
-    print(f"\ncompile (lower + build + export, batch 1 and 8): {compile_s:.1f} s")
-    print(f"library {so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; "
-          f"ratio {so_bytes / packed:.2f}")
+    print(f"\n{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, one process per engine; median (min) ms")
+    for cls, folder in folders.items():
+        print(f"\n{cls} build (PokeBNN-1x) on {cpu}")
+        print(f"| CPU | class | batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 {int8_name} | speedup vs fp32 | "
+              "speedup vs int8 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for batch, times in rows.items():
+            ours, fp32, int8 = times[cls], times["fp32"], times["int8"]
+            print(f"| {cpu} | {cls} | {batch} | {_cell(ours)} | {_cell(fp32)} | {_cell(int8)} | {_ratio(fp32, ours)} | "
+                  f"{_ratio(int8, ours)} |")
+        so_bytes = (folder / "model.so").stat().st_size
+        print(f"compile (lower + build + export, batch 1 and 8): {compile_s[cls]:.1f} s; library "
+              f"{so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; ratio {so_bytes / packed:.2f}")
+    print(_load())
+    if args.noise:
+        run_noise(cpu, {cls: ("bnncc", str(folder)) for cls, folder in folders.items()})
     if args.profile:
-        _print_profile(kernel_profile(poke, folder))
+        _print_profile(kernel_profile(poke, next(iter(folders.values()))))
     run_resnet18(work)
+
+
+def run_noise(cpu: str, engines: Engines) -> None:
+    """bnncc batch 1 without and with the noise process, for each burst length (``_noise_ms``)."""
+    print(f"\nbnncc batch 1 beside a noise process (busy a burst, asleep {NOISE_PERIOD - 1} bursts), {NOISE_ROUNDS} "
+          f"rounds of {BLOCK[1]} calls without and with it, interleaved; median (min) ms")
+    print("| CPU | class | noise burst | without noise | with noise | ratio (target <= 1.3x) | "
+          "noise's share of a core |")
+    print("|---|---|---|---|---|---|---|")
+    for burst_us in NOISE_BURSTS_US:
+        times, share = _noise_ms(engines, burst_us * 1e-6)
+        for cls, (quiet, noisy) in times.items():
+            print(f"| {cpu} | {cls} | {burst_us} us | {_cell(quiet)} | {_cell(noisy)} | {_ratio(noisy, quiet)} | "
+                  f"{share:.0%} |")
+    print(_load())
 
 
 def run_resnet18(work: Path) -> None:
@@ -286,7 +460,9 @@ def run_resnet18(work: Path) -> None:
     from bnncc.rewriting import rewrite
     from bnncc.targets.build import compile as compile_library
 
-    float_path = zoo.export_onnx(zoo.resnet18(), work / "resnet18.onnx", batch="symbolic")
+    float_path = work / "resnet18.onnx"
+    if not float_path.exists():
+        zoo.export_onnx(zoo.resnet18(), float_path, batch="symbolic")
     poke, _ = rewrite(load(float_path), "resnet18_pokebnn")
     ir.save(poke, work / "resnet18_pokebnn.onnx")
     folder = compile_library(work / "resnet18_pokebnn.onnx", work / "lib18", batches=(1, 8))
