@@ -1,0 +1,132 @@
+"""The x86 benches' own logic: bench/popcount_peak.c's methods against numpy popcounts, the classes
+bench/kernels.py states fractions against, bench/network.py's AVX2 build and int8 configurations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import kernels  # noqa: E402  (bench/kernels.py)
+import network  # noqa: E402  (bench/network.py)
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from test_lower import CLASSES, _onnxruntime, tiny_pokebnn  # noqa: E402
+
+from bnncc.runtime import load  # noqa: E402
+from bnncc.targets import x86_64  # noqa: E402
+
+WEIGHT_OFFSETS = (1, 3, 5, 7, 11, 13, 17, 19)  # popcount_peak.c's weight words: seed + these
+
+
+def reference_sum(seed: int, steps: int, bits: int) -> int:
+    """sum over steps i and weights j of popcount(x_i xor w_j): x_i the i-th ``bits``-bit slice (cyclic)
+    of popcount_peak.c's 256-word array, w_j the 32-bit word seed + offset_j in every lane."""
+    index = np.arange(256, dtype=np.uint64)
+    data = (((seed + 1) * 2654435761 + index * 40503) % 2**32).astype(np.uint32)
+    per_step = bits // 32
+    total = 0
+    for j in WEIGHT_OFFSETS:
+        counts = np.unpackbits((data ^ np.uint32(seed + j)).view(np.uint8)).reshape(256, 32).sum(axis=1)
+        per_slice = counts.reshape(-1, per_step).sum(axis=1)  # one entry per slice of the array
+        total += int(per_slice[np.arange(steps) % len(per_slice)].sum())
+    return total
+
+
+@pytest.fixture(scope="module")
+def peak_binary(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    return kernels.build_popcount_peak(tmp_path_factory.mktemp("peak"))
+
+
+@pytest.mark.parametrize("method", [m for methods in kernels.PEAK_METHODS.values() for m in methods])
+@pytest.mark.parametrize("steps", [1, 62, 101])  # 62: two byte-counter flushes; 101: Harley-Seal's odd last step
+def test_popcount_peak_methods_count_right(peak_binary, method, steps):
+    done = subprocess.run([str(peak_binary), method, "2", str(steps)], capture_output=True, text=True)
+    if done.returncode == 3:
+        pytest.skip(f"this CPU cannot run {method}")
+    assert done.returncode == 0, done.stderr
+    rate, bits, checksum = done.stdout.split()
+    assert float(rate) > 0
+    assert int(checksum) == sum(reference_sum(seed, steps, int(bits)) for seed in (0, 1))  # threads 0 and 1
+
+
+def test_popcount_peak_refuses_an_unknown_method(peak_binary):
+    done = subprocess.run([str(peak_binary), "avx3", "1", "10"], capture_output=True, text=True)
+    assert done.returncode == 2 and "avx2-harley-seal" in done.stderr
+
+
+def test_fractions_are_of_the_best_method_of_the_builds_class():
+    peaks = {kernels.AVX2: {"avx2-bytes": (4.0, 7.0), "avx2-harley-seal": (5.0, 9.0)},
+             kernels.SCALAR: {"scalar-popcnt": (2.0, 4.0)}}
+    assert kernels.best_of_class(peaks, kernels.AVX2) == ("avx2-harley-seal", 5.0, 9.0)
+    avx2 = x86_64.target_for_flags(kernels.AVX2_FLAGS, cores=2)
+    avx512 = x86_64.target_for_flags(kernels.AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
+                                                           "avx512_vpopcntdq"}, cores=2)
+    assert kernels.cpu_class(avx2) == kernels.AVX2 and kernels.cpu_class(avx512) == kernels.AVX512
+
+
+@pytest.mark.skipif(not kernels.AVX2_FLAGS <= x86_64.cpu_flags(), reason="the AVX2 build runs only on an AVX2 CPU")
+def test_avx2_build_is_of_its_class_and_matches_onnxruntime(tmp_path):
+    """network._compile builds for an AVX2 CPU whatever the host (the x86-64-v3 target in the manifest)."""
+    model = tiny_pokebnn()
+    ir.save(model, tmp_path / "tiny.onnx")
+    network._compile(tmp_path / "tiny.onnx", tmp_path / "lib", kernels.AVX2_FLAGS, kernels.AVX2)
+    manifest = json.loads((tmp_path / "lib" / "model.json").read_text())
+    assert json.loads(manifest["target"]["llvm"])["mcpu"] == "x86-64-v3"
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    got, ref = load(tmp_path / "lib")(x), _onnxruntime(model, x)
+    assert got.shape == (8, CLASSES) and np.array_equal(got.argmax(1), ref.argmax(1))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_compile_refuses_a_build_of_another_class(tmp_path):
+    ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
+    with pytest.raises(RuntimeError, match="not for AVX-512 VPOPCNTDQ"):
+        network._compile(tmp_path / "tiny.onnx", tmp_path / "lib", kernels.AVX2_FLAGS, kernels.AVX512)
+
+
+@pytest.mark.parametrize("config", list(network.INT8_CONFIGS))
+def test_int8_configurations_quantize_as_named(tmp_path, config):
+    """Each configuration's model: QLinearConv (QOperator) or Q/DQ around a float Conv (QDQ), activations
+    uint8 (U8S8) or int8 (S8S8), int8 weights with a scale per output channel; onnxruntime runs it
+    close to the float model."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 224, 224])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    float_path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), float_path)
+    quantized = onnx.load(network._quantize_int8(float_path, tmp_path / "int8.onnx", config))
+    ops = [node.op_type for node in quantized.graph.node]
+    if config.endswith("QOperator"):
+        assert "QLinearConv" in ops and "Conv" not in ops
+    else:
+        assert "Conv" in ops and "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    weights = [a for a in initializers.values() if a.shape == weight.shape]
+    assert len(weights) == 1 and weights[0].dtype == np.int8
+    first = next(node for node in quantized.graph.node if node.op_type == "QuantizeLinear")
+    assert initializers[first.input[2]].dtype == (np.uint8 if config.startswith("U8") else np.int8)
+    assert any(a.shape == (8,) and a.dtype == np.float32 for name, a in initializers.items() if "scale" in name)
+    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    got = ort.InferenceSession(str(tmp_path / "int8.onnx"), options).run(None, {"input": x})[0]
+    ref = ort.InferenceSession(str(float_path), options).run(None, {"input": x})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
