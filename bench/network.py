@@ -65,13 +65,17 @@ SEARCH_ROUNDS = 3  # the int8 search: rounds of BLOCK[1] calls at batch 1, engin
 NOISE_BURSTS_US = (1000, 200)
 NOISE_PERIOD = 10
 NOISE_ROUNDS = 8
-Engines = dict[str, tuple[str, str]]  # name: ("bnncc", library folder) or ("ort", model path)
+# name: ("bnncc", library folder) or ("ort", model path), and environment variables for its process
+Engines = dict[str, tuple[str, str] | tuple[str, str, dict[str, str]]]
+TVM_SPIN = {"TVM_THREAD_POOL_SPIN_COUNT": "300000"}  # TVM's own default, which bnncc.runtime sets to 0
 
 
-def _engine_process(spec: tuple[str, str], conn) -> None:
-    """Serve timing requests for one engine: ("bnncc", library folder) or ("ort", model path).
-    Each request (batch, calls) answers the seconds of ``calls`` calls after the warm-up."""
-    kind, path = spec
+def _engine_process(spec: tuple, conn) -> None:
+    """Serve timing requests for one engine: ("bnncc", library folder) or ("ort", model path), then
+    optionally environment variables to set first. Each request (batch, calls) answers the seconds
+    of ``calls`` calls after the warm-up."""
+    kind, path, *env = spec
+    os.environ.update(*env)
     fn = _library(path) if kind == "bnncc" else _ort(Path(path))
     # The imports leave ~10^6 objects to Python's collector, which the calls' temporaries trigger:
     # 6-8% of a bnncc call went to gc_collect_main (perf). Frozen, they are skipped.
@@ -430,17 +434,20 @@ def run(args: argparse.Namespace, work: Path) -> None:
               f"{so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; ratio {so_bytes / packed:.2f}")
     print(_load())
     if args.noise:
-        run_noise(cpu, {cls: ("bnncc", str(folder)) for cls, folder in folders.items()})
+        run_noise(cpu, {name: spec for cls, folder in folders.items()
+                        for name, spec in ((cls, ("bnncc", str(folder))),
+                                           (f"{cls}, TVM spin 300000", ("bnncc", str(folder), TVM_SPIN)))})
     if args.profile:
         _print_profile(kernel_profile(poke, next(iter(folders.values()))))
     run_resnet18(work)
 
 
 def run_noise(cpu: str, engines: Engines) -> None:
-    """bnncc batch 1 without and with the noise process, for each burst length (``_noise_ms``)."""
+    """bnncc batch 1 without and with the noise process, for each burst length (``_noise_ms``); each
+    build as bnncc.runtime runs it and with TVM's own worker spin count (``TVM_SPIN``)."""
     print(f"\nbnncc batch 1 beside a noise process (busy a burst, asleep {NOISE_PERIOD - 1} bursts), {NOISE_ROUNDS} "
           f"rounds of {BLOCK[1]} calls without and with it, interleaved; median (min) ms")
-    print("| CPU | class | noise burst | without noise | with noise | ratio (target <= 1.3x) | "
+    print("| CPU | class, setting | noise burst | without noise | with noise | ratio (target <= 1.3x) | "
           "noise's share of a core |")
     print("|---|---|---|---|---|---|---|")
     for burst_us in NOISE_BURSTS_US:

@@ -4,6 +4,7 @@ bench/kernels.py states fractions against, bench/network.py's AVX2 build and int
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,18 +78,36 @@ def test_fractions_are_of_the_best_method_of_the_builds_class():
     assert kernels.cpu_class(avx2) == kernels.AVX2 and kernels.cpu_class(avx512) == kernels.AVX512
 
 
-@pytest.mark.skipif(not kernels.AVX2_FLAGS <= x86_64.cpu_flags(), reason="the AVX2 build runs only on an AVX2 CPU")
-def test_avx2_build_is_of_its_class_and_matches_onnxruntime(tmp_path):
-    """network._compile builds for an AVX2 CPU whatever the host (the x86-64-v3 target in the manifest)."""
+@pytest.fixture(scope="module")
+def avx2_library(tmp_path_factory):
+    """The tiny network built by network._compile for an AVX2 CPU, and its graph."""
+    if not kernels.AVX2_FLAGS <= x86_64.cpu_flags():
+        pytest.skip("the AVX2 build runs only on an AVX2 CPU")
+    folder = tmp_path_factory.mktemp("avx2")
     model = tiny_pokebnn()
-    ir.save(model, tmp_path / "tiny.onnx")
-    network._compile(tmp_path / "tiny.onnx", tmp_path / "lib", kernels.AVX2_FLAGS, kernels.AVX2)
-    manifest = json.loads((tmp_path / "lib" / "model.json").read_text())
+    ir.save(model, folder / "tiny.onnx")
+    network._compile(folder / "tiny.onnx", folder / "lib", kernels.AVX2_FLAGS, kernels.AVX2)
+    return folder / "lib", model
+
+
+def test_avx2_build_is_of_its_class_and_matches_onnxruntime(avx2_library):
+    """network._compile builds for an AVX2 CPU whatever the host (the x86-64-v3 target in the manifest)."""
+    folder, model = avx2_library
+    manifest = json.loads((folder / "model.json").read_text())
     assert json.loads(manifest["target"]["llvm"])["mcpu"] == "x86-64-v3"
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
-    got, ref = load(tmp_path / "lib")(x), _onnxruntime(model, x)
+    got, ref = load(folder)(x), _onnxruntime(model, x)
     assert got.shape == (8, CLASSES) and np.array_equal(got.argmax(1), ref.argmax(1))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_runtime_sets_the_worker_spin_count_unless_the_user_did(avx2_library, monkeypatch):
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    load(avx2_library[0])
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
+    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "1000")
+    load(avx2_library[0])
+    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "1000"
 
 
 def test_compile_refuses_a_build_of_another_class(tmp_path):
