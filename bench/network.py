@@ -67,7 +67,9 @@ NOISE_PERIOD = 10
 NOISE_ROUNDS = 8
 # name: ("bnncc", library folder) or ("ort", model path), and environment variables for its process
 Engines = dict[str, tuple[str, str] | tuple[str, str, dict[str, str]]]
-TVM_SPIN = {"TVM_THREAD_POOL_SPIN_COUNT": "300000"}  # TVM's own default, which bnncc.runtime sets to 0
+# --noise also runs each build with TVM's pool workers sleeping as soon as they are idle (TVM's
+# default: up to 300000 sched_yield calls first); see bench/RESULTS.md, "Noise"
+NO_SPIN = {"TVM_THREAD_POOL_SPIN_COUNT": "0"}
 
 
 def _engine_process(spec: tuple, conn) -> None:
@@ -436,7 +438,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     if args.noise:
         run_noise(cpu, {name: spec for cls, folder in folders.items()
                         for name, spec in ((cls, ("bnncc", str(folder))),
-                                           (f"{cls}, TVM spin 300000", ("bnncc", str(folder), TVM_SPIN)))})
+                                           (f"{cls}, spin count 0", ("bnncc", str(folder), NO_SPIN)))})
     if args.profile:
         _print_profile(kernel_profile(poke, next(iter(folders.values()))))
     run_resnet18(work)
@@ -444,7 +446,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
 def run_noise(cpu: str, engines: Engines) -> None:
     """bnncc batch 1 without and with the noise process, for each burst length (``_noise_ms``); each
-    build as bnncc.runtime runs it and with TVM's own worker spin count (``TVM_SPIN``)."""
+    build as bnncc.runtime runs it and with TVM's workers not spinning (``NO_SPIN``)."""
     print(f"\nbnncc batch 1 beside a noise process (busy a burst, asleep {NOISE_PERIOD - 1} bursts), {NOISE_ROUNDS} "
           f"rounds of {BLOCK[1]} calls without and with it, interleaved; median (min) ms")
     print("| CPU | class, setting | noise burst | without noise | with noise | ratio (target <= 1.3x) | "

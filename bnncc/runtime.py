@@ -15,14 +15,6 @@ from bnncc.errors import BnnccError
 
 __all__ = ["Library", "load"]
 
-# TVM's pool workers wait for the next parallel region by calling sched_yield up to
-# TVM_THREAD_POOL_SPIN_COUNT times (default 300000) before sleeping. Between the short regions of
-# an inference they never sleep, so on a machine running anything else each yield hands the core
-# away and the region waits a time slice; asleep, a worker is woken ahead of the others. 0 costs a
-# wake-up per region (a few us) and halved the median batch-1 latency beside other work
-# (bench/RESULTS.md, "Noise"). Read when TVM's thread pool starts; the user's own setting wins.
-_SPIN_COUNT = ("TVM_THREAD_POOL_SPIN_COUNT", "0")
-
 
 class Library:
     """A compiled PokeBNN network: ``lib(x)`` with x float32 (N, C, H, W) returns logits (N, classes).
@@ -67,7 +59,6 @@ def load(folder: str | os.PathLike) -> Library:
     from bnncc.targets.build import MANIFEST_FORMAT
     from bnncc.targets.registry import get as get_target
 
-    os.environ.setdefault(*_SPIN_COUNT)
     folder = Path(folder)
     manifest_path, library_path = folder / "model.json", folder / "model.so"
     for path in (manifest_path, library_path):

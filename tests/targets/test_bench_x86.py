@@ -4,7 +4,6 @@ bench/kernels.py states fractions against, bench/network.py's AVX2 build and int
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -99,15 +98,6 @@ def test_avx2_build_is_of_its_class_and_matches_onnxruntime(avx2_library):
     got, ref = load(folder)(x), _onnxruntime(model, x)
     assert got.shape == (8, CLASSES) and np.array_equal(got.argmax(1), ref.argmax(1))
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
-
-
-def test_runtime_sets_the_worker_spin_count_unless_the_user_did(avx2_library, monkeypatch):
-    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
-    load(avx2_library[0])
-    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
-    monkeypatch.setenv("TVM_THREAD_POOL_SPIN_COUNT", "1000")
-    load(avx2_library[0])
-    assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "1000"
 
 
 def test_compile_refuses_a_build_of_another_class(tmp_path):
