@@ -6,10 +6,13 @@ accumulator vectors the binary conv's register tile may keep, and whether it cou
 lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR``):
 
 - ``binary_conv2d`` (plain or a fused PokeConv): register tiles of output columns x channels,
-  vectorized over channels, tiles in parallel (``_tile_binary_conv2d``); popcounts in 32-bit
-  lanes, or in byte lanes widened once per chunk of steps where the unit says so
-  (``_byte_counts``: AVX2, NEON); a trailing sign-and-bitpack stage over pixels in parallel
-  (``_bitpack_block``);
+  vectorized over channels; a parallel task is one output row of one channel tile
+  (``_tile_binary_conv2d``); popcounts in 32-bit lanes, or in byte lanes widened once per chunk
+  of steps where the unit says so (``_byte_counts``: AVX2, NEON). A fused PokeConv's row sums
+  and sign bits of its output are computed by the task that wrote the row (``_row_sum_block``,
+  ``_task_bitpack``; the bits in a pass of their own when a tile is not whole words), and the
+  zero padding of the input on the calling thread: one parallel region per kernel, where each
+  costs a fork-join of the thread pool;
 - ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
 - ``quant_conv2d`` (the stem): output rows in parallel, the reduction outside a vector of output
   channels, so each weight row is one vector load;
@@ -35,6 +38,11 @@ _MAX_TILE_WIDTH = 8
 # 1024 bytes (runtime::kMaxStackAlloca); a larger one becomes a heap workspace allocated, zeroed
 # and freed once per tile (_tile_binary_conv2d).
 _MAX_TILE_BYTES = 1023
+# the loops above a binary conv's register tile: the parallel task (a row of a channel tile) and
+# the tile's columns (_tile_binary_conv2d)
+_TILE_DEPTH = 2
+# independent partial sums of a row (_row_sum_block)
+_ROW_PARTS = 4
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,53 @@ def _register_tile(wout: int, cout: int, unit: VectorUnit) -> tuple[int, int]:
 
 
 def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
-    """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's trailing bitpack, if any."""
+    """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's row sums and trailing
+    bitpack, if any."""
     conv = _tile_binary_conv2d(func, unit)
     sch = s_tir.Schedule(conv)
-    if not has_block(sch, "bitpack"):
-        return conv
-    _bitpack_block(sch)
+    out = sch.get_sblock("binary_conv2d")
+    task = sch.get_loops(out)[0]
+    n, ho, _, cout = (int(d) for d in sch.get(out).writes[0].source.shape)
+    channels = n * ho * cout // int(sch.get(task).extent)  # of a task's tiles
+    if has_block(sch, binary_conv.ROW_SUM):
+        _row_sum_block(sch, task, channels, unit.lanes)
+    if has_block(sch, "bitpack"):
+        # each task packs its row strip when it holds whole words of channels; else a pass over
+        # the output after the conv, a parallel region of its own
+        if channels % bitpack.WORD_BITS == 0:
+            _task_bitpack(sch, task)
+        else:
+            _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
+
+
+def _row_sum_block(sch: s_tir.Schedule, task, channels: int, lanes: int) -> None:
+    """The output's row sums (``binary_conv.row_sums``), each task adding up the row strip of
+    ``channels`` it has just written (a task is one row of one channel tile, _tile_binary_conv2d)
+    while it is in L1. A row is summed as ``parts`` sums of every parts-th column, then those: one
+    chain of dependent adds would take as long as the conv of the row in a 1x1 layer of 64 input
+    channels. The sums stay in registers and are stored once (an in-place kernel's output may
+    alias them)."""
+    block = sch.get_sblock(binary_conv.ROW_SUM)
+    *_, rw = sch.get_loops(block)
+    columns = int(sch.get(rw).extent)
+    parts = _largest_divisor(columns, _ROW_PARTS)
+    partial = sch.rfactor(sch.split(rw, [None, parts])[1], 2)  # partial[n, h, part, c]
+    for stage in (partial, block):
+        sch.reverse_compute_at(stage, task)
+    store = sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(store, task)
+    # loops under the task in the order of each stage's iterators, but those of extent 1
+    stages = [(partial, _loops_under(sch, partial, 1, ("part", "c", "step"), (parts, channels, columns // parts))),
+              (block, _loops_under(sch, block, 1, ("part", "c"), (parts, channels))),
+              (store, _loops_under(sch, store, 1, ("c",), (channels,)))]
+    partial_loops = stages[0][1]
+    sch.reorder(*(partial_loops[name] for name in ("step", "part", "c") if name in partial_loops))
+    for stage, loops in stages:
+        if "c" in loops:
+            sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
+        if stage != store and set(loops) - {"c"}:
+            sch.decompose_reduction(stage, sch.get_loops(stage)[1])
 
 
 def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
@@ -103,11 +151,12 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
     Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
     accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
     activation word against ``channels`` weight words (Cout is the innermost weight axis).
-    Threads share the fused (n, ho, wo tile, co tile) loop. Pixels are outermost, so the epilogue
-    reads its residuals and writes its output once through memory, each pixel's channels
-    together (with channel tiles outermost it would sweep the whole float tensors once per tile,
-    touching 128 of every 1024 bytes; bench/RESULTS.md). Each tile then reads all of the layer's
-    weights, which stay in L2 (at most 295 KB: 3x3, 512 -> 512).
+    Threads share the tasks of the fused (n, ho, co tile) loop; a task computes its row's tiles
+    column after column. Rows are outermost, so the epilogue reads its residuals and writes its
+    output once through memory, a row at a time (with channel tiles outermost it would sweep the
+    whole float tensors once per tile, touching 128 of every 1024 bytes; bench/RESULTS.md), and a
+    task keeps its channel tile's weights in L1 along the row. A task's row strip is still in
+    cache when its row sums are added up (``_row_sum_block``).
 
     With ``unit.byte_counts`` (and whole vectors of channels) the steps count in byte lanes, chunk
     by chunk of the reduction (``_byte_counts``).
@@ -136,8 +185,8 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
     # popcount's loops instead would need every producer of the epilogue there first.)
     wo_o, wo_i = sch.split(wo, [None, width])
     co_o, co_i = sch.split(co, [None, channels])
-    sch.reorder(n, ho, wo_o, co_o, wo_i, co_i)
-    tile = sch.fuse(n, ho, wo_o, co_o)
+    sch.reorder(n, ho, co_o, wo_o, wo_i, co_i)
+    task, tile = sch.fuse(n, ho, co_o), wo_o
     # The popcount buffer shrinks to one tile: a stack array that LLVM keeps in registers. It stays
     # in the default "global" scope: TVM's CPU lowering puts only "global" buffers under 1024 bytes
     # on the stack and makes a "local" one a heap workspace, allocated, zeroed and freed per tile
@@ -149,10 +198,10 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
     for block in means:
         sch.compute_at(block, tile)
     # Vectorize/parallel must come before decompose_reduction (shared/reference/tvm.md §6).
-    sch.parallel(tile)
+    sch.parallel(task)
     sch.vectorize(sch.split(co_i, [None, vec])[1])
     if chunks is None:
-        loops = _loops_under(sch, pop, 1, ("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
+        loops = _loops_under(sch, pop, _TILE_DEPTH, ("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
         _register_steps(sch, pop, loops, ("kh", "kw", "j"), vec)
     else:
         _byte_counts(sch, pop, chunks, (width, channels), vec, unit.pairwise_add)
@@ -226,9 +275,9 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
     result bit for bit."""
     rf, count, steps = chunks
     # the chunk index is the first iterator of ``pop`` (rfactor's), so its loop comes first
-    loops = _loops_under(sch, pop, 1, ("chunk", "wo", "co"), (count, *tile_shape))
+    loops = _loops_under(sch, pop, _TILE_DEPTH, ("chunk", "wo", "co"), (count, *tile_shape))
     _register_steps(sch, pop, loops, ("chunk",), vec, vectorize=False)
-    depth = 2 if "chunk" in loops else 1
+    depth = _TILE_DEPTH + 1 if "chunk" in loops else _TILE_DEPTH
     sch.compute_at(rf, sch.get_loops(pop)[depth - 1])
     counts = _loops_under(sch, rf, depth, ("wo", "co", "kh", "kw", "j"), (*tile_shape, *steps))
     _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False)
@@ -376,13 +425,11 @@ def _mean_intrin(k: int, lanes: int) -> str:
 
 
 def _schedule_pad(sch: s_tir.Schedule) -> None:
-    """The zero-padding copy (absent when the conv has no padding): parallel over rows."""
-    try:
-        pad = sch.get_sblock("pad")
-    except s_tir.ScheduleError:
-        return
-    n, y, _, _ = sch.get_loops(pad)
-    sch.parallel(sch.fuse(n, y))
+    """The zero-padding copy (absent when the conv has no padding): on the calling thread, a
+    copy of packed words (27 KB at most in ResNet-50 1x) being cheaper than a parallel region."""
+    if has_block(sch, "pad"):
+        n, y, _, _ = sch.get_loops(sch.get_sblock("pad"))
+        sch.fuse(n, y)
 
 
 # -- sign and bitpack -------------------------------------------------------------------------------
@@ -421,6 +468,16 @@ def _pack32_impl(x: T.Buffer((32,), "float32", offset_factor=1), out: T.Buffer((
 
 _PACK32 = "bnncc_sign_pack32"
 s_tir.TensorIntrin.register(_PACK32, _pack32_desc, _pack32_impl, override=True)
+
+
+def _task_bitpack(sch: s_tir.Schedule, task, name: str = "bitpack") -> None:
+    """A sign_bitpack stage computed by each binary conv task for its row strip of whole words:
+    one vector compare per word."""
+    block = sch.get_sblock(name)
+    sch.reverse_compute_at(block, task)
+    bit = sch.get_loops(block)[-1]
+    sch.decompose_reduction(block, bit)
+    sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1], _PACK32)
 
 
 def _bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:
@@ -483,19 +540,23 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
     lanes = unit.lanes
     sch = s_tir.Schedule(func)
     pool = sch.get_sblock("pool_sum")
-    n, c, rh, rw = sch.get_loops(pool)
+    n, c, *spatial = sch.get_loops(pool)
     c_out, c_vec = _vector_split(sch, c, lanes)
-    # Each thread sums its share of the channel vectors, pixel after pixel, so it reads a contiguous
-    # run of every pixel; one vector per parallel task would read one 64-byte line per pixel and
-    # sweep the whole input once per vector (bench/RESULTS.md). The sums keep their order (over
-    # rows, then columns) per channel.
-    vectors = int(sch.get(c_out).extent)
-    shares = max(d for d in range(1, threads + 1) if vectors % d == 0)
-    share, c_in = sch.split(c_out, [shares, None])
-    sch.reorder(n, share, rh, rw, c_in, c_vec)
-    sch.parallel(sch.fuse(n, share))
+    if len(spatial) == 1:
+        # an SE gate reading row sums (quant.se_gate_func): H*C values, too few to share out
+        sch.reorder(n, *spatial, c_out, c_vec)
+    else:
+        # Each thread sums its share of the channel vectors, pixel after pixel, so it reads a
+        # contiguous run of every pixel; one vector per parallel task would read one 64-byte line
+        # per pixel and sweep the whole input once per vector (bench/RESULTS.md). The sums keep
+        # their order (over rows, then columns) per channel.
+        vectors = int(sch.get(c_out).extent)
+        shares = max(d for d in range(1, threads + 1) if vectors % d == 0)
+        share, c_in = sch.split(c_out, [shares, None])
+        sch.reorder(n, share, *spatial, c_in, c_vec)
+        sch.parallel(sch.fuse(n, share))
     sch.vectorize(c_vec)
-    sch.decompose_reduction(pool, rh)
+    sch.decompose_reduction(pool, spatial[0])
     # Dense layers: the input loop outside the output vectors, so the (C, O) weights are read row
     # after row, sequentially, and summed in the same order as before. On one thread: output
     # tiles in parallel would each read a column strip of the weights, row by row (slower on the

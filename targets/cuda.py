@@ -8,7 +8,8 @@ threads (channels on threadIdx.x, so a warp reads consecutive weight words); it 
 channels' weight slice (k*k*words*channels uint32, <= 36 KiB for ResNet-50 0.5x-1x) into shared
 memory, cooperatively, and every thread reads weights from there. The SAME zero border is read
 in place (the pad stage is inlined). A trailing sign-and-bitpack stage is a second kernel with
-one thread per output word.
+one thread per output word, and so is its row sums' (the next SE gate's pooling, one thread per
+row and channel).
 
 With ``BNNCC_CUDA_MMA=1`` the binary conv's popcount stage runs on the 1-bit tensor cores instead
 (``cuda_mma``, ``schedule_tensor_core_conv``), and the integer result and epilogue one thread per
@@ -145,17 +146,19 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.decompose_reduction(pop, kh)
-    _schedule_bitpack(sch)
+    _schedule_trailing(sch)
     return mark_scheduled(sch.mod["main"])
 
 
-def _schedule_bitpack(sch: s_tir.Schedule) -> None:
-    """A trailing sign-and-bitpack stage: one thread per output word."""
-    if has_block(sch, "bitpack"):
-        block = sch.get_sblock("bitpack")
-        n, h, w, c, b = sch.get_loops(block)
-        _bind_spatial(sch, [n, h, w, c], 128)
-        sch.decompose_reduction(block, b)
+def _schedule_trailing(sch: s_tir.Schedule) -> None:
+    """The stages after a fused PokeConv's output: its sign-and-bitpack, one thread per output
+    word, and its row sums (binary_conv.row_sums), one thread per row and channel."""
+    for name in ("bitpack", binary_conv.ROW_SUM):
+        if has_block(sch, name):
+            block = sch.get_sblock(name)
+            *spatial, reduction = sch.get_loops(block)
+            _bind_spatial(sch, spatial, 128)
+            sch.decompose_reduction(block, reduction)
 
 
 def schedule_tensor_core_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
@@ -174,7 +177,7 @@ def schedule_tensor_core_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimF
             if sch.get(block).name_hint.startswith(name):
                 sch.compute_inline(block)
     _bind_spatial(sch, sch.get_loops(sch.get_sblock("binary_conv2d")), 128)
-    _schedule_bitpack(sch)
+    _schedule_trailing(sch)
     return mark_scheduled(sch.mod["main"])
 
 

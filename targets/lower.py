@@ -24,9 +24,10 @@ as it is; any other reader gets it transposed):
   second BN's scale (a2 * (d * gate) = (a2 * d) * gate), and b2 its shift: the op's arithmetic
   with two operations an output fewer, a float32 rounding apart. ``match`` is the ReshapeAdd
   channel mean / zero-pad / tile and the 3x3/2 SAME count-pad average pool. It writes y (float,
-  read by the next local shortcut, SE pool and block shortcut) and, when a PokeConv reads y, y's
-  packed sign bits (the next layer's input). A PokeConv without SE gate (the "ungated"
-  overloads) has no gate kernel, and its epilogue no gate input or multiply.
+  read by the next local shortcut and block shortcut) and, when a PokeConv reads y, y's packed
+  sign bits (the next layer's input) and, when that PokeConv is gated, y's row sums (N, Ho, Cout),
+  which its SE gate averages instead of reading y again. A PokeConv without SE gate (the
+  "ungated" overloads) has no gate kernel, and its epilogue no gate input or multiply.
 - ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
 
@@ -50,7 +51,7 @@ from bnncc.errors import BnnccError
 from bnncc.ops import poke_conv as poke
 from bnncc.targets import x86_64
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
-from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size
+from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size, row_sums
 from bnncc.targets.tvm_compat import Target, te, tirx
 from tvm import relax  # noqa: E402  (after tvm_compat, which configures TVM's threads before TVM loads)
 
@@ -216,6 +217,7 @@ class _Walk:
         self.product = quant.rounded_product(target.kind.name)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
+        self.row_sums: dict[str, object] = {}  # ONNX value name -> its (N, H, C) row sums, for an SE gate
         self.done: set[int] = set()  # ids of the nodes lowered (a lowering may fuse its readers)
 
     def run(self, graph: ir.Graph, x):
@@ -340,8 +342,10 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
 
 # -- SE gate -----------------------------------------------------------------------------------------
 def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int, node: ir.Node):
-    """The gate (N, Cout) float32 of an SE gate with ``inputs`` (R, W1, bound1, B1, W2, bound2, B2)."""
+    """The gate (N, Cout) float32 of an SE gate with ``inputs`` (R, W1, bound1, B1, W2, bound2, B2);
+    it averages R's row sums where R's producer made them (``_poke_conv``)."""
     x = walk.float(inputs[0])
+    rows = walk.row_sums.get(inputs[0].name)
     w1, bound1, b1, w2, bound2, b2 = (_const(v, node) for v in inputs[1:7])
     q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
     q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
@@ -351,9 +355,10 @@ def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int,
     if w_bits <= quant.NIBBLE_BITS:
         q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
     shape = walk.shape(x)
-    key = (quant.SE_GATE_KERNEL_NAME, shape, hidden, cout, w_bits, a_bits)
-    gvar = walk.kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits, walk.product))
-    args = [x,
+    key = (quant.SE_GATE_KERNEL_NAME, shape, hidden, cout, w_bits, a_bits, rows is not None)
+    gvar = walk.kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits, walk.product,
+                                                       from_row_sums=rows is not None))
+    args = [x if rows is None else rows,
             relax.const(quant.act_scales(bound1, a_bits, signed=True)), relax.const(q1),
             relax.const(s1), relax.const(b1.astype(np.float32)),
             relax.const(quant.act_scales(bound2, a_bits, signed=False)), relax.const(q2),
@@ -406,29 +411,37 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     methods = (poke.LOCAL_METHOD,) if block is None else (poke.LOCAL_METHOD, poke.BLOCK_METHOD)
     residuals = [x] if block is None else [x, walk.float(block)]
     y_value = node.outputs[0]
-    want_bits = any(u.node.op_type in _READS_BITS and u.node.domain == DOMAIN and u.idx == 0 for u in y_value.uses())
+    readers = [u.node for u in y_value.uses() if u.node.op_type in _READS_BITS and u.node.domain == DOMAIN and u.idx == 0]
+    want_bits = bool(readers)
+    # a gated PokeConv reading y as its input X averages it in its SE gate: y's row sums come with y
+    want_rows = any(poke.se_inputs(r) is not None for r in readers)
     shapes = tuple(walk.shape(r) for r in residuals)
     # y may overwrite a block residual of its own shape (read at y's position only) whose last
     # reader this is: the kernel then writes into memory it has just read, where a new buffer
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
-    key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, in_place)
+    key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, want_rows,
+           in_place)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
-                                                    want_bits, in_place))
+                                                    want_bits, want_rows, in_place))
     args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
     if want_bits:
         outputs.append(((n, ho, wo, bitpack.words(cout)), bitpack.WORD_DTYPE))
+    if want_rows:
+        outputs.append(((n, ho, cout), "float32"))
     if in_place:
         # the kernel's y parameter (after its inputs) is bound to the block residual itself
         result = walk.call(gvar, [*args, residuals[-1]], outputs, in_place=[len(args)] + [-1] * (len(outputs) - 1))
     else:
         result = walk.call(gvar, args, outputs)
+    result = result if len(outputs) > 1 else [result]
+    walk.floats[y_value.name] = result[0]
     if want_bits:
-        walk.floats[y_value.name], walk.bits[y_value.name] = result
-    else:
-        walk.floats[y_value.name] = result
+        walk.bits[y_value.name] = result[1]
+    if want_rows:
+        walk.row_sums[y_value.name] = result[-1]
     walk.done.add(id(node))
     _annotate([node], (n, cout, ho, wo))
 
@@ -463,8 +476,9 @@ def _head(walk: _Walk, node: ir.Node) -> None:
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], gated: bool, want_bits: bool,
-                    in_place: bool = False) -> tirx.PrimFunc:
-    """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits])``: the fused PokeConv kernel.
+                    want_rows: bool, in_place: bool = False) -> tirx.PrimFunc:
+    """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits][, y_row_sums])``: the fused
+    PokeConv kernel.
 
     params rows: a1, b1, pos, neg, by, b2 (module docstring). ``gated``: the op's SE gate
     multiplies the DPReLU (a kernel without it takes no gate).
@@ -501,7 +515,7 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
 
     epilogue = Epilogue(inputs=(*residuals, *([gate] if gated else []), params), fn=fn)
     y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue)
-    outputs = [y, bitpack.sign_bitpack(y)] if want_bits else [y]
+    outputs = [y, *([bitpack.sign_bitpack(y)] if want_bits else []), *([row_sums(y)] if want_rows else [])]
     func = te.create_prim_func([bits, weights, border, *epilogue.inputs, *outputs])
     if in_place:
         func = func.with_attr("tirx.noalias", False)

@@ -37,14 +37,16 @@ from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "AVERAGE_POOL", "CHANNEL_MEAN", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
-    "mean_value", "out_size", "same_padding", "scale_bias_epilogue",
+    "AVERAGE_POOL", "CHANNEL_MEAN", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
+    "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue",
 ]
 
 KERNEL_NAME = "binary_conv2d"
-# names of the stages that ``channel_mean`` and ``average_pool`` add (schedules find them by these)
+# names of the stages that ``channel_mean``, ``average_pool`` and ``row_sums`` add (schedules find
+# them by these)
 CHANNEL_MEAN = "channel_mean"
 AVERAGE_POOL = "average_pool"
+ROW_SUM = "row_sum"
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -115,6 +117,17 @@ def average_pool(r: te.Tensor) -> te.Tensor:
         return total / 9.0
 
     return te.compute((n, out_size(h, 2), out_size(w, 2), c), pooled, name=AVERAGE_POOL)
+
+
+def row_sums(y: te.Tensor) -> te.Tensor:
+    """(N, H, C) sums of NHWC y over each row's pixels, in column order (block ROW_SUM).
+
+    A PokeConv's output is the next PokeConv's input, whose SE gate averages it over the image; the
+    producing kernel adds each row up while the row is still in cache (a schedule computes the
+    stage per task of whole rows), so the gate reads H*C sums instead of the whole tensor again."""
+    n, h, w, c = (int(d) for d in y.shape)
+    rw = te.reduce_axis((0, w), name="rw")
+    return te.compute((n, h, c), lambda i, r, ch: te.sum(y[i, r, rw, ch], axis=rw), name=ROW_SUM)
 
 
 def _pad(x: te.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> te.Tensor:

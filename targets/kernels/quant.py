@@ -207,6 +207,14 @@ def _mean_hw(x: te.Tensor, name: str) -> te.Tensor:
     return te.compute((n, c), lambda i, j: total[i, j] / float(h * w), name=name)
 
 
+def _mean_of_rows(rows: te.Tensor, width: int, name: str) -> te.Tensor:
+    """(N, C) mean of an image from its (N, H, C) row sums over ``width`` pixels each."""
+    n, h, c = (int(d) for d in rows.shape)
+    rh = te.reduce_axis((0, h), name="rh")
+    total = te.compute((n, c), lambda i, j: te.sum(rows[i, rh, j], axis=rh), name=f"{name}_sum")
+    return te.compute((n, c), lambda i, j: total[i, j] / float(h * width), name=name)
+
+
 def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name: str,
            quant: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
            act_scale: te.Tensor) -> te.Tensor:
@@ -238,19 +246,26 @@ def _dense_inputs(c: int, o: int, name: str, w_bits: int = 8) -> tuple[te.Tensor
 
 
 def se_gate_func(x_shape: tuple[int, int, int, int], hidden: int, out_channels: int,
-                 w_bits: int, a_bits: int, product: Product = _fenced_product) -> tirx.PrimFunc:
+                 w_bits: int, a_bits: int, product: Product = _fenced_product,
+                 from_row_sums: bool = False) -> tirx.PrimFunc:
     """``f(x, act_scale1, q1, w_scale1, b1, act_scale2, q2, w_scale2, b2, gate)``: the SEGate, gate (N, Cout).
 
         p = mean_HW(x);  h = relu(dense1(quant_signed(p)));  g = dense2(quant_unsigned(h))
         gate = min(max(g + 3, 0), 6) / 6
 
     q1 (Cin, hidden) and q2 (hidden, Cout) are ``pack_int4``-packed when w_bits <= NIBBLE_BITS.
+    ``from_row_sums``: the kernel's first input is x's (N, H, C) row sums (``binary_conv.row_sums``)
+    rather than x, and the mean sums those.
     """
-    n, _, _, cin = x_shape
-    x = te.placeholder(x_shape, "float32", name="x")
+    n, h, w, cin = x_shape
+    if from_row_sums:
+        x = te.placeholder((n, h, cin), "float32", name="row_sums")
+        pooled = _mean_of_rows(x, w, "pool")
+    else:
+        x = te.placeholder(x_shape, "float32", name="x")
+        pooled = _mean_hw(x, "pool")
     first = _dense_inputs(cin, hidden, "se1", w_bits)
     second = _dense_inputs(hidden, out_channels, "se2", w_bits)
-    pooled = _mean_hw(x, "pool")
 
     def signed(v, s):
         return quantize_act(v, s, a_bits, signed=True, product=product)

@@ -200,3 +200,35 @@ def test_rules_decline_other_targets_and_kernels():
     target = x86_64.target_for_flags(AVX2_FLAGS, cores=2)
     assert x86_64.schedule(conv.with_attr(KERNEL_ATTR, "other"), target) is None
     assert x86_64.schedule(conv.without_attr(KERNEL_ATTR), target) is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cout", [64, 40])
+def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
+    """A fused PokeConv kernel whose output feeds a gated PokeConv also writes the output's sign
+    bits and its row sums (the next SE gate's pooling): checked against numpy on the kernel's own
+    output. With 32-channel tiles (AVX-512, 64 channels) every stage runs in the conv's tasks:
+    the kernel is one parallel region."""
+    from bnncc.targets.lower import _poke_conv_func
+
+    rng = np.random.default_rng(cout)
+    n, h, w, cin = 1, 6, 10, 48
+    func = _poke_conv_func((n, h, w, cin), cout, 3, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
+                           want_bits=True, want_rows=True)
+    x = activations(rng, (n, h, w, cin))
+    packed = bp.pack_weights(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32))
+    params = np.stack([rng.uniform(0.5, 1.5, cout), rng.uniform(-1, 1, cout), rng.uniform(0.5, 1.5, cout),
+                       rng.uniform(0, 0.5, cout), rng.uniform(-0.2, 0.2, cout), rng.uniform(-1, 1, cout)])
+    inputs = [reference_pack(x >= 0), packed.bits, packed.border, x,
+              rng.uniform(0, 1, (n, cout)).astype(np.float32), params.astype(np.float32)]
+    outputs = [np.zeros((n, h, w, cout), np.float32), np.zeros((n, h, w, bp.words(cout)), np.uint32),
+               np.zeros((n, h, cout), np.float32)]
+    tensors = [tc.to_tensor(a) for a in (*inputs, *outputs)]
+    build(func, variant)(*tensors)
+    y, bits, rows = (t.numpy() for t in tensors[len(inputs):])
+    assert np.abs(y).max() > 0
+    np.testing.assert_array_equal(bits, reference_pack(y >= 0))
+    np.testing.assert_allclose(rows, y.sum(axis=2, dtype=np.float64), rtol=1e-5, atol=1e-5)
+    if variant == "avx512" and cout == 64:
+        target = x86_64.target_for_flags(AVX512_FLAGS, cores=2)
+        assert x86_64.schedule(func, target).script().count("T.parallel(") == 1
