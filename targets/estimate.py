@@ -396,8 +396,8 @@ def _surrounds(code: list[Instruction], loops: list[tuple[int, int]], hot: list[
     """The loops around the first hot loop, innermost first, for as far out as their passes can be
     counted: the passes of the innermost are the hot iterations over those of the hot loops it
     holds (their trip counts read from the code), each further one's the passes of the loop
-    inside over that loop's trip count. The outermost loop of a kernel (the tiles, shared by
-    the threads) has no constant trip count, so the chain ends with it."""
+    inside over that loop's trip count. The outermost loop of a kernel (the tasks, a row of a
+    channel tile each, shared by the threads) has no constant trip count, so the chain ends with it."""
     outer = sorted((r for r in loops if r[0] <= hot[0][0] and hot[0][1] <= r[1] and r != hot[0]),
                    key=lambda r: r[1] - r[0])
     levels, inner, passes = [], None, iterations

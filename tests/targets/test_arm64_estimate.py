@@ -45,8 +45,9 @@ def test_binary_conv_hot_loop_trip_count(conv_library):
     # a 3x3 NEON loop does at least one bMAC per cycle and no more than the core's peak (2 cnt.16b / cycle)
     assert bits / (2 * 128) <= loop.hot_cycles < loop.cycles <= bits
     # the NEON register tile is one pixel x 64 channels (arm64.NEON): 64 tiles, each one chunk of all
-    # 18 steps (2 words x 9 taps); the loop that holds the whole reduction, the tile loop, runs once a tile
-    assert loop.around[-1].passes == 8 * 8
+    # 18 steps (2 words x 9 taps); the loop that holds the whole reduction, the tile loop, runs once a
+    # tile, and the task loop around it (a row of one channel tile, shared by the threads) once a row
+    assert [level.passes for level in loop.around[-2:]] == [8 * 8, 8]
     assert all(level.passes * level.cycles_per_pass == pytest.approx(level.cycles) for level in loop.around)
     with pytest.raises(BnnccError, match="does not divide"):
         estimate.estimate_binary(code, bits + 32, "aarch64", "cortex-a76")
