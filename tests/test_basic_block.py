@@ -118,14 +118,18 @@ def test_resnet18_bireal_is_resnet18_pokebnn_without_se_gates(poke18, bireal18):
     assert not [name for name in bireal18.graph.initializers if "/se." in name]
 
 
-def test_rewritten_resnet18_bireal_torch_view_matches_onnxruntime(bireal18):
-    x = np.random.default_rng(4).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    session = ort.InferenceSession(ir.to_proto(bireal18).SerializeToString(), providers=["CPUExecutionProvider"])
+def _assert_torch_view_matches_onnxruntime(model: ir.Model, seed: int) -> None:
+    x = np.random.default_rng(seed).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
     reference = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
-        ours = to_torch(bireal18).eval()(torch.from_numpy(x)).numpy()
+        ours = to_torch(model).eval()(torch.from_numpy(x)).numpy()
     assert reference.shape == (1, 10) and (ours.argmax(1) == reference.argmax(1)).all()
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.ptp(reference))
+
+
+def test_rewritten_resnet18_bireal_torch_view_matches_onnxruntime(bireal18):
+    _assert_torch_view_matches_onnxruntime(bireal18, seed=4)
 
 
 def test_resnet50_blocks_and_basic_blocks_share_the_passes(tmp_path):
@@ -138,14 +142,7 @@ def test_resnet50_blocks_and_basic_blocks_share_the_passes(tmp_path):
 
 
 def test_rewritten_resnet18_torch_view_matches_onnxruntime(poke18):
-    model, _ = poke18
-    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    reference = session.run(None, {session.get_inputs()[0].name: x})[0]
-    with torch.no_grad():
-        ours = to_torch(model).eval()(torch.from_numpy(x)).numpy()
-    assert reference.shape == (1, 10) and (ours.argmax(1) == reference.argmax(1)).all()
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.ptp(reference))
+    _assert_torch_view_matches_onnxruntime(poke18[0], seed=3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,18 +166,6 @@ def test_poke_convs_without_se_gate_compile_for_cuda(tmp_path, cli, monkeypatch)
 
 
 @needs_nvcc
-@needs_device
-def test_poke_convs_without_se_gate_on_cuda_agree_with_onnxruntime(tmp_path):
-    from bnncc.targets.build import compile
-    from bnncc.verification import verify
-    from test_lower import tiny_basic_block_ungated
-
-    folder = compile(tiny_basic_block_ungated(), tmp_path / "ungated_cuda", target="cuda", batches=(1, 8))
-    report = verify(folder, n=16, batch=8)
-    assert report.ok, report.failures
-
-
-@needs_nvcc
 @needs_cuobjdump
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_tensor_core_convs_are_1bit_mma_for_the_arch(tmp_path, cli, monkeypatch, arch):
@@ -232,12 +220,14 @@ def test_a_cuda_library_without_a_gpu_is_one_line(tmp_path, cli, monkeypatch):
 
 @needs_nvcc
 @needs_device
-def test_pokebnn_on_cuda_agrees_with_onnxruntime(tmp_path):
+@pytest.mark.parametrize("network", ["tiny_pokebnn", "tiny_basic_block_ungated"])
+def test_pokebnn_on_cuda_agrees_with_onnxruntime(tmp_path, network):
+    """A bottleneck network, and basic blocks with PokeConvs without SE gate."""
+    import test_lower
     from bnncc.targets.build import compile
     from bnncc.verification import verify
-    from test_lower import tiny_pokebnn
 
-    folder = compile(tiny_pokebnn(), tmp_path / "tiny_cuda", target="cuda", batches=(1, 8))
+    folder = compile(getattr(test_lower, network)(), tmp_path / network, target="cuda", batches=(1, 8))
     report = verify(folder, n=16, batch=8)
     assert report.ok, report.failures
 
