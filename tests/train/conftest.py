@@ -41,3 +41,19 @@ def teacher_and_student(tmp_path_factory):
     path = folder / "student.onnx"
     ir.save(student, path)
     return teacher, path
+
+
+@pytest.fixture
+def finetune_four_steps(idx_dir, tmp_path):
+    """``run(student, teacher, out)``: ``bnncc.train.finetune`` on ``idx_dir`` for 4 steps of batch 8,
+    calibration and weight quantization both starting halfway, a checkpoint every 2 steps
+    (``tmp_path/c.ckpt``, metrics in ``tmp_path/m.jsonl``): the smoke tests' schedule."""
+    from bnncc.train import TrainConfig, finetune
+
+    def run(student, teacher, out):
+        cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=4, checkpoint_every=2, calibration_batches=1,
+                          act_calibration_at=0.5, weight_quant_start=0.5)
+        return finetune(student, teacher, idx_dir, out, cfg, checkpoint=tmp_path / "c.ckpt",
+                        metrics=tmp_path / "m.jsonl", show_progress=False)
+
+    return run

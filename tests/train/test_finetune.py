@@ -9,13 +9,10 @@ from bnncc.domain import DOMAIN
 from bnncc.train import TrainConfig, finetune
 
 
-def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(idx_dir, tmp_path, teacher_and_student):
+def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(tmp_path, teacher_and_student, finetune_four_steps):
     teacher, student = teacher_and_student
     out = tmp_path / "trained.onnx"
-    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=4, checkpoint_every=2, calibration_batches=1,
-                      act_calibration_at=0.5, weight_quant_start=0.5)
-    result = finetune(student, teacher, idx_dir, out, cfg, checkpoint=tmp_path / "c.ckpt",
-                      metrics=tmp_path / "m.jsonl", show_progress=False)
+    result = finetune_four_steps(student, teacher, out)
     assert np.isfinite(result.train.final_loss)
     assert result.student_top1 is not None and 0 <= result.student_top1 <= 100
     model = onnx.load(out)

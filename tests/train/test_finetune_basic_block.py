@@ -9,21 +9,17 @@ import pytest
 
 from bnncc.frontend import load
 from bnncc.rewriting import rewrite
-from bnncc.train import TrainConfig, finetune
 from bnncc.zoo import export_onnx, resnet18
 
 
 @pytest.mark.parametrize("recipe", ["resnet18_pokebnn", "resnet18_bireal"])
-def test_resnet18_student_fine_tunes_a_few_steps(idx_dir, tmp_path, recipe):
+def test_resnet18_student_fine_tunes_a_few_steps(tmp_path, recipe, finetune_four_steps):
     teacher = export_onnx(resnet18(width=0.25, num_classes=4), tmp_path / "teacher.onnx", input_size=32)
     student, _ = rewrite(load(teacher), recipe, ["passes.poke_stem.mid_channels=8"])
     student_path = tmp_path / "student.onnx"
     ir.save(student, student_path)
     out = tmp_path / "trained.onnx"
-    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=4, checkpoint_every=2, calibration_batches=1,
-                      act_calibration_at=0.5, weight_quant_start=0.5)
-    result = finetune(student_path, teacher, idx_dir, out, cfg, checkpoint=tmp_path / "c.ckpt",
-                      metrics=tmp_path / "m.jsonl", show_progress=False)
+    result = finetune_four_steps(student_path, teacher, out)
     assert np.isfinite(result.train.final_loss)
     trained = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
     original = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(student_path).graph.initializer}
