@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cuda_runtime.h>
 
+#include "../targets/kernels/bmma_conv.cuh"
+
 constexpr int CHAINS = 8;
 constexpr int THREADS = 256;
 constexpr int REPEATS = 5;
@@ -26,13 +28,8 @@ constexpr double MACS_PER_MMA = 16.0 * 8.0 * 256.0;
     }                                                                                   \
   } while (0)
 
-__device__ __forceinline__ void mma_b1_and(int* c, const unsigned* a, const unsigned* b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// the 1-bit AND-popc mma exactly as the conv kernel issues it
+using bnncc_bmma::mma_b1_and;
 
 __global__ void one_mma(const unsigned* A, const unsigned* B, int* D) {
   const int g = threadIdx.x >> 2, t = threadIdx.x & 3;
