@@ -97,12 +97,8 @@ def _register_tile(wout: int, cout: int, unit: VectorUnit) -> tuple[int, int]:
 def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
     """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's row sums and trailing
     bitpack, if any."""
-    conv = _tile_binary_conv2d(func, unit)
-    sch = s_tir.Schedule(conv)
-    out = sch.get_sblock("binary_conv2d")
-    task = sch.get_loops(out)[0]
-    n, ho, _, cout = (int(d) for d in sch.get(out).writes[0].source.shape)
-    channels = n * ho * cout // int(sch.get(task).extent)  # of a task's tiles
+    sch = s_tir.Schedule(func)
+    task, channels = _tile_binary_conv2d(sch, unit)
     if has_block(sch, binary_conv.ROW_SUM):
         _row_sum_block(sch, task, channels, unit.lanes)
     if has_block(sch, "bitpack"):
@@ -144,9 +140,10 @@ def _row_sum_block(sch: s_tir.Schedule, task, channels: int, lanes: int) -> None
             sch.decompose_reduction(stage, sch.get_loops(stage)[1])
 
 
-def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
+def _tile_binary_conv2d(sch: s_tir.Schedule, unit: VectorUnit) -> tuple:
     """Register-tiled, vectorized, multithreaded binary conv, for a CPU with ``unit.lanes`` uint32
-    lanes per vector and room for ``unit.accumulators`` accumulator vectors.
+    lanes per vector and room for ``unit.accumulators`` accumulator vectors. Returns the parallel
+    task loop and the channels of a task.
 
     Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
     accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
@@ -162,7 +159,6 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
     by chunk of the reduction (``_byte_counts``).
     """
     lanes = unit.lanes
-    sch = s_tir.Schedule(func)
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
     n, ho, wo, co = sch.get_loops(out)
@@ -208,7 +204,7 @@ def _tile_binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit) -> tirx.PrimFunc:
     for block in means:
         _vector_mean(sch, block, vec)
     _schedule_pad(sch)
-    return mark_scheduled(sch.mod["main"])
+    return task, channels
 
 
 def _loops_under(sch: s_tir.Schedule, block, depth: int, names: tuple[str, ...], extents: tuple[int, ...]) -> dict:
