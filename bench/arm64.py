@@ -15,7 +15,8 @@ engines publish for Bi-Real Net 18.
    Core models: ``neoverse-n1`` (the Cortex-A76's server twin, and the only model of that core
    design in LLVM 19), ``cortex-a76`` (which LLVM 19 schedules with its Cortex-A57 model, the
    same as ``cortex-a72``), ``cortex-a72``, at the clocks of ``CORES``.
-2. Calibrates the method on this machine: the same estimate, with the ``znver4`` model, for the
+2. Calibrates the method on this machine: the same estimate, with LLVM's model of this CPU
+   (``estimate.host_cpu``: ``znver4`` on Zen 4), for the
    x86-64 binary conv kernels of bench/kernels.py (one thread, all ResNet-50 binary conv shapes),
    against their measured CPU times at the clock measured right before each. The median of
    measured / estimated scales the ARM figures and its range is their error bar (it says how
@@ -66,7 +67,6 @@ RESNET18 = {"resnet18_bireal": "ResNet-18, Bi-Real arrangement (no SE gates)",
 BIREAL18 = [("daBNN", "Pixel 1, 1 thread", 61.3),
             ("Larq Compute Engine", "Pixel 1, 1 thread", 41.6),
             ("Bolt", "one Cortex-A76", 30.7)]
-HOST_MODEL = "znver4"  # AMD Zen 4: family 25 with AVX-512 (/proc/cpuinfo)
 
 
 def build_arm64(recipe: str, workdir: Path) -> tuple[ir.Model, Path, list[str]]:
@@ -130,9 +130,10 @@ def clock_meter(workdir: Path):
 
 
 def calibrate(workdir: Path) -> list[dict]:
-    """For every ResNet-50 binary conv shape at batch 1: the x86-64 kernel's znver4 estimate and
+    """For every ResNet-50 binary conv shape at batch 1: the x86-64 kernel's estimate (LLVM's model of this CPU) and
     its measured CPU time (bench/kernels.py, one thread) in cycles at the clock measured right before."""
     clock = clock_meter(workdir)
+    model = estimate.host_cpu()
     target = x86_64.target_for_flags(x86_64.cpu_flags(), 1)
     rng = np.random.default_rng(0)
     rows = []
@@ -142,7 +143,7 @@ def calibrate(workdir: Path) -> list[dict]:
         out = bc.out_size(shape.size, shape.stride)
         macs = out * out * shape.cout * shape.kernel**2 * shape.cin
         code = estimate.kernel_code(estimate.disassemble(library), "main")  # export_library names it main
-        loop = estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", HOST_MODEL)
+        loop = estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", model)
         hz = clock()
         measured = binary_conv_seconds(shape, 1, target, rng, timer=time.process_time) * hz
         rows.append({"shape": shape, "macs": macs, "estimated": loop.cycles, "hot": loop.hot_cycles,
@@ -230,7 +231,7 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
              "while `neoverse-n1` models the Neoverse N1, the server core built on the A76's design (same 4-wide "
              "decode, 2 vector and 2 load pipes). The A76 figures below are the N1 model at the A76's 2.4 GHz; the "
              "`cortex-a76` model's are given beside them.", "",
-             f"Calibration on this CPU (`znver4`, the same estimate for the x86-64 binary conv kernels of "
+             f"Calibration on this CPU (`{estimate.host_cpu()}`, the same estimate for the x86-64 binary conv kernels of "
              f"bench/kernels.py, one thread, {len(calibration)} ResNet-50 shapes): measured / estimated cycles "
              f"median **{median:.2f}**, range {low:.2f}-{high:.2f}. ARM times below are estimate x "
              f"{median:.2f} with that range as the error bar.", "",

@@ -20,7 +20,7 @@ trip counts of the loops inside, which are read from their counters (``loop_trip
 chain stops at the first loop whose inner trip count cannot be read (the tile loop's own bound
 is the thread's task range, so it is the last). What stays outside (a kernel's prologue,
 bitpacking, padding copies, pooling, the VM's calls) is not counted. bench/arm64.py calibrates
-the method against whole x86-64 kernels measured on the host (``znver4``) and carries the spread
+the method against whole x86-64 kernels measured on the host (its own model, ``host_cpu``) and carries the spread
 as the error bar.
 
 The code is read from the library file (``llvm-objdump``), not from TVM's assembly text
@@ -47,7 +47,7 @@ from bnncc.targets.kernels import binary_conv, quant
 from bnncc.targets.lower import POKE_CONV_KERNEL
 
 __all__ = [
-    "KERNEL_LAYERS", "LLVM_BIN", "Instruction", "LayerEstimate", "LoopEstimate", "Surround", "available",
+    "KERNEL_LAYERS", "LLVM_BIN", "Instruction", "LayerEstimate", "LoopEstimate", "Surround", "available", "host_cpu",
     "binary_bits", "cycles_per_iteration", "disassemble", "estimate_binary", "estimate_layers", "estimate_macs",
     "innermost_loops", "kernel_code", "layer_kind", "library_estimate", "loop_trip_count", "mac_lanes",
     "match_calls", "node_of", "trip_count",
@@ -55,6 +55,16 @@ __all__ = [
 
 LLVM_BIN = Path("/usr/lib/llvm-19/bin")
 _ITERATIONS = 200  # llvm-mca's simulated iterations: enough for the steady state of a loop body
+
+
+def host_cpu() -> str:
+    """LLVM's name of this machine's CPU (``znver4`` on AMD Zen 4, ``znver2`` on Zen 2): the llvm-mca
+    model that the estimate of the host's own kernels uses."""
+    done = subprocess.run([str(LLVM_BIN / "llvm-mca"), "--version"], capture_output=True, text=True)
+    match = re.search(r"Host CPU:\s*(\S+)", done.stdout)
+    if done.returncode != 0 or not match:
+        raise BnnccError("llvm-mca --version names no host CPU")
+    return match.group(1)
 
 
 def available() -> bool:

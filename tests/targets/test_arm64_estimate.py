@@ -149,3 +149,14 @@ def test_report_of_an_arm64_library(conv_library, tmp_path):
     missing = report.arm64_estimate(SimpleNamespace(deployed=SimpleNamespace(cost=SimpleNamespace(layers=layers))),
                                     tmp_path / "nothing")
     assert missing["skipped"].startswith("no estimate:")
+
+
+def test_host_cpu_is_a_model_llvm_mca_schedules_with():
+    """The calibration's model of this CPU: LLVM's own name of it, which llvm-mca accepts (an
+    unknown -mcpu would make it fall back to a generic model with a warning)."""
+    import platform
+
+    name = estimate.host_cpu()
+    assert name and name != "generic"
+    if platform.machine() == "x86_64":
+        assert estimate.cycles_per_iteration([estimate.Instruction(0, "addq", "$0x1, %rax")], "x86_64", name) > 0
