@@ -163,7 +163,8 @@ def best_of_class(peaks: dict[str, dict[str, tuple[float, float]]], name: str) -
 
 def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
     """Time of the scheduled kernel (packed activations in, int32 out) on random data."""
-    func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride)
+    func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
+                                 nibbles=x86_64.counts_nibbles(target, shape.cout))
     module = tc.compile_func(x86_64.schedule(func, target), target)
     packed = bp.pack_weights(rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)))
     x = rng.integers(0, 2**32, (batch, shape.size, shape.size, bp.words(shape.cin)), dtype=np.uint32)

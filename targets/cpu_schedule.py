@@ -8,7 +8,8 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
 - ``binary_conv2d`` (plain or a fused PokeConv): register tiles of output columns x channels,
   vectorized over channels; a parallel task is one output row of one channel tile
   (``_tile_binary_conv2d``); popcounts in 32-bit lanes, or in byte lanes widened once per chunk
-  of steps where the unit says so (``_byte_counts``: AVX2, NEON). A fused PokeConv's row sums
+  of steps where the unit says so (``_byte_counts``: AVX2, NEON; on AVX2 a kernel built with
+  ``nibbles`` splits its input once, before its tasks, on the calling thread). A fused PokeConv's row sums
   and sign bits of its output are computed by the task that wrote the row (``_row_sum_block``,
   ``_task_bitpack``; the bits in a pass of their own when a tile is not whole words), and the
   zero padding of the input on the calling thread: one parallel region per kernel, where each
@@ -29,7 +30,7 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
 from tvm.script import tirx as T  # noqa: E402  (TVMScript for the tensor intrinsics)
 
-__all__ = ["VectorUnit", "schedule"]
+__all__ = ["VectorUnit", "counts_nibbles", "schedule"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,23 @@ class VectorUnit:
     # the LLVM intrinsic of the CPU's widening pairwise add (NEON "llvm.aarch64.neon.uaddlp"):
     # a chunk's byte counts become words in two of them (_byte_sum_intrin); None: shifts and masks
     pairwise_add: str | None = None
+    # the LLVM intrinsic of the CPU's 16-entry byte table lookup (x86 "llvm.x86.avx2.pshuf.b", 256-bit):
+    # binary convs with whole vectors of output channels then take their activations as nibbles
+    # (binary_conv2d's ``nibbles``, decided by ``counts_nibbles``) and count a step in two lookups
+    # that need no masks of their own (_nibble_popcount_intrin)
+    nibble_lookup: str | None = None
+    # the LLVM intrinsics of x86's multiply-adds of adjacent pairs, unsigned bytes x signed bytes ->
+    # int16 and int16 x int16 -> int32 ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"), for
+    # vectors of ``lanes``: times ones, they make a chunk's byte counts words in two instructions
+    # (_byte_sum_intrin); None: shifts and masks
+    pair_multiply_adds: tuple[str, str] | None = None
+
+
+def counts_nibbles(unit: VectorUnit | None, out_channels: int) -> bool:
+    """Whether a binary conv of ``out_channels`` outputs is built with ``nibbles`` for ``unit``: it
+    has a table lookup of whole vectors, and every register tile holds whole vectors of channels
+    (_register_tile picks 8 or 16 channels when Cout is a multiple of 8 lanes)."""
+    return unit is not None and unit.nibble_lookup is not None and out_channels % unit.lanes == 0
 
 
 def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> tirx.PrimFunc | None:
@@ -187,9 +205,10 @@ def _tile_binary_conv2d(sch: s_tir.Schedule, unit: VectorUnit) -> tuple:
     # in the default "global" scope: TVM's CPU lowering puts only "global" buffers under 1024 bytes
     # on the stack and makes a "local" one a heap workspace, allocated, zeroed and freed per tile
     # (_MAX_TILE_BYTES).
-    reductions = [int(v.dom.extent) for v in sch.get(pop).iter_vars[4:]]  # kh, kw, word
+    reductions = [int(v.dom.extent) for v in sch.get(pop).iter_vars[4:]]  # kh, kw, word (, nibble half)
+    nibbles = has_block(sch, binary_conv.NIBBLES)
     bytewise = unit.byte_counts and vec > 1 and channels % vec == 0
-    chunks = _byte_chunks(sch, pop, reductions) if bytewise else None
+    chunks = _byte_chunks(sch, pop, reductions[:3]) if bytewise else None
     sch.compute_at(pop, tile)
     for block in means:
         sch.compute_at(block, tile)
@@ -197,10 +216,11 @@ def _tile_binary_conv2d(sch: s_tir.Schedule, unit: VectorUnit) -> tuple:
     sch.parallel(task)
     sch.vectorize(sch.split(co_i, [None, vec])[1])
     if chunks is None:
-        loops = _loops_under(sch, pop, _TILE_DEPTH, ("wo", "co", "kh", "kw", "j"), (width, channels, *reductions))
-        _register_steps(sch, pop, loops, ("kh", "kw", "j"), vec)
+        loops = _loops_under(sch, pop, _TILE_DEPTH, ("wo", "co", "kh", "kw", "j", "half"),
+                             (width, channels, *reductions))
+        _register_steps(sch, pop, loops, ("kh", "kw", "j", "half"), vec)
     else:
-        _byte_counts(sch, pop, chunks, (width, channels), vec, unit.pairwise_add)
+        _byte_counts(sch, pop, chunks, (width, channels), vec, unit, nibbles)
     for block in means:
         _vector_mean(sch, block, vec)
     _schedule_pad(sch)
@@ -215,11 +235,12 @@ def _loops_under(sch: s_tir.Schedule, block, depth: int, names: tuple[str, ...],
 
 
 def _register_steps(sch: s_tir.Schedule, block, loops: dict, reductions: tuple[str, ...], vec: int,
-                    vectorize: bool = True) -> None:
+                    vectorize: bool = True, innermost: tuple[str, ...] = ()) -> None:
     """The ``reductions`` loops outermost, then the tile's columns (unrolled) and channel vectors
-    (unrolled, their lanes vectorized unless the caller tensorizes them): each step of the
-    reduction updates the whole register tile. The init is split off before the first of these
-    loops; ``block`` is then the update."""
+    (unrolled, their lanes vectorized unless the caller tensorizes them), then the ``innermost``
+    loops (for the caller's tensor intrinsic): each step of the reduction updates the whole
+    register tile. The init is split off before the first of these loops; ``block`` is then the
+    update."""
     inner = []
     if "wo" in loops:
         sch.unroll(loops["wo"])
@@ -230,6 +251,7 @@ def _register_steps(sch: s_tir.Schedule, block, loops: dict, reductions: tuple[s
         if vectorize:
             sch.vectorize(lanes_loop)
         inner += [vectors, lanes_loop]
+    inner += [loops[name] for name in innermost if name in loops]
     outer = [loops[name] for name in reductions if name in loops]
     sch.reorder(*outer, *inner)
     sch.decompose_reduction(block, (outer + inner)[0])
@@ -251,7 +273,7 @@ def _byte_chunks(sch: s_tir.Schedule, pop, reductions: list[int]):
     j_in = _largest_divisor(cw, _BYTE_STEPS)
     kw_in = _largest_divisor(k, _BYTE_STEPS // cw) if j_in == cw else 1
     kh_in = _largest_divisor(k, _BYTE_STEPS // (k * cw)) if j_in == cw and kw_in == k else 1
-    *_, kh, kw, j = sch.get_loops(pop)
+    kh, kw, j = sch.get_loops(pop)[4:7]  # a nibble half's loop, if any, stays innermost
     outer, inner = zip(*(sch.split(loop, [None, size]) for loop, size in ((kh, kh_in), (kw, kw_in), (j, j_in))))
     sch.reorder(*outer, *inner)
     rf = sch.rfactor(sch.fuse(*outer), 3)
@@ -259,26 +281,31 @@ def _byte_chunks(sch: s_tir.Schedule, pop, reductions: list[int]):
 
 
 def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], vec: int,
-                 pairwise_add: str | None) -> None:
+                 unit: VectorUnit, nibbles: bool) -> None:
     """The tile's popcounts in byte lanes, for CPUs without a 32-bit vector popcount.
 
     ``pop`` (under the tile) runs over the chunks of ``_byte_chunks``; each chunk's counts are
     computed right before it adds them, in a register tile of its own: each step adds per-byte
     counts of xor'ed words (``popcount`` of uint8 lanes: AVX2 vpshufb nibble lookups, NEON
     cnt.16b) into the four byte lanes of each uint32 lane, which cannot carry into each other
-    within a chunk (_byte_popcount_intrin); after the chunk ``pop`` adds the sums of the four
-    bytes to the output's int32 (_byte_sum_intrin). Integer sums in another order: the same
-    result bit for bit."""
+    within a chunk (_byte_popcount_intrin; with ``nibbles``, two table lookups of nibbles,
+    _nibble_popcount_intrin); after the chunk ``pop`` adds the sums of the four bytes to the
+    output's int32 (_byte_sum_intrin). Integer sums in another order: the same result bit for bit."""
     rf, count, steps = chunks
     # the chunk index is the first iterator of ``pop`` (rfactor's), so its loop comes first
     loops = _loops_under(sch, pop, _TILE_DEPTH, ("chunk", "wo", "co"), (count, *tile_shape))
     _register_steps(sch, pop, loops, ("chunk",), vec, vectorize=False)
     depth = _TILE_DEPTH + 1 if "chunk" in loops else _TILE_DEPTH
     sch.compute_at(rf, sch.get_loops(pop)[depth - 1])
-    counts = _loops_under(sch, rf, depth, ("wo", "co", "kh", "kw", "j"), (*tile_shape, *steps))
-    _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False)
-    sch.tensorize(sch.get_loops(rf)[-1], _byte_popcount_intrin(vec))
-    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec, pairwise_add))
+    counts = _loops_under(sch, rf, depth, ("wo", "co", "kh", "kw", "j", "half"), (*tile_shape, *steps, 2))
+    _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False, innermost=("half",))
+    if nibbles:
+        # the lanes and, under them, the two halves
+        sch.tensorize(sch.get_loops(rf)[-2], _nibble_popcount_intrin(vec, unit.nibble_lookup))
+    else:
+        sch.tensorize(sch.get_loops(rf)[-1], _byte_popcount_intrin(vec))
+    multiply_adds = unit.pair_multiply_adds if vec == unit.lanes else None  # whole vectors only
+    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec, unit.pairwise_add, multiply_adds))
 
 
 def _byte_popcount_intrin(lanes: int) -> str:
@@ -319,11 +346,68 @@ def _byte_popcount_intrin(lanes: int) -> str:
     return name
 
 
-def _byte_sum_intrin(lanes: int, pairwise_add: str | None) -> str:
+# popcounts of 0..7 and of 8..15, a byte each (little-endian): the table of a nibble lookup
+_NIBBLE_COUNTS = (0x0302020102010100, 0x0403030203020201)
+
+
+def _nibble_popcount_intrin(lanes: int, lookup: str) -> str:
+    """``lanes`` int32 sums += popcount(x[h] ^ nibble(w[0:lanes], h)) for both nibble halves h, in
+    byte lanes as _byte_popcount_intrin (binary_conv's ``nibbles``). Each half is one ``lookup`` (a
+    table lookup of 16 one-byte entries, indexed by the low 4 bits of each byte, zero for a byte
+    whose top bit is set) of the xor itself: both operands are nibbles, so the xor needs no mask,
+    where a lookup of a whole byte masks, shifts and masks again. A byte of the result is at most
+    4 + 4. The weight nibbles are computed here, once per step for all the tile's columns (LLVM
+    merges the same split of the same weight vector). Registered on first use."""
+    name = f"bnncc_nibble_popcount_{lanes}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+    nbytes = 4 * lanes
+
+    @T.prim_func(s_tir=True)
+    def desc(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
+             acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(acc[0:lanes], x[0:2], w[0:lanes])
+            T.writes(acc[0:lanes])
+            for c, h in T.grid(lanes, 2):
+                with T.sblock("update"):
+                    vc, vh = T.axis.remap("SR", [c, h])
+                    acc[vc] = acc[vc] + T.Cast("int32", T.popcount(x[vh] ^ binary_conv.nibble(w[vc], vh)))
+
+    def counts(index):
+        # ``lookup`` of the table (the two uint64 halves of _NIBBLE_COUNTS, alternating) at index
+        words = lanes // 2
+        table = T.Shuffle([T.Broadcast(T.uint64(_NIBBLE_COUNTS[0]), words), T.Broadcast(T.uint64(_NIBBLE_COUNTS[1]), words)],
+                          [i // 2 + (i % 2) * words for i in range(words)])
+        found = T.call_llvm_pure_intrin(f"int8x{nbytes}", lookup, T.reinterpret(f"int8x{nbytes}", table),
+                                        T.reinterpret(f"int8x{nbytes}", index))
+        return T.reinterpret(f"uint32x{lanes}", found)
+
+    def plus_counts(acc, x0, x1, w):
+        # in uint32, as in _byte_popcount_intrin
+        mask = T.Broadcast(T.uint32(binary_conv.NIBBLE_MASK), lanes)
+        low = counts(T.Broadcast(x0, lanes) ^ (w & mask))
+        high = counts(T.Broadcast(x1, lanes) ^ (T.shift_right(w, T.Broadcast(T.uint32(4), lanes)) & mask))
+        return T.reinterpret(f"int32x{lanes}", T.reinterpret(f"uint32x{lanes}", acc) + low + high)
+
+    @T.prim_func(s_tir=True)
+    def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
+             acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(acc[0:lanes], x[0:2], w[0:lanes])
+            T.writes(acc[0:lanes])
+            acc[T.Ramp(0, 1, lanes)] = plus_counts(acc[T.Ramp(0, 1, lanes)], x[0], x[1], w[T.Ramp(0, 1, lanes)])
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def _byte_sum_intrin(lanes: int, pairwise_add: str | None, multiply_adds: tuple[str, str] | None) -> str:
     """``lanes`` int32 sums += the sum of the four bytes of each lane of a chunk's byte counts
     (``_byte_popcount_intrin``; at most 248 a byte): two widening pairwise adds where the unit
-    has them (``pairwise_add``), else shifts and masks. Registered on first use."""
-    name = f"bnncc_byte_sum_{lanes}" + ("_pairwise" if pairwise_add else "")
+    has them (``pairwise_add``), or two multiply-adds of pairs with ones (``multiply_adds``),
+    else shifts and masks. Registered on first use."""
+    name = f"bnncc_byte_sum_{lanes}" + ("_pairwise" if pairwise_add else "") + ("_madd" if multiply_adds else "")
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
 
@@ -346,6 +430,13 @@ def _byte_sum_intrin(lanes: int, pairwise_add: str | None) -> str:
             halves = T.call_llvm_pure_intrin(f"uint16x{2 * lanes}", pairwise_add,
                                              T.reinterpret(f"uint8x{4 * lanes}", u))
             return T.reinterpret(f"int32x{lanes}", T.call_llvm_pure_intrin(f"uint32x{lanes}", pairwise_add, halves))
+        if multiply_adds:
+            # x86: bytes (unsigned, <= 248) times signed ones, pairs added into int16 (<= 496, no
+            # saturation), then int16 pairs times ones into int32
+            to_halves, to_words = multiply_adds
+            halves = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", to_halves, T.reinterpret(f"int8x{4 * lanes}", u),
+                                             T.Broadcast(T.int8(1), 4 * lanes))
+            return T.call_llvm_pure_intrin(f"int32x{lanes}", to_words, halves, T.Broadcast(T.int16(1), 2 * lanes))
         mask = T.Broadcast(T.uint32(0x00FF00FF), lanes)
         halves = (u & mask) + (T.shift_right(u, T.Broadcast(T.uint32(8), lanes)) & mask)
         return T.reinterpret(f"int32x{lanes}", (halves & T.Broadcast(T.uint32(0xFFFF), lanes))
@@ -422,8 +513,14 @@ def _mean_intrin(k: int, lanes: int) -> str:
 
 def _schedule_pad(sch: s_tir.Schedule) -> None:
     """The zero-padding copy (absent when the conv has no padding): on the calling thread, a
-    copy of packed words (27 KB at most in ResNet-50 1x) being cheaper than a parallel region."""
-    if has_block(sch, "pad"):
+    copy of packed words (27 KB at most in ResNet-50 1x) being cheaper than a parallel region.
+    A nibble split of the input (binary_conv's ``nibbles``) reads the input through the padding."""
+    if has_block(sch, binary_conv.NIBBLES):
+        if has_block(sch, "pad"):
+            sch.compute_inline(sch.get_sblock("pad"))
+        n, y, *_ = sch.get_loops(sch.get_sblock(binary_conv.NIBBLES))
+        sch.fuse(n, y)
+    elif has_block(sch, "pad"):
         n, y, _, _ = sch.get_loops(sch.get_sblock("pad"))
         sch.fuse(n, y)
 

@@ -215,6 +215,9 @@ class _Walk:
         self.batch = batch
         # the int-k quantizers' x * s, rounded on its own as in the reference (quant.rounded_product)
         self.product = quant.rounded_product(target.kind.name)
+        # whether a binary conv of so many output channels counts nibbles (binary_conv2d's
+        # ``nibbles``): the x86 AVX2 kernels do; every other target's answer is False
+        self.nibbles = lambda out_channels: x86_64.counts_nibbles(target, out_channels)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
         self.row_sums: dict[str, object] = {}  # ONNX value name -> its (N, H, C) row sums, for an SE gate
@@ -420,10 +423,11 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # reader this is: the kernel then writes into memory it has just read, where a new buffer
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
+    nibbles = walk.nibbles(cout)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, want_rows,
-           in_place)
+           in_place, nibbles)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
-                                                    want_bits, want_rows, in_place))
+                                                    want_bits, want_rows, in_place, nibbles))
     args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
@@ -476,14 +480,14 @@ def _head(walk: _Walk, node: ir.Node) -> None:
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], gated: bool, want_bits: bool,
-                    want_rows: bool, in_place: bool = False) -> tirx.PrimFunc:
+                    want_rows: bool, in_place: bool = False, nibbles: bool = False) -> tirx.PrimFunc:
     """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits][, y_row_sums])``: the fused
     PokeConv kernel.
 
     params rows: a1, b1, pos, neg, by, b2 (module docstring). ``gated``: the op's SE gate
     multiplies the DPReLU (a kernel without it takes no gate).
     ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
-    compiler is not told otherwise.
+    compiler is not told otherwise. ``nibbles``: binary_conv2d's.
     """
     n, h, w, cin = x_shape
     words = bitpack.words(cin)
@@ -514,7 +518,7 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
         return d + params[_B2, c]
 
     epilogue = Epilogue(inputs=(*residuals, *([gate] if gated else []), params), fn=fn)
-    y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue)
+    y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue, nibbles=nibbles)
     outputs = [y, *([bitpack.sign_bitpack(y)] if want_bits else []), *([row_sums(y)] if want_rows else [])]
     func = te.create_prim_func([bits, weights, border, *epilogue.inputs, *outputs])
     if in_place:

@@ -2,7 +2,9 @@
 
 Vector width follows the target: 16 uint32 lanes (zmm, one VPOPCNTD per 16 words) when it has
 AVX-512 VPOPCNTDQ, else 8 lanes (ymm), counted in byte lanes with vpshufb nibble table lookups and
-widened once per chunk of up to 31 steps (``cpu_schedule._byte_counts``).
+widened once per chunk of up to 31 steps by vpmaddubsw + vpmaddwd (``cpu_schedule._byte_counts``).
+AVX2 convs with whole vectors of output channels split their activations into nibbles once per call
+(``counts_nibbles``; binary_conv2d's ``nibbles``), so that a lookup needs no masking of its own.
 A target without AVX2 is not scheduled (``schedule`` returns None).
 """
 
@@ -12,12 +14,14 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
 
-__all__ = ["cpu_flags", "host_target", "schedule", "target_for_flags", "vector_lanes"]
+__all__ = ["counts_nibbles", "cpu_flags", "host_target", "schedule", "target_for_flags", "vector_lanes"]
 
 # Register tile of the binary conv: as many accumulator vectors as lanes (x86-64 has 32 zmm / 16
 # ymm; the rest hold weights, the broadcast activation word and, on AVX2, the nibble table).
 # AVX2 has no vector popcount: it counts in byte lanes (cpu_schedule._byte_counts).
-_UNITS = {16: VectorUnit(lanes=16, accumulators=16), 8: VectorUnit(lanes=8, accumulators=8, byte_counts=True)}
+_UNITS = {16: VectorUnit(lanes=16, accumulators=16),
+          8: VectorUnit(lanes=8, accumulators=8, byte_counts=True, nibble_lookup="llvm.x86.avx2.pshuf.b",
+                        pair_multiply_adds=("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))}
 
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _AVX2 = {"avx2", "bmi2", "fma", "movbe"}
@@ -59,6 +63,14 @@ def vector_lanes(target: Target) -> int | None:
     if has_cpu_features(target, ["avx2"]):
         return 8
     return None
+
+
+def counts_nibbles(target: Target, out_channels: int) -> bool:
+    """Whether a binary conv of ``out_channels`` outputs for ``target`` is built with ``nibbles``
+    (binary_conv2d; cpu_schedule.counts_nibbles): on AVX2, where whole vectors of channels are
+    counted by vpshufb lookups."""
+    lanes = vector_lanes(target)
+    return lanes is not None and cpu_schedule.counts_nibbles(_UNITS[lanes], out_channels)
 
 
 def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:

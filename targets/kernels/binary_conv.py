@@ -25,6 +25,13 @@ border[0, 0, co] = 0.
 
 The output is ``epilogue(acc, (n, ho, wo, co))`` if an epilogue is given, else acc (int32);
 the epilogue is where scale, BN, shortcuts, DPReLU, SE and the next bitpack get fused.
+
+``nibbles``: the same sum, counted per 4-bit half of each byte, for CPUs that count bits by
+looking 4-bit values up in a table (AVX2's vpshufb). popcount(xa ^ wb) = popcount(xa_lo ^ wb_lo) +
+popcount(xa_hi ^ wb_hi) with v_lo = v & 0x0F0F0F0F and v_hi = (v >> 4) & 0x0F0F0F0F; the kernel
+splits the padded activations once per call (stage NIBBLES, both halves of a word side by side)
+and each step splits its weight words, which the register tile's columns share. A lookup then
+needs no masking of its own (cpu_schedule._nibble_popcount_intrin).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "AVERAGE_POOL", "CHANNEL_MEAN", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
+    "AVERAGE_POOL", "CHANNEL_MEAN", "NIBBLES", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
     "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue",
 ]
 
@@ -47,6 +54,9 @@ KERNEL_NAME = "binary_conv2d"
 CHANNEL_MEAN = "channel_mean"
 AVERAGE_POOL = "average_pool"
 ROW_SUM = "row_sum"
+NIBBLES = "nibbles"
+# the low 4 bits of every byte of a word
+NIBBLE_MASK = 0x0F0F0F0F
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -143,6 +153,17 @@ def _pad(x: te.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> te.Tenso
     return te.compute((n, h + sum(rows), w + sum(cols), cw), value, name="pad")
 
 
+def nibble(word: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The low (half 0) or high (half 1) 4 bits of every byte of a uint32 ``word``, each moved to
+    its byte's low bits."""
+    return (word >> (half * 4).astype(WORD_DTYPE)) & tirx.const(NIBBLE_MASK, WORD_DTYPE)
+
+
+def _nibbles(xp: te.Tensor) -> te.Tensor:
+    """(N, H, W, words, 2): both nibble halves of every packed word (block NIBBLES)."""
+    return te.compute((*xp.shape, 2), lambda i, y, z, j, half: nibble(xp[i, y, z, j], half), name=NIBBLES)
+
+
 def binary_conv2d(
     x: te.Tensor,
     weights: te.Tensor,
@@ -151,11 +172,12 @@ def binary_conv2d(
     in_channels: int,
     stride: int,
     epilogue: Epilogue | None = None,
+    nibbles: bool = False,
 ) -> te.Tensor:
     """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout).
 
     ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights``. Output NHWC
-    (N, ceil(H/s), ceil(W/s), Cout); the math is in the module docstring.
+    (N, ceil(H/s), ceil(W/s), Cout); the math and ``nibbles`` are in the module docstring.
     """
     n, h, w, cw = (int(d) for d in x.shape)
     k, _, _, cout = (int(d) for d in weights.shape)
@@ -164,14 +186,18 @@ def binary_conv2d(
     kh = te.reduce_axis((0, k), name="kh")
     kw = te.reduce_axis((0, k), name="kw")
     j = te.reduce_axis((0, cw), name="j")
-    mismatches = te.compute(
-        (n, out_size(h, stride), out_size(w, stride), cout),
-        lambda i, y, z, co: te.sum(
+    shape = (n, out_size(h, stride), out_size(w, stride), cout)
+    if nibbles:
+        xn = _nibbles(xp)
+        half = te.reduce_axis((0, 2), name="half")
+        mismatches = te.compute(shape, lambda i, y, z, co: te.sum(
+            te.popcount(xn[i, y * stride + kh, z * stride + kw, j, half]
+                        ^ nibble(weights[kh, kw, j, co], half)).astype("int32"),
+            axis=[kh, kw, j, half]), name="popcount")
+    else:
+        mismatches = te.compute(shape, lambda i, y, z, co: te.sum(
             te.popcount(xp[i, y * stride + kh, z * stride + kw, j] ^ weights[kh, kw, j, co]).astype("int32"),
-            axis=[kh, kw, j],
-        ),
-        name="popcount",
-    )
+            axis=[kh, kw, j]), name="popcount")
 
     def padded(o, before, size):
         """(padded taps before, padded taps after) of the window at output position o."""
@@ -185,7 +211,7 @@ def binary_conv2d(
         acc = in_channels * k * k - 2 * mismatches[i, y, z, co] + correction
         return epilogue.fn(acc, (i, y, z, co)) if epilogue else acc
 
-    return te.compute(mismatches.shape, result, name="binary_conv2d", tag="binary_conv2d")
+    return te.compute(shape, result, name="binary_conv2d", tag="binary_conv2d")
 
 
 def binary_conv2d_func(
@@ -197,13 +223,15 @@ def binary_conv2d_func(
     kernel: int,
     stride: int,
     epilogue: Epilogue | None = None,
+    nibbles: bool = False,
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc ``f(x, weights, border, *epilogue.inputs, out)`` of ``binary_conv2d``."""
     cw = words(in_channels)
     x = te.placeholder((batch, height, width, cw), WORD_DTYPE, name="x")
     weights = te.placeholder((kernel, kernel, cw, out_channels), WORD_DTYPE, name="weights")
     border = te.placeholder((kernel * kernel, kernel * kernel, out_channels), BORDER_DTYPE, name="border")
-    out = binary_conv2d(x, weights, border, in_channels=in_channels, stride=stride, epilogue=epilogue)
+    out = binary_conv2d(x, weights, border, in_channels=in_channels, stride=stride, epilogue=epilogue,
+                        nibbles=nibbles)
     extra = list(epilogue.inputs) if epilogue else []
     func = te.create_prim_func([x, weights, border, *extra, out])
     return func.with_attr(KERNEL_ATTR, KERNEL_NAME)

@@ -16,13 +16,26 @@ AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
 
 # How each kernel is built (see ``build``); AVX-512 code runs only where the host has it.
 VARIANTS = ["unscheduled", "avx2"] + (["avx512"] if AVX512_FLAGS <= x86_64.cpu_flags() else [])
+# binary convs: also the unscheduled kernel of the nibble form (binary_conv2d's ``nibbles``)
+CONV_VARIANTS = VARIANTS + ["unscheduled-nibbles"]
+
+
+def target_of(variant):
+    return x86_64.target_for_flags(AVX512_FLAGS if variant == "avx512" else AVX2_FLAGS, cores=2)
+
+
+def nibbles(variant, out_channels):
+    """binary_conv2d's ``nibbles`` as the lowering picks it for the variant's target."""
+    if variant.startswith("unscheduled"):
+        return variant == "unscheduled-nibbles"
+    return x86_64.counts_nibbles(target_of(variant), out_channels)
 
 
 def build(func, variant):
     """Compile ``func`` as it is (generic llvm) or through the x86 schedule for an AVX2 / AVX-512 target."""
-    if variant == "unscheduled":
+    if variant.startswith("unscheduled"):
         return tc.compile_func(func, tc.make_target({"kind": "llvm"}))
-    target = x86_64.target_for_flags(AVX512_FLAGS if variant == "avx512" else AVX2_FLAGS, cores=2)
+    target = target_of(variant)
     scheduled = x86_64.schedule(func, target)
     assert scheduled is not None and scheduled.attrs["tirx.is_scheduled"]
     return tc.compile_func(scheduled, target)
@@ -111,7 +124,7 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}h{}w{}c{}o{}k{}s{}".format(*c))
 def test_binary_conv_matches_numpy(variant, case):
     n, h, w, cin, cout, k, s = case
@@ -119,25 +132,26 @@ def test_binary_conv_matches_numpy(variant, case):
     x = activations(rng, (n, h, w, cin))
     weights = activations(rng, (cout, cin, k, k))
     packed = bp.pack_weights(weights)
-    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s), variant)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, nibbles=nibbles(variant, cout)), variant)
     expected = reference_conv(x, weights, s)
     got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=expected.shape, out_dtype="int32")
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
 def test_binary_conv_every_bit_mismatching(variant):
-    """x all +1, weights all -1: each step of the AVX2 byte counts adds 8 to every byte lane, and a
-    chunk of 31 words (992 channels, 1x1) fills them to 248, just below where they would wrap."""
+    """x all +1, weights all -1: each step of the AVX2 byte counts adds 8 to every byte lane (4 + 4
+    in the nibble form), and a chunk of 31 words (992 channels, 1x1) fills them to 248, just below
+    where they would wrap; the multiply-adds that widen them (pairs of 248 -> 496) stay unsaturated."""
     cin, cout = 992, 16
     x = np.ones((1, 3, 4, cin), np.float32)
     packed = bp.pack_weights(-np.ones((cout, cin, 1, 1), np.float32))
-    module = build(bc.binary_conv2d_func(1, 3, 4, cin, cout, 1, 1), variant)
+    module = build(bc.binary_conv2d_func(1, 3, 4, cin, cout, 1, 1, nibbles=nibbles(variant, cout)), variant)
     got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=(1, 3, 4, cout), out_dtype="int32")
     assert (got == -cin).all()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
 @pytest.mark.parametrize(
     ("size", "stride", "corners"),
     [
@@ -157,7 +171,7 @@ def test_binary_conv_corners_by_hand(variant, size, stride, corners):
     weights[:, :, 2, 2] = -1.0
     x = np.zeros((1, size, size, cin), np.float32)
     packed = bp.pack_weights(weights)
-    module = build(bc.binary_conv2d_func(1, size, size, cin, 8, 3, stride), variant)
+    module = build(bc.binary_conv2d_func(1, size, size, cin, 8, 3, stride, nibbles=nibbles(variant, 8)), variant)
     ho = -(-size // stride)
     got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=(1, ho, ho, 8), out_dtype="int32")
     top_left, top_right, bottom_left, bottom_right = (c * cin for c in corners)
@@ -168,7 +182,7 @@ def test_binary_conv_corners_by_hand(variant, size, stride, corners):
     assert (got[0, 1:-1, 1:-1] == 7 * cin).all()  # interior: all 9 taps, 8C - C
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
 def test_binary_conv_scale_bias_epilogue(variant):
     n, h, w, cin, cout, k, s = 1, 7, 7, 72, 32, 3, 2
     rng = np.random.default_rng(1)
@@ -176,7 +190,8 @@ def test_binary_conv_scale_bias_epilogue(variant):
     weights = activations(rng, (cout, cin, k, k))
     packed = bp.pack_weights(weights)
     bias = rng.standard_normal(cout).astype(np.float32)
-    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, bc.scale_bias_epilogue(cout)), variant)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, bc.scale_bias_epilogue(cout),
+                                         nibbles=nibbles(variant, cout)), variant)
     expected = reference_conv(x, weights, s).astype(np.float32) * packed.scale + bias
     got = run(
         module, reference_pack(x >= 0), packed.bits, packed.border, packed.scale, bias,
@@ -202,7 +217,7 @@ def test_rules_decline_other_targets_and_kernels():
     assert x86_64.schedule(conv.without_attr(KERNEL_ATTR), target) is None
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
 @pytest.mark.parametrize("cout", [64, 40])
 def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
     """A fused PokeConv kernel whose output feeds a gated PokeConv also writes the output's sign
@@ -214,7 +229,7 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
     rng = np.random.default_rng(cout)
     n, h, w, cin = 1, 6, 10, 48
     func = _poke_conv_func((n, h, w, cin), cout, 3, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
-                           want_bits=True, want_rows=True)
+                           want_bits=True, want_rows=True, nibbles=nibbles(variant, cout))
     x = activations(rng, (n, h, w, cin))
     packed = bp.pack_weights(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32))
     params = np.stack([rng.uniform(0.5, 1.5, cout), rng.uniform(-1, 1, cout), rng.uniform(0.5, 1.5, cout),
@@ -232,3 +247,30 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
     if variant == "avx512" and cout == 64:
         target = x86_64.target_for_flags(AVX512_FLAGS, cores=2)
         assert x86_64.schedule(func, target).script().count("T.parallel(") == 1
+
+
+def test_avx2_inner_loop_form():
+    """The AVX2 binary conv counts nibbles (3x3, 256 -> 256): each column of the register tile
+    costs two broadcasts of its activation nibbles, two vpxor, two vpshufb and two adds; the
+    weight split (vpsrld + 2 vpand) comes once per step for all columns, and the chunk's byte
+    counts are widened by vpmaddubsw + vpmaddwd, not shifts and masks."""
+    import re
+
+    import tvm
+
+    target = target_of("avx2")
+    func = x86_64.schedule(bc.binary_conv2d_func(1, 14, 14, 256, 256, 3, 1, nibbles=True), target)
+    asm = tc.compile_module(tvm.IRModule({"main": func}), target).mod.inspect_source("asm")
+    lines = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+    labels = re.findall(r"^(\.LBB\d+_\d+):", asm, re.M)
+    loops = [body for label in labels
+             for body in [re.search(rf"^{re.escape(label)}:\n(.*?)\n\s+j\w+\s+{re.escape(label)}\n", asm, re.M | re.S)]
+             if body and "vpshufb" in body.group(1) and ".LBB" not in body.group(1)]  # innermost loops
+    assert loops, "no loop of vpshufb lookups"
+    for body in loops:
+        ops = [line.split()[0] for line in body.group(1).splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+        columns = ops.count("vpbroadcastd") // 2
+        assert columns >= 7
+        assert ops.count("vpshufb") == ops.count("vpxor") == 2 * columns
+        assert ops.count("vpand") + ops.count("vpsrld") + ops.count("vpsrlw") == 3  # the weight split only
+    assert lines.count("vpmaddubsw") > 0 and lines.count("vpmaddwd") == lines.count("vpmaddubsw")
