@@ -48,6 +48,7 @@ THREADS = int(os.environ["TVM_NUM_THREADS"])
 # three engines before: then TVM's worker and onnxruntime's pools (each spinning while it waits
 # for work) shared the two cores, and in 2 of 5 runs bnncc ran at 10-11 ms a call at batch 1
 # and 84-90 ms at batch 8 for the whole run, against 4.6 and 35 ms alone.
+# Each round starts the engines' processes afresh (_latencies_ms).
 # Reported: the median over all timed calls (typical) and the minimum (least disturbed).
 ROUNDS = 5
 BLOCK = {1: 20, 8: 3}
@@ -126,16 +127,17 @@ def _timed_ms(pipe, batch: int, calls: int) -> list[float]:
 
 
 def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, dict[str, np.ndarray]]:
-    """{batch: {engine: ms of each timed call}}, the engines' processes taking turns."""
-    with _serving(engines) as pipes:
-        results = {}
-        for batch in batches:
-            times = {name: [] for name in engines}
-            for _ in range(rounds):
+    """{batch: {engine: ms of each timed call}}, the engines' processes taking turns; every round
+    in fresh processes. On this project's 2-vCPU VMs a 2-thread bnncc process now and then runs its
+    parallel kernels at 1.6-2x for its whole life (bench/RESULTS.md, "A slow process"); one process
+    for all rounds made an engine's whole figure hang on one draw."""
+    times = {batch: {name: [] for name in engines} for batch in batches}
+    for _ in range(rounds):
+        with _serving(engines) as pipes:
+            for batch in batches:
                 for name, pipe in pipes.items():
-                    times[name] += _timed_ms(pipe, batch, BLOCK[batch])
-            results[batch] = {name: np.array(t) for name, t in times.items()}
-        return results
+                    times[batch][name] += _timed_ms(pipe, batch, BLOCK[batch])
+    return {batch: {name: np.array(t) for name, t in by_name.items()} for batch, by_name in times.items()}
 
 
 def _noise(burst_s: float, period_s: float, on, stop, conn) -> None:
@@ -421,7 +423,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     rows = _latencies_ms(engines, (1, 8))
 
     packed = _packed_weight_bytes(poke)
-    print(f"\n{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, one process per engine; median (min) ms")
+    print(f"\n{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, a fresh process per engine each round; median (min) ms")
     for cls, folder in folders.items():
         print(f"\n{cls} build (PokeBNN-1x) on {cpu}")
         print(f"| CPU | class | batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 {int8_name} | speedup vs fp32 | "
