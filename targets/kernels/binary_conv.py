@@ -205,10 +205,12 @@ def binary_conv2d(
         return tirx.max(-start, 0), tirx.max(start + k - size, 0)
 
     def result(i, y, z, co):
-        top, bottom = padded(y, rows[0], h)
-        left, right = padded(z, cols[0], w)
-        correction = border[top * k + bottom, left * k + right, co].astype("int32")
-        acc = in_channels * k * k - 2 * mismatches[i, y, z, co] + correction
+        acc = in_channels * k * k - 2 * mismatches[i, y, z, co]
+        if rows != (0, 0) or cols != (0, 0):
+            # (without padding, as in every 1x1 conv, no window has a padded tap: no load of a 0)
+            top, bottom = padded(y, rows[0], h)
+            left, right = padded(z, cols[0], w)
+            acc = acc + border[top * k + bottom, left * k + right, co].astype("int32")
         return epilogue.fn(acc, (i, y, z, co)) if epilogue else acc
 
     return te.compute(shape, result, name="binary_conv2d", tag="binary_conv2d")
