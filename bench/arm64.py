@@ -214,7 +214,7 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
     clocks = [r["clock"] for r in calibration]
     lines = [SECTION, "",
              f"Date: {datetime.date.today().isoformat()}. Machine: AMD EPYC (Zen 4, family 25, AVX-512), 2 vCPUs "
-             f"shared with other sessions (load average {load}); clock measured before each kernel (a chain of "
+             f"(load average {load}); clock measured before each kernel (a chain of "
              f"dependent adds per second of CPU time) {min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel "
              "times in CPU time (one thread). Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
              "--results bench/RESULTS.md`. LLVM 19 (`llvm-objdump`, `llvm-mca`).", "",
