@@ -49,7 +49,7 @@ from bnncc.targets import arm64, estimate, x86_64
 from bnncc.targets import tvm_compat as tc
 from bnncc.targets.kernels import binary_conv as bc
 from bnncc.targets.lower import function_name, lower
-from kernels import binary_conv_seconds, resnet50_shapes, write_section
+from kernels import binary_conv_seconds, cpu_model, resnet50_shapes, write_section
 
 SECTION = "## ARM64 estimates (llvm-mca)"
 # (label, llvm-mca core model, clock in Hz): the cores and clocks the estimates are stated at
@@ -213,9 +213,9 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
     median, low, high = error_bar(calibration)
     clocks = [r["clock"] for r in calibration]
     lines = [SECTION, "",
-             f"Date: {datetime.date.today().isoformat()}. Machine: AMD EPYC (Zen 4, family 25, AVX-512), 2 vCPUs "
-             f"(load average {load}); clock measured before each kernel (a chain of "
-             f"dependent adds per second of CPU time) {min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel "
+             f"Date: {datetime.date.today().isoformat()}. Machine: {cpu_model()} (LLVM's model of it: "
+             f"`{estimate.host_cpu()}`), {os.cpu_count()} CPUs (load average {load}); clock measured before each "
+             f"kernel (a chain of dependent adds per second of CPU time) {min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel "
              "times in CPU time (one thread). Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
              "--results bench/RESULTS.md`. LLVM 19 (`llvm-objdump`, `llvm-mca`).", "",
              "**Estimates, not measurements**: each layer's code from the arm64 library's disassembly through "
