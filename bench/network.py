@@ -128,9 +128,10 @@ def _timed_ms(pipe, batch: int, calls: int) -> list[float]:
 
 def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, dict[str, np.ndarray]]:
     """{batch: {engine: ms of each timed call}}, the engines' processes taking turns; every round
-    in fresh processes. On this project's 2-vCPU VMs a 2-thread bnncc process now and then runs its
-    parallel kernels at 1.6-2x for its whole life (bench/RESULTS.md, "A slow process"); one process
-    for all rounds made an engine's whole figure hang on one draw."""
+    in fresh processes. On this project's 2-vCPU VMs there are stretches, seconds to minutes long,
+    in which the two vCPUs slow each other down when both are busy, and 2-thread bnncc runs 1.5x
+    slower (bench/RESULTS.md, "Slow stretches"); a process that started in one could look slow for
+    its whole life, and one process for all rounds made an engine's figure hang on that draw."""
     times = {batch: {name: [] for name in engines} for batch in batches}
     for _ in range(rounds):
         with _serving(engines) as pipes:
