@@ -113,10 +113,14 @@ def _register_tile(wout: int, cout: int, unit: VectorUnit) -> tuple[int, int]:
 
 
 def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
-    """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's row sums and trailing
-    bitpack, if any."""
+    """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's gated parameters, row sums
+    and trailing bitpack, if any."""
     sch = s_tir.Schedule(func)
     task, channels = _tile_binary_conv2d(sch, unit)
+    if has_block(sch, binary_conv.GATED_PARAMS):
+        # once per image and channel, before the conv's loops, on the calling thread
+        params = sch.get_sblock(binary_conv.GATED_PARAMS)
+        sch.vectorize(_vector_split(sch, sch.get_loops(params)[-1], unit.lanes)[1])
     if has_block(sch, binary_conv.ROW_SUM):
         _row_sum_block(sch, task, channels, unit.lanes)
     if has_block(sch, "bitpack"):

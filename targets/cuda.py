@@ -120,8 +120,9 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
         sch.compute_inline(sch.get_sblock("pad"))
     pop = sch.get_sblock("popcount")
     out = sch.get_sblock("binary_conv2d")
-    # a fused PokeConv's channel mean and average pool of a residual: computed by the epilogue's thread
-    for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL):
+    # a fused PokeConv's channel mean and average pool of a residual, and its gated parameters:
+    # computed by the epilogue's thread
+    for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL, binary_conv.GATED_PARAMS):
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             if sch.get(block).name_hint.startswith(name):
                 sch.compute_inline(block)
@@ -172,7 +173,7 @@ def schedule_tensor_core_conv(func: tirx.PrimFunc, target: Target) -> tirx.PrimF
     if rewritten is None:  # no popcount stage of binary_conv2d's to replace
         return None
     sch = s_tir.Schedule(rewritten)
-    for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL):
+    for name in (binary_conv.CHANNEL_MEAN, binary_conv.AVERAGE_POOL, binary_conv.GATED_PARAMS):
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             if sch.get(block).name_hint.startswith(name):
                 sch.compute_inline(block)

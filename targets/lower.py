@@ -22,7 +22,8 @@ as it is; any other reader gets it transposed):
   BinaryConv scales folded into BN), b1 = beta1 - mean1 * gamma1 / sqrt(var1 + eps) - bias_x
   (the DPReLU's input shift), pos, neg, by the DPReLU's slopes and output shift times a2, the
   second BN's scale (a2 * (d * gate) = (a2 * d) * gate), and b2 its shift: the op's arithmetic
-  with two operations an output fewer, a float32 rounding apart. ``match`` is the ReshapeAdd
+  with two operations an output fewer, a float32 rounding apart. A gated kernel first folds the
+  gate into pos, neg and the shifts, per image and channel (two more operations an output fewer). ``match`` is the ReshapeAdd
   channel mean / zero-pad / tile and the 3x3/2 SAME count-pad average pool. It writes y (float,
   read by the next local shortcut and block shortcut) and, when a PokeConv reads y, y's packed
   sign bits (the next layer's input) and, when that PokeConv is gated, y's row sums (N, Ho, Cout),
@@ -190,17 +191,18 @@ def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
     return tirx.Select(u >= tirx.const(0, "float32"), ps * u, ns * u) - by
 
 
-def _match(r: te.Tensor, idx: tuple, channels: int, method: str) -> tirx.PrimExpr:
-    """ReshapeAdd's R, already of the output's size, matched to ``channels``: zero-pad or tile (the
-    channel mean and the average pool are stages of their own, ``binary_conv.channel_mean`` and
-    ``binary_conv.average_pool``)."""
+def _plus_match(s: tirx.PrimExpr, r: te.Tensor, idx: tuple, channels: int, method: str) -> tirx.PrimExpr:
+    """s + ReshapeAdd's R, R already of the output's size, matched to ``channels``: zero-pad or tile
+    (the channel mean and the average pool are stages of their own, ``binary_conv.channel_mean``
+    and ``binary_conv.average_pool``). A zero-padded channel is s itself, not s + 0 (which LLVM
+    must keep: it turns -0 into +0)."""
     n, y, z, c = idx
     ci = int(r.shape[3])
     if ci < channels and method == "zeropad":
-        return tirx.if_then_else(c < ci, r[n, y, z, tirx.min(c, ci - 1)], tirx.const(0, "float32"))
+        return tirx.if_then_else(c < ci, s + r[n, y, z, tirx.min(c, ci - 1)], s)
     if ci < channels:
-        return r[n, y, z, tirx.floormod(c, ci)]
-    return r[n, y, z, c]
+        return s + r[n, y, z, tirx.floormod(c, ci)]
+    return s + r[n, y, z, c]
 
 
 class _Walk:
@@ -506,16 +508,23 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
         r = channel_mean(r, cout) if int(r.shape[3]) > cout else r
         matched.append(average_pool(r) if int(r.shape[1]) != ho else r)
 
+    if gated:
+        # the gate folded into the slopes and shifts once per image and channel (a stage before the
+        # conv's loops): ((pos * s or neg * s) - by) * g + b2 = (pos g) * s or (neg g) * s, + (b2 - by g)
+        folded = te.compute((n, 3, cout), lambda i, row, c: tirx.Select(
+            row < 2, params[_POS + row, c] * gate[i, c], params[_B2, c] - params[_BY, c] * gate[i, c]),
+            name=binary_conv.GATED_PARAMS)
+
     def fn(acc, idx):
-        c = idx[3]
+        i, c = idx[0], idx[3]
         s = params[_A1, c] * acc.astype("float32") + params[_B1, c]
         for r, method in zip(matched, methods):
-            s = s + _match(r, idx, cout, method)
+            s = _plus_match(s, r, idx, cout, method)
         # a Select of the two products, as in _dprelu
-        d = tirx.Select(s >= tirx.const(0, "float32"), params[_POS, c] * s, params[_NEG, c] * s) - params[_BY, c]
+        zero = tirx.const(0, "float32")
         if gated:
-            d = d * gate[idx[0], c]
-        return d + params[_B2, c]
+            return tirx.Select(s >= zero, folded[i, 0, c] * s, folded[i, 1, c] * s) + folded[i, 2, c]
+        return tirx.Select(s >= zero, params[_POS, c] * s, params[_NEG, c] * s) - params[_BY, c] + params[_B2, c]
 
     epilogue = Epilogue(inputs=(*residuals, *([gate] if gated else []), params), fn=fn)
     y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue, nibbles=nibbles)
