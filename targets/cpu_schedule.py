@@ -603,7 +603,10 @@ def _vector_split(sch: s_tir.Schedule, loop, lanes: int):
 
 
 def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
-    """Quantize rows in parallel; conv: rows in parallel, (ri, rj, rc) outside a vector of channels."""
+    """Quantize rows in parallel; conv: rows in parallel, each a register tile of output columns and
+    channels (``_register_tile``, as the binary conv's) at a time, (ri, rj, rc) outside the tile:
+    its sums are independent chains of multiply-adds, where one vector of one pixel at a time
+    waited on each add before the next."""
     lanes = unit.lanes
     sch = s_tir.Schedule(func)
     quantize = sch.get_sblock("quantize")
@@ -617,15 +620,20 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
         sch.parallel(sch.fuse(n, y))
     conv = sch.get_sblock("conv")
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
-    o_out, o_vec = _vector_split(sch, o, lanes)
-    sch.reorder(n, y, z, o_out, ri, rj, rc, o_vec)
+    width, channels = _register_tile(int(sch.get(z).extent), int(sch.get(o).extent), unit)
+    z_out, z_in = sch.split(z, [None, width])
+    o_out, o_in = sch.split(o, [None, channels])
+    vectors, o_vec = _vector_split(sch, o_in, lanes)
+    sch.reorder(n, y, z_out, o_out, ri, rj, rc, z_in, vectors, o_vec)
     if has_block(sch, "epilogue"):
-        # one pixel's sums, read by the epilogue right after: a stack array in the default scope
-        # ("local" would be a heap workspace per pixel, _tile_binary_conv2d)
+        # the tile's sums, read by the epilogue right after: a stack array in the default scope
+        # ("local" would be a heap workspace per tile, _tile_binary_conv2d)
         epilogue = sch.get_sblock("epilogue")
-        sch.reverse_compute_at(epilogue, z)
+        sch.reverse_compute_at(epilogue, o_out)
         sch.vectorize(_vector_split(sch, sch.get_loops(epilogue)[-1], lanes)[1])
     sch.parallel(sch.fuse(n, y))
+    sch.unroll(z_in)
+    sch.unroll(vectors)
     sch.vectorize(o_vec)
     sch.decompose_reduction(conv, ri)
     return mark_scheduled(sch.mod["main"])
