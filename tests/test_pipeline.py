@@ -56,6 +56,19 @@ def test_convert_writes_every_artifact(converted):
     onnx.checker.check_model(str(converted.outdir / "model.onnx"))
 
 
+@pytest.mark.parametrize("shape,dtype", [((1, 3, 28, 28), np.float32), ((2, 3, 32, 32), np.float32),
+                                         ((1, 3, 32, 32), np.float64)])
+def test_library_functions_reject_inputs_not_of_their_signature(converted, shape, dtype):
+    """The kernels are built without argument checks (registry._cpu_pass_config): the library's
+    Relax function must still refuse what does not match its parameter, before any kernel runs."""
+    from bnncc.targets.tvm_compat import load_vm, to_tensor
+
+    vm = load_vm(converted.outdir / "model.so")
+    with pytest.raises(Exception, match="Check failed"):
+        vm["batch_1"](to_tensor(np.zeros(shape, dtype)))
+    assert vm["batch_1"](to_tensor(np.zeros((1, 3, 32, 32), np.float32))).numpy().shape == (1, 4)
+
+
 def test_report_shows_ace_at_each_stage(converted, narrow_resnet):
     report = json.loads((converted.outdir / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["float import", "rewrite", "compiled"]
