@@ -23,11 +23,12 @@ as it is; any other reader gets it transposed):
   (the DPReLU's input shift), pos, neg, by the DPReLU's slopes and output shift times a2, the
   second BN's scale (a2 * (d * gate) = (a2 * d) * gate), and b2 its shift: the op's arithmetic
   with two operations an output fewer, a float32 rounding apart. A gated kernel first folds the
-  gate into pos, neg and the shifts, per image and channel (two more operations an output fewer). ``match`` is the ReshapeAdd
-  channel mean / zero-pad / tile and the 3x3/2 SAME count-pad average pool. It writes y (float,
-  read by the next local shortcut and block shortcut) and, when a PokeConv reads y, y's packed
-  sign bits (the next layer's input) and, when that PokeConv is gated, y's row sums (N, Ho, Cout),
-  which its SE gate averages instead of reading y again. A PokeConv without SE gate (the
+  gate into pos, neg and the shifts, per image and channel (two more operations an output
+  fewer). ``match`` is the ReshapeAdd channel mean / zero-pad / tile and the 3x3/2 SAME
+  count-pad average pool. It writes y (float, read by the next local shortcut and block
+  shortcut) and, when a PokeConv reads y, y's packed sign bits (the next layer's input) and, when
+  that PokeConv is gated, y's row sums (N, Ho, Cout), which its SE gate averages instead of
+  reading y again. A PokeConv without SE gate (the
   "ungated" overloads) has no gate kernel, and its epilogue no gate input or multiply.
 - ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
