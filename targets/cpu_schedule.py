@@ -555,8 +555,8 @@ def _pack32_desc(x: T.Buffer((32,), "float32", offset_factor=1), out: T.Buffer((
 def _pack32_impl(x: T.Buffer((32,), "float32", offset_factor=1), out: T.Buffer((1,), "uint32", offset_factor=1)):
     # one 32-lane compare whose 32 one-bit lanes are the word (lane b is bit b, as LLVM lays out a
     # vector of i1): plain LLVM IR that any CPU target takes. AVX-512: two vcmpps, kunpckwd and a
-    # kmovd store, where an OR-reduction of the lanes' shifted bits took a 14-instruction tree (the
-    # 64->256 1x1 PokeConv at 56x56 went 260 -> 222 us on one thread, Zen 4).
+    # kmovd store, where an OR-reduction of the lanes' shifted bits took a 14-instruction tree
+    # (bench/RESULTS.md, CPU schedule choices)
     with T.sblock("root"):
         T.reads(out[0], x[0:32])
         T.writes(out[0])

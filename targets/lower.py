@@ -28,8 +28,8 @@ as it is; any other reader gets it transposed):
   count-pad average pool. It writes y (float, read by the next local shortcut and block
   shortcut) and, when a PokeConv reads y, y's packed sign bits (the next layer's input) and, when
   that PokeConv is gated, y's row sums (N, Ho, Cout), which its SE gate averages instead of
-  reading y again. A PokeConv without SE gate (the
-  "ungated" overloads) has no gate kernel, and its epilogue no gate input or multiply.
+  reading y again. A PokeConv without SE gate (the "ungated" overloads) has no gate kernel, and
+  its epilogue no gate input or multiply.
 - ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
 

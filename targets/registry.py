@@ -53,8 +53,7 @@ def _cpu_pass_config() -> dict:
     """TVM pass options of a CPU build: no argument checks inside the kernels. Only the library's
     own Relax functions call them, on buffers they allocate; the VM still checks what a caller
     passes in (shape, dtype: "Check failed: input_shape[i] == reg (200 vs. 224)"). The checks were
-    1.2 of PokeBNN-1x's 9.2 MB of library (1.20x -> 1.04x its packed weights) and 0.6% of a
-    1-thread inference (bench/RESULTS.md)."""
+    an eighth of PokeBNN-1x's library, most of its size beyond the packed weights (bench/RESULTS.md)."""
     return {"tirx.disable_assert": True}
 
 
