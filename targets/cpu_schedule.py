@@ -15,8 +15,8 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
   zero padding of the input on the calling thread: one parallel region per kernel (AVX2: plus the
   nibble split, and the sign bits of 16-channel tiles), where each costs a fork-join of the thread pool;
 - ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
-- ``quant_conv2d`` (the stem): output rows in parallel, the reduction outside a vector of output
-  channels, so each weight row is one vector load;
+- ``quant_conv2d`` (the stem): output rows in parallel, register tiles of output columns x
+  channels as in the binary conv, the reduction outside the tile;
 - ``se_gate`` and ``quant_head``: the spatial mean with the channel vector innermost; the dense
   layers input by input, each adding its weight row times the input to the output vectors.
 """
@@ -519,8 +519,8 @@ def _schedule_pad(sch: s_tir.Schedule) -> None:
     """The zero-padding copy (absent when the conv has no padding): on the calling thread, a
     copy of packed words (27 KB at most in ResNet-50 1x) being cheaper than a parallel region.
     A nibble split of the input (binary_conv's ``nibbles``) reads the input through the padding, in
-    a parallel region of its own: on the calling thread it took 28 of the 74 µs of a 256->64 1x1
-    conv at 56x56 on two threads (63 µs in parallel; 66 µs without nibbles; Zen 4, AVX2 build)."""
+    a parallel region of its own: on the calling thread it took over a third of a 1x1 conv's time
+    at 56x56 on two threads (bench/RESULTS.md, AVX2 kernels counting nibbles)."""
     if has_block(sch, binary_conv.NIBBLES):
         if has_block(sch, "pad"):
             sch.compute_inline(sch.get_sblock("pad"))
@@ -594,12 +594,15 @@ def _bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:
 
 
 # -- quantized stem conv, SE gate, head -------------------------------------------------------------
+def _vector_width(extent: int, lanes: int) -> int:
+    """The largest power-of-two divisor of ``extent`` <= lanes: whole vector registers (the head's
+    1000 classes: 8 lanes, not a vector and a rest)."""
+    return max(d for d in (1, 2, 4, 8, 16) if d <= lanes and extent % d == 0)
+
+
 def _vector_split(sch: s_tir.Schedule, loop, lanes: int):
-    """Split ``loop`` into (outer, inner) with inner = the largest power-of-two divisor of its extent
-    <= lanes: whole vector registers (the head's 1000 classes: 8 lanes, not a vector and a rest)."""
-    extent = int(sch.get(loop).extent)
-    inner = max(d for d in (1, 2, 4, 8, 16) if d <= lanes and extent % d == 0)
-    return sch.split(loop, [None, inner])
+    """Split ``loop`` into (outer, inner) with inner ``_vector_width`` of its extent."""
+    return sch.split(loop, [None, _vector_width(int(sch.get(loop).extent), lanes)])
 
 
 def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
@@ -623,8 +626,7 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
     width, channels = _register_tile(int(sch.get(z).extent), int(sch.get(o).extent), unit)
     z_out, z_in = sch.split(z, [None, width])
     o_out, o_in = sch.split(o, [None, channels])
-    vectors, o_vec = _vector_split(sch, o_in, lanes)
-    sch.reorder(n, y, z_out, o_out, ri, rj, rc, z_in, vectors, o_vec)
+    sch.reorder(z_out, o_out, z_in)
     if has_block(sch, "epilogue"):
         # the tile's sums, read by the epilogue right after: a stack array in the default scope
         # ("local" would be a heap workspace per tile, _tile_binary_conv2d)
@@ -632,10 +634,8 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
         sch.reverse_compute_at(epilogue, o_out)
         sch.vectorize(_vector_split(sch, sch.get_loops(epilogue)[-1], lanes)[1])
     sch.parallel(sch.fuse(n, y))
-    sch.unroll(z_in)
-    sch.unroll(vectors)
-    sch.vectorize(o_vec)
-    sch.decompose_reduction(conv, ri)
+    _register_steps(sch, conv, {"wo": z_in, "co": o_in, "ri": ri, "rj": rj, "rc": rc}, ("ri", "rj", "rc"),
+                    _vector_width(channels, lanes))
     return mark_scheduled(sch.mod["main"])
 
 
