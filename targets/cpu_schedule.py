@@ -18,7 +18,8 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
 - ``quant_conv2d`` (the stem): output rows in parallel, register tiles of output columns x
   channels as in the binary conv, the reduction outside the tile;
 - ``se_gate`` and ``quant_head``: the spatial mean with the channel vector innermost; the dense
-  layers input by input, each adding its weight row times the input to the output vectors.
+  layers input by input, each adding its weight row times the input to the output vectors (a
+  large layer's output vectors split between the threads).
 """
 
 from __future__ import annotations
@@ -639,9 +640,20 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
     return mark_scheduled(sch.mod["main"])
 
 
+# a dense layer of at least this many weight rows x output vectors is shared out between the threads
+# by output vectors (about 5 us of work on one Zen 4 core; the smaller ones cost less than a
+# parallel region's start)
+_PARALLEL_DENSE = 8192
+
+
+def _shares(vectors: int, threads: int) -> int:
+    """How many equal shares of ``vectors`` to give out: the most, at most one per thread."""
+    return max(d for d in range(1, threads + 1) if vectors % d == 0)
+
+
 def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
     """SE gate and head: the pooling sum with channels vectorized, a share of them per thread; the
-    dense layers on one thread, a weight row at a time."""
+    dense layers a weight row at a time, a large one's output vectors shared out between the threads."""
     lanes = unit.lanes
     sch = s_tir.Schedule(func)
     pool = sch.get_sblock("pool_sum")
@@ -655,24 +667,29 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
         # contiguous run of every pixel; one vector per parallel task would read one 64-byte line
         # per pixel and sweep the whole input once per vector (bench/RESULTS.md). The sums keep
         # their order (over rows, then columns) per channel.
-        vectors = int(sch.get(c_out).extent)
-        shares = max(d for d in range(1, threads + 1) if vectors % d == 0)
-        share, c_in = sch.split(c_out, [shares, None])
+        share, c_in = sch.split(c_out, [_shares(int(sch.get(c_out).extent), threads), None])
         sch.reorder(n, share, *spatial, c_in, c_vec)
         sch.parallel(sch.fuse(n, share))
     sch.vectorize(c_vec)
     sch.decompose_reduction(pool, spatial[0])
     # Dense layers: the input loop outside the output vectors, so the (C, O) weights are read row
-    # after row, sequentially, and summed in the same order as before. On one thread: output
-    # tiles in parallel would each read a column strip of the weights, row by row (slower on the
-    # head, no gain on the SE layers, bench/RESULTS.md).
+    # after row, sequentially, and each output sums in input order. A large layer's output vectors
+    # are split in one share per thread, each thread reading its part of every row (small output
+    # tiles in parallel, each a column strip, were slower: bench/RESULTS.md).
     for name in ("se1_dot", "se2_dot", "fc_dot"):
         if not has_block(sch, name):
             continue
         dot = sch.get_sblock(name)
         n, o, rc = sch.get_loops(dot)
         o_out, o_vec = _vector_split(sch, o, lanes)
-        sch.reorder(n, rc, o_out, o_vec)
+        vectors = int(sch.get(o_out).extent)
+        shares = _shares(vectors, threads)
+        if int(sch.get(rc).extent) * vectors >= _PARALLEL_DENSE and shares > 1:
+            share, o_in = sch.split(o_out, [shares, None])
+            sch.reorder(n, share, rc, o_in, o_vec)
+            sch.parallel(share)
+        else:
+            sch.reorder(n, rc, o_out, o_vec)
         sch.vectorize(o_vec)
         sch.decompose_reduction(dot, rc)
     return mark_scheduled(sch.mod["main"])
