@@ -10,8 +10,9 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
   (``_tile_binary_conv2d``); popcounts in 32-bit lanes, or in byte lanes widened once per chunk
   of steps where the unit says so (``_byte_counts``: AVX2, NEON; on AVX2 a kernel built with
   ``nibbles`` splits its input once, rows in parallel, before its tasks). A fused PokeConv's row sums
-  and sign bits of its output are computed by the task that wrote the row (``_row_sum_block``,
-  ``_task_bitpack``; the bits in a pass of their own when a tile is not whole words), and the
+  are computed by the task that wrote the row (``_row_sum_block``) and the sign bits of its output
+  by the register tile that wrote them (``_tile_bitpack``; in a pass of their own when a tile is not
+  whole words), and the
   zero padding of the input on the calling thread: one parallel region per kernel (AVX2: plus the
   nibble split, and the sign bits of 16-channel tiles), where each costs a fork-join of the thread pool;
 - ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
@@ -117,7 +118,7 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     """The binary conv (``_tile_binary_conv2d``), then a fused PokeConv's gated parameters, row sums
     and trailing bitpack, if any."""
     sch = s_tir.Schedule(func)
-    task, channels = _tile_binary_conv2d(sch, unit)
+    task, tile, channels = _tile_binary_conv2d(sch, unit)
     if has_block(sch, binary_conv.GATED_PARAMS):
         # once per image and channel, before the conv's loops, on the calling thread
         params = sch.get_sblock(binary_conv.GATED_PARAMS)
@@ -125,10 +126,11 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     if has_block(sch, binary_conv.ROW_SUM):
         _row_sum_block(sch, task, channels, unit.lanes)
     if has_block(sch, "bitpack"):
-        # each task packs its row strip when it holds whole words of channels; else a pass over
-        # the output after the conv, a parallel region of its own
+        # each register tile packs the outputs it has just stored when it holds whole words of
+        # channels (LLVM compares the values still in registers); else a pass over the output
+        # after the conv, a parallel region of its own
         if channels % bitpack.WORD_BITS == 0:
-            _task_bitpack(sch, task)
+            _tile_bitpack(sch, tile)
         else:
             _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
@@ -166,7 +168,7 @@ def _row_sum_block(sch: s_tir.Schedule, task, channels: int, lanes: int) -> None
 def _tile_binary_conv2d(sch: s_tir.Schedule, unit: VectorUnit) -> tuple:
     """Register-tiled, vectorized, multithreaded binary conv, for a CPU with ``unit.lanes`` uint32
     lanes per vector and room for ``unit.accumulators`` accumulator vectors. Returns the parallel
-    task loop and the channels of a task.
+    task loop, the loop over its register tiles and the channels of a task.
 
     Tile: ``width`` output columns x ``channels`` output channels held in width*channels/lanes
     accumulator vectors while the reduction (kh, kw, word) runs; each step broadcasts one
@@ -229,7 +231,7 @@ def _tile_binary_conv2d(sch: s_tir.Schedule, unit: VectorUnit) -> tuple:
     for block in means:
         _vector_mean(sch, block, vec)
     _schedule_pad(sch)
-    return task, channels
+    return task, tile, channels
 
 
 def _loops_under(sch: s_tir.Schedule, block, depth: int, names: tuple[str, ...], extents: tuple[int, ...]) -> dict:
@@ -568,11 +570,11 @@ _PACK32 = "bnncc_sign_pack32"
 s_tir.TensorIntrin.register(_PACK32, _pack32_desc, _pack32_impl, override=True)
 
 
-def _task_bitpack(sch: s_tir.Schedule, task, name: str = "bitpack") -> None:
-    """A sign_bitpack stage computed by each binary conv task for its row strip of whole words:
-    one vector compare per word."""
+def _tile_bitpack(sch: s_tir.Schedule, tile, name: str = "bitpack") -> None:
+    """A sign_bitpack stage computed under a binary conv's register tile loop for the tile's whole
+    words: one vector compare per word."""
     block = sch.get_sblock(name)
-    sch.reverse_compute_at(block, task)
+    sch.reverse_compute_at(block, tile)
     bit = sch.get_loops(block)[-1]
     sch.decompose_reduction(block, bit)
     sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1], _PACK32)
