@@ -123,6 +123,8 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
         # once per image and channel, before the conv's loops, on the calling thread
         params = sch.get_sblock(binary_conv.GATED_PARAMS)
         sch.vectorize(_vector_split(sch, sch.get_loops(params)[-1], unit.lanes)[1])
+    if not func.attrs.get("tirx.noalias", True):
+        _task_param_copies(sch, task, unit.lanes)
     if has_block(sch, binary_conv.ROW_SUM):
         _row_sum_block(sch, task, channels, unit.lanes)
     if has_block(sch, "bitpack"):
@@ -134,6 +136,21 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
         else:
             _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
+
+
+def _task_param_copies(sch: s_tir.Schedule, task, lanes: int) -> None:
+    """Copies of the epilogue's per-channel parameters for a task's channels, on the stack.
+
+    An in-place kernel writes its output over an input, so its parameters may alias (``tirx.noalias``
+    is off) and LLVM reloads every parameter vector after each output vector it stores; a stack copy
+    is memory no parameter can point to, which LLVM keeps in registers along the task."""
+    block = sch.get_sblock(binary_conv.KERNEL_NAME)
+    names = {binary_conv.PARAMS, binary_conv.GATED_PARAMS}
+    for index, region in reversed(list(enumerate(sch.get(block).reads))):
+        if region.source.name in names:
+            copy = sch.cache_read(block, index, "global", consumer_blocks=[block])
+            sch.compute_at(copy, task)
+            sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
 
 
 def _row_sum_block(sch: s_tir.Schedule, task, channels: int, lanes: int) -> None:

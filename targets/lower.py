@@ -499,7 +499,7 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     border = te.placeholder((kernel * kernel, kernel * kernel, cout), bitpack.BORDER_DTYPE, name="border")
     residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
     gate = te.placeholder((n, cout), "float32", name="gate") if gated else None
-    params = te.placeholder((6, cout), "float32", name="params")
+    params = te.placeholder((6, cout), "float32", name=binary_conv.PARAMS)
     ho = out_size(h, stride)
 
     # ReshapeAdd: a residual with more channels than the output is matched by its channel mean, one

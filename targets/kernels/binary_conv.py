@@ -44,7 +44,7 @@ from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "AVERAGE_POOL", "CHANNEL_MEAN", "GATED_PARAMS", "NIBBLES", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
+    "AVERAGE_POOL", "CHANNEL_MEAN", "GATED_PARAMS", "NIBBLES", "PARAMS", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
     "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue",
 ]
 
@@ -55,7 +55,9 @@ CHANNEL_MEAN = "channel_mean"
 AVERAGE_POOL = "average_pool"
 ROW_SUM = "row_sum"
 NIBBLES = "nibbles"
-# a gated PokeConv kernel's parameters with its gate folded in (bnncc.targets.lower)
+# a fused PokeConv kernel's per-channel parameter table, and the same with its gate folded in
+# (bnncc.targets.lower)
+PARAMS = "params"
 GATED_PARAMS = "gated_params"
 # the low 4 bits of every byte of a word
 NIBBLE_MASK = 0x0F0F0F0F

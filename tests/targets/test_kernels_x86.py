@@ -249,6 +249,39 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
         assert x86_64.schedule(func, target).script().count("T.parallel(") == 1
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_poke_conv_in_place_equals_a_separate_output(variant):
+    """A fused PokeConv kernel whose output overwrites its block residual (the lowering's in-place
+    call: the same memory passed as both) writes the same output, bits and row sums, bit for bit,
+    as the kernel with its own output buffer; its schedule copies the per-channel parameters per
+    task (the parameters may alias there), and the copies change no value."""
+    from bnncc.targets.lower import _poke_conv_func
+
+    rng = np.random.default_rng(7)
+    n, h, w, cin, cout = 1, 6, 14, 64, 128
+    shapes = ((n, h, w, cin), (n, h, w, cout))
+    x = activations(rng, shapes[0])
+    residual = rng.standard_normal(shapes[1]).astype(np.float32)
+    packed = bp.pack_weights(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32))
+    params = np.stack([rng.uniform(0.5, 1.5, cout), rng.uniform(-1, 1, cout), rng.uniform(0.5, 1.5, cout),
+                       rng.uniform(0, 0.5, cout), rng.uniform(-0.2, 0.2, cout), rng.uniform(-1, 1, cout)])
+    inputs = [reference_pack(x >= 0), packed.bits, packed.border, x, residual,
+              rng.uniform(0, 1, (n, cout)).astype(np.float32), params.astype(np.float32)]
+    results = []
+    for in_place in (False, True):
+        func = _poke_conv_func(shapes[0], cout, 1, 1, shapes, ("zeropad", "tile"), gated=True, want_bits=True,
+                               want_rows=True, in_place=in_place, nibbles=nibbles(variant, cout))
+        tensors = [tc.to_tensor(a) for a in inputs]
+        outputs = [tc.to_tensor(np.zeros(shape, dtype)) for shape, dtype in
+                   (((n, h, w, bp.words(cout)), np.uint32), ((n, h, cout), np.float32))]
+        y = tensors[4] if in_place else tc.to_tensor(np.zeros(shapes[1], np.float32))
+        build(func, variant)(*tensors, y, *outputs)
+        results.append([t.numpy() for t in (y, *outputs)])
+    assert np.abs(results[0][0]).max() > 0
+    for separate, shared in zip(*results):
+        np.testing.assert_array_equal(shared, separate)
+
+
 def test_avx2_inner_loop_form():
     """The AVX2 binary conv counts nibbles (3x3, 256 -> 256): each column of the register tile
     costs two broadcasts of its activation nibbles, two vpxor, two vpshufb and two adds; the
