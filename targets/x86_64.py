@@ -19,7 +19,7 @@ __all__ = ["counts_nibbles", "cpu_flags", "host_target", "schedule", "target_for
 # Register tile of the binary conv: as many accumulator vectors as lanes (x86-64 has 32 zmm / 16
 # ymm; the rest hold weights, the broadcast activation word and, on AVX2, the nibble table).
 # AVX2 has no vector popcount: it counts in byte lanes (cpu_schedule._byte_counts).
-_UNITS = {16: VectorUnit(lanes=16, accumulators=16),
+_UNITS = {16: VectorUnit(lanes=16, accumulators=16, float_lookup="llvm.x86.avx512.permvar.sf.512"),
           8: VectorUnit(lanes=8, accumulators=8, byte_counts=True, nibble_lookup="llvm.x86.avx2.pshuf.b",
                         pair_multiply_adds=("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"))}
 

@@ -28,7 +28,7 @@ from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
-    "act_scales", "pack_int4", "quantize_weights", "quantize_act", "quant_conv2d_func", "se_gate_func", "head_func",
+    "act_scales", "int4", "pack_int4", "quantize_weights", "quantize_act", "quant_conv2d_func", "se_gate_func", "head_func",
 ]
 
 # the kernels' names (KERNEL_ATTR): the stem conv, the SE gate, the head
@@ -66,13 +66,14 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return (padded[0::2] | (padded[1::2] << 4)).view(np.int8)
 
 
-def _int4(packed: te.Tensor, c: tirx.PrimExpr, o: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Row c, column o of the integers that ``pack_int4`` packed, as int32: (int32(byte) << s) >> 28
-    with an arithmetic right shift, s = 28 for the low nibble (c even), 24 for the high one,
-    sign-extends the nibble. In 32-bit lanes because x86 has no 8-bit vector shifts: int8 shifts
-    took five instructions a vector before the widening, these take two after it."""
-    shift = 24 + (1 - tirx.floormod(c, 2)) * 4
-    return (packed[tirx.floordiv(c, 2), o].astype("int32") << shift) >> tirx.const(28, "int32")
+def int4(packed: te.Tensor, row: tirx.PrimExpr, half: tirx.PrimExpr, o: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Column o of the integer that ``pack_int4`` packed in nibble ``half`` of byte row ``row`` (input
+    c = 2 row + half), as int32: (int32(byte) << s) >> 28 with an arithmetic right shift, s = 28
+    for the low nibble, 24 for the high one, sign-extends the nibble. In 32-bit lanes because x86
+    has no 8-bit vector shifts: int8 shifts took five instructions a vector before the widening,
+    these take two after it."""
+    shift = 24 + (1 - half) * 4
+    return (packed[row, o].astype("int32") << shift) >> tirx.const(28, "int32")
 
 
 def act_scales(bounds: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -223,15 +224,26 @@ def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name
     """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o]; q (C, O) int8 integers,
     or (ceil(C/2), O) nibbles of ``pack_int4``."""
     n, c = (int(d) for d in x.shape)
-    o = int(q.shape[1])
-    nibbles = int(q.shape[0]) < c
-    xq = te.compute((n, c), lambda i, j: quant(x[i, j], act_scale[j]), name=f"{name}_quantize")
-    rc = te.reduce_axis((0, c), name="rc")
+    rows, o = (int(d) for d in q.shape)
+    if rows == c:
+        xq = te.compute((n, c), lambda i, j: quant(x[i, j], act_scale[j]), name=f"{name}_quantize")
+        rc = te.reduce_axis((0, c), name="rc")
+        dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * q[rc, j].astype("float32"), axis=rc),
+                         name=f"{name}_dot")
+    else:
+        # nibbles: input c = 2 row + half, summed in input order; an odd C's last high nibble is a
+        # zero weight, its input a zero
+        def quantized(i, j):
+            if 2 * rows == c:
+                return quant(x[i, j], act_scale[j])
+            inside = tirx.min(j, c - 1)
+            return tirx.if_then_else(j < c, quant(x[i, inside], act_scale[inside]), tirx.const(0, "float32"))
 
-    def weight(c, o):
-        return (_int4(q, c, o) if nibbles else q[c, o]).astype("float32")
-
-    dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * weight(rc, j), axis=rc), name=f"{name}_dot")
+        xq = te.compute((n, 2 * rows), quantized, name=f"{name}_quantize")
+        row = te.reduce_axis((0, rows), name="row")
+        half = te.reduce_axis((0, 2), name="half")
+        dot = te.compute((n, o), lambda i, j: te.sum(
+            xq[i, row * 2 + half] * int4(q, row, half, j).astype("float32"), axis=[row, half]), name=f"{name}_dot")
     return te.compute((n, o), lambda i, j: dot[i, j] / w_scale[j] + bias[j], name=name)
 
 

@@ -307,3 +307,46 @@ def test_avx2_inner_loop_form():
         assert ops.count("vpshufb") == ops.count("vpxor") == 2 * columns
         assert ops.count("vpand") + ops.count("vpsrld") + ops.count("vpsrlw") == 3  # the weight split only
     assert lines.count("vpmaddubsw") > 0 and lines.count("vpmaddwd") == lines.count("vpmaddubsw")
+
+
+def _se_gate_reference(x, q1, s1, b1, scale1, q2, s2, b2, scale2, bits=4):
+    """The SE gate in float64 numpy: mean, signed int-k quantizer, dense, relu, unsigned quantizer,
+    dense, hard sigmoid (quant.se_gate_func); scales as quant.act_scales makes them."""
+    def quantize(v, scale, signed):
+        m = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        q = np.clip(np.floor(v * scale + (0.5 if signed else 0)), -m if signed else 0, m)
+        return np.where(scale > 0, q / np.where(scale > 0, scale, 1), v)
+
+    pooled = x.astype(np.float64).mean(axis=(1, 2))
+    h = np.maximum(quantize(pooled, scale1, True) @ q1 / s1 + b1, 0)
+    g = quantize(h, scale2, False) @ q2 / s2 + b2
+    return np.clip(g + 3, 0, 6) / 6
+
+
+@pytest.mark.parametrize("cin", [64, 37])
+def test_se_gate_kernel_matches_numpy(cin):
+    """The SE gate kernel with int4 weights two to a byte (an odd input count leaves a zero high
+    nibble) against numpy, in every build; on AVX-512 the weights become floats by a table lookup
+    and the gate equals the AVX2 build's (shifts and a conversion) bit for bit."""
+    from bnncc.targets.kernels import quant
+
+    rng = np.random.default_rng(cin)
+    hidden, cout, bits = 12, 48, 4
+    x = rng.standard_normal((1, 5, 5, cin)).astype(np.float32)
+    q1, s1 = quant.quantize_weights(rng.standard_normal((hidden, cin)).astype(np.float32), bits)
+    q2, s2 = quant.quantize_weights(rng.standard_normal((cout, hidden)).astype(np.float32), bits)
+    scale1 = quant.act_scales(rng.uniform(0.1, 0.6, cin).astype(np.float32), bits, signed=True)
+    scale1[0] = 0  # an uncalibrated channel passes through
+    scale2 = quant.act_scales(np.full(hidden, 4.0, np.float32), bits, signed=False)
+    b1, b2 = rng.standard_normal(hidden).astype(np.float32), rng.standard_normal(cout).astype(np.float32)
+    args = [x, scale1, quant.pack_int4(np.ascontiguousarray(q1.T)), s1, b1,
+            scale2, quant.pack_int4(np.ascontiguousarray(q2.T)), s2, b2]
+    expected = _se_gate_reference(x, q1.T.astype(np.float64), s1, b1, scale1, q2.T.astype(np.float64), s2, b2, scale2)
+    func = quant.se_gate_func(x.shape, hidden, cout, bits, bits)
+    gates = {}
+    for variant in VARIANTS:
+        gates[variant] = run(build(func, variant), *args, out_shape=(1, cout), out_dtype=np.float32)
+        np.testing.assert_allclose(gates[variant], expected, rtol=1e-5, atol=1e-5)
+    assert ((gates["avx2"] > 0) & (gates["avx2"] < 1)).sum() > cout // 4  # not all saturated
+    if "avx512" in gates:
+        np.testing.assert_array_equal(gates["avx512"], gates["avx2"])
