@@ -644,8 +644,14 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
         sch.parallel(sch.fuse(n, c, y))
         sch.vectorize(_vector_split(sch, z, lanes)[1])
     else:
-        n, y, _, _ = sch.get_loops(quantize)
-        sch.parallel(sch.fuse(n, y))
+        # a padded row of pixels at a time, channels vectorized; then, with one input channel per
+        # group, the row's channels repeated for their group's output channels
+        n, y, _, c = sch.get_loops(quantize)
+        row = sch.fuse(n, y)
+        sch.parallel(row)
+        sch.vectorize(_vector_split(sch, c, lanes)[1])
+        if has_block(sch, quant.SPREAD):
+            _spread_row(sch, row, lanes)
     conv = sch.get_sblock("conv")
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
     width, channels = _register_tile(int(sch.get(z).extent), int(sch.get(o).extent), unit)
@@ -662,6 +668,51 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
     _register_steps(sch, conv, {"wo": z_in, "co": o_in, "ri": ri, "rj": rj, "rc": rc}, ("ri", "rj", "rc"),
                     _vector_width(channels, lanes))
     return mark_scheduled(sch.mod["main"])
+
+
+def _spread_row(sch: s_tir.Schedule, row, lanes: int) -> None:
+    """The quant_conv2d stage that repeats each input channel k times (quant.SPREAD) under the
+    quantizer's ``row`` loop: a vector of outputs is one load of lanes / k inputs and a shuffle
+    (``_spread_intrin``), where the vectorized index o // k made a scalar load per lane."""
+    spread = sch.get_sblock(quant.SPREAD)
+    sch.reverse_compute_at(spread, row)
+    o = sch.get_loops(spread)[-1]
+    out_channels = int(sch.get(o).extent)
+    in_channels = int(sch.get(spread).reads[0].source.shape[-1])
+    k = out_channels // in_channels
+    if lanes % k or out_channels % lanes:
+        return
+    sch.tensorize(sch.split(o, [None, lanes])[1], _spread_intrin(k, lanes))
+
+
+def _spread_intrin(k: int, lanes: int) -> str:
+    """out[o] = x[o // k] for ``lanes`` outputs: one vector load of lanes / k inputs and a shuffle.
+    Registered on first use."""
+    name = f"bnncc_spread_{k}x{lanes}"
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
+        return name
+
+    @T.prim_func(s_tir=True)
+    def desc(x: T.Buffer((lanes // k,), "float32", offset_factor=1),
+             out: T.Buffer((lanes,), "float32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(x[0:lanes // k])
+            T.writes(out[0:lanes])
+            for o in range(lanes):
+                with T.sblock("spread"):
+                    vo = T.axis.spatial(lanes, o)
+                    out[vo] = x[vo // k]
+
+    @T.prim_func(s_tir=True)
+    def impl(x: T.Buffer((lanes // k,), "float32", offset_factor=1),
+             out: T.Buffer((lanes,), "float32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(x[0:lanes // k])
+            T.writes(out[0:lanes])
+            out[T.Ramp(0, 1, lanes)] = T.Shuffle([x[T.Ramp(0, 1, lanes // k)]] * k, [o // k for o in range(lanes)])
+
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
 
 
 # a dense layer of at least this many weight rows x output vectors is shared out between the threads

@@ -37,6 +37,9 @@ SE_GATE_KERNEL_NAME = "se_gate"
 HEAD_KERNEL_NAME = "quant_head"
 # weights of at most this many bits are stored two to a byte
 NIBBLE_BITS = 4
+# the stage of quant_conv2d that repeats each quantized input channel for the output channels of
+# its group (one input channel per group)
+SPREAD = "spread"
 # PrimFunc attribute of quant_conv2d: the layout of its input x, "NHWC" or "NCHW"
 INPUT_LAYOUT_ATTR = "bnncc.input_layout"
 
@@ -117,13 +120,17 @@ def quantize_act(x: tirx.PrimExpr, scale: tirx.PrimExpr, bits: int, signed: bool
     onnxruntime: p = x * s rounded to float32 (``product``, see ``rounded_product``), then
     p + 0.5 rounded (signed), floor, clip, and a division by s (not a multiplication by 1 / s),
     with s = levels / bound computed in float32 as the reference does (``act_scales``). So an input
-    that both sides hold bit for bit is quantized identically, even at a decision point."""
+    that both sides hold bit for bit is quantized identically, even at a decision point.
+
+    The pass-through is a ``Select``, which computes both sides (a zero scale's quotient is
+    discarded): TVM vectorizes a Select as one blend, an ``if_then_else`` of lane-varying scales
+    lane by lane."""
     if signed:
         m = float(2 ** (bits - 1) - 1)
         q = tirx.min(tirx.max(te.floor(product(x, scale) + tirx.const(0.5, "float32")), -m), m)
     else:
         q = tirx.min(tirx.max(te.floor(product(x, scale)), 0.0), float(2 ** bits - 1))
-    return tirx.if_then_else(scale > tirx.const(0, "float32"), q / scale, x)
+    return tirx.Select(scale > tirx.const(0, "float32"), q / scale, x)
 
 
 def quant_conv2d_func(
@@ -174,8 +181,9 @@ def quant_conv2d_func(
     ri = te.reduce_axis((0, kh), name="ri")
     rj = te.reduce_axis((0, kw), name="rj")
     rc = te.reduce_axis((0, cin_g), name="rc")
-    # one input channel per group: quantized once per output channel, so that the conv reads its
-    # input at its own channel (a vector load, not a gather of channel o // cout_g)
+    # one input channel per group: quantized once per input channel, then repeated once per output
+    # channel of its group (stage SPREAD), so that the conv reads its input at its own channel (a
+    # vector load, not a gather of channel o // cout_g)
     per_output = cin_g == 1
     if nchw and per_output:
         raise ValueError("quant_conv2d_func: an NCHW input needs more than one input channel per group")
@@ -183,8 +191,9 @@ def quant_conv2d_func(
     if nchw:
         xq = te.compute((n, cin, hp, wp), lambda i, c, y, z: padded(i, y, z, c), name="quantize")
     else:
-        xq = te.compute((n, hp, wp, cout if per_output else cin),
-                        (lambda i, y, z, o: padded(i, y, z, o // cout_g)) if per_output else padded, name="quantize")
+        xq = te.compute((n, hp, wp, cin), padded, name="quantize")
+        if per_output:
+            xq = te.compute((n, hp, wp, cout), lambda i, y, z, o: xq[i, y, z, o // cout_g], name=SPREAD)
 
     def tap(i, y, z, o):
         c = o if per_output else (o // cout_g) * cin_g + rc
