@@ -754,6 +754,9 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
     for name in ("se1_dot", "se2_dot", "fc_dot"):
         if not has_block(sch, name):
             continue
+        # the layer's input quantizer, one vector op a step (quant.quantize_act's Select)
+        quantize = sch.get_sblock(name.replace("_dot", "_quantize"))
+        sch.vectorize(_vector_split(sch, sch.get_loops(quantize)[-1], lanes)[1])
         dot = sch.get_sblock(name)
         # inputs: one loop, or byte rows and the nibble half of int4 weights (quant._dense)
         n, o, rows, *half = sch.get_loops(dot)
