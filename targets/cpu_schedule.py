@@ -786,7 +786,7 @@ def _int4_dot_intrin(lanes: int, lookup: str) -> str:
     of one row of ``pack_int4`` weights. The weights become floats by ``lookup`` (a table of 16
     floats indexed by the low 4 bits of each 32-bit lane) of the sign-extended byte for the low
     nibble and of the byte shifted right by 4 for the high one: the byte is loaded once for both,
-    and a lookup replaces the shifts and the integer conversion (5 -> 3.5 instructions a vector of
+    and a lookup replaces the shifts and the integer conversion (5 -> 4 instructions a vector of
     16 multiply-adds). The same products and sums as quant.int4's form. Registered on first use."""
     name = f"bnncc_int4_dot_{lanes}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
