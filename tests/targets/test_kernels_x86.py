@@ -350,3 +350,33 @@ def test_se_gate_kernel_matches_numpy(cin):
     assert ((gates["avx2"] > 0) & (gates["avx2"] < 1)).sum() > cout // 4  # not all saturated
     if "avx512" in gates:
         np.testing.assert_array_equal(gates["avx512"], gates["avx2"])
+
+
+@pytest.mark.parametrize("group", [1, 16])
+def test_stem_conv_kernel_matches_numpy(group):
+    """The int-8 stem conv kernel (NHWC, 3x3, SAME zeros) against numpy, in every build: plain, and
+    with one input channel per group and two output channels each, where each input channel is
+    quantized once and repeated for its group's outputs (quant.SPREAD; a shuffle on AVX2 and
+    AVX-512). An uncalibrated channel (scale 0) passes through unquantized."""
+    from bnncc.targets.kernels import quant
+
+    rng = np.random.default_rng(group)
+    n, h, w, cin, cout = 1, 6, 7, 16, 32
+    x = rng.standard_normal((n, h, w, cin)).astype(np.float32)
+    weights = (rng.standard_normal((3, 3, cin // group, cout)) / 4).astype(np.float32)
+    scale = quant.act_scales(rng.uniform(1, 3, cin).astype(np.float32), 8, signed=True)
+    scale[3] = 0
+    q = np.clip(np.floor(x.astype(np.float64) * scale + 0.5), -127, 127) / np.where(scale > 0, scale, 1)
+    xq = np.pad(np.where(scale > 0, q, x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.zeros((n, h, w, cout))
+    for o in range(cout):
+        inputs = range(cin) if group == 1 else [o // (cout // group)]
+        for i in range(3):
+            for j in range(3):
+                for k, c in enumerate(inputs):
+                    expected[..., o] += xq[:, i:i + h, j:j + w, c] * weights[i, j, k, o]
+    func = quant.quant_conv2d_func(x.shape, weights.shape, stride=1, pads=(1, 1, 1, 1), group=group, a_bits=8)
+    assert (quant.SPREAD in func.script()) == (group > 1)
+    for variant in VARIANTS:
+        got = run(build(func, variant), x, weights, scale, out_shape=expected.shape, out_dtype=np.float32)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
