@@ -162,6 +162,28 @@ def test_runtime_splits_other_batch_sizes(library):
     np.testing.assert_allclose(load(folder)(x), _onnxruntime(model, x), rtol=0, atol=1e-4)
 
 
+def test_runtime_calls_from_threads_each_get_their_own_images(library):
+    """The CPU runtime copies each batch into an input tensor it keeps per function: every call
+    sees its own images (the same images give the same logits after others ran). Threads calling
+    one library at once each get their images' logits; the VM runs one call at a time (two at once
+    crashed the process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bnncc.runtime import load
+
+    folder, _ = library
+    lib = load(folder)
+    rng = np.random.default_rng(4)
+    images = [rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (1, 1, 8, 1)]
+    first = [lib(x) for x in images]
+    assert not np.array_equal(first[0], first[1])
+    assert all(np.array_equal(lib(x), want) for x, want in zip(images, first))
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            got = list(pool.map(lib, images * 4))
+            assert all(np.array_equal(g, want) for g, want in zip(got, first * 4))
+
+
 def test_manifest(library):
     import json
 
