@@ -62,7 +62,7 @@ def _cpu_caller(path: Path) -> Caller:
     """The Relax VM in this process, one call at a time: the VM keeps state of its own per call,
     and two threads calling it at once crashed the process. Each function keeps one input tensor
     and copies each batch into it: a tensor allocated per call is fresh memory from the system,
-    whose page faults cost PokeBNN-1x about 0.2 ms of a 3.3 ms call (bench/RESULTS.md). The VM never
+    whose page faults cost PokeBNN-1x 0.07 ms more than the copy (bench/RESULTS.md). The VM never
     writes its input (the lowering overwrites only intermediate tensors)."""
     vm = tvm_compat.load_vm(path)
     lock = threading.Lock()
