@@ -787,7 +787,8 @@ def _int4_dot_intrin(lanes: int, lookup: str) -> str:
     floats indexed by the low 4 bits of each 32-bit lane) of the sign-extended byte for the low
     nibble and of the byte shifted right by 4 for the high one: the byte is loaded once for both,
     and a lookup replaces the shifts and the integer conversion (5 -> 4 instructions a vector of
-    16 multiply-adds). The same products and sums as quant.int4's form. Registered on first use."""
+    16 multiply-adds). Its description decodes by quant.int4, as the dense stage does, so it matches
+    that stage; the same products and sums. Registered on first use."""
     name = f"bnncc_int4_dot_{lanes}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
@@ -801,10 +802,11 @@ def _int4_dot_intrin(lanes: int, lookup: str) -> str:
             for h, o in T.grid(2, lanes):
                 with T.sblock("update"):
                     vo, vh = T.axis.remap("SR", [o, h])
-                    acc[vo] = acc[vo] + x[vh] * T.Cast("float32", (T.Cast("int32", q[vo]) << (24 + (1 - vh) * 4)) >> 28)
+                    acc[vo] = acc[vo] + x[vh] * T.Cast("float32", quant.int4(q[vo], vh))
 
     # the signed value of each nibble 0..15: 0..7, then -8..-1
-    table = T.Cast(f"float32x{lanes}", T.bitwise_and(T.Ramp(8, 1, lanes), T.Broadcast(15, lanes)) - T.Broadcast(8, lanes))
+    nibbles = T.bitwise_and(T.Ramp(8, 1, lanes), T.Broadcast(15, lanes)) - T.Broadcast(8, lanes)
+    table = T.Cast(f"float32x{lanes}", nibbles)
 
     def weights(index):
         return T.call_llvm_pure_intrin(f"float32x{lanes}", lookup, table, index)

@@ -69,14 +69,13 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return (padded[0::2] | (padded[1::2] << 4)).view(np.int8)
 
 
-def int4(packed: te.Tensor, row: tirx.PrimExpr, half: tirx.PrimExpr, o: tirx.PrimExpr) -> tirx.PrimExpr:
-    """Column o of the integer that ``pack_int4`` packed in nibble ``half`` of byte row ``row`` (input
-    c = 2 row + half), as int32: (int32(byte) << s) >> 28 with an arithmetic right shift, s = 28
-    for the low nibble, 24 for the high one, sign-extends the nibble. In 32-bit lanes because x86
-    has no 8-bit vector shifts: int8 shifts took five instructions a vector before the widening,
-    these take two after it."""
-    shift = 24 + (1 - half) * 4
-    return (packed[row, o].astype("int32") << shift) >> tirx.const(28, "int32")
+def int4(byte: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The signed integer that ``pack_int4`` packed in nibble ``half`` (0 low, 1 high) of an int8
+    ``byte``, as int32: (int32(byte) << s) >> 28 with an arithmetic right shift, s = 28 for the low
+    nibble, 24 for the high one, sign-extends the nibble. In 32-bit lanes because x86 has no 8-bit
+    vector shifts: int8 shifts took five instructions a vector before the widening, these take two
+    after it."""
+    return (byte.astype("int32") << (24 + (1 - half) * 4)) >> tirx.const(28, "int32")
 
 
 def act_scales(bounds: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -252,7 +251,7 @@ def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name
         row = te.reduce_axis((0, rows), name="row")
         half = te.reduce_axis((0, 2), name="half")
         dot = te.compute((n, o), lambda i, j: te.sum(
-            xq[i, row * 2 + half] * int4(q, row, half, j).astype("float32"), axis=[row, half]), name=f"{name}_dot")
+            xq[i, row * 2 + half] * int4(q[row, j], half).astype("float32"), axis=[row, half]), name=f"{name}_dot")
     return te.compute((n, o), lambda i, j: dot[i, j] / w_scale[j] + bias[j], name=name)
 
 
