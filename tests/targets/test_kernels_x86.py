@@ -217,6 +217,13 @@ def test_rules_decline_other_targets_and_kernels():
     assert x86_64.schedule(conv.without_attr(KERNEL_ATTR), target) is None
 
 
+def poke_params(rng, cout):
+    """A fused PokeConv's (6, cout) float32 parameter rows (lower._poke_conv_func): a1, b1, pos,
+    neg, by, b2, with positive scales and slopes."""
+    return np.stack([rng.uniform(0.5, 1.5, cout), rng.uniform(-1, 1, cout), rng.uniform(0.5, 1.5, cout),
+                     rng.uniform(0, 0.5, cout), rng.uniform(-0.2, 0.2, cout), rng.uniform(-1, 1, cout)]).astype(np.float32)
+
+
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
 @pytest.mark.parametrize("cout", [64, 40])
 def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
@@ -232,10 +239,8 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
                            want_bits=True, want_rows=True, nibbles=nibbles(variant, cout))
     x = activations(rng, (n, h, w, cin))
     packed = bp.pack_weights(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32))
-    params = np.stack([rng.uniform(0.5, 1.5, cout), rng.uniform(-1, 1, cout), rng.uniform(0.5, 1.5, cout),
-                       rng.uniform(0, 0.5, cout), rng.uniform(-0.2, 0.2, cout), rng.uniform(-1, 1, cout)])
     inputs = [reference_pack(x >= 0), packed.bits, packed.border, x,
-              rng.uniform(0, 1, (n, cout)).astype(np.float32), params.astype(np.float32)]
+              rng.uniform(0, 1, (n, cout)).astype(np.float32), poke_params(rng, cout)]
     outputs = [np.zeros((n, h, w, cout), np.float32), np.zeros((n, h, w, bp.words(cout)), np.uint32),
                np.zeros((n, h, cout), np.float32)]
     tensors = [tc.to_tensor(a) for a in (*inputs, *outputs)]
@@ -263,10 +268,8 @@ def test_poke_conv_in_place_equals_a_separate_output(variant):
     x = activations(rng, shapes[0])
     residual = rng.standard_normal(shapes[1]).astype(np.float32)
     packed = bp.pack_weights(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32))
-    params = np.stack([rng.uniform(0.5, 1.5, cout), rng.uniform(-1, 1, cout), rng.uniform(0.5, 1.5, cout),
-                       rng.uniform(0, 0.5, cout), rng.uniform(-0.2, 0.2, cout), rng.uniform(-1, 1, cout)])
     inputs = [reference_pack(x >= 0), packed.bits, packed.border, x, residual,
-              rng.uniform(0, 1, (n, cout)).astype(np.float32), params.astype(np.float32)]
+              rng.uniform(0, 1, (n, cout)).astype(np.float32), poke_params(rng, cout)]
     results = []
     for in_place in (False, True):
         func = _poke_conv_func(shapes[0], cout, 1, 1, shapes, ("zeropad", "tile"), gated=True, want_bits=True,
