@@ -25,7 +25,9 @@ as it is; any other reader gets it transposed):
   with two operations an output fewer, a float32 rounding apart. A gated kernel first folds the
   gate into pos, neg and the shifts, per image and channel (two more operations an output
   fewer). ``match`` is the ReshapeAdd channel mean / zero-pad / tile and the 3x3/2 SAME
-  count-pad average pool. It writes y (float, read by the next local shortcut and block
+  count-pad average pool. With an even Cin the kernel computes (2 * a1) * (acc / 2), the same
+  product (binary_conv2d's ``halved``: fewer integer instructions an output). It writes y (float,
+  read by the next local shortcut and block
   shortcut) and, when a PokeConv reads y, y's packed sign bits (the next layer's input) and, when
   that PokeConv is gated, y's row sums (N, Ho, Cout), which its SE gate averages instead of
   reading y again. A PokeConv without SE gate (the "ungated" overloads) has no gate kernel, and
@@ -404,12 +406,15 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     n, h, w, cin = walk.shape(x)
     cout = weight.shape[0]
     ho, wo = out_size(h, stride), out_size(w, stride)
+    # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can
+    halved = cin % 2 == 0
+    border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
     table = np.zeros((6, cout), np.float64)
     a1, b1 = _affine(*(_const(v, node) for v in node.inputs[poke.BN]), eps)
     bias_x, bias_y, pos, neg = (_const(v, node).astype(np.float64) for v in node.inputs[poke.DPRELU])
     a2, table[_B2] = _affine(*(_const(v, node) for v in node.inputs[poke.SPLIT]), eps)
-    table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64)
+    table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64) * (2 if halved else 1)
     table[_B1] = b1 - bias_x
     table[_POS], table[_NEG], table[_BY] = a2 * pos, a2 * neg, a2 * bias_y
 
@@ -428,10 +433,10 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
     nibbles = walk.nibbles(cout)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, want_rows,
-           in_place, nibbles)
+           in_place, nibbles, halved)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
-                                                    want_bits, want_rows, in_place, nibbles))
-    args = [bits, relax.const(packed.bits), relax.const(packed.border), *residuals, *gates,
+                                                    want_bits, want_rows, in_place, nibbles, halved))
+    args = [bits, relax.const(packed.bits), relax.const(border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
     if want_bits:
@@ -483,14 +488,16 @@ def _head(walk: _Walk, node: ir.Node) -> None:
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], gated: bool, want_bits: bool,
-                    want_rows: bool, in_place: bool = False, nibbles: bool = False) -> tirx.PrimFunc:
+                    want_rows: bool, in_place: bool = False, nibbles: bool = False,
+                    halved: bool = False) -> tirx.PrimFunc:
     """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits][, y_row_sums])``: the fused
     PokeConv kernel.
 
     params rows: a1, b1, pos, neg, by, b2 (module docstring). ``gated``: the op's SE gate
     multiplies the DPReLU (a kernel without it takes no gate).
     ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
-    compiler is not told otherwise. ``nibbles``: binary_conv2d's.
+    compiler is not told otherwise. ``nibbles``: binary_conv2d's. ``halved``: binary_conv2d's, the
+    caller passing ``bitpack.halved_counts`` as border and 2 * a1 as a1 (the same products).
     """
     n, h, w, cin = x_shape
     words = bitpack.words(cin)
@@ -528,7 +535,8 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
         return tirx.Select(s >= zero, params[_POS, c] * s, params[_NEG, c] * s) - params[_BY, c] + params[_B2, c]
 
     epilogue = Epilogue(inputs=(*residuals, *([gate] if gated else []), params), fn=fn)
-    y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue, nibbles=nibbles)
+    y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue, nibbles=nibbles,
+                      halved=halved)
     outputs = [y, *([bitpack.sign_bitpack(y)] if want_bits else []), *([row_sums(y)] if want_rows else [])]
     func = te.create_prim_func([bits, weights, border, *epilogue.inputs, *outputs])
     if in_place:

@@ -26,6 +26,11 @@ border[0, 0, co] = 0.
 The output is ``epilogue(acc, (n, ho, wo, co))`` if an epilogue is given, else acc (int32);
 the epilogue is where scale, BN, shortcuts, DPReLU, SE and the next bitpack get fused.
 
+``halved``: with C even, the epilogue gets acc / 2 = half[...] - P, ``border`` being the table
+half = (C*k*k + border) / 2 (``bitpack.halved_counts``; interior windows read half[0, 0, co] =
+C*k*k / 2, 1x1 convs no table): one integer instruction an output where acc took two to four.
+An epilogue that scales acc by a float a then scales acc / 2 by 2a: the same product, exactly.
+
 ``nibbles``: the same sum, counted per 4-bit half of each byte, for CPUs that count bits by
 looking 4-bit values up in a table (AVX2's vpshufb). popcount(xa ^ wb) = popcount(xa_lo ^ wb_lo) +
 popcount(xa_hi ^ wb_hi) with v_lo = v & 0x0F0F0F0F and v_hi = (v >> 4) & 0x0F0F0F0F; the kernel
@@ -177,12 +182,16 @@ def binary_conv2d(
     stride: int,
     epilogue: Epilogue | None = None,
     nibbles: bool = False,
+    halved: bool = False,
 ) -> te.Tensor:
     """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout).
 
-    ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights``. Output NHWC
-    (N, ceil(H/s), ceil(W/s), Cout); the math and ``nibbles`` are in the module docstring.
+    ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights`` (of
+    ``bitpack.halved_counts`` when ``halved``). Output NHWC (N, ceil(H/s), ceil(W/s), Cout); the
+    math, ``nibbles`` and ``halved`` are in the module docstring.
     """
+    if halved and in_channels % 2:
+        raise ValueError(f"a halved count needs an even channel count, not {in_channels}")
     n, h, w, cw = (int(d) for d in x.shape)
     k, _, _, cout = (int(d) for d in weights.shape)
     rows, cols = same_padding(h, k, stride), same_padding(w, k, stride)
@@ -209,12 +218,15 @@ def binary_conv2d(
         return tirx.max(-start, 0), tirx.max(start + k - size, 0)
 
     def result(i, y, z, co):
-        acc = in_channels * k * k - 2 * mismatches[i, y, z, co]
-        if rows != (0, 0) or cols != (0, 0):
-            # (without padding, as in every 1x1 conv, no window has a padded tap: no load of a 0)
+        count = mismatches[i, y, z, co]
+        if rows == (0, 0) and cols == (0, 0):
+            # (without padding, as in every 1x1 conv, no window has a padded tap: no table load)
+            acc = in_channels * k * k // 2 - count if halved else in_channels * k * k - 2 * count
+        else:
             top, bottom = padded(y, rows[0], h)
             left, right = padded(z, cols[0], w)
-            acc = acc + border[top * k + bottom, left * k + right, co].astype("int32")
+            entry = border[top * k + bottom, left * k + right, co].astype("int32")
+            acc = entry - count if halved else in_channels * k * k - 2 * count + entry
         return epilogue.fn(acc, (i, y, z, co)) if epilogue else acc
 
     return te.compute(shape, result, name="binary_conv2d", tag="binary_conv2d")

@@ -20,7 +20,8 @@ from bnncc.errors import BnnccError
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
-__all__ = ["BORDER_DTYPE", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
+__all__ = ["BORDER_DTYPE", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "halved_counts", "pack_bits", "pack_weights",
+           "sign_bitpack", "sign_bitpack_func", "words"]
 
 KERNEL_NAME = "sign_bitpack"
 
@@ -135,3 +136,20 @@ def border_table(tap_sums: np.ndarray) -> np.ndarray:
                     padded = rows[:, None] | cols[None, :]
                     table[top * k + bottom, left * k + right] = (tap_sums * padded).sum(axis=(1, 2))
     return table
+
+
+def halved_counts(border: np.ndarray, in_channels: int) -> np.ndarray:
+    """The table (C*k*k + border) / 2 (int16, the shape of ``border``) of a binary conv with an even C.
+
+    A window's +-1 dot product is C*k*k - 2*P + border[...] (binary_conv2d), so its half is this
+    table's entry minus P: one subtraction where the whole took a doubling, a subtraction and the
+    border's add (binary_conv2d's ``halved``). Exact: with C even, C*k*k and every border entry
+    (a sum of taps' sums of C signs) are even.
+    """
+    k = int(round(np.sqrt(border.shape[0])))
+    total = in_channels * k * k
+    if in_channels % 2:
+        raise ValueError(f"halved counts need an even channel count, not {in_channels}")
+    if total > np.iinfo(BORDER_DTYPE).max:
+        raise BnnccError(f"binary conv of {in_channels} channels, {k}x{k}: its halved counts exceed {BORDER_DTYPE}")
+    return ((total + border.astype(np.int32)) // 2).astype(BORDER_DTYPE)

@@ -101,6 +101,18 @@ def test_pack_weights():
     np.testing.assert_array_equal(packed.border[1 * 3 + 0, 0], tap_sums[:, 0, :].sum(axis=1))
 
 
+def test_halved_counts():
+    """(C*k*k + border) / 2, exactly, for an even C; an odd C has no halved count."""
+    w = np.random.default_rng(1).standard_normal((5, 40, 3, 3)).astype(np.float32)
+    border = bp.pack_weights(w).border
+    half = bp.halved_counts(border, 40)
+    assert half.dtype == border.dtype and half.shape == border.shape
+    np.testing.assert_array_equal(2 * half.astype(np.int64), 360 + border.astype(np.int64))
+    assert half[0, 0, 0] == 180
+    with pytest.raises(ValueError, match="even"):
+        bp.halved_counts(bp.pack_weights(w[:, :39]).border, 39)
+
+
 def test_same_padding():
     assert bc.same_padding(56, 3, 2) == (0, 1)
     assert bc.same_padding(7, 3, 2) == (1, 1)
@@ -252,6 +264,42 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
     if variant == "avx512" and cout == 64:
         target = x86_64.target_for_flags(AVX512_FLAGS, cores=2)
         assert x86_64.schedule(func, target).script().count("T.parallel(") == 1
+
+
+@pytest.mark.parametrize("variant", CONV_VARIANTS)
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
+    """A fused PokeConv kernel fed half the dot product (binary_conv2d's ``halved``: the halved-count
+    table as border, a1 doubled) writes the output and bits of the kernel fed the whole, bit for
+    bit; both agree with numpy's PokeConv arithmetic on the reference conv."""
+    from bnncc.targets.lower import _poke_conv_func
+
+    rng = np.random.default_rng(kernel)
+    n, h, w, cin, cout = 1, 5, 9, 48, 64
+    x = activations(rng, (n, h, w, cin))
+    weights = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
+    packed = bp.pack_weights(weights)
+    gate = rng.uniform(0, 1, (n, cout)).astype(np.float32)
+    params = poke_params(rng, cout)
+    doubled = params.copy()
+    doubled[0] *= 2
+    results = []
+    for halved, border, table in ((False, packed.border, params), (True, bp.halved_counts(packed.border, cin), doubled)):
+        func = _poke_conv_func((n, h, w, cin), cout, kernel, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
+                               want_bits=True, want_rows=False, nibbles=nibbles(variant, cout), halved=halved)
+        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), packed.bits, border, x, gate, table,
+                                             np.zeros((n, h, w, cout), np.float32),
+                                             np.zeros((n, h, w, bp.words(cout)), np.uint32))]
+        build(func, variant)(*tensors)
+        results.append([t.numpy() for t in tensors[-2:]])
+    for whole, half in zip(*results):
+        np.testing.assert_array_equal(half, whole)
+    a1, b1, pos, neg, by, b2 = (row.astype(np.float64) for row in params)
+    u = a1 * reference_conv(x, weights, 1) + b1
+    u[..., :cin] += x
+    g = gate[:, None, None, :].astype(np.float64)
+    expected = (np.where(u >= 0, pos * u, neg * u) - by) * g + b2
+    np.testing.assert_allclose(results[1][0], expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
