@@ -631,29 +631,36 @@ def _vector_split(sch: s_tir.Schedule, loop, lanes: int):
 
 
 def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
-    """Quantize rows in parallel; conv: rows in parallel, each a register tile of output columns and
-    channels (``_register_tile``, as the binary conv's) at a time, (ri, rj, rc) outside the tile:
-    its sums are independent chains of multiply-adds, where one vector of one pixel at a time
-    waited on each add before the next."""
+    """Conv: rows in parallel, each a register tile of output columns and channels
+    (``_register_tile``, as the binary conv's) at a time, (ri, rj, rc) outside the tile: its sums
+    are independent chains of multiply-adds, where one vector of one pixel at a time waited on each
+    add before the next. The input quantizer: inside each output row's task, the input rows that
+    row reads, when an NCHW input's windows of different rows share no row (stride >= kernel, as
+    the PokeInit stem's 4x4/4): one parallel region, and the rows still in cache for the conv
+    (bench/RESULTS.md); otherwise a row at a time, in parallel of its own (shared rows would be
+    quantized once per window)."""
     lanes = unit.lanes
     sch = s_tir.Schedule(func)
     quantize = sch.get_sblock("quantize")
-    if func.attrs.get(quant.INPUT_LAYOUT_ATTR) == "NCHW":
-        # rows of one channel: the scale is one value, the row a vector loop
-        n, c, y, z = sch.get_loops(quantize)
-        sch.parallel(sch.fuse(n, c, y))
-        sch.vectorize(_vector_split(sch, z, lanes)[1])
-    else:
-        # a padded row of pixels at a time, channels vectorized; then, with one input channel per
-        # group, the row's channels repeated for their group's output channels
-        n, y, _, c = sch.get_loops(quantize)
-        row = sch.fuse(n, y)
-        sch.parallel(row)
-        sch.vectorize(_vector_split(sch, c, lanes)[1])
-        if has_block(sch, quant.SPREAD):
-            _spread_row(sch, row, lanes)
     conv = sch.get_sblock("conv")
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
+    nchw = func.attrs.get(quant.INPUT_LAYOUT_ATTR) == "NCHW"
+    input_rows = int(sch.get(sch.get_loops(quantize)[2]).extent)
+    per_task = nchw and int(sch.get(y).extent) * int(sch.get(ri).extent) <= input_rows
+    if nchw and not per_task:
+        # rows of one channel: the scale is one value, the row a vector loop
+        qn, qc, qy, qz = sch.get_loops(quantize)
+        sch.parallel(sch.fuse(qn, qc, qy))
+        sch.vectorize(_vector_split(sch, qz, lanes)[1])
+    elif not nchw:
+        # a padded row of pixels at a time, channels vectorized; then, with one input channel per
+        # group, the row's channels repeated for their group's output channels
+        qn, qy, _, qc = sch.get_loops(quantize)
+        row = sch.fuse(qn, qy)
+        sch.parallel(row)
+        sch.vectorize(_vector_split(sch, qc, lanes)[1])
+        if has_block(sch, quant.SPREAD):
+            _spread_row(sch, row, lanes)
     width, channels = _register_tile(int(sch.get(z).extent), int(sch.get(o).extent), unit)
     z_out, z_in = sch.split(z, [None, width])
     o_out, o_in = sch.split(o, [None, channels])
@@ -664,7 +671,11 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
         epilogue = sch.get_sblock("epilogue")
         sch.reverse_compute_at(epilogue, o_out)
         sch.vectorize(_vector_split(sch, sch.get_loops(epilogue)[-1], lanes)[1])
-    sch.parallel(sch.fuse(n, y))
+    row = sch.fuse(n, y)
+    sch.parallel(row)
+    if per_task:
+        sch.compute_at(quantize, row)
+        sch.vectorize(_vector_split(sch, sch.get_loops(quantize)[-1], lanes)[1])
     _register_steps(sch, conv, {"wo": z_in, "co": o_in, "ri": ri, "rj": rj, "rc": rc}, ("ri", "rj", "rc"),
                     _vector_width(channels, lanes))
     return mark_scheduled(sch.mod["main"])
