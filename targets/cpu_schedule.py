@@ -773,12 +773,12 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
         quantize = sch.get_sblock(name.replace("_dot", "_quantize"))
         sch.vectorize(_vector_split(sch, sch.get_loops(quantize)[-1], lanes)[1])
         dot = sch.get_sblock(name)
-        # inputs: one loop, or byte rows and the nibble half of int4 weights (quant._dense)
+        # inputs: one loop, or word rows and the nibble of int4 weights (quant._dense)
         n, o, rows, *half = sch.get_loops(dot)
         o_out, o_vec = _vector_split(sch, o, lanes)
         vectors = int(sch.get(o_out).extent)
         shares = _shares(vectors, threads)
-        inputs = int(sch.get(rows).extent) * (2 if half else 1)
+        inputs = int(sch.get(rows).extent) * (quant.NIBBLES if half else 1)
         if inputs * vectors >= _PARALLEL_DENSE and shares > 1:
             share, o_in = sch.split(o_out, [shares, None])
             sch.reorder(n, share, rows, o_in, *half, o_vec)
@@ -797,45 +797,41 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
 
 
 def _int4_dot_intrin(lanes: int, lookup: str) -> str:
-    """``lanes`` float32 sums += x[h] * float(nibble h of the weight bytes), h = 0 then 1: both inputs
-    of one row of ``pack_int4`` weights. The weights become floats by ``lookup`` (a table of 16
-    floats indexed by the low 4 bits of each 32-bit lane) of the sign-extended byte for the low
-    nibble and of the byte shifted right by 4 for the high one: the byte is loaded once for both,
-    and a lookup replaces the shifts and the integer conversion (5 -> 4 instructions a vector of
-    16 multiply-adds). Its description decodes by quant.int4, as the dense stage does, so it matches
-    that stage; the same products and sums. Registered on first use."""
+    """``lanes`` float32 sums += x[t] * float(nibble t of the weight words), t = 0 .. 7 in order: the
+    inputs of one row of ``pack_int4`` words. The weights become floats by ``lookup`` (a table of 16
+    floats indexed by the low 4 bits of each 32-bit lane) of the words shifted right by 4t: a
+    shift and a lookup a nibble, where nibbles of bytes took a widening shuffle each before their
+    lookup. Its description decodes by quant.int4, as the dense stage does, so it matches that
+    stage; the same products and sums. Registered on first use."""
     name = f"bnncc_int4_dot_{lanes}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
+    nibbles = quant.NIBBLES
 
     @T.prim_func(s_tir=True)
-    def desc(x: T.Buffer((2,), "float32", offset_factor=1), q: T.Buffer((lanes,), "int8", offset_factor=1),
+    def desc(x: T.Buffer((nibbles,), "float32", offset_factor=1), q: T.Buffer((lanes,), "int32", offset_factor=1),
              acc: T.Buffer((lanes,), "float32", offset_factor=1)):
         with T.sblock("root"):
-            T.reads(acc[0:lanes], x[0:2], q[0:lanes])
+            T.reads(acc[0:lanes], x[0:nibbles], q[0:lanes])
             T.writes(acc[0:lanes])
-            for h, o in T.grid(2, lanes):
+            for t, o in T.grid(nibbles, lanes):
                 with T.sblock("update"):
-                    vo, vh = T.axis.remap("SR", [o, h])
-                    acc[vo] = acc[vo] + x[vh] * T.Cast("float32", quant.int4(q[vo], vh))
+                    vo, vt = T.axis.remap("SR", [o, t])
+                    acc[vo] = acc[vo] + x[vt] * T.Cast("float32", quant.int4(q[vo], vt))
 
     # the signed value of each nibble 0..15: 0..7, then -8..-1
-    nibbles = T.bitwise_and(T.Ramp(8, 1, lanes), T.Broadcast(15, lanes)) - T.Broadcast(8, lanes)
-    table = T.Cast(f"float32x{lanes}", nibbles)
-
-    def weights(index):
-        return T.call_llvm_pure_intrin(f"float32x{lanes}", lookup, table, index)
+    values = T.bitwise_and(T.Ramp(8, 1, lanes), T.Broadcast(15, lanes)) - T.Broadcast(8, lanes)
+    table = T.Cast(f"float32x{lanes}", values)
 
     @T.prim_func(s_tir=True)
-    def impl(x: T.Buffer((2,), "float32", offset_factor=1), q: T.Buffer((lanes,), "int8", offset_factor=1),
+    def impl(x: T.Buffer((nibbles,), "float32", offset_factor=1), q: T.Buffer((lanes,), "int32", offset_factor=1),
              acc: T.Buffer((lanes,), "float32", offset_factor=1)):
         with T.sblock("root"):
-            T.reads(acc[0:lanes], x[0:2], q[0:lanes])
+            T.reads(acc[0:lanes], x[0:nibbles], q[0:lanes])
             T.writes(acc[0:lanes])
-            acc[T.Ramp(0, 1, lanes)] = acc[T.Ramp(0, 1, lanes)] + T.Broadcast(x[0], lanes) * weights(
-                T.Cast(f"int32x{lanes}", q[T.Ramp(0, 1, lanes)]))
-            acc[T.Ramp(0, 1, lanes)] = acc[T.Ramp(0, 1, lanes)] + T.Broadcast(x[1], lanes) * weights(
-                T.shift_right(T.Cast(f"int32x{lanes}", q[T.Ramp(0, 1, lanes)]), T.Broadcast(4, lanes)))
+            for t in T.unroll(nibbles):
+                acc[T.Ramp(0, 1, lanes)] = acc[T.Ramp(0, 1, lanes)] + T.Broadcast(x[t], lanes) * T.call_llvm_pure_intrin(
+                    f"float32x{lanes}", lookup, table, T.shift_right(q[T.Ramp(0, 1, lanes)], T.Broadcast(t * 4, lanes)))
 
     s_tir.TensorIntrin.register(name, desc, impl)
     return name

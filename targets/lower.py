@@ -358,7 +358,7 @@ def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int,
     q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
     q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
     hidden, cout = q1.shape[0], q2.shape[0]
-    # (C, O) integer layouts, two to a byte at <= 4 bits (quant.pack_int4)
+    # (C, O) integer layouts, eight to an int32 word at <= 4 bits (quant.pack_int4)
     q1, q2 = np.ascontiguousarray(q1.T), np.ascontiguousarray(q2.T)
     if w_bits <= quant.NIBBLE_BITS:
         q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)

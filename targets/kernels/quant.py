@@ -4,7 +4,7 @@ The ``ai.bnncc`` quantizers (bnncc/ops/spec.md), with m = 2^(b-1) - 1:
 
 - weights, per output channel o: s_o = m / max|W[o]|, q = clip(floor(W s_o + 0.5), -m, m),
   Wq = q / s_o. Quantized in numpy at compile time (``quantize_weights``); the kernels read
-  the integers q (int8; two to a byte when b <= 4, ``pack_int4``) and s_o, or the float Wq
+  the integers q (int8; eight to an int32 word when b <= 4, ``pack_int4``) and s_o, or the float Wq
   where the tensor is tiny (the stem).
 - activations, per input channel c with bound B_c: signed s_c = m / B_c,
   xq = clip(floor(x s_c + 0.5), -m, m) / s_c; unsigned s_c = 2^a / B_c,
@@ -35,8 +35,9 @@ __all__ = [
 CONV_KERNEL_NAME = "quant_conv2d"
 SE_GATE_KERNEL_NAME = "se_gate"
 HEAD_KERNEL_NAME = "quant_head"
-# weights of at most this many bits are stored two to a byte
+# weights of at most this many bits are stored as nibbles, this many to an int32 word (pack_int4)
 NIBBLE_BITS = 4
+NIBBLES = 8
 # the stage of quant_conv2d that repeats each quantized input channel for the output channels of
 # its group (one input channel per group)
 SPREAD = "spread"
@@ -60,22 +61,25 @@ def quantize_weights(weights: np.ndarray, bits: int) -> tuple[np.ndarray, np.nda
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
-    """Two signed 4-bit integers to a byte along axis 0: q (C, O) in [-8, 7] -> int8 (ceil(C/2), O),
-    row c in the low nibble of byte row c // 2 when c is even, the high nibble when odd (an odd C
-    gets a zero high nibble in the last row)."""
+    """Eight signed 4-bit integers to an int32 word along axis 0: q (C, O) in [-8, 7] -> int32
+    (ceil(C/8), O), row c in bits 4t .. 4t+3, t = c % 8, of word row c // 8 (rows past C: zeros).
+
+    Words rather than bytes: a vector of words is one nibble of each lane away from a 32-bit
+    value (a shift), where a vector of bytes first had to be widened to words (a cross-lane
+    shuffle per nibble, the SE gates' bound on AVX-512)."""
     rows = q.shape[0]
-    padded = np.zeros((rows + rows % 2, *q.shape[1:]), np.uint8)
+    words = -(-rows // NIBBLES)
+    padded = np.zeros((words * NIBBLES, *q.shape[1:]), np.uint32)
     padded[:rows] = q.astype(np.int8).view(np.uint8) & 0xF
-    return (padded[0::2] | (padded[1::2] << 4)).view(np.int8)
+    shifts = (4 * np.arange(NIBBLES, dtype=np.uint32)).reshape(1, NIBBLES, *([1] * (q.ndim - 1)))
+    # the nibbles' bits are disjoint: the sum is their OR
+    return (padded.reshape(words, NIBBLES, *q.shape[1:]) << shifts).sum(axis=1, dtype=np.uint32).view(np.int32)
 
 
-def int4(byte: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
-    """The signed integer that ``pack_int4`` packed in nibble ``half`` (0 low, 1 high) of an int8
-    ``byte``, as int32: (int32(byte) << s) >> 28 with an arithmetic right shift, s = 28 for the low
-    nibble, 24 for the high one, sign-extends the nibble. In 32-bit lanes because x86 has no 8-bit
-    vector shifts: int8 shifts took five instructions a vector before the widening, these take two
-    after it."""
-    return (byte.astype("int32") << (24 + (1 - half) * 4)) >> tirx.const(28, "int32")
+def int4(word: tirx.PrimExpr, nibble: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The signed integer that ``pack_int4`` packed as ``nibble`` (0..7) of an int32 ``word``:
+    (word << (28 - 4 nibble)) >> 28, the right shift arithmetic, sign-extends it."""
+    return (word << (28 - nibble * 4)) >> tirx.const(28, "int32")
 
 
 def act_scales(bounds: np.ndarray, bits: int, signed: bool) -> np.ndarray:
@@ -230,38 +234,39 @@ def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name
            quant: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
            act_scale: te.Tensor) -> te.Tensor:
     """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o]; q (C, O) int8 integers,
-    or (ceil(C/2), O) nibbles of ``pack_int4``."""
+    or (ceil(C/8), O) int32 words of nibbles (``pack_int4``)."""
     n, c = (int(d) for d in x.shape)
     rows, o = (int(d) for d in q.shape)
-    if rows == c:
+    if q.dtype == "int8":
         xq = te.compute((n, c), lambda i, j: quant(x[i, j], act_scale[j]), name=f"{name}_quantize")
         rc = te.reduce_axis((0, c), name="rc")
         dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * q[rc, j].astype("float32"), axis=rc),
                          name=f"{name}_dot")
     else:
-        # nibbles: input c = 2 row + half, summed in input order; an odd C's last high nibble is a
-        # zero weight, its input a zero
+        # nibbles: input c = 8 row + nibble, summed in input order; the nibbles past C in the last
+        # word are zero weights, their inputs zeros
         def quantized(i, j):
-            if 2 * rows == c:
+            if NIBBLES * rows == c:
                 return quant(x[i, j], act_scale[j])
             inside = tirx.min(j, c - 1)
             return tirx.if_then_else(j < c, quant(x[i, inside], act_scale[inside]), tirx.const(0, "float32"))
 
-        xq = te.compute((n, 2 * rows), quantized, name=f"{name}_quantize")
+        xq = te.compute((n, NIBBLES * rows), quantized, name=f"{name}_quantize")
         row = te.reduce_axis((0, rows), name="row")
-        half = te.reduce_axis((0, 2), name="half")
+        nibble = te.reduce_axis((0, NIBBLES), name="nibble")
         dot = te.compute((n, o), lambda i, j: te.sum(
-            xq[i, row * 2 + half] * int4(q[row, j], half).astype("float32"), axis=[row, half]), name=f"{name}_dot")
+            xq[i, row * NIBBLES + nibble] * int4(q[row, j], nibble).astype("float32"), axis=[row, nibble]),
+            name=f"{name}_dot")
     return te.compute((n, o), lambda i, j: dot[i, j] / w_scale[j] + bias[j], name=name)
 
 
 def _dense_inputs(c: int, o: int, name: str, w_bits: int = 8) -> tuple[te.Tensor, ...]:
     """Placeholders (act_scale (C,), q, w_scale (O,), bias (O,)) of one quantized dense layer;
-    q int8 (C, O), or (ceil(C/2), O) packed nibbles when w_bits <= NIBBLE_BITS."""
-    rows = -(-c // 2) if w_bits <= NIBBLE_BITS else c
+    q int8 (C, O), or int32 (ceil(C/8), O) words of nibbles when w_bits <= NIBBLE_BITS."""
+    shape, dtype = ((-(-c // NIBBLES), o), "int32") if w_bits <= NIBBLE_BITS else ((c, o), "int8")
     return (
         te.placeholder((c,), "float32", name=f"{name}_act_scale"),
-        te.placeholder((rows, o), "int8", name=f"{name}_q"),
+        te.placeholder(shape, dtype, name=f"{name}_q"),
         te.placeholder((o,), "float32", name=f"{name}_w_scale"),
         te.placeholder((o,), "float32", name=f"{name}_bias"),
     )

@@ -360,6 +360,18 @@ def test_avx2_inner_loop_form():
     assert lines.count("vpmaddubsw") > 0 and lines.count("vpmaddwd") == lines.count("vpmaddubsw")
 
 
+def test_pack_int4_puts_row_c_in_nibble_c_mod_8_of_word_row_c_div_8():
+    from bnncc.targets.kernels import quant
+
+    q = np.random.default_rng(3).integers(-8, 8, size=(11, 5)).astype(np.int8)
+    words = quant.pack_int4(q)
+    assert words.dtype == np.int32 and words.shape == (2, 5)
+    bits = words.view(np.uint32)
+    for c in range(16):
+        nibble = ((bits[c // 8] >> np.uint32(4 * (c % 8))) & np.uint32(15)).astype(np.int64)
+        np.testing.assert_array_equal(np.where(nibble > 7, nibble - 16, nibble), q[c] if c < 11 else 0)
+
+
 def _se_gate_reference(x, q1, s1, b1, scale1, q2, s2, b2, scale2, bits=4):
     """The SE gate in float64 numpy: mean, signed int-k quantizer, dense, relu, unsigned quantizer,
     dense, hard sigmoid (quant.se_gate_func); scales as quant.act_scales makes them."""
@@ -376,9 +388,10 @@ def _se_gate_reference(x, q1, s1, b1, scale1, q2, s2, b2, scale2, bits=4):
 
 @pytest.mark.parametrize("cin", [64, 37])
 def test_se_gate_kernel_matches_numpy(cin):
-    """The SE gate kernel with int4 weights two to a byte (an odd input count leaves a zero high
-    nibble) against numpy, in every build; on AVX-512 the weights become floats by a table lookup
-    and the gate equals the AVX2 build's (shifts and a conversion) bit for bit."""
+    """The SE gate kernel with int4 weights eight to a word (an input count that is no multiple of
+    8 leaves zero nibbles: 37, and the hidden 12) against numpy, in every build; on AVX-512 the
+    weights become floats by a table lookup and the gate equals the AVX2 build's (shifts and a
+    conversion) bit for bit."""
     from bnncc.targets.kernels import quant
 
     rng = np.random.default_rng(cin)
