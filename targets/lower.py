@@ -26,12 +26,11 @@ as it is; any other reader gets it transposed):
   gate into pos, neg and the shifts, per image and channel (two more operations an output
   fewer). ``match`` is the ReshapeAdd channel mean / zero-pad / tile and the 3x3/2 SAME
   count-pad average pool. With an even Cin the kernel computes (2 * a1) * (acc / 2), the same
-  product (binary_conv2d's ``halved``: fewer integer instructions an output). It writes y (float,
-  read by the next local shortcut and block
-  shortcut) and, when a PokeConv reads y, y's packed sign bits (the next layer's input) and, when
-  that PokeConv is gated, y's row sums (N, Ho, Cout), which its SE gate averages instead of
-  reading y again. A PokeConv without SE gate (the "ungated" overloads) has no gate kernel, and
-  its epilogue no gate input or multiply.
+  product (binary_conv2d's ``halved``: fewer integer instructions an output). It writes y
+  (float, read by the next local shortcut and block shortcut) and, when a PokeConv reads y, y's
+  packed sign bits (the next layer's input) and, when that PokeConv is gated, y's row sums
+  (N, Ho, Cout), which its SE gate averages instead of reading y again. A PokeConv without SE
+  gate (the "ungated" overloads) has no gate kernel, and its epilogue no gate input or multiply.
 - ``SEGate``: ``se_gate`` (pool, int4 dense, relu, int4 dense, hard sigmoid) -> (N, Cout).
 - ``GlobalAveragePool -> Flatten -> QuantGemm``: ``quant_head``.
 
@@ -407,7 +406,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     cout = weight.shape[0]
     ho, wo = out_size(h, stride), out_size(w, stride)
     # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can
-    halved = cin % 2 == 0
+    halved = bitpack.can_halve(cin, kernel)
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
     table = np.zeros((6, cout), np.float64)

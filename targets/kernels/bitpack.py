@@ -20,8 +20,8 @@ from bnncc.errors import BnnccError
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
-__all__ = ["BORDER_DTYPE", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "halved_counts", "pack_bits", "pack_weights",
-           "sign_bitpack", "sign_bitpack_func", "words"]
+__all__ = ["BORDER_DTYPE", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "can_halve", "halved_counts", "pack_bits",
+           "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
 
 KERNEL_NAME = "sign_bitpack"
 
@@ -138,8 +138,15 @@ def border_table(tap_sums: np.ndarray) -> np.ndarray:
     return table
 
 
+def can_halve(in_channels: int, kernel: int) -> bool:
+    """Whether a binary conv can take its dot product halved (``halved_counts``): C even, and its
+    halved counts, up to C*k*k, in BORDER_DTYPE."""
+    return in_channels % 2 == 0 and in_channels * kernel * kernel <= np.iinfo(BORDER_DTYPE).max
+
+
 def halved_counts(border: np.ndarray, in_channels: int) -> np.ndarray:
-    """The table (C*k*k + border) / 2 (int16, the shape of ``border``) of a binary conv with an even C.
+    """The table (C*k*k + border) / 2 (the dtype and shape of ``border``) of a binary conv that
+    ``can_halve``.
 
     A window's +-1 dot product is C*k*k - 2*P + border[...] (binary_conv2d), so its half is this
     table's entry minus P: one subtraction where the whole took a doubling, a subtraction and the
@@ -147,9 +154,6 @@ def halved_counts(border: np.ndarray, in_channels: int) -> np.ndarray:
     (a sum of taps' sums of C signs) are even.
     """
     k = int(round(np.sqrt(border.shape[0])))
-    total = in_channels * k * k
-    if in_channels % 2:
-        raise ValueError(f"halved counts need an even channel count, not {in_channels}")
-    if total > np.iinfo(BORDER_DTYPE).max:
-        raise BnnccError(f"binary conv of {in_channels} channels, {k}x{k}: its halved counts exceed {BORDER_DTYPE}")
-    return ((total + border.astype(np.int32)) // 2).astype(BORDER_DTYPE)
+    if not can_halve(in_channels, k):
+        raise ValueError(f"a {k}x{k} binary conv of {in_channels} input channels has no halved counts")
+    return ((in_channels * k * k + border.astype(np.int32)) // 2).astype(BORDER_DTYPE)

@@ -102,15 +102,16 @@ def test_pack_weights():
 
 
 def test_halved_counts():
-    """(C*k*k + border) / 2, exactly, for an even C; an odd C has no halved count."""
+    """(C*k*k + border) / 2, exactly, for an even C; an odd C, or counts past int16, have none."""
     w = np.random.default_rng(1).standard_normal((5, 40, 3, 3)).astype(np.float32)
     border = bp.pack_weights(w).border
     half = bp.halved_counts(border, 40)
     assert half.dtype == border.dtype and half.shape == border.shape
     np.testing.assert_array_equal(2 * half.astype(np.int64), 360 + border.astype(np.int64))
     assert half[0, 0, 0] == 180
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="no halved counts"):
         bp.halved_counts(bp.pack_weights(w[:, :39]).border, 39)
+    assert bp.can_halve(3640, 3) and not bp.can_halve(3642, 3) and bp.can_halve(32766, 1)
 
 
 def test_same_padding():
