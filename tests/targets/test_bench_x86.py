@@ -1,5 +1,6 @@
 """The x86 benches' own logic: bench/popcount_peak.c's methods against numpy popcounts, the classes
-bench/kernels.py states fractions against, bench/network.py's AVX2 build and int8 configurations."""
+bench/kernels.py states fractions against, bench/network.py's AVX2 build and int8 configurations,
+bench/glue_bound.py's instruction counts."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import glue_bound  # noqa: E402  (bench/glue_bound.py)
 import kernels  # noqa: E402  (bench/kernels.py)
 import network  # noqa: E402  (bench/network.py)
 import onnx  # noqa: E402
@@ -139,3 +141,17 @@ def test_int8_configurations_quantize_as_named(tmp_path, config):
     got = ort.InferenceSession(str(tmp_path / "int8.onnx"), options).run(None, {"input": x})[0]
     ref = ort.InferenceSession(str(float_path), options).run(None, {"input": x})[0]
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_glue_bound_counts_by_hand():
+    """Per 16-channel output vector: a 3x3 512 -> 512 conv is 512 * 9 / 32 words of 3 instructions, its
+    epilogue 10.5 + the identity shortcut; stage 1's 64 -> 256 expand is 2 words, its epilogue 9.5 +
+    a quarter of a zero-pad add + the block shortcut; a 256 -> 64 shrink's mean of 4 costs 3 adds, a
+    multiply and 6 permutes."""
+    shapes = {shape.name: shape for shape in kernels.resnet50_shapes()}
+    assert glue_bound.conv_instructions(shapes["s4 conv2"]) == 432
+    assert glue_bound.epilogue_instructions(shapes["s4 conv2"]) == 11.5
+    assert glue_bound.conv_instructions(shapes["s1 conv3"]) == 6
+    assert glue_bound.epilogue_instructions(shapes["s1 conv3"]) == 9.5 + 0.25 + 1
+    assert glue_bound.epilogue_instructions(shapes["s1 conv1"]) == 9.5 + 10 + 1
+    assert glue_bound.epilogue_instructions(shapes["s1 conv1 first"]) == 9.5 + 1
