@@ -4,8 +4,8 @@
     class this CPU runs (AVX-512 VPOPCNTDQ where it has it, and AVX2: an x86-64-v3 build, which runs
     on an AVX-512 CPU too), against onnxruntime float32 ResNet-50 and the fastest of onnxruntime's
     static int8 configurations (``INT8_CONFIGS``: U8S8 and S8S8, QDQ and QOperator, per-channel
-    weights, random calibration images; each measured here, the fastest at batch 1 kept), as
-    ratios of the medians and of the minima (``_latencies_ms``);
+    weights, random calibration images; each measured here, the fastest at batch 1 kept), as the
+    median of each round's ratio of medians and the ratio of the minima (``_latencies_ms``, ``_ratio``);
 (c) compile time and library size against the packed weight size;
 ``--noise``: bnncc batch 1 with and without a co-running noise process that the bench starts and
     stops itself (``_noise``: busy for a burst, asleep for nine), blocks interleaved;
@@ -127,8 +127,8 @@ def _timed_ms(pipe, batch: int, calls: int) -> list[float]:
 
 
 def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, dict[str, np.ndarray]]:
-    """{batch: {engine: ms of each timed call}}, the engines' processes taking turns; every round
-    in fresh processes. On this project's 2-vCPU VMs there are stretches, seconds to minutes long,
+    """{batch: {engine: ms of each timed call, (rounds, BLOCK[batch])}}, the engines' processes
+    taking turns; every round in fresh processes. On this project's 2-vCPU VMs there are stretches, seconds to minutes long,
     in which the two vCPUs slow each other down when both are busy, and 2-thread bnncc runs 1.5x
     slower (bench/RESULTS.md, "Slow stretches"); a process that started in one could look slow for
     its whole life, and one process for all rounds made an engine's figure hang on that draw."""
@@ -137,7 +137,7 @@ def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, 
         with _serving(engines) as pipes:
             for batch in batches:
                 for name, pipe in pipes.items():
-                    times[batch][name] += _timed_ms(pipe, batch, BLOCK[batch])
+                    times[batch][name].append(_timed_ms(pipe, batch, BLOCK[batch]))
     return {batch: {name: np.array(t) for name, t in by_name.items()} for batch, by_name in times.items()}
 
 
@@ -158,8 +158,9 @@ def _noise(burst_s: float, period_s: float, on, stop, conn) -> None:
 
 
 def _noise_ms(engines: Engines, burst_s: float) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
-    """({engine: (batch-1 ms without noise, with noise)}, the noise's share of one core): for each
-    engine in turn, blocks without and with the noise process running, NOISE_ROUNDS times."""
+    """({engine: (batch-1 ms without noise, with noise), each (NOISE_ROUNDS, BLOCK[1])}, the noise's
+    share of one core): for each engine in turn, blocks without and with the noise process running,
+    NOISE_ROUNDS times."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -172,9 +173,9 @@ def _noise_ms(engines: Engines, burst_s: float) -> tuple[dict[str, tuple[np.ndar
             times = {name: ([], []) for name in engines}
             for _ in range(NOISE_ROUNDS):
                 for name, pipe in pipes.items():
-                    times[name][0].extend(_timed_ms(pipe, 1, BLOCK[1]))
+                    times[name][0].append(_timed_ms(pipe, 1, BLOCK[1]))
                     on.set()
-                    times[name][1].extend(_timed_ms(pipe, 1, BLOCK[1]))
+                    times[name][1].append(_timed_ms(pipe, 1, BLOCK[1]))
                     on.clear()
     finally:
         stop.set()
@@ -385,7 +386,12 @@ def _cell(t: np.ndarray) -> str:
 
 
 def _ratio(slow: np.ndarray, fast: np.ndarray) -> str:
-    return f"{np.median(slow) / np.median(fast):.1f}x ({slow.min() / fast.min():.1f}x)"
+    """slow / fast for two engines' (rounds, calls) times: the median over rounds of the ratio of the
+    round's medians, and (the ratio of the minima). The engines of a round run seconds apart, so a
+    slow stretch of the machine (_latencies_ms) slows both alike, where it can fall on one engine's
+    calls more than the other's in the medians over all rounds."""
+    paired = np.median(np.median(slow, axis=1) / np.median(fast, axis=1))
+    return f"{paired:.1f}x ({slow.min() / fast.min():.1f}x)"
 
 
 def _load() -> str:
@@ -424,7 +430,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     rows = _latencies_ms(engines, (1, 8))
 
     packed = _packed_weight_bytes(poke)
-    print(f"\n{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, a fresh process per engine each round; median (min) ms")
+    print(f"\n{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, a fresh process per engine each round; "
+          "median (min) ms; speedups: the median of the rounds' ratios (the ratio of the minima)")
     for cls, folder in folders.items():
         print(f"\n{cls} build (PokeBNN-1x) on {cpu}")
         print(f"| CPU | class | batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 {int8_name} | speedup vs fp32 | "
@@ -483,8 +490,7 @@ def run_resnet18(work: Path) -> None:
     print("|---|---|---|---|")
     for batch, times in _latencies_ms(engines, (1, 8)).items():
         ours, fp32 = (times[name] for name in engines)
-        print(f"| {batch} | {np.median(ours):.2f} ({ours.min():.2f}) | {np.median(fp32):.2f} ({fp32.min():.2f}) | "
-              f"{np.median(fp32) / np.median(ours):.1f}x ({fp32.min() / ours.min():.1f}x) |")
+        print(f"| {batch} | {_cell(ours)} | {_cell(fp32)} | {_ratio(fp32, ours)} |")
 
 
 if __name__ == "__main__":

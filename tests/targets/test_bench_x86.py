@@ -155,3 +155,14 @@ def test_glue_bound_counts_by_hand():
     assert glue_bound.epilogue_instructions(shapes["s1 conv3"]) == 9.5 + 0.25 + 1
     assert glue_bound.epilogue_instructions(shapes["s1 conv1"]) == 9.5 + 10 + 1
     assert glue_bound.epilogue_instructions(shapes["s1 conv1 first"]) == 9.5 + 1
+
+
+def test_speedups_pair_the_engines_round_by_round():
+    """network._ratio: a slow stretch in one round slows both engines of that round, and the paired
+    ratio (median over rounds of the round's ratio) stays 2x where the ratio of the overall medians
+    would not; the minima's ratio beside it."""
+    # a slow stretch (3x) from round 3 on, which began after the slow engine's block of round 3
+    fast = np.array([[1.0, 1.0], [1.0, 1.0], [3.0, 3.0], [3.0, 3.0], [3.0, 3.0]])
+    slow = np.array([[2.0, 2.0], [2.0, 2.0], [2.0, 2.0], [6.0, 6.0], [6.0, 6.0]])
+    assert np.median(slow) / np.median(fast) < 1
+    assert network._ratio(slow, fast) == "2.0x (2.0x)"
