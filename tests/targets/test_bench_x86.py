@@ -1,6 +1,6 @@
 """The x86 benches' own logic: bench/popcount_peak.c's methods against numpy popcounts, the classes
 bench/kernels.py states fractions against, bench/network.py's AVX2 build and int8 configurations,
-bench/glue_bound.py's instruction counts."""
+bench/glue_bound.py's instruction counts, bench/ab.py's comparison of two libraries."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import ab  # noqa: E402  (bench/ab.py)
 import glue_bound  # noqa: E402  (bench/glue_bound.py)
 import kernels  # noqa: E402  (bench/kernels.py)
 import network  # noqa: E402  (bench/network.py)
@@ -166,3 +167,15 @@ def test_speedups_pair_the_engines_round_by_round():
     slow = np.array([[2.0, 2.0], [2.0, 2.0], [2.0, 2.0], [6.0, 6.0], [6.0, 6.0]])
     assert np.median(slow) / np.median(fast) < 1
     assert network._ratio(slow, fast) == "2.0x (2.0x)"
+
+
+def test_ab_compares_two_libraries_pair_by_pair(avx2_library, capsys, monkeypatch):
+    """bench/ab.py on one library against itself: logits bitwise equal, and the pairs' ratio printed
+    with its quartiles."""
+    folder, _ = avx2_library
+    monkeypatch.setattr(sys, "argv", ["ab.py", str(folder), str(folder), "--pairs", "4", "--calls", "2"])
+    ab.main()
+    out = capsys.readouterr().out
+    assert "logits bitwise equal: True (largest difference 0)" in out
+    ratio = float(out.split("B/A by pairs: median ")[1].split()[0])
+    assert 0.2 < ratio < 5
