@@ -645,8 +645,12 @@ def _quant_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.P
     conv = sch.get_sblock("conv")
     n, y, z, o, ri, rj, rc = sch.get_loops(conv)
     nchw = func.attrs.get(quant.INPUT_LAYOUT_ATTR) == "NCHW"
-    input_rows = int(sch.get(sch.get_loops(quantize)[2]).extent)
-    per_task = nchw and int(sch.get(y).extent) * int(sch.get(ri).extent) <= input_rows
+    if nchw:
+        # the windows of different output rows share no input row: the rows they read fit the input's
+        input_rows = int(sch.get(sch.get_loops(quantize)[2]).extent)
+        per_task = int(sch.get(y).extent) * int(sch.get(ri).extent) <= input_rows
+    else:
+        per_task = False
     if nchw and not per_task:
         # rows of one channel: the scale is one value, the row a vector loop
         qn, qc, qy, qz = sch.get_loops(quantize)
@@ -774,25 +778,25 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
         sch.vectorize(_vector_split(sch, sch.get_loops(quantize)[-1], lanes)[1])
         dot = sch.get_sblock(name)
         # inputs: one loop, or word rows and the nibble of int4 weights (quant._dense)
-        n, o, rows, *half = sch.get_loops(dot)
+        n, o, rows, *nibble = sch.get_loops(dot)
         o_out, o_vec = _vector_split(sch, o, lanes)
         vectors = int(sch.get(o_out).extent)
         shares = _shares(vectors, threads)
-        inputs = int(sch.get(rows).extent) * (quant.NIBBLES if half else 1)
+        inputs = int(sch.get(rows).extent) * (int(sch.get(nibble[0]).extent) if nibble else 1)
         if inputs * vectors >= _PARALLEL_DENSE and shares > 1:
             share, o_in = sch.split(o_out, [shares, None])
-            sch.reorder(n, share, rows, o_in, *half, o_vec)
+            sch.reorder(n, share, rows, o_in, *nibble, o_vec)
             sch.parallel(share)
         else:
-            sch.reorder(n, rows, o_out, *half, o_vec)
-        lookup = half and unit.float_lookup and int(sch.get(o_vec).extent) == lanes
+            sch.reorder(n, rows, o_out, *nibble, o_vec)
+        lookup = nibble and unit.float_lookup and int(sch.get(o_vec).extent) == lanes
         if not lookup:
             sch.vectorize(o_vec)
-            if half:
-                sch.unroll(half[0])
+            if nibble:
+                sch.unroll(nibble[0])
         sch.decompose_reduction(dot, rows)
         if lookup:
-            sch.tensorize(half[0], _int4_dot_intrin(lanes, unit.float_lookup))
+            sch.tensorize(nibble[0], _int4_dot_intrin(lanes, unit.float_lookup))
     return mark_scheduled(sch.mod["main"])
 
 
