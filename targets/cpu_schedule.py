@@ -19,9 +19,11 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
 - ``quant_conv2d`` (the stem): output rows in parallel, register tiles of output columns x
   channels as in the binary conv, the reduction outside the tile;
 - ``se_gate`` and ``quant_head``: the spatial mean with the channel vector innermost; the dense
-  layers input by input, each adding its weight row times the input to the output vectors (a
-  large layer's output vectors split between the threads; on AVX-512, int4 weights become floats
-  by a table lookup, ``_int4_dot_intrin``).
+  layers input by input, each adding its weight row times the input to the output vectors: int4
+  weights (the SE gates) a whole row at a time (a large layer's output vectors split between the
+  threads; on AVX-512 they become floats by a table lookup, ``_int4_dot_intrin``), int8 weights
+  (the head) a column tile at a time, its outputs in registers, the tiles shared out between the
+  threads (``_column_tile_dot``).
 """
 
 from __future__ import annotations
@@ -747,7 +749,8 @@ def _shares(vectors: int, threads: int) -> int:
 
 def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.PrimFunc:
     """SE gate and head: the pooling sum with channels vectorized, a share of them per thread; the
-    dense layers a weight row at a time, a large one's output vectors shared out between the threads."""
+    dense layers a weight row at a time, a large one's output vectors shared out between the
+    threads, or with int8 weights a column tile at a time (``_column_tile_dot``)."""
     lanes = unit.lanes
     sch = s_tir.Schedule(func)
     pool = sch.get_sblock("pool_sum")
@@ -777,7 +780,10 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
         quantize = sch.get_sblock(name.replace("_dot", "_quantize"))
         sch.vectorize(_vector_split(sch, sch.get_loops(quantize)[-1], lanes)[1])
         dot = sch.get_sblock(name)
-        # inputs: one loop, or word rows and the nibble of int4 weights (quant._dense)
+        if any(read.source.dtype == "int8" for read in sch.get(dot).reads):
+            _column_tile_dot(sch, dot, sch.get_sblock(name[:-len("_dot")]), lanes, threads)
+            continue
+        # int4 weights: word rows and the nibble of each (quant._dense)
         n, o, rows, *nibble = sch.get_loops(dot)
         o_out, o_vec = _vector_split(sch, o, lanes)
         vectors = int(sch.get(o_out).extent)
@@ -798,6 +804,24 @@ def _pool_dense(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.Pri
         if lookup:
             sch.tensorize(nibble[0], _int4_dot_intrin(lanes, unit.float_lookup))
     return mark_scheduled(sch.mod["main"])
+
+
+def _column_tile_dot(sch: s_tir.Schedule, dot, layer, lanes: int, threads: int) -> None:
+    """An int8 dense layer's dot in column tiles (quant.tile_columns): per tile, the input loop
+    outside the tile's output vectors, which stay in registers while the tile's weights are read
+    front to back; the layer's scale and bias (``layer``) applied per tile; the tiles shared out
+    between the threads when the layer is large."""
+    n, tile, width, inputs = sch.get_loops(dot)
+    tiles, size = int(sch.get(tile).extent), int(sch.get(width).extent) * int(sch.get(inputs).extent)
+    sch.reverse_compute_at(layer, tile)
+    vectors, lane = _vector_split(sch, width, lanes)
+    sch.reorder(inputs, vectors, lane)
+    sch.unroll(vectors)
+    sch.vectorize(lane)
+    task = sch.fuse(n, tile)
+    if tiles > 1 and tiles * size >= _PARALLEL_DENSE:
+        sch.parallel(task)
+    sch.decompose_reduction(dot, inputs)
 
 
 def _int4_dot_intrin(lanes: int, lookup: str) -> str:

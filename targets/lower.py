@@ -357,10 +357,7 @@ def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int,
     q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
     q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
     hidden, cout = q1.shape[0], q2.shape[0]
-    # (C, O) integer layouts, eight to an int32 word at <= 4 bits (quant.pack_int4)
-    q1, q2 = np.ascontiguousarray(q1.T), np.ascontiguousarray(q2.T)
-    if w_bits <= quant.NIBBLE_BITS:
-        q1, q2 = quant.pack_int4(q1), quant.pack_int4(q2)
+    q1, q2 = quant.pack_dense(q1, w_bits), quant.pack_dense(q2, w_bits)
     shape = walk.shape(x)
     key = (quant.SE_GATE_KERNEL_NAME, shape, hidden, cout, w_bits, a_bits, rows is not None)
     gvar = walk.kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits, walk.product,
@@ -476,7 +473,7 @@ def _head(walk: _Walk, node: ir.Node) -> None:
     classes = q.shape[0]
     gvar = walk.kernel((quant.HEAD_KERNEL_NAME, shape, classes, a_bits),
                        lambda: quant.head_func(shape, classes, a_bits, walk.product))
-    args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(np.ascontiguousarray(q.T)),
+    args = [x, relax.const(quant.act_scales(bound, a_bits, signed=True)), relax.const(quant.tile_columns(q.T)),
             relax.const(s), relax.const(bias.astype(np.float32))]
     walk.floats[gemm.outputs[0].name] = walk.call(gvar, args, [((walk.batch, classes), "float32")])
     walk.done.update(id(n) for n in (node, flatten, gemm))

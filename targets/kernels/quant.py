@@ -4,8 +4,8 @@ The ``ai.bnncc`` quantizers (bnncc/ops/spec.md), with m = 2^(b-1) - 1:
 
 - weights, per output channel o: s_o = m / max|W[o]|, q = clip(floor(W s_o + 0.5), -m, m),
   Wq = q / s_o. Quantized in numpy at compile time (``quantize_weights``); the kernels read
-  the integers q (int8; eight to an int32 word when b <= 4, ``pack_int4``) and s_o, or the float Wq
-  where the tensor is tiny (the stem).
+  the integers q (``pack_dense``: int8 in column tiles, eight to an int32 word when b <= 4) and
+  s_o, or the float Wq where the tensor is tiny (the stem).
 - activations, per input channel c with bound B_c: signed s_c = m / B_c,
   xq = clip(floor(x s_c + 0.5), -m, m) / s_c; unsigned s_c = 2^a / B_c,
   xq = clip(floor(x s_c), 0, 2^a - 1) / s_c. B_c <= 0 means "not calibrated": xq = x. The
@@ -38,6 +38,8 @@ HEAD_KERNEL_NAME = "quant_head"
 # weights of at most this many bits are stored as nibbles, this many to an int32 word (pack_int4)
 NIBBLE_BITS = 4
 NIBBLES = 8
+# the widest column tile of int8 dense weights (tile_columns): four AVX-512 vectors of outputs
+DENSE_TILE = 64
 # the stage of quant_conv2d that repeats each quantized input channel for the output channels of
 # its group (one input channel per group)
 SPREAD = "spread"
@@ -74,6 +76,33 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     shifts = (4 * np.arange(NIBBLES, dtype=np.uint32)).reshape(1, NIBBLES, *([1] * (q.ndim - 1)))
     # the nibbles' bits are disjoint: the sum is their OR
     return (padded.reshape(words, NIBBLES, *q.shape[1:]) << shifts).sum(axis=1, dtype=np.uint32).view(np.int32)
+
+
+def tile_width(outputs: int) -> int:
+    """The width of an int8 dense layer's column tiles (``tile_columns``): whole 16-lane vectors,
+    at most DENSE_TILE."""
+    return min(DENSE_TILE, -(-outputs // 16) * 16)
+
+
+def tile_columns(q: np.ndarray) -> np.ndarray:
+    """int8 q (C, O) -> (tiles, C, width), tile t holding columns t*width .. (t+1)*width - 1 of
+    every row (columns past O: zeros), width = ``tile_width(O)``.
+
+    A kernel then reads one tile's weights front to back while its outputs stay in registers;
+    with (C, O) rows, each input's row of O weights was a load and a store of every output."""
+    rows, outputs = q.shape
+    width = tile_width(outputs)
+    tiles = -(-outputs // width)
+    padded = np.zeros((rows, tiles * width), np.int8)
+    padded[:, :outputs] = q
+    return np.ascontiguousarray(padded.reshape(rows, tiles, width).transpose(1, 0, 2))
+
+
+def pack_dense(q: np.ndarray, w_bits: int) -> np.ndarray:
+    """The integer weights q (O, C) of ``quantize_weights`` in a dense kernel's layout: int32
+    words of nibbles (``pack_int4`` of (C, O)) at w_bits <= NIBBLE_BITS, else column tiles."""
+    columns = np.ascontiguousarray(q.T)
+    return pack_int4(columns) if w_bits <= NIBBLE_BITS else tile_columns(columns)
 
 
 def int4(word: tirx.PrimExpr, nibble: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -233,37 +262,45 @@ def _mean_of_rows(rows: te.Tensor, width: int, name: str) -> te.Tensor:
 def _dense(x: te.Tensor, q: te.Tensor, w_scale: te.Tensor, bias: te.Tensor, name: str,
            quant: Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr],
            act_scale: te.Tensor) -> te.Tensor:
-    """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o]; q (C, O) int8 integers,
-    or (ceil(C/8), O) int32 words of nibbles (``pack_int4``)."""
+    """y[n, o] = (sum_c quant(x[n, c]) q[c, o]) / w_scale[o] + bias[o] (``pack_dense``'s layouts):
+    q int8 column tiles (tiles, C, width), the dot computed per tile (N, tiles, width); or
+    (ceil(C/8), O) int32 words of nibbles (``pack_int4``)."""
     n, c = (int(d) for d in x.shape)
-    rows, o = (int(d) for d in q.shape)
+    o = int(w_scale.shape[0])
     if q.dtype == "int8":
+        tiles, _, width = (int(d) for d in q.shape)
         xq = te.compute((n, c), lambda i, j: quant(x[i, j], act_scale[j]), name=f"{name}_quantize")
         rc = te.reduce_axis((0, c), name="rc")
-        dot = te.compute((n, o), lambda i, j: te.sum(xq[i, rc] * q[rc, j].astype("float32"), axis=rc),
-                         name=f"{name}_dot")
-    else:
-        # nibbles: input c = 8 row + nibble, summed in input order; the nibbles past C in the last
-        # word are zero weights, their inputs zeros
-        def quantized(i, j):
-            if NIBBLES * rows == c:
-                return quant(x[i, j], act_scale[j])
-            inside = tirx.min(j, c - 1)
-            return tirx.if_then_else(j < c, quant(x[i, inside], act_scale[inside]), tirx.const(0, "float32"))
+        dot = te.compute((n, tiles, width), lambda i, t, k: te.sum(xq[i, rc] * q[t, rc, k].astype("float32"),
+                                                                  axis=rc), name=f"{name}_dot")
+        return te.compute((n, o), lambda i, j: dot[i, j // width, j % width] / w_scale[j] + bias[j], name=name)
+    rows = int(q.shape[0])
+    # nibbles: input c = 8 row + nibble, summed in input order; the nibbles past C in the last
+    # word are zero weights, their inputs zeros
+    def quantized(i, j):
+        if NIBBLES * rows == c:
+            return quant(x[i, j], act_scale[j])
+        inside = tirx.min(j, c - 1)
+        return tirx.if_then_else(j < c, quant(x[i, inside], act_scale[inside]), tirx.const(0, "float32"))
 
-        xq = te.compute((n, NIBBLES * rows), quantized, name=f"{name}_quantize")
-        row = te.reduce_axis((0, rows), name="row")
-        nibble = te.reduce_axis((0, NIBBLES), name="nibble")
-        dot = te.compute((n, o), lambda i, j: te.sum(
-            xq[i, row * NIBBLES + nibble] * int4(q[row, j], nibble).astype("float32"), axis=[row, nibble]),
-            name=f"{name}_dot")
+    xq = te.compute((n, NIBBLES * rows), quantized, name=f"{name}_quantize")
+    row = te.reduce_axis((0, rows), name="row")
+    nibble = te.reduce_axis((0, NIBBLES), name="nibble")
+    dot = te.compute((n, o), lambda i, j: te.sum(
+        xq[i, row * NIBBLES + nibble] * int4(q[row, j], nibble).astype("float32"), axis=[row, nibble]),
+        name=f"{name}_dot")
     return te.compute((n, o), lambda i, j: dot[i, j] / w_scale[j] + bias[j], name=name)
 
 
 def _dense_inputs(c: int, o: int, name: str, w_bits: int = 8) -> tuple[te.Tensor, ...]:
-    """Placeholders (act_scale (C,), q, w_scale (O,), bias (O,)) of one quantized dense layer;
-    q int8 (C, O), or int32 (ceil(C/8), O) words of nibbles when w_bits <= NIBBLE_BITS."""
-    shape, dtype = ((-(-c // NIBBLES), o), "int32") if w_bits <= NIBBLE_BITS else ((c, o), "int8")
+    """Placeholders (act_scale (C,), q, w_scale (O,), bias (O,)) of one quantized dense layer, q
+    in ``pack_dense``'s layout: int32 (ceil(C/8), O) words of nibbles when w_bits <= NIBBLE_BITS,
+    else int8 column tiles (tiles, C, width)."""
+    if w_bits <= NIBBLE_BITS:
+        shape, dtype = (-(-c // NIBBLES), o), "int32"
+    else:
+        width = tile_width(o)
+        shape, dtype = (-(-o // width), c, width), "int8"
     return (
         te.placeholder((c,), "float32", name=f"{name}_act_scale"),
         te.placeholder(shape, dtype, name=f"{name}_q"),

@@ -387,16 +387,16 @@ def _se_gate_reference(x, q1, s1, b1, scale1, q2, s2, b2, scale2, bits=4):
     return np.clip(g + 3, 0, 6) / 6
 
 
-@pytest.mark.parametrize("cin", [64, 37])
-def test_se_gate_kernel_matches_numpy(cin):
+@pytest.mark.parametrize("cin, bits", [(64, 4), (37, 4), (37, 8)])
+def test_se_gate_kernel_matches_numpy(cin, bits):
     """The SE gate kernel with int4 weights eight to a word (an input count that is no multiple of
-    8 leaves zero nibbles: 37, and the hidden 12) against numpy, in every build; on AVX-512 the
-    weights become floats by a table lookup and the gate equals the AVX2 build's (shifts and a
-    conversion) bit for bit."""
+    8 leaves zero nibbles: 37, and the hidden 12), or int8 weights in column tiles, against numpy,
+    in every build; on AVX-512 int4 weights become floats by a table lookup and the gate equals
+    the AVX2 build's (shifts and a conversion) bit for bit."""
     from bnncc.targets.kernels import quant
 
-    rng = np.random.default_rng(cin)
-    hidden, cout, bits = 12, 48, 4
+    rng = np.random.default_rng(cin + bits)
+    hidden, cout = 12, 48
     x = rng.standard_normal((1, 5, 5, cin)).astype(np.float32)
     q1, s1 = quant.quantize_weights(rng.standard_normal((hidden, cin)).astype(np.float32), bits)
     q2, s2 = quant.quantize_weights(rng.standard_normal((cout, hidden)).astype(np.float32), bits)
@@ -404,9 +404,9 @@ def test_se_gate_kernel_matches_numpy(cin):
     scale1[0] = 0  # an uncalibrated channel passes through
     scale2 = quant.act_scales(np.full(hidden, 4.0, np.float32), bits, signed=False)
     b1, b2 = rng.standard_normal(hidden).astype(np.float32), rng.standard_normal(cout).astype(np.float32)
-    args = [x, scale1, quant.pack_int4(np.ascontiguousarray(q1.T)), s1, b1,
-            scale2, quant.pack_int4(np.ascontiguousarray(q2.T)), s2, b2]
-    expected = _se_gate_reference(x, q1.T.astype(np.float64), s1, b1, scale1, q2.T.astype(np.float64), s2, b2, scale2)
+    args = [x, scale1, quant.pack_dense(q1, bits), s1, b1, scale2, quant.pack_dense(q2, bits), s2, b2]
+    expected = _se_gate_reference(x, q1.T.astype(np.float64), s1, b1, scale1, q2.T.astype(np.float64), s2, b2, scale2,
+                                  bits)
     func = quant.se_gate_func(x.shape, hidden, cout, bits, bits)
     gates = {}
     for variant in VARIANTS:
@@ -415,6 +415,40 @@ def test_se_gate_kernel_matches_numpy(cin):
     assert ((gates["avx2"] > 0) & (gates["avx2"] < 1)).sum() > cout // 4  # not all saturated
     if "avx512" in gates:
         np.testing.assert_array_equal(gates["avx512"], gates["avx2"])
+
+
+def test_tile_columns_puts_column_t_width_plus_k_at_tile_t_column_k():
+    from bnncc.targets.kernels import quant
+
+    q = np.arange(3 * 70).reshape(3, 70).astype(np.int8)
+    tiles = quant.tile_columns(q)
+    assert tiles.shape == (2, 3, 64) and quant.tile_width(70) == 64 and quant.tile_width(10) == 16
+    np.testing.assert_array_equal(tiles[0], q[:, :64])
+    np.testing.assert_array_equal(tiles[1, :, :6], q[:, 64:])
+    assert not tiles[1, :, 6:].any()  # columns past O are zero weights
+
+
+@pytest.mark.parametrize("classes", [1000, 10])
+def test_head_kernel_matches_numpy(classes):
+    """The head (global mean, signed int-8 quantizer, int8 dense in column tiles, scale, bias)
+    against numpy in every build: 1000 classes make 16 tiles of 64, the last 40 wide (the large
+    layer's tiles shared out between threads); 10 classes one tile of 16."""
+    from bnncc.targets.kernels import quant
+
+    rng = np.random.default_rng(classes)
+    cin = 256
+    x = rng.standard_normal((1, 7, 7, cin)).astype(np.float32)
+    q, s = quant.quantize_weights(rng.standard_normal((classes, cin)).astype(np.float32), 8)
+    scale = quant.act_scales(rng.uniform(0.1, 0.6, cin).astype(np.float32), 8, signed=True)
+    bias = rng.standard_normal(classes).astype(np.float32)
+    pooled = x.astype(np.float64).mean(axis=(1, 2))
+    xq = np.clip(np.floor(pooled * scale + 0.5), -127, 127) / scale
+    expected = xq @ q.T.astype(np.float64) / s + bias
+    func = quant.head_func(x.shape, classes, 8)
+    for variant in VARIANTS:
+        logits = run(build(func, variant), x, scale, quant.tile_columns(np.ascontiguousarray(q.T)), s, bias,
+                     out_shape=(1, classes), out_dtype=np.float32)
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel, stride, pad", [(4, 4, 0), (3, 1, 1), (3, 2, 1)])
