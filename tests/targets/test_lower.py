@@ -184,6 +184,19 @@ def test_runtime_calls_from_threads_each_get_their_own_images(library):
             assert all(np.array_equal(g, want) for g, want in zip(got, first * 4))
 
 
+def test_runtime_takes_arrays_at_any_alignment(library):
+    """The kernels assume 64-byte aligned inputs (a misaligned one crashed them); the runtime copies
+    a caller's array, which may sit anywhere, into its own tensor."""
+    from bnncc.runtime import load
+
+    folder, model = library
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    misaligned = np.zeros(x.size + 1, np.float32)[1:].reshape(x.shape)
+    misaligned[...] = x
+    assert misaligned.ctypes.data % 64
+    np.testing.assert_array_equal(load(folder)(misaligned), load(folder)(x))
+
+
 def test_manifest(library):
     import json
 
