@@ -288,7 +288,8 @@ def _register_steps(sch: s_tir.Schedule, block, loops: dict, reductions: tuple[s
     sch.decompose_reduction(block, (outer + inner)[0])
 
 
-# A byte lane counts at most 8 mismatches a step: 31 steps stay below 256.
+# A byte lane counts at most 8 mismatches a step: 31 steps stay below 256. (In the nibble form a
+# byte moves by at most 4 a step: 31 steps stay within int8.)
 _BYTE_STEPS = 31
 
 
@@ -336,7 +337,7 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
     else:
         sch.tensorize(sch.get_loops(rf)[-1], _byte_popcount_intrin(vec))
     multiply_adds = unit.pair_multiply_adds if vec == unit.lanes else None  # whole vectors only
-    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec, unit.pairwise_add, multiply_adds))
+    sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec, unit.pairwise_add, multiply_adds, nibbles))
 
 
 def _byte_popcount_intrin(lanes: int) -> str:
@@ -377,19 +378,23 @@ def _byte_popcount_intrin(lanes: int) -> str:
     return name
 
 
-# popcounts of 0..7 and of 8..15, a byte each (little-endian): the table of a nibble lookup
-_NIBBLE_COUNTS = (0x0302020102010100, 0x0403030203020201)
+# 2 - popcount(v) of v = 0..15 as signed bytes, 0..7 and 8..15, each eight an int64 (little-endian):
+# the table of a nibble lookup, half a nibble's agreements minus mismatches
+_NIBBLE_AGREEMENTS = tuple(int.from_bytes(bytes((2 - bin(v).count("1")) & 0xFF for v in range(first, first + 8)),
+                                          "little", signed=True) for first in (0, 8))
 
 
 def _nibble_popcount_intrin(lanes: int, lookup: str) -> str:
-    """``lanes`` int32 sums += popcount(x[h] ^ nibble(w[0:lanes], h)) for both nibble halves h, in
-    byte lanes as _byte_popcount_intrin (binary_conv's ``nibbles``). Each half is one ``lookup`` (a
-    table lookup of 16 one-byte entries, indexed by the low 4 bits of each byte, zero for a byte
-    whose top bit is set) of the xor itself: both operands are nibbles, so the xor needs no mask,
-    where a lookup of a whole byte masks, shifts and masks again. A byte of the result is at most
-    4 + 4. The weight nibbles are computed here, once per step for all the tile's columns (LLVM
-    merges the same split of the same weight vector). Registered on first use."""
-    name = f"bnncc_nibble_popcount_{lanes}"
+    """``lanes`` int32 sums += binary_conv.agreement(x[h], w[0:lanes], h) for both nibble halves h
+    (binary_conv's ``nibbles``), in byte lanes: each uint32 lane keeps in its four bytes half of
+    their agreements minus mismatches (signed), which only ``_byte_sum_intrin`` (``signed``) doubles
+    and adds up. Each half is one ``lookup`` (a table lookup of 16 one-byte entries, indexed by the
+    low 4 bits of each byte, zero for a byte whose top bit is set) of the xor itself: both operands
+    are nibbles, so the xor needs no mask, where a lookup of a whole byte masks, shifts and masks
+    again. A byte moves by at most 2 + 2 a step. The weight nibbles are computed here, once per step
+    for all the tile's columns (LLVM merges the same split of the same weight vector). Registered on
+    first use."""
+    name = f"bnncc_nibble_agreement_{lanes}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     nbytes = 4 * lanes
@@ -403,23 +408,22 @@ def _nibble_popcount_intrin(lanes: int, lookup: str) -> str:
             for c, h in T.grid(lanes, 2):
                 with T.sblock("update"):
                     vc, vh = T.axis.remap("SR", [c, h])
-                    acc[vc] = acc[vc] + T.Cast("int32", T.popcount(x[vh] ^ binary_conv.nibble(w[vc], vh)))
+                    acc[vc] = acc[vc] + binary_conv.agreement(x[vh], w[vc], vh)
 
-    def counts(index):
-        # ``lookup`` of the table (the two uint64 halves of _NIBBLE_COUNTS, alternating) at index
+    def agreements(index):
+        # ``lookup`` of the table (the two uint64 halves of _NIBBLE_AGREEMENTS, alternating) at index
         words = lanes // 2
-        table = T.Shuffle([T.Broadcast(T.uint64(_NIBBLE_COUNTS[0]), words), T.Broadcast(T.uint64(_NIBBLE_COUNTS[1]), words)],
+        table = T.Shuffle([T.Broadcast(T.int64(half), words) for half in _NIBBLE_AGREEMENTS],
                           [i // 2 + (i % 2) * words for i in range(words)])
-        found = T.call_llvm_pure_intrin(f"int8x{nbytes}", lookup, T.reinterpret(f"int8x{nbytes}", table),
-                                        T.reinterpret(f"int8x{nbytes}", index))
-        return T.reinterpret(f"uint32x{lanes}", found)
+        return T.call_llvm_pure_intrin(f"int8x{nbytes}", lookup, T.reinterpret(f"int8x{nbytes}", table),
+                                       T.reinterpret(f"int8x{nbytes}", index))
 
-    def plus_counts(acc, x0, x1, w):
-        # in uint32, as in _byte_popcount_intrin
+    def plus_agreements(acc, x0, x1, w):
+        # byte by byte: the bytes are signed, and a word add would carry from one into the next
         mask = T.Broadcast(T.uint32(binary_conv.NIBBLE_MASK), lanes)
-        low = counts(T.Broadcast(x0, lanes) ^ (w & mask))
-        high = counts(T.Broadcast(x1, lanes) ^ (T.shift_right(w, T.Broadcast(T.uint32(4), lanes)) & mask))
-        return T.reinterpret(f"int32x{lanes}", T.reinterpret(f"uint32x{lanes}", acc) + low + high)
+        low = agreements(T.Broadcast(x0, lanes) ^ (w & mask))
+        high = agreements(T.Broadcast(x1, lanes) ^ (T.shift_right(w, T.Broadcast(T.uint32(4), lanes)) & mask))
+        return T.reinterpret(f"int32x{lanes}", T.reinterpret(f"int8x{nbytes}", acc) + low + high)
 
     @T.prim_func(s_tir=True)
     def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
@@ -427,18 +431,24 @@ def _nibble_popcount_intrin(lanes: int, lookup: str) -> str:
         with T.sblock("root"):
             T.reads(acc[0:lanes], x[0:2], w[0:lanes])
             T.writes(acc[0:lanes])
-            acc[T.Ramp(0, 1, lanes)] = plus_counts(acc[T.Ramp(0, 1, lanes)], x[0], x[1], w[T.Ramp(0, 1, lanes)])
+            acc[T.Ramp(0, 1, lanes)] = plus_agreements(acc[T.Ramp(0, 1, lanes)], x[0], x[1], w[T.Ramp(0, 1, lanes)])
 
     s_tir.TensorIntrin.register(name, desc, impl)
     return name
 
 
-def _byte_sum_intrin(lanes: int, pairwise_add: str | None, multiply_adds: tuple[str, str] | None) -> str:
+def _byte_sum_intrin(lanes: int, pairwise_add: str | None, multiply_adds: tuple[str, str] | None,
+                     agreements: bool = False) -> str:
     """``lanes`` int32 sums += the sum of the four bytes of each lane of a chunk's byte counts
     (``_byte_popcount_intrin``; at most 248 a byte): two widening pairwise adds where the unit
     has them (``pairwise_add``), or two multiply-adds of pairs with ones (``multiply_adds``),
-    else shifts and masks. Registered on first use."""
-    name = f"bnncc_byte_sum_{lanes}" + ("_pairwise" if pairwise_add else "") + ("_madd" if multiply_adds else "")
+    else shifts and masks. ``agreements``: the chunk's bytes are signed halves of agreements
+    (``_nibble_popcount_intrin``, at most 31 * 4 in size), added up by the multiply-adds, the
+    second with twos. Registered on first use."""
+    if agreements and not multiply_adds:
+        raise ValueError("agreement counts are summed by multiply-adds only")
+    name = (f"bnncc_byte_sum_{lanes}" + ("_pairwise" if pairwise_add else "") + ("_madd" if multiply_adds else "")
+            + ("_agreements" if agreements else ""))
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
 
@@ -462,12 +472,14 @@ def _byte_sum_intrin(lanes: int, pairwise_add: str | None, multiply_adds: tuple[
                                              T.reinterpret(f"uint8x{4 * lanes}", u))
             return T.reinterpret(f"int32x{lanes}", T.call_llvm_pure_intrin(f"uint32x{lanes}", pairwise_add, halves))
         if multiply_adds:
-            # x86: bytes (unsigned, <= 248) times signed ones, pairs added into int16 (<= 496, no
-            # saturation), then int16 pairs times ones into int32
+            # x86: unsigned bytes times signed bytes, pairs added into int16 (no saturation: counts
+            # <= 248 times ones, or ones times agreements within +-124), then int16 pairs times
+            # ones (counts) or twos (agreements) into int32
             to_halves, to_words = multiply_adds
-            halves = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", to_halves, T.reinterpret(f"int8x{4 * lanes}", u),
-                                             T.Broadcast(T.int8(1), 4 * lanes))
-            return T.call_llvm_pure_intrin(f"int32x{lanes}", to_words, halves, T.Broadcast(T.int16(1), 2 * lanes))
+            ones, data = T.Broadcast(T.int8(1), 4 * lanes), T.reinterpret(f"int8x{4 * lanes}", u)
+            halves = T.call_llvm_pure_intrin(f"int16x{2 * lanes}", to_halves, *((ones, data) if agreements else (data, ones)))
+            return T.call_llvm_pure_intrin(f"int32x{lanes}", to_words, halves,
+                                           T.Broadcast(T.int16(2 if agreements else 1), 2 * lanes))
         mask = T.Broadcast(T.uint32(0x00FF00FF), lanes)
         halves = (u & mask) + (T.shift_right(u, T.Broadcast(T.uint32(8), lanes)) & mask)
         return T.reinterpret(f"int32x{lanes}", (halves & T.Broadcast(T.uint32(0xFFFF), lanes))

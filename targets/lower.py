@@ -26,7 +26,8 @@ as it is; any other reader gets it transposed):
   gate into pos, neg and the shifts, per image and channel (two more operations an output
   fewer). ``match`` is the ReshapeAdd channel mean / zero-pad / tile and the 3x3/2 SAME
   count-pad average pool. With an even Cin the kernel computes (2 * a1) * (acc / 2), the same
-  product (binary_conv2d's ``halved``: fewer integer instructions an output). It writes y
+  product (binary_conv2d's ``halved``: fewer integer instructions an output), unless it counts
+  nibbles (whose sum is acc itself). It writes y
   (float, read by the next local shortcut and block shortcut) and, when a PokeConv reads y, y's
   packed sign bits (the next layer's input) and, when that PokeConv is gated, y's row sums
   (N, Ho, Cout), which its SE gate averages instead of reading y again. A PokeConv without SE
@@ -402,8 +403,10 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     n, h, w, cin = walk.shape(x)
     cout = weight.shape[0]
     ho, wo = out_size(h, stride), out_size(w, stride)
-    # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can
-    halved = bitpack.can_halve(cin, kernel)
+    # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can; a
+    # kernel counting nibbles sums the dot product itself (binary_conv2d's module docstring)
+    nibbles = walk.nibbles(cout)
+    halved = bitpack.can_halve(cin, kernel) and not nibbles
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
     table = np.zeros((6, cout), np.float64)
@@ -427,7 +430,6 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # reader this is: the kernel then writes into memory it has just read, where a new buffer
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
-    nibbles = walk.nibbles(cout)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, want_rows,
            in_place, nibbles, halved)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,

@@ -32,11 +32,19 @@ C*k*k / 2, 1x1 convs no table): one integer instruction an output where acc took
 An epilogue that scales acc by a float a then scales acc / 2 by 2a: the same product, exactly.
 
 ``nibbles``: the same sum, counted per 4-bit half of each byte, for CPUs that count bits by
-looking 4-bit values up in a table (AVX2's vpshufb). popcount(xa ^ wb) = popcount(xa_lo ^ wb_lo) +
-popcount(xa_hi ^ wb_hi) with v_lo = v & 0x0F0F0F0F and v_hi = (v >> 4) & 0x0F0F0F0F; the kernel
-splits the padded activations once per call (stage NIBBLES, both halves of a word side by side)
-and each step splits its weight words, which the register tile's columns share. A lookup then
-needs no masking of its own (cpu_schedule._nibble_popcount_intrin).
+looking 4-bit values up in a table (AVX2's vpshufb). With v_lo = v & 0x0F0F0F0F and
+v_hi = (v >> 4) & 0x0F0F0F0F, a word's 32 bits are the 16 of each half; the kernel splits the
+padded activations once per call (stage NIBBLES, both halves of a word side by side) and each
+step splits its weight words, which the register tile's columns share. A lookup then needs no
+masking of its own (cpu_schedule._nibble_popcount_intrin). It sums agreements rather than
+mismatches: per half, 16 - 2 popcount(xa_half ^ wb_half), the +-1 dot product of its 16 bits, so
+
+    A = sum of those over all taps, words and halves = 32*words*k*k - 2*P
+    acc = A - (32*words - C)*k*k + border[top*k + bottom, left*k + right, co]
+
+which is acc itself when C fills its words and the conv has no padding (every 1x1 conv of a
+ResNet): no instruction after the sum, where C*k*k - 2*P took two (and ``halved`` one; the nibble
+form has no halved variant).
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bnncc.targets.kernels import KERNEL_ATTR
-from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_DTYPE, words
+from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_BITS, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
@@ -168,6 +176,12 @@ def nibble(word: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
     return (word >> (half * 4).astype(WORD_DTYPE)) & tirx.const(NIBBLE_MASK, WORD_DTYPE)
 
 
+def agreement(x_half: tirx.PrimExpr, word: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
+    """The +-1 dot product of the 16 bits of activation half-word ``x_half`` (a NIBBLES value) and
+    the same ``half`` of weight ``word``: agreeing bits minus mismatching ones (int32)."""
+    return 16 - 2 * te.popcount(x_half ^ nibble(word, half)).astype("int32")
+
+
 def _nibbles(xp: te.Tensor) -> te.Tensor:
     """(N, H, W, words, 2): both nibble halves of every packed word (block NIBBLES)."""
     return te.compute((*xp.shape, 2), lambda i, y, z, j, half: nibble(xp[i, y, z, j], half), name=NIBBLES)
@@ -190,8 +204,8 @@ def binary_conv2d(
     ``bitpack.halved_counts`` when ``halved``). Output NHWC (N, ceil(H/s), ceil(W/s), Cout); the
     math, ``nibbles`` and ``halved`` are in the module docstring.
     """
-    if halved and in_channels % 2:
-        raise ValueError(f"a halved count needs an even channel count, not {in_channels}")
+    if halved and (in_channels % 2 or nibbles):
+        raise ValueError(f"a halved count needs an even channel count (not {in_channels}) and no nibbles")
     n, h, w, cw = (int(d) for d in x.shape)
     k, _, _, cout = (int(d) for d in weights.shape)
     rows, cols = same_padding(h, k, stride), same_padding(w, k, stride)
@@ -203,30 +217,37 @@ def binary_conv2d(
     if nibbles:
         xn = _nibbles(xp)
         half = te.reduce_axis((0, 2), name="half")
-        mismatches = te.compute(shape, lambda i, y, z, co: te.sum(
-            te.popcount(xn[i, y * stride + kh, z * stride + kw, j, half]
-                        ^ nibble(weights[kh, kw, j, co], half)).astype("int32"),
+        counts = te.compute(shape, lambda i, y, z, co: te.sum(
+            agreement(xn[i, y * stride + kh, z * stride + kw, j, half], weights[kh, kw, j, co], half),
             axis=[kh, kw, j, half]), name="popcount")
     else:
-        mismatches = te.compute(shape, lambda i, y, z, co: te.sum(
+        counts = te.compute(shape, lambda i, y, z, co: te.sum(
             te.popcount(xp[i, y * stride + kh, z * stride + kw, j] ^ weights[kh, kw, j, co]).astype("int32"),
             axis=[kh, kw, j]), name="popcount")
+    # the bits past C in every word, which agree in A (module docstring)
+    unused_bits = (WORD_BITS * cw - in_channels) * k * k
 
     def padded(o, before, size):
         """(padded taps before, padded taps after) of the window at output position o."""
         start = o * stride - before
         return tirx.max(-start, 0), tirx.max(start + k - size, 0)
 
+    def inner(count):
+        """C*k*k - 2P, the dot product but the border term, from P or (nibbles) from A."""
+        if nibbles:
+            return count - unused_bits if unused_bits else count
+        return in_channels * k * k - 2 * count
+
     def result(i, y, z, co):
-        count = mismatches[i, y, z, co]
+        count = counts[i, y, z, co]
         if rows == (0, 0) and cols == (0, 0):
             # (without padding, as in every 1x1 conv, no window has a padded tap: no table load)
-            acc = in_channels * k * k // 2 - count if halved else in_channels * k * k - 2 * count
+            acc = in_channels * k * k // 2 - count if halved else inner(count)
         else:
             top, bottom = padded(y, rows[0], h)
             left, right = padded(z, cols[0], w)
             entry = border[top * k + bottom, left * k + right, co].astype("int32")
-            acc = entry - count if halved else in_channels * k * k - 2 * count + entry
+            acc = entry - count if halved else inner(count) + entry
         return epilogue.fn(acc, (i, y, z, co)) if epilogue else acc
 
     return te.compute(shape, result, name="binary_conv2d", tag="binary_conv2d")

@@ -153,9 +153,10 @@ def test_binary_conv_matches_numpy(variant, case):
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
 def test_binary_conv_every_bit_mismatching(variant):
-    """x all +1, weights all -1: each step of the AVX2 byte counts adds 8 to every byte lane (4 + 4
-    in the nibble form), and a chunk of 31 words (992 channels, 1x1) fills them to 248, just below
-    where they would wrap; the multiply-adds that widen them (pairs of 248 -> 496) stay unsaturated."""
+    """x all +1, weights all -1: each step of the AVX2 byte counts adds 8 to every byte lane (-2 - 2
+    in the nibble form, which counts agreements), and a chunk of 31 words (992 channels, 1x1) fills
+    them to 248 (-124), just short of where they would wrap; the multiply-adds that widen them
+    (pairs of 248 -> 496) stay unsaturated."""
     cin, cout = 992, 16
     x = np.ones((1, 3, 4, cin), np.float32)
     packed = bp.pack_weights(-np.ones((cout, cin, 1, 1), np.float32))
@@ -275,8 +276,10 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
     bit; both agree with numpy's PokeConv arithmetic on the reference conv."""
     from bnncc.targets.lower import _poke_conv_func
 
-    rng = np.random.default_rng(kernel)
     n, h, w, cin, cout = 1, 5, 9, 48, 64
+    if nibbles(variant, cout):
+        pytest.skip("a kernel counting nibbles has no halved form")
+    rng = np.random.default_rng(kernel)
     x = activations(rng, (n, h, w, cin))
     weights = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
     packed = bp.pack_weights(weights)
