@@ -77,7 +77,8 @@ def _cpu_caller(path: Path) -> Caller:
                 inputs[function] = tensor, np.from_dlpack(tensor)
             tensor, view = inputs[function]
             np.copyto(view, x)
-            return vm[function](tensor).numpy()
+            # a copy through a numpy view: Tensor.numpy() took 6 us for 1000 logits, this 0.7
+            return np.from_dlpack(vm[function](tensor)).copy()
 
     return call
 
