@@ -9,12 +9,12 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
   vectorized over channels; a parallel task is one output row of one channel tile
   (``_tile_binary_conv2d``); popcounts in 32-bit lanes, or in byte lanes widened once per chunk
   of steps where the unit says so (``_byte_counts``: AVX2, NEON; on AVX2 a kernel built with
-  ``nibbles`` splits its input once, rows in parallel, before its tasks). A fused PokeConv's row sums
-  are computed by the task that wrote the row (``_row_sum_block``) and the sign bits of its output
-  by the register tile that wrote them (``_tile_bitpack``; in a pass of their own when a tile is not
-  whole words), and the
-  zero padding of the input on the calling thread: one parallel region per kernel (AVX2: plus the
-  nibble split, and the sign bits of 16-channel tiles), where each costs a fork-join of the thread pool;
+  ``nibbles`` splits its input once, rows in parallel, before its tasks). A fused PokeConv's
+  output tile goes through a stack array kept in registers, from which the tile's sign bits and
+  row sums are taken (``_tile_output``; the row sums added up per task, ``_row_sum_block``; the
+  bits in a pass of their own when a tile is not whole words), and the zero padding of the input
+  is done on the calling thread: one parallel region per kernel (AVX2: plus the nibble split,
+  and the sign bits of 16-channel tiles), where each costs a fork-join of the thread pool;
 - ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
 - ``quant_conv2d`` (the stem): output rows in parallel, register tiles of output columns x
   channels as in the binary conv, the reduction outside the tile;
@@ -132,17 +132,63 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
         sch.vectorize(_vector_split(sch, sch.get_loops(params)[-1], unit.lanes)[1])
     if not func.attrs.get("tirx.noalias", True):
         _task_param_copies(sch, task, unit.lanes)
-    if has_block(sch, binary_conv.ROW_SUM):
-        _row_sum_block(sch, task, channels, unit.lanes)
-    if has_block(sch, "bitpack"):
-        # each register tile packs the outputs it has just stored when it holds whole words of
-        # channels (LLVM compares the values still in registers); else a pass over the output
-        # after the conv, a parallel region of its own
-        if channels % bitpack.WORD_BITS == 0:
-            _tile_bitpack(sch, tile)
-        else:
-            _bitpack_block(sch)
+    # y's row sums and sign bits, each register tile's where they can be: from its outputs
+    # still in registers (_tile_output), where reading them back from y waited on their stores
+    tile_readers = []
+    rows = _row_sum_parts(sch, tile, channels) if has_block(sch, binary_conv.ROW_SUM) else None
+    if rows is not None and rows[1]:
+        tile_readers.append(rows[0])
+    # the sign bits of the tile's whole words of channels; else a pass over the output after the
+    # conv, a parallel region of its own
+    tile_bits = has_block(sch, "bitpack") and channels % bitpack.WORD_BITS == 0
+    if tile_bits:
+        tile_readers.append(sch.get_sblock("bitpack"))
+    if tile_readers:
+        _tile_output(sch, tile, tile_readers, channels, unit.lanes)
+    if rows is not None:
+        _row_sum_block(sch, task, *rows, unit.lanes)
+    if has_block(sch, "bitpack") and not tile_bits:
+        _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
+
+
+def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes: int) -> None:
+    """The register tile's outputs written to a tile-sized stack array, which LLVM keeps in
+    registers, and copied from there to y; ``readers`` (row sums, sign bits) read the array under
+    the tile loop. Reading y back instead waited on the tile's 64-byte stores: Zen 4 forwards no
+    512-bit store to a load, and a third of the 256 -> 1024 PokeConv kernel at 14x14 went to the
+    loads of its row sums and sign bits (perf, bench/RESULTS.md)."""
+    out = sch.get_sblock(binary_conv.KERNEL_NAME)
+    copy = sch.cache_write(out, 0, "global", consumer_blocks=readers)
+    sch.reverse_compute_at(copy, tile)
+    sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
+    # every access to the array at a constant offset, which is what lets LLVM keep it in registers
+    _unroll_under(sch, out, tile)
+    _unroll_under(sch, copy, tile)
+    for block in readers:
+        sch.reverse_compute_at(block, tile)
+        if sch.get(block).name_hint == "bitpack":
+            _unroll_under(sch, block, tile, but_last=True)  # the word's bits: the intrinsic's loop
+            sch.decompose_reduction(block, sch.get_loops(block)[-1])
+            sch.tensorize(sch.get_loops(sch.get_sblock("bitpack_update"))[-1], _PACK32)
+        else:
+            # a tile's row sums: its columns, one after another, each a vector of channels
+            width = int(sch.get(block).iter_vars[-1].dom.extent)
+            loops = _loops_under(sch, block, _TILE_DEPTH, ("c", "z"), (channels, width))
+            if "z" in loops:
+                sch.reorder(loops["z"], loops["c"])
+            sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
+            _unroll_under(sch, block, tile)
+            sch.decompose_reduction(block, sch.get_loops(block)[_TILE_DEPTH])
+
+
+def _unroll_under(sch: s_tir.Schedule, block, loop, but_last: bool = False) -> None:
+    """Unroll the loops of ``block`` below ``loop``, but vectorized ones (and the innermost)."""
+    loops = sch.get_loops(block)
+    below = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(loop))) + 1
+    for inner in loops[below:len(loops) - but_last]:
+        if sch.get(inner).kind != tirx.ForKind.VECTORIZED:
+            sch.unroll(inner)
 
 
 def _task_param_copies(sch: s_tir.Schedule, task, lanes: int) -> None:
@@ -160,32 +206,37 @@ def _task_param_copies(sch: s_tir.Schedule, task, lanes: int) -> None:
             sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
 
 
-def _row_sum_block(sch: s_tir.Schedule, task, channels: int, lanes: int) -> None:
-    """The output's row sums (``binary_conv.row_sums``), each task adding up the row strip of
-    ``channels`` it has just written (a task is one row of one channel tile, _tile_binary_conv2d)
-    while it is in L1. A row is summed as ``parts`` sums of every parts-th column, then those: one
-    chain of dependent adds would take as long as the conv of the row in a 1x1 layer of 64 input
-    channels. The sums stay in registers and are stored once (an in-place kernel's output may
-    alias them)."""
+def _row_sum_parts(sch: s_tir.Schedule, tile, channels: int) -> tuple:
+    """The output's row sums (``binary_conv.row_sums``) in parts, which ``_row_sum_block`` adds up
+    per task (a task is one row of one channel tile, _tile_binary_conv2d): the sums of its
+    register tiles, computed under the tile loop from their outputs in registers (``_tile_output``);
+    or, where those would not fit the stack (_MAX_TILE_BYTES), the sums of every parts-th column of
+    the row, from y after the task's tiles, in L1 (one chain of dependent adds would take as long
+    as the conv of the row in a 1x1 layer of 64 channels). Returns (the parts' block
+    partial[n, h, part, c], whether it sums tiles)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
     *_, rw = sch.get_loops(block)
-    columns = int(sch.get(rw).extent)
-    parts = _largest_divisor(columns, _ROW_PARTS)
-    partial = sch.rfactor(sch.split(rw, [None, parts])[1], 2)  # partial[n, h, part, c]
-    for stage in (partial, block):
-        sch.reverse_compute_at(stage, task)
+    tiles = int(sch.get(tile).extent)
+    if tiles * channels * 4 <= _MAX_TILE_BYTES:
+        return sch.rfactor(sch.split(rw, [tiles, None])[0], 2), True
+    parts = _largest_divisor(int(sch.get(rw).extent), _ROW_PARTS)
+    return sch.rfactor(sch.split(rw, [None, parts])[1], 2), False
+
+
+def _row_sum_block(sch: s_tir.Schedule, task, partial, per_tile: bool, lanes: int) -> None:
+    """Each task's row sums from the parts of ``_row_sum_parts`` (a column-parts block placed here
+    too), per channel in part order, stored once (an in-place kernel's output may alias them)."""
+    block = sch.get_sblock(binary_conv.ROW_SUM)
     store = sch.cache_write(block, 0, "global")
-    sch.reverse_compute_at(store, task)
-    # loops under the task in the order of each stage's iterators, but those of extent 1
-    stages = [(partial, _loops_under(sch, partial, 1, ("part", "c", "step"), (parts, channels, columns // parts))),
-              (block, _loops_under(sch, block, 1, ("part", "c"), (parts, channels))),
-              (store, _loops_under(sch, store, 1, ("c",), (channels,)))]
-    partial_loops = stages[0][1]
-    sch.reorder(*(partial_loops[name] for name in ("step", "part", "c") if name in partial_loops))
-    for stage, loops in stages:
-        if "c" in loops:
-            sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
-        if stage != store and set(loops) - {"c"}:
+    stages = [block, store] if per_tile else [partial, block, store]
+    for stage in stages:
+        sch.reverse_compute_at(stage, task)
+    for stage in stages:
+        loops = sch.get_loops(stage)[1:]
+        if stage == partial:
+            sch.reorder(loops[2], loops[0], loops[1])  # (part, c, step): the steps outermost
+        sch.vectorize(_vector_split(sch, sch.get_loops(stage)[-1], lanes)[1])
+        if stage != store and len(loops) > 1:
             sch.decompose_reduction(stage, sch.get_loops(stage)[1])
 
 
@@ -604,16 +655,6 @@ def _pack32_impl(x: T.Buffer((32,), "float32", offset_factor=1), out: T.Buffer((
 
 _PACK32 = "bnncc_sign_pack32"
 s_tir.TensorIntrin.register(_PACK32, _pack32_desc, _pack32_impl, override=True)
-
-
-def _tile_bitpack(sch: s_tir.Schedule, tile, name: str = "bitpack") -> None:
-    """A sign_bitpack stage computed under a binary conv's register tile loop for the tile's whole
-    words: one vector compare per word."""
-    block = sch.get_sblock(name)
-    sch.reverse_compute_at(block, tile)
-    bit = sch.get_loops(block)[-1]
-    sch.decompose_reduction(block, bit)
-    sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1], _PACK32)
 
 
 def _bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:

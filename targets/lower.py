@@ -188,10 +188,12 @@ def _annotate(nodes, shape: tuple[int, ...]) -> None:
 def _dprelu(t: tirx.PrimExpr, bx, by, ps, ns) -> tirx.PrimExpr:
     """DPReLU: u = t - bx; (u >= 0 ? ps : ns) * u - by.
 
-    A ``Select`` of the two products, not an ``if_then_else`` of the slopes: the latter
-    vectorizes as a select of addresses and a gather per vector, the former as a blend."""
+    A ``Select`` of the slopes (a blend of two vectors), not an ``if_then_else``, which vectorizes
+    as a select of addresses and a gather per vector; times u, then the shift: one multiply-add in
+    every kernel. (A Select of the two products became that multiply-add in some kernels and a
+    multiply, a blend and an add in others, one rounding apart.)"""
     u = t - bx
-    return tirx.Select(u >= tirx.const(0, "float32"), ps * u, ns * u) - by
+    return tirx.Select(u >= tirx.const(0, "float32"), ps, ns) * u - by
 
 
 def _plus_match(s: tirx.PrimExpr, r: te.Tensor, idx: tuple, channels: int, method: str) -> tirx.PrimExpr:
@@ -526,11 +528,11 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
         s = params[_A1, c] * acc.astype("float32") + params[_B1, c]
         for r, method in zip(matched, methods):
             s = _plus_match(s, r, idx, cout, method)
-        # a Select of the two products, as in _dprelu
+        # a Select of the slopes, times s, as in _dprelu
         zero = tirx.const(0, "float32")
         if gated:
-            return tirx.Select(s >= zero, folded[i, 0, c] * s, folded[i, 1, c] * s) + folded[i, 2, c]
-        return tirx.Select(s >= zero, params[_POS, c] * s, params[_NEG, c] * s) - params[_BY, c] + params[_B2, c]
+            return tirx.Select(s >= zero, folded[i, 0, c], folded[i, 1, c]) * s + folded[i, 2, c]
+        return tirx.Select(s >= zero, params[_POS, c], params[_NEG, c]) * s - params[_BY, c] + params[_B2, c]
 
     epilogue = Epilogue(inputs=(*residuals, *([gate] if gated else []), params), fn=fn)
     y = binary_conv2d(bits, weights, border, in_channels=cin, stride=stride, epilogue=epilogue, nibbles=nibbles,
