@@ -146,7 +146,7 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     if tile_readers:
         _tile_output(sch, tile, tile_readers, channels, unit.lanes)
     if rows is not None:
-        _row_sum_block(sch, task, *rows, unit.lanes)
+        _row_sum_block(sch, task, *rows, channels, unit.lanes)
     if has_block(sch, "bitpack") and not tile_bits:
         _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
@@ -175,11 +175,13 @@ def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes:
             # a tile's row sums: its columns, one after another, each a vector of channels
             width = int(sch.get(block).iter_vars[-1].dom.extent)
             loops = _loops_under(sch, block, _TILE_DEPTH, ("c", "z"), (channels, width))
-            if "z" in loops:
+            if len(loops) == 2:
                 sch.reorder(loops["z"], loops["c"])
-            sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
+            if "c" in loops:
+                sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
             _unroll_under(sch, block, tile)
-            sch.decompose_reduction(block, sch.get_loops(block)[_TILE_DEPTH])
+            if loops:
+                sch.decompose_reduction(block, sch.get_loops(block)[_TILE_DEPTH])
 
 
 def _unroll_under(sch: s_tir.Schedule, block, loop, but_last: bool = False) -> None:
@@ -213,30 +215,35 @@ def _row_sum_parts(sch: s_tir.Schedule, tile, channels: int) -> tuple:
     or, where those would not fit the stack (_MAX_TILE_BYTES), the sums of every parts-th column of
     the row, from y after the task's tiles, in L1 (one chain of dependent adds would take as long
     as the conv of the row in a 1x1 layer of 64 channels). Returns (the parts' block
-    partial[n, h, part, c], whether it sums tiles)."""
+    partial[n, h, part, c], whether it sums tiles, the number of parts, the columns of a part)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
     *_, rw = sch.get_loops(block)
-    tiles = int(sch.get(tile).extent)
+    columns, tiles = int(sch.get(rw).extent), int(sch.get(tile).extent)
     if tiles * channels * 4 <= _MAX_TILE_BYTES:
-        return sch.rfactor(sch.split(rw, [tiles, None])[0], 2), True
-    parts = _largest_divisor(int(sch.get(rw).extent), _ROW_PARTS)
-    return sch.rfactor(sch.split(rw, [None, parts])[1], 2), False
+        return sch.rfactor(sch.split(rw, [tiles, None])[0], 2), True, tiles, columns // tiles
+    parts = _largest_divisor(columns, _ROW_PARTS)
+    return sch.rfactor(sch.split(rw, [None, parts])[1], 2), False, parts, columns // parts
 
 
-def _row_sum_block(sch: s_tir.Schedule, task, partial, per_tile: bool, lanes: int) -> None:
+def _row_sum_block(sch: s_tir.Schedule, task, partial, per_tile: bool, parts: int, steps: int, channels: int,
+                   lanes: int) -> None:
     """Each task's row sums from the parts of ``_row_sum_parts`` (a column-parts block placed here
     too), per channel in part order, stored once (an in-place kernel's output may alias them)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
     store = sch.cache_write(block, 0, "global")
-    stages = [block, store] if per_tile else [partial, block, store]
-    for stage in stages:
+    stages = [(block, ("part", "c"), (parts, channels)), (store, ("c",), (channels,))]
+    if not per_tile:
+        stages.insert(0, (partial, ("part", "c", "step"), (parts, channels, steps)))
+    for stage, _, _ in stages:
         sch.reverse_compute_at(stage, task)
-    for stage in stages:
-        loops = sch.get_loops(stage)[1:]
+    for stage, names, extents in stages:
+        # loops under the task in the order of the stage's iterators, but those of extent 1
+        loops = _loops_under(sch, stage, 1, names, extents)
         if stage == partial:
-            sch.reorder(loops[2], loops[0], loops[1])  # (part, c, step): the steps outermost
-        sch.vectorize(_vector_split(sch, sch.get_loops(stage)[-1], lanes)[1])
-        if stage != store and len(loops) > 1:
+            sch.reorder(*(loops[name] for name in ("step", "part", "c") if name in loops))
+        if "c" in loops:
+            sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
+        if stage != store and set(loops) - {"c"}:
             sch.decompose_reduction(stage, sch.get_loops(stage)[1])
 
 

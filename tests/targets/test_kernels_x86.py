@@ -244,12 +244,13 @@ def poke_params(rng, cout):
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
-@pytest.mark.parametrize("cout", [64, 40])
+@pytest.mark.parametrize("cout", [64, 40, 37])
 def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout):
     """A fused PokeConv kernel whose output feeds a gated PokeConv also writes the output's sign
     bits and its row sums (the next SE gate's pooling): checked against numpy on the kernel's own
     output. With 32-channel tiles (AVX-512, 64 channels) every stage runs in the conv's tasks:
-    the kernel is one parallel region."""
+    the kernel is one parallel region. A prime channel count (37, as PokeBNN-1.4x's 89) makes
+    one-channel tiles."""
     from bnncc.targets.lower import _poke_conv_func
 
     rng = np.random.default_rng(cout)
