@@ -378,9 +378,10 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
     computed right before it adds them, in a register tile of its own: each step adds per-byte
     counts of xor'ed words (``popcount`` of uint8 lanes: AVX2 vpshufb nibble lookups, NEON
     cnt.16b) into the four byte lanes of each uint32 lane, which cannot carry into each other
-    within a chunk (_byte_popcount_intrin; with ``nibbles``, two table lookups of nibbles,
-    _nibble_popcount_intrin); after the chunk ``pop`` adds the sums of the four bytes to the
-    output's int32 (_byte_sum_intrin). Integer sums in another order: the same result bit for bit."""
+    within a chunk (_byte_popcount_intrin; with ``nibbles``, two table lookups of nibbles that
+    add signed halves of agreements instead, _nibble_popcount_intrin); after the chunk ``pop``
+    adds the sums of the four bytes (doubled for agreements) to the output's int32
+    (_byte_sum_intrin). Integer sums in another order: the same result bit for bit."""
     rf, count, steps = chunks
     # the chunk index is the first iterator of ``pop`` (rfactor's), so its loop comes first
     loops = _loops_under(sch, pop, _TILE_DEPTH, ("chunk", "wo", "co"), (count, *tile_shape))
