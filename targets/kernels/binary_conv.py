@@ -234,9 +234,8 @@ def binary_conv2d(
 
     def inner(count):
         """C*k*k - 2P, the dot product but the border term, from P or (nibbles) from A."""
-        if nibbles:
-            return count - unused_bits if unused_bits else count
-        return in_channels * k * k - 2 * count
+        # (a subtraction of 0, where C fills its words, is simplified away)
+        return count - unused_bits if nibbles else in_channels * k * k - 2 * count
 
     def result(i, y, z, co):
         count = counts[i, y, z, co]
