@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
@@ -136,8 +137,8 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     # still in registers (_tile_output), where reading them back from y waited on their stores
     tile_readers = []
     rows = _row_sum_parts(sch, tile, channels) if has_block(sch, binary_conv.ROW_SUM) else None
-    if rows is not None and rows[1]:
-        tile_readers.append(rows[0])
+    if rows is not None and rows.per_tile:
+        tile_readers.append(rows.block)
     # the sign bits of the tile's whole words of channels; else a pass over the output after the
     # conv, a parallel region of its own
     tile_bits = has_block(sch, "bitpack") and channels % bitpack.WORD_BITS == 0
@@ -146,7 +147,7 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     if tile_readers:
         _tile_output(sch, tile, tile_readers, channels, unit.lanes)
     if rows is not None:
-        _row_sum_block(sch, task, *rows, channels, unit.lanes)
+        _row_sum_block(sch, task, rows, channels, unit.lanes)
     if has_block(sch, "bitpack") and not tile_bits:
         _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
@@ -208,32 +209,38 @@ def _task_param_copies(sch: s_tir.Schedule, task, lanes: int) -> None:
             sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
 
 
-def _row_sum_parts(sch: s_tir.Schedule, tile, channels: int) -> tuple:
+class _RowSumParts(NamedTuple):
+    block: object  # partial[n, h, part, c]
+    per_tile: bool  # a part is a register tile's columns (else every parts-th column)
+    parts: int
+    steps: int  # columns a part
+
+
+def _row_sum_parts(sch: s_tir.Schedule, tile, channels: int) -> _RowSumParts:
     """The output's row sums (``binary_conv.row_sums``) in parts, which ``_row_sum_block`` adds up
     per task (a task is one row of one channel tile, _tile_binary_conv2d): the sums of its
     register tiles, computed under the tile loop from their outputs in registers (``_tile_output``);
     or, where those would not fit the stack (_MAX_TILE_BYTES), the sums of every parts-th column of
     the row, from y after the task's tiles, in L1 (one chain of dependent adds would take as long
-    as the conv of the row in a 1x1 layer of 64 channels). Returns (the parts' block
-    partial[n, h, part, c], whether it sums tiles, the number of parts, the columns of a part)."""
+    as the conv of the row in a 1x1 layer of 64 channels)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
     *_, rw = sch.get_loops(block)
     columns, tiles = int(sch.get(rw).extent), int(sch.get(tile).extent)
     if tiles * channels * 4 <= _MAX_TILE_BYTES:
-        return sch.rfactor(sch.split(rw, [tiles, None])[0], 2), True, tiles, columns // tiles
+        return _RowSumParts(sch.rfactor(sch.split(rw, [tiles, None])[0], 2), True, tiles, columns // tiles)
     parts = _largest_divisor(columns, _ROW_PARTS)
-    return sch.rfactor(sch.split(rw, [None, parts])[1], 2), False, parts, columns // parts
+    return _RowSumParts(sch.rfactor(sch.split(rw, [None, parts])[1], 2), False, parts, columns // parts)
 
 
-def _row_sum_block(sch: s_tir.Schedule, task, partial, per_tile: bool, parts: int, steps: int, channels: int,
-                   lanes: int) -> None:
+def _row_sum_block(sch: s_tir.Schedule, task, rows: _RowSumParts, channels: int, lanes: int) -> None:
     """Each task's row sums from the parts of ``_row_sum_parts`` (a column-parts block placed here
     too), per channel in part order, stored once (an in-place kernel's output may alias them)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
     store = sch.cache_write(block, 0, "global")
-    stages = [(block, ("part", "c"), (parts, channels)), (store, ("c",), (channels,))]
-    if not per_tile:
-        stages.insert(0, (partial, ("part", "c", "step"), (parts, channels, steps)))
+    partial = rows.block
+    stages = [(block, ("part", "c"), (rows.parts, channels)), (store, ("c",), (channels,))]
+    if not rows.per_tile:
+        stages.insert(0, (partial, ("part", "c", "step"), (rows.parts, channels, rows.steps)))
     for stage, _, _ in stages:
         sch.reverse_compute_at(stage, task)
     for stage, names, extents in stages:
