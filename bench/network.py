@@ -5,7 +5,10 @@
     on an AVX-512 CPU too), against onnxruntime float32 ResNet-50 and the fastest of onnxruntime's
     static int8 configurations (``INT8_CONFIGS``: U8S8 and S8S8, QDQ and QOperator, per-channel
     weights, random calibration images; each measured here, the fastest at batch 1 kept), as the
-    median of each round's ratio of medians and the ratio of the minima (``_latencies_ms``, ``_ratio``);
+    median of each round's ratio of medians and the ratio of the minima (``_latencies_ms``, ``_ratio``).
+    On an AVX-512 CPU the AVX2 build's peers are onnxruntime with AVX-512 hidden from CPUID
+    (``_hide_avx512``), which then runs the AVX2 kernels it runs on the AVX2 CPUs the build is for;
+    its own int8 search picks their fastest configuration;
 (c) compile time and library size against the packed weight size;
 ``--noise``: bnncc batch 1 with and without a co-running noise process that the bench starts and
     stops itself (``_noise``: busy for a burst, asleep for nine), blocks interleaved;
@@ -33,6 +36,7 @@ import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -66,7 +70,8 @@ SEARCH_ROUNDS = 3  # the int8 search: rounds of BLOCK[1] calls at batch 1, engin
 NOISE_BURSTS_US = (1000, 200)
 NOISE_PERIOD = 10
 NOISE_ROUNDS = 8
-# name: ("bnncc", library folder) or ("ort", model path), and environment variables for its process
+# name: ("bnncc", library folder), ("ort", model path) or ("ort-avx2", model path: onnxruntime with
+# AVX-512 hidden from CPUID, ``_hide_avx512``), and environment variables for its process
 Engines = dict[str, tuple[str, str] | tuple[str, str, dict[str, str]]]
 # --noise also runs each build with TVM's pool workers sleeping as soon as they are idle (TVM's
 # default: up to 300000 sched_yield calls first); see bench/RESULTS.md, "Noise"
@@ -74,11 +79,12 @@ NO_SPIN = {"TVM_THREAD_POOL_SPIN_COUNT": "0"}
 
 
 def _engine_process(spec: tuple, conn) -> None:
-    """Serve timing requests for one engine: ("bnncc", library folder) or ("ort", model path), then
-    optionally environment variables to set first. Each request (batch, calls) answers the seconds
-    of ``calls`` calls after the warm-up."""
+    """Serve timing requests for one engine (``Engines``), then optionally environment variables to
+    set first. Each request (batch, calls) answers the seconds of ``calls`` calls after the warm-up."""
     kind, path, *env = spec
     os.environ.update(*env)
+    if kind == "ort-avx2":
+        _hide_avx512()
     fn = _library(path) if kind == "bnncc" else _ort(Path(path))
     # The imports leave ~10^6 objects to Python's collector, which the calls' temporaries trigger:
     # 6-8% of a bnncc call went to gc_collect_main (perf). Frozen, they are skipped.
@@ -190,6 +196,35 @@ def _library(folder: str):
     return load(folder)
 
 
+def can_hide_avx512() -> bool:
+    """Whether this CPU has AVX-512 that ``_hide_avx512`` can hide: Linux's CPUID faulting."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return {"avx512f", "cpuid_fault"} <= set(flags.split(":", 1)[1].split())
+
+
+_CPUID_HELPER = []  # the loaded bench/cpuid_avx2.c: its signal handler must outlive the call
+
+
+def _hide_avx512() -> None:
+    """From now on, this process's CPUID reports no AVX-512 (bench/cpuid_avx2.c), so that
+    onnxruntime, imported after, takes the AVX2 kernels it would take on an AVX2 CPU: the peers of
+    bnncc's AVX2 build on an AVX-512 machine. Measured here (Zen 4, U8S8 QDQ): its int8 conv loop
+    becomes vpmaddubsw on ymm where it was vpdpbusds on zmm."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    if "onnxruntime" in sys.modules:
+        raise RuntimeError("hide AVX-512 before onnxruntime is imported: it reads CPUID when loaded")
+    with tempfile.TemporaryDirectory() as tmp:
+        helper = Path(tmp) / "cpuid_avx2.so"
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", str(Path(__file__).with_name("cpuid_avx2.c")),
+                        "-o", str(helper)], check=True)
+        _CPUID_HELPER.append(ctypes.CDLL(str(helper), use_errno=True))
+    if _CPUID_HELPER[0].bnncc_hide_avx512() != 0:
+        raise OSError(ctypes.get_errno(), "CPUID faulting (arch_prctl ARCH_SET_CPUID) refused")
+
+
 def _ort(path: Path):
     import onnxruntime as ort
 
@@ -227,11 +262,12 @@ def _quantize_int8(float_path: Path, out: Path, config: str) -> Path:
     return out
 
 
-def _fastest_int8(float_path: Path, work: Path) -> tuple[str, Path, dict[str, np.ndarray]]:
-    """(name, path, {config: batch-1 ms of each call}) of the fastest int8 configuration here, by the median."""
+def _fastest_int8(float_path: Path, work: Path, kind: str) -> tuple[str, Path, dict[str, np.ndarray]]:
+    """(name, path, {config: batch-1 ms of each call}) of the fastest int8 configuration for the
+    onnxruntime engine ``kind`` (``Engines``) here, by the median."""
     paths = {config: _quantize_int8(float_path, work / f"resnet50_int8_{config.replace(' ', '_')}.onnx", config)
              for config in INT8_CONFIGS}
-    times = _latencies_ms({config: ("ort", str(path)) for config, path in paths.items()}, (1,), SEARCH_ROUNDS)[1]
+    times = _latencies_ms({config: (kind, str(path)) for config, path in paths.items()}, (1,), SEARCH_ROUNDS)[1]
     best = min(times, key=lambda config: np.median(times[config]))
     return best, paths[best], times
 
@@ -352,7 +388,7 @@ def _builds() -> dict[str, set[str]]:
 
     from bnncc.targets import x86_64
 
-    flags = x86_64.cpu_flags()
+    flags = _cpu_flags()
     builds = {cpu_class(x86_64.host_target()): flags}
     if AVX2 not in builds and AVX2_FLAGS <= flags:
         builds[AVX2] = AVX2_FLAGS
@@ -398,6 +434,30 @@ def _load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+# the onnxruntime engines (``Engines``) a build is measured against, in words
+PEERS = {"ort": "onnxruntime", "ort-avx2": "onnxruntime with AVX-512 hidden from CPUID (its AVX2 kernels)"}
+
+
+def _peer(cls: str) -> str:
+    """The onnxruntime engine for a build of class ``cls``: on an AVX-512 CPU the AVX2 build's
+    peer is onnxruntime's AVX2 path, as on the AVX2 CPUs the build is for, where the machine lets
+    ``_hide_avx512`` hide AVX-512 (else onnxruntime as it runs here, and a note says so)."""
+    from kernels import AVX2
+
+    if cls != AVX2 or "avx512f" not in _cpu_flags():
+        return "ort"
+    if can_hide_avx512():
+        return "ort-avx2"
+    print("note: no CPUID faulting here; the AVX2 build is compared with onnxruntime's AVX-512 kernels")
+    return "ort"
+
+
+def _cpu_flags() -> set[str]:
+    from bnncc.targets import x86_64
+
+    return x86_64.cpu_flags()
+
+
 def run(args: argparse.Namespace, work: Path) -> None:
     import onnx_ir as ir
     from kernels import cpu_model
@@ -411,36 +471,42 @@ def run(args: argparse.Namespace, work: Path) -> None:
     float_path = work / "resnet50.onnx"
     if not float_path.exists():
         zoo.export_onnx(zoo.resnet50(), float_path, batch="symbolic")
-    int8_name, int8_path, int8_times = _fastest_int8(float_path, work)
-    print(f"\nonnxruntime int8 ResNet-50, batch 1, {SEARCH_ROUNDS} rounds of {BLOCK[1]} calls, interleaved; "
-          "median (min) ms")
-    print("| CPU | int8 configuration (per-channel weights) | batch 1 ms |")
-    print("|---|---|---|")
-    for config, times in int8_times.items():
-        print(f"| {cpu} | {config}{' (fastest)' * (config == int8_name)} | {_cell(times)} |")
+    builds = _builds()
+    peers = {cls: _peer(cls) for cls in builds}
+    int8 = {kind: _fastest_int8(float_path, work, kind) for kind in dict.fromkeys(peers.values())}
+    for kind, (int8_name, _, int8_times) in int8.items():
+        print(f"\n{PEERS[kind]} int8 ResNet-50, batch 1, {SEARCH_ROUNDS} rounds of {BLOCK[1]} calls, interleaved; "
+              "median (min) ms")
+        print("| CPU | int8 configuration (per-channel weights) | batch 1 ms |")
+        print("|---|---|---|")
+        for config, times in int8_times.items():
+            print(f"| {cpu} | {config}{' (fastest)' * (config == int8_name)} | {_cell(times)} |")
 
     poke, _ = rewrite(load(float_path), "pokebnn_1x")
     ir.save(poke, work / "pokebnn_1x.onnx")
     folders, compile_s = {}, {}
-    for cls, flags in _builds().items():
+    for cls, flags in builds.items():
         folders[cls] = work / f"lib_{cls.split()[0].lower()}"
         compile_s[cls] = _compile(work / "pokebnn_1x.onnx", folders[cls], flags, cls)
     engines = {cls: ("bnncc", str(folder)) for cls, folder in folders.items()}
-    engines |= {"fp32": ("ort", str(float_path)), "int8": ("ort", str(int8_path))}
+    for kind, (_, int8_path, _) in int8.items():
+        engines |= {f"fp32 {kind}": (kind, str(float_path)), f"int8 {kind}": (kind, str(int8_path))}
     rows = _latencies_ms(engines, (1, 8))
 
     packed = _packed_weight_bytes(poke)
     print(f"\n{ROUNDS} rounds of {BLOCK} calls per engine, interleaved, a fresh process per engine each round; "
           "median (min) ms; speedups: the median of the rounds' ratios (the ratio of the minima)")
     for cls, folder in folders.items():
-        print(f"\n{cls} build (PokeBNN-1x) on {cpu}")
+        kind = peers[cls]
+        int8_name = int8[kind][0]
+        print(f"\n{cls} build (PokeBNN-1x) on {cpu}, against {PEERS[kind]}")
         print(f"| CPU | class | batch | bnncc PokeBNN-1x | ORT fp32 | ORT int8 {int8_name} | speedup vs fp32 | "
               "speedup vs int8 |")
         print("|---|---|---|---|---|---|---|---|")
         for batch, times in rows.items():
-            ours, fp32, int8 = times[cls], times["fp32"], times["int8"]
-            print(f"| {cpu} | {cls} | {batch} | {_cell(ours)} | {_cell(fp32)} | {_cell(int8)} | {_ratio(fp32, ours)} | "
-                  f"{_ratio(int8, ours)} |")
+            ours, fp32, int8_ms = times[cls], times[f"fp32 {kind}"], times[f"int8 {kind}"]
+            print(f"| {cpu} | {cls} | {batch} | {_cell(ours)} | {_cell(fp32)} | {_cell(int8_ms)} | "
+                  f"{_ratio(fp32, ours)} | {_ratio(int8_ms, ours)} |")
         so_bytes = (folder / "model.so").stat().st_size
         print(f"compile (lower + build + export, batch 1 and 8): {compile_s[cls]:.1f} s; library "
               f"{so_bytes / 2**20:.2f} MiB; packed weights {packed / 2**20:.2f} MiB; ratio {so_bytes / packed:.2f}")

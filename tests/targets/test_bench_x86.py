@@ -144,6 +144,47 @@ def test_int8_configurations_quantize_as_named(tmp_path, config):
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+HIDDEN_AVX512 = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import network
+import numpy as np
+network._hide_avx512()
+import torch
+x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+np.save(sys.argv[3], network._ort(network.Path(sys.argv[2]))(x)[0])
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def test_hiding_avx512_gives_the_avx2_paths_and_the_same_results(tmp_path):
+    """network._hide_avx512 (bench/cpuid_avx2.c): torch, which reads CPUID when imported, then finds
+    AVX2 and no AVX-512, and onnxruntime's AVX2 int8 kernels give what its AVX-512 kernels give.
+    S8S8 QOperator: with uint8 activations (and S8S8 QDQ, which onnxruntime runs as uint8) the AVX2
+    kernels' 16-bit pair sums (vpmaddubsw) saturate, and 2% of this conv's outputs differ."""
+    if not network.can_hide_avx512():
+        pytest.skip("no AVX-512, or no CPUID faulting, on this machine")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 224, 224])],
+        [onnx.numpy_helper.from_array(np.random.default_rng(1).standard_normal((16, 3, 3, 3)).astype(np.float32), "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "conv.onnx")
+    int8_path = network._quantize_int8(tmp_path / "conv.onnx", tmp_path / "int8.onnx", "S8S8 QOperator")
+    done = subprocess.run([sys.executable, "-c", HIDDEN_AVX512, str(BENCH), str(int8_path), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "AVX2"
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), network._ort(int8_path)(x)[0])
+
+
+def test_hiding_avx512_refuses_after_onnxruntime_is_loaded():
+    with pytest.raises(RuntimeError, match="before onnxruntime is imported"):
+        network._hide_avx512()
+
+
 def test_glue_bound_counts_by_hand():
     """Per 16-channel output vector: a 3x3 512 -> 512 conv is 512 * 9 / 32 words of 3 instructions, its
     epilogue 10.5 + the identity shortcut; stage 1's 64 -> 256 expand is 2 words, its epilogue 9.5 +
