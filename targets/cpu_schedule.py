@@ -11,7 +11,8 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
   of steps where the unit says so (``_byte_counts``: AVX2, NEON; on AVX2 a kernel built with
   ``nibbles`` splits its input once, rows in parallel, before its tasks). A fused PokeConv's
   output tile goes through a stack array kept in registers, from which the tile's sign bits and
-  row sums are taken (``_tile_output``; the row sums added up per task, ``_row_sum_block``; the
+  row sums are taken (``_tile_output``; the row sums added up per group of tiles where a task's
+  tile sums would not fit the stack, and per task, ``_row_sum_stages``; the
   bits in a pass of their own when a tile is not whole words), and the zero padding of the input
   is done on the calling thread: one parallel region per kernel (AVX2: plus the nibble split,
   and the sign bits of 16-channel tiles), where each costs a fork-join of the thread pool;
@@ -48,8 +49,6 @@ _MAX_TILE_BYTES = 1023
 # the loops above a binary conv's register tile: the parallel task (a row of a channel tile) and
 # the tile's columns (_tile_binary_conv2d)
 _TILE_DEPTH = 2
-# independent partial sums of a row (_row_sum_block)
-_ROW_PARTS = 4
 
 
 @dataclass(frozen=True)
@@ -135,25 +134,31 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
         _task_param_copies(sch, task, unit.lanes)
     # y's row sums and sign bits, each register tile's where they can be: from its outputs
     # still in registers (_tile_output), where reading them back from y waited on their stores
-    tile_readers = []
-    rows = _row_sum_parts(sch, tile, channels) if has_block(sch, binary_conv.ROW_SUM) else None
-    if rows is not None and rows.per_tile:
-        tile_readers.append(rows.block)
+    tile_readers, depth = [], _TILE_DEPTH
+    rows = _row_sum_stages(sch, tile, channels) if has_block(sch, binary_conv.ROW_SUM) else None
+    if rows is not None:
+        tile_readers.append(rows.tiles)
+        if rows.groups is not None:
+            group, tile = sch.split(tile, [rows.parts, None])
+            depth += 1
     # the sign bits of the tile's whole words of channels; else a pass over the output after the
     # conv, a parallel region of its own
     tile_bits = has_block(sch, "bitpack") and channels % bitpack.WORD_BITS == 0
     if tile_bits:
         tile_readers.append(sch.get_sblock("bitpack"))
     if tile_readers:
-        _tile_output(sch, tile, tile_readers, channels, unit.lanes)
+        _tile_output(sch, tile, tile_readers, channels, unit.lanes, depth)
     if rows is not None:
-        _row_sum_block(sch, task, rows, channels, unit.lanes)
+        if rows.groups is not None:
+            _group_sums(sch, rows.groups, group, int(sch.get(tile).extent), channels, unit.lanes)
+        _row_sum_block(sch, task, rows.parts, channels, unit.lanes)
     if has_block(sch, "bitpack") and not tile_bits:
         _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
 
 
-def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes: int) -> None:
+def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes: int,
+                 depth: int = _TILE_DEPTH) -> None:
     """The register tile's outputs written to a tile-sized stack array, which LLVM keeps in
     registers, and copied from there to y; ``readers`` (row sums, sign bits) read the array under
     the tile loop. Reading y back instead waited on the tile's 64-byte stores: Zen 4 forwards no
@@ -175,14 +180,14 @@ def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes:
         else:
             # a tile's row sums: its columns, one after another, each a vector of channels
             width = int(sch.get(block).iter_vars[-1].dom.extent)
-            loops = _loops_under(sch, block, _TILE_DEPTH, ("c", "z"), (channels, width))
+            loops = _loops_under(sch, block, depth, ("c", "z"), (channels, width))
             if len(loops) == 2:
                 sch.reorder(loops["z"], loops["c"])
             if "c" in loops:
                 sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
             _unroll_under(sch, block, tile)
             if loops:
-                sch.decompose_reduction(block, sch.get_loops(block)[_TILE_DEPTH])
+                sch.decompose_reduction(block, sch.get_loops(block)[depth])
 
 
 def _unroll_under(sch: s_tir.Schedule, block, loop, but_last: bool = False) -> None:
@@ -209,45 +214,54 @@ def _task_param_copies(sch: s_tir.Schedule, task, lanes: int) -> None:
             sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
 
 
-class _RowSumParts(NamedTuple):
-    block: object  # partial[n, h, part, c]
-    per_tile: bool  # a part is a register tile's columns (else every parts-th column)
-    parts: int
-    steps: int  # columns a part
+class _RowSums(NamedTuple):
+    """A fused kernel's row sums in stages (``_row_sum_stages``)."""
+
+    tiles: object  # the sums of each register tile's columns, tiles[n, h, tile, c]
+    groups: object | None  # those added up per group of tiles, groups[n, h, group, c]; None: no groups
+    parts: int  # what each task adds up into its row sums: its groups, else its tiles
 
 
-def _row_sum_parts(sch: s_tir.Schedule, tile, channels: int) -> _RowSumParts:
-    """The output's row sums (``binary_conv.row_sums``) in parts, which ``_row_sum_block`` adds up
-    per task (a task is one row of one channel tile, _tile_binary_conv2d): the sums of its
-    register tiles, computed under the tile loop from their outputs in registers (``_tile_output``);
-    or, where those would not fit the stack (_MAX_TILE_BYTES), the sums of every parts-th column of
-    the row, from y after the task's tiles, in L1 (one chain of dependent adds would take as long
-    as the conv of the row in a 1x1 layer of 64 channels)."""
+def _row_sum_stages(sch: s_tir.Schedule, tile, channels: int) -> _RowSums:
+    """The output's row sums (``binary_conv.row_sums``) in stages: each register tile's, computed
+    under the tile loop from its outputs in registers (``_tile_output``); where a task's tile sums
+    would not fit the stack together (_MAX_TILE_BYTES: 56x56 with 32-channel tiles, 8 x 128 bytes),
+    those of each group of its tiles added up after the group (``_group_sums``), so that one group's
+    are kept at a time; then a task's parts added up (``_row_sum_block``). Sums by column from y
+    after the task's tiles instead cost the 64 -> 256 PokeConv at 56x56 9-11% (bench/RESULTS.md)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
-    *_, rw = sch.get_loops(block)
-    columns, tiles = int(sch.get(rw).extent), int(sch.get(tile).extent)
-    if tiles * channels * 4 <= _MAX_TILE_BYTES:
-        return _RowSumParts(sch.rfactor(sch.split(rw, [tiles, None])[0], 2), True, tiles, columns // tiles)
-    parts = _largest_divisor(columns, _ROW_PARTS)
-    return _RowSumParts(sch.rfactor(sch.split(rw, [None, parts])[1], 2), False, parts, columns // parts)
+    *_, columns = sch.get_loops(block)
+    tiles = int(sch.get(tile).extent)
+    tile_sums = sch.rfactor(sch.split(columns, [tiles, None])[0], 2)
+    groups = next(g for g in range(1, tiles + 1) if tiles % g == 0 and tiles // g * channels * 4 <= _MAX_TILE_BYTES)
+    if groups == 1:
+        return _RowSums(tile_sums, None, tiles)
+    *_, by_tile = sch.get_loops(block)
+    return _RowSums(tile_sums, sch.rfactor(sch.split(by_tile, [groups, None])[0], 2), groups)
 
 
-def _row_sum_block(sch: s_tir.Schedule, task, rows: _RowSumParts, channels: int, lanes: int) -> None:
-    """Each task's row sums from the parts of ``_row_sum_parts`` (a column-parts block placed here
-    too), per channel in part order, stored once (an in-place kernel's output may alias them)."""
+def _group_sums(sch: s_tir.Schedule, block, group, tiles: int, channels: int, lanes: int) -> None:
+    """A group's ``tiles`` tile sums (``_row_sum_stages``) added up after its tiles, tile by tile per
+    channel."""
+    sch.reverse_compute_at(block, group)
+    loops = _loops_under(sch, block, _TILE_DEPTH, ("t", "c"), (tiles, channels))  # under the task and group
+    if "c" in loops:
+        sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
+    if "t" in loops:
+        sch.decompose_reduction(block, loops["t"])
+
+
+def _row_sum_block(sch: s_tir.Schedule, task, parts: int, channels: int, lanes: int) -> None:
+    """Each task's row sums from its ``parts`` (``_row_sum_stages``), per channel in part order,
+    stored once (an in-place kernel's output may alias them)."""
     block = sch.get_sblock(binary_conv.ROW_SUM)
     store = sch.cache_write(block, 0, "global")
-    partial = rows.block
-    stages = [(block, ("part", "c"), (rows.parts, channels)), (store, ("c",), (channels,))]
-    if not rows.per_tile:
-        stages.insert(0, (partial, ("part", "c", "step"), (rows.parts, channels, rows.steps)))
+    stages = [(block, ("part", "c"), (parts, channels)), (store, ("c",), (channels,))]
     for stage, _, _ in stages:
         sch.reverse_compute_at(stage, task)
     for stage, names, extents in stages:
         # loops under the task in the order of the stage's iterators, but those of extent 1
         loops = _loops_under(sch, stage, 1, names, extents)
-        if stage == partial:
-            sch.reorder(*(loops[name] for name in ("step", "part", "c") if name in loops))
         if "c" in loops:
             sch.vectorize(_vector_split(sch, loops["c"], lanes)[1])
         if stage != store and set(loops) - {"c"}:
