@@ -275,6 +275,31 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout, w):
         assert x86_64.schedule(func, target).script().count("T.parallel(") == 1
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "unscheduled"])
+@pytest.mark.parametrize("k", [4, 2])
+def test_vector_channel_mean_sums_in_the_stage_order(variant, k):
+    """The shuffle form of a channel-mean stage (cpu_schedule._vector_mean; for k = 4 two rounds of
+    two-vector shuffles) gives numpy's float32 ((x0 + x1) + x2) + x3, divided by k, bit for bit."""
+    from bnncc.targets import cpu_schedule
+    from bnncc.targets.tvm_compat import s_tir, te
+
+    target = target_of(variant)
+    lanes = x86_64.vector_lanes(target)
+    channels = 2 * lanes
+    r = te.placeholder((1, 2, 7, k * channels), "float32", name="r")
+    sch = s_tir.Schedule(te.create_prim_func([r, bc.channel_mean(r, channels)]))
+    cpu_schedule._vector_mean(sch, sch.get_sblock(bc.CHANNEL_MEAN), lanes)
+    assert "T.Shuffle" in sch.mod["main"].script()
+    x = np.random.default_rng(k).standard_normal((1, 2, 7, k * channels)).astype(np.float32)
+    out = tc.to_tensor(np.zeros((1, 2, 7, channels), np.float32))
+    tc.compile_func(sch.mod["main"], target)(tc.to_tensor(x), out)
+    terms = x.reshape(1, 2, 7, channels, k)
+    expected = terms[..., 0]
+    for t in range(1, k):
+        expected = expected + terms[..., t]
+    np.testing.assert_array_equal(out.numpy(), expected / np.float32(k))
+
+
 # the builds whose 64-channel PokeConv kernels take half the dot product (a kernel counting nibbles
 # sums the dot product itself and has no halved form)
 HALVED_VARIANTS = [v for v in CONV_VARIANTS if not nibbles(v, 64)]
