@@ -163,7 +163,8 @@ def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes:
     registers, and copied from there to y; ``readers`` (row sums, sign bits) read the array under
     the tile loop. Reading y back instead waited on the tile's 64-byte stores: Zen 4 forwards no
     512-bit store to a load, and a third of the 256 -> 1024 PokeConv kernel at 14x14 went to the
-    loads of its row sums and sign bits (perf, bench/RESULTS.md)."""
+    loads of its row sums and sign bits (perf, bench/RESULTS.md). ``depth``: the loops above the
+    tile's blocks (the task's, the tile loop's, and a group loop where its tiles are grouped)."""
     out = sch.get_sblock(binary_conv.KERNEL_NAME)
     copy = sch.cache_write(out, 0, "global", consumer_blocks=readers)
     sch.reverse_compute_at(copy, tile)
