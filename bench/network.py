@@ -198,8 +198,9 @@ def _library(folder: str):
 
 def can_hide_avx512() -> bool:
     """Whether this CPU has AVX-512 that ``_hide_avx512`` can hide: Linux's CPUID faulting."""
-    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    return {"avx512f", "cpuid_fault"} <= set(flags.split(":", 1)[1].split())
+    from bnncc.targets import x86_64
+
+    return {"avx512f", "cpuid_fault"} <= x86_64.cpu_flags()
 
 
 _CPUID_HELPER = []  # the loaded bench/cpuid_avx2.c: its signal handler must outlive the call
@@ -388,7 +389,7 @@ def _builds() -> dict[str, set[str]]:
 
     from bnncc.targets import x86_64
 
-    flags = _cpu_flags()
+    flags = x86_64.cpu_flags()
     builds = {cpu_class(x86_64.host_target()): flags}
     if AVX2 not in builds and AVX2_FLAGS <= flags:
         builds[AVX2] = AVX2_FLAGS
@@ -444,18 +445,14 @@ def _peer(cls: str) -> str:
     ``_hide_avx512`` hide AVX-512 (else onnxruntime as it runs here, and a note says so)."""
     from kernels import AVX2
 
-    if cls != AVX2 or "avx512f" not in _cpu_flags():
+    from bnncc.targets import x86_64
+
+    if cls != AVX2 or "avx512f" not in x86_64.cpu_flags():
         return "ort"
     if can_hide_avx512():
         return "ort-avx2"
     print("note: no CPUID faulting here; the AVX2 build is compared with onnxruntime's AVX-512 kernels")
     return "ort"
-
-
-def _cpu_flags() -> set[str]:
-    from bnncc.targets import x86_64
-
-    return x86_64.cpu_flags()
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

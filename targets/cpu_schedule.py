@@ -157,8 +157,7 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
     return mark_scheduled(sch.mod["main"])
 
 
-def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes: int,
-                 depth: int = _TILE_DEPTH) -> None:
+def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes: int, depth: int) -> None:
     """The register tile's outputs written to a tile-sized stack array, which LLVM keeps in
     registers, and copied from there to y; ``readers`` (row sums, sign bits) read the array under
     the tile loop. Reading y back instead waited on the tile's 64-byte stores: Zen 4 forwards no
