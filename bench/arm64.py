@@ -139,7 +139,8 @@ def calibrate(workdir: Path) -> list[dict]:
     rows = []
     for shape in resnet50_shapes():
         func = bc.binary_conv2d_func(1, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                     nibbles=x86_64.counts_nibbles(target, shape.cout))
+                                     nibbles=x86_64.counts_nibbles(target, shape.cout),
+                                     split=x86_64.splits_nibbles(target, shape.cin, shape.cout, shape.kernel))
         library = tc.export_library(x86_64.schedule(func, target), target, workdir / "kernel.so")
         out = bc.out_size(shape.size, shape.stride)
         macs = out * out * shape.cout * shape.kernel**2 * shape.cin

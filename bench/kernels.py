@@ -163,13 +163,15 @@ def best_of_class(peaks: dict[str, dict[str, tuple[float, float]]], name: str) -
 
 def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
     """Time of the scheduled kernel (packed activations in, int32 out) on random data."""
+    split = x86_64.splits_nibbles(target, shape.cin, shape.cout, shape.kernel)
     func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                 nibbles=x86_64.counts_nibbles(target, shape.cout))
+                                 nibbles=x86_64.counts_nibbles(target, shape.cout), split=split)
     module = tc.compile_func(x86_64.schedule(func, target), target)
     packed = bp.pack_weights(rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)))
+    weights = bp.split_nibbles(packed.bits) if split else packed.bits
     x = rng.integers(0, 2**32, (batch, shape.size, shape.size, bp.words(shape.cin)), dtype=np.uint32)
     out_size = bc.out_size(shape.size, shape.stride)
-    args = [tc.to_tensor(a) for a in (x, packed.bits, packed.border)]
+    args = [tc.to_tensor(a) for a in (x, weights, packed.border)]
     args.append(tc.to_tensor(np.zeros((batch, out_size, out_size, shape.cout), np.int32)))
     return seconds_per_call(lambda: module(*args), timer=timer)
 

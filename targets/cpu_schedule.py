@@ -37,7 +37,7 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
 from tvm.script import tirx as T  # noqa: E402  (TVMScript for the tensor intrinsics)
 
-__all__ = ["VectorUnit", "counts_nibbles", "schedule"]
+__all__ = ["VectorUnit", "counts_nibbles", "schedule", "splits_nibbles"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,22 @@ def counts_nibbles(unit: VectorUnit | None, out_channels: int) -> bool:
     has a table lookup of whole vectors, and every register tile holds whole vectors of channels
     (_register_tile picks 8 or 16 channels when Cout is a multiple of 8 lanes)."""
     return unit is not None and unit.nibble_lookup is not None and out_channels % unit.lanes == 0
+
+
+# The largest packed binary weights (bytes) a kernel counting nibbles takes split ahead
+# (``splits_nibbles``): their split copy, twice the size, stays within the 32 KiB L1 data cache of
+# Zen 2 and Zen 4 that every row task sweeps. Measured on Zen 4 (AVX2 build, one thread): 8-13%
+# faster at 0.5-16 KiB, 1-5% at 32-288 KiB, but 10% and 26% slower for the 32 and 128 KiB of the
+# 256->1024 and 512->2048 1x1 convs (bench/RESULTS.md).
+_SPLIT_WEIGHT_BYTES = 16 * 1024
+
+
+def splits_nibbles(unit: VectorUnit | None, in_channels: int, out_channels: int, kernel: int) -> bool:
+    """Whether a binary conv counting nibbles (``counts_nibbles``) takes its weights split into
+    nibbles ahead (``bitpack.split_nibbles``): then no step splits its weight vectors (3
+    instructions each), at twice the weights' bytes; taken where they stay small."""
+    weight_bytes = kernel * kernel * bitpack.words(in_channels) * out_channels * 4
+    return counts_nibbles(unit, out_channels) and weight_bytes <= _SPLIT_WEIGHT_BYTES
 
 
 def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> tirx.PrimFunc | None:
@@ -413,11 +429,17 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
     _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False, innermost=("half",))
     if nibbles:
         # the lanes and, under them, the two halves
-        sch.tensorize(sch.get_loops(rf)[-2], _nibble_popcount_intrin(vec, unit.nibble_lookup))
+        sch.tensorize(sch.get_loops(rf)[-2], _nibble_popcount_intrin(vec, unit.nibble_lookup, _split_weights(sch)))
     else:
         sch.tensorize(sch.get_loops(rf)[-1], _byte_popcount_intrin(vec))
     multiply_adds = unit.pair_multiply_adds if vec == unit.lanes else None  # whole vectors only
     sch.tensorize(sch.get_loops(pop)[-1], _byte_sum_intrin(vec, unit.pairwise_add, multiply_adds, nibbles))
+
+
+def _split_weights(sch: s_tir.Schedule) -> bool:
+    """Whether the binary conv's weights come split into nibbles (``bitpack.split_nibbles``)."""
+    weights = next(p for p in sch.mod["main"].params if p.name == "weights")
+    return len(weights.shape) == 5
 
 
 def _byte_popcount_intrin(lanes: int) -> str:
@@ -464,31 +486,22 @@ _NIBBLE_AGREEMENTS = tuple(int.from_bytes(bytes((2 - bin(v).count("1")) & 0xFF f
                                           "little", signed=True) for first in (0, 8))
 
 
-def _nibble_popcount_intrin(lanes: int, lookup: str) -> str:
-    """``lanes`` int32 sums += binary_conv.agreement(x[h], w[0:lanes], h) for both nibble halves h
-    (binary_conv's ``nibbles``), in byte lanes: each uint32 lane keeps in its four bytes half of
-    their agreements minus mismatches (signed), which only ``_byte_sum_intrin`` (``signed``) doubles
-    and adds up. Each half is one ``lookup`` (a table lookup of 16 one-byte entries, indexed by the
-    low 4 bits of each byte, zero for a byte whose top bit is set) of the xor itself: both operands
-    are nibbles, so the xor needs no mask, where a lookup of a whole byte masks, shifts and masks
-    again. A byte moves by at most 2 + 2 a step. The weight nibbles are computed here, once per step
-    for all the tile's columns (LLVM merges the same split of the same weight vector). Registered on
-    first use."""
-    name = f"bnncc_nibble_agreement_{lanes}"
+def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
+    """``lanes`` int32 sums += binary_conv.agreement(x[h], nibble h of w[0:lanes]) for both nibble
+    halves h (binary_conv's ``nibbles``), in byte lanes: each uint32 lane keeps in its four bytes
+    half of their agreements minus mismatches (signed), which only ``_byte_sum_intrin``
+    (``signed``) doubles and adds up. Each half is one ``lookup`` (a table lookup of 16 one-byte
+    entries, indexed by the low 4 bits of each byte, zero for a byte whose top bit is set) of the
+    xor itself: both operands are nibbles, so the xor needs no mask, where a lookup of a whole byte
+    masks, shifts and masks again. A byte moves by at most 2 + 2 a step. The weight nibbles are
+    computed here, once per step for all the tile's columns (LLVM merges the same split of the same
+    weight vector), or, ``split``, loaded as they are (w[h, 0:lanes], ``bitpack.split_nibbles``).
+    Registered on first use."""
+    name = f"bnncc_nibble_agreement_{lanes}" + ("_split" if split else "")
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
         return name
     nbytes = 4 * lanes
-
-    @T.prim_func(s_tir=True)
-    def desc(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
-             acc: T.Buffer((lanes,), "int32", offset_factor=1)):
-        with T.sblock("root"):
-            T.reads(acc[0:lanes], x[0:2], w[0:lanes])
-            T.writes(acc[0:lanes])
-            for c, h in T.grid(lanes, 2):
-                with T.sblock("update"):
-                    vc, vh = T.axis.remap("SR", [c, h])
-                    acc[vc] = acc[vc] + binary_conv.agreement(x[vh], w[vc], vh)
+    mask = T.Broadcast(T.uint32(bitpack.NIBBLE_MASK), lanes)
 
     def agreements(index):
         # ``lookup`` of the table (the two uint64 halves of _NIBBLE_AGREEMENTS, alternating) at index
@@ -498,20 +511,57 @@ def _nibble_popcount_intrin(lanes: int, lookup: str) -> str:
         return T.call_llvm_pure_intrin(f"int8x{nbytes}", lookup, T.reinterpret(f"int8x{nbytes}", table),
                                        T.reinterpret(f"int8x{nbytes}", index))
 
-    def plus_agreements(acc, x0, x1, w):
+    def plus_agreements(acc, x0, x1, w_low, w_high):
         # byte by byte: the bytes are signed, and a word add would carry from one into the next
-        mask = T.Broadcast(T.uint32(binary_conv.NIBBLE_MASK), lanes)
-        low = agreements(T.Broadcast(x0, lanes) ^ (w & mask))
-        high = agreements(T.Broadcast(x1, lanes) ^ (T.shift_right(w, T.Broadcast(T.uint32(4), lanes)) & mask))
+        low = agreements(T.Broadcast(x0, lanes) ^ w_low)
+        high = agreements(T.Broadcast(x1, lanes) ^ w_high)
         return T.reinterpret(f"int32x{lanes}", T.reinterpret(f"int8x{nbytes}", acc) + low + high)
 
-    @T.prim_func(s_tir=True)
-    def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
-             acc: T.Buffer((lanes,), "int32", offset_factor=1)):
-        with T.sblock("root"):
-            T.reads(acc[0:lanes], x[0:2], w[0:lanes])
-            T.writes(acc[0:lanes])
-            acc[T.Ramp(0, 1, lanes)] = plus_agreements(acc[T.Ramp(0, 1, lanes)], x[0], x[1], w[T.Ramp(0, 1, lanes)])
+    if split:
+        @T.prim_func(s_tir=True)
+        def desc(x: T.Buffer((2,), "uint32", offset_factor=1), w_handle: T.handle,
+                 acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+            half_stride = T.int32()
+            w = T.match_buffer(w_handle, (2, lanes), "uint32", strides=[half_stride, 1], offset_factor=1)
+            with T.sblock("root"):
+                T.reads(acc[0:lanes], x[0:2], w[0:2, 0:lanes])
+                T.writes(acc[0:lanes])
+                for c, h in T.grid(lanes, 2):
+                    with T.sblock("update"):
+                        vc, vh = T.axis.remap("SR", [c, h])
+                        acc[vc] = acc[vc] + binary_conv.agreement(x[vh], w[vh, vc])
+
+        @T.prim_func(s_tir=True)
+        def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w_handle: T.handle,
+                 acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+            half_stride = T.int32()
+            w = T.match_buffer(w_handle, (2, lanes), "uint32", strides=[half_stride, 1], offset_factor=1)
+            with T.sblock("root"):
+                T.reads(acc[0:lanes], x[0:2], w[0:2, 0:lanes])
+                T.writes(acc[0:lanes])
+                acc[T.Ramp(0, 1, lanes)] = plus_agreements(acc[T.Ramp(0, 1, lanes)], x[0], x[1],
+                                                           w[0, T.Ramp(0, 1, lanes)], w[1, T.Ramp(0, 1, lanes)])
+    else:
+        @T.prim_func(s_tir=True)
+        def desc(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
+                 acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+            with T.sblock("root"):
+                T.reads(acc[0:lanes], x[0:2], w[0:lanes])
+                T.writes(acc[0:lanes])
+                for c, h in T.grid(lanes, 2):
+                    with T.sblock("update"):
+                        vc, vh = T.axis.remap("SR", [c, h])
+                        acc[vc] = acc[vc] + binary_conv.agreement(x[vh], binary_conv.nibble(w[vc], vh))
+
+        @T.prim_func(s_tir=True)
+        def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer((lanes,), "uint32", offset_factor=1),
+                 acc: T.Buffer((lanes,), "int32", offset_factor=1)):
+            with T.sblock("root"):
+                T.reads(acc[0:lanes], x[0:2], w[0:lanes])
+                T.writes(acc[0:lanes])
+                acc[T.Ramp(0, 1, lanes)] = plus_agreements(
+                    acc[T.Ramp(0, 1, lanes)], x[0], x[1], w[T.Ramp(0, 1, lanes)] & mask,
+                    T.shift_right(w[T.Ramp(0, 1, lanes)], T.Broadcast(T.uint32(4), lanes)) & mask)
 
     s_tir.TensorIntrin.register(name, desc, impl)
     return name

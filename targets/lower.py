@@ -225,6 +225,8 @@ class _Walk:
         # whether a binary conv of so many output channels counts nibbles (binary_conv2d's
         # ``nibbles``): the x86 AVX2 kernels do; every other target's answer is False
         self.nibbles = lambda out_channels: x86_64.counts_nibbles(target, out_channels)
+        # whether such a conv takes its weights split into nibbles (bitpack.split_nibbles)
+        self.splits_nibbles = lambda cin, cout, kernel: x86_64.splits_nibbles(target, cin, cout, kernel)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
         self.row_sums: dict[str, object] = {}  # ONNX value name -> its (N, H, C) row sums, for an SE gate
@@ -408,6 +410,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can; a
     # kernel counting nibbles sums the dot product itself (binary_conv2d's module docstring)
     nibbles = walk.nibbles(cout)
+    split = walk.splits_nibbles(cin, cout, kernel)
     halved = bitpack.can_halve(cin, kernel) and not nibbles
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
@@ -433,10 +436,11 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, want_rows,
-           in_place, nibbles, halved)
+           in_place, nibbles, split, halved)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
-                                                    want_bits, want_rows, in_place, nibbles, halved))
-    args = [bits, relax.const(packed.bits), relax.const(border), *residuals, *gates,
+                                                    want_bits, want_rows, in_place, nibbles, split, halved))
+    weight_bits = bitpack.split_nibbles(packed.bits) if split else packed.bits
+    args = [bits, relax.const(weight_bits), relax.const(border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
     if want_bits:
@@ -488,7 +492,7 @@ def _head(walk: _Walk, node: ir.Node) -> None:
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], gated: bool, want_bits: bool,
-                    want_rows: bool, in_place: bool = False, nibbles: bool = False,
+                    want_rows: bool, in_place: bool = False, nibbles: bool = False, split: bool = False,
                     halved: bool = False) -> tirx.PrimFunc:
     """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits][, y_row_sums])``: the fused
     PokeConv kernel.
@@ -496,13 +500,14 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     params rows: a1, b1, pos, neg, by, b2 (module docstring). ``gated``: the op's SE gate
     multiplies the DPReLU (a kernel without it takes no gate).
     ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
-    compiler is not told otherwise. ``nibbles``: binary_conv2d's. ``halved``: binary_conv2d's, the
+    compiler is not told otherwise. ``nibbles``: binary_conv2d's; ``split``: its weights split into
+    nibbles ahead (``bitpack.split_nibbles``). ``halved``: binary_conv2d's, the
     caller passing ``bitpack.halved_counts`` as border and 2 * a1 as a1 (the same products).
     """
     n, h, w, cin = x_shape
     words = bitpack.words(cin)
     bits = te.placeholder((n, h, w, words), bitpack.WORD_DTYPE, name="bits")
-    weights = te.placeholder((kernel, kernel, words, cout), bitpack.WORD_DTYPE, name="weights")
+    weights = te.placeholder(binary_conv.weight_shape(kernel, cin, cout, split), bitpack.WORD_DTYPE, name="weights")
     border = te.placeholder((kernel * kernel, kernel * kernel, cout), bitpack.BORDER_DTYPE, name="border")
     residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
     gate = te.placeholder((n, cout), "float32", name="gate") if gated else None

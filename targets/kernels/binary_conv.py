@@ -53,12 +53,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bnncc.targets.kernels import KERNEL_ATTR
-from bnncc.targets.kernels.bitpack import BORDER_DTYPE, WORD_BITS, WORD_DTYPE, words
+from bnncc.targets.kernels.bitpack import BORDER_DTYPE, NIBBLE_MASK, WORD_BITS, WORD_DTYPE, words
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
     "AVERAGE_POOL", "CHANNEL_MEAN", "GATED_PARAMS", "NIBBLES", "PARAMS", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
-    "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue",
+    "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue", "weight_shape",
 ]
 
 KERNEL_NAME = "binary_conv2d"
@@ -72,8 +72,6 @@ NIBBLES = "nibbles"
 # (bnncc.targets.lower)
 PARAMS = "params"
 GATED_PARAMS = "gated_params"
-# the low 4 bits of every byte of a word
-NIBBLE_MASK = 0x0F0F0F0F
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -176,10 +174,11 @@ def nibble(word: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
     return (word >> (half * 4).astype(WORD_DTYPE)) & tirx.const(NIBBLE_MASK, WORD_DTYPE)
 
 
-def agreement(x_half: tirx.PrimExpr, word: tirx.PrimExpr, half: tirx.PrimExpr) -> tirx.PrimExpr:
+def agreement(x_half: tirx.PrimExpr, w_half: tirx.PrimExpr) -> tirx.PrimExpr:
     """The +-1 dot product of the 16 bits of activation half-word ``x_half`` (a NIBBLES value) and
-    the same ``half`` of weight ``word``: agreeing bits minus mismatching ones (int32)."""
-    return 16 - 2 * te.popcount(x_half ^ nibble(word, half)).astype("int32")
+    weight half-word ``w_half`` (a ``nibble`` of the same half): agreeing bits minus mismatching
+    ones (int32)."""
+    return 16 - 2 * te.popcount(x_half ^ w_half).astype("int32")
 
 
 def _nibbles(xp: te.Tensor) -> te.Tensor:
@@ -198,7 +197,9 @@ def binary_conv2d(
     nibbles: bool = False,
     halved: bool = False,
 ) -> te.Tensor:
-    """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout).
+    """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout),
+    or, with ``nibbles``, optionally weights split into nibbles ahead (k, k, ceil(C/32), 2, Cout)
+    (``bitpack.split_nibbles``).
 
     ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights`` (of
     ``bitpack.halved_counts`` when ``halved``). Output NHWC (N, ceil(H/s), ceil(W/s), Cout); the
@@ -206,8 +207,10 @@ def binary_conv2d(
     """
     if halved and (in_channels % 2 or nibbles):
         raise ValueError(f"a halved count needs an even channel count (not {in_channels}) and no nibbles")
+    if len(weights.shape) == 5 and not nibbles:
+        raise ValueError("weights split into nibbles need a kernel counting nibbles")
     n, h, w, cw = (int(d) for d in x.shape)
-    k, _, _, cout = (int(d) for d in weights.shape)
+    k, cout = int(weights.shape[0]), int(weights.shape[-1])
     rows, cols = same_padding(h, k, stride), same_padding(w, k, stride)
     xp = _pad(x, rows, cols)
     kh = te.reduce_axis((0, k), name="kh")
@@ -217,8 +220,13 @@ def binary_conv2d(
     if nibbles:
         xn = _nibbles(xp)
         half = te.reduce_axis((0, 2), name="half")
+        split = len(weights.shape) == 5
+
+        def w_half(kh, kw, j, co, half):
+            return weights[kh, kw, j, half, co] if split else nibble(weights[kh, kw, j, co], half)
+
         counts = te.compute(shape, lambda i, y, z, co: te.sum(
-            agreement(xn[i, y * stride + kh, z * stride + kw, j, half], weights[kh, kw, j, co], half),
+            agreement(xn[i, y * stride + kh, z * stride + kw, j, half], w_half(kh, kw, j, co, half)),
             axis=[kh, kw, j, half]), name="popcount")
     else:
         counts = te.compute(shape, lambda i, y, z, co: te.sum(
@@ -252,6 +260,12 @@ def binary_conv2d(
     return te.compute(shape, result, name="binary_conv2d", tag="binary_conv2d")
 
 
+def weight_shape(kernel: int, in_channels: int, out_channels: int, split: bool) -> tuple[int, ...]:
+    """The packed weights' shape: (k, k, words, Cout), split into nibbles (k, k, words, 2, Cout)."""
+    cw = words(in_channels)
+    return (kernel, kernel, cw, 2, out_channels) if split else (kernel, kernel, cw, out_channels)
+
+
 def binary_conv2d_func(
     batch: int,
     height: int,
@@ -262,11 +276,13 @@ def binary_conv2d_func(
     stride: int,
     epilogue: Epilogue | None = None,
     nibbles: bool = False,
+    split: bool = False,
 ) -> tirx.PrimFunc:
-    """The unscheduled PrimFunc ``f(x, weights, border, *epilogue.inputs, out)`` of ``binary_conv2d``."""
+    """The unscheduled PrimFunc ``f(x, weights, border, *epilogue.inputs, out)`` of ``binary_conv2d``;
+    ``split``: its weights split into nibbles ahead (``bitpack.split_nibbles``)."""
     cw = words(in_channels)
     x = te.placeholder((batch, height, width, cw), WORD_DTYPE, name="x")
-    weights = te.placeholder((kernel, kernel, cw, out_channels), WORD_DTYPE, name="weights")
+    weights = te.placeholder(weight_shape(kernel, in_channels, out_channels, split), WORD_DTYPE, name="weights")
     border = te.placeholder((kernel * kernel, kernel * kernel, out_channels), BORDER_DTYPE, name="border")
     out = binary_conv2d(x, weights, border, in_channels=in_channels, stride=stride, epilogue=epilogue,
                         nibbles=nibbles)

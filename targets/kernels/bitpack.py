@@ -20,13 +20,15 @@ from bnncc.errors import BnnccError
 from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
-__all__ = ["BORDER_DTYPE", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "can_halve", "halved_counts", "pack_bits",
-           "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
+__all__ = ["BORDER_DTYPE", "NIBBLE_MASK", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "can_halve", "halved_counts",
+           "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "split_nibbles", "words"]
 
 KERNEL_NAME = "sign_bitpack"
 
 WORD_BITS = 32
 WORD_DTYPE = "uint32"
+# the low 4 bits of every byte of a word (binary_conv's ``nibbles``)
+NIBBLE_MASK = 0x0F0F0F0F
 # border corrections are sums of at most C*k*k signs (4608 for 512 channels, 3x3): 16 bits hold
 # them up to 3640 channels, and halve the table (1.2 MiB of PokeBNN-1x's 3x3 layers at int32)
 BORDER_DTYPE = "int16"
@@ -106,6 +108,14 @@ def pack_weights(weights: np.ndarray) -> PackedWeights:
         border=border_table(np.where(signs, 1, -1).sum(axis=1)),
         in_channels=cin,
     )
+
+
+def split_nibbles(bits: np.ndarray) -> np.ndarray:
+    """Packed weights (k, k, words, Cout) as (k, k, words, 2, Cout): the low 4 bits of every byte of
+    each word (half 0), then the high 4 moved down (half 1), for kernels counting nibbles
+    (binary_conv2d's ``nibbles``), which then split no weight word themselves."""
+    halves = (bits & np.uint32(NIBBLE_MASK), (bits >> np.uint32(4)) & np.uint32(NIBBLE_MASK))
+    return np.ascontiguousarray(np.stack(halves, axis=3))
 
 
 def border_table(tap_sums: np.ndarray) -> np.ndarray:

@@ -156,6 +156,41 @@ def test_binary_conv_matches_numpy(variant, case):
     np.testing.assert_array_equal(got, expected)
 
 
+def test_split_nibbles_by_hand():
+    """Half 0: the low 4 bits of every byte; half 1: the high 4, moved down."""
+    bits = np.array([[[[0xABCD1234, 0xF00F0FF0]]]], np.uint32)  # (k, k, words, Cout) = (1, 1, 1, 2)
+    split = bp.split_nibbles(bits)
+    assert split.shape == (1, 1, 1, 2, 2) and split.dtype == np.uint32
+    np.testing.assert_array_equal(split[0, 0, 0], [[0x0B0D0204, 0x000F0F00], [0x0A0C0103, 0x0F00000F]])
+
+
+@pytest.mark.parametrize("variant", ["unscheduled", "avx2"])
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] % 8 == 0], ids=lambda c: "n{}h{}w{}c{}o{}k{}s{}".format(*c))
+def test_binary_conv_split_nibbles_matches_numpy(variant, case):
+    """The nibble form with its weights split ahead (bitpack.split_nibbles, the AVX2 kernels' choice
+    for small weights): the same dot products."""
+    n, h, w, cin, cout, k, s = case
+    rng = np.random.default_rng(sum(case) + 1)
+    x = activations(rng, (n, h, w, cin))
+    weights = activations(rng, (cout, cin, k, k))
+    packed = bp.pack_weights(weights)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, nibbles=True, split=True), variant)
+    expected = reference_conv(x, weights, s)
+    got = run(module, reference_pack(x >= 0), bp.split_nibbles(packed.bits), packed.border, out_shape=expected.shape,
+              out_dtype="int32")
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_avx2_splits_small_weights_only():
+    """AVX2 kernels take weights split ahead up to 16 KiB packed (64->256 1x1: 2 KiB), not above
+    (256->1024 1x1: 32 KiB); AVX-512 kernels count no nibbles at all."""
+    avx2, avx512 = target_of("avx2"), x86_64.target_for_flags(AVX512_FLAGS, cores=2)
+    assert x86_64.splits_nibbles(avx2, 64, 256, 1) and x86_64.splits_nibbles(avx2, 512, 256, 1)
+    assert not x86_64.splits_nibbles(avx2, 256, 1024, 1) and not x86_64.splits_nibbles(avx2, 128, 128, 3)
+    assert not x86_64.splits_nibbles(avx2, 64, 60, 1)  # no whole vectors of channels: no nibbles
+    assert not x86_64.splits_nibbles(avx512, 64, 256, 1)
+
+
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
 def test_binary_conv_every_bit_mismatching(variant):
     """x all +1, weights all -1: each step of the AVX2 byte counts adds 8 to every byte lane (-2 - 2
