@@ -35,7 +35,8 @@ An epilogue that scales acc by a float a then scales acc / 2 by 2a: the same pro
 looking 4-bit values up in a table (AVX2's vpshufb). With v_lo = v & 0x0F0F0F0F and
 v_hi = (v >> 4) & 0x0F0F0F0F, a word's 32 bits are the 16 of each half; the kernel splits the
 padded activations once per call (stage NIBBLES, both halves of a word side by side) and each
-step splits its weight words, which the register tile's columns share. A lookup then needs no
+step splits its weight words, which the register tile's columns share, or takes them split ahead
+(weights (k, k, words, 2, Cout), ``bitpack.split_nibbles``). A lookup then needs no
 masking of its own (cpu_schedule._nibble_popcount_intrin). It sums agreements rather than
 mismatches: per half, 16 - 2 popcount(xa_half ^ wb_half), the +-1 dot product of its 16 bits, so
 
