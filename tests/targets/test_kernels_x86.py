@@ -376,6 +376,41 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
     np.testing.assert_allclose(results[1][0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_poke_conv_split_weights_give_the_same_outputs(variant, kernel):
+    """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.split_nibbles,
+    the AVX2 lowering's choice for small weights) writes the output and bits of the kernel that
+    splits them in its loop, bit for bit; both agree with numpy's PokeConv arithmetic."""
+    from bnncc.targets.lower import _poke_conv_func
+
+    rng = np.random.default_rng(10 + kernel)
+    n, h, w, cin, cout = 1, 5, 9, 40, 64
+    x = activations(rng, (n, h, w, cin))
+    weights = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
+    packed = bp.pack_weights(weights)
+    gate = rng.uniform(0, 1, (n, cout)).astype(np.float32)
+    params = poke_params(rng, cout)
+    results = []
+    for split in (False, True):
+        func = _poke_conv_func((n, h, w, cin), cout, kernel, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
+                               want_bits=True, want_rows=False, nibbles=True, split=split)
+        bits = bp.split_nibbles(packed.bits) if split else packed.bits
+        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), bits, packed.border, x, gate, params,
+                                             np.zeros((n, h, w, cout), np.float32),
+                                             np.zeros((n, h, w, bp.words(cout)), np.uint32))]
+        build(func, variant)(*tensors)
+        results.append([t.numpy() for t in tensors[-2:]])
+    for in_loop, ahead in zip(*results):
+        np.testing.assert_array_equal(ahead, in_loop)
+    a1, b1, pos, neg, by, b2 = (row.astype(np.float64) for row in params)
+    u = a1 * reference_conv(x, weights, 1) + b1
+    u[..., :cin] += x
+    g = gate[:, None, None, :].astype(np.float64)
+    expected = (np.where(u >= 0, pos * u, neg * u) - by) * g + b2
+    np.testing.assert_allclose(results[1][0], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_poke_conv_in_place_equals_a_separate_output(variant):
     """A fused PokeConv kernel whose output overwrites its block residual (the lowering's in-place
