@@ -11,7 +11,8 @@ For every binary conv shape (shared/reference/pokebnn.md §2-3) and batch 1 and 
 scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fraction of the peak
 of the build's class measured here by bench/popcount_peak.c, and the speed-up over a float32
 onnxruntime Conv of the same shape. The peak of a class is its fastest method on this CPU
-(``PEAK_METHODS``: AVX2 has two, byte counters and Harley-Seal); every class the CPU runs is printed.
+(``PEAK_METHODS``: AVX2 has three, byte counters, Harley-Seal and the kernels' own nibble agreements);
+every class the CPU runs is printed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ PEAK_STEPS = 100_000_000  # of popcount_peak.c: 8 vector xor+popcount+adds each
 AVX512 = "AVX-512 VPOPCNTDQ"
 AVX2 = "AVX2"
 SCALAR = "scalar popcnt"
-PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",), AVX2: ("avx2-bytes", "avx2-harley-seal"), SCALAR: ("scalar-popcnt",)}
+PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",), AVX2: ("avx2-bytes", "avx2-harley-seal", "avx2-nibble-agreements"),
+                SCALAR: ("scalar-popcnt",)}
 _UNSUPPORTED = 3  # popcount_peak.c's exit status for a method this CPU cannot run
 
 

@@ -14,6 +14,13 @@
  *   avx2-harley-seal  a carry-save-adder tree over 16 vectors (two steps) leaves one vector of
  *                     'sixteens' to count (nibble lookups + vpsadbw); the ones, twos, fours and
  *                     eights it carries are counted once at the end
+ *   avx2-nibble-agreements
+ *                     the AVX2 conv kernels' own form: both operands split into nibbles ahead (the
+ *                     streamed vector's halves in memory, each weight word's halves broadcast from
+ *                     memory), one vpshufb lookup a half of (agreements - mismatches) / 2 of its
+ *                     4 bits, added in signed byte lanes; every 31 steps (at most 4 a step, so
+ *                     within int8) vpmaddubsw + vpmaddwd widen the bytes to 32 bits. A 256-bit
+ *                     slice's popcount is 128 minus its sum
  *   scalar-popcnt     64-bit popcnt into 8 counters
  *
  * Usage: popcount_peak METHOD THREADS STEPS -> prints "binary MACs per second (all threads
@@ -151,6 +158,50 @@ static uint64_t avx2_harley_seal(const uint32_t *data, uint32_t seed, long steps
     return sum64(total);
 }
 
+__attribute__((target("avx2")))
+static uint64_t avx2_nibble_agreements(const uint32_t *data, uint32_t seed, long steps) {
+    /* 2 - popcount(v) of v = 0..15, as signed bytes */
+    const __m256i table = _mm256_setr_epi8(2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2,
+                                           2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2);
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    uint32_t low[DATA_WORDS] __attribute__((aligned(32))), high[DATA_WORDS] __attribute__((aligned(32)));
+    uint32_t w_low[WEIGHTS], w_high[WEIGHTS];
+    for (int i = 0; i < DATA_WORDS; i++) {
+        low[i] = data[i] & 0x0f0f0f0fu;
+        high[i] = (data[i] >> 4) & 0x0f0f0f0fu;
+    }
+    for (int j = 0; j < WEIGHTS; j++) {
+        w_low[j] = (seed + WEIGHT_OFFSETS[j]) & 0x0f0f0f0fu;
+        w_high[j] = ((seed + WEIGHT_OFFSETS[j]) >> 4) & 0x0f0f0f0fu;
+    }
+    __m256i bytes[WEIGHTS], sums = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int j = 0; j < WEIGHTS; j++) bytes[j] = _mm256_setzero_si256();
+    for (long i = 0; i < steps; i++) {
+        long at = (i % (DATA_WORDS / 8)) * 8;
+        __m256i x_low = _mm256_load_si256((const __m256i *)(low + at));
+        __m256i x_high = _mm256_load_si256((const __m256i *)(high + at));
+#pragma GCC unroll 8
+        for (int j = 0; j < WEIGHTS; j++) {
+            __m256i a = _mm256_shuffle_epi8(table, _mm256_xor_si256(x_low, _mm256_set1_epi32((int)w_low[j])));
+            __m256i b = _mm256_shuffle_epi8(table, _mm256_xor_si256(x_high, _mm256_set1_epi32((int)w_high[j])));
+            bytes[j] = _mm256_add_epi8(bytes[j], _mm256_add_epi8(a, b));
+        }
+        if (i % FLUSH_STEPS == FLUSH_STEPS - 1 || i == steps - 1) {
+#pragma GCC unroll 8
+            for (int j = 0; j < WEIGHTS; j++) {
+                sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, bytes[j]), ones16));
+                bytes[j] = _mm256_setzero_si256();
+            }
+        }
+    }
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, sums);
+    int64_t total = 0;
+    for (int k = 0; k < 8; k++) total += lanes[k];
+    return (uint64_t)(128 * (int64_t)steps * WEIGHTS - total);
+}
+
 __attribute__((target("popcnt")))
 static uint64_t scalar_popcnt(const uint32_t *data, uint32_t seed, long steps) {
     uint64_t w[WEIGHTS], acc[WEIGHTS];
@@ -183,6 +234,7 @@ int main(int argc, char **argv) {
         {"avx512-vpopcntdq", 512, __builtin_cpu_supports("avx512vpopcntdq"), avx512_vpopcntdq},
         {"avx2-bytes", 256, __builtin_cpu_supports("avx2"), avx2_bytes},
         {"avx2-harley-seal", 256, __builtin_cpu_supports("avx2"), avx2_harley_seal},
+        {"avx2-nibble-agreements", 256, __builtin_cpu_supports("avx2"), avx2_nibble_agreements},
         {"scalar-popcnt", 64, __builtin_cpu_supports("popcnt"), scalar_popcnt},
     };
     const int count = sizeof methods / sizeof methods[0];
