@@ -49,7 +49,7 @@ from bnncc.targets import arm64, estimate, x86_64
 from bnncc.targets import tvm_compat as tc
 from bnncc.targets.kernels import binary_conv as bc
 from bnncc.targets.lower import function_name, lower
-from kernels import binary_conv_seconds, cpu_model, resnet50_shapes, write_section
+from kernels import binary_conv_seconds, cpu_model, resnet50_shapes, split_shapes, write_section
 
 SECTION = "## ARM64 estimates (llvm-mca)"
 # (label, llvm-mca core model, clock in Hz): the cores and clocks the estimates are stated at
@@ -138,9 +138,9 @@ def calibrate(workdir: Path) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for shape in resnet50_shapes():
+        lanes = x86_64.nibble_lanes(target, shape.cout)
         func = bc.binary_conv2d_func(1, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                     nibbles=x86_64.counts_nibbles(target, shape.cout),
-                                     split=x86_64.splits_nibbles(target, shape.cin, shape.cout, shape.kernel))
+                                     nibbles=lanes is not None, lanes=lanes, split=shape in split_shapes(target))
         library = tc.export_library(x86_64.schedule(func, target), target, workdir / "kernel.so")
         out = bc.out_size(shape.size, shape.stride)
         macs = out * out * shape.cout * shape.kernel**2 * shape.cin

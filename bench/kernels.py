@@ -163,14 +163,22 @@ def best_of_class(peaks: dict[str, dict[str, tuple[float, float]]], name: str) -
     return method, one, many
 
 
+def split_shapes(target) -> set[Shape]:
+    """The shapes whose kernels ResNet-50's lowering for ``target`` gives weights split into nibbles
+    ahead (x86_64.split_convs over all 48 convs; a shape counts if its first conv is split)."""
+    convs = {(shape, i): (shape.cin, shape.cout, shape.kernel) for shape in resnet50_shapes() for i in range(shape.count)}
+    return {shape for shape, i in x86_64.split_convs(target, convs) if i == 0}
+
+
 def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
-    """Time of the scheduled kernel (packed activations in, int32 out) on random data."""
-    split = x86_64.splits_nibbles(target, shape.cin, shape.cout, shape.kernel)
+    """Time of the scheduled kernel (packed activations in, int32 out) on random data, its weights
+    laid out as the network's lowering lays them out."""
+    lanes, split = x86_64.nibble_lanes(target, shape.cout), shape in split_shapes(target)
     func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                 nibbles=x86_64.counts_nibbles(target, shape.cout), split=split)
+                                 nibbles=lanes is not None, lanes=lanes, split=split)
     module = tc.compile_func(x86_64.schedule(func, target), target)
     packed = bp.pack_weights(rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)))
-    weights = bp.split_nibbles(packed.bits) if split else packed.bits
+    weights = packed.bits if lanes is None else bp.nibble_weights(packed.bits, lanes, split)
     x = rng.integers(0, 2**32, (batch, shape.size, shape.size, bp.words(shape.cin)), dtype=np.uint32)
     out_size = bc.out_size(shape.size, shape.stride)
     args = [tc.to_tensor(a) for a in (x, weights, packed.border)]

@@ -37,7 +37,7 @@ from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
 from tvm.script import tirx as T  # noqa: E402  (TVMScript for the tensor intrinsics)
 
-__all__ = ["VectorUnit", "counts_nibbles", "schedule", "splits_nibbles"]
+__all__ = ["VectorUnit", "counts_nibbles", "schedule", "split_convs"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +90,29 @@ def counts_nibbles(unit: VectorUnit | None, out_channels: int) -> bool:
     return unit is not None and unit.nibble_lookup is not None and out_channels % unit.lanes == 0
 
 
-# The largest packed binary weights (bytes) a kernel counting nibbles takes split ahead
-# (``splits_nibbles``): their split copy, twice the size, stays within the 32 KiB L1 data cache of
-# Zen 2 and Zen 4 that every row task sweeps. Measured on Zen 4 (AVX2 build, one thread): 8-13%
-# faster at 0.5-16 KiB, 1-5% at 32-288 KiB, but 10% and 26% slower for the 32 and 128 KiB of the
-# 256->1024 and 512->2048 1x1 convs (bench/RESULTS.md).
-_SPLIT_WEIGHT_BYTES = 16 * 1024
+# Weights split into nibbles ahead take twice their packed bytes: the split copies of a network's
+# convs may add at most this fraction of all its convs' packed weights (PokeBNN-1x: 0.6 of its 2.5
+# MiB, its library 1.13x all its packed weights, the issue's bound 1.2x; bench/RESULTS.md, AVX2
+# weights blocked and split ahead)
+_SPLIT_BUDGET = 0.25
 
 
-def splits_nibbles(unit: VectorUnit | None, in_channels: int, out_channels: int, kernel: int) -> bool:
-    """Whether a binary conv counting nibbles (``counts_nibbles``) takes its weights split into
-    nibbles ahead (``bitpack.split_nibbles``): then no step splits its weight vectors (3
-    instructions each), at twice the weights' bytes; taken where they stay small."""
-    weight_bytes = kernel * kernel * bitpack.words(in_channels) * out_channels * 4
-    return counts_nibbles(unit, out_channels) and weight_bytes <= _SPLIT_WEIGHT_BYTES
+def split_convs(unit: VectorUnit | None, convs: dict) -> set:
+    """Of a network's binary convs ``{key: (in_channels, out_channels, kernel)}``, the keys of those
+    whose kernels count nibbles (``counts_nibbles``) with their weights split ahead (binary_conv's
+    split ``weight_shape``): no step then splits its weight vectors (3 instructions each), 7-15%
+    faster on Zen 4. Smallest weights first, which in a ResNet are the convs with the most output
+    positions per weight byte, while their copies stay within ``_SPLIT_BUDGET``."""
+    sizes = {key: kernel * kernel * bitpack.words(cin) * cout * 4 for key, (cin, cout, kernel) in convs.items()}
+    budget = _SPLIT_BUDGET * sum(sizes.values())
+    chosen = set()
+    for key in sorted((key for key, (_, cout, _) in convs.items() if counts_nibbles(unit, cout)),
+                      key=lambda key: (sizes[key], str(key))):
+        if sizes[key] > budget:
+            break
+        budget -= sizes[key]
+        chosen.add(key)
+    return chosen
 
 
 def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> tirx.PrimFunc | None:
@@ -437,9 +446,9 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
 
 
 def _split_weights(sch: s_tir.Schedule) -> bool:
-    """Whether the binary conv's weights come split into nibbles (``bitpack.split_nibbles``)."""
+    """Whether the binary conv's weights come split into nibbles ahead (binary_conv.weight_shape)."""
     weights = next(p for p in sch.mod["main"].params if p.name == "weights")
-    return len(weights.shape) == 5
+    return len(weights.shape) == 6
 
 
 def _byte_popcount_intrin(lanes: int) -> str:
@@ -495,7 +504,7 @@ def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
     xor itself: both operands are nibbles, so the xor needs no mask, where a lookup of a whole byte
     masks, shifts and masks again. A byte moves by at most 2 + 2 a step. The weight nibbles are
     computed here, once per step for all the tile's columns (LLVM merges the same split of the same
-    weight vector), or, ``split``, loaded as they are (w[h, 0:lanes], ``bitpack.split_nibbles``).
+    weight vector), or, ``split``, loaded as they are (w[h, 0:lanes], ``bitpack.nibble_weights``).
     Registered on first use."""
     name = f"bnncc_nibble_agreement_{lanes}" + ("_split" if split else "")
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:

@@ -222,11 +222,11 @@ class _Walk:
         self.batch = batch
         # the int-k quantizers' x * s, rounded on its own as in the reference (quant.rounded_product)
         self.product = quant.rounded_product(target.kind.name)
-        # whether a binary conv of so many output channels counts nibbles (binary_conv2d's
-        # ``nibbles``): the x86 AVX2 kernels do; every other target's answer is False
-        self.nibbles = lambda out_channels: x86_64.counts_nibbles(target, out_channels)
-        # whether such a conv takes its weights split into nibbles (bitpack.split_nibbles)
-        self.splits_nibbles = lambda cin, cout, kernel: x86_64.splits_nibbles(target, cin, cout, kernel)
+        # the channel vector of a binary conv of so many output channels if it counts nibbles
+        # (binary_conv2d's ``nibbles``; its weights blocked by it, bitpack.nibble_weights): the x86
+        # AVX2 kernels do; on every other target, None
+        self.nibble_lanes = lambda out_channels: x86_64.nibble_lanes(target, out_channels)
+        self.split: set[int] = set()  # ids of the PokeConv nodes whose weights come split ahead (run)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
         self.row_sums: dict[str, object] = {}  # ONNX value name -> its (N, H, C) row sums, for an SE gate
@@ -234,6 +234,13 @@ class _Walk:
 
     def run(self, graph: ir.Graph, x):
         self.input = (graph.inputs[0].name, x)  # NCHW; float() transposes it for a kernel that reads NHWC
+        # which convs take their weights split into nibbles ahead is decided over the whole network,
+        # within a budget of library bytes (x86_64.split_convs)
+        convs = {id(node): (node.inputs[1].const_value.shape[1], node.inputs[1].const_value.shape[0],
+                            node.inputs[1].const_value.shape[2])
+                 for node in graph if node.op_type == "PokeConv" and node.domain == DOMAIN
+                 and node.inputs[1].const_value is not None}
+        self.split = x86_64.split_convs(self.target, convs)
         for node in graph:
             if id(node) in self.done:
                 continue
@@ -409,8 +416,8 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     ho, wo = out_size(h, stride), out_size(w, stride)
     # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can; a
     # kernel counting nibbles sums the dot product itself (binary_conv2d's module docstring)
-    nibbles = walk.nibbles(cout)
-    split = walk.splits_nibbles(cin, cout, kernel)
+    lanes = walk.nibble_lanes(cout)
+    nibbles, split = lanes is not None, id(node) in walk.split
     halved = bitpack.can_halve(cin, kernel) and not nibbles
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
@@ -436,10 +443,10 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     # would first be fetched from memory only to be overwritten
     in_place = block is not None and shapes[-1] == (n, ho, wo, cout) and walk.last_use(block, node)
     key = (POKE_CONV_KERNEL, (n, h, w, cin), cout, kernel, stride, shapes, methods, gated, want_bits, want_rows,
-           in_place, nibbles, split, halved)
+           in_place, nibbles, lanes, split, halved)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
-                                                    want_bits, want_rows, in_place, nibbles, split, halved))
-    weight_bits = bitpack.split_nibbles(packed.bits) if split else packed.bits
+                                                    want_bits, want_rows, in_place, nibbles, lanes, split, halved))
+    weight_bits = packed.bits if lanes is None else bitpack.nibble_weights(packed.bits, lanes, split)
     args = [bits, relax.const(weight_bits), relax.const(border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
@@ -492,22 +499,23 @@ def _head(walk: _Walk, node: ir.Node) -> None:
 
 def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, stride: int,
                     residual_shapes: tuple, methods: tuple[str, ...], gated: bool, want_bits: bool,
-                    want_rows: bool, in_place: bool = False, nibbles: bool = False, split: bool = False,
-                    halved: bool = False) -> tirx.PrimFunc:
+                    want_rows: bool, in_place: bool = False, nibbles: bool = False, lanes: int | None = None,
+                    split: bool = False, halved: bool = False) -> tirx.PrimFunc:
     """``f(bits, weights, border, x, [r,] [gate,] params, y[, y_bits][, y_row_sums])``: the fused
     PokeConv kernel.
 
     params rows: a1, b1, pos, neg, by, b2 (module docstring). ``gated``: the op's SE gate
     multiplies the DPReLU (a kernel without it takes no gate).
     ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
-    compiler is not told otherwise. ``nibbles``: binary_conv2d's; ``split``: its weights split into
-    nibbles ahead (``bitpack.split_nibbles``). ``halved``: binary_conv2d's, the
+    compiler is not told otherwise. ``nibbles``: binary_conv2d's; ``lanes``, ``split``: its weights'
+    layout (binary_conv.weight_shape, bitpack.nibble_weights). ``halved``: binary_conv2d's, the
     caller passing ``bitpack.halved_counts`` as border and 2 * a1 as a1 (the same products).
     """
     n, h, w, cin = x_shape
     words = bitpack.words(cin)
     bits = te.placeholder((n, h, w, words), bitpack.WORD_DTYPE, name="bits")
-    weights = te.placeholder(binary_conv.weight_shape(kernel, cin, cout, split), bitpack.WORD_DTYPE, name="weights")
+    weights = te.placeholder(binary_conv.weight_shape(kernel, cin, cout, lanes, split), bitpack.WORD_DTYPE,
+                             name="weights")
     border = te.placeholder((kernel * kernel, kernel * kernel, cout), bitpack.BORDER_DTYPE, name="border")
     residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
     gate = te.placeholder((n, cout), "float32", name="gate") if gated else None

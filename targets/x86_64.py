@@ -4,8 +4,9 @@ Vector width follows the target: 16 uint32 lanes (zmm, one VPOPCNTD per 16 words
 AVX-512 VPOPCNTDQ, else 8 lanes (ymm), counted in byte lanes with vpshufb nibble table lookups and
 widened once per chunk of up to 31 steps by vpmaddubsw + vpmaddwd (``cpu_schedule._byte_counts``).
 AVX2 convs with whole vectors of output channels split their activations into nibbles once per call
-(``counts_nibbles``; binary_conv2d's ``nibbles``), so that a lookup needs no masking of its own; those
-with small weights take them split into nibbles ahead too (``splits_nibbles``).
+(``counts_nibbles``; binary_conv2d's ``nibbles``), so that a lookup needs no masking of its own; they
+take their weights blocked by channel vectors, and the smaller ones split into nibbles ahead too
+(``nibble_lanes``, ``split_convs``).
 A target without AVX2 is not scheduled (``schedule`` returns None).
 """
 
@@ -15,7 +16,8 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
 
-__all__ = ["counts_nibbles", "cpu_flags", "host_target", "schedule", "splits_nibbles", "target_for_flags", "vector_lanes"]
+__all__ = ["counts_nibbles", "cpu_flags", "host_target", "nibble_lanes", "schedule", "split_convs", "target_for_flags",
+           "vector_lanes"]
 
 # Register tile of the binary conv: as many accumulator vectors as lanes (x86-64 has 32 zmm / 16
 # ymm; the rest hold weights, the broadcast activation word and, on AVX2, the nibble table).
@@ -74,11 +76,17 @@ def counts_nibbles(target: Target, out_channels: int) -> bool:
     return lanes is not None and cpu_schedule.counts_nibbles(_UNITS[lanes], out_channels)
 
 
-def splits_nibbles(target: Target, in_channels: int, out_channels: int, kernel: int) -> bool:
-    """Whether such a binary conv for ``target`` counts nibbles with its weights split ahead
-    (binary_conv2d's split weights; cpu_schedule.splits_nibbles)."""
+def nibble_lanes(target: Target, out_channels: int) -> int | None:
+    """The channel vector of a binary conv for ``target`` that counts nibbles (``counts_nibbles``),
+    by which its weights are blocked (bitpack.nibble_weights); None if it counts none."""
+    return vector_lanes(target) if counts_nibbles(target, out_channels) else None
+
+
+def split_convs(target: Target, convs: dict) -> set:
+    """The keys of the binary convs ``{key: (in_channels, out_channels, kernel)}`` of a network whose
+    kernels for ``target`` take their weights split into nibbles ahead (cpu_schedule.split_convs)."""
     lanes = vector_lanes(target)
-    return lanes is not None and cpu_schedule.splits_nibbles(_UNITS[lanes], in_channels, out_channels, kernel)
+    return cpu_schedule.split_convs(_UNITS[lanes], convs) if lanes is not None else set()
 
 
 def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:

@@ -35,8 +35,11 @@ An epilogue that scales acc by a float a then scales acc / 2 by 2a: the same pro
 looking 4-bit values up in a table (AVX2's vpshufb). With v_lo = v & 0x0F0F0F0F and
 v_hi = (v >> 4) & 0x0F0F0F0F, a word's 32 bits are the 16 of each half; the kernel splits the
 padded activations once per call (stage NIBBLES, both halves of a word side by side) and each
-step splits its weight words, which the register tile's columns share, or takes them split ahead
-(weights (k, k, words, 2, Cout), ``bitpack.split_nibbles``). A lookup then needs no
+step splits its weight words, which the register tile's columns share, or takes them split ahead.
+Its weights come blocked by vectors of output channels (``bitpack.nibble_weights``: (Cout/lanes, k,
+k, words, lanes), split ahead (Cout/lanes, k, k, words, 2, lanes)), so that a tile's weights for
+all its steps lie together (in the (k, k, words, Cout) layout of the other kernels, the steps of
+a 512->2048 conv are 8 KiB apart, all in one set of the L1 cache). A lookup then needs no
 masking of its own (cpu_schedule._nibble_popcount_intrin). It sums agreements rather than
 mismatches: per half, 16 - 2 popcount(xa_half ^ wb_half), the +-1 dot product of its 16 bits, so
 
@@ -199,8 +202,7 @@ def binary_conv2d(
     halved: bool = False,
 ) -> te.Tensor:
     """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout),
-    or, with ``nibbles``, optionally weights split into nibbles ahead (k, k, ceil(C/32), 2, Cout)
-    (``bitpack.split_nibbles``).
+    or, with ``nibbles``, in a layout of ``bitpack.nibble_weights`` (``weight_shape``).
 
     ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights`` (of
     ``bitpack.halved_counts`` when ``halved``). Output NHWC (N, ceil(H/s), ceil(W/s), Cout); the
@@ -208,10 +210,16 @@ def binary_conv2d(
     """
     if halved and (in_channels % 2 or nibbles):
         raise ValueError(f"a halved count needs an even channel count (not {in_channels}) and no nibbles")
-    if len(weights.shape) == 5 and not nibbles:
-        raise ValueError("weights split into nibbles need a kernel counting nibbles")
+    blocked = len(weights.shape) > 4
+    if blocked != nibbles:
+        raise ValueError("a kernel counting nibbles, and only it, takes weights blocked by channel vectors "
+                         "(bitpack.nibble_weights)")
     n, h, w, cw = (int(d) for d in x.shape)
-    k, cout = int(weights.shape[0]), int(weights.shape[-1])
+    if blocked:
+        k, lanes = int(weights.shape[1]), int(weights.shape[-1])
+        cout = int(weights.shape[0]) * lanes
+    else:
+        k, cout = int(weights.shape[0]), int(weights.shape[3])
     rows, cols = same_padding(h, k, stride), same_padding(w, k, stride)
     xp = _pad(x, rows, cols)
     kh = te.reduce_axis((0, k), name="kh")
@@ -221,10 +229,11 @@ def binary_conv2d(
     if nibbles:
         xn = _nibbles(xp)
         half = te.reduce_axis((0, 2), name="half")
-        split = len(weights.shape) == 5
 
         def w_half(kh, kw, j, co, half):
-            return weights[kh, kw, j, half, co] if split else nibble(weights[kh, kw, j, co], half)
+            if len(weights.shape) == 6:  # split ahead
+                return weights[co // lanes, kh, kw, j, half, co % lanes]
+            return nibble(weights[co // lanes, kh, kw, j, co % lanes], half)
 
         counts = te.compute(shape, lambda i, y, z, co: te.sum(
             agreement(xn[i, y * stride + kh, z * stride + kw, j, half], w_half(kh, kw, j, co, half)),
@@ -261,10 +270,15 @@ def binary_conv2d(
     return te.compute(shape, result, name="binary_conv2d", tag="binary_conv2d")
 
 
-def weight_shape(kernel: int, in_channels: int, out_channels: int, split: bool) -> tuple[int, ...]:
-    """The packed weights' shape: (k, k, words, Cout), split into nibbles (k, k, words, 2, Cout)."""
+def weight_shape(kernel: int, in_channels: int, out_channels: int, lanes: int | None = None,
+                 split: bool = False) -> tuple[int, ...]:
+    """The packed weights' shape: (k, k, words, Cout); for a kernel counting nibbles in vectors of
+    ``lanes`` channels, blocked (Cout/lanes, k, k, words, lanes), or split into nibbles ahead too
+    (Cout/lanes, k, k, words, 2, lanes) (``bitpack.nibble_weights``)."""
     cw = words(in_channels)
-    return (kernel, kernel, cw, 2, out_channels) if split else (kernel, kernel, cw, out_channels)
+    if lanes is None:
+        return (kernel, kernel, cw, out_channels)
+    return (out_channels // lanes, kernel, kernel, cw, *((2,) if split else ()), lanes)
 
 
 def binary_conv2d_func(
@@ -277,13 +291,14 @@ def binary_conv2d_func(
     stride: int,
     epilogue: Epilogue | None = None,
     nibbles: bool = False,
+    lanes: int | None = None,
     split: bool = False,
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc ``f(x, weights, border, *epilogue.inputs, out)`` of ``binary_conv2d``;
-    ``split``: its weights split into nibbles ahead (``bitpack.split_nibbles``)."""
+    ``lanes``, ``split``: its weights' layout (``weight_shape``; with ``nibbles`` only)."""
     cw = words(in_channels)
     x = te.placeholder((batch, height, width, cw), WORD_DTYPE, name="x")
-    weights = te.placeholder(weight_shape(kernel, in_channels, out_channels, split), WORD_DTYPE, name="weights")
+    weights = te.placeholder(weight_shape(kernel, in_channels, out_channels, lanes, split), WORD_DTYPE, name="weights")
     border = te.placeholder((kernel * kernel, kernel * kernel, out_channels), BORDER_DTYPE, name="border")
     out = binary_conv2d(x, weights, border, in_channels=in_channels, stride=stride, epilogue=epilogue,
                         nibbles=nibbles)

@@ -21,7 +21,7 @@ from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = ["BORDER_DTYPE", "NIBBLE_MASK", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "can_halve", "halved_counts",
-           "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "split_nibbles", "words"]
+           "nibble_weights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
 
 KERNEL_NAME = "sign_bitpack"
 
@@ -110,12 +110,21 @@ def pack_weights(weights: np.ndarray) -> PackedWeights:
     )
 
 
-def split_nibbles(bits: np.ndarray) -> np.ndarray:
-    """Packed weights (k, k, words, Cout) as (k, k, words, 2, Cout): the low 4 bits of every byte of
-    each word (half 0), then the high 4 moved down (half 1), for kernels counting nibbles
-    (binary_conv2d's ``nibbles``), which then split no weight word themselves."""
-    halves = (bits & np.uint32(NIBBLE_MASK), (bits >> np.uint32(4)) & np.uint32(NIBBLE_MASK))
-    return np.ascontiguousarray(np.stack(halves, axis=3))
+def nibble_weights(bits: np.ndarray, lanes: int, split: bool) -> np.ndarray:
+    """Packed weights (k, k, words, Cout) laid out for a kernel counting nibbles (binary_conv2d's
+    ``nibbles``) with vectors of ``lanes`` output channels: blocked by those vectors,
+    (Cout/lanes, k, k, words, lanes), so that a register tile's weights for all its steps lie
+    together; ``split``: each word split into nibbles ahead, (Cout/lanes, k, k, words, 2, lanes),
+    the low 4 bits of every byte (half 0), then the high 4 moved down (half 1), so that the kernel
+    splits no weight word itself."""
+    k, _, words, cout = bits.shape
+    if cout % lanes:
+        raise ValueError(f"{cout} output channels are no whole vectors of {lanes}")
+    blocked = bits.reshape(k, k, words, cout // lanes, lanes).transpose(3, 0, 1, 2, 4)
+    if split:
+        mask = np.uint32(NIBBLE_MASK)
+        blocked = np.stack((blocked & mask, (blocked >> np.uint32(4)) & mask), axis=4)
+    return np.ascontiguousarray(blocked)
 
 
 def border_table(tap_sums: np.ndarray) -> np.ndarray:

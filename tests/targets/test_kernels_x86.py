@@ -26,9 +26,28 @@ def target_of(variant):
 
 def nibbles(variant, out_channels):
     """binary_conv2d's ``nibbles`` as the lowering picks it for the variant's target."""
+    return lanes_of(variant, out_channels) is not None
+
+
+def lanes_of(variant, out_channels):
+    """The channel vector by which a kernel counting nibbles takes its weights (the lowering's
+    choice, x86_64.nibble_lanes; the unscheduled nibble form takes AVX2's where the channels fill
+    them), else None."""
     if variant.startswith("unscheduled"):
-        return variant == "unscheduled-nibbles"
-    return x86_64.counts_nibbles(target_of(variant), out_channels)
+        return 8 if variant == "unscheduled-nibbles" and out_channels % 8 == 0 else None
+    return x86_64.nibble_lanes(target_of(variant), out_channels)
+
+
+def layout(variant, out_channels, split=False):
+    """binary_conv2d_func's (and _poke_conv_func's) arguments for the variant's weight layout."""
+    lanes = lanes_of(variant, out_channels)
+    return {"nibbles": lanes is not None, "lanes": lanes, "split": split}
+
+
+def weights_of(variant, bits, split=False):
+    """Packed weights (k, k, words, Cout) as the variant's kernel takes them (bitpack.nibble_weights)."""
+    lanes = lanes_of(variant, bits.shape[-1])
+    return bits if lanes is None else bp.nibble_weights(bits, lanes, split)
 
 
 def build(func, variant):
@@ -150,45 +169,54 @@ def test_binary_conv_matches_numpy(variant, case):
     x = activations(rng, (n, h, w, cin))
     weights = activations(rng, (cout, cin, k, k))
     packed = bp.pack_weights(weights)
-    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, nibbles=nibbles(variant, cout)), variant)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, **layout(variant, cout)), variant)
     expected = reference_conv(x, weights, s)
-    got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=expected.shape, out_dtype="int32")
+    got = run(module, reference_pack(x >= 0), weights_of(variant, packed.bits), packed.border, out_shape=expected.shape,
+              out_dtype="int32")
     np.testing.assert_array_equal(got, expected)
 
 
-def test_split_nibbles_by_hand():
-    """Half 0: the low 4 bits of every byte; half 1: the high 4, moved down."""
-    bits = np.array([[[[0xABCD1234, 0xF00F0FF0]]]], np.uint32)  # (k, k, words, Cout) = (1, 1, 1, 2)
-    split = bp.split_nibbles(bits)
-    assert split.shape == (1, 1, 1, 2, 2) and split.dtype == np.uint32
-    np.testing.assert_array_equal(split[0, 0, 0], [[0x0B0D0204, 0x000F0F00], [0x0A0C0103, 0x0F00000F]])
+def test_nibble_weights_by_hand():
+    """Blocked by vectors of output channels; split: the low 4 bits of every byte (half 0), then the
+    high 4, moved down."""
+    bits = np.arange(2 * 4, dtype=np.uint32).reshape(1, 1, 2, 4) * np.uint32(0x01010101)  # (k, k, words, Cout)
+    bits[0, 0, 1, 3] = 0xABCD1234
+    blocked = bp.nibble_weights(bits, 2, split=False)
+    assert blocked.shape == (2, 1, 1, 2, 2)
+    np.testing.assert_array_equal(blocked[1, 0, 0, 1], bits[0, 0, 1, 2:4])
+    split = bp.nibble_weights(bits, 2, split=True)
+    assert split.shape == (2, 1, 1, 2, 2, 2) and split.dtype == np.uint32
+    np.testing.assert_array_equal(split[1, 0, 0, 1, :, 1], [0x0B0D0204, 0x0A0C0103])
+    with pytest.raises(ValueError, match="no whole vectors"):
+        bp.nibble_weights(bits, 3, split=False)
 
 
-@pytest.mark.parametrize("variant", ["unscheduled", "avx2"])
+@pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] % 8 == 0], ids=lambda c: "n{}h{}w{}c{}o{}k{}s{}".format(*c))
 def test_binary_conv_split_nibbles_matches_numpy(variant, case):
-    """The nibble form with its weights split ahead (bitpack.split_nibbles, the AVX2 kernels' choice
-    for small weights): the same dot products."""
+    """The nibble form with its weights split ahead (bitpack.nibble_weights, the AVX2 kernels' choice
+    for the smaller weights): the same dot products."""
     n, h, w, cin, cout, k, s = case
     rng = np.random.default_rng(sum(case) + 1)
     x = activations(rng, (n, h, w, cin))
     weights = activations(rng, (cout, cin, k, k))
     packed = bp.pack_weights(weights)
-    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, nibbles=True, split=True), variant)
+    module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, **layout(variant, cout, split=True)), variant)
     expected = reference_conv(x, weights, s)
-    got = run(module, reference_pack(x >= 0), bp.split_nibbles(packed.bits), packed.border, out_shape=expected.shape,
-              out_dtype="int32")
+    got = run(module, reference_pack(x >= 0), weights_of(variant, packed.bits, split=True), packed.border,
+              out_shape=expected.shape, out_dtype="int32")
     np.testing.assert_array_equal(got, expected)
 
 
-def test_avx2_splits_small_weights_only():
-    """AVX2 kernels take weights split ahead up to 16 KiB packed (64->256 1x1: 2 KiB), not above
-    (256->1024 1x1: 32 KiB); AVX-512 kernels count no nibbles at all."""
+def test_avx2_splits_the_smallest_weights_within_the_budget():
+    """AVX2 kernels take split weights, smallest first, while the copies stay within a quarter of all
+    the convs' packed weights; AVX-512 kernels count no nibbles at all."""
     avx2, avx512 = target_of("avx2"), x86_64.target_for_flags(AVX512_FLAGS, cores=2)
-    assert x86_64.splits_nibbles(avx2, 64, 256, 1) and x86_64.splits_nibbles(avx2, 512, 256, 1)
-    assert not x86_64.splits_nibbles(avx2, 256, 1024, 1) and not x86_64.splits_nibbles(avx2, 128, 128, 3)
-    assert not x86_64.splits_nibbles(avx2, 64, 60, 1)  # no whole vectors of channels: no nibbles
-    assert not x86_64.splits_nibbles(avx512, 64, 256, 1)
+    # packed bytes: 2, 8, 32 and 128 KiB (and 0.5 KiB with no whole vectors): a quarter of all is 42.6 KiB
+    convs = {"a": (64, 256, 1), "b": (128, 512, 1), "c": (256, 1024, 1), "d": (512, 2048, 1), "odd": (64, 60, 1)}
+    assert x86_64.split_convs(avx2, convs) == {"a", "b", "c"}
+    assert x86_64.split_convs(avx2, {"d": convs["d"]}) == set()  # 128 KiB over 32 KiB of budget
+    assert x86_64.split_convs(avx512, convs) == set()
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
@@ -200,8 +228,8 @@ def test_binary_conv_every_bit_mismatching(variant):
     cin, cout = 992, 16
     x = np.ones((1, 3, 4, cin), np.float32)
     packed = bp.pack_weights(-np.ones((cout, cin, 1, 1), np.float32))
-    module = build(bc.binary_conv2d_func(1, 3, 4, cin, cout, 1, 1, nibbles=nibbles(variant, cout)), variant)
-    got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=(1, 3, 4, cout), out_dtype="int32")
+    module = build(bc.binary_conv2d_func(1, 3, 4, cin, cout, 1, 1, **layout(variant, cout)), variant)
+    got = run(module, reference_pack(x >= 0), weights_of(variant, packed.bits), packed.border, out_shape=(1, 3, 4, cout), out_dtype="int32")
     assert (got == -cin).all()
 
 
@@ -225,9 +253,10 @@ def test_binary_conv_corners_by_hand(variant, size, stride, corners):
     weights[:, :, 2, 2] = -1.0
     x = np.zeros((1, size, size, cin), np.float32)
     packed = bp.pack_weights(weights)
-    module = build(bc.binary_conv2d_func(1, size, size, cin, 8, 3, stride, nibbles=nibbles(variant, 8)), variant)
+    module = build(bc.binary_conv2d_func(1, size, size, cin, 8, 3, stride, **layout(variant, 8)), variant)
     ho = -(-size // stride)
-    got = run(module, reference_pack(x >= 0), packed.bits, packed.border, out_shape=(1, ho, ho, 8), out_dtype="int32")
+    got = run(module, reference_pack(x >= 0), weights_of(variant, packed.bits), packed.border, out_shape=(1, ho, ho, 8),
+              out_dtype="int32")
     top_left, top_right, bottom_left, bottom_right = (c * cin for c in corners)
     assert (got[0, 0, 0] == top_left).all()
     assert (got[0, 0, -1] == top_right).all()
@@ -245,10 +274,10 @@ def test_binary_conv_scale_bias_epilogue(variant):
     packed = bp.pack_weights(weights)
     bias = rng.standard_normal(cout).astype(np.float32)
     module = build(bc.binary_conv2d_func(n, h, w, cin, cout, k, s, bc.scale_bias_epilogue(cout),
-                                         nibbles=nibbles(variant, cout)), variant)
+                                         **layout(variant, cout)), variant)
     expected = reference_conv(x, weights, s).astype(np.float32) * packed.scale + bias
     got = run(
-        module, reference_pack(x >= 0), packed.bits, packed.border, packed.scale, bias,
+        module, reference_pack(x >= 0), weights_of(variant, packed.bits), packed.border, packed.scale, bias,
         out_shape=expected.shape, out_dtype="float32",
     )
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-5)
@@ -292,10 +321,10 @@ def test_poke_conv_row_sums_and_bits_of_its_own_output(variant, cout, w):
     rng = np.random.default_rng(cout)
     n, h, cin = 1, 6, 48
     func = _poke_conv_func((n, h, w, cin), cout, 3, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
-                           want_bits=True, want_rows=True, nibbles=nibbles(variant, cout))
+                           want_bits=True, want_rows=True, **layout(variant, cout))
     x = activations(rng, (n, h, w, cin))
     packed = bp.pack_weights(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32))
-    inputs = [reference_pack(x >= 0), packed.bits, packed.border, x,
+    inputs = [reference_pack(x >= 0), weights_of(variant, packed.bits), packed.border, x,
               rng.uniform(0, 1, (n, cout)).astype(np.float32), poke_params(rng, cout)]
     outputs = [np.zeros((n, h, w, cout), np.float32), np.zeros((n, h, w, bp.words(cout)), np.uint32),
                np.zeros((n, h, cout), np.float32)]
@@ -360,8 +389,8 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
     results = []
     for halved, border, table in ((False, packed.border, params), (True, bp.halved_counts(packed.border, cin), doubled)):
         func = _poke_conv_func((n, h, w, cin), cout, kernel, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
-                               want_bits=True, want_rows=False, nibbles=nibbles(variant, cout), halved=halved)
-        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), packed.bits, border, x, gate, table,
+                               want_bits=True, want_rows=False, **layout(variant, cout), halved=halved)
+        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), weights_of(variant, packed.bits), border, x, gate, table,
                                              np.zeros((n, h, w, cout), np.float32),
                                              np.zeros((n, h, w, bp.words(cout)), np.uint32))]
         build(func, variant)(*tensors)
@@ -379,9 +408,9 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
 @pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_poke_conv_split_weights_give_the_same_outputs(variant, kernel):
-    """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.split_nibbles,
-    the AVX2 lowering's choice for small weights) writes the output and bits of the kernel that
-    splits them in its loop, bit for bit; both agree with numpy's PokeConv arithmetic."""
+    """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.nibble_weights,
+    the AVX2 lowering's choice for the smaller weights) writes the output and bits of the kernel
+    that splits them in its loop, bit for bit; both agree with numpy's PokeConv arithmetic."""
     from bnncc.targets.lower import _poke_conv_func
 
     rng = np.random.default_rng(10 + kernel)
@@ -394,10 +423,9 @@ def test_poke_conv_split_weights_give_the_same_outputs(variant, kernel):
     results = []
     for split in (False, True):
         func = _poke_conv_func((n, h, w, cin), cout, kernel, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
-                               want_bits=True, want_rows=False, nibbles=True, split=split)
-        bits = bp.split_nibbles(packed.bits) if split else packed.bits
-        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), bits, packed.border, x, gate, params,
-                                             np.zeros((n, h, w, cout), np.float32),
+                               want_bits=True, want_rows=False, **layout(variant, cout, split))
+        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), weights_of(variant, packed.bits, split),
+                                             packed.border, x, gate, params, np.zeros((n, h, w, cout), np.float32),
                                              np.zeros((n, h, w, bp.words(cout)), np.uint32))]
         build(func, variant)(*tensors)
         results.append([t.numpy() for t in tensors[-2:]])
@@ -425,12 +453,12 @@ def test_poke_conv_in_place_equals_a_separate_output(variant):
     x = activations(rng, shapes[0])
     residual = rng.standard_normal(shapes[1]).astype(np.float32)
     packed = bp.pack_weights(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32))
-    inputs = [reference_pack(x >= 0), packed.bits, packed.border, x, residual,
+    inputs = [reference_pack(x >= 0), weights_of(variant, packed.bits), packed.border, x, residual,
               rng.uniform(0, 1, (n, cout)).astype(np.float32), poke_params(rng, cout)]
     results = []
     for in_place in (False, True):
         func = _poke_conv_func(shapes[0], cout, 1, 1, shapes, ("zeropad", "tile"), gated=True, want_bits=True,
-                               want_rows=True, in_place=in_place, nibbles=nibbles(variant, cout))
+                               want_rows=True, in_place=in_place, **layout(variant, cout))
         tensors = [tc.to_tensor(a) for a in inputs]
         outputs = [tc.to_tensor(np.zeros(shape, dtype)) for shape, dtype in
                    (((n, h, w, bp.words(cout)), np.uint32), ((n, h, cout), np.float32))]
@@ -452,7 +480,7 @@ def test_avx2_inner_loop_form():
     import tvm
 
     target = target_of("avx2")
-    func = x86_64.schedule(bc.binary_conv2d_func(1, 14, 14, 256, 256, 3, 1, nibbles=True), target)
+    func = x86_64.schedule(bc.binary_conv2d_func(1, 14, 14, 256, 256, 3, 1, nibbles=True, lanes=8), target)
     asm = tc.compile_module(tvm.IRModule({"main": func}), target).mod.inspect_source("asm")
     lines = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
     labels = re.findall(r"^(\.LBB\d+_\d+):", asm, re.M)
