@@ -91,7 +91,7 @@ def counts_nibbles(unit: VectorUnit | None, out_channels: int) -> bool:
 
 
 # Weights split into nibbles ahead take twice their packed bytes: the split copies of a network's
-# convs may add at most this fraction of all its convs' packed weights (PokeBNN-1x: 0.6 of its 2.5
+# convs may add at most this fraction of all its convs' packed weights (PokeBNN-1x: 0.57 of its 2.46
 # MiB, its library 1.13x all its packed weights, the issue's bound 1.2x; bench/RESULTS.md, AVX2
 # weights blocked and split ahead)
 _SPLIT_BUDGET = 0.25
@@ -107,7 +107,7 @@ def split_convs(unit: VectorUnit | None, convs: dict) -> set:
     budget = _SPLIT_BUDGET * sum(sizes.values())
     chosen = set()
     for key in sorted((key for key, (_, cout, _) in convs.items() if counts_nibbles(unit, cout)),
-                      key=lambda key: (sizes[key], str(key))):
+                      key=lambda key: (sizes[key], key)):
         if sizes[key] > budget:
             break
         budget -= sizes[key]

@@ -236,11 +236,14 @@ class _Walk:
         self.input = (graph.inputs[0].name, x)  # NCHW; float() transposes it for a kernel that reads NHWC
         # which convs take their weights split into nibbles ahead is decided over the whole network,
         # within a budget of library bytes (x86_64.split_convs)
-        convs = {id(node): (node.inputs[1].const_value.shape[1], node.inputs[1].const_value.shape[0],
-                            node.inputs[1].const_value.shape[2])
-                 for node in graph if node.op_type == "PokeConv" and node.domain == DOMAIN
-                 and node.inputs[1].const_value is not None}
-        self.split = x86_64.split_convs(self.target, convs)
+        # (keyed by position in the graph, so that equal sizes are taken in the same order every time)
+        nodes = [node for node in graph if node.op_type == "PokeConv" and node.domain == DOMAIN
+                 and node.inputs[1].const_value is not None]
+        convs = {}
+        for position, node in enumerate(nodes):
+            cout, cin, kernel = node.inputs[1].const_value.shape[:3]
+            convs[position] = (cin, cout, kernel)
+        self.split = {id(nodes[position]) for position in x86_64.split_convs(self.target, convs)}
         for node in graph:
             if id(node) in self.done:
                 continue
