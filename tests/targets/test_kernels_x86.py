@@ -209,13 +209,16 @@ def test_binary_conv_split_nibbles_matches_numpy(variant, case):
 
 
 def test_avx2_splits_the_smallest_weights_within_the_budget():
-    """AVX2 kernels take split weights, smallest first, while the copies stay within a quarter of all
-    the convs' packed weights; AVX-512 kernels count no nibbles at all."""
+    """AVX2 kernels take split weights, smallest first and all convs of a shape or none, while the
+    copies stay within 10% of all the convs' packed weights; AVX-512 kernels count no nibbles."""
     avx2, avx512 = target_of("avx2"), x86_64.target_for_flags(AVX512_FLAGS, cores=2)
-    # packed bytes: 2, 8, 32 and 128 KiB (and 0.5 KiB with no whole vectors): a quarter of all is 42.6 KiB
+    # packed bytes: 2, 8, 32 and 128 KiB (and 0.5 KiB with no whole vectors): 10% of all is 17 KiB
     convs = {"a": (64, 256, 1), "b": (128, 512, 1), "c": (256, 1024, 1), "d": (512, 2048, 1), "odd": (64, 60, 1)}
-    assert x86_64.split_convs(avx2, convs) == {"a", "b", "c"}
-    assert x86_64.split_convs(avx2, {"d": convs["d"]}) == set()  # 128 KiB over 32 KiB of budget
+    assert x86_64.split_convs(avx2, convs) == {"a", "b"}
+    assert x86_64.split_convs(avx2, {"d": convs["d"]}) == set()  # 128 KiB over 12.8 KiB of budget
+    # 10% of 146 KiB leaves 12.6 KiB after "a": room for one 8 KiB conv, not for both of its shape
+    pair = {"b1": convs["b"], "b2": convs["b"], "a": convs["a"], "d": convs["d"]}
+    assert x86_64.split_convs(avx2, pair) == {"a"}
     assert x86_64.split_convs(avx512, convs) == set()
 
 
@@ -369,40 +372,57 @@ def test_vector_channel_mean_sums_in_the_stage_order(variant, k):
 HALVED_VARIANTS = [v for v in CONV_VARIANTS if not nibbles(v, 64)]
 
 
+def poke_case(seed, kernel, cin, cout=64):
+    """Inputs of a gated fused PokeConv kernel (zero-padded local shortcut) on a 5x9 image."""
+    rng = np.random.default_rng(seed)
+    x = activations(rng, (1, 5, 9, cin))
+    weights = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
+    return {"x": x, "weights": weights, "packed": bp.pack_weights(weights), "kernel": kernel,
+            "gate": rng.uniform(0, 1, (1, cout)).astype(np.float32), "params": poke_params(rng, cout)}
+
+
+def poke_outputs(variant, case, weights, border, params, **form):
+    """The output and bits of the fused PokeConv kernel built in ``form`` (_poke_conv_func's
+    arguments) on ``case`` with these weights, border table and parameters."""
+    from bnncc.targets.lower import _poke_conv_func
+
+    x, kernel, cout = case["x"], case["kernel"], case["weights"].shape[0]
+    n, h, w, cin = x.shape
+    func = _poke_conv_func(x.shape, cout, kernel, 1, (x.shape,), ("zeropad",), gated=True, want_bits=True,
+                           want_rows=False, **form)
+    tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), weights, border, x, case["gate"], params,
+                                         np.zeros((n, h, w, cout), np.float32),
+                                         np.zeros((n, h, w, bp.words(cout)), np.uint32))]
+    build(func, variant)(*tensors)
+    return [t.numpy() for t in tensors[-2:]]
+
+
+def poke_reference(case):
+    """numpy's PokeConv arithmetic (float64) on the reference conv of ``case``."""
+    x = case["x"]
+    a1, b1, pos, neg, by, b2 = (row.astype(np.float64) for row in case["params"])
+    u = a1 * reference_conv(x, case["weights"], 1) + b1
+    u[..., :x.shape[3]] += x
+    g = case["gate"][:, None, None, :].astype(np.float64)
+    return (np.where(u >= 0, pos * u, neg * u) - by) * g + b2
+
+
 @pytest.mark.parametrize("variant", HALVED_VARIANTS)
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
     """A fused PokeConv kernel fed half the dot product (binary_conv2d's ``halved``: the halved-count
     table as border, a1 doubled) writes the output and bits of the kernel fed the whole, bit for
     bit; both agree with numpy's PokeConv arithmetic on the reference conv."""
-    from bnncc.targets.lower import _poke_conv_func
-
-    rng = np.random.default_rng(kernel)
-    n, h, w, cin, cout = 1, 5, 9, 48, 64
-    x = activations(rng, (n, h, w, cin))
-    weights = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
-    packed = bp.pack_weights(weights)
-    gate = rng.uniform(0, 1, (n, cout)).astype(np.float32)
-    params = poke_params(rng, cout)
+    case = poke_case(kernel, kernel, cin=48)
+    packed, params = case["packed"], case["params"]
     doubled = params.copy()
     doubled[0] *= 2
-    results = []
-    for halved, border, table in ((False, packed.border, params), (True, bp.halved_counts(packed.border, cin), doubled)):
-        func = _poke_conv_func((n, h, w, cin), cout, kernel, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
-                               want_bits=True, want_rows=False, **layout(variant, cout), halved=halved)
-        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), weights_of(variant, packed.bits), border, x, gate, table,
-                                             np.zeros((n, h, w, cout), np.float32),
-                                             np.zeros((n, h, w, bp.words(cout)), np.uint32))]
-        build(func, variant)(*tensors)
-        results.append([t.numpy() for t in tensors[-2:]])
-    for whole, half in zip(*results):
-        np.testing.assert_array_equal(half, whole)
-    a1, b1, pos, neg, by, b2 = (row.astype(np.float64) for row in params)
-    u = a1 * reference_conv(x, weights, 1) + b1
-    u[..., :cin] += x
-    g = gate[:, None, None, :].astype(np.float64)
-    expected = (np.where(u >= 0, pos * u, neg * u) - by) * g + b2
-    np.testing.assert_allclose(results[1][0], expected, rtol=1e-5, atol=1e-5)
+    whole = poke_outputs(variant, case, packed.bits, packed.border, params, **layout(variant, 64))
+    half = poke_outputs(variant, case, packed.bits, bp.halved_counts(packed.border, 48), doubled,
+                        **layout(variant, 64), halved=True)
+    for a, b in zip(whole, half):
+        np.testing.assert_array_equal(b, a)
+    np.testing.assert_allclose(half[0], poke_reference(case), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
@@ -411,32 +431,13 @@ def test_poke_conv_split_weights_give_the_same_outputs(variant, kernel):
     """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.nibble_weights,
     the AVX2 lowering's choice for the smaller weights) writes the output and bits of the kernel
     that splits them in its loop, bit for bit; both agree with numpy's PokeConv arithmetic."""
-    from bnncc.targets.lower import _poke_conv_func
-
-    rng = np.random.default_rng(10 + kernel)
-    n, h, w, cin, cout = 1, 5, 9, 40, 64
-    x = activations(rng, (n, h, w, cin))
-    weights = rng.standard_normal((cout, cin, kernel, kernel)).astype(np.float32)
-    packed = bp.pack_weights(weights)
-    gate = rng.uniform(0, 1, (n, cout)).astype(np.float32)
-    params = poke_params(rng, cout)
-    results = []
-    for split in (False, True):
-        func = _poke_conv_func((n, h, w, cin), cout, kernel, 1, ((n, h, w, cin),), ("zeropad",), gated=True,
-                               want_bits=True, want_rows=False, **layout(variant, cout, split))
-        tensors = [tc.to_tensor(a) for a in (reference_pack(x >= 0), weights_of(variant, packed.bits, split),
-                                             packed.border, x, gate, params, np.zeros((n, h, w, cout), np.float32),
-                                             np.zeros((n, h, w, bp.words(cout)), np.uint32))]
-        build(func, variant)(*tensors)
-        results.append([t.numpy() for t in tensors[-2:]])
-    for in_loop, ahead in zip(*results):
-        np.testing.assert_array_equal(ahead, in_loop)
-    a1, b1, pos, neg, by, b2 = (row.astype(np.float64) for row in params)
-    u = a1 * reference_conv(x, weights, 1) + b1
-    u[..., :cin] += x
-    g = gate[:, None, None, :].astype(np.float64)
-    expected = (np.where(u >= 0, pos * u, neg * u) - by) * g + b2
-    np.testing.assert_allclose(results[1][0], expected, rtol=1e-5, atol=1e-5)
+    case = poke_case(10 + kernel, kernel, cin=40)
+    packed, params = case["packed"], case["params"]
+    in_loop, ahead = (poke_outputs(variant, case, weights_of(variant, packed.bits, split), packed.border, params,
+                                   **layout(variant, 64, split)) for split in (False, True))
+    for a, b in zip(in_loop, ahead):
+        np.testing.assert_array_equal(b, a)
+    np.testing.assert_allclose(ahead[0], poke_reference(case), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
