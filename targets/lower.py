@@ -234,16 +234,7 @@ class _Walk:
 
     def run(self, graph: ir.Graph, x):
         self.input = (graph.inputs[0].name, x)  # NCHW; float() transposes it for a kernel that reads NHWC
-        # which convs take their weights split into nibbles ahead is decided over the whole network,
-        # within a budget of library bytes (x86_64.split_convs)
-        # (keyed by position in the graph, so that equal sizes are taken in the same order every time)
-        nodes = [node for node in graph if node.op_type == "PokeConv" and node.domain == DOMAIN
-                 and node.inputs[1].const_value is not None]
-        convs = {}
-        for position, node in enumerate(nodes):
-            cout, cin, kernel = node.inputs[1].const_value.shape[:3]
-            convs[position] = (cin, cout, kernel)
-        self.split = {id(nodes[position]) for position in x86_64.split_convs(self.target, convs)}
+        self.split = _split_convs(graph, self.target)
         for node in graph:
             if id(node) in self.done:
                 continue
@@ -305,6 +296,19 @@ class _Walk:
         """Whether ``node`` is the last reader of ``value``: every other reader is lowered already."""
         return not value.is_graph_output() and value.name != self.input[0] and all(
             use.node is node or id(use.node) in self.done for use in value.uses())
+
+
+def _split_convs(graph: ir.Graph, target: Target) -> set[int]:
+    """Ids of the PokeConv nodes whose kernels take their weights split into nibbles ahead: decided
+    over the whole network, within a budget of library bytes (x86_64.split_convs), by position in
+    the graph so that a build picks the same convs every time."""
+    nodes = [node for node in graph if node.op_type == "PokeConv" and node.domain == DOMAIN
+             and node.inputs[1].const_value is not None]
+    convs = {}
+    for position, node in enumerate(nodes):
+        cout, cin, kernel = node.inputs[1].const_value.shape[:3]
+        convs[position] = (cin, cout, kernel)
+    return {id(nodes[position]) for position in x86_64.split_convs(target, convs)}
 
 
 # -- stem --------------------------------------------------------------------------------------------
