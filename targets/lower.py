@@ -302,8 +302,10 @@ def _split_convs(graph: ir.Graph, target: Target) -> set[int]:
     """Ids of the PokeConv nodes whose kernels take their weights split into nibbles ahead: decided
     over the whole network, within a budget of library bytes (x86_64.split_convs), by position in
     the graph so that a build picks the same convs every time."""
+    # (a node whose weights are no 4-D constant is left to _poke_conv, which names the problem)
     nodes = [node for node in graph if node.op_type == "PokeConv" and node.domain == DOMAIN
-             and node.inputs[1].const_value is not None]
+             and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None
+             and len(node.inputs[1].const_value.shape) == 4]
     convs = {}
     for position, node in enumerate(nodes):
         cout, cin, kernel = node.inputs[1].const_value.shape[:3]
@@ -413,6 +415,10 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
         gates.append(_se_gate_call(walk, se_inputs, attrs.get_int("se_w_bits", 4), attrs.get_int("se_a_bits", 4), node))
     bits = walk.packed(x_value)
     weight = _const(node.inputs[1], node)
+    channels = walk.shape(x)[3]
+    if weight.ndim != 4 or weight.shape[1] != channels or weight.shape[2] != weight.shape[3]:
+        raise BnnccError(f"node {node.name!r} (PokeConv): weights of shape {list(weight.shape)}, expected "
+                         f"(Cout, {channels}, k, k) for its {channels}-channel input")
     kernel = attrs.get_ints("kernel_shape", weight.shape[2:])[0]
     stride = attrs.get_ints("strides", (1, 1))[0]
     clip_bound = attrs.get_float("clip_bound", DEFAULT_CLIP_BOUND)

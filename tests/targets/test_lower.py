@@ -246,6 +246,20 @@ def test_unsupported_node_is_an_error():
         lower(net.model(), host_target())
 
 
+@pytest.mark.parametrize("shape", [(40, 16), (40, 8, 1, 1), (40, 16, 3, 1)])
+def test_poke_conv_weights_of_another_shape_are_an_error(shape):
+    """Weights that are not (Cout, Cin, k, k) for the conv's input: a BnnccError naming the node."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    node = next(n for n in model.graph if n.op_type == "PokeConv")
+    weight = node.inputs[1]
+    weight.const_value = ir.tensor(np.ones(shape, np.float32), name=weight.name)
+    with pytest.raises(BnnccError, match=rf"{node.name}.*PokeConv.*weights of shape"):
+        lower(model, host_target())
+
+
 def test_compile_refuses_a_float_graph(tmp_path):
     from bnncc.targets.build import compile
 
