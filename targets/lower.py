@@ -150,11 +150,17 @@ def _input_chw(value: ir.Value) -> tuple[int, int, int]:
     return int(dims[1]), int(dims[2]), int(dims[3])
 
 
-def _const(value: ir.Value, node: ir.Node) -> np.ndarray:
+def _const(value: ir.Value, node: ir.Node, shape: tuple | None = None) -> np.ndarray:
+    """The constant ``value`` of ``node``; with ``shape`` (ints, None for any size), of that shape."""
     if value is None or value.const_value is None:
         raise BnnccError(f"node {node.name!r} ({node.op_type}): input {getattr(value, 'name', None)!r} "
                          f"is not a constant initializer")
-    return value.const_value.numpy()
+    array = value.const_value.numpy()
+    if shape is not None and (array.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, array.shape))):
+        expected = ", ".join("any" if d is None else str(d) for d in shape)
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): input {value.name!r} has shape {list(array.shape)}, "
+                         f"expected ({expected})")
+    return array
 
 
 def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
@@ -172,9 +178,9 @@ def _affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]
     return a, beta - mean * a
 
 
-def _bn_affine(node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
-    """A BatchNormalization node as y = a x + b (``_affine``)."""
-    return _affine(*(_const(v, node) for v in node.inputs[1:5]), node.attributes.get_float("epsilon", 1e-5))
+def _bn_affine(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A BatchNormalization node over ``channels`` as y = a x + b (``_affine``)."""
+    return _affine(*(_const(v, node, (channels,)) for v in node.inputs[1:5]), node.attributes.get_float("epsilon", 1e-5))
 
 
 def _annotate(nodes, shape: tuple[int, ...]) -> None:
@@ -317,7 +323,7 @@ def _split_convs(graph: ir.Graph, target: Target) -> set[int]:
 @register_lowering("QuantConv")
 def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     """QuantConv [-> BN [-> DPReLU]]: one quant_conv2d with bias, BN and DPReLU fused."""
-    weight, bound, bias = (_const(v, node) for v in node.inputs[1:4])
+    weight = _const(node.inputs[1], node, (None, None, None, None))
     # the stem's first conv reads the network's NCHW input as it is (quant.quant_conv2d_func)
     layout = "NCHW" if node.inputs[0].name == walk.input[0] and weight.shape[1] > 1 else "NHWC"
     x = walk.input[1] if layout == "NCHW" else walk.float(node.inputs[0])
@@ -326,25 +332,29 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     stride = attrs.get_ints("strides", (1, 1))
     pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
     group = attrs.get_int("group", 1)
+    cin, cout = walk.shape(x)[1 if layout == "NCHW" else 3], weight.shape[0]
+    if weight.shape[1] * group != cin:
+        raise BnnccError(f"node {node.name!r} (QuantConv): weights of shape {list(weight.shape)} in {group} "
+                         f"group(s) for a {cin}-channel input")
+    bound, bias = _const(node.inputs[2], node, (cin,)), _const(node.inputs[3], node, (cout,))
     if stride[0] != stride[1]:
         raise BnnccError(f"node {node.name!r} (QuantConv): unequal strides {list(stride)} are not supported")
     q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
     wq = (q.astype(np.float32) / s.reshape(-1, 1, 1, 1)).transpose(2, 3, 1, 0)
     a_bits = attrs.get_int("a_bits", 8)
     scales = quant.act_scales(bound, a_bits, signed=True)
-    cout = weight.shape[0]
     a, b = np.ones(cout), bias.astype(np.float64)
     last = node
     bn = _only_user(node.outputs[0], "BatchNormalization")
     dprelu_node = _only_user(bn.outputs[0], "DPReLU") if bn is not None else None
     if bn is not None:
-        bn_a, bn_b = _bn_affine(bn)
+        bn_a, bn_b = _bn_affine(bn, cout)
         a, b, last = bn_a, bn_a * b + bn_b, bn
     table = np.zeros((6, cout), np.float32)
     table[0], table[1] = a, b
     table[2:] = np.array([0, 0, 1, 1], np.float32)[:, None]  # DPReLU absent: identity
     if dprelu_node is not None:
-        table[2:] = [_const(v, dprelu_node) for v in dprelu_node.inputs[1:5]]
+        table[2:] = [_const(v, dprelu_node, (cout,)) for v in dprelu_node.inputs[1:5]]
         last = dprelu_node
     walk.done.update(id(n) for n in (node, bn, dprelu_node) if n is not None)
     shape = walk.shape(x)
@@ -374,12 +384,20 @@ def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int,
     it averages R's row sums where R's producer made them (``_poke_conv``)."""
     x = walk.float(inputs[0])
     rows = walk.row_sums.get(inputs[0].name)
-    w1, bound1, b1, w2, bound2, b2 = (_const(v, node) for v in inputs[1:7])
-    q1, s1 = quant.quantize_weights(w1.reshape(w1.shape[0], -1), w_bits)
-    q2, s2 = quant.quantize_weights(w2.reshape(w2.shape[0], -1), w_bits)
-    hidden, cout = q1.shape[0], q2.shape[0]
-    q1, q2 = quant.pack_dense(q1, w_bits), quant.pack_dense(q2, w_bits)
     shape = walk.shape(x)
+    w1, w2 = _const(inputs[1], node), _const(inputs[4], node)
+    # (H, Cin) and (C, H), or as 1x1 conv weights (H, Cin, 1, 1) and (C, H, 1, 1)
+    if (w1.ndim < 2 or w2.ndim < 2 or w1.shape[0] == 0 or int(np.prod(w1.shape[1:])) != shape[3]
+            or int(np.prod(w2.shape[1:])) != w1.shape[0]):
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): SE weights of shapes {list(w1.shape)} and "
+                         f"{list(w2.shape)}, expected (H, {shape[3]}) and (C, H)")
+    hidden, cout = w1.shape[0], w2.shape[0]
+    w1, w2 = w1.reshape(hidden, -1), w2.reshape(cout, -1)
+    bound1, b1 = _const(inputs[2], node, (shape[3],)), _const(inputs[3], node, (hidden,))
+    bound2, b2 = _const(inputs[5], node, (hidden,)), _const(inputs[6], node, (cout,))
+    q1, s1 = quant.quantize_weights(w1, w_bits)
+    q2, s2 = quant.quantize_weights(w2, w_bits)
+    q1, q2 = quant.pack_dense(q1, w_bits), quant.pack_dense(q2, w_bits)
     key = (quant.SE_GATE_KERNEL_NAME, shape, hidden, cout, w_bits, a_bits, rows is not None)
     gvar = walk.kernel(key, lambda: quant.se_gate_func(shape, hidden, cout, w_bits, a_bits, walk.product,
                                                        from_row_sums=rows is not None))
@@ -435,9 +453,9 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
     table = np.zeros((6, cout), np.float64)
-    a1, b1 = _affine(*(_const(v, node) for v in node.inputs[poke.BN]), eps)
-    bias_x, bias_y, pos, neg = (_const(v, node).astype(np.float64) for v in node.inputs[poke.DPRELU])
-    a2, table[_B2] = _affine(*(_const(v, node) for v in node.inputs[poke.SPLIT]), eps)
+    a1, b1 = _affine(*(_const(v, node, (cout,)) for v in node.inputs[poke.BN]), eps)
+    bias_x, bias_y, pos, neg = (_const(v, node, (cout,)).astype(np.float64) for v in node.inputs[poke.DPRELU])
+    a2, table[_B2] = _affine(*(_const(v, node, (cout,)) for v in node.inputs[poke.SPLIT]), eps)
     table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64) * (2 if halved else 1)
     table[_B1] = b1 - bias_x
     table[_POS], table[_NEG], table[_BY] = a2 * pos, a2 * neg, a2 * bias_y
@@ -491,7 +509,9 @@ def _head(walk: _Walk, node: ir.Node) -> None:
     if gemm is None:
         raise BnnccError(f"node {node.name!r} (GlobalAveragePool): expected Flatten -> QuantGemm after it")
     x = walk.float(node.inputs[0])
-    weight, bound, bias = (_const(v, gemm) for v in gemm.inputs[1:4])
+    channels = walk.shape(x)[3]
+    weight = _const(gemm.inputs[1], gemm, (None, channels))
+    bound, bias = _const(gemm.inputs[2], gemm, (channels,)), _const(gemm.inputs[3], gemm, (weight.shape[0],))
     attrs = gemm.attributes
     if attrs.get_int("a_signed", 1) != 1:
         raise BnnccError(f"node {gemm.name!r} (QuantGemm): unsigned activations are not supported")

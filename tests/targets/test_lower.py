@@ -260,6 +260,29 @@ def test_poke_conv_weights_of_another_shape_are_an_error(shape):
         lower(model, host_target())
 
 
+def _initializers(op_type):
+    """(op type, input index) of every constant input of the first ``op_type`` node of tiny_pokebnn."""
+    node = next(n for n in tiny_pokebnn().graph if n.op_type == op_type)
+    return [(op_type, i) for i, v in enumerate(node.inputs) if v is not None and v.const_value is not None]
+
+
+@pytest.mark.parametrize(("op_type", "index"), [
+    case for op in ("QuantConv", "BatchNormalization", "DPReLU", "PokeConv", "QuantGemm") for case in _initializers(op)])
+def test_constant_of_a_wrong_shape_is_an_error(op_type, index):
+    """Every constant input (weights, bounds, biases, norms, DPReLU and SE parameters) of another
+    shape than its op needs: a BnnccError naming the node, not a numpy error from deep inside."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    node = next(n for n in model.graph if n.op_type == op_type)
+    value = node.inputs[index]
+    wrong = np.ones((3,) if value.const_value.numpy().ndim > 1 else (2, 2), np.float32)
+    value.const_value = ir.tensor(wrong, name=value.name)
+    with pytest.raises(BnnccError, match=rf"node '{node.name}'"):
+        lower(model, host_target())
+
+
 def test_compile_refuses_a_float_graph(tmp_path):
     from bnncc.targets.build import compile
 
