@@ -456,7 +456,7 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
 def _split_weights(sch: s_tir.Schedule) -> bool:
     """Whether the binary conv's weights come split into nibbles ahead (binary_conv.weight_shape)."""
     weights = next(p for p in sch.mod["main"].params if p.name == "weights")
-    return len(weights.shape) == 6
+    return binary_conv.split_ahead(weights.shape)
 
 
 def _byte_popcount_intrin(lanes: int) -> str:
@@ -534,7 +534,8 @@ def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
         high = agreements(T.Broadcast(x1, lanes) ^ w_high)
         return T.reinterpret(f"int32x{lanes}", T.reinterpret(f"int8x{nbytes}", acc) + low + high)
 
-    # the weights of a step: w[0:lanes] words, or split ahead w[h, 0:lanes] (rows ``stride`` apart)
+    # the weights of a step: w[0:lanes] words, or split ahead w[h, 0:lanes] (both halves of a vector
+    # of channels side by side in bitpack.nibble_weights)
     shape = (2, lanes) if split else (lanes,)
 
     def weight_half(w, h, c):
@@ -550,10 +551,8 @@ def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
         return words & mask, T.shift_right(words, T.Broadcast(T.uint32(4), lanes)) & mask
 
     @T.prim_func(s_tir=True)
-    def desc(x: T.Buffer((2,), "uint32", offset_factor=1), w_handle: T.handle,
+    def desc(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer(shape, "uint32", offset_factor=1),
              acc: T.Buffer((lanes,), "int32", offset_factor=1)):
-        stride = T.int32()
-        w = T.match_buffer(w_handle, shape, "uint32", strides=[stride, 1][:2 * len(shape) - 2], offset_factor=1)
         with T.sblock("root"):
             T.reads(acc[0:lanes], x[0:2], weight_region(w))
             T.writes(acc[0:lanes])
@@ -563,10 +562,8 @@ def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
                     acc[vc] = acc[vc] + binary_conv.agreement(x[vh], weight_half(w, vh, vc))
 
     @T.prim_func(s_tir=True)
-    def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w_handle: T.handle,
+    def impl(x: T.Buffer((2,), "uint32", offset_factor=1), w: T.Buffer(shape, "uint32", offset_factor=1),
              acc: T.Buffer((lanes,), "int32", offset_factor=1)):
-        stride = T.int32()
-        w = T.match_buffer(w_handle, shape, "uint32", strides=[stride, 1][:2 * len(shape) - 2], offset_factor=1)
         with T.sblock("root"):
             T.reads(acc[0:lanes], x[0:2], weight_region(w))
             T.writes(acc[0:lanes])

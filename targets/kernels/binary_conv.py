@@ -62,7 +62,8 @@ from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = [
     "AVERAGE_POOL", "CHANNEL_MEAN", "GATED_PARAMS", "NIBBLES", "PARAMS", "ROW_SUM", "Epilogue", "average_pool", "binary_conv2d", "binary_conv2d_func", "channel_mean",
-    "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue", "weight_shape",
+    "mean_value", "out_size", "row_sums", "same_padding", "scale_bias_epilogue", "split_ahead",
+    "weight_shape",
 ]
 
 KERNEL_NAME = "binary_conv2d"
@@ -231,7 +232,7 @@ def binary_conv2d(
         half = te.reduce_axis((0, 2), name="half")
 
         def w_half(kh, kw, j, co, half):
-            if len(weights.shape) == 6:  # split ahead
+            if split_ahead(weights.shape):
                 return weights[co // lanes, kh, kw, j, half, co % lanes]
             return nibble(weights[co // lanes, kh, kw, j, co % lanes], half)
 
@@ -279,6 +280,11 @@ def weight_shape(kernel: int, in_channels: int, out_channels: int, lanes: int | 
     if lanes is None:
         return (kernel, kernel, cw, out_channels)
     return (out_channels // lanes, kernel, kernel, cw, *((2,) if split else ()), lanes)
+
+
+def split_ahead(shape) -> bool:
+    """Whether weights of this shape (``weight_shape``) come split into nibbles ahead."""
+    return len(shape) == 6
 
 
 def binary_conv2d_func(
