@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir"]
+from bnncc.errors import BnnccError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "output_errors"]
 
 
 @contextlib.contextmanager
@@ -19,8 +21,11 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     On an exception the temporary file is removed and ``dest`` is untouched.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
+    if dest.is_dir():
+        raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
+    with output_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -28,6 +33,16 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_errors(dest: Path) -> Iterator[None]:
+    """An OSError while making room for output ``dest`` (a parent that is a file, no permission, a
+    read-only file system) as a BnnccError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise BnnccError(f"{dest}: cannot write there ({e.strerror or e})") from None
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:

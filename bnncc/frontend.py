@@ -35,6 +35,7 @@ from pathlib import Path
 
 import google.protobuf.message
 import networkx as nx
+import numpy as np
 import onnx
 import onnx.external_data_helper
 import onnx.numpy_helper
@@ -137,10 +138,12 @@ def _check_tensor_data(proto: onnx.ModelProto, path: Path) -> None:
     constants = [attr.t for node in proto.graph.node for attr in node.attribute if attr.HasField("t")]
     for tensor in [*proto.graph.initializer, *constants]:
         try:
-            onnx.numpy_helper.to_array(tensor)
+            array = onnx.numpy_helper.to_array(tensor)
         except (ValueError, TypeError, KeyError) as e:  # KeyError: an unknown data type
             raise BnnccError(f"{path}: tensor '{tensor.name}' (data type {tensor.data_type}, dims "
                              f"{list(tensor.dims)}): data does not match its type and shape ({_first_line(e)})") from None
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BnnccError(f"{path}: tensor '{tensor.name}' holds NaN or infinite values")
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -160,6 +163,7 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
+    _check_shapes(proto, path)
     model = ir.serde.deserialize_model(proto)
     try:
         model = _infer_shapes(PassManager(CANONICAL_PASSES).run(model))
@@ -178,6 +182,40 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"shape inference failed on the canonical model: {_first_line(e)}") from None
     return PassManager(["shape_inference"]).run(model)
+
+
+def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
+    """What ONNX's shape inference lets through and no CNN has: a dimension of 0 or less, a conv's
+    weights of other input channels than its input has, a bias or batch norm parameter of another
+    length than the channels it applies to."""
+    shapes = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+              for value in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]}
+    shapes.update({tensor.name: list(tensor.dims) for tensor in proto.graph.initializer})
+
+    def fail(node, problem: str):
+        raise BnnccError(f"{path}: node '{node.name}' ({node.op_type}): {problem}")
+
+    for value in proto.graph.input:
+        dims = shapes[value.name]
+        if any(d is not None and d <= 0 for d in dims):
+            raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: every dimension must be positive")
+    for node in proto.graph.node:
+        for name in node.output:
+            if any(d is not None and d <= 0 for d in shapes.get(name, [])):
+                fail(node, f"output '{name}' of shape {shapes[name]}")
+        x = shapes.get(node.input[0], []) if node.input else []
+        channels = x[1] if len(x) > 1 else None
+        if node.op_type == "Conv" and len(node.input) > 1:
+            w = shapes.get(node.input[1], [])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if channels is not None and len(w) > 1 and w[1] * group != channels:
+                fail(node, f"weights of shape {w} in {group} group(s) for a {channels}-channel input")
+            if len(node.input) > 2 and node.input[2] and w and shapes.get(node.input[2]) not in (None, [w[0]]):
+                fail(node, f"bias of shape {shapes[node.input[2]]} for {w[0]} output channels")
+        if node.op_type == "BatchNormalization" and channels is not None:
+            for name in node.input[1:5]:
+                if shapes.get(name) not in (None, [channels]):
+                    fail(node, f"parameter '{name}' of shape {shapes[name]} for {channels} channels")
 
 
 def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
@@ -221,6 +259,8 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if "\0" in location:
+            raise BnnccError(f"{path}: tensor '{tensor.name}': its external data location holds a NUL character")
         try:
             target = (folder / location).resolve()
             if os.path.isabs(location) or not target.is_relative_to(folder):

@@ -96,6 +96,9 @@ def export_qonnx(model: ir.Model | str | Path, output: str | Path, batch: int = 
     """Write the QONNX form of ``model`` (an ir.Model or a path) at a fixed ``batch`` to ``output`` atomically."""
     if not isinstance(model, ir.Model):
         model = read(model)
+    if not any(node.domain == DOMAIN for node in model.graph):
+        raise BnnccError(f"graph {model.graph.name!r}: no {DOMAIN} op; export takes a PokeBNN graph "
+                         f"(run `bnncc rewrite` first)")
     proto = to_qonnx(model, batch)
     output = Path(output)
     with atomic_path(output) as tmp:

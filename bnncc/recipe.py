@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -49,6 +50,17 @@ TRAIN_SCHEMA: dict[str, type] = {
     "weight_quant_start": int,
     "act_calibration_step": int,
     "temperature": float,
+}
+
+# the least value of each [train] key, and whether it is allowed itself
+TRAIN_RANGES: dict[str, tuple[float, bool]] = {
+    "lr": (0, False),
+    "batch_size": (1, True),
+    "epochs": (1, True),
+    "weight_decay": (0, True),
+    "weight_quant_start": (0, True),
+    "act_calibration_step": (0, True),
+    "temperature": (0, False),
 }
 
 _TOP_LEVEL = ("name", "description", "passes", "train")
@@ -105,7 +117,10 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise BnnccError(f"{path}: recipe file not found")
-        return str(path), path.read_text(encoding="utf-8")
+        try:
+            return str(path), path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BnnccError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     shipped = resources.files("bnncc.recipes") / f"{name_or_path}.toml"
     if not shipped.is_file():
         raise BnnccError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "
@@ -212,6 +227,9 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
         if key not in TRAIN_SCHEMA:
             raise BnnccError(f"{source}: train.{key}: unknown key; expected {', '.join(TRAIN_SCHEMA)}")
         out[key] = _check_type(value, TRAIN_SCHEMA[key], f"train.{key}", source)
+        low, inclusive = TRAIN_RANGES[key]
+        if not (math.isfinite(out[key]) and (out[key] >= low if inclusive else out[key] > low)):
+            raise BnnccError(f"{source}: train.{key} = {value!r}: expected a finite number {'>=' if inclusive else '>'} {low}")
     return out
 
 

@@ -35,6 +35,8 @@ class Library:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_chw:
             raise BnnccError(f"{self.folder}: input of shape {x.shape}; expected (N, {', '.join(map(str, self.input_chw))})")
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) == 0:
+            return np.zeros((0, self.manifest["output"]["shape"][-1]), np.float32)
         outputs, start = [], 0
         for size in self._chunks(x.shape[0]):
             outputs.append(self._call(self.functions[size], x[start:start + size]))
@@ -56,7 +58,6 @@ class Library:
 
 def load(folder: str | os.PathLike) -> Library:
     """Open the library folder ``folder`` (model.so + model.json)."""
-    from bnncc.targets.build import MANIFEST_FORMAT
     from bnncc.targets.registry import get as get_target
 
     folder = Path(folder)
@@ -64,7 +65,78 @@ def load(folder: str | os.PathLike) -> Library:
     for path in (manifest_path, library_path):
         if not path.is_file():
             raise BnnccError(f"{folder}: no {path.name}; is it a folder written by `bnncc compile`?")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise BnnccError(f"{manifest_path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    manifest = _read_manifest(manifest_path)
+    _check_shared_library(library_path)
     return Library(folder, manifest, get_target(manifest["target"]["name"]).caller(library_path))
+
+
+def _read_manifest(path: Path) -> dict:
+    """model.json, checked for what running the library reads from it."""
+    from bnncc.targets.build import MANIFEST_FORMAT
+
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BnnccError(f"{path}: not a JSON manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BnnccError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise BnnccError(f"{path}: {problem}")
+    return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What in a manifest of the right format the runtime cannot use, or None."""
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def field(name: str) -> dict:
+        value = manifest.get(name)
+        return value if isinstance(value, dict) else {}
+
+    shape = field("input").get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(positive(d) for d in shape[1:])):
+        return f"input shape {shape!r}; expected [N, C, H, W] with positive C, H, W"
+    output = field("output").get("shape")
+    if not (isinstance(output, list) and len(output) == 2 and positive(output[1])):
+        return f"output shape {output!r}; expected [N, classes]"
+    functions = manifest.get("functions")
+    if not (isinstance(functions, dict) and functions and all(
+            isinstance(size, str) and size.isdigit() and int(size) > 0 and isinstance(name, str)
+            for size, name in functions.items())):
+        return f"functions {functions!r}; expected {{batch size >= 1: function name}}"
+    if not isinstance(field("target").get("name"), str):
+        return f"target {manifest.get('target')!r}; expected {{\"name\": ...}}"
+    preprocessing = manifest.get("preprocessing")
+    if preprocessing is not None:
+        channels = shape[1]
+        stats = [preprocessing.get(key) if isinstance(preprocessing, dict) else None for key in ("mean", "std")]
+        if not all(isinstance(v, list) and len(v) == channels and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in stats) or \
+                not all(x > 0 for x in stats[1]):
+            return f"preprocessing {preprocessing!r}; expected mean and std of {channels} numbers, std > 0"
+    return None
+
+
+def _check_shared_library(path: Path) -> None:
+    """A 64-bit ELF file whose headers and loaded segments lie within it: loading a truncated one
+    would end the process with a bus error when its missing pages are touched."""
+    import struct
+
+    with path.open("rb") as f:
+        data = f.read()
+    if len(data) < 64 or data[:5] != b"\x7fELF\x02":
+        raise BnnccError(f"{path}: not a 64-bit ELF shared library")
+    order = "<" if data[5] == 1 else ">"
+    phoff, shoff = struct.unpack_from(order + "QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 54)
+    ends = [phoff + phentsize * phnum, shoff + shentsize * shnum]
+    if ends[0] <= len(data):
+        for i in range(phnum):
+            kind, _, offset, _, _, filesz = struct.unpack_from(order + "IIQQQQ", data, phoff + i * phentsize)
+            if kind == 1:  # PT_LOAD
+                ends.append(offset + filesz)
+    if max(ends) > len(data):
+        raise BnnccError(f"{path}: truncated ({len(data)} bytes; its headers need {max(ends)})")

@@ -92,11 +92,12 @@ def _reference_sessions(path: Path):
     import onnx_ir as ir
     import onnxruntime as ort
 
+    from bnncc import frontend
     from bnncc.ops import attach_functions
 
     if not path.is_file():
         raise BnnccError(f"{path}: no such reference model")
-    model = ir.load(path)
+    model = frontend.read(path)
     attach_functions(model)
     serialized = ir.to_proto(model).SerializeToString()
     sessions = []

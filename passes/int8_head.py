@@ -37,8 +37,9 @@ class Int8HeadPass(ir.passes.InPlacePass):
     def __init__(self, w_bits: int = 8, a_bits: int = 8) -> None:
         super().__init__()
         for key, value in (("w_bits", w_bits), ("a_bits", a_bits)):
-            if value < 2:
-                raise BnnccError(f"int8_head: {key} must be >= 2 (signed quantizer), got {value}")
+            if not 2 <= value <= 8:
+                raise BnnccError(f"int8_head: {key} must be 2 to 8 (a signed quantizer; the kernels hold "
+                                  f"int4 or int8), got {value}")
         self.w_bits = w_bits
         self.a_bits = a_bits
 

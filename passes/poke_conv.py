@@ -52,13 +52,16 @@ class PokeConvPass(ir.passes.InPlacePass):
     def __init__(self, clip_bound: float = DEFAULT_CLIP_BOUND, se_gate: bool = True, se_ratio: int = 8,
                  se_w_bits: int = 4, se_a_bits: int = 4, seed: int = 0) -> None:
         super().__init__()
-        if not clip_bound > 0:
-            raise BnnccError(f"poke_conv: clip_bound must be > 0, got {clip_bound}")
+        if not 0 < clip_bound < float("inf"):
+            raise BnnccError(f"poke_conv: clip_bound must be a finite number > 0, got {clip_bound}")
         if se_ratio < 1:
             raise BnnccError(f"poke_conv: se_ratio must be >= 1, got {se_ratio}")
         for key, value in (("se_w_bits", se_w_bits), ("se_a_bits", se_a_bits)):
-            if value < 2:
-                raise BnnccError(f"poke_conv: {key} must be >= 2 (signed quantizer), got {value}")
+            if not 2 <= value <= 8:
+                raise BnnccError(f"poke_conv: {key} must be 2 to 8 (a signed quantizer; the kernels hold "
+                                  f"int4 or int8), got {value}")
+        if seed < 0:
+            raise BnnccError(f"poke_conv: seed must be >= 0, got {seed}")
         self.clip_bound = clip_bound
         self.se_gate = se_gate  # se_ratio and the SE bit widths are unused without it
         self.se_ratio = se_ratio

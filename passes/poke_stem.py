@@ -48,8 +48,9 @@ class PokeStemPass(ir.passes.InPlacePass):
         if mid_channels < 1:
             raise BnnccError(f"poke_stem: mid_channels must be >= 1, got {mid_channels}")
         for key, value in (("w_bits", w_bits), ("a_bits", a_bits)):
-            if value < 2:
-                raise BnnccError(f"poke_stem: {key} must be >= 2 (signed quantizer), got {value}")
+            if not 2 <= value <= 8:
+                raise BnnccError(f"poke_stem: {key} must be 2 to 8 (a signed quantizer; the kernels hold "
+                                  f"int4 or int8), got {value}")
         self.mid_channels = mid_channels
         self.w_bits = w_bits
         self.a_bits = a_bits

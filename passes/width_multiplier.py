@@ -46,8 +46,11 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
 
     def __init__(self, multiplier: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        if not multiplier > 0:
-            raise BnnccError(f"width_multiplier: multiplier must be > 0, got {multiplier}")
+        # (the paper's widths are 0.5x to 2x; 16x a ResNet-50 holds some 6 billion weights)
+        if not 0 < multiplier <= 16:
+            raise BnnccError(f"width_multiplier: multiplier must be above 0 and at most 16, got {multiplier}")
+        if seed < 0:
+            raise BnnccError(f"width_multiplier: seed must be >= 0, got {seed}")
         self.multiplier = multiplier
         self.seed = seed
 

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from bnncc.cost import ace
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
+from bnncc.fileio import output_errors
 from bnncc.frontend import read
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
@@ -47,6 +48,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     batches = tuple(sorted(set(batches)))
     if not batches or min(batches) < 1:
         raise BnnccError(f"batch sizes must be >= 1, got {list(batches)}")
+    check_output_folder(Path(output))  # before the minutes of compiling
     if not isinstance(model, ir.Model):
         model = read(model)  # the front end's checks: a whole ONNX file, external data from its folder
     if not any(node.domain == DOMAIN for node in model.graph):
@@ -90,15 +92,30 @@ def _metadata_json(model: ir.Model, key: str):
         raise BnnccError(f"model metadata {key!r}: not JSON: {text[:60]!r}") from None
 
 
+# what a library folder holds: an existing folder of these only may be replaced by a new build
+LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})
+
+
+def check_output_folder(dest: Path) -> None:
+    """Refuse an output folder path that holds something a build must not replace: a file, or a
+    folder with more than an earlier build's files (``LIBRARY_FILES``)."""
+    if dest.exists() and not (dest.is_dir() and {p.name for p in dest.iterdir()} <= LIBRARY_FILES):
+        raise BnnccError(f"{dest}: exists and is not a library folder of bnncc; remove it or choose another "
+                         f"output path")
+
+
 class _atomic_dir:
-    """Write a folder under a temporary name beside ``dest``, then rename it onto ``dest``."""
+    """Write a folder under a temporary name beside ``dest``, then rename it onto ``dest``, which may
+    be an earlier library folder or an empty one; anything else there is the user's and is kept."""
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
 
     def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        check_output_folder(self.dest)
+        with output_errors(self.dest):
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:

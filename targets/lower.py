@@ -122,13 +122,19 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     # of their own added 1.6 MiB to 10), and an image's activations stay in cache: batch-8 kernels
     # over 8x56x56x256 floats were memory-bound, 13 ms per image against 9 at batch 1.
     x = relax.Var("input", relax.TensorType((1, *chw), "float32"))
-    with builder.function(function_name(1), [x]):
-        with builder.dataflow():
-            walk = _Walk(builder, target, schedule, batch=1)
-            logits = walk.run(graph, x)
-            classes = int(logits.ty.shape[1])
-            out = builder.emit_output(logits)
-        builder.emit_func_output(out)
+    try:
+        with builder.function(function_name(1), [x]):
+            with builder.dataflow():
+                walk = _Walk(builder, target, schedule, batch=1)
+                logits = walk.run(graph, x)
+                classes = int(logits.ty.shape[1])
+                out = builder.emit_output(logits)
+            builder.emit_func_output(out)
+    except Exception:
+        # the scopes leave a binding block open when they unwind, for which TVM would print a
+        # warning on stderr (after the one-line error) when the builder is freed
+        builder._end_block()  # noqa: SLF001  (no public way to close it)
+        raise
     single = builder.get().get_global_var(function_name(1))
     for batch in sorted(set(batches) - {1}):
         x = relax.Var("input", relax.TensorType((batch, *chw), "float32"))
@@ -147,7 +153,13 @@ def _input_chw(value: ir.Value) -> tuple[int, int, int]:
     dims = list(value.shape or [])
     if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
         raise BnnccError(f"input {value.name!r}: expected NCHW with fixed C, H, W, got shape {value.shape}")
-    return int(dims[1]), int(dims[2]), int(dims[3])
+    c, h, w = (int(d) for d in dims[1:])
+    # the widest activation (256 channels at a quarter of the size: 16 floats an input pixel; 64 for
+    # margin) within the kernels' 32-bit indices
+    if min(c, h, w) < 1 or 64 * h * w >= 2**31:
+        raise BnnccError(f"input {value.name!r}: C, H, W = {c}, {h}, {w}; the kernels take 1 to "
+                         f"{2**31 // 64} pixels")
+    return c, h, w
 
 
 def _const(value: ir.Value, node: ir.Node, shape: tuple | None = None) -> np.ndarray:
@@ -156,11 +168,41 @@ def _const(value: ir.Value, node: ir.Node, shape: tuple | None = None) -> np.nda
         raise BnnccError(f"node {node.name!r} ({node.op_type}): input {getattr(value, 'name', None)!r} "
                          f"is not a constant initializer")
     array = value.const_value.numpy()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): input {value.name!r} holds NaN or infinite values")
     if shape is not None and (array.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, array.shape))):
         expected = ", ".join("any" if d is None else str(d) for d in shape)
         raise BnnccError(f"node {node.name!r} ({node.op_type}): input {value.name!r} has shape {list(array.shape)}, "
                          f"expected ({expected})")
     return array
+
+
+def _bits(node: ir.Node, name: str, default: int) -> int:
+    """The bit width attribute ``name`` of ``node``: what the integer kernels hold (int4 or int8 weights,
+    signed quantizers of at least one level each side)."""
+    bits = node.attributes.get_int(name, default)
+    if not 2 <= bits <= 8:
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): {name} = {bits}; the kernels take 2 to 8 bits")
+    return bits
+
+
+def _kernel_shape(node: ir.Node, weight: np.ndarray) -> tuple[int, int]:
+    """(kh, kw) of a conv ``node``: its weights' (kernel_shape, where given, must agree)."""
+    shape = tuple(weight.shape[2:])
+    given = tuple(node.attributes.get_ints("kernel_shape", shape))
+    if given != shape:
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): kernel_shape {list(given)} but weights of shape "
+                         f"{list(weight.shape)}")
+    return shape
+
+
+def _strides(node: ir.Node) -> tuple[int, int]:
+    """The strides of a conv ``node``: equal, at least 1."""
+    strides = tuple(node.attributes.get_ints("strides", (1, 1)))
+    if len(strides) != 2 or strides[0] != strides[1] or strides[0] < 1:
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): strides {list(strides)}; expected two equal "
+                         f"strides >= 1")
+    return strides
 
 
 def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
@@ -171,16 +213,19 @@ def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
     return users[0].node
 
 
-def _affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """A batch norm as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
+def _affine(node: ir.Node, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """A batch norm of ``node`` as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
     gamma, beta, mean, var = (v.astype(np.float64) for v in (gamma, beta, mean, var))
+    if not (var + eps > 0).all():
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): a batch norm variance plus epsilon is not positive")
     a = gamma / np.sqrt(var + eps)
     return a, beta - mean * a
 
 
 def _bn_affine(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """A BatchNormalization node over ``channels`` as y = a x + b (``_affine``)."""
-    return _affine(*(_const(v, node, (channels,)) for v in node.inputs[1:5]), node.attributes.get_float("epsilon", 1e-5))
+    return _affine(node, *(_const(v, node, (channels,)) for v in node.inputs[1:5]),
+                   node.attributes.get_float("epsilon", 1e-5))
 
 
 def _annotate(nodes, shape: tuple[int, ...]) -> None:
@@ -328,20 +373,21 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     layout = "NCHW" if node.inputs[0].name == walk.input[0] and weight.shape[1] > 1 else "NHWC"
     x = walk.input[1] if layout == "NCHW" else walk.float(node.inputs[0])
     attrs = node.attributes
-    kh, kw = attrs.get_ints("kernel_shape", weight.shape[2:])
-    stride = attrs.get_ints("strides", (1, 1))
+    kh, kw = _kernel_shape(node, weight)
+    stride = _strides(node)
     pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))
     group = attrs.get_int("group", 1)
+    if len(pads) != 4 or min(pads) < 0 or group < 1:
+        raise BnnccError(f"node {node.name!r} (QuantConv): pads {list(pads)}, group {group}; expected four pads "
+                         f">= 0 and a group >= 1")
     cin, cout = walk.shape(x)[1 if layout == "NCHW" else 3], weight.shape[0]
     if weight.shape[1] * group != cin:
         raise BnnccError(f"node {node.name!r} (QuantConv): weights of shape {list(weight.shape)} in {group} "
                          f"group(s) for a {cin}-channel input")
     bound, bias = _const(node.inputs[2], node, (cin,)), _const(node.inputs[3], node, (cout,))
-    if stride[0] != stride[1]:
-        raise BnnccError(f"node {node.name!r} (QuantConv): unequal strides {list(stride)} are not supported")
-    q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
+    q, s = quant.quantize_weights(weight, _bits(node, "w_bits", 8))
     wq = (q.astype(np.float32) / s.reshape(-1, 1, 1, 1)).transpose(2, 3, 1, 0)
-    a_bits = attrs.get_int("a_bits", 8)
+    a_bits = _bits(node, "a_bits", 8)
     scales = quant.act_scales(bound, a_bits, signed=True)
     a, b = np.ones(cout), bias.astype(np.float64)
     last = node
@@ -359,6 +405,10 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     walk.done.update(id(n) for n in (node, bn, dprelu_node) if n is not None)
     shape = walk.shape(x)
     h, w = shape[2:] if layout == "NCHW" else shape[1:3]
+    ho = (h + pads[0] + pads[2] - kh) // stride[0] + 1
+    wo = (w + pads[1] + pads[3] - kw) // stride[0] + 1
+    if min(ho, wo) < 1:
+        raise BnnccError(f"node {node.name!r} (QuantConv): its {kh}x{kw} window does not fit its {h}x{w} input")
     params = te.placeholder((6, cout), "float32", name="params")
 
     def epilogue(acc, idx):
@@ -370,8 +420,6 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     gvar = walk.kernel(key, lambda: quant.quant_conv2d_func(
         shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
         epilogue_inputs=(params,), epilogue=epilogue, product=walk.product, input_layout=layout))
-    ho = (h + pads[0] + pads[2] - kh) // stride[0] + 1
-    wo = (w + pads[1] + pads[3] - kw) // stride[0] + 1
     out = walk.call(gvar, [x, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
                     [((walk.batch, ho, wo, cout), "float32")])
     walk.floats[last.outputs[0].name] = out
@@ -412,8 +460,7 @@ def _se_gate_call(walk: _Walk, inputs: list[ir.Value], w_bits: int, a_bits: int,
 @register_lowering("SEGate")
 def _se_gate(walk: _Walk, node: ir.Node) -> None:
     """SEGate(x) -> gate (N, Cout) float32."""
-    gate = _se_gate_call(walk, list(node.inputs), node.attributes.get_int("w_bits", 4),
-                         node.attributes.get_int("a_bits", 4), node)
+    gate = _se_gate_call(walk, list(node.inputs), _bits(node, "w_bits", 4), _bits(node, "a_bits", 4), node)
     walk.floats[node.outputs[0].name] = gate
     walk.done.add(id(node))
     _annotate([node], (walk.batch, int(gate.ty.shape[1]), 1, 1))
@@ -423,6 +470,10 @@ def _se_gate(walk: _Walk, node: ir.Node) -> None:
 @register_lowering("PokeConv")
 def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     """One fused kernel for the whole op (module docstring), after its SE gate's kernel if it has one."""
+    required = (0, 1, *range(poke.BN.start, poke.DPRELU.stop), *range(poke.SPLIT.start, poke.SPLIT.stop))
+    missing = [poke.INPUTS[i] for i in required if i >= len(node.inputs) or node.inputs[i] is None]
+    if missing:
+        raise BnnccError(f"node {node.name!r} (PokeConv): input(s) {', '.join(missing)} missing")
     x_value = node.inputs[0]
     x = walk.float(x_value)
     attrs = node.attributes
@@ -430,16 +481,18 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     gated = se_inputs is not None
     gates = []  # the epilogue's gate input (N, Cout): none without an SE gate
     if gated:
-        gates.append(_se_gate_call(walk, se_inputs, attrs.get_int("se_w_bits", 4), attrs.get_int("se_a_bits", 4), node))
+        gates.append(_se_gate_call(walk, se_inputs, _bits(node, "se_w_bits", 4), _bits(node, "se_a_bits", 4), node))
     bits = walk.packed(x_value)
     weight = _const(node.inputs[1], node)
     channels = walk.shape(x)[3]
     if weight.ndim != 4 or weight.shape[1] != channels or weight.shape[2] != weight.shape[3]:
         raise BnnccError(f"node {node.name!r} (PokeConv): weights of shape {list(weight.shape)}, expected "
                          f"(Cout, {channels}, k, k) for its {channels}-channel input")
-    kernel = attrs.get_ints("kernel_shape", weight.shape[2:])[0]
-    stride = attrs.get_ints("strides", (1, 1))[0]
+    kernel = _kernel_shape(node, weight)[0]
+    stride = _strides(node)[0]
     clip_bound = attrs.get_float("clip_bound", DEFAULT_CLIP_BOUND)
+    if not clip_bound > 0:
+        raise BnnccError(f"node {node.name!r} (PokeConv): clip_bound = {clip_bound}; expected a positive number")
     eps = attrs.get_float("epsilon", 1e-5)
     packed = bitpack.pack_weights(weight)
     n, h, w, cin = walk.shape(x)
@@ -453,9 +506,9 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
     table = np.zeros((6, cout), np.float64)
-    a1, b1 = _affine(*(_const(v, node, (cout,)) for v in node.inputs[poke.BN]), eps)
+    a1, b1 = _affine(node, *(_const(v, node, (cout,)) for v in node.inputs[poke.BN]), eps)
     bias_x, bias_y, pos, neg = (_const(v, node, (cout,)).astype(np.float64) for v in node.inputs[poke.DPRELU])
-    a2, table[_B2] = _affine(*(_const(v, node, (cout,)) for v in node.inputs[poke.SPLIT]), eps)
+    a2, table[_B2] = _affine(node, *(_const(v, node, (cout,)) for v in node.inputs[poke.SPLIT]), eps)
     table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64) * (2 if halved else 1)
     table[_B1] = b1 - bias_x
     table[_POS], table[_NEG], table[_BY] = a2 * pos, a2 * neg, a2 * bias_y
@@ -515,8 +568,8 @@ def _head(walk: _Walk, node: ir.Node) -> None:
     attrs = gemm.attributes
     if attrs.get_int("a_signed", 1) != 1:
         raise BnnccError(f"node {gemm.name!r} (QuantGemm): unsigned activations are not supported")
-    a_bits = attrs.get_int("a_bits", 8)
-    q, s = quant.quantize_weights(weight, attrs.get_int("w_bits", 8))
+    a_bits = _bits(gemm, "a_bits", 8)
+    q, s = quant.quantize_weights(weight, _bits(gemm, "w_bits", 8))
     shape = walk.shape(x)
     classes = q.shape[0]
     gvar = walk.kernel((quant.HEAD_KERNEL_NAME, shape, classes, a_bits),

@@ -23,3 +23,42 @@ def test_bnncc_error_is_one_line_and_exit_2(cli):
     assert code == 2
     assert err.strip() == "error: model.onnx: node 'x' (Conv): broken"
     assert "Traceback" not in err
+
+
+def test_usage_error_is_one_line_and_exit_2(cli):
+    code, _, err = cli("run", "somewhere", "--top", "abc")
+    assert code == 2
+    assert err.strip().splitlines() == [
+        "error: Invalid value for '--top' / '-k': Input should be a valid integer, unable to parse string as an "
+        "integer (see `bnncc run --help`)"]
+
+
+def test_out_of_range_option_is_a_usage_error(cli):
+    code, _, err = cli("verify", "somewhere", "--n", "0")
+    assert code == 2 and "Input should be greater than or equal to 1" in err
+
+
+def test_unexpected_exception_is_one_line_and_exit_1(cli, monkeypatch):
+    @app.command("_crash-for-test", hidden=True)
+    def _crash() -> None:
+        raise ValueError("deep inside\nsecond line")
+
+    monkeypatch.delenv("BNNCC_DEBUG", raising=False)
+    code, _, err = cli("_crash-for-test")
+    assert code == 1
+    assert err.strip() == "error: unexpected ValueError: deep inside (BNNCC_DEBUG=1 shows the traceback)"
+
+
+def test_rewrite_refuses_to_write_over_its_input(cli, tmp_path, resnet50_onnx):
+    import shutil
+
+    model = shutil.copy(resnet50_onnx["light"], tmp_path / "m.onnx")
+    before = (tmp_path / "m.onnx").read_bytes()
+    code, _, err = cli("rewrite", model, "-o", model)
+    assert code == 2 and "is the input model" in err
+    assert (tmp_path / "m.onnx").read_bytes() == before
+
+
+def test_rewrite_to_a_folder_is_an_error(cli, tmp_path, resnet50_onnx):
+    code, _, err = cli("rewrite", resnet50_onnx["light"], "-o", tmp_path)
+    assert code == 2 and "is a folder; expected the path of a file to write" in err

@@ -215,6 +215,60 @@ def test_two_outputs(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "two.onnx", "2 outputs", "expected one of each")
 
 
+def _first_conv(proto):
+    return next(n for n in proto.graph.node if n.op_type == "Conv")
+
+
+def _set_initializer(proto, name, array):
+    index = next(i for i, t in enumerate(proto.graph.initializer) if t.name == name)
+    proto.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(array, name))
+
+
+def _nan_weight(proto):
+    name = _first_conv(proto).input[1]
+    weight = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == name)).copy()
+    weight.flat[7] = np.nan
+    _set_initializer(proto, name, weight)
+    return f"tensor '{name}' holds NaN or infinite values"
+
+
+def _weights_of_other_channels(proto):
+    conv = _first_conv(proto)
+    weight = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == conv.input[1]))
+    _set_initializer(proto, conv.input[1], np.ascontiguousarray(weight[:, :2]))
+    return f"node '{conv.name}' (Conv): weights of shape [{weight.shape[0]}, 2, 7, 7] in 1 group(s) for a 3-channel input"
+
+
+def _bias_of_other_length(proto):
+    conv = _first_conv(proto)
+    weight = next(t for t in proto.graph.initializer if t.name == conv.input[1])
+    _set_initializer(proto, conv.input[2], np.zeros(weight.dims[0] - 1, np.float32))
+    return f"node '{conv.name}' (Conv): bias of shape [{weight.dims[0] - 1}] for {weight.dims[0]} output channels"
+
+
+def _zero_height(proto):
+    proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
+    return "input 'input' of shape [1, 3, 0, 32]: every dimension must be positive"
+
+
+def _pool_larger_than_its_input(proto):
+    pool = next(n for n in proto.graph.node if n.op_type == "MaxPool")
+    next(a for a in pool.attribute if a.name == "kernel_shape").ints[:] = [100, 100]
+    return f"node '{pool.name}' (MaxPool): output"
+
+
+@pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length, _zero_height,
+                                     _pool_larger_than_its_input])
+def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
+    """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
+    naming the tensor or node, before anything is written."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    fragment = corrupt(proto)
+    onnx.save(proto, tmp_path / "bad.onnx")
+    _expect_refusal(cli, tmp_path / "bad.onnx", fragment)
+
+
 # ---------------------------------------------------------------------------------------------
 # Acceptance is decided once: every command and function refuses the same float models with the
 # same line, before writing anything.

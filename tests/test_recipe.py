@@ -71,7 +71,7 @@ def test_recipe_from_a_path(tmp_path):
         (["passes.poke_stem.mid_channels=2.5"], "passes.poke_stem.mid_channels = 2.5: expected an integer"),
         (["passes.poke_stem.w_bits=true"], "passes.poke_stem.w_bits = True: expected an integer"),
         (["passes.poke_conv.bits=4"], "passes.poke_conv.bits: unknown parameter; expected clip_bound, se_gate, se_ratio"),
-        (["passes.width_multiplier.multiplier=0"], "passes.width_multiplier: width_multiplier: multiplier must be > 0"),
+        (["passes.width_multiplier.multiplier=0"], "passes.width_multiplier: width_multiplier: multiplier must be above 0 and at most 16"),
         (["passes.fold_batchnorm.x=1"], "--set passes.fold_batchnorm.x: pokebnn_1x.toml names no such pass"),
         (["train.momentum=0.9"], "train.momentum: unknown key; expected lr, batch_size"),
         (["train.epochs=1.5"], "train.epochs = 1.5: expected an integer"),
@@ -80,6 +80,14 @@ def test_recipe_from_a_path(tmp_path):
                                    "a graph's B)"),
         (["model.width=1"], "--set model.width: unknown key"),
         (["passes.width_multiplier"], "--set 'passes.width_multiplier': expected key=value"),
+        (["passes.width_multiplier.multiplier=1e9"], "multiplier must be above 0 and at most 16, got 1000000000.0"),
+        (["passes.poke_conv.clip_bound=inf"], "poke_conv: clip_bound must be a finite number > 0, got inf"),
+        (["passes.poke_conv.seed=-1"], "poke_conv: seed must be >= 0, got -1"),
+        (["passes.int8_head.w_bits=16"], "int8_head: w_bits must be 2 to 8"),
+        (["train.lr=-1"], "train.lr = -1: expected a finite number > 0"),
+        (["train.lr=nan"], "train.lr = nan: expected a finite number > 0"),
+        (["train.batch_size=0"], "train.batch_size = 0: expected a finite number >= 1"),
+        (["train.weight_decay=-0.1"], "train.weight_decay = -0.1: expected a finite number >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
@@ -111,3 +119,10 @@ def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
         load_recipe("pokebnn_3x")
     with pytest.raises(BnnccError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_a_recipe_file_that_is_not_utf8_is_an_error(tmp_path):
+    path = tmp_path / "latin.toml"
+    path.write_bytes('# r\xe9sum\xe9\n[[passes]]\nname = "poke_conv"\n'.encode("latin-1"))
+    with pytest.raises(BnnccError, match="latin.toml: not a UTF-8 text file"):
+        load_recipe(path)

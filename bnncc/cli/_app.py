@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
+
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from bnncc.errors import BnnccError
 
-__all__ = ["app", "console", "err_console", "run_app"]
+__all__ = ["app", "console", "err_console", "refuse_overwriting_input", "run_app"]
 
 app = typer.Typer(
     name="bnncc",
@@ -27,16 +31,45 @@ def _root() -> None:
 
 
 def run_app(argv: list[str] | None = None) -> int:
-    """Run the CLI; a BnnccError becomes one line on stderr and exit code 2.
-
-    Usage errors are typer's own (exit 2); ``--help`` exits 0.
-    """
+    """Run the CLI. A BnnccError becomes one line on stderr and exit code 2, and so does a usage
+    error (an unknown option, a value out of range); ``--help`` exits 0. Anything else is a bug or
+    an input bnncc does not check yet: one line naming the exception, exit code 1, and its traceback
+    only with BNNCC_DEBUG=1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # onnx_ir's shape inference logs a failure with its traceback and goes on; bnncc refuses such a
+    # model itself, in one line
+    logging.getLogger("onnx_ir.passes.common.shape_inference").setLevel(logging.ERROR)
     try:
-        app(args=argv, prog_name="bnncc")
+        code = app(args=argv, prog_name="bnncc", standalone_mode=False)
     except BnnccError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+        _error(str(e))
         return 2
+    except TyperException as e:  # click's usage errors (standalone mode would draw them in a box)
+        context = getattr(e, "ctx", None)
+        hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+        _error(f"{e.format_message()}{hint}")
+        return e.exit_code
+    except typer.Abort:
+        _error("aborted")
+        return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    except Exception as e:  # noqa: BLE001  (the last boundary: no traceback for users)
+        if os.environ.get("BNNCC_DEBUG"):
+            raise
+        lines = str(e).strip().splitlines()
+        _error(f"unexpected {type(e).__name__}: {lines[0] if lines else 'no message'} "
+               f"(BNNCC_DEBUG=1 shows the traceback)")
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def refuse_overwriting_input(model: Path, output: Path) -> None:
+    """An output path that is the input model itself is an error: a failed or unwanted run would
+    leave the user without the model."""
+    if output.exists() and output.resolve() == model.resolve():
+        raise BnnccError(f"{output}: is the input model; write the result to another path")
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)

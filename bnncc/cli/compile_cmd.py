@@ -14,7 +14,7 @@ def compile_command(
     model: Path = typer.Argument(..., help="PokeBNN ONNX graph (from `bnncc rewrite`)"),
     output: Path = typer.Option(..., "--output", "-o", help="library folder to write (model.so, model.json, model.onnx)"),
     target: str = typer.Option("x86-64", "--target", "-t", help="x86-64, arm64 or cuda (`bnncc targets`)"),
-    batch: list[int] = typer.Option([1], "--batch", "-b", help="batch size to compile for; repeat for several"),
+    batch: list[int] = typer.Option([1], "--batch", "-b", min=1, help="batch size to compile for; repeat for several"),
 ) -> None:
     """Lower MODEL through TVM with bnncc's kernels and write a standalone library."""
     from bnncc.targets.build import compile as compile_model

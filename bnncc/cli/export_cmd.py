@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bnncc.cli._app import app, console
+from bnncc.cli._app import app, console, refuse_overwriting_input
 from bnncc.errors import BnnccError
 
 
@@ -16,11 +16,12 @@ def export(
     model: Annotated[Path, typer.Argument(help="PokeBNN graph (from `bnncc rewrite` or `bnncc finetune`).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
     format: Annotated[str, typer.Option("--format", help="Export dialect: qonnx.")] = "qonnx",
-    batch: Annotated[int, typer.Option(help="Fixed batch size of the export (FINN wants static shapes).")] = 1,
+    batch: Annotated[int, typer.Option(min=1, help="Fixed batch size of the export (FINN wants static shapes).")] = 1,
 ) -> None:
     """Export a PokeBNN graph as QONNX (BipolarQuant / IntQuant + standard ONNX)."""
     from bnncc.qonnx import export_qonnx
 
     if format != "qonnx":
         raise BnnccError(f"--format {format!r}: the export formats are: qonnx")
+    refuse_overwriting_input(model, output)
     console.print(f"wrote {export_qonnx(model, output, batch)}")

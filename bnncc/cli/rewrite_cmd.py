@@ -8,7 +8,7 @@ import onnx_ir as ir
 import typer
 from rich.table import Table
 
-from bnncc.cli._app import app, console
+from bnncc.cli._app import app, console, refuse_overwriting_input
 from bnncc.fileio import atomic_path
 from bnncc.passmanager import PassRecord
 
@@ -24,6 +24,7 @@ def rewrite(
     from bnncc.frontend import load
     from bnncc.rewriting import rewrite as rewrite_model
 
+    refuse_overwriting_input(model, output)
     result, rows = rewrite_model(load(model), recipe, overrides)
     with atomic_path(output) as tmp:
         ir.save(result, tmp)

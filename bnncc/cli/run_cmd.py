@@ -16,7 +16,7 @@ from bnncc.errors import BnnccError
 def run_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
     input: Path = typer.Option(..., "--input", "-i", help="an image (PNG/JPEG) or a .npy array (C,H,W) or (N,C,H,W)"),
-    top: int = typer.Option(5, "--top", "-k", help="how many classes to print"),
+    top: int = typer.Option(5, "--top", "-k", min=1, help="how many classes to print"),
 ) -> None:
     """Run the library on INPUT and print the top classes with their logits."""
     from bnncc.runtime import load
@@ -38,15 +38,36 @@ def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
     normalised with the manifest's mean/std when it records them."""
     if not path.is_file():
         raise BnnccError(f"{path}: no such file")
-    if path.suffix == ".npy":
-        x = np.load(path).astype(np.float32)
-        return x[None] if x.ndim == 3 else x
+    x = _read_array(path) if path.suffix == ".npy" else _read_image(path, chw, preprocessing)
+    if len(x) == 0:
+        raise BnnccError(f"{path}: holds no images (a batch of 0)")
+    if not np.isfinite(x).all():
+        raise BnnccError(f"{path}: holds NaN or infinite values")
+    return x
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """A .npy of real numbers, (C, H, W) or (N, C, H, W), as float32 (N, ...); no pickled objects."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # truncated, pickled objects, not a .npy at all
+        lines = str(e).strip().splitlines()
+        raise BnnccError(f"{path}: not a readable .npy array ({lines[0] if lines else type(e).__name__})") from None
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise BnnccError(f"{path}: an array of {x.dtype}; expected real numbers")
+    if x.ndim not in (3, 4):
+        raise BnnccError(f"{path}: an array of shape {x.shape}; expected (C, H, W) or (N, C, H, W)")
+    x = x.astype(np.float32)
+    return x[None] if x.ndim == 3 else x
+
+
+def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
     from PIL import Image
 
     channels, height, width = chw
     try:
         image = Image.open(path).convert("RGB" if channels == 3 else "L").resize((width, height))
-    except OSError as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
     x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
     if preprocessing:

@@ -13,8 +13,8 @@ from bnncc.cli._app import app, console
 def verify_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
     reference: Path = typer.Option(None, "--reference", "-r", help="reference PokeBNN graph (default OUTDIR/model.onnx)"),
-    n: int = typer.Option(8, "--n", help="random inputs"),
-    batch: int = typer.Option(1, "--batch", "-b", help="batch size of the library calls"),
+    n: int = typer.Option(8, "--n", min=1, help="random inputs"),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="batch size of the library calls"),
 ) -> None:
     """Compare the library with onnxruntime on random inputs; exit 1 on disagreement."""
     from bnncc.verification import verify

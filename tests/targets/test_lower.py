@@ -9,13 +9,15 @@ tile and mean, the count-pad average pool of both shortcuts, the padded border o
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.ops.poke_conv import overload
+from bnncc.ops.poke_conv import INPUTS, overload
 from bnncc.passes._util import add_initializer
 
 CLASSES = 10
@@ -235,6 +237,87 @@ def test_run_cli_prints_top_classes(library, cli, tmp_path):
     assert str(int(_onnxruntime(model, x[None]).argmax())) in out
 
 
+def _tampered(library, tmp_path, manifest=None, so=None):
+    """A copy of the library folder with its manifest changed by ``manifest(dict)`` or its model.so
+    replaced by the bytes ``so(bytes)``."""
+    import json
+    import shutil
+
+    folder = tmp_path / "lib"
+    shutil.copytree(library[0], folder)
+    if manifest is not None:
+        data = json.loads((folder / "model.json").read_text())
+        manifest(data)
+        (folder / "model.json").write_text(json.dumps(data))
+    if so is not None:
+        (folder / "model.so").write_bytes(so((folder / "model.so").read_bytes()))
+    return folder
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(so=lambda b: b[:len(b) // 2]), "model.so: truncated"),
+    (dict(so=lambda b: b"not a library"), "model.so: not a 64-bit ELF shared library"),
+    (dict(manifest=lambda m: m.update(functions={"0": "batch_1"})), r"functions \{'0': 'batch_1'\}"),
+    (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
+    (dict(manifest=lambda m: m.pop("target")), "target None"),
+    (dict(manifest=lambda m: m.update(preprocessing={"mean": "abc"})), "preprocessing"),
+])
+def test_a_tampered_library_folder_is_an_error(library, tmp_path, change, message):
+    """A library folder whose files were cut short or edited: one BnnccError when it is loaded
+    (a truncated model.so ended the process with a bus error, functions {"0": ...} never returned)."""
+    from bnncc.runtime import load
+
+    with pytest.raises(BnnccError, match=message):
+        load(_tampered(library, tmp_path, **change))
+
+
+def test_a_manifest_naming_a_missing_function_is_an_error(library, tmp_path):
+    from bnncc.runtime import load
+
+    lib = load(_tampered(library, tmp_path, manifest=lambda m: m.update(functions={"1": "batch_7"})))
+    with pytest.raises(BnnccError, match="has no function 'batch_7'"):
+        lib(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_runtime_returns_no_logits_for_no_images(library):
+    from bnncc.runtime import load
+
+    assert load(library[0])(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, CLASSES)
+
+
+@pytest.mark.parametrize(("array", "message"), [
+    (np.array([object()], dtype=object), "not a readable .npy array"),
+    (np.zeros((0, 3, 32, 32), np.float32), "holds no images"),
+    (np.full((3, 32, 32), np.nan, np.float32), "holds NaN or infinite values"),
+    (np.zeros((3, 32, 32), np.complex64), "an array of complex64; expected real numbers"),
+    (np.float32(1.0), r"an array of shape \(\); expected \(C, H, W\) or \(N, C, H, W\)"),
+])
+def test_run_cli_refuses_bad_arrays_in_one_line(library, cli, tmp_path, array, message):
+    np.save(tmp_path / "x.npy", array, allow_pickle=True)
+    code, out, err = cli("run", library[0], "--input", tmp_path / "x.npy")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_compile_keeps_what_is_at_the_output_path(cli, tmp_path, library):
+    """Compiling onto a path that holds anything but an earlier library folder is refused before any
+    work, and nothing there is touched; an earlier library folder is replaced."""
+    ir.save(library[1], tmp_path / "tiny.onnx")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep too")
+    for target in ("mine", "file"):
+        code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / target)
+        assert code == 2 and "exists and is not a library folder of bnncc" in err, err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert (tmp_path / "file").read_text() == "keep too"
+    code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / "again")
+    assert code == 0, err
+    code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / "again")
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "again").iterdir()} == {"model.so", "model.json", "model.onnx"}
+
+
 def test_unsupported_node_is_an_error():
     from bnncc.targets.lower import lower
     from bnncc.targets.x86_64 import host_target
@@ -281,6 +364,70 @@ def test_constant_of_a_wrong_shape_is_an_error(op_type, index):
     value.const_value = ir.tensor(wrong, name=value.name)
     with pytest.raises(BnnccError, match=rf"node '{node.name}'"):
         lower(model, host_target())
+
+
+@pytest.mark.parametrize(("op_type", "index"), [
+    case for op in ("QuantConv", "BatchNormalization", "DPReLU", "PokeConv", "QuantGemm") for case in _initializers(op)])
+def test_constant_with_nan_is_an_error(op_type, index):
+    """A NaN in any float constant input: a BnnccError naming the node (the kernels would compute NaN
+    logits, or a quantizer's scale would be NaN)."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    node = next(n for n in model.graph if n.op_type == op_type)
+    value = node.inputs[index]
+    array = value.const_value.numpy().copy()
+    if array.dtype.kind != "f":
+        pytest.skip("not a float constant")
+    array.flat[0] = np.nan
+    value.const_value = ir.tensor(array, name=value.name)
+    with pytest.raises(BnnccError, match=rf"node '{node.name}'.*NaN or infinite"):
+        lower(model, host_target())
+
+
+@pytest.mark.parametrize(("op_type", "attribute", "value", "message"), [
+    ("QuantConv", "w_bits", 0, "w_bits = 0; the kernels take 2 to 8 bits"),
+    ("QuantConv", "a_bits", 33, "a_bits = 33"),
+    ("PokeConv", "se_w_bits", 9, "se_w_bits = 9"),
+    ("QuantGemm", "w_bits", 1, "w_bits = 1"),
+    ("PokeConv", "clip_bound", 0.0, "clip_bound = 0.0; expected a positive number"),
+    ("PokeConv", "clip_bound", float("nan"), "clip_bound = nan"),
+    ("PokeConv", "kernel_shape", [5, 5], r"kernel_shape \[5, 5\] but weights of shape"),
+    ("PokeConv", "strides", [0, 0], r"strides \[0, 0\]; expected two equal strides >= 1"),
+    ("QuantConv", "strides", [4, 2], r"strides \[4, 2\]"),
+])
+def test_attribute_out_of_range_is_an_error(op_type, attribute, value, message):
+    """Bit widths, clip bounds, kernel shapes and strides the kernels cannot take: a BnnccError
+    naming the node, not a library computing something else."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    node = next(n for n in model.graph if n.op_type == op_type)
+    node.attributes[attribute] = ir.Attr(attribute, ir.AttributeType.FLOAT if isinstance(value, float) else
+                                         ir.AttributeType.INTS if isinstance(value, list) else ir.AttributeType.INT, value)
+    with pytest.raises(BnnccError, match=rf"node '{node.name}'.*{message}"):
+        lower(model, host_target())
+
+
+def test_poke_conv_without_its_split_norm_is_an_error():
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    node = next(n for n in model.graph if n.op_type == "PokeConv")
+    node.replace_input_with(INPUTS.index("split_var"), None)
+    with pytest.raises(BnnccError, match=rf"node '{node.name}' \(PokeConv\): input\(s\) split_var missing"):
+        lower(model, host_target())
+
+
+def test_stem_window_larger_than_the_input_is_an_error():
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    with pytest.raises(BnnccError, match=r"\(QuantConv\): its 4x4 window does not fit its 2x2 input"):
+        lower(tiny_pokebnn(size=2), host_target())
 
 
 def test_compile_refuses_a_float_graph(tmp_path):
