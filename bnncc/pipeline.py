@@ -84,7 +84,9 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.targets import registry
 
     model_path, outdir = Path(model_path), Path(outdir)
-    registry.get(options.target)  # an unknown target fails before any work
+    registry.get(options.target)  # an unknown target, a missing data folder fail before any work
+    if options.data is not None and not Path(options.data).is_dir():
+        raise BnnccError(f"{options.data}: no such data directory")
     recipe = load_recipe(options.recipe, options.overrides)
     stages_dir = outdir / "stages"
     cached: dict[str, bool] = {}

@@ -257,8 +257,14 @@ def _pool_larger_than_its_input(proto):
     return f"node '{pool.name}' (MaxPool): output"
 
 
+def _huge_input(proto):
+    for d in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 100_000
+    return "input 'input' of shape [1, 3, 100000, 100000]: at most 33554432 pixels"
+
+
 @pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length, _zero_height,
-                                     _pool_larger_than_its_input])
+                                     _pool_larger_than_its_input, _huge_input])
 def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
     """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
     naming the tensor or node, before anything is written."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+from bnncc.errors import BnnccError
 
 __all__ = ["TrainConfig", "IMAGENET_STEPS_PER_EPOCH"]
 
@@ -50,3 +53,23 @@ class TrainConfig:
             values["act_calibration_at"] = train["act_calibration_step"] / (max(epochs, 1) * IMAGENET_STEPS_PER_EPOCH)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(cls(), **values)
+
+    def __post_init__(self) -> None:
+        """Every setting in its range: a zero batch or a NaN rate would fail deep inside torch, or worse,
+        train to nothing without a word."""
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        checks = {
+            "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 1,
+            "max_steps": self.max_steps is None or self.max_steps >= 1, "weight_decay": self.weight_decay >= 0,
+            "clip_bound": self.clip_bound is None or self.clip_bound > 0, "temperature": self.temperature > 0,
+            "label_weight": self.label_weight >= 0, "weight_quant_start": self.weight_quant_start >= 0,
+            "act_calibration_at": self.act_calibration_at >= 0, "calibration_batches": self.calibration_batches >= 1,
+            "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1, "seed": self.seed >= 0,
+            "num_workers": self.num_workers is None or self.num_workers >= 0,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or (value is not None and not number(value)):
+                raise BnnccError(f"training setting {name} = {value!r} is out of range")

@@ -124,6 +124,10 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
 
     if arch not in ARCHITECTURES:
         raise BnnccError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    # (a ResNet divides its input by 32; below 8 pixels its stages see less than one)
+    if not 0 < width <= 16 or not 8 <= image_size <= 4096:
+        raise BnnccError(f"width {width}, image size {image_size}: expected a width above 0 and at most 16 and "
+                         f"an image size of 8 to 4096 pixels")
 
     device = training_device(device)
     train_data, val_data = open_splits(data_dir)

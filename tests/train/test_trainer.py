@@ -182,3 +182,14 @@ def test_training_keeps_freed_buffers_instead_of_faulting_them_in_again():
     assert second > first // 2  # glibc unmaps or trims the freed buffers; the second step faults them in again
     first, second = faults("kept")
     assert second < first // 20
+
+
+@pytest.mark.parametrize("setting", [dict(lr=float("nan")), dict(lr=-1.0), dict(batch_size=0), dict(max_steps=0),
+                                     dict(temperature=0.0), dict(label_weight=float("inf")), dict(checkpoint_every=0),
+                                     dict(num_workers=-1), dict(clip_bound=0.0)])
+def test_training_settings_out_of_range_are_an_error(setting):
+    """A setting out of range is refused when the config is made: a zero batch or step interval
+    divided by zero deep inside the loop, a NaN rate trained to nothing without a word."""
+    (name, value), = setting.items()
+    with pytest.raises(BnnccError, match=f"training setting {name} = {value!r} is out of range"):
+        TrainConfig(**setting)
