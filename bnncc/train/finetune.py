@@ -93,6 +93,9 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
         raise BnnccError(f"{student_path}: {_classes(student_model)} classes but the teacher {teacher_path} has "
                          f"{_classes(teacher_model)}: distillation needs the same output")
     train_data, val_data = open_splits(data_dir)  # indexed and checked before any training
+    if cfg.label_weight > 0 and train_data.num_classes != _classes(student_model):
+        raise BnnccError(f"{data_dir}: labels of {train_data.num_classes} classes for a model of "
+                         f"{_classes(student_model)}; a label weight needs the model's classes")
     torch.manual_seed(cfg.seed)
     student, teacher = to_torch(student_model), to_torch(teacher_model)
     result = train(student, teacher, train_data, cfg, shape, checkpoint=Path(checkpoint) if checkpoint else None,

@@ -15,6 +15,12 @@ def write_idx(path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.fixture
+def idx_writer():
+    """``write_idx``, for a test that writes a data set of its own."""
+    return write_idx
+
+
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory):
     """A learnable 4-class IDX data set of 8x8 images: the class is the image's brightness level.

@@ -65,3 +65,17 @@ def test_clip_bound_option_overrides_and_is_written_back(cli, idx_dir, tmp_path,
     assert code == 0, stderr
     assert "clip bound B overridden: 1.5" in " ".join(stdout.split())
     assert _clip_bounds(out) == {1.5} and _clip_bounds(student_with_b2) == {2.0}
+
+
+def test_a_label_weight_needs_labels_of_the_models_classes(cli, tmp_path, teacher_and_student, idx_writer):
+    """Without labels in the loss any data set will do; with them, labels past the model's classes
+    would be indexed out of its logits: refused before training, in one line."""
+    rng = np.random.default_rng(1)
+    for prefix in ("train", "t10k"):
+        idx_writer(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (16, 8, 8)))
+        idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(16) % 7)
+    teacher, student = teacher_and_student
+    code, _, err = cli("finetune", student, "--teacher", teacher, "--data", tmp_path, "-o", tmp_path / "ft.onnx",
+                       "--max-steps", "1", "--batch-size", "4", "--workers", "0", "--label-weight", "0.5")
+    assert code == 2 and "labels of 7 classes for a model of 4" in err, err
+    assert not (tmp_path / "ft.onnx").exists()
