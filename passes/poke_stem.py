@@ -64,6 +64,10 @@ class PokeStemPass(ir.passes.InPlacePass):
         conv, last = stem[0], stem[-1]
         out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
         mid = self.mid_channels
+        size = list(conv.inputs[0].shape or [])[2:]
+        if any(isinstance(d, int) and d < 4 for d in size):
+            raise BnnccError(f"poke_stem: the input of {conv.name} is {'x'.join(map(str, size))} pixels, smaller than "
+                             f"the PokeInit stem's 4x4 window")
         if out_channels % mid:
             raise BnnccError(f"poke_stem: the stem's {out_channels} output channels ({conv.name}) are not a "
                              f"multiple of mid_channels={mid}")

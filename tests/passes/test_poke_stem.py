@@ -59,3 +59,13 @@ def test_does_not_fire_twice(small_model):
 def test_stem_width_must_be_a_multiple_of_mid_channels(small_model):
     with pytest.raises(BnnccError, match="16 output channels .* not a multiple of mid_channels=32"):
         PokeStemPass()(small_model)
+
+
+def test_an_input_smaller_than_the_stem_window_is_an_error(small_model):
+    """A 2x2 input would leave the 4x4/4 conv no output pixel (a graph of empty tensors)."""
+    import onnx_ir as ir
+
+    dims = list(small_model.graph.inputs[0].shape)
+    small_model.graph.inputs[0].shape = ir.Shape([*dims[:2], 2, 2])
+    with pytest.raises(BnnccError, match="is 2x2 pixels, smaller than the PokeInit stem's 4x4 window"):
+        PokeStemPass(mid_channels=8)(small_model)
