@@ -21,7 +21,7 @@ import onnx_ir as ir
 from bnncc.cost import ace
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.fileio import output_errors
+from bnncc.fileio import output_errors, umask
 from bnncc.frontend import read
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
@@ -116,6 +116,7 @@ class _atomic_dir:
         with output_errors(self.dest):
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        self.tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the library from everyone else
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:

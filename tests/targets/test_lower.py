@@ -302,6 +302,8 @@ def test_run_cli_refuses_bad_arrays_in_one_line(library, cli, tmp_path, array, m
 def test_compile_keeps_what_is_at_the_output_path(cli, tmp_path, library):
     """Compiling onto a path that holds anything but an earlier library folder is refused before any
     work, and nothing there is touched; an earlier library folder is replaced."""
+    from bnncc.fileio import umask
+
     ir.save(library[1], tmp_path / "tiny.onnx")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
@@ -316,6 +318,7 @@ def test_compile_keeps_what_is_at_the_output_path(cli, tmp_path, library):
     code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / "again")
     assert code == 0, err
     assert {p.name for p in (tmp_path / "again").iterdir()} == {"model.so", "model.json", "model.onnx"}
+    assert (tmp_path / "again").stat().st_mode & 0o777 == 0o777 & ~umask()  # not mkdtemp's 0700
 
 
 def test_unsupported_node_is_an_error():

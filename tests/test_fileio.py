@@ -1,0 +1,39 @@
+"""Atomic outputs: whole or absent, and readable as any file the user writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from bnncc.errors import BnnccError
+from bnncc.fileio import atomic_path, atomic_write_text, umask
+
+
+def test_an_output_file_gets_the_modes_of_the_users_umask(tmp_path):
+    """mkstemp makes its file 0600; the output should be what open() gives (0644 under umask 022)."""
+    old = os.umask(0o027)
+    try:
+        assert umask() == 0o027
+        atomic_write_text(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o640
+
+
+def test_a_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "out.onnx") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("stopped")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("dest", "message"), [("folder", "is a folder"), ("file/out.onnx", "cannot write there")])
+def test_an_output_path_that_cannot_be_a_file_is_one_error(tmp_path, dest, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(BnnccError, match=message):
+        atomic_write_text(tmp_path / dest, "x")
+    assert (tmp_path / "file").read_text() == "mine"
