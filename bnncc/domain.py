@@ -17,3 +17,6 @@ BN_MOMENTUM = 0.9
 # (passes/set_opset.py).
 CANONICAL_OPSET = 18
 SUPPORTED_OPSETS = range(9, 22)
+# The most input pixels (H x W) a network may have: its widest activation (256 channels at a quarter
+# of the size, 16 floats an input pixel; 64 for margin) within the compiled kernels' 32-bit indices.
+MAX_INPUT_PIXELS = 2**31 // 64

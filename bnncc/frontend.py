@@ -41,7 +41,7 @@ import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from bnncc.domain import CANONICAL_OPSET, DOMAIN, SUPPORTED_OPSETS
+from bnncc.domain import CANONICAL_OPSET, DOMAIN, MAX_INPUT_PIXELS, SUPPORTED_OPSETS
 from bnncc.errors import BnnccError
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
@@ -199,9 +199,8 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
         dims = shapes[value.name]
         if any(d is not None and d <= 0 for d in dims):
             raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: every dimension must be positive")
-        # the compiled kernels index an activation with 32 bits (targets.lower._input_chw)
-        if len(dims) == 4 and None not in dims[2:] and 64 * dims[2] * dims[3] >= 2**31:
-            raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: at most {2**31 // 64} pixels")
+        if len(dims) == 4 and None not in dims[2:] and dims[2] * dims[3] > MAX_INPUT_PIXELS:
+            raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: at most {MAX_INPUT_PIXELS} pixels")
     for node in proto.graph.node:
         for name in node.output:
             if any(d is not None and d <= 0 for d in shapes.get(name, [])):

@@ -1,11 +1,13 @@
-"""Small helpers shared by the canonicalization passes: constants, initializers, attributes."""
+"""Small helpers shared by the passes: constants, initializers, attributes, bit widths."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr"]
+from bnncc.errors import BnnccError
+
+__all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths"]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -44,3 +46,12 @@ def int_attr(node: ir.Node, name: str, default: int) -> int:
 def ints_attr(node: ir.Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     attr = node.attributes.get(name)
     return default if attr is None else tuple(attr.as_ints())
+
+
+def check_bit_widths(owner: str, **widths: int) -> None:
+    """Each bit width of a pass's quantizers: 2 to 8, a signed quantizer of at least one level each
+    side whose integers the kernels hold (int4 or int8)."""
+    for key, value in widths.items():
+        if not 2 <= value <= 8:
+            raise BnnccError(f"{owner}: {key} must be 2 to 8 (a signed quantizer; the kernels hold int4 or int8), "
+                             f"got {value}")

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.passes._pokebnn import refresh, take_over, uncalibrated_bound
-from bnncc.passes._util import add_initializer
+from bnncc.passes._util import add_initializer, check_bit_widths
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,7 @@ class Int8HeadPass(ir.passes.InPlacePass):
 
     def __init__(self, w_bits: int = 8, a_bits: int = 8) -> None:
         super().__init__()
-        for key, value in (("w_bits", w_bits), ("a_bits", a_bits)):
-            if not 2 <= value <= 8:
-                raise BnnccError(f"int8_head: {key} must be 2 to 8 (a signed quantizer; the kernels hold "
-                                  f"int4 or int8), got {value}")
+        check_bit_widths("int8_head", w_bits=w_bits, a_bits=a_bits)
         self.w_bits = w_bits
         self.a_bits = a_bits
 

@@ -34,7 +34,7 @@ from bnncc.ops.poke_conv import overload
 from bnncc.passes._blocks import FloatBlock, float_blocks
 from bnncc.passes._pokebnn import (add_node, batch_norm_params, dprelu_params, lecun_normal, refresh, take_over,
                                    uncalibrated_bound)
-from bnncc.passes._util import add_initializer
+from bnncc.passes._util import add_initializer, check_bit_widths
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -56,10 +56,7 @@ class PokeConvPass(ir.passes.InPlacePass):
             raise BnnccError(f"poke_conv: clip_bound must be a finite number > 0, got {clip_bound}")
         if se_ratio < 1:
             raise BnnccError(f"poke_conv: se_ratio must be >= 1, got {se_ratio}")
-        for key, value in (("se_w_bits", se_w_bits), ("se_a_bits", se_a_bits)):
-            if not 2 <= value <= 8:
-                raise BnnccError(f"poke_conv: {key} must be 2 to 8 (a signed quantizer; the kernels hold "
-                                  f"int4 or int8), got {value}")
+        check_bit_widths("poke_conv", se_w_bits=se_w_bits, se_a_bits=se_a_bits)
         if seed < 0:
             raise BnnccError(f"poke_conv: seed must be >= 0, got {seed}")
         self.clip_bound = clip_bound

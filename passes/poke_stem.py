@@ -29,7 +29,7 @@ from bnncc.errors import BnnccError
 from bnncc.passes._blocks import only_user
 from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh,
                                    take_over, uncalibrated_bound)
-from bnncc.passes._util import add_initializer
+from bnncc.passes._util import add_initializer, check_bit_widths
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,7 @@ class PokeStemPass(ir.passes.InPlacePass):
         super().__init__()
         if mid_channels < 1:
             raise BnnccError(f"poke_stem: mid_channels must be >= 1, got {mid_channels}")
-        for key, value in (("w_bits", w_bits), ("a_bits", a_bits)):
-            if not 2 <= value <= 8:
-                raise BnnccError(f"poke_stem: {key} must be 2 to 8 (a signed quantizer; the kernels hold "
-                                  f"int4 or int8), got {value}")
+        check_bit_widths("poke_stem", w_bits=w_bits, a_bits=a_bits)
         self.mid_channels = mid_channels
         self.w_bits = w_bits
         self.a_bits = a_bits

@@ -50,7 +50,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
+from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN, MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError
 from bnncc.ops import poke_conv as poke
 from bnncc.targets import x86_64
@@ -154,11 +154,9 @@ def _input_chw(value: ir.Value) -> tuple[int, int, int]:
     if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
         raise BnnccError(f"input {value.name!r}: expected NCHW with fixed C, H, W, got shape {value.shape}")
     c, h, w = (int(d) for d in dims[1:])
-    # the widest activation (256 channels at a quarter of the size: 16 floats an input pixel; 64 for
-    # margin) within the kernels' 32-bit indices
-    if min(c, h, w) < 1 or 64 * h * w >= 2**31:
+    if min(c, h, w) < 1 or h * w > MAX_INPUT_PIXELS:
         raise BnnccError(f"input {value.name!r}: C, H, W = {c}, {h}, {w}; the kernels take 1 to "
-                         f"{2**31 // 64} pixels")
+                         f"{MAX_INPUT_PIXELS} pixels")
     return c, h, w
 
 

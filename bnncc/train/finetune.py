@@ -43,9 +43,8 @@ def input_shape(model: ir.Model) -> tuple[int, int, int]:
 
 def _override_clip_bound(model: ir.Model, clip_bound: float) -> None:
     """Set B on every op of the domain that has one (BinaryConv, PokeConv): the graph is B's one home,
-    so the torch view trains with the new value and the written graph keeps it."""
-    if not clip_bound > 0:
-        raise BnnccError(f"clip bound B must be > 0, got {clip_bound}")
+    so the torch view trains with the new value and the written graph keeps it (TrainConfig checked
+    that it is above 0)."""
     nodes = [n for n in model.graph if n.domain == DOMAIN and "clip_bound" in n.attributes]
     old = sorted({n.attributes["clip_bound"].as_float() for n in nodes})
     for node in nodes:
