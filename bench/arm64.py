@@ -138,9 +138,9 @@ def calibrate(workdir: Path) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for shape in resnet50_shapes():
-        lanes = x86_64.nibble_lanes(target, shape.cout)
         func = bc.binary_conv2d_func(1, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                     nibbles=lanes is not None, lanes=lanes, split=shape in split_shapes(target))
+                                     nibbles=x86_64.counts_nibbles(target, shape.cout),
+                                     lanes=x86_64.weight_lanes(target, shape.cout), split=shape in split_shapes(target))
         library = tc.export_library(x86_64.schedule(func, target), target, workdir / "kernel.so")
         out = bc.out_size(shape.size, shape.stride)
         macs = out * out * shape.cout * shape.kernel**2 * shape.cin

@@ -173,12 +173,12 @@ def split_shapes(target) -> set[Shape]:
 def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
     """Time of the scheduled kernel (packed activations in, int32 out) on random data, its weights
     laid out as the network's lowering lays them out."""
-    lanes, split = x86_64.nibble_lanes(target, shape.cout), shape in split_shapes(target)
+    lanes, split = x86_64.weight_lanes(target, shape.cout), shape in split_shapes(target)
     func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                 nibbles=lanes is not None, lanes=lanes, split=split)
+                                 nibbles=x86_64.counts_nibbles(target, shape.cout), lanes=lanes, split=split)
     module = tc.compile_func(x86_64.schedule(func, target), target)
     packed = bp.pack_weights(rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)))
-    weights = packed.bits if lanes is None else bp.nibble_weights(packed.bits, lanes, split)
+    weights = packed.bits if lanes is None else bp.blocked_weights(packed.bits, lanes, split)
     x = rng.integers(0, 2**32, (batch, shape.size, shape.size, bp.words(shape.cin)), dtype=np.uint32)
     out_size = bc.out_size(shape.size, shape.stride)
     args = [tc.to_tensor(a) for a in (x, weights, packed.border)]

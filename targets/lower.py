@@ -271,10 +271,11 @@ class _Walk:
         self.batch = batch
         # the int-k quantizers' x * s, rounded on its own as in the reference (quant.rounded_product)
         self.product = quant.rounded_product(target.kind.name)
-        # the channel vector of a binary conv of so many output channels if it counts nibbles
-        # (binary_conv2d's ``nibbles``; its weights blocked by it, bitpack.nibble_weights): the x86
-        # AVX2 kernels do; on every other target, None
-        self.nibble_lanes = lambda out_channels: x86_64.nibble_lanes(target, out_channels)
+        # for a binary conv of so many output channels: the channel vector by which its weights
+        # are blocked (bitpack.blocked_weights; None: not blocked), and whether it counts nibbles
+        # (binary_conv2d's ``nibbles``); both only on x86
+        self.weight_lanes = lambda out_channels: x86_64.weight_lanes(target, out_channels)
+        self.counts_nibbles = lambda out_channels: x86_64.counts_nibbles(target, out_channels)
         self.split: set[int] = set()  # ids of the PokeConv nodes whose weights come split ahead (run)
         self.floats: dict[str, object] = {}  # ONNX value name -> Relax NHWC float32 tensor
         self.bits: dict[str, object] = {}  # ONNX value name -> its packed sign bits
@@ -498,8 +499,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     ho, wo = out_size(h, stride), out_size(w, stride)
     # the conv's epilogue takes half the dot product (binary_conv2d's ``halved``) where it can; a
     # kernel counting nibbles sums the dot product itself (binary_conv2d's module docstring)
-    lanes = walk.nibble_lanes(cout)
-    nibbles, split = lanes is not None, id(node) in walk.split
+    lanes, nibbles, split = walk.weight_lanes(cout), walk.counts_nibbles(cout), id(node) in walk.split
     halved = bitpack.can_halve(cin, kernel) and not nibbles
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
@@ -528,7 +528,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
            in_place, nibbles, lanes, split, halved)
     gvar = walk.kernel(key, lambda: _poke_conv_func((n, h, w, cin), cout, kernel, stride, shapes, methods, gated,
                                                     want_bits, want_rows, in_place, nibbles, lanes, split, halved))
-    weight_bits = packed.bits if lanes is None else bitpack.nibble_weights(packed.bits, lanes, split)
+    weight_bits = packed.bits if lanes is None else bitpack.blocked_weights(packed.bits, lanes, split)
     args = [bits, relax.const(weight_bits), relax.const(border), *residuals, *gates,
             relax.const(table.astype(np.float32))]
     outputs = [((n, ho, wo, cout), "float32")]
@@ -592,7 +592,7 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     multiplies the DPReLU (a kernel without it takes no gate).
     ``in_place``: y will be r's memory (``_poke_conv``), so the parameters may alias and the
     compiler is not told otherwise. ``nibbles``: binary_conv2d's; ``lanes``, ``split``: its weights'
-    layout (binary_conv.weight_shape, bitpack.nibble_weights). ``halved``: binary_conv2d's, the
+    layout (binary_conv.weight_shape, bitpack.blocked_weights). ``halved``: binary_conv2d's, the
     caller passing ``bitpack.halved_counts`` as border and 2 * a1 as a1 (the same products).
     """
     n, h, w, cin = x_shape

@@ -4,9 +4,9 @@ Vector width follows the target: 16 uint32 lanes (zmm, one VPOPCNTD per 16 words
 AVX-512 VPOPCNTDQ, else 8 lanes (ymm), counted in byte lanes with vpshufb nibble table lookups and
 widened once per chunk of up to 31 steps by vpmaddubsw + vpmaddwd (``cpu_schedule._byte_counts``).
 AVX2 convs with whole vectors of output channels split their activations into nibbles once per call
-(``counts_nibbles``; binary_conv2d's ``nibbles``), so that a lookup needs no masking of its own; they
-take their weights blocked by channel vectors, and the smaller ones split into nibbles ahead too
-(``nibble_lanes``, ``split_convs``).
+(``counts_nibbles``; binary_conv2d's ``nibbles``), so that a lookup needs no masking of its own, the
+smaller ones with their weights split into nibbles ahead (``split_convs``). Both classes take their
+weights blocked by channel vectors where the channels fill them (``weight_lanes``).
 A target without AVX2 is not scheduled (``schedule`` returns None).
 """
 
@@ -16,8 +16,8 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
 
-__all__ = ["counts_nibbles", "cpu_flags", "host_target", "nibble_lanes", "schedule", "split_convs", "target_for_flags",
-           "vector_lanes"]
+__all__ = ["counts_nibbles", "cpu_flags", "host_target", "schedule", "split_convs", "target_for_flags", "vector_lanes",
+           "weight_lanes"]
 
 # Register tile of the binary conv: as many accumulator vectors as lanes (x86-64 has 32 zmm / 16
 # ymm; the rest hold weights, the broadcast activation word and, on AVX2, the nibble table).
@@ -76,10 +76,16 @@ def counts_nibbles(target: Target, out_channels: int) -> bool:
     return lanes is not None and cpu_schedule.counts_nibbles(_UNITS[lanes], out_channels)
 
 
-def nibble_lanes(target: Target, out_channels: int) -> int | None:
-    """The channel vector of a binary conv for ``target`` that counts nibbles (``counts_nibbles``),
-    by which its weights are blocked (bitpack.nibble_weights); None if it counts none."""
-    return vector_lanes(target) if counts_nibbles(target, out_channels) else None
+def weight_lanes(target: Target, out_channels: int) -> int | None:
+    """The channel vector by which a binary conv of ``out_channels`` outputs for ``target`` takes its
+    weights blocked (bitpack.blocked_weights): the target's vector, where the channels fill whole
+    vectors; None (the plain layout) otherwise or on a target that is no x86-64 CPU with AVX2.
+
+    Blocked weights are what every AVX2 kernel counting nibbles takes; on AVX-512 they took 3.5-4.6%
+    off PokeBNN-1x (stage 4's kernels 19-23%: a tile's weights, first read from L3, come as a run of
+    adjacent lines; bench/RESULTS.md)."""
+    lanes = vector_lanes(target)
+    return lanes if lanes is not None and out_channels % lanes == 0 else None
 
 
 def split_convs(target: Target, convs: dict) -> set:

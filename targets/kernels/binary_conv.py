@@ -31,16 +31,20 @@ half = (C*k*k + border) / 2 (``bitpack.halved_counts``; interior windows read ha
 C*k*k / 2, 1x1 convs no table): one integer instruction an output where acc took two to four.
 An epilogue that scales acc by a float a then scales acc / 2 by 2a: the same product, exactly.
 
+Weights (k, k, words, Cout), or blocked by vectors of ``lanes`` output channels
+(``bitpack.blocked_weights``: (Cout/lanes, k, k, words, lanes)), so that a register tile's weights
+for all its steps lie together: in the plain layout the steps of a 512->2048 conv are 8 KiB apart,
+all in one set of the L1 cache, and a tile's weights, when they first come from L3 in the whole
+network, are a stream of lines thousands of bytes apart rather than a run of adjacent ones (the
+x86 kernels take them blocked; bench/RESULTS.md).
+
 ``nibbles``: the same sum, counted per 4-bit half of each byte, for CPUs that count bits by
 looking 4-bit values up in a table (AVX2's vpshufb). With v_lo = v & 0x0F0F0F0F and
 v_hi = (v >> 4) & 0x0F0F0F0F, a word's 32 bits are the 16 of each half; the kernel splits the
 padded activations once per call (stage NIBBLES, both halves of a word side by side) and each
-step splits its weight words, which the register tile's columns share, or takes them split ahead.
-Its weights come blocked by vectors of output channels (``bitpack.nibble_weights``: (Cout/lanes, k,
-k, words, lanes), split ahead (Cout/lanes, k, k, words, 2, lanes)), so that a tile's weights for
-all its steps lie together (in the (k, k, words, Cout) layout of the other kernels, the steps of
-a 512->2048 conv are 8 KiB apart, all in one set of the L1 cache). A lookup then needs no
-masking of its own (cpu_schedule._nibble_popcount_intrin). It sums agreements rather than
+step splits its weight words, which the register tile's columns share, or takes them split ahead
+(blocked, (Cout/lanes, k, k, words, 2, lanes)). Its weights come blocked, and a lookup then needs
+no masking of its own (cpu_schedule._nibble_popcount_intrin). It sums agreements rather than
 mismatches: per half, 16 - 2 popcount(xa_half ^ wb_half), the +-1 dot product of its 16 bits, so
 
     A = sum of those over all taps, words and halves = 32*words*k*k - 2*P
@@ -202,8 +206,8 @@ def binary_conv2d(
     nibbles: bool = False,
     halved: bool = False,
 ) -> te.Tensor:
-    """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout),
-    or, with ``nibbles``, in a layout of ``bitpack.nibble_weights`` (``weight_shape``).
+    """Binary conv of packed x (N, H, W, ceil(C/32)) with packed weights (k, k, ceil(C/32), Cout)
+    or blocked by channel vectors (``weight_shape``; with ``nibbles``, blocked, and maybe split).
 
     ``border`` is the int16 (k*k, k*k, Cout) table of ``bitpack.pack_weights`` (of
     ``bitpack.halved_counts`` when ``halved``). Output NHWC (N, ceil(H/s), ceil(W/s), Cout); the
@@ -212,9 +216,9 @@ def binary_conv2d(
     if halved and (in_channels % 2 or nibbles):
         raise ValueError(f"a halved count needs an even channel count (not {in_channels}) and no nibbles")
     blocked = len(weights.shape) > 4
-    if blocked != nibbles:
-        raise ValueError("a kernel counting nibbles, and only it, takes weights blocked by channel vectors "
-                         "(bitpack.nibble_weights)")
+    if nibbles and not blocked or split_ahead(weights.shape) and not nibbles:
+        raise ValueError("a kernel counting nibbles takes weights blocked by channel vectors, and only it takes them "
+                         "split into nibbles (bitpack.blocked_weights)")
     n, h, w, cw = (int(d) for d in x.shape)
     if blocked:
         k, lanes = int(weights.shape[1]), int(weights.shape[-1])
@@ -227,6 +231,10 @@ def binary_conv2d(
     kw = te.reduce_axis((0, k), name="kw")
     j = te.reduce_axis((0, cw), name="j")
     shape = (n, out_size(h, stride), out_size(w, stride), cout)
+
+    def weight(kh, kw, j, co):
+        return weights[co // lanes, kh, kw, j, co % lanes] if blocked else weights[kh, kw, j, co]
+
     if nibbles:
         xn = _nibbles(xp)
         half = te.reduce_axis((0, 2), name="half")
@@ -234,14 +242,14 @@ def binary_conv2d(
         def w_half(kh, kw, j, co, half):
             if split_ahead(weights.shape):
                 return weights[co // lanes, kh, kw, j, half, co % lanes]
-            return nibble(weights[co // lanes, kh, kw, j, co % lanes], half)
+            return nibble(weight(kh, kw, j, co), half)
 
         counts = te.compute(shape, lambda i, y, z, co: te.sum(
             agreement(xn[i, y * stride + kh, z * stride + kw, j, half], w_half(kh, kw, j, co, half)),
             axis=[kh, kw, j, half]), name="popcount")
     else:
         counts = te.compute(shape, lambda i, y, z, co: te.sum(
-            te.popcount(xp[i, y * stride + kh, z * stride + kw, j] ^ weights[kh, kw, j, co]).astype("int32"),
+            te.popcount(xp[i, y * stride + kh, z * stride + kw, j] ^ weight(kh, kw, j, co)).astype("int32"),
             axis=[kh, kw, j]), name="popcount")
     # the bits past C in every word, which agree in A (module docstring)
     unused_bits = (WORD_BITS * cw - in_channels) * k * k
@@ -273,9 +281,9 @@ def binary_conv2d(
 
 def weight_shape(kernel: int, in_channels: int, out_channels: int, lanes: int | None = None,
                  split: bool = False) -> tuple[int, ...]:
-    """The packed weights' shape: (k, k, words, Cout); for a kernel counting nibbles in vectors of
-    ``lanes`` channels, blocked (Cout/lanes, k, k, words, lanes), or split into nibbles ahead too
-    (Cout/lanes, k, k, words, 2, lanes) (``bitpack.nibble_weights``)."""
+    """The packed weights' shape: (k, k, words, Cout); blocked by vectors of ``lanes`` channels,
+    (Cout/lanes, k, k, words, lanes), and for a kernel counting nibbles maybe split into nibbles
+    ahead too, (Cout/lanes, k, k, words, 2, lanes) (``bitpack.blocked_weights``)."""
     cw = words(in_channels)
     if lanes is None:
         return (kernel, kernel, cw, out_channels)
@@ -301,7 +309,7 @@ def binary_conv2d_func(
     split: bool = False,
 ) -> tirx.PrimFunc:
     """The unscheduled PrimFunc ``f(x, weights, border, *epilogue.inputs, out)`` of ``binary_conv2d``;
-    ``lanes``, ``split``: its weights' layout (``weight_shape``; with ``nibbles`` only)."""
+    ``lanes``, ``split``: its weights' layout (``weight_shape``; ``split`` with ``nibbles`` only)."""
     cw = words(in_channels)
     x = te.placeholder((batch, height, width, cw), WORD_DTYPE, name="x")
     weights = te.placeholder(weight_shape(kernel, in_channels, out_channels, lanes, split), WORD_DTYPE, name="weights")

@@ -21,7 +21,7 @@ from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.tvm_compat import te, tirx
 
 __all__ = ["BORDER_DTYPE", "NIBBLE_MASK", "WORD_BITS", "WORD_DTYPE", "PackedWeights", "can_halve", "halved_counts",
-           "nibble_weights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
+           "blocked_weights", "pack_bits", "pack_weights", "sign_bitpack", "sign_bitpack_func", "words"]
 
 KERNEL_NAME = "sign_bitpack"
 
@@ -110,13 +110,13 @@ def pack_weights(weights: np.ndarray) -> PackedWeights:
     )
 
 
-def nibble_weights(bits: np.ndarray, lanes: int, split: bool) -> np.ndarray:
-    """Packed weights (k, k, words, Cout) laid out for a kernel counting nibbles (binary_conv2d's
-    ``nibbles``) with vectors of ``lanes`` output channels: blocked by those vectors,
+def blocked_weights(bits: np.ndarray, lanes: int, split: bool = False) -> np.ndarray:
+    """Packed weights (k, k, words, Cout) blocked by vectors of ``lanes`` output channels,
     (Cout/lanes, k, k, words, lanes), so that a register tile's weights for all its steps lie
-    together; ``split``: each word split into nibbles ahead, (Cout/lanes, k, k, words, 2, lanes),
-    the low 4 bits of every byte (half 0), then the high 4 moved down (half 1), so that the kernel
-    splits no weight word itself."""
+    together (binary_conv's module docstring); ``split``, for a kernel counting nibbles
+    (binary_conv2d's ``nibbles``): each word split into nibbles ahead, (Cout/lanes, k, k, words, 2,
+    lanes), the low 4 bits of every byte (half 0), then the high 4 moved down (half 1), so that the
+    kernel splits no weight word itself."""
     k, _, words, cout = bits.shape
     if cout % lanes:
         raise ValueError(f"{cout} output channels are no whole vectors of {lanes}")

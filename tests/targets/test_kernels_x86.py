@@ -16,8 +16,9 @@ AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
 
 # How each kernel is built (see ``build``); AVX-512 code runs only where the host has it.
 VARIANTS = ["unscheduled", "avx2"] + (["avx512"] if AVX512_FLAGS <= x86_64.cpu_flags() else [])
-# binary convs: also the unscheduled kernel of the nibble form (binary_conv2d's ``nibbles``)
-CONV_VARIANTS = VARIANTS + ["unscheduled-nibbles"]
+# binary convs: also the unscheduled kernel of the nibble form (binary_conv2d's ``nibbles``), and of
+# the plain form with its weights blocked by channel vectors, as every x86 schedule takes them
+CONV_VARIANTS = VARIANTS + ["unscheduled-nibbles", "unscheduled-blocked"]
 
 
 def target_of(variant):
@@ -25,29 +26,31 @@ def target_of(variant):
 
 
 def nibbles(variant, out_channels):
-    """binary_conv2d's ``nibbles`` as the lowering picks it for the variant's target."""
-    return lanes_of(variant, out_channels) is not None
+    """binary_conv2d's ``nibbles`` as the lowering picks it for the variant's target (the
+    unscheduled nibble form where the channels fill AVX2's vectors)."""
+    if variant.startswith("unscheduled"):
+        return variant == "unscheduled-nibbles" and out_channels % 8 == 0
+    return x86_64.counts_nibbles(target_of(variant), out_channels)
 
 
 def lanes_of(variant, out_channels):
-    """The channel vector by which a kernel counting nibbles takes its weights (the lowering's
-    choice, x86_64.nibble_lanes; the unscheduled nibble form takes AVX2's where the channels fill
-    them), else None."""
+    """The channel vector by which the variant's kernel takes its weights blocked (the lowering's
+    choice, x86_64.weight_lanes; the unscheduled blocked and nibble forms take AVX2's where the
+    channels fill them), else None."""
     if variant.startswith("unscheduled"):
-        return 8 if variant == "unscheduled-nibbles" and out_channels % 8 == 0 else None
-    return x86_64.nibble_lanes(target_of(variant), out_channels)
+        return 8 if variant != "unscheduled" and out_channels % 8 == 0 else None
+    return x86_64.weight_lanes(target_of(variant), out_channels)
 
 
 def layout(variant, out_channels, split=False):
     """binary_conv2d_func's (and _poke_conv_func's) arguments for the variant's weight layout."""
-    lanes = lanes_of(variant, out_channels)
-    return {"nibbles": lanes is not None, "lanes": lanes, "split": split}
+    return {"nibbles": nibbles(variant, out_channels), "lanes": lanes_of(variant, out_channels), "split": split}
 
 
 def weights_of(variant, bits, split=False):
-    """Packed weights (k, k, words, Cout) as the variant's kernel takes them (bitpack.nibble_weights)."""
+    """Packed weights (k, k, words, Cout) as the variant's kernel takes them (bitpack.blocked_weights)."""
     lanes = lanes_of(variant, bits.shape[-1])
-    return bits if lanes is None else bp.nibble_weights(bits, lanes, split)
+    return bits if lanes is None else bp.blocked_weights(bits, lanes, split)
 
 
 def build(func, variant):
@@ -176,25 +179,25 @@ def test_binary_conv_matches_numpy(variant, case):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_nibble_weights_by_hand():
+def test_blocked_weights_by_hand():
     """Blocked by vectors of output channels; split: the low 4 bits of every byte (half 0), then the
     high 4, moved down."""
     bits = np.arange(2 * 4, dtype=np.uint32).reshape(1, 1, 2, 4) * np.uint32(0x01010101)  # (k, k, words, Cout)
     bits[0, 0, 1, 3] = 0xABCD1234
-    blocked = bp.nibble_weights(bits, 2, split=False)
+    blocked = bp.blocked_weights(bits, 2)
     assert blocked.shape == (2, 1, 1, 2, 2)
     np.testing.assert_array_equal(blocked[1, 0, 0, 1], bits[0, 0, 1, 2:4])
-    split = bp.nibble_weights(bits, 2, split=True)
+    split = bp.blocked_weights(bits, 2, split=True)
     assert split.shape == (2, 1, 1, 2, 2, 2) and split.dtype == np.uint32
     np.testing.assert_array_equal(split[1, 0, 0, 1, :, 1], [0x0B0D0204, 0x0A0C0103])
     with pytest.raises(ValueError, match="no whole vectors"):
-        bp.nibble_weights(bits, 3, split=False)
+        bp.blocked_weights(bits, 3)
 
 
 @pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
 @pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] % 8 == 0], ids=lambda c: "n{}h{}w{}c{}o{}k{}s{}".format(*c))
 def test_binary_conv_split_nibbles_matches_numpy(variant, case):
-    """The nibble form with its weights split ahead (bitpack.nibble_weights, the AVX2 kernels' choice
+    """The nibble form with its weights split ahead (bitpack.blocked_weights, the AVX2 kernels' choice
     for the smaller weights): the same dot products."""
     n, h, w, cin, cout, k, s = case
     rng = np.random.default_rng(sum(case) + 1)
@@ -291,6 +294,23 @@ def test_target_for_flags():
     assert x86_64.vector_lanes(x86_64.target_for_flags(AVX2_FLAGS, cores=2)) == 8
     assert x86_64.vector_lanes(x86_64.target_for_flags({"sse4_2"}, cores=2)) is None
     assert x86_64.host_target().attrs["num-cores"] == tc.NUM_THREADS
+
+
+def test_weights_blocked_by_the_targets_vector_where_channels_fill_it():
+    """Both x86 classes take blocked weights (x86_64.weight_lanes); only AVX2 counts nibbles."""
+    avx512, avx2 = (x86_64.target_for_flags(flags, cores=2) for flags in (AVX512_FLAGS, AVX2_FLAGS))
+    assert [x86_64.weight_lanes(avx512, c) for c in (64, 2048, 24, 179)] == [16, 16, None, None]
+    assert [x86_64.weight_lanes(avx2, c) for c in (64, 24, 179)] == [8, 8, None]
+    assert not x86_64.counts_nibbles(avx512, 64) and x86_64.counts_nibbles(avx2, 64)
+    assert x86_64.weight_lanes(x86_64.target_for_flags({"sse4_2"}, cores=2), 64) is None
+
+
+def test_split_weights_need_the_nibble_form():
+    """Weights split into nibbles ahead are only for a kernel counting nibbles, which takes blocked ones."""
+    with pytest.raises(ValueError, match="only it takes them split"):
+        bc.binary_conv2d_func(1, 4, 4, 32, 16, 1, 1, lanes=8, split=True)
+    with pytest.raises(ValueError, match="blocked by channel vectors"):
+        bc.binary_conv2d_func(1, 4, 4, 32, 16, 1, 1, nibbles=True)
 
 
 def test_rules_decline_other_targets_and_kernels():
@@ -417,8 +437,9 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
     packed, params = case["packed"], case["params"]
     doubled = params.copy()
     doubled[0] *= 2
-    whole = poke_outputs(variant, case, packed.bits, packed.border, params, **layout(variant, 64))
-    half = poke_outputs(variant, case, packed.bits, bp.halved_counts(packed.border, 48), doubled,
+    bits = weights_of(variant, packed.bits)
+    whole = poke_outputs(variant, case, bits, packed.border, params, **layout(variant, 64))
+    half = poke_outputs(variant, case, bits, bp.halved_counts(packed.border, 48), doubled,
                         **layout(variant, 64), halved=True)
     for a, b in zip(whole, half):
         np.testing.assert_array_equal(b, a)
@@ -428,7 +449,7 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
 @pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_poke_conv_split_weights_give_the_same_outputs(variant, kernel):
-    """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.nibble_weights,
+    """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.blocked_weights,
     the AVX2 lowering's choice for the smaller weights) writes the output and bits of the kernel
     that splits them in its loop, bit for bit; both agree with numpy's PokeConv arithmetic."""
     case = poke_case(10 + kernel, kernel, cin=40)
