@@ -48,7 +48,7 @@ from bnncc import zoo
 from bnncc.targets import arm64, estimate, x86_64
 from bnncc.targets import tvm_compat as tc
 from bnncc.targets.kernels import binary_conv as bc
-from bnncc.targets.lower import function_name, lower
+from bnncc.targets.lower import IMAGE_FUNCTION, lower
 from kernels import binary_conv_seconds, cpu_model, resnet50_shapes, split_shapes, write_section
 
 SECTION = "## ARM64 estimates (llvm-mca)"
@@ -83,7 +83,7 @@ def build_arm64(recipe: str, workdir: Path) -> tuple[ir.Model, Path, list[str]]:
     lowered = lower(model, target, (1,), schedule=arm64.schedule)
     arm64.export_arm64(tc.compile_module(lowered.module, target), library)
     calls = [binding.value.args[0].name_hint
-             for block in lowered.module[function_name(1)].body.blocks for binding in block.bindings
+             for block in lowered.module[IMAGE_FUNCTION].body.blocks for binding in block.bindings
              if getattr(getattr(binding.value, "op", None), "name", "").startswith("relax.call_tir")]
     ir.save(model, graph)
     calls_file.write_text(json.dumps(calls), encoding="utf-8")

@@ -20,7 +20,7 @@ import numpy as np
 from bnncc.errors import BnnccError
 from bnncc.fileio import cache_dir
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
-from bnncc.targets.lower import function_name
+from bnncc.targets.lower import IMAGE_FUNCTION
 
 __all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names"]
 
@@ -108,8 +108,8 @@ def _arm64_caller(path: Path) -> Caller:
 def _arm64_report(executable, lowered, model) -> dict:
     """Static instruction counts of each binary layer's kernel (``arm64.binary_layer_counts``)."""
     layers = [node.name for node in model.graph if node.op_type == "PokeConv"]
-    # batch_1 calls the kernels; other batch sizes call batch_1 (lower.lower)
-    return {"instructions": arm64.binary_layer_counts(executable, lowered.module, function_name(1), layers)}
+    # the per-image function calls the kernels; every batch size calls it (lower.lower)
+    return {"instructions": arm64.binary_layer_counts(executable, lowered.module, IMAGE_FUNCTION, layers)}
 
 
 def _arm64_requirements() -> list[Requirement]:

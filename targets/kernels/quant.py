@@ -180,9 +180,11 @@ def quant_conv2d_func(
 ) -> tirx.PrimFunc:
     """``f(x, w, act_scale, *epilogue_inputs, out)``: NHWC conv of signed-quantized x with float Wq.
 
-    x (N, H, W, Cin) float32, or (N, Cin, H, W) with ``input_layout="NCHW"``; w (kh, kw, Cin/group,
-    Cout) float32 (already Wq); act_scale (Cin,); ``pads`` in ONNX order (top, left, bottom, right),
-    padded cells 0. The output is NHWC:
+    x (N, H, W, Cin) float32, or with ``input_layout="NCHW"`` ``f(x, image, w, ...)``: ``x_shape``
+    (1, Cin, H, W) is one image, number ``image`` (an int64 parameter) of the NCHW batch x of any
+    size, which the kernel reads in place (the network's input: lower's per-image function takes
+    the whole batch). w (kh, kw, Cin/group, Cout) float32 (already Wq); act_scale (Cin,); ``pads``
+    in ONNX order (top, left, bottom, right), padded cells 0. The output is NHWC:
 
         out[n, y, z, o] = epilogue(sum_{i, j, c} xq[n, y s + i - top, z s + j - left, g(o) Cg + c] w[i, j, c, o])
 
@@ -199,14 +201,20 @@ def quant_conv2d_func(
     top, left, bottom, right = pads
     cout_g = cout // group
     ho, wo = (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
-    x = te.placeholder(x_shape, "float32", name="x")
+    if nchw:
+        if n != 1:
+            raise ValueError(f"quant_conv2d_func: an NCHW input is one image of a batch, not {n}")
+        image = tirx.Var("image", "int64")
+        x = te.placeholder((tirx.Var("images", "int64"), cin, h, w), "float32", name="x")
+    else:
+        x = te.placeholder(x_shape, "float32", name="x")
     weights = te.placeholder(weight_shape, "float32", name="w")
     scale = te.placeholder((cin,), "float32", name="act_scale")
 
     def padded(i, y, z, c):
         inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
         y, z = tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(z - left, 0), w - 1)
-        value = quantize_act(x[i, c, y, z] if nchw else x[i, y, z, c], scale[c], a_bits, signed=True,
+        value = quantize_act(x[image + i, c, y, z] if nchw else x[i, y, z, c], scale[c], a_bits, signed=True,
                              product=product)
         return tirx.if_then_else(inside, value, tirx.const(0, "float32"))
 
@@ -238,7 +246,7 @@ def quant_conv2d_func(
         name="conv",
     )
     out = acc if epilogue is None else te.compute(acc.shape, lambda *idx: epilogue(acc(*idx), idx), name="epilogue")
-    func = te.create_prim_func([x, weights, scale, *epilogue_inputs, out])
+    func = te.create_prim_func([x, *([image] if nchw else []), weights, scale, *epilogue_inputs, out])
     return func.with_attr(KERNEL_ATTR, CONV_KERNEL_NAME).with_attr(INPUT_LAYOUT_ATTR, input_layout)
 
 

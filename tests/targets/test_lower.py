@@ -156,6 +156,19 @@ def test_library_matches_onnxruntime(library, batch):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+def test_batch_8_runs_each_image_as_batch_1_does(library):
+    """batch_8 calls the per-image function with the whole batch and each image's index, and the
+    stem reads that image in place: each image's logits are batch_1's, bit for bit."""
+    from bnncc.targets.tvm_compat import load_vm, to_tensor
+
+    folder, _ = library
+    vm = load_vm(folder / "model.so")
+    x = np.random.default_rng(8).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    one_by_one = np.concatenate([vm["batch_1"](to_tensor(x[i:i + 1])).numpy() for i in range(8)])
+    np.testing.assert_array_equal(vm["batch_8"](to_tensor(x)).numpy(), one_by_one)
+    assert not np.array_equal(one_by_one[0], one_by_one[1])  # images that tell each other apart
+
+
 def test_runtime_splits_other_batch_sizes(library):
     from bnncc.runtime import load
 
@@ -486,6 +499,30 @@ def test_quantizer_at_a_decision_point_agrees_with_onnxruntime(tmp_path):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
 
 
+def test_input_read_as_nhwc_is_each_image_of_the_batch(tmp_path, capfd):
+    """A reader of the network input other than the stem's NCHW conv (here the head's pool) gets
+    its image taken out of the batch and transposed: each image of a batch of 3 its own logits,
+    and compiling prints nothing (TVM warns of an unchecked take)."""
+    from bnncc.ops import attach_functions
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    channels = 16
+    net = _Net(2)
+    net.x.shape = ir.Shape([ir.SymbolicDim("batch"), channels, 2, 2])
+    flat = net.node("Flatten", [net.node("GlobalAveragePool", [net.x])], axis=1)
+    y = net.node("QuantGemm", [flat, net.rand("w", (5, channels)), net.const("bound", np.full(channels, 3.0)),
+                               net.rand("b", (5,))], DOMAIN, w_bits=8, a_bits=8, a_signed=1)
+    net.graph.outputs.append(y)
+    model = ir.Model(net.graph, ir_version=10)
+    attach_functions(model)
+    folder = compile(model, tmp_path / "head", batches=(1, 3))
+    assert capfd.readouterr().err == ""
+    x = np.random.default_rng(5).standard_normal((3, channels, 2, 2)).astype(np.float32)
+    got, ref = load(folder)(x), _onnxruntime(model, x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_vector_channel_mean_agrees_with_onnxruntime(tmp_path):
     """Channel-mean shortcuts whose output tiles are whole vectors (64 -> 16, k = 4; 64 -> 32,
     k = 2) take the shuffle form of the x86-64 schedule (the tiny network's 72 -> 36 does not)."""
@@ -521,7 +558,8 @@ def test_channel_mean_into_a_prime_channel_count_agrees_with_onnxruntime(tmp_pat
 
 
 def test_larger_batches_reuse_the_one_image_kernels():
-    """batch_8 runs batch_1 per image: the module holds the kernels of batch 1 only (library size)."""
+    """Every batch size runs the per-image function: the module holds one image's kernels only
+    (library size)."""
     from bnncc.targets.lower import lower
     from bnncc.targets.tvm_compat import tirx
     from bnncc.targets.x86_64 import host_target
