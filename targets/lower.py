@@ -628,8 +628,9 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
         matched.append(average_pool(r) if int(r.shape[1]) != ho else r)
 
     if gated:
-        # the gate folded into the slopes and shifts once per image and channel (a stage before the
-        # conv's loops): ((pos * s or neg * s) - by) * g + b2 = (pos g) * s or (neg g) * s, + (b2 - by g)
+        # the gate folded into the slopes and shifts per image and channel (a stage of its own, which
+        # the CPU schedule computes in each task for the task's channels):
+        # ((pos * s or neg * s) - by) * g + b2 = (pos g) * s or (neg g) * s, + (b2 - by g)
         folded = te.compute((n, 3, cout), lambda i, row, c: tirx.Select(
             row < 2, params[_POS + row, c] * gate[i, c], params[_B2, c] - params[_BY, c] * gate[i, c]),
             name=binary_conv.GATED_PARAMS)
