@@ -216,7 +216,7 @@ def binary_conv2d(
     if halved and (in_channels % 2 or nibbles):
         raise ValueError(f"a halved count needs an even channel count (not {in_channels}) and no nibbles")
     blocked = len(weights.shape) > 4
-    if nibbles and not blocked or split_ahead(weights.shape) and not nibbles:
+    if (nibbles and not blocked) or (split_ahead(weights.shape) and not nibbles):
         raise ValueError("a kernel counting nibbles takes weights blocked by channel vectors, and only it takes them "
                          "split into nibbles (bitpack.blocked_weights)")
     n, h, w, cw = (int(d) for d in x.shape)

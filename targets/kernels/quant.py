@@ -214,7 +214,7 @@ def quant_conv2d_func(
     def padded(i, y, z, c):
         inside = tirx.all(y >= top, y < top + h, z >= left, z < left + w)
         y, z = tirx.min(tirx.max(y - top, 0), h - 1), tirx.min(tirx.max(z - left, 0), w - 1)
-        value = quantize_act(x[image + i, c, y, z] if nchw else x[i, y, z, c], scale[c], a_bits, signed=True,
+        value = quantize_act(x[image, c, y, z] if nchw else x[i, y, z, c], scale[c], a_bits, signed=True,
                              product=product)
         return tirx.if_then_else(inside, value, tirx.const(0, "float32"))
 
