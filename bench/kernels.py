@@ -1,18 +1,20 @@
 """Binary conv kernels of ResNet-50 PokeBNN-1x on this x86-64 CPU, against its popcount peak and float32 onnxruntime.
 
-Run: ``.venv/bin/python bench/kernels.py [--avx2] [--cpu-time] [--results bench/RESULTS.md]`` (threads:
-TVM_NUM_THREADS, default all CPUs; onnxruntime and the peak loop use the same count). ``--avx2``
-builds the kernels and the peak loop for x86-64-v3 (AVX2, no vector popcount), which runs on an
-AVX-512 CPU too. ``--cpu-time`` (one thread only) times by the CPU time of the calling thread and
+Run: ``.venv/bin/python bench/kernels.py [--avx2 | --avx512bw] [--cpu-time] [--results bench/RESULTS.md]``
+(threads: TVM_NUM_THREADS, default all CPUs; onnxruntime and the peak loop use the same count). ``--avx2``
+builds the kernels for x86-64-v3 (AVX2, no vector popcount), which runs on an AVX-512 CPU too;
+``--avx512bw`` for an AVX-512 CPU without VPOPCNTDQ (Skylake-SP, Cascade Lake), which runs on an
+AVX-512 VPOPCNTDQ CPU too. ``--cpu-time`` (one thread only) times by the CPU time of the calling thread and
 of the peak loop rather than the wall clock: on a machine shared with other work, time spent
 waiting for a core is then left out.
 
 For every binary conv shape (shared/reference/pokebnn.md §2-3) and batch 1 and 8 it prints the
 scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fraction of the peak
 of the build's class measured here by bench/popcount_peak.c, and the speed-up over a float32
-onnxruntime Conv of the same shape. The peak of a class is its fastest method on this CPU
-(``PEAK_METHODS``: AVX2 has three, byte counters, Harley-Seal and the kernels' own nibble agreements);
-every class the CPU runs is printed.
+onnxruntime Conv of the same shape. The peak of a class is the fastest method its CPUs run, measured
+on this CPU (``PEAK_METHODS``: AVX2 has three, byte counters, Harley-Seal and the kernels' own nibble
+agreements; AVX-512BW its 512-bit nibble agreements and those of AVX2); every class the CPU runs is
+printed.
 """
 
 from __future__ import annotations
@@ -41,15 +43,22 @@ from bnncc.targets.kernels import bitpack as bp
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Binary conv kernels (x86-64)"
-AVX2_SECTION = "## Binary conv kernels (x86-64, AVX2 build)"
 AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}  # what x86_64.target_for_flags needs for x86-64-v3
+# ... and for x86-64-v4 without VPOPCNTDQ
+AVX512BW_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 PEAK_STEPS = 100_000_000  # of popcount_peak.c: 8 vector xor+popcount+adds each
-# bench/popcount_peak.c's methods, by the class of CPU (and of our x86-64 build) that uses them
+# bench/popcount_peak.c's methods, by the class of CPU (and of our x86-64 build) that runs them
 AVX512 = "AVX-512 VPOPCNTDQ"
+AVX512BW = "AVX-512BW (no VPOPCNTDQ)"
 AVX2 = "AVX2"
 SCALAR = "scalar popcnt"
-PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",), AVX2: ("avx2-bytes", "avx2-harley-seal", "avx2-nibble-agreements"),
-                SCALAR: ("scalar-popcnt",)}
+_AVX2_METHODS = ("avx2-bytes", "avx2-harley-seal", "avx2-nibble-agreements")
+PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",), AVX512BW: ("avx512bw-nibble-agreements", *_AVX2_METHODS),
+                AVX2: _AVX2_METHODS, SCALAR: ("scalar-popcnt",)}
+# the class of each x86_64.popcount_class, and the build's section of RESULTS.md beside its flags
+_CLASSES = {x86_64.AVX512_VPOPCNTDQ: AVX512, x86_64.AVX512BW: AVX512BW, x86_64.AVX2: AVX2}
+SECTIONS = {AVX2: "## Binary conv kernels (x86-64, AVX2 build)",
+            AVX512BW: "## Binary conv kernels (x86-64, AVX-512BW build)"}
 _UNSUPPORTED = 3  # popcount_peak.c's exit status for a method this CPU cannot run
 
 
@@ -114,8 +123,8 @@ def cpu_model() -> str:
 
 
 def cpu_class(target) -> str:
-    """The popcount class our x86-64 kernels use on ``target``: AVX-512 VPOPCNTDQ or AVX2."""
-    return {16: AVX512, 8: AVX2}[x86_64.vector_lanes(target)]
+    """The popcount class our x86-64 kernels use on ``target``: AVX-512 VPOPCNTDQ, AVX-512BW or AVX2."""
+    return _CLASSES[x86_64.popcount_class(target)]
 
 
 def build_popcount_peak(workdir: Path) -> Path:
@@ -145,15 +154,18 @@ def method_rate(binary: Path, method: str, threads: int, cpu_time: bool) -> floa
 
 
 def popcount_peaks(threads: int, workdir: Path, cpu_time: bool) -> dict[str, dict[str, tuple[float, float]]]:
-    """{class: {method: (binary MACs/s on 1 thread, on ``threads``)}} for every method this CPU runs."""
+    """{class: {method: (binary MACs/s on 1 thread, on ``threads``)}} for every method this CPU runs
+    (a method of several classes measured once)."""
     binary = build_popcount_peak(workdir)
+    rates = {}
+    for method in dict.fromkeys(m for methods in PEAK_METHODS.values() for m in methods):
+        one = method_rate(binary, method, 1, cpu_time)
+        if one is not None:
+            rates[method] = (one, method_rate(binary, method, threads, cpu_time) if threads > 1 else one)
     peaks = {}
     for name, methods in PEAK_METHODS.items():
-        for method in methods:
-            one = method_rate(binary, method, 1, cpu_time)
-            if one is not None:
-                many = method_rate(binary, method, threads, cpu_time) if threads > 1 else one
-                peaks.setdefault(name, {})[method] = (one, many)
+        if methods[0] in rates:  # the class's own method: this CPU is of the class or above it
+            peaks[name] = {method: rates[method] for method in methods if method in rates}
     return peaks
 
 
@@ -209,9 +221,10 @@ def float_conv_seconds(shape: Shape, batch: int, threads: int, rng, timer=time.p
     return seconds_per_call(lambda: session.run(None, {"x": x}), timer=timer)
 
 
-def measure(threads: int, avx2: bool, cpu_time: bool) -> tuple[dict, list[dict]]:
+def measure(threads: int, flags: set[str] | None, cpu_time: bool) -> tuple[dict, list[dict]]:
+    """Every shape's kernel built for a CPU with ``flags`` (None: this one) and its peers'."""
     rng = np.random.default_rng(0)
-    target = x86_64.target_for_flags(AVX2_FLAGS, threads) if avx2 else x86_64.host_target()
+    target = x86_64.host_target() if flags is None else x86_64.target_for_flags(flags, threads)
     with tempfile.TemporaryDirectory() as tmp:
         peaks = popcount_peaks(threads, Path(tmp), cpu_time)
     timer = time.thread_time if cpu_time else time.perf_counter
@@ -320,19 +333,24 @@ def write_section(path: Path, section: str, heading: str = SECTION) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--avx2", action="store_true", help="kernels and peak for x86-64-v3 (AVX2) instead of this CPU")
+    build = parser.add_mutually_exclusive_group()
+    build.add_argument("--avx2", action="store_true", help="kernels for x86-64-v3 (AVX2) instead of this CPU")
+    build.add_argument("--avx512bw", action="store_true", help="kernels for AVX-512 without VPOPCNTDQ instead")
     parser.add_argument("--cpu-time", action="store_true", help="time by CPU time, not the wall clock (1 thread)")
     parser.add_argument("--results", type=Path, help="write the table into this markdown file's section")
     args = parser.parse_args()
     if args.cpu_time and tc.NUM_THREADS != 1:
         parser.error("--cpu-time needs TVM_NUM_THREADS=1")
-    info, rows = measure(tc.NUM_THREADS, args.avx2, args.cpu_time)
+    flags = AVX2_FLAGS if args.avx2 else AVX512BW_FLAGS if args.avx512bw else None
+    if flags is not None and not flags <= x86_64.cpu_flags():
+        parser.error("this CPU cannot run that build")
+    info, rows = measure(tc.NUM_THREADS, flags, args.cpu_time)
     lines = table_lines(info, rows)
     print_table(info, lines)
     if args.results:
-        heading = AVX2_SECTION if args.avx2 else SECTION
-        flags = " --avx2" * args.avx2 + " --cpu-time" * args.cpu_time
-        write_section(args.results, markdown_section(info, lines, heading, flags), heading)
+        heading = SECTIONS.get(info["class"], SECTION) if flags is not None else SECTION
+        options = " --avx2" * args.avx2 + " --avx512bw" * args.avx512bw + " --cpu-time" * args.cpu_time
+        write_section(args.results, markdown_section(info, lines, heading, options), heading)
 
 
 if __name__ == "__main__":

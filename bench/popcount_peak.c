@@ -21,6 +21,9 @@
  *                     4 bits, added in signed byte lanes; every 31 steps (at most 4 a step, so
  *                     within int8) vpmaddubsw + vpmaddwd widen the bytes to 32 bits. A 256-bit
  *                     slice's popcount is 128 minus its sum
+ *   avx512bw-nibble-agreements
+ *                     the same with 512-bit vectors (AVX-512BW's vpshufb, vpmaddubsw, vpmaddwd): the
+ *                     kernels of an AVX-512 CPU without VPOPCNTDQ (Skylake-SP, Cascade Lake)
  *   scalar-popcnt     64-bit popcnt into 8 counters
  *
  * Usage: popcount_peak METHOD THREADS STEPS -> prints "binary MACs per second (all threads
@@ -202,6 +205,49 @@ static uint64_t avx2_nibble_agreements(const uint32_t *data, uint32_t seed, long
     return (uint64_t)(128 * (int64_t)steps * WEIGHTS - total);
 }
 
+__attribute__((target("avx512f,avx512bw")))
+static uint64_t avx512bw_nibble_agreements(const uint32_t *data, uint32_t seed, long steps) {
+    /* avx2_nibble_agreements with 512-bit vectors: the table in each 128-bit lane */
+    const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2));
+    const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1);
+    uint32_t low[DATA_WORDS] __attribute__((aligned(64))), high[DATA_WORDS] __attribute__((aligned(64)));
+    uint32_t w_low[WEIGHTS], w_high[WEIGHTS];
+    for (int i = 0; i < DATA_WORDS; i++) {
+        low[i] = data[i] & 0x0f0f0f0fu;
+        high[i] = (data[i] >> 4) & 0x0f0f0f0fu;
+    }
+    for (int j = 0; j < WEIGHTS; j++) {
+        w_low[j] = (seed + WEIGHT_OFFSETS[j]) & 0x0f0f0f0fu;
+        w_high[j] = ((seed + WEIGHT_OFFSETS[j]) >> 4) & 0x0f0f0f0fu;
+    }
+    __m512i bytes[WEIGHTS], sums = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int j = 0; j < WEIGHTS; j++) bytes[j] = _mm512_setzero_si512();
+    for (long i = 0; i < steps; i++) {
+        long at = (i % (DATA_WORDS / 16)) * 16;
+        __m512i x_low = _mm512_load_si512((const void *)(low + at));
+        __m512i x_high = _mm512_load_si512((const void *)(high + at));
+#pragma GCC unroll 8
+        for (int j = 0; j < WEIGHTS; j++) {
+            __m512i a = _mm512_shuffle_epi8(table, _mm512_xor_si512(x_low, _mm512_set1_epi32((int)w_low[j])));
+            __m512i b = _mm512_shuffle_epi8(table, _mm512_xor_si512(x_high, _mm512_set1_epi32((int)w_high[j])));
+            bytes[j] = _mm512_add_epi8(bytes[j], _mm512_add_epi8(a, b));
+        }
+        if (i % FLUSH_STEPS == FLUSH_STEPS - 1 || i == steps - 1) {
+#pragma GCC unroll 8
+            for (int j = 0; j < WEIGHTS; j++) {
+                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, bytes[j]), ones16));
+                bytes[j] = _mm512_setzero_si512();
+            }
+        }
+    }
+    int32_t lanes[16];
+    _mm512_storeu_si512((void *)lanes, sums);
+    int64_t total = 0;
+    for (int k = 0; k < 16; k++) total += lanes[k];
+    return (uint64_t)(256 * (int64_t)steps * WEIGHTS - total);
+}
+
 __attribute__((target("popcnt")))
 static uint64_t scalar_popcnt(const uint32_t *data, uint32_t seed, long steps) {
     uint64_t w[WEIGHTS], acc[WEIGHTS];
@@ -235,6 +281,7 @@ int main(int argc, char **argv) {
         {"avx2-bytes", 256, __builtin_cpu_supports("avx2"), avx2_bytes},
         {"avx2-harley-seal", 256, __builtin_cpu_supports("avx2"), avx2_harley_seal},
         {"avx2-nibble-agreements", 256, __builtin_cpu_supports("avx2"), avx2_nibble_agreements},
+        {"avx512bw-nibble-agreements", 512, __builtin_cpu_supports("avx512bw"), avx512bw_nibble_agreements},
         {"scalar-popcnt", 64, __builtin_cpu_supports("popcnt"), scalar_popcnt},
     };
     const int count = sizeof methods / sizeof methods[0];

@@ -138,7 +138,7 @@ def _cuda_requirements() -> list[Requirement]:
 
 
 TARGETS = {
-    "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512 VPOPCNTDQ)", x86_64.host_target,
+    "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512BW / AVX-512 VPOPCNTDQ)", x86_64.host_target,
                          x86_64.schedule, tvm_compat.export_executable, _cpu_caller, _x86_requirements,
                          pass_config=_cpu_pass_config),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,

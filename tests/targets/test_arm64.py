@@ -80,7 +80,7 @@ def test_register_tiles_by_hand():
     assert _register_tile(14, 256, arm64.NEON) == (1, 64)
     # 48 channels (PokeBNN-0.75x): 64 outputs at most, as 4 px x 16 or 8 px x 8: the more channels
     assert _register_tile(56, 48, arm64.NEON) == (4, 16)
-    avx2, avx512 = x86_64._UNITS[8], x86_64._UNITS[16]
+    avx2, avx512 = x86_64.UNITS[x86_64.AVX2], x86_64.UNITS[x86_64.AVX512_VPOPCNTDQ]
     assert _register_tile(14, 256, avx2) == (7, 8)  # 16 channels take 2 ymm a pixel: 4 px fit, 2 divide 14
     assert _register_tile(14, 256, avx512) == (7, 32)  # 7 px x 2 zmm = 14 accumulators, 896 bytes
 

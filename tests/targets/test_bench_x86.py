@@ -75,28 +75,37 @@ def test_fractions_are_of_the_best_method_of_the_builds_class():
              kernels.SCALAR: {"scalar-popcnt": (2.0, 4.0)}}
     assert kernels.best_of_class(peaks, kernels.AVX2) == ("avx2-harley-seal", 5.0, 9.0)
     avx2 = x86_64.target_for_flags(kernels.AVX2_FLAGS, cores=2)
-    avx512 = x86_64.target_for_flags(kernels.AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
-                                                           "avx512_vpopcntdq"}, cores=2)
-    assert kernels.cpu_class(avx2) == kernels.AVX2 and kernels.cpu_class(avx512) == kernels.AVX512
+    avx512bw = x86_64.target_for_flags(kernels.AVX512BW_FLAGS, cores=2)
+    avx512 = x86_64.target_for_flags(kernels.AVX512BW_FLAGS | {"avx512_vpopcntdq"}, cores=2)
+    assert [kernels.cpu_class(t) for t in (avx2, avx512bw, avx512)] == [kernels.AVX2, kernels.AVX512BW, kernels.AVX512]
+    # AVX-512BW's peak is the best of its own method and AVX2's, which its CPUs run too
+    assert set(kernels._AVX2_METHODS) < set(kernels.PEAK_METHODS[kernels.AVX512BW])
 
 
-@pytest.fixture(scope="module")
-def avx2_library(tmp_path_factory):
-    """The tiny network built by network._compile for an AVX2 CPU, and its graph."""
-    if not kernels.AVX2_FLAGS <= x86_64.cpu_flags():
-        pytest.skip("the AVX2 build runs only on an AVX2 CPU")
-    folder = tmp_path_factory.mktemp("avx2")
+BUILDS = {kernels.AVX2: (kernels.AVX2_FLAGS, "x86-64-v3"), kernels.AVX512BW: (kernels.AVX512BW_FLAGS, "x86-64-v4")}
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def class_library(request, tmp_path_factory):
+    """The tiny network built by network._compile for a CPU of a class below the host's (AVX2, and
+    AVX-512 without VPOPCNTDQ), its graph and the build's mcpu."""
+    flags, mcpu = BUILDS[request.param]
+    if not flags <= x86_64.cpu_flags():
+        pytest.skip(f"the {request.param} build runs only on a CPU with its instructions")
+    folder = tmp_path_factory.mktemp("build")
     model = tiny_pokebnn()
     ir.save(model, folder / "tiny.onnx")
-    network._compile(folder / "tiny.onnx", folder / "lib", kernels.AVX2_FLAGS, kernels.AVX2)
-    return folder / "lib", model
+    network._compile(folder / "tiny.onnx", folder / "lib", flags, request.param)
+    return folder / "lib", model, mcpu
 
 
-def test_avx2_build_is_of_its_class_and_matches_onnxruntime(avx2_library):
-    """network._compile builds for an AVX2 CPU whatever the host (the x86-64-v3 target in the manifest)."""
-    folder, model = avx2_library
+def test_class_build_is_of_its_class_and_matches_onnxruntime(class_library):
+    """network._compile builds for a CPU of the class whatever the host (the class's target in the
+    manifest: x86-64-v3, or x86-64-v4 without VPOPCNTDQ)."""
+    folder, model, mcpu = class_library
     manifest = json.loads((folder / "model.json").read_text())
-    assert json.loads(manifest["target"]["llvm"])["mcpu"] == "x86-64-v3"
+    llvm = json.loads(manifest["target"]["llvm"])
+    assert llvm["mcpu"] == mcpu and "+avx512vpopcntdq" not in llvm.get("mattr", [])
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     got, ref = load(folder)(x), _onnxruntime(model, x)
     assert got.shape == (8, CLASSES) and np.array_equal(got.argmax(1), ref.argmax(1))
@@ -210,10 +219,10 @@ def test_speedups_pair_the_engines_round_by_round():
     assert network._ratio(slow, fast) == "2.0x (2.0x)"
 
 
-def test_ab_compares_two_libraries_pair_by_pair(avx2_library, capsys, monkeypatch):
+def test_ab_compares_two_libraries_pair_by_pair(class_library, capsys, monkeypatch):
     """bench/ab.py on one library against itself: logits bitwise equal, and the pairs' ratio printed
     with its quartiles."""
-    folder, _ = avx2_library
+    folder, _, _ = class_library
     monkeypatch.setattr(sys, "argv", ["ab.py", str(folder), str(folder), "--pairs", "4", "--calls", "2"])
     ab.main()
     out = capsys.readouterr().out

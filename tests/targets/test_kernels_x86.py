@@ -11,18 +11,22 @@ from bnncc.targets.kernels import KERNEL_ATTR
 from bnncc.targets.kernels import binary_conv as bc
 from bnncc.targets.kernels import bitpack as bp
 
-AVX512_FLAGS = {"avx2", "bmi2", "fma", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vpopcntdq"}
 AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
+AVX512BW_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}  # Skylake-SP, Cascade Lake
+AVX512_FLAGS = AVX512BW_FLAGS | {"avx512_vpopcntdq"}
+FLAGS = {"avx2": AVX2_FLAGS, "avx512bw": AVX512BW_FLAGS, "avx512": AVX512_FLAGS}
 
 # How each kernel is built (see ``build``); AVX-512 code runs only where the host has it.
-VARIANTS = ["unscheduled", "avx2"] + (["avx512"] if AVX512_FLAGS <= x86_64.cpu_flags() else [])
+VARIANTS = ["unscheduled"] + [name for name, flags in FLAGS.items() if flags <= x86_64.cpu_flags()]
 # binary convs: also the unscheduled kernel of the nibble form (binary_conv2d's ``nibbles``), and of
 # the plain form with its weights blocked by channel vectors, as every x86 schedule takes them
 CONV_VARIANTS = VARIANTS + ["unscheduled-nibbles", "unscheduled-blocked"]
+# the builds whose kernels count nibbles (where the channels fill their vectors)
+NIBBLE_VARIANTS = ["unscheduled-nibbles"] + [v for v in ("avx2", "avx512bw") if v in VARIANTS]
 
 
 def target_of(variant):
-    return x86_64.target_for_flags(AVX512_FLAGS if variant == "avx512" else AVX2_FLAGS, cores=2)
+    return x86_64.target_for_flags(FLAGS[variant], cores=2)
 
 
 def nibbles(variant, out_channels):
@@ -194,11 +198,11 @@ def test_blocked_weights_by_hand():
         bp.blocked_weights(bits, 3)
 
 
-@pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
-@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[4] % 8 == 0], ids=lambda c: "n{}h{}w{}c{}o{}k{}s{}".format(*c))
+@pytest.mark.parametrize("variant, case", [(v, c) for v in NIBBLE_VARIANTS for c in CONV_CASES if nibbles(v, c[4])],
+                         ids=lambda p: p if isinstance(p, str) else "n{}h{}w{}c{}o{}k{}s{}".format(*p))
 def test_binary_conv_split_nibbles_matches_numpy(variant, case):
-    """The nibble form with its weights split ahead (bitpack.blocked_weights, the AVX2 kernels' choice
-    for the smaller weights): the same dot products."""
+    """The nibble form with its weights split ahead (bitpack.blocked_weights, the kernels' choice for
+    the smaller weights where they count nibbles): the same dot products."""
     n, h, w, cin, cout, k, s = case
     rng = np.random.default_rng(sum(case) + 1)
     x = activations(rng, (n, h, w, cin))
@@ -212,9 +216,10 @@ def test_binary_conv_split_nibbles_matches_numpy(variant, case):
 
 
 def test_avx2_splits_the_smallest_weights_within_the_budget():
-    """AVX2 kernels take split weights, smallest first and all convs of a shape or none, while the
-    copies stay within 10% of all the convs' packed weights; AVX-512 kernels count no nibbles."""
-    avx2, avx512 = target_of("avx2"), x86_64.target_for_flags(AVX512_FLAGS, cores=2)
+    """Kernels counting nibbles take split weights, smallest first and all convs of a shape or none,
+    while the copies stay within 10% of all the convs' packed weights; AVX-512 VPOPCNTDQ kernels count
+    no nibbles."""
+    avx2, avx512 = target_of("avx2"), target_of("avx512")
     # packed bytes: 2, 8, 32 and 128 KiB (and 0.5 KiB with no whole vectors): 10% of all is 17 KiB
     convs = {"a": (64, 256, 1), "b": (128, 512, 1), "c": (256, 1024, 1), "d": (512, 2048, 1), "odd": (64, 60, 1)}
     assert x86_64.split_convs(avx2, convs) == {"a", "b"}
@@ -223,6 +228,7 @@ def test_avx2_splits_the_smallest_weights_within_the_budget():
     pair = {"b1": convs["b"], "b2": convs["b"], "a": convs["a"], "d": convs["d"]}
     assert x86_64.split_convs(avx2, pair) == {"a"}
     assert x86_64.split_convs(avx512, convs) == set()
+    assert x86_64.split_convs(target_of("avx512bw"), convs) == {"a", "b"}  # 16 lanes: 60 channels fill none
 
 
 @pytest.mark.parametrize("variant", CONV_VARIANTS)
@@ -290,18 +296,22 @@ def test_binary_conv_scale_bias_epilogue(variant):
 
 
 def test_target_for_flags():
-    assert x86_64.vector_lanes(x86_64.target_for_flags(AVX512_FLAGS, cores=2)) == 16
-    assert x86_64.vector_lanes(x86_64.target_for_flags(AVX2_FLAGS, cores=2)) == 8
+    classes = {name: x86_64.popcount_class(x86_64.target_for_flags(flags, cores=2)) for name, flags in FLAGS.items()}
+    assert classes == {"avx2": x86_64.AVX2, "avx512bw": x86_64.AVX512BW, "avx512": x86_64.AVX512_VPOPCNTDQ}
+    assert [x86_64.vector_lanes(target_of(name)) for name in ("avx512", "avx512bw", "avx2")] == [16, 16, 8]
     assert x86_64.vector_lanes(x86_64.target_for_flags({"sse4_2"}, cores=2)) is None
     assert x86_64.host_target().attrs["num-cores"] == tc.NUM_THREADS
 
 
 def test_weights_blocked_by_the_targets_vector_where_channels_fill_it():
-    """Both x86 classes take blocked weights (x86_64.weight_lanes); only AVX2 counts nibbles."""
-    avx512, avx2 = (x86_64.target_for_flags(flags, cores=2) for flags in (AVX512_FLAGS, AVX2_FLAGS))
-    assert [x86_64.weight_lanes(avx512, c) for c in (64, 2048, 24, 179)] == [16, 16, None, None]
+    """Every x86 class takes blocked weights (x86_64.weight_lanes); those without VPOPCNTDQ count nibbles
+    where the channels fill their vectors."""
+    avx512, avx512bw, avx2 = (target_of(name) for name in ("avx512", "avx512bw", "avx2"))
+    for target in (avx512, avx512bw):
+        assert [x86_64.weight_lanes(target, c) for c in (64, 2048, 24, 179)] == [16, 16, None, None]
     assert [x86_64.weight_lanes(avx2, c) for c in (64, 24, 179)] == [8, 8, None]
     assert not x86_64.counts_nibbles(avx512, 64) and x86_64.counts_nibbles(avx2, 64)
+    assert [x86_64.counts_nibbles(avx512bw, c) for c in (64, 24)] == [True, False]
     assert x86_64.weight_lanes(x86_64.target_for_flags({"sse4_2"}, cores=2), 64) is None
 
 
@@ -446,7 +456,7 @@ def test_poke_conv_halved_count_gives_the_same_outputs(variant, kernel):
     np.testing.assert_allclose(half[0], poke_reference(case), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["unscheduled-nibbles", "avx2"])
+@pytest.mark.parametrize("variant", NIBBLE_VARIANTS)
 @pytest.mark.parametrize("kernel", [3, 1])
 def test_poke_conv_split_weights_give_the_same_outputs(variant, kernel):
     """A fused PokeConv kernel counting nibbles with its weights split ahead (bitpack.blocked_weights,
@@ -492,18 +502,28 @@ def test_poke_conv_in_place_equals_a_separate_output(variant):
         np.testing.assert_array_equal(shared, separate)
 
 
-def test_avx2_inner_loop_form():
-    """The AVX2 binary conv counts nibbles (3x3, 256 -> 256): each column of the register tile
-    costs two broadcasts of its activation nibbles, two vpxor, two vpshufb and two adds; the
-    weight split (vpsrld + 2 vpand) comes once per step for all columns, and the chunk's byte
-    counts are widened by vpmaddubsw + vpmaddwd, not shifts and masks."""
+@pytest.mark.parametrize("variant, register", [("avx2", "ymm"), ("avx512bw", "zmm")])
+def test_nibble_inner_loop_form(variant, register):
+    """A binary conv counting nibbles (3x3, 256 -> 256): each column of the register tile costs two
+    broadcasts of its activation nibbles, and each of its channel vectors two xors, two vpshufb and
+    two adds; the weight split (a shift + 2 ands a channel vector) comes once per step for all
+    columns, and the chunk's byte counts are widened by vpmaddubsw + vpmaddwd, not shifts and masks;
+    in the registers of the class (ymm on AVX2, zmm on AVX-512BW). Compiled only (it runs in the
+    kernel tests where the CPU has the class)."""
     import re
 
     import tvm
 
-    target = target_of("avx2")
-    func = x86_64.schedule(bc.binary_conv2d_func(1, 14, 14, 256, 256, 3, 1, nibbles=True, lanes=8), target)
+    from bnncc.targets.cpu_schedule import _register_tile
+
+    target = x86_64.target_for_flags(FLAGS[variant], cores=2)
+    lanes = x86_64.vector_lanes(target)
+    width, channels = _register_tile(14, 256, x86_64.vector_unit(target))
+    vectors = channels // lanes
+    func = x86_64.schedule(bc.binary_conv2d_func(1, 14, 14, 256, 256, 3, 1, nibbles=True, lanes=lanes), target)
     asm = tc.compile_module(tvm.IRModule({"main": func}), target).mod.inspect_source("asm")
+    # EVEX forms of the logic ops name their lane size (vpxord): the same instruction here
+    asm = re.sub(r"\b(vpxor|vpand)[dq]\b", r"\1", asm)
     lines = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
     labels = re.findall(r"^(\.LBB\d+_\d+):", asm, re.M)
     loops = [body for label in labels
@@ -512,10 +532,10 @@ def test_avx2_inner_loop_form():
     assert loops, "no loop of vpshufb lookups"
     for body in loops:
         ops = [line.split()[0] for line in body.group(1).splitlines() if line.startswith("\t") and not line.startswith("\t.")]
-        columns = ops.count("vpbroadcastd") // 2
-        assert columns >= 7
-        assert ops.count("vpshufb") == ops.count("vpxor") == 2 * columns
-        assert ops.count("vpand") + ops.count("vpsrld") + ops.count("vpsrlw") == 3  # the weight split only
+        assert ops.count("vpbroadcastd") == 2 * width == 14
+        assert ops.count("vpshufb") == ops.count("vpxor") == 2 * width * vectors
+        assert ops.count("vpand") + ops.count("vpsrld") + ops.count("vpsrlw") == 3 * vectors  # the weight split only
+        assert f"%{register}" in body.group(1)
     assert lines.count("vpmaddubsw") > 0 and lines.count("vpmaddwd") == lines.count("vpmaddubsw")
 
 
@@ -571,8 +591,8 @@ def test_se_gate_kernel_matches_numpy(cin, bits):
         gates[variant] = run(build(func, variant), *args, out_shape=(1, cout), out_dtype=np.float32)
         np.testing.assert_allclose(gates[variant], expected, rtol=1e-5, atol=1e-5)
     assert ((gates["avx2"] > 0) & (gates["avx2"] < 1)).sum() > cout // 4  # not all saturated
-    if "avx512" in gates:
-        np.testing.assert_array_equal(gates["avx512"], gates["avx2"])
+    for variant in VARIANTS[1:]:  # the scheduled builds
+        np.testing.assert_array_equal(gates[variant], gates["avx2"])
 
 
 def test_tile_columns_puts_column_t_width_plus_k_at_tile_t_column_k():
