@@ -49,7 +49,7 @@ from bnncc.targets import arm64, estimate, x86_64
 from bnncc.targets import tvm_compat as tc
 from bnncc.targets.kernels import binary_conv as bc
 from bnncc.targets.lower import IMAGE_FUNCTION, lower
-from kernels import binary_conv_seconds, cpu_model, resnet50_shapes, split_shapes, write_section
+from kernels import binary_conv_func, binary_conv_seconds, cpu_model, resnet50_shapes, write_section
 
 SECTION = "## ARM64 estimates (llvm-mca)"
 # (label, llvm-mca core model, clock in Hz): the cores and clocks the estimates are stated at
@@ -129,23 +129,27 @@ def clock_meter(workdir: Path):
                        for _ in range(5))
 
 
-def calibrate(workdir: Path) -> list[dict]:
+def x86_kernel_estimate(shape, target, workdir: Path, model: str) -> tuple[int, estimate.LoopEstimate]:
+    """(binary MACs, llvm-mca estimate on core ``model``) of the x86-64 kernel of ``shape`` at batch
+    1 as bench/kernels.py builds it for ``target``."""
+    library = tc.export_library(binary_conv_func(shape, 1, target), target, workdir / "kernel.so")
+    out = bc.out_size(shape.size, shape.stride)
+    macs = out * out * shape.cout * shape.kernel**2 * shape.cin
+    code = estimate.kernel_code(estimate.disassemble(library), "main")  # export_library names it main
+    return macs, estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", model)
+
+
+def calibrate(workdir: Path, flags: set[str] | None = None) -> list[dict]:
     """For every ResNet-50 binary conv shape at batch 1: the x86-64 kernel's estimate (LLVM's model of this CPU) and
-    its measured CPU time (bench/kernels.py, one thread) in cycles at the clock measured right before."""
+    its measured CPU time (bench/kernels.py, one thread) in cycles at the clock measured right before; the
+    kernels built for this CPU, or for one with ``flags`` (a class below it)."""
     clock = clock_meter(workdir)
     model = estimate.host_cpu()
-    target = x86_64.target_for_flags(x86_64.cpu_flags(), 1)
+    target = x86_64.target_for_flags(x86_64.cpu_flags() if flags is None else flags, 1)
     rng = np.random.default_rng(0)
     rows = []
     for shape in resnet50_shapes():
-        func = bc.binary_conv2d_func(1, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                     nibbles=x86_64.counts_nibbles(target, shape.cout),
-                                     lanes=x86_64.weight_lanes(target, shape.cout), split=shape in split_shapes(target))
-        library = tc.export_library(x86_64.schedule(func, target), target, workdir / "kernel.so")
-        out = bc.out_size(shape.size, shape.stride)
-        macs = out * out * shape.cout * shape.kernel**2 * shape.cin
-        code = estimate.kernel_code(estimate.disassemble(library), "main")  # export_library names it main
-        loop = estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", model)
+        macs, loop = x86_kernel_estimate(shape, target, workdir, model)
         hz = clock()
         measured = binary_conv_seconds(shape, 1, target, rng, timer=time.process_time) * hz
         rows.append({"shape": shape, "macs": macs, "estimated": loop.cycles, "hot": loop.hot_cycles,

@@ -182,13 +182,19 @@ def split_shapes(target) -> set[Shape]:
     return {shape for shape, i in x86_64.split_convs(target, convs) if i == 0}
 
 
-def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
-    """Time of the scheduled kernel (packed activations in, int32 out) on random data, its weights
-    laid out as the network's lowering lays them out."""
-    lanes, split = x86_64.weight_lanes(target, shape.cout), shape in split_shapes(target)
+def binary_conv_func(shape: Shape, batch: int, target):
+    """The scheduled kernel of ``shape`` (packed activations in, int32 out) for ``target``, its
+    weights laid out as the network's lowering lays them out."""
     func = bc.binary_conv2d_func(batch, shape.size, shape.size, shape.cin, shape.cout, shape.kernel, shape.stride,
-                                 nibbles=x86_64.counts_nibbles(target, shape.cout), lanes=lanes, split=split)
-    module = tc.compile_func(x86_64.schedule(func, target), target)
+                                 nibbles=x86_64.counts_nibbles(target, shape.cout),
+                                 lanes=x86_64.weight_lanes(target, shape.cout), split=shape in split_shapes(target))
+    return x86_64.schedule(func, target)
+
+
+def binary_conv_seconds(shape: Shape, batch: int, target, rng, timer=time.perf_counter) -> float:
+    """Time of the scheduled kernel (``binary_conv_func``) on random data."""
+    lanes, split = x86_64.weight_lanes(target, shape.cout), shape in split_shapes(target)
+    module = tc.compile_func(binary_conv_func(shape, batch, target), target)
     packed = bp.pack_weights(rng.standard_normal((shape.cout, shape.cin, shape.kernel, shape.kernel)))
     weights = packed.bits if lanes is None else bp.blocked_weights(packed.bits, lanes, split)
     x = rng.integers(0, 2**32, (batch, shape.size, shape.size, bp.words(shape.cin)), dtype=np.uint32)

@@ -6,7 +6,8 @@ The hot loop's trip count comes from the layer's shape and the loop's own work, 
 schedule's tiling, so it holds for whatever kernels the library has:
 
 - a binary conv's hot loop is its innermost loop that popcounts the most bits per iteration
-  (``cnt vN.16b``: 128 bits; ``vpopcntd``/``vpopcntq``: the register's width); the kernel
+  (``cnt vN.16b``: 128 bits; ``vpopcntd``/``vpopcntq``: the register's width; ``vpshufb``, a
+  lookup of one nibble of every byte: half the register's width); the kernel
   popcounts N*Ho*Wo*Cout*kh*kw*words*32 bits (words = ceil(Cin/32): the packed, zero-padded
   input), so the loop runs that many bits / bits per iteration times;
 - another kernel's hot loop is its innermost loop with the most multiply-accumulate lanes per
@@ -158,13 +159,16 @@ _X86_BITS = {"zmm": 512, "ymm": 256, "xmm": 128}
 
 def binary_bits(loop: list[Instruction]) -> int:
     """Bits popcounted by one pass through ``loop``: aarch64 ``cnt`` of 16 or 8 bytes, x86
-    ``vpopcntd``/``vpopcntq`` of its destination register's width."""
+    ``vpopcntd``/``vpopcntq`` of its destination register's width, and ``vpshufb`` half of it (the
+    x86 kernels without a vector popcount count 4 bits of every byte a table lookup:
+    cpu_schedule._byte_counts)."""
     bits = 0
     for i in loop:
         if i.mnemonic == "cnt":
             bits += 128 if ".16b" in i.operands else 64
-        elif i.mnemonic in ("vpopcntd", "vpopcntq"):
-            bits += next((b for reg, b in _X86_BITS.items() if reg in i.operands.split(",")[-1]), 0)
+        elif i.mnemonic in ("vpopcntd", "vpopcntq", "vpshufb"):
+            width = next((b for reg, b in _X86_BITS.items() if reg in i.operands.split(",")[-1]), 0)
+            bits += width // 2 if i.mnemonic == "vpshufb" else width
     return bits
 
 

@@ -68,6 +68,9 @@ def test_loops_and_work_by_hand():
     assert [[i.address for i in loop] for loop in loops] == [[0x10, 0x14, 0x18, 0x1c, 0x20, 0x24], [0x28, 0x2c, 0x30]]
     assert [estimate.binary_bits(loop) for loop in loops] == [128, 0]
     assert [estimate.mac_lanes(loop) for loop in loops] == [0, 8]
+    # x86: a vpopcntd counts its register's bits, a vpshufb nibble lookup half of them
+    x86 = _code(["vpopcntd %zmm1, %zmm2", "vpshufb %zmm3, %zmm4, %zmm5", "vpshufb %ymm3, %ymm4, %ymm5"])
+    assert [estimate.binary_bits([i]) for i in x86] == [512, 256, 128]
     assert estimate.trip_count(8 * 8 * 64 * 9 * 64, 2048) == 1152
     loop = estimate.estimate_macs(code, 100, "aarch64", "cortex-a76")
     assert (loop.work_per_iteration, loop.iterations) == (8, 13)  # ceil(100 / 8)

@@ -229,3 +229,21 @@ def test_ab_compares_two_libraries_pair_by_pair(class_library, capsys, monkeypat
     assert "logits bitwise equal: True (largest difference 0)" in out
     ratio = float(out.split("B/A by pairs: median ")[1].split()[0])
     assert 0.2 < ratio < 5
+
+
+def test_x86_estimates_report_weighs_each_shape_by_its_count():
+    """bench/x86_estimates.py's totals: each shape's cycles times how often it runs, for the estimates
+    and for this CPU's measured calibration alike."""
+    import x86_estimates  # bench/x86_estimates.py
+
+    shapes = kernels.resnet50_shapes()
+    counts = [shape.count for shape in shapes]
+    assert x86_estimates.weighted([1.0] * len(shapes)) == sum(counts) == 48
+    model = x86_estimates.MODELS[0][1]
+    rows = {kernels.AVX2: {model: [3.0] * len(shapes)}, kernels.AVX512BW: {model: [2.0] * len(shapes)}}
+    calibration = {name: [{"measured": m, "estimated": 1.0} for _ in shapes]
+                   for name, m in ((kernels.AVX2, 5.0), (kernels.AVX512BW, 4.0))}
+    text = x86_estimates.report(rows, calibration)
+    total = next(line for line in text.splitlines() if line.startswith("| all 48 binary convs"))
+    assert "144 / 96" in total and "**1.50x**" in total and total.endswith("| 1.25x |")
+    assert "measured / estimated 5.00 per shape" in text and "1.25x" in text

@@ -539,6 +539,27 @@ def test_nibble_inner_loop_form(variant, register):
     assert lines.count("vpmaddubsw") > 0 and lines.count("vpmaddwd") == lines.count("vpmaddubsw")
 
 
+@pytest.mark.parametrize("variant", ["avx2", "avx512bw"])
+def test_nibble_kernel_hot_loop_estimate(variant, tmp_path):
+    """bnncc.targets.estimate finds the hot loop of a kernel counting nibbles (vpshufb lookups, half a
+    register's bits each) and runs it the kernel's bits over its bits an iteration times, on an
+    Intel core model (the class's CPUs) as on any other."""
+    from bnncc.targets import estimate
+
+    if not estimate.available():
+        pytest.skip("needs llvm-19 (apt)")
+    target = target_of(variant)  # compiled only: any host
+    func = bc.binary_conv2d_func(1, 14, 14, 256, 256, 3, 1, **layout(variant, 256))
+    library = tc.export_library(x86_64.schedule(func, target), target, tmp_path / "conv.so")
+    bits = 14 * 14 * 256 * 9 * 8 * 32
+    loop = estimate.estimate_binary(estimate.kernel_code(estimate.disassemble(library), "main"), bits, "x86_64",
+                                    "skylake-avx512")
+    lanes = x86_64.vector_lanes(target)
+    assert loop.work_per_iteration % (lanes * 32) == 0  # whole lookups of both nibbles of a vector
+    assert loop.iterations * loop.work_per_iteration == bits
+    assert bits / loop.hot_cycles < 2 * lanes * 32  # below two 512-bit (or 256-bit) vectors' worth a cycle
+
+
 def test_pack_int4_puts_row_c_in_nibble_c_mod_8_of_word_row_c_div_8():
     from bnncc.targets.kernels import quant
 
