@@ -139,13 +139,12 @@ def x86_kernel_estimate(shape, target, workdir: Path, model: str) -> tuple[int, 
     return macs, estimate.estimate_binary(code, macs // shape.cin * -(-shape.cin // 32) * 32, "x86_64", model)
 
 
-def calibrate(workdir: Path, flags: set[str] | None = None) -> list[dict]:
+def calibrate(workdir: Path) -> list[dict]:
     """For every ResNet-50 binary conv shape at batch 1: the x86-64 kernel's estimate (LLVM's model of this CPU) and
-    its measured CPU time (bench/kernels.py, one thread) in cycles at the clock measured right before; the
-    kernels built for this CPU, or for one with ``flags`` (a class below it)."""
+    its measured CPU time (bench/kernels.py, one thread) in cycles at the clock measured right before."""
     clock = clock_meter(workdir)
     model = estimate.host_cpu()
-    target = x86_64.target_for_flags(x86_64.cpu_flags() if flags is None else flags, 1)
+    target = x86_64.target_for_flags(x86_64.cpu_flags(), 1)
     rng = np.random.default_rng(0)
     rows = []
     for shape in resnet50_shapes():
