@@ -93,6 +93,25 @@ def _cpu_caller(path: Path) -> Caller:
     return call
 
 
+def _x86_caller(path: Path) -> Caller:
+    """The CPU caller, once this CPU is known to have what the library's code may use (its target
+    in model.json): a library built on a CPU of a higher class (AVX-512 VPOPCNTDQ, run on an AVX2
+    or Skylake-SP machine) would end the process at the first instruction this one lacks."""
+    import json
+
+    llvm = json.loads(path.with_name("model.json").read_text(encoding="utf-8"))["target"].get("llvm")
+    if isinstance(llvm, str):
+        try:
+            target = tvm_compat.make_target(json.loads(llvm))
+        except (ValueError, RuntimeError) as e:
+            raise BnnccError(f"{path.with_name('model.json')}: target {llvm!r} is not an LLVM target ({e})") from None
+        missing = x86_64.missing_flags(target, x86_64.cpu_flags())
+        if missing:
+            raise BnnccError(f"{path}: built for a CPU with {', '.join(missing)}, which this CPU lacks; "
+                             "compile the model on this machine (or one of its class)")
+    return _cpu_caller(path)
+
+
 def _x86_requirements() -> list[Requirement]:
     return [Requirement("x86-64 CPU", "run", platform.machine() if platform.machine() == "x86_64" else None,
                         "an x86-64 machine")]
@@ -139,7 +158,7 @@ def _cuda_requirements() -> list[Requirement]:
 
 TARGETS = {
     "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512BW / AVX-512 VPOPCNTDQ)", x86_64.host_target,
-                         x86_64.schedule, tvm_compat.export_executable, _cpu_caller, _x86_requirements,
+                         x86_64.schedule, tvm_compat.export_executable, _x86_caller, _x86_requirements,
                          pass_config=_cpu_pass_config),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
                         arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report,

@@ -23,8 +23,9 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
 
-__all__ = ["AVX2", "AVX512BW", "AVX512_VPOPCNTDQ", "counts_nibbles", "cpu_flags", "host_target", "popcount_class",
-           "schedule", "split_convs", "target_for_flags", "vector_lanes", "vector_unit", "weight_lanes"]
+__all__ = ["AVX2", "AVX512BW", "AVX512_VPOPCNTDQ", "counts_nibbles", "cpu_flags", "host_target", "missing_flags",
+           "popcount_class", "schedule", "split_convs", "target_for_flags", "vector_lanes", "vector_unit",
+           "weight_lanes"]
 
 # the popcount classes (module docstring)
 AVX512_VPOPCNTDQ = "avx512-vpopcntdq"
@@ -45,6 +46,8 @@ UNITS = {
 
 _AVX512_FLAGS = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
+# the CPU features of those targets by LLVM's names, each with the /proc/cpuinfo flag that says a CPU has it
+_FEATURE_FLAGS = {flag.replace("_", ""): flag for flag in _AVX2_FLAGS | _AVX512_FLAGS | {"avx512_vpopcntdq"}}
 
 
 def target_for_flags(flags: set[str], cores: int) -> Target:
@@ -60,6 +63,13 @@ def target_for_flags(flags: set[str], cores: int) -> Target:
     if mcpu == "x86-64-v4" and "avx512_vpopcntdq" in flags:
         spec["mattr"] = ["+avx512vpopcntdq"]
     return make_target(spec)
+
+
+def missing_flags(target: Target, flags: set[str]) -> list[str]:
+    """The CPU features code built for ``target`` may use that a CPU with ``flags`` lacks, as
+    /proc/cpuinfo names them: such code ends the process at the first of them it runs (SIGILL)."""
+    return sorted(flag for feature, flag in _FEATURE_FLAGS.items()
+                  if flag not in flags and has_cpu_features(target, [feature]))
 
 
 def cpu_flags() -> set[str]:

@@ -274,6 +274,8 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
     (dict(manifest=lambda m: m.pop("target")), "target None"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": "abc"})), "preprocessing"),
+    (dict(manifest=lambda m: m["target"].update(llvm="{not json")), "is not an LLVM target"),
+    (dict(manifest=lambda m: m["target"].update(llvm='{"kind": "no such kind"}')), "is not an LLVM target"),
 ])
 def test_a_tampered_library_folder_is_an_error(library, tmp_path, change, message):
     """A library folder whose files were cut short or edited: one BnnccError when it is loaded
@@ -282,6 +284,32 @@ def test_a_tampered_library_folder_is_an_error(library, tmp_path, change, messag
 
     with pytest.raises(BnnccError, match=message):
         load(_tampered(library, tmp_path, **change))
+
+
+def test_a_library_for_a_cpu_with_more_is_refused_before_it_runs(library, tmp_path, monkeypatch, cli):
+    """A library whose target (model.json) uses CPU features this CPU lacks: one BnnccError naming them
+    when it is loaded, and a one-line error from the CLI, where running it would end the process with
+    SIGILL at the first such instruction. The same library on a CPU with them loads."""
+    import json
+
+    from bnncc.runtime import load
+    from bnncc.targets import x86_64
+
+    avx512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v4", "mattr": ["+avx512vpopcntdq"]}
+    folder = _tampered(library, tmp_path, manifest=lambda m: m["target"].update(llvm=json.dumps(avx512)))
+    avx2 = {"avx2", "bmi2", "fma", "movbe", "sse4_2"}
+    monkeypatch.setattr(x86_64, "cpu_flags", lambda: avx2)
+    with pytest.raises(BnnccError, match="built for a CPU with avx512_vpopcntdq, avx512bw, avx512cd, avx512dq, "
+                                         "avx512f, avx512vl, which this CPU lacks"):
+        load(folder)
+    monkeypatch.setattr(x86_64, "cpu_flags", lambda: avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})
+    with pytest.raises(BnnccError, match="built for a CPU with avx512_vpopcntdq, which this CPU lacks"):
+        load(folder)
+    code, _, err = cli("run", folder, "--input", tmp_path / "none.npy")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "avx512_vpopcntdq" in err, err
+    monkeypatch.setattr(x86_64, "cpu_flags", lambda: avx2 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
+                                                              "avx512_vpopcntdq"})
+    assert load(folder).input_chw == (3, 32, 32)
 
 
 def test_a_manifest_naming_a_missing_function_is_an_error(library, tmp_path):
