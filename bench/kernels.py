@@ -43,9 +43,9 @@ from bnncc.targets.kernels import bitpack as bp
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Binary conv kernels (x86-64)"
-AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}  # what x86_64.target_for_flags needs for x86-64-v3
-# ... and for x86-64-v4 without VPOPCNTDQ
-AVX512BW_FLAGS = AVX2_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+# the CPU flags of the builds of a class below this CPU's (--avx2, --avx512bw)
+AVX2_FLAGS = x86_64.CLASS_FLAGS[x86_64.AVX2]
+AVX512BW_FLAGS = x86_64.CLASS_FLAGS[x86_64.AVX512BW]
 PEAK_STEPS = 100_000_000  # of popcount_peak.c: 8 vector xor+popcount+adds each
 # bench/popcount_peak.c's methods, by the class of CPU (and of our x86-64 build) that runs them
 AVX512 = "AVX-512 VPOPCNTDQ"

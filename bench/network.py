@@ -384,36 +384,32 @@ def main() -> None:
     in_workdir(args.workdir, "bnncc-bench-", lambda work: run(args, work))
 
 
-def _builds() -> dict[str, set[str]]:
-    """{popcount class: CPU flags to build for}: this CPU's class, and each class below it that it
-    runs (AVX-512BW without VPOPCNTDQ, AVX2)."""
-    from kernels import AVX2, AVX2_FLAGS, AVX512BW, AVX512BW_FLAGS, cpu_class
+def _builds() -> dict[str, str]:
+    """{popcount class: bnncc target to build for}: this CPU's class (``x86-64``), and each class below
+    it that it runs (AVX-512BW without VPOPCNTDQ, AVX2: the targets of those classes)."""
+    from kernels import AVX2, AVX512BW, cpu_class
 
     from bnncc.targets import x86_64
 
     flags = x86_64.cpu_flags()
-    builds = {cpu_class(x86_64.host_target()): flags}
-    for cls, needed in ((AVX512BW, AVX512BW_FLAGS), (AVX2, AVX2_FLAGS)):
+    builds = {cpu_class(x86_64.host_target()): "x86-64"}
+    for cls, target, needed in ((AVX512BW, "x86-64-avx512bw", x86_64.CLASS_FLAGS[x86_64.AVX512BW]),
+                                (AVX2, "x86-64-avx2", x86_64.CLASS_FLAGS[x86_64.AVX2])):
         if cls not in builds and needed <= flags:
-            builds[cls] = needed
+            builds[cls] = target
     return builds
 
 
-def _compile(model_path: Path, folder: Path, flags: set[str], cls: str) -> float:
-    """Seconds to compile ``model_path`` into ``folder`` (batches 1 and 8) for an x86-64 CPU with
-    ``flags``: the x86-64 target is the host's as x86_64.cpu_flags describes it, so that is what the
-    build sees. Checks the library's target is of class ``cls``."""
-    from unittest import mock
-
+def _compile(model_path: Path, folder: Path, target: str, cls: str) -> float:
+    """Seconds to compile ``model_path`` into ``folder`` (batches 1 and 8) for bnncc target ``target``.
+    Checks the library's target is of class ``cls``."""
     from kernels import cpu_class
 
-    from bnncc.targets import x86_64
     from bnncc.targets.build import compile as compile_library
     from bnncc.targets.tvm_compat import make_target
 
     start = time.perf_counter()
-    with mock.patch.object(x86_64, "cpu_flags", return_value=flags):
-        compile_library(model_path, folder, batches=(1, 8))
+    compile_library(model_path, folder, target=target, batches=(1, 8))
     seconds = time.perf_counter() - start
     llvm = json.loads((folder / "model.json").read_text(encoding="utf-8"))["target"]["llvm"]
     if cpu_class(make_target(json.loads(llvm))) != cls:
@@ -485,9 +481,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     poke, _ = rewrite(load(float_path), "pokebnn_1x")
     ir.save(poke, work / "pokebnn_1x.onnx")
     folders, compile_s = {}, {}
-    for cls, flags in builds.items():
+    for cls, target in builds.items():
         folders[cls] = work / f"lib_{cls.split()[0].lower()}"
-        compile_s[cls] = _compile(work / "pokebnn_1x.onnx", folders[cls], flags, cls)
+        compile_s[cls] = _compile(work / "pokebnn_1x.onnx", folders[cls], target, cls)
     engines = {cls: ("bnncc", str(folder)) for cls, folder in folders.items()}
     for kind, (_, int8_path, _) in int8.items():
         engines |= {f"fp32 {kind}": (kind, str(float_path)), f"int8 {kind}": (kind, str(int8_path))}

@@ -112,9 +112,15 @@ def _x86_caller(path: Path) -> Caller:
     return _cpu_caller(path)
 
 
-def _x86_requirements() -> list[Requirement]:
-    return [Requirement("x86-64 CPU", "run", platform.machine() if platform.machine() == "x86_64" else None,
-                        "an x86-64 machine")]
+def _x86_requirements(flags: frozenset[str] = frozenset()) -> list[Requirement]:
+    """An x86-64 machine to run on, with ``flags`` (a class target's: /proc/cpuinfo names)."""
+    x86 = platform.machine() == "x86_64"
+    needs = [Requirement("x86-64 CPU", "run", platform.machine() if x86 else None, "an x86-64 machine")]
+    if flags:
+        has = x86 and flags <= x86_64.cpu_flags()
+        needs.append(Requirement("CPU features", "run", "yes" if has else None,
+                                 "a CPU with " + ", ".join(sorted(flags - x86_64.cpu_flags() if x86 else flags))))
+    return needs
 
 
 def _arm64_caller(path: Path) -> Caller:
@@ -156,10 +162,25 @@ def _cuda_requirements() -> list[Requirement]:
     ]
 
 
+def _x86(name: str, description: str, popcount_class: str | None = None) -> TargetSpec:
+    """This machine's x86-64 target, or (``popcount_class``) that of any CPU of the class: a build
+    server's library for machines of another class."""
+    if popcount_class is None:
+        return TargetSpec(name, description, x86_64.host_target, x86_64.schedule, tvm_compat.export_executable,
+                          _x86_caller, _x86_requirements, pass_config=_cpu_pass_config)
+    flags = frozenset(x86_64.CLASS_FLAGS[popcount_class])
+    return TargetSpec(name, description, lambda: x86_64.class_target(popcount_class), x86_64.schedule,
+                      tvm_compat.export_executable, _x86_caller, lambda: _x86_requirements(flags),
+                      pass_config=_cpu_pass_config)
+
+
 TARGETS = {
-    "x86-64": TargetSpec("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512BW / AVX-512 VPOPCNTDQ)", x86_64.host_target,
-                         x86_64.schedule, tvm_compat.export_executable, _x86_caller, _x86_requirements,
-                         pass_config=_cpu_pass_config),
+    "x86-64": _x86("x86-64", "this machine's x86-64 CPU (AVX2 / AVX-512BW / AVX-512 VPOPCNTDQ)"),
+    "x86-64-avx2": _x86("x86-64-avx2", "any x86-64 CPU with AVX2 (x86-64-v3)", x86_64.AVX2),
+    "x86-64-avx512bw": _x86("x86-64-avx512bw", "x86-64 CPUs with AVX-512 but no VPOPCNTDQ (Skylake-SP, Cascade Lake)",
+                            x86_64.AVX512BW),
+    "x86-64-avx512": _x86("x86-64-avx512", "x86-64 CPUs with AVX-512 VPOPCNTDQ (Ice Lake, Zen 4 and later)",
+                          x86_64.AVX512_VPOPCNTDQ),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
                         arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report,
                         _cpu_pass_config),

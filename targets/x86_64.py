@@ -23,7 +23,8 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
 
-__all__ = ["AVX2", "AVX512BW", "AVX512_VPOPCNTDQ", "counts_nibbles", "cpu_flags", "host_target", "missing_flags",
+__all__ = ["AVX2", "AVX512BW", "AVX512_VPOPCNTDQ", "CLASS_FLAGS", "class_target", "counts_nibbles", "cpu_flags",
+           "host_target", "missing_flags",
            "popcount_class", "schedule", "split_convs", "target_for_flags", "vector_lanes", "vector_unit",
            "weight_lanes"]
 
@@ -46,6 +47,9 @@ UNITS = {
 
 _AVX512_FLAGS = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 _AVX2_FLAGS = {"avx2", "bmi2", "fma", "movbe"}
+# the /proc/cpuinfo flags by which ``target_for_flags`` picks each class
+CLASS_FLAGS = {AVX2: _AVX2_FLAGS, AVX512BW: _AVX2_FLAGS | _AVX512_FLAGS,
+               AVX512_VPOPCNTDQ: _AVX2_FLAGS | _AVX512_FLAGS | {"avx512_vpopcntdq"}}
 # the CPU features of those targets by LLVM's names, each with the /proc/cpuinfo flag that says a CPU has it
 _FEATURE_FLAGS = {flag.replace("_", ""): flag for flag in _AVX2_FLAGS | _AVX512_FLAGS | {"avx512_vpopcntdq"}}
 
@@ -82,6 +86,11 @@ def cpu_flags() -> set[str]:
 def host_target() -> Target:
     """The target of this machine; num-cores = the threads TVM will use."""
     return target_for_flags(cpu_flags(), NUM_THREADS)
+
+
+def class_target(name: str) -> Target:
+    """The target of any CPU of class ``name`` (a library built on one machine for others)."""
+    return target_for_flags(CLASS_FLAGS[name], NUM_THREADS)
 
 
 def popcount_class(target: Target) -> str | None:

@@ -17,7 +17,7 @@ def convert(
     model: Path = typer.Argument(..., help="ONNX model of a float bottleneck ResNet (e.g. a torchvision ResNet-50 export)"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for model.so, model.json, model.onnx and the report"),
     recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
-    target: str = typer.Option("x86-64", "--target", "-t", help="x86-64, arm64 or cuda"),
+    target: str = typer.Option("x86-64", "--target", "-t", help="x86-64 (this CPU; x86-64-avx2, -avx512bw, -avx512: a class), arm64 or cuda"),
     data: Optional[Path] = typer.Option(None, "--data", help="IDX folder or ImageFolder tree: fine-tune on it"),
     epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop fine-tuning after N steps"),

@@ -82,20 +82,21 @@ def test_fractions_are_of_the_best_method_of_the_builds_class():
     assert set(kernels._AVX2_METHODS) < set(kernels.PEAK_METHODS[kernels.AVX512BW])
 
 
-BUILDS = {kernels.AVX2: (kernels.AVX2_FLAGS, "x86-64-v3"), kernels.AVX512BW: (kernels.AVX512BW_FLAGS, "x86-64-v4")}
+BUILDS = {kernels.AVX2: (kernels.AVX2_FLAGS, "x86-64-avx2", "x86-64-v3"),
+          kernels.AVX512BW: (kernels.AVX512BW_FLAGS, "x86-64-avx512bw", "x86-64-v4")}
 
 
 @pytest.fixture(scope="module", params=list(BUILDS))
 def class_library(request, tmp_path_factory):
     """The tiny network built by network._compile for a CPU of a class below the host's (AVX2, and
     AVX-512 without VPOPCNTDQ), its graph and the build's mcpu."""
-    flags, mcpu = BUILDS[request.param]
+    flags, target, mcpu = BUILDS[request.param]
     if not flags <= x86_64.cpu_flags():
         pytest.skip(f"the {request.param} build runs only on a CPU with its instructions")
     folder = tmp_path_factory.mktemp("build")
     model = tiny_pokebnn()
     ir.save(model, folder / "tiny.onnx")
-    network._compile(folder / "tiny.onnx", folder / "lib", flags, request.param)
+    network._compile(folder / "tiny.onnx", folder / "lib", target, request.param)
     return folder / "lib", model, mcpu
 
 
@@ -115,7 +116,7 @@ def test_class_build_is_of_its_class_and_matches_onnxruntime(class_library):
 def test_compile_refuses_a_build_of_another_class(tmp_path):
     ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
     with pytest.raises(RuntimeError, match="not for AVX-512 VPOPCNTDQ"):
-        network._compile(tmp_path / "tiny.onnx", tmp_path / "lib", kernels.AVX2_FLAGS, kernels.AVX512)
+        network._compile(tmp_path / "tiny.onnx", tmp_path / "lib", "x86-64-avx2", kernels.AVX512)
 
 
 @pytest.mark.parametrize("config", list(network.INT8_CONFIGS))

@@ -312,6 +312,29 @@ def test_a_library_for_a_cpu_with_more_is_refused_before_it_runs(library, tmp_pa
     assert load(folder).input_chw == (3, 32, 32)
 
 
+def test_class_targets_build_for_any_cpu_of_their_class(library, cli, tmp_path):
+    """`compile --target x86-64-avx2` builds for every AVX2 CPU (x86-64-v3, whatever this CPU has); the
+    library runs here and matches onnxruntime. The other class targets build for their classes."""
+    import json
+
+    from bnncc.runtime import load
+    from bnncc.targets import registry, x86_64
+
+    ir.save(library[1], tmp_path / "tiny.onnx")
+    code, _, err = cli("compile", tmp_path / "tiny.onnx", "--target", "x86-64-avx2", "-o", tmp_path / "lib")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "lib" / "model.json").read_text())
+    assert manifest["target"]["name"] == "x86-64-avx2"
+    assert json.loads(manifest["target"]["llvm"])["mcpu"] == "x86-64-v3"
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got, ref = load(tmp_path / "lib")(x), _onnxruntime(library[1], x)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    classes = {name: x86_64.popcount_class(registry.get(name).tvm_target())
+               for name in ("x86-64-avx2", "x86-64-avx512bw", "x86-64-avx512")}
+    assert classes == {"x86-64-avx2": x86_64.AVX2, "x86-64-avx512bw": x86_64.AVX512BW,
+                       "x86-64-avx512": x86_64.AVX512_VPOPCNTDQ}
+
+
 def test_a_manifest_naming_a_missing_function_is_an_error(library, tmp_path):
     from bnncc.runtime import load
 
