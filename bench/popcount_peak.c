@@ -161,14 +161,9 @@ static uint64_t avx2_harley_seal(const uint32_t *data, uint32_t seed, long steps
     return sum64(total);
 }
 
-__attribute__((target("avx2")))
-static uint64_t avx2_nibble_agreements(const uint32_t *data, uint32_t seed, long steps) {
-    /* 2 - popcount(v) of v = 0..15, as signed bytes */
-    const __m256i table = _mm256_setr_epi8(2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2,
-                                           2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2);
-    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-    uint32_t low[DATA_WORDS] __attribute__((aligned(32))), high[DATA_WORDS] __attribute__((aligned(32)));
-    uint32_t w_low[WEIGHTS], w_high[WEIGHTS];
+/* Both operands split into nibbles ahead, as the kernels take them: the thread's array and its weights. */
+static void split_nibbles(const uint32_t *data, uint32_t seed, uint32_t *low, uint32_t *high, uint32_t *w_low,
+                          uint32_t *w_high) {
     for (int i = 0; i < DATA_WORDS; i++) {
         low[i] = data[i] & 0x0f0f0f0fu;
         high[i] = (data[i] >> 4) & 0x0f0f0f0fu;
@@ -177,75 +172,52 @@ static uint64_t avx2_nibble_agreements(const uint32_t *data, uint32_t seed, long
         w_low[j] = (seed + WEIGHT_OFFSETS[j]) & 0x0f0f0f0fu;
         w_high[j] = ((seed + WEIGHT_OFFSETS[j]) >> 4) & 0x0f0f0f0fu;
     }
-    __m256i bytes[WEIGHTS], sums = _mm256_setzero_si256();
-#pragma GCC unroll 8
-    for (int j = 0; j < WEIGHTS; j++) bytes[j] = _mm256_setzero_si256();
-    for (long i = 0; i < steps; i++) {
-        long at = (i % (DATA_WORDS / 8)) * 8;
-        __m256i x_low = _mm256_load_si256((const __m256i *)(low + at));
-        __m256i x_high = _mm256_load_si256((const __m256i *)(high + at));
-#pragma GCC unroll 8
-        for (int j = 0; j < WEIGHTS; j++) {
-            __m256i a = _mm256_shuffle_epi8(table, _mm256_xor_si256(x_low, _mm256_set1_epi32((int)w_low[j])));
-            __m256i b = _mm256_shuffle_epi8(table, _mm256_xor_si256(x_high, _mm256_set1_epi32((int)w_high[j])));
-            bytes[j] = _mm256_add_epi8(bytes[j], _mm256_add_epi8(a, b));
-        }
-        if (i % FLUSH_STEPS == FLUSH_STEPS - 1 || i == steps - 1) {
-#pragma GCC unroll 8
-            for (int j = 0; j < WEIGHTS; j++) {
-                sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, bytes[j]), ones16));
-                bytes[j] = _mm256_setzero_si256();
-            }
-        }
-    }
-    int32_t lanes[8];
-    _mm256_storeu_si256((__m256i *)lanes, sums);
-    int64_t total = 0;
-    for (int k = 0; k < 8; k++) total += lanes[k];
-    return (uint64_t)(128 * (int64_t)steps * WEIGHTS - total);
+}
+
+/* The nibble-agreement loop in vectors of LANES 32-bit lanes, written once for both widths: P is the
+ * intrinsics' prefix (_mm256, _mm512), SI their whole-register suffix (si256, si512), V the vector
+ * type and table the vector holding, in every 128-bit lane, 2 - popcount(v) of v = 0..15 as signed
+ * bytes. A LANES * 32-bit slice's popcount is LANES * 16 minus its sum. */
+#define NIBBLE_AGREEMENTS(P, SI, V, LANES)                                                                    \
+    const V ones8 = P##_set1_epi8(1), ones16 = P##_set1_epi16(1);                                           \
+    uint32_t low[DATA_WORDS] __attribute__((aligned(64))), high[DATA_WORDS] __attribute__((aligned(64)));    \
+    uint32_t w_low[WEIGHTS], w_high[WEIGHTS];                                                               \
+    split_nibbles(data, seed, low, high, w_low, w_high);                                                    \
+    V bytes[WEIGHTS], sums = P##_setzero_##SI();                                                            \
+    _Pragma("GCC unroll 8") for (int j = 0; j < WEIGHTS; j++) bytes[j] = P##_setzero_##SI();               \
+    for (long i = 0; i < steps; i++) {                                                                      \
+        long at = (i % (DATA_WORDS / LANES)) * LANES;                                                       \
+        V x_low = P##_load_##SI((const void *)(low + at)), x_high = P##_load_##SI((const void *)(high + at)); \
+        _Pragma("GCC unroll 8") for (int j = 0; j < WEIGHTS; j++) {                                         \
+            V a = P##_shuffle_epi8(table, P##_xor_##SI(x_low, P##_set1_epi32((int)w_low[j])));              \
+            V b = P##_shuffle_epi8(table, P##_xor_##SI(x_high, P##_set1_epi32((int)w_high[j])));            \
+            bytes[j] = P##_add_epi8(bytes[j], P##_add_epi8(a, b));                                          \
+        }                                                                                                   \
+        if (i % FLUSH_STEPS == FLUSH_STEPS - 1 || i == steps - 1) {                                         \
+            _Pragma("GCC unroll 8") for (int j = 0; j < WEIGHTS; j++) {                                     \
+                sums = P##_add_epi32(sums, P##_madd_epi16(P##_maddubs_epi16(ones8, bytes[j]), ones16));     \
+                bytes[j] = P##_setzero_##SI();                                                              \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    int32_t lanes[LANES];                                                                                   \
+    P##_storeu_##SI((void *)lanes, sums);                                                                   \
+    int64_t total = 0;                                                                                      \
+    for (int k = 0; k < LANES; k++) total += lanes[k];                                                      \
+    return (uint64_t)(LANES * 16 * (int64_t)steps * WEIGHTS - total);
+
+#define NIBBLE_TABLE 2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2
+
+__attribute__((target("avx2")))
+static uint64_t avx2_nibble_agreements(const uint32_t *data, uint32_t seed, long steps) {
+    const __m256i table = _mm256_setr_epi8(NIBBLE_TABLE, NIBBLE_TABLE);
+    NIBBLE_AGREEMENTS(_mm256, si256, __m256i, 8)
 }
 
 __attribute__((target("avx512f,avx512bw")))
 static uint64_t avx512bw_nibble_agreements(const uint32_t *data, uint32_t seed, long steps) {
-    /* avx2_nibble_agreements with 512-bit vectors: the table in each 128-bit lane */
-    const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(2, 1, 1, 0, 1, 0, 0, -1, 1, 0, 0, -1, 0, -1, -1, -2));
-    const __m512i ones8 = _mm512_set1_epi8(1), ones16 = _mm512_set1_epi16(1);
-    uint32_t low[DATA_WORDS] __attribute__((aligned(64))), high[DATA_WORDS] __attribute__((aligned(64)));
-    uint32_t w_low[WEIGHTS], w_high[WEIGHTS];
-    for (int i = 0; i < DATA_WORDS; i++) {
-        low[i] = data[i] & 0x0f0f0f0fu;
-        high[i] = (data[i] >> 4) & 0x0f0f0f0fu;
-    }
-    for (int j = 0; j < WEIGHTS; j++) {
-        w_low[j] = (seed + WEIGHT_OFFSETS[j]) & 0x0f0f0f0fu;
-        w_high[j] = ((seed + WEIGHT_OFFSETS[j]) >> 4) & 0x0f0f0f0fu;
-    }
-    __m512i bytes[WEIGHTS], sums = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int j = 0; j < WEIGHTS; j++) bytes[j] = _mm512_setzero_si512();
-    for (long i = 0; i < steps; i++) {
-        long at = (i % (DATA_WORDS / 16)) * 16;
-        __m512i x_low = _mm512_load_si512((const void *)(low + at));
-        __m512i x_high = _mm512_load_si512((const void *)(high + at));
-#pragma GCC unroll 8
-        for (int j = 0; j < WEIGHTS; j++) {
-            __m512i a = _mm512_shuffle_epi8(table, _mm512_xor_si512(x_low, _mm512_set1_epi32((int)w_low[j])));
-            __m512i b = _mm512_shuffle_epi8(table, _mm512_xor_si512(x_high, _mm512_set1_epi32((int)w_high[j])));
-            bytes[j] = _mm512_add_epi8(bytes[j], _mm512_add_epi8(a, b));
-        }
-        if (i % FLUSH_STEPS == FLUSH_STEPS - 1 || i == steps - 1) {
-#pragma GCC unroll 8
-            for (int j = 0; j < WEIGHTS; j++) {
-                sums = _mm512_add_epi32(sums, _mm512_madd_epi16(_mm512_maddubs_epi16(ones8, bytes[j]), ones16));
-                bytes[j] = _mm512_setzero_si512();
-            }
-        }
-    }
-    int32_t lanes[16];
-    _mm512_storeu_si512((void *)lanes, sums);
-    int64_t total = 0;
-    for (int k = 0; k < 16; k++) total += lanes[k];
-    return (uint64_t)(256 * (int64_t)steps * WEIGHTS - total);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(NIBBLE_TABLE));
+    NIBBLE_AGREEMENTS(_mm512, si512, __m512i, 16)
 }
 
 __attribute__((target("popcnt")))
