@@ -108,7 +108,8 @@ def _x86_caller(path: Path) -> Caller:
         missing = x86_64.missing_flags(target, x86_64.cpu_flags())
         if missing:
             raise BnnccError(f"{path}: built for a CPU with {', '.join(missing)}, which this CPU lacks; "
-                             "compile the model on this machine (or one of its class)")
+                             "compile it with --target x86-64 here, or the target of this CPU's class "
+                             "(bnncc targets)")
     return _cpu_caller(path)
 
 

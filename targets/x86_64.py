@@ -23,10 +23,9 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
 
-__all__ = ["AVX2", "AVX512BW", "AVX512_VPOPCNTDQ", "CLASS_FLAGS", "class_target", "counts_nibbles", "cpu_flags",
-           "host_target", "missing_flags",
-           "popcount_class", "schedule", "split_convs", "target_for_flags", "vector_lanes", "vector_unit",
-           "weight_lanes"]
+__all__ = ["AVX2", "AVX512BW", "AVX512_VPOPCNTDQ", "CLASS_FLAGS", "UNITS", "class_target", "counts_nibbles",
+           "cpu_flags", "host_target", "missing_flags", "popcount_class", "schedule", "split_convs",
+           "target_for_flags", "vector_lanes", "vector_unit", "weight_lanes"]
 
 # the popcount classes (module docstring)
 AVX512_VPOPCNTDQ = "avx512-vpopcntdq"
