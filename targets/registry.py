@@ -93,11 +93,30 @@ def _cpu_caller(path: Path) -> Caller:
     return call
 
 
+# ELF e_machine of the libraries of each CPU target
+_ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
+
+
+def _check_machine(path: Path, machine: str) -> None:
+    """``path`` (an ELF file, bnncc.runtime checked) holds code for ``machine``: the manifest of a
+    library for another one (edited, or copied beside the wrong model.so) would have it loaded by
+    the wrong runner, which fails deep inside TVM or qemu."""
+    with path.open("rb") as f:
+        header = f.read(20)
+    found = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    if found != _ELF_MACHINES[machine]:
+        names = {number: name for name, number in _ELF_MACHINES.items()}
+        raise BnnccError(f"{path}: a library for {names.get(found, f'ELF machine {found}')}, not {machine}; "
+                         "is model.json the one written with it?")
+
+
 def _x86_caller(path: Path) -> Caller:
     """The CPU caller, once this CPU is known to have what the library's code may use (its target
     in model.json): a library built on a CPU of a higher class (AVX-512 VPOPCNTDQ, run on an AVX2
     or Skylake-SP machine) would end the process at the first instruction this one lacks."""
     import json
+
+    _check_machine(path, "x86-64")
 
     llvm = json.loads(path.with_name("model.json").read_text(encoding="utf-8"))["target"].get("llvm")
     if isinstance(llvm, str):
@@ -126,6 +145,7 @@ def _x86_requirements(flags: frozenset[str] = frozenset()) -> list[Requirement]:
 
 def _arm64_caller(path: Path) -> Caller:
     """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call)."""
+    _check_machine(path, "aarch64")
     if platform.machine() == "aarch64":
         return _cpu_caller(path)
     return lambda function, x: vmrunner.run_arm64(path, [x], function=function)[0]

@@ -275,6 +275,9 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m.pop("target")), "target None"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": "abc"})), "preprocessing"),
     (dict(manifest=lambda m: m["target"].update(llvm="{not json")), "is not an LLVM target"),
+    (dict(manifest=lambda m: m["target"].update(name="arm64")), "a library for x86-64, not aarch64"),
+    # an aarch64 library (ELF e_machine 183) beside a manifest naming x86-64
+    (dict(so=lambda b: b[:18] + (183).to_bytes(2, "little") + b[20:]), "a library for aarch64, not x86-64"),
     (dict(manifest=lambda m: m["target"].update(llvm='{"kind": "no such kind"}')), "is not an LLVM target"),
 ])
 def test_a_tampered_library_folder_is_an_error(library, tmp_path, change, message):
