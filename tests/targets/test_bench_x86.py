@@ -247,4 +247,8 @@ def test_x86_estimates_report_weighs_each_shape_by_its_count():
     text = x86_estimates.report(rows, calibration)
     total = next(line for line in text.splitlines() if line.startswith("| all 48 binary convs"))
     assert "144 / 96" in total and "**1.50x**" in total and total.endswith("| 1.25x |")
-    assert "measured / estimated 5.00 per shape" in text and "1.25x" in text
+    assert "measured / estimated 5.00 per shape" in text and "where this CPU measures 1.25x" in text
+    # an AVX2 CPU calibrates the AVX2 build alone
+    text = x86_estimates.report(rows, {kernels.AVX2: calibration[kernels.AVX2]})
+    total = next(line for line in text.splitlines() if line.startswith("| all 48 binary convs"))
+    assert "**1.50x**" in total and total.endswith("| - |") and "cannot run the AVX-512BW build" in text
