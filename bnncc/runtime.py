@@ -15,6 +15,9 @@ from bnncc.errors import BnnccError
 
 __all__ = ["Library", "load"]
 
+# ELF e_machine by the machine names of the targets (targets.registry's ``elf_machine``)
+_ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
+
 
 class Library:
     """A compiled PokeBNN network: ``lib(x)`` with x float32 (N, C, H, W) returns logits (N, classes).
@@ -66,8 +69,11 @@ def load(folder: str | os.PathLike) -> Library:
         if not path.is_file():
             raise BnnccError(f"{folder}: no {path.name}; is it a folder written by `bnncc compile`?")
     manifest = _read_manifest(manifest_path)
-    _check_shared_library(library_path)
-    return Library(folder, manifest, get_target(manifest["target"]["name"]).caller(library_path))
+    target = get_target(manifest["target"]["name"])
+    _check_shared_library(library_path, target.elf_machine)
+    if target.check_host is not None:
+        target.check_host(manifest, manifest_path)
+    return Library(folder, manifest, target.caller(library_path))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -120,9 +126,11 @@ def _manifest_problem(manifest: dict) -> str | None:
     return None
 
 
-def _check_shared_library(path: Path) -> None:
+def _check_shared_library(path: Path, machine: str | None) -> None:
     """A 64-bit ELF file whose headers and loaded segments lie within it: loading a truncated one
-    would end the process with a bus error when its missing pages are touched."""
+    would end the process with a bus error when its missing pages are touched. Its code is for ELF
+    machine ``machine`` (``_ELF_MACHINES``; None: any): a library for another one beside the manifest (edited, or
+    copied next to the wrong model.so) would go to the wrong runner and fail deep inside it."""
     import struct
 
     with path.open("rb") as f:
@@ -130,6 +138,11 @@ def _check_shared_library(path: Path) -> None:
     if len(data) < 64 or data[:5] != b"\x7fELF\x02":
         raise BnnccError(f"{path}: not a 64-bit ELF shared library")
     order = "<" if data[5] == 1 else ">"
+    (found,) = struct.unpack_from(order + "H", data, 18)
+    if machine is not None and found != _ELF_MACHINES[machine]:
+        names = {number: name for name, number in _ELF_MACHINES.items()}
+        raise BnnccError(f"{path}: a library for {names.get(found, f'ELF machine {found}')}, not {machine}; "
+                         "is model.json the one written with it?")
     phoff, shoff = struct.unpack_from(order + "QQ", data, 32)
     phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 54)
     ends = [phoff + phentsize * phnum, shoff + shentsize * shnum]

@@ -48,6 +48,11 @@ class TargetSpec:
     requirements: Callable[[], list[Requirement]]
     report: Callable[..., dict] | None = None  # (executable, lowered, model) -> extra manifest entries
     pass_config: Callable[[], dict] | None = None  # TVM pass options for tvm.compile
+    # the machine its model.so's code is for (bnncc.runtime checks its ELF header): "x86-64" or
+    # "aarch64"; None: not checked
+    elf_machine: str | None = None
+    # (manifest, its path) -> None, or a BnnccError for what this host cannot run, before loading
+    check_host: Callable[[dict, Path], None] | None = None
 
 
 def _cpu_pass_config() -> dict:
@@ -93,43 +98,23 @@ def _cpu_caller(path: Path) -> Caller:
     return call
 
 
-# ELF e_machine of the libraries of each CPU target
-_ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
-
-
-def _check_machine(path: Path, machine: str) -> None:
-    """``path`` (an ELF file, bnncc.runtime checked) holds code for ``machine``: the manifest of a
-    library for another one (edited, or copied beside the wrong model.so) would have it loaded by
-    the wrong runner, which fails deep inside TVM or qemu."""
-    with path.open("rb") as f:
-        header = f.read(20)
-    found = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
-    if found != _ELF_MACHINES[machine]:
-        names = {number: name for name, number in _ELF_MACHINES.items()}
-        raise BnnccError(f"{path}: a library for {names.get(found, f'ELF machine {found}')}, not {machine}; "
-                         "is model.json the one written with it?")
-
-
-def _x86_caller(path: Path) -> Caller:
-    """The CPU caller, once this CPU is known to have what the library's code may use (its target
-    in model.json): a library built on a CPU of a higher class (AVX-512 VPOPCNTDQ, run on an AVX2
-    or Skylake-SP machine) would end the process at the first instruction this one lacks."""
+def _check_x86_features(manifest: dict, path: Path) -> None:
+    """This CPU has what the library's code may use (its target in model.json): a library built on
+    a CPU of a higher class (AVX-512 VPOPCNTDQ, run on an AVX2 or Skylake-SP machine) would end the
+    process at the first instruction this one lacks."""
     import json
 
-    _check_machine(path, "x86-64")
-
-    llvm = json.loads(path.with_name("model.json").read_text(encoding="utf-8"))["target"].get("llvm")
-    if isinstance(llvm, str):
-        try:
-            target = tvm_compat.make_target(json.loads(llvm))
-        except (ValueError, RuntimeError) as e:
-            raise BnnccError(f"{path.with_name('model.json')}: target {llvm!r} is not an LLVM target ({e})") from None
-        missing = x86_64.missing_flags(target, x86_64.cpu_flags())
-        if missing:
-            raise BnnccError(f"{path}: built for a CPU with {', '.join(missing)}, which this CPU lacks; "
-                             "compile it with --target x86-64 here, or the target of this CPU's class "
-                             "(bnncc targets)")
-    return _cpu_caller(path)
+    llvm = manifest["target"].get("llvm")
+    if not isinstance(llvm, str):
+        return
+    try:
+        target = tvm_compat.make_target(json.loads(llvm))
+    except (ValueError, RuntimeError) as e:
+        raise BnnccError(f"{path}: target {llvm!r} is not an LLVM target ({e})") from None
+    missing = x86_64.missing_flags(target, x86_64.cpu_flags())
+    if missing:
+        raise BnnccError(f"{path}: built for a CPU with {', '.join(missing)}, which this CPU lacks; compile it "
+                         "with --target x86-64 here, or the target of this CPU's class (bnncc targets)")
 
 
 def _x86_requirements(flags: frozenset[str] = frozenset()) -> list[Requirement]:
@@ -145,7 +130,6 @@ def _x86_requirements(flags: frozenset[str] = frozenset()) -> list[Requirement]:
 
 def _arm64_caller(path: Path) -> Caller:
     """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call)."""
-    _check_machine(path, "aarch64")
     if platform.machine() == "aarch64":
         return _cpu_caller(path)
     return lambda function, x: vmrunner.run_arm64(path, [x], function=function)[0]
@@ -187,12 +171,13 @@ def _x86(name: str, description: str, popcount_class: str | None = None) -> Targ
     """This machine's x86-64 target, or (``popcount_class``) that of any CPU of the class: a build
     server's library for machines of another class."""
     if popcount_class is None:
-        return TargetSpec(name, description, x86_64.host_target, x86_64.schedule, tvm_compat.export_executable,
-                          _x86_caller, _x86_requirements, pass_config=_cpu_pass_config)
-    flags = frozenset(x86_64.CLASS_FLAGS[popcount_class])
-    return TargetSpec(name, description, lambda: x86_64.class_target(popcount_class), x86_64.schedule,
-                      tvm_compat.export_executable, _x86_caller, lambda: _x86_requirements(flags),
-                      pass_config=_cpu_pass_config)
+        tvm_target, requirements = x86_64.host_target, _x86_requirements
+    else:
+        flags = frozenset(x86_64.CLASS_FLAGS[popcount_class])
+        tvm_target, requirements = (lambda: x86_64.class_target(popcount_class)), (lambda: _x86_requirements(flags))
+    return TargetSpec(name, description, tvm_target, x86_64.schedule, tvm_compat.export_executable, _cpu_caller,
+                      requirements, pass_config=_cpu_pass_config, elf_machine="x86-64",
+                      check_host=_check_x86_features)
 
 
 TARGETS = {
@@ -204,7 +189,7 @@ TARGETS = {
                           x86_64.AVX512_VPOPCNTDQ),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
                         arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report,
-                        _cpu_pass_config),
+                        _cpu_pass_config, elf_machine="aarch64"),
     "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (nvcc builds the kernels into model.so)",
                        cuda.cuda_target, cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements,
                        _cuda_report, cuda.pass_config),
