@@ -12,10 +12,10 @@ AVX2 CPU the AVX2 build's only).
    counted) on ``MODELS``: the AVX-512BW build against the AVX2 build on the cores that would run
    it. (Both cores run a vpshufb of either width on one port, one a cycle: so the 512-bit lookups
    count twice the bits a cycle where the 256-bit ones are the bound.)
-2. Calibrates the method on this machine (as bench/arm64.py does): both builds' kernels measured
-   (one thread, CPU time, in cycles at the clock measured right before; per shape the two builds
-   take turns, ``ROUNDS`` each, and the fastest counts, so that a slow stretch of a shared machine
-   falls on both) against the estimate with LLVM's model of this CPU. On Zen 4, which runs a
+2. Calibrates the method on this machine (bench/arm64.py's ``calibrate``): both builds' kernels
+   measured (one thread, CPU time, in cycles at the clock measured right before; per shape the two
+   builds take turns, ``ROUNDS`` each, and the fastest counts, so that a slow stretch of a shared
+   machine falls on both) against the estimate with LLVM's model of this CPU. On Zen 4, which runs a
    512-bit instruction as two 256-bit halves, the model's zmm figures are the part to distrust:
    the measured AVX-512BW / AVX2 ratio says how much.
 """
@@ -26,13 +26,10 @@ import argparse
 import datetime
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-from arm64 import clock_meter, x86_kernel_estimate
-from kernels import (AVX2, AVX2_FLAGS, AVX512BW, AVX512BW_FLAGS, binary_conv_seconds, cpu_model, resnet50_shapes,
-                     write_section)
+from arm64 import calibrate, x86_kernel_estimate
+from kernels import AVX2, AVX2_FLAGS, AVX512BW, AVX512BW_FLAGS, cpu_model, resnet50_shapes, write_section
 from rich.console import Console
 
 from bnncc.targets import estimate, x86_64
@@ -42,30 +39,7 @@ BUILDS = {AVX2: AVX2_FLAGS, AVX512BW: AVX512BW_FLAGS}
 # (label, llvm-mca core model): the Intel cores with AVX-512BW and no VPOPCNTDQ (LLVM 19's cascadelake
 # model gives every one of these kernels the same cycles as skylake-avx512: one core design)
 MODELS = [("Skylake-SP / Cascade Lake", "skylake-avx512")]
-
-
 ROUNDS = 3  # of each build's kernel per shape in the calibration, taking turns
-
-
-def calibrate(workdir: Path) -> dict[str, list[dict]]:
-    """{build this CPU runs: for every shape, its kernel's estimate with LLVM's model of this CPU and the
-    fastest of its ``ROUNDS`` measured CPU times in cycles}, the builds taking turns shape by shape."""
-    clock = clock_meter(workdir)
-    model = estimate.host_cpu()
-    targets = {name: x86_64.target_for_flags(flags, 1) for name, flags in BUILDS.items()
-               if flags <= x86_64.cpu_flags()}
-    rows: dict[str, list[dict]] = {name: [] for name in targets}
-    for shape in resnet50_shapes():
-        measured = {name: [] for name in targets}
-        for _ in range(ROUNDS):
-            for name, target in targets.items():
-                hz = clock()
-                seconds = binary_conv_seconds(shape, 1, target, np.random.default_rng(0), timer=time.process_time)
-                measured[name].append(seconds * hz)
-        for name, target in targets.items():
-            estimated = x86_kernel_estimate(shape, target, workdir, model)[1].cycles
-            rows[name].append({"measured": min(measured[name]), "estimated": estimated})
-    return rows
 
 
 def estimates(workdir: Path) -> dict[str, dict[str, list[float]]]:
@@ -143,7 +117,9 @@ def main() -> None:
         raise SystemExit("the calibration runs the AVX2 build: it needs an AVX2 CPU")
     with tempfile.TemporaryDirectory() as tmp:
         rows = estimates(Path(tmp))
-        calibration = calibrate(Path(tmp))
+        runs_here = {name: x86_64.target_for_flags(flags, 1) for name, flags in BUILDS.items()
+                     if flags <= x86_64.cpu_flags()}
+        calibration = calibrate(Path(tmp), runs_here, ROUNDS)
     text = report(rows, calibration)
     Console(width=220).print(text, markup=False, highlight=False)
     if args.results:
