@@ -312,15 +312,18 @@ def kernel_profile(model, library: Path) -> list[tuple[float, float, float, int,
     target = host_target()
     module = lower(model, target, (1,)).module
     calls = collections.Counter(re.findall(r"call_tir(?:_inplace)?\(cls\.(\w+)", module.script()))
-    in_network = _in_network_ms(load_vm(library / "model.so"), set(calls))
+    image = (1, *(int(d) for d in model.graph.inputs[0].shape[1:]))
+    in_network = _in_network_ms(load_vm(library / "model.so"), set(calls), image)
     rng = np.random.default_rng(0)
     rows = []
     for gvar, func in module.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        shapes = [(tuple(int(d) for d in p.ty.shape), str(p.ty.dtype)) for p in func.params]
-        # floats Gaussian, integers small and non-negative (valid bits, border rows, nibbles)
-        args = [to_tensor(rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
+        shapes = [_alone_shape(p) for p in func.params]
+        # floats Gaussian, integers small and non-negative (valid bits, border rows, nibbles); the
+        # stem's image index (a scalar) 0
+        args = [0 if shape is None else
+                to_tensor(rng.standard_normal(shape).astype(dtype) if dtype.startswith("float")
                           else rng.integers(0, 7, size=shape).astype(dtype)) for shape, dtype in shapes]
         ms = 1e3 * _fastest_s(compile_func(func, target), args)
         name = gvar.name_hint
@@ -328,8 +331,19 @@ def kernel_profile(model, library: Path) -> list[tuple[float, float, float, int,
     return sorted(rows, reverse=True)
 
 
-def _in_network_ms(vm, kernels: set[str], runs: int = 30) -> dict[str, float]:
-    """Median ms per inference of each kernel in ``kernels`` inside whole batch-1 inferences, on one
+def _alone_shape(param) -> tuple[tuple[int, ...] | None, str]:
+    """(shape, dtype) of a kernel parameter for timing it alone: a symbolic size (the stem's batch
+    of images, read in place) 1; a scalar (the stem's image index) has shape None."""
+    import tvm
+
+    if not hasattr(param.ty, "shape"):
+        return None, str(param.ty.dtype)
+    return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else 1 for d in param.ty.shape), str(param.ty.dtype)
+
+
+def _in_network_ms(vm, kernels: set[str], image: tuple[int, ...], runs: int = 30) -> dict[str, float]:
+    """Median ms per inference of each kernel in ``kernels`` inside whole batch-1 inferences of one
+    ``image`` (its (1, C, H, W)), on one
     thread: with more, the hook's Python call between two kernels lets TVM's workers fall asleep,
     and every kernel would be charged for waking them (2x to 4x at 2 threads)."""
     import tvm
@@ -338,7 +352,7 @@ def _in_network_ms(vm, kernels: set[str], runs: int = 30) -> dict[str, float]:
 
     config_threadpool = tvm.get_global_func("runtime.config_threadpool")
 
-    x = to_tensor(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
+    x = to_tensor(np.random.default_rng(0).standard_normal(image).astype(np.float32))
     per_run: dict[str, list[float]] = collections.defaultdict(list)
     current: dict[str, float] = collections.defaultdict(float)
     started = [0.0]

@@ -4,6 +4,8 @@ bench/glue_bound.py's instruction counts, bench/ab.py's comparison of two librar
 
 from __future__ import annotations
 
+import collections
+
 import json
 import shutil
 import subprocess
@@ -252,3 +254,18 @@ def test_x86_estimates_report_weighs_each_shape_by_its_count():
     text = x86_estimates.report(rows, {kernels.AVX2: calibration[kernels.AVX2]})
     total = next(line for line in text.splitlines() if line.startswith("| all 48 binary convs"))
     assert "**1.50x**" in total and total.endswith("| - |") and "cannot run the AVX-512BW build" in text
+
+
+def test_kernel_profile_times_every_kernel_of_the_network(class_library):
+    """bench/network.py --profile: every kernel of the tiny network timed in the network and alone
+    (the stem's batch read in place is given one image and its index), as often as the graph has
+    its op."""
+    folder, model, _ = class_library
+    rows = network.kernel_profile(model, folder)
+    calls = collections.Counter()
+    for row in rows:
+        calls[row[4].rsplit("_", 1)[0]] += row[3]
+    ops = collections.Counter(node.op_type for node in model.graph)
+    assert calls["poke_conv"] == ops["PokeConv"] == 6 and calls["quant_conv2d"] == ops["QuantConv"]
+    assert calls["quant_head"] == 1
+    assert all(row[0] > 0 and row[1] > 0 for row in rows)
