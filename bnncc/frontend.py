@@ -10,8 +10,9 @@ Canonical form (every later stage relies on it; ``load`` guarantees it or raises
 - every weight is an initializer (Constant and ConstantOfShape are lifted and folded) and no
   initializer is listed as a graph input; there is no Identity;
 - every node has a unique name; every value has an inferred type and shape;
-- exactly one graph input, float32 NCHW with fixed C, H and W (the batch N may be symbolic),
-  and exactly one output, the logits (an output Softmax is dropped).
+- exactly one graph input, float32 NCHW with fixed C, H and W and a symbolic batch ``N`` (an
+  exported fixed batch is made symbolic), and exactly one output, the logits (an output Softmax
+  is dropped).
 
 Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``passes/``):
 Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``) or BN already folded;
@@ -55,6 +56,7 @@ from bnncc.passes import (  # noqa: F401
     reshape_to_flatten,
     strip_softmax,
     sum_to_add,
+    symbolic_batch,
 )
 from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
 from bnncc.passes.set_opset import STABLE_OPS
@@ -82,6 +84,7 @@ CANONICAL_PASSES = (
     "normalize_gemm",
     "strip_softmax",
     "remove_unused",
+    "symbolic_batch",
     "set_opset",
     "name_fix",
     "topological_sort",

@@ -23,6 +23,7 @@ from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.fileio import output_errors, umask
 from bnncc.frontend import read
+from bnncc.passes.symbolic_batch import BATCH
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
 from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
@@ -61,9 +62,9 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     compile_s = time.perf_counter() - start
     manifest = {
         "format": MANIFEST_FORMAT,
-        "input": {"name": lowered.input_name, "shape": ["N", *lowered.input_chw], "layout": "NCHW",
+        "input": {"name": lowered.input_name, "shape": [BATCH, *lowered.input_chw], "layout": "NCHW",
                   "dtype": "float32"},
-        "output": {"name": lowered.output_name, "shape": ["N", lowered.classes], "dtype": "float32"},
+        "output": {"name": lowered.output_name, "shape": [BATCH, lowered.classes], "dtype": "float32"},
         "functions": {str(b): function_name(b) for b in batches},
         "preprocessing": _metadata_json(model, _PREPROCESSING_KEY),
         "recipe": model.metadata_props.get(_RECIPE_KEY),

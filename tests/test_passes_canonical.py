@@ -216,6 +216,39 @@ def test_reshape_that_does_not_flatten_is_left():
     assert not _apply("reshape_to_flatten", text)[2]
 
 
+def test_symbolic_batch_makes_a_fixed_batch_symbolic_everywhere():
+    """A graph exported at batch 4 runs at any batch afterwards, each image as before."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[4, 2, 3, 3] x) => (float[4, 5] y)
+      <float[2, 2, 1, 1] w = {{{_floats(2, 2, 1, 1)}}}, float[5, 2] v = {{{_floats(5, 2)}}}> {{
+        c = Conv (x, w)
+        r = Relu (c)
+        p = GlobalAveragePool (r)
+        f = Flatten <axis = 1> (p)
+        y = Gemm <transB = 1> (f, v)
+    }}
+    """
+    before, after, modified = _apply("symbolic_batch", text)
+    assert modified
+    values = [after.graph.inputs[0], *(v for n in after.graph for v in n.outputs)]
+    assert all(v.shape[0] == ir.SymbolicDim("N") for v in values)
+    assert [list(v.shape)[1:] for v in values[1:]] == [[2, 3, 3], [2, 3, 3], [2, 1, 1], [2], [5]]
+    x = RNG.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    four = np.concatenate([x, x[:1]])
+    got = _run(ir.serde.serialize_model(after), {"x": x})[0]
+    np.testing.assert_allclose(got, _run(before, {"x": four})[0][:3], rtol=1e-6, atol=1e-6)
+
+
+def test_symbolic_batch_leaves_a_batch_fixing_reshape():
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 4, 2, 2] x) => (float[2, 16] y) <int64[2] s = {2, 16}> { y = Reshape (x, s) }
+    """
+    _, after, modified = _apply("symbolic_batch", text)
+    assert not modified and after.graph.inputs[0].shape[0] == 2
+
+
 def test_matmul_add_becomes_gemm():
     text = f"""
     <ir_version: 8, opset_import: ["" : 13]>

@@ -167,6 +167,25 @@ def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_pa
     assert again.report.accuracy == result.report.accuracy
 
 
+def test_a_model_exported_at_batch_4_converts_to_one_of_any_batch(narrow_resnet, tmp_path):
+    """An export for a fixed batch of 4: the library and its reference graph take any batch, and
+    the library agrees with onnxruntime on that reference, image by image and 4 at a time."""
+    from bnncc.runtime import load as load_library
+    from bnncc.verification import verify
+
+    proto = onnx.load(narrow_resnet)
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    del proto.graph.value_info[:]
+    onnx.save(proto, tmp_path / "b4.onnx")
+    result = convert(tmp_path / "b4.onnx", tmp_path / "out", ConvertOptions(overrides=STEM, latency_runs=1,
+                                                                            show_progress=False))
+    reference = onnx.load(result.outdir / "model.onnx")
+    assert reference.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert verify(result.outdir).ok and verify(result.outdir, n=8, batch=4).ok
+    assert load_library(result.outdir)(np.zeros((3, 3, 32, 32), np.float32)).shape == (3, 4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["arm64"])
 def test_convert_for_another_target(narrow_resnet, tmp_path, target):
