@@ -39,3 +39,14 @@ def test_a_difference_far_beyond_the_spread_fails():
     spread = 1e-3  # over the tolerance (~2e-5): the network is rounding-sensitive
     report = v.judge([(ref + 5 * spread, ref, ref + spread), (ref + 3 * spread, ref, ref)])
     assert len(report.failures) == 1 and "input 0" in report.failures[0] and report.explained == 1
+
+
+def test_a_moved_input_run_far_off_makes_the_spread():
+    """The other runs stacked (unoptimized, then the moved inputs): one moved run that jumps, as on
+    an input on a knife edge, sets the network's spread, and the library's difference on another
+    input, where every run agreed, is explained by it."""
+    ref = _logits(9)
+    others = np.stack([ref, ref + 1e-7, ref + 2e-3, ref])
+    report = v.judge([(ref + 5e-3, ref, np.stack([ref] * 4)), (ref, ref, others)])
+    assert report.ok and report.explained == 1 and abs(report.max_spread - 2e-3) < 1e-6
+    assert not v.judge([(ref + 5e-3, ref, np.stack([ref] * 4)), (ref, ref, np.stack([ref] * 4))]).ok

@@ -13,7 +13,7 @@ from bnncc.cli._app import app, console
 def verify_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
     reference: Path = typer.Option(None, "--reference", "-r", help="reference PokeBNN graph (default OUTDIR/model.onnx)"),
-    n: int = typer.Option(8, "--n", min=1, help="random inputs"),
+    n: int = typer.Option(8, "--n", min=1, max=10000, help="random inputs"),
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="batch size of the library calls"),
 ) -> None:
     """Compare the library with onnxruntime on random inputs; exit 1 on disagreement."""
@@ -21,9 +21,9 @@ def verify_command(
 
     report = verify(library, reference, n=n, batch=batch)
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "
-                  f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime "
-                  f"optimized vs unoptimized differ by up to {report.max_spread:.3g}; inputs explained by that "
-                  f"rounding spread: {report.explained}")
+                  f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime's "
+                  f"rounding spread (unoptimized, inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
+                  f"explained by that spread: {report.explained}")
     for line in report.failures:
         console.print(f"[red]FAIL[/] {line}")
     if not report.ok:
