@@ -35,14 +35,17 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, atomic_write_text
-from bnncc.report import Report, Stage, write_report
+from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
-__all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "hash_files",
-           "measure_latency", "LIBRARY_FILES"]
+__all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
+           "hash_files", "measure_latency", "LIBRARY_FILES", "OUTPUT_NAMES"]
 
 logger = logging.getLogger(__name__)
 
 LIBRARY_FILES = ("model.so", "model.json", "model.onnx")
+# what convert writes in its output folder (the demo adds its teacher); anything else there is the
+# user's, and kept
+OUTPUT_NAMES = (*LIBRARY_FILES, "report.json", "report.md", "latency.json", STAGES_PLOT, LAYERS_PLOT, "stages")
 HOST_TARGET = "x86-64"  # the target whose libraries run natively here: latency is measured only for it
 
 
@@ -84,9 +87,14 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.targets import registry
 
     model_path, outdir = Path(model_path), Path(outdir)
-    registry.get(options.target)  # an unknown target, a missing data folder fail before any work
-    if options.data is not None and not Path(options.data).is_dir():
-        raise BnnccError(f"{options.data}: no such data directory")
+    # an unknown target, an output folder of someone else's files, a folder that holds no data set
+    # fail before any work
+    registry.get(options.target)
+    check_outdir(outdir)
+    if options.data is not None:
+        from bnncc.train.data import dataset_kind
+
+        dataset_kind(options.data)
     recipe = load_recipe(options.recipe, options.overrides)
     stages_dir = outdir / "stages"
     cached: dict[str, bool] = {}
@@ -150,6 +158,19 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
                     accuracy, latency)
     write_report(report, outdir)
     return ConvertResult(outdir, report, cached, seconds)
+
+
+def check_outdir(outdir: Path, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
+    """Refuse an output folder that is a file, or that holds files of ``names`` (which a run would
+    replace) without being an earlier run's (a library manifest or a stage record of bnncc's)."""
+    from bnncc.targets.build import holds_manifest
+
+    if outdir.exists() and not outdir.is_dir():
+        raise BnnccError(f"{outdir}: exists and is not a folder; choose another output folder")
+    clashes = [name for name in names if (outdir / name).exists()]
+    if clashes and not (holds_manifest(outdir) or any((outdir / "stages").glob("*.json"))):
+        raise BnnccError(f"{outdir}: holds {', '.join(clashes)}, which bnncc did not write; remove "
+                         f"{'it' if len(clashes) == 1 else 'them'} or choose another output folder")
 
 
 def _timed(seconds: dict[str, float], cached: dict[str, bool], name: str, run: Callable[[], tuple[bool, dict]]):
@@ -281,6 +302,7 @@ def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOption
     from bnncc.zoo import STEM_WIDTH
 
     outdir, data = Path(outdir), Path(data or FASHION_MNIST_SAMPLE)
+    check_outdir(outdir, (*OUTPUT_NAMES, "teacher.onnx"))
     teacher = outdir / "teacher.onnx"
     cfg = TrainConfig(lr=options.teacher_lr, batch_size=options.batch_size, epochs=options.teacher_epochs,
                       label_weight=1.0, seed=options.seed)

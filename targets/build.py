@@ -99,10 +99,23 @@ LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})
 
 def check_output_folder(dest: Path) -> None:
     """Refuse an output folder path that holds something a build must not replace: a file, or a
-    folder with more than an earlier build's files (``LIBRARY_FILES``)."""
-    if dest.exists() and not (dest.is_dir() and {p.name for p in dest.iterdir()} <= LIBRARY_FILES):
+    folder with more than an earlier build's files (``LIBRARY_FILES``), or with some of them but no
+    manifest of ours (a user's own model.onnx)."""
+    if not dest.exists():
+        return
+    names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
+    if names is None or not names <= LIBRARY_FILES or (names and not holds_manifest(dest)):
         raise BnnccError(f"{dest}: exists and is not a library folder of bnncc; remove it or choose another "
                          f"output path")
+
+
+def holds_manifest(folder: Path) -> bool:
+    """Whether ``folder/model.json`` is a library manifest that bnncc wrote."""
+    try:
+        manifest = json.loads((folder / "model.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
 
 
 class _atomic_dir:

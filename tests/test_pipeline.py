@@ -146,6 +146,28 @@ def test_killed_rewrite_leaves_no_partial_onnx(narrow_resnet, tmp_path):
     assert not output.exists()
 
 
+def test_convert_refuses_an_output_folder_of_other_files_before_any_work(cli, narrow_resnet, tmp_path):
+    """A file, a folder holding a user's model.onnx, and a data folder that holds no data set are
+    refused in one line before the rewrite, and nothing is written or replaced; a folder of the
+    user's other files takes the outputs beside them."""
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "model.onnx").write_text("the user's")
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "a.png").write_bytes(b"")
+    cases = [("-o", tmp_path / "file", "exists and is not a folder"),
+             ("-o", tmp_path / "theirs", "holds model.onnx, which bnncc did not write"),
+             ("--data", tmp_path / "pictures", "neither an IDX folder")]
+    for option, path, message in cases:
+        out = tmp_path / "out" if option == "--data" else path
+        data = ["--data", path] if option == "--data" else []
+        code, _, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", out, *data)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "file").read_text() == "keep" and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["model.onnx"]
+    assert (tmp_path / "theirs" / "model.onnx").read_text() == "the user's"
+
+
 @pytest.mark.slow
 def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_path):
     data = tmp_path / "data"

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bnncc.errors import BnnccError
 
-__all__ = ["Dataset", "ImageData", "Loaded", "open_dataset", "open_splits", "read_idx"]
+__all__ = ["Dataset", "ImageData", "Loaded", "dataset_kind", "open_dataset", "open_splits", "read_idx"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +203,22 @@ def open_dataset(path: str | Path, split: str) -> Dataset:
     """
     from bnncc.train.imagefiles import open_image_folder, open_shards
 
+    opener = {"idx": _open_idx, "image folder": open_image_folder, "shards": open_shards}[dataset_kind(path)]
+    return opener(Path(path), split)
+
+
+def dataset_kind(path: str | Path) -> str:
+    """Which kind of data set the folder ``path`` holds ("idx", "image folder" or "shards"), by its
+    names alone (``open_dataset``), so that a command can refuse a wrong folder before any work."""
     folder = Path(path)
     if not folder.is_dir():
         raise BnnccError(f"{folder}: no such data directory")
     if any(folder.glob("*-images-idx3-ubyte*")):
-        return _open_idx(folder, split)
+        return "idx"
     if (folder / "train").is_dir():
-        return open_image_folder(folder, split)
+        return "image folder"
     if any(folder.glob("train-*.tar")):
-        return open_shards(folder, split)
+        return "shards"
     raise BnnccError(f"{folder}: neither an IDX folder (train-images-idx3-ubyte.gz ...), an ImageFolder tree "
                      "(train/<class>/*.jpg, val/<class>/*.jpg) nor tar shards (train-000000.tar ..., val-000000.tar ...)")
 

@@ -375,11 +375,14 @@ def test_compile_keeps_what_is_at_the_output_path(cli, tmp_path, library):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "file").write_text("keep too")
-    for target in ("mine", "file"):
+    (tmp_path / "model_only").mkdir()  # a user's model.onnx: one of a library's names, but not ours
+    (tmp_path / "model_only" / "model.onnx").write_text("the user's")
+    for target in ("mine", "file", "model_only"):
         code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / target)
         assert code == 2 and "exists and is not a library folder of bnncc" in err, err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert (tmp_path / "file").read_text() == "keep too"
+    assert (tmp_path / "model_only" / "model.onnx").read_text() == "the user's"
     code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / "again")
     assert code == 0, err
     code, _, err = cli("compile", tmp_path / "tiny.onnx", "-o", tmp_path / "again")
