@@ -7,6 +7,7 @@ become one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from bnncc.cli._app import app, run_app
@@ -30,4 +31,11 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    # SIGTERM (kill, a job scheduler, torchrun stopping its workers) ends the run as an exception
+    # does, so that the temporary files of an unfinished output are removed on the way out
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(run_app())
+
+
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
