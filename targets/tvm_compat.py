@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 
 
@@ -88,7 +89,10 @@ def export_executable(executable, path: str | os.PathLike) -> Path:
 
 def load_vm(path: str | os.PathLike):
     """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime)."""
-    return relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu(0))
+    module = tvm.runtime.load_module(str(path))
+    if not module.implements_function("vm_load_executable"):  # any other shared library
+        raise BnnccError(f"{path}: holds no Relax VM executable; is it a library written by `bnncc compile`?")
+    return relax.VirtualMachine(module, tvm.cpu(0))
 
 
 def cross_compiler(cxx: str):

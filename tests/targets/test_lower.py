@@ -10,6 +10,7 @@ tile and mean, the count-pad average pool of both shortcuts, the padded border o
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -270,6 +271,8 @@ def _tampered(library, tmp_path, manifest=None, so=None):
 @pytest.mark.parametrize(("change", "message"), [
     (dict(so=lambda b: b[:len(b) // 2]), "model.so: truncated"),
     (dict(so=lambda b: b"not a library"), "model.so: not a 64-bit ELF shared library"),
+    # another shared library of this machine's (the C math library)
+    (dict(so=lambda b: Path("/usr/lib/x86_64-linux-gnu/libm.so.6").read_bytes()), "holds no Relax VM executable"),
     (dict(manifest=lambda m: m.update(functions={"0": "batch_1"})), r"functions \{'0': 'batch_1'\}"),
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
     (dict(manifest=lambda m: m.pop("target")), "target None"),
