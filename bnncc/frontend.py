@@ -112,10 +112,11 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
     _check_text(proto, path)
+    _check_opset(proto, path)  # before the checker, whose complaints about another opset's ops say less
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
-        raise BnnccError(f"{path}: invalid ONNX model: {_first_line(e)}") from None
+        raise BnnccError(f"{path}: invalid ONNX model: {_one_line(e)}") from None
     _check_tensor_data(proto, path)
     _check_interface(proto, path)
     return proto
@@ -161,7 +162,6 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
     """The checked float model ``proto`` in canonical form, recognised as a ResNet."""
-    _check_opset(proto, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
@@ -237,10 +237,17 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _one_line(error: Exception) -> str:
+    """The whole message on one line: the ONNX checker names the node on the lines after the first."""
+    return " ".join(str(error).replace("==> Context:", "").split()) or type(error).__name__
+
+
 def _read_proto(path: Path) -> onnx.ModelProto:
     try:
-        if not path.is_file():
+        if not path.exists():
             raise BnnccError(f"{path}: no such file")
+        if not path.is_file():  # a folder, a FIFO, a device: nothing to read an ONNX model from
+            raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not an ONNX model")
         data = path.read_bytes()
     except OSError as e:  # too long a name, no permission, ...
         raise BnnccError(f"{path}: cannot read the file: {e.strerror}") from None
@@ -418,7 +425,8 @@ class _Walker:
 
     def stem(self, graph_input: ir.Value) -> Stem:
         users = self.users(graph_input)
-        if len(users) != 1 or users[0].op_type != "Conv" or _kernel(users[0]) != (7, 7) or _stride(users[0]) != 2:
+        if (len(users) != 1 or users[0].op_type != "Conv" or _kernel(users[0]) != (7, 7) or _stride(users[0]) != 2
+                or set(ints_attr(users[0], "dilations", (1,))) != {1}):
             found = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
             raise BnnccError(f"input '{graph_input.name}': expected the stem's 7x7 stride-2 Conv, found {found}")
         conv = users[0]
@@ -459,8 +467,10 @@ class _Walker:
                              f"Conv and its shortcut")
         out_relu = self.only_user(add, "Relu", "the block's output Relu")
         for conv, kernel in (*zip(convs, kernels), (shortcut, (1, 1))):
-            if conv is not None and (_kernel(conv) != kernel or int_attr(conv, "group", 1) != 1):
-                raise BnnccError(f"node '{conv.name}' (Conv): expected a {kernel[0]}x{kernel[1]} Conv with group 1")
+            if conv is not None and (_kernel(conv) != kernel or int_attr(conv, "group", 1) != 1
+                                     or set(ints_attr(conv, "dilations", (1,))) != {1}):
+                raise BnnccError(f"node '{conv.name}' (Conv): expected a {kernel[0]}x{kernel[1]} Conv with group 1 "
+                                 f"and no dilation")
         stride = _stride(conv1) * _stride(conv2)
         if shortcut is not None and _stride(shortcut) != stride:
             raise BnnccError(f"node '{shortcut.name}' (Conv): shortcut stride {_stride(shortcut)}, block stride {stride}")

@@ -139,6 +139,22 @@ def test_truncated_file(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "cut.onnx", "not an ONNX model")
 
 
+def test_a_folder_or_a_fifo_is_not_a_model(cli, tmp_path):
+    (tmp_path / "dir.onnx").mkdir()
+    _expect_refusal(cli, tmp_path / "dir.onnx", "a folder, not an ONNX model")
+    os.mkfifo(tmp_path / "pipe.onnx")
+    _expect_refusal(cli, tmp_path / "pipe.onnx", "not a regular file, not an ONNX model")
+
+
+def test_a_checker_failure_names_its_node_on_the_one_line(cli, tmp_path, tiny_proto):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    node = proto.graph.node[3]
+    node.input[0] = "nowhere"
+    onnx.save(proto, tmp_path / "dangling.onnx")
+    _expect_refusal(cli, tmp_path / "dangling.onnx", "input 'nowhere'", f"name: {node.name} OpType: {node.op_type}")
+
+
 def test_text_file(cli, tmp_path):
     (tmp_path / "notes.onnx").write_text("this is not a model\n")
     _expect_refusal(cli, tmp_path / "notes.onnx", "not an ONNX model")
@@ -312,8 +328,21 @@ def _long_external_location(folder):
     return path, "its external data location (4000 characters) cannot be opened: File name too long"
 
 
-REFUSED = {"mixed_blocks": _mixed_blocks, "light_opset22": _light_at_opset(22), "light_opset999": _light_at_opset(999),
-           "long_location": _long_external_location}
+def _dilated(folder):
+    """The last 3x3 conv dilated by 2 (padded to keep its size), as torchvision's
+    replace_stride_with_dilation makes a segmentation backbone: not a PokeBNN conv."""
+    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), folder / "dilated.onnx", input_size=32)
+    proto = onnx.load(str(path))
+    conv = [n for n in proto.graph.node if n.op_type == "Conv" and "conv2" in n.name][-1]
+    for name, values in (("dilations", [2, 2]), ("pads", [2, 2, 2, 2])):
+        conv.attribute.remove(next(a for a in conv.attribute if a.name == name))
+        conv.attribute.append(helper.make_attribute(name, values))
+    onnx.save(proto, path)
+    return path, f"node '{conv.name}' (Conv): expected a 3x3 Conv with group 1 and no dilation"
+
+
+REFUSED = {"mixed_blocks": _mixed_blocks, "light_opset8": _light_at_opset(8), "light_opset22": _light_at_opset(22),
+           "light_opset999": _light_at_opset(999), "long_location": _long_external_location, "dilated": _dilated}
 
 
 @pytest.mark.parametrize("case", REFUSED)
