@@ -42,7 +42,7 @@ import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from bnncc.domain import CANONICAL_OPSET, DOMAIN, MAX_INPUT_PIXELS, SUPPORTED_OPSETS
+from bnncc.domain import CANONICAL_OPSET, DOMAIN, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
 from bnncc.errors import BnnccError
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
@@ -63,7 +63,7 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "read", "recognize"]
+__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,22 @@ def read(path: str | os.PathLike) -> ir.Model:
     proto = _read_checked(path)
     if not any(node.domain == DOMAIN for node in proto.graph.node):
         _canonical(proto, path)
+    versions = [o.version for o in proto.opset_import if o.domain == DOMAIN]
+    if versions != [VERSION] and any(node.domain == DOMAIN for node in proto.graph.node):
+        raise BnnccError(f"{path}: {DOMAIN} opset {versions[0] if len(versions) == 1 else versions}; this bnncc "
+                         f"knows version {VERSION} of its ops")
     return ir.serde.deserialize_model(proto)
+
+
+def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
+    """``model``, or the graph at that path (``read``), which must be a PokeBNN graph: ``command``
+    (compile, export) takes no float one."""
+    source = f"graph {model.graph.name!r}" if isinstance(model, ir.Model) else str(model)
+    if not isinstance(model, ir.Model):
+        model = read(model)
+    if not any(node.domain == DOMAIN for node in model.graph):
+        raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
+    return model
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:

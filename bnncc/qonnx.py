@@ -28,7 +28,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
-from bnncc.frontend import read
+from bnncc.frontend import read_pokebnn
 from bnncc.ops import attach_functions, inline_functions, op_def
 from bnncc.ops.qonnx_nodes import QONNX_DOMAIN, Emitter
 
@@ -94,11 +94,7 @@ def to_qonnx(model: ir.Model, batch: int = 1) -> onnx.ModelProto:
 
 def export_qonnx(model: ir.Model | str | Path, output: str | Path, batch: int = 1) -> Path:
     """Write the QONNX form of ``model`` (an ir.Model or a path) at a fixed ``batch`` to ``output`` atomically."""
-    if not isinstance(model, ir.Model):
-        model = read(model)
-    if not any(node.domain == DOMAIN for node in model.graph):
-        raise BnnccError(f"graph {model.graph.name!r}: no {DOMAIN} op; export takes a PokeBNN graph "
-                         f"(run `bnncc rewrite` first)")
+    model = read_pokebnn(model, "export")
     proto = to_qonnx(model, batch)
     output = Path(output)
     with atomic_path(output) as tmp:

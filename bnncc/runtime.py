@@ -64,6 +64,9 @@ def load(folder: str | os.PathLike) -> Library:
     from bnncc.targets.registry import get as get_target
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise BnnccError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; a library is the "
+                         f"folder `bnncc compile` writes")
     manifest_path, library_path = folder / "model.json", folder / "model.so"
     for path in (manifest_path, library_path):
         if not path.is_file():

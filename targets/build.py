@@ -19,10 +19,9 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bnncc.cost import ace
-from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.fileio import output_errors, umask
-from bnncc.frontend import read
+from bnncc.frontend import read_pokebnn
 from bnncc.passes.symbolic_batch import BATCH
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
@@ -50,11 +49,8 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     if not batches or min(batches) < 1:
         raise BnnccError(f"batch sizes must be >= 1, got {list(batches)}")
     check_output_folder(Path(output))  # before the minutes of compiling
-    if not isinstance(model, ir.Model):
-        model = read(model)  # the front end's checks: a whole ONNX file, external data from its folder
-    if not any(node.domain == DOMAIN for node in model.graph):
-        raise BnnccError(f"graph {model.graph.name!r}: no {DOMAIN} op; compile takes a PokeBNN graph "
-                         f"(run `bnncc rewrite` first)")
+    # the front end's checks: a whole ONNX file, external data from its folder
+    model = read_pokebnn(model, "compile")
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
     lowered = lower(model, llvm_target, batches, schedule=spec.schedule)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +68,11 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
 
     channels, height, width = chw
     try:
-        image = Image.open(path).convert("RGB" if channels == 3 else "L").resize((width, height))
+        with warnings.catch_warnings():
+            # an image of more pixels than PIL's guard against decompression bombs but fewer than twice
+            # that is read (its memory is bounded); PIL's warning would print its own lines
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path).convert("RGB" if channels == 3 else "L").resize((width, height))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
     x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0

@@ -518,6 +518,30 @@ def test_compile_refuses_a_float_graph(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_compile_and_export_name_the_file_they_refuse(cli, tmp_path, library):
+    """A float model's path and a graph of another version of the ai.bnncc ops, by file name."""
+    import onnx
+
+    from bnncc import zoo
+
+    float_path = zoo.export_onnx(zoo.resnet18(width=0.125, num_classes=4), tmp_path / "float.onnx", input_size=32)
+    proto = ir.to_proto(library[1])
+    next(o for o in proto.opset_import if o.domain == "ai.bnncc").version = 99
+    onnx.save(proto, tmp_path / "v99.onnx")
+    cases = [(float_path, "no ai.bnncc op; {} takes a PokeBNN graph"),
+             (tmp_path / "v99.onnx", "ai.bnncc opset 99; this bnncc knows version 1 of its ops")]
+    for path, message in cases:
+        for command, out in (("compile", tmp_path / "lib"), ("export", tmp_path / "q.onnx")):
+            code, _, err = cli(command, path, "-o", out)
+            assert code == 2 and err.startswith(f"error: {path}: {message.format(command)}"), err
+            assert not out.exists()
+
+
+def test_a_missing_library_folder_is_named_so(cli, tmp_path):
+    code, _, err = cli("verify", tmp_path / "nowhere")
+    assert code == 2 and "nowhere: no such folder" in err, err
+
+
 def _fma_sensitive_inputs(channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Bounds B_c and inputs x_c of an int8 signed quantizer where x s lies less than half a float32
     ulp below the -0.5 threshold: the reference rounds x * s to -0.5, adds 0.5 and floors to level 0;
