@@ -18,10 +18,9 @@ library's are, differs by a few): the largest distance of these runs from the re
 a threshold that the two orders of evaluation happen to agree on: an untrained ResNet-18 cut after
 its third stage agreed with the library to 2e-6 on 63 of 64 inputs, and on the 64th by 6.2e-3,
 as far as onnxruntime moves its own logits there when the input moves by 1e-7 (in 5 of 30 tries;
-by 1e-6, 21 of 30). A single input's spread is a noisy measure (a flip is a
-chance event: every run may happen to agree on an input where the library flips one bit), so
-the network's spread is the largest over all inputs. An input passes
-when the library's argmax equals the reference's and
+by 1e-6, 21 of 30). A single input's spread is a noisy measure (a flip is a chance event: every
+run may happen to agree on an input where the library flips one bit), so the network's spread is
+the largest over all inputs. An input passes when the library's argmax equals the reference's and
 
     max |logits - reference| <= ATOL + RTOL * max |reference|  (RTOL = 1e-4: ~1000x the rounding);
 
