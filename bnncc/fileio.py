@@ -10,7 +10,7 @@ from typing import Iterator
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "output_errors", "umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "output_errors", "umask"]
 
 
 @contextlib.contextmanager
@@ -34,6 +34,19 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def check_writable(dest: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path that cannot be written (a folder, a parent that is a
+    file, no permission, a read-only file system): a file is created beside it and removed."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
+    with output_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        os.close(fd)
+        os.unlink(probe)
 
 
 def umask() -> int:

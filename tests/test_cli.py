@@ -62,3 +62,15 @@ def test_rewrite_refuses_to_write_over_its_input(cli, tmp_path, resnet50_onnx):
 def test_rewrite_to_a_folder_is_an_error(cli, tmp_path, resnet50_onnx):
     code, _, err = cli("rewrite", resnet50_onnx["light"], "-o", tmp_path)
     assert code == 2 and "is a folder; expected the path of a file to write" in err
+
+
+def test_demo_help_states_the_demos_defaults(cli):
+    """The help cannot import the pipeline (it would slow every command's start), so it states the
+    defaults as numbers: they must be DemoOptions'."""
+    from bnncc.pipeline import DemoOptions
+
+    code, out, _ = cli("demo", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0
+    assert f"fine-tuning epochs of the PokeBNN student (default: {DemoOptions.epochs})" in text
+    assert f"training epochs of the float teacher (default: {DemoOptions.teacher_epochs})" in text

@@ -18,7 +18,7 @@ def convert(
     output: Path = typer.Option(..., "--output", "-o", help="folder for model.so, model.json, model.onnx and the report"),
     recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
     target: str = typer.Option("x86-64", "--target", "-t", help="x86-64 (this CPU; x86-64-avx2, -avx512bw, -avx512: a class), arm64 or cuda"),
-    data: Optional[Path] = typer.Option(None, "--data", help="IDX folder or ImageFolder tree: fine-tune on it"),
+    data: Optional[Path] = typer.Option(None, "--data", help="IDX folder, ImageFolder tree or tar shards: fine-tune on it"),
     epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop fine-tuning after N steps"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="fine-tuning batch size"),
@@ -65,5 +65,5 @@ def print_result(result) -> None:
 
 def untrained_notice(command: str) -> None:
     console.print("[bold yellow]The network is untrained:[/] its binary weights come straight from the rewrite, "
-                  "so its outputs are not meaningful. To fine-tune it on a data set (IDX folder or ImageFolder "
-                  f"tree), run:\n  {command}", soft_wrap=True)
+                  "so its outputs are not meaningful. To fine-tune it on a data set (IDX folder, ImageFolder "
+                  f"tree or tar shards), run:\n  {command}", soft_wrap=True)

@@ -14,12 +14,12 @@ from bnncc.cli.convert_cmd import print_result
 @app.command()
 def demo(
     output: Path = typer.Option(Path("bnncc-demo"), "--output", "-o", help="folder for the teacher, library and report"),
-    data: Optional[Path] = typer.Option(None, "--data", help="IDX folder or ImageFolder tree (default: the shipped "
+    data: Optional[Path] = typer.Option(None, "--data", help="IDX folder, ImageFolder tree or tar shards (default: the shipped "
                                                             "2000 + 500 image Fashion-MNIST sample)"),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1,
-                                         help="fine-tuning epochs of the PokeBNN student (default: DemoOptions)"),
+                                         help="fine-tuning epochs of the PokeBNN student (default: 3)"),
     teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", min=1,
-                                                 help="training epochs of the float teacher (default: DemoOptions)"),
+                                                 help="training epochs of the float teacher (default: 10)"),
 ) -> None:
     """Train a narrow torchvision ResNet-50 teacher, convert it to PokeBNN-1x with a short fine-tune, compile
     it for this machine and write the report."""

@@ -24,10 +24,11 @@ def finetune(
     data: Annotated[Path, typer.Option(
         help="IDX folder (MNIST-style), ImageFolder tree (train/, val/) or tar shards (train-*.tar, val-*.tar).")],
     output: _OUT,
-    recipe: Annotated[str, typer.Option(help="Recipe whose [train] table sets the schedule.")] = "pokebnn_1x",
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs over the training split.")] = None,
+    # "\[": the help is rich markup, where a bare [train] is a tag and disappears
+    recipe: Annotated[str, typer.Option(help="Recipe whose \\[train] table sets the schedule.")] = "pokebnn_1x",
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the training split (default 1).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Global batch size (default 64).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate per 256 images.")] = None,
     clip_bound: Annotated[Optional[float], typer.Option(
         help="Override the graph's B (STE window of binary activations); the output graph keeps it.")] = None,
@@ -52,7 +53,8 @@ def finetune(
 
     train_table = load_recipe(recipe).train
     cfg = TrainConfig.from_recipe(
-        train_table, epochs=epochs or 1, max_steps=max_steps, batch_size=batch_size or 64, lr=lr,
+        train_table, epochs=1 if epochs is None else epochs, max_steps=max_steps,
+        batch_size=64 if batch_size is None else batch_size, lr=lr,
         clip_bound=clip_bound, temperature=temperature, label_weight=label_weight,
         checkpoint_every=checkpoint_every, seed=seed, compile=compile_step, num_workers=workers)
     result = run_finetune(student, teacher, data, output, cfg, checkpoint=checkpoint or output.with_suffix(".ckpt"),

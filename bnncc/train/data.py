@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,15 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as e:
         raise BnnccError(f"{path}: not a readable IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise BnnccError(f"{path}: not an IDX file of unsigned bytes")
+        raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is {raw[:4].hex() or 'missing'}, "
+                         f"expected 000008 and the number of dimensions)")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    if len(raw) < 4 + 4 * ndim:
+        raise BnnccError(f"{path}: IDX header of {ndim} dimensions cut short")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise BnnccError(f"{path}: IDX header says {tuple(dims)} but holds {data.size} bytes")
+    if data.size != math.prod(dims):
+        raise BnnccError(f"{path}: IDX header says {dims} but holds {data.size} bytes")
     return data.reshape(dims)
 
 
@@ -186,12 +190,22 @@ def _open_idx(folder: Path, split: str) -> ImageData:
     labels = read_idx(labels_path).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise BnnccError(f"{images_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
+    # the classes are 0 to the largest training label, each with images: a stray large label (a
+    # corrupt file) would otherwise make a network of that many classes
+    train_labels_path = labels_path if prefix == "train" else _idx_file(folder, "train", "labels") or labels_path
+    present = np.bincount(labels if prefix == "train" else read_idx(train_labels_path).astype(np.int64).ravel())
+    classes = len(present)
+    if (present == 0).any():
+        raise BnnccError(f"{train_labels_path}: class {int(np.argmin(present))} has no images (the labels go up "
+                         f"to {classes - 1})")
+    if labels.max() >= classes:
+        raise BnnccError(f"{labels_path}: label {int(labels.max())}, where the training labels are 0 to {classes - 1}")
     images_t = torch.from_numpy(images.copy()).unsqueeze(1)
     # Normalise with the training split's own statistics, whichever split this is.
     train_images = images if prefix == "train" else read_idx(_idx_file(folder, "train", "images") or images_path)
     mean = float(train_images.mean() / 255.0)
     std = float(train_images.std() / 255.0)
-    return ImageData(images_t, torch.from_numpy(labels), int(labels.max()) + 1, (mean,), (std,), images_path)
+    return ImageData(images_t, torch.from_numpy(labels), classes, (mean,), (std,), images_path)
 
 
 def open_dataset(path: str | Path, split: str) -> Dataset:

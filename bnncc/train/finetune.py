@@ -12,7 +12,7 @@ import torch
 
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path
+from bnncc.fileio import atomic_path, check_writable
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import open_splits
 from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train, training_device
@@ -82,12 +82,18 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     from bnncc.torchview import to_torch, write_back
 
     output = Path(output)
+    for path in (output, checkpoint, metrics):  # before minutes of training
+        if path is not None:
+            check_writable(path)
     device = training_device(device)  # a missing GPU fails here, before minutes of loading
     student_model = read(student_path)
     teacher_model = load(teacher_path)
     if cfg.clip_bound is not None:
         _override_clip_bound(student_model, cfg.clip_bound)
     shape = input_shape(student_model)
+    if input_shape(teacher_model) != shape:
+        raise BnnccError(f"{student_path}: input {shape} but the teacher {teacher_path} takes "
+                         f"{input_shape(teacher_model)}: distillation feeds both the same images")
     if _classes(student_model) != _classes(teacher_model):
         raise BnnccError(f"{student_path}: {_classes(student_model)} classes but the teacher {teacher_path} has "
                          f"{_classes(teacher_model)}: distillation needs the same output")
@@ -131,6 +137,7 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
         raise BnnccError(f"width {width}, image size {image_size}: expected a width above 0 and at most 16 and "
                          f"an image size of 8 to 4096 pixels")
 
+    check_writable(output)  # before minutes of training
     device = training_device(device)
     train_data, val_data = open_splits(data_dir)
     shape = (3, image_size, image_size)

@@ -28,11 +28,13 @@ import io
 import math
 import os
 import tarfile
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from bnncc.errors import BnnccError
 from bnncc.train.data import Dataset, Loaded
@@ -45,8 +47,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 EVAL_CROP = 224 / 256  # the evaluation crop's share of the short side
 _ATTEMPTS = 10  # random resized crop: draws before the centre-crop fallback
 # What Pillow raises on a file it cannot read: OSError (truncated, unidentified, unreadable),
-# SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError (more
+# than twice its pixel guard: an image that would take gigabytes to decode).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class Names:
@@ -142,15 +145,23 @@ class ImageFiles(Dataset):
             try:
                 return _decode(self.read(j), size, key), int(self.labels[j])
             except _DECODE_ERRORS as e:
-                bad.append((j, f"{type(e).__name__}: {e}"))
+                bad.append((j, _problem(e)))
         return np.zeros((size[1], size[0], 3), np.uint8), int(self.labels[i])
+
+
+def _problem(error: Exception) -> str:
+    """What was wrong with an image, in words (Pillow's own message names its in-memory buffer)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "UnidentifiedImageError: not an image format Pillow reads"
+    return f"{type(error).__name__}: {error}"
 
 
 def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None) -> np.ndarray:
     """Crop (random for a ``key``, else the evaluation crop) and resize to ``size`` = (W, H)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
+    with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+        # up to twice Pillow's pixel guard an image is decoded (its draft scale keeps that cheap for a
+        # JPEG) without Pillow's two-line warning on stderr; beyond, it is a bad image (_DECODE_ERRORS)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         rng = np.random.default_rng(key) if key is not None else None
         box = _random_box(*im.size, rng) if rng is not None else _centre_box(*im.size, size, EVAL_CROP)
         left, top, right, bottom = box
@@ -191,13 +202,13 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     root = folder / ("train" if split == "train" else "val")
     if not root.is_dir():
         raise BnnccError(f"{root}: no such folder (an ImageFolder tree has train/ and val/)")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(root) if _is(entry, "dir"))
     if not classes:
         raise BnnccError(f"{root}: no class folders")
     sources, names, labels = [], [], []
     for label, name in enumerate(classes):
         files = sorted(entry.name for entry in os.scandir(root / name)
-                       if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+                       if _is(entry, "file") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise BnnccError(f"{root / name}: no images (an empty class)")
         sources.append(root / name)
@@ -205,6 +216,15 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
         labels.append(np.full(len(files), label, np.int64))
     labels_a = np.concatenate(labels)
     return ImageFiles(root, sources, labels_a.astype(np.int32), Names(names), labels_a, classes)
+
+
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """Whether a folder entry is a file (or a folder), following links; a link that leads nowhere or
+    into a loop is neither, and skipped like any other file that is no image."""
+    try:
+        return entry.is_file() if kind == "file" else entry.is_dir()
+    except OSError:
+        return False
 
 
 def open_shards(folder: Path, split: str) -> ImageFiles:
@@ -267,6 +287,11 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
                         raise BnnccError(f"{shard}:{member.name}: not a class number ({text[:20]!r})") from None
                 elif f".{extension.lower()}" in IMAGE_SUFFIXES:
                     images[key] = (member.name, member.offset_data, member.size)
+            # a tar ends in two zero blocks; without them the shard was cut, perhaps between members,
+            # which tarfile takes for its end
+            if tar.offset + 2 * tarfile.BLOCKSIZE > length:
+                raise BnnccError(f"{shard}: cut short after {tar.members[-1].name if tar.members else 'its start'} "
+                                 f"(no end-of-archive blocks)")
     except (tarfile.TarError, OSError) as e:
         raise BnnccError(f"{shard}: not a readable tar file ({e})") from None
     missing = images.keys() ^ classes.keys()

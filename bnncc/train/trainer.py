@@ -139,12 +139,13 @@ def _destroy_process_group() -> None:
 
 
 def total_steps(cfg: TrainConfig, data: Dataset) -> int:
+    # the last partial batch of an epoch is dropped, so a batch larger than the data set is none,
+    # with or without a step limit
+    if len(data) < cfg.batch_size:
+        raise BnnccError(f"{len(data)} training images make no batch of {cfg.batch_size}")
     if cfg.max_steps is not None:
         return cfg.max_steps
-    steps = cfg.epochs * (len(data) // cfg.batch_size)
-    if steps <= 0:
-        raise BnnccError(f"{len(data)} training images make no batch of {cfg.batch_size}")
-    return steps
+    return cfg.epochs * (len(data) // cfg.batch_size)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -162,6 +163,22 @@ def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, sched
              "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+# the settings a run's steps depend on: a checkpoint continues only the run that wrote it
+_RUN_SETTINGS = ("lr", "batch_size", "epochs", "max_steps", "weight_decay", "clip_bound", "temperature",
+                 "label_weight", "weight_quant_start", "act_calibration_at", "calibration_batches", "seed")
+
+
+def _check_same_run(path: Path, saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a run of other settings from ``path``: its step count and schedule would be
+    taken for this run's (a checkpoint of 4 epochs at batch 16 resumed as 1 epoch at batch 32 ran
+    no step and wrote the checkpoint's weights as the result)."""
+    current = asdict(cfg)
+    changed = [f"{key} {saved[key]} -> {current[key]}" for key in _RUN_SETTINGS if key in saved and saved[key] != current[key]]
+    if changed:
+        raise BnnccError(f"{path}: written by a run with other settings ({', '.join(changed)}); resume with "
+                         f"the same settings, or start anew without --resume")
 
 
 def _kernel_l2(module: nn.Module) -> torch.Tensor:
@@ -246,8 +263,12 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
     start, calibrated = 0, not hasattr(student, "calibrate_bounds")
     loader = Loader(data, input_shape, seed=cfg.seed, workers=cfg.num_workers, device=device, world=world)
-    if resume and checkpoint is not None and checkpoint.exists():
+    resumed = resume and checkpoint is not None and checkpoint.exists()
+    if resume and not resumed:
+        logger.warning("%s: no checkpoint to resume from; training from step 0", checkpoint)
+    if resumed:
         state = load_checkpoint(checkpoint)
+        _check_same_run(checkpoint, state.get("config", {}), cfg)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -256,7 +277,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         logger.info("resumed from %s at step %d", checkpoint, start)
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
-    log = metrics.open("a") if metrics is not None and rank == 0 else None
+    log = None  # the metrics file, opened at its first record: continued when resumed, else begun anew
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
                         TimeRemainingColumn(), disable=not show_progress or rank != 0, transient=False)
@@ -298,7 +319,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 loss_value = float(loss.detach())
                 seconds = time.perf_counter() - began
                 progress.update(task, loss=loss_value, lr=scheduler.get_last_lr()[0], ips=seen / seconds)
-                if log is not None:
+                if metrics is not None and rank == 0:
+                    log = log or metrics.open("a" if resumed else "w")
                     log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")

@@ -270,6 +270,22 @@ def test_bad_images_are_replaced_by_the_next_logged_once_and_counted(with_bad_im
     assert counts[-1] == 2 and counts == sorted(counts)
 
 
+def test_an_image_beyond_pillows_bomb_guard_is_a_bad_image_and_not_a_crash(with_bad_images, monkeypatch):
+    """An image of more than twice Pillow's pixel guard (here lowered: the tree's 8x8 images are 64
+    pixels) is replaced as any unreadable one, where it ended the run with an unexpected error."""
+    data = open_dataset(with_bad_images / "images", "train")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)
+    _, _, found = data.load(torch.tensor([3]), SHAPE, augment=False)
+    assert found and "DecompressionBombError" in found[0][1]
+
+
+def test_a_link_loop_in_a_class_folder_is_skipped(tmp_path):
+    root = images_tree(tmp_path, {"a": 2}, {"a": 1})
+    os.symlink(root / "train" / "a" / "loop2.jpg", root / "train" / "a" / "loop1.jpg")
+    os.symlink(root / "train" / "a" / "loop1.jpg", root / "train" / "a" / "loop2.jpg")
+    assert len(open_dataset(root, "train")) == 2
+
+
 def test_more_than_one_percent_bad_stops_with_one_line(with_bad_images):
     data = open_dataset(with_bad_images / "images", "train")
     (with_bad_images / "images" / "train" / "c2" / "000.jpg").write_bytes(b"")  # 3 of 210: 1.4%
@@ -327,6 +343,16 @@ def test_a_truncated_shard_is_a_one_line_error(tmp_path):
     write_shard(tmp_path / "train-000000.tar", {"a.jpg": b"x" * 5000, "a.cls": b"0"})
     (tmp_path / "train-000001.tar").write_bytes((tmp_path / "train-000000.tar").read_bytes()[:700])
     with pytest.raises(BnnccError, match=r"train-000001.tar: cut short inside a.jpg"):
+        open_dataset(tmp_path, "train")
+
+
+def test_a_shard_cut_between_members_is_a_one_line_error(tmp_path):
+    """Cut at a member's end, a shard reads as a shorter whole one; its missing end-of-archive blocks
+    tell."""
+    write_shard(tmp_path / "train-000000.tar", {"a.jpg": b"x" * 600, "a.cls": b"0", "b.jpg": b"y", "b.cls": b"0"})
+    data = (tmp_path / "train-000000.tar").read_bytes()
+    (tmp_path / "train-000000.tar").write_bytes(data[:512 + 1024 + 512 + 512])  # a.jpg's and a.cls's blocks
+    with pytest.raises(BnnccError, match=r"train-000000.tar: cut short after a.cls \(no end-of-archive blocks\)"):
         open_dataset(tmp_path, "train")
 
 

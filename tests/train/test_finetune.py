@@ -79,3 +79,22 @@ def test_a_label_weight_needs_labels_of_the_models_classes(cli, tmp_path, teache
                        "--max-steps", "1", "--batch-size", "4", "--workers", "0", "--label-weight", "0.5")
     assert code == 2 and "labels of 7 classes for a model of 4" in err, err
     assert not (tmp_path / "ft.onnx").exists()
+
+
+def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_student):
+    """A teacher of another input size, zero epochs, an output under a file: one line each, exit 2,
+    nothing written (zero epochs used to train one, an output under a file ended in an unexpected
+    NotADirectoryError after training)."""
+    from bnncc.zoo import export_onnx, resnet50
+
+    teacher, student = teacher_and_student
+    wide = export_onnx(resnet50(width=0.125, num_classes=4).eval(), tmp_path / "t64.onnx", input_size=64)
+    (tmp_path / "file").write_text("")
+    cases = [(["--teacher", wide], "input (3, 32, 32) but the teacher"),
+             (["--teacher", teacher, "--epochs", "0"], "Invalid value for '--epochs'"),
+             (["--teacher", teacher, "-o", tmp_path / "file" / "ft.onnx"], "file/ft.onnx: cannot write there")]
+    for args, message in cases:
+        code, _, err = cli("finetune", student, "--data", idx_dir, "-o", tmp_path / "ft.onnx", "--max-steps", "1",
+                           "--batch-size", "4", "--workers", "0", *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "t64.onnx"]

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,41 @@ def test_resume_is_bit_exact(idx_dir, tmp_path, monkeypatch):
     assert states_equal(resumed.state_dict(), whole.state_dict())
     fresh = tiny_net()  # and a run that does not resume differs after 4 steps
     assert not states_equal(fresh.state_dict(), whole.state_dict())
+
+
+def test_resuming_another_runs_checkpoint_is_refused_and_a_new_run_begins_its_metrics(idx_dir, tmp_path, caplog):
+    """A checkpoint continues only the run of its settings (another batch size's step count would be
+    taken for this run's); without --resume the metrics file starts anew; --resume without a
+    checkpoint says so."""
+    data = open_dataset(idx_dir, "train")
+    checkpoint, metrics = tmp_path / "run.ckpt", tmp_path / "m.jsonl"
+    train(tiny_net(), None, data, cfg(), SHAPE, checkpoint=checkpoint, metrics=metrics, show_progress=False)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    with pytest.raises(BnnccError, match=r"run.ckpt: written by a run with other settings \(batch_size 16 -> 8\)"):
+        train(tiny_net(), None, data, cfg(batch_size=8), SHAPE, checkpoint=checkpoint, resume=True, show_progress=False)
+    train(tiny_net(), None, data, cfg(), SHAPE, checkpoint=checkpoint, metrics=metrics, show_progress=False)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == steps  # not appended
+    with caplog.at_level("WARNING"):
+        train(tiny_net(), None, data, cfg(), SHAPE, checkpoint=tmp_path / "none.ckpt", resume=True, show_progress=False)
+    assert "none.ckpt: no checkpoint to resume from; training from step 0" in caplog.text
+
+
+def test_a_batch_larger_than_the_data_is_refused_with_a_step_limit_too(idx_dir):
+    data = open_dataset(idx_dir, "train")
+    with pytest.raises(BnnccError, match=f"{len(data)} training images make no batch of 1000"):
+        train(tiny_net(), None, data, cfg(batch_size=1000, max_steps=1), SHAPE, show_progress=False)
+
+
+@pytest.mark.parametrize("train_labels, val_labels, message", [
+    ([0, 1, 2, 200], [0, 1], r"train-labels-idx1-ubyte.gz: class 3 has no images \(the labels go up to 200\)"),
+    ([0, 1, 2, 3], [0, 42], r"t10k-labels-idx1-ubyte.gz: label 42, where the training labels are 0 to 3"),
+])
+def test_idx_labels_beyond_the_classes_are_refused(tmp_path, idx_writer, train_labels, val_labels, message):
+    for prefix, labels in (("train", train_labels), ("t10k", val_labels)):
+        idx_writer(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((len(labels), 8, 8)))
+        idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array(labels))
+    with pytest.raises(BnnccError, match=message):
+        open_dataset(tmp_path, "train" if "train-" in message else "val")
 
 
 def _run_worker(args, **kw):
