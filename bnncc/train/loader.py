@@ -6,8 +6,10 @@ timing change nothing. Image files are decoded in ``workers`` processes (default
 among the processes of a torchrun node); data held in memory is sliced in this process.
 
 An unreadable image is replaced inside the batch (``Dataset.load``); the loader logs each one
-once, counts them (``bad``, kept in checkpoints), and stops the run with a ``BnnccError`` when this
-process has met more than 1% of its share of the split.
+once, counts them (``bad``, kept in checkpoints), and, when training, stops the run with a
+``BnnccError`` when this process has met more than 1% of its share of the split. An evaluation
+only counts: it comes after the training, which stopping would throw away (one bad image of a
+30-image validation split did).
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class Loader:
     """Loads planned batches of ``data`` for a model input of ``shape``, onto ``device``."""
 
     def __init__(self, data: Dataset, shape: tuple[int, int, int], *, seed: int = 0, workers: int | None = None,
-                 device: str | torch.device = "cpu", world: int = 1):
-        self.data, self.shape, self.device = data, shape, torch.device(device)
+                 device: str | torch.device = "cpu", world: int = 1, stops: bool = True):
+        self.data, self.shape, self.device, self.stops = data, shape, torch.device(device), stops
         self.batches = _Batches(data, shape, seed)
         self.workers = 0 if data.in_memory else (default_workers() if workers is None else workers)
         self.bad: set[int] = set()
@@ -87,9 +89,10 @@ class Loader:
                 self.bad.add(i)
                 logger.warning("%s: unreadable image (%s), replaced by the next readable one", self.data.describe(i),
                                reason)
-        if len(self.bad) > BAD_SHARE * self.share:
-            raise BnnccError(f"{self.data.describe(min(self.bad))} and {len(self.bad) - 1} more images are "
-                             f"unreadable: more than {BAD_SHARE:.0%} of the {self.share} this process reads")
+        if self.stops and len(self.bad) > BAD_SHARE * self.share:
+            more = f" and {len(self.bad) - 1} more images are" if len(self.bad) > 1 else " is"
+            raise BnnccError(f"{self.data.describe(min(self.bad))}{more} unreadable: more than {BAD_SHARE:.0%} of "
+                             f"the {self.share} this process reads")
 
 
 def _as_is(loaded: Loaded) -> Loaded:

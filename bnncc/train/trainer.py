@@ -350,7 +350,7 @@ def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256
     model.to(device).eval()
     dtype = _dtype(model)
     top1 = top5 = 0
-    loader = Loader(data, input_shape, workers=workers, device=device)
+    loader = Loader(data, input_shape, workers=workers, device=device, stops=False)
     plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
     for images, labels in loader(plans):
         logits = model(images.to(dtype)).float().cpu()

@@ -294,6 +294,16 @@ def test_more_than_one_percent_bad_stops_with_one_line(with_bad_images):
     assert "\n" not in str(e.value)
 
 
+def test_an_evaluation_counts_bad_images_and_does_not_stop(with_bad_images, caplog):
+    """Past 1% of bad images an evaluation goes on (it follows a training that stopping would throw
+    away), each one logged."""
+    data = open_dataset(with_bad_images / "images", "train")
+    (with_bad_images / "images" / "train" / "c2" / "000.jpg").write_bytes(b"")  # 3 of 210: 1.4%
+    with caplog.at_level(logging.WARNING, logger="bnncc.train.loader"):
+        top1, top5 = evaluate(tiny_net(), data, SHAPE, batch_size=70)
+    assert 0 <= top1 <= top5 <= 100 and caplog.text.count("unreadable image") == 3
+
+
 def images_tree(root: Path, train: dict[str, int], val: dict[str, int]) -> Path:
     rng = np.random.default_rng(0)
     for split, classes in (("train", train), ("val", val)):
