@@ -204,6 +204,39 @@ def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_pa
     assert again.report.accuracy == result.report.accuracy
 
 
+@pytest.mark.slow
+def test_a_stopped_fine_tune_continues_from_its_checkpoint(narrow_resnet, tmp_path, monkeypatch, caplog):
+    """Stopped after its checkpoint, convert's fine-tune keeps it in stages/; the same command then
+    resumes from it, and removes it when the stage completes."""
+    import bnncc.train.trainer as trainer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        labels = rng.integers(0, 4, n)
+        _idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
+        _idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    options = ConvertOptions(overrides=STEM, data=data, max_steps=2, batch_size=16, latency_runs=1,
+                             show_progress=False)
+    saved = trainer._save_checkpoint
+
+    def save_then_stop(path, step, *args):
+        saved(path, step, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        convert(narrow_resnet, tmp_path / "out", options)
+    checkpoints = list((tmp_path / "out" / "stages").glob("finetune-*.ckpt"))
+    assert len(checkpoints) == 1
+    monkeypatch.setattr(trainer, "_save_checkpoint", saved)
+    with caplog.at_level("INFO", logger="bnncc.train.trainer"):
+        result = convert(narrow_resnet, tmp_path / "out", options)
+    assert f"resumed from {checkpoints[0]} at step 2" in caplog.text
+    assert result.trained and not checkpoints[0].exists()
+
+
 def test_a_model_exported_at_batch_4_converts_to_one_of_any_batch(narrow_resnet, tmp_path):
     """An export for a fixed batch of 4: the library and its reference graph take any batch, and
     the library agrees with onnxruntime on that reference, image by image and 4 at a time."""

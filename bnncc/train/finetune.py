@@ -113,7 +113,8 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
         accuracy = (*evaluate(student, val_data, shape, device=device, workers=cfg.num_workers),
                     *evaluate(teacher, val_data, shape, device=device, workers=cfg.num_workers))
     else:
-        logger.info("data has %d classes, the model %d: no top-1/top-5", val_data.num_classes, _classes(student_model))
+        logger.warning("the data has %d classes, the model %d: no top-1/top-5 (distillation needs no labels)",
+                       val_data.num_classes, _classes(student_model))
     student.cpu()
     write_back(student, student_model)
     _save(student_model, output)

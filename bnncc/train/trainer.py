@@ -153,7 +153,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise BnnccError(f"{path}: not a bnncc checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # (torch's own message is a paragraph of advice on weights_only)
+        raise BnnccError(f"{path}: not a bnncc checkpoint (torch.load: {type(e).__name__})") from None
 
 
 def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, scheduler, calibrated: bool,
