@@ -46,6 +46,17 @@ def _idx(path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def _brightness_idx(folder):
+    """A learnable 4-class IDX set of 8x8 images (the class is the brightness), 64 + 16 images."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        labels = rng.integers(0, 4, n)
+        _idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
+        _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
 def test_convert_writes_every_artifact(converted):
     names = {p.name for p in converted.outdir.iterdir()}
     assert {"model.so", "model.json", "model.onnx", "report.json", "report.md", "latency.json", "ace_stages.png",
@@ -185,13 +196,7 @@ def test_convert_refuses_an_output_folder_of_other_files_before_any_work(cli, na
 
 @pytest.mark.slow
 def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 16)):
-        labels = rng.integers(0, 4, n)
-        _idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
-        _idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    data = _brightness_idx(tmp_path / "data")
     options = ConvertOptions(overrides=STEM, data=data, max_steps=2, batch_size=16, latency_runs=3,
                              show_progress=False)
     result = convert(narrow_resnet, tmp_path / "out", options)
@@ -210,13 +215,7 @@ def test_a_stopped_fine_tune_continues_from_its_checkpoint(narrow_resnet, tmp_pa
     resumes from it, and removes it when the stage completes."""
     import bnncc.train.trainer as trainer
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 16)):
-        labels = rng.integers(0, 4, n)
-        _idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
-        _idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    data = _brightness_idx(tmp_path / "data")
     options = ConvertOptions(overrides=STEM, data=data, max_steps=2, batch_size=16, latency_runs=1,
                              show_progress=False)
     saved = trainer._save_checkpoint
