@@ -38,7 +38,7 @@ def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
     """(N, C, H, W) float32: a .npy as it is, an image resized to (H, W), scaled to [0, 1] and
     normalised with the manifest's mean/std when it records them."""
     if not path.is_file():
-        raise BnnccError(f"{path}: no such file")
+        raise BnnccError(f"{path}: {'a folder, not an image or .npy file' if path.is_dir() else 'no such file'}")
     x = _read_array(path) if path.suffix == ".npy" else _read_image(path, chw, preprocessing)
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")
@@ -71,7 +71,11 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             # an image of more pixels than PIL's guard against decompression bombs but fewer than twice
             # that is read (its memory is bounded); PIL's warning would print its own lines
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path).convert("RGB" if channels == 3 else "L").resize((width, height))
+            image = Image.open(path)
+            if image.size != (width, height):  # said, since a tiny or oddly shaped image classifies poorly
+                console.print(f"{path}: a {image.size[0]}x{image.size[1]} image, resized to the network's "
+                              f"{width}x{height}", style="dim", highlight=False)
+            image = image.convert("RGB" if channels == 3 else "L").resize((width, height))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
     x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0

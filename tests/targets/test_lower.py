@@ -251,6 +251,21 @@ def test_run_cli_prints_top_classes(library, cli, tmp_path):
     assert str(int(_onnxruntime(model, x[None]).argmax())) in out
 
 
+def test_run_cli_says_when_it_resizes_an_image(library, cli, tmp_path):
+    from PIL import Image
+
+    folder, _ = library
+    Image.new("RGB", (2, 3)).save(tmp_path / "tiny.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "fits.png")
+    code, out, _ = cli("run", folder, "--input", tmp_path / "tiny.png")
+    assert code == 0 and "tiny.png: a 2x3 image, resized to the network's 32x32" in " ".join(out.split())
+    code, out, _ = cli("run", folder, "--input", tmp_path / "fits.png")
+    assert code == 0 and "resized" not in out
+    (tmp_path / "a_folder").mkdir()
+    code, _, err = cli("run", folder, "--input", tmp_path / "a_folder")
+    assert code == 2 and "a_folder: a folder, not an image or .npy file" in err
+
+
 def _tampered(library, tmp_path, manifest=None, so=None):
     """A copy of the library folder with its manifest changed by ``manifest(dict)`` or its model.so
     replaced by the bytes ``so(bytes)``."""
