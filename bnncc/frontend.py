@@ -96,17 +96,19 @@ CANONICAL_PASSES = (
 
 
 def read(path: str | os.PathLike) -> ir.Model:
-    """Read any bnncc graph (float or rewritten) as it is: checked, external data loaded, not canonicalized.
+    """Read any bnncc graph: a rewritten one as it is (checked, external data loaded), a float one
+    as ``load`` gives it.
 
     A float graph (no op of the ai.bnncc domain) must be one that ``load`` accepts, and is refused
-    with ``load``'s message otherwise: every command takes the same float models.
+    with ``load``'s message otherwise: every command takes the same float models, in one form (read
+    as it was, an opset-9 export that lists its weights as graph inputs counted 2193 parameters).
     """
     path = Path(path)
     proto = _read_checked(path)
     if not any(node.domain == DOMAIN for node in proto.graph.node):
-        _canonical(proto, path)
+        return _canonical(proto, path)
     versions = [o.version for o in proto.opset_import if o.domain == DOMAIN]
-    if versions != [VERSION] and any(node.domain == DOMAIN for node in proto.graph.node):
+    if versions != [VERSION]:
         raise BnnccError(f"{path}: {DOMAIN} opset {versions[0] if len(versions) == 1 else versions}; this bnncc "
                          f"knows version {VERSION} of its ops")
     return ir.serde.deserialize_model(proto)
@@ -172,7 +174,10 @@ def load(path: str | os.PathLike) -> ir.Model:
     one line starts with ``path``, raised before anything is written.
     """
     path = Path(path)
-    return _canonical(_read_checked(path), path)
+    proto = _read_checked(path)
+    if any(node.domain == DOMAIN for node in proto.graph.node):  # its checks would fail on the ops' shapes
+        raise BnnccError(f"{path}: a PokeBNN graph ({DOMAIN} ops), where a float ResNet is expected")
+    return _canonical(proto, path)
 
 
 def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:

@@ -94,6 +94,8 @@ class PassManager:
         passes: Iterable[str | tuple[str, dict[str, Any]] | ir.passes.PassBase],
         measure: Callable[[ir.Model], Any] | None = None,
     ) -> None:
+        if isinstance(passes, str):  # iterated, a name would be its letters: "unknown pass 'i'"
+            raise TypeError(f"PassManager takes a list of passes, not the string {passes!r}; write [{passes!r}]")
         self.passes = [(_name_of(p), _instantiate(p)) for p in passes]
         self.measure = measure
         self.records: list[PassRecord] = []

@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[str] = ()) -> tuple[ir.Model, list[PassRecord]]:
     """Apply ``recipe`` (a Recipe, a shipped name or a path) with ``key=value`` overrides to ``model``.
 
-    ``model`` is changed in place and returned with one record per pass (name, modified, node
-    count, ACE as ``bnncc.cost.ace`` measures it), preceded by an ``input`` record. The result
+    Returns the rewritten copy of ``model`` (which is left as it was: a user rewriting one loaded
+    model with two recipes got the second applied to the first's output) and one record per pass
+    (name, modified, node count, ACE as ``bnncc.cost.ace`` measures it), preceded by an ``input``
+    record. The result
     carries the ai.bnncc functions it uses (onnxruntime runs it), has a shape on every value and
     passes ``onnx.checker``. ``model`` must be a float model as ``bnncc.load`` gives it: anything
     else is refused by ``recognize``'s checks before any pass runs.
@@ -32,6 +34,7 @@ def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[st
     from bnncc.cost import ace  # the cost model reads only the graph; imported when used
 
     recognize(model)
+    model = ir.from_proto(ir.to_proto(model))  # the passes work in place
 
     if isinstance(recipe, Recipe):
         recipe = apply_overrides(recipe, overrides)

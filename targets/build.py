@@ -46,8 +46,9 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     """
     spec = registry.get(target)
     batches = tuple(sorted(set(batches)))
-    if not batches or min(batches) < 1:
-        raise BnnccError(f"batch sizes must be >= 1, got {list(batches)}")
+    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
+        raise BnnccError(f"batch sizes must be 1 to {MAX_BATCH}, got {list(batches)} (a library takes any batch in "
+                         f"calls of its compiled sizes)")
     check_output_folder(Path(output))  # before the minutes of compiling
     # the front end's checks: a whole ONNX file, external data from its folder
     model = read_pokebnn(model, "compile")
@@ -88,6 +89,10 @@ def _metadata_json(model: ir.Model, key: str):
     except json.JSONDecodeError:
         raise BnnccError(f"model metadata {key!r}: not JSON: {text[:60]!r}") from None
 
+
+# the largest batch a library is compiled for: a batch of a billion was taken, and compiling it
+# ran for minutes until killed; larger batches are served in calls of the compiled sizes
+MAX_BATCH = 4096
 
 # what a library folder holds: an existing folder of these only may be replaced by a new build
 LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})

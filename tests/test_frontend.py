@@ -155,6 +155,16 @@ def test_a_checker_failure_names_its_node_on_the_one_line(cli, tmp_path, tiny_pr
     _expect_refusal(cli, tmp_path / "dangling.onnx", "input 'nowhere'", f"name: {node.name} OpType: {node.op_type}")
 
 
+def test_a_pokebnn_graph_is_not_a_float_resnet(cli, tmp_path, tiny_proto):
+    from bnncc.rewriting import rewrite
+
+    (tmp_path / "float").mkdir()
+    onnx.save(tiny_proto, tmp_path / "float" / "tiny.onnx")
+    poke, _ = rewrite(load(tmp_path / "float" / "tiny.onnx"), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    ir.save(poke, tmp_path / "poke.onnx")
+    _expect_refusal(cli, tmp_path / "poke.onnx", "a PokeBNN graph (ai.bnncc ops), where a float ResNet is expected")
+
+
 def test_text_file(cli, tmp_path):
     (tmp_path / "notes.onnx").write_text("this is not a model\n")
     _expect_refusal(cli, tmp_path / "notes.onnx", "not an ONNX model")

@@ -338,3 +338,8 @@ def test_pass_manager_records_every_pass_and_the_measure():
         ("fold_batchnorm", True, 1, 10),
         ("fold_batchnorm", False, 1, 10),
     ]
+
+
+def test_pass_manager_refuses_a_string_for_its_list():
+    with pytest.raises(TypeError, match=r"a list of passes, not the string 'int8_head'; write \['int8_head'\]"):
+        PassManager("int8_head")

@@ -64,6 +64,17 @@ def test_every_front_end_export_rewrites_to_the_same_cost(resnet50_onnx, kind):
     onnx.checker.check_model(ir.to_proto(model))
 
 
+def test_rewrite_leaves_its_input_as_it_was(resnet50_onnx):
+    """One loaded model rewritten by two recipes: each from the float model (the second was applied to
+    the first's output, and refused)."""
+    model = load(resnet50_onnx["light"])
+    before = ir.to_proto(model).SerializeToString()
+    half, _ = rewrite(model, "pokebnn_0.5x")
+    assert ir.to_proto(model).SerializeToString() == before and half is not model
+    whole, _ = rewrite(model, "pokebnn_1x")
+    assert ace(whole).conv == 4_091_469_824
+
+
 @pytest.mark.parametrize("recipe", sorted(SPEC_ACE))
 def test_onnxruntime_runs_every_recipe(narrow_resnet, recipe):
     """Batch 1 and a symbolic batch of 2; every value has a shape; the model is valid ONNX."""

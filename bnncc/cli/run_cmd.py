@@ -38,7 +38,9 @@ def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
     """(N, C, H, W) float32: a .npy as it is, an image resized to (H, W), scaled to [0, 1] and
     normalised with the manifest's mean/std when it records them."""
     if not path.is_file():
-        raise BnnccError(f"{path}: {'a folder, not an image or .npy file' if path.is_dir() else 'no such file'}")
+        if not path.exists():
+            raise BnnccError(f"{path}: no such file")
+        raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not an image or .npy file")
     x = _read_array(path) if path.suffix == ".npy" else _read_image(path, chw, preprocessing)
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")

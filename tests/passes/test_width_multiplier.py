@@ -72,5 +72,5 @@ def test_does_not_fire_at_one(small_model):
 def test_rejects_a_width_with_no_channel(small_model):
     with pytest.raises(BnnccError, match="leaves no channel"):
         WidthMultiplierPass(0.01)(small_model)
-    with pytest.raises(BnnccError, match="multiplier must be above 0 and at most 16, got -1"):
+    with pytest.raises(BnnccError, match="multiplier must be above 0 and at most 4, got -1"):
         WidthMultiplierPass(-1)

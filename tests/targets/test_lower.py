@@ -521,6 +521,14 @@ def test_stem_window_larger_than_the_input_is_an_error():
         lower(tiny_pokebnn(size=2), host_target())
 
 
+def test_compile_refuses_a_batch_beyond_its_largest(tmp_path, library):
+    from bnncc.targets.build import MAX_BATCH, compile
+
+    with pytest.raises(BnnccError, match=f"batch sizes must be 1 to {MAX_BATCH}, got \\[1, 1000000000\\]"):
+        compile(library[1], tmp_path / "out", batches=(1, 10**9))
+    assert not (tmp_path / "out").exists()
+
+
 def test_compile_refuses_a_float_graph(tmp_path):
     from bnncc.targets.build import compile
 
