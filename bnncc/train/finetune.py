@@ -13,6 +13,7 @@ import torch
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, check_writable
+from bnncc.passes.width_multiplier import MAX_MULTIPLIER
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import open_splits
 from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train, training_device
@@ -133,10 +134,11 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
 
     if arch not in ARCHITECTURES:
         raise BnnccError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
-    # (a ResNet divides its input by 32; below 8 pixels its stages see less than one)
-    if not 0 < width <= 16 or not 8 <= image_size <= 4096:
-        raise BnnccError(f"width {width}, image size {image_size}: expected a width above 0 and at most 16 and "
-                         f"an image size of 8 to 4096 pixels")
+    # (a ResNet divides its input by 32; below 8 pixels its stages see less than one. A ResNet-50 16
+    # times wider holds some 6 billion weights: the width_multiplier pass's cap of 4 holds here too)
+    if not 0 < width <= MAX_MULTIPLIER or not 8 <= image_size <= 4096:
+        raise BnnccError(f"width {width}, image size {image_size}: expected a width above 0 and at most "
+                         f"{MAX_MULTIPLIER} and an image size of 8 to 4096 pixels")
 
     check_writable(output)  # before minutes of training
     device = training_device(device)

@@ -98,3 +98,11 @@ def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_st
                            "--batch-size", "4", "--workers", "0", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "t64.onnx"]
+
+
+@pytest.mark.parametrize("width", ["0", "16"])
+def test_train_teacher_refuses_a_width_it_cannot_hold(cli, idx_dir, tmp_path, width):
+    """16x a ResNet-50 (some 6 billion weights) was taken, and would be killed for memory."""
+    code, _, err = cli("train-teacher", "--data", idx_dir, "--width", width, "-o", tmp_path / "t.onnx")
+    assert code == 2 and "expected a width above 0 and at most 4" in err, err
+    assert not (tmp_path / "t.onnx").exists()
