@@ -343,9 +343,9 @@ def _alone_shape(param) -> tuple[tuple[int, ...] | None, str]:
 
 def _in_network_ms(vm, kernels: set[str], image: tuple[int, ...], runs: int = 30) -> dict[str, float]:
     """Median ms per inference of each kernel in ``kernels`` inside whole batch-1 inferences of one
-    ``image`` (its (1, C, H, W)), on one
-    thread: with more, the hook's Python call between two kernels lets TVM's workers fall asleep,
-    and every kernel would be charged for waking them (2x to 4x at 2 threads)."""
+    ``image`` (its (1, C, H, W)), on one thread: with more, the hook's Python call between two
+    kernels lets TVM's workers fall asleep, and every kernel would be charged for waking them (2x to
+    4x at 2 threads)."""
     import tvm
 
     from bnncc.targets.tvm_compat import to_tensor

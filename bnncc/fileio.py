@@ -10,7 +10,8 @@ from typing import Iterator
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "output_errors", "umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "output_errors", "require_file",
+           "umask"]
 
 
 @contextlib.contextmanager
@@ -34,6 +35,15 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def require_file(path: Path, expected: str) -> None:
+    """Refuse a path that is no regular file, saying what it is instead: missing, a folder, or a
+    FIFO or device (reading one would wait for ever, or never end)."""
+    if not path.exists():
+        raise BnnccError(f"{path}: no such file")
+    if not path.is_file():
+        raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not {expected}")
 
 
 def check_writable(dest: str | os.PathLike) -> None:

@@ -44,6 +44,7 @@ import onnx_ir as ir
 
 from bnncc.domain import CANONICAL_OPSET, DOMAIN, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
 from bnncc.errors import BnnccError
+from bnncc.fileio import require_file
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
@@ -105,24 +106,33 @@ def read(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     proto = _read_checked(path)
-    if not any(node.domain == DOMAIN for node in proto.graph.node):
-        return _canonical(proto, path)
+    return _pokebnn(proto, path) if _is_pokebnn(proto) else _canonical(proto, path)
+
+
+def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
+    """``model``, or the graph at that path, which must be a PokeBNN graph: ``command`` (compile,
+    export) takes no float one, and refuses it before canonicalizing it."""
+    if isinstance(model, ir.Model):
+        source, pokebnn = f"graph {model.graph.name!r}", any(node.domain == DOMAIN for node in model.graph)
+    else:
+        source, proto = Path(model), _read_checked(Path(model))
+        pokebnn = _is_pokebnn(proto)
+    if not pokebnn:
+        raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
+    return model if isinstance(model, ir.Model) else _pokebnn(proto, source)
+
+
+def _is_pokebnn(proto: onnx.ModelProto) -> bool:
+    return any(node.domain == DOMAIN for node in proto.graph.node)
+
+
+def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
+    """The checked PokeBNN graph ``proto``, of the version of the ai.bnncc ops this bnncc knows."""
     versions = [o.version for o in proto.opset_import if o.domain == DOMAIN]
     if versions != [VERSION]:
         raise BnnccError(f"{path}: {DOMAIN} opset {versions[0] if len(versions) == 1 else versions}; this bnncc "
                          f"knows version {VERSION} of its ops")
     return ir.serde.deserialize_model(proto)
-
-
-def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
-    """``model``, or the graph at that path (``read``), which must be a PokeBNN graph: ``command``
-    (compile, export) takes no float one."""
-    source = f"graph {model.graph.name!r}" if isinstance(model, ir.Model) else str(model)
-    if not isinstance(model, ir.Model):
-        model = read(model)
-    if not any(node.domain == DOMAIN for node in model.graph):
-        raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
-    return model
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:
@@ -175,7 +185,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     proto = _read_checked(path)
-    if any(node.domain == DOMAIN for node in proto.graph.node):  # its checks would fail on the ops' shapes
+    if _is_pokebnn(proto):  # its checks would fail on the ops' shapes
         raise BnnccError(f"{path}: a PokeBNN graph ({DOMAIN} ops), where a float ResNet is expected")
     return _canonical(proto, path)
 
@@ -264,10 +274,7 @@ def _one_line(error: Exception) -> str:
 
 def _read_proto(path: Path) -> onnx.ModelProto:
     try:
-        if not path.exists():
-            raise BnnccError(f"{path}: no such file")
-        if not path.is_file():  # a folder, a FIFO, a device: nothing to read an ONNX model from
-            raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not an ONNX model")
+        require_file(path, "an ONNX model")
         data = path.read_bytes()
     except OSError as e:  # too long a name, no permission, ...
         raise BnnccError(f"{path}: cannot read the file: {e.strerror}") from None

@@ -26,9 +26,8 @@ def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[st
     Returns the rewritten copy of ``model`` (which is left as it was: a user rewriting one loaded
     model with two recipes got the second applied to the first's output) and one record per pass
     (name, modified, node count, ACE as ``bnncc.cost.ace`` measures it), preceded by an ``input``
-    record. The result
-    carries the ai.bnncc functions it uses (onnxruntime runs it), has a shape on every value and
-    passes ``onnx.checker``. ``model`` must be a float model as ``bnncc.load`` gives it: anything
+    record. The result carries the ai.bnncc functions it uses (onnxruntime runs it), has a shape on
+    every value and passes ``onnx.checker``. ``model`` must be a float model as ``bnncc.load`` gives it: anything
     else is refused by ``recognize``'s checks before any pass runs.
     """
     from bnncc.cost import ace  # the cost model reads only the graph; imported when used

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from bnncc.cli._app import app, console
 from bnncc.errors import BnnccError
+from bnncc.fileio import require_file
 
 
 @app.command("run")
@@ -37,10 +38,7 @@ def run_command(
 def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
     """(N, C, H, W) float32: a .npy as it is, an image resized to (H, W), scaled to [0, 1] and
     normalised with the manifest's mean/std when it records them."""
-    if not path.is_file():
-        if not path.exists():
-            raise BnnccError(f"{path}: no such file")
-        raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not an image or .npy file")
+    require_file(path, "an image or .npy file")
     x = _read_array(path) if path.suffix == ".npy" else _read_image(path, chw, preprocessing)
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")

@@ -202,13 +202,13 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     root = folder / ("train" if split == "train" else "val")
     if not root.is_dir():
         raise BnnccError(f"{root}: no such folder (an ImageFolder tree has train/ and val/)")
-    classes = sorted(entry.name for entry in os.scandir(root) if _is(entry, "dir"))
+    classes = sorted(entry.name for entry in os.scandir(root) if _safely(entry.is_dir))
     if not classes:
         raise BnnccError(f"{root}: no class folders")
     sources, names, labels = [], [], []
     for label, name in enumerate(classes):
         files = sorted(entry.name for entry in os.scandir(root / name)
-                       if _is(entry, "file") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+                       if _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise BnnccError(f"{root / name}: no images (an empty class)")
         sources.append(root / name)
@@ -218,11 +218,11 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     return ImageFiles(root, sources, labels_a.astype(np.int32), Names(names), labels_a, classes)
 
 
-def _is(entry: os.DirEntry, kind: str) -> bool:
-    """Whether a folder entry is a file (or a folder), following links; a link that leads nowhere or
-    into a loop is neither, and skipped like any other file that is no image."""
+def _safely(test) -> bool:
+    """A folder entry's ``is_file`` or ``is_dir``, which follow links: a link into a loop raises, and
+    is skipped like a link that leads nowhere (neither) and any other file that is no image."""
     try:
-        return entry.is_file() if kind == "file" else entry.is_dir()
+        return test()
     except OSError:
         return False
 
