@@ -4,6 +4,7 @@ A recipe is data. ``recipes/pokebnn_1x.toml`` (package ``bnncc.recipes``) looks 
 
     name = "pokebnn_1x"
     description = "PokeBNN-1.0x: ..."
+    blocks = "bottleneck"           # the ResNets it is written for: "bottleneck" or "basic"
 
     [[passes]]                      # run in this order
     name = "width_multiplier"       # a pass registered in bnncc.passmanager
@@ -16,7 +17,9 @@ A recipe is data. ``recipes/pokebnn_1x.toml`` (package ``bnncc.recipes``) looks 
 Validation: every pass must be registered and every parameter must be a keyword parameter of
 the pass, of the annotated type (an int is accepted where a float is expected); the pass is then
 built once so its own range checks run. ``[train]`` keys and types come from :data:`TRAIN_SCHEMA`.
-Each error names the file, the dotted key, the value and what was expected.
+Each error names the file, the dotted key, the value and what was expected. ``blocks`` is optional;
+``bnncc.rewrite`` refuses a model of the other kind of block, since a recipe's widths and ACE are
+those of its own networks.
 
 Overrides ``key=value`` use the same dotted keys (``passes.width_multiplier.multiplier=1.4``,
 ``train.lr=1e-4``); the value is read as a TOML value (a bare word is a string) and goes through
@@ -38,7 +41,7 @@ from typing import Any, Iterable
 from bnncc.errors import BnnccError
 from bnncc.passmanager import get_pass, pass_factory
 
-__all__ = ["Recipe", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
+__all__ = ["Recipe", "BLOCK_KINDS", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
 
 # [train] keys, as bnncc.train reads them. lr is per 256 images (the paper's 2e-5 x batch/256);
 # weight_quant_start is an epoch, act_calibration_step a step (pokebnn.md section 4).
@@ -63,7 +66,10 @@ TRAIN_RANGES: dict[str, tuple[float, bool]] = {
     "temperature": (0, False),
 }
 
-_TOP_LEVEL = ("name", "description", "passes", "train")
+_TOP_LEVEL = ("name", "description", "blocks", "passes", "train")
+
+# the values of ``blocks``: the kinds of ResNet block (bnncc.resnet.Bottleneck, BasicBlock)
+BLOCK_KINDS = ("bottleneck", "basic")
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Recipe:
     source: str
     passes: tuple[tuple[str, dict[str, Any]], ...]
     train: dict[str, Any]
+    blocks: str | None = None  # a BLOCK_KINDS value: the ResNets the recipe is for; None: any
 
     def params(self, pass_name: str) -> dict[str, Any]:
         """The parameters given to ``pass_name`` (empty when the pass is not in the recipe)."""
@@ -107,6 +114,8 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
         "passes": [{"name": name, **copy.deepcopy(params)} for name, params in recipe.passes],
         "train": copy.deepcopy(recipe.train),
     }
+    if recipe.blocks is not None:
+        raw["blocks"] = recipe.blocks
     for override in overrides:
         _apply_override(raw, override, recipe.source)
     return _validate(raw, recipe.source)
@@ -143,10 +152,10 @@ def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
         _pass_entry(raw, parts[1], source, key)[parts[2]] = value
     elif parts[0] == "train" and len(parts) == 2:
         raw.setdefault("train", {})[parts[1]] = value
-    elif len(parts) == 1 and parts[0] in ("name", "description"):
+    elif len(parts) == 1 and parts[0] in ("name", "description", "blocks"):
         raw[parts[0]] = value
     else:
-        raise BnnccError(f"--set {key}: unknown key; expected name, description, train.<key> "
+        raise BnnccError(f"--set {key}: unknown key; expected name, description, blocks, train.<key> "
                          "or passes.<pass name>.<parameter>")
 
 
@@ -176,12 +185,15 @@ def _validate(raw: dict[str, Any], source: str) -> Recipe:
         raise BnnccError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(_TOP_LEVEL)}")
     name = _check_type(raw.get("name", Path(source).stem), str, "name", source)
     description = _check_type(raw.get("description", ""), str, "description", source)
+    blocks = raw.get("blocks")
+    if blocks is not None and blocks not in BLOCK_KINDS:
+        raise BnnccError(f"{source}: blocks = {blocks!r}: expected one of {', '.join(map(repr, BLOCK_KINDS))}")
     entries = raw.get("passes")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise BnnccError(f"{source}: passes = {entries!r}: expected a non-empty array of tables ([[passes]])")
     passes = tuple(_validate_pass(entry, i, source) for i, entry in enumerate(entries))
     train = _validate_train(raw.get("train", {}), source)
-    return Recipe(name, description, source, passes, train)
+    return Recipe(name, description, source, passes, train, blocks)
 
 
 def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str, dict[str, Any]]:

@@ -13,7 +13,8 @@ import onnx_ir as ir
 from bnncc.errors import BnnccError
 from bnncc.frontend import recognize
 from bnncc.passmanager import PassManager, PassRecord
-from bnncc.recipe import Recipe, apply_overrides, load_recipe
+from bnncc.recipe import Recipe, apply_overrides, available_recipes, load_recipe
+from bnncc.resnet import Bottleneck, ResNet
 
 __all__ = ["rewrite"]
 
@@ -32,13 +33,14 @@ def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[st
     """
     from bnncc.cost import ace  # the cost model reads only the graph; imported when used
 
-    recognize(model)
-    model = ir.from_proto(ir.to_proto(model))  # the passes work in place
-
+    resnet = recognize(model)
     if isinstance(recipe, Recipe):
         recipe = apply_overrides(recipe, overrides)
     else:
         recipe = load_recipe(recipe, overrides)
+    _check_blocks(resnet, recipe)
+    model = ir.from_proto(ir.to_proto(model))  # the passes work in place
+
     start = time.perf_counter()
     manager = PassManager(recipe.passes, measure=ace)
     rows = [PassRecord("input", False, len(model.graph), ace(model))]
@@ -47,6 +49,19 @@ def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[st
     _check(model, recipe)
     logger.info("rewrote with %s in %.1f s", recipe.name, time.perf_counter() - start)
     return model, rows
+
+
+def _check_blocks(resnet: ResNet, recipe: Recipe) -> None:
+    """A recipe written for one kind of block is refused on the other: its passes would run (they
+    take both kinds), but its name, widths and ACE describe other networks (resnet18_pokebnn on a
+    ResNet-50 gave a 4.2e9 PokeBNN without the v1.5 stride fix)."""
+    first = resnet.blocks[0]
+    kind = "bottleneck" if isinstance(first, Bottleneck) else "basic"
+    if recipe.blocks is None or recipe.blocks == kind:
+        return
+    shipped = [name for name in available_recipes() if load_recipe(name).blocks == kind]
+    raise BnnccError(f"recipe {recipe.name} is for {recipe.blocks} ResNets, but this model has {kind} blocks "
+                     f"(node {first.convs[0]!r}); use one of {', '.join(shipped)}, or --set blocks={kind} to apply it anyway")
 
 
 def _check(model: ir.Model, recipe: Recipe) -> None:

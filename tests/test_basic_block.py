@@ -141,6 +141,24 @@ def test_resnet50_blocks_and_basic_blocks_share_the_passes(tmp_path):
         WidthMultiplierPass(0.5)(model)
 
 
+def test_a_recipe_for_the_other_kind_of_block_is_refused_before_any_pass(cli, resnet18_onnx, tmp_path):
+    """The passes take both kinds of block, but pokebnn_1x's name and ACE are a ResNet-50's (and
+    resnet18_pokebnn on a ResNet-50 left out the v1.5 stride fix); --set blocks= applies it anyway."""
+    out = tmp_path / "poke.onnx"
+    code, _, err = cli("rewrite", resnet18_onnx, "--recipe", "pokebnn_1x", "-o", out)
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines() == [
+        "error: recipe pokebnn_1x is for bottleneck ResNets, but this model has basic blocks (node "
+        f"{recognize(load(resnet18_onnx)).blocks[0].convs[0]!r}); use one of resnet18_bireal, resnet18_pokebnn, "
+        "resnet34_bireal, resnet34_pokebnn, or --set blocks=basic to apply it anyway"]
+    code, _, err = cli("rewrite", resnet18_onnx, "--recipe", "pokebnn_1x", "--set", "blocks=basic", "-o", out)
+    assert code == 0 and out.exists(), err
+    narrow50 = load(zoo.export_onnx(zoo.resnet50(0.25, num_classes=10), tmp_path / "r50.onnx", input_size=32))
+    with pytest.raises(BnnccError, match="recipe resnet18_pokebnn is for basic ResNets, but this model has "
+                                         "bottleneck blocks .*use one of pokebnn_0.5x, pokebnn_0.75x"):
+        rewrite(narrow50, "resnet18_pokebnn")
+
+
 def test_rewritten_resnet18_torch_view_matches_onnxruntime(poke18):
     _assert_torch_view_matches_onnxruntime(poke18[0], seed=3)
 
@@ -238,6 +256,7 @@ _POKE_CONV = {"clip_bound": 3.0, "se_ratio": 8, "se_w_bits": 4, "se_a_bits": 4, 
                                              ("resnet34_bireal", {"clip_bound": 3.0, "se_gate": False, "seed": 0})])
 def test_basic_block_recipes(name, poke_conv):
     recipe = load_recipe(name)
+    assert recipe.blocks == "basic"
     assert [n for n, _ in recipe.passes] == ["remove_projection_shortcuts", "poke_stem", "poke_conv", "int8_head"]
     assert recipe.params("poke_stem") == {"mid_channels": 32, "w_bits": 8, "a_bits": 8, "seed": 0}
     assert recipe.params("poke_conv") == poke_conv

@@ -18,7 +18,7 @@ def test_shipped_recipes():
     assert available_recipes() == sorted([*WIDTHS, *BASIC_BLOCK_RECIPES])
     for name, width in WIDTHS.items():
         recipe = load_recipe(name)
-        assert recipe.name == name
+        assert recipe.name == name and recipe.blocks == "bottleneck"
         assert [n for n, _ in recipe.passes] == PASS_ORDER
         assert recipe.params("width_multiplier")["multiplier"] == width
         assert recipe.params("poke_stem") == {"mid_channels": 32, "w_bits": 8, "a_bits": 8, "seed": 0}
@@ -36,6 +36,7 @@ def test_overrides_are_typed_by_the_schema():
     assert multiplier == 2.0 and isinstance(multiplier, float)
     assert recipe.train["lr"] == 1e-4
     assert recipe.description == "a bare word string"
+    assert load_recipe("pokebnn_1x", ["blocks=basic"]).blocks == "basic"
     # the same through an already-loaded recipe; the original is untouched
     base = load_recipe("pokebnn_1x")
     changed = apply_overrides(base, ["passes.poke_stem.mid_channels=16"])
@@ -102,6 +103,8 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
         ('[[passes]]\nname = "no_such_pass"\n', "passes[0].name: unknown pass 'no_such_pass'"),
         ('passes = "poke_conv"\n', "passes = 'poke_conv': expected a non-empty array of tables"),
         ('width = 1.0\n[[passes]]\nname = "poke_conv"\n', "unknown key 'width'"),
+        ('blocks = "resnet50"\n[[passes]]\nname = "poke_conv"\n',
+         "blocks = 'resnet50': expected one of 'bottleneck', 'basic'"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
         ("[[passes]\n", "not valid TOML"),
     ],
