@@ -378,8 +378,17 @@ def recognize(model: ir.Model) -> ResNet:
     )
 
 
+def require_ir_model(model: object) -> None:
+    """A TypeError naming the fix when ``model`` is no onnx_ir Model: onnx.load's ModelProto or a
+    path failed deep inside the caller, naming an attribute."""
+    if not isinstance(model, ir.Model):
+        raise TypeError(f"expected an onnx_ir.Model as bnncc.load returns, got {type(model).__name__}: "
+                        f"load the file with bnncc.load(path)")
+
+
 def _check_canonical(model: ir.Model) -> None:
     """The parts of the canonical form that recognizing relies on: its ops, its opset, every shape."""
+    require_ir_model(model)
     for node in model.graph:
         if node.domain != "" or node.op_type not in STABLE_OPS:
             raise BnnccError(

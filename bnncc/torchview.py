@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnncc.errors import BnnccError
+from bnncc.frontend import require_ir_model
 from bnncc.ops import op_def
 from bnncc.ops.batch_norm import batch_norm
 
@@ -481,6 +482,7 @@ class GraphModule(nn.Module):
 
 def to_torch(model: ir.Model) -> GraphModule:
     """The trainable torch view of ``model`` (float or PokeBNN); ``model`` is not modified."""
+    require_ir_model(model)
     return GraphModule(model)
 
 

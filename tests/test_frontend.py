@@ -404,3 +404,14 @@ def test_rewrite_refuses_a_model_not_in_canonical_form(tmp_path):
     path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "r50.onnx", input_size=32, opset=17)
     with pytest.raises(BnnccError, match="opset 17, not the canonical 18: load it with bnncc.load"):
         rewrite(ir.load(path), "pokebnn_1x")
+
+
+@pytest.mark.parametrize("wrong", [None, "resnet50.onnx", onnx.ModelProto()], ids=["None", "path", "ModelProto"])
+def test_the_python_api_names_the_model_type_it_takes(wrong):
+    """onnx.load's ModelProto or a path failed deep in the graph walk, naming an attribute."""
+    import bnncc
+
+    for function in (recognize, lambda m: bnncc.rewrite(m, "pokebnn_1x"), bnncc.to_torch):
+        with pytest.raises(TypeError, match=f"expected an onnx_ir.Model as bnncc.load returns, got "
+                                            f"{type(wrong).__name__}: load the file with bnncc.load"):
+            function(wrong)
