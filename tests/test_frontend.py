@@ -128,6 +128,16 @@ def test_missing_file(cli, tmp_path):
     _expect_refusal(cli, tmp_path / "nope.onnx", "no such file")
 
 
+def test_a_path_is_printed_as_it_is_on_one_line(cli, tmp_path):
+    """"[bold]" in a file name was taken for console markup and left out of the message, and a
+    newline in one split the error in two."""
+    (tmp_path / "bad[bold].onnx").write_bytes(b"junk")
+    _expect_refusal(cli, tmp_path / "bad[bold].onnx", "not an ONNX model")
+    (tmp_path / "two\nlines.onnx").write_bytes(b"junk")
+    code, _, err = cli("inspect", tmp_path / "two\nlines.onnx")
+    assert code == 2 and err == f"error: {tmp_path}/two\\nlines.onnx: not an ONNX model (truncated or not protobuf)\n"
+
+
 def test_empty_file(cli, tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     _expect_refusal(cli, tmp_path / "empty.onnx", "empty file")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.exceptions import TyperException
 
 from bnncc.errors import BnnccError
@@ -21,8 +22,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# no console markup: what is printed holds the user's paths and names, and "[x]" in one was eaten
+# as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 @app.callback()
@@ -72,4 +75,6 @@ def refuse_overwriting_input(model: Path, output: Path) -> None:
 
 
 def _error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    # one line whatever the message holds: a path with a newline split it in two
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", one_line), highlight=False, soft_wrap=True)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from bnncc.cli._app import app, console
 
@@ -64,6 +65,7 @@ def print_result(result) -> None:
 
 
 def untrained_notice(command: str) -> None:
-    console.print("[bold yellow]The network is untrained:[/] its binary weights come straight from the rewrite, "
-                  "so its outputs are not meaningful. To fine-tune it on a data set (IDX folder, ImageFolder "
-                  f"tree or tar shards), run:\n  {command}", soft_wrap=True)
+    console.print(Text.assemble(("The network is untrained:", "bold yellow"),
+                                " its binary weights come straight from the rewrite, so its outputs are not "
+                                "meaningful. To fine-tune it on a data set (IDX folder, ImageFolder tree or tar "
+                                f"shards), run:\n  {command}"), soft_wrap=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from bnncc.cli._app import app, console
 
@@ -25,7 +26,7 @@ def targets_command(
         table.add_column(column)
     for name, requirements in registry.check().items():
         for i, req in enumerate(requirements):
-            found = f"[green]{req.found}[/]" if req.found else "[red]missing[/]"
+            found = Text(str(req.found), style="green") if req.found else Text("missing", style="red")
             table.add_row(name if i == 0 else "", req.what, req.needed_for, found, "" if req.found else req.install)
         table.add_section()
     console.print(table)

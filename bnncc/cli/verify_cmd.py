@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from bnncc.cli._app import app, console
 
@@ -25,6 +26,6 @@ def verify_command(
                   f"rounding spread (unoptimized, inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
                   f"explained by that spread: {report.explained}")
     for line in report.failures:
-        console.print(f"[red]FAIL[/] {line}")
+        console.print(Text.assemble(("FAIL", "red"), " ", line))
     if not report.ok:
         raise typer.Exit(1)
