@@ -286,7 +286,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     plans = (Plan(data.batch_indices(step, cfg.batch_size, cfg.seed)[positions], step, positions)
              for step in range(start, steps))
     loss_value, seen, began = float("nan"), 0, time.perf_counter()
-    with progress:
+    stopped = _StopNotice(checkpoint if rank == 0 else None, steps, cfg.checkpoint_every, start if resumed else None)
+    with progress, stopped:
         task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=scheduler.get_last_lr()[0], ips=0.0)
         for step, (images, labels) in enumerate(loader(plans), start):
             step_began = time.perf_counter()
@@ -309,7 +310,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
             optimizer.step()
             scheduler.step()
             seen += cfg.batch_size
-            done = step + 1
+            done = stopped.done = step + 1
             if cfg.compile and step in (start, quant_start):  # the steps that compile
                 logger.info("torch.compile: step %d took %.1f s, compiling included", done,
                             time.perf_counter() - step_began)
@@ -328,10 +329,33 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                     log.flush()
             if checkpoint is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == steps):
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, loader.bad)
+                stopped.saved = done
     if log is not None:
         log.close()
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+class _StopNotice:
+    """Says, when a run is stopped (Ctrl-C; SIGTERM, which bnncc.cli turns into SystemExit), which
+    step its checkpoint holds, or that none was written yet."""
+
+    def __init__(self, checkpoint: Path | None, steps: int, every: int, saved: int | None) -> None:
+        self.checkpoint, self.steps, self.every, self.saved = checkpoint, steps, every, saved
+        self.done = saved or 0
+
+    def __enter__(self) -> "_StopNotice":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if self.checkpoint is None or kind not in (KeyboardInterrupt, SystemExit):
+            return
+        if self.saved is None:
+            logger.warning("stopped at step %d of %d, before the first checkpoint (every %d steps): nothing is kept",
+                           self.done, self.steps, self.every)
+        else:
+            logger.warning("stopped at step %d of %d; %s holds step %d: run the command again (finetune with "
+                           "--resume) to continue from there", self.done, self.steps, self.checkpoint, self.saved)
 
 
 def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConfig, step: int) -> None:

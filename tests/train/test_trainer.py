@@ -102,6 +102,30 @@ def test_resuming_another_runs_checkpoint_is_refused_and_a_new_run_begins_its_me
     assert "none.ckpt: no checkpoint to resume from; training from step 0" in caplog.text
 
 
+@pytest.mark.parametrize("stop_at, said", [
+    (1, "stopped at step 0 of 8, before the first checkpoint (every 2 steps): nothing is kept"),
+    (6, "stopped at step 5 of 8; {ckpt} holds step 4: run the command again (finetune with --resume)"),
+])
+def test_a_stopped_run_says_which_step_its_checkpoint_holds(idx_dir, tmp_path, monkeypatch, caplog, stop_at, said):
+    """Ctrl-C (KeyboardInterrupt; SIGTERM is a SystemExit in bnncc.cli) during step ``stop_at``."""
+    import bnncc.train.trainer as trainer
+
+    calls, kernel_l2 = [0], trainer._kernel_l2
+
+    def interrupted(module):
+        calls[0] += 1
+        if calls[0] == stop_at:
+            raise KeyboardInterrupt
+        return kernel_l2(module)
+
+    monkeypatch.setattr(trainer, "_kernel_l2", interrupted)
+    checkpoint = tmp_path / "run.ckpt"
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(), SHAPE, checkpoint=checkpoint, show_progress=False)
+    assert said.format(ckpt=checkpoint) in caplog.text
+    assert checkpoint.exists() == (stop_at > 2) and (stop_at < 2 or load_checkpoint(checkpoint)["step"] == 4)
+
+
 def test_a_batch_larger_than_the_data_is_refused_with_a_step_limit_too(idx_dir):
     data = open_dataset(idx_dir, "train")
     with pytest.raises(BnnccError, match=f"{len(data)} training images make no batch of 1000"):
