@@ -8,11 +8,18 @@ PokeInit (pokebnn.md section 3), for an input of Cin channels and a stem C wide 
     BatchNormalization -> DPReLU
 
 with M = ``mid_channels`` (32). No input pixel is used twice by the 4x4/4 conv, and it downsamples
-by 4 as the 7x7/2 conv plus the 3x3/2 pool did (224 -> 56), so the blocks see the same size. The
-float stem weights cannot carry over (other kernel); every new kernel is LeCun-normal, biases 0,
+by 4 as the 7x7/2 conv plus the 3x3/2 pool did (224 -> 56), so the blocks see the same size.
+The float stem weights cannot carry over (other kernel); every new kernel is LeCun-normal, biases 0,
 BN 1/0/0/1, DPReLU 0/0/1/0.25, activation bounds -1 (not calibrated yet). The network's output
 changes; the stem's ACE drops from 7x7x3x64 float MACs per 112x112 pixel to
 56x56 x (4x4xCin x M + 3x3 x C) MACs at 8 x 8 bits.
+
+A float stem of another size keeps its size: the window is s x s, stride s, where s is the stride
+of the float conv times that of its pool (2 for a stem without a max-pool: 224 -> 112), and an
+input that s does not divide is padded by what gives the float stem's size, half of it (rounded
+down) above and to the left (225 px: 57x57, pads 1 and 2). Where no padding gives it (a pool
+without padding: 224 -> 55), the pass refuses; a fixed 4x4/4 window had put the blocks at another
+size without a word.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from bnncc.errors import BnnccError
 from bnncc.passes._blocks import only_user
 from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh,
                                    take_over, uncalibrated_bound)
-from bnncc.passes._util import add_initializer, check_bit_widths
+from bnncc.passes._util import add_initializer, check_bit_widths, ints_attr
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -61,16 +68,13 @@ class PokeStemPass(ir.passes.InPlacePass):
         conv, last = stem[0], stem[-1]
         out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
         mid = self.mid_channels
-        size = list(conv.inputs[0].shape or [])[2:]
-        if any(isinstance(d, int) and d < 4 for d in size):
-            raise BnnccError(f"poke_stem: the input of {conv.name} is {'x'.join(map(str, size))} pixels, smaller than "
-                             f"the PokeInit stem's 4x4 window")
+        window, pads = _window(stem)
         if out_channels % mid:
             raise BnnccError(f"poke_stem: the stem's {out_channels} output channels ({conv.name}) are not a "
                              f"multiple of mid_channels={mid}")
         rng = np.random.default_rng(self.seed)
-        x = self._quant_conv(graph, conv.inputs[0], "stem/conv1", lecun_normal(rng, (mid, in_channels, 4, 4)),
-                             kernel_shape=[4, 4], strides=[4, 4], pads=[0, 0, 0, 0], group=1)
+        x = self._quant_conv(graph, conv.inputs[0], "stem/conv1", lecun_normal(rng, (mid, in_channels, window, window)),
+                             kernel_shape=[window, window], strides=[window, window], pads=pads, group=1)
         x = dprelu(graph, batch_norm(graph, x, "stem/bn1", mid), "stem/dprelu1", mid)
         x = self._quant_conv(graph, x, "stem/conv2", lecun_normal(rng, (out_channels, 1, 3, 3)),
                              kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], group=mid)
@@ -94,6 +98,26 @@ class PokeStemPass(ir.passes.InPlacePass):
         ]
         return add_node(graph, "QuantConv", inputs, name, domain=DOMAIN,
                         w_bits=self.w_bits, a_bits=self.a_bits, a_signed=1, **conv)
+
+
+def _window(stem: list[ir.Node]) -> tuple[int, list[int]]:
+    """The PokeInit conv's window (its stride too) and its ONNX pads (top, left, bottom, right):
+    the size the float ``stem`` gives, from its input's (module docstring)."""
+    conv, last = stem[0], stem[-1]
+    strides = ints_attr(conv, "strides", (1, 1))
+    if len(stem) == 3:
+        strides = tuple(a * b for a, b in zip(strides, ints_attr(stem[2], "strides", (1, 1))))
+    size, out = list(conv.inputs[0].shape)[2:], list(last.outputs[0].shape)[2:]
+    where = f"the stem ({', '.join(node.name for node in stem)}) takes {'x'.join(map(str, size))} pixels to " \
+            f"{'x'.join(map(str, out))}"
+    if len(set(strides)) != 1:
+        raise BnnccError(f"poke_stem: {where} with strides {list(strides)} along H and W; PokeInit's are equal")
+    window = strides[0]
+    extra = [window * o - i for i, o in zip(size, out)]
+    if any(i < window for i in size) or not all(0 <= e < window for e in extra):
+        raise BnnccError(f"poke_stem: {where}; a PokeInit stem of {window}x{window} windows, stride {window}, "
+                         f"cannot give that size")
+    return window, [extra[0] // 2, extra[1] // 2, extra[0] - extra[0] // 2, extra[1] - extra[1] // 2]
 
 
 def _float_stem(graph: ir.Graph) -> list[ir.Node] | None:

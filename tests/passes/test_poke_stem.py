@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _support import SIZE, ace_total, conv_macs, op_counts, random_input, run_ort
+import torch
+from _support import CLASSES, SIZE, ace_total, conv_macs, op_counts, random_input, run_ort
 
+from bnncc import zoo
 from bnncc.errors import BnnccError
-from bnncc.frontend import recognize
+from bnncc.frontend import load, recognize
 from bnncc.passes.poke_stem import PokeStemPass
 
 
@@ -67,5 +69,40 @@ def test_an_input_smaller_than_the_stem_window_is_an_error(small_model):
 
     dims = list(small_model.graph.inputs[0].shape)
     small_model.graph.inputs[0].shape = ir.Shape([*dims[:2], 2, 2])
-    with pytest.raises(BnnccError, match="is 2x2 pixels, smaller than the PokeInit stem's 4x4 window"):
+    with pytest.raises(BnnccError, match="takes 2x2 pixels to 16x16; a PokeInit stem of 4x4 windows, stride 4, "
+                                         "cannot give that size"):
         PokeStemPass(mid_channels=8)(small_model)
+
+
+def _stem_variant(tmp_path, size: int, maxpool) -> str:
+    """The narrow ResNet-50 at ``size`` px with ``maxpool`` as its stem's pool."""
+    module = zoo.resnet50(0.125, num_classes=CLASSES)
+    module.maxpool = maxpool
+    return str(zoo.export_onnx(module, tmp_path / f"stem_{size}.onnx", input_size=size, batch="symbolic"))
+
+
+@pytest.mark.parametrize("size, maxpool, window, pads, blocks_at", [
+    (32, torch.nn.Identity(), 2, [0, 0, 0, 0], 16),  # no max-pool: the float stem halves the image
+    (66, torch.nn.MaxPool2d(3, 2, 1), 4, [1, 1, 1, 1], 17),  # 4 does not divide 66: the pool gives 17
+])
+def test_the_stem_keeps_the_size_the_float_stem_gives(tmp_path, size, maxpool, window, pads, blocks_at):
+    """A fixed 4x4/4 window put the blocks of a stem without a max-pool at a quarter of their pixels
+    (112 -> 56 at 224 px), and those of a 225 px input one pixel short, without a word."""
+    model = load(_stem_variant(tmp_path, size, maxpool))
+    first_conv = recognize(model).blocks[0].convs[0]
+    float_out = run_ort(model, np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32))
+    assert PokeStemPass(mid_channels=8)(model).modified
+    conv1 = model.graph.node("stem/conv1")
+    assert list(conv1.attributes.get_ints("kernel_shape")) == list(conv1.attributes.get_ints("strides")) == [window] * 2
+    assert list(conv1.attributes.get_ints("pads")) == pads
+    assert tuple(model.graph.node(first_conv).inputs[0].shape)[2:] == (blocks_at, blocks_at)
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size)).astype(np.float32)
+    assert run_ort(model, x).shape == float_out.shape
+
+
+def test_a_stem_size_no_window_gives_is_refused(tmp_path):
+    """A pool without padding takes 64 px to 15: no 4x4/4 window with pads gives it."""
+    model = load(_stem_variant(tmp_path, 64, torch.nn.MaxPool2d(3, 2, 0)))
+    with pytest.raises(BnnccError, match=r"poke_stem: the stem \(.*\) takes 64x64 pixels to 15x15; a PokeInit stem "
+                                         r"of 4x4 windows, stride 4, cannot give that size"):
+        PokeStemPass(mid_channels=8)(model)

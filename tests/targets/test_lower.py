@@ -743,3 +743,25 @@ def test_block_output_overwrites_its_dead_residual():
     assert module.script().count("R.call_tir_inplace(") == 1
     aliasing = [f for f in module.functions.values() if isinstance(f, tirx.PrimFunc) and not f.attrs["tirx.noalias"]]
     assert len(aliasing) == 1
+
+
+@pytest.mark.parametrize("size, pool", [(66, "padded"), (32, "none")])
+def test_pokeinit_stems_of_other_windows_agree_with_onnxruntime(tmp_path, size, pool):
+    """poke_stem keeps a float stem's size: at 66 px its 4x4/4 window is padded (17x17 blocks), without
+    a max-pool it is 2x2/2 (16x16); the in-place NCHW stem conv reads the padding as zeros. Checked
+    by verify: random binary networks put some inputs at a sign's decision point, where onnxruntime
+    itself moves by as much when the input moves by a few float32 epsilons."""
+    import torch
+
+    from bnncc import zoo
+    from bnncc.frontend import load
+    from bnncc.rewriting import rewrite
+    from bnncc.targets.build import compile
+    from bnncc.verification import verify
+
+    module = zoo.resnet50(0.125, num_classes=CLASSES)
+    module.maxpool = torch.nn.MaxPool2d(3, 2, 1) if pool == "padded" else torch.nn.Identity()
+    float_model = load(zoo.export_onnx(module, tmp_path / "float.onnx", input_size=size, batch="symbolic"))
+    poke, _ = rewrite(float_model, "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    report = verify(compile(poke, tmp_path / "lib"), n=8, batch=2)
+    assert report.ok and report.argmax_agree == report.inputs, report.failures
