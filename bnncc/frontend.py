@@ -386,16 +386,29 @@ def require_ir_model(model: object) -> None:
                         f"load the file with bnncc.load(path)")
 
 
+# ops a float ResNet has, left in the graph where the canonical form has none: the places they fold
+# or turn into. The list of allowed ops named them as allowed (a pre-activation ResNet's first batch
+# norm was "unsupported op; ... may use only Conv, BatchNormalization, ...").
+_LEFT_OVER = {
+    "BatchNormalization": "a batch norm that folds into no conv: it must follow a Conv and run in inference "
+                          "mode (pre-activation ResNets, v2, are not supported; export in eval mode)",
+    "AveragePool": "an average pool that is not the global pool before the classifier (ResNet-D's pooled "
+                   "shortcuts are not supported)",
+    "ReduceMean": "a mean that is not the global pool before the classifier",
+    "Reshape": "a reshape that is not the flatten before the classifier",
+    "MatMul": "a matrix product that is not the classifier",
+}
+
+
 def _check_canonical(model: ir.Model) -> None:
     """The parts of the canonical form that recognizing relies on: its ops, its opset, every shape."""
     require_ir_model(model)
     for node in model.graph:
         if node.domain != "" or node.op_type not in STABLE_OPS:
-            raise BnnccError(
-                f"node '{node.name}' ({node.op_type}): unsupported op; "
-                f"a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, pooling, "
-                f"Flatten/Reshape, Gemm/MatMul"
-            )
+            why = _LEFT_OVER.get(node.op_type) if node.domain == "" else None
+            raise BnnccError(f"node '{node.name}' ({node.op_type}): " + (why or (
+                "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "
+                "pooling, Flatten/Reshape, Gemm/MatMul")))
     opset = model.opset_imports.get("")
     if opset != CANONICAL_OPSET:
         raise BnnccError(f"the model is at opset {opset}, not the canonical {CANONICAL_OPSET}: "

@@ -222,6 +222,28 @@ def test_unsupported_op(cli, tmp_path):
     _expect_refusal(cli, tmp_path / "tanh.onnx", "'squash'", "Tanh", "unsupported op")
 
 
+def _pre_activation(module):
+    module.conv1 = torch.nn.Sequential(torch.nn.BatchNorm2d(3), module.conv1)  # a batch norm before any conv
+    return module
+
+
+def _pooled_shortcut(module):
+    projection = module.layer2[0].downsample[0]  # ResNet-D: average pool, then a stride-1 projection
+    module.layer2[0].downsample[0] = torch.nn.Sequential(
+        torch.nn.AvgPool2d(2), torch.nn.Conv2d(projection.in_channels, projection.out_channels, 1, bias=False))
+    return module
+
+
+@pytest.mark.parametrize("change, op, fragment", [
+    (_pre_activation, "BatchNormalization", "a batch norm that folds into no conv: it must follow a Conv"),
+    (_pooled_shortcut, "AveragePool", "an average pool that is not the global pool before the classifier"),
+])
+def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, op, fragment):
+    """The list of allowed ops named the refused op among them (timm's resnetv2_50, resnet50d)."""
+    path = zoo.export_onnx(change(zoo.resnet50(0.125, num_classes=10)), tmp_path / "variant.onnx", input_size=32)
+    _expect_refusal(cli, path, f"({op}): {fragment}")
+
+
 def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
