@@ -10,8 +10,8 @@ from typing import Iterator
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "output_errors", "require_file",
-           "umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "output_errors",
+           "output_target", "require_file", "umask"]
 
 
 @contextlib.contextmanager
@@ -21,9 +21,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     The rename is atomic on POSIX, so a crash or kill leaves either the old file or the new one.
     On an exception the temporary file is removed and ``dest`` is untouched.
     """
-    dest = Path(dest)
-    if dest.is_dir():
-        raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
+    dest = output_target(dest)
     with output_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
@@ -46,12 +44,23 @@ def require_file(path: Path, expected: str) -> None:
         raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not {expected}")
 
 
+def output_target(dest: str | os.PathLike) -> Path:
+    """The file an output to ``dest`` replaces: ``dest``, or the file a symbolic link there names
+    (the rename put a file in place of the link). A folder, FIFO, device or socket is refused: the
+    rename replaced /dev/null itself with a regular file when a root user wrote there."""
+    dest = Path(dest)
+    target = dest.resolve() if dest.is_symlink() else dest
+    if target.is_dir():
+        raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
+    if target.exists() and not target.is_file():
+        raise BnnccError(f"{dest}: not a regular file (a device, FIFO or socket); expected the path of a file to write")
+    return target
+
+
 def check_writable(dest: str | os.PathLike) -> None:
     """Refuse, before any work, an output path that cannot be written (a folder, a parent that is a
     file, no permission, a read-only file system): a file is created beside it and removed."""
-    dest = Path(dest)
-    if dest.is_dir():
-        raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
+    dest = output_target(dest)
     with output_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)

@@ -37,3 +37,19 @@ def test_an_output_path_that_cannot_be_a_file_is_one_error(tmp_path, dest, messa
     with pytest.raises(BnnccError, match=message):
         atomic_write_text(tmp_path / dest, "x")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_output_onto_a_fifo_is_refused_and_one_through_a_link_writes_its_file(tmp_path):
+    """The rename replaced a FIFO or device at the output path (as root, /dev/null itself) by a
+    regular file, and a symbolic link by a file in its place."""
+    from bnncc.fileio import check_writable
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for write in (lambda: atomic_write_text(fifo, "x"), lambda: check_writable(fifo)):
+        with pytest.raises(BnnccError, match="fifo: not a regular file .*; expected the path of a file to write"):
+            write()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    (tmp_path / "link").symlink_to("target.txt")
+    atomic_write_text(tmp_path / "link", "written")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target.txt").read_text() == "written"
