@@ -1,3 +1,8 @@
+import subprocess
+import sys
+
+import pytest
+
 from bnncc.cli._app import app
 from bnncc.errors import BnnccError
 
@@ -74,3 +79,30 @@ def test_demo_help_states_the_demos_defaults(cli):
     assert code == 0
     assert f"fine-tuning epochs of the PokeBNN student (default: {DemoOptions.epochs})" in text
     assert f"training epochs of the float teacher (default: {DemoOptions.teacher_epochs})" in text
+
+
+_SIGNAL_IN_TVM = '''
+import os, signal, sys, time
+import tvm
+from bnncc.cli import app, main
+
+@app.command("signal-in-tvm")
+def signal_in_tvm(name: str) -> None:
+    def callback():  # Python code that TVM's C++ calls, as its compiler calls our passes
+        os.kill(os.getpid(), getattr(signal, name))
+        time.sleep(5)
+    tvm.runtime.convert(callback)()
+
+sys.argv = ["bnncc", "signal-in-tvm", sys.argv[1]]
+main()
+'''
+
+
+@pytest.mark.parametrize("name, code, err", [("SIGTERM", 143, ""), ("SIGINT", 130, "error: interrupted\n")])
+def test_a_signal_while_tvm_runs_our_code_ends_the_run_as_that_signal(tmp_path, name, code, err):
+    """SIGTERM or Ctrl-C during a compile came back from TVM as its RuntimeError: \"unexpected
+    RuntimeError: 143\", exit 1."""
+    script = tmp_path / "signal_in_tvm.py"
+    script.write_text(_SIGNAL_IN_TVM)
+    done = subprocess.run([sys.executable, script, name], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (code, err)

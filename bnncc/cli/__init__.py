@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from bnncc.cli._app import app, run_app
+from bnncc.cli._app import app, on_signal, run_app
 
 # Importing a command module registers its command on `app`; keep one line per module.
 from bnncc.cli import version_cmd  # noqa: E402,F401
@@ -33,9 +33,6 @@ __all__ = ["app", "main"]
 def main() -> None:
     # SIGTERM (kill, a job scheduler, torchrun stopping its workers) ends the run as an exception
     # does, so that the temporary files of an unfinished output are removed on the way out
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     sys.exit(run_app())
-
-
-def _terminated(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import typer
@@ -33,6 +34,20 @@ def _root() -> None:
     """Compile a float ResNet-50 (ONNX) into a PokeBNN binarized network."""
 
 
+# the signals that stopped this run (on_signal): one that arrives while TVM's compiler runs Python
+# code of ours comes back from it as TVM's RuntimeError, not as the exception the handler raised
+_signals: list[int] = []
+
+
+def on_signal(signum: int, frame) -> None:
+    """SIGINT as KeyboardInterrupt, SIGTERM as SystemExit(143): the run ends as an exception does,
+    removing the temporary files of an unfinished output on the way out."""
+    _signals.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
 def run_app(argv: list[str] | None = None) -> int:
     """Run the CLI. A BnnccError becomes one line on stderr and exit code 2, and so does a usage
     error (an unknown option, a value out of range); ``--help`` exits 0. Anything else is a bug or
@@ -52,12 +67,16 @@ def run_app(argv: list[str] | None = None) -> int:
         hint = f" (see `{context.command_path} --help`)" if context is not None else ""
         _error(f"{e.format_message()}{hint}")
         return e.exit_code
-    except typer.Abort:
-        _error("aborted")
-        return 1
+    except typer.Abort:  # click's form of KeyboardInterrupt
+        _error("interrupted")
+        return 128 + signal.SIGINT
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # noqa: BLE001  (the last boundary: no traceback for users)
+        if _signals:
+            if _signals[-1] == signal.SIGINT:
+                _error("interrupted")
+            return 128 + _signals[-1]
         if os.environ.get("BNNCC_DEBUG"):
             raise
         lines = str(e).strip().splitlines()
