@@ -20,3 +20,8 @@ SUPPORTED_OPSETS = range(9, 22)
 # The most input pixels (H x W) a network may have: its widest activation (256 channels at a quarter
 # of the size, 16 floats an input pixel; 64 for margin) within the compiled kernels' 32-bit indices.
 MAX_INPUT_PIXELS = 2**31 // 64
+# Keys of a graph's metadata_props that later stages read (compile copies both into model.json):
+# the recipe that rewrote it, and the input normalisation it was fine-tuned with, as JSON
+# {"mean": [...], "std": [...]} per input channel of pixels in [0, 1] (bnncc run applies it).
+RECIPE_KEY = "bnncc.recipe"
+PREPROCESSING_KEY = "bnncc.preprocessing"

@@ -10,6 +10,7 @@ from typing import Iterable
 import onnx
 import onnx_ir as ir
 
+from bnncc.domain import RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.frontend import recognize
 from bnncc.passmanager import PassManager, PassRecord
@@ -45,6 +46,7 @@ def rewrite(model: ir.Model, recipe: Recipe | str | Path, overrides: Iterable[st
     manager = PassManager(recipe.passes, measure=ace)
     rows = [PassRecord("input", False, len(model.graph), ace(model))]
     model = manager.run(model)
+    model.metadata_props[RECIPE_KEY] = recipe.name
     rows.extend(manager.records)
     _check(model, recipe)
     logger.info("rewrote with %s in %.1f s", recipe.name, time.perf_counter() - start)

@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bnncc.cost import ace
+from bnncc.domain import PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import output_errors, umask
 from bnncc.frontend import read_pokebnn
@@ -33,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 TARGETS = registry.names()  # x86-64, arm64, cuda: each one's target, schedules, export and runner
 MANIFEST_FORMAT = "bnncc-library/1"
-# model metadata keys (metadata_props) that other stages may record and the manifest copies
-_RECIPE_KEY = "bnncc.recipe"
-_PREPROCESSING_KEY = "bnncc.preprocessing"
 
 
 def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, target: str = "x86-64",
@@ -63,8 +61,8 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
                   "dtype": "float32"},
         "output": {"name": lowered.output_name, "shape": [BATCH, lowered.classes], "dtype": "float32"},
         "functions": {str(b): function_name(b) for b in batches},
-        "preprocessing": _metadata_json(model, _PREPROCESSING_KEY),
-        "recipe": model.metadata_props.get(_RECIPE_KEY),
+        "preprocessing": _metadata_json(model, PREPROCESSING_KEY),
+        "recipe": model.metadata_props.get(RECIPE_KEY),
         "ace": float(ace(model)),
         "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
         "compile_seconds": round(compile_s, 2),

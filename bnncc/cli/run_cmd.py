@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -24,8 +25,15 @@ def run_command(
     from bnncc.runtime import load
 
     lib = load(library)
-    x = _read_input(input, lib.input_chw, lib.manifest.get("preprocessing"))
+    preprocessing = lib.manifest.get("preprocessing")
+    x = _read_input(input, lib.input_chw, preprocessing)
+    if preprocessing is None and input.suffix != ".npy":
+        console.print(f"{library}: records no input normalisation (bnncc fine-tuning records the one it "
+                      f"trained with): the image goes in as pixels in [0, 1]", style="dim", highlight=False)
     logits = lib(x)
+    if not np.isfinite(logits).all():
+        raise BnnccError(f"{input}: the network's outputs overflow (NaN or infinite logits) on inputs up to "
+                         f"{np.abs(x).max():.3g}, far from what it was trained on")
     for i, row in enumerate(logits):
         table = Table(title=f"{input} [{i}]" if len(logits) > 1 else str(input))
         table.add_column("class", justify="right")
@@ -42,28 +50,61 @@ def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
     x = _read_array(path) if path.suffix == ".npy" else _read_image(path, chw, preprocessing)
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")
-    if not np.isfinite(x).all():
-        raise BnnccError(f"{path}: holds NaN or infinite values")
     return x
 
 
 def _read_array(path: Path) -> np.ndarray:
-    """A .npy of real numbers, (C, H, W) or (N, C, H, W), as float32 (N, ...); no pickled objects."""
-    try:
-        x = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # truncated, pickled objects, not a .npy at all
-        lines = str(e).strip().splitlines()
-        raise BnnccError(f"{path}: not a readable .npy array ({lines[0] if lines else type(e).__name__})") from None
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise BnnccError(f"{path}: an array of {x.dtype}; expected real numbers")
-    if x.ndim not in (3, 4):
-        raise BnnccError(f"{path}: an array of shape {x.shape}; expected (C, H, W) or (N, C, H, W)")
-    x = x.astype(np.float32)
-    return x[None] if x.ndim == 3 else x
+    """A .npy of real numbers, (C, H, W) or (N, C, H, W), as float32 (N, ...); no pickled objects.
+    Its header is read first: a .npz named .npy was taken apart as an archive, and a header that
+    claims more data than the file holds asked for that much memory (56 GiB) before failing."""
+    header = _array_header(path)
+    if header is None:
+        raise BnnccError(f"{path}: not a .npy array (no .npy header{'; a .npz archive' if _is_zip(path) else ''})")
+    shape, dtype, data_bytes = header
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise BnnccError(f"{path}: an array of {dtype}; expected real numbers")
+    if len(shape) not in (3, 4):
+        raise BnnccError(f"{path}: an array of shape {shape}; expected (C, H, W) or (N, C, H, W)")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > data_bytes:
+        raise BnnccError(f"{path}: truncated; its header gives {shape} {dtype} ({needed} bytes) but the file holds "
+                         f"{data_bytes} bytes of data")
+    x = np.load(path, allow_pickle=False)
+    if not np.isfinite(x).all():
+        raise BnnccError(f"{path}: holds NaN or infinite values")
+    with np.errstate(over="ignore"):  # said below, in one line
+        narrow = x.astype(np.float32)
+    if not np.isfinite(narrow).all():
+        raise BnnccError(f"{path}: holds values beyond float32's range (up to {np.abs(x).max():.3g})")
+    return narrow[None] if narrow.ndim == 3 else narrow
+
+
+def _array_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, bytes after the header) of a .npy file, or None when it has no .npy header."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as f:
+        try:
+            reader = readers.get(np.lib.format.read_magic(f))
+            if reader is None:
+                return None
+            shape, _, dtype = reader(f)
+        except ValueError:  # no magic string, or a header numpy cannot read
+            return None
+        return tuple(shape), dtype, path.stat().st_size - f.tell()
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+# PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
+# clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
+_DEEP_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     channels, height, width = chw
     try:
@@ -71,16 +112,30 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             # an image of more pixels than PIL's guard against decompression bombs but fewer than twice
             # that is read (its memory is bounded); PIL's warning would print its own lines
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            if image.size != (width, height):  # said, since a tiny or oddly shaped image classifies poorly
-                console.print(f"{path}: a {image.size[0]}x{image.size[1]} image, resized to the network's "
-                              f"{width}x{height}", style="dim", highlight=False)
-            image = image.convert("RGB" if channels == 3 else "L").resize((width, height))
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened)  # as a viewer shows it
+                size = image.size
+                x = _pixels(image, channels, (width, height))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
-    x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+    if size != (width, height):  # said, since a tiny or oddly shaped image classifies poorly
+        console.print(f"{path}: a {size[0]}x{size[1]} image, resized to the network's {width}x{height}",
+                      style="dim", highlight=False)
     if preprocessing:
         mean = np.asarray(preprocessing["mean"], np.float32).reshape(-1, 1, 1)
         std = np.asarray(preprocessing["std"], np.float32).reshape(-1, 1, 1)
         x = (x - mean) / std
     return x[None]
+
+
+def _pixels(image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) float32 in [0, 1] of the PIL ``image`` resized to ``size`` (W, H)."""
+    from PIL import Image
+
+    white = _DEEP_MODES.get(image.mode)
+    if white is None:
+        image = image.convert("RGB" if channels == 3 else "L").resize(size)
+        return np.asarray(image, dtype=np.float32).reshape(size[1], size[0], channels).transpose(2, 0, 1) / 255.0
+    grey = np.clip(np.asarray(image, dtype=np.float32) / white, 0.0, 1.0)
+    grey = np.asarray(Image.fromarray(grey, mode="F").resize(size), dtype=np.float32)
+    return np.repeat(np.clip(grey, 0.0, 1.0)[None], channels, axis=0)

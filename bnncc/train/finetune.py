@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +11,12 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from bnncc.domain import DOMAIN
+from bnncc.domain import DOMAIN, PREPROCESSING_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, check_writable
 from bnncc.passes.width_multiplier import MAX_MULTIPLIER
 from bnncc.train.config import TrainConfig
-from bnncc.train.data import open_splits
+from bnncc.train.data import Dataset, open_splits
 from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train, training_device
 
 __all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
@@ -118,8 +119,22 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
                        val_data.num_classes, _classes(student_model))
     student.cpu()
     write_back(student, student_model)
+    student_model.metadata_props[PREPROCESSING_KEY] = json.dumps(_preprocessing(train_data, shape[0]))
     _save(student_model, output)
     return FinetuneResult(output, result, *accuracy, float(ace(student_model).total))
+
+
+def _preprocessing(data: Dataset, channels: int) -> dict:
+    """The normalisation the model was trained with, per input channel (data._adapt: grey data is
+    repeated to C channels, exactly; colour data averaged to one channel after normalising, which
+    one mean and std of the channels' give only approximately)."""
+    mean, std = list(data.mean), list(data.std)
+    if len(mean) != channels:
+        if len(mean) == 1:
+            mean, std = mean * channels, std * channels
+        else:
+            mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return {"mean": mean, "std": std}
 
 
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,

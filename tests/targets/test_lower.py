@@ -371,7 +371,8 @@ def test_runtime_returns_no_logits_for_no_images(library):
 
 
 @pytest.mark.parametrize(("array", "message"), [
-    (np.array([object()], dtype=object), "not a readable .npy array"),
+    (np.array([object()], dtype=object), "an array of object; expected real numbers"),
+    (np.full((3, 32, 32), 1e300), r"holds values beyond float32's range \(up to 1e\+300\)"),
     (np.zeros((0, 3, 32, 32), np.float32), "holds no images"),
     (np.full((3, 32, 32), np.nan, np.float32), "holds NaN or infinite values"),
     (np.zeros((3, 32, 32), np.complex64), "an array of complex64; expected real numbers"),
@@ -382,6 +383,56 @@ def test_run_cli_refuses_bad_arrays_in_one_line(library, cli, tmp_path, array, m
     code, out, err = cli("run", library[0], "--input", tmp_path / "x.npy")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    # a .npz named .npy was taken apart as an archive: "unexpected AttributeError"
+    (lambda path: np.savez(path.with_suffix(".npz"), np.zeros(3)) or path.with_suffix(".npz").rename(path),
+     r"not a .npy array \(no .npy header; a .npz archive\)"),
+    # a header claiming 56 GiB: "unexpected MemoryError"
+    (lambda path: path.write_bytes(_npy_header((100000, 3, 224, 224)) + bytes(64)),
+     r"truncated; its header gives \(100000, 3, 224, 224\) float32 \(60211200000 bytes\)"),
+    (lambda path: path.write_text("1 2 3"), r"not a .npy array \(no .npy header\)"),
+])
+def test_run_cli_reads_the_npy_header_first(library, cli, tmp_path, content, message):
+    content(tmp_path / "x.npy")
+    code, _, err = cli("run", library[0], "--input", tmp_path / "x.npy")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def _npy_header(shape) -> bytes:
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+def test_run_cli_normalises_as_the_manifest_says_and_reads_deep_images(library, cli, tmp_path):
+    """preprocessing (fine-tuning records it) is applied to the image's [0, 1] pixels; a 16-bit grey
+    PNG is scaled by 65535 (PIL's convert("RGB") clipped it, nearly all white)."""
+    from PIL import Image
+
+    def top_class(out):
+        return int(re.search(r"│\s+(\d+) │", out).group(1))
+
+    _, model = library
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    stats = {"mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 0.125]}
+    folder = _tampered(library, tmp_path, manifest=lambda m: m.update(preprocessing=stats))
+    code, out, _ = cli("run", folder, "--input", tmp_path / "rgb.png", "--top", "1")
+    pixels = rgb.transpose(2, 0, 1).astype(np.float32) / 255
+    normalised = (pixels - np.reshape(stats["mean"], (3, 1, 1))) / np.reshape(stats["std"], (3, 1, 1))
+    assert code == 0 and top_class(out) == int(_onnxruntime(model, normalised[None].astype(np.float32)).argmax())
+    code, out, _ = cli("run", library[0], "--input", tmp_path / "rgb.png")
+    assert code == 0 and "records no input normalisation" in " ".join(out.split())
+    grey = rng.integers(0, 65536, (32, 32)).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    code, out, _ = cli("run", library[0], "--input", tmp_path / "grey16.png", "--top", "1")
+    expected = np.repeat((grey / 65535).astype(np.float32)[None], 3, axis=0)
+    assert code == 0 and top_class(out) == int(_onnxruntime(model, expected[None]).argmax())
 
 
 def test_compile_keeps_what_is_at_the_output_path(cli, tmp_path, library):

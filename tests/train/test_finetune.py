@@ -1,5 +1,7 @@
 """End to end: a tiny float ResNet-50 teacher, its PokeBNN rewrite, fine-tuned by distillation."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -7,9 +9,11 @@ import pytest
 
 from bnncc.domain import DOMAIN
 from bnncc.train import TrainConfig, finetune
+from bnncc.train.data import open_splits
 
 
-def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(tmp_path, teacher_and_student, finetune_four_steps):
+def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(tmp_path, idx_dir, teacher_and_student,
+                                                              finetune_four_steps):
     teacher, student = teacher_and_student
     out = tmp_path / "trained.onnx"
     result = finetune_four_steps(student, teacher, out)
@@ -25,6 +29,12 @@ def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(tmp_path, teacher
     session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
     assert logits.shape == (1, 4) and np.isfinite(logits).all()
+    # what bnncc run needs to feed the library as training fed the model: the grey data's one mean
+    # and std, for each of the model's 3 input channels; and the recipe of the rewrite
+    metadata = {p.key: p.value for p in model.metadata_props}
+    data = open_splits(idx_dir)[0]
+    assert json.loads(metadata["bnncc.preprocessing"]) == {"mean": [data.mean[0]] * 3, "std": [data.std[0]] * 3}
+    assert metadata["bnncc.recipe"] == "pokebnn_1x"
 
 
 # B, the clip bound, has one home: the graph. A fine-tune keeps it; --clip-bound overrides it and is written back.
