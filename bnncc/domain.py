@@ -20,6 +20,10 @@ SUPPORTED_OPSETS = range(9, 22)
 # The most input pixels (H x W) a network may have: its widest activation (256 channels at a quarter
 # of the size, 16 floats an input pixel; 64 for margin) within the compiled kernels' 32-bit indices.
 MAX_INPUT_PIXELS = 2**31 // 64
+# The largest batch a library is compiled for, or a graph exported at: a batch of a billion was
+# taken, and compiling it ran for minutes until killed; a library serves larger batches in calls of
+# its compiled sizes.
+MAX_BATCH = 4096
 # Keys of a graph's metadata_props that later stages read (compile copies both into model.json):
 # the recipe that rewrote it, and the input normalisation it was fine-tuned with, as JSON
 # {"mean": [...], "std": [...]} per input channel of pixels in [0, 1] (bnncc run applies it).

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx import helper
 from onnx_ir.passes.common import ShapeInferencePass
 
-from bnncc.domain import DOMAIN
+from bnncc.domain import DOMAIN, MAX_BATCH
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.frontend import read_pokebnn
@@ -94,6 +94,8 @@ def to_qonnx(model: ir.Model, batch: int = 1) -> onnx.ModelProto:
 
 def export_qonnx(model: ir.Model | str | Path, output: str | Path, batch: int = 1) -> Path:
     """Write the QONNX form of ``model`` (an ir.Model or a path) at a fixed ``batch`` to ``output`` atomically."""
+    if not 1 <= batch <= MAX_BATCH:  # 2**64 reached onnx_ir as a weight it could not convert
+        raise BnnccError(f"batch {batch}: expected 1 to {MAX_BATCH}")
     model = read_pokebnn(model, "export")
     proto = to_qonnx(model, batch)
     output = Path(output)

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bnncc.cost import ace
-from bnncc.domain import PREPROCESSING_KEY, RECIPE_KEY
+from bnncc.domain import MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import output_errors, umask
 from bnncc.frontend import read_pokebnn
@@ -87,10 +87,6 @@ def _metadata_json(model: ir.Model, key: str):
     except json.JSONDecodeError:
         raise BnnccError(f"model metadata {key!r}: not JSON: {text[:60]!r}") from None
 
-
-# the largest batch a library is compiled for: a batch of a billion was taken, and compiling it
-# ran for minutes until killed; larger batches are served in calls of the compiled sizes
-MAX_BATCH = 4096
 
 # what a library folder holds: an existing folder of these only may be replaced by a new build
 LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})

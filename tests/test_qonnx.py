@@ -55,3 +55,13 @@ def test_rewritten_resnet50(tmp_path):
     float_model = export_onnx(resnet50(width=0.125, num_classes=10).eval(), tmp_path / "f.onnx", input_size=32)
     model, _ = rewrite(load(float_model), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
     qonnx_matches_reference(calibrated(model, (4, 3, 32, 32)), (1, 3, 32, 32), tmp_path / "q.onnx")
+
+
+@pytest.mark.parametrize("batch", [0, 4097, 10**20])
+def test_a_batch_out_of_range_is_refused_in_one_line(cli, tmp_path, batch):
+    """10**20 reached onnx_ir as a shape it could not convert, reported as a weight's fault."""
+    path = tmp_path / "poke.onnx"
+    ir.save(attach_functions(tiny_poke_model(True)), path)
+    code, _, err = cli("export", path, "-o", tmp_path / "q.onnx", "--batch", str(batch))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "q.onnx").exists()
+    assert f"batch {batch}: expected 1 to 4096" in err or "--batch" in err, err

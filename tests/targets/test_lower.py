@@ -573,7 +573,8 @@ def test_stem_window_larger_than_the_input_is_an_error():
 
 
 def test_compile_refuses_a_batch_beyond_its_largest(tmp_path, library):
-    from bnncc.targets.build import MAX_BATCH, compile
+    from bnncc.domain import MAX_BATCH
+    from bnncc.targets.build import compile
 
     with pytest.raises(BnnccError, match=f"batch sizes must be 1 to {MAX_BATCH}, got \\[1, 1000000000\\]"):
         compile(library[1], tmp_path / "out", batches=(1, 10**9))
