@@ -157,7 +157,7 @@ def markdown(report: Report) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
     for stage in report.stages:
         cost = stage.cost
-        lines.append(f"| {stage.name} | `{stage.artifact}` | {_bytes(stage.file_bytes)} | {cost.total / 1e9:.4f} | "
+        lines.append(f"| {stage.name} | `{_cell(stage.artifact)}` | {_bytes(stage.file_bytes)} | {cost.total / 1e9:.4f} | "
                      f"{cost.cpu64 / 1e6:.2f} | {cost.trainable_params:,} | {_bytes(cost.weight_bits // 8)} |")
     lines += ["", "ACE = MACs x weight bits x activation bits (float MACs at "
               f"{report.stages[0].cost.float_bits} x {report.stages[0].cost.float_bits}); CPU64 = binary MACs / 64 "
@@ -186,7 +186,7 @@ def markdown(report: Report) -> str:
               "|---|---|---|---:|---:|---:|---:|---:|"]
     total = report.deployed.cost.total or 1
     for layer in report.deployed.cost.layers:
-        lines.append(f"| {layer.name} | {layer.op_type} | {layer.w_bits}x{layer.a_bits} | {layer.macs:,} | "
+        lines.append(f"| {_cell(layer.name)} | {layer.op_type} | {layer.w_bits}x{layer.a_bits} | {layer.macs:,} | "
                      f"{layer.ace / 1e6:.3f} | {100 * layer.ace / total:.1f}% | {layer.cpu64:,.0f} | "
                      f"{layer.weight_bits:,} |")
     return "\n".join(lines) + "\n"
@@ -211,7 +211,7 @@ def _estimate_lines(estimate: dict) -> list[str]:
              "| layer | kernel | binary MACs | bits/iter | iterations | cycles/iter | bMACs/cycle | ms |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in estimate["layers"]:
-        lines.append(f"| {row['layer']} | {row['kernel']} | {row['binary_macs']:,} | {row['bits_per_iteration']} | "
+        lines.append(f"| {_cell(row['layer'])} | {_cell(row['kernel'])} | {row['binary_macs']:,} | {row['bits_per_iteration']} | "
                      f"{row['iterations']:,} | {row['cycles_per_iteration']:.1f} | "
                      f"{row['binary_macs'] / row['cycles']:.1f} | {row['cycles'] / clock * 1e3:.3f} |")
     return lines + [""]
@@ -226,6 +226,11 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
+
+
+def _cell(text) -> str:
+    """``text`` for a Markdown table cell: a "|" in a node or file name ended the cell early."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _percent(value: float | None) -> str:

@@ -94,3 +94,12 @@ def test_latency_on_a_busy_machine_says_so(report, tmp_path):
     write_report(dataclasses.replace(report, latency={**busy, "load_average": 0.2}), tmp_path / "quiet")
     assert "machine was busy (load average 6.5 on 2 CPUs)" in (tmp_path / "busy" / "report.md").read_text()
     assert "busy" not in (tmp_path / "quiet" / "report.md").read_text()
+
+
+def test_a_pipe_in_a_file_name_stays_inside_its_table_cell(report, tmp_path):
+    """"we|ird.onnx" split its stage row into one cell more than the header has."""
+    odd = dataclasses.replace(report, stages=(dataclasses.replace(report.stages[0], artifact="we|ird\nname.onnx"),
+                                              *report.stages[1:]))
+    write_report(odd, tmp_path)
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| float import"))
+    assert "`we\\|ird name.onnx`" in row and row.replace("\\|", "").count("|") == 8
