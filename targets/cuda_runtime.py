@@ -71,7 +71,9 @@ def load_runtime() -> Path:
     _load_cudart()
     try:
         ctypes.CDLL(str(folder / RUNTIME_LIBRARIES[1]), mode=ctypes.RTLD_GLOBAL)
-    except OSError as error:  # no driver (libcuda.so.1) on this machine
+    except OSError as error:
+        if "libcuda" in str(error):  # the driver's library
+            raise BnnccError(f"a cuda library needs an NVIDIA GPU and its driver; this machine has no driver ({error})") from None
         raise BnnccError(f"{folder / RUNTIME_LIBRARIES[1]}: cannot load TVM's CUDA runtime: {error}") from None
     _loaded.append(folder)
     return folder

@@ -280,7 +280,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     calibration_step = round(cfg.act_calibration_at * steps)
     log = None  # the metrics file, opened at its first record: continued when resumed, else begun anew
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
+                        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
                         TimeRemainingColumn(), disable=not show_progress or rank != 0, transient=False)
     positions = torch.arange(rank, cfg.batch_size, world)
     plans = (Plan(data.batch_indices(step, cfg.batch_size, cfg.seed)[positions], step, positions)
@@ -288,7 +288,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     loss_value, seen, began = float("nan"), 0, time.perf_counter()
     stopped = _StopNotice(checkpoint if rank == 0 else None, steps, cfg.checkpoint_every, start if resumed else None)
     with progress, stopped:
-        task = progress.add_task("train", total=steps, completed=start, loss=float("nan"), lr=scheduler.get_last_lr()[0], ips=0.0)
+        task = progress.add_task("train", total=steps, completed=start, loss="-", lr=scheduler.get_last_lr()[0], ips=0.0)
         for step, (images, labels) in enumerate(loader(plans), start):
             step_began = time.perf_counter()
             if hasattr(student, "set_weight_quantization"):
@@ -320,7 +320,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 # so the host keeps queueing work in between
                 loss_value = float(loss.detach())
                 seconds = time.perf_counter() - began
-                progress.update(task, loss=loss_value, lr=scheduler.get_last_lr()[0], ips=seen / seconds)
+                progress.update(task, loss=f"{loss_value:.4f}", lr=scheduler.get_last_lr()[0], ips=seen / seconds)
                 if metrics is not None and rank == 0:
                     log = log or metrics.open("a" if resumed else "w")
                     log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
