@@ -43,7 +43,7 @@ import numpy as np
 
 from bnncc.errors import BnnccError
 
-__all__ = ["VerifyReport", "verify", "judge", "ATOL", "RTOL", "SPREAD_FACTOR", "PERTURBATIONS", "MOVE"]
+__all__ = ["VerifyReport", "verify", "judge", "ATOL", "RTOL", "SPREAD_FACTOR", "PERTURBATIONS", "MOVE", "MAX_INPUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ RTOL = 1e-4
 SPREAD_FACTOR = 4.0
 PERTURBATIONS = 3
 MOVE = 8 * float(np.finfo(np.float32).eps)
+# Each input costs 2 + PERTURBATIONS onnxruntime runs besides the library's: 0.6-0.9 s on a 224 px
+# ResNet-50 PokeBNN (onnxruntime 0.15-0.25 s a run, the library 0.04 s; 2 cores), so this many take
+# some 15 minutes there, under a progress bar; --n 10000 on a 64 px network ran for over 15 minutes
+# without a word, holding every input in memory.
+MAX_INPUTS = 1000
+SECONDS_PER_INPUT_R50 = 0.9
 
 
 @dataclass
@@ -72,43 +78,106 @@ class VerifyReport:
 
 
 def verify(folder: str | os.PathLike, reference: str | os.PathLike | None = None, *, n: int = 8, batch: int = 1,
-           images: list[np.ndarray] = (), seed: int = 0) -> VerifyReport:
-    """Run the library in ``folder`` on ``n`` random N(0, 1) inputs (plus ``images``, NCHW) in batches of
-    ``batch`` and compare each with onnxruntime on ``reference`` (default: folder/model.onnx)."""
+           images: list[np.ndarray] = (), seed: int = 0, show_progress: bool = False) -> VerifyReport:
+    """Run the library in ``folder`` on ``n`` random N(0, 1) inputs (plus ``images``, each CHW) in batches of
+    ``batch`` and compare each with onnxruntime on ``reference`` (default: folder/model.onnx), which
+    must be the PokeBNN graph the library was compiled from. ``show_progress``: a progress bar on stderr.
+
+    Each batch's random inputs are drawn when it is due, so memory does not grow with ``n``; they
+    are the same inputs for the same seed whatever ``batch`` is. The moved copies of the inputs
+    come from a second stream seeded from ``seed``."""
     from bnncc.runtime import load
 
+    if n > MAX_INPUTS:
+        raise BnnccError(f"{n} random inputs: at most {MAX_INPUTS}; each takes {2 + PERTURBATIONS} onnxruntime runs "
+                         f"(the reference and its rounding spread), ~{SECONDS_PER_INPUT_R50:g} s on a 224 px ResNet-50, "
+                         f"so {MAX_INPUTS} already take ~{MAX_INPUTS * SECONDS_PER_INPUT_R50 / 60:.0f} minutes")
     library = load(folder)
     reference = Path(reference) if reference is not None else Path(folder) / "model.onnx"
-    optimized, unoptimized, input_name = _reference_sessions(reference)
-    rng = np.random.default_rng(seed)
-    data = rng.standard_normal((n, *library.input_chw)).astype(np.float32)
-    if len(images):
-        data = np.concatenate([data, np.stack(images).astype(np.float32)])
+    model = _read_reference(reference)
+    _check_fits(model, reference, library)
+    optimized, unoptimized = _sessions(model)
+    input_name = model.graph.inputs[0].name
+    input_rng, move_rng = np.random.default_rng(seed), np.random.default_rng((seed, 1))
     runs = []
-    for start in range(0, len(data), batch):
-        x = data[start:start + batch]
-        got = library(x)
-        for i in range(len(x)):
-            image = x[i:i + 1]
-            moved = [(image * (1 + MOVE * rng.standard_normal(image.shape))).astype(np.float32)
-                     for _ in range(PERTURBATIONS)]
-            others = [unoptimized.run(None, {input_name: image})[0][0],
-                      *(optimized.run(None, {input_name: m})[0][0] for m in moved)]
-            runs.append((got[i], optimized.run(None, {input_name: image})[0][0], np.stack(others)))
+    with _progress(show_progress) as progress:
+        task = progress.add_task("verify", total=n + len(images))
+        for x in _batches(input_rng, n, library.input_chw, images, batch):
+            got = library(x)
+            for i in range(len(x)):
+                ref, others = _reference_runs(optimized, unoptimized, input_name, x[i:i + 1], move_rng)
+                if ref.shape != got[i].shape:  # a reference that declares no number of logits (_check_fits)
+                    raise BnnccError(f"{reference} gives {ref.size} logits, the library {library.folder} "
+                                     f"{got[i].size}; the reference must be the PokeBNN graph the library was "
+                                     f"compiled from ({library.folder / 'model.onnx'})")
+                runs.append((got[i], ref, others))
+                progress.advance(task)
     return judge(runs)
 
 
-def _reference_sessions(path: Path):
+def _reference_runs(optimized, unoptimized, name: str, image: np.ndarray, moves: np.random.Generator):
+    """onnxruntime's logits for one input (1, C, H, W): the reference, and the other runs stacked
+    (unoptimized, then optimized on PERTURBATIONS copies moved by MOVE relative noise)."""
+    moved = [(image * (1 + MOVE * moves.standard_normal(image.shape))).astype(np.float32)
+             for _ in range(PERTURBATIONS)]
+    others = [unoptimized.run(None, {name: image})[0][0], *(optimized.run(None, {name: m})[0][0] for m in moved)]
+    return optimized.run(None, {name: image})[0][0], np.stack(others)
+
+
+def _batches(rng: np.random.Generator, n: int, chw: tuple[int, ...], images, batch: int):
+    """The ``n`` random inputs, then ``images``, ``batch`` at a time (float32 NCHW); the random ones
+    drawn batch by batch, which gives the same values as drawing all ``n`` at once."""
+    total = n + len(images)
+    for start in range(0, total, batch):
+        stop = min(start + batch, total)
+        drawn = rng.standard_normal((max(0, min(stop, n) - start), *chw)).astype(np.float32)
+        given = [np.asarray(images[i - n], np.float32) for i in range(max(start, n), stop)]
+        yield np.concatenate([drawn, np.stack(given)]) if given else drawn
+
+
+def _progress(show: bool):
+    """A bar on stderr, as training draws one (stdout keeps the result lines)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not show, transient=False)
+
+
+def _read_reference(path: Path):
+    """The reference graph at ``path``: a PokeBNN graph, as the library was compiled from one. A
+    float model is refused: a binarized network differs from its float original by far more than
+    any kernel bug, so comparing with it checks nothing."""
+    from bnncc.frontend import read_pokebnn
+
+    if not path.is_file():
+        raise BnnccError(f"{path}: no such reference model")
+    return read_pokebnn(path, "verify")
+
+
+def _check_fits(model, path: Path, library) -> None:
+    """The reference takes the library's input (C, H, W), one image at a time as verify runs it, and
+    gives its number of logits: another graph would fail inside onnxruntime or the comparison."""
+    shape = model.graph.inputs[0].shape
+    dims = tuple(d if isinstance(d, int) else "N" for d in shape)
+    classes = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape is not None else None
+    classes = classes if isinstance(classes, int) else None  # not declared: the comparison checks it
+    library_classes = library.manifest["output"]["shape"][-1]
+    if dims[1:] == library.input_chw and dims[0] in ("N", 1) and classes in (None, library_classes):
+        return
+    raise BnnccError(f"{path} does not fit the library {library.folder}: it takes inputs "
+                     f"({', '.join(map(str, dims))}) and gives {classes if classes is not None else '?'} logits, "
+                     f"the library (N, {', '.join(map(str, library.input_chw))}) and {library_classes}; the reference "
+                     f"must be the PokeBNN graph the library was compiled from ({library.folder / 'model.onnx'})")
+
+
+def _sessions(model):
     """onnxruntime on the reference graph with all graph optimizations and with none."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from bnncc import frontend
     from bnncc.ops import attach_functions
 
-    if not path.is_file():
-        raise BnnccError(f"{path}: no such reference model")
-    model = frontend.read(path)
     attach_functions(model)
     serialized = ir.to_proto(model).SerializeToString()
     sessions = []
@@ -117,7 +186,13 @@ def _reference_sessions(path: Path):
         options.log_severity_level = 3
         options.graph_optimization_level = level
         sessions.append(ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"]))
-    return sessions[0], sessions[1], model.graph.inputs[0].name
+    return sessions[0], sessions[1]
+
+
+def _reference_sessions(path: Path):
+    """(optimized, unoptimized, input name) for the reference graph at ``path`` (bench/gpu_prepare.py)."""
+    model = _read_reference(path)
+    return (*_sessions(model), model.graph.inputs[0].name)
 
 
 def judge(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> VerifyReport:

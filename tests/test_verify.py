@@ -1,8 +1,15 @@
-"""The comparison rule of ``bnncc verify`` (bnncc.verification.judge), on synthetic logits."""
+"""``bnncc verify``: the comparison rule (bnncc.verification.judge) on synthetic logits, and the
+command on a one-PokeConv library (tests/tiny_poke.py): the references it refuses, its inputs
+drawn batch by batch, its cap on inputs and its progress bar."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import onnx
+import pytest
+from tiny_poke import tiny_poke_model
 
 from bnncc import verification as v
 
@@ -50,3 +57,112 @@ def test_a_moved_input_run_far_off_makes_the_spread():
     report = v.judge([(ref + 5e-3, ref, np.stack([ref] * 4)), (ref, ref, others)])
     assert report.ok and report.explained == 1 and abs(report.max_spread - 2e-3) < 1e-6
     assert not v.judge([(ref + 5e-3, ref, np.stack([ref] * 4)), (ref, ref, np.stack([ref] * 4))]).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# The command on a real library: 3x16x16 inputs, 10 classes, compiled for batch 1 (0.4 s).
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory):
+    """The library folder of tests/tiny_poke.py's network, its bounds calibrated on random inputs."""
+    import onnx_ir as ir
+    import torch
+
+    from bnncc.targets.build import compile as compile_library
+    from bnncc.torchview import to_torch, write_back
+
+    model = tiny_poke_model()
+    module = to_torch(model)
+    generator = torch.Generator().manual_seed(0)
+    module.calibrate_bounds([torch.randn(2, 3, 16, 16, generator=generator) for _ in range(2)])
+    folder = tmp_path_factory.mktemp("tiny")
+    ir.save(write_back(module, model), folder / "tiny.onnx")
+    return compile_library(folder / "tiny.onnx", folder / "lib", target="x86-64", batches=(1,))
+
+
+def _variant(library, path, *, hw=None, classes=None, batch=None, declare_classes=True):
+    """The library's own reference graph edited: another input size, fewer classes (the head's
+    first rows), a fixed batch, a symbolic number of classes."""
+    proto = onnx.load(library / "model.onnx")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if hw is not None:
+        dims[2].dim_value = dims[3].dim_value = hw
+    if batch is not None:
+        dims[0].dim_value = batch
+    if classes is not None:
+        head = {t.name: t for t in proto.graph.initializer if t.name in ("fc.w", "fc.b")}
+        for name, tensor in head.items():
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor)[:classes], name))
+        proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = classes
+    if not declare_classes:
+        proto.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    del proto.graph.value_info[:]
+    onnx.save(proto, path)
+    return path
+
+
+def test_the_library_agrees_with_its_reference_whatever_the_batch(tiny_library):
+    """The same seed gives the same inputs and moved copies at any batch: batch 3 (chunks of 1 in
+    a batch-1 library) reports exactly what batch 1 does."""
+    one, three = v.verify(tiny_library, n=7), v.verify(tiny_library, n=7, batch=3)
+    assert one.ok and one.inputs == 7 and one.argmax_agree == 7
+    assert one == three
+
+
+def test_inputs_are_drawn_batch_by_batch_as_all_at_once():
+    """Each batch draws only its own inputs (memory of one batch whatever n is), the values those of
+    one draw of all n; the given images follow, in the batch where they fall."""
+    images = [np.full((3, 2, 2), 7.0), np.full((3, 2, 2), 8.0)]
+    batches = v._batches(np.random.default_rng(5), 5, (3, 2, 2), images, 3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    at_once = np.random.default_rng(5).standard_normal((5, 3, 2, 2)).astype(np.float32)
+    expected = np.concatenate([at_once, np.stack(images).astype(np.float32)])
+    got = np.concatenate(list(v._batches(np.random.default_rng(5), 5, (3, 2, 2), images, 3)))
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("edit, shapes", [
+    ({"hw": 32}, ["(N, 3, 32, 32) and gives 10 logits", "(N, 3, 16, 16) and 10"]),
+    ({"classes": 4}, ["(N, 3, 16, 16) and gives 4 logits", "(N, 3, 16, 16) and 10"]),
+    ({"batch": 4}, ["(4, 3, 16, 16) and gives 10 logits", "(N, 3, 16, 16) and 10"]),
+], ids=["input-size", "classes", "fixed-batch"])
+def test_a_reference_of_another_shape_is_refused_in_one_line(cli, tiny_library, tmp_path, edit, shapes):
+    other = _variant(tiny_library, tmp_path / "other.onnx", **edit)
+    code, out, err = cli("verify", tiny_library, "--reference", other)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"{other} does not fit the library {tiny_library}: it takes inputs " in err
+    assert all(shape in err for shape in shapes) and f"({tiny_library / 'model.onnx'})" in err
+
+
+def test_a_reference_that_declares_no_classes_is_refused_at_its_first_logits(cli, tiny_library, tmp_path):
+    other = _variant(tiny_library, tmp_path / "other.onnx", classes=4, declare_classes=False)
+    code, _, err = cli("verify", tiny_library, "--reference", other)
+    assert code == 2 and f"{other} gives 4 logits, the library {tiny_library} 10;" in err
+
+
+def test_a_float_reference_is_refused_in_one_line(cli, tiny_library):
+    """A float ResNet (the onnx wheel's light ResNet-50): no comparison with it checks the library."""
+    float_model = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
+    code, out, err = cli("verify", tiny_library, "--reference", float_model)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: {float_model}: no ai.bnncc op; verify takes a PokeBNN graph "
+                           f"(run `bnncc rewrite` first)")
+
+
+def test_more_inputs_than_the_cap_are_refused_saying_why(cli, tiny_library):
+    code, out, err = cli("verify", tiny_library, "--n", str(v.MAX_INPUTS + 1))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert f"{v.MAX_INPUTS + 1} random inputs: at most {v.MAX_INPUTS}; each takes 5 onnxruntime runs" in err
+    code, out, _ = cli("verify", "--help")
+    assert f"at most {v.MAX_INPUTS}" in " ".join(out.replace("│", " ").split())
+
+
+def test_a_longer_run_shows_its_progress_on_stderr(cli, tiny_library):
+    from bnncc.cli.verify_cmd import QUIET_UP_TO
+
+    code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO + 1))
+    assert code == 0 and f"argmax agreement {QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in out
+    assert "verify" in err and f"{QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in err and "verify" not in out
+    code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO))
+    assert code == 0 and err == ""

@@ -9,18 +9,22 @@ from rich.text import Text
 
 from bnncc.cli._app import app, console
 
+# runs of this many inputs or fewer (the default 8) print no progress bar: they take seconds
+QUIET_UP_TO = 16
+
 
 @app.command("verify")
 def verify_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
     reference: Path = typer.Option(None, "--reference", "-r", help="reference PokeBNN graph (default OUTDIR/model.onnx)"),
-    n: int = typer.Option(8, "--n", min=1, max=10000, help="random inputs"),
+    # no typer max: verify refuses more than MAX_INPUTS itself, saying why
+    n: int = typer.Option(8, "--n", min=1, help="random inputs (at most 1000: each takes 5 onnxruntime runs)"),
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="batch size of the library calls"),
 ) -> None:
     """Compare the library with onnxruntime on random inputs; exit 1 on disagreement."""
     from bnncc.verification import verify
 
-    report = verify(library, reference, n=n, batch=batch)
+    report = verify(library, reference, n=n, batch=batch, show_progress=n > QUIET_UP_TO)
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "
                   f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime's "
                   f"rounding spread (unoptimized, inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
