@@ -24,7 +24,7 @@ from bnncc.cost import ace
 from bnncc.domain import SUPPORTED_OPSETS
 from bnncc.errors import BnnccError
 from bnncc.frontend import load, recognize
-from bnncc.recipe import available_recipes
+from bnncc.recipe import available_recipes, load_recipe
 from bnncc.rewriting import rewrite
 
 BASE = """
@@ -54,7 +54,8 @@ SHAPES = {"w_stem": (8, 3, 7, 7), "g0": (8,), "b0": (8,), "m0": (8,), "v0": (8,)
 OP_TYPES = ("Conv", "Relu", "Add", "Sum", "MatMul", "Gemm", "Sigmoid", "Reshape", "Identity", "Softmax",
             "BatchNormalization", "GlobalAveragePool", "ReduceMean", "MaxPool", "Flatten", "NoSuchOp")
 FAST_CASES, SLOW_CASES = 300, 3000
-RECIPES = available_recipes()
+# the recipes for the base model's bottleneck block (a recipe for basic blocks refuses it)
+RECIPES = [name for name in available_recipes() if load_recipe(name).blocks == "bottleneck"]
 # PokeInit's middle width must divide the stem's (8 here; the recipes' 32 is for ResNet-50's 64).
 RECIPE_OVERRIDES = ("passes.poke_stem.mid_channels=8",)
 DATA_FILE = "weights.bin"  # 256 random bytes that run_cases writes beside every case
