@@ -98,6 +98,8 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+_ORIENTATION = 0x0112  # the EXIF tag
+
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
 _DEEP_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
@@ -113,8 +115,12 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             # that is read (its memory is bounded); PIL's warning would print its own lines
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened)  # as a viewer shows it
-                size = image.size
+                # its size as a viewer shows it: EXIF orientations 5 to 8 turn it a quarter
+                size = opened.size[::-1] if opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
+                # a JPEG decoded at the smallest of 1/2, 1/4, 1/8 its size still above the network's:
+                # a 13000x13000 one took 2.1 GB to be made 224x224
+                opened.draft("RGB" if channels == 3 else "L", (width, height))
+                image = ImageOps.exif_transpose(opened)
                 x = _pixels(image, channels, (width, height))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None

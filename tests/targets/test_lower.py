@@ -261,6 +261,11 @@ def test_run_cli_says_when_it_resizes_an_image(library, cli, tmp_path):
     assert code == 0 and "tiny.png: a 2x3 image, resized to the network's 32x32" in " ".join(out.split())
     code, out, _ = cli("run", folder, "--input", tmp_path / "fits.png")
     assert code == 0 and "resized" not in out
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: a 64x48 JPEG is a 48x64 picture
+    Image.new("RGB", (64, 48)).save(tmp_path / "turned.jpg", exif=exif)
+    code, out, _ = cli("run", folder, "--input", tmp_path / "turned.jpg")
+    assert code == 0 and "turned.jpg: a 48x64 image, resized" in " ".join(out.split())
     (tmp_path / "a_folder").mkdir()
     code, _, err = cli("run", folder, "--input", tmp_path / "a_folder")
     assert code == 2 and "a_folder: a folder, not an image or .npy file" in err
