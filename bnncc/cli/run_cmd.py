@@ -1,4 +1,4 @@
-"""``bnncc run OUTDIR --input image.png|x.npy [--top K]``: the top classes of one input."""
+"""``bnncc run OUTDIR --input image.png|x.npy [--input ...] [--top K]``: the top classes of each input."""
 
 from __future__ import annotations
 
@@ -18,29 +18,31 @@ from bnncc.fileio import require_file
 @app.command("run")
 def run_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
-    input: Path = typer.Option(..., "--input", "-i", help="an image (PNG/JPEG) or a .npy array (C,H,W) or (N,C,H,W)"),
+    inputs: list[Path] = typer.Option(..., "--input", "-i", help="an image (PNG/JPEG/...) or a .npy array (C,H,W) "
+                                      "or (N,C,H,W); repeat --input for more"),
     top: int = typer.Option(5, "--top", "-k", min=1, help="how many classes to print"),
 ) -> None:
-    """Run the library on INPUT and print the top classes with their logits."""
+    """Run the library on each INPUT and print the top classes with their logits."""
     from bnncc.runtime import load
 
     lib = load(library)
     preprocessing = lib.manifest.get("preprocessing")
-    x = _read_input(input, lib.input_chw, preprocessing)
-    if preprocessing is None and input.suffix != ".npy":
+    batches = [_read_input(path, lib.input_chw, preprocessing) for path in inputs]  # every one read before any runs
+    if preprocessing is None and any(path.suffix != ".npy" for path in inputs):
         console.print(f"{library}: records no input normalisation (bnncc fine-tuning records the one it "
-                      f"trained with): the image goes in as pixels in [0, 1]", style="dim", highlight=False)
-    logits = lib(x)
-    if not np.isfinite(logits).all():
-        raise BnnccError(f"{input}: the network's outputs overflow (NaN or infinite logits) on inputs up to "
-                         f"{np.abs(x).max():.3g}, far from what it was trained on")
-    for i, row in enumerate(logits):
-        table = Table(title=f"{input} [{i}]" if len(logits) > 1 else str(input))
-        table.add_column("class", justify="right")
-        table.add_column("logit", justify="right")
-        for c in np.argsort(-row)[:top]:
-            table.add_row(str(int(c)), f"{row[c]:.4f}")
-        console.print(table)
+                      f"trained with): images go in as pixels in [0, 1]", style="dim", highlight=False)
+    for path, x in zip(inputs, batches):
+        logits = lib(x)
+        if not np.isfinite(logits).all():
+            raise BnnccError(f"{path}: the network's outputs overflow (NaN or infinite logits) on inputs up to "
+                             f"{np.abs(x).max():.3g}, far from what it was trained on")
+        for i, row in enumerate(logits):
+            table = Table(title=f"{path} [{i}]" if len(logits) > 1 else str(path))
+            table.add_column("class", justify="right")
+            table.add_column("logit", justify="right")
+            for c in np.argsort(-row)[:top]:
+                table.add_row(str(int(c)), f"{row[c]:.4f}")
+            console.print(table)
 
 
 def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:

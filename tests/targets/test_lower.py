@@ -243,12 +243,17 @@ def test_verify_cli_fails_against_another_graph(library, cli, tmp_path):
 
 
 def test_run_cli_prints_top_classes(library, cli, tmp_path):
+    """Of each input, in order (a second --input was taken instead of the first, without a word)."""
     folder, model = library
-    x = np.random.default_rng(4).standard_normal((3, 32, 32)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    code, out, _ = cli("run", folder, "--input", tmp_path / "x.npy", "--top", "1")
+    rng = np.random.default_rng(4)
+    expected = []
+    for name in ("x.npy", "y.npy"):
+        x = rng.standard_normal((3, 32, 32)).astype(np.float32)
+        np.save(tmp_path / name, x)
+        expected.append(int(_onnxruntime(model, x[None]).argmax()))
+    code, out, _ = cli("run", folder, "--input", tmp_path / "x.npy", "-i", tmp_path / "y.npy", "--top", "1")
     assert code == 0
-    assert str(int(_onnxruntime(model, x[None]).argmax())) in out
+    assert [int(c) for c in re.findall(r"│\s+(\d+) │", out)] == expected
 
 
 def test_run_cli_says_when_it_resizes_an_image(library, cli, tmp_path):
