@@ -386,10 +386,11 @@ def require_ir_model(model: object) -> None:
                         f"load the file with bnncc.load(path)")
 
 
-# ops a float ResNet has, left in the graph where the canonical form has none: the places they fold
-# or turn into. The list of allowed ops named them as allowed (a pre-activation ResNet's first batch
-# norm was "unsupported op; ... may use only Conv, BatchNormalization, ...").
-_LEFT_OVER = {
+# Why an op is refused, where the list of allowed ops would mislead: ops a float ResNet has, left in
+# the graph where the canonical form has none (a pre-activation ResNet's first batch norm was
+# "unsupported op; ... may use only Conv, BatchNormalization, ..."), and the ops of quantized models.
+_QUANTIZED = "a quantized model; bnncc takes the float ResNet it was quantized from"
+_WHY_REFUSED = {
     "BatchNormalization": "a batch norm that folds into no conv: it must follow a Conv and run in inference "
                           "mode (pre-activation ResNets, v2, are not supported; export in eval mode)",
     "AveragePool": "an average pool that is not the global pool before the classifier (ResNet-D's pooled "
@@ -397,6 +398,8 @@ _LEFT_OVER = {
     "ReduceMean": "a mean that is not the global pool before the classifier",
     "Reshape": "a reshape that is not the flatten before the classifier",
     "MatMul": "a matrix product that is not the classifier",
+    **{op: _QUANTIZED for op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                                 "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")},
 }
 
 
@@ -405,7 +408,7 @@ def _check_canonical(model: ir.Model) -> None:
     require_ir_model(model)
     for node in model.graph:
         if node.domain != "" or node.op_type not in STABLE_OPS:
-            why = _LEFT_OVER.get(node.op_type) if node.domain == "" else None
+            why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
             raise BnnccError(f"node '{node.name}' ({node.op_type}): " + (why or (
                 "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "
                 "pooling, Flatten/Reshape, Gemm/MatMul")))

@@ -244,6 +244,22 @@ def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, o
     _expect_refusal(cli, path, f"({op}): {fragment}")
 
 
+def test_a_quantized_model_is_named_so(cli, tmp_path, tiny_proto):
+    """A QDQ model (onnxruntime's quantize_static writes them) asks for the float one it came from."""
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny_proto)
+    graph, x = model.graph, model.graph.input[0].name
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0.02, np.float32), "scale"),
+                              onnx.numpy_helper.from_array(np.array(128, np.uint8), "zero")])
+    for node in graph.node:
+        node.input[:] = ["dq" if name == x else name for name in node.input]
+    graph.node.insert(0, helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"], name="dequantize"))
+    graph.node.insert(0, helper.make_node("QuantizeLinear", [x, "scale", "zero"], ["q"], name="quantize"))
+    onnx.save(model, tmp_path / "qdq.onnx")
+    _expect_refusal(cli, tmp_path / "qdq.onnx", "'quantize' (QuantizeLinear): a quantized model; bnncc takes the "
+                                                "float ResNet it was quantized from")
+
+
 def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
