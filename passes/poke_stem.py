@@ -70,8 +70,10 @@ class PokeStemPass(ir.passes.InPlacePass):
         mid = self.mid_channels
         window, pads = _window(stem)
         if out_channels % mid:
+            fits = max(d for d in range(1, mid + 1) if out_channels % d == 0)
             raise BnnccError(f"poke_stem: the stem's {out_channels} output channels ({conv.name}) are not a "
-                             f"multiple of mid_channels={mid}")
+                             f"multiple of mid_channels={mid}; set one that divides them, e.g. "
+                             f"--set passes.poke_stem.mid_channels={fits}")
         rng = np.random.default_rng(self.seed)
         x = self._quant_conv(graph, conv.inputs[0], "stem/conv1", lecun_normal(rng, (mid, in_channels, window, window)),
                              kernel_shape=[window, window], strides=[window, window], pads=pads, group=1)

@@ -59,7 +59,8 @@ def test_does_not_fire_twice(small_model):
 
 
 def test_stem_width_must_be_a_multiple_of_mid_channels(small_model):
-    with pytest.raises(BnnccError, match="16 output channels .* not a multiple of mid_channels=32"):
+    with pytest.raises(BnnccError, match="16 output channels .* not a multiple of mid_channels=32; set one that "
+                                         "divides them, e.g. --set passes.poke_stem.mid_channels=16"):
         PokeStemPass()(small_model)
 
 
