@@ -106,24 +106,25 @@ def read(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     proto = _read_checked(path)
-    return _pokebnn(proto, path) if _is_pokebnn(proto) else _canonical(proto, path)
+    return _pokebnn(proto, path) if _is_pokebnn(proto.graph.node) else _canonical(proto, path)
 
 
 def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
     """``model``, or the graph at that path, which must be a PokeBNN graph: ``command`` (compile,
     export) takes no float one, and refuses it before canonicalizing it."""
     if isinstance(model, ir.Model):
-        source, pokebnn = f"graph {model.graph.name!r}", any(node.domain == DOMAIN for node in model.graph)
+        source, pokebnn = f"graph {model.graph.name!r}", _is_pokebnn(model.graph)
     else:
         source, proto = Path(model), _read_checked(Path(model))
-        pokebnn = _is_pokebnn(proto)
+        pokebnn = _is_pokebnn(proto.graph.node)
     if not pokebnn:
         raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
     return model if isinstance(model, ir.Model) else _pokebnn(proto, source)
 
 
-def _is_pokebnn(proto: onnx.ModelProto) -> bool:
-    return any(node.domain == DOMAIN for node in proto.graph.node)
+def _is_pokebnn(nodes) -> bool:
+    """Whether a graph's ``nodes`` (onnx's or onnx_ir's) hold an op of bnncc's domain."""
+    return any(node.domain == DOMAIN for node in nodes)
 
 
 def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
@@ -185,7 +186,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     proto = _read_checked(path)
-    if _is_pokebnn(proto):  # its checks would fail on the ops' shapes
+    if _is_pokebnn(proto.graph.node):  # its checks would fail on the ops' shapes
         raise BnnccError(f"{path}: a PokeBNN graph ({DOMAIN} ops), where a float ResNet is expected")
     return _canonical(proto, path)
 
