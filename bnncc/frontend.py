@@ -17,9 +17,11 @@ Canonical form (every later stage relies on it; ``load`` guarantees it or raises
 Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``passes/``):
 Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``) or BN already folded;
 ``Add`` or ``Sum``; ``GlobalAveragePool``, ``ReduceMean`` over H, W (axes as attribute or input)
-or a whole-plane ``AveragePool``; ``Flatten`` or a flattening ``Reshape`` (constant target or a
-Shape/Gather/Unsqueeze/Concat chain); ``Gemm`` or ``MatMul`` + ``Add``; ``Identity``; weights from
-``Constant``/``ConstantOfShape``; opsets 9..21; fixed or symbolic batch.
+or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
+Shape/Gather/Unsqueeze/Concat chain) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
+``Identity``; weights from ``Constant``/``ConstantOfShape``; opsets 9..21; fixed or symbolic
+batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or MaxPool, an NHWC input transposed to
+NCHW, an NHWC mean before the classifier.
 
 External data is read only from inside the model's folder.
 
@@ -50,11 +52,14 @@ from bnncc.passes import (  # noqa: F401
     add_conv_bias,
     fold_batchnorm,
     fold_constant_of_shape,
+    fold_pad,
     global_pool,
     matmul_add_to_gemm,
+    nchw_input,
     normalize_gemm,
     onnx_ir_common,
     reshape_to_flatten,
+    squeeze_to_flatten,
     strip_softmax,
     sum_to_add,
     symbolic_batch,
@@ -76,11 +81,14 @@ CANONICAL_PASSES = (
     "lift_constants",
     "fold_constant_of_shape",
     "eliminate_identity",
+    "nchw_input",
+    "fold_pad",
     "fold_batchnorm",
     "add_conv_bias",
     "sum_to_add",
     "global_pool",
     "reshape_to_flatten",
+    "squeeze_to_flatten",
     "matmul_add_to_gemm",
     "normalize_gemm",
     "strip_softmax",
@@ -398,21 +406,32 @@ _WHY_REFUSED = {
                    "shortcuts are not supported)",
     "ReduceMean": "a mean that is not the global pool before the classifier",
     "Reshape": "a reshape that is not the flatten before the classifier",
+    "Squeeze": "a squeeze that is not the flatten before the classifier",
+    "Pad": "a padding that folds into no conv or max pool (bnncc folds zero padding of H and W before a Conv, "
+           "or before a MaxPool of a Relu's output)",
+    "Mul": "an elementwise product, which a plain ResNet has none of (squeeze-excite and pre-activation "
+           "ResNets are not supported; a batch norm written as Mul and Add is not folded)",
+    "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
     **{op: _QUANTIZED for op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")},
 }
 
+_MOST_TELLING = ("BatchNormalization", "Mul")
+
 
 def _check_canonical(model: ir.Model) -> None:
     """The parts of the canonical form that recognizing relies on: its ops, its opset, every shape."""
     require_ir_model(model)
-    for node in model.graph:
-        if node.domain != "" or node.op_type not in STABLE_OPS:
-            why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
-            raise BnnccError(f"node '{node.name}' ({node.op_type}): " + (why or (
-                "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "
-                "pooling, Flatten/Reshape, Gemm/MatMul")))
+    refused = [node for node in model.graph if node.domain != "" or node.op_type not in STABLE_OPS]
+    if refused:
+        # a batch norm left unfolded (as itself or as Mul + Add) names the kind of network
+        # (pre-activation) best, wherever it is
+        node = next((n for op in _MOST_TELLING for n in refused if n.op_type == op and n.domain == ""), refused[0])
+        why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
+        raise BnnccError(f"node '{node.name}' ({node.op_type}): " + (why or (
+            "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "
+            "pooling, Flatten/Reshape, Gemm/MatMul")))
     opset = model.opset_imports.get("")
     if opset != CANONICAL_OPSET:
         raise BnnccError(f"the model is at opset {opset}, not the canonical {CANONICAL_OPSET}: "

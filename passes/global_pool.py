@@ -2,7 +2,8 @@
 
 For x of shape (N, C, H, W): ReduceMean(x, axes=[2, 3], keepdims=1) = GlobalAveragePool(x), and
 AveragePool(x, kernel=(H, W), no padding) = GlobalAveragePool(x) (one window covers the plane).
-ReduceMean with keepdims=0 gives (N, C) = Flatten(GlobalAveragePool(x), axis=1).
+ReduceMean with keepdims=0 gives (N, C) = Flatten(GlobalAveragePool(x), axis=1), and so does a
+mean over axes 1 and 2 of Transpose(x, perm=[0, 2, 3, 1]), x in NHWC (tf2onnx's Keras head).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ class GlobalPoolPass(ir.passes.InPlacePass):
        allowed), keepdims=1: GlobalAveragePool.
     2. The same with keepdims=0: GlobalAveragePool then Flatten(axis=1).
     3. AveragePool whose kernel equals the static input (H, W), without padding: GlobalAveragePool.
-    4. Any other ReduceMean or AveragePool (other axes, smaller kernel, padding, unknown shape):
+    4. ReduceMean over axes {1, 2}, keepdims=0, of Transpose(x, perm=[0, 2, 3, 1]) with x rank 4:
+       GlobalAveragePool of x then Flatten(axis=1); the Transpose is left to ``remove_unused``.
+    5. Any other ReduceMean or AveragePool (other axes, smaller kernel, padding, unknown shape):
        left alone.
     """
 
@@ -35,15 +38,11 @@ class GlobalPoolPass(ir.passes.InPlacePass):
         graph = model.graph
         modified = False
         for node in list(graph):
-            if node.domain != "":
+            source = _plane_source(node) if node.domain == "" else None
+            if source is None:
                 continue
-            if node.op_type == "ReduceMean" and _reduces_plane(node):
-                flatten = int_attr(node, "keepdims", 1) == 0
-            elif node.op_type == "AveragePool" and _covers_plane(node):
-                flatten = False
-            else:
-                continue
-            new_nodes = [ir.Node("", "GlobalAveragePool", [node.inputs[0]], name=node.name)]
+            flatten = node.op_type == "ReduceMean" and int_attr(node, "keepdims", 1) == 0
+            new_nodes = [ir.Node("", "GlobalAveragePool", [source], name=node.name)]
             if flatten:
                 new_nodes.append(ir.Node("", "Flatten", new_nodes[0].outputs, {"axis": ir.AttrInt64("axis", 1)},
                                          name=f"{node.name}_flatten"))
@@ -55,7 +54,22 @@ class GlobalPoolPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _reduces_plane(node: ir.Node) -> bool:
+def _plane_source(node: ir.Node) -> ir.Value | None:
+    """The (N, C, H, W) tensor whose plane mean ``node`` takes (cases 1-4 above), or None."""
+    x = node.inputs[0]
+    if node.op_type == "AveragePool":
+        return x if _covers_plane(node) else None
+    if node.op_type != "ReduceMean":
+        return None
+    if _reduces(node, [2, 3]):
+        return x
+    if int_attr(node, "keepdims", 1) == 0 and _reduces(node, [1, 2]) and _to_nhwc(x):
+        return x.producer().inputs[0]
+    return None
+
+
+def _reduces(node: ir.Node, plane: list[int]) -> bool:
+    """Whether the ReduceMean averages a rank-4 tensor over exactly the axes ``plane``."""
     dims = static_dims(node.inputs[0])
     if dims is None or len(dims) != 4:
         return False
@@ -67,7 +81,15 @@ def _reduces_plane(node: ir.Node) -> bool:
             return False
     else:
         return False  # no axes: a mean over all axes (or a no-op), not a spatial pool
-    return sorted(int(a) % 4 for a in axes) == [2, 3]
+    return sorted(int(a) % 4 for a in axes) == plane
+
+
+def _to_nhwc(value: ir.Value) -> bool:
+    """Whether ``value`` is Transpose(x, perm=[0, 2, 3, 1]) of a rank-4 x."""
+    node = value.producer()
+    dims = None if node is None else static_dims(node.inputs[0])
+    return (node is not None and node.op_type == "Transpose" and node.domain == "" and dims is not None
+            and len(dims) == 4 and ints_attr(node, "perm", ()) == (0, 2, 3, 1))
 
 
 def _covers_plane(node: ir.Node) -> bool:

@@ -101,6 +101,64 @@ def test_narrow_resnet101_is_accepted_with_23_blocks_in_stage_3(tmp_path):
     assert resnet.head.num_classes == 10
 
 
+def _keras_form(proto: onnx.ModelProto, head: str) -> onnx.ModelProto:
+    """``proto`` (a torch export at opset 18) as tf2onnx writes a Keras ResNet: an NHWC input
+    transposed to NCHW, zero Pads before the stem conv and the max pool in place of their own
+    padding, and the head's mean as GlobalAveragePool -> Squeeze (``head="squeeze"``) or as a
+    Transpose to NHWC -> ReduceMean over H and W (``head="nhwc"``)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    x = graph.input[0]
+    n, c, h, w = (d.dim_value or d.dim_param for d in x.type.tensor_type.shape.dim)
+    nodes = [helper.make_node("Transpose", ["nhwc"], [x.name], perm=[0, 3, 1, 2])]
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("nhwc", onnx.TensorProto.FLOAT, [n, h, w, c]))
+    for node in graph.node:
+        pads = next((list(a.ints) for a in node.attribute if a.name == "pads"), None)
+        if node.op_type in ("Conv", "MaxPool") and pads and not any(n.op_type == "MaxPool" for n in graph.node[
+                : list(graph.node).index(node)]):  # the stem's conv and pool
+            name = f"{node.name}_pads"
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, *pads[:2], 0, 0, *pads[2:]]), name))
+            nodes.append(helper.make_node("Pad", [node.input[0], name], [f"{node.name}_padded"]))
+            node.input[0] = f"{node.name}_padded"
+            next(a for a in node.attribute if a.name == "pads").ints[:] = [0, 0, 0, 0]
+        if node.op_type == "GlobalAveragePool" and head == "nhwc":
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, 2]), "hw"))
+            nodes.append(helper.make_node("Transpose", [node.input[0]], ["to_nhwc"], perm=[0, 2, 3, 1]))
+            node = helper.make_node("ReduceMean", ["to_nhwc", "hw"], [node.output[0]], keepdims=0)
+        if node.op_type == "Flatten" and head == "nhwc":
+            node = helper.make_node("Identity", node.input, node.output)
+        if node.op_type == "Flatten" and head == "squeeze":
+            graph.initializer.append(onnx.numpy_helper.from_array(np.array([2, 3]), "unit_axes"))
+            node = helper.make_node("Squeeze", [node.input[0], "unit_axes"], node.output)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("head", ["squeeze", "nhwc"])
+def test_a_keras_resnet_from_tf2onnx_is_accepted_and_computes_the_same(tmp_path, head):
+    """tf2onnx's forms of Keras' ResNet50 (ZeroPadding2D, an NHWC input, its mean before the
+    classifier) canonicalize to the torch export's structure; the NCHW input takes the same image."""
+    torch_path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "torch.onnx", input_size=32,
+                                 batch="symbolic", opset=18)
+    keras = _keras_form(onnx.load(str(torch_path)), head)
+    assert [node.op_type for node in keras.graph.node].count("Pad") == 2
+    onnx.save(keras, tmp_path / "keras.onnx")
+    model = load(tmp_path / "keras.onnx")
+    resnet, reference = recognize(model), recognize(load(torch_path))
+    assert (resnet.stem, resnet.stages) == (reference.stem, reference.stages)
+    assert (resnet.head.in_features, resnet.head.num_classes) == (2048 // 8, 10)
+    assert {n.op_type for n in model.graph} == STABLE_OPS
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    expected = _run(keras, x)
+    got = _run(model, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit code 2, one line naming the problem, no traceback, nothing written.
 
@@ -242,6 +300,33 @@ def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, o
     """The list of allowed ops named the refused op among them (timm's resnetv2_50, resnet50d)."""
     path = zoo.export_onnx(change(zoo.resnet50(0.125, num_classes=10)), tmp_path / "variant.onnx", input_size=32)
     _expect_refusal(cli, path, f"({op}): {fragment}")
+
+
+def _reflected_pool_and_mul_scale(module):
+    module.maxpool = torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch.nn.MaxPool2d(3, 2))  # refused first
+    conv = module.layer2[0].conv1
+    scale = torch.nn.Parameter(torch.rand(1, conv.in_channels, 1, 1) + 0.5)  # a batch norm as Mul and Add
+    module.layer2[0].conv1 = torch.nn.Sequential(_Scale(scale), conv)
+    return module
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale + 0.1
+
+
+def test_an_unfolded_batch_norm_is_named_before_an_earlier_refused_op(cli, tmp_path):
+    """A pre-activation network's batch norm (tf2onnx writes Keras' ResNet50V2's as Mul and Add)
+    says more than the first op refused in graph order."""
+    module = _reflected_pool_and_mul_scale(zoo.resnet50(0.125, num_classes=10))
+    path = zoo.export_onnx(module, tmp_path / "variant.onnx", input_size=32)
+    _expect_refusal(cli, path, "(Mul): an elementwise product", "pre-activation")
+    nodes = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert nodes.index("Pad") < nodes.index("Mul")
 
 
 def test_a_quantized_model_is_named_so(cli, tmp_path, tiny_proto):

@@ -322,6 +322,118 @@ def test_set_opset_relabels_only_version_stable_graphs():
     assert not modified and after.opset_imports[""] == 9
 
 
+PAD = """
+<ir_version: 8, opset_import: ["" : {opset}]>
+g (float[1, 4, 6, 6] x) => (float{out} y) <{inits}> {{
+    {body}
+}}
+"""
+CONV_W = f"float[4, 4, 3, 3] w = {{{_floats(4, 4, 3, 3)}}}"
+
+
+@pytest.mark.parametrize("opset, inits, pad, reader, out", [
+    # Keras' conv1_pad: zeros before a conv without padding of its own
+    (18, f"int64[8] p = {{0, 0, 1, 2, 0, 0, 2, 1}}, {CONV_W}", "Pad (x, p)", "Conv (z, w)", "[1, 4, 7, 7]"),
+    # before opset 11 the pads are an attribute; the reader's own pads add up
+    (9, CONV_W, "Pad <pads = [0, 0, 1, 1, 0, 0, 1, 1]> (x)", "Conv <pads = [1, 0, 0, 1]> (z, w)", "[1, 4, 7, 7]"),
+    # opset 18's axes input names the axes the pads are for; a zero value given
+    (18, f"int64[4] p = {{1, 1, 1, 1}}, int64[2] a = {{2, 3}}, float v = {{0.0}}, {CONV_W}", "Pad (x, p, v, a)",
+     "Conv (z, w)", "[1, 4, 6, 6]"),
+    # Keras' pool1_pad: zeros before a max pool of non-negative values
+    (13, "int64[8] p = {0, 0, 1, 1, 0, 0, 1, 1}", "Pad (r, p)", "MaxPool <kernel_shape = [3, 3], strides = [2, 2]> (z)",
+     "[1, 4, 3, 3]"),
+])
+def test_fold_pad_moves_zero_padding_into_the_reader(opset, inits, pad, reader, out):
+    relu = "r = Relu (x)\n    " if "(r" in pad else ""
+    body = f"{relu}z = {pad}\n    y = {reader}"
+    before, after, modified = _apply("fold_pad", PAD.format(opset=opset, inits=inits, body=body, out=out))
+    assert modified and "Pad" not in _ops(after)
+    _assert_same(before, after, x=(1, 4, 6, 6))
+
+
+@pytest.mark.parametrize("inits, pad, reader, out", [
+    # a max pool of values that may be negative: its own padding would not match the zeros
+    ("int64[8] p = {0, 0, 1, 1, 0, 0, 1, 1}", "Pad (x, p)", "MaxPool <kernel_shape = [3, 3], strides = [2, 2]> (z)",
+     "[1, 4, 3, 3]"),
+    ("int64[8] p = {0, 0, 1, 1, 0, 0, 1, 1}", "Pad <mode = \"reflect\"> (x, p)", "Conv (z, w)", "[1, 4, 6, 6]"),
+    ("int64[8] p = {0, 0, 1, 1, 0, 0, 1, 1}, float v = {1.0}", "Pad (x, p, v)", "Conv (z, w)", "[1, 4, 6, 6]"),
+    ("int64[8] p = {0, 0, 1, 1, 0, 0, -1, -1}", "Pad (x, p)", "Conv (z, w)", "[1, 4, 4, 4]"),
+    ("int64[8] p = {0, 1, 0, 0, 0, 0, 0, 0}", "Pad (x, p)", "Relu (z)", "[1, 5, 6, 6]"),  # channels padded
+])
+def test_fold_pad_leaves_padding_its_reader_cannot_take(inits, pad, reader, out):
+    if "Conv" in reader:
+        inits = f"{inits}, {CONV_W}"
+    body = f"z = {pad}\n    y = {reader}"
+    assert not _apply("fold_pad", PAD.format(opset=18, inits=inits, body=body, out=out))[2]
+
+
+@pytest.mark.parametrize("opset, inits, squeeze", [
+    (13, "<int64[2] a = {2, -1}>", "Squeeze (x, a)"),
+    (11, "", "Squeeze <axes = [2, 3]> (x)"),
+])
+def test_squeeze_of_a_pooled_tensor_becomes_flatten(opset, inits, squeeze):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[N, 4, 1, 1] x) => (float[N, 4] y) {inits}{{ y = {squeeze} }}
+    """
+    before, after, modified = _apply("squeeze_to_flatten", text)
+    assert modified and _ops(after) == ["Flatten"]
+    _assert_same(before, after, x=(3, 4, 1, 1))
+
+
+def test_squeeze_of_every_unit_axis_is_left():
+    """Without axes a batch of one would lose its batch axis too."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 4, 1, 1] x) => (float[4] y) { y = Squeeze (x) }
+    """
+    assert not _apply("squeeze_to_flatten", text)[2]
+
+
+def test_global_pool_rewrites_a_mean_over_an_nhwc_transpose():
+    """tf2onnx's Keras head: the last NCHW tensor transposed to NHWC, then its mean over H and W."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[2, 4, 5, 5] x) => (float[2, 4] y) <int64[2] a = {1, 2}> {
+        t = Transpose <perm = [0, 2, 3, 1]> (x)
+        y = ReduceMean <keepdims = 0> (t, a)
+    }
+    """
+    before, after, modified = _apply("global_pool", text)
+    get_pass("remove_unused")(after)
+    assert modified and _ops(after) == ["GlobalAveragePool", "Flatten"]
+    _assert_same(before, after, x=(2, 4, 5, 5))
+
+
+def test_nchw_input_drops_the_transpose_of_an_nhwc_input():
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 6, 6, 4] x) => (float[N, 4, 6, 6] y) <{CONV_W}> {{
+        t = Transpose <perm = [0, 3, 1, 2]> (x)
+        y = Conv <pads = [1, 1, 1, 1]> (t, w)
+    }}
+    """
+    before, after, modified = _apply("nchw_input", text)
+    assert modified and _ops(after) == ["Conv"]
+    assert [d if isinstance(d, int) else "N" for d in after.graph.inputs[0].shape] == ["N", 4, 6, 6]
+    x = RNG.standard_normal((2, 6, 6, 4)).astype(np.float32)
+    expected = _run(before, {"x": x})[0]
+    got = _run(ir.serde.serialize_model(after), {"x": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("outputs, body", [
+    ("float[1, 4, 6, 6] y, float[1, 6, 6, 4] z", "y = Transpose <perm = [0, 3, 1, 2]> (x)\n z = Relu (x)"),
+    ("float[1, 6, 4, 6] y", "t = Transpose <perm = [0, 1, 3, 2]> (x)\n y = Relu (t)"),
+])
+def test_nchw_input_leaves_an_input_read_otherwise(outputs, body):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1, 6, 6, 4] x) => ({outputs}) {{ {body} }}
+    """
+    assert not _apply("nchw_input", text)[2]
+
+
 def test_registry_rejects_duplicates_and_lists_the_canonical_passes():
     assert set(CANONICAL_PASSES) <= set(list_passes())
     with pytest.raises(ValueError, match="already registered"):
