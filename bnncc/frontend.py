@@ -7,7 +7,7 @@ Canonical form (every later stage relies on it; ``load`` guarantees it or raises
 - nodes are only Conv, Relu, MaxPool, Add, GlobalAveragePool, Flatten and Gemm:
   BatchNormalization is folded into the Conv before it, and every Conv has a bias initializer;
   Gemm has transB=1, W of shape (out, in) and a bias of shape (out,), no alpha/beta/transA;
-- every weight is an initializer (Constant and ConstantOfShape are lifted and folded) and no
+- every weight is an initializer (constant computations are folded, Constants lifted) and no
   initializer is listed as a graph input; there is no Identity;
 - every node has a unique name; every value has an inferred type and shape;
 - exactly one graph input, float32 NCHW with fixed C, H and W and a symbolic batch ``N`` (an
@@ -18,8 +18,10 @@ Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``pa
 Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``) or BN already folded;
 ``Add`` or ``Sum``; ``GlobalAveragePool``, ``ReduceMean`` over H, W (axes as attribute or input)
 or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
-Shape/Gather/Unsqueeze/Concat chain) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
-``Identity``; weights from ``Constant``/``ConstantOfShape``; opsets 9..21; fixed or symbolic
+Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
+for a channels_last model) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
+``Identity``; weights from ``Constant`` nodes or computed from constants (``ConstantOfShape``,
+torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..21; fixed or symbolic
 batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or MaxPool, an NHWC input transposed to
 NCHW, an NHWC mean before the classifier.
 
@@ -41,6 +43,7 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx.external_data_helper
+import onnx.inliner
 import onnx.numpy_helper
 import onnx_ir as ir
 
@@ -50,8 +53,9 @@ from bnncc.fileio import require_file
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
+    collapse_reshapes,
     fold_batchnorm,
-    fold_constant_of_shape,
+    fold_constants,
     fold_pad,
     global_pool,
     matmul_add_to_gemm,
@@ -69,7 +73,7 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize"]
+__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize", "stored_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +82,8 @@ logger = logging.getLogger(__name__)
 # then the clean-up; set_opset only fires once nothing version-dependent is left.
 CANONICAL_PASSES = (
     "remove_initializer_inputs",
+    "fold_constants",
     "lift_constants",
-    "fold_constant_of_shape",
     "eliminate_identity",
     "nchw_input",
     "fold_pad",
@@ -87,12 +91,14 @@ CANONICAL_PASSES = (
     "add_conv_bias",
     "sum_to_add",
     "global_pool",
+    "collapse_reshapes",
     "reshape_to_flatten",
     "squeeze_to_flatten",
     "matmul_add_to_gemm",
     "normalize_gemm",
     "strip_softmax",
     "remove_unused",
+    "remove_unused_opsets",
     "symbolic_batch",
     "set_opset",
     "name_fix",
@@ -201,6 +207,9 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
     """The checked float model ``proto`` in canonical form, recognised as a ResNet."""
+    if proto.functions:  # torch's export_modules_as_functions: a Bottleneck op of the model's own
+        proto = onnx.inliner.inline_local_functions(proto)
+        _check_tensor_data(proto, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
@@ -254,12 +263,18 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             if channels is not None and len(w) > 1 and w[1] * group != channels:
                 fail(node, f"weights of shape {w} in {group} group(s) for a {channels}-channel input")
-            if len(node.input) > 2 and node.input[2] and w and shapes.get(node.input[2]) not in (None, [w[0]]):
+            if len(node.input) > 2 and node.input[2] and w and not _may_be(shapes.get(node.input[2]), w[0]):
                 fail(node, f"bias of shape {shapes[node.input[2]]} for {w[0]} output channels")
         if node.op_type == "BatchNormalization" and channels is not None:
             for name in node.input[1:5]:
-                if shapes.get(name) not in (None, [channels]):
+                if not _may_be(shapes.get(name), channels):
                     fail(node, f"parameter '{name}' of shape {shapes[name]} for {channels} channels")
+
+
+def _may_be(shape: list[int | None] | None, length: int) -> bool:
+    """Whether a tensor of ``shape`` (None: unknown; a None dimension: not inferred, as of a bias
+    computed in the graph) may be a vector of ``length``."""
+    return shape is None or (len(shape) == 1 and shape[0] in (None, length))
 
 
 def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
@@ -299,14 +314,27 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def stored_bytes(path: str | os.PathLike) -> int:
+    """What the model at ``path`` (one ``load`` took) takes on disk: its file and the external data
+    files it names."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {location for _, location in _external_tensors(proto)}
+    return path.stat().st_size + sum((path.parent / location).stat().st_size for location in locations)
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list[tuple[onnx.TensorProto, str]]:
+    """The tensors of ``proto`` kept in external data, with their location."""
+    constants = [attr.t for node in proto.graph.node for attr in node.attribute if attr.HasField("t")]
+    return [(tensor, next((e.value for e in tensor.external_data if e.key == "location"), ""))
+            for tensor in [*proto.graph.initializer, *constants]
+            if onnx.external_data_helper.uses_external_data(tensor)]
+
+
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Load external tensors, refusing any location outside the model's folder."""
     folder = path.parent.resolve()
-    constants = [attr.t for node in proto.graph.node for attr in node.attribute if attr.HasField("t")]
-    for tensor in [*proto.graph.initializer, *constants]:
-        if not onnx.external_data_helper.uses_external_data(tensor):
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    for tensor, location in _external_tensors(proto):
         if "\0" in location:
             raise BnnccError(f"{path}: tensor '{tensor.name}': its external data location holds a NUL character")
         try:
@@ -316,7 +344,8 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
                     f"{path}: tensor '{tensor.name}' keeps its data at '{location}', outside the model's folder"
                 )
             if not target.is_file():
-                raise BnnccError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+                problem = "is not a file" if target.exists() else "is missing"
+                raise BnnccError(f"{path}: external data file '{location}' of tensor '{tensor.name}' {problem}")
         except OSError as e:  # e.g. a location longer than the file system allows
             raise BnnccError(f"{path}: tensor '{tensor.name}': its external data location ({len(location)} "
                              f"characters) cannot be opened: {e.strerror}") from None
@@ -333,6 +362,11 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
     graph = proto.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
+    weights = {node.input[1] for node in graph.node if node.op_type in ("Conv", "Gemm") and len(node.input) > 1}
+    unset = [i.name for i in inputs if i.name in weights]
+    if unset:
+        raise BnnccError(f"{path}: input '{unset[0]}' holds the weights of a layer, and {len(unset)} such inputs "
+                         "have no values: export with the weights (torch: export_params=True)")
     if len(inputs) != 1 or len(graph.output) != 1:
         raise BnnccError(
             f"{path}: the model has {len(inputs)} inputs and {len(graph.output)} outputs; expected one of each"
@@ -340,7 +374,9 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
     tensor_type = inputs[0].type.tensor_type
     dims = tensor_type.shape.dim
     if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:
-        raise BnnccError(f"{path}: input '{inputs[0].name}' must be a float32 NCHW tensor of rank 4")
+        kind = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+        raise BnnccError(f"{path}: input '{inputs[0].name}' ({kind}, rank {len(dims)}) must be a float32 NCHW "
+                         "tensor of rank 4 (export the float32 model)")
     for axis, dim in zip("CHW", dims[1:]):
         if not dim.HasField("dim_value"):
             kind = "channel count" if axis == "C" else "spatial size"
@@ -429,7 +465,8 @@ def _check_canonical(model: ir.Model) -> None:
         # (pre-activation) best, wherever it is
         node = next((n for op in _MOST_TELLING for n in refused if n.op_type == op and n.domain == ""), refused[0])
         why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
-        raise BnnccError(f"node '{node.name}' ({node.op_type}): " + (why or (
+        op = node.op_type if node.domain == "" else f"{node.domain}:{node.op_type}"
+        raise BnnccError(f"node '{node.name}' ({op}): " + (why or (
             "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "
             "pooling, Flatten/Reshape, Gemm/MatMul")))
     opset = model.opset_imports.get("")

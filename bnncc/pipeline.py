@@ -82,7 +82,7 @@ class ConvertResult:
 def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions = ConvertOptions()) -> ConvertResult:
     """Run import, rewrite, fine-tune (with data), compile and report; return what was produced."""
     from bnncc.cost import ace
-    from bnncc.frontend import load
+    from bnncc.frontend import load, stored_bytes
     from bnncc.recipe import load_recipe
     from bnncc.targets import registry
 
@@ -103,7 +103,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     start = time.perf_counter()
     float_model = load(model_path)
     float_hash = hashlib.sha256(ir.to_proto(float_model).SerializeToString()).hexdigest()
-    report_stages = [Stage("float import", model_path.name, model_path.stat().st_size, ace(float_model))]
+    report_stages = [Stage("float import", model_path.name, stored_bytes(model_path), ace(float_model))]
     seconds["import"] = time.perf_counter() - start
 
     # the rewrite reads only the passes; the [train] table is part of the fine-tune's key

@@ -29,6 +29,7 @@ def lift_constants() -> ir.passes.PassBase:
 register_pass("remove_initializer_inputs")(common.RemoveInitializersFromInputsPass)
 register_pass("eliminate_identity")(common.IdentityEliminationPass)
 register_pass("remove_unused")(common.RemoveUnusedNodesPass)
+register_pass("remove_unused_opsets")(common.RemoveUnusedOpsetsPass)
 register_pass("topological_sort")(common.TopologicalSortPass)
 register_pass("shape_inference")(common.ShapeInferencePass)
 

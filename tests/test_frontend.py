@@ -159,6 +159,65 @@ def test_a_keras_resnet_from_tf2onnx_is_accepted_and_computes_the_same(tmp_path,
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("setting", ["channels_last", "unoptimized"])
+def test_dynamo_exports_of_other_settings_are_accepted_and_compute_the_same(tmp_path, setting):
+    """channels_last: the flatten comes as Reshape -> Gather -> Reshape; optimize=False: each conv's
+    zero bias is computed in the graph (Shape, Expand, CastLike)."""
+    module = zoo.resnet50(width=0.125, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    if setting == "channels_last":
+        module, x = module.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    torch.onnx.export(module, (x,), tmp_path / "m.onnx", dynamo=True, optimize=setting != "unoptimized")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert {"channels_last": "Gather", "unoptimized": "CastLike"}[setting] in {n.op_type for n in proto.graph.node}
+    model = load(tmp_path / "m.onnx")
+    assert [len(stage) for stage in recognize(model).stages] == [3, 4, 6, 3]
+    x = x.contiguous().numpy()
+    np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
+def test_opsets_the_graph_does_not_use_are_dropped(tmp_path, tiny_proto):
+    """onnxruntime's optimized models import ai.onnx.ml 5, which bnncc's own functions import at 3:
+    kept, it made the rewritten graph invalid after inspect and ace had taken the model."""
+    from bnncc.rewriting import rewrite
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    proto.opset_import.extend([helper.make_opsetid("ai.onnx.ml", 5), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(proto, tmp_path / "imports.onnx")
+    model = load(tmp_path / "imports.onnx")
+    assert dict(model.opset_imports) == {"": 18}
+    poke, _ = rewrite(model, "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    onnx.checker.check_model(ir.to_proto(poke), full_check=True)
+
+
+def test_modules_exported_as_functions_are_inlined(tmp_path):
+    """torch's export_modules_as_functions writes each Bottleneck as a function of the model's own."""
+    module = zoo.resnet50(width=0.125, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(module, (x,), tmp_path / "functions.onnx", dynamo=False, opset_version=18,
+                      export_modules_as_functions={Bottleneck})
+    proto = onnx.load(str(tmp_path / "functions.onnx"))
+    assert len(proto.functions) > 0 and any(node.op_type == "Bottleneck" for node in proto.graph.node)
+    model = load(tmp_path / "functions.onnx")
+    assert len(recognize(model).stages[0]) == 3 and not model.functions
+    np.testing.assert_allclose(_run(model, x.numpy()), _run(proto, x.numpy()), rtol=1e-4, atol=1e-5)
+
+
+def test_stored_bytes_count_the_external_data(tmp_path, tiny_proto):
+    from bnncc.frontend import stored_bytes
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)  # saving it as external data changes the proto
+    onnx.save(proto, tmp_path / "inline.onnx")
+    onnx.save(proto, tmp_path / "split.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0)
+    pieces = [p for p in tmp_path.iterdir() if p.name not in ("inline.onnx", "split.onnx")]
+    assert len(pieces) > 10
+    assert stored_bytes(tmp_path / "split.onnx") == sum(p.stat().st_size for p in [tmp_path / "split.onnx", *pieces])
+    assert stored_bytes(tmp_path / "inline.onnx") == (tmp_path / "inline.onnx").stat().st_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit code 2, one line naming the problem, no traceback, nothing written.
 
@@ -373,6 +432,49 @@ def test_two_outputs(cli, tmp_path, tiny_proto):
     proto.graph.output.append(_output((1, 8, 16, 16), relu.output[0]))
     onnx.save(proto, tmp_path / "two.onnx")
     _expect_refusal(cli, tmp_path / "two.onnx", "2 outputs", "expected one of each")
+
+
+def _without_weights(proto):
+    """torch's export_params=False: every weight a graph input without a value."""
+    for tensor in proto.graph.initializer:
+        proto.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del proto.graph.initializer[:]
+    return "holds the weights of a layer", "have no values: export with the weights (torch: export_params=True)"
+
+
+def _float16_input(proto):
+    proto.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    return "(float16, rank 4) must be a float32 NCHW tensor of rank 4"
+
+
+def _runtime_op(proto):
+    """onnxruntime's ORT_ENABLE_ALL writes NCHWc convs under a domain of its own."""
+    relu = next(n for n in proto.graph.node if n.op_type == "Relu")
+    relu.domain = "com.microsoft.nchwc"
+    proto.opset_import.append(helper.make_opsetid("com.microsoft.nchwc", 1))
+    return f"'{relu.name}' (com.microsoft.nchwc:Relu): unsupported op"
+
+
+@pytest.mark.parametrize("change", [_without_weights, _float16_input, _runtime_op])
+def test_a_model_of_another_export_setting_is_named_so(cli, tmp_path, tiny_proto, change):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    fragments = change(proto)
+    onnx.save(proto, tmp_path / "other.onnx")
+    _expect_refusal(cli, tmp_path / "other.onnx", *(fragments if isinstance(fragments, tuple) else (fragments,)))
+
+
+def test_external_data_that_is_a_folder_is_named_so(cli, tmp_path, tiny_proto):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.ClearField("float_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="weights")
+    (tmp_path / "weights").mkdir()
+    onnx.save(proto, tmp_path / "folder.onnx")
+    _expect_refusal(cli, tmp_path / "folder.onnx", f"external data file 'weights' of tensor '{tensor.name}' is not a file")
 
 
 def _first_conv(proto):

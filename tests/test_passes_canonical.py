@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from bnncc.frontend import CANONICAL_PASSES
+from bnncc.passes._util import const_array
 from bnncc.passmanager import PassManager, get_pass, list_passes, register_pass
 
 RNG = np.random.default_rng(0)
@@ -92,7 +93,7 @@ def test_add_conv_bias_adds_zeros_once():
     assert not get_pass("add_conv_bias")(after).modified
 
 
-def test_fold_constant_of_shape_makes_an_initializer():
+def test_fold_constants_folds_a_constant_of_shape():
     text = """
     <ir_version: 8, opset_import: ["" : 9]>
     g (float[2, 3] x) => (float[2, 3] y) <int64[2] s = {2, 3}> {
@@ -100,22 +101,42 @@ def test_fold_constant_of_shape_makes_an_initializer():
         y = Add (x, c)
     }
     """
-    before, after, modified = _apply("fold_constant_of_shape", text)
-    assert modified and _ops(after) == ["Add"]
-    assert after.graph.node(0).inputs[1].is_initializer()
+    before, after, modified = _apply("fold_constants", text)
+    assert modified and _ops(after) == ["Add"] and const_array(after.graph.node(0).inputs[1]) is not None
     _assert_same(before, after, x=(2, 3))
 
 
-def test_fold_constant_of_shape_leaves_a_computed_shape():
+def test_fold_constants_folds_the_bias_of_an_unoptimized_dynamo_export():
+    """torch.onnx.export(dynamo=True, optimize=False) builds each conv's zero bias in the graph."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[N, 3, 6, 6] x) => (float[N, 4, 6, 6] y) <float[4, 3, 3, 3] w = {{{_floats(4, 3, 3, 3)}}}> {{
+        s = Shape <start = 0, end = 1> (w)
+        one = Constant <value = int64[1] {{1}}> ()
+        shape = Expand (s, one)
+        zero = Constant <value = float {{0.0}}> ()
+        z = CastLike (zero, x)
+        b = Expand (z, shape)
+        y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    }}
+    """
+    before, after, modified = _apply("fold_constants", text)
+    get_pass("remove_unused")(after)
+    assert modified and _ops(after) in (["Conv"], ["Constant", "Conv"])
+    assert const_array(next(n for n in after.graph if n.op_type == "Conv").inputs[2]) is not None
+    _assert_same(before, after, x=(2, 3, 6, 6))
+
+
+def test_fold_constants_leaves_the_shape_of_a_symbolic_batch():
     text = """
     <ir_version: 8, opset_import: ["" : 18]>
-    g (float[2, 3] x) => (float[2, 3] y) {
+    g (float[N, 3] x) => (float[N, 3] y) {
         s = Shape (x)
         c = ConstantOfShape <value = float[1] {0.25}> (s)
         y = Add (x, c)
     }
     """
-    _, after, modified = _apply("fold_constant_of_shape", text)
+    _, after, modified = _apply("fold_constants", text)
     assert not modified and "ConstantOfShape" in _ops(after)
 
 
@@ -214,6 +235,41 @@ def test_reshape_that_does_not_flatten_is_left():
     g (float[2, 4, 2, 2] x) => (float[2, 4, 4] y) <int64[3] s = {2, 4, 4}> { y = Reshape (x, s) }
     """
     assert not _apply("reshape_to_flatten", text)[2]
+
+
+def test_collapse_reshapes_takes_dynamos_channels_last_flatten():
+    """Reshape to [-1], a Gather of every element in order, a Reshape to [N, C]: one Reshape."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 8, 1, 1] x) => (float[1, 8] y) <int64[1] flat = {-1}, int64[1, 8, 1, 1] order = {0, 1, 2, 3, 4, 5, 6, 7},
+                                               int64[2] nc = {1, 8}> {
+        v = Reshape (x, flat)
+        g = Gather <axis = 0> (v, order)
+        y = Reshape <allowzero = 1> (g, nc)
+    }
+    """
+    before, after, modified = _apply("collapse_reshapes", text)
+    assert modified and _ops(after) == ["Reshape"]
+    _assert_same(before, after, x=(1, 8, 1, 1))
+    assert get_pass("reshape_to_flatten")(after).modified and _ops(after) == ["Flatten"]
+
+
+@pytest.mark.parametrize("body, ops", [
+    # a Gather that permutes is no reshape
+    ("v = Reshape (x, flat)\n g = Gather <axis = 0> (v, swapped)\n y = Reshape (g, nc)",
+     ["Reshape", "Gather", "Reshape"]),
+    # a 0 in the outer target copies the inner result's dimension, not x's
+    ("v = Reshape (x, nc)\n y = Reshape (v, copy)", ["Reshape", "Reshape"]),
+])
+def test_collapse_reshapes_leaves_what_is_no_plain_reshape(body, ops):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1, 8, 1, 1] x) => (float[1, 8] y) <int64[1] flat = {{-1}}, int64[8] swapped = {{0, 1, 2, 3, 4, 5, 7, 6}},
+                                               int64[2] nc = {{1, 8}}, int64[2] copy = {{0, 8}}> {{ {body} }}
+    """
+    before, after, _ = _apply("collapse_reshapes", text)
+    assert _ops(after) == ops
+    _assert_same(before, after, x=(1, 8, 1, 1))
 
 
 def test_symbolic_batch_makes_a_fixed_batch_symbolic_everywhere():
