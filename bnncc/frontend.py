@@ -15,7 +15,8 @@ Canonical form (every later stage relies on it; ``load`` guarantees it or raises
   is dropped).
 
 Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``passes/``):
-Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``) or BN already folded;
+Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``), BN as per-channel Mul and Add
+after the Conv, or BN already folded;
 ``Add`` or ``Sum``; ``GlobalAveragePool``, ``ReduceMean`` over H, W (axes as attribute or input)
 or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
 Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
@@ -55,6 +56,7 @@ from bnncc.passes import (  # noqa: F401
     add_conv_bias,
     collapse_reshapes,
     fold_batchnorm,
+    fold_channel_affine,
     fold_constants,
     fold_pad,
     global_pool,
@@ -89,6 +91,7 @@ CANONICAL_PASSES = (
     "fold_pad",
     "fold_batchnorm",
     "add_conv_bias",
+    "fold_channel_affine",
     "sum_to_add",
     "global_pool",
     "collapse_reshapes",
@@ -377,7 +380,11 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
         kind = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
         raise BnnccError(f"{path}: input '{inputs[0].name}' ({kind}, rank {len(dims)}) must be a float32 NCHW "
                          "tensor of rank 4 (export the float32 model)")
-    for axis, dim in zip("CHW", dims[1:]):
+    readers = [node for node in graph.node if inputs[0].name in node.input]
+    # an NHWC input (tf2onnx's) is read through a Transpose to NCHW, which the canonical form drops
+    nhwc = readers and all(node.op_type == "Transpose" and [list(a.ints) for a in node.attribute if a.name == "perm"]
+                           == [[0, 3, 1, 2]] for node in readers)
+    for axis, dim in zip("HWC" if nhwc else "CHW", dims[1:]):
         if not dim.HasField("dim_value"):
             kind = "channel count" if axis == "C" else "spatial size"
             raise BnnccError(f"{path}: input '{inputs[0].name}': dynamic {kind} ({axis} = {dim.dim_param or '?'})")
@@ -446,7 +453,7 @@ _WHY_REFUSED = {
     "Pad": "a padding that folds into no conv or max pool (bnncc folds zero padding of H and W before a Conv, "
            "or before a MaxPool of a Relu's output)",
     "Mul": "an elementwise product, which a plain ResNet has none of (squeeze-excite and pre-activation "
-           "ResNets are not supported; a batch norm written as Mul and Add is not folded)",
+           "ResNets are not supported; a batch norm as Mul and Add folds only into the conv right before it)",
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
     **{op: _QUANTIZED for op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",

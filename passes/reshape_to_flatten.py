@@ -14,9 +14,10 @@ __all__ = ["ReshapeToFlattenPass"]
 import logging
 import math
 
+import numpy as np
 import onnx_ir as ir
 
-from bnncc.passes._util import const_array, int_attr, static_dims
+from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -94,11 +95,25 @@ def _shape_elements(value: ir.Value) -> list[ShapeElem] | None:
             return None
         return [source[int(i)] for i in index.reshape(-1)]
     if node.op_type == "Slice":
-        if len(node.inputs) != 3:  # attribute form (opset < 10) or explicit axes/steps: not read
-            return None
-        source = _shape_elements(node.inputs[0])
-        bounds = [const_array(v) for v in node.inputs[1:3]]
-        if source is None or any(b is None for b in bounds):
-            return None
-        return source[int(bounds[0][0]) : int(bounds[1][0])]
+        source, bounds = _shape_elements(node.inputs[0]), _slice_bounds(node)
+        return None if source is None or bounds is None else source[bounds[0] : bounds[1]]
     return None
+
+
+def _slice_bounds(node: ir.Node) -> tuple[int, int] | None:
+    """(start, end) of a Slice of a 1-D tensor with step 1: attributes before opset 10, inputs
+    (starts, ends, axes, steps) from 10 (Paddle's flatten slices Shape(x)[0:1] this way)."""
+    if "starts" in node.attributes:
+        starts, ends = ints_attr(node, "starts", ()), ints_attr(node, "ends", ())
+        axes, steps = ints_attr(node, "axes", (0,)), (1,)
+    else:
+        given = [*node.inputs[1:], None, None][:4]
+        starts, ends, axes, steps = (None if v is None else const_array(v) for v in given)
+        if any(v is not None and a is None for v, a in zip(given, (starts, ends, axes, steps))):
+            return None  # computed at run time
+        axes, steps = (0,) if axes is None else axes, (1,) if steps is None else steps
+    if starts is None or ends is None or [np.size(v) for v in (starts, ends, axes, steps)] != [1] * 4:
+        return None
+    if int(np.ravel(axes)[0]) not in (0, -1) or int(np.ravel(steps)[0]) != 1:
+        return None
+    return int(np.ravel(starts)[0]), int(np.ravel(ends)[0])

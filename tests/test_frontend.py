@@ -425,6 +425,15 @@ def test_dynamic_spatial_size(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "dyn.onnx", "dynamic spatial size")
 
 
+def test_dynamic_spatial_size_of_an_nhwc_input(cli, tmp_path, tiny_proto):
+    """Keras with a variable image size: (N, H?, W?, 3), transposed to NCHW; H is not a channel count."""
+    keras = _keras_form(tiny_proto, "squeeze")
+    for axis in (1, 2):
+        keras.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = "hw"[axis - 1]
+    onnx.save(keras, tmp_path / "dyn.onnx")
+    _expect_refusal(cli, tmp_path / "dyn.onnx", "dynamic spatial size (H = h)")
+
+
 def test_two_outputs(cli, tmp_path, tiny_proto):
     proto = onnx.ModelProto()
     proto.CopyFrom(tiny_proto)

@@ -153,6 +153,39 @@ def test_lift_constants_turns_constant_nodes_into_initializers():
     _assert_same(before, after, x=(2, 3))
 
 
+AFFINE = f"""
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[1, 3, 6, 6] x, float[1, 4, 6, 6] r) => (float[1, 4, 6, 6] y) <
+    float[4, 3, 3, 3] w = {{{_floats(4, 3, 3, 3)}}}, float[4] b = {{{_floats(4)}}},
+    float[1, 4, 1, 1] s = {{{_floats(4, low=0.5, high=1.5)}}}, float[1, 4, 1, 1] t = {{{_floats(4)}}},
+    float[1, 4, 6, 6] plane = {{{_floats(1, 4, 6, 6)}}}
+> {{
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    {{body}}
+}}
+"""
+
+
+def test_fold_channel_affine_folds_a_batch_norm_written_as_mul_and_add():
+    """tf2onnx's batch norm after a biased conv."""
+    body = "m = Mul (c, s)\n    a = Add (t, m)\n    y = Add (a, r)"
+    before, after, modified = _apply("fold_channel_affine", AFFINE.replace("{body}", body))
+    assert modified and _ops(after) == ["Conv", "Add"]
+    _assert_same(before, after, x=(1, 3, 6, 6), r=(1, 4, 6, 6))
+
+
+@pytest.mark.parametrize("body", [
+    "y = Add (c, r)",  # a residual: two activations
+    "y = Add (c, plane)",  # a constant that varies over H and W
+    "m = Relu (c)\n    y = Mul (m, s)",  # after something else than the conv
+])
+def test_fold_channel_affine_leaves_other_products_and_sums(body):
+    text = AFFINE.replace("{body}", body)
+    before, after, modified = _apply("fold_channel_affine", text)
+    assert not modified
+    _assert_same(before, after, x=(1, 3, 6, 6), r=(1, 4, 6, 6))
+
+
 def test_sum_becomes_a_chain_of_adds():
     text = """
     <ir_version: 8, opset_import: ["" : 9]>
@@ -227,6 +260,25 @@ def test_reshape_with_a_shape_chain_and_symbolic_batch_becomes_flatten():
     get_pass("remove_unused")(after)
     assert _ops(after) == ["Flatten"]
     _assert_same(before, after, x=(3, 4, 2, 2))
+
+
+@pytest.mark.parametrize("opset, slice_", [
+    (9, "b = Slice <axes = [0], starts = [0], ends = [1]> (s)"),  # Paddle's flatten at opset 9
+    (13, "b = Slice (s, zero, one, zero)"),  # ... and at 13: starts, ends and axes as inputs
+])
+def test_reshape_with_a_sliced_shape_becomes_flatten(opset, slice_):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[N, 4, 1, 1] x) => (float[N, 4] y) <int64[1] zero = {{0}}, int64[1] one = {{1}}, int64[1] minus1 = {{-1}}> {{
+        s = Shape (x)
+        {slice_}
+        t = Concat <axis = 0> (b, minus1)
+        y = Reshape (x, t)
+    }}
+    """
+    before, after, modified = _apply("reshape_to_flatten", text)
+    assert modified and _ops(after)[-1] == "Flatten"
+    _assert_same(before, after, x=(3, 4, 1, 1))
 
 
 def test_reshape_that_does_not_flatten_is_left():
