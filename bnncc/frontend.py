@@ -253,12 +253,14 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
         dims = shapes[value.name]
         if any(d is not None and d <= 0 for d in dims):
             raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: every dimension must be positive")
-        if len(dims) == 4 and None not in dims[2:] and dims[2] * dims[3] > MAX_INPUT_PIXELS:
+        if _too_large(dims):
             raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: at most {MAX_INPUT_PIXELS} pixels")
     for node in proto.graph.node:
         for name in node.output:
             if any(d is not None and d <= 0 for d in shapes.get(name, [])):
                 fail(node, f"output '{name}' of shape {shapes[name]}")
+            if _too_large(shapes.get(name, [])):  # e.g. a padding of 10**5 pixels
+                fail(node, f"output '{name}' of shape {shapes[name]}: at most {MAX_INPUT_PIXELS} pixels")
         x = shapes.get(node.input[0], []) if node.input else []
         channels = x[1] if len(x) > 1 else None
         if node.op_type == "Conv" and len(node.input) > 1:
@@ -272,6 +274,11 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
             for name in node.input[1:5]:
                 if not _may_be(shapes.get(name), channels):
                     fail(node, f"parameter '{name}' of shape {shapes[name]} for {channels} channels")
+
+
+def _too_large(dims: list[int | None]) -> bool:
+    """Whether a rank-4 tensor of ``dims`` has more pixels a channel than the kernels index."""
+    return len(dims) == 4 and None not in dims[2:] and dims[2] * dims[3] > MAX_INPUT_PIXELS
 
 
 def _may_be(shape: list[int | None] | None, length: int) -> bool:

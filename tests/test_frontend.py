@@ -434,6 +434,20 @@ def test_dynamic_spatial_size_of_an_nhwc_input(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "dyn.onnx", "dynamic spatial size (H = h)")
 
 
+def test_an_inner_tensor_larger_than_the_kernels_take(cli, tmp_path, tiny_proto):
+    """A zero padding of 10**5 pixels before the stem folds into its conv: the 32 px input passes
+    the input's own size check, the stem's output is 50008x50008 (80 GB of floats a channel set)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    conv = _first_conv(proto)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, 10**5, 10**5] * 2), "huge"))
+    proto.graph.node.insert(0, helper.make_node("Pad", [conv.input[0], "huge"], ["padded"], name="pad"))
+    conv.input[0] = "padded"
+    onnx.save(proto, tmp_path / "huge.onnx")
+    _expect_refusal(cli, tmp_path / "huge.onnx", "node 'pad' (Pad): output 'padded' of shape [1, 3, 200032, 200032]: "
+                                                 "at most 33554432 pixels")
+
+
 def test_two_outputs(cli, tmp_path, tiny_proto):
     proto = onnx.ModelProto()
     proto.CopyFrom(tiny_proto)

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from bnncc.frontend import CANONICAL_PASSES
+from bnncc.passes import fold_constants as fold_constants_module
 from bnncc.passes._util import const_array
 from bnncc.passmanager import PassManager, get_pass, list_passes, register_pass
 
@@ -138,6 +139,28 @@ def test_fold_constants_leaves_the_shape_of_a_symbolic_batch():
     """
     _, after, modified = _apply("fold_constants", text)
     assert not modified and "ConstantOfShape" in _ops(after)
+
+
+@pytest.mark.parametrize("op, make", [
+    ("ConstantOfShape", "c = ConstantOfShape <value = float[1] {0.25}> (big)"),
+    ("Expand", "c = Expand (quarter, big)"),
+    ("Tile", "c = Tile (quarter, big)"),
+])
+def test_fold_constants_leaves_an_output_too_large_to_hold(op, make, caplog):
+    """A hostile model: 2**40 elements (4 TiB) from a few bytes of constants, read only by its sum."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 18]>
+    g (float[1] x) => (float[1] y) <int64[2] big = {{1048576, 1048576}}, float[1, 1] quarter = {{0.25}}> {{
+        {make}
+        s = ReduceSum <keepdims = 0> (c)
+        y = Add (x, s)
+    }}
+    """
+    _, after, modified = _apply("fold_constants", text)
+    assert not modified and _ops(after) == [op, "ReduceSum", "Add"]
+    assert not caplog.records  # onnxscript's warning that numpy could not allocate 4 TiB
+    # not even tried: a size numpy can allocate (8 GiB) would have been computed, then dropped
+    assert fold_constants_module._should_fold(after.graph.node(0)) is False
 
 
 def test_lift_constants_turns_constant_nodes_into_initializers():
