@@ -29,3 +29,6 @@ MAX_BATCH = 4096
 # {"mean": [...], "std": [...]} per input channel of pixels in [0, 1] (bnncc run applies it).
 RECIPE_KEY = "bnncc.recipe"
 PREPROCESSING_KEY = "bnncc.preprocessing"
+# ... and what the front end changed that a user of the model sees (an NHWC input taken as NCHW,
+# the output Softmax dropped), one note a line, which ``recognize`` reports with the structure
+IMPORT_NOTES_KEY = "bnncc.import_notes"

@@ -48,7 +48,7 @@ import onnx.inliner
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from bnncc.domain import CANONICAL_OPSET, DOMAIN, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
+from bnncc.domain import CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
@@ -433,7 +433,7 @@ def recognize(model: ir.Model) -> ResNet:
         stem=stem,
         stages=tuple(tuple(stage) for stage in stages),
         head=head,
-        notes=_layout_notes(stages),
+        notes=(*_import_notes(model), *_layout_notes(stages)),
     )
 
 
@@ -494,6 +494,11 @@ def _check_canonical(model: ir.Model) -> None:
 
 
 _KIND = {Bottleneck: "bottleneck block", BasicBlock: "basic block"}
+
+
+def _import_notes(model: ir.Model) -> tuple[str, ...]:
+    notes = model.metadata_props.get(IMPORT_NOTES_KEY)
+    return tuple(notes.splitlines()) if notes else ()
 
 
 def _layout_notes(stages: list[list[Block]]) -> tuple[str, ...]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bnncc.domain import IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
-__all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths"]
+__all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
+           "add_import_note"]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -55,3 +57,9 @@ def check_bit_widths(owner: str, **widths: int) -> None:
         if not 2 <= value <= 8:
             raise BnnccError(f"{owner}: {key} must be 2 to 8 (a signed quantizer; the kernels hold int4 or int8), "
                              f"got {value}")
+
+
+def add_import_note(model: ir.Model, note: str) -> None:
+    """Record ``note`` under IMPORT_NOTES_KEY, after those recorded before."""
+    notes = model.metadata_props.get(IMPORT_NOTES_KEY)
+    model.metadata_props[IMPORT_NOTES_KEY] = note if not notes else f"{notes}\n{note}"

@@ -14,7 +14,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import ints_attr
+from bnncc.passes._util import add_import_note, ints_attr
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class NchwInputPass(ir.passes.InPlacePass):
             for node in transposes:
                 ir.convenience.replace_all_uses_with(node.outputs[0], value)
                 graph.remove(node, safe=True)
+            add_import_note(model, f"input '{value.name}' is NHWC in the file; bnncc takes it as NCHW")
             logger.debug("declared input %s NCHW in place of its Transpose", value.name)
             modified = True
         return ir.passes.PassResult(model, modified)

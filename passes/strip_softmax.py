@@ -13,6 +13,7 @@ import logging
 
 import onnx_ir as ir
 
+from bnncc.passes._util import add_import_note
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class StripSoftmaxPass(ir.passes.InPlacePass):
             ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             x.name = name
+            add_import_note(model, "the output Softmax is dropped: the graph returns logits")
             logger.info("removed the output Softmax %s: the model now returns logits", node.name)
             modified = True
         return ir.passes.PassResult(model, modified)

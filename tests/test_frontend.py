@@ -152,6 +152,7 @@ def test_a_keras_resnet_from_tf2onnx_is_accepted_and_computes_the_same(tmp_path,
     resnet, reference = recognize(model), recognize(load(torch_path))
     assert (resnet.stem, resnet.stages) == (reference.stem, reference.stages)
     assert (resnet.head.in_features, resnet.head.num_classes) == (2048 // 8, 10)
+    assert resnet.notes[0] == "input 'nhwc' is NHWC in the file; bnncc takes it as NCHW"
     assert {n.op_type for n in model.graph} == STABLE_OPS
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     expected = _run(keras, x)

@@ -431,6 +431,7 @@ def test_output_softmax_is_stripped_but_an_inner_one_is_not():
     before, after, modified = _apply("strip_softmax", text)
     assert modified and _ops(after) == ["Relu", "Softmax", "Relu"]
     assert after.graph.outputs[0].name == "y"
+    assert after.metadata_props["bnncc.import_notes"] == "the output Softmax is dropped: the graph returns logits"
     x = RNG.standard_normal((2, 3)).astype(np.float32)
     logits = _run(ir.serde.serialize_model(after), {"x": x})[0]
     probs = _run(before, {"x": x})[0]
