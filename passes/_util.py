@@ -9,7 +9,7 @@ from bnncc.domain import IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
 __all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
-           "add_import_note"]
+           "add_import_note", "axes_of", "replace_with_flatten", "take_over_output"]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -63,3 +63,29 @@ def add_import_note(model: ir.Model, note: str) -> None:
     """Record ``note`` under IMPORT_NOTES_KEY, after those recorded before."""
     notes = model.metadata_props.get(IMPORT_NOTES_KEY)
     model.metadata_props[IMPORT_NOTES_KEY] = note if not notes else f"{notes}\n{note}"
+
+
+def axes_of(node: ir.Node) -> list[int] | None:
+    """The ``axes`` of a reduction or Squeeze on a rank-4 tensor, as 0..3 (an attribute in older
+    opsets, the second input in newer ones); None where it has none or they are computed."""
+    if "axes" in node.attributes:
+        return [a % 4 for a in node.attributes["axes"].as_ints()]
+    axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    return None if axes is None else [int(a) % 4 for a in axes.reshape(-1)]
+
+
+def replace_with_flatten(graph: ir.Graph, node: ir.Node) -> None:
+    """Put Flatten(node's first input, axis=1) in ``node``'s place, under its name."""
+    flatten = ir.Node("", "Flatten", [node.inputs[0]], {"axis": ir.AttrInt64("axis", 1)}, name=node.name)
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [flatten], [node.outputs[0]], [flatten.outputs[0]])
+
+
+def take_over_output(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
+    """Remove ``node``, whose output ``value`` (its input's producer's output) now stands for; a
+    graph output keeps its name."""
+    out = node.outputs[0]
+    output_name = out.name if out.is_graph_output() else None
+    ir.convenience.replace_all_uses_with(out, value, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    if output_name is not None:
+        value.name = output_name

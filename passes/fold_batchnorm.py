@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
-from bnncc.passes._util import add_initializer, const_array, int_attr
+from bnncc.passes._util import add_initializer, const_array, int_attr, take_over_output
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,6 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
         conv.replace_input_with(2, b_value)
-        bn_out = bn.outputs[0]
-        output_name = bn_out.name if bn_out.is_graph_output() else None
-        ir.convenience.replace_all_uses_with(bn_out, conv_out, replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        if output_name is not None:  # a graph output keeps its name
-            conv_out.name = output_name
+        take_over_output(graph, bn, conv_out)
         logger.debug("folded %s into %s", bn.name, conv.name)
         return True

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.passes._util import add_initializer, const_array
+from bnncc.passes._util import add_initializer, const_array, take_over_output
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,7 @@ class FoldChannelAffinePass(ir.passes.InPlacePass):
             bias = bias + values
         conv.replace_input_with(1, add_initializer(graph, f"{conv.name or 'conv'}.weight", weight.astype(dtype)))
         conv.replace_input_with(2, add_initializer(graph, f"{conv.name or 'conv'}.bias", bias.astype(dtype)))
-        out = node.outputs[0]
-        output_name = out.name if out.is_graph_output() else None
-        ir.convenience.replace_all_uses_with(out, conv_out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        if output_name is not None:  # a graph output keeps its name
-            conv_out.name = output_name
+        take_over_output(graph, node, conv_out)
         logger.debug("folded %s %s into %s", node.op_type, node.name, conv.name)
         return True
 

@@ -14,7 +14,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
+from bnncc.passes._util import axes_of, int_attr, ints_attr, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -73,15 +73,8 @@ def _reduces(node: ir.Node, plane: list[int]) -> bool:
     dims = static_dims(node.inputs[0])
     if dims is None or len(dims) != 4:
         return False
-    if "axes" in node.attributes:
-        axes = node.attributes["axes"].as_ints()
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = const_array(node.inputs[1])
-        if axes is None:
-            return False
-    else:
-        return False  # no axes: a mean over all axes (or a no-op), not a spatial pool
-    return sorted(int(a) % 4 for a in axes) == plane
+    # no axes: a mean over all axes (or a no-op), not a spatial pool
+    return sorted(axes_of(node) or ()) == plane
 
 
 def _to_nhwc(value: ir.Value) -> bool:

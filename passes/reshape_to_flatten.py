@@ -17,7 +17,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
+from bnncc.passes._util import const_array, int_attr, ints_attr, replace_with_flatten, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,7 @@ class ReshapeToFlattenPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type != "Reshape" or node.domain != "" or not _flattens(node):
                 continue
-            flatten = ir.Node("", "Flatten", [node.inputs[0]], {"axis": ir.AttrInt64("axis", 1)}, name=node.name)
-            ir.convenience.replace_nodes_and_values(
-                graph, node, [node], [flatten], [node.outputs[0]], [flatten.outputs[0]]
-            )
+            replace_with_flatten(graph, node)
             logger.debug("rewrote Reshape %s as Flatten", node.name)
             modified = True
         return ir.passes.PassResult(model, modified)

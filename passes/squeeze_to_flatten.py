@@ -12,7 +12,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import const_array, static_dims
+from bnncc.passes._util import axes_of, replace_with_flatten, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,7 @@ class SqueezeToFlattenPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type != "Squeeze" or node.domain != "" or not _drops_plane(node):
                 continue
-            flatten = ir.Node("", "Flatten", [node.inputs[0]], {"axis": ir.AttrInt64("axis", 1)}, name=node.name)
-            ir.convenience.replace_nodes_and_values(
-                graph, node, [node], [flatten], [node.outputs[0]], [flatten.outputs[0]]
-            )
+            replace_with_flatten(graph, node)
             logger.debug("rewrote Squeeze %s as Flatten", node.name)
             modified = True
         return ir.passes.PassResult(model, modified)
@@ -46,13 +43,5 @@ def _drops_plane(node: ir.Node) -> bool:
     dims = static_dims(node.inputs[0])
     if dims is None or len(dims) != 4 or tuple(dims[2:]) != (1, 1):
         return False
-    if "axes" in node.attributes:
-        axes = node.attributes["axes"].as_ints()
-    elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = const_array(node.inputs[1])
-        if axes is None:
-            return False
-        axes = axes.reshape(-1)
-    else:
-        return False  # every unit axis: a batch of one would lose its batch axis too
-    return sorted(int(a) % 4 for a in axes) == [2, 3]
+    # without axes, every unit axis: a batch of one would lose its batch axis too
+    return sorted(axes_of(node) or ()) == [2, 3]
