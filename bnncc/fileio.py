@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,18 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def loadable_copy(library: str | os.PathLike) -> Iterator[Path]:
+    """A private copy of the shared library ``library`` to load, removed afterwards (the loaded
+    code stays mapped). dlopen hands back the library first loaded under a path for as long as the
+    process lives: a library rebuilt in the same folder and loaded again ran the old code under the
+    new manifest."""
+    with tempfile.TemporaryDirectory(prefix="bnncc-lib-") as tmp:
+        copy = Path(tmp) / Path(library).name
+        shutil.copyfile(library, copy)
+        yield copy
 
 
 def require_file(path: Path, expected: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path
+from bnncc.fileio import atomic_path, loadable_copy
 
 
 def _configure_threads() -> int:
@@ -89,7 +89,8 @@ def export_executable(executable, path: str | os.PathLike) -> Path:
 
 def load_vm(path: str | os.PathLike):
     """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime)."""
-    module = tvm.runtime.load_module(str(path))
+    with loadable_copy(path) as copy:
+        module = tvm.runtime.load_module(str(copy))
     if not module.implements_function("vm_load_executable"):  # any other shared library
         raise BnnccError(f"{path}: holds no Relax VM executable; is it a library written by `bnncc compile`?")
     return relax.VirtualMachine(module, tvm.cpu(0))

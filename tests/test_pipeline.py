@@ -46,11 +46,11 @@ def _idx(path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def _brightness_idx(folder):
+def _brightness_idx(folder, test_images: int = 16):
     """A learnable 4-class IDX set of 8x8 images (the class is the brightness), 64 + 16 images."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", 16)):
+    for prefix, n in (("train", 64), ("t10k", test_images)):
         labels = rng.integers(0, 4, n)
         _idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
         _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
@@ -116,6 +116,21 @@ def test_a_changed_option_redoes_only_the_stages_it_feeds(converted, narrow_resn
                                                                      show_progress=False))
     assert again.cached == {"rewrite": True, "compile": False}
     assert json.loads((converted.outdir / "model.json").read_text())["functions"].keys() == {"1", "2"}
+
+
+def test_a_library_rebuilt_in_its_folder_is_loaded_anew(converted, narrow_resnet):
+    """dlopen hands back the library first loaded under a path: in one process, a library rebuilt
+    in the same folder ran the old code under the new model.json."""
+    from bnncc.runtime import load as load_library
+
+    x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    load_library(converted.outdir)(x[:1])
+    convert(narrow_resnet, converted.outdir, ConvertOptions(overrides=STEM, batches=(1, 3), latency_runs=3,
+                                                            show_progress=False))
+    library = load_library(converted.outdir)
+    assert library.functions == {1: "batch_1", 3: "batch_3"}
+    np.testing.assert_allclose(library(x), np.concatenate([library(x[i:i + 1]) for i in range(3)]), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_unknown_target_is_a_one_line_error(cli, narrow_resnet, tmp_path):
@@ -192,6 +207,30 @@ def test_convert_refuses_an_output_folder_of_other_files_before_any_work(cli, na
     assert (tmp_path / "file").read_text() == "keep" and not (tmp_path / "out").exists()
     assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["model.onnx"]
     assert (tmp_path / "theirs" / "model.onnx").read_text() == "the user's"
+
+
+def test_library_accuracy_is_counted_batch_by_batch(converted, tmp_path, monkeypatch):
+    """The library's top-1/top-5 on the test split, in batches of 256: the same as numpy's count
+    over the whole split at once, without holding the whole split (30 GB for ImageNet's)."""
+    import torch
+
+    from bnncc import pipeline
+    from bnncc.runtime import load as load_library
+    from bnncc.train.data import open_dataset
+
+    data = _brightness_idx(tmp_path / "data", test_images=300)
+    lib = load_library(converted.outdir)
+    test = open_dataset(data, "val")
+    images, labels = test.batch(torch.arange(len(test)), lib.input_chw, augment=False)
+    best = np.argsort(-lib(images.numpy()), axis=1, kind="stable")[:, :5]
+    labels = labels.numpy()
+    expected = {"library_top1": 100 * np.mean(best[:, 0] == labels),
+                "library_top5": 100 * np.mean((best == labels[:, None]).any(axis=1))}
+    sizes = []
+    library = lib.__class__.__call__
+    monkeypatch.setattr(lib.__class__, "__call__", lambda self, x: sizes.append(len(x)) or library(self, x))
+    assert pipeline._library_accuracy(lib, data, show_progress=False) == pytest.approx(expected)
+    assert sizes == [256, 44]
 
 
 @pytest.mark.slow
