@@ -112,8 +112,9 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the result
         return FinetuneResult(output, result, *accuracy, None)
     if val_data.num_classes == _classes(student_model):
-        accuracy = (*evaluate(student, val_data, shape, device=device, workers=cfg.num_workers),
-                    *evaluate(teacher, val_data, shape, device=device, workers=cfg.num_workers))
+        labels = ("student", "teacher") if show_progress else (None, None)
+        accuracy = (*evaluate(student, val_data, shape, device=device, workers=cfg.num_workers, label=labels[0]),
+                    *evaluate(teacher, val_data, shape, device=device, workers=cfg.num_workers, label=labels[1]))
     else:
         logger.warning("the data has %d classes, the model %d: no top-1/top-5 (distillation needs no labels)",
                        val_data.num_classes, _classes(student_model))
@@ -164,7 +165,8 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     train(model, None, train_data, cfg, shape, device=device, show_progress=show_progress)
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and exports
         return Path(output), None, None
-    top1, top5 = evaluate(model, val_data, shape, device=device, workers=cfg.num_workers)
+    top1, top5 = evaluate(model, val_data, shape, device=device, workers=cfg.num_workers,
+                          label="teacher" if show_progress else None)
     model.cpu().eval()
     output = Path(output)
     with atomic_path(output) as tmp:

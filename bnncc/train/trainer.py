@@ -370,17 +370,24 @@ def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConf
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256,
-             device: str | torch.device = "cpu", workers: int | None = None) -> tuple[float, float]:
-    """(top-1, top-5) accuracy in percent on every image of ``data``."""
+             device: str | torch.device = "cpu", workers: int | None = None,
+             label: str | None = None) -> tuple[float, float]:
+    """(top-1, top-5) accuracy in percent on every image of ``data``, batch by batch (ImageNet's
+    validation split is 30 GB of floats at 224 px); with a progress bar named ``label`` if given."""
     model.to(device).eval()
     dtype = _dtype(model)
     top1 = top5 = 0
     loader = Loader(data, input_shape, workers=workers, device=device, stops=False)
     plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
-    for images, labels in loader(plans):
-        logits = model(images.to(dtype)).float().cpu()
-        labels = labels.cpu()
-        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += int((best[:, 0] == labels).sum())
-        top5 += int((best == labels[:, None]).any(dim=1).sum())
+    progress = Progress(TextColumn(f"[bold]evaluate {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                        TimeRemainingColumn(), disable=label is None, transient=False)
+    with progress:
+        task = progress.add_task("evaluate", total=len(data))
+        for images, labels in loader(plans):
+            logits = model(images.to(dtype)).float().cpu()
+            labels = labels.cpu()
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += int((best[:, 0] == labels).sum())
+            top5 += int((best == labels[:, None]).any(dim=1).sum())
+            progress.advance(task, len(labels))
     return 100.0 * top1 / len(data), 100.0 * top5 / len(data)
