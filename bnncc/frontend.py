@@ -391,10 +391,32 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
     # an NHWC input (tf2onnx's) is read through a Transpose to NCHW, which the canonical form drops
     nhwc = readers and all(node.op_type == "Transpose" and [list(a.ints) for a in node.attribute if a.name == "perm"]
                            == [[0, 3, 1, 2]] for node in readers)
-    for axis, dim in zip("HWC" if nhwc else "CHW", dims[1:]):
-        if not dim.HasField("dim_value"):
-            kind = "channel count" if axis == "C" else "spatial size"
-            raise BnnccError(f"{path}: input '{inputs[0].name}': dynamic {kind} ({axis} = {dim.dim_param or '?'})")
+    axes = "HWC" if nhwc else "CHW"
+    dynamic = {axis: dim.dim_param or "?" for axis, dim in zip(axes, dims[1:]) if not dim.HasField("dim_value")}
+    if dynamic:
+        kinds = [kind for kind, letters in (("channel count", "C"), ("spatial size", "HW")) if set(letters) & set(dynamic)]
+        fixed = {axis: str(dim.dim_value) for axis, dim in zip(axes, dims[1:]) if dim.HasField("dim_value")}
+        # an example size for the fix (optimum's exports leave all three open): the first conv's
+        # input channels, 224 px
+        example = {"C": str(_conv_input_channels(graph, readers) or 3), "H": "224", "W": "224", **fixed}
+        shape = ",".join(["1", *(example[axis] for axis in axes)])
+        raise BnnccError(
+            f"{path}: input '{inputs[0].name}': dynamic {' and '.join(kinds)} "
+            f"({', '.join(f'{axis} = {name}' for axis, name in dynamic.items())}); bnncc compiles for one image "
+            f"size: fix it first, e.g. python -m onnxruntime.tools.make_dynamic_shape_fixed --input_name "
+            f"{inputs[0].name} --input_shape {shape} {path.name} fixed.onnx")
+
+
+def _conv_input_channels(graph: onnx.GraphProto, readers: list[onnx.NodeProto]) -> int | None:
+    """The input channels of the conv that reads the graph input (through an NHWC Transpose)."""
+    weights = {tensor.name: tensor.dims for tensor in graph.initializer}
+    outputs = {name for node in readers for name in node.output}
+    for node in graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and (node in readers or node.input[0] in outputs):
+            dims = weights.get(node.input[1])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            return dims[1] * group if dims is not None and len(dims) == 4 else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

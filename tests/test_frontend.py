@@ -432,7 +432,8 @@ def test_dynamic_spatial_size_of_an_nhwc_input(cli, tmp_path, tiny_proto):
     for axis in (1, 2):
         keras.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = "hw"[axis - 1]
     onnx.save(keras, tmp_path / "dyn.onnx")
-    _expect_refusal(cli, tmp_path / "dyn.onnx", "dynamic spatial size (H = h)")
+    _expect_refusal(cli, tmp_path / "dyn.onnx", "dynamic spatial size (H = h, W = w)",
+                    "--input_name nhwc --input_shape 1,224,224,3 dyn.onnx fixed.onnx")
 
 
 def test_an_inner_tensor_larger_than_the_kernels_take(cli, tmp_path, tiny_proto):
