@@ -345,6 +345,10 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Load external tensors, refusing any location outside the model's folder."""
     folder = path.parent.resolve()
     for tensor, location in _external_tensors(proto):
+        keys = [entry.key for entry in tensor.external_data]
+        if len(set(keys)) != len(keys):  # onnx reads the last of each, bnncc would check the first
+            raise BnnccError(f"{path}: tensor '{tensor.name}': its external data names a key twice "
+                             f"({', '.join(sorted({k for k in keys if keys.count(k) > 1}))})")
         if "\0" in location:
             raise BnnccError(f"{path}: tensor '{tensor.name}': its external data location holds a NUL character")
         try:
@@ -363,7 +367,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
     except OSError as e:
         raise BnnccError(f"{path}: cannot read its external data: {e.strerror}") from None
-    except ValueError as e:  # an offset or length outside the data file
+    except (ValueError, onnx.checker.ValidationError) as e:  # an offset or length outside the data file
         raise BnnccError(f"{path}: cannot read its external data: {_first_line(e)}") from None
 
 

@@ -3,9 +3,9 @@ BnnccError with a one-line message; no other exception (and so no traceback) esc
 they accept goes through a recipe (each case another of the shipped ones) and the cost model
 without any error: the front end refuses what the later stages cannot take.
 
-Every case is seeded by its number, so a failure names the case that reproduces it. The base is
-a small valid bottleneck ResNet (stem, one projection bottleneck, head) in ONNX text; each case
-mutates it one way: random bytes, truncation, byte flips and insertions, random attribute values,
+Every case is seeded by its number, so a failure names the case that reproduces it. A base is
+a small valid bottleneck ResNet (stem, one projection bottleneck, head) in ONNX text, as torch
+exports it or as tf2onnx converts Keras' (every other case); each case mutates it one way: random bytes, truncation, byte flips and insertions, random attribute values,
 shapes, element types, opsets, op types, wiring and external data locations.
 """
 
@@ -27,13 +27,7 @@ from bnncc.frontend import load, recognize
 from bnncc.recipe import available_recipes, load_recipe
 from bnncc.rewriting import rewrite
 
-BASE = """
-<ir_version: 8, opset_import: ["" : 13]>
-net (float[1,3,16,16] x) => (float[1,5] y) {
-    s = Conv <kernel_shape = [7, 7], strides = [2, 2], pads = [3, 3, 3, 3]> (x, w_stem)
-    sb = BatchNormalization <epsilon = 0.00001> (s, g0, b0, m0, v0)
-    sr = Relu (sb)
-    p = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (sr)
+BOTTLENECK = """
     c1 = Conv <kernel_shape = [1, 1]> (p, w1, bias1)
     r1 = Relu (c1)
     c2 = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (r1, w2, bias2)
@@ -43,14 +37,45 @@ net (float[1,3,16,16] x) => (float[1,5] y) {
     a = Add (c3, sc)
     ar = Relu (a)
     gp = GlobalAveragePool (ar)
+"""
+# the bases: as torch exports a ResNet, and as tf2onnx converts a Keras one (an NHWC input, a
+# biased stem conv with its batch norm as Mul and Add, a Pad before the max pool, Squeeze, MatMul)
+BASES = {
+    "torch": """
+<ir_version: 8, opset_import: ["" : 13]>
+net (float[1,3,16,16] x) => (float[1,5] y) {
+    s = Conv <kernel_shape = [7, 7], strides = [2, 2], pads = [3, 3, 3, 3]> (x, w_stem)
+    sb = BatchNormalization <epsilon = 0.00001> (s, g0, b0, m0, v0)
+    sr = Relu (sb)
+    p = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (sr)""" + BOTTLENECK + """
     f = Flatten <axis = 1> (gp)
     y = Gemm <transB = 1> (f, wfc, bfc)
 }
-"""
+""",
+    "keras": """
+<ir_version: 8, opset_import: ["" : 13]>
+net (float[1,16,16,3] xh) => (float[1,5] y) {
+    x = Transpose <perm = [0, 3, 1, 2]> (xh)
+    s = Conv <kernel_shape = [7, 7], strides = [2, 2], pads = [3, 3, 3, 3]> (x, w_stem, bias_stem)
+    sm = Mul (s, scale0)
+    sb = Add (sm, shift0)
+    sr = Relu (sb)
+    pool_pads = Constant <value = int64[8] {0, 0, 1, 1, 0, 0, 1, 1}> ()
+    sp = Pad (sr, pool_pads)
+    p = MaxPool <kernel_shape = [3, 3], strides = [2, 2]> (sp)""" + BOTTLENECK + """
+    unit_axes = Constant <value = int64[2] {2, 3}> ()
+    f = Squeeze (gp, unit_axes)
+    m = MatMul (f, wfc_t)
+    y = Add (m, bfc)
+}
+""",
+}
 # The bottleneck is 16 wide so that every recipe's width still leaves an SE channel (se_ratio 8).
-SHAPES = {"w_stem": (8, 3, 7, 7), "g0": (8,), "b0": (8,), "m0": (8,), "v0": (8,), "w1": (16, 8, 1, 1),
-          "bias1": (16,), "w2": (16, 16, 3, 3), "bias2": (16,), "w3": (64, 16, 1, 1), "bias3": (64,),
-          "wp": (64, 8, 1, 1), "biasp": (64,), "wfc": (5, 64), "bfc": (5,)}
+BLOCK_SHAPES = {"w_stem": (8, 3, 7, 7), "w1": (16, 8, 1, 1), "bias1": (16,), "w2": (16, 16, 3, 3), "bias2": (16,),
+                "w3": (64, 16, 1, 1), "bias3": (64,), "wp": (64, 8, 1, 1), "biasp": (64,), "bfc": (5,)}
+SHAPES = {"torch": {**BLOCK_SHAPES, "g0": (8,), "b0": (8,), "m0": (8,), "v0": (8,), "wfc": (5, 64)},
+          "keras": {**BLOCK_SHAPES, "bias_stem": (8,), "scale0": (1, 8, 1, 1), "shift0": (1, 8, 1, 1),
+                    "wfc_t": (64, 5)}}
 OP_TYPES = ("Conv", "Relu", "Add", "Sum", "MatMul", "Gemm", "Sigmoid", "Reshape", "Identity", "Softmax",
             "BatchNormalization", "GlobalAveragePool", "ReduceMean", "MaxPool", "Flatten", "NoSuchOp")
 FAST_CASES, SLOW_CASES = 300, 3000
@@ -62,10 +87,10 @@ DATA_FILE = "weights.bin"  # 256 random bytes that run_cases writes beside every
 LIGHT_RESNET50 = Path(onnx.__file__).parent / "backend/test/data/light/light_resnet50.onnx"
 
 
-def base_model() -> onnx.ModelProto:
-    model = onnx.parser.parse_model(BASE)
+def base_model(kind: str = "torch") -> onnx.ModelProto:
+    model = onnx.parser.parse_model(BASES[kind])
     rng = np.random.default_rng(0)
-    for name, shape in SHAPES.items():
+    for name, shape in SHAPES[kind].items():
         data = rng.uniform(0.5, 1.5, shape) if name.startswith("v") else rng.normal(0, 0.3, shape)
         model.graph.initializer.append(onnx.numpy_helper.from_array(data.astype(np.float32), name))
     return model
@@ -219,12 +244,12 @@ def run_cases(cases: range, tmp_path, caplog, every_recipe: bool = False) -> dic
     and measure it; return the outcome counts. Fails on the first exception that is not a
     one-line BnnccError from the importer, any error after it, or the first log record that
     carries a traceback, naming the case number and its mutations."""
-    base = base_model()
+    bases = [base_model(kind) for kind in BASES]
     outcomes = {"recognized": 0, "BnnccError": 0}
     path = tmp_path / "case.onnx"
     (tmp_path / DATA_FILE).write_bytes(np.random.default_rng(0).bytes(256))
     for case in cases:
-        mutations, data = make_case(case, base)
+        mutations, data = make_case(case, bases[case % len(bases)])
         path.write_bytes(data)
         caplog.clear()
         try:
@@ -251,9 +276,10 @@ def _rewrite_and_measure(path: Path, recipe: str, case: str) -> None:
         pytest.fail(f"{case}: accepted by the front end, but recipe {recipe} failed: {type(e).__name__}: {e}")
 
 
-def test_the_base_model_imports_and_is_recognized(tmp_path):
+@pytest.mark.parametrize("kind", BASES)
+def test_the_base_model_imports_and_is_recognized(tmp_path, kind):
     path = tmp_path / "base.onnx"
-    onnx.save(base_model(), path)
+    onnx.save(base_model(kind), path)
     resnet = recognize(load(path))
     assert len([b for stage in resnet.stages for b in stage]) == 1
 
@@ -319,6 +345,23 @@ def test_a_too_long_external_data_location_is_refused(tmp_path):
         load(tmp_path / "long.onnx")
     assert str(error.value) == (f"{tmp_path / 'long.onnx'}: tensor 'w_stem': its external data location "
                                 "(300 characters) cannot be opened: File name too long")
+
+
+def test_external_data_naming_its_location_twice_is_refused(tmp_path):
+    """Case 4019: bnncc checked the first location, onnx read the last (empty), and its
+    ValidationError escaped the importer."""
+    model = base_model()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    (tmp_path / DATA_FILE).write_bytes(bytes(8 * 3 * 7 * 7 * 4))
+    tensor.external_data.add(key="location", value=DATA_FILE)
+    tensor.external_data.add(key="location", value="")
+    onnx.save(model, tmp_path / "twice.onnx")
+    with pytest.raises(BnnccError) as error:
+        load(tmp_path / "twice.onnx")
+    assert str(error.value) == (f"{tmp_path / 'twice.onnx'}: tensor 'w_stem': its external data names a key "
+                                "twice (location)")
 
 
 # --------------------------------------------------------------------------- safe loading, by reading the code
