@@ -71,6 +71,7 @@ from bnncc.passes import (  # noqa: F401
     symbolic_batch,
 )
 from bnncc.passes._util import const_array, int_attr, ints_attr, static_dims
+from bnncc.passes.poke_stem import stem_window
 from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
@@ -588,6 +589,7 @@ class _Walker:
         after = self.users(relu.outputs[0])
         pool = after[0] if len(after) == 1 and after[0].op_type == "MaxPool" else None
         self.visit(conv, relu, pool)
+        stem_window([conv, relu, *([pool] if pool else [])])  # a stem no PokeBNN stem can stand for is refused
         out = (pool or relu).outputs[0]
         return Stem(conv.name, relu.name, pool.name if pool else None, _weight(conv).shape[0], _size(out))
 

@@ -24,7 +24,7 @@ size without a word.
 
 from __future__ import annotations
 
-__all__ = ["PokeStemPass"]
+__all__ = ["PokeStemPass", "stem_window"]
 
 import logging
 
@@ -68,7 +68,10 @@ class PokeStemPass(ir.passes.InPlacePass):
         conv, last = stem[0], stem[-1]
         out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
         mid = self.mid_channels
-        window, pads = _window(stem)
+        try:
+            window, pads = stem_window(stem)
+        except BnnccError as e:
+            raise BnnccError(f"poke_stem: {e}") from None
         if out_channels % mid:
             fits = max(d for d in range(1, mid + 1) if out_channels % d == 0)
             raise BnnccError(f"poke_stem: the stem's {out_channels} output channels ({conv.name}) are not a "
@@ -102,9 +105,11 @@ class PokeStemPass(ir.passes.InPlacePass):
                         w_bits=self.w_bits, a_bits=self.a_bits, a_signed=1, **conv)
 
 
-def _window(stem: list[ir.Node]) -> tuple[int, list[int]]:
+def stem_window(stem: list[ir.Node]) -> tuple[int, list[int]]:
     """The PokeInit conv's window (its stride too) and its ONNX pads (top, left, bottom, right):
-    the size the float ``stem`` gives, from its input's (module docstring)."""
+    the size the float ``stem`` ([Conv, Relu] or [Conv, Relu, MaxPool]) gives, from its input's
+    (module docstring). The front end refuses a stem this refuses, so every recipe takes what it
+    accepts."""
     conv, last = stem[0], stem[-1]
     strides = ints_attr(conv, "strides", (1, 1))
     if len(stem) == 3:
@@ -113,11 +118,11 @@ def _window(stem: list[ir.Node]) -> tuple[int, list[int]]:
     where = f"the stem ({', '.join(node.name for node in stem)}) takes {'x'.join(map(str, size))} pixels to " \
             f"{'x'.join(map(str, out))}"
     if len(set(strides)) != 1:
-        raise BnnccError(f"poke_stem: {where} with strides {list(strides)} along H and W; PokeInit's are equal")
+        raise BnnccError(f"{where} with strides {list(strides)} along H and W; PokeInit's are equal")
     window = strides[0]
     extra = [window * o - i for i, o in zip(size, out)]
     if any(i < window for i in size) or not all(0 <= e < window for e in extra):
-        raise BnnccError(f"poke_stem: {where}; a PokeInit stem of {window}x{window} windows, stride {window}, "
+        raise BnnccError(f"{where}; a PokeInit stem of {window}x{window} windows, stride {window}, "
                          f"cannot give that size")
     return window, [extra[0] // 2, extra[1] // 2, extra[0] - extra[0] // 2, extra[1] - extra[1] // 2]
 
