@@ -73,7 +73,7 @@ def _output_elements(node: ir.Node) -> int | None:
         if node.op_type == "Range" and all(v is not None for v in values[:3]):
             start, limit, delta = (float(v.reshape(-1)[0]) for v in values[:3])
             return max(math.ceil((limit - start) / delta), 0) if delta else None
-    except (ValueError, OverflowError):  # shapes that do not broadcast, an infinite range
+    except (ValueError, OverflowError, IndexError):  # shapes that do not broadcast, an infinite range, an input missing
         return None
     return None
 
