@@ -9,7 +9,7 @@ from bnncc.domain import IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
 __all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
-           "add_import_note", "axes_of", "replace_with_flatten", "take_over_output"]
+           "add_import_note", "axes_of", "constant_inputs", "replace_with_flatten", "take_over_output"]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -18,6 +18,14 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
+
+
+def constant_inputs(node: ir.Node, first: int, count: int) -> list[np.ndarray | None] | None:
+    """The values of inputs ``first`` to ``first + count - 1`` of ``node``, None for one it omits
+    (an optional input); None in all if one it gives is computed at run time."""
+    given = [*node.inputs[first:], *[None] * count][:count]
+    values = [const_array(v) for v in given]
+    return None if any(v is not None and a is None for v, a in zip(given, values)) else values
 
 
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:

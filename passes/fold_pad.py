@@ -17,7 +17,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import const_array, ints_attr, static_dims
+from bnncc.passes._util import constant_inputs, ints_attr, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,10 @@ def _spatial_pads(pad: ir.Node) -> tuple[int, int, int, int] | None:
         value = pad.attributes["value"].as_float() if "value" in pad.attributes else 0.0
         axes = list(range(4))
     else:
-        inputs = [*pad.inputs, None, None, None][1:4]
-        pads, value, axes = (const_array(v) for v in inputs)
-        if any(v is not None and a is None for v, a in zip(inputs, (pads, value, axes))) or pads is None:
+        values = constant_inputs(pad, 1, 3)
+        if values is None or values[0] is None:
             return None  # computed at run time
+        pads, value, axes = values
         value = 0.0 if value is None or value.size == 0 else float(value.reshape(-1)[0])
         axes = list(range(4)) if axes is None else [int(a) % 4 for a in axes.reshape(-1)]
         pads = [int(p) for p in pads.reshape(-1)]

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.passes._util import const_array, int_attr, ints_attr, replace_with_flatten, static_dims
+from bnncc.passes._util import const_array, constant_inputs, int_attr, ints_attr, replace_with_flatten, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -104,10 +104,10 @@ def _slice_bounds(node: ir.Node) -> tuple[int, int] | None:
         starts, ends = ints_attr(node, "starts", ()), ints_attr(node, "ends", ())
         axes, steps = ints_attr(node, "axes", (0,)), (1,)
     else:
-        given = [*node.inputs[1:], None, None][:4]
-        starts, ends, axes, steps = (None if v is None else const_array(v) for v in given)
-        if any(v is not None and a is None for v, a in zip(given, (starts, ends, axes, steps))):
+        values = constant_inputs(node, 1, 4)
+        if values is None:
             return None  # computed at run time
+        starts, ends, axes, steps = values
         axes, steps = (0,) if axes is None else axes, (1,) if steps is None else steps
     if starts is None or ends is None or [np.size(v) for v in (starts, ends, axes, steps)] != [1] * 4:
         return None
