@@ -315,10 +315,14 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 logger.info("torch.compile: step %d took %.1f s, compiling included", done,
                             time.perf_counter() - step_began)
             progress.update(task, completed=done)
-            if done % cfg.log_every == 0 or done == steps:
-                # reading the loss waits for the GPU to finish the step: only every log_every steps,
-                # so the host keeps queueing work in between
-                loss_value = float(loss.detach())
+            log_due = done % cfg.log_every == 0 or done == steps
+            checkpoint_due = checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == steps)
+            if log_due or checkpoint_due:
+                # reading the loss waits for the GPU to finish the step: only every log_every steps
+                # (and before a checkpoint, which must not keep a diverged state), so the host keeps
+                # queueing work in between
+                loss_value = _finite_loss(loss, done)
+            if log_due:
                 seconds = time.perf_counter() - began
                 progress.update(task, loss=f"{loss_value:.4f}", lr=scheduler.get_last_lr()[0], ips=seen / seconds)
                 if metrics is not None and rank == 0:
@@ -327,13 +331,26 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
-            if checkpoint is not None and rank == 0 and (done % cfg.checkpoint_every == 0 or done == steps):
+            if checkpoint_due and rank == 0:
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, loader.bad)
                 stopped.saved = done
     if log is not None:
         log.close()
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+def _finite_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss's value; an error when it is NaN or infinite on any process, since every step after
+    it trains NaN weights (all processes stop: one alone would leave the others waiting for it)."""
+    value = loss.detach().float()
+    finite = torch.isfinite(value).to(torch.int32)
+    if _world()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        raise BnnccError(f"training diverged: the loss is not finite ({float(value)}) by step {step}; nothing is "
+                         f"written (try a lower --lr, and check that the teacher's outputs are finite)")
+    return float(value)
 
 
 class _StopNotice:

@@ -91,6 +91,14 @@ def test_a_label_weight_needs_labels_of_the_models_classes(cli, tmp_path, teache
     assert not (tmp_path / "ft.onnx").exists()
 
 
+def test_a_diverging_finetune_is_an_error_and_writes_nothing(cli, idx_dir, tmp_path, teacher_and_student):
+    teacher, student = teacher_and_student
+    code, _, err = cli("finetune", student, "--teacher", teacher, "--data", idx_dir, "-o", tmp_path / "ft.onnx",
+                       "--max-steps", "3", "--batch-size", "4", "--workers", "0", "--lr", "1e30")
+    assert code == 2 and "training diverged: the loss is not finite" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ft.onnx").exists()
+
+
 def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_student):
     """A teacher of another input size, zero epochs, an output under a file: one line each, exit 2,
     nothing written (zero epochs used to train one, an output under a file ended in an unexpected

@@ -126,6 +126,22 @@ def test_a_stopped_run_says_which_step_its_checkpoint_holds(idx_dir, tmp_path, m
     assert checkpoint.exists() == (stop_at > 2) and (stop_at < 2 or load_checkpoint(checkpoint)["step"] == 4)
 
 
+def test_a_diverging_run_stops_before_its_checkpoint_or_metrics_keep_it(idx_dir, tmp_path):
+    """A learning rate of 1e30 makes the loss NaN within a few steps: an error naming the step,
+    the last checkpoint and metrics line from before it (NaN in them: a diverged state to resume
+    and a line that is not JSON)."""
+    checkpoint, metrics = tmp_path / "run.ckpt", tmp_path / "m.jsonl"
+    with pytest.raises(BnnccError, match=r"training diverged: the loss is not finite \(nan\) by step (\d+)") as error:
+        train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(lr=1e30, max_steps=40, log_every=1), SHAPE,
+              checkpoint=checkpoint, metrics=metrics, show_progress=False)
+    step = int(error.value.args[0].split("by step ")[1].split(";")[0])
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, step)) and all(math.isfinite(r["loss"]) for r in records)
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        assert state["step"] < step and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
 def test_a_batch_larger_than_the_data_is_refused_with_a_step_limit_too(idx_dir):
     data = open_dataset(idx_dir, "train")
     with pytest.raises(BnnccError, match=f"{len(data)} training images make no batch of 1000"):
