@@ -51,6 +51,7 @@ import onnx_ir as ir
 from bnncc.domain import CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
+from bnncc.ops import check_graph
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
@@ -137,7 +138,10 @@ def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
         pokebnn = _is_pokebnn(proto.graph.node)
     if not pokebnn:
         raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
-    return model if isinstance(model, ir.Model) else _pokebnn(proto, source)
+    if not isinstance(model, ir.Model):
+        return _pokebnn(proto, source)
+    _check_constants(model, source)
+    return model
 
 
 def _is_pokebnn(nodes) -> bool:
@@ -151,7 +155,18 @@ def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
     if versions != [VERSION]:
         raise BnnccError(f"{path}: {DOMAIN} opset {versions[0] if len(versions) == 1 else versions}; this bnncc "
                          f"knows version {VERSION} of its ops")
-    return ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(proto)
+    _check_constants(model, path)
+    return model
+
+
+def _check_constants(model: ir.Model, source) -> None:
+    """The PokeBNN graph's constants within its ops' domains (``bnncc.ops.check_graph``), so that
+    every command refuses alike what the library could only compute differently from onnxruntime."""
+    try:
+        check_graph(model)
+    except BnnccError as e:
+        raise BnnccError(f"{source}: {e}") from None
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:

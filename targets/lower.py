@@ -54,7 +54,7 @@ import onnx_ir as ir
 
 from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN, MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError
-from bnncc.ops import poke_conv as poke
+from bnncc.ops import check_graph, poke_conv as poke
 from bnncc.targets import x86_64
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size, row_sums
@@ -113,9 +113,11 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     and ``batch_1`` in any case, each calling ``image`` (the kernels) per image.
 
     ``schedule(func, target)`` returns the scheduled PrimFunc or None (default: the x86-64 rules);
-    a kernel no rule schedules is an error, because TVM's CPU pipeline would leave it naive.
+    a kernel no rule schedules is an error, because TVM's CPU pipeline would leave it naive. A
+    constant outside its op's domain is an error too (``bnncc.ops.check_graph``).
     """
     schedule = schedule or x86_64.schedule
+    check_graph(model)
     graph = model.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
         raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got "
@@ -218,10 +220,21 @@ def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
 def _affine(node: ir.Node, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """A batch norm of ``node`` as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
     gamma, beta, mean, var = (v.astype(np.float64) for v in (gamma, beta, mean, var))
-    if not (var + eps > 0).all():
-        raise BnnccError(f"node {node.name!r} ({node.op_type}): a batch norm variance plus epsilon is not positive")
-    a = gamma / np.sqrt(var + eps)
+    a = gamma / np.sqrt(var + eps)  # var + eps > 0 (lower's check_graph)
     return a, beta - mean * a
+
+
+def _float32_table(node: ir.Node, table: np.ndarray) -> np.ndarray:
+    """An epilogue's per-channel parameters (folded in float64) as float32, which must hold them: a
+    scale past float32's range (a batch norm's gamma of 3e38 times its binary scales) would compute
+    infinities where the reference's own arithmetic overflows to NaN."""
+    with np.errstate(over="ignore"):
+        single = table.astype(np.float32)
+    if not np.isfinite(single).all():
+        raise BnnccError(f"node {node.name!r} ({node.op_type}): the scales and shifts folded from its batch norms "
+                         f"and DPReLU overflow float32 (largest {np.abs(table).max():.3g}); the graph's arithmetic "
+                         f"overflows there")
+    return single
 
 
 def _bn_affine(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +423,7 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     if bn is not None:
         bn_a, bn_b = _bn_affine(bn, cout)
         a, b, last = bn_a, bn_a * b + bn_b, bn
-    table = np.zeros((6, cout), np.float32)
+    table = np.zeros((6, cout), np.float64)
     table[0], table[1] = a, b
     table[2:] = np.array([0, 0, 1, 1], np.float32)[:, None]  # DPReLU absent: identity
     if dprelu_node is not None:
@@ -433,7 +446,8 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     gvar = walk.kernel(key, lambda: quant.quant_conv2d_func(
         shape, wq.shape, stride=stride[0], pads=pads, group=group, a_bits=a_bits,
         epilogue_inputs=(params,), epilogue=epilogue, product=walk.product, input_layout=layout))
-    out = walk.call(gvar, [*inputs, relax.const(np.ascontiguousarray(wq)), relax.const(scales), relax.const(table)],
+    out = walk.call(gvar, [*inputs, relax.const(np.ascontiguousarray(wq)), relax.const(scales),
+                           relax.const(_float32_table(node, table))],
                     [((walk.batch, ho, wo, cout), "float32")])
     walk.floats[last.outputs[0].name] = out
     _annotate([node, bn, dprelu_node], (walk.batch, cout, ho, wo))
@@ -503,9 +517,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
                          f"(Cout, {channels}, k, k) for its {channels}-channel input")
     kernel = _kernel_shape(node, weight)[0]
     stride = _strides(node)[0]
-    clip_bound = attrs.get_float("clip_bound", DEFAULT_CLIP_BOUND)
-    if not clip_bound > 0:
-        raise BnnccError(f"node {node.name!r} (PokeConv): clip_bound = {clip_bound}; expected a positive number")
+    clip_bound = attrs.get_float("clip_bound", DEFAULT_CLIP_BOUND)  # positive and finite (lower's check_graph)
     eps = attrs.get_float("epsilon", 1e-5)
     packed = bitpack.pack_weights(weight)
     n, h, w, cin = walk.shape(x)
@@ -544,7 +556,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
                                                     want_bits, want_rows, in_place, nibbles, lanes, split, halved))
     weight_bits = packed.bits if lanes is None else bitpack.blocked_weights(packed.bits, lanes, split)
     args = [bits, relax.const(weight_bits), relax.const(border), *residuals, *gates,
-            relax.const(table.astype(np.float32))]
+            relax.const(_float32_table(node, table))]
     outputs = [((n, ho, wo, cout), "float32")]
     if want_bits:
         outputs.append(((n, ho, wo, bitpack.words(cout)), bitpack.WORD_DTYPE))

@@ -15,12 +15,24 @@ import onnx_ir as ir
 
 from bnncc.domain import CANONICAL_OPSET, DOMAIN, VERSION
 from bnncc.errors import BnnccError
-from bnncc.ops import binarize, binary_conv, dprelu, poke_conv, quant, reshape_add, se_gate  # noqa: F401 (register)
+from bnncc.ops import binarize, binary_conv, checks, dprelu, poke_conv, quant, reshape_add, se_gate  # noqa: F401 (register)
 from bnncc.ops._opset import bnncc_opset as opset
 from bnncc.ops.registry import OPS, OpDef, op_def
 
 __all__ = ["DOMAIN", "VERSION", "opset", "OPS", "OpDef", "op_def", "function_protos", "attach_functions",
-           "inline_functions"]
+           "inline_functions", "check_graph"]
+
+
+def check_graph(model: ir.Model) -> None:
+    """Every node's constants within its op's domain (``bnncc.ops.checks``): each ai.bnncc op's by its
+    ``check`` face, and the default domain's batch norms (the stem's), whose variance plus epsilon
+    must be positive too. Raises a BnnccError naming the first node that is not."""
+    for node in model.graph:
+        definition = op_def(node)
+        if definition is not None and definition.check is not None:
+            definition.check(node)
+        elif node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            checks.batch_norm(node, 4, node.attributes.get_float("epsilon", 1e-5))
 
 
 def function_protos(names: set[str] | None = None) -> list[onnx.FunctionProto]:

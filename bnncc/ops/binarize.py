@@ -21,7 +21,7 @@ import torch
 from onnxscript import script
 
 from bnncc.domain import DEFAULT_CLIP_BOUND
-from bnncc.ops import cpu_kernels
+from bnncc.ops import checks, cpu_kernels
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.counting import per_output
 from bnncc.ops.registry import OpDef, register
@@ -99,4 +99,5 @@ def binarize_weights(w: torch.Tensor) -> torch.Tensor:
     return straight_through(w, wq)
 
 
-OP = register(OpDef("BinarizeAct", (BinarizeAct,), torch=binarize_act, sops=per_output("binarize")))
+OP = register(OpDef("BinarizeAct", (BinarizeAct,), torch=binarize_act, sops=per_output("binarize"),
+                    check=lambda node: checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)))

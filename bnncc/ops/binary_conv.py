@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from onnxscript import script
 
 from bnncc.domain import DEFAULT_CLIP_BOUND
+from bnncc.ops import checks
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.binarize import BinarizeAct, binarize_act, binarize_weights
 from bnncc.ops.counting import conv_layer
@@ -97,4 +98,4 @@ def _layers(node, shapes, float_bits: int):
 
 
 OP = register(OpDef("BinaryConv", (BinaryConv,), torch=binary_conv, layers=_layers, weight_inputs=(1,),
-                    qonnx=emit_qonnx))
+                    qonnx=emit_qonnx, check=lambda node: checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)))

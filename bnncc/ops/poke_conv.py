@@ -40,7 +40,7 @@ from bnncc.domain import BN_EPSILON, BN_MOMENTUM, DEFAULT_CLIP_BOUND
 from bnncc.errors import BnnccError
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.batch_norm import batch_norm
-from bnncc.ops import reshape_add, se_gate as se
+from bnncc.ops import checks, reshape_add, se_gate as se
 from bnncc.ops.binary_conv import BinaryConv, binary_conv, binary_layer
 from bnncc.ops.counting import numel
 from bnncc.ops.dprelu import DPReLU, normed_gated_dprelu
@@ -198,6 +198,16 @@ def _sops(node, shapes) -> dict[str, int]:
     return counts
 
 
+def _check(node) -> None:
+    """The clip bound, the SE gate's bounds where it has one, both batch norms' variances."""
+    checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)
+    if se_inputs(node) is not None:
+        se.check_bounds(node, SE, _se_bits(node)[1])
+    epsilon = node.attributes.get_float("epsilon", BN_EPSILON)
+    for norm in (BN, SPLIT):
+        checks.batch_norm(node, norm.stop - 1, epsilon)
+
+
 def _observe_hidden(args, attrs):
     return se.observe_hidden(*(args[i] for i in SE[:4]), w_bits=attrs.get("se_w_bits", 4),
                              a_bits=attrs.get("se_a_bits", 4),
@@ -210,4 +220,5 @@ OP = register(OpDef(
     torch=poke_conv, layers=_layers, sops=_sops, weight_inputs=(1, 10, 13), state_inputs=(4, 5, 11, 14, 18, 19),
     optional_inputs=(*SE[1:], BLOCK),
     bounds=((11, lambda args, attrs: se.observe_pool(args[0])), (14, _observe_hidden)),
+    check=_check,
 ))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from onnx.helper import make_tensor
 from onnxscript import FLOAT, INT64, script
 
-from bnncc.ops import cpu_kernels, qonnx_nodes
+from bnncc.ops import checks, cpu_kernels, qonnx_nodes
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.binarize import straight_through
 from bnncc.ops.counting import bits_attr, conv_layer, dense_layer
@@ -229,9 +229,14 @@ def _emit_qonnx(e, node, inputs, dims) -> str:
                                   len(dims(node.inputs[0])), **conv)
 
 
+def _check(node) -> None:
+    """The activation bounds of QuantConv and QuantGemm (input 2)."""
+    checks.act_bounds(node, 2, bits_attr(node, "a_bits"), bool(node.attributes.get_int("a_signed", 1)))
+
+
 register(OpDef("QuantizeWeights", (QuantizeWeights,)))
 register(OpDef("QuantizeActs", (QuantizeActs,)))
 QUANT_CONV = register(OpDef("QuantConv", (QuantConv,), torch=quant_conv, layers=_conv_layers, weight_inputs=(1,),
-                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx))
+                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx, check=_check))
 QUANT_GEMM = register(OpDef("QuantGemm", (QuantGemm,), torch=quant_gemm, layers=_gemm_layers, weight_inputs=(1,),
-                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx))
+                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx, check=_check))

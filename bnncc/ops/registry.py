@@ -18,6 +18,9 @@ Each op module (``bnncc/ops/<op>.py``) defines its op once and registers it here
 - ``optional_inputs``: positions a node may omit (PokeConv's SE gate and block shortcut); a
   weight, state or bound input there that a node omits is skipped, any other must be given.
 - ``qonnx``: the QONNX emitter (``bnncc.qonnx``), or None where the op has no QONNX form.
+- ``check``: raises a BnnccError naming the node when its constants are outside the op's domain
+  (``bnncc.ops.checks``: a clip bound not a positive number, a quantizer scale that overflows, a
+  batch norm variance plus epsilon not positive); None where every value is in it.
 
 The TVM lowering is the one face kept out of this package, since TVM is heavy and optional for
 training: ``bnncc.targets.lower`` registers it by op name (``register_lowering``).
@@ -50,6 +53,7 @@ class OpDef:
     bounds: tuple[tuple[int, Callable], ...] = ()
     optional_inputs: tuple[int, ...] = ()
     qonnx: Callable | None = None  # (emitter, node, inputs, dims) -> output name
+    check: Callable | None = None  # (node) -> None, or a BnnccError
 
     def protos(self) -> list[onnx.FunctionProto]:
         """The FunctionProtos of the op, each named after the op with its overload."""

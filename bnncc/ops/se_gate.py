@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from onnxscript import script
 
-from bnncc.ops import cpu_kernels, qonnx_nodes
+from bnncc.ops import checks, cpu_kernels, qonnx_nodes
 from bnncc.ops._opset import bnncc_opset, op
 from bnncc.ops.counting import Layer, bits_attr, numel
 from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, channel_absmax, quant_conv, weight_grid
@@ -139,6 +139,13 @@ def _bits(node) -> tuple[int, int]:
     return bits_attr(node, "w_bits"), bits_attr(node, "a_bits")
 
 
+def check_bounds(node, inputs, a_bits: int) -> None:
+    """The gate's two activation bounds, of ``inputs`` (R, W1, bound1, B1, W2, bound2, B2) given as
+    positions in ``node``: the first quantizer signed, the second (after the relu) unsigned."""
+    checks.act_bounds(node, inputs[2], a_bits, signed=True)
+    checks.act_bounds(node, inputs[5], a_bits, signed=False)
+
+
 OP = register(OpDef(
     "SEGate", (SEGate,), torch=se_gate,
     layers=lambda node, shapes, float_bits: [layer(node, shapes, node.inputs, *_bits(node), node.name)],
@@ -148,4 +155,5 @@ OP = register(OpDef(
             (5, lambda args, attrs: observe_hidden(*args[:4], w_bits=attrs.get("w_bits", 4),
                                                    a_bits=attrs.get("a_bits", 4), **_switch(attrs)))),
     qonnx=lambda e, node, inputs, dims: emit_qonnx(e, inputs, *_bits(node), node.name),
+    check=lambda node: check_bounds(node, range(7), _bits(node)[1]),
 ))

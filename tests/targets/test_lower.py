@@ -538,12 +538,30 @@ def test_constant_with_nan_is_an_error(op_type, index):
         lower(model, host_target())
 
 
+@pytest.mark.parametrize("op_type", ["QuantConv", "PokeConv"])
+def test_folded_parameters_past_float32_are_an_error(op_type):
+    """A batch norm gamma of 3.3e38 over a variance below 1: its scale, folded in float64, does not fit
+    the float32 epilogue table (the reference overflows to NaN there; the library would compute inf)."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    node = next(n for n in model.graph if n.op_type == op_type)
+    norm = node.inputs[INPUTS.index("split_scale")] if op_type == "PokeConv" else next(
+        use.node for use in node.outputs[0].uses()).inputs[1]
+    norm.const_value = ir.tensor(np.full(norm.const_value.shape, 3.3e38, np.float32), name=norm.name)
+    with pytest.raises(BnnccError, match=rf"node '{node.name}' \({op_type}\): the scales and shifts folded from its "
+                                         r"batch norms and DPReLU overflow float32"):
+        lower(model, host_target())
+
+
 @pytest.mark.parametrize(("op_type", "attribute", "value", "message"), [
     ("QuantConv", "w_bits", 0, "w_bits = 0; the kernels take 2 to 8 bits"),
     ("QuantConv", "a_bits", 33, "a_bits = 33"),
     ("PokeConv", "se_w_bits", 9, "se_w_bits = 9"),
     ("QuantGemm", "w_bits", 1, "w_bits = 1"),
     ("PokeConv", "clip_bound", 0.0, "clip_bound = 0.0; expected a positive number"),
+    ("PokeConv", "clip_bound", float("inf"), r"clip_bound = inf; expected a positive number \(finite\)"),
     ("PokeConv", "clip_bound", float("nan"), "clip_bound = nan"),
     ("PokeConv", "kernel_shape", [5, 5], r"kernel_shape \[5, 5\] but weights of shape"),
     ("PokeConv", "strides", [0, 0], r"strides \[0, 0\]; expected two equal strides >= 1"),

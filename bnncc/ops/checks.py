@@ -1,0 +1,79 @@
+"""Checks of an ai.bnncc node's constants against its op's domain (spec.md): values for which the
+op's own float32 arithmetic is undefined or overflows. Each op's ``check`` face (``OpDef``) calls
+these; ``bnncc.ops.check_graph`` runs them over a graph, so that every command refuses such a
+graph alike (a library built from it would compute something finite where onnxruntime, the
+reference, computes NaN).
+
+A NaN or infinite constant is refused where the file is read (``bnncc.frontend``); these are
+the finite values that still break the arithmetic. A constant computed in the graph rather than
+stored is not checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from bnncc.errors import BnnccError
+
+__all__ = ["positive_attribute", "batch_norm", "act_bounds"]
+
+
+def _where(node: ir.Node) -> str:
+    return f"node {node.name!r} ({node.op_type})"
+
+
+def _constant(node: ir.Node, index: int) -> tuple[str, np.ndarray] | None:
+    """(name, float64 values) of input ``index`` where it is a stored constant, else None."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or value.const_value is None:
+        return None
+    array = value.const_value.numpy().astype(np.float64)
+    if not np.isfinite(array).all():  # (a graph built in memory; a file's are checked as it is read)
+        raise BnnccError(f"{_where(node)}: input {value.name!r} holds NaN or infinite values")
+    return value.name, array
+
+
+def positive_attribute(node: ir.Node, name: str, default: float) -> None:
+    """A float attribute that scales the op (a clip bound): finite and above 0."""
+    value = node.attributes.get_float(name, default)
+    if not (math.isfinite(value) and value > 0):
+        raise BnnccError(f"{_where(node)}: {name} = {value}; expected a positive number (finite)")
+
+
+def batch_norm(node: ir.Node, var_index: int, epsilon: float) -> None:
+    """A batch norm's variance (input ``var_index``) plus ``epsilon``: positive, so its scale
+    1 / sqrt(var + eps) is a number, and epsilon finite."""
+    if not math.isfinite(epsilon):
+        raise BnnccError(f"{_where(node)}: epsilon = {epsilon}; expected a finite number")
+    found = _constant(node, var_index)
+    if found is None:
+        return
+    name, var = found
+    bad = np.flatnonzero(~(var.reshape(-1) + epsilon > 0))
+    if bad.size:
+        c = int(bad[0])
+        raise BnnccError(f"{_where(node)}: input {name!r}: variance {var.reshape(-1)[c]:g} of channel {c} plus "
+                         f"epsilon {epsilon:g} is not positive")
+
+
+def act_bounds(node: ir.Node, index: int, bits: int, signed: bool) -> None:
+    """An activation quantizer's bounds (input ``index``, per channel): each <= 0 (not calibrated:
+    the channel stays float) or large enough that its scale, levels / bound in float32 as the
+    reference computes it, is finite."""
+    found = _constant(node, index)
+    if found is None:
+        return
+    name, bounds = found
+    levels = float(2 ** (bits - 1) - 1 if signed else 2 ** bits)
+    with np.errstate(divide="ignore", over="ignore"):
+        scales = np.float32(levels) / bounds.reshape(-1).astype(np.float32)
+    bad = np.flatnonzero((bounds.reshape(-1) > 0) & ~np.isfinite(scales))
+    if bad.size:
+        c = int(bad[0])
+        smallest = levels / float(np.finfo(np.float32).max)
+        raise BnnccError(f"{_where(node)}: input {name!r}: bound {bounds.reshape(-1)[c]:g} of channel {c} makes the "
+                         f"{bits}-bit quantizer's scale ({levels:g} / bound) overflow float32; a bound is <= 0 (not "
+                         f"calibrated) or at least {smallest:.3g}")

@@ -1,0 +1,73 @@
+"""Constants outside their op's domain (bnncc.ops.checks): every command that reads a PokeBNN graph
+refuses them alike, in one line naming the node and the input, before writing anything."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from bnncc.errors import BnnccError
+from bnncc.ops import attach_functions, check_graph
+from tiny_poke import tiny_poke_model
+
+
+def _set(model: ir.Model, name: str, value) -> None:
+    """Initializer ``name`` filled with ``value``."""
+    initializer = model.graph.initializers[name]
+    array = np.full(initializer.const_value.shape, value, np.float32)
+    initializer.const_value = ir.tensor(array, name=name)
+
+
+def _attribute(model: ir.Model, node_name: str, name: str, value: float) -> None:
+    next(n for n in model.graph if n.name == node_name).attributes[name] = ir.Attr(name, ir.AttributeType.FLOAT, value)
+
+
+# (change, the node named, what the line says)
+CASES = {
+    # 127 / 1e-38 overflows float32: the reference's quantizer would compute 0 * inf = NaN
+    "stem bound": (lambda m: _set(m, "stem.bound", 1e-38), "stem", r"input 'stem.bound': bound 1e-38 of channel 0 "
+                   r"makes the 8-bit quantizer's scale \(127 / bound\) overflow float32"),
+    "se bound2": (lambda m: _set(m, "se.bound2", 1e-38), "poke", r"input 'se.bound2': bound 1e-38 .* 4-bit quantizer's "
+                  r"scale \(16 / bound\)"),
+    "head bound": (lambda m: _set(m, "fc.bound", 3e-37), "fc", r"input 'fc.bound': bound 3e-37"),
+    "split var": (lambda m: _set(m, "poke.bn_split.var", -1.0), "poke", r"input 'poke.bn_split.var': variance -1 of "
+                  r"channel 0 plus epsilon 1e-05 is not positive"),
+    "stem var": (lambda m: _set(m, "stem.bn.var", -2.0), "stem.bn", r"input 'stem.bn.var': variance -2"),
+    "clip inf": (lambda m: _attribute(m, "poke", "clip_bound", float("inf")), "poke",
+                 r"clip_bound = inf; expected a positive number \(finite\)"),
+    "epsilon nan": (lambda m: _attribute(m, "poke", "epsilon", float("nan")), "poke",
+                    r"epsilon = nan; expected a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_check_graph_names_the_node_and_input(case):
+    change, node, message = CASES[case]
+    model = tiny_poke_model()
+    check_graph(model)  # the graph as built is in every op's domain
+    change(model)
+    with pytest.raises(BnnccError, match=rf"^node '{node}' \(\w+\): {message}"):
+        check_graph(model)
+
+
+def test_bounds_at_the_edge_and_uncalibrated_ones_pass():
+    """A bound <= 0 leaves its channel float; the smallest bound whose scale is finite passes."""
+    model = tiny_poke_model()
+    _set(model, "stem.bound", 127 / float(np.finfo(np.float32).max) * 1.001)
+    _set(model, "se.bound1", 0.0)
+    check_graph(model)
+
+
+@pytest.mark.parametrize("case", ["stem bound", "split var", "clip inf"])
+def test_every_command_refuses_alike(cli, tmp_path, case):
+    change, node, message = CASES[case]
+    model = tiny_poke_model()
+    change(model)
+    path = tmp_path / "bad.onnx"
+    ir.save(attach_functions(model), path)
+    commands = [("ace", path), ("export", path, "--format", "qonnx", "-o", tmp_path / "q.onnx"),
+                ("compile", path, "--target", "x86-64", "-o", tmp_path / "lib")]
+    for args in commands:
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert f"{path}: node '{node}'" in err and not (tmp_path / "q.onnx").exists(), (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
