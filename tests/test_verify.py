@@ -48,6 +48,17 @@ def test_a_difference_far_beyond_the_spread_fails():
     assert len(report.failures) == 1 and "input 0" in report.failures[0] and report.explained == 1
 
 
+def test_an_input_on_which_the_reference_overflows_fails_saying_so_and_leaves_the_figures_finite():
+    """onnxruntime's logits NaN on input 1 (a graph whose float32 arithmetic overflows there, whatever
+    the library computes): that input fails as such; input 0's figures stay numbers."""
+    ref = _logits(9)
+    nan = np.full_like(ref, np.nan)
+    report = v.judge([(ref + 1e-6, ref, ref), (ref, nan, np.stack([nan, ref]))])
+    assert report.failures == ["input 1: onnxruntime's logits are NaN or infinite (the graph's float32 arithmetic "
+                               "overflows on it): no reference to compare with"]
+    assert report.argmax_agree == 1 and np.isfinite([report.max_abs_diff, report.max_ref, report.max_spread]).all()
+
+
 def test_a_moved_input_run_far_off_makes_the_spread():
     """The other runs stacked (unoptimized, then the moved inputs): one moved run that jumps, as on
     an input on a knife edge, sets the network's spread, and the library's difference on another
