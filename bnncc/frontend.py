@@ -229,6 +229,7 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
     if proto.functions:  # torch's export_modules_as_functions: a Bottleneck op of the model's own
         proto = onnx.inliner.inline_local_functions(proto)
         _check_tensor_data(proto, path)
+    _check_kernel_shapes(proto, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
@@ -252,6 +253,19 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"shape inference failed on the canonical model: {_first_line(e)}") from None
     return PassManager(["shape_inference"]).run(model)
+
+
+def _check_kernel_shapes(proto: onnx.ModelProto, path: Path) -> None:
+    """A conv's kernel_shape attribute must be its stored weights' spatial size: shape inference,
+    which would fail on it, blames a node further on (the residual Add where the sizes meet)."""
+    weights = {tensor.name: list(tensor.dims) for tensor in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
+        dims = weights[node.input[1]]
+        if kernel is not None and kernel != dims[2:]:
+            raise BnnccError(f"{path}: node '{node.name}' (Conv): kernel_shape {kernel} but weights of shape {dims}")
 
 
 def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:

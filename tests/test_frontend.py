@@ -533,6 +533,13 @@ def _bias_of_other_length(proto):
     return f"node '{conv.name}' (Conv): bias of shape [{weight.dims[0] - 1}] for {weight.dims[0]} output channels"
 
 
+def _kernel_shape_of_other_size(proto):
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv" and n.name != _first_conv(proto).name)
+    weight = next(t for t in proto.graph.initializer if t.name == conv.input[1])
+    next(a for a in conv.attribute if a.name == "kernel_shape").ints[:] = [5, 5]
+    return f"node '{conv.name}' (Conv): kernel_shape [5, 5] but weights of shape {list(weight.dims)}"
+
+
 def _zero_height(proto):
     proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
     return "input 'input' of shape [1, 3, 0, 32]: every dimension must be positive"
@@ -550,8 +557,8 @@ def _huge_input(proto):
     return "input 'input' of shape [1, 3, 100000, 100000]: at most 33554432 pixels"
 
 
-@pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length, _zero_height,
-                                     _pool_larger_than_its_input, _huge_input])
+@pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length,
+                                     _kernel_shape_of_other_size, _zero_height, _pool_larger_than_its_input, _huge_input])
 def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
     """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
     naming the tensor or node, before anything is written."""
