@@ -121,7 +121,7 @@ def stem_window(stem: list[ir.Node]) -> tuple[int, list[int]]:
         raise BnnccError(f"{where} with strides {list(strides)} along H and W; PokeInit's are equal")
     window = strides[0]
     extra = [window * o - i for i, o in zip(size, out)]
-    if any(i < window for i in size) or not all(0 <= e < window for e in extra):
+    if not all(0 <= e < window for e in extra):
         raise BnnccError(f"{where}; a PokeInit stem of {window}x{window} windows, stride {window}, "
                          f"cannot give that size")
     return window, [extra[0] // 2, extra[1] // 2, extra[0] - extra[0] // 2, extra[1] - extra[1] // 2]

@@ -64,17 +64,6 @@ def test_stem_width_must_be_a_multiple_of_mid_channels(small_model):
         PokeStemPass()(small_model)
 
 
-def test_an_input_smaller_than_the_stem_window_is_an_error(small_model):
-    """A 2x2 input would leave the 4x4/4 conv no output pixel (a graph of empty tensors)."""
-    import onnx_ir as ir
-
-    dims = list(small_model.graph.inputs[0].shape)
-    small_model.graph.inputs[0].shape = ir.Shape([*dims[:2], 2, 2])
-    with pytest.raises(BnnccError, match="takes 2x2 pixels to 16x16; a PokeInit stem of 4x4 windows, stride 4, "
-                                         "cannot give that size"):
-        PokeStemPass(mid_channels=8)(small_model)
-
-
 def _stem_variant(tmp_path, size: int, maxpool) -> str:
     """The narrow ResNet-50 at ``size`` px with ``maxpool`` as its stem's pool."""
     module = zoo.resnet50(0.125, num_classes=CLASSES)
@@ -85,6 +74,7 @@ def _stem_variant(tmp_path, size: int, maxpool) -> str:
 @pytest.mark.parametrize("size, maxpool, window, pads, blocks_at", [
     (32, torch.nn.Identity(), 2, [0, 0, 0, 0], 16),  # no max-pool: the float stem halves the image
     (66, torch.nn.MaxPool2d(3, 2, 1), 4, [1, 1, 1, 1], 17),  # 4 does not divide 66: the pool gives 17
+    (3, torch.nn.MaxPool2d(3, 2, 1), 4, [0, 0, 1, 1], 1),  # an input smaller than the window, padded to it
 ])
 def test_the_stem_keeps_the_size_the_float_stem_gives(tmp_path, size, maxpool, window, pads, blocks_at):
     """A fixed 4x4/4 window put the blocks of a stem without a max-pool at a quarter of their pixels
