@@ -716,10 +716,10 @@ def _kernel(conv: ir.Node) -> tuple[int, ...]:
 
 
 def _stride(conv: ir.Node) -> int:
-    strides = set(ints_attr(conv, "strides", (1, 1)))
-    if len(strides) != 1:
-        raise BnnccError(f"node '{conv.name}' (Conv): expected equal strides along H and W, got {sorted(strides)}")
-    return strides.pop()
+    strides = list(ints_attr(conv, "strides", (1, 1)))
+    if len(set(strides)) != 1:
+        raise BnnccError(f"node '{conv.name}' (Conv): expected equal strides along H and W, got {strides}")
+    return strides[0]
 
 
 def _size(value: ir.Value) -> tuple[int, int]:

@@ -540,6 +540,12 @@ def _kernel_shape_of_other_size(proto):
     return f"node '{conv.name}' (Conv): kernel_shape [5, 5] but weights of shape {list(weight.dims)}"
 
 
+def _unequal_strides(proto):
+    conv = _first_conv(proto)  # (in a block, the shortcut's Add would meet a size it cannot broadcast first)
+    next(a for a in conv.attribute if a.name == "strides").ints[:] = [2, 1]
+    return f"node '{conv.name}' (Conv): expected equal strides along H and W, got [2, 1]"
+
+
 def _zero_height(proto):
     proto.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
     return "input 'input' of shape [1, 3, 0, 32]: every dimension must be positive"
@@ -558,7 +564,7 @@ def _huge_input(proto):
 
 
 @pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length,
-                                     _kernel_shape_of_other_size, _zero_height, _pool_larger_than_its_input, _huge_input])
+                                     _kernel_shape_of_other_size, _unequal_strides, _zero_height, _pool_larger_than_its_input, _huge_input])
 def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
     """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
     naming the tensor or node, before anything is written."""
