@@ -106,3 +106,26 @@ def test_a_signal_while_tvm_runs_our_code_ends_the_run_as_that_signal(tmp_path, 
     script.write_text(_SIGNAL_IN_TVM)
     done = subprocess.run([sys.executable, script, name], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (code, err)
+
+
+def test_run_reads_an_image_in_the_networks_channels(tmp_path):
+    """A 4-channel network reads an image as RGBA (a grey 16-bit one: grey colours, opaque); one of
+    another channel count refuses images in one line naming the .npy that works. Every image was
+    read as grey for a 4-channel network and then failed to fill it: 'not a readable image'."""
+    import numpy as np
+    from PIL import Image
+
+    from bnncc.cli.run_cmd import _read_image
+
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    got = _read_image(tmp_path / "rgba.png", (4, 8, 8), None)
+    np.testing.assert_array_equal(got, rgba.transpose(2, 0, 1)[None] / np.float32(255))
+    grey = np.random.default_rng(1).integers(0, 65536, (8, 8)).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    got = _read_image(tmp_path / "grey16.png", (4, 8, 8), None)[0]
+    np.testing.assert_allclose(got[:3], np.repeat((grey / 65535.0)[None], 3, axis=0), rtol=1e-6)
+    assert (got[3] == 1).all()
+    with pytest.raises(BnnccError, match=r"rgba.png: the network takes 2-channel inputs, and an image gives 1 \(grey\), "
+                                         r"3 \(RGB\) or 4 \(RGBA\); give its pixels as a .npy of shape \(2, 8, 8\)"):
+        _read_image(tmp_path / "rgba.png", (2, 8, 8), None)

@@ -105,12 +105,17 @@ _ORIENTATION = 0x0112  # the EXIF tag
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
 _DEEP_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+# the PIL mode an image is read in for a network of so many input channels
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
     from PIL import Image, ImageOps
 
     channels, height, width = chw
+    if channels not in _MODES:
+        raise BnnccError(f"{path}: the network takes {channels}-channel inputs, and an image gives 1 (grey), 3 (RGB) "
+                         f"or 4 (RGBA); give its pixels as a .npy of shape ({channels}, {height}, {width}) instead")
     try:
         with warnings.catch_warnings():
             # an image of more pixels than PIL's guard against decompression bombs but fewer than twice
@@ -121,7 +126,7 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
                 size = opened.size[::-1] if opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
                 # a JPEG decoded at the smallest of 1/2, 1/4, 1/8 its size still above the network's:
                 # a 13000x13000 one took 2.1 GB to be made 224x224
-                opened.draft("RGB" if channels == 3 else "L", (width, height))
+                opened.draft("L" if channels == 1 else "RGB", (width, height))
                 image = ImageOps.exif_transpose(opened)
                 x = _pixels(image, channels, (width, height))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
@@ -142,8 +147,9 @@ def _pixels(image, channels: int, size: tuple[int, int]) -> np.ndarray:
 
     white = _DEEP_MODES.get(image.mode)
     if white is None:
-        image = image.convert("RGB" if channels == 3 else "L").resize(size)
+        image = image.convert(_MODES[channels]).resize(size)
         return np.asarray(image, dtype=np.float32).reshape(size[1], size[0], channels).transpose(2, 0, 1) / 255.0
     grey = np.clip(np.asarray(image, dtype=np.float32) / white, 0.0, 1.0)
-    grey = np.asarray(Image.fromarray(grey, mode="F").resize(size), dtype=np.float32)
-    return np.repeat(np.clip(grey, 0.0, 1.0)[None], channels, axis=0)
+    grey = np.clip(np.asarray(Image.fromarray(grey, mode="F").resize(size), dtype=np.float32), 0.0, 1.0)
+    colours = np.repeat(grey[None], min(channels, 3), axis=0)
+    return colours if channels < 4 else np.concatenate([colours, np.ones_like(grey)[None]])  # opaque
