@@ -18,7 +18,11 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 
-__all__ = ["positive_attribute", "batch_norm", "act_bounds"]
+__all__ = ["float32_constants", "bits", "positive_attribute", "batch_norm", "act_bounds"]
+
+# bit widths of the int-k quantizers: a signed one needs a level each side of 0 (at 1 bit its scale is
+# 0 / max|W|), and float32 holds the integers of up to 24 bits exactly
+MIN_BITS, MAX_BITS = 2, 24
 
 
 def _where(node: ir.Node) -> str:
@@ -34,6 +38,29 @@ def _constant(node: ir.Node, index: int) -> tuple[str, np.ndarray] | None:
     if not np.isfinite(array).all():  # (a graph built in memory; a file's are checked as it is read)
         raise BnnccError(f"{_where(node)}: input {value.name!r} holds NaN or infinite values")
     return value.name, array
+
+
+def float32_constants(node: ir.Node) -> None:
+    """Every stored float input is float32, the type the ops' functions (and the standard ops they
+    call) take with float32 activations: onnxruntime refuses a float16 or double weight there."""
+    for value in node.inputs:
+        if value is None or value.const_value is None:
+            continue
+        dtype = value.const_value.dtype
+        if dtype.is_floating_point() and dtype != ir.DataType.FLOAT:
+            raise BnnccError(f"{_where(node)}: input {value.name!r} is {dtype.name.lower()}; the graph's constants "
+                             f"are float32")
+
+
+def bits(node: ir.Node, name: str, default: int | None = None) -> int:
+    """A quantizer's bit width attribute, MIN_BITS to MAX_BITS."""
+    attr = node.attributes.get(name)
+    if attr is None and default is None:
+        raise BnnccError(f"{_where(node)}: missing the attribute '{name}'")
+    value = default if attr is None else attr.as_int()
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise BnnccError(f"{_where(node)}: {name} = {value}; a quantizer takes {MIN_BITS} to {MAX_BITS} bits")
+    return value
 
 
 def positive_attribute(node: ir.Node, name: str, default: float) -> None:

@@ -202,7 +202,8 @@ def _check(node) -> None:
     """The clip bound, the SE gate's bounds where it has one, both batch norms' variances."""
     checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)
     if se_inputs(node) is not None:
-        se.check_bounds(node, SE, _se_bits(node)[1])
+        checks.bits(node, "se_w_bits", 4)
+        se.check_bounds(node, SE, checks.bits(node, "se_a_bits", 4))
     epsilon = node.attributes.get_float("epsilon", BN_EPSILON)
     for norm in (BN, SPLIT):
         checks.batch_norm(node, norm.stop - 1, epsilon)

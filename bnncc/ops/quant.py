@@ -230,8 +230,9 @@ def _emit_qonnx(e, node, inputs, dims) -> str:
 
 
 def _check(node) -> None:
-    """The activation bounds of QuantConv and QuantGemm (input 2)."""
-    checks.act_bounds(node, 2, bits_attr(node, "a_bits"), bool(node.attributes.get_int("a_signed", 1)))
+    """The bit widths and activation bounds (input 2) of QuantConv and QuantGemm."""
+    checks.bits(node, "w_bits")
+    checks.act_bounds(node, 2, checks.bits(node, "a_bits"), bool(node.attributes.get_int("a_signed", 1)))
 
 
 register(OpDef("QuantizeWeights", (QuantizeWeights,)))

@@ -146,6 +146,11 @@ def check_bounds(node, inputs, a_bits: int) -> None:
     checks.act_bounds(node, inputs[5], a_bits, signed=False)
 
 
+def _check(node) -> None:
+    checks.bits(node, "w_bits")
+    check_bounds(node, range(7), checks.bits(node, "a_bits"))
+
+
 OP = register(OpDef(
     "SEGate", (SEGate,), torch=se_gate,
     layers=lambda node, shapes, float_bits: [layer(node, shapes, node.inputs, *_bits(node), node.name)],
@@ -155,5 +160,5 @@ OP = register(OpDef(
             (5, lambda args, attrs: observe_hidden(*args[:4], w_bits=attrs.get("w_bits", 4),
                                                    a_bits=attrs.get("a_bits", 4), **_switch(attrs)))),
     qonnx=lambda e, node, inputs, dims: emit_qonnx(e, inputs, *_bits(node), node.name),
-    check=lambda node: check_bounds(node, range(7), _bits(node)[1]),
+    check=_check,
 ))

@@ -21,6 +21,15 @@ def _attribute(model: ir.Model, node_name: str, name: str, value: float) -> None
     next(n for n in model.graph if n.name == node_name).attributes[name] = ir.Attr(name, ir.AttributeType.FLOAT, value)
 
 
+def _int_attribute(model: ir.Model, node_name: str, name: str, value: int) -> None:
+    next(n for n in model.graph if n.name == node_name).attributes[name] = ir.Attr(name, ir.AttributeType.INT, value)
+
+
+def _retype(model: ir.Model, name: str, dtype) -> None:
+    initializer = model.graph.initializers[name]
+    initializer.const_value = ir.tensor(initializer.const_value.numpy().astype(dtype), name=name)
+
+
 # (change, the node named, what the line says)
 CASES = {
     # 127 / 1e-38 overflows float32: the reference's quantizer would compute 0 * inf = NaN
@@ -36,6 +45,13 @@ CASES = {
                  r"clip_bound = inf; expected a positive number \(finite\)"),
     "epsilon nan": (lambda m: _attribute(m, "poke", "epsilon", float("nan")), "poke",
                     r"epsilon = nan; expected a finite number"),
+    # at 1 bit a signed quantizer's scale is 0 / max|W|: the reference divides by 0
+    "w_bits 1": (lambda m: _int_attribute(m, "fc", "w_bits", 1), "fc", "w_bits = 1; a quantizer takes 2 to 24 bits"),
+    "se_a_bits 64": (lambda m: _int_attribute(m, "poke", "se_a_bits", 64), "poke", "se_a_bits = 64"),
+    # onnxruntime refuses a float16 weight beside float32 activations ("W has inconsistent type")
+    "float16 weight": (lambda m: _retype(m, "poke.w", np.float16), "poke", "input 'poke.w' is float16; the graph's "
+                       "constants are float32"),
+    "double stem var": (lambda m: _retype(m, "stem.bn.var", np.float64), "stem.bn", "input 'stem.bn.var' is double"),
 }
 
 

@@ -556,8 +556,8 @@ def test_folded_parameters_past_float32_are_an_error(op_type):
 
 
 @pytest.mark.parametrize(("op_type", "attribute", "value", "message"), [
-    ("QuantConv", "w_bits", 0, "w_bits = 0; the kernels take 2 to 8 bits"),
-    ("QuantConv", "a_bits", 33, "a_bits = 33"),
+    ("QuantConv", "w_bits", 0, "w_bits = 0; a quantizer takes 2 to 24 bits"),  # the op's domain (check_graph)
+    ("QuantConv", "a_bits", 12, "a_bits = 12; the kernels take 2 to 8 bits"),  # the kernels' (int8 weights)
     ("PokeConv", "se_w_bits", 9, "se_w_bits = 9"),
     ("QuantGemm", "w_bits", 1, "w_bits = 1"),
     ("PokeConv", "clip_bound", 0.0, "clip_bound = 0.0; expected a positive number"),
