@@ -1,5 +1,6 @@
-"""Checks of an ai.bnncc node's constants against its op's domain (spec.md): values for which the
-op's own float32 arithmetic is undefined or overflows. Each op's ``check`` face (``OpDef``) calls
+"""Checks of an ai.bnncc node's constants and attributes against its op's domain (spec.md): values
+for which the op's own float32 arithmetic is undefined or overflows, bit widths no quantizer has,
+float constants of another type than float32 (onnxruntime refuses them). Each op's ``check`` face (``OpDef``) calls
 these; ``bnncc.ops.check_graph`` runs them over a graph, so that every command refuses such a
 graph alike (a library built from it would compute something finite where onnxruntime, the
 reference, computes NaN).
@@ -86,7 +87,7 @@ def batch_norm(node: ir.Node, var_index: int, epsilon: float) -> None:
                          f"epsilon {epsilon:g} is not positive")
 
 
-def act_bounds(node: ir.Node, index: int, bits: int, signed: bool) -> None:
+def act_bounds(node: ir.Node, index: int, a_bits: int, signed: bool) -> None:
     """An activation quantizer's bounds (input ``index``, per channel): each <= 0 (not calibrated:
     the channel stays float) or large enough that its scale, levels / bound in float32 as the
     reference computes it, is finite."""
@@ -94,7 +95,7 @@ def act_bounds(node: ir.Node, index: int, bits: int, signed: bool) -> None:
     if found is None:
         return
     name, bounds = found
-    levels = float(2 ** (bits - 1) - 1 if signed else 2 ** bits)
+    levels = float(2 ** (a_bits - 1) - 1 if signed else 2 ** a_bits)
     with np.errstate(divide="ignore", over="ignore"):
         scales = np.float32(levels) / bounds.reshape(-1).astype(np.float32)
     bad = np.flatnonzero((bounds.reshape(-1) > 0) & ~np.isfinite(scales))
@@ -102,5 +103,5 @@ def act_bounds(node: ir.Node, index: int, bits: int, signed: bool) -> None:
         c = int(bad[0])
         smallest = levels / float(np.finfo(np.float32).max)
         raise BnnccError(f"{_where(node)}: input {name!r}: bound {bounds.reshape(-1)[c]:g} of channel {c} makes the "
-                         f"{bits}-bit quantizer's scale ({levels:g} / bound) overflow float32; a bound is <= 0 (not "
+                         f"{a_bits}-bit quantizer's scale ({levels:g} / bound) overflow float32; a bound is <= 0 (not "
                          f"calibrated) or at least {smallest:.3g}")
