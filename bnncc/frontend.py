@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import google.protobuf.message
@@ -51,7 +52,7 @@ import onnx_ir as ir
 from bnncc.domain import CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
-from bnncc.ops import check_graph
+from bnncc.ops import attach_functions, check_graph
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
@@ -141,6 +142,7 @@ def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
     if not isinstance(model, ir.Model):
         return _pokebnn(proto, source)
     _check_constants(model, source)
+    _check_reference_runs(model, source)
     return model
 
 
@@ -157,6 +159,7 @@ def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
                          f"knows version {VERSION} of its ops")
     model = ir.serde.deserialize_model(proto)
     _check_constants(model, path)
+    _check_reference_runs(model, path)
     return model
 
 
@@ -167,6 +170,31 @@ def _check_constants(model: ir.Model, source) -> None:
         check_graph(model)
     except BnnccError as e:
         raise BnnccError(f"{source}: {e}") from None
+
+
+def _check_reference_runs(model: ir.Model, source) -> None:
+    """onnxruntime, the reference every library is verified against, loads the PokeBNN graph and
+    runs an image of zeros through it. A graph it cannot run (an op of an unknown domain, shapes its
+    ops cannot take, two nodes of one name, a required input left out) is refused here, by every
+    command alike, rather than compiled into a library nothing can check or exported into a file
+    its readers refuse."""
+    import onnxruntime as ort
+
+    try:
+        proto = attach_functions(ir.to_proto(model))
+    except BnnccError as e:
+        raise BnnccError(f"{source}: {e}") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a check: no time optimizing
+    dims = [d if isinstance(d, int) else None for d in (model.graph.inputs[0].shape or [])] if model.graph.inputs else []
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if len(dims) > 1 and all(d is not None for d in dims[1:]):  # a fixed image size: run one
+            session.run(None, {session.get_inputs()[0].name: np.zeros([dims[0] or 1, *dims[1:]], np.float32)})
+    except Exception as e:  # noqa: BLE001  (onnxruntime's own error types, whatever it failed on)
+        message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+        raise BnnccError(f"{source}: onnxruntime, the reference, cannot run this graph: {message}") from None
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:

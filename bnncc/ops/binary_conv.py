@@ -97,5 +97,10 @@ def _layers(node, shapes, float_bits: int):
     return [binary_layer(node, shapes, float_bits)]
 
 
+def _check(node) -> None:
+    checks.required_attributes(node, ("kernel_shape", "strides"))
+    checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)
+
+
 OP = register(OpDef("BinaryConv", (BinaryConv,), torch=binary_conv, layers=_layers, weight_inputs=(1,),
-                    qonnx=emit_qonnx, check=lambda node: checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)))
+                    qonnx=emit_qonnx, check=_check))

@@ -19,7 +19,8 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 
-__all__ = ["float32_constants", "bits", "positive_attribute", "batch_norm", "act_bounds"]
+__all__ = ["stored_parameters", "required_attributes", "float32_constants", "bits", "positive_attribute",
+           "batch_norm", "act_bounds"]
 
 # bit widths of the int-k quantizers: a signed one needs a level each side of 0 (at 1 bit its scale is
 # 0 / max|W|), and float32 holds the integers of up to 24 bits exactly
@@ -39,6 +40,24 @@ def _constant(node: ir.Node, index: int) -> tuple[str, np.ndarray] | None:
     if not np.isfinite(array).all():  # (a graph built in memory; a file's are checked as it is read)
         raise BnnccError(f"{_where(node)}: input {value.name!r} holds NaN or infinite values")
     return value.name, array
+
+
+def stored_parameters(node: ir.Node, activations: tuple[int, ...]) -> None:
+    """Every input but the ``activations`` is a stored initializer: the parameters training learns
+    and writes back, the kernels pack at compile time, and the QONNX export quantizes."""
+    for index, value in enumerate(node.inputs):
+        if value is None or index in activations or value.const_value is not None:
+            continue
+        source = f"computed by node {value.producer().name!r}" if value.producer() is not None else "no initializer"
+        raise BnnccError(f"{_where(node)}: input {value.name!r} is {source}; the op's parameters are stored "
+                         f"initializers")
+
+
+def required_attributes(node: ir.Node, names: tuple[str, ...]) -> None:
+    """The attributes the op has no default for (its faces read them; onnxruntime may infer some)."""
+    missing = [name for name in names if name not in node.attributes]
+    if missing:
+        raise BnnccError(f"{_where(node)}: missing the attribute(s) {', '.join(missing)}")
 
 
 def float32_constants(node: ir.Node) -> None:

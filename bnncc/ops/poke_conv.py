@@ -199,7 +199,8 @@ def _sops(node, shapes) -> dict[str, int]:
 
 
 def _check(node) -> None:
-    """The clip bound, the SE gate's bounds where it has one, both batch norms' variances."""
+    """The conv's attributes, the SE gate's bounds where it has one, both batch norms' variances."""
+    checks.required_attributes(node, ("kernel_shape", "strides"))
     checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)
     if se_inputs(node) is not None:
         checks.bits(node, "se_w_bits", 4)
@@ -219,7 +220,7 @@ OP = register(OpDef(
     "PokeConv", (PokeConv, PokeConvBlock, PokeConvUngated, PokeConvBlockUngated),
     overloads=(OVERLOADS[True, False], OVERLOADS[True, True], OVERLOADS[False, False], OVERLOADS[False, True]),
     torch=poke_conv, layers=_layers, sops=_sops, weight_inputs=(1, 10, 13), state_inputs=(4, 5, 11, 14, 18, 19),
-    optional_inputs=(*SE[1:], BLOCK),
+    activation_inputs=(0, BLOCK), optional_inputs=(*SE[1:], BLOCK),
     bounds=((11, lambda args, attrs: se.observe_pool(args[0])), (14, _observe_hidden)),
     check=_check,
 ))

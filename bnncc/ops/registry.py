@@ -15,6 +15,8 @@ Each op module (``bnncc/ops/<op>.py``) defines its op once and registers it here
   training does not learn (batch-norm running statistics, activation bounds).
 - ``bounds``: (input position, observer) per activation bound that calibration sets; the
   observer maps the op's input tensors and attributes to the per-channel max |x| it bounds.
+- ``activation_inputs``: the positions of the tensors the op computes on (X; PokeConv's block
+  shortcut R too); every other input is a parameter, stored in the graph as an initializer.
 - ``optional_inputs``: positions a node may omit (PokeConv's SE gate and block shortcut); a
   weight, state or bound input there that a node omits is skipped, any other must be given.
 - ``qonnx``: the QONNX emitter (``bnncc.qonnx``), or None where the op has no QONNX form.
@@ -51,6 +53,7 @@ class OpDef:
     weight_inputs: tuple[int, ...] = ()
     state_inputs: tuple[int, ...] = ()
     bounds: tuple[tuple[int, Callable], ...] = ()
+    activation_inputs: tuple[int, ...] = (0,)
     optional_inputs: tuple[int, ...] = ()
     qonnx: Callable | None = None  # (emitter, node, inputs, dims) -> output name
     check: Callable | None = None  # (node) -> None, or a BnnccError

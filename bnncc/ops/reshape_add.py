@@ -215,4 +215,5 @@ def emit_qonnx(e, node, inputs, dims, method: str | None = None, name: str | Non
     return e.node("Add", [y, matched], name)
 
 
-OP = register(OpDef("ReshapeAdd", (ReshapeAdd,), torch=reshape_add, sops=sops, qonnx=emit_qonnx))
+OP = register(OpDef("ReshapeAdd", (ReshapeAdd,), torch=reshape_add, sops=sops, qonnx=emit_qonnx,
+                    activation_inputs=(0, 1)))

@@ -1,6 +1,8 @@
 """Constants outside their op's domain (bnncc.ops.checks): every command that reads a PokeBNN graph
 refuses them alike, in one line naming the node and the input, before writing anything."""
 
+import re
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -86,4 +88,61 @@ def test_every_command_refuses_alike(cli, tmp_path, case):
         code, _, err = cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
         assert f"{path}: node '{node}'" in err and not (tmp_path / "q.onnx").exists(), (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def _without_attribute(model: ir.Model, node_name: str, name: str) -> None:
+    del next(n for n in model.graph if n.name == node_name).attributes[name]
+
+
+def _weight_from_a_constant_node(model: ir.Model) -> None:
+    """poke.w computed by a Constant node instead of stored (onnxruntime runs that)."""
+    node = next(n for n in model.graph if n.name == "poke")
+    constant = ir.node("Constant", [], attributes={"value": model.graph.initializers["poke.w"].const_value},
+                       name="wconst")
+    model.graph.insert_before(node, constant)
+    node.replace_input_with(1, constant.outputs[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: _without_attribute(m, "poke", "kernel_shape"), r"node 'poke' \(PokeConv\): missing the attribute\(s\) "
+     r"kernel_shape"),
+    (lambda m: _without_attribute(m, "stem", "pads"), r"node 'stem' \(QuantConv\): missing the attribute\(s\) pads"),
+    (_weight_from_a_constant_node, r"node 'poke' \(PokeConv\): input '.*' is computed by node 'wconst'; the op's "
+     r"parameters are stored initializers"),
+])
+def test_what_every_face_reads_must_be_there(change, message):
+    """Attributes the torch view and the QONNX export read (onnxruntime infers a kernel shape from
+    the weights, so it ran such a graph, and the export ended in a KeyError), parameters stored."""
+    model = tiny_poke_model()
+    change(model)
+    with pytest.raises(BnnccError, match=message):
+        check_graph(model)
+
+
+def _unknown_domain_head(model: ir.Model) -> None:
+    next(n for n in model.graph if n.name == "fc").domain = "com.example"
+    model.opset_imports["com.example"] = 1
+
+
+def _duplicate_node_names(model: ir.Model) -> None:
+    next(n for n in model.graph if n.name == "pool").name = "flatten"
+
+
+@pytest.mark.parametrize("change, message", [
+    (_unknown_domain_head, "com.example:QuantGemm.* is not a registered function/op"),
+    (_duplicate_node_names, r"two nodes with same node name \(flatten\)"),
+])
+def test_a_graph_onnxruntime_cannot_run_is_refused_by_every_command(cli, tmp_path, change, message):
+    """The reference must run the graph: compile fused an unknown-domain QuantGemm as ours into a
+    library that verify then could not check; ace and export took two nodes of one name."""
+    model = tiny_poke_model()
+    change(model)
+    path = tmp_path / "bad.onnx"
+    ir.save(attach_functions(model), path)
+    for args in [("ace", path), ("export", path, "--format", "qonnx", "-o", tmp_path / "q.onnx"),
+                 ("compile", path, "--target", "x86-64", "-o", tmp_path / "lib")]:
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert re.search(rf"{path}: onnxruntime, the reference, cannot run this graph: .*{message}", err), (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
