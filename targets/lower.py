@@ -209,12 +209,15 @@ def _strides(node: ir.Node) -> tuple[int, int]:
     return strides
 
 
-def _only_user(value: ir.Value, op_type: str) -> ir.Node | None:
-    """The single node reading ``value`` if it has type ``op_type`` and ``value`` is no graph output."""
+def _only_user(value: ir.Value, op_type: str, domain: str = "") -> ir.Node | None:
+    """The single node reading ``value`` if it is ``op_type`` of ``domain`` (an op of another domain
+    that shares the name is not fused as ours) and ``value`` is no graph output."""
     users = list(value.uses())
-    if len(users) != 1 or value.is_graph_output() or users[0].node.op_type != op_type:
+    if len(users) != 1 or value.is_graph_output():
         return None
-    return users[0].node
+    node = users[0].node
+    same_domain = node.domain in (domain, "ai.onnx") if domain == "" else node.domain == domain
+    return node if node.op_type == op_type and same_domain else None
 
 
 def _affine(node: ir.Node, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -315,6 +318,9 @@ class _Walk:
         output = graph.outputs[0].name
         if output not in self.floats:
             raise BnnccError(f"output {output!r}: not produced by a supported pattern")
+        if len(self.floats[output].ty.shape) != 2:  # an NHWC feature map inside, NCHW in the graph
+            raise BnnccError(f"output {output!r}: a feature map; a library gives the logits of the head "
+                             f"(GlobalAveragePool -> Flatten -> QuantGemm)")
         return self.floats[output]
 
     def kernel(self, key: tuple, build):
@@ -419,7 +425,7 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     a, b = np.ones(cout), bias.astype(np.float64)
     last = node
     bn = _only_user(node.outputs[0], "BatchNormalization")
-    dprelu_node = _only_user(bn.outputs[0], "DPReLU") if bn is not None else None
+    dprelu_node = _only_user(bn.outputs[0], "DPReLU", DOMAIN) if bn is not None else None
     if bn is not None:
         bn_a, bn_b = _bn_affine(bn, cout)
         a, b, last = bn_a, bn_a * b + bn_b, bn
@@ -582,7 +588,7 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
 def _head(walk: _Walk, node: ir.Node) -> None:
     """GlobalAveragePool -> Flatten -> QuantGemm as one kernel."""
     flatten = _only_user(node.outputs[0], "Flatten")
-    gemm = _only_user(flatten.outputs[0], "QuantGemm") if flatten is not None else None
+    gemm = _only_user(flatten.outputs[0], "QuantGemm", DOMAIN) if flatten is not None else None
     if gemm is None:
         raise BnnccError(f"node {node.name!r} (GlobalAveragePool): expected Flatten -> QuantGemm after it")
     x = walk.float(node.inputs[0])

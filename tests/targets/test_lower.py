@@ -592,6 +592,31 @@ def test_poke_conv_without_its_split_norm_is_an_error():
         lower(model, host_target())
 
 
+def test_an_output_that_is_no_head_is_an_error():
+    """A graph cut after a PokeConv: the library returned its NHWC feature map where onnxruntime
+    gives NCHW (and the manifest recorded H as the number of classes)."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    last = [n for n in model.graph if n.op_type == "PokeConv"][-1]
+    model.graph.outputs[0] = last.outputs[0]
+    with pytest.raises(BnnccError, match=rf"output '{last.outputs[0].name}': a feature map; a library gives the "
+                                         r"logits of the head"):
+        lower(model, host_target())
+
+
+def test_an_op_of_another_domain_is_not_fused_as_ours():
+    """A QuantGemm of domain com.example after the head's Flatten was lowered as bnncc's."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    next(n for n in model.graph if n.op_type == "QuantGemm").domain = "com.example"
+    with pytest.raises(BnnccError, match=r"\(GlobalAveragePool\): expected Flatten -> QuantGemm after it"):
+        lower(model, host_target())
+
+
 def test_stem_window_larger_than_the_input_is_an_error():
     from bnncc.targets.lower import lower
     from bnncc.targets.x86_64 import host_target
