@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "output_errors",
-           "output_target", "require_file", "umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
+           "load_private_copy", "output_errors", "output_target", "require_file", "umask"]
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -36,16 +39,28 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def loadable_copy(library: str | os.PathLike) -> Iterator[Path]:
-    """A private copy of the shared library ``library`` to load, removed afterwards (the loaded
-    code stays mapped). dlopen hands back the library first loaded under a path for as long as the
-    process lives: a library rebuilt in the same folder and loaded again ran the old code under the
-    new manifest."""
-    with tempfile.TemporaryDirectory(prefix="bnncc-lib-") as tmp:
-        copy = Path(tmp) / Path(library).name
-        shutil.copyfile(library, copy)
-        yield copy
+def load_private_copy(library: str | os.PathLike, load: Callable[[Path], T]) -> T:
+    """``load`` (a dlopen) of a private copy of the shared library ``library``, removed afterwards
+    (the loaded code stays mapped). dlopen hands back the library first loaded under a path for as
+    long as the process lives: a library rebuilt in the same folder and loaded again ran the old
+    code under the new manifest. Where the temporary folder takes no copy or maps none (full, or
+    mounted noexec as on hardened hosts), the library is loaded where it is."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="bnncc-lib-") as tmp:
+            copy = Path(tmp) / Path(library).name
+            shutil.copyfile(library, copy)
+            return load(copy)
+    except (OSError, RuntimeError):  # (TVM's load errors are RuntimeErrors; a real one recurs below)
+        return load(Path(library))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file at ``path``, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def require_file(path: Path, expected: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import loadable_copy
+from bnncc.fileio import load_private_copy
 
 __all__ = ["RUNTIME_ENV", "RUNTIME_LIBRARIES", "CudaVM", "cuda_device_exists", "load_runtime", "runtime_dir"]
 
@@ -103,8 +103,7 @@ class CudaVM:
         if not cuda_device_exists(device_id):
             raise BnnccError(f"{path}: no CUDA device {device_id} on this machine")
         self.device_id = device_id
-        with loadable_copy(path) as copy:
-            self._vm = tvm_ffi.load_module(str(copy))["vm_load_executable"]()
+        self._vm = load_private_copy(path, lambda copy: tvm_ffi.load_module(str(copy)))["vm_load_executable"]()
         # the CPU as well: the VM computes shapes there
         self._vm["vm_initialization"](_CUDA, device_id, _POOLED_ALLOCATOR, _CPU, 0, _POOLED_ALLOCATOR)
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, loadable_copy
+from bnncc.fileio import atomic_path, load_private_copy
 
 
 def _configure_threads() -> int:
@@ -25,8 +25,10 @@ def _configure_threads() -> int:
     ``runtime.config_threadpool`` does not raise it, so the environment variable is the only
     reliable knob; it is read when the thread pool starts, i.e. after import.
     """
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    return int(os.environ["TVM_NUM_THREADS"])
+    value = os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    if not value.strip().isdigit():
+        raise BnnccError(f"TVM_NUM_THREADS={value!r}: expected a whole number of threads (0: TVM's default)")
+    return int(value)
 
 
 NUM_THREADS = _configure_threads()
@@ -89,8 +91,7 @@ def export_executable(executable, path: str | os.PathLike) -> Path:
 
 def load_vm(path: str | os.PathLike):
     """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime)."""
-    with loadable_copy(path) as copy:
-        module = tvm.runtime.load_module(str(copy))
+    module = load_private_copy(path, lambda copy: tvm.runtime.load_module(str(copy)))
     if not module.implements_function("vm_load_executable"):  # any other shared library
         raise BnnccError(f"{path}: holds no Relax VM executable; is it a library written by `bnncc compile`?")
     return relax.VirtualMachine(module, tvm.cpu(0))

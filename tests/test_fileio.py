@@ -53,3 +53,29 @@ def test_an_output_onto_a_fifo_is_refused_and_one_through_a_link_writes_its_file
     (tmp_path / "link").symlink_to("target.txt")
     atomic_write_text(tmp_path / "link", "written")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target.txt").read_text() == "written"
+
+
+def test_a_library_is_loaded_where_it_is_when_no_private_copy_loads(tmp_path, monkeypatch):
+    """A private copy first (dlopen caches by path); where the temporary folder is mounted noexec
+    (dlopen fails on the copy) or full (the copy fails), the library itself: load() ended in an
+    'unexpected InternalError' or OSError on such hosts."""
+    from bnncc.fileio import load_private_copy
+
+    library = tmp_path / "model.so"
+    library.write_bytes(b"library")
+    loaded = []
+
+    def noexec(path):
+        loaded.append(path)
+        if path != library:
+            raise RuntimeError("failed to map segment from shared object")
+        return path.read_bytes()
+
+    assert load_private_copy(library, noexec) == b"library" and loaded[0] != library and loaded[1] == library
+    import shutil
+
+    def full(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    assert load_private_copy(library, lambda path: path) == library
