@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ class Library:
     """A compiled PokeBNN network: ``lib(x)`` with x float32 (N, C, H, W) returns logits (N, classes).
 
     A batch of a size compiled in is one call; any other size is cut into chunks of compiled
-    sizes, largest first (a library compiled with batch 1 runs every size).
+    sizes, largest first (compile builds batch 1 into every library, so every size runs).
     """
 
     def __init__(self, folder: Path, manifest: dict, call) -> None:
@@ -74,6 +75,7 @@ def load(folder: str | os.PathLike) -> Library:
     manifest = _read_manifest(manifest_path)
     target = get_target(manifest["target"]["name"])
     _check_shared_library(library_path, target.elf_machine)
+    _check_digest(library_path, manifest.get("library_sha256"), manifest_path)
     if target.check_host is not None:
         target.check_host(manifest, manifest_path)
     return Library(folder, manifest, target.caller(library_path))
@@ -85,8 +87,8 @@ def _read_manifest(path: Path) -> dict:
 
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BnnccError(f"{path}: not a JSON manifest ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (ValueError: JSON's, numbers too long)
+        raise BnnccError(f"{path}: not a JSON manifest ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BnnccError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
@@ -118,6 +120,9 @@ def _manifest_problem(manifest: dict) -> str | None:
         return f"functions {functions!r}; expected {{batch size >= 1: function name}}"
     if not isinstance(field("target").get("name"), str):
         return f"target {manifest.get('target')!r}; expected {{\"name\": ...}}"
+    digest = manifest.get("library_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return f"library_sha256 {digest!r}; expected 64 hex digits"
     preprocessing = manifest.get("preprocessing")
     if preprocessing is not None:
         channels = shape[1]
@@ -127,6 +132,17 @@ def _manifest_problem(manifest: dict) -> str | None:
                 not all(x > 0 for x in stats[1]):
             return f"preprocessing {preprocessing!r}; expected mean and std of {channels} numbers, std > 0"
     return None
+
+
+def _check_digest(path: Path, digest: str | None, manifest_path: Path) -> None:
+    """model.so is the file compile wrote beside this manifest: a damaged one (bytes flipped or zeroed
+    in place) crashed the process inside TVM's loader or at its first call. Manifests written
+    before compile recorded the digest have none to check."""
+    from bnncc.fileio import file_sha256
+
+    if digest is not None and file_sha256(path) != digest:
+        raise BnnccError(f"{path}: not the library {manifest_path.name} was written with (its SHA-256 differs): "
+                         f"damaged or replaced; compile it again")
 
 
 def _check_shared_library(path: Path, machine: str | None) -> None:

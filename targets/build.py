@@ -21,7 +21,7 @@ import onnx_ir as ir
 from bnncc.cost import ace
 from bnncc.domain import MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import output_errors, umask
+from bnncc.fileio import file_sha256, output_errors, umask
 from bnncc.frontend import read_pokebnn
 from bnncc.passes.symbolic_batch import BATCH
 from bnncc.targets import registry
@@ -40,13 +40,15 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
             batches: tuple[int, ...] = (1,)) -> Path:  # noqa: A001 (the public name the CLI command mirrors)
     """Lower ``model`` (a PokeBNN graph or its path) for ``target`` and write the library folder ``output``.
 
-    One Relax function per entry of ``batches``. Returns the folder's path.
+    One Relax function per entry of ``batches``, and batch 1 in any case (``lower`` builds it), so
+    that every batch size runs; model.json lists them all. Returns the folder's path.
     """
     spec = registry.get(target)
     batches = tuple(sorted(set(batches)))
     if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
         raise BnnccError(f"batch sizes must be 1 to {MAX_BATCH}, got {list(batches)} (a library takes any batch in "
                          f"calls of its compiled sizes)")
+    batches = tuple(sorted(set(batches) | {1}))
     check_output_folder(Path(output))  # before the minutes of compiling
     # the front end's checks: a whole ONNX file, external data from its folder
     model = read_pokebnn(model, "compile")
@@ -71,6 +73,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     output = Path(output)
     with _atomic_dir(output) as tmp:
         spec.export(executable, tmp / "model.so")
+        manifest["library_sha256"] = file_sha256(tmp / "model.so")
         (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         ir.save(model, tmp / "model.onnx")
     logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)

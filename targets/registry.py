@@ -8,6 +8,7 @@ A ``TargetSpec`` is what ``bnncc.targets.build.compile`` needs to produce a libr
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import threading
@@ -63,6 +64,31 @@ def _cpu_pass_config() -> dict:
     return {"tirx.disable_assert": True}
 
 
+class _ForkGuard:
+    """TVM's worker threads, started by the first parallel kernel a process runs, do not survive a
+    fork: in the child a library waits for them forever (multiprocessing's default start method on
+    Linux, a server that loads before it forks). A child of a process that has run a library with
+    more than one thread is told so instead."""
+
+    threads_started = False
+    forked_after_start = False
+
+    @classmethod
+    def after_fork_in_child(cls) -> None:
+        cls.forked_after_start = cls.threads_started
+
+    @classmethod
+    def check(cls, path: Path) -> None:
+        if cls.forked_after_start and tvm_compat.NUM_THREADS != 1:
+            raise BnnccError(f"{path}: this process is a fork of one that ran a library on TVM's threads, which a "
+                             f"fork does not copy; load and run libraries in processes started afresh "
+                             f"(multiprocessing's 'spawn' or 'forkserver'), or set TVM_NUM_THREADS=1")
+        cls.threads_started = True
+
+
+os.register_at_fork(after_in_child=_ForkGuard.after_fork_in_child)
+
+
 def _cpu_caller(path: Path) -> Caller:
     """The Relax VM in this process, one call at a time: the VM keeps state of its own per call,
     and two threads calling it at once crashed the process. Each function keeps one input tensor
@@ -76,6 +102,7 @@ def _cpu_caller(path: Path) -> Caller:
     inputs: dict[str, tuple[object, np.ndarray]] = {}
 
     def call(function: str, x: np.ndarray) -> np.ndarray:
+        _ForkGuard.check(path)
         with lock:
             if function not in inputs or inputs[function][1].shape != x.shape:
                 tensor = tvm_compat.to_tensor(x)

@@ -9,7 +9,9 @@ tile and mean, the count-pad average pool of both shortcuts, the padded border o
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -296,8 +298,14 @@ def _tampered(library, tmp_path, manifest=None, so=None):
 @pytest.mark.parametrize(("change", "message"), [
     (dict(so=lambda b: b[:len(b) // 2]), "model.so: truncated"),
     (dict(so=lambda b: b"not a library"), "model.so: not a 64-bit ELF shared library"),
-    # another shared library of this machine's (the C math library)
-    (dict(so=lambda b: Path("/usr/lib/x86_64-linux-gnu/libm.so.6").read_bytes()), "holds no Relax VM executable"),
+    # another shared library of this machine's (the C math library), beside a manifest of before the digest
+    (dict(so=lambda b: Path("/usr/lib/x86_64-linux-gnu/libm.so.6").read_bytes(),
+          manifest=lambda m: m.pop("library_sha256")), "holds no Relax VM executable"),
+    # 4 KiB zeroed in place (the size unchanged): TVM's loader or the first call crashed the process
+    (dict(so=lambda b: b[:len(b) // 2] + bytes(4096) + b[len(b) // 2 + 4096:]),
+     r"model.so: not the library model.json was written with \(its SHA-256 differs\)"),
+    (dict(manifest=lambda m: m.update(library_sha256="abc")), "library_sha256 'abc'; expected 64 hex digits"),
+    (dict(manifest=lambda m: m.update(library_sha256=[[[[]]]])), "library_sha256"),
     (dict(manifest=lambda m: m.update(functions={"0": "batch_1"})), r"functions \{'0': 'batch_1'\}"),
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
     (dict(manifest=lambda m: m.pop("target")), "target None"),
@@ -870,3 +878,67 @@ def test_pokeinit_stems_of_other_windows_agree_with_onnxruntime(tmp_path, size, 
     poke, _ = rewrite(float_model, "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
     report = verify(compile(poke, tmp_path / "lib"), n=8, batch=2)
     assert report.ok and report.argmax_agree == report.inputs, report.failures
+
+
+def test_a_manifest_json_cannot_hold_is_an_error(library, tmp_path):
+    """Nesting deeper than Python's JSON reader goes (a RecursionError) and a number of more digits
+    than it converts (a ValueError) were 'unexpected' errors."""
+    from bnncc.runtime import load
+
+    for text in ("[" * 100_000 + "]" * 100_000, '{"format": ' + "9" * 5000 + "}"):
+        folder = _tampered(library, tmp_path)
+        (folder / "model.json").write_text(text)
+        with pytest.raises(BnnccError, match=r"model.json: not a JSON manifest"):
+            load(folder)
+        shutil.rmtree(folder)
+
+
+def test_every_library_runs_every_batch_size(tmp_path):
+    """Batch 1 is built into every library and listed: one compiled for batch 4 refused batch 1
+    (and 2, 3, 5, ...) while holding it."""
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    model = tiny_pokebnn()
+    library = load(compile(model, tmp_path / "lib", batches=(4,)))
+    assert sorted(library.functions) == [1, 4]
+    x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(library(x), np.concatenate([library(x[i:i + 1]) for i in range(6)]))
+
+
+def test_a_fork_of_a_process_that_ran_a_library_is_told_so(library):
+    """TVM's worker threads do not survive a fork: the child waited for them forever."""
+    import os
+    import signal
+
+    from bnncc.runtime import load
+    from bnncc.targets.tvm_compat import NUM_THREADS
+
+    if NUM_THREADS == 1:
+        pytest.skip("one thread: no worker threads to lose in a fork")
+    lib = load(library[0])
+    lib(np.zeros((1, 3, 32, 32), np.float32))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        signal.alarm(60)
+        try:
+            lib(np.zeros((1, 3, 32, 32), np.float32))
+            os.write(write, b"ran")
+        except BnnccError as e:
+            os.write(write, str(e).encode())
+        os._exit(0)
+    os.close(write)
+    said = os.read(read, 4096).decode()
+    os.waitpid(pid, 0)
+    assert "this process is a fork of one that ran a library on TVM's threads" in said, said
+
+
+def test_tvm_num_threads_that_is_no_number_is_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bnncc", "targets"], capture_output=True, text=True,
+                          env={**os.environ, "TVM_NUM_THREADS": "abc"})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: TVM_NUM_THREADS='abc': expected a whole number of threads (0: TVM's default)"], done.stderr
