@@ -28,7 +28,7 @@ def run_command(
     lib = load(library)
     preprocessing = lib.manifest.get("preprocessing")
     batches = [_read_input(path, lib.input_chw, preprocessing) for path in inputs]  # every one read before any runs
-    if preprocessing is None and any(path.suffix != ".npy" for path in inputs):
+    if preprocessing is None and any(path.suffix.lower() != ".npy" for path in inputs):
         console.print(f"{library}: records no input normalisation (bnncc fine-tuning records the one it "
                       f"trained with): images go in as pixels in [0, 1]", style="dim", highlight=False)
     for path, x in zip(inputs, batches):
@@ -49,9 +49,11 @@ def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
     """(N, C, H, W) float32: a .npy as it is, an image resized to (H, W), scaled to [0, 1] and
     normalised with the manifest's mean/std when it records them."""
     require_file(path, "an image or .npy file")
-    x = _read_array(path) if path.suffix == ".npy" else _read_image(path, chw, preprocessing)
+    x = _read_array(path) if path.suffix.lower() == ".npy" else _read_image(path, chw, preprocessing)
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")
+    if tuple(x.shape[1:]) != chw:  # said before any input runs, naming this one
+        raise BnnccError(f"{path}: images of shape {tuple(x.shape[1:])}; the network takes {chw} (C, H, W)")
     return x
 
 

@@ -403,6 +403,20 @@ def test_run_cli_refuses_bad_arrays_in_one_line(library, cli, tmp_path, array, m
     assert re.search(message, err), err
 
 
+def test_run_cli_checks_every_input_before_any_runs(library, cli, tmp_path):
+    """A .npy of another image size after a good one: refused naming that file before the first
+    table (the first input's table printed, then an error naming the library folder). A .NPY is an
+    array, not an image."""
+    np.save(tmp_path / "good.npy", np.zeros((3, 32, 32), np.float32))
+    np.save(tmp_path / "small.npy", np.zeros((3, 16, 16), np.float32))
+    code, out, err = cli("run", library[0], "--input", tmp_path / "good.npy", "--input", tmp_path / "small.npy")
+    assert code == 2 and out == "" and err.strip() == (f"error: {tmp_path / 'small.npy'}: images of shape (3, 16, 16); "
+                                                       f"the network takes (3, 32, 32) (C, H, W)"), (out, err)
+    (tmp_path / "good.npy").rename(tmp_path / "upper.NPY")
+    code, out, err = cli("run", library[0], "--input", tmp_path / "upper.NPY")
+    assert code == 0 and "upper.NPY" in out, err
+
+
 @pytest.mark.parametrize(("content", "message"), [
     # a .npz named .npy was taken apart as an archive: "unexpected AttributeError"
     (lambda path: np.savez(path.with_suffix(".npz"), np.zeros(3)) or path.with_suffix(".npz").rename(path),
