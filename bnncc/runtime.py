@@ -35,7 +35,12 @@ class Library:
         self.input_chw = tuple(manifest["input"]["shape"][1:])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x.detach() if hasattr(x, "detach") else x)  # (a torch tensor that requires grad)
+        except (TypeError, ValueError, RuntimeError) as e:  # e.g. a torch bfloat16 tensor, ragged lists
+            raise BnnccError(f"{self.folder}: an input numpy cannot read as an array ({str(e).splitlines()[0]})") from None
+        if x.dtype.kind not in "biuf":
+            raise BnnccError(f"{self.folder}: an input of {x.dtype}; expected real numbers")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_chw:
             raise BnnccError(f"{self.folder}: input of shape {x.shape}; expected (N, {', '.join(map(str, self.input_chw))})")
         x = np.ascontiguousarray(x, dtype=np.float32)

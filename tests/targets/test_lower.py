@@ -956,3 +956,20 @@ def test_tvm_num_threads_that_is_no_number_is_one_line():
                           env={**os.environ, "TVM_NUM_THREADS": "abc"})
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: TVM_NUM_THREADS='abc': expected a whole number of threads (0: TVM's default)"], done.stderr
+
+
+def test_inputs_that_are_no_real_numbers_are_one_line(library):
+    """Complex values lost their imaginary part with a mere numpy warning; a torch tensor that
+    requires grad, or a bfloat16 one, ended in torch's own errors."""
+    import torch
+
+    from bnncc.runtime import load
+
+    lib = load(library[0])
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.array_equal(lib(torch.from_numpy(x).requires_grad_()), lib(x))
+    for bad, message in [(x.astype(np.complex64), "an input of complex64; expected real numbers"),
+                         (np.full((1, 3, 32, 32), "a"), "an input of <U1; expected real numbers"),
+                         (torch.from_numpy(x).bfloat16(), "an input numpy cannot read as an array")]:
+        with pytest.raises(BnnccError, match=re.escape(message)):
+            lib(bad)
