@@ -120,8 +120,11 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
     check_graph(model)
     graph = model.graph
     if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got "
-                         f"{len(graph.inputs)} and {len(graph.outputs)}")
+        stored = [v.name for v in graph.inputs if v.const_value is not None]
+        raise BnnccError(f"graph {graph.name!r}: expected one input and one output, got inputs "
+                         f"{[v.name for v in graph.inputs]} and outputs {[v.name for v in graph.outputs]}"
+                         + (f" ({', '.join(stored)} also an initializer: list only the image as the graph's input)"
+                            if stored else ""))
     chw = _input_chw(graph.inputs[0])
     builder = relax.BlockBuilder()
     # The network is lowered once, for one image (``image``); every batch size calls it once per

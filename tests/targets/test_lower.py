@@ -628,6 +628,19 @@ def test_an_output_that_is_no_head_is_an_error():
         lower(model, host_target())
 
 
+def test_a_graph_input_that_is_also_an_initializer_is_named():
+    """(An older exporter's habit.) The line said only "got 2 and 1"."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.x86_64 import host_target
+
+    model = tiny_pokebnn()
+    weight = next(n for n in model.graph if n.op_type == "PokeConv").inputs[1]
+    model.graph.inputs.append(weight)
+    with pytest.raises(BnnccError, match=rf"got inputs \['input', '{weight.name}'\] and outputs \['.*'\] \({weight.name} "
+                                         r"also an initializer: list only the image as the graph's input\)"):
+        lower(model, host_target())
+
+
 def test_an_op_of_another_domain_is_not_fused_as_ours():
     """A QuantGemm of domain com.example after the head's Flatten was lowered as bnncc's."""
     from bnncc.targets.lower import lower
