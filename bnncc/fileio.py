@@ -13,7 +13,7 @@ from typing import Callable, Iterator, TypeVar
 from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
-           "load_private_copy", "output_errors", "output_target", "require_file", "umask"]
+           "hash_file", "load_private_copy", "output_errors", "output_target", "require_file", "umask"]
 
 T = TypeVar("T")
 
@@ -54,13 +54,17 @@ def load_private_copy(library: str | os.PathLike, load: Callable[[Path], T]) -> 
         return load(Path(library))
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of the file at ``path``, in hex."""
-    digest = hashlib.sha256()
+def hash_file(digest, path: str | os.PathLike):
+    """``digest`` (a hashlib object) updated with the bytes of the file at ``path``, a MiB at a time."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the file at ``path``, in hex."""
+    return hash_file(hashlib.sha256(), path).hexdigest()
 
 
 def require_file(path: Path, expected: str) -> None:

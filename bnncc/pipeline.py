@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text
+from bnncc.fileio import atomic_path, atomic_write_text, hash_file
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
@@ -244,9 +244,7 @@ def hash_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        hash_file(digest, path)
     return digest.hexdigest()
 
 
