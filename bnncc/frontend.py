@@ -141,8 +141,7 @@ def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
         raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
     if not isinstance(model, ir.Model):
         return _pokebnn(proto, source)
-    _check_constants(model, source)
-    _check_reference_runs(model, source)
+    _check_pokebnn(model, source)
     return model
 
 
@@ -158,32 +157,29 @@ def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
         raise BnnccError(f"{path}: {DOMAIN} opset {versions[0] if len(versions) == 1 else versions}; this bnncc "
                          f"knows version {VERSION} of its ops")
     model = ir.serde.deserialize_model(proto)
-    _check_constants(model, path)
-    _check_reference_runs(model, path)
+    _check_pokebnn(model, path)
     return model
 
 
-def _check_constants(model: ir.Model, source) -> None:
-    """The PokeBNN graph's constants within its ops' domains (``bnncc.ops.check_graph``), so that
-    every command refuses alike what the library could only compute differently from onnxruntime."""
+def _check_pokebnn(model: ir.Model, source) -> None:
+    """What every command asks of a PokeBNN graph before using it, refused alike by all of them in
+    one line starting with ``source``: its constants within its ops' domains
+    (``bnncc.ops.check_graph``), and onnxruntime able to run it (``_check_reference_runs``)."""
     try:
         check_graph(model)
+        _check_reference_runs(model)
     except BnnccError as e:
         raise BnnccError(f"{source}: {e}") from None
 
 
-def _check_reference_runs(model: ir.Model, source) -> None:
+def _check_reference_runs(model: ir.Model) -> None:
     """onnxruntime, the reference every library is verified against, loads the PokeBNN graph and
     runs an image of zeros through it. A graph it cannot run (an op of an unknown domain, shapes its
-    ops cannot take, two nodes of one name, a required input left out) is refused here, by every
-    command alike, rather than compiled into a library nothing can check or exported into a file
-    its readers refuse."""
+    ops cannot take, two nodes of one name, a required input left out) is refused, rather than
+    compiled into a library nothing can check or exported into a file its readers refuse."""
     import onnxruntime as ort
 
-    try:
-        proto = attach_functions(ir.to_proto(model))
-    except BnnccError as e:
-        raise BnnccError(f"{source}: {e}") from None
+    proto = attach_functions(ir.to_proto(model))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a check: no time optimizing
@@ -194,7 +190,7 @@ def _check_reference_runs(model: ir.Model, source) -> None:
             session.run(None, {session.get_inputs()[0].name: np.zeros([dims[0] or 1, *dims[1:]], np.float32)})
     except Exception as e:  # noqa: BLE001  (onnxruntime's own error types, whatever it failed on)
         message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
-        raise BnnccError(f"{source}: onnxruntime, the reference, cannot run this graph: {message}") from None
+        raise BnnccError(f"onnxruntime, the reference, cannot run this graph: {message}") from None
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:
