@@ -36,10 +36,7 @@ def _constant(node: ir.Node, index: int) -> tuple[str, np.ndarray] | None:
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None or value.const_value is None:
         return None
-    array = value.const_value.numpy().astype(np.float64)
-    if not np.isfinite(array).all():  # (a graph built in memory; a file's are checked as it is read)
-        raise BnnccError(f"{_where(node)}: input {value.name!r} holds NaN or infinite values")
-    return value.name, array
+    return value.name, value.const_value.numpy().astype(np.float64)
 
 
 def stored_parameters(node: ir.Node, activations: tuple[int, ...]) -> None:
@@ -62,14 +59,17 @@ def required_attributes(node: ir.Node, names: tuple[str, ...]) -> None:
 
 def float32_constants(node: ir.Node) -> None:
     """Every stored float input is float32, the type the ops' functions (and the standard ops they
-    call) take with float32 activations: onnxruntime refuses a float16 or double weight there."""
+    call) take with float32 activations: onnxruntime refuses a float16 or double weight there; and
+    finite (a file's tensors are checked as it is read; this covers a graph built in memory)."""
     for value in node.inputs:
-        if value is None or value.const_value is None:
+        if value is None or value.const_value is None or not value.const_value.dtype.is_floating_point():
             continue
         dtype = value.const_value.dtype
-        if dtype.is_floating_point() and dtype != ir.DataType.FLOAT:
+        if dtype != ir.DataType.FLOAT:
             raise BnnccError(f"{_where(node)}: input {value.name!r} is {dtype.name.lower()}; the graph's constants "
                              f"are float32")
+        if not np.isfinite(value.const_value.numpy()).all():
+            raise BnnccError(f"{_where(node)}: input {value.name!r} holds NaN or infinite values")
 
 
 def bits(node: ir.Node, name: str, default: int | None = None) -> int:
