@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
+from bnncc.ops.counting import bits_attr
 
 __all__ = ["stored_parameters", "required_attributes", "float32_constants", "bits", "positive_attribute",
            "batch_norm", "act_bounds"]
@@ -74,10 +75,7 @@ def float32_constants(node: ir.Node) -> None:
 
 def bits(node: ir.Node, name: str, default: int | None = None) -> int:
     """A quantizer's bit width attribute, MIN_BITS to MAX_BITS."""
-    attr = node.attributes.get(name)
-    if attr is None and default is None:
-        raise BnnccError(f"{_where(node)}: missing the attribute '{name}'")
-    value = default if attr is None else attr.as_int()
+    value = bits_attr(node, name) if default is None else node.attributes.get_int(name, default)
     if not MIN_BITS <= value <= MAX_BITS:
         raise BnnccError(f"{_where(node)}: {name} = {value}; a quantizer takes {MIN_BITS} to {MAX_BITS} bits")
     return value
