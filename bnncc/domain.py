@@ -14,9 +14,10 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 # The default-domain opset of every graph bnncc writes (and of the ai.bnncc function bodies), and
 # the opsets of the float models it reads: their ResNet ops mean the same across them
-# (passes/set_opset.py).
+# (passes/set_opset.py; tests/test_opsets.py compares their schemas). 28 is the newest that onnx
+# 1.23 and onnxruntime 1.32 know.
 CANONICAL_OPSET = 18
-SUPPORTED_OPSETS = range(9, 22)
+SUPPORTED_OPSETS = range(9, 29)
 # The most input pixels (H x W) a network may have: its widest activation (256 channels at a quarter
 # of the size, 16 floats an input pixel; 64 for margin) within the compiled kernels' 32-bit indices.
 MAX_INPUT_PIXELS = 2**31 // 64

@@ -15,14 +15,14 @@ Canonical form (every later stage relies on it; ``load`` guarantees it or raises
   is dropped).
 
 Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``passes/``):
-Conv+BatchNormalization (opsets 7..21, incl. opset 9's ``spatial``), BN as per-channel Mul and Add
+Conv+BatchNormalization (opsets 7..28, incl. opset 9's ``spatial``), BN as per-channel Mul and Add
 after the Conv, or BN already folded;
 ``Add`` or ``Sum``; ``GlobalAveragePool``, ``ReduceMean`` over H, W (axes as attribute or input)
 or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
 Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
 for a channels_last model) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
 ``Identity``; weights from ``Constant`` nodes or computed from constants (``ConstantOfShape``,
-torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..21; fixed or symbolic
+torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28; fixed or symbolic
 batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or MaxPool, an NHWC input transposed to
 NCHW, an NHWC mean before the classifier.
 

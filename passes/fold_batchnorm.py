@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @register_pass("fold_batchnorm")
 class FoldBatchNormPass(ir.passes.InPlacePass):
-    """Fold ``BatchNormalization(Conv(x))`` into the Conv, any opset (7..21).
+    """Fold ``BatchNormalization(Conv(x))`` into the Conv, any opset (7..28).
 
     1. Conv with constant W (and bias, if any), BN with constant per-channel parameters (C values
        each, ``spatial`` 1 or per-channel-shaped), only its first output used, not in training

@@ -1,8 +1,10 @@
 """Declare the default-domain opset 18 once only version-stable ops remain.
 
-Conv, Relu, MaxPool, Add, GlobalAveragePool, Flatten and Gemm mean the same from opset 9 to 21
+Conv, Relu, MaxPool, Add, GlobalAveragePool, Flatten and Gemm mean the same from opset 9 to 28
 for the attributes the canonical form uses (later versions only added types, optional inputs and
-attributes with backward-compatible defaults), so relabelling the opset does not change results.
+attributes with backward-compatible defaults; opset 22's MaxPool only states that a ceil_mode
+window starting in the right padding is ignored, as torch always did), so relabelling the opset
+does not change results.
 
 The IR version is raised with it to the least one that onnx pairs with the opset (8 for opset
 18): an older one (< 4) would require every initializer to be a graph input, which the canonical
@@ -35,10 +37,10 @@ def min_ir_version(opset: int) -> int:
 class SetOpsetPass(ir.passes.InPlacePass):
     """Set the model's default-domain opset to ``version`` (default 18) and the IR version to match.
 
-    1. Every node is a default-domain op in :data:`STABLE_OPS`, opset 9..21: opset set, per-node
+    1. Every node is a default-domain op in :data:`STABLE_OPS`, opset 9..28: opset set, per-node
        versions cleared, IR version raised to :func:`min_ir_version` if it is lower.
     2. The opset is already ``version``: only the IR version is raised if it is lower.
-    3. Any other op is present, or the opset is outside 9..21: left alone (the front end reports
+    3. Any other op is present, or the opset is outside 9..28: left alone (the front end reports
        the op).
     """
 
