@@ -78,7 +78,7 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize", "stored_bytes"]
+__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize", "source_name", "stored_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,11 @@ def read(path: str | os.PathLike) -> ir.Model:
 def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
     """``model``, or the graph at that path, which must be a PokeBNN graph: ``command`` (compile,
     export) takes no float one, and refuses it before canonicalizing it."""
+    source = source_name(model)
     if isinstance(model, ir.Model):
-        source, pokebnn = f"graph {model.graph.name!r}", _is_pokebnn(model.graph)
+        pokebnn = _is_pokebnn(model.graph)
     else:
-        source, proto = Path(model), _read_checked(Path(model))
+        proto = _read_checked(Path(model))
         pokebnn = _is_pokebnn(proto.graph.node)
     if not pokebnn:
         raise BnnccError(f"{source}: no {DOMAIN} op; {command} takes a PokeBNN graph (run `bnncc rewrite` first)")
@@ -143,6 +144,11 @@ def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
         return _pokebnn(proto, source)
     _check_pokebnn(model, source)
     return model
+
+
+def source_name(model: ir.Model | str | os.PathLike) -> str:
+    """How errors name ``model``: its path, or its graph's name when it is held in memory."""
+    return f"graph {model.graph.name!r}" if isinstance(model, ir.Model) else str(Path(model))
 
 
 def _is_pokebnn(nodes) -> bool:

@@ -22,7 +22,7 @@ from bnncc.cost import ace
 from bnncc.domain import MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import file_sha256, output_errors, umask
-from bnncc.frontend import read_pokebnn
+from bnncc.frontend import read_pokebnn, source_name
 from bnncc.passes.symbolic_batch import BATCH
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
@@ -50,11 +50,15 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
                          f"calls of its compiled sizes)")
     batches = tuple(sorted(set(batches) | {1}))
     check_output_folder(Path(output))  # before the minutes of compiling
+    source = source_name(model)
     # the front end's checks: a whole ONNX file, external data from its folder
     model = read_pokebnn(model, "compile")
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
-    lowered = lower(model, llvm_target, batches, schedule=spec.schedule)
+    try:
+        lowered = lower(model, llvm_target, batches, schedule=spec.schedule)
+    except BnnccError as error:  # the lowering names the node; the user also needs the file
+        raise BnnccError(f"{source}: {error}") from None
     executable = compile_module(lowered.module, llvm_target, spec.pass_config() if spec.pass_config else None)
     compile_s = time.perf_counter() - start
     manifest = {

@@ -614,18 +614,24 @@ def test_poke_conv_without_its_split_norm_is_an_error():
         lower(model, host_target())
 
 
-def test_an_output_that_is_no_head_is_an_error():
+def test_an_output_that_is_no_head_is_an_error(cli, tmp_path):
     """A graph cut after a PokeConv: the library returned its NHWC feature map where onnxruntime
-    gives NCHW (and the manifest recorded H as the number of classes)."""
+    gives NCHW (and the manifest recorded H as the number of classes). `compile` names the file
+    before the lowering's words."""
     from bnncc.targets.lower import lower
     from bnncc.targets.x86_64 import host_target
 
     model = tiny_pokebnn()
     last = [n for n in model.graph if n.op_type == "PokeConv"][-1]
     model.graph.outputs[0] = last.outputs[0]
-    with pytest.raises(BnnccError, match=rf"output '{last.outputs[0].name}': a feature map; a library gives the "
-                                         r"logits of the head"):
+    last.outputs[0].dtype = ir.DataType.FLOAT  # an output of the file must have a type
+    message = rf"output '{last.outputs[0].name}': a feature map; a library gives the logits of the head"
+    with pytest.raises(BnnccError, match=message):
         lower(model, host_target())
+    ir.save(model, tmp_path / "cut.onnx")
+    code, _, err = cli("compile", tmp_path / "cut.onnx", "-o", tmp_path / "lib")
+    assert code == 2 and re.match(rf"error: {re.escape(str(tmp_path / 'cut.onnx'))}: {message}", err), err
+    assert not (tmp_path / "lib").exists()
 
 
 def test_a_graph_input_that_is_also_an_initializer_is_named():
