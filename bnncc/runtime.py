@@ -25,14 +25,21 @@ class Library:
 
     A batch of a size compiled in is one call; any other size is cut into chunks of compiled
     sizes, largest first (compile builds batch 1 into every library, so every size runs).
+    It pickles as its folder's absolute path: unpickling loads the folder again, with every check
+    of ``load``, so a spawned worker (multiprocessing, concurrent.futures) can be handed one.
     """
 
     def __init__(self, folder: Path, manifest: dict, call) -> None:
         self.folder = folder
+        self._absolute_folder = folder.resolve()  # as it was at load, whatever the working folder is later
         self.manifest = manifest
         self._call = call  # (function name, NCHW float32 array) -> logits array; per target (targets/registry.py)
         self.functions = {int(b): name for b, name in manifest["functions"].items()}
         self.input_chw = tuple(manifest["input"]["shape"][1:])
+
+    def __reduce__(self):
+        # the loaded VM is process memory; the folder is what another process can open
+        return load, (str(self._absolute_folder),)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         try:

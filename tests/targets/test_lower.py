@@ -967,6 +967,26 @@ def test_a_fork_of_a_process_that_ran_a_library_is_told_so(library):
     assert "this process is a fork of one that ran a library on TVM's threads" in said, said
 
 
+def test_a_library_goes_to_a_spawned_worker_as_its_folder(library, tmp_path, monkeypatch):
+    """A pool of spawned processes is how a fork-safe server runs a library; handing it one failed
+    in pickling (the TVM module cannot be). The worker loads the folder afresh, relative paths too."""
+    import multiprocessing
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bnncc.runtime import load
+
+    shutil.copytree(library[0], tmp_path / "lib")
+    monkeypatch.chdir(tmp_path)
+    lib = load("lib")
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert pickle.loads(pickle.dumps(lib)).folder == tmp_path / "lib"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        monkeypatch.chdir("/")
+        got = pool.submit(lib, x).result(timeout=120)  # the library itself is the pickled callable
+    np.testing.assert_array_equal(got, lib(x))
+
+
 def test_tvm_num_threads_that_is_no_number_is_one_line():
     import subprocess
     import sys
