@@ -141,11 +141,23 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target,
                                 "batches": list(options.batches)},
         [library / name for name in LIBRARY_FILES], run_compile))
+    try:
+        report = _publish(outdir, library, model_path, recipe.name, report_stages, accuracy, options)
+    except BaseException:  # an interrupt, or a failure measuring the library: its cache, no library without report
+        for name in OUTPUT_NAMES:
+            if name != "stages":
+                (outdir / name).unlink(missing_ok=True)
+        raise
+    return ConvertResult(outdir, report, cached, seconds)
+
+
+def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages: list[Stage], accuracy: dict | None,
+             options: ConvertOptions) -> Report:
+    """Copy the library into ``outdir``, measure it there (on the host target) and write its report."""
     for name in LIBRARY_FILES:
         with atomic_path(outdir / name) as tmp:
             shutil.copyfile(library / name, tmp)
-    report_stages.append(Stage("compiled", "model.so", (outdir / "model.so").stat().st_size, report_stages[-1].cost))
-
+    stages = [*stages, Stage("compiled", "model.so", (outdir / "model.so").stat().st_size, stages[-1].cost)]
     latency = None
     if options.target == HOST_TARGET:
         from bnncc.runtime import load as load_library
@@ -154,10 +166,10 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         latency = measure_latency(lib, options.latency_runs)
         if options.data is not None and accuracy is not None:
             accuracy = {**accuracy, **_library_accuracy(lib, options.data, options.show_progress)}
-    report = Report(str(model_path), recipe.name, options.target, options.data is not None, tuple(report_stages),
-                    accuracy, latency)
+    report = Report(str(model_path), recipe, options.target, options.data is not None, tuple(stages), accuracy,
+                    latency)
     write_report(report, outdir)
-    return ConvertResult(outdir, report, cached, seconds)
+    return report
 
 
 def check_outdir(outdir: Path, names: tuple[str, ...] = OUTPUT_NAMES) -> None:

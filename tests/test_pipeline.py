@@ -157,6 +157,29 @@ def test_failed_compile_leaves_no_library_and_no_stage_record(narrow_resnet, tmp
     assert sorted(p.name for p in outdir.rglob("*") if p.is_file()) == ["rewrite.json", "rewrite.onnx"]
 
 
+def test_an_interrupt_after_compile_leaves_no_library_without_its_report(narrow_resnet, tmp_path, monkeypatch):
+    """Stopped while the library is measured (after it was copied out), convert left model.so,
+    model.json and model.onnx but no report; now only the stage cache stays, and the next run
+    publishes everything from it."""
+    import bnncc.pipeline as pipeline
+
+    measure = pipeline.measure_latency
+
+    def interrupted(lib, runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "measure_latency", interrupted)
+    outdir = tmp_path / "out"
+    options = ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        convert(narrow_resnet, outdir, options)
+    assert sorted(p.name for p in outdir.iterdir()) == ["stages"]
+    monkeypatch.setattr(pipeline, "measure_latency", measure)
+    again = convert(narrow_resnet, outdir, options)
+    assert again.cached == {"rewrite": True, "compile": True}
+    assert {"model.so", "model.json", "model.onnx", "report.md", "report.json"} <= {p.name for p in outdir.iterdir()}
+
+
 def test_killed_rewrite_leaves_no_partial_onnx(narrow_resnet, tmp_path):
     """SIGKILL `bnncc rewrite` at several points: out.onnx is either absent or a complete model."""
     output = tmp_path / "out.onnx"
