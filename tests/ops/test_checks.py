@@ -146,3 +146,29 @@ def test_a_graph_onnxruntime_cannot_run_is_refused_by_every_command(cli, tmp_pat
         assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
         assert re.search(rf"{path}: onnxruntime, the reference, cannot run this graph: .*{message}", err), (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_onnxruntime_runs_a_graph_once_a_process(tmp_path, monkeypatch):
+    """convert reads each stage's graph twice (its ACE, then compile): the seconds onnxruntime takes
+    on a ResNet-50 are spent once for the same bytes, and again for a graph that differs."""
+    import onnxruntime
+
+    from bnncc import frontend
+
+    sessions = []
+    real = onnxruntime.InferenceSession
+
+    def counted(*args, **kwargs):
+        sessions.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frontend, "_REFERENCE_RAN", set(), raising=False)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", counted)
+    model = tiny_poke_model()
+    ir.save(attach_functions(model), tmp_path / "a.onnx")
+    for _ in range(2):
+        frontend.read_pokebnn(tmp_path / "a.onnx", "compile")
+    assert len(sessions) == 1
+    _set(model, "stem.bound", 2.5)
+    frontend.read_pokebnn(model, "compile")
+    assert len(sessions) == 2
