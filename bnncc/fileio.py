@@ -12,7 +12,7 @@ from typing import Callable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256", "refuse_overwriting",
            "hash_file", "load_private_copy", "output_errors", "output_target", "require_file", "umask"]
 
 T = TypeVar("T")
@@ -98,6 +98,20 @@ def check_writable(dest: str | os.PathLike) -> None:
         fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
         os.close(fd)
         os.unlink(probe)
+
+
+def refuse_overwriting(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike]) -> None:
+    """Refuse, before any work, an output path that names an input or another output (keys say what
+    each path is, e.g. "the teacher model"): the run would replace the teacher it distils from, or
+    write its checkpoint over its result. Paths are compared resolved, so links and ../ count."""
+    taken = {Path(path).resolve(): what for what, path in inputs.items()}
+    for what, path in outputs.items():
+        if path is None:
+            continue
+        target = Path(path).resolve()
+        if target in taken:
+            raise BnnccError(f"{path}: is {taken[target]}; write {what} to another path")
+        taken[target] = what
 
 
 def umask() -> int:

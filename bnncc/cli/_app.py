@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -14,7 +13,7 @@ from typer.exceptions import TyperException
 
 from bnncc.errors import BnnccError
 
-__all__ = ["app", "console", "err_console", "refuse_overwriting_input", "run_app"]
+__all__ = ["app", "console", "err_console", "run_app"]
 
 app = typer.Typer(
     name="bnncc",
@@ -84,13 +83,6 @@ def run_app(argv: list[str] | None = None) -> int:
                f"(BNNCC_DEBUG=1 shows the traceback)")
         return 1
     return code if isinstance(code, int) else 0
-
-
-def refuse_overwriting_input(model: Path, output: Path) -> None:
-    """An output path that is the input model itself is an error: a failed or unwanted run would
-    leave the user without the model."""
-    if output.exists() and output.resolve() == model.resolve():
-        raise BnnccError(f"{output}: is the input model; write the result to another path")
 
 
 def _error(message: str) -> None:

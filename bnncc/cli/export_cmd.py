@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from bnncc.cli._app import app, console, refuse_overwriting_input
+from bnncc.cli._app import app, console
 from bnncc.errors import BnnccError
+from bnncc.fileio import refuse_overwriting
 
 
 @app.command()
@@ -23,5 +24,5 @@ def export(
 
     if format != "qonnx":
         raise BnnccError(f"--format {format!r}: the export formats are: qonnx")
-    refuse_overwriting_input(model, output)
+    refuse_overwriting({"the result": output}, {"the input model": model})
     console.print(f"wrote {export_qonnx(model, output, batch)}")

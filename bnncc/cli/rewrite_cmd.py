@@ -8,8 +8,8 @@ import onnx_ir as ir
 import typer
 from rich.table import Table
 
-from bnncc.cli._app import app, console, refuse_overwriting_input
-from bnncc.fileio import atomic_path
+from bnncc.cli._app import app, console
+from bnncc.fileio import atomic_path, refuse_overwriting
 from bnncc.passmanager import PassRecord
 
 
@@ -24,7 +24,7 @@ def rewrite(
     from bnncc.frontend import load
     from bnncc.rewriting import rewrite as rewrite_model
 
-    refuse_overwriting_input(model, output)
+    refuse_overwriting({"the result": output}, {"the input model": model})
     result, rows = rewrite_model(load(model), recipe, overrides)
     with atomic_path(output) as tmp:
         ir.save(result, tmp)

@@ -13,7 +13,7 @@ import torch
 
 from bnncc.domain import DOMAIN, PREPROCESSING_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, check_writable
+from bnncc.fileio import atomic_path, check_writable, refuse_overwriting
 from bnncc.passes.width_multiplier import MAX_MULTIPLIER
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import Dataset, open_splits
@@ -84,6 +84,8 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     from bnncc.torchview import to_torch, write_back
 
     output = Path(output)
+    refuse_overwriting({"the trained model": output, "the checkpoint": checkpoint, "the metrics": metrics},
+                       {"the student model": student_path, "the teacher model": teacher_path})
     for path in (output, checkpoint, metrics):  # before minutes of training
         if path is not None:
             check_writable(path)

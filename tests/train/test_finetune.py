@@ -118,6 +118,28 @@ def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "t64.onnx"]
 
 
+def test_finetune_never_writes_over_its_inputs_or_its_other_outputs(cli, idx_dir, tmp_path, teacher_and_student):
+    """--checkpoint or -o naming the teacher or the student replaced it (exit 0: the teacher became a
+    torch checkpoint, or the trained student), and a checkpoint at -o's path overwrote the result."""
+    import shutil
+
+    teacher = shutil.copy(teacher_and_student[0], tmp_path / "teacher.onnx")
+    student = shutil.copy(teacher_and_student[1], tmp_path / "student.onnx")
+    before = {path: path.read_bytes() for path in (teacher, student)}
+    cases = [(["-o", tmp_path / "ft.onnx", "--checkpoint", teacher], "teacher.onnx: is the teacher model; write the "
+              "checkpoint to another path"),
+             (["-o", teacher], "teacher.onnx: is the teacher model; write the trained model to another path"),
+             (["-o", tmp_path / "." / "student.onnx"], "student.onnx: is the student model; write the trained model"),
+             (["-o", tmp_path / "ft.onnx", "--checkpoint", tmp_path / "ft.onnx"], "ft.onnx: is the trained model; "
+              "write the checkpoint to another path")]
+    for args, message in cases:
+        code, _, err = cli("finetune", student, "--teacher", teacher, "--data", idx_dir, "--max-steps", "1",
+                           "--batch-size", "4", "--workers", "0", *args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert {path: path.read_bytes() for path in (teacher, student)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx", "teacher.onnx"]
+
+
 @pytest.mark.parametrize("width", ["0", "16"])
 def test_train_teacher_refuses_a_width_it_cannot_hold(cli, idx_dir, tmp_path, width):
     """16x a ResNet-50 (some 6 billion weights) was taken, and would be killed for memory."""
