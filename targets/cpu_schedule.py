@@ -860,7 +860,8 @@ def _spread_row(sch: s_tir.Schedule, row, lanes: int) -> None:
     out_channels = int(sch.get(o).extent)
     in_channels = int(sch.get(spread).reads[0].source.shape[-1])
     k = out_channels // in_channels
-    if lanes % k or out_channels % lanes:
+    # (k == lanes, a 1-channel image into 16 channels: one input a vector, no vector load to spread)
+    if lanes % k or out_channels % lanes or lanes // k < 2:
         return
     sch.tensorize(sch.split(o, [None, lanes])[1], _spread_intrin(k, lanes))
 

@@ -351,6 +351,23 @@ def test_a_library_for_a_cpu_with_more_is_refused_before_it_runs(library, tmp_pa
     assert load(folder).input_chw == (3, 32, 32)
 
 
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-avx2"])
+def test_a_one_channel_network_compiles_and_matches_onnxruntime(tmp_path, target):
+    """A grayscale ResNet (Fashion-MNIST's kind) whose stem spreads 1 channel into 16: the AVX-512
+    build asked TVM for a one-lane vector and the compile died in an unexpected DiagnosticError."""
+    from bnncc import zoo
+    from bnncc.frontend import load
+    from bnncc.rewriting import rewrite
+    from bnncc.targets.build import compile
+    from bnncc.verification import verify
+
+    path = zoo.export_onnx(zoo.resnet50(width=0.25, num_classes=10, in_channels=1), tmp_path / "grey.onnx",
+                           input_size=32)
+    poke, _ = rewrite(load(path), "pokebnn_1x", ["passes.poke_stem.mid_channels=16"])
+    folder = compile(poke, tmp_path / "lib", target=target)
+    assert verify(folder, n=4).ok
+
+
 def test_class_targets_build_for_any_cpu_of_their_class(library, cli, tmp_path):
     """`compile --target x86-64-avx2` builds for every AVX2 CPU (x86-64-v3, whatever this CPU has); the
     library runs here and matches onnxruntime. The other class targets build for their classes."""
