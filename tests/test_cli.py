@@ -54,6 +54,20 @@ def test_unexpected_exception_is_one_line_and_exit_1(cli, monkeypatch):
     assert err.strip() == "error: unexpected ValueError: deep inside (BNNCC_DEBUG=1 shows the traceback)"
 
 
+def test_bnncc_debug_adds_the_traceback_to_the_line(cli, monkeypatch):
+    """BNNCC_DEBUG=1 re-raised, and for TVM's errors its exception hook printed only a note: no
+    traceback and no error line."""
+    @app.command("_crash-for-debug", hidden=True)
+    def _crash() -> None:
+        raise ValueError("deep inside")
+
+    monkeypatch.setenv("BNNCC_DEBUG", "1")
+    code, _, err = cli("_crash-for-debug")
+    assert code == 1
+    assert err.startswith("Traceback (most recent call last):") and 'raise ValueError("deep inside")' in err
+    assert err.strip().splitlines()[-1] == "error: unexpected ValueError: deep inside"
+
+
 def test_rewrite_refuses_to_write_over_its_input(cli, tmp_path, resnet50_onnx):
     import shutil
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import traceback
 
 import typer
 from rich.console import Console
@@ -76,11 +77,12 @@ def run_app(argv: list[str] | None = None) -> int:
             if _signals[-1] == signal.SIGINT:
                 _error("interrupted")
             return 128 + _signals[-1]
-        if os.environ.get("BNNCC_DEBUG"):
-            raise
+        debug = bool(os.environ.get("BNNCC_DEBUG"))
+        if debug:  # printed here, not re-raised: TVM's exception hook shows only a note for its own errors
+            traceback.print_exc()
         lines = str(e).strip().splitlines()
-        _error(f"unexpected {type(e).__name__}: {lines[0] if lines else 'no message'} "
-               f"(BNNCC_DEBUG=1 shows the traceback)")
+        _error(f"unexpected {type(e).__name__}: {lines[0] if lines else 'no message'}"
+               f"{'' if debug else ' (BNNCC_DEBUG=1 shows the traceback)'}")
         return 1
     return code if isinstance(code, int) else 0
 
