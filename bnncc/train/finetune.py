@@ -80,7 +80,7 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     data may have other classes than the models (top-1/top-5 are reported only when they match).
     """
     from bnncc.cost import ace
-    from bnncc.frontend import load, read
+    from bnncc.frontend import load, read_pokebnn
     from bnncc.torchview import to_torch, write_back
 
     output = Path(output)
@@ -90,7 +90,7 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
         if path is not None:
             check_writable(path)
     device = training_device(device)  # a missing GPU fails here, before minutes of loading
-    student_model = read(student_path)
+    student_model = read_pokebnn(student_path, "finetune")
     teacher_model = load(teacher_path)
     if cfg.clip_bound is not None:
         _override_clip_bound(student_model, cfg.clip_bound)

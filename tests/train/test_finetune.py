@@ -100,7 +100,7 @@ def test_a_diverging_finetune_is_an_error_and_writes_nothing(cli, idx_dir, tmp_p
 
 
 def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_student):
-    """A teacher of another input size, zero epochs, an output under a file: one line each, exit 2,
+    """A teacher of another input size, a float student, zero epochs, an output under a file: one line each, exit 2,
     nothing written (zero epochs used to train one, an output under a file ended in an unexpected
     NotADirectoryError after training)."""
     from bnncc.zoo import export_onnx, resnet50
@@ -108,11 +108,13 @@ def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_st
     teacher, student = teacher_and_student
     wide = export_onnx(resnet50(width=0.125, num_classes=4).eval(), tmp_path / "t64.onnx", input_size=64)
     (tmp_path / "file").write_text("")
-    cases = [(["--teacher", wide], "input (3, 32, 32) but the teacher"),
-             (["--teacher", teacher, "--epochs", "0"], "Invalid value for '--epochs'"),
-             (["--teacher", teacher, "-o", tmp_path / "file" / "ft.onnx"], "file/ft.onnx: cannot write there")]
-    for args, message in cases:
-        code, _, err = cli("finetune", student, "--data", idx_dir, "-o", tmp_path / "ft.onnx", "--max-steps", "1",
+    cases = [(student, ["--teacher", wide], "input (3, 32, 32) but the teacher"),
+             # (a float student trained, and was written as if it were a PokeBNN graph)
+             (teacher, ["--teacher", teacher], "no ai.bnncc op; finetune takes a PokeBNN graph"),
+             (student, ["--teacher", teacher, "--epochs", "0"], "Invalid value for '--epochs'"),
+             (student, ["--teacher", teacher, "-o", tmp_path / "file" / "ft.onnx"], "file/ft.onnx: cannot write there")]
+    for first, args, message in cases:
+        code, _, err = cli("finetune", first, "--data", idx_dir, "-o", tmp_path / "ft.onnx", "--max-steps", "1",
                            "--batch-size", "4", "--workers", "0", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "t64.onnx"]
