@@ -13,8 +13,8 @@ from typing import Callable, Iterator, TypeVar
 from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
-           "refuse_overwriting"]
-           "hash_file", "load_private_copy", "output_errors", "output_target", "require_file", "umask"]
+           "hash_file", "load_private_copy", "output_errors", "output_target", "refuse_overwriting", "require_file",
+           "umask"]
 
 T = TypeVar("T")
 
