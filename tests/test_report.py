@@ -83,6 +83,9 @@ def test_same_report_gives_the_same_bytes(report, tmp_path):
 
 
 def test_without_latency_there_is_no_latency_file(report, tmp_path):
+    """Not even an earlier report's: convert for arm64 into a folder of an x86-64 run kept its
+    latency.json beside the arm64 library."""
+    write_report(report, tmp_path)
     write_report(dataclasses.replace(report, latency=None, trained=True), tmp_path)
     assert not (tmp_path / "latency.json").exists()
     assert "Not fine-tuned" not in (tmp_path / "report.md").read_text()
