@@ -106,8 +106,15 @@ def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, n
     code, out, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", converted.outdir)
     assert code == 0, err
     text = " ".join(out.split())
-    assert "The network is untrained" in text and "--data DIR --epochs N" in text
+    assert "The network is untrained" in text and "--data DIR --epochs N --set train.lr=3e-2" in text
     assert f"report {converted.outdir}/report.md" in text
+
+
+def test_fine_tuning_options_without_data_are_an_error(cli, narrow_resnet, tmp_path):
+    """They were taken and ignored: the run compiled an untrained network, exit 0."""
+    code, _, err = cli("convert", narrow_resnet, "--epochs", "5", "--max-steps", "3", "-o", tmp_path / "out")
+    assert code == 2 and "--epochs, --max-steps: set the fine-tune, which runs only with --data DIR" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_changed_option_redoes_only_the_stages_it_feeds(converted, narrow_resnet):

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnncc.cli._app import app, console
+from bnncc.errors import BnnccError
 
 
 @app.command()
@@ -20,22 +21,30 @@ def convert(
     recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
     target: str = typer.Option("x86-64", "--target", "-t", help="x86-64 (this CPU; x86-64-avx2, -avx512bw, -avx512: a class), arm64 or cuda"),
     data: Optional[Path] = typer.Option(None, "--data", help="IDX folder, ImageFolder tree or tar shards: fine-tune on it"),
-    epochs: int = typer.Option(1, "--epochs", min=1, help="fine-tuning epochs"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="fine-tuning epochs (default 1; with --data)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="stop fine-tuning after N steps"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="fine-tuning batch size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="fine-tuning batch size (default 64; with --data)"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. train.lr=3e-2"),
     seed: int = typer.Option(0, "--seed", help="seed of data order and augmentation"),
 ) -> None:
     """Import, rewrite, fine-tune (with --data), compile and report; reuse stages whose inputs did not change."""
     from bnncc.pipeline import ConvertOptions, convert as run_convert
 
-    options = ConvertOptions(recipe=recipe, overrides=tuple(overrides), target=target, data=data, epochs=epochs,
-                             max_steps=max_steps, batch_size=batch_size, seed=seed)
+    training = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
+    given = {name: value for name, value in training.items() if value is not None}
+    if data is None and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise BnnccError(f"{flags}: set the fine-tune, which runs only with --data DIR")
+    options = ConvertOptions(recipe=recipe, overrides=tuple(overrides), target=target, data=data, seed=seed, **given)
     result = run_convert(model, output, options)
     print_result(result)
     if not result.trained:
+        # the recipe's rate is the paper's for 800 ImageNet epochs; a few epochs need far more (README)
+        rate = [] if any(o.startswith("train.lr=") for o in overrides) else ["--set", "train.lr=3e-2"]
         command = ["bnncc", "convert", str(model), "--recipe", recipe, "--target", target,
-                   *[a for o in overrides for a in ("--set", o)], "--data", "DIR", "--epochs", "N", "-o", str(output)]
+                   *[a for o in overrides for a in ("--set", o)], "--data", "DIR", "--epochs", "N", *rate,
+                   "-o", str(output)]
         untrained_notice(shlex.join(command))
 
 
