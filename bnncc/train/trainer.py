@@ -158,10 +158,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, scheduler, calibrated: bool,
-                     cfg: TrainConfig, bad_images: set[int]) -> None:
+                     cfg: TrainConfig, train_images: int, bad_images: set[int]) -> None:
     state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "calibrated": calibrated, "config": asdict(cfg),
-             "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
+             "train_images": train_images, "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -171,12 +171,14 @@ _RUN_SETTINGS = ("lr", "batch_size", "epochs", "max_steps", "weight_decay", "cli
                  "label_weight", "weight_quant_start", "act_calibration_at", "calibration_batches", "seed")
 
 
-def _check_same_run(path: Path, saved: dict, cfg: TrainConfig) -> None:
-    """Refuse to resume a run of other settings from ``path``: its step count and schedule would be
-    taken for this run's (a checkpoint of 4 epochs at batch 16 resumed as 1 epoch at batch 32 ran
-    no step and wrote the checkpoint's weights as the result)."""
-    current = asdict(cfg)
+def _check_same_run(path: Path, state: dict, cfg: TrainConfig, train_images: int) -> None:
+    """Refuse to resume a run of other settings or other data from ``path``: its step count and
+    schedule would be taken for this run's (a checkpoint of 4 epochs at batch 16 resumed as 1 epoch
+    at batch 32 ran no step and wrote the checkpoint's weights as the result)."""
+    saved, current = state.get("config", {}), asdict(cfg)
     changed = [f"{key} {saved[key]} -> {current[key]}" for key in _RUN_SETTINGS if key in saved and saved[key] != current[key]]
+    if state.get("train_images", train_images) != train_images:
+        changed.append(f"training images {state['train_images']} -> {train_images}")
     if changed:
         raise BnnccError(f"{path}: written by a run with other settings ({', '.join(changed)}); resume with "
                          f"the same settings, or start anew without --resume")
@@ -203,13 +205,17 @@ class _FlatAdam(torch.optim.Adam):
     5 us a tensor, and a PokeBNN has 642 small ones (DPReLU, SE, BN vectors; bench/RESULTS.md).
     Backward accumulates into the gradient views in place (they exist, so autograd adds to them);
     ``zero_grad`` zeroes the buffer, and a gradient something replaced (``module.zero_grad()``)
-    is copied back into its view before the step."""
+    is copied back into its view before the step. Its state dict has torch's Adam's form, a state
+    per parameter, so a checkpoint of one process resumes under torchrun and the other way round."""
+
+    _MOMENTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: list[nn.Parameter], **options):
         total = sum(p.numel() for p in params)
         flat = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
         self._grad = torch.zeros_like(flat)
         self._views: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._layout: list[tuple[torch.Size, tuple[int, ...], int]] = []  # each parameter's place in the buffer
         offset = 0
         for p in params:
             # keep each parameter's strides (channels_last convolution weights) where they are dense
@@ -220,6 +226,7 @@ class _FlatAdam(torch.optim.Adam):
             p.data = view
             p.grad = self._grad.as_strided(p.shape, stride, offset)
             self._views.append((p, p.grad))
+            self._layout.append((p.shape, stride, offset))
             offset += p.numel()
         whole = nn.Parameter(flat)
         whole.grad = self._grad
@@ -227,6 +234,32 @@ class _FlatAdam(torch.optim.Adam):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._grad.zero_()
+
+    def state_dict(self) -> dict:
+        packed = super().state_dict()
+        group = {**packed["param_groups"][0], "params": list(range(len(self._layout)))}
+        whole = packed["state"].get(0)
+        state = {} if whole is None else {
+            i: {"step": whole["step"].clone(),
+                **{key: whole[key].as_strided(shape, stride, offset).clone() for key in self._MOMENTS}}
+            for i, (shape, stride, offset) in enumerate(self._layout)}
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        group = state_dict["param_groups"][0]
+        if len(group["params"]) != len(self._layout):
+            raise ValueError(f"a state of {len(group['params'])} parameters for an optimizer of {len(self._layout)}")
+        state = state_dict["state"]
+        packed = {}
+        if state:
+            flat = self.param_groups[0]["params"][0]
+            packed[0] = {"step": state[0]["step"].clone()}
+            for key in self._MOMENTS:
+                buffer = torch.zeros_like(flat.detach())
+                for i, (shape, stride, offset) in enumerate(self._layout):
+                    buffer.as_strided(shape, stride, offset).copy_(state[i][key])
+                packed[0][key] = buffer
+        super().load_state_dict({"state": packed, "param_groups": [{**group, "params": [0]}]})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -269,10 +302,16 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         logger.warning("%s: no checkpoint to resume from; training from step 0", checkpoint)
     if resumed:
         state = load_checkpoint(checkpoint)
-        _check_same_run(checkpoint, state.get("config", {}), cfg)
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _check_same_run(checkpoint, state, cfg, len(data))
+        try:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:  # torch names the first mismatch on a later line
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise BnnccError(f"{checkpoint}: a checkpoint of another network ({detail}); start anew without "
+                             f"--resume") from None
         start, calibrated = int(state["step"]), bool(state["calibrated"])
         loader.bad.update(state.get("bad_images", torch.zeros(0, dtype=torch.int64)).tolist())
         logger.info("resumed from %s at step %d", checkpoint, start)
@@ -332,7 +371,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
             if checkpoint_due and rank == 0:
-                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, loader.bad)
+                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data), loader.bad)
                 stopped.saved = done
     if log is not None:
         log.close()

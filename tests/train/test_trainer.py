@@ -102,6 +102,59 @@ def test_resuming_another_runs_checkpoint_is_refused_and_a_new_run_begins_its_me
     assert "none.ckpt: no checkpoint to resume from; training from step 0" in caplog.text
 
 
+def test_a_checkpoint_of_other_data_or_another_network_is_refused(idx_dir, idx_writer, tmp_path):
+    """Resumed on another data set, a checkpoint's step was taken for this run's (a step-160 state
+    "resumed" a 60-step run: exit 0, loss nan); another network's ended in an unexpected
+    RuntimeError whose message stopped at a colon."""
+    data = open_dataset(idx_dir, "train")
+    checkpoint = tmp_path / "run.ckpt"
+    train(tiny_net(), None, data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, show_progress=False)
+    (tmp_path / "half").mkdir()
+    idx_writer(tmp_path / "half" / "train-images-idx3-ubyte.gz", np.zeros((128, 8, 8)))
+    idx_writer(tmp_path / "half" / "train-labels-idx1-ubyte.gz", np.arange(128) % 4)
+    half = open_dataset(tmp_path / "half", "train")
+    with pytest.raises(BnnccError, match=r"run.ckpt: written by a run with other settings \(training images 256 -> "
+                                         r"128\)"):
+        train(tiny_net(), None, half, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True, show_progress=False)
+    wider = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    with pytest.raises(BnnccError, match=r"run.ckpt: a checkpoint of another network \(size mismatch for 0.weight"):
+        train(wider, None, data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True, show_progress=False)
+
+
+def test_the_optimizer_state_is_the_same_in_one_process_and_under_torchrun():
+    """One process keeps Adam's state in one flat buffer, DDP per parameter: a checkpoint of either
+    failed to load into the other ("parameter group that doesn't match the size"), so a run could not
+    resume on another number of processes. Both now save and load the per-parameter form."""
+    nets = [tiny_net().to(memory_format=MEMORY_FORMAT) for _ in range(4)]
+    flat, plain = make_optimizer(nets[0], 0.01), make_optimizer(nets[1], 0.01, flat=False)
+    assert type(flat) is not type(plain)
+
+    def step(net, optimizer, seed):
+        optimizer.zero_grad()
+        net(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+        optimizer.step()
+
+    for seed in range(3):
+        step(nets[0], flat, seed)
+        step(nets[1], plain, seed)
+    a, b = flat.state_dict(), plain.state_dict()
+    assert a["state"].keys() == b["state"].keys() and a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["state"][i][key], b["state"][i][key]), (i, key)
+    # each continues from the other's state as from its own
+    nets[2].load_state_dict(nets[1].state_dict())
+    nets[3].load_state_dict(nets[0].state_dict())
+    flat_from_plain, plain_from_flat = make_optimizer(nets[2], 0.01), make_optimizer(nets[3], 0.01, flat=False)
+    flat_from_plain.load_state_dict(b)
+    plain_from_flat.load_state_dict(a)
+    for net, optimizer in ((nets[0], flat), (nets[2], flat_from_plain), (nets[3], plain_from_flat)):
+        step(net, optimizer, 7)
+    assert states_equal(nets[0].state_dict(), nets[2].state_dict())
+    assert states_equal(nets[0].state_dict(), nets[3].state_dict())
+
+
 @pytest.mark.parametrize("stop_at, said", [
     (1, "stopped at step 0 of 8, before the first checkpoint (every 2 steps): nothing is kept"),
     (6, "stopped at step 5 of 8; {ckpt} holds step 4: run the command again (finetune with --resume)"),
