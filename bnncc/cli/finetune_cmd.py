@@ -61,12 +61,16 @@ def finetune(
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return
+    if checkpoint is None:  # the run is done and its result written: the default checkpoint (GBs for a ResNet-50) goes
+        output.with_suffix(".ckpt").unlink(missing_ok=True)
     overridden = "" if clip_bound is None else f" (clip bound B overridden: {clip_bound})"
     table = Table(title=f"fine-tuned {student.name} -> {output}{overridden}")
     for column in ("steps", "final loss", "img/s", "student top-1", "student top-5", "teacher top-1",
                    "teacher top-5", "ACE (1e9)"):
         table.add_column(column, justify="right")
-    table.add_row(str(result.train.steps), f"{result.train.final_loss:.4f}", f"{result.train.images_per_second:.1f}",
+    trained = result.train.images_per_second > 0  # (a resumed run whose checkpoint held its last step trains none)
+    table.add_row(str(result.train.steps), f"{result.train.final_loss:.4f}" if trained else "-",
+                  f"{result.train.images_per_second:.1f}" if trained else "-",
                   _percent(result.student_top1), _percent(result.student_top5), _percent(result.teacher_top1),
                   _percent(result.teacher_top5), f"{(result.ace or 0) / 1e9:.3f}")
     console.print(table)

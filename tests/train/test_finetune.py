@@ -75,6 +75,12 @@ def test_clip_bound_option_overrides_and_is_written_back(cli, idx_dir, tmp_path,
     assert code == 0, stderr
     assert "clip bound B overridden: 1.5" in " ".join(stdout.split())
     assert _clip_bounds(out) == {1.5} and _clip_bounds(student_with_b2) == {2.0}
+    # the default checkpoint (hundreds of MB for a ResNet-50) goes once the result is written; one
+    # that --checkpoint names stays
+    assert (tmp_path / "trained.metrics.jsonl").exists() and not (tmp_path / "trained.ckpt").exists()
+    code, _, stderr = cli("finetune", student_with_b2, "--teacher", teacher, "--data", idx_dir, "-o", out,
+                          "--max-steps", "2", "--batch-size", "8", "--checkpoint", tmp_path / "kept.ckpt")
+    assert code == 0 and (tmp_path / "kept.ckpt").exists(), stderr
 
 
 def test_a_label_weight_needs_labels_of_the_models_classes(cli, tmp_path, teacher_and_student, idx_writer):
