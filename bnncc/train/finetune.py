@@ -61,8 +61,16 @@ def _classes(model: ir.Model) -> int:
 
 
 def _save(model: ir.Model, output: Path) -> None:
-    from bnncc.ops import attach_functions
+    """Write the trained graph, if every command could read it back (``check_graph``): training at
+    an extreme setting (--clip-bound 1e20) overflowed a batch norm's variance, and the file it
+    wrote was then refused by ace and compile."""
+    from bnncc.ops import attach_functions, check_graph
 
+    try:
+        check_graph(model)
+    except BnnccError as e:
+        raise BnnccError(f"the trained graph is not a valid PokeBNN graph ({e}); nothing is written to "
+                         f"{output}: train with settings nearer the recipe's") from None
     attach_functions(model)
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto)

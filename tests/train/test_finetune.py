@@ -105,6 +105,17 @@ def test_a_diverging_finetune_is_an_error_and_writes_nothing(cli, idx_dir, tmp_p
     assert not (tmp_path / "ft.onnx").exists()
 
 
+def test_a_trained_graph_the_commands_would_refuse_is_not_written(cli, idx_dir, tmp_path, teacher_and_student):
+    """At --clip-bound 1e20 the loss stayed finite but a batch norm's running variance overflowed:
+    exit 0, and ace then refused the file it wrote."""
+    teacher, student = teacher_and_student
+    code, _, err = cli("finetune", student, "--teacher", teacher, "--data", idx_dir, "-o", tmp_path / "ft.onnx",
+                       "--max-steps", "2", "--batch-size", "4", "--workers", "0", "--clip-bound", "1e20")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the trained graph is not a valid PokeBNN graph" in err and "NaN or infinite" in err, err
+    assert not (tmp_path / "ft.onnx").exists()
+
+
 def test_finetune_refuses_before_training(cli, idx_dir, tmp_path, teacher_and_student):
     """A teacher of another input size, a float student, zero epochs, an output under a file: one line each, exit 2,
     nothing written (zero epochs used to train one, an output under a file ended in an unexpected
