@@ -23,6 +23,7 @@ import ctypes
 import gc
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -281,6 +282,13 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     rank, world = _world()
     if cfg.batch_size % world:
         raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    # a batch norm in training needs two values a channel, and the last stage of a ResNet (all bnncc
+    # trains) sees 1/32 of the input: a 32 px image alone gave torch's unexpected ValueError at step 0
+    last_map = math.ceil(input_shape[1] / 32) * math.ceil(input_shape[2] / 32)
+    if cfg.batch_size // world * last_map < 2:
+        raise BnnccError(f"a batch of {cfg.batch_size // world} image a process at {input_shape[1]}x{input_shape[2]} "
+                         f"gives the last stage's batch norms one value a channel; use --batch-size {2 * world} "
+                         f"or more")
     steps = total_steps(cfg, data)
     use_bf16 = uses_bf16(device)
     student.to(device, memory_format=MEMORY_FORMAT).train()

@@ -102,6 +102,16 @@ def test_resuming_another_runs_checkpoint_is_refused_and_a_new_run_begins_its_me
     assert "none.ckpt: no checkpoint to resume from; training from step 0" in caplog.text
 
 
+def test_a_batch_of_one_image_at_the_last_stages_size_is_refused(idx_dir):
+    """An 8 px image is one pixel at the last stage of a ResNet: alone in its batch, its batch norms
+    see one value a channel, and torch raised an unexpected ValueError at the first step."""
+    data = open_dataset(idx_dir, "train")
+    with pytest.raises(BnnccError, match="a batch of 1 image a process at 8x8 gives the last stage's batch norms one "
+                                         "value a channel; use --batch-size 2 or more"):
+        train(tiny_net(), None, data, cfg(batch_size=1), SHAPE, show_progress=False)
+    train(tiny_net(), None, data, cfg(batch_size=1, max_steps=1), (1, 64, 64), show_progress=False)  # 2x2 pixels
+
+
 def test_a_checkpoint_of_other_data_or_another_network_is_refused(idx_dir, idx_writer, tmp_path):
     """Resumed on another data set, a checkpoint's step was taken for this run's (a step-160 state
     "resumed" a 60-step run: exit 0, loss nan); another network's ended in an unexpected
