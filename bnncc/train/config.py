@@ -66,7 +66,8 @@ class TrainConfig:
             "clip_bound": self.clip_bound is None or self.clip_bound > 0, "temperature": self.temperature > 0,
             "label_weight": self.label_weight >= 0, "weight_quant_start": self.weight_quant_start >= 0,
             "act_calibration_at": self.act_calibration_at >= 0, "calibration_batches": self.calibration_batches >= 1,
-            "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1, "seed": self.seed >= 0,
+            "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1,
+            "seed": 0 <= self.seed < 2**32,  # (2**63 overflowed torch's generator seed, unexpectedly)
             "num_workers": self.num_workers is None or self.num_workers >= 0,
         }
         for name, ok in checks.items():

@@ -42,10 +42,21 @@ class Plan:
     positions: torch.Tensor | None = None
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """The cores this process may use, shared among the torchrun processes on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _checked_workers(workers: int) -> int:
+    """More decoding processes than cores only contend (1000 were started for 30 images, and the run
+    took minutes to stop)."""
+    if workers > _cores():
+        raise BnnccError(f"--workers {workers}: more than the {_cores()} cores this process may use")
+    return workers
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -66,7 +77,7 @@ class Loader:
                  device: str | torch.device = "cpu", world: int = 1, stops: bool = True):
         self.data, self.shape, self.device, self.stops = data, shape, torch.device(device), stops
         self.batches = _Batches(data, shape, seed)
-        self.workers = 0 if data.in_memory else (default_workers() if workers is None else workers)
+        self.workers = 0 if data.in_memory else (default_workers() if workers is None else _checked_workers(workers))
         self.bad: set[int] = set()
         self.share = len(data) // world  # the images this process reads of each epoch
 

@@ -410,3 +410,14 @@ def test_finetune_reads_shards_and_evaluates_on_their_validation_split(data_root
     # 12 validation images: accuracies are multiples of 1/12
     assert result.student_top1 is not None and round(result.student_top1 * 12 / 100, 6).is_integer()
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["bad_images"] == 0
+
+
+def test_more_workers_than_cores_is_an_error(data_root):
+    """--workers 1000 started 1000 decoding processes for 30 images; the run took minutes to stop."""
+    from bnncc.train.loader import default_workers
+
+    data = open_dataset(data_root / "images", "train")
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(BnnccError, match=f"--workers 1000: more than the {cores} cores this process may use"):
+        Loader(data, (3, 16, 16), workers=1000)
+    assert Loader(data, (3, 16, 16), workers=cores).workers == cores and default_workers() <= cores

@@ -325,7 +325,7 @@ def test_training_keeps_freed_buffers_instead_of_faulting_them_in_again():
 
 @pytest.mark.parametrize("setting", [dict(lr=float("nan")), dict(lr=-1.0), dict(batch_size=0), dict(max_steps=0),
                                      dict(temperature=0.0), dict(label_weight=float("inf")), dict(checkpoint_every=0),
-                                     dict(num_workers=-1), dict(clip_bound=0.0)])
+                                     dict(num_workers=-1), dict(clip_bound=0.0), dict(seed=2**63 - 1)])
 def test_training_settings_out_of_range_are_an_error(setting):
     """A setting out of range is refused when the config is made: a zero batch or step interval
     divided by zero deep inside the loop, a NaN rate trained to nothing without a word."""
