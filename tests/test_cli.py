@@ -138,7 +138,8 @@ def test_run_reads_an_image_in_the_networks_channels(tmp_path):
     grey = np.random.default_rng(1).integers(0, 65536, (8, 8)).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "grey16.png")
     got = _read_image(tmp_path / "grey16.png", (4, 8, 8), None)[0]
-    np.testing.assert_allclose(got[:3], np.repeat((grey / 65535.0)[None], 3, axis=0), rtol=1e-6)
+    eight_bit = np.round(grey / 65535.0 * 255.0) / 255.0  # what training sees of it
+    np.testing.assert_allclose(got[:3], np.repeat(eight_bit[None], 3, axis=0), rtol=1e-6)
     assert (got[3] == 1).all()
     with pytest.raises(BnnccError, match=r"rgba.png: the network takes 2-channel inputs, and an image gives 1 \(grey\), "
                                          r"3 \(RGB\) or 4 \(RGBA\); give its pixels as a .npy of shape \(2, 8, 8\)"):

@@ -104,9 +104,6 @@ def _is_zip(path: Path) -> bool:
 
 _ORIENTATION = 0x0112  # the EXIF tag
 
-# PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
-# clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
-_DEEP_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 # the PIL mode an image is read in for a network of so many input channels
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -145,13 +142,7 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
 
 def _pixels(image, channels: int, size: tuple[int, int]) -> np.ndarray:
     """(C, H, W) float32 in [0, 1] of the PIL ``image`` resized to ``size`` (W, H)."""
-    from PIL import Image
+    from bnncc.images import eight_bit
 
-    white = _DEEP_MODES.get(image.mode)
-    if white is None:
-        image = image.convert(_MODES[channels]).resize(size)
-        return np.asarray(image, dtype=np.float32).reshape(size[1], size[0], channels).transpose(2, 0, 1) / 255.0
-    grey = np.clip(np.asarray(image, dtype=np.float32) / white, 0.0, 1.0)
-    grey = np.clip(np.asarray(Image.fromarray(grey, mode="F").resize(size), dtype=np.float32), 0.0, 1.0)
-    colours = np.repeat(grey[None], min(channels, 3), axis=0)
-    return colours if channels < 4 else np.concatenate([colours, np.ones_like(grey)[None]])  # opaque
+    image = eight_bit(image).convert(_MODES[channels]).resize(size)
+    return np.asarray(image, dtype=np.float32).reshape(size[1], size[0], channels).transpose(2, 0, 1) / 255.0

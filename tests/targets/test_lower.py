@@ -459,7 +459,8 @@ def _npy_header(shape) -> bytes:
 
 def test_run_cli_normalises_as_the_manifest_says_and_reads_deep_images(library, cli, tmp_path):
     """preprocessing (fine-tuning records it) is applied to the image's [0, 1] pixels; a 16-bit grey
-    PNG is scaled by 65535 (PIL's convert("RGB") clipped it, nearly all white)."""
+    PNG is scaled by 65535 (PIL's convert("RGB") clipped it, nearly all white) to 8 bits, as
+    training reads it."""
     from PIL import Image
 
     def top_class(out):
@@ -480,7 +481,7 @@ def test_run_cli_normalises_as_the_manifest_says_and_reads_deep_images(library, 
     grey = rng.integers(0, 65536, (32, 32)).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "grey16.png")
     code, out, _ = cli("run", library[0], "--input", tmp_path / "grey16.png", "--top", "1")
-    expected = np.repeat((grey / 65535).astype(np.float32)[None], 3, axis=0)
+    expected = np.repeat((np.round(grey / 65535 * 255) / 255).astype(np.float32)[None], 3, axis=0)
     assert code == 0 and top_class(out) == int(_onnxruntime(model, expected[None]).argmax())
 
 

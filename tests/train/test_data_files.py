@@ -421,3 +421,17 @@ def test_more_workers_than_cores_is_an_error(data_root):
     with pytest.raises(BnnccError, match=f"--workers 1000: more than the {cores} cores this process may use"):
         Loader(data, (3, 16, 16), workers=1000)
     assert Loader(data, (3, 16, 16), workers=cores).workers == cores and default_workers() <= cores
+
+
+def test_a_16_bit_image_trains_as_its_8_bit_version(tmp_path):
+    """Training's convert("RGB") clipped a 16-bit PNG to white (a gradient's mean 255 against 127),
+    where bnncc run scaled it by 65535: the network trained on other pixels than it ran on."""
+    from bnncc.train.imagefiles import _decode
+
+    gradient = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    deep, shallow = io.BytesIO(), io.BytesIO()
+    Image.fromarray(gradient).save(deep, format="PNG")
+    Image.fromarray(np.round(gradient / 65535 * 255).astype(np.uint8)).save(shallow, format="PNG")
+    got = _decode(deep.getvalue(), (32, 32), None)
+    assert got.shape == (32, 32, 3) and 120 < got.mean() < 135
+    np.testing.assert_array_equal(got, _decode(shallow.getvalue(), (32, 32), None))
