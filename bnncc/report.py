@@ -172,8 +172,9 @@ def markdown(report: Report) -> str:
                 lines.append(f"| {_WHO[who]} | {_percent(top1)} | {_percent(top5)} |")
         lines.append("")
     if report.latency:
+        threads = report.latency["threads"]
         lines += ["## Latency on this machine", "",
-                  f"Batch 1, {report.latency['threads']} threads, median of {report.latency['runs']} runs: "
+                  f"Batch 1, {threads} thread{'' if threads == 1 else 's'}, median of {report.latency['runs']} runs: "
                   f"**{report.latency['median_ms']:.2f} ms** (min {report.latency['min_ms']:.2f} ms). "
                   "Measured values: `latency.json` (not in report.json, which is reproducible).", ""]
         load, cpus = report.latency.get("load_average"), report.latency.get("cpus")
@@ -201,7 +202,7 @@ def _estimate_lines(estimate: dict) -> list[str]:
     clock = estimate["clock_hz"]
     total = estimate["binary_cycles"]
     macs = sum(row["binary_macs"] for row in estimate["layers"])
-    lines = [f"## Estimated speed on ARM ({estimate['label']})", "",
+    lines = [f"## Speed on ARM ({estimate['label']})", "",
              f"**Estimates, not measurements** (LLVM {estimate['llvm']}): each binary conv's hot loop from this "
              "library's disassembly through llvm-mca, times its trip count (bits the layer popcounts / bits per "
              "iteration), plus the loops around it (chunk widening, tile epilogue: `bnncc.targets.estimate`). "
@@ -267,7 +268,8 @@ def _stages_plot(report: Report) -> bytes:
     values = [max(stage.cost.total, 1) / 1e9 for stage in report.stages]
     colours = ["#7f7f7f"] + ["#1f77b4"] * (len(values) - 1)
     bars = axes.bar(names, values, color=colours)
-    axes.bar_label(bars, labels=[f"{v:.3g}e9" for v in values], padding=2, fontsize=9)
+    # (the float import's 1.05e12 read "1.05e+03e9" in units of 1e9)
+    axes.bar_label(bars, labels=[f"{stage.cost.total:.3g}" for stage in report.stages], padding=2, fontsize=9)
     axes.set_yscale("log")
     axes.set_ylim(min(values) / 3, max(values) * 4)
     axes.set_ylabel("ACE (1e9 bit-MACs, log)")

@@ -97,6 +97,9 @@ def test_latency_on_a_busy_machine_says_so(report, tmp_path):
     write_report(dataclasses.replace(report, latency={**busy, "load_average": 0.2}), tmp_path / "quiet")
     assert "machine was busy (load average 6.5 on 2 CPUs)" in (tmp_path / "busy" / "report.md").read_text()
     assert "busy" not in (tmp_path / "quiet" / "report.md").read_text()
+    assert "Batch 1, 2 threads, median of 5 runs" in (tmp_path / "quiet" / "report.md").read_text()
+    write_report(dataclasses.replace(report, latency={**busy, "threads": 1}), tmp_path / "one")
+    assert "Batch 1, 1 thread, median of 5 runs" in (tmp_path / "one" / "report.md").read_text()  # not "1 threads"
 
 
 def test_a_pipe_in_a_file_name_stays_inside_its_table_cell(report, tmp_path):

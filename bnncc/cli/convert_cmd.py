@@ -16,7 +16,7 @@ from bnncc.errors import BnnccError
 
 @app.command()
 def convert(
-    model: Path = typer.Argument(..., help="ONNX model of a float bottleneck ResNet (e.g. a torchvision ResNet-50 export)"),
+    model: Path = typer.Argument(..., help="ONNX model of a float ResNet (e.g. a torchvision ResNet-50 export)"),
     output: Path = typer.Option(..., "--output", "-o", help="folder for model.so, model.json, model.onnx and the report"),
     recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
     target: str = typer.Option("x86-64", "--target", "-t", help="x86-64 (this CPU; x86-64-avx2, -avx512bw, -avx512: a class), arm64 or cuda"),
@@ -67,7 +67,8 @@ def print_result(result) -> None:
             line += f", compiled library {accuracy['library_top1']:.2f}%"
         console.print(line)
     if result.report.latency:
-        console.print(f"latency (batch 1, {result.report.latency['threads']} threads): "
+        threads = result.report.latency["threads"]
+        console.print(f"latency (batch 1, {threads} thread{'' if threads == 1 else 's'}): "
                       f"{result.report.latency['median_ms']:.2f} ms")
     console.print(f"outputs: {result.outdir}/model.so, model.json, model.onnx; report {result.outdir}/report.md",
                   soft_wrap=True)
