@@ -142,10 +142,16 @@ def _largest_divisor(n: int, limit: int) -> int:
 def _register_tile(wout: int, cout: int, unit: VectorUnit) -> tuple[int, int]:
     """(output columns, output channels) of the register tile: the most outputs that fit the
     accumulator budget and stay on the stack (_MAX_TILE_BYTES), with both sizes dividing the
-    output so no tile is partial; of those, the most channels (fewest broadcasts per count)."""
+    output so no tile is partial; of those, the most channels (fewest broadcasts per count).
+
+    The channels are whole vectors, fewer than one, or all of them: a tile of 24 channels in 16
+    lanes took two vectors, whose second half its copy to y (``_tile_output``) wrote too, from
+    stack memory the tile never set, over the next task's channels (PokeBNN-0.75x's 48 channels on
+    AVX-512: wrong logits, different from call to call). A tile of all channels has no neighbour."""
     lanes, accumulators = unit.lanes, unit.accumulators
     options = []
-    for channels in (d for d in range(1, unit.channel_vectors * lanes + 1) if cout % d == 0):
+    for channels in (d for d in range(1, unit.channel_vectors * lanes + 1)
+                     if cout % d == 0 and (d <= lanes or d % lanes == 0 or d == cout)):
         vectors = -(-channels // lanes)
         limit = min(_MAX_TILE_WIDTH, accumulators // vectors, _MAX_TILE_BYTES // (4 * channels))
         width = _largest_divisor(wout, limit)
@@ -204,7 +210,8 @@ def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes:
     out = sch.get_sblock(binary_conv.KERNEL_NAME)
     copy = sch.cache_write(out, 0, "global", consumer_blocks=readers)
     sch.reverse_compute_at(copy, tile)
-    sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
+    if channels > 1:  # (a tile of one channel, PokeBNN-1.4x's 179 at 1x1: TVM refuses a vector of one)
+        sch.vectorize(_vector_split(sch, sch.get_loops(copy)[-1], lanes)[1])
     # every access to the array at a constant offset, which is what lets LLVM keep it in registers
     _unroll_under(sch, out, tile)
     _unroll_under(sch, copy, tile)

@@ -351,6 +351,27 @@ def test_a_library_for_a_cpu_with_more_is_refused_before_it_runs(library, tmp_pa
     assert load(folder).input_chw == (3, 32, 32)
 
 
+@pytest.mark.parametrize("recipe", ["pokebnn_0.75x", "pokebnn_1.4x"])
+def test_channel_counts_of_no_whole_vectors_match_onnxruntime(tmp_path, recipe):
+    """A quarter-width ResNet-50 at 0.75x has 48-channel PokeConvs, which AVX-512 tiled in 24
+    channels: the second, partial vector's copy to the output wrote stack garbage over the next
+    task's channels, and the in-place kernels then read it as their shortcut (logits off by 0.02
+    at 0.75x and by 1e31 at 1.4x, different from call to call); AVX2's 8 lanes divide 24."""
+    from bnncc import zoo
+    from bnncc.frontend import load
+    from bnncc.rewriting import rewrite
+    from bnncc.runtime import load as load_library
+    from bnncc.targets.build import compile
+    from bnncc.verification import verify
+
+    path = zoo.export_onnx(zoo.resnet50(width=0.25, num_classes=10), tmp_path / "r50.onnx", input_size=32)
+    poke, _ = rewrite(load(path), recipe, ["passes.poke_stem.mid_channels=16"])
+    folder = compile(poke, tmp_path / "lib")
+    assert verify(folder, n=4).ok
+    lib, x = load_library(folder), np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(lib(x), lib(x))
+
+
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-avx2"])
 def test_a_one_channel_network_compiles_and_matches_onnxruntime(tmp_path, target):
     """A grayscale ResNet (Fashion-MNIST's kind) whose stem spreads 1 channel into 16: the AVX-512
