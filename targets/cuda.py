@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -61,8 +62,13 @@ _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 
 
 def cuda_arch() -> str:
-    """The arch to build for: $BNNCC_CUDA_ARCH, else DEFAULT_ARCH."""
-    return os.environ.get(ARCH_ENV) or DEFAULT_ARCH
+    """The arch to build for: $BNNCC_CUDA_ARCH, else DEFAULT_ARCH. Checked before any work: TVM
+    failed on "90" in an unexpected ValueError, after the lowering."""
+    arch = os.environ.get(ARCH_ENV) or DEFAULT_ARCH
+    if not re.fullmatch(r"sm_[0-9]+[af]?", arch):
+        raise BnnccError(f"{ARCH_ENV}={arch!r}: expected sm_ and a compute capability, e.g. sm_90 (H100) or "
+                         f"sm_80 (A100)")
+    return arch
 
 
 def tensor_cores() -> bool:
@@ -266,7 +272,8 @@ def nvcc_fatbin(source: str, arch: str) -> bytes:
         done = subprocess.run([nvcc, "--fatbin", "-O3", f"-arch={arch}", "-o", str(fatbin), str(cu)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise BnnccError(f"nvcc failed on the generated kernels ({arch}):\n{done.stderr[-2000:]}")
+            said = " ".join(done.stderr.split())  # one line: nvcc's own are several
+            raise BnnccError(f"nvcc failed on the generated kernels ({arch}): {said[-2000:]}")
         logger.info("nvcc compiled %d kernels for %s in %.1f s", source.count("__global__"), arch,
                     time.perf_counter() - start)
         return fatbin.read_bytes()

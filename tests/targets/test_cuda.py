@@ -120,6 +120,21 @@ def test_compile_pokebnn_for_cuda_puts_the_device_code_in_model_so(tmp_path, cli
     assert b"vm.builtin.cuda_graph.run_or_capture" in modules["relax.VMExecutable"]
 
 
+@pytest.mark.parametrize("arch", ["90", "sm90", "compute_90"])
+def test_an_arch_that_is_no_sm_name_is_refused_before_any_work(tmp_path, cli, monkeypatch, arch):
+    """BNNCC_CUDA_ARCH=90 failed in TVM after the lowering, as an unexpected ValueError, exit 1."""
+    import onnx_ir as ir
+
+    from test_lower import tiny_pokebnn
+
+    monkeypatch.setenv(cuda.ARCH_ENV, arch)
+    ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
+    code, _, err = cli("compile", tmp_path / "tiny.onnx", "--target", "cuda", "-o", tmp_path / "lib")
+    assert code == 2 and err.strip() == (f"error: BNNCC_CUDA_ARCH='{arch}': expected sm_ and a compute capability, "
+                                         f"e.g. sm_90 (H100) or sm_80 (A100)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
 @needs_nvcc
 def test_cuda_graphs_can_be_left_out(tmp_path, cli, monkeypatch):
     monkeypatch.setenv(cuda.GRAPHS_ENV, "0")
