@@ -21,4 +21,5 @@ def compile_command(
 
     folder = compile_model(model, output, target=target, batches=tuple(batch))
     size = (folder / "model.so").stat().st_size
-    console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, batch))})")
+    held = sorted({1, *batch})  # what the library holds: batch 1 always, each size once
+    console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, held))})")

@@ -9,6 +9,7 @@ tile and mean, the count-pad average pool of both shortcuts, the padded border o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -504,6 +505,14 @@ def test_run_cli_normalises_as_the_manifest_says_and_reads_deep_images(library, 
     code, out, _ = cli("run", library[0], "--input", tmp_path / "grey16.png", "--top", "1")
     expected = np.repeat((np.round(grey / 65535 * 255) / 255).astype(np.float32)[None], 3, axis=0)
     assert code == 0 and top_class(out) == int(_onnxruntime(model, expected[None]).argmax())
+
+
+def test_compile_says_the_batch_sizes_the_library_holds(cli, tmp_path, library):
+    """`-b 3` said "batch 3" of a library that holds 1 and 3; `-b 4 -b 4` said "batch 4, 4"."""
+    ir.save(library[1], tmp_path / "tiny.onnx")
+    code, out, err = cli("compile", tmp_path / "tiny.onnx", "-b", "4", "-b", "3", "-b", "4", "-o", tmp_path / "lib")
+    assert code == 0 and "batch 1, 3, 4)" in " ".join(out.split()), (out, err)
+    assert json.loads((tmp_path / "lib" / "model.json").read_text())["functions"].keys() == {"1", "3", "4"}
 
 
 def test_compile_keeps_what_is_at_the_output_path(cli, tmp_path, library):
