@@ -217,8 +217,6 @@ def test_runtime_takes_arrays_at_any_alignment(library):
 
 
 def test_manifest(library):
-    import json
-
     folder, _ = library
     manifest = json.loads((folder / "model.json").read_text())
     assert manifest["input"] == {"name": "input", "shape": ["N", 3, 32, 32], "layout": "NCHW", "dtype": "float32"}
@@ -282,7 +280,6 @@ def test_run_cli_says_when_it_resizes_an_image(library, cli, tmp_path):
 def _tampered(library, tmp_path, manifest=None, so=None):
     """A copy of the library folder with its manifest changed by ``manifest(dict)`` or its model.so
     replaced by the bytes ``so(bytes)``."""
-    import json
     import shutil
 
     folder = tmp_path / "lib"
@@ -330,8 +327,6 @@ def test_a_library_for_a_cpu_with_more_is_refused_before_it_runs(library, tmp_pa
     """A library whose target (model.json) uses CPU features this CPU lacks: one BnnccError naming them
     when it is loaded, and a one-line error from the CLI, where running it would end the process with
     SIGILL at the first such instruction. The same library on a CPU with them loads."""
-    import json
-
     from bnncc.runtime import load
     from bnncc.targets import x86_64
 
@@ -393,8 +388,6 @@ def test_a_one_channel_network_compiles_and_matches_onnxruntime(tmp_path, target
 def test_class_targets_build_for_any_cpu_of_their_class(library, cli, tmp_path):
     """`compile --target x86-64-avx2` builds for every AVX2 CPU (x86-64-v3, whatever this CPU has); the
     library runs here and matches onnxruntime. The other class targets build for their classes."""
-    import json
-
     from bnncc.runtime import load
     from bnncc.targets import registry, x86_64
 
