@@ -101,4 +101,4 @@ def train_teacher(
                       label_weight=1.0, seed=seed, num_workers=workers)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device, arch=arch)
     if is_main_process():  # under torchrun, rank 0 alone reports
-        console.print(f"teacher written to {path}: top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+        console.print(f"teacher written to {path}: top-1 {_percent(top1)}, top-5 {_percent(top5)}")

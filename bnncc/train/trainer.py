@@ -435,12 +435,15 @@ def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConf
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256,
              device: str | torch.device = "cpu", workers: int | None = None,
-             label: str | None = None) -> tuple[float, float]:
+             label: str | None = None) -> tuple[float | None, float | None]:
     """(top-1, top-5) accuracy in percent on every image of ``data``, batch by batch (ImageNet's
-    validation split is 30 GB of floats at 224 px); with a progress bar named ``label`` if given."""
+    validation split is 30 GB of floats at 224 px); with a progress bar named ``label`` if given.
+
+    Top-5 is None for 5 classes or fewer (where it is 100% whatever the model), and both are None
+    when no image of the split could be read: they would be the accuracy on black images."""
     model.to(device).eval()
     dtype = _dtype(model)
-    top1 = top5 = 0
+    top1 = top5 = classes = 0
     loader = Loader(data, input_shape, workers=workers, device=device, stops=False)
     plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
     progress = Progress(TextColumn(f"[bold]evaluate {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
@@ -454,4 +457,11 @@ def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256
             top1 += int((best[:, 0] == labels).sum())
             top5 += int((best == labels[:, None]).any(dim=1).sum())
             progress.advance(task, len(labels))
-    return 100.0 * top1 / len(data), 100.0 * top5 / len(data)
+            classes = logits.shape[1]
+    if loader.bad:
+        logger.warning("%d of the %d evaluation images could not be read (the first: %s)%s", len(loader.bad), len(data),
+                       data.describe(min(loader.bad)), ": no accuracy" if len(loader.bad) == len(data) else
+                       "; each counts as the image that replaced it")
+    if len(loader.bad) == len(data):
+        return None, None
+    return 100.0 * top1 / len(data), (100.0 * top5 / len(data) if classes > 5 else None)
