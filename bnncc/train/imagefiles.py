@@ -199,17 +199,20 @@ def _centre_box(width: int, height: int, size: tuple[float, float], share: float
 
 
 def open_image_folder(folder: Path, split: str) -> ImageFiles:
-    """``folder/train`` or ``folder/val``: one folder of images per class, classes in name order."""
+    """``folder/train`` or ``folder/val``: one folder of images per class, classes in name order.
+    Hidden entries are no data: a notebook's .ipynb_checkpoints became a class, and the ._ files a
+    Mac writes beside each image on other disks were counted as unreadable images."""
     root = folder / ("train" if split == "train" else "val")
     if not root.is_dir():
         raise BnnccError(f"{root}: no such folder (an ImageFolder tree has train/ and val/)")
-    classes = sorted(entry.name for entry in os.scandir(root) if _safely(entry.is_dir))
+    classes = sorted(entry.name for entry in os.scandir(root)
+                     if not entry.name.startswith(".") and _safely(entry.is_dir))
     if not classes:
         raise BnnccError(f"{root}: no class folders")
     sources, names, labels = [], [], []
     for label, name in enumerate(classes):
-        files = sorted(entry.name for entry in os.scandir(root / name)
-                       if _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(entry.name for entry in os.scandir(root / name) if not entry.name.startswith(".")
+                       and _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise BnnccError(f"{root / name}: no images (an empty class)")
         sources.append(root / name)

@@ -449,3 +449,15 @@ def test_a_16_bit_image_trains_as_its_8_bit_version(tmp_path):
     got = _decode(deep.getvalue(), (32, 32), None)
     assert got.shape == (32, 32, 3) and 120 < got.mean() < 135
     np.testing.assert_array_equal(got, _decode(shallow.getvalue(), (32, 32), None))
+
+
+def test_hidden_files_and_folders_are_no_data(tmp_path):
+    """A Mac copies each image's ._ sidecar along (counted as unreadable: past 1% the run stopped),
+    and a notebook leaves .ipynb_checkpoints (an empty class, refused)."""
+    root = make_data(tmp_path, {"train": 3, "val": 1})
+    for split in ("train", "val"):
+        (root / "images" / split / ".ipynb_checkpoints").mkdir()
+        for image in list((root / "images" / split).rglob("*.jpg")):
+            image.with_name("._" + image.name).write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    data = open_dataset(root / "images", "train")
+    assert data.num_classes == CLASSES and len(data) == 3 * CLASSES
