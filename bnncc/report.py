@@ -155,7 +155,7 @@ def markdown(report: Report) -> str:
         lines += [f"ACE falls from {report.stages[0].cost.total / 1e9:.4g}e9 (float import) to "
                   f"{report.deployed.cost.total / 1e9:.4g}e9 (deployed): {reduction:.1f}x less.", ""]
     lines += ["## Cost at every stage", "",
-              "| stage | artifact | file size | ACE (1e9) | CPU64 (1e6) | params | weight size |",
+              "| stage | artifact | file size | ACE (1e9) | CPU64 (1e6) | trainable params | weight size |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for stage in report.stages:
         cost = stage.cost

@@ -51,7 +51,8 @@ def convert(
 def print_result(result) -> None:
     """The stage table (ACE, whether reused, seconds) and where the outputs are."""
     table = Table(title=f"bnncc convert -> {result.outdir}")
-    for column in ("stage", "ACE (1e9)", "CPU64 (1e6)", "params", "size", "reused", "seconds"):
+    # trainable: `bnncc ace`'s params also count batch-norm statistics
+    for column in ("stage", "ACE (1e9)", "CPU64 (1e6)", "trainable params", "size", "reused", "seconds"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     keys = {"float import": "import", "rewrite": "rewrite", "fine-tune": "finetune", "compiled": "compile"}
     for stage in result.report.stages:
