@@ -170,7 +170,8 @@ def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None
         # JPEG only (a no-op elsewhere): the coarsest DCT scale at which the crop keeps >= size pixels
         im.draft("RGB", (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top))))
         sx, sy = im.size[0] / width, im.size[1] / height
-        out = eight_bit(im).convert("RGB").resize(size, Image.Resampling.BICUBIC, box=(left * sx, top * sy, right * sx, bottom * sy))
+        out = eight_bit(im).convert("RGB").resize(size, Image.Resampling.BICUBIC,
+                                                  box=(left * sx, top * sy, right * sx, bottom * sy))
         if rng is not None and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)

@@ -379,7 +379,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
             if checkpoint_due and rank == 0:
-                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data), loader.bad)
+                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data),
+                                 loader.bad)
                 stopped.saved = done
     if log is not None:
         log.close()
