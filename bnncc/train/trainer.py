@@ -185,6 +185,20 @@ def _check_same_run(path: Path, state: dict, cfg: TrainConfig, train_images: int
                          f"the same settings, or start anew without --resume")
 
 
+def _drop_records_after(metrics: Path, step: int) -> None:
+    """Keep the metrics file's records up to ``step``: a run stopped after its checkpoint logged the
+    steps it then lost, and the resumed run logs them again (step 60 appeared twice)."""
+    kept = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut by the stop, or not ours
+            continue
+    with atomic_path(metrics) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 def _kernel_l2(module: nn.Module) -> torch.Tensor:
     return sum(p.pow(2).sum() for p in module.parameters() if p.ndim > 1)
 
@@ -326,6 +340,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
     log = None  # the metrics file, opened at its first record: continued when resumed, else begun anew
+    if resumed and metrics is not None and rank == 0 and metrics.exists():
+        _drop_records_after(metrics, start)
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
                         TimeRemainingColumn(), disable=not show_progress or rank != 0, transient=False)

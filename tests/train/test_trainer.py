@@ -78,9 +78,14 @@ def test_resume_is_bit_exact(idx_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_save_checkpoint", keep_step4)
     train(whole, None, data, cfg(), SHAPE, checkpoint=tmp_path / "run.ckpt", show_progress=False)
     assert load_checkpoint(at_step4)["step"] == 4
+    metrics = tmp_path / "m.jsonl"
+    train(tiny_net(), None, data, cfg(log_every=1), SHAPE, metrics=metrics, show_progress=False)
     resumed = tiny_net()
-    train(resumed, None, data, cfg(), SHAPE, checkpoint=at_step4, resume=True, show_progress=False)
+    train(resumed, None, data, cfg(log_every=1), SHAPE, checkpoint=at_step4, resume=True, metrics=metrics,
+          show_progress=False)
     assert states_equal(resumed.state_dict(), whole.state_dict())
+    # the steps after the checkpoint, logged before the stop, are logged once (they were twice)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
     fresh = tiny_net()  # and a run that does not resume differs after 4 steps
     assert not states_equal(fresh.state_dict(), whole.state_dict())
 
