@@ -222,8 +222,9 @@ def _finetune(teacher: Path, teacher_hash: str, student: Path, output: Path, tra
 def _data_fingerprint(folder: Path) -> str:
     """The data set's files by path, size and modification time: what a stage's key needs to see a
     changed data set, where hashing the bytes of ImageNet's 150 GB took minutes before every run."""
-    if not folder.is_dir():
-        raise BnnccError(f"{folder}: no such data directory")
+    from bnncc.train.data import dataset_kind
+
+    dataset_kind(folder)  # a folder of a data set, or its one-line error
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         stat = path.stat()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from bnncc import zoo
 from bnncc.cost import ace
+from bnncc.errors import BnnccError
 from bnncc.frontend import load
 from bnncc.pipeline import ConvertOptions, convert
 from bnncc.targets import registry
@@ -336,3 +338,17 @@ def test_convert_for_another_target(narrow_resnet, tmp_path, target):
     assert {"model.so", "model.json", "model.onnx", "report.json"} <= {p.name for p in result.outdir.iterdir()}
     assert result.report.latency is None and not (result.outdir / "latency.json").exists()
     assert json.loads((result.outdir / "model.json").read_text())["target"]["name"] == target
+
+
+def test_data_that_is_a_file_is_named_as_such(cli, narrow_resnet, tmp_path):
+    """--data naming a file said "no such data directory" of a file that exists."""
+    from bnncc.pipeline import demo
+
+    (tmp_path / "images.tar").write_bytes(b"")
+    message = ("images.tar: not a folder; --data takes the folder of a data set (IDX files, an ImageFolder tree or "
+               "tar shards)")
+    code, _, err = cli("convert", narrow_resnet, "--data", tmp_path / "images.tar", "-o", tmp_path / "out")
+    assert code == 2 and message in err, err
+    with pytest.raises(BnnccError, match=re.escape(message)):
+        demo(tmp_path / "demo", tmp_path / "images.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.tar"]

@@ -226,7 +226,8 @@ def dataset_kind(path: str | Path) -> str:
     names alone (``open_dataset``), so that a command can refuse a wrong folder before any work."""
     folder = Path(path)
     if not folder.is_dir():
-        raise BnnccError(f"{folder}: no such data directory")
+        raise BnnccError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; --data takes the "
+                         f"folder of a data set (IDX files, an ImageFolder tree or tar shards)")
     if any(folder.glob("*-images-idx3-ubyte*")):
         return "idx"
     if (folder / "train").is_dir():
