@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -21,5 +22,5 @@ def compile_command(
 
     folder = compile_model(model, output, target=target, batches=tuple(batch))
     size = (folder / "model.so").stat().st_size
-    held = sorted({1, *batch})  # what the library holds: batch 1 always, each size once
+    held = sorted(int(size) for size in json.loads((folder / "model.json").read_text())["functions"])  # as recorded
     console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, held))})")
