@@ -26,9 +26,8 @@ __all__ = ["DOMAIN", "VERSION", "opset", "OPS", "OpDef", "op_def", "function_pro
 def check_graph(model: ir.Model) -> None:
     """Every node's constants within its op's domain (``bnncc.ops.checks``): each ai.bnncc op's by its
     ``check`` face, and the default domain's batch norms (the stem's), whose variance plus epsilon
-    must be positive too; every node's stored float inputs finite float32, every ai.bnncc op's parameters
-    stored. Raises a BnnccError naming the
-    first node that is not."""
+    must be positive too; every node's stored float inputs finite float32, every ai.bnncc op's
+    parameters stored. Raises a BnnccError naming the first node that is not."""
     for node in model.graph:
         checks.float32_constants(node)
         definition = op_def(node)

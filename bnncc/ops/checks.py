@@ -1,13 +1,10 @@
 """Checks of an ai.bnncc node's constants and attributes against its op's domain (spec.md): values
 for which the op's own float32 arithmetic is undefined or overflows, bit widths no quantizer has,
-float constants of another type than float32 (onnxruntime refuses them). Each op's ``check`` face (``OpDef``) calls
-these; ``bnncc.ops.check_graph`` runs them over a graph, so that every command refuses such a
-graph alike (a library built from it would compute something finite where onnxruntime, the
-reference, computes NaN).
-
-A NaN or infinite constant is refused where the file is read (``bnncc.frontend``); these are
-the finite values that still break the arithmetic. A constant computed in the graph rather than
-stored is not checked.
+float constants that are NaN, infinite, or of another type than float32 (onnxruntime refuses
+those). Each op's ``check`` face (``OpDef``) calls these; ``bnncc.ops.check_graph`` runs them over
+a graph, so that every command refuses such a graph alike (a library built from it would compute
+something finite where onnxruntime, the reference, computes NaN). A constant computed in the graph
+rather than stored is not checked.
 """
 
 from __future__ import annotations
