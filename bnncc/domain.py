@@ -18,6 +18,9 @@ BN_MOMENTUM = 0.9
 # 1.23 and onnxruntime 1.32 know.
 CANONICAL_OPSET = 18
 SUPPORTED_OPSETS = range(9, 29)
+# Older opsets of float models, which the front end brings to SUPPORTED_OPSETS.start with onnx's
+# version converter (the ONNX model zoo's ResNets are opsets 3 to 7).
+UPGRADED_OPSETS = range(1, SUPPORTED_OPSETS.start)
 # The most input pixels (H x W) a network may have: its widest activation (256 channels at a quarter
 # of the size, 16 floats an input pixel; 64 for margin) within the compiled kernels' 32-bit indices.
 MAX_INPUT_PIXELS = 2**31 // 64

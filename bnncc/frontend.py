@@ -22,9 +22,9 @@ or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constan
 Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
 for a channels_last model) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
 ``Identity``; weights from ``Constant`` nodes or computed from constants (``ConstantOfShape``,
-torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28; fixed or symbolic
-batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or MaxPool, an NHWC input transposed to
-NCHW, an NHWC mean before the classifier.
+torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28, and 1..8 through
+onnx's version converter; fixed or symbolic batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or
+MaxPool, an NHWC input transposed to NCHW, an NHWC mean before the classifier.
 
 External data is read only from inside the model's folder.
 
@@ -48,9 +48,11 @@ import onnx
 import onnx.external_data_helper
 import onnx.inliner
 import onnx.numpy_helper
+import onnx.version_converter
 import onnx_ir as ir
 
-from bnncc.domain import CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, VERSION
+from bnncc.domain import (
+    CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, UPGRADED_OPSETS, VERSION)
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
 from bnncc.ops import attach_functions, check_graph
@@ -213,14 +215,48 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
     _check_text(proto, path)
+    proto = _upgrade_old_opset(proto, path)
     _check_opset(proto, path)  # before the checker, whose complaints about another opset's ops say less
+    _check_model(proto, path)
+    _check_tensor_data(proto, path)
+    _check_interface(proto, path)
+    return proto
+
+
+def _check_model(proto: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise BnnccError(f"{path}: invalid ONNX model: {_one_line(e)}") from None
-    _check_tensor_data(proto, path)
-    _check_interface(proto, path)
-    return proto
+
+
+def _upgrade_old_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """A model of an opset before SUPPORTED_OPSETS, brought to its first one by onnx's version converter.
+
+    The ONNX model zoo's MXNet ResNets are opset 7 and its Caffe2 ones opsets 3 to 9; the converter's
+    adapters rewrite their ops' old attributes (BatchNormalization's is_test and spatial, Gemm's
+    broadcast). An import note records the conversion.
+    """
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if len(versions) != 1 or versions[0] not in UPGRADED_OPSETS:
+        return proto
+    old, new = versions[0], SUPPORTED_OPSETS.start
+    _check_model(proto, path)  # the converter trusts its input
+    for node in proto.graph.node:
+        spatial = next((a.i for a in node.attribute if a.name == "spatial"), 1)
+        if node.op_type == "BatchNormalization" and spatial != 1:
+            raise BnnccError(f"{path}: BatchNormalization '{node.name}': spatial={spatial} (statistics per "
+                             "activation, not per channel) is not a ResNet's batch norm")
+    try:
+        upgraded = onnx.version_converter.convert_version(proto, new)
+    except RuntimeError as e:  # the converter's failed assertion, after a source location
+        raise BnnccError(f"{path}: cannot convert opset {old} to {new}: "
+                         f"{_first_line(e).split(' failed: ')[-1]}") from None
+    note = f"converted from opset {old} to {new} by onnx's version converter"
+    notes = {p.key: p.value for p in upgraded.metadata_props}
+    onnx.helper.set_model_props(upgraded, {**notes, IMPORT_NOTES_KEY: "\n".join(
+        filter(None, [notes.get(IMPORT_NOTES_KEY), note]))})
+    return upgraded
 
 
 def _check_text(message: google.protobuf.message.Message, path: Path) -> None:
@@ -363,7 +399,7 @@ def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
     if len(versions) != 1 or versions[0] not in SUPPORTED_OPSETS:
         found = f"opset {versions[0]}" if len(versions) == 1 else f"{len(versions)} default-domain opset imports"
         raise BnnccError(f"{path}: {found}; bnncc reads float models of opsets "
-                         f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
+                         f"{UPGRADED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
 
 
 def _first_line(error: Exception) -> str:

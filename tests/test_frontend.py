@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -179,6 +180,32 @@ def test_dynamo_exports_of_other_settings_are_accepted_and_compute_the_same(tmp_
     assert [len(stage) for stage in recognize(model).stages] == [3, 4, 6, 3]
     x = x.contiguous().numpy()
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [7, 3])
+def test_a_model_of_an_opset_before_9_is_converted_and_computes_the_same(tmp_path, opset):
+    """The ONNX model zoo's ResNets are opsets 3 to 7 (its MXNet ones opset 7 with batch norms): onnx's
+    version converter brings them to opset 9, and an import note says so. They used to be refused."""
+    original = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "m7.onnx", input_size=32, opset=7)
+    proto = onnx.load(str(original))
+    assert "BatchNormalization" in {n.op_type for n in proto.graph.node}  # torch folds them from opset 9 only
+    path = tmp_path / f"m{opset}.onnx"
+    onnx.save(onnx.version_converter.convert_version(proto, opset), path)
+    model = load(path)
+    assert recognize(model).notes[0] == f"converted from opset {opset} to 9 by onnx's version converter"
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_per_activation_batch_norm_of_an_old_opset_is_named(cli, tmp_path):
+    """spatial=0 (opsets before 9) normalizes each activation on its own; the converter refuses it
+    without naming the node."""
+    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "m7.onnx", input_size=32, opset=7)
+    proto = onnx.load(str(path))
+    norm = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
+    norm.attribute.append(helper.make_attribute("spatial", 0))
+    onnx.save(proto, path)
+    _expect_refusal(cli, path, f"BatchNormalization '{norm.name}': spatial=0 (statistics per activation")
 
 
 def test_opsets_the_graph_does_not_use_are_dropped(tmp_path, tiny_proto):
@@ -600,7 +627,8 @@ def _light_at_opset(version):
         proto = onnx.load(os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx"))
         proto.opset_import[0].version = version
         onnx.save(proto, folder / "light.onnx")
-        return folder / "light.onnx", f"opset {version}; bnncc reads float models of opsets 9 to 28"
+        return folder / "light.onnx", (f"opset {version}; bnncc reads float models of opsets 1 to 28" if version > 8
+                                       else f"No Op registered for ConstantOfShape with domain_version of {version}")
     return make
 
 
