@@ -600,6 +600,9 @@ _WHY_REFUSED = {
 }
 
 _MOST_TELLING = ("BatchNormalization", "Mul")
+_ELEMENTWISE = ("Sub", "Div", "Mul", "Add")
+_INPUT_NORMALIZATION = ("an input normalization inside the graph: bnncc takes the network from its first conv; "
+                        "export it without the normalization and normalize the images before the library")
 
 
 def _check_canonical(model: ir.Model) -> None:
@@ -611,6 +614,8 @@ def _check_canonical(model: ir.Model) -> None:
         # (pre-activation) best, wherever it is
         node = next((n for op in _MOST_TELLING for n in refused if n.op_type == op and n.domain == ""), refused[0])
         why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
+        if node.op_type in _ELEMENTWISE and node.domain == "" and set(node.inputs) & set(model.graph.inputs):
+            why = _INPUT_NORMALIZATION
         op = node.op_type if node.domain == "" else f"{node.domain}:{node.op_type}"
         raise BnnccError(f"node '{node.name}' ({op}): " + (why or (
             "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "

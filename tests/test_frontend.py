@@ -383,12 +383,27 @@ def _pooled_shortcut(module):
     return module
 
 
+class _Normalized(torch.nn.Module):
+    """The network behind ImageNet's input normalization, as some exports wrap it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.module((x - self.mean) / self.std)
+
+
 @pytest.mark.parametrize("change, op, fragment", [
     (_pre_activation, "BatchNormalization", "a batch norm that folds into no conv: it must follow a Conv"),
     (_pooled_shortcut, "AveragePool", "an average pool that is not the global pool before the classifier"),
+    (_Normalized, "Sub", "an input normalization inside the graph: bnncc takes the network from its first conv"),
 ])
 def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, op, fragment):
-    """The list of allowed ops named the refused op among them (timm's resnetv2_50, resnet50d)."""
+    """The list of allowed ops named the refused op among them (timm's resnetv2_50, resnet50d, a
+    normalization exported with the network)."""
     path = zoo.export_onnx(change(zoo.resnet50(0.125, num_classes=10)), tmp_path / "variant.onnx", input_size=32)
     _expect_refusal(cli, path, f"({op}): {fragment}")
 
