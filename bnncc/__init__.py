@@ -1,7 +1,8 @@
 """bnncc: compile a float ResNet-50 (ONNX) into a PokeBNN binarized network.
 
 Every stage is a function: ``load`` (import and canonicalize), ``ace`` (cost model),
-``rewrite`` (recipe passes), ``finetune`` (QAT + distillation), ``compile`` (TVM lowering).
+``rewrite`` (recipe passes), ``finetune`` (QAT + distillation), ``compile`` (TVM lowering),
+``bundle`` (a CPU library with what runs it without Python).
 Names are imported lazily so that ``import bnncc`` does not pull in torch or TVM. No submodule
 may share a public name: importing ``bnncc.X`` sets the package attribute ``X`` to the module,
 which then hides the function (hence ``rewriting.py`` and ``verification.py``).
@@ -19,6 +20,7 @@ _LAZY: dict[str, str] = {
     "BnnccError": "bnncc.errors",
     "ace": "bnncc.cost",
     "compile": "bnncc.targets.build",
+    "bundle": "bnncc.targets.bundle",
     "verify": "bnncc.verification",
     "load": "bnncc.frontend",
     "recognize": "bnncc.frontend",

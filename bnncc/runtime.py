@@ -74,9 +74,18 @@ class Library:
 
 def load(folder: str | os.PathLike) -> Library:
     """Open the library folder ``folder`` (model.so + model.json)."""
+    folder = Path(folder)
+    manifest, target = read_library(folder)
+    if target.check_host is not None:
+        target.check_host(manifest, folder / "model.json")
+    return Library(folder, manifest, target.caller(folder / "model.so"))
+
+
+def read_library(folder: Path):
+    """The checked manifest of the library folder ``folder`` and its target (a ``TargetSpec``):
+    model.so is the whole ELF library it records, for that target's machine."""
     from bnncc.targets.registry import get as get_target
 
-    folder = Path(folder)
     if not folder.is_dir():
         raise BnnccError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}; a library is the "
                          f"folder `bnncc compile` writes")
@@ -88,9 +97,7 @@ def load(folder: str | os.PathLike) -> Library:
     target = get_target(manifest["target"]["name"])
     _check_shared_library(library_path, target.elf_machine)
     _check_digest(library_path, manifest.get("library_sha256"), manifest_path)
-    if target.check_host is not None:
-        target.check_host(manifest, manifest_path)
-    return Library(folder, manifest, target.caller(library_path))
+    return manifest, target
 
 
 def _read_manifest(path: Path) -> dict:

@@ -75,7 +75,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         **(spec.report(executable, lowered, model) if spec.report else {}),
     }
     output = Path(output)
-    with _atomic_dir(output) as tmp:
+    with atomic_dir(output) as tmp:
         spec.export(executable, tmp / "model.so")
         manifest["library_sha256"] = file_sha256(tmp / "model.so")
         (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -99,16 +99,16 @@ def _metadata_json(model: ir.Model, key: str):
 LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})
 
 
-def check_output_folder(dest: Path) -> None:
+def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES) -> None:
     """Refuse an output folder path that holds something a build must not replace: a file, or a
-    folder with more than an earlier build's files (``LIBRARY_FILES``), or with some of them but no
-    manifest of ours (a user's own model.onnx)."""
+    folder with more than an earlier build's ``files``, or with some of them but no manifest of
+    ours (a user's own model.onnx)."""
     if not dest.exists():
         return
     names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
-    if names is None or not names <= LIBRARY_FILES or (names and not holds_manifest(dest)):
-        raise BnnccError(f"{dest}: exists and is not a library folder of bnncc; remove it or choose another "
-                         f"output path")
+    if names is None or not names <= files or (names and not holds_manifest(dest)):
+        raise BnnccError(f"{dest}: exists and is not a {'library' if files == LIBRARY_FILES else 'bundle'} folder "
+                         f"of bnncc; remove it or choose another output path")
 
 
 def holds_manifest(folder: Path) -> bool:
@@ -120,15 +120,15 @@ def holds_manifest(folder: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
 
 
-class _atomic_dir:
+class atomic_dir:
     """Write a folder under a temporary name beside ``dest``, then rename it onto ``dest``, which may
-    be an earlier library folder or an empty one; anything else there is the user's and is kept."""
+    be an earlier folder of ``files`` or an empty one; anything else there is the user's and is kept."""
 
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
+    def __init__(self, dest: Path, files: frozenset[str] = LIBRARY_FILES) -> None:
+        self.dest, self.files = dest, files
 
     def __enter__(self) -> Path:
-        check_output_folder(self.dest)
+        check_output_folder(self.dest, self.files)
         with output_errors(self.dest):
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))

@@ -31,7 +31,7 @@ from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
     "HOST", "AARCH64", "ensure_arm64_runtime", "ensure_runner", "run_arm64", "run_library",
-    "time_library",
+    "runtime_libraries", "time_library",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,15 +94,26 @@ def _library_dirs(arch: str) -> list[Path]:
     return runtime_library_dirs()
 
 
-def ensure_runner(arch: str = HOST) -> Path:
-    """The runner binary for ``arch`` (x86_64 or aarch64), compiled into the cache on first use."""
+def runtime_libraries(arch: str = HOST) -> list[Path]:
+    """libtvm_runtime.so and libtvm_ffi.so for ``arch``: what the runner links."""
+    dirs = _library_dirs(arch)
+    return [next(d / Path(member).name for d in dirs if (d / Path(member).name).is_file())
+            for member in _RUNTIME_LIBS.values()]
+
+
+def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
+    """The runner binary for ``arch`` (x86_64 or aarch64), compiled into the cache on first use.
+
+    It finds TVM's runtime where this host keeps it, or (``beside_runtime``) in its own folder,
+    wherever that is: a bundle (``bundle.bundle``) copied to another machine."""
     compiler = _COMPILERS[arch]
     if shutil.which(compiler) is None:
         package = "g++" if arch == HOST else "g++-aarch64-linux-gnu"
         raise BnnccError(f"{compiler} not found; install it: apt-get install {package}")
     libs = _library_dirs(arch)
+    rpath = "$ORIGIN" if beside_runtime else ":".join(map(str, libs))
     source = RUNNER_SOURCE.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + str(libs).encode()).hexdigest()[:12]
+    key = hashlib.sha256(source + compiler.encode() + str(libs).encode() + rpath.encode()).hexdigest()[:12]
     binary = cache_dir() / "runner" / arch / f"runner-{key}"
     if binary.is_file():
         return binary
@@ -111,7 +122,7 @@ def ensure_runner(arch: str = HOST) -> Path:
     binary.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(binary) as tmp:
         command = [compiler, "-std=c++17", "-O2", str(RUNNER_SOURCE), f"-I{include}", "-o", str(tmp),
-                   *(f"-L{d}" for d in libs), f"-Wl,-rpath,{':'.join(map(str, libs))}",
+                   *(f"-L{d}" for d in libs), f"-Wl,-rpath,{rpath}",
                    "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

@@ -103,6 +103,11 @@ def test_python_example_runs_as_written(workdir):
     result = subprocess.run([str(BNNCC), *verify[0][1:]], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "argmax agreement" in result.stdout
+    bundle = _readme_commands("bundle")
+    assert bundle == [["bnncc", "bundle", "lib/", "-o", "device/"]]
+    result = subprocess.run([str(BNNCC), *bundle[0][1:]], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "./runner run model.so batch_1" in (workdir / "device" / "README.txt").read_text()
 
 
 def test_cli_lines_that_need_no_data_run_as_written(workdir):

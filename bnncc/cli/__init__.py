@@ -25,6 +25,7 @@ from bnncc.cli import finetune_cmd  # noqa: E402,F401
 from bnncc.cli import export_cmd  # noqa: E402,F401
 from bnncc.cli import targets_cmd  # noqa: E402,F401
 from bnncc.cli import convert_cmd  # noqa: E402,F401
+from bnncc.cli import bundle_cmd  # noqa: E402,F401
 from bnncc.cli import demo_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]

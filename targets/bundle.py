@@ -1,0 +1,92 @@
+"""``bundle``: a CPU library folder -> a folder that runs it on another machine, with no Python.
+
+A library (model.so) is a TVM Relax VM executable: running it takes TVM's runtime and a program
+that loads it. The bundle holds both beside the library: libtvm_runtime.so and libtvm_ffi.so of
+the library's architecture (the x86-64 ones bnncc runs with, or the aarch64 ones from the
+wheels of the same versions), our runner (``runner/runner.cc``) linked to find them in its own
+folder, model.so and model.json as compile wrote them, and a README.txt with the commands. Copy
+the folder anywhere on a Linux machine of that architecture (glibc 2.34 or later, as Debian 12
+and Ubuntu 22.04 have) and run ``./runner``.
+
+A cuda library is not bundled: it runs with TVM's CUDA runtime, which the bundle would need in
+its place, and bnncc's Python runs it on the GPU machine as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from bnncc.errors import BnnccError
+from bnncc.runtime import read_library
+from bnncc.targets import vmrunner
+from bnncc.targets.build import atomic_dir
+
+__all__ = ["bundle", "BUNDLE_FILES"]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FILES = frozenset({"model.so", "model.json", "runner", "libtvm_runtime.so", "libtvm_ffi.so", "README.txt"})
+# ELF machine of a library (TargetSpec.elf_machine) -> the runner's architecture
+_RUNNER_ARCH = {"x86-64": vmrunner.HOST, "aarch64": vmrunner.AARCH64}
+
+
+def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write the bundle of the library folder ``library`` (module docstring) to the folder
+    ``output``, which must be new, empty or an earlier bundle. Returns its path."""
+    library, output = Path(library), Path(output)
+    manifest, target = read_library(library)
+    arch = _RUNNER_ARCH.get(target.elf_machine)
+    if arch is None:
+        raise BnnccError(f"{library}: a {target.name} library runs with TVM's {target.name} runtime, which a bundle "
+                         f"does not hold; bundles are for CPU libraries (x86-64, arm64)")
+    if output.resolve() == library.resolve():
+        raise BnnccError(f"{output}: is the library folder itself; choose another output path")
+    runner = vmrunner.ensure_runner(arch, beside_runtime=True)
+    runtime = vmrunner.runtime_libraries(arch)
+    with atomic_dir(output, BUNDLE_FILES) as tmp:
+        for path in (library / "model.so", library / "model.json", *runtime):
+            shutil.copyfile(path, tmp / path.name)
+        shutil.copyfile(runner, tmp / "runner")
+        (tmp / "runner").chmod(0o755)
+        (tmp / "README.txt").write_text(_readme(manifest, arch), encoding="utf-8")
+    logger.info("bundled %s for %s in %s", library, arch, output)
+    return output
+
+
+def _readme(manifest: dict, arch: str) -> str:
+    """How to run the bundle: its files, the input each function takes, the commands."""
+    _, channels, height, width = manifest["input"]["shape"]
+    classes = manifest["output"]["shape"][1]
+    functions = sorted(manifest["functions"].items(), key=lambda item: int(item[0]))
+    first = functions[0][1]
+    preprocessing = manifest.get("preprocessing")
+    pixels = (f"pixel values in [0, 1] normalised per channel as (x - mean) / std, "
+              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}" if preprocessing else
+              "images as the float network took them (no preprocessing is recorded)")
+    lines = [
+        f"PokeBNN library for {arch} Linux (target {manifest['target']['name']}, recipe {manifest.get('recipe')}),",
+        "bundled by bnncc with what runs it: no Python needed.",
+        "",
+        "Files: model.so (the network), model.json (its manifest), runner (loads and calls it),",
+        "libtvm_runtime.so and libtvm_ffi.so (TVM's runtime, found by the runner in its own folder).",
+        f"Needs {arch} Linux with glibc 2.34 or later and libstdc++ (Debian 12, Ubuntu 22.04 and later)",
+        f"and a CPU with the features of bnncc's target {manifest['target']['name']} (`bnncc targets`): on one",
+        "without them the runner ends with an illegal instruction.",
+        "",
+        f"Input: a .npy file of float32 (N, {channels}, {height}, {width}) (NCHW): {pixels}.",
+        f"Output: logits, float32 (N, {classes}).",
+        "Functions, one a batch size N (an input's N must be the function's):",
+        *(f"  {name}: N = {size}" for size, name in functions),
+        "",
+        "Run (writes out0.npy):",
+        f"  ./runner run model.so {first} out input.npy",
+        "Time 100 calls after one warm-up (prints the mean ms a call):",
+        f"  ./runner time 100 model.so {first} input.npy",
+        "Threads: TVM_NUM_THREADS=N (default: the CPU's cores).",
+        "",
+    ]
+    return "\n".join(lines)

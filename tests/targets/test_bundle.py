@@ -1,0 +1,83 @@
+"""bundle: a library folder with TVM's runtime and the runner, run from elsewhere with no Python
+and no environment, against the library as bnncc.runtime runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from bnncc.errors import BnnccError
+from bnncc.runtime import load
+from bnncc.targets import arm64, vmrunner
+from bnncc.targets.build import compile
+from bnncc.targets.bundle import BUNDLE_FILES, bundle
+from test_lower import tiny_pokebnn
+
+
+@pytest.fixture(scope="module")
+def x86_library(tmp_path_factory):
+    return compile(tiny_pokebnn(), tmp_path_factory.mktemp("lib") / "tiny", target="x86-64", batches=(2,))
+
+
+def _run_moved(folder, tmp_path, x, prefix=()):
+    """Move the bundle ``folder`` elsewhere and run its runner there on ``x`` (function batch_N) with
+    only PATH (and ``prefix``'s needs) in the environment; the logits."""
+    # on this host the runtime is also where bnncc's is: the runner must not look there
+    dynamic = subprocess.run(["readelf", "-d", str(folder / "runner")], capture_output=True, text=True).stdout
+    assert "Library runpath: [$ORIGIN]" in dynamic
+    moved = tmp_path / "device"
+    os.rename(folder, moved)
+    np.save(tmp_path / "x.npy", x)
+    env = {"PATH": os.environ["PATH"], **({"QEMU_LD_PREFIX": str(vmrunner.QEMU_LD_PREFIX)} if prefix else {})}
+    done = subprocess.run([*prefix, str(moved / "runner"), "run", str(moved / "model.so"), f"batch_{len(x)}",
+                           str(tmp_path / "out"), str(tmp_path / "x.npy")], env=env, cwd="/", capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return np.load(tmp_path / "out0.npy")
+
+
+def test_an_x86_bundle_runs_the_library_anywhere_without_python(x86_library, tmp_path):
+    folder = bundle(x86_library, tmp_path / "bundle")
+    assert {p.name for p in folder.iterdir()} == BUNDLE_FILES
+    readme = (folder / "README.txt").read_text()
+    assert "./runner run model.so batch_1 out input.npy" in readme and "batch_2: N = 2" in readme
+    x = np.random.default_rng(0).random((2, *load(x86_library).input_chw), dtype=np.float32)
+    np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
+
+
+@pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
+                    reason="needs g++-aarch64-linux-gnu and qemu-user (apt)")
+def test_an_arm64_bundle_runs_the_library_anywhere_without_python(tmp_path):
+    library = compile(tiny_pokebnn(), tmp_path / "arm64", target="arm64")
+    folder = bundle(library, tmp_path / "bundle")
+    assert (folder / "libtvm_runtime.so").read_bytes()[18] == 183  # e_machine = EM_AARCH64
+    x = np.random.default_rng(1).random((1, *load(library).input_chw), dtype=np.float32)
+    np.testing.assert_array_equal(_run_moved(folder, tmp_path, x, prefix=(vmrunner.QEMU,)), load(library)(x))
+
+
+def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = cli("bundle", str(x86_library), "-o", str(tmp_path / "mine"))
+    assert code == 2 and err.count("\n") == 1 and "exists and is not a bundle folder of bnncc" in err
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    code, out, _ = cli("bundle", str(x86_library), "-o", str(tmp_path / "b"))
+    assert code == 0 and "README.txt" in out
+    assert cli("bundle", str(x86_library), "-o", str(tmp_path / "b"))[0] == 0
+    with pytest.raises(BnnccError, match="is the library folder itself"):
+        bundle(x86_library, x86_library)
+
+
+def test_a_cuda_library_is_not_bundled(x86_library, tmp_path):
+    folder = shutil.copytree(x86_library, tmp_path / "cuda")
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["target"]["name"] = "cuda"
+    (folder / "model.json").write_text(json.dumps(manifest))
+    with pytest.raises(BnnccError, match="a cuda library runs with TVM's cuda runtime, which a bundle does not hold"):
+        bundle(folder, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
