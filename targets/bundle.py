@@ -4,9 +4,9 @@ A library (model.so) is a TVM Relax VM executable: running it takes TVM's runtim
 that loads it. The bundle holds both beside the library: libtvm_runtime.so and libtvm_ffi.so of
 the library's architecture (the x86-64 ones bnncc runs with, or the aarch64 ones from the
 wheels of the same versions), our runner (``runner/runner.cc``) linked to find them in its own
-folder, model.so and model.json as compile wrote them, and a README.txt with the commands. Copy
-the folder anywhere on a Linux machine of that architecture (glibc 2.34 or later, as Debian 12
-and Ubuntu 22.04 have) and run ``./runner``.
+folder (and its source, an example of calling the library from C++), model.so and model.json as
+compile wrote them, and a README.txt with the commands. Copy the folder anywhere on a Linux machine
+of that architecture (glibc 2.34 or later, as Debian 12 and Ubuntu 22.04 have) and run ``./runner``.
 
 A cuda library is not bundled: it runs with TVM's CUDA runtime, which the bundle would need in
 its place, and bnncc's Python runs it on the GPU machine as it is.
@@ -29,7 +29,8 @@ __all__ = ["bundle", "BUNDLE_FILES"]
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FILES = frozenset({"model.so", "model.json", "runner", "libtvm_runtime.so", "libtvm_ffi.so", "README.txt"})
+BUNDLE_FILES = frozenset({"model.so", "model.json", "runner", "runner.cc", "libtvm_runtime.so", "libtvm_ffi.so",
+                          "README.txt"})
 # ELF machine of a library (TargetSpec.elf_machine) -> the runner's architecture
 _RUNNER_ARCH = {"x86-64": vmrunner.HOST, "aarch64": vmrunner.AARCH64}
 
@@ -48,7 +49,7 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
     runner = vmrunner.ensure_runner(arch, beside_runtime=True)
     runtime = vmrunner.runtime_libraries(arch)
     with atomic_dir(output, BUNDLE_FILES) as tmp:
-        for path in (library / "model.so", library / "model.json", *runtime):
+        for path in (library / "model.so", library / "model.json", vmrunner.RUNNER_SOURCE, *runtime):
             shutil.copyfile(path, tmp / path.name)
         shutil.copyfile(runner, tmp / "runner")
         (tmp / "runner").chmod(0o755)
@@ -72,7 +73,8 @@ def _readme(manifest: dict, arch: str) -> str:
         "bundled by bnncc with what runs it: no Python needed.",
         "",
         "Files: model.so (the network), model.json (its manifest), runner (loads and calls it),",
-        "libtvm_runtime.so and libtvm_ffi.so (TVM's runtime, found by the runner in its own folder).",
+        "libtvm_runtime.so and libtvm_ffi.so (TVM's runtime, found by the runner in its own folder),",
+        "runner.cc (the runner's source: how a C++ program loads and calls the library with tvm-ffi's API).",
         f"Needs {arch} Linux with glibc 2.34 or later and libstdc++ (Debian 12, Ubuntu 22.04 and later)",
         f"and a CPU with the features of bnncc's target {manifest['target']['name']} (`bnncc targets`): on one",
         "without them the runner ends with an illegal instruction.",
