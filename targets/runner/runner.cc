@@ -34,7 +34,9 @@ constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALL
 
 struct CPUAlloc {
   void AllocData(DLTensor* tensor) {
-    tensor->data = std::aligned_alloc(64, (ffi::GetDataSize(*tensor) + 63) / 64 * 64);
+    size_t bytes = (ffi::GetDataSize(*tensor) + 63) / 64 * 64;
+    tensor->data = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
+    if (tensor->data == nullptr) throw std::runtime_error("cannot allocate " + std::to_string(bytes) + " bytes");
   }
   void FreeData(DLTensor* tensor) { std::free(tensor->data); }
 };
@@ -63,6 +65,21 @@ std::string DescrFromDType(DLDataType dtype) {
   }
   throw std::runtime_error("output of unsupported dtype code " + std::to_string(dtype.code) + " bits " +
                            std::to_string(dtype.bits));
+}
+
+// The whole of ``text`` as a decimal integer of at least ``least``, or an error naming ``what``.
+int64_t ParseCount(const std::string& text, const std::string& what, int64_t least) {
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || value < least) {
+    throw std::runtime_error(what + ": '" + text + "' is not a whole number of at least " + std::to_string(least));
+  }
+  return value;
 }
 
 // The text after `'key':` in a .npy header dict, up to the next comma at depth 0.
@@ -108,14 +125,30 @@ ffi::Tensor ReadNpy(const std::string& path) {
   DLDataType dtype = DTypeFromDescr(Strip(HeaderField(header, "descr", path), " '\""), path);
   std::vector<int64_t> shape;
   std::stringstream dims(Strip(HeaderField(header, "shape", path), " ()"));
+  // the data must fill the rest of the file exactly: a size checked before anything is allocated
+  const std::streamoff data_start = in.tellg();
+  in.seekg(0, std::ios::end);
+  const uint64_t available = static_cast<uint64_t>(in.tellg() - data_start);
+  in.seekg(data_start);
+  uint64_t bytes = dtype.bits / 8;
   for (std::string dim; std::getline(dims, dim, ',');) {
-    if (!Strip(dim, " ").empty()) shape.push_back(std::stoll(dim));
+    if (Strip(dim, " ").empty()) continue;
+    int64_t extent = ParseCount(Strip(dim, " "), path + ": .npy shape", 0);
+    shape.push_back(extent);
+    if (extent != 0 && bytes > available / static_cast<uint64_t>(extent)) {
+      throw std::runtime_error(path + ": shape " + Strip(HeaderField(header, "shape", path), " ") +
+                               " needs more data than the file's " + std::to_string(available) + " bytes");
+    }
+    bytes *= static_cast<uint64_t>(extent);
+  }
+  if (bytes != available) {
+    throw std::runtime_error(path + ": " + std::to_string(available) + " bytes of data where its shape needs " +
+                             std::to_string(bytes) + " (truncated or with trailing bytes)");
   }
   ffi::Tensor tensor = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::ShapeView(shape.data(), shape.size()), dtype,
                                                 DLDevice{kDLCPU, 0});
-  size_t bytes = ffi::GetDataSize(*tensor.GetDLTensorPtr());
   in.read(static_cast<char*>(tensor.data_ptr()), static_cast<std::streamsize>(bytes));
-  if (static_cast<size_t>(in.gcount()) != bytes) throw std::runtime_error(path + ": truncated data");
+  if (static_cast<uint64_t>(in.gcount()) != bytes) throw std::runtime_error(path + ": cannot read its data");
   return tensor;
 }
 
@@ -139,7 +172,8 @@ void WriteNpy(const std::string& path, const ffi::Tensor& tensor) {
 
 // The VM (kept alive by the caller while the function is used) and its function ``name``.
 std::pair<ffi::Module, ffi::Function> LoadVMFunction(const std::string& lib, const std::string& name) {
-  ffi::Module library = ffi::Module::LoadFromFile(lib);
+  // dlopen searches the library path for a name without a slash, not the working folder
+  ffi::Module library = ffi::Module::LoadFromFile(lib.find('/') == std::string::npos ? "./" + lib : lib);
   ffi::Optional<ffi::Function> load = library->GetFunction("vm_load_executable");
   if (!load.has_value()) throw std::runtime_error(lib + ": not a Relax VM library (no vm_load_executable)");
   ffi::Module vm = (*load)().cast<ffi::Module>();
@@ -184,13 +218,13 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (args.size() >= 4 && args[0] == "time") {
-      int runs = std::stoi(args[1]);
+      int64_t runs = ParseCount(args[1], "time N", 1);
       auto [vm, func] = LoadVMFunction(args[2], args[3]);
       std::vector<ffi::Tensor> inputs;
       for (size_t i = 4; i < args.size(); ++i) inputs.push_back(ReadNpy(args[i]));
       Call(func, inputs);  // warm-up: first-call allocations
       auto start = std::chrono::steady_clock::now();
-      for (int i = 0; i < runs; ++i) Call(func, inputs);
+      for (int64_t i = 0; i < runs; ++i) Call(func, inputs);
       std::chrono::duration<double, std::milli> elapsed = std::chrono::steady_clock::now() - start;
       std::cout << "mean_ms " << elapsed.count() / runs << "\n";
       return 0;
