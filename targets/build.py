@@ -103,6 +103,10 @@ def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES) -> No
     """Refuse an output folder path that holds something a build must not replace: a file, or a
     folder with more than an earlier build's ``files``, or with some of them but no manifest of
     ours (a user's own model.onnx)."""
+    if dest.is_symlink():  # renaming a new folder onto it would replace the link, not its target
+        raise BnnccError(f"{dest}: is a symbolic link; give the folder's own path or a new one")
+    if dest.resolve() == Path.cwd().resolve():  # a folder in use cannot be renamed away
+        raise BnnccError(f"{dest}: is the current folder; give a new or earlier output folder's path")
     if not dest.exists():
         return
     names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
@@ -138,11 +142,22 @@ class atomic_dir:
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if issubclass(kind, OSError):  # writing the files: a full disk, a quota
+                raise BnnccError(f"{self.dest}: cannot write there ({value.strerror or value})") from None
             return
         old = None
-        if self.dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
-            os.replace(self.dest, old / "dir")
-        os.replace(self.tmp, self.dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            with output_errors(self.dest):
+                if self.dest.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
+                    os.replace(self.dest, old / "dir")
+                try:
+                    os.replace(self.tmp, self.dest)
+                except OSError:
+                    if old is not None:  # the earlier folder back in its place
+                        os.replace(old / "dir", self.dest)
+                    raise
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
