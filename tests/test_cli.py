@@ -104,22 +104,35 @@ from bnncc.cli import app, main
 def signal_in_tvm(name: str) -> None:
     def callback():  # Python code that TVM's C++ calls, as its compiler calls our passes
         os.kill(os.getpid(), getattr(signal, name))
-        time.sleep(5)
+        time.sleep(0.5)
     tvm.runtime.convert(callback)()
 
+if sys.argv[2] == "ignored":  # as nohup starts a command
+    signal.signal(getattr(signal, sys.argv[1]), signal.SIG_IGN)
 sys.argv = ["bnncc", "signal-in-tvm", sys.argv[1]]
 main()
 '''
 
 
-@pytest.mark.parametrize("name, code, err", [("SIGTERM", 143, ""), ("SIGINT", 130, "error: interrupted\n")])
+@pytest.mark.parametrize("name, code, err", [("SIGTERM", 143, ""), ("SIGINT", 130, "error: interrupted\n"),
+                                             ("SIGHUP", 129, "")])
 def test_a_signal_while_tvm_runs_our_code_ends_the_run_as_that_signal(tmp_path, name, code, err):
     """SIGTERM or Ctrl-C during a compile came back from TVM as its RuntimeError: \"unexpected
-    RuntimeError: 143\", exit 1."""
+    RuntimeError: 143\", exit 1; SIGHUP (the terminal closed) ended the run without removing the
+    temporary files of its output."""
     script = tmp_path / "signal_in_tvm.py"
     script.write_text(_SIGNAL_IN_TVM)
-    done = subprocess.run([sys.executable, script, name], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, script, name, "caught"], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (code, err)
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGINT"])
+def test_a_signal_the_caller_ignores_stays_ignored(tmp_path, name):
+    """nohup ignores SIGHUP (and a shell's background job SIGINT): the command goes on."""
+    script = tmp_path / "signal_in_tvm.py"
+    script.write_text(_SIGNAL_IN_TVM)
+    done = subprocess.run([sys.executable, script, name, "ignored"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_run_reads_an_image_in_the_networks_channels(tmp_path):

@@ -32,8 +32,11 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    # SIGTERM (kill, a job scheduler, torchrun stopping its workers) ends the run as an exception
-    # does, so that the temporary files of an unfinished output are removed on the way out
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGTERM (kill, a job scheduler, torchrun stopping its workers), Ctrl-C and SIGHUP (the
+    # terminal closed) end the run as an exception does, so that the temporary files of an
+    # unfinished output are removed on the way out; a signal the caller ignores (nohup, a
+    # background job) stays ignored
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_signal)
     sys.exit(run_app())

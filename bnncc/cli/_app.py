@@ -40,8 +40,8 @@ _signals: list[int] = []
 
 
 def on_signal(signum: int, frame) -> None:
-    """SIGINT as KeyboardInterrupt, SIGTERM as SystemExit(143): the run ends as an exception does,
-    removing the temporary files of an unfinished output on the way out."""
+    """SIGINT as KeyboardInterrupt, SIGTERM and SIGHUP as SystemExit(128 + the signal): the run ends
+    as an exception does, removing the temporary files of an unfinished output on the way out."""
     _signals.append(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
