@@ -135,8 +135,8 @@ def _manifest_problem(manifest: dict) -> str | None:
     functions = manifest.get("functions")
     if not (isinstance(functions, dict) and functions and all(
             isinstance(size, str) and size.isdigit() and int(size) > 0 and isinstance(name, str)
-            for size, name in functions.items())):
-        return f"functions {functions!r}; expected {{batch size >= 1: function name}}"
+            and name.isidentifier() and name.isascii() for size, name in functions.items())):
+        return f"functions {functions!r}; expected {{batch size >= 1: function name (a C identifier)}}"
     if not isinstance(field("target").get("name"), str):
         return f"target {manifest.get('target')!r}; expected {{\"name\": ...}}"
     digest = manifest.get("library_sha256")

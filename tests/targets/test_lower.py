@@ -414,6 +414,15 @@ def test_a_manifest_naming_a_missing_function_is_an_error(library, tmp_path):
         lib(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def test_a_manifest_function_name_must_be_an_identifier(library, tmp_path):
+    """A bundle's README.txt prints the names into its shell commands."""
+    from bnncc.runtime import load
+
+    folder = _tampered(library, tmp_path, manifest=lambda m: m.update(functions={"1": "batch_1 $(touch x)"}))
+    with pytest.raises(BnnccError, match=r"expected \{batch size >= 1: function name \(a C identifier\)\}"):
+        load(folder)
+
+
 def test_runtime_returns_no_logits_for_no_images(library):
     from bnncc.runtime import load
 
