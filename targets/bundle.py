@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 from bnncc.errors import BnnccError
@@ -75,9 +76,8 @@ def _readme(manifest: dict, arch: str) -> str:
         "Files: model.so (the network), model.json (its manifest), runner (loads and calls it),",
         "libtvm_runtime.so and libtvm_ffi.so (TVM's runtime, found by the runner in its own folder),",
         "runner.cc (the runner's source: how a C++ program loads and calls the library with tvm-ffi's API).",
-        f"Needs {arch} Linux with glibc 2.34 or later and libstdc++ (Debian 12, Ubuntu 22.04 and later)",
-        f"and a CPU with the features of bnncc's target {manifest['target']['name']} (`bnncc targets`): on one",
-        "without them the runner ends with an illegal instruction.",
+        f"Needs {arch} Linux with glibc 2.34 or later and libstdc++ (Debian 12, Ubuntu 22.04 and later).",
+        *_cpu_lines(manifest),
         "",
         f"Input: a .npy file of float32 (N, {channels}, {height}, {width}) (NCHW): {pixels}.",
         f"Output: logits, float32 (N, {classes}).",
@@ -90,5 +90,25 @@ def _readme(manifest: dict, arch: str) -> str:
         f"  ./runner time 100 model.so {first} input.npy",
         "Threads: TVM_NUM_THREADS=N (default: the CPU's cores).",
         "",
+        "A .npy file is a short text header and the raw little-endian float32 values in C order",
+        "(numpy.save writes one; the runner refuses any other layout, naming the problem).",
+        "Rebuilding the runner needs the C++ headers of the same TVM FFI (pip install",
+        f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}; they are in tvm_ffi/include):",
+        "  g++ -std=c++17 -O2 runner.cc -I<tvm_ffi/include> -L. -Wl,-rpath,'$ORIGIN' -ltvm_runtime -ltvm_ffi -o runner",
+        "",
     ]
     return "\n".join(lines)
+
+
+def _cpu_lines(manifest: dict) -> list[str]:
+    """The CPU features the library's code uses, as its LLVM target names them."""
+    try:
+        llvm = json.loads(manifest["target"].get("llvm", ""))
+        features = [llvm.get("mcpu") or llvm.get("mtriple", "?"), *llvm.get("mattr", [])]
+    except (ValueError, AttributeError, TypeError):
+        features = ["?"]
+    lines = [f"CPU: its code uses {' '.join(map(str, features))} (LLVM's names); on a CPU without them the",
+             "runner ends with an illegal instruction."]
+    if manifest["target"]["name"] == "x86-64":  # this build machine's class
+        lines.append("(`bnncc compile --target x86-64-avx2` builds a library for any CPU with AVX2.)")
+    return lines

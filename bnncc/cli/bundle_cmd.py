@@ -19,4 +19,4 @@ def bundle_command(
 
     folder = bundle(library, output)
     console.print(f"{library} -> {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}; "
-                  f"see {folder / 'README.txt'}", highlight=False)
+                  f"see {folder / 'README.txt'}", highlight=False, soft_wrap=True)

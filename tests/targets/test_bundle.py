@@ -3,6 +3,7 @@ and no environment, against the library as bnncc.runtime runs it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -44,10 +45,53 @@ def _run_moved(folder, tmp_path, x, prefix=()):
 def test_an_x86_bundle_runs_the_library_anywhere_without_python(x86_library, tmp_path):
     folder = bundle(x86_library, tmp_path / "bundle")
     assert {p.name for p in folder.iterdir()} == BUNDLE_FILES
-    readme = (folder / "README.txt").read_text()
-    assert "./runner run model.so batch_1 out input.npy" in readme and "batch_2: N = 2" in readme
+    assert "batch_2: N = 2" in (folder / "README.txt").read_text()
     x = np.random.default_rng(0).random((2, *load(x86_library).input_chw), dtype=np.float32)
     np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
+
+
+def test_the_readme_commands_run_as_written_in_the_bundle(x86_library, tmp_path):
+    """`./runner run model.so ...` in the bundle's folder: dlopen looked a bare model.so up in the
+    library path, not the folder, and the README's own commands failed."""
+    folder = bundle(x86_library, tmp_path / "bundle")
+    x = np.random.default_rng(2).random((1, *load(x86_library).input_chw), dtype=np.float32)
+    np.save(folder / "input.npy", x)
+    commands = [line.split() for line in (folder / "README.txt").read_text().splitlines()
+                if line.startswith("  ./runner ")]
+    assert [c[:2] for c in commands] == [["./runner", "run"], ["./runner", "time"]]
+    for command in commands:
+        done = subprocess.run(command, cwd=folder, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(folder / "out0.npy"), load(x86_library)(x))
+
+
+def _npy(path, header_shape: str, data: bytes) -> str:
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {header_shape}, }}".encode()
+    header += b" " * (-(len(header) + 11) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + data)
+    return str(path)
+
+
+def test_the_runner_refuses_bad_inputs_in_one_line(x86_library, tmp_path):
+    """A shape of 10^11 images segfaulted the runner (its allocation unchecked), bad counts said only
+    'stoi', and bytes after the data were taken."""
+    folder = bundle(x86_library, tmp_path / "bundle")
+    c, h, w = load(x86_library).input_chw
+    one = np.zeros((1, c, h, w), np.float32).tobytes()
+    cases = [
+        (["run", "model.so", "batch_1", "o", _npy(tmp_path / "huge.npy", f"(100000000000, {c}, {h}, {w})", one)],
+         "needs more data than the file's"),
+        (["run", "model.so", "batch_1", "o", _npy(tmp_path / "tail.npy", f"(1, {c}, {h}, {w})", one + b"x")],
+         "(truncated or with trailing bytes)"),
+        (["run", "model.so", "batch_1", "o", _npy(tmp_path / "neg.npy", f"(-1, {c}, {h}, {w})", one)],
+         "'-1' is not a whole number of at least 0"),
+        (["time", "0", "model.so", "batch_1", _npy(tmp_path / "ok.npy", f"(1, {c}, {h}, {w})", one)],
+         "time N: '0' is not a whole number of at least 1"),
+        (["time", "abc", "model.so", "batch_1", str(tmp_path / "ok.npy")], "time N: 'abc' is not a whole number"),
+    ]
+    for args, message in cases:
+        done = subprocess.run(["./runner", *args], cwd=folder, capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and message in done.stderr, (args, done.stderr)
 
 
 @pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
@@ -60,7 +104,7 @@ def test_an_arm64_bundle_runs_the_library_anywhere_without_python(tmp_path):
     np.testing.assert_array_equal(_run_moved(folder, tmp_path, x, prefix=(vmrunner.QEMU,)), load(library)(x))
 
 
-def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli):
+def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli, monkeypatch):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, _, err = cli("bundle", str(x86_library), "-o", str(tmp_path / "mine"))
@@ -71,6 +115,25 @@ def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli):
     assert cli("bundle", str(x86_library), "-o", str(tmp_path / "b"))[0] == 0
     with pytest.raises(BnnccError, match="is the library folder itself"):
         bundle(x86_library, x86_library)
+    # the current folder cannot be renamed away, and a new folder renamed onto a link replaced the link
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(BnnccError, match="is the current folder"):
+        bundle(x86_library, ".")
+    os.symlink(tmp_path / "nowhere", tmp_path / "link")
+    with pytest.raises(BnnccError, match="is a symbolic link"):
+        bundle(x86_library, tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == ["b", "here", "link", "mine"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(x86_library, tmp_path, monkeypatch):
+    def full(source, dest):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    with pytest.raises(BnnccError, match=r"b: cannot write there \(No space left on device\)"):
+        bundle(x86_library, tmp_path / "b")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_cuda_library_is_not_bundled(x86_library, tmp_path):
