@@ -235,28 +235,56 @@ def _upgrade_old_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
 
     The ONNX model zoo's MXNet ResNets are opset 7 and its Caffe2 ones opsets 3 to 9; the converter's
     adapters rewrite their ops' old attributes (BatchNormalization's is_test and spatial, Gemm's
-    broadcast). An import note records the conversion.
+    broadcast). They need every tensor's shape, which the old BatchNormalization does not infer
+    and a symbolic batch does not give: the batch is fixed at 1 (the canonical form makes it
+    symbolic again) and the model converted one opset at a time, inferring shapes in between.
+    Import notes record the conversion.
     """
     versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     if len(versions) != 1 or versions[0] not in UPGRADED_OPSETS:
         return proto
     old, new = versions[0], SUPPORTED_OPSETS.start
     _check_model(proto, path)  # the converter trusts its input
-    for node in proto.graph.node:
-        spatial = next((a.i for a in node.attribute if a.name == "spatial"), 1)
-        if node.op_type == "BatchNormalization" and spatial != 1:
-            raise BnnccError(f"{path}: BatchNormalization '{node.name}': spatial={spatial} (statistics per "
-                             "activation, not per channel) is not a ResNet's batch norm")
+    upgraded = onnx.ModelProto()
+    upgraded.CopyFrom(proto)
+    notes = [f"converted from opset {old} to {new} by onnx's version converter", *_per_channel_spatial(upgraded, path)]
+    for value in (*upgraded.graph.input, *upgraded.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    upgraded.graph.ClearField("value_info")
     try:
-        upgraded = onnx.version_converter.convert_version(proto, new)
-    except RuntimeError as e:  # the converter's failed assertion, after a source location
+        for version in range(old + 1, new + 1):
+            upgraded = onnx.shape_inference.infer_shapes(onnx.version_converter.convert_version(upgraded, version))
+    except (RuntimeError, onnx.shape_inference.InferenceError) as e:  # the converter's failed assertion
         raise BnnccError(f"{path}: cannot convert opset {old} to {new}: "
-                         f"{_first_line(e).split(' failed: ')[-1]}") from None
-    note = f"converted from opset {old} to {new} by onnx's version converter"
-    notes = {p.key: p.value for p in upgraded.metadata_props}
-    onnx.helper.set_model_props(upgraded, {**notes, IMPORT_NOTES_KEY: "\n".join(
-        filter(None, [notes.get(IMPORT_NOTES_KEY), note]))})
+                         f"{_one_line(e).split(' failed: ')[-1]}") from None
+    recorded = {p.key: p.value for p in upgraded.metadata_props}
+    onnx.helper.set_model_props(upgraded, {**recorded, IMPORT_NOTES_KEY: "\n".join(
+        filter(None, [recorded.get(IMPORT_NOTES_KEY), *notes]))})
     return upgraded
+
+
+def _per_channel_spatial(proto: onnx.ModelProto, path: Path) -> list[str]:
+    """BatchNormalization's ``spatial=0`` (opsets before 9: statistics per activation) with
+    parameters of one value a channel, as MXNet's exporter wrote until 2020 (the model zoo's files
+    were regenerated), is per channel in onnxruntime, the reference: set to 1, with a note. With
+    parameters of another shape it is refused."""
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    fixed = []
+    for node in proto.graph.node:
+        spatial = next((a for a in node.attribute if a.name == "spatial"), None)
+        if node.op_type != "BatchNormalization" or spatial is None or spatial.i == 1:
+            continue
+        dims = [shapes.get(name) for name in node.input[1:5]]
+        per_channel = all(d is not None and len(d) == 1 for d in dims) and len({d[0] for d in dims}) == 1
+        if spatial.i != 0 or not per_channel:
+            raise BnnccError(f"{path}: BatchNormalization '{node.name}': spatial={spatial.i} (statistics per "
+                             "activation, not per channel) is not a ResNet's batch norm")
+        spatial.i = 1
+        fixed.append(node.name)
+    return [f"{len(fixed)} batch norm(s) of spatial=0 with one parameter a channel read as spatial=1 (as "
+            f"onnxruntime does), the first '{fixed[0]}'"] if fixed else []
 
 
 def _check_text(message: google.protobuf.message.Message, path: Path) -> None:

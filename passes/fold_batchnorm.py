@@ -31,8 +31,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     1. Conv with constant W (and bias, if any), BN with constant per-channel parameters (C values
        each, ``spatial`` 1 or per-channel-shaped), only its first output used, not in training
        mode, the Conv output used only by the BN: folded.
-    2. A BN after anything else, a Conv output with other users, non-constant parameters or
-       ``training_mode=1``: left alone.
+    2. A BN after anything else, a Conv output with other users, non-constant parameters or in
+       training mode: left alone. Training mode is ``training_mode=1`` from opset 14; before it, a
+       BN that names its running statistics outputs (onnxruntime, the reference, then normalizes
+       with the batch's statistics, used or not).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -41,18 +43,20 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         for bn in list(graph):
             if bn.op_type != "BatchNormalization" or bn.domain != "":
                 continue
-            if self._try_fold(graph, bn):
+            if self._try_fold(graph, bn, model.opset_imports.get("", 0)):
                 modified = True
         return ir.passes.PassResult(model, modified)
 
-    def _try_fold(self, graph: ir.Graph, bn: ir.Node) -> bool:
+    def _try_fold(self, graph: ir.Graph, bn: ir.Node, opset: int) -> bool:
         conv = bn.inputs[0].producer()
         if conv is None or conv.op_type != "Conv" or conv.domain != "":
             return False
         conv_out = conv.outputs[0]
         if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
             return False
-        if int_attr(bn, "training_mode", 0) != 0 or any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
+        statistics = [o for o in bn.outputs[1:] if o.name]
+        if int_attr(bn, "training_mode", 0) != 0 or (opset < 14 and statistics) or any(
+                o.uses() or o.is_graph_output() for o in statistics):
             return False
         weight = const_array(conv.inputs[1])
         params = [const_array(v) for v in bn.inputs[1:5]]

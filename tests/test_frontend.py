@@ -182,30 +182,88 @@ def test_dynamo_exports_of_other_settings_are_accepted_and_compute_the_same(tmp_
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("opset", [7, 3])
-def test_a_model_of_an_opset_before_9_is_converted_and_computes_the_same(tmp_path, opset):
+@pytest.fixture(scope="module")
+def opset7_path(tmp_path_factory):
+    """A narrow ResNet-50 exported at opset 7, where torch keeps its batch norms (it folds them from 9)."""
+    path = tmp_path_factory.mktemp("opset7") / "m7.onnx"
+    zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), path, input_size=32, opset=7)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    return path
+
+
+@pytest.mark.parametrize("opset, bare", [(7, False), (6, True), (3, True)])
+def test_a_model_of_an_opset_before_9_is_converted_and_computes_the_same(tmp_path, opset7_path, opset, bare):
     """The ONNX model zoo's ResNets are opsets 3 to 7 (its MXNet ones opset 7 with batch norms): onnx's
-    version converter brings them to opset 9, and an import note says so. They used to be refused."""
-    original = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "m7.onnx", input_size=32, opset=7)
-    proto = onnx.load(str(original))
-    assert "BatchNormalization" in {n.op_type for n in proto.graph.node}  # torch folds them from opset 9 only
+    version converter brings them to opset 9, and an import note says so. They used to be refused.
+    ``bare``: a symbolic batch and no value_info (Caffe2's exporter wrote none), with which the
+    converter's broadcast adapters (opsets 6 to 7) found no shapes."""
+    proto = onnx.load(str(opset7_path))
+    older = onnx.version_converter.convert_version(proto, opset)
+    if bare:
+        older.graph.ClearField("value_info")
+        for value in (older.graph.input[0], older.graph.output[0]):
+            value.type.tensor_type.shape.dim[0].dim_param = "N"
     path = tmp_path / f"m{opset}.onnx"
-    onnx.save(onnx.version_converter.convert_version(proto, opset), path)
+    onnx.save(older, path)
     model = load(path)
     assert recognize(model).notes[0] == f"converted from opset {opset} to 9 by onnx's version converter"
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_per_activation_batch_norm_of_an_old_opset_is_named(cli, tmp_path):
-    """spatial=0 (opsets before 9) normalizes each activation on its own; the converter refuses it
-    without naming the node."""
-    path = zoo.export_onnx(zoo.resnet50(width=0.125, num_classes=10), tmp_path / "m7.onnx", input_size=32, opset=7)
-    proto = onnx.load(str(path))
+def _spatial_0(proto, shape=None):
+    """The first batch norm marked spatial=0, its parameters reshaped to ``shape``; its name."""
     norm = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
     norm.attribute.append(helper.make_attribute("spatial", 0))
-    onnx.save(proto, path)
-    _expect_refusal(cli, path, f"BatchNormalization '{norm.name}': spatial=0 (statistics per activation")
+    for tensor in proto.graph.initializer:
+        if shape is not None and tensor.name in norm.input[1:5]:
+            del tensor.dims[:]
+            tensor.dims.extend(shape)
+    return norm.name
+
+
+def test_a_per_channel_spatial_0_batch_norm_is_read_as_onnxruntime_reads_it(tmp_path, opset7_path):
+    """MXNet's exporter wrote spatial=0 with one parameter a channel until 2020 (the model zoo's
+    files before they were regenerated); onnxruntime normalizes per channel."""
+    proto = onnx.load(str(opset7_path))
+    name = _spatial_0(proto)
+    onnx.save(proto, tmp_path / "spatial0.onnx")
+    model = load(tmp_path / "spatial0.onnx")
+    assert recognize(model).notes[1] == ("1 batch norm(s) of spatial=0 with one parameter a channel read as "
+                                         f"spatial=1 (as onnxruntime does), the first '{name}'")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_per_activation_batch_norm_of_an_old_opset_is_named(cli, tmp_path, opset7_path):
+    """spatial=0 with parameters of another shape normalizes each activation on its own; the
+    converter refuses it without naming the node."""
+    proto = onnx.load(str(opset7_path))
+    channels = next(t for t in proto.graph.initializer if t.name.endswith("bn1.weight")).dims[0]
+    name = _spatial_0(proto, (channels, 1, 1))
+    onnx.save(proto, tmp_path / "m7.onnx")
+    _expect_refusal(cli, tmp_path / "m7.onnx", f"BatchNormalization '{name}': spatial=0 (statistics per activation")
+
+
+@pytest.mark.parametrize("opset", [7, 13])
+def test_a_batch_norm_naming_its_statistics_outputs_is_in_training_mode(cli, tmp_path, opset7_path, opset):
+    """Before opset 14 a batch norm with its running statistics outputs named is in training mode
+    (onnxruntime normalizes with the batch's statistics); it was folded with the running ones."""
+    proto = onnx.version_converter.convert_version(onnx.load(str(opset7_path)), opset)
+    norm = [n for n in proto.graph.node if n.op_type == "BatchNormalization"][2]
+    norm.output.extend(["mean", "var", "saved_mean", "saved_var"])
+    onnx.save(proto, tmp_path / "training.onnx")
+    _expect_refusal(cli, tmp_path / "training.onnx", f"'{norm.name}' (BatchNormalization): a batch norm that folds "
+                                                     "into no conv: it must follow a Conv and run in inference mode")
+
+
+def test_a_type_clash_in_an_old_opset_model_is_one_line(cli, tmp_path, opset7_path):
+    """The converter's shape inference raised an InferenceError, not its RuntimeError: 'unexpected'."""
+    proto = onnx.load(str(opset7_path))
+    weight = proto.graph.node[0].input[1]  # an initializer listed as a graph input (IR version 3)
+    next(v for v in proto.graph.input if v.name == weight).type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(proto, tmp_path / "clash.onnx")
+    _expect_refusal(cli, tmp_path / "clash.onnx", "cannot convert opset 7 to 9: [TypeInferenceError]")
 
 
 def test_opsets_the_graph_does_not_use_are_dropped(tmp_path, tiny_proto):
