@@ -215,6 +215,7 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
     _check_text(proto, path)
+    _name_default_domain(proto)
     proto = _upgrade_old_opset(proto, path)
     _check_opset(proto, path)  # before the checker, whose complaints about another opset's ops say less
     _check_model(proto, path)
@@ -228,6 +229,16 @@ def _check_model(proto: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise BnnccError(f"{path}: invalid ONNX model: {_one_line(e)}") from None
+
+
+def _name_default_domain(proto: onnx.ModelProto) -> None:
+    """"ai.onnx", the default domain's other name, as "" in the opset imports and nodes: ONNX
+    accepts both, onnx_ir's passes and shape inference after them only the empty one."""
+    if any(o.domain == "" for o in proto.opset_import):
+        return
+    for item in (*proto.opset_import, *proto.graph.node):
+        if item.domain == "ai.onnx":
+            item.domain = ""
 
 
 def _upgrade_old_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -281,6 +281,18 @@ def test_opsets_the_graph_does_not_use_are_dropped(tmp_path, tiny_proto):
     onnx.checker.check_model(ir.to_proto(poke), full_check=True)
 
 
+def test_the_default_domain_by_its_other_name_is_read(tmp_path, tiny_proto):
+    """"ai.onnx" is the default domain too: a model importing only it failed shape inference after the
+    canonical passes ("No opset import for domain ''")."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    for item in (*proto.opset_import, *proto.graph.node):
+        item.domain = "ai.onnx"
+    onnx.save(proto, tmp_path / "named.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(load(tmp_path / "named.onnx"), x), _run(tiny_proto, x), rtol=1e-4, atol=1e-5)
+
+
 def test_modules_exported_as_functions_are_inlined(tmp_path):
     """torch's export_modules_as_functions writes each Bottleneck as a function of the model's own."""
     module = zoo.resnet50(width=0.125, num_classes=10).eval()
