@@ -229,6 +229,10 @@ def _check_model(proto: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise BnnccError(f"{path}: invalid ONNX model: {_one_line(e)}") from None
+    except (ValueError, google.protobuf.message.EncodeError):  # the checker serializes the model
+        size = stored_bytes(path) / 2**30
+        raise BnnccError(f"{path}: {size:.1f} GiB with its external data, over the 2 GiB of a protobuf message, "
+                         "which onnx and onnxruntime need (ResNet-50's weights: 0.1 GiB)") from None
 
 
 def _name_default_domain(proto: onnx.ModelProto) -> None:

@@ -281,6 +281,21 @@ def test_opsets_the_graph_does_not_use_are_dropped(tmp_path, tiny_proto):
     onnx.checker.check_model(ir.to_proto(poke), full_check=True)
 
 
+@pytest.mark.slow
+def test_a_model_over_protobufs_2_gib_is_one_line(cli, tmp_path, tiny_proto):
+    """An unused 2.2 GB external tensor: the checker's serialization failed, 'unexpected EncodeError'."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    huge = onnx.TensorProto(name="huge", data_type=onnx.TensorProto.FLOAT, dims=[550_000_000])
+    huge.data_location = onnx.TensorProto.EXTERNAL
+    huge.external_data.add(key="location", value="huge.bin")
+    proto.graph.initializer.append(huge)
+    onnx.save(proto, tmp_path / "big.onnx")
+    with open(tmp_path / "huge.bin", "wb") as f:  # sparse: no disk taken, 2.2 GB in memory once read
+        f.truncate(2_200_000_000)
+    _expect_refusal(cli, tmp_path / "big.onnx", "2.1 GiB with its external data, over the 2 GiB of a protobuf message")
+
+
 def test_the_default_domain_by_its_other_name_is_read(tmp_path, tiny_proto):
     """"ai.onnx" is the default domain too: a model importing only it failed shape inference after the
     canonical passes ("No opset import for domain ''")."""
