@@ -159,7 +159,7 @@ def test_failed_compile_leaves_no_library_and_no_stage_record(narrow_resnet, tmp
     monkeypatch.setattr(registry, "TARGETS", {**registry.TARGETS, "x86-64": dataclasses.replace(spec,
                                                                                                 export=broken_export)})
     outdir = tmp_path / "out"
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(BnnccError, match=r"library: cannot write there \(disk full \(injected\)\)"):
         convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, show_progress=False))
     assert not list(outdir.rglob("*.so")) and not (outdir / "stages" / "compile.json").exists()
     assert (outdir / "stages" / "rewrite.json").exists()  # the stage before it is complete and kept
