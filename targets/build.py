@@ -111,8 +111,10 @@ def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES) -> No
         return
     names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
     if names is None or not names <= files or (names and not holds_manifest(dest)):
+        others = sorted(names - files) if names else []
+        held = f" (it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
         raise BnnccError(f"{dest}: exists and is not a {'library' if files == LIBRARY_FILES else 'bundle'} folder "
-                         f"of bnncc; remove it or choose another output path")
+                         f"of bnncc{held}; remove it or choose another output path")
 
 
 def holds_manifest(folder: Path) -> bool:

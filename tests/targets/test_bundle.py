@@ -108,7 +108,7 @@ def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli, mo
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, _, err = cli("bundle", str(x86_library), "-o", str(tmp_path / "mine"))
-    assert code == 2 and err.count("\n") == 1 and "exists and is not a bundle folder of bnncc" in err
+    assert code == 2 and err.count("\n") == 1 and "exists and is not a bundle folder of bnncc (it holds notes.txt)" in err
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
     code, out, _ = cli("bundle", str(x86_library), "-o", str(tmp_path / "b"))
     assert code == 0 and "README.txt" in out
