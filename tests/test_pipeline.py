@@ -110,6 +110,7 @@ def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, n
     text = " ".join(out.split())
     assert "The network is untrained" in text and "--data DIR --epochs N --set train.lr=3e-2" in text
     assert f"report {converted.outdir}/report.md" in text
+    assert f"to run it without Python (on the device): bnncc bundle {converted.outdir} -o DIR" in text
 
 
 def test_fine_tuning_options_without_data_are_an_error(cli, narrow_resnet, tmp_path):

@@ -39,6 +39,9 @@ def convert(
     options = ConvertOptions(recipe=recipe, overrides=tuple(overrides), target=target, data=data, seed=seed, **given)
     result = run_convert(model, output, options)
     print_result(result)
+    if target != "cuda":
+        console.print(f"to run it without Python (on the device): {shlex.join(['bnncc', 'bundle', str(output)])} "
+                      "-o DIR", soft_wrap=True, highlight=False)
     if not result.trained:
         # the recipe's rate is the paper's for 800 ImageNet epochs; a few epochs need far more (README)
         rate = [] if any(o.startswith("train.lr=") for o in overrides) else ["--set", "train.lr=3e-2"]
