@@ -92,9 +92,11 @@ def _readme(manifest: dict, arch: str) -> str:
         "",
         "A .npy file is a short text header and the raw little-endian float32 values in C order",
         "(numpy.save writes one; the runner refuses any other layout, naming the problem).",
-        "Rebuilding the runner needs the C++ headers of the same TVM FFI (pip install",
-        f"apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}; they are in tvm_ffi/include):",
-        "  g++ -std=c++17 -O2 runner.cc -I<tvm_ffi/include> -L. -Wl,-rpath,'$ORIGIN' -ltvm_runtime -ltvm_ffi -o runner",
+        "Rebuilding the runner needs the C++ headers of the same TVM FFI, on any machine with Python:",
+        f"  pip install apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}",
+        "  INCLUDE=$(python -c 'import os, tvm_ffi; print(os.path.dirname(tvm_ffi.__file__) + \"/include\")')",
+        "  g++ -std=c++17 -O2 runner.cc -I$INCLUDE -L. -Wl,-rpath,'$ORIGIN' -ltvm_runtime -ltvm_ffi -o runner",
+        "(for aarch64 from another machine: aarch64-linux-gnu-g++ in place of g++).",
         "",
     ]
     return "\n".join(lines)

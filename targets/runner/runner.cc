@@ -1,6 +1,6 @@
 // bnncc runner: run one function of a TVM Relax library on the CPU, with no Python.
 //
-//   runner run  LIB FUNC OUT_PREFIX IN0.npy [IN1.npy ...]   writes OUT_PREFIX0.npy, OUT_PREFIX1.npy, ...
+//   runner run  LIB FUNC OUT_PREFIX IN0.npy [IN1.npy ...]   writes OUT_PREFIX0.npy, OUT_PREFIX1.npy, ... (and says so)
 //   runner time N LIB FUNC IN0.npy [IN1.npy ...]            prints "mean_ms <mean of N calls>"
 //
 // Only the tvm-ffi C++ API is used: Module::LoadFromFile loads the library (libtvm_runtime
@@ -214,7 +214,11 @@ int main(int argc, char** argv) {
       std::vector<ffi::Tensor> inputs;
       for (size_t i = 4; i < args.size(); ++i) inputs.push_back(ReadNpy(args[i]));
       std::vector<ffi::Tensor> outputs = Outputs(Call(func, inputs));
-      for (size_t i = 0; i < outputs.size(); ++i) WriteNpy(args[3] + std::to_string(i) + ".npy", outputs[i]);
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        std::string path = args[3] + std::to_string(i) + ".npy";
+        WriteNpy(path, outputs[i]);
+        std::cout << "wrote " << path << "\n";
+      }
       return 0;
     }
     if (args.size() >= 4 && args[0] == "time") {
