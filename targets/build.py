@@ -99,10 +99,10 @@ def _metadata_json(model: ir.Model, key: str):
 LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})
 
 
-def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES) -> None:
+def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES, kind: str = "library") -> None:
     """Refuse an output folder path that holds something a build must not replace: a file, or a
     folder with more than an earlier build's ``files``, or with some of them but no manifest of
-    ours (a user's own model.onnx)."""
+    ours (a user's own model.onnx). ``kind`` names such a folder in the refusal."""
     if dest.is_symlink():  # renaming a new folder onto it would replace the link, not its target
         raise BnnccError(f"{dest}: is a symbolic link; give the folder's own path or a new one")
     if dest.resolve() == Path.cwd().resolve():  # a folder in use cannot be renamed away
@@ -113,8 +113,8 @@ def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES) -> No
     if names is None or not names <= files or (names and not holds_manifest(dest)):
         others = sorted(names - files) if names else []
         held = f" (it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
-        raise BnnccError(f"{dest}: exists and is not a {'library' if files == LIBRARY_FILES else 'bundle'} folder "
-                         f"of bnncc{held}; remove it or choose another output path")
+        raise BnnccError(f"{dest}: exists and is not a {kind} folder of bnncc{held}; remove it or choose another "
+                         f"output path")
 
 
 def holds_manifest(folder: Path) -> bool:
@@ -128,13 +128,14 @@ def holds_manifest(folder: Path) -> bool:
 
 class atomic_dir:
     """Write a folder under a temporary name beside ``dest``, then rename it onto ``dest``, which may
-    be an earlier folder of ``files`` or an empty one; anything else there is the user's and is kept."""
+    be an earlier folder of ``files`` or an empty one; anything else there is the user's and is kept
+    (``check_output_folder``, which ``kind`` is for)."""
 
-    def __init__(self, dest: Path, files: frozenset[str] = LIBRARY_FILES) -> None:
-        self.dest, self.files = dest, files
+    def __init__(self, dest: Path, files: frozenset[str] = LIBRARY_FILES, kind: str = "library") -> None:
+        self.dest, self.files, self.kind = dest, files, kind
 
     def __enter__(self) -> Path:
-        check_output_folder(self.dest, self.files)
+        check_output_folder(self.dest, self.files, self.kind)
         with output_errors(self.dest):
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))

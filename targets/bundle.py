@@ -49,7 +49,7 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
         raise BnnccError(f"{output}: is the library folder itself; choose another output path")
     runner = vmrunner.ensure_runner(arch, beside_runtime=True)
     runtime = vmrunner.runtime_libraries(arch)
-    with atomic_dir(output, BUNDLE_FILES) as tmp:
+    with atomic_dir(output, BUNDLE_FILES, "bundle") as tmp:
         for path in (library / "model.so", library / "model.json", vmrunner.RUNNER_SOURCE, *runtime):
             shutil.copyfile(path, tmp / path.name)
         shutil.copyfile(runner, tmp / "runner")
