@@ -23,10 +23,10 @@ from pathlib import Path
 
 from bnncc.errors import BnnccError
 from bnncc.runtime import read_library
-from bnncc.targets import vmrunner
+from bnncc.targets import registry, vmrunner
 from bnncc.targets.build import atomic_dir
 
-__all__ = ["bundle", "BUNDLE_FILES"]
+__all__ = ["bundle", "bundles", "BUNDLE_FILES"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +36,22 @@ BUNDLE_FILES = frozenset({"model.so", "model.json", "runner", "runner.cc", "libt
 _RUNNER_ARCH = {"x86-64": vmrunner.HOST, "aarch64": vmrunner.AARCH64}
 
 
+def bundles(target: str) -> bool:
+    """Whether a library of the target called ``target`` can be bundled (a CPU one)."""
+    return registry.get(target).elf_machine in _RUNNER_ARCH
+
+
 def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write the bundle of the library folder ``library`` (module docstring) to the folder
     ``output``, which must be new, empty or an earlier bundle. Returns its path."""
     library, output = Path(library), Path(output)
     manifest, target = read_library(library)
-    arch = _RUNNER_ARCH.get(target.elf_machine)
-    if arch is None:
+    if not bundles(target.name):
         raise BnnccError(f"{library}: a {target.name} library runs with TVM's {target.name} runtime, which a bundle "
                          f"does not hold; bundles are for CPU libraries (x86-64, arm64)")
     if output.resolve() == library.resolve():
         raise BnnccError(f"{output}: is the library folder itself; choose another output path")
+    arch = _RUNNER_ARCH[target.elf_machine]
     runner = vmrunner.ensure_runner(arch, beside_runtime=True)
     runtime = vmrunner.runtime_libraries(arch)
     with atomic_dir(output, BUNDLE_FILES, "bundle") as tmp:

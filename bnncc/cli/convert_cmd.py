@@ -30,6 +30,7 @@ def convert(
 ) -> None:
     """Import, rewrite, fine-tune (with --data), compile and report; reuse stages whose inputs did not change."""
     from bnncc.pipeline import ConvertOptions, convert as run_convert
+    from bnncc.targets.bundle import bundles
 
     training = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size}
     given = {name: value for name, value in training.items() if value is not None}
@@ -39,7 +40,7 @@ def convert(
     options = ConvertOptions(recipe=recipe, overrides=tuple(overrides), target=target, data=data, seed=seed, **given)
     result = run_convert(model, output, options)
     print_result(result)
-    if target != "cuda":
+    if bundles(target):
         console.print(f"to run it without Python (on the device): {shlex.join(['bnncc', 'bundle', str(output)])} "
                       "-o DIR", soft_wrap=True, highlight=False)
     if not result.trained:
