@@ -245,6 +245,11 @@ def _name_default_domain(proto: onnx.ModelProto) -> None:
             item.domain = ""
 
 
+def _default_opsets(proto: onnx.ModelProto) -> list[int]:
+    """The versions the model imports of the default domain, by either of its names."""
+    return [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+
+
 def _upgrade_old_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     """A model of an opset before SUPPORTED_OPSETS, brought to its first one by onnx's version converter.
 
@@ -255,7 +260,7 @@ def _upgrade_old_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     symbolic again) and the model converted one opset at a time, inferring shapes in between.
     Import notes record the conversion.
     """
-    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    versions = _default_opsets(proto)
     if len(versions) != 1 or versions[0] not in UPGRADED_OPSETS:
         return proto
     old, new = versions[0], SUPPORTED_OPSETS.start
@@ -438,7 +443,7 @@ def _may_be(shape: list[int | None] | None, length: int) -> bool:
 
 def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
     """The canonicalization knows the default-domain ops of SUPPORTED_OPSETS only."""
-    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    versions = _default_opsets(proto)
     if len(versions) != 1 or versions[0] not in SUPPORTED_OPSETS:
         found = f"opset {versions[0]}" if len(versions) == 1 else f"{len(versions)} default-domain opset imports"
         raise BnnccError(f"{path}: {found}; bnncc reads float models of opsets "
