@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -87,7 +87,7 @@ class Loader:
             loaded: Iterable[Loaded] = map(self.batches.__getitem__, plans)
         else:
             # batch_size=None: each plan is one item, a whole batch made by one worker
-            loaded = DataLoader(self.batches, sampler=plans, batch_size=None, num_workers=self.workers,
+            loaded = DataLoader(self.batches, sampler=map(_own_tensors, plans), batch_size=None, num_workers=self.workers,
                                 collate_fn=_as_is, pin_memory=self.device.type == "cuda")
         for images, labels, bad in loaded:
             self._count(bad)
@@ -104,6 +104,14 @@ class Loader:
             more = f" and {len(self.bad) - 1} more images are" if len(self.bad) > 1 else " is"
             raise BnnccError(f"{self.data.describe(min(self.bad))}{more} unreadable: more than {BAD_SHARE:.0%} of "
                              f"the {self.share} this process reads")
+
+
+def _own_tensors(plan: Plan) -> Plan:
+    """The plan with copies of its tensors. The queue to a worker moves a tensor it sends into shared
+    memory on its feeder thread and frees the old memory, while this thread may still read it: the
+    trainer's positions, sent with every plan, read as indices like 23165848769 (one CI run in many)."""
+    positions = None if plan.positions is None else plan.positions.clone()
+    return replace(plan, index=plan.index.clone(), positions=positions)
 
 
 def _as_is(loaded: Loaded) -> Loaded:

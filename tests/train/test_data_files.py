@@ -189,6 +189,16 @@ def test_ddp_ranks_load_disjoint_slices_of_the_global_batch(data_dir):
         assert torch.equal(part, whole[positions]) and torch.equal(part_labels, labels[positions])
 
 
+def test_the_callers_tensors_stay_its_own_when_sent_to_workers(data_dir):
+    """Sending a tensor to a worker moves it into shared memory on the queue's feeder thread while the
+    caller may be reading it; the trainer reuses one positions tensor for every plan and once read
+    garbage indices. The loader sends copies, so the caller's tensors never move."""
+    data = open_dataset(data_dir, "train")
+    index, positions = data.batch_indices(5, 8, 3), torch.arange(8)
+    list(Loader(data, SHAPE, seed=3, workers=2)([Plan(index, 5, positions), Plan(index, 6, positions)]))
+    assert not index.is_shared() and not positions.is_shared()
+
+
 def test_resume_at_step_k_trains_on_the_uninterrupted_runs_batches(data_dir, tmp_path, monkeypatch):
     import bnncc.train.trainer as trainer
 
