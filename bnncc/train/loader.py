@@ -7,9 +7,11 @@ among the processes of a torchrun node); data held in memory is sliced in this p
 
 An unreadable image is replaced inside the batch (``Dataset.load``); the loader logs each one
 once, counts them (``bad``, kept in checkpoints), and, when training, stops the run with a
-``BnnccError`` when this process has met more than 1% of its share of the split. An evaluation
-only counts: it comes after the training, which stopping would throw away (one bad image of a
-30-image validation split did).
+``BnnccError`` when more than 1% of the split is bad. The processes of a torchrun training share
+what they found after every batch, so the count is the run's and all of them stop at the same
+step (one stopping alone left the others in a collective, ended by gloo's "connection closed").
+An evaluation only counts: it comes after the training, which stopping would throw away (one bad
+image of a 30-image validation split did).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from bnncc.errors import BnnccError
@@ -79,7 +82,8 @@ class Loader:
         self.batches = _Batches(data, shape, seed)
         self.workers = 0 if data.in_memory else (default_workers() if workers is None else _checked_workers(workers))
         self.bad: set[int] = set()
-        self.share = len(data) // world  # the images this process reads of each epoch
+        # a CPU group: counting over NCCL would make the host wait for the GPU at every step
+        self.shared = dist.new_group(backend="gloo") if world > 1 and stops else None
 
     def __call__(self, plans: Iterable[Plan]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised images, labels) on the device for each plan, in order."""
@@ -97,13 +101,26 @@ class Loader:
     def _count(self, bad: list[tuple[int, str]]) -> None:
         for i, reason in bad:
             if i not in self.bad:
-                self.bad.add(i)
                 logger.warning("%s: unreadable image (%s), replaced by the next readable one", self.data.describe(i),
                                reason)
-        if self.stops and len(self.bad) > BAD_SHARE * self.share:
+        found = {i for i, _ in bad}
+        self.bad |= found if self.shared is None else _found_by_all(found, self.shared)
+        if self.stops and len(self.bad) > BAD_SHARE * len(self.data):
             more = f" and {len(self.bad) - 1} more images are" if len(self.bad) > 1 else " is"
             raise BnnccError(f"{self.data.describe(min(self.bad))}{more} unreadable: more than {BAD_SHARE:.0%} of "
-                             f"the {self.share} this process reads")
+                             f"the {len(self.data)} images of the split")
+
+
+def _found_by_all(found: set[int], group: dist.ProcessGroup) -> set[int]:
+    """The bad images every process of ``group`` found in its part of this batch. One number is
+    summed every batch; the images themselves are sent only when some were found."""
+    count = torch.tensor([len(found)])
+    dist.all_reduce(count, group=group)
+    if not int(count):
+        return found
+    parts: list[list[int] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, sorted(found), group=group)
+    return {i for part in parts for i in part}
 
 
 def _own_tensors(plan: Plan) -> Plan:

@@ -304,6 +304,18 @@ def test_more_than_one_percent_bad_stops_with_one_line(with_bad_images):
     assert "\n" not in str(e.value)
 
 
+def test_torchrun_processes_count_the_runs_bad_images_together(with_bad_images, tmp_path):
+    """2 bad images of 210 are under 1% of the run, whichever process reads them: each process
+    counted its own against 1% of its half, so the one that met both stopped the run (and the
+    other ended on gloo's "connection closed"), and the metrics counted rank 0's alone."""
+    metrics, env = tmp_path / "m.jsonl", {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 3 * 210 // 70  # three epochs: each process meets both bad images
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29549",
+                    __file__, with_bad_images / "images", tmp_path / "net.pt", str(steps), "70", metrics], env=env,
+                   check=True, timeout=300)
+    assert json.loads(metrics.read_text().splitlines()[-1])["bad_images"] == 2
+
+
 def test_an_evaluation_counts_bad_images_and_does_not_stop(with_bad_images, caplog):
     """Past 1% of bad images an evaluation goes on (it follows a training that stopping would throw
     away), each one logged."""
@@ -396,9 +408,10 @@ def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path, cli):
     assert code == 2 and "different classes" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def _ddp_worker(data_dir: str, out: str, steps: str) -> None:
+def _ddp_worker(data_dir: str, out: str, steps: str, batch_size: str = "8", metrics: str | None = None) -> None:
     net = tiny_net()
-    train(net, None, open_dataset(data_dir, "train"), cfg(max_steps=int(steps)), SHAPE, show_progress=False)
+    train(net, None, open_dataset(data_dir, "train"), cfg(max_steps=int(steps), batch_size=int(batch_size), log_every=1),
+          SHAPE, metrics=metrics and Path(metrics), show_progress=False)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save(net.state_dict(), out)
 
