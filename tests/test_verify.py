@@ -177,3 +177,18 @@ def test_a_longer_run_shows_its_progress_on_stderr(cli, tiny_library):
     assert "verify" in err and f"{QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in err and "verify" not in out
     code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO))
     assert code == 0 and err == ""
+
+
+def test_images_and_arrays_given_are_verified_beside_the_random_inputs(cli, tiny_library, tmp_path):
+    """`verify -i` reads inputs as `bnncc run` does: an image (resized to the network's 16x16) and a
+    .npy of two; a file that is neither is one line before anything runs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    np.save(tmp_path / "b.npy", rng.standard_normal((2, 3, 16, 16)).astype(np.float32))
+    code, out, _ = cli("verify", tiny_library, "--n", "2", "-i", tmp_path / "a.png", "-i", tmp_path / "b.npy")
+    assert code == 0 and "argmax agreement 5/5" in out
+    (tmp_path / "c.png").write_bytes(b"not an image")
+    code, out, err = cli("verify", tiny_library, "-i", tmp_path / "c.png")
+    assert code == 2 and out == "" and f"{tmp_path / 'c.png'}: not a readable image" in err

@@ -27,7 +27,7 @@ def run_command(
 
     lib = load(library)
     preprocessing = lib.manifest.get("preprocessing")
-    batches = [_read_input(path, lib.input_chw, preprocessing) for path in inputs]  # every one read before any runs
+    batches = [read_input(path, lib.input_chw, preprocessing) for path in inputs]  # every one read before any runs
     if preprocessing is None and any(path.suffix.lower() != ".npy" for path in inputs):
         console.print(f"{library}: records no input normalisation (bnncc fine-tuning records the one it "
                       f"trained with): images go in as pixels in [0, 1]", style="dim", highlight=False)
@@ -45,7 +45,7 @@ def run_command(
             console.print(table)
 
 
-def _read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
+def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
     """(N, C, H, W) float32: a .npy as it is, an image resized to (H, W), scaled to [0, 1] and
     normalised with the manifest's mean/std when it records them."""
     require_file(path, "an image or .npy file")

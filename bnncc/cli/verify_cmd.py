@@ -1,4 +1,4 @@
-"""``bnncc verify OUTDIR [--reference MODEL.onnx] [--n N] [--batch B]``: library vs onnxruntime."""
+"""``bnncc verify OUTDIR [--reference MODEL.onnx] [--n N] [--batch B] [--input IMAGE ...]``: library vs onnxruntime."""
 
 from __future__ import annotations
 
@@ -20,11 +20,19 @@ def verify_command(
     # no typer max: verify refuses more than MAX_INPUTS itself, saying why
     n: int = typer.Option(8, "--n", min=1, help="random inputs (at most 1000: each takes 5 onnxruntime runs)"),
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="batch size of the library calls"),
+    inputs: list[Path] = typer.Option([], "--input", "-i", help="also an image (PNG/JPEG/...) or a .npy array, read "
+                                      "as `bnncc run` reads it; repeat --input for more"),
 ) -> None:
-    """Compare the library with onnxruntime on random inputs; exit 1 on disagreement."""
+    """Compare the library with onnxruntime on random inputs (and the given ones); exit 1 on disagreement."""
+    from bnncc.cli.run_cmd import read_input
+    from bnncc.runtime import read_library
     from bnncc.verification import verify
 
-    report = verify(library, reference, n=n, batch=batch, show_progress=n > QUIET_UP_TO)
+    manifest, _ = read_library(library)
+    chw, preprocessing = tuple(manifest["input"]["shape"][1:]), manifest.get("preprocessing")
+    images = [image for path in inputs for image in read_input(path, chw, preprocessing)]
+    report = verify(library, reference, n=n, batch=batch, images=images,
+                    show_progress=n + len(images) > QUIET_UP_TO)
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "
                   f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime's "
                   f"rounding spread (unoptimized, inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
