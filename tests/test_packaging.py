@@ -1,0 +1,30 @@
+"""A plain `pip install .` carries every file the package reads, as the editable install does."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_holds_every_data_file_of_the_package_folders(tmp_path):
+    """The CUDA tensor-core kernel's bmma_conv.cuh was left out of the wheel: a compile with
+    BNNCC_CUDA_MMA=1 from a plain install failed."""
+    source = tmp_path / "source"  # a copy: setuptools' build/ folder keeps the files of earlier builds
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", "build", "*.egg-info", ".git", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path,
+                    source], check=True, capture_output=True)
+    wheel, = tmp_path.glob("bnncc-*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    expected = set()
+    for package, folder in folders.items():
+        for path in (ROOT / folder).rglob("*"):
+            if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts:
+                expected.add("/".join([*package.split("."), *path.relative_to(ROOT / folder).parts]))
+    assert expected and expected - packed == set()
