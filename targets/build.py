@@ -142,10 +142,15 @@ class atomic_dir:
         self.tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the library from everyone else
         return self.tmp
 
+    def _writing(self, error: OSError) -> bool:
+        """Whether ``error`` came from writing the folder: a file write names no file, a copy its target.
+        A file the body failed to read (a kernel source missing from an install) is named as it is."""
+        return error.filename is None or Path(error.filename).is_relative_to(self.tmp)
+
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if issubclass(kind, OSError):  # writing the files: a full disk, a quota
+            if issubclass(kind, OSError) and self._writing(value):  # a full disk, a quota
                 raise BnnccError(f"{self.dest}: cannot write there ({value.strerror or value})") from None
             return
         old = None
