@@ -395,13 +395,22 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
             if checkpoint_due and rank == 0:
+                stopped.saving(done)
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data),
                                  loader.bad)
-                stopped.saved = done
     if log is not None:
         log.close()
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of ``path``, None when absent: a rename onto it changes both."""
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 def _finite_loss(loss: torch.Tensor, step: int) -> float:
@@ -419,11 +428,25 @@ def _finite_loss(loss: torch.Tensor, step: int) -> float:
 
 class _StopNotice:
     """Says, when a run is stopped (Ctrl-C; SIGTERM, which bnncc.cli turns into SystemExit), which
-    step its checkpoint holds, or that none was written yet."""
+    step its checkpoint holds, or that none was written yet.
+
+    A save is known done by the file it replaced, not by a statement after it: a stop between the
+    rename and such a statement named the step before (seen under torchrun)."""
 
     def __init__(self, checkpoint: Path | None, steps: int, every: int, saved: int | None) -> None:
         self.checkpoint, self.steps, self.every, self.saved = checkpoint, steps, every, saved
         self.done = saved or 0
+        self.pending: tuple[int, tuple[int, int] | None] | None = None  # (step, the file before its save)
+
+    def saving(self, step: int) -> None:
+        """The checkpoint of ``step`` is about to be written (the one before it is complete)."""
+        self._settle()
+        self.pending = (step, _identity(self.checkpoint))
+
+    def _settle(self) -> None:
+        if self.pending is not None and _identity(self.checkpoint) != self.pending[1]:
+            self.saved = self.pending[0]
+        self.pending = None
 
     def __enter__(self) -> "_StopNotice":
         return self
@@ -431,6 +454,7 @@ class _StopNotice:
     def __exit__(self, kind, error, trace) -> None:
         if self.checkpoint is None or kind not in (KeyboardInterrupt, SystemExit):
             return
+        self._settle()
         if self.saved is None:
             logger.warning("stopped at step %d of %d, before the first checkpoint (every %d steps): nothing is kept",
                            self.done, self.steps, self.every)

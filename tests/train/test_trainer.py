@@ -194,6 +194,25 @@ def test_a_stopped_run_says_which_step_its_checkpoint_holds(idx_dir, tmp_path, m
     assert checkpoint.exists() == (stop_at > 2) and (stop_at < 2 or load_checkpoint(checkpoint)["step"] == 4)
 
 
+def test_a_stop_right_after_a_checkpoints_rename_names_that_checkpoint(idx_dir, tmp_path, monkeypatch, caplog):
+    """A stop landing after the checkpoint of step 4 replaced the file, before the run noted it
+    (seen under torchrun), said the file held step 2."""
+    import bnncc.train.trainer as trainer
+
+    save = trainer._save_checkpoint
+
+    def stopped_after_rename(path, step, *args):
+        save(path, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", stopped_after_rename)
+    checkpoint = tmp_path / "run.ckpt"
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(), SHAPE, checkpoint=checkpoint, show_progress=False)
+    assert load_checkpoint(checkpoint)["step"] == 4 and f"{checkpoint} holds step 4:" in caplog.text
+
+
 def test_a_diverging_run_stops_before_its_checkpoint_or_metrics_keep_it(idx_dir, tmp_path):
     """A learning rate of 1e30 makes the loss NaN within a few steps: an error naming the step,
     the last checkpoint and metrics line from before it (NaN in them: a diverged state to resume
