@@ -118,8 +118,11 @@ def test_cli_bad_override_is_one_line(cli, narrow_resnet, tmp_path):
     assert "passes.poke_conv.clip_bound = 'wide': expected a number" in stderr and "Traceback" not in stderr
 
 
-def test_cli_lists_the_passes(cli):
+def test_cli_lists_the_passes_and_the_shipped_recipes(cli):
     code, stdout, _ = cli("passes")
     assert code == 0
     for name in PASSES[1:]:
         assert name in stdout
+    recipes = {line.split("│")[1].strip() for line in stdout.split("shipped recipes")[1].splitlines() if "│" in line}
+    assert {"pokebnn_0.5x", "pokebnn_0.75x", "pokebnn_1x", "pokebnn_1.4x", "pokebnn_2x", "resnet18_bireal",
+            "resnet18_pokebnn", "resnet34_bireal", "resnet34_pokebnn"} <= recipes
