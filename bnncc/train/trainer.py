@@ -310,7 +310,10 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         # the teacher only runs forward, under no_grad: bf16 weights halve its memory traffic
         teacher.to(device, dtype=torch.bfloat16 if use_bf16 else None, memory_format=MEMORY_FORMAT).eval()
     device_ids = [device.index] if device.type == "cuda" else None
-    model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids) if world > 1 else student
+    # Each process keeps its own batch norm statistics, averaged where they are read (_average_statistics),
+    # as the paper's TPU run does (pokebnn.md 7.6); DDP's default sent rank 0's to all at every step.
+    model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
+                                                forward_sync_buffers=False) if world > 1 else student
     if cfg.compile:
         # Opt-in: the compiled step is faster, but compiling the ~400-node graph takes minutes
         # (and again when the weight quantization switches on), so short runs lose by it.
@@ -394,14 +397,31 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
+            if checkpoint_due:
+                _average_statistics(student)
             if checkpoint_due and rank == 0:
                 stopped.saving(done)
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data),
                                  loader.bad)
+    _average_statistics(student)
     if log is not None:
         log.close()
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+@torch.no_grad()
+def _average_statistics(student: nn.Module) -> None:
+    """Under torchrun, every float buffer but the activation bounds (the batch norms' running means and
+    variances) becomes the mean over the processes, each of which kept its own."""
+    world = _world()[1]
+    if world == 1:
+        return
+    bounds = set(getattr(student, "bound_names", ()))
+    for name, buffer in student.named_buffers():
+        if buffer.is_floating_point() and name not in bounds:
+            dist.all_reduce(buffer)
+            buffer.div_(world)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -464,12 +484,19 @@ class _StopNotice:
 
 
 def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConfig, step: int) -> None:
-    """Calibrate the activation bounds on whole global batches (evaluation crops), identically on every rank."""
+    """Calibrate the activation bounds on whole global batches (evaluation crops), in eval mode on the
+    averaged batch norm statistics: the same bounds on every rank (rank 0's sent to all, so that a
+    GPU's nondeterministic sums leave no rank with bounds of its own)."""
     plans = [Plan(data.batch_indices(step + j, cfg.batch_size, cfg.seed), step + j)
              for j in range(cfg.calibration_batches)]
     batches = [images.to(memory_format=MEMORY_FORMAT) for images, _ in loader(plans)]
+    _average_statistics(student)
     with torch.no_grad():
         student.calibrate_bounds(batches)
+    if _world()[1] > 1:
+        buffers = dict(student.named_buffers())
+        for name in student.bound_names:
+            dist.broadcast(buffers[name], src=0)
     logger.info("activation bounds calibrated at step %d", step)
 
 

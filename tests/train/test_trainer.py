@@ -285,6 +285,20 @@ def test_two_process_ddp_matches_one_process(idx_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
+def test_ddp_processes_average_their_batch_norm_statistics(idx_dir, tmp_path):
+    """Each process keeps its own running statistics and the run writes their mean (pokebnn.md 7.6).
+    An input batch norm's running mean is an average of image means, so the two processes' mean of
+    it is the one-process run's; DDP's buffer broadcast gave rank 0's, from its half of each batch."""
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    _run_worker([idx_dir, single, tmp_path / "s.ckpt", 5, "--input-norm"])
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                    str(WORKER), str(idx_dir), str(double), str(tmp_path / "d.ckpt"), "5", "--input-norm"],
+                   env=env, check=True, timeout=300)
+    a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
+    torch.testing.assert_close(b["0.running_mean"], a["0.running_mean"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow  # compiles (tens of seconds)
 def test_compiled_step_trains_like_the_eager_one(idx_dir, caplog):
     data = open_dataset(idx_dir, "train")

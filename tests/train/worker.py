@@ -1,6 +1,6 @@
 """A tiny training run, launched as a separate process (torchrun for DDP, or to be killed).
 
-usage: worker.py DATA_DIR OUT_STATE CHECKPOINT STEPS [--resume] [--slow]
+usage: worker.py DATA_DIR OUT_STATE CHECKPOINT STEPS [--resume] [--slow] [--input-norm]
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ from bnncc.train.data import open_dataset
 from bnncc.train.trainer import train
 
 
-def tiny_net() -> nn.Module:
+def tiny_net(input_norm: bool = False) -> nn.Module:
+    """No batch norm after a trained layer: DDP ranks normalise per device (pokebnn.md 7.6), which
+    would differ from one process. With ``input_norm`` a batch norm of the input comes first: its
+    running mean depends on the images alone, and the processes' mean of it is one process's."""
     torch.manual_seed(0)
-    # No batch norm: DDP ranks normalise per device (pokebnn.md 7.6), which would differ from one process.
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                         nn.Linear(32, 4))
+    layers = [nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)]
+    return nn.Sequential(*([nn.BatchNorm2d(1)] if input_norm else []), *layers)
 
 
 def main(argv: list[str]) -> None:
     data_dir, out_state, checkpoint, steps = Path(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3])
-    net = tiny_net()
+    net = tiny_net("--input-norm" in argv)
     if "--slow" in argv:  # leaves time to kill the process between two checkpoints
         net.register_forward_pre_hook(lambda module, args: time.sleep(0.2))
     cfg = TrainConfig(lr=0.05, batch_size=16, max_steps=steps, weight_decay=5e-5, label_weight=1.0,
