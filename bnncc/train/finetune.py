@@ -17,7 +17,7 @@ from bnncc.fileio import atomic_path, check_writable, refuse_overwriting
 from bnncc.passes.width_multiplier import MAX_MULTIPLIER
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import Dataset, open_splits
-from bnncc.train.trainer import TrainResult, evaluate, is_main_process, train, training_device
+from bnncc.train.trainer import TrainResult, evaluate, evaluate_models, is_main_process, train, training_device
 
 __all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
 
@@ -122,9 +122,10 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     if not is_main_process():  # under torchrun, rank 0 alone evaluates and writes the result
         return FinetuneResult(output, result, *accuracy, None)
     if val_data.num_classes == _classes(student_model):
-        labels = ("student", "teacher") if show_progress else (None, None)
-        accuracy = (*evaluate(student, val_data, shape, device=device, workers=cfg.num_workers, label=labels[0]),
-                    *evaluate(teacher, val_data, shape, device=device, workers=cfg.num_workers, label=labels[1]))
+        label = "student and teacher" if show_progress else None
+        scores = evaluate_models([student, teacher], val_data, shape, device=device, workers=cfg.num_workers,
+                                 label=label)
+        accuracy = (*scores[0], *scores[1])
     else:
         logger.warning("the data has %d classes, the model %d: no top-1/top-5 (distillation needs no labels)",
                        val_data.num_classes, _classes(student_model))

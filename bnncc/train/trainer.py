@@ -41,7 +41,7 @@ from bnncc.train.data import Dataset
 from bnncc.train.distill import distillation_loss
 from bnncc.train.loader import Loader, Plan
 
-__all__ = ["TrainResult", "train", "evaluate", "load_checkpoint", "make_optimizer", "is_main_process",
+__all__ = ["TrainResult", "train", "evaluate", "evaluate_models", "load_checkpoint", "make_optimizer", "is_main_process",
            "keep_freed_memory", "training_device", "MEMORY_FORMAT"]
 
 logger = logging.getLogger(__name__)
@@ -500,7 +500,6 @@ def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConf
     logger.info("activation bounds calibrated at step %d", step)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256,
              device: str | torch.device = "cpu", workers: int | None = None,
              label: str | None = None) -> tuple[float | None, float | None]:
@@ -509,9 +508,18 @@ def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256
 
     Top-5 is None for 5 classes or fewer (where it is 100% whatever the model), and both are None
     when no image of the split could be read: they would be the accuracy on black images."""
-    model.to(device).eval()
-    dtype = _dtype(model)
-    top1 = top5 = classes = 0
+    return evaluate_models([model], data, input_shape, batch_size, device, workers, label)[0]
+
+
+@torch.no_grad()
+def evaluate_models(models: list[nn.Module], data: Dataset, input_shape, batch_size: int = 256,
+                    device: str | torch.device = "cpu", workers: int | None = None,
+                    label: str | None = None) -> list[tuple[float | None, float | None]]:
+    """``evaluate`` for each of ``models`` on one pass over ``data``: each image decoded once, and
+    each unreadable one logged once (a student and its teacher, evaluated in turn, logged each twice)."""
+    for model in models:
+        model.to(device).eval()
+    top1, top5, classes = [0] * len(models), [0] * len(models), 0
     loader = Loader(data, input_shape, workers=workers, device=device, stops=False)
     plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
     progress = Progress(TextColumn(f"[bold]evaluate {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
@@ -519,17 +527,19 @@ def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256
     with progress:
         task = progress.add_task("evaluate", total=len(data))
         for images, labels in loader(plans):
-            logits = model(images.to(dtype)).float().cpu()
             labels = labels.cpu()
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += int((best[:, 0] == labels).sum())
-            top5 += int((best == labels[:, None]).any(dim=1).sum())
+            for k, model in enumerate(models):
+                logits = model(images.to(_dtype(model))).float().cpu()
+                best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                top1[k] += int((best[:, 0] == labels).sum())
+                top5[k] += int((best == labels[:, None]).any(dim=1).sum())
+                classes = logits.shape[1]
             progress.advance(task, len(labels))
-            classes = logits.shape[1]
     if loader.bad:
         logger.warning("%d of the %d evaluation images could not be read (the first: %s)%s", len(loader.bad), len(data),
                        data.describe(min(loader.bad)), ": no accuracy" if len(loader.bad) == len(data) else
                        "; each counts as the image that replaced it")
     if len(loader.bad) == len(data):
-        return None, None
-    return 100.0 * top1 / len(data), (100.0 * top5 / len(data) if classes > 5 else None)
+        return [(None, None)] * len(models)
+    return [(100.0 * one / len(data), 100.0 * five / len(data) if classes > 5 else None)
+            for one, five in zip(top1, top5)]

@@ -28,7 +28,7 @@ from bnncc.train import TrainConfig
 from bnncc.train.data import open_dataset, open_splits
 from bnncc.train.imagefiles import _centre_box, _random_box
 from bnncc.train.loader import Loader, Plan
-from bnncc.train.trainer import evaluate, train
+from bnncc.train.trainer import evaluate, evaluate_models, train
 
 SHAPE = (3, 16, 16)
 CLASSES = 3
@@ -326,6 +326,21 @@ def test_an_evaluation_counts_bad_images_and_does_not_stop(with_bad_images, capl
     assert 0 <= top1 <= 100 and top5 is None  # (top-5 of 4 classes is 100% whatever the model)
     assert caplog.text.count("unreadable image") == 3
     assert "3 of the 210 evaluation images could not be read (the first: " in caplog.text
+
+
+def test_models_evaluated_together_score_as_alone_and_log_each_bad_image_once(with_bad_images, caplog):
+    """A student and its teacher were evaluated in turn: every unreadable image logged twice, and
+    the split decoded twice."""
+    data = open_dataset(with_bad_images / "images", "train")
+    first, second = tiny_net(), tiny_net()
+    with torch.no_grad():
+        second[0].weight.neg_()
+    alone = [evaluate(net, data, SHAPE, batch_size=70) for net in (first, second)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert evaluate_models([first, second], data, SHAPE, batch_size=70) == alone
+    assert caplog.text.count("unreadable image") == 2 and caplog.text.count("evaluation images could not") == 1
+    assert alone[0] != alone[1]
 
 
 def test_an_evaluation_of_no_readable_image_gives_no_accuracy(with_bad_images, caplog):
