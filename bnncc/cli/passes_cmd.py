@@ -15,24 +15,25 @@ from bnncc.recipe import available_recipes, load_recipe
 @app.command()
 def passes() -> None:
     """List the registered passes a recipe can name, with their parameters, and the shipped recipes."""
-    table = Table(title="registered passes")
-    # Pass names and parameters are what a recipe types: never wrapped (one parameter a line keeps
-    # that column narrow); the description folds into the rest, even at 80 columns.
-    table.add_column("pass", no_wrap=True)
-    table.add_column("parameters", no_wrap=True)
-    table.add_column("what it does", min_width=20, overflow="fold")
-    for name in list_passes():
-        factory = pass_factory(name)
-        table.add_row(name, _parameters(factory), _summary(factory))
-    console.print(table)
-    recipes = Table(title="shipped recipes (--recipe NAME, or a .toml file of your own)")
-    recipes.add_column("recipe", no_wrap=True)
-    recipes.add_column("for blocks", no_wrap=True)
-    recipes.add_column("what it makes", min_width=20, overflow="fold")
-    for name in available_recipes():
-        recipe = load_recipe(name)
-        recipes.add_row(name, recipe.blocks or "any", recipe.description)
-    console.print(recipes)
+    factories = {name: pass_factory(name) for name in list_passes()}
+    console.print(_table("registered passes", ("pass", "parameters", "what it does"),
+                         [(name, _parameters(f), _summary(f)) for name, f in factories.items()]))
+    recipes = {name: load_recipe(name) for name in available_recipes()}
+    console.print(_table("shipped recipes (--recipe NAME, or a .toml file of your own)",
+                         ("recipe", "for blocks", "what it makes"),
+                         [(name, r.blocks or "any", r.description) for name, r in recipes.items()]))
+
+
+def _table(title: str, headers: tuple[str, str, str], rows: list[tuple[str, str, str]]) -> Table:
+    """Names and parameters are what a recipe or a command line types: never wrapped (one parameter
+    a line keeps that column narrow); the description folds into the rest, even at 80 columns."""
+    table = Table(title=title)
+    table.add_column(headers[0], no_wrap=True)
+    table.add_column(headers[1], no_wrap=True)
+    table.add_column(headers[2], min_width=20, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
 
 
 def _parameters(factory) -> str:
