@@ -123,6 +123,7 @@ def test_cli_lists_the_passes_and_the_shipped_recipes(cli):
     assert code == 0
     for name in PASSES[1:]:
         assert name in stdout
-    recipes = {line.split("│")[1].strip() for line in stdout.split("shipped recipes")[1].splitlines() if "│" in line}
+    rows = stdout.split("shipped recipes")[1].splitlines()
+    recipes = {line.split("│")[1].strip() for line in rows if "│" in line}
     assert {"pokebnn_0.5x", "pokebnn_0.75x", "pokebnn_1x", "pokebnn_1.4x", "pokebnn_2x", "resnet18_bireal",
             "resnet18_pokebnn", "resnet34_bireal", "resnet34_pokebnn"} <= recipes

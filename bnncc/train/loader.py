@@ -91,8 +91,8 @@ class Loader:
             loaded: Iterable[Loaded] = map(self.batches.__getitem__, plans)
         else:
             # batch_size=None: each plan is one item, a whole batch made by one worker
-            loaded = DataLoader(self.batches, sampler=map(_own_tensors, plans), batch_size=None, num_workers=self.workers,
-                                collate_fn=_as_is, pin_memory=self.device.type == "cuda")
+            loaded = DataLoader(self.batches, sampler=map(_own_tensors, plans), batch_size=None,
+                                num_workers=self.workers, collate_fn=_as_is, pin_memory=self.device.type == "cuda")
         for images, labels, bad in loaded:
             self._count(bad)
             images = images.to(self.device, non_blocking=True)

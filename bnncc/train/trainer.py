@@ -41,8 +41,8 @@ from bnncc.train.data import Dataset
 from bnncc.train.distill import distillation_loss
 from bnncc.train.loader import Loader, Plan
 
-__all__ = ["TrainResult", "train", "evaluate", "evaluate_models", "load_checkpoint", "make_optimizer", "is_main_process",
-           "keep_freed_memory", "training_device", "MEMORY_FORMAT"]
+__all__ = ["TrainResult", "train", "evaluate", "evaluate_models", "load_checkpoint", "make_optimizer",
+           "is_main_process", "keep_freed_memory", "training_device", "MEMORY_FORMAT"]
 
 logger = logging.getLogger(__name__)
 

@@ -425,8 +425,9 @@ def test_cli_reports_bad_data_in_one_line_and_writes_nothing(tmp_path, cli):
 
 def _ddp_worker(data_dir: str, out: str, steps: str, batch_size: str = "8", metrics: str | None = None) -> None:
     net = tiny_net()
-    train(net, None, open_dataset(data_dir, "train"), cfg(max_steps=int(steps), batch_size=int(batch_size), log_every=1),
-          SHAPE, metrics=metrics and Path(metrics), show_progress=False)
+    config = cfg(max_steps=int(steps), batch_size=int(batch_size), log_every=1)
+    data = open_dataset(data_dir, "train")
+    train(net, None, data, config, SHAPE, metrics=metrics and Path(metrics), show_progress=False)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save(net.state_dict(), out)
 

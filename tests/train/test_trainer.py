@@ -208,8 +208,9 @@ def test_a_stop_right_after_a_checkpoints_rename_names_that_checkpoint(idx_dir, 
 
     monkeypatch.setattr(trainer, "_save_checkpoint", stopped_after_rename)
     checkpoint = tmp_path / "run.ckpt"
+    data = open_dataset(idx_dir, "train")
     with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
-        train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(), SHAPE, checkpoint=checkpoint, show_progress=False)
+        train(tiny_net(), None, data, cfg(), SHAPE, checkpoint=checkpoint, show_progress=False)
     assert load_checkpoint(checkpoint)["step"] == 4 and f"{checkpoint} holds step 4:" in caplog.text
 
 
