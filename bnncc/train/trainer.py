@@ -397,13 +397,12 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
-            if checkpoint_due:
+            if checkpoint_due or done == steps:  # what a checkpoint or the caller reads
                 _average_statistics(student)
             if checkpoint_due and rank == 0:
                 stopped.saving(done)
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data),
                                  loader.bad)
-    _average_statistics(student)
     if log is not None:
         log.close()
     seconds = time.perf_counter() - began
