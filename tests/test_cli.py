@@ -142,7 +142,7 @@ def test_run_reads_an_image_in_the_networks_channels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from bnncc.cli.run_cmd import _read_image
+    from bnncc.cli._inputs import _read_image
 
     rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")

@@ -24,7 +24,7 @@ def verify_command(
                                       "as `bnncc run` reads it; repeat --input for more"),
 ) -> None:
     """Compare the library with onnxruntime on random inputs (and the given ones); exit 1 on disagreement."""
-    from bnncc.cli.run_cmd import read_input
+    from bnncc.cli._inputs import read_input
     from bnncc.runtime import read_library
     from bnncc.verification import verify
 
