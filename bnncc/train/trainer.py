@@ -42,7 +42,8 @@ from bnncc.train.distill import distillation_loss
 from bnncc.train.loader import Loader, Plan
 
 __all__ = ["TrainResult", "train", "evaluate", "evaluate_models", "load_checkpoint", "make_optimizer",
-           "is_main_process", "keep_freed_memory", "training_device", "MEMORY_FORMAT"]
+           "is_main_process", "keep_freed_memory", "training_device", "MEMORY_FORMAT",
+           "to_training_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,20 @@ logger = logging.getLogger(__name__)
 # mkldnn's layout conversions (bench/RESULTS.md, "Training choices"). Values are the same up to
 # the convolutions' summation order.
 MEMORY_FORMAT = torch.channels_last
+
+
+def to_training_layout(student: nn.Module, device: torch.device) -> nn.Module:
+    """``student`` on ``device`` in MEMORY_FORMAT, but its 1x1 weights (the SE gates') in plain
+    contiguous strides. channels_last gives a (O, I, 1, 1) weight strides (I, 1, I, I) over the same
+    memory order, which torch's elementwise ops do not keep: the kernel L2 term's gradient came back
+    (I, 1, 1, 1), and DDP copied it into its bucket with a warning each run ("Grad strides do not
+    match bucket view strides")."""
+    student.to(device, memory_format=MEMORY_FORMAT)
+    for p in student.parameters():
+        if p.is_contiguous() and p.stride() != torch.empty(p.shape, device="meta").stride():
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
+    return student
+
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
@@ -305,7 +320,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                          f"or more")
     steps = total_steps(cfg, data)
     use_bf16 = uses_bf16(device)
-    student.to(device, memory_format=MEMORY_FORMAT).train()
+    to_training_layout(student, device).train()
     if teacher is not None:
         # the teacher only runs forward, under no_grad: bf16 weights halve its memory traffic
         teacher.to(device, dtype=torch.bfloat16 if use_bf16 else None, memory_format=MEMORY_FORMAT).eval()

@@ -15,7 +15,8 @@ from bnncc.errors import BnnccError
 from bnncc.train import TrainConfig
 from bnncc.train.data import open_dataset, read_idx
 from bnncc.train.distill import distillation_loss
-from bnncc.train.trainer import MEMORY_FORMAT, evaluate, load_checkpoint, make_optimizer, train
+from bnncc.train.trainer import (MEMORY_FORMAT, _kernel_l2, evaluate, load_checkpoint, make_optimizer,
+                                 to_training_layout, train)
 
 from worker import tiny_net
 
@@ -298,6 +299,24 @@ def test_ddp_processes_average_their_batch_norm_statistics(idx_dir, tmp_path):
                    env=env, check=True, timeout=300)
     a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     torch.testing.assert_close(b["0.running_mean"], a["0.running_mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_come_in_their_parameters_strides(teacher_and_student):
+    # DDP copies a gradient whose strides are not its parameter's into its bucket, with a warning: under
+    # torchrun the SE gates' 1x1 weights, channels_last, got their gradients (the kernel L2 term's added in)
+    # in plain strides. The loss has the L2 term as train() adds it.
+    import onnx_ir as ir
+
+    from bnncc.torchview import to_torch
+
+    student = to_training_layout(to_torch(ir.load(teacher_and_student[1])), torch.device("cpu")).train()
+    images = torch.randn(2, 3, 32, 32).to(memory_format=MEMORY_FORMAT)
+    (student(images).square().mean() + _kernel_l2(student)).backward()
+    params = dict(student.named_parameters())
+    one_by_one = [name for name, p in params.items() if p.dim() == 4 and p.shape[2:] == (1, 1)]
+    assert len(one_by_one) >= 32  # the SE gates' weights, two a PokeConv
+    assert all(p.is_contiguous(memory_format=MEMORY_FORMAT) for p in params.values() if p.dim() == 4)
+    assert {name: p.grad.stride() for name, p in params.items()} == {name: p.stride() for name, p in params.items()}
 
 
 @pytest.mark.slow  # compiles (tens of seconds)
