@@ -51,7 +51,7 @@ CROSS_CXX = "aarch64-linux-gnu-g++"
 # 4 32-bit lanes of a 128-bit NEON register; up to 16 accumulators and 16 vectors of channels (one
 # pixel x 64 channels), the rest of the 32 registers for the weights in flight and the broadcast
 # word; byte-lane counts widened by uaddlp/uadalp
-NEON = VectorUnit(lanes=4, accumulators=16, channel_vectors=16, byte_counts=True,
+NEON = VectorUnit(lanes=4, accumulators=16, channel_vectors=16, byte_counts=True, one_step_loop=True,
                   pairwise_add="llvm.aarch64.neon.uaddlp")
 
 

@@ -64,6 +64,11 @@ class VectorUnit:
     # count mismatches in byte lanes, widened once per chunk of steps (_byte_counts): for CPUs
     # without a 32-bit vector popcount, where LLVM widens the bytes to words after every step
     byte_counts: bool = False
+    # a byte-count chunk's kernel columns and words as one loop of steps: LLVM unrolls a loop of 2
+    # or 4 words whole, and where the tile's accumulators and one step's weight vectors take all the
+    # registers (NEON: 16 + 16) the unrolled steps spilled in the hot loop; one loop stays rolled,
+    # a word a pass (bench/RESULTS.md, ARM64 estimates)
+    one_step_loop: bool = False
     # the LLVM intrinsic of the CPU's widening pairwise add (NEON "llvm.aarch64.neon.uaddlp"):
     # a chunk's byte counts become words in two of them (_byte_sum_intrin); None: shifts and masks
     pairwise_add: str | None = None
@@ -454,6 +459,8 @@ def _byte_counts(sch: s_tir.Schedule, pop, chunks, tile_shape: tuple[int, int], 
     depth = _TILE_DEPTH + 1 if "chunk" in loops else _TILE_DEPTH
     sch.compute_at(rf, sch.get_loops(pop)[depth - 1])
     counts = _loops_under(sch, rf, depth, ("wo", "co", "kh", "kw", "j", "half"), (*tile_shape, *steps, 2))
+    if unit.one_step_loop and "kw" in counts and "j" in counts:
+        counts["kw"] = sch.fuse(counts.pop("kw"), counts.pop("j"))  # (kw, j): adjacent words of pad and weights
     _register_steps(sch, rf, counts, ("kh", "kw", "j"), vec, vectorize=False, innermost=("half",))
     if nibbles:
         # the lanes and, under them, the two halves

@@ -4,6 +4,7 @@ trip count against hand-computed values, and cycles from llvm-mca."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -51,6 +52,17 @@ def test_binary_conv_hot_loop_trip_count(conv_library):
     assert all(level.passes * level.cycles_per_pass == pytest.approx(level.cycles) for level in loop.around)
     with pytest.raises(BnnccError, match="does not divide"):
         estimate.estimate_binary(code, bits + 32, "aarch64", "cortex-a76")
+
+
+def test_the_neon_hot_loop_is_one_word_of_64_channels_in_registers(conv_library):
+    # LLVM unrolled the 2 words of a 64-channel tap whole: 32 weight vectors a pass beside the 16
+    # accumulators spilled to the stack in the hot loop (PokeBNN-1x's 3x3 kernels, stage 1: 62.5 cycles
+    # a pass on neoverse-n1 where one word's 16 eor + 16 cnt + 16 add take 24 on its two vector pipes)
+    code = estimate.kernel_code(estimate.disassemble(conv_library), "main")
+    hot = max(estimate.innermost_loops(code), key=estimate.binary_bits)
+    assert estimate.binary_bits(hot) == 64 * 32
+    assert [i.mnemonic for i in hot].count("cnt") == 16
+    assert not [i for i in hot if re.search(r"\bsp\b", i.operands)]  # no stack access
 
 
 def test_loops_and_work_by_hand():
