@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["eight_bit"]
+__all__ = ["EVAL_CROP", "centre_box", "eight_bit"]
 
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
@@ -20,3 +20,17 @@ def eight_bit(image: Image.Image) -> Image.Image:
         return image
     grey = np.clip(np.asarray(image, dtype=np.float32) / white, 0.0, 1.0)
     return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")
+
+
+# Evaluation's centre crop of image files, as a share of the short side (224 of 256, as ImageNet models
+# are evaluated); fine-tuning records it, and `bnncc run` crops an image alike (bnncc.cli._inputs)
+EVAL_CROP = 224 / 256
+
+
+def centre_box(width: int, height: int, size: tuple[float, float], share: float) -> tuple[float, float, float, float]:
+    """The centred box (left, top, right, bottom) of ``size``'s aspect ratio whose shorter side is
+    ``share`` of the image's room for it."""
+    scale = share * min(width / size[0], height / size[1])
+    w, h = scale * size[0], scale * size[1]
+    left, top = (width - w) / 2, (height - h) / 2
+    return left, top, left + w, top + h

@@ -150,6 +150,9 @@ def _manifest_problem(manifest: dict) -> str | None:
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in stats) or \
                 not all(x > 0 for x in stats[1]):
             return f"preprocessing {preprocessing!r}; expected mean and std of {channels} numbers, std > 0"
+        crop = preprocessing.get("crop", 1.0)
+        if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+            return f"preprocessing crop {crop!r}; expected a share of the short side in (0, 1]"
     return None
 
 

@@ -71,9 +71,11 @@ def _readme(manifest: dict, arch: str) -> str:
     functions = sorted(manifest["functions"].items(), key=lambda item: int(item[0]))
     first = functions[0][1]
     preprocessing = manifest.get("preprocessing")
+    crop = preprocessing.get("crop", 1.0) if preprocessing else 1.0
     pixels = (f"pixel values in [0, 1] normalised per channel as (x - mean) / std, "
-              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}" if preprocessing else
-              "images as the float network took them (no preprocessing is recorded)")
+              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}"
+              + (f", of an image's centre crop of {crop:.6g} of its short side" if crop < 1 else "")
+              if preprocessing else "images as the float network took them (no preprocessing is recorded)")
     lines = [
         f"PokeBNN library for {arch} Linux (target {manifest['target']['name']}, recipe {manifest.get('recipe')}),",
         "bundled by bnncc with what runs it: no Python needed.",

@@ -66,6 +66,7 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_memory = True  # False: images are read and decoded per batch, worth worker processes
+    eval_crop: float | None = None  # evaluation's centre crop (share of the short side); None: the whole image
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -139,14 +139,16 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
 def _preprocessing(data: Dataset, channels: int) -> dict:
     """The normalisation the model was trained with, per input channel (data._adapt: grey data is
     repeated to C channels, exactly; colour data averaged to one channel after normalising, which
-    one mean and std of the channels' give only approximately)."""
+    one mean and std of the channels' give only approximately), and the centre crop evaluation took
+    of image files (``crop``, a share of the short side), which `bnncc run` then takes too."""
     mean, std = list(data.mean), list(data.std)
     if len(mean) != channels:
         if len(mean) == 1:
             mean, std = mean * channels, std * channels
         else:
             mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    return {"mean": mean, "std": std}
+    crop = {} if data.eval_crop is None else {"crop": data.eval_crop}
+    return {"mean": mean, "std": std, **crop}
 
 
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,

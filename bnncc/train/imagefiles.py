@@ -37,7 +37,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bnncc.errors import BnnccError
-from bnncc.images import eight_bit
+from bnncc.images import EVAL_CROP, centre_box, eight_bit
 from bnncc.train.data import Dataset, Loaded
 
 __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
@@ -45,7 +45,6 @@ __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_sam
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-EVAL_CROP = 224 / 256  # the evaluation crop's share of the short side
 _ATTEMPTS = 10  # random resized crop: draws before the centre-crop fallback
 # What Pillow raises on a file it cannot read: OSError (truncated, unidentified, unreadable),
 # SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError (more
@@ -83,6 +82,7 @@ class ImageFiles(Dataset):
 
     in_memory = False
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    eval_crop = EVAL_CROP
 
     def __init__(self, root: Path, sources: list[Path], source: np.ndarray, names: Names, labels: np.ndarray,
                  classes: list[str], offsets: np.ndarray | None = None, sizes: np.ndarray | None = None):
@@ -164,7 +164,7 @@ def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None
         # JPEG) without Pillow's two-line warning on stderr; beyond, it is a bad image (_DECODE_ERRORS)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         rng = np.random.default_rng(key) if key is not None else None
-        box = _random_box(*im.size, rng) if rng is not None else _centre_box(*im.size, size, EVAL_CROP)
+        box = _random_box(*im.size, rng) if rng is not None else centre_box(*im.size, size, EVAL_CROP)
         left, top, right, bottom = box
         width, height = im.size
         # JPEG only (a no-op elsewhere): the coarsest DCT scale at which the crop keeps >= size pixels
@@ -188,15 +188,7 @@ def _random_box(width: int, height: int, rng: np.random.Generator) -> tuple[floa
             left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
             return left, top, left + w, top + h
     aspect = min(max(width / height, 3 / 4), 4 / 3)  # fallback: the centre crop of the nearest allowed ratio
-    return _centre_box(width, height, (aspect, 1.0), 1.0)
-
-
-def _centre_box(width: int, height: int, size: tuple[float, float], share: float) -> tuple[float, float, float, float]:
-    """The centred box of ``size``'s aspect ratio whose shorter side is ``share`` of the image's room for it."""
-    scale = share * min(width / size[0], height / size[1])
-    w, h = scale * size[0], scale * size[1]
-    left, top = (width - w) / 2, (height - h) / 2
-    return left, top, left + w, top + h
+    return centre_box(width, height, (aspect, 1.0), 1.0)
 
 
 def open_image_folder(folder: Path, split: str) -> ImageFiles:

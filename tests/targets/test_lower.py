@@ -308,6 +308,8 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
     (dict(manifest=lambda m: m.pop("target")), "target None"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": "abc"})), "preprocessing"),
+    (dict(manifest=lambda m: m.update(preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "crop": 1.5})),
+     "preprocessing crop 1.5"),
     (dict(manifest=lambda m: m["target"].update(llvm="{not json")), "is not an LLVM target"),
     (dict(manifest=lambda m: m["target"].update(name="arm64")), "a library for x86-64, not aarch64"),
     # an aarch64 library (ELF e_machine 183) beside a manifest naming x86-64
@@ -507,6 +509,31 @@ def test_run_cli_normalises_as_the_manifest_says_and_reads_deep_images(library, 
     code, out, _ = cli("run", library[0], "--input", tmp_path / "grey16.png", "--top", "1")
     expected = np.repeat((np.round(grey / 65535 * 255) / 255).astype(np.float32)[None], 3, axis=0)
     assert code == 0 and top_class(out) == int(_onnxruntime(model, expected[None]).argmax())
+
+
+def test_run_cli_crops_an_image_as_evaluation_decoded_it(library, cli, tmp_path):
+    """With the centre crop that fine-tuning on image files records, `run` feeds the library what evaluation
+    decoded from the file (imagefiles._decode: the centre 224/256 of the short side, bicubic), where it
+    squeezed the whole image into the network's square."""
+    from PIL import Image
+
+    from bnncc.cli._inputs import read_input
+    from bnncc.train.imagefiles import _decode
+
+    _, model = library
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(path)
+    stats = {"mean": [0.2, 0.4, 0.6], "std": [0.5, 0.25, 0.125], "crop": 224 / 256}
+    evaluated = _decode(path.read_bytes(), (32, 32), None).transpose(2, 0, 1).astype(np.float32) / 255
+    expected = (evaluated - np.reshape(stats["mean"], (3, 1, 1))) / np.reshape(stats["std"], (3, 1, 1))
+    x = read_input(path, (3, 32, 32), stats)
+    np.testing.assert_allclose(x[0], expected, atol=1e-5)
+    whole = read_input(path, (3, 32, 32), {k: v for k, v in stats.items() if k != "crop"})
+    assert np.abs(whole - x).max() > 1  # (the whole image, as before, where no crop is recorded)
+    folder = _tampered(library, tmp_path, manifest=lambda m: m.update(preprocessing=stats))
+    code, out, _ = cli("run", folder, "--input", path, "--top", "1")
+    assert code == 0 and "its centre (0.875 of the short side)" in " ".join(out.split())
+    assert int(re.search(r"│\s+(\d+) │", out).group(1)) == int(_onnxruntime(model, x.astype(np.float32)).argmax())
 
 
 def test_compile_says_the_batch_sizes_the_library_holds(cli, tmp_path, library):

@@ -26,7 +26,8 @@ from torch import nn
 from bnncc.errors import BnnccError
 from bnncc.train import TrainConfig
 from bnncc.train.data import open_dataset, open_splits
-from bnncc.train.imagefiles import _centre_box, _random_box
+from bnncc.images import centre_box
+from bnncc.train.imagefiles import _random_box
 from bnncc.train.loader import Loader, Plan
 from bnncc.train.trainer import evaluate, evaluate_models, train
 
@@ -148,8 +149,8 @@ def test_random_crops_follow_the_inception_recipe():
     assert areas.min() >= 0.1 - 1e-9 and areas.max() <= 1 and ratios.min() >= 0.75 - 1e-9 and ratios.max() <= 4 / 3 + 1e-9
     assert np.quantile(areas, 0.1) < 0.25 and random_ones.mean() > 0.5
     # A long image falls back to its centred 4:3 crop.
-    assert _random_box(1000, 10, np.random.default_rng(0)) == pytest.approx(_centre_box(1000, 10, (4, 3), 1.0))
-    assert _centre_box(1000, 10, (4, 3), 1.0) == pytest.approx((500 - 20 / 3, 0, 500 + 20 / 3, 10))
+    assert _random_box(1000, 10, np.random.default_rng(0)) == pytest.approx(centre_box(1000, 10, (4, 3), 1.0))
+    assert centre_box(1000, 10, (4, 3), 1.0) == pytest.approx((500 - 20 / 3, 0, 500 + 20 / 3, 10))
 
 
 def test_augmentation_flips_half_of_the_images(tmp_path):
@@ -447,6 +448,7 @@ def test_evaluation_with_workers_scores_every_validation_image(data_dir):
 
 @pytest.mark.slow  # builds a ResNet-50 teacher and its PokeBNN student (tens of seconds)
 def test_finetune_reads_shards_and_evaluates_on_their_validation_split(data_root, tmp_path):
+    import onnx
     import onnx_ir as ir
 
     from bnncc.frontend import load
@@ -463,6 +465,17 @@ def test_finetune_reads_shards_and_evaluates_on_their_validation_split(data_root
     # 12 validation images: accuracies are multiples of 1/12
     assert result.student_top1 is not None and round(result.student_top1 * 12 / 100, 6).is_integer()
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["bad_images"] == 0
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "trained.onnx").metadata_props}
+    assert json.loads(metadata["bnncc.preprocessing"])["crop"] == 224 / 256  # what `bnncc run` crops alike
+
+
+def test_image_files_record_the_centre_crop_they_were_evaluated_on(data_root, idx_dir):
+    """`bnncc run` took the whole image where evaluation took the centre 224/256 of its short side."""
+    from bnncc.train.finetune import _preprocessing
+
+    recorded = _preprocessing(open_dataset(data_root / "images", "train"), 3)
+    assert recorded == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop": 0.875}
+    assert "crop" not in _preprocessing(open_dataset(idx_dir, "train"), 3)  # IDX images are evaluated whole
 
 
 def test_more_workers_than_cores_is_an_error(data_root):
