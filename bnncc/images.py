@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["EVAL_CROP", "centre_box", "eight_bit"]
+__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "centre_box", "eight_bit"]
 
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
@@ -21,6 +21,8 @@ def eight_bit(image: Image.Image) -> Image.Image:
     grey = np.clip(np.asarray(image, dtype=np.float32) / white, 0.0, 1.0)
     return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), mode="L")
 
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a viewer turns the stored pixels
 
 # Evaluation's centre crop of image files, as a share of the short side (224 of 256, as ImageNet models
 # are evaluated); fine-tuning records it, and `bnncc run` crops an image alike (bnncc.cli._inputs)

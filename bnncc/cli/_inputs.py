@@ -11,6 +11,7 @@ import numpy as np
 from bnncc.cli._app import console
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
+from bnncc.images import EXIF_ORIENTATION
 
 
 def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
@@ -71,8 +72,6 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-_ORIENTATION = 0x0112  # the EXIF tag
-
 # the PIL mode an image is read in for a network of so many input channels
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -92,7 +91,7 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 # its size as a viewer shows it: EXIF orientations 5 to 8 turn it a quarter
-                size = opened.size[::-1] if opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
+                size = opened.size[::-1] if opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
                 # a JPEG decoded at the smallest of 1/2, 1/4, 1/8 its size still above the network's
                 # (its crop's, with one): a 13000x13000 one took 2.1 GB to be made 224x224
                 need = (math.ceil(max(width, height) / crop),) * 2 if crop else (width, height)

@@ -8,7 +8,8 @@ numpy arrays (a few tens of bytes an image), so memory does not grow with the im
 any image can be read on its own: the epoch order is a permutation of the whole split, as for
 data held in memory, and a resumed run reads exactly the images it would have.
 
-Decoding is Pillow's (libjpeg-turbo for JPEG), taken from the original image (pokebnn.md, "Data"):
+Decoding is Pillow's (libjpeg-turbo for JPEG), taken from the original image (pokebnn.md, "Data"),
+turned as its EXIF orientation says, as `bnncc run` reads it:
 
 * training: an Inception-style random resized crop (area 0.1-1 of the image, aspect ratio
   3/4-4/3, 10 attempts, then the centre crop), resized bicubically to the model's input,
@@ -34,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bnncc.errors import BnnccError
-from bnncc.images import EVAL_CROP, centre_box, eight_bit
+from bnncc.images import EVAL_CROP, EXIF_ORIENTATION, centre_box, eight_bit
 from bnncc.train.data import Dataset, Loaded
 
 __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
@@ -163,6 +164,10 @@ def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None
         # up to twice Pillow's pixel guard an image is decoded (its draft scale keeps that cheap for a
         # JPEG) without Pillow's two-line warning on stderr; beyond, it is a bad image (_DECODE_ERRORS)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            # turned as a viewer shows it, as `bnncc run` reads it (decoded whole, without the DCT
+            # scaling below: few images carry an orientation)
+            im = ImageOps.exif_transpose(im)
         rng = np.random.default_rng(key) if key is not None else None
         box = _random_box(*im.size, rng) if rng is not None else centre_box(*im.size, size, EVAL_CROP)
         left, top, right, bottom = box

@@ -503,6 +503,26 @@ def test_a_16_bit_image_trains_as_its_8_bit_version(tmp_path):
     np.testing.assert_array_equal(got, _decode(shallow.getvalue(), (32, 32), None))
 
 
+def test_an_exif_turned_photo_trains_and_runs_upright(tmp_path):
+    """A photo stored sideways with an EXIF orientation (what phones write): training read it as stored
+    where `bnncc run` turned it, so the network ran on other pixels than it was evaluated on."""
+    from bnncc.cli._inputs import read_input
+    from bnncc.train.imagefiles import _decode
+
+    stored = np.random.default_rng(3).integers(0, 256, (40, 64, 3), dtype=np.uint8)  # 64 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise
+    sideways, upright = tmp_path / "sideways.png", tmp_path / "upright.png"
+    Image.fromarray(stored).save(sideways, exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1))).save(upright)  # 40 wide, 64 high
+    for key in (None, (0, 1, 2)):  # evaluation's centre crop, a training crop
+        got = _decode(sideways.read_bytes(), (24, 32), key)
+        np.testing.assert_array_equal(got, _decode(upright.read_bytes(), (24, 32), key))
+    stats = {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 0.875}
+    evaluated = _decode(sideways.read_bytes(), (24, 32), None).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(read_input(sideways, (3, 32, 24), stats)[0], evaluated, atol=1e-6)
+
+
 def test_hidden_files_and_folders_are_no_data(tmp_path):
     """A Mac copies each image's ._ sidecar along (counted as unreadable: past 1% the run stopped),
     and a notebook leaves .ipynb_checkpoints (an empty class, refused)."""
