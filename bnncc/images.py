@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
-from PIL import Image
+import math
+from typing import Callable
 
-__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "centre_box", "eight_bit"]
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "centre_box", "eight_bit", "upright_crop", "upright_size"]
 
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
@@ -24,8 +27,9 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a viewer turns the stored pixels
 
-# Evaluation's centre crop of image files, as a share of the short side (224 of 256, as ImageNet models
-# are evaluated); fine-tuning records it, and `bnncc run` crops an image alike (bnncc.cli._inputs)
+# Evaluation's centre crop of image files: the box of the network's shape, this share of the largest
+# that fits (224 of 256 of a square input, as ImageNet models are evaluated); fine-tuning records it,
+# and `bnncc run` crops an image alike (bnncc.cli._inputs)
 EVAL_CROP = 224 / 256
 
 
@@ -36,3 +40,31 @@ def centre_box(width: int, height: int, size: tuple[float, float], share: float)
     w, h = scale * size[0], scale * size[1]
     left, top = (width - w) / 2, (height - h) / 2
     return left, top, left + w, top + h
+
+
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in an image's upright pixels
+
+
+def upright_size(opened: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image file as a viewer shows it: EXIF orientations 5 to 8 turn it a
+    quarter."""
+    return opened.size[::-1] if opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
+
+
+def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[int, int], Box],
+                 mode: str) -> Image.Image:
+    """The image file ``opened`` (opened, not yet decoded) turned as its EXIF orientation says, its box
+    ``box_of(width, height)`` of those upright pixels resized bicubically to ``size`` (W, H), in PIL
+    ``mode``. A JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8) at which the box keeps at
+    least ``size``'s pixels (a 13000x13000 one took 2.1 GB to be made 224x224 from its full size).
+    Training, evaluation and `bnncc run` decode through here, so a file gives them the same pixels."""
+    orientation = opened.getexif().get(EXIF_ORIENTATION, 1)
+    width, height = upright_size(opened)
+    left, top, right, bottom = box_of(width, height)
+    need = (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top)))
+    # the DCT scale is chosen on the stored pixels, before the turn (a no-op but for JPEG)
+    opened.draft("L" if mode == "L" else "RGB", need[::-1] if orientation in (5, 6, 7, 8) else need)
+    image = ImageOps.exif_transpose(opened) if orientation != 1 else opened
+    sx, sy = image.size[0] / width, image.size[1] / height
+    return eight_bit(image).convert(mode).resize(size, Image.Resampling.BICUBIC,
+                                                 box=(left * sx, top * sy, right * sx, bottom * sy))

@@ -152,7 +152,8 @@ def _manifest_problem(manifest: dict) -> str | None:
             return f"preprocessing {preprocessing!r}; expected mean and std of {channels} numbers, std > 0"
         crop = preprocessing.get("crop", 1.0)
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
-            return f"preprocessing crop {crop!r}; expected a share of the short side in (0, 1]"
+            return (f"preprocessing crop {crop!r}; expected a share in (0, 1] of the largest centre box of the "
+                    f"input's shape")
     return None
 
 

@@ -71,10 +71,10 @@ def _readme(manifest: dict, arch: str) -> str:
     functions = sorted(manifest["functions"].items(), key=lambda item: int(item[0]))
     first = functions[0][1]
     preprocessing = manifest.get("preprocessing")
-    crop = preprocessing.get("crop", 1.0) if preprocessing else 1.0
+    crop = f", of an image's centre box of this shape, {preprocessing['crop']:.6g} of the largest that fits" \
+        if preprocessing and "crop" in preprocessing else ""
     pixels = (f"pixel values in [0, 1] normalised per channel as (x - mean) / std, "
-              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}"
-              + (f", of an image's centre crop of {crop:.6g} of its short side" if crop < 1 else "")
+              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}{crop}"
               if preprocessing else "images as the float network took them (no preprocessing is recorded)")
     lines = [
         f"PokeBNN library for {arch} Linux (target {manifest['target']['name']}, recipe {manifest.get('recipe')}),",

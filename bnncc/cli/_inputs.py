@@ -11,13 +11,13 @@ import numpy as np
 from bnncc.cli._app import console
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
-from bnncc.images import EXIF_ORIENTATION
+from bnncc.images import centre_box, upright_crop, upright_size
 
 
 def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
-    """(N, C, H, W) float32: a .npy as it is; an image cropped as evaluation cropped (the manifest's
-    ``crop``, else whole), resized to (H, W), scaled to [0, 1] and normalised with the manifest's
-    mean/std when it records them."""
+    """(N, C, H, W) float32: a .npy as it is; an image decoded as evaluation decoded it (upright, the
+    centre box of the manifest's ``crop``, else whole), resized to (H, W), scaled to [0, 1] and
+    normalised with the manifest's mean/std when it records them."""
     require_file(path, "an image or .npy file")
     x = _read_array(path) if path.suffix.lower() == ".npy" else _read_image(path, chw, preprocessing)
     if len(x) == 0:
@@ -77,7 +77,7 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     channels, height, width = chw
     crop = (preprocessing or {}).get("crop")
@@ -90,18 +90,15 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             # that is read (its memory is bounded); PIL's warning would print its own lines
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                # its size as a viewer shows it: EXIF orientations 5 to 8 turn it a quarter
-                size = opened.size[::-1] if opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
-                # a JPEG decoded at the smallest of 1/2, 1/4, 1/8 its size still above the network's
-                # (its crop's, with one): a 13000x13000 one took 2.1 GB to be made 224x224
-                need = (math.ceil(max(width, height) / crop),) * 2 if crop else (width, height)
-                opened.draft("L" if channels == 1 else "RGB", need)
-                image = ImageOps.exif_transpose(opened)
-                x = _pixels(image, channels, (width, height), crop)
+                size = upright_size(opened)
+                box_of = ((lambda w, h: centre_box(w, h, (width, height), crop)) if crop
+                          else (lambda w, h: (0, 0, w, h)))
+                image = upright_crop(opened, (width, height), box_of, _MODES[channels])
+                x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
-    if size != (width, height):  # said, since a tiny or oddly shaped image classifies poorly
-        cropped = f"its centre ({crop:.3g} of the short side) " if crop else ""
+    if size != (width, height) or crop:  # said, since a tiny or oddly shaped image classifies poorly
+        cropped = f"centre-cropped ({crop:.3g}) and " if crop else ""
         console.print(f"{path}: a {size[0]}x{size[1]} image, {cropped}resized to the network's {width}x{height}",
                       style="dim", highlight=False)
     if preprocessing:
@@ -109,16 +106,3 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
         std = np.asarray(preprocessing["std"], np.float32).reshape(-1, 1, 1)
         x = (x - mean) / std
     return x[None]
-
-
-def _pixels(image, channels: int, size: tuple[int, int], crop: float | None) -> np.ndarray:
-    """(C, H, W) float32 in [0, 1] of the PIL ``image`` resized bicubically to ``size`` (W, H): with a
-    ``crop``, its centre box of ``size``'s aspect whose short side is that share of the image's room
-    for it, as evaluation decodes image files (bnncc.train.imagefiles); else the whole image."""
-    from PIL import Image
-
-    from bnncc.images import centre_box, eight_bit
-
-    box = centre_box(*image.size, size, crop) if crop else None
-    image = eight_bit(image).convert(_MODES[channels]).resize(size, Image.Resampling.BICUBIC, box=box)
-    return np.asarray(image, dtype=np.float32).reshape(size[1], size[0], channels).transpose(2, 0, 1) / 255.0

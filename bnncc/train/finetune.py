@@ -140,7 +140,8 @@ def _preprocessing(data: Dataset, channels: int) -> dict:
     """The normalisation the model was trained with, per input channel (data._adapt: grey data is
     repeated to C channels, exactly; colour data averaged to one channel after normalising, which
     one mean and std of the channels' give only approximately), and the centre crop evaluation took
-    of image files (``crop``, a share of the short side), which `bnncc run` then takes too."""
+    of image files (``crop``: the share of the largest box of the input's shape), which `bnncc run`
+    then takes too."""
     mean, std = list(data.mean), list(data.std)
     if len(mean) != channels:
         if len(mean) == 1:

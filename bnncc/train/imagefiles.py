@@ -9,13 +9,14 @@ any image can be read on its own: the epoch order is a permutation of the whole 
 data held in memory, and a resumed run reads exactly the images it would have.
 
 Decoding is Pillow's (libjpeg-turbo for JPEG), taken from the original image (pokebnn.md, "Data"),
-turned as its EXIF orientation says, as `bnncc run` reads it:
+turned as its EXIF orientation says (``bnncc.images.upright_crop``, which `bnncc run` decodes with too):
 
 * training: an Inception-style random resized crop (area 0.1-1 of the image, aspect ratio
   3/4-4/3, 10 attempts, then the centre crop), resized bicubically to the model's input,
   flipped horizontally with probability 1/2; the draws come from a generator seeded by
   ``(seed, step, position in the global batch)``;
-* evaluation: the centre crop of 224/256 of the short side, resized to the model's input.
+* evaluation: the centre box of the model input's shape, 224/256 of the largest that fits (of the
+  short side, for a square input), resized bicubically to the model's input.
 
 A JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT (Pillow's ``draft``) when the crop still
 has at least the output's pixels at that scale. An image that cannot be read or decoded is
@@ -35,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from bnncc.errors import BnnccError
-from bnncc.images import EVAL_CROP, EXIF_ORIENTATION, centre_box, eight_bit
+from bnncc.images import EVAL_CROP, centre_box, upright_crop
 from bnncc.train.data import Dataset, Loaded
 
 __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
@@ -164,19 +165,9 @@ def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None
         # up to twice Pillow's pixel guard an image is decoded (its draft scale keeps that cheap for a
         # JPEG) without Pillow's two-line warning on stderr; beyond, it is a bad image (_DECODE_ERRORS)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
-            # turned as a viewer shows it, as `bnncc run` reads it (decoded whole, without the DCT
-            # scaling below: few images carry an orientation)
-            im = ImageOps.exif_transpose(im)
         rng = np.random.default_rng(key) if key is not None else None
-        box = _random_box(*im.size, rng) if rng is not None else centre_box(*im.size, size, EVAL_CROP)
-        left, top, right, bottom = box
-        width, height = im.size
-        # JPEG only (a no-op elsewhere): the coarsest DCT scale at which the crop keeps >= size pixels
-        im.draft("RGB", (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top))))
-        sx, sy = im.size[0] / width, im.size[1] / height
-        out = eight_bit(im).convert("RGB").resize(size, Image.Resampling.BICUBIC,
-                                                  box=(left * sx, top * sy, right * sx, bottom * sy))
+        out = upright_crop(im, size, lambda w, h: _random_box(w, h, rng) if rng is not None
+                           else centre_box(w, h, size, EVAL_CROP), "RGB")
         if rng is not None and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)

@@ -55,11 +55,11 @@ MEMORY_FORMAT = torch.channels_last
 
 
 def to_training_layout(student: nn.Module, device: torch.device) -> nn.Module:
-    """``student`` on ``device`` in MEMORY_FORMAT, but its 1x1 weights (the SE gates') in plain
-    contiguous strides. channels_last gives a (O, I, 1, 1) weight strides (I, 1, I, I) over the same
-    memory order, which torch's elementwise ops do not keep: the kernel L2 term's gradient came back
-    (I, 1, 1, 1), and DDP copied it into its bucket with a warning each run ("Grad strides do not
-    match bucket view strides")."""
+    """``student`` on ``device`` in MEMORY_FORMAT, but a weight whose channels_last strides describe
+    plain contiguous memory (a 1x1 kernel: the SE gates') in plain strides. channels_last gives a
+    (O, I, 1, 1) weight strides (I, 1, I, I), which torch's elementwise ops do not keep: the kernel L2
+    term's gradient came back (I, 1, 1, 1), and DDP copied it into its bucket with a warning each run
+    ("Grad strides do not match bucket view strides")."""
     student.to(device, memory_format=MEMORY_FORMAT)
     for p in student.parameters():
         if p.is_contiguous() and p.stride() != torch.empty(p.shape, device="meta").stride():

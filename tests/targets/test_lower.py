@@ -514,7 +514,7 @@ def test_run_cli_normalises_as_the_manifest_says_and_reads_deep_images(library, 
 def test_run_cli_crops_an_image_as_evaluation_decoded_it(library, cli, tmp_path):
     """With the centre crop that fine-tuning on image files records, `run` feeds the library what evaluation
     decoded from the file (imagefiles._decode: the centre 224/256 of the short side, bicubic), where it
-    squeezed the whole image into the network's square."""
+    squeezed the whole image into the network's square (JPEGs: test_data_files)."""
     from PIL import Image
 
     from bnncc.cli._inputs import read_input
@@ -532,7 +532,7 @@ def test_run_cli_crops_an_image_as_evaluation_decoded_it(library, cli, tmp_path)
     assert np.abs(whole - x).max() > 1  # (the whole image, as before, where no crop is recorded)
     folder = _tampered(library, tmp_path, manifest=lambda m: m.update(preprocessing=stats))
     code, out, _ = cli("run", folder, "--input", path, "--top", "1")
-    assert code == 0 and "its centre (0.875 of the short side)" in " ".join(out.split())
+    assert code == 0 and "a 64x40 image, centre-cropped (0.875) and resized" in " ".join(out.split())
     assert int(re.search(r"│\s+(\d+) │", out).group(1)) == int(_onnxruntime(model, x.astype(np.float32)).argmax())
 
 

@@ -503,10 +503,35 @@ def test_a_16_bit_image_trains_as_its_8_bit_version(tmp_path):
     np.testing.assert_array_equal(got, _decode(shallow.getvalue(), (32, 32), None))
 
 
-def test_an_exif_turned_photo_trains_and_runs_upright(tmp_path):
-    """A photo stored sideways with an EXIF orientation (what phones write): training read it as stored
-    where `bnncc run` turned it, so the network ran on other pixels than it was evaluated on."""
+def _jpeg(path: Path, width: int, height: int, orientation: int = 1) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("stored, orientation, chw", [
+    ((74, 75), 1, (3, 32, 32)),  # where the DCT scale of a crop and of the whole image's box differed
+    ((256, 160), 6, (3, 32, 32)),  # stored sideways: the scale is chosen on the stored pixels
+    ((800, 400), 1, (3, 168, 224)),  # a network input of another shape than a square
+    ((3001, 2048), 8, (3, 224, 224)),
+])
+def test_run_decodes_an_image_file_as_evaluation_did(tmp_path, stored, orientation, chw):
+    """`bnncc run` with the crop fine-tuning records gives the library the pixels evaluation decoded
+    from the same file: it chose another DCT scale for JPEGs (up to 43/255 apart) and turned EXIF
+    photos that evaluation read as stored."""
     from bnncc.cli._inputs import read_input
+    from bnncc.train.imagefiles import _decode
+
+    path = _jpeg(tmp_path / "photo.jpg", *stored, orientation)
+    stats = {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 224 / 256}
+    evaluated = _decode(path.read_bytes(), chw[:0:-1], None).transpose(2, 0, 1) / 255
+    np.testing.assert_allclose(read_input(path, chw, stats)[0], evaluated, rtol=0, atol=1e-6)
+
+
+def test_an_exif_turned_photo_trains_upright(tmp_path):
+    """A photo stored sideways with an EXIF orientation (what phones write) trained as stored."""
     from bnncc.train.imagefiles import _decode
 
     stored = np.random.default_rng(3).integers(0, 256, (40, 64, 3), dtype=np.uint8)  # 64 wide, 40 high
@@ -516,11 +541,8 @@ def test_an_exif_turned_photo_trains_and_runs_upright(tmp_path):
     Image.fromarray(stored).save(sideways, exif=exif)
     Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=-1))).save(upright)  # 40 wide, 64 high
     for key in (None, (0, 1, 2)):  # evaluation's centre crop, a training crop
-        got = _decode(sideways.read_bytes(), (24, 32), key)
-        np.testing.assert_array_equal(got, _decode(upright.read_bytes(), (24, 32), key))
-    stats = {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 0.875}
-    evaluated = _decode(sideways.read_bytes(), (24, 32), None).transpose(2, 0, 1) / 255
-    np.testing.assert_allclose(read_input(sideways, (3, 32, 24), stats)[0], evaluated, atol=1e-6)
+        np.testing.assert_array_equal(_decode(sideways.read_bytes(), (24, 32), key),
+                                      _decode(upright.read_bytes(), (24, 32), key))
 
 
 def test_hidden_files_and_folders_are_no_data(tmp_path):
