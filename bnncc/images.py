@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+import warnings
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "centre_box", "eight_bit", "upright_crop", "upright_size"]
+__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "centre_box", "eight_bit", "orientation", "quietly",
+           "upright_crop", "upright_size"]
 
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
@@ -45,10 +48,29 @@ def centre_box(width: int, height: int, size: tuple[float, float], share: float)
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in an image's upright pixels
 
 
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """Pillow opening and decoding without its warnings on stderr: an image of up to twice its pixel
+    guard is decoded (its memory stays bounded; beyond, Pillow raises DecompressionBombError), and a
+    damaged EXIF block ("Corrupt EXIF data", warned by Image.open itself) is read as none. Open inside."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", "(Possibly )?[Cc]orrupt EXIF", UserWarning)
+        yield
+
+
+def orientation(opened: Image.Image) -> int:
+    """The EXIF orientation (1 to 8) of an opened image file; 1 (as stored) without one, or when its
+    EXIF is damaged or holds no orientation value."""
+    with quietly():
+        value = opened.getexif().get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def upright_size(opened: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image file as a viewer shows it: EXIF orientations 5 to 8 turn it a
     quarter."""
-    return opened.size[::-1] if opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else opened.size
+    return opened.size[::-1] if orientation(opened) in (5, 6, 7, 8) else opened.size
 
 
 def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[int, int], Box],
@@ -58,13 +80,13 @@ def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[i
     ``mode``. A JPEG is decoded at the coarsest DCT scale (1/2, 1/4, 1/8) at which the box keeps at
     least ``size``'s pixels (a 13000x13000 one took 2.1 GB to be made 224x224 from its full size).
     Training, evaluation and `bnncc run` decode through here, so a file gives them the same pixels."""
-    orientation = opened.getexif().get(EXIF_ORIENTATION, 1)
+    turn = orientation(opened)
     width, height = upright_size(opened)
     left, top, right, bottom = box_of(width, height)
     need = (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top)))
     # the DCT scale is chosen on the stored pixels, before the turn (a no-op but for JPEG)
-    opened.draft("L" if mode == "L" else "RGB", need[::-1] if orientation in (5, 6, 7, 8) else need)
-    image = ImageOps.exif_transpose(opened) if orientation != 1 else opened
+    opened.draft("L" if mode == "L" else "RGB", need[::-1] if turn in (5, 6, 7, 8) else need)
+    image = ImageOps.exif_transpose(opened) if turn != 1 else opened
     sx, sy = image.size[0] / width, image.size[1] / height
     return eight_bit(image).convert(mode).resize(size, Image.Resampling.BICUBIC,
                                                  box=(left * sx, top * sy, right * sx, bottom * sy))

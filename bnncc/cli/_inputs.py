@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from bnncc.cli._app import console
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
-from bnncc.images import centre_box, upright_crop, upright_size
+from bnncc.images import centre_box, quietly, upright_crop, upright_size
 
 
 def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
@@ -85,16 +84,13 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
         raise BnnccError(f"{path}: the network takes {channels}-channel inputs, and an image gives 1 (grey), 3 (RGB) "
                          f"or 4 (RGBA); give its pixels as a .npy of shape ({channels}, {height}, {width}) instead")
     try:
-        with warnings.catch_warnings():
-            # an image of more pixels than PIL's guard against decompression bombs but fewer than twice
-            # that is read (its memory is bounded); PIL's warning would print its own lines
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                size = upright_size(opened)
-                box_of = ((lambda w, h: centre_box(w, h, (width, height), crop)) if crop
-                          else (lambda w, h: (0, 0, w, h)))
-                image = upright_crop(opened, (width, height), box_of, _MODES[channels])
-                x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+        # an image of up to twice PIL's pixel guard is read (its memory is bounded), beyond it is refused
+        with quietly(), Image.open(path) as opened:
+            size = upright_size(opened)
+            box_of = ((lambda w, h: centre_box(w, h, (width, height), crop)) if crop
+                      else (lambda w, h: (0, 0, w, h)))
+            image = upright_crop(opened, (width, height), box_of, _MODES[channels])
+            x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
     if size != (width, height) or crop:  # said, since a tiny or oddly shaped image classifies poorly

@@ -30,7 +30,6 @@ import io
 import math
 import os
 import tarfile
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bnncc.errors import BnnccError
-from bnncc.images import EVAL_CROP, centre_box, upright_crop
+from bnncc.images import EVAL_CROP, centre_box, quietly, upright_crop
 from bnncc.train.data import Dataset, Loaded
 
 __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_same_classes", "IMAGE_SUFFIXES"]
@@ -161,10 +160,9 @@ def _problem(error: Exception) -> str:
 
 def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None) -> np.ndarray:
     """Crop (random for a ``key``, else the evaluation crop) and resize to ``size`` = (W, H)."""
-    with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
-        # up to twice Pillow's pixel guard an image is decoded (its draft scale keeps that cheap for a
-        # JPEG) without Pillow's two-line warning on stderr; beyond, it is a bad image (_DECODE_ERRORS)
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # beyond twice Pillow's pixel guard an image is a bad one (_DECODE_ERRORS); below, its draft
+    # scale keeps a JPEG's decoding cheap
+    with quietly(), Image.open(io.BytesIO(data)) as im:
         rng = np.random.default_rng(key) if key is not None else None
         out = upright_crop(im, size, lambda w, h: _random_box(w, h, rng) if rng is not None
                            else centre_box(w, h, size, EVAL_CROP), "RGB")

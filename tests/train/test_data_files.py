@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -528,6 +529,44 @@ def test_run_decodes_an_image_file_as_evaluation_did(tmp_path, stored, orientati
     stats = {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 224 / 256}
     evaluated = _decode(path.read_bytes(), chw[:0:-1], None).transpose(2, 0, 1) / 255
     np.testing.assert_allclose(read_input(path, chw, stats)[0], evaluated, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", [
+    b"\x12\x34 not a TIFF header at all",
+    b"II*\x00" + (8).to_bytes(4, "little") + (500).to_bytes(2, "little") + bytes(10),  # 500 entries, room for none
+    b"MM\x00*" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big") + bytes.fromhex("0112 0003 00000001 0063 0000"),  # 99
+])
+def test_a_photo_with_corrupt_exif_decodes_as_stored_and_quietly(tmp_path, entry):
+    """A photo whose EXIF block is damaged decodes as stored (an orientation of 99 is none), and Pillow's
+    warning about it ("Corrupt EXIF data", from Image.open) no longer reaches stderr from each worker."""
+    from bnncc.cli._inputs import read_input
+    from bnncc.train.imagefiles import _decode
+
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(plain, quality=95)
+    data = plain.read_bytes()
+    segment = b"Exif\x00\x00" + entry
+    damaged = data[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + data[2:]
+    (tmp_path / "damaged.jpg").write_bytes(damaged)
+    stats = {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 0.875}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(_decode(damaged, (32, 24), None), _decode(data, (32, 24), None))
+        np.testing.assert_array_equal(read_input(tmp_path / "damaged.jpg", (3, 24, 32), stats),
+                                      read_input(plain, (3, 24, 32), stats))
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_an_image_within_twice_the_pixel_guard_decodes_without_a_warning():
+    """Training's decoding silenced Pillow's DecompressionBombWarning only after Image.open, which warns."""
+    from bnncc.train.imagefiles import _decode
+
+    png = io.BytesIO()
+    Image.new("L", (10000, 10000), 200).save(png, format="PNG")  # 100 M pixels: above the guard, below twice it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert (_decode(png.getvalue(), (16, 16), None) == 200).all()
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_an_exif_turned_photo_trains_upright(tmp_path):
