@@ -36,9 +36,9 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag that says how a viewer turns the store
 EVAL_CROP = 224 / 256
 
 
-def centre_box(width: int, height: int, size: tuple[float, float], share: float) -> tuple[float, float, float, float]:
-    """The centred box (left, top, right, bottom) of ``size``'s aspect ratio whose shorter side is
-    ``share`` of the image's room for it."""
+def centre_box(width: int, height: int, size: tuple[float, float], share: float) -> Box:
+    """The centred box of ``size``'s aspect ratio whose shorter side is ``share`` of the image's room
+    for it."""
     scale = share * min(width / size[0], height / size[1])
     w, h = scale * size[0], scale * size[1]
     left, top = (width - w) / 2, (height - h) / 2
@@ -68,9 +68,13 @@ def orientation(opened: Image.Image) -> int:
 
 
 def upright_size(opened: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image file as a viewer shows it: EXIF orientations 5 to 8 turn it a
-    quarter."""
-    return opened.size[::-1] if orientation(opened) in (5, 6, 7, 8) else opened.size
+    """(width, height) of an opened image file as a viewer shows it."""
+    return _upright(opened.size, orientation(opened))
+
+
+def _upright(size: tuple[int, int], turn: int) -> tuple[int, int]:
+    """A stored (width, height) as shown after EXIF orientation ``turn``: 5 to 8 turn it a quarter."""
+    return size[::-1] if turn in (5, 6, 7, 8) else size
 
 
 def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[int, int], Box],
@@ -81,11 +85,11 @@ def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[i
     least ``size``'s pixels (a 13000x13000 one took 2.1 GB to be made 224x224 from its full size).
     Training, evaluation and `bnncc run` decode through here, so a file gives them the same pixels."""
     turn = orientation(opened)
-    width, height = upright_size(opened)
+    width, height = _upright(opened.size, turn)
     left, top, right, bottom = box_of(width, height)
     need = (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top)))
     # the DCT scale is chosen on the stored pixels, before the turn (a no-op but for JPEG)
-    opened.draft("L" if mode == "L" else "RGB", need[::-1] if turn in (5, 6, 7, 8) else need)
+    opened.draft("L" if mode == "L" else "RGB", _upright(need, turn))
     image = ImageOps.exif_transpose(opened) if turn != 1 else opened
     sx, sy = image.size[0] / width, image.size[1] / height
     return eight_bit(image).convert(mode).resize(size, Image.Resampling.BICUBIC,

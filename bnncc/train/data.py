@@ -66,7 +66,9 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_memory = True  # False: images are read and decoded per batch, worth worker processes
-    eval_crop: float | None = None  # evaluation's centre crop (share of the short side); None: the whole image
+    # evaluation's centre crop (a share of the largest box of the input's shape, bnncc.images.centre_box);
+    # None: the whole image
+    eval_crop: float | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError

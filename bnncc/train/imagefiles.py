@@ -164,8 +164,9 @@ def _decode(data: bytes, size: tuple[int, int], key: tuple[int, int, int] | None
     # scale keeps a JPEG's decoding cheap
     with quietly(), Image.open(io.BytesIO(data)) as im:
         rng = np.random.default_rng(key) if key is not None else None
-        out = upright_crop(im, size, lambda w, h: _random_box(w, h, rng) if rng is not None
-                           else centre_box(w, h, size, EVAL_CROP), "RGB")
+        box_of = ((lambda w, h: _random_box(w, h, rng)) if rng is not None
+                  else (lambda w, h: centre_box(w, h, size, EVAL_CROP)))
+        out = upright_crop(im, size, box_of, "RGB")
         if rng is not None and rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)
