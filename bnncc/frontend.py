@@ -420,9 +420,11 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
         if node.op_type == "Conv" and len(node.input) > 1:
             w = shapes.get(node.input[1], [])
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            if channels is not None and len(w) > 1 and w[1] * group != channels:
+            # weights computed in the graph (timm's weight-standardized convs) have dims not inferred
+            if channels is not None and len(w) > 1 and w[1] is not None and w[1] * group != channels:
                 fail(node, f"weights of shape {w} in {group} group(s) for a {channels}-channel input")
-            if len(node.input) > 2 and node.input[2] and w and not _may_be(shapes.get(node.input[2]), w[0]):
+            if len(node.input) > 2 and node.input[2] and w and w[0] is not None \
+                    and not _may_be(shapes.get(node.input[2]), w[0]):
                 fail(node, f"bias of shape {shapes[node.input[2]]} for {w[0]} output channels")
         if node.op_type == "BatchNormalization" and channels is not None:
             for name in node.input[1:5]:

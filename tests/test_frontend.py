@@ -235,6 +235,27 @@ def test_a_per_channel_spatial_0_batch_norm_is_read_as_onnxruntime_reads_it(tmp_
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
 
 
+def test_conv_weights_computed_from_constants_are_read(tmp_path):
+    """timm's BiT export reshapes a conv's weights by a shape behind an Identity, which ONNX's shape
+    inference does not read: the shape check multiplied the unknown dims ('unexpected TypeError')."""
+    proto = onnx.load(str(zoo.export_onnx(zoo.resnet50(0.125, num_classes=10), tmp_path / "r.onnx", input_size=32)))
+    conv = [n for n in proto.graph.node if n.op_type == "Conv"][3]
+    init = next(t for t in proto.graph.initializer if t.name == conv.input[1])
+    weights = onnx.numpy_helper.to_array(init)
+    proto.graph.initializer.remove(init)
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(weights.reshape(-1), "flat"),
+                                    onnx.numpy_helper.from_array(np.array(weights.shape, np.int64), "shape")])
+    nodes = [helper.make_node("Identity", ["shape"], ["shape_copy"]),
+             helper.make_node("Reshape", ["flat", "shape_copy"], [conv.input[1]]), *proto.graph.node]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    onnx.save(proto, tmp_path / "computed.onnx")
+    model = load(tmp_path / "computed.onnx")
+    assert len(recognize(model).blocks) == 16
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
 def test_a_per_activation_batch_norm_of_an_old_opset_is_named(cli, tmp_path, opset7_path):
     """spatial=0 with parameters of another shape normalizes each activation on its own; the
     converter refuses it without naming the node."""
