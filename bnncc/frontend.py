@@ -643,13 +643,16 @@ _WHY_REFUSED = {
            "or before a MaxPool of a Relu's output)",
     "Mul": "an elementwise product, which a plain ResNet has none of (squeeze-excite and pre-activation "
            "ResNets are not supported; a batch norm as Mul and Add folds only into the conv right before it)",
+    **{op: "a normalization other than batch norm (torch exports GroupNorm as an instance norm): bnncc reads "
+           "ResNets whose batch norms fold into their convs" for op in
+       ("InstanceNormalization", "GroupNormalization", "LayerNormalization")},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
     **{op: _QUANTIZED for op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")},
 }
 
-_MOST_TELLING = ("BatchNormalization", "Mul")
+_MOST_TELLING = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization", "Mul")
 _ELEMENTWISE = ("Sub", "Div", "Mul", "Add")
 _INPUT_NORMALIZATION = ("an input normalization inside the graph: bnncc takes the network from its first conv; "
                         "export it without the normalization and normalize the images before the library")
@@ -660,8 +663,8 @@ def _check_canonical(model: ir.Model) -> None:
     require_ir_model(model)
     refused = [node for node in model.graph if node.domain != "" or node.op_type not in STABLE_OPS]
     if refused:
-        # a batch norm left unfolded (as itself or as Mul + Add) names the kind of network
-        # (pre-activation) best, wherever it is
+        # a norm other than batch norm, or a batch norm left unfolded (as itself or as Mul + Add), names
+        # the kind of network (group-normalized, pre-activation) best, wherever it is
         node = next((n for op in _MOST_TELLING for n in refused if n.op_type == op and n.domain == ""), refused[0])
         why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
         if node.op_type in _ELEMENTWISE and node.domain == "" and set(node.inputs) & set(model.graph.inputs):

@@ -489,6 +489,11 @@ def _pooled_shortcut(module):
     return module
 
 
+def _group_norm(module):
+    module.layer1[0].bn2 = torch.nn.GroupNorm(8, module.layer1[0].bn2.num_features)  # timm's resnet50_gn
+    return module
+
+
 class _Normalized(torch.nn.Module):
     """The network behind ImageNet's input normalization, as some exports wrap it."""
 
@@ -506,10 +511,11 @@ class _Normalized(torch.nn.Module):
     (_pre_activation, "BatchNormalization", "a batch norm that folds into no conv: it must follow a Conv"),
     (_pooled_shortcut, "AveragePool", "an average pool that is not the global pool before the classifier"),
     (_Normalized, "Sub", "an input normalization inside the graph: bnncc takes the network from its first conv"),
+    (_group_norm, "InstanceNormalization", "a normalization other than batch norm"),
 ])
 def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, op, fragment):
     """The list of allowed ops named the refused op among them (timm's resnetv2_50, resnet50d, a
-    normalization exported with the network)."""
+    normalization exported with the network); a group norm was named by its Mul as squeeze-excite."""
     path = zoo.export_onnx(change(zoo.resnet50(0.125, num_classes=10)), tmp_path / "variant.onnx", input_size=32)
     _expect_refusal(cli, path, f"({op}): {fragment}")
 
