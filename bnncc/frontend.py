@@ -630,6 +630,10 @@ def require_ir_model(model: object) -> None:
 # Why an op is refused, where the list of allowed ops would mislead: ops a float ResNet has, left in
 # the graph where the canonical form has none (a pre-activation ResNet's first batch norm was
 # "unsupported op; ... may use only Conv, BatchNormalization, ..."), and the ops of quantized models.
+# ops of the activations other than Relu that exports of ResNet variants write (SiLU is x * Sigmoid(x),
+# GELU x * (1 + Erf(x / sqrt 2)) / 2 before opset 20)
+_ACTIVATIONS = ("Sigmoid", "HardSigmoid", "Erf", "Gelu", "Tanh", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu",
+                "Softplus", "Mish", "HardSwish")
 _QUANTIZED = "a quantized model; bnncc takes the float ResNet it was quantized from"
 _WHY_REFUSED = {
     "BatchNormalization": "a batch norm that folds into no conv: it must follow a Conv and run in inference "
@@ -646,13 +650,16 @@ _WHY_REFUSED = {
     **{op: "a normalization other than batch norm (torch exports GroupNorm as an instance norm): bnncc reads "
            "ResNets whose batch norms fold into their convs" for op in
        ("InstanceNormalization", "GroupNormalization", "LayerNormalization")},
+    **{op: "an activation other than Relu (SiLU, GELU, ReLU6) or a squeeze-excite gate: bnncc reads ResNets "
+           "whose only activation is Relu" for op in _ACTIVATIONS},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
     **{op: _QUANTIZED for op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")},
 }
 
-_MOST_TELLING = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization", "Mul")
+_MOST_TELLING = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
+                 *_ACTIVATIONS, "Mul")
 _ELEMENTWISE = ("Sub", "Div", "Mul", "Add")
 _INPUT_NORMALIZATION = ("an input normalization inside the graph: bnncc takes the network from its first conv; "
                         "export it without the normalization and normalize the images before the library")
@@ -663,8 +670,9 @@ def _check_canonical(model: ir.Model) -> None:
     require_ir_model(model)
     refused = [node for node in model.graph if node.domain != "" or node.op_type not in STABLE_OPS]
     if refused:
-        # a norm other than batch norm, or a batch norm left unfolded (as itself or as Mul + Add), names
-        # the kind of network (group-normalized, pre-activation) best, wherever it is
+        # a norm other than batch norm, a batch norm left unfolded (as itself or as Mul + Add) or an
+        # activation other than Relu names the kind of network (group-normalized, pre-activation,
+        # SiLU or squeeze-excite) best, wherever it is
         node = next((n for op in _MOST_TELLING for n in refused if n.op_type == op and n.domain == ""), refused[0])
         why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
         if node.op_type in _ELEMENTWISE and node.domain == "" and set(node.inputs) & set(model.graph.inputs):

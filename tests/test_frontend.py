@@ -470,11 +470,11 @@ def _output(dims, name="y"):
 def test_unsupported_op(cli, tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
-        helper.make_node("Tanh", ["c"], ["y"], name="squash"),
+        helper.make_node("Floor", ["c"], ["y"], name="round_down"),
     ]
     model = _graph_model(nodes, [_input()], [_output((1, 8, 16, 16))], [_conv_weight("w", 8, 3, 7)])
-    onnx.save(model, tmp_path / "tanh.onnx")
-    _expect_refusal(cli, tmp_path / "tanh.onnx", "'squash'", "Tanh", "unsupported op")
+    onnx.save(model, tmp_path / "floor.onnx")
+    _expect_refusal(cli, tmp_path / "floor.onnx", "'round_down'", "Floor", "unsupported op")
 
 
 def _pre_activation(module):
@@ -491,6 +491,11 @@ def _pooled_shortcut(module):
 
 def _group_norm(module):
     module.layer1[0].bn2 = torch.nn.GroupNorm(8, module.layer1[0].bn2.num_features)  # timm's resnet50_gn
+    return module
+
+
+def _silu_stem(module):
+    module.relu = torch.nn.SiLU()  # x * Sigmoid(x): the Mul was named as an elementwise product
     return module
 
 
@@ -512,6 +517,7 @@ class _Normalized(torch.nn.Module):
     (_pooled_shortcut, "AveragePool", "an average pool that is not the global pool before the classifier"),
     (_Normalized, "Sub", "an input normalization inside the graph: bnncc takes the network from its first conv"),
     (_group_norm, "InstanceNormalization", "a normalization other than batch norm"),
+    (_silu_stem, "Sigmoid", "an activation other than Relu (SiLU, GELU, ReLU6) or a squeeze-excite gate"),
 ])
 def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, op, fragment):
     """The list of allowed ops named the refused op among them (timm's resnetv2_50, resnet50d, a
