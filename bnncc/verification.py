@@ -25,10 +25,16 @@ the largest over all inputs. An input passes when the library's argmax equals th
     max |logits - reference| <= ATOL + RTOL * max |reference|  (RTOL = 1e-4: ~1000x the rounding);
 
 otherwise it is *explained* (counted and reported, not failed) when the network's spread itself
-exceeds that tolerance and the library is within SPREAD_FACTOR (4) times it: the library then
-differs from the reference no more than two float32 evaluations of the same graph differ from
-each other. Anything else fails: a wrong kernel gives differences on a network whose spread is
-small, or far beyond it. A bug small enough to hide inside a large spread is the per-kernel
+exceeds that tolerance, the library is within SPREAD_FACTOR (4) times it, and the library's logits
+are nearer the reference than half as far as unrelated logits would be: the library then differs
+from the reference no more than two float32 evaluations of the same graph differ from each other.
+The last condition is for the networks whose spread is as large as their logits (untrained ResNets
+of 50 layers and more at 64 px: spread 0.45-0.72 in logits up to 1.7), where 4x the spread let a
+library compiled from another network pass. Unrelated logits of the reference's spread (the
+reference's own, the classes shuffled) lie sqrt(2) x its standard deviation away in root mean
+square; measured at 16 inputs, the right library lay 0.12-0.45 times the standard deviation away
+(onnxruntime's other runs up to 0.46), another network's 1.40-1.49 times. Anything else fails: a
+wrong kernel gives differences on a network whose spread is small, or far beyond it. A bug small enough to hide inside a large spread is the per-kernel
 tests' to find (tests/targets), which compare each kernel with numpy exactly.
 """
 
@@ -43,13 +49,17 @@ import numpy as np
 
 from bnncc.errors import BnnccError
 
-__all__ = ["VerifyReport", "verify", "judge", "ATOL", "RTOL", "SPREAD_FACTOR", "PERTURBATIONS", "MOVE", "MAX_INPUTS"]
+__all__ = ["VerifyReport", "verify", "judge", "ATOL", "RTOL", "SPREAD_FACTOR", "UNRELATED", "PERTURBATIONS", "MOVE",
+           "MAX_INPUTS"]
 
 logger = logging.getLogger(__name__)
 
 ATOL = 1e-5
 RTOL = 1e-4
 SPREAD_FACTOR = 4.0
+# the root mean square distance between logits and the same logits with the classes shuffled, in
+# their standard deviations (expected value over shuffles, many classes)
+UNRELATED = float(np.sqrt(2))
 PERTURBATIONS = 3
 MOVE = 8 * float(np.finfo(np.float32).eps)
 # Each input costs 2 + PERTURBATIONS onnxruntime runs besides the library's: 0.6-0.9 s on a 224 px
@@ -217,11 +227,16 @@ def judge(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> VerifyReport
             continue
         what = (f"argmax {int(got.argmax())} != reference {int(ref.argmax())}" if not same
                 else f"logit difference {diff:.3g} over tolerance {tolerance:.3g}")
+        unrelated = UNRELATED * float(np.std(ref))
+        distance = float(np.sqrt(np.mean(np.square(got - ref))))
         if report.max_spread > tolerance and diff <= SPREAD_FACTOR * report.max_spread:
-            report.explained += 1
-            logger.info("input %d: %s, within %g x the rounding spread %.3g", index, what, SPREAD_FACTOR,
-                        report.max_spread)
-        else:
-            report.failures.append(f"input {index}: {what}; difference {diff:.3g}, rounding spread "
-                                   f"{report.max_spread:.3g} (tolerance {tolerance:.3g})")
+            if distance <= unrelated / 2:
+                report.explained += 1
+                logger.info("input %d: %s, within %g x the rounding spread %.3g", index, what, SPREAD_FACTOR,
+                            report.max_spread)
+                continue
+            what += (f"; {distance:.3g} from the reference in root mean square, over half the {unrelated:.3g} "
+                     f"of unrelated logits (the reference's, classes shuffled)")
+        report.failures.append(f"input {index}: {what}; difference {diff:.3g}, rounding spread "
+                               f"{report.max_spread:.3g} (tolerance {tolerance:.3g})")
     return report

@@ -26,13 +26,36 @@ def test_inputs_within_tolerance_pass_and_are_not_explained():
     assert report.ok and report.explained == 0 and report.argmax_agree == 1 and report.inputs == 1
 
 
+def _close_top(swapped: bool) -> np.ndarray:
+    """1000 logits whose two largest, classes 7 and 8, are 0.01 apart; ``swapped``: 8 on top."""
+    out = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    out[[7, 8]] = (4.99, 5.0) if swapped else (5.0, 4.99)
+    return out
+
+
 def test_an_argmax_change_inside_the_networks_rounding_spread_is_explained():
-    """Optimized and unoptimized onnxruntime disagree on input 1 (argmax 9 vs 3), so the network is
+    """Optimized and unoptimized onnxruntime disagree on input 1 (argmax 7 vs 8), so the network is
     that sensitive to rounding: the library's argmax change on input 0, where the two happen to
     agree, is no larger than that and is explained."""
-    ref = _logits(9)
-    report = v.judge([(_logits(3), ref, ref), (ref, ref, _logits(3))])
+    ref, flipped = _close_top(False), _close_top(True)
+    report = v.judge([(flipped, ref, ref), (ref, ref, flipped)])
     assert report.ok and report.explained == 1 and report.argmax_agree == 1 and report.max_spread > 0
+
+
+def test_unrelated_logits_fail_however_large_the_spread():
+    """An untrained ResNet-50 at 64 px moves its logits by as much as they spread (one run here sets
+    a spread of 5 in logits of standard deviation 1): 4x that took any logits of the reference's
+    scale, and a library compiled from another network passed. The reference's own logits with the
+    classes shuffled are as unrelated as another network's; logits near the reference still pass."""
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal(1000).astype(np.float32)
+    jump = ref.copy()
+    jump[0] += 5
+    near = ref + 0.2 * rng.standard_normal(1000).astype(np.float32)
+    report = v.judge([(rng.permutation(ref), ref, ref), (near, ref, jump)])
+    assert len(report.failures) == 1 and report.failures[0].startswith("input 0: argmax")
+    assert "from the reference in root mean square, over half the" in report.failures[0]
+    assert report.explained == 1
 
 
 def test_an_argmax_change_where_the_references_always_agree_fails():
