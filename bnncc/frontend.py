@@ -775,8 +775,9 @@ class _Walker:
         adds = [u for u in users if u.op_type == "Add"]
         # Exactly two readers: the block's first conv, and the shortcut (projection conv or the Add).
         if len(users) != 2 or len(main) != 1 or len(projections) + len(adds) != 1:
-            found = ", ".join(f"{u.op_type} '{u.name}'" for u in users)
-            raise BnnccError(f"{where}: expected a bottleneck block (1x1 Conv and shortcut) after it, found {found}")
+            found = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
+            raise BnnccError(f"{where}: expected a bottleneck block (1x1 Conv and shortcut) or the head's global "
+                             f"average pool after it, found {found}")
         conv1 = main[0]
         relu1 = self.only_user(conv1, "Relu", "a Relu")
         conv2 = self.only_user(relu1, "Conv", "the block's second Conv")

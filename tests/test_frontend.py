@@ -477,6 +477,15 @@ def test_unsupported_op(cli, tmp_path):
     _expect_refusal(cli, tmp_path / "floor.onnx", "'round_down'", "Floor", "unsupported op")
 
 
+def test_a_network_without_its_head_is_named_so(cli, tmp_path):
+    """timm's num_classes=0, global_pool='' ends at the last block's Relu: the line ended in
+    'found ' and did not say what was missing."""
+    features = torch.nn.Sequential(*list(zoo.resnet50(0.125, num_classes=10).children())[:-2])
+    path = zoo.export_onnx(features, tmp_path / "features.onnx", input_size=32)
+    _expect_refusal(cli, path, "(Relu): expected a bottleneck block (1x1 Conv and shortcut) or the head's global "
+                               "average pool after it, found nothing")
+
+
 def _pre_activation(module):
     module.conv1 = torch.nn.Sequential(torch.nn.BatchNorm2d(3), module.conv1)  # a batch norm before any conv
     return module
