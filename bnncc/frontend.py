@@ -632,8 +632,12 @@ def require_ir_model(model: object) -> None:
 # "unsupported op; ... may use only Conv, BatchNormalization, ..."), and the ops of quantized models.
 # ops of the activations other than Relu that exports of ResNet variants write (SiLU is x * Sigmoid(x),
 # GELU x * (1 + Erf(x / sqrt 2)) / 2 before opset 20)
-_ACTIVATIONS = ("Sigmoid", "HardSigmoid", "Erf", "Gelu", "Tanh", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu",
-                "Softplus", "Mish", "HardSwish")
+_ACTIVATIONS = ("Sigmoid", "HardSigmoid", "Erf", "Gelu", "Swish", "Tanh", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu",
+                "Celu", "Softplus", "Softsign", "Mish", "HardSwish", "ThresholdedRelu")
+_NORMS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "RMSNormalization",
+          "MeanVarianceNormalization", "LpNormalization", "LRN")
+_QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                  "DynamicQuantizeLinear")
 _QUANTIZED = "a quantized model; bnncc takes the float ResNet it was quantized from"
 _WHY_REFUSED = {
     "BatchNormalization": "a batch norm that folds into no conv: it must follow a Conv and run in inference "
@@ -647,19 +651,18 @@ _WHY_REFUSED = {
            "or before a MaxPool of a Relu's output)",
     "Mul": "an elementwise product, which a plain ResNet has none of (squeeze-excite and pre-activation "
            "ResNets are not supported; a batch norm as Mul and Add folds only into the conv right before it)",
-    **{op: "a normalization other than batch norm (torch exports GroupNorm as an instance norm): bnncc reads "
-           "ResNets whose batch norms fold into their convs" for op in
-       ("InstanceNormalization", "GroupNormalization", "LayerNormalization")},
+    **{op: "a normalization other than batch norm: bnncc reads ResNets whose batch norms fold into their convs"
+       for op in _NORMS},
+    "InstanceNormalization": "a normalization other than batch norm (torch exports GroupNorm as an instance norm): "
+                             "bnncc reads ResNets whose batch norms fold into their convs",
     **{op: "an activation other than Relu (SiLU, GELU, ReLU6) or a squeeze-excite gate: bnncc reads ResNets "
            "whose only activation is Relu" for op in _ACTIVATIONS},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
-    **{op: _QUANTIZED for op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
-                                 "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")},
+    **{op: _QUANTIZED for op in _QUANTIZED_OPS},
 }
 
-_MOST_TELLING = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "BatchNormalization",
-                 *_ACTIVATIONS, "Mul")
+_MOST_TELLING = (*_QUANTIZED_OPS, *_NORMS, "BatchNormalization", *_ACTIVATIONS, "Mul")
 _ELEMENTWISE = ("Sub", "Div", "Mul", "Add")
 _INPUT_NORMALIZATION = ("an input normalization inside the graph: bnncc takes the network from its first conv; "
                         "export it without the normalization and normalize the images before the library")
@@ -670,9 +673,9 @@ def _check_canonical(model: ir.Model) -> None:
     require_ir_model(model)
     refused = [node for node in model.graph if node.domain != "" or node.op_type not in STABLE_OPS]
     if refused:
-        # a norm other than batch norm, a batch norm left unfolded (as itself or as Mul + Add) or an
-        # activation other than Relu names the kind of network (group-normalized, pre-activation,
-        # SiLU or squeeze-excite) best, wherever it is
+        # a quantized op, a norm other than batch norm, a batch norm left unfolded (as itself or as
+        # Mul + Add) or an activation other than Relu names the kind of network (quantized,
+        # group-normalized, pre-activation, SiLU or squeeze-excite) best, wherever it is
         node = next((n for op in _MOST_TELLING for n in refused if n.op_type == op and n.domain == ""), refused[0])
         why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
         if node.op_type in _ELEMENTWISE and node.domain == "" and set(node.inputs) & set(model.graph.inputs):
