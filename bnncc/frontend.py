@@ -358,10 +358,12 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
-    _check_shapes(proto, path)
+    unread = _check_shapes(proto, path)
     model = ir.serde.deserialize_model(proto)
     try:
         model = _infer_shapes(PassManager(CANONICAL_PASSES).run(model))
+        if unread:  # their weights are constants now
+            _check_shapes(ir.to_proto(model), path)
         recognize(model)
     except BnnccError as e:
         message = str(e)
@@ -392,10 +394,11 @@ def _check_kernel_shapes(proto: onnx.ModelProto, path: Path) -> None:
             raise BnnccError(f"{path}: node '{node.name}' (Conv): kernel_shape {kernel} but weights of shape {dims}")
 
 
-def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
+def _check_shapes(proto: onnx.ModelProto, path: Path) -> list[str]:
     """What ONNX's shape inference lets through and no CNN has: a dimension of 0 or less, a conv's
     weights of other input channels than its input has, a bias or batch norm parameter of another
-    length than the channels it applies to."""
+    length than the channels it applies to. Returns the convs whose weights it could not check:
+    computed in the graph, their dims not inferred (timm's weight-standardized convs)."""
     shapes = {value.name: [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
               for value in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]}
     shapes.update({tensor.name: list(tensor.dims) for tensor in proto.graph.initializer})
@@ -409,6 +412,7 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
             raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: every dimension must be positive")
         if _too_large(dims):
             raise BnnccError(f"{path}: input '{value.name}' of shape {dims}: at most {MAX_INPUT_PIXELS} pixels")
+    unread = []
     for node in proto.graph.node:
         for name in node.output:
             if any(d is not None and d <= 0 for d in shapes.get(name, [])):
@@ -420,16 +424,18 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> None:
         if node.op_type == "Conv" and len(node.input) > 1:
             w = shapes.get(node.input[1], [])
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            # weights computed in the graph (timm's weight-standardized convs) have dims not inferred
-            if channels is not None and len(w) > 1 and w[1] is not None and w[1] * group != channels:
+            if None in w[:2]:
+                unread.append(node.name)
+                continue
+            if channels is not None and len(w) > 1 and w[1] * group != channels:
                 fail(node, f"weights of shape {w} in {group} group(s) for a {channels}-channel input")
-            if len(node.input) > 2 and node.input[2] and w and w[0] is not None \
-                    and not _may_be(shapes.get(node.input[2]), w[0]):
+            if len(node.input) > 2 and node.input[2] and w and not _may_be(shapes.get(node.input[2]), w[0]):
                 fail(node, f"bias of shape {shapes[node.input[2]]} for {w[0]} output channels")
         if node.op_type == "BatchNormalization" and channels is not None:
             for name in node.input[1:5]:
                 if not _may_be(shapes.get(name), channels):
                     fail(node, f"parameter '{name}' of shape {shapes[name]} for {channels} channels")
+    return unread
 
 
 def _too_large(dims: list[int | None]) -> bool:

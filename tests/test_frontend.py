@@ -235,25 +235,40 @@ def test_a_per_channel_spatial_0_batch_norm_is_read_as_onnxruntime_reads_it(tmp_
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
 
 
-def test_conv_weights_computed_from_constants_are_read(tmp_path):
-    """timm's BiT export reshapes a conv's weights by a shape behind an Identity, which ONNX's shape
-    inference does not read: the shape check multiplied the unknown dims ('unexpected TypeError')."""
-    proto = onnx.load(str(zoo.export_onnx(zoo.resnet50(0.125, num_classes=10), tmp_path / "r.onnx", input_size=32)))
+def _computed_weights(path, shape=None) -> tuple[onnx.ModelProto, onnx.NodeProto]:
+    """ResNet-50 at 0.125x whose fourth conv's weights are reshaped (to ``shape``, default their own)
+    by a shape behind an Identity, as timm's BiT export has them, which ONNX's shape inference does
+    not read."""
+    proto = onnx.load(str(zoo.export_onnx(zoo.resnet50(0.125, num_classes=10), path, input_size=32)))
     conv = [n for n in proto.graph.node if n.op_type == "Conv"][3]
     init = next(t for t in proto.graph.initializer if t.name == conv.input[1])
     weights = onnx.numpy_helper.to_array(init)
     proto.graph.initializer.remove(init)
     proto.graph.initializer.extend([onnx.numpy_helper.from_array(weights.reshape(-1), "flat"),
-                                    onnx.numpy_helper.from_array(np.array(weights.shape, np.int64), "shape")])
+                                    onnx.numpy_helper.from_array(np.array(shape or weights.shape, np.int64), "shape")])
     nodes = [helper.make_node("Identity", ["shape"], ["shape_copy"]),
              helper.make_node("Reshape", ["flat", "shape_copy"], [conv.input[1]]), *proto.graph.node]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
+    return proto, conv
+
+
+def test_conv_weights_computed_from_constants_are_read(tmp_path):
+    """The shape check multiplied the unknown dims of such weights ('unexpected TypeError')."""
+    proto, _ = _computed_weights(tmp_path / "r.onnx")
     onnx.save(proto, tmp_path / "computed.onnx")
     model = load(tmp_path / "computed.onnx")
     assert len(recognize(model).blocks) == 16
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_weights_computed_for_other_channels_are_refused_once_folded(cli, tmp_path):
+    """Left unchecked where their dims were unknown, they went unchecked after folding too."""
+    proto, conv = _computed_weights(tmp_path / "r.onnx", shape=(32, 4, 1, 2))  # (32, 8, 1, 1) rearranged
+    onnx.save(proto, tmp_path / "computed.onnx")
+    _expect_refusal(cli, tmp_path / "computed.onnx",
+                    f"'{conv.name}' (Conv): weights of shape [32, 4, 1, 2] in 1 group(s) for a 8-channel input")
 
 
 def test_a_per_activation_batch_norm_of_an_old_opset_is_named(cli, tmp_path, opset7_path):
