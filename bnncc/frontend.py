@@ -633,9 +633,6 @@ def require_ir_model(model: object) -> None:
                         f"load the file with bnncc.load(path)")
 
 
-# Why an op is refused, where the list of allowed ops would mislead: ops a float ResNet has, left in
-# the graph where the canonical form has none (a pre-activation ResNet's first batch norm was
-# "unsupported op; ... may use only Conv, BatchNormalization, ..."), and the ops of quantized models.
 # ops of the activations other than Relu that exports of ResNet variants write (SiLU is x * Sigmoid(x),
 # GELU x * (1 + Erf(x / sqrt 2)) / 2 before opset 20)
 _ACTIVATIONS = ("Sigmoid", "HardSigmoid", "Erf", "Gelu", "Swish", "Tanh", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu",
@@ -644,7 +641,13 @@ _NORMS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization", "
           "MeanVarianceNormalization", "LpNormalization", "LRN")
 _QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                   "DynamicQuantizeLinear")
+_OTHER_NORM = "bnncc reads ResNets whose batch norms fold into their convs"
 _QUANTIZED = "a quantized model; bnncc takes the float ResNet it was quantized from"
+
+# Why an op is refused, where the list of allowed ops would mislead: ops a float ResNet has, left in
+# the graph where the canonical form has none (a pre-activation ResNet's first batch norm was
+# "unsupported op; ... may use only Conv, BatchNormalization, ..."), the ops of quantized models,
+# other norms and other activations.
 _WHY_REFUSED = {
     "BatchNormalization": "a batch norm that folds into no conv: it must follow a Conv and run in inference "
                           "mode (pre-activation ResNets, v2, are not supported; export in eval mode)",
@@ -657,10 +660,8 @@ _WHY_REFUSED = {
            "or before a MaxPool of a Relu's output)",
     "Mul": "an elementwise product, which a plain ResNet has none of (squeeze-excite and pre-activation "
            "ResNets are not supported; a batch norm as Mul and Add folds only into the conv right before it)",
-    **{op: "a normalization other than batch norm: bnncc reads ResNets whose batch norms fold into their convs"
-       for op in _NORMS},
-    "InstanceNormalization": "a normalization other than batch norm (torch exports GroupNorm as an instance norm): "
-                             "bnncc reads ResNets whose batch norms fold into their convs",
+    **{op: f"a normalization other than batch norm: {_OTHER_NORM}" for op in _NORMS},
+    "InstanceNormalization": f"a normalization other than batch norm (torch exports GroupNorm as one): {_OTHER_NORM}",
     **{op: "an activation other than Relu (SiLU, GELU, ReLU6) or a squeeze-excite gate: bnncc reads ResNets "
            "whose only activation is Relu" for op in _ACTIVATIONS},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
