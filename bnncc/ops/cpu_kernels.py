@@ -52,6 +52,10 @@ def _cpu_flags() -> bytes:
     return next((line for line in lines if line.startswith(("flags", "Features"))), "").encode()
 
 
+class _BuildFailed(Exception):
+    """The C compiler's error output."""
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built library, or None (and one log line) where it cannot be built."""
@@ -59,18 +63,27 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler (gcc/cc): training runs the bnncc ops as torch compositions, slower")
         return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError as err:
+        logger.warning("C compiler %s: %s: training runs the bnncc ops as torch compositions, slower", compiler, err)
+        return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_flags()).hexdigest()[:12]
     path = cache_dir() / "cpu-kernels" / f"libbnncc_cpu-{key}.so"
     if not path.is_file():
         start = time.perf_counter()
-        with atomic_path(path) as tmp:
-            done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-            if done.returncode != 0:
-                logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions:\n%s", SOURCE,
-                               compiler, done.stderr[-2000:])
-                return None
+        try:
+            with atomic_path(path) as tmp:
+                done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True,
+                                      text=True)
+                if done.returncode != 0:
+                    # raised inside, so that atomic_path drops the temporary file instead of caching it
+                    raise _BuildFailed(done.stderr[-2000:])
+        except _BuildFailed as failed:
+            logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions:\n%s", SOURCE,
+                           compiler, failed)
+            return None
         logger.info("built %s (%.1f s)", path, time.perf_counter() - start)
     # torch has loaded its libgomp.so.1 already; the library's libgomp.so.1 resolves to that one,
     # so both share one OpenMP thread pool

@@ -262,3 +262,21 @@ def test_batch_norm_folded_into_the_gated_dprelu_matches_the_torch_composition(m
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     for got, want in zip(running, running_ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_build_caches_nothing_and_training_falls_back(tmp_path, monkeypatch, caplog):
+    """A compiler that fails leaves no library in the cache (a later run would load an empty file),
+    and one that cannot be run is a warning, like no compiler at all."""
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake && exit 0\necho 'cc: error' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    for compiler in (failing, tmp_path / "missing-cc"):
+        monkeypatch.setenv("CC", str(compiler))
+        cpu_kernels._library.cache_clear()
+        try:
+            assert cpu_kernels._library() is None
+        finally:
+            cpu_kernels._library.cache_clear()
+    assert not list((tmp_path / "cache").rglob("*.so")), "a failed build left a library in the cache"
+    assert "failed" in caplog.text and "missing-cc" in caplog.text
