@@ -162,7 +162,7 @@ void bnncc_dprelu_backward(const float *restrict grad, const float *restrict x, 
 
 /* The activation quantizer's grid (quant.py): signed m = 2^(bits-1) - 1 on [-m, m] with a half
  * added before the floor, unsigned m = 2^bits on [0, m - 1]; with relu, inputs below `lower` = 0
- * become 0. The scale is 1 / bound * m, as torch computes m / bound; a channel whose bound is
+ * become 0. The scale is m / bound, a division as in the ONNX function; a channel whose bound is
  * <= 0 passes through (scale 0 marks it). */
 typedef struct {
     float lo, hi, half, lower;
@@ -175,7 +175,7 @@ static grid act_grid(const float *restrict bound, int64_t channels, int bits, in
     g.lower = relu ? 0.0f : -INFINITY;
     g.scale = malloc(channels * sizeof(float));
     for (int64_t c = 0; c < channels; ++c)
-        g.scale[c] = bound[c] > 0.0f ? 1.0f / bound[c] * m : 0.0f;
+        g.scale[c] = bound[c] > 0.0f ? m / bound[c] : 0.0f;
     return g;
 }
 
@@ -267,7 +267,7 @@ static inline float abs_max(const float *restrict wr, int64_t cols) {
     return wmax;
 }
 
-/* Symmetric per-row weight quantizer (quant.py): m = 2^(bits-1) - 1, s = 1 / max|w[r]| * m
+/* Symmetric per-row weight quantizer (quant.py): m = 2^(bits-1) - 1, s = m / max|w[r]|
  * (1 in place of a zero max), q = clamp(floor(w * s + 0.5), -m, m) / s. */
 void bnncc_quantize_weights(const float *restrict w, float *restrict q, int64_t rows, int64_t cols,
                             int bits, int threads) {
@@ -277,7 +277,7 @@ void bnncc_quantize_weights(const float *restrict w, float *restrict q, int64_t 
         const float *restrict wr = w + r * cols;
         float *restrict qr = q + r * cols;
         float wmax = abs_max(wr, cols);
-        float s = 1.0f / (wmax > 0.0f ? wmax : 1.0f) * m;
+        float s = m / (wmax > 0.0f ? wmax : 1.0f);
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
             float level = floorf(wr[c] * s + 0.5f);

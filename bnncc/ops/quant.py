@@ -93,7 +93,8 @@ def weight_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
         return cpu_kernels.quantize_weights(kernels, w, bits)
     m = 2.0 ** (bits - 1) - 1
     wmax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
-    s = m / torch.where(wmax > 0, wmax, 1.0)
+    safe = torch.where(wmax > 0, wmax, 1.0)
+    s = safe.new_tensor(m) / safe  # a division, as the ONNX function's (torch's m / t multiplies by 1 / t)
     return torch.clamp(torch.floor(w * s + 0.5), -m, m) / s
 
 
@@ -119,7 +120,8 @@ def _act_levels(x, bound, bits, signed, relu):
     b = bound.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
     calibrated = b > 0  # per channel: a few elements, cheap
     m, _, _ = _act_range(bits, signed)
-    s = m / torch.where(calibrated, b, 1.0)
+    safe = torch.where(calibrated, b, 1.0)
+    s = safe.new_tensor(m) / safe  # as in weight_grid
     levels = x * s
     if signed:
         levels += 0.5

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bnncc.ops import OPS
-from bnncc.ops.quant import quantize_acts
+from bnncc.ops.quant import quantize_acts, quantize_weights
 
 from opsref import run_onnx
 
@@ -121,3 +121,36 @@ def test_activation_quantizer_values_and_straight_through_gradient_match_numpy(s
     np.testing.assert_allclose(q.detach().numpy(), quant_acts_np(x, bound, bits, signed), rtol=1e-6, atol=1e-6)
     assert 0 < passes.mean() < 1  # both sides of the clip are exercised
     np.testing.assert_array_equal(xt.grad.numpy(), np.where(passes, grad, 0))
+
+
+def _boundary_inputs(scale: np.ndarray, rows: int, rng) -> np.ndarray:
+    """Inputs at and one float32 step beside the points where the levels change, for per-channel
+    ``scale`` (levels / bound, as the ONNX functions divide): where a scale taken as bound's
+    reciprocal times levels is one rounding off, these fall on the other level."""
+    k = rng.integers(-8, 9, size=(rows, scale.size)).astype(np.float32)
+    x = (k + 0.5) / scale
+    return np.stack([x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(-np.inf))]).reshape(-1,
+                                                                                                         scale.size)
+
+
+@pytest.mark.parametrize("signed", [1, 0])
+def test_torch_quantizers_match_onnxruntime_at_the_level_boundaries(monkeypatch, signed):
+    """Bit for bit, both torch paths (the C kernels and the composition) against onnxruntime."""
+    rng = np.random.default_rng(5)
+    bits = 4
+    bound = rng.uniform(0.1, 10.0, 64).astype(np.float32)
+    levels = np.float32(2 ** (bits - 1) - 1 if signed else 2**bits)
+    x = _boundary_inputs(levels / bound, 40, rng)
+    if not signed:
+        x = np.abs(x)
+    wmax = rng.uniform(0.01, 1.0, 64).astype(np.float32)
+    inside = _boundary_inputs(np.float32(2 ** (bits - 1) - 1) / wmax, 8, rng).T  # |levels| <= 8.5: clipped to 7
+    w = np.concatenate([wmax[:, None], np.clip(inside, -wmax[:, None], wmax[:, None])], axis=1).reshape(64, 5, 5, 1)
+    expected_x = run_onnx("QuantizeActs", [x, bound], bits=bits, signed=signed)
+    expected_w = run_onnx("QuantizeWeights", [w], bits=bits)
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("BNNCC_CPU_KERNELS", kernels)
+        got_x = quantize_acts(torch.from_numpy(x), torch.from_numpy(bound), bits, signed).numpy()
+        np.testing.assert_array_equal(got_x, expected_x, err_msg=f"BNNCC_CPU_KERNELS={kernels}")
+        got_w = quantize_weights(torch.from_numpy(w), bits).numpy()
+        np.testing.assert_array_equal(got_w, expected_w, err_msg=f"BNNCC_CPU_KERNELS={kernels}")
