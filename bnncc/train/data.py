@@ -14,6 +14,7 @@ import functools
 import gzip
 import logging
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib: a damaged gzip body
         raise BnnccError(f"{path}: not a readable IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is {raw[:4].hex() or 'missing'}, "
@@ -193,6 +194,8 @@ def _open_idx(folder: Path, split: str) -> ImageData:
     labels = read_idx(labels_path).astype(np.int64)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise BnnccError(f"{images_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
+    if not labels.size:
+        raise BnnccError(f"{images_path}: no images")
     # the classes are 0 to the largest training label, each with images: a stray large label (a
     # corrupt file) would otherwise make a network of that many classes
     train_labels_path = labels_path if prefix == "train" else _idx_file(folder, "train", "labels") or labels_path

@@ -46,6 +46,7 @@ __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_sam
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+MAX_CLASSES = 1_000_000  # a shard's class numbers size the network's head: a stray huge one is a corrupt shard
 _ATTEMPTS = 10  # random resized crop: draws before the centre-crop fallback
 # What Pillow raises on a file it cannot read: OSError (truncated, unidentified, unreadable),
 # SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError (more
@@ -277,6 +278,8 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
                         classes[key] = int(text.strip())
                     except ValueError:
                         raise BnnccError(f"{shard}:{member.name}: not a class number ({text[:20]!r})") from None
+                    if not 0 <= classes[key] < MAX_CLASSES:
+                        raise BnnccError(f"{shard}:{member.name}: class {classes[key]}, outside 0 to {MAX_CLASSES - 1}")
                 elif f".{extension.lower()}" in IMAGE_SUFFIXES:
                     images[key] = (member.name, member.offset_data, member.size)
             # a tar ends in two zero blocks; without them the shard was cut, perhaps between members,

@@ -393,12 +393,28 @@ def write_shard(path: Path, members: dict[str, bytes]) -> None:
     ({"a.jpg": b"", "a.cls": b"0"}, {"a.jpg": b"", "a.cls": b"1"}, r"val-\*.tar: class 1 is not among the 1 classes"),
     ({"a.jpg": b"", "a.cls": b"zero"}, {}, r"train-000000.tar:a.cls: not a class number"),
     ({"a.jpg": b"", "b.cls": b"0"}, {}, r"train-000000.tar: sample 'a' has no .cls member"),
+    ({"a.jpg": b"", "a.cls": b"-1"}, {}, r"train-000000.tar:a.cls: class -1, outside 0 to 999999"),
+    ({"a.jpg": b"", "a.cls": b"99999999999"}, {}, r"a.cls: class 99999999999, outside 0 to 999999"),
 ])
 def test_shard_problems_are_one_line_errors_before_training(tmp_path, train, val, message):
     write_shard(tmp_path / "train-000000.tar", train)
     write_shard(tmp_path / "val-000000.tar", val)
     with pytest.raises(BnnccError, match=message):
         open_splits(tmp_path)
+
+
+def test_idx_files_of_no_images_or_a_damaged_gzip_body_are_one_line_errors(tmp_path, idx_writer):
+    idx_writer(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((0, 8, 8)))
+    idx_writer(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(0))
+    with pytest.raises(BnnccError, match=r"train-images-idx3-ubyte.gz: no images"):
+        open_dataset(tmp_path, "train")
+    idx_writer(tmp_path / "train-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 40, (4, 8, 8)))
+    idx_writer(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(4))
+    data = bytearray((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4] = b"\xff" * 4  # inside the deflate stream: zlib.error
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(bytes(data))
+    with pytest.raises(BnnccError, match=r"train-images-idx3-ubyte.gz: not a readable IDX file"):
+        open_dataset(tmp_path, "train")
 
 
 def test_a_truncated_shard_is_a_one_line_error(tmp_path):
