@@ -129,3 +129,14 @@ def test_a_recipe_file_that_is_not_utf8_is_an_error(tmp_path):
     path.write_bytes('# r\xe9sum\xe9\n[[passes]]\nname = "poke_conv"\n'.encode("latin-1"))
     with pytest.raises(BnnccError, match="latin.toml: not a UTF-8 text file"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("train, at", [
+    ({"epochs": 800, "batch_size": 8192, "act_calibration_step": 7500}, 7500 / (800 * 156)),  # the paper's
+    ({"epochs": 800, "act_calibration_step": 7500}, 7500 / (800 * 156)),  # steps of the paper's batch
+    ({"epochs": 800, "batch_size": 1024, "act_calibration_step": 7500}, 7500 / (800 * 1251)),  # 1,281,167 // 1024
+])
+def test_the_calibration_step_counts_batches_of_the_recipes_own_size(train, at):
+    from bnncc.train.config import TrainConfig
+
+    assert TrainConfig.from_recipe(train).act_calibration_at == pytest.approx(at)

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 from bnncc.errors import BnnccError
 
-__all__ = ["TrainConfig", "IMAGENET_STEPS_PER_EPOCH"]
+__all__ = ["TrainConfig", "IMAGENET_TRAIN_IMAGES"]
 
-# The paper's schedule is written for ImageNet at batch 8192: floor(1,281,167 / 8192) steps per epoch.
-IMAGENET_STEPS_PER_EPOCH = 156
+# A recipe's steps count batches of its own batch_size over ImageNet's training split (the paper's
+# 8192: 156 steps an epoch).
+IMAGENET_TRAIN_IMAGES = 1_281_167
+PAPER_BATCH_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class TrainConfig:
         if "weight_quant_start" in train:
             values["weight_quant_start"] = train["weight_quant_start"] / max(epochs, 1)
         if "act_calibration_step" in train:
-            values["act_calibration_at"] = train["act_calibration_step"] / (max(epochs, 1) * IMAGENET_STEPS_PER_EPOCH)
+            steps_per_epoch = max(IMAGENET_TRAIN_IMAGES // int(train.get("batch_size", PAPER_BATCH_SIZE)), 1)
+            values["act_calibration_at"] = train["act_calibration_step"] / (max(epochs, 1) * steps_per_epoch)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(cls(), **values)
 
