@@ -45,7 +45,7 @@ def function_protos(names: set[str] | None = None) -> list[onnx.FunctionProto]:
     wanted = set(OPS) if names is None else set(names)
     unknown = wanted - set(OPS)
     if unknown:
-        raise KeyError(f"not ai.bnncc ops: {sorted(unknown)}")
+        raise BnnccError(f"unknown {DOMAIN} op(s) {', '.join(sorted(unknown))}; the domain has {', '.join(sorted(OPS))}")
     protos = {name: OPS[name].protos() for name in OPS}
     ordered: list[str] = []
 

@@ -4,6 +4,7 @@ refuses them alike, in one line naming the node and the input, before writing an
 import re
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -172,3 +173,15 @@ def test_onnxruntime_runs_a_graph_once_a_process(tmp_path, monkeypatch):
     _set(model, "stem.bound", 2.5)
     frontend.read_pokebnn(model, "compile")
     assert len(sessions) == 2
+
+
+def test_an_unknown_op_of_our_domain_is_one_line_naming_it(cli, tmp_path):
+    path = tmp_path / "bad.onnx"
+    ir.save(attach_functions(tiny_poke_model()), path)
+    proto = onnx.load(path)
+    next(n for n in proto.graph.node if n.name == "poke").op_type = "PokeConvv"
+    onnx.save(proto, path)
+    for args in [("ace", path), ("compile", path, "--target", "x86-64", "-o", tmp_path / "lib")]:
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "PokeConvv" in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
