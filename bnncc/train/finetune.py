@@ -169,6 +169,9 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     if not 0 < width <= MAX_MULTIPLIER or not 8 <= image_size <= 4096:
         raise BnnccError(f"width {width}, image size {image_size}: expected a width above 0 and at most "
                          f"{MAX_MULTIPLIER} and an image size of 8 to 4096 pixels")
+    if cfg.label_weight <= 0:  # without a teacher, the loss would be the weight decay alone
+        raise BnnccError(f"train_teacher learns from the labels alone: label_weight is {cfg.label_weight}, "
+                         f"expected above 0 (the command line's is 1)")
 
     check_writable(output)  # before minutes of training
     device = training_device(device)

@@ -165,3 +165,14 @@ def test_train_teacher_refuses_a_width_it_cannot_hold(cli, idx_dir, tmp_path, wi
     code, _, err = cli("train-teacher", "--data", idx_dir, "--width", width, "-o", tmp_path / "t.onnx")
     assert code == 2 and "expected a width above 0 and at most 4" in err, err
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_train_teacher_refuses_a_config_that_would_not_learn_from_the_labels(idx_dir, tmp_path):
+    """TrainConfig()'s label weight is 0 (fine-tuning distils): train_teacher, which has no
+    teacher, would train on the weight decay alone."""
+    from bnncc.errors import BnnccError
+    from bnncc.train import train_teacher
+
+    with pytest.raises(BnnccError, match="label_weight is 0.0, expected above 0"):
+        train_teacher(idx_dir, tmp_path / "t.onnx", TrainConfig(max_steps=1), show_progress=False)
+    assert not (tmp_path / "t.onnx").exists()
