@@ -68,7 +68,7 @@ def binary_conv(
     return F.conv2d(F.pad(xb, (left, right, top, bottom)), wb, stride=tuple(strides))
 
 
-def binary_layer(node, shapes, float_bits: int, **part):
+def binary_layer(node, shapes, **part):
     """The binary conv's layer: 1-bit weights and activations (``part``: see ``conv_layer``)."""
     return conv_layer(node, shapes, 1, 1, 1, **part)
 
@@ -94,7 +94,7 @@ def emit_qonnx(e, node, inputs, dims) -> str:
 
 
 def _layers(node, shapes, float_bits: int):
-    return [binary_layer(node, shapes, float_bits)]
+    return [binary_layer(node, shapes)]
 
 
 def _check(node) -> None:

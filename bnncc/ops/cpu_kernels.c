@@ -4,9 +4,9 @@
  * Tensors are float32 with the channel axis innermost: a channels-last (N, C, H, W) tensor is
  * read as ROWS = N*H*W rows of C channels. The file is compiled with -ffp-contract=off, so every
  * product and sum rounds where the torch ops round (and -fno-trapping-math, so that selects
- * between two computed values vectorize). Sums over rows are float sums of blocks of rows,
- * added up by the caller (torch's pairwise sum) or, for batch norm, in double; the SE gate's
- * mean is summed in double.
+ * between two computed values vectorize). Sums over rows are float sums of blocks of rows
+ * that the kernels add up in double (batch norm's statistics and the gradients' sums); the SE
+ * gate's mean is summed in double throughout.
  */
 
 #include <math.h>

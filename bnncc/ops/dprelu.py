@@ -22,7 +22,7 @@ from bnncc.ops.qonnx_nodes import per_channel
 from bnncc.ops.registry import OpDef, register
 from bnncc.ops.reshape_add import match_shortcut
 
-__all__ = ["DPReLU", "dprelu", "gated_dprelu", "normed_gated_dprelu"]
+__all__ = ["DPReLU", "dprelu", "normed_gated_dprelu"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -134,20 +134,13 @@ def _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched) -> torch.Tens
     return y if gate is None else y * gate
 
 
-def gated_dprelu(x, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts, methods=()) -> torch.Tensor:
-    """``dprelu(reshape_add(x, shortcuts[0], methods[0]) ..., ...) * gate`` for a gate of shape
-    (N, C, 1, 1), or without the multiply when ``gate`` is None (a PokeConv without SE gate), as
-    one kernel where they run: the torch view runs a PokeConv's shortcut adds, DPReLU and SE
-    gate's Mul as this one step. Each shortcut is matched to x's shape first."""
-    matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
-    return _gated(x, bias_x, bias_y, pos_slope, neg_slope, gate, matched)
-
-
 def normed_gated_dprelu(x, scale, bias, mean, var, bias_x, bias_y, pos_slope, neg_slope, gate, *shortcuts,
                         methods=(), momentum: float, eps: float, training: bool) -> torch.Tensor:
-    """``gated_dprelu(batch_norm(x, scale, bias, mean, var, ...), ...)`` (ONNX BatchNormalization's
-    inputs and batch_norm.py's semantics), as one autograd node in training where the kernels run:
-    the torch view runs a PokeConv's batch norm, shortcut adds, DPReLU and gate Mul as this step."""
+    """``dprelu(batch_norm(x, scale, bias, mean, var, ...) + shortcuts[0] ..., ...) * gate``: ONNX
+    BatchNormalization's inputs and batch_norm.py's semantics; each shortcut matched to x's shape
+    first (reshape_add); a gate of shape (N, C, 1, 1), or None (a PokeConv without SE gate). One
+    autograd node in training where the kernels run: the torch view runs a PokeConv's batch norm,
+    shortcut adds, DPReLU and gate Mul as this step."""
     matched = [match_shortcut(x, r, method) for r, method in zip(shortcuts, methods, strict=True)]
     kernels = _fused_kernels(x, gate, matched) if training and kernels_fit(x, mean, var, scale, bias) else None
     if kernels is not None:
@@ -157,9 +150,9 @@ def normed_gated_dprelu(x, scale, bias, mean, var, bias_x, bias_y, pos_slope, ne
     return _gated(y, bias_x, bias_y, pos_slope, neg_slope, gate, matched)
 
 
-def emit_qonnx(e, node, inputs, dims, name: str | None = None) -> str:
-    """Standard ops: t = X - bias_x; Where(t >= 0, pos, neg) * t - bias_y (``name``: the output's base)."""
-    name = name or node.name
+def emit_qonnx(e, node, inputs, dims) -> str:
+    """Standard ops: t = X - bias_x; Where(t >= 0, pos, neg) * t - bias_y."""
+    name = node.name
     x, params = inputs[0], inputs[1:5]
     bx, by, ps, ns = (per_channel(e, p, f"{name}.{i}") for i, p in enumerate(params))
     t = e.node("Sub", [x, bx], f"{name}.t")

@@ -175,7 +175,7 @@ def _se_bits(node) -> tuple[int, int]:
 def _layers(node, shapes, float_bits: int):
     """The binary conv and the SE gate, named as the ops they are (``<node>/binary``, ``<node>/se``)."""
     gate = se_inputs(node)  # first: a malformed node is told as such, not as a shape left unknown
-    layers = [binary_layer(node, shapes, float_bits, name=f"{node.name}/binary", op_type="BinaryConv")]
+    layers = [binary_layer(node, shapes, name=f"{node.name}/binary", op_type="BinaryConv")]
     if gate is not None:
         layers.append(se.layer(node, shapes, gate, *_se_bits(node), f"{node.name}/se"))
     return layers
@@ -213,7 +213,7 @@ def _check(node) -> None:
 def _observe_hidden(args, attrs):
     return se.observe_hidden(*(args[i] for i in SE[:4]), w_bits=attrs.get("se_w_bits", 4),
                              a_bits=attrs.get("se_a_bits", 4),
-                             **{k: v for k, v in attrs.items() if k == "quantize_weights"})
+                             **se.switch(attrs))
 
 
 OP = register(OpDef(

@@ -1,9 +1,11 @@
 """What the QONNX emitters of ops are made of (``OpDef.qonnx``; ``bnncc.qonnx`` runs them).
 
 QONNX carries every value in float ("fake quant") and quantizes with ``IntQuant`` and
-``BipolarQuant`` nodes of the domain ``qonnx.custom_op.general``. QONNX's HALF_UP rounds ties away
-from zero where bnncc's reference rounds them up (floor(x + 0.5)): the two differ only for values
-exactly halfway between two grid points.
+``BipolarQuant`` nodes of the domain ``qonnx.custom_op.general``. Two roundings set them apart
+from bnncc's reference, both only at the boundaries between two levels: QONNX divides by its scale
+(bound / levels) where the reference multiplies by levels / bound, so a value within a float32
+rounding of a boundary may fall on the neighbouring level; and its HALF_UP rounds ties away from
+zero where the reference rounds them up (floor(x + 0.5)).
 
 An emitter is ``emit(e, node, inputs, dims) -> output name``: ``e`` an :class:`Emitter`, ``inputs``
 the names of the node's inputs in the new graph, ``dims(value)`` the shape of an ONNX value.

@@ -190,14 +190,12 @@ def sops(node, shapes, method: str | None = None, residual=None) -> dict[str, in
     return counts
 
 
-def emit_qonnx(e, node, inputs, dims, method: str | None = None, name: str | None = None) -> str:
-    """Gather + group mean for the channels, a count-padded SAME AveragePool, then Add.
-
-    ``method`` and ``name`` default to the node's own (PokeConv emits its shortcuts with them)."""
-    name = name or node.name
+def emit_qonnx(e, node, inputs, dims) -> str:
+    """Gather + group mean for the channels, a count-padded SAME AveragePool, then Add."""
+    name = node.name
     y, r = inputs[:2]
     y_shape, r_shape = dims(node.inputs[0]), dims(node.inputs[1])
-    method = method or node.attributes["method"].as_string()
+    method = node.attributes["method"].as_string()
     ci, co, h = r_shape[1], y_shape[1], r_shape[2]
     k = max(ci // co, 1)
     index = np.arange(co * k)

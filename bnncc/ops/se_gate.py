@@ -21,7 +21,7 @@ from bnncc.ops.counting import Layer, bits_attr, numel
 from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, channel_absmax, quant_conv, weight_grid
 from bnncc.ops.registry import OpDef, register
 
-__all__ = ["SEGate", "se_gate", "observe_pool", "observe_hidden", "layer", "sops", "emit_qonnx"]
+__all__ = ["SEGate", "se_gate", "observe_pool", "observe_hidden", "switch", "layer", "sops", "emit_qonnx"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -89,7 +89,8 @@ def se_gate(r, w1, bound1, b1, w2, bound2, b2, *, w_bits: int, a_bits: int, quan
 
 
 # The faces below take the gate's own inputs (R, W1, bound1, B1, W2, bound2, B2) and bit widths, so
-# that PokeConv, which holds an SE gate, calls them with its inputs at their places.
+# that PokeConv, which holds an SE gate, calls them with its inputs at their places (all but
+# emit_qonnx: the QONNX export expands a PokeConv into its ops first).
 
 
 def observe_pool(r: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,8 @@ def observe_hidden(r, w1, bound1, b1, *, w_bits: int, a_bits: int, quantize_weig
     return channel_absmax(torch.relu(g))
 
 
-def _switch(attrs: dict) -> dict:
+def switch(attrs: dict) -> dict:
+    """The attributes that switch observe_hidden's weight quantization."""
     return {k: v for k, v in attrs.items() if k == "quantize_weights"}
 
 
@@ -158,7 +160,7 @@ OP = register(OpDef(
     weight_inputs=(1, 4), state_inputs=(2, 5),
     bounds=((2, lambda args, attrs: observe_pool(args[0])),
             (5, lambda args, attrs: observe_hidden(*args[:4], w_bits=attrs.get("w_bits", 4),
-                                                   a_bits=attrs.get("a_bits", 4), **_switch(attrs)))),
+                                                   a_bits=attrs.get("a_bits", 4), **switch(attrs)))),
     qonnx=lambda e, node, inputs, dims: emit_qonnx(e, inputs, *_bits(node), node.name),
     check=_check,
 ))

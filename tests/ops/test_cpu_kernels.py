@@ -171,8 +171,9 @@ def test_reshape_add_channel_kernels_match_the_torch_composition(monkeypatch, ci
 
 
 def test_gated_dprelu_with_shortcuts_matches_the_torch_composition(monkeypatch):
-    """A PokeConv's block: x + local shortcut (group mean) + block shortcut (tile), DPReLU, SE gate."""
-    from bnncc.ops.dprelu import gated_dprelu
+    """A PokeConv's block in evaluation: x + local shortcut (group mean) + block shortcut (tile),
+    DPReLU, SE gate; its batch norm the identity (running mean 0, variance 1, epsilon 0)."""
+    from bnncc.ops.dprelu import normed_gated_dprelu
 
     x, local, block = channels_last(8, 16, 4, 4), channels_last(8, 32, 4, 4, seed=1), channels_last(8, 8, 4, 4, seed=2)
     params = [torch.randn(16, generator=torch.Generator().manual_seed(i)) for i in range(3, 7)]
@@ -182,7 +183,9 @@ def test_gated_dprelu_with_shortcuts_matches_the_torch_composition(monkeypatch):
     def run():
         leaves = [t.clone().requires_grad_() for t in (x, local, block, gate, *params)]
         xs, ls, bs, gs, *ps = leaves
-        y = gated_dprelu(xs, *ps, gs, ls, bs, methods=("tile", "tile"))
+        identity = (torch.ones(16), torch.zeros(16), torch.zeros(16), torch.ones(16))
+        y = normed_gated_dprelu(xs, *identity, *ps, gs, ls, bs, methods=("tile", "tile"), momentum=0.1, eps=0.0,
+                                training=False)
         y.backward(grad)
         return y.detach(), [t.grad for t in leaves]
 
