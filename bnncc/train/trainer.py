@@ -19,6 +19,7 @@ continues exactly where a run stopped. Checkpoints are written atomically every
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import gc
 import json
@@ -368,7 +369,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
              for step in range(start, steps))
     loss_value, seen, began = float("nan"), 0, time.perf_counter()
     stopped = _StopNotice(checkpoint if rank == 0 else None, steps, cfg.checkpoint_every, start if resumed else None)
-    with progress, stopped:
+    with progress, stopped, contextlib.ExitStack() as files:  # files: the metrics file, closed on any way out
         task = progress.add_task("train", total=steps, completed=start, loss="-", lr=scheduler.get_last_lr()[0], ips=0.0)
         for step, (images, labels) in enumerate(loader(plans), start):
             step_began = time.perf_counter()
@@ -407,7 +408,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 seconds = time.perf_counter() - began
                 progress.update(task, loss=f"{loss_value:.4f}", lr=scheduler.get_last_lr()[0], ips=seen / seconds)
                 if metrics is not None and rank == 0:
-                    log = log or metrics.open("a" if resumed else "w")
+                    log = log or files.enter_context(metrics.open("a" if resumed else "w"))
                     log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")
@@ -418,8 +419,6 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 stopped.saving(done)
                 _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data),
                                  loader.bad)
-    if log is not None:
-        log.close()
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
 
