@@ -142,7 +142,8 @@ def method_rate(binary: Path, method: str, threads: int, cpu_time: bool) -> floa
     for _ in range(3):
         process = subprocess.Popen([str(binary), method, str(threads), str(PEAK_STEPS)], stdout=subprocess.PIPE,
                                    text=True)
-        out = process.stdout.read().split()
+        with process.stdout:
+            out = process.stdout.read().split()
         _, status, usage = os.wait4(process.pid, 0)
         if os.waitstatus_to_exitcode(status) == _UNSUPPORTED:
             return None
