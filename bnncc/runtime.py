@@ -18,6 +18,7 @@ __all__ = ["Library", "load"]
 
 # ELF e_machine by the machine names of the targets (targets.registry's ``elf_machine``)
 _ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
+_ELF64_PHDR_SIZE = 56  # bytes of one ELF64 program header
 
 
 class Library:
@@ -94,7 +95,10 @@ def read_library(folder: Path):
         if not path.is_file():
             raise BnnccError(f"{folder}: no {path.name}; is it a folder written by `bnncc compile`?")
     manifest = _read_manifest(manifest_path)
-    target = get_target(manifest["target"]["name"])
+    try:
+        target = get_target(manifest["target"]["name"])
+    except BnnccError as e:
+        raise BnnccError(f"{manifest_path}: {e}") from None
     _check_shared_library(library_path, target.elf_machine)
     _check_digest(library_path, manifest.get("library_sha256"), manifest_path)
     return manifest, target
@@ -187,6 +191,9 @@ def _check_shared_library(path: Path, machine: str | None) -> None:
                          "is model.json the one written with it?")
     phoff, shoff = struct.unpack_from(order + "QQ", data, 32)
     phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 54)
+    if phnum and phentsize < _ELF64_PHDR_SIZE:
+        raise BnnccError(f"{path}: damaged ELF headers (program headers of {phentsize} bytes, expected "
+                         f"{_ELF64_PHDR_SIZE})")
     ends = [phoff + phentsize * phnum, shoff + shentsize * shnum]
     if ends[0] <= len(data):
         for i in range(phnum):

@@ -315,6 +315,10 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     # an aarch64 library (ELF e_machine 183) beside a manifest naming x86-64
     (dict(so=lambda b: b[:18] + (183).to_bytes(2, "little") + b[20:]), "a library for aarch64, not x86-64"),
     (dict(manifest=lambda m: m["target"].update(llvm='{"kind": "no such kind"}')), "is not an LLVM target"),
+    (dict(manifest=lambda m: m["target"].update(name="foo")), r"model.json: unknown target 'foo'"),
+    # e_phentsize 1: reading 40 program headers ran past the end of a file this short
+    (dict(so=lambda b: (b[:54] + (1).to_bytes(2, "little") + (40).to_bytes(2, "little") + b[58:])[:120]),
+     r"model.so: damaged ELF headers"),
 ])
 def test_a_tampered_library_folder_is_an_error(library, tmp_path, change, message):
     """A library folder whose files were cut short or edited: one BnnccError when it is loaded
