@@ -407,6 +407,8 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
         x = walk.float(node.inputs[0])
         inputs, shape = [x], walk.shape(x)
     attrs = node.attributes
+    if attrs.get_int("a_signed", 1) != 1:  # bnncc's stems quantize signed; the kernel has no other grid
+        raise BnnccError(f"node {node.name!r} (QuantConv): unsigned activations are not supported")
     kh, kw = _kernel_shape(node, weight)
     stride = _strides(node)
     pads = tuple(attrs.get_ints("pads", (0, 0, 0, 0)))

@@ -669,6 +669,8 @@ def test_folded_parameters_past_float32_are_an_error(op_type):
     ("PokeConv", "kernel_shape", [5, 5], r"kernel_shape \[5, 5\] but weights of shape"),
     ("PokeConv", "strides", [0, 0], r"strides \[0, 0\]; expected two equal strides >= 1"),
     ("QuantConv", "strides", [4, 2], r"strides \[4, 2\]"),
+    ("QuantConv", "a_signed", 0, "unsigned activations are not supported"),  # the kernel quantized them signed
+    ("QuantGemm", "a_signed", 0, "unsigned activations are not supported"),
 ])
 def test_attribute_out_of_range_is_an_error(op_type, attribute, value, message):
     """Bit widths, clip bounds, kernel shapes and strides the kernels cannot take: a BnnccError
