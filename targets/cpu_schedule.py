@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
-from bnncc.targets.tvm_compat import Target, has_block, mark_scheduled, s_tir, tirx
+from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_block, mark_scheduled, s_tir, tirx
 from tvm.script import tirx as T  # noqa: E402  (TVMScript for the tensor intrinsics)
 
 __all__ = ["VectorUnit", "counts_nibbles", "schedule", "split_convs"]
@@ -136,7 +136,7 @@ def schedule(func: tirx.PrimFunc, target: Target, unit: VectorUnit | None) -> ti
     if unit is None or rule is None:
         return None
     logger.debug("scheduled %s", kernel)
-    return rule(func, unit, int(target.attrs["num-cores"]))
+    return rule(func, unit, int(target.attrs.get("num-cores", NUM_THREADS)))
 
 
 # -- binary conv ------------------------------------------------------------------------------------

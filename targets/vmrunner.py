@@ -146,11 +146,19 @@ def _command(arch: str) -> tuple[list[str], dict[str, str]]:
     return [QEMU, str(runner)], env
 
 
-def _invoke(arch: str, args: list[str]) -> str:
+def _library_file(library: str | os.PathLike) -> Path:
+    library = Path(library).resolve()
+    if not library.is_file():
+        raise BnnccError(f"{library}: no such library")
+    return library
+
+
+def _invoke(arch: str, library: Path, args: list[str]) -> str:
+    """The runner's output for ``args`` (which name ``library``); its failure names the library."""
     prefix, env = _command(arch)
     done = subprocess.run([*prefix, *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise BnnccError(f"{args[1]}: the {arch} runner failed (exit {done.returncode}): "
+        raise BnnccError(f"{library}: the {arch} runner failed (exit {done.returncode}): "
                          f"{(done.stderr or done.stdout).strip()[-2000:]}")
     return done.stdout
 
@@ -167,13 +175,12 @@ def _write_inputs(folder: Path, inputs: list[np.ndarray]) -> list[str]:
 def run_library(library: str | os.PathLike, inputs: list[np.ndarray], *, function: str = "main",
                 arch: str = HOST) -> list[np.ndarray]:
     """Call ``function`` of the Relax library at ``library`` (built for ``arch``) on ``inputs``; its outputs."""
-    library = Path(library).resolve()
-    if not library.is_file():
-        raise BnnccError(f"{library}: no such library")
+    library = _library_file(library)
     with tempfile.TemporaryDirectory(prefix="bnncc-run-") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
-        _invoke(arch, ["run", str(library), function, str(folder / "out"), *_write_inputs(folder, inputs)])
+        _invoke(arch, library, ["run", str(library), function, str(folder / "out"),
+                                *_write_inputs(folder, inputs)])
         logger.info("ran %s:%s with the %s runner in %.2f s", library.name, function, arch, time.perf_counter() - start)
         outputs = sorted(folder.glob("out*.npy"), key=lambda p: int(p.stem[3:]))
         return [np.load(path) for path in outputs]
@@ -188,7 +195,8 @@ def time_library(library: str | os.PathLike, inputs: list[np.ndarray], *, runs: 
                  arch: str = HOST) -> float:
     """Mean milliseconds of ``runs`` calls of ``function`` after one warm-up call (under qemu for aarch64:
     emulation time, not the time on an ARM CPU)."""
-    library = Path(library).resolve()
+    library = _library_file(library)
     with tempfile.TemporaryDirectory(prefix="bnncc-time-") as tmp:
-        stdout = _invoke(arch, ["time", str(runs), str(library), function, *_write_inputs(Path(tmp), inputs)])
+        stdout = _invoke(arch, library, ["time", str(runs), str(library), function,
+                                         *_write_inputs(Path(tmp), inputs)])
     return float(stdout.split()[-1])

@@ -19,6 +19,7 @@ A target without AVX2 is not scheduled (``schedule`` returns None).
 
 from __future__ import annotations
 
+from bnncc.errors import BnnccError
 from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, has_cpu_features, make_target, tirx
@@ -78,7 +79,10 @@ def missing_flags(target: Target, flags: set[str]) -> list[str]:
 def cpu_flags() -> set[str]:
     """This machine's CPU feature flags, as /proc/cpuinfo spells them (``avx512_vpopcntdq``)."""
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-        line = next(line for line in f if line.startswith("flags"))
+        line = next((line for line in f if line.startswith("flags")), None)
+    if line is None:  # an aarch64 host names its features on a "Features" line
+        raise BnnccError("this host is no x86-64 CPU (/proc/cpuinfo has no flags line); name an x86 class as the "
+                         "target (x86-64-avx2, x86-64-avx512bw, x86-64-avx512) to build for one")
     return set(line.split(":", 1)[1].split())
 
 

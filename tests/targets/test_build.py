@@ -26,3 +26,27 @@ def test_a_file_that_cannot_be_read_is_named_not_called_unwritable(tmp_path):
         with atomic_dir(tmp_path / "lib"):
             (tmp_path / "bmma_conv.cuh").read_text()
     assert os.listdir(tmp_path) == []
+
+
+def test_the_host_flags_on_a_cpu_without_an_x86_flags_line_are_one_line(monkeypatch):
+    """aarch64's /proc/cpuinfo names its features on a "Features" line: an empty StopIteration."""
+    import io
+
+    from bnncc.targets import x86_64
+
+    monkeypatch.setattr(x86_64, "open", lambda *a, **k: io.StringIO("processor\t: 0\nFeatures\t: fp asimd\n"),
+                        raising=False)
+    with pytest.raises(BnnccError, match="this host is no x86-64 CPU"):
+        x86_64.host_target()
+
+
+def test_the_runner_names_a_missing_library_whatever_it_is_asked(tmp_path):
+    """time_library's failures named its run count ("3: the runner failed")."""
+    import numpy as np
+
+    from bnncc.targets import vmrunner
+
+    for call in (vmrunner.run_library, vmrunner.time_library):
+        with pytest.raises(BnnccError, match=rf"{tmp_path}/none.so: no such library"):
+            call(tmp_path / "none.so", [np.zeros(1, np.float32)])
+

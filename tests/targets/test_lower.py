@@ -1095,3 +1095,14 @@ def test_inputs_that_are_no_real_numbers_are_one_line(library):
                          (torch.from_numpy(x).bfloat16(), "an input numpy cannot read as an array")]:
         with pytest.raises(BnnccError, match=re.escape(message)):
             lib(bad)
+
+
+def test_a_target_without_a_core_count_schedules_for_the_default_threads():
+    """A Target written by hand (no num-cores) ended the lowering in a KeyError."""
+    from bnncc.targets.lower import lower
+    from bnncc.targets.tvm_compat import make_target
+    from bnncc.targets.x86_64 import host_target
+
+    plain = make_target({k: v for k, v in host_target().export().items() if k in ("kind", "mtriple", "mcpu", "mattr")})
+    assert "num-cores" not in plain.attrs
+    assert lower(tiny_pokebnn(), plain).classes > 0
