@@ -28,11 +28,10 @@ from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
 from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
 
-__all__ = ["compile", "TARGETS", "MANIFEST_FORMAT"]
+__all__ = ["compile", "MANIFEST_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-TARGETS = registry.names()  # x86-64, arm64, cuda: each one's target, schedules, export and runner
 MANIFEST_FORMAT = "bnncc-library/1"
 
 

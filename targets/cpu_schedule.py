@@ -8,14 +8,16 @@ lanes. ``schedule`` then picks the rule of the function's kernel (``KERNEL_ATTR`
 - ``binary_conv2d`` (plain or a fused PokeConv): register tiles of output columns x channels,
   vectorized over channels; a parallel task is one output row of one channel tile
   (``_tile_binary_conv2d``); popcounts in 32-bit lanes, or in byte lanes widened once per chunk
-  of steps where the unit says so (``_byte_counts``: AVX2, NEON; on AVX2 a kernel built with
-  ``nibbles`` splits its input once, rows in parallel, before its tasks). A fused PokeConv's
+  of steps where the unit says so (``_byte_counts``: AVX2, AVX-512BW, NEON; on the x86 units with a
+  nibble lookup a kernel built with ``nibbles`` splits its input once, rows in parallel, before its
+  tasks). A fused PokeConv's
   output tile goes through a stack array kept in registers, from which the tile's sign bits and
   row sums are taken (``_tile_output``; the row sums added up per group of tiles where a task's
   tile sums would not fit the stack, and per task, ``_row_sum_stages``; the
   bits in a pass of their own when a tile is not whole words), and the zero padding of the input
-  is done on the calling thread: one parallel region per kernel (AVX2: plus the nibble split,
-  and the sign bits of 16-channel tiles), where each costs a fork-join of the thread pool;
+  is done on the calling thread: one parallel region per kernel (plus the nibble split with
+  ``nibbles``, and the sign bits' pass where tiles are not whole words), where each costs a
+  fork-join of the thread pool;
 - ``sign_bitpack``: pixels in parallel, one vector compare per word where it can;
 - ``quant_conv2d`` (the stem): output rows in parallel, register tiles of output columns x
   channels as in the binary conv, the reduction outside the tile;
@@ -91,7 +93,7 @@ class VectorUnit:
 def counts_nibbles(unit: VectorUnit | None, out_channels: int) -> bool:
     """Whether a binary conv of ``out_channels`` outputs is built with ``nibbles`` for ``unit``: it
     has a table lookup of whole vectors, and every register tile holds whole vectors of channels
-    (_register_tile picks 8 or 16 channels when Cout is a multiple of 8 lanes)."""
+    (_register_tile picks whole vectors of channels when Cout is a multiple of the unit's lanes)."""
     return unit is not None and unit.nibble_lookup is not None and out_channels % unit.lanes == 0
 
 
@@ -191,16 +193,16 @@ def _binary_conv2d(func: tirx.PrimFunc, unit: VectorUnit, threads: int) -> tirx.
             depth += 1
     # the sign bits of the tile's whole words of channels; else a pass over the output after the
     # conv, a parallel region of its own
-    tile_bits = has_block(sch, "bitpack") and channels % bitpack.WORD_BITS == 0
+    tile_bits = has_block(sch, bitpack.BITPACK_STAGE) and channels % bitpack.WORD_BITS == 0
     if tile_bits:
-        tile_readers.append(sch.get_sblock("bitpack"))
+        tile_readers.append(sch.get_sblock(bitpack.BITPACK_STAGE))
     if tile_readers:
         _tile_output(sch, tile, tile_readers, channels, unit.lanes, depth)
     if rows is not None:
         if rows.groups is not None:
             _group_sums(sch, rows.groups, group, int(sch.get(tile).extent), channels, unit.lanes)
         _row_sum_block(sch, task, rows.parts, channels, unit.lanes)
-    if has_block(sch, "bitpack") and not tile_bits:
+    if has_block(sch, bitpack.BITPACK_STAGE) and not tile_bits:
         _bitpack_block(sch)
     return mark_scheduled(sch.mod["main"])
 
@@ -222,10 +224,10 @@ def _tile_output(sch: s_tir.Schedule, tile, readers: list, channels: int, lanes:
     _unroll_under(sch, copy, tile)
     for block in readers:
         sch.reverse_compute_at(block, tile)
-        if sch.get(block).name_hint == "bitpack":
+        if sch.get(block).name_hint == bitpack.BITPACK_STAGE:
             _unroll_under(sch, block, tile, but_last=True)  # the word's bits: the intrinsic's loop
             sch.decompose_reduction(block, sch.get_loops(block)[-1])
-            sch.tensorize(sch.get_loops(sch.get_sblock("bitpack_update"))[-1], _PACK32)
+            sch.tensorize(sch.get_loops(sch.get_sblock(f"{bitpack.BITPACK_STAGE}_update"))[-1], _PACK32)
         else:
             # a tile's row sums: its columns, one after another, each a vector of channels
             width = int(sch.get(block).iter_vars[-1].dom.extent)
@@ -525,12 +527,13 @@ def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
     """``lanes`` int32 sums += binary_conv.agreement(x[h], nibble h of w[0:lanes]) for both nibble
     halves h (binary_conv's ``nibbles``), in byte lanes: each uint32 lane keeps in its four bytes
     half of their agreements minus mismatches (signed), which only ``_byte_sum_intrin``
-    (``signed``) doubles and adds up. Each half is one ``lookup`` (a table lookup of 16 one-byte
+    (``agreements``) doubles and adds up. Each half is one ``lookup`` (a table lookup of 16 one-byte
     entries, indexed by the low 4 bits of each byte, zero for a byte whose top bit is set) of the
     xor itself: both operands are nibbles, so the xor needs no mask, where a lookup of a whole byte
     masks, shifts and masks again. A byte moves by at most 2 + 2 a step. The weight nibbles are
     computed here, once per step for all the tile's columns (LLVM merges the same split of the same
-    weight vector), or, ``split``, loaded as they are (w[h, 0:lanes], ``bitpack.nibble_weights``).
+    weight vector), or, ``split``, loaded as they are (w[h, 0:lanes], ``bitpack.blocked_weights``
+    with ``split``).
     Registered on first use."""
     name = f"bnncc_nibble_agreement_{lanes}" + ("_split" if split else "")
     if s_tir.TensorIntrin.get(name, allow_missing=True) is not None:
@@ -553,7 +556,7 @@ def _nibble_popcount_intrin(lanes: int, lookup: str, split: bool) -> str:
         return T.reinterpret(f"int32x{lanes}", T.reinterpret(f"int8x{nbytes}", acc) + low + high)
 
     # the weights of a step: w[0:lanes] words, or split ahead w[h, 0:lanes] (both halves of a vector
-    # of channels side by side in bitpack.nibble_weights)
+    # of channels side by side in bitpack.blocked_weights(..., split=True))
     shape = (2, lanes) if split else (lanes,)
 
     def weight_half(w, h, c):
@@ -777,11 +780,11 @@ _PACK32 = "bnncc_sign_pack32"
 s_tir.TensorIntrin.register(_PACK32, _pack32_desc, _pack32_impl, override=True)
 
 
-def _bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:
+def _bitpack_block(sch: s_tir.Schedule) -> None:
     """A sign_bitpack stage: pixels in parallel; each word one vector compare when the channel
     count is a multiple of 32 (far faster than the scalar form, bench/RESULTS.md), else the 32
     bits of a word unrolled (the last word masks channels past C)."""
-    block = sch.get_sblock(name)
+    block = sch.get_sblock(bitpack.BITPACK_STAGE)
     n, h, w, _, b = sch.get_loops(block)
     sch.parallel(sch.fuse(n, h, w))
     channels = next(int(r.source.shape[-1]) for r in sch.get(block).reads if str(r.source.dtype) == "float32")
@@ -790,7 +793,7 @@ def _bitpack_block(sch: s_tir.Schedule, name: str = "bitpack") -> None:
         sch.decompose_reduction(block, b)
         return
     sch.decompose_reduction(block, b)
-    sch.tensorize(sch.get_loops(sch.get_sblock(f"{name}_update"))[-1], _PACK32)
+    sch.tensorize(sch.get_loops(sch.get_sblock(f"{bitpack.BITPACK_STAGE}_update"))[-1], _PACK32)
 
 
 # -- quantized stem conv, SE gate, head -------------------------------------------------------------

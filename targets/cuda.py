@@ -42,7 +42,7 @@ from pathlib import Path
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.targets.cuda_blob import embed_fatbins, imports_blob, write_imports_asm
-from bnncc.targets.kernels import KERNEL_ATTR, binary_conv
+from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
 from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_scheduled, s_tir, tirx
 
 __all__ = [
@@ -160,7 +160,7 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc
 def _schedule_trailing(sch: s_tir.Schedule) -> None:
     """The stages after a fused PokeConv's output: its sign-and-bitpack, one thread per output
     word, and its row sums (binary_conv.row_sums), one thread per row and channel."""
-    for name in ("bitpack", binary_conv.ROW_SUM):
+    for name in (bitpack.BITPACK_STAGE, binary_conv.ROW_SUM):
         if has_block(sch, name):
             block = sch.get_sblock(name)
             *spatial, reduction = sch.get_loops(block)

@@ -105,7 +105,6 @@ class Lowered:
     input_chw: tuple[int, int, int]
     output_name: str
     classes: int
-    batches: tuple[int, ...]
 
 
 def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), schedule=None) -> Lowered:
@@ -154,7 +153,7 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
                 per_image = [builder.emit(relax.Call(image, [x, relax.prim_value(i)])) for i in range(batch)]
                 out = builder.emit_output(per_image[0] if batch == 1 else relax.op.concat(per_image, axis=0))
             builder.emit_func_output(out)
-    return Lowered(builder.get(), graph.inputs[0].name, chw, graph.outputs[0].name, classes, tuple(batches))
+    return Lowered(builder.get(), graph.inputs[0].name, chw, graph.outputs[0].name, classes)
 
 
 def _input_chw(value: ir.Value) -> tuple[int, int, int]:

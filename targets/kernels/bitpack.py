@@ -39,7 +39,10 @@ def words(channels: int) -> int:
     return -(-channels // WORD_BITS)
 
 
-def sign_bitpack(x: te.Tensor, name: str = "bitpack") -> te.Tensor:
+BITPACK_STAGE = "bitpack"  # the stage's name, by which the CPU schedule finds it
+
+
+def sign_bitpack(x: te.Tensor) -> te.Tensor:
     """Pack NHWC float activations x (N, H, W, C) into uint32 words (N, H, W, ceil(C/32)).
 
     out[n, h, w, j] = sum_{b < 32, 32j + b < C} [x[n, h, w, 32j + b] >= 0] << b.
@@ -58,7 +61,7 @@ def sign_bitpack(x: te.Tensor, name: str = "bitpack") -> te.Tensor:
     return te.compute(
         (n, h, w, words(c)),
         lambda i, y, z, j: te.sum(bit(i, y, z, j, b), axis=b),
-        name=name,
+        name=BITPACK_STAGE,
         tag="sign_bitpack",
     )
 
