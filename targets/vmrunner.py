@@ -67,7 +67,8 @@ def ensure_arm64_runtime() -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             done = subprocess.run(_pip_command(Path(tmp)), capture_output=True, text=True)
             if done.returncode != 0:
-                raise BnnccError(f"could not download the aarch64 TVM runtime ({done.stderr.strip().splitlines()[-1:]}); "
+                last = (done.stderr.strip().splitlines() or ["pip said nothing"])[-1]
+                raise BnnccError(f"could not download the aarch64 TVM runtime ({last}); "
                                  f"run: {' '.join(_pip_command(folder / 'wheels'))}")
             _extract_runtime(Path(tmp), folder)
     missing = [name for name in _RUNTIME_LIBS.values() if not (folder / Path(name).name).is_file()]
