@@ -55,6 +55,8 @@ class PokeStemPass(ir.passes.InPlacePass):
         if mid_channels < 1:
             raise BnnccError(f"poke_stem: mid_channels must be >= 1, got {mid_channels}")
         check_bit_widths("poke_stem", w_bits=w_bits, a_bits=a_bits)
+        if seed < 0:
+            raise BnnccError(f"poke_stem: seed must be >= 0, got {seed}")
         self.mid_channels = mid_channels
         self.w_bits = w_bits
         self.a_bits = a_bits

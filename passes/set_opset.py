@@ -21,6 +21,7 @@ import onnx.helper
 import onnx_ir as ir
 
 from bnncc.domain import CANONICAL_OPSET, SUPPORTED_OPSETS
+from bnncc.errors import BnnccError
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class SetOpsetPass(ir.passes.InPlacePass):
 
     def __init__(self, version: int = CANONICAL_OPSET) -> None:
         super().__init__()
+        if version not in SUPPORTED_OPSETS:
+            raise BnnccError(f"set_opset: version must be one of {min(SUPPORTED_OPSETS)} to "
+                             f"{max(SUPPORTED_OPSETS)}, got {version}")
         self.version = version
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

@@ -84,6 +84,7 @@ def test_recipe_from_a_path(tmp_path):
         (["passes.width_multiplier.multiplier=1e9"], "multiplier must be above 0 and at most 4, got 1000000000.0"),
         (["passes.poke_conv.clip_bound=inf"], "poke_conv: clip_bound must be a finite number > 0, got inf"),
         (["passes.poke_conv.seed=-1"], "poke_conv: seed must be >= 0, got -1"),
+        (["passes.poke_stem.seed=-1"], "poke_stem: seed must be >= 0, got -1"),
         (["passes.int8_head.w_bits=16"], "int8_head: w_bits must be 2 to 8"),
         (["train.lr=-1"], "train.lr = -1: expected a finite number > 0"),
         (["train.lr=nan"], "train.lr = nan: expected a finite number > 0"),
@@ -107,6 +108,7 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
          "blocks = 'resnet50': expected one of 'bottleneck', 'basic'"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
         ("[[passes]\n", "not valid TOML"),
+        ('[[passes]]\nname = "set_opset"\nversion = 99\n', "set_opset: version must be one of 9 to 28, got 99"),
     ],
 )
 def test_bad_files_name_the_file_and_key(tmp_path, text, message):
