@@ -1,6 +1,6 @@
 """``convert``: a float ResNet ONNX file -> a PokeBNN library folder with its report, in cached stages.
 
-The stages (architecture.md, "the job in one picture"):
+The stages:
 
 1. import: ``bnncc.load`` (always run: it validates the input and gives the float ACE);
 2. rewrite: the recipe's passes -> ``stages/rewrite.onnx``;
@@ -11,7 +11,8 @@ The stages (architecture.md, "the job in one picture"):
 
 Caching: stage S records ``stages/S.json`` = {key, outputs: {file: sha256}, results}. The key is
 the sha256 of S's inputs: the bytes of the files it reads (the imported model serialized, so
-external data counts; the data set's files; the previous stage's output), the resolved recipe,
+external data counts; the previous stage's output), the data set's files by path, size and
+modification time (``_data_fingerprint``), the resolved recipe,
 S's options and the bnncc version. S is skipped when its record has the same key and every
 output still has its recorded hash. Every file is written atomically, and a record only after
 its outputs, so a killed run never leaves a record for a partial stage.
@@ -239,17 +240,28 @@ def cached_stage(folder: Path, name: str, key: dict, outputs: list[Path], run: C
 
     digest = hashlib.sha256(json.dumps({"bnncc": __version__, **key}, sort_keys=True).encode()).hexdigest()
     record_path = folder / f"{name}.json"
-    if record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("key") == digest and all(
-                p.is_file() and record["outputs"].get(p.name) == hash_files([p]) for p in outputs):
-            logger.info("stage %s: reusing %s", name, ", ".join(p.name for p in outputs))
-            return True, record["results"]
+    results = _recorded_results(record_path, digest, outputs)
+    if results is not None:
+        logger.info("stage %s: reusing %s", name, ", ".join(p.name for p in outputs))
+        return True, results
     record_path.unlink(missing_ok=True)  # a stale record must not vouch for outputs being rewritten
     results = run()
     record = {"stage": name, "key": digest, "outputs": {p.name: hash_files([p]) for p in outputs}, "results": results}
     atomic_write_text(record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return False, results
+
+
+def _recorded_results(record_path: Path, digest: str, outputs: list[Path]) -> dict | None:
+    """The results the stage record at ``record_path`` holds, if it has the key ``digest`` and the
+    outputs still have their recorded hashes, else None; a record that cannot be read (missing,
+    damaged, edited) vouches for nothing."""
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        reusable = record["key"] == digest and all(
+            p.is_file() and record["outputs"].get(p.name) == hash_files([p]) for p in outputs)
+        return record["results"] if reusable else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: JSON's and UTF-8's
+        return None
 
 
 def hash_files(paths: list[Path]) -> str:

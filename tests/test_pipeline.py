@@ -353,3 +353,23 @@ def test_data_that_is_a_file_is_named_as_such(cli, narrow_resnet, tmp_path):
     with pytest.raises(BnnccError, match=re.escape(message)):
         demo(tmp_path / "demo", tmp_path / "images.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images.tar"]
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[:20], lambda text: "[]", lambda text: '{"key": 1}',
+                                    lambda text: text.replace('"outputs"', '"other"')])
+def test_a_damaged_stage_record_runs_the_stage_again(tmp_path, damage):
+    """A cut or edited stages/S.json ended convert in a JSONDecodeError or KeyError."""
+    from bnncc.pipeline import cached_stage
+
+    out, runs = tmp_path / "out.bin", []
+
+    def run():
+        runs.append(1)
+        out.write_bytes(b"x")
+        return {"n": len(runs)}
+
+    assert cached_stage(tmp_path, "s", {"k": 1}, [out], run) == (False, {"n": 1})
+    assert cached_stage(tmp_path, "s", {"k": 1}, [out], run) == (True, {"n": 1})
+    record = tmp_path / "s.json"
+    record.write_text(damage(record.read_text()))
+    assert cached_stage(tmp_path, "s", {"k": 1}, [out], run) == (False, {"n": 2})
