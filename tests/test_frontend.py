@@ -59,6 +59,17 @@ def test_inspect_table_lists_stem_blocks_and_head(cli, resnet50_onnx):
     assert len(rows) == 1 + 16 + 1
     assert "stem" in rows[0] and "head" in rows[-1]
     assert sum("projection" in r for r in rows) == 4
+    assert [cell.strip() for cell in rows[0].split("│")][7:9] == ["4", "56x56"]  # stride, size
+
+
+def test_inspect_gives_the_stride_of_a_stem_whose_pool_keeps_the_size(cli, tmp_path):
+    """A max pool of stride 1 (accepted where a PokeInit window matches) was shown as stride 4."""
+    net = zoo.resnet18(width=0.25, num_classes=10)
+    net.maxpool = torch.nn.MaxPool2d(3, stride=1, padding=1)
+    code, out, err = cli("inspect", zoo.export_onnx(net, tmp_path / "r18.onnx", input_size=64))
+    assert code == 0, err
+    stem = next(line for line in out.splitlines() if "stem" in line)
+    assert [cell.strip() for cell in stem.split("│")][7:9] == ["2", "32x32"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

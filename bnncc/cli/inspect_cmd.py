@@ -15,10 +15,10 @@ from bnncc.resnet import ResNet
 
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="ONNX model of a float bottleneck ResNet"),
+    model: Path = typer.Argument(..., help="ONNX model of a float ResNet (bottleneck or basic blocks)"),
     as_json: bool = typer.Option(False, "--json", help="print the structure as JSON"),
 ) -> None:
-    """Load MODEL, canonicalize it and print its stem, bottlenecks and head."""
+    """Load MODEL, canonicalize it and print its stem, blocks and head."""
     from bnncc.frontend import load, recognize
 
     resnet = recognize(load(model))
@@ -30,13 +30,14 @@ def inspect(
 
 
 def _table(resnet: ResNet) -> Table:
-    """One row for the stem, one per bottleneck, one for the head; size is the output size."""
+    """One row for the stem, one per block, one for the head; size is the output size; the stem's
+    stride is the input's size over its output's (its conv's and its pool's strides together)."""
     n, c, h, w = resnet.input_shape
     table = Table(title=f"{resnet.input_name} ({n}, {c}, {h}, {w}) -> {resnet.output_name}")
     for column in ("part", "stage", "index", "in", "mid", "out", "stride", "size", "shortcut"):
         table.add_column(column)
     stem = resnet.stem
-    table.add_row("stem", "", "", str(c), "", str(stem.out_channels), "4" if stem.pool else "2",
+    table.add_row("stem", "", "", str(c), "", str(stem.out_channels), str(round(h / stem.out_size[0])),
                   _size(stem.out_size), "")
     for b in resnet.blocks:
         table.add_row("block", str(b.stage), str(b.index), str(b.in_channels), str(b.mid_channels),
