@@ -763,6 +763,9 @@ class _Walker:
         users = self.users(graph_input)
         if (len(users) != 1 or users[0].op_type != "Conv" or _kernel(users[0]) != (7, 7) or _stride(users[0]) != 2
                 or set(ints_attr(users[0], "dilations", (1,))) != {1}):
+            shift = next((u for u in users if u.op_type in _ELEMENTWISE and u.domain == ""), None)
+            if shift is not None:  # (Add passes the op check, which names the others)
+                raise BnnccError(f"node '{shift.name}' ({shift.op_type}): {_INPUT_NORMALIZATION}")
             found = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
             raise BnnccError(f"input '{graph_input.name}': expected the stem's 7x7 stride-2 Conv, found {found}")
         conv = users[0]

@@ -547,10 +547,18 @@ class _Normalized(torch.nn.Module):
         return self.module((x - self.mean) / self.std)
 
 
+class _Shifted(_Normalized):
+    """An input shifted by an Add alone (Add is an op a ResNet has, so the op check passes it)."""
+
+    def forward(self, x):
+        return self.module(x + self.mean)
+
+
 @pytest.mark.parametrize("change, op, fragment", [
     (_pre_activation, "BatchNormalization", "a batch norm that folds into no conv: it must follow a Conv"),
     (_pooled_shortcut, "AveragePool", "an average pool that is not the global pool before the classifier"),
     (_Normalized, "Sub", "an input normalization inside the graph: bnncc takes the network from its first conv"),
+    (_Shifted, "Add", "an input normalization inside the graph: bnncc takes the network from its first conv"),
     (_group_norm, "InstanceNormalization", "a normalization other than batch norm"),
     (_silu_stem, "Sigmoid", "an activation other than Relu (SiLU, GELU, ReLU6) or a squeeze-excite gate"),
 ])
