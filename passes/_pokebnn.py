@@ -90,15 +90,14 @@ def take_over(old: ir.Value, new: ir.Value) -> None:
     new.name = name
 
 
-def drop_unused(graph: ir.Graph, values: list[ir.Value | None] | None = None) -> int:
+def drop_unused(graph: ir.Graph) -> int:
     """Remove the initializers that no node reads and that are neither graph inputs nor outputs.
 
-    Every initializer of ``graph`` is checked (``values`` is accepted for older callers and
-    ignored: a node removed with ``graph.remove(..., safe=True)`` has already lost its inputs, so
-    the values a pass replaced cannot be found through it). ``refresh`` calls this, so a PokeBNN
-    pass needs no cleanup of its own. Returns how many initializers were removed.
+    Every initializer of ``graph`` is checked: a node removed with ``graph.remove(..., safe=True)``
+    has already lost its inputs, so the values a pass replaced cannot be found through it.
+    ``refresh`` calls this, so a PokeBNN pass needs no cleanup of its own. Returns how many
+    initializers were removed.
     """
-    del values
     kept = frozenset([*graph.inputs, *graph.outputs])
     unused = [name for name, value in graph.initializers.items() if not value.uses() and value not in kept]
     for name in unused:

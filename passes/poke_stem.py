@@ -34,7 +34,7 @@ import onnx_ir as ir
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.passes._blocks import only_user
-from bnncc.passes._pokebnn import (add_node, batch_norm, drop_unused, dprelu, lecun_normal, refresh,
+from bnncc.passes._pokebnn import (add_node, batch_norm, dprelu, lecun_normal, refresh,
                                    take_over, uncalibrated_bound)
 from bnncc.passes._util import add_initializer, check_bit_widths, ints_attr
 from bnncc.passmanager import register_pass
@@ -88,7 +88,6 @@ class PokeStemPass(ir.passes.InPlacePass):
         x = dprelu(graph, batch_norm(graph, x, "stem/bn2", out_channels), "stem/dprelu2", out_channels)
         take_over(last.outputs[0], x)
         graph.remove(stem, safe=True)
-        drop_unused(graph, list(conv.inputs[1:]))
         logger.debug("stem %s replaced by PokeInit (%d -> %d -> %d channels)",
                      ", ".join(n.name for n in stem), in_channels, mid, out_channels)
         refresh(model)
