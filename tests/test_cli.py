@@ -83,6 +83,22 @@ def test_rewrite_to_a_folder_is_an_error(cli, tmp_path, resnet50_onnx):
     assert code == 2 and "is a folder; expected the path of a file to write" in err
 
 
+@pytest.mark.parametrize("command", ["rewrite", "export"])
+def test_an_output_whose_folder_is_a_file_is_refused_before_any_work(cli, tmp_path, monkeypatch, command):
+    """The README promises it; rewrite and export found out only when writing, after the work."""
+    import bnncc.qonnx
+    import bnncc.rewriting
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work began")
+
+    monkeypatch.setattr(bnncc.rewriting, "rewrite", no_work)
+    monkeypatch.setattr(bnncc.qonnx, "export_qonnx", no_work)
+    (tmp_path / "file").write_text("")
+    code, _, err = cli(command, tmp_path / "model.onnx", "-o", tmp_path / "file" / "out.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "out.onnx: cannot write there" in err, err
+
+
 def test_demo_help_states_the_demos_defaults(cli):
     """The help cannot import the pipeline (it would slow every command's start), so it states the
     defaults as numbers: they must be DemoOptions'."""

@@ -9,7 +9,7 @@ import typer
 
 from bnncc.cli._app import app, console
 from bnncc.errors import BnnccError
-from bnncc.fileio import refuse_overwriting
+from bnncc.fileio import check_writable, refuse_overwriting
 
 
 @app.command()
@@ -25,4 +25,5 @@ def export(
     if format != "qonnx":
         raise BnnccError(f"--format {format!r}: the export formats are: qonnx")
     refuse_overwriting({"the result": output}, {"the input model": model})
+    check_writable(output)
     console.print(f"wrote {export_qonnx(model, output, batch)}")

@@ -9,13 +9,13 @@ import typer
 from rich.table import Table
 
 from bnncc.cli._app import app, console
-from bnncc.fileio import atomic_path, refuse_overwriting
+from bnncc.fileio import atomic_path, check_writable, refuse_overwriting
 from bnncc.passmanager import PassRecord
 
 
 @app.command()
 def rewrite(
-    model: Path = typer.Argument(..., help="ONNX model of a float bottleneck ResNet"),
+    model: Path = typer.Argument(..., help="ONNX model of a float ResNet (bottleneck or basic blocks)"),
     recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
     output: Path = typer.Option(..., "--output", "-o", help="where to write the rewritten ONNX model"),
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.poke_conv.clip_bound=2"),
@@ -25,6 +25,7 @@ def rewrite(
     from bnncc.rewriting import rewrite as rewrite_model
 
     refuse_overwriting({"the result": output}, {"the input model": model})
+    check_writable(output)
     result, rows = rewrite_model(load(model), recipe, overrides)
     with atomic_path(output) as tmp:
         ir.save(result, tmp)
