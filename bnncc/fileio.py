@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -92,11 +93,17 @@ def output_target(dest: str | os.PathLike) -> Path:
 
 def check_writable(dest: str | os.PathLike) -> None:
     """Refuse, before any work, an output path that cannot be written (a folder, a parent that is a
-    file, no permission, a read-only file system): a file is created beside it and removed."""
+    file, no permission, a read-only file system): a file is created in its folder, or in the
+    nearest folder above it that exists (the write makes the others), and removed. Nothing is
+    left behind, not even the folders."""
     dest = output_target(dest)
+    folder = dest.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     with output_errors(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder)
         os.close(fd)
         os.unlink(probe)
 
