@@ -611,7 +611,7 @@ def recognize(model: ir.Model) -> ResNet:
         stages[-1].append(block)
         current = walker.output_of(block.out_relu)
     if not stages:
-        raise BnnccError(f"node '{stem.pool or stem.relu}': expected a bottleneck block after the stem")
+        raise BnnccError(f"node '{stem.pool or stem.relu}': expected a bottleneck or basic block after the stem")
     head = walker.head(current)
     walker.check_all_visited()
     return ResNet(
@@ -789,7 +789,7 @@ class _Walker:
         # Exactly two readers: the block's first conv, and the shortcut (projection conv or the Add).
         if len(users) != 2 or len(main) != 1 or len(projections) + len(adds) != 1:
             found = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
-            raise BnnccError(f"{where}: expected a bottleneck block (1x1 Conv and shortcut) or the head's global "
+            raise BnnccError(f"{where}: expected a block (its first Conv and its shortcut) or the head's global "
                              f"average pool after it, found {found}")
         conv1 = main[0]
         relu1 = self.only_user(conv1, "Relu", "a Relu")

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class RemoveProjectionShortcutsPass(ir.passes.InPlacePass):
     """Replace ``Add(y, Conv(x))`` projection shortcuts with ``ReshapeAdd(y, x, method="tile")``.
 
-    1. A float bottleneck whose shortcut is a Conv of the block input: the Add becomes a
+    1. A float block (bottleneck or basic) whose shortcut is a Conv of the block input: the Add becomes a
        ReshapeAdd tile from the block input, the Conv and its weights are removed.
     2. A block with an identity shortcut, or one already rewritten: left alone.
     """

@@ -40,7 +40,7 @@ MAX_MULTIPLIER = 4
 class WidthMultiplierPass(ir.passes.InPlacePass):
     """Multiply every float block's width by ``multiplier``; the stem stays, the head follows.
 
-    1. Float bottlenecks and multiplier != 1: convs, projections and the dense head resized,
+    1. Float blocks (bottleneck or basic) and multiplier != 1: convs, projections and the dense head resized,
        weights sliced or re-initialised (seeded by ``seed``).
     2. Multiplier 1, or no float block (e.g. after poke_conv): left alone.
     3. A plain Add shortcut between blocks of different new widths: an error.

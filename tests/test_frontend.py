@@ -508,7 +508,7 @@ def test_a_network_without_its_head_is_named_so(cli, tmp_path):
     'found ' and did not say what was missing."""
     features = torch.nn.Sequential(*list(zoo.resnet50(0.125, num_classes=10).children())[:-2])
     path = zoo.export_onnx(features, tmp_path / "features.onnx", input_size=32)
-    _expect_refusal(cli, path, "(Relu): expected a bottleneck block (1x1 Conv and shortcut) or the head's global "
+    _expect_refusal(cli, path, "(Relu): expected a block (its first Conv and its shortcut) or the head's global "
                                "average pool after it, found nothing")
 
 
@@ -622,7 +622,7 @@ def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
     ]
     inits = [_conv_weight("w1", 8, 3, 7), _conv_weight("w2", 8, 8, 3)]
     onnx.save(_graph_model(nodes, [_input()], [_output((1, 8, 1, 1))], inits), tmp_path / "plain.onnx")
-    _expect_refusal(cli, tmp_path / "plain.onnx", "'stem_relu'", "expected a bottleneck block")
+    _expect_refusal(cli, tmp_path / "plain.onnx", "'stem_relu'", "expected a block")
 
 
 def test_dynamic_spatial_size(cli, tmp_path, tiny_proto):
