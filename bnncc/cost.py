@@ -40,7 +40,7 @@ import onnx_ir as ir
 from rich import box
 from rich.table import Table
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, first_line
 from bnncc.frontend import read as read_model
 from bnncc.ops import op_def
 from bnncc.ops.counting import (FLOAT_WEIGHT_BITS, Elementwise, Layer, conv_layer, dense_layer, numel,
@@ -290,7 +290,7 @@ def _infer(model: ir.Model) -> dict[str, tuple]:
     try:
         proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
     except onnx.shape_inference.InferenceError as e:
-        raise BnnccError(f"shape inference failed: {str(e).strip().splitlines()[0]}") from None
+        raise BnnccError(f"shape inference failed: {first_line(e)}") from None
     shapes = {}
     for info in [*proto.graph.input, *proto.graph.value_info, *proto.graph.output]:
         if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):

@@ -53,7 +53,7 @@ import onnx_ir as ir
 
 from bnncc.domain import (
     CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, UPGRADED_OPSETS, VERSION)
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, first_line
 from bnncc.fileio import require_file
 from bnncc.ops import attach_functions, check_graph
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
@@ -206,7 +206,7 @@ def _check_reference_runs(model: ir.Model) -> None:
         if len(dims) > 1 and all(d is not None for d in dims[1:]):  # a fixed image size: run one
             session.run(None, {session.get_inputs()[0].name: np.zeros([dims[0] or 1, *dims[1:]], np.float32)})
     except Exception as e:  # noqa: BLE001  (onnxruntime's own error types, whatever it failed on)
-        message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", _first_line(e))
+        message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(e))
         raise BnnccError(f"onnxruntime, the reference, cannot run this graph: {message}") from None
     _REFERENCE_RAN.add(digest)
 
@@ -330,7 +330,7 @@ def _check_tensor_data(proto: onnx.ModelProto, path: Path) -> None:
             array = onnx.numpy_helper.to_array(tensor)
         except (ValueError, TypeError, KeyError) as e:  # KeyError: an unknown data type
             raise BnnccError(f"{path}: tensor '{tensor.name}' (data type {tensor.data_type}, dims "
-                             f"{list(tensor.dims)}): data does not match its type and shape ({_first_line(e)})") from None
+                             f"{list(tensor.dims)}): data does not match its type and shape ({first_line(e)})") from None
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise BnnccError(f"{path}: tensor '{tensor.name}' holds NaN or infinite values")
 
@@ -357,7 +357,7 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
-        raise BnnccError(f"{path}: shape inference failed: {_first_line(e)}") from None
+        raise BnnccError(f"{path}: shape inference failed: {first_line(e)}") from None
     unread = _check_shapes(proto, path)
     model = ir.serde.deserialize_model(proto)
     try:
@@ -377,7 +377,7 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
     try:
         onnx.shape_inference.infer_shapes(ir.to_proto(model), check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
-        raise BnnccError(f"shape inference failed on the canonical model: {_first_line(e)}") from None
+        raise BnnccError(f"shape inference failed on the canonical model: {first_line(e)}") from None
     return PassManager(["shape_inference"]).run(model)
 
 
@@ -458,11 +458,6 @@ def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
                          f"{UPGRADED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _one_line(error: Exception) -> str:
     """The whole message on one line: the ONNX checker names the node on the lines after the first."""
     return " ".join(str(error).replace("==> Context:", "").split()) or type(error).__name__
@@ -530,7 +525,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
     except OSError as e:
         raise BnnccError(f"{path}: cannot read its external data: {e.strerror}") from None
     except (ValueError, onnx.checker.ValidationError) as e:  # an offset or length outside the data file
-        raise BnnccError(f"{path}: cannot read its external data: {_first_line(e)}") from None
+        raise BnnccError(f"{path}: cannot read its external data: {first_line(e)}") from None
 
 
 def _check_interface(proto: onnx.ModelProto, path: Path) -> None:

@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from bnncc.domain import RECIPE_KEY
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, first_line
 from bnncc.frontend import recognize
 from bnncc.passmanager import PassManager, PassRecord
 from bnncc.recipe import Recipe, apply_overrides, available_recipes, load_recipe
@@ -71,5 +71,4 @@ def _check(model: ir.Model, recipe: Recipe) -> None:
     try:
         onnx.checker.check_model(ir.to_proto(model))
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0]
-        raise BnnccError(f"recipe {recipe.name}: the rewritten model is not valid ONNX: {first}") from None
+        raise BnnccError(f"recipe {recipe.name}: the rewritten model is not valid ONNX: {first_line(e)}") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, first_line
 
 __all__ = ["Library", "load"]
 
@@ -46,7 +46,7 @@ class Library:
         try:
             x = np.asarray(x.detach() if hasattr(x, "detach") else x)  # (a torch tensor that requires grad)
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. a torch bfloat16 tensor, ragged lists
-            raise BnnccError(f"{self.folder}: an input numpy cannot read as an array ({str(e).splitlines()[0]})") from None
+            raise BnnccError(f"{self.folder}: an input numpy cannot read as an array ({first_line(e)})") from None
         if x.dtype.kind not in "biuf":
             raise BnnccError(f"{self.folder}: an input of {x.dtype}; expected real numbers")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_chw:
@@ -111,7 +111,7 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (ValueError: JSON's, numbers too long)
-        raise BnnccError(f"{path}: not a JSON manifest ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise BnnccError(f"{path}: not a JSON manifest ({first_line(e)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BnnccError(f"{path}: format {found!r}, expected {MANIFEST_FORMAT!r}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, first_line
 from bnncc.fileio import cache_dir
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
 from bnncc.targets.lower import IMAGE_FUNCTION
@@ -118,7 +118,7 @@ def _cpu_caller(path: Path) -> Caller:
                 logits = run(tensor)
             except RuntimeError as e:  # the VM's checks of its input against the function's signature
                 raise BnnccError(f"{path}: {function} refused an input of shape {x.shape} "
-                                 f"({str(e).strip().splitlines()[0]}); is model.json the one written with it?") from None
+                                 f"({first_line(e)}); is model.json the one written with it?") from None
             # a copy through a numpy view: Tensor.numpy() took 6 us for 1000 logits, this 0.7
             return np.from_dlpack(logits).copy()
 
