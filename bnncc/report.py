@@ -169,7 +169,7 @@ def markdown(report: Report) -> str:
         for who in ("teacher", "student", "library"):
             top1, top5 = report.accuracy.get(f"{who}_top1"), report.accuracy.get(f"{who}_top5")
             if top1 is not None or top5 is not None:
-                lines.append(f"| {_WHO[who]} | {_percent(top1)} | {_percent(top5)} |")
+                lines.append(f"| {_WHO[who]} | {percent(top1)} | {percent(top5)} |")
         lines.append("")
     if report.latency:
         threads = report.latency["threads"]
@@ -236,7 +236,8 @@ def _cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """An accuracy as the tables show it ("-" where none was measured)."""
     return "-" if value is None else f"{value:.2f}%"
 
 

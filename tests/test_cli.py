@@ -99,6 +99,16 @@ def test_an_output_whose_folder_is_a_file_is_refused_before_any_work(cli, tmp_pa
     assert code == 2 and len(err.strip().splitlines()) == 1 and "out.onnx: cannot write there" in err, err
 
 
+def test_verify_help_states_the_verification_limits(cli):
+    """As the demo's: the help states them as numbers, which must be bnncc.verification's."""
+    from bnncc.verification import MAX_INPUTS, PERTURBATIONS
+
+    code, out, _ = cli("verify", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0
+    assert f"at most {MAX_INPUTS}: each takes {2 + PERTURBATIONS} onnxruntime runs" in text
+
+
 def test_demo_help_states_the_demos_defaults(cli):
     """The help cannot import the pipeline (it would slow every command's start), so it states the
     defaults as numbers: they must be DemoOptions'."""

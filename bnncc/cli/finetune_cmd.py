@@ -13,10 +13,6 @@ from bnncc.cli._app import app, console
 _OUT = Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")]
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}%"
-
-
 @app.command()
 def finetune(
     student: Annotated[Path, typer.Argument(help="PokeBNN graph from `bnncc rewrite`.")],
@@ -61,6 +57,8 @@ def finetune(
                           resume=resume, metrics=output.with_suffix(".metrics.jsonl"), device=device)
     if not is_main_process():  # under torchrun, rank 0 alone reports
         return
+    from bnncc.report import percent
+
     if checkpoint is None:  # the run is done and its result written: the default checkpoint (GBs for a ResNet-50) goes
         output.with_suffix(".ckpt").unlink(missing_ok=True)
     overridden = "" if clip_bound is None else f" (clip bound B overridden: {clip_bound})"
@@ -71,8 +69,8 @@ def finetune(
     trained = result.train.images_per_second > 0  # (a resumed run whose checkpoint held its last step trains none)
     table.add_row(str(result.train.steps), f"{result.train.final_loss:.4f}" if trained else "-",
                   f"{result.train.images_per_second:.1f}" if trained else "-",
-                  _percent(result.student_top1), _percent(result.student_top5), _percent(result.teacher_top1),
-                  _percent(result.teacher_top5), f"{(result.ace or 0) / 1e9:.3f}")
+                  percent(result.student_top1), percent(result.student_top5), percent(result.teacher_top1),
+                  percent(result.teacher_top5), f"{(result.ace or 0) / 1e9:.3f}")
     console.print(table)
 
 
@@ -101,4 +99,6 @@ def train_teacher(
                       label_weight=1.0, seed=seed, num_workers=workers)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device, arch=arch)
     if is_main_process():  # under torchrun, rank 0 alone reports
-        console.print(f"teacher written to {path}: top-1 {_percent(top1)}, top-5 {_percent(top5)}")
+        from bnncc.report import percent
+
+        console.print(f"teacher written to {path}: top-1 {percent(top1)}, top-5 {percent(top5)}")
