@@ -420,5 +420,8 @@ def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, se_
         torch.testing.assert_close(buffer, buffers_ref[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(b, start[name]) for name, b in buffers.items())
     scale = max(float(g.abs().max()) for g in grads_ref.values())
-    for name, grad in grads.items():  # per-channel sums add up in another order (a zero may come out as 1e-7)
-        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=1e-6 * scale)
+    # per-channel sums add up in another order (the kernels' in double blocks, torch's pairwise in
+    # float32; a zero may come out as 1e-7): the negative slope's gradient, a sum over the batch's
+    # pixels, differs by up to 1.8e-5 of 0.41 here, float32's rounding of such a sum
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=2e-6 * scale)
