@@ -46,7 +46,7 @@ from bnncc.ops import op_def
 from bnncc.ops.counting import (FLOAT_WEIGHT_BITS, Elementwise, Layer, conv_layer, dense_layer, numel,
                                 per_output)
 
-__all__ = ["CostReport", "Layer", "Elementwise", "ace", "read_model", "format_table"]
+__all__ = ["CostReport", "Layer", "Elementwise", "ace", "read_model", "format_table", "inputs_at"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +169,8 @@ def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int =
             if any(sops.values()):
                 elementwise.append(Elementwise(node.name, node.op_type, sops))
     initializers = [v for v in model.graph.initializers.values() if v.uses() or v.is_graph_output()]
-    weights = _inputs_at(model.graph, "weight_inputs")
-    state = _inputs_at(model.graph, "state_inputs")
+    weights = inputs_at(model.graph, "weight_inputs")
+    state = inputs_at(model.graph, "state_inputs")
     return CostReport(
         float_bits=float_bits,
         layers=tuple(layers),
@@ -200,7 +200,7 @@ def _input_positions(node: ir.Node, kind: str) -> tuple[int, ...]:
     return standard.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
 
 
-def _inputs_at(graph: ir.Graph, kind: str) -> set[ir.Value]:
+def inputs_at(graph: ir.Graph, kind: str) -> set[ir.Value]:
     """The values that feed the weight or state input positions of the graph's nodes."""
     return {node.inputs[i] for node in graph for i in _input_positions(node, kind)
             if i < len(node.inputs) and node.inputs[i] is not None}

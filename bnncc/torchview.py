@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnncc.cost import inputs_at
 from bnncc.errors import BnnccError
 from bnncc.frontend import require_ir_model
 from bnncc.ops import op_def
@@ -208,15 +209,6 @@ def _bound_inputs(node: ir.Node) -> tuple[tuple[int, Callable], ...]:
                  if i not in op.optional_inputs or (i < len(node.inputs) and node.inputs[i] is not None))
 
 
-def _state_inputs(node: ir.Node) -> list[int]:
-    """Input positions holding state that gradient descent does not train: BN running
-    mean/var and calibrated activation bounds."""
-    if _is_standard(node) and node.op_type == "BatchNormalization":
-        return [3, 4]
-    op = op_def(node)
-    return list(op.state_inputs) if op is not None else []
-
-
 def _probes(node: ir.Node, names: dict[str, str]) -> tuple[_Probe, ...]:
     """Observers for the activation bounds a quantized op reads (pokebnn.md §4)."""
     probes = []
@@ -296,12 +288,8 @@ class GraphModule(nn.Module):
         nodes = _sorted_nodes(graph)
         used = {v.name for node in nodes for v in node.inputs if v is not None}
         used |= {v.name for v in graph.outputs}
-        buffer_inputs = {
-            node.inputs[i].name
-            for node in nodes
-            for i in _state_inputs(node)
-            if i < len(node.inputs) and node.inputs[i] is not None
-        }
+        # state that gradient descent does not train: BN running mean/var, calibrated activation bounds
+        buffer_inputs = {value.name for value in inputs_at(graph, "state_inputs")}
         # ONNX initializer name -> torch attribute name; the inverse is public.
         names: dict[str, str] = {}
         taken: set[str] = set()
