@@ -130,6 +130,8 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
             return str(path), path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise BnnccError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        except OSError as e:  # no permission, an I/O error
+            raise BnnccError(f"{path}: cannot read it ({e.strerror or e})") from None
     shipped = resources.files("bnncc.recipes") / f"{name_or_path}.toml"
     if not shipped.is_file():
         raise BnnccError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "

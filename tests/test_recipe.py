@@ -133,6 +133,13 @@ def test_a_recipe_file_that_is_not_utf8_is_an_error(tmp_path):
         load_recipe(path)
 
 
+def test_a_recipe_file_that_cannot_be_read_is_an_error(tmp_path):
+    """An I/O error (here /proc/self/mem, which fails at offset 0) was an 'unexpected' error."""
+    (tmp_path / "r.toml").symlink_to("/proc/self/mem")
+    with pytest.raises(BnnccError, match=r"r.toml: cannot read it \(Input/output error\)"):
+        load_recipe(tmp_path / "r.toml")
+
+
 @pytest.mark.parametrize("train, at", [
     ({"epochs": 800, "batch_size": 8192, "act_calibration_step": 7500}, 7500 / (800 * 156)),  # the paper's
     ({"epochs": 800, "act_calibration_step": 7500}, 7500 / (800 * 156)),  # steps of the paper's batch

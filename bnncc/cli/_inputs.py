@@ -18,7 +18,10 @@ def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None
     centre box of the manifest's ``crop``, else whole), resized to (H, W), scaled to [0, 1] and
     normalised with the manifest's mean/std when it records them."""
     require_file(path, "an image or .npy file")
-    x = _read_array(path) if path.suffix.lower() == ".npy" else _read_image(path, chw, preprocessing)
+    try:
+        x = _read_array(path) if path.suffix.lower() == ".npy" else _read_image(path, chw, preprocessing)
+    except OSError as e:  # no permission, an I/O error (an image's own errors are said where it is decoded)
+        raise BnnccError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")
     if tuple(x.shape[1:]) != chw:  # said before any input runs, naming this one

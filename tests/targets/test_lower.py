@@ -450,6 +450,13 @@ def test_run_cli_refuses_bad_arrays_in_one_line(library, cli, tmp_path, array, m
     assert re.search(message, err), err
 
 
+def test_run_cli_refuses_an_array_it_cannot_read_in_one_line(library, cli, tmp_path):
+    """An I/O error (here /proc/self/mem, which fails at offset 0) was an 'unexpected' error."""
+    (tmp_path / "x.npy").symlink_to("/proc/self/mem")
+    code, _, err = cli("run", library[0], "--input", tmp_path / "x.npy")
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'x.npy'}: cannot read it (Input/output error)", err
+
+
 def test_run_cli_checks_every_input_before_any_runs(library, cli, tmp_path):
     """A .npy of another image size after a good one: refused naming that file before the first
     table (the first input's table printed, then an error naming the library folder). A .NPY is an
