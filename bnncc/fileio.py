@@ -97,10 +97,10 @@ def check_writable(dest: str | os.PathLike) -> None:
     nearest folder above it that exists (the write makes the others), and removed. Nothing is
     left behind, not even the folders."""
     dest = output_target(dest)
-    folder = dest.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    with output_errors(dest):
+    with output_errors(dest):  # (walking up too: a folder without search permission is an OSError)
+        folder = dest.parent
+        while not os.path.lexists(folder) and folder != folder.parent:  # a dangling link exists, as no folder
+            folder = folder.parent
         if not folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder)

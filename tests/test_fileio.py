@@ -79,3 +79,17 @@ def test_a_library_is_loaded_where_it_is_when_no_private_copy_loads(tmp_path, mo
 
     monkeypatch.setattr(shutil, "copyfile", full)
     assert load_private_copy(library, lambda path: path) == library
+
+
+def test_the_writability_check_makes_nothing_and_walks_up_to_a_folder_that_exists(tmp_path, monkeypatch):
+    from bnncc.fileio import check_writable
+
+    monkeypatch.chdir(tmp_path)
+    check_writable("out.onnx")  # a relative path: its folder is "."
+    check_writable(tmp_path / "a" / "b" / "out.onnx")
+    assert os.listdir(tmp_path) == []  # no folder made, no probe left
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for parent in ("dangling", "loop"):  # accepted before, and the write then failed with EEXIST
+        with pytest.raises(BnnccError, match=f"{parent}/out.onnx: cannot write there"):
+            check_writable(tmp_path / parent / "out.onnx")

@@ -408,7 +408,9 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 seconds = time.perf_counter() - began
                 progress.update(task, loss=f"{loss_value:.4f}", lr=scheduler.get_last_lr()[0], ips=seen / seconds)
                 if metrics is not None and rank == 0:
-                    log = log or files.enter_context(metrics.open("a" if resumed else "w"))
+                    if log is None:  # (its folder, like the other outputs', is made when first written)
+                        metrics.parent.mkdir(parents=True, exist_ok=True)
+                        log = files.enter_context(metrics.open("a" if resumed else "w"))
                     log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")

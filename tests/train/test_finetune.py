@@ -176,3 +176,13 @@ def test_train_teacher_refuses_a_config_that_would_not_learn_from_the_labels(idx
     with pytest.raises(BnnccError, match="label_weight is 0.0, expected above 0"):
         train_teacher(idx_dir, tmp_path / "t.onnx", TrainConfig(max_steps=1), show_progress=False)
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_finetune_writes_into_folders_that_do_not_exist_yet(cli, idx_dir, tmp_path, teacher_and_student):
+    """The metrics file, opened at the first log, had its folder made only by the writability check."""
+    teacher, student = teacher_and_student
+    out = tmp_path / "new" / "sub" / "ft.onnx"
+    code, _, err = cli("finetune", student, "--teacher", teacher, "--data", idx_dir, "-o", out, "--max-steps", "2",
+                       "--batch-size", "8", "--workers", "0")
+    assert code == 0, err
+    assert out.is_file() and out.with_suffix(".metrics.jsonl").is_file()
