@@ -770,7 +770,8 @@ class _Walker:
         self.visit(conv, relu, pool)
         stem_window([conv, relu, *([pool] if pool else [])])  # a stem no PokeBNN stem can stand for is refused
         out = (pool or relu).outputs[0]
-        return Stem(conv.name, relu.name, pool.name if pool else None, _weight(conv).shape[0], _size(out))
+        stride = _stride(conv) * (int(ints_attr(pool, "strides", (1, 1))[0]) if pool else 1)
+        return Stem(conv.name, relu.name, pool.name if pool else None, _weight(conv).shape[0], _size(out), stride)
 
     def block(self, x: ir.Value, stages: list[list[Block]]) -> Block | None:
         """The bottleneck or basic block reading ``x``, or None when ``x`` goes to the head's pool."""

@@ -18,6 +18,7 @@ class Stem:
     pool: str | None  # the 3x3 stride-2 MaxPool
     out_channels: int
     out_size: tuple[int, int]  # spatial size after the pool
+    stride: int  # the conv's times the pool's
 
 
 @dataclass(frozen=True)

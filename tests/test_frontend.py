@@ -47,6 +47,7 @@ def test_inspect_finds_the_16_bottlenecks(cli, resnet50_onnx, kind):
     assert [len(stage) for stage in structure["stages"]] == [3, 4, 6, 3]
     assert [b["shortcut"] is not None for b in blocks] == [i in (0, 3, 7, 13) for i in range(16)]
     assert structure["stem"]["out_channels"] == 64 and structure["stem"]["out_size"] == [56, 56]
+    assert structure["stem"]["stride"] == 4
     assert blocks[-1]["out_size"] == [7, 7]
     assert structure["head"]["in_features"] == 2048 and structure["head"]["num_classes"] == 1000
     assert all(b["stride_on_3x3"] for b in blocks)
@@ -62,14 +63,16 @@ def test_inspect_table_lists_stem_blocks_and_head(cli, resnet50_onnx):
     assert [cell.strip() for cell in rows[0].split("│")][7:9] == ["4", "56x56"]  # stride, size
 
 
-def test_inspect_gives_the_stride_of_a_stem_whose_pool_keeps_the_size(cli, tmp_path):
-    """A max pool of stride 1 (accepted where a PokeInit window matches) was shown as stride 4."""
+@pytest.mark.parametrize("pool_stride, size, stride, out", [(1, 64, "2", "32x32"), (2, 17, "4", "5x5")])
+def test_inspect_gives_the_stems_stride(cli, tmp_path, pool_stride, size, stride, out):
+    """A max pool of stride 1 (accepted where a PokeInit window matches) was shown as stride 4, and
+    an odd input size's stride taken from the sizes as 3."""
     net = zoo.resnet18(width=0.25, num_classes=10)
-    net.maxpool = torch.nn.MaxPool2d(3, stride=1, padding=1)
-    code, out, err = cli("inspect", zoo.export_onnx(net, tmp_path / "r18.onnx", input_size=64))
+    net.maxpool = torch.nn.MaxPool2d(3, stride=pool_stride, padding=1)
+    code, text, err = cli("inspect", zoo.export_onnx(net, tmp_path / "r18.onnx", input_size=size))
     assert code == 0, err
-    stem = next(line for line in out.splitlines() if "stem" in line)
-    assert [cell.strip() for cell in stem.split("│")][7:9] == ["2", "32x32"]
+    stem = next(line for line in text.splitlines() if "stem" in line)
+    assert [cell.strip() for cell in stem.split("│")][7:9] == [stride, out]
 
 
 @pytest.mark.parametrize("kind", KINDS)

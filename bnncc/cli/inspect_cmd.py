@@ -30,14 +30,13 @@ def inspect(
 
 
 def _table(resnet: ResNet) -> Table:
-    """One row for the stem, one per block, one for the head; size is the output size; the stem's
-    stride is the input's size over its output's (its conv's and its pool's strides together)."""
+    """One row for the stem, one per block, one for the head; size is the output size."""
     n, c, h, w = resnet.input_shape
     table = Table(title=f"{resnet.input_name} ({n}, {c}, {h}, {w}) -> {resnet.output_name}")
     for column in ("part", "stage", "index", "in", "mid", "out", "stride", "size", "shortcut"):
         table.add_column(column)
     stem = resnet.stem
-    table.add_row("stem", "", "", str(c), "", str(stem.out_channels), str(round(h / stem.out_size[0])),
+    table.add_row("stem", "", "", str(c), "", str(stem.out_channels), str(stem.stride),
                   _size(stem.out_size), "")
     for b in resnet.blocks:
         table.add_row("block", str(b.stage), str(b.index), str(b.in_channels), str(b.mid_channels),
