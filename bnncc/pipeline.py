@@ -259,7 +259,8 @@ def _recorded_results(record_path: Path, digest: str, outputs: list[Path]) -> di
         record = json.loads(record_path.read_text(encoding="utf-8"))
         reusable = record["key"] == digest and all(
             p.is_file() and record["outputs"].get(p.name) == hash_files([p]) for p in outputs)
-        return record["results"] if reusable else None
+        results = record["results"]
+        return results if reusable and isinstance(results, dict) else None  # (a stage's results are a dict)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: JSON's and UTF-8's
         return None
 
