@@ -81,8 +81,9 @@ def cpu_flags() -> set[str]:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
         line = next((line for line in f if line.startswith("flags")), None)
     if line is None:  # an aarch64 host names its features on a "Features" line
-        raise BnnccError("this host is no x86-64 CPU (/proc/cpuinfo has no flags line); name an x86 class as the "
-                         "target (x86-64-avx2, x86-64-avx512bw, x86-64-avx512) to build for one")
+        raise BnnccError("this host is no x86-64 CPU (/proc/cpuinfo has no flags line): an x86 library cannot run "
+                         "here, and one is built by naming its class as the target (x86-64-avx2, x86-64-avx512bw, "
+                         "x86-64-avx512)")
     return set(line.split(":", 1)[1].split())
 
 

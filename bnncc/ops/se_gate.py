@@ -6,7 +6,7 @@
     g = QuantConv(g, W2, bound2, B2; 1x1, unsigned)  (N, Co, 1, 1)
     hard_sigmoid(g) = max(0, min(1, g / 6 + 1/2))    (ONNX HardSigmoid, alpha 1/6, beta 1/2)
 
-torch's hardsigmoid computes min(max(g + 3, 0), 6) / 6, the same function an ulp apart at most.
+torch's hardsigmoid computes min(max(g + 3, 0), 6) / 6, the same function at most 2^-24 apart.
 Both convs use w_bits-bit weights and a_bits-bit activations (4 and 4 in PokeBNN).
 """
 

@@ -10,8 +10,8 @@ from bnncc.errors import BnnccError
 
 __all__ = ["TrainConfig", "IMAGENET_TRAIN_IMAGES"]
 
-# A recipe's steps count batches of its own batch_size over ImageNet's training split (the paper's
-# 8192: 156 steps an epoch).
+# A recipe's steps count batches of its own batch_size over ImageNet's training split, or of the
+# paper's 8192 (156 steps an epoch) where it sets none.
 IMAGENET_TRAIN_IMAGES = 1_281_167
 PAPER_BATCH_SIZE = 8192
 
