@@ -165,12 +165,17 @@ def markdown(report: Report) -> str:
               f"{report.stages[0].cost.float_bits} x {report.stages[0].cost.float_bits}); CPU64 = binary MACs / 64 "
               "+ other MACs; weight size at each layer's weight bits (float weights at 32).", ""]
     if report.accuracy:
-        lines += ["## Accuracy (test split)", "", "| model | top-1 | top-5 |", "|---|---:|---:|"]
+        rows = []
         for who in ("teacher", "student", "library"):
             top1, top5 = report.accuracy.get(f"{who}_top1"), report.accuracy.get(f"{who}_top5")
             if top1 is not None or top5 is not None:
-                lines.append(f"| {_WHO[who]} | {percent(top1)} | {percent(top5)} |")
-        lines.append("")
+                rows.append(f"| {_WHO[who]} | {percent(top1)} | {percent(top5)} |")
+        lines += ["## Accuracy (test split)", ""]
+        if rows:
+            lines += ["| model | top-1 | top-5 |", "|---|---:|---:|", *rows, ""]
+        else:  # the test split's classes are not the network's (fine-tuning distils: it needs no labels)
+            lines += ["Not measured: the test split's labels are of other classes than the network's outputs "
+                      "(fine-tuning distils from the float model and needs no labels).", ""]
     if report.latency:
         threads = report.latency["threads"]
         lines += ["## Latency on this machine", "",

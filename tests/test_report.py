@@ -109,3 +109,15 @@ def test_a_pipe_in_a_file_name_stays_inside_its_table_cell(report, tmp_path):
     write_report(odd, tmp_path)
     row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| float import"))
     assert "`we\\|ird name.onnx`" in row and row.replace("\\|", "").count("|") == 8
+
+
+def test_accuracy_that_could_not_be_measured_is_said_so(report, tmp_path):
+    """Data of other classes than the network's (Fashion-MNIST's 10 for an ImageNet ResNet): the
+    section was an empty table."""
+    none = {f"{who}_top{k}": None for who in ("teacher", "student") for k in (1, 5)}
+    write_report(dataclasses.replace(report, accuracy=none, trained=True), tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "## Accuracy (test split)\n\nNot measured: the test split's labels are of other classes" in text
+    assert "| model | top-1 | top-5 |" not in text
+    write_report(report, tmp_path / "measured")
+    assert "| float teacher (import) | 81.50% | 99.00% |" in (tmp_path / "measured" / "report.md").read_text()
