@@ -72,6 +72,11 @@ def _npy(path, header_shape: str, data: bytes) -> str:
     return str(path)
 
 
+def _array(path, array) -> str:
+    np.save(path, array)
+    return str(path)
+
+
 def test_the_runner_refuses_bad_inputs_in_one_line(x86_library, tmp_path):
     """A shape of 10^11 images segfaulted the runner (its allocation unchecked), bad counts said only
     'stoi', and bytes after the data were taken."""
@@ -88,6 +93,11 @@ def test_the_runner_refuses_bad_inputs_in_one_line(x86_library, tmp_path):
         (["time", "0", "model.so", "batch_1", _npy(tmp_path / "ok.npy", f"(1, {c}, {h}, {w})", one)],
          "time N: '0' is not a whole number of at least 1"),
         (["time", "abc", "model.so", "batch_1", str(tmp_path / "ok.npy")], "time N: 'abc' is not a whole number"),
+        # README.txt quotes TVM's checks of the function's input
+        (["run", "model.so", "batch_1", "o", _array(tmp_path / "chw.npy", np.zeros((c, h, w), np.float32))],
+         "expect Tensor with ndim 4 but get 3"),
+        (["run", "model.so", "batch_1", "o", _array(tmp_path / "f8.npy", np.zeros((1, c, h, w)))],
+         "expect Tensor with dtype float32 but get float64"),
     ]
     for args, message in cases:
         done = subprocess.run(["./runner", *args], cwd=folder, capture_output=True, text=True)
