@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -89,9 +90,11 @@ class Recipe:
 
 
 def available_recipes() -> list[str]:
-    """Names of the recipes shipped in ``bnncc.recipes``."""
-    return sorted(f.name[: -len(".toml")] for f in resources.files("bnncc.recipes").iterdir()
-                  if f.name.endswith(".toml"))
+    """Names of the recipes shipped in ``bnncc.recipes``, numbers in their order (pokebnn_1x before
+    pokebnn_1.4x)."""
+    names = [f.name[: -len(".toml")] for f in resources.files("bnncc.recipes").iterdir() if f.name.endswith(".toml")]
+    return sorted(names, key=lambda name: [float(part) if part[:1].isdigit() else part
+                                           for part in re.split(r"(\d+(?:\.\d+)?)", name)])
 
 
 def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:

@@ -15,7 +15,8 @@ BASIC_BLOCK_RECIPES = ("resnet18_pokebnn", "resnet34_pokebnn", "resnet18_bireal"
 
 
 def test_shipped_recipes():
-    assert available_recipes() == sorted([*WIDTHS, *BASIC_BLOCK_RECIPES])
+    assert sorted(available_recipes()) == sorted([*WIDTHS, *BASIC_BLOCK_RECIPES])
+    assert available_recipes()[:5] == ["pokebnn_0.5x", "pokebnn_0.75x", "pokebnn_1x", "pokebnn_1.4x", "pokebnn_2x"]
     for name, width in WIDTHS.items():
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.blocks == "bottleneck"

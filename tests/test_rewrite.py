@@ -38,7 +38,7 @@ def narrow_resnet(tmp_path_factory):
 def test_recipes_under_test_are_the_shipped_ones():
     # ResNet-18/34: tests/test_basic_block.py
     basic_block = ["resnet18_pokebnn", "resnet34_pokebnn", "resnet18_bireal", "resnet34_bireal"]
-    assert sorted([*SPEC_ACE, *basic_block]) == available_recipes()
+    assert sorted([*SPEC_ACE, *basic_block]) == sorted(available_recipes())
 
 
 @pytest.mark.parametrize("recipe", sorted(SPEC_ACE))
@@ -127,3 +127,9 @@ def test_cli_lists_the_passes_and_the_shipped_recipes(cli):
     recipes = {line.split("│")[1].strip() for line in rows if "│" in line}
     assert {"pokebnn_0.5x", "pokebnn_0.75x", "pokebnn_1x", "pokebnn_1.4x", "pokebnn_2x", "resnet18_bireal",
             "resnet18_pokebnn", "resnet34_bireal", "resnet34_pokebnn"} <= recipes
+    # a pass's summary is its docstring's first paragraph, not a first line cut mid-sentence
+    from bnncc.cli import passes_cmd
+    from bnncc.passmanager import pass_factory
+
+    summary = passes_cmd._summary(pass_factory("fold_channel_affine"))
+    assert summary.endswith("in graph order (so a Mul then an Add both fold).") and "``" not in summary

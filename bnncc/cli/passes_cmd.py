@@ -43,6 +43,7 @@ def _parameters(factory) -> str:
 
 
 def _summary(factory) -> str:
-    """The first line of the pass's docstring."""
+    """The first paragraph of the pass's docstring, on one line (its first line could end mid-sentence),
+    with reST's double backquotes as single ones."""
     doc = inspect.getdoc(factory) or ""
-    return doc.splitlines()[0] if doc else ""
+    return " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
