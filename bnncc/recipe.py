@@ -239,7 +239,7 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
     out = {}
     for key, value in train.items():
         if key == "clip_bound":  # a [train] key once: B lives in the graph alone now
-            raise BnnccError(f"{source}: train.clip_bound: B is no longer a training setting but the graph's: "
+            raise BnnccError(f"{source}: train.clip_bound: B is not a training setting but the graph's: "
                              f"set passes.poke_conv.clip_bound (bnncc finetune --clip-bound overrides a graph's B)")
         if key not in TRAIN_SCHEMA:
             raise BnnccError(f"{source}: train.{key}: unknown key; expected {', '.join(TRAIN_SCHEMA)}")

@@ -55,7 +55,7 @@ def test_the_clip_bound_is_set_in_one_place():
 def test_a_user_recipe_with_train_clip_bound_is_told_where_b_went(tmp_path):
     path = tmp_path / "old.toml"
     path.write_text('[[passes]]\nname = "poke_conv"\nclip_bound = 2.0\n\n[train]\nclip_bound = 2.0\n')
-    with pytest.raises(BnnccError, match=r"old.toml: train.clip_bound: B is no longer a training setting"):
+    with pytest.raises(BnnccError, match=r"old.toml: train.clip_bound: B is not a training setting"):
         load_recipe(path)
 
 
@@ -77,7 +77,7 @@ def test_recipe_from_a_path(tmp_path):
         (["passes.fold_batchnorm.x=1"], "--set passes.fold_batchnorm.x: pokebnn_1x.toml names no such pass"),
         (["train.momentum=0.9"], "train.momentum: unknown key; expected lr, batch_size"),
         (["train.epochs=1.5"], "train.epochs = 1.5: expected an integer"),
-        (["train.clip_bound=2.0"], "pokebnn_1x.toml: train.clip_bound: B is no longer a training setting but the "
+        (["train.clip_bound=2.0"], "pokebnn_1x.toml: train.clip_bound: B is not a training setting but the "
                                    "graph's: set passes.poke_conv.clip_bound (bnncc finetune --clip-bound overrides "
                                    "a graph's B)"),
         (["model.width=1"], "--set model.width: unknown key"),
