@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
@@ -102,7 +101,7 @@ def check_writable(dest: str | os.PathLike) -> None:
         while not os.path.lexists(folder) and folder != folder.parent:  # a dangling link exists, as no folder
             folder = folder.parent
         if not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            raise BnnccError(f"{dest}: cannot write there ({folder} is not a folder)")
         fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder)
         os.close(fd)
         os.unlink(probe)
