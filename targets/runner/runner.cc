@@ -7,7 +7,7 @@
 // registers the Relax VM loader), "vm_load_executable" gives the VM, "vm_initialization" sets it
 // up on the CPU with the pooled allocator (what tvm.runtime.vm.VirtualMachine does in Python),
 // and FUNC is called with the inputs as CPU tensors. Weights are constants inside the library.
-// .npy files: format 1.0/2.0, C order, little-endian f4/f8/i1/i4/i8/u1/u4.
+// .npy files: format 1.0/2.0/3.0, C order, little-endian f4/f8/i1/i4/i8/u1/u4.
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -31,6 +31,8 @@ namespace ffi = tvm::ffi;
 namespace {
 
 constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+// numpy writes headers of a few hundred bytes and reads none longer than 10,000 by default
+constexpr uint32_t kMaxHeaderBytes = 1 << 16;
 
 struct CPUAlloc {
   void AllocData(DLTensor* tensor) {
@@ -109,16 +111,29 @@ ffi::Tensor ReadNpy(const std::string& path) {
   char magic[8];
   in.read(magic, 8);
   if (!in || std::memcmp(magic, "\x93NUMPY", 6) != 0) throw std::runtime_error(path + ": not a .npy file");
+  const int version = static_cast<unsigned char>(magic[6]);
+  if (version < 1 || version > 3) throw std::runtime_error(path + ": .npy format version " + std::to_string(version));
   uint32_t header_len = 0;
-  if (magic[6] == 1) {
+  if (version == 1) {
     uint16_t len16 = 0;
     in.read(reinterpret_cast<char*>(&len16), 2);
     header_len = len16;
   } else {
     in.read(reinterpret_cast<char*>(&header_len), 4);
   }
+  // the header's length is the file's word: checked against the file before it sizes a buffer
+  const std::streamoff header_start = in.tellg();
+  in.seekg(0, std::ios::end);
+  const std::streamoff file_size = in.tellg();
+  if (!in || header_start < 0 || header_len > kMaxHeaderBytes ||
+      static_cast<uint64_t>(header_len) > static_cast<uint64_t>(file_size - header_start)) {
+    throw std::runtime_error(path + ": .npy header of " + std::to_string(header_len) + " bytes in a file of " +
+                             std::to_string(file_size) + " (truncated or not a .npy file)");
+  }
+  in.seekg(header_start);
   std::string header(header_len, '\0');
   in.read(header.data(), header_len);
+  if (!in) throw std::runtime_error(path + ": cannot read its .npy header");
   if (Strip(HeaderField(header, "fortran_order", path), " ") != "False") {
     throw std::runtime_error(path + ": Fortran-ordered arrays are not supported");
   }
@@ -126,10 +141,7 @@ ffi::Tensor ReadNpy(const std::string& path) {
   std::vector<int64_t> shape;
   std::stringstream dims(Strip(HeaderField(header, "shape", path), " ()"));
   // the data must fill the rest of the file exactly: a size checked before anything is allocated
-  const std::streamoff data_start = in.tellg();
-  in.seekg(0, std::ios::end);
-  const uint64_t available = static_cast<uint64_t>(in.tellg() - data_start);
-  in.seekg(data_start);
+  const uint64_t available = static_cast<uint64_t>(file_size - header_start) - header_len;
   uint64_t bytes = dtype.bits / 8;
   for (std::string dim; std::getline(dims, dim, ',');) {
     if (Strip(dim, " ").empty()) continue;

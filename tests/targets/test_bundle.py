@@ -72,6 +72,11 @@ def _npy(path, header_shape: str, data: bytes) -> str:
     return str(path)
 
 
+def _bytes(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
 def _array(path, array) -> str:
     np.save(path, array)
     return str(path)
@@ -90,6 +95,12 @@ def test_the_runner_refuses_bad_inputs_in_one_line(x86_library, tmp_path):
          "(truncated or with trailing bytes)"),
         (["run", "model.so", "batch_1", "o", _npy(tmp_path / "neg.npy", f"(-1, {c}, {h}, {w})", one)],
          "'-1' is not a whole number of at least 0"),
+        # a 4 GiB header length in a 77-byte file took 4.2 GB of memory before the file was checked
+        (["run", "model.so", "batch_1", "o",
+          _bytes(tmp_path / "long.npy", b"\x93NUMPY\x02\x00\xf0\xff\xff\xff" + b" " * 65)],
+         ".npy header of 4294967280 bytes in a file of 77"),
+        (["run", "model.so", "batch_1", "o", _bytes(tmp_path / "v9.npy", b"\x93NUMPY\x09\x00" + b" " * 70)],
+         ".npy format version 9"),
         (["time", "0", "model.so", "batch_1", _npy(tmp_path / "ok.npy", f"(1, {c}, {h}, {w})", one)],
          "time N: '0' is not a whole number of at least 1"),
         (["time", "abc", "model.so", "batch_1", str(tmp_path / "ok.npy")], "time N: 'abc' is not a whole number"),
