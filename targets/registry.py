@@ -12,6 +12,7 @@ import os
 import platform
 import shutil
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,36 @@ class _ForkGuard:
 os.register_at_fork(after_in_child=_ForkGuard.after_fork_in_child)
 
 
+class _CallLocks:
+    """The locks of the loaded libraries' callers, all taken around a fork, so that a fork waits
+    for the calls under way: a child forked while another thread was inside a call inherited its
+    lock held (and the VM mid-call), and the child's first call waited for ever."""
+
+    locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caller -> its lock
+    held: list = []
+
+    @classmethod
+    def new(cls, caller: Caller) -> threading.Lock:
+        lock = cls.locks[caller] = threading.Lock()
+        return lock
+
+    @classmethod
+    def before_fork(cls) -> None:
+        cls.held = list(cls.locks.values())
+        for lock in cls.held:
+            lock.acquire()
+
+    @classmethod
+    def after_fork(cls) -> None:
+        for lock in cls.held:
+            lock.release()
+        cls.held = []
+
+
+os.register_at_fork(before=_CallLocks.before_fork, after_in_parent=_CallLocks.after_fork,
+                    after_in_child=_CallLocks.after_fork)
+
+
 def _cpu_caller(path: Path) -> Caller:
     """The Relax VM in this process, one call at a time: the VM keeps state of its own per call,
     and two threads calling it at once crashed the process. Each function keeps one input tensor
@@ -98,7 +129,6 @@ def _cpu_caller(path: Path) -> Caller:
     The kernels need the tensor's 64-byte alignment, which a caller's array may lack. The VM
     never writes its input (the lowering overwrites only intermediate tensors)."""
     vm = tvm_compat.load_vm(path)
-    lock = threading.Lock()
     inputs: dict[str, tuple[object, np.ndarray]] = {}
 
     def call(function: str, x: np.ndarray) -> np.ndarray:
@@ -122,6 +152,7 @@ def _cpu_caller(path: Path) -> Caller:
             # a copy through a numpy view: Tensor.numpy() took 6 us for 1000 logits, this 0.7
             return np.from_dlpack(logits).copy()
 
+    lock = _CallLocks.new(call)
     return call
 
 

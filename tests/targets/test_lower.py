@@ -1057,6 +1057,40 @@ def test_a_fork_of_a_process_that_ran_a_library_is_told_so(library):
     assert "this process is a fork of one that ran a library on TVM's threads" in said, said
 
 
+def test_a_fork_while_another_thread_calls_a_library_waits_for_the_call(library, tmp_path):
+    """A child forked while another thread was inside a call inherited the caller's lock held, and
+    its first call waited for ever (4 forks of 5). One thread, so that the fork itself is allowed."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "forks.py"
+    script.write_text(f"""
+import os, signal, threading
+import numpy as np
+from bnncc.runtime import load
+lib = load({str(library[0])!r})
+x = np.zeros((1, 3, 32, 32), np.float32)
+stop = False
+def calls():
+    while not stop:
+        lib(x)
+threading.Thread(target=calls, daemon=True).start()
+statuses = []
+for _ in range(8):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)
+        lib(x)
+        os._exit(0)
+    statuses.append(os.waitpid(pid, 0)[1])
+stop = True
+print(statuses)
+""")
+    env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == str([0] * 8), done.stdout + done.stderr
+
+
 def test_a_library_goes_to_a_spawned_worker_as_its_folder(library, tmp_path, monkeypatch):
     """A pool of spawned processes is how a fork-safe server runs a library; handing it one failed
     in pickling (the TVM module cannot be). The worker loads the folder afresh, relative paths too."""
