@@ -40,19 +40,27 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def load_private_copy(library: str | os.PathLike, load: Callable[[Path], T]) -> T:
+def load_private_copy(library: str | os.PathLike, load: Callable[[Path], T], sha256: str | None = None) -> T:
     """``load`` (a dlopen) of a private copy of the shared library ``library``, removed afterwards
     (the loaded code stays mapped). dlopen hands back the library first loaded under a path for as
     long as the process lives: a library rebuilt in the same folder and loaded again ran the old
     code under the new manifest. Where the temporary folder takes no copy or maps none (full, or
-    mounted noexec as on hardened hosts), the library is loaded where it is."""
+    mounted noexec as on hardened hosts), the library is loaded where it is. With ``sha256`` (what
+    its manifest records), the file loaded must have that digest: a library checked and then
+    replaced before its copy was taken (a compile writing the folder meanwhile) was loaded unchecked."""
+    def checked(path: Path) -> Path:
+        if sha256 is not None and file_sha256(path) != sha256:
+            raise BnnccError(f"{library}: changed since its manifest was checked (its SHA-256 differs); is a "
+                             f"compile writing its folder? Load it again")
+        return path
+
     try:
         with tempfile.TemporaryDirectory(prefix="bnncc-lib-") as tmp:
             copy = Path(tmp) / Path(library).name
             shutil.copyfile(library, copy)
-            return load(copy)
+            return load(checked(copy))
     except (OSError, RuntimeError):  # (TVM's load errors are RuntimeErrors; a real one recurs below)
-        return load(Path(library))
+        return load(checked(Path(library)))
 
 
 def hash_file(digest, path: str | os.PathLike):

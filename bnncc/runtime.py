@@ -79,7 +79,7 @@ def load(folder: str | os.PathLike) -> Library:
     manifest, target = read_library(folder)
     if target.check_host is not None:
         target.check_host(manifest, folder / "model.json")
-    return Library(folder, manifest, target.caller(folder / "model.so"))
+    return Library(folder, manifest, target.caller(folder / "model.so", manifest.get("library_sha256")))
 
 
 def read_library(folder: Path):

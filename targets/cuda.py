@@ -308,9 +308,9 @@ def has_cuda_device() -> bool:
     return cuda_device_exists()
 
 
-def load_vm(path: str | os.PathLike):
-    """A caller ``(function, NCHW array) -> array`` over the library at ``path`` on CUDA device 0,
-    with TVM's runtime alone (``cuda_runtime``)."""
+def load_vm(path: str | os.PathLike, sha256: str | None = None):
+    """A caller ``(function, NCHW array) -> array`` over the library at ``path`` (SHA-256 ``sha256``
+    where given) on CUDA device 0, with TVM's runtime alone (``cuda_runtime``)."""
     from bnncc.targets.cuda_runtime import CudaVM
 
-    return CudaVM(path)
+    return CudaVM(path, sha256=sha256)

@@ -96,14 +96,14 @@ class CudaVM:
     over tvm_ffi tensors on that device (``tvm_ffi.from_dlpack`` of a torch CUDA tensor, say);
     ``vm(name, x)`` runs it on a numpy array and returns numpy."""
 
-    def __init__(self, path: str | os.PathLike, device_id: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, device_id: int = 0, sha256: str | None = None) -> None:
         load_runtime()
         import tvm_ffi
 
         if not cuda_device_exists(device_id):
             raise BnnccError(f"{path}: no CUDA device {device_id} on this machine")
         self.device_id = device_id
-        self._vm = load_private_copy(path, lambda copy: tvm_ffi.load_module(str(copy)))["vm_load_executable"]()
+        self._vm = load_private_copy(path, lambda copy: tvm_ffi.load_module(str(copy)), sha256)["vm_load_executable"]()
         # the CPU as well: the VM computes shapes there
         self._vm["vm_initialization"](_CUDA, device_id, _POOLED_ALLOCATOR, _CPU, 0, _POOLED_ALLOCATOR)
 

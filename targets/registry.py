@@ -46,7 +46,7 @@ class TargetSpec:
     tvm_target: Callable[[], object]
     schedule: Callable
     export: Callable[[object, Path], Path]
-    caller: Callable[[Path], Caller]
+    caller: Callable[[Path, str | None], Caller]  # (model.so, the SHA-256 model.json records) -> Caller
     requirements: Callable[[], list[Requirement]]
     report: Callable[..., dict] | None = None  # (executable, lowered, model) -> extra manifest entries
     pass_config: Callable[[], dict] | None = None  # TVM pass options for tvm.compile
@@ -120,7 +120,7 @@ os.register_at_fork(before=_CallLocks.before_fork, after_in_parent=_CallLocks.af
                     after_in_child=_CallLocks.after_fork)
 
 
-def _cpu_caller(path: Path) -> Caller:
+def _cpu_caller(path: Path, sha256: str | None) -> Caller:
     """The Relax VM in this process, one call at a time: the VM keeps state of its own per call,
     and two threads calling it at once crashed the process. Each function keeps one input tensor
     and copies each batch into it, through a numpy view of the tensor: a tensor allocated per call
@@ -128,7 +128,7 @@ def _cpu_caller(path: Path) -> Caller:
     and the view's copy takes 17 us where the tensor's ``copyfrom`` took 25 (bench/RESULTS.md).
     The kernels need the tensor's 64-byte alignment, which a caller's array may lack. The VM
     never writes its input (the lowering overwrites only intermediate tensors)."""
-    vm = tvm_compat.load_vm(path)
+    vm = tvm_compat.load_vm(path, sha256)
     inputs: dict[str, tuple[object, np.ndarray]] = {}
 
     def call(function: str, x: np.ndarray) -> np.ndarray:
@@ -186,10 +186,11 @@ def _x86_requirements(flags: frozenset[str] = frozenset()) -> list[Requirement]:
     return needs
 
 
-def _arm64_caller(path: Path) -> Caller:
-    """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call)."""
+def _arm64_caller(path: Path, sha256: str | None) -> Caller:
+    """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call, on the
+    file in place, which ``bnncc.runtime.read_library`` checked against ``sha256``)."""
     if platform.machine() == "aarch64":
-        return _cpu_caller(path)
+        return _cpu_caller(path, sha256)
     return lambda function, x: vmrunner.run_arm64(path, [x], function=function)[0]
 
 

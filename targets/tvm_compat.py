@@ -89,9 +89,10 @@ def export_executable(executable, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def load_vm(path: str | os.PathLike):
-    """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime)."""
-    module = load_private_copy(path, lambda copy: tvm.runtime.load_module(str(copy)))
+def load_vm(path: str | os.PathLike, sha256: str | None = None):
+    """A Relax virtual machine on the CPU over the library at ``path`` (needs only TVM's runtime),
+    whose SHA-256 must be ``sha256`` where given (``load_private_copy``)."""
+    module = load_private_copy(path, lambda copy: tvm.runtime.load_module(str(copy)), sha256)
     if not module.implements_function("vm_load_executable"):  # any other shared library
         raise BnnccError(f"{path}: holds no Relax VM executable; is it a library written by `bnncc compile`?")
     return relax.VirtualMachine(module, tvm.cpu(0))

@@ -81,6 +81,29 @@ def test_a_library_is_loaded_where_it_is_when_no_private_copy_loads(tmp_path, mo
     assert load_private_copy(library, lambda path: path) == library
 
 
+def test_the_library_loaded_is_the_one_its_digest_names(tmp_path, monkeypatch):
+    """The digest was checked on the folder's file and the copy taken after it loaded unchecked: a
+    file replaced in between (a compile writing the folder) ran under the old manifest."""
+    import hashlib
+    import shutil
+
+    from bnncc.fileio import load_private_copy
+
+    library = tmp_path / "model.so"
+    library.write_bytes(b"library")
+    digest = hashlib.sha256(b"library").hexdigest()
+    assert load_private_copy(library, lambda path: path.read_bytes(), digest) == b"library"
+    copyfile = shutil.copyfile
+
+    def replaced_first(source, destination):
+        library.write_bytes(b"another")
+        return copyfile(source, destination)
+
+    monkeypatch.setattr(shutil, "copyfile", replaced_first)
+    with pytest.raises(BnnccError, match="model.so: changed since its manifest was checked"):
+        load_private_copy(library, lambda path: path.read_bytes(), digest)
+
+
 def test_the_writability_check_makes_nothing_and_walks_up_to_a_folder_that_exists(tmp_path, monkeypatch):
     from bnncc.fileio import check_writable
 
