@@ -435,6 +435,17 @@ def test_runtime_returns_no_logits_for_no_images(library):
     assert load(library[0])(np.zeros((0, 3, 32, 32), np.float32)).shape == (0, CLASSES)
 
 
+def test_runtime_refuses_a_nan_input_that_the_reference_would_carry_to_the_logits(library):
+    """The quantizers' clips map NaN to a bound where onnxruntime's Clip keeps it: the library gave
+    finite logits for an image with one NaN pixel, the reference NaN logits."""
+    from bnncc.runtime import load
+
+    x = np.zeros((3, 3, 32, 32), np.float32)
+    x[2, 1, 5, 7] = np.nan
+    with pytest.raises(BnnccError, match="input image 2 holds NaN"):
+        load(library[0])(x)
+
+
 @pytest.mark.parametrize(("array", "message"), [
     (np.array([object()], dtype=object), "an array of object; expected real numbers"),
     (np.full((3, 32, 32), 1e300), r"holds values beyond float32's range \(up to 1e\+300\)"),
