@@ -92,6 +92,13 @@ def test_an_input_on_which_the_reference_overflows_fails_saying_so_and_leaves_th
     assert report.argmax_agree == 1 and np.isfinite([report.max_abs_diff, report.max_ref, report.max_spread]).all()
 
 
+def test_nan_logits_of_the_library_show_in_the_largest_difference():
+    """max() skipped a NaN difference: a library answering NaN reported a largest difference of 0."""
+    ref = _logits(9)
+    report = v.judge([(np.full_like(ref, np.nan), ref, ref)])
+    assert len(report.failures) == 1 and report.max_abs_diff == np.inf
+
+
 def test_a_moved_input_run_far_off_makes_the_spread():
     """The other runs stacked (unoptimized, then the moved inputs): one moved run that jumps, as on
     an input on a knife edge, sets the network's spread, and the library's difference on another
