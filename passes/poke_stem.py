@@ -75,7 +75,7 @@ class PokeStemPass(ir.passes.InPlacePass):
         except BnnccError as e:
             raise BnnccError(f"poke_stem: {e}") from None
         if out_channels % mid:
-            fits = max(d for d in range(1, mid + 1) if out_channels % d == 0)
+            fits = max(d for d in range(1, min(mid, out_channels) + 1) if out_channels % d == 0)
             raise BnnccError(f"poke_stem: the stem's {out_channels} output channels ({conv.name}) are not a "
                              f"multiple of mid_channels={mid}; set one that divides them, e.g. "
                              f"--set passes.poke_stem.mid_channels={fits}")

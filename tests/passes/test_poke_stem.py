@@ -62,6 +62,9 @@ def test_stem_width_must_be_a_multiple_of_mid_channels(small_model):
     with pytest.raises(BnnccError, match="16 output channels .* not a multiple of mid_channels=32; set one that "
                                          "divides them, e.g. --set passes.poke_stem.mid_channels=16"):
         PokeStemPass()(small_model)
+    # the hint looked for a divisor among 1..mid_channels: minutes for a value of 10^9
+    with pytest.raises(BnnccError, match="mid_channels=16$"):
+        PokeStemPass(mid_channels=10**20 + 1)(small_model)
 
 
 def _stem_variant(tmp_path, size: int, maxpool) -> str:
