@@ -52,8 +52,11 @@ class PokeConvPass(ir.passes.InPlacePass):
     def __init__(self, clip_bound: float = DEFAULT_CLIP_BOUND, se_gate: bool = True, se_ratio: int = 8,
                  se_w_bits: int = 4, se_a_bits: int = 4, seed: int = 0) -> None:
         super().__init__()
-        if not 0 < clip_bound < float("inf"):
-            raise BnnccError(f"poke_conv: clip_bound must be a finite number > 0, got {clip_bound}")
+        # the graph holds it as a float32 attribute: 3.4e39 became inf there and 1e-50 zero
+        with np.errstate(over="ignore"):
+            stored = np.float32(clip_bound)
+        if not 0 < stored < np.inf:
+            raise BnnccError(f"poke_conv: clip_bound must be a finite number > 0 in float32, got {clip_bound}")
         if se_ratio < 1:
             raise BnnccError(f"poke_conv: se_ratio must be >= 1, got {se_ratio}")
         check_bit_widths("poke_conv", se_w_bits=se_w_bits, se_a_bits=se_a_bits)

@@ -14,7 +14,7 @@ import onnx.inliner
 import onnx_ir as ir
 
 from bnncc.domain import CANONICAL_OPSET, DOMAIN, VERSION
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, first_line
 from bnncc.ops import binarize, binary_conv, checks, dprelu, poke_conv, quant, reshape_add, se_gate  # noqa: F401 (register)
 from bnncc.ops._opset import bnncc_opset as opset
 from bnncc.ops.registry import OPS, OpDef, op_def
@@ -29,14 +29,21 @@ def check_graph(model: ir.Model) -> None:
     must be positive too; every node's stored float inputs finite float32, every ai.bnncc op's
     parameters stored. Raises a BnnccError naming the first node that is not."""
     for node in model.graph:
-        checks.float32_constants(node)
-        definition = op_def(node)
-        if definition is not None:
-            checks.stored_parameters(node, definition.activation_inputs)
-        if definition is not None and definition.check is not None:
-            definition.check(node)
-        elif node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
-            checks.batch_norm(node, 4, node.attributes.get_float("epsilon", 1e-5))
+        try:
+            _check_node(node)
+        except TypeError as e:  # onnx_ir's typed getters: "Attribute 'clip_bound' is not of type FLOAT. ..."
+            raise BnnccError(f"node {node.name!r} ({node.op_type}): {first_line(e)}") from None
+
+
+def _check_node(node: ir.Node) -> None:
+    checks.float32_constants(node)
+    definition = op_def(node)
+    if definition is not None:
+        checks.stored_parameters(node, definition.activation_inputs)
+    if definition is not None and definition.check is not None:
+        definition.check(node)
+    elif node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+        checks.batch_norm(node, 4, node.attributes.get_float("epsilon", 1e-5))
 
 
 def function_protos(names: set[str] | None = None) -> list[onnx.FunctionProto]:

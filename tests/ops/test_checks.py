@@ -51,6 +51,9 @@ CASES = {
     # at 1 bit a signed quantizer's scale is 0 / max|W|: the reference divides by 0
     "w_bits 1": (lambda m: _int_attribute(m, "fc", "w_bits", 1), "fc", "w_bits = 1; a quantizer takes 2 to 24 bits"),
     "se_a_bits 64": (lambda m: _int_attribute(m, "poke", "se_a_bits", 64), "poke", "se_a_bits = 64"),
+    # onnx_ir's typed getter raised a TypeError: an 'unexpected' error of exit status 1
+    "clip int": (lambda m: _int_attribute(m, "poke", "clip_bound", 3), "poke",
+                 "Attribute 'clip_bound' is not of type FLOAT"),
     # onnxruntime refuses a float16 weight beside float32 activations ("W has inconsistent type")
     "float16 weight": (lambda m: _retype(m, "poke.w", np.float16), "poke", "input 'poke.w' is float16; the graph's "
                        "constants are float32"),
