@@ -40,7 +40,7 @@ import onnx_ir as ir
 from rich import box
 from rich.table import Table
 
-from bnncc.errors import BnnccError, first_line
+from bnncc.errors import BnnccError, first_line, printable
 from bnncc.frontend import read as read_model
 from bnncc.ops import op_def
 from bnncc.ops.counting import (FLOAT_WEIGHT_BITS, Elementwise, Layer, conv_layer, dense_layer, numel,
@@ -224,7 +224,7 @@ def format_table(report: CostReport, title: str = "", per_layer: bool = True) ->
 
     if per_layer:
         for layer in report.layers:
-            table.add_row(layer.name, f"{layer.op_type} {layer.w_bits}x{layer.a_bits}", mega(layer.macs),
+            table.add_row(printable(layer.name), f"{layer.op_type} {layer.w_bits}x{layer.a_bits}", mega(layer.macs),
                           f"{layer.ace / 1e9:.6f}", mega(layer.cpu64), mega(layer.weight_bits))
         table.add_section()
     for op_type, group in report.by_op_type().items():

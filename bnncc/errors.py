@@ -1,6 +1,8 @@
 """The one exception type users see: a message that names the file or node and the problem."""
 
-__all__ = ["BnnccError", "first_line"]
+import unicodedata
+
+__all__ = ["BnnccError", "first_line", "printable"]
 
 
 class BnnccError(Exception):
@@ -10,6 +12,19 @@ class BnnccError(Exception):
     Messages name the file or node and say what is wrong, e.g.
     ``"model.onnx: node 'conv1' (Conv): dynamic spatial size"``.
     """
+
+
+# control characters (ESC starts a terminal's escape sequences), bidirectional and other format
+# characters, and line and paragraph separators
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Zl", "Zp"))
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that would act on a terminal instead of showing (see
+    ``_UNPRINTABLE``) written as its Python escape: names and paths come from the user's files,
+    and an ESC in a node's name cleared the screen of whoever printed its error."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _UNPRINTABLE else c
+                   for c in text)
 
 
 def first_line(error: Exception) -> str:

@@ -420,6 +420,11 @@ def test_a_path_is_printed_as_it_is_on_one_line(cli, tmp_path):
     (tmp_path / "two\nlines.onnx").write_bytes(b"junk")
     code, _, err = cli("inspect", tmp_path / "two\nlines.onnx")
     assert code == 2 and err == f"error: {tmp_path}/two\\nlines.onnx: not an ONNX model (truncated or not protobuf)\n"
+    # an ESC (the start of a terminal's escape sequences) and a line separator reached the terminal as they were
+    (tmp_path / "esc\x1b[2J\u2028.onnx").write_bytes(b"junk")
+    code, _, err = cli("inspect", tmp_path / "esc\x1b[2J\u2028.onnx")
+    assert code == 2 and err == (f"error: {tmp_path}/esc\\x1b[2J\\u2028.onnx: not an ONNX model (truncated or "
+                                 f"not protobuf)\n")
 
 
 def test_empty_file(cli, tmp_path):

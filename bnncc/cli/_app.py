@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.exceptions import TyperException
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, printable
 
 __all__ = ["app", "console", "err_console", "run_app"]
 
@@ -89,5 +89,5 @@ def run_app(argv: list[str] | None = None) -> int:
 
 def _error(message: str) -> None:
     # one line whatever the message holds: a path with a newline split it in two
-    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    one_line = printable(message)
     err_console.print(Text.assemble(("error:", "bold red"), " ", one_line), highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from bnncc.cli._app import app, console
+from bnncc.errors import printable
 from bnncc.resnet import ResNet
 
 
@@ -32,7 +33,7 @@ def inspect(
 def _table(resnet: ResNet) -> Table:
     """One row for the stem, one per block, one for the head; size is the output size."""
     n, c, h, w = resnet.input_shape
-    table = Table(title=f"{resnet.input_name} ({n}, {c}, {h}, {w}) -> {resnet.output_name}")
+    table = Table(title=printable(f"{resnet.input_name} ({n}, {c}, {h}, {w}) -> {resnet.output_name}"))
     for column in ("part", "stage", "index", "in", "mid", "out", "stride", "size", "shortcut"):
         table.add_column(column)
     stem = resnet.stem
