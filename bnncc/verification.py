@@ -197,7 +197,7 @@ def _sessions(model):
     sessions = []
     for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: the errors are raised
         options.graph_optimization_level = level
         sessions.append(ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"]))
     return sessions[0], sessions[1]

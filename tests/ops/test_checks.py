@@ -152,6 +152,22 @@ def test_a_graph_onnxruntime_cannot_run_is_refused_by_every_command(cli, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
+def test_onnxruntime_logs_nothing_of_its_own_when_it_cannot_run_a_graph(tmp_path):
+    """A graph that fails only when run (a stride of 4 leaves the block shortcut another size) had
+    onnxruntime log the error, in colour, over several lines on the process's stderr, before
+    bnncc's own line; a subprocess, since its log goes to file descriptor 2."""
+    import subprocess
+    import sys
+
+    model = tiny_poke_model()
+    next(n for n in model.graph if n.op_type == "PokeConv").attributes["strides"] = ir.AttrInt64s("strides", [4, 4])
+    ir.save(attach_functions(model), tmp_path / "bad.onnx")
+    done = subprocess.run([sys.executable, "-m", "bnncc", "ace", str(tmp_path / "bad.onnx")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "onnxruntime, the reference, cannot run this graph" in done.stderr
+
+
 def test_onnxruntime_runs_a_graph_once_a_process(tmp_path, monkeypatch):
     """convert reads each stage's graph twice (its ACE, then compile): the seconds onnxruntime takes
     on a ResNet-50 are spent once for the same bytes, and again for a graph that differs."""
