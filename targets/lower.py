@@ -638,14 +638,14 @@ def _poke_conv_func(x_shape: tuple[int, int, int, int], cout: int, kernel: int, 
     residuals = [te.placeholder(shape, "float32", name=f"residual{i}") for i, shape in enumerate(residual_shapes)]
     gate = te.placeholder((n, cout), "float32", name="gate") if gated else None
     params = te.placeholder((6, cout), "float32", name=binary_conv.PARAMS)
-    ho = out_size(h, stride)
+    ho, wo = out_size(h, stride), out_size(w, stride)
 
     # ReshapeAdd: a residual with more channels than the output is matched by its channel mean, one
     # of a larger size by the 3x3/2 average pool; the zero-pad or tile of fewer channels follows
     matched = []
     for r in residuals:
         r = channel_mean(r, cout) if int(r.shape[3]) > cout else r
-        matched.append(average_pool(r) if int(r.shape[1]) != ho else r)
+        matched.append(average_pool(r) if (int(r.shape[1]), int(r.shape[2])) != (ho, wo) else r)
 
     if gated:
         # the gate folded into the slopes and shifts per image and channel (a stage of its own, which

@@ -49,7 +49,9 @@ def ReshapeAdd(Y, R, method: str):
     gathered = op.Gather(R, src, axis=1) * op.Reshape(op.CastLike(keep, R), op.Constant(value_ints=[1, -1, 1, 1]))
     grouped = op.Reshape(gathered, op.Concat(op.Shape(R, start=0, end=1), co, k, op.Shape(R, start=2), axis=0))
     matched = op.ReduceMean(grouped, op.Constant(value_ints=[2]), keepdims=0)
-    if op.Squeeze(op.Shape(R, start=2, end=3) != op.Shape(Y, start=2, end=3)):
+    # pooled where either side differs: a flat input's height reaches 1 while its width still halves
+    if op.Or(op.Squeeze(op.Shape(R, start=2, end=3) != op.Shape(Y, start=2, end=3)),
+             op.Squeeze(op.Shape(R, start=3, end=4) != op.Shape(Y, start=3, end=4))):
         size = op.Shape(R, start=2)
         two = op.Constant(value_ints=[2, 2])
         out = op.Div(size + op.Constant(value_ints=[1, 1]), two)
@@ -206,7 +208,7 @@ def emit_qonnx(e, node, inputs, dims) -> str:
     grouped = e.node("Reshape", [masked, e.const(f"{name}.shape", np.array([0, co, k, h, r_shape[3]]))],
                      f"{name}.group")
     matched = e.node("ReduceMean", [grouped, e.const(f"{name}.axes", np.array([2]))], f"{name}.mean", keepdims=0)
-    if h != y_shape[2]:
+    if tuple(r_shape[2:]) != tuple(y_shape[2:]):
         (top, bottom), (left, right) = same_pads(h, 3, 2), same_pads(r_shape[3], 3, 2)
         matched = e.node("AveragePool", [matched], f"{name}.pool", kernel_shape=[3, 3], strides=[2, 2],
                          pads=[top, left, bottom, right], count_include_pad=1)

@@ -58,6 +58,18 @@ def test_reshape_add_matches_numpy(ci, co, method, h, ho):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_shortcut_of_another_width_alone_is_pooled():
+    """A flat input's height reaches 1 while its width still halves: the ONNX function compared
+    heights only, and its reshape to the output's shape failed."""
+    rng = np.random.default_rng(1)
+    r = rng.standard_normal((2, 8, 1, 4)).astype(np.float32)
+    y = rng.standard_normal((2, 8, 1, 2)).astype(np.float32)
+    expected = (y + pool_np(r)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx("ReshapeAdd", [y, r], method="tile"), expected, rtol=1e-5, atol=1e-5)
+    got = OPS["ReshapeAdd"].torch(torch.from_numpy(y), torch.from_numpy(r), method="tile").numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ci,co,method,h,ho", [
     (10, 4, "zeropad", 3, 3),   # k=2, channels 8..9 dropped
     (12, 3, "zeropad", 4, 2),   # k=4, then pool
