@@ -38,8 +38,8 @@ EVAL_CROP = 224 / 256
 
 def centre_box(width: int, height: int, size: tuple[float, float], share: float) -> Box:
     """The centred box of ``size``'s aspect ratio whose shorter side is ``share`` of the image's room
-    for it."""
-    scale = share * min(width / size[0], height / size[1])
+    for it, and at least a pixel (a share of 1e-300, edited into a manifest, made a box of no size)."""
+    scale = max(share * min(width / size[0], height / size[1]), 1 / min(size))
     w, h = scale * size[0], scale * size[1]
     left, top = (width - w) / 2, (height - h) / 2
     return left, top, left + w, top + h

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnncc.domain import MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError, first_line
 
 __all__ = ["Library", "load"]
@@ -136,14 +137,16 @@ def _manifest_problem(manifest: dict) -> str | None:
         return value if isinstance(value, dict) else {}
 
     shape = field("input").get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(positive(d) for d in shape[1:])):
-        return f"input shape {shape!r}; expected [N, C, H, W] with positive C, H, W"
+    if not (isinstance(shape, list) and len(shape) == 4 and all(positive(d) for d in shape[1:])
+            and shape[2] * shape[3] <= MAX_INPUT_PIXELS and shape[1] * shape[2] * shape[3] < 2**31):
+        return (f"input shape {shape!r}; expected [N, C, H, W] with positive C, H, W, H x W at most "
+                f"{MAX_INPUT_PIXELS} (as bnncc compiles) and C x H x W under 2^31")
     output = field("output").get("shape")
     if not (isinstance(output, list) and len(output) == 2 and positive(output[1])):
         return f"output shape {output!r}; expected [N, classes]"
     functions = manifest.get("functions")
     if not (isinstance(functions, dict) and functions and all(
-            isinstance(size, str) and size.isdigit() and int(size) > 0 and isinstance(name, str)
+            isinstance(size, str) and re.fullmatch("[0-9]+", size) and int(size) > 0 and isinstance(name, str)
             and name.isidentifier() and name.isascii() for size, name in functions.items())):
         return f"functions {functions!r}; expected {{batch size >= 1: function name (a C identifier)}}"
     if not isinstance(field("target").get("name"), str):

@@ -325,6 +325,10 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m.update(library_sha256="abc")), "library_sha256 'abc'; expected 64 hex digits"),
     (dict(manifest=lambda m: m.update(library_sha256=[[[[]]]])), "library_sha256"),
     (dict(manifest=lambda m: m.update(functions={"0": "batch_1"})), r"functions \{'0': 'batch_1'\}"),
+    # str.isdigit() takes a superscript two, which int() then refused: an 'unexpected' ValueError
+    (dict(manifest=lambda m: m.update(functions={"\u00b2": "batch_1"})), r"functions \{'\u00b2': 'batch_1'\}"),
+    # an input of 10^12 pixels, to which run resized an image
+    (dict(manifest=lambda m: m["input"].update(shape=[1, 3, 10**6, 10**6])), r"H x W at most 33554432"),
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
     (dict(manifest=lambda m: m.pop("target")), "target None"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": "abc"})), "preprocessing"),
@@ -576,6 +580,9 @@ def test_run_cli_crops_an_image_as_evaluation_decoded_it(library, cli, tmp_path)
     code, out, _ = cli("run", folder, "--input", path, "--top", "1")
     assert code == 0 and "a 64x40 image, centre-cropped (0.875) and resized" in " ".join(out.split())
     assert int(re.search(r"│\s+(\d+) │", out).group(1)) == int(_onnxruntime(model, x.astype(np.float32)).argmax())
+    # a share of 1e-300 made a box of no size, and the decode divided by it
+    tiny = read_input(path, (3, 32, 32), {**stats, "crop": 1e-300})
+    assert tiny.shape == (1, 3, 32, 32) and np.isfinite(tiny).all()  # a pixel's box, resized
 
 
 def test_compile_says_the_batch_sizes_the_library_holds(cli, tmp_path, library):
