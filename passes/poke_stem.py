@@ -112,6 +112,13 @@ def stem_window(stem: list[ir.Node]) -> tuple[int, list[int]]:
     (module docstring). The front end refuses a stem this refuses, so every recipe takes what it
     accepts."""
     conv, last = stem[0], stem[-1]
+    for node in (conv, *stem[2:]):
+        # a stride beyond the window skips pixels, which no ResNet's stem does (a pool stride of
+        # 2^62 made a PokeInit window of 2^63, and rewrite then failed allocating its weights)
+        kernel, strides = ints_attr(node, "kernel_shape", ()), ints_attr(node, "strides", (1, 1))
+        if any(s > k for s, k in zip(strides, kernel)):
+            raise BnnccError(f"the stem's {node.op_type} {node.name!r} has strides {list(strides)} beyond its "
+                             f"{'x'.join(map(str, kernel))} window; a PokeInit stem takes none that skip pixels")
     strides = ints_attr(conv, "strides", (1, 1))
     if len(stem) == 3:
         strides = tuple(a * b for a, b in zip(strides, ints_attr(stem[2], "strides", (1, 1))))

@@ -100,3 +100,11 @@ def test_a_stem_size_no_window_gives_is_refused_by_the_front_end(tmp_path):
     with pytest.raises(BnnccError, match=r"stem_64.onnx: the stem \(.*\) takes 64x64 pixels to 15x15; a PokeInit "
                                          r"stem of 4x4 windows, stride 4, cannot give that size"):
         load(_stem_variant(tmp_path, 64, torch.nn.MaxPool2d(3, 2, 0)))
+
+
+def test_a_stem_stride_beyond_its_window_is_refused_by_the_front_end(tmp_path):
+    """A pool stride of 2^62 made a PokeInit window of 2^63: inspect took the model and rewrite then
+    failed allocating its weights ('unexpected ValueError')."""
+    with pytest.raises(BnnccError, match=r"stem_64.onnx: the stem's MaxPool '.*' has strides \[4, 4\] beyond its 3x3 "
+                                         r"window; a PokeInit stem takes none that skip pixels"):
+        load(_stem_variant(tmp_path, 64, torch.nn.MaxPool2d(3, 4, 1)))
