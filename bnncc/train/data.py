@@ -14,6 +14,7 @@ import functools
 import gzip
 import logging
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -29,24 +30,47 @@ logger = logging.getLogger(__name__)
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data."""
+    """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data.
+
+    The data is read into an array of the size the header gives, which must fit in half this
+    machine's memory, and not a byte further: a gzip file of 9 MB that inflates to 2 GiB (or
+    more than its header says) took memory until the process was killed."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
+                raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is "
+                                 f"{magic.hex() or 'missing'}, expected 000008 and the number of dimensions)")
+            header = f.read(4 * magic[3])
+            if len(header) < 4 * magic[3]:
+                raise BnnccError(f"{path}: IDX header of {magic[3]} dimensions cut short")
+            dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4"))
+            size = math.prod(dims)
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if size > memory // 2:
+                raise BnnccError(f"{path}: IDX header says {dims}, {size / 2**30:.1f} GiB to hold in memory, more "
+                                 f"than half of this machine's {memory / 2**30:.1f} GiB; use an ImageFolder tree or "
+                                 f"tar shards for a data set this large")
+            data = np.empty(size, np.uint8)
+            read = _read_into(f, memoryview(data))
+            if read != size or f.read(1):
+                raise BnnccError(f"{path}: IDX header says {dims} but holds "
+                                 f"{'more than ' if read == size else ''}{read} bytes")
     except (OSError, EOFError, zlib.error) as e:  # zlib: a damaged gzip body
         raise BnnccError(f"{path}: not a readable IDX file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is {raw[:4].hex() or 'missing'}, "
-                         f"expected 000008 and the number of dimensions)")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise BnnccError(f"{path}: IDX header of {ndim} dimensions cut short")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != math.prod(dims):
-        raise BnnccError(f"{path}: IDX header says {dims} but holds {data.size} bytes")
     return data.reshape(dims)
+
+
+def _read_into(f, buffer: memoryview) -> int:
+    """Fill ``buffer`` from ``f`` until it is full or ``f`` ends; the bytes read."""
+    done = 0
+    while done < len(buffer):
+        count = f.readinto(buffer[done:])
+        if not count:
+            break
+        done += count
+    return done
 
 
 # One batch as ``Dataset.load`` makes it: images, int64 labels, and the (index, reason) of each

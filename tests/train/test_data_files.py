@@ -417,6 +417,32 @@ def test_idx_files_of_no_images_or_a_damaged_gzip_body_are_one_line_errors(tmp_p
         open_dataset(tmp_path, "train")
 
 
+def test_an_idx_file_is_read_only_as_far_as_its_header_says(tmp_path, monkeypatch):
+    """A 9 MB gzip that inflates to 2 GiB took memory until the process was killed: the data is read
+    into the size the header gives, which must fit in half the machine's memory, and no further."""
+    import gzip
+    import os
+
+    from bnncc.train.data import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + np.array([2, 4, 4], ">u4").tobytes()
+    path.write_bytes(gzip.compress(header + bytes(32)))
+    assert read_idx(path).shape == (2, 4, 4)
+    path.write_bytes(gzip.compress(header + bytes(33)))
+    with pytest.raises(BnnccError, match=r"IDX header says \(2, 4, 4\) but holds more than 32 bytes"):
+        read_idx(path)
+    path.write_bytes(gzip.compress(header + bytes(31)))
+    with pytest.raises(BnnccError, match=r"IDX header says \(2, 4, 4\) but holds 31 bytes"):
+        read_idx(path)
+    sysconf = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PHYS_PAGES" else sysconf(name))  # one page
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + np.array([60000, 28, 28], ">u4").tobytes()))
+    with pytest.raises(BnnccError, match=r"IDX header says \(60000, 28, 28\), 0.0 GiB to hold in memory, more than "
+                                         r"half of this machine's"):
+        read_idx(path)
+
+
 def test_a_truncated_shard_is_a_one_line_error(tmp_path):
     write_shard(tmp_path / "train-000000.tar", {"a.jpg": b"x" * 5000, "a.cls": b"0"})
     (tmp_path / "train-000001.tar").write_bytes((tmp_path / "train-000000.tar").read_bytes()[:700])
