@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -92,7 +93,8 @@ class Loader:
         else:
             # batch_size=None: each plan is one item, a whole batch made by one worker
             loaded = DataLoader(self.batches, sampler=map(_own_tensors, plans), batch_size=None,
-                                num_workers=self.workers, collate_fn=_as_is, pin_memory=self.device.type == "cuda")
+                                num_workers=self.workers, collate_fn=_as_is, pin_memory=self.device.type == "cuda",
+                                worker_init_fn=_leave_stop_signals_to_the_trainer)
         for images, labels, bad in loaded:
             self._count(bad)
             images = images.to(self.device, non_blocking=True)
@@ -121,6 +123,15 @@ def _found_by_all(found: set[int], group: dist.ProcessGroup) -> set[int]:
     parts: list[list[int] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, sorted(found), group=group)
     return {i for part in parts for i in part}
+
+
+def _leave_stop_signals_to_the_trainer(_worker: int) -> None:
+    """A worker ignores the signals that stop a run: sent to the whole process group (a terminal's
+    Ctrl-C, ``timeout``, SLURM, systemd), they killed the workers first, and torch's iterator then
+    printed a traceback from its ``__del__``; the trainer stops and shuts its workers down itself,
+    and a worker whose trainer dies ends with it (torch's watchdog)."""
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def _own_tensors(plan: Plan) -> Plan:

@@ -191,6 +191,25 @@ def test_ddp_ranks_load_disjoint_slices_of_the_global_batch(data_dir):
         assert torch.equal(part, whole[positions]) and torch.equal(part_labels, labels[positions])
 
 
+def test_workers_leave_a_stop_signal_to_the_trainer(data_dir):
+    """A SIGTERM to the whole process group (timeout, SLURM) killed the workers first, and torch's
+    iterator printed a traceback from its __del__ beside the trainer's own stop line."""
+    import os
+    import signal
+    from pathlib import Path
+
+    data = open_dataset(data_dir, "train")
+    index = data.batch_indices(5, 8, 3)
+    batches = Loader(data, SHAPE, seed=3, workers=2)(Plan(index, step, None) for step in range(4))
+    next(batches)
+    children = [int(pid) for task in Path("/proc/self/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    assert children
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    assert len(list(batches)) == 3  # the workers went on
+
+
 def test_the_callers_tensors_stay_its_own_when_sent_to_workers(data_dir):
     """Sending a tensor to a worker moves it into shared memory on the queue's feeder thread while the
     caller may be reading it; the trainer reuses one positions tensor for every plan and once read
