@@ -390,6 +390,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            rate = scheduler.get_last_lr()[0]  # the step's own rate, which the log gives
             scheduler.step()
             seen += cfg.batch_size
             done = stopped.done = step + 1
@@ -406,12 +407,12 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 loss_value = _finite_loss(loss, done)
             if log_due:
                 seconds = time.perf_counter() - began
-                progress.update(task, loss=f"{loss_value:.4f}", lr=scheduler.get_last_lr()[0], ips=seen / seconds)
+                progress.update(task, loss=f"{loss_value:.4f}", lr=rate, ips=seen / seconds)
                 if metrics is not None and rank == 0:
                     if log is None:  # (its folder, like the other outputs', is made when first written)
                         metrics.parent.mkdir(parents=True, exist_ok=True)
                         log = files.enter_context(metrics.open("a" if resumed else "w"))
-                    log.write(json.dumps({"step": done, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                    log.write(json.dumps({"step": done, "loss": loss_value, "lr": rate,
                                           "images_per_s": seen / seconds, "seconds": seconds,
                                           "bad_images": len(loader.bad)}) + "\n")
                     log.flush()
@@ -449,13 +450,20 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _finite_loss(loss: torch.Tensor, step: int) -> float:
-    """The loss's value; an error when it is NaN or infinite on any process, since every step after
-    it trains NaN weights (all processes stop: one alone would leave the others waiting for it)."""
+    """The loss of the global batch, the mean of the processes' losses (each of its part of the
+    batch; rank 0's alone was logged); an error when it is NaN or infinite on any process, since
+    every step after it trains NaN weights (all processes stop: one alone would leave the others
+    waiting for it)."""
     value = loss.detach().float()
-    finite = torch.isfinite(value).to(torch.int32)
-    if _world()[1] > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite):
+    world = _world()[1]
+    if world > 1:  # (sum, processes whose loss is not finite) in one reduction
+        both = torch.stack([value, (~torch.isfinite(value)).float()])
+        dist.all_reduce(both)
+        value = both[0] / world if not both[1] else value
+        finite = not both[1]
+    else:
+        finite = bool(torch.isfinite(value))
+    if not finite:
         raise BnnccError(f"training diverged: the loss is not finite ({float(value)}) by step {step}; nothing is "
                          f"written (try a lower --lr, and check that the teacher's outputs are finite)")
     return float(value)

@@ -86,7 +86,10 @@ def test_resume_is_bit_exact(idx_dir, tmp_path, monkeypatch):
           show_progress=False)
     assert states_equal(resumed.state_dict(), whole.state_dict())
     # the steps after the checkpoint, logged before the stop, are logged once (they were twice)
-    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # each step's own rate, lr * batch / 256 decaying linearly (the next step's was logged: 0 at the last)
+    assert [r["lr"] for r in records] == pytest.approx([0.05 * 16 / 256 * (1 - s / 8) for s in range(8)])
     fresh = tiny_net()  # and a run that does not resume differs after 4 steps
     assert not states_equal(fresh.state_dict(), whole.state_dict())
 
@@ -285,6 +288,10 @@ def test_two_process_ddp_matches_one_process(idx_dir, tmp_path):
     a, b = torch.load(single, weights_only=True), torch.load(double, weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # the loss logged is the global batch's, not rank 0's half of it
+    losses = [[json.loads(line)["loss"] for line in path.with_suffix(".jsonl").read_text().splitlines()]
+              for path in (single, double)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_ddp_processes_average_their_batch_norm_statistics(idx_dir, tmp_path):

@@ -1,6 +1,8 @@
 """A tiny training run, launched as a separate process (torchrun for DDP, or to be killed).
 
 usage: worker.py DATA_DIR OUT_STATE CHECKPOINT STEPS [--resume] [--slow] [--input-norm]
+
+The trained state goes to OUT_STATE, the metrics beside it (OUT_STATE with the suffix .jsonl).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ def main(argv: list[str]) -> None:
     if "--slow" in argv:  # leaves time to kill the process between two checkpoints
         net.register_forward_pre_hook(lambda module, args: time.sleep(0.2))
     cfg = TrainConfig(lr=0.05, batch_size=16, max_steps=steps, weight_decay=5e-5, label_weight=1.0,
-                      checkpoint_every=2, seed=3)
+                      checkpoint_every=2, seed=3, log_every=1)
     data = open_dataset(data_dir, "train")
     train(net, None, data, cfg, (1, 8, 8), checkpoint=checkpoint, resume="--resume" in argv,
-          show_progress=False)
+          metrics=out_state.with_suffix(".jsonl"), show_progress=False)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save(net.state_dict(), out_state)
 
