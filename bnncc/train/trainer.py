@@ -470,8 +470,10 @@ def _finite_loss(loss: torch.Tensor, step: int) -> float:
 
 
 class _StopNotice:
-    """Says, when a run is stopped (Ctrl-C; SIGTERM, which bnncc.cli turns into SystemExit), which
-    step its checkpoint holds, or that none was written yet.
+    """Says, when a run is stopped (Ctrl-C; SIGTERM, which bnncc.cli turns into SystemExit) or ends
+    in an error that is not the user's (a torchrun peer that died breaks the collectives: rank 0 then
+    said nothing before torchrun's SIGTERM), which step its checkpoint holds, or that none was
+    written yet.
 
     A save is known done by the file it replaced, not by a statement after it: a stop between the
     rename and such a statement named the step before (seen under torchrun)."""
@@ -495,7 +497,7 @@ class _StopNotice:
         return self
 
     def __exit__(self, kind, error, trace) -> None:
-        if self.checkpoint is None or kind not in (KeyboardInterrupt, SystemExit):
+        if self.checkpoint is None or kind is None or issubclass(kind, BnnccError):
             return
         self._settle()
         if self.saved is None:

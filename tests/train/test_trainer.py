@@ -178,8 +178,11 @@ def test_the_optimizer_state_is_the_same_in_one_process_and_under_torchrun():
     (1, "stopped at step 0 of 8, before the first checkpoint (every 2 steps): nothing is kept"),
     (6, "stopped at step 5 of 8; {ckpt} holds step 4: run the command again (finetune with --resume)"),
 ])
-def test_a_stopped_run_says_which_step_its_checkpoint_holds(idx_dir, tmp_path, monkeypatch, caplog, stop_at, said):
-    """Ctrl-C (KeyboardInterrupt; SIGTERM is a SystemExit in bnncc.cli) during step ``stop_at``."""
+# a torchrun peer that dies breaks the collectives with a RuntimeError (gloo: "Connection closed by peer")
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_stopped_run_says_which_step_its_checkpoint_holds(idx_dir, tmp_path, monkeypatch, caplog, stop_at, said,
+                                                            stop):
+    """Ctrl-C (KeyboardInterrupt; SIGTERM is a SystemExit in bnncc.cli) or a failure during step ``stop_at``."""
     import bnncc.train.trainer as trainer
 
     calls, kernel_l2 = [0], trainer._kernel_l2
@@ -187,12 +190,12 @@ def test_a_stopped_run_says_which_step_its_checkpoint_holds(idx_dir, tmp_path, m
     def interrupted(module):
         calls[0] += 1
         if calls[0] == stop_at:
-            raise KeyboardInterrupt
+            raise stop
         return kernel_l2(module)
 
     monkeypatch.setattr(trainer, "_kernel_l2", interrupted)
     checkpoint = tmp_path / "run.ckpt"
-    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level("WARNING"), pytest.raises(stop):
         train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(), SHAPE, checkpoint=checkpoint, show_progress=False)
     assert said.format(ckpt=checkpoint) in caplog.text
     assert checkpoint.exists() == (stop_at > 2) and (stop_at < 2 or load_checkpoint(checkpoint)["step"] == 4)
