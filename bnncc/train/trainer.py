@@ -356,6 +356,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         start, calibrated = int(state["step"]), bool(state["calibrated"])
         loader.bad.update(state.get("bad_images", torch.zeros(0, dtype=torch.int64)).tolist())
         logger.info("resumed from %s at step %d", checkpoint, start)
+    if resume and world > 1:
+        _check_same_start(checkpoint, start if resumed else None)
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
     log = None  # the metrics file, opened at its first record: continued when resumed, else begun anew
@@ -447,6 +449,18 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return found.st_ino, found.st_mtime_ns
+
+
+def _check_same_start(checkpoint: Path | None, step: int | None) -> None:
+    """Every process resumes from the same step (None: none resumes). Each reads the checkpoint's
+    path itself: on nodes without a shared file system rank 0 would resume at step N and the others
+    begin at 0, and their collectives then wait on each other for ever."""
+    steps: list[int | None] = [None] * _world()[1]
+    dist.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        found = ", ".join(f"rank {rank}: {'none' if s is None else f'step {s}'}" for rank, s in enumerate(steps))
+        raise BnnccError(f"{checkpoint}: the processes found different checkpoints there ({found}); put it where "
+                         f"every process reads the same file (on several machines, a shared file system)")
 
 
 def _finite_loss(loss: torch.Tensor, step: int) -> float:

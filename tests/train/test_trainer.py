@@ -297,6 +297,20 @@ def test_two_process_ddp_matches_one_process(idx_dir, tmp_path):
     assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
+def test_ddp_processes_that_find_different_checkpoints_stop_in_one_line(idx_dir, tmp_path):
+    """Each process reads the checkpoint's path itself: where only rank 0's disk held one, rank 0
+    resumed at step 6 and rank 1 began at 0, and their collectives no longer matched."""
+    _run_worker([idx_dir, tmp_path / "single.pt", tmp_path / "c0.ckpt", 6])
+    assert (tmp_path / "c0.ckpt").exists()
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", str(WORKER), str(idx_dir), str(tmp_path / "double.pt"),
+                           str(tmp_path / "c$LOCAL_RANK.ckpt"), "6", "--resume"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and not (tmp_path / "double.pt").exists()
+    assert "the processes found different checkpoints there (rank 0: step 6, rank 1: none)" in done.stderr
+
+
 def test_ddp_processes_average_their_batch_norm_statistics(idx_dir, tmp_path):
     """Each process keeps its own running statistics and the run writes their mean (pokebnn.md 7.6).
     An input batch norm's running mean is an average of image means, so the two processes' mean of

@@ -7,6 +7,7 @@ The trained state goes to OUT_STATE, the metrics beside it (OUT_STATE with the s
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,9 @@ def tiny_net(input_norm: bool = False) -> nn.Module:
 
 
 def main(argv: list[str]) -> None:
-    data_dir, out_state, checkpoint, steps = Path(argv[0]), Path(argv[1]), Path(argv[2]), int(argv[3])
+    # (CHECKPOINT may name $LOCAL_RANK: a file of each process's own, as on nodes without a shared disk)
+    data_dir, out_state, steps = Path(argv[0]), Path(argv[1]), int(argv[3])
+    checkpoint = Path(os.path.expandvars(argv[2]))
     net = tiny_net("--input-norm" in argv)
     if "--slow" in argv:  # leaves time to kill the process between two checkpoints
         net.register_forward_pre_hook(lambda module, args: time.sleep(0.2))
