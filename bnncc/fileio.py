@@ -24,7 +24,9 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it onto ``dest``.
 
     The rename is atomic on POSIX, so a crash or kill leaves either the old file or the new one.
-    On an exception the temporary file is removed and ``dest`` is untouched.
+    The file's bytes reach the disk before the rename, and the rename after it: otherwise a machine
+    that loses power may keep the rename and not the bytes (an empty checkpoint after hours of
+    training). On an exception the temporary file is removed and ``dest`` is untouched.
     """
     dest = output_target(dest)
     with output_errors(dest):
@@ -35,9 +37,21 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _sync(tmp_path)
         os.replace(tmp_path, dest)
+        with contextlib.suppress(OSError):  # (a file system that cannot sync a folder)
+            _sync(dest.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """Wait until the file or folder ``path`` is on the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_private_copy(library: str | os.PathLike, load: Callable[[Path], T], sha256: str | None = None) -> T:

@@ -81,6 +81,21 @@ def test_a_library_is_loaded_where_it_is_when_no_private_copy_loads(tmp_path, mo
     assert load_private_copy(library, lambda path: path) == library
 
 
+def test_an_output_reaches_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """Without a sync, a machine that lost power could keep the rename and not the bytes: an empty
+    checkpoint after hours of training."""
+    from bnncc.fileio import atomic_write_bytes
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), replace(a, b)))
+    atomic_write_bytes(tmp_path / "out.bin", b"data")
+    assert [kind for kind, _ in events] == ["sync", "rename", "sync"]
+    assert events[0][1].startswith(str(tmp_path / ".out.bin.")) and events[2][1] == str(tmp_path)
+
+
 def test_the_library_loaded_is_the_one_its_digest_names(tmp_path, monkeypatch):
     """The digest was checked on the folder's file and the copy taken after it loaded unchecked: a
     file replaced in between (a compile writing the folder) ran under the old manifest."""
