@@ -198,14 +198,18 @@ def test_workers_leave_a_stop_signal_to_the_trainer(data_dir):
     import signal
     from pathlib import Path
 
+    def children() -> set[int]:
+        return {int(pid) for task in Path("/proc/self/task").iterdir()
+                for pid in (task / "children").read_text().split()}
+
     data = open_dataset(data_dir, "train")
     index = data.batch_indices(5, 8, 3)
-    batches = Loader(data, SHAPE, seed=3, workers=2)(Plan(index, step, None) for step in range(4))
-    next(batches)
-    children = [int(pid) for task in Path("/proc/self/task").iterdir()
-                for pid in (task / "children").read_text().split()]
-    assert children
-    for pid in children:
+    before = children()
+    batches = Loader(data, SHAPE, seed=3, workers=2)(Plan(index, step, None) for step in range(5))
+    next(batches), next(batches)  # one batch from each worker: both have started
+    workers = children() - before
+    assert len(workers) == 2
+    for pid in workers:
         os.kill(pid, signal.SIGTERM)
     assert len(list(batches)) == 3  # the workers went on
 
