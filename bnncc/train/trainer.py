@@ -470,17 +470,19 @@ def _finite_loss(loss: torch.Tensor, step: int) -> float:
     waiting for it)."""
     value = loss.detach().float()
     world = _world()[1]
+    # one read of the device each (on a GPU a read waits for the step)
     if world > 1:  # (sum, processes whose loss is not finite) in one reduction
         both = torch.stack([value, (~torch.isfinite(value)).float()])
         dist.all_reduce(both)
-        value = both[0] / world if not both[1] else value
-        finite = not both[1]
+        total, failed = both.tolist()
+        mean, finite = total / world, not failed
     else:
-        finite = bool(torch.isfinite(value))
+        mean = float(value)
+        finite = math.isfinite(mean)
     if not finite:
         raise BnnccError(f"training diverged: the loss is not finite ({float(value)}) by step {step}; nothing is "
                          f"written (try a lower --lr, and check that the teacher's outputs are finite)")
-    return float(value)
+    return mean
 
 
 class _StopNotice:

@@ -1112,7 +1112,8 @@ stop = False
 def calls():
     while not stop:
         lib(x)
-threading.Thread(target=calls, daemon=True).start()
+caller = threading.Thread(target=calls)
+caller.start()
 statuses = []
 for _ in range(8):
     pid = os.fork()
@@ -1122,6 +1123,7 @@ for _ in range(8):
         os._exit(0)
     statuses.append(os.waitpid(pid, 0)[1])
 stop = True
+caller.join()  # (a thread still inside a call at exit aborts the interpreter)
 print(statuses)
 """)
     env = {**os.environ, "TVM_NUM_THREADS": "1"}
