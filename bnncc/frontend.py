@@ -56,6 +56,7 @@ from bnncc.domain import (
 from bnncc.errors import BnnccError, first_line
 from bnncc.fileio import require_file
 from bnncc.ops import attach_functions, check_graph
+from bnncc.ops.binary_conv import same_pads
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
@@ -808,6 +809,8 @@ class _Walker:
                                      or set(ints_attr(conv, "dilations", (1,))) != {1}):
                 raise BnnccError(f"node '{conv.name}' (Conv): expected a {kernel[0]}x{kernel[1]} Conv with group 1 "
                                  f"and no dilation")
+        for conv in convs:
+            _check_centred(conv)
         stride = _stride(conv1) * _stride(conv2)
         if shortcut is not None and _stride(shortcut) != stride:
             raise BnnccError(f"node '{shortcut.name}' (Conv): shortcut stride {_stride(shortcut)}, block stride {stride}")
@@ -872,6 +875,22 @@ def _stride(conv: ir.Node) -> int:
     if len(set(strides)) != 1:
         raise BnnccError(f"node '{conv.name}' (Conv): expected equal strides along H and W, got {strides}")
     return strides[0]
+
+
+def _check_centred(conv: ir.Node) -> None:
+    """A block conv pads as torch's (k // 2 each side) or as TF's SAME, the binary conv's that takes
+    its place: any other padding puts its window elsewhere (a ZeroPad2d((2, 0, 2, 0)) before a 3x3
+    conv was taken, and the PokeBNN student then no longer lined up with its teacher)."""
+    kernel, stride, size = _kernel(conv), _stride(conv), _size(conv.inputs[0])
+    auto_pad = conv.attributes["auto_pad"].as_string() if "auto_pad" in conv.attributes else "NOTSET"
+    same = [same_pads(n, k, stride) for n, k in zip(size, kernel)]
+    same = (same[0][0], same[1][0], same[0][1], same[1][1])
+    pads = {"NOTSET": tuple(ints_attr(conv, "pads", (0, 0, 0, 0))), "VALID": (0, 0, 0, 0),
+            "SAME_UPPER": same}.get(auto_pad)
+    if pads not in (tuple(k // 2 for k in kernel) * 2, same):
+        found = f"auto_pad {auto_pad}" if pads is None else f"pads {list(pads)}"
+        raise BnnccError(f"node '{conv.name}' (Conv): {found}; a block's conv pads {list(kernel)[0] // 2} each side "
+                         f"(torch) or as TF's SAME (the binary conv that replaces it): {list(same)}")
 
 
 def _size(value: ir.Value) -> tuple[int, int]:

@@ -116,6 +116,18 @@ def test_narrow_resnet101_is_accepted_with_23_blocks_in_stage_3(tmp_path):
     assert resnet.head.num_classes == 10
 
 
+def test_a_block_conv_padded_off_centre_is_refused(tmp_path, cli):
+    """A ZeroPad2d((2, 0, 2, 0)) before a 3x3 conv folded into its pads and the block was taken: the
+    binary conv that replaces it pads as TF's SAME, so the student no longer lined up with its teacher."""
+    net = zoo.resnet50(width=0.125, num_classes=10)
+    conv = net.layer3[1].conv2
+    net.layer3[1].conv2 = torch.nn.Sequential(torch.nn.ZeroPad2d((2, 0, 2, 0)),
+                                              torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, bias=False))
+    path = zoo.export_onnx(net, tmp_path / "off_centre.onnx", input_size=64)
+    _expect_refusal(cli, path, "(Conv): pads [2, 2, 0, 0]; a block's conv pads 1 each side (torch) or as TF's SAME "
+                               "(the binary conv that replaces it): [1, 1, 1, 1]")
+
+
 def _keras_form(proto: onnx.ModelProto, head: str) -> onnx.ModelProto:
     """``proto`` (a torch export at opset 18) as tf2onnx writes a Keras ResNet: an NHWC input
     transposed to NCHW, zero Pads before the stem conv and the max pool in place of their own
