@@ -267,12 +267,22 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
             for member in tar:
                 if not member.isfile():
                     continue
+                if member.issparse():  # (its size is the file's, its stored bytes fewer: read as they lie, garbage)
+                    raise BnnccError(f"{shard}: {member.name} is a sparse member, which bnncc does not read; write "
+                                     f"the shard without tar's --sparse")
                 if member.offset_data + member.size > length:  # tarfile takes a cut-short shard's end for its last
                     raise BnnccError(f"{shard}: cut short inside {member.name}")
                 folder, _, base = member.name.rpartition("/")
                 stem, _, extension = base.partition(".")
                 key = f"{folder}/{stem}" if folder else stem
-                if extension.lower() == "cls":
+                kind = "cls" if extension.lower() == "cls" else \
+                    "image" if f".{extension.lower()}" in IMAGE_SUFFIXES else None
+                # a second member of a sample's kind replaced the first without a word (its label too)
+                if (kind == "cls" and key in classes) or (kind == "image" and key in images):
+                    what = ".cls" if kind == "cls" else "image"
+                    raise BnnccError(f"{shard}: sample {key!r} has more than one {what} member ({member.name} again); "
+                                     f"a sample is one image and one .cls")
+                if kind == "cls":
                     text = tar.extractfile(member).read()
                     try:
                         classes[key] = int(text.strip())
@@ -280,7 +290,7 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
                         raise BnnccError(f"{shard}:{member.name}: not a class number ({text[:20]!r})") from None
                     if not 0 <= classes[key] < MAX_CLASSES:
                         raise BnnccError(f"{shard}:{member.name}: class {classes[key]}, outside 0 to {MAX_CLASSES - 1}")
-                elif f".{extension.lower()}" in IMAGE_SUFFIXES:
+                elif kind == "image":
                     images[key] = (member.name, member.offset_data, member.size)
             # a tar ends in two zero blocks; without them the shard was cut, perhaps between members,
             # which tarfile takes for its end

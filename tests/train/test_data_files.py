@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -416,6 +417,11 @@ def write_shard(path: Path, members: dict[str, bytes]) -> None:
     ({"a.jpg": b"", "a.cls": b"0"}, {"a.jpg": b"", "a.cls": b"1"}, r"val-\*.tar: class 1 is not among the 1 classes"),
     ({"a.jpg": b"", "a.cls": b"zero"}, {}, r"train-000000.tar:a.cls: not a class number"),
     ({"a.jpg": b"", "b.cls": b"0"}, {}, r"train-000000.tar: sample 'a' has no .cls member"),
+    # the second member replaced the first, the label too, without a word
+    ({"a.jpg": b"", "a.cls": b"0", "a.png": b"", "b.jpg": b"", "b.cls": b"0"}, {},
+     r"train-000000.tar: sample 'a' has more than one image member \(a.png again\)"),
+    ({"a.jpg": b"", "a.cls": b"0", "b.jpg": b"", "b.cls": b"0", "a.CLS": b"1"}, {},
+     r"train-000000.tar: sample 'a' has more than one .cls member \(a.CLS again\)"),
     ({"a.jpg": b"", "a.cls": b"-1"}, {}, r"train-000000.tar:a.cls: class -1, outside 0 to 999999"),
     ({"a.jpg": b"", "a.cls": b"99999999999"}, {}, r"a.cls: class 99999999999, outside 0 to 999999"),
 ])
@@ -423,6 +429,23 @@ def test_shard_problems_are_one_line_errors_before_training(tmp_path, train, val
     write_shard(tmp_path / "train-000000.tar", train)
     write_shard(tmp_path / "val-000000.tar", val)
     with pytest.raises(BnnccError, match=message):
+        open_splits(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar writes the sparse member")
+def test_a_sparse_member_is_refused_by_name(tmp_path):
+    """tar --sparse stores a file's data without its holes: its size is the file's, so the shard
+    was said to be 'cut short', and reading that many bytes at its offset would not give the file."""
+    (tmp_path / "src").mkdir()
+    with open(tmp_path / "src" / "a.jpg", "wb") as f:
+        f.write(b"x" * 512)
+        f.seek(4 << 20)
+        f.write(b"y")
+    (tmp_path / "src" / "a.cls").write_text("0")
+    subprocess.run(["tar", "--format=gnu", "-S", "-cf", str(tmp_path / "train-000000.tar"), "a.jpg", "a.cls"],
+                   cwd=tmp_path / "src", check=True)
+    shutil.copyfile(tmp_path / "train-000000.tar", tmp_path / "val-000000.tar")
+    with pytest.raises(BnnccError, match=r"train-000000.tar: a.jpg is a sparse member, which bnncc does not read"):
         open_splits(tmp_path)
 
 
