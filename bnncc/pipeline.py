@@ -96,6 +96,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         from bnncc.train.data import dataset_kind
 
         dataset_kind(options.data)
+        _check_outside(outdir, Path(options.data))
     recipe = load_recipe(options.recipe, options.overrides)
     stages_dir = outdir / "stages"
     cached: dict[str, bool] = {}
@@ -220,6 +221,14 @@ def _finetune(teacher: Path, teacher_hash: str, student: Path, output: Path, tra
     return cached_stage(output.parent, "finetune", key, [output], run)
 
 
+def _check_outside(outdir: Path, data: Path) -> None:
+    """The output folder is not inside the data set's: the stages' key takes every file of the data
+    folder, so a run's own outputs there changed it and the fine-tune ran again at every run (and
+    inside an ImageFolder split the output folder became a class)."""
+    if outdir.resolve().is_relative_to(data.resolve()):
+        raise BnnccError(f"{outdir}: inside the data folder {data}; choose an output folder outside it")
+
+
 def _data_fingerprint(folder: Path) -> str:
     """The data set's files by path, size and modification time: what a stage's key needs to see a
     changed data set, where hashing the bytes of ImageNet's 150 GB took minutes before every run."""
@@ -298,14 +307,14 @@ def _library_accuracy(lib, data: Path, show_progress: bool) -> dict:
     for Fashion-MNIST's 10000 images at 160 px)."""
     import torch
 
-    from bnncc.train.data import open_dataset
+    from bnncc.train.data import open_splits
     from bnncc.train.trainer import evaluate
 
     class Library(torch.nn.Module):
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(lib(images.numpy()))
 
-    test = open_dataset(data, "val")
+    _, test = open_splits(data)  # (a small validation split of shards counts the training split's classes)
     if lib.manifest["output"]["shape"][1] != test.num_classes:
         return {}
     top1, top5 = evaluate(Library(), test, tuple(int(d) for d in lib.input_chw),

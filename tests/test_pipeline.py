@@ -267,6 +267,43 @@ def test_library_accuracy_is_counted_batch_by_batch(converted, tmp_path, monkeyp
     assert sizes == [256, 44]
 
 
+def test_library_accuracy_takes_the_training_splits_classes(converted, tmp_path):
+    """A small validation split of shards may lack the last classes: its own count (3 of 4) did not
+    match the library's, and the report left the library's accuracy out without a word."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from bnncc import pipeline
+    from bnncc.runtime import load as load_library
+
+    def shard(path, classes):
+        with tarfile.open(path, "w") as tar:
+            for i, label in enumerate(classes):
+                image = io.BytesIO()
+                Image.new("RGB", (16, 16), (60 * label,) * 3).save(image, "JPEG")
+                for name, payload in ((f"{i}.jpg", image.getvalue()), (f"{i}.cls", str(label).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+    (tmp_path / "shards").mkdir()
+    shard(tmp_path / "shards" / "train-000000.tar", [0, 1, 2, 3])
+    shard(tmp_path / "shards" / "val-000000.tar", [0, 1, 2])
+    got = pipeline._library_accuracy(load_library(converted.outdir), tmp_path / "shards", show_progress=False)
+    assert got.keys() == {"library_top1", "library_top5"}
+
+
+def test_convert_refuses_an_output_folder_inside_the_data_folder(cli, narrow_resnet, tmp_path):
+    """The stages' key takes every file of the data folder: a run's own outputs there changed it, and
+    the fine-tune ran again at every run."""
+    data = _brightness_idx(tmp_path / "data")
+    code, _, err = cli("convert", narrow_resnet, "--set", STEM[0], "--data", data, "-o", data / "out")
+    assert code == 2 and err.strip() == f"error: {data / 'out'}: inside the data folder {data}; choose an output " \
+                                       f"folder outside it" and not (data / "out").exists(), err
+
+
 @pytest.mark.slow
 def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_path):
     data = _brightness_idx(tmp_path / "data")
