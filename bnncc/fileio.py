@@ -14,7 +14,7 @@ from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
            "hash_file", "load_private_copy", "output_errors", "output_target", "refuse_overwriting", "require_file",
-           "umask"]
+           "require_unchanged", "umask"]
 
 T = TypeVar("T")
 
@@ -62,19 +62,24 @@ def load_private_copy(library: str | os.PathLike, load: Callable[[Path], T], sha
     mounted noexec as on hardened hosts), the library is loaded where it is. With ``sha256`` (what
     its manifest records), the file loaded must have that digest: a library checked and then
     replaced before its copy was taken (a compile writing the folder meanwhile) was loaded unchecked."""
-    def checked(path: Path) -> Path:
-        if sha256 is not None and file_sha256(path) != sha256:
-            raise BnnccError(f"{library}: changed since its manifest was checked (its SHA-256 differs); is a "
-                             f"compile writing its folder? Load it again")
-        return path
-
     try:
         with tempfile.TemporaryDirectory(prefix="bnncc-lib-") as tmp:
             copy = Path(tmp) / Path(library).name
             shutil.copyfile(library, copy)
-            return load(checked(copy))
+            require_unchanged(copy, sha256, library)
+            return load(copy)
     except (OSError, RuntimeError):  # (TVM's load errors are RuntimeErrors; a real one recurs below)
-        return load(checked(Path(library)))
+        require_unchanged(Path(library), sha256, library)
+        return load(Path(library))
+
+
+def require_unchanged(copy: Path, sha256: str | None, library: str | os.PathLike) -> None:
+    """``copy``, taken of ``library`` after its manifest's digest ``sha256`` was checked (None:
+    none recorded), still has that digest: a library replaced in between (a compile writing its
+    folder) is not taken under the old manifest."""
+    if sha256 is not None and file_sha256(copy) != sha256:
+        raise BnnccError(f"{library}: changed since its manifest was checked (its SHA-256 differs); is a compile "
+                         f"writing its folder? Try again")
 
 
 def hash_file(digest, path: str | os.PathLike):

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import file_sha256
+from bnncc.fileio import require_unchanged
 from bnncc.runtime import read_library
 from bnncc.targets import registry, vmrunner
 from bnncc.targets.build import atomic_dir
@@ -58,10 +58,7 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
     with atomic_dir(output, BUNDLE_FILES, "bundle") as tmp:
         for path in (library / "model.so", library / "model.json", vmrunner.RUNNER_SOURCE, *runtime):
             shutil.copyfile(path, tmp / path.name)
-        # the copy must be the library read_library checked: a compile may have replaced it since
-        if manifest.get("library_sha256") not in (None, file_sha256(tmp / "model.so")):
-            raise BnnccError(f"{library / 'model.so'}: changed since its manifest was checked (its SHA-256 "
-                             f"differs); is a compile writing its folder? Bundle it again")
+        require_unchanged(tmp / "model.so", manifest.get("library_sha256"), library / "model.so")
         shutil.copyfile(runner, tmp / "runner")
         (tmp / "runner").chmod(0o755)
         (tmp / "README.txt").write_text(_readme(manifest, arch), encoding="utf-8")
