@@ -15,7 +15,9 @@
 #include <tvm/ffi/function.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -105,6 +107,23 @@ std::string Strip(const std::string& s, const char* chars) {
   return begin == std::string::npos ? "" : s.substr(begin, end - begin + 1);
 }
 
+// The kernels' clips map a NaN pixel to a level and so to finite logits; onnxruntime and bnncc.runtime
+// give NaN or refuse it, so the runner refuses it too, naming the file and the element.
+template <typename T>
+void RefuseNaNOf(const T* data, size_t count, const std::string& path) {
+  for (size_t i = 0; i < count; ++i) {
+    if (std::isnan(data[i])) throw std::runtime_error(path + ": NaN at flat index " + std::to_string(i));
+  }
+}
+
+void RefuseNaN(const ffi::Tensor& tensor, const std::string& path) {
+  const DLTensor* t = tensor.GetDLTensorPtr();
+  if (t->dtype.code != kDLFloat) return;
+  const size_t count = ffi::GetDataSize(*t) / (t->dtype.bits / 8);
+  if (t->dtype.bits == 32) RefuseNaNOf(static_cast<const float*>(t->data), count, path);
+  if (t->dtype.bits == 64) RefuseNaNOf(static_cast<const double*>(t->data), count, path);
+}
+
 ffi::Tensor ReadNpy(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
@@ -161,6 +180,7 @@ ffi::Tensor ReadNpy(const std::string& path) {
                                                 DLDevice{kDLCPU, 0});
   in.read(static_cast<char*>(tensor.data_ptr()), static_cast<std::streamsize>(bytes));
   if (static_cast<uint64_t>(in.gcount()) != bytes) throw std::runtime_error(path + ": cannot read its data");
+  RefuseNaN(tensor, path);
   return tensor;
 }
 
@@ -173,13 +193,19 @@ void WriteNpy(const std::string& path, const ffi::Tensor& tensor) {
   // magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64 bytes.
   header.append(63 - (10 + header.size()) % 64, ' ');
   header += '\n';
-  std::ofstream out(path, std::ios::binary);
+  // written beside the output and renamed over it, so a failed write leaves no partial file
+  const std::string part = path + ".part";
+  std::ofstream out(part, std::ios::binary | std::ios::trunc);
   uint16_t len = static_cast<uint16_t>(header.size());
   out.write("\x93NUMPY\x01\x00", 8);
   out.write(reinterpret_cast<const char*>(&len), 2);
   out << header;
   out.write(static_cast<const char*>(t->data) + t->byte_offset, static_cast<std::streamsize>(ffi::GetDataSize(*t)));
-  if (!out) throw std::runtime_error(path + ": write failed");
+  out.close();
+  if (!out || std::rename(part.c_str(), path.c_str()) != 0) {
+    std::remove(part.c_str());
+    throw std::runtime_error(path + ": write failed");
+  }
 }
 
 // The VM (kept alive by the caller while the function is used) and its function ``name``.
@@ -208,6 +234,21 @@ std::vector<ffi::Tensor> Outputs(const ffi::Any& result) {
   std::vector<ffi::Tensor> outputs;
   for (const ffi::Any& item : result.cast<ffi::Array<ffi::Any>>()) outputs.push_back(item.cast<ffi::Tensor>());
   return outputs;
+}
+
+// ``text`` with its ASCII control bytes as \xNN: a path or header quoted in an error stays one line.
+std::string Printable(const std::string& text) {
+  std::string out;
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c != 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      char escaped[5];
+      std::snprintf(escaped, sizeof escaped, "\\x%02x", c);
+      out += escaped;
+    }
+  }
+  return out;
 }
 
 int Usage() {
@@ -247,7 +288,7 @@ int main(int argc, char** argv) {
     }
     return Usage();
   } catch (const std::exception& e) {
-    std::cerr << "runner: " << e.what() << "\n";
+    std::cerr << "runner: " << Printable(e.what()) << "\n";
     return 1;
   }
 }

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,10 +110,40 @@ def test_the_runner_refuses_bad_inputs_in_one_line(x86_library, tmp_path):
          "expect Tensor with ndim 4 but get 3"),
         (["run", "model.so", "batch_1", "o", _array(tmp_path / "f8.npy", np.zeros((1, c, h, w)))],
          "expect Tensor with dtype float32 but get float64"),
+        # the kernels' clips had turned a NaN pixel into finite logits
+        (["run", "model.so", "batch_1", "o", _array(tmp_path / "nan.npy", _with_nan((1, c, h, w), 5))],
+         "nan.npy: NaN at flat index 5"),
+        # a raw newline from the header had split the error over two lines
+        (["run", "model.so", "batch_1", "o", _npy(tmp_path / "nl.npy", f"(100000000000,\n{c}, {h}, {w})", one)],
+         f"shape (100000000000,\\x0a{c}, {h}, {w}) needs more data"),
     ]
     for args, message in cases:
         done = subprocess.run(["./runner", *args], cwd=folder, capture_output=True, text=True)
         assert done.returncode == 1 and done.stderr.count("\n") == 1 and message in done.stderr, (args, done.stderr)
+    assert not list(folder.glob("o*")), "a refused run left an output"
+
+
+def _with_nan(shape, index: int) -> np.ndarray:
+    x = np.zeros(shape, np.float32)
+    x.flat[index] = np.nan
+    return x
+
+
+def test_the_runner_leaves_no_partial_output(x86_library, tmp_path):
+    """The runner wrote its outputs in place: a write that failed left part of one behind."""
+    folder = bundle(x86_library, tmp_path / "bundle")
+    x = np.zeros((1, *load(x86_library).input_chw), np.float32)
+    full = Path("/dev/full")
+    if not full.exists():
+        pytest.skip("no /dev/full")
+    out = tmp_path / "out"
+    out.mkdir()
+    # the runner writes OUT_PREFIX0.npy.part, then renames it: a .part that is /dev/full fails the write
+    (out / "o0.npy.part").symlink_to(full)
+    done = subprocess.run(["./runner", "run", "model.so", "batch_1", str(out / "o"), _array(tmp_path / "x.npy", x)],
+                          cwd=folder, capture_output=True, text=True)
+    assert done.returncode == 1 and "o0.npy: write failed" in done.stderr, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [], "a failed write left a file"
 
 
 @pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
