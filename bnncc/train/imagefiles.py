@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -47,6 +48,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 MAX_CLASSES = 1_000_000  # a shard's class numbers size the network's head: a stray huge one is a corrupt shard
+# a .cls member: a class number in ASCII digits, perhaps with a newline (webdataset's writers add none)
+_CLASS_NUMBER = re.compile(rb"\s*[0-9]+\s*")
+_MAX_CLS_BYTES = 64
 _ATTEMPTS = 10  # random resized crop: draws before the centre-crop fallback
 # What Pillow raises on a file it cannot read: OSError (truncated, unidentified, unreadable),
 # SyntaxError and ValueError (malformed headers), EOFError (cut short), DecompressionBombError (more
@@ -283,11 +287,12 @@ def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
                     raise BnnccError(f"{shard}: sample {key!r} has more than one {what} member ({member.name} again); "
                                      f"a sample is one image and one .cls")
                 if kind == "cls":
-                    text = tar.extractfile(member).read()
-                    try:
-                        classes[key] = int(text.strip())
-                    except ValueError:
-                        raise BnnccError(f"{shard}:{member.name}: not a class number ({text[:20]!r})") from None
+                    # ASCII digits only (int() also takes '1_0', '+1' and other scripts' digits), and
+                    # a bounded read: the member's size is the shard's word
+                    text = tar.extractfile(member).read(_MAX_CLS_BYTES + 1)
+                    if len(text) > _MAX_CLS_BYTES or not _CLASS_NUMBER.fullmatch(text):
+                        raise BnnccError(f"{shard}:{member.name}: not a class number ({text[:20]!r})")
+                    classes[key] = int(text)
                     if not 0 <= classes[key] < MAX_CLASSES:
                         raise BnnccError(f"{shard}:{member.name}: class {classes[key]}, outside 0 to {MAX_CLASSES - 1}")
                 elif kind == "image":

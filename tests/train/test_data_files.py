@@ -422,7 +422,11 @@ def write_shard(path: Path, members: dict[str, bytes]) -> None:
      r"train-000000.tar: sample 'a' has more than one image member \(a.png again\)"),
     ({"a.jpg": b"", "a.cls": b"0", "b.jpg": b"", "b.cls": b"0", "a.CLS": b"1"}, {},
      r"train-000000.tar: sample 'a' has more than one .cls member \(a.CLS again\)"),
-    ({"a.jpg": b"", "a.cls": b"-1"}, {}, r"train-000000.tar:a.cls: class -1, outside 0 to 999999"),
+    ({"a.jpg": b"", "a.cls": b"-1"}, {}, r"train-000000.tar:a.cls: not a class number \(b'-1'\)"),
+    # int() read '1_0' as 10 and '+1' as 1; and the member was read whole, whatever its size
+    ({"a.jpg": b"", "a.cls": b"1_0"}, {}, r"a.cls: not a class number \(b'1_0'\)"),
+    ({"a.jpg": b"", "a.cls": b"+1"}, {}, r"a.cls: not a class number"),
+    ({"a.jpg": b"", "a.cls": b"0" * 100}, {}, r"a.cls: not a class number"),
     ({"a.jpg": b"", "a.cls": b"99999999999"}, {}, r"a.cls: class 99999999999, outside 0 to 999999"),
 ])
 def test_shard_problems_are_one_line_errors_before_training(tmp_path, train, val, message):
