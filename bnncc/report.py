@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 from bnncc.cost import CostReport
@@ -145,8 +146,8 @@ def arm64_estimate(report: Report, folder: Path) -> dict:
 
 def markdown(report: Report) -> str:
     """The report as Markdown: summary, stage table, accuracy, latency, plots, per-layer table."""
-    lines = [f"# bnncc report: {Path(report.model).name}", "",
-             f"Recipe `{report.recipe}`, target `{report.target}`. "
+    lines = [f"# bnncc report: {_code(Path(report.model).name)}", "",
+             f"Recipe {_code(report.recipe)}, target {_code(report.target)}. "
              + ("Fine-tuned with distillation from the float import." if report.trained else
                 "**Not fine-tuned: the binary network has untrained weights and its outputs are not "
                 "meaningful.**"), ""]
@@ -159,7 +160,7 @@ def markdown(report: Report) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
     for stage in report.stages:
         cost = stage.cost
-        lines.append(f"| {stage.name} | `{_cell(stage.artifact)}` | {_bytes(stage.file_bytes)} | {cost.total / 1e9:.4f} | "
+        lines.append(f"| {stage.name} | {_cell(stage.artifact)} | {_bytes(stage.file_bytes)} | {cost.total / 1e9:.4f} | "
                      f"{cost.cpu64 / 1e6:.2f} | {cost.trainable_params:,} | {_bytes(cost.weight_bits // 8)} |")
     lines += ["", "ACE = MACs x weight bits x activation bits (float MACs at "
               f"{report.stages[0].cost.float_bits} x {report.stages[0].cost.float_bits}); CPU64 = binary MACs / 64 "
@@ -236,9 +237,20 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _code(text) -> str:
+    """``text`` (a node or file name: the user's) as a Markdown code span on one line. Inside a code span
+    no character acts as Markdown or HTML (a name "<img onerror=...>" or "[x](javascript:...)"); its
+    fence is longer than any run of backticks in the name."""
+    line = " ".join(str(text).split()) or "-"
+    fence = "`" * (max(map(len, re.findall("`+", line)), default=0) + 1)
+    if line.startswith("`") or line.endswith("`"):
+        line = f" {line} "
+    return fence + line + fence
+
+
 def _cell(text) -> str:
-    """``text`` for a Markdown table cell: a "|" in a node or file name ended the cell early."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """``text`` as a code span in a table cell: a table splits its rows at "|" before it reads code spans."""
+    return _code(text).replace("|", "\\|")
 
 
 def percent(value: float | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import onnx
@@ -109,6 +110,31 @@ def test_a_pipe_in_a_file_name_stays_inside_its_table_cell(report, tmp_path):
     write_report(odd, tmp_path)
     row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| float import"))
     assert "`we\\|ird name.onnx`" in row and row.replace("\\|", "").count("|") == 8
+
+
+HOSTILE_NAMES = ["<img src=x onerror=alert(1)>", "[x](javascript:alert(1))", "a`b``c", "`edge`", "a\\|b", "*b* _i_"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_names_from_the_users_graph_render_as_text(report, tmp_path, name):
+    """Node, file and recipe names went into report.md as Markdown: a node named "<img onerror=...>"
+    rendered as HTML, "[x](javascript:...)" as a link. Rendered by markdown-it (tables on, HTML on, as
+    many viewers render), each shows as itself and nothing else."""
+    from markdown_it import MarkdownIt
+
+    layer = dataclasses.replace(report.deployed.cost.layers[0], name=name)
+    cost = dataclasses.replace(report.deployed.cost, layers=(layer, *report.deployed.cost.layers[1:]))
+    stages = (dataclasses.replace(report.stages[0], artifact=name), *report.stages[1:-1],
+              dataclasses.replace(report.deployed, cost=cost))
+    odd = dataclasses.replace(report, model=f"models/{name}.onnx", recipe=name, stages=stages)
+    write_report(odd, tmp_path)
+    html = MarkdownIt("commonmark", {"html": True}).enable("table").render((tmp_path / "report.md").read_text())
+    assert "<img src=x" not in html and "<a " not in html and "<em>" not in html
+    escaped = name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    shown = [s.strip() for s in re.findall(r"<code>(.*?)</code>", html)]
+    assert shown.count(escaped) == 3 and shown.count(escaped + ".onnx") == 1, shown  # artifact, layer, recipe; title
+    # every row has its table's cells (stages 7, accuracy 3, layers 8): no name split a row
+    assert [row.count("<td") for row in html.split("<tr>") if "<td" in row] == [7, 7, 7, 3, 3, 8, 8], html
 
 
 def test_accuracy_that_could_not_be_measured_is_said_so(report, tmp_path):

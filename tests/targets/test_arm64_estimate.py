@@ -160,7 +160,7 @@ def test_report_of_an_arm64_library(conv_library, tmp_path):
     assert estimate.library_estimate(folder, layers) == figures  # deterministic
     lines = "\n".join(report._estimate_lines(figures))
     assert "(estimated, Cortex-A76 at 2.4 GHz by llvm-mca's neoverse-n1 model)" in lines
-    assert "| conv/binary | main | 2,359,296 |" in lines
+    assert "| `conv/binary` | `main` | 2,359,296 |" in lines
     missing = report.arm64_estimate(SimpleNamespace(deployed=SimpleNamespace(cost=SimpleNamespace(layers=layers))),
                                     tmp_path / "nothing")
     assert missing["skipped"].startswith("no estimate:")
