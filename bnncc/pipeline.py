@@ -20,7 +20,9 @@ its outputs, so a killed run never leaves a record for a partial stage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -108,49 +110,74 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     report_stages = [Stage("float import", model_path.name, stored_bytes(model_path), ace(float_model))]
     seconds["import"] = time.perf_counter() - start
 
-    # the rewrite reads only the passes; the [train] table is part of the fine-tune's key
-    passes = [[name, params] for name, params in recipe.passes]
-    rewrite_out = stages_dir / "rewrite.onnx"
+    # the float import above writes nothing: a model refused there leaves no folder behind
+    with _sole_writer(stages_dir):
+        # the rewrite reads only the passes; the [train] table is part of the fine-tune's key
+        passes = [[name, params] for name, params in recipe.passes]
+        rewrite_out = stages_dir / "rewrite.onnx"
 
-    def run_rewrite() -> dict:
-        from bnncc.rewriting import rewrite
+        def run_rewrite() -> dict:
+            from bnncc.rewriting import rewrite
 
-        student, _ = rewrite(float_model, recipe)
-        with atomic_path(rewrite_out) as tmp:
-            ir.save(student, tmp)
-        return {}
+            student, _ = rewrite(float_model, recipe)
+            with atomic_path(rewrite_out) as tmp:
+                ir.save(student, tmp)
+            return {}
 
-    _timed(seconds, cached, "rewrite", lambda: cached_stage(
-        stages_dir, "rewrite", {"model": float_hash, "passes": passes}, [rewrite_out], run_rewrite))
-    report_stages.append(Stage("rewrite", rewrite_out.name, rewrite_out.stat().st_size, ace(rewrite_out)))
+        _timed(seconds, cached, "rewrite", lambda: cached_stage(
+            stages_dir, "rewrite", {"model": float_hash, "passes": passes}, [rewrite_out], run_rewrite))
+        report_stages.append(Stage("rewrite", rewrite_out.name, rewrite_out.stat().st_size, ace(rewrite_out)))
 
-    graph, accuracy = rewrite_out, None
-    if options.data is not None:
-        graph = stages_dir / "finetune.onnx"
-        accuracy = _timed(seconds, cached, "finetune",
-                          lambda: _finetune(model_path, float_hash, rewrite_out, graph, recipe.train, options))
-        report_stages.append(Stage("fine-tune", graph.name, graph.stat().st_size, ace(graph)))
+        graph, accuracy = rewrite_out, None
+        if options.data is not None:
+            graph = stages_dir / "finetune.onnx"
+            accuracy = _timed(seconds, cached, "finetune",
+                              lambda: _finetune(model_path, float_hash, rewrite_out, graph, recipe.train, options))
+            report_stages.append(Stage("fine-tune", graph.name, graph.stat().st_size, ace(graph)))
 
-    library = stages_dir / "library"
+        library = stages_dir / "library"
 
-    def run_compile() -> dict:
-        from bnncc.targets.build import compile as compile_graph
+        def run_compile() -> dict:
+            from bnncc.targets.build import compile as compile_graph
 
-        compile_graph(graph, library, target=options.target, batches=options.batches)
-        return {}
+            compile_graph(graph, library, target=options.target, batches=options.batches)
+            return {}
 
-    _timed(seconds, cached, "compile", lambda: cached_stage(
-        stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target,
-                                "batches": list(options.batches)},
-        [library / name for name in LIBRARY_FILES], run_compile))
-    try:
-        report = _publish(outdir, library, model_path, recipe.name, report_stages, accuracy, options)
-    except BaseException:  # an interrupt, or a failure measuring the library: its cache, no library without report
-        for name in OUTPUT_NAMES:
-            if name != "stages":
-                (outdir / name).unlink(missing_ok=True)
-        raise
-    return ConvertResult(outdir, report, cached, seconds)
+        _timed(seconds, cached, "compile", lambda: cached_stage(
+            stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target,
+                                    "batches": list(options.batches)},
+            [library / name for name in LIBRARY_FILES], run_compile))
+        try:
+            report = _publish(outdir, library, model_path, recipe.name, report_stages, accuracy, options)
+        except BaseException:  # an interrupt, or a failure measuring the library: its cache, no library without report
+            for name in OUTPUT_NAMES:
+                if name != "stages":
+                    (outdir / name).unlink(missing_ok=True)
+            raise
+        return ConvertResult(outdir, report, cached, seconds)
+
+
+@contextlib.contextmanager
+def _sole_writer(stages_dir: Path):
+    """Hold ``stages_dir``/lock while a run writes the folder. Two converts into one folder replaced
+    each other's stage files and published a library whose report described the other's stages."""
+    made = [folder for folder in (stages_dir, *stages_dir.parents) if not folder.exists()]
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    with open(stages_dir / "lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BnnccError(f"{stages_dir.parent}: another bnncc convert is writing this folder; wait for it "
+                             "or choose another output folder") from None
+        try:
+            yield  # the lock goes with the file's closing, or the process's end
+        except BaseException:
+            # a run refused before it wrote anything (a recipe that does not fit the model) leaves nothing
+            if [p.name for p in stages_dir.iterdir()] == ["lock"]:
+                (stages_dir / "lock").unlink()
+                for folder in made:
+                    folder.rmdir()
+            raise
 
 
 def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages: list[Stage], accuracy: dict | None,
@@ -182,7 +209,8 @@ def check_outdir(outdir: Path, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
     if outdir.exists() and not outdir.is_dir():
         raise BnnccError(f"{outdir}: exists and is not a folder; choose another output folder")
     clashes = [name for name in names if (outdir / name).exists()]
-    if clashes and not (holds_manifest(outdir) or any((outdir / "stages").glob("*.json"))):
+    stages = outdir / "stages"
+    if clashes and not (holds_manifest(outdir) or any(stages.glob("*.json")) or (stages / "lock").is_file()):
         raise BnnccError(f"{outdir}: holds {', '.join(clashes)}, which bnncc did not write; remove "
                          f"{'it' if len(clashes) == 1 else 'them'} or choose another output folder")
 

@@ -164,7 +164,7 @@ def test_failed_compile_leaves_no_library_and_no_stage_record(narrow_resnet, tmp
         convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, show_progress=False))
     assert not list(outdir.rglob("*.so")) and not (outdir / "stages" / "compile.json").exists()
     assert (outdir / "stages" / "rewrite.json").exists()  # the stage before it is complete and kept
-    assert sorted(p.name for p in outdir.rglob("*") if p.is_file()) == ["rewrite.json", "rewrite.onnx"]
+    assert sorted(p.name for p in outdir.rglob("*") if p.is_file()) == ["lock", "rewrite.json", "rewrite.onnx"]
 
 
 def test_an_interrupt_after_compile_leaves_no_library_without_its_report(narrow_resnet, tmp_path, monkeypatch):
@@ -188,6 +188,35 @@ def test_an_interrupt_after_compile_leaves_no_library_without_its_report(narrow_
     again = convert(narrow_resnet, outdir, options)
     assert again.cached == {"rewrite": True, "compile": True}
     assert {"model.so", "model.json", "model.onnx", "report.md", "report.json"} <= {p.name for p in outdir.iterdir()}
+
+
+def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path):
+    """Two converts into one folder replaced each other's stage files; the second now stops at once,
+    before any stage, and its lock goes with the first's end (here, the file's closing)."""
+    import fcntl
+
+    outdir = tmp_path / "out"
+    (outdir / "stages").mkdir(parents=True)
+    options = ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False)
+    with open(outdir / "stages" / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(BnnccError, match=r"out: another bnncc convert is writing this folder"):
+            convert(narrow_resnet, outdir, options)
+        assert sorted(p.name for p in (outdir / "stages").iterdir()) == ["lock"]
+    assert convert(narrow_resnet, outdir, options).cached == {"rewrite": False, "compile": False}
+
+
+def test_a_run_refused_in_its_first_stage_leaves_nothing(narrow_resnet, tmp_path):
+    """A rewrite refused by the recipe wrote nothing, and leaves no folder; a folder whose stages/
+    holds only a lock (a run killed before its first stage ended) is bnncc's, and taken."""
+    outdir = tmp_path / "new" / "out"
+    with pytest.raises(BnnccError, match="mid_channels"):
+        convert(narrow_resnet, outdir, ConvertOptions(overrides=("passes.poke_stem.mid_channels=7",), latency_runs=1,
+                                                      show_progress=False))
+    assert not (tmp_path / "new").exists()
+    (outdir / "stages").mkdir(parents=True)
+    (outdir / "stages" / "lock").touch()
+    convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False))
 
 
 def test_killed_rewrite_leaves_no_partial_onnx(narrow_resnet, tmp_path):
