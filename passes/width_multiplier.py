@@ -14,7 +14,9 @@ On a ResNet-50 this is PokeBNN's f = int(base * multiplier) with base 64, 128, 2
 
 Weights carry over where the new shape fits inside the old one: W'[:o, :i] = W[:o, :i] (the
 first channels are kept). A tensor that grows is re-initialised: LeCun-normal kernels, zero
-biases. The pass changes what the network computes unless the multiplier is 1 (no change).
+biases. A head already quantized by int8_head (QuantGemm) gets activation bounds of the new
+width, all -1 (uncalibrated). The pass changes what the network computes unless the multiplier is 1
+(no change).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 from bnncc.passes._blocks import FloatBlock, float_blocks
-from bnncc.passes._pokebnn import lecun_normal, refresh
+from bnncc.passes._pokebnn import lecun_normal, refresh, uncalibrated_bound
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
         head = _dense_after(blocks[-1].out_relu.outputs[0])
         if head is not None:
             modified |= _resize(head.inputs[1], (_weight(head).shape[0], in_channels), rng, head.name)
+            if head.op_type == "QuantGemm":  # int8_head ran first: its per-input bounds must take the new width
+                modified |= _reset_bounds(head.inputs[2], in_channels, head.name)
         if modified:
             refresh(model)
         return ir.passes.PassResult(model, modified=modified)
@@ -134,6 +138,17 @@ def _resize(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generator, o
     value.const_value = ir.tensor(new, name=value.name)
     value.shape = ir.Shape(shape)
     logger.debug("%s: %s %s -> %s (%s)", owner, value.name, old.shape, shape, how)
+    return True
+
+
+def _reset_bounds(value: ir.Value, channels: int, owner: str) -> bool:
+    """Make the activation bounds ``value`` ``channels`` long, all uncalibrated (-1): the features
+    they were calibrated on changed with the width, so no old bound applies."""
+    if value.const_value.shape == (channels,):
+        return False
+    value.const_value = ir.tensor(uncalibrated_bound(channels), name=value.name)
+    value.shape = ir.Shape((channels,))
+    logger.debug("%s: %s reset to %d uncalibrated bounds", owner, value.name, channels)
     return True
 
 

@@ -74,3 +74,23 @@ def test_rejects_a_width_with_no_channel(small_model):
         WidthMultiplierPass(0.01)(small_model)
     with pytest.raises(BnnccError, match="multiplier must be above 0 and at most 4, got -1"):
         WidthMultiplierPass(-1)
+
+
+@pytest.mark.parametrize("multiplier", [0.5, 2.0])
+def test_after_int8_head_the_head_bounds_follow_the_width(small_model, small_resnet_path, multiplier):
+    """A recipe may quantize the head first: QuantGemm's per-input act_bound kept the old width, and
+    onnxruntime refused the rewritten graph (256 bounds for 512 features). The bounds now start
+    uncalibrated at the new width, so the order of the two passes gives the same network."""
+    from bnncc.frontend import load
+    from bnncc.passes.int8_head import Int8HeadPass
+
+    Int8HeadPass()(small_model)
+    WidthMultiplierPass(multiplier)(small_model)
+    reference = load(small_resnet_path)
+    WidthMultiplierPass(multiplier)(reference)
+    Int8HeadPass()(reference)
+    head = next(n for n in small_model.graph if n.op_type == "QuantGemm")
+    np.testing.assert_array_equal(head.inputs[2].const_value.numpy(),
+                                  np.full(int(128 * multiplier) * 4, -1, np.float32))
+    x = random_input()
+    np.testing.assert_array_equal(run_ort(small_model, x), run_ort(reference, x))
