@@ -104,7 +104,7 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BnnccError(f"{source}: not valid TOML: {e}") from None
-    for override in overrides:
+    for override in _override_list(overrides):
         _apply_override(raw, override, source)
     return _validate(raw, source)
 
@@ -119,7 +119,7 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
     }
     if recipe.blocks is not None:
         raw["blocks"] = recipe.blocks
-    for override in overrides:
+    for override in _override_list(overrides):
         _apply_override(raw, override, recipe.source)
     return _validate(raw, recipe.source)
 
@@ -143,6 +143,14 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
 
 
 # --- overrides -----------------------------------------------------------------------------------
+
+
+def _override_list(overrides: Iterable[str]) -> Iterable[str]:
+    """``overrides`` as given, but not one string: iterated, it would be its letters ("--set 't'")."""
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides are a list of key=value strings, not the string {overrides!r}; "
+                        f"write [{overrides!r}]")
+    return overrides
 
 
 def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:

@@ -152,3 +152,12 @@ def test_the_calibration_step_counts_batches_of_the_recipes_own_size(train, at):
     from bnncc.train.config import TrainConfig
 
     assert TrainConfig.from_recipe(train).act_calibration_at == pytest.approx(at)
+
+
+def test_overrides_given_as_one_string_are_refused_naming_the_list_to_write():
+    """A string is iterable: ``rewrite(model, "pokebnn_1x", "train.lr=1e-4")`` was read letter by
+    letter and refused as "--set 't': expected key=value", naming an override nobody wrote."""
+    for call in (lambda o: load_recipe("pokebnn_1x", o), lambda o: apply_overrides(load_recipe("pokebnn_1x"), o)):
+        with pytest.raises(TypeError, match=r"not the string 'train.lr=1e-4'; write \['train.lr=1e-4'\]"):
+            call("train.lr=1e-4")
+    assert load_recipe("pokebnn_1x", ["train.lr=1e-4"]).train["lr"] == 1e-4
