@@ -9,16 +9,21 @@ count and, when a ``measure`` callback is given (e.g. ACE), what the callback re
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import numbers
 import pkgutil
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 
-__all__ = ["register_pass", "get_pass", "pass_factory", "list_passes", "PassManager", "PassRecord"]
+__all__ = ["register_pass", "get_pass", "pass_factory", "pass_parameters", "list_passes", "PassManager",
+           "PassRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +53,42 @@ def _import_pass_modules() -> None:
 
 
 def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
-    """Instantiate the pass registered as ``name`` with ``params``."""
+    """Instantiate the pass registered as ``name`` with ``params``, each of its annotated type.
+
+    The types are checked here, not only in recipes: a pass takes what it is given, so w_bits=7.5
+    from Python became a float attribute that shape inference failed on after the pass ran.
+    A numpy scalar is taken as the Python number (onnx_ir cannot write np.int64 as an attribute).
+    """
+    schema = pass_parameters(name)
+    for key, value in params.items():
+        if key not in schema:
+            raise BnnccError(f"{name}: unknown parameter {key!r}; expected {', '.join(schema) or 'no parameters'}")
+        params[key] = _as_annotated(value, schema[key], f"{name}: {key}")
     return pass_factory(name)(**params)
+
+
+def pass_parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters of the pass registered as ``name`` and their annotated types
+    (``object`` where a parameter has no annotation)."""
+    factory = pass_factory(name)
+    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    return {p.name: hints.get(p.name, object) for p in inspect.signature(factory).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def _as_annotated(value: Any, expected: Any, key: str) -> Any:
+    """``value`` as the plain Python ``expected`` type; a bool is never a number, an int is a float."""
+    is_bool = isinstance(value, (bool, np.bool_))
+    if expected is bool and is_bool:
+        return bool(value)
+    if expected is int and isinstance(value, numbers.Integral) and not is_bool:
+        return int(value)
+    if expected is float and isinstance(value, numbers.Real) and not is_bool:
+        return float(value)
+    if expected in (bool, int, float) or (isinstance(expected, type) and not isinstance(value, expected)):
+        names = {int: "an integer", float: "a number", bool: "true or false"}
+        raise BnnccError(f"{key} = {value!r}: expected {names.get(expected, getattr(expected, '__name__', expected))}")
+    return value
 
 
 def pass_factory(name: str) -> PassFactory:

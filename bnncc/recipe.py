@@ -29,18 +29,16 @@ the same validation as the file.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import re
 import tomllib
-import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 from bnncc.errors import BnnccError
-from bnncc.passmanager import get_pass, pass_factory
+from bnncc.passmanager import get_pass, pass_parameters
 
 __all__ = ["Recipe", "BLOCK_KINDS", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
 
@@ -232,13 +230,9 @@ def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str,
 def _pass_schema(pass_name: str, source: str, index: int) -> dict[str, type]:
     """Keyword parameters of the registered pass and their annotated types."""
     try:
-        factory = pass_factory(pass_name)
+        return pass_parameters(pass_name)
     except BnnccError as e:
         raise BnnccError(f"{source}: passes[{index}].name: {e}") from None
-    init = factory.__init__ if inspect.isclass(factory) else factory
-    hints = typing.get_type_hints(init)
-    return {p.name: hints.get(p.name, object) for p in inspect.signature(factory).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def _validate_train(train: Any, source: str) -> dict[str, Any]:

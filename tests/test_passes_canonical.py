@@ -9,6 +9,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from bnncc.errors import BnnccError
 from bnncc.frontend import CANONICAL_PASSES
 from bnncc.passes import fold_constants as fold_constants_module
 from bnncc.passes._util import const_array
@@ -587,3 +588,36 @@ def test_pass_manager_records_every_pass_and_the_measure():
 def test_pass_manager_refuses_a_string_for_its_list():
     with pytest.raises(TypeError, match=r"a list of passes, not the string 'int8_head'; write \['int8_head'\]"):
         PassManager("int8_head")
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("int8_head", {"w_bits": 7.5}, "int8_head: w_bits = 7.5: expected an integer"),
+    ("int8_head", {"w_bits": True}, "int8_head: w_bits = True: expected an integer"),
+    ("poke_conv", {"clip_bound": "3.0"}, "poke_conv: clip_bound = '3.0': expected a number"),
+    ("poke_conv", {"se_gate": "false"}, "poke_conv: se_gate = 'false': expected true or false"),
+    ("poke_stem", {"mid_channels": 16.0}, "poke_stem: mid_channels = 16.0: expected an integer"),
+    ("width_multiplier", {"multiplier": "2"}, "width_multiplier: multiplier = '2': expected a number"),
+    ("int8_head", {"bits": 4}, "int8_head: unknown parameter 'bits'; expected w_bits, a_bits"),
+])
+def test_get_pass_checks_parameter_types(name, params, message):
+    """A recipe's parameters were type-checked, a caller's of get_pass (or PassManager) not: w_bits=7.5
+    was taken and the pass then failed in shape inference; clip_bound='3.0' likewise."""
+    with pytest.raises(BnnccError) as info:
+        get_pass(name, **params)
+    assert str(info.value) == message
+    with pytest.raises(BnnccError):
+        PassManager([(name, params)])
+
+
+def test_get_pass_takes_numpy_scalars_as_python_numbers():
+    """np.int64(4) (a sweep over np.arange) became an attribute onnx_ir cannot write: a TypeError."""
+    proto = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="fc")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(RNG.standard_normal((3, 4)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(np.zeros(3, np.float32), "b")]), opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model = get_pass("int8_head", w_bits=np.int64(4), a_bits=np.int32(8))(ir.serde.deserialize_model(proto)).model
+    head = model.graph.node("fc")
+    assert (head.op_type, head.attributes["w_bits"].value, head.attributes["a_bits"].value) == ("QuantGemm", 4, 8)
+    assert type(get_pass("width_multiplier", multiplier=np.float32(0.5)).multiplier) is float
