@@ -124,6 +124,10 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:
     path = Path(name_or_path)
+    # a bare shipped name is the shipped recipe even where the current folder holds something of
+    # that name (an output folder named after its recipe made "pokebnn_1x: recipe file not found")
+    if isinstance(name_or_path, str) and name_or_path == path.name and name_or_path in available_recipes():
+        return f"{name_or_path}.toml", (resources.files("bnncc.recipes") / f"{name_or_path}.toml").read_text("utf-8")
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise BnnccError(f"{path}: recipe file not found")

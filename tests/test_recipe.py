@@ -161,3 +161,18 @@ def test_overrides_given_as_one_string_are_refused_naming_the_list_to_write():
         with pytest.raises(TypeError, match=r"not the string 'train.lr=1e-4'; write \['train.lr=1e-4'\]"):
             call("train.lr=1e-4")
     assert load_recipe("pokebnn_1x", ["train.lr=1e-4"]).train["lr"] == 1e-4
+
+
+def test_a_shipped_name_is_the_shipped_recipe_whatever_the_current_folder_holds(tmp_path, monkeypatch):
+    """An output folder named after its recipe (bnncc convert ... --recipe pokebnn_0.5x -o pokebnn_0.5x)
+    made the next run with that recipe fail: "pokebnn_0.5x: recipe file not found"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pokebnn_0.5x").mkdir()
+    (tmp_path / "pokebnn_1x").write_text("not a recipe")
+    assert load_recipe("pokebnn_0.5x").params("width_multiplier")["multiplier"] == 0.5
+    assert load_recipe("pokebnn_1x").name == "pokebnn_1x"
+    mine = tmp_path / "mine"
+    mine.write_text('[[passes]]\nname = "poke_conv"\n')
+    assert load_recipe("mine").name == "mine"  # a path without .toml is still read
+    with pytest.raises(BnnccError, match="not valid TOML"):
+        load_recipe("./pokebnn_1x")  # a path that names the file
