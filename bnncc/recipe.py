@@ -129,8 +129,10 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
     if isinstance(name_or_path, str) and name_or_path == path.name and name_or_path in available_recipes():
         return f"{name_or_path}.toml", (resources.files("bnncc.recipes") / f"{name_or_path}.toml").read_text("utf-8")
     if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise BnnccError(f"{path}: recipe file not found")
+        if not path.is_file():  # a folder, or a FIFO that reading would wait on forever
+            raise BnnccError(f"{path}: not a regular file; a recipe is a .toml file")
         try:
             return str(path), path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -176,3 +176,15 @@ def test_a_shipped_name_is_the_shipped_recipe_whatever_the_current_folder_holds(
     assert load_recipe("mine").name == "mine"  # a path without .toml is still read
     with pytest.raises(BnnccError, match="not valid TOML"):
         load_recipe("./pokebnn_1x")  # a path that names the file
+
+
+def test_a_recipe_path_that_is_not_a_regular_file_says_so(tmp_path):
+    """A folder or a FIFO given as the recipe was "recipe file not found", though it is there."""
+    import os
+
+    (tmp_path / "dir.toml").mkdir()
+    os.mkfifo(tmp_path / "fifo.toml")
+    for name in ("dir.toml", "fifo.toml"):
+        with pytest.raises(BnnccError) as info:
+            load_recipe(tmp_path / name)
+        assert str(info.value) == f"{tmp_path / name}: not a regular file; a recipe is a .toml file"
