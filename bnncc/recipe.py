@@ -179,9 +179,11 @@ def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
 def _parse_value(text: str) -> Any:
     """A TOML value (``1.4``, ``true``, ``"s"``, ``[1, 2]``); anything else is a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    # "2\nseed = 5" parses as v = 2 and another key, which was dropped without a word: one value or a string
+    return parsed["v"] if len(parsed) == 1 else text
 
 
 def _pass_entry(raw: dict[str, Any], pass_name: str, source: str, key: str) -> dict[str, Any]:
