@@ -480,10 +480,11 @@ def write_back(module: GraphModule, model: ir.Model) -> ir.Model:
 
     Updates ``model`` in place (trained weights, BN running statistics, calibrated bounds). Each
     initializer keeps its name, shape and dtype; a mismatch means ``module`` was not made from
-    this model and raises :class:`BnnccError`.
+    this model and raises :class:`BnnccError`, before any initializer is written.
     """
     initializers = model.graph.initializers
     state = dict(module.named_parameters()) | dict(module.named_buffers())
+    arrays = {}
     for attr, name in module.initializer_names.items():
         value = initializers.get(name)
         if value is None or value.const_value is None:
@@ -493,5 +494,8 @@ def write_back(module: GraphModule, model: ir.Model) -> ir.Model:
         if tuple(array.shape) != tuple(old.shape.numpy()):
             raise BnnccError(f"write_back: initializer {name!r} has shape {tuple(old.shape.numpy())}, "
                              f"the module's {attr!r} has {tuple(array.shape)}")
-        value.const_value = ir.tensor(array, name=name)
+        arrays[name] = array
+    # written only once every initializer matched: a refused model is left as it was, not half overwritten
+    for name, array in arrays.items():
+        initializers[name].const_value = ir.tensor(array, name=name)
     return model

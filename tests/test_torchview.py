@@ -190,6 +190,24 @@ def test_write_back_rejects_a_different_model():
         write_back(module, other)
 
 
+def test_write_back_that_refuses_a_model_leaves_it_as_it_was():
+    """The check ran initializer by initializer, writing as it went: a model whose head had another
+    width got the module's conv and BN weights before the error, half one network, half another."""
+    model, _ = _bn_model()
+    module = to_torch(model)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    other, init = _bn_model()
+    wide = np.zeros((5, 8), np.float32)
+    other.graph.initializers["fc/w"].const_value = ir.tensor(wide, name="fc/w")
+    with pytest.raises(BnnccError, match="'fc/w' has shape"):
+        write_back(module, other)
+    for name, array in init.items():
+        expected = wide if name == "fc/w" else array
+        np.testing.assert_array_equal(other.graph.initializers[name].const_value.numpy(), expected, err_msg=name)
+
+
 # --- torchview's own plumbing for ai.bnncc ops, with stand-in torch ops --------------------------
 # These stand-ins replace the torch face of registered ops by float maths so that the expected
 # values are plain numpy; the real ops are checked against onnxruntime further below.
