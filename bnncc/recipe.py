@@ -165,6 +165,8 @@ def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
         raise BnnccError(f"--set {override!r}: expected key=value, e.g. passes.width_multiplier.multiplier=1.4")
     value = _parse_value(text.strip())
     parts = key.split(".")
+    if parts[0] == "passes" and len(parts) == 3 and parts[2] == "name":  # it would swap the pass silently
+        raise BnnccError(f"--set {key}: a pass's name is not a parameter; write a recipe file to change its passes")
     if parts[0] == "passes" and len(parts) == 3:
         _pass_entry(raw, parts[1], source, key)[parts[2]] = value
     elif parts[0] == "train" and len(parts) == 2:

@@ -81,6 +81,9 @@ def test_recipe_from_a_path(tmp_path):
                                    "graph's: set passes.poke_conv.clip_bound (bnncc finetune --clip-bound overrides "
                                    "a graph's B)"),
         (["model.width=1"], "--set model.width: unknown key"),
+        # it swapped the pass: stride_to_3x3 became a second remove_projection_shortcuts without a word
+        (["passes.stride_to_3x3.name=remove_projection_shortcuts"],
+         "--set passes.stride_to_3x3.name: a pass's name is not a parameter"),
         (["passes.width_multiplier"], "--set 'passes.width_multiplier': expected key=value"),
         (["passes.width_multiplier.multiplier=1e9"], "multiplier must be above 0 and at most 4, got 1000000000.0"),
         (["passes.poke_conv.clip_bound=inf"], "poke_conv: clip_bound must be a finite number > 0 in float32, got inf"),
