@@ -157,6 +157,8 @@ def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int =
         model = read_model(model)
     elif isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
+    elif not isinstance(model, ir.Model):  # None failed deep inside, naming a missing attribute 'graph'
+        raise TypeError(f"ace takes an onnx_ir Model, a ModelProto or a path, not {type(model).__name__}")
     shapes = _Shapes(model)
     layers: list[Layer] = []
     elementwise: list[Elementwise] = []

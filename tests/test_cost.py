@@ -185,6 +185,14 @@ def test_float_bits_must_be_positive():
         ace(_tiny(), float_bits=0)
 
 
+def test_a_model_of_another_type_is_a_type_error_naming_what_ace_takes():
+    """ace(None), ace(b"...") failed deep inside with "'NoneType' object has no attribute 'graph'"."""
+    for model in (None, b"model.onnx", {"graph": None}):
+        message = f"ace takes an onnx_ir Model, a ModelProto or a path, not {type(model).__name__}"
+        with pytest.raises(TypeError, match=message):
+            ace(model)
+
+
 # --------------------------------------------------------------------------- reading files
 
 
