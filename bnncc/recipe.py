@@ -134,7 +134,7 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
         if not path.is_file():  # a folder, or a FIFO that reading would wait on forever
             raise BnnccError(f"{path}: not a regular file; a recipe is a .toml file")
         try:
-            return str(path), path.read_text(encoding="utf-8")
+            return str(path), path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no TOML
         except UnicodeDecodeError as e:
             raise BnnccError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
         except OSError as e:  # no permission, an I/O error

@@ -194,3 +194,11 @@ def test_a_recipe_path_that_is_not_a_regular_file_says_so(tmp_path):
         with pytest.raises(BnnccError) as info:
             load_recipe(tmp_path / name)
         assert str(info.value) == f"{tmp_path / name}: not a regular file; a recipe is a .toml file"
+
+
+def test_a_recipe_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    """Windows editors save UTF-8 with a BOM; tomllib saw it as a character and refused the file with
+    "Invalid statement (at line 1, column 1)", where nothing is to be seen."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[[passes]]\nname = "int8_head"\nw_bits = 4\n')
+    assert load_recipe(path).passes == (("int8_head", {"w_bits": 4}),)
