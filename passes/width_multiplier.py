@@ -36,6 +36,8 @@ from bnncc.passmanager import register_pass
 logger = logging.getLogger(__name__)
 
 MAX_MULTIPLIER = 4
+# 4 GiB of float32 weights; 16x a ResNet-50 (some 6 billion) was killed for memory on a 24 GiB machine
+MAX_WEIGHTS = 1 << 30
 
 
 @register_pass("width_multiplier")
@@ -68,13 +70,11 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
         widths = [self._new_widths(block) for block in blocks]  # all checked before anything changes
         in_channels = _weight(blocks[0].convs[0]).shape[1]
         _check_identity_shortcuts(blocks, widths, in_channels)
-        for block, (f, out) in zip(blocks, widths):
-            first, *middle, last = block.convs
-            for conv, cout, cin in ((first, f, in_channels), *((c, f, f) for c in middle),
-                                    (last, out, f), (block.projection, out, in_channels)):
-                if conv is not None:
-                    modified |= _resize_conv(conv, cout, cin, rng)
-            in_channels = out
+        convs = list(_new_conv_widths(blocks, widths, in_channels))
+        _check_size(convs)
+        for conv, cout, cin in convs:
+            modified |= _resize_conv(conv, cout, cin, rng)
+        in_channels = widths[-1][1]
         head = _dense_after(blocks[-1].out_relu.outputs[0])
         if head is not None:
             modified |= _resize(head.inputs[1], (_weight(head).shape[0], in_channels), rng, head.name)
@@ -102,6 +102,29 @@ def _check_identity_shortcuts(blocks: list[FloatBlock], widths: list[tuple[int, 
             raise BnnccError(f"width_multiplier: block {block.merge.name!r} adds its {in_channels}-channel input "
                              f"to its {out}-channel output: an identity shortcut cannot join them")
         in_channels = out
+
+
+def _new_conv_widths(blocks: list[FloatBlock], widths: list[tuple[int, int]], in_channels: int):
+    """(conv, new out channels, new in channels) for every conv of the blocks, projections included."""
+    for block, (f, out) in zip(blocks, widths):
+        first, *middle, last = block.convs
+        for conv, cout, cin in ((first, f, in_channels), *((c, f, f) for c in middle),
+                                (last, out, f), (block.projection, out, in_channels)):
+            if conv is not None:
+                yield conv, cout, cin
+        in_channels = out
+
+
+def _check_size(convs: list[tuple[ir.Node, int, int]]) -> None:
+    """Refuse a widened network too large to hold: the multiplier's cap alone let a repeated pass
+    (4x, then 4x) or an already wide model through, which the rewrite then ran out of memory on."""
+    weights = 0
+    for conv, cout, cin in convs:
+        kh, kw = _weight(conv).shape[2:]
+        weights += cout * (cin // conv.attributes.get_int("group", 1)) * kh * kw
+    if weights > MAX_WEIGHTS:
+        raise BnnccError(f"width_multiplier: the widened blocks would hold {weights:,} weights, more than the "
+                         f"{MAX_WEIGHTS:,} a rewrite holds in memory; choose a smaller multiplier")
 
 
 def _weight(node: ir.Node) -> np.ndarray:

@@ -94,3 +94,28 @@ def test_after_int8_head_the_head_bounds_follow_the_width(small_model, small_res
                                   np.full(int(128 * multiplier) * 4, -1, np.float32))
     x = random_input()
     np.testing.assert_array_equal(run_ort(small_model, x), run_ort(reference, x))
+
+
+def _block_weights(stem: int, widths: tuple[int, ...]) -> int:
+    """Conv weights of a ResNet-50's bottlenecks (3, 4, 6, 3 blocks, projections included), by hand."""
+    total, c_in = 0, stem
+    for f, blocks in zip(widths, (3, 4, 6, 3)):
+        total += c_in * f + 9 * f * f + 4 * f * f + c_in * 4 * f  # block 0 and its projection
+        total += (blocks - 1) * (4 * f * f + 9 * f * f + 4 * f * f)
+        c_in = 4 * f
+    return total
+
+
+def test_a_network_too_large_to_hold_is_refused_before_anything_changes(small_model, monkeypatch):
+    """The multiplier's cap let 4x twice (16x) through, which ran a rewrite out of memory: the widened
+    blocks' weights are counted first, and a network over the limit is refused untouched."""
+    import bnncc.passes.width_multiplier as pass_module
+
+    doubled = _block_weights(STEM, tuple(2 * f for f in WIDTHS))
+    before = {name: v.const_value.numpy().copy() for name, v in small_model.graph.initializers.items()}
+    monkeypatch.setattr(pass_module, "MAX_WEIGHTS", doubled - 1)
+    with pytest.raises(BnnccError, match=f"would hold {doubled:,} weights, more than the {doubled - 1:,}"):
+        WidthMultiplierPass(2.0)(small_model)
+    assert all(np.array_equal(v.const_value.numpy(), before[name]) for name, v in small_model.graph.initializers.items())
+    monkeypatch.setattr(pass_module, "MAX_WEIGHTS", doubled)
+    assert WidthMultiplierPass(2.0)(small_model).modified
