@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -116,6 +118,19 @@ def test_cli_bad_override_is_one_line(cli, narrow_resnet, tmp_path):
     code, _, stderr = cli("rewrite", narrow_resnet, "-o", out, "--set", "passes.poke_conv.clip_bound=wide")
     assert code == 2 and not out.exists()
     assert "passes.poke_conv.clip_bound = 'wide': expected a number" in stderr and "Traceback" not in stderr
+
+
+def test_a_recipe_setting_another_opset_before_the_pokebnn_passes_is_one_line(cli, narrow_resnet, tmp_path):
+    """set_opset to 20 then the PokeBNN passes ended in "the rewritten model is not valid ONNX" (onnx's
+    checker: the ai.bnncc functions import opset 18), which reads as a bug in a pass."""
+    recipe = tmp_path / "mine.toml"
+    shipped = (resources.files("bnncc.recipes") / "pokebnn_0.5x.toml").read_text()
+    recipe.write_text(shipped.replace("[[passes]]", '[[passes]]\nname = "set_opset"\nversion = 20\n\n[[passes]]', 1))
+    out = tmp_path / "poke.onnx"
+    code, _, stderr = cli("rewrite", narrow_resnet, "--recipe", recipe, "-o", out, "--set",
+                          "passes.poke_stem.mid_channels=8")
+    assert code == 2 and not out.exists() and stderr.count("\n") == 1, stderr
+    assert "ai.bnncc ops need default-domain opset 18 (their functions' opset), the model imports 20" in stderr
 
 
 def test_cli_lists_the_passes_and_the_shipped_recipes(cli):

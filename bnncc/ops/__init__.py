@@ -84,9 +84,12 @@ def _needed_opsets(protos: list[onnx.FunctionProto]) -> dict[str, int]:
 
 
 def _require_default_opset(version: int | None) -> None:
-    # onnxruntime resolves the ops inside a function against the model's default opset.
-    if version is None or version < CANONICAL_OPSET:
-        raise BnnccError(f"ai.bnncc ops need default-domain opset >= {CANONICAL_OPSET}, the model imports {version}")
+    # onnxruntime resolves the ops inside a function against the model's default opset, and onnx's
+    # checker refuses a function whose ops that opset reads otherwise (Constant changed at 19): a
+    # recipe's set_opset to 20 had ended in "the rewritten model is not valid ONNX"
+    if version != CANONICAL_OPSET:
+        raise BnnccError(f"ai.bnncc ops need default-domain opset {CANONICAL_OPSET} (their functions' opset), "
+                         f"the model imports {version}; leave set_opset at its default")
 
 
 # Function overloads (PokeConv's "block") need IR version 10.
@@ -98,7 +101,7 @@ def attach_functions(model):
 
     Accepts an ``onnx_ir.Model`` or an ``onnx.ModelProto`` (changed in place); returns the model.
     Functions already present are replaced by the current definitions. The model must import the
-    default domain at opset 18 or later (bnncc's canonical form); its IR version is raised to 10
+    default domain at opset 18 (bnncc's canonical form); its IR version is raised to 10
     where it is lower.
     """
     if isinstance(model, onnx.ModelProto):
