@@ -27,8 +27,9 @@ class Library:
 
     A batch of a size compiled in is one call; any other size is cut into chunks of compiled
     sizes, largest first (compile builds batch 1 into every library, so every size runs).
-    It pickles as its folder's absolute path: unpickling loads the folder again, with every check
-    of ``load``, so a spawned worker (multiprocessing, concurrent.futures) can be handed one.
+    It pickles as its folder's absolute path and manifest: unpickling loads the folder again, with
+    every check of ``load``, so a spawned worker (multiprocessing, concurrent.futures) can be handed
+    one; a folder that no longer holds the same library (compiled again) is refused.
     """
 
     def __init__(self, folder: Path, manifest: dict, call) -> None:
@@ -40,8 +41,9 @@ class Library:
         self.input_chw = tuple(manifest["input"]["shape"][1:])
 
     def __reduce__(self):
-        # the loaded VM is process memory; the folder is what another process can open
-        return load, (str(self._absolute_folder),)
+        # the loaded VM is process memory; the folder is what another process can open. The manifest
+        # goes along: a folder rebuilt since (compile replaces it whole) gave a worker another network
+        return _load_same, (str(self._absolute_folder), self.manifest)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         try:
@@ -86,6 +88,16 @@ def load(folder: str | os.PathLike) -> Library:
     if target.check_host is not None:
         target.check_host(manifest, folder / "model.json")
     return Library(folder, manifest, target.caller(folder / "model.so", manifest.get("library_sha256")))
+
+
+def _load_same(folder: str, manifest: dict) -> Library:
+    """``load(folder)`` where a pickled Library is unpickled, refused unless the folder still holds the
+    library that was pickled (its manifest, which records model.so's SHA-256, unchanged)."""
+    library = load(folder)
+    if library.manifest != manifest:
+        raise BnnccError(f"{folder}: not the library that was pickled (its model.json changed since it was loaded: "
+                         f"compiled again?); load the folder anew and hand that over")
+    return library
 
 
 def read_library(folder: Path):

@@ -1151,6 +1151,28 @@ def test_a_library_goes_to_a_spawned_worker_as_its_folder(library, tmp_path, mon
     np.testing.assert_array_equal(got, lib(x))
 
 
+def test_a_pickled_library_whose_folder_was_compiled_again_is_refused(library, tmp_path):
+    """A library pickled (to a spawned worker) and its folder then compiled again from another network:
+    unpickling loaded the new one, so the worker's logits silently came from another network than
+    the caller's. It is refused; a library unpickled from an unchanged folder gives the same logits."""
+    import pickle
+
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    shutil.copytree(library[0], tmp_path / "lib")
+    lib = load(tmp_path / "lib")
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(lib))(x), lib(x))
+    pickled = pickle.dumps(lib)
+    other = _Net(32, seed=9)  # tiny_pokebnn's shapes, other weights
+    other.head(other.poke_conv(other.stem(8, 16), 16, 40, 1, 1), 40)
+    compile(other.model(), tmp_path / "lib", batches=(1,))
+    assert not np.allclose(load(tmp_path / "lib")(x), lib(x))  # the folder now holds another network
+    with pytest.raises(BnnccError, match="not the library that was pickled"):
+        pickle.loads(pickled)
+
+
 def test_tvm_num_threads_that_is_no_number_is_one_line():
     import subprocess
     import sys
