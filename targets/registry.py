@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError, first_line
-from bnncc.fileio import cache_dir
+from bnncc.fileio import cache_dir, require_unchanged
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
 from bnncc.targets.lower import IMAGE_FUNCTION
 
@@ -187,11 +188,35 @@ def _x86_requirements(flags: frozenset[str] = frozenset()) -> list[Requirement]:
 
 
 def _arm64_caller(path: Path, sha256: str | None) -> Caller:
-    """Native on an aarch64 host, else our runner under qemu-aarch64 (one process per call, on the
-    file in place, which ``bnncc.runtime.read_library`` checked against ``sha256``)."""
+    """Native on an aarch64 host, else our runner under qemu-aarch64: one process per call, on a
+    private copy of the file taken now and checked against ``sha256``, removed with the caller. Run
+    in place, a folder compiled again after ``load`` ran the new network under the old manifest (the
+    CPU caller's dlopen holds its own copy). Where no copy can be taken, the file in place."""
     if platform.machine() == "aarch64":
         return _cpu_caller(path, sha256)
-    return lambda function, x: vmrunner.run_arm64(path, [x], function=function)[0]
+    folder = Path(tempfile.mkdtemp(prefix="bnncc-lib-"))
+    try:
+        copy = folder / path.name
+        shutil.copyfile(path, copy)
+    except OSError:  # (a full temporary folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder, copy = None, path
+    try:
+        require_unchanged(copy, sha256, path)
+    except BnnccError:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+    def call(function: str, x: np.ndarray) -> np.ndarray:
+        try:
+            return vmrunner.run_arm64(copy, [x], function=function)[0]
+        except BnnccError as e:  # named by the user's file, not the private copy
+            raise BnnccError(str(e).replace(str(copy.resolve()), str(path))) from None
+
+    if folder is not None:
+        weakref.finalize(call, shutil.rmtree, folder, True)
+    return call
 
 
 def _arm64_report(executable, lowered, model) -> dict:

@@ -159,6 +159,29 @@ def test_pokebnn_network_on_arm64_agrees_with_onnxruntime(tmp_path):
     assert report.argmax_agree == 4
 
 
+@needs_cross
+def test_an_arm64_library_keeps_running_what_was_loaded_when_its_folder_is_compiled_again(tmp_path):
+    """Under qemu each call starts the runner on model.so: it ran the file in place, so a folder
+    compiled again after ``load`` (another network) gave that network's logits under the loaded
+    manifest. A loaded library runs its own copy, as the x86-64 one (dlopen) does; its errors
+    still name the folder's file."""
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+    from test_lower import _Net, tiny_pokebnn
+
+    folder = compile(tiny_pokebnn(), tmp_path / "lib", target="arm64", batches=(1,))
+    lib = load(folder)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    before = lib(x)
+    other = _Net(32, seed=9)  # tiny_pokebnn's shapes, other weights
+    other.head(other.poke_conv(other.stem(8, 16), 16, 40, 1, 1), 40)
+    compile(other.model(), folder, target="arm64", batches=(1,))
+    assert not np.allclose(load(folder)(x), before)  # the folder now holds another network
+    np.testing.assert_array_equal(lib(x), before)
+    with pytest.raises(BnnccError, match=f"^{folder / 'model.so'}: the aarch64 runner failed"):
+        lib._call("no_such_function", x)
+
+
 def test_arm64_runtime_offline_from_the_printed_command(tmp_path, monkeypatch):
     """Without an index, ensure_arm64_runtime names the exact pip command; wheels put where that
     command says (stand-ins here, holding the two libraries) are then used without pip."""
