@@ -170,10 +170,18 @@ def _manifest_problem(manifest: dict) -> str | None:
     if preprocessing is not None:
         channels = shape[1]
         stats = [preprocessing.get(key) if isinstance(preprocessing, dict) else None for key in ("mean", "std")]
-        if not all(isinstance(v, list) and len(v) == channels and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in stats) or \
-                not all(x > 0 for x in stats[1]):
-            return f"preprocessing {preprocessing!r}; expected mean and std of {channels} numbers, std > 0"
+        big = float(np.finfo(np.float32).max)
+        numbers = all(isinstance(v, list) and len(v) == channels and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and -big <= x <= big for x in v) for v in stats)
+        if numbers:
+            # run normalises pixels in [0, 1] in float32: a mean of Infinity or a std of 1e-300 (0 in float32)
+            # made every image infinite, which the network took without a word (finite logits)
+            with np.errstate(all="ignore"):
+                mean, std = (np.asarray(v, np.float32) for v in stats)
+                ends = (np.float32([[0.0], [1.0]]) - mean) / std
+        if not numbers or not (std > 0).all() or not np.isfinite(ends).all():
+            return (f"preprocessing {preprocessing!r}; expected mean and std of {channels} numbers, std > 0, "
+                    f"that keep pixels in [0, 1] finite in float32")
         crop = preprocessing.get("crop", 1.0)
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
             return (f"preprocessing crop {crop!r}; expected a share in (0, 1] of the largest centre box of the "

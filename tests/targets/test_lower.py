@@ -332,6 +332,11 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
     (dict(manifest=lambda m: m.pop("target")), "target None"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": "abc"})), "preprocessing"),
+    # every image normalised to +-inf (mean Infinity; std 1e-300, 0 in float32), which the network ran
+    (dict(manifest=lambda m: m.update(preprocessing={"mean": [float("inf")] * 3, "std": [0.5] * 3})),
+     "preprocessing"),
+    (dict(manifest=lambda m: m.update(preprocessing={"mean": [0.5] * 3, "std": [1e-300] * 3})), "std > 0, that keep"),
+    (dict(manifest=lambda m: m.update(preprocessing={"mean": [10**400] * 3, "std": [0.5] * 3})), "preprocessing"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "crop": 1.5})),
      "preprocessing crop 1.5"),
     (dict(manifest=lambda m: m["target"].update(llvm="{not json")), "is not an LLVM target"),
