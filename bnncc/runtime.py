@@ -63,8 +63,15 @@ class Library:
             image = int(np.isnan(x).any(axis=(1, 2, 3)).argmax())
             raise BnnccError(f"{self.folder}: input image {image} holds NaN")
         outputs, start = [], 0
+        classes = self.manifest["output"]["shape"][-1]
         for size in self._chunks(x.shape[0]):
-            outputs.append(self._call(self.functions[size], x[start:start + size]))
+            logits = self._call(self.functions[size], x[start:start + size])
+            # model.json's classes are what an empty batch gives and what verify holds the reference to: a
+            # manifest of another count gave (0, 5) for no images and (1, 10) for one, and verify blamed the graph
+            if logits.shape != (size, classes):
+                raise BnnccError(f"{self.folder}: {self.functions[size]} gave logits of shape {logits.shape} where "
+                                 f"model.json records (N, {classes}); is model.json the one written with it?")
+            outputs.append(logits)
             start += size
         return np.concatenate(outputs)
 

@@ -449,6 +449,21 @@ def test_a_manifest_naming_a_missing_function_is_an_error(library, tmp_path):
         lib(np.zeros((1, 3, 32, 32), np.float32))
 
 
+@pytest.mark.parametrize("classes", [5, 20])
+def test_a_manifest_of_another_number_of_classes_is_an_error_at_the_first_call(library, tmp_path, classes):
+    """model.json's classes (what a batch of 0 gives, what verify checks the reference against)
+    edited: the library returned its own 10 logits an image beside (0, classes) for no images."""
+    from bnncc.runtime import load
+
+    lib = load(_tampered(library, tmp_path, manifest=lambda m: m["output"].update(shape=["N", classes])))
+    x = np.random.default_rng(0).standard_normal((9, 3, 32, 32)).astype(np.float32)
+    assert lib(x[:0]).shape == (0, classes)
+    for n in (1, 9):
+        with pytest.raises(BnnccError, match=rf"gave logits of shape \(\d, {CLASSES}\) where model.json records "
+                                             rf"\(N, {classes}\)"):
+            lib(x[:n])
+
+
 def test_a_manifest_function_name_must_be_an_identifier(library, tmp_path):
     """A bundle's README.txt prints the names into its shell commands."""
     from bnncc.runtime import load
