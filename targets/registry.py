@@ -164,8 +164,9 @@ def _check_x86_features(manifest: dict, path: Path) -> None:
     import json
 
     llvm = manifest["target"].get("llvm")
-    if not isinstance(llvm, str):
-        return
+    if not isinstance(llvm, str):  # compile always records it: without it this check passed, and a library
+        # of a higher class than this CPU ended the process with SIGILL at its first call
+        raise BnnccError(f"{path}: target llvm {llvm!r}; expected the LLVM target that compile records")
     try:
         target = tvm_compat.make_target(json.loads(llvm))
     except (ValueError, RuntimeError) as e:

@@ -340,6 +340,9 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m.update(preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "crop": 1.5})),
      "preprocessing crop 1.5"),
     (dict(manifest=lambda m: m["target"].update(llvm="{not json")), "is not an LLVM target"),
+    # no LLVM target: the CPU feature check was skipped (a library of a higher class ran into SIGILL)
+    (dict(manifest=lambda m: m["target"].pop("llvm")), "target llvm None; expected the LLVM target"),
+    (dict(manifest=lambda m: m["target"].update(llvm=5)), "target llvm 5"),
     (dict(manifest=lambda m: m["target"].update(name="arm64")), "a library for x86-64, not aarch64"),
     # an aarch64 library (ELF e_machine 183) beside a manifest naming x86-64
     (dict(so=lambda b: b[:18] + (183).to_bytes(2, "little") + b[20:]), "a library for aarch64, not x86-64"),
