@@ -101,7 +101,8 @@ def _load_same(folder: str, manifest: dict) -> Library:
     """``load(folder)`` where a pickled Library is unpickled, refused unless the folder still holds the
     library that was pickled (its manifest, which records model.so's SHA-256, unchanged)."""
     library = load(folder)
-    if library.manifest != manifest:
+    # compared as JSON text: a NaN that model.json holds (json reads "NaN") is unequal to itself as a float
+    if json.dumps(library.manifest, sort_keys=True) != json.dumps(manifest, sort_keys=True):
         raise BnnccError(f"{folder}: not the library that was pickled (its model.json changed since it was loaded: "
                          f"compiled again?); load the folder anew and hand that over")
     return library

@@ -1196,6 +1196,18 @@ def test_a_pickled_library_whose_folder_was_compiled_again_is_refused(library, t
         pickle.loads(pickled)
 
 
+def test_a_library_whose_manifest_holds_nan_unpickles(library, tmp_path):
+    """json reads a NaN in model.json (a figure a report wrote), and NaN != NaN: the unpickled manifest
+    must still count as the same."""
+    import pickle
+
+    from bnncc.runtime import load
+
+    lib = load(_tampered(library, tmp_path, manifest=lambda m: m.update(ace=float("nan"))))
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(lib))(x), lib(x))
+
+
 def test_tvm_num_threads_that_is_no_number_is_one_line():
     import subprocess
     import sys
