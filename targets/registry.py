@@ -216,8 +216,15 @@ def _arm64_caller(path: Path, sha256: str | None) -> Caller:
             raise BnnccError(str(e).replace(str(copy.resolve()), str(path))) from None
 
     if folder is not None:
-        weakref.finalize(call, shutil.rmtree, folder, True)
+        weakref.finalize(call, _remove_own, folder, os.getpid())
     return call
+
+
+def _remove_own(folder: Path, owner: int) -> None:
+    """Remove ``folder`` in the process ``owner`` only: a forked child that exits normally runs the
+    finalizers it inherited, and would take its parent's private copy away."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _arm64_report(executable, lowered, model) -> dict:

@@ -4,6 +4,8 @@ an ONNX graph + our popcount kernels vs numpy), and a whole PokeBNN network vs o
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -180,6 +182,11 @@ def test_an_arm64_library_keeps_running_what_was_loaded_when_its_folder_is_compi
     np.testing.assert_array_equal(lib(x), before)
     with pytest.raises(BnnccError, match=f"^{folder / 'model.so'}: the aarch64 runner failed"):
         lib._call("no_such_function", x)
+    # a forked child that exits normally runs the finalizers it inherited: it must leave the copy alone
+    script = (f"import os, sys, numpy as np\nfrom bnncc.runtime import load\nlib = load({str(folder)!r})\n"
+              f"if os.fork() == 0:\n    sys.exit(0)\nos.wait()\nprint(lib(np.zeros((1, 3, 32, 32), np.float32)).shape)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "(1, 10)", done.stderr
 
 
 def test_arm64_runtime_offline_from_the_printed_command(tmp_path, monkeypatch):
