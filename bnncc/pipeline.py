@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text, hash_file
+from bnncc.fileio import atomic_path, atomic_write_text, hash_file, output_errors
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
@@ -162,8 +162,10 @@ def _sole_writer(stages_dir: Path):
     """Hold ``stages_dir``/lock while a run writes the folder. Two converts into one folder replaced
     each other's stage files and published a library whose report described the other's stages."""
     made = [folder for folder in (stages_dir, *stages_dir.parents) if not folder.exists()]
-    stages_dir.mkdir(parents=True, exist_ok=True)
-    with open(stages_dir / "lock", "a") as lock:
+    with output_errors(stages_dir.parent):  # (an output folder under a file, a read-only file system)
+        stages_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(stages_dir / "lock", "a")
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -206,6 +206,15 @@ def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path)
     assert convert(narrow_resnet, outdir, options).cached == {"rewrite": False, "compile": False}
 
 
+def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(cli, narrow_resnet, tmp_path):
+    """Taking the run's lock made the folder with a bare mkdir: an output folder under a file (or on
+    a read-only file system) ended convert in an 'unexpected NotADirectoryError', exit status 1."""
+    (tmp_path / "file").write_text("mine")
+    code, _, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", tmp_path / "file" / "out")
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'file' / 'out'}: cannot write there (Not a directory)", err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_a_run_refused_in_its_first_stage_leaves_nothing(narrow_resnet, tmp_path):
     """A rewrite refused by the recipe wrote nothing, and leaves no folder; a folder whose stages/
     holds only a lock (a run killed before its first stage ended) is bnncc's, and taken."""
