@@ -165,8 +165,9 @@ def _manifest_problem(manifest: dict) -> str | None:
     if not (isinstance(output, list) and len(output) == 2 and positive(output[1])):
         return f"output shape {output!r}; expected [N, classes]"
     functions = manifest.get("functions")
+    # at most 9 digits: int() refuses more than 4300 (a ValueError), and compile writes at most 4
     if not (isinstance(functions, dict) and functions and all(
-            isinstance(size, str) and re.fullmatch("[0-9]+", size) and int(size) > 0 and isinstance(name, str)
+            isinstance(size, str) and re.fullmatch("[0-9]{1,9}", size) and int(size) > 0 and isinstance(name, str)
             and name.isidentifier() and name.isascii() for size, name in functions.items())):
         return f"functions {functions!r}; expected {{batch size >= 1: function name (a C identifier)}}"
     if not isinstance(field("target").get("name"), str):

@@ -327,6 +327,8 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m.update(functions={"0": "batch_1"})), r"functions \{'0': 'batch_1'\}"),
     # str.isdigit() takes a superscript two, which int() then refused: an 'unexpected' ValueError
     (dict(manifest=lambda m: m.update(functions={"\u00b2": "batch_1"})), r"functions \{'\u00b2': 'batch_1'\}"),
+    # int() refuses a number of more than 4300 digits: an 'unexpected' ValueError
+    (dict(manifest=lambda m: m.update(functions={"1" * 5000: "batch_1"})), r"functions \{'1111"),
     # an input of 10^12 pixels, to which run resized an image
     (dict(manifest=lambda m: m["input"].update(shape=[1, 3, 10**6, 10**6])), r"H x W at most 33554432"),
     (dict(manifest=lambda m: m["input"].update(shape=["N", 3, "x", -1])), "input shape"),
