@@ -225,7 +225,8 @@ def judge(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> VerifyReport
             report.failures.append(f"input {index}: onnxruntime's logits are NaN or infinite (the graph's float32 "
                                    f"arithmetic overflows on it): no reference to compare with")
             continue
-        diff = float(np.nan_to_num(np.abs(got - ref), nan=np.inf).max())  # NaN logits: max() would skip them
+        # NaN logits: max() would skip them (and nan_to_num's default makes inf the largest float)
+        diff = float(np.nan_to_num(np.abs(got - ref), nan=np.inf, posinf=np.inf).max())
         report.max_abs_diff = max(report.max_abs_diff, diff)
         report.max_ref = max(report.max_ref, float(np.abs(ref).max()))
         tolerance = ATOL + RTOL * float(np.abs(ref).max())

@@ -97,6 +97,9 @@ def test_nan_logits_of_the_library_show_in_the_largest_difference():
     ref = _logits(9)
     report = v.judge([(np.full_like(ref, np.nan), ref, ref)])
     assert len(report.failures) == 1 and report.max_abs_diff == np.inf
+    # nan_to_num also turned an infinite difference into the largest float32, 3.4e38
+    report = v.judge([(np.full_like(ref, np.inf), ref, ref)])
+    assert len(report.failures) == 1 and report.max_abs_diff == np.inf and "difference inf" in report.failures[0]
 
 
 def test_a_moved_input_run_far_off_makes_the_spread():
