@@ -56,9 +56,12 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
     runner = vmrunner.ensure_runner(arch, beside_runtime=True)
     runtime = vmrunner.runtime_libraries(arch)
     with atomic_dir(output, BUNDLE_FILES, "bundle") as tmp:
-        for path in (library / "model.so", library / "model.json", vmrunner.RUNNER_SOURCE, *runtime):
+        for path in (library / "model.so", vmrunner.RUNNER_SOURCE, *runtime):
             shutil.copyfile(path, tmp / path.name)
         require_unchanged(tmp / "model.so", manifest.get("library_sha256"), library / "model.so")
+        # the manifest checked, as compile writes it, not the file again: a compile replacing the
+        # folder meanwhile would put a new manifest beside the model.so checked against the old
+        (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(runner, tmp / "runner")
         (tmp / "runner").chmod(0o755)
         (tmp / "README.txt").write_text(_readme(manifest, arch), encoding="utf-8")

@@ -178,6 +178,25 @@ def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli, mo
     assert sorted(os.listdir(tmp_path)) == ["b", "here", "link", "mine"]
 
 
+def test_the_bundle_holds_the_manifest_its_library_was_checked_against(x86_library, tmp_path, monkeypatch):
+    """model.so was checked against the manifest read first, but model.json was copied again after
+    it: a compile replacing the folder between the two copies bundled the old model.so beside a new
+    manifest that does not describe it."""
+    library = shutil.copytree(x86_library, tmp_path / "lib")
+    checked = json.loads((library / "model.json").read_text())
+    copyfile = shutil.copyfile
+
+    def rebuilt_after_model_so(source, dest):
+        copyfile(source, dest)
+        if Path(source) == library / "model.so":  # a compile writes another library there meanwhile
+            (library / "model.json").write_text(json.dumps({**checked, "library_sha256": "0" * 64}))
+        return dest
+
+    monkeypatch.setattr(shutil, "copyfile", rebuilt_after_model_so)
+    folder = bundle(library, tmp_path / "b")
+    assert (folder / "model.json").read_text() == (x86_library / "model.json").read_text()
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(x86_library, tmp_path, monkeypatch):
     def full(source, dest):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
