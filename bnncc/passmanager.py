@@ -84,7 +84,10 @@ def _as_annotated(value: Any, expected: Any, key: str) -> Any:
     if expected is int and isinstance(value, numbers.Integral) and not is_bool:
         return int(value)
     if expected is float and isinstance(value, numbers.Real) and not is_bool:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise BnnccError(f"{key} = {value!r}: expected a number within a float's range") from None
     if expected in (bool, int, float) or (isinstance(expected, type) and not isinstance(value, expected)):
         names = {int: "an integer", float: "a number", bool: "true or false"}
         raise BnnccError(f"{key} = {value!r}: expected {names.get(expected, getattr(expected, '__name__', expected))}")

@@ -265,7 +265,10 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
 def _check_type(value: Any, expected: type, key: str, source: str) -> Any:
     """``value`` as ``expected``; an int is accepted as a float, a bool is never a number."""
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # (TOML takes an integer of any length)
+            raise BnnccError(f"{source}: {key} = {value!r}: expected a number within a float's range") from None
     if expected is object or (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
         return copy.deepcopy(value)
     raise BnnccError(f"{source}: {key} = {value!r}: expected {_describe(expected)}")

@@ -96,6 +96,9 @@ def test_recipe_from_a_path(tmp_path):
         (["train.lr=nan"], "train.lr = nan: expected a finite number > 0"),
         (["train.batch_size=0"], "train.batch_size = 0: expected a finite number >= 1"),
         (["train.weight_decay=-0.1"], "train.weight_decay = -0.1: expected a finite number >= 0"),
+        # float() of an integer of 401 digits: an 'unexpected' OverflowError
+        (["passes.poke_conv.clip_bound=1" + "0" * 400], "0: expected a number within a float's range"),
+        (["train.lr=1" + "0" * 400], "train.lr = 1000"),
         # the text after a newline was read as more TOML and dropped: this gave clip_bound 2.0
         (["passes.poke_conv.clip_bound=2\nseed = 5"],
          "passes.poke_conv.clip_bound = '2\\nseed = 5': expected a number"),
