@@ -100,7 +100,7 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
     source, text = _read(name_or_path)
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # TOMLDecodeError, and int()'s of an integer of more than 4300 digits
         raise BnnccError(f"{source}: not valid TOML: {e}") from None
     for override in _override_list(overrides):
         _apply_override(raw, override, source)
@@ -182,7 +182,7 @@ def _parse_value(text: str) -> Any:
     """A TOML value (``1.4``, ``true``, ``"s"``, ``[1, 2]``); anything else is a bare string."""
     try:
         parsed = tomllib.loads(f"v = {text}")
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, and int()'s of an integer of more than 4300 digits
         return text
     # "2\nseed = 5" parses as v = 2 and another key, which was dropped without a word: one value or a string
     return parsed["v"] if len(parsed) == 1 else text

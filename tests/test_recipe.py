@@ -99,6 +99,8 @@ def test_recipe_from_a_path(tmp_path):
         # float() of an integer of 401 digits: an 'unexpected' OverflowError
         (["passes.poke_conv.clip_bound=1" + "0" * 400], "0: expected a number within a float's range"),
         (["train.lr=1" + "0" * 400], "train.lr = 1000"),
+        # tomllib's int() refuses more than 4300 digits with a ValueError, not a TOMLDecodeError
+        (["train.lr=" + "1" * 5000], "train.lr = '1111"),
         # the text after a newline was read as more TOML and dropped: this gave clip_bound 2.0
         (["passes.poke_conv.clip_bound=2\nseed = 5"],
          "passes.poke_conv.clip_bound = '2\\nseed = 5': expected a number"),
@@ -116,6 +118,8 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
         ('[[passes]]\nname = "no_such_pass"\n', "passes[0].name: unknown pass 'no_such_pass'"),
         ('passes = "poke_conv"\n', "passes = 'poke_conv': expected a non-empty array of tables"),
         ('width = 1.0\n[[passes]]\nname = "poke_conv"\n', "unknown key 'width'"),
+        ('[[passes]]\nname = "poke_conv"\nseed = ' + "1" * 5000 + "\n",
+         "not valid TOML: Exceeds the limit (4300 digits)"),
         ('blocks = "resnet50"\n[[passes]]\nname = "poke_conv"\n',
          "blocks = 'resnet50': expected one of 'bottleneck', 'basic'"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
