@@ -12,7 +12,7 @@ from typing import Callable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
+__all__ = ["atomic_path", "sync", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
            "hash_file", "load_private_copy", "output_errors", "output_target", "refuse_overwriting", "require_file",
            "require_unchanged", "umask"]
 
@@ -37,15 +37,15 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        _sync(tmp_path)
+        sync(tmp_path)
         os.replace(tmp_path, dest)
         with contextlib.suppress(OSError):  # (a file system that cannot sync a folder)
-            _sync(dest.parent)
+            sync(dest.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def _sync(path: Path) -> None:
+def sync(path: Path) -> None:
     """Wait until the file or folder ``path`` is on the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -8,6 +8,7 @@ and the Relax function of each, preprocessing, the recipe, ACE and the target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import onnx_ir as ir
 from bnncc.cost import ace
 from bnncc.domain import MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import file_sha256, output_errors, umask
+from bnncc.fileio import file_sha256, output_errors, sync, umask
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.passes.symbolic_batch import BATCH
 from bnncc.targets import registry
@@ -155,6 +156,11 @@ class atomic_dir:
         old = None
         try:
             with output_errors(self.dest):
+                # the files' bytes on the disk before the rename, as atomic_path does: otherwise a
+                # power loss may keep the rename and not the bytes (a torn model.json or model.onnx)
+                for path in self.tmp.iterdir():
+                    sync(path)
+                sync(self.tmp)
                 if self.dest.exists():
                     old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
                     os.replace(self.dest, old / "dir")
@@ -168,3 +174,5 @@ class atomic_dir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):  # (a file system that cannot sync a folder)
+            sync(self.dest.parent)

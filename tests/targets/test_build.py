@@ -50,3 +50,19 @@ def test_the_runner_names_a_missing_library_whatever_it_is_asked(tmp_path):
         with pytest.raises(BnnccError, match=rf"{tmp_path}/none.so: no such library"):
             call(tmp_path / "none.so", [np.zeros(1, np.float32)])
 
+
+
+def test_the_files_reach_the_disk_before_the_folder_is_renamed(tmp_path, monkeypatch):
+    """atomic_path synced its file before the rename, atomic_dir did not: a power loss could keep a
+    library folder's rename and not its model.json or model.onnx."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), replace(a, b)))
+    with atomic_dir(tmp_path / "lib") as tmp:
+        (tmp / "model.json").write_text("{}")
+        (tmp / "model.onnx").write_bytes(b"graph")
+    synced = [path.rsplit("/", 1)[-1] for kind, path in events[:3] if kind == "sync"]
+    assert sorted(synced[:2]) == ["model.json", "model.onnx"] and synced[2] == tmp.name
+    assert events[3:] == [("rename", str(tmp_path / "lib")), ("sync", str(tmp_path))]
