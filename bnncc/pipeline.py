@@ -171,6 +171,9 @@ def _sole_writer(stages_dir: Path):
         except BlockingIOError:
             raise BnnccError(f"{stages_dir.parent}: another bnncc convert is writing this folder; wait for it "
                              "or choose another output folder") from None
+        except OSError as e:  # a file system without locks (some NFS mounts): the run goes on unguarded
+            logger.warning("%s: cannot be locked (%s); do not run another convert into this folder meanwhile",
+                           stages_dir / "lock", e.strerror)
         try:
             yield  # the lock goes with the file's closing, or the process's end
         except BaseException:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import re
 import signal
 import struct
@@ -213,6 +214,21 @@ def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(cli, narrow_re
     code, _, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", tmp_path / "file" / "out")
     assert code == 2 and err.strip() == f"error: {tmp_path / 'file' / 'out'}: cannot write there (Not a directory)", err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_folder_that_cannot_be_locked_is_written_with_a_warning(narrow_resnet, tmp_path, monkeypatch, caplog):
+    """flock's ENOLCK (an NFS mount without locks) had ended convert in an unexpected OSError."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    result = convert(narrow_resnet, tmp_path / "out", ConvertOptions(overrides=STEM, latency_runs=1,
+                                                                     show_progress=False))
+    assert (result.outdir / "model.so").is_file()
+    assert "stages/lock: cannot be locked (No locks available)" in caplog.text
 
 
 def test_a_run_refused_in_its_first_stage_leaves_nothing(narrow_resnet, tmp_path):
