@@ -15,6 +15,7 @@
 #include <tvm/ffi/function.h>
 
 #include <chrono>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -27,6 +28,9 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace ffi = tvm::ffi;
 
@@ -193,18 +197,33 @@ void WriteNpy(const std::string& path, const ffi::Tensor& tensor) {
   // magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64 bytes.
   header.append(63 - (10 + header.size()) % 64, ' ');
   header += '\n';
-  // written beside the output and renamed over it, so a failed write leaves no partial file
-  const std::string part = path + ".part";
-  std::ofstream out(part, std::ios::binary | std::ios::trunc);
-  uint16_t len = static_cast<uint16_t>(header.size());
-  out.write("\x93NUMPY\x01\x00", 8);
-  out.write(reinterpret_cast<const char*>(&len), 2);
-  out << header;
-  out.write(static_cast<const char*>(t->data) + t->byte_offset, static_cast<std::streamsize>(ffi::GetDataSize(*t)));
-  out.close();
-  if (!out || std::rename(part.c_str(), path.c_str()) != 0) {
+  // written under a new name beside the output (mkstemp: never a file or link already there) and
+  // renamed over it, so a failed write leaves no partial file
+  std::string part = path + ".XXXXXX";
+  const int fd = mkstemp(part.data());
+  if (fd < 0) throw std::runtime_error(path + ": cannot write there (" + std::strerror(errno) + ")");
+  const mode_t mask = umask(0);
+  umask(mask);
+  fchmod(fd, 0666 & ~mask);  // mkstemp's 0600 would keep the output from everyone else
+  FILE* out = fdopen(fd, "wb");
+  if (out == nullptr) {
+    const int error = errno;
+    close(fd);
     std::remove(part.c_str());
-    throw std::runtime_error(path + ": write failed");
+    throw std::runtime_error(path + ": write failed (" + std::strerror(error) + ")");
+  }
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  const size_t data_bytes = ffi::GetDataSize(*t);
+  const char* data = static_cast<const char*>(t->data) + t->byte_offset;
+  const bool written = std::fwrite("\x93NUMPY\x01\x00", 1, 8, out) == 8 && std::fwrite(&len, 1, 2, out) == 2 &&
+                       std::fwrite(header.data(), 1, header.size(), out) == header.size() &&
+                       std::fwrite(data, 1, data_bytes, out) == data_bytes;
+  int error = written ? 0 : errno;
+  if (std::fclose(out) != 0 && error == 0) error = errno;
+  if (error == 0 && std::rename(part.c_str(), path.c_str()) != 0) error = errno;
+  if (error != 0) {
+    std::remove(part.c_str());
+    throw std::runtime_error(path + ": write failed (" + std::strerror(error) + ")");
   }
 }
 

@@ -131,19 +131,29 @@ def _with_nan(shape, index: int) -> np.ndarray:
 
 def test_the_runner_leaves_no_partial_output(x86_library, tmp_path):
     """The runner wrote its outputs in place: a write that failed left part of one behind."""
+    import resource
+    import signal
+
+    def small_files_only():  # a write past 100 bytes fails (EFBIG) instead of killing the runner
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
     folder = bundle(x86_library, tmp_path / "bundle")
-    x = np.zeros((1, *load(x86_library).input_chw), np.float32)
-    full = Path("/dev/full")
-    if not full.exists():
-        pytest.skip("no /dev/full")
+    x = _array(tmp_path / "x.npy", np.zeros((1, *load(x86_library).input_chw), np.float32))
     out = tmp_path / "out"
     out.mkdir()
-    # the runner writes OUT_PREFIX0.npy.part, then renames it: a .part that is /dev/full fails the write
-    (out / "o0.npy.part").symlink_to(full)
-    done = subprocess.run(["./runner", "run", "model.so", "batch_1", str(out / "o"), _array(tmp_path / "x.npy", x)],
-                          cwd=folder, capture_output=True, text=True)
-    assert done.returncode == 1 and "o0.npy: write failed" in done.stderr, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == [], "a failed write left a file"
+    done = subprocess.run(["./runner", "run", "model.so", "batch_1", str(out / "o"), x], cwd=folder,
+                          capture_output=True, text=True, preexec_fn=small_files_only)
+    assert done.returncode == 1 and "o0.npy: write failed (File too large)" in done.stderr, done.stderr
+    assert list(out.iterdir()) == [], "a failed write left a file"
+    # a file or link already at a fixed temporary name (o0.npy.part) was written through
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    (out / "o0.npy.part").symlink_to(victim)
+    done = subprocess.run(["./runner", "run", "model.so", "batch_1", str(out / "o"), x], cwd=folder,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and victim.read_bytes() == b"mine", done.stderr
+    np.testing.assert_array_equal(np.load(out / "o0.npy"), load(x86_library)(np.load(x)))
 
 
 @pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
