@@ -269,10 +269,30 @@ def _data_fingerprint(folder: Path) -> str:
 
     dataset_kind(folder)  # a folder of a data set, or its one-line error
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    _hash_files(folder, "", digest)
     return digest.hexdigest()
+
+
+def _hash_files(folder: Path, prefix: str, digest) -> None:
+    """Add ``folder``'s files (path, size, mtime), depth first with each folder's entries in name order:
+    the order of the sorted paths that ``rglob`` gave, so the key stays what it was. By ``os.scandir``,
+    one stat a file and no Path object, where ``rglob`` + ``is_file`` + ``stat`` took two and a Path
+    object each (ImageNet's 1.33 million files took ~27 s and ~600 MB before every convert). Like
+    ``rglob``, a link to a folder is not followed and an unreadable folder is skipped."""
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except PermissionError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                _hash_files(Path(entry.path), f"{prefix}{entry.name}{os.sep}", digest)
+            elif entry.is_file():
+                stat = entry.stat()
+                digest.update(f"{prefix}{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:  # a link that leads nowhere or into a loop: no file
+            continue
 
 
 def cached_stage(folder: Path, name: str, key: dict, outputs: list[Path], run: Callable[[], dict]) -> tuple[bool, dict]:
