@@ -706,3 +706,20 @@ def test_the_data_fingerprint_stats_each_file_once_and_keeps_its_key(tmp_path, m
     monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a[0]) or real_stat(*a, **k))
     assert _data_fingerprint(root) == expected.hexdigest()
     assert len(stats) < files // 2, stats  # (a few tell the folder's kind; the files' come with their entries)
+
+
+def test_the_data_fingerprint_sees_the_images_behind_a_linked_folder(tmp_path):
+    """ImageNet's train/ is often a link to another disk; the stage key did not look through links to
+    folders (rglob), so a changed image there left the key as it was and convert reused the old
+    fine-tune. A link loop is followed once."""
+    from bnncc.pipeline import _data_fingerprint
+
+    elsewhere = images_tree(tmp_path / "disk", {"a": 2, "b": 1}, {})
+    root = images_tree(tmp_path / "data", {}, {"a": 1, "b": 1})
+    (root / "train").rmdir()
+    (root / "train").symlink_to(elsewhere / "train")
+    os.symlink(root / "val", root / "val" / "a" / "loop")
+    before = _data_fingerprint(root)
+    image = elsewhere / "train" / "b" / "0.jpg"
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert _data_fingerprint(root) != before
