@@ -31,6 +31,7 @@ import math
 import os
 import re
 import tarfile
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -325,6 +326,17 @@ def check_same_classes(train: ImageFiles, val: ImageFiles) -> None:
     elif train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
+        # the same name in two Unicode forms (a copy through a Mac's disk leaves names decomposed) reads
+        # alike in the message below: "only in train/: café; only in val/: café"
+        same = sorted(set(map(_nfc, only_train)) & set(map(_nfc, only_val)))
+        if same:
+            raise BnnccError(f"{train.root.parent}: train/ and val/ spell class {same[0]!r} in different Unicode "
+                             f"forms (composed, NFC, in one and decomposed, NFD, in the other); rename the folders "
+                             f"of one split to the other's form")
         raise BnnccError(f"{train.root.parent}: train/ and val/ have different classes "
                          f"(only in train/: {', '.join(only_train[:5]) or 'none'}; "
                          f"only in val/: {', '.join(only_val[:5]) or 'none'})")
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)

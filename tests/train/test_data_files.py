@@ -402,6 +402,18 @@ def test_image_folder_problems_are_one_line_errors_before_training(tmp_path, tra
         open_splits(images_tree(tmp_path, train, val))
 
 
+def test_a_class_spelt_in_two_unicode_forms_is_named_as_such(tmp_path):
+    """train/café composed and val/café decomposed (a copy through a Mac's disk) were reported as
+    "only in train/: café; only in val/: café", which reads as the same name."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    root = images_tree(tmp_path, {nfc: 1, "b": 1}, {nfd: 1, "b": 1})
+    with pytest.raises(BnnccError, match=r"spell class 'café' in different Unicode forms .*NFC.*NFD") as e:
+        open_splits(root)
+    assert "\n" not in str(e.value)
+
+
 def write_shard(path: Path, members: dict[str, bytes]) -> None:
     with tarfile.open(path, "w") as tar:
         for name, payload in members.items():
