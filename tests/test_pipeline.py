@@ -321,9 +321,10 @@ def test_library_accuracy_is_counted_batch_by_batch(converted, tmp_path, monkeyp
     assert sizes == [256, 44]
 
 
-def test_library_accuracy_takes_the_training_splits_classes(converted, tmp_path):
-    """A small validation split of shards may lack the last classes: its own count (3 of 4) did not
-    match the library's, and the report left the library's accuracy out without a word."""
+def test_library_accuracy_indexes_the_test_split_alone(converted, tmp_path, monkeypatch):
+    """A small validation split of shards may lack the last classes: its own count (3 of 4) had left
+    the library's accuracy out; then the training split was indexed again only to count its classes
+    (some 95 s of CPU for ImageNet's shards). The fine-tune decides, and only val is read."""
     import io
     import tarfile
 
@@ -331,6 +332,7 @@ def test_library_accuracy_takes_the_training_splits_classes(converted, tmp_path)
 
     from bnncc import pipeline
     from bnncc.runtime import load as load_library
+    from bnncc.train import data as train_data
 
     def shard(path, classes):
         with tarfile.open(path, "w") as tar:
@@ -345,8 +347,30 @@ def test_library_accuracy_takes_the_training_splits_classes(converted, tmp_path)
     (tmp_path / "shards").mkdir()
     shard(tmp_path / "shards" / "train-000000.tar", [0, 1, 2, 3])
     shard(tmp_path / "shards" / "val-000000.tar", [0, 1, 2])
+    opened = []
+    open_dataset = train_data.open_dataset
+    monkeypatch.setattr(train_data, "open_dataset",
+                        lambda path, split: opened.append(split) or open_dataset(path, split))
     got = pipeline._library_accuracy(load_library(converted.outdir), tmp_path / "shards", show_progress=False)
-    assert got.keys() == {"library_top1", "library_top5"}
+    assert got.keys() == {"library_top1", "library_top5"} and opened == ["val"]
+
+
+@pytest.mark.parametrize("student_top1, measured", [(None, False), (50.0, True)])
+def test_the_library_is_measured_where_the_fine_tune_measured_the_student(converted, tmp_path, monkeypatch,
+                                                                         student_top1, measured):
+    """The fine-tune measures the student only on a test split of the network's classes; the
+    library follows it (an ImageNet network distilled on Fashion-MNIST: no accuracy of either)."""
+    from bnncc import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "_library_accuracy",
+                        lambda lib, data, show: calls.append(data) or {"library_top1": 1})
+    accuracy = {"teacher_top1": None, "student_top1": student_top1}
+    stages = [dataclasses.replace(s, file_bytes=0) for s in converted.report.stages[:-1]]
+    options = ConvertOptions(data=tmp_path, latency_runs=1, show_progress=False)
+    report = pipeline._publish(tmp_path / "out", converted.outdir / "stages" / "library", converted.outdir / "m.onnx",
+                               "pokebnn_1x", stages, accuracy, options)
+    assert calls == ([tmp_path] if measured else []) and ("library_top1" in report.accuracy) == measured
 
 
 def test_convert_refuses_an_output_folder_inside_the_data_folder(cli, narrow_resnet, tmp_path):
