@@ -43,6 +43,17 @@ def test_out_of_range_option_is_a_usage_error(cli):
     assert code == 2 and "Input should be greater than or equal to 1" in err
 
 
+def test_ctrl_c_in_python_code_is_one_line_and_exit_130(cli):
+    """typer turns a KeyboardInterrupt into a silent exit 130: Ctrl-C during a rewrite or a fine-tune
+    ended the run with no word of why (only one inside TVM's compiler said "interrupted")."""
+    @app.command("_interrupt-for-test", hidden=True)
+    def _interrupt() -> None:
+        raise KeyboardInterrupt
+
+    code, out, err = cli("_interrupt-for-test")
+    assert (code, out, err) == (130, "", "error: interrupted\n")
+
+
 def test_unexpected_exception_is_one_line_and_exit_1(cli, monkeypatch):
     @app.command("_crash-for-test", hidden=True)
     def _crash() -> None:

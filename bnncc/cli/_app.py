@@ -84,6 +84,10 @@ def run_app(argv: list[str] | None = None) -> int:
         _error(f"unexpected {type(e).__name__}: {lines[0] if lines else 'no message'}"
                f"{'' if debug else ' (BNNCC_DEBUG=1 shows the traceback)'}")
         return 1
+    if code == 128 + signal.SIGINT:
+        # typer turns a KeyboardInterrupt (Ctrl-C, on_signal) into a silent Exit(130); no command
+        # exits 130 itself, so say why the run ended, as an interrupt inside TVM's compiler does
+        _error("interrupted")
     return code if isinstance(code, int) else 0
 
 
