@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnncc.cli._app import console
+from bnncc.cli._app import err_console
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
 from bnncc.images import centre_box, quietly, upright_crop, upright_size
@@ -98,8 +98,9 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
         raise BnnccError(f"{path}: not a readable image ({e})") from None
     if size != (width, height) or crop:  # said, since a tiny or oddly shaped image classifies poorly
         cropped = f"centre-cropped ({crop:.3g}) and " if crop else ""
-        console.print(f"{path}: a {size[0]}x{size[1]} image, {cropped}resized to the network's {width}x{height}",
-                      style="dim", highlight=False)
+        # on stderr: stdout holds `run`'s top classes alone, which scripts read
+        err_console.print(f"{path}: a {size[0]}x{size[1]} image, {cropped}resized to the network's {width}x{height}",
+                          style="dim", highlight=False, soft_wrap=True)
     if preprocessing:
         mean = np.asarray(preprocessing["mean"], np.float32).reshape(-1, 1, 1)
         std = np.asarray(preprocessing["std"], np.float32).reshape(-1, 1, 1)

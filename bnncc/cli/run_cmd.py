@@ -8,7 +8,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from bnncc.cli._app import app, console
+from bnncc.cli._app import app, console, err_console
 from bnncc.cli._inputs import read_input
 from bnncc.errors import BnnccError
 
@@ -27,8 +27,10 @@ def run_command(
     preprocessing = lib.manifest.get("preprocessing")
     batches = [read_input(path, lib.input_chw, preprocessing) for path in inputs]  # every one read before any runs
     if preprocessing is None and any(path.suffix.lower() != ".npy" for path in inputs):
-        console.print(f"{library}: records no input normalisation (bnncc fine-tuning records the one it "
-                      f"trained with): images go in as pixels in [0, 1]", style="dim", highlight=False)
+        # a note, on stderr: stdout holds the top classes alone, which scripts read
+        err_console.print(f"{library}: records no input normalisation (bnncc fine-tuning records the one it "
+                          f"trained with): images go in as pixels in [0, 1]", style="dim", highlight=False,
+                          soft_wrap=True)
     for path, x in zip(inputs, batches):
         logits = lib(x)
         if not np.isfinite(logits).all():
