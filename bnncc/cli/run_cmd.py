@@ -10,7 +10,7 @@ from rich.table import Table
 
 from bnncc.cli._app import app, console, err_console
 from bnncc.cli._inputs import read_input
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, printable
 
 
 @app.command("run")
@@ -37,7 +37,11 @@ def run_command(
             raise BnnccError(f"{path}: the network's outputs overflow (NaN or infinite logits) on inputs up to "
                              f"{np.abs(x).max():.3g}, far from what it was trained on")
         for i, row in enumerate(logits):
-            table = Table(title=f"{path} [{i}]" if len(logits) > 1 else str(path))
+            # the input's path on a line of its own, not a table title, which is wrapped to the
+            # table's width and cut at the terminal's: scripts read which input a table is of
+            console.print(printable(f"{path} [{i}]" if len(logits) > 1 else str(path)), style="italic",
+                          highlight=False, soft_wrap=True)
+            table = Table()
             table.add_column("class", justify="right")
             table.add_column("logit", justify="right")
             for c in np.argsort(-row)[:top]:

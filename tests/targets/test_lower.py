@@ -277,6 +277,17 @@ def test_run_cli_prints_top_classes(library, cli, tmp_path):
     assert [int(c) for c in re.findall(r"│\s+(\d+) │", out)] == expected
 
 
+def test_run_cli_names_each_input_on_one_line(library, cli, tmp_path):
+    """The title over each table is the input's path: it was wrapped to the table's 18 columns, so a
+    script could not tell which input a table is of (and a newline in a name began a line of its own)."""
+    folder, _ = library
+    deep = tmp_path / "a folder with a long name" / "ünïcode\nline"
+    deep.mkdir(parents=True)
+    np.save(deep / "x.npy", np.zeros((3, 32, 32), np.float32))
+    code, out, _ = cli("run", folder, "--input", deep / "x.npy", "--top", "1")
+    assert code == 0 and out.splitlines()[0] == str(deep / "x.npy").replace("\n", "\\n")
+
+
 def test_run_cli_says_when_it_resizes_an_image(library, cli, tmp_path):
     from PIL import Image
 
