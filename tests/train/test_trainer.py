@@ -63,6 +63,25 @@ def test_loss_falls_and_accuracy_rises(idx_dir, tmp_path):
     assert after > max(before, 50.0)  # chance level is 25%
 
 
+def test_progress_bars_are_drawn_on_a_terminal_s_stderr_only(idx_dir, capsys, monkeypatch):
+    """Training's and evaluation's bars were drawn on stdout (verify's on stderr), so `finetune > out`
+    or `convert | tee` mixed their last frames into the result tables that a script reads; and on
+    stderr, out of a terminal, those frames stood before a failed run's one-line error."""
+    import rich.console
+
+    import bnncc.train.trainer as trainer
+
+    def run():
+        train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(max_steps=2), SHAPE)
+        evaluate(tiny_net(), open_dataset(idx_dir, "val"), SHAPE, label="val")
+        return capsys.readouterr()
+
+    assert run() == ("", "")  # no terminal: nothing
+    monkeypatch.setattr(trainer, "Console", lambda stderr: rich.console.Console(stderr=stderr, force_terminal=True))
+    out, err = run()
+    assert out == "" and "train" in err and "2/2" in err and "evaluate val" in err
+
+
 def test_resume_is_bit_exact(idx_dir, tmp_path, monkeypatch):
     import bnncc.train.trainer as trainer
 
