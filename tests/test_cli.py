@@ -13,6 +13,13 @@ def test_version_lists_dependencies(cli):
     assert "bnncc 0.1.0" in out and "onnxruntime" in out
 
 
+def test_version_option_prints_bnncc_s_version(cli):
+    """`bnncc --version` was "No such option", exit 2: the spelling a script tries first."""
+    import bnncc
+
+    assert cli("--version") == (0, f"bnncc {bnncc.__version__}\n", "")
+
+
 def test_unknown_command_is_a_usage_error(cli):
     code, _, err = cli("no-such-command")
     assert code == 2

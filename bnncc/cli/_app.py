@@ -29,8 +29,20 @@ console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from bnncc import __version__
+
+        console.print(f"bnncc {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    # the spelling scripts and users try first; `bnncc version` adds the dependencies' versions
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print bnncc's version and exit (`bnncc version`: its dependencies' too)."),
+) -> None:
     """Compile a float ResNet-50 (ONNX) into a PokeBNN binarized network."""
 
 
