@@ -117,6 +117,17 @@ def test_an_output_whose_folder_is_a_file_is_refused_before_any_work(cli, tmp_pa
     assert code == 2 and len(err.strip().splitlines()) == 1 and "out.onnx: cannot write there" in err, err
 
 
+def test_an_option_has_the_same_short_form_in_every_command():
+    """`finetune --recipe` had no -r (rewrite's and convert's have) and `export --batch` no -b
+    (compile's and verify's have): `-r pokebnn_1x` or `-b 8` copied from one command failed in another."""
+    import typer.main
+
+    shorts = {"--output": "-o", "--recipe": "-r", "--target": "-t", "--batch": "-b", "--input": "-i"}
+    missing = [(name, long) for name, command in typer.main.get_command(app).commands.items()
+               for param in command.params for long in param.opts if long in shorts and shorts[long] not in param.opts]
+    assert missing == []
+
+
 def test_verify_help_states_the_verification_limits(cli):
     """As the demo's: the help states them as numbers, which must be bnncc.verification's."""
     from bnncc.verification import MAX_INPUTS, PERTURBATIONS

@@ -17,7 +17,8 @@ def export(
     model: Annotated[Path, typer.Argument(help="PokeBNN graph (from `bnncc rewrite` or `bnncc finetune`).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the exported model.")],
     format: Annotated[str, typer.Option("--format", help="Export dialect: qonnx.")] = "qonnx",
-    batch: Annotated[int, typer.Option(min=1, help="Fixed batch size of the export (FINN wants static shapes).")] = 1,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1,  # -b: as compile's and verify's
+                                       help="Fixed batch size of the export (FINN wants static shapes).")] = 1,
 ) -> None:
     """Export a PokeBNN graph as QONNX (BipolarQuant / IntQuant + standard ONNX)."""
     from bnncc.qonnx import export_qonnx

@@ -21,7 +21,8 @@ def finetune(
         help="IDX folder (MNIST-style), ImageFolder tree (train/, val/) or tar shards (train-*.tar, val-*.tar).")],
     output: _OUT,
     # "\[": the help is rich markup, where a bare [train] is a tag and disappears
-    recipe: Annotated[str, typer.Option(help="Recipe whose \\[train] table sets the schedule.")] = "pokebnn_1x",
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe whose \\[train] table sets the schedule.")] = (
+        "pokebnn_1x"),  # -r: as rewrite's and convert's
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the training split (default 1).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Global batch size (default 64).")] = None,
