@@ -220,6 +220,8 @@ def test_a_longer_run_shows_its_progress_on_stderr(cli, tiny_library):
     assert "verify" in err and f"{QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in err and "verify" not in out
     code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO))
     assert code == 0 and err == ""
+    # the summary is one line (it was wrapped at 80 columns in a pipe): a CI log greps it
+    assert len(out.splitlines()) == 1 and out.startswith("argmax agreement") and "explained by that spread" in out
 
 
 def test_images_and_arrays_given_are_verified_beside_the_random_inputs(cli, tiny_library, tmp_path):

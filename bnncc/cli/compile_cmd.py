@@ -23,4 +23,6 @@ def compile_command(
     folder = compile_model(model, output, target=target, batches=tuple(batch))
     size = (folder / "model.so").stat().st_size
     held = sorted(int(size) for size in json.loads((folder / "model.json").read_text())["functions"])  # as recorded
-    console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, held))})")
+    # soft_wrap here and below: a result line stays one line in a pipe (80 columns), for scripts and logs
+    console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, held))})",
+                  soft_wrap=True)

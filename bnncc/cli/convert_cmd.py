@@ -70,11 +70,11 @@ def print_result(result) -> None:
         line = f"top-1: teacher {accuracy['teacher_top1']:.2f}%, PokeBNN {accuracy['student_top1']:.2f}%"
         if accuracy.get("library_top1") is not None:
             line += f", compiled library {accuracy['library_top1']:.2f}%"
-        console.print(line)
+        console.print(line, soft_wrap=True)
     if result.report.latency:
         threads = result.report.latency["threads"]
         console.print(f"latency (batch 1, {threads} thread{'' if threads == 1 else 's'}): "
-                      f"{result.report.latency['median_ms']:.2f} ms")
+                      f"{result.report.latency['median_ms']:.2f} ms", soft_wrap=True)
     console.print(f"outputs: {result.outdir}/model.so, model.json, model.onnx; report {result.outdir}/report.md",
                   soft_wrap=True)
 

@@ -28,7 +28,7 @@ def demo(
     from bnncc.pipeline import DemoOptions, demo as run_demo
 
     console.print(f"bnncc demo: ResNet-50 (torchvision definition, width x{DemoOptions.width}) on "
-                  f"{data or 'the shipped Fashion-MNIST sample'}, PokeBNN-1x, host target")
+                  f"{data or 'the shipped Fashion-MNIST sample'}, PokeBNN-1x, host target", soft_wrap=True)
     chosen = {k: v for k, v in dict(epochs=epochs, teacher_epochs=teacher_epochs).items() if v is not None}
     result = run_demo(output, data, dataclasses.replace(DemoOptions(), **chosen))
     print_result(result)

@@ -27,4 +27,4 @@ def export(
         raise BnnccError(f"--format {format!r}: the export formats are: qonnx")
     refuse_overwriting({"the result": output}, {"the input model": model})
     check_writable(output)
-    console.print(f"wrote {export_qonnx(model, output, batch)}")
+    console.print(f"wrote {export_qonnx(model, output, batch)}", soft_wrap=True)  # one line in a pipe too

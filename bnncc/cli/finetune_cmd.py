@@ -102,4 +102,5 @@ def train_teacher(
     if is_main_process():  # under torchrun, rank 0 alone reports
         from bnncc.report import percent
 
-        console.print(f"teacher written to {path}: top-1 {percent(top1)}, top-5 {percent(top5)}")
+        console.print(f"teacher written to {path}: top-1 {percent(top1)}, top-5 {percent(top5)}",
+                      soft_wrap=True)  # one line in a pipe too

@@ -20,7 +20,7 @@ def targets_command(
     if prepare:
         from bnncc.targets.vmrunner import AARCH64, ensure_runner
 
-        console.print(f"aarch64 runner: {ensure_runner(AARCH64)}")
+        console.print(f"aarch64 runner: {ensure_runner(AARCH64)}", soft_wrap=True)
     table = Table(title="bnncc targets")
     for column in ("target", "needs", "for", "found", "to install"):
         table.add_column(column)
@@ -31,4 +31,4 @@ def targets_command(
         table.add_section()
     console.print(table)
     missing = [f"{name}: {req.what}" for name, reqs in registry.check().items() for req in reqs if not req.found]
-    console.print("missing: " + ("; ".join(missing) if missing else "nothing"))
+    console.print("missing: " + ("; ".join(missing) if missing else "nothing"), soft_wrap=True)  # one line in a pipe

@@ -36,8 +36,8 @@ def verify_command(
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "
                   f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime's "
                   f"rounding spread (unoptimized, inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
-                  f"explained by that spread: {report.explained}")
+                  f"explained by that spread: {report.explained}", soft_wrap=True)
     for line in report.failures:
-        console.print(Text.assemble(("FAIL", "red"), " ", line))
+        console.print(Text.assemble(("FAIL", "red"), " ", line), soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
