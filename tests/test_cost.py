@@ -275,6 +275,21 @@ def test_cli_table(cli, tmp_path):
     assert "float MACs at 16 x 16 bits" in words
 
 
+def test_cli_table_keeps_its_numbers_in_a_narrow_terminal(cli, tmp_path, monkeypatch):
+    """At 40 columns (COLUMNS=40, a split pane) rich dropped the layer column and cut every number
+    to "0.0015…": the table is drawn 80 columns wide, and the terminal wraps it."""
+    from test_fuzz import base_model
+
+    from bnncc.cli._app import console
+
+    path = tmp_path / "small.onnx"
+    onnx.save(base_model(), path)
+    monkeypatch.setattr(console, "width", 40)
+    code, stdout, stderr = cli("ace", path)
+    assert code == 0, stderr
+    assert "…" not in stdout and " Conv_4 " in stdout and f"{8 * 8 * 8 * (7 * 7 * 3) / 1e6:,.3f}" in stdout
+
+
 def test_cli_table_of_a_full_resnet50_fits_80_columns(cli, resnet50_onnx):
     """No number is cut: the totals of a float ResNet-50 (4,089,184,256 MACs) are all there."""
     code, stdout, stderr = cli("ace", resnet50_onnx["legacy"])

@@ -27,6 +27,9 @@ app = typer.Typer(
 # as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
+# the tables are laid out for 80 columns (ace's numbers are never cut there); in a narrower terminal
+# rich dropped whole columns and cut numbers to "0.0015…": they are drawn 80 wide and the terminal wraps them
+MIN_WIDTH = 80
 
 
 def _print_version(value: bool) -> None:
@@ -66,6 +69,8 @@ def run_app(argv: list[str] | None = None) -> int:
     an input bnncc does not check yet: one line naming the exception, exit code 1, and its traceback
     only with BNNCC_DEBUG=1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if console.width < MIN_WIDTH:
+        console.width = MIN_WIDTH
     # onnx_ir's shape inference logs a failure with its traceback and goes on; bnncc refuses such a
     # model itself, in one line
     logging.getLogger("onnx_ir.passes.common.shape_inference").setLevel(logging.ERROR)
