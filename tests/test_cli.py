@@ -128,6 +128,23 @@ def test_an_option_has_the_same_short_form_in_every_command():
     assert missing == []
 
 
+def test_json_keeps_names_that_look_like_emoji_codes(cli, tmp_path):
+    """rich replaced ":fire:" in a printed string by its emoji: `ace --json` gave a node 'conv:fire:1'
+    as 'conv\U0001f5251', a name no graph holds (and a path such as run:x:1.npy lost its ':x:')."""
+    import json
+
+    import onnx
+
+    from test_fuzz import base_model
+
+    proto = base_model()
+    proto.graph.node[0].name = "conv:fire:1"
+    onnx.save(proto, tmp_path / "small.onnx")
+    code, out, err = cli("ace", tmp_path / "small.onnx", "--json")
+    assert code == 0, err
+    assert json.loads(out)["layers"][0]["name"] == "conv:fire:1"
+
+
 def test_verify_help_states_the_verification_limits(cli):
     """As the demo's: the help states them as numbers, which must be bnncc.verification's."""
     from bnncc.verification import MAX_INPUTS, PERTURBATIONS

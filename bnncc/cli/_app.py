@@ -24,9 +24,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # no console markup: what is printed holds the user's paths and names, and "[x]" in one was eaten
-# as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+# as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text. No emoji codes
+# either, for the same reason: a node 'conv:fire:1' came out of `ace --json` with a flame emoji for ':fire:'
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
 # the tables are laid out for 80 columns (ace's numbers are never cut there); in a narrower terminal
 # rich dropped whole columns and cut numbers to "0.0015…": they are drawn 80 wide and the terminal wraps them
 MIN_WIDTH = 80
