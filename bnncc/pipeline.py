@@ -140,7 +140,8 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         def run_compile() -> dict:
             from bnncc.targets.build import compile as compile_graph
 
-            compile_graph(graph, library, target=options.target, batches=options.batches)
+            compile_graph(graph, library, target=options.target, batches=options.batches,
+                          show_progress=options.show_progress)
             return {}
 
         _timed(seconds, cached, "compile", lambda: cached_stage(

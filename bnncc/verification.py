@@ -152,12 +152,14 @@ def _batches(rng: np.random.Generator, n: int, chw: tuple[int, ...], images, bat
 
 
 def _progress(show: bool):
-    """A bar on stderr, as training draws one (stdout keeps the result lines)."""
-    from rich.console import Console
+    """A bar on a terminal's stderr, as training draws one (stdout keeps the result lines)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from bnncc.progress import bar_console
+
+    console = bar_console()
     return Progress(TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not show, transient=False)
+                    console=console, disable=console is None or not show, transient=False)
 
 
 def _read_reference(path: Path):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import onnx_ir as ir
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from bnncc.cost import ace
 from bnncc.domain import MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
@@ -25,6 +26,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import file_sha256, output_errors, sync, umask
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.passes.symbolic_batch import BATCH
+from bnncc.progress import bar_console
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
 from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
@@ -37,11 +39,12 @@ MANIFEST_FORMAT = "bnncc-library/1"
 
 
 def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, target: str = "x86-64",
-            batches: tuple[int, ...] = (1,)) -> Path:  # noqa: A001 (the public name the CLI command mirrors)
+            batches: tuple[int, ...] = (1,), show_progress: bool = False) -> Path:  # noqa: A001 (the CLI's name)
     """Lower ``model`` (a PokeBNN graph or its path) for ``target`` and write the library folder ``output``.
 
     One Relax function per entry of ``batches``, and batch 1 in any case (``lower`` builds it), so
-    that every batch size runs; model.json lists them all. Returns the folder's path.
+    that every batch size runs; model.json lists them all. Returns the folder's path. With
+    ``show_progress``, a bar of its steps on a terminal's stderr.
     """
     spec = registry.get(target)
     batches = tuple(sorted(set(batches)))
@@ -55,33 +58,54 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     model = read_pokebnn(model, "compile")
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
-    try:
-        lowered = lower(model, llvm_target, batches, schedule=spec.schedule)
-    except BnnccError as error:  # the lowering names the node; the user also needs the file
-        raise BnnccError(f"{source}: {error}") from None
-    executable = compile_module(lowered.module, llvm_target, spec.pass_config() if spec.pass_config else None)
-    compile_s = time.perf_counter() - start
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "input": {"name": lowered.input_name, "shape": [BATCH, *lowered.input_chw], "layout": "NCHW",
-                  "dtype": "float32"},
-        "output": {"name": lowered.output_name, "shape": [BATCH, lowered.classes], "dtype": "float32"},
-        "functions": {str(b): function_name(b) for b in batches},
-        "preprocessing": _metadata_json(model, PREPROCESSING_KEY),
-        "recipe": model.metadata_props.get(RECIPE_KEY),
-        "ace": float(ace(model)),
-        "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
-        "compile_seconds": round(compile_s, 2),
-        **(spec.report(executable, lowered, model) if spec.report else {}),
-    }
-    output = Path(output)
-    with atomic_dir(output) as tmp:
-        spec.export(executable, tmp / "model.so")
-        manifest["library_sha256"] = file_sha256(tmp / "model.so")
-        (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        ir.save(model, tmp / "model.onnx")
+    with _steps(show_progress, target) as step:
+        step("lower to TVM Relax")
+        try:
+            lowered = lower(model, llvm_target, batches, schedule=spec.schedule)
+        except BnnccError as error:  # the lowering names the node; the user also needs the file
+            raise BnnccError(f"{source}: {error}") from None
+        step("build with TVM")
+        executable = compile_module(lowered.module, llvm_target, spec.pass_config() if spec.pass_config else None)
+        compile_s = time.perf_counter() - start
+        step("write the library")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "input": {"name": lowered.input_name, "shape": [BATCH, *lowered.input_chw], "layout": "NCHW",
+                      "dtype": "float32"},
+            "output": {"name": lowered.output_name, "shape": [BATCH, lowered.classes], "dtype": "float32"},
+            "functions": {str(b): function_name(b) for b in batches},
+            "preprocessing": _metadata_json(model, PREPROCESSING_KEY),
+            "recipe": model.metadata_props.get(RECIPE_KEY),
+            "ace": float(ace(model)),
+            "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
+            "compile_seconds": round(compile_s, 2),
+            **(spec.report(executable, lowered, model) if spec.report else {}),
+        }
+        with atomic_dir(Path(output)) as tmp:
+            spec.export(executable, tmp / "model.so")
+            manifest["library_sha256"] = file_sha256(tmp / "model.so")
+            (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            ir.save(model, tmp / "model.onnx")
     logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)
-    return output
+    return Path(output)
+
+
+# compile's steps, in order, as its progress bar counts them
+_STEPS = ("lower to TVM Relax", "build with TVM", "write the library")
+
+
+@contextlib.contextmanager
+def _steps(show: bool, target: str):
+    """A progress bar of compile's steps (the build, one opaque call, takes most of the time: the bar
+    shows the step and the time elapsed); yields ``step(name)``, called as each begins."""
+    console = bar_console()
+    progress = Progress(SpinnerColumn(), TextColumn(f"[bold]compile {target}[/]: {{task.description}}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                        disable=console is None or not show, transient=True)
+    with progress:
+        task = progress.add_task("", total=len(_STEPS))
+        yield lambda name: progress.update(task, description=name, completed=_STEPS.index(name))
+        progress.update(task, completed=len(_STEPS))
 
 
 def _metadata_json(model: ir.Model, key: str):

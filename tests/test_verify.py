@@ -212,11 +212,19 @@ def test_more_inputs_than_the_cap_are_refused_saying_why(cli, tiny_library):
     assert f"at most {v.MAX_INPUTS}" in " ".join(out.replace("│", " ").split())
 
 
-def test_a_longer_run_shows_its_progress_on_stderr(cli, tiny_library):
+def test_a_longer_run_shows_its_progress_on_a_terminal_s_stderr(cli, tiny_library, monkeypatch):
+    """As training's bars: on stderr, and only where it is a terminal (in a pipe or CI log the last
+    frame was printed at the end)."""
+    import rich.console
+
+    import bnncc.progress
     from bnncc.cli.verify_cmd import QUIET_UP_TO
 
     code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO + 1))
-    assert code == 0 and f"argmax agreement {QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in out
+    assert code == 0 and f"argmax agreement {QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in out and err == ""
+    monkeypatch.setattr(bnncc.progress, "Console",
+                        lambda stderr: rich.console.Console(stderr=stderr, force_terminal=True))
+    code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO + 1))
     assert "verify" in err and f"{QUIET_UP_TO + 1}/{QUIET_UP_TO + 1}" in err and "verify" not in out
     code, out, err = cli("verify", tiny_library, "--n", str(QUIET_UP_TO))
     assert code == 0 and err == ""

@@ -20,7 +20,7 @@ def compile_command(
     """Lower MODEL through TVM with bnncc's kernels and write a standalone library."""
     from bnncc.targets.build import compile as compile_model
 
-    folder = compile_model(model, output, target=target, batches=tuple(batch))
+    folder = compile_model(model, output, target=target, batches=tuple(batch), show_progress=True)
     size = (folder / "model.so").stat().st_size
     held = sorted(int(size) for size in json.loads((folder / "model.json").read_text())["functions"])  # as recorded
     # soft_wrap here and below: a result line stays one line in a pipe (80 columns), for scripts and logs

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
+from bnncc.progress import bar_console
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import Dataset
 from bnncc.train.distill import distillation_loss
@@ -364,7 +364,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     log = None  # the metrics file, opened at its first record: continued when resumed, else begun anew
     if resumed and metrics is not None and rank == 0 and metrics.exists():
         _drop_records_after(metrics, start)
-    bar = _bar_console()
+    bar = bar_console()
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]:.2e}  {task.fields[ips]:.0f} img/s"),
                         TimeRemainingColumn(), console=bar, disable=bar is None or not show_progress or rank != 0,
@@ -544,14 +544,6 @@ def _calibrate(student: nn.Module, data: Dataset, loader: Loader, cfg: TrainConf
     logger.info("activation bounds calibrated at step %d", step)
 
 
-def _bar_console() -> Console | None:
-    """Where training's and evaluation's bars go: stderr, as verify's, since stdout holds the results;
-    and in a terminal only (None: no bar). Elsewhere (a CI log, a pipe) rich printed the last frame at
-    the end, which stood before a failed run's one-line error; the results table says the same."""
-    console = Console(stderr=True)
-    return console if console.is_terminal else None
-
-
 def evaluate(model: nn.Module, data: Dataset, input_shape, batch_size: int = 256,
              device: str | torch.device = "cpu", workers: int | None = None,
              label: str | None = None) -> tuple[float | None, float | None]:
@@ -574,7 +566,7 @@ def evaluate_models(models: list[nn.Module], data: Dataset, input_shape, batch_s
     top1, top5, classes = [0] * len(models), [0] * len(models), 0
     loader = Loader(data, input_shape, workers=workers, device=device, stops=False)
     plans = (Plan(torch.arange(begin, min(begin + batch_size, len(data)))) for begin in range(0, len(data), batch_size))
-    bar = _bar_console()
+    bar = bar_console()
     progress = Progress(TextColumn(f"[bold]evaluate {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                         TimeRemainingColumn(), console=bar, disable=bar is None or label is None, transient=False)
     with progress:

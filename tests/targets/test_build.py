@@ -66,3 +66,26 @@ def test_the_files_reach_the_disk_before_the_folder_is_renamed(tmp_path, monkeyp
     synced = [path.rsplit("/", 1)[-1] for kind, path in events[:3] if kind == "sync"]
     assert sorted(synced[:2]) == ["model.json", "model.onnx"] and synced[2] == tmp.name
     assert events[3:] == [("rename", str(tmp_path / "lib")), ("sync", str(tmp_path))]
+
+
+def test_compile_shows_its_steps_on_a_terminal(tmp_path, monkeypatch):
+    """Compiling was silent for its seconds (minutes for arm64's estimates): a bar now names each step,
+    counting to the last, on a terminal; on none (a pipe, a CI log) nothing is drawn."""
+    import io
+
+    from rich.console import Console
+    from test_lower import tiny_pokebnn
+
+    import bnncc.targets.build as build
+
+    screen = io.StringIO()
+    monkeypatch.setattr(build, "bar_console", lambda: Console(file=screen, force_terminal=True, width=120))
+    build.compile(tiny_pokebnn(), tmp_path / "lib", show_progress=True)
+    drawn = screen.getvalue()
+    assert all(step in drawn for step in ("lower to TVM Relax", "build with TVM", "write the library")), drawn
+    assert "compile x86-64" in drawn and "3/3" in drawn
+    screen.truncate(0)
+    build.compile(tiny_pokebnn(), tmp_path / "quiet")
+    assert screen.getvalue() == ""  # show_progress is the caller's choice: the API is quiet by default
+    monkeypatch.setattr(build, "bar_console", lambda: None)  # no terminal
+    build.compile(tiny_pokebnn(), tmp_path / "piped", show_progress=True)

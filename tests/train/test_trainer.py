@@ -69,7 +69,7 @@ def test_progress_bars_are_drawn_on_a_terminal_s_stderr_only(idx_dir, capsys, mo
     stderr, out of a terminal, those frames stood before a failed run's one-line error."""
     import rich.console
 
-    import bnncc.train.trainer as trainer
+    import bnncc.progress
 
     def run():
         train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(max_steps=2), SHAPE)
@@ -77,7 +77,8 @@ def test_progress_bars_are_drawn_on_a_terminal_s_stderr_only(idx_dir, capsys, mo
         return capsys.readouterr()
 
     assert run() == ("", "")  # no terminal: nothing
-    monkeypatch.setattr(trainer, "Console", lambda stderr: rich.console.Console(stderr=stderr, force_terminal=True))
+    monkeypatch.setattr(bnncc.progress, "Console",
+                        lambda stderr: rich.console.Console(stderr=stderr, force_terminal=True))
     out, err = run()
     assert out == "" and "train" in err and "2/2" in err and "evaluate val" in err
 
