@@ -19,12 +19,12 @@ class BnnccError(Exception):
 _UNPRINTABLE = frozenset(("Cc", "Cf", "Zl", "Zp"))
 
 
-def printable(text: str) -> str:
+def printable(text: str, keep: str = "") -> str:
     """``text`` with each character that would act on a terminal instead of showing (see
-    ``_UNPRINTABLE``) written as its Python escape: names and paths come from the user's files,
-    and an ESC in a node's name cleared the screen of whoever printed its error."""
-    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _UNPRINTABLE else c
-                   for c in text)
+    ``_UNPRINTABLE``), but those in ``keep``, written as its Python escape: names and paths come
+    from the user's files, and an ESC in a node's name cleared the screen of whoever printed its error."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in _UNPRINTABLE and c not in keep else c for c in text)
 
 
 def first_line(error: Exception) -> str:

@@ -145,6 +145,23 @@ def test_json_keeps_names_that_look_like_emoji_codes(cli, tmp_path):
     assert json.loads(out)["layers"][0]["name"] == "conv:fire:1"
 
 
+def test_control_characters_in_printed_names_show_as_escapes(cli, tmp_path):
+    """An ESC in a file or node name reached the terminal through `ace`'s table (rich drops BEL and CR,
+    not ESC), recolouring or clearing it; it now prints as \\x1b, and tables keep their lines."""
+    import onnx
+
+    from test_fuzz import base_model
+
+    proto = base_model()
+    proto.graph.node[0].name = "conv\x1b[2J"
+    path = tmp_path / "a\x1b[31mb.onnx"
+    onnx.save(proto, path)
+    code, out, err = cli("ace", path, "--per-layer")
+    assert code == 0, err
+    assert "\x1b" not in out and "a\\x1b[31m" in out and "conv\\x1b[2J" in out  # (the title wraps)
+    assert len(out.splitlines()) > 5  # a table, over several lines
+
+
 def test_verify_help_states_the_verification_limits(cli):
     """As the demo's: the help states them as numbers, which must be bnncc.verification's."""
     from bnncc.verification import MAX_INPUTS, PERTURBATIONS

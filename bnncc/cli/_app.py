@@ -23,11 +23,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class _Console(Console):
+    """A console whose text shows every character: the paths and names it prints are the user's, and
+    an ESC in a file name recoloured the terminal through a result line or a table (rich drops BEL and
+    CR, not ESC). Line breaks and tabs are the layout's (tables, JSON) and stay."""
+
+    def render_str(self, text: str, **kwargs):
+        return super().render_str(printable(text, keep="\n\t"), **kwargs)
+
+
 # no console markup: what is printed holds the user's paths and names, and "[x]" in one was eaten
 # as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text. No emoji codes
 # either, for the same reason: a node 'conv:fire:1' came out of `ace --json` with a flame emoji for ':fire:'
-console = Console(markup=False, emoji=False)
-err_console = Console(stderr=True, markup=False, emoji=False)
+console = _Console(markup=False, emoji=False)
+err_console = _Console(stderr=True, markup=False, emoji=False)
 # the tables are laid out for 80 columns (ace's numbers are never cut there); in a narrower terminal
 # rich dropped whole columns and cut numbers to "0.0015…": they are drawn 80 wide and the terminal wraps them
 MIN_WIDTH = 80
