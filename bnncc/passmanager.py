@@ -22,8 +22,8 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 
-__all__ = ["register_pass", "get_pass", "pass_factory", "pass_parameters", "list_passes", "PassManager",
-           "PassRecord"]
+__all__ = ["register_pass", "get_pass", "pass_factory", "pass_parameters", "as_annotated", "list_passes",
+           "PassManager", "PassRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
     for key, value in params.items():
         if key not in schema:
             raise BnnccError(f"{name}: unknown parameter {key!r}; expected {', '.join(schema) or 'no parameters'}")
-        params[key] = _as_annotated(value, schema[key], f"{name}: {key}")
+        params[key] = as_annotated(value, schema[key], f"{name}: {key}")
     return pass_factory(name)(**params)
 
 
@@ -76,8 +76,11 @@ def pass_parameters(name: str) -> dict[str, Any]:
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
-def _as_annotated(value: Any, expected: Any, key: str) -> Any:
-    """``value`` as the plain Python ``expected`` type; a bool is never a number, an int is a float."""
+def as_annotated(value: Any, expected: Any, key: str) -> Any:
+    """``value`` as the plain Python ``expected`` type (a pass parameter's or a recipe field's): a bool
+    is never a number, an int is a float, a numpy scalar is its Python number; anything else is a
+    one-line error naming ``key``. An ``expected`` that is no type (``object``, ``int | None``) takes
+    any value."""
     is_bool = isinstance(value, (bool, np.bool_))
     if expected is bool and is_bool:
         return bool(value)
@@ -86,10 +89,10 @@ def _as_annotated(value: Any, expected: Any, key: str) -> Any:
     if expected is float and isinstance(value, numbers.Real) and not is_bool:
         try:
             return float(value)
-        except OverflowError:  # an integer of hundreds of digits
+        except OverflowError:  # an integer of hundreds of digits (TOML takes any length)
             raise BnnccError(f"{key} = {value!r}: expected a number within a float's range") from None
     if expected in (bool, int, float) or (isinstance(expected, type) and not isinstance(value, expected)):
-        names = {int: "an integer", float: "a number", bool: "true or false"}
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
         raise BnnccError(f"{key} = {value!r}: expected {names.get(expected, getattr(expected, '__name__', expected))}")
     return value
 

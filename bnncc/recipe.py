@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bnncc.errors import BnnccError
-from bnncc.passmanager import get_pass, pass_parameters
+from bnncc.passmanager import as_annotated, get_pass, pass_parameters
 
 __all__ = ["Recipe", "BLOCK_KINDS", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
 
@@ -263,17 +263,8 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
 
 
 def _check_type(value: Any, expected: type, key: str, source: str) -> Any:
-    """``value`` as ``expected``; an int is accepted as a float, a bool is never a number."""
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # (TOML takes an integer of any length)
-            raise BnnccError(f"{source}: {key} = {value!r}: expected a number within a float's range") from None
-    if expected is object or (isinstance(value, expected) and not (expected is int and isinstance(value, bool))):
-        return copy.deepcopy(value)
-    raise BnnccError(f"{source}: {key} = {value!r}: expected {_describe(expected)}")
-
-
-def _describe(expected: type) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    return names.get(expected, getattr(expected, "__name__", str(expected)))
+    """``value`` as ``expected`` (``passmanager.as_annotated``, which ``get_pass`` applies too)."""
+    try:
+        return copy.deepcopy(as_annotated(value, expected, key))
+    except BnnccError as e:
+        raise BnnccError(f"{source}: {e}") from None
