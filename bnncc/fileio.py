@@ -12,9 +12,9 @@ from typing import Callable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "sync", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
            "hash_file", "load_private_copy", "output_errors", "output_target", "refuse_overwriting", "require_file",
-           "require_unchanged", "umask"]
+           "require_unchanged", "sync", "umask"]
 
 T = TypeVar("T")
 

@@ -31,7 +31,7 @@ from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
 from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
 
-__all__ = ["compile", "MANIFEST_FORMAT"]
+__all__ = ["compile", "MANIFEST_FORMAT", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         with atomic_dir(Path(output)) as tmp:
             spec.export(executable, tmp / "model.so")
             manifest["library_sha256"] = file_sha256(tmp / "model.so")
-            (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            write_manifest(tmp / "model.json", manifest)
             ir.save(model, tmp / "model.onnx")
     logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)
     return Path(output)
@@ -106,6 +106,11 @@ def _steps(show: bool, target: str):
         task = progress.add_task("", total=len(_STEPS))
         yield lambda name: progress.update(task, description=name, completed=_STEPS.index(name))
         progress.update(task, completed=len(_STEPS))
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Write a library's model.json (into a folder that ``atomic_dir`` renames into place)."""
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def _metadata_json(model: ir.Model, key: str):

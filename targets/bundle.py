@@ -25,7 +25,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import require_unchanged
 from bnncc.runtime import read_library
 from bnncc.targets import registry, vmrunner
-from bnncc.targets.build import atomic_dir
+from bnncc.targets.build import atomic_dir, write_manifest
 
 __all__ = ["bundle", "bundles", "BUNDLE_FILES"]
 
@@ -61,7 +61,7 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
         require_unchanged(tmp / "model.so", manifest.get("library_sha256"), library / "model.so")
         # the manifest checked, as compile writes it, not the file again: a compile replacing the
         # folder meanwhile would put a new manifest beside the model.so checked against the old
-        (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_manifest(tmp / "model.json", manifest)
         shutil.copyfile(runner, tmp / "runner")
         (tmp / "runner").chmod(0o755)
         (tmp / "README.txt").write_text(_readme(manifest, arch), encoding="utf-8")
