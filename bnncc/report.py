@@ -160,7 +160,8 @@ def markdown(report: Report) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
     for stage in report.stages:
         cost = stage.cost
-        lines.append(f"| {stage.name} | {_cell(stage.artifact)} | {_bytes(stage.file_bytes)} | {cost.total / 1e9:.4f} | "
+        lines.append(f"| {stage.name} | {_cell(stage.artifact)} | {_bytes(stage.file_bytes)} | "
+                     f"{cost.total / 1e9:.4f} | "
                      f"{cost.cpu64 / 1e6:.2f} | {cost.trainable_params:,} | {_bytes(cost.weight_bits // 8)} |")
     lines += ["", "ACE = MACs x weight bits x activation bits (float MACs at "
               f"{report.stages[0].cost.float_bits} x {report.stages[0].cost.float_bits}); CPU64 = binary MACs / 64 "
