@@ -292,7 +292,8 @@ def _stages_plot(report: Report) -> bytes:
     axes.set_yscale("log")
     axes.set_ylim(min(values) / 3, max(values) * 4)
     axes.set_ylabel("ACE (1e9 bit-MACs, log)")
-    axes.set_title(f"ACE per stage: {Path(report.model).name}, {report.recipe}")
+    # "$" escaped: matplotlib reads text between two as math, and a file named "a$\badcmd$.onnx" failed the report
+    axes.set_title(f"ACE per stage: {Path(report.model).name}, {report.recipe}".replace("$", r"\$"))
     axes.grid(axis="y", which="major", alpha=0.3)
     figure.tight_layout()
     return _png(figure)
