@@ -246,3 +246,20 @@ def test_run_reads_an_image_in_the_networks_channels(tmp_path):
     with pytest.raises(BnnccError, match=r"rgba.png: the network takes 2-channel inputs, and an image gives 1 \(grey\), "
                                          r"3 \(RGB\) or 4 \(RGBA\); give its pixels as a .npy of shape \(2, 8, 8\)"):
         _read_image(tmp_path / "rgba.png", (2, 8, 8), None)
+
+
+def test_targets_table_and_missing_line_come_from_one_probe(cli, monkeypatch):
+    """The host was probed twice, once for the table and once for the missing line: a device that
+    answered differently the second time (a GPU busy or reset) was "found" in the table and
+    "missing" on the line below it."""
+    from bnncc.targets import registry
+
+    answers = iter(["yes", None])
+
+    def check():
+        return {"cuda": [registry.Requirement("CUDA device", "run", next(answers), "an NVIDIA GPU")]}
+
+    monkeypatch.setattr(registry, "check", check)
+    code, out, _ = cli("targets")
+    assert code == 0
+    assert "yes" in out and out.splitlines()[-1] == "missing: nothing"

@@ -24,11 +24,13 @@ def targets_command(
     table = Table(title="bnncc targets")
     for column in ("target", "needs", "for", "found", "to install"):
         table.add_column(column)
-    for name, requirements in registry.check().items():
+    # probed once: the table and the missing line describe the same look at the host
+    checked = registry.check()
+    for name, requirements in checked.items():
         for i, req in enumerate(requirements):
             found = Text(str(req.found), style="green") if req.found else Text("missing", style="red")
             table.add_row(name if i == 0 else "", req.what, req.needed_for, found, "" if req.found else req.install)
         table.add_section()
     console.print(table)
-    missing = [f"{name}: {req.what}" for name, reqs in registry.check().items() for req in reqs if not req.found]
+    missing = [f"{name}: {req.what}" for name, reqs in checked.items() for req in reqs if not req.found]
     console.print("missing: " + ("; ".join(missing) if missing else "nothing"), soft_wrap=True)  # one line in a pipe
