@@ -36,26 +36,23 @@ def BinarizeAct(X, clip_bound: float = DEFAULT_CLIP_BOUND):
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Value ``q`` exactly; gradient to ``x`` is the incoming one, masked where ``mask`` is given.
+    """Value ``q`` exactly; gradient to ``x`` is the incoming one.
 
     One node instead of ``x + (q - x).detach()``, which costs three ops and can round q by an ulp.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(mask)
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         return q
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return (grad if mask is None else grad * mask), None, None
+        return grad, None
 
 
-def straight_through(x: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``q`` (computed without gradient from x) with the straight-through gradient to ``x``;
-    ``mask`` (bool, broadcastable to x) zeroes it where False."""
-    return _StraightThrough.apply(x, q.detach(), mask)
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``q`` (computed without gradient from x) with the straight-through gradient to ``x``."""
+    return _StraightThrough.apply(x, q.detach())
 
 
 class _BinarizeAct(torch.autograd.Function):
