@@ -1,9 +1,12 @@
-"""The one module that touches TVM's Python API directly.
+"""TVM's Python API as the kernels, schedules, builds and loaders call it.
 
 TVM 0.27 renamed most of its modules (``tir`` -> ``tirx``/``s_tir``, string targets removed,
-``tvm.nd`` -> ``tvm.runtime.tensor``); keeping every call we make here means the next rename is
-fixed in one file. Importing this module also fixes the runtime thread count (see
-``_configure_threads``), which must happen before TVM's thread pool starts.
+``tvm.nd`` -> ``tvm.runtime.tensor``); keeping those calls here means the next rename is fixed in
+one place. Three modules call TVM themselves: ``lower`` builds its Relax module with ``tvm.relax``,
+``cpu_schedule`` writes its tensor intrinsics in TVMScript and ``cuda_runtime`` loads CUDA libraries
+with ``tvm_ffi`` alone (no TVM compiler on the GPU machine). Importing this module also fixes
+the runtime thread count (see ``_configure_threads``), which must happen before TVM's thread pool
+starts.
 """
 
 from __future__ import annotations
