@@ -20,10 +20,11 @@ activation counts as 1, fixed or symbolic):
   learned float extras (BN gamma and beta, DPReLU, biases). The paper's "total params" is
   weights + extras (:attr:`CostReport.trainable_params`).
 - Scalar ops ("sops", not in ACE) count one per output element of BatchNormalization, DPReLU,
-  activations, BinarizeAct, Add and Mul; kh*kw per output element of MaxPool/AveragePool; H*W*C
-  adds and C multiplies of a global average pool. An SEGate adds its pool (H*W*Ci adds, Ci
-  multiplies), ReLU (Ch) and hard-sigmoid (Co); a PokeConv counts its two batch norms, its
-  shortcuts, DPReLU, SE gate and the gate's multiply (``se_mul``; neither without the gate). A ReshapeAdd counts its channel shrink (Hi*Wi*Co*k adds and Hi*Wi*Co multiplies when
+  activations, BinarizeAct, Add (Sum and Sub too) and Mul (Div too); kh*kw per output element of
+  MaxPool/AveragePool; H*W*C adds and C multiplies of a global average pool. An SEGate adds its
+  pool (H*W*Ci adds, Ci multiplies), ReLU (Ch) and hard-sigmoid (Co); a PokeConv counts its two
+  batch norms, its shortcuts, DPReLU, SE gate and the gate's multiply (``se_mul``; neither without
+  the gate). A ReshapeAdd counts its channel shrink (Hi*Wi*Co*k adds and Hi*Wi*Co multiplies when
   Ci > Co, k = Ci // Co), its 3x3 shortcut pool (9*Ho*Wo*Co) and its add (Ho*Wo*Co; method
   "zeropad" is the local shortcut, "tile" the block shortcut). These are google/aqt's
   ``size_stats`` categories, except that the final global pool's C multiplies are counted too.
