@@ -47,7 +47,7 @@ from tvm.target.codegen import target_has_features  # noqa: E402
 __all__ = [
     "NUM_THREADS", "Target", "compile_func", "compile_module", "cross_compiler", "export_executable", "export_library",
     "has_block", "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "runtime_include_dir",
-    "runtime_library_dirs", "s_tir", "te", "tirx", "to_numpy", "to_tensor",
+    "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor",
 ]
 
 
@@ -119,10 +119,6 @@ def runtime_include_dir() -> Path:
 def to_tensor(array: np.ndarray):
     """Copy a numpy array into a TVM CPU tensor."""
     return tvm.runtime.tensor(np.ascontiguousarray(array), tvm.cpu(0))
-
-
-def to_numpy(tensor) -> np.ndarray:
-    return tensor.numpy()
 
 
 def has_block(sch: s_tir.Schedule, name: str) -> bool:
