@@ -241,7 +241,7 @@ def _check(node) -> None:
 
 register(OpDef("QuantizeWeights", (QuantizeWeights,)))
 register(OpDef("QuantizeActs", (QuantizeActs,)))
-QUANT_CONV = register(OpDef("QuantConv", (QuantConv,), torch=quant_conv, layers=_conv_layers, weight_inputs=(1,),
-                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx, check=_check))
-QUANT_GEMM = register(OpDef("QuantGemm", (QuantGemm,), torch=quant_gemm, layers=_gemm_layers, weight_inputs=(1,),
-                            state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx, check=_check))
+register(OpDef("QuantConv", (QuantConv,), torch=quant_conv, layers=_conv_layers, weight_inputs=(1,),
+               state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx, check=_check))
+register(OpDef("QuantGemm", (QuantGemm,), torch=quant_gemm, layers=_gemm_layers, weight_inputs=(1,),
+               state_inputs=(2,), bounds=((2, _observe_input),), qonnx=_emit_qonnx, check=_check))
