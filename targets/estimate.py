@@ -58,14 +58,20 @@ LLVM_BIN = Path("/usr/lib/llvm-19/bin")
 _ITERATIONS = 200  # llvm-mca's simulated iterations: enough for the steady state of a loop body
 
 
+def _mca_version(field: str) -> str:
+    """``field`` of ``llvm-mca --version`` (``version``: LLVM's, ``Host CPU:``: the CPU it takes this
+    machine for)."""
+    done = subprocess.run([str(LLVM_BIN / "llvm-mca"), "--version"], capture_output=True, text=True)
+    match = re.search(rf"{field}\s*(\S+)", done.stdout)
+    if done.returncode != 0 or not match:
+        raise BnnccError(f"llvm-mca --version names no {field.rstrip(':')}")
+    return match.group(1)
+
+
 def host_cpu() -> str:
     """LLVM's name of this machine's CPU (``znver4`` on AMD Zen 4, ``znver2`` on Zen 2): the llvm-mca
     model that the estimate of the host's own kernels uses."""
-    done = subprocess.run([str(LLVM_BIN / "llvm-mca"), "--version"], capture_output=True, text=True)
-    match = re.search(r"Host CPU:\s*(\S+)", done.stdout)
-    if done.returncode != 0 or not match:
-        raise BnnccError("llvm-mca --version names no host CPU")
-    return match.group(1)
+    return _mca_version("Host CPU:")
 
 
 def available() -> bool:
@@ -550,10 +556,9 @@ def library_estimate(folder: str | Path, layers: list) -> dict:
         raise BnnccError(f"{folder / 'model.json'}: no binary conv layer with a kernel")
     rows = estimate_layers(disassemble(folder / "model.so"), ir.load(folder / "model.onnx"), pairs,
                            "aarch64", REPORT_CORE)
-    version = subprocess.run([str(LLVM_BIN / "llvm-mca"), "--version"], capture_output=True, text=True).stdout
     return {
         "label": f"estimated, Cortex-A76 at {REPORT_CLOCK / 1e9:.1f} GHz by llvm-mca's {REPORT_CORE} model",
-        "llvm": re.search(r"version (\S+)", version).group(1),
+        "llvm": _mca_version("version"),
         "core": REPORT_CORE,
         "clock_hz": REPORT_CLOCK,
         "layers": [{"layer": r.layer, "kernel": r.kernel, "binary_macs": r.macs,

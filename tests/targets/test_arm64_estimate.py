@@ -175,3 +175,24 @@ def test_host_cpu_is_a_model_llvm_mca_schedules_with():
     assert name and name != "generic"
     if platform.machine() == "x86_64":
         assert estimate.cycles_per_iteration([estimate.Instruction(0, "addq", "$0x1, %rax")], "x86_64", name) > 0
+
+
+def test_an_llvm_mca_that_names_no_version_skips_the_estimate(conv_library, tmp_path, monkeypatch):
+    """library_estimate read LLVM's version from `llvm-mca --version` unchecked: an llvm-mca whose
+    output names none (a failed run, another build's banner) ended convert's report with an
+    AttributeError, where any other estimator failure is the report's "skipped" note."""
+    import subprocess
+
+    layers = [SimpleNamespace(name="conv/binary", op_type="BinaryConv", macs=8 * 8 * 64 * 9 * 64)]
+    folder = _library_folder(conv_library, tmp_path / "lib")
+    run = subprocess.run
+
+    def banner_without_version(command, *args, **kwargs):
+        if command[-1] == "--version":
+            return subprocess.CompletedProcess(command, 0, "LLVM (http://llvm.org/)\n", "")
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(estimate.subprocess, "run", banner_without_version)
+    deployed = SimpleNamespace(deployed=SimpleNamespace(cost=SimpleNamespace(layers=layers)))
+    assert report.arm64_estimate(deployed, folder) == {
+        "skipped": "no estimate: llvm-mca --version names no version"}
