@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError, first_line
-from bnncc.fileio import cache_dir, require_unchanged
+from bnncc.fileio import require_unchanged
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
 from bnncc.targets.lower import IMAGE_FUNCTION
 
@@ -236,14 +236,15 @@ def _arm64_report(executable, lowered, model) -> dict:
 
 def _arm64_requirements() -> list[Requirement]:
     sysroot = vmrunner.QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
-    runtime = sorted((cache_dir() / "arm64-runtime").glob("*/libtvm_runtime.so"))
     return [
         Requirement(arm64.CROSS_CXX, "build", shutil.which(arm64.CROSS_CXX), "apt-get install g++-aarch64-linux-gnu"),
         Requirement(vmrunner.QEMU, "run", shutil.which(vmrunner.QEMU), "apt-get install qemu-user"),
         Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if sysroot.is_file() else None,
                     "apt-get install g++-aarch64-linux-gnu"),
-        Requirement("aarch64 TVM runtime", "run", str(runtime[-1].parent) if runtime else None,
-                    "python -c 'from bnncc.targets.vmrunner import ensure_arm64_runtime as f; f()' (pip download)"),
+        # the installed versions' runtime, which the runner links: another version's does not count
+        Requirement("aarch64 TVM runtime", "run",
+                    str(vmrunner.arm64_runtime_folder()) if vmrunner.has_arm64_runtime() else None,
+                    "bnncc targets --prepare (pip download)"),
     ]
 
 

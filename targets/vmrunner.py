@@ -30,8 +30,8 @@ from bnncc.targets.arm64 import CROSS_CXX
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
-    "HOST", "AARCH64", "ensure_arm64_runtime", "ensure_runner", "run_arm64", "run_library",
-    "runtime_libraries", "time_library",
+    "HOST", "AARCH64", "arm64_runtime_folder", "ensure_arm64_runtime", "ensure_runner", "has_arm64_runtime",
+    "run_arm64", "run_library", "runtime_libraries", "time_library",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,24 @@ def _pip_command(dest: Path) -> list[str]:
             f"{sys.version_info.major}.{sys.version_info.minor}", "-d", str(dest), *pins]
 
 
+def arm64_runtime_folder() -> Path:
+    """The cache folder of the aarch64 libtvm_runtime.so and libtvm_ffi.so of the installed versions."""
+    versions = f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
+    return cache_dir() / "arm64-runtime" / versions
+
+
+def has_arm64_runtime() -> bool:
+    """Whether ``arm64_runtime_folder`` holds both libraries: the arm64 runner needs no download."""
+    folder = arm64_runtime_folder()
+    return all((folder / Path(member).name).is_file() for member in _RUNTIME_LIBS.values())
+
+
 def ensure_arm64_runtime() -> Path:
-    """The folder holding the aarch64 libtvm_runtime.so and libtvm_ffi.so, extracted the first time
-    from the aarch64 wheels (same versions as installed): those in ``<folder>/wheels`` if present
-    (the offline path: the command in the error puts them there), else downloaded with pip."""
-    folder = cache_dir() / "arm64-runtime" / f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
-    if all((folder / Path(member).name).is_file() for member in _RUNTIME_LIBS.values()):
+    """``arm64_runtime_folder``, its two libraries extracted the first time from the aarch64 wheels
+    (same versions as installed): those in ``<folder>/wheels`` if present (the offline path: the
+    command in the error puts them there), else downloaded with pip."""
+    folder = arm64_runtime_folder()
+    if has_arm64_runtime():
         return folder
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)

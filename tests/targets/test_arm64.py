@@ -225,3 +225,28 @@ def test_resnet50_pokebnn_05x_on_arm64_agrees_with_onnxruntime(resnet50_onnx, tm
     assert code == 0, err
     code, stdout, err = cli("verify", out, "--n", "8")
     assert code == 0, stdout + err
+
+
+def test_targets_finds_the_arm64_runtime_of_the_installed_versions_only(tmp_path, monkeypatch):
+    """`bnncc targets` counted any version's runtime in the cache as found (and only its
+    libtvm_runtime.so), where the runner takes the installed versions' pair: after an upgrade the
+    table said "found" and the next arm64 run downloaded anew."""
+    from bnncc.targets import registry
+
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path))
+
+    def runtime_found():
+        (req,) = [r for r in registry.check()["arm64"] if r.what == "aarch64 TVM runtime"]
+        return req.found
+
+    old = tmp_path / "arm64-runtime" / "tvm-0.26.0-ffi-0.1.0"
+    old.mkdir(parents=True)
+    for name in ("libtvm_runtime.so", "libtvm_ffi.so"):
+        (old / name).write_bytes(b"")
+    assert runtime_found() is None
+    current = vmrunner.arm64_runtime_folder()
+    current.mkdir(parents=True)
+    (current / "libtvm_runtime.so").write_bytes(b"")
+    assert runtime_found() is None  # the runner links libtvm_ffi.so too
+    (current / "libtvm_ffi.so").write_bytes(b"")
+    assert runtime_found() == str(current) == str(vmrunner.ensure_arm64_runtime())
