@@ -55,15 +55,15 @@ class Library:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_chw:
             raise BnnccError(f"{self.folder}: input of shape {x.shape}; expected (N, {', '.join(map(str, self.input_chw))})")
         x = np.ascontiguousarray(x, dtype=np.float32)
+        classes = self.manifest["output"]["shape"][-1]
         if len(x) == 0:
-            return np.zeros((0, self.manifest["output"]["shape"][-1]), np.float32)
+            return np.zeros((0, classes), np.float32)
         # the quantizers' clips map NaN to a bound, where the reference's keep it: finite logits for
         # a NaN input. A max propagates NaN, 10 us an image where isnan().any() took 15
         if np.isnan(x.max()):
             image = int(np.isnan(x).any(axis=(1, 2, 3)).argmax())
             raise BnnccError(f"{self.folder}: input image {image} holds NaN")
         outputs, start = [], 0
-        classes = self.manifest["output"]["shape"][-1]
         for size in self._chunks(x.shape[0]):
             logits = self._call(self.functions[size], x[start:start + size])
             # model.json's classes are what an empty batch gives and what verify holds the reference to: a
