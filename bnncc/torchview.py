@@ -9,9 +9,10 @@ Mapping of initializers:
 
 - float initializers become ``nn.Parameter`` (conv and gemm weights and biases, BN gamma/beta,
   DPReLU vectors, SE weights and biases), except
-- BN running mean/var (inputs 3 and 4 of BatchNormalization) and the calibrated activation bounds
-  (``act_bound`` of QuantConv/QuantGemm, ``bound1``/``bound2`` of SEGate) and every non-float
-  initializer, which become buffers.
+- the state inputs (``bnncc.cost.inputs_at``): BN running mean/var (inputs 3 and 4 of
+  BatchNormalization) and each ai.bnncc op's OpDef ``state_inputs`` (the calibrated activation
+  bounds of QuantConv, QuantGemm and SEGate, PokeConv's batch-norm statistics and SE gate bounds),
+  and every non-float initializer, which become buffers.
 
 Attribute names are the initializer names with every character outside ``[0-9A-Za-z_]`` replaced by
 ``_`` (suffixed ``_1``, ``_2``, ... on a clash); ``GraphModule.initializer_names`` maps them back.
