@@ -96,8 +96,8 @@ def train_teacher(
     from bnncc.train.finetune import train_teacher as run
     from bnncc.train.trainer import is_main_process
 
-    cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, weight_decay=5e-5,
-                      label_weight=1.0, seed=seed, num_workers=workers)
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, label_weight=1.0, seed=seed,
+                      num_workers=workers)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device, arch=arch)
     if is_main_process():  # under torchrun, rank 0 alone reports
         from bnncc.report import percent
