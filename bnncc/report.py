@@ -87,9 +87,14 @@ class Report:
         """The last stage: the one whose graph the library runs."""
         return self.stages[-1]
 
+    @property
+    def ace_reduction(self) -> float | None:
+        """The float import's ACE over the deployed graph's (None for a deployed ACE of 0)."""
+        deployed = self.deployed.cost.total
+        return self.stages[0].cost.total / deployed if deployed else None
+
     def to_dict(self) -> dict:
         """The deterministic part of the report (no latency)."""
-        float_ace = self.stages[0].cost.total
         return {
             "format": REPORT_FORMAT,
             "model": self.model,
@@ -97,7 +102,7 @@ class Report:
             "target": self.target,
             "trained": self.trained,
             "stages": [stage.to_dict() for stage in self.stages],
-            "ace_reduction": float_ace / self.deployed.cost.total if self.deployed.cost.total else None,
+            "ace_reduction": self.ace_reduction,
             "accuracy": self.accuracy,
             "layers": [_layer_row(layer) for layer in self.deployed.cost.layers],
             **({"estimate": self.estimate} if self.estimate is not None else {}),
@@ -151,7 +156,7 @@ def markdown(report: Report) -> str:
              + ("Fine-tuned with distillation from the float import." if report.trained else
                 "**Not fine-tuned: the binary network has untrained weights and its outputs are not "
                 "meaningful.**"), ""]
-    reduction = report.to_dict()["ace_reduction"]
+    reduction = report.ace_reduction
     if reduction:
         lines += [f"ACE falls from {report.stages[0].cost.total / 1e9:.4g}e9 (float import) to "
                   f"{report.deployed.cost.total / 1e9:.4g}e9 (deployed): {reduction:.1f}x less.", ""]
