@@ -27,6 +27,6 @@ def ace(
         if not per_layer:
             del data["layers"]
         # soft_wrap: machine-read output must not be broken across lines
-        console.print(json.dumps(data, indent=2), markup=False, highlight=False, soft_wrap=True)
+        console.print(json.dumps(data, indent=2), highlight=False, soft_wrap=True)
     else:
         console.print(format_table(report, title=str(model), per_layer=per_layer))

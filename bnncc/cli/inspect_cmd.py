@@ -25,7 +25,7 @@ def inspect(
     resnet = recognize(load(model))
     if as_json:
         # soft_wrap: long node names must not be broken across lines in machine-read output
-        console.print(json.dumps(dataclasses.asdict(resnet), indent=2), markup=False, highlight=False, soft_wrap=True)
+        console.print(json.dumps(dataclasses.asdict(resnet), indent=2), highlight=False, soft_wrap=True)
     else:
         console.print(_table(resnet))
 
