@@ -22,7 +22,8 @@ def compile_command(
 
     folder = compile_model(model, output, target=target, batches=tuple(batch), show_progress=True)
     size = (folder / "model.so").stat().st_size
-    held = sorted(int(size) for size in json.loads((folder / "model.json").read_text())["functions"])  # as recorded
+    # the batches as recorded: compile adds batch 1 to those asked for
+    held = sorted(int(b) for b in json.loads((folder / "model.json").read_text(encoding="utf-8"))["functions"])
     # soft_wrap here and below: a result line stays one line in a pipe (80 columns), for scripts and logs
     console.print(f"{model} -> {folder}/model.so ({size / 2**20:.1f} MiB, {target}, batch {', '.join(map(str, held))})",
                   soft_wrap=True)
