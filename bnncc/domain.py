@@ -24,6 +24,8 @@ UPGRADED_OPSETS = range(1, SUPPORTED_OPSETS.start)
 # The most input pixels (H x W) a network may have: its widest activation (256 channels at a quarter
 # of the size, 16 floats an input pixel; 64 for margin) within the compiled kernels' 32-bit indices.
 MAX_INPUT_PIXELS = 2**31 // 64
+# The files of a library folder: compile writes them, convert publishes them beside its report.
+LIBRARY_FILES = ("model.so", "model.json", "model.onnx")
 # The largest batch a library is compiled for, or a graph exported at: a batch of a billion was
 # taken, and compiling it ran for minutes until killed; a library serves larger batches in calls of
 # its compiled sizes.

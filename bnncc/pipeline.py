@@ -36,16 +36,16 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from bnncc.domain import LIBRARY_FILES
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, atomic_write_text, hash_file, output_errors
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
-           "hash_files", "measure_latency", "LIBRARY_FILES", "OUTPUT_NAMES"]
+           "hash_files", "measure_latency", "OUTPUT_NAMES"]
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_FILES = ("model.so", "model.json", "model.onnx")
 # what convert writes in its output folder (the demo adds its teacher); anything else there is the
 # user's, and kept
 OUTPUT_NAMES = (*LIBRARY_FILES, "report.json", "report.md", "latency.json", STAGES_PLOT, LAYERS_PLOT, "stages")

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from bnncc.cost import ace
-from bnncc.domain import MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
+from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import file_sha256, output_errors, sync, umask
 from bnncc.frontend import read_pokebnn, source_name
@@ -125,10 +125,10 @@ def _metadata_json(model: ir.Model, key: str):
 
 
 # what a library folder holds: an existing folder of these only may be replaced by a new build
-LIBRARY_FILES = frozenset({"model.so", "model.json", "model.onnx"})
+_LIBRARY_FOLDER = frozenset(LIBRARY_FILES)
 
 
-def check_output_folder(dest: Path, files: frozenset[str] = LIBRARY_FILES, kind: str = "library") -> None:
+def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kind: str = "library") -> None:
     """Refuse an output folder path that holds something a build must not replace: a file, or a
     folder with more than an earlier build's ``files``, or with some of them but no manifest of
     ours (a user's own model.onnx). ``kind`` names such a folder in the refusal."""
@@ -160,7 +160,7 @@ class atomic_dir:
     be an earlier folder of ``files`` or an empty one; anything else there is the user's and is kept
     (``check_output_folder``, which ``kind`` is for)."""
 
-    def __init__(self, dest: Path, files: frozenset[str] = LIBRARY_FILES, kind: str = "library") -> None:
+    def __init__(self, dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kind: str = "library") -> None:
         self.dest, self.files, self.kind = dest, files, kind
 
     def __enter__(self) -> Path:
