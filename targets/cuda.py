@@ -95,9 +95,9 @@ def report() -> dict:
                      "device_code": "fatbin in model.so"}}
 
 
-def cuda_target(arch: str | None = None) -> Target:
-    """CUDA for compute capability ``arch`` (default ``cuda_arch()``), host code for this machine's LLVM."""
-    return make_target({"kind": "cuda", "arch": arch or cuda_arch()}).with_host(make_target({"kind": "llvm"}))
+def cuda_target() -> Target:
+    """CUDA for compute capability ``cuda_arch()``, host code for this machine's LLVM."""
+    return make_target({"kind": "cuda", "arch": cuda_arch()}).with_host(make_target({"kind": "llvm"}))
 
 
 def _is_cuda(target: Target) -> bool:
@@ -279,10 +279,10 @@ def nvcc_fatbin(source: str, arch: str) -> bytes:
         return fatbin.read_bytes()
 
 
-def export_cuda(executable, path: str | os.PathLike, arch: str | None = None) -> Path:
+def export_cuda(executable, path: str | os.PathLike) -> Path:
     """Write the library ``path``: VM bytecode, host code, weights and nvcc's fatbin of the kernels
-    for ``arch`` (default ``cuda_arch()``), all inside the one .so (module docstring)."""
-    arch = arch or cuda_arch()
+    for ``cuda_arch()``, as ``cuda_target`` compiled them, all inside the one .so (module docstring)."""
+    arch = cuda_arch()
 
     def pack_imports(module, is_system_lib, prefix, workspace):
         if is_system_lib:
