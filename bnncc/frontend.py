@@ -436,7 +436,20 @@ def _check_shapes(proto: onnx.ModelProto, path: Path) -> list[str]:
             for name in node.input[1:5]:
                 if not _may_be(shapes.get(name), channels):
                     fail(node, f"parameter '{name}' of shape {shapes[name]} for {channels} channels")
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and node.output[0] in shapes:
+            # shape inference does not check C, and normalize_gemm leaves one that is no bias as it is: a C of
+            # length 0 or of shape (out, 1), which onnxruntime refuses to run, was accepted and rewritten
+            c, y = shapes.get(node.input[2]), shapes[node.output[0]]
+            if c is not None and not _broadcasts_to(c, y):
+                fail(node, f"C of shape {c} does not broadcast to its output of shape {y}")
     return unread
+
+
+def _broadcasts_to(shape: list[int | None], target: list[int | None]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts one way to ``target`` (ONNX's unidirectional
+    broadcasting, as Gemm's C; None: a dimension not inferred)."""
+    return len(shape) <= len(target) and all(
+        None in (d, t) or d in (1, t) for d, t in zip(reversed(shape), reversed(target)))
 
 
 def _too_large(dims: list[int | None]) -> bool:

@@ -802,6 +802,22 @@ def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt)
     _expect_refusal(cli, tmp_path / "bad.onnx", fragment)
 
 
+@pytest.mark.parametrize("shape", [(0,), (10, 1), (1, 1, 10)])
+def test_a_classifier_c_onnxruntime_cannot_broadcast_is_refused(cli, tmp_path, tiny_proto, shape):
+    """Gemm's C must broadcast one way to its (N, classes) output: onnxruntime, the reference, refuses
+    any other C, which shape inference lets through (a C of length 0 was accepted and rewritten, one of
+    shape (classes, 1) flattened into a bias)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    _set_initializer(proto, gemm.input[2], np.zeros(shape, np.float32))
+    with pytest.raises(Exception, match="Invalid bias shape"):
+        _run(proto, np.zeros((1, 3, 32, 32), np.float32))
+    onnx.save(proto, tmp_path / "bad.onnx")
+    _expect_refusal(cli, tmp_path / "bad.onnx", f"node '{gemm.name}' (Gemm): C of shape {list(shape)} does not "
+                                                f"broadcast to its output of shape [1, 10]")
+
+
 # ---------------------------------------------------------------------------------------------
 # Acceptance is decided once: every command and function refuses the same float models with the
 # same line, before writing anything.
