@@ -19,20 +19,20 @@ def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None
     normalised with the manifest's mean/std when it records them."""
     require_file(path, "an image or .npy file")
     try:
-        x = _read_array(path) if path.suffix.lower() == ".npy" else _read_image(path, chw, preprocessing)
+        x = _read_array(path, chw) if path.suffix.lower() == ".npy" else _read_image(path, chw, preprocessing)
     except OSError as e:  # no permission, an I/O error (an image's own errors are said where it is decoded)
         raise BnnccError(f"{path}: cannot read it ({e.strerror or e})") from None
     if len(x) == 0:
         raise BnnccError(f"{path}: holds no images (a batch of 0)")
-    if tuple(x.shape[1:]) != chw:  # said before any input runs, naming this one
-        raise BnnccError(f"{path}: images of shape {tuple(x.shape[1:])}; the network takes {chw} (C, H, W)")
     return x
 
 
-def _read_array(path: Path) -> np.ndarray:
+def _read_array(path: Path, chw: tuple[int, int, int]) -> np.ndarray:
     """A .npy of real numbers, (C, H, W) or (N, C, H, W), as float32 (N, ...); no pickled objects.
-    Its header is read first: a .npz named .npy was taken apart as an archive, and a header that
-    claims more data than the file holds asked for that much memory (56 GiB) before failing."""
+    Its header is read first: a .npz named .npy was taken apart as an archive, a header that
+    claims more data than the file holds asked for that much memory (56 GiB) before failing, and
+    an array of another image size than ``chw`` was read whole (twice its size in memory) before
+    its shape was refused."""
     header = _array_header(path)
     if header is None:
         raise BnnccError(f"{path}: not a .npy array (no .npy header{'; a .npz archive' if _is_zip(path) else ''})")
@@ -45,6 +45,8 @@ def _read_array(path: Path) -> np.ndarray:
     if needed > data_bytes:
         raise BnnccError(f"{path}: truncated; its header gives {shape} {dtype} ({needed} bytes) but the file holds "
                          f"{data_bytes} bytes of data")
+    if shape[-3:] != chw:  # said before any input runs, naming this one (an image is decoded to ``chw``)
+        raise BnnccError(f"{path}: images of shape {shape[-3:]}; the network takes {chw} (C, H, W)")
     x = np.load(path, allow_pickle=False)
     if not np.isfinite(x).all():
         raise BnnccError(f"{path}: holds NaN or infinite values")

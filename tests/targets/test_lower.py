@@ -559,6 +559,26 @@ def test_run_cli_reads_the_npy_header_first(library, cli, tmp_path, content, mes
     assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
 
 
+def test_run_cli_refuses_an_array_of_another_image_size_before_reading_its_data(library, cli, tmp_path):
+    """An array of another image size than the network's was read whole, and copied to float32, before
+    its shape was refused: a 4.8 GB .npy of 20000x20000 images took twice that in memory to be told so."""
+    import tracemalloc
+
+    path = tmp_path / "big.npy"
+    with path.open("wb") as f:
+        f.write(_npy_header((1, 3, 4000, 4000)))
+        f.truncate(f.tell() + 3 * 4000 * 4000 * 4)  # 192 MB of zeros, sparse on the disk
+    tracemalloc.start()  # numpy's arrays are traced too
+    try:
+        code, _, err = cli("run", library[0], "--input", path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and err.strip() == (f"error: {path}: images of shape (3, 4000, 4000); the network takes "
+                                         f"(3, 32, 32) (C, H, W)"), err
+    assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB traced while refusing it"
+
+
 def _npy_header(shape) -> bytes:
     import io
 
