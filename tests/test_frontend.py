@@ -818,6 +818,29 @@ def test_a_classifier_c_onnxruntime_cannot_broadcast_is_refused(cli, tmp_path, t
                                                 f"broadcast to its output of shape [1, 10]")
 
 
+def test_a_batch_norm_whose_fold_overflows_float32_is_refused(cli, tmp_path, tiny_proto):
+    """A batch norm of finite statistics whose scale gamma / sqrt(var + eps) (3e38 / 0.03) takes the
+    folded conv weights beyond float32: onnxruntime's logits are not finite, and the model was accepted
+    with numpy's overflow warnings on stderr, its infinite weights refused only by compile."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    conv = _first_conv(proto)
+    channels = next(t for t in proto.graph.initializer if t.name == conv.input[1]).dims[0]
+    names = [f"bn.{key}" for key in ("gamma", "beta", "mean", "var")]
+    for name, value in zip(names, (3e38, 0.0, 0.0, 1e-3)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.full(channels, value, np.float32), name))
+    output = conv.output[0]
+    conv.output[0] = f"{output}.before_bn"
+    index = list(proto.graph.node).index(conv)
+    proto.graph.node.insert(index + 1, helper.make_node("BatchNormalization", [conv.output[0], *names], [output],
+                                                       name="bn"))
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(_run(proto, np.ones((1, 3, 32, 32), np.float32))).all()
+    onnx.save(proto, tmp_path / "bad.onnx")
+    _expect_refusal(cli, tmp_path / "bad.onnx", "folding the batch norms and constants into it gives values beyond "
+                                                "float32's range")
+
+
 # ---------------------------------------------------------------------------------------------
 # Acceptance is decided once: every command and function refuses the same float models with the
 # same line, before writing anything.
