@@ -25,7 +25,7 @@ from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import file_sha256, output_errors, sync, umask
 from bnncc.frontend import read_pokebnn, source_name
-from bnncc.passes.symbolic_batch import BATCH
+from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
 from bnncc.progress import bar_console
 from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
@@ -56,6 +56,8 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     source = source_name(model)
     # the front end's checks: a whole ONNX file, external data from its folder
     model = read_pokebnn(model, "compile")
+    # the library takes any batch, and so must its reference graph, which verify runs one image at a time
+    SymbolicBatchPass()(model)
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
     with _steps(show_progress, target) as step:

@@ -195,6 +195,19 @@ def test_a_reference_that_declares_no_classes_is_refused_at_its_first_logits(cli
     assert code == 2 and f"{other} gives 4 logits, the library {tiny_library} 10;" in err
 
 
+def test_a_graph_of_a_fixed_batch_compiles_into_a_library_it_verifies(cli, tiny_library, tmp_path):
+    """A PokeBNN graph whose batch is fixed (4) compiled, but its reference graph kept batch 4, so that
+    verify refused compile's own folder; the reference now takes any batch, as the library does."""
+    fixed = _variant(tiny_library, tmp_path / "fixed.onnx", batch=4)
+    code, _, err = cli("compile", fixed, "-o", tmp_path / "lib")
+    assert code == 0, err
+    reference = onnx.load(tmp_path / "lib" / "model.onnx").graph
+    assert reference.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    assert reference.output[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    code, out, err = cli("verify", tmp_path / "lib", "--n", "3")
+    assert code == 0 and "argmax agreement 3/3" in out, out + err
+
+
 def test_a_float_reference_is_refused_in_one_line(cli, tiny_library):
     """A float ResNet (the onnx wheel's light ResNet-50): no comparison with it checks the library."""
     float_model = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
