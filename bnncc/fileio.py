@@ -36,7 +36,15 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would keep the output from everyone else
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as e:
+            # a full disk or a quota while the body wrote (onnx.save) is the output's error, as in
+            # targets.build.atomic_dir: it ended commands as an "unexpected OSError"; a file the body
+            # failed to read is named as it is
+            if e.filename is not None and Path(e.filename) != tmp_path:
+                raise
+            raise BnnccError(f"{dest}: cannot write there ({e.strerror or e})") from None
         sync(tmp_path)
         os.replace(tmp_path, dest)
         with contextlib.suppress(OSError):  # (a file system that cannot sync a folder)

@@ -30,6 +30,21 @@ def test_a_failed_write_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_full_disk_while_writing_is_one_error_naming_the_output(tmp_path):
+    """A full disk while the trained graph was written (onnx.save) ended finetune as an "unexpected
+    OSError", exit 1. /dev/full fails every write with ENOSPC, as a full disk does."""
+    with pytest.raises(BnnccError, match=r"out.onnx: cannot write there \(No space left on device\)"):
+        with atomic_path(tmp_path / "out.onnx") as tmp:
+            with open(tmp, "wb") as f, open("/dev/full", "wb") as full:
+                f.write(b"half")
+                full.write(b"the rest")
+                full.flush()
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="missing.txt"):  # a file the body failed to read is its own error
+        with atomic_path(tmp_path / "out.onnx"):
+            (tmp_path / "missing.txt").read_text()
+
+
 @pytest.mark.parametrize(("dest", "message"), [("folder", "is a folder"), ("file/out.onnx", "cannot write there")])
 def test_an_output_path_that_cannot_be_a_file_is_one_error(tmp_path, dest, message):
     (tmp_path / "folder").mkdir()
