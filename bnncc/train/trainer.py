@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,7 +182,12 @@ def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, sched
              "scheduler": scheduler.state_dict(), "calibrated": calibrated, "config": asdict(cfg),
              "train_images": train_images, "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's writer says a full disk is "unexpected pos 2104942 vs 2104912"
+            free = shutil.disk_usage(tmp.parent).free
+            raise BnnccError(f"{path}: cannot write there ({free / 2**20:.1f} MiB free; torch.save: "
+                             f"{str(e).strip().splitlines()[0]})") from None
 
 
 # the settings a run's steps depend on: a checkpoint continues only the run that wrote it

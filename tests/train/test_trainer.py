@@ -1,6 +1,8 @@
+import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -255,6 +257,27 @@ def test_a_diverging_run_stops_before_its_checkpoint_or_metrics_keep_it(idx_dir,
     if checkpoint.exists():
         state = load_checkpoint(checkpoint)
         assert state["step"] < step and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@contextlib.contextmanager
+def files_of_at_most(size: int):
+    """Writes past ``size`` bytes of a file fail (EFBIG), as they do on a full disk (ENOSPC)."""
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_checkpoint_the_disk_cannot_hold_is_one_error_and_leaves_no_file(idx_dir, tmp_path):
+    """torch.save on a full disk raises "unexpected pos 576 vs 534", which ended finetune as an
+    unexpected RuntimeError (exit 1)."""
+    data = open_dataset(idx_dir, "train")
+    with files_of_at_most(1000), pytest.raises(BnnccError, match=r"run.ckpt: cannot write there \(.* MiB free"):
+        train(tiny_net(), None, data, cfg(), SHAPE, checkpoint=tmp_path / "run.ckpt", show_progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_batch_larger_than_the_data_is_refused_with_a_step_limit_too(idx_dir):
