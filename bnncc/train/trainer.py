@@ -19,7 +19,6 @@ continues exactly where a run stopped. Checkpoints are written atomically every
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
 import gc
 import json
@@ -37,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path
+from bnncc.fileio import atomic_path, output_errors
 from bnncc.progress import bar_console
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import Dataset
@@ -367,7 +366,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         _check_same_start(checkpoint, start if resumed else None)
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
-    log = None  # the metrics file, opened at its first record: continued when resumed, else begun anew
+    mode = "a" if resumed else "w"  # the metrics file's first record continues a resumed run's, else begins anew
     if resumed and metrics is not None and rank == 0 and metrics.exists():
         _drop_records_after(metrics, start)
     bar = bar_console()
@@ -380,7 +379,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
              for step in range(start, steps))
     loss_value, seen, began = float("nan"), 0, time.perf_counter()
     stopped = _StopNotice(checkpoint if rank == 0 else None, steps, cfg.checkpoint_every, start if resumed else None)
-    with progress, stopped, contextlib.ExitStack() as files:  # files: the metrics file, closed on any way out
+    with progress, stopped:
         task = progress.add_task("train", total=steps, completed=start, loss="-", lr=scheduler.get_last_lr()[0], ips=0.0)
         for step, (images, labels) in enumerate(loader(plans), start):
             step_began = time.perf_counter()
@@ -420,13 +419,15 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 seconds = time.perf_counter() - began
                 progress.update(task, loss=f"{loss_value:.4f}", lr=rate, ips=seen / seconds)
                 if metrics is not None and rank == 0:
-                    if log is None:  # (its folder, like the other outputs', is made when first written)
-                        metrics.parent.mkdir(parents=True, exist_ok=True)
-                        log = files.enter_context(metrics.open("a" if resumed else "w"))
-                    log.write(json.dumps({"step": done, "loss": loss_value, "lr": rate,
-                                          "images_per_s": seen / seconds, "seconds": seconds,
-                                          "bad_images": len(loader.bad)}) + "\n")
-                    log.flush()
+                    # opened for each record and closed inside output_errors: a full disk is one error naming
+                    # the file (a file held open failed again at its close, as an unexpected OSError)
+                    with output_errors(metrics):
+                        metrics.parent.mkdir(parents=True, exist_ok=True)  # (like the other outputs' folders)
+                        with metrics.open(mode) as log:
+                            log.write(json.dumps({"step": done, "loss": loss_value, "lr": rate,
+                                                  "images_per_s": seen / seconds, "seconds": seconds,
+                                                  "bad_images": len(loader.bad)}) + "\n")
+                    mode = "a"
             if checkpoint_due or done == steps:  # what a checkpoint or the caller reads
                 _average_statistics(student)
             if checkpoint_due and rank == 0:

@@ -280,6 +280,13 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_error_and_leaves_no_file(idx_d
     assert os.listdir(tmp_path) == []
 
 
+def test_metrics_the_disk_cannot_hold_are_one_error(idx_dir, tmp_path):
+    """A metrics line written onto a full disk ended finetune as an unexpected OSError (exit 1)."""
+    data = open_dataset(idx_dir, "train")
+    with files_of_at_most(200), pytest.raises(BnnccError, match=r"m.jsonl: cannot write there \(File too large\)"):
+        train(tiny_net(), None, data, cfg(log_every=1), SHAPE, metrics=tmp_path / "m.jsonl", show_progress=False)
+
+
 def test_a_batch_larger_than_the_data_is_refused_with_a_step_limit_too(idx_dir):
     data = open_dataset(idx_dir, "train")
     with pytest.raises(BnnccError, match=f"{len(data)} training images make no batch of 1000"):
