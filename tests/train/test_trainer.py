@@ -116,6 +116,18 @@ def test_resume_is_bit_exact(idx_dir, tmp_path, monkeypatch):
     assert not states_equal(fresh.state_dict(), whole.state_dict())
 
 
+def test_a_run_removes_the_partial_checkpoints_of_a_killed_one(idx_dir, tmp_path):
+    """A kill -9 while a checkpoint was written left its temporary file (as large as a checkpoint) beside
+    it, and every later run kept it; other files of similar names are not a checkpoint's."""
+    checkpoint = tmp_path / "run.ckpt"
+    partial, others = tmp_path / ".run.ckpt.x1y2z3.ckpt", [tmp_path / ".run.ckpt.mine", tmp_path / ".run.ckpt"]
+    for path in (partial, *others):
+        path.write_bytes(b"half a checkpoint")
+    train(tiny_net(), None, open_dataset(idx_dir, "train"), cfg(max_steps=2), SHAPE, checkpoint=checkpoint,
+          show_progress=False)
+    assert sorted(tmp_path.iterdir()) == sorted([checkpoint, *others])
+
+
 def test_resuming_another_runs_checkpoint_is_refused_and_a_new_run_begins_its_metrics(idx_dir, tmp_path, caplog):
     """A checkpoint continues only the run of its settings (another batch size's step count would be
     taken for this run's); without --resume the metrics file starts anew; --resume without a
