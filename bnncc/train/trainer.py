@@ -177,10 +177,11 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, scheduler, calibrated: bool,
-                     cfg: TrainConfig, train_images: int, bad_images: set[int]) -> None:
+                     cfg: TrainConfig, data: dict, bad_images: set[int]) -> None:
     state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "calibrated": calibrated, "config": asdict(cfg),
-             "train_images": train_images, "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
+             "train_images": data["images"], "train_labels": data["labels"],
+             "bad_images": torch.tensor(sorted(bad_images), dtype=torch.int64)}
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)
@@ -195,14 +196,23 @@ _RUN_SETTINGS = ("lr", "batch_size", "epochs", "max_steps", "weight_decay", "cli
                  "label_weight", "weight_quant_start", "act_calibration_at", "calibration_batches", "seed")
 
 
-def _check_same_run(path: Path, state: dict, cfg: TrainConfig, train_images: int) -> None:
-    """Refuse to resume a run of other settings or other data from ``path``: its step count and
-    schedule would be taken for this run's (a checkpoint of 4 epochs at batch 16 resumed as 1 epoch
-    at batch 32 ran no step and wrote the checkpoint's weights as the result)."""
+def _data_identity(data: Dataset) -> dict:
+    """What a checkpoint records of its training data, to be resumed on the same: the image count and
+    the labels' digest."""
+    return {"images": len(data), "labels": data.labels_digest()}
+
+
+def _check_same_run(path: Path, state: dict, cfg: TrainConfig, data: dict) -> None:
+    """Refuse to resume a run of other settings or other data (``_data_identity``) from ``path``: its
+    step count and schedule would be taken for this run's (a checkpoint of 4 epochs at batch 16
+    resumed as 1 epoch at batch 32 ran no step and wrote the checkpoint's weights as the result), and
+    another data set of as many images was trained on as if it were the same."""
     saved, current = state.get("config", {}), asdict(cfg)
     changed = [f"{key} {saved[key]} -> {current[key]}" for key in _RUN_SETTINGS if key in saved and saved[key] != current[key]]
-    if state.get("train_images", train_images) != train_images:
-        changed.append(f"training images {state['train_images']} -> {train_images}")
+    if state.get("train_images", data["images"]) != data["images"]:
+        changed.append(f"training images {state['train_images']} -> {data['images']}")
+    elif state.get("train_labels", data["labels"]) != data["labels"]:
+        changed.append("another data set of as many training images (their labels differ)")
     if changed:
         raise BnnccError(f"{path}: written by a run with other settings ({', '.join(changed)}); resume with "
                          f"the same settings, or start anew without --resume")
@@ -348,9 +358,10 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     resumed = resume and checkpoint is not None and checkpoint.exists()
     if resume and not resumed:
         logger.warning("%s: no checkpoint to resume from; training from step 0", checkpoint)
+    identity = _data_identity(data) if checkpoint is not None else None
     if resumed:
         state = load_checkpoint(checkpoint)
-        _check_same_run(checkpoint, state, cfg, len(data))
+        _check_same_run(checkpoint, state, cfg, identity)
         try:
             student.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -435,7 +446,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 _average_statistics(student)
             if checkpoint_due and rank == 0:
                 stopped.saving(done)
-                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, len(data),
+                _save_checkpoint(checkpoint, done, student, optimizer, scheduler, calibrated, cfg, identity,
                                  loader.bad)
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
