@@ -90,9 +90,9 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.targets import registry
 
     model_path, outdir = Path(model_path), Path(outdir)
-    # an unknown target, an output folder of someone else's files, a folder that holds no data set
-    # fail before any work
-    registry.get(options.target)
+    # an unknown target or one whose build tools are missing, an output folder of someone else's files,
+    # a folder that holds no data set fail before any work
+    registry.get(options.target, build=True)
     check_outdir(outdir)
     if options.data is not None:
         from bnncc.train.data import dataset_kind

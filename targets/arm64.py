@@ -44,7 +44,7 @@ from bnncc.targets.tvm_compat import NUM_THREADS, Target, cross_compiler, make_t
 
 __all__ = [
     "CROSS_CXX", "NEON", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions",
-    "export_arm64", "is_arm64", "kernel_assembly", "schedule",
+    "export_arm64", "is_arm64", "kernel_assembly", "require_cross_compiler", "schedule",
 ]
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
@@ -77,15 +77,16 @@ def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
 
 
 # -- libraries ------------------------------------------------------------------------------------
-def _cross_compiler():
+def require_cross_compiler() -> None:
+    """A BnnccError unless the cross compiler that links the library is on PATH."""
     if shutil.which(CROSS_CXX) is None:
         raise BnnccError(f"{CROSS_CXX} not found; install it: apt-get install g++-aarch64-linux-gnu")
-    return cross_compiler(CROSS_CXX)
 
 
 def export_arm64(executable, path: str | os.PathLike) -> Path:
     """Link a compiled executable (Relax or PrimFunc) into an aarch64 shared library at ``path``, atomically."""
-    compiler = _cross_compiler()
+    require_cross_compiler()
+    compiler = cross_compiler(CROSS_CXX)
     with atomic_path(path, suffix=".so") as tmp:
         executable.export_library(str(tmp), fcompile=compiler)
     return Path(path)

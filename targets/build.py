@@ -46,7 +46,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     that every batch size runs; model.json lists them all. Returns the folder's path. With
     ``show_progress``, a bar of its steps on a terminal's stderr.
     """
-    spec = registry.get(target)
+    spec = registry.get(target, build=True)
     batches = tuple(sorted(set(batches)))
     if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
         raise BnnccError(f"batch sizes must be 1 to {MAX_BATCH}, got {list(batches)} (a library takes any batch in "

@@ -48,7 +48,7 @@ from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_schedu
 __all__ = [
     "ARCH_ENV", "DEFAULT_ARCH", "GRAPHS_ENV", "MMA_ENV", "cuda_arch", "cuda_graphs", "cuda_target", "export_cuda",
     "find_cuobjdump", "find_nvcc", "has_cuda_device", "inspect_cuda_source", "load_vm", "nvcc_fatbin", "pass_config",
-    "report", "sass", "schedule", "schedule_binary_conv2d", "schedule_tensor_core_conv", "tensor_cores",
+    "report", "require_nvcc", "sass", "schedule", "schedule_binary_conv2d", "schedule_tensor_core_conv", "tensor_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -260,11 +260,17 @@ def inspect_cuda_source(executable) -> str:
     return "".join(sources)
 
 
-def nvcc_fatbin(source: str, arch: str) -> bytes:
-    """Compile CUDA C ``source`` with nvcc into a fatbin for ``arch`` (its SASS and PTX)."""
+def require_nvcc() -> str:
+    """nvcc's path (``find_nvcc``); a BnnccError where there is none."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise BnnccError("nvcc not found; install a CUDA toolkit or put nvcc on PATH (`bnncc targets`)")
+    return nvcc
+
+
+def nvcc_fatbin(source: str, arch: str) -> bytes:
+    """Compile CUDA C ``source`` with nvcc into a fatbin for ``arch`` (its SASS and PTX)."""
+    nvcc = require_nvcc()
     with tempfile.TemporaryDirectory(prefix="bnncc-nvcc-") as tmp:
         cu, fatbin = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
         cu.write_text(source, encoding="utf-8")

@@ -56,6 +56,8 @@ class TargetSpec:
     elf_machine: str | None = None
     # (manifest, its path) -> None, or a BnnccError for what this host cannot run, before loading
     check_host: Callable[[dict, Path], None] | None = None
+    # () -> a BnnccError naming a tool the build needs that this host lacks (``get(..., build=True)``); None: none
+    check_build: Callable[[], object] | None = None
 
 
 def _cpu_pass_config() -> dict:
@@ -282,10 +284,10 @@ TARGETS = {
                           x86_64.AVX512_VPOPCNTDQ),
     "arm64": TargetSpec("arm64", "aarch64 Linux, NEON (runs under qemu-aarch64 on x86-64)", arm64.arm64_target,
                         arm64.schedule, arm64.export_arm64, _arm64_caller, _arm64_requirements, _arm64_report,
-                        _cpu_pass_config, elf_machine="aarch64"),
+                        _cpu_pass_config, elf_machine="aarch64", check_build=arm64.require_cross_compiler),
     "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (nvcc builds the kernels into model.so)",
                        cuda.cuda_target, cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements,
-                       _cuda_report, cuda.pass_config),
+                       _cuda_report, cuda.pass_config, check_build=cuda.require_nvcc),
 }
 
 
@@ -293,10 +295,14 @@ def names() -> tuple[str, ...]:
     return tuple(TARGETS)
 
 
-def get(name: str) -> TargetSpec:
-    """The target called ``name``; BnnccError naming the known ones otherwise."""
+def get(name: str, *, build: bool = False) -> TargetSpec:
+    """The target called ``name``; BnnccError naming the known ones otherwise. With ``build``, also one
+    naming a tool its build needs that this host lacks: compile and convert ask before any work, as the
+    linker or nvcc runs last, after the minutes of lowering (and in convert after the fine-tune)."""
     if name not in TARGETS:
         raise BnnccError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+    if build and TARGETS[name].check_build is not None:
+        TARGETS[name].check_build()
     return TARGETS[name]
 
 

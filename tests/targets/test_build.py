@@ -89,3 +89,18 @@ def test_compile_shows_its_steps_on_a_terminal(tmp_path, monkeypatch):
     assert screen.getvalue() == ""  # show_progress is the caller's choice: the API is quiet by default
     monkeypatch.setattr(build, "bar_console", lambda: None)  # no terminal
     build.compile(tiny_pokebnn(), tmp_path / "piped", show_progress=True)
+
+
+@pytest.mark.parametrize("target", ["arm64", "cuda"])
+@pytest.mark.parametrize("command", ["compile", "convert"])
+def test_a_missing_build_tool_is_said_before_any_work(tmp_path, cli, monkeypatch, target, command):
+    """The cross linker and nvcc run last: without them, compile lowered and built for minutes (convert also
+    fine-tuned) before its one line. Said before the model is even read (none here), nothing written."""
+    from bnncc.targets import cuda
+
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no aarch64-linux-gnu-g++
+    monkeypatch.setattr(cuda, "find_nvcc", lambda: None)
+    code, out, err = cli(command, tmp_path / "none.onnx", "--target", target, "-o", tmp_path / "out")
+    tool = {"arm64": "aarch64-linux-gnu-g++ not found", "cuda": "nvcc not found"}[target]
+    assert code == 2 and err.startswith(f"error: {tool}; install ") and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
