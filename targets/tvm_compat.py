@@ -28,9 +28,15 @@ def _configure_threads() -> int:
     ``runtime.config_threadpool`` does not raise it, so the environment variable is the only
     reliable knob; it is read when the thread pool starts, i.e. after import.
     """
-    value = os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0))
+    value = os.environ.setdefault("TVM_NUM_THREADS", str(cpus))
     if not value.strip().isdigit():
         raise BnnccError(f"TVM_NUM_THREADS={value!r}: expected a whole number of threads (0: TVM's default)")
+    # TVM's workers spin while they wait: beyond the CPUs they take turns on them, and a process of 64
+    # threads on 2 CPUs took a minute to exit, one of 256 never did
+    if int(value) > cpus:
+        raise BnnccError(f"TVM_NUM_THREADS={value.strip()}: more threads than the {cpus} CPUs this process may run on "
+                         f"(they would only slow every call and the exit); give {cpus} or fewer")
     return int(value)
 
 

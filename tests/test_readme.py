@@ -30,7 +30,8 @@ NO_DATA_COMMANDS = ("inspect", "ace", "rewrite", "passes", "targets", "--help")
 
 
 def _python(code: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS", "2")}
+    threads = os.environ.get("TVM_NUM_THREADS", str(min(2, len(os.sched_getaffinity(0)))))  # no more than the CPUs
+    env = {**os.environ, "TVM_NUM_THREADS": threads}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -1246,14 +1246,21 @@ def test_a_library_whose_manifest_holds_nan_unpickles(library, tmp_path):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(lib))(x), lib(x))
 
 
-def test_tvm_num_threads_that_is_no_number_is_one_line():
+@pytest.mark.parametrize("value, error", [
+    ("abc", "TVM_NUM_THREADS='abc': expected a whole number of threads (0: TVM's default)"),
+    # a process of 256 threads on 2 CPUs never exited (TVM's workers spin while they wait)
+    ("{more}", "TVM_NUM_THREADS={more}: more threads than the {cpus} CPUs this process may run on (they would only "
+               "slow every call and the exit); give {cpus} or fewer"),
+], ids=["no-number", "more-than-the-cpus"])
+def test_tvm_num_threads_that_tvm_cannot_use_well_is_one_line(value, error):
     import subprocess
     import sys
 
+    cpus = len(os.sched_getaffinity(0))
+    value, error = value.format(more=cpus + 1), error.format(more=cpus + 1, cpus=cpus)
     done = subprocess.run([sys.executable, "-m", "bnncc", "targets"], capture_output=True, text=True,
-                          env={**os.environ, "TVM_NUM_THREADS": "abc"})
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: TVM_NUM_THREADS='abc': expected a whole number of threads (0: TVM's default)"], done.stderr
+                          env={**os.environ, "TVM_NUM_THREADS": value})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {error}"], done.stderr
 
 
 def test_inputs_that_are_no_real_numbers_are_one_line(library):
