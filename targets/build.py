@@ -25,6 +25,7 @@ from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import file_sha256, output_errors, sync, umask
 from bnncc.frontend import read_pokebnn, source_name
+from bnncc.ops.registry import op_def
 from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
 from bnncc.progress import bar_console
 from bnncc.targets import registry
@@ -58,6 +59,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     model = read_pokebnn(model, "compile")
     # the library takes any batch, and so must its reference graph, which verify runs one image at a time
     SymbolicBatchPass()(model)
+    _warn_uncalibrated(model)
     llvm_target = spec.tvm_target()
     start = time.perf_counter()
     with _steps(show_progress, target) as step:
@@ -90,6 +92,19 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
             ir.save(model, tmp / "model.onnx")
     logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)
     return Path(output)
+
+
+def _warn_uncalibrated(model: ir.Model) -> None:
+    """Say when activation bounds are uncalibrated (all <= 0: their quantizers pass floats, spec.md), as in a
+    graph straight from rewrite: the library then runs those layers in float, where its ACE counts them at
+    their bits, and nothing else said so."""
+    bounds = [node.inputs[position] for node in model.graph if (op := op_def(node)) is not None
+              for position, _ in op.bounds if position < len(node.inputs) and node.inputs[position] is not None]
+    arrays = [bound.const_value.numpy() for bound in bounds if bound.const_value is not None]
+    uncalibrated = sum(int((array <= 0).all()) for array in arrays)
+    if uncalibrated:
+        logger.warning("%d of %d activation bounds are uncalibrated: those quantizers run in float; fine-tune "
+                       "the graph first (bnncc finetune calibrates them)", uncalibrated, len(arrays))
 
 
 # compile's steps, in order, as its progress bar counts them

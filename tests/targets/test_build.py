@@ -104,3 +104,31 @@ def test_a_missing_build_tool_is_said_before_any_work(tmp_path, cli, monkeypatch
     tool = {"arm64": "aarch64-linux-gnu-g++ not found", "cuda": "nvcc not found"}[target]
     assert code == 2 and err.startswith(f"error: {tool}; install ") and len(err.strip().splitlines()) == 1, err
     assert os.listdir(tmp_path) == []
+
+
+def test_compile_says_when_activation_bounds_are_uncalibrated(tmp_path, caplog):
+    """A graph straight from rewrite (bounds -1) compiled without a word, though its library runs the
+    stem, SE gates and head in float; a calibrated one, as fine-tune writes it, compiles quietly."""
+    import numpy as np
+    import onnx_ir as ir
+    from test_lower import tiny_pokebnn
+
+    import bnncc.targets.build as build
+    from bnncc.ops.registry import op_def
+
+    model = tiny_pokebnn()
+    def said():
+        return [r.getMessage() for r in caplog.records if r.name == "bnncc.targets.build"]
+
+    with caplog.at_level("WARNING", logger="bnncc.targets.build"):
+        build.compile(model, tmp_path / "calibrated")
+    assert said() == []
+    bounds = [node.inputs[i] for node in model.graph if (op := op_def(node)) for i, _ in op.bounds]
+    assert all((bound.const_value.numpy() > 0).any() for bound in bounds)
+    first = bounds[0]
+    first.const_value = ir.tensor(np.full(first.const_value.shape.numpy(), -1, np.float32), name=first.name)
+    with caplog.at_level("WARNING", logger="bnncc.targets.build"):
+        build.compile(model, tmp_path / "uncalibrated")
+    assert said() == [
+        f"1 of {len(bounds)} activation bounds are uncalibrated: those quantizers run in float; fine-tune the graph "
+        f"first (bnncc finetune calibrates them)"]
