@@ -191,6 +191,17 @@ def test_an_interrupt_after_compile_leaves_no_library_without_its_report(narrow_
     assert {"model.so", "model.json", "model.onnx", "report.md", "report.json"} <= {p.name for p in outdir.iterdir()}
 
 
+def test_latency_counts_the_threads_of_tvms_default_pool():
+    """TVM_NUM_THREADS=0 asks for TVM's default pool, half the logical CPUs on x86-64 (at least one);
+    the latency was reported as measured on "0 threads"."""
+    code = ("from bnncc.pipeline import measure_latency\n"
+            "Identity = type('Identity', (), {'input_chw': (1, 2, 2), '__call__': lambda self, x: x})\n"
+            "print(measure_latency(Identity(), 2)['threads'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"TVM_NUM_THREADS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(done.stdout.split()[-1]) == max(1, os.cpu_count() // 2)
+
+
 def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path):
     """Two converts into one folder replaced each other's stage files; the second now stops at once,
     before any stage, and its lock goes with the first's end (here, the file's closing)."""
