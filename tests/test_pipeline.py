@@ -114,6 +114,32 @@ def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, n
     assert f"to run it without Python (on the device): bnncc bundle {converted.outdir} -o DIR" in text
 
 
+def test_cli_stage_table_of_a_full_resnet50_keeps_its_numbers_at_80_columns(capsys, monkeypatch):
+    """rich narrowed every column to fit 80 and cut a ResNet-50's 25,557,032 params to "25,557,0…"."""
+    from types import SimpleNamespace
+
+    from bnncc.cli._app import MIN_WIDTH, console
+    from bnncc.cli.convert_cmd import print_result
+
+    def stage(name, ace, cpu64, params, size):
+        return SimpleNamespace(name=name, file_bytes=size, cost=SimpleNamespace(total=ace, cpu64=cpu64,
+                                                                               trainable_params=params))
+
+    stages = (stage("float import", 1_046_831_169_536, 4_089_184_256, 25_557_032, 102_442_450),
+              stage("rewrite", 4_222_541_824, 216_417_792, 27_182_112, 109_000_000),
+              stage("fine-tune", 4_222_541_824, 216_417_792, 27_182_112, 109_000_000),
+              stage("compiled", 4_222_541_824, 216_417_792, 27_182_112, 285_000_000))
+    report = SimpleNamespace(stages=stages, accuracy=None, latency=None)
+    monkeypatch.setattr(console, "width", MIN_WIDTH)
+    print_result(SimpleNamespace(outdir="out", report=report, cached={"rewrite": True},
+                                 seconds={"import": 3.2, "rewrite": 40.5, "finetune": 12345.6, "compile": 95.0}))
+    out = capsys.readouterr().out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= MIN_WIDTH, out
+    for cells in (["1046.8312", "4089.18", "25,557,032", "97.70 MiB"], ["4.2225", "216.42", "27,182,112", "12345.6"],
+                  ["271.80 MiB", "95.0"]):
+        assert any(all(f" {cell} " in line for cell in cells) for line in out.splitlines()), (cells, out)
+
+
 def test_fine_tuning_options_without_data_are_an_error(cli, narrow_resnet, tmp_path):
     """They were taken and ignored: the run compiled an untrained network, exit 0."""
     code, _, err = cli("convert", narrow_resnet, "--epochs", "5", "--max-steps", "3", "-o", tmp_path / "out")
