@@ -76,6 +76,19 @@ def test_writes_json_markdown_plots_and_keeps_latency_out_of_json(report, tmp_pa
     assert "| 70.25% | - |" in md and "1.50 ms" in md
 
 
+def test_ace_reduction_is_written_in_bit_macs(report, tmp_path):
+    """A float import of 1.28e13 ACE (a ResNet-152 at 448 px is 1.18e13) read "1.28e+04e9"."""
+    from bnncc.ops.counting import Layer
+
+    big = Layer("big", "Conv", "conv", 16, 16, 50_000_000_000, 1, 32)  # 5e10 MACs at 16 x 16 bits
+    first = report.stages[0]
+    stages = (dataclasses.replace(first, cost=dataclasses.replace(first.cost, layers=(big,))), *report.stages[1:])
+    write_report(dataclasses.replace(report, stages=stages), tmp_path)
+    # deployed: the narrow conv model's 70 MACs at 16 x 16 bits, 17,920; 1.28e13 / 17,920 = 714,285,714.3
+    assert ("ACE falls from 1.28e+13 (float import) to 1.792e+04 (deployed): 714285714.3x less."
+            in (tmp_path / "report.md").read_text())
+
+
 def test_same_report_gives_the_same_bytes(report, tmp_path):
     write_report(report, tmp_path / "a")
     write_report(report, tmp_path / "b")
