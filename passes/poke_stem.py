@@ -36,7 +36,7 @@ from bnncc.errors import BnnccError
 from bnncc.passes._blocks import only_user
 from bnncc.passes._pokebnn import (add_node, batch_norm, dprelu, lecun_normal, refresh,
                                    take_over, uncalibrated_bound)
-from bnncc.passes._util import add_initializer, check_bit_widths, ints_attr
+from bnncc.passes._util import add_initializer, check_bit_widths, ints_attr, static_dims
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,12 @@ class PokeStemPass(ir.passes.InPlacePass):
         if stem is None:
             return ir.passes.PassResult(model, modified=False)
         conv, last = stem[0], stem[-1]
+        sizes = [static_dims(value) for value in (conv.inputs[0], last.outputs[0])]
+        if not all(dims is not None and all(isinstance(d, int) for d in dims[2:]) for dims in sizes):
+            # the window follows from the image sizes: a model read with onnx_ir.load has none inferred,
+            # and failed in stem_window with "TypeError: 'NoneType' object is not iterable"
+            raise BnnccError(f"poke_stem: the stem ({', '.join(node.name for node in stem)}) has no inferred "
+                             f"image size; load the model with bnncc.load")
         out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
         mid = self.mid_channels
         try:

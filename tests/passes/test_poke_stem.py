@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from _support import CLASSES, SIZE, ace_total, conv_macs, op_counts, random_input, run_ort
@@ -56,6 +57,17 @@ def test_stem_structure_and_ace(small_model):
 def test_does_not_fire_twice(small_model):
     PokeStemPass(mid_channels=8)(small_model)
     assert not PokeStemPass(mid_channels=8)(small_model).modified
+
+
+def test_a_model_without_inferred_shapes_is_refused_in_one_line(small_resnet_path):
+    """A model read with onnx_ir.load has no shapes to take the window from: a TypeError came out."""
+    model = ir.load(small_resnet_path)
+    nodes = [node.op_type for node in model.graph]
+    with pytest.raises(BnnccError, match=r"^poke_stem: the stem \(/conv1/Conv, /relu/Relu, /maxpool/MaxPool\) has no "
+                                         r"inferred image size; load the model with bnncc.load$"):
+        PokeStemPass(mid_channels=8)(model)
+    assert [node.op_type for node in model.graph] == nodes  # refused before any change
+    assert PokeStemPass(mid_channels=8)(load(small_resnet_path)).modified
 
 
 def test_stem_width_must_be_a_multiple_of_mid_channels(small_model):
