@@ -72,14 +72,18 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
         _check_identity_shortcuts(blocks, widths, in_channels)
         convs = list(_new_conv_widths(blocks, widths, in_channels))
         _check_size(convs)
+        head = _dense_after(blocks[-1].out_relu.outputs[0])
+        if head is None:
+            # a head the pass cannot follow kept its old width: a model read with onnx_ir.load (ReduceMean,
+            # a Reshape to the old feature count) became a graph onnxruntime could not run
+            raise BnnccError(f"width_multiplier: the last block's output {blocks[-1].out_relu.outputs[0].name!r} "
+                             f"reaches no Gemm through GlobalAveragePool and Flatten; load the model with bnncc.load")
         for conv, cout, cin in convs:
             modified |= _resize_conv(conv, cout, cin, rng)
         in_channels = widths[-1][1]
-        head = _dense_after(blocks[-1].out_relu.outputs[0])
-        if head is not None:
-            modified |= _resize(head.inputs[1], (_weight(head).shape[0], in_channels), rng, head.name)
-            if head.op_type == "QuantGemm":  # int8_head ran first: its per-input bounds must take the new width
-                modified |= _reset_bounds(head.inputs[2], in_channels, head.name)
+        modified |= _resize(head.inputs[1], (_weight(head).shape[0], in_channels), rng, head.name)
+        if head.op_type == "QuantGemm":  # int8_head ran first: its per-input bounds must take the new width
+            modified |= _reset_bounds(head.inputs[2], in_channels, head.name)
         if modified:
             refresh(model)
         return ir.passes.PassResult(model, modified=modified)
@@ -176,12 +180,13 @@ def _reset_bounds(value: ir.Value, channels: int, owner: str) -> bool:
 
 
 def _dense_after(value: ir.Value) -> ir.Node | None:
-    """The Gemm/QuantGemm the value reaches through pooling and flattening, if any."""
+    """The Gemm/QuantGemm the value reaches through the canonical head's pooling and flattening, if any
+    (not through a Reshape: its shape may hold the old width)."""
     while len(value.uses()) == 1:
         node = value.uses()[0].node
         if node.op_type in ("Gemm", "QuantGemm"):
             return node
-        if node.op_type not in ("GlobalAveragePool", "Flatten", "Reshape"):
+        if node.op_type not in ("GlobalAveragePool", "Flatten"):
             return None
         value = node.outputs[0]
     return None

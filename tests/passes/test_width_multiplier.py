@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from _support import CLASSES, SIZE, ace_total, random_input, run_ort
 
@@ -120,3 +121,23 @@ def test_a_network_too_large_to_hold_is_refused_before_anything_changes(small_mo
     assert all(np.array_equal(v.const_value.numpy(), before[name]) for name, v in after)
     monkeypatch.setattr(pass_module, "MAX_WEIGHTS", doubled)
     assert WidthMultiplierPass(2.0)(small_model).modified
+
+
+def test_a_head_it_cannot_follow_is_refused_before_anything_changes(small_model):
+    """A Reshape to the feature count, as exporters write the flatten (the front end turns it into a
+    Flatten), kept the old width: the pass went through it, resized the Gemm, and onnxruntime could not
+    run the result. Such a head is refused, the model left as it was."""
+    flatten = next(node for node in small_model.graph if node.op_type == "Flatten")
+    features = flatten.outputs[0].shape[1]
+    shape = ir.Value(name="flat_shape", const_value=ir.tensor(np.array([-1, features], np.int64)))
+    small_model.graph.register_initializer(shape)
+    reshape = ir.node("Reshape", [flatten.inputs[0], shape], name="flat")
+    small_model.graph.insert_before(flatten, reshape)
+    flatten.outputs[0].replace_all_uses_with(reshape.outputs[0])
+    small_model.graph.remove(flatten, safe=True)
+    x = random_input()
+    before = run_ort(small_model, x)
+    with pytest.raises(BnnccError, match=r"^width_multiplier: the last block's output '.*' reaches no Gemm through "
+                                         r"GlobalAveragePool and Flatten; load the model with bnncc.load$"):
+        WidthMultiplierPass(0.5)(small_model)
+    np.testing.assert_array_equal(run_ort(small_model, x), before)
