@@ -104,6 +104,11 @@ def verify(folder: str | os.PathLike, reference: str | os.PathLike | None = None
     come from a second stream seeded from ``seed``."""
     from bnncc.runtime import load
 
+    # the command's options refuse these; from Python, a negative n or batch drew no input and the
+    # report of nothing compared said ok, and batch 0 failed in range()
+    if n < 0 or batch < 1 or n + len(images) == 0:
+        raise BnnccError(f"n = {n}, batch = {batch}, {len(images)} images: verify needs n >= 0, batch >= 1 and "
+                         f"at least one input")
     if n > MAX_INPUTS:
         raise BnnccError(f"{n} random inputs: at most {MAX_INPUTS}; each takes {2 + PERTURBATIONS} onnxruntime runs "
                          f"(the reference and its rounding spread), ~{SECONDS_PER_INPUT_R50:g} s on a 224 px ResNet-50, "

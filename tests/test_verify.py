@@ -12,6 +12,7 @@ import pytest
 from tiny_poke import tiny_poke_model
 
 from bnncc import verification as v
+from bnncc.errors import BnnccError
 
 
 def _logits(top: int) -> np.ndarray:
@@ -258,3 +259,15 @@ def test_images_and_arrays_given_are_verified_beside_the_random_inputs(cli, tiny
     (tmp_path / "c.png").write_bytes(b"not an image")
     code, out, err = cli("verify", tiny_library, "-i", tmp_path / "c.png")
     assert code == 2 and out == "" and f"{tmp_path / 'c.png'}: not a readable image" in err
+
+
+@pytest.mark.parametrize("n, batch, images", [(0, 1, []), (-3, 1, []), (2, -1, []), (2, 0, []), (-1, 1, [None])])
+def test_from_python_no_input_or_a_batch_below_one_is_refused(tiny_library, n, batch, images):
+    """The command's options refuse these; bnncc.verify compared no input and reported ok (or failed in
+    range() at batch 0)."""
+    images = [np.zeros((3, 16, 16), np.float32) for _ in images]
+    with pytest.raises(BnnccError, match=rf"^n = {n}, batch = {batch}, {len(images)} images: verify needs n >= 0, "
+                                         r"batch >= 1 and at least one input$"):
+        v.verify(tiny_library, n=n, batch=batch, images=images)
+    report = v.verify(tiny_library, n=0, images=[np.zeros((3, 16, 16), np.float32)])  # the given images alone
+    assert report.ok and report.inputs == 1
