@@ -481,17 +481,19 @@ def write_back(module: GraphModule, model: ir.Model) -> ir.Model:
 
     Updates ``model`` in place (trained weights, BN running statistics, calibrated bounds). Each
     initializer keeps its name, shape and dtype; a mismatch means ``module`` was not made from
-    this model and raises :class:`BnnccError`, before any initializer is written.
+    this model and raises :class:`BnnccError`, before any initializer is written. ``module`` may
+    be ``torch.compile``'s wrapper of the GraphModule.
     """
     initializers = model.graph.initializers
-    state = dict(module.named_parameters()) | dict(module.named_buffers())
     arrays = {}
     for attr, name in module.initializer_names.items():
         value = initializers.get(name)
         if value is None or value.const_value is None:
             raise BnnccError(f"write_back: the model has no initializer {name!r}")
         old = value.const_value
-        array = np.array(state[attr].detach().cpu().numpy(), dtype=old.dtype.numpy(), copy=True)
+        # read as attributes, not from named_parameters(): torch.compile's wrapper prefixes those
+        # names with "_orig_mod." (a KeyError here) and passes attributes on to the module it wraps
+        array = np.array(getattr(module, attr).detach().cpu().numpy(), dtype=old.dtype.numpy(), copy=True)
         if tuple(array.shape) != tuple(old.shape.numpy()):
             raise BnnccError(f"write_back: initializer {name!r} has shape {tuple(old.shape.numpy())}, "
                              f"the module's {attr!r} has {tuple(array.shape)}")

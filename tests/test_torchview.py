@@ -102,6 +102,20 @@ def test_float_write_back_round_trip(float_resnet):
     assert not np.allclose(model.graph.initializers["fc.weight"].const_value.numpy(), module.fc_weight.detach().numpy())
 
 
+def test_write_back_takes_the_module_torch_compile_wraps(float_resnet):
+    """torch.compile's wrapper names the parameters "_orig_mod.<name>": write_back failed with a KeyError."""
+    model = ir.from_proto(ir.to_proto(float_resnet))
+    module = to_torch(model).eval()
+    with torch.no_grad():
+        module.fc_weight.mul_(-2.0)
+    write_back(torch.compile(module), model)  # the wrapper only: nothing is compiled before it runs
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = module(x).numpy()
+    ref = _ort_run(model, x.numpy())
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * np.ptp(ref))
+
+
 def _bn_model(eps: float = 1e-3) -> tuple[ir.Model, dict[str, np.ndarray]]:
     """Conv(3x3, pads 0,0,1,1) -> BatchNormalization -> Relu -> MaxPool -> GAP -> Flatten -> Gemm."""
     rng = np.random.default_rng(0)
