@@ -393,6 +393,21 @@ def test_poke_graph_matches_onnxruntime(real_ops, se_gate):
 
 
 @_WITH_AND_WITHOUT_SE_GATE
+def test_poke_graph_module_saves_and_loads_whole(real_ops, se_gate, tmp_path):
+    """torch.save pickles the module with its plan: a lambda among the SE gate's bound observers made
+    it fail ("Can't pickle <function <lambda>>"), where the float graph's module saved."""
+    model, module = _calibrated_poke(real_ops, se_gate)
+    torch.save(module, tmp_path / "module.pt")
+    loaded = torch.load(tmp_path / "module.pt", weights_only=False).eval()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        ours = loaded(x).numpy()
+    _assert_close_to_reference(ours, _ort_run(model, x.numpy()))
+    loaded.calibrate_bounds([x])  # the loaded module's observers work
+    assert all((loaded.get_buffer(n) > 0).any() for n in loaded.bound_names)
+
+
+@_WITH_AND_WITHOUT_SE_GATE
 def test_poke_graph_gradients_reach_every_parameter(real_ops, se_gate):
     _, module = _calibrated_poke(real_ops, se_gate)
     # eval mode: in train mode a per-channel bias right before a BN gets an exactly-zero gradient

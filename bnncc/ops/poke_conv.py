@@ -221,6 +221,6 @@ OP = register(OpDef(
     overloads=(OVERLOADS[True, False], OVERLOADS[True, True], OVERLOADS[False, False], OVERLOADS[False, True]),
     torch=poke_conv, layers=_layers, sops=_sops, weight_inputs=(1, 10, 13), state_inputs=(4, 5, 11, 14, 18, 19),
     activation_inputs=(0, BLOCK), optional_inputs=(*SE[1:], BLOCK),
-    bounds=((11, lambda args, attrs: se.observe_pool(args[0])), (14, _observe_hidden)),
+    bounds=((11, se.observe_first_input), (14, _observe_hidden)),
     check=_check,
 ))

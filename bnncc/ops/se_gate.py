@@ -22,7 +22,8 @@ from bnncc.ops.counting import Layer, bits_attr, numel
 from bnncc.ops.quant import QuantConv, act_quantize, act_quantize_backward, channel_absmax, quant_conv, weight_grid
 from bnncc.ops.registry import OpDef, register
 
-__all__ = ["SEGate", "se_gate", "observe_pool", "observe_hidden", "switch", "layer", "sops", "emit_qonnx"]
+__all__ = ["SEGate", "se_gate", "observe_pool", "observe_first_input", "observe_hidden", "switch", "layer", "sops",
+           "emit_qonnx"]
 
 
 @script(bnncc_opset, default_opset=op)
@@ -99,6 +100,12 @@ def observe_pool(r: torch.Tensor) -> torch.Tensor:
     return channel_absmax(r.mean(dim=(2, 3), keepdim=True))
 
 
+def observe_first_input(args, attrs) -> torch.Tensor:
+    """``observe_pool`` of the op's first input, as a bound observer (``OpDef.bounds``). A named function,
+    not a lambda: the torch view holds it, and a lambda there kept torch.save from pickling the module."""
+    return observe_pool(args[0])
+
+
 def observe_hidden(r, w1, bound1, b1, *, w_bits: int, a_bits: int, quantize_weights: bool = True) -> torch.Tensor:
     """bound2's activation: relu(QuantConv(mean_HW(R), W1, bound1, B1; signed)), the first conv
     following the two-phase weight switch as the gate does."""
@@ -149,6 +156,10 @@ def check_bounds(node, inputs, a_bits: int) -> None:
     checks.act_bounds(node, inputs[5], a_bits, signed=False)
 
 
+def _observe_hidden(args, attrs) -> torch.Tensor:
+    return observe_hidden(*args[:4], w_bits=attrs.get("w_bits", 4), a_bits=attrs.get("a_bits", 4), **switch(attrs))
+
+
 def _check(node) -> None:
     checks.bits(node, "w_bits")
     check_bounds(node, range(7), checks.bits(node, "a_bits"))
@@ -159,9 +170,7 @@ OP = register(OpDef(
     layers=lambda node, shapes, float_bits: [layer(node, shapes, node.inputs, *_bits(node), node.name)],
     sops=lambda node, shapes: sops(node, shapes, node.inputs),
     weight_inputs=(1, 4), state_inputs=(2, 5),
-    bounds=((2, lambda args, attrs: observe_pool(args[0])),
-            (5, lambda args, attrs: observe_hidden(*args[:4], w_bits=attrs.get("w_bits", 4),
-                                                   a_bits=attrs.get("a_bits", 4), **switch(attrs)))),
+    bounds=((2, observe_first_input), (5, _observe_hidden)),
     qonnx=lambda e, node, inputs, dims: emit_qonnx(e, inputs, *_bits(node), node.name),
     check=_check,
 ))
