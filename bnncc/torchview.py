@@ -484,6 +484,7 @@ def write_back(module: GraphModule, model: ir.Model) -> ir.Model:
     this model and raises :class:`BnnccError`, before any initializer is written. ``module`` may
     be ``torch.compile``'s wrapper of the GraphModule.
     """
+    require_ir_model(model)  # a path or onnx.load's ModelProto failed naming an attribute: 'initializers'
     initializers = model.graph.initializers
     arrays = {}
     for attr, name in module.initializer_names.items():

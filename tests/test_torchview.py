@@ -204,6 +204,18 @@ def test_write_back_rejects_a_different_model():
         write_back(module, other)
 
 
+@pytest.mark.parametrize("kind", ["path", "proto"])
+def test_write_back_names_the_fix_for_a_path_or_a_model_proto(kind, tmp_path):
+    """As to_torch does: write_back(module, "m.onnx") failed with "AttributeError: 'str' object has no
+    attribute 'graph'", onnx.load's ModelProto with "AttributeError: initializers"."""
+    model, _ = _bn_model()
+    ir.save(model, tmp_path / "m.onnx")
+    given = str(tmp_path / "m.onnx") if kind == "path" else onnx.load(tmp_path / "m.onnx")
+    with pytest.raises(TypeError, match=f"^expected an onnx_ir.Model as bnncc.load returns, got "
+                                        f"{type(given).__name__}: load the file with bnncc.load"):
+        write_back(to_torch(model), given)
+
+
 def test_write_back_that_refuses_a_model_leaves_it_as_it_was():
     """The check ran initializer by initializer, writing as it went: a model whose head had another
     width got the module's conv and BN weights before the error, half one network, half another."""
