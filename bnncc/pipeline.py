@@ -93,6 +93,8 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     # an unknown target or one whose build tools are missing, an output folder of someone else's files,
     # a folder that holds no data set fail before any work
     registry.get(options.target, build=True)
+    if options.latency_runs < 1:  # (no option of the command) 0 failed after the compile: "no median for empty data"
+        raise BnnccError(f"latency_runs = {options.latency_runs}: the latency is the median of at least one run")
     check_outdir(outdir)
     if options.data is not None:
         from bnncc.train.data import dataset_kind

@@ -281,6 +281,15 @@ def test_a_run_refused_in_its_first_stage_leaves_nothing(narrow_resnet, tmp_path
     convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False))
 
 
+@pytest.mark.parametrize("runs", [0, -1])
+def test_no_latency_run_is_refused_before_any_work(narrow_resnet, tmp_path, runs):
+    """From Python only (the command has no such option): latency_runs=0 rewrote and compiled, and then
+    failed measuring with "StatisticsError: no median for empty data"."""
+    with pytest.raises(BnnccError, match=rf"^latency_runs = {runs}: the latency is the median of at least one run$"):
+        convert(narrow_resnet, tmp_path / "out", ConvertOptions(overrides=STEM, latency_runs=runs, show_progress=False))
+    assert not (tmp_path / "out").exists()
+
+
 def test_killed_rewrite_leaves_no_partial_onnx(narrow_resnet, tmp_path):
     """SIGKILL `bnncc rewrite` at several points: out.onnx is either absent or a complete model."""
     output = tmp_path / "out.onnx"
