@@ -209,6 +209,20 @@ def test_a_graph_of_a_fixed_batch_compiles_into_a_library_it_verifies(cli, tiny_
     assert code == 0 and "argmax agreement 3/3" in out, out + err
 
 
+def test_compile_leaves_the_model_it_is_given_as_it_was(tiny_library, tmp_path):
+    """compile made the batch of the caller's own model of a fixed batch symbolic, in place."""
+    import onnx_ir as ir
+
+    from bnncc.targets.build import compile as compile_library
+
+    model = ir.load(_variant(tiny_library, tmp_path / "fixed.onnx", batch=4))
+    before = ir.to_proto(model).SerializeToString()
+    compile_library(model, tmp_path / "lib", target="x86-64")
+    assert ir.to_proto(model).SerializeToString() == before
+    assert model.graph.inputs[0].shape[0] == 4
+    assert onnx.load(tmp_path / "lib" / "model.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
 def test_a_float_reference_is_refused_in_one_line(cli, tiny_library):
     """A float ResNet (the onnx wheel's light ResNet-50): no comparison with it checks the library."""
     float_model = os.path.join(os.path.dirname(onnx.__file__), "backend/test/data/light/light_resnet50.onnx")
