@@ -358,7 +358,7 @@ def hash_files(paths: list[Path]) -> str:
 
 def measure_latency(lib, runs: int) -> dict:
     """Milliseconds of one batch-1 call on zeros: median and minimum of ``runs`` after 3 warm-up calls."""
-    from bnncc.targets.tvm_compat import tvm
+    from bnncc.targets.tvm_compat import pool_threads
 
     x = np.zeros((1, *lib.input_chw), np.float32)
     for _ in range(3):
@@ -371,7 +371,7 @@ def measure_latency(lib, runs: int) -> dict:
     # TVM's worker threads spin at each kernel's barrier: with other work on the cores a call can
     # take 1000x longer, so the load beside the measurement is part of the figure.
     # the threads of TVM's pool, not TVM_NUM_THREADS: its 0 (TVM's default, half the CPUs) read "0 threads"
-    return {"batch": 1, "runs": runs, "threads": tvm.runtime.num_threads(), "median_ms": statistics.median(times),
+    return {"batch": 1, "runs": runs, "threads": pool_threads(), "median_ms": statistics.median(times),
             "min_ms": min(times), "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
 
 

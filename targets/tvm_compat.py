@@ -52,9 +52,14 @@ from tvm.target.codegen import target_has_features  # noqa: E402
 
 __all__ = [
     "NUM_THREADS", "Target", "compile_func", "compile_module", "cross_compiler", "export_executable", "export_library",
-    "has_block", "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "runtime_include_dir",
+    "has_block", "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "pool_threads", "runtime_include_dir",
     "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor",
 ]
+
+
+def pool_threads() -> int:
+    """The threads of TVM's pool, as it started them (``NUM_THREADS``, or TVM's default for 0)."""
+    return tvm.runtime.num_threads()
 
 
 def make_target(spec: dict[str, Any]) -> Target:
