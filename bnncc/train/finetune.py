@@ -109,6 +109,11 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     if _classes(student_model) != _classes(teacher_model):
         raise BnnccError(f"{student_path}: {_classes(student_model)} classes but the teacher {teacher_path} has "
                          f"{_classes(teacher_model)}: distillation needs the same output")
+    if _classes(student_model) == 1:
+        # the softmax of one logit is 1 whatever the input: the run changed the weights by their decay alone
+        # and the report called the network fine-tuned
+        raise BnnccError(f"{student_path}: one output class; distillation and labels compare softmaxes, which "
+                         f"give it no gradient: there is nothing to fine-tune")
     train_data, val_data = open_splits(data_dir)  # indexed and checked before any training
     if cfg.label_weight > 0 and train_data.num_classes != _classes(student_model):
         raise BnnccError(f"{data_dir}: labels of {train_data.num_classes} classes for a model of "

@@ -97,6 +97,24 @@ def test_a_label_weight_needs_labels_of_the_models_classes(cli, tmp_path, teache
     assert not (tmp_path / "ft.onnx").exists()
 
 
+def test_a_network_of_one_class_has_nothing_to_fine_tune(cli, idx_dir, tmp_path):
+    """The softmax of one logit is 1: the run's loss was 0 at every step, its weights moved by their decay
+    alone, and convert's report called the network fine-tuned."""
+    import onnx_ir as ir
+
+    from bnncc import load, rewrite
+    from bnncc.zoo import export_onnx, resnet50
+
+    teacher = export_onnx(resnet50(width=0.125, num_classes=1).eval(), tmp_path / "t1.onnx", input_size=32)
+    student, _ = rewrite(load(teacher), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    ir.save(student, tmp_path / "s1.onnx")
+    code, _, err = cli("finetune", tmp_path / "s1.onnx", "--teacher", teacher, "--data", idx_dir, "-o",
+                       tmp_path / "ft.onnx", "--max-steps", "1", "--batch-size", "4", "--workers", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "s1.onnx: one output class; distillation and labels compare softmaxes" in err
+    assert not (tmp_path / "ft.onnx").exists()
+
+
 def test_a_diverging_finetune_is_an_error_and_writes_nothing(cli, idx_dir, tmp_path, teacher_and_student):
     teacher, student = teacher_and_student
     code, _, err = cli("finetune", student, "--teacher", teacher, "--data", idx_dir, "-o", tmp_path / "ft.onnx",
