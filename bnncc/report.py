@@ -182,6 +182,10 @@ def markdown(report: Report) -> str:
         lines += ["## Accuracy (test split)", ""]
         if rows:
             lines += ["| model | top-1 | top-5 |", "|---|---:|---:|", *rows, ""]
+            if report.accuracy.get("student_top1") is not None and report.accuracy.get("library_top1") is None:
+                # convert runs only the host target's library (pipeline.HOST_TARGET): say why its row is missing
+                lines += [f"The {_code(report.target)} library is not run on this machine: `bnncc verify` compares it "
+                          "with the fine-tuned graph where it runs.", ""]
         else:  # the test split's classes are not the network's (fine-tuning distils: it needs no labels)
             lines += ["Not measured: the test split's labels are of other classes than the network's outputs "
                       "(fine-tuning distils from the float model and needs no labels).", ""]

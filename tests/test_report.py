@@ -161,3 +161,17 @@ def test_accuracy_that_could_not_be_measured_is_said_so(report, tmp_path):
     assert "| model | top-1 | top-5 |" not in text
     write_report(report, tmp_path / "measured")
     assert "| float teacher (import) | 81.50% | 99.00% |" in (tmp_path / "measured" / "report.md").read_text()
+
+
+def test_a_library_not_run_here_says_why_its_accuracy_is_missing(report, tmp_path):
+    """An arm64 convert with data showed the teacher's and the student's accuracy and no word on the library's,
+    which the README lists "when data was given": convert runs the host target's library only."""
+    arm64 = dataclasses.replace(report, target="arm64", trained=True, latency=None)
+    write_report(arm64, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "| 70.25% |" in text
+    assert ("The `arm64` library is not run on this machine: `bnncc verify` compares it with the fine-tuned "
+            "graph") in text
+    measured = dataclasses.replace(report, accuracy={**report.accuracy, "library_top1": 70.0, "library_top5": 99.0})
+    write_report(measured, tmp_path / "measured")
+    assert "is not run on this machine" not in (tmp_path / "measured" / "report.md").read_text()
