@@ -173,6 +173,8 @@ def _check_x86_features(manifest: dict, path: Path) -> None:
         target = tvm_compat.make_target(json.loads(llvm))
     except (ValueError, RuntimeError) as e:
         raise BnnccError(f"{path}: target {llvm!r} is not an LLVM target ({e})") from None
+    if target.kind.name != "llvm":  # a CUDA target has no CPU features: the check passed, and TVM ran the library
+        raise BnnccError(f"{path}: target {llvm!r} is not an LLVM target (kind {target.kind.name})")
     missing = x86_64.missing_flags(target, x86_64.cpu_flags())
     if missing:
         raise BnnccError(f"{path}: built for a CPU with {', '.join(missing)}, which this CPU lacks; compile it "

@@ -362,6 +362,8 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     # an aarch64 library (ELF e_machine 183) beside a manifest naming x86-64
     (dict(so=lambda b: b[:18] + (183).to_bytes(2, "little") + b[20:]), "a library for aarch64, not x86-64"),
     (dict(manifest=lambda m: m["target"].update(llvm='{"kind": "no such kind"}')), "is not an LLVM target"),
+    # another kind of target has no CPU features to check: the library ran under a TVM warning
+    (dict(manifest=lambda m: m["target"].update(llvm='{"kind": "cuda"}')), r"is not an LLVM target \(kind cuda\)"),
     (dict(manifest=lambda m: m["target"].update(name="foo")), r"model.json: unknown target 'foo'"),
     # e_phentsize 1: reading 40 program headers ran past the end of a file this short
     (dict(so=lambda b: (b[:54] + (1).to_bytes(2, "little") + (40).to_bytes(2, "little") + b[58:])[:120]),
