@@ -14,7 +14,7 @@ from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
            "hash_file", "load_private_copy", "output_errors", "output_target", "refuse_overwriting", "require_file",
-           "require_unchanged", "sync", "umask"]
+           "require_unchanged", "sync", "umask", "writing_error"]
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             # a full disk or a quota while the body wrote (onnx.save) is the output's error, as in
             # targets.build.atomic_dir: it ended commands as an "unexpected OSError"; a file the body
             # failed to read is named as it is
-            if e.filename is not None and Path(e.filename) != tmp_path:
+            if not writing_error(e, tmp_path):
                 raise
             raise BnnccError(f"{dest}: cannot write there ({e.strerror or e})") from None
         sync(tmp_path)
@@ -51,6 +51,14 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             sync(dest.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def writing_error(error: OSError, output: Path) -> bool:
+    """Whether ``error`` came from writing ``output`` (a file, or a folder and what it holds): a write
+    names no file, a copy (shutil.copyfile) its source first and ``output`` second. A copy onto a full
+    disk, whose source alone was looked at, ended bundle and convert as an "unexpected OSError"."""
+    named = [Path(name) for name in (error.filename, error.filename2) if name is not None]
+    return not named or any(path.is_relative_to(output) for path in named)
 
 
 def sync(path: Path) -> None:

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from bnncc.cost import ace
 from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import file_sha256, output_errors, sync, umask
+from bnncc.fileio import file_sha256, output_errors, sync, umask, writing_error
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.ops.registry import op_def
 from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
@@ -190,15 +190,12 @@ class atomic_dir:
         self.tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the library from everyone else
         return self.tmp
 
-    def _writing(self, error: OSError) -> bool:
-        """Whether ``error`` came from writing the folder: a file write names no file, a copy its target.
-        A file the body failed to read (a kernel source missing from an install) is named as it is."""
-        return error.filename is None or Path(error.filename).is_relative_to(self.tmp)
-
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if issubclass(kind, OSError) and self._writing(value):  # a full disk, a quota
+            # a full disk, a quota; a file the body failed to read (a kernel source missing from an
+            # install) is named as it is
+            if issubclass(kind, OSError) and writing_error(value, self.tmp):
                 raise BnnccError(f"{self.dest}: cannot write there ({value.strerror or value})") from None
             return
         old = None

@@ -228,6 +228,27 @@ def test_latency_counts_the_threads_of_tvms_default_pool():
     assert int(done.stdout.split()[-1]) == max(1, os.cpu_count() // 2)
 
 
+def test_a_full_disk_while_the_library_is_copied_out_is_one_error(narrow_resnet, tmp_path, monkeypatch):
+    """Copying the library out of stages/ onto a full disk ended convert in an "unexpected OSError",
+    exit 1: copyfile's error names its source, the stage's file, first. It now names the output,
+    leaves the stage cache alone, and the next run publishes from it. The disk fills in copyfile's
+    sendfile, so the error is the one shutil itself makes."""
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    outdir = tmp_path / "out"
+    options = ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "sendfile", full)
+        with pytest.raises(BnnccError, match=r"out/model.so: cannot write there \(No space left on device\)"):
+            convert(narrow_resnet, outdir, options)
+    assert sorted(p.name for p in outdir.iterdir()) == ["stages"]
+    assert convert(narrow_resnet, outdir, options).cached == {"rewrite": True, "compile": True}
+    assert (outdir / "report.json").is_file()
+
+
 def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path):
     """Two converts into one folder replaced each other's stage files; the second now stops at once,
     before any stage, and its lock goes with the first's end (here, the file's closing)."""
