@@ -190,7 +190,7 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     top1, top5 = evaluate(model, val_data, shape, device=device, workers=cfg.num_workers,
                           label="teacher" if show_progress else None)
     model.cpu().eval()
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        export_onnx(model, tmp, exporter="legacy", input_size=image_size)
+    # export_onnx writes atomically itself: inside another atomic_path, a full disk was reported
+    # under that one's temporary name, not the output's
+    output = export_onnx(model, output, exporter="legacy", input_size=image_size)
     return output, top1, top5

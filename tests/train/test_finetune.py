@@ -1,6 +1,7 @@
 """End to end: a tiny float ResNet-50 teacher, its PokeBNN rewrite, fine-tuned by distillation."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -194,6 +195,18 @@ def test_train_teacher_refuses_a_config_that_would_not_learn_from_the_labels(idx
     with pytest.raises(BnnccError, match="label_weight is 0.0, expected above 0"):
         train_teacher(idx_dir, tmp_path / "t.onnx", TrainConfig(max_steps=1), show_progress=False)
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_a_teacher_the_disk_cannot_hold_is_one_error_naming_it(cli, idx_dir, tmp_path):
+    """The export onto a full disk was reported under a temporary file's name (.t.onnx.x1y2.onnx),
+    not the output's."""
+    from test_trainer import files_of_at_most
+
+    with files_of_at_most(100_000):
+        code, _, err = cli("train-teacher", "--data", idx_dir, "--width", "0.125", "--max-steps", "1",
+                           "--batch-size", "8", "--workers", "0", "-o", tmp_path / "t.onnx")
+    assert code == 2 and err == f"error: {tmp_path / 't.onnx'}: cannot write there (File too large)\n", err
+    assert os.listdir(tmp_path) == []
 
 
 def test_finetune_writes_into_folders_that_do_not_exist_yet(cli, idx_dir, tmp_path, teacher_and_student):
