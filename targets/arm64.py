@@ -40,7 +40,7 @@ from bnncc.targets import cpu_schedule
 from bnncc.targets.cpu_schedule import VectorUnit
 from bnncc.targets.kernels import binary_conv
 from bnncc.targets.lower import POKE_CONV_KERNEL
-from bnncc.targets.tvm_compat import NUM_THREADS, Target, cross_compiler, make_target, tirx
+from bnncc.targets.tvm_compat import NUM_THREADS, Target, cross_compiler, link, make_target, tirx
 
 __all__ = [
     "CROSS_CXX", "NEON", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions",
@@ -88,7 +88,7 @@ def export_arm64(executable, path: str | os.PathLike) -> Path:
     require_cross_compiler()
     compiler = cross_compiler(CROSS_CXX)
     with atomic_path(path, suffix=".so") as tmp:
-        executable.export_library(str(tmp), fcompile=compiler)
+        link(executable, tmp, fcompile=compiler)
     return Path(path)
 
 

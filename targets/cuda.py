@@ -43,7 +43,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.targets.cuda_blob import embed_fatbins, imports_blob, write_imports_asm
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
-from bnncc.targets.tvm_compat import Target, has_block, make_target, mark_scheduled, s_tir, tirx
+from bnncc.targets.tvm_compat import Target, has_block, link, make_target, mark_scheduled, s_tir, tirx
 
 __all__ = [
     "ARCH_ENV", "DEFAULT_ARCH", "GRAPHS_ENV", "MMA_ENV", "cuda_arch", "cuda_graphs", "cuda_target", "export_cuda",
@@ -302,7 +302,7 @@ def export_cuda(executable, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     with atomic_path(path, suffix=".so") as tmp:
-        executable.export_library(str(tmp), fpack_imports=pack_imports)
+        link(executable, tmp, fpack_imports=pack_imports)
     return path
 
 

@@ -11,6 +11,7 @@ starts.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ from tvm.target.codegen import target_has_features  # noqa: E402
 
 __all__ = [
     "NUM_THREADS", "Target", "compile_func", "compile_module", "cross_compiler", "export_executable", "export_library",
-    "has_block", "has_cpu_features", "load_vm", "make_target", "mark_scheduled", "pool_threads", "runtime_include_dir",
+    "has_block", "has_cpu_features", "link", "load_vm", "make_target", "mark_scheduled", "pool_threads",
+    "runtime_include_dir",
     "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor",
 ]
 
@@ -86,7 +88,7 @@ def export_library(func: tirx.PrimFunc, target: Target, path: str | os.PathLike)
     """Compile ``func`` and write it atomically as a shared library loadable by the TVM runtime."""
     executable = tvm.compile(tvm.IRModule({"main": func}), target=target)
     with atomic_path(path, suffix=".so") as tmp:
-        executable.export_library(str(tmp))
+        link(executable, tmp)
     return Path(path)
 
 
@@ -99,8 +101,22 @@ def compile_module(mod: tvm.IRModule, target: Target, config: dict[str, Any] | N
 
 def export_executable(executable, path: str | os.PathLike) -> Path:
     """Write a compiled Relax executable as a shared library (weights embedded as constants)."""
-    executable.export_library(str(path))
+    link(executable, path)
     return Path(path)
+
+
+def link(executable, path: str | os.PathLike, **options) -> None:
+    """``executable.export_library(path, **options)``. TVM raises a linker's failure as a RuntimeError
+    holding its output: one that could not write ``path`` ("ld: final link failed: No space left on
+    device") ended compile as an "unexpected RuntimeError"; it is raised as that OSError, of ``path``,
+    which the atomic output around it reports as its own."""
+    try:
+        executable.export_library(str(path), **options)
+    except RuntimeError as e:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if f"final link failed: {os.strerror(code)}" in str(e):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
 
 
 def load_vm(path: str | os.PathLike, sha256: str | None = None):

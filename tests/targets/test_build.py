@@ -132,3 +132,19 @@ def test_compile_says_when_activation_bounds_are_uncalibrated(tmp_path, caplog):
     assert said() == [
         f"1 of {len(bounds)} activation bounds are uncalibrated: those quantizers run in float; fine-tune the graph "
         f"first (bnncc finetune calibrates them)"]
+
+
+def test_a_library_the_disk_cannot_hold_is_one_error_naming_the_folder(tmp_path, monkeypatch):
+    """The linker writing model.so onto a full disk failed inside TVM's export as a RuntimeError
+    ("Compilation error: ... ld: final link failed: No space left on device"), which ended compile as an
+    "unexpected RuntimeError", exit 1. The linker here prints what ld printed on a full tmpfs."""
+    from bnncc.targets.build import compile
+    from test_lower import tiny_pokebnn
+
+    linker = tmp_path / "cxx"
+    linker.write_text("#!/bin/sh\necho '/usr/bin/ld: final link failed: No space left on device'\nexit 1\n")
+    linker.chmod(0o755)
+    monkeypatch.setenv("CXX", str(linker))
+    with pytest.raises(BnnccError, match=r"lib: cannot write there \(No space left on device\)"):
+        compile(tiny_pokebnn(), tmp_path / "out" / "lib")
+    assert os.listdir(tmp_path / "out") == []
