@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -177,6 +178,8 @@ def _sole_writer(stages_dir: Path):
         except OSError as e:  # a file system without locks (some NFS mounts): the run goes on unguarded
             logger.warning("%s: cannot be locked (%s); do not run another convert into this folder meanwhile",
                            stages_dir / "lock", e.strerror)
+        else:  # (no other convert writes the folder: what temporaries it holds, no run is writing)
+            _remove_partial_outputs(stages_dir)
         try:
             yield  # the lock goes with the file's closing, or the process's end
         except BaseException:
@@ -186,6 +189,20 @@ def _sole_writer(stages_dir: Path):
                 for folder in made:
                     folder.rmdir()
             raise
+
+
+def _remove_partial_outputs(stages_dir: Path) -> None:
+    """Remove the temporary files and folders (atomic_path's and atomic_dir's ``.NAME.*``) that a run stopped
+    while it wrote them (kill -9, a power loss) left in ``stages_dir``, bnncc's own folder, and beside the
+    outputs in the folder above it: no run read them, and each was as large as its output (a graph, a
+    library folder), one more for every such stop."""
+    partial = [*stages_dir.glob(".*"),
+               *(path for name in OUTPUT_NAMES for path in stages_dir.parent.glob(f".{glob.escape(name)}.*"))]
+    for path in partial:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages: list[Stage], accuracy: dict | None,

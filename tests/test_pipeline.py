@@ -249,6 +249,23 @@ def test_a_full_disk_while_the_library_is_copied_out_is_one_error(narrow_resnet,
     assert (outdir / "report.json").is_file()
 
 
+def test_a_run_removes_the_partial_outputs_a_killed_run_left(narrow_resnet, tmp_path):
+    """A kill -9 while a stage graph, the library or a published file was written left its temporary
+    file or folder (.rewrite.onnx.x1y2z3.onnx, .library.x1y2z3/, .model.so.x1y2z3.so), as large as the
+    output, and every later run kept it; the user's own hidden files are not bnncc's temporaries."""
+    outdir = tmp_path / "out"
+    partial = [outdir / "stages" / ".rewrite.onnx.x1y2z3.onnx", outdir / "stages" / ".library.x1y2z3" / "model.so",
+               outdir / ".model.so.x1y2z3.so"]
+    mine = [outdir / ".notes", outdir / ".model.so"]
+    for path in (*partial, *mine):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    (outdir / "stages" / "lock").touch()
+    convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False))
+    assert not any(path.exists() for path in partial) and not (outdir / "stages" / ".library.x1y2z3").exists()
+    assert all(path.read_bytes() == b"half" for path in mine)
+
+
 def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path):
     """Two converts into one folder replaced each other's stage files; the second now stops at once,
     before any stage, and its lock goes with the first's end (here, the file's closing)."""
