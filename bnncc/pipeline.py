@@ -154,9 +154,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         try:
             report = _publish(outdir, library, model_path, recipe.name, report_stages, accuracy, options)
         except BaseException:  # an interrupt, or a failure measuring the library: its cache, no library without report
-            for name in OUTPUT_NAMES:
-                if name != "stages":
-                    (outdir / name).unlink(missing_ok=True)
+            _unpublish(outdir)
             raise
         return ConvertResult(outdir, report, cached, seconds)
 
@@ -208,6 +206,9 @@ def _remove_partial_outputs(stages_dir: Path) -> None:
 def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages: list[Stage], accuracy: dict | None,
              options: ConvertOptions) -> Report:
     """Copy the library into ``outdir``, measure it there (on the host target) and write its report."""
+    # an earlier run's outputs go first: a run killed while it copied left its model.so beside the
+    # earlier model.onnx and report, of another network (verify failed on the folder)
+    _unpublish(outdir)
     for name in LIBRARY_FILES:
         with atomic_path(outdir / name) as tmp:
             shutil.copyfile(library / name, tmp)
@@ -225,6 +226,13 @@ def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages:
                     latency)
     write_report(report, outdir)
     return report
+
+
+def _unpublish(outdir: Path) -> None:
+    """Remove what a run published in ``outdir`` (all but the stage cache)."""
+    for name in OUTPUT_NAMES:
+        if name != "stages":
+            (outdir / name).unlink(missing_ok=True)
 
 
 def check_outdir(outdir: Path, names: tuple[str, ...] = OUTPUT_NAMES) -> None:

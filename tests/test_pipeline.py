@@ -266,6 +266,29 @@ def test_a_run_removes_the_partial_outputs_a_killed_run_left(narrow_resnet, tmp_
     assert all(path.read_bytes() == b"half" for path in mine)
 
 
+def test_a_run_killed_while_it_publishes_leaves_no_earlier_runs_files(narrow_resnet, tmp_path):
+    """A kill -9 after the new model.so was copied out left it beside the earlier run's model.onnx and
+    report, which describe another network: `bnncc verify` of the folder failed. The process here
+    ends as a kill does (os._exit, no cleanup) as it begins the copy after model.so's."""
+    outdir = tmp_path / "out"
+    convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False))
+    killed = f"""
+import os, shutil
+from bnncc.pipeline import ConvertOptions, convert
+copyfile = shutil.copyfile
+def die_after_model_so(source, dest):
+    if os.path.basename(source) != "model.so":
+        os._exit(137)
+    return copyfile(source, dest)
+shutil.copyfile = die_after_model_so
+convert({str(narrow_resnet)!r}, {str(outdir)!r}, ConvertOptions(overrides=("passes.poke_stem.mid_channels=4",),
+        latency_runs=1, show_progress=False))
+"""
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == 137
+    assert (outdir / "model.so").is_file()
+    assert not any((outdir / name).exists() for name in ("model.onnx", "report.json", "report.md", "latency.json"))
+
+
 def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path):
     """Two converts into one folder replaced each other's stage files; the second now stops at once,
     before any stage, and its lock goes with the first's end (here, the file's closing)."""
