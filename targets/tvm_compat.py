@@ -54,8 +54,7 @@ from tvm.target.codegen import target_has_features  # noqa: E402
 __all__ = [
     "NUM_THREADS", "Target", "compile_func", "compile_module", "cross_compiler", "export_executable", "export_library",
     "has_block", "has_cpu_features", "link", "load_vm", "make_target", "mark_scheduled", "pool_threads",
-    "runtime_include_dir",
-    "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor",
+    "runtime_include_dir", "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor",
 ]
 
 
