@@ -162,21 +162,16 @@ def test_a_checkpoint_of_other_data_or_another_network_is_refused(idx_dir, idx_w
     data = open_dataset(idx_dir, "train")
     checkpoint = tmp_path / "run.ckpt"
     train(tiny_net(), None, data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, show_progress=False)
-    (tmp_path / "half").mkdir()
-    idx_writer(tmp_path / "half" / "train-images-idx3-ubyte.gz", np.zeros((128, 8, 8)))
-    idx_writer(tmp_path / "half" / "train-labels-idx1-ubyte.gz", np.arange(128) % 4)
-    half = open_dataset(tmp_path / "half", "train")
-    with pytest.raises(BnnccError, match=r"run.ckpt: written by a run with other settings \(training images 256 -> "
-                                         r"128\)"):
-        train(tiny_net(), None, half, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True, show_progress=False)
-    # as many images, other labels: another data set, which only the image count was checked for
-    (tmp_path / "other").mkdir()
-    idx_writer(tmp_path / "other" / "train-images-idx3-ubyte.gz", np.zeros((256, 8, 8)))
-    idx_writer(tmp_path / "other" / "train-labels-idx1-ubyte.gz", np.arange(256) % 4)
-    other = open_dataset(tmp_path / "other", "train")
-    with pytest.raises(BnnccError, match=r"run.ckpt: written by a run with other settings \(another data set of as "
-                                         r"many training images \(their labels differ\)\)"):
-        train(tiny_net(), None, other, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True, show_progress=False)
+    # half the images; as many images of other labels (only the image count was checked)
+    for images, change in ((128, r"training images 256 -> 128"),
+                           (256, r"another data set of as many training images \(their labels differ\)")):
+        (tmp_path / str(images)).mkdir()
+        idx_writer(tmp_path / str(images) / "train-images-idx3-ubyte.gz", np.zeros((images, 8, 8)))
+        idx_writer(tmp_path / str(images) / "train-labels-idx1-ubyte.gz", np.arange(images) % 4)
+        other = open_dataset(tmp_path / str(images), "train")
+        with pytest.raises(BnnccError, match=rf"run.ckpt: written by a run with other settings \({change}\)"):
+            train(tiny_net(), None, other, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True,
+                  show_progress=False)
     wider = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
                                 torch.nn.Flatten(), torch.nn.Linear(64, 4))
     with pytest.raises(BnnccError, match=r"run.ckpt: a checkpoint of another network \(size mismatch for 0.weight"):
