@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
-           "hash_file", "load_private_copy", "output_errors", "output_target", "refuse_overwriting", "require_file",
-           "require_unchanged", "sync", "umask", "writing_error"]
+           "hash_file", "load_private_copy", "output_errors", "output_target", "partial_writes", "refuse_overwriting",
+           "remove_partial", "require_file", "require_unchanged", "sync", "umask", "writing_error"]
 
 T = TypeVar("T")
 
@@ -51,6 +52,25 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             sync(dest.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def partial_writes(dest: Path) -> list[Path]:
+    """The temporaries beside ``dest`` that atomic_path (files ``.NAME.*SUFFIX``) and targets.build.atomic_dir
+    (folders ``.NAME.*``) write before renaming, as a run stopped mid-write (kill -9, a power loss) left them."""
+    prefix = f".{glob.escape(dest.name)}."
+    files = dest.parent.glob(f"{prefix}*{glob.escape(dest.suffix)}")
+    return [*(path for path in files if path.is_file()), *(path for path in dest.parent.glob(f"{prefix}*")
+                                                             if path.is_dir() and not path.is_symlink())]
+
+
+def remove_partial(paths: Iterable[Path]) -> None:
+    """Remove ``paths``, temporaries of stopped writes (files, or folders whole): no run reads them, and each
+    is as large as its output, one more for every stop. Only for a caller that no other process writes beside."""
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def writing_error(error: OSError, output: Path) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import glob
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ import onnx_ir as ir
 
 from bnncc.domain import LIBRARY_FILES
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text, hash_file, output_errors
+from bnncc.fileio import atomic_path, atomic_write_text, hash_file, output_errors, partial_writes, remove_partial
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
@@ -190,17 +189,10 @@ def _sole_writer(stages_dir: Path):
 
 
 def _remove_partial_outputs(stages_dir: Path) -> None:
-    """Remove the temporary files and folders (atomic_path's and atomic_dir's ``.NAME.*``) that a run stopped
-    while it wrote them (kill -9, a power loss) left in ``stages_dir``, bnncc's own folder, and beside the
-    outputs in the folder above it: no run read them, and each was as large as its output (a graph, a
-    library folder), one more for every such stop."""
-    partial = [*stages_dir.glob(".*"),
-               *(path for name in OUTPUT_NAMES for path in stages_dir.parent.glob(f".{glob.escape(name)}.*"))]
-    for path in partial:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    """Remove the temporaries that a run stopped while it wrote them left in ``stages_dir`` (bnncc's own
+    folder: whatever is hidden there) and beside the outputs in the folder above it."""
+    remove_partial([*stages_dir.glob(".*"), *(path for name in OUTPUT_NAMES
+                                              for path in partial_writes(stages_dir.parent / name))])
 
 
 def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages: list[Stage], accuracy: dict | None,

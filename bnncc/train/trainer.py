@@ -21,7 +21,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import gc
-import glob
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, output_errors
+from bnncc.fileio import atomic_path, output_errors, partial_writes, remove_partial
 from bnncc.progress import bar_console
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import Dataset
@@ -377,7 +376,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     if resume and world > 1:
         _check_same_start(checkpoint, start if resumed else None)
     if checkpoint is not None and rank == 0:
-        _remove_partial_checkpoints(checkpoint)
+        remove_partial(partial_writes(checkpoint))  # of a run killed while it wrote one
     quant_start = round(cfg.weight_quant_start * steps)
     calibration_step = round(cfg.act_calibration_at * steps)
     mode = "a" if resumed else "w"  # the metrics file's first record continues a resumed run's, else begins anew
@@ -473,14 +472,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return found.st_ino, found.st_mtime_ns
-
-
-def _remove_partial_checkpoints(checkpoint: Path) -> None:
-    """Remove the temporary files of ``checkpoint`` (atomic_path's ``.NAME.*SUFFIX``) that a run stopped while
-    it wrote one (kill -9, a power loss) left beside it: no run read them, and each was as large as a
-    checkpoint (GBs for a ResNet-50), one more for every such stop."""
-    for partial in checkpoint.parent.glob(f".{glob.escape(checkpoint.name)}.*{glob.escape(checkpoint.suffix)}"):
-        partial.unlink(missing_ok=True)
 
 
 def _check_same_start(checkpoint: Path | None, step: int | None) -> None:
