@@ -56,10 +56,11 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     check_output_folder(Path(output))  # before the minutes of compiling
     source = source_name(model)
     # the front end's checks: a whole ONNX file, external data from its folder
+    caller_owned = isinstance(model, ir.Model)
     model = read_pokebnn(model, "compile")
-    # the library takes any batch, and so must its reference graph, which verify runs one image at a time;
-    # on a copy, as the pass works in place: the caller's model of a fixed batch came back with its batch N
-    model = ir.from_proto(ir.to_proto(model))
+    if caller_owned:  # the pass below works in place: the caller's model of a fixed batch came back with batch N
+        model = ir.from_proto(ir.to_proto(model))
+    # the library takes any batch, and so must its reference graph, which verify runs one image at a time
     SymbolicBatchPass()(model)
     _warn_uncalibrated(model)
     llvm_target = spec.tvm_target()
