@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -598,3 +599,19 @@ def test_a_damaged_stage_record_runs_the_stage_again(tmp_path, damage):
     record = tmp_path / "s.json"
     record.write_text(damage(record.read_text()))
     assert cached_stage(tmp_path, "s", {"k": 1}, [out], run) == (False, {"n": 2})
+
+
+def test_convert_without_an_output_folder_writes_one_named_by_model_recipe_and_target(cli, narrow_resnet, tmp_path,
+                                                                                       monkeypatch):
+    """The mission's own line, `bnncc convert resnet50.onnx --recipe pokebnn_1x --target arm64`, stopped at
+    "Missing option '--output'"."""
+    monkeypatch.chdir(tmp_path)
+    from bnncc.cli.convert_cmd import default_output
+
+    code, out, err = cli("convert", narrow_resnet, "--recipe", "pokebnn_1x", "--set", STEM[0])
+    assert code == 0, err
+    outdir = tmp_path / "r50-pokebnn_1x-x86-64"
+    assert {"model.so", "model.json", "model.onnx", "report.md"} <= {p.name for p in outdir.iterdir()}
+    assert "outputs: r50-pokebnn_1x-x86-64/model.so" in " ".join(out.split())
+    assert default_output(tmp_path / "resnet50.onnx", "pokebnn_0.5x", "arm64") == Path("resnet50-pokebnn_0.5x-arm64")
+    assert default_output(tmp_path / "m.onnx", "../mine/wide.toml", "cuda") == Path("m-wide-cuda")

@@ -1,4 +1,4 @@
-"""``bnncc convert MODEL --recipe R --target T [--data DIR --epochs N | --max-steps N] -o OUTDIR``."""
+"""``bnncc convert MODEL --recipe R --target T [--data DIR --epochs N | --max-steps N] [-o OUTDIR]``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from bnncc.errors import BnnccError
 @app.command()
 def convert(
     model: Path = typer.Argument(..., help="ONNX model of a float ResNet (e.g. a torchvision ResNet-50 export)"),
-    output: Path = typer.Option(..., "--output", "-o", help="folder for model.so, model.json, model.onnx and the report"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", show_default=False,
+                                          help="folder for model.so, model.json, model.onnx and the report "
+                                               "[default: MODEL-RECIPE-TARGET in the current folder]"),
     recipe: str = typer.Option("pokebnn_1x", "--recipe", "-r", help="shipped recipe name or path to a .toml"),
     target: str = typer.Option("x86-64", "--target", "-t", help="x86-64 (this CPU; x86-64-avx2, -avx512bw, -avx512: a class), arm64 or cuda"),
     data: Optional[Path] = typer.Option(None, "--data", help="IDX folder, ImageFolder tree or tar shards: fine-tune on it"),
@@ -37,6 +39,8 @@ def convert(
     if data is None and given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise BnnccError(f"{flags}: set the fine-tune, which runs only with --data DIR")
+    if output is None:
+        output = default_output(model, recipe, target)
     options = ConvertOptions(recipe=recipe, overrides=tuple(overrides), target=target, data=data, seed=seed, **given)
     result = run_convert(model, output, options)
     print_result(result)
@@ -50,6 +54,13 @@ def convert(
                    *[a for o in overrides for a in ("--set", o)], "--data", "DIR", "--epochs", "N", *rate,
                    "-o", str(output)]
         untrained_notice(shlex.join(command))
+
+
+def default_output(model: Path, recipe: str, target: str) -> Path:
+    """``resnet50-pokebnn_1x-arm64`` for ``bnncc convert resnet50.onnx --recipe pokebnn_1x --target arm64``: the
+    one-line command a user reads first names no folder, and conversions of one model by other recipes or for
+    other targets must not overwrite each other."""
+    return Path(f"{model.stem}-{Path(recipe).name.removesuffix('.toml')}-{target}")
 
 
 def print_result(result) -> None:
