@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ __all__ = ["Library", "load"]
 # ELF e_machine by the machine names of the targets (targets.registry's ``elf_machine``)
 _ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
 _ELF64_PHDR_SIZE = 56  # bytes of one ELF64 program header
+_ELF_DYNSYM = 11  # section type of the dynamic symbol table
+_VM_EXECUTABLE = "relax.VMExecutable"  # the kind of a Relax VM library's root module (TVM loads it first)
 
 
 class Library:
@@ -213,9 +216,9 @@ def _check_shared_library(path: Path, machine: str | None) -> None:
     """A 64-bit ELF file whose headers and loaded segments lie within it: loading a truncated one
     would end the process with a bus error when its missing pages are touched. Its code is for ELF
     machine ``machine`` (``_ELF_MACHINES``; None: any): a library for another one beside the manifest (edited, or
-    copied next to the wrong model.so) would go to the wrong runner and fail deep inside it."""
-    import struct
-
+    copied next to the wrong model.so) would go to the wrong runner and fail deep inside it. Its root
+    module is a Relax VM executable: another shared library beside a manifest that records no digest
+    was bundled, and the bundle's runner refused it on the device."""
     with path.open("rb") as f:
         data = f.read()
     if len(data) < 64 or data[:5] != b"\x7fELF\x02":
@@ -239,3 +242,33 @@ def _check_shared_library(path: Path, machine: str | None) -> None:
                 ends.append(offset + filesz)
     if max(ends) > len(data):
         raise BnnccError(f"{path}: truncated ({len(data)} bytes; its headers need {max(ends)})")
+    if _root_module_kind(data, order) != _VM_EXECUTABLE:
+        raise BnnccError(f"{path}: holds no Relax VM executable; is it a library written by `bnncc compile`?")
+
+
+def _root_module_kind(data: bytes, order: str) -> str | None:
+    """The kind of the root module of those an ELF library ``data`` (byte order ``order``) embeds for
+    TVM (``cuda_blob.blob_modules``), read without loading it: a library of another machine cannot be.
+    None when it exports no such blob or the blob lies past the file's end."""
+    from bnncc.targets.cuda_blob import BLOB_SYMBOL, blob_modules
+
+    symbol = BLOB_SYMBOL.encode() + b"\0"
+    shoff, = struct.unpack_from(order + "Q", data, 40)
+    shentsize, shnum = struct.unpack_from(order + "HH", data, 58)
+    try:
+        # (name, type, flags, address, offset, size, link, info, alignment, entry size) of each section
+        sections = [struct.unpack_from(order + "IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+            if kind != _ELF_DYNSYM or entsize == 0:
+                continue
+            names = sections[link][4]
+            for entry in range(offset, offset + size, entsize):
+                name, _, _, section, value, _ = struct.unpack_from(order + "IBBHQQ", data, entry)
+                if data[names + name:names + name + len(symbol)] == symbol:
+                    _, _, _, address, section_offset, *_ = sections[section]
+                    start = section_offset + value - address
+                    blob = data[start:start + 8 + struct.unpack_from("<Q", data, start)[0]]
+                    return blob_modules(blob)[0][0]
+    except (struct.error, IndexError, UnicodeDecodeError, BnnccError):  # offsets past the end, a damaged blob
+        return None
+    return None

@@ -228,3 +228,25 @@ def test_a_cuda_library_is_not_bundled(x86_library, tmp_path):
     with pytest.raises(BnnccError, match="a cuda library runs with TVM's cuda runtime, which a bundle does not hold"):
         bundle(folder, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("target", "libm"), [
+    ("x86-64", Path("/usr/lib/x86_64-linux-gnu/libm.so.6")),
+    ("arm64", vmrunner.QEMU_LD_PREFIX / "lib" / "libm.so.6"),
+])
+def test_a_library_that_holds_no_relax_vm_is_not_bundled(x86_library, tmp_path, cli, target, libm):
+    """Another shared library of the target's machine (the C math library) as model.so, beside a
+    manifest of before the digest: `bnncc run` refused it, but bundle wrote a bundle whose runner then
+    failed on the device ("not a Relax VM library")."""
+    if not libm.is_file():
+        pytest.skip(f"no {libm}")
+    folder = shutil.copytree(x86_library, tmp_path / "lib")
+    manifest = json.loads((folder / "model.json").read_text())
+    del manifest["library_sha256"]
+    manifest["target"]["name"] = target
+    (folder / "model.json").write_text(json.dumps(manifest))
+    shutil.copyfile(libm, folder / "model.so")
+    code, _, err = cli("bundle", str(folder), "-o", str(tmp_path / "b"))
+    assert code == 2 and err == f"error: {folder / 'model.so'}: holds no Relax VM executable; is it a library " \
+                                "written by `bnncc compile`?\n", err
+    assert sorted(os.listdir(tmp_path)) == ["lib"]
