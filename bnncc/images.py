@@ -51,11 +51,15 @@ Box = tuple[float, float, float, float]  # (left, top, right, bottom) in an imag
 @contextlib.contextmanager
 def quietly() -> Iterator[None]:
     """Pillow opening and decoding without its warnings on stderr: an image of up to twice its pixel
-    guard is decoded (its memory stays bounded; beyond, Pillow raises DecompressionBombError), and a
-    damaged EXIF block ("Corrupt EXIF data", warned by Image.open itself) is read as none. Open inside."""
+    guard is decoded (its memory stays bounded; beyond, Pillow raises DecompressionBombError), a
+    damaged EXIF block ("Corrupt EXIF data", warned by Image.open itself) is read as none, and a
+    palette PNG with semi-transparent colours, as the web has many, goes to RGB or grey as its
+    palette's colours (convert warns that RGBA would keep the transparency, which they drop as
+    torchvision's loader does). Open inside."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         warnings.filterwarnings("ignore", "(Possibly )?[Cc]orrupt EXIF", UserWarning)
+        warnings.filterwarnings("ignore", "Palette images with Transparency expressed in bytes", UserWarning)
         yield
 
 

@@ -666,6 +666,28 @@ def test_a_photo_with_corrupt_exif_decodes_as_stored_and_quietly(tmp_path, entry
     assert not caught, [str(w.message) for w in caught]
 
 
+def test_a_palette_image_with_transparent_colours_decodes_to_its_colours_quietly(tmp_path):
+    """A palette PNG with (semi-)transparent colours (as the web's are) decodes to its palette's
+    colours, as torchvision's loader gives them, and Pillow's warning that RGBA would keep the
+    transparency ("Palette images with Transparency expressed in bytes ...", two lines pointing into
+    Pillow) no longer reaches stderr from `bnncc run` and from each training worker."""
+    from bnncc.cli._inputs import read_input
+    from bnncc.train.imagefiles import _decode
+
+    palette = np.array([[250, 10, 10], [10, 250, 10], [10, 10, 250], [90, 90, 90]], np.uint8)
+    index = np.random.default_rng(5).integers(0, len(palette), (24, 32), dtype=np.uint8)
+    image = Image.fromarray(index, "P")
+    image.putpalette(palette.ravel().tolist())
+    path = tmp_path / "web.png"
+    image.save(path, transparency=bytes([0, 128, 255, 255]))  # (one transparent colour alone Pillow reads as a number)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = read_input(path, (3, 24, 32), None)[0]  # its own size: no resize
+        _decode(path.read_bytes(), (16, 12), None)
+    assert not caught, [str(w.message) for w in caught]
+    np.testing.assert_array_equal(run, palette[index].transpose(2, 0, 1) / np.float32(255))
+
+
 def test_an_image_within_twice_the_pixel_guard_decodes_without_a_warning():
     """Training's decoding silenced Pillow's DecompressionBombWarning only after Image.open, which warns."""
     from bnncc.train.imagefiles import _decode
