@@ -93,7 +93,7 @@ def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[i
     left, top, right, bottom = box_of(width, height)
     need = (math.ceil(width * size[0] / (right - left)), math.ceil(height * size[1] / (bottom - top)))
     # the DCT scale is chosen on the stored pixels, before the turn (a no-op but for JPEG)
-    opened.draft("L" if mode == "L" else "RGB", _upright(need, turn))
+    opened.draft("RGB", _upright(need, turn))
     image = ImageOps.exif_transpose(opened) if turn != 1 else opened
     sx, sy = image.size[0] / width, image.size[1] / height
     return eight_bit(image).convert(mode).resize(size, Image.Resampling.BICUBIC,

@@ -76,8 +76,10 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-# the PIL mode an image is read in for a network of so many input channels
-_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# the PIL mode an image is read in for a network of so many input channels: a one-channel network takes
+# the mean of the RGB channels, as fine-tuning gives it image files (ImageFiles.finish), not Pillow's
+# grey ("L": 0.299 R + 0.587 G + 0.114 B, a saturated green 0.25 brighter than it trained on)
+_MODES = {1: "RGB", 3: "RGB", 4: "RGBA"}
 
 
 def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
@@ -95,7 +97,9 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             box_of = ((lambda w, h: centre_box(w, h, (width, height), crop)) if crop
                       else (lambda w, h: (0, 0, w, h)))
             image = upright_crop(opened, (width, height), box_of, _MODES[channels])
-            x = np.asarray(image, dtype=np.float32).reshape(height, width, channels).transpose(2, 0, 1) / 255.0
+            x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            if channels == 1:
+                x = x.mean(axis=0, keepdims=True)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
         raise BnnccError(f"{path}: not a readable image ({e})") from None
     if size != (width, height) or crop:  # said, since a tiny or oddly shaped image classifies poorly

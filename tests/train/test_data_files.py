@@ -640,6 +640,19 @@ def test_run_decodes_an_image_file_as_evaluation_did(tmp_path, stored, orientati
     np.testing.assert_allclose(read_input(path, chw, stats)[0], evaluated, rtol=0, atol=1e-6)
 
 
+def test_run_gives_a_one_channel_network_the_channel_mean_evaluation_gave(tmp_path):
+    """A one-channel network fine-tuned on colour image files takes the mean of their RGB channels
+    (ImageFiles.finish); `bnncc run` gave it Pillow's grey (0.299 R + 0.587 G + 0.114 B) instead."""
+    from bnncc.cli._inputs import read_input
+    from bnncc.train.imagefiles import _decode
+
+    path = tmp_path / "colour.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+    stats = {"mean": [0.0], "std": [1.0], "crop": 224 / 256}
+    evaluated = _decode(path.read_bytes(), (32, 24), None).mean(axis=2) / 255
+    np.testing.assert_allclose(read_input(path, (1, 24, 32), stats)[0, 0], evaluated, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("entry", [
     b"\x12\x34 not a TIFF header at all",
     b"II*\x00" + (8).to_bytes(4, "little") + (500).to_bytes(2, "little") + bytes(10),  # 500 entries, room for none
