@@ -10,8 +10,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "centre_box", "eight_bit", "orientation", "quietly",
-           "upright_crop", "upright_size"]
+__all__ = ["EVAL_CROP", "EXIF_ORIENTATION", "bilinear_resize", "centre_box", "eight_bit", "orientation",
+           "quietly", "upright_crop", "upright_size"]
 
 # PIL modes of one channel of more than 8 bits, and the value of full white in each: convert("RGB")
 # clipped them to 255, so a 16-bit PNG came out nearly white and a float TIFF black
@@ -98,3 +98,22 @@ def upright_crop(opened: Image.Image, size: tuple[int, int], box_of: Callable[[i
     sx, sy = image.size[0] / width, image.size[1] / height
     return eight_bit(image).convert(mode).resize(size, Image.Resampling.BICUBIC,
                                                  box=(left * sx, top * sy, right * sx, bottom * sy))
+
+
+def bilinear_resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Float images ``x`` (..., H, W) resized to ``size`` (W, H) by the bilinear interpolation fine-tuning
+    gives data held as arrays (IDX; torch's ``interpolate(mode="bilinear", align_corners=False)``: pixel
+    centres, no antialiasing), which PIL's resize, antialiasing when it shrinks, does not reproduce."""
+    rows, columns = (_bilinear_weights(n, out) for n, out in ((x.shape[-2], size[1]), (x.shape[-1], size[0])))
+    return (rows @ x @ columns.T).astype(np.float32)
+
+
+def _bilinear_weights(n: int, out: int) -> np.ndarray:
+    """(out, n) weights of the pixels each of ``out`` pixel centres lies between, the first and last clamped."""
+    source = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0.0)
+    low = np.minimum(np.floor(source).astype(int), n - 1)
+    high = np.minimum(low + 1, n - 1)
+    weights = np.zeros((out, n), np.float64)
+    np.add.at(weights, (np.arange(out), low), 1.0 - (source - low))
+    np.add.at(weights, (np.arange(out), high), source - low)
+    return weights

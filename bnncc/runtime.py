@@ -198,6 +198,9 @@ def _manifest_problem(manifest: dict) -> str | None:
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
             return (f"preprocessing crop {crop!r}; expected a share in (0, 1] of the largest centre box of the "
                     f"input's shape")
+        resize = preprocessing.get("resize")
+        if resize is not None and (resize != "bilinear" or "crop" in preprocessing):
+            return f"preprocessing resize {resize!r}; expected \"bilinear\" (of a whole image, no crop) or none"
     return None
 
 

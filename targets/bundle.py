@@ -69,6 +69,15 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
     return output
 
 
+def _resizing(preprocessing: dict) -> str:
+    """How the fine-tune's evaluation, and so `bnncc run`, made an image the input's shape."""
+    if "crop" in preprocessing:
+        return f", of an image's centre box of this shape, {preprocessing['crop']:.6g} of the largest that fits"
+    if "resize" in preprocessing:
+        return ", of the whole image resized bilinearly (pixel centres, no antialiasing)"
+    return ""
+
+
 def _readme(manifest: dict, arch: str) -> str:
     """How to run the bundle: its files, the input each function takes, the commands."""
     _, channels, height, width = manifest["input"]["shape"]
@@ -76,10 +85,9 @@ def _readme(manifest: dict, arch: str) -> str:
     functions = sorted(manifest["functions"].items(), key=lambda item: int(item[0]))
     first = functions[0][1]
     preprocessing = manifest.get("preprocessing")
-    crop = f", of an image's centre box of this shape, {preprocessing['crop']:.6g} of the largest that fits" \
-        if preprocessing and "crop" in preprocessing else ""
     pixels = (f"pixel values in [0, 1] normalised per channel as (x - mean) / std, "
-              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}{crop}"
+              f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}"
+              f"{_resizing(preprocessing)}"
               if preprocessing else "images as the float network took them (no preprocessing is recorded)")
     lines = [
         f"PokeBNN library for {arch} Linux (target {manifest['target']['name']}, recipe {manifest.get('recipe')}),",

@@ -10,7 +10,7 @@ import numpy as np
 from bnncc.cli._app import err_console
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
-from bnncc.images import centre_box, quietly, upright_crop, upright_size
+from bnncc.images import bilinear_resize, centre_box, quietly, upright_crop, upright_size
 
 
 def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
@@ -96,8 +96,12 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             size = upright_size(opened)
             box_of = ((lambda w, h: centre_box(w, h, (width, height), crop)) if crop
                       else (lambda w, h: (0, 0, w, h)))
-            image = upright_crop(opened, (width, height), box_of, _MODES[channels])
+            # fine-tuning resized data held as arrays (IDX) by torch's bilinear interpolation, not bicubically
+            bilinear = (preprocessing or {}).get("resize") == "bilinear"
+            image = upright_crop(opened, size if bilinear else (width, height), box_of, _MODES[channels])
             x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            if bilinear:
+                x = bilinear_resize(x, (width, height))
             if channels == 1:
                 x = x.mean(axis=0, keepdims=True)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors

@@ -144,17 +144,17 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
 def _preprocessing(data: Dataset, channels: int) -> dict:
     """The normalisation the model was trained with, per input channel (data._adapt: grey data is
     repeated to C channels, exactly; colour data averaged to one channel after normalising, which
-    one mean and std of the channels' give only approximately), and the centre crop evaluation took
-    of image files (``crop``: the share of the largest box of the input's shape), which `bnncc run`
-    then takes too."""
+    one mean and std of the channels' give only approximately), and how evaluation resized an image, which
+    `bnncc run` then does too: the centre crop of image files (``crop``: the share of the largest box of the
+    input's shape), or the bilinear interpolation of data held as arrays (IDX: ``resize``)."""
     mean, std = list(data.mean), list(data.std)
     if len(mean) != channels:
         if len(mean) == 1:
             mean, std = mean * channels, std * channels
         else:
             mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    crop = {} if data.eval_crop is None else {"crop": data.eval_crop}
-    return {"mean": mean, "std": std, **crop}
+    resize = {"resize": "bilinear"} if data.eval_crop is None else {"crop": data.eval_crop}
+    return {"mean": mean, "std": std, **resize}
 
 
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,

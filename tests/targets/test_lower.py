@@ -354,6 +354,8 @@ def _tampered(library, tmp_path, manifest=None, so=None):
     (dict(manifest=lambda m: m.update(preprocessing={"mean": [10**400] * 3, "std": [0.5] * 3})), "preprocessing"),
     (dict(manifest=lambda m: m.update(preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "crop": 1.5})),
      "preprocessing crop 1.5"),
+    (dict(manifest=lambda m: m.update(preprocessing={"mean": [0.5] * 3, "std": [0.5] * 3, "resize": "lanczos"})),
+     "preprocessing resize 'lanczos'"),
     (dict(manifest=lambda m: m["target"].update(llvm="{not json")), "is not an LLVM target"),
     # no LLVM target: the CPU feature check was skipped (a library of a higher class ran into SIGILL)
     (dict(manifest=lambda m: m["target"].pop("llvm")), "target llvm None; expected the LLVM target"),

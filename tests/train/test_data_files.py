@@ -653,6 +653,22 @@ def test_run_gives_a_one_channel_network_the_channel_mean_evaluation_gave(tmp_pa
     np.testing.assert_allclose(read_input(path, (1, 24, 32), stats)[0, 0], evaluated, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("stored, chw", [((28, 28), (3, 32, 32)), ((28, 28), (1, 224, 224)), ((64, 48), (3, 32, 20))])
+def test_run_resizes_an_image_as_fine_tuning_on_idx_arrays_did(tmp_path, stored, chw):
+    """Fine-tuning resizes IDX arrays by torch's bilinear interpolation; `bnncc run` resized a PNG of one
+    bicubically (Fashion-MNIST's 28 px to 32: 2.6 grey levels apart on average, up to 46)."""
+    import torch
+
+    from bnncc.cli._inputs import read_input
+    from bnncc.train.data import _adapt
+
+    pixels = np.random.default_rng(7).integers(0, 256, stored[::-1], dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "item.png")
+    stats = {"mean": [0.3] * chw[0], "std": [0.4] * chw[0], "resize": "bilinear"}
+    trained = _adapt(torch.from_numpy(pixels / 255.0).float()[None, None], chw, [0.3], [0.4])[0].numpy()
+    np.testing.assert_allclose(read_input(tmp_path / "item.png", chw, stats)[0], trained, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("entry", [
     b"\x12\x34 not a TIFF header at all",
     b"II*\x00" + (8).to_bytes(4, "little") + (500).to_bytes(2, "little") + bytes(10),  # 500 entries, room for none

@@ -31,10 +31,11 @@ def test_finetune_writes_a_trained_graph_that_onnxruntime_runs(tmp_path, idx_dir
     logits = session.run(None, {session.get_inputs()[0].name: np.random.rand(1, 3, 32, 32).astype(np.float32)})[0]
     assert logits.shape == (1, 4) and np.isfinite(logits).all()
     # what bnncc run needs to feed the library as training fed the model: the grey data's one mean
-    # and std, for each of the model's 3 input channels; and the recipe of the rewrite
+    # and std, for each of the model's 3 input channels, resized bilinearly as the arrays were; and the recipe
     metadata = {p.key: p.value for p in model.metadata_props}
     data = open_splits(idx_dir)[0]
-    assert json.loads(metadata["bnncc.preprocessing"]) == {"mean": [data.mean[0]] * 3, "std": [data.std[0]] * 3}
+    assert json.loads(metadata["bnncc.preprocessing"]) == {"mean": [data.mean[0]] * 3, "std": [data.std[0]] * 3,
+                                                           "resize": "bilinear"}
     assert metadata["bnncc.recipe"] == "pokebnn_1x"
 
 
