@@ -102,6 +102,8 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
         raw = tomllib.loads(text)
     except ValueError as e:  # TOMLDecodeError, and int()'s of an integer of more than 4300 digits
         raise BnnccError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per level: a = [[[...]]] 400 deep was an "unexpected" error
+        raise BnnccError(f"{source}: not valid TOML: arrays or inline tables nested too deeply") from None
     for override in _override_list(overrides):
         _apply_override(raw, override, source)
     return _validate(raw, source)
@@ -182,7 +184,7 @@ def _parse_value(text: str) -> Any:
     """A TOML value (``1.4``, ``true``, ``"s"``, ``[1, 2]``); anything else is a bare string."""
     try:
         parsed = tomllib.loads(f"v = {text}")
-    except ValueError:  # TOMLDecodeError, and int()'s of an integer of more than 4300 digits
+    except (ValueError, RecursionError):  # TOMLDecodeError, int() of over 4300 digits, [[[...]]] nested too deeply
         return text
     # "2\nseed = 5" parses as v = 2 and another key, which was dropped without a word: one value or a string
     return parsed["v"] if len(parsed) == 1 else text

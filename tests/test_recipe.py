@@ -101,6 +101,8 @@ def test_recipe_from_a_path(tmp_path):
         (["train.lr=1" + "0" * 400], "train.lr = 1000"),
         # tomllib's int() refuses more than 4300 digits with a ValueError, not a TOMLDecodeError
         (["train.lr=" + "1" * 5000], "train.lr = '1111"),
+        # tomllib recursed into 1000 nested arrays until Python's stack limit: an 'unexpected' RecursionError
+        (["train.lr=" + "[" * 1000], "train.lr = '[[[["),
         # the text after a newline was read as more TOML and dropped: this gave clip_bound 2.0
         (["passes.poke_conv.clip_bound=2\nseed = 5"],
          "passes.poke_conv.clip_bound = '2\\nseed = 5': expected a number"),
@@ -124,6 +126,7 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
          "blocks = 'resnet50': expected one of 'bottleneck', 'basic'"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
         ("[[passes]\n", "not valid TOML"),
+        ("x = " + "[" * 1000 + "]" * 1000 + "\n", "not valid TOML: arrays or inline tables nested too deeply"),
         ('[[passes]]\nname = "set_opset"\nversion = 99\n', "set_opset: version must be one of 9 to 28, got 99"),
     ],
 )
