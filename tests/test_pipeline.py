@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -154,6 +155,18 @@ def test_a_changed_option_redoes_only_the_stages_it_feeds(converted, narrow_resn
                                                                      show_progress=False))
     assert again.cached == {"rewrite": True, "compile": False}
     assert json.loads((converted.outdir / "model.json").read_text())["functions"].keys() == {"1", "2"}
+
+
+def test_a_renamed_recipe_is_the_name_the_library_records(converted, narrow_resnet, tmp_path):
+    """The rewrite stage's key held the recipe's passes alone, but its graph carries the recipe's name,
+    which model.json records: after `--set name=mine` report.json said "mine" and model.json "pokebnn_1x"."""
+    outdir = tmp_path / "out"
+    shutil.copytree(converted.outdir, outdir)
+    again = convert(narrow_resnet, outdir, ConvertOptions(overrides=(*STEM, "name=mine"), latency_runs=3,
+                                                          show_progress=False))
+    assert again.cached["rewrite"] is False
+    for name in ("model.json", "report.json"):
+        assert json.loads((outdir / name).read_text())["recipe"] == "mine", name
 
 
 def test_a_library_rebuilt_in_its_folder_is_loaded_anew(converted, narrow_resnet):
