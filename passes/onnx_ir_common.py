@@ -7,7 +7,7 @@ from onnx_ir.passes import common
 
 from bnncc.passmanager import register_pass
 
-__all__ = ["OpTypeNameGenerator"]
+__all__ = ["OpTypeNameGenerator", "EliminateIdentityPass"]
 
 
 class OpTypeNameGenerator:
@@ -27,7 +27,22 @@ def lift_constants() -> ir.passes.PassBase:
 
 
 register_pass("remove_initializer_inputs")(common.RemoveInitializersFromInputsPass)
-register_pass("eliminate_identity")(common.IdentityEliminationPass)
+@register_pass("eliminate_identity")
+class EliminateIdentityPass(ir.passes.InPlacePass):
+    """Remove redundant Identity nodes of the graph; the model's functions, the ai.bnncc ops' definitions, stay.
+
+    onnx_ir's pass also edits function bodies, and broke ReshapeAdd's: its If branch returns
+    ``Identity(matched)`` of the outer scope, and with the Identity removed the branch output is no
+    node's output, so a recipe naming this pass after remove_projection_shortcuts wrote invalid ONNX.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        functions = dict(model.functions)
+        model.functions.clear()
+        try:
+            return common.IdentityEliminationPass()(model)
+        finally:
+            model.functions.update(functions)
 register_pass("remove_unused")(common.RemoveUnusedNodesPass)
 register_pass("remove_unused_opsets")(common.RemoveUnusedOpsetsPass)
 register_pass("topological_sort")(common.TopologicalSortPass)
