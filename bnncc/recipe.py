@@ -16,7 +16,8 @@ A recipe is data. ``recipes/pokebnn_1x.toml`` (package ``bnncc.recipes``) looks 
 
 Validation: every pass must be registered and every parameter must be a keyword parameter of
 the pass, of the annotated type (an int is accepted where a float is expected); the pass is then
-built once so its own range checks run. ``[train]`` keys and types come from :data:`TRAIN_SCHEMA`.
+built once so its own range checks run. ``[train]`` keys and types come from :data:`TRAIN_SCHEMA`,
+and ``weight_quant_start`` must be below ``epochs``.
 Each error names the file, the dotted key, the value and what was expected. ``blocks`` is optional;
 ``bnncc.rewrite`` refuses a model of the other kind of block, since a recipe's widths and ACE are
 those of its own networks.
@@ -261,6 +262,13 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
         low, inclusive = TRAIN_RANGES[key]
         if not (math.isfinite(out[key]) and (out[key] >= low if inclusive else out[key] > low)):
             raise BnnccError(f"{source}: train.{key} = {value!r}: expected a finite number {'>=' if inclusive else '>'} {low}")
+    # the run's share in float weights is weight_quant_start / epochs (bnncc.train.TrainConfig.from_recipe, which
+    # takes 1 epoch where none is set): at 1 or more the weights never turned binary, and the trained float weights
+    # were signed only in the deployed graph (a copy of pokebnn_1x with epochs = 40 kept its start at epoch 50)
+    epochs = out.get("epochs", 1)
+    if out.get("weight_quant_start", 0) >= epochs:
+        raise BnnccError(f"{source}: train.weight_quant_start = {out['weight_quant_start']}: the epoch the weights "
+                         f"turn binary must be below train.epochs = {epochs}{'' if 'epochs' in out else ' (unset)'}")
     return out
 
 

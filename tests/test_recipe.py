@@ -96,6 +96,10 @@ def test_recipe_from_a_path(tmp_path):
         (["train.lr=nan"], "train.lr = nan: expected a finite number > 0"),
         (["train.batch_size=0"], "train.batch_size = 0: expected a finite number >= 1"),
         (["train.weight_decay=-0.1"], "train.weight_decay = -0.1: expected a finite number >= 0"),
+        # the run's first 50/40 epochs in float weights: it never binarized them, without a word
+        (["train.epochs=40"], "train.weight_quant_start = 50: the epoch the weights turn binary must be below "
+                              "train.epochs = 40"),
+        (["train.weight_quant_start=800"], "train.weight_quant_start = 800: the epoch the weights turn binary"),
         # float() of an integer of 401 digits: an 'unexpected' OverflowError
         (["passes.poke_conv.clip_bound=1" + "0" * 400], "0: expected a number within a float's range"),
         (["train.lr=1" + "0" * 400], "train.lr = 1000"),
@@ -125,6 +129,8 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
         ('blocks = "resnet50"\n[[passes]]\nname = "poke_conv"\n',
          "blocks = 'resnet50': expected one of 'bottleneck', 'basic'"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
+        ('[[passes]]\nname = "poke_conv"\n[train]\nweight_quant_start = 5\n',
+         "train.weight_quant_start = 5: the epoch the weights turn binary must be below train.epochs = 1 (unset)"),
         ("[[passes]\n", "not valid TOML"),
         ("x = " + "[" * 1000 + "]" * 1000 + "\n", "not valid TOML: arrays or inline tables nested too deeply"),
         ('[[passes]]\nname = "set_opset"\nversion = 99\n', "set_opset: version must be one of 9 to 28, got 99"),
