@@ -700,6 +700,10 @@ _INPUT_NORMALIZATION = ("an input normalization inside the graph: bnncc takes th
 def _check_canonical(model: ir.Model) -> None:
     """The parts of the canonical form that recognizing relies on: its ops, its opset, every shape."""
     require_ir_model(model)
+    rewritten = next((node for node in model.graph if node.domain == DOMAIN), None)
+    if rewritten is not None:  # its stem's batch norm was named below, as the one of a pre-activation ResNet
+        raise BnnccError(f"node '{rewritten.name}' ({DOMAIN}:{rewritten.op_type}): a PokeBNN graph, where a float "
+                         f"ResNet is expected; rewrite the float model it came from")
     refused = [node for node in model.graph if node.domain != "" or node.op_type not in STABLE_OPS]
     if refused:
         # a quantized op, a norm other than batch norm, a batch norm left unfolded (as itself or as

@@ -13,6 +13,7 @@ import torch
 
 from bnncc import zoo
 from bnncc.cost import ace
+from bnncc.errors import BnnccError
 from bnncc.frontend import load
 from bnncc.recipe import available_recipes
 from bnncc.rewriting import rewrite
@@ -99,6 +100,16 @@ def test_torch_view_agrees_with_onnxruntime(narrow_resnet):
         ours = to_torch(model).eval()(torch.from_numpy(x)).numpy()
     assert (ours.argmax(1) == reference.argmax(1)).all()
     assert np.abs(ours - reference).max() <= 1e-4 * np.ptp(reference)
+
+
+def test_a_pokebnn_graph_given_again_is_refused_as_such(narrow_resnet):
+    """rewrite(rewritten, recipe) named the stem's batch norm: "a batch norm that folds into no conv ...
+    (pre-activation ResNets, v2, are not supported; export in eval mode)"."""
+    model, _ = rewrite(load(narrow_resnet), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    with pytest.raises(BnnccError) as info:
+        rewrite(model, "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    assert str(info.value) == ("node 'stem/conv1' (ai.bnncc:QuantConv): a PokeBNN graph, where a float ResNet is "
+                               "expected; rewrite the float model it came from")
 
 
 def test_cli_writes_the_model_and_prints_ace_per_pass(cli, narrow_resnet, tmp_path):
