@@ -115,7 +115,9 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     # the float import above writes nothing: a model refused there leaves no folder behind
     with _sole_writer(stages_dir):
         # the rewrite reads only the passes and writes the recipe's name into the graph (model.json's "recipe":
-        # a renamed recipe reused the graph of the old name); the [train] table is part of the fine-tune's key
+        # a renamed recipe reused the graph of the old name); it refuses a model of other blocks than the recipe's
+        # (a stage reused after --set blocks=basic let the recipe through unchanged); the [train] table is part of
+        # the fine-tune's key
         passes = [[name, params] for name, params in recipe.passes]
         rewrite_out = stages_dir / "rewrite.onnx"
 
@@ -127,7 +129,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
                 ir.save(student, tmp)
             return {}
 
-        rewrite_key = {"model": float_hash, "passes": passes, "name": recipe.name}
+        rewrite_key = {"model": float_hash, "passes": passes, "name": recipe.name, "blocks": recipe.blocks}
         _timed(seconds, cached, "rewrite", lambda: cached_stage(
             stages_dir, "rewrite", rewrite_key, [rewrite_out], run_rewrite))
         report_stages.append(Stage("rewrite", rewrite_out.name, rewrite_out.stat().st_size, ace(rewrite_out)))

@@ -169,6 +169,17 @@ def test_a_renamed_recipe_is_the_name_the_library_records(converted, narrow_resn
         assert json.loads((outdir / name).read_text())["recipe"] == "mine", name
 
 
+def test_a_recipe_for_other_blocks_is_refused_whatever_the_folder_holds(narrow_resnet, tmp_path):
+    """A rewrite stage reused from a run with --set blocks=bottleneck let the basic-block recipe through
+    without it, where a fresh folder refuses it."""
+    stem = ("passes.poke_stem.mid_channels=8",)
+    options = ConvertOptions(recipe="resnet18_pokebnn", overrides=(*stem, "blocks=bottleneck"), latency_runs=1,
+                             show_progress=False)
+    convert(narrow_resnet, tmp_path / "out", options)
+    with pytest.raises(BnnccError, match="recipe resnet18_pokebnn is for basic ResNets, but this model has bottleneck"):
+        convert(narrow_resnet, tmp_path / "out", dataclasses.replace(options, overrides=stem))
+
+
 def test_a_library_rebuilt_in_its_folder_is_loaded_anew(converted, narrow_resnet):
     """dlopen hands back the library first loaded under a path: in one process, a library rebuilt
     in the same folder ran the old code under the new model.json."""
