@@ -7,7 +7,7 @@ from onnx_ir.passes import common
 
 from bnncc.passmanager import register_pass
 
-__all__ = ["OpTypeNameGenerator", "EliminateIdentityPass"]
+__all__ = ["EliminateIdentityPass", "OpTypeNameGenerator"]
 
 
 class OpTypeNameGenerator:
@@ -27,6 +27,8 @@ def lift_constants() -> ir.passes.PassBase:
 
 
 register_pass("remove_initializer_inputs")(common.RemoveInitializersFromInputsPass)
+
+
 @register_pass("eliminate_identity")
 class EliminateIdentityPass(ir.passes.InPlacePass):
     """Remove redundant Identity nodes of the graph; the model's functions, the ai.bnncc ops' definitions, stay.
@@ -43,6 +45,8 @@ class EliminateIdentityPass(ir.passes.InPlacePass):
             return common.IdentityEliminationPass()(model)
         finally:
             model.functions.update(functions)
+
+
 register_pass("remove_unused")(common.RemoveUnusedNodesPass)
 register_pass("remove_unused_opsets")(common.RemoveUnusedOpsetsPass)
 register_pass("topological_sort")(common.TopologicalSortPass)
