@@ -326,6 +326,8 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
         keep_freed_memory()
     init_distributed(device)
     rank, world = _world()
+    if world > 1:
+        _check_same_data(data)
     if cfg.batch_size % world:
         raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
     # a batch norm in training needs two values a channel, and the last stage of a ResNet (all bnncc
@@ -472,6 +474,19 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return found.st_ino, found.st_mtime_ns
+
+
+def _check_same_data(data: Dataset) -> None:
+    """Every process trains on the same data (``_data_identity``). Each opens --data itself: on nodes with
+    copies of their own (shards on local disks), a copy of other images took other batches without a word,
+    and a copy of fewer images ran fewer steps an epoch, leaving the others waiting in a collective."""
+    identities: list[dict | None] = [None] * _world()[1]
+    dist.all_gather_object(identities, _data_identity(data))
+    if any(identity != identities[0] for identity in identities):
+        found = ", ".join(f"rank {rank}: {identity['images']} images, labels {identity['labels'][:12]}"
+                          for rank, identity in enumerate(identities))
+        raise BnnccError(f"the processes opened different training data ({found}); give every process the same "
+                         f"data set")
 
 
 def _check_same_start(checkpoint: Path | None, step: int | None) -> None:

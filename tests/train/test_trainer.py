@@ -376,6 +376,26 @@ def test_ddp_processes_that_find_different_checkpoints_stop_in_one_line(idx_dir,
     assert "the processes found different checkpoints there (rank 0: step 6, rank 1: none)" in done.stderr
 
 
+def test_ddp_processes_given_different_data_stop_before_training(idx_dir, tmp_path, idx_writer):
+    """Each process opens --data itself: on nodes with data copies of their own, one copy of other
+    images (here: as many, other labels) trained without a word on other batches than the others'
+    (and a copy of fewer images ran fewer steps, leaving the others in a collective)."""
+    other = tmp_path / "d1"
+    other.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz"):
+        (other / name).symlink_to(idx_dir / name)
+    labels = read_idx(idx_dir / "train-labels-idx1-ubyte.gz")
+    idx_writer(other / "train-labels-idx1-ubyte.gz", (labels + 1) % 4)
+    (tmp_path / "d0").symlink_to(idx_dir)
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29535", str(WORKER), str(tmp_path / "d$LOCAL_RANK"), str(tmp_path / "double.pt"),
+                           str(tmp_path / "c.ckpt"), "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and not (tmp_path / "double.pt").exists()
+    assert "the processes opened different training data (rank 0: 256 images, labels " in done.stderr
+    assert "rank 1: 256 images, labels " in done.stderr
+
+
 def test_ddp_processes_average_their_batch_norm_statistics(idx_dir, tmp_path):
     """Each process keeps its own running statistics and the run writes their mean (pokebnn.md 7.6).
     An input batch norm's running mean is an average of image means, so the two processes' mean of

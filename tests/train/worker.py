@@ -30,8 +30,9 @@ def tiny_net(input_norm: bool = False) -> nn.Module:
 
 
 def main(argv: list[str]) -> None:
-    # (CHECKPOINT may name $LOCAL_RANK: a file of each process's own, as on nodes without a shared disk)
-    data_dir, out_state, steps = Path(argv[0]), Path(argv[1]), int(argv[3])
+    # (CHECKPOINT and DATA_DIR may name $LOCAL_RANK: a file or a data copy of each process's own, as on
+    # nodes without a shared disk)
+    data_dir, out_state, steps = Path(os.path.expandvars(argv[0])), Path(argv[1]), int(argv[3])
     checkpoint = Path(os.path.expandvars(argv[2]))
     net = tiny_net("--input-norm" in argv)
     if "--slow" in argv:  # leaves time to kill the process between two checkpoints
