@@ -258,10 +258,13 @@ class _Calibration:
     """Running "mean of max" per channel: m <- m + alpha (x - m), started at the first observation."""
 
     alpha: float
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # see GraphModule.calibrate_bounds
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     seen: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def observe(self, bound: str, batch_max: torch.Tensor) -> None:
+        if self.reduce is not None:
+            batch_max = self.reduce(batch_max)
         # A channel that is all zeros in this batch carries no information (zeros excluded).
         valid = batch_max > 0
         if bound not in self.ema:
@@ -430,7 +433,7 @@ class GraphModule(nn.Module):
 
     @torch.no_grad()
     def calibrate_bounds(self, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]],
-                         alpha: float = 0.1) -> None:
+                         alpha: float = 0.1, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Set every activation bound to the per-input-channel "mean of max" of its input.
 
         With m_t the max |x| of channel c over batch t (all axes but the channel axis),
@@ -439,13 +442,14 @@ class GraphModule(nn.Module):
         in eval mode with all bounds set to -1 first, so every observed activation is float, as in
         the reference schedule where bounds are computed once from float activations and then
         frozen (they are buffers: no gradient changes them). A channel never seen nonzero keeps
-        bound -1 (left float) and is logged.
+        bound -1 (left float) and is logged. ``reduce`` is applied to each m_t before it is used: under
+        torchrun, where each process runs its part of the batch, their maximum over the processes.
         """
         bounds = self.bound_names
         tensors = dict(self.named_buffers())
         for name in bounds:
             tensors[name].fill_(-1.0)
-        calibration = _Calibration(alpha)
+        calibration = _Calibration(alpha, reduce)
         was_training = self.training
         self.eval()
         try:

@@ -2,11 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from bnncc.domain import DOMAIN
 from bnncc.train import TrainConfig, finetune
@@ -218,3 +221,49 @@ def test_finetune_writes_into_folders_that_do_not_exist_yet(cli, idx_dir, tmp_pa
                        "--batch-size", "8", "--workers", "0")
     assert code == 0, err
     assert out.is_file() and out.with_suffix(".metrics.jsonl").is_file()
+
+
+def test_torchrun_processes_calibrate_on_their_part_of_each_batch_to_one_process_bounds(tmp_path, idx_dir,
+                                                                                          teacher_and_student):
+    """Each process ran the whole global batch through calibration, in float32 (at 8 GPUs, 8 times the
+    images it trains on: where training fits a GPU, calibration may not). Each now runs its part and
+    the maxima are taken over the processes: the bounds one process calibrates."""
+    teacher, student = teacher_and_student
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, __file__, teacher, student, idx_dir, one], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+                    __file__, teacher, student, idx_dir, two], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   check=True, timeout=300)
+    single, double = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+    assert single["sizes"] == [8] * 3 and double["sizes"] == [4] * 3  # (rank 0's)
+    assert single["bounds"].keys() == double["bounds"].keys()
+    for name, bound in single["bounds"].items():
+        torch.testing.assert_close(double["bounds"][name], bound, rtol=1e-5, atol=1e-6)
+
+
+def _calibration_worker(teacher: str, student: str, data_dir: str, out: str) -> None:
+    """Calibrate at step 0 of a one-step run; save the bounds and the sizes of the batches calibration
+    loaded (IDX data loads in this process)."""
+    from bnncc.frontend import load, read_pokebnn
+    from bnncc.torchview import to_torch
+    from bnncc.train.trainer import is_main_process, train
+
+    data = open_splits(data_dir)[0]
+    sizes, load_images = [], data.load
+
+    def recording(index, shape, *, augment, **kw):
+        if not augment:  # calibration takes the evaluation crop
+            sizes.append(len(index))
+        return load_images(index, shape, augment=augment, **kw)
+
+    data.load = recording
+    net = to_torch(read_pokebnn(student, "finetune"))
+    cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=1, calibration_batches=3, act_calibration_at=0.0)
+    train(net, to_torch(load(teacher)), data, cfg, (3, 32, 32), show_progress=False)
+    if is_main_process():
+        buffers = dict(net.named_buffers())
+        torch.save({"sizes": sizes, "bounds": {name: buffers[name] for name in net.bound_names}}, out)
+
+
+if __name__ == "__main__":
+    _calibration_worker(*sys.argv[1:])
