@@ -173,13 +173,33 @@ def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
 
 def _check_pokebnn(model: ir.Model, source) -> None:
     """What every command asks of a PokeBNN graph before using it, refused alike by all of them in
-    one line starting with ``source``: its constants within its ops' domains
-    (``bnncc.ops.check_graph``), and onnxruntime able to run it (``_check_reference_runs``)."""
+    one line starting with ``source``: every node used (``_check_every_node_used``), its constants
+    within its ops' domains (``bnncc.ops.check_graph``), and onnxruntime able to run it
+    (``_check_reference_runs``)."""
     try:
+        _check_every_node_used(model)
         check_graph(model)
         _check_reference_runs(model)
     except BnnccError as e:
         raise BnnccError(f"{source}: {e}") from None
+
+
+def _check_every_node_used(model: ir.Model) -> None:
+    """Every node of the PokeBNN graph computes a value that its output depends on. ace counted the
+    cost of nodes the output does not read (a graph whose output was its input or a constant measured
+    as a whole network), while compile refused that graph."""
+    used: set[int] = set()
+    values = list(model.graph.outputs)
+    while values:
+        node = values.pop().producer()
+        if node is not None and id(node) not in used:
+            used.add(id(node))
+            values.extend(value for value in node.inputs if value is not None)
+    for node in model.graph:
+        if id(node) not in used:
+            outputs = ", ".join(repr(value.name) for value in model.graph.outputs)
+            raise BnnccError(f"node {node.name!r} ({node.op_type}): the graph's output {outputs} does not depend "
+                             f"on it")
 
 
 # Digests of the graphs onnxruntime has run in this process: convert reads each stage's graph for

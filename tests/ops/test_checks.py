@@ -152,6 +152,30 @@ def test_a_graph_onnxruntime_cannot_run_is_refused_by_every_command(cli, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
+def _output_is_the_input(model: ir.Model) -> None:
+    model.graph.outputs[0] = model.graph.inputs[0]
+
+
+def _extra_dangling_node(model: ir.Model) -> None:
+    model.graph.append(ir.node("Relu", [model.graph.inputs[0]], name="unread"))
+
+
+@pytest.mark.parametrize("change, node", [(_output_is_the_input, "stem"), (_extra_dangling_node, "unread")])
+def test_a_node_the_output_does_not_depend_on_is_refused_by_every_command(cli, tmp_path, change, node):
+    """ace measured a graph whose output was its input as the whole network it no longer computes,
+    and counted a node nobody reads, where compile refused the first graph."""
+    model = tiny_poke_model()
+    change(model)
+    path = tmp_path / "bad.onnx"
+    ir.save(attach_functions(model), path)
+    for args in [("ace", path), ("export", path, "--format", "qonnx", "-o", tmp_path / "q.onnx"),
+                 ("compile", path, "--target", "x86-64", "-o", tmp_path / "lib")]:
+        code, _, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
+        assert f"{path}: node '{node}' (" in err and "output" in err and "does not depend on it" in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
 def test_onnxruntime_logs_nothing_of_its_own_when_it_cannot_run_a_graph(tmp_path):
     """A graph that fails only when run (a stride of 4 leaves the block shortcut another size) had
     onnxruntime log the error, in colour, over several lines on the process's stderr, before
