@@ -2,7 +2,7 @@
 
 import unicodedata
 
-__all__ = ["BnnccError", "first_line", "printable"]
+__all__ = ["BnnccError", "first_line", "printable", "tool_said"]
 
 
 class BnnccError(Exception):
@@ -32,3 +32,10 @@ def first_line(error: Exception) -> str:
     message is empty."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def tool_said(output: str, limit: int = 2000) -> str:
+    """A tool's ``output`` (a compiler's or a runner's stderr, several lines) as one line for an error:
+    its words joined by spaces, the last ``limit`` characters (where the cause is said). Kept as they
+    were, its line breaks reached the CLI's line as "\\n" escapes."""
+    return " ".join(output.split())[-limit:]

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, tool_said
 from bnncc.fileio import atomic_path
 from bnncc.targets.cuda_blob import embed_fatbins, imports_blob, write_imports_asm
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack
@@ -243,7 +243,7 @@ def sass(code: bytes) -> str:
         env = {**os.environ, "PATH": os.pathsep.join([str(Path(nvdisasm).parent), os.environ.get("PATH", "")])}
         done = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise BnnccError(f"cuobjdump -sass failed: {done.stderr.strip()[-500:]}")
+        raise BnnccError(f"cuobjdump -sass failed: {tool_said(done.stderr, 500)}")
     return done.stdout
 
 
@@ -278,8 +278,7 @@ def nvcc_fatbin(source: str, arch: str) -> bytes:
         done = subprocess.run([nvcc, "--fatbin", "-O3", f"-arch={arch}", "-o", str(fatbin), str(cu)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            said = " ".join(done.stderr.split())  # one line: nvcc's own are several
-            raise BnnccError(f"nvcc failed on the generated kernels ({arch}): {said[-2000:]}")
+            raise BnnccError(f"nvcc failed on the generated kernels ({arch}): {tool_said(done.stderr)}")
         logger.info("nvcc compiled %d kernels for %s in %.1f s", source.count("__global__"), arch,
                     time.perf_counter() - start)
         return fatbin.read_bytes()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, tool_said
 from bnncc.fileio import atomic_path, cache_dir
 from bnncc.targets.arm64 import CROSS_CXX
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
@@ -139,7 +139,7 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
                    "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise BnnccError(f"{RUNNER_SOURCE}: {compiler} failed:\n{done.stderr[-2000:]}")
+            raise BnnccError(f"{RUNNER_SOURCE}: {compiler} failed: {tool_said(done.stderr)}")
         tmp.chmod(0o755)
     logger.info("built the %s runner %s (%.1f s)", arch, binary, time.perf_counter() - start)
     return binary
@@ -172,7 +172,7 @@ def _invoke(arch: str, library: Path, args: list[str]) -> str:
     done = subprocess.run([*prefix, *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise BnnccError(f"{library}: the {arch} runner failed (exit {done.returncode}): "
-                         f"{(done.stderr or done.stdout).strip()[-2000:]}")
+                         f"{tool_said(done.stderr or done.stdout)}")
     return done.stdout
 
 

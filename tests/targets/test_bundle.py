@@ -188,6 +188,21 @@ def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli, mo
     assert sorted(os.listdir(tmp_path)) == ["b", "here", "link", "mine"]
 
 
+def test_a_compiler_that_fails_on_the_runner_is_one_line(x86_library, tmp_path, cli, monkeypatch):
+    """g++'s messages were put into the error as they were: the CLI's one line showed each line break
+    as a "\\n" escape between them."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "g++").write_text("#!/bin/sh\necho 'runner.cc:1: error: first' >&2\n"
+                                          "echo 'runner.cc:2: error: second' >&2\nexit 1\n")
+    (tmp_path / "bin" / "g++").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))  # no runner built before
+    code, _, err = cli("bundle", str(x86_library), "-o", str(tmp_path / "b"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "g++ failed: runner.cc:1: error: first runner.cc:2: error: second\n" in err, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_the_bundle_holds_the_manifest_its_library_was_checked_against(x86_library, tmp_path, monkeypatch):
     """model.so was checked against the manifest read first, but model.json was copied again after
     it: a compile replacing the folder between the two copies bundled the old model.so beside a new
