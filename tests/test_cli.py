@@ -224,6 +224,16 @@ def test_a_signal_the_caller_ignores_stays_ignored(tmp_path, name):
     assert (done.returncode, done.stderr) == (0, "")
 
 
+def test_output_to_a_reader_that_has_gone_is_a_quiet_sigpipe_exit():
+    """`bnncc passes | head` ended with exit status 1 (rich's), which bnncc gives a failed verify and
+    a bug; a tool that SIGPIPE ends exits 141, and says nothing."""
+    process = subprocess.Popen([sys.executable, "-m", "bnncc", "passes"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before bnncc writes a line: its first write finds no reader
+    err = process.stderr.read()
+    assert (process.wait(timeout=120), err) == (141, b"")
+
+
 def test_run_reads_an_image_in_the_networks_channels(tmp_path):
     """A 4-channel network reads an image as RGBA (a grey 16-bit one: grey colours, opaque); one of
     another channel count refuses images in one line naming the .npy that works. Every image was

@@ -33,6 +33,14 @@ class _Console(Console):
     def render_str(self, text: str, **kwargs):
         return super().render_str(printable(text, keep="\n\t"), **kwargs)
 
+    def on_broken_pipe(self) -> None:
+        """The reader of the output has gone (``bnncc passes | head``): rich's quiet exit, with the status
+        of a tool that SIGPIPE ended (141), not rich's 1, which says that verify failed or bnncc hit a bug."""
+        try:
+            super().on_broken_pipe()
+        except SystemExit:
+            raise SystemExit(128 + signal.SIGPIPE) from None
+
 
 # no console markup: what is printed holds the user's paths and names, and "[x]" in one was eaten
 # as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text. No emoji codes
