@@ -145,6 +145,28 @@ def test_resuming_another_runs_checkpoint_is_refused_and_a_new_run_begins_its_me
     assert "none.ckpt: no checkpoint to resume from; training from step 0" in caplog.text
 
 
+def test_resume_compares_the_runs_length_and_its_teacher(idx_dir, tmp_path):
+    """--resume refused a run of the same --max-steps for its other --epochs, which do not count then,
+    and took another teacher's checkpoint for its own."""
+    data = open_dataset(idx_dir, "train")
+    checkpoint, teacher = tmp_path / "run.ckpt", tiny_net()
+    train(tiny_net(), teacher, data, cfg(max_steps=2, epochs=1), SHAPE, checkpoint=checkpoint, show_progress=False)
+    train(tiny_net(), tiny_net(), data, cfg(max_steps=2, epochs=5), SHAPE, checkpoint=checkpoint, resume=True,
+          show_progress=False)
+    other = tiny_net()
+    with torch.no_grad():
+        other[0].weight[0, 0, 0, 0] += 1
+    with pytest.raises(BnnccError, match=r"run.ckpt: written by a run with other settings \(another teacher \(its "
+                                         r"weights differ\)\)"):
+        train(tiny_net(), other, data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True,
+              show_progress=False)
+    # without --max-steps the epochs decide the length: 256 images are 16 batches of 16
+    train(tiny_net(), None, data, cfg(max_steps=None, epochs=1), SHAPE, checkpoint=checkpoint, show_progress=False)
+    with pytest.raises(BnnccError, match=r"run.ckpt: written by a run with other settings \(steps 16 -> 32\)"):
+        train(tiny_net(), None, data, cfg(max_steps=None, epochs=2), SHAPE, checkpoint=checkpoint, resume=True,
+              show_progress=False)
+
+
 def test_a_batch_of_one_image_at_the_last_stages_size_is_refused(idx_dir):
     """An 8 px image is one pixel at the last stage of a ResNet: alone in its batch, its batch norms
     see one value a channel, and torch raised an unexpected ValueError at the first step."""
