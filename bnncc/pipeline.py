@@ -7,7 +7,8 @@ The stages:
 3. fine-tune (only with data): distillation from the imported float model -> ``stages/finetune.onnx``;
 4. compile: ``bnncc.compile`` of the last graph -> ``stages/library/``; model.so, model.json and
    the reference graph model.onnx are then copied into OUTDIR;
-5. report: report.json, report.md, plots (``bnncc.report``), latency when the target is the host.
+5. report: report.json, report.md, plots (``bnncc.report``), latency (and the library's accuracy) when
+   this machine's CPU runs the target's libraries (``registry.runs_natively``).
 
 Caching: stage S records ``stages/S.json`` = {key, outputs: {file: sha256}, results}. The key is
 the sha256 of S's inputs: the bytes of the files it reads (the imported model serialized, so
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 # what convert writes in its output folder (the demo adds its teacher); anything else there is the
 # user's, and kept
 OUTPUT_NAMES = (*LIBRARY_FILES, "report.json", "report.md", "latency.json", STAGES_PLOT, LAYERS_PLOT, "stages")
-HOST_TARGET = "x86-64"  # the target whose libraries run natively here: latency is measured only for it
+HOST_TARGET = "x86-64"  # this machine's own target: convert's and the demo's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +202,9 @@ def _remove_partial_outputs(stages_dir: Path) -> None:
 
 def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages: list[Stage], accuracy: dict | None,
              options: ConvertOptions) -> Report:
-    """Copy the library into ``outdir``, measure it there (on the host target) and write its report."""
+    """Copy the library into ``outdir``, measure it there (where this CPU runs it) and write its report."""
+    from bnncc.targets import registry
+
     # an earlier run's outputs go first: a run killed while it copied left its model.so beside the
     # earlier model.onnx and report, of another network (verify failed on the folder)
     _unpublish(outdir)
@@ -210,7 +213,8 @@ def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages:
             shutil.copyfile(library / name, tmp)
     stages = [*stages, Stage("compiled", "model.so", (outdir / "model.so").stat().st_size, stages[-1].cost)]
     latency = None
-    if options.target == HOST_TARGET:
+    # an x86 class target's library runs here as the host target's does (x86-64-avx2 on an AVX-512 CPU)
+    if registry.runs_natively(options.target):
         from bnncc.runtime import load as load_library
 
         lib = load_library(outdir)

@@ -8,7 +8,7 @@ Files written into the report folder, each atomically:
 
 - ``report.json``: everything that is a function of the inputs (costs, sizes, accuracy); the
   same inputs give the same bytes.
-- ``latency.json`` (host targets only): the measured latency, which varies from run to run and
+- ``latency.json`` (libraries this CPU runs only): the measured latency, which varies from run to run and
   is therefore kept out of ``report.json``.
 - ``report.md``: both, as tables, with the two plots; for an arm64 library, the binary convs'
   cycles estimated by llvm-mca (``bnncc.targets.estimate.library_estimate``, deterministic, so
@@ -183,7 +183,7 @@ def markdown(report: Report) -> str:
         if rows:
             lines += ["| model | top-1 | top-5 |", "|---|---:|---:|", *rows, ""]
             if report.accuracy.get("student_top1") is not None and report.accuracy.get("library_top1") is None:
-                # convert runs only the host target's library (pipeline.HOST_TARGET): say why its row is missing
+                # convert runs only a library this CPU runs (registry.runs_natively): say why its row is missing
                 lines += [f"The {_code(report.target)} library is not run on this machine: `bnncc verify` compares it "
                           "with the fine-tuned graph where it runs.", ""]
         else:  # the test split's classes are not the network's (fine-tuning distils: it needs no labels)

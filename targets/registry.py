@@ -308,6 +308,14 @@ def get(name: str, *, build: bool = False) -> TargetSpec:
     return TARGETS[name]
 
 
+def runs_natively(name: str) -> bool:
+    """Whether this machine's CPU runs the libraries of target ``name`` itself: an x86 target whose CPU
+    features it has (not an arm64 library under qemu, whose time says nothing of an ARM core, nor a cuda
+    one). convert measures such a library's latency and accuracy."""
+    spec = get(name)
+    return spec.elf_machine == "x86-64" and all(r.found for r in spec.requirements() if r.needed_for == "run")
+
+
 def check() -> dict[str, list[Requirement]]:
     """For every target, its host requirements and whether each is met (``found`` not None)."""
     return {name: spec.requirements() for name, spec in TARGETS.items()}

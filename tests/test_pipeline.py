@@ -505,6 +505,27 @@ def test_the_library_is_measured_where_the_fine_tune_measured_the_student(conver
     assert calls == ([tmp_path] if measured else []) and ("library_top1" in report.accuracy) == measured
 
 
+def test_a_class_target_this_cpu_runs_is_measured(narrow_resnet, tmp_path, monkeypatch):
+    """An x86-64-avx2 library on a CPU with AVX2 runs here as the host target's does, but convert's
+    report gave it no latency and no accuracy row ("not run on this machine")."""
+    from bnncc import pipeline
+    from bnncc.targets import x86_64
+
+    if not set(x86_64.CLASS_FLAGS[x86_64.AVX2]) <= x86_64.cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    result = convert(narrow_resnet, tmp_path / "out", ConvertOptions(overrides=STEM, target="x86-64-avx2",
+                                                                      latency_runs=1, show_progress=False))
+    assert result.report.latency is not None and (result.outdir / "latency.json").exists()
+    calls = []
+    monkeypatch.setattr(pipeline, "_library_accuracy",
+                        lambda lib, data, show: calls.append(data) or {"library_top1": 1})
+    stages = [dataclasses.replace(s, file_bytes=0) for s in result.report.stages[:-1]]
+    options = ConvertOptions(target="x86-64-avx2", data=tmp_path, latency_runs=1, show_progress=False)
+    report = pipeline._publish(tmp_path / "again", result.outdir / "stages" / "library", tmp_path / "m.onnx",
+                               "pokebnn_1x", stages, {"teacher_top1": None, "student_top1": 50.0}, options)
+    assert calls == [tmp_path] and report.accuracy["library_top1"] == 1
+
+
 def test_convert_refuses_an_output_folder_inside_the_data_folder(cli, narrow_resnet, tmp_path):
     """The stages' key takes every file of the data folder: a run's own outputs there changed it, and
     the fine-tune ran again at every run."""
