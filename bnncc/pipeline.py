@@ -163,10 +163,18 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         return ConvertResult(outdir, report, cached, seconds)
 
 
+# the stages folders whose lock this process holds: the demo's convert runs inside the demo's own hold
+_held: set[Path] = set()
+
+
 @contextlib.contextmanager
-def _sole_writer(stages_dir: Path):
-    """Hold ``stages_dir``/lock while a run writes the folder. Two converts into one folder replaced
-    each other's stage files and published a library whose report described the other's stages."""
+def _sole_writer(stages_dir: Path, names: tuple[str, ...] = OUTPUT_NAMES):
+    """Hold ``stages_dir``/lock while a run writes the folder (and its outputs ``names`` beside it). Two
+    converts into one folder replaced each other's stage files and published a library whose report
+    described the other's stages. A hold of this process's own is not taken again (flock would refuse it)."""
+    if stages_dir.resolve() in _held:
+        yield
+        return
     made = [folder for folder in (stages_dir, *stages_dir.parents) if not folder.exists()]
     with output_errors(stages_dir.parent):  # (an output folder under a file, a read-only file system)
         stages_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +189,8 @@ def _sole_writer(stages_dir: Path):
             logger.warning("%s: cannot be locked (%s); do not run another convert into this folder meanwhile",
                            stages_dir / "lock", e.strerror)
         else:  # (no other convert writes the folder: what temporaries it holds, no run is writing)
-            _remove_partial_outputs(stages_dir)
+            _remove_partial_outputs(stages_dir, names)
+        _held.add(stages_dir.resolve())
         try:
             yield  # the lock goes with the file's closing, or the process's end
         except BaseException:
@@ -191,12 +200,14 @@ def _sole_writer(stages_dir: Path):
                 for folder in made:
                     folder.rmdir()
             raise
+        finally:
+            _held.discard(stages_dir.resolve())
 
 
-def _remove_partial_outputs(stages_dir: Path) -> None:
+def _remove_partial_outputs(stages_dir: Path, names: tuple[str, ...]) -> None:
     """Remove the temporaries that a run stopped while it wrote them left in ``stages_dir`` (bnncc's own
-    folder: whatever is hidden there) and beside the outputs in the folder above it."""
-    remove_partial([*stages_dir.glob(".*"), *(path for name in OUTPUT_NAMES
+    folder: whatever is hidden there) and beside the outputs ``names`` in the folder above it."""
+    remove_partial([*stages_dir.glob(".*"), *(path for name in names
                                               for path in partial_writes(stages_dir.parent / name))])
 
 
@@ -449,7 +460,8 @@ def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOption
     from bnncc.zoo import STEM_WIDTH
 
     outdir, data = Path(outdir), Path(data or FASHION_MNIST_SAMPLE)
-    check_outdir(outdir, (*OUTPUT_NAMES, "teacher.onnx"))
+    names = (*OUTPUT_NAMES, "teacher.onnx")
+    check_outdir(outdir, names)
     teacher = outdir / "teacher.onnx"
     cfg = TrainConfig(lr=options.teacher_lr, batch_size=options.batch_size, epochs=options.teacher_epochs,
                       label_weight=1.0, seed=options.seed)
@@ -461,11 +473,14 @@ def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOption
 
     key = {"data": _data_fingerprint(data), "train": dataclasses.asdict(cfg), "width": options.width,
            "image_size": options.image_size}
-    cached_stage(outdir / "stages", "teacher", key, [teacher], run)
     # PokeInit's middle width must divide the stem width: 32 at full width, the stem itself when narrower.
     mid_channels = min(32, max(1, round(STEM_WIDTH * options.width)))
     convert_options = ConvertOptions(
         overrides=(f"passes.poke_stem.mid_channels={mid_channels}", f"train.lr={options.lr}"), target=HOST_TARGET,
         data=data, epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
         show_progress=show_progress)
-    return convert(teacher, outdir, convert_options)
+    # the teacher under the folder's lock too: another demo into the folder replaced teacher.onnx while
+    # this one's convert distilled from it, after hashing the first
+    with _sole_writer(outdir / "stages", names):
+        cached_stage(outdir / "stages", "teacher", key, [teacher], run)
+        return convert(teacher, outdir, convert_options)

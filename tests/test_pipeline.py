@@ -330,6 +330,23 @@ def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path)
     assert convert(narrow_resnet, outdir, options).cached == {"rewrite": False, "compile": False}
 
 
+def test_a_demo_trains_its_teacher_under_the_folders_lock(tmp_path):
+    """The demo trained and wrote its teacher.onnx outside the lock its convert takes: a second demo into
+    the folder replaced the teacher that the first one's convert was distilling from."""
+    import fcntl
+
+    from bnncc.pipeline import DemoOptions, demo
+
+    data = _brightness_idx(tmp_path / "data")
+    outdir = tmp_path / "out"
+    (outdir / "stages").mkdir(parents=True)
+    with open(outdir / "stages" / "lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(BnnccError, match=r"out: another bnncc convert is writing this folder"):
+            demo(outdir, data, DemoOptions(teacher_epochs=1, epochs=1, batch_size=16), show_progress=False)
+    assert sorted(p.name for p in outdir.rglob("*")) == ["lock", "stages"]
+
+
 def test_an_output_folder_that_cannot_be_made_is_a_one_line_error(cli, narrow_resnet, tmp_path):
     """Taking the run's lock made the folder with a bare mkdir: an output folder under a file (or on
     a read-only file system) ended convert in an 'unexpected NotADirectoryError', exit status 1."""
