@@ -14,8 +14,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
-           "hash_file", "load_private_copy", "output_errors", "output_target", "partial_writes", "refuse_overwriting",
-           "remove_partial", "require_file", "require_unchanged", "sync", "umask", "writing_error"]
+           "hash_file", "load_private_copy", "make_folders", "output_errors", "output_target", "partial_writes",
+           "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync", "umask",
+           "writing_error"]
 
 T = TypeVar("T")
 
@@ -31,8 +32,12 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     dest = output_target(dest)
     with output_errors(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
+        made = make_folders(dest.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
+        except OSError:
+            remove_made(made)
+            raise
     os.close(fd)
     os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would keep the output from everyone else
     tmp_path = Path(tmp)
@@ -52,6 +57,26 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             sync(dest.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+        remove_made(made)  # (once the output is there, the folder that holds it is not empty: none goes)
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and the folders above it that are missing; return those it made, deepest first,
+    for ``remove_made`` to take back when the write fails (a full disk left the empty folders of a
+    library or graph that was never written)."""
+    made = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def remove_made(made: list[Path]) -> None:
+    """Remove the folders ``make_folders`` made, deepest first, as far as they are empty (another run may
+    have written into one meanwhile)."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def partial_writes(dest: Path) -> list[Path]:

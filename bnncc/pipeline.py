@@ -39,7 +39,8 @@ import onnx_ir as ir
 
 from bnncc.domain import LIBRARY_FILES
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text, hash_file, output_errors, partial_writes, remove_partial
+from bnncc.fileio import (atomic_path, atomic_write_text, hash_file, make_folders, output_errors, partial_writes,
+                          remove_made, remove_partial)
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
@@ -175,9 +176,8 @@ def _sole_writer(stages_dir: Path, names: tuple[str, ...] = OUTPUT_NAMES):
     if stages_dir.resolve() in _held:
         yield
         return
-    made = [folder for folder in (stages_dir, *stages_dir.parents) if not folder.exists()]
     with output_errors(stages_dir.parent):  # (an output folder under a file, a read-only file system)
-        stages_dir.mkdir(parents=True, exist_ok=True)
+        made = make_folders(stages_dir)
         lock = open(stages_dir / "lock", "a")
     with lock:
         try:
@@ -197,8 +197,7 @@ def _sole_writer(stages_dir: Path, names: tuple[str, ...] = OUTPUT_NAMES):
             # a run refused before it wrote anything (a recipe that does not fit the model) leaves nothing
             if [p.name for p in stages_dir.iterdir()] == ["lock"]:
                 (stages_dir / "lock").unlink()
-                for folder in made:
-                    folder.rmdir()
+                remove_made(made)
             raise
         finally:
             _held.discard(stages_dir.resolve())

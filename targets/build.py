@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from bnncc.cost import ace
 from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import file_sha256, output_errors, sync, umask, writing_error
+from bnncc.fileio import file_sha256, make_folders, output_errors, remove_made, sync, umask, writing_error
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.ops.registry import op_def
 from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
@@ -186,14 +186,19 @@ class atomic_dir:
     def __enter__(self) -> Path:
         check_output_folder(self.dest, self.files, self.kind)
         with output_errors(self.dest):
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+            self.made = make_folders(self.dest.parent)
+            try:
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+            except OSError:
+                remove_made(self.made)
+                raise
         self.tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the library from everyone else
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_made(self.made)
             # a full disk, a quota; a file the body failed to read (a kernel source missing from an
             # install) is named as it is
             if issubclass(kind, OSError) and writing_error(value, self.tmp):
@@ -220,5 +225,6 @@ class atomic_dir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            remove_made(self.made)  # (once the folder is there, the one that holds it is not empty: none goes)
         with contextlib.suppress(OSError):  # (a file system that cannot sync a folder)
             sync(self.dest.parent)

@@ -45,6 +45,21 @@ def test_a_full_disk_while_writing_is_one_error_naming_the_output(tmp_path):
             (tmp_path / "missing.txt").read_text()
 
 
+def test_a_failed_write_takes_back_the_folders_it_made(tmp_path):
+    """A full disk while rewrite or export wrote new/deep/out.onnx left the empty folders new/deep; those
+    that were there before stay, as does a folder the output went into."""
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(BnnccError, match="cannot write there"):
+        with atomic_path(tmp_path / "mine" / "new" / "deep" / "out.onnx") as tmp:
+            with open(tmp, "wb") as f, open("/dev/full", "wb") as full:
+                f.write(b"half")
+                full.write(b"the rest")
+                full.flush()
+    assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
+    atomic_write_text(tmp_path / "mine" / "new" / "out.txt", "x")
+    assert os.listdir(tmp_path / "mine" / "new") == ["out.txt"]
+
+
 @pytest.mark.parametrize(("dest", "message"), [("folder", "is a folder"), ("file/out.onnx", "cannot write there")])
 def test_an_output_path_that_cannot_be_a_file_is_one_error(tmp_path, dest, message):
     (tmp_path / "folder").mkdir()

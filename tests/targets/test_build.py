@@ -19,6 +19,18 @@ def test_a_failed_write_is_the_folders_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_failed_write_takes_back_the_folders_it_made(tmp_path):
+    """A full disk while compile wrote new/lib left the empty folder new."""
+    with pytest.raises(BnnccError, match=r"lib: cannot write there \(No space left on device\)"):
+        with atomic_dir(tmp_path / "new" / "lib") as tmp:
+            (tmp / "model.so").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert os.listdir(tmp_path) == []
+    with atomic_dir(tmp_path / "new" / "lib") as tmp:
+        (tmp / "model.so").write_bytes(b"whole")
+    assert os.listdir(tmp_path / "new") == ["lib"]
+
+
 def test_a_file_that_cannot_be_read_is_named_not_called_unwritable(tmp_path):
     """A kernel source missing from an install (the wheel lacked bmma_conv.cuh), read while the
     library was written, came out as "lib: cannot write there (No such file or directory)"."""
@@ -147,4 +159,4 @@ def test_a_library_the_disk_cannot_hold_is_one_error_naming_the_folder(tmp_path,
     monkeypatch.setenv("CXX", str(linker))
     with pytest.raises(BnnccError, match=r"lib: cannot write there \(No space left on device\)"):
         compile(tiny_pokebnn(), tmp_path / "out" / "lib")
-    assert os.listdir(tmp_path / "out") == []
+    assert os.listdir(tmp_path) == ["cxx"]  # not even the folder out, which compile made
