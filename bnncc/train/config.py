@@ -63,17 +63,27 @@ class TrainConfig:
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+        # (whether it is in range, the range): the error said "out of range" and not which
+        above_0, at_least_0, at_least_1 = "a finite number above 0", "a finite number of at least 0", "1 or more"
         checks = {
-            "lr": self.lr > 0, "batch_size": self.batch_size >= 1, "epochs": self.epochs >= 1,
-            "max_steps": self.max_steps is None or self.max_steps >= 1, "weight_decay": self.weight_decay >= 0,
-            "clip_bound": self.clip_bound is None or self.clip_bound > 0, "temperature": self.temperature > 0,
-            "label_weight": self.label_weight >= 0, "weight_quant_start": self.weight_quant_start >= 0,
-            "act_calibration_at": self.act_calibration_at >= 0, "calibration_batches": self.calibration_batches >= 1,
-            "checkpoint_every": self.checkpoint_every >= 1, "log_every": self.log_every >= 1,
-            "seed": 0 <= self.seed < 2**32,  # (2**63 overflowed torch's generator seed, unexpectedly)
-            "num_workers": self.num_workers is None or self.num_workers >= 0,
+            "lr": (self.lr > 0, above_0),
+            "batch_size": (self.batch_size >= 1, at_least_1),
+            "epochs": (self.epochs >= 1, at_least_1),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, at_least_1),
+            "weight_decay": (self.weight_decay >= 0, at_least_0),
+            "clip_bound": (self.clip_bound is None or self.clip_bound > 0, above_0),
+            "temperature": (self.temperature > 0, above_0),
+            "label_weight": (self.label_weight >= 0, at_least_0),
+            "weight_quant_start": (self.weight_quant_start >= 0, at_least_0),
+            "act_calibration_at": (self.act_calibration_at >= 0, at_least_0),
+            "calibration_batches": (self.calibration_batches >= 1, at_least_1),
+            "checkpoint_every": (self.checkpoint_every >= 1, at_least_1),
+            "log_every": (self.log_every >= 1, at_least_1),
+            # (2**63 overflowed torch's generator seed, unexpectedly)
+            "seed": (0 <= self.seed < 2**32, "0 to 2**32 - 1"),
+            "num_workers": (self.num_workers is None or self.num_workers >= 0, at_least_0),
         }
-        for name, ok in checks.items():
+        for name, (ok, expected) in checks.items():
             value = getattr(self, name)
             if not ok or (value is not None and not number(value)):
-                raise BnnccError(f"training setting {name} = {value!r} is out of range")
+                raise BnnccError(f"training setting {name} = {value!r} is out of range; expected {expected}")

@@ -512,12 +512,18 @@ def test_training_keeps_freed_buffers_instead_of_faulting_them_in_again():
     assert second < first // 20
 
 
-@pytest.mark.parametrize("setting", [dict(lr=float("nan")), dict(lr=-1.0), dict(batch_size=0), dict(max_steps=0),
-                                     dict(temperature=0.0), dict(label_weight=float("inf")), dict(checkpoint_every=0),
-                                     dict(num_workers=-1), dict(clip_bound=0.0), dict(seed=2**63 - 1)])
-def test_training_settings_out_of_range_are_an_error(setting):
+ABOVE_0, AT_LEAST_0 = "a finite number above 0", "a finite number of at least 0"
+
+
+@pytest.mark.parametrize("setting, expected", [
+    (dict(lr=float("nan")), ABOVE_0), (dict(lr=-1.0), ABOVE_0), (dict(batch_size=0), "1 or more"),
+    (dict(max_steps=0), "1 or more"), (dict(temperature=0.0), ABOVE_0), (dict(label_weight=float("inf")), AT_LEAST_0),
+    (dict(checkpoint_every=0), "1 or more"), (dict(num_workers=-1), AT_LEAST_0), (dict(clip_bound=0.0), ABOVE_0),
+    (dict(seed=2**63 - 1), r"0 to 2\*\*32 - 1")])
+def test_training_settings_out_of_range_are_an_error(setting, expected):
     """A setting out of range is refused when the config is made: a zero batch or step interval
-    divided by zero deep inside the loop, a NaN rate trained to nothing without a word."""
+    divided by zero deep inside the loop, a NaN rate trained to nothing without a word. The error
+    says the range (it said "out of range" alone: `finetune --max-steps 0`)."""
     (name, value), = setting.items()
-    with pytest.raises(BnnccError, match=f"training setting {name} = {value!r} is out of range"):
+    with pytest.raises(BnnccError, match=f"^training setting {name} = {value!r} is out of range; expected {expected}$"):
         TrainConfig(**setting)
