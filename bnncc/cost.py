@@ -43,7 +43,7 @@ from rich.table import Table
 
 from bnncc.errors import BnnccError, first_line, printable
 from bnncc.frontend import read as read_model
-from bnncc.ops import op_def
+from bnncc.ops import attach_functions, op_def
 from bnncc.ops.counting import (FLOAT_WEIGHT_BITS, Elementwise, Layer, conv_layer, dense_layer, numel,
                                 per_output)
 
@@ -289,9 +289,11 @@ class _Shapes:
 
 
 def _infer(model: ir.Model) -> dict[str, tuple]:
-    """Value name -> dims after onnx shape inference (which also looks into model-local functions)."""
+    """Value name -> dims after onnx shape inference (which also looks into model-local functions: the
+    ai.bnncc ops' are attached, as for onnxruntime, so a graph stored without them is measured as
+    compile and export take it, where ace said that the shape of the stem's output is unknown)."""
     try:
-        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
+        proto = onnx.shape_inference.infer_shapes(attach_functions(ir.to_proto(model)), data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise BnnccError(f"shape inference failed: {first_line(e)}") from None
     shapes = {}

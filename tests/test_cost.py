@@ -169,6 +169,20 @@ def test_missing_shapes_come_from_shape_inference():
     assert report.params == 72 + 4 + 12 + 3 and report.weight_params == 84
 
 
+def test_a_pokebnn_file_without_its_functions_is_measured_as_compile_takes_it(tmp_path):
+    """A PokeBNN graph stored without the ai.bnncc functions and without value_info (compile and export
+    take it, onnxruntime runs it with them attached) was refused by ace: "the shape of 's0' is unknown"."""
+    from tiny_poke import tiny_poke_model
+
+    ir.save(tiny_poke_model(), tmp_path / "bare.onnx")
+    assert not onnx.load(tmp_path / "bare.onnx").functions
+    report = ace(tmp_path / "bare.onnx")
+    macs = {layer.name: layer.macs for layer in report.layers}
+    # the stem: 16 channels of 4x4 outputs, each 3 x 4 x 4 MACs; the binary conv: 32 of 2x2, each 16 x 3 x 3
+    assert macs["stem"] == 16 * 4 * 4 * 3 * 4 * 4 and macs["poke/binary"] == 32 * 2 * 2 * 16 * 3 * 3
+    assert report == ace(attach_functions(tiny_poke_model()))
+
+
 def test_unused_initializers_are_not_parameters():
     model = _tiny()
     model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 5), np.float32), "left_behind"))
