@@ -21,9 +21,9 @@ after the Conv, or BN already folded;
 or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
 Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
 for a channels_last model) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
-``Identity``; weights from ``Constant`` nodes or computed from constants (``ConstantOfShape``,
-torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28, and 1..8 through
-onnx's version converter; fixed or symbolic batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or
+``Identity``; ``Dropout`` out of training; weights from ``Constant`` nodes or computed from constants
+(``ConstantOfShape``, torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28,
+and 1..8 through onnx's version converter; fixed or symbolic batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or
 MaxPool, an NHWC input transposed to NCHW, an NHWC mean before the classifier.
 
 External data is read only from inside the model's folder.
@@ -61,6 +61,7 @@ from bnncc.ops.binary_conv import same_pads
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
     collapse_reshapes,
+    eliminate_dropout,
     fold_batchnorm,
     fold_channel_affine,
     fold_constants,
@@ -93,6 +94,7 @@ CANONICAL_PASSES = (
     "remove_initializer_inputs",
     "fold_constants",
     "lift_constants",
+    "eliminate_dropout",
     "eliminate_identity",
     "nchw_input",
     "fold_pad",
@@ -708,6 +710,7 @@ _WHY_REFUSED = {
            "whose only activation is Relu" for op in _ACTIVATIONS},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
+    "Dropout": "a dropout in training mode, or whose mask is read: export the model in eval mode",
     **{op: _QUANTIZED for op in _QUANTIZED_OPS},
 }
 

@@ -237,6 +237,45 @@ def test_a_model_of_an_opset_before_9_is_converted_and_computes_the_same(tmp_pat
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
 
 
+
+def _dropout_before_classifier(path, inputs=(), initializers=(), **attributes) -> onnx.ModelProto:
+    """The model at ``path`` with a Dropout named 'drop' (its mask an output nothing reads) before its Gemm."""
+    proto = onnx.load(str(path))
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    dropout = helper.make_node("Dropout", [gemm.input[0], *inputs], ["dropped", "mask"], name="drop", **attributes)
+    gemm.input[0] = "dropped"
+    proto.graph.node.insert(list(proto.graph.node).index(gemm), dropout)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in initializers)
+    return proto
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13])
+def test_a_dropout_out_of_training_is_read_as_the_identity_it_is(cli, tmp_path, opset):
+    """The model zoo's and older exporters' Dropout before the classifier (opsets 9 to 11, where it
+    has a ratio attribute and no training mode) was refused as an unsupported op; from opset 12 its
+    training_mode input, absent or false, says it passes its input through."""
+    path = zoo.export_onnx(zoo.resnet50(0.125, num_classes=10), tmp_path / "r.onnx", input_size=32, opset=opset)
+    if opset < 12:
+        proto = _dropout_before_classifier(path, ratio=0.5)
+    else:
+        proto = _dropout_before_classifier(path, ["ratio", "training_mode"], [
+            ("ratio", np.array(0.5, np.float32)), ("training_mode", np.array(False))])
+    onnx.save(proto, tmp_path / "dropout.onnx")
+    model = load(tmp_path / "dropout.onnx")
+    assert "Dropout" not in {n.op_type for n in model.graph} and len(recognize(model).blocks) == 16
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    expected = np.concatenate([_run(proto, x[i:i + 1]) for i in range(2)])  # exported at batch 1
+    np.testing.assert_allclose(_run(model, x), expected, rtol=1e-5, atol=1e-6)
+    assert cli("inspect", tmp_path / "dropout.onnx")[0] == 0
+
+
+def test_a_dropout_in_training_mode_is_named_so(cli, tmp_path):
+    path = zoo.export_onnx(zoo.resnet50(0.125, num_classes=10), tmp_path / "r.onnx", input_size=32, opset=13)
+    proto = _dropout_before_classifier(path, ["ratio", "training_mode"], [
+        ("ratio", np.array(0.5, np.float32)), ("training_mode", np.array(True))])
+    onnx.save(proto, tmp_path / "dropout.onnx")
+    _expect_refusal(cli, tmp_path / "dropout.onnx", "node 'drop' (Dropout): a dropout in training mode")
+
 def _spatial_0(proto, shape=None):
     """The first batch norm marked spatial=0, its parameters reshaped to ``shape``; its name."""
     norm = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")

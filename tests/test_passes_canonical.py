@@ -567,6 +567,18 @@ def test_nchw_input_leaves_an_input_read_otherwise(outputs, body):
     assert not _apply("nchw_input", text)[2]
 
 
+
+@pytest.mark.parametrize("outputs, body", [
+    ("float[2, 4] y, bool[2, 4] m", "y, m = Dropout <ratio = 0.5> (x)"),  # its mask read
+    ("float[2, 4] y", "y, m = Dropout (x, ratio, train)"),  # in training mode
+])
+def test_eliminate_dropout_leaves_a_dropout_that_is_no_identity(outputs, body):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {11 if "ratio =" in body else 13}]>
+    g (float[2, 4] x) => ({outputs}) <float ratio = {{0.5}}, bool train = {{1}}> {{ {body} }}
+    """
+    assert not _apply("eliminate_dropout", text)[2]
+
 def test_registry_rejects_duplicates_and_lists_the_canonical_passes():
     assert set(CANONICAL_PASSES) <= set(list_passes())
     with pytest.raises(ValueError, match="already registered"):
