@@ -73,13 +73,13 @@ def add_import_note(model: ir.Model, note: str) -> None:
     model.metadata_props[IMPORT_NOTES_KEY] = note if not notes else f"{notes}\n{note}"
 
 
-def axes_of(node: ir.Node) -> list[int] | None:
-    """The ``axes`` of a reduction or Squeeze on a rank-4 tensor, as 0..3 (an attribute in older
-    opsets, the second input in newer ones); None where it has none or they are computed."""
+def axes_of(node: ir.Node, rank: int = 4) -> list[int] | None:
+    """The ``axes`` of a reduction or Squeeze on a tensor of ``rank``, as 0..rank - 1 (an attribute in
+    older opsets, the second input in newer ones); None where it has none or they are computed."""
     if "axes" in node.attributes:
-        return [a % 4 for a in node.attributes["axes"].as_ints()]
+        return [a % rank for a in node.attributes["axes"].as_ints()]
     axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    return None if axes is None else [int(a) % 4 for a in axes.reshape(-1)]
+    return None if axes is None else [int(a) % rank for a in axes.reshape(-1)]
 
 
 def replace_with_flatten(graph: ir.Graph, node: ir.Node) -> None:

@@ -628,6 +628,30 @@ def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, o
     _expect_refusal(cli, path, f"({op}): {fragment}")
 
 
+
+class _SqueezedHead(torch.nn.Module):
+    """torchvision's ResNet whose head squeezes the pooled H and W one at a time, as hand-written heads do."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        m = self.module
+        x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        return m.fc(m.avgpool(x).squeeze(-1).squeeze(-1))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_head_squeezing_h_and_w_one_at_a_time_is_read(tmp_path, exporter):
+    """Its second Squeeze was refused as 'a squeeze that is not the flatten before the classifier'."""
+    path = zoo.export_onnx(_SqueezedHead(zoo.resnet50(0.125, num_classes=10)), tmp_path / "squeezed.onnx",
+                           exporter=exporter, input_size=32)
+    model = load(path)
+    assert recognize(model).head.flatten is not None
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(onnx.load(str(path)), x), rtol=1e-4, atol=1e-5)
+
 def _reflected_pool_and_mul_scale(module):
     module.maxpool = torch.nn.Sequential(torch.nn.ReflectionPad2d(1), torch.nn.MaxPool2d(3, 2))  # refused first
     conv = module.layer2[0].conv1

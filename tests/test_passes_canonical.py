@@ -514,6 +514,34 @@ def test_squeeze_of_a_pooled_tensor_becomes_flatten(opset, inits, squeeze):
     _assert_same(before, after, x=(3, 4, 1, 1))
 
 
+
+@pytest.mark.parametrize("opset, inits, squeezes", [
+    (13, "<int64[1] a = {-1}>", ("Squeeze (x, a)", "Squeeze (h, a)")),  # torch's x.squeeze(-1).squeeze(-1)
+    (13, "<int64[1] a = {2}>", ("Squeeze (x, a)", "Squeeze (h, a)")),
+    (11, "", ("Squeeze <axes = [3]> (x)", "Squeeze <axes = [-1]> (h)")),
+])
+def test_two_squeezes_of_a_pooled_tensor_become_flatten(opset, inits, squeezes):
+    """GlobalAveragePool + squeeze(-1).squeeze(-1) before the classifier was refused at the second Squeeze."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[N, 4, 1, 1] x) => (float[N, 4] y) {inits}{{ h = {squeezes[0]}
+    y = {squeezes[1]} }}
+    """
+    before, after, modified = _apply("squeeze_to_flatten", text)
+    flatten = after.graph.outputs[0].producer()
+    assert modified and flatten.op_type == "Flatten" and flatten.inputs[0] is after.graph.inputs[0]
+    _assert_same(before, after, x=(3, 4, 1, 1))
+
+
+def test_a_squeeze_of_a_squeeze_read_elsewhere_is_left():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 1, 1] x) => (float[N, 4] y, float[N, 4, 1] h) <int64[1] a = {-1}> {
+    h = Squeeze (x, a)
+    y = Squeeze (h, a) }
+    """
+    assert not _apply("squeeze_to_flatten", text)[2]
+
 def test_squeeze_of_every_unit_axis_is_left():
     """Without axes a batch of one would lose its batch axis too."""
     text = """
