@@ -3,8 +3,10 @@
 The target shape is read element by element, through the chains exporters build to compute it
 (``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])`` and the like): an element is a constant or
 "dimension i of value v". The Reshape flattens when the target is [batch, rest] with batch one
-of: the input's dim 0 (through Shape), 0 (copy, when allowzero=0), -1, or the static N; and rest
--1 or C*H*W (batch and rest not both -1). The dead shape chain is left to ``remove_unused``.
+of: the input's dim 0 (through Shape), 0 (copy, when allowzero=0), -1, or N (a constant, or any
+value's dimension of N's size or symbolic name); and rest -1 or C*H*W (a constant, or any value's
+dimension of that size); batch and rest not both -1. So ``x.view(-1, c)`` with c read from the
+tensor before the pool is a flatten too. The dead shape chain is left to ``remove_unused``.
 """
 
 from __future__ import annotations
@@ -61,9 +63,18 @@ def _flattens(node: ir.Node) -> bool:
         batch == (x, 0)
         or batch == -1
         or (batch == 0 and int_attr(node, "allowzero", 0) == 0)
-        or (isinstance(dims[0], int) and batch == dims[0])
+        or (dims[0] is not None and _size(batch) == dims[0])
     )
-    return batch_ok and rest in (-1, features) and not (batch == -1 and rest == -1)
+    return batch_ok and (rest == -1 or _size(rest) == features) and not (batch == -1 and rest == -1)
+
+
+def _size(element: ShapeElem) -> int | str | None:
+    """What ``element`` stands for: a constant, or the static size or symbolic name of the
+    dimension it reads (None where that is unknown)."""
+    if isinstance(element, int):
+        return element
+    dims = static_dims(element[0])
+    return None if dims is None else dims[element[1]]
 
 
 def _shape_elements(value: ir.Value) -> list[ShapeElem] | None:

@@ -629,27 +629,44 @@ def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, o
 
 
 
-class _SqueezedHead(torch.nn.Module):
-    """torchvision's ResNet whose head squeezes the pooled H and W one at a time, as hand-written heads do."""
+class _HeadFlattenedBy(torch.nn.Module):
+    """torchvision's ResNet whose head flattens the pooled features f, given the features x before
+    the pool, as ``flatten(f, x)``, as hand-written heads do."""
 
-    def __init__(self, module):
+    def __init__(self, module, flatten):
         super().__init__()
-        self.module = module
+        self.module, self.flatten = module, flatten
 
     def forward(self, x):
         m = self.module
         x = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
-        return m.fc(m.avgpool(x).squeeze(-1).squeeze(-1))
+        return m.fc(self.flatten(m.avgpool(x), x))
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_a_head_squeezing_h_and_w_one_at_a_time_is_read(tmp_path, exporter):
     """Its second Squeeze was refused as 'a squeeze that is not the flatten before the classifier'."""
-    path = zoo.export_onnx(_SqueezedHead(zoo.resnet50(0.125, num_classes=10)), tmp_path / "squeezed.onnx",
-                           exporter=exporter, input_size=32)
+    module = _HeadFlattenedBy(zoo.resnet50(0.125, num_classes=10), lambda f, x: f.squeeze(-1).squeeze(-1))
+    path = zoo.export_onnx(module, tmp_path / "squeezed.onnx", exporter=exporter, input_size=32)
     model = load(path)
     assert recognize(model).head.flatten is not None
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(onnx.load(str(path)), x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flatten", [
+    lambda f, x: f.view(-1, x.size(1)),
+    lambda f, x: f.reshape(f.shape[0], f.shape[1]),
+    lambda f, x: f.view(x.size(0), -1),
+], ids=["view(-1, x.size(1))", "reshape(f.shape[0], f.shape[1])", "view(x.size(0), -1)"])
+def test_a_flatten_to_dimensions_read_at_run_time_is_read(tmp_path, flatten):
+    """Exported with a dynamic batch, the sizes are read from the tensors through Shape; they were
+    taken only as the flattened tensor's own batch, and the others refused at the Shape."""
+    module = _HeadFlattenedBy(zoo.resnet50(0.125, num_classes=10), flatten)
+    path = zoo.export_onnx(module, tmp_path / "viewed.onnx", input_size=32, batch="symbolic")
+    model = load(path)
+    assert recognize(model).head.flatten is not None
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), _run(onnx.load(str(path)), x), rtol=1e-4, atol=1e-5)
 
 def _reflected_pool_and_mul_scale(module):

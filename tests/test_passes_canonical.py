@@ -286,6 +286,48 @@ def test_reshape_with_a_shape_chain_and_symbolic_batch_becomes_flatten():
     _assert_same(before, after, x=(3, 4, 2, 2))
 
 
+
+@pytest.mark.parametrize("batch, rest", [
+    ("Gather <axis = 0> (s, zero)", "Gather <axis = 0> (s, one)"),  # x.reshape(x.shape[0], x.shape[1])
+    ("Gather <axis = 0> (f_shape, zero)", "Gather <axis = 0> (f_shape, one)"),  # ... read before the pool
+    ("Gather <axis = 0> (minus1, zero)", "Gather <axis = 0> (f_shape, one)"),  # x.view(-1, c), c = f.shape[1]
+])
+def test_reshape_to_dimensions_read_from_another_tensor_becomes_flatten(batch, rest):
+    """A target of dimensions equal to N and C*H*W, read through Shape, was taken only when it
+    read N as the input's own dim 0; torch's legacy exporter with a dynamic batch writes these."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 11]>
+    g (float[N, 4, 2, 2] f) => (float[N, 4] y) <int64 zero = {{0}}, int64 one = {{1}}, int64[1] minus1 = {{-1}}> {{
+        x = GlobalAveragePool (f)
+        s = Shape (x)
+        f_shape = Shape (f)
+        b = {batch}
+        r = {rest}
+        b1 = Unsqueeze <axes = [0]> (b)
+        r1 = Unsqueeze <axes = [0]> (r)
+        t = Concat <axis = 0> (b1, r1)
+        y = Reshape (x, t)
+    }}
+    """
+    before, after, modified = _apply("reshape_to_flatten", text)
+    assert modified and after.graph.outputs[0].producer().op_type == "Flatten"
+    _assert_same(before, after, f=(3, 4, 2, 2))
+
+
+def test_reshape_to_another_tensors_other_dimensions_is_left():
+    """[N, 5] read from a (N, 4, 5, 5) tensor flattens no (N, 3, 1, 1)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 11]>
+    g (float[N, 3, 1, 1] x, float[N, 4, 5, 5] f) => (float[N, 5] y) <int64[1] zero = {0}, int64[1] two = {2}> {
+        f_shape = Shape (f)
+        b = Gather <axis = 0> (f_shape, zero)
+        h = Gather <axis = 0> (f_shape, two)
+        t = Concat <axis = 0> (b, h)
+        y = Reshape (x, t)
+    }
+    """
+    assert not _apply("reshape_to_flatten", text)[2]
+
 @pytest.mark.parametrize("opset, slice_", [
     (9, "b = Slice <axes = [0], starts = [0], ends = [1]> (s)"),  # Paddle's flatten at opset 9
     (13, "b = Slice (s, zero, one, zero)"),  # ... and at 13: starts, ends and axes as inputs
