@@ -716,6 +716,9 @@ _WHY_REFUSED = {
 
 _MOST_TELLING = (*_QUANTIZED_OPS, *_NORMS, "BatchNormalization", *_ACTIVATIONS, "Mul")
 _ELEMENTWISE = ("Sub", "Div", "Mul", "Add")
+_ONNXRUNTIME = ("an op of onnxruntime's own, as its offline optimizer writes above the basic level (FusedConv, "
+                "NCHWc): save the optimized model at ORT_ENABLE_BASIC, which keeps ONNX's ops, or take the model "
+                "before optimization")
 _INPUT_NORMALIZATION = ("an input normalization inside the graph: bnncc takes the network from its first conv; "
                         "export it without the normalization and normalize the images before the library")
 
@@ -736,6 +739,8 @@ def _check_canonical(model: ir.Model) -> None:
         why = _WHY_REFUSED.get(node.op_type) if node.domain == "" else None
         if node.op_type in _ELEMENTWISE and node.domain == "" and set(node.inputs) & set(model.graph.inputs):
             why = _INPUT_NORMALIZATION
+        if node.domain.startswith("com.microsoft"):  # its quantizer's contrib ops, or what its optimizer fused
+            why = _QUANTIZED if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear") else _ONNXRUNTIME
         op = node.op_type if node.domain == "" else f"{node.domain}:{node.op_type}"
         raise BnnccError(f"node '{node.name}' ({op}): " + (why or (
             "unsupported op; a float ResNet may use only Conv, BatchNormalization, Relu, MaxPool, Add, "

@@ -712,6 +712,31 @@ def test_a_quantized_model_is_named_so(cli, tmp_path, tiny_proto):
                                                 "float ResNet it was quantized from")
 
 
+
+@pytest.mark.parametrize("level, fragment", [
+    (ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "(com.microsoft:FusedConv): an op of onnxruntime's own"),
+    (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "(com.microsoft.nchwc:Conv): an op of onnxruntime's own"),
+    (None, "(com.microsoft:DequantizeLinear): a quantized model"),  # its quantizer's contrib QDQ ops
+])
+def test_a_model_of_onnxruntimes_own_ops_is_named_so(cli, tmp_path, tiny_proto, level, fragment):
+    """What onnxruntime's offline optimizer saves above the basic level (SessionOptions.optimized_model_filepath),
+    and what its quantizer writes with UseQDQContribOps, were 'unsupported op' at their first node."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    onnx.save(tiny_proto, tmp_path / "float.onnx")
+    path = tmp_path / "ort.onnx"
+    if level is None:
+        images = iter([{"input": np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)}])
+        reader = type("Reader", (), {"get_next": lambda self: next(images, None)})()
+        quantize_static(tmp_path / "float.onnx", path, reader, quant_format=QuantFormat.QDQ,
+                        extra_options={"UseQDQContribOps": True})
+    else:
+        options = ort.SessionOptions()
+        options.graph_optimization_level, options.optimized_model_filepath = level, str(path)
+        options.log_severity_level = 3  # its warning that an NCHWc model fits this machine only
+        ort.InferenceSession(str(tmp_path / "float.onnx"), options, providers=["CPUExecutionProvider"])
+    _expect_refusal(cli, path, fragment, *(("ORT_ENABLE_BASIC",) if level else ()))
+
 def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
@@ -784,7 +809,7 @@ def _runtime_op(proto):
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
     relu.domain = "com.microsoft.nchwc"
     proto.opset_import.append(helper.make_opsetid("com.microsoft.nchwc", 1))
-    return f"'{relu.name}' (com.microsoft.nchwc:Relu): unsupported op"
+    return f"'{relu.name}' (com.microsoft.nchwc:Relu): an op of onnxruntime's own"
 
 
 @pytest.mark.parametrize("change", [_without_weights, _float16_input, _runtime_op])
