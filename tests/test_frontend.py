@@ -737,6 +737,21 @@ def test_a_model_of_onnxruntimes_own_ops_is_named_so(cli, tmp_path, tiny_proto, 
         ort.InferenceSession(str(tmp_path / "float.onnx"), options, providers=["CPUExecutionProvider"])
     _expect_refusal(cli, path, fragment, *(("ORT_ENABLE_BASIC",) if level else ()))
 
+
+@pytest.mark.parametrize("keep_io_types, fragment", [
+    (True, "(Cast): a type conversion, as a float16 model that keeps float32 inputs and outputs casts them"),
+    (False, "input 'input' (float16, rank 4) must be a float32 NCHW tensor"),
+])
+def test_a_float16_model_is_named_so(cli, tmp_path, tiny_proto, keep_io_types, fragment):
+    """onnxruntime's float16 converter with float32 inputs and outputs casts them to and from float16:
+    the first Cast was 'unsupported op'."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = ir.serde.deserialize_model(convert_float_to_float16(tiny_proto, keep_io_types=keep_io_types))
+    half.graph.sort()  # the converter appends its Casts after their readers
+    ir.save(half, tmp_path / "half.onnx")
+    _expect_refusal(cli, tmp_path / "half.onnx", fragment)
+
 def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
