@@ -710,6 +710,8 @@ _WHY_REFUSED = {
            "whose only activation is Relu" for op in _ACTIVATIONS},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
+    "Softmax": "a softmax that is not over the classes of the output logits (bnncc drops only that one, which "
+               "leaves each image's best class as it is)",
     "Cast": "a type conversion, as a float16 model that keeps float32 inputs and outputs casts them: bnncc reads "
             "float32 models throughout (export the float32 model)",
     "Dropout": "a dropout in training mode, or whose mask is read: export the model in eval mode",

@@ -13,7 +13,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import add_import_note
+from bnncc.passes._util import add_import_note, int_attr
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -23,9 +23,10 @@ logger = logging.getLogger(__name__)
 class StripSoftmaxPass(ir.passes.InPlacePass):
     """Remove a Softmax whose output is a graph output.
 
-    1. ``y = Softmax(x)``, y a graph output, x produced by a node and used only here: the
-       producer of x now writes y.
-    2. A Softmax inside the graph, or on a graph input: left alone.
+    1. ``y = Softmax(x)`` over the classes (x of shape (N, classes), axis 1 or -1), y a graph output,
+       x produced by a node and used only here: the producer of x now writes y.
+    2. A Softmax inside the graph, on a graph input, or over another axis (over the batch it changes
+       which class each image's output ranks first): left alone.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -36,6 +37,8 @@ class StripSoftmaxPass(ir.passes.InPlacePass):
                 continue
             x, y = node.inputs[0], node.outputs[0]
             if not y.is_graph_output() or x.producer() is None or len(x.uses()) != 1 or x.is_graph_output():
+                continue
+            if x.shape is None or len(x.shape) != 2 or int_attr(node, "axis", 1) not in (1, -1):
                 continue
             name = y.name
             ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)

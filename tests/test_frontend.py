@@ -752,6 +752,18 @@ def test_a_float16_model_is_named_so(cli, tmp_path, tiny_proto, keep_io_types, f
     ir.save(half, tmp_path / "half.onnx")
     _expect_refusal(cli, tmp_path / "half.onnx", fragment)
 
+
+def test_an_output_softmax_over_the_batch_is_refused(cli, tmp_path, tiny_proto):
+    """It was dropped as the classes' softmax is, and the logits then ranked another class first."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    gemm.output[0] = "logits_of_the_gemm"
+    proto.graph.node.append(helper.make_node("Softmax", ["logits_of_the_gemm"], ["logits"], name="over_batch", axis=0))
+    onnx.save(proto, tmp_path / "softmax.onnx")
+    _expect_refusal(cli, tmp_path / "softmax.onnx",
+                    "node 'over_batch' (Softmax): a softmax that is not over the classes")
+
 def test_plain_cnn_is_not_a_resnet(cli, tmp_path):
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),

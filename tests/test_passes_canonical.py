@@ -461,6 +461,20 @@ def test_normalize_gemm_folds_alpha_beta_and_transposition():
     assert not get_pass("normalize_gemm")(after).modified
 
 
+
+@pytest.mark.parametrize("opset, axis", [(13, 0), (11, 0), (13, -2)])
+def test_an_output_softmax_over_the_batch_is_not_stripped(opset, axis):
+    """Dropped, it changed which class each image's output ranks first: over the batch (opset 13)
+    or over every element (axis 0 before opset 13), the highest probability is not the highest logit."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[2, 3] x) => (float[2, 3] y) {{
+        r = Relu (x)
+        y = Softmax <axis = {axis}> (r)
+    }}
+    """
+    assert not _apply("strip_softmax", text)[2]
+
 def test_output_softmax_is_stripped_but_an_inner_one_is_not():
     text = """
     <ir_version: 8, opset_import: ["" : 13]>
