@@ -12,7 +12,7 @@ Canonical form (every later stage relies on it; ``load`` guarantees it or raises
 - every node has a unique name; every value has an inferred type and shape;
 - exactly one graph input, float32 NCHW with fixed C, H and W and a symbolic batch ``N`` (an
   exported fixed batch is made symbolic), and exactly one output, the logits (an output Softmax
-  is dropped).
+  or LogSoftmax is dropped).
 
 Import variations normalised by the passes of :data:`CANONICAL_PASSES` (see ``passes/``):
 Conv+BatchNormalization (opsets 7..28, incl. opset 9's ``spatial``), BN as per-channel Mul and Add
@@ -710,8 +710,8 @@ _WHY_REFUSED = {
            "whose only activation is Relu" for op in _ACTIVATIONS},
     "Transpose": "a transpose that is not the NHWC input's to NCHW nor the NHWC mean's before the classifier",
     "MatMul": "a matrix product that is not the classifier",
-    "Softmax": "a softmax that is not over the classes of the output logits (bnncc drops only that one, which "
-               "leaves each image's best class as it is)",
+    **{op: "a softmax that is not over the classes of the output logits (bnncc drops only that one, which "
+           "leaves each image's best class as it is)" for op in ("Softmax", "LogSoftmax")},
     "Cast": "a type conversion, as a float16 model that keeps float32 inputs and outputs casts them: bnncc reads "
             "float32 models throughout (export the float32 model)",
     "Dropout": "a dropout in training mode, or whose mask is read: export the model in eval mode",

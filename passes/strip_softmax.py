@@ -1,6 +1,7 @@
-"""Drop a Softmax on the graph output, so that the model returns logits.
+"""Drop a Softmax or LogSoftmax on the graph output, so that the model returns logits.
 
-softmax is strictly increasing in each logit, so the predicted class (argmax) is unchanged; the
+softmax and its log (logits less their logsumexp, as torch's ``log_softmax`` heads for NLLLoss
+write) are strictly increasing in each logit, so the predicted class (argmax) is unchanged; the
 compiler, the cost model and distillation work on logits. Changes the output values by design:
 the output name is kept and now carries the logits.
 """
@@ -21,9 +22,9 @@ logger = logging.getLogger(__name__)
 
 @register_pass("strip_softmax")
 class StripSoftmaxPass(ir.passes.InPlacePass):
-    """Remove a Softmax whose output is a graph output.
+    """Remove a Softmax or LogSoftmax whose output is a graph output.
 
-    1. ``y = Softmax(x)`` over the classes (x of shape (N, classes), axis 1 or -1), y a graph output,
+    1. ``y = Softmax(x)`` (or LogSoftmax) over the classes (x of shape (N, classes), axis 1 or -1), y a graph output,
        x produced by a node and used only here: the producer of x now writes y.
     2. A Softmax inside the graph, on a graph input, or over another axis (over the batch it changes
        which class each image's output ranks first): left alone.
@@ -33,7 +34,7 @@ class StripSoftmaxPass(ir.passes.InPlacePass):
         graph = model.graph
         modified = False
         for node in list(graph):
-            if node.op_type != "Softmax" or node.domain != "":
+            if node.op_type not in ("Softmax", "LogSoftmax") or node.domain != "":
                 continue
             x, y = node.inputs[0], node.outputs[0]
             if not y.is_graph_output() or x.producer() is None or len(x.uses()) != 1 or x.is_graph_output():
@@ -44,7 +45,7 @@ class StripSoftmaxPass(ir.passes.InPlacePass):
             ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             x.name = name
-            add_import_note(model, "the output Softmax is dropped: the graph returns logits")
-            logger.info("removed the output Softmax %s: the model now returns logits", node.name)
+            add_import_note(model, f"the output {node.op_type} is dropped: the graph returns logits")
+            logger.info("removed the output %s %s: the model now returns logits", node.op_type, node.name)
             modified = True
         return ir.passes.PassResult(model, modified)

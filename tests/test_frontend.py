@@ -753,6 +753,18 @@ def test_a_float16_model_is_named_so(cli, tmp_path, tiny_proto, keep_io_types, f
     _expect_refusal(cli, tmp_path / "half.onnx", fragment)
 
 
+
+def test_an_output_log_softmax_is_dropped(cli, tmp_path):
+    """A network trained with NLLLoss ends in log_softmax: it was refused as an unsupported op."""
+    module = torch.nn.Sequential(zoo.resnet50(0.125, num_classes=10), torch.nn.LogSoftmax(dim=1))
+    path = zoo.export_onnx(module, tmp_path / "log_softmax.onnx", input_size=32)
+    model = load(path)
+    assert recognize(model).notes[0] == "the output LogSoftmax is dropped: the graph returns logits"
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    logits = _run(model, x)
+    log_probs = logits - np.log(np.exp(logits - logits.max()).sum(1, keepdims=True)) - logits.max()
+    np.testing.assert_allclose(log_probs, _run(onnx.load(str(path)), x), rtol=1e-4, atol=1e-5)
+
 def test_an_output_softmax_over_the_batch_is_refused(cli, tmp_path, tiny_proto):
     """It was dropped as the classes' softmax is, and the logits then ranked another class first."""
     proto = onnx.ModelProto()

@@ -462,6 +462,25 @@ def test_normalize_gemm_folds_alpha_beta_and_transposition():
 
 
 
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_an_output_log_softmax_is_stripped(opset):
+    """torch's log_softmax head (for NLLLoss) was refused as an unsupported op."""
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[2, 3] x) => (float[2, 3] y) {{
+        r = Relu (x)
+        y = LogSoftmax <axis = 1> (r)
+    }}
+    """
+    before, after, modified = _apply("strip_softmax", text)
+    assert modified and _ops(after) == ["Relu"] and after.graph.outputs[0].name == "y"
+    assert after.metadata_props["bnncc.import_notes"] == "the output LogSoftmax is dropped: the graph returns logits"
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    logits = _run(ir.serde.serialize_model(after), {"x": x})[0]
+    log_probs = _run(before, {"x": x})[0]
+    np.testing.assert_allclose(logits - np.log(np.exp(logits).sum(1, keepdims=True)), log_probs, rtol=1e-5, atol=1e-6)
+
 @pytest.mark.parametrize("opset, axis", [(13, 0), (11, 0), (13, -2)])
 def test_an_output_softmax_over_the_batch_is_not_stripped(opset, axis):
     """Dropped, it changed which class each image's output ranks first: over the batch (opset 13)
