@@ -12,7 +12,7 @@ from bnncc.domain import SUPPORTED_OPSETS
 IMPORTED_OPS = ("Conv", "BatchNormalization", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
                 "Add", "Sum", "Mul", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Gather", "Concat", "Shape",
                 "Gemm", "MatMul", "Identity", "Constant", "ConstantOfShape", "Expand", "Cast", "CastLike", "Pad",
-                "Transpose", "Softmax")
+                "Transpose", "Softmax", "LogSoftmax", "Dropout")
 # Attributes added after opset 21 that cannot change a float32 model: round_mode applies only to
 # casts to float8e8m0.
 HARMLESS_ADDITIONS = {"Cast": {"round_mode"}, "CastLike": {"round_mode"}}
