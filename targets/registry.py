@@ -239,11 +239,10 @@ def _arm64_report(executable, lowered, model) -> dict:
 
 
 def _arm64_requirements() -> list[Requirement]:
-    sysroot = vmrunner.QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1"
     return [
         Requirement(arm64.CROSS_CXX, "build", shutil.which(arm64.CROSS_CXX), "apt-get install g++-aarch64-linux-gnu"),
         Requirement(vmrunner.QEMU, "run", shutil.which(vmrunner.QEMU), "apt-get install qemu-user"),
-        Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if sysroot.is_file() else None,
+        Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if vmrunner.has_aarch64_sysroot() else None,
                     "apt-get install g++-aarch64-linux-gnu"),
         # the installed versions' runtime, which the runner links: another version's does not count
         Requirement("aarch64 TVM runtime", "run",

@@ -30,8 +30,8 @@ from bnncc.targets.arm64 import CROSS_CXX
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
-    "HOST", "AARCH64", "arm64_runtime_folder", "ensure_arm64_runtime", "ensure_runner", "has_arm64_runtime",
-    "run_arm64", "run_library", "runtime_libraries", "time_library",
+    "HOST", "AARCH64", "arm64_runtime_folder", "ensure_arm64_runtime", "ensure_runner", "has_aarch64_sysroot",
+    "has_arm64_runtime", "run_arm64", "run_library", "runtime_libraries", "time_library",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,11 @@ def has_arm64_runtime() -> bool:
     """Whether ``arm64_runtime_folder`` holds both libraries: the arm64 runner needs no download."""
     folder = arm64_runtime_folder()
     return all((folder / Path(member).name).is_file() for member in _RUNTIME_LIBS.values())
+
+
+def has_aarch64_sysroot() -> bool:
+    """Whether ``QEMU_LD_PREFIX`` holds the aarch64 dynamic loader, which qemu-aarch64 runs the runner with."""
+    return (QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1").is_file()
 
 
 def ensure_arm64_runtime() -> Path:
@@ -153,7 +158,7 @@ def _command(arch: str) -> tuple[list[str], dict[str, str]]:
         return [str(runner)], env
     if shutil.which(QEMU) is None:
         raise BnnccError(f"{QEMU} not found; install it: apt-get install qemu-user")
-    if not (QEMU_LD_PREFIX / "lib" / "ld-linux-aarch64.so.1").is_file():
+    if not has_aarch64_sysroot():
         raise BnnccError(f"{QEMU_LD_PREFIX}: no aarch64 sysroot; install it: apt-get install g++-aarch64-linux-gnu")
     env["QEMU_LD_PREFIX"] = str(QEMU_LD_PREFIX)
     return [QEMU, str(runner)], env
