@@ -83,7 +83,8 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize", "source_name", "stored_bytes"]
+__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize", "reference_session", "source_name",
+           "stored_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,24 +215,31 @@ def _check_reference_runs(model: ir.Model) -> None:
     runs an image of zeros through it. A graph it cannot run (an op of an unknown domain, shapes its
     ops cannot take, two nodes of one name, a required input left out) is refused, rather than
     compiled into a library nothing can check or exported into a file its readers refuse."""
-    import onnxruntime as ort
-
     serialized = attach_functions(ir.to_proto(model)).SerializeToString()
     digest = hashlib.sha256(serialized).hexdigest()
     if digest in _REFERENCE_RAN:
         return
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # fatal only: an error is raised, and bnncc says it in its own line
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a check: no time optimizing
     dims = [d if isinstance(d, int) else None for d in (model.graph.inputs[0].shape or [])] if model.graph.inputs else []
     try:
-        session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        session = reference_session(serialized, optimize=False)  # a check: no time optimizing
         if len(dims) > 1 and all(d is not None for d in dims[1:]):  # a fixed image size: run one
             session.run(None, {session.get_inputs()[0].name: np.zeros([dims[0] or 1, *dims[1:]], np.float32)})
     except Exception as e:  # noqa: BLE001  (onnxruntime's own error types, whatever it failed on)
         message = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(e))
         raise BnnccError(f"onnxruntime, the reference, cannot run this graph: {message}") from None
     _REFERENCE_RAN.add(digest)
+
+
+def reference_session(serialized: bytes, *, optimize: bool):
+    """The reference: onnxruntime on the CPU, running ``serialized`` (a graph with its ai.bnncc
+    functions attached) with all of its graph optimizations (``optimize``) or with none."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: its errors are raised, and bnncc says them in its own line
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else
+                                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
 
 def _read_checked(path: Path) -> onnx.ModelProto:

@@ -195,19 +195,13 @@ def _check_fits(model, path: Path, library) -> None:
 def _sessions(model):
     """onnxruntime on the reference graph with all graph optimizations and with none."""
     import onnx_ir as ir
-    import onnxruntime as ort
 
+    from bnncc.frontend import reference_session
     from bnncc.ops import attach_functions
 
     attach_functions(model)
     serialized = ir.to_proto(model).SerializeToString()
-    sessions = []
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # fatal only: the errors are raised
-        options.graph_optimization_level = level
-        sessions.append(ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"]))
-    return sessions[0], sessions[1]
+    return reference_session(serialized, optimize=True), reference_session(serialized, optimize=False)
 
 
 def _reference_sessions(path: Path):
