@@ -21,8 +21,9 @@ import networkx as nx
 import onnx_ir as ir
 
 from bnncc.domain import DOMAIN
+from bnncc.passes._util import only_user
 
-__all__ = ["FloatBlock", "float_blocks", "node_dag", "only_user"]
+__all__ = ["FloatBlock", "float_blocks", "node_dag"]
 
 _SOURCE = "<inputs>"
 
@@ -123,12 +124,3 @@ def _shortcut(value: ir.Value, x: ir.Value, parameter_free: bool) -> ir.Node | N
     if parameter_free or producer is None or producer.op_type != "Conv" or producer.domain != "":
         return False
     return producer if producer.inputs[0] is x and len(value.uses()) == 1 else False
-
-
-def only_user(value: ir.Value, op_type: str) -> ir.Node | None:
-    """The one node that reads ``value`` (not a graph output), if it is a standard ``op_type``."""
-    uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    node = uses[0].node
-    return node if node.op_type == op_type and node.domain == "" else None

@@ -1,4 +1,4 @@
-"""Small helpers shared by the passes: constants, initializers, attributes, bit widths."""
+"""Small helpers shared by the passes (and the lowering): constants, initializers, attributes, bit widths, wiring."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from bnncc.domain import IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
 __all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
-           "add_import_note", "axes_of", "constant_inputs", "replace_with_flatten", "take_over_output"]
+           "add_import_note", "axes_of", "constant_inputs", "only_user", "replace_with_flatten",
+           "take_over_output"]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -80,6 +81,17 @@ def axes_of(node: ir.Node, rank: int = 4) -> list[int] | None:
         return [a % rank for a in node.attributes["axes"].as_ints()]
     axes = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     return None if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+
+
+def only_user(value: ir.Value, op_type: str, domain: str = "") -> ir.Node | None:
+    """The one node that reads ``value`` (not a graph output), if it is ``op_type`` of ``domain``: an op
+    of another domain that shares the name is not ours."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    node = uses[0].node
+    same_domain = node.domain in (domain, "ai.onnx") if domain == "" else node.domain == domain
+    return node if node.op_type == op_type and same_domain else None
 
 
 def replace_with_flatten(graph: ir.Graph, node: ir.Node) -> None:

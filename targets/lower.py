@@ -55,6 +55,7 @@ import onnx_ir as ir
 from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN, MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError
 from bnncc.ops import check_graph, poke_conv as poke
+from bnncc.passes._util import only_user
 from bnncc.targets import x86_64
 from bnncc.targets.kernels import KERNEL_ATTR, binary_conv, bitpack, quant
 from bnncc.targets.kernels.binary_conv import Epilogue, average_pool, binary_conv2d, channel_mean, out_size, row_sums
@@ -207,17 +208,6 @@ def _strides(node: ir.Node) -> tuple[int, int]:
         raise BnnccError(f"node {node.name!r} ({node.op_type}): strides {list(strides)}; expected two equal "
                          f"strides >= 1")
     return strides
-
-
-def _only_user(value: ir.Value, op_type: str, domain: str = "") -> ir.Node | None:
-    """The single node reading ``value`` if it is ``op_type`` of ``domain`` (an op of another domain
-    that shares the name is not fused as ours) and ``value`` is no graph output."""
-    users = list(value.uses())
-    if len(users) != 1 or value.is_graph_output():
-        return None
-    node = users[0].node
-    same_domain = node.domain in (domain, "ai.onnx") if domain == "" else node.domain == domain
-    return node if node.op_type == op_type and same_domain else None
 
 
 def _affine(node: ir.Node, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -426,8 +416,8 @@ def _quant_conv(walk: _Walk, node: ir.Node) -> None:
     scales = quant.act_scales(bound, a_bits, signed=True)
     a, b = np.ones(cout), bias.astype(np.float64)
     last = node
-    bn = _only_user(node.outputs[0], "BatchNormalization")
-    dprelu_node = _only_user(bn.outputs[0], "DPReLU", DOMAIN) if bn is not None else None
+    bn = only_user(node.outputs[0], "BatchNormalization")
+    dprelu_node = only_user(bn.outputs[0], "DPReLU", DOMAIN) if bn is not None else None
     if bn is not None:
         bn_a, bn_b = _bn_affine(bn, cout)
         a, b, last = bn_a, bn_a * b + bn_b, bn
@@ -589,8 +579,8 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
 @register_lowering("GlobalAveragePool", domain="")
 def _head(walk: _Walk, node: ir.Node) -> None:
     """GlobalAveragePool -> Flatten -> QuantGemm as one kernel."""
-    flatten = _only_user(node.outputs[0], "Flatten")
-    gemm = _only_user(flatten.outputs[0], "QuantGemm", DOMAIN) if flatten is not None else None
+    flatten = only_user(node.outputs[0], "Flatten")
+    gemm = only_user(flatten.outputs[0], "QuantGemm", DOMAIN) if flatten is not None else None
     if gemm is None:
         raise BnnccError(f"node {node.name!r} (GlobalAveragePool): expected Flatten -> QuantGemm after it")
     x = walk.float(node.inputs[0])
