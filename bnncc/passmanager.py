@@ -22,8 +22,8 @@ import onnx_ir as ir
 
 from bnncc.errors import BnnccError
 
-__all__ = ["register_pass", "get_pass", "pass_factory", "pass_parameters", "as_annotated", "list_passes",
-           "PassManager", "PassRecord"]
+__all__ = ["register_pass", "get_pass", "pass_factory", "pass_parameters", "pass_arguments", "as_annotated",
+           "list_passes", "PassManager", "PassRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,19 @@ def get_pass(name: str, **params: Any) -> ir.passes.PassBase:
     from Python became a float attribute that shape inference failed on after the pass ran.
     A numpy scalar is taken as the Python number (onnx_ir cannot write np.int64 as an attribute).
     """
+    return pass_factory(name)(**pass_arguments(name, params, f"{name}: "))
+
+
+def pass_arguments(name: str, params: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``params`` of the pass registered as ``name``, each as its annotated type (``as_annotated``);
+    an unknown or mistyped one is an error naming it as ``prefix`` + its name (a recipe's key)."""
     schema = pass_parameters(name)
+    checked = {}
     for key, value in params.items():
         if key not in schema:
-            raise BnnccError(f"{name}: unknown parameter {key!r}; expected {', '.join(schema) or 'no parameters'}")
-        params[key] = as_annotated(value, schema[key], f"{name}: {key}")
-    return pass_factory(name)(**params)
+            raise BnnccError(f"{prefix}{key}: unknown parameter; expected {', '.join(schema) or 'no parameters'}")
+        checked[key] = as_annotated(value, schema[key], f"{prefix}{key}")
+    return checked
 
 
 def pass_parameters(name: str) -> dict[str, Any]:

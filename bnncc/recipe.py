@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from bnncc.errors import BnnccError
-from bnncc.passmanager import as_annotated, get_pass, pass_parameters
+from bnncc.passmanager import as_annotated, pass_arguments, pass_factory
 
 __all__ = ["Recipe", "BLOCK_KINDS", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
 
@@ -224,28 +224,20 @@ def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str,
     pass_name = entry.get("name")
     if not isinstance(pass_name, str):
         raise BnnccError(f"{source}: passes[{index}].name = {pass_name!r}: expected the name of a registered pass")
-    schema = _pass_schema(pass_name, source, index)
-    params: dict[str, Any] = {}
-    for key, value in entry.items():
-        if key == "name":
-            continue
-        if key not in schema:
-            expected = ", ".join(schema) or "no parameters"
-            raise BnnccError(f"{source}: passes.{pass_name}.{key}: unknown parameter; expected {expected}")
-        params[key] = _check_type(value, schema[key], f"passes.{pass_name}.{key}", source)
     try:
-        get_pass(pass_name, **params)  # the pass's own range checks
+        factory = pass_factory(pass_name)
+    except BnnccError as e:
+        raise BnnccError(f"{source}: passes[{index}].name: {e}") from None
+    given = {key: value for key, value in entry.items() if key != "name"}
+    try:
+        params = copy.deepcopy(pass_arguments(pass_name, given, f"passes.{pass_name}."))
+    except BnnccError as e:
+        raise BnnccError(f"{source}: {e}") from None
+    try:
+        factory(**params)  # the pass's own range checks
     except BnnccError as e:
         raise BnnccError(f"{source}: passes.{pass_name}: {e}") from None
     return pass_name, params
-
-
-def _pass_schema(pass_name: str, source: str, index: int) -> dict[str, type]:
-    """Keyword parameters of the registered pass and their annotated types."""
-    try:
-        return pass_parameters(pass_name)
-    except BnnccError as e:
-        raise BnnccError(f"{source}: passes[{index}].name: {e}") from None
 
 
 def _validate_train(train: Any, source: str) -> dict[str, Any]:
@@ -273,7 +265,7 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
 
 
 def _check_type(value: Any, expected: type, key: str, source: str) -> Any:
-    """``value`` as ``expected`` (``passmanager.as_annotated``, which ``get_pass`` applies too)."""
+    """``value`` as ``expected`` (``passmanager.as_annotated``, which pass parameters go through too)."""
     try:
         return copy.deepcopy(as_annotated(value, expected, key))
     except BnnccError as e:

@@ -712,7 +712,7 @@ def test_pass_manager_refuses_a_string_for_its_list():
     ("poke_conv", {"se_gate": "false"}, "poke_conv: se_gate = 'false': expected true or false"),
     ("poke_stem", {"mid_channels": 16.0}, "poke_stem: mid_channels = 16.0: expected an integer"),
     ("width_multiplier", {"multiplier": "2"}, "width_multiplier: multiplier = '2': expected a number"),
-    ("int8_head", {"bits": 4}, "int8_head: unknown parameter 'bits'; expected w_bits, a_bits"),
+    ("int8_head", {"bits": 4}, "int8_head: bits: unknown parameter; expected w_bits, a_bits"),
     # float() of it was an 'unexpected' OverflowError
     ("poke_conv", {"clip_bound": 10**400}, f"poke_conv: clip_bound = {10**400}: expected a number within a float's "
                                            f"range"),
