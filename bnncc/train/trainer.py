@@ -352,32 +352,12 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     rank, world = _world()
     if world > 1:
         _check_same_data(data)
-    if cfg.batch_size % world:
-        raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
-    # a batch norm in training needs two values a channel, and the last stage of a ResNet (all bnncc
-    # trains) sees 1/32 of the input: a 32 px image alone gave torch's unexpected ValueError at step 0
-    last_map = math.ceil(input_shape[1] / 32) * math.ceil(input_shape[2] / 32)
-    if cfg.batch_size // world * last_map < 2:
-        raise BnnccError(f"a batch of {cfg.batch_size // world} image a process at {input_shape[1]}x{input_shape[2]} "
-                         f"gives the last stage's batch norms one value a channel; use --batch-size {2 * world} "
-                         f"or more")
+    _check_batch(cfg, world, input_shape)
     steps = total_steps(cfg, data)
     # the teacher's digest before it is moved to the device and perhaps cast to bf16
     identity = _run_identity(data, teacher) if checkpoint is not None else None
     use_bf16 = uses_bf16(device)
-    to_training_layout(student, device).train()
-    if teacher is not None:
-        # the teacher only runs forward, under no_grad: bf16 weights halve its memory traffic
-        teacher.to(device, dtype=torch.bfloat16 if use_bf16 else None, memory_format=MEMORY_FORMAT).eval()
-    device_ids = [device.index] if device.type == "cuda" else None
-    # Each process keeps its own batch norm statistics, averaged where they are read (_average_statistics),
-    # as the paper's TPU run does (pokebnn.md 7.6); DDP's default sent rank 0's to all at every step.
-    model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
-                                                forward_sync_buffers=False) if world > 1 else student
-    if cfg.compile:
-        # Opt-in: the compiled step is faster, but compiling the ~400-node graph takes minutes
-        # (and again when the weight quantization switches on), so short runs lose by it.
-        model = torch.compile(model)
+    model = _place(student, teacher, device, use_bf16, world, cfg.compile)
     optimizer = make_optimizer(student, cfg.lr * cfg.batch_size / 256, flat=world == 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
     start, calibrated = 0, not hasattr(student, "calibrate_bounds")
@@ -386,20 +366,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
     if resume and not resumed:
         logger.warning("%s: no checkpoint to resume from; training from step 0", checkpoint)
     if resumed:
-        state = load_checkpoint(checkpoint)
-        _check_same_run(checkpoint, state, cfg, identity)
-        try:
-            student.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as e:  # torch names the first mismatch on a later line
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            detail = lines[1] if len(lines) > 1 else lines[0]
-            raise BnnccError(f"{checkpoint}: a checkpoint of another network ({detail}); start anew without "
-                             f"--resume") from None
-        start, calibrated = int(state["step"]), bool(state["calibrated"])
-        loader.bad.update(state.get("bad_images", torch.zeros(0, dtype=torch.int64)).tolist())
-        logger.info("resumed from %s at step %d", checkpoint, start)
+        start, calibrated = _restore(checkpoint, cfg, identity, student, optimizer, scheduler, loader)
     if resume and world > 1:
         _check_same_start(checkpoint, start if resumed else None)
     if checkpoint is not None and rank == 0:
@@ -428,18 +395,7 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
             if not calibrated and step >= calibration_step:
                 _calibrate(student, data, loader, cfg, step)
                 calibrated = True
-            images = images.to(memory_format=MEMORY_FORMAT)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images.to(_dtype(teacher)))
-                logits = model(images)
-                loss = distillation_loss(logits, teacher_logits, labels, cfg.temperature, cfg.label_weight)
-            loss = loss + 0.5 * cfg.weight_decay * _kernel_l2(student)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _train_step(model, student, teacher, images, labels, cfg, optimizer, device, use_bf16)
             rate = scheduler.get_last_lr()[0]  # the step's own rate, which the log gives
             scheduler.step()
             seen += cfg.batch_size
@@ -459,14 +415,9 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                 seconds = time.perf_counter() - began
                 progress.update(task, loss=f"{loss_value:.4f}", lr=rate, ips=seen / seconds)
                 if metrics is not None and rank == 0:
-                    # opened for each record and closed inside output_errors: a full disk is one error naming
-                    # the file (a file held open failed again at its close, as an unexpected OSError)
-                    with output_errors(metrics):
-                        metrics.parent.mkdir(parents=True, exist_ok=True)  # (like the other outputs' folders)
-                        with metrics.open(mode) as log:
-                            log.write(json.dumps({"step": done, "loss": loss_value, "lr": rate,
-                                                  "images_per_s": seen / seconds, "seconds": seconds,
-                                                  "bad_images": len(loader.bad)}) + "\n")
+                    _append_record(metrics, mode, {"step": done, "loss": loss_value, "lr": rate,
+                                                   "images_per_s": seen / seconds, "seconds": seconds,
+                                                   "bad_images": len(loader.bad)})
                     mode = "a"
             if checkpoint_due or done == steps:  # what a checkpoint or the caller reads
                 _average_statistics(student)
@@ -476,6 +427,88 @@ def train(student: nn.Module, teacher: nn.Module | None, data: Dataset, cfg: Tra
                                  loader.bad)
     seconds = time.perf_counter() - began
     return TrainResult(steps, loss_value, seconds, seen / seconds if seconds > 0 else 0.0)
+
+
+def _check_batch(cfg: TrainConfig, world: int, input_shape: tuple[int, int, int]) -> None:
+    """The batch splits evenly over the ``world`` processes, and each one's part is large enough to train."""
+    if cfg.batch_size % world:
+        raise BnnccError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    # a batch norm in training needs two values a channel, and the last stage of a ResNet (all bnncc
+    # trains) sees 1/32 of the input: a 32 px image alone gave torch's unexpected ValueError at step 0
+    last_map = math.ceil(input_shape[1] / 32) * math.ceil(input_shape[2] / 32)
+    if cfg.batch_size // world * last_map < 2:
+        raise BnnccError(f"a batch of {cfg.batch_size // world} image a process at {input_shape[1]}x{input_shape[2]} "
+                         f"gives the last stage's batch norms one value a channel; use --batch-size {2 * world} "
+                         f"or more")
+
+
+def _place(student: nn.Module, teacher: nn.Module | None, device: torch.device, use_bf16: bool, world: int,
+           use_compile: bool) -> nn.Module:
+    """Move ``student`` (in training mode) and ``teacher`` (in eval mode) to ``device``; the module that
+    trains the student: itself, in DDP under torchrun, compiled with ``use_compile``."""
+    to_training_layout(student, device).train()
+    if teacher is not None:
+        # the teacher only runs forward, under no_grad: bf16 weights halve its memory traffic
+        teacher.to(device, dtype=torch.bfloat16 if use_bf16 else None, memory_format=MEMORY_FORMAT).eval()
+    device_ids = [device.index] if device.type == "cuda" else None
+    # Each process keeps its own batch norm statistics, averaged where they are read (_average_statistics),
+    # as the paper's TPU run does (pokebnn.md 7.6); DDP's default sent rank 0's to all at every step.
+    model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids,
+                                                forward_sync_buffers=False) if world > 1 else student
+    if use_compile:
+        # Opt-in: the compiled step is faster, but compiling the ~400-node graph takes minutes
+        # (and again when the weight quantization switches on), so short runs lose by it.
+        model = torch.compile(model)
+    return model
+
+
+def _restore(checkpoint: Path, cfg: TrainConfig, identity: dict, student: nn.Module, optimizer, scheduler,
+             loader: Loader) -> tuple[int, bool]:
+    """Load the run that ``checkpoint`` holds into ``student``, ``optimizer``, ``scheduler`` and the
+    loader's unreadable images; (its step, whether its activation bounds are calibrated)."""
+    state = load_checkpoint(checkpoint)
+    _check_same_run(checkpoint, state, cfg, identity)
+    try:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:  # torch names the first mismatch on a later line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise BnnccError(f"{checkpoint}: a checkpoint of another network ({detail}); start anew without "
+                         f"--resume") from None
+    loader.bad.update(state.get("bad_images", torch.zeros(0, dtype=torch.int64)).tolist())
+    logger.info("resumed from %s at step %d", checkpoint, int(state["step"]))
+    return int(state["step"]), bool(state["calibrated"])
+
+
+def _train_step(model: nn.Module, student: nn.Module, teacher: nn.Module | None, images: torch.Tensor,
+                labels: torch.Tensor, cfg: TrainConfig, optimizer, device: torch.device,
+                use_bf16: bool) -> torch.Tensor:
+    """One optimizer step of ``model`` (which trains ``student``) on a batch; its loss, still on the device."""
+    images = images.to(memory_format=MEMORY_FORMAT)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(images.to(_dtype(teacher)))
+        logits = model(images)
+        loss = distillation_loss(logits, teacher_logits, labels, cfg.temperature, cfg.label_weight)
+    loss = loss + 0.5 * cfg.weight_decay * _kernel_l2(student)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _append_record(metrics: Path, mode: str, record: dict) -> None:
+    """Write ``record`` as a line of JSON to ``metrics``, opened with ``mode``."""
+    # opened for each record and closed inside output_errors: a full disk is one error naming the
+    # file (a file held open failed again at its close, as an unexpected OSError)
+    with output_errors(metrics):
+        metrics.parent.mkdir(parents=True, exist_ok=True)  # (like the other outputs' folders)
+        with metrics.open(mode) as log:
+            log.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
