@@ -22,7 +22,7 @@ from bnncc.ops import attach_functions
 from bnncc.passes._util import add_initializer
 
 __all__ = ["lecun_normal", "uncalibrated_bound", "add_node", "batch_norm_params", "batch_norm", "dprelu_params",
-           "dprelu", "take_over", "drop_unused", "refresh"]
+           "dprelu", "drop_unused", "refresh"]
 
 # std of a standard normal truncated to [-2, 2]
 _TRUNCATED_STD = 0.87962566103423978
@@ -80,14 +80,6 @@ def dprelu_params(graph: ir.Graph, name: str, channels: int) -> list[ir.Value]:
 def dprelu(graph: ir.Graph, x: ir.Value, name: str, channels: int) -> ir.Value:
     """DPReLU over ``channels`` (``dprelu_params``)."""
     return add_node(graph, "DPReLU", [x, *dprelu_params(graph, name, channels)], name, domain=DOMAIN)
-
-
-def take_over(old: ir.Value, new: ir.Value) -> None:
-    """``new`` replaces ``old`` for every reader and graph output, and takes its name."""
-    name = old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name = name
 
 
 def drop_unused(graph: ir.Graph) -> int:

@@ -10,7 +10,7 @@ from bnncc.errors import BnnccError
 
 __all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
            "add_import_note", "axes_of", "constant_inputs", "only_user", "replace_with_flatten",
-           "take_over_output"]
+           "take_over", "take_over_output"]
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -100,12 +100,20 @@ def replace_with_flatten(graph: ir.Graph, node: ir.Node) -> None:
     ir.convenience.replace_nodes_and_values(graph, node, [node], [flatten], [node.outputs[0]], [flatten.outputs[0]])
 
 
+def take_over(old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` for every reader and graph output, and takes its name."""
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    old.name = None
+    new.name = name
+
+
 def take_over_output(graph: ir.Graph, node: ir.Node, value: ir.Value) -> None:
     """Remove ``node``, whose output ``value`` (its input's producer's output) now stands for; a
-    graph output keeps its name."""
+    graph output keeps its name (``take_over``); otherwise ``value`` keeps its own."""
     out = node.outputs[0]
-    output_name = out.name if out.is_graph_output() else None
-    ir.convenience.replace_all_uses_with(out, value, replace_graph_outputs=True)
+    if out.is_graph_output():
+        take_over(out, value)
+    else:
+        out.replace_all_uses_with(value)
     graph.remove(node, safe=True)
-    if output_name is not None:
-        value.name = output_name

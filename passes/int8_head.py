@@ -18,8 +18,8 @@ import onnx_ir as ir
 
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._pokebnn import refresh, take_over, uncalibrated_bound
-from bnncc.passes._util import add_initializer, check_bit_widths
+from bnncc.passes._pokebnn import refresh, uncalibrated_bound
+from bnncc.passes._util import add_initializer, check_bit_widths, take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)

@@ -32,9 +32,9 @@ from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
 from bnncc.errors import BnnccError
 from bnncc.ops.poke_conv import overload
 from bnncc.passes._blocks import FloatBlock, float_blocks
-from bnncc.passes._pokebnn import (add_node, batch_norm_params, dprelu_params, lecun_normal, refresh, take_over,
+from bnncc.passes._pokebnn import (add_node, batch_norm_params, dprelu_params, lecun_normal, refresh,
                                    uncalibrated_bound)
-from bnncc.passes._util import add_initializer, check_bit_widths
+from bnncc.passes._util import add_initializer, check_bit_widths, take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)

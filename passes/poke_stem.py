@@ -33,9 +33,8 @@ import onnx_ir as ir
 
 from bnncc.domain import DOMAIN
 from bnncc.errors import BnnccError
-from bnncc.passes._pokebnn import (add_node, batch_norm, dprelu, lecun_normal, refresh,
-                                   take_over, uncalibrated_bound)
-from bnncc.passes._util import add_initializer, check_bit_widths, ints_attr, only_user, static_dims
+from bnncc.passes._pokebnn import add_node, batch_norm, dprelu, lecun_normal, refresh, uncalibrated_bound
+from bnncc.passes._util import add_initializer, check_bit_widths, ints_attr, only_user, static_dims, take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from bnncc.domain import DOMAIN
 from bnncc.passes._blocks import float_blocks
-from bnncc.passes._pokebnn import refresh, take_over
+from bnncc.passes._pokebnn import refresh
+from bnncc.passes._util import take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
