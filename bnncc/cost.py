@@ -41,6 +41,7 @@ import onnx_ir as ir
 from rich import box
 from rich.table import Table
 
+from bnncc.domain import DEFAULT_DOMAINS
 from bnncc.errors import BnnccError, first_line, printable
 from bnncc.frontend import read as read_model
 from bnncc.ops import attach_functions, op_def
@@ -189,7 +190,7 @@ def _rules(node: ir.Node) -> tuple[Callable | None, Callable | None]:
     op = op_def(node)
     if op is not None:
         return op.layers, op.sops
-    if node.domain in ("", "ai.onnx"):
+    if node.domain in DEFAULT_DOMAINS:
         return _LAYERS.get(node.op_type), _SOPS.get(node.op_type)
     return None, None
 
@@ -200,7 +201,7 @@ def _input_positions(node: ir.Node, kind: str) -> tuple[int, ...]:
     if op is not None:
         return getattr(op, kind)
     standard = _WEIGHT_INPUTS if kind == "weight_inputs" else _STATE_INPUTS
-    return standard.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+    return standard.get(node.op_type, ()) if node.domain in DEFAULT_DOMAINS else ()
 
 
 def inputs_at(graph: ir.Graph, kind: str) -> set[ir.Value]:

@@ -7,6 +7,8 @@ new graph gets (pokebnn.md section 2).
 
 DOMAIN = "ai.bnncc"
 VERSION = 1
+# The two names of ONNX's default domain: a node or opset import may carry either.
+DEFAULT_DOMAINS = ("", "ai.onnx")
 DEFAULT_CLIP_BOUND = 3.0
 # The batch norms bnncc adds: ONNX BatchNormalization's defaults (momentum in ONNX's convention,
 # running = momentum * running + (1 - momentum) * batch).

@@ -52,7 +52,8 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from bnncc.domain import (
-    CANONICAL_OPSET, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, UPGRADED_OPSETS, VERSION)
+    CANONICAL_OPSET, DEFAULT_DOMAINS, DOMAIN, IMPORT_NOTES_KEY, MAX_INPUT_PIXELS, SUPPORTED_OPSETS, UPGRADED_OPSETS,
+    VERSION)
 from bnncc.errors import BnnccError, first_line
 from bnncc.fileio import require_file
 from bnncc.ops import attach_functions, check_graph
@@ -278,7 +279,7 @@ def _name_default_domain(proto: onnx.ModelProto) -> None:
 
 def _default_opsets(proto: onnx.ModelProto) -> list[int]:
     """The versions the model imports of the default domain, by either of its names."""
-    return [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    return [o.version for o in proto.opset_import if o.domain in DEFAULT_DOMAINS]
 
 
 def _upgrade_old_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

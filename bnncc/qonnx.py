@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx import helper
 from onnx_ir.passes.common import ShapeInferencePass
 
-from bnncc.domain import DOMAIN, MAX_BATCH
+from bnncc.domain import CANONICAL_OPSET, DOMAIN, MAX_BATCH
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path
 from bnncc.frontend import read_pokebnn
@@ -86,8 +86,8 @@ def to_qonnx(model: ir.Model, batch: int = 1) -> onnx.ModelProto:
     graph = helper.make_graph(
         e.nodes, f"{model.graph.name or 'bnncc'}_qonnx", [i for i in proto_in.input if i.name == graph_input.name],
         [o for o in proto_in.output], initializer=[*proto_in.initializer, *e.initializers])
-    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(QONNX_DOMAIN, 1)],
-                            producer_name="bnncc")
+    opsets = [helper.make_opsetid("", CANONICAL_OPSET), helper.make_opsetid(QONNX_DOMAIN, 1)]
+    out = helper.make_model(graph, opset_imports=opsets, producer_name="bnncc")
     out.ir_version = 9
     return out
 

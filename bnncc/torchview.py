@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnncc.cost import inputs_at
+from bnncc.domain import DEFAULT_DOMAINS
 from bnncc.errors import BnnccError
 from bnncc.frontend import require_ir_model
 from bnncc.ops import op_def
@@ -61,7 +62,7 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.D
 
 
 def _is_standard(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx")
+    return node.domain in DEFAULT_DOMAINS
 
 
 def _attributes(node: ir.Node) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.domain import IMPORT_NOTES_KEY
+from bnncc.domain import DEFAULT_DOMAINS, IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
 __all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
@@ -90,7 +90,7 @@ def only_user(value: ir.Value, op_type: str, domain: str = "") -> ir.Node | None
     if len(uses) != 1 or value.is_graph_output():
         return None
     node = uses[0].node
-    same_domain = node.domain in (domain, "ai.onnx") if domain == "" else node.domain == domain
+    same_domain = node.domain in DEFAULT_DOMAINS if domain == "" else node.domain == domain
     return node if node.op_type == op_type and same_domain else None
 
 

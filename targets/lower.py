@@ -52,7 +52,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN, MAX_INPUT_PIXELS
+from bnncc.domain import DEFAULT_CLIP_BOUND, DEFAULT_DOMAINS, DOMAIN, MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError
 from bnncc.ops import check_graph, poke_conv as poke
 from bnncc.passes._util import only_user
@@ -300,7 +300,7 @@ class _Walk:
         for node in graph:
             if id(node) in self.done:
                 continue
-            lowering = _LOWERINGS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+            lowering = _LOWERINGS.get(("" if node.domain in DEFAULT_DOMAINS else node.domain, node.op_type))
             if lowering is None:
                 raise BnnccError(f"node {node.name!r} ({node.op_type}): not supported by the lowering "
                                  f"(PokeBNN graphs only, bnncc/ops/spec.md)")

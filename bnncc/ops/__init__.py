@@ -13,7 +13,7 @@ import onnx
 import onnx.inliner
 import onnx_ir as ir
 
-from bnncc.domain import CANONICAL_OPSET, DOMAIN, VERSION
+from bnncc.domain import CANONICAL_OPSET, DEFAULT_DOMAINS, DOMAIN, VERSION
 from bnncc.errors import BnnccError, first_line
 from bnncc.ops import binarize, binary_conv, checks, dprelu, poke_conv, quant, reshape_add, se_gate  # noqa: F401 (register)
 from bnncc.ops._opset import bnncc_opset as opset
@@ -42,7 +42,7 @@ def _check_node(node: ir.Node) -> None:
         checks.stored_parameters(node, definition.activation_inputs)
     if definition is not None and definition.check is not None:
         definition.check(node)
-    elif node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+    elif node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS:
         checks.batch_norm(node, 4, node.attributes.get_float("epsilon", 1e-5))
 
 
