@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from bnncc.targets.kernels import binary_conv
-from bnncc.targets.tvm_compat import s_tir, tirx, tvm
+from bnncc.targets.tvm_compat import has_block, s_tir, tirx, tvm
 
 __all__ = ["DEVICE_CODE", "EXTERN", "Geometry", "geometry", "tensor_core_popcount", "with_device_code"]
 
@@ -100,7 +100,7 @@ def tensor_core_popcount(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
         return None
     popcount = sch.get(popcount_ref)
     replaced = {sch.get(sch.get_loops(popcount_ref)[0])}
-    if _has(sch, "pad"):
+    if has_block(sch, "pad"):
         replaced.add(sch.get(sch.get_loops(sch.get_sblock("pad"))[0]))
     root = func.body.block
     stages = list(root.body.seq) if isinstance(root.body, tirx.SeqStmt) else [root.body]
@@ -110,14 +110,6 @@ def tensor_core_popcount(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     new_root = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init, allocs,
                             root.match_buffers, root.annotations)
     return func.with_body(s_tir.SBlockRealize(func.body.iter_values, func.body.predicate, new_root))
-
-
-def _has(sch, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except s_tir.ScheduleError:
-        return False
-    return True
 
 
 def with_device_code(source: str) -> str:
