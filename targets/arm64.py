@@ -43,11 +43,12 @@ from bnncc.targets.lower import POKE_CONV_KERNEL
 from bnncc.targets.tvm_compat import NUM_THREADS, Target, cross_compiler, link, make_target, tirx
 
 __all__ = [
-    "CROSS_CXX", "NEON", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts", "count_instructions",
-    "export_arm64", "is_arm64", "kernel_assembly", "require_cross_compiler", "schedule",
+    "CROSS_CXX", "CROSS_INSTALL", "NEON", "arm64_target", "assembly", "binary_kernel_counts", "binary_layer_counts",
+    "count_instructions", "export_arm64", "is_arm64", "kernel_assembly", "require_cross_compiler", "schedule",
 ]
 
 CROSS_CXX = "aarch64-linux-gnu-g++"
+CROSS_INSTALL = "apt-get install g++-aarch64-linux-gnu"  # the cross compiler and the aarch64 sysroot
 # 4 32-bit lanes of a 128-bit NEON register; up to 16 accumulators and 16 vectors of channels (one
 # pixel x 64 channels), the rest of the 32 registers for the weights in flight and the broadcast
 # word; byte-lane counts widened by uaddlp/uadalp
@@ -80,7 +81,7 @@ def schedule(func: tirx.PrimFunc, target: Target) -> tirx.PrimFunc | None:
 def require_cross_compiler() -> None:
     """A BnnccError unless the cross compiler that links the library is on PATH."""
     if shutil.which(CROSS_CXX) is None:
-        raise BnnccError(f"{CROSS_CXX} not found; install it: apt-get install g++-aarch64-linux-gnu")
+        raise BnnccError(f"{CROSS_CXX} not found; install it: {CROSS_INSTALL}")
 
 
 def export_arm64(executable, path: str | os.PathLike) -> Path:

@@ -240,10 +240,10 @@ def _arm64_report(executable, lowered, model) -> dict:
 
 def _arm64_requirements() -> list[Requirement]:
     return [
-        Requirement(arm64.CROSS_CXX, "build", shutil.which(arm64.CROSS_CXX), "apt-get install g++-aarch64-linux-gnu"),
-        Requirement(vmrunner.QEMU, "run", shutil.which(vmrunner.QEMU), "apt-get install qemu-user"),
+        Requirement(arm64.CROSS_CXX, "build", shutil.which(arm64.CROSS_CXX), arm64.CROSS_INSTALL),
+        Requirement(vmrunner.QEMU, "run", shutil.which(vmrunner.QEMU), vmrunner.QEMU_INSTALL),
         Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if vmrunner.has_aarch64_sysroot() else None,
-                    "apt-get install g++-aarch64-linux-gnu"),
+                    arm64.CROSS_INSTALL),
         # the installed versions' runtime, which the runner links: another version's does not count
         Requirement("aarch64 TVM runtime", "run",
                     str(vmrunner.arm64_runtime_folder()) if vmrunner.has_arm64_runtime() else None,

@@ -26,7 +26,7 @@ import numpy as np
 
 from bnncc.errors import BnnccError, tool_said
 from bnncc.fileio import atomic_path, cache_dir
-from bnncc.targets.arm64 import CROSS_CXX
+from bnncc.targets.arm64 import CROSS_CXX, CROSS_INSTALL
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
@@ -39,9 +39,11 @@ logger = logging.getLogger(__name__)
 HOST = "x86_64"
 AARCH64 = "aarch64"
 QEMU = "qemu-aarch64"
+QEMU_INSTALL = "apt-get install qemu-user"
 QEMU_LD_PREFIX = Path("/usr/aarch64-linux-gnu")  # Debian's aarch64 sysroot (libc6-arm64-cross)
 RUNNER_SOURCE = Path(__file__).parent / "runner" / "runner.cc"
 _COMPILERS = {HOST: "g++", AARCH64: CROSS_CXX}
+_COMPILER_INSTALLS = {HOST: "apt-get install g++", AARCH64: CROSS_INSTALL}
 _RUNTIME_LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
 
 
@@ -126,8 +128,7 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
     wherever that is: a bundle (``bundle.bundle``) copied to another machine."""
     compiler = _COMPILERS[arch]
     if shutil.which(compiler) is None:
-        package = "g++" if arch == HOST else "g++-aarch64-linux-gnu"
-        raise BnnccError(f"{compiler} not found; install it: apt-get install {package}")
+        raise BnnccError(f"{compiler} not found; install it: {_COMPILER_INSTALLS[arch]}")
     libs = _library_dirs(arch)
     rpath = "$ORIGIN" if beside_runtime else ":".join(map(str, libs))
     source = RUNNER_SOURCE.read_bytes()
@@ -157,9 +158,9 @@ def _command(arch: str) -> tuple[list[str], dict[str, str]]:
     if arch == HOST:
         return [str(runner)], env
     if shutil.which(QEMU) is None:
-        raise BnnccError(f"{QEMU} not found; install it: apt-get install qemu-user")
+        raise BnnccError(f"{QEMU} not found; install it: {QEMU_INSTALL}")
     if not has_aarch64_sysroot():
-        raise BnnccError(f"{QEMU_LD_PREFIX}: no aarch64 sysroot; install it: apt-get install g++-aarch64-linux-gnu")
+        raise BnnccError(f"{QEMU_LD_PREFIX}: no aarch64 sysroot; install it: {CROSS_INSTALL}")
     env["QEMU_LD_PREFIX"] = str(QEMU_LD_PREFIX)
     return [QEMU, str(runner)], env
 
