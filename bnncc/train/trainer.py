@@ -535,11 +535,11 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _check_same_data(data: Dataset) -> None:
-    """Every process trains on the same data (``_data_identity``). Each opens --data itself: on nodes with
+    """Every process trains on the same data (``_run_identity``'s images and labels). Each opens --data itself: on nodes with
     copies of their own (shards on local disks), a copy of other images took other batches without a word,
     and a copy of fewer images ran fewer steps an epoch, leaving the others waiting in a collective."""
     identities: list[dict | None] = [None] * _world()[1]
-    dist.all_gather_object(identities, _data_identity(data))
+    dist.all_gather_object(identities, _run_identity(data, None))
     if any(identity != identities[0] for identity in identities):
         found = ", ".join(f"rank {rank}: {identity['images']} images, labels {identity['labels'][:12]}"
                           for rank, identity in enumerate(identities))
