@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnncc
 from bnncc.errors import BnnccError
 from bnncc.train import TrainConfig
 from bnncc.train.data import open_dataset, read_idx
@@ -23,6 +24,9 @@ from bnncc.train.trainer import (MEMORY_FORMAT, _kernel_l2, evaluate, load_check
 from worker import tiny_net
 
 WORKER = Path(__file__).with_name("worker.py")
+# the workers import the bnncc under test (a clone's, not the editable install's) and worker.py beside this file
+WORKER_ENV = {**os.environ,
+              "PYTHONPATH": os.pathsep.join([str(WORKER.parent), str(Path(bnncc.__file__).parents[1])])}
 SHAPE = (1, 8, 8)
 
 
@@ -343,16 +347,15 @@ def test_idx_labels_beyond_the_classes_are_refused(tmp_path, idx_writer, train_l
 
 
 def _run_worker(args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent)}
-    return subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=env, check=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, str(WORKER), *map(str, args)], env=WORKER_ENV, check=True, timeout=300,
+                          **kw)
 
 
 def test_kill_minus_nine_loses_nothing_before_the_last_checkpoint(idx_dir, tmp_path):
     reference = tmp_path / "ref.pt"
     _run_worker([idx_dir, reference, tmp_path / "ref.ckpt", 10])
     checkpoint, out = tmp_path / "run.ckpt", tmp_path / "run.pt"
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent)}
-    proc = subprocess.Popen([sys.executable, str(WORKER), idx_dir, out, checkpoint, "10", "--slow"], env=env)
+    proc = subprocess.Popen([sys.executable, str(WORKER), idx_dir, out, checkpoint, "10", "--slow"], env=WORKER_ENV)
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoint.exists():
         time.sleep(0.05)
@@ -371,7 +374,7 @@ def test_two_process_ddp_matches_one_process(idx_dir, tmp_path):
     single = tmp_path / "single.pt"
     _run_worker([idx_dir, single, tmp_path / "s.ckpt", 6])
     double = tmp_path / "double.pt"
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    env = {**WORKER_ENV, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                     str(WORKER), str(idx_dir), str(double), str(tmp_path / "d.ckpt"), "6"],
                    env=env, check=True, timeout=300)
@@ -389,7 +392,7 @@ def test_ddp_processes_that_find_different_checkpoints_stop_in_one_line(idx_dir,
     resumed at step 6 and rank 1 began at 0, and their collectives no longer matched."""
     _run_worker([idx_dir, tmp_path / "single.pt", tmp_path / "c0.ckpt", 6])
     assert (tmp_path / "c0.ckpt").exists()
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    env = {**WORKER_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29533", str(WORKER), str(idx_dir), str(tmp_path / "double.pt"),
                            str(tmp_path / "c$LOCAL_RANK.ckpt"), "6", "--resume"],
@@ -409,7 +412,7 @@ def test_ddp_processes_given_different_data_stop_before_training(idx_dir, tmp_pa
     labels = read_idx(idx_dir / "train-labels-idx1-ubyte.gz")
     idx_writer(other / "train-labels-idx1-ubyte.gz", (labels + 1) % 4)
     (tmp_path / "d0").symlink_to(idx_dir)
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    env = {**WORKER_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29535", str(WORKER), str(tmp_path / "d$LOCAL_RANK"), str(tmp_path / "double.pt"),
                            str(tmp_path / "c.ckpt"), "2"], env=env, capture_output=True, text=True, timeout=300)
@@ -424,7 +427,7 @@ def test_ddp_processes_average_their_batch_norm_statistics(idx_dir, tmp_path):
     it is the one-process run's; DDP's buffer broadcast gave rank 0's, from its half of each batch."""
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
     _run_worker([idx_dir, single, tmp_path / "s.ckpt", 5, "--input-norm"])
-    env = {**os.environ, "PYTHONPATH": str(WORKER.parent), "OMP_NUM_THREADS": "1"}
+    env = {**WORKER_ENV, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                     str(WORKER), str(idx_dir), str(double), str(tmp_path / "d.ckpt"), "5", "--input-norm"],
                    env=env, check=True, timeout=300)
