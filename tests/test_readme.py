@@ -125,3 +125,17 @@ def test_cli_lines_that_need_no_data_run_as_written(workdir):
     onnx.checker.check_model(onnx.load(workdir / "poke.onnx"))
     assert "poke_conv" in outputs["passes"] and "x86-64" in outputs["targets"]
     assert "Usage: bnncc" in outputs["--help"]
+
+
+def test_the_demo_folder_is_ignored_by_git():
+    """`make demo` writes its default output folder into the checkout, where `git status` listed it as
+    untracked (the README's `out/` was ignored already)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    import inspect
+
+    from bnncc.cli.demo_cmd import demo
+
+    folder = inspect.signature(demo).parameters["output"].default.default  # --output's typer.Option
+    result = subprocess.run(["git", "check-ignore", "-q", f"{folder}/report.md"], cwd=ROOT)
+    assert result.returncode == 0, f"{folder}/ is not in .gitignore"
