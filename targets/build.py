@@ -105,7 +105,14 @@ def _warn_uncalibrated(model: ir.Model) -> None:
               for position, _ in op.bounds if position < len(node.inputs) and node.inputs[position] is not None]
     arrays = [bound.const_value.numpy() for bound in bounds if bound.const_value is not None]
     uncalibrated = sum(int((array <= 0).all()) for array in arrays)
-    if uncalibrated:
+    if not uncalibrated:
+        return
+    # calibration leaves a bound whose channels all saw only zeros at -1: in a fine-tuned graph (the demo's
+    # too) "fine-tune the graph first" sent the user back to a step already done
+    if any((array > 0).any() for array in arrays):
+        logger.warning("%d of %d activation bounds saw only zeros in calibration: those quantizers run in float",
+                       uncalibrated, len(arrays))
+    else:
         logger.warning("%d of %d activation bounds are uncalibrated: those quantizers run in float; fine-tune "
                        "the graph first (bnncc finetune calibrates them)", uncalibrated, len(arrays))
 

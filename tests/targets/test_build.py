@@ -140,10 +140,18 @@ def test_compile_says_when_activation_bounds_are_uncalibrated(tmp_path, caplog):
     first = bounds[0]
     first.const_value = ir.tensor(np.full(first.const_value.shape.numpy(), -1, np.float32), name=first.name)
     with caplog.at_level("WARNING", logger="bnncc.targets.build"):
+        build.compile(model, tmp_path / "zeros")
+    # calibration leaves -1 where a bound's channels all saw zeros: the demo's fine-tuned graph was told to fine-tune
+    assert said() == [f"1 of {len(bounds)} activation bounds saw only zeros in calibration: those quantizers run "
+                      f"in float"]
+    caplog.clear()
+    for bound in bounds:
+        bound.const_value = ir.tensor(np.full(bound.const_value.shape.numpy(), -1, np.float32), name=bound.name)
+    with caplog.at_level("WARNING", logger="bnncc.targets.build"):
         build.compile(model, tmp_path / "uncalibrated")
     assert said() == [
-        f"1 of {len(bounds)} activation bounds are uncalibrated: those quantizers run in float; fine-tune the graph "
-        f"first (bnncc finetune calibrates them)"]
+        f"{len(bounds)} of {len(bounds)} activation bounds are uncalibrated: those quantizers run in float; "
+        f"fine-tune the graph first (bnncc finetune calibrates them)"]
 
 
 def test_a_library_the_disk_cannot_hold_is_one_error_naming_the_folder(tmp_path, monkeypatch):
