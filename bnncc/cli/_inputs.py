@@ -99,9 +99,8 @@ def _read_image(path: Path, chw: tuple[int, int, int], preprocessing: dict | Non
             # fine-tuning resized data held as arrays (IDX) by torch's bilinear interpolation, not bicubically
             bilinear = (preprocessing or {}).get("resize") == "bilinear"
             image = upright_crop(opened, size if bilinear else (width, height), box_of, _MODES[channels])
-            x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-            if bilinear:
-                x = bilinear_resize(x, (width, height))
+            x = np.asarray(image).transpose(2, 0, 1)  # (C, H, W) bytes: a large image is resized before it is float
+            x = (bilinear_resize(x, (width, height)) if bilinear else x.astype(np.float32)) / 255.0
             if channels == 1:
                 x = x.mean(axis=0, keepdims=True)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decoding errors
