@@ -22,6 +22,7 @@ __all__ = ["Library", "load"]
 _ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
 _ELF64_PHDR_SIZE = 56  # bytes of one ELF64 program header
 _ELF_DYNSYM = 11  # section type of the dynamic symbol table
+_ELF64_SYM_SIZE = 24  # bytes of one ELF64 symbol
 _VM_EXECUTABLE = "relax.VMExecutable"  # the kind of a Relax VM library's root module (TVM loads it first)
 
 
@@ -261,17 +262,21 @@ def _root_module_kind(data: bytes, order: str) -> str | None:
     try:
         # (name, type, flags, address, offset, size, link, info, alignment, entry size) of each section
         sections = [struct.unpack_from(order + "IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-        for _, kind, _, _, offset, size, link, _, _, entsize in sections:
-            if kind != _ELF_DYNSYM or entsize == 0:
-                continue
-            names = sections[link][4]
-            for entry in range(offset, offset + size, entsize):
-                name, _, _, section, value, _ = struct.unpack_from(order + "IBBHQQ", data, entry)
-                if data[names + name:names + name + len(symbol)] == symbol:
-                    _, _, _, address, section_offset, *_ = sections[section]
-                    start = section_offset + value - address
-                    blob = data[start:start + 8 + struct.unpack_from("<Q", data, start)[0]]
-                    return blob_modules(blob)[0][0]
-    except (struct.error, IndexError, UnicodeDecodeError, BnnccError):  # offsets past the end, a damaged blob
+        # only the first table, of 24-byte symbols, up to the file's end: a damaged library that repeats it in
+        # every section header, or says its symbols are 1 byte long, was scanned for hours
+        table = next((section for section in sections if section[1] == _ELF_DYNSYM), None)
+        if table is None or table[9] != _ELF64_SYM_SIZE:
+            return None
+        _, _, _, _, offset, size, link, *_ = table
+        names = sections[link][4]
+        for entry in range(offset, min(offset + size, len(data)), _ELF64_SYM_SIZE):
+            name, _, _, section, value, _ = struct.unpack_from(order + "IBBHQQ", data, entry)
+            if data[names + name:names + name + len(symbol)] == symbol:
+                _, _, _, address, section_offset, *_ = sections[section]
+                start = section_offset + value - address
+                blob = data[start:start + 8 + struct.unpack_from("<Q", data, start)[0]]
+                return blob_modules(blob)[0][0]
+    # offsets past the end (or past what an index can be), a damaged blob
+    except (struct.error, IndexError, OverflowError, UnicodeDecodeError, BnnccError):
         return None
     return None

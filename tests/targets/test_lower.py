@@ -380,6 +380,70 @@ def test_a_tampered_library_folder_is_an_error(library, tmp_path, change, messag
         load(_tampered(library, tmp_path, **change))
 
 
+def _dynamic_symbols(so: bytes) -> tuple[int, int, int]:
+    """Where in ELF library ``so`` its dynamic symbol table's section header, its symbols and their names lie."""
+    import struct
+
+    shoff, = struct.unpack_from("<Q", so, 40)
+    shentsize, shnum = struct.unpack_from("<HH", so, 58)
+    for header in range(shoff, shoff + shentsize * shnum, shentsize):
+        _, kind, _, _, offset, _, link, *_ = struct.unpack_from("<IIQQQQIIQQ", so, header)
+        if kind == 11:  # SHT_DYNSYM
+            return header, offset, struct.unpack_from("<Q", so, shoff + link * shentsize + 24)[0]
+    raise AssertionError("no dynamic symbol table")
+
+
+def _every_section_the_symbols(so: bytes) -> bytes:
+    """``so`` with 65535 section headers, each its dynamic symbol table's, which reaches to the file's end."""
+    import struct
+
+    header, offset, _ = _dynamic_symbols(so)
+    so = bytearray(so)
+    struct.pack_into("<Q", so, 40, header)
+    struct.pack_into("<HH", so, 58, 0, 65535)
+    struct.pack_into("<Q", so, header + 32, len(so) - offset)
+    return bytes(so)
+
+
+def _blob_symbol_at(so: bytes, value: int) -> bytes:
+    """``so`` with the value (address) of its imports blob's symbol ``value``."""
+    import struct
+
+    from bnncc.targets.cuda_blob import BLOB_SYMBOL
+
+    _, offset, names = _dynamic_symbols(so)
+    so = bytearray(so)
+    symbol = offset
+    while so[names + struct.unpack_from("<I", so, symbol)[0]:][:len(BLOB_SYMBOL) + 1] != BLOB_SYMBOL.encode() + b"\0":
+        symbol += 24
+    struct.pack_into("<Q", so, symbol + 8, value)
+    return bytes(so)
+
+
+@pytest.mark.parametrize("damage", [_every_section_the_symbols, lambda so: _blob_symbol_at(so, 2**63)])
+def test_a_damaged_symbol_table_is_one_line_at_once(library, tmp_path, cli, damage):
+    """A model.so whose section headers all name its dynamic symbol table (read 65535 times, for
+    hours), or whose imports blob lies past any offset (an 'unexpected' OverflowError): one line
+    naming it, within seconds."""
+    import signal
+
+    folder = _tampered(library, tmp_path, so=damage)
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+
+    def hung(*_):
+        raise AssertionError("still reading model.so after 30 s")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        code, out, err = cli("run", folder, "--input", tmp_path / "x.npy")
+    finally:
+        signal.alarm(0)
+    assert code == 2 and out == ""
+    assert err == f"error: {folder / 'model.so'}: holds no Relax VM executable; is it a library written by " \
+                  f"`bnncc compile`?\n"
+
+
 def test_a_library_for_a_cpu_with_more_is_refused_before_it_runs(library, tmp_path, monkeypatch, cli):
     """A library whose target (model.json) uses CPU features this CPU lacks: one BnnccError naming them
     when it is loaded, and a one-line error from the CLI, where running it would end the process with
