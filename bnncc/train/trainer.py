@@ -212,7 +212,8 @@ def _run_identity(data: Dataset, teacher: nn.Module | None) -> dict:
         sha = hashlib.sha256()
         for name, tensor in teacher.state_dict().items():
             sha.update(name.encode())
-            sha.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # (flattened: a 0-dim tensor, as a batch norm's step count, has no bytes view)
+            sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         digest = sha.hexdigest()
     return {"images": len(data), "labels": data.labels_digest(), "teacher": digest}
 

@@ -171,6 +171,23 @@ def test_resume_compares_the_runs_length_and_its_teacher(idx_dir, tmp_path):
               show_progress=False)
 
 
+def test_a_teacher_with_a_batch_norm_resumes(idx_dir, tmp_path):
+    """A teacher whose state holds a 0-dim tensor (a torch batch norm's num_batches_tracked) ended a
+    run with a checkpoint in torch's RuntimeError ("self.dim() cannot be 0 to view Long as Byte")
+    where its digest was taken; its checkpoint resumes, and another teacher's step count is refused."""
+    data = open_dataset(idx_dir, "train")
+    checkpoint = tmp_path / "run.ckpt"
+    train(tiny_net(), tiny_net(input_norm=True), data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint,
+          show_progress=False)
+    train(tiny_net(), tiny_net(input_norm=True), data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True,
+          show_progress=False)
+    other = tiny_net(input_norm=True)
+    other[0].num_batches_tracked += 1
+    with pytest.raises(BnnccError, match=r"another teacher \(its weights differ\)"):
+        train(tiny_net(), other, data, cfg(max_steps=2), SHAPE, checkpoint=checkpoint, resume=True,
+              show_progress=False)
+
+
 def test_a_batch_of_one_image_at_the_last_stages_size_is_refused(idx_dir):
     """An 8 px image is one pixel at the last stage of a ResNet: alone in its batch, its batch norms
     see one value a channel, and torch raised an unexpected ValueError at the first step."""
