@@ -47,7 +47,8 @@ __all__ = ["ImageFiles", "Names", "open_image_folder", "open_shards", "check_sam
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# torchvision's ImageFolder's: TIFF, PPM and PGM were skipped, and a class of them alone refused as empty
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_CLASSES = 1_000_000  # a shard's class numbers size the network's head: a stray huge one is a corrupt shard
 # a .cls member: a class number in ASCII digits, perhaps with a newline (webdataset's writers add none)
 _CLASS_NUMBER = re.compile(rb"\s*[0-9]+\s*")

@@ -784,6 +784,23 @@ def test_hidden_files_and_folders_are_no_data(tmp_path):
     assert data.num_classes == CLASSES and len(data) == 3 * CLASSES
 
 
+def test_every_image_kind_torchvisions_image_folder_reads_is_data(tmp_path):
+    """TIFF, PPM and PGM files (what scanners, microscopes and old data sets write) were skipped: a class
+    of them alone was refused as an empty class, one of some of them trained on the others alone."""
+    for split in ("train", "val"):
+        for label, suffix in enumerate((".tif", ".tiff", ".ppm", ".pgm")):
+            folder = tmp_path / split / f"c{label}"
+            folder.mkdir(parents=True)
+            pixels = np.full((12, 10, 3), 60 * label, np.uint8)
+            image = Image.fromarray(pixels if suffix != ".pgm" else pixels[..., 0])
+            image.save(folder / f"x{suffix}")
+    data = open_dataset(tmp_path, "train")
+    assert data.num_classes == 4 and len(data) == 4
+    images, labels = data.batch(torch.arange(4), (3, 8, 8), augment=False)
+    assert images.std(dim=(2, 3)).max() < 1e-4  # each image one grey, read as it was written:
+    assert images[labels.argsort(), 0, 0, 0].diff().min() > 0  # class c<k>'s grey is 60 k
+
+
 def test_the_data_fingerprint_stats_each_file_once_and_keeps_its_key(tmp_path, monkeypatch):
     """convert's stage key lists the data's files: by rglob, is_file and stat, two stats and a Path a
     file (ImageNet's 1.33 million took ~27 s and ~600 MB before every run). The key is unchanged:
