@@ -248,12 +248,43 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     _load_external_data(proto, path)
     _check_text(proto, path)
     _name_default_domain(proto)
+    _sort_nodes(proto, path)
     proto = _upgrade_old_opset(proto, path)
     _check_opset(proto, path)  # before the checker, whose complaints about another opset's ops say less
     _check_model(proto, path)
     _check_tensor_data(proto, path)
     _check_interface(proto, path)
     return proto
+
+
+def _sort_nodes(proto: onnx.ModelProto, path: Path) -> None:
+    """The graph's nodes in a topological order that keeps the stored order where it can. ONNX asks
+    for one, and the checker refuses a graph without it, but graph-editing tools and onnxruntime's
+    float16 converter write others, and onnxruntime runs them. A cycle is refused, naming a node on it."""
+    nodes = list(proto.graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(nodes)))
+    for i, node in enumerate(nodes):
+        deps.add_edges_from((producer[name], i) for name in _node_inputs(node) if name in producer)
+    try:
+        order = list(nx.lexicographical_topological_sort(deps))
+    except nx.NetworkXUnfeasible:
+        node = nodes[nx.find_cycle(deps)[0][0]]
+        raise BnnccError(f"{path}: invalid ONNX model: node {node.name!r} ({node.op_type}) is on a cycle: "
+                         "it depends on its own output") from None
+    if order != list(range(len(nodes))):
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes[i] for i in order)
+
+
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """The values a node reads: its inputs and those its subgraphs (If, Loop, Scan) read of the outer graph."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+            names.extend(name for inner in graph.node for name in _node_inputs(inner))
+    return names
 
 
 def _check_model(proto: onnx.ModelProto, path: Path) -> None:

@@ -409,6 +409,33 @@ def test_the_default_domain_by_its_other_name_is_read(tmp_path, tiny_proto):
     np.testing.assert_allclose(_run(load(tmp_path / "named.onnx"), x), _run(tiny_proto, x), rtol=1e-4, atol=1e-5)
 
 
+def test_nodes_out_of_topological_order_are_read(tmp_path, tiny_proto):
+    """Graph-editing tools and onnxruntime's float16 converter write nodes in other orders, and
+    onnxruntime runs them; the onnx checker refused them ("Nodes in a graph must be topologically sorted")."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(reversed(nodes))
+    onnx.save(proto, tmp_path / "reversed.onnx")
+    model = load(tmp_path / "reversed.onnx")
+    assert len(recognize(model).stages[0]) == 3
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_run(model, x), _run(tiny_proto, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_cycle_is_refused_naming_a_node_on_it(cli, tmp_path, tiny_proto):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    proto.graph.node[0].input[0] = proto.graph.node[3].output[0]  # the stem conv reads a later node's output
+    onnx.save(proto, tmp_path / "cycle.onnx")
+    on_cycle = {node.name for node in proto.graph.node[:4]}
+    _expect_refusal(cli, tmp_path / "cycle.onnx", "is on a cycle")
+    _, _, err = cli("inspect", tmp_path / "cycle.onnx")
+    assert any(f"node {name!r}" in err for name in on_cycle)
+
+
 def test_modules_exported_as_functions_are_inlined(tmp_path):
     """torch's export_modules_as_functions writes each Bottleneck as a function of the model's own."""
     module = zoo.resnet50(width=0.125, num_classes=10).eval()
