@@ -41,7 +41,7 @@ import onnx_ir as ir
 from rich import box
 from rich.table import Table
 
-from bnncc.domain import DEFAULT_DOMAINS
+from bnncc.domain import DEFAULT_DOMAINS, FLOAT_BITS
 from bnncc.errors import BnnccError, first_line, printable
 from bnncc.frontend import read as read_model
 from bnncc.ops import attach_functions, op_def
@@ -153,8 +153,9 @@ class CostReport:
 
 def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int = 16) -> CostReport:
     """Measure ``model`` (an onnx_ir Model, a ModelProto or a path); float MACs at ``float_bits``^2."""
-    if float_bits < 1:
-        raise BnnccError(f"float_bits must be >= 1, got {float_bits}")
+    if float_bits not in FLOAT_BITS:
+        raise BnnccError(f"float_bits must be {FLOAT_BITS.start} to {FLOAT_BITS[-1]} (a float's width), "
+                         f"got {float_bits}")
     if isinstance(model, (str, os.PathLike)):
         model = read_model(model)
     elif isinstance(model, onnx.ModelProto):

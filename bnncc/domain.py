@@ -32,6 +32,9 @@ LIBRARY_FILES = ("model.so", "model.json", "model.onnx")
 # taken, and compiling it ran for minutes until killed; a library serves larger batches in calls of
 # its compiled sizes.
 MAX_BATCH = 4096
+# The widths `ace` may count a float MAC's operands at: up to a double's; 99999999999 was taken, and
+# the ACE printed was 27 digits long.
+FLOAT_BITS = range(1, 65)
 # Keys of a graph's metadata_props that later stages read (compile copies both into model.json):
 # the recipe that rewrote it, and the input normalisation it was fine-tuned with, as JSON
 # {"mean": [...], "std": [...]} per input channel of pixels in [0, 1] (bnncc run applies it).

@@ -194,9 +194,17 @@ def test_dynamic_spatial_size_names_the_node():
         ace(_tiny(height="H", value_info=True))
 
 
-def test_float_bits_must_be_positive():
-    with pytest.raises(BnnccError, match="float_bits must be >= 1, got 0"):
-        ace(_tiny(), float_bits=0)
+@pytest.mark.parametrize("bits", [0, 65, 99999999999])
+def test_float_bits_must_be_a_floats_width(bits):
+    with pytest.raises(BnnccError, match=f"float_bits must be 1 to 64 \\(a float's width\\), got {bits}"):
+        ace(_tiny(), float_bits=bits)
+
+
+@pytest.mark.parametrize("bits", ["0", "65", "99999999999"])
+def test_cli_float_bits_out_of_range_is_one_line(cli, tmp_path, bits):
+    code, stdout, stderr = cli("ace", tmp_path / "not-read.onnx", "--float-bits", bits)
+    assert (code, stdout) == (2, "")
+    assert stderr.count("\n") == 1 and "--float-bits" in stderr
 
 
 def test_a_model_of_another_type_is_a_type_error_naming_what_ace_takes():

@@ -8,13 +8,15 @@ from pathlib import Path
 import typer
 
 from bnncc.cli._app import app, console
+from bnncc.domain import FLOAT_BITS
 
 
 @app.command()
 def ace(
     model: Path = typer.Argument(..., help="ONNX model: a float ResNet or a (rewritten) PokeBNN graph"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    float_bits: int = typer.Option(16, "--float-bits", min=1, help="count a float MAC as N x N bits (16: bf16)"),
+    float_bits: int = typer.Option(16, "--float-bits", min=FLOAT_BITS.start, max=FLOAT_BITS[-1],
+                                   help="count a float MAC as N x N bits (16: bf16)"),
     per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="one row per conv and dense layer"),
 ) -> None:
     """Print MODEL's ACE, CPU64, MACs, weight bits, parameters and scalar ops, per layer and in total."""
