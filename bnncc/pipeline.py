@@ -449,6 +449,18 @@ class DemoOptions:
     seed: int = 0
 
 
+DEMO_NAMES = (*OUTPUT_NAMES, "teacher.onnx")
+
+
+def check_demo(outdir: Path, data: Path) -> None:
+    """Refuse a demo's output folder or data set in one line before any work: `bnncc demo` checks them
+    before its banner, which came before the error of a wrong --data."""
+    from bnncc.train.data import dataset_kind
+
+    check_outdir(outdir, DEMO_NAMES)
+    dataset_kind(data)
+
+
 def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOptions = DemoOptions(),
          show_progress: bool = True) -> ConvertResult:
     """Train a small float teacher on ``data`` (default: the shipped Fashion-MNIST sample) and convert it
@@ -459,8 +471,7 @@ def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOption
     from bnncc.zoo import STEM_WIDTH
 
     outdir, data = Path(outdir), Path(data or FASHION_MNIST_SAMPLE)
-    names = (*OUTPUT_NAMES, "teacher.onnx")
-    check_outdir(outdir, names)
+    check_demo(outdir, data)
     teacher = outdir / "teacher.onnx"
     cfg = TrainConfig(lr=options.teacher_lr, batch_size=options.batch_size, epochs=options.teacher_epochs,
                       label_weight=1.0, seed=options.seed)
@@ -480,6 +491,6 @@ def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOption
         show_progress=show_progress)
     # the teacher under the folder's lock too: another demo into the folder replaced teacher.onnx while
     # this one's convert distilled from it, after hashing the first
-    with _sole_writer(outdir / "stages", names):
+    with _sole_writer(outdir / "stages", DEMO_NAMES):
         cached_stage(outdir / "stages", "teacher", key, [teacher], run)
         return convert(teacher, outdir, convert_options)

@@ -184,6 +184,16 @@ def test_demo_help_states_the_demos_defaults(cli):
     assert f"training epochs of the float teacher (default: {DemoOptions.teacher_epochs})" in text
 
 
+def test_demo_refuses_its_arguments_before_its_banner(cli, tmp_path):
+    """`bnncc demo --data nope` printed its banner, then the error."""
+    (tmp_path / "file").write_text("")
+    for args, error in [(["--data", str(tmp_path / "nope")], f"error: {tmp_path / 'nope'}: no such folder"),
+                        (["-o", str(tmp_path / "file")], f"error: {tmp_path / 'file'}: exists and is not a folder")]:
+        code, out, err = cli("demo", *args)
+        assert (code, out) == (2, "")
+        assert err.startswith(error) and err.count("\n") == 1
+
+
 _SIGNAL_IN_TVM = '''
 import os, signal, sys, time
 import tvm

@@ -25,8 +25,10 @@ def demo(
     it for this machine and write the report."""
     import dataclasses
 
-    from bnncc.pipeline import DemoOptions, demo as run_demo
+    from bnncc.data import FASHION_MNIST_SAMPLE
+    from bnncc.pipeline import DemoOptions, check_demo, demo as run_demo
 
+    check_demo(output, data or FASHION_MNIST_SAMPLE)
     console.print(f"bnncc demo: ResNet-50 (torchvision definition, width x{DemoOptions.width}) on "
                   f"{data or 'the shipped Fashion-MNIST sample'}, PokeBNN-1x, host target", soft_wrap=True)
     chosen = {k: v for k, v in dict(epochs=epochs, teacher_epochs=teacher_epochs).items() if v is not None}
