@@ -43,7 +43,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, tool_said
 from bnncc.targets.kernels import binary_conv, quant
 from bnncc.targets.lower import POKE_CONV_KERNEL
 
@@ -121,7 +121,8 @@ def disassemble(library: str | Path) -> dict[str, list[Instruction]]:
     done = subprocess.run([str(LLVM_BIN / "llvm-objdump"), "-d", "--no-show-raw-insn", str(library)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise BnnccError(f"{library}: llvm-objdump failed: {done.stderr.strip().splitlines()[-1:]}")
+        said = tool_said(done.stderr) or f"exit status {done.returncode}"
+        raise BnnccError(f"{library}: llvm-objdump failed: {said}")
     functions: dict[str, list[Instruction]] = {}
     current: list[Instruction] = []
     for line in done.stdout.splitlines():

@@ -177,6 +177,17 @@ def test_host_cpu_is_a_model_llvm_mca_schedules_with():
         assert estimate.cycles_per_iteration([estimate.Instruction(0, "addq", "$0x1, %rax")], "x86_64", name) > 0
 
 
+def test_a_file_llvm_objdump_cannot_read_is_one_line_of_its_words(tmp_path):
+    """llvm-objdump's failure was shown as a Python list: "failed: ['.../llvm-objdump: error: ...']"."""
+    (tmp_path / "model.so").write_text("not a library")
+    with pytest.raises(BnnccError) as refused:
+        estimate.disassemble(tmp_path / "model.so")
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path / 'model.so'}: llvm-objdump failed: {estimate.LLVM_BIN}/llvm-objdump: error:")
+    assert message.endswith("The file was not recognized as a valid object file")
+    assert "[" not in message and "\n" not in message
+
+
 def test_an_llvm_mca_that_names_no_version_skips_the_estimate(conv_library, tmp_path, monkeypatch):
     """library_estimate read LLVM's version from `llvm-mca --version` unchecked: an llvm-mca whose
     output names none (a failed run, another build's banner) ended convert's report with an
