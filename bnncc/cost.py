@@ -157,11 +157,19 @@ def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int =
         raise BnnccError(f"float_bits must be {FLOAT_BITS.start} to {FLOAT_BITS[-1]} (a float's width), "
                          f"got {float_bits}")
     if isinstance(model, (str, os.PathLike)):
-        model = read_model(model)
-    elif isinstance(model, onnx.ModelProto):
+        path, model = model, read_model(model)
+        try:
+            return _measure(model, float_bits)
+        except BnnccError as e:  # it names a node or value of the graph (a dynamic shape); the file too
+            raise BnnccError(f"{path}: {e}") from None
+    if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
     elif not isinstance(model, ir.Model):  # None failed deep inside, naming a missing attribute 'graph'
         raise TypeError(f"ace takes an onnx_ir Model, a ModelProto or a path, not {type(model).__name__}")
+    return _measure(model, float_bits)
+
+
+def _measure(model: ir.Model, float_bits: int) -> CostReport:
     shapes = _Shapes(model)
     layers: list[Layer] = []
     elementwise: list[Elementwise] = []

@@ -183,6 +183,22 @@ def test_a_pokebnn_file_without_its_functions_is_measured_as_compile_takes_it(tm
     assert report == ace(attach_functions(tiny_poke_model()))
 
 
+def test_a_dynamic_shape_inside_a_pokebnn_file_names_the_file(cli, tmp_path):
+    """`bnncc ace` said "error: node 'stem' (QuantConv): 's0' has the dynamic shape ..." and not which file."""
+    from tiny_poke import tiny_poke_model
+
+    model = tiny_poke_model()
+    stem = model.graph.node(0).outputs[0]  # (N, 16, 4, 4)
+    stem.shape, stem.type = ir.Shape(["N", 16, "H", 4]), ir.TensorType(ir.DataType.FLOAT)
+    ir.save(model, tmp_path / "dynamic.onnx")
+    message = f"{tmp_path / 'dynamic.onnx'}: node 'stem' (QuantConv): 's0' has the dynamic shape (16, 'H', 4)"
+    with pytest.raises(BnnccError) as refused:
+        ace(tmp_path / "dynamic.onnx")
+    assert str(refused.value) == message
+    code, stdout, stderr = cli("ace", tmp_path / "dynamic.onnx")
+    assert (code, stdout, stderr) == (2, "", f"error: {message}\n")
+
+
 def test_unused_initializers_are_not_parameters():
     model = _tiny()
     model.graph.initializer.append(numpy_helper.from_array(np.zeros((5, 5), np.float32), "left_behind"))

@@ -21,9 +21,8 @@ def ace(
 ) -> None:
     """Print MODEL's ACE, CPU64, MACs, weight bits, parameters and scalar ops, per layer and in total."""
     from bnncc.cost import ace as measure, format_table
-    from bnncc.frontend import read
 
-    report = measure(read(model), float_bits=float_bits)
+    report = measure(model, float_bits=float_bits)
     if as_json:
         data = report.to_dict()
         if not per_layer:
