@@ -46,7 +46,8 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
 
     1. Float blocks (bottleneck or basic) and multiplier != 1: convs, projections and the dense head resized,
        weights sliced or re-initialised (seeded by ``seed``).
-    2. Multiplier 1, or no float block (e.g. after poke_conv): left alone.
+    2. Multiplier 1, or no float block (e.g. after poke_conv): left alone; with another multiplier, a
+       warning says so (a recipe with width_multiplier after poke_conv silently kept the widths).
     3. A plain Add shortcut between blocks of different new widths: an error.
     """
 
@@ -64,6 +65,9 @@ class WidthMultiplierPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         blocks = float_blocks(model.graph)
         if self.multiplier == 1.0 or not blocks:
+            if self.multiplier != 1.0:
+                logger.warning("no float block left to scale by %g: the widths stay as they are (in a recipe, "
+                               "width_multiplier goes before poke_conv)", self.multiplier)
             return ir.passes.PassResult(model, modified=False)
         rng = np.random.default_rng(self.seed)
         modified = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -9,6 +11,8 @@ from _support import CLASSES, SIZE, ace_total, random_input, run_ort
 
 from bnncc.errors import BnnccError
 from bnncc.frontend import recognize
+from bnncc.passes.poke_conv import PokeConvPass
+from bnncc.passes.remove_projection_shortcuts import RemoveProjectionShortcutsPass
 from bnncc.passes.width_multiplier import WidthMultiplierPass
 
 STEM = 16
@@ -68,6 +72,21 @@ def test_widening_reinitialises_lecun_normal(small_model):
 
 def test_does_not_fire_at_one(small_model):
     assert not WidthMultiplierPass(1.0)(small_model).modified
+
+
+def test_after_poke_conv_it_warns_that_the_widths_stay(small_model, caplog):
+    """A recipe with width_multiplier after poke_conv (no float block left) kept the widths and said nothing."""
+    RemoveProjectionShortcutsPass()(small_model)
+    PokeConvPass()(small_model)
+    before = ace_total(small_model)
+    with caplog.at_level(logging.WARNING, logger="bnncc.passes.width_multiplier"):
+        assert not WidthMultiplierPass(1.0)(small_model).modified
+        assert not caplog.records  # multiplier 1 asks for no change
+        assert not WidthMultiplierPass(0.5)(small_model).modified
+    assert ace_total(small_model) == before
+    assert [record.getMessage() for record in caplog.records] == [
+        "no float block left to scale by 0.5: the widths stay as they are (in a recipe, width_multiplier goes "
+        "before poke_conv)"]
 
 
 def test_rejects_a_width_with_no_channel(small_model):
