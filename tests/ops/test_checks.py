@@ -133,25 +133,6 @@ def _duplicate_node_names(model: ir.Model) -> None:
     next(n for n in model.graph if n.name == "pool").name = "flatten"
 
 
-@pytest.mark.parametrize("change, message", [
-    (_unknown_domain_head, "com.example:QuantGemm.* is not a registered function/op"),
-    (_duplicate_node_names, r"two nodes with same node name \(flatten\)"),
-])
-def test_a_graph_onnxruntime_cannot_run_is_refused_by_every_command(cli, tmp_path, change, message):
-    """The reference must run the graph: compile fused an unknown-domain QuantGemm as ours into a
-    library that verify then could not check; ace and export took two nodes of one name."""
-    model = tiny_poke_model()
-    change(model)
-    path = tmp_path / "bad.onnx"
-    ir.save(attach_functions(model), path)
-    for args in [("ace", path), ("export", path, "--format", "qonnx", "-o", tmp_path / "q.onnx"),
-                 ("compile", path, "--target", "x86-64", "-o", tmp_path / "lib")]:
-        code, _, err = cli(*args)
-        assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
-        assert re.search(rf"{path}: onnxruntime, the reference, cannot run this graph: .*{message}", err), (args, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
-
-
 def _output_is_the_input(model: ir.Model) -> None:
     model.graph.outputs[0] = model.graph.inputs[0]
 
@@ -160,10 +141,20 @@ def _extra_dangling_node(model: ir.Model) -> None:
     model.graph.append(ir.node("Relu", [model.graph.inputs[0]], name="unread"))
 
 
-@pytest.mark.parametrize("change, node", [(_output_is_the_input, "stem"), (_extra_dangling_node, "unread")])
-def test_a_node_the_output_does_not_depend_on_is_refused_by_every_command(cli, tmp_path, change, node):
-    """ace measured a graph whose output was its input as the whole network it no longer computes,
-    and counted a node nobody reads, where compile refused the first graph."""
+_CANNOT_RUN = "onnxruntime, the reference, cannot run this graph: "
+
+
+@pytest.mark.parametrize("change, message", [
+    (_unknown_domain_head, _CANNOT_RUN + ".*com.example:QuantGemm.* is not a registered function/op"),
+    (_duplicate_node_names, _CANNOT_RUN + r".*two nodes with same node name \(flatten\)"),
+    (_output_is_the_input, r"node 'stem' \(.*output.* does not depend on it"),
+    (_extra_dangling_node, r"node 'unread' \(.*output.* does not depend on it"),
+])
+def test_a_graph_unfit_for_the_reference_is_refused_by_every_command(cli, tmp_path, change, message):
+    """The reference must run the graph: compile fused an unknown-domain QuantGemm as ours into a
+    library that verify then could not check; ace and export took two nodes of one name. ace measured
+    a graph whose output was its input as the whole network it no longer computes, and counted a node
+    nobody reads, where compile refused the first graph."""
     model = tiny_poke_model()
     change(model)
     path = tmp_path / "bad.onnx"
@@ -172,7 +163,7 @@ def test_a_node_the_output_does_not_depend_on_is_refused_by_every_command(cli, t
                  ("compile", path, "--target", "x86-64", "-o", tmp_path / "lib")]:
         code, _, err = cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1, (args, err)
-        assert f"{path}: node '{node}' (" in err and "output" in err and "does not depend on it" in err, (args, err)
+        assert re.search(rf"{re.escape(str(path))}: {message}", err), (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
