@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bnncc.errors import tool_said
 from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
@@ -79,9 +80,9 @@ def _library() -> ctypes.CDLL | None:
                                       text=True)
                 if done.returncode != 0:
                     # raised inside, so that atomic_path drops the temporary file instead of caching it
-                    raise _BuildFailed(done.stderr[-2000:])
+                    raise _BuildFailed(tool_said(done.stderr))
         except _BuildFailed as failed:
-            logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions:\n%s", SOURCE,
+            logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions: %s", SOURCE,
                            compiler, failed)
             return None
         logger.info("built %s (%.1f s)", path, time.perf_counter() - start)

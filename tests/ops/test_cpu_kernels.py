@@ -283,3 +283,22 @@ def test_a_failed_build_caches_nothing_and_training_falls_back(tmp_path, monkeyp
             cpu_kernels._library.cache_clear()
     assert not list((tmp_path / "cache").rglob("*.so")), "a failed build left a library in the cache"
     assert "failed" in caplog.text and "missing-cc" in caplog.text
+
+
+def test_a_compiler_that_fails_on_the_kernels_is_one_log_line(monkeypatch, tmp_path, caplog):
+    """The compiler's several lines of errors were logged as they were, below the warning."""
+    from bnncc.ops import cpu_kernels
+
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'k.c:1: error: one' >&2\n"
+                        "echo 'k.c:2: error: two' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    cpu_kernels._library.cache_clear()
+    try:
+        assert cpu_kernels._library() is None
+    finally:
+        cpu_kernels._library.cache_clear()
+    [record] = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert record.getMessage().endswith("torch compositions: k.c:1: error: one k.c:2: error: two"), record.getMessage()
