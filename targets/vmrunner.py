@@ -177,8 +177,10 @@ def _invoke(arch: str, library: Path, args: list[str]) -> str:
     prefix, env = _command(arch)
     done = subprocess.run([*prefix, *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise BnnccError(f"{library}: the {arch} runner failed (exit {done.returncode}): "
-                         f"{tool_said(done.stderr or done.stdout)}")
+        # a runner the kernel killed (out of memory) prints nothing: the line ended in ": " with "exit -9"
+        how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        raise BnnccError(f"{library}: the {arch} runner failed ({how}): "
+                         f"{tool_said(done.stderr or done.stdout) or 'no output'}")
     return done.stdout
 
 

@@ -63,6 +63,14 @@ def test_the_runner_names_a_missing_library_whatever_it_is_asked(tmp_path):
             call(tmp_path / "none.so", [np.zeros(1, np.float32)])
 
 
+def test_a_runner_killed_without_a_word_is_said_so(tmp_path, monkeypatch):
+    """A runner the kernel killed (out of memory) prints nothing: the line read "failed (exit -9): "."""
+    from bnncc.targets import vmrunner
+
+    monkeypatch.setattr(vmrunner, "_command", lambda arch: (["sh", "-c", "kill -KILL $$", "sh"], dict(os.environ)))
+    with pytest.raises(BnnccError, match=r"m.so: the x86-64 runner failed \(killed by signal 9\): no output$"):
+        vmrunner._invoke("x86-64", tmp_path / "m.so", [])
+
 
 def test_the_files_reach_the_disk_before_the_folder_is_renamed(tmp_path, monkeypatch):
     """atomic_path synced its file before the rename, atomic_dir did not: a power loss could keep a
