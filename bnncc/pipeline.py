@@ -183,7 +183,7 @@ def _sole_writer(stages_dir: Path, names: tuple[str, ...] = OUTPUT_NAMES):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BnnccError(f"{stages_dir.parent}: another bnncc convert is writing this folder; wait for it "
+            raise BnnccError(f"{stages_dir.parent}: another bnncc convert or demo is writing this folder; wait for it "
                              "or choose another output folder") from None
         except OSError as e:  # a file system without locks (some NFS mounts): the run goes on unguarded
             logger.warning("%s: cannot be locked (%s); do not run another convert into this folder meanwhile",

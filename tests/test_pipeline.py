@@ -324,7 +324,7 @@ def test_a_folder_another_convert_is_writing_is_refused(narrow_resnet, tmp_path)
     options = ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False)
     with open(outdir / "stages" / "lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(BnnccError, match=r"out: another bnncc convert is writing this folder"):
+        with pytest.raises(BnnccError, match=r"out: another bnncc convert or demo is writing this folder"):
             convert(narrow_resnet, outdir, options)
         assert sorted(p.name for p in (outdir / "stages").iterdir()) == ["lock"]
     assert convert(narrow_resnet, outdir, options).cached == {"rewrite": False, "compile": False}
@@ -342,7 +342,7 @@ def test_a_demo_trains_its_teacher_under_the_folders_lock(tmp_path):
     (outdir / "stages").mkdir(parents=True)
     with open(outdir / "stages" / "lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(BnnccError, match=r"out: another bnncc convert is writing this folder"):
+        with pytest.raises(BnnccError, match=r"out: another bnncc convert or demo is writing this folder"):
             demo(outdir, data, DemoOptions(teacher_epochs=1, epochs=1, batch_size=16), show_progress=False)
     assert sorted(p.name for p in outdir.rglob("*")) == ["lock", "stages"]
 
