@@ -87,7 +87,7 @@ def _readme(manifest: dict, arch: str) -> str:
     preprocessing = manifest.get("preprocessing")
     pixels = (f"pixel values in [0, 1] normalised per channel as (x - mean) / std, "
               f"mean {json.dumps(preprocessing['mean'])}, std {json.dumps(preprocessing['std'])}"
-              f"{_resizing(preprocessing)}"
+              f"{_resizing(preprocessing)}{', a colour image as the mean of its R, G and B' if channels == 1 else ''}"
               if preprocessing else "images as the float network took them (no preprocessing is recorded)")
     lines = [
         f"PokeBNN library for {arch} Linux (target {manifest['target']['name']}, recipe {manifest.get('recipe')}),",

@@ -265,3 +265,17 @@ def test_a_library_that_holds_no_relax_vm_is_not_bundled(x86_library, tmp_path, 
     assert code == 2 and err == f"error: {folder / 'model.so'}: holds no Relax VM executable; is it a library " \
                                 "written by `bnncc compile`?\n", err
     assert sorted(os.listdir(tmp_path)) == ["lib"]
+
+
+@pytest.mark.parametrize("channels, said", [(1, True), (3, False)])
+def test_the_readme_says_how_an_image_becomes_the_input(channels, said):
+    """As `bnncc run` reads it: resized as the fine-tune resized its data, and for a one-channel network
+    the mean of R, G and B, which the README left unsaid."""
+    from bnncc.targets.bundle import _readme
+
+    manifest = {"input": {"shape": ["N", channels, 28, 28]}, "output": {"shape": ["N", 10]},
+                "functions": {"1": "batch_1"}, "target": {"name": "arm64"}, "recipe": "r",
+                "preprocessing": {"mean": [0.5] * channels, "std": [0.25] * channels, "resize": "bilinear"}}
+    [line] = [line for line in _readme(manifest, "aarch64").splitlines() if line.startswith("Input:")]
+    assert "of the whole image resized bilinearly (pixel centres, no antialiasing)" in line
+    assert ("a colour image as the mean of its R, G and B" in line) == said
