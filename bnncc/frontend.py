@@ -755,10 +755,14 @@ _WHY_REFUSED = {
     "Cast": "a type conversion, as a float16 model that keeps float32 inputs and outputs casts them: bnncc reads "
             "float32 models throughout (export the float32 model)",
     "Dropout": "a dropout in training mode, or whose mask is read: export the model in eval mode",
+    # its Mul was refused as a squeeze-excite product, which sent the user looking for a gate the model lacks
+    "Range": "indices computed from the batch size at run time, as torch's dynamo exporter writes a channels_last "
+             "model's flatten (as_strided) for a dynamic batch: export with a fixed batch, or the model in "
+             "contiguous memory format",
     **{op: _QUANTIZED for op in _QUANTIZED_OPS},
 }
 
-_MOST_TELLING = (*_QUANTIZED_OPS, *_NORMS, "BatchNormalization", *_ACTIVATIONS, "Mul")
+_MOST_TELLING = (*_QUANTIZED_OPS, *_NORMS, "BatchNormalization", *_ACTIVATIONS, "Range", "Mul")
 _ELEMENTWISE = ("Sub", "Div", "Mul", "Add")
 _ONNXRUNTIME = ("an op of onnxruntime's own, as its offline optimizer writes above the basic level (FusedConv, "
                 "NCHWc): save the optimized model at ORT_ENABLE_BASIC, which keeps ONNX's ops, or take the model "

@@ -208,6 +208,17 @@ def test_dynamo_exports_of_other_settings_are_accepted_and_compute_the_same(tmp_
     np.testing.assert_allclose(_run(model, x), _run(proto, x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_dynamo_channels_last_flatten_of_a_dynamic_batch_is_named_so(tmp_path):
+    """Its indices are computed from Range(0, N); the refusal named the chain's Mul as a squeeze-excite product."""
+    module = zoo.resnet50(width=0.125, num_classes=10).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)  # (at 32 px the last map is 1x1: contiguous)
+    torch.onnx.export(module, (x,), tmp_path / "m.onnx", dynamo=True,
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+    with pytest.raises(BnnccError, match=r"node '[^']*' \(Range\): indices computed from the batch size at run "
+                                         r"time, as torch's dynamo exporter writes a channels_last model's flatten"):
+        load(tmp_path / "m.onnx")
+
+
 @pytest.fixture(scope="module")
 def opset7_path(tmp_path_factory):
     """A narrow ResNet-50 exported at opset 7, where torch keeps its batch norms (it folds them from 9)."""
