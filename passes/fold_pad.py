@@ -17,7 +17,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import constant_inputs, ints_attr, static_dims
+from bnncc.passes._util import constant_inputs, ints_attr, static_dims, take_over_output
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ class FoldPadPass(ir.passes.InPlacePass):
                 own = _own_pads(reader)
                 reader.attributes["pads"] = ir.AttrInt64s("pads", [a + b for a, b in zip(own, pads)])
                 reader.attributes["auto_pad"] = ir.AttrString("auto_pad", "NOTSET")
-            ir.convenience.replace_all_uses_with(output, node.inputs[0])
-            graph.remove(node, safe=True)
+            take_over_output(graph, node, node.inputs[0])
             logger.debug("folded Pad %s into %d reader(s)", node.name, len(readers))
             modified = True
         return ir.passes.PassResult(model, modified)

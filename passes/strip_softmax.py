@@ -14,7 +14,7 @@ import logging
 
 import onnx_ir as ir
 
-from bnncc.passes._util import add_import_note, int_attr
+from bnncc.passes._util import add_import_note, int_attr, take_over_output
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,7 @@ class StripSoftmaxPass(ir.passes.InPlacePass):
                 continue
             if x.shape is None or len(x.shape) != 2 or int_attr(node, "axis", 1) not in (1, -1):
                 continue
-            name = y.name
-            ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            x.name = name
+            take_over_output(graph, node, x)
             add_import_note(model, f"the output {node.op_type} is dropped: the graph returns logits")
             logger.info("removed the output %s %s: the model now returns logits", node.op_type, node.name)
             modified = True

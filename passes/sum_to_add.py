@@ -8,6 +8,7 @@ import logging
 
 import onnx_ir as ir
 
+from bnncc.passes._util import take_over_output
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ class SumToAddPass(ir.passes.InPlacePass):
             if len(node.inputs) == 1:
                 if output.is_graph_output():
                     continue
-                ir.convenience.replace_all_uses_with(output, node.inputs[0])
-                graph.remove(node, safe=True)
+                take_over_output(graph, node, node.inputs[0])
             else:
                 self._rewrite_chain(graph, node)
             logger.debug("rewrote Sum %s as Add", node.name)
