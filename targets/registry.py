@@ -239,8 +239,17 @@ def _arm64_report(executable, lowered, model) -> dict:
 
 
 def _arm64_requirements() -> list[Requirement]:
+    cross = shutil.which(arm64.CROSS_CXX)
+    # run and verify execute our runner, which the cross compiler builds on first use unless `--prepare`
+    # built it: without either, the table said arm64 runs and run said the cross compiler was missing
+    runner = vmrunner.cached_arm64_runner()
+    if runner is not None:
+        runner = str(runner)
+    elif cross is not None:
+        runner = f"built on first use by {cross}"
     return [
-        Requirement(arm64.CROSS_CXX, "build", shutil.which(arm64.CROSS_CXX), arm64.CROSS_INSTALL),
+        Requirement(arm64.CROSS_CXX, "build", cross, arm64.CROSS_INSTALL),
+        Requirement("aarch64 runner", "run", runner, arm64.CROSS_INSTALL),
         Requirement(vmrunner.QEMU, "run", shutil.which(vmrunner.QEMU), vmrunner.QEMU_INSTALL),
         Requirement("aarch64 sysroot", "run", str(vmrunner.QEMU_LD_PREFIX) if vmrunner.has_aarch64_sysroot() else None,
                     arm64.CROSS_INSTALL),

@@ -30,8 +30,8 @@ from bnncc.targets.arm64 import CROSS_CXX, CROSS_INSTALL
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
 __all__ = [
-    "HOST", "AARCH64", "arm64_runtime_folder", "ensure_arm64_runtime", "ensure_runner", "has_aarch64_sysroot",
-    "has_arm64_runtime", "run_arm64", "run_library", "runtime_libraries", "time_library",
+    "HOST", "AARCH64", "arm64_runtime_folder", "cached_arm64_runner", "ensure_arm64_runtime", "ensure_runner",
+    "has_aarch64_sysroot", "has_arm64_runtime", "run_arm64", "run_library", "runtime_libraries", "time_library",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,16 +126,14 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
 
     It finds TVM's runtime where this host keeps it, or (``beside_runtime``) in its own folder,
     wherever that is: a bundle (``bundle.bundle``) copied to another machine."""
+    libs = _library_dirs(arch)
+    rpath = "$ORIGIN" if beside_runtime else ":".join(map(str, libs))
+    binary = _runner_path(arch, libs, rpath)
+    if binary.is_file():  # (one built by `bnncc targets --prepare` runs on a host without the compiler)
+        return binary
     compiler = _COMPILERS[arch]
     if shutil.which(compiler) is None:
         raise BnnccError(f"{compiler} not found; install it: {_COMPILER_INSTALLS[arch]}")
-    libs = _library_dirs(arch)
-    rpath = "$ORIGIN" if beside_runtime else ":".join(map(str, libs))
-    source = RUNNER_SOURCE.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + str(libs).encode() + rpath.encode()).hexdigest()[:12]
-    binary = cache_dir() / "runner" / arch / f"runner-{key}"
-    if binary.is_file():
-        return binary
     include = runtime_include_dir()
     start = time.perf_counter()
     binary.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +147,21 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
         tmp.chmod(0o755)
     logger.info("built the %s runner %s (%.1f s)", arch, binary, time.perf_counter() - start)
     return binary
+
+
+def _runner_path(arch: str, libs: list[Path], rpath: str) -> Path:
+    """Where ``ensure_runner`` caches the runner linked against ``libs``: a hash of its source, the
+    compiler and where it finds the runtime, so an edit or another runtime builds another."""
+    key = hashlib.sha256(RUNNER_SOURCE.read_bytes() + _COMPILERS[arch].encode() + str(libs).encode()
+                         + rpath.encode()).hexdigest()[:12]
+    return cache_dir() / "runner" / arch / f"runner-{key}"
+
+
+def cached_arm64_runner() -> Path | None:
+    """The aarch64 runner ``run_arm64`` takes if it is built already (no download, no compiler), else None."""
+    folder = arm64_runtime_folder()  # what ensure_arm64_runtime returns, here without downloading
+    binary = _runner_path(AARCH64, [folder], str(folder))
+    return binary if binary.is_file() else None
 
 
 def _command(arch: str) -> tuple[list[str], dict[str, str]]:

@@ -12,7 +12,8 @@ from bnncc.cli._app import app, console
 @app.command("targets")
 def targets_command(
     prepare: bool = typer.Option(False, "--prepare", help="download the aarch64 TVM runtime and build the "
-                                 "aarch64 runner now (pip, aarch64-linux-gnu-g++), so later runs need no network"),
+                                 "aarch64 runners now (pip, aarch64-linux-gnu-g++), so later runs and bundles need "
+                                 "no network and no cross compiler"),
 ) -> None:
     """List the compile targets and check their host requirements."""
     from bnncc.targets import registry
@@ -21,6 +22,8 @@ def targets_command(
         from bnncc.targets.vmrunner import AARCH64, ensure_runner
 
         console.print(f"aarch64 runner: {ensure_runner(AARCH64)}", soft_wrap=True)
+        # the bundle's, which finds the runtime in its own folder: `bnncc bundle` then needs no compiler
+        console.print(f"aarch64 bundle runner: {ensure_runner(AARCH64, beside_runtime=True)}", soft_wrap=True)
     table = Table(title="bnncc targets")
     for column in ("target", "needs", "for", "found", "to install"):
         table.add_column(column)

@@ -3,6 +3,7 @@ an ONNX graph + our popcount kernels vs numpy), and a whole PokeBNN network vs o
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -250,3 +251,43 @@ def test_targets_finds_the_arm64_runtime_of_the_installed_versions_only(tmp_path
     assert runtime_found() is None  # the runner links libtvm_ffi.so too
     (current / "libtvm_ffi.so").write_bytes(b"")
     assert runtime_found() == str(current) == str(vmrunner.ensure_arm64_runtime())
+
+
+@needs_cross
+def test_a_prepared_arm64_runner_runs_and_bundles_without_the_cross_compiler(tmp_path, monkeypatch, cli):
+    """run and verify of an arm64 library execute our runner, which the cross compiler builds. The
+    runner that `bnncc targets --prepare` built was looked up only once the compiler was found: on
+    a host without it `bnncc run` said "aarch64-linux-gnu-g++ not found" where `bnncc targets` had
+    listed it as needed to build only, and every arm64 row for run as found."""
+    from bnncc.targets import registry
+
+    def runner_found():
+        (req,) = [r for r in registry.check()["arm64"] if r.what == "aarch64 runner"]
+        return req.found
+
+    target = arm64.arm64_target()
+    mod, expect = sample.build(target, arm64.schedule)
+    library = arm64.export_arm64(compile_module(mod, target), tmp_path / "sample_arm64.so")
+    x = _input()
+    # a fresh cache holding the installed versions' aarch64 runtime, but no runner yet
+    runtime = vmrunner.ensure_arm64_runtime()
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    vmrunner.arm64_runtime_folder().parent.mkdir(parents=True)
+    vmrunner.arm64_runtime_folder().symlink_to(runtime)
+    no_cross = tmp_path / "bin"  # a PATH with qemu but without the cross compiler
+    no_cross.mkdir()
+    (no_cross / vmrunner.QEMU).symlink_to(shutil.which(vmrunner.QEMU))
+    with monkeypatch.context() as without:
+        without.setenv("PATH", str(no_cross))
+        assert runner_found() is None
+        with pytest.raises(BnnccError, match=f"^{re.escape(arm64.CROSS_CXX)} not found; install it: "):
+            vmrunner.run_arm64(library, [x], function=sample.FUNCTION)
+    assert runner_found().startswith("built on first use by ")
+    code, stdout, err = cli("targets", "--prepare")
+    assert code == 0, err
+    with monkeypatch.context() as without:
+        without.setenv("PATH", str(no_cross))
+        assert runner_found() == str(vmrunner.cached_arm64_runner()) and f"aarch64 runner: {runner_found()}" in stdout
+        (out,) = vmrunner.run_arm64(library, [x], function=sample.FUNCTION)
+        np.testing.assert_array_equal(out, expect(x))
+        assert vmrunner.ensure_runner(vmrunner.AARCH64, beside_runtime=True).is_file()  # what bundle takes
