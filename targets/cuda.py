@@ -261,10 +261,20 @@ def inspect_cuda_source(executable) -> str:
 
 
 def require_nvcc() -> str:
-    """nvcc's path (``find_nvcc``); a BnnccError where there is none."""
+    """nvcc's path (``find_nvcc``); a BnnccError where there is none, or where it cannot build for
+    ``cuda_arch()``: nvcc said so only at the end of the build (CUDA 13 has no sm_70, CUDA 11.7 no
+    sm_90), after the minutes of lowering, and in convert after the fine-tune."""
     nvcc = find_nvcc()
     if nvcc is None:
         raise BnnccError("nvcc not found; install a CUDA toolkit or put nvcc on PATH (`bnncc targets`)")
+    arch = cuda_arch()
+    listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True)
+    codes = listed.stdout.split()
+    # it lists the base archs (sm_90) and builds their variants too (sm_90a); a toolkit without the
+    # option (before CUDA 11) is left to say it at the build
+    if listed.returncode == 0 and arch.rstrip("af") not in codes:
+        raise BnnccError(f"{nvcc} cannot build for {arch} ({ARCH_ENV}); it builds for {', '.join(codes)}: set "
+                         f"{ARCH_ENV} to one of those, or use a CUDA toolkit that has {arch}")
     return nvcc
 
 

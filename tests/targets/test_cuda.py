@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,27 @@ def test_an_arch_that_is_no_sm_name_is_refused_before_any_work(tmp_path, cli, mo
     code, _, err = cli("compile", tmp_path / "tiny.onnx", "--target", "cuda", "-o", tmp_path / "lib")
     assert code == 2 and err.strip() == (f"error: BNNCC_CUDA_ARCH='{arch}': expected sm_ and a compute capability, "
                                          f"e.g. sm_90 (H100) or sm_80 (A100)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+
+
+@needs_nvcc
+def test_an_arch_that_nvcc_cannot_build_for_is_refused_before_any_work(tmp_path, cli, monkeypatch):
+    """nvcc refused an arch it lacks (CUDA 13 has no sm_70) only at the end of the build, after the
+    lowering (in convert after the fine-tune); compile and convert now ask it first."""
+    import onnx_ir as ir
+
+    from bnncc.targets import registry
+    from test_lower import tiny_pokebnn
+
+    monkeypatch.setenv(cuda.ARCH_ENV, "sm_90a")  # a variant of a listed arch (nvcc lists sm_90 only)
+    registry.get("cuda", build=True)
+    monkeypatch.setenv(cuda.ARCH_ENV, "sm_10")  # no toolkit of this century builds for it
+    ir.save(tiny_pokebnn(), tmp_path / "tiny.onnx")
+    code, _, err = cli("compile", tmp_path / "tiny.onnx", "--target", "cuda", "-o", tmp_path / "lib")
+    codes = subprocess.run([cuda.find_nvcc(), "--list-gpu-code"], capture_output=True, text=True).stdout.split()
+    assert code == 2 and err.strip() == (f"error: {cuda.find_nvcc()} cannot build for sm_10 (BNNCC_CUDA_ARCH); "
+                                         f"it builds for {', '.join(codes)}: set BNNCC_CUDA_ARCH to one of those, "
+                                         f"or use a CUDA toolkit that has sm_10")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
 
 
