@@ -283,3 +283,23 @@ def test_targets_table_and_missing_line_come_from_one_probe(cli, monkeypatch):
     code, out, _ = cli("targets")
     assert code == 0
     assert "yes" in out and out.splitlines()[-1] == "missing: nothing"
+
+
+def test_targets_table_cuts_no_path_nor_install_command(cli, monkeypatch):
+    """In a pipe the console is 80 columns wide, and the table cut its cells with an ellipsis: a CI
+    log showed "/usr/bin/aarch…" found and "g++-aarch64-l…" to install. Folded, every character
+    is there: each cell's lines, joined, give back the text."""
+    from bnncc.targets import registry
+
+    found = "/root/.cache/bnncc/arm64-runtime/tvm-0.27.0.post1-ffi-0.1.14.post1"
+    install = "apt-get install g++-aarch64-linux-gnu"
+    monkeypatch.setattr(registry, "check", lambda: {"arm64": [
+        registry.Requirement("aarch64-linux-gnu-g++", "build", None, install),
+        registry.Requirement("aarch64 TVM runtime", "run", found, "bnncc targets --prepare (pip download)")]})
+    code, out, _ = cli("targets")
+    assert code == 0 and "…" not in out
+    rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│")]  # (the header: ┃)
+    columns = ["".join(cells).replace(" ", "") for cells in zip(*rows)]
+    assert columns[1] == "aarch64-linux-gnu-g++aarch64TVMruntime"
+    assert columns[3] == "missing" + found
+    assert columns[4].startswith(install.replace(" ", ""))

@@ -26,7 +26,8 @@ def targets_command(
         console.print(f"aarch64 bundle runner: {ensure_runner(AARCH64, beside_runtime=True)}", soft_wrap=True)
     table = Table(title="bnncc targets")
     for column in ("target", "needs", "for", "found", "to install"):
-        table.add_column(column)
+        # folded, not cut: in a pipe (80 columns) the paths and install commands ended in "…"
+        table.add_column(column, overflow="fold")
     # probed once: the table and the missing line describe the same look at the host
     checked = registry.check()
     for name, requirements in checked.items():
