@@ -210,8 +210,8 @@ def _strides(node: ir.Node) -> tuple[int, int]:
     return strides
 
 
-def _affine(node: ir.Node, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """A batch norm of ``node`` as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
+def _affine(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """A batch norm as y = a x + b: a = gamma / sqrt(var + eps), b = beta - mean a (float64)."""
     gamma, beta, mean, var = (v.astype(np.float64) for v in (gamma, beta, mean, var))
     a = gamma / np.sqrt(var + eps)  # var + eps > 0 (lower's check_graph)
     return a, beta - mean * a
@@ -232,7 +232,7 @@ def _float32_table(node: ir.Node, table: np.ndarray) -> np.ndarray:
 
 def _bn_affine(node: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """A BatchNormalization node over ``channels`` as y = a x + b (``_affine``)."""
-    return _affine(node, *(_const(v, node, (channels,)) for v in node.inputs[1:5]),
+    return _affine(*(_const(v, node, (channels,)) for v in node.inputs[1:5]),
                    node.attributes.get_float("epsilon", 1e-5))
 
 
@@ -528,9 +528,9 @@ def _poke_conv(walk: _Walk, node: ir.Node) -> None:
     border = bitpack.halved_counts(packed.border, cin) if halved else packed.border
 
     table = np.zeros((6, cout), np.float64)
-    a1, b1 = _affine(node, *(_const(v, node, (cout,)) for v in node.inputs[poke.BN]), eps)
+    a1, b1 = _affine(*(_const(v, node, (cout,)) for v in node.inputs[poke.BN]), eps)
     bias_x, bias_y, pos, neg = (_const(v, node, (cout,)).astype(np.float64) for v in node.inputs[poke.DPRELU])
-    a2, table[_B2] = _affine(node, *(_const(v, node, (cout,)) for v in node.inputs[poke.SPLIT]), eps)
+    a2, table[_B2] = _affine(*(_const(v, node, (cout,)) for v in node.inputs[poke.SPLIT]), eps)
     table[_A1] = a1 * (clip_bound / 2) * packed.scale.astype(np.float64) * (2 if halved else 1)
     table[_B1] = b1 - bias_x
     table[_POS], table[_NEG], table[_BY] = a2 * pos, a2 * neg, a2 * bias_y
