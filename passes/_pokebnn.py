@@ -82,19 +82,17 @@ def dprelu(graph: ir.Graph, x: ir.Value, name: str, channels: int) -> ir.Value:
     return add_node(graph, "DPReLU", [x, *dprelu_params(graph, name, channels)], name, domain=DOMAIN)
 
 
-def drop_unused(graph: ir.Graph) -> int:
+def drop_unused(graph: ir.Graph) -> None:
     """Remove the initializers that no node reads and that are neither graph inputs nor outputs.
 
     Every initializer of ``graph`` is checked: a node removed with ``graph.remove(..., safe=True)``
     has already lost its inputs, so the values a pass replaced cannot be found through it.
-    ``refresh`` calls this, so a PokeBNN pass needs no cleanup of its own. Returns how many
-    initializers were removed.
+    ``refresh`` calls this, so a PokeBNN pass needs no cleanup of its own.
     """
     kept = frozenset([*graph.inputs, *graph.outputs])
     unused = [name for name, value in graph.initializers.items() if not value.uses() and value not in kept]
     for name in unused:
         del graph.initializers[name]
-    return len(unused)
 
 
 def refresh(model: ir.Model) -> None:
