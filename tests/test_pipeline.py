@@ -4,13 +4,11 @@ stage reuse, byte-identical outputs, fine-tuning, other targets and atomic outpu
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from idx_files import brightness_idx
 
 from bnncc import zoo
 from bnncc.cost import ace
@@ -43,23 +42,6 @@ def converted(narrow_resnet, tmp_path_factory):
     """One untrained x86-64 conversion, shared by the tests that only read it."""
     outdir = tmp_path_factory.mktemp("converted") / "out"
     return convert(narrow_resnet, outdir, ConvertOptions(overrides=STEM, latency_runs=3, show_progress=False))
-
-
-def _idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def _brightness_idx(folder, test_images: int = 16):
-    """A learnable 4-class IDX set of 8x8 images (the class is the brightness), 64 + 16 images."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 64), ("t10k", test_images)):
-        labels = rng.integers(0, 4, n)
-        _idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 40, (n, 8, 8)) + 50 * labels[:, None, None])
-        _idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return folder
 
 
 def test_convert_writes_every_artifact(converted):
@@ -337,7 +319,7 @@ def test_a_demo_trains_its_teacher_under_the_folders_lock(tmp_path):
 
     from bnncc.pipeline import DemoOptions, demo
 
-    data = _brightness_idx(tmp_path / "data")
+    data = brightness_idx(tmp_path / "data", 64, 16)
     outdir = tmp_path / "out"
     (outdir / "stages").mkdir(parents=True)
     with open(outdir / "stages" / "lock", "a") as held:
@@ -454,7 +436,7 @@ def test_library_accuracy_is_counted_batch_by_batch(converted, tmp_path, monkeyp
     from bnncc.runtime import load as load_library
     from bnncc.train.data import open_dataset
 
-    data = _brightness_idx(tmp_path / "data", test_images=300)
+    data = brightness_idx(tmp_path / "data", 64, 300)
     lib = load_library(converted.outdir)
     test = open_dataset(data, "val")
     images, labels = test.batch(torch.arange(len(test)), lib.input_chw, augment=False)
@@ -546,7 +528,7 @@ def test_a_class_target_this_cpu_runs_is_measured(narrow_resnet, tmp_path, monke
 def test_convert_refuses_an_output_folder_inside_the_data_folder(cli, narrow_resnet, tmp_path):
     """The stages' key takes every file of the data folder: a run's own outputs there changed it, and
     the fine-tune ran again at every run."""
-    data = _brightness_idx(tmp_path / "data")
+    data = brightness_idx(tmp_path / "data", 64, 16)
     code, _, err = cli("convert", narrow_resnet, "--set", STEM[0], "--data", data, "-o", data / "out")
     assert code == 2 and err.strip() == f"error: {data / 'out'}: inside the data folder {data}; choose an output " \
                                        f"folder outside it" and not (data / "out").exists(), err
@@ -554,7 +536,7 @@ def test_convert_refuses_an_output_folder_inside_the_data_folder(cli, narrow_res
 
 @pytest.mark.slow
 def test_convert_with_data_fine_tunes_and_reports_accuracy(narrow_resnet, tmp_path):
-    data = _brightness_idx(tmp_path / "data")
+    data = brightness_idx(tmp_path / "data", 64, 16)
     options = ConvertOptions(overrides=STEM, data=data, max_steps=2, batch_size=16, latency_runs=3,
                              show_progress=False)
     result = convert(narrow_resnet, tmp_path / "out", options)
@@ -573,7 +555,7 @@ def test_a_stopped_fine_tune_continues_from_its_checkpoint(narrow_resnet, tmp_pa
     resumes from it, and removes it when the stage completes."""
     import bnncc.train.trainer as trainer
 
-    data = _brightness_idx(tmp_path / "data")
+    data = brightness_idx(tmp_path / "data", 64, 16)
     options = ConvertOptions(overrides=STEM, data=data, max_steps=2, batch_size=16, latency_runs=1,
                              show_progress=False)
     saved = trainer._save_checkpoint
