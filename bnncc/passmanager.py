@@ -148,7 +148,7 @@ class PassManager:
     ) -> None:
         if isinstance(passes, str):  # iterated, a name would be its letters: "unknown pass 'i'"
             raise TypeError(f"PassManager takes a list of passes, not the string {passes!r}; write [{passes!r}]")
-        self.passes = [(_name_of(p), _instantiate(p)) for p in passes]
+        self.passes = [_named_pass(p) for p in passes]
         self.measure = measure
         self.records: list[PassRecord] = []
 
@@ -165,17 +165,10 @@ class PassManager:
         return model
 
 
-def _name_of(spec: str | tuple[str, dict[str, Any]] | ir.passes.PassBase) -> str:
+def _named_pass(spec: str | tuple[str, dict[str, Any]] | ir.passes.PassBase) -> tuple[str, ir.passes.PassBase]:
+    """(name for the records, pass) of a registered name, a ``(name, params)`` pair or a pass instance."""
     if isinstance(spec, str):
-        return spec
+        return spec, get_pass(spec)
     if isinstance(spec, tuple):
-        return spec[0]
-    return type(spec).__name__
-
-
-def _instantiate(spec: str | tuple[str, dict[str, Any]] | ir.passes.PassBase) -> ir.passes.PassBase:
-    if isinstance(spec, str):
-        return get_pass(spec)
-    if isinstance(spec, tuple):
-        return get_pass(spec[0], **spec[1])
-    return spec
+        return spec[0], get_pass(spec[0], **spec[1])
+    return type(spec).__name__, spec
