@@ -36,7 +36,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from bnncc.errors import BnnccError
 from bnncc.passmanager import as_annotated, pass_arguments, pass_factory
@@ -152,11 +152,22 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
 # --- overrides -----------------------------------------------------------------------------------
 
 
-def _override_list(overrides: Iterable[str]) -> Iterable[str]:
-    """``overrides`` as given, but not one string: iterated, it would be its letters ("--set 't'")."""
+def _override_list(overrides: Iterable[str]) -> list[str]:
+    """``overrides`` as a list of strings; one string, a mapping or an item of another type is a TypeError.
+
+    Iterated, a string is its letters ("--set 't'") and a dict its keys (``{"train.lr": 1e-4}`` was
+    "--set 'train.lr': expected key=value"); an int failed inside, "'int' object has no attribute 'partition'".
+    """
     if isinstance(overrides, str):
         raise TypeError(f"overrides are a list of key=value strings, not the string {overrides!r}; "
                         f"write [{overrides!r}]")
+    if isinstance(overrides, Mapping):
+        raise TypeError(f"overrides are a list of key=value strings, not a {type(overrides).__name__}; "
+                        f"write {[f'{key}={value}' for key, value in overrides.items()]!r}")
+    overrides = list(overrides)
+    for override in overrides:
+        if not isinstance(override, str):
+            raise TypeError(f"overrides are key=value strings, not {type(override).__name__} {override!r}")
     return overrides
 
 

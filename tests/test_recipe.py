@@ -185,6 +185,21 @@ def test_overrides_given_as_one_string_are_refused_naming_the_list_to_write():
     assert load_recipe("pokebnn_1x", ["train.lr=1e-4"]).train["lr"] == 1e-4
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.lr": 1e-4}, r"not a dict; write \['train.lr=0.0001'\]"),
+    (["train.lr=1e-4", 3], r"overrides are key=value strings, not int 3"),
+])
+def test_overrides_given_as_a_dict_or_with_a_non_string_are_a_type_error(overrides, message):
+    """A dict is iterated as its keys: ``{"train.lr": 1e-4}`` was refused as "--set 'train.lr': expected
+    key=value", as if the user had written no value; an int failed inside, "'int' object has no attribute
+    'partition'"."""
+    for call in (lambda o: load_recipe("pokebnn_1x", o), lambda o: apply_overrides(load_recipe("pokebnn_1x"), o)):
+        with pytest.raises(TypeError, match=message):
+            call(overrides)
+    # what the message says to write is taken
+    assert load_recipe("pokebnn_1x", ["train.lr=0.0001"]).train["lr"] == 1e-4
+
+
 def test_a_shipped_name_is_the_shipped_recipe_whatever_the_current_folder_holds(tmp_path, monkeypatch):
     """An output folder named after its recipe (bnncc convert ... --recipe pokebnn_0.5x -o pokebnn_0.5x)
     made the next run with that recipe fail: "pokebnn_0.5x: recipe file not found"."""
