@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
 
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:
+    if not isinstance(name_or_path, (str, os.PathLike)):  # a dict failed inside pathlib, naming bytes and os.PathLike
+        raise TypeError(f"expected a recipe's shipped name or the path of its .toml file, not "
+                        f"{type(name_or_path).__name__}")
     path = Path(name_or_path)
     # a bare shipped name is the shipped recipe even where the current folder holds something of
     # that name (an output folder named after its recipe made "pokebnn_1x: recipe file not found")

@@ -200,6 +200,15 @@ def test_overrides_given_as_a_dict_or_with_a_non_string_are_a_type_error(overrid
     assert load_recipe("pokebnn_1x", ["train.lr=0.0001"]).train["lr"] == 1e-4
 
 
+@pytest.mark.parametrize("recipe", [{"name": "mine", "passes": []}, None])
+def test_a_recipe_neither_name_nor_path_is_a_type_error_saying_what_is_taken(recipe):
+    """A dict (a recipe written inline) or None failed inside pathlib: "expected str, bytes or os.PathLike
+    object, not dict", which names neither the recipe nor what it may be."""
+    with pytest.raises(TypeError, match=rf"^expected a recipe's shipped name or the path of its .toml file, "
+                                        rf"not {type(recipe).__name__}$"):
+        load_recipe(recipe)
+
+
 def test_a_shipped_name_is_the_shipped_recipe_whatever_the_current_folder_holds(tmp_path, monkeypatch):
     """An output folder named after its recipe (bnncc convert ... --recipe pokebnn_0.5x -o pokebnn_0.5x)
     made the next run with that recipe fail: "pokebnn_0.5x: recipe file not found"."""
