@@ -132,7 +132,7 @@ def read(path: str | os.PathLike) -> ir.Model:
     with ``load``'s message otherwise: every command takes the same float models, in one form (read
     as it was, an opset-9 export that lists its weights as graph inputs counted 2193 parameters).
     """
-    path = Path(path)
+    path = require_path(path)
     proto = _read_checked(path)
     return _pokebnn(proto, path) if _is_pokebnn(proto.graph.node) else _canonical(proto, path)
 
@@ -156,7 +156,17 @@ def read_pokebnn(model: ir.Model | str | os.PathLike, command: str) -> ir.Model:
 
 def source_name(model: ir.Model | str | os.PathLike) -> str:
     """How errors name ``model``: its path, or its graph's name when it is held in memory."""
-    return f"graph {model.graph.name!r}" if isinstance(model, ir.Model) else str(Path(model))
+    if isinstance(model, ir.Model):
+        return f"graph {model.graph.name!r}"
+    return str(require_path(model, "an onnx_ir.Model or the path of an ONNX file"))
+
+
+def require_path(path: object, takes: str = "the path of an ONNX file") -> Path:
+    """``path`` as a Path; a TypeError saying what the function ``takes`` where it is something else
+    (onnx.load's ModelProto failed inside pathlib: "expected str, bytes or os.PathLike object")."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected {takes}, got {type(path).__name__}")
+    return Path(path)
 
 
 def _is_pokebnn(nodes) -> bool:
@@ -404,7 +414,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     This is where bnncc decides which float models it takes: every refusal is a BnnccError whose
     one line starts with ``path``, raised before anything is written.
     """
-    path = Path(path)
+    path = require_path(path)
     proto = _read_checked(path)
     if _is_pokebnn(proto.graph.node):  # its checks would fail on the ops' shapes
         raise BnnccError(f"{path}: a PokeBNN graph ({DOMAIN} ops), where a float ResNet is expected")

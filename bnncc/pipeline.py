@@ -87,11 +87,11 @@ class ConvertResult:
 def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions = ConvertOptions()) -> ConvertResult:
     """Run import, rewrite, fine-tune (with data), compile and report; return what was produced."""
     from bnncc.cost import ace
-    from bnncc.frontend import load, stored_bytes
+    from bnncc.frontend import load, require_path, stored_bytes
     from bnncc.recipe import load_recipe
     from bnncc.targets import registry
 
-    model_path, outdir = Path(model_path), Path(outdir)
+    model_path, outdir = require_path(model_path), Path(outdir)
     # an unknown target or one whose build tools are missing, an output folder of someone else's files,
     # a folder that holds no data set fail before any work
     registry.get(options.target, build=True)

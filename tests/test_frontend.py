@@ -1137,3 +1137,22 @@ def test_the_python_api_names_the_model_type_it_takes(wrong):
         with pytest.raises(TypeError, match=f"expected an onnx_ir.Model as bnncc.load returns, got "
                                             f"{type(wrong).__name__}: load the file with bnncc.load"):
             function(wrong)
+
+
+def test_a_model_held_in_memory_where_a_path_is_taken_is_a_type_error_saying_what_is(tmp_path):
+    """onnx.load's ModelProto handed to load, read, compile, export_qonnx or convert failed inside pathlib:
+    "expected str, bytes or os.PathLike object, not ModelProto", which says nothing of what bnncc takes."""
+    import bnncc
+    from bnncc.pipeline import convert
+    from tiny_poke import tiny_poke_model
+
+    proto = ir.to_proto(tiny_poke_model())
+    a_path = r"^expected the path of an ONNX file, got ModelProto$"
+    a_model_or_path = r"^expected an onnx_ir.Model or the path of an ONNX file, got ModelProto$"
+    for call, message in [(lambda: bnncc.load(proto), a_path), (lambda: bnncc.read(proto), a_path),
+                          (lambda: convert(proto, tmp_path / "out"), a_path),
+                          (lambda: bnncc.compile(proto, tmp_path / "lib"), a_model_or_path),
+                          (lambda: bnncc.export_qonnx(proto, tmp_path / "q.onnx"), a_model_or_path)]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert not any(tmp_path.iterdir())
