@@ -43,3 +43,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'bnncc' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    # the lazy names too: dir(bnncc), a notebook's completion and help(bnncc) showed none of the functions
+    return sorted(set(globals()) | set(__all__))

@@ -80,6 +80,25 @@ def test_public_names_are_the_functions_in_a_fresh_interpreter(tmp_path, order):
     assert result.stdout.strip() == f"checked {len(bnncc.__all__)}"
 
 
+def test_dir_and_help_show_the_public_names_without_importing_them_for_dir(tmp_path):
+    """The names are imported lazily: dir(bnncc) (a notebook's completion) listed none of them, and
+    help(bnncc) showed ``__getattr__`` as its only function."""
+    code = textwrap.dedent("""
+        import pydoc, sys
+        import bnncc
+        missing = set(bnncc.__all__) - set(dir(bnncc))
+        assert not missing, missing
+        assert "torch" not in sys.modules  # dir names them without importing them
+        text = pydoc.render_doc(bnncc, renderer=pydoc.plaintext)
+        for name in ("load(", "rewrite(", "compile(", "to_torch(", "class BnnccError("):
+            assert "\\n    " + name in text, name
+        print("ok")
+        """)
+    result = _python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
 # --------------------------------------------------------------------------- the example and the commands
 
 
