@@ -33,6 +33,7 @@ activation counts as 1, fixed or symbolic):
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Callable
 
@@ -153,6 +154,9 @@ class CostReport:
 
 def ace(model: ir.Model | onnx.ModelProto | str | os.PathLike, float_bits: int = 16) -> CostReport:
     """Measure ``model`` (an onnx_ir Model, a ModelProto or a path); float MACs at ``float_bits``^2."""
+    # 16.0 is in the range and made every float layer's bits and ACE a float; True counted 1 bit
+    if isinstance(float_bits, bool) or not isinstance(float_bits, numbers.Integral):
+        raise TypeError(f"float_bits is an integer number of bits, not {type(float_bits).__name__} {float_bits!r}")
     if float_bits not in FLOAT_BITS:
         raise BnnccError(f"float_bits must be {FLOAT_BITS.start} to {FLOAT_BITS[-1]} (a float's width), "
                          f"got {float_bits}")

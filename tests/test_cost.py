@@ -216,6 +216,15 @@ def test_float_bits_must_be_a_floats_width(bits):
         ace(_tiny(), float_bits=bits)
 
 
+@pytest.mark.parametrize("bits", [16.0, True, "16"])
+def test_float_bits_not_an_integer_is_a_type_error(bits):
+    """16.0 passed the range check and made every float layer's bits and ACE floats (total 1451491328.0);
+    True counted float layers at 1 bit; "16" was refused as "must be 1 to 64 ..., got 16"."""
+    with pytest.raises(TypeError, match=rf"^float_bits is an integer number of bits, not {type(bits).__name__} "):
+        ace(_tiny(), float_bits=bits)
+    assert ace(_tiny(), float_bits=np.int64(16)).total == ace(_tiny()).total  # numpy's integers are integers
+
+
 @pytest.mark.parametrize("bits", ["0", "65", "99999999999"])
 def test_cli_float_bits_out_of_range_is_one_line(cli, tmp_path, bits):
     code, stdout, stderr = cli("ace", tmp_path / "not-read.onnx", "--float-bits", bits)
