@@ -284,7 +284,8 @@ class GraphModule(nn.Module):
     """An ONNX graph executed with torch ops, node by node, in topological order.
 
     ``forward(*inputs)`` takes the graph's (non-initializer) inputs in order and returns its output,
-    or a tuple when the graph has several. The batch dimension is free.
+    or a tuple when the graph has several. The batch dimension is free; the others are the graph's
+    (another shape is a BnnccError, as onnxruntime refuses it).
     """
 
     def __init__(self, model: ir.Model):
@@ -313,6 +314,9 @@ class GraphModule(nn.Module):
         self.initializer_names: dict[str, str] = {attr: name for name, attr in names.items()}
 
         self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
+        # each input's dims, None where free (the batch) or the graph gives no shape
+        self._input_shapes = [None if v.shape is None else tuple(d if isinstance(d, int) else None for d in v.shape)
+                              for v in graph.inputs if v.name not in graph.initializers]
         self.output_names = [v.name for v in graph.outputs]
         # Slot 0 is None (omitted optional inputs); graph inputs and state come next.
         slot = {"": 0}
@@ -381,6 +385,7 @@ class GraphModule(nn.Module):
         if len(inputs) != len(self._input_slots):
             raise BnnccError(f"the graph takes {len(self._input_slots)} input(s) {self.input_names}, "
                              f"got {len(inputs)}")
+        self._check_inputs(inputs)
         env: list[Any] = [None] * self._num_slots
         for s, x in zip(self._input_slots, inputs):
             env[s] = x
@@ -402,6 +407,18 @@ class GraphModule(nn.Module):
                 env[s] = None
         outputs = tuple(env[s] for s in self._output_slots)
         return outputs[0] if len(outputs) == 1 else outputs
+
+    def _check_inputs(self, inputs) -> None:
+        """Each input a tensor of its graph input's shape: a PokeBNN stem's quantizer broadcast a one-channel
+        (N, 1, H, W) batch to the three channels it takes and gave logits without a word, where onnxruntime
+        and the library refuse it; a numpy array failed inside, naming an attribute 'is_cpu'."""
+        for name, shape, x in zip(self.input_names, self._input_shapes, inputs):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"input {name!r}: expected a torch.Tensor, got {type(x).__name__}")
+            if shape is not None and (x.dim() != len(shape) or
+                                      any(d is not None and d != n for d, n in zip(shape, x.shape))):
+                expected = ", ".join("N" if d is None else str(d) for d in shape)
+                raise BnnccError(f"input {name!r} of shape {tuple(x.shape)}; the graph takes ({expected})")
 
     # -- two-phase schedule ----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -484,3 +485,25 @@ def test_poke_graph_fused_kernels_train_like_the_torch_composition(real_ops, se_
     # pixels, differs by up to 1.8e-5 of 0.41 here, float32's rounding of such a sum
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_ref[name], rtol=1e-4, atol=2e-6 * scale)
+
+
+def test_an_input_of_another_shape_than_the_graphs_is_refused_as_onnxruntime_refuses_it(real_ops):
+    """The stem's quantizer broadcast a one-channel batch to the three channels the graph takes: the torch
+    view gave logits where onnxruntime (the reference) and the library refuse the input; a numpy array
+    failed inside, naming an attribute 'is_cpu'."""
+    model = _with_functions(real_ops, tiny_poke_model())
+    module = to_torch(model).eval()
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        _assert_close_to_reference(module(torch.from_numpy(x)).numpy(), session.run(None, {"x": x})[0])
+        images = torch.from_numpy(x)
+        # (the slice of channel 0 is a view: the torch composition ran, and broadcast it)
+        for wrong in (images[:, :1], images[:, :1].contiguous(), images.permute(0, 2, 3, 1), images[0]):
+            with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
+                session.run(None, {"x": np.ascontiguousarray(wrong.numpy())})
+            with pytest.raises(BnnccError, match=rf"^input 'x' of shape {re.escape(str(tuple(wrong.shape)))}; "
+                                                 r"the graph takes \(N, 3, 16, 16\)$"):
+                module(wrong)
+        with pytest.raises(TypeError, match=r"^input 'x': expected a torch.Tensor, got ndarray$"):
+            module(x)
