@@ -419,6 +419,10 @@ class GraphModule(nn.Module):
                                       any(d is not None and d != n for d, n in zip(shape, x.shape))):
                 expected = ", ".join("N" if d is None else str(d) for d in shape)
                 raise BnnccError(f"input {name!r} of shape {tuple(x.shape)}; the graph takes ({expected})")
+            # the fused kernels divided by the batch (ZeroDivisionError), the compositions reshaped to (0, -1)
+            if x.numel() == 0:
+                raise BnnccError(f"input {name!r} of shape {tuple(x.shape)} holds no values; "
+                                 f"the torch view runs a batch of one or more")
 
     # -- two-phase schedule ----------------------------------------------------------------------
 

@@ -507,3 +507,16 @@ def test_an_input_of_another_shape_than_the_graphs_is_refused_as_onnxruntime_ref
                 module(wrong)
         with pytest.raises(TypeError, match=r"^input 'x': expected a torch.Tensor, got ndarray$"):
             module(x)
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_an_empty_batch_is_refused_in_one_line(real_ops, kernels, monkeypatch):
+    """A batch of 0 images failed inside: a ZeroDivisionError in the fused kernels, a reshape of 0 elements
+    into (0, -1) in the torch compositions."""
+    monkeypatch.setenv("BNNCC_CPU_KERNELS", kernels)
+    module = to_torch(_with_functions(real_ops, tiny_poke_model()))
+    for mode in (module.eval, module.train):
+        mode()
+        with pytest.raises(BnnccError, match=r"^input 'x' of shape \(0, 3, 16, 16\) holds no values; "):
+            module(torch.zeros(0, 3, 16, 16))
+
