@@ -114,6 +114,10 @@ def verify(folder: str | os.PathLike, reference: str | os.PathLike | None = None
                          f"(the reference and its rounding spread), ~{SECONDS_PER_INPUT_R50:g} s on a 224 px ResNet-50, "
                          f"so {MAX_INPUTS} already take ~{MAX_INPUTS * SECONDS_PER_INPUT_R50 / 60:.0f} minutes")
     library = load(folder)
+    for i, image in enumerate(images):  # another shape failed inside numpy, joining it to the batch
+        if tuple(np.shape(image)) != library.input_chw:
+            raise BnnccError(f"image {i} of shape {tuple(np.shape(image))}; verify takes each image as "
+                             f"(C, H, W) = {library.input_chw}")
     reference = Path(reference) if reference is not None else Path(folder) / "model.onnx"
     model = _read_reference(reference)
     _check_fits(model, reference, library)

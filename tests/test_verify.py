@@ -5,6 +5,7 @@ drawn batch by batch, its cap on inputs and its progress bar."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import onnx
@@ -285,3 +286,14 @@ def test_from_python_no_input_or_a_batch_below_one_is_refused(tiny_library, n, b
         v.verify(tiny_library, n=n, batch=batch, images=images)
     report = v.verify(tiny_library, n=0, images=[np.zeros((3, 16, 16), np.float32)])  # the given images alone
     assert report.ok and report.inputs == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 16, 16), (16, 16, 3), (3, 8, 8)])
+def test_from_python_an_image_of_another_shape_is_refused_naming_it(tiny_library, shape):
+    """bnncc.verify takes each image as (C, H, W): a batch (1, C, H, W), an HWC image or another size
+    failed inside numpy, "all the input arrays must have same number of dimensions"."""
+    image = np.zeros((3, 16, 16), np.float32)
+    with pytest.raises(BnnccError, match=rf"^image 1 of shape {re.escape(str(shape))}; verify takes each image "
+                                         r"as \(C, H, W\) = \(3, 16, 16\)$"):
+        v.verify(tiny_library, n=1, images=[image, np.zeros(shape, np.float32)])
+    assert v.verify(tiny_library, n=0, images=[image, image]).inputs == 2
