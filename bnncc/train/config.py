@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 from bnncc.errors import BnnccError
@@ -60,30 +61,34 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every setting in its range: a zero batch or a NaN rate would fail deep inside torch, or worse,
         train to nothing without a word."""
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        def number(value, integer: bool) -> bool:
+            kind = numbers.Integral if integer else numbers.Real
+            return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
 
-        # (whether it is in range, the range): the error said "out of range" and not which
+        # (whether it is in range, the range): the error said "out of range" and not which. Each test runs once
+        # the value is a number (lr="1e-3" failed comparing: "'>' not supported between instances of 'str' and
+        # 'int'"); the settings that count something take integers (a batch_size of 2.5 failed in torch's sampler)
         above_0, at_least_0, at_least_1 = "a finite number above 0", "a finite number of at least 0", "1 or more"
         checks = {
-            "lr": (self.lr > 0, above_0),
-            "batch_size": (self.batch_size >= 1, at_least_1),
-            "epochs": (self.epochs >= 1, at_least_1),
-            "max_steps": (self.max_steps is None or self.max_steps >= 1, at_least_1),
-            "weight_decay": (self.weight_decay >= 0, at_least_0),
-            "clip_bound": (self.clip_bound is None or self.clip_bound > 0, above_0),
-            "temperature": (self.temperature > 0, above_0),
-            "label_weight": (self.label_weight >= 0, at_least_0),
-            "weight_quant_start": (self.weight_quant_start >= 0, at_least_0),
-            "act_calibration_at": (self.act_calibration_at >= 0, at_least_0),
-            "calibration_batches": (self.calibration_batches >= 1, at_least_1),
-            "checkpoint_every": (self.checkpoint_every >= 1, at_least_1),
-            "log_every": (self.log_every >= 1, at_least_1),
+            "lr": (lambda: self.lr > 0, above_0),
+            "batch_size": (lambda: self.batch_size >= 1, at_least_1),
+            "epochs": (lambda: self.epochs >= 1, at_least_1),
+            "max_steps": (lambda: self.max_steps is None or self.max_steps >= 1, at_least_1),
+            "weight_decay": (lambda: self.weight_decay >= 0, at_least_0),
+            "clip_bound": (lambda: self.clip_bound is None or self.clip_bound > 0, above_0),
+            "temperature": (lambda: self.temperature > 0, above_0),
+            "label_weight": (lambda: self.label_weight >= 0, at_least_0),
+            "weight_quant_start": (lambda: self.weight_quant_start >= 0, at_least_0),
+            "act_calibration_at": (lambda: self.act_calibration_at >= 0, at_least_0),
+            "calibration_batches": (lambda: self.calibration_batches >= 1, at_least_1),
+            "checkpoint_every": (lambda: self.checkpoint_every >= 1, at_least_1),
+            "log_every": (lambda: self.log_every >= 1, at_least_1),
             # (2**63 overflowed torch's generator seed, unexpectedly)
-            "seed": (0 <= self.seed < 2**32, "0 to 2**32 - 1"),
-            "num_workers": (self.num_workers is None or self.num_workers >= 0, at_least_0),
+            "seed": (lambda: 0 <= self.seed < 2**32, "0 to 2**32 - 1"),
+            "num_workers": (lambda: self.num_workers is None or self.num_workers >= 0, at_least_0),
         }
         for name, (ok, expected) in checks.items():
             value = getattr(self, name)
-            if not ok or (value is not None and not number(value)):
+            if (value is not None and not number(value, expected == at_least_1 or name in ("seed", "num_workers"))
+                    or not ok()):
                 raise BnnccError(f"training setting {name} = {value!r} is out of range; expected {expected}")

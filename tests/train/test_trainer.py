@@ -539,7 +539,10 @@ ABOVE_0, AT_LEAST_0 = "a finite number above 0", "a finite number of at least 0"
     (dict(lr=float("nan")), ABOVE_0), (dict(lr=-1.0), ABOVE_0), (dict(batch_size=0), "1 or more"),
     (dict(max_steps=0), "1 or more"), (dict(temperature=0.0), ABOVE_0), (dict(label_weight=float("inf")), AT_LEAST_0),
     (dict(checkpoint_every=0), "1 or more"), (dict(num_workers=-1), AT_LEAST_0), (dict(clip_bound=0.0), ABOVE_0),
-    (dict(seed=2**63 - 1), r"0 to 2\*\*32 - 1")])
+    (dict(seed=2**63 - 1), r"0 to 2\*\*32 - 1"),
+    # not numbers, or not the integers they count: lr "1e-3" failed comparing with 0 ("'>' not supported between
+    # instances of 'str' and 'int'"), a batch of 2.5 was taken
+    (dict(lr="1e-3"), ABOVE_0), (dict(batch_size=2.5), "1 or more"), (dict(log_every=10.0), "1 or more")])
 def test_training_settings_out_of_range_are_an_error(setting, expected):
     """A setting out of range is refused when the config is made: a zero batch or step interval
     divided by zero deep inside the loop, a NaN rate trained to nothing without a word. The error
@@ -547,3 +550,8 @@ def test_training_settings_out_of_range_are_an_error(setting, expected):
     (name, value), = setting.items()
     with pytest.raises(BnnccError, match=f"^training setting {name} = {value!r} is out of range; expected {expected}$"):
         TrainConfig(**setting)
+
+
+def test_numpy_numbers_are_training_settings():
+    config = TrainConfig(lr=np.float32(0.5), batch_size=np.int64(8), seed=np.uint32(3))
+    assert (config.lr, config.batch_size, config.seed) == (0.5, 8, 3)
