@@ -91,6 +91,7 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     from bnncc.frontend import load, read_pokebnn
     from bnncc.torchview import to_torch, write_back
 
+    _require_config(cfg)
     output = Path(output)
     refuse_overwriting({"the trained model": output, "the checkpoint": checkpoint, "the metrics": metrics},
                        {"the student model": student_path, "the teacher model": teacher_path})
@@ -157,6 +158,14 @@ def _preprocessing(data: Dataset, channels: int) -> dict:
     return {"mean": mean, "std": std, **resize}
 
 
+def _require_config(cfg: object) -> None:
+    """A TypeError naming the fix where ``cfg`` is no TrainConfig: a dict of settings failed after the
+    models were read, naming an attribute ('dict' object has no attribute 'clip_bound')."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg is a bnncc.TrainConfig, not {type(cfg).__name__}: "
+                        f"write bnncc.TrainConfig(lr=..., epochs=...)")
+
+
 def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *, width: float = 1.0,
                   image_size: int = 32, device: str | torch.device = "cpu", arch: str = "resnet50",
                   show_progress: bool = True) -> tuple[Path, float | None, float | None]:
@@ -167,6 +176,7 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     """
     from bnncc.zoo import ARCHITECTURES, export_onnx
 
+    _require_config(cfg)
     if arch not in ARCHITECTURES:
         raise BnnccError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
     # (a ResNet divides its input by 32; below 8 pixels its stages see less than one. A ResNet-50 16

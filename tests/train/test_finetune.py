@@ -267,3 +267,16 @@ def _calibration_worker(teacher: str, student: str, data_dir: str, out: str) -> 
 
 if __name__ == "__main__":
     _calibration_worker(*sys.argv[1:])
+
+
+def test_settings_given_as_a_dict_are_a_type_error_naming_the_config(tmp_path):
+    """finetune(..., {"lr": 3e-2}) read the models, then failed on an attribute: "'dict' object has no
+    attribute 'clip_bound'"; train_teacher on one of 'label_weight'."""
+    from bnncc.train import train_teacher
+
+    message = r"^cfg is a bnncc.TrainConfig, not dict: write bnncc.TrainConfig\(lr=..., epochs=...\)$"
+    with pytest.raises(TypeError, match=message):
+        finetune(tmp_path / "s.onnx", tmp_path / "t.onnx", tmp_path, tmp_path / "out.onnx", {"lr": 3e-2})
+    with pytest.raises(TypeError, match=message):
+        train_teacher(tmp_path, tmp_path / "teacher.onnx", {"lr": 3e-2})
+    assert not any(tmp_path.iterdir())
