@@ -33,14 +33,6 @@ class _Console(Console):
     def render_str(self, text: str, **kwargs):
         return super().render_str(printable(text, keep="\n\t"), **kwargs)
 
-    def on_broken_pipe(self) -> None:
-        """The reader of the output has gone (``bnncc passes | head``): rich's quiet exit, with the status
-        of a tool that SIGPIPE ended (141), not rich's 1, which says that verify failed or bnncc hit a bug."""
-        try:
-            super().on_broken_pipe()
-        except SystemExit:
-            raise SystemExit(128 + signal.SIGPIPE) from None
-
 
 # no console markup: what is printed holds the user's paths and names, and "[x]" in one was eaten
 # as a style tag (bad[bold].onnx was reported as bad.onnx); styled parts are rich Text. No emoji codes
@@ -108,6 +100,11 @@ def run_app(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 128 + signal.SIGINT
     except SystemExit as e:
+        if isinstance(e.__context__, BrokenPipeError):
+            # the reader of the output has gone (`bnncc passes | head`, `bnncc --help | head`): rich's
+            # consoles, ours and the one typer draws help with, exit quietly with status 1, which says
+            # that verify failed or bnncc hit a bug; a tool that SIGPIPE ends exits 141
+            return 128 + signal.SIGPIPE
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # noqa: BLE001  (the last boundary: no traceback for users)
         if _signals:
