@@ -251,7 +251,11 @@ def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str,
     try:
         factory(**params)  # the pass's own range checks
     except BnnccError as e:
-        raise BnnccError(f"{source}: passes.{pass_name}: {e}") from None
+        # the pass names itself ("poke_conv: clip_bound must be ..."): the recipe's key names it once
+        message = str(e)
+        if message.startswith(f"{pass_name}: "):
+            raise BnnccError(f"{source}: passes.{pass_name}.{message.removeprefix(f'{pass_name}: ')}") from None
+        raise BnnccError(f"{source}: passes.{pass_name}: {message}") from None
     return pass_name, params
 
 
