@@ -320,6 +320,11 @@ def test_cli_table(cli, tmp_path):
     assert f"{stem_macs / 1e6:,.3f}" in stdout and f"{(conv_ace + dense_ace) / 1e9:.6f}" in stdout
     assert f"ACE {conv_ace + dense_ace:,} (conv {conv_ace:,}, dense {dense_ace:,}); MACs {conv_macs + 64 * 5:,}" in words
     assert "float MACs at 16 x 16 bits" in words
+    # the op rows fill every column (their CPU64 was blank): float MACs are CPU64 MACs, weights 32 bits each
+    conv_weights = 8 * 3 * 7 * 7 + 16 * 8 + 16 * 16 * 3 * 3 + 64 * 16 + 64 * 8
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in stdout.splitlines()}
+    assert rows["all", "Conv"] == [f"{conv_macs / 1e6:,.3f}", f"{conv_ace / 1e9:,.6f}", f"{conv_macs / 1e6:,.3f}",
+                                   f"{conv_weights * 32 / 1e6:,.3f}"]
 
 
 def test_cli_table_keeps_its_numbers_in_a_narrow_terminal(cli, tmp_path, monkeypatch):
@@ -343,7 +348,7 @@ def test_cli_table_of_a_full_resnet50_fits_80_columns(cli, resnet50_onnx):
     assert code == 0, stderr
     assert max(len(line) for line in stdout.splitlines()) <= 80
     total = next(line for line in stdout.splitlines() if line.split()[:1] == ["total"])
-    assert total.split()[1:] == ["4,089.184", "1046.831170", "4,089.184", "816.093"]
+    assert total.split()[1:] == ["4,089.184", "1,046.831170", "4,089.184", "816.093"]  # grouped as the others
 
 
 def test_cli_refuses_what_the_front_end_refuses(cli, tmp_path):
