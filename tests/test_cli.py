@@ -96,6 +96,24 @@ def test_rewrite_refuses_to_write_over_its_input(cli, tmp_path, resnet50_onnx):
     assert (tmp_path / "m.onnx").read_bytes() == before
 
 
+def test_rewrite_prints_the_exact_ace_after_each_pass(cli, tmp_path):
+    """The table gave ACE as "9.25e+11" beside "9.548e+11": neither `bnncc ace`'s exact figure nor one
+    precision."""
+    import onnx
+    from test_fuzz import base_model
+
+    from bnncc.cost import ace
+
+    onnx.save(base_model(), tmp_path / "small.onnx")
+    code, out, err = cli("rewrite", tmp_path / "small.onnx", "-o", tmp_path / "poke.onnx",
+                         "--set", "passes.poke_stem.mid_channels=8")
+    assert code == 0, err
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in out.splitlines() if "│" in line}
+    # the float input by hand (as test_cost's test_cli_table): conv and fc MACs at 16 x 16 bits
+    macs = 8 * 8 * 8 * (7 * 7 * 3) + 4 * 4 * (8 * 16 + 9 * 16 * 16 + 16 * 64 + 8 * 64) + 64 * 5
+    assert (rows["input"], rows["int8_head"]) == (f"{macs * 256:,}", f"{ace(tmp_path / 'poke.onnx').total:,}")
+
+
 def test_rewrite_to_a_folder_is_an_error(cli, tmp_path, resnet50_onnx):
     code, _, err = cli("rewrite", resnet50_onnx["light"], "-o", tmp_path)
     assert code == 2 and "is a folder; expected the path of a file to write" in err
