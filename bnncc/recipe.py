@@ -69,6 +69,16 @@ TRAIN_RANGES: dict[str, tuple[float, bool]] = {
 
 _TOP_LEVEL = ("name", "description", "blocks", "passes", "train")
 
+# A recipe's steps count batches of its own batch_size over ImageNet's training split, or of the
+# paper's 8192 (156 steps an epoch) where it sets none.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+PAPER_BATCH_SIZE = 8192
+
+
+def steps_per_epoch(train: dict[str, Any]) -> int:
+    """The steps of an epoch as a recipe's [train] table counts them (act_calibration_step's unit)."""
+    return max(IMAGENET_TRAIN_IMAGES // int(train.get("batch_size", PAPER_BATCH_SIZE)), 1)
+
 # the values of ``blocks``: the kinds of ResNet block (bnncc.resnet.Bottleneck, BasicBlock)
 BLOCK_KINDS = ("bottleneck", "basic")
 
@@ -280,6 +290,15 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
     if out.get("weight_quant_start", 0) >= epochs:
         raise BnnccError(f"{source}: train.weight_quant_start = {out['weight_quant_start']}: the epoch the weights "
                          f"turn binary must be below train.epochs = {epochs}{'' if 'epochs' in out else ' (unset)'}")
+    # likewise the calibration step: at or past the run's last step the activation bounds were never calibrated,
+    # which only compile's warning said, after the whole fine-tune
+    run_steps = epochs * steps_per_epoch(out)
+    if out.get("act_calibration_step", 0) >= run_steps:
+        raise BnnccError(f"{source}: train.act_calibration_step = {out['act_calibration_step']}: the step the "
+                         f"activation bounds are calibrated at must be below the run's {run_steps:,} steps "
+                         f"(train.epochs = {epochs} times {steps_per_epoch(out):,}: ImageNet's "
+                         f"{IMAGENET_TRAIN_IMAGES:,} images in batches of train.batch_size = "
+                         f"{out.get('batch_size', PAPER_BATCH_SIZE)})")
     return out
 
 

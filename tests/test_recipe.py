@@ -100,6 +100,12 @@ def test_recipe_from_a_path(tmp_path):
         (["train.epochs=40"], "train.weight_quant_start = 50: the epoch the weights turn binary must be below "
                               "train.epochs = 40"),
         (["train.weight_quant_start=800"], "train.weight_quant_start = 800: the epoch the weights turn binary"),
+        # the bounds were never calibrated, said only by compile's warning after the whole fine-tune
+        (["train.act_calibration_step=124800"], "train.act_calibration_step = 124800: the step the activation "
+                                                "bounds are calibrated at must be below the run's 124,800 steps "
+                                                "(train.epochs = 800 times 156: ImageNet's 1,281,167 images in "
+                                                "batches of train.batch_size = 8192)"),
+        (["train.batch_size=1281167", "train.act_calibration_step=800"], "must be below the run's 800 steps"),
         # float() of an integer of 401 digits: an 'unexpected' OverflowError
         (["passes.poke_conv.clip_bound=1" + "0" * 400], "0: expected a number within a float's range"),
         (["train.lr=1" + "0" * 400], "train.lr = 1000"),
@@ -131,6 +137,9 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
         ('[[passes]]\nname = "poke_conv"\n[train]\nlr = "fast"\n', "train.lr = 'fast': expected a number"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nweight_quant_start = 5\n',
          "train.weight_quant_start = 5: the epoch the weights turn binary must be below train.epochs = 1 (unset)"),
+        ('[[passes]]\nname = "poke_conv"\n[train]\nact_calibration_step = 156\n',
+         "train.act_calibration_step = 156: the step the activation bounds are calibrated at must be below the "
+         "run's 156 steps"),
         ("[[passes]\n", "not valid TOML"),
         ("x = " + "[" * 1000 + "]" * 1000 + "\n", "not valid TOML: arrays or inline tables nested too deeply"),
         ('[[passes]]\nname = "set_opset"\nversion = 99\n', "passes.set_opset.version must be one of 9 to 28, got 99"),

@@ -8,13 +8,9 @@ import numbers
 from dataclasses import dataclass
 
 from bnncc.errors import BnnccError
+from bnncc.recipe import IMAGENET_TRAIN_IMAGES, steps_per_epoch
 
 __all__ = ["TrainConfig", "IMAGENET_TRAIN_IMAGES"]
-
-# A recipe's steps count batches of its own batch_size over ImageNet's training split, or of the
-# paper's 8192 (156 steps an epoch) where it sets none.
-IMAGENET_TRAIN_IMAGES = 1_281_167
-PAPER_BATCH_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -53,8 +49,7 @@ class TrainConfig:
         if "weight_quant_start" in train:
             values["weight_quant_start"] = train["weight_quant_start"] / max(epochs, 1)
         if "act_calibration_step" in train:
-            steps_per_epoch = max(IMAGENET_TRAIN_IMAGES // int(train.get("batch_size", PAPER_BATCH_SIZE)), 1)
-            values["act_calibration_at"] = train["act_calibration_step"] / (max(epochs, 1) * steps_per_epoch)
+            values["act_calibration_at"] = train["act_calibration_step"] / (max(epochs, 1) * steps_per_epoch(train))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return dataclasses.replace(cls(), **values)
 
