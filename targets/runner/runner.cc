@@ -8,6 +8,9 @@
 // up on the CPU with the pooled allocator (what tvm.runtime.vm.VirtualMachine does in Python),
 // and FUNC is called with the inputs as CPU tensors. Weights are constants inside the library.
 // .npy files: format 1.0/2.0/3.0, C order, little-endian f4/f8/i1/i4/i8/u1/u4.
+// A model.json beside LIB (a bundle's, a library folder's) must record LIB's SHA-256: a damaged copy
+// crashed the process, and another compile's library ran under the manifest's shapes and classes.
+// Outputs holding NaN or an infinity are refused, not written: they are no logits.
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -128,6 +131,97 @@ void RefuseNaN(const ffi::Tensor& tensor, const std::string& path) {
   if (t->dtype.bits == 64) RefuseNaNOf(static_cast<const double*>(t->data), count, path);
 }
 
+// SHA-256 (FIPS 180-4) of the file at ``path``, in hex: what compile records as model.json's library_sha256.
+std::string FileSha256(const std::string& path) {
+  static const uint32_t k[64] = {
+      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+      0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+      0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+      0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+      0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+      0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+      0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+      0xc67178f2};
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
+  auto block = [&](const unsigned char* b) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i) {
+      w[i] = uint32_t(b[4 * i]) << 24 | uint32_t(b[4 * i + 1]) << 16 | uint32_t(b[4 * i + 2]) << 8 | b[4 * i + 3];
+    }
+    for (int i = 16; i < 64; ++i) {
+      uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+      uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b1 = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    for (int i = 0; i < 64; ++i) {
+      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b1) ^ (a & c) ^ (b1 & c));
+      hh = g, g = f, f = e, e = d + t1, d = c, c = b1, b1 = a, a = t1 + t2;
+    }
+    h[0] += a, h[1] += b1, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += hh;
+  };
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error(path + ": cannot open");
+  std::vector<unsigned char> buffer(1 << 20);
+  uint64_t length = 0;
+  size_t got = 0;
+  do {  // whole blocks as they come; the last partial one is padded below
+    in.read(reinterpret_cast<char*>(buffer.data()), static_cast<std::streamsize>(buffer.size()));
+    got = static_cast<size_t>(in.gcount());
+    length += got;
+    size_t whole = got / 64 * 64;
+    for (size_t i = 0; i < whole; i += 64) block(buffer.data() + i);
+    if (got < buffer.size()) {
+      std::vector<unsigned char> tail(buffer.begin() + whole, buffer.begin() + got);
+      tail.push_back(0x80);
+      while (tail.size() % 64 != 56) tail.push_back(0);
+      for (int i = 7; i >= 0; --i) tail.push_back(static_cast<unsigned char>((length * 8) >> (8 * i)));
+      for (size_t i = 0; i < tail.size(); i += 64) block(tail.data() + i);
+    }
+  } while (got == buffer.size());
+  if (in.bad()) throw std::runtime_error(path + ": cannot read it");
+  char hex[65];
+  for (int i = 0; i < 8; ++i) std::snprintf(hex + 8 * i, 9, "%08x", h[i]);
+  return hex;
+}
+
+// Refuse ``lib`` when the model.json beside it records another SHA-256 (none recorded: not checked).
+void CheckDigest(const std::string& lib) {
+  const size_t slash = lib.rfind('/');
+  const std::string manifest = (slash == std::string::npos ? "" : lib.substr(0, slash + 1)) + "model.json";
+  std::ifstream in(manifest);
+  if (!in) return;  // a library without its manifest (a copy of model.so alone)
+  std::stringstream text;
+  text << in.rdbuf();
+  const std::string json = text.str();
+  size_t key = json.find("\"library_sha256\"");
+  if (key == std::string::npos) return;  // a manifest of a bnncc before it recorded one
+  size_t open = json.find('"', json.find(':', key) + 1);
+  std::string recorded = open == std::string::npos ? "" : json.substr(open + 1, 64);
+  if (FileSha256(lib) != recorded) {
+    throw std::runtime_error(lib + ": its SHA-256 is not the one " + manifest + " records (a damaged copy, or " +
+                             "the library of another compile); copy the bundle or library folder again");
+  }
+}
+
+// NaN or an infinity in a float output: the network overflowed on this input (far from what it was
+// trained on), and no logits came out; nothing is written.
+void RefuseNonFinite(const ffi::Tensor& tensor, size_t index) {
+  const DLTensor* t = tensor.GetDLTensorPtr();
+  if (t->dtype.code != kDLFloat || t->dtype.bits != 32) return;
+  const float* data = reinterpret_cast<const float*>(static_cast<const char*>(t->data) + t->byte_offset);
+  const size_t count = ffi::GetDataSize(*t) / 4;
+  for (size_t i = 0; i < count; ++i) {
+    if (!std::isfinite(data[i])) {
+      throw std::runtime_error("output " + std::to_string(index) + ": " + (std::isnan(data[i]) ? "NaN" : "infinite") +
+                               " at flat index " + std::to_string(i) + ": the network's outputs overflow on this " +
+                               "input (far from what it was trained on); nothing written");
+    }
+  }
+}
+
 ffi::Tensor ReadNpy(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
@@ -229,6 +323,7 @@ void WriteNpy(const std::string& path, const ffi::Tensor& tensor) {
 
 // The VM (kept alive by the caller while the function is used) and its function ``name``.
 std::pair<ffi::Module, ffi::Function> LoadVMFunction(const std::string& lib, const std::string& name) {
+  CheckDigest(lib);
   // dlopen searches the library path for a name without a slash, not the working folder
   ffi::Module library = ffi::Module::LoadFromFile(lib.find('/') == std::string::npos ? "./" + lib : lib);
   ffi::Optional<ffi::Function> load = library->GetFunction("vm_load_executable");
@@ -286,6 +381,7 @@ int main(int argc, char** argv) {
       std::vector<ffi::Tensor> inputs;
       for (size_t i = 4; i < args.size(); ++i) inputs.push_back(ReadNpy(args[i]));
       std::vector<ffi::Tensor> outputs = Outputs(Call(func, inputs));
+      for (size_t i = 0; i < outputs.size(); ++i) RefuseNonFinite(outputs[i], i);
       for (size_t i = 0; i < outputs.size(); ++i) {
         std::string path = args[3] + std::to_string(i) + ".npy";
         WriteNpy(path, outputs[i]);

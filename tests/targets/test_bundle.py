@@ -156,6 +156,46 @@ def test_the_runner_leaves_no_partial_output(x86_library, tmp_path):
     np.testing.assert_array_equal(np.load(out / "o0.npy"), load(x86_library)(np.load(x)))
 
 
+def test_the_runner_refuses_a_library_its_manifest_does_not_describe_and_logits_that_overflowed(x86_library,
+                                                                                                 tmp_path):
+    """The runner ran whatever model.so it was given: a damaged copy, or another compile's library under a
+    model.json of other shapes and classes (bnncc.runtime refuses both: the digest differs). And it wrote
+    NaN logits, which bnncc run refuses, as the outputs of an input far beyond what the network saw."""
+    import onnx
+    from test_fuzz import base_model
+
+    import bnncc
+
+    onnx.save(base_model(), tmp_path / "small.onnx")
+    # uncalibrated: its quantizers run in float, so an input of 3e38 overflows to NaN logits
+    poke, _ = bnncc.rewrite(bnncc.load(tmp_path / "small.onnx"), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    library = compile(poke, tmp_path / "lib", target="x86-64")
+    folder = bundle(library, tmp_path / "bundle")
+    shape = (1, *load(library).input_chw)
+    assert np.isnan(load(library)(np.full(shape, 3e38, np.float32))).all()  # what the runner must not write
+
+    def run(name):
+        done = subprocess.run(["./runner", "run", "model.so", "batch_1", "o", name], cwd=folder,
+                              capture_output=True, text=True)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        return done.stderr
+
+    assert "output 0: NaN at flat index 0: the network's outputs overflow on this input" in run(
+        _array(folder / "huge.npy", np.full(shape, 3e38, np.float32)))
+    x = _array(folder / "x.npy", np.zeros(shape, np.float32))
+    refused = "model.so: its SHA-256 is not the one model.json records"
+    shutil.copyfile(x86_library / "model.so", folder / "model.so")  # another compile's library
+    assert refused in run(x)
+    shutil.copyfile(library / "model.so", folder / "model.so")
+    with open(folder / "model.so", "r+b") as damaged:  # one byte changed in place
+        damaged.seek(1000)
+        byte = damaged.read(1)
+        damaged.seek(1000)
+        damaged.write(bytes([byte[0] ^ 1]))
+    assert refused in run(x)
+    assert not list(folder.glob("o*")), "a refused run left an output"
+
+
 @pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
                     reason="needs g++-aarch64-linux-gnu and qemu-user (apt)")
 def test_an_arm64_bundle_runs_the_library_anywhere_without_python(tmp_path):
