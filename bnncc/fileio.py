@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
-           "hash_file", "load_private_copy", "make_folders", "output_errors", "output_target", "partial_writes",
-           "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync", "umask",
+           "hash_file", "load_private_copy", "make_folders", "output_errors", "output_path", "output_target",
+           "partial_writes", "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync", "umask",
            "writing_error"]
 
 T = TypeVar("T")
@@ -165,11 +165,25 @@ def require_file(path: Path, expected: str) -> None:
         raise BnnccError(f"{path}: {'a folder' if path.is_dir() else 'not a regular file'}, not {expected}")
 
 
+def output_path(dest: str | os.PathLike) -> Path:
+    """``dest`` with each ``..`` that follows a folder that does not exist taken away with it: ``a/../b``
+    where there is no ``a`` is ``b``. The system reaches ``b`` through ``a`` only once ``a`` is made, and
+    the output was written with ``a`` made and left behind, empty. A missing folder is no link, so
+    there ``..`` has its plain meaning; after a folder that exists it stays the system's (a link's)."""
+    parts: list[str] = []
+    for part in Path(dest).parts:
+        if part == ".." and parts and parts[-1] != ".." and not os.path.lexists(Path(*parts)):
+            parts.pop()
+        else:
+            parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
 def output_target(dest: str | os.PathLike) -> Path:
-    """The file an output to ``dest`` replaces: ``dest``, or the file a symbolic link there names
-    (the rename put a file in place of the link). A folder, FIFO, device or socket is refused: the
-    rename replaced /dev/null itself with a regular file when a root user wrote there."""
-    dest = Path(dest)
+    """The file an output to ``dest`` replaces: ``dest`` (``output_path``'s), or the file a symbolic
+    link there names (the rename put a file in place of the link). A folder, FIFO, device or socket is
+    refused: the rename replaced /dev/null itself with a regular file when a root user wrote there."""
+    dest = output_path(dest)
     target = dest.resolve() if dest.is_symlink() else dest
     if target.is_dir():
         raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")

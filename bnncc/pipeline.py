@@ -39,8 +39,8 @@ import onnx_ir as ir
 
 from bnncc.domain import LIBRARY_FILES
 from bnncc.errors import BnnccError
-from bnncc.fileio import (atomic_path, atomic_write_text, hash_file, make_folders, output_errors, partial_writes,
-                          remove_made, remove_partial)
+from bnncc.fileio import (atomic_path, atomic_write_text, hash_file, make_folders, output_errors, output_path,
+                          partial_writes, remove_made, remove_partial)
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
@@ -91,7 +91,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.recipe import load_recipe
     from bnncc.targets import registry
 
-    model_path, outdir = require_path(model_path), Path(outdir)
+    model_path, outdir = require_path(model_path), output_path(outdir)
     # an unknown target or one whose build tools are missing, an output folder of someone else's files,
     # a folder that holds no data set fail before any work
     registry.get(options.target, build=True)
@@ -470,7 +470,7 @@ def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOption
     from bnncc.train.finetune import train_teacher
     from bnncc.zoo import STEM_WIDTH
 
-    outdir, data = Path(outdir), Path(data or FASHION_MNIST_SAMPLE)
+    outdir, data = output_path(outdir), Path(data or FASHION_MNIST_SAMPLE)
     check_demo(outdir, data)
     teacher = outdir / "teacher.onnx"
     cfg = TrainConfig(lr=options.teacher_lr, batch_size=options.batch_size, epochs=options.teacher_epochs,

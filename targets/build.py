@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from bnncc.cost import ace
 from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import file_sha256, make_folders, output_errors, remove_made, sync, umask, writing_error
+from bnncc.fileio import file_sha256, make_folders, output_errors, output_path, remove_made, sync, umask, writing_error
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.ops.registry import op_def
 from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
@@ -53,7 +53,8 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
         raise BnnccError(f"batch sizes must be 1 to {MAX_BATCH}, got {list(batches)} (a library takes any batch in "
                          f"calls of its compiled sizes)")
     batches = tuple(sorted(set(batches) | {1}))
-    check_output_folder(Path(output))  # before the minutes of compiling
+    output = output_path(output)
+    check_output_folder(output)  # before the minutes of compiling
     source = source_name(model)
     # the front end's checks: a whole ONNX file, external data from its folder
     caller_owned = isinstance(model, ir.Model)
@@ -88,13 +89,13 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
             "compile_seconds": round(compile_s, 2),
             **(spec.report(executable, lowered, model) if spec.report else {}),
         }
-        with atomic_dir(Path(output)) as tmp:
+        with atomic_dir(output) as tmp:
             spec.export(executable, tmp / "model.so")
             manifest["library_sha256"] = file_sha256(tmp / "model.so")
             write_manifest(tmp / "model.json", manifest)
             ir.save(model, tmp / "model.onnx")
     logger.info("compiled %s for %s (batches %s) in %.1f s", output, target, list(batches), compile_s)
-    return Path(output)
+    return output
 
 
 def _warn_uncalibrated(model: ir.Model) -> None:

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import require_unchanged
+from bnncc.fileio import output_path, require_unchanged
 from bnncc.runtime import read_library
 from bnncc.targets import registry, vmrunner
 from bnncc.targets.build import atomic_dir, write_manifest
@@ -45,7 +45,7 @@ def bundles(target: str) -> bool:
 def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
     """Write the bundle of the library folder ``library`` (module docstring) to the folder
     ``output``, which must be new, empty or an earlier bundle. Returns its path."""
-    library, output = Path(library), Path(output)
+    library, output = Path(library), output_path(output)
     manifest, target = read_library(library)
     if not bundles(target.name):
         raise BnnccError(f"{library}: a {target.name} library runs with TVM's {target.name} runtime, which a bundle "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text, umask
+from bnncc.fileio import atomic_path, atomic_write_text, output_path, umask
 
 
 def test_an_output_file_gets_the_modes_of_the_users_umask(tmp_path):
@@ -20,6 +21,23 @@ def test_an_output_file_gets_the_modes_of_the_users_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o640
+
+
+def test_an_output_through_a_missing_folder_and_back_makes_no_folder(tmp_path, monkeypatch):
+    """`-o a/../b.onnx` with no `a` wrote b.onnx and left an empty `a` (made to walk through, as
+    mkdir -p does). Past a folder that exists, ".." stays the system's: through a link, its target's parent."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "deep")
+    assert output_path("a/../b.onnx") == Path("b.onnx")
+    assert output_path("x/y/../../c/d.onnx") == Path("c/d.onnx")
+    assert output_path("a/../../b.onnx") == Path("../b.onnx")
+    assert output_path("link/../e.onnx") == Path("link/../e.onnx")  # real/e.onnx, as the system reads it
+    assert output_path("a/..") == Path(".")
+    for dest in ("a/../b.onnx", "x/y/../../c/d.onnx", "link/../e.onnx"):
+        atomic_write_text(dest, "x")
+    assert sorted(os.listdir(tmp_path)) == ["b.onnx", "c", "link", "real"]
+    assert os.listdir("c") == ["d.onnx"] and sorted(os.listdir("real")) == ["deep", "e.onnx"]
 
 
 def test_a_failed_write_leaves_nothing(tmp_path):

@@ -177,6 +177,17 @@ def test_a_library_rebuilt_in_its_folder_is_loaded_anew(converted, narrow_resnet
                                atol=1e-5)
 
 
+def test_an_output_folder_through_a_missing_folder_and_back_makes_only_itself(cli, narrow_resnet, tmp_path,
+                                                                              monkeypatch):
+    """`-o a/../out` with no `a` left an empty `a` beside out/ (made to walk through, as mkdir -p does), and
+    the bundle command convert prints named a/../out, which no longer reads once `a` is gone."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("convert", narrow_resnet, *[a for o in STEM for a in ("--set", o)], "-o", "a/../out")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (tmp_path / "out" / "model.so").is_file()
+    assert "bnncc bundle out -o DIR" in " ".join(out.split())
+
+
 def test_unknown_target_is_a_one_line_error(cli, narrow_resnet, tmp_path):
     code, _, err = cli("convert", narrow_resnet, "--target", "riscv", "-o", tmp_path / "out")
     assert code == 2 and "unknown target 'riscv'" in err and not (tmp_path / "out").exists()

@@ -226,6 +226,9 @@ def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli, mo
     with pytest.raises(BnnccError, match="is a symbolic link"):
         bundle(x86_library, tmp_path / "link")
     assert sorted(os.listdir(tmp_path)) == ["b", "here", "link", "mine"]
+    # through a folder that does not exist and back: it was made and left behind, empty
+    assert bundle(x86_library, tmp_path / "a" / ".." / "c") == tmp_path / "c"
+    assert sorted(os.listdir(tmp_path)) == ["b", "c", "here", "link", "mine"]
 
 
 def test_a_compiler_that_fails_on_the_runner_is_one_line(x86_library, tmp_path, cli, monkeypatch):
