@@ -43,11 +43,13 @@ def finetune(
         "--compile", help="torch.compile the training step: faster steps after minutes of compiling.")] = False,
 ) -> None:
     """Fine-tune a PokeBNN graph with distillation from its float teacher (QAT)."""
+    from bnncc.fileio import output_path
     from bnncc.recipe import load_recipe
     from bnncc.train import TrainConfig
     from bnncc.train.finetune import finetune as run_finetune
     from bnncc.train.trainer import is_main_process
 
+    output = output_path(output)  # (the checkpoint and metrics files beside it: a/../t.onnx made a folder a)
     train_table = load_recipe(recipe).train
     cfg = TrainConfig.from_recipe(
         train_table, epochs=1 if epochs is None else epochs, max_steps=max_steps,
@@ -92,10 +94,12 @@ def train_teacher(
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding image files (default: the cores).")] = None,
 ) -> None:
     """Train a float ResNet (ResNet-50 by default) on labelled data and export it to ONNX (the distillation teacher)."""
+    from bnncc.fileio import output_path
     from bnncc.train import TrainConfig
     from bnncc.train.finetune import train_teacher as run
     from bnncc.train.trainer import is_main_process
 
+    output = output_path(output)  # (the path it reports: a/../t.onnx read nowhere once no a was made)
     cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, max_steps=max_steps, label_weight=1.0, seed=seed,
                       num_workers=workers)
     path, top1, top5 = run(data, output, cfg, width=width, image_size=image_size, device=device, arch=arch)

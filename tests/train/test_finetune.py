@@ -221,6 +221,11 @@ def test_finetune_writes_into_folders_that_do_not_exist_yet(cli, idx_dir, tmp_pa
                        "--batch-size", "8", "--workers", "0")
     assert code == 0, err
     assert out.is_file() and out.with_suffix(".metrics.jsonl").is_file()
+    # through a folder that does not exist and back: the metrics file's folder was made as mkdir -p does
+    code, _, err = cli("finetune", student, "--teacher", teacher, "--data", idx_dir, "-o", tmp_path / "a" / ".." /
+                       "ft.onnx", "--max-steps", "2", "--batch-size", "8", "--workers", "0")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["ft.metrics.jsonl", "ft.onnx", "new"]
 
 
 def test_torchrun_processes_calibrate_on_their_part_of_each_batch_to_one_process_bounds(tmp_path, idx_dir,
