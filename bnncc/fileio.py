@@ -15,8 +15,8 @@ from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
            "hash_file", "load_private_copy", "make_folders", "output_errors", "output_path", "output_target",
-           "partial_writes", "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync", "umask",
-           "writing_error"]
+           "partial_writes", "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged",
+           "sync", "umask", "writing_error"]
 
 T = TypeVar("T")
 

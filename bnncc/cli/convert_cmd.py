@@ -45,8 +45,8 @@ def convert(
     result = run_convert(model, output, options)
     print_result(result)
     if bundles(target):
-        console.print(f"to run it without Python (on the device): {shlex.join(['bnncc', 'bundle', str(result.outdir)])} "
-                      "-o DIR", soft_wrap=True, highlight=False)
+        bundle = shlex.join(["bnncc", "bundle", str(result.outdir)])
+        console.print(f"to run it without Python (on the device): {bundle} -o DIR", soft_wrap=True, highlight=False)
     if not result.trained:
         # the recipe's rate is the paper's for 800 ImageNet epochs; a few epochs need far more (README)
         rate = [] if any(o.startswith("train.lr=") for o in overrides) else ["--set", "train.lr=3e-2"]
