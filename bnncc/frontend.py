@@ -303,9 +303,13 @@ def _check_model(proto: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as e:
         raise BnnccError(f"{path}: invalid ONNX model: {_one_line(e)}") from None
     except (ValueError, google.protobuf.message.EncodeError):  # the checker serializes the model
-        size = stored_bytes(path) / 2**30
-        raise BnnccError(f"{path}: {size:.1f} GiB with its external data, over the 2 GiB of a protobuf message, "
-                         "which onnx and onnxruntime need (ResNet-50's weights: 0.1 GiB)") from None
+        raise _over_protobuf_limit(path, stored_bytes(path)) from None
+
+
+def _over_protobuf_limit(path: Path, size: int) -> BnnccError:
+    """The refusal of the model at ``path``, of ``size`` bytes with its external data."""
+    return BnnccError(f"{path}: {size / 2**30:.1f} GiB with its external data, over the 2 GiB of a protobuf message, "
+                      "which onnx and onnxruntime need (ResNet-50's weights: 0.1 GiB)")
 
 
 def _name_default_domain(proto: onnx.ModelProto) -> None:
@@ -598,8 +602,10 @@ def _external_tensors(proto: onnx.ModelProto) -> list[tuple[onnx.TensorProto, st
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Load external tensors, refusing any location outside the model's folder."""
+    """Load external tensors, refusing any location outside the model's folder, and more bytes than a
+    protobuf message holds before reading them."""
     folder = path.parent.resolve()
+    total = 0  # the bytes onnx will read, refused beyond what a model can hold before any is read
     for tensor, location in _external_tensors(proto):
         keys = [entry.key for entry in tensor.external_data]
         if len(set(keys)) != len(keys):  # onnx reads the last of each, bnncc would check the first
@@ -616,9 +622,20 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
             if not target.is_file():
                 problem = "is not a file" if target.exists() else "is missing"
                 raise BnnccError(f"{path}: external data file '{location}' of tensor '{tensor.name}' {problem}")
+            # without a length onnx reads to the end of the file: a sparse file of 8 GiB beside a model
+            # that named it for a bias of 1000 floats was read whole (a MemoryError, or 8 GiB taken)
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            offset, length = (int(entries[key]) if key in entries else None for key in ("offset", "length"))
+            stored = target.stat().st_size - (offset or 0)
+            total += max(min(stored, length if length is not None else stored), 0)
+        except ValueError as e:  # an offset or length that is no number
+            raise BnnccError(f"{path}: cannot read its external data: {first_line(e)}") from None
         except OSError as e:  # e.g. a location longer than the file system allows
             raise BnnccError(f"{path}: tensor '{tensor.name}': its external data location ({len(location)} "
                              f"characters) cannot be opened: {e.strerror}") from None
+    size = path.stat().st_size + total
+    if size > 2**31:
+        raise _over_protobuf_limit(path, size)
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(folder))
     except OSError as e:

@@ -408,6 +408,21 @@ def test_a_model_over_protobufs_2_gib_is_one_line(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "big.onnx", "2.1 GiB with its external data, over the 2 GiB of a protobuf message")
 
 
+def test_external_data_is_measured_before_it_is_read(cli, tmp_path, tiny_proto):
+    """A bias whose external data, named without a length, is a sparse file of 1 TiB: onnx reads to the
+    end of the file, and the run ended in 'unexpected MemoryError' (or took what memory the host had)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(tiny_proto)
+    tensor = proto.graph.initializer[-1]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="bias.bin")
+    onnx.save(proto, tmp_path / "sparse.onnx")
+    with open(tmp_path / "bias.bin", "wb") as f:  # no disk taken
+        f.truncate(2**40)
+    _expect_refusal(cli, tmp_path / "sparse.onnx", "1024.0 GiB with its external data, over the 2 GiB of a protobuf")
+
+
 def test_the_default_domain_by_its_other_name_is_read(tmp_path, tiny_proto):
     """"ai.onnx" is the default domain too: a model importing only it failed shape inference after the
     canonical passes ("No opset import for domain ''")."""
