@@ -594,10 +594,11 @@ def stored_bytes(path: str | os.PathLike) -> int:
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[tuple[onnx.TensorProto, str]]:
-    """The tensors of ``proto`` kept in external data, with their location."""
-    constants = [attr.t for node in proto.graph.node for attr in node.attribute if attr.HasField("t")]
+    """The tensors of ``proto`` kept in external data, with their location: all that onnx's loader reads
+    (its own private list of them), those of subgraphs (If, Loop) and functions too. Only the main graph's
+    were checked: a tensor of an If's branch read a sparse file of 8 GiB whole, 'unexpected MemoryError'."""
     return [(tensor, next((e.value for e in tensor.external_data if e.key == "location"), ""))
-            for tensor in [*proto.graph.initializer, *constants]
+            for tensor in onnx.external_data_helper._get_all_tensors(proto)
             if onnx.external_data_helper.uses_external_data(tensor)]
 
 

@@ -408,15 +408,23 @@ def test_a_model_over_protobufs_2_gib_is_one_line(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "big.onnx", "2.1 GiB with its external data, over the 2 GiB of a protobuf message")
 
 
-def test_external_data_is_measured_before_it_is_read(cli, tmp_path, tiny_proto):
+@pytest.mark.parametrize("where", ["graph", "branch"])
+def test_external_data_is_measured_before_it_is_read(cli, tmp_path, tiny_proto, where):
     """A bias whose external data, named without a length, is a sparse file of 1 TiB: onnx reads to the
-    end of the file, and the run ended in 'unexpected MemoryError' (or took what memory the host had)."""
+    end of the file, and the run ended in 'unexpected MemoryError' (or took what memory the host had).
+    onnx reads the tensors of an If's branches too, which were not looked at."""
     proto = onnx.ModelProto()
     proto.CopyFrom(tiny_proto)
     tensor = proto.graph.initializer[-1]
     tensor.ClearField("raw_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.external_data.add(key="location", value="bias.bin")
+    if where == "branch":  # the tensor moved into a branch of an If the graph holds
+        proto.graph.initializer.remove(tensor)
+        branch = helper.make_graph([], "branch", [], [helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                                     tensor.dims)], [tensor])
+        empty = helper.make_graph([], "empty", [], [])
+        proto.graph.node.append(helper.make_node("If", ["cond"], ["chosen"], then_branch=branch, else_branch=empty))
     onnx.save(proto, tmp_path / "sparse.onnx")
     with open(tmp_path / "bias.bin", "wb") as f:  # no disk taken
         f.truncate(2**40)
