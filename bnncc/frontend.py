@@ -430,7 +430,7 @@ def _canonical(proto: onnx.ModelProto, path: Path) -> ir.Model:
     if proto.functions:  # torch's export_modules_as_functions: a Bottleneck op of the model's own
         proto = onnx.inliner.inline_local_functions(proto)
         _check_tensor_data(proto, path)
-    _check_kernel_shapes(proto, path)
+    _check_conv_attributes(proto, path)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
@@ -471,12 +471,20 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
     return PassManager(["shape_inference"]).run(model)
 
 
-def _check_kernel_shapes(proto: onnx.ModelProto, path: Path) -> None:
+def _check_conv_attributes(proto: onnx.ModelProto, path: Path) -> None:
     """A conv's kernel_shape attribute must be its stored weights' spatial size: shape inference,
-    which would fail on it, blames a node further on (the residual Add where the sizes meet)."""
+    which would fail on it, blames a node further on (the residual Add where the sizes meet).
+    A conv has pads or an auto_pad, not both: ONNX forbids it and onnxruntime, the reference, refuses
+    to run such a conv, which bnncc took, reading its auto_pad."""
     weights = {tensor.name: list(tensor.dims) for tensor in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in weights:
+        if node.op_type != "Conv":
+            continue
+        auto_pad = next((a.s.decode(errors="replace") for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+        if auto_pad != "NOTSET" and any(a.name == "pads" for a in node.attribute):
+            raise BnnccError(f"{path}: node '{node.name}' (Conv): both pads and auto_pad {auto_pad}, which ONNX "
+                             "forbids together")
+        if len(node.input) < 2 or node.input[1] not in weights:
             continue
         kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), None)
         dims = weights[node.input[1]]

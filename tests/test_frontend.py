@@ -972,6 +972,13 @@ def _kernel_shape_of_other_size(proto):
     return f"node '{conv.name}' (Conv): kernel_shape [5, 5] but weights of shape {list(weight.dims)}"
 
 
+def _pads_and_auto_pad(proto):
+    """onnxruntime refuses a conv with both; bnncc read its auto_pad (at stride 2, other pads than the pads')."""
+    conv = _first_conv(proto)
+    conv.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    return f"node '{conv.name}' (Conv): both pads and auto_pad SAME_UPPER, which ONNX forbids together"
+
+
 def _unequal_strides(proto):
     conv = _first_conv(proto)  # (in a block, the shortcut's Add would meet a size it cannot broadcast first)
     next(a for a in conv.attribute if a.name == "strides").ints[:] = [2, 1]
@@ -996,7 +1003,8 @@ def _huge_input(proto):
 
 
 @pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length,
-                                     _kernel_shape_of_other_size, _unequal_strides, _zero_height, _pool_larger_than_its_input, _huge_input])
+                                     _kernel_shape_of_other_size, _pads_and_auto_pad, _unequal_strides, _zero_height,
+                                     _pool_larger_than_its_input, _huge_input])
 def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
     """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
     naming the tensor or node, before anything is written."""
