@@ -188,11 +188,12 @@ def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
 def _check_pokebnn(model: ir.Model, source) -> None:
     """What every command asks of a PokeBNN graph before using it, refused alike by all of them in
     one line starting with ``source``: every node used (``_check_every_node_used``), its constants
-    within its ops' domains (``bnncc.ops.check_graph``), and onnxruntime able to run it
-    (``_check_reference_runs``)."""
+    within its ops' domains (``bnncc.ops.check_graph``), an input no larger than a float model's
+    (``_check_input_size``), and onnxruntime able to run it (``_check_reference_runs``)."""
     try:
         _check_every_node_used(model)
         check_graph(model)
+        _check_input_size(model)
         _check_reference_runs(model)
     except BnnccError as e:
         raise BnnccError(f"{source}: {e}") from None
@@ -214,6 +215,16 @@ def _check_every_node_used(model: ir.Model) -> None:
             outputs = ", ".join(repr(value.name) for value in model.graph.outputs)
             raise BnnccError(f"node {node.name!r} ({node.op_type}): the graph's output {outputs} does not depend "
                              f"on it")
+
+
+def _check_input_size(model: ir.Model) -> None:
+    """The PokeBNN graph's input has at most MAX_INPUT_PIXELS pixels, as a float model's must: the
+    reference check runs an image of its size, and a graph edited to take 20000x20000 pixels had
+    onnxruntime take tens of GiB and minutes (or fail to allocate) before ace or compile refused it."""
+    for value in model.graph.inputs:
+        dims = [d if isinstance(d, int) else None for d in (value.shape or [])]
+        if _too_large(dims):
+            raise BnnccError(f"input '{value.name}' of shape {dims}: at most {MAX_INPUT_PIXELS} pixels")
 
 
 # Digests of the graphs onnxruntime has run in this process: convert reads each stage's graph for

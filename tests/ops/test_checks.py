@@ -141,6 +141,10 @@ def _extra_dangling_node(model: ir.Model) -> None:
     model.graph.append(ir.node("Relu", [model.graph.inputs[0]], name="unread"))
 
 
+def _huge_input(model: ir.Model) -> None:
+    model.graph.inputs[0].shape = ir.Shape([1, 3, 100_000, 100_000])
+
+
 _CANNOT_RUN = "onnxruntime, the reference, cannot run this graph: "
 
 
@@ -149,12 +153,14 @@ _CANNOT_RUN = "onnxruntime, the reference, cannot run this graph: "
     (_duplicate_node_names, _CANNOT_RUN + r".*two nodes with same node name \(flatten\)"),
     (_output_is_the_input, r"node 'stem' \(.*output.* does not depend on it"),
     (_extra_dangling_node, r"node 'unread' \(.*output.* does not depend on it"),
+    (_huge_input, r"input 'x' of shape \[1, 3, 100000, 100000\]: at most 33554432 pixels"),
 ])
 def test_a_graph_unfit_for_the_reference_is_refused_by_every_command(cli, tmp_path, change, message):
     """The reference must run the graph: compile fused an unknown-domain QuantGemm as ours into a
     library that verify then could not check; ace and export took two nodes of one name. ace measured
     a graph whose output was its input as the whole network it no longer computes, and counted a node
-    nobody reads, where compile refused the first graph."""
+    nobody reads, where compile refused the first graph. An input of 10^10 pixels was run (its zeros
+    allocated) before any refusal."""
     model = tiny_poke_model()
     change(model)
     path = tmp_path / "bad.onnx"
