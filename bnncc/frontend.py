@@ -187,11 +187,13 @@ def _pokebnn(proto: onnx.ModelProto, path: Path) -> ir.Model:
 
 def _check_pokebnn(model: ir.Model, source) -> None:
     """What every command asks of a PokeBNN graph before using it, refused alike by all of them in
-    one line starting with ``source``: every node used (``_check_every_node_used``), its constants
-    within its ops' domains (``bnncc.ops.check_graph``), an input no larger than a float model's
-    (``_check_input_size``), and onnxruntime able to run it (``_check_reference_runs``)."""
+    one line starting with ``source``: every node used (``_check_every_node_used``) and of an op bnncc
+    measures and compiles (``_check_measurable``), its constants within its ops' domains
+    (``bnncc.ops.check_graph``), an input no larger than a float model's (``_check_input_size``), and
+    onnxruntime able to run it (``_check_reference_runs``)."""
     try:
         _check_every_node_used(model)
+        _check_measurable(model)
         check_graph(model)
         _check_input_size(model)
         _check_reference_runs(model)
@@ -215,6 +217,16 @@ def _check_every_node_used(model: ir.Model) -> None:
             outputs = ", ".join(repr(value.name) for value in model.graph.outputs)
             raise BnnccError(f"node {node.name!r} ({node.op_type}): the graph's output {outputs} does not depend "
                              f"on it")
+
+
+def _check_measurable(model: ir.Model) -> None:
+    """Every node of the PokeBNN graph is an ONNX or ai.bnncc op, as rewrite writes them: ace counted
+    a node of a local function (a float conv inside, say) as no work at all, measuring a graph that
+    compile then refused."""
+    for node in model.graph:
+        if node.domain not in (*DEFAULT_DOMAINS, DOMAIN):
+            raise BnnccError(f"node {node.name!r} ({node.domain}:{node.op_type}): an op of domain "
+                             f"'{node.domain}'; a PokeBNN graph holds ONNX and {DOMAIN} ops only")
 
 
 def _check_input_size(model: ir.Model) -> None:

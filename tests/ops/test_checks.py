@@ -141,6 +141,19 @@ def _extra_dangling_node(model: ir.Model) -> None:
     model.graph.append(ir.node("Relu", [model.graph.inputs[0]], name="unread"))
 
 
+def _local_function_node(model: ir.Model) -> None:
+    """The head's input through a function of the model's own domain (a Relu here, a float conv as
+    well), which onnxruntime runs, ace counted as no work and compile refused."""
+    head = next(n for n in model.graph if n.name == "fc")
+    node = ir.node("F", [head.inputs[0]], domain="local", name="hidden")
+    model.graph.insert_before(head, node)
+    head.replace_input_with(0, node.outputs[0])
+    model.opset_imports["local"] = 1
+    function = ir.serde.deserialize_function(onnx.helper.make_function(
+        "local", "F", ["a"], ["b"], [onnx.helper.make_node("Relu", ["a"], ["b"])], [onnx.helper.make_opsetid("", 18)]))
+    model.functions[function.identifier()] = function
+
+
 def _huge_input(model: ir.Model) -> None:
     model.graph.inputs[0].shape = ir.Shape([1, 3, 100_000, 100_000])
 
@@ -149,10 +162,12 @@ _CANNOT_RUN = "onnxruntime, the reference, cannot run this graph: "
 
 
 @pytest.mark.parametrize("change, message", [
-    (_unknown_domain_head, _CANNOT_RUN + ".*com.example:QuantGemm.* is not a registered function/op"),
+    (_unknown_domain_head, r"node 'fc' \(com.example:QuantGemm\): an op of domain 'com.example'"),
     (_duplicate_node_names, _CANNOT_RUN + r".*two nodes with same node name \(flatten\)"),
     (_output_is_the_input, r"node 'stem' \(.*output.* does not depend on it"),
     (_extra_dangling_node, r"node 'unread' \(.*output.* does not depend on it"),
+    (_local_function_node, r"node 'hidden' \(local:F\): an op of domain 'local'; a PokeBNN graph holds ONNX "
+     r"and ai.bnncc ops only"),
     (_huge_input, r"input 'x' of shape \[1, 3, 100000, 100000\]: at most 33554432 pixels"),
 ])
 def test_a_graph_unfit_for_the_reference_is_refused_by_every_command(cli, tmp_path, change, message):
