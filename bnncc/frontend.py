@@ -1005,6 +1005,11 @@ class _Walker:
         pool = self.users(x)[0]
         after = self.users(pool.outputs[0])
         flatten = after[0] if len(after) == 1 and after[0].op_type == "Flatten" else None
+        # axis 0 (or -4) flattens the whole batch into one row: an exported batch of one gave the same
+        # logits, but the canonical model's batch is N, and a batch of two failed in the Gemm
+        if flatten is not None and int_attr(flatten, "axis", 1) % 4 != 1:
+            raise BnnccError(f"node '{flatten.name}' (Flatten): axis {int_attr(flatten, 'axis', 1)}; the classifier "
+                             "takes each image's features (axis 1)")
         fc = self.only_user(flatten or pool, "Gemm", "the classifier Gemm")
         if not fc.outputs[0].is_graph_output():
             raise BnnccError(f"node '{fc.name}' (Gemm): expected the classifier to produce the graph output")

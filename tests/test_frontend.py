@@ -979,6 +979,13 @@ def _pads_and_auto_pad(proto):
     return f"node '{conv.name}' (Conv): both pads and auto_pad SAME_UPPER, which ONNX forbids together"
 
 
+def _flatten_over_the_batch(proto):
+    """Axis 0 gives an exported batch of one the same logits; the canonical model's batch of two failed."""
+    flatten = next(n for n in proto.graph.node if n.op_type == "Flatten")
+    next(a for a in flatten.attribute if a.name == "axis").i = 0
+    return f"node '{flatten.name}' (Flatten): axis 0; the classifier takes each image's features (axis 1)"
+
+
 def _unequal_strides(proto):
     conv = _first_conv(proto)  # (in a block, the shortcut's Add would meet a size it cannot broadcast first)
     next(a for a in conv.attribute if a.name == "strides").ints[:] = [2, 1]
@@ -1003,8 +1010,8 @@ def _huge_input(proto):
 
 
 @pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length,
-                                     _kernel_shape_of_other_size, _pads_and_auto_pad, _unequal_strides, _zero_height,
-                                     _pool_larger_than_its_input, _huge_input])
+                                     _kernel_shape_of_other_size, _pads_and_auto_pad, _flatten_over_the_batch,
+                                     _unequal_strides, _zero_height, _pool_larger_than_its_input, _huge_input])
 def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
     """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
     naming the tensor or node, before anything is written."""
