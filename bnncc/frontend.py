@@ -600,6 +600,8 @@ def _one_line(error: Exception) -> str:
 def _read_proto(path: Path) -> onnx.ModelProto:
     try:
         require_file(path, "an ONNX model")
+        if path.stat().st_size > 2**31:  # no protobuf message is larger: a sparse file of 8 GiB was read whole
+            raise _over_protobuf_limit(path, path.stat().st_size)
         data = path.read_bytes()
     except OSError as e:  # too long a name, no permission, ...
         raise BnnccError(f"{path}: cannot read the file: {e.strerror}") from None

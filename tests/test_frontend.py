@@ -408,6 +408,13 @@ def test_a_model_over_protobufs_2_gib_is_one_line(cli, tmp_path, tiny_proto):
     _expect_refusal(cli, tmp_path / "big.onnx", "2.1 GiB with its external data, over the 2 GiB of a protobuf message")
 
 
+def test_a_model_file_over_protobufs_2_gib_is_not_read(cli, tmp_path):
+    """A sparse model file of 1 TiB was read whole before protobuf could refuse it: 'unexpected MemoryError'."""
+    with open(tmp_path / "huge.onnx", "wb") as f:  # no disk taken
+        f.truncate(2**40)
+    _expect_refusal(cli, tmp_path / "huge.onnx", "1024.0 GiB with its external data, over the 2 GiB of a protobuf")
+
+
 @pytest.mark.parametrize("where", ["graph", "branch"])
 def test_external_data_is_measured_before_it_is_read(cli, tmp_path, tiny_proto, where):
     """A bias whose external data, named without a length, is a sparse file of 1 TiB: onnx reads to the
