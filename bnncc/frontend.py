@@ -280,6 +280,7 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
     _check_text(proto, path)
+    _check_dense([*proto.graph.node, *(node for function in proto.functions for node in function.node)], path)
     _name_default_domain(proto)
     _sort_nodes(proto, path)
     proto = _upgrade_old_opset(proto, path)
@@ -405,6 +406,18 @@ def _per_channel_spatial(proto: onnx.ModelProto, path: Path) -> list[str]:
         fixed.append(node.name)
     return [f"{len(fixed)} batch norm(s) of spatial=0 with one parameter a channel read as spatial=1 (as "
             f"onnxruntime does), the first '{fixed[0]}'"] if fixed else []
+
+
+def _check_dense(nodes, path: Path) -> None:
+    """No attribute of ``nodes`` (and of the nodes of their subgraphs) holds a sparse tensor: onnx_ir reads
+    none, and a Constant's sparse_value ended every command in 'unexpected SerdeError'."""
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                raise BnnccError(f"{path}: node '{node.name}' ({node.op_type}): attribute '{attribute.name}' holds "
+                                 "a sparse tensor, which bnncc does not read; store it dense")
+            for graph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                _check_dense(graph.node, path)
 
 
 def _check_text(message: google.protobuf.message.Message, path: Path) -> None:

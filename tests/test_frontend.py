@@ -993,6 +993,17 @@ def _flatten_over_the_batch(proto):
     return f"node '{flatten.name}' (Flatten): axis 0; the classifier takes each image's features (axis 1)"
 
 
+def _sparse_constant(proto):
+    """A bias added to a Constant's sparse_value: onnx_ir reads no sparse tensor, 'unexpected SerdeError'."""
+    fc = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    sparse = helper.make_sparse_tensor(onnx.numpy_helper.from_array(np.ones(1, np.float32)),
+                                       onnx.numpy_helper.from_array(np.zeros(1, np.int64)), [1])
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["sparse"], name="sparse_const", sparse_value=sparse))
+    proto.graph.node.insert(1, helper.make_node("Add", [fc.input[2], "sparse"], ["fc_bias"], name="bias_add"))
+    fc.input[2] = "fc_bias"
+    return "node 'sparse_const' (Constant): attribute 'sparse_value' holds a sparse tensor, which bnncc does not read"
+
+
 def _unequal_strides(proto):
     conv = _first_conv(proto)  # (in a block, the shortcut's Add would meet a size it cannot broadcast first)
     next(a for a in conv.attribute if a.name == "strides").ints[:] = [2, 1]
@@ -1018,7 +1029,8 @@ def _huge_input(proto):
 
 @pytest.mark.parametrize("corrupt", [_nan_weight, _weights_of_other_channels, _bias_of_other_length,
                                      _kernel_shape_of_other_size, _pads_and_auto_pad, _flatten_over_the_batch,
-                                     _unequal_strides, _zero_height, _pool_larger_than_its_input, _huge_input])
+                                     _sparse_constant, _unequal_strides, _zero_height, _pool_larger_than_its_input,
+                                     _huge_input])
 def test_inconsistent_float_model_is_refused(cli, tmp_path, tiny_proto, corrupt):
     """What ONNX's checker and shape inference let through, and no CNN has: refused in one line
     naming the tensor or node, before anything is written."""
