@@ -35,13 +35,15 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         made = make_folders(dest.parent)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
-        except OSError:
+        except BaseException:
             remove_made(made)
             raise
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would keep the output from everyone else
     tmp_path = Path(tmp)
+    # from here on the temporary is removed whatever ends the run: a Ctrl-C or SIGTERM during the
+    # chmod below (the moment the file appears) left a ".NAME.*" file beside the output
     try:
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would keep the output from everyone else
         try:
             yield tmp_path
         except OSError as e:
@@ -205,8 +207,10 @@ def check_writable(dest: str | os.PathLike) -> None:
         if not folder.is_dir():
             raise BnnccError(f"{dest}: cannot write there ({folder} is not a folder)")
         fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.close(fd)
+        finally:  # (an interrupt here left the probe behind)
+            os.unlink(probe)
 
 
 def refuse_overwriting(outputs: dict[str, str | os.PathLike | None], inputs: dict[str, str | os.PathLike]) -> None:

@@ -63,6 +63,34 @@ def test_a_full_disk_while_writing_is_one_error_naming_the_output(tmp_path):
             (tmp_path / "missing.txt").read_text()
 
 
+def test_an_interrupt_as_the_temporary_appears_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (bnncc.cli raises them as exceptions) in the moment after mkstemp made the
+    temporary, while its modes were set, left ".out.onnx.*.onnx" beside the output of `bnncc rewrite`;
+    the same moment in the writability check left its probe."""
+    from bnncc import fileio
+    from bnncc.fileio import check_writable
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "umask", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "new" / "out.onnx"):
+            pass
+    assert os.listdir(tmp_path) == []
+    close = os.close
+
+    def close_interrupted(fd):
+        monkeypatch.setattr(os, "close", close)
+        close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "close", close_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        check_writable(tmp_path / "out.onnx")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failed_write_takes_back_the_folders_it_made(tmp_path):
     """A full disk while rewrite or export wrote new/deep/out.onnx left the empty folders new/deep; those
     that were there before stay, as does a folder the output went into."""
