@@ -197,10 +197,15 @@ class atomic_dir:
             self.made = make_folders(self.dest.parent)
             try:
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
-            except OSError:
+            except BaseException:
                 remove_made(self.made)
                 raise
-        self.tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the library from everyone else
+        try:
+            self.tmp.chmod(0o777 & ~umask())  # mkdtemp's 0700 would keep the library from everyone else
+        except BaseException:  # (no __exit__ follows a failed __enter__: a Ctrl-C here left the folder)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_made(self.made)
+            raise
         return self.tmp
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -225,8 +230,8 @@ class atomic_dir:
                     os.replace(self.dest, old / "dir")
                 try:
                     os.replace(self.tmp, self.dest)
-                except OSError:
-                    if old is not None:  # the earlier folder back in its place
+                except BaseException:  # (a Ctrl-C between the two renames too: the finally removes `old`)
+                    if old is not None and not self.dest.exists():  # the earlier folder back in its place
                         os.replace(old / "dir", self.dest)
                     raise
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,37 @@ def test_a_failed_write_takes_back_the_folders_it_made(tmp_path):
     with atomic_dir(tmp_path / "new" / "lib") as tmp:
         (tmp / "model.so").write_bytes(b"whole")
     assert os.listdir(tmp_path / "new") == ["lib"]
+
+
+def test_an_interrupt_while_the_folder_is_set_up_or_renamed_leaves_the_earlier_library(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (exceptions in bnncc.cli) as the temporary folder got its modes left ".lib.*" beside
+    the library; between the renames that put an earlier library aside and the new one in place, it left no
+    library at all (the earlier one was removed with its temporary)."""
+    from bnncc.targets import build
+
+    earlier = '{"format": "%s", "build": "earlier"}' % build.MANIFEST_FORMAT
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "model.json").write_text(earlier)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(build, "umask", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_dir(tmp_path / "new" / "lib"):
+                pass
+    assert sorted(os.listdir(tmp_path)) == ["lib"]
+    replace = os.replace
+
+    def replace_but_the_new_folder(source, dest):  # the new folder is renamed from ".lib.*"
+        return interrupted() if Path(source).name.startswith(".lib.") else replace(source, dest)
+
+    monkeypatch.setattr(os, "replace", replace_but_the_new_folder)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "lib") as tmp:
+            (tmp / "model.json").write_text("new")
+    assert os.listdir(tmp_path) == ["lib"] and (tmp_path / "lib" / "model.json").read_text() == earlier
 
 
 def test_a_file_that_cannot_be_read_is_named_not_called_unwritable(tmp_path):
