@@ -243,6 +243,32 @@ def test_a_signal_while_tvm_runs_our_code_ends_the_run_as_that_signal(tmp_path, 
     assert (done.returncode, done.stderr) == (code, err)
 
 
+_CTRL_C_WHILE_LOADING = '''
+import os, runpy, signal, sys
+
+
+class CtrlC:  # presses Ctrl-C as the command modules load
+    def find_spec(self, name, path=None, target=None):
+        if name == "bnncc.cli._app":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["bnncc", "passes"]
+runpy.run_module("bnncc", run_name="__main__")
+'''
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path):
+    """Ctrl-C in the seconds `bnncc` takes to import its modules, before it handles signals, printed the
+    30-line traceback of an import."""
+    script = tmp_path / "ctrl_c_while_loading.py"
+    script.write_text(_CTRL_C_WHILE_LOADING)
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "error: interrupted\n")
+
+
 @pytest.mark.parametrize("name", ["SIGHUP", "SIGINT"])
 def test_a_signal_the_caller_ignores_stays_ignored(tmp_path, name):
     """nohup ignores SIGHUP (and a shell's background job SIGINT): the command goes on."""
