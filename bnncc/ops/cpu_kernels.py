@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bnncc.errors import tool_said
+from bnncc.errors import BnnccError, tool_said
 from bnncc.fileio import atomic_path, cache_dir
 
 __all__ = [
@@ -84,6 +84,9 @@ def _library() -> ctypes.CDLL | None:
         except _BuildFailed as failed:
             logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions: %s", SOURCE,
                            compiler, failed)
+            return None
+        except BnnccError as unwritable:  # a full or read-only cache folder: no reason to stop the run
+            logger.warning("%s; training runs the bnncc ops as torch compositions", unwritable)
             return None
         logger.info("built %s (%.1f s)", path, time.perf_counter() - start)
     # torch has loaded its libgomp.so.1 already; the library's libgomp.so.1 resolves to that one,

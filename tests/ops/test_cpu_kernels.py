@@ -285,6 +285,20 @@ def test_a_failed_build_caches_nothing_and_training_falls_back(tmp_path, monkeyp
     assert "failed" in caplog.text and "missing-cc" in caplog.text
 
 
+def test_a_cache_folder_that_cannot_be_written_is_a_warning_and_training_falls_back(tmp_path, monkeypatch, caplog):
+    """A full or read-only cache folder (a CI container's home) ended `bnncc finetune` with
+    "libbnncc_cpu-*.so: cannot write there" at its first step, where no compiler at all is a warning."""
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", shutil.which("true"))  # (any compiler: the cache fails before it runs)
+    cpu_kernels._library.cache_clear()
+    try:
+        assert cpu_kernels._library() is None
+    finally:
+        cpu_kernels._library.cache_clear()
+    assert "cannot write there" in caplog.text and "torch compositions" in caplog.text
+
+
 def test_a_compiler_that_fails_on_the_kernels_is_one_log_line(monkeypatch, tmp_path, caplog):
     """The compiler's several lines of errors were logged as they were, below the warning."""
     from bnncc.ops import cpu_kernels
