@@ -13,10 +13,10 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_writable", "file_sha256",
-           "hash_file", "load_private_copy", "make_folders", "output_errors", "output_path", "output_target",
-           "partial_writes", "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged",
-           "sync", "umask", "writing_error"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_folder_writable",
+           "check_writable", "file_sha256", "hash_file", "load_private_copy", "make_folders", "output_errors",
+           "output_path", "output_target", "partial_writes", "refuse_overwriting", "remove_made", "remove_partial",
+           "require_file", "require_unchanged", "sync", "umask", "writing_error"]
 
 T = TypeVar("T")
 
@@ -196,10 +196,15 @@ def output_target(dest: str | os.PathLike) -> Path:
 
 def check_writable(dest: str | os.PathLike) -> None:
     """Refuse, before any work, an output path that cannot be written (a folder, a parent that is a
-    file, no permission, a read-only file system): a file is created in its folder, or in the
-    nearest folder above it that exists (the write makes the others), and removed. Nothing is
-    left behind, not even the folders."""
-    dest = output_target(dest)
+    file, no permission, a read-only file system)."""
+    check_folder_writable(output_target(dest))
+
+
+def check_folder_writable(dest: Path) -> None:
+    """Refuse, before any work, an output ``dest`` (a file, or a folder written beside it and renamed)
+    whose folder cannot be written (a parent that is a file, no permission, a read-only file system):
+    a file is created in its folder, or in the nearest folder above it that exists (the write makes the
+    others), and removed. Nothing is left behind, not even the folders."""
     with output_errors(dest):  # (walking up too: a folder without search permission is an OSError)
         folder = dest.parent
         while not os.path.lexists(folder) and folder != folder.parent:  # a dangling link exists, as no folder

@@ -23,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from bnncc.cost import ace
 from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
-from bnncc.fileio import file_sha256, make_folders, output_errors, output_path, remove_made, sync, umask, writing_error
+from bnncc.fileio import (check_folder_writable, file_sha256, make_folders, output_errors, output_path, remove_made,
+                          sync, umask, writing_error)
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.ops.registry import op_def
 from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
@@ -164,6 +165,8 @@ def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kin
         raise BnnccError(f"{dest}: is a symbolic link; give the folder's own path or a new one")
     if dest.resolve() == Path.cwd().resolve():  # a folder in use cannot be renamed away
         raise BnnccError(f"{dest}: is the current folder; give a new or earlier output folder's path")
+    # a read-only file system or a parent that is a file failed the write after the minutes of compiling
+    check_folder_writable(dest)
     if not dest.exists():
         return
     names = {p.name for p in dest.iterdir()} if dest.is_dir() else None

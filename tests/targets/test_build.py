@@ -143,6 +143,20 @@ def test_compile_shows_its_steps_on_a_terminal(tmp_path, monkeypatch):
     build.compile(tiny_pokebnn(), tmp_path / "piped", show_progress=True)
 
 
+def test_an_output_folder_that_cannot_be_written_is_refused_before_compiling(tmp_path, monkeypatch):
+    """`bnncc compile -o FILE/lib` (or onto a read-only file system) lowered and built for minutes and then
+    failed to write the library; a bundle's folder is checked alike."""
+    from test_lower import tiny_pokebnn
+
+    import bnncc.targets.build as build
+
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr(build, "lower", lambda *args, **kwargs: pytest.fail("compiled before checking the output"))
+    with pytest.raises(BnnccError, match=rf"afile/lib: cannot write there \({tmp_path}/afile is not a folder\)$"):
+        build.compile(tiny_pokebnn(), tmp_path / "afile" / "lib")
+    assert os.listdir(tmp_path) == ["afile"]
+
+
 @pytest.mark.parametrize("target", ["arm64", "cuda"])
 @pytest.mark.parametrize("command", ["compile", "convert"])
 def test_a_missing_build_tool_is_said_before_any_work(tmp_path, cli, monkeypatch, target, command):
