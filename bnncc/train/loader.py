@@ -16,9 +16,11 @@ image of a 30-image validation split did).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -63,6 +65,10 @@ def _checked_workers(workers: int) -> int:
     return workers
 
 
+# the signals that stop a run (bnncc.cli turns them into exceptions)
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class _Batches(torch.utils.data.Dataset):
     """A ``Plan`` -> its loaded batch, in whichever process runs it."""
 
@@ -95,6 +101,8 @@ class Loader:
             loaded = DataLoader(self.batches, sampler=map(_own_tensors, plans), batch_size=None,
                                 num_workers=self.workers, collate_fn=_as_is, pin_memory=self.device.type == "cuda",
                                 worker_init_fn=_leave_stop_signals_to_the_trainer)
+            with _stop_signals_held():
+                loaded = iter(loaded)  # (forks the workers)
         for images, labels, bad in loaded:
             self._count(bad)
             images = images.to(self.device, non_blocking=True)
@@ -125,12 +133,34 @@ def _found_by_all(found: set[int], group: dist.ProcessGroup) -> set[int]:
     return {i for part in parts for i in part}
 
 
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold the stop signals that a Python handler takes (bnncc.cli's: Ctrl-C, SIGTERM, SIGHUP) and pass the
+    first on to it afterwards. Run while the workers were forked, the handler ran inside the at-fork callbacks
+    (logging's), which printed its KeyboardInterrupt or SystemExit as "Exception ignored" and dropped it:
+    the run trained on to its end and exited 0. (Blocking the signals in this thread is not enough: another
+    thread takes them, and the handler still runs here, in the callbacks.)"""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # (where signal handlers are set and run)
+        handlers = {stop: handler for stop in _STOPS if callable(handler := signal.getsignal(stop))}
+    held: list[int] = []
+    for stop in handlers:
+        signal.signal(stop, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+    if held:
+        handlers[held[0]](held[0], None)
+
+
 def _leave_stop_signals_to_the_trainer(_worker: int) -> None:
     """A worker ignores the signals that stop a run: sent to the whole process group (a terminal's
     Ctrl-C, ``timeout``, SLURM, systemd), they killed the workers first, and torch's iterator then
     printed a traceback from its ``__del__``; the trainer stops and shuts its workers down itself,
     and a worker whose trainer dies ends with it (torch's watchdog)."""
-    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for stop in _STOPS:
         signal.signal(stop, signal.SIG_IGN)
 
 
