@@ -253,13 +253,15 @@ def open_shards(folder: Path, split: str) -> ImageFiles:
 def _index_shards(shards: list[Path]) -> list[list[tuple[str, int, int, int]]]:
     """Each shard's samples; shards in parallel processes (tarfile reads ~25,000 headers a second:
     ImageNet's 2.6 million members take two minutes in one process)."""
-    from bnncc.train.loader import default_workers
+    from bnncc.train.loader import default_workers, stop_signals_held
 
     processes = min(len(shards), default_workers())
     if processes == 1:
         return [_index_shard(shard) for shard in shards]
     with ProcessPoolExecutor(processes) as pool:
-        return list(pool.map(_index_shard, shards, chunksize=max(1, len(shards) // (4 * processes))))
+        with stop_signals_held():  # (the first task forks the processes)
+            indexed = pool.map(_index_shard, shards, chunksize=max(1, len(shards) // (4 * processes)))
+        return list(indexed)
 
 
 def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from bnncc.errors import BnnccError
 from bnncc.train.data import Dataset, Loaded
 
-__all__ = ["Plan", "Loader", "default_workers", "BAD_SHARE"]
+__all__ = ["Plan", "Loader", "default_workers", "stop_signals_held", "BAD_SHARE"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Loader:
             loaded = DataLoader(self.batches, sampler=map(_own_tensors, plans), batch_size=None,
                                 num_workers=self.workers, collate_fn=_as_is, pin_memory=self.device.type == "cuda",
                                 worker_init_fn=_leave_stop_signals_to_the_trainer)
-            with _stop_signals_held():
+            with stop_signals_held():
                 loaded = iter(loaded)  # (forks the workers)
         for images, labels, bad in loaded:
             self._count(bad)
@@ -134,12 +134,12 @@ def _found_by_all(found: set[int], group: dist.ProcessGroup) -> set[int]:
 
 
 @contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """Hold the stop signals that a Python handler takes (bnncc.cli's: Ctrl-C, SIGTERM, SIGHUP) and pass the
-    first on to it afterwards. Run while the workers were forked, the handler ran inside the at-fork callbacks
-    (logging's), which printed its KeyboardInterrupt or SystemExit as "Exception ignored" and dropped it:
-    the run trained on to its end and exited 0. (Blocking the signals in this thread is not enough: another
-    thread takes them, and the handler still runs here, in the callbacks.)"""
+def stop_signals_held() -> Iterator[None]:
+    """Hold the stop signals that a Python handler takes (bnncc.cli's: Ctrl-C, SIGTERM, SIGHUP) while processes
+    are forked (the loader's workers, the shard indexer's), and pass the first on to it afterwards. Run then,
+    the handler ran inside the at-fork callbacks (logging's), which printed its KeyboardInterrupt or SystemExit
+    as "Exception ignored" and dropped it: the run trained on to its end and exited 0. (Blocking the signals in
+    this thread is not enough: another thread takes them, and the handler still runs here, in the callbacks.)"""
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # (where signal handlers are set and run)
         handlers = {stop: handler for stop in _STOPS if callable(handler := signal.getsignal(stop))}

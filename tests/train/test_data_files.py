@@ -8,6 +8,7 @@ layouts must give the same batches. Run as a script (under torchrun) this file i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -220,30 +221,39 @@ def test_workers_leave_a_stop_signal_to_the_trainer(data_dir):
     assert len(list(batches)) == 3  # the workers went on
 
 
-def test_a_stop_signal_while_the_workers_are_forked_stops_the_run(data_dir):
-    """Ctrl-C or SIGTERM as the loader forked its workers ran bnncc.cli's handler inside the at-fork
-    callbacks (logging's), which printed its KeyboardInterrupt as "Exception ignored" and dropped it:
-    `bnncc finetune --workers 2` trained on to its end and exited 0."""
+@contextlib.contextmanager
+def ctrl_c_at_the_next_fork():
+    """bnncc.cli's handling of Ctrl-C, and a Ctrl-C as the next process is forked."""
     import signal
 
     from bnncc.cli._app import on_signal
 
     armed = [True]
 
-    def ctrl_c_as_a_worker_is_forked():
+    def ctrl_c_as_a_process_is_forked():
         if armed:
             armed.clear()
             os.kill(os.getpid(), signal.SIGINT)
 
-    data = open_dataset(data_dir, "train")
-    os.register_at_fork(after_in_parent=ctrl_c_as_a_worker_is_forked)  # (inert once fired: it cannot be removed)
+    os.register_at_fork(after_in_parent=ctrl_c_as_a_process_is_forked)  # (inert once fired: it cannot be removed)
     previous = signal.signal(signal.SIGINT, on_signal)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            next(Loader(data, SHAPE, seed=3, workers=2)(Plan(data.batch_indices(5, 8, 3), 5, None) for _ in range(3)))
+        yield
     finally:
         armed.clear()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_signal_while_the_workers_are_forked_stops_the_run(data_dir):
+    """Ctrl-C or SIGTERM as the loader forked its workers ran bnncc.cli's handler inside the at-fork
+    callbacks (logging's), which printed its KeyboardInterrupt as "Exception ignored" and dropped it:
+    `bnncc finetune --workers 2` trained on to its end and exited 0. The shards' indexing forked alike."""
+    data = open_dataset(data_dir, "train")
+    with ctrl_c_at_the_next_fork(), pytest.raises(KeyboardInterrupt):
+        next(Loader(data, SHAPE, seed=3, workers=2)(Plan(data.batch_indices(5, 8, 3), 5, None) for _ in range(3)))
+    if data_dir.name == "shards":
+        with ctrl_c_at_the_next_fork(), pytest.raises(KeyboardInterrupt):
+            open_dataset(data_dir, "train")
 
 
 def test_the_callers_tensors_stay_its_own_when_sent_to_workers(data_dir):
