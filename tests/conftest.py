@@ -19,6 +19,19 @@ def cli(capsys):
     return run
 
 
+@pytest.fixture
+def terminal(monkeypatch):
+    """``terminal(width)``: the CLI's stdout is a terminal that wide (under ``cli`` it is a pipe, whose lines
+    are as long as their contents)."""
+    from bnncc.cli._app import console
+
+    def resize(width: int) -> None:
+        monkeypatch.setattr(console, "_force_terminal", True)  # rich's own switch (FORCE_COLOR sets it)
+        monkeypatch.setattr(console, "width", width)
+
+    return resize
+
+
 @pytest.fixture(scope="session")
 def resnet50_onnx(tmp_path_factory):
     """Float ResNet-50 ONNX files by kind: torch legacy (BN folded, fixed batch), torch dynamo

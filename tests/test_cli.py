@@ -331,10 +331,10 @@ def test_targets_table_and_missing_line_come_from_one_probe(cli, monkeypatch):
     assert "yes" in out and out.splitlines()[-1] == "missing: nothing"
 
 
-def test_targets_table_cuts_no_path_nor_install_command(cli, monkeypatch):
-    """In a pipe the console is 80 columns wide, and the table cut its cells with an ellipsis: a CI
-    log showed "/usr/bin/aarch…" found and "g++-aarch64-l…" to install. Folded, every character
-    is there: each cell's lines, joined, give back the text."""
+def test_targets_table_cuts_no_path_nor_install_command(cli, monkeypatch, terminal):
+    """In an 80-column terminal the table cut its cells with an ellipsis: it showed "/usr/bin/aarch…"
+    found and "g++-aarch64-l…" to install. Folded, every character is there: each cell's lines,
+    joined, give back the text."""
     from bnncc.targets import registry
 
     found = "/root/.cache/bnncc/arm64-runtime/tvm-0.27.0.post1-ffi-0.1.14.post1"
@@ -342,6 +342,7 @@ def test_targets_table_cuts_no_path_nor_install_command(cli, monkeypatch):
     monkeypatch.setattr(registry, "check", lambda: {"arm64": [
         registry.Requirement("aarch64-linux-gnu-g++", "build", None, install),
         registry.Requirement("aarch64 TVM runtime", "run", found, "bnncc targets --prepare (pip download)")]})
+    terminal(80)
     code, out, _ = cli("targets")
     assert code == 0 and "…" not in out
     rows = [line.split("│")[1:-1] for line in out.splitlines() if line.startswith("│")]  # (the header: ┃)
@@ -349,3 +350,29 @@ def test_targets_table_cuts_no_path_nor_install_command(cli, monkeypatch):
     assert columns[1] == "aarch64-linux-gnu-g++aarch64TVMruntime"
     assert columns[3] == "missing" + found
     assert columns[4].startswith(install.replace(" ", ""))
+
+
+def test_tables_in_a_file_are_not_cut_to_the_terminals_width(cli, tmp_path, monkeypatch):
+    """Output to a file or a pipe was laid out for 80 columns (or COLUMNS): `ace > costs.txt` folded a
+    layer name over two lines, so the file held no line naming it, and `targets | cat` cut paths to
+    "/usr/bin/aarch…". Such an output now has lines as long as their contents."""
+    import onnx
+
+    from bnncc.targets import registry
+    from test_fuzz import base_model
+
+    monkeypatch.setenv("COLUMNS", "80")
+    proto = base_model()
+    name = "/layer4/layer4.1/downsample/downsample.0/Conv_with_a_long_exported_name"
+    proto.graph.node[0].name = name
+    onnx.save(proto, tmp_path / "small.onnx")
+    code, out, err = cli("ace", tmp_path / "small.onnx")
+    assert code == 0, err
+    row = [line for line in out.splitlines() if name in line]
+    assert len(row) == 1 and "Conv 16x16" in row[0]
+
+    found = "/opt/cross-compilers/aarch64-linux-gnu/bin/aarch64-linux-gnu-g++-12"
+    monkeypatch.setattr(registry, "check", lambda: {
+        "arm64": [registry.Requirement("aarch64-linux-gnu-g++", "build", found, "apt-get install g++-aarch64")]})
+    code, out, _ = cli("targets")
+    assert code == 0 and found in out

@@ -327,23 +327,22 @@ def test_cli_table(cli, tmp_path):
                                    f"{conv_weights * 32 / 1e6:,.3f}"]
 
 
-def test_cli_table_keeps_its_numbers_in_a_narrow_terminal(cli, tmp_path, monkeypatch):
+def test_cli_table_keeps_its_numbers_in_a_narrow_terminal(cli, tmp_path, terminal):
     """At 40 columns (COLUMNS=40, a split pane) rich dropped the layer column and cut every number
     to "0.0015…": the table is drawn 80 columns wide, and the terminal wraps it."""
     from test_fuzz import base_model
 
-    from bnncc.cli._app import console
-
     path = tmp_path / "small.onnx"
     onnx.save(base_model(), path)
-    monkeypatch.setattr(console, "width", 40)
+    terminal(40)
     code, stdout, stderr = cli("ace", path)
     assert code == 0, stderr
     assert "…" not in stdout and " Conv_4 " in stdout and f"{8 * 8 * 8 * (7 * 7 * 3) / 1e6:,.3f}" in stdout
 
 
-def test_cli_table_of_a_full_resnet50_fits_80_columns(cli, resnet50_onnx):
+def test_cli_table_of_a_full_resnet50_fits_80_columns(cli, resnet50_onnx, terminal):
     """No number is cut: the totals of a float ResNet-50 (4,089,184,256 MACs) are all there."""
+    terminal(80)
     code, stdout, stderr = cli("ace", resnet50_onnx["legacy"])
     assert code == 0, stderr
     assert max(len(line) for line in stdout.splitlines()) <= 80
@@ -360,15 +359,16 @@ def test_cli_refuses_what_the_front_end_refuses(cli, tmp_path):
     assert stderr == f"error: {path}: input 'x': expected the stem's 7x7 stride-2 Conv, found Conv 'conv'\n"
 
 
-def test_cli_on_a_pokebnn_file(cli, tmp_path):
+def test_cli_on_a_pokebnn_file(cli, tmp_path, terminal):
     """An ai.bnncc graph with its function bodies, as the rewrite writes it: read, checked, measured."""
     model = pokebnn_model(0.5)
     attach_functions(model)
     path = tmp_path / "pokebnn_0.5x.onnx"
     ir.save(model, path)
+    terminal(80)
     code, stdout, stderr = cli("ace", path)
     assert code == 0, stderr
-    assert max(len(line) for line in stdout.splitlines()) <= 80  # the test console is 80 wide: nothing cut
+    assert max(len(line) for line in stdout.splitlines()) <= 80  # an 80-column terminal: nothing cut
     total = next(line.split() for line in stdout.splitlines() if line.split()[:1] == ["total"])
     report = ace(pokebnn_model(0.5))
     assert total == ["total", f"{report.macs / 1e6:,.3f}", f"{report.total / 1e9:.6f}", f"{report.cpu64 / 1e6:,.3f}",

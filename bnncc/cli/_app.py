@@ -42,6 +42,11 @@ err_console = _Console(stderr=True, markup=False, emoji=False)
 # the tables are laid out for 80 columns (ace's numbers are never cut there); in a narrower terminal
 # rich dropped whole columns and cut numbers to "0.0015…": they are drawn 80 wide and the terminal wraps them
 MIN_WIDTH = 80
+# an output that is no terminal (a file, a pipe, a CI log) has no width to fit, yet rich gave it 80 columns
+# (or COLUMNS, or the width of the terminal it was started from): `ace > costs.txt` folded layer names over
+# two lines and `targets | cat` cut the paths it found to "/usr/bin/aarch…"; there, lines are as long as
+# their contents
+PIPE_WIDTH = 10_000
 
 
 def _print_version(value: bool) -> None:
@@ -81,7 +86,9 @@ def run_app(argv: list[str] | None = None) -> int:
     an input bnncc does not check yet: one line naming the exception, exit code 1, and its traceback
     only with BNNCC_DEBUG=1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if console.width < MIN_WIDTH:
+    if not console.is_terminal:
+        console.width = PIPE_WIDTH
+    elif console.width < MIN_WIDTH:
         console.width = MIN_WIDTH
     # onnx_ir's shape inference logs a failure with its traceback and goes on; bnncc refuses such a
     # model itself, in one line

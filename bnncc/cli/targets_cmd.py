@@ -26,7 +26,7 @@ def targets_command(
         console.print(f"aarch64 bundle runner: {ensure_runner(AARCH64, beside_runtime=True)}", soft_wrap=True)
     table = Table(title="bnncc targets")
     for column in ("target", "needs", "for", "found", "to install"):
-        # folded, not cut: in a pipe (80 columns) the paths and install commands ended in "…"
+        # folded, not cut: in an 80-column terminal the paths and install commands ended in "…"
         table.add_column(column, overflow="fold")
     # probed once: the table and the missing line describe the same look at the host
     checked = registry.check()
