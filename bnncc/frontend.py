@@ -985,10 +985,15 @@ class _Walker:
                              f"Conv and its shortcut")
         out_relu = self.only_user(add, "Relu", "the block's output Relu")
         for conv, kernel in (*zip(convs, kernels), (shortcut, (1, 1))):
-            if conv is not None and (_kernel(conv) != kernel or int_attr(conv, "group", 1) != 1
-                                     or set(ints_attr(conv, "dilations", (1,))) != {1}):
-                raise BnnccError(f"node '{conv.name}' (Conv): expected a {kernel[0]}x{kernel[1]} Conv with group 1 "
-                                 f"and no dilation")
+            if conv is None:
+                continue
+            group, dilations = int_attr(conv, "group", 1), list(ints_attr(conv, "dilations", (1, 1)))
+            if _kernel(conv) != kernel or group != 1 or set(dilations) != {1}:
+                # name what the conv is: a ResNeXt's grouped 3x3 conv was refused as "expected a 3x3 Conv"
+                found = "x".join(map(str, _kernel(conv)))
+                raise BnnccError(f"node '{conv.name}' (Conv): a {found} Conv with group {group} and dilations "
+                                 f"{dilations}; expected a {kernel[0]}x{kernel[1]} Conv with group 1 and no dilation "
+                                 f"(grouped convs, as ResNeXt's, and dilated ones have no binary conv here)")
         for conv in convs:
             _check_centred(conv)
         stride = _stride(conv1) * _stride(conv2)

@@ -1127,11 +1127,21 @@ def _dilated(folder):
         conv.attribute.remove(next(a for a in conv.attribute if a.name == name))
         conv.attribute.append(helper.make_attribute(name, values))
     onnx.save(proto, path)
-    return path, f"node '{conv.name}' (Conv): expected a 3x3 Conv with group 1 and no dilation"
+    return path, f"node '{conv.name}' (Conv): a 3x3 Conv with group 1 and dilations [2, 2]; expected a 3x3 Conv"
+
+
+def _grouped(folder):
+    """A ResNeXt-style bottleneck: its 3x3 conv in 4 groups, which a dense binary conv would not compute."""
+    module = zoo.resnet50(width=0.125, num_classes=10)
+    conv = module.layer1[0].conv2
+    module.layer1[0].conv2 = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, groups=4, bias=False)
+    path = zoo.export_onnx(module, folder / "grouped.onnx", input_size=32)
+    return path, "node '/layer1/layer1.0/conv2/Conv' (Conv): a 3x3 Conv with group 4 and dilations [1, 1]"
 
 
 REFUSED = {"mixed_blocks": _mixed_blocks, "light_opset8": _light_at_opset(8), "light_opset29": _light_at_opset(29),
-           "light_opset999": _light_at_opset(999), "long_location": _long_external_location, "dilated": _dilated}
+           "light_opset999": _light_at_opset(999), "long_location": _long_external_location, "dilated": _dilated,
+           "grouped": _grouped}
 
 
 @pytest.mark.parametrize("case", REFUSED)
