@@ -1139,9 +1139,18 @@ def _grouped(folder):
     return path, "node '/layer1/layer1.0/conv2/Conv' (Conv): a 3x3 Conv with group 4 and dilations [1, 1]"
 
 
+def _two_linear(folder):
+    """A head of two Linear layers with a Relu between them: the second must not be dropped."""
+    module = zoo.resnet50(width=0.125, num_classes=10)
+    module.fc = torch.nn.Sequential(torch.nn.Linear(256, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    path = zoo.export_onnx(module, folder / "two_linear.onnx", input_size=32)
+    return path, ("node '/fc/fc.0/Gemm' (Gemm): expected the classifier to produce the graph output, found Relu "
+                  "'/fc/fc.1/Relu' after it (a head of more than one Linear layer is not supported)")
+
+
 REFUSED = {"mixed_blocks": _mixed_blocks, "light_opset8": _light_at_opset(8), "light_opset29": _light_at_opset(29),
            "light_opset999": _light_at_opset(999), "long_location": _long_external_location, "dilated": _dilated,
-           "grouped": _grouped}
+           "grouped": _grouped, "two_linear": _two_linear}
 
 
 @pytest.mark.parametrize("case", REFUSED)
