@@ -1034,7 +1034,7 @@ class _Walker:
         if not fc.outputs[0].is_graph_output():
             found = ", ".join(f"{u.op_type} '{u.name}'" for u in self.users(fc.outputs[0])) or "nothing"
             raise BnnccError(f"node '{fc.name}' (Gemm): expected the classifier to produce the graph output, found "
-                             f"{found} after it (a head of more than one Linear layer is not supported)")
+                             f"{found} after it (bnncc takes a head that ends in its one Linear layer)")
         self.visit(pool, flatten, fc)
         weight = _weight(fc)
         return Head(pool.name, flatten.name if flatten else None, fc.name, weight.shape[1], weight.shape[0])
