@@ -230,11 +230,14 @@ class atomic_dir:
                 sync(self.tmp)
                 if self.dest.exists():
                     old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
-                    os.replace(self.dest, old / "dir")
+                # a failed rename or a Ctrl-C during or between the two (the finally removes `old`): the
+                # earlier folder back in its place
                 try:
+                    if old is not None:
+                        os.replace(self.dest, old / "dir")
                     os.replace(self.tmp, self.dest)
-                except BaseException:  # (a Ctrl-C between the two renames too: the finally removes `old`)
-                    if old is not None and not self.dest.exists():  # the earlier folder back in its place
+                except BaseException:
+                    if old is not None and (old / "dir").exists() and not self.dest.exists():
                         os.replace(old / "dir", self.dest)
                     raise
         finally:

@@ -35,7 +35,7 @@ def test_a_failed_write_takes_back_the_folders_it_made(tmp_path):
 def test_an_interrupt_while_the_folder_is_set_up_or_renamed_leaves_the_earlier_library(tmp_path, monkeypatch):
     """Ctrl-C or SIGTERM (exceptions in bnncc.cli) as the temporary folder got its modes left ".lib.*" beside
     the library; between the renames that put an earlier library aside and the new one in place, it left no
-    library at all (the earlier one was removed with its temporary)."""
+    library at all (the earlier one was removed with its temporary), as it did just after the first rename."""
     from bnncc.targets import build
 
     earlier = '{"format": "%s", "build": "earlier"}' % build.MANIFEST_FORMAT
@@ -57,6 +57,17 @@ def test_an_interrupt_while_the_folder_is_set_up_or_renamed_leaves_the_earlier_l
         return interrupted() if Path(source).name.startswith(".lib.") else replace(source, dest)
 
     monkeypatch.setattr(os, "replace", replace_but_the_new_folder)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(tmp_path / "lib") as tmp:
+            (tmp / "model.json").write_text("new")
+    assert os.listdir(tmp_path) == ["lib"] and (tmp_path / "lib" / "model.json").read_text() == earlier
+
+    def replace_then_interrupted(source, dest):  # the earlier folder is put aside, then the signal comes
+        replace(source, dest)
+        if Path(dest).name == "dir":
+            interrupted()
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupted)
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(tmp_path / "lib") as tmp:
             (tmp / "model.json").write_text("new")
