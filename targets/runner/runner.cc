@@ -196,9 +196,17 @@ void CheckDigest(const std::string& lib) {
   std::stringstream text;
   text << in.rdbuf();
   const std::string json = text.str();
-  size_t key = json.find("\"library_sha256\"");
+  // the key: the same string as a value (an input named so) is followed by no colon; that one was taken,
+  // and the runner refused the library it describes
+  const std::string name = "\"library_sha256\"";
+  size_t key = json.find(name);
+  size_t colon = std::string::npos;
+  for (; key != std::string::npos; key = json.find(name, key + 1)) {
+    colon = json.find_first_not_of(" \t\r\n", key + name.size());
+    if (colon != std::string::npos && json[colon] == ':') break;
+  }
   if (key == std::string::npos) return;  // a manifest of a bnncc before it recorded one
-  size_t open = json.find('"', json.find(':', key) + 1);
+  size_t open = json.find('"', colon + 1);
   std::string recorded = open == std::string::npos ? "" : json.substr(open + 1, 64);
   if (FileSha256(lib) != recorded) {
     throw std::runtime_error(lib + ": its SHA-256 is not the one " + manifest + " records (a damaged copy, or " +

@@ -196,6 +196,17 @@ def test_the_runner_refuses_a_library_its_manifest_does_not_describe_and_logits_
     assert not list(folder.glob("o*")), "a refused run left an output"
 
 
+def test_the_runner_finds_the_digest_under_its_key_not_a_value_that_reads_the_same(x86_library, tmp_path):
+    """The runner took the first "library_sha256" in model.json for the key: a model whose input is named
+    so (the manifest records it before the digest) had its own bundle refused as another compile's."""
+    folder = bundle(x86_library, tmp_path / "bundle")
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["input"]["name"] = "library_sha256"
+    (folder / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    x = np.random.default_rng(3).random((2, *load(x86_library).input_chw), dtype=np.float32)
+    np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
+
+
 @pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
                     reason="needs g++-aarch64-linux-gnu and qemu-user (apt)")
 def test_an_arm64_bundle_runs_the_library_anywhere_without_python(tmp_path):
