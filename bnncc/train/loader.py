@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from bnncc.errors import BnnccError
 from bnncc.train.data import Dataset, Loaded
 
-__all__ = ["Plan", "Loader", "default_workers", "stop_signals_held", "BAD_SHARE"]
+__all__ = ["Plan", "Loader", "default_workers", "stop_signals_held", "BAD_SHARE", "STOPS"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _checked_workers(workers: int) -> int:
 
 
 # the signals that stop a run (bnncc.cli turns them into exceptions)
-_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -142,7 +142,7 @@ def stop_signals_held() -> Iterator[None]:
     this thread is not enough: another thread takes them, and the handler still runs here, in the callbacks.)"""
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # (where signal handlers are set and run)
-        handlers = {stop: handler for stop in _STOPS if callable(handler := signal.getsignal(stop))}
+        handlers = {stop: handler for stop in STOPS if callable(handler := signal.getsignal(stop))}
     held: list[int] = []
     for stop in handlers:
         signal.signal(stop, lambda signum, frame: held.append(signum))
@@ -160,7 +160,7 @@ def _leave_stop_signals_to_the_trainer(_worker: int) -> None:
     Ctrl-C, ``timeout``, SLURM, systemd), they killed the workers first, and torch's iterator then
     printed a traceback from its ``__del__``; the trainer stops and shuts its workers down itself,
     and a worker whose trainer dies ends with it (torch's watchdog)."""
-    for stop in _STOPS:
+    for stop in STOPS:
         signal.signal(stop, signal.SIG_IGN)
 
 
