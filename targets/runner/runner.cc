@@ -1,6 +1,7 @@
 // bnncc runner: run one function of a TVM Relax library on the CPU, with no Python.
 //
 //   runner run  LIB FUNC OUT_PREFIX IN0.npy [IN1.npy ...]   writes OUT_PREFIX0.npy, OUT_PREFIX1.npy, ... (and says so)
+//   runner call LIB FUNC OUT_PREFIX IN0.npy [IN1.npy ...]   the same, for bnncc (below)
 //   runner time N LIB FUNC IN0.npy [IN1.npy ...]            prints "mean_ms <mean of N calls>"
 //
 // Only the tvm-ffi C++ API is used: Module::LoadFromFile loads the library (libtvm_runtime
@@ -10,7 +11,9 @@
 // .npy files: format 1.0/2.0/3.0, C order, little-endian f4/f8/i1/i4/i8/u1/u4.
 // A model.json beside LIB (a bundle's, a library folder's) must record LIB's SHA-256: a damaged copy
 // crashed the process, and another compile's library ran under the manifest's shapes and classes.
-// Outputs holding NaN or an infinity are refused, not written: they are no logits.
+// run refuses outputs holding NaN or an infinity, and writes nothing: they are no logits. call writes
+// them as they are: bnncc runs a library with it, and bnncc run and verify judge such logits themselves
+// (verify reports them as the input's failure, and compares the other inputs).
 
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -375,6 +378,7 @@ std::string Printable(const std::string& text) {
 
 int Usage() {
   std::cerr << "usage: runner run LIB FUNC OUT_PREFIX IN.npy...\n"
+               "       runner call LIB FUNC OUT_PREFIX IN.npy...\n"
                "       runner time N LIB FUNC IN.npy...\n";
   return 2;
 }
@@ -384,12 +388,14 @@ int Usage() {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   try {
-    if (args.size() >= 4 && args[0] == "run") {
+    if (args.size() >= 4 && (args[0] == "run" || args[0] == "call")) {
       auto [vm, func] = LoadVMFunction(args[1], args[2]);
       std::vector<ffi::Tensor> inputs;
       for (size_t i = 4; i < args.size(); ++i) inputs.push_back(ReadNpy(args[i]));
       std::vector<ffi::Tensor> outputs = Outputs(Call(func, inputs));
-      for (size_t i = 0; i < outputs.size(); ++i) RefuseNonFinite(outputs[i], i);
+      if (args[0] == "run") {
+        for (size_t i = 0; i < outputs.size(); ++i) RefuseNonFinite(outputs[i], i);
+      }
       for (size_t i = 0; i < outputs.size(); ++i) {
         std::string path = args[3] + std::to_string(i) + ".npy";
         WriteNpy(path, outputs[i]);

@@ -163,6 +163,32 @@ def test_pokebnn_network_on_arm64_agrees_with_onnxruntime(tmp_path):
 
 
 @needs_cross
+def test_an_arm64_librarys_nan_logits_come_back_for_verify_to_report(tmp_path):
+    """The runner refuses NaN logits, which a bundle's user must not take for logits; bnncc ran arm64
+    libraries with that refusal too: verify stopped at an input on which the network overflows, with
+    "the aarch64 runner failed", where for an x86-64 library it reports that input's failure and
+    compares the others."""
+    import onnx
+    from test_fuzz import base_model
+
+    import bnncc
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+    from bnncc.verification import verify
+
+    onnx.save(base_model(), tmp_path / "small.onnx")
+    # uncalibrated: its quantizers run in float, so an input of 3e38 overflows to NaN logits (test_bundle)
+    poke, _ = bnncc.rewrite(bnncc.load(tmp_path / "small.onnx"), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    folder = compile(poke, tmp_path / "lib", target="arm64", batches=(1,))
+    chw = load(folder).input_chw
+    huge, zeros = np.full(chw, 3e38, np.float32), np.zeros(chw, np.float32)
+    assert np.isnan(load(folder)(huge[None])).all()
+    report = verify(folder, n=0, images=[huge, zeros])
+    assert report.inputs == 2 and report.argmax_agree == 1, report.failures
+    assert len(report.failures) == 1 and report.failures[0].startswith("input 0: "), report.failures
+
+
+@needs_cross
 def test_an_arm64_library_keeps_running_what_was_loaded_when_its_folder_is_compiled_again(tmp_path):
     """Under qemu each call starts the runner on model.so: it ran the file in place, so a folder
     compiled again after ``load`` (another network) gave that network's logits under the loaded
