@@ -25,7 +25,7 @@ from bnncc.errors import BnnccError
 from bnncc.fileio import output_path, require_unchanged
 from bnncc.runtime import read_library
 from bnncc.targets import registry, vmrunner
-from bnncc.targets.build import atomic_dir, write_manifest
+from bnncc.targets.build import atomic_dir, check_output_folder, write_manifest
 
 __all__ = ["bundle", "bundles", "BUNDLE_FILES"]
 
@@ -52,6 +52,9 @@ def bundle(library: str | os.PathLike, output: str | os.PathLike) -> Path:
                          f"does not hold; bundles are for CPU libraries (x86-64, arm64)")
     if output.resolve() == library.resolve():
         raise BnnccError(f"{output}: is the library folder itself; choose another output path")
+    # before the runner's build (and the aarch64 runtime's download): an unwritable output, or a folder of
+    # the user's, was refused only after them
+    check_output_folder(output, BUNDLE_FILES, "bundle")
     arch = _RUNNER_ARCH[target.elf_machine]
     runner = vmrunner.ensure_runner(arch, beside_runtime=True)
     runtime = vmrunner.runtime_libraries(arch)

@@ -196,6 +196,16 @@ def test_the_runner_refuses_a_library_its_manifest_does_not_describe_and_logits_
     assert not list(folder.glob("o*")), "a refused run left an output"
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_runner_is_built(x86_library, tmp_path, monkeypatch):
+    """The output folder was checked only once the runner was built (and, for arm64, the runtime
+    downloaded): `bnncc bundle lib -o FILE/b` did that work first, then said it cannot write there."""
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr(vmrunner, "ensure_runner", lambda *args, **kwargs: pytest.fail("built before the check"))
+    with pytest.raises(BnnccError, match=rf"afile/bundle: cannot write there \({tmp_path}/afile is not a folder\)$"):
+        bundle(x86_library, tmp_path / "afile" / "bundle")
+    assert os.listdir(tmp_path) == ["afile"]
+
+
 def test_the_runner_finds_the_digest_under_its_key_not_a_value_that_reads_the_same(x86_library, tmp_path):
     """The runner took the first "library_sha256" in model.json for the key: a model whose input is named
     so (the manifest records it before the digest) had its own bundle refused as another compile's."""
