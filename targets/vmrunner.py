@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError, tool_said
-from bnncc.fileio import atomic_path, cache_dir
+from bnncc.fileio import atomic_path, cache_dir, output_errors
 from bnncc.targets.arm64 import CROSS_CXX, CROSS_INSTALL
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
@@ -79,7 +79,8 @@ def ensure_arm64_runtime() -> Path:
     if has_arm64_runtime():
         return folder
     start = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
+    with output_errors(folder):  # a cache that cannot be written ($BNNCC_CACHE a file, read-only) was "unexpected"
+        folder.mkdir(parents=True, exist_ok=True)
     if len(list((folder / "wheels").glob("*.whl"))) >= len(_RUNTIME_LIBS):
         _extract_runtime(folder / "wheels", folder)
     else:
@@ -136,7 +137,8 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
         raise BnnccError(f"{compiler} not found; install it: {_COMPILER_INSTALLS[arch]}")
     include = runtime_include_dir()
     start = time.perf_counter()
-    binary.parent.mkdir(parents=True, exist_ok=True)
+    with output_errors(binary):  # (as the runtime's folder)
+        binary.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(binary) as tmp:
         command = [compiler, "-std=c++17", "-O2", str(RUNNER_SOURCE), f"-I{include}", "-o", str(tmp),
                    *(f"-L{d}" for d in libs), f"-Wl,-rpath,{rpath}",

@@ -206,6 +206,19 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_runner_is_built(
     assert os.listdir(tmp_path) == ["afile"]
 
 
+def test_a_cache_that_cannot_be_written_is_named(x86_library, tmp_path, monkeypatch):
+    """With $BNNCC_CACHE a file (or read-only), bundling, and running an arm64 library, ended in
+    "unexpected NotADirectoryError", which says that bnncc hit a bug."""
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    unwritable = r".*: cannot write there \(Not a directory\)$"
+    with pytest.raises(BnnccError, match=rf"^{tmp_path}/cache/runner/{unwritable}"):
+        bundle(x86_library, tmp_path / "bundle")
+    with pytest.raises(BnnccError, match=rf"^{tmp_path}/cache/arm64-runtime/{unwritable}"):
+        vmrunner.ensure_arm64_runtime()
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
 def test_the_runner_finds_the_digest_under_its_key_not_a_value_that_reads_the_same(x86_library, tmp_path):
     """The runner took the first "library_sha256" in model.json for the key: a model whose input is named
     so (the manifest records it before the digest) had its own bundle refused as another compile's."""
