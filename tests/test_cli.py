@@ -376,3 +376,22 @@ def test_tables_in_a_file_are_not_cut_to_the_terminals_width(cli, tmp_path, monk
         "arm64": [registry.Requirement("aarch64-linux-gnu-g++", "build", found, "apt-get install g++-aarch64")]})
     code, out, _ = cli("targets")
     assert code == 0 and found in out
+
+
+def test_ace_and_rewrite_print_a_long_path_whole(cli, tmp_path):
+    """The path was the table's title, which rich wraps to the table's width: `ace` and `rewrite` of a model
+    in a deep folder printed it cut in two, in a file too, where no line held it."""
+    import onnx
+
+    from test_fuzz import base_model
+
+    path = tmp_path / ("a_folder_of_exported_models_" * 4) / "small.onnx"
+    path.parent.mkdir()
+    onnx.save(base_model(), path)
+    code, out, err = cli("ace", path)
+    assert code == 0, err
+    assert str(path) in out.splitlines()
+    output = tmp_path / "poke.onnx"
+    code, out, err = cli("rewrite", path, "-o", output, "--set", "passes.poke_stem.mid_channels=8")
+    assert code == 0, err
+    assert f"{path} -> {output} (pokebnn_1x)" in out.splitlines()

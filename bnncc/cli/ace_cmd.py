@@ -30,4 +30,7 @@ def ace(
         # soft_wrap: machine-read output must not be broken across lines
         console.print(json.dumps(data, indent=2), highlight=False, soft_wrap=True)
     else:
-        console.print(format_table(report, title=str(model), per_layer=per_layer))
+        # the path on a line of its own, not the table's title, which is wrapped to the table's width:
+        # a long path came out cut in two, in a file too, where no line held it
+        console.print(str(model), style="italic", highlight=False, soft_wrap=True)
+        console.print(format_table(report, per_layer=per_layer))

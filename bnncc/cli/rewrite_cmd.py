@@ -29,13 +29,16 @@ def rewrite(
     result, rows = rewrite_model(load(model), recipe, overrides)
     with atomic_path(output) as tmp:
         ir.save(result, tmp)
-    console.print(_table(rows, f"{model} -> {output} ({recipe})"))
+    # on a line of its own, not the table's title, which is wrapped to the table's width: the paths came
+    # out cut in two, in a file too, where no line held them
+    console.print(f"{model} -> {output} ({recipe})", style="italic", highlight=False, soft_wrap=True)
+    console.print(_table(rows))
 
 
-def _table(rows: list[PassRecord], title: str) -> Table:
+def _table(rows: list[PassRecord]) -> Table:
     """One row per pass: whether it changed the model, the node count and the ACE after it (exact, as
     `bnncc ace` gives it: ".4g" read "9.25e+11" beside "9.548e+11" and hid a pass's small change)."""
-    table = Table(title=title)
+    table = Table()
     for column, justify in (("pass", "left"), ("modified", "left"), ("nodes", "right"), ("ACE", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
