@@ -991,9 +991,12 @@ class _Walker:
             if _kernel(conv) != kernel or group != 1 or set(dilations) != {1}:
                 # name what the conv is: a ResNeXt's grouped 3x3 conv was refused as "expected a 3x3 Conv"
                 found = "x".join(map(str, _kernel(conv)))
+                # (and why only where it is grouped or dilated: a 5x5 conv was said to be one)
+                why = ("" if group == 1 and set(dilations) == {1}
+                       else " (grouped convs, as ResNeXt's, and dilated ones have no binary conv here)")
                 raise BnnccError(f"node '{conv.name}' (Conv): a {found} Conv with group {group} and dilations "
-                                 f"{dilations}; expected a {kernel[0]}x{kernel[1]} Conv with group 1 and no dilation "
-                                 f"(grouped convs, as ResNeXt's, and dilated ones have no binary conv here)")
+                                 f"{dilations}; expected a {kernel[0]}x{kernel[1]} Conv with group 1 and no dilation"
+                                 f"{why}")
         for conv in convs:
             _check_centred(conv)
         stride = _stride(conv1) * _stride(conv2)

@@ -1139,6 +1139,16 @@ def _grouped(folder):
     return path, "node '/layer1/layer1.0/conv2/Conv' (Conv): a 3x3 Conv with group 4 and dilations [1, 1]"
 
 
+def _five_by_five(folder):
+    """A 5x5 conv where a bottleneck has its 3x3: neither grouped nor dilated, which the refusal said it was."""
+    module = zoo.resnet50(width=0.125, num_classes=10)
+    conv = module.layer1[0].conv2
+    module.layer1[0].conv2 = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 5, padding=2, bias=False)
+    path = zoo.export_onnx(module, folder / "five_by_five.onnx", input_size=32)
+    return path, ("node '/layer1/layer1.0/conv2/Conv' (Conv): a 5x5 Conv with group 1 and dilations [1, 1]; "
+                  "expected a 3x3 Conv with group 1 and no dilation\n")
+
+
 def _two_linear(folder):
     """A head of two Linear layers with a Relu between them: the second must not be dropped."""
     module = zoo.resnet50(width=0.125, num_classes=10)
@@ -1150,7 +1160,7 @@ def _two_linear(folder):
 
 REFUSED = {"mixed_blocks": _mixed_blocks, "light_opset8": _light_at_opset(8), "light_opset29": _light_at_opset(29),
            "light_opset999": _light_at_opset(999), "long_location": _long_external_location, "dilated": _dilated,
-           "grouped": _grouped, "two_linear": _two_linear}
+           "grouped": _grouped, "five_by_five": _five_by_five, "two_linear": _two_linear}
 
 
 @pytest.mark.parametrize("case", REFUSED)
