@@ -316,10 +316,14 @@ def test_cli_table(cli, tmp_path):
     stem_macs = 8 * 8 * 8 * (7 * 7 * 3)
     conv_macs = stem_macs + 4 * 4 * (8 * 16 + 9 * 16 * 16 + 16 * 64 + 8 * 64)
     conv_ace, dense_ace = conv_macs * 256, 64 * 5 * 256
-    words = " ".join(stdout.split())  # the caption wraps at the terminal width
+    words = " ".join(stdout.split())  # (in a terminal the caption wraps at its width)
     assert f"{stem_macs / 1e6:,.3f}" in stdout and f"{(conv_ace + dense_ace) / 1e9:.6f}" in stdout
     assert f"ACE {conv_ace + dense_ace:,} (conv {conv_ace:,}, dense {dense_ace:,}); MACs {conv_macs + 64 * 5:,}" in words
     assert "float MACs at 16 x 16 bits" in words
+    # in a file or a pipe the caption is one line: it was wrapped to the table's width, "MACs" apart from its figure
+    caption = [line for line in stdout.splitlines() if line.startswith(f"ACE {conv_ace + dense_ace:,} ")]
+    assert len(caption) == 1 and f"; MACs {conv_macs + 64 * 5:,}; " in caption[0]
+    assert f"; scalar ops {ace(path).sops_total:,} (" in caption[0]
     # the op rows fill every column (their CPU64 was blank): float MACs are CPU64 MACs, weights 32 bits each
     conv_weights = 8 * 3 * 7 * 7 + 16 * 8 + 16 * 16 * 3 * 3 + 64 * 16 + 64 * 8
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in stdout.splitlines()}

@@ -33,4 +33,10 @@ def ace(
         # the path on a line of its own, not the table's title, which is wrapped to the table's width:
         # a long path came out cut in two, in a file too, where no line held it
         console.print(str(model), style="italic", highlight=False, soft_wrap=True)
-        console.print(format_table(report, per_layer=per_layer))
+        table = format_table(report, per_layer=per_layer)
+        # the caption (the exact figures) a paragraph of its own, wrapped to the console's width: as the table's
+        # caption it was wrapped to the table's, in a file too, where "MACs" ended one line and its figure began
+        # the next
+        caption, table.caption = table.caption, None
+        console.print(table)
+        console.print(caption, style="table.caption", highlight=False)
