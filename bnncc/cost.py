@@ -116,8 +116,8 @@ class CostReport:
         return sum(self.sops.values())
 
     def by_op_type(self) -> dict[str, dict[str, int | float]]:
-        """MACs, ACE, CPU64 (a float: binary MACs / 64) and weight bits summed per op type (e.g. BinaryConv =
-        the binary convs)."""
+        """MACs, ACE, CPU64 (a float: binary MACs / 64, other MACs as they are) and weight bits summed per
+        op type (e.g. BinaryConv = the binary convs)."""
         groups: dict[str, dict[str, int | float]] = {}
         for layer in self.layers:
             group = groups.setdefault(layer.op_type, {"macs": 0, "ace": 0, "cpu64": 0.0, "weight_bits": 0})

@@ -79,6 +79,7 @@ def steps_per_epoch(train: dict[str, Any]) -> int:
     """The steps of an epoch as a recipe's [train] table counts them (act_calibration_step's unit)."""
     return max(IMAGENET_TRAIN_IMAGES // int(train.get("batch_size", PAPER_BATCH_SIZE)), 1)
 
+
 # the values of ``blocks``: the kinds of ResNet block (bnncc.resnet.Bottleneck, BasicBlock)
 BLOCK_KINDS = ("bottleneck", "basic")
 
@@ -296,9 +297,10 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
     if out.get("act_calibration_step", 0) >= run_steps:
         raise BnnccError(f"{source}: train.act_calibration_step = {out['act_calibration_step']}: the step the "
                          f"activation bounds are calibrated at must be below the run's {run_steps:,} steps "
-                         f"(train.epochs = {epochs} times {steps_per_epoch(out):,}: ImageNet's "
-                         f"{IMAGENET_TRAIN_IMAGES:,} images in batches of train.batch_size = "
-                         f"{out.get('batch_size', PAPER_BATCH_SIZE)})")
+                         f"(train.epochs = {epochs}{'' if 'epochs' in out else ' (unset)'} times "
+                         f"{steps_per_epoch(out):,}: ImageNet's {IMAGENET_TRAIN_IMAGES:,} images in batches of "
+                         f"train.batch_size = {out.get('batch_size', PAPER_BATCH_SIZE)}"
+                         f"{'' if 'batch_size' in out else ' (unset, as in the paper)'})")
     return out
 
 

@@ -141,7 +141,8 @@ def test_bad_overrides_name_the_key_value_and_expectation(overrides, message):
          "train.weight_quant_start = 5: the epoch the weights turn binary must be below train.epochs = 1 (unset)"),
         ('[[passes]]\nname = "poke_conv"\n[train]\nact_calibration_step = 156\n',
          "train.act_calibration_step = 156: the step the activation bounds are calibrated at must be below the "
-         "run's 156 steps"),
+         "run's 156 steps (train.epochs = 1 (unset) times 156: ImageNet's 1,281,167 images in batches of "
+         "train.batch_size = 8192 (unset, as in the paper))"),
         ("[[passes]\n", "not valid TOML"),
         ("x = " + "[" * 1000 + "]" * 1000 + "\n", "not valid TOML: arrays or inline tables nested too deeply"),
         ('[[passes]]\nname = "set_opset"\nversion = 99\n', "passes.set_opset.version must be one of 9 to 28, got 99"),
