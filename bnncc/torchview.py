@@ -314,8 +314,10 @@ class GraphModule(nn.Module):
         self.initializer_names: dict[str, str] = {attr: name for name, attr in names.items()}
 
         self.input_names = [v.name for v in graph.inputs if v.name not in graph.initializers]
-        # each input's dims, None where free (the batch) or the graph gives no shape
-        self._input_shapes = [None if v.shape is None else tuple(d if isinstance(d, int) else None for d in v.shape)
+        # each input's dims, None where free: the batch, even where the graph fixes it (a PokeBNN file that
+        # exported batch 1 fine-tunes in batches), and any dim the graph gives no number; None for no shape
+        self._input_shapes = [None if v.shape is None else
+                              tuple(None if i == 0 or not isinstance(d, int) else d for i, d in enumerate(v.shape))
                               for v in graph.inputs if v.name not in graph.initializers]
         self.output_names = [v.name for v in graph.outputs]
         # Slot 0 is None (omitted optional inputs); graph inputs and state come next.

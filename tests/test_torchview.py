@@ -520,3 +520,21 @@ def test_an_empty_batch_is_refused_in_one_line(real_ops, kernels, monkeypatch):
         with pytest.raises(BnnccError, match=r"^input 'x' of shape \(0, 3, 16, 16\) holds no values; "):
             module(torch.zeros(0, 3, 16, 16))
 
+
+
+def test_a_graph_of_a_fixed_batch_runs_any_batch_as_the_docstring_says(real_ops):
+    """A PokeBNN file whose input is (1, 3, H, W), as a fixed-batch export gives it (read_pokebnn keeps it), was
+    refused at the first step of finetune's batches of 8: "input 'x' of shape (8, 3, 16, 16); the graph takes
+    (1, 3, 16, 16)". The batch stays free; the other dims are still the graph's."""
+    model = _with_functions(real_ops, tiny_poke_model())
+    model.graph.inputs[0].shape = ir.Shape([1, 3, 16, 16])
+    model.graph.outputs[0].shape = ir.Shape([1, 10])
+    module = to_torch(model).eval()
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        ours = module(torch.from_numpy(x)).numpy()
+        with pytest.raises(BnnccError, match=r"^input 'x' of shape \(3, 1, 16, 16\); the graph takes "
+                                             r"\(N, 3, 16, 16\)$"):
+            module(torch.from_numpy(x[:, :1]))
+    # onnxruntime runs the graph's batch of 1, image by image
+    _assert_close_to_reference(ours, np.concatenate([_ort_run(model, x[i:i + 1]) for i in range(len(x))]))
