@@ -56,34 +56,35 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every setting in its range: a zero batch or a NaN rate would fail deep inside torch, or worse,
         train to nothing without a word."""
-        def number(value, integer: bool) -> bool:
-            kind = numbers.Integral if integer else numbers.Real
-            return isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        def real(value) -> bool:  # (a bool is an int to Python)
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
-        # (whether it is in range, the range): the error said "out of range" and not which. Each test runs once
-        # the value is a number (lr="1e-3" failed comparing: "'>' not supported between instances of 'str' and
+        def count(value) -> bool:  # (an int is finite; isfinite overflowed on one beyond a float's range)
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        # (whether it is in range, the range): the error said "out of range" and not which. Each range is tested
+        # once the value is a number (lr="1e-3" failed comparing: "'>' not supported between instances of 'str' and
         # 'int'"); the settings that count something take integers (a batch_size of 2.5 failed in torch's sampler)
         above_0, at_least_0, at_least_1 = "a finite number above 0", "a finite number of at least 0", "1 or more"
         checks = {
-            "lr": (lambda: self.lr > 0, above_0),
-            "batch_size": (lambda: self.batch_size >= 1, at_least_1),
-            "epochs": (lambda: self.epochs >= 1, at_least_1),
-            "max_steps": (lambda: self.max_steps is None or self.max_steps >= 1, at_least_1),
-            "weight_decay": (lambda: self.weight_decay >= 0, at_least_0),
-            "clip_bound": (lambda: self.clip_bound is None or self.clip_bound > 0, above_0),
-            "temperature": (lambda: self.temperature > 0, above_0),
-            "label_weight": (lambda: self.label_weight >= 0, at_least_0),
-            "weight_quant_start": (lambda: self.weight_quant_start >= 0, at_least_0),
-            "act_calibration_at": (lambda: self.act_calibration_at >= 0, at_least_0),
-            "calibration_batches": (lambda: self.calibration_batches >= 1, at_least_1),
-            "checkpoint_every": (lambda: self.checkpoint_every >= 1, at_least_1),
-            "log_every": (lambda: self.log_every >= 1, at_least_1),
+            "lr": (real(self.lr) and self.lr > 0, above_0),
+            "batch_size": (count(self.batch_size) and self.batch_size >= 1, at_least_1),
+            "epochs": (count(self.epochs) and self.epochs >= 1, at_least_1),
+            "max_steps": (self.max_steps is None or count(self.max_steps) and self.max_steps >= 1, at_least_1),
+            "weight_decay": (real(self.weight_decay) and self.weight_decay >= 0, at_least_0),
+            "clip_bound": (self.clip_bound is None or real(self.clip_bound) and self.clip_bound > 0, above_0),
+            "temperature": (real(self.temperature) and self.temperature > 0, above_0),
+            "label_weight": (real(self.label_weight) and self.label_weight >= 0, at_least_0),
+            "weight_quant_start": (real(self.weight_quant_start) and self.weight_quant_start >= 0, at_least_0),
+            "act_calibration_at": (real(self.act_calibration_at) and self.act_calibration_at >= 0, at_least_0),
+            "calibration_batches": (count(self.calibration_batches) and self.calibration_batches >= 1, at_least_1),
+            "checkpoint_every": (count(self.checkpoint_every) and self.checkpoint_every >= 1, at_least_1),
+            "log_every": (count(self.log_every) and self.log_every >= 1, at_least_1),
             # (2**63 overflowed torch's generator seed, unexpectedly)
-            "seed": (lambda: 0 <= self.seed < 2**32, "0 to 2**32 - 1"),
-            "num_workers": (lambda: self.num_workers is None or self.num_workers >= 0, at_least_0),
+            "seed": (count(self.seed) and 0 <= self.seed < 2**32, "0 to 2**32 - 1"),
+            "num_workers": (self.num_workers is None or count(self.num_workers) and self.num_workers >= 0, at_least_0),
         }
         for name, (ok, expected) in checks.items():
-            value = getattr(self, name)
-            if (value is not None and not number(value, expected == at_least_1 or name in ("seed", "num_workers"))
-                    or not ok()):
-                raise BnnccError(f"training setting {name} = {value!r} is out of range; expected {expected}")
+            if not ok:
+                raise BnnccError(f"training setting {name} = {getattr(self, name)!r} is out of range; "
+                                 f"expected {expected}")

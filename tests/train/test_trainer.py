@@ -542,7 +542,9 @@ ABOVE_0, AT_LEAST_0 = "a finite number above 0", "a finite number of at least 0"
     (dict(seed=2**63 - 1), r"0 to 2\*\*32 - 1"),
     # not numbers, or not the integers they count: lr "1e-3" failed comparing with 0 ("'>' not supported between
     # instances of 'str' and 'int'"), a batch of 2.5 was taken
-    (dict(lr="1e-3"), ABOVE_0), (dict(batch_size=2.5), "1 or more"), (dict(log_every=10.0), "1 or more")])
+    (dict(lr="1e-3"), ABOVE_0), (dict(batch_size=2.5), "1 or more"), (dict(log_every=10.0), "1 or more"),
+    # an integer beyond a float's range: isfinite failed on it, "int too large to convert to float"
+    (dict(seed=10**400), r"0 to 2\*\*32 - 1")])
 def test_training_settings_out_of_range_are_an_error(setting, expected):
     """A setting out of range is refused when the config is made: a zero batch or step interval
     divided by zero deep inside the loop, a NaN rate trained to nothing without a word. The error
