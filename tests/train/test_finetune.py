@@ -269,10 +269,6 @@ def _calibration_worker(teacher: str, student: str, data_dir: str, out: str) -> 
         torch.save({"sizes": sizes, "bounds": {name: buffers[name] for name in net.bound_names}}, out)
 
 
-if __name__ == "__main__":
-    _calibration_worker(*sys.argv[1:])
-
-
 def test_settings_given_as_a_dict_are_a_type_error_naming_the_config(tmp_path):
     """finetune(..., {"lr": 3e-2}) read the models, then failed on an attribute: "'dict' object has no
     attribute 'clip_bound'"; train_teacher on one of 'label_weight'."""
@@ -284,3 +280,7 @@ def test_settings_given_as_a_dict_are_a_type_error_naming_the_config(tmp_path):
     with pytest.raises(TypeError, match=message):
         train_teacher(tmp_path, tmp_path / "teacher.onnx", {"lr": 3e-2})
     assert not any(tmp_path.iterdir())
+
+
+if __name__ == "__main__":
+    _calibration_worker(*sys.argv[1:])
