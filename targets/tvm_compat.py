@@ -59,8 +59,15 @@ __all__ = [
 
 
 def pool_threads() -> int:
-    """The threads of TVM's pool, as it started them (``NUM_THREADS``, or TVM's default for 0)."""
-    return tvm.runtime.num_threads()
+    """The threads of TVM's pool, as it started them (``NUM_THREADS``, or TVM's default for 0).
+
+    Starting a pool of one thread pins the calling thread to one CPU, for good: after convert's latency,
+    torch ran on that CPU alone and the loader refused ``--workers 2`` ("more than the 1 cores"), so the
+    thread's CPUs are given back."""
+    cpus = os.sched_getaffinity(0)
+    threads = tvm.runtime.num_threads()
+    os.sched_setaffinity(0, cpus)
+    return threads
 
 
 def make_target(spec: dict[str, Any]) -> Target:

@@ -246,6 +246,19 @@ def test_latency_counts_the_threads_of_tvms_default_pool():
     assert int(done.stdout.split()[-1]) == max(1, os.cpu_count() // 2)
 
 
+
+def test_latency_leaves_the_process_its_cpus():
+    """With TVM_NUM_THREADS=1, the pool that measure_latency asks for its threads pinned the process to one CPU:
+    a fine-tune after a convert in one process ran torch on it alone and refused --workers 2."""
+    code = ("import os\n"
+            "from bnncc.pipeline import measure_latency\n"
+            "Identity = type('Identity', (), {'input_chw': (1, 2, 2), '__call__': lambda self, x: x})\n"
+            "cpus = os.sched_getaffinity(0)\n"
+            "print(measure_latency(Identity(), 2)['threads'], os.sched_getaffinity(0) == cpus)")
+    done = subprocess.run([sys.executable, "-c", code], env=os.environ | {"TVM_NUM_THREADS": "1"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-2:] == ["1", "True"]
+
 def test_a_full_disk_while_the_library_is_copied_out_is_one_error(narrow_resnet, tmp_path, monkeypatch):
     """Copying the library out of stages/ onto a full disk ended convert in an "unexpected OSError",
     exit 1: copyfile's error names its source, the stage's file, first. It now names the output,
