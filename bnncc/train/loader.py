@@ -16,8 +16,10 @@ image of a 30-image validation split did).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -153,6 +155,19 @@ def stop_signals_held() -> Iterator[None]:
             signal.signal(stop, handler)
     if held:
         handlers[held[0]](held[0], None)
+
+
+def _end_workers_at_exit() -> None:
+    """Kill the loader's workers left at exit: they ignore SIGTERM (below), with which multiprocessing's own
+    exit function ends daemonic children before waiting for them, so a process that still held a started
+    loader (a run stopped by an error whose traceback was kept, as pytest keeps it) waited forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# registered after multiprocessing.util's exit function (imported above), so it runs before it
+atexit.register(_end_workers_at_exit)
 
 
 def _leave_stop_signals_to_the_trainer(_worker: int) -> None:

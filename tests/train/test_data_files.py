@@ -256,6 +256,22 @@ def test_a_stop_signal_while_the_workers_are_forked_stops_the_run(data_dir):
             open_dataset(data_dir, "train")
 
 
+def test_a_process_holding_a_started_loader_at_exit_ends(data_dir):
+    """The workers ignore the stop signals, and at exit multiprocessing ends its daemonic children with
+    SIGTERM and waits for them: a process that still held a started loader (a run stopped by an error
+    whose traceback was kept, as pytest keeps it) waited forever at exit."""
+    script = f"""
+from bnncc.train.data import open_dataset
+from bnncc.train.loader import Loader, Plan
+data = open_dataset({str(data_dir)!r}, "train")
+batches = Loader(data, {SHAPE!r}, seed=3, workers=2)(Plan(data.batch_indices(5, 8, 3), 5, None) for _ in range(3))
+next(batches)  # held to the end
+print("done")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "done\n"), done.stderr
+
+
 def test_a_stop_signal_to_the_run_ends_the_shard_indexing_at_once():
     """The indexing processes, forked with the stop signals held, kept holding them: a Ctrl-C to the
     process group stopped the run only once every shard was indexed (minutes on ImageNet)."""
