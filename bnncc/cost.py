@@ -49,7 +49,7 @@ from bnncc.ops import attach_functions, op_def
 from bnncc.ops.counting import (FLOAT_WEIGHT_BITS, Elementwise, Layer, conv_layer, dense_layer, numel,
                                 per_output)
 
-__all__ = ["CostReport", "Layer", "Elementwise", "ace", "read_model", "format_table", "inputs_at"]
+__all__ = ["CostReport", "Layer", "Elementwise", "ace", "read_model", "format_summary", "format_table", "inputs_at"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,13 +225,12 @@ def inputs_at(graph: ir.Graph, kind: str) -> set[ir.Value]:
             if i < len(node.inputs) and node.inputs[i] is not None}
 
 
-def format_table(report: CostReport, title: str = "", per_layer: bool = True) -> Table:
+def format_table(report: CostReport, per_layer: bool = True) -> Table:
     """A rich table: one row per counted layer (optional), one per op type, then the totals; MACs,
     CPU64 and weight bits in units of 1e6 (3 decimals: exact to 1000), ACE in units of 1e9 (6
-    decimals: exact to 1000 ACE), so a float ResNet-50's 4e9 MACs and 1e12 ACE fit 80 columns. The
-    caption gives the exact ACE, MACs and weight bits, the conventions (float width), the
-    parameters and the scalar ops by category."""
-    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    decimals: exact to 1000 ACE), so a float ResNet-50's 4e9 MACs and 1e12 ACE fit 80 columns.
+    ``format_summary`` gives the exact figures beside it."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     # the text columns keep a readable minimum; numbers are never wrapped or cut
     table.add_column("layer", min_width=12, overflow="fold")
     table.add_column("op w x a", min_width=14, overflow="fold")
@@ -254,8 +253,14 @@ def format_table(report: CostReport, title: str = "", per_layer: bool = True) ->
                       mega(group["weight_bits"]))
     table.add_section()
     table.add_row("total", "", mega(report.macs), giga(report.total), mega(report.cpu64), mega(report.weight_bits))
+    return table
+
+
+def format_summary(report: CostReport) -> str:
+    """The exact ACE, MACs and weight bits, the conventions (float width), the parameters and the scalar
+    ops by category: a paragraph of its own (as a table's caption rich wrapped it to the table's width)."""
     sops = ", ".join(f"{name} {count:,}" for name, count in sorted(report.sops.items()))
-    table.caption = (
+    return (
         f"ACE {report.total:,} (conv {report.conv:,}, dense {report.dense:,}); MACs {report.macs:,}; "
         f"weight bits {report.weight_bits:,}; "
         f"float MACs at {report.float_bits} x {report.float_bits} bits, float weights at {FLOAT_WEIGHT_BITS} bits; "
@@ -263,7 +268,6 @@ def format_table(report: CostReport, title: str = "", per_layer: bool = True) ->
         f"{report.state_params:,} BN statistics and activation bounds); "
         f"scalar ops {report.sops_total:,}" + (f" ({sops})" if sops else "")
     )
-    return table
 
 
 # --------------------------------------------------------------------------- shapes

@@ -20,7 +20,7 @@ def ace(
     per_layer: bool = typer.Option(True, "--per-layer/--no-per-layer", help="one row per conv and dense layer"),
 ) -> None:
     """Print MODEL's ACE, CPU64, MACs, weight bits, parameters and scalar ops, per layer and in total."""
-    from bnncc.cost import ace as measure, format_table
+    from bnncc.cost import ace as measure, format_summary, format_table
 
     report = measure(model, float_bits=float_bits)
     if as_json:
@@ -33,10 +33,7 @@ def ace(
         # the path on a line of its own, not the table's title, which is wrapped to the table's width:
         # a long path came out cut in two, in a file too, where no line held it
         console.print(str(model), style="italic", highlight=False, soft_wrap=True)
-        table = format_table(report, per_layer=per_layer)
-        # the caption (the exact figures) a paragraph of its own, wrapped to the console's width: as the table's
-        # caption it was wrapped to the table's, in a file too, where "MACs" ended one line and its figure began
-        # the next
-        caption, table.caption = table.caption, None
-        console.print(table)
-        console.print(caption, style="table.caption", highlight=False)
+        console.print(format_table(report, per_layer=per_layer))
+        # the exact figures a paragraph of its own, wrapped to the console's width: as the table's caption they
+        # were wrapped to the table's, in a file too, where "MACs" ended one line and its figure began the next
+        console.print(format_summary(report), style="table.caption", highlight=False)
