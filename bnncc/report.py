@@ -58,7 +58,7 @@ class Stage:
             "cpu64": self.cost.cpu64,
             "macs": self.cost.macs,
             "binary_macs": self.cost.binary_macs,
-            "params": self.cost.trainable_params,
+            "trainable_params": self.cost.trainable_params,
             "weight_bits": self.cost.weight_bits,
             # the weights as the target stores them: w_bits per weight, float weights at 32 bits
             "weight_bytes": self.cost.weight_bits // 8,

@@ -50,12 +50,28 @@ def test_stage_numbers_are_the_hand_counted_costs(report):
     assert [s["macs"] for s in data["stages"]] == [wide_macs, narrow_macs, narrow_macs]
     assert [s["ace"] for s in data["stages"]] == [256 * wide_macs, 256 * narrow_macs, 256 * narrow_macs]
     assert [s["cpu64"] for s in data["stages"]] == [wide_macs, narrow_macs, narrow_macs]
-    # weights at 32 bits; params = weights + biases
+    # weights at 32 bits; trainable params = weights + biases
     assert data["stages"][0]["weight_bytes"] == 4 * (8 * 2 + 3 * 8)
-    assert data["stages"][0]["params"] == 8 * 2 + 8 + 3 * 8 + 3
+    assert data["stages"][0]["trainable_params"] == 8 * 2 + 8 + 3 * 8 + 3
     assert [s["file_bytes"] for s in data["stages"]] == [4000, 1000, 50_000]
     assert data["ace_reduction"] == pytest.approx(wide_macs / narrow_macs)
     assert [(layer["op"], layer["macs"]) for layer in data["layers"]] == [("Conv", 64), ("Gemm", 6)]
+
+
+def test_a_stage_names_its_figures_as_ace_json_does():
+    # report.json's "params" were the trainable ones where `bnncc ace --json`'s are every initializer
+    # element, BN statistics included: one key, two numbers for the same graph
+    model = _conv_model(2)
+    graph = model.graph
+    graph.node[0].output[0] = "c0"
+    graph.node.insert(1, onnx.helper.make_node("BatchNormalization", ["c0", "s", "t", "m", "v"], ["c"]))
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.ones(2, np.float32), name) for name in "stmv")
+    cost = ace(model)
+    stage = Stage("rewrite", "rewrite.onnx", 1000, cost).to_dict()
+    shared = stage.keys() & cost.to_dict().keys()
+    assert {"ace", "macs", "trainable_params"} <= shared
+    assert {key: stage[key] for key in shared} == {key: cost.to_dict()[key] for key in shared}
+    assert cost.params > cost.trainable_params  # the running statistics are no trainable params
 
 
 def test_writes_json_markdown_plots_and_keeps_latency_out_of_json(report, tmp_path):
