@@ -282,8 +282,13 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
             raise BnnccError(f"{source}: train.{key}: unknown key; expected {', '.join(TRAIN_SCHEMA)}")
         out[key] = _check_type(value, TRAIN_SCHEMA[key], f"train.{key}", source)
         low, inclusive = TRAIN_RANGES[key]
-        if not (math.isfinite(out[key]) and (out[key] >= low if inclusive else out[key] > low)):
-            raise BnnccError(f"{source}: train.{key} = {value!r}: expected a finite number {'>=' if inclusive else '>'} {low}")
+        # an integer is finite, and isfinite overflowed on one beyond a float's range ('unexpected OverflowError');
+        # past int64 no tensor, seed or loader holds it
+        count = isinstance(out[key], int)
+        finite = out[key] < 2**63 if count else math.isfinite(out[key])
+        if not (finite and (out[key] >= low if inclusive else out[key] > low)):
+            raise BnnccError(f"{source}: train.{key} = {value!r}: expected a finite number "
+                             f"{'>=' if inclusive else '>'} {low}{' (an integer below 2**63)' if count else ''}")
     # the run's share in float weights is weight_quant_start / epochs (bnncc.train.TrainConfig.from_recipe, which
     # takes 1 epoch where none is set): at 1 or more the weights never turned binary, and the trained float weights
     # were signed only in the deployed graph (a copy of pokebnn_1x with epochs = 40 kept its start at epoch 50)

@@ -111,6 +111,10 @@ def test_recipe_from_a_path(tmp_path):
         # float() of an integer of 401 digits: an 'unexpected' OverflowError
         (["passes.poke_conv.clip_bound=1" + "0" * 400], "0: expected a number within a float's range"),
         (["train.lr=1" + "0" * 400], "train.lr = 1000"),
+        # isfinite() of an integer past a float's range: an 'unexpected' OverflowError; past int64 no loader holds it
+        (["train.batch_size=1" + "0" * 400], "train.batch_size = 1000"),
+        (["train.epochs=" + str(2**63)],
+         f"train.epochs = {2**63}: expected a finite number >= 1 (an integer below 2**63)"),
         # tomllib's int() refuses more than 4300 digits with a ValueError, not a TOMLDecodeError
         (["train.lr=" + "1" * 5000], "train.lr = '1111"),
         # tomllib recursed into 1000 nested arrays until Python's stack limit: an 'unexpected' RecursionError
