@@ -1,8 +1,9 @@
 """The one exception type users see: a message that names the file or node and the problem."""
 
+import reprlib
 import unicodedata
 
-__all__ = ["BnnccError", "first_line", "printable", "tool_said"]
+__all__ = ["BnnccError", "first_line", "printable", "shown", "tool_said"]
 
 
 class BnnccError(Exception):
@@ -25,6 +26,21 @@ def printable(text: str, keep: str = "") -> str:
     from the user's files, and an ESC in a node's name cleared the screen of whoever printed its error."""
     return "".join(c.encode("unicode_escape").decode("ascii")
                    if unicodedata.category(c) in _UNPRINTABLE and c not in keep else c for c in text)
+
+
+# a value as an error line shows it: a few levels deep and a few dozen characters a string or number, a few items
+# a list or table (a recipe's 5 MB string was printed whole, and a table nested 5000 deep by dotted keys,
+# a.a.a... = 1, ended in "unexpected RecursionError" while its repr was built)
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 8
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error line, cut short where it is long or deep (``...``): the value may come
+    from a user's file."""
+    return _SHORT_REPR.repr(value)
 
 
 def first_line(error: Exception) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import numpy as np
 import onnx_ir as ir
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, shown
 
 __all__ = ["register_pass", "get_pass", "pass_factory", "pass_parameters", "pass_arguments", "as_annotated",
            "list_passes", "PassManager", "PassRecord"]
@@ -97,10 +97,11 @@ def as_annotated(value: Any, expected: Any, key: str) -> Any:
         try:
             return float(value)
         except OverflowError:  # an integer of hundreds of digits (TOML takes any length)
-            raise BnnccError(f"{key} = {value!r}: expected a number within a float's range") from None
+            raise BnnccError(f"{key} = {shown(value)}: expected a number within a float's range") from None
     if expected in (bool, int, float) or (isinstance(expected, type) and not isinstance(value, expected)):
         names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-        raise BnnccError(f"{key} = {value!r}: expected {names.get(expected, getattr(expected, '__name__', expected))}")
+        what = names.get(expected, getattr(expected, '__name__', expected))
+        raise BnnccError(f"{key} = {shown(value)}: expected {what}")
     return value
 
 

@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, shown
 from bnncc.passmanager import as_annotated, pass_arguments, pass_factory
 
 __all__ = ["Recipe", "BLOCK_KINDS", "TRAIN_SCHEMA", "load_recipe", "apply_overrides", "available_recipes"]
@@ -232,15 +232,15 @@ def _pass_entry(raw: dict[str, Any], pass_name: str, source: str, key: str) -> d
 def _validate(raw: dict[str, Any], source: str) -> Recipe:
     unknown = sorted(set(raw) - set(_TOP_LEVEL))
     if unknown:
-        raise BnnccError(f"{source}: unknown key {unknown[0]!r}; expected {', '.join(_TOP_LEVEL)}")
+        raise BnnccError(f"{source}: unknown key {shown(unknown[0])}; expected {', '.join(_TOP_LEVEL)}")
     name = _check_type(raw.get("name", Path(source).stem), str, "name", source)
     description = _check_type(raw.get("description", ""), str, "description", source)
     blocks = raw.get("blocks")
     if blocks is not None and blocks not in BLOCK_KINDS:
-        raise BnnccError(f"{source}: blocks = {blocks!r}: expected one of {', '.join(map(repr, BLOCK_KINDS))}")
+        raise BnnccError(f"{source}: blocks = {shown(blocks)}: expected one of {', '.join(map(repr, BLOCK_KINDS))}")
     entries = raw.get("passes")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise BnnccError(f"{source}: passes = {entries!r}: expected a non-empty array of tables ([[passes]])")
+        raise BnnccError(f"{source}: passes = {shown(entries)}: expected a non-empty array of tables ([[passes]])")
     passes = tuple(_validate_pass(entry, i, source) for i, entry in enumerate(entries))
     train = _validate_train(raw.get("train", {}), source)
     return Recipe(name, description, source, passes, train, blocks)
@@ -249,7 +249,7 @@ def _validate(raw: dict[str, Any], source: str) -> Recipe:
 def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str, dict[str, Any]]:
     pass_name = entry.get("name")
     if not isinstance(pass_name, str):
-        raise BnnccError(f"{source}: passes[{index}].name = {pass_name!r}: expected the name of a registered pass")
+        raise BnnccError(f"{source}: passes[{index}].name = {shown(pass_name)}: expected the name of a registered pass")
     try:
         factory = pass_factory(pass_name)
     except BnnccError as e:
@@ -272,7 +272,7 @@ def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str,
 
 def _validate_train(train: Any, source: str) -> dict[str, Any]:
     if not isinstance(train, dict):
-        raise BnnccError(f"{source}: train = {train!r}: expected a table ([train])")
+        raise BnnccError(f"{source}: train = {shown(train)}: expected a table ([train])")
     out = {}
     for key, value in train.items():
         if key == "clip_bound":  # a [train] key once: B lives in the graph alone now
@@ -287,7 +287,7 @@ def _validate_train(train: Any, source: str) -> dict[str, Any]:
         count = isinstance(out[key], int)
         finite = out[key] < 2**63 if count else math.isfinite(out[key])
         if not (finite and (out[key] >= low if inclusive else out[key] > low)):
-            raise BnnccError(f"{source}: train.{key} = {value!r}: expected a finite number "
+            raise BnnccError(f"{source}: train.{key} = {shown(value)}: expected a finite number "
                              f"{'>=' if inclusive else '>'} {low}{' (an integer below 2**63)' if count else ''}")
     # the run's share in float weights is weight_quant_start / epochs (bnncc.train.TrainConfig.from_recipe, which
     # takes 1 epoch where none is set): at 1 or more the weights never turned binary, and the trained float weights

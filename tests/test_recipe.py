@@ -160,6 +160,25 @@ def test_bad_files_name_the_file_and_key(tmp_path, text, message):
     assert str(path) in str(info.value) and message in str(info.value)
 
 
+@pytest.mark.parametrize("line, message", [
+    # a table 2000 deep (dotted keys nest without brackets): "unexpected RecursionError" while its repr was built
+    ("clip_bound." + ".".join(["a"] * 2000) + " = 1", "passes.poke_conv.clip_bound = {'a': {'a': {'a': {...}}}}: "
+                                                      "expected a number"),
+    # a long string or list was printed whole: an error line of 500 kB
+    ('clip_bound = "' + "x" * 500_000 + '"', "passes.poke_conv.clip_bound = 'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxx"),
+    ("clip_bound = [" + "1, " * 100_000 + "]", "passes.poke_conv.clip_bound = [1, 1, 1, 1, 1, 1, 1, 1, ...]: "),
+])
+def test_a_deep_or_long_value_is_shown_short_in_its_one_line_error(tmp_path, line, message):
+    path = tmp_path / "big.toml"
+    path.write_text(f'[[passes]]\nname = "poke_conv"\n{line}\n[train]\n{line.replace("clip_bound", "lr")}\n')
+    with pytest.raises(BnnccError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"{path}: {message}") and len(str(info.value)) < len(str(path)) + 150
+    with pytest.raises(BnnccError) as info:  # the [train] table alike
+        load_recipe(path, ["passes.poke_conv.clip_bound=3.0"])
+    assert str(info.value).startswith(f"{path}: {message.replace('passes.poke_conv.clip_bound', 'train.lr')}")
+
+
 def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
     with pytest.raises(BnnccError, match="unknown recipe 'pokebnn_3x'; shipped recipes: pokebnn_0.5x"):
         load_recipe("pokebnn_3x")
