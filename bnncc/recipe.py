@@ -69,6 +69,10 @@ TRAIN_RANGES: dict[str, tuple[float, bool]] = {
 
 _TOP_LEVEL = ("name", "description", "blocks", "passes", "train")
 
+# the shipped recipes are 2-3 kB; tomllib took some 15 s and 150 MB a 14 MB file (minutes for a 100 MB one given
+# by mistake), all of it read before a word was said
+MAX_RECIPE_BYTES = 1 << 20
+
 # A recipe's steps count batches of its own batch_size over ImageNet's training split, or of the
 # paper's 8192 (156 steps an epoch) where it sets none.
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -152,7 +156,11 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
         if not path.is_file():  # a folder, or a FIFO that reading would wait on forever
             raise BnnccError(f"{path}: not a regular file; a recipe is a .toml file")
         try:
-            return str(path), path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is no TOML
+            with path.open("rb") as file:
+                data = file.read(MAX_RECIPE_BYTES + 1)
+            if len(data) > MAX_RECIPE_BYTES:
+                raise BnnccError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few kB of TOML")
+            return str(path), data.decode("utf-8-sig")  # a BOM (Windows editors) is no TOML
         except UnicodeDecodeError as e:
             raise BnnccError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
         except OSError as e:  # no permission, an I/O error

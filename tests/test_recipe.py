@@ -271,6 +271,18 @@ def test_a_recipe_path_that_is_not_a_regular_file_says_so(tmp_path):
         assert str(info.value) == f"{tmp_path / name}: not a regular file; a recipe is a .toml file"
 
 
+def test_a_recipe_file_larger_than_a_mib_is_refused_unread(tmp_path):
+    """A 100 MB file was read whole and parsed: minutes and gigabytes for keys, before any error."""
+    path = tmp_path / "huge.toml"
+    with path.open("wb") as file:
+        file.truncate(100 * 2**20)  # sparse: nothing is written
+    with pytest.raises(BnnccError) as info:
+        load_recipe(path)
+    assert str(info.value) == f"{path}: larger than 1 MiB; a recipe is a few kB of TOML"
+    path.write_text('[[passes]]\nname = "int8_head"\n' + "#" * (2**20 - 40) + "\n")  # up to 1 MiB is read
+    assert load_recipe(path).passes == (("int8_head", {}),)
+
+
 def test_a_recipe_saved_with_a_utf8_byte_order_mark_is_read(tmp_path):
     """Windows editors save UTF-8 with a BOM; tomllib saw it as a character and refused the file with
     "Invalid statement (at line 1, column 1)", where nothing is to be seen."""
