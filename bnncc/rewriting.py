@@ -68,6 +68,14 @@ def _check_blocks(resnet: ResNet, recipe: Recipe) -> None:
 
 def _check(model: ir.Model, recipe: Recipe) -> None:
     """The rewritten model must be valid ONNX; a failure here is a bug in a pass, named by the recipe."""
+    # protobuf holds 2 GiB a file: the checker, and every writer after it, refused a larger model with an
+    # unexpected ValueError (width_multiplier refuses most such widths up front; SE gates of a small se_ratio
+    # can still pass it)
+    size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
+    if size > onnx.checker.MAXIMUM_PROTOBUF:
+        raise BnnccError(f"recipe {recipe.name}: the rewritten model's weights take {size / 2**30:.1f} GiB, more "
+                         f"than the 2 GiB one ONNX file holds; choose a smaller passes.width_multiplier.multiplier "
+                         f"or a larger passes.poke_conv.se_ratio")
     try:
         onnx.checker.check_model(ir.to_proto(model))
     except onnx.checker.ValidationError as e:

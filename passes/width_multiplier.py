@@ -36,8 +36,11 @@ from bnncc.passmanager import register_pass
 logger = logging.getLogger(__name__)
 
 MAX_MULTIPLIER = 4
-# 4 GiB of float32 weights; 16x a ResNet-50 (some 6 billion) was killed for memory on a 24 GiB machine
-MAX_WEIGHTS = 1 << 30
+# The rewritten graph is one ONNX file, which protobuf caps at 2 GiB: the widened blocks' float32 weights, the SE
+# gates poke_conv then adds (a fifth more at se_ratio 8) and the head must fit in it. 4x a ResNet-50 holds some
+# 375 million; 2^30 (4 GiB) let 4x a ResNet-101 (some 680 million) through, whose rewrite failed only at its end
+# (16x a ResNet-50, some 6 billion, was killed for memory on a 24 GiB machine)
+MAX_WEIGHTS = 400_000_000
 
 
 @register_pass("width_multiplier")
@@ -132,7 +135,8 @@ def _check_size(convs: list[tuple[ir.Node, int, int]]) -> None:
         weights += cout * (cin // conv.attributes.get_int("group", 1)) * kh * kw
     if weights > MAX_WEIGHTS:
         raise BnnccError(f"width_multiplier: the widened blocks would hold {weights:,} weights, more than the "
-                         f"{MAX_WEIGHTS:,} a rewrite holds in memory; choose a smaller multiplier")
+                         f"{MAX_WEIGHTS:,} that fit one ONNX file (2 GiB) with their SE gates; choose a smaller "
+                         f"multiplier")
 
 
 def _weight(node: ir.Node) -> np.ndarray:

@@ -159,3 +159,17 @@ def test_cli_lists_the_passes_and_the_shipped_recipes(cli):
 
     summary = passes_cmd._summary(pass_factory("fold_channel_affine"))
     assert summary.endswith("in graph order (so a Mul then an Add both fold).") and "``" not in summary
+
+
+def test_a_rewrite_larger_than_one_onnx_file_is_one_line(cli, narrow_resnet, tmp_path, monkeypatch):
+    """Protobuf holds 2 GiB a file: a larger rewrite (4x a ResNet-101) ended, after all its passes, in onnx's
+    checker with "unexpected ValueError: This protobuf of onnx model is too large (>2GiB)". Here the limit is
+    lowered to the narrow model's size, as onnx's checker reads it."""
+    model, _ = rewrite(load(narrow_resnet), "pokebnn_1x", ["passes.poke_stem.mid_channels=8"])
+    size = sum(value.const_value.nbytes for value in model.graph.initializers.values())
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", size - 1)
+    out = tmp_path / "poke.onnx"
+    code, _, stderr = cli("rewrite", narrow_resnet, "-o", out, "--set", "passes.poke_stem.mid_channels=8")
+    assert code == 2 and not out.exists() and stderr.count("\n") == 1, stderr
+    assert (f"recipe pokebnn_1x: the rewritten model's weights take {size / 2**30:.1f} GiB, more than the 2 GiB "
+            f"one ONNX file holds; choose a smaller passes.width_multiplier.multiplier") in stderr

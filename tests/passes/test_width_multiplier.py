@@ -116,10 +116,10 @@ def test_after_int8_head_the_head_bounds_follow_the_width(small_model, small_res
     np.testing.assert_array_equal(run_ort(small_model, x), run_ort(reference, x))
 
 
-def _block_weights(stem: int, widths: tuple[int, ...]) -> int:
-    """Conv weights of a ResNet-50's bottlenecks (3, 4, 6, 3 blocks, projections included), by hand."""
+def _block_weights(stem: int, widths: tuple[int, ...], layers: tuple[int, ...] = (3, 4, 6, 3)) -> int:
+    """Conv weights of a bottleneck ResNet's blocks (ResNet-50's 3, 4, 6, 3; projections included), by hand."""
     total, c_in = 0, stem
-    for f, blocks in zip(widths, (3, 4, 6, 3)):
+    for f, blocks in zip(widths, layers):
         total += c_in * f + 9 * f * f + 4 * f * f + c_in * 4 * f  # block 0 and its projection
         total += (blocks - 1) * (4 * f * f + 9 * f * f + 4 * f * f)
         c_in = 4 * f
@@ -140,6 +140,22 @@ def test_a_network_too_large_to_hold_is_refused_before_anything_changes(small_mo
     assert all(np.array_equal(v.const_value.numpy(), before[name]) for name, v in after)
     monkeypatch.setattr(pass_module, "MAX_WEIGHTS", doubled)
     assert WidthMultiplierPass(2.0)(small_model).modified
+
+
+def test_the_widest_network_it_takes_fits_one_onnx_file_once_binarized():
+    """The cap was 2^30 weights (4 GiB of float32): 4x a ResNet-101 passed it, and its rewrite failed at the end,
+    as no ONNX file holds more than 2 GiB. The cap with the SE gates poke_conv adds at se_ratio 8 (per bottleneck
+    of width f: 17 f^2 conv weights, 3.375 f^2 in SE convs) and a 4x head (8192 x 1000) fits; 4x a ResNet-50
+    (projections included) is taken, 4x a ResNet-101 and 3x a ResNet-152 are not."""
+    import onnx
+
+    from bnncc.passes.width_multiplier import MAX_WEIGHTS
+
+    assert 4 * (MAX_WEIGHTS * (17 + 3.375) / 17 + 8192 * 1000) < onnx.checker.MAXIMUM_PROTOBUF
+    resnet = (64, 128, 256, 512)
+    assert _block_weights(64, tuple(4 * f for f in resnet)) <= MAX_WEIGHTS
+    assert _block_weights(64, tuple(4 * f for f in resnet), (3, 4, 23, 3)) > MAX_WEIGHTS
+    assert _block_weights(64, tuple(3 * f for f in resnet), (3, 8, 36, 3)) > MAX_WEIGHTS
 
 
 def test_a_head_it_cannot_follow_is_refused_before_anything_changes(small_model):
