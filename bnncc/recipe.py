@@ -128,10 +128,13 @@ def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Reci
 
 def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
     """``recipe`` with ``key=value`` overrides applied, validated as a file would be."""
+    passes = recipe.passes
+    if isinstance(passes, (list, tuple)):
+        passes = [_pass_table(entry) for entry in passes]
     raw: dict[str, Any] = {
         "name": recipe.name,
         "description": recipe.description,
-        "passes": [{"name": name, **copy.deepcopy(params)} for name, params in recipe.passes],
+        "passes": passes,
         "train": copy.deepcopy(recipe.train),
     }
     if recipe.blocks is not None:
@@ -139,6 +142,15 @@ def apply_overrides(recipe: Recipe, overrides: Iterable[str]) -> Recipe:
     for override in _override_list(overrides):
         _apply_override(raw, override, recipe.source)
     return _validate(raw, recipe.source)
+
+
+def _pass_table(entry: Any) -> Any:
+    """A Recipe's ``(name, params)`` pass as the [[passes]] table it came from. Anything else is kept for
+    validation to refuse, naming it: a Recipe built with a bare pass name (as PassManager takes them) failed in
+    unpacking, "too many values to unpack", and one with params None in "'NoneType' object is not a mapping"."""
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Mapping):
+        return {"name": entry[0], **copy.deepcopy(entry[1])}
+    return entry
 
 
 def _read(name_or_path: str | Path) -> tuple[str, str]:

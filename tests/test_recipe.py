@@ -244,6 +244,23 @@ def test_a_recipe_neither_name_nor_path_is_a_type_error_saying_what_is_taken(rec
         load_recipe(recipe)
 
 
+@pytest.mark.parametrize("passes, shown", [
+    (("poke_conv",), "['poke_conv']"),  # a bare name, as PassManager takes it: "too many values to unpack"
+    ((("poke_conv", None),), "[('poke_conv', None)]"),  # "'NoneType' object is not a mapping"
+    (None, "None"),  # "'NoneType' object is not iterable"
+])
+def test_a_recipe_object_with_malformed_passes_is_refused_as_its_file_would_be(passes, shown):
+    """bnncc.rewrite(model, recipe) validates a Recipe through apply_overrides."""
+    import dataclasses
+
+    recipe = dataclasses.replace(load_recipe("pokebnn_1x"), passes=passes)
+    with pytest.raises(BnnccError) as info:
+        apply_overrides(recipe, [])
+    assert str(info.value) == f"pokebnn_1x.toml: passes = {shown}: expected a non-empty array of tables ([[passes]])"
+    fixed = dataclasses.replace(recipe, passes=(("poke_conv", {"seed": 1}),))
+    assert apply_overrides(fixed, ["passes.poke_conv.seed=2"]).passes == (("poke_conv", {"seed": 2}),)
+
+
 def test_a_shipped_name_is_the_shipped_recipe_whatever_the_current_folder_holds(tmp_path, monkeypatch):
     """An output folder named after its recipe (bnncc convert ... --recipe pokebnn_0.5x -o pokebnn_0.5x)
     made the next run with that recipe fail: "pokebnn_0.5x: recipe file not found"."""
