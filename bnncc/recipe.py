@@ -177,11 +177,12 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
             raise BnnccError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
         except OSError as e:  # no permission, an I/O error
             raise BnnccError(f"{path}: cannot read it ({e.strerror or e})") from None
-    shipped = resources.files("bnncc.recipes") / f"{name_or_path}.toml"
-    if not shipped.is_file():
+    # a name is a shipped recipe's or none: "../x" was looked up beside them, and any x.toml that the package's
+    # folder leads to was read as if shipped
+    if str(name_or_path) not in available_recipes():
         raise BnnccError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "
                          f"{', '.join(available_recipes())} (or give a path to a .toml file)")
-    return f"{name_or_path}.toml", shipped.read_text(encoding="utf-8")
+    return f"{name_or_path}.toml", (resources.files("bnncc.recipes") / f"{name_or_path}.toml").read_text("utf-8")
 
 
 # --- overrides -----------------------------------------------------------------------------------

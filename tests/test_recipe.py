@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from bnncc.errors import BnnccError
@@ -184,6 +187,22 @@ def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
         load_recipe("pokebnn_3x")
     with pytest.raises(BnnccError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_a_recipe_name_is_a_shipped_one_not_a_path_from_their_folder(tmp_path, monkeypatch):
+    """A name that is no file here was looked up beside the shipped recipes: "../x" read any x.toml the
+    package's folder leads to, as if it were shipped."""
+    from importlib import resources
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[[passes]]\nname = "int8_head"\n')
+    monkeypatch.chdir(tmp_path / "..")  # where neither name is a file
+    shipped = resources.files("bnncc.recipes")
+    for name in [f"../{shipped.name}/pokebnn_1x", "../" * 40 + str(mine.with_suffix("")).lstrip("/")]:
+        with pytest.raises(BnnccError, match=f"^unknown recipe {re.escape(repr(name))}; shipped recipes: "):
+            load_recipe(name)
+    assert load_recipe(mine).passes == (("int8_head", {}),)  # as a path it is read
+    assert load_recipe(Path("pokebnn_1x")).name == "pokebnn_1x"
 
 
 def test_a_recipe_file_that_is_not_utf8_is_an_error(tmp_path):
