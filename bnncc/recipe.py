@@ -162,8 +162,13 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
     # that name (an output folder named after its recipe made "pokebnn_1x: recipe file not found")
     if isinstance(name_or_path, str) and name_or_path == path.name and name_or_path in available_recipes():
         return f"{name_or_path}.toml", (resources.files("bnncc.recipes") / f"{name_or_path}.toml").read_text("utf-8")
-    if path.suffix == ".toml" or path.exists():
-        if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long for a path (a recipe's text given for its name) was an unexpected error
+        raise BnnccError(f"unknown recipe {shown(str(name_or_path))}: not a shipped recipe's name, nor a path "
+                         f"({e.strerror})") from None
+    if path.suffix == ".toml" or exists:
+        if not exists:
             raise BnnccError(f"{path}: recipe file not found")
         if not path.is_file():  # a folder, or a FIFO that reading would wait on forever
             raise BnnccError(f"{path}: not a regular file; a recipe is a .toml file")
@@ -180,7 +185,7 @@ def _read(name_or_path: str | Path) -> tuple[str, str]:
     # a name is a shipped recipe's or none: "../x" was looked up beside them, and any x.toml that the package's
     # folder leads to was read as if shipped
     if str(name_or_path) not in available_recipes():
-        raise BnnccError(f"unknown recipe {str(name_or_path)!r}; shipped recipes: "
+        raise BnnccError(f"unknown recipe {shown(str(name_or_path))}; shipped recipes: "
                          f"{', '.join(available_recipes())} (or give a path to a .toml file)")
     return f"{name_or_path}.toml", (resources.files("bnncc.recipes") / f"{name_or_path}.toml").read_text("utf-8")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bnncc.errors import BnnccError
+from bnncc.errors import BnnccError, shown
 from bnncc.recipe import TRAIN_SCHEMA, apply_overrides, available_recipes, load_recipe
 
 PASS_ORDER = ["remove_projection_shortcuts", "stride_to_3x3", "width_multiplier", "poke_stem", "poke_conv",
@@ -199,10 +199,25 @@ def test_a_recipe_name_is_a_shipped_one_not_a_path_from_their_folder(tmp_path, m
     monkeypatch.chdir(tmp_path / "..")  # where neither name is a file
     shipped = resources.files("bnncc.recipes")
     for name in [f"../{shipped.name}/pokebnn_1x", "../" * 40 + str(mine.with_suffix("")).lstrip("/")]:
-        with pytest.raises(BnnccError, match=f"^unknown recipe {re.escape(repr(name))}; shipped recipes: "):
+        with pytest.raises(BnnccError, match=f"^unknown recipe {re.escape(shown(name))}; shipped recipes: "):
             load_recipe(name)
     assert load_recipe(mine).passes == (("int8_head", {}),)  # as a path it is read
     assert load_recipe(Path("pokebnn_1x")).name == "pokebnn_1x"
+
+
+def test_a_recipe_name_too_long_for_a_path_is_an_error():
+    """--recipe "$(cat mine.toml)", the recipe's text for its name: "unexpected OSError: [Errno 36] File name too
+    long" (a line of it between two slashes is over 255 bytes)."""
+    from importlib import resources
+
+    text = (resources.files("bnncc.recipes") / "pokebnn_1x.toml").read_text().replace("/", " ")
+    with pytest.raises(BnnccError) as info:
+        load_recipe(text)
+    assert str(info.value) == ("unknown recipe '# PokeBNN-1x (Zhang, Zhang,...lation softmax temperature\\n': "
+                               "not a shipped recipe's name, nor a path (File name too long)")
+    with pytest.raises(BnnccError) as info:  # with its slashes, a path of short parts: not printed whole either
+        load_recipe(text.replace(" ", "/"))
+    assert str(info.value).startswith("unknown recipe '#/PokeBNN-1x/(Zhang,/Zhang,...") and len(str(info.value)) < 400
 
 
 def test_a_recipe_file_that_is_not_utf8_is_an_error(tmp_path):
