@@ -26,6 +26,7 @@ __all__ = ["PokeConvPass"]
 import logging
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from bnncc.domain import DEFAULT_CLIP_BOUND, DOMAIN
@@ -76,12 +77,30 @@ class PokeConvPass(ir.passes.InPlacePass):
             if block.projection is not None:
                 raise BnnccError(f"poke_conv: block {block.merge.name!r} has the projection shortcut "
                                  f"{block.projection.name!r}; run remove_projection_shortcuts first")
+        if self.se_gate:
+            self._check_size(model, blocks)
         rng = np.random.default_rng(self.seed)
         for block in blocks:
             self._rewrite_block(graph, block, rng)
         if blocks:
             refresh(model)
         return ir.passes.PassResult(model, modified=bool(blocks))
+
+    def _check_size(self, model: ir.Model, blocks: list[FloatBlock]) -> None:
+        """Refuse SE gates that would take the graph past one ONNX file (protobuf's 2 GiB) before making any:
+        at se_ratio 1 they hold 8 times the weights they hold at 8, and 3x a ResNet-101 at se_ratio 1 (3.3 GiB)
+        made them all, in minutes and 5 GB, to be refused by the checker at the end."""
+        se_weights = 0
+        for block in blocks:
+            for conv in block.convs:
+                out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
+                se_weights += in_channels // self.se_ratio * (in_channels + out_channels)
+        size = 4 * se_weights + sum(value.const_value.nbytes for value in model.graph.initializers.values()
+                                    if value.const_value is not None)
+        if size > onnx.checker.MAXIMUM_PROTOBUF:
+            raise BnnccError(f"poke_conv: with SE gates of {se_weights:,} float32 weights at se_ratio={self.se_ratio}, "
+                             f"the graph would take {size / 2**30:.1f} GiB, more than the 2 GiB one ONNX file holds; "
+                             f"choose a larger se_ratio or a smaller width")
 
     def _rewrite_block(self, graph: ir.Graph, block: FloatBlock, rng: np.random.Generator) -> None:
         x = y = block.input

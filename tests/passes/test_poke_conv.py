@@ -139,6 +139,27 @@ def test_projection_shortcut_is_an_error(small_model):
         PokeConvPass()(small_model)
 
 
+def test_se_gates_past_one_onnx_file_are_refused_before_any_is_made(shortcut_free, monkeypatch):
+    """3x a ResNet-101 at se_ratio 1 made 3.3 GiB of SE gates, in minutes, for the checker to refuse at the end.
+    Here protobuf's limit is lowered to the narrow model's size with its SE gates at se_ratio 1 (counted by hand:
+    Cin // r * (Cin + Cout) float32 weights per conv), as onnx's checker reads it."""
+    import onnx
+
+    from bnncc.passes._blocks import float_blocks
+
+    model, _ = shortcut_free
+    shapes = [conv.inputs[1].const_value.shape[:2] for block in float_blocks(model.graph) for conv in block.convs]
+    se_weights = sum(cin * (cin + cout) for cout, cin in shapes)
+    size = sum(value.const_value.nbytes for value in model.graph.initializers.values()) + 4 * se_weights
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", size - 1)
+    nodes = len(model.graph)
+    with pytest.raises(BnnccError, match=f"^poke_conv: with SE gates of {se_weights:,} float32 weights at "
+                                         f"se_ratio=1, the graph would take .* GiB, more than the 2 GiB"):
+        PokeConvPass(se_ratio=1)(model)
+    assert len(model.graph) == nodes and not any(n.op_type == "PokeConv" for n in model.graph)
+    assert PokeConvPass(se_ratio=2)(model).modified  # half of them fit
+
+
 def test_does_not_fire_twice(shortcut_free):
     model, _ = shortcut_free
     PokeConvPass()(model)
