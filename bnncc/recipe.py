@@ -244,6 +244,9 @@ def _parse_value(text: str) -> Any:
 
 
 def _pass_entry(raw: dict[str, Any], pass_name: str, source: str, key: str) -> dict[str, Any]:
+    # a file without a list of passes (empty, or a [passes] table) is refused as it is without --set: this said
+    # "empty.toml names no such pass; its passes are ", naming none
+    _check_pass_list(raw.get("passes"), source)
     entries = [p for p in raw.get("passes", []) if isinstance(p, dict) and p.get("name") == pass_name]
     if len(entries) != 1:
         names = [p.get("name") for p in raw.get("passes", []) if isinstance(p, dict)]
@@ -265,11 +268,15 @@ def _validate(raw: dict[str, Any], source: str) -> Recipe:
     if blocks is not None and blocks not in BLOCK_KINDS:
         raise BnnccError(f"{source}: blocks = {shown(blocks)}: expected one of {', '.join(map(repr, BLOCK_KINDS))}")
     entries = raw.get("passes")
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise BnnccError(f"{source}: passes = {shown(entries)}: expected a non-empty array of tables ([[passes]])")
+    _check_pass_list(entries, source)
     passes = tuple(_validate_pass(entry, i, source) for i, entry in enumerate(entries))
     train = _validate_train(raw.get("train", {}), source)
     return Recipe(name, description, source, passes, train, blocks)
+
+
+def _check_pass_list(entries: Any, source: str) -> None:
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise BnnccError(f"{source}: passes = {shown(entries)}: expected a non-empty array of tables ([[passes]])")
 
 
 def _validate_pass(entry: dict[str, Any], index: int, source: str) -> tuple[str, dict[str, Any]]:

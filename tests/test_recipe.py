@@ -182,6 +182,17 @@ def test_a_deep_or_long_value_is_shown_short_in_its_one_line_error(tmp_path, lin
     assert str(info.value).startswith(f"{path}: {message.replace('passes.poke_conv.clip_bound', 'train.lr')}")
 
 
+@pytest.mark.parametrize("text, shown", [("", "None"), ('[passes]\nname = "poke_conv"\n', "{'name': 'poke_conv'}")])
+def test_a_pass_override_on_a_file_without_passes_names_what_the_file_lacks(tmp_path, text, shown):
+    """An empty file with --set passes.poke_stem.mid_channels=8: "empty.toml names no such pass; its passes are "."""
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for overrides in ([], ["passes.poke_stem.mid_channels=8"]):
+        with pytest.raises(BnnccError) as info:
+            load_recipe(path, overrides)
+        assert str(info.value) == f"{path}: passes = {shown}: expected a non-empty array of tables ([[passes]])"
+
+
 def test_unknown_recipe_lists_the_shipped_ones(tmp_path):
     with pytest.raises(BnnccError, match="unknown recipe 'pokebnn_3x'; shipped recipes: pokebnn_0.5x"):
         load_recipe("pokebnn_3x")
