@@ -69,6 +69,12 @@ TRAIN_RANGES: dict[str, tuple[float, bool]] = {
 
 _TOP_LEVEL = ("name", "description", "blocks", "passes", "train")
 
+# tomllib takes time quadratic in a dotted key's depth: a.a.a... = 1 8000 parts long took 4 s, and one line of
+# 1 MiB would take hours. A run of more than MAX_KEY_DEPTH dotted parts, quoted or bare (in a string too: no recipe
+# holds one), is refused before parsing
+MAX_KEY_DEPTH = 16
+_DEEP_KEY = re.compile(r"""(?:\.[ \t]*+(?:[\w-]++|"[^"\n]*+"|'[^'\n]*+')[ \t]*+){%d}""" % MAX_KEY_DEPTH)
+
 # the shipped recipes are 2-3 kB; tomllib took some 15 s and 150 MB a 14 MB file (minutes for a 100 MB one given
 # by mistake), all of it read before a word was said
 MAX_RECIPE_BYTES = 1 << 20
@@ -115,6 +121,9 @@ def available_recipes() -> list[str]:
 def load_recipe(name_or_path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     """Load a recipe by shipped name (``pokebnn_1x``) or file path, apply ``key=value`` overrides, validate."""
     source, text = _read(name_or_path)
+    if _DEEP_KEY.search(text):
+        raise BnnccError(f"{source}: a dotted key more than {MAX_KEY_DEPTH} parts long (a.b.c...); a recipe's keys "
+                         f"are at most 3 deep")
     try:
         raw = tomllib.loads(text)
     except ValueError as e:  # TOMLDecodeError, and int()'s of an integer of more than 4300 digits
@@ -235,6 +244,8 @@ def _apply_override(raw: dict[str, Any], override: str, source: str) -> None:
 
 def _parse_value(text: str) -> Any:
     """A TOML value (``1.4``, ``true``, ``"s"``, ``[1, 2]``); anything else is a bare string."""
+    if _DEEP_KEY.search(text):  # {a.a.a... = 1}: as in a file, not parsed (it is then refused as a string)
+        return text
     try:
         parsed = tomllib.loads(f"v = {text}")
     except (ValueError, RecursionError):  # TOMLDecodeError, int() of over 4300 digits, [[[...]]] nested too deeply

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -714,6 +716,9 @@ def test_pass_manager_refuses_a_string_for_its_list():
     ("width_multiplier", {"multiplier": "2"}, "width_multiplier: multiplier = '2': expected a number"),
     ("int8_head", {"bits": 4}, "int8_head: bits: unknown parameter; expected w_bits, a_bits"),
     # float() of it was an 'unexpected' OverflowError
+    # a dict 2000 deep: "unexpected RecursionError" while the message's repr of it was built
+    ("poke_conv", {"clip_bound": functools.reduce(lambda inner, _: {"a": inner}, range(2000), 1)},
+     "poke_conv: clip_bound = {'a': {'a': {'a': {...}}}}: expected a number"),
     # (its 401 digits shown as 60, as any long value in an error line)
     ("poke_conv", {"clip_bound": 10**400}, f"poke_conv: clip_bound = 1{'0' * 27}...{'0' * 29}: expected a number "
                                            f"within a float's range"),
