@@ -10,9 +10,14 @@ Backward (straight-through, clipped at the bound B)::
     dy/dx = 1  if |x| < B
             0  otherwise
 
-Binary weights, per output channel o with scale s_o = max|W[o]| / 2::
+Binary weights, per output channel o with scale s_o = max|W[o]| / 2 (stop-gradient)::
 
-    Wq[o] = s_o * (+1 if W[o] >= 0 else -1),    dWq/dW = 1 (s_o is stop-gradient)
+    Wq[o] = s_o * (+1 if W[o] >= 0 else -1)
+    dWq/dW = 1  if |W| <= (1 - 2^-7) max|W[o]|
+             0  otherwise (the largest weights of the channel, its maximum included)
+
+AQT's half-shift quantizer clips W / max|W[o]| to +-(1 - 2^-7) before its floor (pokebnn.md §4:
+"the max-magnitude element is clipped, so its gradient is 0").
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from bnncc.ops.counting import per_output
 from bnncc.ops.registry import OpDef, register
 
 __all__ = ["BinarizeAct", "binarize_act", "binarize_weights", "straight_through"]
+
+WEIGHT_CLIP = 1 - 2**-7  # the binary weights' clip, a share of max|W[o]|: the weights' STE window
 
 
 @script(bnncc_opset, default_opset=op)
@@ -84,16 +91,21 @@ def binarize_act(x: torch.Tensor, clip_bound: float = DEFAULT_CLIP_BOUND) -> tor
 
 
 def binarize_weights(w: torch.Tensor) -> torch.Tensor:
-    """sign(W) * max|W[o]|/2 per output channel (axis 0), gradient 1 (straight through)."""
+    """sign(W) * max|W[o]|/2 per output channel (axis 0), straight through but for the weights
+    beyond WEIGHT_CLIP of their channel's maximum (gradient 0)."""
     kernels = cpu_kernels.weight_kernels_for(w)
-    if kernels is not None:
-        return straight_through(w, cpu_kernels.binarize_weights(kernels, w))
     with torch.no_grad():
-        scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.5
-        # copysign rather than where(w >= 0, ...), as in _BinarizeAct: where() is unvectorized
-        # (6 ms a step over the 48 binary convs' weights); w + 0.0 makes -0.0 count as positive
-        wq = torch.copysign(scale, w + 0.0)
-    return straight_through(w, wq)
+        if kernels is not None:
+            wq = cpu_kernels.binarize_weights(kernels, w)
+        else:
+            scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) * 0.5
+            # copysign rather than where(w >= 0, ...), as in _BinarizeAct: where() is unvectorized
+            # (6 ms a step over the 48 binary convs' weights); w + 0.0 makes -0.0 count as positive
+            wq = torch.copysign(scale, w + 0.0)
+        # |Wq| is max|W[o]| / 2: 1 where W is inside the clip, 0 beyond it, without a reduction or where()
+        inside = (w.abs() <= wq.abs() * (2 * WEIGHT_CLIP)).to(w.dtype)
+    # the product's gradient to w is the incoming one times ``inside``; its value is replaced by wq
+    return straight_through(w * inside, wq)
 
 
 OP = register(OpDef("BinarizeAct", (BinarizeAct,), torch=binarize_act, sops=per_output("binarize"),

@@ -9,7 +9,7 @@ Forward, for X (N, Cin, H, W) and W (Cout, Cin, k, k)::
 The padding is applied after binarization, so padded cells contribute 0 (not +-B/2).
 TF SAME padding per spatial axis: out = ceil(H / s), total = max((out - 1) * s + k - H, 0),
 before = total // 2, after = total - before (3x3 stride 2 on an even size: 0 before, 1 after).
-No bias. Backward: binarize_act's clipped STE for X, straight-through for W.
+No bias. Backward: binarize_act's clipped STE for X, binarize_weights' clipped one for W.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from bnncc.ops import OPS
+from bnncc.ops.binarize import binarize_weights
 
 from opsref import run_onnx
 
@@ -22,3 +24,17 @@ def test_gradient_passes_only_inside_the_clip_bound():
     x = torch.tensor([-3.5, -3.0, -2.9, 0.0, 2.9, 3.0, 3.5], requires_grad=True)
     OPS["BinarizeAct"].torch(x, 3.0).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [0, 0, 1, 1, 1, 0, 0])
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_binary_weights_pass_no_gradient_beyond_the_clip_of_their_channel(monkeypatch, kernels):
+    # pokebnn.md §4: W / max|W[o]| is clipped to +-(1 - 2^-7) = +-0.9921875 before the floor, so the
+    # channel's largest weights (its maximum, and 3.99 of a maximum of 4) get gradient 0, the others 1
+    monkeypatch.setenv("BNNCC_CPU_KERNELS", kernels)
+    w = torch.tensor([[4.0, -3.99, 1.0, -0.0], [-0.5, 0.0, 0.49, 0.25]]).reshape(2, 4, 1, 1).requires_grad_()
+    grad = torch.tensor([[0.5, 2.0, -3.0, 4.0], [1.0, -2.0, 3.0, 0.25]]).reshape(2, 4, 1, 1)
+    wq = binarize_weights(w)
+    wq.backward(grad)
+    expected = [[2.0, -2.0, 2.0, 2.0], [-0.25, 0.25, 0.25, 0.25]]
+    np.testing.assert_array_equal(wq.detach().reshape(2, 4).numpy(), expected)
+    np.testing.assert_array_equal(w.grad.reshape(2, 4).numpy(), [[0, 0, -3.0, 4.0], [0, -2.0, 3.0, 0.25]])
