@@ -88,3 +88,8 @@ class TrainConfig:
             if not ok:
                 raise BnnccError(f"training setting {name} = {getattr(self, name)!r} is out of range; "
                                  f"expected {expected}")
+        # each finite, their product need not be: lr = 1e308 at a batch of 8192 gave the optimizer an infinite rate,
+        # and the run stopped on a NaN loss after its start-up
+        if not math.isfinite(self.lr * self.batch_size / 256):
+            raise BnnccError(f"training setting lr = {self.lr!r} at a batch of {self.batch_size} gives the optimizer "
+                             f"an infinite rate (lr * batch_size / 256); expected a finite one")

@@ -554,6 +554,14 @@ def test_training_settings_out_of_range_are_an_error(setting, expected):
         TrainConfig(**setting)
 
 
+def test_a_rate_that_is_infinite_at_the_batch_size_is_an_error():
+    # 1e308 is finite, and so is 8192; the optimizer's rate lr * 8192 / 256 is not
+    with pytest.raises(BnnccError, match=r"^training setting lr = 1e\+308 at a batch of 8192 gives the optimizer an "
+                                         r"infinite rate \(lr \* batch_size / 256\); expected a finite one$"):
+        TrainConfig(lr=1e308, batch_size=8192)
+    assert TrainConfig(lr=1e300, batch_size=8192).lr == 1e300
+
+
 def test_numpy_numbers_are_training_settings():
     config = TrainConfig(lr=np.float32(0.5), batch_size=np.int64(8), seed=np.uint32(3))
     assert (config.lr, config.batch_size, config.seed) == (0.5, 8, 3)
