@@ -186,15 +186,19 @@ def timed_finetune(python: str, teacher: Path, student: Path, data: Path, work: 
     command = [python, "-c", _TIMED_FINETUNE, str(student), "--teacher", str(teacher), "--data", str(data),
                "-o", str(work / "trained.onnx"), "--recipe", "pokebnn_0.5x", "--max-steps", "3", "--batch-size", "8"]
     began = time.time()
+    # stderr to a file, read at the end: a pipe read only then filled up with the fine-tune's
+    # logs (64 KiB), and the fine-tune and this loop waited for each other for ever.
     # cwd: `python -c` imports from the current folder first, which must not be another checkout
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=work)
-    peak = total = 0
-    while process.poll() is None:
-        main_peak, tree = _tree_rss(process.pid)
-        peak, total = max(peak, main_peak), max(total, tree)
-        time.sleep(0.1)
-    ended = time.time()
-    errors = process.stderr.read()
+    with open(work / "finetune.stderr", "w+", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=work)
+        peak = total = 0
+        while process.poll() is None:
+            main_peak, tree = _tree_rss(process.pid)
+            peak, total = max(peak, main_peak), max(total, tree)
+            time.sleep(0.1)
+        ended = time.time()
+        log.seek(0)
+        errors = log.read()
     if process.returncode != 0:
         raise SystemExit(f"bnncc finetune failed ({process.returncode}):\n{errors}")
     first = next(float(line.split()[1]) for line in errors.splitlines() if line.startswith("first-loss-at"))

@@ -1,6 +1,7 @@
 """The x86 benches' own logic: bench/popcount_peak.c's methods against numpy popcounts, the classes
 bench/kernels.py states fractions against, bench/network.py's AVX2 build and int8 configurations,
-bench/glue_bound.py's instruction counts, bench/ab.py's comparison of two libraries."""
+bench/glue_bound.py's instruction counts, bench/ab.py's comparison of two libraries, bench/data.py's
+timed fine-tune."""
 
 from __future__ import annotations
 
@@ -269,3 +270,23 @@ def test_kernel_profile_times_every_kernel_of_the_network(class_library):
     assert calls["poke_conv"] == ops["PokeConv"] == 6 and calls["quant_conv2d"] == ops["QuantConv"]
     assert calls["quant_head"] == 1
     assert all(row[0] > 0 and row[1] > 0 for row in rows)
+
+
+def test_data_bench_reads_a_long_finetune_log_without_waiting_for_ever(tmp_path):
+    """bench/data.py's timed fine-tune: its stderr (200 kB here) went to a pipe read only once the
+    process had ended, and the process, the pipe full, never ended."""
+    import threading
+
+    import data  # bench/data.py
+
+    fake = tmp_path / "python"  # stands for the interpreter: a long log, then the first loss's line
+    fake.write_text(f"#!{sys.executable}\nimport sys, time\nsys.stderr.write('log line\\n' * 20000)\n"
+                    "print(f'first-loss-at {time.time()}', file=sys.stderr)\n")
+    fake.chmod(0o755)
+    result = {}
+    timed = threading.Thread(target=lambda: result.update(data.timed_finetune(str(fake), tmp_path, tmp_path,
+                                                                              tmp_path, tmp_path)), daemon=True)
+    timed.start()
+    timed.join(60)
+    assert not timed.is_alive(), "the fine-tune's log filled the pipe"
+    assert 0 < result["first_step_s"] <= result["total_s"]
