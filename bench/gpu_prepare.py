@@ -1,6 +1,7 @@
 """GPU bench, first half (``bench/gpu.sh``): everything that needs bnncc and TVM's compiler but no GPU.
 
-Writes into the stage folder (default ``.gpu/``, git-ignored):
+Writes into the stage folder (default ``.gpu/``, git-ignored; an earlier stage there is replaced, a
+folder holding anything else refused):
 
     lib/model.so, lib/model.json   PokeBNN-1x (random-weight torchvision ResNet-50, ``bnncc.zoo``)
                                    compiled for CUDA ``--arch``, batch 1 and 64, device code inside,
@@ -43,6 +44,7 @@ SEED = 0
 LIBRARIES = {"lib": (True, False), "lib_nograph": (False, False), "lib_mma": (True, True),
              "lib_mma_nograph": (False, True)}
 PROBES = ("gpu_b1_peak", "gpu_bconv")  # CUDA C programs of bench/, built for the arch
+STAGE_FILES = frozenset({*LIBRARIES, "reference.npz", *PROBES, "runtime", "stage.json"})  # module docstring
 TVM_FFI_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
                      "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
@@ -143,6 +145,20 @@ def stage_runtime(stage: Path) -> None:
                     f"apache-tvm-ffi=={version}"], check=True)
 
 
+def clear_stage(stage: Path) -> None:
+    """Remove an earlier stage at ``stage``, and refuse a folder holding anything a stage does not:
+    the whole folder was removed, whatever it held (``--stage ~/results`` took the user's files)."""
+    if not stage.exists():
+        return
+    if not stage.is_dir():
+        raise SystemExit(f"{stage}: is a file, not a stage folder; give another --stage")
+    others = sorted({p.name for p in stage.iterdir()} - STAGE_FILES)
+    if others:
+        raise SystemExit(f"{stage}: holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which no "
+                         f"stage holds; remove it or give another --stage")
+    shutil.rmtree(stage)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=Path, default=ROOT / ".gpu")
@@ -152,8 +168,7 @@ def main() -> None:
                         help="also stage TVM's runtime and the tvm-ffi wheel for a GPU machine without TVM")
     args = parser.parse_args()
     stage = args.stage
-    if stage.exists():
-        shutil.rmtree(stage)
+    clear_stage(stage)
     stage.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="bnncc-gpu-") as tmp:
         model = build_libraries(Path(tmp), stage, args.arch)

@@ -9,6 +9,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,27 @@ def test_library_loads_with_tvm_runtime_alone(tmp_path, cli, monkeypatch):
     loaded = json.loads(done.stdout)
     assert loaded == {"kinds": ["relax.VMExecutable", "library", "cuda"], "tvm": False, "found": kernels,
                       "made_up": False, "device": False}
+
+
+def test_gpu_bench_stage_replaces_an_earlier_stage_only(tmp_path, monkeypatch):
+    """bench/gpu_prepare.py removed its --stage folder whatever it held: `--stage ~/results` took the
+    user's files. It replaces an earlier stage, and refuses a folder with anything else in it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    import gpu_prepare  # bench/gpu_prepare.py
+
+    def build_libraries(work, stage, arch):  # the stage cleared: the minutes of building are not needed here
+        raise RuntimeError("building")
+
+    monkeypatch.setattr(gpu_prepare, "build_libraries", build_libraries)
+    results = tmp_path / "results"
+    (results / "lib").mkdir(parents=True)
+    (results / "notes.txt").write_text("mine")
+    monkeypatch.setattr(sys, "argv", ["gpu_prepare.py", "--stage", str(results)])
+    with pytest.raises(SystemExit, match=r"results: holds notes.txt, which no stage holds"):
+        gpu_prepare.main()
+    assert (results / "notes.txt").read_text() == "mine" and (results / "lib").is_dir()
+    (results / "notes.txt").unlink()
+    (results / "stage.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="building"):
+        gpu_prepare.main()
+    assert results.is_dir() and not any(results.iterdir())
