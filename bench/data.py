@@ -228,8 +228,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         for layout in ["images"] + (["shards"] if args.shards else []):
             r = timed_finetune(args.python, teacher, student, work / layout, work)
             print(f"bnncc finetune ({layout}, --max-steps 3 --batch-size 8): first step's loss after "
-                  f"{r['first_step_s']:.1f} s, done after {r['total_s']:.1f} s; peak RSS {r['peak_rss_main'] / 2**20:.0f} MB "
-                  f"(main process), {r['peak_rss_tree'] / 2**20:.0f} MB (process tree)")
+                  f"{r['first_step_s']:.1f} s, done after {r['total_s']:.1f} s; peak RSS "
+                  f"{r['peak_rss_main'] / 2**20:.0f} MiB (main process), "
+                  f"{r['peak_rss_tree'] / 2**20:.0f} MiB (process tree)")
 
 
 def main() -> None:

@@ -290,3 +290,22 @@ def test_data_bench_reads_a_long_finetune_log_without_waiting_for_ever(tmp_path)
     timed.join(60)
     assert not timed.is_alive(), "the fine-tune's log filled the pipe"
     assert 0 < result["first_step_s"] <= result["total_s"]
+
+
+def test_data_bench_states_memory_in_the_unit_it_divides_by(tmp_path, monkeypatch, capsys):
+    """bench/data.py printed the fine-tune's peak RSS in MiB (bytes / 2**20) labelled MB, beside the
+    JPEGs' size in MB (bytes / 10**6) on the same output: 1.5 GiB read as 1536 MB."""
+    import argparse
+
+    import data  # bench/data.py
+
+    import bnncc.train.data
+
+    for name in ("build", "loader_throughput", "cpu_ms_per_image"):
+        monkeypatch.setattr(data, name, lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr(bnncc.train.data, "open_splits", lambda folder: None)
+    monkeypatch.setattr(data, "models", lambda work: (work / "teacher.onnx", work / "student.onnx"))
+    monkeypatch.setattr(data, "timed_finetune", lambda *args: {"first_step_s": 1.0, "total_s": 2.0,
+                                                               "peak_rss_main": 3 * 2**29, "peak_rss_tree": 2**32})
+    data.run(argparse.Namespace(images=1, classes=1, shards=False, finetune=True, python=sys.executable), tmp_path)
+    assert "peak RSS 1536 MiB (main process), 4096 MiB (process tree)" in capsys.readouterr().out
