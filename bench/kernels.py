@@ -95,11 +95,11 @@ def resnet50_shapes() -> list[Shape]:
 
 
 def seconds_per_call(call, budget: float = 0.3, repeats: int = 5, timer=time.perf_counter) -> float:
-    """Fastest of ``repeats`` wall-clock loops of about ``budget`` seconds each: the minimum, as
-    other work on a shared machine only ever adds time (a plain loop, not time_evaluator, which
-    misread parallel kernels: shared/reference/tvm.md §6.9). ``timer``: wall clock by default;
-    CPU time (``time.process_time``, ``time.thread_time``) for one thread on a machine others share
-    (bench/arm64.py, ``--cpu-time``)."""
+    """Seconds a call: the fastest of ``repeats`` loops of about ``budget / repeats`` seconds each
+    (``budget`` in all), the minimum, as other work on a shared machine only ever adds time (a plain
+    loop, not time_evaluator, which misread parallel kernels: shared/reference/tvm.md §6.9).
+    ``timer``: wall clock by default; CPU time (``time.process_time``, ``time.thread_time``) for one
+    thread on a machine others share (bench/arm64.py, ``--cpu-time``)."""
     call()
     start = timer()
     call()
