@@ -117,20 +117,28 @@ def _serving(engines: Engines):
         ours, theirs = context.Pipe()
         process = context.Process(target=_engine_process, args=(spec, theirs), daemon=True)
         process.start()
+        # the engine's end is the child's alone: kept open here, an engine that died (a library
+        # that would not load) left ``recv`` waiting for it for ever
+        theirs.close()
         pipes[name] = ours
         processes.append(process)
     try:
         yield pipes
     finally:
         for pipe in pipes.values():
-            pipe.send(None)
+            with contextlib.suppress(OSError):  # (an engine that died: the others are stopped still)
+                pipe.send(None)
         for process in processes:
             process.join()
 
 
 def _timed_ms(pipe, batch: int, calls: int) -> list[float]:
-    pipe.send((batch, calls))
-    return [1e3 * t for t in pipe.recv()]
+    """ms of each of ``calls`` timed calls at ``batch`` of the engine served at ``pipe``."""
+    try:
+        pipe.send((batch, calls))
+        return [1e3 * t for t in pipe.recv()]
+    except (EOFError, OSError):
+        raise RuntimeError("an engine's process ended; its error is printed above") from None
 
 
 def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, dict[str, np.ndarray]]:
@@ -175,6 +183,7 @@ def _noise_ms(engines: Engines, burst_s: float) -> tuple[dict[str, tuple[np.ndar
     ours, theirs = context.Pipe()
     noise = context.Process(target=_noise, args=(burst_s, NOISE_PERIOD * burst_s, on, stop, theirs), daemon=True)
     noise.start()
+    theirs.close()  # (as in _serving)
     try:
         with _serving(engines) as pipes:
             times = {name: ([], []) for name in engines}

@@ -309,3 +309,25 @@ def test_data_bench_states_memory_in_the_unit_it_divides_by(tmp_path, monkeypatc
                                                                "peak_rss_main": 3 * 2**29, "peak_rss_tree": 2**32})
     data.run(argparse.Namespace(images=1, classes=1, shards=False, finetune=True, python=sys.executable), tmp_path)
     assert "peak RSS 1536 MiB (main process), 4096 MiB (process tree)" in capsys.readouterr().out
+
+
+def test_network_bench_stops_when_an_engine_cannot_start(tmp_path):
+    """bench/network.py: an engine's process that failed (here a library folder that is not there)
+    printed its error, and the bench then waited for its answer for ever: the parent held the
+    engine's end of the pipe open too."""
+    import threading
+
+    engines = {"missing": ("bnncc", str(tmp_path / "no-library"))}
+    raised = []
+
+    def measure():
+        try:
+            network._latencies_ms(engines, (1,), rounds=1)
+        except RuntimeError as error:
+            raised.append(str(error))
+
+    timed = threading.Thread(target=measure, daemon=True)
+    timed.start()
+    timed.join(120)
+    assert not timed.is_alive(), "the bench waited for an engine that had ended"
+    assert raised == ["an engine's process ended; its error is printed above"]
