@@ -39,7 +39,8 @@ def main() -> None:
     libs = [load(args.a), load(args.b)]
     x = np.random.default_rng(0).standard_normal((1, *libs[0].input_chw)).astype(np.float32)
     outputs = [lib(x) for lib in libs]
-    print(f"logits bitwise equal: {np.array_equal(*outputs)} (largest difference {np.abs(outputs[0] - outputs[1]).max():.3g})")
+    print(f"logits bitwise equal: {np.array_equal(*outputs)} "
+          f"(largest difference {np.abs(outputs[0] - outputs[1]).max():.3g})")
     times = [[], []]
     for pair in range(args.pairs):
         for i in (0, 1) if pair % 2 == 0 else (1, 0):

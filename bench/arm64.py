@@ -171,7 +171,8 @@ def error_bar(calibration: list[dict]) -> tuple[float, float, float]:
 
 def three_by_three(model: ir.Model) -> set[str]:
     """The binary conv layers (cost layer names) with a 3x3 kernel: the layers the ARM engines publish."""
-    return {f"{n.name}/binary" for n in model.graph if n.op_type == "PokeConv" and list(n.inputs[1].shape)[2:] == [3, 3]}
+    return {f"{n.name}/binary" for n in model.graph
+            if n.op_type == "PokeConv" and list(n.inputs[1].shape)[2:] == [3, 3]}
 
 
 def rate(rows: list[estimate.LayerEstimate], layers: set[str], part: str = "whole") -> float:
@@ -226,12 +227,14 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
     lines = [SECTION, "",
              f"Date: {datetime.date.today().isoformat()}. Machine: {cpu_model()} (LLVM's model of it: "
              f"`{estimate.host_cpu()}`), {os.cpu_count()} CPUs (load average {load}); clock measured before each "
-             f"kernel (a chain of dependent adds per second of CPU time) {min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel "
+             f"kernel (a chain of dependent adds per second of CPU time) "
+             f"{min(clocks) / 1e9:.2f}-{max(clocks) / 1e9:.2f} GHz; kernel "
              "times in CPU time (one thread). Command: `TVM_NUM_THREADS=1 .venv/bin/python bench/arm64.py "
              "--results bench/RESULTS.md`. LLVM 19 (`llvm-objdump`, `llvm-mca`).", "",
              "**Estimates, not measurements**: each layer's code from the arm64 library's disassembly through "
              "`llvm-mca` (steady state, all loads hitting L1). A binary conv: its hot loop times its trip count "
-             "(bits the layer popcounts, N·Ho·Wo·Cout·k²·32·ceil(Cin/32), over bits per pass), plus the code of the "
+             "(bits the layer popcounts, N·Ho·Wo·Cout·k²·32·ceil(Cin/32), over bits per pass), "
+             "plus the code of the "
              "loops around it, each run as often as the hot loop's passes over the trip counts read from the "
              "loop counters: the chunk loop (the widening of the byte counters after each chunk of at most 31 "
              "steps, their zeroing) and the tile loop (the epilogue); each such block's straight-line code runs "
@@ -243,7 +246,8 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
              "while `neoverse-n1` models the Neoverse N1, the server core built on the A76's design (same 4-wide "
              "decode, 2 vector and 2 load pipes). The A76 figures below are the N1 model at the A76's 2.4 GHz; the "
              "`cortex-a76` model's are given beside them.", "",
-             f"Calibration on this CPU (`{estimate.host_cpu()}`, the same estimate for the x86-64 binary conv kernels of "
+             f"Calibration on this CPU (`{estimate.host_cpu()}`, the same estimate for the x86-64 binary conv "
+             "kernels of "
              f"bench/kernels.py, one thread, {len(calibration)} ResNet-50 shapes): measured / estimated cycles "
              f"median **{median:.2f}**, range {low:.2f}-{high:.2f}. ARM times below are estimate x "
              f"{median:.2f} with that range as the error bar.", "",
@@ -258,7 +262,8 @@ def report(networks: dict, calibration: list[dict], load: str) -> str:
     threes = three_by_three(model)
     a76 = estimates[A76_MODEL]
     lines += ["", f"PokeBNN-1x (ResNet-50): 3x3 binary convs on the Cortex-A76 at {A76_CLOCK / 1e9:.1f} GHz "
-              "(neoverse-n1 model; target >= 70 bMACs/cycle). Binary MACs per cycle of the hot loop alone; of the count (the hot "
+              "(neoverse-n1 model; target >= 70 bMACs/cycle). Binary MACs per cycle of the hot loop alone; "
+              "of the count (the hot "
               "loop and the code of the loops around it: chunk widening, zeroing, the sums stored, the tile's "
               "addressing); of the whole layer (with the fused PokeConv epilogue's loop over the channel vectors: "
               "scale, shortcut, DPReLU, SE gate):", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]

@@ -222,7 +222,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         rates = ", ".join(f"{loader_throughput(work / layout, w):.0f} img/s with {w} worker{'s' * (w > 1)}"
                           for w in (1, 2))
         cpu = cpu_ms_per_image(work / layout)
-        print(f"decode + augment to 224 px ({layout}): {rates}; {cpu:.2f} ms CPU an image ({1000 / cpu:.0f} img/s a core)")
+        print(f"decode + augment to 224 px ({layout}): {rates}; {cpu:.2f} ms CPU an image "
+              f"({1000 / cpu:.0f} img/s a core)")
     if args.finetune:
         teacher, student = models(work)
         for layout in ["images"] + (["shards"] if args.shards else []):

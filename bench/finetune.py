@@ -175,7 +175,8 @@ def print_compiled_throughput(student: ir.Model, float_teacher: torch.nn.Module,
     their first step took (compiling)."""
     student_times, teacher_times = step_times([torch.compile(to_torch(student)), torch.compile(float_teacher)], batch)
     student_ips, teacher_ips = images_per_second(student_times, batch), images_per_second(teacher_times, batch)
-    print(f"training throughput with torch.compile: student {student_ips:.1f} img/s (first step {student_times[0]:.0f} s, "
+    print(f"training throughput with torch.compile: student {student_ips:.1f} img/s "
+          f"(first step {student_times[0]:.0f} s, "
           f"compiling); float teacher (torchvision, BN in train mode) {teacher_ips:.1f} img/s "
           f"(first step {teacher_times[0]:.0f} s), ratio {student_ips / teacher_ips:.3f}")
 

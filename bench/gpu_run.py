@@ -153,7 +153,8 @@ def main() -> None:
 
     def probe() -> None:
         peak[0], lines = b1_peak(stage)
-        rows.append(("1-bit tensor-core peak (mma m16n8k256 and.popc)", f"{peak[0]:.3g} binary MAC/s; {'; '.join(lines)}"))
+        rows.append(("1-bit tensor-core peak (mma m16n8k256 and.popc)",
+                     f"{peak[0]:.3g} binary MAC/s; {'; '.join(lines)}"))
         print(rows[-1], flush=True)
 
     torch_ms = {}
@@ -186,7 +187,8 @@ def main() -> None:
             rate = macs * batch / (ours * 1e-3)
             versus = f", {ours / torch_ms[batch]:.2f}x torch's time" if batch in torch_ms else ""
             rows.append((f"batch {batch}: bnncc PokeBNN-1x, {name}", f"{ours:.3f} ms ({batch / ours * 1e3:.0f} img/s)"
-                         f"{versus}; binary MAC/s over the network {rate:.3g} ({100 * rate / peak[0]:.2f}% of the b1 peak)"))
+                         f"{versus}; binary MAC/s over the network {rate:.3g} "
+                         f"({100 * rate / peak[0]:.2f}% of the b1 peak)"))
             print(rows[-1], flush=True)
 
     def bconv() -> None:
@@ -197,7 +199,8 @@ def main() -> None:
             if timed:
                 layer, batch, ms, rate = timed.groups()
                 rows.append((f"tensor-core binary conv {layer}, batch {batch} (alone)",
-                             f"{float(ms):.4f} ms, {float(rate):.3g} binary MAC/s ({100 * float(rate) / peak[0]:.1f}% of the b1 peak)"))
+                             f"{float(ms):.4f} ms, {float(rate):.3g} binary MAC/s "
+                             f"({100 * float(rate) / peak[0]:.1f}% of the b1 peak)"))
             elif line.startswith("bconv"):
                 rows.append((f"tensor-core binary conv {line.split()[1]}: exact vs host", line.split("check ")[1]))
         if done.returncode != 0 or "WRONG" in done.stdout:

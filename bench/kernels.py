@@ -179,7 +179,8 @@ def best_of_class(peaks: dict[str, dict[str, tuple[float, float]]], name: str) -
 def split_shapes(target) -> set[Shape]:
     """The shapes whose kernels ResNet-50's lowering for ``target`` gives weights split into nibbles
     ahead (x86_64.split_convs over all 48 convs; a shape counts if its first conv is split)."""
-    convs = {(shape, i): (shape.cin, shape.cout, shape.kernel) for shape in resnet50_shapes() for i in range(shape.count)}
+    convs = {(shape, i): (shape.cin, shape.cout, shape.kernel)
+             for shape in resnet50_shapes() for i in range(shape.count)}
     return {shape for shape, i in x86_64.split_convs(target, convs) if i == 0}
 
 

@@ -143,10 +143,11 @@ def _timed_ms(pipe, batch: int, calls: int) -> list[float]:
 
 def _latencies_ms(engines: Engines, batches, rounds: int = ROUNDS) -> dict[int, dict[str, np.ndarray]]:
     """{batch: {engine: ms of each timed call, (rounds, BLOCK[batch])}}, the engines' processes
-    taking turns; every round in fresh processes. On this project's 2-vCPU VMs there are stretches, seconds to minutes long,
-    in which the two vCPUs slow each other down when both are busy, and 2-thread bnncc runs 1.5x
-    slower (bench/RESULTS.md, "Slow stretches"); a process that started in one could look slow for
-    its whole life, and one process for all rounds made an engine's figure hang on that draw."""
+    taking turns; every round in fresh processes. On this project's 2-vCPU VMs there are stretches,
+    seconds to minutes long, in which the two vCPUs slow each other down when both are busy, and
+    2-thread bnncc runs 1.5x slower (bench/RESULTS.md, "Slow stretches"); a process that started in
+    one could look slow for its whole life, and one process for all rounds made an engine's figure
+    hang on that draw."""
     times = {batch: {name: [] for name in engines} for batch in batches}
     for _ in range(rounds):
         with _serving(engines) as pipes:
@@ -391,10 +392,12 @@ def _print_profile(rows) -> None:
     in_network, alone = sum(r[0] for r in rows), sum(r[1] for r in rows)
     print(f"\nper-kernel profile, batch 1: in the network (1 thread) {in_network:.2f} ms, alone ({THREADS} threads) "
           f"{alone:.2f} ms")
-    print("| kernel | first input | calls | ms in the network, 1 thread | ms alone | ms per call alone | share in the network |")
+    print("| kernel | first input | calls | ms in the network, 1 thread | ms alone | ms per call alone "
+          "| share in the network |")
     print("|---|---|---|---|---|---|---|")
     for net_ms, ms_total, ms, count, name, shape in rows:
-        print(f"| {name} | {shape} | {count} | {net_ms:.3f} | {ms_total:.3f} | {ms:.3f} | {100 * net_ms / in_network:.1f}% |")
+        print(f"| {name} | {shape} | {count} | {net_ms:.3f} | {ms_total:.3f} | {ms:.3f} "
+              f"| {100 * net_ms / in_network:.1f}% |")
 
 
 def main() -> None:

@@ -142,7 +142,8 @@ def binary_kernel_counts(executable) -> dict[str, dict[str, int]]:
     """``count_instructions`` of every binary conv kernel in a compiled executable, by symbol."""
     asm = assembly(executable)
     symbols = sorted({s[len("__tvm_ffi_"):] for s, _ in _FUNCTION.findall(asm) if s.startswith("__tvm_ffi_")})
-    return {name: count_instructions(kernel_assembly(asm, name)) for name in symbols if name.startswith(_BINARY_KERNELS)}
+    return {name: count_instructions(kernel_assembly(asm, name))
+            for name in symbols if name.startswith(_BINARY_KERNELS)}
 
 
 def binary_layer_counts(executable, module, function: str, layers: list[str]) -> dict[str, dict]:

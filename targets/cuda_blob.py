@@ -97,7 +97,8 @@ def cuda_module_parts(data: bytes) -> CudaModule:
     table = data[table_start:pos]
     code, pos = _string(data, pos)
     if pos != len(data):
-        raise BnnccError(f"CUDA module of {len(data)} bytes: {len(data) - pos} left after its code; not TVM 0.27's format")
+        raise BnnccError(f"CUDA module of {len(data)} bytes: {len(data) - pos} left after its code; not TVM 0.27's "
+                         f"format")
     return CudaModule(fmt.decode(), table, kernels, code)
 
 

@@ -86,7 +86,8 @@ def _tensor_core_block(func: tirx.PrimFunc, popcount) -> s_tir.SBlockRealize:
     body = _launch("blockIdx.y", math.ceil(cout / (8 * _TILES)), body)
     body = _launch("blockIdx.x", math.ceil(n * ho * wo / (16 * _WARPS)), body)
     like = popcount.writes[0]
-    block = s_tir.SBlock([], [_full(bits, like), _full(weights, like)], [_full(out, like)], "tensor_core_popcount", body)
+    block = s_tir.SBlock([], [_full(bits, like), _full(weights, like)], [_full(out, like)], "tensor_core_popcount",
+                         body)
     return s_tir.SBlockRealize([], True, block)
 
 

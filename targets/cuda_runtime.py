@@ -74,7 +74,8 @@ def load_runtime() -> Path:
         ctypes.CDLL(str(folder / RUNTIME_LIBRARIES[1]), mode=ctypes.RTLD_GLOBAL)
     except OSError as error:
         if "libcuda" in str(error):  # the driver's library
-            raise BnnccError(f"a cuda library needs an NVIDIA GPU and its driver; this machine has no driver ({error})") from None
+            raise BnnccError(f"a cuda library needs an NVIDIA GPU and its driver; this machine has no driver "
+                             f"({error})") from None
         raise BnnccError(f"{folder / RUNTIME_LIBRARIES[1]}: cannot load TVM's CUDA runtime: {error}") from None
     _loaded.append(folder)
     return folder
