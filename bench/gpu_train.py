@@ -95,6 +95,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--workdir", default=None, help="build here and keep it (default: a temporary folder)")
     args = parser.parse_args()
+    # the steady images/s is over the logged steps from --warmup on: with no step after it, the
+    # bench ended in a StopIteration or ZeroDivisionError after minutes of training
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves no step after the --warmup {args.warmup} to time")
     _gpu_or_exit()
     in_workdir(args.workdir, "bnncc-bench-gpu-", lambda work: run(args, work))
 

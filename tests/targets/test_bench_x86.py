@@ -331,3 +331,15 @@ def test_network_bench_stops_when_an_engine_cannot_start(tmp_path):
     timed.join(120)
     assert not timed.is_alive(), "the bench waited for an engine that had ended"
     assert raised == ["an engine's process ended; its error is printed above"]
+
+
+def test_gpu_train_bench_refuses_steps_that_leave_none_to_time(monkeypatch, capsys):
+    """bench/gpu_train.py --steps 10 (below the 20 warm-up steps) trained both networks and then
+    ended in a StopIteration, finding no logged step after the warm-up to time; it is refused first."""
+    import gpu_train  # bench/gpu_train.py
+
+    monkeypatch.setattr(sys, "argv", ["gpu_train.py", "--steps", "10"])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_train.main()
+    assert exit_info.value.code == 2
+    assert "--steps 10 leaves no step after the --warmup 20 to time" in capsys.readouterr().err
