@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
+import resource
 import subprocess
 import tempfile
 import time
@@ -140,17 +140,17 @@ def method_rate(binary: Path, method: str, threads: int, cpu_time: bool) -> floa
     (``cpu_time``) by its user CPU time, best of 3; None when this CPU lacks its instructions."""
     rates = []
     for _ in range(3):
-        process = subprocess.Popen([str(binary), method, str(threads), str(PEAK_STEPS)], stdout=subprocess.PIPE,
-                                   text=True)
-        with process.stdout:
-            out = process.stdout.read().split()
-        _, status, usage = os.wait4(process.pid, 0)
-        if os.waitstatus_to_exitcode(status) == _UNSUPPORTED:
+        # its user CPU time: that of this process's waited-for children, after it less before (Popen
+        # reaps it: an os.wait4 behind its back left Popen warning that the process still ran)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+        done = subprocess.run([str(binary), method, str(threads), str(PEAK_STEPS)], stdout=subprocess.PIPE, text=True)
+        user_s = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before
+        if done.returncode == _UNSUPPORTED:
             return None
-        if status:
-            raise RuntimeError(f"{binary} {method} failed: status {status}")
-        bits = int(out[1])
-        rates.append(threads * PEAK_STEPS * 8 * bits / usage.ru_utime if cpu_time else float(out[0]))
+        if done.returncode != 0:
+            raise RuntimeError(f"{binary} {method} failed: exit status {done.returncode}")
+        rate, bits = done.stdout.split()[:2]
+        rates.append(threads * PEAK_STEPS * 8 * int(bits) / user_s if cpu_time else float(rate))
     return max(rates)
 
 

@@ -343,3 +343,21 @@ def test_gpu_train_bench_refuses_steps_that_leave_none_to_time(monkeypatch, caps
         gpu_train.main()
     assert exit_info.value.code == 2
     assert "--steps 10 leaves no step after the --warmup 20 to time" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpu_time", [False, True])
+def test_popcount_peak_rate_reaps_its_process(peak_binary, cpu_time, monkeypatch):
+    """kernels.method_rate reaped popcount_peak with os.wait4 behind Popen's back: Popen then warned
+    that the finished process was "still running". A rate comes back by either clock."""
+    import gc
+    import warnings
+
+    monkeypatch.setattr(kernels, "PEAK_STEPS", 2_000_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rate = kernels.method_rate(peak_binary, "avx2-bytes", 1, cpu_time)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    if rate is None:
+        pytest.skip("this CPU cannot run avx2-bytes")
+    assert rate > 0
