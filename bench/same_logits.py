@@ -92,7 +92,9 @@ def main() -> int:
     os.environ.setdefault("TVM_NUM_THREADS", "1")  # before TVM is imported (by bnncc.compile)
     results = logits(args.model, args.recipes, args.target)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, **results, **{_THREADS: np.array(os.environ["TVM_NUM_THREADS"])})
+    # into the file named, as --compare reads it: given a path, np.savez adds .npz to a name without it
+    with open(args.out, "wb") as out:
+        np.savez(out, **results, **{_THREADS: np.array(os.environ["TVM_NUM_THREADS"])})
     print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,7 @@
 """The x86 benches' own logic: bench/popcount_peak.c's methods against numpy popcounts, the classes
 bench/kernels.py states fractions against, bench/network.py's AVX2 build and int8 configurations,
 bench/glue_bound.py's instruction counts, bench/ab.py's comparison of two libraries, bench/data.py's
-timed fine-tune."""
+timed fine-tune, bench/gpu_train.py's arguments, bench/same_logits.py's files."""
 
 from __future__ import annotations
 
@@ -361,3 +361,19 @@ def test_popcount_peak_rate_reaps_its_process(peak_binary, cpu_time, monkeypatch
     if rate is None:
         pytest.skip("this CPU cannot run avx2-bytes")
     assert rate > 0
+
+
+def test_same_logits_compares_the_files_it_says_it_wrote(tmp_path, monkeypatch, capsys):
+    """bench/same_logits.py --out before: np.savez wrote before.npz, the script said "wrote before",
+    and --compare before after found no such file."""
+    import same_logits  # bench/same_logits.py
+
+    monkeypatch.setattr(same_logits, "logits", lambda model, recipes, target: {"pokebnn_1x": np.eye(2)})
+    for name in ("before", "after"):
+        monkeypatch.setattr(sys, "argv", ["same_logits.py", str(tmp_path / "model.onnx"),
+                                          "--out", str(tmp_path / name)])
+        assert same_logits.main() == 0
+        assert f"wrote {tmp_path / name}" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["same_logits.py", "--compare", str(tmp_path / "before"), str(tmp_path / "after")])
+    assert same_logits.main() == 0
+    assert "pokebnn_1x: max |diff| 0  bitwise equal" in capsys.readouterr().out
