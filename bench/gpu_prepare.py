@@ -163,10 +163,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=Path, default=ROOT / ".gpu")
     parser.add_argument("--arch", default="sm_90", help="CUDA arch to build for (sm_90: H100/H200)")
-    parser.add_argument("-n", type=int, default=64, help="reference inputs")
+    parser.add_argument("-n", type=int, default=64, help=f"reference inputs, a multiple of {max(BATCHES)}")
     parser.add_argument("--portable", action="store_true",
                         help="also stage TVM's runtime and the tvm-ffi wheel for a GPU machine without TVM")
     args = parser.parse_args()
+    # gpu_run.py checks each library on whole batches of the largest size: fewer inputs left it none,
+    # and its correctness check failed on the GPU with numpy's "need at least one array"
+    if args.n < max(BATCHES) or args.n % max(BATCHES):
+        parser.error(f"-n {args.n}: the reference inputs must be a multiple of {max(BATCHES)}, the largest batch")
     stage = args.stage
     clear_stage(stage)
     stage.mkdir(parents=True)

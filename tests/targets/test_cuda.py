@@ -366,3 +366,21 @@ def test_gpu_bench_stage_replaces_an_earlier_stage_only(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="building"):
         gpu_prepare.main()
     assert results.is_dir() and not any(results.iterdir())
+
+
+def test_gpu_bench_refuses_reference_inputs_of_no_whole_batch(tmp_path, monkeypatch, capsys):
+    """bench/gpu_prepare.py -n 8 staged 8 reference inputs, and gpu_run.py's check at batch 64 then had
+    none to run ("need at least one array to concatenate" on the GPU machine): refused at once."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    import gpu_prepare  # bench/gpu_prepare.py
+
+    def build_libraries(work, stage, arch):  # (not reached: the minutes of building are not needed here)
+        raise RuntimeError("building")
+
+    monkeypatch.setattr(gpu_prepare, "build_libraries", build_libraries)
+    monkeypatch.setattr(sys, "argv", ["gpu_prepare.py", "--stage", str(tmp_path / "stage"), "-n", "8"])
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_prepare.main()
+    assert exit_info.value.code == 2
+    assert "-n 8: the reference inputs must be a multiple of 64" in capsys.readouterr().err
+    assert not (tmp_path / "stage").exists()
