@@ -25,7 +25,7 @@ from bnncc.fileio import require_unchanged
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
 from bnncc.targets.lower import IMAGE_FUNCTION
 
-__all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names"]
+__all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names", "runs_natively"]
 
 Caller = Callable[[str, np.ndarray], np.ndarray]
 
@@ -54,9 +54,10 @@ class TargetSpec:
     # the machine its model.so's code is for (bnncc.runtime checks its ELF header): "x86-64" or
     # "aarch64"; None: not checked
     elf_machine: str | None = None
-    # (manifest, its path) -> None, or a BnnccError for what this host cannot run, before loading
+    # (manifest, its path) -> None; raises a BnnccError for what this host cannot run, before loading
     check_host: Callable[[dict, Path], None] | None = None
-    # () -> a BnnccError naming a tool the build needs that this host lacks (``get(..., build=True)``); None: none
+    # () -> raises a BnnccError naming a tool the build needs that this host lacks (``get(..., build=True)``);
+    # None: the build needs nothing beyond TVM
     check_build: Callable[[], object] | None = None
 
 
