@@ -13,10 +13,11 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 from bnncc.errors import BnnccError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "check_folder_writable",
-           "check_writable", "file_sha256", "hash_file", "load_private_copy", "make_folders", "output_errors",
-           "output_path", "output_target", "partial_writes", "refuse_overwriting", "remove_made", "remove_partial",
-           "require_file", "require_unchanged", "sync", "umask", "writing_error"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "cache_entry_whole",
+           "check_folder_writable", "check_writable", "file_sha256", "hash_file", "load_private_copy", "make_folders",
+           "output_errors", "output_path", "output_target", "partial_writes", "record_cache_entry",
+           "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync", "umask",
+           "writing_error"]
 
 T = TypeVar("T")
 
@@ -263,3 +264,24 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
 def cache_dir() -> Path:
     """``$BNNCC_CACHE`` or ``~/.cache/bnncc``: built runners, kernels and downloaded runtimes."""
     return Path(os.environ.get("BNNCC_CACHE") or Path.home() / ".cache" / "bnncc")
+
+
+def _digest_path(entry: Path) -> Path:
+    return entry.with_name(f"{entry.name}.sha256")
+
+
+def record_cache_entry(entry: Path) -> None:
+    """Write the SHA-256 of the cache file ``entry``, just built, beside it (``NAME.sha256``), for
+    ``cache_entry_whole`` to check it against."""
+    atomic_write_text(_digest_path(entry), file_sha256(entry))
+
+
+def cache_entry_whole(entry: Path) -> bool:
+    """Whether the cache file ``entry`` is a regular file with the SHA-256 that ``record_cache_entry`` wrote
+    beside it. An entry that was cut short, emptied or overwritten (a full disk, a crash, a copy over it)
+    was taken as it was: a bundle shipped an empty or truncated runner, and training died loading the
+    kernels ("file too short"). One that is not whole is built again."""
+    try:
+        return entry.is_file() and _digest_path(entry).read_text(encoding="ascii") == file_sha256(entry)
+    except (OSError, UnicodeDecodeError):
+        return False

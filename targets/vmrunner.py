@@ -5,7 +5,8 @@ The runner links only TVM's runtime (libtvm_runtime.so + libtvm_ffi.so). For x86
 from the installed apache-tvm / apache-tvm-ffi packages; for aarch64 from the aarch64 wheels of
 the same versions, which ``ensure_arm64_runtime`` downloads with pip once into the cache
 (``$BNNCC_CACHE``, default ``~/.cache/bnncc``). Binaries are cached under a hash of runner.cc and
-the compiler, so an edit rebuilds them.
+the compiler, so an edit rebuilds them; each cached file is taken only with the SHA-256 recorded
+beside it when it was written (``fileio.cache_entry_whole``), else written again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bnncc.errors import BnnccError, tool_said
-from bnncc.fileio import atomic_path, cache_dir, output_errors
+from bnncc.fileio import atomic_path, cache_dir, cache_entry_whole, output_errors, record_cache_entry
 from bnncc.targets.arm64 import CROSS_CXX, CROSS_INSTALL
 from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
 
@@ -63,7 +64,7 @@ def arm64_runtime_folder() -> Path:
 def has_arm64_runtime() -> bool:
     """Whether ``arm64_runtime_folder`` holds both libraries: the arm64 runner needs no download."""
     folder = arm64_runtime_folder()
-    return all((folder / Path(member).name).is_file() for member in _RUNTIME_LIBS.values())
+    return all(cache_entry_whole(folder / Path(member).name) for member in _RUNTIME_LIBS.values())
 
 
 def has_aarch64_sysroot() -> bool:
@@ -91,7 +92,7 @@ def ensure_arm64_runtime() -> Path:
                 raise BnnccError(f"could not download the aarch64 TVM runtime ({last}); "
                                  f"run: {' '.join(_pip_command(folder / 'wheels'))}")
             _extract_runtime(Path(tmp), folder)
-    missing = [name for name in _RUNTIME_LIBS.values() if not (folder / Path(name).name).is_file()]
+    missing = [name for name in _RUNTIME_LIBS.values() if not cache_entry_whole(folder / Path(name).name)]
     if missing:
         raise BnnccError(f"the aarch64 wheels held no {', '.join(missing)}; is the installed TVM a manylinux build?")
     logger.info("aarch64 TVM runtime in %s (%.1f s)", folder, time.perf_counter() - start)
@@ -107,6 +108,7 @@ def _extract_runtime(wheels: Path, folder: Path) -> None:
                 with atomic_path(folder / Path(member).name) as dest:
                     dest.write_bytes(archive.read(member))
                     dest.chmod(0o644)
+                record_cache_entry(folder / Path(member).name)
 
 
 def _library_dirs(arch: str) -> list[Path]:
@@ -130,7 +132,7 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
     libs = _library_dirs(arch)
     rpath = "$ORIGIN" if beside_runtime else ":".join(map(str, libs))
     binary = _runner_path(arch, libs, rpath)
-    if binary.is_file():  # (one built by `bnncc targets --prepare` runs on a host without the compiler)
+    if cache_entry_whole(binary):  # (one built by `bnncc targets --prepare` runs on a host without the compiler)
         return binary
     compiler = _COMPILERS[arch]
     if shutil.which(compiler) is None:
@@ -147,6 +149,7 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
         if done.returncode != 0:
             raise BnnccError(f"{RUNNER_SOURCE}: {compiler} failed: {tool_said(done.stderr)}")
         tmp.chmod(0o755)
+    record_cache_entry(binary)
     logger.info("built the %s runner %s (%.1f s)", arch, binary, time.perf_counter() - start)
     return binary
 
@@ -163,7 +166,7 @@ def cached_arm64_runner() -> Path | None:
     """The aarch64 runner ``run_arm64`` takes if it is built already (no download, no compiler), else None."""
     folder = arm64_runtime_folder()  # what ensure_arm64_runtime returns, here without downloading
     binary = _runner_path(AARCH64, [folder], str(folder))
-    return binary if binary.is_file() else None
+    return binary if cache_entry_whole(binary) else None
 
 
 def _command(arch: str) -> tuple[list[str], dict[str, str]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text, output_path, umask
+from bnncc.fileio import atomic_path, atomic_write_text, cache_entry_whole, output_path, record_cache_entry, umask
 
 
 def test_an_output_file_gets_the_modes_of_the_users_umask(tmp_path):
@@ -207,3 +207,19 @@ def test_the_writability_check_makes_nothing_and_walks_up_to_a_folder_that_exist
     for parent in ("dangling", "loop"):  # accepted before, and the write then failed with EEXIST
         with pytest.raises(BnnccError, match=f"{parent}/out.onnx: cannot write there"):
             check_writable(tmp_path / parent / "out.onnx")
+
+
+def test_a_cache_entry_is_whole_only_with_the_bytes_it_was_recorded_with(tmp_path):
+    """A cache entry cut short, emptied, overwritten or made a folder was reused as it was."""
+    entry = tmp_path / "runner-abc"
+    entry.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    assert not cache_entry_whole(entry)  # (no digest recorded: an entry of an older bnncc, or a copy)
+    record_cache_entry(entry)
+    assert cache_entry_whole(entry)
+    whole = entry.read_bytes()
+    for damaged in (whole[:5000], b"", b"garbage", whole[::-1]):
+        entry.write_bytes(damaged)
+        assert not cache_entry_whole(entry)
+    entry.unlink()
+    entry.mkdir()
+    assert not cache_entry_whole(entry)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bnncc.errors import BnnccError, tool_said
-from bnncc.fileio import atomic_path, cache_dir
+from bnncc.fileio import atomic_path, cache_dir, cache_entry_whole, record_cache_entry
 
 __all__ = [
     "kernels_for", "weight_kernels_for", "channel_rows", "dprelu_forward", "dprelu_backward", "quantize_acts",
@@ -72,7 +72,7 @@ def _library() -> ctypes.CDLL | None:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_flags()).hexdigest()[:12]
     path = cache_dir() / "cpu-kernels" / f"libbnncc_cpu-{key}.so"
-    if not path.is_file():
+    if not cache_entry_whole(path):
         start = time.perf_counter()
         try:
             with atomic_path(path) as tmp:
@@ -81,6 +81,7 @@ def _library() -> ctypes.CDLL | None:
                 if done.returncode != 0:
                     # raised inside, so that atomic_path drops the temporary file instead of caching it
                     raise _BuildFailed(tool_said(done.stderr))
+            record_cache_entry(path)
         except _BuildFailed as failed:
             logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions: %s", SOURCE,
                            compiler, failed)

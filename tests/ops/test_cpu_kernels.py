@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,6 +298,21 @@ def test_a_cache_folder_that_cannot_be_written_is_a_warning_and_training_falls_b
     finally:
         cpu_kernels._library.cache_clear()
     assert "cannot write there" in caplog.text and "torch compositions" in caplog.text
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(tmp_path, monkeypatch):
+    """A kernel library cut short in the cache ended training with "OSError: ...: file too short"."""
+    built = Path(cpu_kernels._library()._name)  # (its name is the key: this source, compiler and CPU)
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "cpu-kernels").mkdir(parents=True)
+    (tmp_path / "cache" / "cpu-kernels" / built.name).write_bytes(built.read_bytes()[:3000])
+    cpu_kernels._library.cache_clear()
+    try:
+        x = channels_last(4, 8, 3, 3)
+        y, y_ref = both_paths(monkeypatch, lambda: OPS["BinarizeAct"].torch(x, 2.0))
+        assert torch.equal(y, y_ref)
+    finally:
+        cpu_kernels._library.cache_clear()
 
 
 def test_a_compiler_that_fails_on_the_kernels_is_one_log_line(monkeypatch, tmp_path, caplog):

@@ -13,6 +13,7 @@ import pytest
 import tvm
 
 from bnncc.errors import BnnccError
+from bnncc.fileio import record_cache_entry
 from bnncc.targets import arm64, vmrunner, x86_64
 from bnncc.targets.tvm_compat import compile_module, export_executable
 
@@ -266,16 +267,20 @@ def test_targets_finds_the_arm64_runtime_of_the_installed_versions_only(tmp_path
         (req,) = [r for r in registry.check()["arm64"] if r.what == "aarch64 TVM runtime"]
         return req.found
 
+    def cache(path):  # a stand-in library, recorded as the cache records what it writes
+        path.write_bytes(b"")
+        record_cache_entry(path)
+
     old = tmp_path / "arm64-runtime" / "tvm-0.26.0-ffi-0.1.0"
     old.mkdir(parents=True)
     for name in ("libtvm_runtime.so", "libtvm_ffi.so"):
-        (old / name).write_bytes(b"")
+        cache(old / name)
     assert runtime_found() is None
     current = vmrunner.arm64_runtime_folder()
     current.mkdir(parents=True)
-    (current / "libtvm_runtime.so").write_bytes(b"")
+    cache(current / "libtvm_runtime.so")
     assert runtime_found() is None  # the runner links libtvm_ffi.so too
-    (current / "libtvm_ffi.so").write_bytes(b"")
+    cache(current / "libtvm_ffi.so")
     assert runtime_found() == str(current) == str(vmrunner.ensure_arm64_runtime())
 
 

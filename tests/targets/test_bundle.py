@@ -219,6 +219,18 @@ def test_a_cache_that_cannot_be_written_is_named(x86_library, tmp_path, monkeypa
     assert sorted(os.listdir(tmp_path)) == ["cache"]
 
 
+def test_a_damaged_runner_in_the_cache_is_built_again(x86_library, tmp_path, monkeypatch):
+    """A runner cut short in the cache (a full disk, a crash) was copied into every bundle, where it crashed
+    (or, emptied, did nothing and exited 0)."""
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    cached = vmrunner._runner_path(vmrunner.HOST, vmrunner.runtime_library_dirs(), "$ORIGIN")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(4000))
+    folder = bundle(x86_library, tmp_path / "bundle")
+    x = np.random.default_rng(4).random((2, *load(x86_library).input_chw), dtype=np.float32)
+    np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
+
+
 def test_the_runner_finds_the_digest_under_its_key_not_a_value_that_reads_the_same(x86_library, tmp_path):
     """The runner took the first "library_sha256" in model.json for the key: a model whose input is named
     so (the manifest records it before the digest) had its own bundle refused as another compile's."""
