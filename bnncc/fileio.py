@@ -263,7 +263,14 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> None:
 
 def cache_dir() -> Path:
     """``$BNNCC_CACHE`` or ``~/.cache/bnncc``: built runners, kernels and downloaded runtimes."""
-    return Path(os.environ.get("BNNCC_CACHE") or Path.home() / ".cache" / "bnncc")
+    if os.environ.get("BNNCC_CACHE"):
+        return Path(os.environ["BNNCC_CACHE"])
+    try:
+        home = Path.home()
+    except RuntimeError:  # no $HOME and no passwd entry (a container run as `-u 1000`): "unexpected RuntimeError"
+        raise BnnccError("no folder for bnncc's cache: HOME is unset and this user has no home folder; "
+                         "set HOME (or BNNCC_CACHE) to a folder") from None
+    return home / ".cache" / "bnncc"
 
 
 def _digest_path(entry: Path) -> Path:

@@ -43,6 +43,21 @@ def _configure_threads() -> int:
 
 NUM_THREADS = _configure_threads()
 
+
+def _require_home() -> None:
+    """TVM's import reads the home folder (tvm.contrib.pickle_memoize's ~/.cache) unless XDG_CACHE_HOME is set:
+    with no HOME and no passwd entry (a container run as `-u 1000`) every command that compiles or runs a
+    library ended in "unexpected RuntimeError: Could not determine home directory."."""
+    if "XDG_CACHE_HOME" not in os.environ:
+        try:
+            Path.home()
+        except RuntimeError:
+            raise BnnccError("no home folder: HOME is unset and this user has none, and TVM keeps a cache there; "
+                             "set HOME to a folder") from None
+
+
+_require_home()
+
 import tvm  # noqa: E402  (must follow the thread configuration)
 import tvm_ffi  # noqa: E402
 from tvm import relax  # noqa: E402

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from bnncc.errors import BnnccError
-from bnncc.fileio import atomic_path, atomic_write_text, cache_entry_whole, output_path, record_cache_entry, umask
+from bnncc.fileio import (atomic_path, atomic_write_text, cache_dir, cache_entry_whole, output_path, record_cache_entry,
+                          umask)
 
 
 def test_an_output_file_gets_the_modes_of_the_users_umask(tmp_path):
@@ -223,3 +224,25 @@ def test_a_cache_entry_is_whole_only_with_the_bytes_it_was_recorded_with(tmp_pat
     entry.unlink()
     entry.mkdir()
     assert not cache_entry_whole(entry)
+
+
+def test_no_home_folder_for_the_cache_is_one_line_naming_bnncc_cache(tmp_path, monkeypatch):
+    """With HOME unset and no passwd entry (a container run as `-u 1000`), bundle and arm64 runs ended in
+    "unexpected RuntimeError: Could not determine home directory."."""
+    import pwd
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for unset in (None, ""):  # (an empty BNNCC_CACHE is unset)
+        if unset is None:
+            monkeypatch.delenv("BNNCC_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("BNNCC_CACHE", unset)
+        with pytest.raises(BnnccError, match=r"^no folder for bnncc's cache: HOME is unset .*; "
+                                             r"set HOME \(or BNNCC_CACHE\) to a folder$"):
+            cache_dir()
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "my cache"))
+    assert cache_dir() == tmp_path / "my cache"

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,22 @@ def test_a_damaged_runner_in_the_cache_is_built_again(x86_library, tmp_path, mon
     folder = bundle(x86_library, tmp_path / "bundle")
     x = np.random.default_rng(4).random((2, *load(x86_library).input_chw), dtype=np.float32)
     np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
+
+
+def test_no_home_folder_is_one_line_saying_to_set_home(x86_library, tmp_path):
+    """With HOME unset and no passwd entry (a container run as `-u 1000`), TVM's import and bnncc's cache
+    ended bundle, compile and run in "unexpected RuntimeError: Could not determine home directory."."""
+    script = ("import pwd, runpy, sys\n"
+              "def no_entry(uid):\n    raise KeyError(uid)\n"
+              "pwd.getpwuid = no_entry\n"
+              "sys.argv = ['bnncc', *sys.argv[1:]]\n"
+              "runpy.run_module('bnncc', run_name='__main__')\n")
+    env = {name: value for name, value in os.environ.items() if name not in ("HOME", "BNNCC_CACHE", "XDG_CACHE_HOME")}
+    done = subprocess.run([sys.executable, "-c", script, "bundle", str(x86_library), "-o", str(tmp_path / "bundle")],
+                          env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, "error: no home folder: HOME is unset and this user has none, and "
+                                                 "TVM keeps a cache there; set HOME to a folder\n")
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_runner_finds_the_digest_under_its_key_not_a_value_that_reads_the_same(x86_library, tmp_path):
