@@ -152,8 +152,13 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
                           show_progress=options.show_progress)
             return {}
 
+        # the library is built for what the target resolves to here (x86-64: this CPU's class and TVM's threads;
+        # cuda: the arch, CUDA graphs): keyed on the name alone, a stage folder on a shared disk converted again on
+        # an AVX2 machine reused the AVX-512 library of another, which this CPU cannot run
+        spec = registry.get(options.target)
+        build = [str(spec.tvm_target()), spec.pass_config() if spec.pass_config else None]
         _timed(seconds, cached, "compile", lambda: cached_stage(
-            stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target,
+            stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target, "build": build,
                                     "batches": list(options.batches)},
             [library / name for name in LIBRARY_FILES], run_compile))
         try:

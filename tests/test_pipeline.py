@@ -139,6 +139,23 @@ def test_a_changed_option_redoes_only_the_stages_it_feeds(converted, narrow_resn
     assert json.loads((converted.outdir / "model.json").read_text())["functions"].keys() == {"1", "2"}
 
 
+def test_a_library_built_for_another_cpu_class_is_not_reused(converted, narrow_resnet, tmp_path, monkeypatch):
+    """The compile stage was keyed on the target's name: a folder converted again on a CPU of another class
+    (a stage folder on a shared disk) reused the library built for the first CPU, which the second may not run."""
+    from bnncc.targets import x86_64
+
+    host = x86_64.popcount_class(x86_64.host_target())
+    if host is None or host == x86_64.AVX2:
+        pytest.skip("this CPU has no AVX-512: no other class of CPU to stand in for")
+    outdir, options = tmp_path / "out", ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False)
+    shutil.copytree(converted.outdir, outdir)
+    assert convert(narrow_resnet, outdir, options).cached["rewrite"]  # (the stages of these options, built here)
+    monkeypatch.setattr(x86_64, "cpu_flags", lambda: set(x86_64.CLASS_FLAGS[x86_64.AVX2]))
+    assert convert(narrow_resnet, outdir, options).cached == {"rewrite": True, "compile": False}
+    llvm = json.loads(json.loads((outdir / "model.json").read_text())["target"]["llvm"])
+    assert llvm["mcpu"] == "x86-64-v3" and "avx512" not in str(llvm.get("mattr"))
+
+
 def test_a_renamed_recipe_is_the_name_the_library_records(converted, narrow_resnet, tmp_path):
     """The rewrite stage's key held the recipe's passes alone, but its graph carries the recipe's name,
     which model.json records: after `--set name=mine` report.json said "mine" and model.json "pokebnn_1x"."""
