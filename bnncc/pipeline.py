@@ -360,7 +360,10 @@ def cached_stage(folder: Path, name: str, key: dict, outputs: list[Path], run: C
     if results is not None:
         logger.info("stage %s: reusing %s", name, ", ".join(p.name for p in outputs))
         return True, results
-    record_path.unlink(missing_ok=True)  # a stale record must not vouch for outputs being rewritten
+    # a stale record must not vouch for outputs being rewritten; a folder in its place ended the run in
+    # "unexpected IsADirectoryError"
+    with output_errors(record_path):
+        record_path.unlink(missing_ok=True)
     results = run()
     record = {"stage": name, "key": digest, "outputs": {p.name: hash_files([p]) for p in outputs}, "results": results,
               "results_sha256": _results_digest(results)}

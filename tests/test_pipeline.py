@@ -686,6 +686,16 @@ def test_a_damaged_stage_record_runs_the_stage_again(tmp_path, damage):
     assert cached_stage(tmp_path, "s", {"k": 1}, [out], run) == (False, {"n": 2})
 
 
+def test_a_stage_record_that_is_a_folder_is_one_line_naming_it(tmp_path):
+    """A folder in place of stages/S.json ended convert in "unexpected IsADirectoryError"."""
+    from bnncc.pipeline import cached_stage
+
+    (tmp_path / "s.json").mkdir()
+    message = f"{tmp_path}/s.json: cannot write there (Is a directory)"
+    with pytest.raises(BnnccError, match=f"^{re.escape(message)}$"):
+        cached_stage(tmp_path, "s", {"k": 1}, [tmp_path / "out.bin"], lambda: {})
+
+
 def test_convert_without_an_output_folder_writes_one_named_by_model_recipe_and_target(cli, narrow_resnet, tmp_path,
                                                                                        monkeypatch):
     """The mission's own line, `bnncc convert resnet50.onnx --recipe pokebnn_1x --target arm64`, stopped at
