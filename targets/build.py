@@ -9,6 +9,7 @@ and the Relax function of each, preprocessing, the recipe, ACE and the target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -236,9 +237,15 @@ class atomic_dir:
                     if old is not None:
                         os.replace(self.dest, old / "dir")
                     os.replace(self.tmp, self.dest)
-                except BaseException:
+                except BaseException as error:
                     if old is not None and (old / "dir").exists() and not self.dest.exists():
                         os.replace(old / "dir", self.dest)
+                    # the folder went (ENOENT) or came back (ENOTEMPTY) between the two renames: another run
+                    # writing it at once; "cannot write there (Directory not empty)" did not say so
+                    if isinstance(error, OSError) and error.errno in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                        raise BnnccError(f"{self.dest}: another run wrote this folder at the same time, and its "
+                                         f"{self.kind} is there, not this one's; run again, or write to another "
+                                         f"folder") from None
                     raise
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bnncc.errors import BnnccError
-from bnncc.targets.build import atomic_dir
+from bnncc.targets.build import MANIFEST_FORMAT, atomic_dir
 
 
 def test_a_failed_write_is_the_folders_and_leaves_nothing(tmp_path):
@@ -233,3 +236,42 @@ def test_a_library_the_disk_cannot_hold_is_one_error_naming_the_folder(tmp_path,
     with pytest.raises(BnnccError, match=r"lib: cannot write there \(No space left on device\)"):
         compile(tiny_pokebnn(), tmp_path / "out" / "lib")
     assert os.listdir(tmp_path) == ["cxx"]  # not even the folder out, which compile made
+
+
+_FILES = frozenset({"model.json", "writer"})
+# another bnncc run writing the same folder: its own process, its own atomic_dir
+_OTHER_RUN = f"""
+import sys
+from pathlib import Path
+from bnncc.targets.build import atomic_dir
+with atomic_dir(Path(sys.argv[1]), {sorted(_FILES)!r}, "bundle") as tmp:
+    (tmp / "model.json").write_text('{{"format": "{MANIFEST_FORMAT}"}}')
+    (tmp / "writer").write_text("other")
+"""
+
+
+def test_another_run_writing_the_folder_between_the_renames_is_named(tmp_path, monkeypatch):
+    """Two bundles (or compiles) into one folder at once: where the other run's folder took the place between
+    this run's two renames, this one ended "cannot write there (Directory not empty)", as if the disk failed."""
+    dest = tmp_path / "bundle"
+
+    def write(tmp, who):
+        (tmp / "model.json").write_text(json.dumps({"format": MANIFEST_FORMAT}))
+        (tmp / "writer").write_text(who)
+
+    with atomic_dir(dest, _FILES, "bundle") as tmp:
+        write(tmp, "earlier")
+    replace = os.replace
+
+    def other_run_between(src, dst):
+        replace(src, dst)
+        if Path(src) == dest:  # this run's first rename, the earlier bundle put aside: the other run writes now
+            done = subprocess.run([sys.executable, "-c", _OTHER_RUN, str(dest)], capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+
+    monkeypatch.setattr(os, "replace", other_run_between)
+    with pytest.raises(BnnccError, match=f"^{dest}: another run wrote this folder at the same time, and its bundle "
+                                         "is there, not this one's; run again"):
+        with atomic_dir(dest, _FILES, "bundle") as tmp:
+            write(tmp, "this")
+    assert (dest / "writer").read_text() == "other" and os.listdir(tmp_path) == ["bundle"]
