@@ -57,6 +57,18 @@ class _BuildFailed(Exception):
     """The C compiler's error output."""
 
 
+def _build(compiler: str, path: Path) -> None:
+    """Compile SOURCE into the cache entry ``path`` and record its digest."""
+    start = time.perf_counter()
+    with atomic_path(path) as tmp:
+        done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            # raised inside, so that atomic_path drops the temporary file instead of caching it
+            raise _BuildFailed(tool_said(done.stderr))
+    record_cache_entry(path)
+    logger.info("built %s (%.1f s)", path, time.perf_counter() - start)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built library, or None (and one log line) where it cannot be built."""
@@ -71,25 +83,17 @@ def _library() -> ctypes.CDLL | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_flags()).hexdigest()[:12]
-    path = cache_dir() / "cpu-kernels" / f"libbnncc_cpu-{key}.so"
-    if not cache_entry_whole(path):
-        start = time.perf_counter()
-        try:
-            with atomic_path(path) as tmp:
-                done = subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True,
-                                      text=True)
-                if done.returncode != 0:
-                    # raised inside, so that atomic_path drops the temporary file instead of caching it
-                    raise _BuildFailed(tool_said(done.stderr))
-            record_cache_entry(path)
-        except _BuildFailed as failed:
-            logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions: %s", SOURCE,
-                           compiler, failed)
-            return None
-        except BnnccError as unwritable:  # a full or read-only cache folder: no reason to stop the run
-            logger.warning("%s; training runs the bnncc ops as torch compositions", unwritable)
-            return None
-        logger.info("built %s (%.1f s)", path, time.perf_counter() - start)
+    try:
+        path = cache_dir() / "cpu-kernels" / f"libbnncc_cpu-{key}.so"
+        if not cache_entry_whole(path):
+            _build(compiler, path)
+    except _BuildFailed as failed:
+        logger.warning("%s: %s failed, training runs the bnncc ops as torch compositions: %s", SOURCE,
+                       compiler, failed)
+        return None
+    except BnnccError as no_cache:  # a full or read-only cache folder, or none: no reason to stop the run
+        logger.warning("%s; training runs the bnncc ops as torch compositions", no_cache)
+        return None
     # torch has loaded its libgomp.so.1 already; the library's libgomp.so.1 resolves to that one,
     # so both share one OpenMP thread pool
     lib = ctypes.CDLL(str(path))

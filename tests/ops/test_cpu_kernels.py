@@ -300,6 +300,21 @@ def test_a_cache_folder_that_cannot_be_written_is_a_warning_and_training_falls_b
     assert "cannot write there" in caplog.text and "torch compositions" in caplog.text
 
 
+def test_no_home_folder_for_the_cache_is_a_warning_and_training_falls_back(monkeypatch, caplog):
+    """With HOME unset and no passwd entry (a container run as another user) cache_dir's one-line error
+    stopped fine-tuning at its first step, where a cache that cannot be written is a warning."""
+    monkeypatch.delenv("BNNCC_CACHE", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    monkeypatch.setenv("CC", shutil.which("true"))  # (any compiler: the cache fails before it runs)
+    cpu_kernels._library.cache_clear()
+    try:
+        assert cpu_kernels._library() is None
+    finally:
+        cpu_kernels._library.cache_clear()
+    assert "HOME is unset" in caplog.text and "torch compositions" in caplog.text
+
+
 def test_a_damaged_library_in_the_cache_is_built_again(tmp_path, monkeypatch):
     """A kernel library cut short in the cache ended training with "OSError: ...: file too short"."""
     built = Path(cpu_kernels._library()._name)  # (its name is the key: this source, compiler and CPU)
