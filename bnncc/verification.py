@@ -11,10 +11,15 @@ onnxruntime with and without its graph optimizations (which fuse and reorder the
 operations) gives logits 0.15-0.19 apart, argmax different on 2 of 4 inputs (PokeBNN-1x from
 torchvision's untrained ResNet-50, 224 px, logits up to 1.5).
 
-So each input is also run by onnxruntime unoptimized, and optimized on PERTURBATIONS copies of
-the input moved by MOVE relative noise (8 float32 roundings: a sum in another order, as the
-library's are, differs by a few): the largest distance of these runs from the reference, the
-*rounding spread*, measures how sensitive this network is. The moved copies find the inputs near
+So each input is also run by onnxruntime unoptimized, on a copy of the graph whose float
+parameters are moved by MOVE relative noise, and on PERTURBATIONS copies of the input moved by
+MOVE (8 float32 roundings: a sum in another order, as the library's are, differs by a few): the
+largest distance of these runs from the reference, the *rounding spread*, measures how sensitive
+this network is. The moved parameters stand for the library's folding of batch norms, scales and
+slopes into other constants: a value after a binary conv is an exact count times float constants,
+which no moved input changes, and one that cancels to within a rounding of 0 (8.4e-9 from terms of
+0.1, in an untrained PokeBNN-0.5x) took the other sign in the library and moved its logits by
+0.019, where the spread of the unoptimized and moved-input runs was 2e-8. The moved copies find the inputs near
 a threshold that the two orders of evaluation happen to agree on: an untrained ResNet-18 cut after
 its third stage agreed with the library to 2e-6 on 63 of 64 inputs, and on the 64th by 6.2e-3,
 as far as onnxruntime moves its own logits there when the input moves by 1e-7 (in 5 of 30 tries;
@@ -68,12 +73,12 @@ RMS_FACTOR = 2.0
 UNRELATED = float(np.sqrt(2))
 PERTURBATIONS = 3
 MOVE = 8 * float(np.finfo(np.float32).eps)
-# Each input costs 2 + PERTURBATIONS onnxruntime runs besides the library's: 0.6-0.9 s on a 224 px
+# Each input costs 3 + PERTURBATIONS onnxruntime runs besides the library's: 0.7-1.1 s on a 224 px
 # ResNet-50 PokeBNN (onnxruntime 0.15-0.25 s a run, the library 0.04 s; 2 cores), so this many take
-# some 15 minutes there, under a progress bar; --n 10000 on a 64 px network ran for over 15 minutes
+# some 18 minutes there, under a progress bar; --n 10000 on a 64 px network ran for over 15 minutes
 # without a word, holding every input in memory.
 MAX_INPUTS = 1000
-SECONDS_PER_INPUT_R50 = 0.9
+SECONDS_PER_INPUT_R50 = 1.1
 
 
 @dataclass
@@ -84,7 +89,8 @@ class VerifyReport:
     argmax_agree: int = 0
     max_abs_diff: float = 0.0
     max_ref: float = 0.0
-    max_spread: float = 0.0  # largest distance of onnxruntime's other runs (unoptimized, moved inputs) from its reference
+    # largest distance of onnxruntime's other runs (unoptimized, moved parameters, moved inputs) from its reference
+    max_spread: float = 0.0
     explained: int = 0  # inputs over tolerance or argmax apart, but within the spread and related (module docstring)
     failures: list[str] = field(default_factory=list)
 
@@ -110,7 +116,7 @@ def verify(folder: str | os.PathLike, reference: str | os.PathLike | None = None
         raise BnnccError(f"n = {n}, batch = {batch}, {len(images)} images: verify needs n >= 0, batch >= 1 and "
                          f"at least one input")
     if n > MAX_INPUTS:
-        raise BnnccError(f"{n} random inputs: at most {MAX_INPUTS}; each takes {2 + PERTURBATIONS} onnxruntime runs "
+        raise BnnccError(f"{n} random inputs: at most {MAX_INPUTS}; each takes {3 + PERTURBATIONS} onnxruntime runs "
                          f"(the reference and its rounding spread), ~{SECONDS_PER_INPUT_R50:g} s on a 224 px ResNet-50, "
                          f"so {MAX_INPUTS} already take ~{MAX_INPUTS * SECONDS_PER_INPUT_R50 / 60:.0f} minutes")
     library = load(folder)
@@ -121,7 +127,7 @@ def verify(folder: str | os.PathLike, reference: str | os.PathLike | None = None
     reference = Path(reference) if reference is not None else Path(folder) / "model.onnx"
     model = _read_reference(reference)
     _check_fits(model, reference, library)
-    optimized, unoptimized = _sessions(model)
+    optimized, *others = _sessions(model)
     input_name = model.graph.inputs[0].name
     input_rng, move_rng = np.random.default_rng(seed), np.random.default_rng((seed, 1))
     runs = []
@@ -130,23 +136,25 @@ def verify(folder: str | os.PathLike, reference: str | os.PathLike | None = None
         for x in _batches(input_rng, n, library.input_chw, images, batch):
             got = library(x)
             for i in range(len(x)):
-                ref, others = _reference_runs(optimized, unoptimized, input_name, x[i:i + 1], move_rng)
+                ref, alternatives = _reference_runs(optimized, others, input_name, x[i:i + 1], move_rng)
                 if ref.shape != got[i].shape:  # a reference that declares no number of logits (_check_fits)
                     raise BnnccError(f"{reference} gives {ref.size} logits, the library {library.folder} "
                                      f"{got[i].size}; the reference must be the PokeBNN graph the library was "
                                      f"compiled from ({library.folder / 'model.onnx'})")
-                runs.append((got[i], ref, others))
+                runs.append((got[i], ref, alternatives))
                 progress.advance(task)
     return judge(runs)
 
 
-def _reference_runs(optimized, unoptimized, name: str, image: np.ndarray, moves: np.random.Generator):
+def _reference_runs(optimized, others: list, name: str, image: np.ndarray, moves: np.random.Generator):
     """onnxruntime's logits for one input (1, C, H, W): the reference, and the other runs stacked
-    (unoptimized, then optimized on PERTURBATIONS copies moved by MOVE relative noise)."""
+    (the ``others`` sessions of ``_sessions``, then the reference's on PERTURBATIONS copies moved by
+    MOVE relative noise)."""
     moved = [(image * (1 + MOVE * moves.standard_normal(image.shape))).astype(np.float32)
              for _ in range(PERTURBATIONS)]
-    others = [unoptimized.run(None, {name: image})[0][0], *(optimized.run(None, {name: m})[0][0] for m in moved)]
-    return optimized.run(None, {name: image})[0][0], np.stack(others)
+    runs = [*(session.run(None, {name: image})[0][0] for session in others),
+            *(optimized.run(None, {name: m})[0][0] for m in moved)]
+    return optimized.run(None, {name: image})[0][0], np.stack(runs)
 
 
 def _batches(rng: np.random.Generator, n: int, chw: tuple[int, ...], images, batch: int):
@@ -197,21 +205,31 @@ def _check_fits(model, path: Path, library) -> None:
 
 
 def _sessions(model):
-    """onnxruntime on the reference graph with all graph optimizations and with none."""
+    """onnxruntime on the reference graph with all graph optimizations, with none, and with all on the
+    graph's float parameters moved by MOVE relative noise (a fixed draw)."""
+    import onnx
     import onnx_ir as ir
 
     from bnncc.frontend import reference_session
     from bnncc.ops import attach_functions
 
     attach_functions(model)
-    serialized = ir.to_proto(model).SerializeToString()
-    return reference_session(serialized, optimize=True), reference_session(serialized, optimize=False)
+    proto = ir.to_proto(model)
+    serialized = proto.SerializeToString()
+    moves = np.random.default_rng(0)
+    for tensor in proto.graph.initializer:
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f":  # (a zero stays 0, a sign stays: binary weights keep their bits)
+            moved = values * (1 + MOVE * moves.standard_normal(values.shape))
+            tensor.CopyFrom(onnx.numpy_helper.from_array(moved.astype(values.dtype), tensor.name))
+    return (reference_session(serialized, optimize=True), reference_session(serialized, optimize=False),
+            reference_session(proto.SerializeToString(), optimize=True))
 
 
 def _reference_sessions(path: Path):
     """(optimized, unoptimized, input name) for the reference graph at ``path`` (bench/gpu_prepare.py)."""
     model = _read_reference(path)
-    return (*_sessions(model), model.graph.inputs[0].name)
+    return (*_sessions(model)[:2], model.graph.inputs[0].name)
 
 
 def judge(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> VerifyReport:

@@ -187,7 +187,7 @@ def test_verify_help_states_the_verification_limits(cli):
     code, out, _ = cli("verify", "--help")
     text = " ".join(out.replace("│", " ").split())
     assert code == 0
-    assert f"at most {MAX_INPUTS}: each takes {2 + PERTURBATIONS} onnxruntime runs" in text
+    assert f"at most {MAX_INPUTS}: each takes {3 + PERTURBATIONS} onnxruntime runs" in text
 
 
 def test_demo_help_states_the_demos_defaults(cli):

@@ -115,6 +115,31 @@ def test_a_moved_input_run_far_off_makes_the_spread():
     assert not v.judge([(ref + 5e-3, ref, np.stack([ref] * 4)), (ref, ref, np.stack([ref] * 4))]).ok
 
 
+def test_a_value_that_cancels_to_within_a_rounding_of_zero_makes_the_spread():
+    """A binarized value that is c1 - c2 = -1 ulp (of 0.1) takes either sign when the constants are
+    rounded otherwise, as the library folds them; no moved input moves it (x = 0 here, as a binary
+    conv's count is exact), so only the run on moved parameters shows that spread."""
+    import onnx_ir as ir
+    from onnx import helper
+
+    from bnncc.ops import DOMAIN
+
+    c1 = (0.1 + np.arange(64) * 1e-3).astype(np.float32)
+    c2 = np.nextafter(c1, np.float32(1))
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c1"], ["s"]), helper.make_node("Sub", ["s", "c2"], ["t"]),
+         helper.make_node("BinarizeAct", ["t"], ["y"], domain=DOMAIN)], "edge",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (1, 64))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, (1, 64))],
+        [onnx.numpy_helper.from_array(c1, "c1"), onnx.numpy_helper.from_array(c2, "c2")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    optimized, *others = v._sessions(model)
+    ref, alternatives = v._reference_runs(optimized, others, "x", np.zeros((1, 64), np.float32),
+                                          np.random.default_rng(0))
+    np.testing.assert_array_equal(ref, -1.5)
+    assert np.abs(alternatives - ref).max() == 3.0
+
+
 # ---------------------------------------------------------------------------------------------
 # The command on a real library: 3x16x16 inputs, 10 classes, compiled for batch 1 (0.4 s).
 
@@ -236,7 +261,7 @@ def test_a_float_reference_is_refused_in_one_line(cli, tiny_library):
 def test_more_inputs_than_the_cap_are_refused_saying_why(cli, tiny_library):
     code, out, err = cli("verify", tiny_library, "--n", str(v.MAX_INPUTS + 1))
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
-    assert f"{v.MAX_INPUTS + 1} random inputs: at most {v.MAX_INPUTS}; each takes 5 onnxruntime runs" in err
+    assert f"{v.MAX_INPUTS + 1} random inputs: at most {v.MAX_INPUTS}; each takes 6 onnxruntime runs" in err
     code, out, _ = cli("verify", "--help")
     assert f"at most {v.MAX_INPUTS}" in " ".join(out.replace("│", " ").split())
 

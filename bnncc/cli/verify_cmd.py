@@ -18,7 +18,7 @@ def verify_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
     reference: Path = typer.Option(None, "--reference", "-r", help="reference PokeBNN graph (default OUTDIR/model.onnx)"),
     # no typer max: verify refuses more than MAX_INPUTS itself, saying why
-    n: int = typer.Option(8, "--n", min=1, help="random inputs (at most 1000: each takes 5 onnxruntime runs)"),
+    n: int = typer.Option(8, "--n", min=1, help="random inputs (at most 1000: each takes 6 onnxruntime runs)"),
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="batch size of the library calls"),
     inputs: list[Path] = typer.Option([], "--input", "-i", help="also an image (PNG/JPEG/...) or a .npy array, read "
                                       "as `bnncc run` reads it; repeat --input for more"),
@@ -35,7 +35,7 @@ def verify_command(
                     show_progress=n + len(images) > QUIET_UP_TO)
     console.print(f"argmax agreement {report.argmax_agree}/{report.inputs}; largest logit difference "
                   f"{report.max_abs_diff:.3g} (largest reference logit {report.max_ref:.3g}); onnxruntime's "
-                  f"rounding spread (unoptimized, inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
+                  f"rounding spread (unoptimized, parameters and inputs moved by 1e-6) {report.max_spread:.3g}; inputs "
                   f"explained by that spread: {report.explained}", soft_wrap=True)
     for line in report.failures:
         console.print(Text.assemble(("FAIL", "red"), " ", line), soft_wrap=True)
