@@ -18,7 +18,7 @@ from bnncc.errors import BnnccError
 from bnncc.ops.counting import bits_attr
 
 __all__ = ["stored_parameters", "required_attributes", "float32_constants", "bits", "positive_attribute",
-           "batch_norm", "act_bounds"]
+           "batch_norm", "act_bounds", "weight_scales"]
 
 # bit widths of the int-k quantizers: a signed one needs a level each side of 0 (at 1 bit its scale is
 # 0 / max|W|), and float32 holds the integers of up to 24 bits exactly
@@ -119,3 +119,25 @@ def act_bounds(node: ir.Node, index: int, a_bits: int, signed: bool) -> None:
         raise BnnccError(f"{_where(node)}: input {name!r}: bound {bounds.reshape(-1)[c]:g} of channel {c} makes the "
                          f"{a_bits}-bit quantizer's scale ({levels:g} / bound) overflow float32; a bound is <= 0 (not "
                          f"calibrated) or at least {smallest:.3g}")
+
+
+def weight_scales(node: ir.Node, index: int, w_bits: int) -> None:
+    """A weight quantizer's scales (input ``index``, per output channel o): (2^(b-1) - 1) / max|W[o]|
+    in float32 as the reference computes it is finite where max|W[o]| > 0. A smaller max (a
+    denormal, or below 2e-38 at 4 bits) makes the reference's scale inf and its zero weights
+    0 * inf = NaN, where the kernels, which divide by that scale, computed 0."""
+    found = _constant(node, index)
+    if found is None or found[1].ndim == 0 or found[1].size == 0:
+        return  # no output channels to scale: a wrong shape, which each face reports as such
+    name, weights = found
+    levels = float(2 ** (w_bits - 1) - 1)
+    peaks = np.abs(weights.reshape(len(weights), -1)).max(axis=1).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        scales = np.float32(levels) / peaks
+    bad = np.flatnonzero((peaks > 0) & ~np.isfinite(scales))
+    if bad.size:
+        o = int(bad[0])
+        smallest = levels / float(np.finfo(np.float32).max)
+        raise BnnccError(f"{_where(node)}: input {name!r}: max |W| {peaks[o]:.3g} of output channel {o} makes the "
+                         f"{w_bits}-bit quantizer's scale ({levels:g} / max |W|) overflow float32; a channel's "
+                         f"weights are all 0 or reach at least {smallest:.3g}")

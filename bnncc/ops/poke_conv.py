@@ -199,12 +199,12 @@ def _sops(node, shapes) -> dict[str, int]:
 
 
 def _check(node) -> None:
-    """The conv's attributes, the SE gate's bounds where it has one, both batch norms' variances."""
+    """The conv's attributes, the SE gate's weight scales and bounds where it has one, both batch norms'
+    variances."""
     checks.required_attributes(node, ("kernel_shape", "strides"))
     checks.positive_attribute(node, "clip_bound", DEFAULT_CLIP_BOUND)
     if se_inputs(node) is not None:
-        checks.bits(node, "se_w_bits", 4)
-        se.check_bounds(node, SE, checks.bits(node, "se_a_bits", 4))
+        se.check_quantizers(node, SE, checks.bits(node, "se_w_bits", 4), checks.bits(node, "se_a_bits", 4))
     epsilon = node.attributes.get_float("epsilon", BN_EPSILON)
     for norm in (BN, SPLIT):
         checks.batch_norm(node, norm.stop - 1, epsilon)

@@ -232,10 +232,11 @@ def _emit_qonnx(e, node, inputs, dims) -> str:
 
 
 def _check(node) -> None:
-    """The attributes, bit widths and activation bounds (input 2) of QuantConv and QuantGemm."""
+    """The attributes, bit widths, weight scales (input 1) and activation bounds (input 2) of QuantConv and
+    QuantGemm."""
     checks.required_attributes(node, ("a_signed",) if node.op_type == "QuantGemm" else
                                ("a_signed", "kernel_shape", "strides", "pads"))
-    checks.bits(node, "w_bits")
+    checks.weight_scales(node, 1, checks.bits(node, "w_bits"))
     checks.act_bounds(node, 2, checks.bits(node, "a_bits"), bool(node.attributes.get_int("a_signed", 1)))
 
 

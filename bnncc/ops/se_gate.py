@@ -149,9 +149,12 @@ def _bits(node) -> tuple[int, int]:
     return bits_attr(node, "w_bits"), bits_attr(node, "a_bits")
 
 
-def check_bounds(node, inputs, a_bits: int) -> None:
-    """The gate's two activation bounds, of ``inputs`` (R, W1, bound1, B1, W2, bound2, B2) given as
-    positions in ``node``: the first quantizer signed, the second (after the relu) unsigned."""
+def check_quantizers(node, inputs, w_bits: int, a_bits: int) -> None:
+    """The gate's two weight scales and two activation bounds, of ``inputs`` (R, W1, bound1, B1, W2,
+    bound2, B2) given as positions in ``node``: the first activation quantizer signed, the second
+    (after the relu) unsigned."""
+    checks.weight_scales(node, inputs[1], w_bits)
+    checks.weight_scales(node, inputs[4], w_bits)
     checks.act_bounds(node, inputs[2], a_bits, signed=True)
     checks.act_bounds(node, inputs[5], a_bits, signed=False)
 
@@ -161,8 +164,7 @@ def _observe_hidden(args, attrs) -> torch.Tensor:
 
 
 def _check(node) -> None:
-    checks.bits(node, "w_bits")
-    check_bounds(node, range(7), checks.bits(node, "a_bits"))
+    check_quantizers(node, range(7), checks.bits(node, "w_bits"), checks.bits(node, "a_bits"))
 
 
 OP = register(OpDef(

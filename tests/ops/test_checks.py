@@ -20,6 +20,15 @@ def _set(model: ir.Model, name: str, value) -> None:
     initializer.const_value = ir.tensor(array, name=name)
 
 
+def _set_row(model: ir.Model, name: str, peak: float) -> None:
+    """Output channel 0 of weight ``name`` holds ``peak`` and zeros."""
+    initializer = model.graph.initializers[name]
+    array = initializer.const_value.numpy().copy()
+    array[0] = 0
+    array[0].reshape(-1)[0] = peak
+    initializer.const_value = ir.tensor(array, name=name)
+
+
 def _attribute(model: ir.Model, node_name: str, name: str, value: float) -> None:
     next(n for n in model.graph if n.name == node_name).attributes[name] = ir.Attr(name, ir.AttributeType.FLOAT, value)
 
@@ -41,6 +50,11 @@ CASES = {
     "se bound2": (lambda m: _set(m, "se.bound2", 1e-38), "poke", r"input 'se.bound2': bound 1e-38 .* 4-bit quantizer's "
                   r"scale \(16 / bound\)"),
     "head bound": (lambda m: _set(m, "fc.bound", 3e-37), "fc", r"input 'fc.bound': bound 3e-37"),
+    # 127 / 1e-40 and 7 / 1.5e-38 overflow float32: the reference's zero weights become 0 * inf = NaN
+    "stem weights": (lambda m: _set_row(m, "stem.w", 1e-40), "stem", r"input 'stem.w': max \|W\| 1e-40 of output "
+                     r"channel 0 makes the 8-bit quantizer's scale \(127 / max \|W\|\) overflow float32"),
+    "se w2": (lambda m: _set_row(m, "se.w2", 1.5e-38), "poke", r"input 'se.w2': max \|W\| 1.5e-38 of output channel 0 "
+              r"makes the 4-bit quantizer's scale \(7 / max \|W\|\)"),
     "split var": (lambda m: _set(m, "poke.bn_split.var", -1.0), "poke", r"input 'poke.bn_split.var': variance -1 of "
                   r"channel 0 plus epsilon 1e-05 is not positive"),
     "stem var": (lambda m: _set(m, "stem.bn.var", -2.0), "stem.bn", r"input 'stem.bn.var': variance -2"),
@@ -71,6 +85,34 @@ def test_check_graph_names_the_node_and_input(case):
         check_graph(model)
 
 
+@pytest.mark.parametrize("case", ["stem weights", "se w2"])
+def test_weights_refused_are_those_the_reference_makes_nan(case):
+    """onnxruntime gives NaN logits for the graphs refused for their weights (the library gave numbers)."""
+    import onnxruntime as ort
+
+    model = tiny_poke_model()
+    CASES[case][0](model)
+    session = ort.InferenceSession(ir.to_proto(attach_functions(model)).SerializeToString())
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert np.isnan(session.run(None, {"x": x})[0]).all()
+
+
+def test_weights_at_the_edge_and_all_zero_channels_pass():
+    """The smallest max |W| whose 8-bit scale is finite passes, and so does a channel of zeros (scale 1)."""
+    model = tiny_poke_model()
+    _set_row(model, "stem.w", 127 / float(np.finfo(np.float32).max) * 1.001)
+    _set_row(model, "fc.w", 0.0)
+    check_graph(model)
+
+
+@pytest.mark.parametrize("weight", [np.float32(1.0), np.zeros((0, 32), np.float32)])
+def test_weights_of_no_output_channels_are_left_to_the_shape_checks(weight):
+    """A scalar or empty weight has no channel to scale: the check passes it on (no numpy error)."""
+    model = tiny_poke_model()
+    model.graph.initializers["fc.w"].const_value = ir.tensor(weight, name="fc.w")
+    check_graph(model)
+
+
 def test_bounds_at_the_edge_and_uncalibrated_ones_pass():
     """A bound <= 0 leaves its channel float; the smallest bound whose scale is finite passes."""
     model = tiny_poke_model()
@@ -79,7 +121,7 @@ def test_bounds_at_the_edge_and_uncalibrated_ones_pass():
     check_graph(model)
 
 
-@pytest.mark.parametrize("case", ["stem bound", "split var", "clip inf"])
+@pytest.mark.parametrize("case", ["stem bound", "stem weights", "split var", "clip inf"])
 def test_every_command_refuses_alike(cli, tmp_path, case):
     change, node, message = CASES[case]
     model = tiny_poke_model()
