@@ -146,6 +146,23 @@ def test_an_option_has_the_same_short_form_in_every_command():
     assert missing == []
 
 
+def test_an_option_has_the_same_range_in_every_command(cli):
+    """`convert --max-steps 0` was refused naming --max-steps, `finetune --max-steps 0` as "training setting
+    max_steps = 0", a name the user never typed; train-teacher's help showed no range for --epochs or
+    --batch-size, finetune's and convert's showed 1 or more."""
+    import typer.main
+
+    ranges = {}
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            for long in param.opts:
+                ranges.setdefault(long, set()).add((param.min, param.max))
+    assert {long: found for long, found in ranges.items() if len(found) > 1} == {}
+    for command in ("finetune", "train-teacher", "convert"):
+        code, _, err = cli(command, "--max-steps", "0")
+        assert code == 2 and "Invalid value for '--max-steps'" in err, err
+
+
 def test_json_keeps_names_that_look_like_emoji_codes(cli, tmp_path):
     """rich replaced ":fire:" in a printed string by its emoji: `ace --json` gave a node 'conv:fire:1'
     as 'conv\U0001f5251', a name no graph holds (and a path such as run:x:1.npy lost its ':x:')."""

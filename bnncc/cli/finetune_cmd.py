@@ -24,7 +24,8 @@ def finetune(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe whose \\[train] table sets the schedule.")] = (
         "pokebnn_1x"),  # -r: as rewrite's and convert's
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the training split (default 1).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="Stop after this many steps (overrides --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Global batch size (default 64).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate per 256 images.")] = None,
     clip_bound: Annotated[Optional[float], typer.Option(
@@ -84,9 +85,9 @@ def train_teacher(
     width: Annotated[float, typer.Option(help="Width multiplier of the torchvision ResNet.")] = 1.0,
     arch: Annotated[str, typer.Option(help="resnet18, resnet34, resnet50 or resnet101.")] = "resnet50",
     image_size: Annotated[int, typer.Option(help="Input size the teacher is trained and exported at.")] = 32,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Learning rate per 256 images.")] = 3e-2,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(
