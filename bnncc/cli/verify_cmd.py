@@ -16,7 +16,8 @@ QUIET_UP_TO = 16
 @app.command("verify")
 def verify_command(
     library: Path = typer.Argument(..., help="folder written by `bnncc compile`"),
-    reference: Path = typer.Option(None, "--reference", "-r", help="reference PokeBNN graph (default OUTDIR/model.onnx)"),
+    reference: Path = typer.Option(None, "--reference", "-r",
+                                   help="reference PokeBNN graph (default LIBRARY/model.onnx)"),
     # no typer max: verify refuses more than MAX_INPUTS itself, saying why
     n: int = typer.Option(8, "--n", min=1, help="random inputs (at most 1000: each takes 6 onnxruntime runs)"),
     batch: int = typer.Option(1, "--batch", "-b", min=1, help="batch size of the library calls"),
