@@ -163,6 +163,23 @@ def test_an_option_has_the_same_range_in_every_command(cli):
         assert code == 2 and "Invalid value for '--max-steps'" in err, err
 
 
+def test_finetune_table_shows_a_slow_rate_as_more_than_zero(cli, tmp_path, monkeypatch):
+    """A step of 2 images at 224 px on a busy CPU took 74 s: the table said "0.0" img/s, as if nothing trained."""
+    import importlib
+    from types import SimpleNamespace
+
+    module = importlib.import_module("bnncc.train.finetune")  # (bnncc.train.finetune is the function)
+    train = SimpleNamespace(steps=1, final_loss=8.5869, images_per_second=2 / 73.96)  # the run's metrics line
+    result = SimpleNamespace(train=train, student_top1=None, student_top5=None, teacher_top1=None,
+                             teacher_top5=None, ace=4.2e9)
+    monkeypatch.setattr(module, "finetune", lambda *args, **kwargs: result)
+    code, out, err = cli("finetune", "poke.onnx", "--teacher", "float.onnx", "--data", tmp_path,
+                         "-o", tmp_path / "trained.onnx", "--max-steps", "1")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "8.5869" in line)
+    assert row.split("│")[3].strip() == "0.03"
+
+
 def test_json_keeps_names_that_look_like_emoji_codes(cli, tmp_path):
     """rich replaced ":fire:" in a printed string by its emoji: `ace --json` gave a node 'conv:fire:1'
     as 'conv\U0001f5251', a name no graph holds (and a path such as run:x:1.npy lost its ':x:')."""
