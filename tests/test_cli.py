@@ -236,6 +236,22 @@ def test_demo_help_states_the_demos_defaults(cli):
     assert f"training epochs of the float teacher (default: {DemoOptions.teacher_epochs})" in text
 
 
+def test_finetune_help_states_the_training_defaults(cli):
+    """--lr, --temperature, --label-weight and --checkpoint-every showed no default; the help states them as
+    numbers (it cannot import the trainer), which must be the shipped recipes' and TrainConfig's."""
+    from bnncc.recipe import available_recipes, load_recipe
+    from bnncc.train import TrainConfig
+
+    code, out, _ = cli("finetune", "--help")
+    text = " ".join(out.replace("│", " ").split())
+    assert code == 0
+    assert "(default: the recipe's, 2e-5 in the shipped ones)" in text
+    assert {load_recipe(name).train["lr"] for name in available_recipes()} == {2e-5}
+    assert "(default: the recipe's, else 1)" in text and TrainConfig().temperature == 1
+    assert "(default 0: distillation alone)" in text and TrainConfig().label_weight == 0
+    assert "checkpoints (default 100)" in text and TrainConfig().checkpoint_every == 100
+
+
 def test_demo_refuses_its_arguments_before_its_banner(cli, tmp_path):
     """`bnncc demo --data nope` printed its banner, then the error."""
     (tmp_path / "file").write_text("")

@@ -27,13 +27,17 @@ def finetune(
     max_steps: Annotated[Optional[int], typer.Option(
         min=1, help="Stop after this many steps (overrides --epochs).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Global batch size (default 64).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate per 256 images.")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Learning rate per 256 images (default: the recipe's, 2e-5 in the shipped ones).")] = None,
     clip_bound: Annotated[Optional[float], typer.Option(
         help="Override the graph's B (STE window of binary activations); the output graph keeps it.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature.")] = None,
-    label_weight: Annotated[Optional[float], typer.Option(help="Weight of a label cross-entropy term.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Distillation temperature (default: the recipe's, else 1).")] = None,
+    label_weight: Annotated[Optional[float], typer.Option(
+        help="Weight of a label cross-entropy term (default 0: distillation alone).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: OUTPUT.ckpt).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        min=1, help="Steps between checkpoints (default 100).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and init.")] = 0,
     device: Annotated[str, typer.Option(
