@@ -110,15 +110,11 @@ def act_bounds(node: ir.Node, index: int, a_bits: int, signed: bool) -> None:
         return
     name, bounds = found
     levels = float(2 ** (a_bits - 1) - 1 if signed else 2 ** a_bits)
-    with np.errstate(divide="ignore", over="ignore"):
-        scales = np.float32(levels) / bounds.reshape(-1).astype(np.float32)
-    bad = np.flatnonzero((bounds.reshape(-1) > 0) & ~np.isfinite(scales))
-    if bad.size:
-        c = int(bad[0])
-        smallest = levels / float(np.finfo(np.float32).max)
+    c = _overflowing_scale(levels, bounds.reshape(-1))
+    if c is not None:
         raise BnnccError(f"{_where(node)}: input {name!r}: bound {bounds.reshape(-1)[c]:g} of channel {c} makes the "
                          f"{a_bits}-bit quantizer's scale ({levels:g} / bound) overflow float32; a bound is <= 0 (not "
-                         f"calibrated) or at least {smallest:.3g}")
+                         f"calibrated) or at least {_smallest_divisor(levels):.3g}")
 
 
 def weight_scales(node: ir.Node, index: int, w_bits: int) -> None:
@@ -132,12 +128,22 @@ def weight_scales(node: ir.Node, index: int, w_bits: int) -> None:
     name, weights = found
     levels = float(2 ** (w_bits - 1) - 1)
     peaks = np.abs(weights.reshape(len(weights), -1)).max(axis=1).astype(np.float32)
-    with np.errstate(divide="ignore", over="ignore"):
-        scales = np.float32(levels) / peaks
-    bad = np.flatnonzero((peaks > 0) & ~np.isfinite(scales))
-    if bad.size:
-        o = int(bad[0])
-        smallest = levels / float(np.finfo(np.float32).max)
+    o = _overflowing_scale(levels, peaks)
+    if o is not None:
         raise BnnccError(f"{_where(node)}: input {name!r}: max |W| {peaks[o]:.3g} of output channel {o} makes the "
                          f"{w_bits}-bit quantizer's scale ({levels:g} / max |W|) overflow float32; a channel's "
-                         f"weights are all 0 or reach at least {smallest:.3g}")
+                         f"weights are all 0 or reach at least {_smallest_divisor(levels):.3g}")
+
+
+def _overflowing_scale(levels: float, divisors: np.ndarray) -> int | None:
+    """The first position whose divisor is > 0 and makes ``levels / divisor``, in float32 as the reference
+    computes a quantizer's scale, overflow; None where none does."""
+    with np.errstate(divide="ignore", over="ignore"):
+        scales = np.float32(levels) / divisors.astype(np.float32)
+    bad = np.flatnonzero((divisors > 0) & ~np.isfinite(scales))
+    return int(bad[0]) if bad.size else None
+
+
+def _smallest_divisor(levels: float) -> float:
+    """About the smallest divisor of ``levels`` whose quotient float32 holds."""
+    return levels / float(np.finfo(np.float32).max)

@@ -286,33 +286,31 @@ def test_a_failed_build_caches_nothing_and_training_falls_back(tmp_path, monkeyp
     assert "failed" in caplog.text and "missing-cc" in caplog.text
 
 
-def test_a_cache_folder_that_cannot_be_written_is_a_warning_and_training_falls_back(tmp_path, monkeypatch, caplog):
-    """A full or read-only cache folder (a CI container's home) ended `bnncc finetune` with
-    "libbnncc_cpu-*.so: cannot write there" at its first step, where no compiler at all is a warning."""
+def _cache_a_file(tmp_path, monkeypatch):
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", shutil.which("true"))  # (any compiler: the cache fails before it runs)
-    cpu_kernels._library.cache_clear()
-    try:
-        assert cpu_kernels._library() is None
-    finally:
-        cpu_kernels._library.cache_clear()
-    assert "cannot write there" in caplog.text and "torch compositions" in caplog.text
 
 
-def test_no_home_folder_for_the_cache_is_a_warning_and_training_falls_back(monkeypatch, caplog):
-    """With HOME unset and no passwd entry (a container run as another user) cache_dir's one-line error
-    stopped fine-tuning at its first step, where a cache that cannot be written is a warning."""
+def _no_home(tmp_path, monkeypatch):
     monkeypatch.delenv("BNNCC_CACHE", raising=False)
     monkeypatch.delenv("HOME", raising=False)
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+
+
+@pytest.mark.parametrize("make_cache, said", [(_cache_a_file, "cannot write there"), (_no_home, "HOME is unset")])
+def test_a_cache_folder_that_cannot_be_had_is_a_warning_and_training_falls_back(tmp_path, monkeypatch, caplog,
+                                                                                 make_cache, said):
+    """A full or read-only cache folder (a CI container's home) ended `bnncc finetune` with
+    "libbnncc_cpu-*.so: cannot write there" at its first step, and so did no home folder at all (HOME unset,
+    no passwd entry: a container run as another user), where no compiler at all is a warning."""
+    make_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("CC", shutil.which("true"))  # (any compiler: the cache fails before it runs)
     cpu_kernels._library.cache_clear()
     try:
         assert cpu_kernels._library() is None
     finally:
         cpu_kernels._library.cache_clear()
-    assert "HOME is unset" in caplog.text and "torch compositions" in caplog.text
+    assert said in caplog.text and "torch compositions" in caplog.text
 
 
 def test_a_damaged_library_in_the_cache_is_built_again(tmp_path, monkeypatch):
