@@ -11,15 +11,21 @@ onnxruntime with and without its graph optimizations (which fuse and reorder the
 operations) gives logits 0.15-0.19 apart, argmax different on 2 of 4 inputs (PokeBNN-1x from
 torchvision's untrained ResNet-50, 224 px, logits up to 1.5).
 
-So each input is also run by onnxruntime unoptimized, on a copy of the graph whose float
-parameters are moved by MOVE relative noise, and on PERTURBATIONS copies of the input moved by
-MOVE (8 float32 roundings: a sum in another order, as the library's are, differs by a few): the
-largest distance of these runs from the reference, the *rounding spread*, measures how sensitive
-this network is. The moved parameters stand for the library's folding of batch norms, scales and
-slopes into other constants: a value after a binary conv is an exact count times float constants,
-which no moved input changes, and one that cancels to within a rounding of 0 (8.4e-9 from terms of
-0.1, in an untrained PokeBNN-0.5x) took the other sign in the library and moved its logits by
-0.019, where the spread of the unoptimized and moved-input runs was 2e-8. The moved copies find the inputs near
+So each input is also run by onnxruntime unoptimized, on a copy of the graph whose folded
+parameters (FOLDED) are moved by PARAMETER_MOVE relative noise, and on PERTURBATIONS copies of the
+input moved by MOVE (8 float32 roundings: a sum in another order, as the library's are, differs by
+a few): the largest distance of these runs from the reference, the *rounding spread*, measures how
+sensitive this network is. The moved parameters stand for the library's folding of batch norms,
+slopes and the binary weights' scales into other constants: a value after a binary conv is an
+exact count times such constants, which no moved input changes, and one that cancels to within a
+rounding of 0 (8.4e-9 from terms of 0.1, in an untrained PokeBNN-0.5x) took the other sign in the
+library and moved its logits by 0.019, where the spread of the unoptimized and moved-input runs was
+2e-8. The library folds a batch norm into a scale and a shift, a rounding or two each, so the
+parameters move by 2 roundings, and the int-k quantizers' weights and bounds not at all: the library
+quantizes to the same levels, so a level flipped by moving them is one it never flips. (Every float
+parameter moved by 8 roundings widened a small network's spread from 2.3e-5 to 0.051, where the
+library agreed with the reference to 3.8e-5 on 30 inputs; 2 roundings of the folded ones alone left
+it at 2.3e-5 and still explained the PokeBNN-0.5x input.) The moved copies find the inputs near
 a threshold that the two orders of evaluation happen to agree on: an untrained ResNet-18 cut after
 its third stage agreed with the library to 2e-6 on 63 of 64 inputs, and on the 64th by 6.2e-3,
 as far as onnxruntime moves its own logits there when the input moves by 1e-7 (in 5 of 30 tries;
@@ -57,10 +63,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bnncc.domain import DEFAULT_DOMAINS, DOMAIN
 from bnncc.errors import BnnccError
+from bnncc.ops import poke_conv as poke
 
 __all__ = ["VerifyReport", "verify", "judge", "ATOL", "RTOL", "SPREAD_FACTOR", "RMS_FACTOR", "UNRELATED",
-           "PERTURBATIONS", "MOVE", "MAX_INPUTS"]
+           "PERTURBATIONS", "MOVE", "PARAMETER_MOVE", "FOLDED", "MAX_INPUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,15 @@ RMS_FACTOR = 2.0
 UNRELATED = float(np.sqrt(2))
 PERTURBATIONS = 3
 MOVE = 8 * float(np.finfo(np.float32).eps)
+PARAMETER_MOVE = 2 * float(np.finfo(np.float32).eps)
+# The float parameters the library folds into other constants (bnncc.targets.lower), by (domain, op) and input
+# position: batch norms, DPReLU, the binary weights (their scale max|W|/2), the biases after an int-k product
+FOLDED = {
+    ("", "BatchNormalization"): range(1, 5), (DOMAIN, "DPReLU"): range(1, 5), (DOMAIN, "BinaryConv"): (1,),
+    (DOMAIN, "PokeConv"): (1, *range(poke.BN.start, poke.DPRELU.stop), poke.SE[3], poke.SE[6],
+                           *range(poke.SPLIT.start, poke.SPLIT.stop)),
+    (DOMAIN, "QuantConv"): (3,), (DOMAIN, "QuantGemm"): (3,), (DOMAIN, "SEGate"): (3, 6),
+}
 # Each input costs 3 + PERTURBATIONS onnxruntime runs besides the library's: 0.7-1.1 s on a 224 px
 # ResNet-50 PokeBNN (onnxruntime 0.15-0.25 s a run, the library 0.04 s; 2 cores), so this many take
 # some 18 minutes there, under a progress bar; --n 10000 on a 64 px network ran for over 15 minutes
@@ -206,21 +223,24 @@ def _check_fits(model, path: Path, library) -> None:
 
 def _sessions(model):
     """onnxruntime on the reference graph with all graph optimizations, with none, and with all on the
-    graph's float parameters moved by MOVE relative noise (a fixed draw)."""
+    graph's folded parameters (FOLDED) moved by PARAMETER_MOVE relative noise (a fixed draw)."""
     import onnx
     import onnx_ir as ir
 
     from bnncc.frontend import reference_session
     from bnncc.ops import attach_functions
 
+    folded = {node.inputs[i].name for node in model.graph
+              for i in FOLDED.get(("" if node.domain in DEFAULT_DOMAINS else node.domain, node.op_type), ())
+              if i < len(node.inputs) and node.inputs[i] is not None}
     attach_functions(model)
     proto = ir.to_proto(model)
     serialized = proto.SerializeToString()
     moves = np.random.default_rng(0)
-    for tensor in proto.graph.initializer:
+    for tensor in (t for t in proto.graph.initializer if t.name in folded):
         values = onnx.numpy_helper.to_array(tensor)
-        if values.dtype.kind == "f":  # (a zero stays 0, a sign stays: binary weights keep their bits)
-            moved = values * (1 + MOVE * moves.standard_normal(values.shape))
+        if values.dtype.kind == "f":  # (a zero stays 0 and a sign stays: the binary weights keep their bits)
+            moved = values * (1 + PARAMETER_MOVE * moves.standard_normal(values.shape))
             tensor.CopyFrom(onnx.numpy_helper.from_array(moved.astype(values.dtype), tensor.name))
     return (reference_session(serialized, optimize=True), reference_session(serialized, optimize=False),
             reference_session(proto.SerializeToString(), optimize=True))

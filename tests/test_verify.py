@@ -115,10 +115,9 @@ def test_a_moved_input_run_far_off_makes_the_spread():
     assert not v.judge([(ref + 5e-3, ref, np.stack([ref] * 4)), (ref, ref, np.stack([ref] * 4))]).ok
 
 
-def test_a_value_that_cancels_to_within_a_rounding_of_zero_makes_the_spread():
-    """A binarized value that is c1 - c2 = -1 ulp (of 0.1) takes either sign when the constants are
-    rounded otherwise, as the library folds them; no moved input moves it (x = 0 here, as a binary
-    conv's count is exact), so only the run on moved parameters shows that spread."""
+def _edge_model(quantized: bool):
+    """x (1, 64) -> a batch norm giving bias - mean = -1 ulp of 0.1 per channel (scale 1, variance 1 - eps) ->
+    BinarizeAct, or (``quantized``) -> QuantGemm whose act bound puts x + 0.1 on an int8 rounding point."""
     import onnx_ir as ir
     from onnx import helper
 
@@ -126,18 +125,38 @@ def test_a_value_that_cancels_to_within_a_rounding_of_zero_makes_the_spread():
 
     c1 = (0.1 + np.arange(64) * 1e-3).astype(np.float32)
     c2 = np.nextafter(c1, np.float32(1))
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "c1"], ["s"]), helper.make_node("Sub", ["s", "c2"], ["t"]),
-         helper.make_node("BinarizeAct", ["t"], ["y"], domain=DOMAIN)], "edge",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (1, 64))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, (1, 64))],
-        [onnx.numpy_helper.from_array(c1, "c1"), onnx.numpy_helper.from_array(c2, "c2")])
-    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
-    optimized, *others = v._sessions(model)
+    tensors = {"scale": np.ones(64, np.float32), "bias": c1, "mean": c2, "var": np.full(64, 1 - 1e-5, np.float32),
+               "w": np.eye(64, dtype=np.float32), "bound": np.full(64, 127 / 2, np.float32), "b": np.zeros(64, np.float32)}
+    if quantized:  # x = 0.25 on the boundary between levels 0 and 1 of a scale of 127 / bound = 2
+        nodes = [helper.make_node("QuantGemm", ["x", "w", "bound", "b"], ["y"], domain=DOMAIN, w_bits=8, a_bits=8,
+                                  a_signed=1)]
+    else:
+        nodes = [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["t"]),
+                 helper.make_node("BinarizeAct", ["t"], ["y"], domain=DOMAIN)]
+    graph = helper.make_graph(nodes, "edge", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, (1, 64))],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, (1, 64))],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in tensors.items()])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+def test_a_value_that_cancels_to_within_a_rounding_of_zero_makes_the_spread():
+    """A binarized value that is bias - mean = -1 ulp (of 0.1) takes either sign when the batch norm is
+    folded otherwise, as the library folds it; no moved input moves it (x = 0 here, as a binary conv's count
+    is exact), so only the run on moved parameters shows that spread."""
+    optimized, *others = v._sessions(_edge_model(quantized=False))
     ref, alternatives = v._reference_runs(optimized, others, "x", np.zeros((1, 64), np.float32),
                                           np.random.default_rng(0))
     np.testing.assert_array_equal(ref, -1.5)
     assert np.abs(alternatives - ref).max() == 3.0
+
+
+def test_a_quantizers_rounding_points_are_not_moved():
+    """The library quantizes weights and activations to the reference's levels: moving the act bound put
+    values on a rounding point on either side (a small network's spread went from 2.3e-5 to 0.051)."""
+    optimized, *others = v._sessions(_edge_model(quantized=True))
+    x = np.full((1, 64), 0.25, np.float32)
+    ref, alternatives = v._reference_runs(optimized, others, "x", x, np.random.default_rng(0))
+    np.testing.assert_array_equal(alternatives[:2], np.stack([ref, ref]))  # unoptimized, moved parameters
 
 
 # ---------------------------------------------------------------------------------------------
