@@ -163,13 +163,15 @@ def test_an_option_has_the_same_range_in_every_command(cli):
         assert code == 2 and "Invalid value for '--max-steps'" in err, err
 
 
-def test_finetune_table_shows_a_slow_rate_as_more_than_zero(cli, tmp_path, monkeypatch):
-    """A step of 2 images at 224 px on a busy CPU took 74 s: the table said "0.0" img/s, as if nothing trained."""
+@pytest.mark.parametrize("seconds, shown", [(73.96, "0.03"), (500.0, "0.004")])
+def test_finetune_table_shows_a_slow_rate_as_more_than_zero(cli, tmp_path, monkeypatch, seconds, shown):
+    """A step of 2 images at 224 px on a busy CPU took 74 s: the table said "0.0" img/s, as if nothing trained;
+    at 500 s two decimals said "0.00"."""
     import importlib
     from types import SimpleNamespace
 
     module = importlib.import_module("bnncc.train.finetune")  # (bnncc.train.finetune is the function)
-    train = SimpleNamespace(steps=1, final_loss=8.5869, images_per_second=2 / 73.96)  # the run's metrics line
+    train = SimpleNamespace(steps=1, final_loss=8.5869, images_per_second=2 / seconds)  # the run's metrics line
     result = SimpleNamespace(train=train, student_top1=None, student_top5=None, teacher_top1=None,
                              teacher_top5=None, ace=4.2e9)
     monkeypatch.setattr(module, "finetune", lambda *args, **kwargs: result)
@@ -177,7 +179,7 @@ def test_finetune_table_shows_a_slow_rate_as_more_than_zero(cli, tmp_path, monke
                          "-o", tmp_path / "trained.onnx", "--max-steps", "1")
     assert code == 0, err
     row = next(line for line in out.splitlines() if "8.5869" in line)
-    assert row.split("│")[3].strip() == "0.03"
+    assert row.split("│")[3].strip() == shown
 
 
 def test_json_keeps_names_that_look_like_emoji_codes(cli, tmp_path):

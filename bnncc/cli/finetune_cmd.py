@@ -74,10 +74,12 @@ def finetune(
     for column in ("steps", "final loss", "img/s", "student top-1", "student top-5", "teacher top-1",
                    "teacher top-5", "ACE (1e9)"):
         table.add_column(column, justify="right")
-    trained = result.train.images_per_second > 0  # (a resumed run whose checkpoint held its last step trains none)
-    # two decimals: a 224 px ResNet-50 on a busy CPU trains at 0.03 images/s, which one decimal showed as 0.0
+    rate = result.train.images_per_second
+    trained = rate > 0  # (a resumed run whose checkpoint held its last step trains none)
+    # two decimals: a 224 px ResNet-50 on a busy CPU trains at 0.03 images/s, which one decimal showed as 0.0;
+    # two digits below 0.01, which two decimals showed as 0.00 (2 images in 500 s)
     table.add_row(str(result.train.steps), f"{result.train.final_loss:.4f}" if trained else "-",
-                  f"{result.train.images_per_second:.2f}" if trained else "-",
+                  (f"{rate:.2f}" if rate >= 0.01 else f"{rate:.2g}") if trained else "-",
                   percent(result.student_top1), percent(result.student_top5), percent(result.teacher_top1),
                   percent(result.teacher_top5), f"{(result.ace or 0) / 1e9:.3f}")
     console.print(table)
