@@ -89,7 +89,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.cost import ace
     from bnncc.frontend import load, require_path, stored_bytes
     from bnncc.recipe import load_recipe
-    from bnncc.targets import registry
+    from bnncc.targets import cuda, registry
 
     model_path, outdir = require_path(model_path), output_path(outdir)
     # an unknown target or one whose build tools are missing, an output folder of someone else's files,
@@ -153,10 +153,12 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
             return {}
 
         # the library is built for what the target resolves to here (x86-64: this CPU's class and TVM's threads;
-        # cuda: the arch, CUDA graphs): keyed on the name alone, a stage folder on a shared disk converted again on
-        # an AVX2 machine reused the AVX-512 library of another, which this CPU cannot run
+        # cuda: the arch, CUDA graphs, tensor cores): keyed on the name alone, a stage folder on a shared disk
+        # converted again on an AVX2 machine reused the AVX-512 library of another, which this CPU cannot run
         spec = registry.get(options.target)
         build = [str(spec.tvm_target()), spec.pass_config() if spec.pass_config else None]
+        if options.target == "cuda":  # the schedule too: a convert again with BNNCC_CUDA_MMA=1 reused the popc one
+            build.append({"tensor_cores": cuda.tensor_cores()})
         _timed(seconds, cached, "compile", lambda: cached_stage(
             stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target, "build": build,
                                     "batches": list(options.batches)},

@@ -24,7 +24,7 @@ from bnncc.cost import ace
 from bnncc.errors import BnnccError
 from bnncc.frontend import load
 from bnncc.pipeline import ConvertOptions, convert
-from bnncc.targets import registry
+from bnncc.targets import cuda, registry
 
 # width 1/8: a stem of 8 channels, so PokeInit's middle width must be 8 too
 STEM = ("passes.poke_stem.mid_channels=8",)
@@ -154,6 +154,18 @@ def test_a_library_built_for_another_cpu_class_is_not_reused(converted, narrow_r
     assert convert(narrow_resnet, outdir, options).cached == {"rewrite": True, "compile": False}
     llvm = json.loads(json.loads((outdir / "model.json").read_text())["target"]["llvm"])
     assert llvm["mcpu"] == "x86-64-v3" and "avx512" not in str(llvm.get("mattr"))
+
+
+@pytest.mark.skipif(cuda.find_nvcc() is None, reason="needs nvcc (a CUDA toolkit)")
+def test_a_cuda_library_of_other_convs_is_not_reused(narrow_resnet, tmp_path, monkeypatch):
+    """The compile stage's key held the CUDA arch and graphs but not BNNCC_CUDA_MMA: a convert again with the
+    tensor cores on reused the library of popc convs, its model.json saying "tensor_cores": false."""
+    outdir = tmp_path / "out"
+    options = ConvertOptions(target="cuda", overrides=STEM, latency_runs=1, show_progress=False)
+    convert(narrow_resnet, outdir, options)
+    monkeypatch.setenv(cuda.MMA_ENV, "1")
+    assert convert(narrow_resnet, outdir, options).cached == {"rewrite": True, "compile": False}
+    assert json.loads((outdir / "model.json").read_text())["cuda"]["tensor_cores"] is True
 
 
 def test_a_renamed_recipe_is_the_name_the_library_records(converted, narrow_resnet, tmp_path):
