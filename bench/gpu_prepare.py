@@ -171,7 +171,9 @@ def main() -> None:
     # and its correctness check failed on the GPU with numpy's "need at least one array"
     if args.n < max(BATCHES) or args.n % max(BATCHES):
         parser.error(f"-n {args.n}: the reference inputs must be a multiple of {max(BATCHES)}, the largest batch")
-    stage = args.stage
+    # a link to the stage folder (`.gpu` -> a larger disk): the folder it names is the stage; rmtree refuses a
+    # link ("OSError: Cannot call rmtree on a symbolic link"), and mkdir a link whose folder is gone
+    stage = args.stage.resolve()
     clear_stage(stage)
     stage.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="bnncc-gpu-") as tmp:

@@ -368,6 +368,26 @@ def test_gpu_bench_stage_replaces_an_earlier_stage_only(tmp_path, monkeypatch):
     assert results.is_dir() and not any(results.iterdir())
 
 
+def test_gpu_bench_stage_may_be_a_link_to_the_stage_folder(tmp_path, monkeypatch):
+    """`--stage .gpu` where .gpu is a link to a folder on a larger disk: an earlier stage there ended
+    bench/gpu_prepare.py in "OSError: Cannot call rmtree on a symbolic link"."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
+    import gpu_prepare  # bench/gpu_prepare.py
+
+    def build_libraries(work, stage, arch):  # the stage cleared: the minutes of building are not needed here
+        (stage / "stage.json").write_text("{}")
+        raise RuntimeError("building")
+
+    monkeypatch.setattr(gpu_prepare, "build_libraries", build_libraries)
+    (tmp_path / "disk" / "lib").mkdir(parents=True)
+    (tmp_path / "disk" / "lib" / "model.so").write_bytes(b"earlier")
+    (tmp_path / "link").symlink_to(tmp_path / "disk")
+    monkeypatch.setattr(sys, "argv", ["gpu_prepare.py", "--stage", str(tmp_path / "link")])
+    with pytest.raises(RuntimeError, match="building"):
+        gpu_prepare.main()
+    assert (tmp_path / "link").is_symlink() and [p.name for p in (tmp_path / "link").iterdir()] == ["stage.json"]
+
+
 def test_gpu_bench_refuses_reference_inputs_of_no_whole_batch(tmp_path, monkeypatch, capsys):
     """bench/gpu_prepare.py -n 8 staged 8 reference inputs, and gpu_run.py's check at batch 64 then had
     none to run ("need at least one array to concatenate" on the GPU machine): refused at once."""
