@@ -13,6 +13,7 @@ import onnx_ir as ir
 from bnncc.domain import RECIPE_KEY
 from bnncc.errors import BnnccError, first_line
 from bnncc.frontend import recognize
+from bnncc.passes._util import initializer_bytes
 from bnncc.passmanager import PassManager, PassRecord
 from bnncc.recipe import Recipe, apply_overrides, available_recipes, load_recipe
 from bnncc.resnet import Bottleneck, ResNet
@@ -71,7 +72,7 @@ def _check(model: ir.Model, recipe: Recipe) -> None:
     # protobuf holds 2 GiB a file: the checker, and every writer after it, refused a larger model with an
     # unexpected ValueError (width_multiplier refuses most such widths up front; SE gates of a small se_ratio
     # can still pass it)
-    size = sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
+    size = initializer_bytes(model)
     if size > onnx.checker.MAXIMUM_PROTOBUF:
         raise BnnccError(f"recipe {recipe.name}: the rewritten model's weights take {size / 2**30:.1f} GiB, more "
                          f"than the 2 GiB one ONNX file holds; choose a smaller passes.width_multiplier.multiplier "

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from bnncc.domain import DEFAULT_DOMAINS, IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
-__all__ = ["const_array", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
+__all__ = ["const_array", "initializer_bytes", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
            "add_import_note", "axes_of", "constant_inputs", "only_user", "replace_with_flatten",
            "take_over", "take_over_output"]
 
@@ -19,6 +19,11 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """The bytes of ``model``'s initializers: what its ONNX file holds beyond the nodes."""
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values() if value.const_value is not None)
 
 
 def constant_inputs(node: ir.Node, first: int, count: int) -> list[np.ndarray | None] | None:

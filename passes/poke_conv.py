@@ -35,7 +35,7 @@ from bnncc.ops.poke_conv import overload
 from bnncc.passes._blocks import FloatBlock, float_blocks
 from bnncc.passes._pokebnn import (add_node, batch_norm_params, dprelu_params, lecun_normal, refresh,
                                    uncalibrated_bound)
-from bnncc.passes._util import add_initializer, check_bit_widths, take_over
+from bnncc.passes._util import add_initializer, check_bit_widths, initializer_bytes, take_over
 from bnncc.passmanager import register_pass
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ class PokeConvPass(ir.passes.InPlacePass):
             for conv in block.convs:
                 out_channels, in_channels = conv.inputs[1].const_value.shape[:2]
                 se_weights += in_channels // self.se_ratio * (in_channels + out_channels)
-        size = 4 * se_weights + sum(value.const_value.nbytes for value in model.graph.initializers.values()
-                                    if value.const_value is not None)
+        size = 4 * se_weights + initializer_bytes(model)
         if size > onnx.checker.MAXIMUM_PROTOBUF:
             raise BnnccError(f"poke_conv: with SE gates of {se_weights:,} float32 weights at se_ratio={self.se_ratio}, "
                              f"the graph would take {size / 2**30:.1f} GiB, more than the 2 GiB one ONNX file holds; "
