@@ -89,7 +89,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.cost import ace
     from bnncc.frontend import load, require_path, stored_bytes
     from bnncc.recipe import load_recipe
-    from bnncc.targets import cuda, registry
+    from bnncc.targets import cuda, registry, tvm_compat
 
     model_path, outdir = require_path(model_path), output_path(outdir)
     # an unknown target or one whose build tools are missing, an output folder of someone else's files,
@@ -154,9 +154,10 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
 
         # the library is built for what the target resolves to here (x86-64: this CPU's class and TVM's threads;
         # cuda: the arch, CUDA graphs, tensor cores): keyed on the name alone, a stage folder on a shared disk
-        # converted again on an AVX2 machine reused the AVX-512 library of another, which this CPU cannot run
+        # converted again on an AVX2 machine reused the AVX-512 library of another, which this CPU cannot run.
+        # And by the TVM that builds it: after an upgrade the old library came back, built by the old compiler
         spec = registry.get(options.target)
-        build = [str(spec.tvm_target()), spec.pass_config() if spec.pass_config else None]
+        build = [str(spec.tvm_target()), spec.pass_config() if spec.pass_config else None, tvm_compat.versions()]
         if options.target == "cuda":  # the schedule too: a convert again with BNNCC_CUDA_MMA=1 reused the popc one
             build.append({"tensor_cores": cuda.tensor_cores()})
         _timed(seconds, cached, "compile", lambda: cached_stage(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,11 @@ def _require_home() -> None:
 
 
 _require_home()
+
+
+def versions() -> str:
+    """The installed TVM and tvm-ffi, as a folder name: what builds a library and what runs it."""
+    return f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
 
 import tvm  # noqa: E402  (must follow the thread configuration)
 import tvm_ffi  # noqa: E402

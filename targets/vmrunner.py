@@ -28,7 +28,7 @@ import numpy as np
 from bnncc.errors import BnnccError, tool_said
 from bnncc.fileio import atomic_path, cache_dir, cache_entry_whole, output_errors, record_cache_entry
 from bnncc.targets.arm64 import CROSS_CXX, CROSS_INSTALL
-from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs
+from bnncc.targets.tvm_compat import runtime_include_dir, runtime_library_dirs, versions
 
 __all__ = [
     "HOST", "AARCH64", "arm64_runtime_folder", "cached_arm64_runner", "ensure_arm64_runtime", "ensure_runner",
@@ -57,8 +57,7 @@ def _pip_command(dest: Path) -> list[str]:
 
 def arm64_runtime_folder() -> Path:
     """The cache folder of the aarch64 libtvm_runtime.so and libtvm_ffi.so of the installed versions."""
-    versions = f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
-    return cache_dir() / "arm64-runtime" / versions
+    return cache_dir() / "arm64-runtime" / versions()
 
 
 def has_arm64_runtime() -> bool:

@@ -156,6 +156,18 @@ def test_a_library_built_for_another_cpu_class_is_not_reused(converted, narrow_r
     assert llvm["mcpu"] == "x86-64-v3" and "avx512" not in str(llvm.get("mattr"))
 
 
+def test_a_library_built_by_another_tvm_is_not_reused(converted, narrow_resnet, tmp_path, monkeypatch):
+    """The compile stage's key held bnncc's version but not TVM's: after an upgrade of TVM a convert again
+    reused the library the old TVM had built."""
+    from bnncc.targets import tvm_compat
+
+    outdir, options = tmp_path / "out", ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False)
+    shutil.copytree(converted.outdir, outdir)
+    assert convert(narrow_resnet, outdir, options).cached["rewrite"]  # (the stages of these options, built here)
+    monkeypatch.setattr(tvm_compat, "versions", lambda: "tvm-9.9.9-ffi-9.9.9")
+    assert convert(narrow_resnet, outdir, options).cached == {"rewrite": True, "compile": False}
+
+
 @pytest.mark.skipif(cuda.find_nvcc() is None, reason="needs nvcc (a CUDA toolkit)")
 def test_a_cuda_library_of_other_convs_is_not_reused(narrow_resnet, tmp_path, monkeypatch):
     """The compile stage's key held the CUDA arch and graphs but not BNNCC_CUDA_MMA: a convert again with the
