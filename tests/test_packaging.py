@@ -6,8 +6,12 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import warnings
 import zipfile
 from pathlib import Path
+
+from setuptools.config.pyprojecttoml import apply_configuration
+from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +32,11 @@ def test_the_wheel_holds_every_data_file_of_the_package_folders(tmp_path):
             if path.is_file() and path.suffix not in (".py", ".pyc") and "__pycache__" not in path.parts:
                 expected.add("/".join([*package.split("."), *path.relative_to(ROOT / folder).parts]))
     assert expected and expected - packed == set()
+
+
+def test_setuptools_reads_pyproject_without_a_deprecation():
+    """`license = { text = ... }` was deprecated in setuptools 77, which stops building such projects after
+    2027-02-18; `pip install .` takes the newest setuptools, so the install would have failed from then on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_configuration(Distribution(), ROOT / "pyproject.toml")
