@@ -191,6 +191,11 @@ def train_teacher(data_dir: str | Path, output: str | Path, cfg: TrainConfig, *,
     check_writable(output)  # before minutes of training
     device = training_device(device)
     train_data, val_data = open_splits(data_dir)
+    if train_data.num_classes == 1:
+        # the softmax of one logit is 1 whatever the input: the run trained on a loss of 0, reported a top-1
+        # of 100% and wrote a teacher that finetune refuses
+        raise BnnccError(f"{data_dir}: one class; a network of one class gets no gradient from its labels (the "
+                         f"softmax of one logit is 1): there is nothing to learn")
     shape = (3, image_size, image_size)
     torch.manual_seed(cfg.seed)
     model = ARCHITECTURES[arch](width=width, num_classes=train_data.num_classes, seed=cfg.seed)

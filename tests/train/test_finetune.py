@@ -201,6 +201,22 @@ def test_train_teacher_refuses_a_config_that_would_not_learn_from_the_labels(idx
     assert not (tmp_path / "t.onnx").exists()
 
 
+def test_train_teacher_refuses_data_of_one_class(cli, idx_writer, tmp_path):
+    """One class made a network of one logit, whose softmax is 1: it trained on a loss of 0, reported a
+    top-1 of 100% and wrote a teacher that finetune refused."""
+    data = tmp_path / "data"
+    data.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (8, 8, 8))
+    for prefix in ("train", "t10k"):
+        idx_writer(data / f"{prefix}-images-idx3-ubyte.gz", images)
+        idx_writer(data / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(8))
+    code, _, err = cli("train-teacher", "--data", data, "--width", "0.125", "--max-steps", "1", "--batch-size", "4",
+                       "-o", tmp_path / "t.onnx")
+    assert code == 2 and err == f"error: {data}: one class; a network of one class gets no gradient from its " \
+                                "labels (the softmax of one logit is 1): there is nothing to learn\n", err
+    assert not (tmp_path / "t.onnx").exists()
+
+
 def test_a_teacher_the_disk_cannot_hold_is_one_error_naming_it(cli, idx_dir, tmp_path):
     """The export onto a full disk was reported under a temporary file's name (.t.onnx.x1y2.onnx),
     not the output's."""
