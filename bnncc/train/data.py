@@ -229,6 +229,8 @@ def _open_idx(folder: Path, split: str) -> ImageData:
         raise BnnccError(f"{images_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
     if not labels.size:
         raise BnnccError(f"{images_path}: no images")
+    if not images.shape[1] or not images.shape[2]:  # (training resized them, and stopped in torch's words)
+        raise BnnccError(f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels")
     # the classes are 0 to the largest training label, each with images: a stray large label (a
     # corrupt file) would otherwise make a network of that many classes
     train_labels_path = labels_path if prefix == "train" else _idx_file(folder, "train", "labels") or labels_path

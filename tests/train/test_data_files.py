@@ -565,6 +565,19 @@ def test_idx_files_of_no_images_or_a_damaged_gzip_body_are_one_line_errors(tmp_p
         open_dataset(tmp_path, "train")
 
 
+@pytest.mark.parametrize("height, width", [(0, 8), (8, 0)])
+def test_idx_images_of_no_pixels_are_a_one_line_error(tmp_path, idx_writer, height, width):
+    """A header of 0 rows or columns opened, with numpy's warnings of an empty mean, and training stopped with
+    torch's "unexpected RuntimeError: Input and output sizes should be greater than 0"."""
+    for prefix in ("train", "t10k"):
+        idx_writer(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((4, height, width)))
+        idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(4) % 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BnnccError, match=rf"train-images-idx3-ubyte.gz: images of {height}x{width} pixels$"):
+            open_splits(tmp_path)
+
+
 def test_an_idx_file_is_read_only_as_far_as_its_header_says(tmp_path, monkeypatch):
     """A 9 MB gzip that inflates to 2 GiB took memory until the process was killed: the data is read
     into the size the header gives, which must fit in half the machine's memory, and no further."""
