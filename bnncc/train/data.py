@@ -243,9 +243,13 @@ def _open_idx(folder: Path, split: str) -> ImageData:
         raise BnnccError(f"{labels_path}: label {int(labels.max())}, where the training labels are 0 to {classes - 1}")
     images_t = torch.from_numpy(images.copy()).unsqueeze(1)
     # Normalise with the training split's own statistics, whichever split this is.
-    train_images = images if prefix == "train" else read_idx(_idx_file(folder, "train", "images") or images_path)
+    train_images_path = images_path if prefix == "train" else _idx_file(folder, "train", "images") or images_path
+    train_images = images if prefix == "train" else read_idx(train_images_path)
     mean = float(train_images.mean() / 255.0)
     std = float(train_images.std() / 255.0)
+    if std == 0:  # (normalising divided by 0: the run stopped on a loss of NaN, blaming its learning rate)
+        raise BnnccError(f"{train_images_path}: every pixel of every image is {train_images.flat[0]}: nothing to "
+                         f"learn from, and no spread to normalise by")
     return ImageData(images_t, torch.from_numpy(labels), classes, (mean,), (std,), images_path)
 
 

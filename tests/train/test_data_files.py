@@ -578,6 +578,18 @@ def test_idx_images_of_no_pixels_are_a_one_line_error(tmp_path, idx_writer, heig
             open_splits(tmp_path)
 
 
+def test_idx_training_images_of_one_grey_level_are_a_one_line_error(tmp_path, idx_writer):
+    """Normalising by a spread of 0 made every input NaN: finetune stopped at its first steps with "training
+    diverged: the loss is not finite (nan) ... try a lower --lr", which sent the user after the wrong thing."""
+    for prefix in ("train", "t10k"):
+        # (a file zero-filled past its header)
+        idx_writer(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((4, 8, 8)))
+        idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(4) % 2)
+    with pytest.raises(BnnccError, match=r"train-images-idx3-ubyte.gz: every pixel of every image is 0: nothing to "
+                                         r"learn from, and no spread to normalise by$"):
+        open_splits(tmp_path)
+
+
 def test_an_idx_file_is_read_only_as_far_as_its_header_says(tmp_path, monkeypatch):
     """A 9 MB gzip that inflates to 2 GiB took memory until the process was killed: the data is read
     into the size the header gives, which must fit in half the machine's memory, and no further."""

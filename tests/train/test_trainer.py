@@ -209,7 +209,8 @@ def test_a_checkpoint_of_other_data_or_another_network_is_refused(idx_dir, idx_w
     for images, change in ((128, r"training images 256 -> 128"),
                            (256, r"another data set of as many training images \(their labels differ\)")):
         (tmp_path / str(images)).mkdir()
-        idx_writer(tmp_path / str(images) / "train-images-idx3-ubyte.gz", np.zeros((images, 8, 8)))
+        pixels = np.random.default_rng(images).integers(0, 256, (images, 8, 8))  # (of one grey, a data set is refused)
+        idx_writer(tmp_path / str(images) / "train-images-idx3-ubyte.gz", pixels)
         idx_writer(tmp_path / str(images) / "train-labels-idx1-ubyte.gz", np.arange(images) % 4)
         other = open_dataset(tmp_path / str(images), "train")
         with pytest.raises(BnnccError, match=rf"run.ckpt: written by a run with other settings \({change}\)"):
