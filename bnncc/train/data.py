@@ -30,8 +30,9 @@ __all__ = ["Dataset", "ImageData", "Loaded", "dataset_kind", "open_dataset", "op
 logger = logging.getLogger(__name__)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data.
+def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
+    """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data; of ``ndim``
+    dimensions where it is given.
 
     The data is read into an array of the size the header gives, which must fit in half this
     machine's memory, and not a byte further: a gzip file of 9 MB that inflates to 2 GiB (or
@@ -43,6 +44,11 @@ def read_idx(path: Path) -> np.ndarray:
             if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
                 raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is "
                                  f"{magic.hex() or 'missing'}, expected 000008 and the number of dimensions)")
+            # a damaged count read data as dimensions: the file was refused as a data set of 10^9 GiB, or
+            # named in a line of 255 dimensions
+            if ndim is not None and magic[3] != ndim:
+                raise BnnccError(f"{path}: an IDX file of {magic[3]} dimensions (its magic number is {magic.hex()}); "
+                                 f"expected {ndim}")
             header = f.read(4 * magic[3])
             if len(header) < 4 * magic[3]:
                 raise BnnccError(f"{path}: IDX header of {magic[3]} dimensions cut short")
@@ -223,10 +229,10 @@ def _open_idx(folder: Path, split: str) -> ImageData:
     images_path, labels_path = _idx_file(folder, prefix, "images"), _idx_file(folder, prefix, "labels")
     if images_path is None or labels_path is None:
         raise BnnccError(f"{folder}: no {prefix}-images-idx3-ubyte(.gz) / {prefix}-labels-idx1-ubyte(.gz) pair")
-    images = read_idx(images_path)
-    labels = read_idx(labels_path).astype(np.int64)
-    if images.ndim != 3 or labels.shape != (images.shape[0],):
-        raise BnnccError(f"{images_path}: expected (N, H, W) images and N labels, got {images.shape} and {labels.shape}")
+    images = read_idx(images_path, 3)
+    labels = read_idx(labels_path, 1).astype(np.int64)
+    if len(labels) != len(images):
+        raise BnnccError(f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path.name}")
     if not labels.size:
         raise BnnccError(f"{images_path}: no images")
     if not images.shape[1] or not images.shape[2]:  # (training resized them, and stopped in torch's words)
@@ -234,7 +240,7 @@ def _open_idx(folder: Path, split: str) -> ImageData:
     # the classes are 0 to the largest training label, each with images: a stray large label (a
     # corrupt file) would otherwise make a network of that many classes
     train_labels_path = labels_path if prefix == "train" else _idx_file(folder, "train", "labels") or labels_path
-    present = np.bincount(labels if prefix == "train" else read_idx(train_labels_path).astype(np.int64).ravel())
+    present = np.bincount(labels if prefix == "train" else read_idx(train_labels_path, 1).astype(np.int64))
     classes = len(present)
     if (present == 0).any():
         raise BnnccError(f"{train_labels_path}: class {int(np.argmin(present))} has no images (the labels go up "
@@ -244,7 +250,7 @@ def _open_idx(folder: Path, split: str) -> ImageData:
     images_t = torch.from_numpy(images.copy()).unsqueeze(1)
     # Normalise with the training split's own statistics, whichever split this is.
     train_images_path = images_path if prefix == "train" else _idx_file(folder, "train", "images") or images_path
-    train_images = images if prefix == "train" else read_idx(train_images_path)
+    train_images = images if prefix == "train" else read_idx(train_images_path, 3)
     mean = float(train_images.mean() / 255.0)
     std = float(train_images.std() / 255.0)
     if std == 0:  # (normalising divided by 0: the run stopped on a loss of NaN, blaming its learning rate)

@@ -9,6 +9,7 @@ layouts must give the same batches. Run as a script (under torchrun) this file i
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import logging
@@ -587,6 +588,30 @@ def test_idx_training_images_of_one_grey_level_are_a_one_line_error(tmp_path, id
         idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(4) % 2)
     with pytest.raises(BnnccError, match=r"train-images-idx3-ubyte.gz: every pixel of every image is 0: nothing to "
                                          r"learn from, and no spread to normalise by$"):
+        open_splits(tmp_path)
+
+
+@pytest.mark.parametrize("kind, dimensions, message", [
+    # a labels file whose count byte says 3: its first labels were read as dimensions
+    ("labels", 3, r"train-labels-idx1-ubyte.gz: an IDX file of 3 dimensions \(its magic number is 00000803\); "
+                  r"expected 1$"),
+    ("images", 255, r"train-images-idx3-ubyte.gz: an IDX file of 255 dimensions \(its magic number is 000008ff\); "
+                    r"expected 3$"),
+])
+def test_an_idx_file_of_the_wrong_number_of_dimensions_is_named_as_such(tmp_path, idx_writer, kind, dimensions,
+                                                                        message):
+    """A damaged dimension count read the data as dimensions: a labels file was refused as "(60000, 150994947,
+    132866), 1121056897.3 GiB to hold in memory ... use an ImageFolder tree or tar shards for a data set this
+    large", an images file named in a line of 255 dimensions."""
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        idx_writer(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (300, 8, 8)))
+        idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(300) % 256)
+    path = tmp_path / f"train-{kind}-idx{1 if kind == 'labels' else 3}-ubyte.gz"
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[3] = dimensions
+    path.write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(BnnccError, match=message):
         open_splits(tmp_path)
 
 
