@@ -195,7 +195,9 @@ def _random_box(width: int, height: int, rng: np.random.Generator) -> tuple[floa
 
 
 def open_image_folder(folder: Path, split: str) -> ImageFiles:
-    """``folder/train`` or ``folder/val``: one folder of images per class, classes in name order.
+    """``folder/train`` or ``folder/val``: one folder of images per class, classes in name order, a
+    class's images anywhere under its folder, as torchvision's ImageFolder takes them (those in
+    subfolders were left out: a class of them alone was refused as empty).
     Hidden entries are no data: a notebook's .ipynb_checkpoints became a class, and the ._ files a
     Mac writes beside each image on other disks were counted as unreadable images."""
     root = folder / ("train" if split == "train" else "val")
@@ -205,10 +207,11 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
                      if not entry.name.startswith(".") and _safely(entry.is_dir))
     if not classes:
         raise BnnccError(f"{root}: no class folders")
+    # a link to the split or to a class folder takes no images into a class: they are the split's or that class's
+    not_into = {_folder_id(root), *(_folder_id(root / name) for name in classes)}
     sources, names, labels = [], [], []
     for label, name in enumerate(classes):
-        files = sorted(entry.name for entry in os.scandir(root / name) if not entry.name.startswith(".")
-                       and _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES)
+        files = _image_names(root / name, set(not_into))
         if not files:
             raise BnnccError(f"{root / name}: no images (an empty class)")
         sources.append(root / name)
@@ -216,6 +219,34 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
         labels.append(np.full(len(files), label, np.int64))
     labels_a = np.concatenate(labels)
     return ImageFiles(root, sources, labels_a.astype(np.int32), Names(names), labels_a, classes)
+
+
+def _image_names(folder: Path, seen: set[tuple[int, int]], prefix: str = "") -> list[str]:
+    """The image files under ``folder`` by their paths from it, depth first in name order: through links to
+    folders, but not into a folder ``seen`` before (a link loop), hidden entries skipped."""
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except OSError as e:  # (skipped, its images would be left out without a word)
+        raise BnnccError(f"{folder}: cannot read this folder of the data set ({e.strerror or e})") from None
+    names = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if _safely(entry.is_dir):
+            folder_id = _folder_id(Path(entry.path))
+            if folder_id not in seen:
+                seen.add(folder_id)
+                names += _image_names(Path(entry.path), seen, f"{prefix}{entry.name}/")
+        elif _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            names.append(prefix + entry.name)
+    return names
+
+
+def _folder_id(folder: Path) -> tuple[int, int]:
+    """What tells a folder from another, whatever the links that lead to it."""
+    stat = folder.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _safely(test) -> bool:

@@ -932,6 +932,48 @@ def test_every_image_kind_torchvisions_image_folder_reads_is_data(tmp_path):
     assert images[labels.argsort(), 0, 0, 0].diff().min() > 0  # class c<k>'s grey is 60 k
 
 
+def test_images_in_subfolders_of_a_class_are_its_images_as_torchvisions_image_folder_takes_them(tmp_path):
+    """Only the images directly in a class folder were indexed: those in its subfolders were left out without a
+    word, and a class of them alone was refused as "no images (an empty class)"."""
+    from torchvision.datasets import ImageFolder
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for path in ("a/0.jpg", "a/more/1.jpg", "a/more/deeper/2.png", "b/by day/3.jpg", "b/by night/4.jpg"):
+            (tmp_path / split / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / split / path).write_bytes(jpeg(rng, 0, 8, 8))
+    data = open_splits(tmp_path)[0]
+    ours = sorted((data.describe(i), int(data.labels[i])) for i in range(len(data)))
+    assert ours == sorted(ImageFolder(str(tmp_path / "train")).samples) and len(ours) == 5
+    assert data.load(torch.arange(5), SHAPE, augment=False)[2] == []  # every one read
+
+
+def test_links_take_a_class_no_images_of_another_class_nor_loop(tmp_path):
+    root = images_tree(tmp_path, {"a": 2, "b": 3}, {"a": 1, "b": 1})
+    os.symlink(root / "train" / "b", root / "train" / "a" / "to b")
+    os.symlink(root / "train" / "a", root / "train" / "a" / "to itself")
+    os.symlink(root / "train", root / "train" / "b" / "to the split")
+    data = open_dataset(root, "train")
+    assert len(data) == 5 and np.bincount(data.labels).tolist() == [2, 3]
+
+
+def test_an_unreadable_folder_under_a_class_is_a_one_line_error(tmp_path, monkeypatch):
+    """Skipped, its images would be left out without a word (a root user reads every folder: os.scandir fails)."""
+    root = images_tree(tmp_path, {"a": 2}, {"a": 1})
+    (root / "train" / "a" / "locked").mkdir()
+    scandir = os.scandir
+
+    def refusing(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(BnnccError, match=r"train/a/locked: cannot read this folder of the data set \(Permission "
+                                         r"denied\)$"):
+        open_dataset(root, "train")
+
+
 def test_the_data_fingerprint_stats_each_file_once_and_keeps_its_key(tmp_path, monkeypatch):
     """convert's stage key lists the data's files: by rglob, is_file and stat, two stats and a Path a
     file (ImageNet's 1.33 million took ~27 s and ~600 MB before every run). The key is unchanged:
