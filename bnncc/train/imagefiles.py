@@ -213,7 +213,7 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     for label, name in enumerate(classes):
         files = _image_names(root / name, set(not_into))
         if not files:
-            raise BnnccError(f"{root / name}: no images (an empty class)")
+            raise BnnccError(f"{root / name}: no images (an empty class){_files_not_images(root / name)}")
         sources.append(root / name)
         names.extend(files)
         labels.append(np.full(len(files), label, np.int64))
@@ -241,6 +241,17 @@ def _image_names(folder: Path, seen: set[tuple[int, int]], prefix: str = "") -> 
         elif _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             names.append(prefix + entry.name)
     return names
+
+
+def _files_not_images(folder: Path) -> str:
+    """What an empty class folder holds instead of images, for its message: a class of .gif, .jfif or .heic
+    files was refused as empty, which it did not look."""
+    files = sorted(entry.name for entry in os.scandir(folder)
+                   if not entry.name.startswith(".") and _safely(entry.is_file))
+    if not files:
+        return ""
+    return (f"; its {len(files)} file(s), such as {files[0]}, are not named as images "
+            f"(*{', *'.join(sorted(IMAGE_SUFFIXES))})")
 
 
 def _folder_id(folder: Path) -> tuple[int, int]:

@@ -957,6 +957,18 @@ def test_links_take_a_class_no_images_of_another_class_nor_loop(tmp_path):
     assert len(data) == 5 and np.bincount(data.labels).tolist() == [2, 3]
 
 
+def test_a_class_of_files_not_named_as_images_says_what_it_holds(tmp_path):
+    """A class of GIFs (or a phone's .heic, Windows' .jfif) was refused as "no images (an empty class)", which the
+    user could see it was not."""
+    root = images_tree(tmp_path, {"a": 2, "b": 0}, {"a": 1, "b": 1})
+    for name in ("x.gif", "y.gif", "z.jfif"):
+        Image.new("RGB", (8, 8)).save(root / "train" / "b" / name, "GIF" if name.endswith(".gif") else "JPEG")
+    with pytest.raises(BnnccError, match=r"train/b: no images \(an empty class\); its 3 file\(s\), such as x.gif, are "
+                                         r"not named as images \(\*.bmp, \*.jpeg, \*.jpg, \*.pgm, \*.png, \*.ppm, "
+                                         r"\*.tif, \*.tiff, \*.webp\)$"):
+        open_dataset(root, "train")
+
+
 def test_an_unreadable_folder_under_a_class_is_a_one_line_error(tmp_path, monkeypatch):
     """Skipped, its images would be left out without a word (a root user reads every folder: os.scandir fails)."""
     root = images_tree(tmp_path, {"a": 2}, {"a": 1})
