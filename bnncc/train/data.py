@@ -31,15 +31,18 @@ logger = logging.getLogger(__name__)
 
 
 def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file (gzip or raw): magic 0x00 0x00 dtype ndim, big-endian dims, then data; of ``ndim``
-    dimensions where it is given.
+    """Read an IDX file (gzip or raw, told by its first bytes): magic 0x00 0x00 dtype ndim, big-endian
+    dims, then data; of ``ndim`` dimensions where it is given.
 
     The data is read into an array of the size the header gives, which must fit in half this
     machine's memory, and not a byte further: a gzip file of 9 MB that inflates to 2 GiB (or
     more than its header says) took memory until the process was killed."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
+        # not by the name: a download inflated on its way (a .gz served as Content-Encoding: gzip, which the
+        # browser undoes) keeps its .gz, and such a file was refused as "Not a gzipped file"
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        with (gzip.open if compressed else open)(path, "rb") as f:
             magic = f.read(4)
             if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
                 raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is "

@@ -615,6 +615,19 @@ def test_an_idx_file_of_the_wrong_number_of_dimensions_is_named_as_such(tmp_path
         open_splits(tmp_path)
 
 
+def test_an_idx_file_inflated_under_its_gz_name_is_read(tmp_path, idx_writer):
+    """A download inflated on its way (a .gz served as Content-Encoding: gzip) keeps its .gz: it was refused as
+    "not a readable IDX file (Not a gzipped file (b'\\x00\\x00'))"."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8))
+    for prefix in ("train", "t10k"):
+        idx_writer(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        idx_writer(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(4) % 2)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.decompress(path.read_bytes()))
+    train = open_splits(tmp_path)[0]
+    np.testing.assert_array_equal(train.images[:, 0].numpy(), images)
+
+
 def test_an_idx_file_is_read_only_as_far_as_its_header_says(tmp_path, monkeypatch):
     """A 9 MB gzip that inflates to 2 GiB took memory until the process was killed: the data is read
     into the size the header gives, which must fit in half the machine's memory, and no further."""
