@@ -206,7 +206,7 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     classes = sorted(entry.name for entry in os.scandir(root)
                      if not entry.name.startswith(".") and _safely(entry.is_dir))
     if not classes:
-        raise BnnccError(f"{root}: no class folders")
+        raise BnnccError(f"{root}: no class folders{_images_without_a_class(root)}")
     # a link to the split or to a class folder takes no images into a class: they are the split's or that class's
     not_into = {_folder_id(root), *(_folder_id(root / name) for name in classes)}
     sources, names, labels = [], [], []
@@ -241,6 +241,17 @@ def _image_names(folder: Path, seen: set[tuple[int, int]], prefix: str = "") -> 
         elif _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             names.append(prefix + entry.name)
     return names
+
+
+def _images_without_a_class(root: Path) -> str:
+    """For a split without class folders: the images that lie in it directly, as ImageNet's 50,000 validation
+    images come (refused as "no class folders" alone, which said nothing of them)."""
+    images = [entry.name for entry in os.scandir(root) if not entry.name.startswith(".") and _safely(entry.is_file)
+              and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+        return ""
+    return (f"; its {len(images)} image(s) lie in it directly, where each belongs in the folder of its class "
+            f"(ImageNet's validation images come so: sort them into the training split's class folders)")
 
 
 def _files_not_images(folder: Path) -> str:

@@ -982,6 +982,17 @@ def test_a_class_of_files_not_named_as_images_says_what_it_holds(tmp_path):
         open_dataset(root, "train")
 
 
+def test_a_split_of_images_without_class_folders_says_where_they_lie(tmp_path):
+    """ImageNet's validation images come in one folder: it was refused as "no class folders" alone."""
+    root = images_tree(tmp_path, {"a": 2, "b": 2}, {})
+    for k in range(3):
+        (root / "val" / f"ILSVRC2012_val_{k:08d}.JPEG").write_bytes(jpeg(np.random.default_rng(k), 0, 8, 8))
+    with pytest.raises(BnnccError, match=r"val: no class folders; its 3 image\(s\) lie in it directly, where each "
+                                         r"belongs in the folder of its class \(ImageNet's validation images come so: "
+                                         r"sort them into the training split's class folders\)$"):
+        open_splits(root)
+
+
 def test_an_unreadable_folder_under_a_class_is_a_one_line_error(tmp_path, monkeypatch):
     """Skipped, its images would be left out without a word (a root user reads every folder: os.scandir fails)."""
     root = images_tree(tmp_path, {"a": 2}, {"a": 1})
