@@ -50,8 +50,8 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
             # a damaged count read data as dimensions: the file was refused as a data set of 10^9 GiB, or
             # named in a line of 255 dimensions
             if ndim is not None and magic[3] != ndim:
-                raise BnnccError(f"{path}: an IDX file of {magic[3]} dimensions (its magic number is {magic.hex()}); "
-                                 f"expected {ndim}")
+                raise BnnccError(f"{path}: an IDX file of {magic[3]} dimension{'' if magic[3] == 1 else 's'} (its magic "
+                                 f"number is {magic.hex()}); expected {ndim}")
             header = f.read(4 * magic[3])
             if len(header) < 4 * magic[3]:
                 raise BnnccError(f"{path}: IDX header of {magic[3]} dimensions cut short")

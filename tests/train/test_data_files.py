@@ -596,7 +596,8 @@ def test_idx_training_images_of_one_grey_level_are_a_one_line_error(tmp_path, id
     ("labels", 3, r"train-labels-idx1-ubyte.gz: an IDX file of 3 dimensions \(its magic number is 00000803\); "
                   r"expected 1$"),
     ("images", 255, r"train-images-idx3-ubyte.gz: an IDX file of 255 dimensions \(its magic number is 000008ff\); "
-                    r"expected 3$"),
+                    r"expected 3$"),    ("images", 1, r"train-images-idx3-ubyte.gz: an IDX file of 1 dimension \(its magic number is 00000801\); "
+                  r"expected 3$"),
 ])
 def test_an_idx_file_of_the_wrong_number_of_dimensions_is_named_as_such(tmp_path, idx_writer, kind, dimensions,
                                                                         message):
