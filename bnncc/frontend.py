@@ -21,7 +21,8 @@ after the Conv, or BN already folded;
 or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
 Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
 for a channels_last model) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
-``Identity``; ``Dropout`` out of training; weights from ``Constant`` nodes or computed from constants
+``Identity``; ``Dropout`` out of training; weights from ``Constant`` nodes, cast from float16, bfloat16 or
+double, or computed from constants
 (``ConstantOfShape``, torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28,
 and 1..8 through onnx's version converter; fixed or symbolic batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or
 MaxPool, an NHWC input transposed to NCHW, an NHWC mean before the classifier.

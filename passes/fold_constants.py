@@ -43,12 +43,15 @@ def _should_fold(node: ir.Node) -> bool | None:
     their output's size from their inputs' values where that size cannot be read: onnxscript
     checks the size only after computing the output (a hostile ConstantOfShape asked numpy for
     4 TiB). A ConstantOfShape within it, yes: onnxscript keeps them by default (a few bytes in
-    place of the tensor), where the canonical form has every weight an initializer. Others:
-    onnxscript decides (their inputs are at most 8192 elements)."""
+    place of the tensor), where the canonical form has every weight an initializer. A Cast too,
+    whatever its input's size: weights stored as float16, bfloat16 or double and cast to float32
+    in the graph are float32 weights (onnxscript left those over 8192 elements, and a batch norm
+    after such a conv was refused as one that "folds into no conv"). Others: onnxscript decides
+    (their inputs are at most 8192 elements)."""
     size = _output_elements(node)
     if (size is None and node.op_type in _SIZED_BY_VALUES) or (size is not None and size > MAX_FOLDED_ELEMENTS):
         return False
-    return True if node.op_type == "ConstantOfShape" else None
+    return True if node.op_type in ("ConstantOfShape", "Cast") else None
 
 
 _SIZED_BY_VALUES = frozenset({"ConstantOfShape", "Expand", "Tile", "Range"})

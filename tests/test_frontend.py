@@ -822,6 +822,30 @@ def test_a_float16_model_is_named_so(cli, tmp_path, tiny_proto, keep_io_types, f
 
 
 
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE],
+                         ids=["float16", "bfloat16", "double"])
+def test_weights_stored_in_another_float_type_and_cast_are_read(tmp_path, tiny_proto, dtype):
+    """Weights kept as float16, bfloat16 or double, each cast to float32 in the graph (a float32 network
+    stored at half size): the casts of weights over 8192 elements were left unfolded, and the model refused
+    naming a node after them."""
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny_proto)
+    graph, casts = model.graph, []
+    for tensor in graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor)
+        stored = helper.make_tensor(tensor.name + "_stored", dtype, array.shape, array.astype(np.float64).ravel())
+        tensor.CopyFrom(stored)
+        casts.append(helper.make_node("Cast", [stored.name], [stored.name[:-len("_stored")]],
+                                      name=f"cast_{stored.name}", to=onnx.TensorProto.FLOAT))
+    assert max(np.prod(t.dims) for t in graph.initializer) > 8192
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, tmp_path / "cast.onnx")
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(_run(load(tmp_path / "cast.onnx"), x), _run(model, x), rtol=1e-4, atol=1e-4)
+
+
 def test_an_output_log_softmax_is_dropped(cli, tmp_path):
     """A network trained with NLLLoss ends in log_softmax: it was refused as an unsupported op."""
     module = torch.nn.Sequential(zoo.resnet50(0.125, num_classes=10), torch.nn.LogSoftmax(dim=1))
