@@ -281,6 +281,7 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     proto = _read_proto(path)
     _load_external_data(proto, path)
     _check_text(proto, path)
+    _name_unnamed_nodes(proto)
     _check_dense([*proto.graph.node, *(node for function in proto.functions for node in function.node)], path)
     _name_default_domain(proto)
     _sort_nodes(proto, path)
@@ -290,6 +291,18 @@ def _read_checked(path: Path) -> onnx.ModelProto:
     _check_tensor_data(proto, path)
     _check_interface(proto, path)
     return proto
+
+
+def _name_unnamed_nodes(proto: onnx.ModelProto) -> None:
+    """Each unnamed node of the graph takes the name of its first output, which the file holds and
+    viewers show. Exporters and graph tools leave nodes unnamed (light_resnet50's 239 ConstantOfShape,
+    whole graphs written with onnx.helper), and errors named them '' or by the name bnncc made up
+    later ('Clip_3'), found nowhere in the file."""
+    names = {node.name for node in proto.graph.node}
+    for node in proto.graph.node:
+        if not node.name and node.output and node.output[0] not in names:
+            node.name = node.output[0]
+            names.add(node.name)
 
 
 def _sort_nodes(proto: onnx.ModelProto, path: Path) -> None:

@@ -573,6 +573,27 @@ def test_a_checker_failure_names_its_node_on_the_one_line(cli, tmp_path, tiny_pr
     _expect_refusal(cli, tmp_path / "dangling.onnx", "input 'nowhere'", f"name: {node.name} OpType: {node.op_type}")
 
 
+@pytest.mark.parametrize("change", ["kernel_shape", "relu6"])
+def test_a_node_without_a_name_is_named_by_its_output(cli, tmp_path, tiny_proto, change):
+    """A graph of unnamed nodes: refusals named them '' (a conv's attributes, checked as read) or by a
+    name made up later ('Clip', an activation found once canonical)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny_proto)
+    for node in model.graph.node:
+        node.name = ""
+    if change == "kernel_shape":
+        node = next(n for n in model.graph.node if n.op_type == "Conv")
+        next(a for a in node.attribute if a.name == "kernel_shape").ints[:] = [5, 5]
+    else:
+        node = [n for n in model.graph.node if n.op_type == "Relu"][2]
+        node.op_type = "Clip"
+        model.graph.initializer.extend([onnx.numpy_helper.from_array(np.array(v, np.float32), f"clip_{v}")
+                                        for v in (0, 6)])
+        node.input.extend(["clip_0", "clip_6"])
+    onnx.save(model, tmp_path / "unnamed.onnx")
+    _expect_refusal(cli, tmp_path / "unnamed.onnx", f"node '{node.output[0]}' ({node.op_type})")
+
+
 def test_a_pokebnn_graph_is_not_a_float_resnet(cli, tmp_path, tiny_proto):
     from bnncc.rewriting import rewrite
 
