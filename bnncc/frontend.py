@@ -715,10 +715,9 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
     if unset:
         raise BnnccError(f"{path}: input '{unset[0]}' holds the weights of a layer, and {len(unset)} such inputs "
                          "have no values: export with the weights (torch: export_params=True)")
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise BnnccError(
-            f"{path}: the model has {len(inputs)} inputs and {len(graph.output)} outputs; expected one of each"
-        )
+    if len(inputs) != 1 or len(graph.output) != 1:  # named: which output (or input) is to go was left to guess
+        raise BnnccError(f"{path}: the model has {len(inputs)} inputs{_named(inputs)} and {len(graph.output)} "
+                         f"outputs{_named(graph.output)}; expected one of each, the images and the logits")
     tensor_type = inputs[0].type.tensor_type
     dims = tensor_type.shape.dim
     if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:
@@ -743,6 +742,11 @@ def _check_interface(proto: onnx.ModelProto, path: Path) -> None:
             f"({', '.join(f'{axis} = {name}' for axis, name in dynamic.items())}); bnncc compiles for one image "
             f"size: fix it first, e.g. python -m onnxruntime.tools.make_dynamic_shape_fixed --input_name "
             f"{inputs[0].name} --input_shape {shape} {path.name} fixed.onnx")
+
+
+def _named(values) -> str:
+    """`` ('a', 'b')``: the names of ``values`` for a message, nothing for none."""
+    return f" ({', '.join(repr(value.name) for value in values)})" if values else ""
 
 
 def _conv_input_channels(graph: onnx.GraphProto, readers: list[onnx.NodeProto]) -> int | None:

@@ -940,7 +940,8 @@ def test_two_outputs(cli, tmp_path, tiny_proto):
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
     proto.graph.output.append(_output((1, 8, 16, 16), relu.output[0]))
     onnx.save(proto, tmp_path / "two.onnx")
-    _expect_refusal(cli, tmp_path / "two.onnx", "2 outputs", "expected one of each")
+    _expect_refusal(cli, tmp_path / "two.onnx", f"1 inputs ('input') and 2 outputs ('logits', '{relu.output[0]}'); "
+                                                "expected one of each")
 
 
 def _without_weights(proto):
