@@ -21,8 +21,8 @@ after the Conv, or BN already folded;
 or a whole-plane ``AveragePool``; ``Flatten``, a flattening ``Reshape`` (constant target or a
 Shape/Gather/Unsqueeze/Concat chain, or a chain of reshapes and in-order Gathers, as dynamo writes
 for a channels_last model) or ``Squeeze``; ``Gemm`` or ``MatMul`` + ``Add``;
-``Identity``; ``Dropout`` out of training; weights from ``Constant`` nodes, cast from float16, bfloat16 or
-double, or computed from constants
+``Identity``; ``Dropout`` out of training; ``Clip`` of min 0 and no max as ``Relu``; weights from ``Constant``
+nodes, cast from float16, bfloat16 or double, or computed from constants
 (``ConstantOfShape``, torch dynamo's unoptimized ``Shape``/``Expand``/``CastLike`` biases); opsets 9..28,
 and 1..8 through onnx's version converter; fixed or symbolic batch; tf2onnx's Keras forms: zero ``Pad`` before a Conv or
 MaxPool, an NHWC input transposed to NCHW, an NHWC mean before the classifier.
@@ -62,6 +62,7 @@ from bnncc.ops.binary_conv import same_pads
 # The pass modules of CANONICAL_PASSES, imported so that their passes are registered.
 from bnncc.passes import (  # noqa: F401
     add_conv_bias,
+    clip_to_relu,
     collapse_reshapes,
     eliminate_dropout,
     fold_batchnorm,
@@ -99,6 +100,7 @@ CANONICAL_PASSES = (
     "lift_constants",
     "eliminate_dropout",
     "eliminate_identity",
+    "clip_to_relu",
     "nchw_input",
     "fold_pad",
     "fold_batchnorm",

@@ -280,6 +280,22 @@ def test_a_dropout_out_of_training_is_read_as_the_identity_it_is(cli, tmp_path, 
     assert cli("inspect", tmp_path / "dropout.onnx")[0] == 0
 
 
+def test_a_clip_of_min_0_is_read_as_the_relu_it_is(tmp_path, tiny_proto):
+    """torch's clamp(min=0) in place of each ReLU: it was refused as "an activation other than Relu"."""
+    model = onnx.ModelProto()
+    model.CopyFrom(tiny_proto)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.float32), "zero"))
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Clip"
+            node.input.append("zero")
+    onnx.save(model, tmp_path / "clamp.onnx")
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    loaded = load(tmp_path / "clamp.onnx")
+    assert "Clip" not in {node.op_type for node in loaded.graph}
+    np.testing.assert_allclose(_run(loaded, x), _run(model, x), rtol=1e-4, atol=1e-4)
+
+
 def test_a_dropout_in_training_mode_is_named_so(cli, tmp_path):
     path = zoo.export_onnx(zoo.resnet50(0.125, num_classes=10), tmp_path / "r.onnx", input_size=32, opset=13)
     proto = _dropout_before_classifier(path, ["ratio", "training_mode"], [

@@ -684,6 +684,38 @@ def test_eliminate_dropout_leaves_a_dropout_that_is_no_identity(outputs, body):
     """
     assert not _apply("eliminate_dropout", text)[2]
 
+@pytest.mark.parametrize("opset, clip", [
+    (10, "Clip <min = 0.0> (x)"),  # torch's clamp(min=0) before opset 11: max defaults to float32's largest
+    (13, "Clip (x, zero)"),  # from opset 11: max omitted
+    (13, "Clip (x, zero, inf)"),
+])
+def test_clip_to_relu_rewrites_a_clip_of_min_0_and_no_max(opset, clip):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[2, 4] x) => (float[2, 4] y) <float zero = {{0.0}}, float inf = {{inf}}> {{ y = {clip} }}
+    """
+    before, after, modified = _apply("clip_to_relu", text)
+    assert modified and _ops(after) == ["Relu"]
+    _assert_same(before, after, x=(2, 4))
+
+
+@pytest.mark.parametrize("opset, clip", [
+    (10, "Clip <min = 0.0, max = 6.0> (x)"),  # ReLU6
+    (10, "Clip (x)"),  # float32's extremes: an identity
+    (13, "Clip (x, zero, six)"),
+    (13, "Clip (x, low)"),
+    (13, "Clip (x)"),
+])
+def test_clip_to_relu_leaves_a_clip_that_is_no_relu(opset, clip):
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[2, 4] x) => (float[2, 4] y) <float zero = {{0.0}}, float six = {{6.0}}, float low = {{-1.0}}> {{
+        y = {clip}
+    }}
+    """
+    assert not _apply("clip_to_relu", text)[2]
+
+
 def test_registry_rejects_duplicates_and_lists_the_canonical_passes():
     assert set(CANONICAL_PASSES) <= set(list_passes())
     with pytest.raises(ValueError, match="already registered"):
