@@ -832,6 +832,11 @@ _WHY_REFUSED = {
     "AveragePool": "an average pool that is not the global pool before the classifier (ResNet-D's pooled "
                    "shortcuts are not supported)",
     "ReduceMean": "a mean that is not the global pool before the classifier",
+    # timm's global_pool="max" or "catavgmax" through the dynamo exporter, Keras' pooling="max" through
+    # tf2onnx: "unsupported op", with "pooling" among the ops it listed as allowed
+    **{op: "a max reduction, as a global max pool writes it: bnncc reads a head that averages over H and W "
+           "before the classifier (timm's global_pool='avg', torch's AdaptiveAvgPool2d)"
+       for op in ("ReduceMax", "GlobalMaxPool")},
     "Reshape": "a reshape that is not the flatten before the classifier",
     "Squeeze": "a squeeze that is not the flatten before the classifier",
     "Pad": "a padding that folds into no conv or max pool (bnncc folds zero padding of H and W before a Conv, "

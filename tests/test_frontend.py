@@ -733,6 +733,16 @@ def test_an_op_left_where_a_resnet_has_none_is_named_so(cli, tmp_path, change, o
     _expect_refusal(cli, path, f"({op}): {fragment}")
 
 
+def test_a_global_max_pool_exported_by_dynamo_is_named_so(cli, tmp_path):
+    """timm's global_pool='max' comes from the dynamo exporter as ReduceMax, which was refused as an
+    'unsupported op' with 'pooling' in the list of the ops allowed."""
+    module = zoo.resnet50(0.125, num_classes=10)
+    module.avgpool = torch.nn.AdaptiveMaxPool2d(1)
+    path = zoo.export_onnx(module, tmp_path / "max.onnx", exporter="dynamo", input_size=32)
+    _expect_refusal(cli, path, "(ReduceMax): a max reduction, as a global max pool writes it: bnncc reads a head "
+                               "that averages over H and W")
+
+
 
 class _HeadFlattenedBy(torch.nn.Module):
     """torchvision's ResNet whose head flattens the pooled features f, given the features x before
