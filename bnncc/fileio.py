@@ -187,11 +187,15 @@ def output_target(dest: str | os.PathLike) -> Path:
     link there names (the rename put a file in place of the link). A folder, FIFO, device or socket is
     refused: the rename replaced /dev/null itself with a regular file when a root user wrote there."""
     dest = output_path(dest)
-    target = dest.resolve() if dest.is_symlink() else dest
-    if target.is_dir():
-        raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
-    if target.exists() and not target.is_file():
-        raise BnnccError(f"{dest}: not a regular file (a device, FIFO or socket); expected the path of a file to write")
+    # (a name over NAME_MAX, or a folder without search permission on the way, fails these looks: it ended
+    # commands as an "unexpected OSError")
+    with output_errors(dest):
+        target = dest.resolve() if dest.is_symlink() else dest
+        if target.is_dir():
+            raise BnnccError(f"{dest}: is a folder; expected the path of a file to write")
+        if target.exists() and not target.is_file():
+            raise BnnccError(f"{dest}: not a regular file (a device, FIFO or socket); expected the path of a file "
+                             f"to write")
     return target
 
 

@@ -258,9 +258,10 @@ def check_outdir(outdir: Path, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
     replace) without being an earlier run's (a library manifest or a stage record of bnncc's)."""
     from bnncc.targets.build import holds_manifest
 
-    if outdir.exists() and not outdir.is_dir():
-        raise BnnccError(f"{outdir}: exists and is not a folder; choose another output folder")
-    clashes = [name for name in names if (outdir / name).exists()]
+    with output_errors(outdir):  # (a name over NAME_MAX, a folder without search permission on the way)
+        if outdir.exists() and not outdir.is_dir():
+            raise BnnccError(f"{outdir}: exists and is not a folder; choose another output folder")
+        clashes = [name for name in names if (outdir / name).exists()]
     stages = outdir / "stages"
     if clashes and not (holds_manifest(outdir) or any(stages.glob("*.json")) or (stages / "lock").is_file()):
         raise BnnccError(f"{outdir}: holds {', '.join(clashes)}, which bnncc did not write; remove "

@@ -162,15 +162,18 @@ def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kin
     """Refuse an output folder path that holds something a build must not replace: a file, or a
     folder with more than an earlier build's ``files``, or with some of them but no manifest of
     ours (a user's own model.onnx). ``kind`` names such a folder in the refusal."""
-    if dest.is_symlink():  # renaming a new folder onto it would replace the link, not its target
-        raise BnnccError(f"{dest}: is a symbolic link; give the folder's own path or a new one")
-    if dest.resolve() == Path.cwd().resolve():  # a folder in use cannot be renamed away
-        raise BnnccError(f"{dest}: is the current folder; give a new or earlier output folder's path")
-    # a read-only file system or a parent that is a file failed the write after the minutes of compiling
-    check_folder_writable(dest)
-    if not dest.exists():
-        return
-    names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
+    # (a name over NAME_MAX, or a folder without search permission on the way, fails these looks: it ended
+    # commands as an "unexpected OSError")
+    with output_errors(dest):
+        if dest.is_symlink():  # renaming a new folder onto it would replace the link, not its target
+            raise BnnccError(f"{dest}: is a symbolic link; give the folder's own path or a new one")
+        if dest.resolve() == Path.cwd().resolve():  # a folder in use cannot be renamed away
+            raise BnnccError(f"{dest}: is the current folder; give a new or earlier output folder's path")
+        # a read-only file system or a parent that is a file failed the write after the minutes of compiling
+        check_folder_writable(dest)
+        if not dest.exists():
+            return
+        names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
     if names is None or not names <= files or (names and not holds_manifest(dest)):
         others = sorted(names - files) if names else []
         held = f" (it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""

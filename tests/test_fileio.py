@@ -246,3 +246,18 @@ def test_no_home_folder_for_the_cache_is_one_line_naming_bnncc_cache(tmp_path, m
             cache_dir()
     monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "my cache"))
     assert cache_dir() == tmp_path / "my cache"
+
+
+def test_an_output_name_over_name_max_is_one_error_naming_it(tmp_path):
+    """The first look at an output path (is it a link, a folder?) failed with ENAMETOOLONG for a name longer
+    than the file system allows, as with EACCES under a folder without search permission: every command that
+    writes ended with "unexpected OSError" and a hint at a traceback."""
+    from bnncc.fileio import check_writable
+    from bnncc.pipeline import check_outdir
+    from bnncc.targets.build import check_output_folder
+
+    dest = tmp_path / ("a" * 300)
+    for check in (check_writable, lambda path: atomic_write_text(path, "x"), check_output_folder, check_outdir):
+        with pytest.raises(BnnccError, match=r"^/.*/a{300}: cannot write there \(File name too long\)$"):
+            check(dest)
+    assert os.listdir(tmp_path) == []
