@@ -86,8 +86,8 @@ from bnncc.passes.set_opset import STABLE_OPS
 from bnncc.passmanager import PassManager
 from bnncc.resnet import BasicBlock, Block, Bottleneck, Head, ResNet, Stem
 
-__all__ = ["CANONICAL_PASSES", "load", "read", "read_pokebnn", "recognize", "reference_session", "source_name",
-           "stored_bytes"]
+__all__ = ["CANONICAL_PASSES", "input_files", "load", "read", "read_pokebnn", "recognize", "reference_session",
+           "source_name", "stored_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -653,6 +653,20 @@ def stored_bytes(path: str | os.PathLike) -> int:
     proto = onnx.load(str(path), load_external_data=False)
     locations = {location for _, location in _external_tensors(proto)}
     return path.stat().st_size + sum((path.parent / location).stat().st_size for location in locations)
+
+
+def input_files(what: str, path: str | os.PathLike) -> dict[str, Path]:
+    """``{what: path}`` and each external data file the ONNX model at ``path`` names, for
+    ``fileio.refuse_overwriting``: a rewrite written onto its input's ``model.onnx.data`` replaced the
+    input's weights, and the input no longer loaded. A file that is no model names none (loading it refuses it)."""
+    path = Path(path)
+    try:
+        proto = _read_proto(path)
+    except BnnccError:  # (the load that follows names the problem)
+        return {what: path}
+    # (a location holding a NUL is no path: the load refuses it)
+    locations = sorted({location for _, location in _external_tensors(proto) if "\0" not in location})
+    return {what: path, **{f"{what}'s external data '{location}'": path.parent / location for location in locations}}
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[tuple[onnx.TensorProto, str]]:

@@ -447,3 +447,24 @@ def test_ace_and_rewrite_print_a_long_path_whole(cli, tmp_path):
     code, out, err = cli("rewrite", path, "-o", output, "--set", "passes.poke_stem.mid_channels=8")
     assert code == 0, err
     assert f"{path} -> {output} (pokebnn_1x)" in out.splitlines()
+
+
+def test_no_command_writes_over_its_input_models_external_data(cli, tmp_path, resnet50_onnx):
+    """A model's weights in `model.onnx.data` are as much the input as `model.onnx`: `rewrite model.onnx -o
+    model.onnx.data` replaced them (only the .onnx path was compared), and the input no longer loaded."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(resnet50_onnx["dynamo"])
+    model = shutil.copy(source, tmp_path / source.name)
+    data = Path(shutil.copy(f"{source}.data", tmp_path))
+    before = data.read_bytes()
+    output = tmp_path / "." / data.name  # (compared resolved, as the input's own path)
+    for args, what, result in ((["rewrite", model], "input", "the result"),
+                               (["export", model], "input", "the result"),
+                               (["finetune", resnet50_onnx["legacy"], f"--teacher={model}", "--data=x"], "teacher",
+                                "the trained model")):
+        code, _, err = cli(*args, "-o", output)
+        assert (code, err.strip()) == (2, f"error: {tmp_path}/{data.name}: is the {what} model's external data "
+                                          f"'{data.name}'; write {result} to another path")
+    assert data.read_bytes() == before

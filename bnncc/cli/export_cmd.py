@@ -21,10 +21,11 @@ def export(
                                        help="Fixed batch size of the export (FINN wants static shapes).")] = 1,
 ) -> None:
     """Export a PokeBNN graph as QONNX (BipolarQuant / IntQuant + standard ONNX)."""
+    from bnncc.frontend import input_files
     from bnncc.qonnx import export_qonnx
 
     if format != "qonnx":
         raise BnnccError(f"--format {format!r}: the export formats are: qonnx")
-    refuse_overwriting({"the result": output}, {"the input model": model})
+    refuse_overwriting({"the result": output}, input_files("the input model", model))
     check_writable(output)
     console.print(f"wrote {export_qonnx(model, output, batch)}", soft_wrap=True)  # one line in a pipe too

@@ -21,10 +21,10 @@ def rewrite(
     overrides: list[str] = typer.Option([], "--set", help="override a recipe key, e.g. passes.poke_conv.clip_bound=2"),
 ) -> None:
     """Rewrite MODEL with a recipe's passes, write the result and print ACE after every pass."""
-    from bnncc.frontend import load
+    from bnncc.frontend import input_files, load
     from bnncc.rewriting import rewrite as rewrite_model
 
-    refuse_overwriting({"the result": output}, {"the input model": model})
+    refuse_overwriting({"the result": output}, input_files("the input model", model))
     check_writable(output)
     result, rows = rewrite_model(load(model), recipe, overrides)
     with atomic_path(output) as tmp:

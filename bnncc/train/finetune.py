@@ -88,13 +88,14 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     data may have other classes than the models (top-1/top-5 are reported only when they match).
     """
     from bnncc.cost import ace
-    from bnncc.frontend import load, read_pokebnn
+    from bnncc.frontend import input_files, load, read_pokebnn
     from bnncc.torchview import to_torch, write_back
 
     _require_config(cfg)
     output = Path(output)
     refuse_overwriting({"the trained model": output, "the checkpoint": checkpoint, "the metrics": metrics},
-                       {"the student model": student_path, "the teacher model": teacher_path})
+                       {**input_files("the student model", student_path),
+                        **input_files("the teacher model", teacher_path)})
     for path in (output, checkpoint, metrics):  # before minutes of training
         if path is not None:
             check_writable(path)
