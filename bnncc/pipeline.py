@@ -263,9 +263,23 @@ def check_outdir(outdir: Path, names: tuple[str, ...] = OUTPUT_NAMES) -> None:
             raise BnnccError(f"{outdir}: exists and is not a folder; choose another output folder")
         clashes = [name for name in names if (outdir / name).exists()]
     stages = outdir / "stages"
-    if clashes and not (holds_manifest(outdir) or any(stages.glob("*.json")) or (stages / "lock").is_file()):
+    if clashes and not (holds_manifest(outdir) or _holds_stage_record(stages) or (stages / "lock").is_file()):
         raise BnnccError(f"{outdir}: holds {', '.join(clashes)}, which bnncc did not write; remove "
                          f"{'it' if len(clashes) == 1 else 'them'} or choose another output folder")
+
+
+def _holds_stage_record(stages: Path) -> bool:
+    """Whether ``stages`` holds a record that ``cached_stage`` wrote (``NAME.json`` of ``"stage": NAME``). Any
+    ``*.json`` was taken for one: a user's own ``stages`` folder with a ``plan.json`` was written into, and
+    the run removed what was hidden there (``.ipynb_checkpoints``) as its own stopped writes."""
+    for path in stages.glob("*.json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # ValueError: JSON's and UTF-8's
+            continue
+        if isinstance(record, dict) and record.get("stage") == path.stem:
+            return True
+    return False
 
 
 def _timed(seconds: dict[str, float], cached: dict[str, bool], name: str, run: Callable[[], tuple[bool, dict]]):

@@ -492,6 +492,23 @@ def test_convert_refuses_an_output_folder_of_other_files_before_any_work(cli, na
     assert (tmp_path / "theirs" / "model.onnx").read_text() == "the user's"
 
 
+def test_a_stages_folder_of_the_users_is_no_earlier_run(tmp_path):
+    """A user's own `stages` folder holding a `plan.json` was taken for an earlier run's: convert wrote into it
+    and removed what was hidden there (`.ipynb_checkpoints`) as its stopped writes. A stage record is one
+    `cached_stage` wrote."""
+    from bnncc.pipeline import cached_stage, check_outdir
+
+    stages = tmp_path / "stages"
+    (stages / ".ipynb_checkpoints").mkdir(parents=True)
+    (stages / "plan.json").write_text('{"stage": "plan"')  # (not JSON)
+    (stages / "rewrite.json").write_text('{"stage": "plan"}')
+    message = f"{tmp_path}: holds stages, which bnncc did not write; remove it or choose another output folder"
+    with pytest.raises(BnnccError, match=f"^{re.escape(message)}$"):
+        check_outdir(tmp_path)
+    cached_stage(stages, "rewrite", {"k": 1}, [], lambda: {})
+    check_outdir(tmp_path)
+
+
 def test_library_accuracy_is_counted_batch_by_batch(converted, tmp_path, monkeypatch):
     """The library's top-1/top-5 on the test split, in batches of 256: the same as numpy's count
     over the whole split at once, without holding the whole split (30 GB for ImageNet's)."""
