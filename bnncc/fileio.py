@@ -16,8 +16,8 @@ from bnncc.errors import BnnccError
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "cache_entry_whole",
            "check_folder_writable", "check_writable", "file_sha256", "hash_file", "load_private_copy", "make_folders",
            "output_errors", "output_path", "output_target", "partial_writes", "record_cache_entry",
-           "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync", "umask",
-           "writing_error"]
+           "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync",
+           "temporary_prefix", "umask", "writing_error"]
 
 T = TypeVar("T")
 
@@ -35,7 +35,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     with output_errors(dest):
         made = make_folders(dest.parent)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix or dest.suffix, dir=dest.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(dest), suffix=_temporary_suffix(suffix or dest.suffix),
+                                       dir=dest.parent)
         except BaseException:
             remove_made(made)
             raise
@@ -82,11 +83,27 @@ def remove_made(made: list[Path]) -> None:
             return
 
 
+# the bytes of an output's name and suffix that its temporaries' names take: with the dots and mkstemp's 8
+# characters they stay within a file name's 255 bytes (NAME_MAX), where the whole name made them longer and
+# an output of a name the system takes (241 to 255 bytes) was refused as "File name too long"
+_NAME_PART = 100
+
+
+def temporary_prefix(dest: Path) -> str:
+    """``.NAME.``, where the names of the temporaries written before ``dest`` start (NAME cut to _NAME_PART bytes)."""
+    return f".{os.fsdecode(os.fsencode(dest.name)[:_NAME_PART])}."
+
+
+def _temporary_suffix(suffix: str) -> str:
+    """``suffix`` where a temporary's name ends (a writer may read the format from it), none if too long."""
+    return suffix if len(os.fsencode(suffix)) <= _NAME_PART else ""
+
+
 def partial_writes(dest: Path) -> list[Path]:
     """The temporaries beside ``dest`` that atomic_path (files ``.NAME.*SUFFIX``) and targets.build.atomic_dir
     (folders ``.NAME.*``) write before renaming, as a run stopped mid-write (kill -9, a power loss) left them."""
-    prefix = f".{glob.escape(dest.name)}."
-    files = dest.parent.glob(f"{prefix}*{glob.escape(dest.suffix)}")
+    prefix = glob.escape(temporary_prefix(dest))
+    files = dest.parent.glob(f"{prefix}*{glob.escape(_temporary_suffix(dest.suffix))}")
     return [*(path for path in files if path.is_file()), *(path for path in dest.parent.glob(f"{prefix}*")
                                                              if path.is_dir() and not path.is_symlink())]
 
@@ -216,7 +233,7 @@ def check_folder_writable(dest: Path) -> None:
             folder = folder.parent
         if not folder.is_dir():
             raise BnnccError(f"{dest}: cannot write there ({folder} is not a folder)")
-        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(dest), dir=folder)
         try:
             os.close(fd)
         finally:  # (an interrupt here left the probe behind)

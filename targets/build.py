@@ -25,7 +25,7 @@ from bnncc.cost import ace
 from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import (check_folder_writable, file_sha256, make_folders, output_errors, output_path, remove_made,
-                          sync, umask, writing_error)
+                          sync, temporary_prefix, umask, writing_error)
 from bnncc.frontend import read_pokebnn, source_name
 from bnncc.ops.registry import op_def
 from bnncc.passes.symbolic_batch import BATCH, SymbolicBatchPass
@@ -203,7 +203,7 @@ class atomic_dir:
         with output_errors(self.dest):
             self.made = make_folders(self.dest.parent)
             try:
-                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+                self.tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(self.dest), dir=self.dest.parent))
             except BaseException:
                 remove_made(self.made)
                 raise
@@ -233,7 +233,7 @@ class atomic_dir:
                     sync(path)
                 sync(self.tmp)
                 if self.dest.exists():
-                    old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
+                    old = Path(tempfile.mkdtemp(prefix=f"{temporary_prefix(self.dest)}old.", dir=self.dest.parent))
                 # a failed rename or a Ctrl-C during or between the two (the finally removes `old`): the
                 # earlier folder back in its place
                 try:

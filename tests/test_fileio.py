@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -261,3 +262,29 @@ def test_an_output_name_over_name_max_is_one_error_naming_it(tmp_path):
         with pytest.raises(BnnccError, match=r"^/.*/a{300}: cannot write there \(File name too long\)$"):
             check(dest)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_named_up_to_name_max_is_written(tmp_path):
+    """The temporaries were named `.NAME.` + 8 characters + the suffix, over a file name's 255 bytes for an
+    output named from 241 bytes up: a name the system takes was refused as "File name too long"."""
+    from bnncc.fileio import check_writable, partial_writes
+    from bnncc.targets.build import MANIFEST_FORMAT, atomic_dir
+
+    for name in ("a" * 250 + ".onnx", "界" * 80 + ".onnx"):  # 255 and 245 bytes (a character cut in its middle)
+        dest = tmp_path / name
+        check_writable(dest)
+        atomic_write_text(dest, "x")
+        assert dest.read_text() == "x" and os.listdir(tmp_path) == [name]
+        dest.unlink()
+    stopped = tmp_path / ".stopped.onnx"  # what a write stopped by kill -9 leaves
+    with atomic_path(dest) as tmp:
+        os.link(tmp, stopped)
+    os.rename(stopped, tmp)
+    assert partial_writes(dest) == [tmp]
+    os.unlink(tmp)
+    folder = tmp_path / ("b" * 255)
+    for build in (1, 2):  # (the second moves the first aside under another temporary name)
+        with atomic_dir(folder) as tmp:
+            (tmp / "model.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "build": build}))
+        assert json.loads((folder / "model.json").read_text())["build"] == build
+    assert sorted(os.listdir(tmp_path)) == sorted([dest.name, folder.name])
