@@ -485,6 +485,8 @@ def check_demo(outdir: Path, data: Path) -> None:
 
     check_outdir(outdir, DEMO_NAMES)
     dataset_kind(data)
+    # (the convert after the teacher's training refused it: minutes later, the teacher left in the data folder)
+    _check_outside(outdir, data)
 
 
 def demo(outdir: str | Path, data: str | Path | None = None, options: DemoOptions = DemoOptions(),

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -255,13 +256,22 @@ def test_finetune_help_states_the_training_defaults(cli):
 
 
 def test_demo_refuses_its_arguments_before_its_banner(cli, tmp_path):
-    """`bnncc demo --data nope` printed its banner, then the error."""
+    """`bnncc demo --data nope` printed its banner, then the error. An output folder inside the data
+    folder was refused by the convert after the teacher's minutes of training, the teacher left in the data."""
+    import shutil
+
+    from bnncc.data import FASHION_MNIST_SAMPLE
+
     (tmp_path / "file").write_text("")
+    data = shutil.copytree(FASHION_MNIST_SAMPLE, tmp_path / "data")
     for args, error in [(["--data", str(tmp_path / "nope")], f"error: {tmp_path / 'nope'}: no such folder"),
-                        (["-o", str(tmp_path / "file")], f"error: {tmp_path / 'file'}: exists and is not a folder")]:
+                        (["-o", str(tmp_path / "file")], f"error: {tmp_path / 'file'}: exists and is not a folder"),
+                        (["--data", str(data), "-o", str(data / "demo")],
+                         f"error: {data / 'demo'}: inside the data folder {data}; choose an output folder outside it")]:
         code, out, err = cli("demo", *args)
         assert (code, out) == (2, "")
         assert err.startswith(error) and err.count("\n") == 1
+    assert sorted(os.listdir(data)) == sorted(os.listdir(FASHION_MNIST_SAMPLE))
 
 
 _SIGNAL_IN_TVM = '''
