@@ -173,6 +173,11 @@ def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kin
         check_folder_writable(dest)
         if not dest.exists():
             return
+        # the new folder is renamed onto this one, which a mount point refuses (EBUSY): an empty USB stick given
+        # as the output failed after the minutes of compiling, "cannot write there (Device or resource busy)"
+        if os.path.ismount(dest):
+            raise BnnccError(f"{dest}: is a mount point, which bnncc cannot replace with the {kind} folder; give a "
+                             f"new folder inside it")
         names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
     if names is None or not names <= files or (names and not holds_manifest(dest)):
         others = sorted(names - files) if names else []

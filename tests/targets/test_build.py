@@ -171,6 +171,25 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_compiling(tmp
     assert os.listdir(tmp_path) == ["afile"]
 
 
+def test_an_output_folder_that_is_a_mount_point_is_refused_before_compiling(tmp_path, monkeypatch):
+    """The new folder is renamed onto the output, which a mount point refuses (EBUSY): `bnncc compile -o
+    /media/usb` (an empty stick) compiled for minutes and then failed, "cannot write there (Device or resource
+    busy)"; a bundle's folder alike."""
+    from test_lower import tiny_pokebnn
+
+    import bnncc.targets.build as build
+
+    mount = tmp_path / "usb"
+    mount.mkdir()
+    ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount or ismount(path))
+    monkeypatch.setattr(build, "lower", lambda *args, **kwargs: pytest.fail("compiled before checking the output"))
+    with pytest.raises(BnnccError, match=rf"^{mount}: is a mount point, which bnncc cannot replace with the library "
+                                         rf"folder; give a new folder inside it$"):
+        build.compile(tiny_pokebnn(), mount)
+    assert os.listdir(mount) == []
+
+
 @pytest.mark.parametrize("target", ["arm64", "cuda"])
 @pytest.mark.parametrize("command", ["compile", "convert"])
 def test_a_missing_build_tool_is_said_before_any_work(tmp_path, cli, monkeypatch, target, command):
