@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -175,7 +176,7 @@ def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kin
             return
         # the new folder is renamed onto this one, which a mount point refuses (EBUSY): an empty USB stick given
         # as the output failed after the minutes of compiling, "cannot write there (Device or resource busy)"
-        if os.path.ismount(dest):
+        if _is_mount_point(dest):
             raise BnnccError(f"{dest}: is a mount point, which bnncc cannot replace with the {kind} folder; give a "
                              f"new folder inside it")
         names = {p.name for p in dest.iterdir()} if dest.is_dir() else None
@@ -184,6 +185,20 @@ def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kin
         held = f" (it holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})" if others else ""
         raise BnnccError(f"{dest}: exists and is not a {kind} folder of bnncc{held}; remove it or choose another "
                          f"output path")
+
+
+def _is_mount_point(folder: Path) -> bool:
+    """Whether a file system is mounted on ``folder``. os.path.ismount looks for another device than its
+    parent's, which a bind mount within one file system (`mount --bind`, a container's volume) does not have:
+    such an output folder was taken for an ordinary one and the rename failed after the compile. Linux lists
+    every mount point, as the process sees them, in /proc/self/mountinfo (the fifth field, octal-escaped)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as table:
+            points = {re.sub(rb"\\([0-7]{3})", lambda code: bytes([int(code[1], 8)]), line.split()[4])
+                      for line in table}
+    except OSError:  # no /proc (not Linux)
+        return os.path.ismount(folder)
+    return os.fsencode(folder.resolve()) in points
 
 
 def holds_manifest(folder: Path) -> bool:

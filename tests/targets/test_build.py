@@ -171,23 +171,33 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_compiling(tmp
     assert os.listdir(tmp_path) == ["afile"]
 
 
-def test_an_output_folder_that_is_a_mount_point_is_refused_before_compiling(tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["tmpfs", "bind"])
+def test_an_output_folder_that_is_a_mount_point_is_refused_before_compiling(tmp_path, monkeypatch, source):
     """The new folder is renamed onto the output, which a mount point refuses (EBUSY): `bnncc compile -o
     /media/usb` (an empty stick) compiled for minutes and then failed, "cannot write there (Device or resource
-    busy)"; a bundle's folder alike."""
+    busy)"; a bundle's folder alike. A bind mount within the file system (a container's volume) has its
+    parent's device, by which os.path.ismount told it from an ordinary folder, and was missed."""
     from test_lower import tiny_pokebnn
 
     import bnncc.targets.build as build
 
-    mount = tmp_path / "usb"
+    mount = tmp_path / "usb stick"  # (a space: mountinfo writes it octal-escaped)
     mount.mkdir()
-    ismount = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount or ismount(path))
-    monkeypatch.setattr(build, "lower", lambda *args, **kwargs: pytest.fail("compiled before checking the output"))
-    with pytest.raises(BnnccError, match=rf"^{mount}: is a mount point, which bnncc cannot replace with the library "
-                                         rf"folder; give a new folder inside it$"):
-        build.compile(tiny_pokebnn(), mount)
-    assert os.listdir(mount) == []
+    (tmp_path / "folder").mkdir()
+    options = ["-t", "tmpfs", "tmpfs"] if source == "tmpfs" else ["--bind", tmp_path / "folder"]
+    if subprocess.run(["mount", *options, mount], capture_output=True).returncode != 0:
+        pytest.skip("mounting needs root")
+    try:
+        with pytest.raises(OSError, match="Device or resource busy"):  # what the compile met at its end
+            os.rename(mount, tmp_path / "moved")
+        monkeypatch.setattr(build, "lower", lambda *args, **kwargs: pytest.fail("compiled before checking the output"))
+        with pytest.raises(BnnccError, match=rf"^{mount}: is a mount point, which bnncc cannot replace with the "
+                                             rf"library folder; give a new folder inside it$"):
+            build.compile(tiny_pokebnn(), mount)
+        assert os.listdir(mount) == []
+    finally:
+        subprocess.run(["umount", mount], check=True)
+    build.check_output_folder(mount)  # the folder, no longer a mount point, is an ordinary one
 
 
 @pytest.mark.parametrize("target", ["arm64", "cuda"])
