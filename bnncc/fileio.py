@@ -35,8 +35,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     with output_errors(dest):
         made = make_folders(dest.parent)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(dest), suffix=_temporary_suffix(suffix or dest.suffix),
-                                       dir=dest.parent)
+            suffix = _temporary_suffix(suffix or dest.suffix)
+            fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(dest, suffix), suffix=suffix, dir=dest.parent)
         except BaseException:
             remove_made(made)
             raise
@@ -83,15 +83,20 @@ def remove_made(made: list[Path]) -> None:
             return
 
 
-# the bytes of an output's name and suffix that its temporaries' names take: with the dots and mkstemp's 8
-# characters they stay within a file name's 255 bytes (NAME_MAX), where the whole name made them longer and
-# an output of a name the system takes (241 to 255 bytes) was refused as "File name too long"
+# the bytes of an output's name and suffix that its temporaries' names take where the whole name made them
+# longer than a file name's 255 bytes (NAME_MAX): an output of a name the system takes (241 to 255 bytes) was
+# refused as "File name too long"
 _NAME_PART = 100
 
 
-def temporary_prefix(dest: Path) -> str:
-    """``.NAME.``, where the names of the temporaries written before ``dest`` start (NAME cut to _NAME_PART bytes)."""
-    return f".{os.fsdecode(os.fsencode(dest.name)[:_NAME_PART])}."
+def temporary_prefix(dest: Path, suffix: str = "") -> str:
+    """``.NAME.``, where the names of the temporaries written before ``dest`` (ending in ``suffix``) start:
+    NAME whole, as earlier versions named them (whose stopped writes partial_writes finds), unless the longest
+    of them (``.NAME.old.`` and mkstemp's 8 characters) would be over NAME_MAX, then cut to _NAME_PART bytes."""
+    name = os.fsencode(dest.name)
+    if len(name) + len(os.fsencode(suffix)) + len("..old.") + 8 > 255:
+        name = name[:_NAME_PART]
+    return f".{os.fsdecode(name)}."
 
 
 def _temporary_suffix(suffix: str) -> str:
@@ -102,9 +107,10 @@ def _temporary_suffix(suffix: str) -> str:
 def partial_writes(dest: Path) -> list[Path]:
     """The temporaries beside ``dest`` that atomic_path (files ``.NAME.*SUFFIX``) and targets.build.atomic_dir
     (folders ``.NAME.*``) write before renaming, as a run stopped mid-write (kill -9, a power loss) left them."""
-    prefix = glob.escape(temporary_prefix(dest))
-    files = dest.parent.glob(f"{prefix}*{glob.escape(_temporary_suffix(dest.suffix))}")
-    return [*(path for path in files if path.is_file()), *(path for path in dest.parent.glob(f"{prefix}*")
+    suffix = _temporary_suffix(dest.suffix)
+    files = dest.parent.glob(f"{glob.escape(temporary_prefix(dest, suffix))}*{glob.escape(suffix)}")
+    folders = dest.parent.glob(f"{glob.escape(temporary_prefix(dest))}*")
+    return [*(path for path in files if path.is_file()), *(path for path in folders
                                                              if path.is_dir() and not path.is_symlink())]
 
 

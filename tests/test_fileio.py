@@ -288,3 +288,23 @@ def test_an_output_named_up_to_name_max_is_written(tmp_path):
             (tmp / "model.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "build": build}))
         assert json.loads((folder / "model.json").read_text())["build"] == build
     assert sorted(os.listdir(tmp_path)) == sorted([dest.name, folder.name])
+
+
+def test_the_stopped_writes_of_an_earlier_version_are_found_under_a_long_name(tmp_path):
+    """Temporaries took at most 100 bytes of an output's name, also where the whole name fitted, as bnncc had
+    always named them: a checkpoint or output of 101 to 240 bytes whose write an earlier version's run had
+    stopped (kill -9) kept its temporary, as large as the output, which partial_writes no longer found."""
+    from bnncc.fileio import partial_writes
+    from bnncc.targets.build import atomic_dir
+
+    dest = tmp_path / ("c" * 150 + ".pt")
+    left = [tmp_path / f".{dest.name}.k3j_x9a2.pt", tmp_path / f".{dest.name}.p0q1r2s3",
+            tmp_path / f".{dest.name}.old.t4u5v6w7"]  # as atomic_path and atomic_dir named them
+    left[0].write_bytes(b"checkpoint")
+    for folder in left[1:]:
+        folder.mkdir()
+    assert sorted(partial_writes(dest)) == sorted(left)
+    with atomic_path(dest) as tmp:  # and a write now names its temporary as they did
+        assert tmp.name.startswith(f".{dest.name}.") and tmp.suffix == ".pt"
+    with atomic_dir(tmp_path / dest.stem) as tmp:
+        assert tmp.name.startswith(f".{dest.stem}.")
