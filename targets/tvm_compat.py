@@ -59,11 +59,6 @@ def _require_home() -> None:
 
 _require_home()
 
-
-def versions() -> str:
-    """The installed TVM and tvm-ffi, as a folder name: what builds a library and what runs it."""
-    return f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
-
 import tvm  # noqa: E402  (must follow the thread configuration)
 import tvm_ffi  # noqa: E402
 from tvm import relax  # noqa: E402
@@ -75,8 +70,13 @@ from tvm.target.codegen import target_has_features  # noqa: E402
 __all__ = [
     "NUM_THREADS", "Target", "compile_func", "compile_module", "cross_compiler", "export_executable", "export_library",
     "has_block", "has_cpu_features", "link", "load_vm", "make_target", "mark_scheduled", "pool_threads",
-    "runtime_include_dir", "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor",
+    "runtime_include_dir", "runtime_library_dirs", "s_tir", "te", "tirx", "to_tensor", "versions",
 ]
+
+
+def versions() -> str:
+    """The installed TVM and tvm-ffi, as a folder name: what builds a library and what runs it."""
+    return f"tvm-{metadata.version('apache-tvm')}-ffi-{metadata.version('apache-tvm-ffi')}"
 
 
 def pool_threads() -> int:
