@@ -48,11 +48,15 @@ class ClipToReluPass(ir.passes.InPlacePass):
 
 
 def _bounds(node: ir.Node) -> tuple[float, float] | None:
-    """The Clip's (min, max), an unbounded max as float32's largest; None where a bound is not a constant."""
+    """The Clip's (min, max), an unbounded max (absent or +inf) as float32's largest; None where a bound is not a
+    constant."""
     if len(node.inputs) < 2:  # the attributes of opsets 6 to 10, float32's extremes by default
-        return (node.attributes.get_float("min", -_FLOAT32_MAX), node.attributes.get_float("max", _FLOAT32_MAX))
-    values = constant_inputs(node, 1, 2)
-    if values is None or any(v is not None and v.size != 1 for v in values):
-        return None
-    low, high = (None if v is None else float(v.reshape(-1)[0]) for v in values)
-    return (-_FLOAT32_MAX if low is None else low, _FLOAT32_MAX if high is None else min(high, _FLOAT32_MAX))
+        low, high = node.attributes.get_float("min", -_FLOAT32_MAX), node.attributes.get_float("max", _FLOAT32_MAX)
+    else:
+        values = constant_inputs(node, 1, 2)
+        if values is None or any(v is not None and v.size != 1 for v in values):
+            return None
+        low, high = (None if v is None else float(v.reshape(-1)[0]) for v in values)
+        low, high = -_FLOAT32_MAX if low is None else low, _FLOAT32_MAX if high is None else high
+    # +inf as an attribute too: torch's hardtanh(x, 0, inf) and clamp(x, 0, inf) before opset 11 write max=inf
+    return (low, min(high, _FLOAT32_MAX))

@@ -686,6 +686,7 @@ def test_eliminate_dropout_leaves_a_dropout_that_is_no_identity(outputs, body):
 
 @pytest.mark.parametrize("opset, clip", [
     (10, "Clip <min = 0.0> (x)"),  # torch's clamp(min=0) before opset 11: max defaults to float32's largest
+    (10, "Clip <min = 0.0, max = inf> (x)"),  # torch's hardtanh(x, 0, inf) and clamp(x, 0, inf) before opset 11
     (13, "Clip (x, zero)"),  # from opset 11: max omitted
     (13, "Clip (x, zero, inf)"),
 ])
