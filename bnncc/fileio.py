@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 from bnncc.errors import BnnccError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir", "cache_entry_whole",
-           "check_folder_writable", "check_writable", "file_sha256", "hash_file", "load_private_copy", "make_folders",
-           "output_errors", "output_path", "output_target", "partial_writes", "record_cache_entry",
+           "check_folder_writable", "check_writable", "file_sha256", "folder_id", "hash_file", "load_private_copy",
+           "make_folders", "output_errors", "output_path", "output_target", "partial_writes", "record_cache_entry",
            "refuse_overwriting", "remove_made", "remove_partial", "require_file", "require_unchanged", "sync",
            "temporary_prefix", "umask", "writing_error"]
 
@@ -180,6 +180,11 @@ def hash_file(digest, path: str | os.PathLike):
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of the file at ``path``, in hex."""
     return hash_file(hashlib.sha256(), path).hexdigest()
+
+
+def folder_id(stat: os.stat_result) -> tuple[int, int]:
+    """What tells a folder (by its ``stat``) from another, whatever the links that lead to it."""
+    return stat.st_dev, stat.st_ino
 
 
 def require_file(path: Path, expected: str) -> None:

@@ -39,8 +39,8 @@ import onnx_ir as ir
 
 from bnncc.domain import LIBRARY_FILES
 from bnncc.errors import BnnccError
-from bnncc.fileio import (atomic_path, atomic_write_text, hash_file, make_folders, output_errors, output_path,
-                          partial_writes, remove_made, remove_partial)
+from bnncc.fileio import (atomic_path, atomic_write_text, folder_id, hash_file, make_folders, output_errors,
+                          output_path, partial_writes, remove_made, remove_partial)
 from bnncc.report import LAYERS_PLOT, STAGES_PLOT, Report, Stage, write_report
 
 __all__ = ["ConvertOptions", "ConvertResult", "DemoOptions", "convert", "demo", "cached_stage", "check_outdir",
@@ -331,12 +331,8 @@ def _data_fingerprint(folder: Path) -> str:
 
     dataset_kind(folder)  # a folder of a data set, or its one-line error
     digest = hashlib.sha256()
-    _hash_files(folder, "", digest, {_folder_id(os.stat(folder))})
+    _hash_files(folder, "", digest, {folder_id(os.stat(folder))})
     return digest.hexdigest()
-
-
-def _folder_id(stat: os.stat_result) -> tuple[int, int]:
-    return stat.st_dev, stat.st_ino
 
 
 def _hash_files(folder: Path, prefix: str, digest, seen: set[tuple[int, int]]) -> None:
@@ -356,9 +352,9 @@ def _hash_files(folder: Path, prefix: str, digest, seen: set[tuple[int, int]]) -
     for entry in entries:
         try:
             if entry.is_dir():
-                folder_id = _folder_id(entry.stat())
-                if folder_id not in seen:
-                    seen.add(folder_id)
+                entry_id = folder_id(entry.stat())
+                if entry_id not in seen:
+                    seen.add(entry_id)
                     _hash_files(Path(entry.path), f"{prefix}{entry.name}{os.sep}", digest, seen)
             elif entry.is_file():
                 stat = entry.stat()

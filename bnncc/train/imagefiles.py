@@ -41,6 +41,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bnncc.errors import BnnccError
+from bnncc.fileio import folder_id
 from bnncc.images import EVAL_CROP, centre_box, quietly, upright_crop
 from bnncc.train.data import Dataset, Loaded
 
@@ -208,7 +209,7 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     if not classes:
         raise BnnccError(f"{root}: no class folders{_images_without_a_class(root)}")
     # a link to the split or to a class folder takes no images into a class: they are the split's or that class's
-    not_into = {_folder_id(root), *(_folder_id(root / name) for name in classes)}
+    not_into = {folder_id(os.stat(root)), *(folder_id(os.stat(root / name)) for name in classes)}
     sources, names, labels = [], [], []
     for label, name in enumerate(classes):
         files = _image_names(root / name, set(not_into))
@@ -234,9 +235,9 @@ def _image_names(folder: Path, seen: set[tuple[int, int]], prefix: str = "") -> 
         if entry.name.startswith("."):
             continue
         if _safely(entry.is_dir):
-            folder_id = _folder_id(Path(entry.path))
-            if folder_id not in seen:
-                seen.add(folder_id)
+            entry_id = folder_id(entry.stat())
+            if entry_id not in seen:
+                seen.add(entry_id)
                 names += _image_names(Path(entry.path), seen, f"{prefix}{entry.name}/")
         elif _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             names.append(prefix + entry.name)
@@ -263,12 +264,6 @@ def _files_not_images(folder: Path) -> str:
         return ""
     return (f"; its {len(files)} file(s), such as {files[0]}, are not named as images "
             f"(*{', *'.join(sorted(IMAGE_SUFFIXES))})")
-
-
-def _folder_id(folder: Path) -> tuple[int, int]:
-    """What tells a folder from another, whatever the links that lead to it."""
-    stat = folder.stat()
-    return stat.st_dev, stat.st_ino
 
 
 def _safely(test) -> bool:
