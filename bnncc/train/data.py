@@ -47,14 +47,15 @@ def read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
             if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
                 raise BnnccError(f"{path}: not an IDX file of unsigned bytes (its magic number is "
                                  f"{magic.hex() or 'missing'}, expected 000008 and the number of dimensions)")
+            dimensions = f"{magic[3]} dimension{'' if magic[3] == 1 else 's'}"
             # a damaged count read data as dimensions: the file was refused as a data set of 10^9 GiB, or
             # named in a line of 255 dimensions
             if ndim is not None and magic[3] != ndim:
-                raise BnnccError(f"{path}: an IDX file of {magic[3]} dimension{'' if magic[3] == 1 else 's'} (its magic "
-                                 f"number is {magic.hex()}); expected {ndim}")
+                raise BnnccError(f"{path}: an IDX file of {dimensions} (its magic number is {magic.hex()}); "
+                                 f"expected {ndim}")
             header = f.read(4 * magic[3])
             if len(header) < 4 * magic[3]:
-                raise BnnccError(f"{path}: IDX header of {magic[3]} dimensions cut short")
+                raise BnnccError(f"{path}: IDX header of {dimensions} cut short")
             dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4"))
             size = math.prod(dims)
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -29,7 +29,7 @@ from torch import nn
 
 from bnncc.errors import BnnccError
 from bnncc.train import TrainConfig
-from bnncc.train.data import open_dataset, open_splits
+from bnncc.train.data import open_dataset, open_splits, read_idx
 from bnncc.images import centre_box
 from bnncc.train.imagefiles import _random_box
 from bnncc.train.loader import Loader, Plan
@@ -596,7 +596,8 @@ def test_idx_training_images_of_one_grey_level_are_a_one_line_error(tmp_path, id
     ("labels", 3, r"train-labels-idx1-ubyte.gz: an IDX file of 3 dimensions \(its magic number is 00000803\); "
                   r"expected 1$"),
     ("images", 255, r"train-images-idx3-ubyte.gz: an IDX file of 255 dimensions \(its magic number is 000008ff\); "
-                    r"expected 3$"),    ("images", 1, r"train-images-idx3-ubyte.gz: an IDX file of 1 dimension \(its magic number is 00000801\); "
+                    r"expected 3$"),
+    ("images", 1, r"train-images-idx3-ubyte.gz: an IDX file of 1 dimension \(its magic number is 00000801\); "
                   r"expected 3$"),
 ])
 def test_an_idx_file_of_the_wrong_number_of_dimensions_is_named_as_such(tmp_path, idx_writer, kind, dimensions,
@@ -614,6 +615,15 @@ def test_an_idx_file_of_the_wrong_number_of_dimensions_is_named_as_such(tmp_path
     path.write_bytes(gzip.compress(bytes(data)))
     with pytest.raises(BnnccError, match=message):
         open_splits(tmp_path)
+
+
+@pytest.mark.parametrize("dimensions, count", [(1, "1 dimension"), (3, "3 dimensions")])
+def test_an_idx_header_cut_short_is_named_in_its_dimensions(tmp_path, dimensions, count):
+    """A labels file cut off inside its header was "IDX header of 1 dimensions cut short"."""
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, dimensions, 0, 0]))  # the magic number and half a dimension
+    with pytest.raises(BnnccError, match=rf"train-labels-idx1-ubyte: IDX header of {count} cut short$"):
+        read_idx(path)
 
 
 def test_an_idx_file_inflated_under_its_gz_name_is_read(tmp_path, idx_writer):
