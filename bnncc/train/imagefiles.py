@@ -251,8 +251,10 @@ def _images_without_a_class(root: Path) -> str:
               and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         return ""
-    return (f"; its {len(images)} image(s) lie in it directly, where each belongs in the folder of its class "
-            f"(ImageNet's validation images come so: sort them into the training split's class folders)")
+    # (the training split's class folders are where a validation split's images go, not a training split's)
+    imagenet = (" (ImageNet's validation images come so: sort them into the training split's class folders)"
+                if root.name == "val" else "")
+    return f"; its {len(images)} image(s) lie in it directly, where each belongs in the folder of its class{imagenet}"
 
 
 def _files_not_images(folder: Path) -> str:

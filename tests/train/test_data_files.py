@@ -1004,6 +1004,17 @@ def test_a_split_of_images_without_class_folders_says_where_they_lie(tmp_path):
         open_splits(root)
 
 
+def test_a_training_split_of_images_without_class_folders_is_not_sent_to_its_own_class_folders(tmp_path):
+    """The line for ImageNet's validation images told a training split to sort its images into the training
+    split's class folders, which it has none of."""
+    root = images_tree(tmp_path, {}, {"a": 2, "b": 2})
+    for k in range(3):
+        (root / "train" / f"{k}.jpg").write_bytes(jpeg(np.random.default_rng(k), 0, 8, 8))
+    with pytest.raises(BnnccError, match=r"train: no class folders; its 3 image\(s\) lie in it directly, where each "
+                                         r"belongs in the folder of its class$"):
+        open_splits(root)
+
+
 def test_an_unreadable_folder_under_a_class_is_a_one_line_error(tmp_path, monkeypatch):
     """Skipped, its images would be left out without a word (a root user reads every folder: os.scandir fails)."""
     root = images_tree(tmp_path, {"a": 2}, {"a": 1})
