@@ -208,11 +208,12 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
                      if not entry.name.startswith(".") and _safely(entry.is_dir))
     if not classes:
         raise BnnccError(f"{root}: no class folders{_images_without_a_class(root)}")
-    # a link to the split or to a class folder takes no images into a class: they are the split's or that class's
-    not_into = {folder_id(os.stat(root)), *(folder_id(os.stat(root / name)) for name in classes)}
+    # a link takes into a class no images of the splits' other folders: a link to another class's subfolder gave
+    # its images two labels, and one to ../../val/<class> trained on the validation images
+    fenced = {path.resolve() for path in (folder / "train", folder / "val", *(root / name for name in classes))}
     sources, names, labels = [], [], []
     for label, name in enumerate(classes):
-        files = _image_names(root / name, set(not_into))
+        files = _image_names(root / name, {folder_id(os.stat(root / name))}, fenced, (root / name).resolve())
         if not files:
             raise BnnccError(f"{root / name}: no images (an empty class){_files_not_images(root / name)}")
         sources.append(root / name)
@@ -222,9 +223,11 @@ def open_image_folder(folder: Path, split: str) -> ImageFiles:
     return ImageFiles(root, sources, labels_a.astype(np.int32), Names(names), labels_a, classes)
 
 
-def _image_names(folder: Path, seen: set[tuple[int, int]], prefix: str = "") -> list[str]:
+def _image_names(folder: Path, seen: set[tuple[int, int]], fenced: set[Path], own: Path,
+                 prefix: str = "") -> list[str]:
     """The image files under ``folder`` by their paths from it, depth first in name order: through links to
-    folders, but not into a folder ``seen`` before (a link loop), hidden entries skipped."""
+    folders, but not into a folder ``seen`` before (a link loop) nor one under a ``fenced`` folder outside
+    the class's ``own``, hidden entries skipped."""
     try:
         with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
@@ -235,10 +238,10 @@ def _image_names(folder: Path, seen: set[tuple[int, int]], prefix: str = "") -> 
         if entry.name.startswith("."):
             continue
         if _safely(entry.is_dir):
-            entry_id = folder_id(entry.stat())
-            if entry_id not in seen:
+            entry_id, real = folder_id(entry.stat()), Path(entry.path).resolve()
+            if entry_id not in seen and (real.is_relative_to(own) or fenced.isdisjoint((real, *real.parents))):
                 seen.add(entry_id)
-                names += _image_names(Path(entry.path), seen, f"{prefix}{entry.name}/")
+                names += _image_names(Path(entry.path), seen, fenced, own, f"{prefix}{entry.name}/")
         elif _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
             names.append(prefix + entry.name)
     return names

@@ -981,6 +981,24 @@ def test_links_take_a_class_no_images_of_another_class_nor_loop(tmp_path):
     assert len(data) == 5 and np.bincount(data.labels).tolist() == [2, 3]
 
 
+def test_links_take_a_class_no_images_of_another_class_s_subfolder_nor_of_the_other_split(tmp_path):
+    """A link to a subfolder of another class gave its images both labels, and one to ../../val/<class>
+    trained on the validation images; a link out of the data set is followed."""
+    root = images_tree(tmp_path, {"a": 2, "b": 3}, {"a": 1, "b": 1})
+    (root / "train" / "b" / "more").mkdir()
+    (root / "train" / "b" / "more" / "m.jpg").write_bytes((root / "train" / "b" / "0.jpg").read_bytes())
+    os.symlink(root / "train" / "b" / "more", root / "train" / "a" / "to b's subfolder")
+    os.symlink(root / "val" / "a", root / "train" / "a" / "to val")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "e.jpg").write_bytes((root / "train" / "a" / "0.jpg").read_bytes())
+    os.symlink(elsewhere, root / "train" / "a" / "to elsewhere")
+    data = open_dataset(root, "train")
+    names = sorted(data.names[i] for i in range(len(data)))
+    assert names == ["0.jpg", "0.jpg", "1.jpg", "1.jpg", "2.jpg", "more/m.jpg", "to elsewhere/e.jpg"]
+    assert np.bincount(data.labels).tolist() == [3, 4]
+
+
 def test_a_class_of_files_not_named_as_images_says_what_it_holds(tmp_path):
     """A class of GIFs (or a phone's .heic, Windows' .jfif) was refused as "no images (an empty class)", which the
     user could see it was not."""
