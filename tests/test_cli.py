@@ -288,6 +288,9 @@ def signal_in_tvm(name: str) -> None:
 
 if sys.argv[2] == "ignored":  # as nohup starts a command
     signal.signal(getattr(signal, sys.argv[1]), signal.SIG_IGN)
+else:  # as a terminal starts it, whatever the tests' own caller ignores (a background job ignores SIGINT)
+    signal.signal(getattr(signal, sys.argv[1]),
+                  signal.default_int_handler if sys.argv[1] == "SIGINT" else signal.SIG_DFL)
 sys.argv = ["bnncc", "signal-in-tvm", sys.argv[1]]
 main()
 '''
@@ -308,6 +311,7 @@ def test_a_signal_while_tvm_runs_our_code_ends_the_run_as_that_signal(tmp_path, 
 _CTRL_C_WHILE_LOADING = '''
 import os, runpy, signal, sys
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (a background job ignores it)
 
 class CtrlC:  # presses Ctrl-C as the command modules load
     def find_spec(self, name, path=None, target=None):
