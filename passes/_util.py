@@ -8,8 +8,8 @@ import onnx_ir as ir
 from bnncc.domain import DEFAULT_DOMAINS, IMPORT_NOTES_KEY
 from bnncc.errors import BnnccError
 
-__all__ = ["const_array", "initializer_bytes", "add_initializer", "static_dims", "int_attr", "ints_attr", "check_bit_widths",
-           "add_import_note", "axes_of", "constant_inputs", "only_user", "replace_with_flatten",
+__all__ = ["const_array", "initializer_bytes", "add_initializer", "static_dims", "int_attr", "ints_attr",
+           "check_bit_widths", "add_import_note", "axes_of", "constant_inputs", "only_user", "replace_with_flatten",
            "take_over", "take_over_output"]
 
 
