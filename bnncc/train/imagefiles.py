@@ -242,7 +242,7 @@ def _image_names(folder: Path, seen: set[tuple[int, int]], fenced: set[Path], ow
             if entry_id not in seen and (real.is_relative_to(own) or fenced.isdisjoint((real, *real.parents))):
                 seen.add(entry_id)
                 names += _image_names(Path(entry.path), seen, fenced, own, f"{prefix}{entry.name}/")
-        elif _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+        elif _is_image(entry):
             names.append(prefix + entry.name)
     return names
 
@@ -250,8 +250,7 @@ def _image_names(folder: Path, seen: set[tuple[int, int]], fenced: set[Path], ow
 def _images_without_a_class(root: Path) -> str:
     """For a split without class folders: the images that lie in it directly, as ImageNet's 50,000 validation
     images come (refused as "no class folders" alone, which said nothing of them)."""
-    images = [entry.name for entry in os.scandir(root) if not entry.name.startswith(".") and _safely(entry.is_file)
-              and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES]
+    images = [entry.name for entry in os.scandir(root) if not entry.name.startswith(".") and _is_image(entry)]
     if not images:
         return ""
     # (the training split's class folders are where a validation split's images go, not a training split's)
@@ -269,6 +268,11 @@ def _files_not_images(folder: Path) -> str:
         return ""
     return (f"; its {len(files)} file(s), such as {files[0]}, are not named as images "
             f"(*{', *'.join(sorted(IMAGE_SUFFIXES))})")
+
+
+def _is_image(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a file (through links) named as an image."""
+    return _safely(entry.is_file) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
 
 
 def _safely(test) -> bool:
