@@ -88,7 +88,8 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
             "preprocessing": _metadata_json(model, PREPROCESSING_KEY),
             "recipe": model.metadata_props.get(RECIPE_KEY),
             "ace": float(ace(model)),
-            "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS},
+            "target": {"name": target, "llvm": str(llvm_target), "threads": NUM_THREADS,
+                       **({"cpu_features": spec.cpu_features(llvm_target)} if spec.cpu_features else {})},
             "compile_seconds": round(compile_s, 2),
             **(spec.report(executable, lowered, model) if spec.report else {}),
         }

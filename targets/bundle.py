@@ -132,14 +132,20 @@ def _readme(manifest: dict, arch: str) -> str:
 
 
 def _cpu_lines(manifest: dict) -> list[str]:
-    """The CPU features the library's code uses, as its LLVM target names them."""
-    try:
-        llvm = json.loads(manifest["target"].get("llvm", ""))
-        features = [llvm.get("mcpu") or llvm.get("mtriple", "?"), *llvm.get("mattr", [])]
-    except (ValueError, AttributeError, TypeError):
-        features = ["?"]
-    lines = [f"CPU: its code uses {' '.join(map(str, features))} (LLVM's names); on a CPU without them the",
-             "runner ends with an illegal instruction."]
+    """The CPU features the library's code uses: those the runner checks (an x86 library's
+    ``cpu_features``, as /proc/cpuinfo names them), else as its LLVM target names them."""
+    checked = manifest["target"].get("cpu_features")
+    if isinstance(checked, list) and checked:  # (a model.json edited by hand may hold anything)
+        lines = [f"CPU: its code uses {', '.join(map(str, checked))} (flags of /proc/cpuinfo); the runner",
+                 "refuses a CPU without them, naming those it lacks."]
+    else:
+        try:
+            llvm = json.loads(manifest["target"].get("llvm", ""))
+            features = [llvm.get("mcpu") or llvm.get("mtriple", "?"), *llvm.get("mattr", [])]
+        except (ValueError, AttributeError, TypeError):
+            features = ["?"]
+        lines = [f"CPU: its code uses {' '.join(map(str, features))} (LLVM's names); on a CPU without them the",
+                 "runner ends with an illegal instruction."]
     if manifest["target"]["name"] == "x86-64":  # this build machine's class
         lines.append("(`bnncc compile --target x86-64-avx2` builds a library for any CPU with AVX2.)")
     return lines

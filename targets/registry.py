@@ -59,6 +59,9 @@ class TargetSpec:
     # () -> raises a BnnccError naming a tool the build needs that this host lacks (``get(..., build=True)``);
     # None: the build needs nothing beyond TVM
     check_build: Callable[[], object] | None = None
+    # (its TVM target) -> the CPU features its code may use, as /proc/cpuinfo names them: model.json records
+    # them for a bundle's runner, which has no TVM to read the target with and refuses a CPU without them
+    cpu_features: Callable[[object], list[str]] | None = None
 
 
 def _cpu_pass_config() -> dict:
@@ -283,7 +286,7 @@ def _x86(name: str, description: str, popcount_class: str | None = None) -> Targ
         tvm_target, requirements = (lambda: x86_64.class_target(popcount_class)), (lambda: _x86_requirements(flags))
     return TargetSpec(name, description, tvm_target, x86_64.schedule, tvm_compat.export_executable, _cpu_caller,
                       requirements, pass_config=_cpu_pass_config, elf_machine="x86-64",
-                      check_host=_check_x86_features)
+                      check_host=_check_x86_features, cpu_features=lambda target: x86_64.missing_flags(target, set()))
 
 
 TARGETS = {

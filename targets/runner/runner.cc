@@ -190,30 +190,80 @@ std::string FileSha256(const std::string& path) {
   return hex;
 }
 
-// Refuse ``lib`` when the model.json beside it records another SHA-256 (none recorded: not checked).
-void CheckDigest(const std::string& lib) {
+// The path of the model.json beside ``lib``.
+std::string ManifestPath(const std::string& lib) {
   const size_t slash = lib.rfind('/');
-  const std::string manifest = (slash == std::string::npos ? "" : lib.substr(0, slash + 1)) + "model.json";
-  std::ifstream in(manifest);
-  if (!in) return;  // a library without its manifest (a copy of model.so alone)
+  return (slash == std::string::npos ? "" : lib.substr(0, slash + 1)) + "model.json";
+}
+
+// The model.json beside ``lib`` (a bundle's, a library folder's), or "" where there is none (a copy of
+// model.so alone: nothing is checked against it).
+std::string ManifestText(const std::string& lib) {
+  std::ifstream in(ManifestPath(lib));
+  if (!in) return "";
   std::stringstream text;
   text << in.rdbuf();
-  const std::string json = text.str();
-  // the key: the same string as a value (an input named so) is followed by no colon; that one was taken,
-  // and the runner refused the library it describes
-  const std::string name = "\"library_sha256\"";
-  size_t key = json.find(name);
-  size_t colon = std::string::npos;
-  for (; key != std::string::npos; key = json.find(name, key + 1)) {
-    colon = json.find_first_not_of(" \t\r\n", key + name.size());
-    if (colon != std::string::npos && json[colon] == ':') break;
+  return text.str();
+}
+
+// Where the value of ``key`` begins in the manifest ``json`` (after its colon), or npos. The key: the same
+// string as a value (an input named so) is followed by no colon; that one was taken for the key, and the
+// runner refused the library it describes.
+size_t ValueOf(const std::string& json, const std::string& key) {
+  const std::string name = "\"" + key + "\"";
+  for (size_t at = json.find(name); at != std::string::npos; at = json.find(name, at + 1)) {
+    size_t colon = json.find_first_not_of(" \t\r\n", at + name.size());
+    if (colon != std::string::npos && json[colon] == ':') return colon + 1;
   }
-  if (key == std::string::npos) return;  // a manifest of a bnncc before it recorded one
-  size_t open = json.find('"', colon + 1);
+  return std::string::npos;
+}
+
+// Refuse ``lib`` when the model.json beside it records another SHA-256 (none recorded: not checked).
+void CheckDigest(const std::string& lib, const std::string& json) {
+  size_t value = ValueOf(json, "library_sha256");
+  if (value == std::string::npos) return;  // a manifest of a bnncc before it recorded one
+  size_t open = json.find('"', value);
   std::string recorded = open == std::string::npos ? "" : json.substr(open + 1, 64);
   if (FileSha256(lib) != recorded) {
-    throw std::runtime_error(lib + ": its SHA-256 is not the one " + manifest + " records (a damaged copy, or " +
-                             "the library of another compile); copy the bundle or library folder again");
+    throw std::runtime_error(lib + ": its SHA-256 is not the one " + ManifestPath(lib) + " records (a damaged " +
+                             "copy, or the library of another compile); copy the bundle or library folder again");
+  }
+}
+
+// Whether this CPU has the feature /proc/cpuinfo calls ``name`` (those an x86 library's code may use,
+// x86_64.missing_flags); a name this runner cannot test counts as missing.
+bool HasCpuFeature(const std::string& name) {
+#if defined(__x86_64__)
+  // libgcc's CPUID reading, which for AVX and AVX-512 also asks whether the OS saves their registers
+  if (name == "avx2") return __builtin_cpu_supports("avx2");
+  if (name == "bmi2") return __builtin_cpu_supports("bmi2");
+  if (name == "fma") return __builtin_cpu_supports("fma");
+  if (name == "movbe") return __builtin_cpu_supports("movbe");
+  if (name == "avx512f") return __builtin_cpu_supports("avx512f");
+  if (name == "avx512bw") return __builtin_cpu_supports("avx512bw");
+  if (name == "avx512cd") return __builtin_cpu_supports("avx512cd");
+  if (name == "avx512dq") return __builtin_cpu_supports("avx512dq");
+  if (name == "avx512vl") return __builtin_cpu_supports("avx512vl");
+  if (name == "avx512_vpopcntdq") return __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+  return false;
+}
+
+// Refuse ``lib`` on a CPU without a feature its code uses (model.json's cpu_features, which compile
+// records for x86 libraries): run, it ended the process with an illegal instruction (SIGILL).
+void CheckCpuFeatures(const std::string& lib, const std::string& json) {
+  size_t value = ValueOf(json, "cpu_features");
+  // none: an arm64 library (NEON, which every aarch64 Linux CPU has), or one of a bnncc before they were recorded
+  if (value == std::string::npos) return;
+  // the list's text split at its quotes: every second part is a name
+  std::stringstream list(json.substr(value, json.find(']', value) - value));
+  std::string missing, part;
+  for (int i = 0; std::getline(list, part, '"'); ++i) {
+    if (i % 2 == 1 && !HasCpuFeature(part)) missing += (missing.empty() ? "" : ", ") + part;
+  }
+  if (!missing.empty()) {
+    throw std::runtime_error(lib + ": built for a CPU with " + missing + ", which this CPU lacks (model.json's " +
+                             "cpu_features); compile the library for this CPU's class");
   }
 }
 
@@ -334,7 +384,9 @@ void WriteNpy(const std::string& path, const ffi::Tensor& tensor) {
 
 // The VM (kept alive by the caller while the function is used) and its function ``name``.
 std::pair<ffi::Module, ffi::Function> LoadVMFunction(const std::string& lib, const std::string& name) {
-  CheckDigest(lib);
+  const std::string manifest = ManifestText(lib);
+  CheckDigest(lib, manifest);
+  CheckCpuFeatures(lib, manifest);
   // dlopen searches the library path for a name without a slash, not the working folder
   ffi::Module library = ffi::Module::LoadFromFile(lib.find('/') == std::string::npos ? "./" + lib : lib);
   ffi::Optional<ffi::Function> load = library->GetFunction("vm_load_executable");

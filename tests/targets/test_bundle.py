@@ -269,6 +269,33 @@ def test_an_arm64_bundle_runs_the_library_anywhere_without_python(tmp_path):
     np.testing.assert_array_equal(_run_moved(folder, tmp_path, x, prefix=(vmrunner.QEMU,)), load(library)(x))
 
 
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="needs qemu-user (apt)")
+def test_a_bundle_refuses_a_cpu_without_its_features_in_one_line(tmp_path):
+    """Under qemu-x86_64 as a Haswell (AVX2, no AVX-512): the runner of an AVX-512BW class library
+    ended with an illegal instruction (SIGILL); it now names the features this CPU lacks, in one line,
+    and writes nothing. The AVX2 class's bundle runs there, as bnncc.runtime runs it here."""
+    x = np.random.default_rng(4).random((1, 3, 32, 32), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    for target in ("x86-64-avx512bw", "x86-64-avx2"):
+        library = compile(tiny_pokebnn(), tmp_path / target, target=target)
+        folder = bundle(library, tmp_path / f"{target}-bundle")
+        features = ", ".join(json.loads((folder / "model.json").read_text())["target"]["cpu_features"])
+        assert f"CPU: its code uses {features} (flags of /proc/cpuinfo)" in (folder / "README.txt").read_text()
+        done = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", "./runner", "run", "model.so", "batch_1",
+                               str(tmp_path / target), str(tmp_path / "x.npy")], cwd=folder,
+                              env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+        # (qemu warns of each CPUID feature of a Haswell its emulation lacks)
+        said = [line for line in done.stderr.splitlines() if not line.startswith("qemu-x86_64: warning:")]
+        if target == "x86-64-avx2":
+            assert done.returncode == 0, done.stderr
+            np.testing.assert_array_equal(np.load(tmp_path / f"{target}0.npy"), load(library)(x))
+        else:
+            assert done.returncode == 1 and said == [
+                "runner: model.so: built for a CPU with avx512bw, avx512cd, avx512dq, avx512f, avx512vl, which this "
+                "CPU lacks (model.json's cpu_features); compile the library for this CPU's class"], done.stderr
+            assert not list(tmp_path.glob(f"{target}0*")), "a refused run left an output"
+
+
 def test_a_bundle_replaces_only_an_earlier_bundle(x86_library, tmp_path, cli, monkeypatch):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
