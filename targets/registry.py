@@ -276,17 +276,44 @@ def _cuda_requirements() -> list[Requirement]:
     ]
 
 
+def _host_class_missing() -> list[str]:
+    """The features of the lowest class (AVX2) this CPU lacks, as /proc/cpuinfo names them."""
+    return sorted(x86_64.CLASS_FLAGS[x86_64.AVX2] - x86_64.cpu_flags())
+
+
+def _check_host_class() -> None:
+    """``--target x86-64`` builds for this CPU's class: a CPU without AVX2 has none, and compile ended
+    after the lowering (convert after its fine-tune) with "no schedule for kernel 'quant_conv2d'"."""
+    missing = _host_class_missing()
+    if missing:
+        raise BnnccError(f"--target x86-64 builds for this CPU's class, and this CPU has no AVX2 (it lacks "
+                         f"{', '.join(missing)}); build for the CPUs that will run the library: --target "
+                         f"x86-64-avx2, x86-64-avx512bw or x86-64-avx512")
+
+
+def _host_requirements() -> list[Requirement]:
+    """An x86-64 machine to run on, of a class to build for (one with AVX2)."""
+    needs = _x86_requirements()
+    if needs[0].found:
+        missing = _host_class_missing()
+        needs.append(Requirement("CPU of an AVX2 class", "build", None if missing else "yes",
+                                 f"a CPU with {', '.join(missing)}, or a class target (x86-64-avx2)"))
+    return needs
+
+
 def _x86(name: str, description: str, popcount_class: str | None = None) -> TargetSpec:
     """This machine's x86-64 target, or (``popcount_class``) that of any CPU of the class: a build
     server's library for machines of another class."""
     if popcount_class is None:
-        tvm_target, requirements = x86_64.host_target, _x86_requirements
+        tvm_target, requirements, check_build = x86_64.host_target, _host_requirements, _check_host_class
     else:
         flags = frozenset(x86_64.CLASS_FLAGS[popcount_class])
         tvm_target, requirements = (lambda: x86_64.class_target(popcount_class)), (lambda: _x86_requirements(flags))
+        check_build = None  # (any host builds for a class)
     return TargetSpec(name, description, tvm_target, x86_64.schedule, tvm_compat.export_executable, _cpu_caller,
                       requirements, pass_config=_cpu_pass_config, elf_machine="x86-64",
-                      check_host=_check_x86_features, cpu_features=lambda target: x86_64.missing_flags(target, set()))
+                      check_host=_check_x86_features, check_build=check_build,
+                      cpu_features=lambda target: x86_64.missing_flags(target, set()))
 
 
 TARGETS = {
