@@ -1337,6 +1337,30 @@ def test_a_library_whose_manifest_holds_nan_unpickles(library, tmp_path):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(lib))(x), lib(x))
 
 
+def test_a_library_dropped_is_unloaded(library):
+    """A server that reloads its model (on a change of configuration) drops the old library: TVM pinned
+    every library it loaded for the process's life, so each load kept another copy of model.so
+    mapped (200 reloads of a ResNet-18 library grew the process by 1.1 GiB)."""
+    import gc
+
+    from bnncc.runtime import load
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(line.rstrip().removesuffix(" (deleted)").endswith("/model.so") for line in f)
+
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    before = mapped()
+    for _ in range(3):
+        lib = load(library[0])
+        want = lib(x)
+        assert mapped() > before
+        del lib
+        gc.collect()
+        assert mapped() == before
+    np.testing.assert_array_equal(load(library[0])(x), want)
+
+
 @pytest.mark.parametrize("value, error", [
     ("abc", "TVM_NUM_THREADS='abc': expected a whole number of threads (0: TVM's default)"),
     # a process of 256 threads on 2 CPUs never exited (TVM's workers spin while they wait)
