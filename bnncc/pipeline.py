@@ -415,7 +415,7 @@ def hash_files(paths: list[Path]) -> str:
 
 def measure_latency(lib, runs: int) -> dict:
     """Milliseconds of one batch-1 call on zeros: median and minimum of ``runs`` after 3 warm-up calls."""
-    from bnncc.targets.tvm_compat import pool_threads
+    from bnncc.targets.registry import pool_threads
 
     x = np.zeros((1, *lib.input_chw), np.float32)
     for _ in range(3):

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from bnncc.fileio import require_unchanged
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
 from bnncc.targets.lower import IMAGE_FUNCTION
 
-__all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names", "runs_natively"]
+__all__ = ["Requirement", "TargetSpec", "TARGETS", "check", "get", "names", "pool_threads", "runs_natively"]
 
 Caller = Callable[[str, np.ndarray], np.ndarray]
 
@@ -127,6 +128,40 @@ os.register_at_fork(before=_CallLocks.before_fork, after_in_parent=_CallLocks.af
                     after_in_child=_CallLocks.after_fork)
 
 
+class _Runner:
+    """The one thread of this process that runs CPU libraries. TVM gives each thread that runs a
+    parallel kernel a pool of TVM_NUM_THREADS workers of its own, which outlives the thread: a server
+    that ran each request on a new thread (``ThreadingHTTPServer``) kept the spinning workers of every
+    one (200 requests: 400 threads, each call 500 times slower). The VM runs one call at a time anyway."""
+
+    executor: ThreadPoolExecutor | None = None
+    starting = threading.Lock()
+
+    @classmethod
+    def run(cls, work: Callable[[], np.ndarray]) -> np.ndarray:
+        with cls.starting:
+            if cls.executor is None:
+                cls.executor = ThreadPoolExecutor(1, thread_name_prefix="bnncc-runner")
+        try:
+            future = cls.executor.submit(work)
+        except RuntimeError:  # the interpreter is exiting (a call from an atexit handler): no more threads' work
+            return work()
+        return future.result()
+
+    @classmethod
+    def after_fork_in_child(cls) -> None:
+        cls.executor = None  # a fork does not copy its thread
+        cls.starting = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_Runner.after_fork_in_child)
+
+
+def pool_threads() -> int:
+    """The threads of the TVM pool that runs the libraries, the runner thread's (``tvm_compat.pool_threads``)."""
+    return _Runner.run(tvm_compat.pool_threads)
+
+
 def _cpu_caller(path: Path, sha256: str | None) -> Caller:
     """The Relax VM in this process, one call at a time: the VM keeps state of its own per call,
     and two threads calling it at once crashed the process. Each function keeps one input tensor
@@ -134,12 +169,16 @@ def _cpu_caller(path: Path, sha256: str | None) -> Caller:
     is fresh memory from the system, whose page faults cost PokeBNN-1x 0.07 ms more than the copy,
     and the view's copy takes 17 us where the tensor's ``copyfrom`` took 25 (bench/RESULTS.md).
     The kernels need the tensor's 64-byte alignment, which a caller's array may lack. The VM
-    never writes its input (the lowering overwrites only intermediate tensors)."""
+    never writes its input (the lowering overwrites only intermediate tensors). Every call runs on
+    the process's one runner thread (``_Runner``), whichever thread makes it."""
     vm = tvm_compat.load_vm(path, sha256)
     inputs: dict[str, tuple[object, np.ndarray]] = {}
 
     def call(function: str, x: np.ndarray) -> np.ndarray:
         _ForkGuard.check(path)
+        return _Runner.run(lambda: run_on_runner(function, x))
+
+    def run_on_runner(function: str, x: np.ndarray) -> np.ndarray:
         with lock:
             if function not in inputs or inputs[function][1].shape != x.shape:
                 tensor = tvm_compat.to_tensor(x)

@@ -223,6 +223,52 @@ def test_runtime_calls_from_threads_each_get_their_own_images(library):
             assert all(np.array_equal(g, want) for g, want in zip(got, first * 4))
 
 
+def test_threads_that_each_call_a_library_once_leave_no_threads_behind(library, tmp_path):
+    """TVM gave every thread that ran a library a pool of workers of its own, which outlived it: a
+    server running each request on a new thread kept two spinning workers per request (200
+    requests: 400 threads, each call 500 times slower). The calls run on one thread of bnncc's."""
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: TVM starts no worker threads")
+    script = tmp_path / "requests.py"
+    script.write_text(f"""
+import os, threading
+import numpy as np
+from bnncc.runtime import load
+lib = load({str(library[0])!r})
+x = np.zeros((1, 3, 32, 32), np.float32)
+want = lib(x)
+def requests(count):
+    for _ in range(count):
+        request = threading.Thread(target=lambda: np.testing.assert_array_equal(lib(x), want))
+        request.start()
+        request.join()
+requests(1)
+threads = len(os.listdir("/proc/self/task"))
+requests(20)
+print(len(os.listdir("/proc/self/task")) - threads)
+""")
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    # (a thread that join() has seen end may stay in /proc a moment longer)
+    assert done.returncode == 0 and int(done.stdout) <= 2, done.stdout + done.stderr
+
+
+def test_a_library_called_at_exit_runs(library):
+    """An atexit handler's call (a server's last flush) ran after the runner thread had stopped taking work:
+    "RuntimeError: cannot schedule new futures after shutdown"."""
+    import subprocess
+    import sys
+
+    code = (f"import atexit\nimport numpy as np\nfrom bnncc.runtime import load\nlib = load({str(library[0])!r})\n"
+            f"x = np.zeros((1, 3, 32, 32), np.float32)\nwant = lib(x)\n"
+            f"atexit.register(lambda: print((lib(x) == want).all()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stdout + done.stderr
+
+
 def test_runtime_takes_arrays_at_any_alignment(library):
     """The kernels assume 64-byte aligned inputs (a misaligned one crashed them); the runtime copies
     a caller's array, which may sit anywhere, into its own tensor."""
