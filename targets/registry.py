@@ -73,31 +73,6 @@ def _cpu_pass_config() -> dict:
     return {"tirx.disable_assert": True}
 
 
-class _ForkGuard:
-    """TVM's worker threads, started by the first parallel kernel a process runs, do not survive a
-    fork: in the child a library waits for them forever (multiprocessing's default start method on
-    Linux, a server that loads before it forks). A child of a process that has run a library with
-    more than one thread is told so instead."""
-
-    threads_started = False
-    forked_after_start = False
-
-    @classmethod
-    def after_fork_in_child(cls) -> None:
-        cls.forked_after_start = cls.threads_started
-
-    @classmethod
-    def check(cls, path: Path) -> None:
-        if cls.forked_after_start and tvm_compat.NUM_THREADS != 1:
-            raise BnnccError(f"{path}: this process is a fork of one that ran a library on TVM's threads, which a "
-                             f"fork does not copy; load and run libraries in processes started afresh "
-                             f"(multiprocessing's 'spawn' or 'forkserver'), or set TVM_NUM_THREADS=1")
-        cls.threads_started = True
-
-
-os.register_at_fork(after_in_child=_ForkGuard.after_fork_in_child)
-
-
 class _CallLocks:
     """The locks of the loaded libraries' callers, all taken around a fork, so that a fork waits
     for the calls under way: a child forked while another thread was inside a call inherited its
@@ -132,7 +107,9 @@ class _Runner:
     """The one thread of this process that runs CPU libraries. TVM gives each thread that runs a
     parallel kernel a pool of TVM_NUM_THREADS workers of its own, which outlives the thread: a server
     that ran each request on a new thread (``ThreadingHTTPServer``) kept the spinning workers of every
-    one (200 requests: 400 threads, each call 500 times slower). The VM runs one call at a time anyway."""
+    one (200 requests: 400 threads, each call 500 times slower). The VM runs one call at a time anyway.
+    A forked child makes a thread of its own, whose pool starts afresh: the parent's workers, which a
+    fork does not copy, are no longer waited for (multiprocessing's "fork", a server that forks workers)."""
 
     executor: ThreadPoolExecutor | None = None
     starting = threading.Lock()
@@ -175,7 +152,6 @@ def _cpu_caller(path: Path, sha256: str | None) -> Caller:
     inputs: dict[str, tuple[object, np.ndarray]] = {}
 
     def call(function: str, x: np.ndarray) -> np.ndarray:
-        _ForkGuard.check(path)
         return _Runner.run(lambda: run_on_runner(function, x))
 
     def run_on_runner(function: str, x: np.ndarray) -> np.ndarray:
