@@ -650,6 +650,16 @@ def test_head_kernel_matches_numpy(classes):
         np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_act_scales_are_the_specs_levels_over_the_bound():
+    """spec.md: signed s = (2^(a-1) - 1) / B, unsigned s = 2^a / B (not 2^a - 1), 0 where B <= 0; by hand."""
+    from bnncc.targets.kernels import quant
+
+    bounds = np.array([4.0, 0.5, 0.0, -1.0], np.float32)
+    np.testing.assert_array_equal(quant.act_scales(bounds, 4, signed=False), [4.0, 32.0, 0.0, 0.0])
+    np.testing.assert_array_equal(quant.act_scales(bounds, 4, signed=True), [1.75, 14.0, 0.0, 0.0])
+    np.testing.assert_array_equal(quant.act_scales(bounds, 8, signed=True), [31.75, 254.0, 0.0, 0.0])
+
+
 @pytest.mark.parametrize("kernel, stride, pad", [(4, 4, 0), (3, 1, 1), (3, 2, 1)])
 def test_nchw_stem_conv_kernel_matches_numpy(kernel, stride, pad):
     """The int-8 stem conv kernel reading one image of the network's NCHW input batch in place,
