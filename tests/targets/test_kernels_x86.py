@@ -660,6 +660,26 @@ def test_act_scales_are_the_specs_levels_over_the_bound():
     np.testing.assert_array_equal(quant.act_scales(bounds, 8, signed=True), [31.75, 254.0, 0.0, 0.0])
 
 
+def _head_logits(x, scale, variant):
+    """The head kernel on NHWC ``x`` with identity int8 weights (w_scale 1, bias 0): its quantized mean."""
+    from bnncc.targets.kernels import quant
+
+    c = x.shape[3]
+    q = np.eye(c, dtype=np.int8)
+    return run(build(quant.head_func(x.shape, c, 8), variant), x, scale, quant.tile_columns(q), np.ones(c, np.float32),
+               np.zeros(c, np.float32), out_shape=(1, c), out_dtype=np.float32)
+
+
+def test_head_kernel_rounds_a_level_half_up_as_floor_of_x_s_plus_half():
+    """At x * s = k + 1/2 exactly the spec's floor(x s + 0.5) goes up (-0.5 -> 0, 0.5 -> 1, 2.5 -> 3),
+    where round-half-even (or half away from zero) goes elsewhere; values set by hand."""
+    ties = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -126.5], np.float32)
+    x = np.broadcast_to(ties, (1, 3, 3, ties.size)).copy()  # the mean of equal halves is exact
+    scale = np.ones(ties.size, np.float32)  # s = 1: the levels are the values
+    for variant in VARIANTS:
+        np.testing.assert_array_equal(_head_logits(x, scale, variant), [[-2, -1, 0, 1, 2, 3, 127, -126]])
+
+
 @pytest.mark.parametrize("kernel, stride, pad", [(4, 4, 0), (3, 1, 1), (3, 2, 1)])
 def test_nchw_stem_conv_kernel_matches_numpy(kernel, stride, pad):
     """The int-8 stem conv kernel reading one image of the network's NCHW input batch in place,
