@@ -680,6 +680,16 @@ def test_head_kernel_rounds_a_level_half_up_as_floor_of_x_s_plus_half():
         np.testing.assert_array_equal(_head_logits(x, scale, variant), [[-2, -1, 0, 1, 2, 3, 127, -126]])
 
 
+def test_head_kernel_means_a_non_square_input_over_its_height_times_width():
+    """A 2x6 input: the mean divides by 12 (not 4 nor 36); values chosen so that each channel's mean
+    is an integer level, computed by hand."""
+    x = np.zeros((1, 2, 6, 16), np.float32)
+    x[0, 0, 0, :] = np.arange(16) * 12  # one cell of 12 holds the sum: mean = arange(16)
+    x[0, 1, 5, :] = -6.0  # the opposite corner: mean - 0.5, rounded back up
+    for variant in VARIANTS:
+        np.testing.assert_array_equal(_head_logits(x, np.ones(16, np.float32), variant), [np.arange(16)])
+
+
 @pytest.mark.parametrize("kernel, stride, pad", [(4, 4, 0), (3, 1, 1), (3, 2, 1)])
 def test_nchw_stem_conv_kernel_matches_numpy(kernel, stride, pad):
     """The int-8 stem conv kernel reading one image of the network's NCHW input batch in place,
