@@ -58,6 +58,9 @@ CASES = {
     "split var": (lambda m: _set(m, "poke.bn_split.var", -1.0), "poke", r"input 'poke.bn_split.var': variance -1 of "
                   r"channel 0 plus epsilon 1e-05 is not positive"),
     "stem var": (lambda m: _set(m, "stem.bn.var", -2.0), "stem.bn", r"input 'stem.bn.var': variance -2"),
+    # var + eps exactly 0: the reference's 1 / sqrt(0) is infinite
+    "split var -eps": (lambda m: _set(m, "poke.bn_split.var", -1e-5), "poke", r"input 'poke.bn_split.var': variance "
+                       r"-1e-05 of channel 0 plus epsilon 1e-05 is not positive"),
     "clip inf": (lambda m: _attribute(m, "poke", "clip_bound", float("inf")), "poke",
                  r"clip_bound = inf; expected a positive number \(finite\)"),
     "epsilon nan": (lambda m: _attribute(m, "poke", "epsilon", float("nan")), "poke",
