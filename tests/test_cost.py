@@ -183,6 +183,19 @@ def test_a_pokebnn_file_without_its_functions_is_measured_as_compile_takes_it(tm
     assert report == ace(attach_functions(tiny_poke_model()))
 
 
+def test_a_poke_convs_se_layer_takes_weight_and_activation_bits_each_from_its_own_attribute():
+    """se_w_bits 4 and se_a_bits 8: swapped, the SE layer's ACE (their product) would stay and its weight bits
+    would not. By hand: the gate 16 -> 2 -> 32 has 16*2 + 2*32 = 96 weights, its MACs at 1x1."""
+    from tiny_poke import tiny_poke_model
+
+    model = tiny_poke_model()
+    poke = next(node for node in model.graph if node.name == "poke")
+    poke.attributes["se_w_bits"] = ir.Attr("se_w_bits", ir.AttributeType.INT, 4)
+    poke.attributes["se_a_bits"] = ir.Attr("se_a_bits", ir.AttributeType.INT, 8)
+    (se,) = [layer for layer in ace(model).layers if layer.name == "poke/se"]
+    assert (se.w_bits, se.a_bits, se.macs, se.weight_bits, se.ace) == (4, 8, 96, 96 * 4, 96 * 4 * 8)
+
+
 def test_a_dynamic_shape_inside_a_pokebnn_file_names_the_file(cli, tmp_path):
     """`bnncc ace` said "error: node 'stem' (QuantConv): 's0' has the dynamic shape ..." and not which file."""
     from tiny_poke import tiny_poke_model
