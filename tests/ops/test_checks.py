@@ -88,6 +88,25 @@ def test_check_graph_names_the_node_and_input(case):
         check_graph(model)
 
 
+@pytest.mark.parametrize("op_type, inputs", [("BinaryConv", ["x", "w"]), ("BinarizeAct", ["x"])])
+@pytest.mark.parametrize("bound", [0.0, -3.0, float("inf")])
+def test_a_standalone_binary_op_of_no_positive_clip_bound_is_refused(op_type, inputs, bound):
+    """BinaryConv and BinarizeAct outside a PokeConv: a clip bound of 0, < 0 or inf is outside spec.md's
+    domain (a finite positive number), refused naming the node as the PokeConv's is."""
+    attributes = {"kernel_shape": [3, 3], "strides": [1, 1]} if op_type == "BinaryConv" else {}
+    node = onnx.helper.make_node(op_type, inputs, ["y"], name="binary", domain="ai.bnncc", clip_bound=bound,
+                                 **attributes)
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 5, 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.ones((2, 4, 3, 3), np.float32), "w")])
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                                       onnx.helper.make_opsetid("ai.bnncc", 1)]))
+    with pytest.raises(BnnccError, match=rf"^node 'binary' \({op_type}\): clip_bound = {bound}; expected a "
+                                         rf"positive number \(finite\)$"):
+        check_graph(model)
+
+
 @pytest.mark.parametrize("case", ["stem weights", "se w2"])
 def test_weights_refused_are_those_the_reference_makes_nan(case):
     """onnxruntime gives NaN logits for the graphs refused for their weights (the library gave numbers)."""
