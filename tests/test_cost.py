@@ -196,6 +196,20 @@ def test_a_poke_convs_se_layer_takes_weight_and_activation_bits_each_from_its_ow
     assert (se.w_bits, se.a_bits, se.macs, se.weight_bits, se.ace) == (4, 8, 96, 96 * 4, 96 * 4 * 8)
 
 
+def test_ace_of_a_layer_is_its_macs_times_weight_bits_times_activation_bits():
+    """A QuantGemm 10 -> 3 of 2-bit weights and 8-bit activations: 30 MACs, ACE 30 * 2 * 8 = 480 (not 30 * 2 * 2
+    nor 30 * 8 * 8: every other test's layers have w_bits = a_bits), weight bits 30 * 2; by hand."""
+    init = {"w": np.ones((3, 10), np.float32), "bound": -np.ones(10, np.float32), "b": np.zeros(3, np.float32)}
+    node = helper.make_node("QuantGemm", ["x", *init], ["y"], name="fc", domain="ai.bnncc", w_bits=2, a_bits=8,
+                            a_signed=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in init.items()])
+    report = ace(attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])))
+    assert [(layer.macs, layer.ace, layer.weight_bits) for layer in report.layers] == [(30, 480, 60)]
+    assert report.total == 480
+
+
 def test_a_dynamic_shape_inside_a_pokebnn_file_names_the_file(cli, tmp_path):
     """`bnncc ace` said "error: node 'stem' (QuantConv): 's0' has the dynamic shape ..." and not which file."""
     from tiny_poke import tiny_poke_model
