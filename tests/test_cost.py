@@ -210,6 +210,20 @@ def test_ace_of_a_layer_is_its_macs_times_weight_bits_times_activation_bits():
     assert report.total == 480
 
 
+def test_se_gate_scalar_ops_of_a_non_square_input():
+    """An SEGate on a 3x5 input (8 -> 1 -> 8): its pool adds H*W*C = 3*5*8 (not 3*3*8 nor 5*5*8) and
+    multiplies C, its ReLU the hidden 1, its hard sigmoid 8; its MACs the two 1x1 convs' 8 + 8."""
+    init = {"w1": np.ones((1, 8, 1, 1), np.float32), "bound1": -np.ones(8, np.float32), "b1": np.zeros(1, np.float32),
+            "w2": np.ones((8, 1, 1, 1), np.float32), "bound2": -np.ones(1, np.float32), "b2": np.zeros(8, np.float32)}
+    node = helper.make_node("SEGate", ["r", *init], ["g"], name="se", domain="ai.bnncc", w_bits=4, a_bits=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 8, 3, 5])],
+                              [helper.make_tensor_value_info("g", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in init.items()])
+    report = ace(attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])))
+    assert report.sops == {"se_pool": 120, "se_pool_mul": 8, "se_relu": 1, "se_hardsigmoid": 8}
+    assert [(layer.name, layer.macs) for layer in report.layers] == [("se", 16)]
+
+
 def test_a_dynamic_shape_inside_a_pokebnn_file_names_the_file(cli, tmp_path):
     """`bnncc ace` said "error: node 'stem' (QuantConv): 's0' has the dynamic shape ..." and not which file."""
     from tiny_poke import tiny_poke_model
