@@ -1179,6 +1179,27 @@ def test_stem_quantizer_on_the_nchw_input_at_a_decision_point_agrees_with_onnxru
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("pads", [[0, 0, 0, 1], [1, 2, 0, 0]], ids=["right", "top-left"])
+def test_stem_conv_of_uneven_pads_agrees_with_onnxruntime(tmp_path, pads):
+    """A stem QuantConv whose pads differ on each side (ONNX order: top, left, bottom, right): its output is
+    (H + top + bottom) x (W + left + right) on a 5x6 input, pooled to the logits as onnxruntime computes them."""
+    from bnncc.ops import attach_functions
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    net = _Net(6, height=5)
+    stem = net.node("QuantConv", [net.x, net.rand("w", (8, 3, 3, 3)), net.rand("ab", 3, 1, 3), net.rand("bias", 8)],
+                    DOMAIN, w_bits=8, a_bits=8, a_signed=1, kernel_shape=[3, 3], strides=[1, 1], pads=pads, group=1)
+    flat = net.node("Flatten", [net.node("GlobalAveragePool", [stem])], axis=1)
+    y = net.node("QuantGemm", [flat, net.rand("fc", (4, 8)), net.rand("fb", 8, 1, 3), net.rand("fcb", 4)], DOMAIN,
+                 w_bits=8, a_bits=8, a_signed=1)
+    net.graph.outputs.append(y)
+    model = ir.Model(net.graph, ir_version=10)
+    attach_functions(model)
+    x = np.random.default_rng(5).standard_normal((1, 3, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(load(compile(model, tmp_path / "stem"))(x), _onnxruntime(model, x), rtol=1e-4, atol=1e-4)
+
+
 def test_poke_convs_without_se_gate_have_no_gate_kernel_and_agree_with_onnxruntime(tmp_path):
     """tiny_basic_block_ungated: the ungated PokeConvs get no SE gate kernel and fused kernels with
     no gate parameter (the epilogue has no multiply to do), and the library agrees with onnxruntime."""
