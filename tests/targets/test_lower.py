@@ -1200,6 +1200,24 @@ def test_stem_conv_of_uneven_pads_agrees_with_onnxruntime(tmp_path, pads):
     np.testing.assert_allclose(load(compile(model, tmp_path / "stem"))(x), _onnxruntime(model, x), rtol=1e-4, atol=1e-4)
 
 
+def test_head_of_4_bit_weights_and_8_bit_activations_agrees_with_onnxruntime(tmp_path):
+    """The head's QuantGemm with w_bits 4 and a_bits 8: the weights on the 4-bit grid (7 levels a side), the
+    pooled activations on the 8-bit one, as onnxruntime computes them (the other tests' heads are 8/8)."""
+    from bnncc.ops import attach_functions
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    net = _Net(4)
+    flat = net.node("Flatten", [net.node("GlobalAveragePool", [net.x])], axis=1)
+    y = net.node("QuantGemm", [flat, net.rand("fc", (5, 3)), net.rand("fb", 3, 1, 3), net.rand("fcb", 5)], DOMAIN,
+                 w_bits=4, a_bits=8, a_signed=1)
+    net.graph.outputs.append(y)
+    model = ir.Model(net.graph, ir_version=10)
+    attach_functions(model)
+    x = np.random.default_rng(6).standard_normal((1, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(load(compile(model, tmp_path / "head"))(x), _onnxruntime(model, x), rtol=1e-5, atol=1e-5)
+
+
 def test_poke_convs_without_se_gate_have_no_gate_kernel_and_agree_with_onnxruntime(tmp_path):
     """tiny_basic_block_ungated: the ungated PokeConvs get no SE gate kernel and fused kernels with
     no gate parameter (the epilogue has no multiply to do), and the library agrees with onnxruntime."""
