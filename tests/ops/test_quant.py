@@ -87,6 +87,22 @@ def test_quant_gemm_matches_numpy():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_an_all_zero_weight_channel_quantizes_to_zeros():
+    """Output channel 1 of W all zeros: max|W| = 0, the quantizer's scale is taken as m / 1, its weights stay 0
+    and the output is the bias alone (m / 0 would make 0 * inf = NaN), in onnxruntime and torch."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 5)).astype(np.float32)
+    w[1] = 0.0
+    b = np.array([0.5, -0.25, 1.0], np.float32)
+    bound = np.full(5, 2.0, np.float32)
+    attrs = dict(w_bits=4, a_bits=8, a_signed=1)
+    for got in (run_onnx("QuantGemm", [x, w, bound, b], **attrs),
+                OPS["QuantGemm"].torch(*map(torch.from_numpy, (x, w, bound, b)), **attrs).numpy()):
+        np.testing.assert_array_equal(got[:, 1], [-0.25, -0.25])
+        assert np.isfinite(got).all()
+
+
 def test_activation_gradient_is_zero_outside_the_clip_range():
     x = torch.tensor([[-5.0, -1.0, 0.5, 1.9, 5.0]], requires_grad=True)
     w = torch.ones(1, 5, requires_grad=True)
