@@ -1,14 +1,20 @@
 import numpy as np
+import onnx_ir as ir
+import pytest
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 
-from bnncc.ops import OPS
+from bnncc.cost import ace
+from bnncc.ops import OPS, attach_functions, check_graph
 
 from opsref import run_onnx
 from test_quant import quant_acts_np, quant_weights_np
 
 
-def test_se_gate_matches_numpy_and_is_a_hard_sigmoid_gate():
+# spec.md: w_bits and a_bits default to 4; a node without them is the 4-bit gate in every face
+@pytest.mark.parametrize("attrs", [dict(w_bits=4, a_bits=4), {}], ids=["4/4", "defaults"])
+def test_se_gate_matches_numpy_and_is_a_hard_sigmoid_gate(attrs):
     rng = np.random.default_rng(5)
     ci, co = 64, 48
     r = rng.standard_normal((2, ci, 5, 5)).astype(np.float32)
@@ -24,14 +30,29 @@ def test_se_gate_matches_numpy_and_is_a_hard_sigmoid_gate():
     h = quant_acts_np(h, bound2, 4, 0) @ quant_weights_np(w2[:, :, 0, 0], 4).T + b2
     expected = (np.clip(h + 3, 0, 6) / 6)[:, :, None, None]
     inputs = [r, w1, bound1, b1, w2, bound2, b2]
-    got = run_onnx("SEGate", inputs, w_bits=4, a_bits=4)
+    got = run_onnx("SEGate", inputs, **attrs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     for layout in (torch.contiguous_format, torch.channels_last):  # the trainer's format is channels_last
         tensors = [torch.tensor(a, requires_grad=a.ndim > 1 or a is b1 or a is b2) for a in inputs]
         tensors[0] = tensors[0].contiguous(memory_format=layout)
-        got_t = OPS["SEGate"].torch(*tensors, w_bits=4, a_bits=4)
+        got_t = OPS["SEGate"].torch(*tensors, **attrs)
         np.testing.assert_allclose(got_t.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
     assert got.min() >= 0 and got.max() <= 1
+
+
+def test_an_se_gate_without_bit_widths_is_checked_and_measured_at_4_and_4():
+    """check_graph (every command's) took the node without w_bits and a_bits for a broken one; `bnncc ace`
+    refused it. By hand: the gate 16 -> 2 -> 8 has 16*2 + 2*8 = 48 MACs at 1x1, ACE 48 * 4 * 4."""
+    init = {"w1": np.ones((2, 16, 1, 1), np.float32), "bound1": np.ones(16, np.float32),
+            "b1": np.zeros(2, np.float32), "w2": np.ones((8, 2, 1, 1), np.float32),
+            "bound2": np.ones(2, np.float32), "b2": np.zeros(8, np.float32)}
+    node = helper.make_node("SEGate", ["r", *init], ["g"], name="se", domain="ai.bnncc")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 16, 3, 3])],
+                              [helper.make_tensor_value_info("g", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in init.items()])
+    model = attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    check_graph(ir.serde.deserialize_model(model))
+    assert [(layer.w_bits, layer.a_bits, layer.macs, layer.ace) for layer in ace(model).layers] == [(4, 4, 48, 768)]
 
 
 def _se_inputs(ci, co, hw, dtype, seed):
