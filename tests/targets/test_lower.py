@@ -1200,6 +1200,29 @@ def test_stem_conv_of_uneven_pads_agrees_with_onnxruntime(tmp_path, pads):
     np.testing.assert_allclose(load(compile(model, tmp_path / "stem"))(x), _onnxruntime(model, x), rtol=1e-4, atol=1e-4)
 
 
+def test_stem_of_4_bit_weights_and_8_bit_activations_agrees_with_onnxruntime(tmp_path):
+    """The stem's QuantConv with w_bits 4 and a_bits 8: the weights on the 4-bit grid (7 levels a side), the
+    input on the 8-bit one, as onnxruntime computes them (the other tests' stems are 8/8, so the two widths
+    swapped went unseen)."""
+    from bnncc.ops import attach_functions
+    from bnncc.runtime import load
+    from bnncc.targets.build import compile
+
+    net = _Net(6)
+    stem = net.node("QuantConv", [net.x, net.rand("w", (8, 3, 3, 3)), net.rand("ab", 3, 1, 3), net.rand("bias", 8)],
+                    DOMAIN, w_bits=4, a_bits=8, a_signed=1, kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                    group=1)
+    flat = net.node("Flatten", [net.node("GlobalAveragePool", [stem])], axis=1)
+    y = net.node("QuantGemm", [flat, net.rand("fc", (4, 8)), net.rand("fb", 8, 1, 3), net.rand("fcb", 4)], DOMAIN,
+                 w_bits=8, a_bits=8, a_signed=1)
+    net.graph.outputs.append(y)
+    model = ir.Model(net.graph, ir_version=10)
+    attach_functions(model)
+    x = np.random.default_rng(7).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    got = load(compile(model, tmp_path / "stem"))(x)
+    np.testing.assert_allclose(got, _onnxruntime(model, x), rtol=1e-4, atol=1e-4)
+
+
 def test_head_of_4_bit_weights_and_8_bit_activations_agrees_with_onnxruntime(tmp_path):
     """The head's QuantGemm with w_bits 4 and a_bits 8: the weights on the 4-bit grid (7 levels a side), the
     pooled activations on the 8-bit one, as onnxruntime computes them (the other tests' heads are 8/8)."""
