@@ -18,9 +18,9 @@ class TrainConfig:
     """How one fine-tuning (or teacher-training) run goes.
 
     ``lr`` is per 256 images: the optimizer's rate is ``lr * batch_size / 256``, decaying linearly
-    to 0 at the last step. The two-phase schedule and the calibration point are fractions of the
-    run, so a short fine-tune keeps the paper's proportions: float weights until
-    ``weight_quant_start`` (the paper: epoch 50 of 800), activation bounds calibrated once at
+    to 0 at the run's end (the last of N steps at 1/N of it). The two-phase schedule and the
+    calibration point are fractions of the run, so a short fine-tune keeps the paper's proportions:
+    float weights until ``weight_quant_start`` (the paper: epoch 50 of 800), activation bounds calibrated once at
     ``act_calibration_at`` (the paper: step 7500 of 124,800) and frozen after.
     """
 

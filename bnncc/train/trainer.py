@@ -8,7 +8,8 @@ One step at ``step`` s:
 2. before ``weight_quant_start`` the student keeps float weights (binary activations on);
 3. at ``act_calibration_at`` the int8/int4 activation bounds are calibrated once and frozen;
 4. Adam(0.9, 0.99) on distillation loss + 0.5 * wd * sum ||W||^2 over kernels; the rate is
-   ``lr * global_batch / 256``, decaying linearly to 0 at the last step.
+   ``lr * global_batch / 256``, decaying linearly to 0 at the run's end (the last
+   of N steps at 1/N of it).
 
 Everything a step depends on is a function of ``s`` or is in the checkpoint (weights, BN
 statistics, bounds, optimizer and schedule, the unreadable images met so far), so ``resume``
