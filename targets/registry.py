@@ -121,8 +121,13 @@ class _Runner:
                 cls.executor = ThreadPoolExecutor(1, thread_name_prefix="bnncc-runner")
         try:
             future = cls.executor.submit(work)
-        except RuntimeError:  # the interpreter is exiting (a call from an atexit handler): no more threads' work
-            return work()
+        except RuntimeError:  # the interpreter is exiting: the runner takes no more work
+            if threading.current_thread().daemon:
+                # a daemon thread's call (a ThreadingHTTPServer's request) ran TVM's code while the process
+                # exited and aborted it ("terminate called without an active exception", exit 134); it waits
+                # for the end instead, where Python stops daemon threads anyway
+                threading.Event().wait()
+            return work()  # (a call from an atexit handler)
         return future.result()
 
     @classmethod
