@@ -255,8 +255,15 @@ void CheckCpuFeatures(const std::string& lib, const std::string& json) {
   size_t value = ValueOf(json, "cpu_features");
   // none: an arm64 library (NEON, which every aarch64 Linux CPU has), or one of a bnncc before they were recorded
   if (value == std::string::npos) return;
+  // a value that is no list (null, a string) was read up to the next ']' of the file, and the runner refused
+  // every CPU for lacking "compile_seconds" and the library's SHA-256
+  const size_t open = json.find_first_not_of(" \t\r\n", value);
+  if (open == std::string::npos || json[open] != '[') {
+    throw std::runtime_error(ManifestPath(lib) + ": its cpu_features is not a list of /proc/cpuinfo names; " +
+                             "copy the bundle or library folder again");
+  }
   // the list's text split at its quotes: every second part is a name
-  std::stringstream list(json.substr(value, json.find(']', value) - value));
+  std::stringstream list(json.substr(open, json.find(']', open) - open));
   std::string missing, part;
   for (int i = 0; std::getline(list, part, '"'); ++i) {
     if (i % 2 == 1 && !HasCpuFeature(part)) missing += (missing.empty() ? "" : ", ") + part;

@@ -259,6 +259,21 @@ def test_the_runner_finds_the_digest_under_its_key_not_a_value_that_reads_the_sa
     np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
 
 
+def test_the_runner_refuses_cpu_features_that_are_no_list_in_one_line(x86_library, tmp_path):
+    """A model.json whose cpu_features was no list (null, after an edit by hand) had its value read up to the
+    next ']' of the file: the runner refused every CPU for lacking "compile_seconds" and the library's digest."""
+    folder = bundle(x86_library, tmp_path / "bundle")
+    manifest = json.loads((folder / "model.json").read_text())
+    manifest["target"]["cpu_features"] = None
+    (folder / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    np.save(tmp_path / "x.npy", np.zeros((2, *load(x86_library).input_chw), np.float32))
+    done = subprocess.run(["./runner", "run", "model.so", "batch_2", str(tmp_path / "out"), str(tmp_path / "x.npy")],
+                          cwd=folder, env={"PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (1, "runner: model.json: its cpu_features is not a list of "
+                                                 "/proc/cpuinfo names; copy the bundle or library folder again\n")
+    assert not list(tmp_path.glob("out*")), "a refused run left an output"
+
+
 @pytest.mark.skipif(shutil.which(arm64.CROSS_CXX) is None or shutil.which(vmrunner.QEMU) is None,
                     reason="needs g++-aarch64-linux-gnu and qemu-user (apt)")
 def test_an_arm64_bundle_runs_the_library_anywhere_without_python(tmp_path):
