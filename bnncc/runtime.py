@@ -50,6 +50,9 @@ class Library:
         return _load_same, (str(self._absolute_folder), self.manifest)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        # np.asarray drops a mask: the masked pixels would go in as whatever values they hold underneath
+        if np.ma.is_masked(x):
+            raise BnnccError(f"{self.folder}: a masked array with masked pixels; fill them first (x.filled(0))")
         try:
             x = np.asarray(x.detach() if hasattr(x, "detach") else x)  # (a torch tensor that requires grad)
         except (TypeError, ValueError, RuntimeError) as e:  # e.g. a torch bfloat16 tensor, ragged lists

@@ -660,6 +660,18 @@ def test_runtime_refuses_a_nan_input_that_the_reference_would_carry_to_the_logit
         load(library[0])(x)
 
 
+def test_runtime_refuses_a_masked_array_with_masked_pixels(library):
+    """np.asarray drops a mask: a masked pixel went in as the value stored under it, without a word.
+    A masked array with nothing masked is an array like any other."""
+    from bnncc.runtime import load
+
+    lib = load(library[0])
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    assert np.array_equal(lib(np.ma.masked_array(x, mask=False)), lib(x))
+    with pytest.raises(BnnccError, match=r"a masked array with masked pixels; fill them first \(x.filled\(0\)\)"):
+        lib(np.ma.masked_where(x > 2, x))
+
+
 @pytest.mark.parametrize(("array", "message"), [
     (np.array([object()], dtype=object), "an array of object; expected real numbers"),
     (np.full((3, 32, 32), 1e300), r"holds values beyond float32's range \(up to 1e\+300\)"),
