@@ -12,6 +12,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
+# numpy imports its ma module lazily, at its first use: in a call, that import held Python's import lock
+# while another thread forked, and the child's first call waited for that lock for ever
+from numpy import ma
 
 from bnncc.domain import MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError, first_line
@@ -51,7 +54,7 @@ class Library:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # np.asarray drops a mask: the masked pixels would go in as whatever values they hold underneath
-        if np.ma.is_masked(x):
+        if ma.is_masked(x):
             raise BnnccError(f"{self.folder}: a masked array with masked pixels; fill them first (x.filled(0))")
         try:
             x = np.asarray(x.detach() if hasattr(x, "detach") else x)  # (a torch tensor that requires grad)
