@@ -64,6 +64,17 @@ class Library:
             raise BnnccError(f"{self.folder}: an input of {x.dtype}; expected real numbers")
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_chw:
             raise BnnccError(f"{self.folder}: input of shape {x.shape}; expected (N, {', '.join(map(str, self.input_chw))})")
+        if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+            # float64 beyond float32's range became infinite in the cast with no more than numpy's warning,
+            # and the network gave NaN logits; `bnncc run` refuses such a .npy alike
+            with np.errstate(over="ignore"):  # said below, in one line
+                narrow = x.astype(np.float32)
+            overflow = np.isinf(narrow) & np.isfinite(x)
+            if overflow.any():
+                image = int(overflow.any(axis=(1, 2, 3)).argmax())
+                raise BnnccError(f"{self.folder}: input image {image} holds values beyond float32's range "
+                                 f"(up to {np.abs(x[image][overflow[image]]).max():.3g})")
+            x = narrow
         x = np.ascontiguousarray(x, dtype=np.float32)
         classes = self.manifest["output"]["shape"][-1]
         if len(x) == 0:

@@ -1518,6 +1518,29 @@ def test_inputs_that_are_no_real_numbers_are_one_line(library):
             lib(bad)
 
 
+def test_float64_inputs_beyond_float32_are_one_line(library):
+    """float64 pixels beyond float32's range became infinite in the cast to the network's float32,
+    with no more than numpy's RuntimeWarning, and the library returned NaN logits; those within it
+    give what onnxruntime gives on their float32 values."""
+    import warnings
+
+    from bnncc.runtime import load
+
+    folder, model = library
+    lib = load(folder)
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32))
+    ref = _onnxruntime(model, x.astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = lib(x)
+        assert np.array_equal(got.argmax(1), ref.argmax(1))
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+        x[1, 2, 3, 4] = -1e300
+        with pytest.raises(BnnccError, match=re.escape("input image 1 holds values beyond float32's range "
+                                                       "(up to 1e+300)")):
+            lib(x)
+
+
 def test_a_target_without_a_core_count_schedules_for_the_default_threads():
     """A Target written by hand (no num-cores) ended the lowering in a KeyError."""
     from bnncc.targets.lower import lower
