@@ -30,7 +30,10 @@ _VM_EXECUTABLE = "relax.VMExecutable"  # the kind of a Relax VM library's root m
 
 
 class Library:
-    """A compiled PokeBNN network: ``lib(x)`` with x float32 (N, C, H, W) returns logits (N, classes).
+    """A compiled PokeBNN network: ``lib(x)`` returns the logits of the images ``x`` (N, C, H, W) as a new
+    float32 array (N, classes), the caller's own (a later call does not overwrite it). ``x`` is anything
+    numpy reads as real numbers of that shape (any dtype, byte order or strides, a CPU torch tensor,
+    nested lists), cast to float32; an image holding NaN, or float64 values beyond float32's range, is refused.
 
     A batch of a size compiled in is one call; any other size is cut into chunks of compiled
     sizes, largest first (compile builds batch 1 into every library, so every size runs).

@@ -201,6 +201,20 @@ def test_runtime_splits_other_batch_sizes(library):
     np.testing.assert_allclose(load(folder)(x), _onnxruntime(model, x), rtol=0, atol=1e-4)
 
 
+def test_logits_are_a_new_float32_array_of_each_call(library):
+    """As Library's docstring and the README say: the next call leaves the logits a caller holds as they were."""
+    from bnncc.runtime import load
+
+    lib = load(library[0])
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    first = lib(x[:1])
+    kept = first.copy()
+    second = lib(x[1:])
+    assert first.dtype == np.float32 and first.shape == (1, CLASSES)
+    assert np.array_equal(first, kept) and not np.array_equal(first, second)
+    assert not np.shares_memory(first, second) and first.flags.writeable
+
+
 def test_runtime_calls_from_threads_each_get_their_own_images(library):
     """The CPU runtime copies each batch into an input tensor it keeps per function: every call
     sees its own images (the same images give the same logits after others ran). Threads calling
