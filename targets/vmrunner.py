@@ -4,8 +4,8 @@ host or for aarch64, the latter executed under ``qemu-aarch64`` (Debian qemu-use
 The runner links only TVM's runtime (libtvm_runtime.so + libtvm_ffi.so). For x86-64 those come
 from the installed apache-tvm / apache-tvm-ffi packages; for aarch64 from the aarch64 wheels of
 the same versions, which ``ensure_arm64_runtime`` downloads with pip once into the cache
-(``$BNNCC_CACHE``, default ``~/.cache/bnncc``). Binaries are cached under a hash of runner.cc and
-the compiler, so an edit rebuilds them; each cached file is taken only with the SHA-256 recorded
+(``$BNNCC_CACHE``, default ``~/.cache/bnncc``). Binaries are cached under a hash of runner.cc, the
+compiler and the TVM versions, so an edit or an upgrade rebuilds them; each cached file is taken only with the SHA-256 recorded
 beside it when it was written (``fileio.cache_entry_whole``), else written again.
 """
 
@@ -155,9 +155,12 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
 
 def _runner_path(arch: str, libs: list[Path], rpath: str) -> Path:
     """Where ``ensure_runner`` caches the runner linked against ``libs``: a hash of its source, the
-    compiler and where it finds the runtime, so an edit or another runtime builds another."""
+    compiler, where it finds the runtime and the TVM versions whose headers and libraries it is built
+    against, so an edit or another runtime builds another. (The host's runtime folders keep their paths
+    across an upgrade of TVM: the runner built against the old headers was reused, and bundled beside
+    the new libraries.)"""
     key = hashlib.sha256(RUNNER_SOURCE.read_bytes() + _COMPILERS[arch].encode() + str(libs).encode()
-                         + rpath.encode()).hexdigest()[:12]
+                         + rpath.encode() + versions().encode()).hexdigest()[:12]
     return cache_dir() / "runner" / arch / f"runner-{key}"
 
 

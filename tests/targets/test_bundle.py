@@ -427,3 +427,15 @@ def test_the_readme_says_how_an_image_becomes_the_input(channels, said):
     [line] = [line for line in _readme(manifest, "aarch64").splitlines() if line.startswith("Input:")]
     assert "of the whole image resized bilinearly (pixel centres, no antialiasing)" in line
     assert ("a colour image as the mean of its R, G and B" in line) == said
+
+
+def test_a_runner_cached_for_another_tvm_is_not_bundled(x86_library, tmp_path, monkeypatch):
+    """The runner's cache key held its source, the compiler and the runtime's folders, which keep their paths
+    when TVM is upgraded: the runner built against the old TVM's headers was bundled beside the new libraries."""
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    old = vmrunner.ensure_runner(vmrunner.HOST, beside_runtime=True)
+    monkeypatch.setattr(vmrunner, "versions", lambda: "tvm-99.0-ffi-99.0")  # an upgrade
+    folder = bundle(x86_library, tmp_path / "bundle")
+    assert vmrunner.ensure_runner(vmrunner.HOST, beside_runtime=True) != old  # built again, for the new one
+    x = np.random.default_rng(5).random((2, *load(x86_library).input_chw), dtype=np.float32)
+    np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
