@@ -40,6 +40,9 @@ FLOAT_BITS = range(1, 65)
 # {"mean": [...], "std": [...]} per input channel of pixels in [0, 1] (bnncc run applies it).
 RECIPE_KEY = "bnncc.recipe"
 PREPROCESSING_KEY = "bnncc.preprocessing"
+# ... and what a fine-tune's weights came from besides its inputs (seed, steps, rate, batch, ...), as
+# JSON, so that the run can be repeated (read by no stage)
+TRAINING_KEY = "bnncc.training"
 # ... and what the front end changed that a user of the model sees (an NHWC input taken as NCHW,
 # the output Softmax dropped), one note a line, which ``recognize`` reports with the structure
 IMPORT_NOTES_KEY = "bnncc.import_notes"

@@ -11,13 +11,14 @@ import onnx
 import onnx_ir as ir
 import torch
 
-from bnncc.domain import DOMAIN, PREPROCESSING_KEY
+from bnncc.domain import DOMAIN, PREPROCESSING_KEY, TRAINING_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import atomic_path, check_writable, refuse_overwriting
 from bnncc.passes.width_multiplier import MAX_MULTIPLIER
 from bnncc.train.config import TrainConfig
 from bnncc.train.data import Dataset, open_splits
-from bnncc.train.trainer import TrainResult, evaluate, evaluate_models, is_main_process, train, training_device
+from bnncc.train.trainer import (RUN_SETTINGS, TrainResult, evaluate, evaluate_models, is_main_process, train,
+                                 training_device)
 
 __all__ = ["FinetuneResult", "finetune", "train_teacher", "input_shape"]
 
@@ -139,6 +140,10 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     student.cpu()
     write_back(student, student_model)
     student_model.metadata_props[PREPROCESSING_KEY] = json.dumps(_preprocessing(train_data, shape[0]))
+    # the seed and settings were recorded nowhere: a trained graph could not be trained again to the same weights
+    # (numpy numbers are settings too: .item() gives the Python number json writes)
+    student_model.metadata_props[TRAINING_KEY] = json.dumps(
+        {"steps": result.steps, **{name: getattr(cfg, name) for name in RUN_SETTINGS}}, default=lambda n: n.item())
     _save(student_model, output)
     return FinetuneResult(output, result, *accuracy, float(ace(student_model).total))
 

@@ -47,7 +47,7 @@ from bnncc.train.loader import Loader, Plan
 
 __all__ = ["TrainResult", "train", "evaluate", "evaluate_models", "load_checkpoint", "make_optimizer",
            "is_main_process", "keep_freed_memory", "training_device", "MEMORY_FORMAT",
-           "to_training_layout"]
+           "to_training_layout", "RUN_SETTINGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ def _save_checkpoint(path: Path, step: int, student: nn.Module, optimizer, sched
 
 # the settings a run's steps depend on, besides its length (_steps): a checkpoint continues only the run
 # that wrote it
-_RUN_SETTINGS = ("lr", "batch_size", "weight_decay", "clip_bound", "temperature", "label_weight",
-                 "weight_quant_start", "act_calibration_at", "calibration_batches", "seed")
+RUN_SETTINGS = ("lr", "batch_size", "weight_decay", "clip_bound", "temperature", "label_weight",
+                "weight_quant_start", "act_calibration_at", "calibration_batches", "seed")
 
 
 def _run_identity(data: Dataset, teacher: nn.Module | None) -> dict:
@@ -227,7 +227,8 @@ def _check_same_run(path: Path, state: dict, cfg: TrainConfig, data: dict) -> No
     was trained on as if it were the same. The epochs count only where --max-steps does not decide
     the length."""
     saved, current = state.get("config", {}), asdict(cfg)
-    changed = [f"{key} {saved[key]} -> {current[key]}" for key in _RUN_SETTINGS if key in saved and saved[key] != current[key]]
+    changed = [f"{key} {saved[key]} -> {current[key]}" for key in RUN_SETTINGS
+               if key in saved and saved[key] != current[key]]
     if "epochs" in saved and "train_images" in state:
         before, after = _steps(saved, state["train_images"]), _steps(current, data["images"])
         if before != after:

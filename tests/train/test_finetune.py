@@ -300,3 +300,22 @@ def test_settings_given_as_a_dict_are_a_type_error_naming_the_config(tmp_path):
 
 if __name__ == "__main__":
     _calibration_worker(*sys.argv[1:])
+
+
+def test_a_finetune_records_its_seed_and_gives_the_same_graph_again(idx_dir, tmp_path, teacher_and_student):
+    """The seed (and the other settings the weights depend on) was recorded nowhere in the trained graph: it could
+    not be trained again to the same weights. The same settings give the same bytes; another seed other weights."""
+    teacher, student = teacher_and_student
+
+    def run(name, seed):
+        cfg = TrainConfig(lr=1e-2, batch_size=8, max_steps=3, calibration_batches=1, seed=seed)
+        finetune(student, teacher, idx_dir, tmp_path / name, cfg, show_progress=False)
+        return onnx.load(tmp_path / name)
+
+    first, again, other = run("a.onnx", 7), run("b.onnx", 7), run("c.onnx", 8)
+    assert first.SerializeToString() == again.SerializeToString()
+    assert [t.raw_data for t in first.graph.initializer] != [t.raw_data for t in other.graph.initializer]
+    recorded = json.loads({p.key: p.value for p in first.metadata_props}["bnncc.training"])
+    assert recorded == {"steps": 3, "seed": 7, "lr": 1e-2, "batch_size": 8, "calibration_batches": 1,
+                        "weight_decay": 5e-5, "clip_bound": None, "temperature": 1.0, "label_weight": 0.0,
+                        "weight_quant_start": 0.0625, "act_calibration_at": 0.06}
