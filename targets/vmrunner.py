@@ -5,8 +5,9 @@ The runner links only TVM's runtime (libtvm_runtime.so + libtvm_ffi.so). For x86
 from the installed apache-tvm / apache-tvm-ffi packages; for aarch64 from the aarch64 wheels of
 the same versions, which ``ensure_arm64_runtime`` downloads with pip once into the cache
 (``$BNNCC_CACHE``, default ``~/.cache/bnncc``). Binaries are cached under a hash of runner.cc, the
-compiler and the TVM versions, so an edit or an upgrade rebuilds them; each cached file is taken only with the SHA-256 recorded
-beside it when it was written (``fileio.cache_entry_whole``), else written again.
+compiler, its flags and the TVM versions, so an edit or an upgrade rebuilds them; each cached file is
+taken only with the SHA-256 recorded beside it when it was written (``fileio.cache_entry_whole``), else
+written again.
 """
 
 from __future__ import annotations
@@ -136,13 +137,11 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
     compiler = _COMPILERS[arch]
     if shutil.which(compiler) is None:
         raise BnnccError(f"{compiler} not found; install it: {_COMPILER_INSTALLS[arch]}")
-    include = runtime_include_dir()
     start = time.perf_counter()
     with output_errors(binary):  # (as the runtime's folder)
         binary.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(binary) as tmp:
-        command = [compiler, "-std=c++17", "-O2", str(RUNNER_SOURCE), f"-I{include}", "-o", str(tmp),
-                   *(f"-L{d}" for d in libs), f"-Wl,-rpath,{rpath}",
+        command = [compiler, *_compile_flags(), "-o", str(tmp), *(f"-L{d}" for d in libs), f"-Wl,-rpath,{rpath}",
                    "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -153,14 +152,23 @@ def ensure_runner(arch: str = HOST, *, beside_runtime: bool = False) -> Path:
     return binary
 
 
+def _compile_flags() -> list[str]:
+    """The runner's source, headers and flags. The folders of the source and of tvm-ffi's headers, whose
+    asserts hold their ``__FILE__``, are written as relative paths: a bundle's runner held the build
+    machine's site-packages folder, so its bytes changed with where bnncc was installed."""
+    include = runtime_include_dir()
+    return ["-std=c++17", "-O2", f"-ffile-prefix-map={include}=tvm_ffi/include",
+            f"-ffile-prefix-map={RUNNER_SOURCE.parent}=runner", str(RUNNER_SOURCE), f"-I{include}"]
+
+
 def _runner_path(arch: str, libs: list[Path], rpath: str) -> Path:
     """Where ``ensure_runner`` caches the runner linked against ``libs``: a hash of its source, the
-    compiler, where it finds the runtime and the TVM versions whose headers and libraries it is built
-    against, so an edit or another runtime builds another. (The host's runtime folders keep their paths
-    across an upgrade of TVM: the runner built against the old headers was reused, and bundled beside
-    the new libraries.)"""
-    key = hashlib.sha256(RUNNER_SOURCE.read_bytes() + _COMPILERS[arch].encode() + str(libs).encode()
-                         + rpath.encode() + versions().encode()).hexdigest()[:12]
+    compiler and its flags, where it finds the runtime and the TVM versions whose headers and libraries
+    it is built against, so an edit or another runtime builds another. (The host's runtime folders keep
+    their paths across an upgrade of TVM: the runner built against the old headers was reused, and bundled
+    beside the new libraries.)"""
+    key = hashlib.sha256(RUNNER_SOURCE.read_bytes() + _COMPILERS[arch].encode() + " ".join(_compile_flags()).encode()
+                         + str(libs).encode() + rpath.encode() + versions().encode()).hexdigest()[:12]
     return cache_dir() / "runner" / arch / f"runner-{key}"
 
 

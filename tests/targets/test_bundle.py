@@ -439,3 +439,13 @@ def test_a_runner_cached_for_another_tvm_is_not_bundled(x86_library, tmp_path, m
     assert vmrunner.ensure_runner(vmrunner.HOST, beside_runtime=True) != old  # built again, for the new one
     x = np.random.default_rng(5).random((2, *load(x86_library).input_chw), dtype=np.float32)
     np.testing.assert_array_equal(_run_moved(folder, tmp_path, x), load(x86_library)(x))
+
+
+def test_a_bundles_runner_holds_no_folder_of_the_build_machine(x86_library, tmp_path, monkeypatch):
+    """The runner held the absolute paths of tvm-ffi's headers (their asserts' __FILE__), under the build
+    machine's site-packages: a bundle's bytes changed with where bnncc was installed, and showed that folder."""
+    monkeypatch.setenv("BNNCC_CACHE", str(tmp_path / "cache"))
+    runner = (bundle(x86_library, tmp_path / "bundle") / "runner").read_bytes()
+    assert b"tvm_ffi/include/tvm/ffi/" in runner  # (the asserts' paths are there, relative)
+    for folder in (vmrunner.runtime_include_dir(), vmrunner.RUNNER_SOURCE.parent):
+        assert str(folder).encode() not in runner
