@@ -240,7 +240,9 @@ def _publish(outdir: Path, library: Path, model_path: Path, recipe: str, stages:
         # measured where the fine-tune measured the student: its test split's classes are the network's
         if options.data is not None and accuracy is not None and accuracy.get("student_top1") is not None:
             accuracy = {**accuracy, **_library_accuracy(lib, options.data, options.show_progress)}
-    report = Report(str(model_path), recipe, options.target, options.data is not None, tuple(stages), accuracy,
+    # the model by its file name, as report.md names it: its path as given (absolute, or a CI job's own
+    # folder) made report.json differ between runs of the same model
+    report = Report(model_path.name, recipe, options.target, options.data is not None, tuple(stages), accuracy,
                     latency)
     write_report(report, outdir)
     return report

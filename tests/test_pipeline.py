@@ -89,6 +89,18 @@ def test_second_run_reuses_every_stage_and_gives_the_same_bytes(converted, narro
         assert (converted.outdir / name).read_bytes() == data, name
 
 
+def test_the_same_model_from_another_folder_gives_the_same_report(converted, narrow_resnet, tmp_path):
+    """report.json held the model's path as given: the same model converted from another folder (an absolute
+    path, a CI job's own workspace) gave another report.json, which the README calls reproducible."""
+    elsewhere = tmp_path / "job-1234" / narrow_resnet.name
+    elsewhere.parent.mkdir()
+    shutil.copyfile(narrow_resnet, elsewhere)
+    again = convert(elsewhere, tmp_path / "out", ConvertOptions(overrides=STEM, latency_runs=1, show_progress=False))
+    for name in ("report.json", "model.onnx", "model.so"):
+        assert (again.outdir / name).read_bytes() == (converted.outdir / name).read_bytes(), name
+    assert json.loads((again.outdir / "report.json").read_text())["model"] == "r50.onnx"
+
+
 def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, narrow_resnet):
     code, out, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", converted.outdir)
     assert code == 0, err
