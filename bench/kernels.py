@@ -12,9 +12,9 @@ For every binary conv shape (shared/reference/pokebnn.md §2-3) and batch 1 and 
 scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fraction of the peak
 of the build's class measured here by bench/popcount_peak.c, and the speed-up over a float32
 onnxruntime Conv of the same shape. The peak of a class is the fastest method its CPUs run, measured
-on this CPU (``PEAK_METHODS``: AVX2 has three, byte counters, Harley-Seal and the kernels' own nibble
-agreements; AVX-512BW its 512-bit nibble agreements and those of AVX2); every class the CPU runs is
-printed.
+on this CPU (``PEAK_METHODS``: AVX2 has four, byte counters, Harley-Seal, the kernels' own nibble
+agreements and lookups in tables of the weights' nibbles; AVX-512BW its 512-bit nibble agreements
+and those of AVX2); every class the CPU runs is printed.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ AVX512 = "AVX-512 VPOPCNTDQ"
 AVX512BW = "AVX-512BW (no VPOPCNTDQ)"
 AVX2 = "AVX2"
 SCALAR = "scalar popcnt"
-_AVX2_METHODS = ("avx2-bytes", "avx2-harley-seal", "avx2-nibble-agreements")
-PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",), AVX512BW: ("avx512bw-nibble-agreements", *_AVX2_METHODS),
+_AVX2_METHODS = ("avx2-bytes", "avx2-harley-seal", "avx2-nibble-agreements", "avx2-weight-tables")
+PEAK_METHODS = {AVX512: ("avx512-vpopcntdq",),
+                AVX512BW: ("avx512bw-nibble-agreements", "avx512bw-weight-tables", *_AVX2_METHODS),
                 AVX2: _AVX2_METHODS, SCALAR: ("scalar-popcnt",)}
 # the class of each x86_64.popcount_class, and the build's section of RESULTS.md beside its flags
 _CLASSES = {x86_64.AVX512_VPOPCNTDQ: AVX512, x86_64.AVX512BW: AVX512BW, x86_64.AVX2: AVX2}

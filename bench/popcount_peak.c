@@ -21,9 +21,17 @@
  *                     4 bits, added in signed byte lanes; every 31 steps (at most 4 a step, so
  *                     within int8) vpmaddubsw + vpmaddwd widen the bytes to 32 bits. A 256-bit
  *                     slice's popcount is 128 minus its sum
+ *   avx2-weight-tables
+ *                     one 16-byte table a weight nibble, of its popcounts against the 16 nibble values,
+ *                     looked up by vpshufb at 32 activation nibbles split ahead into planes of bytes:
+ *                     a lookup and an add a 128 bit-products, where the nibble agreements take an xor
+ *                     more. The tables are 32 times the bits they stand for, built ahead and not
+ *                     timed: a peak, not a kernel's loop (bench/RESULTS.md)
  *   avx512bw-nibble-agreements
  *                     the same with 512-bit vectors (AVX-512BW's vpshufb, vpmaddubsw, vpmaddwd): the
  *                     kernels of an AVX-512 CPU without VPOPCNTDQ (Skylake-SP, Cascade Lake)
+ *   avx512bw-weight-tables
+ *                     the same with 512-bit vectors (AVX-512BW's vpshufb)
  *   scalar-popcnt     64-bit popcnt into 8 counters
  *
  * Usage: popcount_peak METHOD THREADS STEPS -> prints "binary MACs per second (all threads
@@ -161,6 +169,72 @@ static uint64_t avx2_harley_seal(const uint32_t *data, uint32_t seed, long steps
     return sum64(total);
 }
 
+/* Tables of the weights' nibbles indexed by the activations' nibbles, in vectors of BYTES bytes: tables[j][n][v] =
+ * popcount(v xor nibble n of w[j]) for v = 0..15, in every 128-bit lane, and each activation word's 8 nibbles
+ * in 8 planes of bytes (plane n: nibble n of BYTES words side by side, split ahead like the nibble-agreement
+ * loop's halves). One vpshufb looks BYTES words' nibble n up in one weight's table: the bit-products of the
+ * nibble agreements' lookup without their xor. A register tile of 4 weights' tables meets 2 slices' planes
+ * read from memory (8 byte counters, flushed by vpsadbw every 7 steps); each tile runs through all the steps.
+ * A step is 2 slices of BYTES words. P, SI, V as in NIBBLE_AGREEMENTS; BROADCAST puts a 128-bit table in
+ * every lane. */
+enum { PLANES = 8, TILE_WEIGHTS = 4, TILE_SLICES = 2, TABLE_FLUSH = 7 };  /* a byte adds <= 7 * 8 * 4 < 256 */
+#define WEIGHT_TABLES(P, SI, V, BYTES, BROADCAST)                                                                \
+    enum { SLICES = DATA_WORDS / (BYTES) };                                                                     \
+    uint8_t planes[SLICES][PLANES][BYTES] __attribute__((aligned(64)));                                         \
+    uint8_t tables[WEIGHTS][PLANES][16] __attribute__((aligned(16)));                                           \
+    for (int i = 0; i < DATA_WORDS; i++)                                                                        \
+        for (int n = 0; n < PLANES; n++) planes[i / (BYTES)][n][i % (BYTES)] = (data[i] >> (4 * n)) & 15u;       \
+    for (int j = 0; j < WEIGHTS; j++)                                                                           \
+        for (int n = 0; n < PLANES; n++)                                                                        \
+            for (int v = 0; v < 16; v++)                                                                        \
+                tables[j][n][v] = (uint8_t)__builtin_popcount((((seed + WEIGHT_OFFSETS[j]) >> (4 * n)) & 15u) ^ v); \
+    V sums = P##_setzero_##SI();                                                                                \
+    for (int tile = 0; tile < WEIGHTS; tile += TILE_WEIGHTS) {                                                  \
+        V bytes[TILE_SLICES][TILE_WEIGHTS];                                                                     \
+        for (int s = 0; s < TILE_SLICES; s++)                                                                   \
+            for (int j = 0; j < TILE_WEIGHTS; j++) bytes[s][j] = P##_setzero_##SI();                            \
+        for (long i = 0; i < steps; i++) {                                                                      \
+            _Pragma("GCC unroll 8") for (int n = 0; n < PLANES; n++) {                                          \
+                V table[TILE_WEIGHTS];                                                                          \
+                for (int j = 0; j < TILE_WEIGHTS; j++) {                                                        \
+                    table[j] = BROADCAST(_mm_load_si128((const __m128i *)tables[tile + j][n]));                 \
+                    /* loaded each step, as a kernel's would be: gcc otherwise keeps all 32 of the tile's */    \
+                    /* tables out of the loop, on the stack, and spills the counters with them */               \
+                    __asm__ volatile("" : "+x"(table[j]));                                                      \
+                }                                                                                               \
+                for (int s = 0; s < TILE_SLICES; s++) {                                                         \
+                    V index = P##_load_##SI((const void *)planes[(i * TILE_SLICES + s) % SLICES][n]);           \
+                    for (int j = 0; j < TILE_WEIGHTS; j++) {                                                    \
+                        bytes[s][j] = P##_add_epi8(bytes[s][j], P##_shuffle_epi8(table[j], index));             \
+                        __asm__("" : "+x"(bytes[s][j])); /* into its counter: gcc otherwise adds pairs first */ \
+                    }                                                                                           \
+                }                                                                                               \
+            }                                                                                                   \
+            if (i % TABLE_FLUSH == TABLE_FLUSH - 1 || i == steps - 1) {                                         \
+                for (int s = 0; s < TILE_SLICES; s++)                                                           \
+                    for (int j = 0; j < TILE_WEIGHTS; j++) {                                                    \
+                        sums = P##_add_epi64(sums, P##_sad_epu8(bytes[s][j], P##_setzero_##SI()));              \
+                        bytes[s][j] = P##_setzero_##SI();                                                       \
+                    }                                                                                           \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    uint64_t lanes[BYTES / 8];                                                                                  \
+    P##_storeu_##SI((void *)lanes, sums);                                                                       \
+    uint64_t total = 0;                                                                                         \
+    for (int k = 0; k < BYTES / 8; k++) total += lanes[k];                                                      \
+    return total;
+
+__attribute__((target("avx2")))
+static uint64_t avx2_weight_tables(const uint32_t *data, uint32_t seed, long steps) {
+    WEIGHT_TABLES(_mm256, si256, __m256i, 32, _mm256_broadcastsi128_si256)
+}
+
+__attribute__((target("avx512f,avx512bw")))
+static uint64_t avx512bw_weight_tables(const uint32_t *data, uint32_t seed, long steps) {
+    WEIGHT_TABLES(_mm512, si512, __m512i, 64, _mm512_broadcast_i32x4)
+}
+
 /* Both operands split into nibbles ahead, as the kernels take them: the thread's array and its weights. */
 static void split_nibbles(const uint32_t *data, uint32_t seed, uint32_t *low, uint32_t *high, uint32_t *w_low,
                           uint32_t *w_high) {
@@ -253,7 +327,9 @@ int main(int argc, char **argv) {
         {"avx2-bytes", 256, __builtin_cpu_supports("avx2"), avx2_bytes},
         {"avx2-harley-seal", 256, __builtin_cpu_supports("avx2"), avx2_harley_seal},
         {"avx2-nibble-agreements", 256, __builtin_cpu_supports("avx2"), avx2_nibble_agreements},
+        {"avx2-weight-tables", 2048, __builtin_cpu_supports("avx2"), avx2_weight_tables},
         {"avx512bw-nibble-agreements", 512, __builtin_cpu_supports("avx512bw"), avx512bw_nibble_agreements},
+        {"avx512bw-weight-tables", 4096, __builtin_cpu_supports("avx512bw"), avx512bw_weight_tables},
         {"scalar-popcnt", 64, __builtin_cpu_supports("popcnt"), scalar_popcnt},
     };
     const int count = sizeof methods / sizeof methods[0];
