@@ -73,6 +73,10 @@ IMAGE_FUNCTION = "image"
 POKE_CONV_KERNEL = "poke_conv"
 # rows of the per-channel parameter table of a fused PokeConv epilogue
 _A1, _B1, _POS, _NEG, _BY, _B2 = range(6)
+# the most tensors one concat joins: TVM lowers a concat of n tensors to an index expression n deep, which its
+# passes walk recursively, so the concat of a batch of 1026 logits overflowed the 8 MiB stack (a segmentation
+# fault in compile); a batch's logits are joined in groups of at most this many
+CONCAT_FAN_IN = 64
 # the ops whose lowering reads their input as packed sign bits
 _READS_BITS = frozenset({"PokeConv"})
 
@@ -152,6 +156,9 @@ def lower(model: ir.Model, target: Target, batches: tuple[int, ...] = (1,), sche
         with builder.function(function_name(batch), [x]):
             with builder.dataflow():
                 per_image = [builder.emit(relax.Call(image, [x, relax.prim_value(i)])) for i in range(batch)]
+                while len(per_image) > CONCAT_FAN_IN:
+                    per_image = [builder.emit(relax.op.concat(per_image[i:i + CONCAT_FAN_IN], axis=0))
+                                 for i in range(0, len(per_image), CONCAT_FAN_IN)]
                 out = builder.emit_output(per_image[0] if batch == 1 else relax.op.concat(per_image, axis=0))
             builder.emit_func_output(out)
     return Lowered(builder.get(), graph.inputs[0].name, chw, graph.outputs[0].name, classes)

@@ -215,6 +215,31 @@ def test_logits_are_a_new_float32_array_of_each_call(library):
     assert not np.shares_memory(first, second) and first.flags.writeable
 
 
+def test_the_largest_batch_compiles_and_runs_each_image_as_batch_1_does(library, tmp_path):
+    """A batch's logits were joined by one concat of its images', which TVM lowers to an expression as deep
+    as the batch: compile --batch 1026 and above (4096 is allowed) ended in a segmentation fault."""
+    import subprocess
+    import sys
+
+    from bnncc.domain import MAX_BATCH
+    from bnncc.targets.tvm_compat import load_vm, to_tensor
+
+    _, model = library
+    ir.save(model, tmp_path / "tiny.onnx")
+    # in a process of its own: the crash was a signal, which would have ended the test run
+    done = subprocess.run([sys.executable, "-m", "bnncc", "compile", str(tmp_path / "tiny.onnx"), "-b", str(MAX_BATCH),
+                           "-o", str(tmp_path / "lib")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    vm = load_vm(tmp_path / "lib" / "model.so")
+    x = np.random.default_rng(9).standard_normal((MAX_BATCH, 3, 32, 32)).astype(np.float32)
+    got = vm[f"batch_{MAX_BATCH}"](to_tensor(x)).numpy()
+    rows = [0, 63, 64, 1025, 1026, MAX_BATCH - 1]  # both sides of each group of the join
+    one_by_one = np.concatenate([vm["batch_1"](to_tensor(x[i:i + 1])).numpy() for i in rows])
+    np.testing.assert_array_equal(got[rows], one_by_one)
+    ref = _onnxruntime(model, x[rows])
+    np.testing.assert_allclose(got[rows], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_runtime_calls_from_threads_each_get_their_own_images(library):
     """The CPU runtime copies each batch into an input tensor it keeps per function: every call
     sees its own images (the same images give the same logits after others ran). Threads calling
