@@ -111,7 +111,8 @@ class Loader:
             yield self.data.finish(images, self.shape), labels.to(self.device, non_blocking=True)
 
     def _count(self, bad: list[tuple[int, str]]) -> None:
-        for i, reason in bad:
+        # once each: a bad image that follows another is met as its replacement and again in its own place
+        for i, reason in dict(bad).items():
             if i not in self.bad:
                 logger.warning("%s: unreadable image (%s), replaced by the next readable one", self.data.describe(i),
                                reason)

@@ -393,6 +393,18 @@ def test_bad_images_are_replaced_by_the_next_logged_once_and_counted(with_bad_im
     assert counts[-1] == 2 and counts == sorted(counts)
 
 
+def test_a_bad_image_met_twice_in_one_batch_is_logged_once(with_bad_images, caplog):
+    """Two bad images in a row: the first is replaced by the next readable one, so the second is met as its
+    replacement and again in its own place, and was logged twice."""
+    (with_bad_images / "images" / "train" / "c0" / "006.jpg").write_bytes(b"")
+    data = open_dataset(with_bad_images / "images", "train")
+    loader = Loader(data, SHAPE, workers=0, stops=False)
+    with caplog.at_level(logging.WARNING, logger="bnncc.train.loader"):
+        list(loader([Plan(torch.tensor([5, 6]))]))
+    warnings = [r.getMessage().split(": unreadable")[0] for r in caplog.records]
+    assert warnings == [data.describe(5), data.describe(6)] and loader.bad == {5, 6}
+
+
 def test_an_image_beyond_pillows_bomb_guard_is_a_bad_image_and_not_a_crash(with_bad_images, monkeypatch):
     """An image of more than twice Pillow's pixel guard (here lowered: the tree's 8x8 images are 64
     pixels) is replaced as any unreadable one, where it ended the run with an unexpected error."""
