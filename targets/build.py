@@ -52,9 +52,9 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     """
     spec = registry.get(target, build=True)
     batches = tuple(sorted(set(batches)))
-    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
-        raise BnnccError(f"batch sizes must be 1 to {MAX_BATCH}, got {list(batches)} (a library takes any batch in "
-                         f"calls of its compiled sizes)")
+    if not batches or min(batches) < 1 or max(batches) > spec.max_batch:
+        raise BnnccError(f"batch sizes must be 1 to {spec.max_batch} for {target}, got {list(batches)} (a library "
+                         f"takes any batch in calls of its compiled sizes)")
     batches = tuple(sorted(set(batches) | {1}))
     output = output_path(output)
     check_output_folder(output)  # before the minutes of compiling

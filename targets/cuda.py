@@ -57,6 +57,11 @@ DEFAULT_ARCH = "sm_90"  # H100, H200
 ARCH_ENV = "BNNCC_CUDA_ARCH"  # another arch for `bnncc compile --target cuda`, e.g. sm_80 (A100)
 GRAPHS_ENV = "BNNCC_CUDA_GRAPHS"  # 0: no CUDA graphs (``pass_config``)
 MMA_ENV = "BNNCC_CUDA_MMA"  # 1: binary convs on the tensor cores (``tensor_cores``)
+# the largest batch a cuda library is built for: TVM fuses the groups of a batch's logits (lower.CONCAT_FAN_IN)
+# back into one concat kernel, whose argument checks nest as deep as the batch in the CUDA host code; batch 1024
+# builds, 1536 was still building after 6 minutes and 2048 ended in a segmentation fault (a library takes any
+# batch, in calls of its compiled sizes)
+MAX_BATCH = 1024
 _MAX_PIXELS = 8  # threadIdx.y extent
 _MAX_CHANNELS = 32  # threadIdx.x extent: one warp across output channels
 

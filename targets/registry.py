@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bnncc.domain import MAX_BATCH
 from bnncc.errors import BnnccError, first_line
 from bnncc.fileio import require_unchanged
 from bnncc.targets import arm64, cuda, tvm_compat, vmrunner, x86_64
@@ -63,6 +64,8 @@ class TargetSpec:
     # (its TVM target) -> the CPU features its code may use, as /proc/cpuinfo names them: model.json records
     # them for a bundle's runner, which has no TVM to read the target with and refuses a CPU without them
     cpu_features: Callable[[object], list[str]] | None = None
+    # the largest batch its libraries are built for
+    max_batch: int = MAX_BATCH
 
 
 def _cpu_pass_config() -> dict:
@@ -348,7 +351,7 @@ TARGETS = {
                         _cpu_pass_config, elf_machine="aarch64", check_build=arm64.require_cross_compiler),
     "cuda": TargetSpec("cuda", "NVIDIA GPU, sm_90 by default (nvcc builds the kernels into model.so)",
                        cuda.cuda_target, cuda.schedule, cuda.export_cuda, cuda.load_vm, _cuda_requirements,
-                       _cuda_report, cuda.pass_config, check_build=cuda.require_nvcc),
+                       _cuda_report, cuda.pass_config, check_build=cuda.require_nvcc, max_batch=cuda.MAX_BATCH),
 }
 
 
