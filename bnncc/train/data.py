@@ -145,7 +145,8 @@ class Dataset:
         Loads in this process; training and evaluation load through ``bnncc.train.loader.Loader``.
         """
         images, labels, bad = self.load(index, shape, augment=augment, step=step, seed=seed, positions=positions)
-        for i, reason in bad:
+        # once each, as the loader logs them: a bad image that follows another is met twice in one load
+        for i, reason in dict(bad).items():
             logger.warning("%s: unreadable image (%s), replaced", self.describe(i), reason)
         return self.finish(images, shape), labels
 

@@ -405,6 +405,17 @@ def test_a_bad_image_met_twice_in_one_batch_is_logged_once(with_bad_images, capl
     assert warnings == [data.describe(5), data.describe(6)] and loader.bad == {5, 6}
 
 
+def test_a_bad_image_met_twice_in_a_batch_loaded_in_this_process_is_logged_once(with_bad_images, caplog):
+    """Dataset.batch (a batch loaded without the Loader) logged the second of two bad images in a row twice, as
+    the replacement of the first and in its own place."""
+    (with_bad_images / "images" / "train" / "c0" / "006.jpg").write_bytes(b"")
+    data = open_dataset(with_bad_images / "images", "train")
+    with caplog.at_level(logging.WARNING, logger="bnncc.train.data"):
+        data.batch(torch.tensor([5, 6]), SHAPE, augment=False)
+    warnings = [r.getMessage().split(": unreadable")[0] for r in caplog.records]
+    assert warnings == [data.describe(5), data.describe(6)]
+
+
 def test_an_image_beyond_pillows_bomb_guard_is_a_bad_image_and_not_a_crash(with_bad_images, monkeypatch):
     """An image of more than twice Pillow's pixel guard (here lowered: the tree's 8x8 images are 64
     pixels) is replaced as any unreadable one, where it ended the run with an unexpected error."""
