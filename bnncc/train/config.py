@@ -88,6 +88,12 @@ class TrainConfig:
             if not ok:
                 raise BnnccError(f"training setting {name} = {getattr(self, name)!r} is out of range; "
                                  f"expected {expected}")
+        # a number of another type (numpy's, a Fraction) as the Python int or float it is: torch's generator took no
+        # numpy integer (batch_size=np.int64(8) failed at the first step), nor json (the trained graph's record) a
+        # Fraction, which trained to its end and then failed in a traceback, writing nothing
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+                object.__setattr__(self, name, int(value) if isinstance(value, numbers.Integral) else float(value))
         # each finite, their product need not be: lr = 1e308 at a batch of 8192 gave the optimizer an infinite rate,
         # and the run stopped on a NaN loss after its start-up
         if not math.isfinite(self.lr * self.batch_size / 256):

@@ -141,9 +141,9 @@ def finetune(student_path: str | Path, teacher_path: str | Path, data_dir: str |
     write_back(student, student_model)
     student_model.metadata_props[PREPROCESSING_KEY] = json.dumps(_preprocessing(train_data, shape[0]))
     # the seed and settings were recorded nowhere: a trained graph could not be trained again to the same weights
-    # (numpy numbers are settings too: .item() gives the Python number json writes)
+    # (TrainConfig holds Python numbers alone, which json writes)
     student_model.metadata_props[TRAINING_KEY] = json.dumps(
-        {"steps": result.steps, **{name: getattr(cfg, name) for name in RUN_SETTINGS}}, default=lambda n: n.item())
+        {"steps": result.steps, **{name: getattr(cfg, name) for name in RUN_SETTINGS}})
     _save(student_model, output)
     return FinetuneResult(output, result, *accuracy, float(ace(student_model).total))
 

@@ -298,6 +298,22 @@ def test_settings_given_as_a_dict_are_a_type_error_naming_the_config(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_settings_of_any_real_number_type_are_recorded_as_json_numbers(idx_dir, tmp_path, teacher_and_student):
+    """TrainConfig takes any real number, a Fraction or numpy's: a batch size of np.int64(8) failed at the first step
+    in torch's generator ('an integer is required'), and a Fraction rate trained to its end, then failed writing the
+    training record in a traceback ('Fraction' object has no attribute 'item'), writing nothing."""
+    from fractions import Fraction
+
+    teacher, student = teacher_and_student
+    cfg = TrainConfig(lr=Fraction(1, 100), batch_size=np.int64(8), max_steps=2, calibration_batches=1,
+                      temperature=np.float32(0.5), seed=np.uint32(7))
+    finetune(student, teacher, idx_dir, tmp_path / "out.onnx", cfg, show_progress=False)
+    text = {p.key: p.value for p in onnx.load(tmp_path / "out.onnx").metadata_props}["bnncc.training"]
+    recorded = json.loads(text)
+    assert (recorded["lr"], recorded["batch_size"], recorded["temperature"], recorded["seed"]) == (0.01, 8, 0.5, 7)
+    assert '"batch_size": 8,' in text  # a count is written as an int
+
+
 if __name__ == "__main__":
     _calibration_worker(*sys.argv[1:])
 

@@ -566,3 +566,5 @@ def test_a_rate_that_is_infinite_at_the_batch_size_is_an_error():
 def test_numpy_numbers_are_training_settings():
     config = TrainConfig(lr=np.float32(0.5), batch_size=np.int64(8), seed=np.uint32(3))
     assert (config.lr, config.batch_size, config.seed) == (0.5, 8, 3)
+    # held as Python's numbers, which torch's generator and json take
+    assert [type(value) for value in (config.lr, config.batch_size, config.seed)] == [float, int, int]
