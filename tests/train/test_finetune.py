@@ -314,10 +314,6 @@ def test_settings_of_any_real_number_type_are_recorded_as_json_numbers(idx_dir, 
     assert '"batch_size": 8,' in text  # a count is written as an int
 
 
-if __name__ == "__main__":
-    _calibration_worker(*sys.argv[1:])
-
-
 def test_a_finetune_records_its_seed_and_gives_the_same_graph_again(idx_dir, tmp_path, teacher_and_student):
     """The seed (and the other settings the weights depend on) was recorded nowhere in the trained graph: it could
     not be trained again to the same weights. The same settings give the same bytes; another seed other weights."""
@@ -335,3 +331,7 @@ def test_a_finetune_records_its_seed_and_gives_the_same_graph_again(idx_dir, tmp
     assert recorded == {"steps": 3, "seed": 7, "lr": 1e-2, "batch_size": 8, "calibration_batches": 1,
                         "weight_decay": 5e-5, "clip_bound": None, "temperature": 1.0, "label_weight": 0.0,
                         "weight_quant_start": 0.0625, "act_calibration_at": 0.06}
+
+
+if __name__ == "__main__":
+    _calibration_worker(*sys.argv[1:])
