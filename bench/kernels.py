@@ -13,8 +13,8 @@ scheduled kernel's time, binary MACs/s (N*Ho*Wo*Cout*k*k*Cin / time), the fracti
 of the build's class measured here by bench/popcount_peak.c, and the speed-up over a float32
 onnxruntime Conv of the same shape. The peak of a class is the fastest method its CPUs run, measured
 on this CPU (``PEAK_METHODS``: AVX2 has four, byte counters, Harley-Seal, the kernels' own nibble
-agreements and lookups in tables of the weights' nibbles; AVX-512BW its 512-bit nibble agreements
-and those of AVX2); every class the CPU runs is printed.
+agreements and lookups in tables of the weights' nibbles; AVX-512BW its 512-bit nibble agreements and
+weight tables, and those of AVX2); every class the CPU runs is printed.
 """
 
 from __future__ import annotations
