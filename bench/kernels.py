@@ -46,7 +46,7 @@ SECTION = "## Binary conv kernels (x86-64)"
 # the CPU flags of the builds of a class below this CPU's (--avx2, --avx512bw)
 AVX2_FLAGS = x86_64.CLASS_FLAGS[x86_64.AVX2]
 AVX512BW_FLAGS = x86_64.CLASS_FLAGS[x86_64.AVX512BW]
-PEAK_STEPS = 100_000_000  # of popcount_peak.c: 8 vector xor+popcount+adds each
+PEAK_STEPS = 100_000_000  # of popcount_peak.c: each step counts 8 weights against the bits it prints
 # bench/popcount_peak.c's methods, by the class of CPU (and of our x86-64 build) that runs them
 AVX512 = "AVX-512 VPOPCNTDQ"
 AVX512BW = "AVX-512BW (no VPOPCNTDQ)"
