@@ -90,11 +90,12 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
     from bnncc.frontend import load, require_path, stored_bytes
     from bnncc.recipe import load_recipe
     from bnncc.targets import cuda, registry, tvm_compat
+    from bnncc.targets.build import check_batches
 
     model_path, outdir = require_path(model_path), output_path(outdir)
-    # an unknown target or one whose build tools are missing, an output folder of someone else's files,
-    # a folder that holds no data set fail before any work
-    registry.get(options.target, build=True)
+    # an unknown target or one whose build tools are missing, a batch it cannot build, an output folder of
+    # someone else's files, a folder that holds no data set fail before any work
+    check_batches(registry.get(options.target, build=True), options.batches)
     if options.latency_runs < 1:  # (no option of the command) 0 failed after the compile: "no median for empty data"
         raise BnnccError(f"latency_runs = {options.latency_runs}: the latency is the median of at least one run")
     check_outdir(outdir)

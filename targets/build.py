@@ -23,7 +23,7 @@ import onnx_ir as ir
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from bnncc.cost import ace
-from bnncc.domain import LIBRARY_FILES, MAX_BATCH, PREPROCESSING_KEY, RECIPE_KEY
+from bnncc.domain import LIBRARY_FILES, PREPROCESSING_KEY, RECIPE_KEY
 from bnncc.errors import BnnccError
 from bnncc.fileio import (check_folder_writable, file_sha256, make_folders, output_errors, output_path, remove_made,
                           sync, temporary_prefix, umask, writing_error)
@@ -35,7 +35,7 @@ from bnncc.targets import registry
 from bnncc.targets.lower import function_name, lower
 from bnncc.targets.tvm_compat import NUM_THREADS, compile_module
 
-__all__ = ["compile", "MANIFEST_FORMAT", "write_manifest"]
+__all__ = ["check_batches", "compile", "MANIFEST_FORMAT", "write_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +51,7 @@ def compile(model: str | os.PathLike | ir.Model, output: str | os.PathLike, *, t
     ``show_progress``, a bar of its steps on a terminal's stderr.
     """
     spec = registry.get(target, build=True)
-    batches = tuple(sorted(set(batches)))
-    if not batches or min(batches) < 1 or max(batches) > spec.max_batch:
-        raise BnnccError(f"batch sizes must be 1 to {spec.max_batch} for {target}, got {list(batches)} (a library "
-                         f"takes any batch in calls of its compiled sizes)")
-    batches = tuple(sorted(set(batches) | {1}))
+    batches = check_batches(spec, batches)
     output = output_path(output)
     check_output_folder(output)  # before the minutes of compiling
     source = source_name(model)
@@ -158,6 +154,16 @@ def _metadata_json(model: ir.Model, key: str):
 
 # what a library folder holds: an existing folder of these only may be replaced by a new build
 _LIBRARY_FOLDER = frozenset(LIBRARY_FILES)
+
+
+def check_batches(spec: registry.TargetSpec, batches: tuple[int, ...]) -> tuple[int, ...]:
+    """The batch sizes ``compile`` builds for target ``spec``: ``batches`` and 1, sorted, refused in one line
+    unless each is 1 to the target's largest (convert asks before its stages, which may fine-tune for hours)."""
+    asked = sorted(set(batches))
+    if not asked or asked[0] < 1 or asked[-1] > spec.max_batch:
+        raise BnnccError(f"batch sizes must be 1 to {spec.max_batch} for {spec.name}, got {asked} (a library "
+                         f"takes any batch in calls of its compiled sizes)")
+    return tuple(sorted(set(asked) | {1}))
 
 
 def check_output_folder(dest: Path, files: frozenset[str] = _LIBRARY_FOLDER, kind: str = "library") -> None:

@@ -21,6 +21,7 @@ from idx_files import brightness_idx
 
 from bnncc import zoo
 from bnncc.cost import ace
+from bnncc.domain import MAX_BATCH
 from bnncc.errors import BnnccError
 from bnncc.frontend import load
 from bnncc.pipeline import ConvertOptions, convert
@@ -99,6 +100,20 @@ def test_the_same_model_from_another_folder_gives_the_same_report(converted, nar
     for name in ("report.json", "model.onnx", "model.so"):
         assert (again.outdir / name).read_bytes() == (converted.outdir / name).read_bytes(), name
     assert json.loads((again.outdir / "report.json").read_text())["model"] == "r50.onnx"
+
+
+@pytest.mark.parametrize("target, largest", [("x86-64", MAX_BATCH), ("cuda", cuda.MAX_BATCH)])
+def test_convert_refuses_a_batch_its_target_cannot_build_before_any_work(narrow_resnet, tmp_path, monkeypatch,
+                                                                         target, largest):
+    """Only compile checked the batches, last: a batch beyond the target's largest was refused after the import,
+    the rewrite (and a fine-tune's hours with --data), leaving the output folder's stages behind."""
+    # without nvcc too: the batch is refused before any tool would run
+    monkeypatch.setitem(registry.TARGETS, target, dataclasses.replace(registry.TARGETS[target], check_build=None))
+    options = ConvertOptions(overrides=STEM, target=target, batches=(4, largest + 1), show_progress=False)
+    said = f"^batch sizes must be 1 to {largest} for {target}, got \\[4, {largest + 1}\\] \\(a library takes any"
+    with pytest.raises(BnnccError, match=said):
+        convert(narrow_resnet, tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, narrow_resnet):
