@@ -75,8 +75,10 @@ class Library:
             overflow = np.isinf(narrow) & np.isfinite(x)
             if overflow.any():
                 image = int(overflow.any(axis=(1, 2, 3)).argmax())
+                # formatted by numpy: a Python float, as format() makes of a longdouble, says inf beyond 1.8e308
+                largest = np.format_float_scientific(np.abs(x[image][overflow[image]]).max(), precision=2, trim="-")
                 raise BnnccError(f"{self.folder}: input image {image} holds values beyond float32's range "
-                                 f"(up to {np.abs(x[image][overflow[image]]).max():.3g})")
+                                 f"(up to {largest})")
             x = narrow
         x = np.ascontiguousarray(x, dtype=np.float32)
         classes = self.manifest["output"]["shape"][-1]

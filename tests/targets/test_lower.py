@@ -1594,6 +1594,19 @@ def test_float64_inputs_beyond_float32_are_one_line(library):
             lib(x)
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).maxexp <= np.finfo(np.float64).maxexp, reason="longdouble is float64")
+def test_a_longdouble_input_beyond_float64_is_named_by_its_value(library):
+    """The largest value went through a Python float, which is infinite beyond float64's range: a finite
+    longdouble pixel of 1e4000 was said to be "up to inf"."""
+    from bnncc.runtime import load
+
+    x = np.zeros((2, 3, 32, 32), np.longdouble)
+    x[1, 0, 5, 6] = np.longdouble("-1e4000")
+    said = "input image 1 holds values beyond float32's range (up to 1e+4000)"
+    with pytest.raises(BnnccError, match=re.escape(said)):
+        load(library[0])(x)
+
+
 def test_a_target_without_a_core_count_schedules_for_the_default_threads():
     """A Target written by hand (no num-cores) ended the lowering in a KeyError."""
     from bnncc.targets.lower import lower
