@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import logging
+import operator
 import os
 import re
 import shutil
@@ -159,7 +160,10 @@ _LIBRARY_FOLDER = frozenset(LIBRARY_FILES)
 def check_batches(spec: registry.TargetSpec, batches: tuple[int, ...]) -> tuple[int, ...]:
     """The batch sizes ``compile`` builds for target ``spec``: ``batches`` and 1, sorted, refused in one line
     unless each is 1 to the target's largest (convert asks before its stages, which may fine-tune for hours)."""
-    asked = sorted(set(batches))
+    try:  # (the Python API's) a float reached TVM's lowering, which failed in an InternalError of many lines
+        asked = sorted({operator.index(batch) for batch in batches})
+    except TypeError:
+        raise BnnccError(f"batch sizes {batches!r}: expected whole numbers, e.g. (1, 8)") from None
     if not asked or asked[0] < 1 or asked[-1] > spec.max_batch:
         raise BnnccError(f"batch sizes must be 1 to {spec.max_batch} for {spec.name}, got {asked} (a library "
                          f"takes any batch in calls of its compiled sizes)")

@@ -1068,6 +1068,17 @@ def test_compile_refuses_a_batch_beyond_its_largest(tmp_path, library):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("batches", [(2.0,), ("8",), 8])
+def test_compile_refuses_batch_sizes_that_are_no_whole_numbers_in_one_line(tmp_path, library, batches):
+    """Through the Python API a float batch reached TVM's lowering (an InternalError of many lines after the
+    lowering had started), and a string or a bare number failed in a TypeError of the check itself."""
+    from bnncc.targets.build import compile
+
+    with pytest.raises(BnnccError, match=f"^batch sizes {re.escape(repr(batches))}: expected whole numbers"):
+        compile(library[1], tmp_path / "out", batches=batches)
+    assert not (tmp_path / "out").exists()
+
+
 def test_compile_refuses_a_cuda_batch_its_build_cannot_take(tmp_path, library, monkeypatch):
     """Above batch 1024 TVM's CUDA build of the batch's concat ran for minutes or crashed (segmentation fault)."""
     import dataclasses
