@@ -94,8 +94,9 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
 
     model_path, outdir = require_path(model_path), output_path(outdir)
     # an unknown target or one whose build tools are missing, a batch it cannot build, an output folder of
-    # someone else's files, a folder that holds no data set fail before any work
-    check_batches(registry.get(options.target, build=True), options.batches)
+    # someone else's files, a folder that holds no data set fail before any work. The batches as checked (whole
+    # numbers, 1 among them) are what compiles and keys the stage: numpy integers failed the key's JSON
+    batches = check_batches(registry.get(options.target, build=True), options.batches)
     if options.latency_runs < 1:  # (no option of the command) 0 failed after the compile: "no median for empty data"
         raise BnnccError(f"latency_runs = {options.latency_runs}: the latency is the median of at least one run")
     check_outdir(outdir)
@@ -149,7 +150,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
         def run_compile() -> dict:
             from bnncc.targets.build import compile as compile_graph
 
-            compile_graph(graph, library, target=options.target, batches=options.batches,
+            compile_graph(graph, library, target=options.target, batches=batches,
                           show_progress=options.show_progress)
             return {}
 
@@ -163,7 +164,7 @@ def convert(model_path: str | Path, outdir: str | Path, options: ConvertOptions 
             build.append({"tensor_cores": cuda.tensor_cores()})
         _timed(seconds, cached, "compile", lambda: cached_stage(
             stages_dir, "compile", {"graph": hash_files([graph]), "target": options.target, "build": build,
-                                    "batches": list(options.batches)},
+                                    "batches": list(batches)},
             [library / name for name in LIBRARY_FILES], run_compile))
         try:
             report = _publish(outdir, library, model_path, recipe.name, report_stages, accuracy, options)

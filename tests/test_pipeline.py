@@ -116,6 +116,23 @@ def test_convert_refuses_a_batch_its_target_cannot_build_before_any_work(narrow_
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_takes_numpy_batch_sizes(narrow_resnet, tmp_path):
+    """The compile stage's key held the batches as given: numpy integers (np.arange's) failed its JSON after the
+    rewrite, in a TypeError. The library holds them and batch 1, and gives onnxruntime's logits."""
+    import onnxruntime as ort
+
+    from bnncc.runtime import load as load_library
+
+    options = ConvertOptions(overrides=STEM, batches=tuple(np.arange(3, 4)), latency_runs=1, show_progress=False)
+    result = convert(narrow_resnet, tmp_path / "out", options)
+    library = load_library(result.outdir)
+    assert sorted(library.functions) == [1, 3]
+    x = np.random.default_rng(3).standard_normal((3, *library.input_chw)).astype(np.float32)
+    session = ort.InferenceSession(str(result.outdir / "model.onnx"))
+    ref = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(library(x), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
 def test_cli_says_the_network_is_untrained_and_how_to_train_it(cli, converted, narrow_resnet):
     code, out, err = cli("convert", narrow_resnet, "--set", STEM[0], "-o", converted.outdir)
     assert code == 0, err
