@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from bnncc.cli._app import app, console
+from bnncc.domain import MAX_BATCH
 
 
 @app.command("compile")
@@ -15,7 +16,9 @@ def compile_command(
     model: Path = typer.Argument(..., help="PokeBNN ONNX graph (from `bnncc rewrite`)"),
     output: Path = typer.Option(..., "--output", "-o", help="library folder to write (model.so, model.json, model.onnx)"),
     target: str = typer.Option("x86-64", "--target", "-t", help="x86-64 (this CPU; x86-64-avx2, -avx512bw, -avx512: a class), arm64 or cuda (`bnncc targets`)"),
-    batch: list[int] = typer.Option([1], "--batch", "-b", min=1, help="batch size to compile for; repeat for several"),
+    batch: list[int] = typer.Option([1], "--batch", "-b", min=1,
+                                    help=f"batch size to compile for, 1 to {MAX_BATCH} (a target may take fewer); "
+                                         "repeat for several"),
 ) -> None:
     """Lower MODEL through TVM with bnncc's kernels and write a standalone library."""
     from bnncc.targets.build import compile as compile_model
