@@ -377,7 +377,9 @@ def test_kill_minus_nine_loses_nothing_before_the_last_checkpoint(idx_dir, tmp_p
     deadline = time.time() + 120
     while time.time() < deadline and not checkpoint.exists():
         time.sleep(0.05)
-    time.sleep(0.5)  # somewhere between two checkpoints
+    # inside the next step's 0.2 s sleep: the next checkpoint is written two sleeps later (0.5 s, as before, fell about
+    # when it was being written, and a kill during the write leaves its temporary)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "the run finished before it was killed"
