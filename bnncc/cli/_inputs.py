@@ -53,7 +53,9 @@ def _read_array(path: Path, chw: tuple[int, int, int]) -> np.ndarray:
     with np.errstate(over="ignore"):  # said below, in one line
         narrow = x.astype(np.float32)
     if not np.isfinite(narrow).all():
-        raise BnnccError(f"{path}: holds values beyond float32's range (up to {np.abs(x).max():.3g})")
+        # formatted by numpy: a Python float, as format() makes of a longdouble, says inf beyond 1.8e308
+        largest = np.format_float_scientific(np.abs(x).max(), precision=2, trim="-")
+        raise BnnccError(f"{path}: holds values beyond float32's range (up to {largest})")
     return narrow[None] if narrow.ndim == 3 else narrow
 
 

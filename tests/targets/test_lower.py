@@ -714,6 +714,7 @@ def test_runtime_refuses_a_masked_array_with_masked_pixels(library):
 @pytest.mark.parametrize(("array", "message"), [
     (np.array([object()], dtype=object), "an array of object; expected real numbers"),
     (np.full((3, 32, 32), 1e300), r"holds values beyond float32's range \(up to 1e\+300\)"),
+    (np.full((3, 32, 32), np.longdouble("1e4000")), r"beyond float32's range \(up to 1e\+4000\)"),  # not "inf"
     (np.zeros((0, 3, 32, 32), np.float32), "holds no images"),
     (np.full((3, 32, 32), np.nan, np.float32), "holds NaN or infinite values"),
     (np.zeros((3, 32, 32), np.complex64), "an array of complex64; expected real numbers"),
