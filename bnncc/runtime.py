@@ -19,7 +19,7 @@ from numpy import ma
 from bnncc.domain import MAX_INPUT_PIXELS
 from bnncc.errors import BnnccError, first_line
 
-__all__ = ["Library", "load"]
+__all__ = ["Library", "largest_magnitude", "load"]
 
 # ELF e_machine by the machine names of the targets (targets.registry's ``elf_machine``)
 _ELF_MACHINES = {"x86-64": 62, "aarch64": 183}
@@ -75,10 +75,8 @@ class Library:
             overflow = np.isinf(narrow) & np.isfinite(x)
             if overflow.any():
                 image = int(overflow.any(axis=(1, 2, 3)).argmax())
-                # formatted by numpy: a Python float, as format() makes of a longdouble, says inf beyond 1.8e308
-                largest = np.format_float_scientific(np.abs(x[image][overflow[image]]).max(), precision=2, trim="-")
                 raise BnnccError(f"{self.folder}: input image {image} holds values beyond float32's range "
-                                 f"(up to {largest})")
+                                 f"(up to {largest_magnitude(x[image][overflow[image]])})")
             x = narrow
         x = np.ascontiguousarray(x, dtype=np.float32)
         classes = self.manifest["output"]["shape"][-1]
@@ -112,6 +110,12 @@ class Library:
             raise BnnccError(f"{self.folder}: a batch of {sum(chunks) + n} cannot be made of the compiled batch "
                              f"sizes {sorted(self.functions)}; compile with --batch 1 as well")
         return chunks
+
+
+def largest_magnitude(values: np.ndarray) -> str:
+    """The largest |value| for a message, formatted by numpy: a Python float, as format() makes of a
+    longdouble, says inf beyond 1.8e308."""
+    return np.format_float_scientific(np.abs(values).max(), precision=2, trim="-")
 
 
 def load(folder: str | os.PathLike) -> Library:

@@ -11,6 +11,7 @@ from bnncc.cli._app import err_console
 from bnncc.errors import BnnccError
 from bnncc.fileio import require_file
 from bnncc.images import bilinear_resize, centre_box, quietly, upright_crop, upright_size
+from bnncc.runtime import largest_magnitude
 
 
 def read_input(path: Path, chw: tuple[int, int, int], preprocessing: dict | None) -> np.ndarray:
@@ -53,9 +54,7 @@ def _read_array(path: Path, chw: tuple[int, int, int]) -> np.ndarray:
     with np.errstate(over="ignore"):  # said below, in one line
         narrow = x.astype(np.float32)
     if not np.isfinite(narrow).all():
-        # formatted by numpy: a Python float, as format() makes of a longdouble, says inf beyond 1.8e308
-        largest = np.format_float_scientific(np.abs(x).max(), precision=2, trim="-")
-        raise BnnccError(f"{path}: holds values beyond float32's range (up to {largest})")
+        raise BnnccError(f"{path}: holds values beyond float32's range (up to {largest_magnitude(x)})")
     return narrow[None] if narrow.ndim == 3 else narrow
 
 
